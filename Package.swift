@@ -1,0 +1,35 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+// The `NativeCPU` trait (on by default) compiles the library and the benchmark for the
+// build machine's CPU (`-target-cpu native`) and defines `EA_FMA`, under which the
+// kernels use fused multiply-add (`addProduct`). `--disable-default-traits` gives a
+// portable build: baseline x86-64 / arm64 code, plain `acc += a * b`.
+let nativeSettings: [SwiftSetting] = [
+    .unsafeFlags(["-target-cpu", "native"], .when(traits: ["NativeCPU"])),
+    .define("EA_FMA", .when(traits: ["NativeCPU"])),
+]
+
+let package = Package(
+    name: "swift-efficient-attention",
+    products: [
+        .library(name: "EfficientAttention", targets: ["EfficientAttention"]),
+        .executable(name: "attention-bench", targets: ["AttentionBench"]),
+    ],
+    traits: [
+        .trait(name: "NativeCPU",
+               description: "Compile kernels for the build machine's CPU and use fused multiply-add."),
+        .default(enabledTraits: ["NativeCPU"]),
+    ],
+    targets: [
+        .target(name: "EfficientAttention", swiftSettings: nativeSettings),
+        .executableTarget(
+            name: "AttentionBench",
+            dependencies: ["EfficientAttention"],
+            path: "Benchmarks/AttentionBench",
+            swiftSettings: nativeSettings),
+        .testTarget(
+            name: "EfficientAttentionTests",
+            dependencies: ["EfficientAttention"]),
+    ]
+)

@@ -1,0 +1,222 @@
+/// The contract every attention variant in this library follows.
+///
+/// Shape letters (as in ../KernelDocs/README.md):
+/// `B` batch, `H` query heads, `Hkv` key/value heads (`H % Hkv == 0`), `Nq` query
+/// positions, `Nk` key positions, `D` query/key head dimension, `Dv` value head dimension.
+///
+/// - query `[B, H, Nq, D]`, key `[B, Hkv, Nk, D]`, value `[B, Hkv, Nk, Dv]`
+/// - output `[B, H, Nq, Dv]`, log-sum-exp `[B, H, Nq, 1]`
+///
+/// Query head `h` reads key/value head `h / (H / Hkv)`. A conformer answers three
+/// questions: what it computes (`attend`), whether it supports a problem (`validate`,
+/// which throws an ``AttentionError`` naming the offending dimension or option), and
+/// what the problem costs (`cost`).
+public protocol Attention: Sendable {
+    /// The registry name used by the benchmark and in messages (`"dense"`, `"vanilla"`, ...).
+    var name: String { get }
+
+    /// Throws an ``AttentionError`` if this conformer cannot compute `shape`.
+    func validate(_ shape: AttentionShape) throws
+
+    /// FLOPs, workspace and scored pairs for `shape` (an upper bound when key padding
+    /// shortens some batch items). Throws what ``validate(_:)`` throws.
+    func cost(_ shape: AttentionShape) throws -> AttentionCost
+
+    /// Computes attention.
+    ///
+    /// - Parameters:
+    ///   - keyLengths: optional valid key length per batch item (key padding): keys at
+    ///     positions `>= keyLengths[b]` are invisible. Each value in `0...Nk`.
+    ///   - threads: worker threads; `nil` uses every active processor. Results are
+    ///     bitwise identical for every thread count.
+    /// - Returns: the output and the per-row log-sum-exp. Rows with no visible key
+    ///   are 0 with log-sum-exp `-infinity`.
+    func attend(query: Tensor, key: Tensor, value: Tensor,
+                keyLengths: [Int]?, threads: Int?) throws -> AttentionResult
+}
+
+extension Attention {
+    /// Attention over all keys with every active processor.
+    public func attend(query: Tensor, key: Tensor, value: Tensor) throws -> AttentionResult {
+        try attend(query: query, key: key, value: value, keyLengths: nil, threads: nil)
+    }
+
+    /// Attention with optional key padding and an explicit thread count.
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]? = nil, threads: Int? = nil) throws -> AttentionResult {
+        try attend(query: query, key: key, value: value, keyLengths: keyLengths, threads: threads)
+    }
+}
+
+/// The dimensions of one attention problem.
+public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
+    public var batch: Int
+    public var heads: Int
+    public var kvHeads: Int
+    public var queryLength: Int
+    public var keyLength: Int
+    public var headDim: Int
+    public var valueDim: Int
+
+    /// A shape; checked by ``check()`` (every conformer's `validate` calls it).
+    public init(batch: Int = 1, heads: Int, kvHeads: Int? = nil, queryLength: Int,
+                keyLength: Int? = nil, headDim: Int, valueDim: Int? = nil) {
+        self.batch = batch
+        self.heads = heads
+        self.kvHeads = kvHeads ?? heads
+        self.queryLength = queryLength
+        self.keyLength = keyLength ?? queryLength
+        self.headDim = headDim
+        self.valueDim = valueDim ?? headDim
+    }
+
+    /// The shape of `query`, `key`, `value`, or a thrown ``AttentionError/shapeMismatch(_:)``
+    /// naming the tensors and dimensions that disagree.
+    public init(query: Tensor, key: Tensor, value: Tensor) throws {
+        let q = query.shape, k = key.shape, v = value.shape
+        guard k[0] == q[0], v[0] == q[0] else {
+            throw AttentionError.shapeMismatch(
+                "batch differs: query \(q[0]), key \(k[0]), value \(v[0]) (dimension 0 of [B, H, N, D])")
+        }
+        guard v[1] == k[1] else {
+            throw AttentionError.shapeMismatch(
+                "key/value heads differ: key \(k[1]), value \(v[1]) (dimension 1 of [B, Hkv, Nk, D])")
+        }
+        guard v[2] == k[2] else {
+            throw AttentionError.shapeMismatch(
+                "key length differs: key \(k[2]), value \(v[2]) (dimension 2 of [B, Hkv, Nk, D])")
+        }
+        guard k[3] == q[3] else {
+            throw AttentionError.shapeMismatch(
+                "head dimension differs: query \(q[3]), key \(k[3]) (dimension 3 of [B, H, N, D])")
+        }
+        self.init(batch: q[0], heads: q[1], kvHeads: k[1], queryLength: q[2],
+                  keyLength: k[2], headDim: q[3], valueDim: v[3])
+        try check()
+    }
+
+    /// Query heads that share one key/value head (`H / Hkv`).
+    public var groupSize: Int { heads / kvHeads }
+
+    /// Throws unless every dimension is at least 1, `heads % kvHeads == 0`, and the
+    /// element counts of query, key, value and output fit in `Int`.
+    public func check() throws {
+        for (name, value) in [("batch", batch), ("heads", heads), ("kvHeads", kvHeads),
+                              ("queryLength", queryLength), ("keyLength", keyLength),
+                              ("headDim", headDim), ("valueDim", valueDim)] where value < 1 {
+            throw AttentionError.invalidShape("\(name) must be at least 1, got \(value)")
+        }
+        guard heads % kvHeads == 0 else {
+            throw AttentionError.invalidShape(
+                "heads (\(heads)) must be a multiple of kvHeads (\(kvHeads))")
+        }
+        for (name, dims) in [("query", [batch, heads, queryLength, headDim]),
+                             ("key", [batch, kvHeads, keyLength, headDim]),
+                             ("value", [batch, kvHeads, keyLength, valueDim]),
+                             ("output", [batch, heads, queryLength, valueDim]),
+                             ("score matrix", [batch, heads, queryLength, keyLength])] {
+            guard checkedProduct(dims) != nil else {
+                throw AttentionError.sizeOverflow("\(name) \(dims) has more elements than Int can count")
+            }
+        }
+    }
+
+    /// Throws unless `headDim` and `valueDim` are at most `limit`.
+    func checkHeadDims(limit: Int, variant: String) throws {
+        guard headDim <= limit else {
+            throw AttentionError.unsupported("\(variant) supports headDim up to \(limit), got \(headDim)")
+        }
+        guard valueDim <= limit else {
+            throw AttentionError.unsupported("\(variant) supports valueDim up to \(limit), got \(valueDim)")
+        }
+    }
+
+    public var description: String {
+        "B=\(batch) H=\(heads) Hkv=\(kvHeads) Nq=\(queryLength) Nk=\(keyLength) D=\(headDim) Dv=\(valueDim)"
+    }
+}
+
+/// What a problem costs, from a conformer's cost model.
+public struct AttentionCost: Hashable, Sendable {
+    /// Floating-point operations, counted as each KernelDocs page states
+    /// (dense: `2 · pairs · (D + Dv)`, i.e. `4 · Nq · Nk · D` when `Dv == D`).
+    public var flops: Double
+    /// Scratch memory the kernels allocate for the call, over all threads, not counting
+    /// inputs and outputs.
+    public var workspaceBytes: Int
+    /// Query/key pairs whose score is computed and used (visible pairs).
+    public var scoredPairs: Int
+
+    public init(flops: Double, workspaceBytes: Int, scoredPairs: Int) {
+        self.flops = flops
+        self.workspaceBytes = workspaceBytes
+        self.scoredPairs = scoredPairs
+    }
+}
+
+/// Why a problem or configuration was refused.
+public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Tensors whose shapes do not fit together.
+    case shapeMismatch(String)
+    /// A shape that is not meaningful (zero sizes, heads not divisible by kvHeads).
+    case invalidShape(String)
+    /// A configuration value or argument out of range (scale, key lengths, threads...).
+    case invalidParameter(String)
+    /// A valid problem this conformer does not compute (for example causal Linformer).
+    case unsupported(String)
+    /// Sizes whose element or byte counts overflow.
+    case sizeOverflow(String)
+
+    public var message: String {
+        switch self {
+        case .shapeMismatch(let m), .invalidShape(let m), .invalidParameter(let m),
+             .unsupported(let m), .sizeOverflow(let m):
+            return m
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .shapeMismatch(let m): return "shape mismatch: \(m)"
+        case .invalidShape(let m): return "invalid shape: \(m)"
+        case .invalidParameter(let m): return "invalid parameter: \(m)"
+        case .unsupported(let m): return "unsupported: \(m)"
+        case .sizeOverflow(let m): return "size overflow: \(m)"
+        }
+    }
+}
+
+/// The product of `values`, or nil if it overflows `Int`.
+func checkedProduct(_ values: [Int]) -> Int? {
+    var product = 1
+    for value in values {
+        let (p, overflow) = product.multipliedReportingOverflow(by: value)
+        if overflow { return nil }
+        product = p
+    }
+    return product
+}
+
+/// Checks the per-call arguments shared by every conformer: key lengths and threads.
+func checkCallArguments(_ shape: AttentionShape, keyLengths: [Int]?, threads: Int?) throws {
+    if let keyLengths {
+        guard keyLengths.count == shape.batch else {
+            throw AttentionError.invalidParameter(
+                "keyLengths has \(keyLengths.count) entries, expected one per batch item (\(shape.batch))")
+        }
+        for (b, length) in keyLengths.enumerated() where length < 0 || length > shape.keyLength {
+            throw AttentionError.invalidParameter(
+                "keyLengths[\(b)] = \(length) is outside 0...\(shape.keyLength) (the key length)")
+        }
+    }
+    if let threads, threads < 1 {
+        throw AttentionError.invalidParameter("threads must be at least 1, got \(threads)")
+    }
+}
+
+/// Checks an attention scale: it must be finite.
+func checkScale(_ scale: Float?) throws {
+    if let scale, !scale.isFinite {
+        throw AttentionError.invalidParameter("scale must be finite, got \(scale)")
+    }
+}

@@ -1,0 +1,122 @@
+/// The textbook, unfused softmax attention: for each head, materialise the `Nq × Nk`
+/// score matrix, apply the softmax row by row, then multiply by the values.
+///
+/// This is the "vanilla Transformer" baseline of the benchmark (the first row of the
+/// Long Range Arena speed/memory table): plain vectorised loops, no tiling. It computes
+/// exactly what ``DenseAttention`` computes (same causal rule, key padding, scale,
+/// grouped heads) and needs `4 · Nq · Nk` bytes of scores per head in flight.
+///
+/// ```
+/// for each (b, h): S = scale · Q Kᵀ          // Nq × Nk, materialised
+///                  P = softmax(S masked)     // row by row
+///                  O = P V
+/// ```
+///
+/// - Complexity: O(B · H · Nq · Nk · (D + Dv)) time, O(threads · Nq · Nk) workspace.
+public struct VanillaAttention: Attention {
+    /// Bottom-right aligned causal mask: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`.
+    public var scale: Float?
+
+    public init(causal: Bool = false, scale: Float? = nil) {
+        self.causal = causal
+        self.scale = scale
+    }
+
+    public var name: String { "vanilla" }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        try checkScale(scale)
+    }
+
+    public func cost(_ shape: AttentionShape) throws -> AttentionCost {
+        try validate(shape)
+        let pairs = visiblePairs(shape, causal: causal)
+        let threads = min(defaultThreadCount, shape.batch * shape.heads)
+        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                             workspaceBytes: threads * shape.queryLength * shape.keyLength * 4,
+                             scoredPairs: pairs)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
+        var output = try Tensor(shape: [shape.batch, shape.heads, nq, dv])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, nq, 1])
+        let workers = min(threads ?? defaultThreadCount, shape.batch * shape.heads)
+        var scratch = [[Float]](repeating: [Float](repeating: 0, count: nq * nk), count: workers)
+        let causal = self.causal
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+        scratch.withUnsafeMutableBufferPointer { scratch in
+            let scratch = UncheckedSendable(scratch)
+            parallelForEach(items: shape.batch * shape.heads, threads: workers) { item, worker in
+                let b = item / shape.heads, h = item % shape.heads
+                let hk = h / shape.groupSize
+                let visibleKeys = keyLengths?[b] ?? nk
+                scratch.value[worker].withUnsafeMutableBufferPointer { s in
+                    let s = s.baseAddress!
+                    // S = scale · Q Kᵀ, masked entries -inf.
+                    for i in 0..<nq {
+                        let qi = q.row(b, h, i)
+                        let last = causal ? min(visibleKeys - 1, i + nk - nq) : visibleKeys - 1
+                        for j in 0..<nk {
+                            s[i * nk + j] = j <= last
+                                ? scale * dot(qi, q.strides[3], k.row(b, hk, j), k.strides[3], count: d)
+                                : -.infinity
+                        }
+                    }
+                    // Row softmax and O = P V.
+                    for i in 0..<nq {
+                        let srow = s + i * nk
+                        var m = -Float.infinity
+                        for j in 0..<nk { m = max(m, srow[j]) }
+                        let orow = o.row(b, h, i)
+                        for c in 0..<dv { orow[c] = 0 }
+                        guard m > -.infinity else { l.row(b, h, i)[0] = -.infinity; continue }
+                        var sum: Float = 0
+                        for j in 0..<nk {
+                            let p = expf(srow[j] - m)
+                            srow[j] = p
+                            sum += p
+                        }
+                        for j in 0..<nk where srow[j] != 0 {
+                            axpy(srow[j] / sum, v.row(b, hk, j), v.strides[3], orow, count: dv)
+                        }
+                        l.row(b, h, i)[0] = m + logf(sum)
+                    }
+                }
+            }
+        } } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+}
+
+/// Visible query/key pairs of a dense problem (without key padding).
+func visiblePairs(_ shape: AttentionShape, causal: Bool) -> Int {
+    let (nq, nk) = (shape.queryLength, shape.keyLength)
+    var perHead = nq * nk
+    if causal {
+        perHead = 0
+        for i in 0..<nq { perHead += max(0, min(nk, i + nk - nq + 1)) }
+    }
+    return perHead * shape.batch * shape.heads
+}
+
+/// Wraps a value that is shared across worker threads whose accesses are disjoint.
+struct UncheckedSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

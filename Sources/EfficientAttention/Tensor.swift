@@ -1,0 +1,163 @@
+/// A small owned 4-D array of `Float` with explicit strides.
+///
+/// Elements live in `storage`; element `[i0, i1, i2, i3]` is at
+/// `offset + i0·strides[0] + i1·strides[1] + i2·strides[2] + i3·strides[3]`.
+/// Tensors made by ``init(shape:repeating:)`` are row-major and contiguous; the strided
+/// initialiser lets a tensor live inside a larger buffer (a sub-range of a bigger
+/// sequence, padding between rows). Kernels only ever read the addressed elements.
+public struct Tensor: Sendable, Equatable {
+    public private(set) var storage: [Float]
+    /// Four extents.
+    public let shape: [Int]
+    /// Four strides, in elements, each at least 0.
+    public let strides: [Int]
+    /// Position of element `[0, 0, 0, 0]` in `storage`.
+    public let offset: Int
+
+    /// A contiguous row-major tensor filled with `value`.
+    public init(shape: [Int], repeating value: Float = 0) throws {
+        let count = try Tensor.checkShape(shape)
+        self.storage = [Float](repeating: value, count: count)
+        self.shape = shape
+        self.strides = Tensor.rowMajorStrides(shape)
+        self.offset = 0
+    }
+
+    /// A contiguous row-major tensor holding `data` (`data.count` must equal the element count).
+    public init(shape: [Int], data: [Float]) throws {
+        let count = try Tensor.checkShape(shape)
+        guard data.count == count else {
+            throw AttentionError.shapeMismatch("shape \(shape) holds \(count) elements, data has \(data.count)")
+        }
+        self.storage = data
+        self.shape = shape
+        self.strides = Tensor.rowMajorStrides(shape)
+        self.offset = 0
+    }
+
+    /// A view-like tensor over `storage` with explicit strides and offset. Throws if a
+    /// stride is negative or an addressed element lies outside `storage`.
+    public init(shape: [Int], storage: [Float], strides: [Int], offset: Int = 0) throws {
+        _ = try Tensor.checkShape(shape)
+        guard strides.count == 4 else {
+            throw AttentionError.invalidShape("a tensor needs 4 strides, got \(strides.count)")
+        }
+        guard strides.allSatisfy({ $0 >= 0 }), offset >= 0 else {
+            throw AttentionError.invalidParameter("strides and offset must be non-negative, got \(strides), \(offset)")
+        }
+        var last = offset
+        for axis in 0..<4 where shape[axis] > 0 {
+            guard let span = checkedProduct([shape[axis] - 1, strides[axis]]) else {
+                throw AttentionError.sizeOverflow("shape \(shape) with strides \(strides) overflows Int")
+            }
+            let (sum, overflow) = last.addingReportingOverflow(span)
+            guard !overflow else {
+                throw AttentionError.sizeOverflow("shape \(shape) with strides \(strides) overflows Int")
+            }
+            last = sum
+        }
+        if shape.contains(0) { last = offset - 1 }
+        guard last < storage.count else {
+            throw AttentionError.shapeMismatch(
+                "shape \(shape), strides \(strides), offset \(offset) address element \(last), storage has \(storage.count)")
+        }
+        self.storage = storage
+        self.shape = shape
+        self.strides = strides
+        self.offset = offset
+    }
+
+    /// A tensor of uniform random values in `range`, from a seeded generator.
+    public static func random(shape: [Int], seed: UInt64, in range: ClosedRange<Float> = -1...1) throws -> Tensor {
+        var rng = SeededGenerator(seed: seed)
+        let count = try checkShape(shape)
+        var data = [Float](repeating: 0, count: count)
+        for i in 0..<count { data[i] = rng.nextFloat(in: range) }
+        return try Tensor(shape: shape, data: data)
+    }
+
+    /// The number of elements (product of the extents).
+    public var count: Int { shape.reduce(1, *) }
+
+    /// True when the elements are row-major and gap-free from `offset`.
+    public var isContiguous: Bool { strides == Tensor.rowMajorStrides(shape) }
+
+    public subscript(_ i0: Int, _ i1: Int, _ i2: Int, _ i3: Int) -> Float {
+        get { storage[index(i0, i1, i2, i3)] }
+        set { storage[index(i0, i1, i2, i3)] = newValue }
+    }
+
+    /// The elements in row-major order (a copy).
+    public var elements: [Float] {
+        if isContiguous && offset == 0 && storage.count == count { return storage }
+        var out = [Float]()
+        out.reserveCapacity(count)
+        for a in 0..<shape[0] { for b in 0..<shape[1] { for c in 0..<shape[2] { for d in 0..<shape[3] {
+            out.append(self[a, b, c, d])
+        } } } }
+        return out
+    }
+
+    @inline(__always)
+    func index(_ i0: Int, _ i1: Int, _ i2: Int, _ i3: Int) -> Int {
+        precondition(i0 >= 0 && i0 < shape[0] && i1 >= 0 && i1 < shape[1]
+                     && i2 >= 0 && i2 < shape[2] && i3 >= 0 && i3 < shape[3], "Tensor index out of range")
+        return offset + i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3]
+    }
+
+    /// Runs `body` with a read-only view for kernels.
+    func withView<R>(_ body: (TensorView) throws -> R) rethrows -> R {
+        try storage.withUnsafeBufferPointer { buffer in
+            try body(TensorView(base: buffer.baseAddress! + offset, strides: strides))
+        }
+    }
+
+    /// Runs `body` with a writable view for kernels.
+    mutating func withMutableView<R>(_ body: (MutableTensorView) throws -> R) rethrows -> R {
+        let strides = self.strides, offset = self.offset
+        return try storage.withUnsafeMutableBufferPointer { buffer in
+            try body(MutableTensorView(base: buffer.baseAddress! + offset, strides: strides))
+        }
+    }
+
+    static func rowMajorStrides(_ shape: [Int]) -> [Int] {
+        [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
+    }
+
+    /// Validates a shape and returns its element count.
+    static func checkShape(_ shape: [Int]) throws -> Int {
+        guard shape.count == 4 else {
+            throw AttentionError.invalidShape("a tensor has 4 dimensions [B, H, N, D], got \(shape.count): \(shape)")
+        }
+        guard shape.allSatisfy({ $0 >= 0 }) else {
+            throw AttentionError.invalidShape("tensor extents must be non-negative, got \(shape)")
+        }
+        guard let count = checkedProduct(shape), checkedProduct([count, MemoryLayout<Float>.stride]) != nil else {
+            throw AttentionError.sizeOverflow("tensor of shape \(shape) has more elements than memory can address")
+        }
+        return count
+    }
+}
+
+/// Read-only strided access for kernels: valid only inside `Tensor.withView`.
+struct TensorView: @unchecked Sendable {
+    let base: UnsafePointer<Float>
+    let strides: [Int]
+
+    /// Pointer to row `[b, h, i, 0]`.
+    @inline(__always)
+    func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafePointer<Float> {
+        base + b * strides[0] + h * strides[1] + i * strides[2]
+    }
+}
+
+/// Writable strided access for kernels: valid only inside `Tensor.withMutableView`.
+struct MutableTensorView: @unchecked Sendable {
+    let base: UnsafeMutablePointer<Float>
+    let strides: [Int]
+
+    @inline(__always)
+    func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafeMutablePointer<Float> {
+        base + b * strides[0] + h * strides[1] + i * strides[2]
+    }
+}
