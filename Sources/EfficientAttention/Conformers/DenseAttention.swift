@@ -1,9 +1,25 @@
-/// Exact softmax attention computed flash-style (TEMPORARY: delegates to vanilla while
-/// the tiled kernel is written).
+/// Exact softmax attention, computed flash-style in O(N) memory.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i:
+/// let hk = h / (H / Hkv)
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])     for visible j
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],   lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// Visible keys: every `j < keyLengths[b]` (all keys without padding); with `causal`
+/// additionally `j <= i + Nk - Nq` (bottom-right alignment: the last query sees every key,
+/// as decoding with a cache needs). Rows with no visible key are 0 with `lse = -infinity`.
+///
+/// The kernel (KernelDocs/Dense.md) walks tiles of 128 queries against tiles of 64 keys
+/// with an online softmax and two register-tiled micro-kernels; key tiles entirely past
+/// the causal limit are never touched. Grouped key/value heads are read in place.
+///
+/// - Complexity: `4 · Nq · Nk · D` FLOPs per head (half that when causal and Nq = Nk);
+///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
 public struct DenseAttention: Attention {
     /// Bottom-right aligned causal mask: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
-    /// Score scale; `nil` means `1 / sqrt(D)`.
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
 
     public init(causal: Bool = false, scale: Float? = nil) {
@@ -13,24 +29,44 @@ public struct DenseAttention: Attention {
 
     public var name: String { "dense" }
 
+    /// Largest supported `D` and `Dv`.
+    public static let maxHeadDim = 256
+
     public func validate(_ shape: AttentionShape) throws {
         try shape.check()
-        try shape.checkHeadDims(limit: 256, variant: "dense attention")
+        try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: "dense attention")
         try checkScale(scale)
     }
 
     public func cost(_ shape: AttentionShape) throws -> AttentionCost {
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
+        let perWorker = TiledSoftmaxAttention.workspaceBytes(
+            headDim: shape.headDim, valueDim: shape.valueDim, queryLength: shape.queryLength)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: 0, scoredPairs: pairs)
+                             workspaceBytes: perWorker * defaultThreadCount,
+                             scoredPairs: pairs)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let shape = try AttentionShape(query: query, key: key, value: value)
         try validate(shape)
-        return try VanillaAttention(causal: causal, scale: scale)
-            .attend(query: query, key: key, value: value, keyLengths: keyLengths, threads: threads)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        let causal = self.causal
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            TiledSoftmaxAttention.run(
+                shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
+                q: q, k: k, v: v, o: o, lse: l
+            ) { b, _ in
+                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                             causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+            }
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
     }
 }

@@ -16,7 +16,7 @@ public enum VectorMath {
     public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
         typealias V = SIMD16<Float>
         let upper: Float = 88.72283, lower: Float = -86.6
-        let clamped = x.clamped(lowerBound: V(repeating: lower), upperBound: V(repeating: upper))
+        let clamped = clamp(x, V(repeating: lower), V(repeating: upper))
         // n = round(x / ln2) by the 1.5·2^23 trick; t's low mantissa bits hold n.
         let magic = V(repeating: 12_582_912)
         let t = fused(clamped, V(repeating: 1.442_695_04), magic)
@@ -68,4 +68,23 @@ func fused(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: SIMD16<Float>) -> SIMD16
     var acc = c
     multiplyAdd(&acc, a, b)
     return acc
+}
+
+/// The larger of `a` and `b` per lane (`b` where `a` is NaN). Written with a compare and
+/// a blend: the standard library's `pointwiseMax` compiles to a scalar loop.
+@inline(__always)
+func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> {
+    var r = a
+    r.replace(with: b, where: b .> a)
+    return r
+}
+
+/// `x` limited to `lo...hi` per lane; NaN lanes stay NaN. Compare-and-blend for the same
+/// reason as ``maximum(_:_:)``.
+@inline(__always)
+func clamp(_ x: SIMD16<Float>, _ lo: SIMD16<Float>, _ hi: SIMD16<Float>) -> SIMD16<Float> {
+    var r = x
+    r.replace(with: lo, where: x .< lo)
+    r.replace(with: hi, where: x .> hi)
+    return r
 }
