@@ -23,13 +23,19 @@ let package = Package(
     ],
     targets: [
         .target(name: "EfficientAttention", swiftSettings: nativeSettings),
+        .systemLibrary(name: "CMallocInfo", path: "Benchmarks/CMallocInfo"),
+        .target(
+            name: "AttentionBenchCore",
+            dependencies: ["EfficientAttention", "CMallocInfo"],
+            path: "Benchmarks/AttentionBenchCore",
+            swiftSettings: nativeSettings),
         .executableTarget(
             name: "AttentionBench",
-            dependencies: ["EfficientAttention"],
+            dependencies: ["EfficientAttention", "AttentionBenchCore"],
             path: "Benchmarks/AttentionBench",
             swiftSettings: nativeSettings),
         .testTarget(
             name: "EfficientAttentionTests",
-            dependencies: ["EfficientAttention"]),
+            dependencies: ["EfficientAttention", "AttentionBenchCore"]),
     ]
 )

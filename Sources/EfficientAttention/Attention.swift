@@ -18,9 +18,11 @@ public protocol Attention: Sendable {
     /// Throws an ``AttentionError`` if this conformer cannot compute `shape`.
     func validate(_ shape: AttentionShape) throws
 
-    /// FLOPs, workspace and scored pairs for `shape` (an upper bound when key padding
-    /// shortens some batch items). Throws what ``validate(_:)`` throws.
-    func cost(_ shape: AttentionShape) throws -> AttentionCost
+    /// FLOPs, workspace and scored pairs for `shape` computed with `threads` workers
+    /// (`nil`: every active processor), as ``attend(query:key:value:keyLengths:threads:)``
+    /// would allocate them; an upper bound when key padding shortens some batch items.
+    /// Throws what ``validate(_:)`` throws.
+    func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost
 
     /// Computes attention.
     ///
@@ -36,6 +38,11 @@ public protocol Attention: Sendable {
 }
 
 extension Attention {
+    /// The cost of `shape` with every active processor.
+    public func cost(_ shape: AttentionShape) throws -> AttentionCost {
+        try cost(shape, threads: nil)
+    }
+
     /// Attention over all keys with every active processor.
     public func attend(query: Tensor, key: Tensor, value: Tensor) throws -> AttentionResult {
         try attend(query: query, key: key, value: value, keyLengths: nil, threads: nil)
@@ -212,6 +219,11 @@ func checkCallArguments(_ shape: AttentionShape, keyLengths: [Int]?, threads: In
     if let threads, threads < 1 {
         throw AttentionError.invalidParameter("threads must be at least 1, got \(threads)")
     }
+}
+
+/// The number of workers a call with `threads` uses for `items` independent work items.
+func workerCount(threads: Int?, items: Int) -> Int {
+    max(1, min(threads ?? defaultThreadCount, items))
 }
 
 /// Checks an attention scale: it must be finite.

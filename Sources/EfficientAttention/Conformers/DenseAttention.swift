@@ -38,13 +38,11 @@ public struct DenseAttention: Attention {
         try checkScale(scale)
     }
 
-    public func cost(_ shape: AttentionShape) throws -> AttentionCost {
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
-        let perWorker = TiledSoftmaxAttention.workspaceBytes(
-            headDim: shape.headDim, valueDim: shape.valueDim, queryLength: shape.queryLength)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: perWorker * defaultThreadCount,
+                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads),
                              scoredPairs: pairs)
     }
 

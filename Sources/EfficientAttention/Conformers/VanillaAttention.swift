@@ -31,12 +31,12 @@ public struct VanillaAttention: Attention {
         try checkScale(scale)
     }
 
-    public func cost(_ shape: AttentionShape) throws -> AttentionCost {
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
-        let threads = min(defaultThreadCount, shape.batch * shape.heads)
+        let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: threads * shape.queryLength * shape.keyLength * 4,
+                             workspaceBytes: workers * shape.queryLength * shape.keyLength * 4,
                              scoredPairs: pairs)
     }
 
@@ -49,19 +49,20 @@ public struct VanillaAttention: Attention {
         let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
         var output = try Tensor(shape: [shape.batch, shape.heads, nq, dv])
         var lse = try Tensor(shape: [shape.batch, shape.heads, nq, 1])
-        let workers = min(threads ?? defaultThreadCount, shape.batch * shape.heads)
-        var scratch = [[Float]](repeating: [Float](repeating: 0, count: nq * nk), count: workers)
+        let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
+        // One score matrix per worker, in one allocation.
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * nq * nk)
+        defer { scratch.deallocate() }
+        let scores = UncheckedSendable(scratch)
         let causal = self.causal
         query.withView { q in key.withView { k in value.withView { v in
         output.withMutableView { o in lse.withMutableView { l in
-        scratch.withUnsafeMutableBufferPointer { scratch in
-            let scratch = UncheckedSendable(scratch)
             parallelForEach(items: shape.batch * shape.heads, threads: workers) { item, worker in
                 let b = item / shape.heads, h = item % shape.heads
                 let hk = h / shape.groupSize
                 let visibleKeys = keyLengths?[b] ?? nk
-                scratch.value[worker].withUnsafeMutableBufferPointer { s in
-                    let s = s.baseAddress!
+                do {
+                    let s = scores.value + worker * nq * nk
                     // S = scale · Q Kᵀ, masked entries -inf.
                     for i in 0..<nq {
                         let qi = q.row(b, h, i)
@@ -93,7 +94,7 @@ public struct VanillaAttention: Attention {
                     }
                 }
             }
-        } } } } } }
+        } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 }

@@ -34,11 +34,18 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// Bytes of workspace one worker allocates.
-    static func workspaceBytes(headDim d: Int, valueDim dv: Int, queryLength: Int) -> Int {
-        let tiling = Tiling.forProblem(headDim: d, valueDim: dv)
-        return Workspace.floatCount(d: d, dv: dv, queryTile: paddedQueryTile(tiling, queryLength),
-                                    keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
+    /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` allocates for
+    /// `shape` with `threads` workers (`nil`: every active processor).
+    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
+        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+        let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
+                                             queryTile: paddedQueryTile(tiling, shape.queryLength),
+                                             keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
+        return perWorker * workerCount(threads: threads, items: workItems(shape, tiling))
+    }
+
+    static func workItems(_ shape: AttentionShape, _ tiling: Tiling) -> Int {
+        (shape.queryLength + tiling.queryTile - 1) / tiling.queryTile * shape.batch * shape.heads
     }
 
     static func paddedQueryTile(_ tiling: Tiling, _ queryLength: Int) -> Int {
@@ -57,8 +64,8 @@ enum TiledSoftmaxAttention {
         let br = tiling.queryTile
         let queryTiles = (shape.queryLength + br - 1) / br
         let heads = shape.batch * shape.heads
-        let items = queryTiles * heads
-        let workers = max(1, min(threads, items))
+        let items = workItems(shape, tiling)
+        let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
             Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile)

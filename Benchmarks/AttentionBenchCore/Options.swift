@@ -1,0 +1,373 @@
+import Foundation
+import EfficientAttention
+
+/// A failure of the benchmark: bad command line (exit code 2) or a run-time failure
+/// such as an unwritable output file (exit code 1).
+public enum BenchError: Error, Equatable, Sendable, CustomStringConvertible {
+    case usage(String)
+    case failure(String)
+
+    public var message: String {
+        switch self {
+        case .usage(let m), .failure(let m): return m
+        }
+    }
+
+    public var description: String { message }
+
+    public var exitCode: Int32 {
+        switch self {
+        case .usage: return 2
+        case .failure: return 1
+        }
+    }
+}
+
+/// Which conformers a run selects.
+public enum VariantSelection: Equatable, Sendable {
+    /// Every registered name (unavailable ones are reported, not run).
+    case all
+    /// These names, in the order given.
+    case names([String])
+}
+
+/// Named option sets.
+public enum Preset: String, CaseIterable, Sendable {
+    /// The Long Range Arena lengths: N = 1K, 2K, 3K, 4K.
+    case lra
+    /// N = 1K ... 16K; quadratic conformers stop at their `longPresetLimit`.
+    case long
+}
+
+/// Everything the command line says, with presets and defaults applied.
+public struct BenchOptions: Equatable, Sendable {
+    public var variants: VariantSelection = .all
+    public var sequenceLengths: [Int] = [1024, 2048]
+    /// Key length for every point (`--seq-k`); `nil` means `Nk = Nq`.
+    public var keyLength: Int?
+    public var batches: [Int] = [1]
+    public var heads: [Int] = [8]
+    /// `nil` means `Hkv = H` at every point.
+    public var kvHeads: [Int]?
+    public var dims: [Int] = [64]
+    public var causal: [Bool] = [false]
+    public var threads: [Int] = [1]
+    /// Exact timed runs per point (`--repeat`), or the cap on runs when a budget is given.
+    public var repeatCount: Int?
+    /// Seconds of timed runs per point (`--budget`).
+    public var budget: Double?
+    public var warmup: Int = 1
+    public var seed: UInt64 = 42
+    public var jsonPath: String?
+    public var csvPath: String?
+    public var chartsDirectory: String?
+    public var quiet = false
+    public var preset: Preset?
+    public var list = false
+    public var help = false
+    /// Conformer settings given on the command line (`--window 256`).
+    public var overrides: [Parameter: Int] = [:]
+
+    public init() {}
+
+    /// The timing rule these options describe.
+    public var timing: TimingPolicy {
+        TimingPolicy(warmup: warmup, repeatCount: repeatCount, budget: budget)
+    }
+
+    /// The registry entries selected, in registry order for `all`, else as given.
+    public func selectedEntries(in registry: Registry) -> [VariantEntry] {
+        switch variants {
+        case .all: return registry.entries
+        case .names(let names): return names.compactMap { registry.entry(named: $0) }
+        }
+    }
+}
+
+/// One command-line option, for parsing and for `--help`.
+struct OptionSpec {
+    let name: String
+    /// Placeholder of the value, `nil` for a flag.
+    let value: String?
+    let help: String
+}
+
+extension BenchOptions {
+    static let specs: [OptionSpec] = [
+        OptionSpec(name: "variants", value: "LIST|all", help: "conformers to run, comma-separated registry names (see --list), or all [all]"),
+        OptionSpec(name: "seq", value: "LIST", help: "sequence lengths N (query length), e.g. 1024,2048 or 1K,2K [1024,2048]"),
+        OptionSpec(name: "seq-k", value: "N", help: "key length for every point (cross-attention); default Nk = N"),
+        OptionSpec(name: "batch", value: "LIST", help: "batch sizes B [1]"),
+        OptionSpec(name: "heads", value: "LIST", help: "query heads H [8]"),
+        OptionSpec(name: "kv-heads", value: "LIST", help: "key/value heads Hkv, each dividing every H [= H]"),
+        OptionSpec(name: "dim", value: "LIST", help: "head dimension D (= Dv) [64]"),
+        OptionSpec(name: "causal", value: nil, help: "causal mask (bottom-right aligned); --causal=both runs both, --causal=no neither"),
+        OptionSpec(name: "threads", value: "LIST", help: "thread counts; 'all' = every core [all,1; presets: all]"),
+        OptionSpec(name: "repeat", value: "N", help: "timed runs per point (exactly N; with --budget: at most N)"),
+        OptionSpec(name: "budget", value: "SECONDS", help: "time budget of timed runs per point (at least one run) [1.0 unless --repeat]"),
+        OptionSpec(name: "warmup", value: "N", help: "untimed runs before timing; the first one also measures heap growth [1]"),
+        OptionSpec(name: "seed", value: "N", help: "seed of the random inputs (uniform in [-1, 1]) and conformer randomness [42]"),
+        OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
+        OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
+        OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
+        OptionSpec(name: "preset", value: "lra|long", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped (see below)"),
+        OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
+        OptionSpec(name: "help", value: nil, help: "print this help and exit"),
+    ] + Parameter.allCases.map { OptionSpec(name: $0.rawValue, value: "N", help: $0.help) }
+
+    /// The text of `--help`.
+    public static func helpText(registry: Registry = .standard) -> String {
+        var lines = [
+            "USAGE: attention-bench [options]",
+            "",
+            "Times attention conformers of the EfficientAttention library on the same seeded random",
+            "inputs and reports time, GFLOP/s against the measured FMA peak, workspace and measured",
+            "heap growth, and the error against dense attention. Without options it runs every",
+            "available conformer at N = 1024, 2048 (B=1, H=8, D=64) with all cores and with 1 thread.",
+            "",
+            "OPTIONS (LIST = comma-separated values; N may be written 4K = 4096; --opt=value works too):",
+        ]
+        let conformer = Set(Parameter.allCases.map(\.rawValue))
+        let width = specs.map { "--\($0.name)" + ($0.value.map { " " + $0 } ?? "") }.map(\.count).max()! + 2
+        func line(_ s: OptionSpec) -> String {
+            let head = "--\(s.name)" + (s.value.map { " " + $0 } ?? "")
+            return "  " + head.padding(toLength: width, withPad: " ", startingAt: 0) + s.help
+        }
+        lines += specs.filter { !conformer.contains($0.name) }.map(line)
+        lines += ["", "CONFORMER SETTINGS (defaults per conformer in --list; a setting the selected conformer",
+                  "does not take is an error; with --variants all it applies to those that take it):"]
+        lines += specs.filter { conformer.contains($0.name) }.map(line)
+        lines += [
+            "",
+            "PRESETS:",
+            "  (none)         N = 1024,2048, threads all,1, every available conformer (under two minutes)",
+            "  --preset lra   N = 1024,2048,3072,4096, threads all",
+            "  --preset long  N = 1024,2048,4096,8192,16384, threads all; skipped with a note: "
+                + registry.entries.compactMap { e in e.longPresetLimit.map { "\(e.name) above \($0)" } }.joined(separator: ", "),
+            "",
+            "TIMING: warm-up runs, then timed runs until the budget is spent (or exactly --repeat runs);",
+            "the table shows the median and the minimum. Exit codes: 0 ok, 1 run-time failure, 2 bad usage.",
+            "",
+            "REGISTRY: " + registry.names.joined(separator: ", "),
+        ]
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Parses the command line (without the program name).
+    ///
+    /// Explicit options win over the preset's values, which win over the defaults.
+    /// Throws ``BenchError/usage(_:)`` for unknown options or variants, bad numbers,
+    /// missing values, and conformer settings the selected conformers do not take.
+    public static func parse(_ arguments: [String], registry: Registry = .standard,
+                             cores: Int = defaultThreadCount) throws -> BenchOptions {
+        var options = BenchOptions()
+        if arguments.contains("--help") || arguments.contains("-h") {
+            options.help = true
+            return options
+        }
+        var given: [String: String] = [:]
+        var causalWords: String?
+        var index = 0
+        while index < arguments.count {
+            let token = arguments[index]
+            index += 1
+            guard token.hasPrefix("--"), token.count > 2 else {
+                throw BenchError.usage("unexpected argument '\(token)' (options start with --; see --help)")
+            }
+            var name = String(token.dropFirst(2))
+            var inline: String?
+            if let eq = name.firstIndex(of: "=") {
+                inline = String(name[name.index(after: eq)...])
+                name = String(name[..<eq])
+            }
+            guard let spec = specs.first(where: { $0.name == name }) else {
+                throw BenchError.usage("unknown option '--\(name)' (see --help)")
+            }
+            if name == "causal" {
+                if let inline {
+                    causalWords = inline
+                } else if index < arguments.count, causalValues[arguments[index].lowercased()] != nil {
+                    causalWords = arguments[index]
+                    index += 1
+                } else {
+                    causalWords = "yes"
+                }
+                continue
+            }
+            if spec.value == nil {
+                if let inline {
+                    throw BenchError.usage("--\(name) takes no value, got '\(inline)'")
+                }
+                given[name] = ""
+                continue
+            }
+            if let inline {
+                given[name] = inline
+            } else {
+                guard index < arguments.count, !arguments[index].hasPrefix("--") else {
+                    throw BenchError.usage("--\(name) needs a value (\(spec.value!))")
+                }
+                given[name] = arguments[index]
+                index += 1
+            }
+        }
+
+        options.list = given["list"] != nil
+        options.quiet = given["quiet"] != nil
+        if options.list { return options }
+
+        if let text = given["preset"] {
+            guard let preset = Preset(rawValue: text.lowercased()) else {
+                throw BenchError.usage("--preset: unknown preset '\(text)' (lra or long)")
+            }
+            options.preset = preset
+        }
+        switch options.preset {
+        case nil:
+            options.sequenceLengths = [1024, 2048]
+            options.threads = cores > 1 ? [cores, 1] : [1]
+        case .lra?:
+            options.sequenceLengths = [1024, 2048, 3072, 4096]
+            options.threads = [cores]
+        case .long?:
+            options.sequenceLengths = [1024, 2048, 4096, 8192, 16384]
+            options.threads = [cores]
+        }
+
+        if let text = given["variants"] {
+            options.variants = try parseVariants(text, registry: registry)
+        }
+        if let text = given["seq"] { options.sequenceLengths = try parseList(text, option: "seq") }
+        if let text = given["seq-k"] { options.keyLength = try parseCount(text, option: "seq-k") }
+        if let text = given["batch"] { options.batches = try parseList(text, option: "batch") }
+        if let text = given["heads"] { options.heads = try parseList(text, option: "heads") }
+        if let text = given["kv-heads"] { options.kvHeads = try parseList(text, option: "kv-heads") }
+        if let text = given["dim"] { options.dims = try parseList(text, option: "dim") }
+        if let text = given["threads"] {
+            options.threads = try parseList(text, option: "threads", keywords: ["all": cores])
+        }
+        if let causalWords {
+            guard let values = causalValues[causalWords.lowercased()] else {
+                throw BenchError.usage("--causal: expected yes, no or both, got '\(causalWords)'")
+            }
+            options.causal = values
+        }
+        if let text = given["repeat"] { options.repeatCount = try parseCount(text, option: "repeat") }
+        if let text = given["budget"] {
+            guard let seconds = Double(text), seconds.isFinite, seconds > 0 else {
+                throw BenchError.usage("--budget: expected a positive number of seconds, got '\(text)'")
+            }
+            options.budget = seconds
+        }
+        if let text = given["warmup"] {
+            guard let n = Int(text), n >= 0 else {
+                throw BenchError.usage("--warmup: expected a non-negative integer, got '\(text)'")
+            }
+            options.warmup = n
+        }
+        if let text = given["seed"] {
+            guard let seed = UInt64(text) else {
+                throw BenchError.usage("--seed: expected a non-negative integer, got '\(text)'")
+            }
+            options.seed = seed
+        }
+        for key in ["json", "csv", "charts"] {
+            if let text = given[key], text.isEmpty {
+                throw BenchError.usage("--\(key) needs a non-empty path")
+            }
+        }
+        options.jsonPath = given["json"]
+        options.csvPath = given["csv"]
+        options.chartsDirectory = given["charts"]
+
+        for parameter in Parameter.allCases {
+            if let text = given[parameter.rawValue] {
+                options.overrides[parameter] = try parseCount(text, option: parameter.rawValue)
+            }
+        }
+
+        try options.check(registry: registry)
+        return options
+    }
+
+    /// Cross-option checks: kv-heads divide heads; conformer settings are taken by the
+    /// selected conformers.
+    func check(registry: Registry) throws {
+        if let kvHeads {
+            for kv in kvHeads {
+                for h in heads where h % kv != 0 {
+                    throw BenchError.usage("--kv-heads \(kv) does not divide --heads \(h) (H must be a multiple of Hkv)")
+                }
+            }
+        }
+        let selected = selectedEntries(in: registry)
+        for parameter in overrides.keys.sorted() {
+            let takers = selected.filter { $0.takes(parameter) }
+            switch variants {
+            case .all:
+                if takers.isEmpty {
+                    throw BenchError.usage("\(parameter.flag) is not a setting of any registered conformer")
+                }
+            case .names:
+                if let refuser = selected.first(where: { !$0.takes(parameter) }) {
+                    let takes = refuser.parameters.map(\.parameter.flag)
+                    throw BenchError.usage("\(parameter.flag) is not a setting of '\(refuser.name)' "
+                        + "(it takes \(takes.isEmpty ? "no settings" : takes.joined(separator: ", ")))")
+                }
+            }
+        }
+    }
+
+    static let causalValues: [String: [Bool]] = [
+        "yes": [true], "true": [true], "1": [true], "on": [true],
+        "no": [false], "false": [false], "0": [false], "off": [false],
+        "both": [false, true],
+    ]
+
+    static func parseVariants(_ text: String, registry: Registry) throws -> VariantSelection {
+        let names = text.split(separator: ",", omittingEmptySubsequences: false)
+            .map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+        guard !names.isEmpty, !names.contains("") else {
+            throw BenchError.usage("--variants: empty name in '\(text)'")
+        }
+        if names.contains("all") { return .all }
+        var unique: [String] = []
+        for name in names where !unique.contains(name) {
+            guard registry.entry(named: name) != nil else {
+                throw BenchError.usage("unknown variant '\(name)'; registered: \(registry.names.joined(separator: ", "))")
+            }
+            unique.append(name)
+        }
+        return .names(unique)
+    }
+
+    /// A positive integer; `4K` / `4k` means 4096.
+    static func parseCount(_ text: String, option: String) throws -> Int {
+        var digits = Substring(text.trimmingCharacters(in: .whitespaces))
+        var multiplier = 1
+        if let last = digits.last, last == "K" || last == "k" {
+            multiplier = 1024
+            digits = digits.dropLast()
+        }
+        guard let value = Int(digits), value > 0 else {
+            throw BenchError.usage("--\(option): expected a positive integer, got '\(text)'")
+        }
+        let (product, overflow) = value.multipliedReportingOverflow(by: multiplier)
+        guard !overflow, product <= 1 << 40 else {
+            throw BenchError.usage("--\(option): value '\(text)' is too large")
+        }
+        return product
+    }
+
+    /// A comma-separated list of positive integers (duplicates dropped, order kept).
+    static func parseList(_ text: String, option: String, keywords: [String: Int] = [:]) throws -> [Int] {
+        var values: [Int] = []
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let word = part.trimmingCharacters(in: .whitespaces)
+            let value = try keywords[word.lowercased()] ?? parseCount(word, option: option)
+            if !values.contains(value) { values.append(value) }
+        }
+        return values
+    }
+}

@@ -1,0 +1,308 @@
+import EfficientAttention
+
+// The registry of conformers the benchmark knows by name.
+//
+// Every name the issue fixes is registered, with a one-line description and the paper's
+// default settings, whether or not its conformer exists yet. A conformer that has landed
+// becomes available by giving its entry a `make` closure; nothing else in the harness
+// changes. For example, once `LocalAttention` exists:
+//
+//     make: { c in LocalAttention(left: c[.window] / 2, right: c[.window] / 2 - 1, causal: c.causal) }
+
+/// A setting a conformer takes, overridable from the command line as `--<rawValue> N`.
+public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
+    case window
+    case stride
+    case blockSize = "block-size"
+    case randomBlocks = "random-blocks"
+    case bucketSize = "bucket-size"
+    case hashes
+    case features
+    case proj
+    case span
+    case ramp
+    case memory
+
+    /// The command-line flag, `--window` and so on.
+    public var flag: String { "--" + rawValue }
+
+    /// What the value means, for `--help`.
+    public var help: String {
+        switch self {
+        case .window: return "window size (local: left w/2, right w/2-1; longformer: total keys per query; routing: cluster size)"
+        case .stride: return "strided: stride l (default ceil(sqrt(N)))"
+        case .blockSize: return "bigbird: block size"
+        case .randomBlocks: return "bigbird: random blocks per query block"
+        case .bucketSize: return "lsh: bucket (chunk) size"
+        case .hashes: return "lsh: hash rounds"
+        case .features: return "performer: random features m"
+        case .proj: return "linformer: projected length k"
+        case .span: return "adaptive-span: maximum span S"
+        case .ramp: return "adaptive-span: soft-mask ramp R"
+        case .memory: return "transformer-xl: memory length M (default N)"
+        }
+    }
+
+    public static func < (a: Parameter, b: Parameter) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+}
+
+/// A parameter's default: a constant, or a function of the sequence length.
+public enum ParameterDefault: Sendable, Equatable, CustomStringConvertible {
+    /// A fixed value.
+    case value(Int)
+    /// `⌈√Nk⌉` of the sweep point's key length.
+    case ceilSqrtOfKeyLength
+    /// The sweep point's query (segment) length `N`.
+    case sequenceLength
+
+    /// The value at a sweep point with the given lengths.
+    public func resolve(queryLength: Int, keyLength: Int) -> Int {
+        switch self {
+        case .value(let v): return v
+        case .ceilSqrtOfKeyLength: return ceilSquareRoot(keyLength)
+        case .sequenceLength: return queryLength
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .value(let v): return String(v)
+        case .ceilSqrtOfKeyLength: return "ceil(sqrt(N))"
+        case .sequenceLength: return "N"
+        }
+    }
+}
+
+/// The smallest `r` with `r · r >= n` (exact integer arithmetic), for `n >= 0`.
+public func ceilSquareRoot(_ n: Int) -> Int {
+    precondition(n >= 0, "ceilSquareRoot of a negative number")
+    var r = Int(Double(n).squareRoot())
+    while r * r < n { r += 1 }
+    while r > 0 && (r - 1) * (r - 1) >= n { r -= 1 }
+    return r
+}
+
+/// One attention problem of a sweep: the shape and whether the causal rule applies.
+public struct BenchProblem: Hashable, Sendable, CustomStringConvertible {
+    public var shape: AttentionShape
+    public var causal: Bool
+
+    public init(shape: AttentionShape, causal: Bool) {
+        self.shape = shape
+        self.causal = causal
+    }
+
+    public var description: String { "\(shape) \(causal ? "causal" : "non-causal")" }
+}
+
+/// What a registry factory receives: the (possibly adjusted) problem, the resolved
+/// parameter values, and the sweep's seed for the conformer's own random choices.
+public struct ConformerConfig: Sendable {
+    public var problem: BenchProblem
+    public var parameters: [Parameter: Int]
+    public var seed: UInt64
+
+    public init(problem: BenchProblem, parameters: [Parameter: Int], seed: UInt64) {
+        self.problem = problem
+        self.parameters = parameters
+        self.seed = seed
+    }
+
+    public var causal: Bool { problem.causal }
+    public var shape: AttentionShape { problem.shape }
+
+    /// The resolved value of a parameter the entry declares.
+    public subscript(_ parameter: Parameter) -> Int {
+        guard let value = parameters[parameter] else {
+            preconditionFailure("parameter \(parameter.flag) is not declared by this registry entry")
+        }
+        return value
+    }
+}
+
+/// One registered conformer.
+public struct VariantEntry: Sendable {
+    /// The registry name (`--variants` and the `variant` field of the records).
+    public var name: String
+    /// One line: what it is and where it comes from.
+    public var summary: String
+    /// The parameters it takes, with the paper's defaults, in display order.
+    public var parameters: [(parameter: Parameter, default: ParameterDefault)]
+    /// Extra words about the defaults for `--list` (may be empty).
+    public var settingsNote: String
+    /// In `--preset long`, sequence lengths above this are skipped with a note
+    /// (quadratic time or memory); `nil` runs every length.
+    public var longPresetLimit: Int?
+    /// Turns the sweep's problem into the one this conformer computes (for example
+    /// multi-query uses one key/value head, Transformer-XL attends to memory + segment).
+    public var adjustProblem: @Sendable (BenchProblem, [Parameter: Int]) -> BenchProblem
+    /// Builds the conformer, or throws (``BenchError``) for settings it does not take.
+    /// `nil` while the conformer has not landed: the name is then reported as not available.
+    public var make: (@Sendable (ConformerConfig) throws -> any Attention)?
+
+    public init(name: String, summary: String,
+                parameters: [(parameter: Parameter, default: ParameterDefault)] = [],
+                settingsNote: String = "",
+                longPresetLimit: Int? = nil,
+                adjustProblem: @escaping @Sendable (BenchProblem, [Parameter: Int]) -> BenchProblem = { p, _ in p },
+                make: (@Sendable (ConformerConfig) throws -> any Attention)?) {
+        self.name = name
+        self.summary = summary
+        self.parameters = parameters
+        self.settingsNote = settingsNote
+        self.longPresetLimit = longPresetLimit
+        self.adjustProblem = adjustProblem
+        self.make = make
+    }
+
+    /// True once the conformer exists in the library.
+    public var isAvailable: Bool { make != nil }
+
+    /// Whether `parameter` is one of this entry's settings.
+    public func takes(_ parameter: Parameter) -> Bool {
+        parameters.contains { $0.parameter == parameter }
+    }
+
+    /// The entry's parameters at `problem`: the command-line overrides where given,
+    /// else the defaults. Overrides the entry does not take are ignored here (the
+    /// option parser has already rejected or filtered them).
+    public func resolveParameters(_ overrides: [Parameter: Int], at problem: BenchProblem) -> [Parameter: Int] {
+        var values: [Parameter: Int] = [:]
+        for (parameter, fallback) in parameters {
+            values[parameter] = overrides[parameter]
+                ?? fallback.resolve(queryLength: problem.shape.queryLength, keyLength: problem.shape.keyLength)
+        }
+        return values
+    }
+
+    /// `window=256 stride=...` as stored in the records (empty without parameters).
+    public static func describe(_ values: [Parameter: Int]) -> String {
+        values.keys.sorted().map { "\($0.rawValue)=\(values[$0]!)" }.joined(separator: " ")
+    }
+
+    /// The defaults for `--list`: `window 256 (left 128, right 127)`.
+    public var defaultsDescription: String {
+        var text = parameters.map { "\($0.parameter.rawValue) \($0.default)" }.joined(separator: ", ")
+        if !settingsNote.isEmpty { text += text.isEmpty ? settingsNote : " (\(settingsNote))" }
+        return text.isEmpty ? "-" : text
+    }
+}
+
+/// The conformers known to the benchmark, in table order.
+public struct Registry: Sendable {
+    public var entries: [VariantEntry]
+
+    public init(entries: [VariantEntry]) {
+        self.entries = entries
+    }
+
+    public var names: [String] { entries.map(\.name) }
+
+    public func entry(named name: String) -> VariantEntry? {
+        entries.first { $0.name == name }
+    }
+
+    /// The text of `--list`: name, availability, defaults, description.
+    public func listing() -> String {
+        var rows = [["name", "status", "defaults", "description"]]
+        for e in entries {
+            rows.append([e.name, e.isAvailable ? "available" : "not available yet", e.defaultsDescription, e.summary])
+        }
+        return TextTable.render(rows, rightAligned: []) + "\n"
+    }
+
+    /// Every conformer named in the issue, with the papers' default settings.
+    public static let standard = Registry(entries: [
+        VariantEntry(
+            name: "vanilla",
+            summary: "textbook unfused softmax attention, N x N scores materialised (the LRA 'vanilla Transformer' row)",
+            longPresetLimit: 8192,
+            make: { c in VanillaAttention(causal: c.causal) }),
+        VariantEntry(
+            name: "dense",
+            summary: "exact softmax attention, flash-style tiles with online softmax (reference for speedup and error)",
+            longPresetLimit: 16384,
+            make: { c in DenseAttention(causal: c.causal) }),
+        VariantEntry(
+            name: "local",
+            summary: "sliding-window attention (Image Transformer / local attention), causal: right 0",
+            parameters: [(.window, .value(256))],
+            settingsNote: "left 128, right 127",
+            make: nil),
+        VariantEntry(
+            name: "strided",
+            summary: "Sparse Transformer strided pattern, band |i-j| < l plus every l-th key (Child et al. 2019)",
+            parameters: [(.stride, .ceilSqrtOfKeyLength)],
+            make: nil),
+        VariantEntry(
+            name: "longformer",
+            summary: "Longformer sliding window w/2 each side plus global positions (Beltagy et al. 2020)",
+            parameters: [(.window, .value(512))],
+            make: nil),
+        VariantEntry(
+            name: "bigbird",
+            summary: "BigBird ITC: 3 window blocks, first/last block global, r random blocks (Zaheer et al. 2020)",
+            parameters: [(.blockSize, .value(64)), (.randomBlocks, .value(3))],
+            make: nil),
+        VariantEntry(
+            name: "lsh",
+            summary: "Reformer LSH: shared-QK angular hashing, sorted chunks, rounds merged by log-sum-exp (Kitaev et al. 2020)",
+            parameters: [(.bucketSize, .value(64)), (.hashes, .value(4))],
+            make: nil),
+        VariantEntry(
+            name: "routing",
+            summary: "Routing Transformer: balanced k-means clusters of w queries/keys, attention within clusters (Roy et al. 2021)",
+            parameters: [(.window, .value(128))],
+            settingsNote: "cluster size; K = N / 128 clusters",
+            make: nil),
+        VariantEntry(
+            name: "linformer",
+            summary: "Linformer: keys and values projected along the sequence to k rows, non-causal (Wang et al. 2020)",
+            parameters: [(.proj, .value(256))],
+            make: nil),
+        VariantEntry(
+            name: "linear-elu",
+            summary: "kernelized linear attention with phi(x) = elu(x) + 1 (Katharopoulos et al. 2020)",
+            make: nil),
+        VariantEntry(
+            name: "performer",
+            summary: "Performer FAVOR+ positive orthogonal random features (Choromanski et al. 2021)",
+            parameters: [(.features, .value(256))],
+            make: nil),
+        VariantEntry(
+            name: "multi-query",
+            summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel",
+            settingsNote: "kv-heads 1 unless --kv-heads gives a grouped count",
+            longPresetLimit: 16384,
+            adjustProblem: { p, _ in
+                var p = p
+                if p.shape.kvHeads == p.shape.heads { p.shape.kvHeads = 1 }
+                return p
+            },
+            make: nil),
+        VariantEntry(
+            name: "transformer-xl",
+            summary: "Transformer-XL segment over [memory; segment] with relative positions, causal (Dai et al. 2019)",
+            parameters: [(.memory, .sequenceLength)],
+            settingsNote: "keys = memory + segment",
+            adjustProblem: { p, values in
+                var p = p
+                p.shape.keyLength = p.shape.queryLength + (values[.memory] ?? p.shape.queryLength)
+                p.causal = true
+                return p
+            },
+            make: nil),
+        VariantEntry(
+            name: "adaptive-span",
+            summary: "adaptive span: causal, per-head span with a soft ramp, cost follows the span (Sukhbaatar et al. 2019)",
+            parameters: [(.span, .value(128)), (.ramp, .value(32))],
+            adjustProblem: { p, _ in
+                var p = p
+                p.causal = true
+                return p
+            },
+            make: nil),
+    ])
+}

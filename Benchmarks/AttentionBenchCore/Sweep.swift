@@ -1,0 +1,298 @@
+import Foundation
+import EfficientAttention
+
+/// A note printed under the table: a conformer that is not available, a point skipped
+/// by the preset, a problem a conformer does not support.
+public struct SweepNote: Equatable, Sendable {
+    public var variant: String
+    public var note: String
+    public init(variant: String, note: String) { self.variant = variant; self.note = note }
+}
+
+/// One conformer at one sweep point and thread count, ready to run.
+public struct SweepJob: Sendable {
+    public var entry: VariantEntry
+    /// The sweep's problem; ``problem`` is the one the conformer computes (adjusted).
+    public var base: BenchProblem
+    public var problem: BenchProblem
+    public var parameters: [Parameter: Int]
+    public var threads: Int
+    public var conformer: any Attention
+    public var cost: AttentionCost
+    /// Index of the sweep point (problem × threads), for grouping.
+    public var pointIndex: Int
+    /// Position of the variant in the selection, for table order.
+    public var variantIndex: Int
+}
+
+/// What a sweep will run, and what it will not (with the reason).
+public struct SweepPlan: Sendable {
+    public var jobs: [SweepJob]
+    public var notes: [SweepNote]
+
+    /// The problems of the sweep: batch × heads × kv-heads × dim × causal × N, in that
+    /// nesting order (N innermost).
+    public static func problems(_ options: BenchOptions) -> [BenchProblem] {
+        var problems: [BenchProblem] = []
+        for b in options.batches {
+            for h in options.heads {
+                for kv in options.kvHeads ?? [h] {
+                    for d in options.dims {
+                        for c in options.causal {
+                            for n in options.sequenceLengths {
+                                let shape = AttentionShape(batch: b, heads: h, kvHeads: kv, queryLength: n,
+                                                           keyLength: options.keyLength ?? n, headDim: d)
+                                problems.append(BenchProblem(shape: shape, causal: c))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return problems
+    }
+
+    /// Builds the plan. Throws ``BenchError/usage(_:)`` when a factory refuses its settings.
+    ///
+    /// - Parameter memoryLimit: jobs whose inputs, output and workspace exceed this many
+    ///   bytes are skipped with a note (default: 3/4 of physical memory).
+    public static func make(_ options: BenchOptions, registry: Registry = .standard,
+                            memoryLimit: Int = Int(Double(ProcessInfo.processInfo.physicalMemory) * 0.75)) throws -> SweepPlan {
+        let selected = options.selectedEntries(in: registry)
+        var notes: [SweepNote] = []
+        var skipped: [String: [String]] = [:]   // variant -> reasons in order
+        func skip(_ variant: String, _ reason: String) {
+            if !(skipped[variant]?.contains(reason) ?? false) { skipped[variant, default: []].append(reason) }
+        }
+        for entry in selected where !entry.isAvailable {
+            notes.append(SweepNote(variant: entry.name, note: "not available yet (registered, conformer not in the library yet)"))
+        }
+        var jobs: [SweepJob] = []
+        var pointIndex = 0
+        for base in problems(options) {
+            for threads in options.threads {
+                defer { pointIndex += 1 }
+                for (variantIndex, entry) in selected.enumerated() {
+                    guard let make = entry.make else { continue }
+                    if options.preset == .long, let limit = entry.longPresetLimit, base.shape.queryLength > limit {
+                        skip(entry.name, "N > \(limit) skipped in --preset long (quadratic time or memory)")
+                        continue
+                    }
+                    let overrides = options.overrides.filter { entry.takes($0.key) }
+                    let parameters = entry.resolveParameters(overrides, at: base)
+                    let problem = entry.adjustProblem(base, parameters)
+                    let config = ConformerConfig(problem: problem, parameters: parameters, seed: options.seed)
+                    let conformer: any Attention
+                    let cost: AttentionCost
+                    do {
+                        conformer = try make(config)
+                        cost = try conformer.cost(problem.shape, threads: threads)
+                    } catch let error as BenchError {
+                        throw error
+                    } catch {
+                        skip(entry.name, "\(problem): \(error)")
+                        continue
+                    }
+                    let needed = cost.workspaceBytes + problemBytes(problem.shape)
+                    if needed > memoryLimit {
+                        skip(entry.name, "N=\(problem.shape.queryLength) skipped: needs about \(Format.bytes(needed)), "
+                             + "more than 3/4 of this machine's memory")
+                        continue
+                    }
+                    jobs.append(SweepJob(entry: entry, base: base, problem: problem, parameters: parameters,
+                                         threads: threads, conformer: conformer, cost: cost,
+                                         pointIndex: pointIndex, variantIndex: variantIndex))
+                }
+            }
+        }
+        for entry in selected {
+            for reason in skipped[entry.name] ?? [] { notes.append(SweepNote(variant: entry.name, note: reason)) }
+        }
+        return SweepPlan(jobs: jobs, notes: notes)
+    }
+
+    /// Bytes of query, key, value, output and log-sum-exp.
+    public static func problemBytes(_ s: AttentionShape) -> Int {
+        4 * (s.batch * s.heads * s.queryLength * (s.headDim + s.valueDim + 1)
+             + s.batch * s.kvHeads * s.keyLength * (s.headDim + s.valueDim))
+    }
+
+    /// Bytes of the output and log-sum-exp a call returns.
+    public static func outputBytes(_ s: AttentionShape) -> Int {
+        4 * s.batch * s.heads * s.queryLength * (s.valueDim + 1)
+    }
+}
+
+/// Runs a plan: inputs, warm-up, timing, memory, error against dense, relative columns.
+public final class SweepRunner {
+    public let options: BenchOptions
+    public let registry: Registry
+    public let peaks: PeakCache
+    /// Receives progress lines (already silenced for `--quiet` by the caller).
+    public let progress: (String) -> Void
+    let meter = HeapMeter()
+
+    public init(options: BenchOptions, registry: Registry = .standard, peaks: PeakCache = PeakCache(),
+                progress: @escaping (String) -> Void) {
+        self.options = options
+        self.registry = registry
+        self.peaks = peaks
+        self.progress = progress
+    }
+
+    struct Inputs {
+        var query: Tensor
+        var key: Tensor
+        var value: Tensor
+    }
+
+    /// Seeded inputs, uniform in [-1, 1]: query, key, value from `seed`, `seed + 1`, `seed + 2`.
+    public static func inputs(for shape: AttentionShape, seed: UInt64) throws -> (query: Tensor, key: Tensor, value: Tensor) {
+        let q = try Tensor.random(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim], seed: seed)
+        let k = try Tensor.random(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim], seed: seed &+ 1)
+        let v = try Tensor.random(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim], seed: seed &+ 2)
+        return (q, k, v)
+    }
+
+    /// Runs every job; returns the records in table order (sweep point, then selection order).
+    public func run(_ plan: SweepPlan) throws -> [BenchRecord] {
+        let start = monotonicSeconds()
+        var inputCache: [AttentionShape: Inputs] = [:]
+        var referenceCache: [BenchProblem: [Float]] = [:]
+        var currentBase: BenchProblem?
+        var results: [(job: SweepJob, record: BenchRecord)] = []
+
+        // Within a point, dense runs first so its output serves as the error reference.
+        let ordered = plan.jobs.enumerated().sorted { a, b in
+            if a.element.pointIndex != b.element.pointIndex { return a.element.pointIndex < b.element.pointIndex }
+            let ad = a.element.entry.name == "dense", bd = b.element.entry.name == "dense"
+            if ad != bd { return ad }
+            return a.offset < b.offset
+        }.map(\.element)
+
+        for (i, job) in ordered.enumerated() {
+            if currentBase != job.base {
+                inputCache.removeAll()
+                referenceCache.removeAll()
+                currentBase = job.base
+            }
+            let elapsed = monotonicSeconds() - start
+            if elapsed >= 2 {
+                progress("[\(i + 1)/\(ordered.count)] \(job.entry.name) N=\(job.problem.shape.queryLength) "
+                         + "threads=\(job.threads) (elapsed \(String(format: "%.1f", elapsed)) s)")
+            }
+            let peak = peaks.peak(threads: job.threads)
+            let shape = job.problem.shape
+            let inputs: Inputs
+            if let cached = inputCache[shape] {
+                inputs = cached
+            } else {
+                let t = try Self.inputs(for: shape, seed: options.seed)
+                inputs = Inputs(query: t.query, key: t.key, value: t.value)
+                inputCache[shape] = inputs
+            }
+            let measured = try execute(job, inputs)
+            let isDense = job.entry.name == "dense"
+            if isDense && referenceCache[job.problem] == nil { referenceCache[job.problem] = measured.output }
+
+            var relativeError: Double?
+            if isDense {
+                relativeError = 0
+            } else {
+                if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
+                    let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
+                    do {
+                        let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                                 keyLengths: nil, threads: defaultThreadCount)
+                        referenceCache[job.problem] = r.output.elements
+                    } catch {
+                        progress("note: no dense reference for \(job.problem): \(error)")
+                    }
+                }
+                if let reference = referenceCache[job.problem] {
+                    relativeError = Accounting.relativeError(measured.output, reference: reference)
+                }
+            }
+            let record = BenchRecord(
+                variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
+                seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
+                causal: job.problem.causal, threads: job.threads, parameters: VariantEntry.describe(job.parameters),
+                runs: measured.timing.runs, medianSeconds: measured.timing.medianSeconds,
+                minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
+                peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
+                outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError)
+            results.append((job, record))
+        }
+        let sorted = results.sorted { a, b in
+            (a.job.pointIndex, a.job.variantIndex) < (b.job.pointIndex, b.job.variantIndex)
+        }
+        return SweepRunner.fillRelativeColumns(sorted.map(\.record))
+    }
+
+    /// Fills `speedupVsDense`, `memoryVsDense`, `speedupVsVanilla`, `memoryVsVanilla`
+    /// from the dense and vanilla records with the same problem and thread count
+    /// (left `nil` where that baseline was not run).
+    public static func fillRelativeColumns(_ records: [BenchRecord]) -> [BenchRecord] {
+        var dense: [String: BenchRecord] = [:], vanilla: [String: BenchRecord] = [:]
+        for r in records {
+            if r.variant == "dense" { dense[r.problemKey] = r }
+            if r.variant == "vanilla" { vanilla[r.problemKey] = r }
+        }
+        return records.map { r in
+            var r = r
+            if let d = dense[r.problemKey] {
+                r.speedupVsDense = Accounting.ratio(d.medianSeconds, r.medianSeconds)
+                r.memoryVsDense = Accounting.ratio(Double(r.measuredPeakBytes), Double(d.measuredPeakBytes))
+            }
+            if let v = vanilla[r.problemKey] {
+                r.speedupVsVanilla = Accounting.ratio(v.medianSeconds, r.medianSeconds)
+                r.memoryVsVanilla = Accounting.ratio(Double(r.measuredPeakBytes), Double(v.measuredPeakBytes))
+            }
+            return r
+        }
+    }
+
+    struct Measured {
+        var timing: TimingStatistics
+        var peakBytes: Int
+        var output: [Float]
+    }
+
+    /// Warm-up (the first warm-up call measures heap growth), then timed calls.
+    func execute(_ job: SweepJob, _ inputs: Inputs) throws -> Measured {
+        let policy = options.timing
+        let conformer = job.conformer, threads = job.threads
+        func call() throws -> AttentionResult {
+            do {
+                return try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                            keyLengths: nil, threads: threads)
+            } catch {
+                throw BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
+            }
+        }
+        func measuredCall() throws -> (output: [Float], peak: Int) {
+            let (result, peak) = try meter.measure { try call() }
+            return (result.output.elements, peak)
+        }
+        var output: [Float] = []
+        var peakBytes = 0
+        if policy.warmup > 0 {
+            (output, peakBytes) = try measuredCall()
+            for _ in 1..<policy.warmup { _ = try call() }
+        }
+        var samples: [Double] = []
+        var spent = 0.0
+        while policy.wantsAnotherRun(after: samples.count, elapsed: spent) {
+            let t0 = monotonicSeconds()
+            let result = try call()
+            let dt = monotonicSeconds() - t0
+            withExtendedLifetime(result) {}
+            samples.append(dt)
+            spent += dt
+        }
+        if policy.warmup == 0 {
+            (output, peakBytes) = try measuredCall()
+        }
+        return Measured(timing: TimingStatistics(samples: samples), peakBytes: peakBytes, output: output)
+    }
+}

@@ -1,0 +1,497 @@
+// Tests of the benchmark harness (Benchmarks/AttentionBenchCore): argument parsing, the
+// registry, FLOP and ratio formulas, timing rules, JSON/CSV shape, SVG well-formedness
+// and series, sweep planning, and a tiny end-to-end sweep. No timing assertions.
+import Testing
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+import EfficientAttention
+import AttentionBenchCore
+
+@Suite struct BenchmarkHarnessTests {
+
+    // MARK: Argument parsing
+
+    @Test func defaultsWithoutArguments() throws {
+        let o = try BenchOptions.parse([], cores: 2)
+        #expect(o.variants == .all)
+        #expect(o.sequenceLengths == [1024, 2048])
+        #expect(o.threads == [2, 1])
+        #expect(o.batches == [1] && o.heads == [8] && o.dims == [64] && o.causal == [false])
+        #expect(o.kvHeads == nil && o.keyLength == nil && o.preset == nil)
+        #expect(o.timing == TimingPolicy(warmup: 1, repeatCount: nil, budget: nil))
+        #expect(try BenchOptions.parse([], cores: 1).threads == [1])
+    }
+
+    @Test func issueTwoCommandLine() throws {
+        let o = try BenchOptions.parse(["--variants", "dense,vanilla", "--seq", "2048", "--heads", "8",
+                                        "--dim", "64", "--threads", "1", "--json", "out.json"], cores: 2)
+        #expect(o.variants == .names(["dense", "vanilla"]))
+        #expect(o.sequenceLengths == [2048])
+        #expect(o.heads == [8] && o.dims == [64] && o.threads == [1])
+        #expect(o.jsonPath == "out.json")
+        #expect(o.selectedEntries(in: .standard).map(\.name) == ["dense", "vanilla"])
+    }
+
+    @Test func listsSuffixesAndInlineValues() throws {
+        let o = try BenchOptions.parse(["--seq=1K,2k,3000,1024", "--seq-k", "4K", "--batch", "1,2", "--heads=4,8",
+                                        "--kv-heads", "1,2", "--dim", "32,64", "--threads", "all,1",
+                                        "--repeat", "3", "--budget", "0.25", "--warmup", "0", "--seed", "7",
+                                        "--csv", "a.csv", "--charts", "dir", "--quiet"], cores: 2)
+        #expect(o.sequenceLengths == [1024, 2048, 3000])
+        #expect(o.keyLength == 4096)
+        #expect(o.batches == [1, 2] && o.heads == [4, 8] && o.kvHeads == [1, 2] && o.dims == [32, 64])
+        #expect(o.threads == [2, 1])
+        #expect(o.repeatCount == 3 && o.budget == 0.25 && o.warmup == 0 && o.seed == 7)
+        #expect(o.csvPath == "a.csv" && o.chartsDirectory == "dir" && o.quiet)
+    }
+
+    @Test func causalForms() throws {
+        #expect(try BenchOptions.parse(["--causal"]).causal == [true])
+        #expect(try BenchOptions.parse(["--causal", "--seq", "64"]).causal == [true])
+        #expect(try BenchOptions.parse(["--causal", "both"]).causal == [false, true])
+        #expect(try BenchOptions.parse(["--causal=no"]).causal == [false])
+        #expect(try BenchOptions.parse(["--causal=yes"]).causal == [true])
+    }
+
+    @Test func presets() throws {
+        let lra = try BenchOptions.parse(["--preset", "lra"], cores: 2)
+        #expect(lra.sequenceLengths == [1024, 2048, 3072, 4096] && lra.threads == [2])
+        let long = try BenchOptions.parse(["--preset=long"], cores: 2)
+        #expect(long.sequenceLengths.last == 16384 && long.preset == .long)
+        // Explicit options win over the preset.
+        let mixed = try BenchOptions.parse(["--preset", "lra", "--seq", "512", "--threads", "1"], cores: 2)
+        #expect(mixed.sequenceLengths == [512] && mixed.threads == [1])
+    }
+
+    @Test func helpAndListShortCircuit() throws {
+        #expect(try BenchOptions.parse(["--seq", "bad", "--help"]).help)
+        #expect(try BenchOptions.parse(["-h"]).help)
+        #expect(try BenchOptions.parse(["--list"]).list)
+        let help = BenchOptions.helpText()
+        for option in ["--variants", "--seq", "--seq-k", "--batch", "--heads", "--kv-heads", "--dim", "--causal",
+                       "--threads", "--repeat", "--budget", "--warmup", "--seed", "--json", "--csv", "--charts",
+                       "--quiet", "--preset", "--list", "--help"] + Parameter.allCases.map(\.flag) {
+            #expect(help.contains(option), "help lacks \(option)")
+        }
+    }
+
+    @Test(arguments: [
+        ["--bogus"], ["--variants", "nope"], ["--variants", "dense,,vanilla"], ["--seq", "abc"], ["--seq", "0"],
+        ["--seq", "-5"], ["--seq", "1.5"], ["--seq", "1024,x"], ["--threads"], ["--threads", "0"],
+        ["--repeat", "0"], ["--budget", "0"], ["--budget", "nan"], ["--warmup", "-1"], ["--seed", "-1"],
+        ["--preset", "huge"], ["--causal=maybe"], ["positional"], ["--kv-heads", "3"], ["--json="],
+        ["--quiet=1"], ["--variants", "dense", "--window", "256"], ["--variants", "lsh", "--proj", "64"],
+        ["--seq", "99999999999999999"],
+    ])
+    func badCommandLinesAreUsageErrors(_ arguments: [String]) {
+        do {
+            _ = try BenchOptions.parse(arguments, cores: 2)
+            Issue.record("\(arguments) was accepted")
+        } catch let error as BenchError {
+            guard case .usage(let message) = error else {
+                Issue.record("\(arguments): not a usage error: \(error)")
+                return
+            }
+            #expect(error.exitCode == 2)
+            #expect(!message.isEmpty)
+        } catch {
+            Issue.record("\(arguments): unexpected error \(error)")
+        }
+    }
+
+    @Test func commandExitCodes() {
+        #expect(AttentionBenchCommand.main(["--no-such-option"]) == 2)
+        #expect(AttentionBenchCommand.main(["--variants", "dense", "--hashes", "4"]) == 2)
+    }
+
+    @Test func conformerSettings() throws {
+        let lsh = try BenchOptions.parse(["--variants", "lsh", "--bucket-size", "32", "--hashes", "8"])
+        #expect(lsh.overrides == [.bucketSize: 32, .hashes: 8])
+        // With `all`, a setting applies to the conformers that take it.
+        let all = try BenchOptions.parse(["--window", "128"])
+        #expect(all.overrides == [.window: 128])
+        // ... and is an error when no registered conformer takes it.
+        let registry = Registry(entries: [Registry.standard.entry(named: "dense")!])
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--window", "128"], registry: registry) }
+    }
+
+    // MARK: Registry
+
+    @Test func registryNamesAndAvailability() throws {
+        let r = Registry.standard
+        #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
+                            "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
+        #expect(r.entries.filter(\.isAvailable).map(\.name) == ["vanilla", "dense"])
+        for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
+        let listing = r.listing()
+        #expect(listing.contains("not available yet"))
+        #expect(listing.components(separatedBy: "\n").filter { $0.hasPrefix("lsh ") }.count == 1)
+    }
+
+    @Test func registryDefaults() throws {
+        let r = Registry.standard
+        let p = BenchProblem(shape: AttentionShape(heads: 8, queryLength: 1000, headDim: 64), causal: false)
+        #expect(r.entry(named: "local")!.resolveParameters([:], at: p) == [.window: 256])
+        #expect(r.entry(named: "longformer")!.resolveParameters([:], at: p) == [.window: 512])
+        #expect(r.entry(named: "routing")!.resolveParameters([:], at: p) == [.window: 128])
+        #expect(r.entry(named: "bigbird")!.resolveParameters([:], at: p) == [.blockSize: 64, .randomBlocks: 3])
+        #expect(r.entry(named: "lsh")!.resolveParameters([:], at: p) == [.bucketSize: 64, .hashes: 4])
+        #expect(r.entry(named: "linformer")!.resolveParameters([:], at: p) == [.proj: 256])
+        #expect(r.entry(named: "performer")!.resolveParameters([:], at: p) == [.features: 256])
+        #expect(r.entry(named: "adaptive-span")!.resolveParameters([:], at: p) == [.span: 128, .ramp: 32])
+        #expect(r.entry(named: "strided")!.resolveParameters([:], at: p) == [.stride: 32])
+        #expect(r.entry(named: "strided")!.resolveParameters([.stride: 5], at: p) == [.stride: 5])
+        let xl = r.entry(named: "transformer-xl")!
+        let xlValues = xl.resolveParameters([:], at: p)
+        #expect(xlValues == [.memory: 1000])
+        let xlProblem = xl.adjustProblem(p, xlValues)
+        #expect(xlProblem.shape.keyLength == 2000 && xlProblem.causal)
+        #expect(r.entry(named: "multi-query")!.adjustProblem(p, [:]).shape.kvHeads == 1)
+        #expect(r.entry(named: "adaptive-span")!.adjustProblem(p, [:]).causal)
+        #expect(VariantEntry.describe([.hashes: 4, .bucketSize: 64]) == "bucket-size=64 hashes=4")
+    }
+
+    @Test func ceilSquareRoots() {
+        for n in 0...5000 {
+            let r = ceilSquareRoot(n)
+            #expect(r * r >= n && (r == 0 || (r - 1) * (r - 1) < n))
+        }
+        #expect(ceilSquareRoot(1024) == 32 && ceilSquareRoot(1025) == 33 && ceilSquareRoot(16384) == 128)
+    }
+
+    // MARK: Accounting
+
+    @Test func denseFlopFormula() throws {
+        #expect(Accounting.denseFlops(batch: 1, heads: 8, queryLength: 2048, keyLength: 2048, headDim: 64,
+                                      valueDim: 64, causal: false) == 4 * 2048 * 2048 * 64 * 8)
+        for (nq, nk) in [(1, 1), (5, 7), (7, 5), (17, 17), (64, 300), (300, 64), (777, 777)] {
+            var brute = 0
+            for i in 0..<nq { brute += max(0, min(nk, i + nk - nq + 1)) }
+            #expect(Accounting.denseVisiblePairsPerHead(queryLength: nq, keyLength: nk, causal: true) == brute)
+            for causal in [false, true] {
+                let shape = AttentionShape(batch: 2, heads: 4, kvHeads: 2, queryLength: nq, keyLength: nk,
+                                           headDim: 16, valueDim: 24)
+                let expected = Accounting.denseFlops(batch: 2, heads: 4, queryLength: nq, keyLength: nk,
+                                                     headDim: 16, valueDim: 24, causal: causal)
+                #expect(try DenseAttention(causal: causal).cost(shape).flops == expected)
+                #expect(try VanillaAttention(causal: causal).cost(shape).flops == expected)
+            }
+        }
+    }
+
+    @Test func ratiosAndErrors() {
+        #expect(Accounting.gflops(flops: 2e9, seconds: 0.5) == 4)
+        #expect(Accounting.gflops(flops: 2e9, seconds: 0) == 0)
+        #expect(Accounting.percentOfPeak(gflops: 140, peak: 280) == 50)
+        #expect(Accounting.ratio(3, 2) == 1.5)
+        #expect(Accounting.ratio(3, 0) == nil)
+        #expect(Accounting.relativeError([1, 2, 3], reference: [1, 2, 3]) == 0)
+        #expect(Accounting.relativeError([3, 4], reference: [0, 0]) == .infinity)
+        #expect(Accounting.relativeError([1], reference: [1, 2]) == nil)
+        let e = Accounting.relativeError([3, 0], reference: [3, 4])!
+        #expect(abs(e - 4.0 / 5.0) < 1e-12)
+    }
+
+    @Test func timingStatisticsAndPolicy() {
+        let odd = TimingStatistics(samples: [3, 1, 2])
+        #expect(odd.medianSeconds == 2 && odd.minSeconds == 1 && odd.runs == 3)
+        let even = TimingStatistics(samples: [4, 1, 3, 2])
+        #expect(even.medianSeconds == 2.5 && even.minSeconds == 1)
+
+        let exact = TimingPolicy(repeatCount: 3)
+        #expect(exact.wantsAnotherRun(after: 0, elapsed: 100))
+        #expect(exact.wantsAnotherRun(after: 2, elapsed: 100))
+        #expect(!exact.wantsAnotherRun(after: 3, elapsed: 0))
+        let budget = TimingPolicy(budget: 1)
+        #expect(budget.wantsAnotherRun(after: 0, elapsed: 5))
+        #expect(!budget.wantsAnotherRun(after: 1, elapsed: 1.5))
+        #expect(budget.wantsAnotherRun(after: 1, elapsed: 0.5))
+        #expect(!budget.wantsAnotherRun(after: TimingPolicy.defaultCap, elapsed: 0))
+        let capped = TimingPolicy(repeatCount: 2, budget: 10)
+        #expect(!capped.wantsAnotherRun(after: 2, elapsed: 0.1))
+        let defaults = TimingPolicy()
+        #expect(!defaults.wantsAnotherRun(after: 1, elapsed: TimingPolicy.defaultBudget))
+    }
+
+    @Test func fmaLoopAccounting() {
+        #expect(FMAPeak.flops(iterations: 10) == Double(10 * FMAPeak.accumulators * FMAPeak.lanes * 2))
+        #expect(FMAPeak.accumulators >= 12)
+        #expect(FMAPeak.chains(iterations: 1000, seed: 1).isFinite)
+        let cache = PeakCache(measure: { Double($0) * 100 })
+        #expect(cache.peak(threads: 2) == 200 && cache.peak(threads: 2) == 200)
+        #expect(cache.measured.map(\.threads) == [2])
+    }
+
+    @Test func heapMeterSeesALiveAllocation() throws {
+        guard HeapMeter.isSupported else { return }
+        let meter = HeapMeter()
+        // 64 MiB kept alive past the call; other tests running in parallel allocate far less.
+        let (array, growth) = meter.measure { [Float](repeating: 1, count: 16 << 20) }
+        #expect(array.count == 16 << 20)
+        #expect(growth >= 48 << 20)
+    }
+
+    // MARK: Records, JSON, CSV
+
+    static func sampleRecords() -> [BenchRecord] {
+        var out: [BenchRecord] = []
+        for variant in ["vanilla", "dense"] {
+            for threads in [2, 1] {
+                for n in [1024, 2048] {
+                    let scale = variant == "vanilla" ? 10.0 : 1.0
+                    out.append(BenchRecord(
+                        variant: variant, batch: 1, heads: 8, kvHeads: 8, seqQ: n, seqK: n, dim: 64, valueDim: 64,
+                        causal: false, threads: threads, runs: 3, medianSeconds: scale * Double(n * n) * 1e-8 / Double(threads),
+                        minSeconds: scale * Double(n * n) * 0.9e-8 / Double(threads),
+                        flops: Accounting.denseFlops(batch: 1, heads: 8, queryLength: n, keyLength: n, headDim: 64,
+                                                     valueDim: 64, causal: false),
+                        scoredPairs: 8 * n * n, peakGflops: 280 * Double(threads),
+                        workspaceBytes: variant == "vanilla" ? 4 * n * n * threads : 0,
+                        measuredPeakBytes: (variant == "vanilla" ? 4 * n * n * threads : 0) + 8 * n * 65 * 4,
+                        outputBytes: 8 * n * 65 * 4, relativeError: variant == "dense" ? 0 : 1e-6))
+                }
+            }
+        }
+        return SweepRunner.fillRelativeColumns(out)
+    }
+
+    @Test func relativeColumns() {
+        let records = Self.sampleRecords()
+        let vanilla = records.first { $0.variant == "vanilla" && $0.threads == 2 && $0.seqQ == 1024 }!
+        let dense = records.first { $0.variant == "dense" && $0.threads == 2 && $0.seqQ == 1024 }!
+        #expect(abs(vanilla.speedupVsDense! - 0.1) < 1e-12)
+        #expect(abs(dense.speedupVsVanilla! - 10) < 1e-12)
+        #expect(dense.speedupVsDense == 1 && dense.memoryVsDense == 1)
+        #expect(vanilla.memoryVsDense! > 1)
+        #expect(abs(dense.gflops - dense.flops / dense.medianSeconds / 1e9) < 1e-9)
+    }
+
+    @Test func jsonShape() throws {
+        let records = Self.sampleRecords()
+        let text = RecordWriter.json(records)
+        let parsed = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]]
+        let array = try #require(parsed)
+        #expect(array.count == records.count)
+        let required = ["variant", "batch", "heads", "kvHeads", "seqQ", "seqK", "dim", "causal", "threads",
+                        "medianSeconds", "minSeconds", "flops", "gflops", "peakGflops", "workspaceBytes",
+                        "measuredPeakBytes", "relativeError", "speedupVsDense", "memoryVsDense"]
+        for object in array {
+            for key in required { #expect(object[key] != nil, "missing \(key)") }
+            #expect(Set(object.keys) == Set(BenchRecord.fieldNames))
+        }
+        #expect(array[0]["variant"] as? String == "vanilla")
+        #expect((array[0]["seqQ"] as? NSNumber)?.intValue == 1024)
+        #expect((array[0]["causal"] as? NSNumber)?.boolValue == false)
+        // Keys appear in the fixed order.
+        let firstLine = text.split(separator: "\n")[1]
+        var last = firstLine.startIndex
+        for key in BenchRecord.fieldNames {
+            let range = try #require(firstLine.range(of: "\"\(key)\":", range: last..<firstLine.endIndex))
+            last = range.upperBound
+        }
+        // Missing values are null; an empty list is an empty array.
+        var r = records[0]
+        r.speedupVsDense = nil
+        r.relativeError = .nan
+        let one = try JSONSerialization.jsonObject(with: Data(RecordWriter.json([r]).utf8)) as! [[String: Any]]
+        #expect(one[0]["speedupVsDense"] is NSNull && one[0]["relativeError"] is NSNull)
+        #expect((try JSONSerialization.jsonObject(with: Data(RecordWriter.json([]).utf8)) as? [Any])?.isEmpty == true)
+        // Strings are escaped.
+        r.parameters = "a\"b\\c\n"
+        let escaped = try JSONSerialization.jsonObject(with: Data(RecordWriter.json([r]).utf8)) as! [[String: Any]]
+        #expect(escaped[0]["parameters"] as? String == "a\"b\\c\n")
+    }
+
+    @Test func csvShape() {
+        var records = Self.sampleRecords()
+        records[0].speedupVsVanilla = nil
+        records[1].parameters = "window=256, x"
+        let lines = RecordWriter.csv(records).split(separator: "\n", omittingEmptySubsequences: false).dropLast()
+        #expect(lines.count == records.count + 1)
+        #expect(lines.first.map(String.init) == BenchRecord.fieldNames.joined(separator: ","))
+        for line in lines where !line.contains("\"") {
+            #expect(line.split(separator: ",", omittingEmptySubsequences: false).count == BenchRecord.fieldNames.count)
+        }
+        #expect(lines[2].contains("\"window=256, x\""))
+        let columns = BenchRecord.fieldNames
+        let first = lines[1].split(separator: ",", omittingEmptySubsequences: false)
+        #expect(first[columns.firstIndex(of: "variant")!] == "vanilla")
+        #expect(first[columns.firstIndex(of: "speedupVsVanilla")!] == "")
+    }
+
+    @Test func tableRendering() {
+        let records = Self.sampleRecords()
+        let text = ReportTable.render(records, notes: [("lsh", "not available yet")],
+                                      peaks: [(1, 280), (2, 560)], fma: true)
+        #expect(text.contains("FMA peak"))
+        #expect(text.contains("B=1 H=8 Hkv=8 D=64 non-causal"))
+        for column in ["variant", "thr", "median ms", "min ms", "GFLOP/s", "%peak", "workspace", "measured",
+                       "rel.err", "x dense", "x vanilla", "mem/dense", "mem/vanilla"] {
+            #expect(text.contains(column), "table lacks \(column)")
+        }
+        #expect(text.contains("lsh  not available yet"))
+        // Header and data rows line up: the 'N' column ends at the same position.
+        let lines = text.split(separator: "\n").map(String.init)
+        let header = lines.first { $0.hasPrefix("variant") }!
+        let rows = lines.filter { $0.hasPrefix("dense ") || $0.hasPrefix("vanilla ") }
+        #expect(rows.count == records.count)
+        let end = header.range(of: "   N")!.upperBound.utf16Offset(in: header)
+        for row in rows {
+            let idx = row.index(row.startIndex, offsetBy: end - 1)
+            #expect(row[idx] == "4" || row[idx] == "8", "misaligned: \(row)")
+        }
+    }
+
+    // MARK: SVG
+
+    /// Parses an SVG document; returns the `data-series` names or nil if malformed.
+    static func parseSVG(_ text: String) -> (series: [String], polylines: Int, circles: Int, texts: [String])? {
+        #if canImport(FoundationXML) || canImport(Darwin)
+        final class Collector: NSObject, XMLParserDelegate {
+            var series: [String] = []
+            var polylines = 0, circles = 0
+            var texts: [String] = []
+            var inText = false
+            var current = ""
+            func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?,
+                        qualifiedName: String?, attributes: [String: String] = [:]) {
+                if name == "g", let s = attributes["data-series"] { series.append(s) }
+                if name == "polyline" { polylines += 1 }
+                if name == "circle" { circles += 1 }
+                if name == "text" { inText = true; current = "" }
+            }
+            func parser(_ parser: XMLParser, foundCharacters string: String) {
+                if inText { current += string }
+            }
+            func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+                if name == "text" { texts.append(current); inText = false }
+            }
+        }
+        let parser = XMLParser(data: Data(text.utf8))
+        let collector = Collector()
+        parser.delegate = collector
+        guard parser.parse() else { return nil }
+        return (collector.series, collector.polylines, collector.circles, collector.texts)
+        #else
+        return nil
+        #endif
+    }
+
+    @Test func timeChartIsWellFormedWithExpectedSeries() throws {
+        let records = Self.sampleRecords()
+        let svg = BenchCharts.timeChart(records).svg()
+        let parsed = try #require(Self.parseSVG(svg))
+        #expect(parsed.series == ["vanilla 2t", "vanilla 1t", "dense 2t", "dense 1t"])
+        #expect(parsed.polylines == 4)
+        #expect(parsed.circles >= 8)
+        #expect(parsed.texts.contains("Attention time vs sequence length"))
+        #expect(parsed.texts.contains("sequence length N (log)"))
+        #expect(parsed.texts.contains("median time per call (log)"))
+        #expect(parsed.texts.contains("1K") && parsed.texts.contains("2K"))
+        #expect(parsed.texts.contains("dense 1t"))  // legend
+        #expect(svg.hasPrefix("<?xml"))
+    }
+
+    @Test func memoryChartHasMeasuredAndModelSeries() throws {
+        let records = Self.sampleRecords()
+        let parsed = try #require(Self.parseSVG(BenchCharts.memoryChart(records).svg()))
+        #expect(parsed.series.count == 8)
+        #expect(parsed.series.contains("vanilla 1t") && parsed.series.contains("vanilla 1t (model)"))
+        #expect(parsed.series.contains("dense 2t (model)"))
+        // Dense's zero workspace cannot be drawn on a log axis: no line for it.
+        #expect(parsed.polylines == 6)
+    }
+
+    @Test func chartEscapesTextAndSurvivesOnePoint() throws {
+        let chart = LogLogChart(title: "a < b & c", xLabel: "x \"q\"", yLabel: "y 'p'",
+                                series: [ChartSeries(name: "s<&>", points: [.init(x: 3, y: 7)], color: "#000"),
+                                         ChartSeries(name: "empty", points: [.init(x: 0, y: 1)], color: "#111")],
+                                xFormat: { "\($0)" }, yFormat: { "\($0)" })
+        let parsed = try #require(Self.parseSVG(chart.svg()))
+        #expect(parsed.series == ["s<&>", "empty"])
+        #expect(parsed.polylines == 0 && parsed.circles >= 1)
+        #expect(parsed.texts.contains("a < b & c"))
+    }
+
+    @Test func logTicks() {
+        #expect(LogLogChart.logTicks(lo: 900, hi: 4500, preferred: [1024, 2048, 4096]) == [1024, 2048, 4096])
+        #expect(LogLogChart.logTicks(lo: 0.009, hi: 1.1) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1])
+        let wide = LogLogChart.logTicks(lo: 1, hi: 1e9)
+        #expect(wide.count == 10 && wide.first == 1)
+        #expect(LogLogChart.logTicks(lo: 3.1, hi: 6.2).count >= 3)
+    }
+
+    @Test func chartsAreWrittenToADirectory() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bench-charts-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let paths = try BenchCharts.write(Self.sampleRecords(), to: dir)
+        #expect(paths.map { ($0 as NSString).lastPathComponent } == ["time_vs_n.svg", "memory_vs_n.svg"])
+        for path in paths {
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            #expect(Self.parseSVG(text) != nil)
+        }
+    }
+
+    // MARK: Sweep planning and a tiny run
+
+    @Test func planReportsUnavailableAndSkipsLongQuadratic() throws {
+        let o = try BenchOptions.parse(["--preset", "long", "--seq", "8192,16384", "--threads", "1"])
+        let plan = try SweepPlan.make(o)
+        #expect(plan.jobs.map { "\($0.entry.name)@\($0.problem.shape.queryLength)" }
+                == ["vanilla@8192", "dense@8192", "dense@16384"])
+        let notes = Dictionary(grouping: plan.notes, by: \.variant)
+        #expect(notes.count == 13)  // 12 unavailable + vanilla's skip
+        #expect(notes["lsh"]?.first?.note.contains("not available") == true)
+        #expect(notes["vanilla"]?.first?.note.contains("8192") == true)
+        #expect(plan.jobs[0].cost.flops == Accounting.denseFlops(batch: 1, heads: 8, queryLength: 8192, keyLength: 8192,
+                                                                  headDim: 64, valueDim: 64, causal: false))
+    }
+
+    @Test func planSweepsEveryDimensionAndRespectsMemoryLimit() throws {
+        let o = try BenchOptions.parse(["--variants", "vanilla,dense", "--seq", "64,128", "--seq-k", "96",
+                                        "--batch", "1,2", "--heads", "4", "--kv-heads", "1,4", "--dim", "8",
+                                        "--causal", "both", "--threads", "1,2"])
+        let plan = try SweepPlan.make(o)
+        #expect(plan.jobs.count == 2 * 2 * 2 * 2 * 2 * 2)
+        #expect(plan.jobs.allSatisfy { $0.problem.shape.keyLength == 96 })
+        #expect(Set(plan.jobs.map(\.problem.shape.kvHeads)) == [1, 4])
+        let limited = try SweepPlan.make(try BenchOptions.parse(["--variants", "vanilla", "--seq", "512"]),
+                                         memoryLimit: 1 << 20)
+        // One note per distinct reason: the workspace (so the bytes named) depends on the thread count.
+        #expect(limited.jobs.isEmpty)
+        #expect(!limited.notes.isEmpty && limited.notes.allSatisfy {
+            $0.variant == "vanilla" && $0.note.contains("memory") })
+    }
+
+    @Test func tinySweepEndToEnd() throws {
+        let o = try BenchOptions.parse(["--variants", "vanilla,dense", "--seq", "33", "--heads", "2", "--dim", "8",
+                                        "--threads", "1,2", "--repeat", "2", "--causal", "both", "--quiet"])
+        let plan = try SweepPlan.make(o)
+        let runner = SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
+        let records = try runner.run(plan)
+        #expect(records.count == 8)
+        #expect(records.map(\.variant) == ["vanilla", "dense", "vanilla", "dense", "vanilla", "dense", "vanilla", "dense"])
+        for r in records {
+            #expect(r.runs == 2)
+            #expect(r.minSeconds <= r.medianSeconds)
+            #expect(r.peakGflops == Double(r.threads) * 100)
+            #expect(r.flops == Accounting.denseFlops(batch: 1, heads: 2, queryLength: 33, keyLength: 33, headDim: 8,
+                                                     valueDim: 8, causal: r.causal))
+            #expect(r.outputBytes == 2 * 33 * 9 * 4)
+            if r.variant == "dense" {
+                #expect(r.relativeError == 0 && r.speedupVsDense == 1)
+            } else {
+                #expect((r.relativeError ?? 1) < 1e-5)
+                #expect(r.speedupVsDense != nil && r.speedupVsVanilla == 1)
+            }
+        }
+        // The same seeded inputs every time.
+        let a = try SweepRunner.inputs(for: AttentionShape(heads: 2, queryLength: 5, headDim: 3), seed: 9)
+        let b = try SweepRunner.inputs(for: AttentionShape(heads: 2, queryLength: 5, headDim: 3), seed: 9)
+        #expect(a.query == b.query && a.key == b.key && a.value == b.value)
+        #expect(a.query != a.key)
+        #expect(a.query.elements.allSatisfy { $0 >= -1 && $0 <= 1 })
+    }
+}
