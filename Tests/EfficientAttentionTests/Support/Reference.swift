@@ -88,13 +88,32 @@ func defaultScale(headDim d: Int) -> Double { 1 / Double(d).squareRoot() }
 /// `visible(b, h, i, j)`, rows with no visible key are 0 with `lse = -infinity`.
 func referenceAttention(query: Tensor, key: Tensor, value: Tensor, scale: Double,
                         visible: Visibility) -> ReferenceResult<Double> {
+    naiveAttention(query: query, key: key, value: value, scale: scale, visible: visible,
+                   exp: { Foundation.exp($0) }, log: { Foundation.log($0) })
+}
+
+/// The same naive algorithm in Float: same loops and summation order, Float
+/// accumulation, Foundation's `expf` and `logf`. Its error against the Double reference
+/// is the yardstick for the library's error.
+func naiveFloatAttention(query: Tensor, key: Tensor, value: Tensor, scale: Float,
+                         visible: Visibility) -> ReferenceResult<Float> {
+    naiveAttention(query: query, key: key, value: value, scale: scale, visible: visible,
+                   exp: { expf($0) }, log: { logf($0) })
+}
+
+/// The naive algorithm in any precision: materialise each row's visible scores,
+/// subtract the row max, exponentiate, normalise, multiply by the values.
+private func naiveAttention<T: BinaryFloatingPoint>(
+    query: Tensor, key: Tensor, value: Tensor, scale: T, visible: Visibility,
+    exp: (T) -> T, log: (T) -> T
+) -> ReferenceResult<T> {
     let (nb, nh, nhkv, nq, nk, d, dv) = referenceDims(query, key, value)
     let group = nh / nhkv
-    let q = query.elements.map(Double.init), k = key.elements.map(Double.init)
-    let v = value.elements.map(Double.init)
-    var output = [Double](repeating: 0, count: nb * nh * nq * dv)
-    var lse = [Double](repeating: -.infinity, count: nb * nh * nq)
-    var scores = [Double](repeating: 0, count: nk)
+    let q = query.elements.map { T($0) }, k = key.elements.map { T($0) }
+    let v = value.elements.map { T($0) }
+    var output = [T](repeating: 0, count: nb * nh * nq * dv)
+    var lse = [T](repeating: -.infinity, count: nb * nh * nq)
+    var scores = [T](repeating: 0, count: nk)
     var keys = [Int]()
     keys.reserveCapacity(nk)
     for b in 0..<nb { for h in 0..<nh {
@@ -105,68 +124,24 @@ func referenceAttention(query: Tensor, key: Tensor, value: Tensor, scale: Double
             let row = (b * nh + h) * nq + i
             guard !keys.isEmpty else { continue }   // output 0, lse -inf
             let qBase = row * d
-            var m = -Double.infinity
+            var m = -T.infinity
             for j in keys {
                 let kBase = ((b * nhkv + hk) * nk + j) * d
-                var dot = 0.0
+                var dot: T = 0
                 for c in 0..<d { dot += q[qBase + c] * k[kBase + c] }
                 scores[j] = scale * dot
                 m = max(m, scores[j])
             }
-            var sum = 0.0
+            var sum: T = 0
             let oBase = row * dv
             for j in keys {
-                let p = Foundation.exp(scores[j] - m)
+                let p = exp(scores[j] - m)
                 sum += p
                 let vBase = ((b * nhkv + hk) * nk + j) * dv
                 for c in 0..<dv { output[oBase + c] += p * v[vBase + c] }
             }
             for c in 0..<dv { output[oBase + c] /= sum }
-            lse[row] = m + Foundation.log(sum)
-        }
-    } }
-    return ReferenceResult(batch: nb, heads: nh, queryLength: nq, valueDim: dv, output: output, lse: lse)
-}
-
-/// The same naive algorithm in Float: same loops and summation order, Float
-/// accumulation, Foundation's `expf` and `logf`. Its error against the Double reference
-/// is the yardstick for the library's error.
-func naiveFloatAttention(query: Tensor, key: Tensor, value: Tensor, scale: Float,
-                         visible: Visibility) -> ReferenceResult<Float> {
-    let (nb, nh, nhkv, nq, nk, d, dv) = referenceDims(query, key, value)
-    let group = nh / nhkv
-    let q = query.elements, k = key.elements, v = value.elements
-    var output = [Float](repeating: 0, count: nb * nh * nq * dv)
-    var lse = [Float](repeating: -.infinity, count: nb * nh * nq)
-    var scores = [Float](repeating: 0, count: nk)
-    var keys = [Int]()
-    keys.reserveCapacity(nk)
-    for b in 0..<nb { for h in 0..<nh {
-        let hk = h / group
-        for i in 0..<nq {
-            keys.removeAll(keepingCapacity: true)
-            for j in 0..<nk where visible(b, h, i, j) { keys.append(j) }
-            let row = (b * nh + h) * nq + i
-            guard !keys.isEmpty else { continue }
-            let qBase = row * d
-            var m = -Float.infinity
-            for j in keys {
-                let kBase = ((b * nhkv + hk) * nk + j) * d
-                var dot: Float = 0
-                for c in 0..<d { dot += q[qBase + c] * k[kBase + c] }
-                scores[j] = scale * dot
-                m = max(m, scores[j])
-            }
-            var sum: Float = 0
-            let oBase = row * dv
-            for j in keys {
-                let p = expf(scores[j] - m)
-                sum += p
-                let vBase = ((b * nhkv + hk) * nk + j) * dv
-                for c in 0..<dv { output[oBase + c] += p * v[vBase + c] }
-            }
-            for c in 0..<dv { output[oBase + c] /= sum }
-            lse[row] = m + logf(sum)
+            lse[row] = m + log(sum)
         }
     } }
     return ReferenceResult(batch: nb, heads: nh, queryLength: nq, valueDim: dv, output: output, lse: lse)
