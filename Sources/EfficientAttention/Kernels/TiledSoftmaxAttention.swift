@@ -27,25 +27,28 @@ enum TiledSoftmaxAttention {
         var queryTile: Int
         var keyTile: Int
 
-        static func forProblem(headDim: Int, valueDim: Int) -> Tiling {
+        /// The default query tile; patterns whose key sets are narrow bands pass a
+        /// smaller one (less wasted work on the band's edges).
+        static let defaultQueryTile = 128
+
+        static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {
             // Measured on Zen 5 (KernelDocs/Dense.md): 128 × 64 is within noise of the best
             // for D = 64 and 128; 128 queries halve the key/value traffic of 64 at N ≥ 4096.
-            Tiling(queryTile: 128, keyTile: 64)
+            Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: 64)
         }
     }
 
-    /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` allocates for
-    /// `shape` with `threads` workers (`nil`: every active processor).
-    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+    /// Bytes of workspace ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
+    /// allocates for `shape` with `threads` workers (`nil`: every active processor) and
+    /// query tile `queryTile` (`nil`: the default tiling).
+    static func workspaceBytes(shape: AttentionShape, threads: Int?, queryTile: Int? = nil,
+                               workItems items: Int? = nil) -> Int {
+        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
                                              queryTile: paddedQueryTile(tiling, shape.queryLength),
                                              keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
-        return perWorker * workerCount(threads: threads, items: workItems(shape, tiling))
-    }
-
-    static func workItems(_ shape: AttentionShape, _ tiling: Tiling) -> Int {
-        (shape.queryLength + tiling.queryTile - 1) / tiling.queryTile * shape.batch * shape.heads
+        let items = items ?? ceilDiv(shape.queryLength, tiling.queryTile) * shape.batch * shape.heads
+        return perWorker * workerCount(threads: threads, items: items)
     }
 
     static func paddedQueryTile(_ tiling: Tiling, _ queryLength: Int) -> Int {
@@ -53,18 +56,29 @@ enum TiledSoftmaxAttention {
     }
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`.
-    /// `mask(b, h)` gives the visibility of that batch item and head.
+    ///
+    /// `mask(b, h)` gives the visibility of that batch item and head: its query groups
+    /// (each one work item) and their key tiles. `queryTile` overrides the default query
+    /// tile (at most that many queries per group). With `merge`, `o` and `lse` already
+    /// hold a result over a key set disjoint from this mask's, and each row is combined
+    /// with it by log-sum-exp (rows of no group, or with no visible key, stay unchanged).
     static func run<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, threads: Int,
+        shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let br = tiling.queryTile
-        let queryTiles = (shape.queryLength + br - 1) / br
         let heads = shape.batch * shape.heads
-        let items = workItems(shape, tiling)
+        var groups = 0
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                groups = max(groups, mask(b, h).queryGroupCount(queryLength: shape.queryLength, queryTile: br))
+            }
+        }
+        let items = groups * heads
+        guard items > 0 else { return }
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
@@ -74,23 +88,24 @@ enum TiledSoftmaxAttention {
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
             parallelForEach(items: items, threads: workers) { item, worker in
-                // Heaviest query tiles (the last ones, under causal masks) first.
-                let tile = queryTiles - 1 - item / heads
+                // Heaviest query groups (the last ones, under causal masks) first.
+                let group = groups - 1 - item / heads
                 let b = (item % heads) / shape.heads, h = item % shape.heads
-                let queryStart = tile * br
-                let queryCount = min(br, shape.queryLength - queryStart)
-                attendTile(shape: shape, scale: scale, space: spaces.value[worker],
-                           b: b, h: h, queryStart: queryStart, queryCount: queryCount,
-                           q: q, k: k, v: v, o: o, lse: lse, mask: mask(b, h))
+                let headMask = mask(b, h)
+                let queries = headMask.queryGroup(group, queryLength: shape.queryLength, queryTile: br)
+                guard queries.count > 0 else { return }
+                attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
+                           b: b, h: h, queries: queries,
+                           q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
             }
         }
     }
 
-    /// One work item: `queryCount` queries from `queryStart` of head `h` in batch item `b`.
+    /// One work item: the query group `queries` of head `h` in batch item `b`.
     @inline(__always)
     static func attendTile<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, space: Workspace,
-        b: Int, h: Int, queryStart: Int, queryCount: Int,
+        shape: AttentionShape, scale: Float, merge: Bool, space: Workspace,
+        b: Int, h: Int, queries: PositionRun,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView, mask: Mask
     ) {
@@ -98,9 +113,9 @@ enum TiledSoftmaxAttention {
         let hk = h / shape.groupSize
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
-        let queryLanes = roundUp(queryCount, nr)
+        let queryLanes = roundUp(queries.count, nr)
 
-        packQueries(q, b: b, h: h, start: queryStart, count: queryCount, d: d, scale: scale,
+        packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
         for i in 0..<br {
             space.rowMax[i] = -.infinity
@@ -108,34 +123,33 @@ enum TiledSoftmaxAttention {
         }
         (space.acc).update(repeating: 0, count: br * dvPad)
 
-        mask.forEachKeyTile(queryStart: queryStart, queryEnd: queryStart + queryCount,
-                            tileSize: space.keyTile) { keyStart, keyCount, full in
-            packValues(v, b: b, h: hk, start: keyStart, count: keyCount, dv: dv,
-                       into: space.vPack, ld: dvPad)
-            // Sᵀ = K Qᵀ.
-            let keyBlocks = (keyCount + mr - 1) / mr
+        mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
+            let keys = tile.keys
+            packValues(v, b: b, h: hk, keys: keys, dv: dv, into: space.vPack, ld: dvPad)
+            // Sᵀ = K Qᵀ, key rows read in place `step` rows apart.
+            let keyRowStride = keys.step * k.strides[2]
+            let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
-                    let keys = BroadcastOperand(base: k.row(b, hk, keyStart + block * mr),
-                                                rowStride: k.strides[2], depthStride: k.strides[3],
-                                                rows: min(mr, keyCount - block * mr))
-                    microKernel(depth: d, a: keys,
+                    let keyRows = BroadcastOperand(base: k.row(b, hk, keys.position(block * mr)),
+                                                   rowStride: keyRowStride, depthStride: k.strides[3],
+                                                   rows: min(mr, keys.count - block * mr))
+                    microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
                                 c: space.scores + block * mr * br + panel, ldc: br,
                                 update: .overwrite)
                 }
             }
-            if !full {
-                mask.maskScores(space.scores, ld: br, keyStart: keyStart, keyCount: keyCount,
-                                queryStart: queryStart, queryCount: queryCount)
+            if !tile.fullyVisible {
+                mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
             }
-            onlineSoftmax(space, keyCount: keyCount, lanes: queryLanes)
+            onlineSoftmax(space, keyCount: keys.count, lanes: queryLanes)
             // O = diag(α) O + P V.
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
                     let probabilities = BroadcastOperand(base: space.scores + block,
                                                          rowStride: 1, depthStride: br)
-                    microKernel(depth: keyCount, a: probabilities,
+                    microKernel(depth: keys.count, a: probabilities,
                                 b: space.vPack + panel, ldb: dvPad,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
                                 update: .scaleAndAccumulate(space.alpha + block))
@@ -143,18 +157,28 @@ enum TiledSoftmaxAttention {
             }
         }
 
-        // o = O / l, lse = m + log l.
-        for i in 0..<queryCount {
-            let out = o.row(b, h, queryStart + i)
-            let sum = space.rowSum[i]
-            let row = space.acc + i * dvPad
+        // o = O / l, lse = m + log l (merged by log-sum-exp with what o and lse hold).
+        let os = o.strides[3]
+        for ii in 0..<queries.count {
+            let i = queries.position(ii)
+            let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
+            let sum = space.rowSum[ii]
+            let row = space.acc + ii * dvPad
             if sum > 0 {
-                let inverse = 1 / sum
-                for c in 0..<dv { out[c * o.strides[3]] = row[c] * inverse }
-                lse.row(b, h, queryStart + i)[0] = space.rowMax[i] + logf(sum)
-            } else {
-                for c in 0..<dv { out[c * o.strides[3]] = 0 }
-                lse.row(b, h, queryStart + i)[0] = -.infinity
+                let rowLSE = space.rowMax[ii] + logf(sum)
+                if merge {
+                    let w = mergeWeights(lseOut[0], rowLSE)
+                    let inverse = w.second / sum
+                    for c in 0..<dv { out[c * os] = w.first * out[c * os] + inverse * row[c] }
+                    lseOut[0] = w.lse
+                } else {
+                    let inverse = 1 / sum
+                    for c in 0..<dv { out[c * os] = row[c] * inverse }
+                    lseOut[0] = rowLSE
+                }
+            } else if !merge {
+                for c in 0..<dv { out[c * os] = 0 }
+                lseOut[0] = -.infinity
             }
         }
     }
@@ -197,27 +221,28 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// `qT[c · ld + i] = scale · q[i][c]`; lanes `count..<lanes` are zero.
+    /// `qT[c · ld + ii] = scale · q[queries.position(ii)][c]`; lanes `count..<lanes` are zero.
     @inline(__always)
-    static func packQueries(_ q: TensorView, b: Int, h: Int, start: Int, count: Int, d: Int,
+    static func packQueries(_ q: TensorView, b: Int, h: Int, queries: PositionRun, d: Int,
                             scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int) {
         let sd = q.strides[3]
-        for i in 0..<count {
-            let row = q.row(b, h, start + i)
-            for c in 0..<d { qT[c * ld + i] = scale * row[c * sd] }
+        for ii in 0..<queries.count {
+            let row = q.row(b, h, queries.position(ii))
+            for c in 0..<d { qT[c * ld + ii] = scale * row[c * sd] }
         }
-        if count < lanes {
-            for c in 0..<d { (qT + c * ld + count).update(repeating: 0, count: lanes - count) }
+        if queries.count < lanes {
+            for c in 0..<d { (qT + c * ld + queries.count).update(repeating: 0, count: lanes - queries.count) }
         }
     }
 
-    /// Value rows `vPack[r · ld + c]`; columns `dv..<ld` stay zero from allocation.
+    /// Value rows of `keys`: `vPack[r · ld + c] = v[keys.position(r)][c]`; columns
+    /// `dv..<ld` stay zero from allocation.
     @inline(__always)
-    static func packValues(_ v: TensorView, b: Int, h: Int, start: Int, count: Int, dv: Int,
+    static func packValues(_ v: TensorView, b: Int, h: Int, keys: PositionRun, dv: Int,
                            into vPack: UnsafeMutablePointer<Float>, ld: Int) {
         let sd = v.strides[3]
-        for r in 0..<count {
-            let row = v.row(b, h, start + r)
+        for r in 0..<keys.count {
+            let row = v.row(b, h, keys.position(r))
             let out = vPack + r * ld
             if sd == 1 {
                 out.update(from: row, count: dv)
