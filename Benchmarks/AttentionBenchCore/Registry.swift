@@ -230,7 +230,7 @@ public struct Registry: Sendable {
             summary: "sliding-window attention (Image Transformer / local attention), causal: right 0",
             parameters: [(.window, .value(256))],
             settingsNote: "left 128, right 127",
-            make: nil),
+            make: { c in LocalAttention(left: c[.window] / 2, right: max(0, c[.window] / 2 - 1), causal: c.causal) }),
         VariantEntry(
             name: "strided",
             summary: "Sparse Transformer strided pattern, band |i-j| < l plus every l-th key (Child et al. 2019)",

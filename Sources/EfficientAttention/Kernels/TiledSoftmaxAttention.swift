@@ -30,11 +30,20 @@ enum TiledSoftmaxAttention {
         /// The default query tile; patterns whose key sets are narrow bands pass a
         /// smaller one (less wasted work on the band's edges).
         static let defaultQueryTile = 128
+        /// Keys per tile.
+        static let keyTile = 64
+
+        /// The query tile for a pattern whose queries each see a contiguous band of
+        /// `width` keys: the band's ends cost `Br` extra keys per tile, so narrow bands
+        /// take smaller query tiles.
+        static func queryTile(forBandWidth width: Int) -> Int {
+            width <= 384 ? 32 : width <= 1024 ? 64 : defaultQueryTile
+        }
 
         static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {
             // Measured on Zen 5 (KernelDocs/Dense.md): 128 × 64 is within noise of the best
             // for D = 64 and 128; 128 queries halve the key/value traffic of 64 at N ≥ 4096.
-            Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: 64)
+            Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: keyTile)
         }
     }
 
@@ -114,6 +123,7 @@ enum TiledSoftmaxAttention {
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
         let queryLanes = roundUp(queries.count, nr)
+        let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
@@ -125,7 +135,17 @@ enum TiledSoftmaxAttention {
 
         mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
             let keys = tile.keys
-            packValues(v, b: b, h: hk, keys: keys, dv: dv, into: space.vPack, ld: dvPad)
+            // V rows are read in place when they are whole micro-tile rows (unit column
+            // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
+            let values: UnsafePointer<Float>, ldv: Int
+            if valuesInPlace {
+                values = v.row(b, hk, keys.start)
+                ldv = keys.step &* v.strides[2]
+            } else {
+                packValues(v, b: b, h: hk, keys: keys, dv: dv, into: space.vPack, ld: dvPad)
+                values = UnsafePointer(space.vPack)
+                ldv = dvPad
+            }
             // Sᵀ = K Qᵀ, key rows read in place `step` rows apart.
             let keyRowStride = keys.step * k.strides[2]
             let keyBlocks = (keys.count + mr - 1) / mr
@@ -150,7 +170,7 @@ enum TiledSoftmaxAttention {
                     let probabilities = BroadcastOperand(base: space.scores + block,
                                                          rowStride: 1, depthStride: br)
                     microKernel(depth: keys.count, a: probabilities,
-                                b: space.vPack + panel, ldb: dvPad,
+                                b: values + panel, ldb: ldv,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
                                 update: .scaleAndAccumulate(space.alpha + block))
                 }
@@ -163,21 +183,21 @@ enum TiledSoftmaxAttention {
             let i = queries.position(ii)
             let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
             let sum = space.rowSum[ii]
-            let row = space.acc + ii * dvPad
+            let row = space.acc + ii &* dvPad
             if sum > 0 {
                 let rowLSE = space.rowMax[ii] + logf(sum)
+                let w = merge ? mergeWeights(lseOut[0], rowLSE) : (first: Float(0), second: Float(1), lse: rowLSE)
+                let inverse = w.second / sum
                 if merge {
-                    let w = mergeWeights(lseOut[0], rowLSE)
-                    let inverse = w.second / sum
-                    for c in 0..<dv { out[c * os] = w.first * out[c * os] + inverse * row[c] }
-                    lseOut[0] = w.lse
+                    for c in 0..<dv { out[c &* os] = w.first * out[c &* os] + inverse * row[c] }
+                } else if os == 1 {
+                    for c in 0..<dv { out[c] = row[c] * inverse }
                 } else {
-                    let inverse = 1 / sum
-                    for c in 0..<dv { out[c * os] = row[c] * inverse }
-                    lseOut[0] = rowLSE
+                    for c in 0..<dv { out[c &* os] = row[c] * inverse }
                 }
+                lseOut[0] = w.lse
             } else if !merge {
-                for c in 0..<dv { out[c * os] = 0 }
+                for c in 0..<dv { out[c &* os] = 0 }
                 lseOut[0] = -.infinity
             }
         }
@@ -228,7 +248,11 @@ enum TiledSoftmaxAttention {
         let sd = q.strides[3]
         for ii in 0..<queries.count {
             let row = q.row(b, h, queries.position(ii))
-            for c in 0..<d { qT[c * ld + ii] = scale * row[c * sd] }
+            var out = qT + ii
+            for c in 0..<d {
+                out.pointee = scale * row[c &* sd]
+                out += ld
+            }
         }
         if queries.count < lanes {
             for c in 0..<d { (qT + c * ld + queries.count).update(repeating: 0, count: lanes - queries.count) }

@@ -158,6 +158,15 @@ func maskTransposedScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: 
     }
 }
 
+/// Masks by the causal rule alone: key `j` is hidden from query `i` iff `j > i + offset`.
+@inline(__always)
+func maskCausalDiagonal(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun,
+                        queries: PositionRun, offset: Int) {
+    maskTransposedScores(scores, ld: ld, keys: keys, queries: queries) { j, i in
+        i .< SIMD16<Int32>(repeating: Int32(clamping: j - offset))
+    }
+}
+
 /// The mask where each query sees one interval of keys:
 /// key `j` is visible to query `i` iff `i + offset − left ≤ j ≤ i + offset + right` and
 /// `j < keyEnd`.

@@ -1,0 +1,111 @@
+// Shared checks for the fixed sparse patterns (local, strided, Longformer, BigBird):
+// the pattern's counts against its dense mask, its kernel tile list against its
+// visibility, and a conformer's output against the Double reference with the pattern's
+// dense mask.
+
+import EfficientAttention
+import Testing
+
+/// The pattern's visibility (test side: through its dense mask) with optional key padding.
+func patternVisibility(_ pattern: some AttentionPattern, keyLengths: [Int]? = nil) -> Visibility {
+    let masks = (0..<pattern.heads).map { pattern.denseMask(head: $0) }
+    let nk = pattern.keyLength, heads = pattern.heads
+    return { b, h, i, j in
+        masks[h % heads][i * nk + j] && j < (keyLengths?[b] ?? nk)
+    }
+}
+
+/// Checks a pattern's inspection API for consistency:
+/// - `visibleKeyCount` equals the number of visible keys in the dense mask, row by row;
+/// - `scoredPairs` is their sum over heads;
+/// - in the tile list, every visible pair lies in exactly one (query group, key tile)
+///   over all passes, fully visible tiles hold only visible pairs, query groups of a pass
+///   are disjoint, and every query is in a group of the first pass.
+func checkPatternConsistency(_ pattern: some AttentionPattern, _ label: String,
+                             sourceLocation: SourceLocation = #_sourceLocation) {
+    let nq = pattern.queryLength, nk = pattern.keyLength
+    var total = 0
+    for h in 0..<pattern.heads {
+        let mask = pattern.denseMask(head: h)
+        var countErrors: [String] = []
+        for i in 0..<nq {
+            let expected = (0..<nk).filter { mask[i * nk + $0] }.count
+            let counted = pattern.visibleKeyCount(head: h, query: i)
+            if counted != expected { countErrors.append("query \(i): \(counted) vs \(expected)") }
+            total += expected
+        }
+        #expect(countErrors.isEmpty, "\(label) head \(h): visibleKeyCount differs from the mask: \(countErrors.prefix(4))",
+                sourceLocation: sourceLocation)
+
+        var covered = [UInt8](repeating: 0, count: nq * nk)
+        var fullButHidden: [String] = []
+        var groupsByPass: [Int: Set<[Int]>] = [:]
+        var queriesSeen: [Int: [Int]] = [:]
+        for tile in pattern.tiles(head: h) {
+            let groupKey = [tile.queryStart, tile.queryCount, tile.queryStep]
+            if groupsByPass[tile.pass, default: []].insert(groupKey).inserted {
+                for n in 0..<tile.queryCount { queriesSeen[tile.pass, default: []].append(tile.queryStart + n * tile.queryStep) }
+            }
+            for a in 0..<tile.queryCount {
+                let i = tile.queryStart + a * tile.queryStep
+                for c in 0..<tile.keyCount {
+                    let j = tile.keyStart + c * tile.keyStep
+                    guard i >= 0, i < nq, j >= 0, j < nk else {
+                        Issue.record("\(label) head \(h): tile \(tile) addresses (\(i), \(j)) outside the problem",
+                                     sourceLocation: sourceLocation)
+                        return
+                    }
+                    if mask[i * nk + j] { covered[i * nk + j] &+= 1 }
+                    else if tile.fullyVisible { fullButHidden.append("(\(i), \(j)) in \(tile)") }
+                }
+            }
+        }
+        let missing = (0..<(nq * nk)).filter { mask[$0] && covered[$0] == 0 }
+        let twice = (0..<(nq * nk)).filter { covered[$0] > 1 }
+        #expect(missing.isEmpty, "\(label) head \(h): \(missing.count) visible pairs in no tile, e.g. \(missing.prefix(3).map { ($0 / nk, $0 % nk) })",
+                sourceLocation: sourceLocation)
+        #expect(twice.isEmpty, "\(label) head \(h): \(twice.count) visible pairs in several tiles, e.g. \(twice.prefix(3).map { ($0 / nk, $0 % nk) })",
+                sourceLocation: sourceLocation)
+        #expect(fullButHidden.isEmpty, "\(label) head \(h): fully visible tiles hold hidden pairs: \(fullButHidden.prefix(3))",
+                sourceLocation: sourceLocation)
+        for (pass, queries) in queriesSeen {
+            #expect(Set(queries).count == queries.count, "\(label) head \(h) pass \(pass): query groups overlap",
+                    sourceLocation: sourceLocation)
+        }
+    }
+    #expect(pattern.scoredPairs == total, "\(label): scoredPairs \(pattern.scoredPairs), mask has \(total)",
+            sourceLocation: sourceLocation)
+}
+
+/// Runs `attention` on seeded inputs and checks it against the Double reference with
+/// `pattern`'s dense mask (and key padding); returns the result.
+@discardableResult
+func checkPatternAttention(_ attention: some Attention, pattern: some AttentionPattern,
+                           batch: Int = 1, heads: Int, kvHeads: Int? = nil, headDim: Int, valueDim: Int? = nil,
+                           keyLengths: [Int]? = nil, threads: Int? = nil, seed: UInt64, _ label: String,
+                           sourceLocation: SourceLocation = #_sourceLocation) throws -> AttentionResult {
+    let (q, k, v) = try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: pattern.queryLength,
+                                  keyLength: pattern.keyLength, headDim: headDim, valueDim: valueDim, seed: seed)
+    return try checkAgainstReference(attention, query: q, key: k, value: v, keyLengths: keyLengths,
+                                     threads: threads, scale: nil,
+                                     visible: patternVisibility(pattern, keyLengths: keyLengths),
+                                     "\(label) Nq\(pattern.queryLength) Nk\(pattern.keyLength) D\(headDim)",
+                                     sourceLocation: sourceLocation)
+}
+
+/// Checks that `attention` gives bitwise identical results with 1 and 2 threads, and
+/// that cost() reports the pattern's scored pairs.
+func checkPatternDeterminismAndCost(_ attention: some Attention, queryLength: Int, keyLength: Int? = nil,
+                                    heads: Int, headDim: Int, expectedPairs: Int, _ label: String,
+                                    sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let (q, k, v) = try randomQKV(batch: 2, heads: heads, queryLength: queryLength, keyLength: keyLength,
+                                  headDim: headDim, seed: 77)
+    let one = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 1)
+    let two = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 2)
+    expectBitwiseEqual(one, two, "\(label) threads 1 vs 2", sourceLocation: sourceLocation)
+    let shape = AttentionShape(batch: 2, heads: heads, queryLength: queryLength, keyLength: keyLength, headDim: headDim)
+    let cost = try attention.cost(shape, threads: 2)
+    #expect(cost.scoredPairs == 2 * expectedPairs, "\(label): cost reports \(cost.scoredPairs) pairs, expected \(2 * expectedPairs)",
+            sourceLocation: sourceLocation)
+    #expect(cost.flops == 2 * Double(cost.scoredPairs) * Double(2 * headDim), "\(label): flops", sourceLocation: sourceLocation)
+}
