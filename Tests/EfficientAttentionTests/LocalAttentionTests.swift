@@ -23,6 +23,9 @@ struct LocalAttentionTests {
         let shape = AttentionShape(heads: 2, queryLength: c.nq, keyLength: c.nk, headDim: c.d)
         let pattern = try attention.pattern(for: shape)
         checkPatternConsistency(pattern, "local \(c)")
+        checkPatternMatchesSpec(pattern, "local \(c)") { _, p, j in
+            p - c.left <= j && j <= p + (c.causal ? 0 : c.right)
+        }
         try checkPatternAttention(attention, pattern: pattern, heads: 2, kvHeads: 1, headDim: c.d,
                                   seed: 1000 + UInt64(n), "local sliding \(c)")
     }
@@ -38,6 +41,10 @@ struct LocalAttentionTests {
         let attention = LocalAttention(blockSize: c.size, lookBackward: c.back, lookForward: c.fwd, causal: c.causal)
         let pattern = try attention.pattern(for: AttentionShape(heads: 1, queryLength: c.nq, keyLength: c.nk, headDim: 8))
         checkPatternConsistency(pattern, "blocked \(c)")
+        checkPatternMatchesSpec(pattern, "blocked \(c)") { _, p, j in
+            let t = floorDivide(p, c.size), s = j / c.size
+            return s >= t - c.back && s <= t + c.fwd && (!c.causal || j <= p)
+        }
         try checkPatternAttention(attention, pattern: pattern, heads: 2, headDim: 24, valueDim: 7,
                                   seed: 1100 + UInt64(n), "local blocked \(c)")
     }

@@ -25,6 +25,14 @@ struct LongformerAttentionTests {
         let attention = LongformerAttention(window: c.w, dilations: c.dil, globalPositions: c.g, causal: c.causal)
         let pattern = try attention.pattern(for: AttentionShape(heads: 3, queryLength: c.nq, keyLength: c.nk, headDim: c.d))
         checkPatternConsistency(pattern, "longformer \(c)")
+        checkPatternMatchesSpec(pattern, "longformer \(c)") { h, p, j in
+            if c.causal && j > p { return false }
+            if c.g.contains(p) || c.g.contains(j) { return true }
+            let delta = c.dil.count == 1 ? c.dil[0] : c.dil[h], d = j - p
+            guard d % delta == 0 else { return false }
+            let t = d / delta
+            return c.causal ? (t >= -c.w && t <= 0) : abs(t) <= c.w / 2
+        }
         try checkPatternAttention(attention, pattern: pattern, heads: 3, headDim: c.d,
                                   seed: 3000 + UInt64(n), "longformer \(c)")
     }

@@ -25,6 +25,14 @@ struct StridedAttentionTests {
         let attention = StridedAttention(kind: c.kind, stride: c.stride, causal: c.causal)
         let pattern = try attention.pattern(for: AttentionShape(heads: 2, queryLength: c.nq, keyLength: c.nk, headDim: c.d))
         checkPatternConsistency(pattern, "strided \(c)")
+        let l = pattern.stride
+        checkPatternMatchesSpec(pattern, "strided \(c)") { _, p, j in
+            if c.causal && j > p { return false }
+            switch c.kind {
+            case .strided: return abs(p - j) < l || (p - j) % l == 0
+            case .fixed(let summary): return floorDivide(j, l) == floorDivide(p, l) || j % l >= l - summary
+            }
+        }
         try checkPatternAttention(attention, pattern: pattern, heads: 2, kvHeads: 1, headDim: c.d,
                                   seed: 2000 + UInt64(n), "strided \(c)")
     }

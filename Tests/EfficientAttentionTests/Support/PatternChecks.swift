@@ -115,3 +115,22 @@ func checkPatternDeterminismAndCost(_ attention: some Attention, queryLength: In
             sourceLocation: sourceLocation)
     #expect(cost.flops == 2 * Double(cost.scoredPairs) * Double(2 * headDim), "\(label): flops", sourceLocation: sourceLocation)
 }
+
+/// Checks `pattern`'s dense mask of every head against `spec(head, p, j)`, the
+/// specification's rule written out in the test with `p = i + Nk − Nq` (pairs with `j`
+/// outside `0..<Nk` never reach it).
+func checkPatternMatchesSpec(_ pattern: some AttentionPattern, _ label: String,
+                             sourceLocation: SourceLocation = #_sourceLocation,
+                             spec: (_ head: Int, _ p: Int, _ j: Int) -> Bool) {
+    let nq = pattern.queryLength, nk = pattern.keyLength
+    for h in 0..<pattern.heads {
+        let mask = pattern.denseMask(head: h)
+        let differing = (0..<(nq * nk)).filter { mask[$0] != spec(h, $0 / nk + nk - nq, $0 % nk) }
+        let same = differing.isEmpty
+        #expect(same, "\(label) head \(h): \(differing.count) pairs differ from the specification, e.g. \(differing.prefix(3).map { ($0 / nk, $0 % nk) })",
+                sourceLocation: sourceLocation)
+    }
+}
+
+/// `⌊a / b⌋` for any sign of `a` (test side).
+func floorDivide(_ a: Int, _ b: Int) -> Int { Int((Double(a) / Double(b)).rounded(.down)) }
