@@ -96,27 +96,15 @@ public struct BigBirdAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        let pattern = try pattern(for: shape)
-        let pairs = pattern.scoredPairs * shape.batch
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
-                                shape: shape, threads: threads, queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile),
-                             scoredPairs: pairs)
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(
-            query: query, key: key, value: value, keyLengths: keyLengths, threads: threads,
-            scale: scale, validate: validate
-        ) { shape, scale, threads, q, k, v, o, lse in
-            let pattern = try self.pattern(for: shape)
-            let heads = shape.heads
-            let masks = (0..<shape.batch).flatMap { b in
-                (0..<heads).map { pattern.mask(head: $0, keyEnd: keyLengths?[b] ?? shape.keyLength) }
-            }
-            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads,
-                                      q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { h, keyEnd in pattern.mask(head: h, keyEnd: keyEnd) }
         }
     }
 }

@@ -75,24 +75,15 @@ public struct LocalAttention: Attention {
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let pattern = try pattern(for: shape)
-        let pairs = pattern.scoredPairs * shape.heads * shape.batch
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
-                                shape: shape, threads: threads, queryTile: pattern.queryTile),
-                             scoredPairs: pairs)
+        return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(
-            query: query, key: key, value: value, keyLengths: keyLengths, threads: threads,
-            scale: scale, validate: validate
-        ) { shape, scale, threads, q, k, v, o, lse in
-            let pattern = try self.pattern(for: shape)
-            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: pattern.queryTile,
-                                      q: q, k: k, v: v, o: o, lse: lse) { b, _ in
-                pattern.mask(keyEnd: keyLengths?[b] ?? shape.keyLength)
-            }
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
         }
     }
 }

@@ -66,35 +66,19 @@ public struct LongformerAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        let pattern = try pattern(for: shape)
-        let pairs = pattern.scoredPairs * shape.batch
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
-                                shape: shape, threads: threads, queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile),
-                             scoredPairs: pairs)
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(
-            query: query, key: key, value: value, keyLengths: keyLengths, threads: threads,
-            scale: scale, validate: validate
-        ) { shape, scale, threads, q, k, v, o, lse in
-            let pattern = try self.pattern(for: shape)
-            let heads = shape.heads
-            let keyEnds = (0..<shape.batch).map { keyLengths?[$0] ?? shape.keyLength }
-            let windowMasks = keyEnds.flatMap { end in
-                let globals = pattern.globalRuns(below: end)
-                return (0..<heads).map { pattern.windowMask(head: $0, keyEnd: end, globalKeys: globals) }
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run(queryTile: pattern.queryTile) { h, keyEnd in
+                pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: pattern.globalRuns(below: keyEnd))
             }
-            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: pattern.queryTile,
-                                      q: q, k: k, v: v, o: o, lse: lse) { b, h in windowMasks[b * heads + h] }
             guard !pattern.globalPositions.isEmpty else { return }
-            let globalMasks = keyEnds.flatMap { end in
-                (0..<heads).map { pattern.globalQueryMask(head: $0, keyEnd: end) }
-            }
-            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, merge: true,
-                                      q: q, k: k, v: v, o: o, lse: lse) { b, h in globalMasks[b * heads + h] }
+            call.run(merge: true) { h, keyEnd in pattern.globalQueryMask(head: h, keyEnd: keyEnd) }
         }
     }
 }

@@ -71,37 +71,20 @@ public struct StridedAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        let pattern = try pattern(for: shape)
-        let pairs = pattern.scoredPairs * shape.heads * shape.batch
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
-                                shape: shape, threads: threads, queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile),
-                             scoredPairs: pairs)
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(
-            query: query, key: key, value: value, keyLengths: keyLengths, threads: threads,
-            scale: scale, validate: validate
-        ) { shape, scale, threads, q, k, v, o, lse in
-            let pattern = try self.pattern(for: shape)
-            func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
             switch pattern.kind {
             case .strided:
-                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: pattern.queryTile,
-                                          q: q, k: k, v: v, o: o, lse: lse) { b, _ in
-                    pattern.bandMask(keyEnd: keyEnd(b))
-                }
-                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, merge: true,
-                                          q: q, k: k, v: v, o: o, lse: lse) { b, _ in
-                    pattern.columnMask(keyEnd: keyEnd(b))
-                }
+                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                call.run(merge: true) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
             case .fixed(let c):
-                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: pattern.queryTile,
-                                          q: q, k: k, v: v, o: o, lse: lse) { b, _ in
-                    pattern.fixedMask(keyEnd: keyEnd(b), summary: c)
-                }
+                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
             }
         }
     }

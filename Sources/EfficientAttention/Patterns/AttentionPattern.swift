@@ -126,16 +126,48 @@ func checkOption(_ value: Int, _ option: String, in range: ClosedRange<Int>, var
 /// arithmetic far from overflow).
 let patternLimit = 1 << 30
 
+/// The cost of a fixed-pattern conformer: its pattern's scored pairs over all heads and
+/// batch items (an upper bound under key padding), `2 · pairs · (D + Dv)` FLOPs, and the
+/// tiled kernel's workspace with query tile `queryTile`.
+func patternCost(_ pattern: some AttentionPattern, shape: AttentionShape, threads: Int?,
+                 queryTile: Int = TiledSoftmaxAttention.Tiling.defaultQueryTile) -> AttentionCost {
+    let pairs = pattern.scoredPairs * (shape.heads / pattern.heads) * shape.batch
+    return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                         workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads,
+                                                                              queryTile: queryTile),
+                         scoredPairs: pairs)
+}
+
+/// One call of a fixed-pattern conformer, checked, with its output allocated: the
+/// conformer runs the kernel over it once per pass.
+struct PatternCall {
+    let shape: AttentionShape
+    let scale: Float
+    let threads: Int
+    let keyLengths: [Int]?
+    let q: TensorView, k: TensorView, v: TensorView
+    let o: MutableTensorView, lse: MutableTensorView
+
+    /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
+    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`.
+    func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
+                             mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
+        let heads = shape.heads
+        let masks = (0..<shape.batch).flatMap { b in
+            (0..<heads).map { mask($0, keyLengths?[b] ?? shape.keyLength) }
+        }
+        TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
+                                  q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+    }
+}
+
 extension TiledSoftmaxAttention {
     /// Runs a fixed-pattern conformer: checks the call, allocates output and
-    /// log-sum-exp, and hands `passes` the tensor views; `passes` calls ``run`` once per
-    /// kernel pass (the second and later with `merge: true`).
+    /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
     static func attendPattern(
         query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
         scale: Float?, validate: (AttentionShape) throws -> Void,
-        _ passes: (_ shape: AttentionShape, _ scale: Float, _ threads: Int,
-                   _ q: TensorView, _ k: TensorView, _ v: TensorView,
-                   _ o: MutableTensorView, _ lse: MutableTensorView) throws -> Void
+        _ passes: (PatternCall) throws -> Void
     ) throws -> AttentionResult {
         let shape = try AttentionShape(query: query, key: key, value: value)
         try validate(shape)
@@ -146,7 +178,8 @@ extension TiledSoftmaxAttention {
         let threads = threads ?? defaultThreadCount
         try query.withView { q in try key.withView { k in try value.withView { v in
         try output.withMutableView { o in try lse.withMutableView { l in
-            try passes(shape, scale, threads, q, k, v, o, l)
+            try passes(PatternCall(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                                   q: q, k: k, v: v, o: o, lse: l))
         } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }

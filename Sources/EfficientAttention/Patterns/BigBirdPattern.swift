@@ -111,13 +111,7 @@ struct BigBirdMask: TileMask {
     var offset: Int
     var keyEnd: Int
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        QueryPartition.blocks(size: blockSize, origin: offset).groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        QueryPartition.blocks(size: blockSize, origin: offset).group(index, queryLength: queryLength, queryTile: queryTile)
-    }
+    var queryPartition: QueryPartition { .blocks(size: blockSize, origin: offset) }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let firstP = queries.start + offset, lastP = queries.last + offset

@@ -76,17 +76,10 @@ enum LocalMask: TileMask {
     case window(IntervalMask)
     case blocked(BlockedMask)
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
+    var queryPartition: QueryPartition {
         switch self {
-        case .window(let m): return m.queryGroupCount(queryLength: queryLength, queryTile: queryTile)
-        case .blocked(let m): return m.queryGroupCount(queryLength: queryLength, queryTile: queryTile)
-        }
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        switch self {
-        case .window(let m): return m.queryGroup(index, queryLength: queryLength, queryTile: queryTile)
-        case .blocked(let m): return m.queryGroup(index, queryLength: queryLength, queryTile: queryTile)
+        case .window(let m): return m.queryPartition
+        case .blocked(let m): return m.queryPartition
         }
     }
 
@@ -113,15 +106,7 @@ struct BlockedMask: TileMask {
     var offset: Int
     var keyEnd: Int
 
-    private var partition: QueryPartition { .blocks(size: size, origin: offset) }
-
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        partition.groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        partition.group(index, queryLength: queryLength, queryTile: queryTile)
-    }
+    var queryPartition: QueryPartition { .blocks(size: size, origin: offset) }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let firstP = queries.start + offset, lastP = queries.last + offset

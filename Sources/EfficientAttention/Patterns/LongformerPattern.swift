@@ -106,7 +106,7 @@ public struct LongformerPattern: AttentionPattern {
     /// Pass 1 (merged): global queries, every key not already seen in pass 0.
     func globalQueryMask(head: Int, keyEnd: Int) -> LongformerGlobalQueryMask {
         let w = windowRange(head: head)
-        return LongformerGlobalQueryMask(pattern: self, partition: .ranges(globalQueryRanges),
+        return LongformerGlobalQueryMask(pattern: self, queryPartition: .ranges(globalQueryRanges),
                                          lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
     }
 
@@ -139,13 +139,7 @@ struct LongformerWindowMask: TileMask {
     var keyEnd: Int
     var globalKeys: [Range<Int>]
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        QueryPartition.residues(modulus: dilation).groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        QueryPartition.residues(modulus: dilation).group(index, queryLength: queryLength, queryTile: queryTile)
-    }
+    var queryPartition: QueryPartition { .residues(modulus: dilation) }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let firstP = queries.start + offset, lastP = queries.last + offset
@@ -192,17 +186,10 @@ struct LongformerWindowMask: TileMask {
 struct LongformerGlobalQueryMask: TileMask {
     var pattern: LongformerPattern
     /// The global queries' ranges.
-    var partition: QueryPartition
+    var queryPartition: QueryPartition
     var lo: Int, hi: Int, dilation: Int
     var keyEnd: Int
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        partition.groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        partition.group(index, queryLength: queryLength, queryTile: queryTile)
-    }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let offset = pattern.offset, causal = pattern.causal

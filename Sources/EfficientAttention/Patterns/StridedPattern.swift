@@ -108,13 +108,7 @@ struct StridedColumnMask: TileMask {
     var offset: Int
     var keyEnd: Int
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        QueryPartition.residues(modulus: stride).groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        QueryPartition.residues(modulus: stride).group(index, queryLength: queryLength, queryTile: queryTile)
-    }
+    var queryPartition: QueryPartition { .residues(modulus: stride) }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let firstP = queries.start + offset, lastP = queries.last + offset
@@ -146,13 +140,7 @@ struct FixedMask: TileMask {
     var offset: Int
     var keyEnd: Int
 
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        QueryPartition.blocks(size: stride, origin: offset).groupCount(queryLength: queryLength, queryTile: queryTile)
-    }
-
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        QueryPartition.blocks(size: stride, origin: offset).group(index, queryLength: queryLength, queryTile: queryTile)
-    }
+    var queryPartition: QueryPartition { .blocks(size: stride, origin: offset) }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let firstP = queries.start + offset, lastP = queries.last + offset

@@ -31,11 +31,8 @@ struct KeyTile {
 /// visible (the kernel runs those without masking), and masks the scores of the others
 /// in place. Listing a tile with no visible pair costs time, never correctness.
 protocol TileMask {
-    /// The number of query groups of this head (some may be empty).
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int
-
-    /// Query group `index` (`count == 0` for an empty group). Groups are disjoint.
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun
+    /// How this head's queries split into query groups (default: contiguous tiles).
+    var queryPartition: QueryPartition { get }
 
     /// Calls `body` for each key tile that may hold a visible pair for `queries`.
     /// Keys outside every listed tile are invisible.
@@ -49,13 +46,16 @@ protocol TileMask {
 }
 
 extension TileMask {
-    /// Contiguous tiles of `queryTile` queries.
+    var queryPartition: QueryPartition { .tiles }
+
+    /// The number of query groups of this head (some may be empty).
     func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        QueryPartition.tiles.groupCount(queryLength: queryLength, queryTile: queryTile)
+        queryPartition.groupCount(queryLength: queryLength, queryTile: queryTile)
     }
 
+    /// Query group `index` (`count == 0` for an empty group). Groups are disjoint.
     func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        QueryPartition.tiles.group(index, queryLength: queryLength, queryTile: queryTile)
+        queryPartition.group(index, queryLength: queryLength, queryTile: queryTile)
     }
 }
 
