@@ -1,25 +1,27 @@
 /// The flash-style kernel: softmax attention over the key tiles a ``TileMask`` lists,
 /// with an online softmax, emitting each row's output and log-sum-exp.
 ///
-/// For one work item (batch `b`, head `h`, a tile of `Br` queries):
+/// For one work item (batch `b`, head `h`, a query group of at most `Br` queries
+/// `start + n·step` from the mask's partition):
 ///
-///     Qᵀ ← scale · Q[tile]ᵀ                   packed D × Br (queries in lanes)
+///     Qᵀ ← scale · Q[group]ᵀ                  packed D × Br (queries in lanes)
 ///     m ← −∞, l ← 0, O ← 0                    per query
-///     for each key tile (≤ Bc keys) the mask lists:
-///         pack the V tile (rows padded to NR)
-///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place, Bc × Br
+///     for each key tile (≤ Bc keys start + n·step) the mask lists:
+///         V tile: read in place (rows step apart) when Dv % NR == 0, else packed
+///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place step rows apart
 ///         mask the partial tiles' scores to −∞
 ///         m' ← max(m, column max of Sᵀ)      vertical: no horizontal reductions
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
 ///         l ← α·l + column sums of Pᵀ
 ///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
-///     o = O / l, lse = m + log l              (0 and −∞ where l = 0)
+///     o = O / l, lse = m + log l              (0 and −∞ where l = 0), written step rows apart;
+///                                             with `merge`, combined by log-sum-exp with o, lse
 ///
 /// Scores are kept transposed (keys as rows, queries in SIMD lanes) so that the
 /// row statistics are elementwise vector operations and `Pᵀ` is already the
 /// depth-major operand the second micro-kernel broadcasts from.
 ///
-/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br)` bytes with
+/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + 16)` bytes with
 /// `Dv′` = Dv rounded up to 32: independent of the sequence lengths.
 enum TiledSoftmaxAttention {
     /// Query rows per work item and keys per tile (block sizes as data, in one place).
@@ -125,6 +127,14 @@ enum TiledSoftmaxAttention {
         let queryLanes = roundUp(queries.count, nr)
         let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
+        // Rows `step > 1` apart defeat the hardware prefetchers: touch them all first, so
+        // their cache misses overlap instead of arriving one row at a time.
+        if queries.step > 1 {
+            touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
+                      length: d &* q.strides[3], sink: space.sink)
+            touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
+                      length: dv &* o.strides[3], sink: space.sink)
+        }
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
         for i in 0..<br {
@@ -135,6 +145,12 @@ enum TiledSoftmaxAttention {
 
         mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
             let keys = tile.keys
+            if keys.step > 1 {
+                touchRows(k.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* k.strides[2],
+                          length: d &* k.strides[3], sink: space.sink)
+                touchRows(v.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* v.strides[2],
+                          length: dv &* v.strides[3], sink: space.sink)
+            }
             // V rows are read in place when they are whole micro-tile rows (unit column
             // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
             let values: UnsafePointer<Float>, ldv: Int
@@ -280,12 +296,14 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
+        /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
+        let sink: UnsafeMutablePointer<Float>
         private let block: UnsafeMutableRawPointer
 
         static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) -> Int {
             let dvPad = roundUp(dv, MicroTile.nr)
             return d * br + bc * dvPad + roundUp(bc, MicroTile.mr) * br
-                + br * dvPad + 3 * br + 7 * 16
+                + br * dvPad + 3 * br + 16 + 8 * 16
         }
 
         init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) {
@@ -308,10 +326,29 @@ enum TiledSoftmaxAttention {
             rowMax = take(br)
             rowSum = take(br)
             alpha = take(br)
+            sink = take(16)
         }
 
         func deallocate() { block.deallocate() }
     }
+}
+
+/// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
+/// floats each) with independent loads, so that their misses overlap; the sum goes to
+/// `sink` only to keep the loads.
+@inline(__always)
+func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
+               sink: UnsafeMutablePointer<Float>) {
+    var sum: Float = 0
+    for r in 0..<count {
+        let row = base + r &* rowStride
+        var c = 0
+        while c < length {
+            sum += row[c]
+            c &+= 16
+        }
+    }
+    sink.pointee = sum
 }
 
 @inline(__always)
