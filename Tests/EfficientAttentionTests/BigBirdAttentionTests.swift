@@ -99,6 +99,12 @@ struct BigBirdAttentionTests {
                                            expectedPairs: pattern.scoredPairs, "bigbird")
     }
 
+    @Test("reads only the addressed elements")
+    func nanPadding() throws {
+        try checkReadsOnlyAddressedElements(BigBirdAttention(blockSize: 16, randomBlockCount: 2, causal: true),
+                                            heads: 2, queryLength: 150, "bigbird")
+    }
+
     @Test("bad configurations throw")
     func errors() {
         let shape = AttentionShape(heads: 2, queryLength: 20, headDim: 8)

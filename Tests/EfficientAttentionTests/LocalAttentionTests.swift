@@ -83,6 +83,13 @@ struct LocalAttentionTests {
                                            expectedPairs: 3 * blockedPattern.scoredPairs, "blocked")
     }
 
+    @Test("reads only the addressed elements")
+    func nanPadding() throws {
+        try checkReadsOnlyAddressedElements(LocalAttention(left: 20, right: 7), heads: 2, queryLength: 150, "local")
+        try checkReadsOnlyAddressedElements(LocalAttention(blockSize: 24, lookForward: 1, causal: true), heads: 2,
+                                            queryLength: 150, "blocked")
+    }
+
     @Test("bad configurations throw")
     func errors() {
         let shape = AttentionShape(heads: 1, queryLength: 10, headDim: 8)

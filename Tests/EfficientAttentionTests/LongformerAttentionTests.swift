@@ -68,6 +68,12 @@ struct LongformerAttentionTests {
                                            expectedPairs: pattern.scoredPairs, "longformer")
     }
 
+    @Test("reads only the addressed elements (dilated keys and queries)")
+    func nanPadding() throws {
+        try checkReadsOnlyAddressedElements(LongformerAttention(window: 8, dilations: [1, 3], globalPositions: [0, 77, 149]),
+                                            heads: 2, queryLength: 150, "longformer")
+    }
+
     @Test("bad configurations throw")
     func errors() {
         let shape = AttentionShape(heads: 2, queryLength: 10, headDim: 8)

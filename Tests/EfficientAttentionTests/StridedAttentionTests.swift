@@ -68,6 +68,13 @@ struct StridedAttentionTests {
         }
     }
 
+    @Test("reads only the addressed elements (keys and queries step l apart)")
+    func nanPadding() throws {
+        try checkReadsOnlyAddressedElements(StridedAttention(stride: 7), heads: 2, queryLength: 150, "strided")
+        try checkReadsOnlyAddressedElements(StridedAttention(kind: .fixed(summary: 2), stride: 9, causal: true), heads: 2,
+                                            queryLength: 150, "fixed")
+    }
+
     @Test("bad configurations throw")
     func errors() {
         let shape = AttentionShape(heads: 1, queryLength: 10, headDim: 8)

@@ -134,3 +134,22 @@ func checkPatternMatchesSpec(_ pattern: some AttentionPattern, _ label: String,
 
 /// `⌊a / b⌋` for any sign of `a` (test side).
 func floorDivide(_ a: Int, _ b: Int) -> Int { Int((Double(a) / Double(b)).rounded(.down)) }
+
+/// Checks that `attention` reads only the addressed elements: inputs embedded in NaN
+/// (padded rows, inner strides 1 and 2, so values are read in place or packed) give
+/// results bitwise equal to contiguous inputs, with no NaN.
+func checkReadsOnlyAddressedElements(_ attention: some Attention, heads: Int, queryLength: Int,
+                                     keyLength: Int? = nil, headDim: Int = 64, _ label: String,
+                                     sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let (q, k, v) = try randomQKV(heads: heads, queryLength: queryLength, keyLength: keyLength,
+                                  headDim: headDim, seed: 91)
+    let contiguous = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 2)
+    for stride in [1, 2] {
+        let padded = try attention.attend(query: embeddedInNaN(q, innerStride: stride), key: embeddedInNaN(k, innerStride: stride),
+                                          value: embeddedInNaN(v, innerStride: stride), keyLengths: nil, threads: 2)
+        let clean = !padded.output.elements.contains { $0.isNaN } && !padded.logSumExp.elements.contains { $0.isNaN }
+        #expect(clean, "\(label): NaN padding reached the result (inner stride \(stride))", sourceLocation: sourceLocation)
+        expectBitwiseEqual(padded, contiguous, "\(label) NaN-padded (inner stride \(stride)) vs contiguous",
+                           sourceLocation: sourceLocation)
+    }
+}
