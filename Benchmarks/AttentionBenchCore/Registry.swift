@@ -230,22 +230,26 @@ public struct Registry: Sendable {
             summary: "sliding-window attention (Image Transformer / local attention), causal: right 0",
             parameters: [(.window, .value(256))],
             settingsNote: "left 128, right 127",
-            make: nil),
+            make: { c in LocalAttention(left: c[.window] / 2, right: max(0, c[.window] / 2 - 1), causal: c.causal) }),
         VariantEntry(
             name: "strided",
             summary: "Sparse Transformer strided pattern, band |i-j| < l plus every l-th key (Child et al. 2019)",
             parameters: [(.stride, .ceilSqrtOfKeyLength)],
-            make: nil),
+            make: { c in StridedAttention(kind: .strided, stride: c[.stride], causal: c.causal) }),
         VariantEntry(
             name: "longformer",
             summary: "Longformer sliding window w/2 each side plus global positions (Beltagy et al. 2020)",
             parameters: [(.window, .value(512))],
-            make: nil),
+            settingsNote: "global position 0, dilation 1",
+            make: { c in LongformerAttention(window: c[.window], globalPositions: [0], causal: c.causal) }),
         VariantEntry(
             name: "bigbird",
             summary: "BigBird ITC: 3 window blocks, first/last block global, r random blocks (Zaheer et al. 2020)",
             parameters: [(.blockSize, .value(64)), (.randomBlocks, .value(3))],
-            make: nil),
+            settingsNote: "global blocks first and last, random blocks seeded by --seed",
+            make: { c in
+                BigBirdAttention(blockSize: c[.blockSize], randomBlockCount: c[.randomBlocks], seed: c.seed, causal: c.causal)
+            }),
         VariantEntry(
             name: "lsh",
             summary: "Reformer LSH: shared-QK angular hashing, sorted chunks, rounds merged by log-sum-exp (Kitaev et al. 2020)",

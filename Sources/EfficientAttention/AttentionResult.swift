@@ -45,16 +45,23 @@ public struct AttentionResult: Sendable, Equatable {
 /// Merges two partial softmax-attention rows over disjoint key sets (see
 /// ``AttentionResult/merged(with:)``). Exact up to rounding; never NaN for finite rows.
 func mergeRows(_ a: [Float], _ lseA: Float, _ b: [Float], _ lseB: Float) -> (row: [Float], lse: Float) {
-    if lseA == -.infinity { return (b, lseB) }
-    if lseB == -.infinity { return (a, lseA) }
+    let w = mergeWeights(lseA, lseB)
+    var row = a
+    for d in row.indices { row[d] = w.first * a[d] + w.second * b[d] }
+    return (row, w.lse)
+}
+
+/// The weights of two partial rows over disjoint key sets with log-sum-exps `lseA`
+/// and `lseB`: the merged row is `first · a + second · b` and its log-sum-exp `lse`.
+/// A side with `lse = -infinity` gets weight 0 (the other side is taken unchanged).
+@inline(__always)
+func mergeWeights(_ lseA: Float, _ lseB: Float) -> (first: Float, second: Float, lse: Float) {
+    if lseA == -.infinity { return (0, 1, lseB) }
+    if lseB == -.infinity { return (1, 0, lseA) }
     let m = max(lseA, lseB)
     let wa = expf(lseA - m), wb = expf(lseB - m)
     let total = wa + wb
-    let lse = m + logf(total)
-    let ca = wa / total, cb = wb / total
-    var row = a
-    for d in row.indices { row[d] = ca * a[d] + cb * b[d] }
-    return (row, lse)
+    return (wa / total, wb / total, m + logf(total))
 }
 
 #if canImport(Glibc)

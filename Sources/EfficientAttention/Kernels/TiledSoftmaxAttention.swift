@@ -1,25 +1,27 @@
 /// The flash-style kernel: softmax attention over the key tiles a ``TileMask`` lists,
 /// with an online softmax, emitting each row's output and log-sum-exp.
 ///
-/// For one work item (batch `b`, head `h`, a tile of `Br` queries):
+/// For one work item (batch `b`, head `h`, a query group of at most `Br` queries
+/// `start + n·step` from the mask's partition):
 ///
-///     Qᵀ ← scale · Q[tile]ᵀ                   packed D × Br (queries in lanes)
+///     Qᵀ ← scale · Q[group]ᵀ                  packed D × Br (queries in lanes)
 ///     m ← −∞, l ← 0, O ← 0                    per query
-///     for each key tile (≤ Bc keys) the mask lists:
-///         pack the V tile (rows padded to NR)
-///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place, Bc × Br
+///     for each key tile (≤ Bc keys start + n·step) the mask lists:
+///         V tile: read in place (rows step apart) when Dv % NR == 0, else packed
+///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place step rows apart
 ///         mask the partial tiles' scores to −∞
 ///         m' ← max(m, column max of Sᵀ)      vertical: no horizontal reductions
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
 ///         l ← α·l + column sums of Pᵀ
 ///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
-///     o = O / l, lse = m + log l              (0 and −∞ where l = 0)
+///     o = O / l, lse = m + log l              (0 and −∞ where l = 0), written step rows apart;
+///                                             with `merge`, combined by log-sum-exp with o, lse
 ///
 /// Scores are kept transposed (keys as rows, queries in SIMD lanes) so that the
 /// row statistics are elementwise vector operations and `Pᵀ` is already the
 /// depth-major operand the second micro-kernel broadcasts from.
 ///
-/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br)` bytes with
+/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + 16)` bytes with
 /// `Dv′` = Dv rounded up to 32: independent of the sequence lengths.
 enum TiledSoftmaxAttention {
     /// Query rows per work item and keys per tile (block sizes as data, in one place).
@@ -27,25 +29,37 @@ enum TiledSoftmaxAttention {
         var queryTile: Int
         var keyTile: Int
 
-        static func forProblem(headDim: Int, valueDim: Int) -> Tiling {
+        /// The default query tile; patterns whose key sets are narrow bands pass a
+        /// smaller one (less wasted work on the band's edges).
+        static let defaultQueryTile = 128
+        /// Keys per tile.
+        static let keyTile = 64
+
+        /// The query tile for a pattern whose queries each see a contiguous band of
+        /// `width` keys: the band's ends cost `Br` extra keys per tile, so narrow bands
+        /// take smaller query tiles.
+        static func queryTile(forBandWidth width: Int) -> Int {
+            width <= 384 ? 32 : width <= 1024 ? 64 : defaultQueryTile
+        }
+
+        static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {
             // Measured on Zen 5 (KernelDocs/Dense.md): 128 × 64 is within noise of the best
             // for D = 64 and 128; 128 queries halve the key/value traffic of 64 at N ≥ 4096.
-            Tiling(queryTile: 128, keyTile: 64)
+            Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: keyTile)
         }
     }
 
-    /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` allocates for
-    /// `shape` with `threads` workers (`nil`: every active processor).
-    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+    /// Bytes of workspace ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
+    /// allocates for `shape` with `threads` workers (`nil`: every active processor) and
+    /// query tile `queryTile` (`nil`: the default tiling).
+    static func workspaceBytes(shape: AttentionShape, threads: Int?, queryTile: Int? = nil,
+                               workItems items: Int? = nil) -> Int {
+        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
                                              queryTile: paddedQueryTile(tiling, shape.queryLength),
                                              keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
-        return perWorker * workerCount(threads: threads, items: workItems(shape, tiling))
-    }
-
-    static func workItems(_ shape: AttentionShape, _ tiling: Tiling) -> Int {
-        (shape.queryLength + tiling.queryTile - 1) / tiling.queryTile * shape.batch * shape.heads
+        let items = items ?? ceilDiv(shape.queryLength, tiling.queryTile) * shape.batch * shape.heads
+        return perWorker * workerCount(threads: threads, items: items)
     }
 
     static func paddedQueryTile(_ tiling: Tiling, _ queryLength: Int) -> Int {
@@ -53,18 +67,29 @@ enum TiledSoftmaxAttention {
     }
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`.
-    /// `mask(b, h)` gives the visibility of that batch item and head.
+    ///
+    /// `mask(b, h)` gives the visibility of that batch item and head: its query groups
+    /// (each one work item) and their key tiles. `queryTile` overrides the default query
+    /// tile (at most that many queries per group). With `merge`, `o` and `lse` already
+    /// hold a result over a key set disjoint from this mask's, and each row is combined
+    /// with it by log-sum-exp (rows of no group, or with no visible key, stay unchanged).
     static func run<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, threads: Int,
+        shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let br = tiling.queryTile
-        let queryTiles = (shape.queryLength + br - 1) / br
         let heads = shape.batch * shape.heads
-        let items = workItems(shape, tiling)
+        var groups = 0
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                groups = max(groups, mask(b, h).queryGroupCount(queryLength: shape.queryLength, queryTile: br))
+            }
+        }
+        let items = groups * heads
+        guard items > 0 else { return }
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
@@ -74,23 +99,24 @@ enum TiledSoftmaxAttention {
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
             parallelForEach(items: items, threads: workers) { item, worker in
-                // Heaviest query tiles (the last ones, under causal masks) first.
-                let tile = queryTiles - 1 - item / heads
+                // Heaviest query groups (the last ones, under causal masks) first.
+                let group = groups - 1 - item / heads
                 let b = (item % heads) / shape.heads, h = item % shape.heads
-                let queryStart = tile * br
-                let queryCount = min(br, shape.queryLength - queryStart)
-                attendTile(shape: shape, scale: scale, space: spaces.value[worker],
-                           b: b, h: h, queryStart: queryStart, queryCount: queryCount,
-                           q: q, k: k, v: v, o: o, lse: lse, mask: mask(b, h))
+                let headMask = mask(b, h)
+                let queries = headMask.queryGroup(group, queryLength: shape.queryLength, queryTile: br)
+                guard queries.count > 0 else { return }
+                attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
+                           b: b, h: h, queries: queries,
+                           q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
             }
         }
     }
 
-    /// One work item: `queryCount` queries from `queryStart` of head `h` in batch item `b`.
+    /// One work item: the query group `queries` of head `h` in batch item `b`.
     @inline(__always)
     static func attendTile<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, space: Workspace,
-        b: Int, h: Int, queryStart: Int, queryCount: Int,
+        shape: AttentionShape, scale: Float, merge: Bool, space: Workspace,
+        b: Int, h: Int, queries: PositionRun,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView, mask: Mask
     ) {
@@ -98,9 +124,18 @@ enum TiledSoftmaxAttention {
         let hk = h / shape.groupSize
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
-        let queryLanes = roundUp(queryCount, nr)
+        let queryLanes = roundUp(queries.count, nr)
+        let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
-        packQueries(q, b: b, h: h, start: queryStart, count: queryCount, d: d, scale: scale,
+        // Rows `step > 1` apart defeat the hardware prefetchers: touch them all first, so
+        // their cache misses overlap instead of arriving one row at a time.
+        if queries.step > 1 {
+            touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
+                      length: d &* q.strides[3], sink: space.sink)
+            touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
+                      length: dv &* o.strides[3], sink: space.sink)
+        }
+        packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
         for i in 0..<br {
             space.rowMax[i] = -.infinity
@@ -108,53 +143,78 @@ enum TiledSoftmaxAttention {
         }
         (space.acc).update(repeating: 0, count: br * dvPad)
 
-        mask.forEachKeyTile(queryStart: queryStart, queryEnd: queryStart + queryCount,
-                            tileSize: space.keyTile) { keyStart, keyCount, full in
-            packValues(v, b: b, h: hk, start: keyStart, count: keyCount, dv: dv,
-                       into: space.vPack, ld: dvPad)
-            // Sᵀ = K Qᵀ.
-            let keyBlocks = (keyCount + mr - 1) / mr
+        mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
+            let keys = tile.keys
+            if keys.step > 1 {
+                touchRows(k.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* k.strides[2],
+                          length: d &* k.strides[3], sink: space.sink)
+                touchRows(v.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* v.strides[2],
+                          length: dv &* v.strides[3], sink: space.sink)
+            }
+            // V rows are read in place when they are whole micro-tile rows (unit column
+            // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
+            let values: UnsafePointer<Float>, ldv: Int
+            if valuesInPlace {
+                values = v.row(b, hk, keys.start)
+                ldv = keys.step &* v.strides[2]
+            } else {
+                packValues(v, b: b, h: hk, keys: keys, dv: dv, into: space.vPack, ld: dvPad)
+                values = UnsafePointer(space.vPack)
+                ldv = dvPad
+            }
+            // Sᵀ = K Qᵀ, key rows read in place `step` rows apart.
+            let keyRowStride = keys.step * k.strides[2]
+            let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
-                    let keys = BroadcastOperand(base: k.row(b, hk, keyStart + block * mr),
-                                                rowStride: k.strides[2], depthStride: k.strides[3],
-                                                rows: min(mr, keyCount - block * mr))
-                    microKernel(depth: d, a: keys,
+                    let keyRows = BroadcastOperand(base: k.row(b, hk, keys.position(block * mr)),
+                                                   rowStride: keyRowStride, depthStride: k.strides[3],
+                                                   rows: min(mr, keys.count - block * mr))
+                    microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
                                 c: space.scores + block * mr * br + panel, ldc: br,
                                 update: .overwrite)
                 }
             }
-            if !full {
-                mask.maskScores(space.scores, ld: br, keyStart: keyStart, keyCount: keyCount,
-                                queryStart: queryStart, queryCount: queryCount)
+            if !tile.fullyVisible {
+                mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
             }
-            onlineSoftmax(space, keyCount: keyCount, lanes: queryLanes)
+            onlineSoftmax(space, keyCount: keys.count, lanes: queryLanes)
             // O = diag(α) O + P V.
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
                     let probabilities = BroadcastOperand(base: space.scores + block,
                                                          rowStride: 1, depthStride: br)
-                    microKernel(depth: keyCount, a: probabilities,
-                                b: space.vPack + panel, ldb: dvPad,
+                    microKernel(depth: keys.count, a: probabilities,
+                                b: values + panel, ldb: ldv,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
                                 update: .scaleAndAccumulate(space.alpha + block))
                 }
             }
         }
 
-        // o = O / l, lse = m + log l.
-        for i in 0..<queryCount {
-            let out = o.row(b, h, queryStart + i)
-            let sum = space.rowSum[i]
-            let row = space.acc + i * dvPad
+        // o = O / l, lse = m + log l (merged by log-sum-exp with what o and lse hold).
+        let os = o.strides[3]
+        for ii in 0..<queries.count {
+            let i = queries.position(ii)
+            let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
+            let sum = space.rowSum[ii]
+            let row = space.acc + ii &* dvPad
             if sum > 0 {
-                let inverse = 1 / sum
-                for c in 0..<dv { out[c * o.strides[3]] = row[c] * inverse }
-                lse.row(b, h, queryStart + i)[0] = space.rowMax[i] + logf(sum)
-            } else {
-                for c in 0..<dv { out[c * o.strides[3]] = 0 }
-                lse.row(b, h, queryStart + i)[0] = -.infinity
+                let rowLSE = space.rowMax[ii] + logf(sum)
+                let w = merge ? mergeWeights(lseOut[0], rowLSE) : (first: Float(0), second: Float(1), lse: rowLSE)
+                let inverse = w.second / sum
+                if merge {
+                    for c in 0..<dv { out[c &* os] = w.first * out[c &* os] + inverse * row[c] }
+                } else if os == 1 {
+                    for c in 0..<dv { out[c] = row[c] * inverse }
+                } else {
+                    for c in 0..<dv { out[c &* os] = row[c] * inverse }
+                }
+                lseOut[0] = w.lse
+            } else if !merge {
+                for c in 0..<dv { out[c &* os] = 0 }
+                lseOut[0] = -.infinity
             }
         }
     }
@@ -197,27 +257,32 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// `qT[c · ld + i] = scale · q[i][c]`; lanes `count..<lanes` are zero.
+    /// `qT[c · ld + ii] = scale · q[queries.position(ii)][c]`; lanes `count..<lanes` are zero.
     @inline(__always)
-    static func packQueries(_ q: TensorView, b: Int, h: Int, start: Int, count: Int, d: Int,
+    static func packQueries(_ q: TensorView, b: Int, h: Int, queries: PositionRun, d: Int,
                             scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int) {
         let sd = q.strides[3]
-        for i in 0..<count {
-            let row = q.row(b, h, start + i)
-            for c in 0..<d { qT[c * ld + i] = scale * row[c * sd] }
+        for ii in 0..<queries.count {
+            let row = q.row(b, h, queries.position(ii))
+            var out = qT + ii
+            for c in 0..<d {
+                out.pointee = scale * row[c &* sd]
+                out += ld
+            }
         }
-        if count < lanes {
-            for c in 0..<d { (qT + c * ld + count).update(repeating: 0, count: lanes - count) }
+        if queries.count < lanes {
+            for c in 0..<d { (qT + c * ld + queries.count).update(repeating: 0, count: lanes - queries.count) }
         }
     }
 
-    /// Value rows `vPack[r · ld + c]`; columns `dv..<ld` stay zero from allocation.
+    /// Value rows of `keys`: `vPack[r · ld + c] = v[keys.position(r)][c]`; columns
+    /// `dv..<ld` stay zero from allocation.
     @inline(__always)
-    static func packValues(_ v: TensorView, b: Int, h: Int, start: Int, count: Int, dv: Int,
+    static func packValues(_ v: TensorView, b: Int, h: Int, keys: PositionRun, dv: Int,
                            into vPack: UnsafeMutablePointer<Float>, ld: Int) {
         let sd = v.strides[3]
-        for r in 0..<count {
-            let row = v.row(b, h, start + r)
+        for r in 0..<keys.count {
+            let row = v.row(b, h, keys.position(r))
             let out = vPack + r * ld
             if sd == 1 {
                 out.update(from: row, count: dv)
@@ -231,12 +296,14 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
+        /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
+        let sink: UnsafeMutablePointer<Float>
         private let block: UnsafeMutableRawPointer
 
         static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) -> Int {
             let dvPad = roundUp(dv, MicroTile.nr)
             return d * br + bc * dvPad + roundUp(bc, MicroTile.mr) * br
-                + br * dvPad + 3 * br + 7 * 16
+                + br * dvPad + 3 * br + 16 + 8 * 16
         }
 
         init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) {
@@ -259,10 +326,29 @@ enum TiledSoftmaxAttention {
             rowMax = take(br)
             rowSum = take(br)
             alpha = take(br)
+            sink = take(16)
         }
 
         func deallocate() { block.deallocate() }
     }
+}
+
+/// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
+/// floats each) with independent loads, so that their misses overlap; the sum goes to
+/// `sink` only to keep the loads.
+@inline(__always)
+func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
+               sink: UnsafeMutablePointer<Float>) {
+    var sum: Float = 0
+    for r in 0..<count {
+        let row = base + r &* rowStride
+        var c = 0
+        while c < length {
+            sum += row[c]
+            c &+= 16
+        }
+    }
+    sink.pointee = sum
 }
 
 @inline(__always)

@@ -1,21 +1,170 @@
+/// Positions `start, start + step, …, start + (count − 1) · step`: a tile of queries or
+/// keys as the tiled softmax kernel reads it (rows `step` apart, read in place).
+struct PositionRun: Hashable {
+    var start: Int
+    var count: Int
+    var step: Int = 1
+
+    /// The `n`-th position of the run.
+    @inline(__always)
+    func position(_ n: Int) -> Int { start + n * step }
+
+    /// The last position (`start − step` when empty).
+    var last: Int { start + (count - 1) * step }
+}
+
+/// A key tile listed by a mask: the keys, whether every listed query sees every key of
+/// the tile (then the kernel skips masking), and which part of the pattern listed it
+/// (mask-defined, handed back to ``TileMask/maskScores(_:ld:tile:queries:)``).
+struct KeyTile {
+    var keys: PositionRun
+    var fullyVisible: Bool
+    var part: Int = 0
+}
+
 /// Which keys each query sees, as the tiled softmax kernel consumes it.
 ///
-/// A mask is a description, never a dense `Nq × Nk` array: for a tile of queries it
-/// lists the key tiles that hold at least one visible pair, says which of them are
-/// entirely visible (the kernel runs those without masking), and masks the scores of
-/// the partially visible ones in place.
+/// A mask is a description, never a dense `Nq × Nk` array. It splits a head's queries
+/// into disjoint query groups (runs with a step, at most `queryTile` queries each: one
+/// work item each), lists for a group the key tiles that may hold visible pairs (runs
+/// with a step, disjoint, at most `tileSize` keys), says which of them are entirely
+/// visible (the kernel runs those without masking), and masks the scores of the others
+/// in place. Listing a tile with no visible pair costs time, never correctness.
 protocol TileMask {
-    /// Calls `body(keyStart, keyCount, fullyVisible)` for each key tile, in increasing
-    /// key order, that holds a visible pair for some query in `queryStart..<queryEnd`.
-    /// Tiles hold at most `tileSize` keys. Keys outside every listed tile are invisible.
-    func forEachKeyTile(queryStart: Int, queryEnd: Int, tileSize: Int,
-                        _ body: (_ keyStart: Int, _ keyCount: Int, _ fullyVisible: Bool) -> Void)
+    /// How this head's queries split into query groups (default: contiguous tiles).
+    var queryPartition: QueryPartition { get }
+
+    /// Calls `body` for each key tile that may hold a visible pair for `queries`.
+    /// Keys outside every listed tile are invisible.
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void)
 
     /// Sets to `-infinity` the invisible entries of a transposed score tile:
-    /// `scores[jj · ld + ii]` holds the score of query `queryStart + ii` and key
-    /// `keyStart + jj`, for `jj < keyCount` and `ii < queryCount` (rounded up to 16).
-    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int,
-                    keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int)
+    /// `scores[jj · ld + ii]` holds the score of query `queries.position(ii)` and key
+    /// `tile.keys.position(jj)`, for `jj < tile.keys.count` and `ii < queries.count`
+    /// rounded up to 16 (lanes past the count may be masked or not).
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun)
+}
+
+extension TileMask {
+    var queryPartition: QueryPartition { .tiles }
+
+    /// The number of query groups of this head (some may be empty).
+    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.groupCount(queryLength: queryLength, queryTile: queryTile)
+    }
+
+    /// Query group `index` (`count == 0` for an empty group). Groups are disjoint.
+    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
+        queryPartition.group(index, queryLength: queryLength, queryTile: queryTile)
+    }
+}
+
+/// How a pattern splits one head's queries `0..<Nq` into groups of at most `queryTile`.
+enum QueryPartition {
+    /// Contiguous tiles `[t · Br, (t + 1) · Br)`.
+    case tiles
+    /// Contiguous tiles that never straddle a block boundary; query `i` is in block
+    /// `⌊(i + origin) / size⌋`.
+    case blocks(size: Int, origin: Int)
+    /// Residue classes `i mod modulus`, each cut into runs of step `modulus`.
+    case residues(modulus: Int)
+    /// The given sorted, disjoint ranges of queries, each cut into tiles.
+    case ranges([Range<Int>])
+
+    func groupCount(queryLength n: Int, queryTile br: Int) -> Int {
+        switch self {
+        case .tiles:
+            return ceilDiv(n, br)
+        case .blocks(let size, let origin):
+            let shift = positiveModulo(origin, size)
+            return ceilDiv(n + shift, size) * ceilDiv(size, br)
+        case .residues(let m):
+            return min(m, n) * ceilDiv(ceilDiv(n, m), br)
+        case .ranges(let ranges):
+            return ranges.reduce(0) { $0 + ceilDiv($1.count, br) }
+        }
+    }
+
+    func group(_ index: Int, queryLength n: Int, queryTile br: Int) -> PositionRun {
+        switch self {
+        case .tiles:
+            return PositionRun(start: index * br, count: min(br, n - index * br))
+        case .blocks(let size, let origin):
+            let shift = positiveModulo(origin, size)
+            let perBlock = ceilDiv(size, br)
+            let part = ceilDiv(size, perBlock)
+            let blockStart = (index / perBlock) * size - shift
+            let start = blockStart + (index % perBlock) * part
+            let end = min(n, blockStart + size, start + part)
+            let first = max(0, start)
+            return PositionRun(start: first, count: max(0, end - first))
+        case .residues(let m):
+            let perClass = ceilDiv(ceilDiv(n, m), br)
+            let residue = index / perClass, tile = index % perClass
+            let members = ceilDiv(n - residue, m)
+            return PositionRun(start: residue + tile * br * m,
+                               count: max(0, min(br, members - tile * br)), step: m)
+        case .ranges(let ranges):
+            var index = index
+            for range in ranges {
+                let tiles = ceilDiv(range.count, br)
+                if index < tiles {
+                    let start = range.lowerBound + index * br
+                    return PositionRun(start: start, count: min(br, range.upperBound - start))
+                }
+                index -= tiles
+            }
+            return PositionRun(start: 0, count: 0)
+        }
+    }
+}
+
+/// Calls `body` with tiles of at most `tileSize` keys covering `first, first + step, …`
+/// up to `last` (nothing when `last < first`).
+@inline(__always)
+func forEachTile(from first: Int, through last: Int, step: Int = 1, tileSize: Int,
+                 _ body: (PositionRun) -> Void) {
+    guard first <= last else { return }
+    let total = (last - first) / step + 1
+    var n = 0
+    while n < total {
+        let count = min(tileSize, total - n)
+        body(PositionRun(start: first + n * step, count: count, step: step))
+        n += count
+    }
+}
+
+/// Masks a transposed score tile (see ``TileMask/maskScores(_:ld:tile:queries:)``) with
+/// a per-key predicate over 16 query lanes at a time: `hidden(j, i)` gets key position
+/// `j` and the query positions `i` of 16 lanes and returns the lanes that must not see `j`.
+@inline(__always)
+func maskTransposedScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun,
+                          queries: PositionRun,
+                          hidden: (_ key: Int, _ queries: SIMD16<Int32>) -> SIMDMask<SIMD16<Int32>>) {
+    let lanes = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    let stepped = lanes &* Int32(truncatingIfNeeded: queries.step)
+    let minusInfinity = Vec16(repeating: -.infinity)
+    for jj in 0..<keys.count {
+        let j = keys.position(jj)
+        let row = scores + jj * ld
+        var ii = 0
+        while ii < queries.count {
+            let positions = stepped &+ Int32(truncatingIfNeeded: queries.position(ii))
+            var v = load16(row + ii)
+            v.replace(with: minusInfinity, where: hidden(j, positions))
+            store16(v, row + ii)
+            ii += 16
+        }
+    }
+}
+
+/// Masks by the causal rule alone: key `j` is hidden from query `i` iff `j > i + offset`.
+@inline(__always)
+func maskCausalDiagonal(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun,
+                        queries: PositionRun, offset: Int) {
+    maskTransposedScores(scores, ld: ld, keys: keys, queries: queries) { j, i in
+        i .< SIMD16<Int32>(repeating: Int32(clamping: j - offset))
+    }
 }
 
 /// The mask where each query sees one interval of keys:
@@ -24,7 +173,8 @@ protocol TileMask {
 ///
 /// With `offset = Nk − Nq` (bottom-right alignment) this is FlashAttention's single mask
 /// model: no mask is `left = right = unbounded`, causal is `right = 0`, a sliding window
-/// is finite `left`/`right`, and key padding is `keyEnd < Nk`.
+/// is finite `left`/`right`, and key padding is `keyEnd < Nk`. Query groups may have any
+/// step (key tiles are contiguous).
 struct IntervalMask: TileMask {
     /// A window side that never limits anything (kept far from `Int` overflow).
     static let unbounded = 1 << 40
@@ -34,48 +184,50 @@ struct IntervalMask: TileMask {
     var right: Int
     var keyEnd: Int
 
-    /// Dense attention (optionally causal) over `keyEnd` valid keys.
-    init(queryLength: Int, keyLength: Int, causal: Bool, keyEnd: Int) {
-        self.offset = keyLength - queryLength
-        self.left = IntervalMask.unbounded
-        self.right = causal ? 0 : IntervalMask.unbounded
+    init(offset: Int, left: Int, right: Int, keyEnd: Int) {
+        self.offset = offset
+        self.left = left
+        self.right = right
         self.keyEnd = keyEnd
     }
 
-    func forEachKeyTile(queryStart: Int, queryEnd: Int, tileSize: Int,
-                        _ body: (Int, Int, Bool) -> Void) {
-        let first = max(0, queryStart + offset - left)
-        let last = min(keyEnd - 1, queryEnd - 1 + offset + right)
-        guard first <= last else { return }
-        var start = first
-        while start <= last {
-            let count = min(tileSize, last - start + 1)
-            let full = queryEnd - 1 + offset - left <= start
-                && start + count - 1 <= queryStart + offset + right
-            body(start, count, full)
-            start += count
+    /// Dense attention (optionally causal) over `keyEnd` valid keys.
+    init(queryLength: Int, keyLength: Int, causal: Bool, keyEnd: Int) {
+        self.init(offset: keyLength - queryLength, left: IntervalMask.unbounded,
+                  right: causal ? 0 : IntervalMask.unbounded, keyEnd: keyEnd)
+    }
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        let firstQuery = queries.start, lastQuery = queries.last
+        let first = max(0, firstQuery + offset - left)
+        let last = min(keyEnd - 1, lastQuery + offset + right)
+        forEachTile(from: first, through: last, tileSize: tileSize) { keys in
+            let full = lastQuery + offset - left <= keys.start && keys.last <= firstQuery + offset + right
+            body(KeyTile(keys: keys, fullyVisible: full))
         }
     }
 
-    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int,
-                    keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int) {
-        let lanes = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-        let minusInfinity = Vec16(repeating: -.infinity)
-        for jj in 0..<keyCount {
-            let j = keyStart + jj
-            // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left (relative to queryStart).
-            let lo = Int32(clamping: j - offset - right - queryStart)
-            let hi = Int32(clamping: j - offset + left - queryStart)
-            let row = scores + jj * ld
-            var ii = 0
-            while ii < queryCount {
-                let index = lanes &+ SIMD16<Int32>(repeating: Int32(ii))
-                let hidden = (index .< SIMD16<Int32>(repeating: lo)) .| (index .> SIMD16<Int32>(repeating: hi))
-                var v = load16(row + ii)
-                v.replace(with: minusInfinity, where: hidden)
-                store16(v, row + ii)
-                ii += 16
-            }
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left.
+            let lo = Int32(clamping: j - offset - right), hi = Int32(clamping: j - offset + left)
+            return (i .< SIMD16<Int32>(repeating: lo)) .| (i .> SIMD16<Int32>(repeating: hi))
         }
     }
+}
+
+@inline(__always)
+func ceilDiv(_ a: Int, _ b: Int) -> Int { a <= 0 ? 0 : (a + b - 1) / b }
+
+/// `a mod m` in `0..<m` for any sign of `a` (`m > 0`).
+@inline(__always)
+func positiveModulo(_ a: Int, _ m: Int) -> Int {
+    let r = a % m
+    return r < 0 ? r + m : r
+}
+
+/// `⌊a / m⌋` for any sign of `a` (`m > 0`).
+@inline(__always)
+func floorDiv(_ a: Int, _ m: Int) -> Int {
+    a >= 0 ? a / m : -((-a + m - 1) / m)
 }

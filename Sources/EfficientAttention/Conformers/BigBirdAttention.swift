@@ -1,0 +1,110 @@
+/// BigBird attention (Zaheer et al. 2020, the ITC form): block-sparse window, global
+/// and random blocks.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i with p = i + Nk − Nq,
+/// // t = ⌊p / bs⌋ the query block and s(j) = ⌊j / bs⌋ the key block:
+/// // visible(j) = t ∈ G || s(j) ∈ G || |s(j) − t| ≤ 1 || s(j) ∈ R[h][t]
+/// //              causal: and j ≤ p;  padding: j < keyLengths[b]
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])         for visible j
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],       lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// `G` the global blocks (default the first and the last), `R[h][t]` the random blocks of
+/// query block `t` in head `h`: `randomBlockCount` (default 3) drawn from the seeded
+/// generator among the blocks not already seen (causal: from the past only), or given
+/// explicitly. Requires `Nq ≤ Nk`. Rows with no visible key are 0 with `lse = -infinity`.
+/// The pattern is ``BigBirdPattern``; one pass of the tiled softmax kernel with query
+/// tiles inside one block, each listing its blocks' key tiles, all fully visible but the
+/// causal diagonal; global query blocks list every key tile (KernelDocs/BigBird.md).
+///
+/// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · bs · (3 + |G| + r)` pairs per
+///   head plus `|G| · bs · Nk` for the global query blocks; workspace of a few hundred KiB
+///   per thread, independent of `Nq` and `Nk`; the pattern holds `H · ⌈Nk / bs⌉ · r` block indices.
+public struct BigBirdAttention: Attention {
+    /// Block size `bs` (default 64).
+    public var blockSize: Int
+    /// Random blocks per head and query block (default 3).
+    public var randomBlockCount: Int
+    /// Global block indices; `nil` means the first and the last block.
+    public var globalBlocks: [Int]?
+    /// Explicit random blocks `[head][queryBlock] → key blocks`, replacing the draw.
+    public var randomBlocks: [[[Int]]]?
+    /// Seed of the random block draw.
+    public var seed: UInt64
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    public init(blockSize: Int = 64, randomBlockCount: Int = 3, globalBlocks: [Int]? = nil,
+                randomBlocks: [[[Int]]]? = nil, seed: UInt64 = 0, causal: Bool = false, scale: Float? = nil) {
+        self.blockSize = blockSize
+        self.randomBlockCount = randomBlockCount
+        self.globalBlocks = globalBlocks
+        self.randomBlocks = randomBlocks
+        self.seed = seed
+        self.causal = causal
+        self.scale = scale
+    }
+
+    public var name: String { "bigbird" }
+
+    public func validate(_ shape: AttentionShape) throws {
+        let variant = "bigbird attention"
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        try checkOption(blockSize, "blockSize", in: 1...patternLimit, variant: variant)
+        try checkOption(randomBlockCount, "randomBlockCount", in: 0...patternLimit, variant: variant)
+        guard shape.queryLength <= shape.keyLength else {
+            throw AttentionError.unsupported(
+                "\(variant) needs queryLength <= keyLength (query blocks are key blocks), got \(shape.queryLength) > \(shape.keyLength)")
+        }
+        let n = ceilDiv(shape.keyLength, blockSize)
+        for g in globalBlocks ?? [] where g < 0 || g >= n {
+            throw AttentionError.invalidParameter(
+                "\(variant): global block \(g) is outside 0..<\(n) (keyLength \(shape.keyLength) / blockSize \(blockSize), rounded up)")
+        }
+        if let randomBlocks {
+            guard randomBlocks.count == shape.heads else {
+                throw AttentionError.invalidParameter(
+                    "\(variant): randomBlocks has \(randomBlocks.count) heads, expected \(shape.heads)")
+            }
+            for (h, perBlock) in randomBlocks.enumerated() {
+                guard perBlock.count == n else {
+                    throw AttentionError.invalidParameter(
+                        "\(variant): randomBlocks[\(h)] has \(perBlock.count) query blocks, expected \(n)")
+                }
+                for (t, blocks) in perBlock.enumerated() {
+                    for s in blocks where s < 0 || s >= n {
+                        throw AttentionError.invalidParameter(
+                            "\(variant): randomBlocks[\(h)][\(t)] holds block \(s), outside 0..<\(n)")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pattern for `shape`, with the random blocks drawn (or taken as given).
+    public func pattern(for shape: AttentionShape) throws -> BigBirdPattern {
+        try validate(shape)
+        let n = ceilDiv(shape.keyLength, blockSize)
+        let global = globalBlocks ?? Array(Set([0, n - 1])).sorted()
+        var generator = SeededGenerator(seed: seed)
+        let random = randomBlocks ?? BigBirdPattern.drawRandomBlocks(
+            heads: shape.heads, blockCount: n, count: randomBlockCount, globalBlocks: global,
+            causal: causal, generator: &generator)
+        return BigBirdPattern(blockSize: blockSize, globalBlocks: global, randomBlocks: random, causal: causal,
+                              queryLength: shape.queryLength, keyLength: shape.keyLength)
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { h, keyEnd in pattern.mask(head: h, keyEnd: keyEnd) }
+        }
+    }
+}

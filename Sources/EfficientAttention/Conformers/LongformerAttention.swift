@@ -1,0 +1,84 @@
+/// Longformer attention (Beltagy et al. 2020): a dilated sliding window per head plus
+/// global positions.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i with p = i + Nk − Nq, δ = dilations[h]:
+/// // window(j) = (j − p) mod δ == 0 && |j − p| ≤ δ·(w/2)      (causal: 0 ≤ p − j ≤ δ·w)
+/// // visible(j) = p ∈ G || j ∈ G || window(j);  causal: and j ≤ p;  padding: j < keyLengths[b]
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])         for visible j
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],       lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// Rows with no visible key are 0 with `lse = -infinity`. The pattern is
+/// ``LongformerPattern``. Two passes of the tiled softmax kernel over disjoint key sets,
+/// merged by log-sum-exp inside the kernel (KernelDocs/Longformer.md): every query's
+/// window and the global keys, with queries grouped by residue mod `δ` so that dilated
+/// keys are tiles with step `δ` read in place; then the global queries against every
+/// other key, through the same kernel as dense rows.
+///
+/// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (w + 1 + |G|) + |G| · Nk`
+///   pairs per head; workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
+public struct LongformerAttention: Attention {
+    /// Total window `w`: `w/2` keys each side (causal: `w` to the left), `δ` apart.
+    public var window: Int
+    /// Dilation per head (one value applies to every head). Default 1.
+    public var dilations: [Int]
+    /// Global positions (key positions `0..<Nk`; query `i` is global when `i + Nk − Nq` is).
+    public var globalPositions: [Int]
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    public init(window: Int = 512, dilations: [Int] = [1], globalPositions: [Int] = [],
+                causal: Bool = false, scale: Float? = nil) {
+        self.window = window
+        self.dilations = dilations
+        self.globalPositions = globalPositions
+        self.causal = causal
+        self.scale = scale
+    }
+
+    public var name: String { "longformer" }
+
+    public func validate(_ shape: AttentionShape) throws {
+        let variant = "longformer attention"
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        try checkOption(window, "window", in: 0...patternLimit, variant: variant)
+        guard dilations.count == 1 || dilations.count == shape.heads else {
+            throw AttentionError.invalidParameter(
+                "\(variant): dilations has \(dilations.count) entries, expected 1 or one per head (\(shape.heads))")
+        }
+        for (h, d) in dilations.enumerated() {
+            try checkOption(d, "dilations[\(h)]", in: 1...(patternLimit / max(1, window)), variant: variant)
+        }
+        for g in globalPositions where g < 0 || g >= shape.keyLength {
+            throw AttentionError.invalidParameter(
+                "\(variant): global position \(g) is outside 0..<\(shape.keyLength) (the key length)")
+        }
+    }
+
+    /// The pattern for `shape`.
+    public func pattern(for shape: AttentionShape) throws -> LongformerPattern {
+        try validate(shape)
+        return LongformerPattern(window: window,
+                                 dilations: dilations.count == 1 ? Array(repeating: dilations[0], count: shape.heads) : dilations,
+                                 globalPositions: globalPositions, causal: causal,
+                                 queryLength: shape.queryLength, keyLength: shape.keyLength)
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run(queryTile: pattern.queryTile) { h, keyEnd in
+                pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: pattern.globalRuns(below: keyEnd))
+            }
+            guard !pattern.globalPositions.isEmpty else { return }
+            call.run(merge: true) { h, keyEnd in pattern.globalQueryMask(head: h, keyEnd: keyEnd) }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+/// Sparse Transformer attention (Child et al. 2019): the strided or the fixed pattern,
+/// both of its parts united in one head.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i with p = i + Nk − Nq:
+/// // strided: visible(j) = |p − j| < l || (p − j) mod l == 0
+/// // fixed:   visible(j) = ⌊j / l⌋ == ⌊p / l⌋ || j mod l ≥ l − c
+/// // causal:  additionally j ≤ p;  key padding: j < keyLengths[b]
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])         for visible j
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],       lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// The stride `l` defaults to `⌈√Nk⌉`, the summary columns `c` of the fixed pattern to 1.
+/// Rows with no visible key are 0 with `lse = -infinity`. The pattern is
+/// ``StridedPattern``. The tiled softmax kernel runs the strided pattern in two passes
+/// over disjoint key sets, merged by log-sum-exp inside the kernel: the band over
+/// contiguous query tiles, then the columns with queries grouped by residue mod `l` and
+/// keys read `l` rows apart in place. The fixed pattern is one pass: query tiles within
+/// a block see that block and the summary columns as tiles with step `l`.
+/// (KernelDocs/Strided.md.)
+///
+/// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (2l + Nk / l)` pairs per
+///   head (strided; fixed: `Nq · (l + c · Nk / l)`), i.e. `O(N √N)` at the default stride;
+///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
+public struct StridedAttention: Attention {
+    /// The two patterns of the paper.
+    public enum Kind: Hashable, Sendable {
+        /// The band `|p − j| < l` and every `l`-th key before and after.
+        case strided
+        /// Blocks of `l` positions plus the last `summary` positions of every block.
+        case fixed(summary: Int)
+    }
+
+    public var kind: Kind
+    /// The stride `l`; `nil` means `⌈√Nk⌉`.
+    public var stride: Int?
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    public init(kind: Kind = .strided, stride: Int? = nil, causal: Bool = false, scale: Float? = nil) {
+        self.kind = kind
+        self.stride = stride
+        self.causal = causal
+        self.scale = scale
+    }
+
+    public var name: String { "strided" }
+
+    /// `⌈√n⌉`, the paper's stride for `n` keys.
+    public static func defaultStride(keyLength n: Int) -> Int {
+        var r = Int(Double(max(n, 0)).squareRoot())
+        while r * r < n { r += 1 }
+        while r > 0 && (r - 1) * (r - 1) >= n { r -= 1 }
+        return max(1, r)
+    }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try checkPatternShape(shape, scale: scale, variant: "strided attention")
+        let l = stride ?? StridedAttention.defaultStride(keyLength: shape.keyLength)
+        try checkOption(l, "stride", in: 1...patternLimit, variant: "strided attention")
+        if case .fixed(let c) = kind {
+            try checkOption(c, "summary", in: 1...l, variant: "strided attention (fixed, stride \(l))")
+        }
+    }
+
+    /// The pattern for `shape`.
+    public func pattern(for shape: AttentionShape) throws -> StridedPattern {
+        try validate(shape)
+        return StridedPattern(kind: kind, stride: stride ?? StridedAttention.defaultStride(keyLength: shape.keyLength),
+                              causal: causal, queryLength: shape.queryLength, keyLength: shape.keyLength)
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            switch pattern.kind {
+            case .strided:
+                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                call.run(merge: true) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+            case .fixed(let c):
+                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
+            }
+        }
+    }
+}

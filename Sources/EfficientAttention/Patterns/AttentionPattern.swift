@@ -1,0 +1,186 @@
+/// A fixed sparse attention pattern expanded for one problem size: which keys each
+/// query of each head sees, as a description that can be inspected.
+///
+/// Positions are aligned as for causal attention: query `i` sits at position
+/// `p = i + Nk − Nq` of the key axis. Key padding (per batch item) is applied on top by
+/// the conformers and is not part of the pattern.
+public protocol AttentionPattern: Sendable {
+    /// `Nq`.
+    var queryLength: Int { get }
+    /// `Nk`.
+    var keyLength: Int { get }
+    /// Query heads the pattern describes (patterns that do not vary by head report 1
+    /// and answer every head the same).
+    var heads: Int { get }
+
+    /// Whether query `query` of head `head` sees key `key` (the specification, one pair).
+    ///
+    /// - Complexity: O(log G) for G global positions, O(1) otherwise.
+    func isVisible(head: Int, query: Int, key: Int) -> Bool
+
+    /// The number of keys query `query` of head `head` sees.
+    ///
+    /// - Complexity: O(1) to O(G) (global positions), never O(Nk).
+    func visibleKeyCount(head: Int, query: Int) -> Int
+
+    /// The work the kernel does for `head`: every query group with each key tile it
+    /// runs, in the kernel's order, for pass after pass.
+    ///
+    /// - Complexity: O(number of tiles).
+    func tiles(head: Int) -> [PatternTile]
+}
+
+/// One (query group, key tile) pair the tiled kernel computes.
+public struct PatternTile: Hashable, Sendable, CustomStringConvertible {
+    /// Kernel passes run one after another (later passes merge into earlier results).
+    public var pass: Int
+    /// Query positions `queryStart + n · queryStep`, `n < queryCount`.
+    public var queryStart: Int, queryCount: Int, queryStep: Int
+    /// Key positions `keyStart + n · keyStep`, `n < keyCount`.
+    public var keyStart: Int, keyCount: Int, keyStep: Int
+    /// Every query of the group sees every key of the tile (no masking pass).
+    public var fullyVisible: Bool
+
+    public var description: String {
+        "pass \(pass): queries \(queryStart)+\(queryStep)n (\(queryCount)) x keys \(keyStart)+\(keyStep)n (\(keyCount))"
+            + (fullyVisible ? " full" : " masked")
+    }
+}
+
+extension AttentionPattern {
+    /// Visible (query, key) pairs over all heads of one batch item without padding:
+    /// the pairs the kernel scores and uses.
+    ///
+    /// - Complexity: O(H · Nq) calls of ``visibleKeyCount(head:query:)``.
+    public var scoredPairs: Int {
+        var total = 0
+        for h in 0..<heads {
+            for i in 0..<queryLength { total += visibleKeyCount(head: h, query: i) }
+        }
+        return total
+    }
+
+    /// The pattern of `head` as a dense `Nq × Nk` row-major Boolean array.
+    /// For tests and inspection only: the library never builds it.
+    ///
+    /// - Complexity: O(Nq · Nk) time and memory.
+    public func denseMask(head: Int) -> [Bool] {
+        var mask = [Bool](repeating: false, count: queryLength * keyLength)
+        for i in 0..<queryLength {
+            for j in 0..<keyLength where isVisible(head: head, query: i, key: j) {
+                mask[i * keyLength + j] = true
+            }
+        }
+        return mask
+    }
+
+    /// The scored pairs of `head` counted on its kernel tiles: what the kernel computes
+    /// (padded to whole tiles), to compare with the pairs it uses.
+    ///
+    /// - Complexity: O(number of tiles).
+    public func computedPairs(head: Int) -> Int {
+        tiles(head: head).reduce(0) { $0 + $1.queryCount * $1.keyCount }
+    }
+}
+
+/// The (query group, key tile) list of `mask` as ``PatternTile`` values.
+func patternTiles<Mask: TileMask>(_ mask: Mask, pass: Int, queryLength: Int, queryTile: Int) -> [PatternTile] {
+    var tiles: [PatternTile] = []
+    for g in 0..<mask.queryGroupCount(queryLength: queryLength, queryTile: queryTile) {
+        let queries = mask.queryGroup(g, queryLength: queryLength, queryTile: queryTile)
+        guard queries.count > 0 else { continue }
+        mask.forEachKeyTile(queries: queries, tileSize: TiledSoftmaxAttention.Tiling.keyTile) { tile in
+            tiles.append(PatternTile(pass: pass, queryStart: queries.start, queryCount: queries.count,
+                                     queryStep: queries.step, keyStart: tile.keys.start,
+                                     keyCount: tile.keys.count, keyStep: tile.keys.step,
+                                     fullyVisible: tile.fullyVisible))
+        }
+    }
+    return tiles
+}
+
+/// Checks what every fixed-pattern conformer needs of a shape: the shape itself, head
+/// dimensions up to the kernel's limit, a finite scale, and positions that fit the
+/// kernel's 32-bit lane arithmetic.
+func checkPatternShape(_ shape: AttentionShape, scale: Float?, variant: String) throws {
+    try shape.check()
+    try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: variant)
+    try checkScale(scale)
+    let limit = 1 << 30
+    guard shape.queryLength < limit, shape.keyLength < limit else {
+        throw AttentionError.unsupported(
+            "\(variant) supports queryLength and keyLength below \(limit), got \(shape.queryLength) and \(shape.keyLength)")
+    }
+}
+
+/// Throws unless `value` is in `range`, naming `option`.
+func checkOption(_ value: Int, _ option: String, in range: ClosedRange<Int>, variant: String) throws {
+    guard range.contains(value) else {
+        let upper = range.upperBound >= (1 << 30) ? "" : " and at most \(range.upperBound)"
+        throw AttentionError.invalidParameter(
+            "\(variant): \(option) must be at least \(range.lowerBound)\(upper), got \(value)")
+    }
+}
+
+/// The largest window side, block size or stride a pattern accepts (keeps position
+/// arithmetic far from overflow).
+let patternLimit = 1 << 30
+
+/// The cost of a fixed-pattern conformer: its pattern's scored pairs over all heads and
+/// batch items (an upper bound under key padding), `2 · pairs · (D + Dv)` FLOPs, and the
+/// tiled kernel's workspace with query tile `queryTile`.
+func patternCost(_ pattern: some AttentionPattern, shape: AttentionShape, threads: Int?,
+                 queryTile: Int = TiledSoftmaxAttention.Tiling.defaultQueryTile) -> AttentionCost {
+    let pairs = pattern.scoredPairs * (shape.heads / pattern.heads) * shape.batch
+    return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                         workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads,
+                                                                              queryTile: queryTile),
+                         scoredPairs: pairs)
+}
+
+/// One call of a fixed-pattern conformer, checked, with its output allocated: the
+/// conformer runs the kernel over it once per pass.
+struct PatternCall {
+    let shape: AttentionShape
+    let scale: Float
+    let threads: Int
+    let keyLengths: [Int]?
+    let q: TensorView, k: TensorView, v: TensorView
+    let o: MutableTensorView, lse: MutableTensorView
+
+    /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
+    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`.
+    func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
+                             mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
+        let heads = shape.heads
+        let masks = (0..<shape.batch).flatMap { b in
+            (0..<heads).map { mask($0, keyLengths?[b] ?? shape.keyLength) }
+        }
+        TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
+                                  q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+    }
+}
+
+extension TiledSoftmaxAttention {
+    /// Runs a fixed-pattern conformer: checks the call, allocates output and
+    /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
+    static func attendPattern(
+        query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
+        scale: Float?, validate: (AttentionShape) throws -> Void,
+        _ passes: (PatternCall) throws -> Void
+    ) throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
+        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1], repeating: -.infinity)
+        let threads = threads ?? defaultThreadCount
+        try query.withView { q in try key.withView { k in try value.withView { v in
+        try output.withMutableView { o in try lse.withMutableView { l in
+            try passes(PatternCall(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                                   q: q, k: k, v: v, o: o, lse: l))
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+}
