@@ -8,9 +8,11 @@
 ///     for each key tile (≤ Bc keys) the mask lists:
 ///         pack the V tile (rows padded to NR)
 ///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place, Bc × Br
+///         Sᵀ += mask's score terms            hook (relative positions); skipped unless used
 ///         mask the partial tiles' scores to −∞
 ///         m' ← max(m, column max of Sᵀ)      vertical: no horizontal reductions
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
+///         Pᵀ ← mask's weights ⊙ Pᵀ            hook (soft masks); skipped unless used
 ///         l ← α·l + column sums of Pᵀ
 ///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
 ///     o = O / l, lse = m + log l              (0 and −∞ where l = 0)
@@ -19,8 +21,10 @@
 /// row statistics are elementwise vector operations and `Pᵀ` is already the
 /// depth-major operand the second micro-kernel broadcasts from.
 ///
-/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br)` bytes with
-/// `Dv′` = Dv rounded up to 32: independent of the sequence lengths.
+/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + X)` bytes with
+/// `Dv′` = Dv rounded up to 32 and `X` the mask's score-term scratch
+/// (``TileMask/scoreTermScratchCount(keyTile:)``, 0 unless it adds score terms):
+/// independent of the sequence lengths.
 enum TiledSoftmaxAttention {
     /// Query rows per work item and keys per tile (block sizes as data, in one place).
     struct Tiling {
@@ -36,11 +40,15 @@ enum TiledSoftmaxAttention {
 
     /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` allocates for
     /// `shape` with `threads` workers (`nil`: every active processor).
-    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
+    /// `Mask` is the mask type the call will use (its score-term scratch is included).
+    static func workspaceBytes<Mask: TileMask>(shape: AttentionShape, threads: Int?,
+                                               mask: Mask.Type = IntervalMask.self) -> Int {
         let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
                                              queryTile: paddedQueryTile(tiling, shape.queryLength),
-                                             keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
+                                             keyTile: tiling.keyTile,
+                                             extra: Mask.scoreTermScratchCount(keyTile: tiling.keyTile))
+            * MemoryLayout<Float>.stride
         return perWorker * workerCount(threads: threads, items: workItems(shape, tiling))
     }
 
@@ -68,7 +76,8 @@ enum TiledSoftmaxAttention {
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
-            Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile)
+            Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile,
+                      extra: Mask.scoreTermScratchCount(keyTile: tiling.keyTile))
         }
         defer { for space in spaces { space.deallocate() } }
         spaces.withUnsafeMutableBufferPointer { spaces in
@@ -125,11 +134,23 @@ enum TiledSoftmaxAttention {
                                 update: .overwrite)
                 }
             }
+            if Mask.addsScoreTerms {
+                mask.addScoreTerms(ScoreTile(scores: space.scores, ld: br, queries: space.qT,
+                                             headDim: d, lanes: queryLanes, scratch: space.extra,
+                                             keyStart: keyStart, keyCount: keyCount,
+                                             queryStart: queryStart, queryCount: queryCount))
+            }
             if !full {
                 mask.maskScores(space.scores, ld: br, keyStart: keyStart, keyCount: keyCount,
                                 queryStart: queryStart, queryCount: queryCount)
             }
-            onlineSoftmax(space, keyCount: keyCount, lanes: queryLanes)
+            onlineSoftmax(space, keyCount: keyCount, lanes: queryLanes,
+                          updateSums: !Mask.weightsProbabilities)
+            if Mask.weightsProbabilities {
+                mask.weightProbabilities(space.scores, ld: br, keyStart: keyStart, keyCount: keyCount,
+                                         queryStart: queryStart, queryCount: queryCount)
+                addColumnSums(space, keyCount: keyCount, lanes: queryLanes)
+            }
             // O = diag(α) O + P V.
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
@@ -160,9 +181,10 @@ enum TiledSoftmaxAttention {
     }
 
     /// Updates the running max, sum and rescale factor of every query lane and turns the
-    /// score tile into probabilities `exp(s − m')`.
+    /// score tile into probabilities `exp(s − m')`. With `updateSums` false the running
+    /// sums are left for ``addColumnSums(_:keyCount:lanes:)`` (after a weighting hook).
     @inline(__always)
-    static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int) {
+    static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int, updateSums: Bool) {
         let br = space.queryTile
         let minusInfinity = Vec16(repeating: -.infinity)
         for lane in stride(from: 0, to: lanes, by: 16) {
@@ -191,9 +213,30 @@ enum TiledSoftmaxAttention {
                 store16(p0, column + j * br)
                 sum0 += p0
             }
-            store16(fused(load16(space.rowSum + lane), alpha, sum0 + sum1), space.rowSum + lane)
+            if updateSums {
+                store16(fused(load16(space.rowSum + lane), alpha, sum0 + sum1), space.rowSum + lane)
+            }
             store16(newMax, space.rowMax + lane)
             store16(alpha, space.alpha + lane)
+        }
+    }
+
+    /// `l ← α·l + column sums of Pᵀ`, for a probability tile the mask has reweighted.
+    @inline(__always)
+    static func addColumnSums(_ space: Workspace, keyCount: Int, lanes: Int) {
+        let br = space.queryTile
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let column = space.scores + lane
+            var sum0 = Vec16(), sum1 = Vec16()
+            var j = 0
+            while j + 1 < keyCount {
+                sum0 += load16(column + j * br)
+                sum1 += load16(column + (j + 1) * br)
+                j += 2
+            }
+            if j < keyCount { sum0 += load16(column + j * br) }
+            store16(fused(load16(space.rowSum + lane), load16(space.alpha + lane), sum0 + sum1),
+                    space.rowSum + lane)
         }
     }
 
@@ -231,19 +274,21 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
+        /// The mask's score-term scratch (`extra` floats; empty for most masks).
+        let extra: UnsafeMutablePointer<Float>
         private let block: UnsafeMutableRawPointer
 
-        static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) -> Int {
+        static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra: Int = 0) -> Int {
             let dvPad = roundUp(dv, MicroTile.nr)
             return d * br + bc * dvPad + roundUp(bc, MicroTile.mr) * br
-                + br * dvPad + 3 * br + 7 * 16
+                + br * dvPad + 3 * br + 7 * 16 + (extra > 0 ? roundUp(extra, 16) : 0)
         }
 
-        init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) {
+        init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra extraCount: Int = 0) {
             queryTile = br
             keyTile = bc
             dvPad = roundUp(dv, MicroTile.nr)
-            let count = Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: bc)
+            let count = Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: bc, extra: extraCount)
             block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
             let base = block.initializeMemory(as: Float.self, repeating: 0, count: count)
             // Each array starts on a 64-byte boundary.
@@ -259,6 +304,7 @@ enum TiledSoftmaxAttention {
             rowMax = take(br)
             rowSum = take(br)
             alpha = take(br)
+            extra = take(extraCount)
         }
 
         func deallocate() { block.deallocate() }
