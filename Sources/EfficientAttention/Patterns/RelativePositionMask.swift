@@ -1,0 +1,99 @@
+/// Transformer-XL's visibility and relative-position scores, as the tiled softmax kernel
+/// consumes them.
+///
+/// Visibility: causal with `offset = Nk − Nq` (the segment's queries sit after the
+/// memory), key padding at `keyEnd`, and keys before `keyBegin` hidden (memory slots a
+/// batch item has not filled yet: its memory is right-aligned in the shared key range).
+///
+/// Scores: to the kernel's `scale · q_i · k_j` the mask adds, tile by tile,
+///
+///     scale · q_i · r_Δ   +   scale · u · k_j   +   scale · v · r_Δ,     Δ = i + offset − j
+///
+/// The last two are precomputed vectors (`keyBias[j]`, `distanceBias[Δ]`). The first is a
+/// small product per 32-query panel of the tile: the band of relative rows the panel
+/// needs (`Δ` from `Δmin` to `Δmin + Bc + 30`), read in place from the table as the
+/// micro-kernel's broadcast operand, times the packed scaled queries,
+/// `G[δ][l] = Σ_c r_{Δmin+δ}[c] · qT[c][l]`, then the diagonal shift
+/// `Sᵀ[jj][l] += G[Δ(l, jj) − Δmin][l]`. No `Nq × Nk` array exists at any point.
+struct RelativePositionMask: TileMask {
+    var interval: IntervalMask
+    /// Keys `< keyBegin` are invisible.
+    var keyBegin: Int
+    /// `r_0` of this head; `r_Δ[c] = table[Δ · rowStride + c · depthStride]`, `Δ < rows`.
+    var table: UnsafePointer<Float>
+    var tableRowStride: Int
+    var tableDepthStride: Int
+    var tableRows: Int
+    /// `scale · u · k_j` for every key `j < Nk` of this batch item and head.
+    var keyBias: UnsafePointer<Float>
+    /// `scale · v · r_Δ` for every `Δ < tableRows` of this head.
+    var distanceBias: UnsafePointer<Float>
+
+    func forEachKeyTile(queryStart: Int, queryEnd: Int, tileSize: Int,
+                        _ body: (Int, Int, Bool) -> Void) {
+        let keyBegin = self.keyBegin
+        interval.forEachKeyTile(queryStart: queryStart, queryEnd: queryEnd, tileSize: tileSize) { start, count, full in
+            if start + count <= keyBegin { return }
+            let clipped = max(start, keyBegin)
+            body(clipped, start + count - clipped, full)
+        }
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int,
+                    keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int) {
+        interval.maskScores(scores, ld: ld, keyStart: keyStart, keyCount: keyCount,
+                            queryStart: queryStart, queryCount: queryCount)
+    }
+
+    static var addsScoreTerms: Bool { true }
+
+    /// One panel's band: `keyTile + NR − 1` relative rows, rounded up to whole `MR` blocks.
+    static func scoreTermScratchCount(keyTile: Int) -> Int {
+        roundUp(keyTile + MicroTile.nr - 1, MicroTile.mr) * MicroTile.nr
+    }
+
+    func addScoreTerms(_ tile: ScoreTile) {
+        let nr = MicroTile.nr, mr = MicroTile.mr
+        let g = tile.scratch
+        let lastKey = tile.keyStart + tile.keyCount - 1
+        for panel in stride(from: 0, to: tile.lanes, by: nr) {
+            // Distances in this panel: Δ(l, jj) = (queryStart + panel + l + offset) − (keyStart + jj).
+            let nearest = tile.queryStart + panel + interval.offset - lastKey
+            let farthest = tile.queryStart + panel + nr - 1 + interval.offset - tile.keyStart
+            // Rows outside the table only meet hidden pairs (masked after this hook).
+            let first = max(nearest, 0), last = min(farthest, tableRows - 1)
+            guard first <= last else { continue }
+            let band = last - first + 1
+            // G = R[first ... last] · Qᵀ[panel]: relative rows read in place.
+            for block in stride(from: 0, to: band, by: mr) {
+                let rows = BroadcastOperand(base: table + (first + block) * tableRowStride,
+                                            rowStride: tableRowStride, depthStride: tableDepthStride,
+                                            rows: min(mr, band - block))
+                microKernel(depth: tile.headDim, a: rows, b: tile.queries + panel, ldb: tile.ld,
+                            c: g + block * nr, ldc: nr, update: .overwrite)
+            }
+            // The diagonal shift: lane l of key row jj takes G[Δ − first][l].
+            for jj in 0..<tile.keyCount {
+                let j = tile.keyStart + jj
+                let delta0 = tile.queryStart + panel + interval.offset - j
+                let row = tile.scores + jj * tile.ld + panel
+                let bias = keyBias[j]
+                if delta0 >= first && delta0 + nr - 1 <= last {
+                    // Every lane's distance is in the band (and the table).
+                    let diagonal = g + (delta0 - first) * nr
+                    let distances = distanceBias + delta0
+                    for l in 0..<nr {
+                        row[l] += (diagonal[l * (nr + 1)] + distances[l]) + bias
+                    }
+                } else {
+                    for l in 0..<nr {
+                        let delta = delta0 + l
+                        let inBand = min(max(delta - first, 0), band - 1)
+                        let inTable = min(max(delta, 0), tableRows - 1)
+                        row[l] += (g[inBand * nr + l] + distanceBias[inTable]) + bias
+                    }
+                }
+            }
+        }
+    }
+}
