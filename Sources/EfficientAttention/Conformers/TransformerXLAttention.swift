@@ -40,7 +40,7 @@ import Darwin
 ///   `(Bc + 31) / Bc` ≈ 1.5 times its share); workspace: the dense kernel's per thread
 ///   plus `(B·H + H) · Nk` floats of biases (and the concatenated keys and values in the
 ///   stateful call).
-public struct TransformerXLAttention: Attention {
+public struct TransformerXLAttention: Attention, Equatable {
     /// `M`: how many past positions the memory keeps.
     public var memoryLength: Int
     /// The relative-position table `[1, H or 1, T, D]`, `T ≥ M + Nq`.
