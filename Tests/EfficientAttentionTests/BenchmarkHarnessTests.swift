@@ -123,7 +123,9 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
-        #expect(r.entries.filter(\.isAvailable).map(\.name) == ["vanilla", "dense"])
+        // Conformers land on separate branches: check the ones known to exist, not an exact list.
+        #expect(Set(r.entries.filter(\.isAvailable).map(\.name))
+                    .isSuperset(of: ["vanilla", "dense", "transformer-xl", "adaptive-span"]))
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
         let listing = r.listing()
         #expect(listing.contains("not available yet"))
@@ -440,9 +442,11 @@ import AttentionBenchCore
         let o = try BenchOptions.parse(["--preset", "long", "--seq", "8192,16384", "--threads", "1"])
         let plan = try SweepPlan.make(o)
         #expect(plan.jobs.map { "\($0.entry.name)@\($0.problem.shape.queryLength)" }
+                    .filter { $0.hasPrefix("vanilla@") || $0.hasPrefix("dense@") }
                 == ["vanilla@8192", "dense@8192", "dense@16384"])
         let notes = Dictionary(grouping: plan.notes, by: \.variant)
-        #expect(notes.count == 13)  // 12 unavailable + vanilla's skip
+        let unavailable = Registry.standard.entries.filter { !$0.isAvailable }.count
+        #expect(notes.count == unavailable + 1)  // the unavailable ones + vanilla's skip
         #expect(notes["lsh"]?.first?.note.contains("not available") == true)
         #expect(notes["vanilla"]?.first?.note.contains("8192") == true)
         #expect(plan.jobs[0].cost.flops == Accounting.denseFlops(batch: 1, heads: 8, queryLength: 8192, keyLength: 8192,
