@@ -80,10 +80,17 @@ struct RelativePositionMask: TileMask {
                 let bias = keyBias[j]
                 if delta0 >= first && delta0 + nr - 1 <= last {
                     // Every lane's distance is in the band (and the table).
+                    // Lane l reads G[delta0 − first + l][l]: a stride of NR + 1 floats.
                     let diagonal = g + (delta0 - first) * nr
                     let distances = distanceBias + delta0
-                    for l in 0..<nr {
-                        row[l] += (diagonal[l * (nr + 1)] + distances[l]) + bias
+                    let biases = Vec16(repeating: bias)
+                    let s = nr + 1
+                    for half in stride(from: 0, to: nr, by: 16) {
+                        let d = diagonal + half * s
+                        let terms = Vec16(d[0], d[s], d[2 * s], d[3 * s], d[4 * s], d[5 * s], d[6 * s], d[7 * s],
+                                          d[8 * s], d[9 * s], d[10 * s], d[11 * s], d[12 * s], d[13 * s],
+                                          d[14 * s], d[15 * s])
+                        store16(load16(row + half) + ((terms + load16(distances + half)) + biases), row + half)
                     }
                 } else {
                     for l in 0..<nr {
