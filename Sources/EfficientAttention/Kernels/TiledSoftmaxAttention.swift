@@ -23,7 +23,7 @@
 ///
 /// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + X)` bytes with
 /// `Dv′` = Dv rounded up to 32 and `X` the mask's score-term scratch
-/// (``TileMask/scoreTermScratchCount(keyTile:)``, 0 unless it adds score terms):
+/// (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``, 0 unless it adds score terms):
 /// independent of the sequence lengths.
 enum TiledSoftmaxAttention {
     /// Query rows per work item and keys per tile (block sizes as data, in one place).
@@ -47,7 +47,9 @@ enum TiledSoftmaxAttention {
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
                                              queryTile: paddedQueryTile(tiling, shape.queryLength),
                                              keyTile: tiling.keyTile,
-                                             extra: Mask.scoreTermScratchCount(keyTile: tiling.keyTile))
+                                             extra: Mask.scoreTermScratchCount(
+                                                queryTile: paddedQueryTile(tiling, shape.queryLength),
+                                                keyTile: tiling.keyTile))
             * MemoryLayout<Float>.stride
         return perWorker * workerCount(threads: threads, items: workItems(shape, tiling))
     }
@@ -77,7 +79,7 @@ enum TiledSoftmaxAttention {
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
             Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile,
-                      extra: Mask.scoreTermScratchCount(keyTile: tiling.keyTile))
+                      extra: Mask.scoreTermScratchCount(queryTile: brPad, keyTile: tiling.keyTile))
         }
         defer { for space in spaces { space.deallocate() } }
         spaces.withUnsafeMutableBufferPointer { spaces in
@@ -136,7 +138,8 @@ enum TiledSoftmaxAttention {
             }
             if Mask.addsScoreTerms {
                 mask.addScoreTerms(ScoreTile(scores: space.scores, ld: br, queries: space.qT,
-                                             headDim: d, lanes: queryLanes, scratch: space.extra,
+                                             headDim: d, lanes: queryLanes, keyTile: space.keyTile,
+                                             scratch: space.extra,
                                              keyStart: keyStart, keyCount: keyCount,
                                              queryStart: queryStart, queryCount: queryCount))
             }

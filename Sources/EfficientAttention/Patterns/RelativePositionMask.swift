@@ -47,16 +47,30 @@ struct RelativePositionMask: TileMask {
 
     static var addsScoreTerms: Bool { true }
 
-    /// One panel's band: `keyTile + NR − 1` relative rows, rounded up to whole `MR` blocks.
-    static func scoreTermScratchCount(keyTile: Int) -> Int {
-        roundUp(keyTile + MicroTile.nr - 1, MicroTile.mr) * MicroTile.nr
+    /// Rows of one panel's band buffer: `keyTile + NR − 1` relative rows, rounded up to
+    /// whole `MR` blocks.
+    static func bandCapacity(keyTile: Int) -> Int { roundUp(keyTile + MicroTile.nr - 1, MicroTile.mr) }
+
+    /// Floats of the header that records, per panel, which band its buffer holds.
+    static func headerCount(panels: Int) -> Int { roundUp(panels * 4 * 2, 16) }
+
+    /// A band buffer per 32-query panel, plus the header.
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int {
+        let panels = (queryTile + MicroTile.nr - 1) / MicroTile.nr
+        return headerCount(panels: panels) + panels * bandCapacity(keyTile: keyTile) * MicroTile.nr
     }
 
     func addScoreTerms(_ tile: ScoreTile) {
         let nr = MicroTile.nr, mr = MicroTile.mr
-        let g = tile.scratch
+        let panels = tile.ld / nr
+        let capacity = RelativePositionMask.bandCapacity(keyTile: tile.keyTile)
+        // Header per panel: (owner, queryStart, first, last) of the band its buffer holds.
+        let header = UnsafeMutableRawPointer(tile.scratch).assumingMemoryBound(to: Int.self)
+        let owner = Int(bitPattern: keyBias)
         let lastKey = tile.keyStart + tile.keyCount - 1
         for panel in stride(from: 0, to: tile.lanes, by: nr) {
+            let g = tile.scratch + RelativePositionMask.headerCount(panels: panels) + panel / nr * capacity * nr
+            let held = header + panel / nr * 4
             // Distances in this panel: Δ(l, jj) = (queryStart + panel + l + offset) − (keyStart + jj).
             let nearest = tile.queryStart + panel + interval.offset - lastKey
             let farthest = tile.queryStart + panel + nr - 1 + interval.offset - tile.keyStart
@@ -64,8 +78,19 @@ struct RelativePositionMask: TileMask {
             let first = max(nearest, 0), last = min(farthest, tableRows - 1)
             guard first <= last else { continue }
             let band = last - first + 1
-            // G = R[first ... last] · Qᵀ[panel]: relative rows read in place.
-            for block in stride(from: 0, to: band, by: mr) {
+            // Key tiles come in increasing order, so the band slides towards smaller Δ and
+            // overlaps the previous tile's by up to NR − 1 rows: keep those (moved to their
+            // new place), compute the rest. Values are the same bits either way.
+            var fresh = band
+            if held[0] == owner, held[1] == tile.queryStart, held[2] <= last, last <= held[3], first <= held[2] {
+                let kept = last - held[2] + 1
+                (g + (held[2] - first) * nr).update(from: g, count: kept * nr)
+                fresh = held[2] - first
+            }
+            held[0] = owner; held[1] = tile.queryStart; held[2] = first; held[3] = last
+            // G = R[first ...] · Qᵀ[panel]: relative rows read in place. The last block may
+            // spill into kept rows; it rewrites them with the same values.
+            for block in stride(from: 0, to: fresh, by: mr) {
                 let rows = BroadcastOperand(base: table + (first + block) * tableRowStride,
                                             rowStride: tableRowStride, depthStride: tableDepthStride,
                                             rows: min(mr, band - block))

@@ -22,8 +22,10 @@ protocol TileMask {
     static var addsScoreTerms: Bool { get }
 
     /// Floats of per-worker scratch ``addScoreTerms(_:)`` needs (in `ScoreTile.scratch`)
-    /// for key tiles of at most `keyTile` keys. Default 0.
-    static func scoreTermScratchCount(keyTile: Int) -> Int
+    /// for tiles of `queryTile` query lanes (a multiple of ``MicroTile/nr``) and at most
+    /// `keyTile` keys. The kernel zero-fills it once per call, and it keeps its contents
+    /// from one tile to the next. Default 0.
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int
 
     /// Adds terms to a transposed score tile right after `Sᵀ = K Qᵀ`, before masking
     /// (Transformer-XL's relative-position scores). Entries the mask hides may receive
@@ -53,6 +55,8 @@ struct ScoreTile {
     var headDim: Int
     /// `queryCount` rounded up to ``MicroTile/nr``.
     var lanes: Int
+    /// The largest key tile (`keyCount ≤ keyTile`).
+    var keyTile: Int
     var scratch: UnsafeMutablePointer<Float>
     var keyStart: Int
     var keyCount: Int
@@ -62,7 +66,7 @@ struct ScoreTile {
 
 extension TileMask {
     static var addsScoreTerms: Bool { false }
-    static func scoreTermScratchCount(keyTile: Int) -> Int { 0 }
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int { 0 }
     func addScoreTerms(_ tile: ScoreTile) {}
     static var weightsProbabilities: Bool { false }
     func weightProbabilities(_ probabilities: UnsafeMutablePointer<Float>, ld: Int,
