@@ -183,9 +183,8 @@ public struct TransformerXLAttention: Attention, Equatable {
     /// `keyLengths` pads keys at the end, as for dense attention.
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let (shape, _) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                         threads: threads, scale: scale)
         return try run(shape: shape, query: query, key: key, value: value, keyBegins: nil,
                        keyLengths: keyLengths, threads: threads)
     }
@@ -233,51 +232,49 @@ public struct TransformerXLAttention: Attention, Equatable {
                      keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         let (nk, d, heads) = (shape.keyLength, shape.headDim, shape.heads)
-        var output = try Tensor(shape: [shape.batch, heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, heads, shape.queryLength, 1])
         let tableHeads = relativePositions.shape[1]
         let workers = threads ?? defaultThreadCount
         // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
         var keyBias = [Float](repeating: 0, count: shape.batch * heads * nk)
         var distanceBias = [Float](repeating: 0, count: heads * nk)
-        query.withView { q in key.withView { k in value.withView { v in relativePositions.withView { r in
-        contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
-        keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
-            let kb = UncheckedSendable(kb.baseAddress!), db = UncheckedSendable(db.baseAddress!)
-            let u = UncheckedSendable(u.baseAddress!), pv = UncheckedSendable(pv.baseAddress!)
-            parallelForEach(items: (shape.batch + 1) * heads, threads: workers) { item, _ in
-                let b = item / heads, h = item % heads
-                if b < shape.batch {
-                    let hk = h / shape.groupSize
-                    let out = kb.value + (b * heads + h) * nk
-                    for j in 0..<nk {
-                        out[j] = scale * dot(u.value + h * d, 1, k.row(b, hk, j), k.strides[3], count: d)
-                    }
-                } else {
-                    let out = db.value + h * nk
-                    let table = r.row(0, tableHeads == 1 ? 0 : h, 0)
-                    for delta in 0..<nk {
-                        out[delta] = scale * dot(pv.value + h * d, 1, table + delta * r.strides[2], r.strides[3],
-                                                 count: d)
+        return try relativePositions.withView { r in
+            key.withView { k in
+            contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
+            keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
+                let kb = UncheckedSendable(kb.baseAddress!), db = UncheckedSendable(db.baseAddress!)
+                let u = UncheckedSendable(u.baseAddress!), pv = UncheckedSendable(pv.baseAddress!)
+                parallelForEach(items: (shape.batch + 1) * heads, threads: workers) { item, _ in
+                    let b = item / heads, h = item % heads
+                    if b < shape.batch {
+                        let hk = h / shape.groupSize
+                        let out = kb.value + (b * heads + h) * nk
+                        for j in 0..<nk {
+                            out[j] = scale * dot(u.value + h * d, 1, k.row(b, hk, j), k.strides[3], count: d)
+                        }
+                    } else {
+                        let out = db.value + h * nk
+                        let table = r.row(0, tableHeads == 1 ? 0 : h, 0)
+                        for delta in 0..<nk {
+                            out[delta] = scale * dot(pv.value + h * d, 1, table + delta * r.strides[2],
+                                                     r.strides[3], count: d)
+                        }
                     }
                 }
-            }
-            output.withMutableView { o in lse.withMutableView { l in
-                TiledSoftmaxAttention.run(
-                    shape: shape, scale: scale, threads: workers,
-                    q: q, k: k, v: v, o: o, lse: l
-                ) { b, h in
+            } } } } }
+            return try keyBias.withUnsafeBufferPointer { kb in try distanceBias.withUnsafeBufferPointer { db in
+                try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: workers,
+                                                 query: query, key: key, value: value) { b, h in
                     RelativePositionMask(
                         interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true,
                                                keyEnd: keyLengths?[b] ?? nk),
                         keyBegin: keyBegins?[b] ?? 0,
                         table: r.row(0, tableHeads == 1 ? 0 : h, 0),
                         tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
-                        keyBias: kb.value + (b * heads + h) * nk, distanceBias: db.value + h * nk)
+                        keyBias: kb.baseAddress! + (b * heads + h) * nk,
+                        distanceBias: db.baseAddress! + h * nk)
                 }
             } }
-        } } } } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
     }
 }
 

@@ -97,6 +97,24 @@ enum TiledSoftmaxAttention {
         }
     }
 
+    /// A whole single-kernel `attend`: allocates the output and log-sum-exp of `shape`
+    /// and fills them with one ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` over the
+    /// tensors. `shape` must already be validated (dense, adaptive span, Transformer-XL).
+    static func attend<Mask: TileMask>(
+        shape: AttentionShape, scale: Float, threads: Int?,
+        query: Tensor, key: Tensor, value: Tensor,
+        mask: (_ batch: Int, _ head: Int) -> Mask
+    ) throws -> AttentionResult {
+        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
+                q: q, k: k, v: v, o: o, lse: l, mask: mask)
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
     /// One work item: `queryCount` queries from `queryStart` of head `h` in batch item `b`.
     @inline(__always)
     static func attendTile<Mask: TileMask>(
