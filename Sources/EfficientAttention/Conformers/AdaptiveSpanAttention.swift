@@ -60,10 +60,14 @@ public struct AdaptiveSpanAttention: Attention {
     public var name: String { "adaptive-span" }
 
     /// The span penalty `Σ_h z_h` (the paper adds it, times a coefficient, to the loss).
+    ///
+    /// - Complexity: O(H).
     public var spanPenalty: Float { spans.reduce(0, +) }
 
     /// The positions each head sees with nonzero weight, itself included: `⌈z_h + R⌉`.
     /// Throws what ``validateConfiguration()`` throws.
+    ///
+    /// - Complexity: O(H).
     public func effectiveSpans() throws -> [Int] {
         try validateConfiguration()
         return spans.map { SoftSpanMask.reach(span: $0, ramp: ramp) }

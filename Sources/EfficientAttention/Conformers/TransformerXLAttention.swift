@@ -36,10 +36,11 @@ import Darwin
 /// diagonal shift. No `Nq × Nk` array is ever formed.
 ///
 /// - Complexity: `2 · pairs · (2·D + Dv)` useful FLOPs with
-///   `pairs = Nq · M′ + Nq (Nq + 1) / 2` per head (the position band computes about
-///   `(Bc + 31) / Bc` ≈ 1.5 times its share); workspace: the dense kernel's per thread
-///   plus `(B·H + H) · Nk` floats of biases (and the concatenated keys and values in the
-///   stateful call).
+///   `pairs = Nq · M′ + Nq (Nq + 1) / 2` per head (the position band reuses the rows
+///   consecutive key tiles share, so it costs about one relative row per key, like
+///   `K Qᵀ`); workspace: the dense kernel's per thread plus the band buffers
+///   (`(Br/32) · 96 · 32` floats per thread) and `(B·H + H) · Nk` floats of biases (and
+///   the concatenated keys and values in the stateful call).
 public struct TransformerXLAttention: Attention, Equatable {
     /// `M`: how many past positions the memory keeps.
     public var memoryLength: Int
@@ -111,17 +112,17 @@ public struct TransformerXLAttention: Attention, Equatable {
                 sinusoid[delta * e + half + t] = Float(cos(angle))
             }
         }
-        let w = projection.elements
         var table = [Float](repeating: 0, count: heads * length * d)
-        for h in 0..<heads {
-            for delta in 0..<length {
-                for c in 0..<d {
-                    var sum: Float = 0
-                    for x in 0..<e { sum += w[(h * d + c) * e + x] * sinusoid[delta * e + x] }
-                    table[(h * length + delta) * d + c] = sum
+        projection.elements.withUnsafeBufferPointer { w in sinusoid.withUnsafeBufferPointer { angles in
+            for h in 0..<heads {
+                for delta in 0..<length {
+                    for c in 0..<d {
+                        table[(h * length + delta) * d + c] = dot(w.baseAddress! + (h * d + c) * e, 1,
+                                                                  angles.baseAddress! + delta * e, 1, count: e)
+                    }
                 }
             }
-        }
+        } }
         return try Tensor(shape: [1, heads, length, d], data: table)
     }
 
@@ -299,6 +300,8 @@ public struct TransformerXLMemory: Sendable, Equatable {
     public private(set) var lengths: [Int]
 
     /// An empty memory.
+    ///
+    /// - Complexity: O(B).
     public init(batch: Int, kvHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int) throws {
         for (label, value) in [("batch", batch), ("kvHeads", kvHeads), ("headDim", headDim),
                                ("valueDim", valueDim ?? headDim)] where value < 1 {
@@ -330,6 +333,8 @@ public struct TransformerXLMemory: Sendable, Equatable {
     }
 
     /// Forgets batch item `b`'s memory; the others keep theirs.
+    ///
+    /// - Complexity: O(B).
     public mutating func reset(batchItem b: Int) throws {
         guard b >= 0, b < batch else {
             throw AttentionError.invalidParameter("batchItem \(b) is outside 0..<\(batch) (batch)")
