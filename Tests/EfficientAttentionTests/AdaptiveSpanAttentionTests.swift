@@ -3,6 +3,7 @@
 // padding; exact cases (span 0 sees the current position; spans >= N equal causal
 // dense); configuration errors; cost following the span; determinism.
 
+import AttentionBenchCore
 import EfficientAttention
 import Foundation
 import Testing
@@ -117,6 +118,16 @@ struct AdaptiveSpanAttentionTests {
         #expect(long.scoredPairs == expected(8192))
         #expect(long.flops == 2 * Double(expected(8192)) * 128)
         #expect(long.workspaceBytes == short.workspaceBytes)
+    }
+
+    @Test("the benchmark entry builds the paper's setting and runs")
+    func registry() throws {
+        let plan = try SweepPlan.make(try BenchOptions.parse(["--variants", "adaptive-span", "--seq", "300",
+                                                              "--heads", "2", "--dim", "16", "--threads", "1"]))
+        let job = try #require(plan.jobs.first)
+        let attention = try #require(job.conformer as? AdaptiveSpanAttention)
+        #expect(attention.spans == [128, 128] && attention.ramp == 32 && job.problem.causal)
+        try checkSpan(attention, queryLength: 300, headDim: 16, seed: 70)
     }
 
     @Test("bitwise identical across runs and thread counts")

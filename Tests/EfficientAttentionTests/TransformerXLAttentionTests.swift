@@ -4,6 +4,7 @@
 // segments with memory against the reference over the same windows, memory contents,
 // reset, batch independence, errors, determinism.
 
+import AttentionBenchCore
 import EfficientAttention
 import Foundation
 import Testing
@@ -207,6 +208,23 @@ struct TransformerXLAttentionTests {
         let two = try attention.attend(query: q, key: k, value: v, threads: 2)
         expectBitwiseEqual(one, two, "1 vs 2 threads")
         expectBitwiseEqual(two, try attention.attend(query: q, key: k, value: v, threads: 2), "two runs")
+    }
+
+    @Test("cost counts the visible pairs; the benchmark entry builds and runs")
+    func costAndRegistry() throws {
+        let attention = try randomXL(heads: 2, headDim: 16, memoryLength: 64, rows: 64 + 100, seed: 21)
+        let cost = try attention.cost(AttentionShape(batch: 3, heads: 2, queryLength: 100, keyLength: 160, headDim: 16,
+                                                     valueDim: 8))
+        #expect(cost.scoredPairs == 3 * 2 * (100 * 60 + 100 * 101 / 2))
+        #expect(cost.flops == 2 * Double(cost.scoredPairs) * Double(2 * 16 + 8))
+        let plan = try SweepPlan.make(try BenchOptions.parse(["--variants", "transformer-xl", "--seq", "96",
+                                                              "--heads", "2", "--dim", "16", "--threads", "1"]))
+        let job = try #require(plan.jobs.first)
+        #expect(job.problem.shape.keyLength == 192 && job.problem.causal)
+        let inputs = try SweepRunner.inputs(for: job.problem.shape, seed: 5)
+        let result = try job.conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value)
+        let finite = result.output.elements.allSatisfy { $0.isFinite }
+        #expect(finite && result.output.shape == [1, 2, 96, 16])
     }
 
     @Test("bad configurations throw clear errors")
