@@ -297,7 +297,10 @@ public struct Registry: Sendable {
                 p.causal = true
                 return p
             },
-            make: nil),
+            make: { c in
+                try TransformerXLAttention(heads: c.shape.heads, headDim: c.shape.headDim, memoryLength: c[.memory],
+                                           maxSegmentLength: c.shape.queryLength, seed: c.seed)
+            }),
         VariantEntry(
             name: "adaptive-span",
             summary: "adaptive span: causal, per-head span with a soft ramp, cost follows the span (Sukhbaatar et al. 2019)",
@@ -307,6 +310,9 @@ public struct Registry: Sendable {
                 p.causal = true
                 return p
             },
-            make: nil),
+            make: { c in
+                AdaptiveSpanAttention(heads: c.shape.heads, span: Float(c[.span]), ramp: Float(c[.ramp]),
+                                      causal: c.causal)
+            }),
     ])
 }

@@ -193,6 +193,18 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
     }
 }
 
+extension Attention {
+    /// The checks every `attend` starts with: the tensors' shape, ``validate(_:)``, the key
+    /// lengths and thread count. Returns the shape and the scale (`nil`: `1/√D`).
+    func checkedCall(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
+                     scale: Float?) throws -> (shape: AttentionShape, scale: Float) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        return (shape, scale ?? 1 / Float(shape.headDim).squareRoot())
+    }
+}
+
 /// The product of `values`, or nil if it overflows `Int`.
 func checkedProduct(_ values: [Int]) -> Int? {
     var product = 1

@@ -123,9 +123,10 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
+        // Conformers land on separate branches: check the ones known to exist, not an exact list.
         let available = Set(r.entries.filter(\.isAvailable).map(\.name))
-        #expect(available.isSuperset(of: ["vanilla", "dense", "local", "strided", "longformer", "bigbird"]))
-        #expect(!available.contains("lsh"))
+        #expect(available.isSuperset(of: ["vanilla", "dense", "local", "strided", "longformer", "bigbird",
+                                          "transformer-xl", "adaptive-span"]))
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
         let listing = r.listing()
         #expect(listing.contains("not available yet"))

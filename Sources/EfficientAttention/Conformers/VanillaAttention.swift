@@ -42,10 +42,8 @@ public struct VanillaAttention: Attention {
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
-        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                             threads: threads, scale: self.scale)
         let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
         var output = try Tensor(shape: [shape.batch, shape.heads, nq, dv])
         var lse = try Tensor(shape: [shape.batch, shape.heads, nq, 1])

@@ -9,9 +9,11 @@
 ///     for each key tile (≤ Bc keys start + n·step) the mask lists:
 ///         V tile: read in place (rows step apart) when Dv % NR == 0, else packed
 ///         Sᵀ ← K Qᵀ                          micro-kernel, keys read in place step rows apart
+///         Sᵀ += mask's score terms            hook (relative positions); skipped unless used
 ///         mask the partial tiles' scores to −∞
 ///         m' ← max(m, column max of Sᵀ)      vertical: no horizontal reductions
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
+///         Pᵀ ← mask's weights ⊙ Pᵀ            hook (soft masks); skipped unless used
 ///         l ← α·l + column sums of Pᵀ
 ///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
 ///     o = O / l, lse = m + log l              (0 and −∞ where l = 0), written step rows apart;
@@ -21,8 +23,10 @@
 /// row statistics are elementwise vector operations and `Pᵀ` is already the
 /// depth-major operand the second micro-kernel broadcasts from.
 ///
-/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + 16)` bytes with
-/// `Dv′` = Dv rounded up to 32: independent of the sequence lengths.
+/// Workspace per worker: `4 · (D·Br + Bc·Dv′ + Bc·Br + Br·Dv′ + 3·Br + 16 + X)` bytes with
+/// `Dv′` = Dv rounded up to 32 and `X` the mask's score-term scratch
+/// (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``, 0 unless it adds score terms):
+/// independent of the sequence lengths.
 enum TiledSoftmaxAttention {
     /// Query rows per work item and keys per tile (block sizes as data, in one place).
     struct Tiling {
@@ -51,13 +55,18 @@ enum TiledSoftmaxAttention {
 
     /// Bytes of workspace ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
     /// allocates for `shape` with `threads` workers (`nil`: every active processor) and
-    /// query tile `queryTile` (`nil`: the default tiling).
-    static func workspaceBytes(shape: AttentionShape, threads: Int?, queryTile: Int? = nil,
-                               workItems items: Int? = nil) -> Int {
+    /// query tile `queryTile` (`nil`: the default tiling); `mask` is the mask type the call
+    /// will use (its score-term scratch is included).
+    static func workspaceBytes<Mask: TileMask>(shape: AttentionShape, threads: Int?, queryTile: Int? = nil,
+                                               workItems items: Int? = nil,
+                                               mask: Mask.Type = IntervalMask.self) -> Int {
         let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
+        let brPad = paddedQueryTile(tiling, shape.queryLength)
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
-                                             queryTile: paddedQueryTile(tiling, shape.queryLength),
-                                             keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
+                                             queryTile: brPad, keyTile: tiling.keyTile,
+                                             extra: Mask.scoreTermScratchCount(queryTile: brPad,
+                                                                               keyTile: tiling.keyTile))
+            * MemoryLayout<Float>.stride
         let items = items ?? ceilDiv(shape.queryLength, tiling.queryTile) * shape.batch * shape.heads
         return perWorker * workerCount(threads: threads, items: items)
     }
@@ -93,7 +102,8 @@ enum TiledSoftmaxAttention {
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
         var spaces = (0..<workers).map { _ in
-            Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile)
+            Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile,
+                      extra: Mask.scoreTermScratchCount(queryTile: brPad, keyTile: tiling.keyTile))
         }
         defer { for space in spaces { space.deallocate() } }
         spaces.withUnsafeMutableBufferPointer { spaces in
@@ -110,6 +120,24 @@ enum TiledSoftmaxAttention {
                            q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
             }
         }
+    }
+
+    /// A whole single-kernel `attend`: allocates the output and log-sum-exp of `shape`
+    /// and fills them with one ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
+    /// over the tensors. `shape` must already be validated (dense, adaptive span, Transformer-XL).
+    static func attend<Mask: TileMask>(
+        shape: AttentionShape, scale: Float, threads: Int?,
+        query: Tensor, key: Tensor, value: Tensor,
+        mask: (_ batch: Int, _ head: Int) -> Mask
+    ) throws -> AttentionResult {
+        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
+                q: q, k: k, v: v, o: o, lse: l, mask: mask)
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
     }
 
     /// One work item: the query group `queries` of head `h` in batch item `b`.
@@ -176,10 +204,25 @@ enum TiledSoftmaxAttention {
                                 update: .overwrite)
                 }
             }
+            if Mask.addsScoreTerms {
+                assert(keys.step == 1 && queries.step == 1, "score-term hooks take runs of step 1")
+                mask.addScoreTerms(ScoreTile(scores: space.scores, ld: br, queries: space.qT,
+                                             headDim: d, lanes: queryLanes, keyTile: space.keyTile,
+                                             scratch: space.extra,
+                                             keyStart: keys.start, keyCount: keys.count,
+                                             queryStart: queries.start, queryCount: queries.count))
+            }
             if !tile.fullyVisible {
                 mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
             }
-            onlineSoftmax(space, keyCount: keys.count, lanes: queryLanes)
+            onlineSoftmax(space, keyCount: keys.count, lanes: queryLanes,
+                          updateSums: !Mask.weightsProbabilities)
+            if Mask.weightsProbabilities {
+                assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
+                mask.weightProbabilities(space.scores, ld: br, keyStart: keys.start, keyCount: keys.count,
+                                         queryStart: queries.start, queryCount: queries.count)
+                addColumnSums(space, keyCount: keys.count, lanes: queryLanes)
+            }
             // O = diag(α) O + P V.
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
@@ -220,9 +263,10 @@ enum TiledSoftmaxAttention {
     }
 
     /// Updates the running max, sum and rescale factor of every query lane and turns the
-    /// score tile into probabilities `exp(s − m')`.
+    /// score tile into probabilities `exp(s − m')`. With `updateSums` false the running
+    /// sums are left for ``addColumnSums(_:keyCount:lanes:)`` (after a weighting hook).
     @inline(__always)
-    static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int) {
+    static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int, updateSums: Bool = true) {
         let br = space.queryTile
         let minusInfinity = Vec16(repeating: -.infinity)
         for lane in stride(from: 0, to: lanes, by: 16) {
@@ -251,9 +295,30 @@ enum TiledSoftmaxAttention {
                 store16(p0, column + j * br)
                 sum0 += p0
             }
-            store16(fused(load16(space.rowSum + lane), alpha, sum0 + sum1), space.rowSum + lane)
+            if updateSums {
+                store16(fused(load16(space.rowSum + lane), alpha, sum0 + sum1), space.rowSum + lane)
+            }
             store16(newMax, space.rowMax + lane)
             store16(alpha, space.alpha + lane)
+        }
+    }
+
+    /// `l ← α·l + column sums of Pᵀ`, for a probability tile the mask has reweighted.
+    @inline(__always)
+    static func addColumnSums(_ space: Workspace, keyCount: Int, lanes: Int) {
+        let br = space.queryTile
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let column = space.scores + lane
+            var sum0 = Vec16(), sum1 = Vec16()
+            var j = 0
+            while j + 1 < keyCount {
+                sum0 += load16(column + j * br)
+                sum1 += load16(column + (j + 1) * br)
+                j += 2
+            }
+            if j < keyCount { sum0 += load16(column + j * br) }
+            store16(fused(load16(space.rowSum + lane), load16(space.alpha + lane), sum0 + sum1),
+                    space.rowSum + lane)
         }
     }
 
@@ -298,19 +363,21 @@ enum TiledSoftmaxAttention {
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
         /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
         let sink: UnsafeMutablePointer<Float>
+        /// The mask's score-term scratch (`extra` floats; empty for most masks).
+        let extra: UnsafeMutablePointer<Float>
         private let block: UnsafeMutableRawPointer
 
-        static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) -> Int {
+        static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra: Int = 0) -> Int {
             let dvPad = roundUp(dv, MicroTile.nr)
             return d * br + bc * dvPad + roundUp(bc, MicroTile.mr) * br
-                + br * dvPad + 3 * br + 16 + 8 * 16
+                + br * dvPad + 3 * br + 16 + 8 * 16 + (extra > 0 ? roundUp(extra, 16) : 0)
         }
 
-        init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int) {
+        init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra extraCount: Int = 0) {
             queryTile = br
             keyTile = bc
             dvPad = roundUp(dv, MicroTile.nr)
-            let count = Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: bc)
+            let count = Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: bc, extra: extraCount)
             block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
             let base = block.initializeMemory(as: Float.self, repeating: 0, count: count)
             // Each array starts on a 64-byte boundary.
@@ -327,6 +394,7 @@ enum TiledSoftmaxAttention {
             rowSum = take(br)
             alpha = take(br)
             sink = take(16)
+            extra = take(extraCount)
         }
 
         func deallocate() { block.deallocate() }

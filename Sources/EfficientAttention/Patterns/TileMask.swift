@@ -43,10 +43,66 @@ protocol TileMask {
     /// `tile.keys.position(jj)`, for `jj < tile.keys.count` and `ii < queries.count`
     /// rounded up to 16 (lanes past the count may be masked or not).
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun)
+
+    /// Whether the kernel calls ``addScoreTerms(_:)``; `false` (the default) removes the
+    /// call from the specialised kernel. Masks that add score terms list contiguous
+    /// query groups and key tiles (runs of step 1).
+    static var addsScoreTerms: Bool { get }
+
+    /// Floats of per-worker scratch ``addScoreTerms(_:)`` needs (in `ScoreTile.scratch`)
+    /// for tiles of `queryTile` query lanes (a multiple of ``MicroTile/nr``) and at most
+    /// `keyTile` keys. The kernel zero-fills it once per call, and it keeps its contents
+    /// from one tile to the next. Default 0.
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int
+
+    /// Adds terms to a transposed score tile right after `Sᵀ = K Qᵀ`, before masking
+    /// (Transformer-XL's relative-position scores). Entries the mask hides may receive
+    /// any finite value: masking overwrites them. Default: nothing.
+    func addScoreTerms(_ tile: ScoreTile)
+
+    /// Whether the kernel calls ``weightProbabilities(_:ld:keyStart:keyCount:queryStart:queryCount:)``;
+    /// `false` (the default) removes the call from the specialised kernel. Masks that
+    /// weight probabilities list runs of step 1.
+    static var weightsProbabilities: Bool { get }
+
+    /// Multiplies the probabilities `exp(s − m')` of a transposed tile
+    /// (`probabilities[jj · ld + ii]`: key `keyStart + jj`, query `queryStart + ii`) by
+    /// per-pair weights in `[0, 1]`, before the kernel adds them to the row sums (adaptive
+    /// span's soft mask). The row's log-sum-exp then is `log Σ_j w_ij exp(s_ij)`.
+    /// Default: nothing.
+    func weightProbabilities(_ probabilities: UnsafeMutablePointer<Float>, ld: Int,
+                             keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int)
+}
+
+/// What ``TileMask/addScoreTerms(_:)`` sees of one tile: the transposed scores
+/// `scores[jj · ld + ii]` (key `keyStart + jj`, query `queryStart + ii`), the packed
+/// scaled queries they came from (`queries[c · ld + ii] = scale · q[queryStart + ii][c]`
+/// for `c < headDim`, lanes `queryCount..<lanes` zero), and the mask's scratch.
+struct ScoreTile {
+    var scores: UnsafeMutablePointer<Float>
+    var ld: Int
+    var queries: UnsafePointer<Float>
+    var headDim: Int
+    /// `queryCount` rounded up to ``MicroTile/nr``.
+    var lanes: Int
+    /// The largest key tile (`keyCount ≤ keyTile`).
+    var keyTile: Int
+    var scratch: UnsafeMutablePointer<Float>
+    var keyStart: Int
+    var keyCount: Int
+    var queryStart: Int
+    var queryCount: Int
 }
 
 extension TileMask {
     var queryPartition: QueryPartition { .tiles }
+
+    static var addsScoreTerms: Bool { false }
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int { 0 }
+    func addScoreTerms(_ tile: ScoreTile) {}
+    static var weightsProbabilities: Bool { false }
+    func weightProbabilities(_ probabilities: UnsafeMutablePointer<Float>, ld: Int,
+                             keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int) {}
 
     /// The number of query groups of this head (some may be empty).
     func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {

@@ -16,6 +16,10 @@ import Testing
 /// Whether key `j` is visible to query `i` of query head `h` in batch item `b`.
 typealias Visibility = @Sendable (_ b: Int, _ h: Int, _ i: Int, _ j: Int) -> Bool
 
+/// A per-pair term of query `i`, key `j` (query head `h`, batch item `b`): an additive
+/// score term (relative positions) or a probability weight (soft masks).
+typealias PairTerm<T> = (_ b: Int, _ h: Int, _ i: Int, _ j: Int) -> T
+
 enum Visible {
     /// Every key is visible.
     static let all: Visibility = { _, _, _, _ in true }
@@ -86,9 +90,13 @@ func defaultScale(headDim d: Int) -> Double { 1 / Double(d).squareRoot() }
 /// Softmax attention in Double, straight from ATTENTION_SPEC.md: query head `h` reads
 /// key/value head `h / (H / Hkv)`, `s(i, j) = scale · q_i · k_j` over the keys for which
 /// `visible(b, h, i, j)`, rows with no visible key are 0 with `lse = -infinity`.
+/// Optionally `bias` is added to each score (after scaling) and `weight` multiplies each
+/// exponential: `w_ij = weight · exp(s_ij) / Σ weight · exp(s)`, `lse = log Σ weight · exp(s)`.
 func referenceAttention(query: Tensor, key: Tensor, value: Tensor, scale: Double,
-                        visible: Visibility) -> ReferenceResult<Double> {
+                        visible: Visibility, bias: PairTerm<Double>? = nil,
+                        weight: PairTerm<Double>? = nil) -> ReferenceResult<Double> {
     naiveAttention(query: query, key: key, value: value, scale: scale, visible: visible,
+                   bias: bias, weight: weight,
                    exp: { Foundation.exp($0) }, log: { Foundation.log($0) })
 }
 
@@ -96,8 +104,10 @@ func referenceAttention(query: Tensor, key: Tensor, value: Tensor, scale: Double
 /// accumulation, Foundation's `expf` and `logf`. Its error against the Double reference
 /// is the yardstick for the library's error.
 func naiveFloatAttention(query: Tensor, key: Tensor, value: Tensor, scale: Float,
-                         visible: Visibility) -> ReferenceResult<Float> {
+                         visible: Visibility, bias: PairTerm<Float>? = nil,
+                         weight: PairTerm<Float>? = nil) -> ReferenceResult<Float> {
     naiveAttention(query: query, key: key, value: value, scale: scale, visible: visible,
+                   bias: bias, weight: weight,
                    exp: { expf($0) }, log: { logf($0) })
 }
 
@@ -105,6 +115,7 @@ func naiveFloatAttention(query: Tensor, key: Tensor, value: Tensor, scale: Float
 /// subtract the row max, exponentiate, normalise, multiply by the values.
 private func naiveAttention<T: BinaryFloatingPoint>(
     query: Tensor, key: Tensor, value: Tensor, scale: T, visible: Visibility,
+    bias: PairTerm<T>?, weight: PairTerm<T>?,
     exp: (T) -> T, log: (T) -> T
 ) -> ReferenceResult<T> {
     let (nb, nh, nhkv, nq, nk, d, dv) = referenceDims(query, key, value)
@@ -129,13 +140,13 @@ private func naiveAttention<T: BinaryFloatingPoint>(
                 let kBase = ((b * nhkv + hk) * nk + j) * d
                 var dot: T = 0
                 for c in 0..<d { dot += q[qBase + c] * k[kBase + c] }
-                scores[j] = scale * dot
+                scores[j] = scale * dot + (bias?(b, h, i, j) ?? 0)
                 m = max(m, scores[j])
             }
             var sum: T = 0
             let oBase = row * dv
             for j in keys {
-                let p = exp(scores[j] - m)
+                let p = exp(scores[j] - m) * (weight?(b, h, i, j) ?? 1)
                 sum += p
                 let vBase = ((b * nhkv + hk) * nk + j) * dv
                 for c in 0..<dv { output[oBase + c] += p * v[vBase + c] }

@@ -1,0 +1,134 @@
+/// Causal attention where each head learns how far back it looks (Sukhbaatar et al. 2019,
+/// "Adaptive Attention Span in Transformers").
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i, with off = Nk − Nq:
+/// let hk = h / (H / Hkv), z = spans[h], R = ramp
+/// m(x) = clamp((R + z − x) / R, 0, 1)                    // soft mask on the distance x
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])             for j ≤ i + off (causal)
+/// w[j] = m(i + off − j) · exp(s[j]) / Σ_j' m(i + off − j') · exp(s[j'])
+/// o[b, h, i] = Σ_j w[j] · v[b, hk, j],   lse[b, h, i] = log Σ_j m(i + off − j) · exp(s[j])
+/// ```
+/// A query sees itself (`m(0) ≥ 1` clamps to 1) and the `⌈z + R⌉ − 1` keys before it:
+/// weight 1 up to distance `z`, then a linear ramp to 0 at distance `z + R`. Keys where
+/// `m = 0` are never scored, so the cost follows the span and not the sequence length.
+/// The log-sum-exp is that of the weighted sum, so partial results still merge exactly.
+///
+/// The spans are plain values: change ``spans`` between calls (a training loop updates
+/// them from the gradient of the loss plus ``spanPenalty``). Key padding (`keyLengths`)
+/// is honoured; rows that see no key are 0 with log-sum-exp `-infinity`.
+///
+/// Runs on the shared tiled softmax kernel (KernelDocs/AdaptiveSpan.md): a causal band
+/// of key tiles per query tile, and the soft mask applied to the probabilities of the
+/// tiles that reach into the ramp.
+///
+/// - Complexity: `2 · pairs · (D + Dv)` FLOPs with at most `Nq · ⌈z_h + R⌉` pairs per
+///   head: linear in `Nq` for a fixed span. Workspace as dense: a few hundred KiB per
+///   thread, independent of the lengths.
+public struct AdaptiveSpanAttention: Attention {
+    /// The span `z_h` of each head, in positions; one per query head, each in `0...maxSpan`.
+    public var spans: [Float]
+    /// The largest span `S` a head may take.
+    public var maxSpan: Int
+    /// The ramp `R` of the soft mask, in positions; finite and greater than 0.
+    public var ramp: Float
+    /// Must be `true`: adaptive span is defined for causal attention only.
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    /// The paper's default ramp.
+    public static let defaultRamp: Float = 32
+
+    public init(spans: [Float], maxSpan: Int, ramp: Float = AdaptiveSpanAttention.defaultRamp,
+                causal: Bool = true, scale: Float? = nil) {
+        self.spans = spans
+        self.maxSpan = maxSpan
+        self.ramp = ramp
+        self.causal = causal
+        self.scale = scale
+    }
+
+    /// Every one of `heads` heads with span `span` (and `maxSpan = ⌈span⌉`).
+    public init(heads: Int, span: Float, ramp: Float = AdaptiveSpanAttention.defaultRamp,
+                causal: Bool = true, scale: Float? = nil) {
+        let largest = span.isFinite ? Int(max(0, span).rounded(.up)) : 0
+        self.init(spans: [Float](repeating: span, count: max(0, heads)), maxSpan: largest,
+                  ramp: ramp, causal: causal, scale: scale)
+    }
+
+    public var name: String { "adaptive-span" }
+
+    /// The span penalty `Σ_h z_h` (the paper adds it, times a coefficient, to the loss).
+    ///
+    /// - Complexity: O(H).
+    public var spanPenalty: Float { spans.reduce(0, +) }
+
+    /// The positions each head sees with nonzero weight, itself included: `⌈z_h + R⌉`.
+    /// Throws what ``validateConfiguration()`` throws.
+    ///
+    /// - Complexity: O(H).
+    public func effectiveSpans() throws -> [Int] {
+        try validateConfiguration()
+        return spans.map { SoftSpanMask.reach(span: $0, ramp: ramp) }
+    }
+
+    /// Throws an ``AttentionError`` unless the spans, ramp, scale and `causal` are valid
+    /// (independently of a problem's shape).
+    public func validateConfiguration() throws {
+        guard causal else {
+            throw AttentionError.unsupported("adaptive span is defined for causal attention only (causal is false)")
+        }
+        guard maxSpan >= 0 else {
+            throw AttentionError.invalidParameter("maxSpan must be at least 0, got \(maxSpan)")
+        }
+        guard ramp.isFinite, ramp > 0 else {
+            throw AttentionError.invalidParameter("ramp must be finite and greater than 0, got \(ramp)")
+        }
+        for (h, z) in spans.enumerated() where !(z.isFinite && z >= 0 && Double(z) <= Double(maxSpan)) {
+            throw AttentionError.invalidParameter("spans[\(h)] = \(z) is outside 0...\(maxSpan) (maxSpan)")
+        }
+        try checkScale(scale)
+    }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: "adaptive span attention")
+        try validateConfiguration()
+        guard spans.count == shape.heads else {
+            throw AttentionError.invalidParameter(
+                "spans has \(spans.count) entries, expected one per query head (heads = \(shape.heads))")
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        var pairs = 0
+        let offset = shape.keyLength - shape.queryLength
+        for z in spans {
+            let reach = SoftSpanMask.reach(span: z, ramp: ramp)
+            for i in 0..<shape.queryLength {
+                let last = min(i + offset, shape.keyLength - 1)
+                let first = max(0, i + offset - reach + 1)
+                pairs += max(0, last - first + 1)
+            }
+        }
+        pairs *= shape.batch
+        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
+                                shape: shape, threads: threads, mask: SoftSpanMask.self),
+                             scoredPairs: pairs)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                             threads: threads, scale: self.scale)
+        let spans = self.spans, ramp = self.ramp
+        return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
+                                                query: query, key: key, value: value) { b, h in
+            SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                         keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
+        }
+    }
+}

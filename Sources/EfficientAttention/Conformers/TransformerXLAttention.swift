@@ -1,0 +1,381 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Transformer-XL attention (Dai et al. 2019): a segment attends causally over
+/// `[memory ; segment]` with relative-position scores.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i, with M = Nk − Nq memory keys
+/// // in front of the segment's keys (key/value head hk = h / (H / Hkv)):
+/// Δ = i + M − j                                         // distance; visible iff 0 ≤ Δ
+/// s[j] = scale · (dot(q[b,h,i], k[b,hk,j]) + dot(q[b,h,i], r[h,Δ])
+///                 + dot(u[h], k[b,hk,j]) + dot(v[h], r[h,Δ]))
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],   lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// `r` is the relative-position table `[1, H, T, D]` (or `[1, 1, T, D]`, shared by every
+/// head): row `Δ` is the projected sinusoid `W_R R_Δ` (``sinusoidTable(length:projection:)``
+/// builds it) or any table the caller supplies. `u` and `v` (``contentBias``,
+/// ``positionBias``) are the global content and position biases, `H × D` each.
+///
+/// Two ways to call it:
+/// - statefully, ``attend(query:key:value:memory:threads:)``: the caller owns a
+///   ``TransformerXLMemory`` (a value: copy it to branch, ``TransformerXLMemory/reset()``
+///   to start over); each call attends over that memory and the segment, then the memory
+///   keeps the last `M` positions. The conformer itself stays an immutable, `Sendable`
+///   value, as the ``Attention`` protocol expects.
+/// - statelessly, through ``Attention``: `key` and `value` are `[memory ; segment]`
+///   already concatenated (`Nk = M′ + Nq` with `0 ≤ M′ ≤ memoryLength`), as the benchmark
+///   does.
+///
+/// Runs on the shared tiled softmax kernel (KernelDocs/TransformerXL.md): the content
+/// scores are the kernel's `Sᵀ = K Qᵀ`; the position term is added to each score tile by
+/// a small product of the tile's queries with the band of relative rows it needs, then a
+/// diagonal shift. No `Nq × Nk` array is ever formed.
+///
+/// - Complexity: `2 · pairs · (2·D + Dv)` useful FLOPs with
+///   `pairs = Nq · M′ + Nq (Nq + 1) / 2` per head (the position band reuses the rows
+///   consecutive key tiles share, so it costs about one relative row per key, like
+///   `K Qᵀ`); workspace: the dense kernel's per thread plus the band buffers
+///   (`(Br/32) · 96 · 32` floats per thread) and `(B·H + H) · Nk` floats of biases (and
+///   the concatenated keys and values in the stateful call).
+public struct TransformerXLAttention: Attention, Equatable {
+    /// `M`: how many past positions the memory keeps.
+    public var memoryLength: Int
+    /// The relative-position table `[1, H or 1, T, D]`, `T ≥ M + Nq`.
+    public var relativePositions: Tensor
+    /// `u`, `H × D` row-major: the content bias.
+    public var contentBias: [Float]
+    /// `v`, `H × D` row-major: the position bias.
+    public var positionBias: [Float]
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    public init(memoryLength: Int, relativePositions: Tensor, contentBias: [Float], positionBias: [Float],
+                scale: Float? = nil) {
+        self.memoryLength = memoryLength
+        self.relativePositions = relativePositions
+        self.contentBias = contentBias
+        self.positionBias = positionBias
+        self.scale = scale
+    }
+
+    /// A configuration with seeded random parameters, for experiments and benchmarks:
+    /// `u`, `v` with N(0, 1/D) entries, and a table of `maxDistance` rows (default
+    /// `memoryLength + maxSegmentLength`) built by ``sinusoidTable(length:projection:)``
+    /// from a `D × D` projection per head with N(0, 1/D) entries.
+    public init(heads: Int, headDim: Int, memoryLength: Int, maxSegmentLength: Int, seed: UInt64,
+                scale: Float? = nil) throws {
+        guard heads >= 1, headDim >= 1 else {
+            throw AttentionError.invalidShape("heads and headDim must be at least 1, got \(heads) and \(headDim)")
+        }
+        guard memoryLength >= 0, maxSegmentLength >= 1 else {
+            throw AttentionError.invalidParameter(
+                "memoryLength must be at least 0 and maxSegmentLength at least 1, got \(memoryLength) and \(maxSegmentLength)")
+        }
+        var rng = SeededGenerator(seed: seed)
+        let deviation = 1 / Double(headDim).squareRoot()
+        func gaussians(_ count: Int) -> [Float] { (0..<count).map { _ in Float(rng.nextGaussian() * deviation) } }
+        let u = gaussians(heads * headDim), v = gaussians(heads * headDim)
+        let projection = try Tensor(shape: [1, heads, headDim, headDim], data: gaussians(heads * headDim * headDim))
+        self.init(memoryLength: memoryLength,
+                  relativePositions: try TransformerXLAttention.sinusoidTable(
+                    length: memoryLength + maxSegmentLength, projection: projection),
+                  contentBias: u, positionBias: v, scale: scale)
+    }
+
+    public var name: String { "transformer-xl" }
+
+    /// The relative-position table `r[h, Δ] = W_R[h] · R_Δ` for `Δ < length`, as a
+    /// `[1, H, length, D]` tensor, from a projection `W_R` of shape `[1, H, D, E]` and the
+    /// sinusoids of Transformer-XL's code: `R_Δ = [sin(Δ·f_0) … sin(Δ·f_{E/2−1}),
+    /// cos(Δ·f_0) … cos(Δ·f_{E/2−1})]` with `f_t = 10000^(−2t/E)` (`E` even).
+    ///
+    /// - Complexity: `O(H · length · D · E)`.
+    public static func sinusoidTable(length: Int, projection: Tensor) throws -> Tensor {
+        let (heads, d, e) = (projection.shape[1], projection.shape[2], projection.shape[3])
+        guard projection.shape[0] == 1, e >= 2, e % 2 == 0 else {
+            throw AttentionError.invalidShape(
+                "projection must be [1, H, D, E] with an even sinusoid dimension E >= 2, got \(projection.shape)")
+        }
+        guard length >= 1 else {
+            throw AttentionError.invalidParameter("relative table length must be at least 1, got \(length)")
+        }
+        let half = e / 2
+        var sinusoid = [Float](repeating: 0, count: length * e)
+        for delta in 0..<length {
+            for t in 0..<half {
+                let angle = Double(delta) * pow(10_000, -2 * Double(t) / Double(e))
+                sinusoid[delta * e + t] = Float(sin(angle))
+                sinusoid[delta * e + half + t] = Float(cos(angle))
+            }
+        }
+        var table = [Float](repeating: 0, count: heads * length * d)
+        projection.elements.withUnsafeBufferPointer { w in sinusoid.withUnsafeBufferPointer { angles in
+            for h in 0..<heads {
+                for delta in 0..<length {
+                    for c in 0..<d {
+                        table[(h * length + delta) * d + c] = dot(w.baseAddress! + (h * d + c) * e, 1,
+                                                                  angles.baseAddress! + delta * e, 1, count: e)
+                    }
+                }
+            }
+        } }
+        return try Tensor(shape: [1, heads, length, d], data: table)
+    }
+
+    /// Throws unless the configuration fits `shape` (without the memory-length rule).
+    func validateConfiguration(_ shape: AttentionShape) throws {
+        try shape.check()
+        try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: "Transformer-XL attention")
+        try checkScale(scale)
+        guard memoryLength >= 0 else {
+            throw AttentionError.invalidParameter("memoryLength must be at least 0, got \(memoryLength)")
+        }
+        let table = relativePositions.shape
+        guard table[0] == 1, table[1] == shape.heads || table[1] == 1, table[3] == shape.headDim else {
+            throw AttentionError.shapeMismatch(
+                "relativePositions must be [1, H or 1, T, D] = [1, \(shape.heads), T, \(shape.headDim)], got \(table)")
+        }
+        let needed = memoryLength + shape.queryLength
+        guard table[2] >= needed else {
+            throw AttentionError.invalidParameter(
+                "relativePositions has \(table[2]) rows (distances), too short for memoryLength + Nq = "
+                + "\(memoryLength) + \(shape.queryLength) = \(needed)")
+        }
+        for (label, bias) in [("contentBias (u)", contentBias), ("positionBias (v)", positionBias)]
+        where bias.count != shape.heads * shape.headDim {
+            throw AttentionError.invalidParameter(
+                "\(label) has \(bias.count) values, expected H · D = \(shape.heads) · \(shape.headDim)")
+        }
+    }
+
+    /// Throws unless `shape` is `Nk = M′ + Nq` keys with `0 ≤ M′ ≤ memoryLength` and the
+    /// table, biases and scale fit it.
+    public func validate(_ shape: AttentionShape) throws {
+        try validateConfiguration(shape)
+        let memory = shape.keyLength - shape.queryLength
+        guard memory >= 0, memory <= memoryLength else {
+            throw AttentionError.shapeMismatch(
+                "memory length mismatch: keyLength \(shape.keyLength) = memory + segment needs a memory of "
+                + "0...\(memoryLength) (memoryLength) positions before the \(shape.queryLength) queries, got \(memory)")
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        let memory = shape.keyLength - shape.queryLength
+        let n = shape.queryLength
+        let pairs = shape.batch * shape.heads * (n * memory + n * (n + 1) / 2)
+        return AttentionCost(flops: 2 * Double(pairs) * Double(2 * shape.headDim + shape.valueDim),
+                             workspaceBytes: workspaceBytes(shape, threads: threads),
+                             scoredPairs: pairs)
+    }
+
+    func workspaceBytes(_ shape: AttentionShape, threads: Int?) -> Int {
+        TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads, mask: RelativePositionMask.self)
+            + 4 * (shape.batch * shape.heads + shape.heads) * shape.keyLength
+    }
+
+    /// Attention of a segment over memory already prepended to its keys: `key` and
+    /// `value` hold `M′ = Nk − Nq` memory positions followed by the `Nq` segment positions.
+    /// `keyLengths` pads keys at the end, as for dense attention.
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let (shape, _) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                         threads: threads, scale: scale)
+        return try run(shape: shape, query: query, key: key, value: value, keyBegins: nil,
+                       keyLengths: keyLengths, threads: threads)
+    }
+
+    /// Attends the segment (`query`, `key`, `value` of `Nq` positions each) over
+    /// `memory` and the segment with the causal rule, then moves the last `M` positions
+    /// of `[memory ; segment]` into `memory`. Each batch item has its own memory
+    /// contents and fill level (see ``TransformerXLMemory``).
+    ///
+    /// - Complexity: the attention as above with `M′ ≤ M` memory positions, plus
+    ///   `O(B · Hkv · (M′ + Nq) · (D + Dv))` to concatenate and to update the memory.
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       memory: inout TransformerXLMemory, threads: Int? = nil) throws -> AttentionResult {
+        let segment = try AttentionShape(query: query, key: key, value: value)
+        guard segment.keyLength == segment.queryLength else {
+            throw AttentionError.shapeMismatch(
+                "the segment's keys and values must have its query length \(segment.queryLength), got \(segment.keyLength)")
+        }
+        try validateConfiguration(segment)
+        guard memory.capacity == memoryLength else {
+            throw AttentionError.shapeMismatch(
+                "memory length mismatch: the memory holds up to \(memory.capacity) positions, memoryLength is \(memoryLength)")
+        }
+        guard memory.batch == segment.batch, memory.kvHeads == segment.kvHeads,
+              memory.headDim == segment.headDim, memory.valueDim == segment.valueDim else {
+            throw AttentionError.shapeMismatch(
+                "memory is [B, Hkv, M, D/Dv] = [\(memory.batch), \(memory.kvHeads), M, \(memory.headDim)/\(memory.valueDim)], "
+                + "the segment's keys and values are [\(segment.batch), \(segment.kvHeads), N, \(segment.headDim)/\(segment.valueDim)]")
+        }
+        try checkCallArguments(segment, keyLengths: nil, threads: threads)
+        let stored = memory.storedLength
+        let allKeys = try memory.keys.appendingPositions(of: key)
+        let allValues = try memory.values.appendingPositions(of: value)
+        var shape = segment
+        shape.keyLength = stored + segment.queryLength
+        let keyBegins = memory.lengths.map { stored - $0 }
+        let result = try run(shape: shape, query: query, key: allKeys, value: allValues, keyBegins: keyBegins,
+                             keyLengths: nil, threads: threads)
+        memory.keep(keys: allKeys, values: allValues, added: segment.queryLength)
+        return result
+    }
+
+    /// The kernel call: biases, then the tiled softmax kernel with the relative-position mask.
+    private func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
+                     keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let (nk, d, heads) = (shape.keyLength, shape.headDim, shape.heads)
+        let tableHeads = relativePositions.shape[1]
+        let workers = threads ?? defaultThreadCount
+        // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
+        var keyBias = [Float](repeating: 0, count: shape.batch * heads * nk)
+        var distanceBias = [Float](repeating: 0, count: heads * nk)
+        return try relativePositions.withView { r in
+            key.withView { k in
+            contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
+            keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
+                let kb = UncheckedSendable(kb.baseAddress!), db = UncheckedSendable(db.baseAddress!)
+                let u = UncheckedSendable(u.baseAddress!), pv = UncheckedSendable(pv.baseAddress!)
+                parallelForEach(items: (shape.batch + 1) * heads, threads: workers) { item, _ in
+                    let b = item / heads, h = item % heads
+                    if b < shape.batch {
+                        let hk = h / shape.groupSize
+                        let out = kb.value + (b * heads + h) * nk
+                        for j in 0..<nk {
+                            out[j] = scale * dot(u.value + h * d, 1, k.row(b, hk, j), k.strides[3], count: d)
+                        }
+                    } else {
+                        let out = db.value + h * nk
+                        let table = r.row(0, tableHeads == 1 ? 0 : h, 0)
+                        for delta in 0..<nk {
+                            out[delta] = scale * dot(pv.value + h * d, 1, table + delta * r.strides[2],
+                                                     r.strides[3], count: d)
+                        }
+                    }
+                }
+            } } } } }
+            return try keyBias.withUnsafeBufferPointer { kb in try distanceBias.withUnsafeBufferPointer { db in
+                try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: workers,
+                                                 query: query, key: key, value: value) { b, h in
+                    RelativePositionMask(
+                        interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true,
+                                               keyEnd: keyLengths?[b] ?? nk),
+                        keyBegin: keyBegins?[b] ?? 0,
+                        table: r.row(0, tableHeads == 1 ? 0 : h, 0),
+                        tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
+                        keyBias: kb.baseAddress! + (b * heads + h) * nk,
+                        distanceBias: db.baseAddress! + h * nk)
+                }
+            } }
+        }
+    }
+}
+
+/// The keys and values a ``TransformerXLAttention`` segment call attends to before the
+/// segment: up to `capacity` (`M`) past positions per batch item and key/value head.
+///
+/// A value type owned by the caller: pass it `inout` to
+/// ``TransformerXLAttention/attend(query:key:value:memory:threads:)``, which appends the
+/// segment and keeps the last `M` positions. Batch items are independent: each has its
+/// own contents and fill level (``lengths``), and ``reset(batchItem:)`` empties one of
+/// them. Storage is shared: ``keys`` and ``values`` hold ``storedLength`` positions per
+/// item, item `b`'s valid ones being the last `lengths[b]`.
+public struct TransformerXLMemory: Sendable, Equatable {
+    /// `M`: the most positions kept.
+    public let capacity: Int
+    public let batch: Int, kvHeads: Int, headDim: Int, valueDim: Int
+    /// `[B, Hkv, storedLength, D]`.
+    public private(set) var keys: Tensor
+    /// `[B, Hkv, storedLength, Dv]`.
+    public private(set) var values: Tensor
+    /// Valid (most recent) positions per batch item, each `≤ storedLength ≤ capacity`.
+    public private(set) var lengths: [Int]
+
+    /// An empty memory.
+    ///
+    /// - Complexity: O(B).
+    public init(batch: Int, kvHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int) throws {
+        for (label, value) in [("batch", batch), ("kvHeads", kvHeads), ("headDim", headDim),
+                               ("valueDim", valueDim ?? headDim)] where value < 1 {
+            throw AttentionError.invalidShape("memory \(label) must be at least 1, got \(value)")
+        }
+        guard capacity >= 0 else {
+            throw AttentionError.invalidParameter("memory capacity must be at least 0, got \(capacity)")
+        }
+        self.capacity = capacity
+        self.batch = batch
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        self.valueDim = valueDim ?? headDim
+        keys = try Tensor(shape: [batch, kvHeads, 0, headDim])
+        values = try Tensor(shape: [batch, kvHeads, 0, valueDim ?? headDim])
+        lengths = [Int](repeating: 0, count: batch)
+    }
+
+    /// Positions stored per batch item (the longest fill level).
+    public var storedLength: Int { keys.shape[2] }
+
+    /// Forgets every batch item's memory.
+    ///
+    /// - Complexity: O(1) besides releasing the storage.
+    public mutating func reset() {
+        keys = try! Tensor(shape: [batch, kvHeads, 0, headDim])
+        values = try! Tensor(shape: [batch, kvHeads, 0, valueDim])
+        lengths = [Int](repeating: 0, count: batch)
+    }
+
+    /// Forgets batch item `b`'s memory; the others keep theirs.
+    ///
+    /// - Complexity: O(B).
+    public mutating func reset(batchItem b: Int) throws {
+        guard b >= 0, b < batch else {
+            throw AttentionError.invalidParameter("batchItem \(b) is outside 0..<\(batch) (batch)")
+        }
+        lengths[b] = 0
+        if lengths.allSatisfy({ $0 == 0 }) { reset() }
+    }
+
+    /// Keeps the last `capacity` positions of `keys`/`values` (`[memory ; segment]`).
+    mutating func keep(keys allKeys: Tensor, values allValues: Tensor, added: Int) {
+        let kept = min(capacity, allKeys.shape[2])
+        keys = allKeys.lastPositions(kept)
+        values = allValues.lastPositions(kept)
+        lengths = lengths.map { min(capacity, $0 + added) }
+    }
+}
+
+extension Tensor {
+    /// `[self ; other]` along the positions axis (2), row-major.
+    func appendingPositions(of other: Tensor) throws -> Tensor {
+        let (b, h, n, m, d) = (shape[0], shape[1], shape[2], other.shape[2], shape[3])
+        precondition(other.shape[0] == b && other.shape[1] == h && other.shape[3] == d)
+        let mine = elements, theirs = other.elements
+        var data = [Float]()
+        data.reserveCapacity(b * h * (n + m) * d)
+        for item in 0..<(b * h) {
+            data.append(contentsOf: mine[(item * n * d)..<((item + 1) * n * d)])
+            data.append(contentsOf: theirs[(item * m * d)..<((item + 1) * m * d)])
+        }
+        return try Tensor(shape: [b, h, n + m, d], data: data)
+    }
+
+    /// The last `count` positions along axis 2, row-major.
+    func lastPositions(_ count: Int) -> Tensor {
+        let (b, h, n, d) = (shape[0], shape[1], shape[2], shape[3])
+        let all = elements
+        var data = [Float]()
+        data.reserveCapacity(b * h * count * d)
+        for item in 0..<(b * h) {
+            data.append(contentsOf: all[((item * n + n - count) * d)..<((item + 1) * n * d)])
+        }
+        return try! Tensor(shape: [b, h, count, d], data: data)
+    }
+}

@@ -1,0 +1,131 @@
+/// Transformer-XL's visibility and relative-position scores, as the tiled softmax kernel
+/// consumes them.
+///
+/// Visibility: causal with `offset = Nk − Nq` (the segment's queries sit after the
+/// memory), key padding at `keyEnd`, and keys before `keyBegin` hidden (memory slots a
+/// batch item has not filled yet: its memory is right-aligned in the shared key range).
+///
+/// Scores: to the kernel's `scale · q_i · k_j` the mask adds, tile by tile,
+///
+///     scale · q_i · r_Δ   +   scale · u · k_j   +   scale · v · r_Δ,     Δ = i + offset − j
+///
+/// The last two are precomputed vectors (`keyBias[j]`, `distanceBias[Δ]`). The first is a
+/// small product per 32-query panel of the tile: the band of relative rows the panel
+/// needs (`Δ` from `Δmin` to `Δmin + Bc + 30`), read in place from the table as the
+/// micro-kernel's broadcast operand, times the packed scaled queries,
+/// `G[δ][l] = Σ_c r_{Δmin+δ}[c] · qT[c][l]`, then the diagonal shift
+/// `Sᵀ[jj][l] += G[Δ(l, jj) − Δmin][l]`. No `Nq × Nk` array exists at any point.
+struct RelativePositionMask: TileMask {
+    var interval: IntervalMask
+    /// Keys `< keyBegin` are invisible.
+    var keyBegin: Int
+    /// `r_0` of this head; `r_Δ[c] = table[Δ · rowStride + c · depthStride]`, `Δ < rows`.
+    var table: UnsafePointer<Float>
+    var tableRowStride: Int
+    var tableDepthStride: Int
+    var tableRows: Int
+    /// `scale · u · k_j` for every key `j < Nk` of this batch item and head.
+    var keyBias: UnsafePointer<Float>
+    /// `scale · v · r_Δ` for every `Δ < tableRows` of this head.
+    var distanceBias: UnsafePointer<Float>
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        let keyBegin = self.keyBegin
+        interval.forEachKeyTile(queries: queries, tileSize: tileSize) { tile in
+            let keys = tile.keys
+            if keys.start + keys.count <= keyBegin { return }
+            let clipped = max(keys.start, keyBegin)
+            var kept = tile
+            kept.keys = PositionRun(start: clipped, count: keys.start + keys.count - clipped)
+            body(kept)
+        }
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        interval.maskScores(scores, ld: ld, tile: tile, queries: queries)
+    }
+
+    static var addsScoreTerms: Bool { true }
+
+    /// Rows of one panel's band buffer: `keyTile + NR − 1` relative rows, rounded up to
+    /// whole `MR` blocks.
+    static func bandCapacity(keyTile: Int) -> Int { roundUp(keyTile + MicroTile.nr - 1, MicroTile.mr) }
+
+    /// Floats of the header that records, per panel, which band its buffer holds.
+    static func headerCount(panels: Int) -> Int { roundUp(panels * 4 * 2, 16) }
+
+    /// A band buffer per 32-query panel, plus the header.
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int {
+        let panels = (queryTile + MicroTile.nr - 1) / MicroTile.nr
+        return headerCount(panels: panels) + panels * bandCapacity(keyTile: keyTile) * MicroTile.nr
+    }
+
+    func addScoreTerms(_ tile: ScoreTile) {
+        let nr = MicroTile.nr, mr = MicroTile.mr
+        let panels = tile.ld / nr
+        let capacity = RelativePositionMask.bandCapacity(keyTile: tile.keyTile)
+        // Header per panel: (owner, queryStart, first, last) of the band its buffer holds.
+        let header = UnsafeMutableRawPointer(tile.scratch).assumingMemoryBound(to: Int.self)
+        let owner = Int(bitPattern: keyBias)
+        let lastKey = tile.keyStart + tile.keyCount - 1
+        for panel in stride(from: 0, to: tile.lanes, by: nr) {
+            let g = tile.scratch + RelativePositionMask.headerCount(panels: panels) + panel / nr * capacity * nr
+            let held = header + panel / nr * 4
+            // Distances in this panel: Δ(l, jj) = (queryStart + panel + l + offset) − (keyStart + jj).
+            let nearest = tile.queryStart + panel + interval.offset - lastKey
+            let farthest = tile.queryStart + panel + nr - 1 + interval.offset - tile.keyStart
+            // Rows outside the table only meet hidden pairs (masked after this hook).
+            let first = max(nearest, 0), last = min(farthest, tableRows - 1)
+            guard first <= last else { continue }
+            let band = last - first + 1
+            // Key tiles come in increasing order, so the band slides towards smaller Δ and
+            // overlaps the previous tile's by up to NR − 1 rows: keep those (moved to their
+            // new place), compute the rest. Values are the same bits either way.
+            var fresh = band
+            if held[0] == owner, held[1] == tile.queryStart, held[2] <= last, last <= held[3], first <= held[2] {
+                let kept = last - held[2] + 1
+                (g + (held[2] - first) * nr).update(from: g, count: kept * nr)
+                fresh = held[2] - first
+            }
+            held[0] = owner; held[1] = tile.queryStart; held[2] = first; held[3] = last
+            // G = R[first ...] · Qᵀ[panel]: relative rows read in place. The last block may
+            // spill into kept rows; it rewrites them with the same values.
+            for block in stride(from: 0, to: fresh, by: mr) {
+                let rows = BroadcastOperand(base: table + (first + block) * tableRowStride,
+                                            rowStride: tableRowStride, depthStride: tableDepthStride,
+                                            rows: min(mr, band - block))
+                microKernel(depth: tile.headDim, a: rows, b: tile.queries + panel, ldb: tile.ld,
+                            c: g + block * nr, ldc: nr, update: .overwrite)
+            }
+            // The diagonal shift: lane l of key row jj takes G[Δ − first][l].
+            for jj in 0..<tile.keyCount {
+                let j = tile.keyStart + jj
+                let delta0 = tile.queryStart + panel + interval.offset - j
+                let row = tile.scores + jj * tile.ld + panel
+                let bias = keyBias[j]
+                if delta0 >= first && delta0 + nr - 1 <= last {
+                    // Every lane's distance is in the band (and the table).
+                    // Lane l reads G[delta0 − first + l][l]: a stride of NR + 1 floats.
+                    let diagonal = g + (delta0 - first) * nr
+                    let distances = distanceBias + delta0
+                    let biases = Vec16(repeating: bias)
+                    let s = nr + 1
+                    for half in stride(from: 0, to: nr, by: 16) {
+                        let d = diagonal + half * s
+                        let terms = Vec16(d[0], d[s], d[2 * s], d[3 * s], d[4 * s], d[5 * s], d[6 * s], d[7 * s],
+                                          d[8 * s], d[9 * s], d[10 * s], d[11 * s], d[12 * s], d[13 * s],
+                                          d[14 * s], d[15 * s])
+                        store16(load16(row + half) + ((terms + load16(distances + half)) + biases), row + half)
+                    }
+                } else {
+                    for l in 0..<nr {
+                        let delta = delta0 + l
+                        let inBand = min(max(delta - first, 0), band - 1)
+                        let inTable = min(max(delta, 0), tableRows - 1)
+                        row[l] += (g[inBand * nr + l] + distanceBias[inTable]) + bias
+                    }
+                }
+            }
+        }
+    }
+}
