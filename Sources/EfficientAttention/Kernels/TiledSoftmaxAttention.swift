@@ -34,10 +34,11 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:mask:)`` allocates for
-    /// `shape` with `threads` workers (`nil`: every active processor).
-    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+    /// Bytes of workspace ``run(shape:scale:threads:tiling:q:k:v:o:lse:mask:)`` allocates for
+    /// `shape` with `threads` workers (`nil`: every active processor) and `tiling`
+    /// (`nil`: ``Tiling/forProblem(headDim:valueDim:)``).
+    static func workspaceBytes(shape: AttentionShape, threads: Int?, tiling: Tiling? = nil) -> Int {
+        let tiling = tiling ?? Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
         let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
                                              queryTile: paddedQueryTile(tiling, shape.queryLength),
                                              keyTile: tiling.keyTile) * MemoryLayout<Float>.stride
@@ -53,14 +54,16 @@ enum TiledSoftmaxAttention {
     }
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`.
-    /// `mask(b, h)` gives the visibility of that batch item and head.
+    /// `mask(b, h)` gives the visibility of that batch item and head. `tiling` overrides the
+    /// block sizes (`nil`: ``Tiling/forProblem(headDim:valueDim:)``); a caller whose keys
+    /// come in groups (LSH chunks, routing clusters) matches the query tile to the group.
     static func run<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, threads: Int,
+        shape: AttentionShape, scale: Float, threads: Int, tiling: Tiling? = nil,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
-        let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+        let tiling = tiling ?? Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
         let br = tiling.queryTile
         let queryTiles = (shape.queryLength + br - 1) / br
         let heads = shape.batch * shape.heads

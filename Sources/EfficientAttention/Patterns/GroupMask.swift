@@ -1,0 +1,108 @@
+/// Visibility between grouped slots: the mask of content-based routing (LSH chunks,
+/// k-means clusters) after queries and keys have been sorted into group order.
+///
+/// Queries and keys live in *slots*: slot `s` of the query side holds the original query
+/// `queryPosition[s]`, and belongs to group `s / queryGroupSize` (key side likewise with
+/// `keyGroupSize`). Key slot `t` is visible to query slot `s` iff all of:
+///
+/// - `keyGroup[t] == group(s)`, or `lookBack` and `keyGroup[t] == previous(group(s))`
+///   where `previous(0) = groups − 1` (LSH chunks attend to the previous chunk, wrapping);
+///   a key slot with `keyGroup[t] == −1` (key padding) is never visible;
+/// - `checkBuckets` is false or `keyBucket[t] == queryBucket[s]`;
+/// - not causal, or `keyPosition[t] ≤ queryPosition[s] + causalOffset` (original positions);
+/// - `excludeSelf` is false or `keyPosition[t] != queryPosition[s]` (shared-QK LSH).
+///
+/// Every per-slot array holds at least `slots + 16` entries (the kernel masks whole
+/// 16-lane vectors). Pointers are borrowed from ``GroupedAttention``'s workspace.
+struct GroupMask: TileMask {
+    var queryGroup: UnsafePointer<Int32>
+    var queryBucket: UnsafePointer<Int32>
+    var queryPosition: UnsafePointer<Int32>
+    var keyGroup: UnsafePointer<Int32>
+    var keyBucket: UnsafePointer<Int32>
+    var keyPosition: UnsafePointer<Int32>
+    var keySlots: Int
+    var queryGroupSize: Int
+    var keyGroupSize: Int
+    var groups: Int
+    var lookBack: Bool
+    var checkBuckets: Bool
+    /// `Nk − Nq` under the causal rule, `nil` without it.
+    var causalOffset: Int?
+    var excludeSelf: Bool
+    /// True when nothing but the group decides visibility (no buckets, causal rule,
+    /// self rule or padded keys): tiles of a single query group are then fully visible.
+    var groupsOnly: Bool
+
+    func forEachKeyTile(queryStart: Int, queryEnd: Int, tileSize: Int,
+                        _ body: (_ keyStart: Int, _ keyCount: Int, _ fullyVisible: Bool) -> Void) {
+        let first = queryStart / queryGroupSize, last = (queryEnd - 1) / queryGroupSize
+        let full = groupsOnly && first == last
+        func emit(_ lowGroup: Int, _ highGroup: Int) {
+            var start = lowGroup * keyGroupSize
+            let end = min((highGroup + 1) * keyGroupSize, keySlots)
+            while start < end {
+                let count = min(tileSize, end - start)
+                body(start, count, full)
+                start += count
+            }
+        }
+        if !lookBack {
+            emit(first, last)
+        } else if first > 0 {
+            emit(first - 1, last)
+        } else {
+            emit(0, last)
+            if groups - 1 > last { emit(groups - 1, groups - 1) }
+        }
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int,
+                    keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int) {
+        typealias Lanes = SIMD16<Int32>
+        let minusInfinity = Vec16(repeating: -.infinity)
+        let lastGroup = Lanes(repeating: Int32(groups - 1))
+        let zero = Lanes(repeating: 0), one = Lanes(repeating: 1)
+        let offset = Int32(clamping: causalOffset ?? 0)
+        let causal = causalOffset != nil
+        for jj in 0..<keyCount {
+            let t = keyStart + jj
+            let row = scores + jj * ld
+            let group = keyGroup[t]
+            guard group >= 0 else {
+                var ii = 0
+                while ii < queryCount { store16(minusInfinity, row + ii); ii += 16 }
+                continue
+            }
+            let keyGroupLanes = Lanes(repeating: group)
+            let bucket = Lanes(repeating: keyBucket[t])
+            let position = keyPosition[t]
+            let limit = Lanes(repeating: position &- offset)   // visible iff queryPosition ≥ limit
+            let own = Lanes(repeating: position)
+            var ii = 0
+            while ii < queryCount {
+                let s = queryStart + ii
+                let queryGroups = UnsafeRawPointer(queryGroup + s).loadUnaligned(as: Lanes.self)
+                var seen = queryGroups .== keyGroupLanes
+                if lookBack {
+                    var previous = queryGroups &- one
+                    previous.replace(with: lastGroup, where: queryGroups .== zero)
+                    seen = seen .| (previous .== keyGroupLanes)
+                }
+                if checkBuckets {
+                    let buckets = UnsafeRawPointer(queryBucket + s).loadUnaligned(as: Lanes.self)
+                    seen = seen .& (buckets .== bucket)
+                }
+                if causal || excludeSelf {
+                    let positions = UnsafeRawPointer(queryPosition + s).loadUnaligned(as: Lanes.self)
+                    if causal { seen = seen .& (positions .>= limit) }
+                    if excludeSelf { seen = seen .& (positions .!= own) }
+                }
+                var v = load16(row + ii)
+                v.replace(with: minusInfinity, where: .!seen)
+                store16(v, row + ii)
+                ii += 16
+            }
+        }
+    }
+}
