@@ -49,16 +49,13 @@ func routingScores(_ x: Tensor, b: Int, head: Int, centroids: Tensor, h: Int, c:
     }
 }
 
-/// Checks the library's routes against the naive balanced top-w (differences only at
-/// near-ties) and returns the reference and naive results built from the library's routes.
-func routingReferences(_ routing: RoutingAttention, q: Tensor, k: Tensor, v: Tensor, keyLengths: [Int]?,
-                       sourceLocation: SourceLocation = #_sourceLocation) throws
-    -> (reference: ReferenceResult<Double>, naive: ReferenceResult<Float>) {
-    let shape = try AttentionShape(query: q, key: k, value: v)
+/// The library's routes, checked against the naive balanced top-w in Double (differences
+/// only at near-ties).
+func checkedRoutes(_ routing: RoutingAttention, q: Tensor, k: Tensor,
+                   sourceLocation: SourceLocation = #_sourceLocation) throws -> (query: [[Int]], key: [[Int]]) {
+    let shape = try AttentionShape(query: q, key: k, value: k)
     let (nb, nh, nq, nk, kc) = (shape.batch, shape.heads, shape.queryLength, shape.keyLength, routing.clusterCount)
     let routes = try routing.routes(query: q, key: k)
-    var table = VisibilityTable(rounds: kc, batch: nb, heads: nh, queryLength: nq, keyLength: nk)
-    var member = [Bool](repeating: false, count: kc * nb * nh * nq)
     for b in 0..<nb { for h in 0..<nh { for c in 0..<kc {
         let index = (b * nh + h) * kc + c
         for (x, head, n, chosen) in [(q, h, nq, routes.query[index]), (k, h / shape.groupSize, nk, routes.key[index])] {
@@ -67,10 +64,26 @@ func routingReferences(_ routing: RoutingAttention, q: Tensor, k: Tensor, v: Ten
             let naive = Set((0..<n).sorted { (-scores[$0], $0) < (-scores[$1], $1) }.prefix(w))
             let boundary = naive.map { scores[$0] }.min()!
             let bad = Set(chosen).symmetricDifference(naive).filter { abs(scores[$0] - boundary) > 1e-5 }
-            #expect(chosen.count == w && bad.isEmpty,
+            #expect(chosen.count == w && bad.isEmpty && chosen == chosen.sorted(),
                     "routing b\(b) h\(h) cluster \(c): \(chosen.count) members (expected \(w)), \(bad.count) differ from the naive top-w",
                     sourceLocation: sourceLocation)
         }
+    } } }
+    return routes
+}
+
+/// Checks the library's routes against the naive balanced top-w (differences only at
+/// near-ties) and returns the reference and naive results built from the library's routes.
+func routingReferences(_ routing: RoutingAttention, q: Tensor, k: Tensor, v: Tensor, keyLengths: [Int]?,
+                       sourceLocation: SourceLocation = #_sourceLocation) throws
+    -> (reference: ReferenceResult<Double>, naive: ReferenceResult<Float>) {
+    let shape = try AttentionShape(query: q, key: k, value: v)
+    let (nb, nh, nq, nk, kc) = (shape.batch, shape.heads, shape.queryLength, shape.keyLength, routing.clusterCount)
+    let routes = try checkedRoutes(routing, q: q, k: k, sourceLocation: sourceLocation)
+    var table = VisibilityTable(rounds: kc, batch: nb, heads: nh, queryLength: nq, keyLength: nk)
+    var member = [Bool](repeating: false, count: kc * nb * nh * nq)
+    for b in 0..<nb { for h in 0..<nh { for c in 0..<kc {
+        let index = (b * nh + h) * kc + c
         let keys = Set(routes.key[index])
         for i in routes.query[index] {
             member[((c * nb + b) * nh + h) * nq + i] = true
@@ -118,6 +131,21 @@ struct RoutingAttentionTests {
         for threads in [1, 2] {
             let result = try routing.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: threads)
             checkAttention(result, reference: reference, naive: naive, "routing \(c.testDescription) threads \(threads)")
+        }
+    }
+
+    @Test("long sequences route like the naive top-w (sampled thresholds), ties by position")
+    func longRoutes() throws {
+        // 3000 queries, a third of them repeated rows (exact ties); 6 clusters of 500.
+        var (q, k, _) = try randomQKV(heads: 1, queryLength: 3000, keyLength: 2500, headDim: 8, seed: 21)
+        for i in stride(from: 0, to: 3000, by: 3) { for c in 0..<8 { q[0, 0, i, c] = q[0, 0, 0, c] } }
+        let routing = try RoutingAttention(heads: 1, headDim: 8, clusters: 6, seed: 8)
+        let routes = try checkedRoutes(routing, q: q, k: k)
+        // The repeated row's copies are chosen (or not) together, smallest positions first.
+        for members in routes.query {
+            let copies = members.filter { $0 % 3 == 0 }
+            #expect(copies.isEmpty || copies == Array(stride(from: 0, to: 3 * copies.count, by: 3)),
+                    "tied rows must be taken in position order: \(copies.prefix(5))...")
         }
     }
 

@@ -34,7 +34,7 @@
 ///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
 ///   attention plus `hashes · N · D · nBuckets` FLOPs of hashing (twice with separate
-///   keys); workspace O(hashes · N · (D + Dv)) for one head at a time.
+///   keys); workspace O(N · (D + Dv)) for one round of one head at a time.
 public struct LSHAttention: Attention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
@@ -235,22 +235,26 @@ public struct LSHAttention: Attention {
                                      into: scratch.keyBuckets + r * n)
                     }
                 }
-                // Sort each round by (bucket, position).
-                parallelForEach(items: hashes, threads: threads) { r, worker in
-                    scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
-                                 positions: space.queryPosition + r * n, buckets: space.queryBucket + r * n)
-                    if sharedQK {
-                        (space.keyPosition + r * n).update(from: space.queryPosition + r * n, count: n)
-                        (space.keyBucket + r * n).update(from: space.queryBucket + r * n, count: n)
-                    } else {
-                        scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
-                                     positions: space.keyPosition + r * n, buckets: space.keyBucket + r * n)
+                for r in 0..<hashes {
+                    // Sort by (bucket, position), then attend and merge this round.
+                    parallelForEach(items: sharedQK ? 1 : 2, threads: threads) { side, worker in
+                        if side == 0 {
+                            scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
+                                         positions: space.queryPosition, buckets: space.queryBucket)
+                        } else {
+                            scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
+                                         positions: space.keyPosition, buckets: space.keyBucket)
+                        }
                     }
+                    if sharedQK {
+                        space.keyPosition.update(from: space.queryPosition, count: n)
+                        space.keyBucket.update(from: space.queryBucket, count: n)
+                    }
+                    GroupedAttention.attendRound(
+                        layout, round: r, space: space, scale: scale, threads: threads,
+                        query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
+                        keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
-                GroupedAttention.attendHead(
-                    layout, space: space, scale: scale, threads: threads,
-                    query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
-                    keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
             } }
         } } } } } }
         return try AttentionResult(output: output, logSumExp: lse)

@@ -184,8 +184,8 @@ public struct RoutingAttention: Attention {
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 _ = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c, b: b, h: h, into: space)
                 let hk = h / shape.groupSize
-                GroupedAttention.attendHead(
-                    l, space: space, scale: scale, threads: threads,
+                GroupedAttention.attendRound(
+                    l, round: 0, space: space, scale: scale, threads: threads,
                     query: GroupedAttention.Rows(view: q, b: b, h: h), key: GroupedAttention.Rows(view: k, b: b, h: hk),
                     value: GroupedAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
                     output: o, lse: lv, b: b, h: h)
@@ -241,14 +241,19 @@ public struct RoutingAttention: Attention {
         let d: Int, stride: Int
         let unitT: UnsafeMutablePointer<Float>       // [D][stride]
         let tiles: UnsafeMutablePointer<Float>       // [workers][MR][stride]
-        let copies: UnsafeMutablePointer<Float>      // [workers][stride]
+        let copies: UnsafeMutablePointer<Float>      // [workers][stride] values, then [workers][stride] indices
+        let tilesCount: Int
         let queryRoutes, keyRoutes: UnsafeMutablePointer<Int32>
         private let block: UnsafeMutableRawPointer
 
+        /// Row length of the transposed rows and score tiles: whole micro-kernel panels plus
+        /// one, so that the `D` rows the micro-kernel reads are not a power of two apart.
+        static func paddedStride(_ n: Int) -> Int { roundUp(n, MicroTile.nr) + MicroTile.nr }
+
         private static func counts(_ l: GroupedAttention.Layout, keyLength: Int, workers: Int)
             -> (floats: Int, ints: Int) {
-            let stride = roundUp(max(l.queryLength, keyLength), MicroTile.nr)
-            return (stride * (l.headDim + workers * (MicroTile.mr + 1)), l.querySlots + l.keySlots)
+            let stride = paddedStride(max(l.queryLength, keyLength))
+            return (stride * (l.headDim + workers * (MicroTile.mr + 2)), l.querySlots + l.keySlots)
         }
 
         /// Bytes for `l` with `workers`; ``routes(query:key:)`` alone uses the slot arrays.
@@ -259,12 +264,13 @@ public struct RoutingAttention: Attention {
 
         init(_ l: GroupedAttention.Layout, keyLength: Int, workers: Int) {
             d = l.headDim
-            stride = roundUp(max(l.queryLength, keyLength), MicroTile.nr)
+            stride = Router.paddedStride(max(l.queryLength, keyLength))
             let (floats, ints) = Router.counts(l, keyLength: keyLength, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
             unitT = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             tiles = unitT + d * stride
             copies = tiles + workers * MicroTile.mr * stride
+            tilesCount = workers
             queryRoutes = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             keyRoutes = queryRoutes + l.querySlots
         }
@@ -272,12 +278,21 @@ public struct RoutingAttention: Attention {
         func deallocate() { block.deallocate() }
 
         /// `unitT[c][i] = x_i[c] / |x_i|` for rows `start..<start + count`; columns `n..<stride` zero.
+        /// Rows go in blocks of 16 so that every store fills a whole cache line of a column.
         func packUnit(_ rows: GroupedAttention.Rows, start: Int, count: Int, n: Int) {
-            for i in start..<(start + count) {
-                let row = rows.row(i), es = rows.elementStride
-                let norm = dot(row, es, row, es, count: d).squareRoot()
-                let inverse: Float = norm > 0 ? 1 / norm : 0
-                for c in 0..<d { unitT[c * stride + i] = row[c * es] * inverse }
+            let es = rows.elementStride
+            var inverse = [Float](repeating: 0, count: 16)
+            for first in Swift.stride(from: start, to: start + count, by: 16) {
+                let block = min(16, start + count - first)
+                for r in 0..<block {
+                    let row = rows.row(first + r)
+                    let norm = dot(row, es, row, es, count: d).squareRoot()
+                    inverse[r] = norm > 0 ? 1 / norm : 0
+                }
+                for c in 0..<d {
+                    let column = unitT + c * stride + first
+                    for r in 0..<block { column[r] = rows.row(first + r)[c * es] * inverse[r] }
+                }
             }
             if start + count == n {
                 for c in 0..<d { (unitT + c * stride + n).update(repeating: 0, count: stride - n) }
@@ -291,31 +306,58 @@ public struct RoutingAttention: Attention {
             let tile = tiles + worker * MicroTile.mr * stride
             let a = BroadcastOperand(base: centroids.row(0, head, firstCluster), rowStride: centroids.strides[2],
                                      depthStride: centroids.strides[3], rows: clusters)
-            for panel in Swift.stride(from: 0, to: stride, by: MicroTile.nr) {
+            for panel in Swift.stride(from: 0, to: roundUp(n, MicroTile.nr), by: MicroTile.nr) {
                 microKernel(depth: d, a: a, b: unitT + panel, ldb: stride, c: tile + panel, ldc: stride,
                             update: .overwrite)
             }
-            let copy = copies + worker * stride
+            let values = copies + worker * stride
+            let indices = UnsafeMutableRawPointer(copies + (tilesCount + worker) * stride)
+                .assumingMemoryBound(to: Int32.self)
             for r in 0..<clusters {
-                Router.top(tile + r * stride, count: n, take: take, scratch: copy,
+                Router.top(tile + r * stride, count: n, take: take, values: values, indices: indices,
                            into: out + (firstCluster + r) * take)
             }
         }
 
         /// The `take` largest of `scores[0..<count]` (ties: smaller index first; NaN counts as
-        /// −∞), as ascending indices.
+        /// −∞), as ascending indices. A strided sample gives a threshold that about `1.5 · take`
+        /// scores pass; the selection then runs on those candidates only (on all scores when
+        /// fewer than `take` pass). `values` and `indices` hold `count` entries.
         static func top(_ scores: UnsafePointer<Float>, count: Int, take: Int,
-                        scratch: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Int32>) {
-            for i in 0..<count { scratch[i] = scores[i].isNaN ? -.infinity : scores[i] }
-            let threshold = kthLargest(scratch, count: count, k: take - 1)
+                        values: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>,
+                        into out: UnsafeMutablePointer<Int32>) {
+            var candidates = 0
+            if count >= 2048 && 4 * take <= count {
+                let step = count / 256, samples = count / step
+                for t in 0..<samples { values[t] = scores[t * step].isNaN ? -.infinity : scores[t * step] }
+                let rank = min(samples - 1, take * samples * 3 / (2 * count) + 8)
+                let low = kthLargest(values, count: samples, k: rank)
+                if low > -.infinity {
+                    for i in 0..<count where scores[i] >= low {
+                        values[candidates] = scores[i]
+                        indices[candidates] = Int32(i)
+                        candidates += 1
+                    }
+                }
+            }
+            if candidates < take {
+                for i in 0..<count {
+                    values[i] = scores[i].isNaN ? -.infinity : scores[i]
+                    indices[i] = Int32(i)
+                }
+                candidates = count
+            }
+            // Candidates are in ascending index order; `values` is reordered by the selection.
+            let threshold = kthLargest(values, count: candidates, k: take - 1)
             var greater = 0
-            for i in 0..<count where !(scores[i] <= threshold) && !scores[i].isNaN { greater += 1 }
+            for c in 0..<candidates where scores[Int(indices[c])] > threshold { greater += 1 }
             var ties = take - greater, next = 0
-            for i in 0..<count {
-                let s = scores[i].isNaN ? -Float.infinity : scores[i]
+            for c in 0..<candidates {
+                let score = scores[Int(indices[c])]
+                let s = score.isNaN ? -Float.infinity : score
                 if s > threshold || (s == threshold && ties > 0) {
                     if s == threshold { ties -= 1 }
-                    out[next] = Int32(i)
+                    out[next] = indices[c]
                     next += 1
                 }
             }

@@ -2,27 +2,30 @@
 /// gather queries and keys into group order, run block-diagonal (plus look-back)
 /// attention with the tiled softmax kernel, scatter back and combine.
 ///
-/// For one head, with `R` rounds (LSH hash rounds; 1 for routing):
+/// For one head, round by round (`R` LSH hash rounds; one round for routing):
 ///
-///     the conformer fills, per round r and slot s:   queryPosition[r][s], queryBucket[r][s]
-///                                                   keyPosition[r][t],   keyBucket[r][t]
-///     gather:   Q̃[r][s] = q[queryPosition[r][s]],  K̃[r][t] = k[keyPosition[r][t]],  Ṽ likewise
-///     attend:   (Õ[r], l̃se[r]) = TiledSoftmaxAttention over the rounds as heads, GroupMask
-///     combine, for each original query i over the slots (r, s) holding i:
-///         .logSumExp:  lse_i = log Σ exp(l̃se[r][s]),  o_i = Σ exp(l̃se[r][s] − lse_i) Õ[r][s]
-///         .mean:       o_i = mean of Õ[r][s] over the slots with a visible key,
-///                      lse_i = log mean exp(l̃se[r][s]) over the same slots
-///     rows with no slot, or no visible key in any slot: 0 and −∞, except that with
-///     `excludeSelf` a query whose key is valid falls back to itself (the self rule):
-///         o_i = v_i,  lse_i = scale · q_i·k_i + log R
+///     the conformer fills, for round r and every slot s, t:  queryPosition[s], queryBucket[s]
+///                                                           keyPosition[t],   keyBucket[t]
+///     gather:   Q̃[s] = q[queryPosition[s]],  K̃[t] = k[keyPosition[t]],  Ṽ[t] = v[keyPosition[t]]
+///     attend:   (Õ, l̃se) = TiledSoftmaxAttention over the slots with a GroupMask
+///     combine, for each original query i over the slots s holding i:
+///         .logSumExp:  merged exactly into the rows of the earlier rounds:
+///                      lse_i ← log(exp(lse_i) + Σ_s exp(l̃se[s])),
+///                      o_i ← exp(lse_i,old − lse_i) o_i + Σ_s exp(l̃se[s] − lse_i) Õ[s]
+///         .mean:       o_i = mean of Õ[s] over the slots with a visible key,
+///                      lse_i = log mean exp(l̃se[s]) over the same slots
+///     rows with no slot, or no visible key in any round: 0 and −∞, except that with
+///     `excludeSelf` a query whose key is valid falls back to itself after the last round
+///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R
 ///
-/// Workspace: O(R · (Nq + Nk) · (D + Dv)) per call, one head at a time (see ``workspaceBytes``).
+/// Workspace: O((Nq + Nk) · (D + Dv)) for one round of one head (see ``workspaceBytes``);
+/// rounds merge into the output rows, so memory does not grow with `R`.
 enum GroupedAttention {
     /// How several results of one query combine.
     enum Combine {
         /// Exactly, by log-sum-exp (LSH rounds over the same query).
         case logSumExp
-        /// The mean of the memberships with a visible key (routing clusters).
+        /// The mean of the memberships with a visible key (routing clusters; one round).
         case mean
     }
 
@@ -49,10 +52,10 @@ enum GroupedAttention {
             TiledSoftmaxAttention.Tiling(queryTile: min(128, max(32, queryGroupSize)), keyTile: 64)
         }
 
-        /// The kernel's problem: the rounds as heads over sorted slots.
+        /// The kernel's problem: one round's sorted slots as one head.
         var kernelShape: AttentionShape {
-            AttentionShape(batch: 1, heads: rounds, kvHeads: rounds, queryLength: querySlots,
-                           keyLength: keySlots, headDim: headDim, valueDim: valueDim)
+            AttentionShape(batch: 1, heads: 1, queryLength: querySlots, keyLength: keySlots,
+                           headDim: headDim, valueDim: valueDim)
         }
     }
 
@@ -76,10 +79,9 @@ enum GroupedAttention {
         private let block: UnsafeMutableRawPointer
 
         private static func counts(_ l: Layout) -> (ints: Int, floats: Int) {
-            let qs = l.rounds * l.querySlots + slotPadding, ks = l.rounds * l.keySlots + slotPadding
+            let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             let ints = 3 * qs + 3 * ks + (l.queryLength + 1) + qs
-            let floats = l.rounds * (l.querySlots * (l.headDim + l.valueDim + 1)
-                                     + l.keySlots * (l.headDim + l.valueDim))
+            let floats = l.querySlots * (l.headDim + l.valueDim + 1) + l.keySlots * (l.headDim + l.valueDim)
             return (roundUp(ints, 16), floats)
         }
 
@@ -92,7 +94,7 @@ enum GroupedAttention {
             let (ints, floats) = Workspace.counts(l)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (ints + floats), alignment: 64)
             let i = block.initializeMemory(as: Int32.self, repeating: 0, count: ints)
-            let qs = l.rounds * l.querySlots + slotPadding, ks = l.rounds * l.keySlots + slotPadding
+            let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             queryPosition = i
             queryBucket = i + qs
             queryGroup = i + 2 * qs
@@ -103,10 +105,10 @@ enum GroupedAttention {
             memberSlots = memberStart + l.queryLength + 1
             let f = (block + 4 * ints).initializeMemory(as: Float.self, repeating: 0, count: floats)
             q = f
-            k = q + l.rounds * l.querySlots * l.headDim
-            v = k + l.rounds * l.keySlots * l.headDim
-            o = v + l.rounds * l.keySlots * l.valueDim
-            lse = o + l.rounds * l.querySlots * l.valueDim
+            k = q + l.querySlots * l.headDim
+            v = k + l.keySlots * l.headDim
+            o = v + l.keySlots * l.valueDim
+            lse = o + l.querySlots * l.valueDim
         }
 
         func deallocate() { block.deallocate() }
@@ -121,44 +123,50 @@ enum GroupedAttention {
         var elementStride: Int { view.strides[3] }
     }
 
-    /// Attends one head once the conformer has filled `space`'s positions and buckets for
-    /// every round, writing rows `0..<queryLength` of `output` and `lse` (head `b`, `h`).
+    /// Attends round `round` of one head once the conformer has filled `space`'s positions
+    /// and buckets for it, and combines it into rows `0..<queryLength` of `output` and `lse`
+    /// (head `b`, `h`); rounds must come in order `0, 1, ...`.
     ///
     /// - Parameters:
     ///   - keyLength: keys at original positions `>= keyLength` are invisible (padding).
-    static func attendHead(
-        _ l: Layout, space: Workspace, scale: Float, threads: Int,
+    static func attendRound(
+        _ l: Layout, round: Int, space: Workspace, scale: Float, threads: Int,
         query: Rows, key: Rows, value: Rows, keyLength: Int,
         output: MutableTensorView, lse: MutableTensorView, b: Int, h: Int
     ) {
+        precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
         // Groups and key validity per slot; gather rows into slot order.
         let chunk = 512
         let queryBlocks = (qs + chunk - 1) / chunk, keyBlocks = (ks + chunk - 1) / chunk
-        parallelForEach(items: l.rounds * (queryBlocks + keyBlocks), threads: threads) { item, _ in
-            let r = item / (queryBlocks + keyBlocks), block = item % (queryBlocks + keyBlocks)
+        parallelForEach(items: queryBlocks + keyBlocks, threads: threads) { block, _ in
             if block < queryBlocks {
                 for s in block * chunk ..< min(qs, (block + 1) * chunk) {
-                    let slot = r * qs + s
-                    space.queryGroup[slot] = Int32(s / l.queryGroupSize)
-                    copyRow(query.row(Int(space.queryPosition[slot])), query.elementStride,
-                            to: space.q + slot * d, count: d)
+                    space.queryGroup[s] = Int32(s / l.queryGroupSize)
+                    copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
+                            to: space.q + s * d, count: d)
                 }
             } else {
                 let kb = block - queryBlocks
                 for t in kb * chunk ..< min(ks, (kb + 1) * chunk) {
-                    let slot = r * ks + t
-                    let position = Int(space.keyPosition[slot])
-                    space.keyGroup[slot] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
-                    copyRow(key.row(position), key.elementStride, to: space.k + slot * d, count: d)
-                    copyRow(value.row(position), value.elementStride, to: space.v + slot * dv, count: dv)
+                    let position = Int(space.keyPosition[t])
+                    space.keyGroup[t] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
+                    copyRow(key.row(position), key.elementStride, to: space.k + t * d, count: d)
+                    copyRow(value.row(position), value.elementStride, to: space.v + t * dv, count: dv)
                 }
             }
         }
 
         let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.excludeSelf && keyLength >= l.keySlots
         let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
+        let mask = GroupMask(queryGroup: space.queryGroup, queryBucket: space.queryBucket,
+                             queryPosition: space.queryPosition,
+                             keyGroup: space.keyGroup, keyBucket: space.keyBucket,
+                             keyPosition: space.keyPosition, keySlots: ks,
+                             queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize, groups: l.groups,
+                             lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
+                             excludeSelf: l.excludeSelf, groupsOnly: groupsOnly)
         TiledSoftmaxAttention.run(
             shape: l.kernelShape, scale: scale, threads: threads, tiling: l.tiling,
             q: TensorView(base: space.q, strides: rowStrides(d, qs)),
@@ -166,22 +174,14 @@ enum GroupedAttention {
             v: TensorView(base: space.v, strides: rowStrides(dv, ks)),
             o: MutableTensorView(base: space.o, strides: rowStrides(dv, qs)),
             lse: MutableTensorView(base: space.lse, strides: rowStrides(1, qs))
-        ) { _, r in
-            GroupMask(queryGroup: space.queryGroup + r * qs, queryBucket: space.queryBucket + r * qs,
-                      queryPosition: space.queryPosition + r * qs,
-                      keyGroup: space.keyGroup + r * ks, keyBucket: space.keyBucket + r * ks,
-                      keyPosition: space.keyPosition + r * ks, keySlots: ks,
-                      queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize, groups: l.groups,
-                      lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
-                      excludeSelf: l.excludeSelf, groupsOnly: groupsOnly)
-        }
+        ) { _, _ in mask }
 
         // The slots of every original query (counting sort by position: slots ascending).
         let n = l.queryLength
         space.memberStart.update(repeating: 0, count: n + 1)
-        for slot in 0..<(l.rounds * qs) { space.memberStart[Int(space.queryPosition[slot]) + 1] += 1 }
+        for slot in 0..<qs { space.memberStart[Int(space.queryPosition[slot]) + 1] += 1 }
         for i in 0..<n { space.memberStart[i + 1] += space.memberStart[i] }
-        for slot in 0..<(l.rounds * qs) {
+        for slot in 0..<qs {
             let i = Int(space.queryPosition[slot])
             space.memberSlots[Int(space.memberStart[i])] = Int32(slot)
             space.memberStart[i] += 1
@@ -192,55 +192,64 @@ enum GroupedAttention {
         let rowsPerItem = 256
         parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
             for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
-                combineRow(l, space: space, i: i, scale: scale, query: query, key: key, value: value,
-                           keyLength: keyLength, out: output.row(b, h, i), outStride: output.strides[3],
-                           lse: lse.row(b, h, i))
+                combineRow(l, round: round, space: space, i: i, scale: scale, query: query, key: key,
+                           value: value, keyLength: keyLength, out: output.row(b, h, i),
+                           outStride: output.strides[3], lse: lse.row(b, h, i))
             }
         }
     }
 
-    /// Combines the slots of original query `i` into its output row.
+    /// Combines the slots of original query `i` into its output row (merging with the rows of
+    /// earlier rounds under `.logSumExp`).
     @inline(__always)
-    static func combineRow(_ l: Layout, space: Workspace, i: Int, scale: Float,
+    static func combineRow(_ l: Layout, round: Int, space: Workspace, i: Int, scale: Float,
                            query: Rows, key: Rows, value: Rows, keyLength: Int,
                            out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>) {
         let dv = l.valueDim
         let slots = space.memberSlots + Int(space.memberStart[i])
         let count = Int(space.memberStart[i + 1] - space.memberStart[i])
-        var m = -Float.infinity, used = 0
+        let earlier = round > 0 ? lse[0] : -.infinity
+        var m = earlier, used = 0
         for n in 0..<count where space.lse[Int(slots[n])] > -.infinity {
             m = max(m, space.lse[Int(slots[n])])
             used += 1
         }
-        for c in 0..<dv { out[c * outStride] = 0 }
-        guard used > 0 else {
-            if l.excludeSelf && i < keyLength {
+        if round == 0 {
+            for c in 0..<dv { out[c * outStride] = 0 }
+        }
+        guard m > -.infinity else {
+            lse[0] = -.infinity
+            if l.excludeSelf && round == l.rounds - 1 && i < keyLength {
                 // The self rule: a query with no other visible key attends to itself, in every round.
                 let v = value.row(i)
                 for c in 0..<dv { out[c * outStride] = v[c * value.elementStride] }
                 let score = scale * dot(query.row(i), query.elementStride, key.row(i), key.elementStride,
                                         count: l.headDim)
                 lse[0] = score + logf(Float(l.rounds))
-            } else {
-                lse[0] = -.infinity
             }
             return
         }
-        var total: Float = 0
+        guard used > 0 else { return }   // nothing new: the earlier rounds' row stands
+        let keep = earlier > -.infinity ? expf(earlier - m) : 0
+        var total = keep
         for n in 0..<count {
             let slot = Int(slots[n])
-            let weight = space.lse[slot] > -.infinity ? expf(space.lse[slot] - m) : 0
-            total += weight
+            if space.lse[slot] > -.infinity { total += expf(space.lse[slot] - m) }
         }
-        let normaliser = l.combine == .logSumExp ? 1 / total : 1 / Float(used)
+        let logSumExp = l.combine == .logSumExp
+        let normaliser = logSumExp ? 1 / total : 1 / Float(used)
+        if keep > 0 {
+            let factor = keep * normaliser
+            for c in 0..<dv { out[c * outStride] *= factor }
+        }
         for n in 0..<count {
             let slot = Int(slots[n])
             guard space.lse[slot] > -.infinity else { continue }
-            let weight = l.combine == .logSumExp ? expf(space.lse[slot] - m) * normaliser : normaliser
+            let weight = logSumExp ? expf(space.lse[slot] - m) * normaliser : normaliser
             let row = space.o + slot * dv
             for c in 0..<dv { out[c * outStride] += weight * row[c] }
         }
-        lse[0] = l.combine == .logSumExp ? m + logf(total) : m + logf(total / Float(used))
+        lse[0] = logSumExp ? m + logf(total) : m + logf(total / Float(used))
     }
 
     @inline(__always)
