@@ -179,13 +179,14 @@ public struct LSHAttention: Attention {
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
+                scratch.transpose(GroupedAttention.Rows(view: q, b: b, h: h), start: 0, count: n, into: scratch.queriesT)
+                scratch.transpose(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: 0, count: n,
+                                  into: scratch.keysT)
                 for r in 0..<hashes {
-                    scratch.hash(GroupedAttention.Rows(view: q, b: b, h: h), count: n, round: r, worker: 0,
-                                 into: scratch.queryBuckets)
+                    scratch.hash(scratch.queriesT, start: 0, count: n, round: r, worker: 0, into: scratch.queryBuckets)
                     queryBuckets += (0..<n).map { Int(scratch.queryBuckets[$0]) }
                     if !sharedQK {
-                        scratch.hash(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), count: n,
-                                     round: r, worker: 0, into: scratch.keyBuckets)
+                        scratch.hash(scratch.keysT, start: 0, count: n, round: r, worker: 0, into: scratch.keyBuckets)
                     }
                     keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[$0]) }
                 }
@@ -222,16 +223,23 @@ public struct LSHAttention: Attention {
                                                  b: 0, h: 0)
                 }
                 scratch.packRotations(rot, head: h, hashes: hashes, d: d)
-                // Hash (and normalise the shared keys), by rounds and blocks of rows.
+                // Transpose (and normalise the shared keys), then hash by rounds and blocks of rows.
+                parallelForEach(items: rowBlocks, threads: threads) { item, _ in
+                    let start = item * rowBlock, count = min(rowBlock, n - start)
+                    scratch.transpose(queries, start: start, count: count, into: scratch.queriesT)
+                    if sharedQK {
+                        scratch.normalise(queries, start: start, count: count)
+                    } else {
+                        scratch.transpose(keys, start: start, count: count, into: scratch.keysT)
+                    }
+                }
                 parallelForEach(items: hashes * rowBlocks, threads: threads) { item, worker in
                     let r = item / rowBlocks, start = item % rowBlocks * rowBlock
                     let count = min(rowBlock, n - start)
-                    scratch.hash(queries, start: start, count: count, round: r, worker: worker,
+                    scratch.hash(scratch.queriesT, start: start, count: count, round: r, worker: worker,
                                  into: scratch.queryBuckets + r * n)
-                    if sharedQK {
-                        if r == 0 { scratch.normalise(queries, start: start, count: count) }
-                    } else {
-                        scratch.hash(keys, start: start, count: count, round: r, worker: worker,
+                    if !sharedQK {
+                        scratch.hash(scratch.keysT, start: start, count: count, round: r, worker: worker,
                                      into: scratch.keyBuckets + r * n)
                     }
                 }
@@ -260,13 +268,15 @@ public struct LSHAttention: Attention {
         return try AttentionResult(output: output, logSumExp: lse)
     }
 
-    /// LSH's own scratch: packed rotations of one head, bucket ids, the unit-normalised
-    /// queries (shared QK), per-worker hash tiles and sort counters.
+    /// LSH's own scratch: packed rotations of one head, the head's rows transposed (queries,
+    /// and keys when separate), bucket ids, the unit-normalised queries (shared QK),
+    /// per-worker hash tiles and sort counters.
     struct Scratch {
-        let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int
+        let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
         let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
+        let queriesT, keysT: UnsafeMutablePointer<Float>  // [D][stride]
         let unitQueries: UnsafeMutablePointer<Float>    // [N][D]
-        let tiles: UnsafeMutablePointer<Float>          // [workers][MR][halfPad]
+        let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
         private let block: UnsafeMutableRawPointer
@@ -274,7 +284,8 @@ public struct LSHAttention: Attention {
         private static func counts(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int)
             -> (floats: Int, ints: Int) {
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + roundUp(n * d, 16) + workers * MicroTile.mr * halfPad
+            let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n) + roundUp(n * d, 16)
+                + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
             return (floats, 2 * hashes * n + workers * (2 * half + 1))
         }
 
@@ -289,11 +300,14 @@ public struct LSHAttention: Attention {
             self.half = half
             halfPad = roundUp(half, MicroTile.nr)
             buckets = 2 * half
+            stride = TransposedRows.stride(n)
             let (floats, ints) = Scratch.counts(shape, hashes: hashes, half: half, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
             let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             rotations = f
-            unitQueries = f + roundUp(hashes * d * halfPad, 16)
+            queriesT = f + roundUp(hashes * d * halfPad, 16)
+            keysT = queriesT + d * stride
+            unitQueries = keysT + d * stride
             tiles = unitQueries + roundUp(n * d, 16)
             let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             queryBuckets = i
@@ -313,48 +327,46 @@ public struct LSHAttention: Attention {
             }
         }
 
-        /// Buckets of rows `start..<start + count`: `argmax([x R ; −x R])`, first maximum.
-        func hash(_ rows: GroupedAttention.Rows, start: Int = 0, count: Int, round: Int, worker: Int,
-                  into buckets: UnsafeMutablePointer<Int32>) {
-            let tile = tiles + worker * MicroTile.mr * halfPad
-            let rotation = rotations + round * d * halfPad
-            for block in stride(from: start, to: start + count, by: MicroTile.mr) {
-                let rowCount = min(MicroTile.mr, start + count - block)
-                let a = BroadcastOperand(base: rows.row(block), rowStride: rows.view.strides[2],
-                                         depthStride: rows.elementStride, rows: rowCount)
-                for panel in stride(from: 0, to: halfPad, by: MicroTile.nr) {
-                    microKernel(depth: d, a: a, b: rotation + panel, ldb: halfPad,
-                                c: tile + panel, ldc: halfPad, update: .overwrite)
-                }
-                for r in 0..<rowCount {
-                    buckets[block + r] = Int32(Scratch.argmaxSigned(tile + r * halfPad, count: half))
-                }
-            }
+        /// Transposes rows `start..<start + count` of `rows` into `target` (`queriesT` or `keysT`).
+        func transpose(_ rows: GroupedAttention.Rows, start: Int, count: Int, into target: UnsafeMutablePointer<Float>) {
+            TransposedRows.pack(rows, start: start, count: count, depth: d, normalise: false, into: target, ld: stride)
+            if start + count == n { TransposedRows.clearTail(target, n: n, depth: d, ld: stride) }
         }
 
-        /// `argmax([x ; −x])` over `count` values: the first maximum, positive half first.
-        @inline(__always)
-        static func argmaxSigned(_ x: UnsafePointer<Float>, count: Int) -> Int {
-            var high = -Float.infinity, low = Float.infinity
-            var t = 0
-            if count >= 16 {
-                var highs = Vec16(repeating: -.infinity), lows = Vec16(repeating: .infinity)
-                while t + 16 <= count {
-                    let value = load16(x + t)
-                    highs = maximum(highs, value)
-                    lows = -maximum(-lows, -value)
-                    t += 16
+        /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
+        /// transposed rows: `argmax([x R ; −x R])`, the first maximum, positive half first.
+        /// Positions are in lanes, so the argmax over buckets is a vertical scan.
+        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
+                  into bucketOf: UnsafeMutablePointer<Int32>) {
+            typealias Lanes = SIMD16<Int32>
+            let tile = tiles + worker * roundUp(half, MicroTile.mr) * MicroTile.nr
+            let rotation = rotations + round * d * halfPad
+            for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
+                for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
+                    let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad,
+                                             rows: min(MicroTile.mr, half - first))
+                    microKernel(depth: d, a: a, b: transposed + panel, ldb: stride,
+                                c: tile + first * MicroTile.nr, ldc: MicroTile.nr, update: .overwrite)
                 }
-                high = highs.max()
-                low = lows.min()
+                for lane in Swift.stride(from: 0, to: MicroTile.nr, by: 16) {
+                    let valid = min(16, start + count - panel - lane)
+                    guard valid > 0 else { break }
+                    var high = Vec16(repeating: -.infinity), low = Vec16(repeating: .infinity)
+                    var highIndex = Lanes(), lowIndex = Lanes()
+                    for r in 0..<half {
+                        let value = load16(tile + r * MicroTile.nr + lane)
+                        let index = Lanes(repeating: Int32(r))
+                        let up = value .> high, down = value .< low
+                        high.replace(with: value, where: up)
+                        highIndex.replace(with: index, where: up)
+                        low.replace(with: value, where: down)
+                        lowIndex.replace(with: index, where: down)
+                    }
+                    var result = lowIndex &+ Lanes(repeating: Int32(half))
+                    result.replace(with: highIndex, where: high .>= -low)
+                    for t in 0..<valid { bucketOf[panel + lane + t] = result[t] }
+                }
             }
-            while t < count { high = max(high, x[t]); low = min(low, x[t]); t += 1 }
-            if high >= -low {
-                for t in 0..<count where x[t] == high { return t }
-            } else {
-                for t in 0..<count where x[t] == low { return count + t }
-            }
-            return 0   // NaN rows: bucket 0
         }
 
         /// Unit-normalised rows `start..<start + count` of `rows` into `unitQueries`.

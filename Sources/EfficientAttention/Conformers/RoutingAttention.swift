@@ -246,13 +246,9 @@ public struct RoutingAttention: Attention {
         let queryRoutes, keyRoutes: UnsafeMutablePointer<Int32>
         private let block: UnsafeMutableRawPointer
 
-        /// Row length of the transposed rows and score tiles: whole micro-kernel panels plus
-        /// one, so that the `D` rows the micro-kernel reads are not a power of two apart.
-        static func paddedStride(_ n: Int) -> Int { roundUp(n, MicroTile.nr) + MicroTile.nr }
-
         private static func counts(_ l: GroupedAttention.Layout, keyLength: Int, workers: Int)
             -> (floats: Int, ints: Int) {
-            let stride = paddedStride(max(l.queryLength, keyLength))
+            let stride = TransposedRows.stride(max(l.queryLength, keyLength))
             return (stride * (l.headDim + workers * (MicroTile.mr + 2)), l.querySlots + l.keySlots)
         }
 
@@ -264,7 +260,7 @@ public struct RoutingAttention: Attention {
 
         init(_ l: GroupedAttention.Layout, keyLength: Int, workers: Int) {
             d = l.headDim
-            stride = Router.paddedStride(max(l.queryLength, keyLength))
+            stride = TransposedRows.stride(max(l.queryLength, keyLength))
             let (floats, ints) = Router.counts(l, keyLength: keyLength, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
             unitT = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
@@ -278,25 +274,9 @@ public struct RoutingAttention: Attention {
         func deallocate() { block.deallocate() }
 
         /// `unitT[c][i] = x_i[c] / |x_i|` for rows `start..<start + count`; columns `n..<stride` zero.
-        /// Rows go in blocks of 16 so that every store fills a whole cache line of a column.
         func packUnit(_ rows: GroupedAttention.Rows, start: Int, count: Int, n: Int) {
-            let es = rows.elementStride
-            var inverse = [Float](repeating: 0, count: 16)
-            for first in Swift.stride(from: start, to: start + count, by: 16) {
-                let block = min(16, start + count - first)
-                for r in 0..<block {
-                    let row = rows.row(first + r)
-                    let norm = dot(row, es, row, es, count: d).squareRoot()
-                    inverse[r] = norm > 0 ? 1 / norm : 0
-                }
-                for c in 0..<d {
-                    let column = unitT + c * stride + first
-                    for r in 0..<block { column[r] = rows.row(first + r)[c * es] * inverse[r] }
-                }
-            }
-            if start + count == n {
-                for c in 0..<d { (unitT + c * stride + n).update(repeating: 0, count: stride - n) }
-            }
+            TransposedRows.pack(rows, start: start, count: count, depth: d, normalise: true, into: unitT, ld: stride)
+            if start + count == n { TransposedRows.clearTail(unitT, n: n, depth: d, ld: stride) }
         }
 
         /// Scores of `clusters` centroids from `firstCluster` against the `n` packed rows, then
