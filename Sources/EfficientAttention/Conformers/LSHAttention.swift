@@ -162,7 +162,7 @@ public struct LSHAttention: Attention {
             rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
             queryGroupSize: bucketSize, keyGroupSize: bucketSize, groups: (n + bucketSize - 1) / bucketSize,
             lookBack: true, checkBuckets: !attendAcrossBuckets, causalOffset: causal ? 0 : nil,
-            excludeSelf: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
+            sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
         return (layout, buckets(forLength: n) / 2)
     }
 
@@ -217,21 +217,14 @@ public struct LSHAttention: Attention {
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 let hk = h / shape.groupSize
                 let queries = GroupedAttention.Rows(view: q, b: b, h: h)
-                var keys = GroupedAttention.Rows(view: k, b: b, h: hk)
-                if sharedQK {
-                    keys = GroupedAttention.Rows(view: TensorView(base: scratch.unitQueries, strides: [0, 0, d, 1]),
-                                                 b: 0, h: 0)
-                }
+                // Shared keys are normalised from the gathered queries by the pipeline.
+                let keys = sharedQK ? queries : GroupedAttention.Rows(view: k, b: b, h: hk)
                 scratch.packRotations(rot, head: h, hashes: hashes, d: d)
-                // Transpose (and normalise the shared keys), then hash by rounds and blocks of rows.
+                // Transpose, then hash by rounds and blocks of rows.
                 parallelForEach(items: rowBlocks, threads: threads) { item, _ in
                     let start = item * rowBlock, count = min(rowBlock, n - start)
                     scratch.transpose(queries, start: start, count: count, into: scratch.queriesT)
-                    if sharedQK {
-                        scratch.normalise(queries, start: start, count: count)
-                    } else {
-                        scratch.transpose(keys, start: start, count: count, into: scratch.keysT)
-                    }
+                    if !sharedQK { scratch.transpose(keys, start: start, count: count, into: scratch.keysT) }
                 }
                 parallelForEach(items: hashes * rowBlocks, threads: threads) { item, worker in
                     let r = item / rowBlocks, start = item % rowBlocks * rowBlock
@@ -269,13 +262,11 @@ public struct LSHAttention: Attention {
     }
 
     /// LSH's own scratch: packed rotations of one head, the head's rows transposed (queries,
-    /// and keys when separate), bucket ids, the unit-normalised queries (shared QK),
-    /// per-worker hash tiles and sort counters.
+    /// and keys when separate), bucket ids, per-worker hash tiles and sort counters.
     struct Scratch {
         let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
         let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
         let queriesT, keysT: UnsafeMutablePointer<Float>  // [D][stride]
-        let unitQueries: UnsafeMutablePointer<Float>    // [N][D]
         let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
@@ -284,7 +275,7 @@ public struct LSHAttention: Attention {
         private static func counts(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int)
             -> (floats: Int, ints: Int) {
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n) + roundUp(n * d, 16)
+            let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n)
                 + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
             return (floats, 2 * hashes * n + workers * (2 * half + 1))
         }
@@ -307,8 +298,7 @@ public struct LSHAttention: Attention {
             rotations = f
             queriesT = f + roundUp(hashes * d * halfPad, 16)
             keysT = queriesT + d * stride
-            unitQueries = keysT + d * stride
-            tiles = unitQueries + roundUp(n * d, 16)
+            tiles = keysT + d * stride
             let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             queryBuckets = i
             keyBuckets = i + hashes * n
@@ -366,17 +356,6 @@ public struct LSHAttention: Attention {
                     result.replace(with: highIndex, where: high .>= -low)
                     for t in 0..<valid { bucketOf[panel + lane + t] = result[t] }
                 }
-            }
-        }
-
-        /// Unit-normalised rows `start..<start + count` of `rows` into `unitQueries`.
-        func normalise(_ rows: GroupedAttention.Rows, start: Int, count: Int) {
-            for i in start..<(start + count) {
-                let row = rows.row(i), stride = rows.elementStride
-                let norm = dot(row, stride, row, stride, count: d).squareRoot()
-                let inverse: Float = norm > 0 ? 1 / norm : 0
-                let out = unitQueries + i * d
-                for c in 0..<d { out[c] = row[c * stride] * inverse }
             }
         }
 

@@ -102,7 +102,7 @@ public struct RoutingAttention: Attention {
         return GroupedAttention.Layout(
             rounds: 1, queryLength: shape.queryLength, querySlots: k * wq, keySlots: k * wk,
             queryGroupSize: wq, keyGroupSize: wk, groups: k, lookBack: false, checkBuckets: false,
-            causalOffset: causal ? shape.keyLength - shape.queryLength : nil, excludeSelf: false,
+            causalOffset: causal ? shape.keyLength - shape.queryLength : nil, sharedKeys: false,
             combine: .mean, headDim: shape.headDim, valueDim: shape.valueDim)
     }
 

@@ -15,8 +15,8 @@
 ///         .mean:       o_i = mean of Õ[s] over the slots with a visible key,
 ///                      lse_i = log mean exp(l̃se[s]) over the same slots
 ///     rows with no slot, or no visible key in any round: 0 and −∞, except that with
-///     `excludeSelf` a query whose key is valid falls back to itself after the last round
-///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R
+///     `sharedKeys` a query whose key is valid falls back to itself after the last round
+///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R = scale · |q_i| + log R
 ///
 /// Workspace: O((Nq + Nk) · (D + Dv)) for one round of one head (see ``workspaceBytes``);
 /// rounds merge into the output rows, so memory does not grow with `R`.
@@ -41,7 +41,9 @@ enum GroupedAttention {
         var lookBack: Bool
         var checkBuckets: Bool
         var causalOffset: Int?
-        var excludeSelf: Bool
+        /// Keys are the unit-normalised queries (shared-QK LSH): key slots mirror the query
+        /// slots, `K̃` is normalised from `Q̃` (no second gather), and the self rule applies.
+        var sharedKeys: Bool
         var combine: Combine
         var headDim: Int
         var valueDim: Int
@@ -146,19 +148,27 @@ enum GroupedAttention {
                     space.queryGroup[s] = Int32(s / l.queryGroupSize)
                     copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
                             to: space.q + s * d, count: d)
+                    if l.sharedKeys {
+                        let row = space.q + s * d, key = space.k + s * d
+                        let norm = dot(row, 1, row, 1, count: d).squareRoot()
+                        let inverse: Float = norm > 0 ? 1 / norm : 0
+                        for c in 0..<d { key[c] = row[c] * inverse }
+                    }
                 }
             } else {
                 let kb = block - queryBlocks
                 for t in kb * chunk ..< min(ks, (kb + 1) * chunk) {
                     let position = Int(space.keyPosition[t])
                     space.keyGroup[t] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
-                    copyRow(key.row(position), key.elementStride, to: space.k + t * d, count: d)
+                    if !l.sharedKeys {
+                        copyRow(key.row(position), key.elementStride, to: space.k + t * d, count: d)
+                    }
                     copyRow(value.row(position), value.elementStride, to: space.v + t * dv, count: dv)
                 }
             }
         }
 
-        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.excludeSelf && keyLength >= l.keySlots
+        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && keyLength >= l.keySlots
         let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
         let mask = GroupMask(queryGroup: space.queryGroup, queryBucket: space.queryBucket,
                              queryPosition: space.queryPosition,
@@ -166,7 +176,7 @@ enum GroupedAttention {
                              keyPosition: space.keyPosition, keySlots: ks,
                              queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize, groups: l.groups,
                              lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
-                             excludeSelf: l.excludeSelf, groupsOnly: groupsOnly)
+                             excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
         TiledSoftmaxAttention.run(
             shape: l.kernelShape, scale: scale, threads: threads, tiling: l.tiling,
             q: TensorView(base: space.q, strides: rowStrides(d, qs)),
@@ -176,8 +186,23 @@ enum GroupedAttention {
             lse: MutableTensorView(base: space.lse, strides: rowStrides(1, qs))
         ) { _, _ in mask }
 
-        // The slots of every original query (counting sort by position: slots ascending).
         let n = l.queryLength
+        let rowsPerItem = 256
+        if l.combine == .logSumExp && qs == n {
+            // Every query holds exactly one slot per round (LSH): the inverse permutation, then
+            // rows in original order (sequential output, independent reads of the slots).
+            for s in 0..<qs { space.memberSlots[Int(space.queryPosition[s])] = Int32(s) }
+            parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
+                for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
+                    combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + i, count: 1,
+                               scale: scale, query: query, key: key, value: value, keyLength: keyLength,
+                               out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
+                }
+            }
+            return
+        }
+
+        // The slots of every original query (counting sort by position: slots ascending).
         space.memberStart.update(repeating: 0, count: n + 1)
         for slot in 0..<qs { space.memberStart[Int(space.queryPosition[slot]) + 1] += 1 }
         for i in 0..<n { space.memberStart[i + 1] += space.memberStart[i] }
@@ -189,25 +214,25 @@ enum GroupedAttention {
         for i in stride(from: n, to: 0, by: -1) { space.memberStart[i] = space.memberStart[i - 1] }
         space.memberStart[0] = 0
 
-        let rowsPerItem = 256
         parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
             for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
-                combineRow(l, round: round, space: space, i: i, scale: scale, query: query, key: key,
-                           value: value, keyLength: keyLength, out: output.row(b, h, i),
-                           outStride: output.strides[3], lse: lse.row(b, h, i))
+                let first = Int(space.memberStart[i])
+                combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + first,
+                           count: Int(space.memberStart[i + 1]) - first, scale: scale,
+                           query: query, key: key, value: value, keyLength: keyLength,
+                           out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
             }
         }
     }
 
-    /// Combines the slots of original query `i` into its output row (merging with the rows of
-    /// earlier rounds under `.logSumExp`).
+    /// Combines `slots[0..<count]`, the slots of original query `i`, into its output row
+    /// (merging with the row of earlier rounds under `.logSumExp`).
     @inline(__always)
-    static func combineRow(_ l: Layout, round: Int, space: Workspace, i: Int, scale: Float,
+    static func combineRow(_ l: Layout, round: Int, space: Workspace, i: Int,
+                           slots: UnsafePointer<Int32>, count: Int, scale: Float,
                            query: Rows, key: Rows, value: Rows, keyLength: Int,
                            out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>) {
         let dv = l.valueDim
-        let slots = space.memberSlots + Int(space.memberStart[i])
-        let count = Int(space.memberStart[i + 1] - space.memberStart[i])
         let earlier = round > 0 ? lse[0] : -.infinity
         var m = earlier, used = 0
         for n in 0..<count where space.lse[Int(slots[n])] > -.infinity {
@@ -219,12 +244,12 @@ enum GroupedAttention {
         }
         guard m > -.infinity else {
             lse[0] = -.infinity
-            if l.excludeSelf && round == l.rounds - 1 && i < keyLength {
+            if l.sharedKeys && round == l.rounds - 1 && i < keyLength {
                 // The self rule: a query with no other visible key attends to itself, in every round.
                 let v = value.row(i)
                 for c in 0..<dv { out[c * outStride] = v[c * value.elementStride] }
-                let score = scale * dot(query.row(i), query.elementStride, key.row(i), key.elementStride,
-                                        count: l.headDim)
+                let q = query.row(i), qs = query.elementStride
+                let score = scale * dot(q, qs, q, qs, count: l.headDim).squareRoot()
                 lse[0] = score + logf(Float(l.rounds))
             }
             return
@@ -240,14 +265,22 @@ enum GroupedAttention {
         let normaliser = logSumExp ? 1 / total : 1 / Float(used)
         if keep > 0 {
             let factor = keep * normaliser
-            for c in 0..<dv { out[c * outStride] *= factor }
+            if outStride == 1 {
+                for c in 0..<dv { out[c] *= factor }
+            } else {
+                for c in 0..<dv { out[c * outStride] *= factor }
+            }
         }
         for n in 0..<count {
             let slot = Int(slots[n])
             guard space.lse[slot] > -.infinity else { continue }
             let weight = logSumExp ? expf(space.lse[slot] - m) * normaliser : normaliser
             let row = space.o + slot * dv
-            for c in 0..<dv { out[c * outStride] += weight * row[c] }
+            if outStride == 1 {
+                axpy(weight, row, 1, out, count: dv)
+            } else {
+                for c in 0..<dv { out[c * outStride] += weight * row[c] }
+            }
         }
         lse[0] = logSumExp ? m + logf(total) : m + logf(total / Float(used))
     }
@@ -256,7 +289,12 @@ enum GroupedAttention {
     static func copyRow(_ source: UnsafePointer<Float>, _ stride: Int, to target: UnsafeMutablePointer<Float>,
                         count: Int) {
         if stride == 1 {
-            target.update(from: source, count: count)
+            var c = 0
+            while c + 16 <= count {
+                store16(load16(source + c), target + c)
+                c += 16
+            }
+            while c < count { target[c] = source[c]; c += 1 }
         } else {
             for c in 0..<count { target[c] = source[c * stride] }
         }
