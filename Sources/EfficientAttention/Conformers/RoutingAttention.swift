@@ -308,15 +308,25 @@ public struct RoutingAttention: Attention {
                         into out: UnsafeMutablePointer<Int32>) {
             var candidates = 0
             if count >= 2048 && 4 * take <= count {
-                let step = count / 256, samples = count / step
+                let step = count / 512, samples = count / step
                 for t in 0..<samples { values[t] = scores[t * step].isNaN ? -.infinity : scores[t * step] }
-                let rank = min(samples - 1, take * samples * 3 / (2 * count) + 8)
+                let rank = min(samples - 1, take * samples * 3 / (2 * count) + 6)
                 let low = kthLargest(values, count: samples, k: rank)
                 if low > -.infinity {
-                    for i in 0..<count where scores[i] >= low {
-                        values[candidates] = scores[i]
-                        indices[candidates] = Int32(i)
-                        candidates += 1
+                    // Sixteen scores at a time; most blocks hold no candidate.
+                    let bound = Vec16(repeating: low)
+                    var i = 0
+                    while i < count {
+                        if i + 16 <= count && !any(load16(scores + i) .>= bound) {
+                            i += 16
+                            continue
+                        }
+                        for t in i..<min(count, i + 16) where scores[t] >= low {
+                            values[candidates] = scores[t]
+                            indices[candidates] = Int32(t)
+                            candidates += 1
+                        }
+                        i += 16
                     }
                 }
             }
