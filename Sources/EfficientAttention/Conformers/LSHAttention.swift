@@ -207,7 +207,7 @@ public struct LSHAttention: Attention {
         let rotations = try self.rotations(for: shape)
         var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
-        let space = GroupedAttention.Workspace(layout)
+        let space = GroupedAttention.Workspace(layout, workers: workerCount(threads: threads, items: layout.blocks))
         let scratch = Scratch(shape, hashes: hashes, half: half, workers: threads)
         defer { space.deallocate(); scratch.deallocate() }
         let rowBlock = 256, rowBlocks = (n + rowBlock - 1) / rowBlock

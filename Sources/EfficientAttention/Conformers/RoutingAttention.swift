@@ -176,7 +176,7 @@ public struct RoutingAttention: Attention {
         let l = layout(shape)
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let space = GroupedAttention.Workspace(l)
+        let space = GroupedAttention.Workspace(l, workers: workerCount(threads: threads, items: l.blocks))
         let router = Router(l, keyLength: shape.keyLength, workers: threads)
         defer { space.deallocate(); router.deallocate() }
         query.withView { q in key.withView { k in value.withView { v in centroids.withView { c in

@@ -54,63 +54,94 @@ enum GroupedAttention {
             TiledSoftmaxAttention.Tiling(queryTile: min(128, max(32, queryGroupSize)), keyTile: 64)
         }
 
-        /// The kernel's problem: one round's sorted slots as one head.
+        /// Groups per block: a block's gathered rows (about 1024 query slots) stay in L2.
+        var blockGroups: Int { max(1, 1024 / queryGroupSize) }
+        var blocks: Int { (groups + blockGroups - 1) / blockGroups }
+        /// Whether a block also holds the keys of the group before its first (LSH look-back;
+        /// with one group, the previous group is the group itself).
+        var predecessor: Bool { lookBack && groups > 1 }
+        var blockQuerySlots: Int { blockGroups * queryGroupSize }
+        var blockKeySlots: Int { (blockGroups + (predecessor ? 1 : 0)) * keyGroupSize }
+
+        /// The kernel's problem for the largest block.
         var kernelShape: AttentionShape {
-            AttentionShape(batch: 1, heads: 1, queryLength: querySlots, keyLength: keySlots,
-                           headDim: headDim, valueDim: valueDim)
+            AttentionShape(batch: 1, heads: 1, queryLength: min(blockQuerySlots, querySlots),
+                           keyLength: blockKeySlots, headDim: headDim, valueDim: valueDim)
         }
     }
 
     /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
     static let slotPadding = 32
 
-    /// Bytes of ``Workspace`` plus the kernel's workspace for `layout` with `threads`.
+    /// Bytes of ``Workspace`` (with `threads` workers) plus the kernel's workspace.
     static func workspaceBytes(_ layout: Layout, threads: Int?) -> Int {
-        Workspace.byteCount(layout)
-            + TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: threads,
-                                                   tiling: layout.tiling)
+        let workers = workerCount(threads: threads, items: layout.blocks)
+        return Workspace.byteCount(layout, workers: workers)
+            + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
+                                                             tiling: layout.tiling)
     }
 
-    /// One head's sorted rows and slot arrays, in one allocation reused for every head.
+    /// One head's slot arrays and sorted outputs, and each worker's gathered block, in one
+    /// allocation reused for every head and round.
     struct Workspace {
         let queryPosition, queryBucket, queryGroup: UnsafeMutablePointer<Int32>
-        let keyPosition, keyBucket, keyGroup: UnsafeMutablePointer<Int32>
+        let keyPosition, keyBucket: UnsafeMutablePointer<Int32>
         /// Slots of each original query: `memberSlots[memberStart[i] ..< memberStart[i + 1]]`.
         let memberStart, memberSlots: UnsafeMutablePointer<Int32>
-        let q, k, v, o, lse: UnsafeMutablePointer<Float>
+        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps.
+        let o, lse: UnsafeMutablePointer<Float>
+        let workers: Int
+        private let blockInts, blockFloats: Int
+        private let blockBase: UnsafeMutableRawPointer
         private let block: UnsafeMutableRawPointer
 
-        private static func counts(_ l: Layout) -> (ints: Int, floats: Int) {
+        private static func counts(_ l: Layout) -> (ints: Int, floats: Int, blockInts: Int, blockFloats: Int) {
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
-            let ints = 3 * qs + 3 * ks + (l.queryLength + 1) + qs
-            let floats = l.querySlots * (l.headDim + l.valueDim + 1) + l.keySlots * (l.headDim + l.valueDim)
-            return (roundUp(ints, 16), floats)
+            let ints = roundUp(3 * qs + 2 * ks + (l.queryLength + 1) + qs, 16)
+            let floats = roundUp(l.querySlots * (l.valueDim + 1), 16)
+            let blockInts = roundUp(3 * (l.blockKeySlots + slotPadding), 16)
+            let blockFloats = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
+            return (ints, floats, blockInts, blockFloats)
         }
 
-        static func byteCount(_ l: Layout) -> Int {
-            let (ints, floats) = counts(l)
-            return 4 * (ints + floats)
+        static func byteCount(_ l: Layout, workers: Int) -> Int {
+            let c = counts(l)
+            return 4 * (c.ints + c.floats + workers * (c.blockInts + c.blockFloats))
         }
 
-        init(_ l: Layout) {
-            let (ints, floats) = Workspace.counts(l)
-            block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (ints + floats), alignment: 64)
-            let i = block.initializeMemory(as: Int32.self, repeating: 0, count: ints)
+        init(_ l: Layout, workers: Int) {
+            let c = Workspace.counts(l)
+            self.workers = workers
+            blockInts = c.blockInts
+            blockFloats = c.blockFloats
+            let bytes = Workspace.byteCount(l, workers: workers)
+            block = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+            let i = block.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             queryPosition = i
             queryBucket = i + qs
             queryGroup = i + 2 * qs
             keyPosition = i + 3 * qs
             keyBucket = keyPosition + ks
-            keyGroup = keyPosition + 2 * ks
-            memberStart = keyPosition + 3 * ks
+            memberStart = keyPosition + 2 * ks
             memberSlots = memberStart + l.queryLength + 1
-            let f = (block + 4 * ints).initializeMemory(as: Float.self, repeating: 0, count: floats)
-            q = f
-            k = q + l.querySlots * l.headDim
-            v = k + l.keySlots * l.headDim
-            o = v + l.keySlots * l.valueDim
+            o = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
             lse = o + l.querySlots * l.valueDim
+            blockBase = block + 4 * (c.ints + c.floats)
+            blockBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.blockInts + c.blockFloats))
+        }
+
+        /// Worker `worker`'s block: key slot arrays (group, bucket, position) and rows q, k, v.
+        func blockSpace(_ worker: Int, _ l: Layout)
+            -> (keyGroup: UnsafeMutablePointer<Int32>, keyBucket: UnsafeMutablePointer<Int32>,
+                keyPosition: UnsafeMutablePointer<Int32>, q: UnsafeMutablePointer<Float>,
+                k: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>) {
+            let base = blockBase + 4 * worker * (blockInts + blockFloats)
+            let ints = base.assumingMemoryBound(to: Int32.self)
+            let keys = l.blockKeySlots + slotPadding
+            let q = (base + 4 * blockInts).assumingMemoryBound(to: Float.self)
+            let k = q + l.blockQuerySlots * l.headDim
+            return (ints, ints + keys, ints + 2 * keys, q, k, k + l.blockKeySlots * l.headDim)
         }
 
         func deallocate() { block.deallocate() }
@@ -139,52 +170,72 @@ enum GroupedAttention {
         precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
-        // Groups and key validity per slot; gather rows into slot order.
-        let chunk = 512
-        let queryBlocks = (qs + chunk - 1) / chunk, keyBlocks = (ks + chunk - 1) / chunk
-        parallelForEach(items: queryBlocks + keyBlocks, threads: threads) { block, _ in
-            if block < queryBlocks {
-                for s in block * chunk ..< min(qs, (block + 1) * chunk) {
-                    space.queryGroup[s] = Int32(s / l.queryGroupSize)
-                    copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
-                            to: space.q + s * d, count: d)
-                    if l.sharedKeys {
-                        let row = space.q + s * d, key = space.k + s * d
-                        let norm = dot(row, 1, row, 1, count: d).squareRoot()
-                        let inverse: Float = norm > 0 ? 1 / norm : 0
-                        for c in 0..<d { key[c] = row[c] * inverse }
-                    }
-                }
-            } else {
-                let kb = block - queryBlocks
-                for t in kb * chunk ..< min(ks, (kb + 1) * chunk) {
+        for s in 0..<qs { space.queryGroup[s] = Int32(s / l.queryGroupSize) }
+        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && !l.predecessor
+            && keyLength >= l.keySlots
+        let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
+        // Blocks of groups, one per work item: gather the block's rows (plus the previous
+        // group's keys) into the worker's buffers, attend, and write the sorted outputs.
+        parallelForEach(items: l.blocks, threads: min(threads, space.workers)) { blockIndex, worker in
+            let local = space.blockSpace(worker, l)
+            let g0 = blockIndex * l.blockGroups, g1 = min(l.groups, g0 + l.blockGroups)
+            let queryStart = g0 * l.queryGroupSize, queryEnd = min(g1 * l.queryGroupSize, qs)
+            var keyCount = 0
+            func takeKeys(_ start: Int, _ end: Int, padTo: Int) {
+                for t in start..<end {
                     let position = Int(space.keyPosition[t])
-                    space.keyGroup[t] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
-                    if !l.sharedKeys {
-                        copyRow(key.row(position), key.elementStride, to: space.k + t * d, count: d)
+                    local.keyGroup[keyCount] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
+                    local.keyBucket[keyCount] = space.keyBucket[t]
+                    local.keyPosition[keyCount] = Int32(position)
+                    let keyRow = local.k + keyCount * d
+                    if l.sharedKeys {
+                        copyRow(query.row(position), query.elementStride, to: keyRow, count: d)
+                        let norm = dot(keyRow, 1, keyRow, 1, count: d).squareRoot()
+                        let inverse: Float = norm > 0 ? 1 / norm : 0
+                        for c in 0..<d { keyRow[c] *= inverse }
+                    } else {
+                        copyRow(key.row(position), key.elementStride, to: keyRow, count: d)
                     }
-                    copyRow(value.row(position), value.elementStride, to: space.v + t * dv, count: dv)
+                    copyRow(value.row(position), value.elementStride, to: local.v + keyCount * dv, count: dv)
+                    keyCount += 1
+                }
+                // Padding slots (a short previous group): invisible, with finite rows.
+                while keyCount < padTo {
+                    local.keyGroup[keyCount] = -1
+                    (local.k + keyCount * d).update(repeating: 0, count: d)
+                    (local.v + keyCount * dv).update(repeating: 0, count: dv)
+                    keyCount += 1
                 }
             }
+            if l.predecessor {
+                let p = (g0 + l.groups - 1) % l.groups
+                takeKeys(p * l.keyGroupSize, min((p + 1) * l.keyGroupSize, ks), padTo: l.keyGroupSize)
+            }
+            takeKeys(g0 * l.keyGroupSize, min(g1 * l.keyGroupSize, ks), padTo: 0)
+            for s in queryStart..<queryEnd {
+                copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
+                        to: local.q + (s - queryStart) * d, count: d)
+            }
+            let queryCount = queryEnd - queryStart
+            let mask = GroupMask(queryGroup: space.queryGroup + queryStart, queryBucket: space.queryBucket + queryStart,
+                                 queryPosition: space.queryPosition + queryStart,
+                                 keyGroup: local.keyGroup, keyBucket: local.keyBucket,
+                                 keyPosition: local.keyPosition, keySlots: keyCount,
+                                 queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize,
+                                 predecessorGroups: l.predecessor ? 1 : 0, groups: l.groups,
+                                 lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
+                                 excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
+            TiledSoftmaxAttention.run(
+                shape: AttentionShape(batch: 1, heads: 1, queryLength: queryCount, keyLength: keyCount,
+                                      headDim: d, valueDim: dv),
+                scale: scale, threads: 1, tiling: l.tiling,
+                q: TensorView(base: local.q, strides: rowStrides(d, queryCount)),
+                k: TensorView(base: local.k, strides: rowStrides(d, keyCount)),
+                v: TensorView(base: local.v, strides: rowStrides(dv, keyCount)),
+                o: MutableTensorView(base: space.o + queryStart * dv, strides: rowStrides(dv, queryCount)),
+                lse: MutableTensorView(base: space.lse + queryStart, strides: rowStrides(1, queryCount))
+            ) { _, _ in mask }
         }
-
-        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && keyLength >= l.keySlots
-        let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
-        let mask = GroupMask(queryGroup: space.queryGroup, queryBucket: space.queryBucket,
-                             queryPosition: space.queryPosition,
-                             keyGroup: space.keyGroup, keyBucket: space.keyBucket,
-                             keyPosition: space.keyPosition, keySlots: ks,
-                             queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize, groups: l.groups,
-                             lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
-                             excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
-        TiledSoftmaxAttention.run(
-            shape: l.kernelShape, scale: scale, threads: threads, tiling: l.tiling,
-            q: TensorView(base: space.q, strides: rowStrides(d, qs)),
-            k: TensorView(base: space.k, strides: rowStrides(d, ks)),
-            v: TensorView(base: space.v, strides: rowStrides(dv, ks)),
-            o: MutableTensorView(base: space.o, strides: rowStrides(dv, qs)),
-            lse: MutableTensorView(base: space.lse, strides: rowStrides(1, qs))
-        ) { _, _ in mask }
 
         let n = l.queryLength
         let rowsPerItem = 256

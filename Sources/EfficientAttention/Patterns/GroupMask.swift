@@ -1,13 +1,15 @@
 /// Visibility between grouped slots: the mask of content-based routing (LSH chunks,
 /// k-means clusters) after queries and keys have been sorted into group order.
 ///
-/// Queries and keys live in *slots*: slot `s` of the query side holds the original query
-/// `queryPosition[s]`, and belongs to group `s / queryGroupSize` (key side likewise with
-/// `keyGroupSize`). Key slot `t` is visible to query slot `s` iff all of:
+/// Queries and keys live in *slots* of one block of groups: query slot `s` holds the
+/// original query `queryPosition[s]` of group `queryGroup[s]`; the block's query slots start
+/// at a group boundary, groups of `queryGroupSize` slots. Key slots hold
+/// `predecessorGroups` (0 or 1) groups of `keyGroupSize` slots before the keys of the
+/// block's own groups (LSH's look-back chunk). Key slot `t` is visible to query slot `s` iff:
 ///
-/// - `keyGroup[t] == group(s)`, or `lookBack` and `keyGroup[t] == previous(group(s))`
+/// - `keyGroup[t] == queryGroup[s]`, or `lookBack` and `keyGroup[t] == previous(queryGroup[s])`
 ///   where `previous(0) = groups − 1` (LSH chunks attend to the previous chunk, wrapping);
-///   a key slot with `keyGroup[t] == −1` (key padding) is never visible;
+///   a key slot with `keyGroup[t] == −1` (key padding, a short previous chunk) is never visible;
 /// - `checkBuckets` is false or `keyBucket[t] == queryBucket[s]`;
 /// - not causal, or `keyPosition[t] ≤ queryPosition[s] + causalOffset` (original positions);
 /// - `excludeSelf` is false or `keyPosition[t] != queryPosition[s]` (shared-QK LSH).
@@ -24,6 +26,7 @@ struct GroupMask: TileMask {
     var keySlots: Int
     var queryGroupSize: Int
     var keyGroupSize: Int
+    var predecessorGroups: Int
     var groups: Int
     var lookBack: Bool
     var checkBuckets: Bool
@@ -36,24 +39,15 @@ struct GroupMask: TileMask {
 
     func forEachKeyTile(queryStart: Int, queryEnd: Int, tileSize: Int,
                         _ body: (_ keyStart: Int, _ keyCount: Int, _ fullyVisible: Bool) -> Void) {
+        // Local groups first...last see key groups first...last + predecessorGroups.
         let first = queryStart / queryGroupSize, last = (queryEnd - 1) / queryGroupSize
         let full = groupsOnly && first == last
-        func emit(_ lowGroup: Int, _ highGroup: Int) {
-            var start = lowGroup * keyGroupSize
-            let end = min((highGroup + 1) * keyGroupSize, keySlots)
-            while start < end {
-                let count = min(tileSize, end - start)
-                body(start, count, full)
-                start += count
-            }
-        }
-        if !lookBack {
-            emit(first, last)
-        } else if first > 0 {
-            emit(first - 1, last)
-        } else {
-            emit(0, last)
-            if groups - 1 > last { emit(groups - 1, groups - 1) }
+        var start = first * keyGroupSize
+        let end = min((last + 1 + predecessorGroups) * keyGroupSize, keySlots)
+        while start < end {
+            let count = min(tileSize, end - start)
+            body(start, count, full)
+            start += count
         }
     }
 
