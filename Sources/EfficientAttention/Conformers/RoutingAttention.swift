@@ -321,10 +321,11 @@ public struct RoutingAttention: Attention {
                             i += 16
                             continue
                         }
-                        for t in i..<min(count, i + 16) where scores[t] >= low {
+                        for t in i..<min(count, i + 16) {
+                            // Branch-free: write every score, advance only past candidates.
                             values[candidates] = scores[t]
-                            indices[candidates] = Int32(t)
-                            candidates += 1
+                            indices[candidates] = Int32(truncatingIfNeeded: t)
+                            candidates += scores[t] >= low ? 1 : 0
                         }
                         i += 16
                     }
