@@ -139,6 +139,9 @@ enum LSHCases {
         LSHCase(batch: 3, length: 40, bucketSize: 8, keyLengths: [40, 0, 13]),
         LSHCase(batch: 2, length: 40, bucketSize: 8, sharedQK: false, causal: true, keyLengths: [1, 33]),
         LSHCase(length: 300, headDim: 32, bucketSize: 64, hashes: 4),
+        // Several blocks of 256 chunks: the first block's look-back is the short last chunk.
+        LSHCase(heads: 1, length: 1101, headDim: 8, bucketSize: 4, hashes: 2, bucketCount: 8, causal: true),
+        LSHCase(heads: 1, length: 2050, headDim: 5, bucketSize: 4, hashes: 1, bucketCount: 6, sharedQK: false),
     ].enumerated().map { n, c in var c = c; c.seed = 40 + UInt64(n); return c }
 }
 

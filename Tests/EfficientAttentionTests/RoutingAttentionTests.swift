@@ -118,6 +118,9 @@ enum RoutingCases {
         RoutingCase(batch: 2, queryLength: 40, clusters: 3, causal: true, keyLengths: [1, 33]),
         RoutingCase(queryLength: 300, headDim: 32, clusters: 2),
         RoutingCase(queryLength: 12, clusters: 20),
+        // Several blocks of clusters (about 1024 query slots each).
+        RoutingCase(heads: 1, queryLength: 1100, keyLength: 900, headDim: 8, clusters: 3, causal: true),
+        RoutingCase(heads: 1, queryLength: 1500, headDim: 6, clusters: 40, keyLengths: [1400]),
     ].enumerated().map { n, c in var c = c; c.seed = 70 + UInt64(n); return c }
 }
 
