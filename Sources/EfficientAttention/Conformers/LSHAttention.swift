@@ -76,6 +76,8 @@ public struct LSHAttention: Attention {
     public static let maxLength = 1 << 30
 
     /// The number of buckets used for sequences of `length` positions.
+    ///
+    /// - Complexity: O(1).
     public func buckets(forLength length: Int) -> Int {
         if let bucketCount { return bucketCount }
         if let rotations { return 2 * rotations.shape[3] }
@@ -118,6 +120,8 @@ public struct LSHAttention: Attention {
 
     /// The rotations a call on `shape` uses: the explicit ones, or `[H, hashes, D,
     /// nBuckets/2]` standard normal values from `SeededGenerator(seed: seed)`.
+    ///
+    /// - Complexity: O(H · hashes · D · nBuckets).
     public func rotations(for shape: AttentionShape) throws -> Tensor {
         try validate(shape)
         if let rotations { return rotations }
@@ -168,6 +172,8 @@ public struct LSHAttention: Attention {
 
     /// The bucket of every query and key in every round: `query[((b·H + h)·hashes + r)·N + i]`
     /// and `key` likewise (keys hashed for query head `h`; equal to `query` with shared QK).
+    ///
+    /// - Complexity: O(B · H · hashes · N · D · nBuckets), single-threaded.
     public func bucketIDs(query: Tensor, key: Tensor) throws -> (query: [Int], key: [Int]) {
         let shape = try AttentionShape(query: query, key: key, value: key)
         try validate(shape)

@@ -40,6 +40,8 @@ public struct RoutingAttention: Attention {
     public var decay: Float
 
     /// Seeded centroids: `clusters` unit vectors per head with Gaussian directions.
+    ///
+    /// - Complexity: O(heads · clusters · headDim).
     public init(heads: Int, headDim: Int, clusters: Int, causal: Bool = false, scale: Float? = nil,
                 decay: Float = 0.999, seed: UInt64 = 0) throws {
         for (name, value) in [("heads", heads), ("headDim", headDim), ("clusters", clusters)] where value < 1 {
@@ -58,6 +60,8 @@ public struct RoutingAttention: Attention {
     }
 
     /// Given centroids `[1, H, K, D]` (finite; they need not be unit length).
+    ///
+    /// - Complexity: O(H · K · D) to check them.
     public init(centroids: Tensor, causal: Bool = false, scale: Float? = nil, decay: Float = 0.999) throws {
         let s = centroids.shape
         guard s[0] == 1, s[1] >= 1, s[2] >= 1, s[3] >= 1 else {
@@ -122,6 +126,8 @@ public struct RoutingAttention: Attention {
 
     /// The members of every cluster, ascending: `query[(b·H + h)·K + c]` lists the original
     /// query positions routed to cluster `c` of head `h`, `key[...]` the key positions.
+    ///
+    /// - Complexity: O(B · H · (Nq + Nk) · K · D), single-threaded.
     public func routes(query: Tensor, key: Tensor) throws -> (query: [[Int]], key: [[Int]]) {
         let shape = try AttentionShape(query: query, key: key, value: key)
         try validate(shape)

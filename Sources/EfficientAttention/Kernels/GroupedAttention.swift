@@ -6,8 +6,12 @@
 ///
 ///     the conformer fills, for round r and every slot s, t:  queryPosition[s], queryBucket[s]
 ///                                                           keyPosition[t],   keyBucket[t]
-///     gather:   Q̃[s] = q[queryPosition[s]],  K̃[t] = k[keyPosition[t]],  Ṽ[t] = v[keyPosition[t]]
-///     attend:   (Õ, l̃se) = TiledSoftmaxAttention over the slots with a GroupMask
+///     per block of groups (about 1024 query slots; one work item each):
+///         gather    Q̃[s] = q[queryPosition[s]] for the block's query slots, and
+///                   K̃[t] = k[keyPosition[t]], Ṽ[t] = v[keyPosition[t]] for the keys of the
+///                   group before the block (LSH look-back, padded to a whole group) and of
+///                   the block's groups, into the worker's L2-sized buffers
+///         attend    (Õ, l̃se)[block] = TiledSoftmaxAttention on the block with a GroupMask
 ///     combine, for each original query i over the slots s holding i:
 ///         .logSumExp:  merged exactly into the rows of the earlier rounds:
 ///                      lse_i ← log(exp(lse_i) + Σ_s exp(l̃se[s])),
@@ -18,7 +22,8 @@
 ///     `sharedKeys` a query whose key is valid falls back to itself after the last round
 ///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R = scale · |q_i| + log R
 ///
-/// Workspace: O((Nq + Nk) · (D + Dv)) for one round of one head (see ``workspaceBytes``);
+/// Workspace: O(Nq · Dv + Nq + Nk) for one round of one head (slot arrays, sorted outputs)
+/// plus about 1 MiB of gathered rows per worker (see ``workspaceBytes(_:threads:)``);
 /// rounds merge into the output rows, so memory does not grow with `R`.
 enum GroupedAttention {
     /// How several results of one query combine.
