@@ -130,6 +130,8 @@ enum GroupedAttention {
             keyBucket = keyPosition + ks
             memberStart = keyPosition + 2 * ks
             memberSlots = memberStart + l.queryLength + 1
+            // Query groups depend on the slot only: the same for every head and round.
+            for s in 0..<l.querySlots { queryGroup[s] = Int32(s / l.queryGroupSize) }
             o = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
             lse = o + l.querySlots * l.valueDim
             blockBase = block + 4 * (c.ints + c.floats)
@@ -175,7 +177,6 @@ enum GroupedAttention {
         precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
-        for s in 0..<qs { space.queryGroup[s] = Int32(s / l.queryGroupSize) }
         let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && !l.predecessor
             && keyLength >= l.keySlots
         let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
