@@ -23,10 +23,10 @@
 /// Rows with no visible key are 0 with `lse = −∞`. `Nq` must equal `Nk`; sequence
 /// lengths need not be multiples of the bucket size (the last chunk is shorter).
 ///
-/// Rotations have N(0, 1) entries, drawn per head and round from
-/// `SeededGenerator(seed)` in the order `[H, hashes, D, nBuckets/2]`, or passed in
-/// explicitly (``rotations``). With separate keys, query head `h` hashes its keys (key
-/// head `h / (H / Hkv)`) with its own rotations.
+/// Rotations have N(0, 1) entries, drawn for each head and round from its own
+/// `SeededGenerator` derived from `seed` (``rotations(for:)`` returns them as
+/// `[H, hashes, D, nBuckets/2]`), or passed in explicitly (``rotations``). With separate
+/// keys, query head `h` hashes its keys (key head `h / (H / Hkv)`) with its own rotations.
 ///
 /// The work runs on ``GroupedAttention``: hashing is a small GEMM on the micro-kernel,
 /// the sort is a counting sort by bucket (stable, O(N)), the chunks attend with the tiled
@@ -118,18 +118,41 @@ public struct LSHAttention: Attention {
         }
     }
 
-    /// The rotations a call on `shape` uses: the explicit ones, or `[H, hashes, D,
-    /// nBuckets/2]` standard normal values from `SeededGenerator(seed: seed)`.
+    /// The rotations a call on `shape` uses: the explicit ones, or the seeded
+    /// `[H, hashes, D, nBuckets/2]` standard normal values (see ``seededRotation``).
     ///
     /// - Complexity: O(H · hashes · D · nBuckets).
     public func rotations(for shape: AttentionShape) throws -> Tensor {
         try validate(shape)
         if let rotations { return rotations }
         let half = buckets(forLength: shape.queryLength) / 2
-        let count = shape.heads * hashes * shape.headDim * half
-        var rng = SeededGenerator(seed: seed)
-        return try Tensor(shape: [shape.heads, hashes, shape.headDim, half],
-                          data: (0..<count).map { _ in Float(rng.nextGaussian()) })
+        let d = shape.headDim
+        var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
+        data.withUnsafeMutableBufferPointer { buffer in
+            for h in 0..<shape.heads { for r in 0..<hashes {
+                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half,
+                                            into: buffer.baseAddress! + (h * hashes + r) * d * half, ld: half)
+            } }
+        }
+        return try Tensor(shape: [shape.heads, hashes, d, half], data: data)
+    }
+
+    /// Writes rotation `[head, round]` (`D × half` standard normal values, row-major) to
+    /// `out[c · ld + t]`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
+    /// rotation's index, so that every (head, round) is drawn independently (and in parallel).
+    static func seededRotation(seed: UInt64, head: Int, round: Int, hashes: Int, d: Int, half: Int,
+                               into out: UnsafeMutablePointer<Float>, ld: Int) {
+        var rng = SeededGenerator(seed: seed ^ (UInt64(head * hashes + round) &+ 1) &* 0x9E37_79B9_7F4A_7C15)
+        let count = d * half
+        var index = 0
+        while index < count {
+            let u1 = (Double(rng.next() >> 11) + 1) * 0x1p-53   // (0, 1]
+            let u2 = Double(rng.next() >> 11) * 0x1p-53
+            let radius = (-2 * log(u1)).squareRoot(), angle = 2 * Double.pi * u2
+            out[index / half * ld + index % half] = Float(radius * cos(angle))
+            if index + 1 < count { out[(index + 1) / half * ld + (index + 1) % half] = Float(radius * sin(angle)) }
+            index += 2
+        }
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
@@ -210,7 +233,8 @@ public struct LSHAttention: Attention {
         let threads = threads ?? defaultThreadCount
         let (layout, half) = plan(shape)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
-        let rotations = try self.rotations(for: shape)
+        let seed = self.seed, given = self.rotations
+        let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
         let space = GroupedAttention.Workspace(layout, workers: workerCount(threads: threads, items: layout.blocks))
@@ -225,7 +249,15 @@ public struct LSHAttention: Attention {
                 let queries = GroupedAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
                 let keys = sharedQK ? queries : GroupedAttention.Rows(view: k, b: b, h: hk)
-                scratch.packRotations(rot, head: h, hashes: hashes, d: d)
+                if given != nil {
+                    scratch.packRotations(rot, head: h, hashes: hashes, d: d)
+                } else {
+                    parallelForEach(items: hashes, threads: threads) { r, _ in
+                        LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
+                                                    half: half, into: scratch.rotations + r * d * scratch.halfPad,
+                                                    ld: scratch.halfPad)
+                    }
+                }
                 // Transpose, then hash by rounds and blocks of rows.
                 parallelForEach(items: rowBlocks, threads: threads) { item, _ in
                     let start = item * rowBlock, count = min(rowBlock, n - start)
@@ -382,3 +414,9 @@ public struct LSHAttention: Attention {
         }
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
