@@ -254,13 +254,19 @@ public struct Registry: Sendable {
             name: "lsh",
             summary: "Reformer LSH: shared-QK angular hashing, sorted chunks, rounds merged by log-sum-exp (Kitaev et al. 2020)",
             parameters: [(.bucketSize, .value(64)), (.hashes, .value(4))],
-            make: nil),
+            make: { c in
+                LSHAttention(bucketSize: c[.bucketSize], hashes: c[.hashes], causal: c.causal, seed: c.seed)
+            }),
         VariantEntry(
             name: "routing",
             summary: "Routing Transformer: balanced k-means clusters of w queries/keys, attention within clusters (Roy et al. 2021)",
             parameters: [(.window, .value(128))],
             settingsNote: "cluster size; K = N / 128 clusters",
-            make: nil),
+            make: { c in
+                try RoutingAttention(heads: c.shape.heads, headDim: c.shape.headDim,
+                                     clusters: max(1, c.shape.queryLength / c[.window]), causal: c.causal,
+                                     seed: c.seed)
+            }),
         VariantEntry(
             name: "linformer",
             summary: "Linformer: keys and values projected along the sequence to k rows, non-causal (Wang et al. 2020)",

@@ -1,0 +1,422 @@
+/// Reformer attention (Kitaev et al. 2020): angular locality-sensitive hashing sorts the
+/// positions into buckets; each chunk of the sorted order attends to itself and to the
+/// previous chunk; several hash rounds are combined exactly by log-sum-exp.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h (query head), with
+/// // k_j = q_j / |q_j| (shared QK, the default) or the given keys (separate keys):
+/// for r in 0..<hashes:
+///     bucket(x) = argmax([x R[h, r] ; −x R[h, r]])            // R[h, r]: D × nBuckets/2
+///     order = positions sorted by (bucket, position)          // queries; keys likewise
+///     chunk(i) = (index of i in order) / bucketSize
+///     j visible to i in round r iff
+///         chunk(j) == chunk(i) or chunk(j) == chunk(i) − 1 (chunk −1 is the last chunk)
+///         and (attendAcrossBuckets or bucket(j) == bucket(i))
+///         and (!causal or j <= i) and j < keyLengths[b]
+///         and (!sharedQK or j != i)                           // the self rule, below
+///     (o[r][i], lse[r][i]) = softmax attention of q_i over the visible keys
+/// lse_i = log Σ_r exp(lse[r][i]),  o_i = Σ_r exp(lse[r][i] − lse_i) · o[r][i]
+/// ```
+/// The self rule (shared QK): a query never attends to itself unless it has no other
+/// visible key in any round; it then attends to itself alone in every round, so
+/// `o_i = v_i` and `lse_i = scale · |q_i| + log(hashes)` (zero queries have a zero key).
+/// Rows with no visible key are 0 with `lse = −∞`. `Nq` must equal `Nk`; sequence
+/// lengths need not be multiples of the bucket size (the last chunk is shorter).
+///
+/// Rotations have N(0, 1) entries, drawn for each head and round from its own
+/// `SeededGenerator` derived from `seed` (``rotations(for:)`` returns them as
+/// `[H, hashes, D, nBuckets/2]`), or passed in explicitly (``rotations``). With separate
+/// keys, query head `h` hashes its keys (key head `h / (H / Hkv)`) with its own rotations.
+///
+/// The work runs on ``GroupedAttention``: hashing is a small GEMM on the micro-kernel,
+/// the sort is a counting sort by bucket (stable, O(N)), the chunks attend with the tiled
+/// softmax kernel (query tiles of one chunk, keys of the chunk and the previous one).
+///
+/// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
+///   attention plus `hashes · N · D · nBuckets` FLOPs of hashing (twice with separate
+///   keys); workspace O(N · (D + Dv)) for one round of one head at a time.
+public struct LSHAttention: Attention {
+    /// Chunk length of the sorted order (default 64). At least 1.
+    public var bucketSize: Int
+    /// Hash rounds (default 4). At least 1.
+    public var hashes: Int
+    /// Buckets per round, even and at least 2; `nil` means `⌈N / bucketSize⌉` rounded up
+    /// to an even number (at least 2), or twice the last extent of explicit rotations.
+    public var bucketCount: Int?
+    /// Keys are the unit-normalised queries (the `key` argument is then only shape-checked).
+    public var sharedQK: Bool
+    /// Keys of other buckets within the attended chunks are visible too.
+    public var attendAcrossBuckets: Bool
+    /// Key `j` is visible to query `i` only if `j <= i` (original positions).
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+    /// Seed of the random rotations.
+    public var seed: UInt64
+    /// Explicit rotations `[H, hashes, D, nBuckets / 2]` (finite), replacing the seeded ones.
+    public var rotations: Tensor?
+
+    public init(bucketSize: Int = 64, hashes: Int = 4, bucketCount: Int? = nil, sharedQK: Bool = true,
+                attendAcrossBuckets: Bool = false, causal: Bool = false, scale: Float? = nil,
+                seed: UInt64 = 0, rotations: Tensor? = nil) {
+        self.bucketSize = bucketSize
+        self.hashes = hashes
+        self.bucketCount = bucketCount
+        self.sharedQK = sharedQK
+        self.attendAcrossBuckets = attendAcrossBuckets
+        self.causal = causal
+        self.scale = scale
+        self.seed = seed
+        self.rotations = rotations
+    }
+
+    public var name: String { "lsh" }
+
+    /// Largest sequence length (positions are stored as 32-bit integers).
+    public static let maxLength = 1 << 30
+
+    /// The number of buckets used for sequences of `length` positions.
+    ///
+    /// - Complexity: O(1).
+    public func buckets(forLength length: Int) -> Int {
+        if let bucketCount { return bucketCount }
+        if let rotations { return 2 * rotations.shape[3] }
+        let chunks = (length + max(1, bucketSize) - 1) / max(1, bucketSize)
+        return max(2, roundUp(chunks, 2))
+    }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: "LSH attention")
+        try checkScale(scale)
+        guard bucketSize >= 1 else {
+            throw AttentionError.invalidParameter("LSH bucketSize must be at least 1, got \(bucketSize)")
+        }
+        guard hashes >= 1 else {
+            throw AttentionError.invalidParameter("LSH hashes (rounds) must be at least 1, got \(hashes)")
+        }
+        guard shape.queryLength == shape.keyLength else {
+            throw AttentionError.unsupported(
+                "LSH attention needs queryLength == keyLength (chunks pair queries with keys), got \(shape.queryLength) and \(shape.keyLength)")
+        }
+        guard shape.queryLength <= LSHAttention.maxLength else {
+            throw AttentionError.unsupported("LSH attention supports sequences up to \(LSHAttention.maxLength), got \(shape.queryLength)")
+        }
+        let n = buckets(forLength: shape.queryLength)
+        guard n >= 2, n % 2 == 0 else {
+            throw AttentionError.invalidParameter("LSH bucketCount (nBuckets) must be even and at least 2, got \(n)")
+        }
+        if let rotations {
+            let expected = [shape.heads, hashes, shape.headDim, n / 2]
+            guard rotations.shape == expected else {
+                throw AttentionError.shapeMismatch(
+                    "LSH rotations must be [heads, hashes, headDim, nBuckets/2] = \(expected), got \(rotations.shape)")
+            }
+            guard rotations.elements.allSatisfy(\.isFinite) else {
+                throw AttentionError.invalidParameter("LSH rotations must be finite (found NaN or infinity)")
+            }
+        }
+    }
+
+    /// The rotations a call on `shape` uses: the explicit ones, or the seeded
+    /// `[H, hashes, D, nBuckets/2]` standard normal values (see ``seededRotation``).
+    ///
+    /// - Complexity: O(H · hashes · D · nBuckets).
+    public func rotations(for shape: AttentionShape) throws -> Tensor {
+        try validate(shape)
+        if let rotations { return rotations }
+        let half = buckets(forLength: shape.queryLength) / 2
+        let d = shape.headDim
+        var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
+        data.withUnsafeMutableBufferPointer { buffer in
+            for h in 0..<shape.heads { for r in 0..<hashes {
+                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half,
+                                            into: buffer.baseAddress! + (h * hashes + r) * d * half, ld: half)
+            } }
+        }
+        return try Tensor(shape: [shape.heads, hashes, d, half], data: data)
+    }
+
+    /// Writes rotation `[head, round]` (`D × half` standard normal values, row-major) to
+    /// `out[c · ld + t]`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
+    /// rotation's index, so that every (head, round) is drawn independently (and in parallel).
+    static func seededRotation(seed: UInt64, head: Int, round: Int, hashes: Int, d: Int, half: Int,
+                               into out: UnsafeMutablePointer<Float>, ld: Int) {
+        var rng = SeededGenerator(seed: seed ^ (UInt64(head * hashes + round) &+ 1) &* 0x9E37_79B9_7F4A_7C15)
+        let count = d * half
+        var index = 0
+        while index < count {
+            let u1 = (Double(rng.next() >> 11) + 1) * 0x1p-53   // (0, 1]
+            let u2 = Double(rng.next() >> 11) * 0x1p-53
+            let radius = (-2 * log(u1)).squareRoot(), angle = 2 * Double.pi * u2
+            out[index / half * ld + index % half] = Float(radius * cos(angle))
+            if index + 1 < count { out[(index + 1) / half * ld + (index + 1) % half] = Float(radius * sin(angle)) }
+            index += 2
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        let (layout, half) = plan(shape)
+        let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
+        let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
+        let heads = shape.batch * shape.heads
+        let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
+                                     + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
+        return AttentionCost(flops: flops,
+                             workspaceBytes: GroupedAttention.workspaceBytes(layout, threads: threads)
+                                 + Scratch.byteCount(shape, hashes: hashes, half: half, workers: workers(threads)),
+                             scoredPairs: heads * pairs)
+    }
+
+    /// Query/key pairs one round examines: each chunk against itself and its predecessor.
+    static func chunkPairs(length n: Int, chunk: Int) -> Int {
+        let chunks = (n + chunk - 1) / chunk
+        var pairs = 0
+        for c in 0..<chunks {
+            let size = min(chunk, n - c * chunk)
+            let previous = (c + chunks - 1) % chunks
+            pairs += size * (size + (previous == c ? 0 : min(chunk, n - previous * chunk)))
+        }
+        return pairs
+    }
+
+    private func workers(_ threads: Int?) -> Int { max(1, threads ?? defaultThreadCount) }
+
+    private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, half: Int) {
+        let n = shape.queryLength
+        let layout = GroupedAttention.Layout(
+            rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
+            queryGroupSize: bucketSize, keyGroupSize: bucketSize, groups: (n + bucketSize - 1) / bucketSize,
+            lookBack: true, checkBuckets: !attendAcrossBuckets, causalOffset: causal ? 0 : nil,
+            sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
+        return (layout, buckets(forLength: n) / 2)
+    }
+
+    /// The bucket of every query and key in every round: `query[((b·H + h)·hashes + r)·N + i]`
+    /// and `key` likewise (keys hashed for query head `h`; equal to `query` with shared QK).
+    ///
+    /// - Complexity: O(B · H · hashes · N · D · nBuckets), single-threaded.
+    public func bucketIDs(query: Tensor, key: Tensor) throws -> (query: [Int], key: [Int]) {
+        let shape = try AttentionShape(query: query, key: key, value: key)
+        try validate(shape)
+        let n = shape.queryLength, (_, half) = plan(shape)
+        let rotations = try self.rotations(for: shape)
+        var queryBuckets = [Int](), keyBuckets = [Int]()
+        let scratch = Scratch(shape, hashes: hashes, half: half, workers: 1)
+        defer { scratch.deallocate() }
+        query.withView { q in key.withView { k in rotations.withView { rot in
+            for b in 0..<shape.batch { for h in 0..<shape.heads {
+                scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
+                scratch.transpose(GroupedAttention.Rows(view: q, b: b, h: h), start: 0, count: n, into: scratch.queriesT)
+                scratch.transpose(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: 0, count: n,
+                                  into: scratch.keysT)
+                for r in 0..<hashes {
+                    scratch.hash(scratch.queriesT, start: 0, count: n, round: r, worker: 0, into: scratch.queryBuckets)
+                    queryBuckets += (0..<n).map { Int(scratch.queryBuckets[$0]) }
+                    if !sharedQK {
+                        scratch.hash(scratch.keysT, start: 0, count: n, round: r, worker: 0, into: scratch.keyBuckets)
+                    }
+                    keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[$0]) }
+                }
+            } }
+        } } }
+        return (queryBuckets, keyBuckets)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let threads = threads ?? defaultThreadCount
+        let (layout, half) = plan(shape)
+        let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
+        let seed = self.seed, given = self.rotations
+        let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
+        var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
+        let space = GroupedAttention.Workspace(layout, workers: workerCount(threads: threads, items: layout.blocks))
+        let scratch = Scratch(shape, hashes: hashes, half: half, workers: threads)
+        defer { space.deallocate(); scratch.deallocate() }
+        let rowBlock = 256, rowBlocks = (n + rowBlock - 1) / rowBlock
+
+        query.withView { q in key.withView { k in value.withView { v in rotations.withView { rot in
+        output.withMutableView { o in lse.withMutableView { l in
+            for b in 0..<shape.batch { for h in 0..<shape.heads {
+                let hk = h / shape.groupSize
+                let queries = GroupedAttention.Rows(view: q, b: b, h: h)
+                // Shared keys are normalised from the gathered queries by the pipeline.
+                let keys = sharedQK ? queries : GroupedAttention.Rows(view: k, b: b, h: hk)
+                if given != nil {
+                    scratch.packRotations(rot, head: h, hashes: hashes, d: d)
+                } else {
+                    parallelForEach(items: hashes, threads: threads) { r, _ in
+                        LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
+                                                    half: half, into: scratch.rotations + r * d * scratch.halfPad,
+                                                    ld: scratch.halfPad)
+                    }
+                }
+                // Transpose, then hash by rounds and blocks of rows.
+                parallelForEach(items: rowBlocks, threads: threads) { item, _ in
+                    let start = item * rowBlock, count = min(rowBlock, n - start)
+                    scratch.transpose(queries, start: start, count: count, into: scratch.queriesT)
+                    if !sharedQK { scratch.transpose(keys, start: start, count: count, into: scratch.keysT) }
+                }
+                parallelForEach(items: hashes * rowBlocks, threads: threads) { item, worker in
+                    let r = item / rowBlocks, start = item % rowBlocks * rowBlock
+                    let count = min(rowBlock, n - start)
+                    scratch.hash(scratch.queriesT, start: start, count: count, round: r, worker: worker,
+                                 into: scratch.queryBuckets + r * n)
+                    if !sharedQK {
+                        scratch.hash(scratch.keysT, start: start, count: count, round: r, worker: worker,
+                                     into: scratch.keyBuckets + r * n)
+                    }
+                }
+                for r in 0..<hashes {
+                    // Sort by (bucket, position), then attend and merge this round.
+                    parallelForEach(items: sharedQK ? 1 : 2, threads: threads) { side, worker in
+                        if side == 0 {
+                            scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
+                                         positions: space.queryPosition, buckets: space.queryBucket)
+                        } else {
+                            scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
+                                         positions: space.keyPosition, buckets: space.keyBucket)
+                        }
+                    }
+                    if sharedQK {
+                        space.keyPosition.update(from: space.queryPosition, count: n)
+                        space.keyBucket.update(from: space.queryBucket, count: n)
+                    }
+                    GroupedAttention.attendRound(
+                        layout, round: r, space: space, scale: scale, threads: threads,
+                        query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
+                        keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
+                }
+            } }
+        } } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// LSH's own scratch: packed rotations of one head, the head's rows transposed (queries,
+    /// and keys when separate), bucket ids, per-worker hash tiles and sort counters.
+    struct Scratch {
+        let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
+        let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
+        let queriesT, keysT: UnsafeMutablePointer<Float>  // [D][stride]
+        let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
+        let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
+        let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
+        private let block: UnsafeMutableRawPointer
+
+        private static func counts(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int)
+            -> (floats: Int, ints: Int) {
+            let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
+            let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n)
+                + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
+            return (floats, 2 * hashes * n + workers * (2 * half + 1))
+        }
+
+        static func byteCount(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int) -> Int {
+            let (floats, ints) = counts(shape, hashes: hashes, half: half, workers: workers)
+            return 4 * (floats + ints)
+        }
+
+        init(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int) {
+            d = shape.headDim
+            n = shape.queryLength
+            self.half = half
+            halfPad = roundUp(half, MicroTile.nr)
+            buckets = 2 * half
+            stride = TransposedRows.stride(n)
+            let (floats, ints) = Scratch.counts(shape, hashes: hashes, half: half, workers: workers)
+            block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
+            let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
+            rotations = f
+            queriesT = f + roundUp(hashes * d * halfPad, 16)
+            keysT = queriesT + d * stride
+            tiles = keysT + d * stride
+            let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
+            queryBuckets = i
+            keyBuckets = i + hashes * n
+            counters = keyBuckets + hashes * n
+        }
+
+        func deallocate() { block.deallocate() }
+
+        /// Copies head `head`'s rotations into `[hashes][D][halfPad]` (padding columns stay 0).
+        func packRotations(_ rot: TensorView, head: Int, hashes: Int, d: Int) {
+            for r in 0..<hashes {
+                for c in 0..<d {
+                    let row = rot.row(head, r, c)
+                    for t in 0..<half { rotations[(r * d + c) * halfPad + t] = row[t * rot.strides[3]] }
+                }
+            }
+        }
+
+        /// Transposes rows `start..<start + count` of `rows` into `target` (`queriesT` or `keysT`).
+        func transpose(_ rows: GroupedAttention.Rows, start: Int, count: Int, into target: UnsafeMutablePointer<Float>) {
+            TransposedRows.pack(rows, start: start, count: count, depth: d, normalise: false, into: target, ld: stride)
+            if start + count == n { TransposedRows.clearTail(target, n: n, depth: d, ld: stride) }
+        }
+
+        /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
+        /// transposed rows: `argmax([x R ; −x R])`, the first maximum, positive half first.
+        /// Positions are in lanes, so the argmax over buckets is a vertical scan.
+        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
+                  into bucketOf: UnsafeMutablePointer<Int32>) {
+            typealias Lanes = SIMD16<Int32>
+            let tile = tiles + worker * roundUp(half, MicroTile.mr) * MicroTile.nr
+            let rotation = rotations + round * d * halfPad
+            for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
+                for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
+                    let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad,
+                                             rows: min(MicroTile.mr, half - first))
+                    microKernel(depth: d, a: a, b: transposed + panel, ldb: stride,
+                                c: tile + first * MicroTile.nr, ldc: MicroTile.nr, update: .overwrite)
+                }
+                for lane in Swift.stride(from: 0, to: MicroTile.nr, by: 16) {
+                    let valid = min(16, start + count - panel - lane)
+                    guard valid > 0 else { break }
+                    var high = Vec16(repeating: -.infinity), low = Vec16(repeating: .infinity)
+                    var highIndex = Lanes(), lowIndex = Lanes()
+                    for r in 0..<half {
+                        let value = load16(tile + r * MicroTile.nr + lane)
+                        let index = Lanes(repeating: Int32(r))
+                        let up = value .> high, down = value .< low
+                        high.replace(with: value, where: up)
+                        highIndex.replace(with: index, where: up)
+                        low.replace(with: value, where: down)
+                        lowIndex.replace(with: index, where: down)
+                    }
+                    var result = lowIndex &+ Lanes(repeating: Int32(half))
+                    result.replace(with: highIndex, where: high .>= -low)
+                    for t in 0..<valid { bucketOf[panel + lane + t] = result[t] }
+                }
+            }
+        }
+
+        /// Counting sort of positions `0..<count` by bucket, stable: slot order and buckets.
+        func sort(_ bucketOf: UnsafePointer<Int32>, count: Int, worker: Int,
+                  positions: UnsafeMutablePointer<Int32>, buckets slotBuckets: UnsafeMutablePointer<Int32>) {
+            let next = counters + worker * (buckets + 1)
+            next.update(repeating: 0, count: buckets + 1)
+            for i in 0..<count { next[Int(bucketOf[i]) + 1] += 1 }
+            for c in 0..<buckets { next[c + 1] += next[c] }
+            for i in 0..<count {
+                let bucket = Int(bucketOf[i])
+                let slot = Int(next[bucket])
+                positions[slot] = Int32(i)
+                slotBuckets[slot] = Int32(bucket)
+                next[bucket] += 1
+            }
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

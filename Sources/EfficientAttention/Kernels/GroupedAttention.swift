@@ -1,0 +1,365 @@
+/// The shared pipeline of content-based routing (``LSHAttention``, ``RoutingAttention``):
+/// gather queries and keys into group order, run block-diagonal (plus look-back)
+/// attention with the tiled softmax kernel, scatter back and combine.
+///
+/// For one head, round by round (`R` LSH hash rounds; one round for routing):
+///
+///     the conformer fills, for round r and every slot s, t:  queryPosition[s], queryBucket[s]
+///                                                           keyPosition[t],   keyBucket[t]
+///     per block of groups (about 1024 query slots; one work item each):
+///         gather    Q̃[s] = q[queryPosition[s]] for the block's query slots, and
+///                   K̃[t] = k[keyPosition[t]], Ṽ[t] = v[keyPosition[t]] for the keys of the
+///                   group before the block (LSH look-back, padded to a whole group) and of
+///                   the block's groups, into the worker's L2-sized buffers
+///         attend    (Õ, l̃se)[block] = TiledSoftmaxAttention on the block with a GroupMask
+///     combine, for each original query i over the slots s holding i:
+///         .logSumExp:  merged exactly into the rows of the earlier rounds:
+///                      lse_i ← log(exp(lse_i) + Σ_s exp(l̃se[s])),
+///                      o_i ← exp(lse_i,old − lse_i) o_i + Σ_s exp(l̃se[s] − lse_i) Õ[s]
+///         .mean:       o_i = mean of Õ[s] over the slots with a visible key,
+///                      lse_i = log mean exp(l̃se[s]) over the same slots
+///     rows with no slot, or no visible key in any round: 0 and −∞, except that with
+///     `sharedKeys` a query whose key is valid falls back to itself after the last round
+///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R = scale · |q_i| + log R
+///
+/// Workspace: O(Nq · Dv + Nq + Nk) for one round of one head (slot arrays, sorted outputs)
+/// plus about 1 MiB of gathered rows per worker (see ``workspaceBytes(_:threads:)``);
+/// rounds merge into the output rows, so memory does not grow with `R`.
+enum GroupedAttention {
+    /// How several results of one query combine.
+    enum Combine {
+        /// Exactly, by log-sum-exp (LSH rounds over the same query).
+        case logSumExp
+        /// The mean of the memberships with a visible key (routing clusters; one round).
+        case mean
+    }
+
+    /// The slot layout and visibility rules of one head (the same for every head of a call).
+    struct Layout {
+        var rounds: Int
+        var queryLength: Int
+        var querySlots: Int
+        var keySlots: Int
+        var queryGroupSize: Int
+        var keyGroupSize: Int
+        var groups: Int
+        var lookBack: Bool
+        var checkBuckets: Bool
+        var causalOffset: Int?
+        /// Keys are the unit-normalised queries (shared-QK LSH): key slots mirror the query
+        /// slots, `K̃` is normalised from `Q̃` (no second gather), and the self rule applies.
+        var sharedKeys: Bool
+        var combine: Combine
+        var headDim: Int
+        var valueDim: Int
+
+        /// Query tiles matched to the groups (a tile of 64 queries for 64-slot chunks), keys
+        /// in tiles of 64.
+        var queryTile: Int {
+            min(TiledSoftmaxAttention.Tiling.defaultQueryTile, max(MicroTile.nr, queryGroupSize))
+        }
+
+        /// Groups per block: a block's gathered rows (about 1024 query slots) stay in L2.
+        var blockGroups: Int { max(1, 1024 / queryGroupSize) }
+        var blocks: Int { (groups + blockGroups - 1) / blockGroups }
+        /// Whether a block also holds the keys of the group before its first (LSH look-back;
+        /// with one group, the previous group is the group itself).
+        var predecessor: Bool { lookBack && groups > 1 }
+        var blockQuerySlots: Int { blockGroups * queryGroupSize }
+        var blockKeySlots: Int { (blockGroups + (predecessor ? 1 : 0)) * keyGroupSize }
+
+        /// The kernel's problem for the largest block.
+        var kernelShape: AttentionShape {
+            AttentionShape(batch: 1, heads: 1, queryLength: min(blockQuerySlots, querySlots),
+                           keyLength: blockKeySlots, headDim: headDim, valueDim: valueDim)
+        }
+    }
+
+    /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
+    static let slotPadding = 32
+
+    /// Bytes of ``Workspace`` (with `threads` workers) plus the kernel's workspace.
+    static func workspaceBytes(_ layout: Layout, threads: Int?) -> Int {
+        let workers = workerCount(threads: threads, items: layout.blocks)
+        return Workspace.byteCount(layout, workers: workers)
+            + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
+                                                             queryTile: layout.queryTile)
+    }
+
+    /// One head's slot arrays and sorted outputs, and each worker's gathered block, in one
+    /// allocation reused for every head and round.
+    struct Workspace {
+        let queryPosition, queryBucket, queryGroup: UnsafeMutablePointer<Int32>
+        let keyPosition, keyBucket: UnsafeMutablePointer<Int32>
+        /// Slots of each original query: `memberSlots[memberStart[i] ..< memberStart[i + 1]]`.
+        let memberStart, memberSlots: UnsafeMutablePointer<Int32>
+        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps.
+        let o, lse: UnsafeMutablePointer<Float>
+        let workers: Int
+        private let blockInts, blockFloats: Int
+        private let blockBase: UnsafeMutableRawPointer
+        private let block: UnsafeMutableRawPointer
+
+        private static func counts(_ l: Layout) -> (ints: Int, floats: Int, blockInts: Int, blockFloats: Int) {
+            let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
+            let ints = roundUp(3 * qs + 2 * ks + (l.queryLength + 1) + qs, 16)
+            let floats = roundUp(l.querySlots * (l.valueDim + 1), 16)
+            let blockInts = roundUp(3 * (l.blockKeySlots + slotPadding), 16)
+            let blockFloats = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
+            return (ints, floats, blockInts, blockFloats)
+        }
+
+        static func byteCount(_ l: Layout, workers: Int) -> Int {
+            let c = counts(l)
+            return 4 * (c.ints + c.floats + workers * (c.blockInts + c.blockFloats))
+        }
+
+        init(_ l: Layout, workers: Int) {
+            let c = Workspace.counts(l)
+            self.workers = workers
+            blockInts = c.blockInts
+            blockFloats = c.blockFloats
+            let bytes = Workspace.byteCount(l, workers: workers)
+            block = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+            let i = block.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
+            let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
+            queryPosition = i
+            queryBucket = i + qs
+            queryGroup = i + 2 * qs
+            keyPosition = i + 3 * qs
+            keyBucket = keyPosition + ks
+            memberStart = keyPosition + 2 * ks
+            memberSlots = memberStart + l.queryLength + 1
+            // Query groups depend on the slot only: the same for every head and round.
+            for s in 0..<l.querySlots { queryGroup[s] = Int32(s / l.queryGroupSize) }
+            o = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
+            lse = o + l.querySlots * l.valueDim
+            blockBase = block + 4 * (c.ints + c.floats)
+            blockBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.blockInts + c.blockFloats))
+        }
+
+        /// Worker `worker`'s block: key slot arrays (group, bucket, position) and rows q, k, v.
+        func blockSpace(_ worker: Int, _ l: Layout)
+            -> (keyGroup: UnsafeMutablePointer<Int32>, keyBucket: UnsafeMutablePointer<Int32>,
+                keyPosition: UnsafeMutablePointer<Int32>, q: UnsafeMutablePointer<Float>,
+                k: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>) {
+            let base = blockBase + 4 * worker * (blockInts + blockFloats)
+            let ints = base.assumingMemoryBound(to: Int32.self)
+            let keys = l.blockKeySlots + slotPadding
+            let q = (base + 4 * blockInts).assumingMemoryBound(to: Float.self)
+            let k = q + l.blockQuerySlots * l.headDim
+            return (ints, ints + keys, ints + 2 * keys, q, k, k + l.blockKeySlots * l.headDim)
+        }
+
+        func deallocate() { block.deallocate() }
+    }
+
+    /// Rows of one head of a tensor: `row(i)` is position `i`.
+    struct Rows {
+        var view: TensorView
+        var b: Int
+        var h: Int
+        @inline(__always) func row(_ i: Int) -> UnsafePointer<Float> { view.row(b, h, i) }
+        var elementStride: Int { view.strides[3] }
+    }
+
+    /// Attends round `round` of one head once the conformer has filled `space`'s positions
+    /// and buckets for it, and combines it into rows `0..<queryLength` of `output` and `lse`
+    /// (head `b`, `h`); rounds must come in order `0, 1, ...`.
+    ///
+    /// - Parameters:
+    ///   - keyLength: keys at original positions `>= keyLength` are invisible (padding).
+    static func attendRound(
+        _ l: Layout, round: Int, space: Workspace, scale: Float, threads: Int,
+        query: Rows, key: Rows, value: Rows, keyLength: Int,
+        output: MutableTensorView, lse: MutableTensorView, b: Int, h: Int
+    ) {
+        precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
+        let d = l.headDim, dv = l.valueDim
+        let qs = l.querySlots, ks = l.keySlots
+        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && !l.predecessor
+            && keyLength >= l.keySlots
+        let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
+        // Blocks of groups, one per work item: gather the block's rows (plus the previous
+        // group's keys) into the worker's buffers, attend, and write the sorted outputs.
+        parallelForEach(items: l.blocks, threads: min(threads, space.workers)) { blockIndex, worker in
+            let local = space.blockSpace(worker, l)
+            let g0 = blockIndex * l.blockGroups, g1 = min(l.groups, g0 + l.blockGroups)
+            let queryStart = g0 * l.queryGroupSize, queryEnd = min(g1 * l.queryGroupSize, qs)
+            var keyCount = 0
+            func takeKeys(_ start: Int, _ end: Int, padTo: Int) {
+                for t in start..<end {
+                    let position = Int(space.keyPosition[t])
+                    local.keyGroup[keyCount] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
+                    local.keyBucket[keyCount] = space.keyBucket[t]
+                    local.keyPosition[keyCount] = Int32(position)
+                    let keyRow = local.k + keyCount * d
+                    if l.sharedKeys {
+                        copyRow(query.row(position), query.elementStride, to: keyRow, count: d)
+                        let norm = dot(keyRow, 1, keyRow, 1, count: d).squareRoot()
+                        let inverse: Float = norm > 0 ? 1 / norm : 0
+                        for c in 0..<d { keyRow[c] *= inverse }
+                    } else {
+                        copyRow(key.row(position), key.elementStride, to: keyRow, count: d)
+                    }
+                    copyRow(value.row(position), value.elementStride, to: local.v + keyCount * dv, count: dv)
+                    keyCount += 1
+                }
+                // Padding slots (a short previous group): invisible, with finite rows.
+                while keyCount < padTo {
+                    local.keyGroup[keyCount] = -1
+                    (local.k + keyCount * d).update(repeating: 0, count: d)
+                    (local.v + keyCount * dv).update(repeating: 0, count: dv)
+                    keyCount += 1
+                }
+            }
+            if l.predecessor {
+                let p = (g0 + l.groups - 1) % l.groups
+                takeKeys(p * l.keyGroupSize, min((p + 1) * l.keyGroupSize, ks), padTo: l.keyGroupSize)
+            }
+            takeKeys(g0 * l.keyGroupSize, min(g1 * l.keyGroupSize, ks), padTo: 0)
+            for s in queryStart..<queryEnd {
+                copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
+                        to: local.q + (s - queryStart) * d, count: d)
+            }
+            let queryCount = queryEnd - queryStart
+            let mask = GroupMask(queryGroup: space.queryGroup + queryStart, queryBucket: space.queryBucket + queryStart,
+                                 queryPosition: space.queryPosition + queryStart,
+                                 keyGroup: local.keyGroup, keyBucket: local.keyBucket,
+                                 keyPosition: local.keyPosition, keySlots: keyCount,
+                                 queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize,
+                                 predecessorGroups: l.predecessor ? 1 : 0, groups: l.groups,
+                                 lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
+                                 excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
+            TiledSoftmaxAttention.run(
+                shape: AttentionShape(batch: 1, heads: 1, queryLength: queryCount, keyLength: keyCount,
+                                      headDim: d, valueDim: dv),
+                scale: scale, threads: 1, queryTile: l.queryTile,
+                q: TensorView(base: local.q, strides: rowStrides(d, queryCount)),
+                k: TensorView(base: local.k, strides: rowStrides(d, keyCount)),
+                v: TensorView(base: local.v, strides: rowStrides(dv, keyCount)),
+                o: MutableTensorView(base: space.o + queryStart * dv, strides: rowStrides(dv, queryCount)),
+                lse: MutableTensorView(base: space.lse + queryStart, strides: rowStrides(1, queryCount))
+            ) { _, _ in mask }
+        }
+
+        let n = l.queryLength
+        let rowsPerItem = 256
+        if l.combine == .logSumExp && qs == n {
+            // Every query holds exactly one slot per round (LSH): the inverse permutation, then
+            // rows in original order (sequential output, independent reads of the slots).
+            for s in 0..<qs { space.memberSlots[Int(space.queryPosition[s])] = Int32(s) }
+            parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
+                for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
+                    combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + i, count: 1,
+                               scale: scale, query: query, key: key, value: value, keyLength: keyLength,
+                               out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
+                }
+            }
+            return
+        }
+
+        // The slots of every original query (counting sort by position: slots ascending).
+        space.memberStart.update(repeating: 0, count: n + 1)
+        for slot in 0..<qs { space.memberStart[Int(space.queryPosition[slot]) + 1] += 1 }
+        for i in 0..<n { space.memberStart[i + 1] += space.memberStart[i] }
+        for slot in 0..<qs {
+            let i = Int(space.queryPosition[slot])
+            space.memberSlots[Int(space.memberStart[i])] = Int32(slot)
+            space.memberStart[i] += 1
+        }
+        for i in stride(from: n, to: 0, by: -1) { space.memberStart[i] = space.memberStart[i - 1] }
+        space.memberStart[0] = 0
+
+        parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
+            for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
+                let first = Int(space.memberStart[i])
+                combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + first,
+                           count: Int(space.memberStart[i + 1]) - first, scale: scale,
+                           query: query, key: key, value: value, keyLength: keyLength,
+                           out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
+            }
+        }
+    }
+
+    /// Combines `slots[0..<count]`, the slots of original query `i`, into its output row
+    /// (merging with the row of earlier rounds under `.logSumExp`).
+    @inline(__always)
+    static func combineRow(_ l: Layout, round: Int, space: Workspace, i: Int,
+                           slots: UnsafePointer<Int32>, count: Int, scale: Float,
+                           query: Rows, key: Rows, value: Rows, keyLength: Int,
+                           out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>) {
+        let dv = l.valueDim
+        let earlier = round > 0 ? lse[0] : -.infinity
+        var m = earlier, used = 0
+        for n in 0..<count where space.lse[Int(slots[n])] > -.infinity {
+            m = max(m, space.lse[Int(slots[n])])
+            used += 1
+        }
+        if round == 0 {
+            for c in 0..<dv { out[c * outStride] = 0 }
+        }
+        guard m > -.infinity else {
+            lse[0] = -.infinity
+            if l.sharedKeys && round == l.rounds - 1 && i < keyLength {
+                // The self rule: a query with no other visible key attends to itself, in every round.
+                let v = value.row(i)
+                for c in 0..<dv { out[c * outStride] = v[c * value.elementStride] }
+                let q = query.row(i), qs = query.elementStride
+                let score = scale * dot(q, qs, q, qs, count: l.headDim).squareRoot()
+                lse[0] = score + logf(Float(l.rounds))
+            }
+            return
+        }
+        guard used > 0 else { return }   // nothing new: the earlier rounds' row stands
+        let keep = earlier > -.infinity ? expf(earlier - m) : 0
+        var total = keep
+        for n in 0..<count {
+            let slot = Int(slots[n])
+            if space.lse[slot] > -.infinity { total += expf(space.lse[slot] - m) }
+        }
+        let logSumExp = l.combine == .logSumExp
+        let normaliser = logSumExp ? 1 / total : 1 / Float(used)
+        if keep > 0 {
+            let factor = keep * normaliser
+            if outStride == 1 {
+                for c in 0..<dv { out[c] *= factor }
+            } else {
+                for c in 0..<dv { out[c * outStride] *= factor }
+            }
+        }
+        for n in 0..<count {
+            let slot = Int(slots[n])
+            guard space.lse[slot] > -.infinity else { continue }
+            let weight = logSumExp ? expf(space.lse[slot] - m) * normaliser : normaliser
+            let row = space.o + slot * dv
+            if outStride == 1 {
+                axpy(weight, row, 1, out, count: dv)
+            } else {
+                for c in 0..<dv { out[c * outStride] += weight * row[c] }
+            }
+        }
+        lse[0] = logSumExp ? m + logf(total) : m + logf(total / Float(used))
+    }
+
+    @inline(__always)
+    static func copyRow(_ source: UnsafePointer<Float>, _ stride: Int, to target: UnsafeMutablePointer<Float>,
+                        count: Int) {
+        if stride == 1 {
+            var c = 0
+            while c + 16 <= count {
+                store16(load16(source + c), target + c)
+                c += 16
+            }
+            while c < count { target[c] = source[c]; c += 1 }
+        } else {
+            for c in 0..<count { target[c] = source[c * stride] }
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

@@ -1,0 +1,275 @@
+// LSHAttention against a Double reference that recomputes the buckets naively from the
+// same rotations and applies the spec's rules (sorted chunks with look-back and wrap,
+// bucket equality, causal on original positions, the shared-QK self rule, rounds merged
+// by log-sum-exp); special cases (one bucket equals dense with the self rule, more rounds
+// approximate exact attention better), errors and determinism.
+
+import EfficientAttention
+import Foundation
+import Testing
+
+struct LSHCase: Sendable, CustomTestStringConvertible {
+    var batch = 1
+    var heads = 2
+    var kvHeads: Int? = nil
+    var length: Int
+    var headDim = 16
+    var valueDim: Int? = nil
+    var bucketSize = 8
+    var hashes = 2
+    var bucketCount: Int? = nil
+    var sharedQK = true
+    var across = false
+    var causal = false
+    var keyLengths: [Int]? = nil
+    var seed: UInt64 = 0
+
+    var testDescription: String {
+        var s = "B\(batch) H\(heads)/\(kvHeads ?? heads) N\(length) D\(headDim) Dv\(valueDim ?? headDim) bs\(bucketSize) x\(hashes)"
+        if let bucketCount { s += " nb\(bucketCount)" }
+        if !sharedQK { s += " separate-keys" }
+        if across { s += " across" }
+        if causal { s += " causal" }
+        if let keyLengths { s += " keyLengths\(keyLengths)" }
+        return s
+    }
+
+    var attention: LSHAttention {
+        LSHAttention(bucketSize: bucketSize, hashes: hashes, bucketCount: bucketCount, sharedQK: sharedQK,
+                     attendAcrossBuckets: across, causal: causal, seed: seed &+ 99)
+    }
+
+    func inputs() throws -> (q: Tensor, k: Tensor, v: Tensor) {
+        try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: length,
+                      headDim: headDim, valueDim: valueDim, seed: seed)
+    }
+}
+
+/// Naive Double buckets `[B][H][hashes][N]` of `vectors` (head `h / group` of a tensor with
+/// fewer heads) with `rotations` `[H, hashes, D, nb/2]`, and each one's margin (the gap
+/// to the best other bucket), to tell real disagreements from near-ties.
+func naiveBuckets(_ vectors: Tensor, heads: Int, rotations: Tensor) -> (buckets: [Int], margins: [Double]) {
+    let (nb, hv, n, d) = (vectors.shape[0], vectors.shape[1], vectors.shape[2], vectors.shape[3])
+    let (hashes, half) = (rotations.shape[1], rotations.shape[3])
+    var buckets = [Int](), margins = [Double]()
+    for b in 0..<nb { for h in 0..<heads { for r in 0..<hashes { for i in 0..<n {
+        var projections = [Double](repeating: 0, count: 2 * half)
+        for c in 0..<half {
+            var sum = 0.0
+            for t in 0..<d { sum += Double(vectors[b, h / (heads / hv), i, t]) * Double(rotations[h, r, t, c]) }
+            projections[c] = sum
+            projections[half + c] = -sum
+        }
+        let best = projections.indices.max { projections[$0] < projections[$1] || (projections[$0] == projections[$1] && $0 > $1) }!
+        let second = projections.indices.filter { $0 != best }.map { projections[$0] }.max() ?? -.infinity
+        buckets.append(best)
+        margins.append(projections[best] - second)
+    } } } }
+    return (buckets, margins)
+}
+
+/// Checks the library's buckets against the naive ones (disagreements only at near-ties)
+/// and returns the reference and naive results built from the library's buckets.
+func lshReferences(_ lsh: LSHAttention, q: Tensor, k: Tensor, v: Tensor, keyLengths: [Int]?,
+                   sourceLocation: SourceLocation = #_sourceLocation) throws
+    -> (reference: ReferenceResult<Double>, naive: ReferenceResult<Float>) {
+    let shape = try AttentionShape(query: q, key: k, value: v)
+    let (nb, nh, n) = (shape.batch, shape.heads, shape.queryLength)
+    let rotations = try lsh.rotations(for: shape)
+    let library = try lsh.bucketIDs(query: q, key: k)
+    for (vectors, ids) in [(q, library.query)] + (lsh.sharedQK ? [] : [(k, library.key)]) {
+        let naive = naiveBuckets(vectors, heads: nh, rotations: rotations)
+        let bad = ids.indices.filter { ids[$0] != naive.buckets[$0] && naive.margins[$0] > 1e-4 }
+        #expect(bad.isEmpty, "LSH buckets differ from the naive Double hash at \(bad.count) places, e.g. \(bad.prefix(3))",
+                sourceLocation: sourceLocation)
+    }
+    let keys = lsh.sharedQK ? try unitRows(q) : k
+    // Shared keys have one head per query head: repeat grouped value heads to match.
+    let values = lsh.sharedQK ? try repeatedHeads(v, to: nh) : v
+    var table = VisibilityTable(rounds: lsh.hashes, batch: nb, heads: nh, queryLength: n, keyLength: n)
+    let chunk = lsh.bucketSize, chunks = (n + chunk - 1) / chunk
+    for b in 0..<nb { for h in 0..<nh {
+        var seesOther = [Bool](repeating: false, count: n)
+        for r in 0..<lsh.hashes {
+            let base = ((b * nh + h) * lsh.hashes + r) * n
+            let qb = Array(library.query[base..<base + n]), kb = Array(library.key[base..<base + n])
+            func chunkOf(_ buckets: [Int]) -> [Int] {
+                let order = (0..<n).sorted { (buckets[$0], $0) < (buckets[$1], $1) }
+                var chunkOf = [Int](repeating: 0, count: n)
+                for (rank, i) in order.enumerated() { chunkOf[i] = rank / chunk }
+                return chunkOf
+            }
+            let qc = chunkOf(qb), kc = chunkOf(kb)
+            for i in 0..<n { for j in 0..<n {
+                let near = kc[j] == qc[i] || kc[j] == (qc[i] + chunks - 1) % chunks
+                let visible = near && (lsh.attendAcrossBuckets || qb[i] == kb[j])
+                    && (!lsh.causal || j <= i) && j < (keyLengths?[b] ?? n)
+                    && !(lsh.sharedQK && i == j)
+                table[r, b, h, i, j] = visible
+                if visible { seesOther[i] = true }
+            } }
+        }
+        if lsh.sharedQK {
+            for i in 0..<n where !seesOther[i] && i < (keyLengths?[b] ?? n) {
+                for r in 0..<lsh.hashes { table[r, b, h, i, i] = true }
+            }
+        }
+    } }
+    let scale = lsh.scale ?? 1 / Float(shape.headDim).squareRoot()
+    return groupedReferences(query: q, key: keys, value: values, scale: scale, table: table,
+                             combineDouble: { mergeByLogSumExp($0, exp: Foundation.exp, log: Foundation.log) },
+                             combineFloat: { mergeByLogSumExp($0, exp: expf, log: logf) })
+}
+
+enum LSHCases {
+    static let reference: [LSHCase] = [
+        LSHCase(length: 1),
+        LSHCase(length: 2, causal: true),
+        LSHCase(length: 17, bucketSize: 4),
+        LSHCase(length: 17, bucketSize: 4, causal: true),
+        LSHCase(heads: 4, kvHeads: 2, length: 100, headDim: 3, bucketSize: 16, hashes: 3),
+        LSHCase(length: 100, headDim: 1, bucketSize: 16, causal: true),
+        LSHCase(length: 77, headDim: 64, valueDim: 65, bucketSize: 8, hashes: 4, causal: true),
+        LSHCase(heads: 1, length: 130, headDim: 65, valueDim: 3, bucketSize: 64, hashes: 1),
+        LSHCase(heads: 1, length: 150, headDim: 128, bucketSize: 32, hashes: 2, bucketCount: 4, causal: true),
+        LSHCase(length: 90, bucketSize: 10, hashes: 2, sharedQK: false),
+        LSHCase(heads: 4, kvHeads: 1, length: 61, bucketSize: 8, hashes: 3, sharedQK: false, causal: true),
+        LSHCase(length: 50, bucketSize: 8, across: true),
+        LSHCase(length: 50, bucketSize: 8, across: true, causal: true),
+        LSHCase(batch: 3, length: 40, bucketSize: 8, keyLengths: [40, 0, 13]),
+        LSHCase(batch: 2, length: 40, bucketSize: 8, sharedQK: false, causal: true, keyLengths: [1, 33]),
+        LSHCase(length: 300, headDim: 32, bucketSize: 64, hashes: 4),
+        // Several blocks of 256 chunks: the first block's look-back is the short last chunk.
+        LSHCase(heads: 1, length: 1101, headDim: 8, bucketSize: 4, hashes: 2, bucketCount: 8, causal: true),
+        LSHCase(heads: 1, length: 2050, headDim: 5, bucketSize: 4, hashes: 1, bucketCount: 6, sharedQK: false),
+    ].enumerated().map { n, c in var c = c; c.seed = 40 + UInt64(n); return c }
+}
+
+@Suite("LSHAttention")
+struct LSHAttentionTests {
+    @Test("matches the reference recomputed from the same rotations", arguments: LSHCases.reference)
+    func reference(_ c: LSHCase) throws {
+        let (q, k, v) = try c.inputs()
+        for threads in [1, 2] {
+            let result = try c.attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: threads)
+            let (reference, naive) = try lshReferences(c.attention, q: q, k: k, v: v, keyLengths: c.keyLengths)
+            checkAttention(result, reference: reference, naive: naive, "lsh \(c.testDescription) threads \(threads)")
+        }
+    }
+
+    @Test("one bucket with attention across buckets is dense attention with the self rule")
+    func oneBucketIsDense() throws {
+        for (n, causal) in [(45, false), (45, true), (130, false)] {
+            let (q, _, v) = try randomQKV(heads: 2, queryLength: n, headDim: 24, seed: 7 + UInt64(n))
+            let lsh = LSHAttention(bucketSize: n, hashes: 3, attendAcrossBuckets: true, causal: causal)
+            let result = try lsh.attend(query: q, key: q, value: v)
+            // Self excluded unless nothing else is visible (only the first query under causal).
+            let visible: Visibility = { _, _, i, j in (j != i || (causal && i == 0)) && (!causal || j <= i) }
+            let keys = try unitRows(q)
+            let reference = referenceAttention(query: q, key: keys, value: v, scale: defaultScale(headDim: 24),
+                                               visible: visible)
+            var naive = naiveFloatAttention(query: q, key: keys, value: v, scale: 1 / Float(24).squareRoot(),
+                                            visible: visible)
+            // Every round sees the same keys: lse gains log(rounds).
+            var shifted = reference
+            for row in shifted.lse.indices { shifted.lse[row] += Foundation.log(3.0) }
+            for row in naive.lse.indices { naive.lse[row] += logf(3) }
+            checkAttention(result, reference: shifted, naive: naive, "lsh one bucket N\(n) causal \(causal)")
+        }
+    }
+
+    @Test("more hash rounds approximate exact attention better on clustered inputs")
+    func roundsReduceError() throws {
+        // 12 directions, each with 40 noisy copies: LSH buckets follow the clusters.
+        let (n, d, clusters) = (480, 32, 12)
+        var rng = SeededGenerator(seed: 5)
+        let centres = (0..<clusters).map { _ in (0..<d).map { _ in Float(rng.nextGaussian()) } }
+        var query = [Float](), value = [Float]()
+        for i in 0..<n {
+            let centre = centres[(i * 7) % clusters]
+            query += centre.map { 2 * $0 + 0.3 * Float(rng.nextGaussian()) }
+            value += (0..<d).map { _ in rng.nextFloat(in: -1...1) }
+        }
+        let q = try Tensor(shape: [1, 1, n, d], data: query), v = try Tensor(shape: [1, 1, n, d], data: value)
+        let exact = referenceAttention(query: q, key: try unitRows(q), value: v, scale: defaultScale(headDim: d),
+                                       visible: { _, _, i, j in i != j })
+        var errors: [Double] = []
+        for hashes in [1, 2, 4, 8] {
+            let result = try LSHAttention(bucketSize: 32, hashes: hashes, seed: 11).attend(query: q, key: q, value: v)
+            let output = result.output.elements
+            let error = output.indices.map { abs(Double(output[$0]) - exact.output[$0]) }.reduce(0, +) / Double(output.count)
+            errors.append(error)
+        }
+        #expect(errors[1] < errors[0] && errors[2] < errors[1] && errors[3] < errors[2],
+                "mean error against exact attention should fall with rounds 1, 2, 4, 8: \(errors)")
+    }
+
+    @Test("bitwise identical across thread counts and with explicit rotations")
+    func determinism() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 3, queryLength: 333, headDim: 40, seed: 3)
+        let lsh = LSHAttention(bucketSize: 32, hashes: 3, causal: true, seed: 17)
+        let one = try lsh.attend(query: q, key: k, value: v, threads: 1)
+        let two = try lsh.attend(query: q, key: k, value: v, threads: 2)
+        expectBitwiseEqual(one, two, "lsh threads 1 vs 2")
+        let shape = try AttentionShape(query: q, key: k, value: v)
+        var explicit = lsh
+        explicit.rotations = try lsh.rotations(for: shape)
+        explicit.seed = 12345
+        expectBitwiseEqual(one, try explicit.attend(query: q, key: k, value: v, threads: 2), "lsh explicit rotations")
+        var other = lsh
+        other.seed = 18
+        let different = try other.attend(query: q, key: k, value: v, threads: 1)
+        #expect(!bitwiseEqual(one.output.elements, different.output.elements), "another seed should hash differently")
+    }
+
+    @Test("strided inputs with NaN padding never leak NaN")
+    func nanPadding() throws {
+        let c = LSHCase(heads: 2, length: 70, headDim: 12, bucketSize: 8, hashes: 2, sharedQK: false, causal: true, seed: 9)
+        let (q, k, v) = try c.inputs()
+        let result = try c.attention.attend(query: try embeddedInNaN(q, innerStride: 2), key: try embeddedInNaN(k),
+                                            value: try embeddedInNaN(v, innerStride: 3))
+        let (reference, naive) = try lshReferences(c.attention, q: q, k: k, v: v, keyLengths: nil)
+        checkAttention(result, reference: reference, naive: naive, "lsh NaN-padded")
+    }
+
+    @Test("bad configurations throw clear errors")
+    func errors() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 64, headDim: 8, seed: 1)
+        expectAttentionError(.invalidParameter, mentioning: ["bucketCount", "even", "3"]) {
+            try LSHAttention(bucketCount: 3).attend(query: q, key: k, value: v)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["bucketSize", "0"]) {
+            try LSHAttention(bucketSize: 0).attend(query: q, key: k, value: v)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["hashes", "0"]) {
+            try LSHAttention(hashes: 0).attend(query: q, key: k, value: v)
+        }
+        let wrong = try Tensor(shape: [2, 4, 8, 3], repeating: 1)
+        expectAttentionError(.shapeMismatch, mentioning: ["rotations", "[2, 4, 8, 1]"]) {
+            try LSHAttention(bucketCount: 2, rotations: wrong).attend(query: q, key: k, value: v)
+        }
+        var nan = try Tensor(shape: [2, 4, 8, 1], repeating: 1)
+        nan[1, 2, 3, 0] = .nan
+        expectAttentionError(.invalidParameter, mentioning: ["rotations", "NaN"]) {
+            try LSHAttention(rotations: nan).attend(query: q, key: k, value: v)
+        }
+        let (q2, k2, v2) = try randomQKV(heads: 2, queryLength: 10, keyLength: 12, headDim: 8, seed: 2)
+        expectAttentionError(.unsupported, mentioning: ["queryLength", "keyLength"]) {
+            try LSHAttention().attend(query: q2, key: k2, value: v2)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["threads"]) {
+            try LSHAttention().attend(query: q, key: k, value: v, threads: 0)
+        }
+    }
+
+    @Test("cost: O(N) workspace per head, examined pairs per round")
+    func cost() throws {
+        let lsh = LSHAttention()
+        let small = try lsh.cost(AttentionShape(heads: 8, queryLength: 4096, headDim: 64), threads: 2)
+        let large = try lsh.cost(AttentionShape(heads: 8, queryLength: 8192, headDim: 64), threads: 2)
+        #expect(large.scoredPairs == 2 * small.scoredPairs)
+        #expect(small.scoredPairs == 8 * 4 * 4096 * 128)
+        #expect(Double(large.workspaceBytes) < 2.2 * Double(small.workspaceBytes),
+                "workspace \(small.workspaceBytes) -> \(large.workspaceBytes) should grow linearly")
+    }
+}
