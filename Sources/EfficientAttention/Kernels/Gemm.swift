@@ -67,7 +67,25 @@ enum Gemm {
             floatCount(blocking) * MemoryLayout<Float>.stride
         }
 
-        init(_ blocking: Blocking = .standard) {
+        /// A workspace with only the edge tile, for products whose `A` is read in place
+        /// and whose `B` is prepacked (nothing to pack).
+        static func tileOnly() -> Workspace { Workspace(.standard, packing: false) }
+
+        /// Whether the packing buffers exist (false for ``tileOnly()``).
+        let canPack: Bool
+
+        init(_ blocking: Blocking = .standard) { self.init(blocking, packing: true) }
+
+        private init(_ blocking: Blocking, packing: Bool) {
+            canPack = packing
+            guard packing else {
+                self.blocking = blocking
+                block = UnsafeMutableRawPointer.allocate(byteCount: MicroTile.mr * MicroTile.nr * 4, alignment: 64)
+                tile = block.bindMemory(to: Float.self, capacity: MicroTile.mr * MicroTile.nr)
+                a = tile
+                b = tile
+                return
+            }
             self.blocking = blocking
             let aCount = roundUp(blocking.mc, MicroTile.mr) * blocking.kc
             let bCount = blocking.kc * roundUp(blocking.nc, MicroTile.nr)
@@ -101,6 +119,8 @@ enum Gemm {
         }
         let mr = MicroTile.mr, nr = MicroTile.nr
         let blocking = workspace.blocking
+        if case .matrix = b { precondition(workspace.canPack, "GEMM: packing B needs a packing workspace") }
+        precondition(!packA || workspace.canPack, "GEMM: packing A needs a packing workspace")
         for jc in stride(from: 0, to: n, by: blocking.nc) {
             let nb = min(blocking.nc, n - jc)
             for pc in stride(from: 0, to: depth, by: blocking.kc) {
