@@ -202,7 +202,7 @@ struct FavorConvergenceTests {
         for (a, b) in zip(errors, errors.dropFirst()) {
             #expect(b < a, "FAVOR+ error did not decrease with m: \(errors)")
         }
-        #expect(errors[3] < 0.1, "FAVOR+ with m = 1024 is \(errors[3]) from softmax attention (errors \(errors))")
+        #expect(errors[3] < 0.06, "FAVOR+ with m = 1024 is \(errors[3]) from softmax attention (errors \(errors))")
     }
 }
 

@@ -176,7 +176,7 @@ public struct LinformerAttention: Attention {
                 let target = isValue ? vOut : kOut
                 let width = isValue ? shape.valueDim : shape.headDim
                 Gemm.multiply(m: kProj, n: width, depth: length,
-                              a: MatrixOperand(base: projection, rowStride: nmax, columnStride: 1),
+                              a: MatrixOperand(base: projection, rowStride: nmax, columnStride: 1), packA: false,
                               b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
                                                        columnStride: source.strides[3])),
                               c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
