@@ -123,10 +123,11 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
-        #expect(r.entries.filter(\.isAvailable).map(\.name) == ["vanilla", "dense"])
+        // Conformers land one issue at a time: vanilla and dense always are available.
+        #expect(Set(["vanilla", "dense"]).isSubset(of: r.entries.filter(\.isAvailable).map(\.name)))
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
         let listing = r.listing()
-        #expect(listing.contains("not available yet"))
+        #expect(listing.contains("not available yet") == r.entries.contains { !$0.isAvailable })
         #expect(listing.components(separatedBy: "\n").filter { $0.hasPrefix("lsh ") }.count == 1)
     }
 
@@ -439,11 +440,13 @@ import AttentionBenchCore
     @Test func planReportsUnavailableAndSkipsLongQuadratic() throws {
         let o = try BenchOptions.parse(["--preset", "long", "--seq", "8192,16384", "--threads", "1"])
         let plan = try SweepPlan.make(o)
-        #expect(plan.jobs.map { "\($0.entry.name)@\($0.problem.shape.queryLength)" }
+        #expect(plan.jobs.filter { ["vanilla", "dense"].contains($0.entry.name) }
+                    .map { "\($0.entry.name)@\($0.problem.shape.queryLength)" }
                 == ["vanilla@8192", "dense@8192", "dense@16384"])
         let notes = Dictionary(grouping: plan.notes, by: \.variant)
-        #expect(notes.count == 13)  // 12 unavailable + vanilla's skip
-        #expect(notes["lsh"]?.first?.note.contains("not available") == true)
+        let unavailable = Registry.standard.entries.filter { !$0.isAvailable }
+        #expect(notes.count == unavailable.count + 1)  // the unavailable ones + vanilla's skip
+        for entry in unavailable { #expect(notes[entry.name]?.first?.note.contains("not available") == true) }
         #expect(notes["vanilla"]?.first?.note.contains("8192") == true)
         #expect(plan.jobs[0].cost.flops == Accounting.denseFlops(batch: 1, heads: 8, queryLength: 8192, keyLength: 8192,
                                                                   headDim: 64, valueDim: 64, causal: false))
