@@ -201,56 +201,46 @@ enum Gemm {
     /// element `[r, k]` of the panel at `k · MR + r`; rows past `rows` are zero.
     @inline(__always)
     static func packAPanels(_ a: MatrixOperand, rows: Int, depth: Int, into: UnsafeMutablePointer<Float>) {
-        let mr = MicroTile.mr
-        for p in 0..<(rows + mr - 1) / mr {
-            let panel = into + p * mr * depth
-            let valid = min(mr, rows - p * mr)
-            if a.columnStride == 1 {
-                for r in 0..<valid {
-                    let source = a.base + (p * mr + r) * a.rowStride
-                    for k in 0..<depth { panel[k * mr + r] = source[k] }
-                }
-            } else {
-                // Rows contiguous along the depth's other side: walk the depth outside.
-                for k in 0..<depth {
-                    let source = a.base + k * a.columnStride + p * mr * a.rowStride
-                    for r in 0..<valid { panel[k * mr + r] = source[r * a.rowStride] }
-                }
-            }
-            if valid < mr {
-                for k in 0..<depth { for r in valid..<mr { panel[k * mr + r] = 0 } }
-            }
-        }
+        packPanels(a, extent: rows, depth: depth, width: MicroTile.mr, into: into)
     }
 
     /// Packs `depth × columns` of `b` into `NR`-wide panels: panel `q` at `q · depth · NR`,
     /// row `k` at `+ k · NR`; columns past `columns` are zero.
     @inline(__always)
     static func packB(_ b: MatrixOperand, depth: Int, columns: Int, into: UnsafeMutablePointer<Float>) {
-        let nr = MicroTile.nr
-        for q in 0..<(columns + nr - 1) / nr {
-            let panel = into + q * depth * nr
-            let valid = min(nr, columns - q * nr)
-            if b.columnStride == 1 {
+        packPanels(b.transposed, extent: columns, depth: depth, width: MicroTile.nr, into: into)
+    }
+
+    /// The one packing routine: rows `0..<extent` of `x` (each `depth` long) in panels of
+    /// `width` rows, depth-major: panel `p` at `p · width · depth`, `x[p · width + i, k]` at
+    /// `+ k · width + i`; rows past `extent` are zero. `A` is packed as it is, `B` transposed.
+    @inline(__always)
+    static func packPanels(_ x: MatrixOperand, extent: Int, depth: Int, width: Int,
+                           into: UnsafeMutablePointer<Float>) {
+        for p in 0..<(extent + width - 1) / width {
+            let panel = into + p * width * depth
+            let valid = min(width, extent - p * width)
+            let first = x.base + p * width * x.rowStride
+            if x.rowStride == 1 {
+                // Panel rows adjacent in memory (B with contiguous rows): copy runs of `width`.
                 for k in 0..<depth {
-                    let source = b.base + k * b.rowStride + q * nr
-                    let target = panel + k * nr
-                    if valid == nr {
+                    let source = first + k * x.columnStride, target = panel + k * width
+                    if valid == 32 && width == 32 {
                         store16(load16(source), target)
                         store16(load16(source + 16), target + 16)
                     } else {
-                        for x in 0..<valid { target[x] = source[x] }
-                        for x in valid..<nr { target[x] = 0 }
+                        for i in 0..<valid { target[i] = source[i] }
                     }
                 }
             } else {
-                for x in 0..<valid {
-                    let source = b.base + (q * nr + x) * b.columnStride
-                    for k in 0..<depth { panel[k * nr + x] = source[k * b.rowStride] }
+                // Walk each row along the depth (contiguous for A with unit column stride).
+                for i in 0..<valid {
+                    let source = first + i * x.rowStride
+                    for k in 0..<depth { panel[k * width + i] = source[k * x.columnStride] }
                 }
-                if valid < nr {
-                    for k in 0..<depth { for x in valid..<nr { panel[k * nr + x] = 0 } }
-                }
+            }
+            if valid < width {
+                for k in 0..<depth { for i in valid..<width { panel[k * width + i] = 0 } }
             }
         }
     }
