@@ -198,8 +198,7 @@ public struct FavorPlusFeatures: FeatureMap {
         let full = m / 16 * 16
         for r in 0..<rows {
             let x = input + r * rowStride, y = output + r * outputStride
-            var squares: Float = 0
-            for c in 0..<headDim { let v = x[c * columnStride]; squares += v * v }
+            let squares = dot(x, columnStride, x, columnStride, count: headDim)
             let half = squares * inputScale * inputScale / 2
             var maxima = Vec16(repeating: -.infinity)
             var f = 0
