@@ -82,6 +82,9 @@ public struct RandomProjection: Sendable, Equatable {
     /// Orthogonal random features: each block of `D` rows of `W` is an orthonormal basis
     /// (Gram-Schmidt of a Gaussian matrix) whose rows are rescaled to the norms of
     /// independent Gaussian vectors, so each row has the `N(0, I_D)` norm distribution.
+    ///
+    /// - Throws: ``AttentionError/invalidParameter(_:)`` when `features` or `headDim` is below 1.
+    /// - Complexity: `O(m · D²)` (Gram-Schmidt per block), done once per configuration.
     public init(features: Int, headDim: Int, seed: UInt64) throws {
         try RandomProjection.check(features: features, headDim: headDim)
         var rng = SeededGenerator(seed: seed)
@@ -108,6 +111,9 @@ public struct RandomProjection: Sendable, Equatable {
     }
 
     /// A given `W` (`features · headDim` floats, `[m, D]` row-major).
+    ///
+    /// - Throws: ``AttentionError/shapeMismatch(_:)`` when `weights` has the wrong count.
+    /// - Complexity: `O(m · D)` to pack `Wᵀ` for the GEMM.
     public init(weights: [Float], features: Int, headDim: Int) throws {
         try RandomProjection.check(features: features, headDim: headDim)
         guard weights.count == features * headDim else {
