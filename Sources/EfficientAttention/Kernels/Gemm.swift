@@ -174,26 +174,32 @@ enum Gemm {
         }
     }
 
-    /// `C = A · B` (or `+=`) on `threads` workers: `C` is cut into `MC × NC` blocks, one
-    /// work item each (each packs its own panels). Bitwise identical for every thread count.
+    /// `C = A · B` (or `+=`) on `threads` workers: `C` is cut into one strip per worker
+    /// along its longer side (whole `MR` rows or `NR` columns), each strip a work item that
+    /// packs its own panels, so only the shorter operand is packed more than once.
+    /// Bitwise identical for every thread count.
     ///
     /// - Complexity: `2 · m · n · depth` FLOPs; workspace ``Workspace/byteCount(_:)`` per worker.
     static func multiply(m: Int, n: Int, depth: Int, a: MatrixOperand, b: MatrixOperand,
                          c: UnsafeMutablePointer<Float>, ldc: Int, accumulate: Bool = false, threads: Int) {
-        let blocking = Blocking.standard
-        let rowBlocks = (m + blocking.mc - 1) / blocking.mc
-        let columnBlocks = (n + blocking.nc - 1) / blocking.nc
-        let items = rowBlocks * columnBlocks
-        let workers = max(1, min(threads, items))
-        let spaces = (0..<workers).map { _ in Workspace(blocking) }
+        let byColumns = n >= m
+        let unit = byColumns ? MicroTile.nr : MicroTile.mr
+        let extent = byColumns ? n : m
+        let strips = max(1, min(threads, (extent + unit - 1) / unit))
+        let width = roundUp((extent + strips - 1) / strips, unit)
+        let items = (extent + width - 1) / width
+        let spaces = (0..<min(threads, items)).map { _ in Workspace() }
         defer { for space in spaces { space.deallocate() } }
         let output = UncheckedSendable(c)
-        parallelForEach(items: items, threads: workers) { item, worker in
-            let row = item / columnBlocks * blocking.mc, column = item % columnBlocks * blocking.nc
-            multiply(m: min(blocking.mc, m - row), n: min(blocking.nc, n - column), depth: depth,
-                     a: a.offset(row: row, column: 0), b: .matrix(b.offset(row: 0, column: column)),
-                     c: output.value + row * ldc + column, ldc: ldc, accumulate: accumulate,
-                     workspace: spaces[worker])
+        parallelForEach(items: items, threads: spaces.count) { item, worker in
+            let start = item * width, count = min(width, extent - start)
+            if byColumns {
+                multiply(m: m, n: count, depth: depth, a: a, b: .matrix(b.offset(row: 0, column: start)),
+                         c: output.value + start, ldc: ldc, accumulate: accumulate, workspace: spaces[worker])
+            } else {
+                multiply(m: count, n: n, depth: depth, a: a.offset(row: start, column: 0), b: .matrix(b),
+                         c: output.value + start * ldc, ldc: ldc, accumulate: accumulate, workspace: spaces[worker])
+            }
         }
     }
 
