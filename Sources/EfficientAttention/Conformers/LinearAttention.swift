@@ -86,7 +86,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         let m = try featureMap.featureCount(headDim: shape.headDim)
-        var output = try Tensor.output(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let items = shape.batch * shape.heads
         let workers = workerCount(threads: threads, items: items)
@@ -172,7 +172,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             }
             try checkCallArguments(shape, keyLengths: nil, threads: threads)
             let m = featureCount, perHead = LinearAttentionScan.State.floatCount(m: m, dv: valueDim)
-            var output = try Tensor.output(shape: [batch, heads, shape.queryLength, valueDim])
+            var output = try Tensor.uninitializedOutput(shape: [batch, heads, shape.queryLength, valueDim])
             var lse = try Tensor(shape: [batch, heads, shape.queryLength, 1])
             let items = batch * heads
             let workers = workerCount(threads: threads, items: items)

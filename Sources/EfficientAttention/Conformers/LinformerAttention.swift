@@ -183,7 +183,7 @@ public struct LinformerAttention: Attention {
             }
         } } } } } }
 
-        var output = try Tensor.output(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let projected = projectedShape(shape)
         query.withView { q in keys.withView { k in values.withView { v in
