@@ -15,8 +15,8 @@
 /// written. Every element of `C` is a sum over the depth in the same order whatever the
 /// partition into blocks, so results do not depend on the blocking of `C` or on threads.
 enum Gemm {
-    /// Block sizes (data, in one place). Measured on Zen 5 (KernelDocs/MicroKernels.md):
-    /// a B micro-panel of `KC × NR` floats (32 KiB at KC = 256) stays in the 48 KiB L1,
+    /// Block sizes (data, in one place), chosen from Zen 5's cache sizes, not swept
+    /// (KernelDocs/MicroKernels.md): a B micro-panel of `KC × NR` floats (32 KiB at KC = 256) stays in the 48 KiB L1,
     /// an `MC × KC` A block (128 KiB) in the 1 MiB L2.
     struct Blocking {
         var mc: Int
