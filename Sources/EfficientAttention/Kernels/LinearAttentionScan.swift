@@ -67,7 +67,9 @@ enum LinearAttentionScan {
             let rows = max(LinearAttentionScan.chunk, LinearAttentionScan.causalChunk)
             let count = Workspace.floatCount(m: m, dv: dv)
             block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
-            var next = block.initializeMemory(as: Float.self, repeating: 0, count: count)
+            // Every buffer is written before it is read (the state by `reset`), so no zero
+            // fill: a one-token recurrent step touches only the rows it uses.
+            var next = block.bindMemory(to: Float.self, capacity: count)
             func take(_ n: Int) -> UnsafeMutablePointer<Float> {
                 defer { next += roundUp(n, 16) }
                 return next
