@@ -247,6 +247,23 @@ struct LinearRecurrentTests {
         }
     }
 
+    @Test("a copied state continues independently")
+    func copies() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 40, headDim: 8, seed: 23)
+        let attention = try LinearAttention<AnyMapBox>.make(.favor, headDim: 8, causal: true)
+        var state = try attention.makeRecurrentState(heads: 2, headDim: 8)
+        _ = try state.append(query: slice(q, 0, 20), key: slice(k, 0, 20), value: slice(v, 0, 20))
+        var copy = state
+        // The copy takes other tokens first; the original must not see them.
+        _ = try copy.append(query: slice(q, 30, 10), key: slice(k, 30, 10), value: slice(v, 30, 10))
+        let original = try state.append(query: slice(q, 20, 10), key: slice(k, 20, 10), value: slice(v, 20, 10))
+        let whole = try attention.attend(query: slice(q, 0, 30), key: slice(k, 0, 30), value: slice(v, 0, 30))
+        for h in 0..<2 { for i in 0..<10 { for x in 0..<8 {
+            #expect(abs(original.output[0, h, i, x] - whole.output[0, h, 20 + i, x]) < 2e-5)
+        } } }
+        #expect(state.length == 30 && copy.length == 30)
+    }
+
     @Test("recurrent state rejects mismatched tensors")
     func errors() throws {
         let attention = LinearAttention(featureMap: EluPlusOneFeatures(), causal: true)

@@ -134,6 +134,9 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         public private(set) var length = 0
         private let featureCount: Int
         private var storage: [Float]
+        /// Scratch memory kept between calls (a decoding step would otherwise spend more
+        /// time allocating it than computing); never shared between copies of the state.
+        private var scratch: ScratchBox?
 
         init(attention: LinearAttention<Map>, batch: Int, heads: Int, kvHeads: Int,
              headDim: Int, valueDim: Int) throws {
@@ -176,8 +179,10 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             var lse = try Tensor(shape: [batch, heads, shape.queryLength, 1])
             let items = batch * heads
             let workers = workerCount(threads: threads, items: items)
-            let spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: valueDim) }
-            defer { for space in spaces { space.deallocate() } }
+            if scratch == nil || !isKnownUniquelyReferenced(&scratch!) || scratch!.spaces.count < workers {
+                scratch = ScratchBox(workers: workers, m: m, dv: valueDim)
+            }
+            let spaces = scratch!.spaces
             let attention = self.attention
             storage.withUnsafeMutableBufferPointer { storage in
                 let base = UncheckedSendable(storage.baseAddress!)
@@ -201,4 +206,15 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             return try AttentionResult(output: output, logSumExp: lse)
         }
     }
+}
+
+/// Workspaces owned by a ``LinearAttention/RecurrentState``, freed with it.
+final class ScratchBox: @unchecked Sendable {
+    let spaces: [LinearAttentionScan.Workspace]
+
+    init(workers: Int, m: Int, dv: Int) {
+        spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: dv) }
+    }
+
+    deinit { for space in spaces { space.deallocate() } }
 }
