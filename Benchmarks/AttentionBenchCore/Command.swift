@@ -21,6 +21,10 @@ public enum AttentionBenchCommand {
     }
 
     static func run(_ arguments: [String], registry: Registry) throws {
+        if arguments.first == "gemm" {
+            try GemmBench.run(Array(arguments.dropFirst()))
+            return
+        }
         let options = try BenchOptions.parse(arguments, registry: registry)
         if options.help {
             print(BenchOptions.helpText(registry: registry), terminator: "")

@@ -271,16 +271,23 @@ public struct Registry: Sendable {
             name: "linformer",
             summary: "Linformer: keys and values projected along the sequence to k rows, non-causal (Wang et al. 2020)",
             parameters: [(.proj, .value(256))],
-            make: nil),
+            make: { c in
+                try LinformerAttention(projectedLength: c[.proj], maxSequenceLength: c.shape.keyLength,
+                                       seed: c.seed, causal: c.causal)
+            }),
         VariantEntry(
             name: "linear-elu",
             summary: "kernelized linear attention with phi(x) = elu(x) + 1 (Katharopoulos et al. 2020)",
-            make: nil),
+            make: { c in LinearAttention(featureMap: EluPlusOneFeatures(), causal: c.causal) }),
         VariantEntry(
             name: "performer",
             summary: "Performer FAVOR+ positive orthogonal random features (Choromanski et al. 2021)",
             parameters: [(.features, .value(256))],
-            make: nil),
+            make: { c in
+                LinearAttention(featureMap: try FavorPlusFeatures(features: c[.features], headDim: c.shape.headDim,
+                                                                  seed: c.seed),
+                                causal: c.causal)
+            }),
         VariantEntry(
             name: "multi-query",
             summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel",

@@ -1,0 +1,273 @@
+/// A feature map `φ: R^D → R^m` for kernelized linear attention (``LinearAttention``).
+///
+/// Linear attention computes `φ(q)ᵀ Σ_j φ(k_j) v_jᵀ / (φ(q)ᵀ Σ_j φ(k_j) + ε)`; the map
+/// decides which kernel `φ(q)ᵀφ(k)` approximates. Implement ``apply(_:rows:rowStride:columnStride:headDim:output:outputStride:logScale:)``
+/// to add your own; features should be non-negative (the ratio is a weighted mean then).
+///
+/// Maps that exponentiate return each row's features divided by a positive factor
+/// `exp(logScale[r])` (the row's stabiliser): the true features are
+/// `exp(logScale[r]) · output[r]`. The linear-attention scan rescales key rows to one
+/// common stabiliser, and the query stabilisers cancel in the ratio (they enter only the
+/// log-sum-exp).
+public protocol FeatureMap: Sendable {
+    /// The registry name of linear attention with this map (`"linear-elu"`, `"performer"`, ...).
+    var attentionName: String { get }
+
+    /// The number of features `m` for head dimension `headDim`; throws an
+    /// ``AttentionError`` if the map cannot take that dimension.
+    func featureCount(headDim: Int) throws -> Int
+
+    /// FLOPs of one row's features (for the cost model).
+    func flopsPerRow(headDim: Int) -> Double
+
+    /// Features of `rows` rows: row `r` is `x_r[c] = input[r · rowStride + c · columnStride]`
+    /// for `c < headDim`. Writes `φ(x_r)[f] · exp(−logScale[r])` to
+    /// `output[r · outputStride + f]` for `f < m` and the row's `logScale[r]`.
+    func apply(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+               output: UnsafeMutablePointer<Float>, outputStride: Int, logScale: UnsafeMutablePointer<Float>)
+}
+
+/// `φ(x) = elu(x) + 1` elementwise (Katharopoulos et al. 2020): `x + 1` for `x > 0`,
+/// `exp(x)` otherwise; `m = D`, no stabiliser.
+///
+/// - Complexity: `D` exponentials per row.
+public struct EluPlusOneFeatures: FeatureMap {
+    public init() {}
+
+    public var attentionName: String { "linear-elu" }
+
+    public func featureCount(headDim: Int) throws -> Int { headDim }
+
+    public func flopsPerRow(headDim: Int) -> Double { Double(headDim) }
+
+    public func apply(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                      output: UnsafeMutablePointer<Float>, outputStride: Int, logScale: UnsafeMutablePointer<Float>) {
+        let one = Vec16(repeating: 1), zero = Vec16()
+        for r in 0..<rows {
+            let x = input + r * rowStride, y = output + r * outputStride
+            logScale[r] = 0
+            var c = 0
+            if columnStride == 1 {
+                while c + 16 <= headDim {
+                    let v = load16(x + c)
+                    var e = VectorMath.exp(v)
+                    e.replace(with: v + one, where: v .> zero)
+                    store16(e, y + c)
+                    c += 16
+                }
+            }
+            while c < headDim {
+                let v = x[c * columnStride]
+                y[c] = v > 0 ? v + 1 : expf(v)
+                c += 1
+            }
+        }
+    }
+}
+
+/// Random features computed from a projection `W ∈ R^{m × D}` through the shared GEMM:
+/// the common part of FAVOR+ and ReLU features. `W`'s rows are orthogonal within blocks
+/// of `D` and scaled to chi-distributed norms (Choromanski et al. 2021), drawn from a
+/// seeded generator, or given.
+public struct RandomProjection: Sendable, Equatable {
+    /// `m`.
+    public let features: Int
+    /// `D`.
+    public let headDim: Int
+    /// `W`, `[m, D]` row-major.
+    public let weights: [Float]
+    /// `(inputScale · W)ᵀ` packed as the GEMM's `B` operand (`D × m`, 32-column panels).
+    let packed: [Float]
+
+    /// Orthogonal random features: each block of `D` rows of `W` is an orthonormal basis
+    /// (Gram-Schmidt of a Gaussian matrix) whose rows are rescaled to the norms of
+    /// independent Gaussian vectors, so each row has the `N(0, I_D)` norm distribution.
+    ///
+    /// - Throws: ``AttentionError/invalidParameter(_:)`` when `features` or `headDim` is below 1.
+    /// - Complexity: `O(m · D²)` (Gram-Schmidt per block), done once per configuration.
+    public init(features: Int, headDim: Int, seed: UInt64) throws {
+        try RandomProjection.check(features: features, headDim: headDim)
+        var rng = SeededGenerator(seed: seed)
+        var w = [Float]()
+        w.reserveCapacity(features * headDim)
+        while w.count < features * headDim {
+            var block = (0..<headDim).map { _ in (0..<headDim).map { _ in rng.nextGaussian() } }
+            for r in 0..<headDim {
+                for p in 0..<r {
+                    var dot = 0.0
+                    for c in 0..<headDim { dot += block[r][c] * block[p][c] }
+                    for c in 0..<headDim { block[r][c] -= dot * block[p][c] }
+                }
+                let norm = block[r].reduce(0) { $0 + $1 * $1 }.squareRoot()
+                for c in 0..<headDim { block[r][c] /= norm }
+            }
+            for r in 0..<headDim where w.count < features * headDim {
+                let chi = (0..<headDim).reduce(0.0) { sum, _ in let g = rng.nextGaussian(); return sum + g * g }
+                    .squareRoot()
+                w += block[r].map { Float($0 * chi) }
+            }
+        }
+        try self.init(weights: w, features: features, headDim: headDim)
+    }
+
+    /// A given `W` (`features · headDim` floats, `[m, D]` row-major).
+    ///
+    /// - Throws: ``AttentionError/shapeMismatch(_:)`` when `weights` has the wrong count.
+    /// - Complexity: `O(m · D)` to pack `Wᵀ` for the GEMM.
+    public init(weights: [Float], features: Int, headDim: Int) throws {
+        try RandomProjection.check(features: features, headDim: headDim)
+        guard weights.count == features * headDim else {
+            throw AttentionError.shapeMismatch(
+                "projection W has \(weights.count) elements, expected [features \(features), headDim \(headDim)] = \(features * headDim)")
+        }
+        self.features = features
+        self.headDim = headDim
+        self.weights = weights
+        // The FAVOR+ input scale D^(-1/4) is applied by the maps; pack plain Wᵀ here.
+        var packed = [Float](repeating: 0, count: Gemm.PackedB.floatCount(depth: headDim, columns: features))
+        weights.withUnsafeBufferPointer { w in packed.withUnsafeMutableBufferPointer { p in
+            _ = Gemm.PackedB.pack(MatrixOperand(base: w.baseAddress!, rowStride: 1, columnStride: headDim),
+                                  depth: headDim, columns: features, into: p.baseAddress!)
+        } }
+        self.packed = packed
+    }
+
+    private static func check(features: Int, headDim: Int) throws {
+        guard features >= 1 else {
+            throw AttentionError.invalidParameter("random features m must be at least 1, got \(features)")
+        }
+        guard headDim >= 1 else {
+            throw AttentionError.invalidParameter("random features headDim must be at least 1, got \(headDim)")
+        }
+    }
+
+    func checkHeadDim(_ d: Int, _ map: String) throws {
+        guard d == headDim else {
+            throw AttentionError.shapeMismatch(
+                "\(map) projection W was made for headDim \(headDim), the problem has headDim \(d)")
+        }
+    }
+
+    /// `output[r] = W x_r` for `rows` rows (the shared GEMM; `x` read in place).
+    func project(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int,
+                 output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        let workspace = Gemm.Workspace.tileOnly()
+        defer { workspace.deallocate() }
+        packed.withUnsafeBufferPointer { p in
+            Gemm.multiply(m: rows, n: features, depth: headDim,
+                          a: MatrixOperand(base: input, rowStride: rowStride, columnStride: columnStride),
+                          packA: false,
+                          b: .packed(Gemm.PackedB(base: p.baseAddress!, depth: headDim, columns: features)),
+                          c: output, ldc: outputStride, workspace: workspace)
+        }
+    }
+}
+
+/// FAVOR+ positive orthogonal random features (Choromanski et al. 2021):
+/// `x' = x · D^(-1/4)`, `φ(x) = exp(W x' − ‖x'‖²/2) / sqrt(m)`, so that
+/// `E[φ(q)ᵀφ(k)] = exp(q·k / sqrt(D))`: linear attention with this map approaches softmax
+/// attention as `m` grows. Each row is stabilised by its largest exponent (returned as
+/// `logScale`), so no exponential overflows.
+///
+/// - Complexity: `2 · D · m` FLOPs (a GEMM) and `m` exponentials per row.
+public struct FavorPlusFeatures: FeatureMap {
+    /// `W` and its packed form.
+    public let projection: RandomProjection
+
+    /// `m` orthogonal random features (default 256) for head dimension `headDim`, from `seed`.
+    public init(features: Int = 256, headDim: Int, seed: UInt64 = 0) throws {
+        projection = try RandomProjection(features: features, headDim: headDim, seed: seed)
+    }
+
+    /// Given features `W` (see ``RandomProjection``).
+    public init(projection: RandomProjection) {
+        self.projection = projection
+    }
+
+    public var attentionName: String { "performer" }
+
+    public func featureCount(headDim: Int) throws -> Int {
+        try projection.checkHeadDim(headDim, "FAVOR+")
+        return projection.features
+    }
+
+    public func flopsPerRow(headDim: Int) -> Double { Double(2 * headDim * projection.features + 2 * projection.features) }
+
+    public func apply(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                      output: UnsafeMutablePointer<Float>, outputStride: Int, logScale: UnsafeMutablePointer<Float>) {
+        let m = projection.features
+        projection.project(input, rows: rows, rowStride: rowStride, columnStride: columnStride,
+                           output: output, outputStride: outputStride)
+        // W x' = D^(-1/4) · W x; ‖x'‖² = ‖x‖² / sqrt(D).
+        let inputScale = 1 / Float(headDim).squareRoot().squareRoot()
+        let logNorm = 0.5 * logf(Float(m))
+        let full = m / 16 * 16
+        for r in 0..<rows {
+            let x = input + r * rowStride, y = output + r * outputStride
+            let squares = dot(x, columnStride, x, columnStride, count: headDim)
+            let half = squares * inputScale * inputScale / 2
+            var maxima = Vec16(repeating: -.infinity)
+            var f = 0
+            while f < full { maxima = maximum(maxima, load16(y + f)); f += 16 }
+            var rowMax = maxima.max()
+            while f < m { rowMax = max(rowMax, y[f]); f += 1 }
+            // exp(s·y − half − (s·max − half)) = exp(s·(y − max)).
+            let s = Vec16(repeating: inputScale), top = Vec16(repeating: rowMax)
+            f = 0
+            while f < full { store16(VectorMath.exp((load16(y + f) - top) * s), y + f); f += 16 }
+            while f < m { y[f] = expf((y[f] - rowMax) * inputScale); f += 1 }
+            logScale[r] = inputScale * rowMax - half - logNorm
+        }
+    }
+}
+
+/// ReLU random features `φ(x) = relu(W x)` (the Performer's generalised-attention option),
+/// with the same orthogonal `W` as FAVOR+; no stabiliser.
+///
+/// - Complexity: `2 · D · m` FLOPs (a GEMM) per row.
+public struct ReLUFeatures: FeatureMap {
+    public let projection: RandomProjection
+
+    public init(features: Int = 256, headDim: Int, seed: UInt64 = 0) throws {
+        projection = try RandomProjection(features: features, headDim: headDim, seed: seed)
+    }
+
+    public init(projection: RandomProjection) {
+        self.projection = projection
+    }
+
+    public var attentionName: String { "linear-relu" }
+
+    public func featureCount(headDim: Int) throws -> Int {
+        try projection.checkHeadDim(headDim, "ReLU features")
+        return projection.features
+    }
+
+    public func flopsPerRow(headDim: Int) -> Double { Double(2 * headDim * projection.features) }
+
+    public func apply(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                      output: UnsafeMutablePointer<Float>, outputStride: Int, logScale: UnsafeMutablePointer<Float>) {
+        let m = projection.features
+        projection.project(input, rows: rows, rowStride: rowStride, columnStride: columnStride,
+                           output: output, outputStride: outputStride)
+        let zero = Vec16()
+        for r in 0..<rows {
+            let y = output + r * outputStride
+            logScale[r] = 0
+            var f = 0
+            while f + 16 <= m {
+                var v = load16(y + f)
+                v.replace(with: zero, where: v .< zero)
+                store16(v, y + f)
+                f += 16
+            }
+            while f < m { y[f] = max(0, y[f]); f += 1 }
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

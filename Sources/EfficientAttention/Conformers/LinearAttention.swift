@@ -1,0 +1,220 @@
+/// Kernelized linear attention (Katharopoulos et al. 2020; Performer, Choromanski et al. 2021):
+/// softmax's `exp(q·k)` replaced by a feature-map inner product `φ(q)ᵀφ(k)`, so the sum
+/// over keys factors out of the query loop.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i:
+/// let hk = h / (H / Hkv)
+/// keys: j < keyLengths[b] (all keys without padding); causal: also j <= i + Nk - Nq
+/// S = Σ_j φ(k[b, hk, j]) v[b, hk, j]ᵀ      // m × Dv
+/// z = Σ_j φ(k[b, hk, j])                   // m
+/// o[b, h, i] = φ(q[b, h, i])ᵀ S / (φ(q[b, h, i])ᵀ z + ε)
+/// lse[b, h, i] = log(φ(q[b, h, i])ᵀ z)     // -infinity when that is 0 (e.g. no visible key)
+/// ```
+/// `φ` is the ``FeatureMap``: ``EluPlusOneFeatures`` (`linear-elu`),
+/// ``FavorPlusFeatures`` (FAVOR+, `performer`, approaching softmax attention as `m` grows,
+/// so its `lse` approaches softmax's), ``ReLUFeatures``, or your own. Maps that stabilise
+/// their exponentials (FAVOR+) report per-row factors; the scan keeps one running key
+/// stabiliser and adds `ε` to the stabilised denominator (KernelDocs/LinearAttention.md), so
+/// `ε` acts relative to the largest key feature seen rather than in absolute units.
+///
+/// The work runs on the linear-attention scan (Kernels/LinearAttentionScan.swift): GEMMs
+/// for the features, for `S` and for the read-out; causal attention in chunks of 64
+/// queries (a small masked product within the chunk, the running state across chunks).
+/// ``RecurrentState`` is the same scan one token at a time, for decoding.
+///
+/// - Complexity: per query head, `Nk` key and `Nq` query feature rows plus
+///   `2 · (Nk + Nq) · m · Dv` FLOPs (causal: plus `2 · Nq · 64 · (m + Dv)` within chunks):
+///   linear in the sequence length. Workspace: `O((256 + m) · (m + Dv))` floats per thread,
+///   independent of `N`.
+public struct LinearAttention<Map: FeatureMap>: Attention {
+    public var featureMap: Map
+    /// Prefix sums: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
+    public var causal: Bool
+    /// Added to the (stabilised) denominator; must be finite and positive.
+    public var epsilon: Float
+
+    public init(featureMap: Map, causal: Bool = false, epsilon: Float = 1e-6) {
+        self.featureMap = featureMap
+        self.causal = causal
+        self.epsilon = epsilon
+    }
+
+    public var name: String { featureMap.attentionName }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        guard epsilon.isFinite && epsilon > 0 else {
+            throw AttentionError.invalidParameter("linear attention epsilon must be finite and positive, got \(epsilon)")
+        }
+        let m = try featureMap.featureCount(headDim: shape.headDim)
+        guard m >= 1 else {
+            throw AttentionError.invalidParameter("feature map \(name) gives \(m) features, needs at least 1")
+        }
+        guard checkedProduct([m, shape.valueDim, 4]) != nil, checkedProduct([m, LinearAttentionScan.chunk, 8]) != nil else {
+            throw AttentionError.sizeOverflow("linear attention state of \(m) × \(shape.valueDim) overflows Int")
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        let m = try featureMap.featureCount(headDim: shape.headDim)
+        let nq = shape.queryLength, nk = shape.keyLength, dv = Double(shape.valueDim)
+        let features = Double(nq + nk) * featureMap.flopsPerRow(headDim: shape.headDim)
+        var flops = features + 2 * Double(nk + nq) * Double(m) * (dv + 1)
+        var pairs = 0
+        if causal {
+            let offset = nk - nq, prefix = min(max(offset, 0), nk)
+            for start in stride(from: 0, to: nq, by: LinearAttentionScan.causalChunk) {
+                let count = min(LinearAttentionScan.causalChunk, nq - start)
+                let keyStart = min(max(start + offset, prefix), nk)
+                let keyEnd = min(max(start + count + offset, keyStart), nk)
+                pairs += count * (keyEnd - keyStart)
+            }
+            flops += 2 * Double(pairs) * (Double(m) + dv)
+        }
+        let heads = Double(shape.batch * shape.heads)
+        let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
+        return AttentionCost(flops: heads * flops,
+                             workspaceBytes: workers * LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim),
+                             scoredPairs: shape.batch * shape.heads * pairs)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let m = try featureMap.featureCount(headDim: shape.headDim)
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        let items = shape.batch * shape.heads
+        let workers = workerCount(threads: threads, items: items)
+        let spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: shape.valueDim) }
+        defer { for space in spaces { space.deallocate() } }
+        let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let b = item / shape.heads, h = item % shape.heads
+                let space = spaces[worker]
+                space.state.reset(m: m, dv: shape.valueDim)
+                LinearAttentionScan.scanHead(
+                    map: map, causal: causal, epsilon: epsilon, d: shape.headDim, dv: shape.valueDim,
+                    queryCount: shape.queryLength, keyCount: keyLengths?[b] ?? shape.keyLength,
+                    offset: shape.keyLength - shape.queryLength,
+                    input: .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: l),
+                    state: space.state, space: space)
+            }
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// A fresh decoding state for `batch` items and `heads` query heads (`kvHeads` key/value
+    /// heads), head dimension `headDim` and value dimension `valueDim`.
+    public func makeRecurrentState(batch: Int = 1, heads: Int, kvHeads: Int? = nil,
+                                   headDim: Int, valueDim: Int? = nil) throws -> RecurrentState {
+        try RecurrentState(attention: self, batch: batch, heads: heads, kvHeads: kvHeads ?? heads,
+                           headDim: headDim, valueDim: valueDim ?? headDim)
+    }
+
+    /// The recurrent form for decoding: the state `(S, z)` of every (batch item, query head),
+    /// updated as tokens arrive. ``append(query:key:value:threads:)`` with one token per call
+    /// gives the same outputs as the causal batch form over the whole sequence (up to
+    /// rounding and the placement of `ε`, see KernelDocs/LinearAttention.md); with `n` tokens
+    /// it is the causal batch form over those tokens with every earlier token visible.
+    ///
+    /// - Complexity: per token and query head, one query and one key feature row and
+    ///   `4 · m · Dv` FLOPs; memory `4 · B · H · m · (Dv + 1)` bytes, independent of the
+    ///   number of tokens.
+    public struct RecurrentState: Sendable {
+        public let attention: LinearAttention<Map>
+        public let batch: Int, heads: Int, kvHeads: Int, headDim: Int, valueDim: Int
+        /// Tokens absorbed so far.
+        public private(set) var length = 0
+        private let featureCount: Int
+        private var storage: [Float]
+        /// Scratch memory kept between calls (a decoding step would otherwise spend more
+        /// time allocating it than computing); never shared between copies of the state.
+        private var scratch: ScratchBox?
+
+        init(attention: LinearAttention<Map>, batch: Int, heads: Int, kvHeads: Int,
+             headDim: Int, valueDim: Int) throws {
+            let shape = AttentionShape(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: 1,
+                                       headDim: headDim, valueDim: valueDim)
+            try attention.validate(shape)
+            self.attention = attention
+            self.batch = batch
+            self.heads = heads
+            self.kvHeads = kvHeads
+            self.headDim = headDim
+            self.valueDim = valueDim
+            featureCount = try attention.featureMap.featureCount(headDim: headDim)
+            let perHead = LinearAttentionScan.State.floatCount(m: featureCount, dv: valueDim)
+            guard let count = checkedProduct([batch, heads, perHead]) else {
+                throw AttentionError.sizeOverflow("recurrent state \(batch) × \(heads) × \(perHead) overflows Int")
+            }
+            storage = [Float](repeating: 0, count: count)
+            for item in 0..<batch * heads { storage[(item + 1) * perHead - 1] = -.infinity }
+        }
+
+        /// Attends `n` new tokens (query `[B, H, n, D]`, key `[B, Hkv, n, D]`, value
+        /// `[B, Hkv, n, Dv]`) causally to themselves and to every earlier token, then keeps them
+        /// in the state.
+        public mutating func append(query: Tensor, key: Tensor, value: Tensor,
+                                    threads: Int? = nil) throws -> AttentionResult {
+            let shape = try AttentionShape(query: query, key: key, value: value)
+            guard shape.batch == batch, shape.heads == heads, shape.kvHeads == kvHeads,
+                  shape.headDim == headDim, shape.valueDim == valueDim else {
+                throw AttentionError.shapeMismatch(
+                    "recurrent state is for B=\(batch) H=\(heads) Hkv=\(kvHeads) D=\(headDim) Dv=\(valueDim), got \(shape)")
+            }
+            guard shape.queryLength == shape.keyLength else {
+                throw AttentionError.shapeMismatch(
+                    "recurrent append takes as many queries as keys, got Nq=\(shape.queryLength) Nk=\(shape.keyLength)")
+            }
+            try checkCallArguments(shape, keyLengths: nil, threads: threads)
+            let m = featureCount, perHead = LinearAttentionScan.State.floatCount(m: m, dv: valueDim)
+            var output = try Tensor.uninitializedOutput(shape: [batch, heads, shape.queryLength, valueDim])
+            var lse = try Tensor(shape: [batch, heads, shape.queryLength, 1])
+            let items = batch * heads
+            let workers = workerCount(threads: threads, items: items)
+            if scratch == nil || !isKnownUniquelyReferenced(&scratch!) || scratch!.spaces.count < workers {
+                scratch = ScratchBox(workers: workers, m: m, dv: valueDim)
+            }
+            let spaces = scratch!.spaces
+            let attention = self.attention
+            storage.withUnsafeMutableBufferPointer { storage in
+                let base = UncheckedSendable(storage.baseAddress!)
+                query.withView { q in key.withView { k in value.withView { v in
+                output.withMutableView { o in lse.withMutableView { l in
+                    parallelForEach(items: items, threads: workers) { item, worker in
+                        let b = item / shape.heads, h = item % shape.heads
+                        let head = base.value + item * perHead
+                        let state = LinearAttentionScan.State(s: head, z: head + m * shape.valueDim,
+                                                              c: head + m * shape.valueDim + m)
+                        LinearAttentionScan.scanHead(
+                            map: attention.featureMap, causal: true, epsilon: attention.epsilon,
+                            d: shape.headDim, dv: shape.valueDim,
+                            queryCount: shape.queryLength, keyCount: shape.keyLength, offset: 0,
+                            input: .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: l),
+                            state: state, space: spaces[worker])
+                    }
+                } } } } }
+            }
+            length += shape.queryLength
+            return try AttentionResult(output: output, logSumExp: lse)
+        }
+    }
+}
+
+/// Workspaces owned by a ``LinearAttention/RecurrentState``, freed with it.
+final class ScratchBox: @unchecked Sendable {
+    let spaces: [LinearAttentionScan.Workspace]
+
+    init(workers: Int, m: Int, dv: Int) {
+        spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: dv) }
+    }
+
+    deinit { for space in spaces { space.deallocate() } }
+}

@@ -1,0 +1,200 @@
+/// Linformer (Wang et al. 2020): keys and values projected along the sequence to `k`
+/// rows, then exact softmax attention over the `k` projected keys.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i:
+/// let hk = h / (H / Hkv), L = keyLengths?[b] ?? Nk       // L ≤ Nmax
+/// let E = projections.e[p], F = projections.f[p]         // p = 0 shared, p = hk per head
+/// K'[r] = Σ_{j < L} E[r, j] · k[b, hk, j]                // r < k
+/// V'[r] = Σ_{j < L} F[r, j] · v[b, hk, j]
+/// s[r] = scale · dot(q[b, h, i], K'[r])
+/// o[b, h, i] = Σ_r softmax(s)[r] · V'[r],   lse[b, h, i] = log Σ_r exp(s[r])
+/// ```
+/// Sequences shorter than `Nmax` use the leading columns of `E` and `F`. A batch item with
+/// `L = 0` has no key: its rows are 0 with `lse = -infinity`. Causal attention is not
+/// defined (projecting mixes future keys into every row): `causal` throws
+/// ``AttentionError/unsupported(_:)``.
+///
+/// The projections run on the shared GEMM kernel (KernelDocs/MicroKernels.md), one work
+/// item per batch item, key/value head and projection; the attention over the projected
+/// keys is the dense flash kernel (KernelDocs/Dense.md).
+///
+/// - Complexity: `2 · k · L · (D + Dv)` FLOPs per key/value head for the projections plus
+///   `2 · Nq · k · (D + Dv)` per query head: linear in the sequence length. Workspace: the
+///   projected keys and values (`4 · B · Hkv · k · (D + Dv)` bytes) plus about 1 MiB of
+///   packing buffers and the dense kernel's tiles per thread.
+public struct LinformerAttention: Attention {
+    /// Rows of the projections, `k`.
+    public let projectedLength: Int
+    /// Columns of the projections, `Nmax`: the longest key sequence this instance accepts.
+    public let maxSequenceLength: Int
+    /// Number of projection pairs: 1 (shared by every head) or `Hkv` (one per key/value head).
+    public let projectionCount: Int
+    /// `E` for every projection, `[projectionCount, k, Nmax]` row-major.
+    public let e: [Float]
+    /// `F`, same layout; `nil` when `E = F` (keys and values share one projection).
+    public let f: [Float]?
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+    /// Must stay false: Linformer has no causal form (a thrown error).
+    public var causal: Bool
+
+    /// Projections drawn from a seeded generator, entries `N(0, 1/k)` (the Johnson-Lindenstrauss
+    /// scaling of the paper's analysis, so that `E Eᵀ ≈ I` and projected scores keep the
+    /// size of exact ones).
+    ///
+    /// - Parameters:
+    ///   - projectedLength: `k ≥ 1`.
+    ///   - maxSequenceLength: `Nmax ≥ 1`.
+    ///   - perHeadProjections: `nil` shares one `E, F` pair across heads; `n` gives each of
+    ///     `n` key/value heads its own pair (`n` must then equal `Hkv` of every call).
+    ///   - sharedKeyValue: `E = F`.
+    /// - Complexity: `O(projections · k · Nmax)` to draw the entries.
+    public init(projectedLength: Int, maxSequenceLength: Int, perHeadProjections: Int? = nil,
+                sharedKeyValue: Bool = false, seed: UInt64 = 0,
+                causal: Bool = false, scale: Float? = nil) throws {
+        let count = perHeadProjections ?? 1
+        try LinformerAttention.checkSizes(k: projectedLength, nmax: maxSequenceLength, projections: count)
+        var rng = SeededGenerator(seed: seed)
+        let n = count * projectedLength * maxSequenceLength
+        let sigma = 1 / Double(projectedLength).squareRoot()
+        func draw() -> [Float] { (0..<n).map { _ in Float(rng.nextGaussian() * sigma) } }
+        let e = draw()
+        try self.init(e: e, f: sharedKeyValue ? nil : draw(), projectedLength: projectedLength,
+                      maxSequenceLength: maxSequenceLength, projectionCount: count,
+                      causal: causal, scale: scale)
+    }
+
+    /// Given projections: `e` (and `f`, or `nil` for `E = F`) hold `projectionCount · k · Nmax`
+    /// floats, `[projectionCount, k, Nmax]` row-major.
+    ///
+    /// - Throws: ``AttentionError/invalidParameter(_:)`` for `k`, `Nmax` or
+    ///   `projectionCount` below 1, ``AttentionError/shapeMismatch(_:)`` when `e` or `f`
+    ///   has the wrong number of elements.
+    public init(e: [Float], f: [Float]?, projectedLength: Int, maxSequenceLength: Int,
+                projectionCount: Int = 1, causal: Bool = false, scale: Float? = nil) throws {
+        try LinformerAttention.checkSizes(k: projectedLength, nmax: maxSequenceLength, projections: projectionCount)
+        let expected = projectionCount * projectedLength * maxSequenceLength
+        for (name, array) in [("E", e), ("F", f ?? e)] where array.count != expected {
+            throw AttentionError.shapeMismatch(
+                "projection \(name) has \(array.count) elements, expected [projections \(projectionCount), k \(projectedLength), Nmax \(maxSequenceLength)] = \(expected)")
+        }
+        self.projectedLength = projectedLength
+        self.maxSequenceLength = maxSequenceLength
+        self.projectionCount = projectionCount
+        self.e = e
+        self.f = f
+        self.causal = causal
+        self.scale = scale
+    }
+
+    private static func checkSizes(k: Int, nmax: Int, projections: Int) throws {
+        guard k >= 1 else {
+            throw AttentionError.invalidParameter("Linformer projected length k must be at least 1, got \(k)")
+        }
+        guard nmax >= 1 else {
+            throw AttentionError.invalidParameter("Linformer maxSequenceLength must be at least 1, got \(nmax)")
+        }
+        guard projections >= 1 else {
+            throw AttentionError.invalidParameter("Linformer projection count must be at least 1, got \(projections)")
+        }
+        guard checkedProduct([projections, k, nmax, 2]) != nil else {
+            throw AttentionError.sizeOverflow("Linformer projections \(projections) × \(k) × \(nmax) overflow Int")
+        }
+    }
+
+    public var name: String { "linformer" }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        try shape.checkHeadDims(limit: DenseAttention.maxHeadDim, variant: "Linformer attention")
+        try checkScale(scale)
+        guard !causal else {
+            throw AttentionError.unsupported(
+                "Linformer has no causal form: projecting along the sequence mixes future keys into every projected key")
+        }
+        guard shape.keyLength <= maxSequenceLength else {
+            throw AttentionError.unsupported(
+                "keyLength \(shape.keyLength) exceeds the Linformer projections' maxSequenceLength \(maxSequenceLength)")
+        }
+        guard projectionCount == 1 || projectionCount == shape.kvHeads else {
+            throw AttentionError.shapeMismatch(
+                "Linformer has \(projectionCount) per-head projections, the problem has kvHeads \(shape.kvHeads)")
+        }
+    }
+
+    /// The dense problem over the projected keys.
+    private func projectedShape(_ shape: AttentionShape) -> AttentionShape {
+        var projected = shape
+        projected.keyLength = projectedLength
+        return projected
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        let k = Double(projectedLength), widths = Double(shape.headDim + shape.valueDim)
+        let projection = 2 * k * Double(shape.keyLength) * widths * Double(shape.batch * shape.kvHeads)
+        let attention = 2 * Double(shape.batch * shape.heads * shape.queryLength) * k * widths
+        let projectedBytes = shape.batch * shape.kvHeads * projectedLength
+            * (shape.headDim + shape.valueDim) * MemoryLayout<Float>.stride
+        let gemmWorkers = workerCount(threads: threads, items: 2 * shape.batch * shape.kvHeads)
+        return AttentionCost(
+            flops: projection + attention,
+            workspaceBytes: projectedBytes + gemmWorkers * Gemm.Workspace.byteCount()
+                + TiledSoftmaxAttention.workspaceBytes(shape: projectedShape(shape), threads: threads),
+            scoredPairs: shape.batch * shape.heads * shape.queryLength * projectedLength)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let threads = threads ?? defaultThreadCount
+        let kProj = projectedLength, nmax = maxSequenceLength
+        var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
+        var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])
+
+        // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L], one work item per (b, hk, K or V).
+        let items = 2 * shape.batch * shape.kvHeads
+        let workers = workerCount(threads: threads, items: items)
+        let spaces = (0..<workers).map { _ in Gemm.Workspace() }
+        defer { for space in spaces { space.deallocate() } }
+        let perHead = projectionCount > 1
+        e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
+        key.withView { k in value.withView { v in
+        keys.withMutableView { kOut in values.withMutableView { vOut in
+            let eBase = UncheckedSendable(e.baseAddress!)
+            let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let isValue = item % 2 == 1
+                let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
+                let length = keyLengths?[b] ?? shape.keyLength
+                let projection = (isValue ? fBase.value : eBase.value) + (perHead ? hk * kProj * nmax : 0)
+                let source = isValue ? v : k
+                let target = isValue ? vOut : kOut
+                let width = isValue ? shape.valueDim : shape.headDim
+                Gemm.multiply(m: kProj, n: width, depth: length,
+                              a: MatrixOperand(base: projection, rowStride: nmax, columnStride: 1), packA: false,
+                              b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
+                                                       columnStride: source.strides[3])),
+                              c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
+            }
+        } } } } } }
+
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        let projected = projectedShape(shape)
+        query.withView { q in keys.withView { k in values.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            TiledSoftmaxAttention.run(shape: projected, scale: scale, threads: threads,
+                                      q: q, k: k, v: v, o: o, lse: l) { b, _ in
+                // A batch item without valid keys has no projected key either.
+                IntervalMask(queryLength: projected.queryLength, keyLength: kProj, causal: false,
+                             keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : kProj)
+            }
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+}

@@ -1,0 +1,280 @@
+/// The linear-attention scan: `o_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + ε)` with
+/// `S = Σ_j φ(k_j) v_jᵀ`, `z = Σ_j φ(k_j)` over all keys or over the causal prefix, every
+/// product on the shared GEMM kernel.
+///
+/// For one (batch item, query head):
+///
+///     non-causal:  for each chunk of keys:   stabilise, S += Φ_Kᵀ V, z += Σ rows of Φ_K
+///                  for each chunk of queries: O = Φ_Q S, den = Φ_Q z          (S packed once)
+///     causal:      for each chunk of queries [i0, i1) with its keys [i0 + off, i1 + off):
+///                  stabilise the chunk's keys (rescaling S, z if the stabiliser grows)
+///                  O = Φ_Q S, den = Φ_Q z                                     (the prefix)
+///                  P = mask(Φ_Q Φ_Kᵀ), O += P V, den += row sums of P         (within the chunk)
+///                  S += Φ_Kᵀ V, z += Σ rows of Φ_K                            (running state)
+///     o = O / (den + ε),  lse = log den + (query stabiliser) + (key stabiliser)
+///
+/// Key features come from the map divided by per-row factors `exp(logScale_j)`; the scan
+/// keeps one running key stabiliser `c` (the largest `logScale` absorbed so far, like the
+/// running max of an online softmax): each chunk's rows are multiplied by
+/// `exp(logScale_j − c)` and the state is rescaled by `exp(c_old − c)` when `c` grows.
+/// Without the `ε` the result does not depend on `c` at all; `ε` is added to the stabilised
+/// denominator. The recurrent (decoding) form is this causal loop over chunks of one token
+/// with the state kept between calls.
+enum LinearAttentionScan {
+    /// Rows per chunk: queries and keys of the causal loop, keys and queries of the non-causal passes.
+    static let causalChunk = 64
+    static let chunk = 256
+
+    /// The running state of one (batch item, head): `S` (`m × Dv`, rows `Dv` apart),
+    /// `z` (`m`), and the key stabiliser `c` (`-infinity` when empty).
+    struct State {
+        var s: UnsafeMutablePointer<Float>
+        var z: UnsafeMutablePointer<Float>
+        var c: UnsafeMutablePointer<Float>
+
+        func reset(m: Int, dv: Int) {
+            s.update(repeating: 0, count: m * dv)
+            z.update(repeating: 0, count: m)
+            c.pointee = -.infinity
+        }
+
+        static func floatCount(m: Int, dv: Int) -> Int { m * dv + m + 1 }
+    }
+
+    /// One worker's scratch memory.
+    struct Workspace {
+        let m: Int, mPad: Int, dv: Int
+        let keyFeatures, queryFeatures, keyLogScale, queryLogScale, denominators, products,
+            packedState: UnsafeMutablePointer<Float>
+        let state: State
+        let gemm: Gemm.Workspace
+        private let block: UnsafeMutableRawPointer
+
+        static func floatCount(m: Int, dv: Int) -> Int {
+            let mPad = roundUp(m, 16), rows = max(chunk, causalChunk)
+            return 2 * rows * mPad + 3 * rows + causalChunk * causalChunk
+                + Gemm.PackedB.floatCount(depth: m, columns: dv) + State.floatCount(m: m, dv: dv) + 8 * 16
+        }
+
+        static func byteCount(m: Int, dv: Int) -> Int {
+            floatCount(m: m, dv: dv) * MemoryLayout<Float>.stride + Gemm.Workspace.byteCount()
+        }
+
+        init(m: Int, dv: Int) {
+            self.m = m
+            self.dv = dv
+            mPad = roundUp(m, 16)
+            let rows = max(LinearAttentionScan.chunk, LinearAttentionScan.causalChunk)
+            let count = Workspace.floatCount(m: m, dv: dv)
+            block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
+            // Every buffer is written before it is read (the state by `reset`), so no zero
+            // fill: a one-token recurrent step touches only the rows it uses.
+            var next = block.bindMemory(to: Float.self, capacity: count)
+            func take(_ n: Int) -> UnsafeMutablePointer<Float> {
+                defer { next += roundUp(n, 16) }
+                return next
+            }
+            keyFeatures = take(rows * mPad)
+            queryFeatures = take(rows * mPad)
+            keyLogScale = take(rows)
+            queryLogScale = take(rows)
+            denominators = take(rows)
+            products = take(LinearAttentionScan.causalChunk * LinearAttentionScan.causalChunk)
+            packedState = take(Gemm.PackedB.floatCount(depth: m, columns: dv))
+            state = State(s: take(m * dv), z: take(m), c: take(1))
+            gemm = Gemm.Workspace()
+        }
+
+        func deallocate() {
+            gemm.deallocate()
+            block.deallocate()
+        }
+    }
+
+    /// Where one head's rows live.
+    struct HeadInput {
+        var q: TensorView, k: TensorView, v: TensorView
+        var b: Int, h: Int, hk: Int
+        var o: MutableTensorView, lse: MutableTensorView
+    }
+
+    /// The scan for one (batch item, query head).
+    ///
+    /// - Parameters:
+    ///   - keyCount: valid keys (`keyLengths[b]`, or `Nk`).
+    ///   - offset: `Nk − Nq` for the causal rule `j ≤ i + offset` (`Nk` the full key length).
+    ///   - state: reset first for a batch call; carried over for the recurrent form.
+    static func scanHead<Map: FeatureMap>(
+        map: Map, causal: Bool, epsilon: Float, d: Int, dv: Int,
+        queryCount: Int, keyCount: Int, offset: Int,
+        input: HeadInput, state: State, space: Workspace
+    ) {
+        if !causal {
+            for start in stride(from: 0, to: keyCount, by: chunk) {
+                let count = min(chunk, keyCount - start)
+                keyFeatures(map, input, start: start, count: count, d: d, space: space, state: state)
+                addKeys(input, start: start, count: count, space: space, state: state)
+            }
+            let packedState = Gemm.PackedB.pack(MatrixOperand(base: state.s, rowStride: dv, columnStride: 1),
+                                                depth: space.m, columns: dv, into: space.packedState)
+            for start in stride(from: 0, to: queryCount, by: chunk) {
+                let count = min(chunk, queryCount - start)
+                queryFeatures(map, input, start: start, count: count, d: d, space: space)
+                readState(input, start: start, count: count, b: .packed(packedState), space: space, state: state)
+                finish(input, start: start, count: count, epsilon: epsilon, space: space, state: state)
+            }
+            return
+        }
+        // Keys every query sees (Nk > Nq): the prefix before the first query.
+        let prefix = min(max(offset, 0), keyCount)
+        for start in stride(from: 0, to: prefix, by: causalChunk) {
+            let count = min(causalChunk, prefix - start)
+            keyFeatures(map, input, start: start, count: count, d: d, space: space, state: state)
+            addKeys(input, start: start, count: count, space: space, state: state)
+        }
+        for start in stride(from: 0, to: queryCount, by: causalChunk) {
+            let count = min(causalChunk, queryCount - start)
+            let keyStart = min(max(start + offset, prefix), keyCount)
+            let keyEnd = min(max(start + count + offset, keyStart), keyCount)
+            let keys = keyEnd - keyStart
+            if keys > 0 {
+                keyFeatures(map, input, start: keyStart, count: keys, d: d, space: space, state: state)
+            }
+            queryFeatures(map, input, start: start, count: count, d: d, space: space)
+            readState(input, start: start, count: count,
+                      b: .matrix(MatrixOperand(base: state.s, rowStride: dv, columnStride: 1)),
+                      space: space, state: state)
+            if keys > 0 {
+                intraChunk(input, queryStart: start, queryCount: count, keyStart: keyStart, keyCount: keys,
+                           offset: offset, space: space)
+                addKeys(input, start: keyStart, count: keys, space: space, state: state)
+            }
+            finish(input, start: start, count: count, epsilon: epsilon, space: space, state: state)
+        }
+    }
+
+    /// Features of keys `start ..< start + count` into `keyFeatures`, stabilised to the
+    /// state's running `c` (which grows, rescaling the state, if the chunk needs it).
+    @inline(__always)
+    static func keyFeatures<Map: FeatureMap>(_ map: Map, _ input: HeadInput, start: Int, count: Int, d: Int,
+                                             space: Workspace, state: State) {
+        let k = input.k
+        map.apply(k.row(input.b, input.hk, start), rows: count, rowStride: k.strides[2], columnStride: k.strides[3],
+                  headDim: d, output: space.keyFeatures, outputStride: space.mPad, logScale: space.keyLogScale)
+        var top = -Float.infinity
+        for j in 0..<count { top = max(top, space.keyLogScale[j]) }
+        let old = state.c.pointee
+        guard top > -.infinity else { return }
+        if top > old {
+            if old > -.infinity {
+                let factor = expf(old - top)
+                scale(state.s, count: space.m * space.dv, by: factor)
+                scale(state.z, count: space.m, by: factor)
+            } else {
+                state.s.update(repeating: 0, count: space.m * space.dv)
+                state.z.update(repeating: 0, count: space.m)
+            }
+            state.c.pointee = top
+        }
+        let c = state.c.pointee
+        for j in 0..<count where space.keyLogScale[j] != c {
+            scale(space.keyFeatures + j * space.mPad, count: space.m, by: expf(space.keyLogScale[j] - c))
+        }
+    }
+
+    /// Features of queries `start ..< start + count` into `queryFeatures`.
+    @inline(__always)
+    static func queryFeatures<Map: FeatureMap>(_ map: Map, _ input: HeadInput, start: Int, count: Int, d: Int,
+                                               space: Workspace) {
+        let q = input.q
+        map.apply(q.row(input.b, input.h, start), rows: count, rowStride: q.strides[2], columnStride: q.strides[3],
+                  headDim: d, output: space.queryFeatures, outputStride: space.mPad, logScale: space.queryLogScale)
+    }
+
+    /// `S += Φ_Kᵀ V`, `z += Σ_j Φ_K[j]` for the chunk in `keyFeatures`.
+    @inline(__always)
+    static func addKeys(_ input: HeadInput, start: Int, count: Int, space: Workspace, state: State) {
+        let v = input.v
+        Gemm.multiply(m: space.m, n: space.dv, depth: count,
+                      a: MatrixOperand(base: space.keyFeatures, rowStride: 1, columnStride: space.mPad), packA: false,
+                      b: .matrix(MatrixOperand(base: v.row(input.b, input.hk, start), rowStride: v.strides[2],
+                                               columnStride: v.strides[3])),
+                      c: state.s, ldc: space.dv, accumulate: true, workspace: space.gemm)
+        for j in 0..<count {
+            let row = space.keyFeatures + j * space.mPad
+            var f = 0
+            while f + 16 <= space.m { store16(load16(state.z + f) + load16(row + f), state.z + f); f += 16 }
+            while f < space.m { state.z[f] += row[f]; f += 1 }
+        }
+    }
+
+    /// `O = Φ_Q S` into the output rows, `den = Φ_Q z`.
+    @inline(__always)
+    static func readState(_ input: HeadInput, start: Int, count: Int, b: Gemm.OperandB,
+                          space: Workspace, state: State) {
+        let o = input.o
+        Gemm.multiply(m: count, n: space.dv, depth: space.m,
+                      a: MatrixOperand(base: space.queryFeatures, rowStride: space.mPad, columnStride: 1), packA: false,
+                      b: b, c: o.row(input.b, input.h, start), ldc: o.strides[2], workspace: space.gemm)
+        for i in 0..<count {
+            space.denominators[i] = dot(space.queryFeatures + i * space.mPad, 1, state.z, 1, count: space.m)
+        }
+    }
+
+    /// Within a causal chunk: `P = Φ_Q Φ_Kᵀ` masked to `j ≤ i + offset`, `O += P V`,
+    /// `den += row sums of P`.
+    @inline(__always)
+    static func intraChunk(_ input: HeadInput, queryStart: Int, queryCount: Int, keyStart: Int, keyCount: Int,
+                           offset: Int, space: Workspace) {
+        let ld = causalChunk, p = space.products
+        Gemm.multiply(m: queryCount, n: keyCount, depth: space.m,
+                      a: MatrixOperand(base: space.queryFeatures, rowStride: space.mPad, columnStride: 1), packA: false,
+                      b: .matrix(MatrixOperand(base: space.keyFeatures, rowStride: 1, columnStride: space.mPad)),
+                      c: p, ldc: ld, workspace: space.gemm)
+        for ii in 0..<queryCount {
+            // Keys keyStart + jj visible iff jj ≤ queryStart + ii + offset − keyStart.
+            let visible = min(keyCount, max(0, queryStart + ii + offset - keyStart + 1))
+            let row = p + ii * ld
+            for jj in visible..<keyCount { row[jj] = 0 }
+            var sum: Float = 0
+            for jj in 0..<visible { sum += row[jj] }
+            space.denominators[ii] += sum
+        }
+        let v = input.v, o = input.o
+        Gemm.multiply(m: queryCount, n: space.dv, depth: keyCount,
+                      a: MatrixOperand(base: p, rowStride: ld, columnStride: 1), packA: false,
+                      b: .matrix(MatrixOperand(base: v.row(input.b, input.hk, keyStart), rowStride: v.strides[2],
+                                               columnStride: v.strides[3])),
+                      c: o.row(input.b, input.h, queryStart), ldc: o.strides[2], accumulate: true,
+                      workspace: space.gemm)
+    }
+
+    /// `o = O / (den + ε)`, `lse = log den + query stabiliser + key stabiliser`
+    /// (`-infinity` where `den ≤ 0`, which includes rows with no visible key; their `O` is 0).
+    @inline(__always)
+    static func finish(_ input: HeadInput, start: Int, count: Int, epsilon: Float, space: Workspace, state: State) {
+        let o = input.o, lse = input.lse
+        let c = state.c.pointee
+        for i in 0..<count {
+            let den = space.denominators[i]
+            let row = o.row(input.b, input.h, start + i)
+            let inverse = 1 / (den + epsilon)
+            for x in 0..<space.dv { row[x] *= inverse }
+            lse.row(input.b, input.h, start + i)[0] = den > 0 ? logf(den) + space.queryLogScale[i] + c : -.infinity
+        }
+    }
+
+    @inline(__always)
+    static func scale(_ p: UnsafeMutablePointer<Float>, count: Int, by factor: Float) {
+        let f = Vec16(repeating: factor)
+        var t = 0
+        while t + 16 <= count { store16(load16(p + t) * f, p + t); t += 16 }
+        while t < count { p[t] *= factor; t += 1 }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

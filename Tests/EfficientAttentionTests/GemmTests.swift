@@ -1,0 +1,92 @@
+// The shared GEMM kernel (MatrixProduct, Kernels/Gemm.swift) against a naive Double
+// product: awkward sizes around the micro-tile (MR = 8, NR = 32) and the block sizes
+// (MC = 128, KC = 256, NC = 512), transposed operands, thread counts, bad arguments.
+
+import EfficientAttention
+import Testing
+
+struct GemmCase: Sendable, CustomTestStringConvertible {
+    var m: Int, n: Int, depth: Int
+    var transposeA = false, transposeB = false
+    var testDescription: String {
+        "\(m) x \(n) x \(depth)" + (transposeA ? " Aᵀ" : "") + (transposeB ? " Bᵀ" : "")
+    }
+}
+
+/// `C = A B` in Double, plus `Σ_k |A_ik B_kj|` per element (the scale of the rounding error).
+private func naiveProduct(_ a: [Float], _ b: [Float], _ c: GemmCase) -> (value: [Double], magnitude: [Double]) {
+    var value = [Double](repeating: 0, count: c.m * c.n), magnitude = value
+    for i in 0..<c.m { for j in 0..<c.n { for k in 0..<c.depth {
+        let x = Double(c.transposeA ? a[k * c.m + i] : a[i * c.depth + k])
+        let y = Double(c.transposeB ? b[j * c.depth + k] : b[k * c.n + j])
+        value[i * c.n + j] += x * y
+        magnitude[i * c.n + j] += abs(x * y)
+    } } }
+    return (value, magnitude)
+}
+
+@Suite("GEMM kernel")
+struct GemmTests {
+    static let cases: [GemmCase] = [
+        GemmCase(m: 1, n: 1, depth: 1), GemmCase(m: 1, n: 1, depth: 300), GemmCase(m: 7, n: 31, depth: 5),
+        GemmCase(m: 9, n: 33, depth: 1), GemmCase(m: 8, n: 32, depth: 8), GemmCase(m: 7, n: 33, depth: 17),
+        GemmCase(m: 9, n: 31, depth: 64), GemmCase(m: 777, n: 199, depth: 37),
+        GemmCase(m: 199, n: 777, depth: 3), GemmCase(m: 129, n: 513, depth: 257),
+        GemmCase(m: 130, n: 65, depth: 513), GemmCase(m: 33, n: 40, depth: 300, transposeA: true),
+        GemmCase(m: 33, n: 40, depth: 300, transposeB: true),
+        GemmCase(m: 17, n: 95, depth: 70, transposeA: true, transposeB: true),
+    ]
+
+    @Test("matches a naive product", arguments: cases)
+    func matchesNaive(_ c: GemmCase) throws {
+        var rng = SeededGenerator(seed: UInt64(c.m * 1000 + c.n * 10 + c.depth))
+        let a = (0..<c.m * c.depth).map { _ in rng.nextFloat(in: -1...1) }
+        let b = (0..<c.depth * c.n).map { _ in rng.nextFloat(in: -1...1) }
+        let product = try MatrixProduct.multiply(a, b, m: c.m, n: c.n, depth: c.depth,
+                                                 transposeA: c.transposeA, transposeB: c.transposeB, threads: 2)
+        #expect(product.count == c.m * c.n)
+        let (reference, magnitude) = naiveProduct(a, b, c)
+        // Float summation of `depth` products: |error| ≤ depth · 2^-24 · Σ|a b| (and far less in practice).
+        var worst = 0.0, worstIndex = 0
+        for i in reference.indices {
+            let excess = abs(Double(product[i]) - reference[i]) / (Double(c.depth) * 0x1p-24 * magnitude[i] + 1e-30)
+            if excess > worst { worst = excess; worstIndex = i }
+        }
+        #expect(worst <= 1, "\(c.testDescription): element \(worstIndex) off by \(worst)x the rounding bound: \(product[worstIndex]) vs \(reference[worstIndex])")
+    }
+
+    @Test("bitwise identical for 1, 2 and 3 threads")
+    func threads() throws {
+        var rng = SeededGenerator(seed: 9)
+        let (m, n, depth) = (300, 600, 300)
+        let a = (0..<m * depth).map { _ in rng.nextFloat(in: -1...1) }
+        let b = (0..<depth * n).map { _ in rng.nextFloat(in: -1...1) }
+        let one = try MatrixProduct.multiply(a, b, m: m, n: n, depth: depth, threads: 1)
+        for threads in [2, 3] {
+            let other = try MatrixProduct.multiply(a, b, m: m, n: n, depth: depth, threads: threads)
+            #expect(bitwiseEqual(one, other), "threads \(threads): \(firstDifference(one, other))")
+        }
+    }
+
+    @Test("empty sizes")
+    func empty() throws {
+        #expect(try MatrixProduct.multiply([], [], m: 3, n: 4, depth: 0) == [Float](repeating: 0, count: 12))
+        #expect(try MatrixProduct.multiply([], [1, 2], m: 0, n: 2, depth: 1) == [])
+    }
+
+    @Test("bad arguments throw")
+    func errors() {
+        expectAttentionError(.shapeMismatch, mentioning: ["a has 5", "6"]) {
+            try MatrixProduct.multiply([Float](repeating: 0, count: 5), [Float](repeating: 0, count: 6), m: 2, n: 2, depth: 3)
+        }
+        expectAttentionError(.shapeMismatch, mentioning: ["b has 5", "6"]) {
+            try MatrixProduct.multiply([Float](repeating: 0, count: 6), [Float](repeating: 0, count: 5), m: 2, n: 2, depth: 3)
+        }
+        expectAttentionError(.invalidShape, mentioning: ["depth", "-1"]) {
+            try MatrixProduct.multiply([], [], m: 2, n: 2, depth: -1)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["threads"]) {
+            try MatrixProduct.multiply([1], [1], m: 1, n: 1, depth: 1, threads: 0)
+        }
+    }
+}
