@@ -1,0 +1,361 @@
+/// The decode kernel: a few query positions per head against a long key/value cache,
+/// split along the keys into chunks whose partial results merge exactly.
+///
+/// A decode step does `O(Nk · (D + Dv))` arithmetic on `O(Nk · (D + Dv))` bytes per
+/// key/value head: about one FLOP per byte, far below what the micro-kernel needs to be
+/// compute bound, so the kernel is written to stream the cache once at memory speed:
+///
+///     for each work item (batch b, key/value head hk, chunk c of `split` keys):
+///         rows = the G·n query rows of the group (G = H / Hkv query heads × n positions)
+///         for each key tile (≤ Bc keys) of the chunk:           K and V tile stay in L1
+///             for each row r with a visible key in the tile:
+///                 s_j = scale · q_r · k_j                       4 keys at a time, SIMD16 over D
+///                 m' = max(m, max s), α = exp(m − m')
+///                 p_j = exp(s_j − m'), l = α·l + Σ p_j
+///                 o = α·o + Σ p_j v_j                          4 keys at a time, SIMD16 over Dv
+///         partial (o / l, lse = m + log l) of every row          (0 and −∞ where l = 0)
+///     merge the chunks of each row in chunk order:
+///         lse = M + log Σ_c exp(lse_c − M),  o = Σ_c exp(lse_c − lse) · o_c
+///
+/// Every query head of a group reads its key/value head in place (rows of the cache), and
+/// the rows of one group share each tile while it is in L1, so multi-query attention reads
+/// the cache once for all `H` heads. Keys and values are `Float` or `Float16`
+/// (``CacheScalar``), widened in registers.
+///
+/// The chunking depends only on the cache length and `split`, never on the thread count,
+/// and chunks merge in a fixed order: results are bitwise identical for every thread count.
+/// With a single chunk the merge is the identity (`exp(0) = 1`, `log 1 = 0`), so a cache
+/// shorter than `split` gives exactly the unsplit result; longer caches differ from an
+/// unsplit computation only by rounding.
+enum DecodeAttention {
+    /// Keys per chunk (split-KV work item) unless the caller chooses: long enough that the
+    /// merge is negligible, short enough that one head's 32K cache feeds 16 work items.
+    static let defaultSplit = 2048
+
+    /// Keys per tile: the K and V tile together fill at most 32 KiB (of the 48 KiB L1d), so
+    /// the rows of a group re-read them from L1; a multiple of 16 between 16 and 128.
+    static func keyTile(headDim d: Int, valueDim dv: Int) -> Int {
+        let tile = 32 * 1024 / (4 * (d + dv))
+        return max(16, min(128, tile / 16 * 16))
+    }
+
+    /// Chunks of `split` keys for a cache of `keyLength` positions (at least one).
+    static func chunks(keyLength: Int, split: Int) -> Int {
+        max(1, (keyLength + split - 1) / split)
+    }
+
+    /// Bytes of workspace ``run(shape:scale:threads:split:q:keys:values:o:lse:mask:)``
+    /// allocates: one workspace per worker plus the partial results of every chunk.
+    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?) -> Int {
+        let rows = shape.groupSize * shape.queryLength
+        let items = shape.batch * shape.kvHeads * chunks(keyLength: shape.keyLength, split: split)
+        let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim)
+        let perWorker = Workspace.byteCount(rows: rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
+        return perWorker * workerCount(threads: threads, items: items)
+            + items * rows * (shape.valueDim + 1) * MemoryLayout<Float>.stride
+    }
+
+    /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
+    /// the longest cache length. `mask(b)` gives batch item `b`'s visibility; its `keyEnd`
+    /// is that item's cache length.
+    static func run<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, threads: Int, split: Int,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        o: MutableTensorView, lse: MutableTensorView,
+        mask: (_ batch: Int) -> IntervalMask
+    ) {
+        let g = shape.groupSize, n = shape.queryLength, rows = g * n, dv = shape.valueDim
+        let chunkCount = chunks(keyLength: shape.keyLength, split: split)
+        let items = shape.batch * shape.kvHeads * chunkCount
+        let workers = workerCount(threads: threads, items: items)
+        let tile = keyTile(headDim: shape.headDim, valueDim: dv)
+        let masks = (0..<shape.batch).map(mask)
+        let partialRow = dv + 1
+        let partials = UnsafeMutablePointer<Float>.allocate(capacity: items * rows * partialRow)
+        defer { partials.deallocate() }
+        var spaces = (0..<workers).map { _ in
+            Workspace(rows: rows, d: shape.headDim, dv: dv, tile: tile)
+        }
+        defer { for space in spaces { space.deallocate() } }
+        spaces.withUnsafeMutableBufferPointer { spaces in
+            let shared = UncheckedSendable((spaces, partials))
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let c = item % chunkCount, head = item / chunkCount
+                let b = head / shape.kvHeads, hk = head % shape.kvHeads
+                let m = masks[b]
+                attendChunk(shape: shape, scale: scale, space: shared.value.0[worker], b: b, hk: hk,
+                            keyStart: c * split, keyEnd: min((c + 1) * split, m.keyEnd), mask: m,
+                            q: q, keys: keys, values: values,
+                            partial: shared.value.1 + item * rows * partialRow)
+            }
+        }
+        // Merge the chunks of every row in chunk order.
+        let chunkFloats = rows * partialRow
+        for head in 0..<(shape.batch * shape.kvHeads) {
+            let b = head / shape.kvHeads, hk = head % shape.kvHeads
+            let first: UnsafePointer<Float> = UnsafePointer(partials + head * chunkCount * chunkFloats)
+            for r in 0..<rows {
+                let h = hk * g + r / n, i = r % n
+                mergeChunks(count: chunkCount, dv: dv,
+                            output: { (c: Int) -> UnsafePointer<Float> in first + (c * chunkFloats + r * dv) },
+                            lse: { (c: Int) -> Float in first[c * chunkFloats + rows * dv + r] },
+                            into: o.row(b, h, i), stride: o.strides[3], lse: lse.row(b, h, i))
+            }
+        }
+    }
+
+    /// One work item: every query row of key/value head `hk` of batch item `b` against the
+    /// keys `keyStart..<keyEnd`. Writes the partial rows (`rows · Dv` outputs, then `rows`
+    /// log-sum-exps) to `partial`.
+    static func attendChunk<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, space: Workspace, b: Int, hk: Int,
+        keyStart: Int, keyEnd: Int, mask: IntervalMask,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        partial: UnsafeMutablePointer<Float>
+    ) {
+        let g = shape.groupSize, n = shape.queryLength, rows = g * n
+        let d = shape.headDim, dv = shape.valueDim, dPad = space.dPad, dvPad = space.dvPad
+        var first = Int.max, last = Int.min
+        for r in 0..<rows {
+            let h = hk * g + r / n, i = r % n
+            let source = q.row(b, h, i), sd = q.strides[3], packed = space.q + r * dPad
+            for c in 0..<d { packed[c] = scale * source[c * sd] }
+            let lo = max(keyStart, i + mask.offset - mask.left)
+            let hi = min(keyEnd - 1, i + mask.offset + mask.right)
+            space.lo[r] = lo
+            space.hi[r] = hi
+            if lo <= hi {
+                first = min(first, lo)
+                last = max(last, hi)
+            }
+            space.rowMax[r] = -.infinity
+            space.rowSum[r] = 0
+        }
+        space.acc.update(repeating: 0, count: rows * dvPad)
+
+        var tileStart = first
+        while tileStart <= last {
+            let count = min(space.tile, last - tileStart + 1), lanes = roundUp(count, 16)
+            for r in 0..<rows {
+                let a = max(space.lo[r], tileStart), e = min(space.hi[r], tileStart + count - 1)
+                guard a <= e else { continue }
+                let s = space.scores
+                s.update(repeating: -.infinity, count: lanes)
+                scores(q: space.q + r * dPad, d: d, keys: keys, b: b, hk: hk,
+                       from: a, through: e, into: s - tileStart)
+                // Online softmax over the tile (vertical over 16 keys, one horizontal max).
+                var tileMax = Vec16(repeating: -.infinity)
+                for t in stride(from: 0, to: lanes, by: 16) { tileMax = maximum(tileMax, load16(s + t)) }
+                let oldMax = space.rowMax[r]
+                let newMax = max(oldMax, horizontalMax(tileMax))
+                let alpha = expf(oldMax - newMax)
+                var sum = Vec16()
+                for t in stride(from: 0, to: lanes, by: 16) {
+                    let p = VectorMath.exp(load16(s + t) - Vec16(repeating: newMax))
+                    store16(p, s + t)
+                    sum += p
+                }
+                space.rowSum[r] = alpha * space.rowSum[r] + horizontalSum(sum)
+                space.rowMax[r] = newMax
+                let acc = space.acc + r * dvPad
+                if alpha != 1 {
+                    let factor = Vec16(repeating: alpha)
+                    for c in stride(from: 0, to: dvPad, by: 16) { store16(load16(acc + c) * factor, acc + c) }
+                }
+                accumulate(probabilities: s - tileStart, values: values, b: b, hk: hk,
+                           from: a, through: e, dv: dv, into: acc)
+            }
+            tileStart += count
+        }
+
+        for r in 0..<rows {
+            let out = partial + r * dv, sum = space.rowSum[r], acc = space.acc + r * dvPad
+            if sum > 0 {
+                let inverse = 1 / sum
+                for c in 0..<dv { out[c] = acc[c] * inverse }
+                partial[rows * dv + r] = space.rowMax[r] + logf(sum)
+            } else {
+                out.update(repeating: 0, count: dv)
+                partial[rows * dv + r] = -.infinity
+            }
+        }
+    }
+
+    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time.
+    @inline(__always)
+    static func scores<E: CacheScalar>(q: UnsafePointer<Float>, d: Int, keys: CacheRows<E>, b: Int, hk: Int,
+                                       from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
+        var j = a
+        while j + 3 <= e {
+            let k0 = keys.row(b, hk, j), k1 = keys.row(b, hk, j + 1)
+            let k2 = keys.row(b, hk, j + 2), k3 = keys.row(b, hk, j + 3)
+            var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
+            var c = 0
+            while c + 16 <= d {
+                let x = load16(q + c)
+                multiplyAdd(&a0, x, E.wide16(k0 + c))
+                multiplyAdd(&a1, x, E.wide16(k1 + c))
+                multiplyAdd(&a2, x, E.wide16(k2 + c))
+                multiplyAdd(&a3, x, E.wide16(k3 + c))
+                c += 16
+            }
+            var s0 = horizontalSum(a0), s1 = horizontalSum(a1), s2 = horizontalSum(a2), s3 = horizontalSum(a3)
+            while c < d {
+                s0 += q[c] * E.widen(k0[c]); s1 += q[c] * E.widen(k1[c])
+                s2 += q[c] * E.widen(k2[c]); s3 += q[c] * E.widen(k3[c])
+                c += 1
+            }
+            s[j] = s0; s[j + 1] = s1; s[j + 2] = s2; s[j + 3] = s3
+            j += 4
+        }
+        while j <= e {
+            let k0 = keys.row(b, hk, j)
+            var a0 = Vec16()
+            var c = 0
+            while c + 16 <= d {
+                multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c))
+                c += 16
+            }
+            var s0 = horizontalSum(a0)
+            while c < d { s0 += q[c] * E.widen(k0[c]); c += 1 }
+            s[j] = s0
+            j += 1
+        }
+    }
+
+    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`.
+    @inline(__always)
+    static func accumulate<E: CacheScalar>(probabilities p: UnsafePointer<Float>, values: CacheRows<E>,
+                                           b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
+                                           into acc: UnsafeMutablePointer<Float>) {
+        var j = a
+        while j + 3 <= e {
+            let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
+            let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
+            let p0 = Vec16(repeating: p[j]), p1 = Vec16(repeating: p[j + 1])
+            let p2 = Vec16(repeating: p[j + 2]), p3 = Vec16(repeating: p[j + 3])
+            var c = 0
+            while c + 16 <= dv {
+                var x = load16(acc + c)
+                multiplyAdd(&x, p0, E.wide16(v0 + c))
+                multiplyAdd(&x, p1, E.wide16(v1 + c))
+                multiplyAdd(&x, p2, E.wide16(v2 + c))
+                multiplyAdd(&x, p3, E.wide16(v3 + c))
+                store16(x, acc + c)
+                c += 16
+            }
+            while c < dv {
+                acc[c] += p[j] * E.widen(v0[c]) + p[j + 1] * E.widen(v1[c])
+                    + p[j + 2] * E.widen(v2[c]) + p[j + 3] * E.widen(v3[c])
+                c += 1
+            }
+            j += 4
+        }
+        while j <= e {
+            let v0 = values.row(b, hk, j), p0 = Vec16(repeating: p[j])
+            var c = 0
+            while c + 16 <= dv {
+                var x = load16(acc + c)
+                multiplyAdd(&x, p0, E.wide16(v0 + c))
+                store16(x, acc + c)
+                c += 16
+            }
+            while c < dv { acc[c] += p[j] * E.widen(v0[c]); c += 1 }
+            j += 1
+        }
+    }
+
+    /// Merges `count` partial rows over disjoint key sets exactly, in order:
+    /// `lse = M + log Σ exp(lse_c − M)`, `o = Σ exp(lse_c − lse) · o_c` with `M = max lse_c`;
+    /// 0 and −∞ when every part is empty. One part is copied unchanged.
+    @inline(__always)
+    static func mergeChunks(count: Int, dv: Int,
+                            output: (Int) -> UnsafePointer<Float>, lse partLSE: (Int) -> Float,
+                            into out: UnsafeMutablePointer<Float>, stride: Int,
+                            lse: UnsafeMutablePointer<Float>) {
+        var m = -Float.infinity
+        for c in 0..<count { m = max(m, partLSE(c)) }
+        guard m > -.infinity else {
+            for x in 0..<dv { out[x * stride] = 0 }
+            lse[0] = -.infinity
+            return
+        }
+        var total: Float = 0
+        for c in 0..<count { total += expf(partLSE(c) - m) }
+        let inverse = 1 / total
+        for x in 0..<dv { out[x * stride] = 0 }
+        for c in 0..<count {
+            let w = partLSE(c)
+            guard w > -.infinity else { continue }
+            let weight = expf(w - m) * inverse, row = output(c)
+            for x in 0..<dv { out[x * stride] += weight * row[x] }
+        }
+        lse[0] = m + logf(total)
+    }
+
+    /// One worker's scratch memory.
+    struct Workspace {
+        let rows: Int, tile: Int, dPad: Int, dvPad: Int
+        let q, acc, rowMax, rowSum, scores: UnsafeMutablePointer<Float>
+        let lo, hi: UnsafeMutablePointer<Int>
+        private let block: UnsafeMutableRawPointer
+
+        static func floatCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
+            rows * (roundUp(d, 16) + roundUp(dv, 16) + 2 * 16) + tile + 16
+        }
+
+        static func byteCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
+            floatCount(rows: rows, d: d, dv: dv, tile: tile) * 4 + 2 * rows * MemoryLayout<Int>.stride + 64
+        }
+
+        init(rows: Int, d: Int, dv: Int, tile: Int) {
+            self.rows = rows
+            self.tile = tile
+            dPad = roundUp(d, 16)
+            dvPad = roundUp(dv, 16)
+            let floats = Workspace.floatCount(rows: rows, d: d, dv: dv, tile: tile)
+            block = UnsafeMutableRawPointer.allocate(
+                byteCount: Workspace.byteCount(rows: rows, d: d, dv: dv, tile: tile), alignment: 64)
+            let base = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
+            q = base
+            acc = q + rows * dPad
+            scores = acc + rows * dvPad
+            rowMax = scores + tile + 16
+            rowSum = rowMax + rows * 16
+            let ints = UnsafeMutableRawPointer(base + floats).alignedUp(for: Int.self)
+            lo = ints.initializeMemory(as: Int.self, repeating: 0, count: 2 * rows)
+            hi = lo + rows
+        }
+
+        func deallocate() { block.deallocate() }
+    }
+}
+
+/// The sum of the 16 lanes as a tree (8 + 8, 4 + 4, 2 + 2, 1 + 1): a few shuffles, where
+/// the standard library's `sum()` adds the lanes one after another.
+@inline(__always)
+func horizontalSum(_ v: Vec16) -> Float {
+    let a = v.lowHalf + v.highHalf
+    let b = a.lowHalf + a.highHalf
+    let c = b.lowHalf + b.highHalf
+    return c[0] + c[1]
+}
+
+/// The largest of the 16 lanes as a tree of compare-and-blend steps (`max()` on a SIMD
+/// vector is a scalar loop).
+@inline(__always)
+func horizontalMax(_ v: Vec16) -> Float {
+    var a = v.lowHalf
+    a.replace(with: v.highHalf, where: v.highHalf .> a)
+    var b = a.lowHalf
+    b.replace(with: a.highHalf, where: a.highHalf .> b)
+    var c = b.lowHalf
+    c.replace(with: b.highHalf, where: b.highHalf .> c)
+    return max(c[0], c[1])
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
