@@ -281,7 +281,7 @@ public struct Registry: Sendable {
                 if p.shape.kvHeads == p.shape.heads { p.shape.kvHeads = 1 }
                 return p
             },
-            make: nil),
+            make: { c in MultiQueryAttention(causal: c.causal) }),
         VariantEntry(
             name: "transformer-xl",
             summary: "Transformer-XL segment over [memory; segment] with relative positions, causal (Dai et al. 2019)",

@@ -278,6 +278,36 @@ protocol CacheScalar {
     static func widen(_ x: Self) -> Float
 }
 
+extension CacheScalar {
+    /// `out[r · ld + c] = Float(row(start + r)[c])` for `r < count`, `c < width`.
+    @inline(__always)
+    static func pack(_ rows: CacheRows<Self>, b: Int, h: Int, start: Int, count: Int, width: Int,
+                     into out: UnsafeMutablePointer<Float>, ld: Int) {
+        for r in 0..<count {
+            let source = rows.row(b, h, start + r), target = out + r * ld
+            var c = 0
+            while c + 16 <= width {
+                store16(wide16(source + c), target + c)
+                c += 16
+            }
+            while c < width { target[c] = widen(source[c]); c += 1 }
+        }
+    }
+
+    /// Rows `start ..< start + count` as Float rows `base[r · rowStride + c]`: in place for
+    /// a Float cache, widened into `scratch` (`count · width` floats) otherwise.
+    @inline(__always)
+    static func floatRows(_ rows: CacheRows<Self>, b: Int, h: Int, start: Int, count: Int, width: Int,
+                          scratch: UnsafeMutablePointer<Float>) -> (base: UnsafePointer<Float>, rowStride: Int) {
+        if Self.self == Float.self {
+            let base = UnsafeRawPointer(rows.row(b, h, start)).assumingMemoryBound(to: Float.self)
+            return (base, rows.rowStride)
+        }
+        pack(rows, b: b, h: h, start: start, count: count, width: width, into: scratch, ld: width)
+        return (UnsafePointer(scratch), width)
+    }
+}
+
 extension Float: CacheScalar {
     @inline(__always) static func wide16(_ p: UnsafePointer<Float>) -> Vec16 {
         UnsafeRawPointer(p).loadUnaligned(as: Vec16.self)

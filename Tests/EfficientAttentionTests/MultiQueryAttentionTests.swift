@@ -185,6 +185,17 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         }
     }
 
+    @Test("decode on the micro-kernel path with several row tiles (G · n > 128), both precisions",
+          arguments: KVCache.Precision.allCases)
+    func decodeRowTiles(precision: KVCache.Precision) throws {
+        let cache = try KVCache(kvHeads: 1, headDim: 33, capacity: 300, precision: precision)
+        try cache.append(layer: 0, keys: randomTensor([1, 1, 290, 33], seed: 61), values: randomTensor([1, 1, 290, 33], seed: 62))
+        let q = try randomTensor([1, 16, 9, 33], seed: 63)
+        let attention = MultiQueryAttention(causal: true, leftWindow: 100, split: 128)
+        let one = try checkDecode(attention, query: q, cache: cache, threads: 1, "G·n = 144")
+        expectBitwiseEqual(one, try attention.decode(query: q, cache: cache, threads: 2), "threads 1 vs 2")
+    }
+
     @Test("prefill then decode equals one causal call, position by position",
           arguments: [(4, 2, 64), (8, 1, 37), (2, 2, 128)])
     func prefillThenDecode(heads: Int, kvHeads: Int, d: Int) throws {
@@ -234,10 +245,10 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         }
     }
 
-    @Test("split-KV decode: thread counts bitwise equal, splits equal within rounding",
-          arguments: KVCache.Precision.allCases)
-    func splitKV(precision: KVCache.Precision) throws {
-        let heads = 4, kvHeads = 1, d = 64, length = 1000
+    @Test("split-KV decode: thread counts bitwise equal, splits equal within rounding (dot and micro-kernel paths)",
+          arguments: KVCache.Precision.allCases, [4, 40])
+    func splitKV(precision: KVCache.Precision, heads: Int) throws {
+        let kvHeads = 1, d = 64, length = 1000
         let cache = try KVCache(kvHeads: kvHeads, headDim: d, capacity: length, precision: precision)
         try cache.append(layer: 0, keys: randomTensor([1, kvHeads, length, d], seed: 41),
                          values: randomTensor([1, kvHeads, length, d], seed: 42))

@@ -32,8 +32,15 @@ enum DecodeAttention {
     /// merge is negligible, short enough that one head's 32K cache feeds 16 work items.
     static let defaultSplit = 2048
 
-    /// Keys per tile: the K and V tile together fill at most 32 KiB (of the 48 KiB L1d), so
-    /// the rows of a group re-read them from L1; a multiple of 16 between 16 and 128.
+    /// Query rows per group (`G · n`) from which the micro-kernel path is used: below it
+    /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
+    static let microKernelRows = 8
+
+    /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
+    static let rowTile = 128
+
+    /// Keys per tile on the dot-product path: the K and V tile together fill at most
+    /// 32 KiB (of the 48 KiB L1d); a multiple of 16 between 16 and 128.
     static func keyTile(headDim d: Int, valueDim dv: Int) -> Int {
         let tile = 32 * 1024 / (4 * (d + dv))
         return max(16, min(128, tile / 16 * 16))
@@ -44,15 +51,35 @@ enum DecodeAttention {
         max(1, (keyLength + split - 1) / split)
     }
 
+    /// How a problem is cut into work items.
+    struct Plan {
+        let rows: Int, grouped: Bool, rowTile: Int, rowTiles: Int, chunks: Int, items: Int
+
+        init(_ shape: AttentionShape, split: Int) {
+            rows = shape.groupSize * shape.queryLength
+            grouped = rows >= DecodeAttention.microKernelRows
+            rowTile = grouped ? min(rows, DecodeAttention.rowTile) : rows
+            rowTiles = (rows + rowTile - 1) / rowTile
+            chunks = DecodeAttention.chunks(keyLength: shape.keyLength, split: split)
+            items = shape.batch * shape.kvHeads * rowTiles * chunks
+        }
+    }
+
     /// Bytes of workspace ``run(shape:scale:threads:split:q:keys:values:o:lse:mask:)``
     /// allocates: one workspace per worker plus the partial results of every chunk.
-    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?) -> Int {
-        let rows = shape.groupSize * shape.queryLength
-        let items = shape.batch * shape.kvHeads * chunks(keyLength: shape.keyLength, split: split)
-        let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim)
-        let perWorker = Workspace.byteCount(rows: rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
-        return perWorker * workerCount(threads: threads, items: items)
-            + items * rows * (shape.valueDim + 1) * MemoryLayout<Float>.stride
+    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, halfPrecision: Bool = false) -> Int {
+        let plan = Plan(shape, split: split)
+        let perWorker: Int
+        if plan.grouped {
+            let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+            perWorker = GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: shape.valueDim,
+                                                   keyTile: tiling.keyTile, halfPrecision: halfPrecision)
+        } else {
+            let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim)
+            perWorker = Workspace.byteCount(rows: plan.rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
+        }
+        return perWorker * workerCount(threads: threads, items: plan.items)
+            + shape.batch * shape.kvHeads * plan.chunks * plan.rows * (shape.valueDim + 1) * MemoryLayout<Float>.stride
     }
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
@@ -64,33 +91,54 @@ enum DecodeAttention {
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int) -> IntervalMask
     ) {
-        let g = shape.groupSize, n = shape.queryLength, rows = g * n, dv = shape.valueDim
-        let chunkCount = chunks(keyLength: shape.keyLength, split: split)
-        let items = shape.batch * shape.kvHeads * chunkCount
-        let workers = workerCount(threads: threads, items: items)
-        let tile = keyTile(headDim: shape.headDim, valueDim: dv)
+        let plan = Plan(shape, split: split)
+        let g = shape.groupSize, n = shape.queryLength, rows = plan.rows, dv = shape.valueDim
+        let chunkCount = plan.chunks
+        let workers = workerCount(threads: threads, items: plan.items)
         let masks = (0..<shape.batch).map(mask)
-        let partialRow = dv + 1
-        let partials = UnsafeMutablePointer<Float>.allocate(capacity: items * rows * partialRow)
+        let chunkFloats = rows * (dv + 1)
+        let partials = UnsafeMutablePointer<Float>.allocate(capacity: shape.batch * shape.kvHeads * chunkCount * chunkFloats)
         defer { partials.deallocate() }
-        var spaces = (0..<workers).map { _ in
-            Workspace(rows: rows, d: shape.headDim, dv: dv, tile: tile)
-        }
-        defer { for space in spaces { space.deallocate() } }
-        spaces.withUnsafeMutableBufferPointer { spaces in
-            let shared = UncheckedSendable((spaces, partials))
-            parallelForEach(items: items, threads: workers) { item, worker in
-                let c = item % chunkCount, head = item / chunkCount
+
+        func forEachItem(_ body: @escaping (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
+                                            _ keyStart: Int, _ keyEnd: Int, _ partial: UnsafeMutablePointer<Float>,
+                                            _ worker: Int) -> Void) {
+            let shared = UncheckedSendable(partials)
+            parallelForEach(items: plan.items, threads: workers) { item, worker in
+                let c = item % chunkCount, rest = item / chunkCount
+                let tile = rest % plan.rowTiles, head = rest / plan.rowTiles
                 let b = head / shape.kvHeads, hk = head % shape.kvHeads
-                let m = masks[b]
-                attendChunk(shape: shape, scale: scale, space: shared.value.0[worker], b: b, hk: hk,
-                            keyStart: c * split, keyEnd: min((c + 1) * split, m.keyEnd), mask: m,
-                            q: q, keys: keys, values: values,
-                            partial: shared.value.1 + item * rows * partialRow)
+                let rowStart = tile * plan.rowTile
+                body(b, hk, rowStart, min(plan.rowTile, rows - rowStart), c * split,
+                     min((c + 1) * split, masks[b].keyEnd),
+                     shared.value + (head * chunkCount + c) * chunkFloats, worker)
+            }
+        }
+        if plan.grouped {
+            let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
+            let spaces = (0..<workers).map { _ in
+                GroupedWorkspace(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
+                                 halfPrecision: E.self != Float.self)
+            }
+            defer { for space in spaces { space.deallocate() } }
+            let shared = UncheckedSendable(spaces)
+            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, partial, worker in
+                attendChunkGrouped(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                                   rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
+                                   mask: masks[b], q: q, keys: keys, values: values, partial: partial, rows: rows)
+            }
+        } else {
+            let tile = keyTile(headDim: shape.headDim, valueDim: dv)
+            let spaces = (0..<workers).map { _ in Workspace(rows: rows, d: shape.headDim, dv: dv, tile: tile) }
+            defer { for space in spaces { space.deallocate() } }
+            let shared = UncheckedSendable(spaces)
+            forEachItem { b, hk, _, _, keyStart, keyEnd, partial, worker in
+                attendChunk(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                            keyStart: keyStart, keyEnd: keyEnd, mask: masks[b],
+                            q: q, keys: keys, values: values, partial: partial)
             }
         }
         // Merge the chunks of every row in chunk order.
-        let chunkFloats = rows * partialRow
         for head in 0..<(shape.batch * shape.kvHeads) {
             let b = head / shape.kvHeads, hk = head % shape.kvHeads
             let first: UnsafePointer<Float> = UnsafePointer(partials + head * chunkCount * chunkFloats)
@@ -101,6 +149,140 @@ enum DecodeAttention {
                             lse: { (c: Int) -> Float in first[c * chunkFloats + rows * dv + r] },
                             into: o.row(b, h, i), stride: o.strides[3], lse: lse.row(b, h, i))
             }
+        }
+    }
+
+    /// One work item on the micro-kernel path: query rows `rowStart ..< rowStart + rowCount`
+    /// of the group (row `r` is head `hk · G + r / n`, position `r % n`) as the lanes of the
+    /// shared flash-kernel pieces: `Sᵀ = K Qᵀ` and `O = diag(α) O + P V` by ``microKernel``,
+    /// the online softmax of ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``.
+    /// Float keys are read in place; Float16 key and value tiles are widened into the
+    /// workspace first. Writes rows `rowStart...` of the chunk's partial result.
+    static func attendChunkGrouped<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, space: GroupedWorkspace, b: Int, hk: Int,
+        rowStart: Int, rowCount: Int, keyStart: Int, keyEnd: Int, mask: IntervalMask,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        partial: UnsafeMutablePointer<Float>, rows: Int
+    ) {
+        let g = shape.groupSize, n = shape.queryLength, d = shape.headDim, dv = shape.valueDim
+        let tiled = space.tiled, br = tiled.queryTile, dvPad = tiled.dvPad
+        let mr = MicroTile.mr, nr = MicroTile.nr
+        let lanes = roundUp(rowCount, nr)
+        // Qᵀ (lanes = rows), the visible key range of each lane, and their envelope.
+        var first = Int.max, last = Int.min, latestStart = Int.min, earliestEnd = Int.max
+        for lane in 0..<br {
+            guard lane < rowCount else {
+                for c in 0..<d { tiled.qT[c * br + lane] = 0 }
+                space.lo[lane] = .max
+                space.hi[lane] = .min
+                continue
+            }
+            let r = rowStart + lane, h = hk * g + r / n, i = r % n
+            let source = q.row(b, h, i), sd = q.strides[3]
+            for c in 0..<d { tiled.qT[c * br + lane] = scale * source[c * sd] }
+            let lo = max(keyStart, i + mask.offset - mask.left), hi = min(keyEnd - 1, i + mask.offset + mask.right)
+            space.lo[lane] = Int32(clamping: lo)
+            space.hi[lane] = Int32(clamping: hi)
+            latestStart = max(latestStart, lo)
+            earliestEnd = min(earliestEnd, hi)
+            if lo <= hi {
+                first = min(first, lo)
+                last = max(last, hi)
+            }
+        }
+        for i in 0..<br {
+            tiled.rowMax[i] = -.infinity
+            tiled.rowSum[i] = 0
+        }
+        tiled.acc.update(repeating: 0, count: br * dvPad)
+
+        var tileStart = first
+        while tileStart <= last {
+            let count = min(tiled.keyTile, last - tileStart + 1)
+            // Keys: in place (Float) or widened into the workspace (Float16).
+            let keyTile = E.floatRows(keys, b: b, h: hk, start: tileStart, count: count, width: d, scratch: space.keys)
+            E.pack(values, b: b, h: hk, start: tileStart, count: count, width: dv, into: tiled.vPack, ld: dvPad)
+            for block in 0..<((count + mr - 1) / mr) {
+                let operand = BroadcastOperand(base: keyTile.base + block * mr * keyTile.rowStride,
+                                               rowStride: keyTile.rowStride, depthStride: 1,
+                                               rows: min(mr, count - block * mr))
+                for panel in stride(from: 0, to: lanes, by: nr) {
+                    microKernel(depth: d, a: operand, b: tiled.qT + panel, ldb: br,
+                                c: tiled.scores + block * mr * br + panel, ldc: br, update: .overwrite)
+                }
+            }
+            if tileStart < latestStart || tileStart + count - 1 > earliestEnd {
+                maskLanes(tiled.scores, ld: br, keyStart: tileStart, keyCount: count, lanes: lanes,
+                          lo: space.lo, hi: space.hi)
+            }
+            TiledSoftmaxAttention.onlineSoftmax(tiled, keyCount: count, lanes: lanes)
+            for panel in stride(from: 0, to: dvPad, by: nr) {
+                for block in stride(from: 0, to: lanes, by: mr) {
+                    microKernel(depth: count, a: BroadcastOperand(base: tiled.scores + block, rowStride: 1, depthStride: br),
+                                b: tiled.vPack + panel, ldb: dvPad,
+                                c: tiled.acc + block * dvPad + panel, ldc: dvPad,
+                                update: .scaleAndAccumulate(tiled.alpha + block))
+                }
+            }
+            tileStart += count
+        }
+
+        for lane in 0..<rowCount {
+            let r = rowStart + lane, out = partial + r * dv, sum = tiled.rowSum[lane], acc = tiled.acc + lane * dvPad
+            if sum > 0 {
+                let inverse = 1 / sum
+                for c in 0..<dv { out[c] = acc[c] * inverse }
+                partial[rows * dv + r] = tiled.rowMax[lane] + logf(sum)
+            } else {
+                out.update(repeating: 0, count: dv)
+                partial[rows * dv + r] = -.infinity
+            }
+        }
+    }
+
+    /// Sets to −∞ the scores of a transposed tile (`scores[jj · ld + lane]`, key
+    /// `keyStart + jj`) outside each lane's visible range `lo[lane]...hi[lane]`.
+    @inline(__always)
+    static func maskLanes(_ scores: UnsafeMutablePointer<Float>, ld: Int, keyStart: Int, keyCount: Int, lanes: Int,
+                          lo: UnsafePointer<Int32>, hi: UnsafePointer<Int32>) {
+        let minusInfinity = Vec16(repeating: -.infinity)
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let low = UnsafeRawPointer(lo + lane).loadUnaligned(as: SIMD16<Int32>.self)
+            let high = UnsafeRawPointer(hi + lane).loadUnaligned(as: SIMD16<Int32>.self)
+            for jj in 0..<keyCount {
+                let j = SIMD16<Int32>(repeating: Int32(clamping: keyStart + jj))
+                var v = load16(scores + jj * ld + lane)
+                v.replace(with: minusInfinity, where: (j .< low) .| (j .> high))
+                store16(v, scores + jj * ld + lane)
+            }
+        }
+    }
+
+    /// The micro-kernel path's scratch: the tiled kernel's workspace, the lanes' key
+    /// ranges, and (Float16 caches) a widened key tile.
+    struct GroupedWorkspace {
+        let tiled: TiledSoftmaxAttention.Workspace
+        let lo, hi: UnsafeMutablePointer<Int32>
+        let keys: UnsafeMutablePointer<Float>
+
+        static func byteCount(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) -> Int {
+            let br = roundUp(rows, MicroTile.nr)
+            return (TiledSoftmaxAttention.Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: keyTile)
+                    + 2 * br + (halfPrecision ? keyTile * d : 0)) * 4
+        }
+
+        init(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) {
+            let br = roundUp(rows, MicroTile.nr)
+            tiled = TiledSoftmaxAttention.Workspace(d: d, dv: dv, queryTile: br, keyTile: keyTile)
+            lo = .allocate(capacity: 2 * br)
+            hi = lo + br
+            keys = .allocate(capacity: halfPrecision ? keyTile * d : 1)
+        }
+
+        func deallocate() {
+            tiled.deallocate()
+            lo.deallocate()
+            keys.deallocate()
         }
     }
 
