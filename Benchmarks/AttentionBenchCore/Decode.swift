@@ -71,7 +71,7 @@ public struct DecodePlan: Sendable {
                             }
                             let cost: AttentionCost
                             do {
-                                cost = try decoder.decodeCost(problem.shape, threads: threads)
+                                cost = try decoder.decodeCost(problem.shape, precision: precision, threads: threads)
                             } catch {
                                 note(entry.name, "\(problem): \(error)")
                                 continue

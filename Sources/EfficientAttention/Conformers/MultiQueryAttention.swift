@@ -100,16 +100,19 @@ public struct MultiQueryAttention: IncrementalAttention {
     }
 
     /// The cost of decoding `shape.queryLength` positions against a cache holding
-    /// `shape.keyLength` positions (every batch item), with `threads` workers: FLOPs
-    /// `2 · pairs · (D + Dv)`, the decode kernel's workspace, visible pairs.
+    /// `shape.keyLength` positions (every batch item) stored in `precision`, with
+    /// `threads` workers: FLOPs `2 · pairs · (D + Dv)`, the decode kernel's workspace
+    /// (per-worker scratch plus the chunks' partial rows), visible pairs.
     ///
     /// - Complexity: O(Nq).
-    public func decodeCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+    public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision = .float32,
+                           threads: Int?) throws -> AttentionCost {
         try validate(shape)
         let pairs = mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: shape.keyLength).visiblePairs(queryLength: shape.queryLength)
             * shape.batch * shape.heads
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads),
+                             workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
+                                                                             halfPrecision: precision == .float16),
                              scoredPairs: pairs)
     }
 
@@ -173,8 +176,8 @@ public protocol IncrementalAttention: Attention {
     /// Attention of the newest query positions against the keys and values cached in `layer`.
     func decode(query: Tensor, cache: KVCache, layer: Int, threads: Int?) throws -> AttentionResult
     /// FLOPs, workspace and pairs of a decode of `shape.queryLength` positions against a
-    /// cache of `shape.keyLength` positions.
-    func decodeCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost
+    /// cache of `shape.keyLength` positions stored in `precision`.
+    func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision, threads: Int?) throws -> AttentionCost
 }
 
 extension IntervalMask {
