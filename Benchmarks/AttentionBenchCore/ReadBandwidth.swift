@@ -1,10 +1,13 @@
 import Dispatch
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The machine's memory read bandwidth, measured by streaming a buffer much larger than
 /// the last-level cache with every thread at once.
 ///
-/// The buffer (``bufferBytes``, 1 GiB) is written once, then split into one contiguous
+/// The buffer (``bufferBytes``, 1 GiB, on huge pages where Linux grants them) is written once, then split into one contiguous
 /// part per thread; each thread reads its part with 64-byte `SIMD16<Float>` loads into
 /// eight independent accumulators (so the loop is bound by memory, not by add latency),
 /// and the sum is folded into a sink so the reads cannot be removed. A trial reads the
@@ -17,8 +20,13 @@ public enum ReadBandwidth {
     public static func measure(threads: Int) -> Double {
         let threads = max(1, threads)
         let count = bufferBytes / 4
-        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
-        defer { buffer.deallocate() }
+        // 2 MiB aligned and marked for transparent huge pages, as KVCache storage is.
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: bufferBytes, alignment: 2 << 20)
+        defer { raw.deallocate() }
+        #if os(Linux)
+        _ = madvise(raw, bufferBytes, MADV_HUGEPAGE)
+        #endif
+        let buffer = raw.bindMemory(to: Float.self, capacity: count)
         buffer.initialize(repeating: 1e-9, count: count)
         let shared = SendablePointer(buffer)
         var best = 0.0
