@@ -1,32 +1,40 @@
 /// The decode kernel: a few query positions per head against a long key/value cache,
 /// split along the keys into chunks whose partial results merge exactly.
 ///
-/// A decode step does `O(Nk · (D + Dv))` arithmetic on `O(Nk · (D + Dv))` bytes per
-/// key/value head: about one FLOP per byte, far below what the micro-kernel needs to be
-/// compute bound, so the kernel is written to stream the cache once at memory speed:
+/// Work items are (batch b, key/value head hk, tile of the group's query rows, chunk c of
+/// `split` keys). The rows of a group are its `G = H / Hkv` query heads × `n` positions
+/// (row `r` = head `hk · G + r / n`, position `r % n`); they all read the key/value head in
+/// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
 ///
-///     for each work item (batch b, key/value head hk, chunk c of `split` keys):
-///         rows = the G·n query rows of the group (G = H / Hkv query heads × n positions)
-///         for each key tile (≤ Bc keys) of the chunk:           K and V tile stay in L1
+/// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding): about one FLOP
+///   per byte of cache, so the loop is written to stream the cache at memory speed:
+///
+///         for each key tile (~64 KiB of keys) of the chunk:
+///             touch the tile's value lines and the next tile's key lines
 ///             for each row r with a visible key in the tile:
-///                 s_j = scale · q_r · k_j                       4 keys at a time, SIMD16 over D
+///                 s_j = scale · q_r · k_j                  4 keys at a time, SIMD16 over D
 ///                 m' = max(m, max s), α = exp(m − m')
-///                 p_j = exp(s_j − m'), l = α·l + Σ p_j
-///                 o = α·o + Σ p_j v_j                          4 keys at a time, SIMD16 over Dv
-///         partial (o / l, lse = m + log l) of every row          (0 and −∞ where l = 0)
-///     merge the chunks of each row in chunk order:
-///         lse = M + log Σ_c exp(lse_c − M),  o = Σ_c exp(lse_c − lse) · o_c
+///                 p_j = exp(s_j − m'), l = α·l + Σ p_j     SIMD16 over keys
+///                 o = α·o + Σ p_j v_j                     4 value rows per pass over o
 ///
-/// Every query head of a group reads its key/value head in place (rows of the cache), and
-/// the rows of one group share each tile while it is in L1, so multi-query attention reads
-/// the cache once for all `H` heads. Keys and values are `Float` or `Float16`
-/// (``CacheScalar``), widened in registers.
+/// - **Micro-kernel path** (`G · n ≥ 8`, multi-query and large groups): the rows are the
+///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
+///   ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``, ``microKernel``):
+///   `Sᵀ = K Qᵀ` with Float keys read in place, per-lane masking of the window/causal
+///   limits, `O = diag(α) O + P V` — compute bound, like dense attention.
+///
+/// Float16 caches are widened in registers (`vcvtph2ps` from memory) on the dot path and
+/// into the workspace tile on the micro-kernel path.
+///
+/// Each item writes `(o / l, lse = m + log l)` per row (0 and −∞ where `l = 0`); the chunks
+/// of a row then merge in chunk order:
+///
+///     lse = M + log Σ_c exp(lse_c − M),   o = Σ_c exp(lse_c − lse) · o_c,   M = max_c lse_c
 ///
 /// The chunking depends only on the cache length and `split`, never on the thread count,
-/// and chunks merge in a fixed order: results are bitwise identical for every thread count.
-/// With a single chunk the merge is the identity (`exp(0) = 1`, `log 1 = 0`), so a cache
-/// shorter than `split` gives exactly the unsplit result; longer caches differ from an
-/// unsplit computation only by rounding.
+/// so results are bitwise identical for every thread count. With a single chunk the merge
+/// is the identity (`exp(0) = 1`, `log 1 = 0`): a cache shorter than `split` gives exactly
+/// the unsplit result; longer caches differ from an unsplit computation only by rounding.
 enum DecodeAttention {
     /// Keys per chunk (split-KV work item) unless the caller chooses: long enough that the
     /// merge is negligible, short enough that one head's 32K cache feeds 16 work items.
