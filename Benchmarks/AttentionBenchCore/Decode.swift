@@ -187,14 +187,8 @@ public final class DecodeRunner {
         return try DenseAttention(causal: causal).attend(query: query, key: k, value: v).output.elements
     }
 
-    struct Measured {
-        var timing: TimingStatistics
-        var peakBytes: Int
-        var output: [Float]
-    }
-
     /// Warm-up (the first warm-up call measures heap growth), then timed decode calls.
-    func execute(_ job: DecodeJob, cache: KVCache, query: Tensor) throws -> Measured {
+    func execute(_ job: DecodeJob, cache: KVCache, query: Tensor) throws -> SweepRunner.Measured {
         let policy = options.timing
         func call() throws -> AttentionResult {
             do {
@@ -203,28 +197,7 @@ public final class DecodeRunner {
                 throw BenchError.failure("\(job.entry.name) decode failed on \(job.problem) with \(job.threads) threads: \(error)")
             }
         }
-        var output: [Float] = []
-        var peakBytes = 0
-        func measuredCall() throws {
-            let (result, peak) = try meter.measure { try call() }
-            output = result.output.elements
-            peakBytes = peak
-        }
-        if policy.warmup > 0 {
-            try measuredCall()
-            for _ in 1..<policy.warmup { _ = try call() }
-        }
-        var samples: [Double] = []
-        var spent = 0.0
-        while policy.wantsAnotherRun(after: samples.count, elapsed: spent) {
-            let t0 = monotonicSeconds()
-            let result = try call()
-            let dt = monotonicSeconds() - t0
-            withExtendedLifetime(result) {}
-            samples.append(dt)
-            spent += dt
-        }
-        if policy.warmup == 0 { try measuredCall() }
-        return Measured(timing: TimingStatistics(samples: samples), peakBytes: peakBytes, output: output)
+        let measured = try timeCalls(policy: policy, meter: meter, call)
+        return SweepRunner.Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output)
     }
 }

@@ -31,7 +31,7 @@ public enum ReadBandwidth {
         let shared = SendablePointer(buffer)
         var best = 0.0
         for _ in 0..<trials {
-            let results = SumBox(count: threads)
+            let results = ResultBox(count: threads)
             let t0 = monotonicSeconds()
             DispatchQueue.concurrentPerform(iterations: threads) { t in
                 let per = count / threads / 128 * 128
@@ -68,45 +68,25 @@ public enum ReadBandwidth {
     }
 }
 
-/// Read bandwidth cached per thread count for one run of the tool.
+/// Read bandwidth cached per thread count for one run of the tool (the same caching as
+/// ``PeakCache``, which it wraps).
 public final class BandwidthCache: @unchecked Sendable {
-    private let lock = NSLock()
-    private var values: [Int: Double] = [:]
-    private let measureFunction: @Sendable (Int) -> Double
+    private let cache: PeakCache
 
     public init(measure: @escaping @Sendable (Int) -> Double = { ReadBandwidth.measure(threads: $0) }) {
-        self.measureFunction = measure
+        cache = PeakCache(measure: measure)
     }
 
     /// GB/s for `threads`, measured on first use.
-    public func bandwidth(threads: Int) -> Double {
-        lock.lock()
-        if let v = values[threads] { lock.unlock(); return v }
-        lock.unlock()
-        let v = measureFunction(threads)
-        lock.lock()
-        values[threads] = v
-        lock.unlock()
-        return v
-    }
+    public func bandwidth(threads: Int) -> Double { cache.peak(threads: threads) }
 
     /// Thread counts measured so far, with their bandwidth.
     public var measured: [(threads: Int, gbPerSecond: Double)] {
-        lock.lock()
-        defer { lock.unlock() }
-        return values.keys.sorted().map { ($0, values[$0]!) }
+        cache.measured.map { ($0.threads, $0.gflops) }
     }
 }
 
 private struct SendablePointer: @unchecked Sendable {
     let pointer: UnsafeMutablePointer<Float>
     init(_ pointer: UnsafeMutablePointer<Float>) { self.pointer = pointer }
-}
-
-private final class SumBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var values: [Float]
-    init(count: Int) { values = [Float](repeating: 0, count: count) }
-    func set(_ i: Int, _ v: Float) { lock.lock(); values[i] = v; lock.unlock() }
-    func sum() -> Float { lock.lock(); defer { lock.unlock() }; return values.reduce(0, +) }
 }

@@ -52,19 +52,11 @@ public struct DenseAttention: Attention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let causal = self.causal
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            TiledSoftmaxAttention.run(
-                shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
-                q: q, k: k, v: v, o: o, lse: l
-            ) { b, _ in
-                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                             causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
-            }
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        return try TiledSoftmaxAttention.attend(query: query, key: key, value: value, shape: shape,
+                                                scale: scale, threads: threads) { b, _ in
+            IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                         causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+        }
     }
 }

@@ -71,11 +71,7 @@ public struct MultiQueryAttention: IncrementalAttention {
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         try validate(shape)
-        let pairs = mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: shape.keyLength).visiblePairs(queryLength: shape.queryLength)
-            * shape.batch * shape.heads
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads),
-                             scoredPairs: pairs)
+        return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads))
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
@@ -84,19 +80,11 @@ public struct MultiQueryAttention: IncrementalAttention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            TiledSoftmaxAttention.run(
-                shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
-                q: q, k: k, v: v, o: o, lse: l
-            ) { b, _ in
-                mask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                     keyEnd: keyLengths?[b] ?? shape.keyLength)
-            }
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        return try TiledSoftmaxAttention.attend(query: query, key: key, value: value, shape: shape,
+                                                scale: scale, threads: threads) { b, _ in
+            mask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                 keyEnd: keyLengths?[b] ?? shape.keyLength)
+        }
     }
 
     /// The cost of decoding `shape.queryLength` positions against a cache holding
@@ -108,12 +96,8 @@ public struct MultiQueryAttention: IncrementalAttention {
     public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision = .float32,
                            threads: Int?) throws -> AttentionCost {
         try validate(shape)
-        let pairs = mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: shape.keyLength).visiblePairs(queryLength: shape.queryLength)
-            * shape.batch * shape.heads
-        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
-                                                                             halfPrecision: precision == .float16),
-                             scoredPairs: pairs)
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
+                                                                          halfPrecision: precision == .float16))
     }
 
     /// Attention of `query` `[B, H, n, D]`, the newest `n` positions, against the keys and
@@ -159,6 +143,14 @@ public struct MultiQueryAttention: IncrementalAttention {
         case .float16: run(Float16.self)
         }
         return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// FLOPs `2 · pairs · (D + Dv)` and the visible pairs of `shape` (no key padding).
+    func cost(_ shape: AttentionShape, workspaceBytes: Int) -> AttentionCost {
+        let pairs = mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: shape.keyLength)
+            .visiblePairs(queryLength: shape.queryLength) * shape.batch * shape.heads
+        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                             workspaceBytes: workspaceBytes, scoredPairs: pairs)
     }
 
     /// The visibility of one batch item: the window and causal rule, bottom-right aligned

@@ -240,15 +240,25 @@ enum DecodeAttention {
         }
 
         for lane in 0..<rowCount {
-            let r = rowStart + lane, out = partial + r * dv, sum = tiled.rowSum[lane], acc = tiled.acc + lane * dvPad
-            if sum > 0 {
-                let inverse = 1 / sum
-                for c in 0..<dv { out[c] = acc[c] * inverse }
-                partial[rows * dv + r] = tiled.rowMax[lane] + logf(sum)
-            } else {
-                out.update(repeating: 0, count: dv)
-                partial[rows * dv + r] = -.infinity
-            }
+            writePartial(acc: tiled.acc + lane * dvPad, max: tiled.rowMax[lane], sum: tiled.rowSum[lane],
+                         dv: dv, row: rowStart + lane, rows: rows, into: partial)
+        }
+    }
+
+    /// Row `row` of a chunk's partial result: `o = acc / sum` (`Dv` floats at
+    /// `partial + row · Dv`) and `lse = max + log sum` (at `partial[rows · Dv + row]`);
+    /// 0 and −∞ when `sum` is 0 (no visible key in the chunk).
+    @inline(__always)
+    static func writePartial(acc: UnsafePointer<Float>, max: Float, sum: Float, dv: Int, row: Int, rows: Int,
+                             into partial: UnsafeMutablePointer<Float>) {
+        let out = partial + row * dv
+        if sum > 0 {
+            let inverse = 1 / sum
+            for c in 0..<dv { out[c] = acc[c] * inverse }
+            partial[rows * dv + row] = max + logf(sum)
+        } else {
+            out.update(repeating: 0, count: dv)
+            partial[rows * dv + row] = -.infinity
         }
     }
 
@@ -372,15 +382,8 @@ enum DecodeAttention {
 
         space.touched[0] = touched
         for r in 0..<rows {
-            let out = partial + r * dv, sum = space.rowSum[r], acc = space.acc + r * dvPad
-            if sum > 0 {
-                let inverse = 1 / sum
-                for c in 0..<dv { out[c] = acc[c] * inverse }
-                partial[rows * dv + r] = space.rowMax[r] + logf(sum)
-            } else {
-                out.update(repeating: 0, count: dv)
-                partial[rows * dv + r] = -.infinity
-            }
+            writePartial(acc: space.acc + r * dvPad, max: space.rowMax[r], sum: space.rowSum[r],
+                         dv: dv, row: r, rows: rows, into: partial)
         }
     }
 
