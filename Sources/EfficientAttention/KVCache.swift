@@ -239,6 +239,7 @@ public final class KVCache {
 
     private func write(layer: Int, batchItem b: Int, keys: Tensor, values: Tensor, from source: Int) {
         let n = keys.shape[2], start = lengths[layer * batch + b]
+        guard n > 0 else { return }   // an empty tensor has no storage to view
         func copy(_ tensor: Tensor, into storage: UnsafeMutableRawPointer, width: Int) {
             tensor.withView { view in
                 for h in 0..<kvHeads {

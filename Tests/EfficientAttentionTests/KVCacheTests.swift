@@ -110,6 +110,9 @@ import Testing
             #expect(try cache.keys(batchItem: b) == before[b].0 && cache.values(batchItem: b) == before[b].1,
                     "batch item \(b) changed after failed appends")
         }
+        // Appending zero positions is allowed and changes nothing.
+        try cache.append(layer: 0, keys: Tensor(shape: [2, 2, 0, 8]), values: Tensor(shape: [2, 2, 0, 4]))
+        #expect(cache.usedBytes == usedBefore)
         // The one position of room left in item 1 still takes an append.
         try cache.append(layer: 0, batchItem: 1, keys: Tensor(shape: [1, 2, 1, 8]), values: Tensor(shape: [1, 2, 1, 4]))
         #expect(try cache.length(batchItem: 1) == 10)
