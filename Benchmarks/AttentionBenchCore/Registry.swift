@@ -273,7 +273,7 @@ public struct Registry: Sendable {
             make: nil),
         VariantEntry(
             name: "multi-query",
-            summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel",
+            summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel; --decode: KV cache",
             settingsNote: "kv-heads 1 unless --kv-heads gives a grouped count",
             longPresetLimit: 16384,
             adjustProblem: { p, _ in
