@@ -37,19 +37,37 @@ public enum AttentionBenchCommand {
                   + (fusedMultiplyAddEnabled ? "fused multiply-add (NativeCPU trait)." : "the portable path (no FMA)."))
             return
         }
-        let plan = try SweepPlan.make(options, registry: registry)
+        let quiet = options.quiet
+        let records: [BenchRecord]
+        let notes: [SweepNote]
+        let peaks: PeakCache
+        var bandwidths: [(threads: Int, gbPerSecond: Double)] = []
+        if options.decode {
+            let plan = try DecodePlan.make(options, registry: registry)
+            let runner = DecodeRunner(options: options) { line in
+                if !quiet { printError(line) }
+            }
+            records = try runner.run(plan)
+            notes = plan.notes
+            peaks = runner.peaks
+            bandwidths = runner.bandwidth.measured
+        } else {
+            let plan = try SweepPlan.make(options, registry: registry)
+            let runner = SweepRunner(options: options, registry: registry) { line in
+                if !quiet { printError(line) }
+            }
+            notes = plan.notes
+            records = try runner.run(plan)
+            peaks = runner.peaks
+        }
         if case .names = options.variants {
-            for note in plan.notes where note.note.hasPrefix("not available") {
+            for note in notes where note.note.hasPrefix("not available") {
                 printError("attention-bench: note: '\(note.variant)' is not available yet; nothing to run for it")
             }
         }
-        let quiet = options.quiet
-        let runner = SweepRunner(options: options, registry: registry) { line in
-            if !quiet { printError(line) }
-        }
-        let records = try runner.run(plan)
-        print(ReportTable.render(records, notes: plan.notes.map { ($0.variant, $0.note) },
-                                 peaks: runner.peaks.measured, fma: fusedMultiplyAddEnabled), terminator: "")
+        print(ReportTable.render(records, notes: notes.map { ($0.variant, $0.note) },
+                                 peaks: peaks.measured, fma: fusedMultiplyAddEnabled,
+                                 bandwidths: bandwidths), terminator: "")
         if records.isEmpty { print("Nothing was run.") }
         var written: [String] = []
         if let path = options.jsonPath {

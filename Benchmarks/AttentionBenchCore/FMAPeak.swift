@@ -101,8 +101,8 @@ public enum FMAPeak {
     public static var sinkValue: Float { sink.value }
 }
 
-/// Per-thread results of one trial.
-private final class ResultBox: @unchecked Sendable {
+/// Per-thread results of one trial (also used by ``ReadBandwidth``).
+final class ResultBox: @unchecked Sendable {
     private let lock = NSLock()
     private var values: [Float]
     init(count: Int) { values = [Float](repeating: 0, count: count) }

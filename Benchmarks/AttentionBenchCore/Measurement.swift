@@ -1,4 +1,5 @@
 import Foundation
+import EfficientAttention
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -109,4 +110,36 @@ public enum Accounting {
         if norm == 0 { return diff == 0 ? 0 : .infinity }
         return (diff / norm).squareRoot()
     }
+}
+
+/// Runs `call` as `policy` says: warm-up calls (the first one measures heap growth with
+/// `meter`, or an extra call after timing when there is no warm-up), then timed calls.
+/// Returns the timing, the measured heap growth and the measured call's output.
+/// Shared by the sweep and the decode runners.
+func timeCalls(policy: TimingPolicy, meter: HeapMeter,
+               _ call: () throws -> AttentionResult) throws -> (timing: TimingStatistics, peakBytes: Int, output: [Float]) {
+    func measuredCall() throws -> (output: [Float], peak: Int) {
+        let (result, peak) = try meter.measure { try call() }
+        return (result.output.elements, peak)
+    }
+    var output: [Float] = []
+    var peakBytes = 0
+    if policy.warmup > 0 {
+        (output, peakBytes) = try measuredCall()
+        for _ in 1..<policy.warmup { _ = try call() }
+    }
+    var samples: [Double] = []
+    var spent = 0.0
+    while policy.wantsAnotherRun(after: samples.count, elapsed: spent) {
+        let t0 = monotonicSeconds()
+        let result = try call()
+        let dt = monotonicSeconds() - t0
+        withExtendedLifetime(result) {}
+        samples.append(dt)
+        spent += dt
+    }
+    if policy.warmup == 0 {
+        (output, peakBytes) = try measuredCall()
+    }
+    return (TimingStatistics(samples: samples), peakBytes, output)
 }

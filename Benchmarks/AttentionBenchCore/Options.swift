@@ -67,6 +67,13 @@ public struct BenchOptions: Equatable, Sendable {
     public var help = false
     /// Conformer settings given on the command line (`--window 256`).
     public var overrides: [Parameter: Int] = [:]
+    /// Decode mode (`--decode`): `sequenceLengths` are query positions per step (default 1)
+    /// against a key/value cache of each of `cacheLengths` positions.
+    public var decode = false
+    /// Cache lengths of decode mode (`--cache`).
+    public var cacheLengths: [Int] = [32768]
+    /// Cache storage of decode mode (`--cache-precision`).
+    public var cachePrecisions: [KVCache.Precision] = [.float32]
 
     public init() {}
 
@@ -110,6 +117,9 @@ extension BenchOptions {
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
         OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
+        OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
+        OptionSpec(name: "cache-precision", value: "f32|f16|both", help: "decode: cache storage [f32]"),
         OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
         OptionSpec(name: "preset", value: "lra|long", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped (see below)"),
         OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
@@ -139,6 +149,12 @@ extension BenchOptions {
                   "does not take is an error; with --variants all it applies to those that take it):"]
         lines += specs.filter { conformer.contains($0.name) }.map(line)
         lines += [
+            "",
+            "DECODE (--decode): each conformer that decodes against a key/value cache (multi-query) is",
+            "timed on --seq new query positions (default 1) against a cache of each --cache length,",
+            "filled with the seeded inputs. Hkv is --kv-heads, else the conformer's default. The table",
+            "adds GB/s of cache read per step and the machine's streaming read bandwidth (measured).",
+            "  e.g. --variants multi-query --decode --cache 32768 --heads 32 --kv-heads 32 --dim 128 --cache-precision f16",
             "",
             "PRESETS:",
             "  (none)         N = 1024,2048, threads all,1, every available conformer (under two minutes)",
@@ -238,7 +254,19 @@ extension BenchOptions {
         if let text = given["variants"] {
             options.variants = try parseVariants(text, registry: registry)
         }
+        options.decode = given["decode"] != nil
+        if options.decode { options.sequenceLengths = [1] }
         if let text = given["seq"] { options.sequenceLengths = try parseList(text, option: "seq") }
+        for key in ["cache", "cache-precision"] where given[key] != nil && !options.decode {
+            throw BenchError.usage("--\(key) needs --decode")
+        }
+        if let text = given["cache"] { options.cacheLengths = try parseList(text, option: "cache") }
+        if let text = given["cache-precision"] {
+            guard let values = cachePrecisionValues[text.lowercased()] else {
+                throw BenchError.usage("--cache-precision: expected f32, f16 or both, got '\(text)'")
+            }
+            options.cachePrecisions = values
+        }
         if let text = given["seq-k"] { options.keyLength = try parseCount(text, option: "seq-k") }
         if let text = given["batch"] { options.batches = try parseList(text, option: "batch") }
         if let text = given["heads"] { options.heads = try parseList(text, option: "heads") }
@@ -280,6 +308,9 @@ extension BenchOptions {
         options.jsonPath = given["json"]
         options.csvPath = given["csv"]
         options.chartsDirectory = given["charts"]
+        if options.decode && options.chartsDirectory != nil {
+            throw BenchError.usage("--charts plots time against N and is not available with --decode")
+        }
 
         for parameter in Parameter.allCases {
             if let text = given[parameter.rawValue] {
@@ -318,6 +349,11 @@ extension BenchOptions {
             }
         }
     }
+
+    static let cachePrecisionValues: [String: [KVCache.Precision]] = [
+        "f32": [.float32], "float32": [.float32], "f16": [.float16], "float16": [.float16],
+        "both": [.float32, .float16],
+    ]
 
     static let causalValues: [String: [Bool]] = [
         "yes": [true], "true": [true], "1": [true], "on": [true],

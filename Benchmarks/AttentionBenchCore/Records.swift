@@ -38,13 +38,18 @@ public struct BenchRecord: Equatable, Sendable {
     public var memoryVsDense: Double?
     public var speedupVsVanilla: Double?
     public var memoryVsVanilla: Double?
+    /// Decode mode (`--decode`): bytes of cache read per call / median seconds / 1e9.
+    public var gbPerSecond: Double?
+    /// Decode mode: the measured streaming read bandwidth with `threads` threads, GB/s.
+    public var peakGBPerSecond: Double?
 
     public init(variant: String, batch: Int, heads: Int, kvHeads: Int, seqQ: Int, seqK: Int,
                 dim: Int, valueDim: Int, causal: Bool, threads: Int, parameters: String = "",
                 runs: Int, medianSeconds: Double, minSeconds: Double, flops: Double, scoredPairs: Int,
                 peakGflops: Double, workspaceBytes: Int, measuredPeakBytes: Int, outputBytes: Int,
                 relativeError: Double? = nil, speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
-                speedupVsVanilla: Double? = nil, memoryVsVanilla: Double? = nil) {
+                speedupVsVanilla: Double? = nil, memoryVsVanilla: Double? = nil,
+                gbPerSecond: Double? = nil, peakGBPerSecond: Double? = nil) {
         self.variant = variant
         self.batch = batch
         self.heads = heads
@@ -71,6 +76,8 @@ public struct BenchRecord: Equatable, Sendable {
         self.memoryVsDense = memoryVsDense
         self.speedupVsVanilla = speedupVsVanilla
         self.memoryVsVanilla = memoryVsVanilla
+        self.gbPerSecond = gbPerSecond
+        self.peakGBPerSecond = peakGBPerSecond
     }
 
     /// `gflops` as a percentage of `peakGflops`.
@@ -95,6 +102,7 @@ public struct BenchRecord: Equatable, Sendable {
         "parameters", "runs", "medianSeconds", "minSeconds", "flops", "scoredPairs", "gflops", "peakGflops",
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
+        "gbPerSecond", "peakGBPerSecond",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -104,7 +112,7 @@ public struct BenchRecord: Equatable, Sendable {
          .double(medianSeconds), .double(minSeconds), .double(flops), .int(scoredPairs), .double(gflops),
          .double(peakGflops), .double(percentOfPeak), .int(workspaceBytes), .int(measuredPeakBytes),
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
-         .double(speedupVsVanilla), .double(memoryVsVanilla)]
+         .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond)]
     }
 }
 

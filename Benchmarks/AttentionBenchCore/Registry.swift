@@ -290,7 +290,7 @@ public struct Registry: Sendable {
             }),
         VariantEntry(
             name: "multi-query",
-            summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel",
+            summary: "multi-query attention, one key/value head read by every query head (Shazeer 2019), dense kernel; --decode: KV cache",
             settingsNote: "kv-heads 1 unless --kv-heads gives a grouped count",
             longPresetLimit: 16384,
             adjustProblem: { p, _ in
@@ -298,7 +298,7 @@ public struct Registry: Sendable {
                 if p.shape.kvHeads == p.shape.heads { p.shape.kvHeads = 1 }
                 return p
             },
-            make: nil),
+            make: { c in MultiQueryAttention(causal: c.causal) }),
         VariantEntry(
             name: "transformer-xl",
             summary: "Transformer-XL segment over [memory; segment] with relative positions, causal (Dai et al. 2019)",

@@ -270,29 +270,7 @@ public final class SweepRunner {
                 throw BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
             }
         }
-        func measuredCall() throws -> (output: [Float], peak: Int) {
-            let (result, peak) = try meter.measure { try call() }
-            return (result.output.elements, peak)
-        }
-        var output: [Float] = []
-        var peakBytes = 0
-        if policy.warmup > 0 {
-            (output, peakBytes) = try measuredCall()
-            for _ in 1..<policy.warmup { _ = try call() }
-        }
-        var samples: [Double] = []
-        var spent = 0.0
-        while policy.wantsAnotherRun(after: samples.count, elapsed: spent) {
-            let t0 = monotonicSeconds()
-            let result = try call()
-            let dt = monotonicSeconds() - t0
-            withExtendedLifetime(result) {}
-            samples.append(dt)
-            spent += dt
-        }
-        if policy.warmup == 0 {
-            (output, peakBytes) = try measuredCall()
-        }
-        return Measured(timing: TimingStatistics(samples: samples), peakBytes: peakBytes, output: output)
+        let measured = try timeCalls(policy: policy, meter: meter, call)
+        return Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output)
     }
 }

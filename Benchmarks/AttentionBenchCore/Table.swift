@@ -75,13 +75,19 @@ public enum ReportTable {
     /// grouped by sweep point, then the notes (unavailable or skipped conformers) as
     /// `name  note` rows.
     public static func render(_ records: [BenchRecord], notes: [(variant: String, note: String)],
-                              peaks: [(threads: Int, gflops: Double)], fma: Bool) -> String {
+                              peaks: [(threads: Int, gflops: Double)], fma: Bool,
+                              bandwidths: [(threads: Int, gbPerSecond: Double)] = []) -> String {
         var out: [String] = []
         if !peaks.isEmpty {
             let list = peaks.map { "\($0.threads) thread\($0.threads == 1 ? "" : "s") \(String(format: "%.1f", $0.gflops))" }
             out.append("FMA peak (measured, \(fma ? "fused multiply-add" : "portable multiply + add"), GFLOP/s): "
                        + list.joined(separator: ", "))
         }
+        if !bandwidths.isEmpty {
+            let list = bandwidths.map { "\($0.threads) thread\($0.threads == 1 ? "" : "s") \(String(format: "%.1f", $0.gbPerSecond))" }
+            out.append("Read bandwidth (measured, streaming 1 GiB, GB/s): " + list.joined(separator: ", "))
+        }
+        let decode = records.contains { $0.gbPerSecond != nil }
         func shared<T: Hashable>(_ key: (BenchRecord) -> T) -> T? {
             let values = Set(records.map(key))
             return values.count == 1 ? values.first : nil
@@ -106,7 +112,9 @@ public enum ReportTable {
         if causal == nil { header.append("causal") }
         header += sameLengths ? ["N"] : ["Nq", "Nk"]
         header += ["thr", "median ms", "min ms", "runs", "GFLOP", "GFLOP/s", "%peak", "workspace",
-                   "measured", "meas-out", "rel.err", "x dense", "x vanilla", "mem/dense", "mem/vanilla", "settings"]
+                   "measured", "meas-out", "rel.err", "x dense", "x vanilla", "mem/dense", "mem/vanilla"]
+        if decode { header += ["GB/s", "%bw"] }
+        header.append("settings")
         let rightAligned = Set(1..<(header.count - 1))
         var rows = [header]
         var lastGroup: String?
@@ -127,8 +135,12 @@ public enum ReportTable {
                     Format.bytes(r.measuredPeakBytes), Format.bytes(max(0, r.measuredPeakBytes - r.outputBytes)),
                     Format.error(r.relativeError),
                     Format.ratio(r.speedupVsDense), Format.ratio(r.speedupVsVanilla),
-                    Format.ratio(r.memoryVsDense), Format.ratio(r.memoryVsVanilla),
-                    r.parameters.isEmpty ? "-" : r.parameters]
+                    Format.ratio(r.memoryVsDense), Format.ratio(r.memoryVsVanilla)]
+            if decode {
+                row += [r.gbPerSecond.map { String(format: "%.1f", $0) } ?? "-",
+                        r.gbPerSecond.flatMap { gb in r.peakGBPerSecond.map { String(format: "%.1f", 100 * gb / $0) } } ?? "-"]
+            }
+            row.append(r.parameters.isEmpty ? "-" : r.parameters)
             rows.append(row)
         }
         if !records.isEmpty { out.append(TextTable.render(rows, rightAligned: rightAligned)) }

@@ -123,9 +123,8 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
-        // Conformers land issue by issue: at least these are available.
-        #expect(Set(["vanilla", "dense", "lsh", "routing", "linformer", "linear-elu", "performer"])
-                    .isSubset(of: r.entries.filter(\.isAvailable).map(\.name)))
+        // Every registered conformer has landed.
+        #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
         let listing = r.listing()
         #expect(listing.contains("not available yet") == r.entries.contains { !$0.isAvailable })
@@ -284,6 +283,7 @@ import AttentionBenchCore
             #expect(Set(object.keys) == Set(BenchRecord.fieldNames))
         }
         #expect(array[0]["variant"] as? String == "vanilla")
+        #expect(array[0]["gbPerSecond"] is NSNull && array[0]["peakGBPerSecond"] is NSNull)
         #expect((array[0]["seqQ"] as? NSNumber)?.intValue == 1024)
         #expect((array[0]["causal"] as? NSNumber)?.boolValue == false)
         // Keys appear in the fixed order.
@@ -502,5 +502,75 @@ import AttentionBenchCore
         #expect(a.query == b.query && a.key == b.key && a.value == b.value)
         #expect(a.query != a.key)
         #expect(a.query.elements.allSatisfy { $0 >= -1 && $0 <= 1 })
+    }
+
+    // MARK: Decode mode
+
+    @Test func decodeOptions() throws {
+        let o = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "32768", "--heads", "32",
+                                        "--kv-heads", "32", "--dim", "128", "--cache-precision", "f16"], cores: 2)
+        #expect(o.decode && o.cacheLengths == [32768] && o.cachePrecisions == [.float16])
+        #expect(o.sequenceLengths == [1] && o.heads == [32] && o.kvHeads == [32] && o.dims == [128])
+        let both = try BenchOptions.parse(["--decode", "--cache", "1K,4K", "--seq", "4", "--cache-precision=both"])
+        #expect(both.cacheLengths == [1024, 4096] && both.sequenceLengths == [4] && both.cachePrecisions == [.float32, .float16])
+        #expect(try BenchOptions.parse(["--decode"]).cachePrecisions == [.float32])
+        #expect(try BenchOptions.parse(["--decode"]).cacheLengths == [32768])
+        #expect(try !BenchOptions.parse([]).decode)
+        for bad in [["--cache", "1024"], ["--cache-precision", "f16"], ["--decode", "--cache-precision", "f8"],
+                    ["--decode", "--cache", "0"], ["--decode", "--charts", "dir"]] {
+            #expect(throws: BenchError.self, "\(bad)") { try BenchOptions.parse(bad) }
+        }
+        let help = BenchOptions.helpText()
+        for option in ["--decode", "--cache", "--cache-precision"] { #expect(help.contains(option)) }
+    }
+
+    @Test func decodePlanHonoursKVHeadsAndSkipsNonDecoders() throws {
+        let given = try DecodePlan.make(BenchOptions.parse(["--variants", "multi-query,dense", "--decode", "--cache", "64",
+                                                            "--heads", "8", "--kv-heads", "8,2", "--threads", "1"]))
+        #expect(given.jobs.map(\.problem.shape.kvHeads) == [8, 2])
+        #expect(given.jobs.allSatisfy { $0.problem.shape.keyLength == 64 && $0.problem.shape.queryLength == 1 })
+        #expect(given.notes.contains { $0.variant == "dense" && $0.note.contains("does not decode") })
+        let defaulted = try DecodePlan.make(BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "64",
+                                                                "--heads", "8", "--threads", "1"]))
+        #expect(defaulted.jobs.map(\.problem.shape.kvHeads) == [1])
+        let tooBig = try DecodePlan.make(BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "4096",
+                                                             "--threads", "1"]), memoryLimit: 1 << 10)
+        #expect(tooBig.jobs.isEmpty && tooBig.notes.contains { $0.note.contains("memory") })
+    }
+
+    @Test func tinyDecodeEndToEnd() throws {
+        let o = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "100", "--heads", "4",
+                                        "--kv-heads", "1,4", "--dim", "8", "--cache-precision", "both",
+                                        "--threads", "1,2", "--repeat", "2", "--quiet"])
+        let plan = try DecodePlan.make(o)
+        let runner = DecodeRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                  bandwidth: BandwidthCache(measure: { Double($0) * 10 }), progress: { _ in })
+        let records = try runner.run(plan)
+        #expect(records.count == 2 * 2 * 2)
+        for r in records {
+            let f16 = r.parameters.contains("cache=f16")
+            let bytes = Double(r.kvHeads * 100 * 16 * (f16 ? 2 : 4))
+            #expect(r.runs == 2 && r.seqQ == 1 && r.seqK == 100)
+            #expect(r.peakGBPerSecond == Double(r.threads) * 10)
+            #expect(abs(r.gbPerSecond! - bytes / r.medianSeconds / 1e9) <= 1e-9 * r.gbPerSecond!)
+            #expect(r.flops == 2 * 4 * 100 * 16)
+            #expect((r.relativeError ?? 1) < (f16 ? 2e-3 : 1e-5), "\(r.parameters) Hkv \(r.kvHeads): \(String(describing: r.relativeError))")
+        }
+        let table = ReportTable.render(records, notes: [], peaks: runner.peaks.measured, fma: true,
+                                       bandwidths: runner.bandwidth.measured)
+        #expect(table.contains("GB/s") && table.contains("%bw") && table.contains("Read bandwidth"))
+        let plain = ReportTable.render(Self.sampleRecords(), notes: [], peaks: [], fma: true)
+        #expect(!plain.contains("%bw"))
+        // The same seeded cache every time.
+        let shape = AttentionShape(heads: 2, kvHeads: 1, queryLength: 1, keyLength: 1500, headDim: 4)
+        let a = try DecodeRunner.filledCache(shape, precision: .float32, seed: 3)
+        let b = try DecodeRunner.filledCache(shape, precision: .float32, seed: 3)
+        #expect(try a.keys() == b.keys() && a.values() == b.values() && a.keys() != a.values())
+        #expect(try a.length() == 1500)
+    }
+
+    @Test func readBandwidthLoopSumsWhatItReads() {
+        let values = [Float](repeating: 0.5, count: 1024)
+        #expect(values.withUnsafeBufferPointer { ReadBandwidth.stream($0.baseAddress!, count: 1024) } == 512)
     }
 }

@@ -1,0 +1,185 @@
+/// Multi-query and grouped-query attention (Shazeer 2019; Ainslie et al. 2023): `H` query
+/// heads over `Hkv` shared key/value heads, dense or over a sliding window, causal or not,
+/// with incremental decoding against a ``KVCache``.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i:
+/// let hk = h / (H / Hkv)                           // Hkv = 1: multi-query; 1 < Hkv < H: grouped
+/// let p = i + Nk - Nq                              // the query's position among the keys
+/// visible j: p - left <= j <= p + right,  j <= p if causal,  j < keyLengths[b]
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])
+/// o[b, h, i] = Σ_j softmax(s)[j] · v[b, hk, j],   lse[b, h, i] = log Σ_j exp(s[j])
+/// ```
+/// `left`/`right` are ``leftWindow``/``rightWindow`` (`nil`: unbounded). `Hkv = H` is
+/// accepted too (plain multi-head attention), so the same code measures the baseline.
+/// Key/value heads are read in place by every query head of their group, never copied.
+/// Rows with no visible key are 0 with `lse = -infinity`.
+///
+/// `attend` runs the shared flash-style kernel (KernelDocs/Dense.md) with the interval
+/// mask; ``decode(query:cache:layer:threads:)`` runs the memory-bound decode kernel
+/// (KernelDocs/MultiQuery.md) over a cache, split along the keys into chunks of ``split``
+/// positions whose partial results merge exactly through their log-sum-exp.
+///
+/// - Complexity: `attend`: `2 · pairs · (D + Dv)` FLOPs (pairs = visible query/key pairs,
+///   `Nq · Nk` per head when dense) and a few hundred KiB of workspace per thread.
+///   `decode` of `n` positions: `2 · H · n · L · (D + Dv)` FLOPs for a cache of `L`
+///   positions, reading `Hkv · L · (D + Dv)` cached elements once.
+public struct MultiQueryAttention: IncrementalAttention {
+    /// Bottom-right aligned causal rule: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
+    public var causal: Bool
+    /// Keys visible before the query's position (`nil`: unbounded). At least 0.
+    public var leftWindow: Int?
+    /// Keys visible after the query's position (`nil`: unbounded; causal limits it to 0). At least 0.
+    public var rightWindow: Int?
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+    /// Decode: cache positions per split-KV chunk (a work item whose partial result is
+    /// merged by log-sum-exp). At least 1. The chunking depends only on the cache length,
+    /// so results are identical for every thread count.
+    public var split: Int
+
+    /// Keys per decode chunk by default.
+    public static let defaultSplit = DecodeAttention.defaultSplit
+
+    public init(causal: Bool = false, leftWindow: Int? = nil, rightWindow: Int? = nil,
+                scale: Float? = nil, split: Int = MultiQueryAttention.defaultSplit) {
+        self.causal = causal
+        self.leftWindow = leftWindow
+        self.rightWindow = rightWindow
+        self.scale = scale
+        self.split = split
+    }
+
+    public var name: String { "multi-query" }
+
+    /// Largest supported `D` and `Dv` (those of the shared tiled kernel).
+    public static let maxHeadDim = DenseAttention.maxHeadDim
+
+    public func validate(_ shape: AttentionShape) throws {
+        try shape.check()
+        try shape.checkHeadDims(limit: MultiQueryAttention.maxHeadDim, variant: "multi-query attention")
+        try checkScale(scale)
+        for (name, value) in [("leftWindow", leftWindow), ("rightWindow", rightWindow)] {
+            if let value, value < 0 {
+                throw AttentionError.invalidParameter("\(name) must be at least 0, got \(value)")
+            }
+        }
+        guard split >= 1 else {
+            throw AttentionError.invalidParameter("split must be at least 1, got \(split)")
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads))
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                             threads: threads, scale: self.scale)
+        return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
+                                                query: query, key: key, value: value) { b, _ in
+            mask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                 keyEnd: keyLengths?[b] ?? shape.keyLength)
+        }
+    }
+
+    /// The cost of decoding `shape.queryLength` positions against a cache holding
+    /// `shape.keyLength` positions (every batch item) stored in `precision`, with
+    /// `threads` workers: FLOPs `2 · pairs · (D + Dv)`, the decode kernel's workspace
+    /// (per-worker scratch plus the chunks' partial rows), visible pairs.
+    ///
+    /// - Complexity: O(Nq).
+    public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision = .float32,
+                           threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
+                                                                          halfPrecision: precision == .float16))
+    }
+
+    /// Attention of `query` `[B, H, n, D]`, the newest `n` positions, against the keys and
+    /// values cached in `layer` (append them first). For batch item `b` with `L_b` cached
+    /// positions this equals ``attend(query:key:value:keyLengths:threads:)`` with the
+    /// cached keys and values `[0, L_b)` (so `Nk = L_b` and query `i` sits at position
+    /// `L_b − n + i`); positions before 0 see no key under the causal rule.
+    ///
+    /// Throws when `B`, `D` or the cache's `Hkv` do not fit the query (`H` must be a
+    /// multiple of `Hkv`), or for an unknown layer.
+    ///
+    /// - Complexity: `2 · H · n · L · (D + Dv)` FLOPs; reads each cached row once.
+    ///   Workspace: `O(H/Hkv · n · (D + Dv))` per thread plus the partial rows of the
+    ///   `⌈L / split⌉` chunks.
+    public func decode(query: Tensor, cache: KVCache, layer: Int = 0, threads: Int? = nil) throws -> AttentionResult {
+        _ = try cache.length(layer: layer)
+        let qs = query.shape
+        guard qs[0] == cache.batch else {
+            throw AttentionError.shapeMismatch("decode: query batch (dimension 0) is \(qs[0]), the cache's is \(cache.batch)")
+        }
+        guard qs[3] == cache.headDim else {
+            throw AttentionError.shapeMismatch("decode: query headDim (dimension 3) is \(qs[3]), the cache's is \(cache.headDim)")
+        }
+        let lengths = cache.lengths(layer: layer)
+        let shape = AttentionShape(batch: qs[0], heads: qs[1], kvHeads: cache.kvHeads, queryLength: qs[2],
+                                   keyLength: max(1, lengths.max() ?? 1), headDim: qs[3], valueDim: cache.valueDim)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: nil, threads: threads)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        let workers = threads ?? defaultThreadCount, split = self.split
+        let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
+        func run<E: CacheScalar>(_ type: E.Type) {
+            let rows = cache.rows(layer: layer, as: type)
+            query.withView { q in output.withMutableView { o in lse.withMutableView { l in
+                DecodeAttention.run(shape: shape, scale: scale, threads: workers, split: split,
+                                    q: q, keys: rows.keys, values: rows.values, o: o, lse: l) { masks[$0] }
+            } } }
+        }
+        switch cache.precision {
+        case .float32: run(Float.self)
+        case .float16: run(Float16.self)
+        }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// FLOPs `2 · pairs · (D + Dv)` and the visible pairs of `shape` (no key padding).
+    func cost(_ shape: AttentionShape, workspaceBytes: Int) -> AttentionCost {
+        let pairs = mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: shape.keyLength)
+            .visiblePairs(queryLength: shape.queryLength) * shape.batch * shape.heads
+        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                             workspaceBytes: workspaceBytes, scoredPairs: pairs)
+    }
+
+    /// The visibility of one batch item: the window and causal rule, bottom-right aligned
+    /// for `queryLength` queries and `keyLength` keys, keys `< keyEnd`.
+    func mask(queryLength: Int, keyLength: Int, keyEnd: Int) -> IntervalMask {
+        var right = rightWindow ?? IntervalMask.unbounded
+        if causal { right = min(right, 0) }
+        return IntervalMask(offset: keyLength - queryLength,
+                            left: leftWindow ?? IntervalMask.unbounded, right: right, keyEnd: keyEnd)
+    }
+}
+
+/// An attention that can also run incrementally against a ``KVCache`` (decoding).
+public protocol IncrementalAttention: Attention {
+    /// Attention of the newest query positions against the keys and values cached in `layer`.
+    func decode(query: Tensor, cache: KVCache, layer: Int, threads: Int?) throws -> AttentionResult
+    /// FLOPs, workspace and pairs of a decode of `shape.queryLength` positions against a
+    /// cache of `shape.keyLength` positions stored in `precision`.
+    func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision, threads: Int?) throws -> AttentionCost
+}
+
+extension IntervalMask {
+    /// Visible pairs of `queryLength` queries (one head of one batch item).
+    ///
+    /// - Complexity: O(queryLength).
+    func visiblePairs(queryLength: Int) -> Int {
+        var pairs = 0
+        for i in 0..<queryLength {
+            let lo = max(0, i + offset - left), hi = min(keyEnd - 1, i + offset + right)
+            pairs += max(0, hi - lo + 1)
+        }
+        return pairs
+    }
+}

@@ -1,0 +1,586 @@
+/// The decode kernel: a few query positions per head against a long key/value cache,
+/// split along the keys into chunks whose partial results merge exactly.
+///
+/// Work items are (batch b, key/value head hk, tile of the group's query rows, chunk c of
+/// `split` keys). The rows of a group are its `G = H / Hkv` query heads × `n` positions
+/// (row `r` = head `hk · G + r / n`, position `r % n`); they all read the key/value head in
+/// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
+///
+/// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding): about one FLOP
+///   per byte of cache, so the loop is written to stream the cache at memory speed:
+///
+///         for each key tile (~64 KiB of keys) of the chunk:
+///             touch the tile's value lines and the next tile's key lines
+///             for each row r with a visible key in the tile:
+///                 s_j = scale · q_r · k_j                  4 keys at a time, SIMD16 over D
+///                 m' = max(m, max s), α = exp(m − m')
+///                 p_j = exp(s_j − m'), l = α·l + Σ p_j     SIMD16 over keys
+///                 o = α·o + Σ p_j v_j                     4 value rows per pass over o
+///
+/// - **Micro-kernel path** (`G · n ≥ 8`, multi-query and large groups): the rows are the
+///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
+///   ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``, ``microKernel``):
+///   `Sᵀ = K Qᵀ` with Float keys read in place, per-lane masking of the window/causal
+///   limits, `O = diag(α) O + P V` — compute bound, like dense attention.
+///
+/// Float16 caches are widened in registers (`vcvtph2ps` from memory) on the dot path and
+/// into the workspace tile on the micro-kernel path.
+///
+/// Each item writes `(o / l, lse = m + log l)` per row (0 and −∞ where `l = 0`); the chunks
+/// of a row then merge in chunk order:
+///
+///     lse = M + log Σ_c exp(lse_c − M),   o = Σ_c exp(lse_c − lse) · o_c,   M = max_c lse_c
+///
+/// The chunking depends only on the cache length and `split`, never on the thread count,
+/// so results are bitwise identical for every thread count. With a single chunk the merge
+/// is the identity (`exp(0) = 1`, `log 1 = 0`): a cache shorter than `split` gives exactly
+/// the unsplit result; longer caches differ from an unsplit computation only by rounding.
+enum DecodeAttention {
+    /// Keys per chunk (split-KV work item) unless the caller chooses: long enough that the
+    /// merge is negligible, short enough that one head's 32K cache feeds 16 work items.
+    static let defaultSplit = 2048
+
+    /// Query rows per group (`G · n`) from which the micro-kernel path is used: below it
+    /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
+    static let microKernelRows = 8
+
+    /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
+    static let rowTile = 128
+
+    /// Keys per tile on the dot-product path: about 64 KiB of key rows (and as many of
+    /// value rows), a multiple of 16 between 16 and 2048. The kernel reads a tile of keys,
+    /// then the same tile of values: two streams taking turns, which the hardware
+    /// prefetchers follow well only in long runs (measured on Zen 5 with one thread: 2 KiB
+    /// turns read at 11 GB/s, 16 KiB at 25, 64 KiB at 31, one stream at 34). The tile stays
+    /// in the 1 MiB L2 for the other rows of a small group.
+    static func keyTile(headDim d: Int, valueDim dv: Int, elementBytes: Int) -> Int {
+        let tile = 64 * 1024 / (elementBytes * max(d, dv))
+        return max(16, min(2048, tile / 16 * 16))
+    }
+
+    /// Chunks of `split` keys for a cache of `keyLength` positions (at least one).
+    static func chunks(keyLength: Int, split: Int) -> Int {
+        max(1, (keyLength + split - 1) / split)
+    }
+
+    /// How a problem is cut into work items.
+    struct Plan {
+        let rows: Int, grouped: Bool, rowTile: Int, rowTiles: Int, chunks: Int, items: Int
+
+        init(_ shape: AttentionShape, split: Int) {
+            rows = shape.groupSize * shape.queryLength
+            grouped = rows >= DecodeAttention.microKernelRows
+            rowTile = grouped ? min(rows, DecodeAttention.rowTile) : rows
+            rowTiles = (rows + rowTile - 1) / rowTile
+            chunks = DecodeAttention.chunks(keyLength: shape.keyLength, split: split)
+            items = shape.batch * shape.kvHeads * rowTiles * chunks
+        }
+    }
+
+    /// Bytes of workspace ``run(shape:scale:threads:split:q:keys:values:o:lse:mask:)``
+    /// allocates: one workspace per worker plus the partial results of every chunk.
+    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, halfPrecision: Bool = false) -> Int {
+        let plan = Plan(shape, split: split)
+        let perWorker: Int
+        if plan.grouped {
+            let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
+            perWorker = GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: shape.valueDim,
+                                                   keyTile: tiling.keyTile, halfPrecision: halfPrecision)
+        } else {
+            let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim, elementBytes: halfPrecision ? 2 : 4)
+            perWorker = Workspace.byteCount(rows: plan.rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
+        }
+        return perWorker * workerCount(threads: threads, items: plan.items)
+            + shape.batch * shape.kvHeads * plan.chunks * plan.rows * (shape.valueDim + 1) * MemoryLayout<Float>.stride
+    }
+
+    /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
+    /// the longest cache length. `mask(b)` gives batch item `b`'s visibility; its `keyEnd`
+    /// is that item's cache length.
+    static func run<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, threads: Int, split: Int,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        o: MutableTensorView, lse: MutableTensorView,
+        mask: (_ batch: Int) -> IntervalMask
+    ) {
+        let plan = Plan(shape, split: split)
+        let g = shape.groupSize, n = shape.queryLength, rows = plan.rows, dv = shape.valueDim
+        let chunkCount = plan.chunks
+        let workers = workerCount(threads: threads, items: plan.items)
+        let masks = (0..<shape.batch).map(mask)
+        let chunkFloats = rows * (dv + 1)
+        let partials = UnsafeMutablePointer<Float>.allocate(capacity: shape.batch * shape.kvHeads * chunkCount * chunkFloats)
+        defer { partials.deallocate() }
+
+        func forEachItem(_ body: @escaping (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
+                                            _ keyStart: Int, _ keyEnd: Int, _ partial: UnsafeMutablePointer<Float>,
+                                            _ worker: Int) -> Void) {
+            let shared = UncheckedSendable(partials)
+            parallelForEach(items: plan.items, threads: workers) { item, worker in
+                let c = item % chunkCount, rest = item / chunkCount
+                let tile = rest % plan.rowTiles, head = rest / plan.rowTiles
+                let b = head / shape.kvHeads, hk = head % shape.kvHeads
+                let rowStart = tile * plan.rowTile
+                body(b, hk, rowStart, min(plan.rowTile, rows - rowStart), c * split,
+                     min((c + 1) * split, masks[b].keyEnd),
+                     shared.value + (head * chunkCount + c) * chunkFloats, worker)
+            }
+        }
+        if plan.grouped {
+            let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
+            let spaces = (0..<workers).map { _ in
+                GroupedWorkspace(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
+                                 halfPrecision: E.self != Float.self)
+            }
+            defer { for space in spaces { space.deallocate() } }
+            let shared = UncheckedSendable(spaces)
+            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, partial, worker in
+                attendChunkGrouped(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                                   rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
+                                   mask: masks[b], q: q, keys: keys, values: values, partial: partial, rows: rows)
+            }
+        } else {
+            let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<E>.size)
+            let spaces = (0..<workers).map { _ in Workspace(rows: rows, d: shape.headDim, dv: dv, tile: tile) }
+            defer { for space in spaces { space.deallocate() } }
+            let shared = UncheckedSendable(spaces)
+            forEachItem { b, hk, _, _, keyStart, keyEnd, partial, worker in
+                attendChunk(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                            keyStart: keyStart, keyEnd: keyEnd, mask: masks[b],
+                            q: q, keys: keys, values: values, partial: partial)
+            }
+        }
+        // Merge the chunks of every row in chunk order.
+        for head in 0..<(shape.batch * shape.kvHeads) {
+            let b = head / shape.kvHeads, hk = head % shape.kvHeads
+            let first: UnsafePointer<Float> = UnsafePointer(partials + head * chunkCount * chunkFloats)
+            for r in 0..<rows {
+                let h = hk * g + r / n, i = r % n
+                mergeChunks(count: chunkCount, dv: dv,
+                            output: { (c: Int) -> UnsafePointer<Float> in first + (c * chunkFloats + r * dv) },
+                            lse: { (c: Int) -> Float in first[c * chunkFloats + rows * dv + r] },
+                            into: o.row(b, h, i), stride: o.strides[3], lse: lse.row(b, h, i))
+            }
+        }
+    }
+
+    /// One work item on the micro-kernel path: query rows `rowStart ..< rowStart + rowCount`
+    /// of the group (row `r` is head `hk · G + r / n`, position `r % n`) as the lanes of the
+    /// shared flash-kernel pieces: `Sᵀ = K Qᵀ` and `O = diag(α) O + P V` by ``microKernel``,
+    /// the online softmax of ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``.
+    /// Float keys are read in place; Float16 key and value tiles are widened into the
+    /// workspace first. Writes rows `rowStart...` of the chunk's partial result.
+    static func attendChunkGrouped<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, space: GroupedWorkspace, b: Int, hk: Int,
+        rowStart: Int, rowCount: Int, keyStart: Int, keyEnd: Int, mask: IntervalMask,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        partial: UnsafeMutablePointer<Float>, rows: Int
+    ) {
+        let g = shape.groupSize, n = shape.queryLength, d = shape.headDim, dv = shape.valueDim
+        let tiled = space.tiled, br = tiled.queryTile, dvPad = tiled.dvPad
+        let mr = MicroTile.mr, nr = MicroTile.nr
+        let lanes = roundUp(rowCount, nr)
+        // Qᵀ (lanes = rows), the visible key range of each lane, and their envelope.
+        var first = Int.max, last = Int.min, latestStart = Int.min, earliestEnd = Int.max
+        for lane in 0..<br {
+            guard lane < rowCount else {
+                for c in 0..<d { tiled.qT[c * br + lane] = 0 }
+                space.lo[lane] = .max
+                space.hi[lane] = .min
+                continue
+            }
+            let r = rowStart + lane, h = hk * g + r / n, i = r % n
+            let source = q.row(b, h, i), sd = q.strides[3]
+            for c in 0..<d { tiled.qT[c * br + lane] = scale * source[c * sd] }
+            let lo = max(keyStart, i + mask.offset - mask.left), hi = min(keyEnd - 1, i + mask.offset + mask.right)
+            space.lo[lane] = Int32(clamping: lo)
+            space.hi[lane] = Int32(clamping: hi)
+            latestStart = max(latestStart, lo)
+            earliestEnd = min(earliestEnd, hi)
+            if lo <= hi {
+                first = min(first, lo)
+                last = max(last, hi)
+            }
+        }
+        for i in 0..<br {
+            tiled.rowMax[i] = -.infinity
+            tiled.rowSum[i] = 0
+        }
+        tiled.acc.update(repeating: 0, count: br * dvPad)
+
+        var tileStart = first
+        while tileStart <= last {
+            let count = min(tiled.keyTile, last - tileStart + 1)
+            // Keys: in place (Float) or widened into the workspace (Float16).
+            let keyTile = E.floatRows(keys, b: b, h: hk, start: tileStart, count: count, width: d, scratch: space.keys)
+            E.pack(values, b: b, h: hk, start: tileStart, count: count, width: dv, into: tiled.vPack, ld: dvPad)
+            for block in 0..<((count + mr - 1) / mr) {
+                let operand = BroadcastOperand(base: keyTile.base + block * mr * keyTile.rowStride,
+                                               rowStride: keyTile.rowStride, depthStride: 1,
+                                               rows: min(mr, count - block * mr))
+                for panel in stride(from: 0, to: lanes, by: nr) {
+                    microKernel(depth: d, a: operand, b: tiled.qT + panel, ldb: br,
+                                c: tiled.scores + block * mr * br + panel, ldc: br, update: .overwrite)
+                }
+            }
+            if tileStart < latestStart || tileStart + count - 1 > earliestEnd {
+                maskLanes(tiled.scores, ld: br, keyStart: tileStart, keyCount: count, lanes: lanes,
+                          lo: space.lo, hi: space.hi)
+            }
+            TiledSoftmaxAttention.onlineSoftmax(tiled, keyCount: count, lanes: lanes)
+            for panel in stride(from: 0, to: dvPad, by: nr) {
+                for block in stride(from: 0, to: lanes, by: mr) {
+                    microKernel(depth: count, a: BroadcastOperand(base: tiled.scores + block, rowStride: 1, depthStride: br),
+                                b: tiled.vPack + panel, ldb: dvPad,
+                                c: tiled.acc + block * dvPad + panel, ldc: dvPad,
+                                update: .scaleAndAccumulate(tiled.alpha + block))
+                }
+            }
+            tileStart += count
+        }
+
+        for lane in 0..<rowCount {
+            writePartial(acc: tiled.acc + lane * dvPad, max: tiled.rowMax[lane], sum: tiled.rowSum[lane],
+                         dv: dv, row: rowStart + lane, rows: rows, into: partial)
+        }
+    }
+
+    /// Row `row` of a chunk's partial result: `o = acc / sum` (`Dv` floats at
+    /// `partial + row · Dv`) and `lse = max + log sum` (at `partial[rows · Dv + row]`);
+    /// 0 and −∞ when `sum` is 0 (no visible key in the chunk).
+    @inline(__always)
+    static func writePartial(acc: UnsafePointer<Float>, max: Float, sum: Float, dv: Int, row: Int, rows: Int,
+                             into partial: UnsafeMutablePointer<Float>) {
+        let out = partial + row * dv
+        if sum > 0 {
+            let inverse = 1 / sum
+            for c in 0..<dv { out[c] = acc[c] * inverse }
+            partial[rows * dv + row] = max + logf(sum)
+        } else {
+            out.update(repeating: 0, count: dv)
+            partial[rows * dv + row] = -.infinity
+        }
+    }
+
+    /// Sets to −∞ the scores of a transposed tile (`scores[jj · ld + lane]`, key
+    /// `keyStart + jj`) outside each lane's visible range `lo[lane]...hi[lane]`.
+    @inline(__always)
+    static func maskLanes(_ scores: UnsafeMutablePointer<Float>, ld: Int, keyStart: Int, keyCount: Int, lanes: Int,
+                          lo: UnsafePointer<Int32>, hi: UnsafePointer<Int32>) {
+        let minusInfinity = Vec16(repeating: -.infinity)
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let low = UnsafeRawPointer(lo + lane).loadUnaligned(as: SIMD16<Int32>.self)
+            let high = UnsafeRawPointer(hi + lane).loadUnaligned(as: SIMD16<Int32>.self)
+            for jj in 0..<keyCount {
+                let j = SIMD16<Int32>(repeating: Int32(clamping: keyStart + jj))
+                var v = load16(scores + jj * ld + lane)
+                v.replace(with: minusInfinity, where: (j .< low) .| (j .> high))
+                store16(v, scores + jj * ld + lane)
+            }
+        }
+    }
+
+    /// The micro-kernel path's scratch: the tiled kernel's workspace, the lanes' key
+    /// ranges, and (Float16 caches) a widened key tile.
+    struct GroupedWorkspace {
+        let tiled: TiledSoftmaxAttention.Workspace
+        let lo, hi: UnsafeMutablePointer<Int32>
+        let keys: UnsafeMutablePointer<Float>
+
+        static func byteCount(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) -> Int {
+            let br = roundUp(rows, MicroTile.nr)
+            return (TiledSoftmaxAttention.Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: keyTile)
+                    + 2 * br + (halfPrecision ? keyTile * d : 0)) * 4
+        }
+
+        init(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) {
+            let br = roundUp(rows, MicroTile.nr)
+            tiled = TiledSoftmaxAttention.Workspace(d: d, dv: dv, queryTile: br, keyTile: keyTile)
+            lo = .allocate(capacity: 2 * br)
+            hi = lo + br
+            keys = .allocate(capacity: halfPrecision ? keyTile * d : 1)
+        }
+
+        func deallocate() {
+            tiled.deallocate()
+            lo.deallocate()
+            keys.deallocate()
+        }
+    }
+
+    /// One work item: every query row of key/value head `hk` of batch item `b` against the
+    /// keys `keyStart..<keyEnd`. Writes the partial rows (`rows · Dv` outputs, then `rows`
+    /// log-sum-exps) to `partial`.
+    static func attendChunk<E: CacheScalar>(
+        shape: AttentionShape, scale: Float, space: Workspace, b: Int, hk: Int,
+        keyStart: Int, keyEnd: Int, mask: IntervalMask,
+        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        partial: UnsafeMutablePointer<Float>
+    ) {
+        let g = shape.groupSize, n = shape.queryLength, rows = g * n
+        let d = shape.headDim, dv = shape.valueDim, dPad = space.dPad, dvPad = space.dvPad
+        var first = Int.max, last = Int.min
+        for r in 0..<rows {
+            let h = hk * g + r / n, i = r % n
+            let source = q.row(b, h, i), sd = q.strides[3], packed = space.q + r * dPad
+            for c in 0..<d { packed[c] = scale * source[c * sd] }
+            let lo = max(keyStart, i + mask.offset - mask.left)
+            let hi = min(keyEnd - 1, i + mask.offset + mask.right)
+            space.lo[r] = lo
+            space.hi[r] = hi
+            if lo <= hi {
+                first = min(first, lo)
+                last = max(last, hi)
+            }
+            space.rowMax[r] = -.infinity
+            space.rowSum[r] = 0
+        }
+        space.acc.update(repeating: 0, count: rows * dvPad)
+
+        var tileStart = first
+        var touched: UInt32 = 0
+        while tileStart <= last {
+            let count = min(space.tile, last - tileStart + 1), lanes = roundUp(count, 16)
+            // Touch this tile's value rows and the next tile's key rows, one load per 64-byte
+            // line, so that both streams are in flight while the tile computes.
+            touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count)
+            let next = tileStart + count
+            if next <= last {
+                touched |= touchLines(keys, b: b, hk: hk, start: next, count: min(space.tile, last - next + 1))
+            }
+            for r in 0..<rows {
+                let a = max(space.lo[r], tileStart), e = min(space.hi[r], tileStart + count - 1)
+                guard a <= e else { continue }
+                let s = space.scores
+                s.update(repeating: -.infinity, count: lanes)
+                scores(q: space.q + r * dPad, d: d, keys: keys, b: b, hk: hk,
+                       from: a, through: e, into: s - tileStart)
+                // Online softmax over the tile (vertical over 16 keys, one horizontal max).
+                var tileMax = Vec16(repeating: -.infinity)
+                for t in stride(from: 0, to: lanes, by: 16) { tileMax = maximum(tileMax, load16(s + t)) }
+                let oldMax = space.rowMax[r]
+                let newMax = max(oldMax, horizontalMax(tileMax))
+                let alpha = expf(oldMax - newMax)
+                var sum = Vec16()
+                for t in stride(from: 0, to: lanes, by: 16) {
+                    let p = VectorMath.exp(load16(s + t) - Vec16(repeating: newMax))
+                    store16(p, s + t)
+                    sum += p
+                }
+                space.rowSum[r] = alpha * space.rowSum[r] + horizontalSum(sum)
+                space.rowMax[r] = newMax
+                let acc = space.acc + r * dvPad
+                if alpha != 1 {
+                    let factor = Vec16(repeating: alpha)
+                    for c in stride(from: 0, to: dvPad, by: 16) { store16(load16(acc + c) * factor, acc + c) }
+                }
+                accumulate(probabilities: s - tileStart, values: values, b: b, hk: hk,
+                           from: a, through: e, dv: dv, into: acc)
+            }
+            tileStart += count
+        }
+
+        space.touched[0] = touched
+        for r in 0..<rows {
+            writePartial(acc: space.acc + r * dvPad, max: space.rowMax[r], sum: space.rowSum[r],
+                         dv: dv, row: r, rows: rows, into: partial)
+        }
+    }
+
+    /// One 4-byte load per 64-byte line of rows `start ..< start + count`, OR-ed together:
+    /// independent loads the core issues at once, bringing the lines towards L1 before
+    /// the arithmetic that needs them (Swift has no prefetch instruction).
+    @inline(__always)
+    static func touchLines<E: CacheScalar>(_ rows: CacheRows<E>, b: Int, hk: Int, start: Int, count: Int) -> UInt32 {
+        let bytes = count * rows.rowStride * MemoryLayout<E>.stride
+        let base = UnsafeRawPointer(rows.row(b, hk, start))
+        var a: UInt32 = 0, c: UInt32 = 0
+        var offset = 0
+        while offset + 64 < bytes {
+            a |= base.load(fromByteOffset: offset, as: UInt32.self)
+            c |= base.load(fromByteOffset: offset + 64, as: UInt32.self)
+            offset += 128
+        }
+        return a | c
+    }
+
+    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time.
+    @inline(__always)
+    static func scores<E: CacheScalar>(q: UnsafePointer<Float>, d: Int, keys: CacheRows<E>, b: Int, hk: Int,
+                                       from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
+        var j = a
+        while j + 3 <= e {
+            let k0 = keys.row(b, hk, j), k1 = keys.row(b, hk, j + 1)
+            let k2 = keys.row(b, hk, j + 2), k3 = keys.row(b, hk, j + 3)
+            var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
+            var c = 0
+            while c + 16 <= d {
+                let x = load16(q + c)
+                multiplyAdd(&a0, x, E.wide16(k0 + c))
+                multiplyAdd(&a1, x, E.wide16(k1 + c))
+                multiplyAdd(&a2, x, E.wide16(k2 + c))
+                multiplyAdd(&a3, x, E.wide16(k3 + c))
+                c += 16
+            }
+            var s0 = horizontalSum(a0), s1 = horizontalSum(a1), s2 = horizontalSum(a2), s3 = horizontalSum(a3)
+            while c < d {
+                s0 += q[c] * E.widen(k0[c]); s1 += q[c] * E.widen(k1[c])
+                s2 += q[c] * E.widen(k2[c]); s3 += q[c] * E.widen(k3[c])
+                c += 1
+            }
+            s[j] = s0; s[j + 1] = s1; s[j + 2] = s2; s[j + 3] = s3
+            j += 4
+        }
+        while j <= e {
+            let k0 = keys.row(b, hk, j)
+            var a0 = Vec16()
+            var c = 0
+            while c + 16 <= d {
+                multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c))
+                c += 16
+            }
+            var s0 = horizontalSum(a0)
+            while c < d { s0 += q[c] * E.widen(k0[c]); c += 1 }
+            s[j] = s0
+            j += 1
+        }
+    }
+
+    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`.
+    @inline(__always)
+    static func accumulate<E: CacheScalar>(probabilities p: UnsafePointer<Float>, values: CacheRows<E>,
+                                           b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
+                                           into acc: UnsafeMutablePointer<Float>) {
+        var j = a
+        while j + 3 <= e {
+            let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
+            let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
+            let p0 = Vec16(repeating: p[j]), p1 = Vec16(repeating: p[j + 1])
+            let p2 = Vec16(repeating: p[j + 2]), p3 = Vec16(repeating: p[j + 3])
+            var c = 0
+            while c + 16 <= dv {
+                var x = load16(acc + c)
+                multiplyAdd(&x, p0, E.wide16(v0 + c))
+                multiplyAdd(&x, p1, E.wide16(v1 + c))
+                multiplyAdd(&x, p2, E.wide16(v2 + c))
+                multiplyAdd(&x, p3, E.wide16(v3 + c))
+                store16(x, acc + c)
+                c += 16
+            }
+            while c < dv {
+                acc[c] += p[j] * E.widen(v0[c]) + p[j + 1] * E.widen(v1[c])
+                    + p[j + 2] * E.widen(v2[c]) + p[j + 3] * E.widen(v3[c])
+                c += 1
+            }
+            j += 4
+        }
+        while j <= e {
+            let v0 = values.row(b, hk, j), p0 = Vec16(repeating: p[j])
+            var c = 0
+            while c + 16 <= dv {
+                var x = load16(acc + c)
+                multiplyAdd(&x, p0, E.wide16(v0 + c))
+                store16(x, acc + c)
+                c += 16
+            }
+            while c < dv { acc[c] += p[j] * E.widen(v0[c]); c += 1 }
+            j += 1
+        }
+    }
+
+    /// Merges `count` partial rows over disjoint key sets exactly, in order:
+    /// `lse = M + log Σ exp(lse_c − M)`, `o = Σ exp(lse_c − lse) · o_c` with `M = max lse_c`;
+    /// 0 and −∞ when every part is empty. One part is copied unchanged.
+    @inline(__always)
+    static func mergeChunks(count: Int, dv: Int,
+                            output: (Int) -> UnsafePointer<Float>, lse partLSE: (Int) -> Float,
+                            into out: UnsafeMutablePointer<Float>, stride: Int,
+                            lse: UnsafeMutablePointer<Float>) {
+        var m = -Float.infinity
+        for c in 0..<count { m = max(m, partLSE(c)) }
+        guard m > -.infinity else {
+            for x in 0..<dv { out[x * stride] = 0 }
+            lse[0] = -.infinity
+            return
+        }
+        var total: Float = 0
+        for c in 0..<count { total += expf(partLSE(c) - m) }
+        let inverse = 1 / total
+        for x in 0..<dv { out[x * stride] = 0 }
+        for c in 0..<count {
+            let w = partLSE(c)
+            guard w > -.infinity else { continue }
+            let weight = expf(w - m) * inverse, row = output(c)
+            for x in 0..<dv { out[x * stride] += weight * row[x] }
+        }
+        lse[0] = m + logf(total)
+    }
+
+    /// One worker's scratch memory.
+    struct Workspace {
+        let rows: Int, tile: Int, dPad: Int, dvPad: Int
+        let q, acc, rowMax, rowSum, scores: UnsafeMutablePointer<Float>
+        let lo, hi: UnsafeMutablePointer<Int>
+        let touched: UnsafeMutablePointer<UInt32>
+        private let block: UnsafeMutableRawPointer
+
+        static func floatCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
+            rows * (roundUp(d, 16) + roundUp(dv, 16) + 2 * 16) + tile + 16
+        }
+
+        static func byteCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
+            floatCount(rows: rows, d: d, dv: dv, tile: tile) * 4 + (2 * rows + 1) * MemoryLayout<Int>.stride + 64
+        }
+
+        init(rows: Int, d: Int, dv: Int, tile: Int) {
+            self.rows = rows
+            self.tile = tile
+            dPad = roundUp(d, 16)
+            dvPad = roundUp(dv, 16)
+            let floats = Workspace.floatCount(rows: rows, d: d, dv: dv, tile: tile)
+            block = UnsafeMutableRawPointer.allocate(
+                byteCount: Workspace.byteCount(rows: rows, d: d, dv: dv, tile: tile), alignment: 64)
+            let base = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
+            q = base
+            acc = q + rows * dPad
+            scores = acc + rows * dvPad
+            rowMax = scores + tile + 16
+            rowSum = rowMax + rows * 16
+            let ints = UnsafeMutableRawPointer(base + floats).alignedUp(for: Int.self)
+            lo = ints.initializeMemory(as: Int.self, repeating: 0, count: 2 * rows + 1)
+            hi = lo + rows
+            touched = UnsafeMutableRawPointer(hi + rows).bindMemory(to: UInt32.self, capacity: 1)
+        }
+
+        func deallocate() { block.deallocate() }
+    }
+}
+
+/// The sum of the 16 lanes as a tree (8 + 8, 4 + 4, 2 + 2, 1 + 1): a few shuffles, where
+/// the standard library's `sum()` adds the lanes one after another.
+@inline(__always)
+func horizontalSum(_ v: Vec16) -> Float {
+    let a = v.lowHalf + v.highHalf
+    let b = a.lowHalf + a.highHalf
+    let c = b.lowHalf + b.highHalf
+    return c[0] + c[1]
+}
+
+/// The largest of the 16 lanes as a tree of compare-and-blend steps (`max()` on a SIMD
+/// vector is a scalar loop).
+@inline(__always)
+func horizontalMax(_ v: Vec16) -> Float {
+    var a = v.lowHalf
+    a.replace(with: v.highHalf, where: v.highHalf .> a)
+    var b = a.lowHalf
+    b.replace(with: a.highHalf, where: a.highHalf .> b)
+    var c = b.lowHalf
+    c.replace(with: b.highHalf, where: b.highHalf .> c)
+    return max(c[0], c[1])
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
