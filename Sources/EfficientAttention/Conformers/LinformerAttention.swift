@@ -156,30 +156,47 @@ public struct LinformerAttention: Attention {
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
         var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])
 
-        // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L], one work item per (b, hk, K or V).
-        let items = 2 * shape.batch * shape.kvHeads
-        let workers = workerCount(threads: threads, items: items)
+        // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L]: 2·B·Hkv products, split into one
+        // contiguous group per worker. A group walks the sequence in blocks of KC positions
+        // and runs all its products on a block before the next, so each block of E and F is
+        // read from memory once per worker and then from L2 (E is 16 MiB at Nmax = 16K:
+        // reading it once per head would stream 256 MiB per call). Each product sums its
+        // blocks in order, as one GEMM call would: results do not depend on the grouping.
+        let products = 2 * shape.batch * shape.kvHeads
+        let workers = workerCount(threads: threads, items: products)
         let spaces = (0..<workers).map { _ in Gemm.Workspace() }
         defer { for space in spaces { space.deallocate() } }
         let perHead = projectionCount > 1
+        let block = Gemm.Blocking.standard.kc
         e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
         key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
             let eBase = UncheckedSendable(e.baseAddress!)
             let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
-            parallelForEach(items: items, threads: workers) { item, worker in
-                let isValue = item % 2 == 1
-                let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
-                let length = keyLengths?[b] ?? shape.keyLength
-                let projection = (isValue ? fBase.value : eBase.value) + (perHead ? hk * kProj * nmax : 0)
-                let source = isValue ? v : k
-                let target = isValue ? vOut : kOut
-                let width = isValue ? shape.valueDim : shape.headDim
-                Gemm.multiply(m: kProj, n: width, depth: length,
-                              a: MatrixOperand(base: projection, rowStride: nmax, columnStride: 1), packA: false,
-                              b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
-                                                       columnStride: source.strides[3])),
-                              c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
+            parallelForEach(items: workers, threads: workers) { group, worker in
+                let range = group * products / workers ..< (group + 1) * products / workers
+                let length = { (product: Int) in keyLengths?[product / 2 / shape.kvHeads] ?? shape.keyLength }
+                let longest = range.map(length).max() ?? 0
+                for start in stride(from: 0, to: max(longest, 1), by: block) {
+                    for product in range {
+                        let isValue = product % 2 == 1
+                        let b = product / 2 / shape.kvHeads, hk = product / 2 % shape.kvHeads
+                        let valid = length(product)
+                        guard start < valid || start == 0 else { continue }
+                        let projection = (isValue ? fBase.value : eBase.value) + (perHead ? hk * kProj * nmax : 0)
+                        let source = isValue ? v : k
+                        let target = isValue ? vOut : kOut
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        Gemm.multiply(m: kProj, n: width, depth: min(block, max(0, valid - start)),
+                                      a: MatrixOperand(base: projection + start, rowStride: nmax, columnStride: 1),
+                                      packA: false,
+                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0) + start * source.strides[2],
+                                                               rowStride: source.strides[2],
+                                                               columnStride: source.strides[3])),
+                                      c: target.row(b, hk, 0), ldc: width, accumulate: start > 0,
+                                      workspace: spaces[worker])
+                    }
+                }
             }
         } } } } } }
 
