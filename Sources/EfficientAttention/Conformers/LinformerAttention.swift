@@ -137,7 +137,7 @@ public struct LinformerAttention: Attention {
         let attention = 2 * Double(shape.batch * shape.heads * shape.queryLength) * k * widths
         let projectedBytes = shape.batch * shape.kvHeads * projectedLength
             * (shape.headDim + shape.valueDim) * MemoryLayout<Float>.stride
-        let gemmWorkers = workerCount(threads: threads, items: 2 * shape.batch * shape.kvHeads)
+        let gemmWorkers = workerCount(threads: threads, items: (projectedLength + MicroTile.mr - 1) / MicroTile.mr)
         return AttentionCost(
             flops: projection + attention,
             workspaceBytes: projectedBytes + gemmWorkers * Gemm.Workspace.byteCount()
@@ -156,30 +156,51 @@ public struct LinformerAttention: Attention {
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
         var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])
 
-        // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L], one work item per (b, hk, K or V).
-        let items = 2 * shape.batch * shape.kvHeads
-        let workers = workerCount(threads: threads, items: items)
+        // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L] for all 2·B·Hkv products. The k rows
+        // of E and F are split into one range per worker (whole MR-row panels); a worker
+        // walks the sequence in blocks of KC positions and runs every product on its rows
+        // of a block before the next, so each element of E and F is read from memory once
+        // per call and then from L2 (E is 16 MiB at Nmax = 16K: reading it once per head
+        // would stream 256 MiB per call). Each product sums its blocks in order, as one
+        // GEMM call would: results do not depend on the split.
+        let products = 2 * shape.batch * shape.kvHeads
+        let panels = (kProj + MicroTile.mr - 1) / MicroTile.mr
+        let workers = workerCount(threads: threads, items: panels)
         let spaces = (0..<workers).map { _ in Gemm.Workspace() }
         defer { for space in spaces { space.deallocate() } }
         let perHead = projectionCount > 1
+        let block = Gemm.Blocking.standard.kc
+        let longest = (0..<shape.batch).map { keyLengths?[$0] ?? shape.keyLength }.max() ?? 0
         e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
         key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
             let eBase = UncheckedSendable(e.baseAddress!)
             let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
-            parallelForEach(items: items, threads: workers) { item, worker in
-                let isValue = item % 2 == 1
-                let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
-                let length = keyLengths?[b] ?? shape.keyLength
-                let projection = (isValue ? fBase.value : eBase.value) + (perHead ? hk * kProj * nmax : 0)
-                let source = isValue ? v : k
-                let target = isValue ? vOut : kOut
-                let width = isValue ? shape.valueDim : shape.headDim
-                Gemm.multiply(m: kProj, n: width, depth: length,
-                              a: MatrixOperand(base: projection, rowStride: nmax, columnStride: 1), packA: false,
-                              b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
-                                                       columnStride: source.strides[3])),
-                              c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
+            parallelForEach(items: workers, threads: workers) { range, worker in
+                let firstRow = range * panels / workers * MicroTile.mr
+                let rows = min(kProj, (range + 1) * panels / workers * MicroTile.mr) - firstRow
+                guard rows > 0 else { return }
+                for start in stride(from: 0, to: max(longest, 1), by: block) {
+                    for product in 0..<products {
+                        let isValue = product % 2 == 1
+                        let b = product / 2 / shape.kvHeads, hk = product / 2 % shape.kvHeads
+                        let valid = keyLengths?[b] ?? shape.keyLength
+                        guard start < valid || start == 0 else { continue }
+                        let projection = (isValue ? fBase.value : eBase.value)
+                            + (perHead ? hk * kProj * nmax : 0) + firstRow * nmax
+                        let source = isValue ? v : k
+                        let target = isValue ? vOut : kOut
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        Gemm.multiply(m: rows, n: width, depth: min(block, max(0, valid - start)),
+                                      a: MatrixOperand(base: projection + start, rowStride: nmax, columnStride: 1),
+                                      packA: false,
+                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0) + start * source.strides[2],
+                                                               rowStride: source.strides[2],
+                                                               columnStride: source.strides[3])),
+                                      c: target.row(b, hk, firstRow), ldc: width, accumulate: start > 0,
+                                      workspace: spaces[worker])
+                    }
+                }
             }
         } } } } } }
 
