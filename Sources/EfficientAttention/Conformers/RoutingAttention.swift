@@ -174,10 +174,8 @@ public struct RoutingAttention: Attention {
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
-        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                             threads: threads, scale: self.scale)
         let threads = threads ?? defaultThreadCount
         let l = layout(shape)
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
