@@ -37,6 +37,7 @@ public enum AttentionBenchCommand {
                   + (fusedMultiplyAddEnabled ? "fused multiply-add (NativeCPU trait)." : "the portable path (no FMA)."))
             return
         }
+        if !options.freshPages { SteadyStateAllocator.enable() }
         let quiet = options.quiet
         let records: [BenchRecord]
         let notes: [SweepNote]
@@ -65,6 +66,7 @@ public enum AttentionBenchCommand {
                 printError("attention-bench: note: '\(note.variant)' is not available yet; nothing to run for it")
             }
         }
+        print(SteadyStateAllocator.description)
         print(ReportTable.render(records, notes: notes.map { ($0.variant, $0.note) },
                                  peaks: peaks.measured, fma: fusedMultiplyAddEnabled,
                                  bandwidths: bandwidths), terminator: "")

@@ -109,3 +109,35 @@ public final class HeapMeter: @unchecked Sendable {
         finished.signal()
     }
 }
+
+/// Puts glibc's allocator in the steady state of a long-running program before measuring.
+///
+/// By default glibc serves each allocation above its (dynamic, at most 32 MiB) mmap
+/// threshold with a fresh `mmap` and returns it with `munmap` on free, so a call whose
+/// output or scratch is that large pays a page fault per 4 KiB page on every call
+/// (about 3–5 ms per 32 MiB here) — a cost of the allocator, not of the kernel, and one
+/// that jumps at the threshold rather than growing with N. ``enable()`` sets
+/// `M_MMAP_MAX = 0` (every block comes from the heap) and raises `M_TRIM_THRESHOLD`
+/// (freed heap memory is kept), so repeated calls reuse pages already mapped, as a
+/// caching allocator would. `--fresh-pages` skips this and measures with glibc's defaults.
+/// Heap growth is still measured (`mallinfo2`'s `uordblks` then holds every block).
+public enum SteadyStateAllocator {
+    /// Whether ``enable()`` took effect in this process.
+    public private(set) nonisolated(unsafe) static var isEnabled = false
+
+    /// Applies the settings; a no-op where glibc's `mallopt` is unavailable.
+    public static func enable() {
+        #if canImport(Glibc)
+        let mmapOff = mallopt(M_MMAP_MAX, 0)
+        let keep = mallopt(M_TRIM_THRESHOLD, Int32.max)
+        isEnabled = mmapOff == 1 && keep == 1
+        #endif
+    }
+
+    /// One line for the report header.
+    public static var description: String {
+        isEnabled
+            ? "Allocator: steady state (glibc mmap off, freed memory kept: pages are reused across calls; --fresh-pages for glibc defaults)"
+            : "Allocator: system defaults (large blocks are mapped fresh on every call)"
+    }
+}

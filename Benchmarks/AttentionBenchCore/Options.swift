@@ -62,6 +62,8 @@ public struct BenchOptions: Equatable, Sendable {
     public var csvPath: String?
     public var chartsDirectory: String?
     public var quiet = false
+    /// Measure with the allocator's defaults instead of ``SteadyStateAllocator`` (`--fresh-pages`).
+    public var freshPages = false
     public var preset: Preset?
     public var list = false
     public var help = false
@@ -121,6 +123,7 @@ extension BenchOptions {
         OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
         OptionSpec(name: "cache-precision", value: "f32|f16|both", help: "decode: cache storage [f32]"),
         OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
+        OptionSpec(name: "fresh-pages", value: nil, help: "keep glibc's allocator defaults: large outputs and scratch are mmapped fresh (page faults) on every call"),
         OptionSpec(name: "preset", value: "lra|long", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped (see below)"),
         OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
         OptionSpec(name: "help", value: nil, help: "print this help and exit"),
@@ -231,6 +234,7 @@ extension BenchOptions {
 
         options.list = given["list"] != nil
         options.quiet = given["quiet"] != nil
+        options.freshPages = given["fresh-pages"] != nil
         if options.list { return options }
 
         if let text = given["preset"] {

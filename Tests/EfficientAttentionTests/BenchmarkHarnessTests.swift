@@ -38,7 +38,9 @@ import AttentionBenchCore
         let o = try BenchOptions.parse(["--seq=1K,2k,3000,1024", "--seq-k", "4K", "--batch", "1,2", "--heads=4,8",
                                         "--kv-heads", "1,2", "--dim", "32,64", "--threads", "all,1",
                                         "--repeat", "3", "--budget", "0.25", "--warmup", "0", "--seed", "7",
-                                        "--csv", "a.csv", "--charts", "dir", "--quiet"], cores: 2)
+                                        "--csv", "a.csv", "--charts", "dir", "--quiet", "--fresh-pages"], cores: 2)
+        let plain = try BenchOptions.parse([], cores: 2)
+        #expect(o.freshPages && !plain.freshPages)
         #expect(o.sequenceLengths == [1024, 2048, 3000])
         #expect(o.keyLength == 4096)
         #expect(o.batches == [1, 2] && o.heads == [4, 8] && o.kvHeads == [1, 2] && o.dims == [32, 64])
@@ -72,7 +74,7 @@ import AttentionBenchCore
         let help = BenchOptions.helpText()
         for option in ["--variants", "--seq", "--seq-k", "--batch", "--heads", "--kv-heads", "--dim", "--causal",
                        "--threads", "--repeat", "--budget", "--warmup", "--seed", "--json", "--csv", "--charts",
-                       "--quiet", "--preset", "--list", "--help"] + Parameter.allCases.map(\.flag) {
+                       "--quiet", "--fresh-pages", "--preset", "--list", "--help"] + Parameter.allCases.map(\.flag) {
             #expect(help.contains(option), "help lacks \(option)")
         }
     }

@@ -45,7 +45,7 @@ enum LinearAttentionScan {
     struct Workspace {
         let m: Int, mPad: Int, dv: Int
         let keyFeatures, queryFeatures, keyLogScale, queryLogScale, denominators, products,
-            packedState: UnsafeMutablePointer<Float>
+            packedState, sink: UnsafeMutablePointer<Float>
         let state: State
         let gemm: Gemm.Workspace
         private let block: UnsafeMutableRawPointer
@@ -53,7 +53,7 @@ enum LinearAttentionScan {
         static func floatCount(m: Int, dv: Int) -> Int {
             let mPad = roundUp(m, 16), rows = max(chunk, causalChunk)
             return 2 * rows * mPad + 3 * rows + causalChunk * causalChunk
-                + Gemm.PackedB.floatCount(depth: m, columns: dv) + State.floatCount(m: m, dv: dv) + 8 * 16
+                + Gemm.PackedB.floatCount(depth: m, columns: dv) + State.floatCount(m: m, dv: dv) + 10 * 16
         }
 
         static func byteCount(m: Int, dv: Int) -> Int {
@@ -82,6 +82,7 @@ enum LinearAttentionScan {
             products = take(LinearAttentionScan.causalChunk * LinearAttentionScan.causalChunk)
             packedState = take(Gemm.PackedB.floatCount(depth: m, columns: dv))
             state = State(s: take(m * dv), z: take(m), c: take(1))
+            sink = take(1)
             gemm = Gemm.Workspace()
         }
 
@@ -158,7 +159,14 @@ enum LinearAttentionScan {
     @inline(__always)
     static func keyFeatures<Map: FeatureMap>(_ map: Map, _ input: HeadInput, start: Int, count: Int, d: Int,
                                              space: Workspace, state: State) {
-        let k = input.k
+        let k = input.k, v = input.v
+        // The chunk's key and value rows are loaded first with independent loads, so that
+        // their cache misses overlap (out of cache the feature map's own loads would
+        // wait one after another behind its exponentials, and the GEMM's behind its FMAs).
+        touchRows(k.row(input.b, input.hk, start), count: count, rowStride: k.strides[2],
+                  length: d &* k.strides[3], sink: space.sink)
+        touchRows(v.row(input.b, input.hk, start), count: count, rowStride: v.strides[2],
+                  length: space.dv &* v.strides[3], sink: space.sink)
         map.apply(k.row(input.b, input.hk, start), rows: count, rowStride: k.strides[2], columnStride: k.strides[3],
                   headDim: d, output: space.keyFeatures, outputStride: space.mPad, logScale: space.keyLogScale)
         var top = -Float.infinity
@@ -186,7 +194,13 @@ enum LinearAttentionScan {
     @inline(__always)
     static func queryFeatures<Map: FeatureMap>(_ map: Map, _ input: HeadInput, start: Int, count: Int, d: Int,
                                                space: Workspace) {
-        let q = input.q
+        let q = input.q, o = input.o
+        // The chunk's query rows, and the output rows the GEMM is about to write, loaded
+        // first for the reason given in `keyFeatures`.
+        touchRows(q.row(input.b, input.h, start), count: count, rowStride: q.strides[2],
+                  length: d &* q.strides[3], sink: space.sink)
+        touchRows(o.row(input.b, input.h, start), count: count, rowStride: o.strides[2],
+                  length: space.dv &* o.strides[3], sink: space.sink)
         map.apply(q.row(input.b, input.h, start), rows: count, rowStride: q.strides[2], columnStride: q.strides[3],
                   headDim: d, output: space.queryFeatures, outputStride: space.mPad, logScale: space.queryLogScale)
     }
