@@ -78,12 +78,46 @@ enum GroupedAttention {
     /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
     static let slotPadding = 32
 
-    /// Bytes of ``Workspace`` (with `threads` workers) plus the kernel's workspace.
-    static func workspaceBytes(_ layout: Layout, threads: Int?) -> Int {
-        let workers = workerCount(threads: threads, items: layout.blocks)
-        return Workspace.byteCount(layout, workers: workers)
+    /// How `threads` split between heads and the blocks of one head: `outer` workers each
+    /// take whole heads (the `heads` = B·H work items, one head's workspace per worker), and
+    /// every head runs its phases on `inner` threads. With at least as many heads as
+    /// threads, heads run side by side on one thread each (no synchronisation inside a
+    /// head, every phase parallel); a single head uses every thread inside it. A head's
+    /// result does not depend on `inner`, so the output is the same for any split.
+    static func split(heads: Int, threads: Int) -> (outer: Int, inner: Int) {
+        let outer = max(1, min(threads, heads))
+        return (outer, max(1, threads / outer))
+    }
+
+    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:)``; `heads` is
+    /// B·H) plus the kernel's workspace of each of their block workers.
+    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?) -> Int {
+        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount)
+        let workers = workerCount(threads: inner, items: layout.blocks)
+        return outer * (Workspace.byteCount(layout, workers: workers)
             + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
-                                                             queryTile: layout.queryTile)
+                                                             queryTile: layout.queryTile))
+    }
+
+    /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
+    /// items of `outer` workers (``split(heads:threads:)``), each with its own ``Workspace``
+    /// and conformer scratch (`makeScratch(inner)`, released by `release`), and `body` runs
+    /// the head's phases on `inner` threads.
+    static func forEachHead<Scratch>(
+        batch: Int, heads: Int, threads: Int, layout l: Layout,
+        makeScratch: (_ inner: Int) -> Scratch, release: (Scratch) -> Void,
+        _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
+    ) {
+        let (outer, inner) = split(heads: batch * heads, threads: threads)
+        let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.blocks)) }
+        let scratches = (0..<outer).map { _ in makeScratch(inner) }
+        defer {
+            for space in spaces { space.deallocate() }
+            for scratch in scratches { release(scratch) }
+        }
+        parallelForEach(items: batch * heads, threads: outer) { item, worker in
+            body(item / heads, item % heads, inner, spaces[worker], scratches[worker])
+        }
     }
 
     /// One head's slot arrays and sorted outputs, and each worker's gathered block, in one
