@@ -161,13 +161,21 @@ public struct LSHAttention: Attention {
         let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
         let heads = shape.batch * shape.heads
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount)
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
+                                                    bytesPerHead: headBytes(shape, layout, half: half))
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads)
+                             workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
+                                                                             bytesPerHead: headBytes(shape, layout, half: half))
                                  + outer * Scratch.byteCount(shape, hashes: hashes, half: half, workers: inner),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, half: Int) -> Int {
+        GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
+                                   scratchBytes: Scratch.byteCount(shape, hashes: hashes, half: half, workers: 1))
     }
 
     /// Query/key pairs one round examines: each chunk against itself and its predecessor.
@@ -242,6 +250,7 @@ public struct LSHAttention: Attention {
             // phases on `inner` threads.
             GroupedAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
+                bytesPerHead: headBytes(shape, layout, half: half),
                 makeScratch: { Scratch(shape, hashes: hashes, half: half, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in

@@ -117,11 +117,19 @@ public struct RoutingAttention: Attention {
         let heads = shape.batch * shape.heads
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(shape.queryLength + shape.keyLength) * Double(k * shape.headDim))
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount)
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
+                                                    bytesPerHead: headBytes(l, keyLength: shape.keyLength))
         return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(l, heads: heads, threads: threads)
+                             workspaceBytes: GroupedAttention.workspaceBytes(l, heads: heads, threads: threads,
+                                                                             bytesPerHead: headBytes(l, keyLength: shape.keyLength))
                                  + outer * Router.byteCount(l, keyLength: shape.keyLength, workers: inner),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    private func headBytes(_ l: GroupedAttention.Layout, keyLength: Int) -> Int {
+        GroupedAttention.headBytes(l, keyLength: keyLength,
+                                   scratchBytes: Router.byteCount(l, keyLength: keyLength, workers: 1))
     }
 
     /// The members of every cluster, ascending: `query[(b·H + h)·K + c]` lists the original
@@ -186,6 +194,7 @@ public struct RoutingAttention: Attention {
             // phases on `inner` threads.
             GroupedAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: l,
+                bytesPerHead: headBytes(l, keyLength: shape.keyLength),
                 makeScratch: { Router(l, keyLength: shape.keyLength, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, router in
@@ -363,7 +372,12 @@ public struct RoutingAttention: Attention {
             while i + 16 <= count {
                 let passed = load16(scores + i) .>= bound
                 if any(passed) {
-                    var mask = SIMD16<Int32>().replacing(with: bits, where: passed).wrappedSum()
+                    // The lanes' bits, or-reduced in halves (a short vector tree, no lane extracts).
+                    let m16 = SIMD16<Int32>().replacing(with: bits, where: passed)
+                    let m8 = m16.lowHalf | m16.highHalf
+                    let m4 = m8.lowHalf | m8.highHalf
+                    let m2 = m4.lowHalf | m4.highHalf
+                    var mask = m2[0] | m2[1]
                     while mask != 0 {
                         let t = i &+ Int(mask.trailingZeroBitCount)
                         values[found] = scores[t]

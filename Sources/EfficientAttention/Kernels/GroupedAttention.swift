@@ -78,21 +78,33 @@ enum GroupedAttention {
     /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
     static let slotPadding = 32
 
+    /// The last-level cache the head workers share (Zen 5: 32 MiB L3; data, in one place).
+    static let sharedCacheBytes = 32 << 20
+
     /// How `threads` split between heads and the blocks of one head: `outer` workers each
     /// take whole heads (the `heads` = B·H work items, one head's workspace per worker), and
-    /// every head runs its phases on `inner` threads. With at least as many heads as
-    /// threads, heads run side by side on one thread each (no synchronisation inside a
-    /// head, every phase parallel); a single head uses every thread inside it. A head's
-    /// result does not depend on `inner`, so the output is the same for any split.
-    static func split(heads: Int, threads: Int) -> (outer: Int, inner: Int) {
-        let outer = max(1, min(threads, heads))
+    /// every head runs its phases on `inner` threads. Heads run side by side on one thread
+    /// each (no synchronisation inside a head, every phase parallel) while the heads in
+    /// flight, `bytesPerHead` each (``headBytes(_:keyLength:scratchBytes:)``), fit in the
+    /// shared cache; otherwise (long sequences) fewer heads at a time, each on more threads,
+    /// whose blocks are then plentiful. A head's result does not depend on `inner`, so the
+    /// output is the same for any split.
+    static func split(heads: Int, threads: Int, bytesPerHead: Int) -> (outer: Int, inner: Int) {
+        var outer = max(1, min(threads, heads))
+        while outer > 1 && outer * bytesPerHead > sharedCacheBytes { outer -= 1 }
         return (outer, max(1, threads / outer))
     }
 
-    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:)``; `heads` is
-    /// B·H) plus the kernel's workspace of each of their block workers.
-    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?) -> Int {
-        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount)
+    /// The memory one head touches: its rows of q, k, v and the output, one ``Workspace``
+    /// and the conformer's `scratchBytes`.
+    static func headBytes(_ l: Layout, keyLength: Int, scratchBytes: Int) -> Int {
+        4 * (l.queryLength + keyLength) * (l.headDim + l.valueDim) + Workspace.byteCount(l, workers: 1) + scratchBytes
+    }
+
+    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
+    /// `heads` is B·H) plus the kernel's workspace of each of their block workers.
+    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int) -> Int {
+        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead)
         let workers = workerCount(threads: inner, items: layout.blocks)
         return outer * (Workspace.byteCount(layout, workers: workers)
             + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
@@ -100,15 +112,15 @@ enum GroupedAttention {
     }
 
     /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
-    /// items of `outer` workers (``split(heads:threads:)``), each with its own ``Workspace``
-    /// and conformer scratch (`makeScratch(inner)`, released by `release`), and `body` runs
-    /// the head's phases on `inner` threads.
+    /// items of `outer` workers (``split(heads:threads:bytesPerHead:)``), each with its own
+    /// ``Workspace`` and conformer scratch (`makeScratch(inner)`, released by `release`), and
+    /// `body` runs the head's phases on `inner` threads.
     static func forEachHead<Scratch>(
-        batch: Int, heads: Int, threads: Int, layout l: Layout,
+        batch: Int, heads: Int, threads: Int, layout l: Layout, bytesPerHead: Int,
         makeScratch: (_ inner: Int) -> Scratch, release: (Scratch) -> Void,
         _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
     ) {
-        let (outer, inner) = split(heads: batch * heads, threads: threads)
+        let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead)
         let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.blocks)) }
         let scratches = (0..<outer).map { _ in makeScratch(inner) }
         defer {
