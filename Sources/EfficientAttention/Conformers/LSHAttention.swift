@@ -34,7 +34,8 @@
 ///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
 ///   attention plus `hashes · N · D · nBuckets` FLOPs of hashing (twice with separate
-///   keys); workspace O(N · (D + Dv)) for one round of one head at a time.
+///   keys); workspace O(N · (D + Dv)) for one round of each head in flight (one per thread
+///   while they fit in the L3, else one).
 public struct LSHAttention: Attention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int

@@ -22,13 +22,14 @@
 /// mean of the normalised queries and keys nearest to each (mini-batch k-means).
 ///
 /// The work runs on ``GroupedAttention``: routing scores are a small GEMM on the
-/// micro-kernel (`C · X̂ᵀ`, eight clusters at a time), selection is a quickselect per
-/// cluster, and each cluster attends with the tiled softmax kernel (a query tile per
+/// micro-kernel (`C · X̂ᵀ`, eight clusters at a time), selection is a sampled threshold, a
+/// vector scan for candidates and a quickselect on them per cluster, and each cluster attends with the tiled softmax kernel (a query tile per
 /// cluster, the cluster's keys as key tiles, no masking unless causal or padded).
 ///
 /// - Complexity: per head, `K · wq · wk · 2 · (D + Dv)` FLOPs of attention (about
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
-///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) for one head at a time.
+///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) per head in flight (one
+///   per thread while they fit in the L3, else one).
 public struct RoutingAttention: Attention {
     /// `[1, H, K, D]`, finite.
     public private(set) var centroids: Tensor

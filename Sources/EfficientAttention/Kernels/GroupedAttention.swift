@@ -22,9 +22,14 @@
 ///     `sharedKeys` a query whose key is valid falls back to itself after the last round
 ///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R = scale · |q_i| + log R
 ///
-/// Workspace: O(Nq · Dv + Nq + Nk) for one round of one head (slot arrays, sorted outputs)
-/// plus about 1 MiB of gathered rows per worker (see ``workspaceBytes(_:threads:)``);
-/// rounds merge into the output rows, so memory does not grow with `R`.
+/// Heads are work items of head workers (``forEachHead``), one head per thread while the
+/// heads in flight fit in the shared cache, else one head at a time on every thread
+/// (``split(heads:threads:bytesPerHead:)``); a head's result never depends on the split.
+///
+/// Workspace: O(Nq · Dv + Nq + Nk) for one round of each head in flight (slot arrays, sorted
+/// outputs) plus about 1 MiB of gathered rows per block worker (see
+/// ``workspaceBytes(_:heads:threads:bytesPerHead:)``); rounds merge into the output rows, so
+/// memory does not grow with `R`.
 enum GroupedAttention {
     /// How several results of one query combine.
     enum Combine {
