@@ -211,6 +211,11 @@ struct LSHAttentionTests {
         let one = try lsh.attend(query: q, key: k, value: v, threads: 1)
         let two = try lsh.attend(query: q, key: k, value: v, threads: 2)
         expectBitwiseEqual(one, two, "lsh threads 1 vs 2")
+        // One head: the threads share its blocks instead of taking heads.
+        let (q1, k1, v1) = try randomQKV(batch: 1, heads: 1, queryLength: 2100, headDim: 16, seed: 4)
+        let single = LSHAttention(bucketSize: 32, hashes: 2, seed: 5)
+        expectBitwiseEqual(try single.attend(query: q1, key: k1, value: v1, threads: 1),
+                           try single.attend(query: q1, key: k1, value: v1, threads: 2), "lsh one head, threads 1 vs 2")
         let shape = try AttentionShape(query: q, key: k, value: v)
         var explicit = lsh
         explicit.rotations = try lsh.rotations(for: shape)

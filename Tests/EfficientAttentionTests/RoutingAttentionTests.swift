@@ -202,6 +202,11 @@ struct RoutingAttentionTests {
         let routing = try RoutingAttention(heads: 3, headDim: 40, clusters: 5, causal: true, seed: 17)
         let one = try routing.attend(query: q, key: k, value: v, threads: 1)
         expectBitwiseEqual(one, try routing.attend(query: q, key: k, value: v, threads: 2), "routing threads 1 vs 2")
+        // One head: the threads share its blocks instead of taking heads.
+        let (q1, k1, v1) = try randomQKV(batch: 1, heads: 1, queryLength: 1500, keyLength: 1500, headDim: 16, seed: 4)
+        let single = try RoutingAttention(heads: 1, headDim: 16, clusters: 20, seed: 5)
+        expectBitwiseEqual(try single.attend(query: q1, key: k1, value: v1, threads: 1),
+                           try single.attend(query: q1, key: k1, value: v1, threads: 2), "routing one head, threads 1 vs 2")
         let explicit = try RoutingAttention(centroids: routing.centroids, causal: true)
         expectBitwiseEqual(one, try explicit.attend(query: q, key: k, value: v, threads: 2), "explicit centroids")
     }

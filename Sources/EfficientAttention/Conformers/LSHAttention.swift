@@ -34,7 +34,8 @@
 ///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
 ///   attention plus `hashes · N · D · nBuckets` FLOPs of hashing (twice with separate
-///   keys); workspace O(N · (D + Dv)) for one round of one head at a time.
+///   keys); workspace O(N · (D + Dv)) for one round of each head in flight (one per thread
+///   while they fit in the L3, else one).
 public struct LSHAttention: Attention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
@@ -161,12 +162,21 @@ public struct LSHAttention: Attention {
         let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
         let heads = shape.batch * shape.heads
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
+                                                    bytesPerHead: headBytes(shape, layout, half: half))
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(layout, threads: threads)
-                                 + Scratch.byteCount(shape, hashes: hashes, half: half, workers: workers(threads)),
+                             workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
+                                                                             bytesPerHead: headBytes(shape, layout, half: half))
+                                 + outer * Scratch.byteCount(shape, hashes: hashes, half: half, workers: inner),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, half: Int) -> Int {
+        GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
+                                   scratchBytes: Scratch.byteCount(shape, hashes: hashes, half: half, workers: 1))
     }
 
     /// Query/key pairs one round examines: each chunk against itself and its predecessor.
@@ -180,8 +190,6 @@ public struct LSHAttention: Attention {
         }
         return pairs
     }
-
-    private func workers(_ threads: Int?) -> Int { max(1, threads ?? defaultThreadCount) }
 
     private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, half: Int) {
         let n = shape.queryLength
@@ -235,14 +243,18 @@ public struct LSHAttention: Attention {
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
-        let space = GroupedAttention.Workspace(layout, workers: workerCount(threads: threads, items: layout.blocks))
-        let scratch = Scratch(shape, hashes: hashes, half: half, workers: threads)
-        defer { space.deallocate(); scratch.deallocate() }
         let rowBlock = 256, rowBlocks = (n + rowBlock - 1) / rowBlock
 
         query.withView { q in key.withView { k in value.withView { v in rotations.withView { rot in
         output.withMutableView { o in lse.withMutableView { l in
-            for b in 0..<shape.batch { for h in 0..<shape.heads {
+            // Heads side by side (one workspace and scratch per head worker), each head's
+            // phases on `inner` threads.
+            GroupedAttention.forEachHead(
+                batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
+                bytesPerHead: headBytes(shape, layout, half: half),
+                makeScratch: { Scratch(shape, hashes: hashes, half: half, workers: $0) },
+                release: { $0.deallocate() }
+            ) { b, h, inner, space, scratch in
                 let hk = h / shape.groupSize
                 let queries = GroupedAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
@@ -250,19 +262,19 @@ public struct LSHAttention: Attention {
                 if given != nil {
                     scratch.packRotations(rot, head: h, hashes: hashes, d: d)
                 } else {
-                    parallelForEach(items: hashes, threads: threads) { r, _ in
+                    parallelForEach(items: hashes, threads: inner) { r, _ in
                         LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
                                                     half: half, into: scratch.rotations + r * d * scratch.halfPad,
                                                     ld: scratch.halfPad)
                     }
                 }
                 // Transpose, then hash by rounds and blocks of rows.
-                parallelForEach(items: rowBlocks, threads: threads) { item, _ in
+                parallelForEach(items: rowBlocks, threads: inner) { item, _ in
                     let start = item * rowBlock, count = min(rowBlock, n - start)
                     scratch.transpose(queries, start: start, count: count, into: scratch.queriesT)
                     if !sharedQK { scratch.transpose(keys, start: start, count: count, into: scratch.keysT) }
                 }
-                parallelForEach(items: hashes * rowBlocks, threads: threads) { item, worker in
+                parallelForEach(items: hashes * rowBlocks, threads: inner) { item, worker in
                     let r = item / rowBlocks, start = item % rowBlocks * rowBlock
                     let count = min(rowBlock, n - start)
                     scratch.hash(scratch.queriesT, start: start, count: count, round: r, worker: worker,
@@ -274,7 +286,7 @@ public struct LSHAttention: Attention {
                 }
                 for r in 0..<hashes {
                     // Sort by (bucket, position), then attend and merge this round.
-                    parallelForEach(items: sharedQK ? 1 : 2, threads: threads) { side, worker in
+                    parallelForEach(items: sharedQK ? 1 : 2, threads: inner) { side, worker in
                         if side == 0 {
                             scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
                                          positions: space.queryPosition, buckets: space.queryBucket)
@@ -288,11 +300,11 @@ public struct LSHAttention: Attention {
                         space.keyBucket.update(from: space.queryBucket, count: n)
                     }
                     GroupedAttention.attendRound(
-                        layout, round: r, space: space, scale: scale, threads: threads,
+                        layout, round: r, space: space, scale: scale, threads: inner,
                         query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
                         keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
-            } }
+            }
         } } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
@@ -302,7 +314,7 @@ public struct LSHAttention: Attention {
     struct Scratch {
         let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
         let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
-        let queriesT, keysT: UnsafeMutablePointer<Float>  // [D][stride]
+        let queriesT, keysT: UnsafeMutablePointer<Float>  // packed panels [N / NR][D][NR] (≤ D · stride)
         let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
@@ -355,8 +367,7 @@ public struct LSHAttention: Attention {
 
         /// Transposes rows `start..<start + count` of `rows` into `target` (`queriesT` or `keysT`).
         func transpose(_ rows: GroupedAttention.Rows, start: Int, count: Int, into target: UnsafeMutablePointer<Float>) {
-            TransposedRows.pack(rows, start: start, count: count, depth: d, normalise: false, into: target, ld: stride)
-            if start + count == n { TransposedRows.clearTail(target, n: n, depth: d, ld: stride) }
+            TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: target, n: n)
         }
 
         /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
@@ -371,7 +382,7 @@ public struct LSHAttention: Attention {
                 for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
                     let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad,
                                              rows: min(MicroTile.mr, half - first))
-                    microKernel(depth: d, a: a, b: transposed + panel, ldb: stride,
+                    microKernel(depth: d, a: a, b: transposed + panel * d, ldb: MicroTile.nr,
                                 c: tile + first * MicroTile.nr, ldc: MicroTile.nr, update: .overwrite)
                 }
                 for lane in Swift.stride(from: 0, to: MicroTile.nr, by: 16) {

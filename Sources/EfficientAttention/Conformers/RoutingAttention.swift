@@ -22,13 +22,14 @@
 /// mean of the normalised queries and keys nearest to each (mini-batch k-means).
 ///
 /// The work runs on ``GroupedAttention``: routing scores are a small GEMM on the
-/// micro-kernel (`C · X̂ᵀ`, eight clusters at a time), selection is a quickselect per
-/// cluster, and each cluster attends with the tiled softmax kernel (a query tile per
+/// micro-kernel (`C · X̂ᵀ`, eight clusters at a time), selection is a sampled threshold, a
+/// vector scan for candidates and a quickselect on them per cluster, and each cluster attends with the tiled softmax kernel (a query tile per
 /// cluster, the cluster's keys as key tiles, no masking unless causal or padded).
 ///
 /// - Complexity: per head, `K · wq · wk · 2 · (D + Dv)` FLOPs of attention (about
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
-///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) for one head at a time.
+///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) per head in flight (one
+///   per thread while they fit in the L3, else one).
 public struct RoutingAttention: Attention {
     /// `[1, H, K, D]`, finite.
     public private(set) var centroids: Tensor
@@ -117,11 +118,19 @@ public struct RoutingAttention: Attention {
         let heads = shape.batch * shape.heads
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(shape.queryLength + shape.keyLength) * Double(k * shape.headDim))
-        let workers = max(1, threads ?? defaultThreadCount)
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
+                                                    bytesPerHead: headBytes(l, keyLength: shape.keyLength))
         return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(l, threads: threads)
-                                 + Router.byteCount(l, keyLength: shape.keyLength, workers: workers),
+                             workspaceBytes: GroupedAttention.workspaceBytes(l, heads: heads, threads: threads,
+                                                                             bytesPerHead: headBytes(l, keyLength: shape.keyLength))
+                                 + outer * Router.byteCount(l, keyLength: shape.keyLength, workers: inner),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    private func headBytes(_ l: GroupedAttention.Layout, keyLength: Int) -> Int {
+        GroupedAttention.headBytes(l, keyLength: keyLength,
+                                   scratchBytes: Router.byteCount(l, keyLength: keyLength, workers: 1))
     }
 
     /// The members of every cluster, ascending: `query[(b·H + h)·K + c]` lists the original
@@ -180,20 +189,24 @@ public struct RoutingAttention: Attention {
         let l = layout(shape)
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let space = GroupedAttention.Workspace(l, workers: workerCount(threads: threads, items: l.blocks))
-        let router = Router(l, keyLength: shape.keyLength, workers: threads)
-        defer { space.deallocate(); router.deallocate() }
         query.withView { q in key.withView { k in value.withView { v in centroids.withView { c in
         output.withMutableView { o in lse.withMutableView { lv in
-            for b in 0..<shape.batch { for h in 0..<shape.heads {
-                _ = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c, b: b, h: h, into: space)
+            // Heads side by side (one workspace and router per head worker), each head's
+            // phases on `inner` threads.
+            GroupedAttention.forEachHead(
+                batch: shape.batch, heads: shape.heads, threads: threads, layout: l,
+                bytesPerHead: headBytes(l, keyLength: shape.keyLength),
+                makeScratch: { Router(l, keyLength: shape.keyLength, workers: $0) },
+                release: { $0.deallocate() }
+            ) { b, h, inner, space, router in
+                _ = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h, into: space)
                 let hk = h / shape.groupSize
                 GroupedAttention.attendRound(
-                    l, round: 0, space: space, scale: scale, threads: threads,
+                    l, round: 0, space: space, scale: scale, threads: inner,
                     query: GroupedAttention.Rows(view: q, b: b, h: h), key: GroupedAttention.Rows(view: k, b: b, h: hk),
                     value: GroupedAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
                     output: o, lse: lv, b: b, h: h)
-            } }
+            }
         } } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
@@ -243,7 +256,7 @@ public struct RoutingAttention: Attention {
     /// (`MR × N`) and selection buffers, and slot positions for ``routes(query:key:)``.
     struct Router {
         let d: Int, stride: Int
-        let unitT: UnsafeMutablePointer<Float>       // [D][stride]
+        let unitT: UnsafeMutablePointer<Float>       // packed panels: [N / NR][D][NR]
         let tiles: UnsafeMutablePointer<Float>       // [workers][MR][stride]
         let copies: UnsafeMutablePointer<Float>      // [workers][stride] values, then [workers][stride] indices
         let tilesCount: Int
@@ -253,7 +266,7 @@ public struct RoutingAttention: Attention {
         private static func counts(_ l: GroupedAttention.Layout, keyLength: Int, workers: Int)
             -> (floats: Int, ints: Int) {
             let stride = TransposedRows.stride(max(l.queryLength, keyLength))
-            return (stride * (l.headDim + workers * (MicroTile.mr + 2)), l.querySlots + l.keySlots)
+            return (stride * (l.headDim + workers * (MicroTile.mr + 2)), l.querySlots + l.keySlots)   // unitT ≤ D · stride
         }
 
         /// Bytes for `l` with `workers`; ``routes(query:key:)`` alone uses the slot arrays.
@@ -277,10 +290,10 @@ public struct RoutingAttention: Attention {
 
         func deallocate() { block.deallocate() }
 
-        /// `unitT[c][i] = x_i[c] / |x_i|` for rows `start..<start + count`; columns `n..<stride` zero.
+        /// `x_i / |x_i|` for rows `start..<start + count` (`start` a multiple of `NR`) into
+        /// `unitT` as packed `NR`-position panels; lanes past position `n − 1` zero.
         func packUnit(_ rows: GroupedAttention.Rows, start: Int, count: Int, n: Int) {
-            TransposedRows.pack(rows, start: start, count: count, depth: d, normalise: true, into: unitT, ld: stride)
-            if start + count == n { TransposedRows.clearTail(unitT, n: n, depth: d, ld: stride) }
+            TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: true, into: unitT, n: n)
         }
 
         /// Scores of `clusters` centroids from `firstCluster` against the `n` packed rows, then
@@ -291,7 +304,7 @@ public struct RoutingAttention: Attention {
             let a = BroadcastOperand(base: centroids.row(0, head, firstCluster), rowStride: centroids.strides[2],
                                      depthStride: centroids.strides[3], rows: clusters)
             for panel in Swift.stride(from: 0, to: roundUp(n, MicroTile.nr), by: MicroTile.nr) {
-                microKernel(depth: d, a: a, b: unitT + panel, ldb: stride, c: tile + panel, ldc: stride,
+                microKernel(depth: d, a: a, b: unitT + panel * d, ldb: MicroTile.nr, c: tile + panel, ldc: stride,
                             update: .overwrite)
             }
             let values = copies + worker * stride
@@ -304,35 +317,25 @@ public struct RoutingAttention: Attention {
         }
 
         /// The `take` largest of `scores[0..<count]` (ties: smaller index first; NaN counts as
-        /// −∞), as ascending indices. A strided sample gives a threshold that about `1.5 · take`
-        /// scores pass; the selection then runs on those candidates only (on all scores when
-        /// fewer than `take` pass). `values` and `indices` hold `count` entries.
+        /// −∞), as ascending indices. A strided sample of 512 scores gives a threshold that
+        /// about `1.25 · take` scores pass; a vector scan collects those candidates (the set
+        /// bits of each 16-score comparison mask) and the selection runs on them only. Too
+        /// few candidates lower the threshold (a larger sample rank), down to all scores.
+        /// `values` and `indices` hold `count` entries.
         static func top(_ scores: UnsafePointer<Float>, count: Int, take: Int,
                         values: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>,
                         into out: UnsafeMutablePointer<Int32>) {
             var candidates = 0
             if count >= 2048 && 4 * take <= count {
                 let step = count / 512, samples = count / step
-                for t in 0..<samples { values[t] = scores[t * step].isNaN ? -.infinity : scores[t * step] }
-                let rank = min(samples - 1, take * samples * 3 / (2 * count) + 6)
-                let low = kthLargest(values, count: samples, k: rank)
-                if low > -.infinity {
-                    // Sixteen scores at a time; most blocks hold no candidate.
-                    let bound = Vec16(repeating: low)
-                    var i = 0
-                    while i < count {
-                        if i + 16 <= count && !any(load16(scores + i) .>= bound) {
-                            i += 16
-                            continue
-                        }
-                        for t in i..<min(count, i + 16) {
-                            // Branch-free: write every score, advance only past candidates.
-                            values[candidates] = scores[t]
-                            indices[candidates] = Int32(truncatingIfNeeded: t)
-                            candidates += scores[t] >= low ? 1 : 0
-                        }
-                        i += 16
-                    }
+                var rank = min(samples - 1, take * samples * 5 / (4 * count) + 3)
+                while true {
+                    for t in 0..<samples { values[t] = scores[t * step].isNaN ? -.infinity : scores[t * step] }
+                    let low = kthLargest(values, count: samples, k: rank)
+                    guard low > -.infinity else { break }
+                    candidates = collect(scores, count: count, atLeast: low, values: values, indices: indices)
+                    if candidates >= take || rank == samples - 1 { break }
+                    rank = min(samples - 1, 2 * rank + 4)
                 }
             }
             if candidates < take {
@@ -358,26 +361,80 @@ public struct RoutingAttention: Attention {
             }
         }
 
-        /// The `k`-th largest value (0-based) of `a[0..<count]`, reordering `a` (quickselect,
-        /// median-of-three pivots). `a` holds no NaN.
-        static func kthLargest(_ a: UnsafeMutablePointer<Float>, count: Int, k: Int) -> Float {
-            var lo = 0, hi = count - 1
-            while lo < hi {
-                let x = a[lo], y = a[(lo + hi) / 2], z = a[hi]
-                let pivot = max(min(x, y), min(max(x, y), z))
-                var i = lo, j = hi
-                while i <= j {
-                    while a[i] > pivot { i += 1 }
-                    while a[j] < pivot { j -= 1 }
-                    if i <= j {
-                        let t = a[i]; a[i] = a[j]; a[j] = t
-                        i += 1
-                        j -= 1
+        /// Writes the scores `>= low` (and their indices, ascending) to `values` and
+        /// `indices`; returns how many. Sixteen scores per comparison; only the set bits of
+        /// a comparison's mask are visited.
+        @inline(__always)
+        static func collect(_ scores: UnsafePointer<Float>, count: Int, atLeast low: Float,
+                            values: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>) -> Int {
+            let bound = Vec16(repeating: low)
+            let bits = SIMD16<Int32>(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+            var found = 0, i = 0
+            while i + 16 <= count {
+                let passed = load16(scores + i) .>= bound
+                if any(passed) {
+                    // The lanes' bits, or-reduced in halves (a short vector tree, no lane extracts).
+                    let m16 = SIMD16<Int32>().replacing(with: bits, where: passed)
+                    let m8 = m16.lowHalf | m16.highHalf
+                    let m4 = m8.lowHalf | m8.highHalf
+                    let m2 = m4.lowHalf | m4.highHalf
+                    var mask = m2[0] | m2[1]
+                    while mask != 0 {
+                        let t = i &+ Int(mask.trailingZeroBitCount)
+                        values[found] = scores[t]
+                        indices[found] = Int32(truncatingIfNeeded: t)
+                        found &+= 1
+                        mask &= mask &- 1
                     }
                 }
-                if k <= j { hi = j } else if k >= i { lo = i } else { return a[k] }
+                i += 16
             }
-            return a[lo]
+            while i < count {
+                if scores[i] >= low {
+                    values[found] = scores[i]
+                    indices[found] = Int32(truncatingIfNeeded: i)
+                    found += 1
+                }
+                i += 1
+            }
+            return found
+        }
+
+        /// The `k`-th largest value (0-based) of `a[0..<count]`, reordering `a` (quickselect
+        /// with median-of-three pivots and branch-free partitions: the larger values to the
+        /// front, then the values equal to the pivot, which ends the search when `k` falls
+        /// among them, so equal values cost no extra rounds). `a` holds no NaN.
+        static func kthLargest(_ a: UnsafeMutablePointer<Float>, count: Int, k: Int) -> Float {
+            var lo = 0, hi = count, k = k
+            while hi - lo > 1 {
+                let x = a[lo], y = a[(lo + hi) / 2], z = a[hi - 1]
+                let pivot = max(min(x, y), min(max(x, y), z))
+                let greater = partition(a, lo, hi) { $0 > pivot }
+                if k < greater - lo {
+                    hi = greater
+                    continue
+                }
+                let equal = partition(a, greater, hi) { $0 == pivot }
+                if k < equal - lo { return pivot }
+                k -= equal - lo
+                lo = equal
+            }
+            return a[lo + k]
+        }
+
+        /// Moves the values of `a[lo..<hi]` that satisfy `front` to the front (branch-free);
+        /// returns the end of that run.
+        @inline(__always)
+        static func partition(_ a: UnsafeMutablePointer<Float>, _ lo: Int, _ hi: Int,
+                              _ front: (Float) -> Bool) -> Int {
+            var store = lo
+            for i in lo..<hi {
+                let value = a[i]
+                a[i] = a[store]
+                a[store] = value
+                store &+= front(value) ? 1 : 0
+            }
+            return store
         }
     }
 }

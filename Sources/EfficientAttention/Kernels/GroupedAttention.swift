@@ -22,9 +22,14 @@
 ///     `sharedKeys` a query whose key is valid falls back to itself after the last round
 ///     (the self rule): o_i = v_i, lse_i = scale · q_i·k_i + log R = scale · |q_i| + log R
 ///
-/// Workspace: O(Nq · Dv + Nq + Nk) for one round of one head (slot arrays, sorted outputs)
-/// plus about 1 MiB of gathered rows per worker (see ``workspaceBytes(_:threads:)``);
-/// rounds merge into the output rows, so memory does not grow with `R`.
+/// Heads are work items of head workers (``forEachHead``), one head per thread while the
+/// heads in flight fit in the shared cache, else one head at a time on every thread
+/// (``split(heads:threads:bytesPerHead:)``); a head's result never depends on the split.
+///
+/// Workspace: O(Nq · Dv + Nq + Nk) for one round of each head in flight (slot arrays, sorted
+/// outputs) plus about 1 MiB of gathered rows per block worker (see
+/// ``workspaceBytes(_:heads:threads:bytesPerHead:)``); rounds merge into the output rows, so
+/// memory does not grow with `R`.
 enum GroupedAttention {
     /// How several results of one query combine.
     enum Combine {
@@ -78,12 +83,58 @@ enum GroupedAttention {
     /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
     static let slotPadding = 32
 
-    /// Bytes of ``Workspace`` (with `threads` workers) plus the kernel's workspace.
-    static func workspaceBytes(_ layout: Layout, threads: Int?) -> Int {
-        let workers = workerCount(threads: threads, items: layout.blocks)
-        return Workspace.byteCount(layout, workers: workers)
+    /// The last-level cache the head workers share (Zen 5: 32 MiB L3; data, in one place).
+    static let sharedCacheBytes = 32 << 20
+
+    /// How `threads` split between heads and the blocks of one head: `outer` workers each
+    /// take whole heads (the `heads` = B·H work items, one head's workspace per worker), and
+    /// every head runs its phases on `inner` threads. Heads run side by side on one thread
+    /// each (no synchronisation inside a head, every phase parallel) while the heads in
+    /// flight, `bytesPerHead` each (``headBytes(_:keyLength:scratchBytes:)``), fit in the
+    /// shared cache; otherwise (long sequences) fewer heads at a time, each on more threads,
+    /// whose blocks are then plentiful. A head's result does not depend on `inner`, so the
+    /// output is the same for any split.
+    static func split(heads: Int, threads: Int, bytesPerHead: Int) -> (outer: Int, inner: Int) {
+        var outer = max(1, min(threads, heads))
+        while outer > 1 && outer * bytesPerHead > sharedCacheBytes { outer -= 1 }
+        return (outer, max(1, threads / outer))
+    }
+
+    /// The memory one head touches: its rows of q, k, v and the output, one ``Workspace``
+    /// and the conformer's `scratchBytes`.
+    static func headBytes(_ l: Layout, keyLength: Int, scratchBytes: Int) -> Int {
+        4 * (l.queryLength + keyLength) * (l.headDim + l.valueDim) + Workspace.byteCount(l, workers: 1) + scratchBytes
+    }
+
+    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
+    /// `heads` is B·H) plus the kernel's workspace of each of their block workers.
+    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int) -> Int {
+        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead)
+        let workers = workerCount(threads: inner, items: layout.blocks)
+        return outer * (Workspace.byteCount(layout, workers: workers)
             + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
-                                                             queryTile: layout.queryTile)
+                                                             queryTile: layout.queryTile))
+    }
+
+    /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
+    /// items of `outer` workers (``split(heads:threads:bytesPerHead:)``), each with its own
+    /// ``Workspace`` and conformer scratch (`makeScratch(inner)`, released by `release`), and
+    /// `body` runs the head's phases on `inner` threads.
+    static func forEachHead<Scratch>(
+        batch: Int, heads: Int, threads: Int, layout l: Layout, bytesPerHead: Int,
+        makeScratch: (_ inner: Int) -> Scratch, release: (Scratch) -> Void,
+        _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
+    ) {
+        let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead)
+        let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.blocks)) }
+        let scratches = (0..<outer).map { _ in makeScratch(inner) }
+        defer {
+            for space in spaces { space.deallocate() }
+            for scratch in scratches { release(scratch) }
+        }
+        parallelForEach(items: batch * heads, threads: outer) { item, worker in
+            body(item / heads, item % heads, inner, spaces[worker], scratches[worker])
+        }
     }
 
     /// One head's slot arrays and sorted outputs, and each worker's gathered block, in one

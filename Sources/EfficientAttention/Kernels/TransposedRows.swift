@@ -7,30 +7,48 @@ enum TransposedRows {
     static func stride(_ n: Int) -> Int { roundUp(n, MicroTile.nr) + MicroTile.nr }
 
     /// `out[c · ld + i] = x_i[c] · (normalise ? 1 / |x_i| : 1)` for rows `start..<start + count`
-    /// of `rows` and `c < depth` (zero rows stay zero). Rows go in blocks of 16 so that every
-    /// store fills a whole cache line of an output row.
+    /// of `rows` and `c < depth` (zero rows stay zero). Row by row: contiguous reads, and
+    /// the stores of a panel's rows land in the same `depth` cache lines (L1-resident).
     static func pack(_ rows: GroupedAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
                      into out: UnsafeMutablePointer<Float>, ld: Int) {
         let es = rows.elementStride
-        var factors = SIMD16<Float>(repeating: 1)
-        for first in Swift.stride(from: start, to: start + count, by: 16) {
-            let block = min(16, start + count - first)
+        for i in start..<start + count {
+            let row = rows.row(i)
+            var factor: Float = 1
             if normalise {
-                for r in 0..<block {
-                    let row = rows.row(first + r)
-                    let norm = dot(row, es, row, es, count: depth).squareRoot()
-                    factors[r] = norm > 0 ? 1 / norm : 0
-                }
+                let norm = dot(row, es, row, es, count: depth).squareRoot()
+                factor = norm > 0 ? 1 / norm : 0
             }
-            for c in 0..<depth {
-                let column = out + c * ld + first
-                for r in 0..<block { column[r] = rows.row(first + r)[c * es] * factors[r] }
+            let target = out + i
+            if es == 1 {
+                for c in 0..<depth { target[c &* ld] = row[c] * factor }
+            } else {
+                for c in 0..<depth { target[c &* ld] = row[c &* es] * factor }
             }
         }
     }
 
-    /// Zeroes columns `n..<ld` of `depth` output rows (the lanes past the last position).
-    static func clearTail(_ out: UnsafeMutablePointer<Float>, n: Int, depth: Int, ld: Int) {
-        for c in 0..<depth { (out + c * ld + n).update(repeating: 0, count: ld - n) }
+    /// Floats of ``packPanels(_:start:count:depth:normalise:into:)``'s layout for `n` positions.
+    static func panelFloatCount(_ n: Int, depth: Int) -> Int { roundUp(n, MicroTile.nr) * depth }
+
+    /// Like ``pack(_:start:count:depth:normalise:into:ld:)`` into the micro-kernel's packed
+    /// `B` layout (``Gemm/PackedB``): position `i`, element `c` at
+    /// `out[(i / NR) · depth · NR + c · NR + i % NR]`, so one panel of `NR` positions is
+    /// `depth · NR` contiguous floats (one stream for the prefetchers, few pages).
+    /// `start` is a multiple of `NR`; with `n` given, the lanes past position `n − 1` in
+    /// its last panel are zeroed.
+    static func packPanels(_ rows: GroupedAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
+                           into out: UnsafeMutablePointer<Float>, n: Int? = nil) {
+        let nr = MicroTile.nr
+        for first in Swift.stride(from: start, to: start + count, by: nr) {
+            // Positions first..<first + nr land at panel + c · nr + (i − first).
+            let panel = out + first / nr * depth * nr
+            pack(rows, start: first, count: min(nr, start + count - first), depth: depth, normalise: normalise,
+                 into: panel - first, ld: nr)
+        }
+        if let n, n % nr != 0, start + count == n {
+            let panel = out + n / nr * depth * nr
+            for c in 0..<depth { (panel + c * nr + n % nr).update(repeating: 0, count: nr - n % nr) }
+        }
     }
 }
