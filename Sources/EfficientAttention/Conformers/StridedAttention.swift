@@ -81,8 +81,11 @@ public struct StridedAttention: Attention {
             let pattern = try self.pattern(for: call.shape)
             switch pattern.kind {
             case .strided:
-                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
-                call.run(merge: true) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                // Head by head, so that the column pass finds the head's rows still in cache.
+                call.forEachHead { head, _ in
+                    head.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                    head.run(merge: true) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                }
             case .fixed(let c):
                 call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
             }

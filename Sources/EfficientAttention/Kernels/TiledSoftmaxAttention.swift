@@ -15,7 +15,9 @@
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
 ///         Pᵀ ← mask's weights ⊙ Pᵀ            hook (soft masks); skipped unless used
 ///         l ← α·l + column sums of Pᵀ
-///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
+///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update;
+///                                             partial tiles: each MR-query block over the
+///                                             keys the mask says it may see
 ///     o = O / l, lse = m + log l              (0 and −∞ where l = 0), written step rows apart;
 ///                                             with `merge`, combined by log-sum-exp with o, lse
 ///
@@ -155,14 +157,14 @@ enum TiledSoftmaxAttention {
         let queryLanes = roundUp(queries.count, nr)
         let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
-        // Rows `step > 1` apart defeat the hardware prefetchers: touch them all first, so
-        // their cache misses overlap instead of arriving one row at a time.
-        if queries.step > 1 {
-            touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
-                      length: d &* q.strides[3], sink: space.sink)
-            touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
-                      length: dv &* o.strides[3], sink: space.sink)
-        }
+        // Touch the query and output rows first, so that their cache misses overlap
+        // instead of stalling the transposing pack (and the final stores) one row at a
+        // time; rows `step > 1` apart also defeat the hardware prefetchers. Cheap next
+        // to a dense row's work; it matters for narrow bands, which only see a few tiles.
+        touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
+                  length: d &* q.strides[3], sink: space.sink)
+        touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
+                  length: dv &* o.strides[3], sink: space.sink)
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
         for i in 0..<br {
@@ -223,13 +225,17 @@ enum TiledSoftmaxAttention {
                                          queryStart: queries.start, queryCount: queries.count)
                 addColumnSums(space, keyCount: keys.count, lanes: queryLanes)
             }
-            // O = diag(α) O + P V.
+            // O = diag(α) O + P V; on a partial tile each block of MR queries runs over
+            // only the keys the mask says it may see (the others have probability 0).
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
-                    let probabilities = BroadcastOperand(base: space.scores + block,
+                    let span = tile.fullyVisible
+                        ? 0..<keys.count
+                        : mask.visibleKeyIndices(tile: tile, queries: queries, lanes: block..<(block + mr))
+                    let probabilities = BroadcastOperand(base: space.scores + span.lowerBound * br + block,
                                                          rowStride: 1, depthStride: br)
-                    microKernel(depth: keys.count, a: probabilities,
-                                b: values + panel, ldb: ldv,
+                    microKernel(depth: span.count, a: probabilities,
+                                b: values + span.lowerBound * ldv + panel, ldb: ldv,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
                                 update: .scaleAndAccumulate(space.alpha + block))
                 }
@@ -265,7 +271,9 @@ enum TiledSoftmaxAttention {
     /// Updates the running max, sum and rescale factor of every query lane and turns the
     /// score tile into probabilities `exp(s − m')`. With `updateSums` false the running
     /// sums are left for ``addColumnSums(_:keyCount:lanes:)`` (after a weighting hook).
-    @inline(__always)
+    /// Not inlined: one call per key tile, and a body of its own keeps `VectorMath.exp`
+    /// inlined and in registers however large the mask-specialised caller grows.
+    @inline(never)
     static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int, updateSums: Bool = true) {
         let br = space.queryTile
         let minusInfinity = Vec16(repeating: -.infinity)
@@ -278,12 +286,12 @@ enum TiledSoftmaxAttention {
             // A lane that has seen no visible key keeps m = −∞; subtracting 0 instead keeps exp(−∞) = 0.
             var shift = newMax
             shift.replace(with: 0, where: newMax .== minusInfinity)
-            let alpha = VectorMath.exp(oldMax - shift)
+            let alpha = VectorMath.exp16(oldMax - shift)
             var sum0 = Vec16(), sum1 = Vec16()
             var j = 0
             while j + 1 < keyCount {
-                let p0 = VectorMath.exp(load16(column + j * br) - shift)
-                let p1 = VectorMath.exp(load16(column + (j + 1) * br) - shift)
+                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
+                let p1 = VectorMath.exp16(load16(column + (j + 1) * br) - shift)
                 store16(p0, column + j * br)
                 store16(p1, column + (j + 1) * br)
                 sum0 += p0
@@ -291,7 +299,7 @@ enum TiledSoftmaxAttention {
                 j += 2
             }
             if j < keyCount {
-                let p0 = VectorMath.exp(load16(column + j * br) - shift)
+                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
                 store16(p0, column + j * br)
                 sum0 += p0
             }

@@ -159,6 +159,27 @@ struct PatternCall {
         TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
                                   q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
     }
+
+    /// Calls `body` with the call restricted to one batch item and query head at a time
+    /// (`body` gets the restricted call and the original head index), so that passes
+    /// over the same head can run back to back while its rows are still in cache.
+    func forEachHead(_ body: (_ call: PatternCall, _ head: Int) -> Void) {
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                let hk = h / shape.groupSize
+                let one = AttentionShape(batch: 1, heads: 1, kvHeads: 1, queryLength: shape.queryLength,
+                                         keyLength: shape.keyLength, headDim: shape.headDim, valueDim: shape.valueDim)
+                let call = PatternCall(
+                    shape: one, scale: scale, threads: threads, keyLengths: keyLengths.map { [$0[b]] },
+                    q: TensorView(base: q.row(b, h, 0), strides: q.strides),
+                    k: TensorView(base: k.row(b, hk, 0), strides: k.strides),
+                    v: TensorView(base: v.row(b, hk, 0), strides: v.strides),
+                    o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
+                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides))
+                body(call, h)
+            }
+        }
+    }
 }
 
 extension TiledSoftmaxAttention {

@@ -164,6 +164,12 @@ struct FixedMask: TileMask {
         }
     }
 
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        // Only the causal diagonal cuts a listed tile (part 0): keys up to the block's last query.
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: tile.keys.start, through: p.last + offset)
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         // Only the causal diagonal of the own block is ever masked.
         maskCausalDiagonal(scores, ld: ld, keys: tile.keys, queries: queries, offset: offset)
