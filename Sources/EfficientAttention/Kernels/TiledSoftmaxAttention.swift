@@ -84,8 +84,12 @@ enum TiledSoftmaxAttention {
     /// tile (at most that many queries per group). With `merge`, `o` and `lse` already
     /// hold a result over a key set disjoint from this mask's, and each row is combined
     /// with it by log-sum-exp (rows of no group, or with no visible key, stay unchanged).
+    /// Work items go heaviest query group first across all heads (causal masks), or with
+    /// `byHead` head after head, groups in order: consecutive items then share their key
+    /// rows (bands) and read query rows sequentially.
     static func run<Mask: TileMask>(
         shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
+        byHead: Bool = false,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
@@ -110,16 +114,32 @@ enum TiledSoftmaxAttention {
         defer { for space in spaces { space.deallocate() } }
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
-            parallelForEach(items: items, threads: workers) { item, worker in
-                // Heaviest query groups (the last ones, under causal masks) first.
-                let group = groups - 1 - item / heads
-                let b = (item % heads) / shape.heads, h = item % shape.heads
+            func attendGroup(_ group: Int, head: Int, worker: Int) {
+                let b = head / shape.heads, h = head % shape.heads
                 let headMask = mask(b, h)
                 let queries = headMask.queryGroup(group, queryLength: shape.queryLength, queryTile: br)
                 guard queries.count > 0 else { return }
                 attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
                            b: b, h: h, queries: queries,
                            q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
+            }
+            if byHead {
+                // Runs of up to 8 consecutive groups of one head per work unit: a worker's
+                // next tile continues its last one (key rows still cached, query and output
+                // rows streaming), with enough units left to balance the workers.
+                let chunk = max(1, min(8, items / (8 * workers)))
+                let runs = ceilDiv(groups, chunk)
+                parallelForEach(items: heads * runs, threads: workers) { unit, worker in
+                    let first = (unit % runs) * chunk
+                    for group in first..<min(groups, first + chunk) {
+                        attendGroup(group, head: unit / runs, worker: worker)
+                    }
+                }
+            } else {
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    // Heaviest query groups (the last ones, under causal masks) first.
+                    attendGroup(groups - 1 - item / heads, head: item % heads, worker: worker)
+                }
             }
         }
     }

@@ -149,7 +149,9 @@ struct PatternCall {
     let o: MutableTensorView, lse: MutableTensorView
 
     /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
-    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`.
+    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`. Work
+    /// items go head by head: fixed patterns' query groups cost about the same, and
+    /// neighbouring groups share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
         let heads = shape.heads
@@ -157,7 +159,7 @@ struct PatternCall {
             (0..<heads).map { mask($0, keyLengths?[b] ?? shape.keyLength) }
         }
         TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
-                                  q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+                                  byHead: true, q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
     }
 
     /// Calls `body` with the call restricted to one batch item and query head at a time
