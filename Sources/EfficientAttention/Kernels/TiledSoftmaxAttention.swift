@@ -355,7 +355,26 @@ enum TiledSoftmaxAttention {
     static func packQueries(_ q: TensorView, b: Int, h: Int, queries: PositionRun, d: Int,
                             scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int) {
         let sd = q.strides[3]
-        for ii in 0..<queries.count {
+        var first = 0
+        if sd == 1 {
+            // Whole blocks of 16 queries × 16 columns transposed in registers.
+            let rowStride = queries.step &* q.strides[2]
+            while first + 16 <= queries.count {
+                let base = q.row(b, h, queries.position(first))
+                var c = 0
+                while c + 16 <= d {
+                    Transpose16.transpose(scale: scale, rows: { base + $0 &* rowStride + c },
+                                          into: qT + c &* ld + first, ld: ld)
+                    c += 16
+                }
+                for r in 0..<16 where c < d {
+                    let row = base + r &* rowStride
+                    for cc in c..<d { qT[cc &* ld + first + r] = scale * row[cc] }
+                }
+                first += 16
+            }
+        }
+        for ii in first..<queries.count {
             let row = q.row(b, h, queries.position(ii))
             var out = qT + ii
             for c in 0..<d {
