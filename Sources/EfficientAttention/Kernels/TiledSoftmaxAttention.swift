@@ -177,14 +177,16 @@ enum TiledSoftmaxAttention {
         let queryLanes = roundUp(queries.count, nr)
         let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
-        // Touch the query and output rows first, so that their cache misses overlap
-        // instead of stalling the transposing pack (and the final stores) one row at a
-        // time; rows `step > 1` apart also defeat the hardware prefetchers. Cheap next
-        // to a dense row's work; it matters for narrow bands, which only see a few tiles.
+        // Touch the query rows first, so that their cache misses overlap instead of
+        // stalling the transposing pack one row at a time (cheap next to a dense row's
+        // work; it matters for narrow bands, which only see a few tiles). Output rows
+        // `step > 1` apart too: they defeat the hardware prefetchers.
         touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
                   length: d &* q.strides[3], sink: space.sink)
-        touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
-                  length: dv &* o.strides[3], sink: space.sink)
+        if queries.step > 1 {
+            touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
+                      length: dv &* o.strides[3], sink: space.sink)
+        }
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
         for i in 0..<br {

@@ -298,10 +298,23 @@ struct IntervalMask: TileMask {
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
-        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
-            // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left.
-            let lo = Int32(clamping: j - offset - right), hi = Int32(clamping: j - offset + left)
-            return (i .< SIMD16<Int32>(repeating: lo)) .| (i .> SIMD16<Int32>(repeating: hi))
+        // Keys every query of the group sees need nothing: mask only the rows before and after them.
+        let keys = tile.keys
+        let all = runIndices(keys, from: queries.last + offset - left, through: queries.start + offset + right)
+        func mask(rows: Range<Int>) {
+            guard !rows.isEmpty else { return }
+            let part = PositionRun(start: keys.position(rows.lowerBound), count: rows.count, step: keys.step)
+            maskTransposedScores(scores + rows.lowerBound * ld, ld: ld, keys: part, queries: queries) { j, i in
+                // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left.
+                let lo = Int32(clamping: j - offset - right), hi = Int32(clamping: j - offset + left)
+                return (i .< SIMD16<Int32>(repeating: lo)) .| (i .> SIMD16<Int32>(repeating: hi))
+            }
+        }
+        if all.isEmpty {
+            mask(rows: 0..<keys.count)
+        } else {
+            mask(rows: 0..<all.lowerBound)
+            mask(rows: all.upperBound..<keys.count)
         }
     }
 }
