@@ -179,11 +179,11 @@ enum TiledSoftmaxAttention {
 
         // Touch the query rows first, so that their cache misses overlap instead of
         // stalling the transposing pack one row at a time (cheap next to a dense row's
-        // work; it matters for narrow bands, which only see a few tiles). Output rows
-        // `step > 1` apart too: they defeat the hardware prefetchers.
+        // work; it matters for narrow bands, which only see a few tiles). Output rows a
+        // merge reads `step > 1` apart too: they defeat the hardware prefetchers.
         touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
                   length: d &* q.strides[3], sink: space.sink)
-        if queries.step > 1 {
+        if merge && queries.step > 1 {
             touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
                       length: dv &* o.strides[3], sink: space.sink)
         }

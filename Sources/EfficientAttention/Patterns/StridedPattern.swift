@@ -89,9 +89,9 @@ public struct StridedPattern: AttentionPattern {
     public func tiles(head: Int) -> [PatternTile] {
         switch kind {
         case .strided:
-            return patternTiles(bandMask(keyEnd: keyLength), pass: 0, queryLength: queryLength, queryTile: queryTile)
-                + patternTiles(columnMask(keyEnd: keyLength), pass: 1, queryLength: queryLength,
-                               queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile)
+            return patternTiles(columnMask(keyEnd: keyLength), pass: 0, queryLength: queryLength,
+                                queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile)
+                + patternTiles(bandMask(keyEnd: keyLength), pass: 1, queryLength: queryLength, queryTile: queryTile)
         case .fixed(let c):
             return patternTiles(fixedMask(keyEnd: keyLength, summary: c), pass: 0,
                                 queryLength: queryLength, queryTile: queryTile)
