@@ -271,18 +271,24 @@ enum TiledSoftmaxAttention {
             let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
             let sum = space.rowSum[ii]
             let row = space.acc + ii &* dvPad
-            if sum > 0 {
-                let rowLSE = space.rowMax[ii] + logf(sum)
-                let w = merge ? mergeWeights(lseOut[0], rowLSE) : (first: Float(0), second: Float(1), lse: rowLSE)
-                let inverse = w.second / sum
-                if merge {
-                    for c in 0..<dv { out[c &* os] = w.first * out[c &* os] + inverse * row[c] }
-                } else if os == 1 {
+            if sum > 0 && merge && lseOut[0] != -.infinity {
+                // The log-sum-exp of the held `A` and this row's `m + log l` with one exp and
+                // one log: with `M = max(A, m)`, weights `e^(A−M)` and `e^(m−M)` (one is 1)
+                // and `t = e^(A−M) + e^(m−M)·l`, `o ← (e^(A−M)·o + e^(m−M)·O) / t`, `lse = M + log t`.
+                let held = lseOut[0], m = space.rowMax[ii]
+                let first = held >= m ? 1 : expf(held - m), second = held >= m ? expf(m - held) : 1
+                let total = first + second * sum, r = 1 / total
+                let keep = first * r, inverse = second * r
+                for c in 0..<dv { out[c &* os] = keep * out[c &* os] + inverse * row[c] }
+                lseOut[0] = max(held, m) + logf(total)
+            } else if sum > 0 {
+                let inverse = 1 / sum
+                if os == 1 {
                     for c in 0..<dv { out[c] = row[c] * inverse }
                 } else {
                     for c in 0..<dv { out[c &* os] = row[c] * inverse }
                 }
-                lseOut[0] = w.lse
+                lseOut[0] = space.rowMax[ii] + logf(sum)
             } else if !merge {
                 for c in 0..<dv { out[c &* os] = 0 }
                 lseOut[0] = -.infinity
