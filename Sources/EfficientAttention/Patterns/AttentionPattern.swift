@@ -187,6 +187,11 @@ struct PatternCall {
 extension TiledSoftmaxAttention {
     /// Runs a fixed-pattern conformer: checks the call, allocates output and
     /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
+    ///
+    /// The output is not zero-filled: `passes` must start with a pass without `merge`
+    /// whose query groups cover every query (contiguous tiles, blocks or residue classes),
+    /// which writes every output row (0 where a row sees no key). Every fixed pattern's
+    /// first pass does.
     static func attendPattern(
         query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
         scale: Float?, validate: (AttentionShape) throws -> Void,
@@ -196,7 +201,7 @@ extension TiledSoftmaxAttention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1], repeating: -.infinity)
         let threads = threads ?? defaultThreadCount
         try query.withView { q in try key.withView { k in try value.withView { v in
