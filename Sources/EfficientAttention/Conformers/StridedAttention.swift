@@ -81,8 +81,13 @@ public struct StridedAttention: Attention {
             let pattern = try self.pattern(for: call.shape)
             switch pattern.kind {
             case .strided:
-                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
-                call.run(merge: true) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                // Head by head, so that the second pass finds the head's rows still in cache.
+                // The column pass (rows `l` apart) first: it only writes its output rows,
+                // and the band pass merges into them reading rows in order.
+                call.forEachHead { head, _ in
+                    head.run { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                    head.run(queryTile: pattern.queryTile, merge: true) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                }
             case .fixed(let c):
                 call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
             }

@@ -15,7 +15,9 @@
 ///         Pᵀ ← exp(Sᵀ − m'), α ← exp(m − m')
 ///         Pᵀ ← mask's weights ⊙ Pᵀ            hook (soft masks); skipped unless used
 ///         l ← α·l + column sums of Pᵀ
-///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update
+///         O ← diag(α)·O + P V                 micro-kernel, α fused into the C update;
+///                                             partial tiles: each MR-query block over the
+///                                             keys the mask says it may see
 ///     o = O / l, lse = m + log l              (0 and −∞ where l = 0), written step rows apart;
 ///                                             with `merge`, combined by log-sum-exp with o, lse
 ///
@@ -82,8 +84,12 @@ enum TiledSoftmaxAttention {
     /// tile (at most that many queries per group). With `merge`, `o` and `lse` already
     /// hold a result over a key set disjoint from this mask's, and each row is combined
     /// with it by log-sum-exp (rows of no group, or with no visible key, stay unchanged).
+    /// Work items go heaviest query group first across all heads (causal masks), or with
+    /// `byHead` head after head, groups in order: consecutive items then share their key
+    /// rows (bands) and read query rows sequentially.
     static func run<Mask: TileMask>(
         shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
+        byHead: Bool = false,
         q: TensorView, k: TensorView, v: TensorView,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
@@ -108,16 +114,32 @@ enum TiledSoftmaxAttention {
         defer { for space in spaces { space.deallocate() } }
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
-            parallelForEach(items: items, threads: workers) { item, worker in
-                // Heaviest query groups (the last ones, under causal masks) first.
-                let group = groups - 1 - item / heads
-                let b = (item % heads) / shape.heads, h = item % shape.heads
+            func attendGroup(_ group: Int, head: Int, worker: Int) {
+                let b = head / shape.heads, h = head % shape.heads
                 let headMask = mask(b, h)
                 let queries = headMask.queryGroup(group, queryLength: shape.queryLength, queryTile: br)
                 guard queries.count > 0 else { return }
                 attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
                            b: b, h: h, queries: queries,
                            q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
+            }
+            if byHead {
+                // Runs of up to 8 consecutive groups of one head per work unit: a worker's
+                // next tile continues its last one (key rows still cached, query and output
+                // rows streaming), with enough units left to balance the workers.
+                let chunk = max(1, min(8, items / (8 * workers)))
+                let runs = ceilDiv(groups, chunk)
+                parallelForEach(items: heads * runs, threads: workers) { unit, worker in
+                    let first = (unit % runs) * chunk
+                    for group in first..<min(groups, first + chunk) {
+                        attendGroup(group, head: unit / runs, worker: worker)
+                    }
+                }
+            } else {
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    // Heaviest query groups (the last ones, under causal masks) first.
+                    attendGroup(groups - 1 - item / heads, head: item % heads, worker: worker)
+                }
             }
         }
     }
@@ -155,11 +177,13 @@ enum TiledSoftmaxAttention {
         let queryLanes = roundUp(queries.count, nr)
         let valuesInPlace = v.strides[3] == 1 && dvPad == dv
 
-        // Rows `step > 1` apart defeat the hardware prefetchers: touch them all first, so
-        // their cache misses overlap instead of arriving one row at a time.
-        if queries.step > 1 {
-            touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
-                      length: d &* q.strides[3], sink: space.sink)
+        // Touch the query rows first, so that their cache misses overlap instead of
+        // stalling the transposing pack one row at a time (cheap next to a dense row's
+        // work; it matters for narrow bands, which only see a few tiles). Output rows a
+        // merge reads `step > 1` apart too: they defeat the hardware prefetchers.
+        touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
+                  length: d &* q.strides[3], sink: space.sink)
+        if merge && queries.step > 1 {
             touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
                       length: dv &* o.strides[3], sink: space.sink)
         }
@@ -223,13 +247,17 @@ enum TiledSoftmaxAttention {
                                          queryStart: queries.start, queryCount: queries.count)
                 addColumnSums(space, keyCount: keys.count, lanes: queryLanes)
             }
-            // O = diag(α) O + P V.
+            // O = diag(α) O + P V; on a partial tile each block of MR queries runs over
+            // only the keys the mask says it may see (the others have probability 0).
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
-                    let probabilities = BroadcastOperand(base: space.scores + block,
+                    let span = tile.fullyVisible
+                        ? 0..<keys.count
+                        : mask.visibleKeyIndices(tile: tile, queries: queries, lanes: block..<(block + mr))
+                    let probabilities = BroadcastOperand(base: space.scores + span.lowerBound * br + block,
                                                          rowStride: 1, depthStride: br)
-                    microKernel(depth: keys.count, a: probabilities,
-                                b: values + panel, ldb: ldv,
+                    microKernel(depth: span.count, a: probabilities,
+                                b: values + span.lowerBound * ldv + panel, ldb: ldv,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
                                 update: .scaleAndAccumulate(space.alpha + block))
                 }
@@ -243,18 +271,24 @@ enum TiledSoftmaxAttention {
             let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
             let sum = space.rowSum[ii]
             let row = space.acc + ii &* dvPad
-            if sum > 0 {
-                let rowLSE = space.rowMax[ii] + logf(sum)
-                let w = merge ? mergeWeights(lseOut[0], rowLSE) : (first: Float(0), second: Float(1), lse: rowLSE)
-                let inverse = w.second / sum
-                if merge {
-                    for c in 0..<dv { out[c &* os] = w.first * out[c &* os] + inverse * row[c] }
-                } else if os == 1 {
+            if sum > 0 && merge && lseOut[0] != -.infinity {
+                // The log-sum-exp of the held `A` and this row's `m + log l` with one exp and
+                // one log: with `M = max(A, m)`, weights `e^(A−M)` and `e^(m−M)` (one is 1)
+                // and `t = e^(A−M) + e^(m−M)·l`, `o ← (e^(A−M)·o + e^(m−M)·O) / t`, `lse = M + log t`.
+                let held = lseOut[0], m = space.rowMax[ii]
+                let first = held >= m ? 1 : expf(held - m), second = held >= m ? expf(m - held) : 1
+                let total = first + second * sum, r = 1 / total
+                let keep = first * r, inverse = second * r
+                for c in 0..<dv { out[c &* os] = keep * out[c &* os] + inverse * row[c] }
+                lseOut[0] = max(held, m) + logf(total)
+            } else if sum > 0 {
+                let inverse = 1 / sum
+                if os == 1 {
                     for c in 0..<dv { out[c] = row[c] * inverse }
                 } else {
                     for c in 0..<dv { out[c &* os] = row[c] * inverse }
                 }
-                lseOut[0] = w.lse
+                lseOut[0] = space.rowMax[ii] + logf(sum)
             } else if !merge {
                 for c in 0..<dv { out[c &* os] = 0 }
                 lseOut[0] = -.infinity
@@ -265,7 +299,9 @@ enum TiledSoftmaxAttention {
     /// Updates the running max, sum and rescale factor of every query lane and turns the
     /// score tile into probabilities `exp(s − m')`. With `updateSums` false the running
     /// sums are left for ``addColumnSums(_:keyCount:lanes:)`` (after a weighting hook).
-    @inline(__always)
+    /// Not inlined: one call per key tile, and a body of its own keeps `VectorMath.exp`
+    /// inlined and in registers however large the mask-specialised caller grows.
+    @inline(never)
     static func onlineSoftmax(_ space: Workspace, keyCount: Int, lanes: Int, updateSums: Bool = true) {
         let br = space.queryTile
         let minusInfinity = Vec16(repeating: -.infinity)
@@ -278,12 +314,12 @@ enum TiledSoftmaxAttention {
             // A lane that has seen no visible key keeps m = −∞; subtracting 0 instead keeps exp(−∞) = 0.
             var shift = newMax
             shift.replace(with: 0, where: newMax .== minusInfinity)
-            let alpha = VectorMath.exp(oldMax - shift)
+            let alpha = VectorMath.exp16(oldMax - shift)
             var sum0 = Vec16(), sum1 = Vec16()
             var j = 0
             while j + 1 < keyCount {
-                let p0 = VectorMath.exp(load16(column + j * br) - shift)
-                let p1 = VectorMath.exp(load16(column + (j + 1) * br) - shift)
+                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
+                let p1 = VectorMath.exp16(load16(column + (j + 1) * br) - shift)
                 store16(p0, column + j * br)
                 store16(p1, column + (j + 1) * br)
                 sum0 += p0
@@ -291,7 +327,7 @@ enum TiledSoftmaxAttention {
                 j += 2
             }
             if j < keyCount {
-                let p0 = VectorMath.exp(load16(column + j * br) - shift)
+                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
                 store16(p0, column + j * br)
                 sum0 += p0
             }
@@ -327,7 +363,26 @@ enum TiledSoftmaxAttention {
     static func packQueries(_ q: TensorView, b: Int, h: Int, queries: PositionRun, d: Int,
                             scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int) {
         let sd = q.strides[3]
-        for ii in 0..<queries.count {
+        var first = 0
+        if sd == 1 {
+            // Whole blocks of 16 queries × 16 columns transposed in registers.
+            let rowStride = queries.step &* q.strides[2]
+            while first + 16 <= queries.count {
+                let base = q.row(b, h, queries.position(first))
+                var c = 0
+                while c + 16 <= d {
+                    Transpose16.transpose(scale: scale, rows: { base + $0 &* rowStride + c },
+                                          into: qT + c &* ld + first, ld: ld)
+                    c += 16
+                }
+                for r in 0..<16 where c < d {
+                    let row = base + r &* rowStride
+                    for cc in c..<d { qT[cc &* ld + first + r] = scale * row[cc] }
+                }
+                first += 16
+            }
+        }
+        for ii in first..<queries.count {
             let row = q.row(b, h, queries.position(ii))
             var out = qT + ii
             for c in 0..<d {

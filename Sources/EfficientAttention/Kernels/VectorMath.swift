@@ -13,7 +13,13 @@ public enum VectorMath {
     ///   ≈ 2.35e-38) gives `0`, so `-infinity` gives exactly 0; NaN stays NaN.
     /// - Complexity: about 15 vector instructions; no table, no branch.
     @inline(__always)
-    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
+    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> { exp16(x) }
+
+    /// The body of ``exp(_:)-(SIMD16<Float>)``, inlined by the mandatory pass
+    /// (`@_transparent`): the optimiser left `@inline(__always)` calls out of line in some
+    /// kernels, passing the vector through memory in four pieces.
+    @_transparent
+    static func exp16(_ x: SIMD16<Float>) -> SIMD16<Float> {
         typealias V = SIMD16<Float>
         let upper: Float = 88.72283, lower: Float = -86.6
         let clamped = clamp(x, V(repeating: lower), V(repeating: upper))

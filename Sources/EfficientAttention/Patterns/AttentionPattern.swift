@@ -149,7 +149,9 @@ struct PatternCall {
     let o: MutableTensorView, lse: MutableTensorView
 
     /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
-    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`.
+    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`. Work
+    /// items go head by head: fixed patterns' query groups cost about the same, and
+    /// neighbouring groups share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
         let heads = shape.heads
@@ -157,13 +159,39 @@ struct PatternCall {
             (0..<heads).map { mask($0, keyLengths?[b] ?? shape.keyLength) }
         }
         TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
-                                  q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+                                  byHead: true, q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+    }
+
+    /// Calls `body` with the call restricted to one batch item and query head at a time
+    /// (`body` gets the restricted call and the original head index), so that passes
+    /// over the same head can run back to back while its rows are still in cache.
+    func forEachHead(_ body: (_ call: PatternCall, _ head: Int) -> Void) {
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                let hk = h / shape.groupSize
+                let one = AttentionShape(batch: 1, heads: 1, kvHeads: 1, queryLength: shape.queryLength,
+                                         keyLength: shape.keyLength, headDim: shape.headDim, valueDim: shape.valueDim)
+                let call = PatternCall(
+                    shape: one, scale: scale, threads: threads, keyLengths: keyLengths.map { [$0[b]] },
+                    q: TensorView(base: q.row(b, h, 0), strides: q.strides),
+                    k: TensorView(base: k.row(b, hk, 0), strides: k.strides),
+                    v: TensorView(base: v.row(b, hk, 0), strides: v.strides),
+                    o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
+                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides))
+                body(call, h)
+            }
+        }
     }
 }
 
 extension TiledSoftmaxAttention {
     /// Runs a fixed-pattern conformer: checks the call, allocates output and
     /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
+    ///
+    /// The output is not zero-filled: `passes` must start with a pass without `merge`
+    /// whose query groups cover every query (contiguous tiles, blocks or residue classes),
+    /// which writes every output row (0 where a row sees no key). Every fixed pattern's
+    /// first pass does.
     static func attendPattern(
         query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
         scale: Float?, validate: (AttentionShape) throws -> Void,
@@ -173,7 +201,7 @@ extension TiledSoftmaxAttention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1], repeating: -.infinity)
         let threads = threads ?? defaultThreadCount
         try query.withView { q in try key.withView { k in try value.withView { v in

@@ -90,6 +90,13 @@ enum LocalMask: TileMask {
         }
     }
 
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        switch self {
+        case .window(let m): return m.visibleKeyIndices(tile: tile, queries: queries, lanes: lanes)
+        case .blocked(let m): return m.visibleKeyIndices(tile: tile, queries: queries, lanes: lanes)
+        }
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         switch self {
         case .window(let m): m.maskScores(scores, ld: ld, tile: tile, queries: queries)
@@ -116,6 +123,12 @@ struct BlockedMask: TileMask {
         forEachTile(from: first, through: last, tileSize: tileSize) { keys in
             body(KeyTile(keys: keys, fullyVisible: !causal || keys.last <= firstP))
         }
+    }
+
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        // Only the causal rule cuts a listed tile: keys up to the block's last query.
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: tile.keys.start, through: p.last + offset)
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {

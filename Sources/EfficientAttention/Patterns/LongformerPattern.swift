@@ -157,6 +157,13 @@ struct LongformerWindowMask: TileMask {
         }
     }
 
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        // Window keys: the interval j − p ∈ [lo, hi] of the block's first and last query.
+        guard tile.part == 0 else { return 0..<tile.keys.count }
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: p.first + offset + lo, through: p.last + offset + hi)
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         let lo = self.lo, hi = self.hi, offset = self.offset, causal = self.causal
         if tile.part == 0 {

@@ -89,9 +89,9 @@ public struct StridedPattern: AttentionPattern {
     public func tiles(head: Int) -> [PatternTile] {
         switch kind {
         case .strided:
-            return patternTiles(bandMask(keyEnd: keyLength), pass: 0, queryLength: queryLength, queryTile: queryTile)
-                + patternTiles(columnMask(keyEnd: keyLength), pass: 1, queryLength: queryLength,
-                               queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile)
+            return patternTiles(columnMask(keyEnd: keyLength), pass: 0, queryLength: queryLength,
+                                queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile)
+                + patternTiles(bandMask(keyEnd: keyLength), pass: 1, queryLength: queryLength, queryTile: queryTile)
         case .fixed(let c):
             return patternTiles(fixedMask(keyEnd: keyLength, summary: c), pass: 0,
                                 queryLength: queryLength, queryTile: queryTile)
@@ -122,6 +122,16 @@ struct StridedColumnMask: TileMask {
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        if !causal {
+            // One hidden pair per key at most: the query at the key's own position.
+            for jj in 0..<tile.keys.count {
+                let d = tile.keys.position(jj) - offset - queries.start
+                if d >= 0 && d % queries.step == 0 && d / queries.step < queries.count {
+                    scores[jj * ld + d / queries.step] = -.infinity
+                }
+            }
+            return
+        }
         maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
             // Query i is at position j itself when i = j − offset; causal hides i < j − offset too.
             let own = SIMD16<Int32>(repeating: Int32(clamping: j - offset))
@@ -162,6 +172,12 @@ struct FixedMask: TileMask {
         forEachTile(from: max(0, t * l), through: last, tileSize: tileSize) { keys in
             body(KeyTile(keys: keys, fullyVisible: !causal || keys.last <= firstP))
         }
+    }
+
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        // Only the causal diagonal cuts a listed tile (part 0): keys up to the block's last query.
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: tile.keys.start, through: p.last + offset)
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {

@@ -44,6 +44,13 @@ protocol TileMask {
     /// rounded up to 16 (lanes past the count may be masked or not).
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun)
 
+    /// The keys of a partially visible `tile` (indices into `tile.keys`) that the query
+    /// lanes `lanes` (one block of ``MicroTile/mr`` lanes; lanes past `queries.count`
+    /// are padding) may see: the kernel's `P V` product skips the others, whose
+    /// probabilities are 0 after masking. Default: the whole tile. Narrow bands return
+    /// the band's cut of the tile, so its wasted triangles cost half.
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int>
+
     /// Whether the kernel calls ``addScoreTerms(_:)``; `false` (the default) removes the
     /// call from the specialised kernel. Masks that add score terms list contiguous
     /// query groups and key tiles (runs of step 1).
@@ -96,6 +103,10 @@ struct ScoreTile {
 
 extension TileMask {
     var queryPartition: QueryPartition { .tiles }
+
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        0..<tile.keys.count
+    }
 
     static var addsScoreTerms: Bool { false }
     static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int { 0 }
@@ -190,6 +201,24 @@ func forEachTile(from first: Int, through last: Int, step: Int = 1, tileSize: In
     }
 }
 
+/// The indices `n` of `keys` whose positions `keys.position(n)` lie in `lo...hi`
+/// (empty when none do); `keys.step > 0`.
+@inline(__always)
+func runIndices(_ keys: PositionRun, from lo: Int, through hi: Int) -> Range<Int> {
+    let first = max(0, -floorDiv(keys.start - lo, keys.step))        // ⌈(lo − start) / step⌉
+    let last = min(keys.count - 1, floorDiv(hi - keys.start, keys.step))
+    return first <= last ? first..<(last + 1) : 0..<0
+}
+
+/// The query positions of the lanes `lanes` of `queries` that are real queries, as
+/// `(first, last)` positions, or `nil` when every lane is padding.
+@inline(__always)
+func lanePositions(_ queries: PositionRun, _ lanes: Range<Int>) -> (first: Int, last: Int)? {
+    let end = min(lanes.upperBound, queries.count)
+    guard lanes.lowerBound < end else { return nil }
+    return (queries.position(lanes.lowerBound), queries.position(end - 1))
+}
+
 /// Masks a transposed score tile (see ``TileMask/maskScores(_:ld:tile:queries:)``) with
 /// a per-key predicate over 16 query lanes at a time: `hidden(j, i)` gets key position
 /// `j` and the query positions `i` of 16 lanes and returns the lanes that must not see `j`.
@@ -263,11 +292,29 @@ struct IntervalMask: TileMask {
         }
     }
 
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: p.first + offset - left, through: p.last + offset + right)
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
-        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
-            // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left.
-            let lo = Int32(clamping: j - offset - right), hi = Int32(clamping: j - offset + left)
-            return (i .< SIMD16<Int32>(repeating: lo)) .| (i .> SIMD16<Int32>(repeating: hi))
+        // Keys every query of the group sees need nothing: mask only the rows before and after them.
+        let keys = tile.keys
+        let all = runIndices(keys, from: queries.last + offset - left, through: queries.start + offset + right)
+        func mask(rows: Range<Int>) {
+            guard !rows.isEmpty else { return }
+            let part = PositionRun(start: keys.position(rows.lowerBound), count: rows.count, step: keys.step)
+            maskTransposedScores(scores + rows.lowerBound * ld, ld: ld, keys: part, queries: queries) { j, i in
+                // Queries that see key j: j − offset − right ≤ i ≤ j − offset + left.
+                let lo = Int32(clamping: j - offset - right), hi = Int32(clamping: j - offset + left)
+                return (i .< SIMD16<Int32>(repeating: lo)) .| (i .> SIMD16<Int32>(repeating: hi))
+            }
+        }
+        if all.isEmpty {
+            mask(rows: 0..<keys.count)
+        } else {
+            mask(rows: 0..<all.lowerBound)
+            mask(rows: all.upperBound..<keys.count)
         }
     }
 }
