@@ -50,7 +50,7 @@ public struct EluPlusOneFeatures: FeatureMap {
             if columnStride == 1 {
                 while c + 16 <= headDim {
                     let v = load16(x + c)
-                    var e = VectorMath.exp(v)
+                    var e = VectorMath.exp16(v)
                     e.replace(with: v + one, where: v .> zero)
                     store16(e, y + c)
                     c += 16
@@ -214,7 +214,7 @@ public struct FavorPlusFeatures: FeatureMap {
             // exp(s·y − half − (s·max − half)) = exp(s·(y − max)).
             let s = Vec16(repeating: inputScale), top = Vec16(repeating: rowMax)
             f = 0
-            while f < full { store16(VectorMath.exp((load16(y + f) - top) * s), y + f); f += 16 }
+            while f < full { store16(VectorMath.exp16((load16(y + f) - top) * s), y + f); f += 16 }
             while f < m { y[f] = expf((y[f] - rowMax) * inputScale); f += 1 }
             logScale[r] = inputScale * rowMax - half - logNorm
         }
