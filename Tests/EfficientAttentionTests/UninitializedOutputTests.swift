@@ -8,22 +8,24 @@ import EfficientAttention
 /// so that the output is likely to reuse them, and compare with a run after zeros.
 @Suite("Outputs allocated without a zero fill")
 struct UninitializedOutputTests {
-    /// Blocks the allocator can hand out again: kept alive here, released by `release`.
-    nonisolated(unsafe) static var leftovers: [[Float]] = []
-
-    /// Leaves `count` blocks of each size from 1 KiB to 4 MiB filled with `value` in the heap.
-    static func fillHeap(with value: Float, count: Int = 2) {
+    /// Leaves two blocks of each size from 1 KiB to 4 MiB, filled with `value`, free in this
+    /// thread's heap; returns the sum of their middle elements (read, so the blocks are
+    /// really allocated and written). Nothing is shared between tests running in parallel.
+    @inline(never)
+    static func fillHeap(with value: Float) -> Float {
+        var blocks: [[Float]] = []
         var bytes = 1 << 10
         while bytes <= 4 << 20 {
-            for _ in 0..<count { leftovers.append([Float](repeating: value, count: bytes / 4)) }
+            for _ in 0..<2 { blocks.append([Float](repeating: value, count: bytes / 4)) }
             bytes *= 2
         }
-        leftovers.removeAll()
+        return blocks.reduce(0) { $0 + $1[$1.count / 2] }
     }
 
     static func runAfter(_ value: Float, _ attention: some Attention, query: Tensor, key: Tensor, value v: Tensor,
                          keyLengths: [Int]?) throws -> AttentionResult {
-        fillHeap(with: value)
+        let filled = fillHeap(with: value)
+        #expect(filled.isNaN == value.isNaN)
         return try attention.attend(query: query, key: key, value: v, keyLengths: keyLengths, threads: 2)
     }
 
