@@ -46,8 +46,9 @@
 ///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
 ///   attention plus `hashes · N · D · 2·columns` FLOPs of hashing (`2·columns = nBuckets`,
-///   or `Σ n_i` with ``bucketFactors``; twice with separate keys); workspace O(N · (D + Dv)) for one round of each head in flight (one per thread
-///   while they fit in the L3, else one).
+///   or `Σ n_i` with ``bucketFactors``; twice with separate keys); workspace
+///   O(N · (D + Dv) + nBuckets) for one round of each head in flight (one per thread while
+///   they fit in the L3, else one).
 public struct LSHAttention: Attention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
@@ -119,7 +120,10 @@ public struct LSHAttention: Attention {
     /// Rotation columns for `factors`: `Σ n_i / 2`.
     static func columns(_ factors: [Int]) -> Int { factors.reduce(0) { $0 + $1 / 2 } }
 
-    /// `Π factors`, saturating at `Int.max` (validation rejects more than `Int32.max`).
+    /// Most buckets ``bucketFactors`` may give (the sort's counters take 4 bytes each).
+    public static let maxFactorisedBuckets = 1 << 24
+
+    /// `Π factors`, saturating at `Int.max` (validation rejects more than ``maxFactorisedBuckets``).
     static func product(_ factors: [Int]) -> Int {
         factors.reduce(1) { product, factor in
             let (next, overflow) = product.multipliedReportingOverflow(by: factor)
@@ -153,9 +157,10 @@ public struct LSHAttention: Attention {
                     "LSH bucketFactors must each be even and at least 2, got \(factor) in \(bucketFactors)")
             }
             let product = LSHAttention.product(bucketFactors)
-            guard product <= Int(Int32.max) else {
+            guard product <= LSHAttention.maxFactorisedBuckets else {
                 throw AttentionError.invalidParameter(
-                    "LSH bucketFactors \(bucketFactors) give more than \(Int32.max) buckets")
+                    "LSH bucketFactors \(bucketFactors) give more than \(LSHAttention.maxFactorisedBuckets) buckets "
+                    + "(the counting sort keeps one counter per bucket)")
             }
             if let bucketCount, bucketCount != product {
                 throw AttentionError.invalidParameter(
