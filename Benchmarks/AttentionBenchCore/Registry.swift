@@ -17,6 +17,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case randomBlocks = "random-blocks"
     case bucketSize = "bucket-size"
     case hashes
+    case bucketFactor = "bucket-factor"
     case features
     case proj
     case span
@@ -35,6 +36,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .randomBlocks: return "bigbird: random blocks per query block"
         case .bucketSize: return "lsh: bucket (chunk) size"
         case .hashes: return "lsh: hash rounds"
+        case .bucketFactor: return "lsh: factorised hashing, bucket factors [N, nBuckets/N] (off by default)"
         case .features: return "performer: random features m"
         case .proj: return "linformer: projected length k"
         case .span: return "adaptive-span: maximum span S"
@@ -48,19 +50,22 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     }
 }
 
-/// A parameter's default: a constant, or a function of the sequence length.
+/// A parameter's default: a constant, a function of the sequence length, or unset.
 public enum ParameterDefault: Sendable, Equatable, CustomStringConvertible {
     /// A fixed value.
     case value(Int)
+    /// No value unless one is given on the command line (an optional feature, off).
+    case unset
     /// `⌈√Nk⌉` of the sweep point's key length.
     case ceilSqrtOfKeyLength
     /// The sweep point's query (segment) length `N`.
     case sequenceLength
 
-    /// The value at a sweep point with the given lengths.
-    public func resolve(queryLength: Int, keyLength: Int) -> Int {
+    /// The value at a sweep point with the given lengths (`nil` when unset).
+    public func resolve(queryLength: Int, keyLength: Int) -> Int? {
         switch self {
         case .value(let v): return v
+        case .unset: return nil
         case .ceilSqrtOfKeyLength: return ceilSquareRoot(keyLength)
         case .sequenceLength: return queryLength
         }
@@ -69,6 +74,7 @@ public enum ParameterDefault: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .value(let v): return String(v)
+        case .unset: return "off"
         case .ceilSqrtOfKeyLength: return "ceil(sqrt(N))"
         case .sequenceLength: return "N"
         }
@@ -112,6 +118,9 @@ public struct ConformerConfig: Sendable {
 
     public var causal: Bool { problem.causal }
     public var shape: AttentionShape { problem.shape }
+
+    /// The value of an optional parameter (declared with ``ParameterDefault/unset``), if given.
+    public func optional(_ parameter: Parameter) -> Int? { parameters[parameter] }
 
     /// The resolved value of a parameter the entry declares.
     public subscript(_ parameter: Parameter) -> Int {
@@ -253,9 +262,20 @@ public struct Registry: Sendable {
         VariantEntry(
             name: "lsh",
             summary: "Reformer LSH: shared-QK angular hashing, sorted chunks, rounds merged by log-sum-exp (Kitaev et al. 2020)",
-            parameters: [(.bucketSize, .value(64)), (.hashes, .value(4))],
+            parameters: [(.bucketSize, .value(64)), (.hashes, .value(4)), (.bucketFactor, .unset)],
             make: { c in
-                LSHAttention(bucketSize: c[.bucketSize], hashes: c[.hashes], causal: c.causal, seed: c.seed)
+                var lsh = LSHAttention(bucketSize: c[.bucketSize], hashes: c[.hashes], causal: c.causal, seed: c.seed)
+                if let factor = c.optional(.bucketFactor) {
+                    // Factors [f, nBuckets / f] of the usual nBuckets; a point where they do not
+                    // exist is skipped with this note rather than silently unfactorised.
+                    let buckets = lsh.buckets(forLength: c.shape.queryLength)
+                    guard factor >= 2, factor % 2 == 0, buckets % factor == 0, (buckets / factor) % 2 == 0 else {
+                        throw AttentionError.invalidParameter(
+                            "--bucket-factor \(factor) needs even factors [\(factor), nBuckets / \(factor)] of nBuckets = \(buckets)")
+                    }
+                    lsh.bucketFactors = [factor, buckets / factor]
+                }
+                return lsh
             }),
         VariantEntry(
             name: "routing",

@@ -156,6 +156,30 @@ import AttentionBenchCore
         #expect(VariantEntry.describe([.hashes: 4, .bucketSize: 64]) == "bucket-size=64 hashes=4")
     }
 
+    @Test func lshBucketFactor() throws {
+        let entry = Registry.standard.entry(named: "lsh")!
+        #expect(try BenchOptions.parse(["--variants", "lsh", "--bucket-factor", "16"]).overrides == [.bucketFactor: 16])
+        #expect(entry.defaultsDescription.contains("bucket-factor off"))
+        let p = BenchProblem(shape: AttentionShape(heads: 8, queryLength: 8192, headDim: 64), causal: false)
+        let values = entry.resolveParameters([.bucketFactor: 16], at: p)
+        #expect(values == [.bucketSize: 64, .hashes: 4, .bucketFactor: 16])
+        #expect(VariantEntry.describe(values) == "bucket-size=64 hashes=4 bucket-factor=16")
+        // N = 8192: nBuckets 128 = 16 · 8.
+        let lsh = try #require(try entry.make!(ConformerConfig(problem: p, parameters: values, seed: 1)) as? LSHAttention)
+        #expect(lsh.bucketFactors == [16, 8])
+        let plain = try #require(try entry.make!(ConformerConfig(problem: p, parameters: entry.resolveParameters([:], at: p),
+                                                                 seed: 1)) as? LSHAttention)
+        #expect(plain.bucketFactors == nil)
+        // nBuckets 2 · 64 / 64 = 2 at N = 128, and 10 at N = 640: 16 is not a factor; 10 / 2 = 5 is odd.
+        for (n, factor) in [(128, 16), (640, 2), (8192, 3)] {
+            let q = BenchProblem(shape: AttentionShape(heads: 8, queryLength: n, headDim: 64), causal: false)
+            #expect(throws: AttentionError.self) {
+                try entry.make!(ConformerConfig(problem: q, parameters: entry.resolveParameters([.bucketFactor: factor], at: q),
+                                                seed: 1))
+            }
+        }
+    }
+
     @Test func ceilSquareRoots() {
         for n in 0...5000 {
             let r = ceilSquareRoot(n)

@@ -18,6 +18,7 @@ struct LSHCase: Sendable, CustomTestStringConvertible {
     var bucketSize = 8
     var hashes = 2
     var bucketCount: Int? = nil
+    var factors: [Int]? = nil
     var sharedQK = true
     var across = false
     var causal = false
@@ -27,6 +28,7 @@ struct LSHCase: Sendable, CustomTestStringConvertible {
     var testDescription: String {
         var s = "B\(batch) H\(heads)/\(kvHeads ?? heads) N\(length) D\(headDim) Dv\(valueDim ?? headDim) bs\(bucketSize) x\(hashes)"
         if let bucketCount { s += " nb\(bucketCount)" }
+        if let factors { s += " factors\(factors)" }
         if !sharedQK { s += " separate-keys" }
         if across { s += " across" }
         if causal { s += " causal" }
@@ -36,7 +38,7 @@ struct LSHCase: Sendable, CustomTestStringConvertible {
 
     var attention: LSHAttention {
         LSHAttention(bucketSize: bucketSize, hashes: hashes, bucketCount: bucketCount, sharedQK: sharedQK,
-                     attendAcrossBuckets: across, causal: causal, seed: seed &+ 99)
+                     attendAcrossBuckets: across, causal: causal, seed: seed &+ 99, bucketFactors: factors)
     }
 
     func inputs() throws -> (q: Tensor, k: Tensor, v: Tensor) {
@@ -46,24 +48,34 @@ struct LSHCase: Sendable, CustomTestStringConvertible {
 }
 
 /// Naive Double buckets `[B][H][hashes][N]` of `vectors` (head `h / group` of a tensor with
-/// fewer heads) with `rotations` `[H, hashes, D, nb/2]`, and each one's margin (the gap
-/// to the best other bucket), to tell real disagreements from near-ties.
-func naiveBuckets(_ vectors: Tensor, heads: Int, rotations: Tensor) -> (buckets: [Int], margins: [Double]) {
+/// fewer heads) with `rotations` `[H, hashes, D, columns]`, and each one's margin (the gap
+/// to the best other bucket, the smallest over the factors), to tell real disagreements
+/// from near-ties. `factors` (default `[2 · columns]`) is the factorised rule of trax and
+/// Hugging Face: factor `i` takes the next `n_i / 2` columns, `b_i = argmax([p ; −p])`,
+/// bucket `b_0 + n_0 · b_1 + n_0 · n_1 · b_2 + ...`.
+func naiveBuckets(_ vectors: Tensor, heads: Int, rotations: Tensor, factors: [Int]? = nil)
+    -> (buckets: [Int], margins: [Double]) {
     let (nb, hv, n, d) = (vectors.shape[0], vectors.shape[1], vectors.shape[2], vectors.shape[3])
-    let (hashes, half) = (rotations.shape[1], rotations.shape[3])
+    let (hashes, columns) = (rotations.shape[1], rotations.shape[3])
+    let factors = factors ?? [2 * columns]
     var buckets = [Int](), margins = [Double]()
     for b in 0..<nb { for h in 0..<heads { for r in 0..<hashes { for i in 0..<n {
-        var projections = [Double](repeating: 0, count: 2 * half)
-        for c in 0..<half {
-            var sum = 0.0
-            for t in 0..<d { sum += Double(vectors[b, h / (heads / hv), i, t]) * Double(rotations[h, r, t, c]) }
-            projections[c] = sum
-            projections[half + c] = -sum
+        let rotated = (0..<columns).map { c in
+            (0..<d).reduce(0.0) { $0 + Double(vectors[b, h / (heads / hv), i, $1]) * Double(rotations[h, r, $1, c]) }
         }
-        let best = projections.indices.max { projections[$0] < projections[$1] || (projections[$0] == projections[$1] && $0 > $1) }!
-        let second = projections.indices.filter { $0 != best }.map { projections[$0] }.max() ?? -.infinity
-        buckets.append(best)
-        margins.append(projections[best] - second)
+        var bucket = 0, weight = 1, offset = 0, margin = Double.infinity
+        for factor in factors {
+            let part = rotated[offset..<offset + factor / 2]
+            let projections = Array(part) + part.map { -$0 }
+            let best = projections.indices.max { projections[$0] < projections[$1] || (projections[$0] == projections[$1] && $0 > $1) }!
+            let second = projections.indices.filter { $0 != best }.map { projections[$0] }.max() ?? -.infinity
+            bucket += weight * best
+            margin = min(margin, projections[best] - second)
+            weight *= factor
+            offset += factor / 2
+        }
+        buckets.append(bucket)
+        margins.append(margin)
     } } } }
     return (buckets, margins)
 }
@@ -78,7 +90,7 @@ func lshReferences(_ lsh: LSHAttention, q: Tensor, k: Tensor, v: Tensor, keyLeng
     let rotations = try lsh.rotations(for: shape)
     let library = try lsh.bucketIDs(query: q, key: k)
     for (vectors, ids) in [(q, library.query)] + (lsh.sharedQK ? [] : [(k, library.key)]) {
-        let naive = naiveBuckets(vectors, heads: nh, rotations: rotations)
+        let naive = naiveBuckets(vectors, heads: nh, rotations: rotations, factors: lsh.factors(forLength: n))
         let bad = ids.indices.filter { ids[$0] != naive.buckets[$0] && naive.margins[$0] > 1e-4 }
         #expect(bad.isEmpty, "LSH buckets differ from the naive Double hash at \(bad.count) places, e.g. \(bad.prefix(3))",
                 sourceLocation: sourceLocation)
@@ -143,6 +155,16 @@ enum LSHCases {
         LSHCase(heads: 1, length: 1101, headDim: 8, bucketSize: 4, hashes: 2, bucketCount: 8, causal: true),
         LSHCase(heads: 1, length: 2050, headDim: 5, bucketSize: 4, hashes: 1, bucketCount: 6, sharedQK: false),
     ].enumerated().map { n, c in var c = c; c.seed = 40 + UInt64(n); return c }
+
+    /// Factorised hashing (`bucketFactors`), 2 and 3 factors.
+    static let factorised: [LSHCase] = [
+        LSHCase(length: 77, bucketSize: 8, factors: [2, 4]),
+        LSHCase(length: 101, headDim: 3, bucketSize: 8, hashes: 3, factors: [4, 2, 6], causal: true),
+        LSHCase(length: 90, bucketSize: 10, factors: [6, 4], sharedQK: false),
+        LSHCase(heads: 4, kvHeads: 2, length: 61, bucketSize: 8, hashes: 3, factors: [2, 2, 4], sharedQK: false, causal: true),
+        LSHCase(heads: 1, length: 300, headDim: 65, bucketSize: 16, bucketCount: 16, factors: [4, 4]),
+        LSHCase(heads: 1, length: 1101, headDim: 8, bucketSize: 4, hashes: 2, factors: [8, 36], causal: true),
+    ].enumerated().map { n, c in var c = c; c.seed = 80 + UInt64(n); return c }
 }
 
 @Suite("LSHAttention")
@@ -155,6 +177,78 @@ struct LSHAttentionTests {
             let (reference, naive) = try lshReferences(c.attention, q: q, k: k, v: v, keyLengths: c.keyLengths)
             checkAttention(result, reference: reference, naive: naive, "lsh \(c.testDescription) threads \(threads)")
         }
+    }
+
+    @Test("factorised hashing matches the reference recomputed from the same rotations", arguments: LSHCases.factorised)
+    func factorised(_ c: LSHCase) throws {
+        try reference(c)
+    }
+
+    @Test("factorised hashing with explicit rotations; one factor is the unfactorised rule, bitwise")
+    func factorisedRotations() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 83, headDim: 12, seed: 21)
+        let shape = try AttentionShape(query: q, key: k, value: v)
+        var rng = SeededGenerator(seed: 22)
+        let rotations = try Tensor(shape: [2, 2, 12, 5], data: (0..<2 * 2 * 12 * 5).map { _ in Float(rng.nextGaussian()) })
+        for (sharedQK, causal) in [(true, false), (false, true)] {
+            let lsh = LSHAttention(bucketSize: 8, hashes: 2, sharedQK: sharedQK, causal: causal, rotations: rotations,
+                                   bucketFactors: [4, 6])
+            #expect(lsh.buckets(forLength: 83) == 24)
+            #expect(try lsh.rotations(for: shape).elements == rotations.elements)
+            let result = try lsh.attend(query: q, key: k, value: v, threads: 2)
+            let (reference, naive) = try lshReferences(lsh, q: q, k: k, v: v, keyLengths: nil)
+            checkAttention(result, reference: reference, naive: naive, "lsh explicit factorised shared \(sharedQK)")
+            expectBitwiseEqual(result, try lsh.attend(query: q, key: k, value: v, threads: 1), "lsh factorised threads")
+            // The seeded rotations of the same factors, passed explicitly, give the same result.
+            var seeded = lsh
+            seeded.rotations = nil
+            seeded.seed = 31
+            var explicit = seeded
+            explicit.rotations = try seeded.rotations(for: shape)
+            #expect(explicit.rotations?.shape == [2, 2, 12, 5])
+            expectBitwiseEqual(try seeded.attend(query: q, key: k, value: v), try explicit.attend(query: q, key: k, value: v),
+                               "lsh factorised seeded vs explicit")
+        }
+        // A single factor [n] is bucketCount n, bitwise (seeded and explicit rotations).
+        for n in [2, 10] {
+            let counted = LSHAttention(bucketSize: 8, hashes: 2, bucketCount: n, sharedQK: false, seed: 3)
+            let factored = LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 3, bucketFactors: [n])
+            #expect(try counted.bucketIDs(query: q, key: k) == factored.bucketIDs(query: q, key: k))
+            expectBitwiseEqual(try counted.attend(query: q, key: k, value: v), try factored.attend(query: q, key: k, value: v),
+                               "lsh bucketCount \(n) vs bucketFactors [\(n)]")
+        }
+    }
+
+    @Test("factorised bucket ids by hand: the first factor is the least significant")
+    func factorisedByHand() throws {
+        // D = 2, factors [2, 4]: columns 1 + 2, rotated = [x0, x1, x0 + x1].
+        // b0 = argmax([x0, −x0]); b1 = argmax([x1, x0 + x1, −x1, −(x0 + x1)]); bucket = b0 + 2 · b1.
+        let rotation = try Tensor(shape: [1, 1, 2, 3], data: [1, 0, 1,
+                                                               0, 1, 1])
+        let points: [(x: [Float], bucket: Int)] = [
+            ([1, 2], 2),      // b0 0; [2, 3, −2, −3] → 1
+            ([-1, 2], 1),     // b0 1; [2, 1, −2, −1] → 0
+            ([3, -1], 2),     // b0 0; [−1, 2, 1, −2] → 1
+            ([-3, -1], 7),    // b0 1; [−1, −4, 1, 4] → 3
+            ([1, -3], 4),     // b0 0; [−3, −2, 3, 2] → 2
+            ([-2, 1], 1),     // b0 1; [1, −1, −1, 1] → 0 (first of the tied maxima)
+            ([0, -1], 4),     // b0 0 (0 ties −0: the first); [−1, −1, 1, 1] → 2
+            ([-1, -3], 7),    // b0 1; [−3, −4, 3, 4] → 3
+        ]
+        let x = try Tensor(shape: [1, 1, points.count, 2], data: points.flatMap(\.x))
+        let lsh = LSHAttention(bucketSize: 2, hashes: 1, rotations: rotation, bucketFactors: [2, 4])
+        let ids = try lsh.bucketIDs(query: x, key: x)
+        #expect(ids.query == points.map(\.bucket))
+        #expect(ids.key == ids.query)
+        // Separate keys hash the keys by the same rule.
+        var separate = lsh
+        separate.sharedQK = false
+        let y = try Tensor(shape: [1, 1, points.count, 2], data: points.reversed().flatMap(\.x))
+        #expect(try separate.bucketIDs(query: x, key: y).key == points.reversed().map(\.bucket))
+        // Reversed factors read the columns the other way round: [4, 2] gives other ids.
+        let reversed = LSHAttention(bucketSize: 2, hashes: 1, rotations: rotation, bucketFactors: [4, 2])
+        // b0 = argmax([x0, x1, −x0, −x1]) over columns 0, 1; b1 = argmax([x0 + x1, −(x0 + x1)]).
+        #expect(try reversed.bucketIDs(query: x, key: x).query == [1, 1, 0, 6, 7, 6, 7, 7])
     }
 
     @Test("one bucket with attention across buckets is dense attention with the self rule")
@@ -258,6 +352,24 @@ struct LSHAttentionTests {
         expectAttentionError(.invalidParameter, mentioning: ["rotations", "NaN"]) {
             try LSHAttention(rotations: nan).attend(query: q, key: k, value: v)
         }
+        for factors in [[3, 2], [2, 0], [2, -2], [1]] {
+            expectAttentionError(.invalidParameter, mentioning: ["bucketFactors", "even", "\(factors.first { $0 < 2 || $0 % 2 != 0 }!)"]) {
+                try LSHAttention(bucketFactors: factors).attend(query: q, key: k, value: v)
+            }
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["bucketFactors", "[]"]) {
+            try LSHAttention(bucketFactors: []).attend(query: q, key: k, value: v)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["bucketCount", "8", "4", "[2, 2]"]) {
+            try LSHAttention(bucketCount: 8, bucketFactors: [2, 2]).attend(query: q, key: k, value: v)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["bucketFactors", "16777216"]) {
+            try LSHAttention(bucketFactors: [1 << 20, 1 << 20]).attend(query: q, key: k, value: v)
+        }
+        let wrongFactored = try Tensor(shape: [2, 4, 8, 4], repeating: 1)
+        expectAttentionError(.shapeMismatch, mentioning: ["rotations", "Σ bucketFactors/2", "[2, 4, 8, 3]"]) {
+            try LSHAttention(rotations: wrongFactored, bucketFactors: [2, 4]).attend(query: q, key: k, value: v)
+        }
         let (q2, k2, v2) = try randomQKV(heads: 2, queryLength: 10, keyLength: 12, headDim: 8, seed: 2)
         expectAttentionError(.unsupported, mentioning: ["queryLength", "keyLength"]) {
             try LSHAttention().attend(query: q2, key: k2, value: v2)
@@ -276,5 +388,12 @@ struct LSHAttentionTests {
         #expect(small.scoredPairs == 8 * 4 * 4096 * 128)
         #expect(Double(large.workspaceBytes) < 2.2 * Double(small.workspaceBytes),
                 "workspace \(small.workspaceBytes) -> \(large.workspaceBytes) should grow linearly")
+        // Hashing FLOPs: 2 · N · D · columns per round and head (Σ n_i / 2 columns when factorised).
+        let shape = AttentionShape(heads: 8, queryLength: 8192, headDim: 64)
+        let unfactorised = try LSHAttention(bucketCount: 128).cost(shape, threads: 2)
+        let factorised = try LSHAttention(bucketFactors: [16, 8]).cost(shape, threads: 2)
+        #expect(factorised.scoredPairs == unfactorised.scoredPairs)
+        #expect(unfactorised.flops - factorised.flops == 8 * 4 * 2 * 8192 * 64 * (64 - 12),
+                "hashing FLOPs: \(unfactorised.flops) vs \(factorised.flops)")
     }
 }

@@ -7,6 +7,12 @@
 /// // k_j = q_j / |q_j| (shared QK, the default) or the given keys (separate keys):
 /// for r in 0..<hashes:
 ///     bucket(x) = argmax([x R[h, r] ; −x R[h, r]])            // R[h, r]: D × nBuckets/2
+///     // or, with bucketFactors [n_0, n_1, ...] (nBuckets = Π n_i, R[h, r]: D × Σ n_i/2):
+///     //   rot = x R[h, r]; offset = 0; bucket = 0; weight = 1
+///     //   for n_i in bucketFactors:
+///     //       part = rot[offset ..< offset + n_i/2]
+///     //       bucket += weight · argmax([part ; −part])     // first maximum
+///     //       offset += n_i/2; weight *= n_i               // first factor least significant
 ///     order = positions sorted by (bucket, position)          // queries; keys likewise
 ///     chunk(i) = (index of i in order) / bucketSize
 ///     j visible to i in round r iff
@@ -25,25 +31,39 @@
 ///
 /// Rotations have N(0, 1) entries, drawn for each head and round from its own
 /// `SeededGenerator` derived from `seed` (``rotations(for:)`` returns them as
-/// `[H, hashes, D, nBuckets/2]`), or passed in explicitly (``rotations``). With separate
+/// `[H, hashes, D, columns]`, `columns = nBuckets/2`, or `Σ n_i/2` with ``bucketFactors``),
+/// or passed in explicitly (``rotations``). With separate
 /// keys, query head `h` hashes its keys (key head `h / (H / Hkv)`) with its own rotations.
 ///
 /// The work runs on ``GroupedAttention``: hashing is a small GEMM on the micro-kernel,
 /// the sort is a counting sort by bucket (stable, O(N)), the chunks attend with the tiled
 /// softmax kernel (query tiles of one chunk, keys of the chunk and the previous one).
 ///
+/// Factorised hashing (``bucketFactors``) is the rule of trax and Hugging Face's Reformer
+/// for a `num_buckets` list: the same buckets from the same rotations. It makes hashing
+/// cost `Σ n_i` instead of `Π n_i` columns, which keeps the default `nBuckets ≈ N / 64`
+/// from turning hashing quadratic.
+///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
-///   attention plus `hashes · N · D · nBuckets` FLOPs of hashing (twice with separate
-///   keys); workspace O(N · (D + Dv)) for one round of each head in flight (one per thread
-///   while they fit in the L3, else one).
+///   attention plus `hashes · N · D · 2·columns` FLOPs of hashing (`2·columns = nBuckets`,
+///   or `Σ n_i` with ``bucketFactors``; twice with separate keys); workspace
+///   O(N · (D + Dv) + nBuckets) for one round of each head in flight (one per thread while
+///   they fit in the L3, else one).
 public struct LSHAttention: Attention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
     /// Hash rounds (default 4). At least 1.
     public var hashes: Int
-    /// Buckets per round, even and at least 2; `nil` means `⌈N / bucketSize⌉` rounded up
-    /// to an even number (at least 2), or twice the last extent of explicit rotations.
+    /// Buckets per round, even and at least 2; `nil` means the product of ``bucketFactors``
+    /// when given, else `⌈N / bucketSize⌉` rounded up to an even number (at least 2), or
+    /// twice the last extent of explicit rotations.
     public var bucketCount: Int?
+    /// Factorised hashing (trax / Hugging Face `num_buckets = [n_0, n_1, ...]`): each factor
+    /// even and at least 2, `nBuckets = Π n_i` (equal to ``bucketCount`` if both are given),
+    /// rotations of `Σ n_i/2` columns; bucket `b_0 + n_0·b_1 + n_0·n_1·b_2 + ...` with `b_i`
+    /// the argmax of `[rot_i ; −rot_i]` over factor `i`'s columns. `nil` (the default) or
+    /// `[n]` is the unfactorised rule with `n` buckets.
+    public var bucketFactors: [Int]?
     /// Keys are the unit-normalised queries (the `key` argument is then only shape-checked).
     public var sharedQK: Bool
     /// Keys of other buckets within the attended chunks are visible too.
@@ -54,12 +74,13 @@ public struct LSHAttention: Attention {
     public var scale: Float?
     /// Seed of the random rotations.
     public var seed: UInt64
-    /// Explicit rotations `[H, hashes, D, nBuckets / 2]` (finite), replacing the seeded ones.
+    /// Explicit rotations `[H, hashes, D, columns]` (finite), replacing the seeded ones:
+    /// `columns = nBuckets / 2`, or `Σ n_i / 2` with ``bucketFactors``.
     public var rotations: Tensor?
 
     public init(bucketSize: Int = 64, hashes: Int = 4, bucketCount: Int? = nil, sharedQK: Bool = true,
                 attendAcrossBuckets: Bool = false, causal: Bool = false, scale: Float? = nil,
-                seed: UInt64 = 0, rotations: Tensor? = nil) {
+                seed: UInt64 = 0, rotations: Tensor? = nil, bucketFactors: [Int]? = nil) {
         self.bucketSize = bucketSize
         self.hashes = hashes
         self.bucketCount = bucketCount
@@ -69,6 +90,7 @@ public struct LSHAttention: Attention {
         self.scale = scale
         self.seed = seed
         self.rotations = rotations
+        self.bucketFactors = bucketFactors
     }
 
     public var name: String { "lsh" }
@@ -81,9 +103,32 @@ public struct LSHAttention: Attention {
     /// - Complexity: O(1).
     public func buckets(forLength length: Int) -> Int {
         if let bucketCount { return bucketCount }
+        if let bucketFactors { return LSHAttention.product(bucketFactors) }
         if let rotations { return 2 * rotations.shape[3] }
         let chunks = (length + max(1, bucketSize) - 1) / max(1, bucketSize)
         return max(2, roundUp(chunks, 2))
+    }
+
+    /// The bucket factors used for sequences of `length` positions: ``bucketFactors``, or
+    /// the single factor ``buckets(forLength:)``.
+    ///
+    /// - Complexity: O(factors).
+    public func factors(forLength length: Int) -> [Int] {
+        bucketFactors ?? [buckets(forLength: length)]
+    }
+
+    /// Rotation columns for `factors`: `Σ n_i / 2`.
+    static func columns(_ factors: [Int]) -> Int { factors.reduce(0) { $0 + $1 / 2 } }
+
+    /// Most buckets ``bucketFactors`` may give (the sort's counters take 4 bytes each).
+    public static let maxFactorisedBuckets = 1 << 24
+
+    /// `Π factors`, saturating at `Int.max` (validation rejects more than ``maxFactorisedBuckets``).
+    static func product(_ factors: [Int]) -> Int {
+        factors.reduce(1) { product, factor in
+            let (next, overflow) = product.multipliedReportingOverflow(by: factor)
+            return overflow ? Int.max : next
+        }
     }
 
     public func validate(_ shape: AttentionShape) throws {
@@ -103,15 +148,35 @@ public struct LSHAttention: Attention {
         guard shape.queryLength <= LSHAttention.maxLength else {
             throw AttentionError.unsupported("LSH attention supports sequences up to \(LSHAttention.maxLength), got \(shape.queryLength)")
         }
+        if let bucketFactors {
+            guard !bucketFactors.isEmpty else {
+                throw AttentionError.invalidParameter("LSH bucketFactors must list at least one factor, got []")
+            }
+            for factor in bucketFactors where factor < 2 || factor % 2 != 0 {
+                throw AttentionError.invalidParameter(
+                    "LSH bucketFactors must each be even and at least 2, got \(factor) in \(bucketFactors)")
+            }
+            let product = LSHAttention.product(bucketFactors)
+            guard product <= LSHAttention.maxFactorisedBuckets else {
+                throw AttentionError.invalidParameter(
+                    "LSH bucketFactors \(bucketFactors) give more than \(LSHAttention.maxFactorisedBuckets) buckets "
+                    + "(the counting sort keeps one counter per bucket)")
+            }
+            if let bucketCount, bucketCount != product {
+                throw AttentionError.invalidParameter(
+                    "LSH bucketCount \(bucketCount) must equal the product \(product) of bucketFactors \(bucketFactors)")
+            }
+        }
         let n = buckets(forLength: shape.queryLength)
         guard n >= 2, n % 2 == 0 else {
             throw AttentionError.invalidParameter("LSH bucketCount (nBuckets) must be even and at least 2, got \(n)")
         }
         if let rotations {
-            let expected = [shape.heads, hashes, shape.headDim, n / 2]
+            let expected = [shape.heads, hashes, shape.headDim, LSHAttention.columns(factors(forLength: shape.queryLength))]
             guard rotations.shape == expected else {
+                let extent = bucketFactors == nil ? "nBuckets/2" : "Σ bucketFactors/2"
                 throw AttentionError.shapeMismatch(
-                    "LSH rotations must be [heads, hashes, headDim, nBuckets/2] = \(expected), got \(rotations.shape)")
+                    "LSH rotations must be [heads, hashes, headDim, \(extent)] = \(expected), got \(rotations.shape)")
             }
             guard rotations.elements.allSatisfy(\.isFinite) else {
                 throw AttentionError.invalidParameter("LSH rotations must be finite (found NaN or infinity)")
@@ -120,13 +185,14 @@ public struct LSHAttention: Attention {
     }
 
     /// The rotations a call on `shape` uses: the explicit ones, or the seeded
-    /// `[H, hashes, D, nBuckets/2]` standard normal values (see ``seededRotation``).
+    /// `[H, hashes, D, columns]` standard normal values (see ``seededRotation``), with
+    /// `columns = nBuckets/2`, or `Σ n_i/2` with ``bucketFactors``.
     ///
-    /// - Complexity: O(H · hashes · D · nBuckets).
+    /// - Complexity: O(H · hashes · D · columns).
     public func rotations(for shape: AttentionShape) throws -> Tensor {
         try validate(shape)
         if let rotations { return rotations }
-        let half = buckets(forLength: shape.queryLength) / 2
+        let half = LSHAttention.columns(factors(forLength: shape.queryLength))
         let d = shape.headDim
         var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
         data.withUnsafeMutableBufferPointer { buffer in
@@ -158,25 +224,26 @@ public struct LSHAttention: Attention {
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         try validate(shape)
-        let (layout, half) = plan(shape)
+        let (layout, factors) = plan(shape)
+        let half = LSHAttention.columns(factors)
         let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
         let heads = shape.batch * shape.heads
         let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: headBytes(shape, layout, half: half))
+                                                    bytesPerHead: headBytes(shape, layout, factors: factors))
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
                              workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
-                                                                             bytesPerHead: headBytes(shape, layout, half: half))
-                                 + outer * Scratch.byteCount(shape, hashes: hashes, half: half, workers: inner),
+                                                                             bytesPerHead: headBytes(shape, layout, factors: factors))
+                                 + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner),
                              scoredPairs: heads * pairs)
     }
 
     /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
-    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, half: Int) -> Int {
+    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
         GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
-                                   scratchBytes: Scratch.byteCount(shape, hashes: hashes, half: half, workers: 1))
+                                   scratchBytes: Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: 1))
     }
 
     /// Query/key pairs one round examines: each chunk against itself and its predecessor.
@@ -191,27 +258,28 @@ public struct LSHAttention: Attention {
         return pairs
     }
 
-    private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, half: Int) {
+    private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, factors: [Int]) {
         let n = shape.queryLength
         let layout = GroupedAttention.Layout(
             rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
             queryGroupSize: bucketSize, keyGroupSize: bucketSize, groups: (n + bucketSize - 1) / bucketSize,
             lookBack: true, checkBuckets: !attendAcrossBuckets, causalOffset: causal ? 0 : nil,
             sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
-        return (layout, buckets(forLength: n) / 2)
+        return (layout, factors(forLength: n))
     }
 
     /// The bucket of every query and key in every round: `query[((b·H + h)·hashes + r)·N + i]`
     /// and `key` likewise (keys hashed for query head `h`; equal to `query` with shared QK).
     ///
-    /// - Complexity: O(B · H · hashes · N · D · nBuckets), single-threaded.
+    /// - Complexity: O(B · H · hashes · N · D · columns), single-threaded (`columns =
+    ///   nBuckets / 2`, or `Σ n_i / 2` with ``bucketFactors``).
     public func bucketIDs(query: Tensor, key: Tensor) throws -> (query: [Int], key: [Int]) {
         let shape = try AttentionShape(query: query, key: key, value: key)
         try validate(shape)
-        let n = shape.queryLength, (_, half) = plan(shape)
+        let n = shape.queryLength, (_, factors) = plan(shape)
         let rotations = try self.rotations(for: shape)
         var queryBuckets = [Int](), keyBuckets = [Int]()
-        let scratch = Scratch(shape, hashes: hashes, half: half, workers: 1)
+        let scratch = Scratch(shape, hashes: hashes, factors: factors, workers: 1)
         defer { scratch.deallocate() }
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
@@ -237,7 +305,8 @@ public struct LSHAttention: Attention {
         let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
                                              threads: threads, scale: self.scale)
         let threads = threads ?? defaultThreadCount
-        let (layout, half) = plan(shape)
+        let (layout, factors) = plan(shape)
+        let half = LSHAttention.columns(factors)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
@@ -251,8 +320,8 @@ public struct LSHAttention: Attention {
             // phases on `inner` threads.
             GroupedAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
-                bytesPerHead: headBytes(shape, layout, half: half),
-                makeScratch: { Scratch(shape, hashes: hashes, half: half, workers: $0) },
+                bytesPerHead: headBytes(shape, layout, factors: factors),
+                makeScratch: { Scratch(shape, hashes: hashes, factors: factors, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in
                 let hk = h / shape.groupSize
@@ -311,8 +380,10 @@ public struct LSHAttention: Attention {
 
     /// LSH's own scratch: packed rotations of one head, the head's rows transposed (queries,
     /// and keys when separate), bucket ids, per-worker hash tiles and sort counters.
+    /// `half` is the rotation's column count (`Σ n_i / 2` over the bucket factors).
     struct Scratch {
         let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
+        let factors: [Int]
         let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
         let queriesT, keysT: UnsafeMutablePointer<Float>  // packed panels [N / NR][D][NR] (≤ D · stride)
         let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
@@ -320,27 +391,29 @@ public struct LSHAttention: Attention {
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
         private let block: UnsafeMutableRawPointer
 
-        private static func counts(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int)
+        private static func counts(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int)
             -> (floats: Int, ints: Int) {
+            let half = LSHAttention.columns(factors), buckets = factors.reduce(1, *)
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
             let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n)
                 + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
-            return (floats, 2 * hashes * n + workers * (2 * half + 1))
+            return (floats, 2 * hashes * n + workers * (buckets + 1))
         }
 
-        static func byteCount(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int) -> Int {
-            let (floats, ints) = counts(shape, hashes: hashes, half: half, workers: workers)
+        static func byteCount(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) -> Int {
+            let (floats, ints) = counts(shape, hashes: hashes, factors: factors, workers: workers)
             return 4 * (floats + ints)
         }
 
-        init(_ shape: AttentionShape, hashes: Int, half: Int, workers: Int) {
+        init(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) {
             d = shape.headDim
             n = shape.queryLength
-            self.half = half
+            self.factors = factors
+            half = LSHAttention.columns(factors)
             halfPad = roundUp(half, MicroTile.nr)
-            buckets = 2 * half
+            buckets = factors.reduce(1, *)
             stride = TransposedRows.stride(n)
-            let (floats, ints) = Scratch.counts(shape, hashes: hashes, half: half, workers: workers)
+            let (floats, ints) = Scratch.counts(shape, hashes: hashes, factors: factors, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
             let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             rotations = f
@@ -371,8 +444,9 @@ public struct LSHAttention: Attention {
         }
 
         /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
-        /// transposed rows: `argmax([x R ; −x R])`, the first maximum, positive half first.
-        /// Positions are in lanes, so the argmax over buckets is a vertical scan.
+        /// transposed rows: per factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
+        /// columns (the first maximum, positive half first), combined with the first factor
+        /// least significant. Positions are in lanes, so each argmax is a vertical scan.
         func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             typealias Lanes = SIMD16<Int32>
@@ -388,20 +462,27 @@ public struct LSHAttention: Attention {
                 for lane in Swift.stride(from: 0, to: MicroTile.nr, by: 16) {
                     let valid = min(16, start + count - panel - lane)
                     guard valid > 0 else { break }
-                    var high = Vec16(repeating: -.infinity), low = Vec16(repeating: .infinity)
-                    var highIndex = Lanes(), lowIndex = Lanes()
-                    for r in 0..<half {
-                        let value = load16(tile + r * MicroTile.nr + lane)
-                        let index = Lanes(repeating: Int32(r))
-                        let up = value .> high, down = value .< low
-                        high.replace(with: value, where: up)
-                        highIndex.replace(with: index, where: up)
-                        low.replace(with: value, where: down)
-                        lowIndex.replace(with: index, where: down)
+                    var bucket = Lanes(), offset = 0, weight: Int32 = 1
+                    for factor in factors {
+                        let columns = factor / 2
+                        var high = Vec16(repeating: -.infinity), low = Vec16(repeating: .infinity)
+                        var highIndex = Lanes(), lowIndex = Lanes()
+                        for r in 0..<columns {
+                            let value = load16(tile + (offset + r) * MicroTile.nr + lane)
+                            let index = Lanes(repeating: Int32(r))
+                            let up = value .> high, down = value .< low
+                            high.replace(with: value, where: up)
+                            highIndex.replace(with: index, where: up)
+                            low.replace(with: value, where: down)
+                            lowIndex.replace(with: index, where: down)
+                        }
+                        var result = lowIndex &+ Lanes(repeating: Int32(columns))
+                        result.replace(with: highIndex, where: high .>= -low)
+                        bucket &+= result &* Lanes(repeating: weight)
+                        offset += columns
+                        weight &*= Int32(truncatingIfNeeded: factor)
                     }
-                    var result = lowIndex &+ Lanes(repeating: Int32(half))
-                    result.replace(with: highIndex, where: high .>= -low)
-                    for t in 0..<valid { bucketOf[panel + lane + t] = result[t] }
+                    for t in 0..<valid { bucketOf[panel + lane + t] = bucket[t] }
                 }
             }
         }
