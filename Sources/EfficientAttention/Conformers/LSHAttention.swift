@@ -229,13 +229,14 @@ public struct LSHAttention: Attention {
         let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
         let heads = shape.batch * shape.heads
+        let bytesPerHead = headBytes(shape, layout, factors: factors)
         let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: headBytes(shape, layout, factors: factors))
+                                                    bytesPerHead: bytesPerHead)
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
                              workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
-                                                                             bytesPerHead: headBytes(shape, layout, factors: factors))
+                                                                             bytesPerHead: bytesPerHead)
                                  + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner),
                              scoredPairs: heads * pairs)
     }
@@ -393,7 +394,7 @@ public struct LSHAttention: Attention {
 
         private static func counts(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int)
             -> (floats: Int, ints: Int) {
-            let half = LSHAttention.columns(factors), buckets = factors.reduce(1, *)
+            let half = LSHAttention.columns(factors), buckets = LSHAttention.product(factors)
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
             let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n)
                 + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
@@ -411,7 +412,7 @@ public struct LSHAttention: Attention {
             self.factors = factors
             half = LSHAttention.columns(factors)
             halfPad = roundUp(half, MicroTile.nr)
-            buckets = factors.reduce(1, *)
+            buckets = LSHAttention.product(factors)
             stride = TransposedRows.stride(n)
             let (floats, ints) = Scratch.counts(shape, hashes: hashes, factors: factors, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)

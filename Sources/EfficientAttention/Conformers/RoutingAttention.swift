@@ -23,8 +23,9 @@
 ///
 /// The work runs on ``GroupedAttention``: routing scores are a small GEMM on the
 /// micro-kernel (`C · X̂ᵀ`, eight clusters at a time), selection is a sampled threshold, a
-/// vector scan for candidates and a quickselect on them per cluster, and each cluster attends with the tiled softmax kernel (a query tile per
-/// cluster, the cluster's keys as key tiles, no masking unless causal or padded).
+/// vector scan for candidates and a quickselect on them per cluster, and each cluster
+/// attends with the tiled softmax kernel (a query tile per cluster, the cluster's keys as
+/// key tiles, no masking unless causal or padded).
 ///
 /// - Complexity: per head, `K · wq · wk · 2 · (D + Dv)` FLOPs of attention (about
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
@@ -118,11 +119,12 @@ public struct RoutingAttention: Attention {
         let heads = shape.batch * shape.heads
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(shape.queryLength + shape.keyLength) * Double(k * shape.headDim))
+        let bytesPerHead = headBytes(l, keyLength: shape.keyLength)
         let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: headBytes(l, keyLength: shape.keyLength))
+                                                    bytesPerHead: bytesPerHead)
         return AttentionCost(flops: flops,
                              workspaceBytes: GroupedAttention.workspaceBytes(l, heads: heads, threads: threads,
-                                                                             bytesPerHead: headBytes(l, keyLength: shape.keyLength))
+                                                                             bytesPerHead: bytesPerHead)
                                  + outer * Router.byteCount(l, keyLength: shape.keyLength, workers: inner),
                              scoredPairs: heads * pairs)
     }

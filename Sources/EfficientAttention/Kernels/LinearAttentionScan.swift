@@ -163,10 +163,9 @@ enum LinearAttentionScan {
         // The chunk's key and value rows are loaded first with independent loads, so that
         // their cache misses overlap (out of cache the feature map's own loads would
         // wait one after another behind its exponentials, and the GEMM's behind its FMAs).
-        touchRows(k.row(input.b, input.hk, start), count: count, rowStride: k.strides[2],
-                  length: d &* k.strides[3], sink: space.sink)
-        touchRows(v.row(input.b, input.hk, start), count: count, rowStride: v.strides[2],
-                  length: space.dv &* v.strides[3], sink: space.sink)
+        let rows = PositionRun(start: start, count: count)
+        k.touch(input.b, input.hk, rows: rows, width: d, sink: space.sink)
+        v.touch(input.b, input.hk, rows: rows, width: space.dv, sink: space.sink)
         map.apply(k.row(input.b, input.hk, start), rows: count, rowStride: k.strides[2], columnStride: k.strides[3],
                   headDim: d, output: space.keyFeatures, outputStride: space.mPad, logScale: space.keyLogScale)
         var top = -Float.infinity
@@ -197,10 +196,9 @@ enum LinearAttentionScan {
         let q = input.q, o = input.o
         // The chunk's query rows, and the output rows the GEMM is about to write, loaded
         // first for the reason given in `keyFeatures`.
-        touchRows(q.row(input.b, input.h, start), count: count, rowStride: q.strides[2],
-                  length: d &* q.strides[3], sink: space.sink)
-        touchRows(o.row(input.b, input.h, start), count: count, rowStride: o.strides[2],
-                  length: space.dv &* o.strides[3], sink: space.sink)
+        let rows = PositionRun(start: start, count: count)
+        q.touch(input.b, input.h, rows: rows, width: d, sink: space.sink)
+        o.touch(input.b, input.h, rows: rows, width: space.dv, sink: space.sink)
         map.apply(q.row(input.b, input.h, start), rows: count, rowStride: q.strides[2], columnStride: q.strides[3],
                   headDim: d, output: space.queryFeatures, outputStride: space.mPad, logScale: space.queryLogScale)
     }

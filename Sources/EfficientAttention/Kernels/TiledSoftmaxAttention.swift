@@ -181,11 +181,9 @@ enum TiledSoftmaxAttention {
         // stalling the transposing pack one row at a time (cheap next to a dense row's
         // work; it matters for narrow bands, which only see a few tiles). Output rows a
         // merge reads `step > 1` apart too: they defeat the hardware prefetchers.
-        touchRows(q.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* q.strides[2],
-                  length: d &* q.strides[3], sink: space.sink)
+        q.touch(b, h, rows: queries, width: d, sink: space.sink)
         if merge && queries.step > 1 {
-            touchRows(o.row(b, h, queries.start), count: queries.count, rowStride: queries.step &* o.strides[2],
-                      length: dv &* o.strides[3], sink: space.sink)
+            o.touch(b, h, rows: queries, width: dv, sink: space.sink)
         }
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
                     into: space.qT, ld: br, lanes: queryLanes)
@@ -198,10 +196,8 @@ enum TiledSoftmaxAttention {
         mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
             let keys = tile.keys
             if keys.step > 1 {
-                touchRows(k.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* k.strides[2],
-                          length: d &* k.strides[3], sink: space.sink)
-                touchRows(v.row(b, hk, keys.start), count: keys.count, rowStride: keys.step &* v.strides[2],
-                          length: dv &* v.strides[3], sink: space.sink)
+                k.touch(b, hk, rows: keys, width: d, sink: space.sink)
+                v.touch(b, hk, rows: keys, width: dv, sink: space.sink)
             }
             // V rows are read in place when they are whole micro-tile rows (unit column
             // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
@@ -472,6 +468,24 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
         }
     }
     sink.pointee = sum
+}
+
+extension TensorView {
+    /// ``touchRows(_:count:rowStride:length:sink:)`` over the rows `rows` of head `(b, h)`,
+    /// `width` elements each.
+    @inline(__always)
+    func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
+        touchRows(row(b, h, rows.start), count: rows.count, rowStride: rows.step &* strides[2],
+                  length: width &* strides[3], sink: sink)
+    }
+}
+
+extension MutableTensorView {
+    /// ``TensorView/touch(_:_:rows:width:sink:)`` on the same rows.
+    @inline(__always)
+    func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
+        TensorView(base: UnsafePointer(base), strides: strides).touch(b, h, rows: rows, width: width, sink: sink)
+    }
 }
 
 @inline(__always)

@@ -127,8 +127,7 @@ struct BlockedMask: TileMask {
 
     func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
         // Only the causal rule cuts a listed tile: keys up to the block's last query.
-        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
-        return runIndices(tile.keys, from: tile.keys.start, through: p.last + offset)
+        causalVisibleKeyIndices(tile: tile, queries: queries, lanes: lanes, offset: offset)
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {

@@ -243,6 +243,15 @@ func maskTransposedScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: 
     }
 }
 
+/// ``TileMask/visibleKeyIndices(tile:queries:lanes:)`` for a tile cut by the causal rule
+/// alone (the partner of ``maskCausalDiagonal(_:ld:keys:queries:offset:)``): the keys up
+/// to the last real query of `lanes`, plus `offset`.
+@inline(__always)
+func causalVisibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>, offset: Int) -> Range<Int> {
+    guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+    return runIndices(tile.keys, from: tile.keys.start, through: p.last + offset)
+}
+
 /// Masks by the causal rule alone: key `j` is hidden from query `i` iff `j > i + offset`.
 @inline(__always)
 func maskCausalDiagonal(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun,
