@@ -152,6 +152,33 @@ struct RoutingAttentionTests {
         }
     }
 
+    @Test("thresholds from an unrepresentative sample fall back to the exact top-w")
+    func thresholdFallbacks() throws {
+        // 4096 queries, 8 clusters of 512, centroid c = e_c; thresholds come from every 8th position.
+        let (n, d) = (4096, 8)
+        var (q, k, _) = try randomQKV(heads: 1, queryLength: n, headDim: d, seed: 5)
+        var centroids = try Tensor(shape: [1, 1, 8, d])
+        for c in 0..<8 { centroids[0, 0, c, c] = 1 }
+        for i in 0..<n {
+            if i % 16 == 0 {
+                // Cluster 0: half of the sample scores 1, so its threshold (1) passes only these
+                // 256 positions: too few candidates.
+                for t in 0..<d { q[0, 0, i, t] = t == 0 ? 1 : 0 }
+            } else if i >= 1000 {
+                // Cluster 1: about 2900 equal rows pass its threshold: a full candidate list.
+                for t in 0..<d { q[0, 0, i, t] = t == 1 ? 0.8 : (t == 2 ? 0.6 : 0) }
+            }
+        }
+        let routing = try RoutingAttention(centroids: centroids)
+        let routes = try checkedRoutes(routing, q: q, k: k)
+        #expect(Set(stride(from: 0, to: n, by: 16)).isSubset(of: routes.query[0]) && routes.query[0].count == 512,
+                "cluster 0 must hold the 256 rows scoring 1 and 256 more")
+        // Cluster 1 takes the first 512 of the equal rows (ties by position) after any higher scores.
+        let ties = routes.query[1].filter { $0 >= 1000 && $0 % 16 != 0 }
+        #expect(!ties.isEmpty && ties == Array((1000..<n).filter { $0 % 16 != 0 }.prefix(ties.count)),
+                "tied rows must be taken in position order: \(ties.prefix(5))...")
+    }
+
     @Test("one cluster is dense attention")
     func oneClusterIsDense() throws {
         for (nq, nk, causal) in [(45, 45, false), (45, 45, true), (130, 70, true), (20, 130, false)] {

@@ -367,7 +367,7 @@ enum TiledSoftmaxAttention {
                 let base = q.row(b, h, queries.position(first))
                 var c = 0
                 while c + 16 <= d {
-                    Transpose16.transpose(scale: scale, rows: { base + $0 &* rowStride + c },
+                    Transpose16.transpose(scale: Vec16(repeating: scale), rows: { base + $0 &* rowStride + c },
                                           into: qT + c &* ld + first, ld: ld)
                     c += 16
                 }

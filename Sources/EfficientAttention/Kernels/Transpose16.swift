@@ -9,19 +9,19 @@ enum Transpose16 {
     typealias Block = (Vec16, Vec16, Vec16, Vec16, Vec16, Vec16, Vec16, Vec16,
                        Vec16, Vec16, Vec16, Vec16, Vec16, Vec16, Vec16, Vec16)
 
-    /// `out[c · ld + r] = scale · rows[r][c]` for `r, c < 16`: the 16 floats starting at
-    /// `rows(r)` (r < 16) become column `r` of the 16 rows `out + c · ld`.
+    /// `out[c · ld + r] = scale[r] · rows[r][c]` for `r, c < 16`: the 16 floats starting at
+    /// `rows(r)` (r < 16) become column `r` of the 16 rows `out + c · ld`, each row `r`
+    /// scaled by its own factor.
     ///
     /// - Complexity: 16 vector loads, 64 permutes, 16 multiplies, 16 vector stores.
     @inline(__always)
-    static func transpose(scale: Float, rows: (Int) -> UnsafePointer<Float>,
+    static func transpose(scale s: Vec16, rows: (Int) -> UnsafePointer<Float>,
                           into out: UnsafeMutablePointer<Float>, ld: Int) {
         var x: Block = (load16(rows(0)), load16(rows(1)), load16(rows(2)), load16(rows(3)),
                         load16(rows(4)), load16(rows(5)), load16(rows(6)), load16(rows(7)),
                         load16(rows(8)), load16(rows(9)), load16(rows(10)), load16(rows(11)),
                         load16(rows(12)), load16(rows(13)), load16(rows(14)), load16(rows(15)))
         x = stage(stage(stage(stage(x))))
-        let s = Vec16(repeating: scale)
         store16(s * x.0, out); store16(s * x.1, out + ld)
         store16(s * x.2, out + 2 * ld); store16(s * x.3, out + 3 * ld)
         store16(s * x.4, out + 4 * ld); store16(s * x.5, out + 5 * ld)

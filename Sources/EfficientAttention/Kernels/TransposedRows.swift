@@ -43,8 +43,33 @@ enum TransposedRows {
         for first in Swift.stride(from: start, to: start + count, by: nr) {
             // Positions first..<first + nr land at panel + c · nr + (i − first).
             let panel = out + first / nr * depth * nr
-            pack(rows, start: first, count: min(nr, start + count - first), depth: depth, normalise: normalise,
-                 into: panel - first, ld: nr)
+            guard rows.elementStride == 1 && start + count - first >= nr else {
+                pack(rows, start: first, count: min(nr, start + count - first), depth: depth, normalise: normalise,
+                     into: panel - first, ld: nr)
+                continue
+            }
+            // Two blocks of 16 positions, transposed 16 columns at a time in registers.
+            for half in Swift.stride(from: 0, to: nr, by: 16) {
+                let base = first + half
+                var factor = Vec16(repeating: 1)
+                if normalise {
+                    for r in 0..<16 {
+                        let row = rows.row(base + r)
+                        let norm = dot(row, 1, row, 1, count: depth).squareRoot()
+                        factor[r] = norm > 0 ? 1 / norm : 0
+                    }
+                }
+                var c = 0
+                while c + 16 <= depth {
+                    Transpose16.transpose(scale: factor, rows: { rows.row(base + $0) + c }, into: panel + c * nr + half,
+                                          ld: nr)
+                    c += 16
+                }
+                for r in 0..<16 where c < depth {
+                    let row = rows.row(base + r)
+                    for cc in c..<depth { panel[cc * nr + half + r] = row[cc] * factor[r] }
+                }
+            }
         }
         if let n, n % nr != 0, start + count == n {
             let panel = out + n / nr * depth * nr
