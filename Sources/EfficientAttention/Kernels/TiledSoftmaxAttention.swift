@@ -454,13 +454,14 @@ enum TiledSoftmaxAttention {
 
 /// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
 /// floats each) with independent loads, so that their misses overlap; the sum goes to
-/// `sink` only to keep the loads.
+/// `sink` only to keep the loads. With `positions`, the rows are `positions[0..<count]`
+/// (scattered rows of a gather or scatter) instead of `0..<count`.
 @inline(__always)
 func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
-               sink: UnsafeMutablePointer<Float>) {
+               positions: UnsafePointer<Int32>? = nil, sink: UnsafeMutablePointer<Float>) {
     var sum: Float = 0
     for r in 0..<count {
-        let row = base + r &* rowStride
+        let row = base + (positions.map { Int($0[r]) } ?? r) &* rowStride
         var c = 0
         while c < length {
             sum += row[c]
