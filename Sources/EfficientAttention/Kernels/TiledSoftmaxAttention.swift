@@ -412,7 +412,7 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
-        /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
+        /// Where ``touchRows(_:count:rowStride:length:positions:sink:)`` adds its sums.
         let sink: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (`extra` floats; empty for most masks).
         let extra: UnsafeMutablePointer<Float>
@@ -453,8 +453,9 @@ enum TiledSoftmaxAttention {
 }
 
 /// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
-/// floats each) with independent loads, so that their misses overlap; the sum goes to
-/// `sink` only to keep the loads. With `positions`, the rows are `positions[0..<count]`
+/// floats each) with independent loads, so that their misses overlap; the sum is added to
+/// `sink` only to keep the loads (added, not stored: a store that the next touch overwrites
+/// would be dead, and its loads with it). With `positions`, the rows are `positions[0..<count]`
 /// (scattered rows of a gather or scatter) instead of `0..<count`.
 @inline(__always)
 func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
@@ -468,11 +469,11 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
             c &+= 16
         }
     }
-    sink.pointee = sum
+    sink.pointee += sum
 }
 
 extension TensorView {
-    /// ``touchRows(_:count:rowStride:length:sink:)`` over the rows `rows` of head `(b, h)`,
+    /// ``touchRows(_:count:rowStride:length:positions:sink:)`` over the rows `rows` of head `(b, h)`,
     /// `width` elements each.
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
