@@ -105,10 +105,11 @@ enum GroupedAttention {
         return (outer, max(1, threads / outer))
     }
 
-    /// The memory one head touches: its rows of q, k, v and the output, one ``Workspace``
-    /// and the conformer's `scratchBytes`.
+    /// The memory one head touches: its rows of q, k (not read with shared keys), v and the
+    /// output, one ``Workspace`` and the conformer's `scratchBytes`.
     static func headBytes(_ l: Layout, keyLength: Int, scratchBytes: Int) -> Int {
-        4 * (l.queryLength + keyLength) * (l.headDim + l.valueDim) + Workspace.byteCount(l, workers: 1) + scratchBytes
+        4 * (l.queryLength * (l.headDim + l.valueDim) + keyLength * ((l.sharedKeys ? 0 : l.headDim) + l.valueDim))
+            + Workspace.byteCount(l, workers: 1) + scratchBytes
     }
 
     /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
