@@ -166,7 +166,7 @@ enum GroupedAttention {
             let blockInts = roundUp(3 * (l.blockKeySlots + slotPadding), 16)
             let blockRows = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
             let blockOutputs = l.combinesInBlocks ? roundUp(l.blockQuerySlots * l.valueDim, 16) : 0
-            let blockFloats = blockRows + 16 + blockOutputs + (l.combinesInBlocks ? roundUp(l.blockQuerySlots, 16) : 0)
+            let blockFloats = blockRows + blockOutputs + (l.combinesInBlocks ? roundUp(l.blockQuerySlots, 16) : 0)
             return (ints, floats, blockInts, blockFloats, blockRows, blockOutputs)
         }
 
@@ -209,21 +209,19 @@ enum GroupedAttention {
             let keys = l.blockKeySlots + slotPadding
             let q = (base + 4 * blockInts).assumingMemoryBound(to: Float.self)
             let k = q + l.blockQuerySlots * l.headDim
-            let sink = q + blockRows
+            let o = q + blockRows
             return Block(keyGroup: ints, keyBucket: ints + keys, keyPosition: ints + 2 * keys,
-                         q: q, k: k, v: k + l.blockKeySlots * l.headDim, sink: sink,
-                         o: sink + 16, lse: sink + 16 + blockOutputs)
+                         q: q, k: k, v: k + l.blockKeySlots * l.headDim, o: o, lse: o + blockOutputs)
         }
 
         func deallocate() { block.deallocate() }
     }
 
-    /// One worker's gathered block: key slot arrays (group, bucket, position), rows q, k, v,
-    /// the sink of ``touchRows(_:count:rowStride:length:positions:sink:)`` and, when
-    /// ``Layout/combinesInBlocks``, the block's outputs and log-sum-exps.
+    /// One worker's gathered block: key slot arrays (group, bucket, position), rows q, k, v
+    /// and, when ``Layout/combinesInBlocks``, the block's outputs and log-sum-exps.
     struct Block {
         let keyGroup, keyBucket, keyPosition: UnsafeMutablePointer<Int32>
-        let q, k, v, sink, o, lse: UnsafeMutablePointer<Float>
+        let q, k, v, o, lse: UnsafeMutablePointer<Float>
     }
 
     /// Rows of one head of a tensor: `row(i)` is position `i`.
@@ -234,42 +232,43 @@ enum GroupedAttention {
         @inline(__always) func row(_ i: Int) -> UnsafePointer<Float> { view.row(b, h, i) }
         var elementStride: Int { view.strides[3] }
 
-        /// Touches rows `positions[0..<count]`, `width` elements each
-        /// (``touchRows(_:count:rowStride:length:positions:sink:)``).
+        /// Prefetches rows `positions[0..<count]`, `width` elements each
+        /// (``prefetchRows(_:count:rowStride:length:positions:write:)``).
         @inline(__always)
-        func touch(_ positions: UnsafePointer<Int32>, count: Int, width: Int, sink: UnsafeMutablePointer<Float>) {
-            touchRows(row(0), count: count, rowStride: view.strides[2], length: width &* elementStride,
-                      positions: positions, sink: sink)
+        func prefetch(_ positions: UnsafePointer<Int32>, count: Int, width: Int) {
+            prefetchRows(row(0), count: count, rowStride: view.strides[2], length: width &* elementStride,
+                         positions: positions)
         }
     }
 
-    /// Rows a chunk of a gather or combine touches before the previous chunk is processed.
-    static let touchChunk = 16
+    /// Rows a chunk of a gather or combine prefetches before the previous chunk is processed.
+    static let prefetchChunk = 16
 
-    /// Runs `body(r)` for `r` in `0..<count` in chunks of ``touchChunk``, calling
-    /// `touch(first, count)` on each chunk before the body runs on the previous one, so
+    /// Runs `body(r)` for `r` in `0..<count` in chunks of ``prefetchChunk``, calling
+    /// `prefetch(first, count)` on each chunk before the body runs on the previous one, so
     /// that the cache misses of a chunk's scattered rows overlap (with each other, and with
     /// the work on the previous chunk) instead of stalling one row at a time.
     @inline(__always)
-    static func touchingAhead(count: Int, touch: (_ first: Int, _ count: Int) -> Void, _ body: (_ r: Int) -> Void) {
-        if count > 0 { touch(0, min(touchChunk, count)) }
+    static func prefetchingAhead(count: Int, prefetch: (_ first: Int, _ count: Int) -> Void,
+                                 _ body: (_ r: Int) -> Void) {
+        if count > 0 { prefetch(0, min(prefetchChunk, count)) }
         var first = 0
         while first < count {
-            let end = min(count, first + touchChunk)
-            if end < count { touch(end, min(touchChunk, count - end)) }
+            let end = min(count, first + prefetchChunk)
+            if end < count { prefetch(end, min(prefetchChunk, count - end)) }
             for r in first..<end { body(r) }
             first = end
         }
     }
 
     /// Copies rows `positions[0..<count]` of `a` (`aWidth` elements each) to the
-    /// consecutive rows of `aOut`, and the same rows of `b` to `bOut`, touching ahead.
-    static func gather(_ positions: UnsafePointer<Int32>, count: Int, sink: UnsafeMutablePointer<Float>,
+    /// consecutive rows of `aOut`, and the same rows of `b` to `bOut`, prefetching ahead.
+    static func gather(_ positions: UnsafePointer<Int32>, count: Int,
                        _ a: Rows, width aWidth: Int, into aOut: UnsafeMutablePointer<Float>,
                        _ b: Rows, width bWidth: Int, into bOut: UnsafeMutablePointer<Float>?) {
-        touchingAhead(count: count, touch: { first, rows in
-            a.touch(positions + first, count: rows, width: aWidth, sink: sink)
-            if bOut != nil { b.touch(positions + first, count: rows, width: bWidth, sink: sink) }
+        prefetchingAhead(count: count, prefetch: { first, rows in
+            a.prefetch(positions + first, count: rows, width: aWidth)
+            if bOut != nil { b.prefetch(positions + first, count: rows, width: bWidth) }
         }) { r in
             let position = Int(positions[r])
             copyRow(a.row(position), a.elementStride, to: aOut + r * aWidth, count: aWidth)
@@ -301,7 +300,7 @@ enum GroupedAttention {
             let g0 = blockIndex * l.blockGroups, g1 = min(l.groups, g0 + l.blockGroups)
             let queryStart = g0 * l.queryGroupSize, queryEnd = min(g1 * l.queryGroupSize, qs)
             let queryCount = queryEnd - queryStart
-            gather(space.queryPosition + queryStart, count: queryCount, sink: local.sink,
+            gather(space.queryPosition + queryStart, count: queryCount,
                    query, width: d, into: local.q, query, width: 0, into: nil)
             var keyCount = 0
             func takeKeys(_ start: Int, _ end: Int, padTo: Int) {
@@ -317,10 +316,10 @@ enum GroupedAttention {
                 if l.sharedKeys && start == queryStart && end == queryEnd {
                     // Shared keys mirror the query slots: the block's own keys are its queries.
                     keyRows.update(from: local.q, count: count * d)
-                    gather(space.keyPosition + start, count: count, sink: local.sink,
+                    gather(space.keyPosition + start, count: count,
                            value, width: dv, into: valueRows, value, width: 0, into: nil)
                 } else {
-                    gather(space.keyPosition + start, count: count, sink: local.sink,
+                    gather(space.keyPosition + start, count: count,
                            l.sharedKeys ? query : key, width: d, into: keyRows, value, width: dv, into: valueRows)
                 }
                 if l.sharedKeys {
@@ -369,11 +368,11 @@ enum GroupedAttention {
             // Every query of the block holds exactly this one slot of the round (LSH): merge
             // the block's outputs into the output rows (distinct rows for distinct blocks).
             let positions = space.queryPosition + queryStart
-            touchingAhead(count: queryCount, touch: { first, rows in
-                touchRows(UnsafePointer(output.row(b, h, 0)), count: rows, rowStride: output.strides[2],
-                          length: dv &* output.strides[3], positions: positions + first, sink: local.sink)
-                touchRows(UnsafePointer(lse.row(b, h, 0)), count: rows, rowStride: lse.strides[2], length: 1,
-                          positions: positions + first, sink: local.sink)
+            prefetchingAhead(count: queryCount, prefetch: { first, rows in
+                prefetchRows(UnsafePointer(output.row(b, h, 0)), count: rows, rowStride: output.strides[2],
+                             length: dv &* output.strides[3], positions: positions + first, write: true)
+                prefetchRows(UnsafePointer(lse.row(b, h, 0)), count: rows, rowStride: lse.strides[2], length: 1,
+                             positions: positions + first, write: true)
             }) { r in
                 let i = Int(positions[r])
                 combineRow(l, round: round, i: i, o: blockO + r * dv, lse: blockLse + r, slots: nil, count: 1,
@@ -397,15 +396,15 @@ enum GroupedAttention {
         space.memberStart[0] = 0
 
         // Rows in original order (sequential output), the scattered sorted outputs of each
-        // chunk of rows touched ahead.
+        // chunk of rows prefetched ahead.
         let rowsPerItem = 256
-        parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: min(threads, space.workers)) { item, worker in
-            let first = item * rowsPerItem, sink = space.blockSpace(worker, l).sink
-            touchingAhead(count: min(n, first + rowsPerItem) - first, touch: { start, rows in
+        parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
+            let first = item * rowsPerItem
+            prefetchingAhead(count: min(n, first + rowsPerItem) - first, prefetch: { start, rows in
                 let slots = space.memberSlots + Int(space.memberStart[first + start])
                 let count = Int(space.memberStart[first + start + rows] - space.memberStart[first + start])
-                touchRows(sortedO, count: count, rowStride: dv, length: dv, positions: slots, sink: sink)
-                touchRows(sortedLse, count: count, rowStride: 1, length: 1, positions: slots, sink: sink)
+                prefetchRows(sortedO, count: count, rowStride: dv, length: dv, positions: slots)
+                prefetchRows(sortedLse, count: count, rowStride: 1, length: 1, positions: slots)
             }) { r in
                 let i = first + r, start = Int(space.memberStart[i])
                 combineRow(l, round: round, i: i, o: sortedO, lse: sortedLse, slots: space.memberSlots + start,

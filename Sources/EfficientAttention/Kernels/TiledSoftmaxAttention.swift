@@ -412,7 +412,7 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
-        /// Where ``touchRows(_:count:rowStride:length:positions:sink:)`` adds its sums.
+        /// Where ``touchRows(_:count:rowStride:length:sink:)`` adds its sums.
         let sink: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (`extra` floats; empty for most masks).
         let extra: UnsafeMutablePointer<Float>
@@ -455,14 +455,13 @@ enum TiledSoftmaxAttention {
 /// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
 /// floats each) with independent loads, so that their misses overlap; the sum is added to
 /// `sink` only to keep the loads (added, not stored: a store that the next touch overwrites
-/// would be dead, and its loads with it). With `positions`, the rows are `positions[0..<count]`
-/// (scattered rows of a gather or scatter) instead of `0..<count`.
+/// would be dead, and its loads with it).
 @inline(__always)
 func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
-               positions: UnsafePointer<Int32>? = nil, sink: UnsafeMutablePointer<Float>) {
+               sink: UnsafeMutablePointer<Float>) {
     var sum: Float = 0
     for r in 0..<count {
-        let row = base + (positions.map { Int($0[r]) } ?? r) &* rowStride
+        let row = base + r &* rowStride
         var c = 0
         while c < length {
             sum += row[c]
@@ -472,8 +471,30 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
     sink.pointee += sum
 }
 
+@_silgen_name("llvm.prefetch.p0")
+private func llvmPrefetch(_ address: UnsafeRawPointer, _ write: Int32, _ locality: Int32, _ data: Int32)
+
+/// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
+/// rowStride`, `length` floats each) with prefetch instructions, for writing when `write`:
+/// rows scattered over a gather or scatter. Unlike the loads of
+/// ``touchRows(_:count:rowStride:length:sink:)``, prefetches do not hold up the
+/// instructions that follow until their lines arrive, so the work on other rows runs
+/// meanwhile.
+@inline(__always)
+func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
+                  positions: UnsafePointer<Int32>, write: Bool = false) {
+    for r in 0..<count {
+        let row = base + Int(positions[r]) &* rowStride
+        var c = 0
+        while c < length {
+            llvmPrefetch(UnsafeRawPointer(row + c), write ? 1 : 0, 3, 1)
+            c &+= 16
+        }
+    }
+}
+
 extension TensorView {
-    /// ``touchRows(_:count:rowStride:length:positions:sink:)`` over the rows `rows` of head `(b, h)`,
+    /// ``touchRows(_:count:rowStride:length:sink:)`` over the rows `rows` of head `(b, h)`,
     /// `width` elements each.
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
