@@ -412,7 +412,7 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
-        /// Where ``touchRows(_:count:rowStride:length:sink:)`` adds its sums.
+        /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
         let sink: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (`extra` floats; empty for most masks).
         let extra: UnsafeMutablePointer<Float>
@@ -453,9 +453,8 @@ enum TiledSoftmaxAttention {
 }
 
 /// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
-/// floats each) with independent loads, so that their misses overlap; the sum is added to
-/// `sink` only to keep the loads (added, not stored: a store that the next touch overwrites
-/// would be dead, and its loads with it).
+/// floats each) with independent loads, so that their misses overlap; the sum goes to
+/// `sink` only to keep the loads.
 @inline(__always)
 func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
                sink: UnsafeMutablePointer<Float>) {
@@ -468,9 +467,11 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
             c &+= 16
         }
     }
-    sink.pointee += sum
+    sink.pointee = sum
 }
 
+/// LLVM's prefetch intrinsic (`prefetcht0` / `prefetchw` on x86-64; a no-op where the
+/// target has none): address, write (0 or 1), locality (3: keep in all levels), data (1).
 @_silgen_name("llvm.prefetch.p0")
 private func llvmPrefetch(_ address: UnsafeRawPointer, _ write: Int32, _ locality: Int32, _ data: Int32)
 
