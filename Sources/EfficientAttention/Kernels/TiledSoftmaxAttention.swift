@@ -488,7 +488,12 @@ func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, leng
         let row = base + Int(positions[r]) &* rowStride
         var c = 0
         while c < length {
-            llvmPrefetch(UnsafeRawPointer(row + c), write ? 1 : 0, 3, 1)
+            // The intrinsic's arguments after the address must be literal constants.
+            if write {
+                llvmPrefetch(UnsafeRawPointer(row + c), 1, 3, 1)
+            } else {
+                llvmPrefetch(UnsafeRawPointer(row + c), 0, 3, 1)
+            }
             c &+= 16
         }
     }
