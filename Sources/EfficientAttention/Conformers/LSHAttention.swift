@@ -285,16 +285,18 @@ public struct LSHAttention: Attention {
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
-                scratch.transpose(GroupedAttention.Rows(view: q, b: b, h: h), start: 0, count: n, into: scratch.queriesT)
-                scratch.transpose(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: 0, count: n,
-                                  into: scratch.keysT)
-                for r in 0..<hashes {
-                    scratch.hash(scratch.queriesT, start: 0, count: n, round: r, worker: 0, into: scratch.queryBuckets)
-                    queryBuckets += (0..<n).map { Int(scratch.queryBuckets[$0]) }
+                for start in stride(from: 0, to: n, by: Scratch.rowBlock) {
+                    let count = min(Scratch.rowBlock, n - start)
+                    scratch.hash(GroupedAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
+                                 into: scratch.queryBuckets)
                     if !sharedQK {
-                        scratch.hash(scratch.keysT, start: 0, count: n, round: r, worker: 0, into: scratch.keyBuckets)
+                        scratch.hash(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
+                                     count: count, worker: 0, into: scratch.keyBuckets)
                     }
-                    keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[$0]) }
+                }
+                for r in 0..<hashes {
+                    queryBuckets += (0..<n).map { Int(scratch.queryBuckets[r * n + $0]) }
+                    keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[r * n + $0]) }
                 }
             } }
         } } }
@@ -313,7 +315,7 @@ public struct LSHAttention: Attention {
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
-        let rowBlock = 256, rowBlocks = (n + rowBlock - 1) / rowBlock
+        let rowBlock = Scratch.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
         query.withView { q in key.withView { k in value.withView { v in rotations.withView { rot in
         output.withMutableView { o in lse.withMutableView { l in
@@ -338,20 +340,12 @@ public struct LSHAttention: Attention {
                                                     ld: scratch.halfPad)
                     }
                 }
-                // Transpose, then hash by rounds and blocks of rows.
-                parallelForEach(items: rowBlocks, threads: inner) { item, _ in
+                // Hash by blocks of rows, every round.
+                parallelForEach(items: rowBlocks, threads: inner) { item, worker in
                     let start = item * rowBlock, count = min(rowBlock, n - start)
-                    scratch.transpose(queries, start: start, count: count, into: scratch.queriesT)
-                    if !sharedQK { scratch.transpose(keys, start: start, count: count, into: scratch.keysT) }
-                }
-                parallelForEach(items: hashes * rowBlocks, threads: inner) { item, worker in
-                    let r = item / rowBlocks, start = item % rowBlocks * rowBlock
-                    let count = min(rowBlock, n - start)
-                    scratch.hash(scratch.queriesT, start: start, count: count, round: r, worker: worker,
-                                 into: scratch.queryBuckets + r * n)
+                    scratch.hash(queries, start: start, count: count, worker: worker, into: scratch.queryBuckets)
                     if !sharedQK {
-                        scratch.hash(scratch.keysT, start: start, count: count, round: r, worker: worker,
-                                     into: scratch.keyBuckets + r * n)
+                        scratch.hash(keys, start: start, count: count, worker: worker, into: scratch.keyBuckets)
                     }
                 }
                 for r in 0..<hashes {
@@ -379,25 +373,27 @@ public struct LSHAttention: Attention {
         return try AttentionResult(output: output, logSumExp: lse)
     }
 
-    /// LSH's own scratch: packed rotations of one head, the head's rows transposed (queries,
-    /// and keys when separate), bucket ids, per-worker hash tiles and sort counters.
+    /// LSH's own scratch: packed rotations of one head, bucket ids, and per worker a block of
+    /// rows transposed, a hash tile and sort counters.
     /// `half` is the rotation's column count (`Σ n_i / 2` over the bucket factors).
     struct Scratch {
-        let d: Int, n: Int, half: Int, halfPad: Int, buckets: Int, stride: Int
+        let d: Int, n: Int, hashes: Int, half: Int, halfPad: Int, buckets: Int
         let factors: [Int]
         let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
-        let queriesT, keysT: UnsafeMutablePointer<Float>  // packed panels [N / NR][D][NR] (≤ D · stride)
-        let tiles: UnsafeMutablePointer<Float>          // [workers][halfRows][NR]
+        let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
+        let tiles: UnsafeMutablePointer<Float>          // [workers][MR][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
         private let block: UnsafeMutableRawPointer
+
+        /// Rows hashed per work item (a multiple of `NR`).
+        static let rowBlock = 256
 
         private static func counts(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int)
             -> (floats: Int, ints: Int) {
             let half = LSHAttention.columns(factors), buckets = LSHAttention.product(factors)
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + 2 * d * TransposedRows.stride(n)
-                + workers * roundUp(half, MicroTile.mr) * MicroTile.nr
+            let floats = roundUp(hashes * d * halfPad, 16) + workers * (rowBlock * d + MicroTile.mr * MicroTile.nr)
             return (floats, 2 * hashes * n + workers * (buckets + 1))
         }
 
@@ -409,18 +405,17 @@ public struct LSHAttention: Attention {
         init(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) {
             d = shape.headDim
             n = shape.queryLength
+            self.hashes = hashes
             self.factors = factors
             half = LSHAttention.columns(factors)
             halfPad = roundUp(half, MicroTile.nr)
             buckets = LSHAttention.product(factors)
-            stride = TransposedRows.stride(n)
             let (floats, ints) = Scratch.counts(shape, hashes: hashes, factors: factors, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
             let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             rotations = f
-            queriesT = f + roundUp(hashes * d * halfPad, 16)
-            keysT = queriesT + d * stride
-            tiles = keysT + d * stride
+            panels = f + roundUp(hashes * d * halfPad, 16)
+            tiles = panels + workers * Scratch.rowBlock * d
             let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             queryBuckets = i
             keyBuckets = i + hashes * n
@@ -439,52 +434,97 @@ public struct LSHAttention: Attention {
             }
         }
 
-        /// Transposes rows `start..<start + count` of `rows` into `target` (`queriesT` or `keysT`).
-        func transpose(_ rows: GroupedAttention.Rows, start: Int, count: Int, into target: UnsafeMutablePointer<Float>) {
-            TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: target, n: n)
+        /// Buckets of positions `start..<start + count` of `rows` (`start` a multiple of
+        /// ``rowBlock``, `count` at most ``rowBlock``) in every round, to
+        /// `bucketOf[r · N + i]`: the rows are transposed into the worker's panels (which
+        /// stay in L2), then hashed round by round (``hash(_:start:count:round:worker:into:)``).
+        func hash(_ rows: GroupedAttention.Rows, start: Int, count: Int, worker: Int,
+                  into bucketOf: UnsafeMutablePointer<Int32>) {
+            let block = panels + worker * Scratch.rowBlock * d
+            TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: block, n: n,
+                                      origin: start)
+            for r in 0..<hashes {
+                hash(block, start: start, count: count, round: r, worker: worker, into: bucketOf + r * n)
+            }
         }
 
         /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
-        /// transposed rows: per factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
+        /// transposed rows, `transposed` holding the panels from position `start` on: per
+        /// factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
         /// columns (the first maximum, positive half first), combined with the first factor
-        /// least significant. Positions are in lanes, so each argmax is a vertical scan.
+        /// least significant. Positions are in lanes, so each argmax is a vertical scan; it
+        /// runs on each `MR`-column tile of `x R` as the micro-kernel leaves it, so only the
+        /// rotation and one panel of rows stay in L1, however many columns there are.
         func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             typealias Lanes = SIMD16<Int32>
-            let tile = tiles + worker * roundUp(half, MicroTile.mr) * MicroTile.nr
+            let tile = tiles + worker * MicroTile.mr * MicroTile.nr
             let rotation = rotations + round * d * halfPad
+            let groups = MicroTile.nr / 16
             for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
-                for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
-                    let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad,
-                                             rows: min(MicroTile.mr, half - first))
-                    microKernel(depth: d, a: a, b: transposed + panel * d, ldb: MicroTile.nr,
-                                c: tile + first * MicroTile.nr, ldc: MicroTile.nr, update: .overwrite)
-                }
-                for lane in Swift.stride(from: 0, to: MicroTile.nr, by: 16) {
-                    let valid = min(16, start + count - panel - lane)
-                    guard valid > 0 else { break }
-                    var bucket = Lanes(), offset = 0, weight: Int32 = 1
-                    for factor in factors {
-                        let columns = factor / 2
-                        var high = Vec16(repeating: -.infinity), low = Vec16(repeating: .infinity)
-                        var highIndex = Lanes(), lowIndex = Lanes()
-                        for r in 0..<columns {
-                            let value = load16(tile + (offset + r) * MicroTile.nr + lane)
-                            let index = Lanes(repeating: Int32(r))
-                            let up = value .> high, down = value .< low
-                            high.replace(with: value, where: up)
-                            highIndex.replace(with: index, where: up)
-                            low.replace(with: value, where: down)
-                            lowIndex.replace(with: index, where: down)
+                // The scan of each group of 16 lanes: the current factor's running maximum and
+                // minimum with their columns, and the bucket of the finished factors.
+                withUnsafeTemporaryAllocation(of: Vec16.self, capacity: 2 * groups) { extremes in
+                withUnsafeTemporaryAllocation(of: Lanes.self, capacity: 3 * groups) { indices in
+                    func reset() {
+                        for g in 0..<groups {
+                            extremes[2 * g] = Vec16(repeating: -.infinity)
+                            extremes[2 * g + 1] = Vec16(repeating: .infinity)
                         }
-                        var result = lowIndex &+ Lanes(repeating: Int32(columns))
-                        result.replace(with: highIndex, where: high .>= -low)
-                        bucket &+= result &* Lanes(repeating: weight)
-                        offset += columns
-                        weight &*= Int32(truncatingIfNeeded: factor)
                     }
-                    for t in 0..<valid { bucketOf[panel + lane + t] = bucket[t] }
-                }
+                    reset()
+                    for g in 0..<3 * groups { indices[g] = Lanes() }
+                    var factor = 0, offset = 0, weight: Int32 = 1
+                    for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
+                        let rows = min(MicroTile.mr, half - first)
+                        let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad, rows: rows)
+                        microKernel(depth: d, a: a, b: transposed + (panel - start) * d, ldb: MicroTile.nr,
+                                    c: tile, ldc: MicroTile.nr, update: .overwrite)
+                        var column = first
+                        while column < first + rows {
+                            let columns = factors[factor] / 2
+                            let end = min(first + rows, offset + columns)
+                            for g in 0..<groups {
+                                var h = extremes[2 * g], l = extremes[2 * g + 1]
+                                var hi = indices[3 * g], li = indices[3 * g + 1]
+                                for c in column..<end {
+                                    let value = load16(tile + (c - first) * MicroTile.nr + 16 * g)
+                                    let index = Lanes(repeating: Int32(c - offset))
+                                    let up = value .> h, down = value .< l
+                                    h.replace(with: value, where: up)
+                                    hi.replace(with: index, where: up)
+                                    l.replace(with: value, where: down)
+                                    li.replace(with: index, where: down)
+                                }
+                                if end == offset + columns {
+                                    // The factor's last column: its argmax joins the bucket.
+                                    var result = li &+ Lanes(repeating: Int32(columns))
+                                    result.replace(with: hi, where: h .>= -l)
+                                    indices[3 * g + 2] &+= result &* Lanes(repeating: weight)
+                                } else {
+                                    extremes[2 * g] = h
+                                    extremes[2 * g + 1] = l
+                                    indices[3 * g] = hi
+                                    indices[3 * g + 1] = li
+                                }
+                            }
+                            if end == offset + columns {
+                                offset += columns
+                                weight &*= Int32(truncatingIfNeeded: factors[factor])
+                                factor += 1
+                                reset()
+                                for g in 0..<groups { indices[3 * g] = Lanes(); indices[3 * g + 1] = Lanes() }
+                            }
+                            column = end
+                        }
+                    }
+                    for g in 0..<groups {
+                        let valid = min(16, start + count - panel - 16 * g)
+                        guard valid > 0 else { break }
+                        let bucket = indices[3 * g + 2]
+                        for t in 0..<valid { bucketOf[panel + 16 * g + t] = bucket[t] }
+                    }
+                } }
             }
         }
 

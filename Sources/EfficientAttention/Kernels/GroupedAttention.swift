@@ -73,6 +73,11 @@ enum GroupedAttention {
         var blockQuerySlots: Int { blockGroups * queryGroupSize }
         var blockKeySlots: Int { (blockGroups + (predecessor ? 1 : 0)) * keyGroupSize }
 
+        /// Every query holds exactly one slot per round and rounds merge by log-sum-exp (LSH):
+        /// each block merges its outputs into the output rows right after attending, from
+        /// the worker's buffer, so a round's sorted outputs are never stored whole.
+        var combinesInBlocks: Bool { combine == .logSumExp && querySlots == queryLength }
+
         /// The kernel's problem for the largest block.
         var kernelShape: AttentionShape {
             AttentionShape(batch: 1, heads: 1, queryLength: min(blockQuerySlots, querySlots),
@@ -100,10 +105,11 @@ enum GroupedAttention {
         return (outer, max(1, threads / outer))
     }
 
-    /// The memory one head touches: its rows of q, k, v and the output, one ``Workspace``
-    /// and the conformer's `scratchBytes`.
+    /// The memory one head touches: its rows of q, k (not read with shared keys), v and the
+    /// output, one ``Workspace`` and the conformer's `scratchBytes`.
     static func headBytes(_ l: Layout, keyLength: Int, scratchBytes: Int) -> Int {
-        4 * (l.queryLength + keyLength) * (l.headDim + l.valueDim) + Workspace.byteCount(l, workers: 1) + scratchBytes
+        4 * (l.queryLength * (l.headDim + l.valueDim) + keyLength * ((l.sharedKeys ? 0 : l.headDim) + l.valueDim))
+            + Workspace.byteCount(l, workers: 1) + scratchBytes
     }
 
     /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
@@ -144,20 +150,24 @@ enum GroupedAttention {
         let keyPosition, keyBucket: UnsafeMutablePointer<Int32>
         /// Slots of each original query: `memberSlots[memberStart[i] ..< memberStart[i + 1]]`.
         let memberStart, memberSlots: UnsafeMutablePointer<Int32>
-        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps.
-        let o, lse: UnsafeMutablePointer<Float>
+        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps; `nil` when the blocks combine
+        /// their own outputs (``Layout/combinesInBlocks``: in each worker's ``Block``).
+        let o, lse: UnsafeMutablePointer<Float>?
         let workers: Int
-        private let blockInts, blockFloats: Int
+        private let blockInts, blockFloats, blockRows, blockOutputs: Int
         private let blockBase: UnsafeMutableRawPointer
         private let block: UnsafeMutableRawPointer
 
-        private static func counts(_ l: Layout) -> (ints: Int, floats: Int, blockInts: Int, blockFloats: Int) {
+        private static func counts(_ l: Layout)
+            -> (ints: Int, floats: Int, blockInts: Int, blockFloats: Int, blockRows: Int, blockOutputs: Int) {
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             let ints = roundUp(3 * qs + 2 * ks + (l.queryLength + 1) + qs, 16)
-            let floats = roundUp(l.querySlots * (l.valueDim + 1), 16)
+            let floats = l.combinesInBlocks ? 0 : roundUp(l.querySlots * (l.valueDim + 1), 16)
             let blockInts = roundUp(3 * (l.blockKeySlots + slotPadding), 16)
-            let blockFloats = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
-            return (ints, floats, blockInts, blockFloats)
+            let blockRows = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
+            let blockOutputs = l.combinesInBlocks ? roundUp(l.blockQuerySlots * l.valueDim, 16) : 0
+            let blockFloats = blockRows + blockOutputs + (l.combinesInBlocks ? roundUp(l.blockQuerySlots, 16) : 0)
+            return (ints, floats, blockInts, blockFloats, blockRows, blockOutputs)
         }
 
         static func byteCount(_ l: Layout, workers: Int) -> Int {
@@ -170,6 +180,8 @@ enum GroupedAttention {
             self.workers = workers
             blockInts = c.blockInts
             blockFloats = c.blockFloats
+            blockRows = c.blockRows
+            blockOutputs = c.blockOutputs
             let bytes = Workspace.byteCount(l, workers: workers)
             block = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
             let i = block.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
@@ -183,26 +195,33 @@ enum GroupedAttention {
             memberSlots = memberStart + l.queryLength + 1
             // Query groups depend on the slot only: the same for every head and round.
             for s in 0..<l.querySlots { queryGroup[s] = Int32(s / l.queryGroupSize) }
-            o = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
-            lse = o + l.querySlots * l.valueDim
+            let sorted = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
+            o = l.combinesInBlocks ? nil : sorted
+            lse = l.combinesInBlocks ? nil : sorted + l.querySlots * l.valueDim
             blockBase = block + 4 * (c.ints + c.floats)
             blockBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.blockInts + c.blockFloats))
         }
 
-        /// Worker `worker`'s block: key slot arrays (group, bucket, position) and rows q, k, v.
-        func blockSpace(_ worker: Int, _ l: Layout)
-            -> (keyGroup: UnsafeMutablePointer<Int32>, keyBucket: UnsafeMutablePointer<Int32>,
-                keyPosition: UnsafeMutablePointer<Int32>, q: UnsafeMutablePointer<Float>,
-                k: UnsafeMutablePointer<Float>, v: UnsafeMutablePointer<Float>) {
+        /// Worker `worker`'s block.
+        func blockSpace(_ worker: Int, _ l: Layout) -> Block {
             let base = blockBase + 4 * worker * (blockInts + blockFloats)
             let ints = base.assumingMemoryBound(to: Int32.self)
             let keys = l.blockKeySlots + slotPadding
             let q = (base + 4 * blockInts).assumingMemoryBound(to: Float.self)
             let k = q + l.blockQuerySlots * l.headDim
-            return (ints, ints + keys, ints + 2 * keys, q, k, k + l.blockKeySlots * l.headDim)
+            let o = q + blockRows
+            return Block(keyGroup: ints, keyBucket: ints + keys, keyPosition: ints + 2 * keys,
+                         q: q, k: k, v: k + l.blockKeySlots * l.headDim, o: o, lse: o + blockOutputs)
         }
 
         func deallocate() { block.deallocate() }
+    }
+
+    /// One worker's gathered block: key slot arrays (group, bucket, position), rows q, k, v
+    /// and, when ``Layout/combinesInBlocks``, the block's outputs and log-sum-exps.
+    struct Block {
+        let keyGroup, keyBucket, keyPosition: UnsafeMutablePointer<Int32>
+        let q, k, v, o, lse: UnsafeMutablePointer<Float>
     }
 
     /// Rows of one head of a tensor: `row(i)` is position `i`.
@@ -212,6 +231,49 @@ enum GroupedAttention {
         var h: Int
         @inline(__always) func row(_ i: Int) -> UnsafePointer<Float> { view.row(b, h, i) }
         var elementStride: Int { view.strides[3] }
+
+        /// Prefetches rows `positions[0..<count]`, `width` elements each
+        /// (``prefetchRows(_:count:rowStride:length:positions:write:)``).
+        @inline(__always)
+        func prefetch(_ positions: UnsafePointer<Int32>, count: Int, width: Int) {
+            prefetchRows(row(0), count: count, rowStride: view.strides[2], length: width &* elementStride,
+                         positions: positions)
+        }
+    }
+
+    /// Rows a chunk of a gather or combine prefetches before the previous chunk is processed.
+    static let prefetchChunk = 16
+
+    /// Runs `body(r)` for `r` in `0..<count` in chunks of ``prefetchChunk``, calling
+    /// `prefetch(first, count)` on each chunk before the body runs on the previous one, so
+    /// that the cache misses of a chunk's scattered rows overlap (with each other, and with
+    /// the work on the previous chunk) instead of stalling one row at a time.
+    @inline(__always)
+    static func prefetchingAhead(count: Int, prefetch: (_ first: Int, _ count: Int) -> Void,
+                                 _ body: (_ r: Int) -> Void) {
+        if count > 0 { prefetch(0, min(prefetchChunk, count)) }
+        var first = 0
+        while first < count {
+            let end = min(count, first + prefetchChunk)
+            if end < count { prefetch(end, min(prefetchChunk, count - end)) }
+            for r in first..<end { body(r) }
+            first = end
+        }
+    }
+
+    /// Copies rows `positions[0..<count]` of `a` (`aWidth` elements each) to the
+    /// consecutive rows of `aOut`, and the same rows of `b` to `bOut`, prefetching ahead.
+    static func gather(_ positions: UnsafePointer<Int32>, count: Int,
+                       _ a: Rows, width aWidth: Int, into aOut: UnsafeMutablePointer<Float>,
+                       _ b: Rows, width bWidth: Int, into bOut: UnsafeMutablePointer<Float>?) {
+        prefetchingAhead(count: count, prefetch: { first, rows in
+            a.prefetch(positions + first, count: rows, width: aWidth)
+            if bOut != nil { b.prefetch(positions + first, count: rows, width: bWidth) }
+        }) { r in
+            let position = Int(positions[r])
+            copyRow(a.row(position), a.elementStride, to: aOut + r * aWidth, count: aWidth)
+            if let bOut { copyRow(b.row(position), b.elementStride, to: bOut + r * bWidth, count: bWidth) }
+        }
     }
 
     /// Attends round `round` of one head once the conformer has filled `space`'s positions
@@ -237,25 +299,38 @@ enum GroupedAttention {
             let local = space.blockSpace(worker, l)
             let g0 = blockIndex * l.blockGroups, g1 = min(l.groups, g0 + l.blockGroups)
             let queryStart = g0 * l.queryGroupSize, queryEnd = min(g1 * l.queryGroupSize, qs)
+            let queryCount = queryEnd - queryStart
+            gather(space.queryPosition + queryStart, count: queryCount,
+                   query, width: d, into: local.q, query, width: 0, into: nil)
             var keyCount = 0
             func takeKeys(_ start: Int, _ end: Int, padTo: Int) {
                 for t in start..<end {
                     let position = Int(space.keyPosition[t])
-                    local.keyGroup[keyCount] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
-                    local.keyBucket[keyCount] = space.keyBucket[t]
-                    local.keyPosition[keyCount] = Int32(position)
-                    let keyRow = local.k + keyCount * d
-                    if l.sharedKeys {
-                        copyRow(query.row(position), query.elementStride, to: keyRow, count: d)
+                    let slot = keyCount + t - start
+                    local.keyGroup[slot] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
+                    local.keyBucket[slot] = space.keyBucket[t]
+                    local.keyPosition[slot] = Int32(position)
+                }
+                let count = end - start
+                let keyRows = local.k + keyCount * d, valueRows = local.v + keyCount * dv
+                if l.sharedKeys && start == queryStart && end == queryEnd {
+                    // Shared keys mirror the query slots: the block's own keys are its queries.
+                    keyRows.update(from: local.q, count: count * d)
+                    gather(space.keyPosition + start, count: count,
+                           value, width: dv, into: valueRows, value, width: 0, into: nil)
+                } else {
+                    gather(space.keyPosition + start, count: count,
+                           l.sharedKeys ? query : key, width: d, into: keyRows, value, width: dv, into: valueRows)
+                }
+                if l.sharedKeys {
+                    for r in 0..<count {
+                        let keyRow = keyRows + r * d
                         let norm = dot(keyRow, 1, keyRow, 1, count: d).squareRoot()
                         let inverse: Float = norm > 0 ? 1 / norm : 0
                         for c in 0..<d { keyRow[c] *= inverse }
-                    } else {
-                        copyRow(key.row(position), key.elementStride, to: keyRow, count: d)
                     }
-                    copyRow(value.row(position), value.elementStride, to: local.v + keyCount * dv, count: dv)
-                    keyCount += 1
                 }
+                keyCount += count
                 // Padding slots (a short previous group): invisible, with finite rows.
                 while keyCount < padTo {
                     local.keyGroup[keyCount] = -1
@@ -269,11 +344,6 @@ enum GroupedAttention {
                 takeKeys(p * l.keyGroupSize, min((p + 1) * l.keyGroupSize, ks), padTo: l.keyGroupSize)
             }
             takeKeys(g0 * l.keyGroupSize, min(g1 * l.keyGroupSize, ks), padTo: 0)
-            for s in queryStart..<queryEnd {
-                copyRow(query.row(Int(space.queryPosition[s])), query.elementStride,
-                        to: local.q + (s - queryStart) * d, count: d)
-            }
-            let queryCount = queryEnd - queryStart
             let mask = GroupMask(queryGroup: space.queryGroup + queryStart, queryBucket: space.queryBucket + queryStart,
                                  queryPosition: space.queryPosition + queryStart,
                                  keyGroup: local.keyGroup, keyBucket: local.keyBucket,
@@ -282,6 +352,8 @@ enum GroupedAttention {
                                  predecessorGroups: l.predecessor ? 1 : 0, groups: l.groups,
                                  lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
                                  excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
+            let blockO = space.o.map { $0 + queryStart * dv } ?? local.o
+            let blockLse = space.lse.map { $0 + queryStart } ?? local.lse
             TiledSoftmaxAttention.run(
                 shape: AttentionShape(batch: 1, heads: 1, queryLength: queryCount, keyLength: keyCount,
                                       headDim: d, valueDim: dv),
@@ -289,28 +361,29 @@ enum GroupedAttention {
                 q: TensorView(base: local.q, strides: rowStrides(d, queryCount)),
                 k: TensorView(base: local.k, strides: rowStrides(d, keyCount)),
                 v: TensorView(base: local.v, strides: rowStrides(dv, keyCount)),
-                o: MutableTensorView(base: space.o + queryStart * dv, strides: rowStrides(dv, queryCount)),
-                lse: MutableTensorView(base: space.lse + queryStart, strides: rowStrides(1, queryCount))
+                o: MutableTensorView(base: blockO, strides: rowStrides(dv, queryCount)),
+                lse: MutableTensorView(base: blockLse, strides: rowStrides(1, queryCount))
             ) { _, _ in mask }
-        }
-
-        let n = l.queryLength
-        let rowsPerItem = 256
-        if l.combine == .logSumExp && qs == n {
-            // Every query holds exactly one slot per round (LSH): the inverse permutation, then
-            // rows in original order (sequential output, independent reads of the slots).
-            for s in 0..<qs { space.memberSlots[Int(space.queryPosition[s])] = Int32(s) }
-            parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
-                for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
-                    combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + i, count: 1,
-                               scale: scale, query: query, key: key, value: value, keyLength: keyLength,
-                               out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
-                }
+            guard l.combinesInBlocks else { return }
+            // Every query of the block holds exactly this one slot of the round (LSH): merge
+            // the block's outputs into the output rows (distinct rows for distinct blocks).
+            let positions = space.queryPosition + queryStart
+            prefetchingAhead(count: queryCount, prefetch: { first, rows in
+                prefetchRows(UnsafePointer(output.row(b, h, 0)), count: rows, rowStride: output.strides[2],
+                             length: dv &* output.strides[3], positions: positions + first, write: true)
+                prefetchRows(UnsafePointer(lse.row(b, h, 0)), count: rows, rowStride: lse.strides[2], length: 1,
+                             positions: positions + first, write: true)
+            }) { r in
+                let i = Int(positions[r])
+                combineRow(l, round: round, i: i, o: blockO + r * dv, lse: blockLse + r, slots: nil, count: 1,
+                           scale: scale, query: query, value: value, keyLength: keyLength,
+                           out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
             }
-            return
         }
+        guard !l.combinesInBlocks, let sortedO = space.o, let sortedLse = space.lse else { return }
 
         // The slots of every original query (counting sort by position: slots ascending).
+        let n = l.queryLength
         space.memberStart.update(repeating: 0, count: n + 1)
         for slot in 0..<qs { space.memberStart[Int(space.queryPosition[slot]) + 1] += 1 }
         for i in 0..<n { space.memberStart[i + 1] += space.memberStart[i] }
@@ -322,29 +395,41 @@ enum GroupedAttention {
         for i in stride(from: n, to: 0, by: -1) { space.memberStart[i] = space.memberStart[i - 1] }
         space.memberStart[0] = 0
 
+        // Rows in original order (sequential output), the scattered sorted outputs of each
+        // chunk of rows prefetched ahead.
+        let rowsPerItem = 256
         parallelForEach(items: (n + rowsPerItem - 1) / rowsPerItem, threads: threads) { item, _ in
-            for i in item * rowsPerItem ..< min(n, (item + 1) * rowsPerItem) {
-                let first = Int(space.memberStart[i])
-                combineRow(l, round: round, space: space, i: i, slots: space.memberSlots + first,
-                           count: Int(space.memberStart[i + 1]) - first, scale: scale,
-                           query: query, key: key, value: value, keyLength: keyLength,
-                           out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
+            let first = item * rowsPerItem
+            prefetchingAhead(count: min(n, first + rowsPerItem) - first, prefetch: { start, rows in
+                let slots = space.memberSlots + Int(space.memberStart[first + start])
+                let count = Int(space.memberStart[first + start + rows] - space.memberStart[first + start])
+                prefetchRows(sortedO, count: count, rowStride: dv, length: dv, positions: slots)
+                prefetchRows(sortedLse, count: count, rowStride: 1, length: 1, positions: slots)
+            }) { r in
+                let i = first + r, start = Int(space.memberStart[i])
+                combineRow(l, round: round, i: i, o: sortedO, lse: sortedLse, slots: space.memberSlots + start,
+                           count: Int(space.memberStart[i + 1]) - start, scale: scale, query: query, value: value,
+                           keyLength: keyLength, out: output.row(b, h, i), outStride: output.strides[3],
+                           lse: lse.row(b, h, i))
             }
         }
     }
 
-    /// Combines `slots[0..<count]`, the slots of original query `i`, into its output row
-    /// (merging with the row of earlier rounds under `.logSumExp`).
+    /// Combines the slots of original query `i`, `slots[0..<count]` (or the single slot 0
+    /// when `slots` is `nil`) of the sorted outputs `o` (rows of `Dv`) and log-sum-exps
+    /// `sortedLse`, into its output row (merging with the row of earlier rounds under
+    /// `.logSumExp`).
     @inline(__always)
-    static func combineRow(_ l: Layout, round: Int, space: Workspace, i: Int,
-                           slots: UnsafePointer<Int32>, count: Int, scale: Float,
-                           query: Rows, key: Rows, value: Rows, keyLength: Int,
+    static func combineRow(_ l: Layout, round: Int, i: Int, o: UnsafePointer<Float>, lse sortedLse: UnsafePointer<Float>,
+                           slots: UnsafePointer<Int32>?, count: Int, scale: Float,
+                           query: Rows, value: Rows, keyLength: Int,
                            out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>) {
         let dv = l.valueDim
+        @inline(__always) func slot(_ n: Int) -> Int { slots.map { Int($0[n]) } ?? n }
         let earlier = round > 0 ? lse[0] : -.infinity
         var m = earlier, used = 0
-        for n in 0..<count where space.lse[Int(slots[n])] > -.infinity {
-            m = max(m, space.lse[Int(slots[n])])
+        for n in 0..<count where sortedLse[slot(n)] > -.infinity {
+            m = max(m, sortedLse[slot(n)])
             used += 1
         }
         if round == 0 {
@@ -365,9 +450,8 @@ enum GroupedAttention {
         guard used > 0 else { return }   // nothing new: the earlier rounds' row stands
         let keep = earlier > -.infinity ? expf(earlier - m) : 0
         var total = keep
-        for n in 0..<count {
-            let slot = Int(slots[n])
-            if space.lse[slot] > -.infinity { total += expf(space.lse[slot] - m) }
+        for n in 0..<count where sortedLse[slot(n)] > -.infinity {
+            total += expf(sortedLse[slot(n)] - m)
         }
         let logSumExp = l.combine == .logSumExp
         let normaliser = logSumExp ? 1 / total : 1 / Float(used)
@@ -380,10 +464,10 @@ enum GroupedAttention {
             }
         }
         for n in 0..<count {
-            let slot = Int(slots[n])
-            guard space.lse[slot] > -.infinity else { continue }
-            let weight = logSumExp ? expf(space.lse[slot] - m) * normaliser : normaliser
-            let row = space.o + slot * dv
+            let slot = slot(n)
+            guard sortedLse[slot] > -.infinity else { continue }
+            let weight = logSumExp ? expf(sortedLse[slot] - m) * normaliser : normaliser
+            let row = o + slot * dv
             if outStride == 1 {
                 axpy(weight, row, 1, out, count: dv)
             } else {

@@ -470,6 +470,35 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
     sink.pointee = sum
 }
 
+/// LLVM's prefetch intrinsic (`prefetcht0` / `prefetchw` on x86-64; a no-op where the
+/// target has none): address, write (0 or 1), locality (3: keep in all levels), data (1).
+@_silgen_name("llvm.prefetch.p0")
+private func llvmPrefetch(_ address: UnsafeRawPointer, _ write: Int32, _ locality: Int32, _ data: Int32)
+
+/// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
+/// rowStride`, `length` floats each) with prefetch instructions, for writing when `write`:
+/// rows scattered over a gather or scatter. Unlike the loads of
+/// ``touchRows(_:count:rowStride:length:sink:)``, prefetches do not hold up the
+/// instructions that follow until their lines arrive, so the work on other rows runs
+/// meanwhile.
+@inline(__always)
+func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
+                  positions: UnsafePointer<Int32>, write: Bool = false) {
+    for r in 0..<count {
+        let row = base + Int(positions[r]) &* rowStride
+        var c = 0
+        while c < length {
+            // The intrinsic's arguments after the address must be literal constants.
+            if write {
+                llvmPrefetch(UnsafeRawPointer(row + c), 1, 3, 1)
+            } else {
+                llvmPrefetch(UnsafeRawPointer(row + c), 0, 3, 1)
+            }
+            c &+= 16
+        }
+    }
+}
+
 extension TensorView {
     /// ``touchRows(_:count:rowStride:length:sink:)`` over the rows `rows` of head `(b, h)`,
     /// `width` elements each.

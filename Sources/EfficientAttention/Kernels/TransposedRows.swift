@@ -36,13 +36,14 @@ enum TransposedRows {
     /// `out[(i / NR) · depth · NR + c · NR + i % NR]`, so one panel of `NR` positions is
     /// `depth · NR` contiguous floats (one stream for the prefetchers, few pages).
     /// `start` is a multiple of `NR`; with `n` given, the lanes past position `n − 1` in
-    /// its last panel are zeroed.
+    /// its last panel are zeroed. `out` holds the panels from position `origin` on (a
+    /// multiple of `NR`; 0: the whole sequence's layout).
     static func packPanels(_ rows: GroupedAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
-                           into out: UnsafeMutablePointer<Float>, n: Int? = nil) {
+                           into out: UnsafeMutablePointer<Float>, n: Int? = nil, origin: Int = 0) {
         let nr = MicroTile.nr
         for first in Swift.stride(from: start, to: start + count, by: nr) {
             // Positions first..<first + nr land at panel + c · nr + (i − first).
-            let panel = out + first / nr * depth * nr
+            let panel = out + (first - origin) / nr * depth * nr
             guard rows.elementStride == 1 && start + count - first >= nr else {
                 pack(rows, start: first, count: min(nr, start + count - first), depth: depth, normalise: normalise,
                      into: panel - first, ld: nr)
@@ -72,7 +73,7 @@ enum TransposedRows {
             }
         }
         if let n, n % nr != 0, start + count == n {
-            let panel = out + n / nr * depth * nr
+            let panel = out + (n - origin) / nr * depth * nr
             for c in 0..<depth { (panel + c * nr + n % nr).update(repeating: 0, count: nr - n % nr) }
         }
     }
