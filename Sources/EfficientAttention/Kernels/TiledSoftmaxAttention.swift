@@ -453,8 +453,9 @@ enum TiledSoftmaxAttention {
 }
 
 /// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
-/// floats each) with independent loads, so that their misses overlap; the sum goes to
-/// `sink` only to keep the loads.
+/// floats each) with independent loads, so that their misses overlap; the sum is added
+/// to `sink` only to keep the loads (a store that the next touch overwrote would be dead,
+/// and the compiler could drop its loads with it).
 @inline(__always)
 func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
                sink: UnsafeMutablePointer<Float>) {
@@ -467,7 +468,7 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
             c &+= 16
         }
     }
-    sink.pointee = sum
+    sink.pointee += sum
 }
 
 /// LLVM's prefetch intrinsic (`prefetcht0` / `prefetchw` on x86-64; a no-op where the
