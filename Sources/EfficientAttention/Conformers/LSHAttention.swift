@@ -197,18 +197,20 @@ public struct LSHAttention: Attention {
         var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
         data.withUnsafeMutableBufferPointer { buffer in
             for h in 0..<shape.heads { for r in 0..<hashes {
-                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half,
-                                            into: buffer.baseAddress! + (h * hashes + r) * d * half, ld: half)
+                let out = buffer.baseAddress! + (h * hashes + r) * d * half
+                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half) { c, t, x in
+                    out[c * half + t] = x
+                }
             } }
         }
         return try Tensor(shape: [shape.heads, hashes, d, half], data: data)
     }
 
-    /// Writes rotation `[head, round]` (`D × half` standard normal values, row-major) to
-    /// `out[c · ld + t]`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
+    /// Passes rotation `[head, round]` (`D × half` standard normal values) to
+    /// `store(c, t, value)`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
     /// rotation's index, so that every (head, round) is drawn independently (and in parallel).
     static func seededRotation(seed: UInt64, head: Int, round: Int, hashes: Int, d: Int, half: Int,
-                               into out: UnsafeMutablePointer<Float>, ld: Int) {
+                               store: (_ c: Int, _ t: Int, _ value: Float) -> Void) {
         var rng = SeededGenerator(seed: seed ^ (UInt64(head * hashes + round) &+ 1) &* 0x9E37_79B9_7F4A_7C15)
         let count = d * half
         var index = 0
@@ -216,8 +218,8 @@ public struct LSHAttention: Attention {
             let u1 = (Double(rng.next() >> 11) + 1) * 0x1p-53   // (0, 1]
             let u2 = Double(rng.next() >> 11) * 0x1p-53
             let radius = (-2 * log(u1)).squareRoot(), angle = 2 * Double.pi * u2
-            out[index / half * ld + index % half] = Float(radius * cos(angle))
-            if index + 1 < count { out[(index + 1) / half * ld + (index + 1) % half] = Float(radius * sin(angle)) }
+            store(index / half, index % half, Float(radius * cos(angle)))
+            if index + 1 < count { store((index + 1) / half, (index + 1) % half, Float(radius * sin(angle))) }
             index += 2
         }
     }
@@ -336,8 +338,7 @@ public struct LSHAttention: Attention {
                 } else {
                     parallelForEach(items: hashes, threads: inner) { r, _ in
                         LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
-                                                    half: half, into: scratch.rotations + r * d * scratch.halfPad,
-                                                    ld: scratch.halfPad)
+                                                    half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
                     }
                 }
                 // Hash by blocks of rows, every round.
@@ -379,7 +380,7 @@ public struct LSHAttention: Attention {
     struct Scratch {
         let d: Int, n: Int, hashes: Int, half: Int, halfPad: Int, buckets: Int
         let factors: [Int]
-        let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
+        let rotations: UnsafeMutablePointer<Float>      // [hashes][halfPad / MR][D][MR]
         let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
         let tiles: UnsafeMutablePointer<Float>          // [workers][MR][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
@@ -424,12 +425,22 @@ public struct LSHAttention: Attention {
 
         func deallocate() { block.deallocate() }
 
-        /// Copies head `head`'s rotations into `[hashes][D][halfPad]` (padding columns stay 0).
+        /// Where rotation `round`'s element `(c, t)` is kept: the micro-kernel's packed `A`
+        /// layout, `MR` columns at a time (`[hashes][halfPad / MR][D][MR]`), so that one tile
+        /// of columns reads `D · MR` contiguous floats.
+        @inline(__always)
+        func packed(_ round: Int, _ c: Int, _ t: Int) -> Int {
+            let mr = MicroTile.mr
+            return round * d * halfPad + (t / mr * d + c) * mr + t % mr
+        }
+
+        /// Copies head `head`'s rotations into the packed layout (``packed(_:_:_:)``;
+        /// padding columns stay 0).
         func packRotations(_ rot: TensorView, head: Int, hashes: Int, d: Int) {
             for r in 0..<hashes {
                 for c in 0..<d {
                     let row = rot.row(head, r, c)
-                    for t in 0..<half { rotations[(r * d + c) * halfPad + t] = row[t * rot.strides[3]] }
+                    for t in 0..<half { rotations[packed(r, c, t)] = row[t * rot.strides[3]] }
                 }
             }
         }
@@ -477,7 +488,8 @@ public struct LSHAttention: Attention {
                     var factor = 0, offset = 0, weight: Int32 = 1
                     for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
                         let rows = min(MicroTile.mr, half - first)
-                        let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad, rows: rows)
+                        let a = BroadcastOperand(base: rotation + first * d, rowStride: 1, depthStride: MicroTile.mr,
+                                                 rows: rows)
                         microKernel(depth: d, a: a, b: transposed + (panel - start) * d, ldb: MicroTile.nr,
                                     c: tile, ldc: MicroTile.nr, update: .overwrite)
                         var column = first
