@@ -375,14 +375,13 @@ public struct LSHAttention: Attention {
     }
 
     /// LSH's own scratch: packed rotations of one head, bucket ids, and per worker a block of
-    /// rows transposed, a hash tile and sort counters.
+    /// rows transposed and sort counters.
     /// `half` is the rotation's column count (`Σ n_i / 2` over the bucket factors).
     struct Scratch {
         let d: Int, n: Int, hashes: Int, half: Int, halfPad: Int, buckets: Int
         let factors: [Int]
         let rotations: UnsafeMutablePointer<Float>      // [hashes][halfPad / MR][D][MR]
         let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
-        let tiles: UnsafeMutablePointer<Float>          // [workers][MR][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
         private let block: UnsafeMutableRawPointer
@@ -394,7 +393,7 @@ public struct LSHAttention: Attention {
             -> (floats: Int, ints: Int) {
             let half = LSHAttention.columns(factors), buckets = LSHAttention.product(factors)
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + workers * (rowBlock * d + MicroTile.mr * MicroTile.nr)
+            let floats = roundUp(hashes * d * halfPad, 16) + workers * rowBlock * d
             return (floats, 2 * hashes * n + workers * (buckets + 1))
         }
 
@@ -416,7 +415,6 @@ public struct LSHAttention: Attention {
             let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             rotations = f
             panels = f + roundUp(hashes * d * halfPad, 16)
-            tiles = panels + workers * Scratch.rowBlock * d
             let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             queryBuckets = i
             keyBuckets = i + hashes * n
@@ -448,14 +446,14 @@ public struct LSHAttention: Attention {
         /// Buckets of positions `start..<start + count` of `rows` (`start` a multiple of
         /// ``rowBlock``, `count` at most ``rowBlock``) in every round, to
         /// `bucketOf[r · N + i]`: the rows are transposed into the worker's panels (which
-        /// stay in L2), then hashed round by round (``hash(_:start:count:round:worker:into:)``).
+        /// stay in L2), then hashed round by round (``hash(_:start:count:round:into:)``).
         func hash(_ rows: GroupedAttention.Rows, start: Int, count: Int, worker: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             let block = panels + worker * Scratch.rowBlock * d
             TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: block, n: n,
                                       origin: start)
             for r in 0..<hashes {
-                hash(block, start: start, count: count, round: r, worker: worker, into: bucketOf + r * n)
+                hash(block, start: start, count: count, round: r, into: bucketOf + r * n)
             }
         }
 
@@ -463,80 +461,47 @@ public struct LSHAttention: Attention {
         /// transposed rows, `transposed` holding the panels from position `start` on: per
         /// factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
         /// columns (the first maximum, positive half first), combined with the first factor
-        /// least significant. Positions are in lanes, so each argmax is a vertical scan; it
-        /// runs on each `MR`-column tile of `x R` as the micro-kernel leaves it, so only the
-        /// rotation and one panel of rows stay in L1, however many columns there are.
-        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
+        /// least significant. Positions are in lanes, so each argmax is a vertical scan; the
+        /// micro-kernel runs it on the tiles of `x R` in its registers
+        /// (``MicroKernelUpdate/extremes(_:)``), so only the rotation and one panel of rows
+        /// stay in L1, however many columns there are.
+        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             typealias Lanes = SIMD16<Int32>
-            let tile = tiles + worker * MicroTile.mr * MicroTile.nr
+            let mr = MicroTile.mr
             let rotation = rotations + round * d * halfPad
-            let groups = MicroTile.nr / 16
             for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
-                // The scan of each group of 16 lanes: the current factor's running maximum and
-                // minimum with their columns, and the bucket of the finished factors.
-                withUnsafeTemporaryAllocation(of: Vec16.self, capacity: 2 * groups) { extremes in
-                withUnsafeTemporaryAllocation(of: Lanes.self, capacity: 3 * groups) { indices in
-                    func reset() {
-                        for g in 0..<groups {
-                            extremes[2 * g] = Vec16(repeating: -.infinity)
-                            extremes[2 * g + 1] = Vec16(repeating: .infinity)
+                let b = transposed + (panel - start) * d
+                var bucket0 = Lanes(), bucket1 = Lanes()
+                var offset = 0, weight: Int32 = 1
+                for factor in factors {
+                    let columns = factor / 2
+                    var scan = LaneExtremes()
+                    // Tiles of at most MR columns of this factor within one packed MR-column slice.
+                    var t = offset
+                    while t < offset + columns {
+                        let rows = min(mr - t % mr, offset + columns - t)
+                        scan.column = Int32(t - offset)
+                        let a = BroadcastOperand(base: rotation + (t / mr * d) * mr + t % mr, rowStride: 1,
+                                                 depthStride: mr, rows: rows)
+                        withUnsafeMutablePointer(to: &scan) { scan in
+                            microKernel(depth: d, a: a, b: b, ldb: MicroTile.nr, c: UnsafeMutablePointer(mutating: b),
+                                        ldc: MicroTile.nr, update: .extremes(scan))   // C is not touched
                         }
+                        t += rows
                     }
-                    reset()
-                    for g in 0..<3 * groups { indices[g] = Lanes() }
-                    var factor = 0, offset = 0, weight: Int32 = 1
-                    for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
-                        let rows = min(MicroTile.mr, half - first)
-                        let a = BroadcastOperand(base: rotation + first * d, rowStride: 1, depthStride: MicroTile.mr,
-                                                 rows: rows)
-                        microKernel(depth: d, a: a, b: transposed + (panel - start) * d, ldb: MicroTile.nr,
-                                    c: tile, ldc: MicroTile.nr, update: .overwrite)
-                        var column = first
-                        while column < first + rows {
-                            let columns = factors[factor] / 2
-                            let end = min(first + rows, offset + columns)
-                            for g in 0..<groups {
-                                var h = extremes[2 * g], l = extremes[2 * g + 1]
-                                var hi = indices[3 * g], li = indices[3 * g + 1]
-                                for c in column..<end {
-                                    let value = load16(tile + (c - first) * MicroTile.nr + 16 * g)
-                                    let index = Lanes(repeating: Int32(c - offset))
-                                    let up = value .> h, down = value .< l
-                                    h.replace(with: value, where: up)
-                                    hi.replace(with: index, where: up)
-                                    l.replace(with: value, where: down)
-                                    li.replace(with: index, where: down)
-                                }
-                                if end == offset + columns {
-                                    // The factor's last column: its argmax joins the bucket.
-                                    var result = li &+ Lanes(repeating: Int32(columns))
-                                    result.replace(with: hi, where: h .>= -l)
-                                    indices[3 * g + 2] &+= result &* Lanes(repeating: weight)
-                                } else {
-                                    extremes[2 * g] = h
-                                    extremes[2 * g + 1] = l
-                                    indices[3 * g] = hi
-                                    indices[3 * g + 1] = li
-                                }
-                            }
-                            if end == offset + columns {
-                                offset += columns
-                                weight &*= Int32(truncatingIfNeeded: factors[factor])
-                                factor += 1
-                                reset()
-                                for g in 0..<groups { indices[3 * g] = Lanes(); indices[3 * g + 1] = Lanes() }
-                            }
-                            column = end
-                        }
-                    }
-                    for g in 0..<groups {
-                        let valid = min(16, start + count - panel - 16 * g)
-                        guard valid > 0 else { break }
-                        let bucket = indices[3 * g + 2]
-                        for t in 0..<valid { bucketOf[panel + 16 * g + t] = bucket[t] }
-                    }
-                } }
+                    // The factor's argmax over [x R_i ; −x R_i]: the positive half on ties.
+                    let half = Lanes(repeating: Int32(columns)), w = Lanes(repeating: weight)
+                    var result0 = scan.lowAt0 &+ half, result1 = scan.lowAt1 &+ half
+                    result0.replace(with: scan.highAt0, where: scan.high0 .>= -scan.low0)
+                    result1.replace(with: scan.highAt1, where: scan.high1 .>= -scan.low1)
+                    bucket0 &+= result0 &* w
+                    bucket1 &+= result1 &* w
+                    offset += columns
+                    weight &*= Int32(truncatingIfNeeded: factor)
+                }
+                let valid = min(MicroTile.nr, start + count - panel)
+                for t in 0..<valid { bucketOf[panel + t] = t < 16 ? bucket0[t] : bucket1[t - 16] }
             }
         }
 
