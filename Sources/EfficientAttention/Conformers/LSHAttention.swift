@@ -233,15 +233,23 @@ public struct LSHAttention: Attention {
         let heads = shape.batch * shape.heads
         let bytesPerHead = headBytes(shape, layout, factors: factors)
         let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: bytesPerHead)
+                                                    bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
                              workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
-                                                                             bytesPerHead: bytesPerHead)
+                                                                             bytesPerHead: bytesPerHead,
+                                                                             cacheBytes: LSHAttention.cacheBytes)
                                  + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner),
                              scoredPairs: heads * pairs)
     }
+
+    /// How much of the shared cache the heads in flight may take
+    /// (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
+    /// Every round revisits a head's rows of q, v and the output in a new random order, so
+    /// they must stay cached from round to round while other tenants use the same L3; at
+    /// N = 16K (D = 64, 13 MiB a head) one head at a time runs on every thread.
+    static let cacheBytes = GroupedAttention.sharedCacheBytes / 2
 
     /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
     private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
@@ -325,7 +333,7 @@ public struct LSHAttention: Attention {
             // phases on `inner` threads.
             GroupedAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
-                bytesPerHead: headBytes(shape, layout, factors: factors),
+                bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
                 makeScratch: { Scratch(shape, hashes: hashes, factors: factors, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in
