@@ -323,7 +323,8 @@ public struct LSHAttention: Attention {
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
-        var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
+        // Every row is written by the first round's combine: no zero fill.
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
         let rowBlock = Scratch.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
