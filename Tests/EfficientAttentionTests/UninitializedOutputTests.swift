@@ -2,7 +2,7 @@ import Testing
 import EfficientAttention
 
 /// Conformers whose output is allocated without a zero fill (the fixed patterns, Linformer,
-/// linear attention) must write every element themselves, including the rows of a batch
+/// linear attention, LSH) must write every element themselves, including the rows of a batch
 /// item that sees no key. In a fresh process the allocator often hands out zeroed pages,
 /// which would hide a missed row; these tests first leave blocks full of NaN in the heap,
 /// so that the output is likely to reuse them, and compare with a run after zeros.
@@ -60,5 +60,11 @@ struct UninitializedOutputTests {
                        keyLengths: nil, "linformer")
         try Self.check(LinearAttention(featureMap: EluPlusOneFeatures()), "linear-elu")
         try Self.check(LinearAttention(featureMap: EluPlusOneFeatures(), causal: true), "linear-elu causal")
+    }
+
+    @Test func lsh() throws {
+        try Self.check(LSHAttention(bucketSize: 8, hashes: 2, seed: 3), "lsh shared QK")
+        try Self.check(LSHAttention(bucketSize: 8, hashes: 3, sharedQK: false, causal: true, seed: 3),
+                       "lsh separate keys causal")
     }
 }

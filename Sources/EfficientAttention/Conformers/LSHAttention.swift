@@ -197,18 +197,20 @@ public struct LSHAttention: Attention {
         var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
         data.withUnsafeMutableBufferPointer { buffer in
             for h in 0..<shape.heads { for r in 0..<hashes {
-                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half,
-                                            into: buffer.baseAddress! + (h * hashes + r) * d * half, ld: half)
+                let out = buffer.baseAddress! + (h * hashes + r) * d * half
+                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half) { c, t, x in
+                    out[c * half + t] = x
+                }
             } }
         }
         return try Tensor(shape: [shape.heads, hashes, d, half], data: data)
     }
 
-    /// Writes rotation `[head, round]` (`D × half` standard normal values, row-major) to
-    /// `out[c · ld + t]`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
+    /// Passes rotation `[head, round]` (`D × half` standard normal values) to
+    /// `store(c, t, value)`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
     /// rotation's index, so that every (head, round) is drawn independently (and in parallel).
     static func seededRotation(seed: UInt64, head: Int, round: Int, hashes: Int, d: Int, half: Int,
-                               into out: UnsafeMutablePointer<Float>, ld: Int) {
+                               store: (_ c: Int, _ t: Int, _ value: Float) -> Void) {
         var rng = SeededGenerator(seed: seed ^ (UInt64(head * hashes + round) &+ 1) &* 0x9E37_79B9_7F4A_7C15)
         let count = d * half
         var index = 0
@@ -216,8 +218,8 @@ public struct LSHAttention: Attention {
             let u1 = (Double(rng.next() >> 11) + 1) * 0x1p-53   // (0, 1]
             let u2 = Double(rng.next() >> 11) * 0x1p-53
             let radius = (-2 * log(u1)).squareRoot(), angle = 2 * Double.pi * u2
-            out[index / half * ld + index % half] = Float(radius * cos(angle))
-            if index + 1 < count { out[(index + 1) / half * ld + (index + 1) % half] = Float(radius * sin(angle)) }
+            store(index / half, index % half, Float(radius * cos(angle)))
+            if index + 1 < count { store((index + 1) / half, (index + 1) % half, Float(radius * sin(angle))) }
             index += 2
         }
     }
@@ -231,15 +233,23 @@ public struct LSHAttention: Attention {
         let heads = shape.batch * shape.heads
         let bytesPerHead = headBytes(shape, layout, factors: factors)
         let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: bytesPerHead)
+                                                    bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
         return AttentionCost(flops: flops,
                              workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
-                                                                             bytesPerHead: bytesPerHead)
+                                                                             bytesPerHead: bytesPerHead,
+                                                                             cacheBytes: LSHAttention.cacheBytes)
                                  + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner),
                              scoredPairs: heads * pairs)
     }
+
+    /// How much of the shared cache the heads in flight may take
+    /// (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
+    /// Every round revisits a head's rows of q, v and the output in a new random order, so
+    /// they must stay cached from round to round while other tenants use the same L3; at
+    /// N = 16K (D = 64, 13 MiB a head) one head at a time runs on every thread.
+    static let cacheBytes = GroupedAttention.sharedCacheBytes / 2
 
     /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
     private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
@@ -313,7 +323,8 @@ public struct LSHAttention: Attention {
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
-        var output = try Tensor(shape: [shape.batch, shape.heads, n, shape.valueDim])
+        // Every row is written by the first round's combine: no zero fill.
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
         let rowBlock = Scratch.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
@@ -323,7 +334,7 @@ public struct LSHAttention: Attention {
             // phases on `inner` threads.
             GroupedAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
-                bytesPerHead: headBytes(shape, layout, factors: factors),
+                bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
                 makeScratch: { Scratch(shape, hashes: hashes, factors: factors, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in
@@ -336,8 +347,7 @@ public struct LSHAttention: Attention {
                 } else {
                     parallelForEach(items: hashes, threads: inner) { r, _ in
                         LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
-                                                    half: half, into: scratch.rotations + r * d * scratch.halfPad,
-                                                    ld: scratch.halfPad)
+                                                    half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
                     }
                 }
                 // Hash by blocks of rows, every round.
@@ -374,14 +384,13 @@ public struct LSHAttention: Attention {
     }
 
     /// LSH's own scratch: packed rotations of one head, bucket ids, and per worker a block of
-    /// rows transposed, a hash tile and sort counters.
+    /// rows transposed and sort counters.
     /// `half` is the rotation's column count (`Σ n_i / 2` over the bucket factors).
     struct Scratch {
         let d: Int, n: Int, hashes: Int, half: Int, halfPad: Int, buckets: Int
         let factors: [Int]
-        let rotations: UnsafeMutablePointer<Float>      // [hashes][D][halfPad]
+        let rotations: UnsafeMutablePointer<Float>      // [hashes][halfPad / MR][D][MR]
         let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
-        let tiles: UnsafeMutablePointer<Float>          // [workers][MR][NR]
         let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
         let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
         private let block: UnsafeMutableRawPointer
@@ -393,7 +402,7 @@ public struct LSHAttention: Attention {
             -> (floats: Int, ints: Int) {
             let half = LSHAttention.columns(factors), buckets = LSHAttention.product(factors)
             let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + workers * (rowBlock * d + MicroTile.mr * MicroTile.nr)
+            let floats = roundUp(hashes * d * halfPad, 16) + workers * rowBlock * d
             return (floats, 2 * hashes * n + workers * (buckets + 1))
         }
 
@@ -415,7 +424,6 @@ public struct LSHAttention: Attention {
             let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
             rotations = f
             panels = f + roundUp(hashes * d * halfPad, 16)
-            tiles = panels + workers * Scratch.rowBlock * d
             let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
             queryBuckets = i
             keyBuckets = i + hashes * n
@@ -424,12 +432,22 @@ public struct LSHAttention: Attention {
 
         func deallocate() { block.deallocate() }
 
-        /// Copies head `head`'s rotations into `[hashes][D][halfPad]` (padding columns stay 0).
+        /// Where rotation `round`'s element `(c, t)` is kept: the micro-kernel's packed `A`
+        /// layout, `MR` columns at a time (`[hashes][halfPad / MR][D][MR]`), so that one tile
+        /// of columns reads `D · MR` contiguous floats.
+        @inline(__always)
+        func packed(_ round: Int, _ c: Int, _ t: Int) -> Int {
+            let mr = MicroTile.mr
+            return round * d * halfPad + (t / mr * d + c) * mr + t % mr
+        }
+
+        /// Copies head `head`'s rotations into the packed layout (``packed(_:_:_:)``;
+        /// padding columns stay 0).
         func packRotations(_ rot: TensorView, head: Int, hashes: Int, d: Int) {
             for r in 0..<hashes {
                 for c in 0..<d {
                     let row = rot.row(head, r, c)
-                    for t in 0..<half { rotations[(r * d + c) * halfPad + t] = row[t * rot.strides[3]] }
+                    for t in 0..<half { rotations[packed(r, c, t)] = row[t * rot.strides[3]] }
                 }
             }
         }
@@ -437,14 +455,14 @@ public struct LSHAttention: Attention {
         /// Buckets of positions `start..<start + count` of `rows` (`start` a multiple of
         /// ``rowBlock``, `count` at most ``rowBlock``) in every round, to
         /// `bucketOf[r · N + i]`: the rows are transposed into the worker's panels (which
-        /// stay in L2), then hashed round by round (``hash(_:start:count:round:worker:into:)``).
+        /// stay in L2), then hashed round by round (``hash(_:start:count:round:into:)``).
         func hash(_ rows: GroupedAttention.Rows, start: Int, count: Int, worker: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             let block = panels + worker * Scratch.rowBlock * d
             TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: block, n: n,
                                       origin: start)
             for r in 0..<hashes {
-                hash(block, start: start, count: count, round: r, worker: worker, into: bucketOf + r * n)
+                hash(block, start: start, count: count, round: r, into: bucketOf + r * n)
             }
         }
 
@@ -452,79 +470,47 @@ public struct LSHAttention: Attention {
         /// transposed rows, `transposed` holding the panels from position `start` on: per
         /// factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
         /// columns (the first maximum, positive half first), combined with the first factor
-        /// least significant. Positions are in lanes, so each argmax is a vertical scan; it
-        /// runs on each `MR`-column tile of `x R` as the micro-kernel leaves it, so only the
-        /// rotation and one panel of rows stay in L1, however many columns there are.
-        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int, worker: Int,
+        /// least significant. Positions are in lanes, so each argmax is a vertical scan; the
+        /// micro-kernel runs it on the tiles of `x R` in its registers
+        /// (``MicroKernelUpdate/extremes(_:)``), so only the rotation and one panel of rows
+        /// stay in L1, however many columns there are.
+        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int,
                   into bucketOf: UnsafeMutablePointer<Int32>) {
             typealias Lanes = SIMD16<Int32>
-            let tile = tiles + worker * MicroTile.mr * MicroTile.nr
+            let mr = MicroTile.mr
             let rotation = rotations + round * d * halfPad
-            let groups = MicroTile.nr / 16
             for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
-                // The scan of each group of 16 lanes: the current factor's running maximum and
-                // minimum with their columns, and the bucket of the finished factors.
-                withUnsafeTemporaryAllocation(of: Vec16.self, capacity: 2 * groups) { extremes in
-                withUnsafeTemporaryAllocation(of: Lanes.self, capacity: 3 * groups) { indices in
-                    func reset() {
-                        for g in 0..<groups {
-                            extremes[2 * g] = Vec16(repeating: -.infinity)
-                            extremes[2 * g + 1] = Vec16(repeating: .infinity)
+                let b = transposed + (panel - start) * d
+                var bucket0 = Lanes(), bucket1 = Lanes()
+                var offset = 0, weight: Int32 = 1
+                for factor in factors {
+                    let columns = factor / 2
+                    var scan = LaneExtremes()
+                    // Tiles of at most MR columns of this factor within one packed MR-column slice.
+                    var t = offset
+                    while t < offset + columns {
+                        let rows = min(mr - t % mr, offset + columns - t)
+                        scan.column = Int32(t - offset)
+                        let a = BroadcastOperand(base: rotation + (t / mr * d) * mr + t % mr, rowStride: 1,
+                                                 depthStride: mr, rows: rows)
+                        withUnsafeMutablePointer(to: &scan) { scan in
+                            microKernel(depth: d, a: a, b: b, ldb: MicroTile.nr, c: UnsafeMutablePointer(mutating: b),
+                                        ldc: MicroTile.nr, update: .extremes(scan))   // C is not touched
                         }
+                        t += rows
                     }
-                    reset()
-                    for g in 0..<3 * groups { indices[g] = Lanes() }
-                    var factor = 0, offset = 0, weight: Int32 = 1
-                    for first in Swift.stride(from: 0, to: half, by: MicroTile.mr) {
-                        let rows = min(MicroTile.mr, half - first)
-                        let a = BroadcastOperand(base: rotation + first, rowStride: 1, depthStride: halfPad, rows: rows)
-                        microKernel(depth: d, a: a, b: transposed + (panel - start) * d, ldb: MicroTile.nr,
-                                    c: tile, ldc: MicroTile.nr, update: .overwrite)
-                        var column = first
-                        while column < first + rows {
-                            let columns = factors[factor] / 2
-                            let end = min(first + rows, offset + columns)
-                            for g in 0..<groups {
-                                var h = extremes[2 * g], l = extremes[2 * g + 1]
-                                var hi = indices[3 * g], li = indices[3 * g + 1]
-                                for c in column..<end {
-                                    let value = load16(tile + (c - first) * MicroTile.nr + 16 * g)
-                                    let index = Lanes(repeating: Int32(c - offset))
-                                    let up = value .> h, down = value .< l
-                                    h.replace(with: value, where: up)
-                                    hi.replace(with: index, where: up)
-                                    l.replace(with: value, where: down)
-                                    li.replace(with: index, where: down)
-                                }
-                                if end == offset + columns {
-                                    // The factor's last column: its argmax joins the bucket.
-                                    var result = li &+ Lanes(repeating: Int32(columns))
-                                    result.replace(with: hi, where: h .>= -l)
-                                    indices[3 * g + 2] &+= result &* Lanes(repeating: weight)
-                                } else {
-                                    extremes[2 * g] = h
-                                    extremes[2 * g + 1] = l
-                                    indices[3 * g] = hi
-                                    indices[3 * g + 1] = li
-                                }
-                            }
-                            if end == offset + columns {
-                                offset += columns
-                                weight &*= Int32(truncatingIfNeeded: factors[factor])
-                                factor += 1
-                                reset()
-                                for g in 0..<groups { indices[3 * g] = Lanes(); indices[3 * g + 1] = Lanes() }
-                            }
-                            column = end
-                        }
-                    }
-                    for g in 0..<groups {
-                        let valid = min(16, start + count - panel - 16 * g)
-                        guard valid > 0 else { break }
-                        let bucket = indices[3 * g + 2]
-                        for t in 0..<valid { bucketOf[panel + 16 * g + t] = bucket[t] }
-                    }
-                } }
+                    // The factor's argmax over [x R_i ; −x R_i]: the positive half on ties.
+                    let half = Lanes(repeating: Int32(columns)), w = Lanes(repeating: weight)
+                    var result0 = scan.lowAt0 &+ half, result1 = scan.lowAt1 &+ half
+                    result0.replace(with: scan.highAt0, where: scan.high0 .>= -scan.low0)
+                    result1.replace(with: scan.highAt1, where: scan.high1 .>= -scan.low1)
+                    bucket0 &+= result0 &* w
+                    bucket1 &+= result1 &* w
+                    offset += columns
+                    weight &*= Int32(truncatingIfNeeded: factor)
+                }
+                let valid = min(MicroTile.nr, start + count - panel)
+                for t in 0..<valid { bucketOf[panel + t] = t < 16 ? bucket0[t] : bucket1[t - 16] }
             }
         }
 

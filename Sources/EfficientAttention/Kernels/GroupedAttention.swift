@@ -100,8 +100,14 @@ enum GroupedAttention {
     /// whose blocks are then plentiful. A head's result does not depend on `inner`, so the
     /// output is the same for any split.
     static func split(heads: Int, threads: Int, bytesPerHead: Int) -> (outer: Int, inner: Int) {
+        split(heads: heads, threads: threads, bytesPerHead: bytesPerHead, cacheBytes: sharedCacheBytes)
+    }
+
+    /// ``split(heads:threads:bytesPerHead:)`` with the heads in flight kept within
+    /// `cacheBytes` instead of the whole shared cache.
+    static func split(heads: Int, threads: Int, bytesPerHead: Int, cacheBytes: Int) -> (outer: Int, inner: Int) {
         var outer = max(1, min(threads, heads))
-        while outer > 1 && outer * bytesPerHead > sharedCacheBytes { outer -= 1 }
+        while outer > 1 && outer * bytesPerHead > cacheBytes { outer -= 1 }
         return (outer, max(1, threads / outer))
     }
 
@@ -114,8 +120,10 @@ enum GroupedAttention {
 
     /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
     /// `heads` is B·H) plus the kernel's workspace of each of their block workers.
-    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int) -> Int {
-        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead)
+    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int,
+                               cacheBytes: Int = sharedCacheBytes) -> Int {
+        let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead,
+                                   cacheBytes: cacheBytes)
         let workers = workerCount(threads: inner, items: layout.blocks)
         return outer * (Workspace.byteCount(layout, workers: workers)
             + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
@@ -128,10 +136,12 @@ enum GroupedAttention {
     /// `body` runs the head's phases on `inner` threads.
     static func forEachHead<Scratch>(
         batch: Int, heads: Int, threads: Int, layout l: Layout, bytesPerHead: Int,
+        cacheBytes: Int = sharedCacheBytes,
         makeScratch: (_ inner: Int) -> Scratch, release: (Scratch) -> Void,
         _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
     ) {
-        let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead)
+        let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead,
+                                   cacheBytes: cacheBytes)
         let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.blocks)) }
         let scratches = (0..<outer).map { _ in makeScratch(inner) }
         defer {

@@ -13,6 +13,8 @@
 /// - `C` rows are `NR` contiguous floats: `C[r, c] = c[r · ldc + c]`.
 /// - Edges: a short `A` (fewer than `MR` rows) repeats its last row; `B` and `C` are
 ///   padded by the caller to whole `NR`-wide rows, so every call runs the same full tile.
+/// - ``MicroKernelUpdate/extremes(_:)`` scans the rows of `A·B` instead of storing them
+///   (a repeated last row never changes the first extremes).
 ///
 /// `MR × NR = 8 × 32` keeps 16 SIMD16 accumulators (16 of the 32 AVX-512 registers)
 /// plus two `B` vectors and one broadcast in registers; one depth step is 16 fused
@@ -32,6 +34,34 @@ enum MicroKernelUpdate {
     case accumulate
     /// `C = diag(scale) · C + A·B`, `scale` pointing at `MR` row factors.
     case scaleAndAccumulate(UnsafePointer<Float>)
+    /// `C` is not touched: rows `0..<MR` of `A·B`, in order, update the running extremes of
+    /// each of the `NR` columns (``LaneExtremes/take(_:_:at:)`` with indices `column + r`).
+    case extremes(UnsafeMutablePointer<LaneExtremes>)
+}
+
+/// The running maximum and minimum of each of `NR` lanes over a sequence of rows, with the
+/// index of the first row holding each (LSH hashing's argmax over `[x R ; −x R]`, with
+/// positions in lanes).
+struct LaneExtremes {
+    var high0 = Vec16(repeating: -.infinity), high1 = Vec16(repeating: -.infinity)
+    var low0 = Vec16(repeating: .infinity), low1 = Vec16(repeating: .infinity)
+    var highAt0 = SIMD16<Int32>(), highAt1 = SIMD16<Int32>()
+    var lowAt0 = SIMD16<Int32>(), lowAt1 = SIMD16<Int32>()
+    /// Index of the next micro-kernel call's row 0 (``MicroKernelUpdate/extremes(_:)``).
+    var column: Int32 = 0
+
+    /// Takes row `index` (lanes `0..<16` in `v0`, `16..<32` in `v1`): a strictly larger
+    /// (smaller) value replaces the maximum (minimum) and its index, so the first stays.
+    @inline(__always)
+    mutating func take(_ v0: Vec16, _ v1: Vec16, at index: Int32) {
+        let i = SIMD16<Int32>(repeating: index)
+        var up = v0 .> high0, down = v0 .< low0
+        high0.replace(with: v0, where: up); highAt0.replace(with: i, where: up)
+        low0.replace(with: v0, where: down); lowAt0.replace(with: i, where: down)
+        up = v1 .> high1; down = v1 .< low1
+        high1.replace(with: v1, where: up); highAt1.replace(with: i, where: up)
+        low1.replace(with: v1, where: down); lowAt1.replace(with: i, where: down)
+    }
 }
 
 typealias Vec16 = SIMD16<Float>
@@ -88,6 +118,16 @@ func microKernel(depth: Int, a: BroadcastOperand,
         k &+= ks
         bp += ldb
     }
+    if case .extremes(let scan) = update {
+        var e = scan.pointee
+        let column = e.column
+        e.take(c00, c01, at: column); e.take(c10, c11, at: column &+ 1)
+        e.take(c20, c21, at: column &+ 2); e.take(c30, c31, at: column &+ 3)
+        e.take(c40, c41, at: column &+ 4); e.take(c50, c51, at: column &+ 5)
+        e.take(c60, c61, at: column &+ 6); e.take(c70, c71, at: column &+ 7)
+        scan.pointee = e
+        return
+    }
     @inline(__always)
     func finish(_ row: Int, _ v0: Vec16, _ v1: Vec16) {
         let p = c + row * ldc
@@ -99,6 +139,8 @@ func microKernel(depth: Int, a: BroadcastOperand,
         case .scaleAndAccumulate(let scale):
             let s = Vec16(repeating: scale[row])
             store16(fused(load16(p), s, v0), p); store16(fused(load16(p + 16), s, v1), p + 16)
+        case .extremes:
+            break
         }
     }
     finish(0, c00, c01); finish(1, c10, c11); finish(2, c20, c21); finish(3, c30, c31)
