@@ -365,16 +365,8 @@ enum TiledSoftmaxAttention {
             let rowStride = queries.step &* q.strides[2]
             while first + 16 <= queries.count {
                 let base = q.row(b, h, queries.position(first))
-                var c = 0
-                while c + 16 <= d {
-                    Transpose16.transpose(scale: Vec16(repeating: scale), rows: { base + $0 &* rowStride + c },
-                                          into: qT + c &* ld + first, ld: ld)
-                    c += 16
-                }
-                for r in 0..<16 where c < d {
-                    let row = base + r &* rowStride
-                    for cc in c..<d { qT[cc &* ld + first + r] = scale * row[cc] }
-                }
+                Transpose16.transpose(scale: Vec16(repeating: scale), rows: { base + $0 &* rowStride }, depth: d,
+                                      into: qT + first, ld: ld)
                 first += 16
             }
         }

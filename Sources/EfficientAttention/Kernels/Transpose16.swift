@@ -32,6 +32,23 @@ enum Transpose16 {
         store16(s * x.14, out + 14 * ld); store16(s * x.15, out + 15 * ld)
     }
 
+    /// `out[c · ld + r] = scale[r] · rows(r)[c]` for `r < 16` and every `c < depth`: whole
+    /// 16-column blocks with ``transpose(scale:rows:into:ld:)``, the last `depth % 16`
+    /// columns element by element.
+    @inline(__always)
+    static func transpose(scale: Vec16, rows: (Int) -> UnsafePointer<Float>, depth: Int,
+                          into out: UnsafeMutablePointer<Float>, ld: Int) {
+        var c = 0
+        while c + 16 <= depth {
+            transpose(scale: scale, rows: { rows($0) + c }, into: out + c &* ld, ld: ld)
+            c += 16
+        }
+        for r in 0..<16 where c < depth {
+            let row = rows(r)
+            for cc in c..<depth { out[cc &* ld + r] = scale[r] * row[cc] }
+        }
+    }
+
     @inline(__always)
     static func stage(_ r: Block) -> Block {
         (lo(r.0, r.8), hi(r.0, r.8), lo(r.1, r.9), hi(r.1, r.9),

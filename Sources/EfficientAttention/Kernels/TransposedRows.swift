@@ -60,16 +60,8 @@ enum TransposedRows {
                         factor[r] = norm > 0 ? 1 / norm : 0
                     }
                 }
-                var c = 0
-                while c + 16 <= depth {
-                    Transpose16.transpose(scale: factor, rows: { rows.row(base + $0) + c }, into: panel + c * nr + half,
-                                          ld: nr)
-                    c += 16
-                }
-                for r in 0..<16 where c < depth {
-                    let row = rows.row(base + r)
-                    for cc in c..<depth { panel[cc * nr + half + r] = row[cc] * factor[r] }
-                }
+                Transpose16.transpose(scale: factor, rows: { rows.row(base + $0) }, depth: depth,
+                                      into: panel + half, ld: nr)
             }
         }
         if let n, n % nr != 0, start + count == n {
