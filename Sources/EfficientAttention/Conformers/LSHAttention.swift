@@ -251,7 +251,7 @@ public struct LSHAttention: Attention {
     /// N = 16K (D = 64, 13 MiB a head) one head at a time runs on every thread.
     static let cacheBytes = GroupedAttention.sharedCacheBytes / 2
 
-    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
     private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
         GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
                                    scratchBytes: Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: 1))

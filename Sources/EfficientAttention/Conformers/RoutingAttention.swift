@@ -130,7 +130,7 @@ public struct RoutingAttention: Attention {
                              scoredPairs: heads * pairs)
     }
 
-    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:)``).
+    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
     private func headBytes(_ l: GroupedAttention.Layout, keyLength: Int) -> Int {
         GroupedAttention.headBytes(l, keyLength: keyLength,
                                    scratchBytes: Router.byteCount(l, keyLength: keyLength, workers: 1))

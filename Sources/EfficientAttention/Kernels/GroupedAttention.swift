@@ -24,7 +24,7 @@
 ///
 /// Heads are work items of head workers (``forEachHead``), one head per thread while the
 /// heads in flight fit in the shared cache, else one head at a time on every thread
-/// (``split(heads:threads:bytesPerHead:)``); a head's result never depends on the split.
+/// (``split(heads:threads:bytesPerHead:cacheBytes:)``); a head's result never depends on the split.
 ///
 /// Workspace: O(Nq · Dv + Nq + Nk) for one round of each head in flight (slot arrays, sorted
 /// outputs) plus about 1 MiB of gathered rows per block worker (see
@@ -98,14 +98,10 @@ enum GroupedAttention {
     /// flight, `bytesPerHead` each (``headBytes(_:keyLength:scratchBytes:)``), fit in the
     /// shared cache; otherwise (long sequences) fewer heads at a time, each on more threads,
     /// whose blocks are then plentiful. A head's result does not depend on `inner`, so the
-    /// output is the same for any split.
-    static func split(heads: Int, threads: Int, bytesPerHead: Int) -> (outer: Int, inner: Int) {
-        split(heads: heads, threads: threads, bytesPerHead: bytesPerHead, cacheBytes: sharedCacheBytes)
-    }
-
-    /// ``split(heads:threads:bytesPerHead:)`` with the heads in flight kept within
-    /// `cacheBytes` instead of the whole shared cache.
-    static func split(heads: Int, threads: Int, bytesPerHead: Int, cacheBytes: Int) -> (outer: Int, inner: Int) {
+    /// output is the same for any split. `cacheBytes` (default the whole shared cache) bounds
+    /// the heads in flight.
+    static func split(heads: Int, threads: Int, bytesPerHead: Int,
+                      cacheBytes: Int = sharedCacheBytes) -> (outer: Int, inner: Int) {
         var outer = max(1, min(threads, heads))
         while outer > 1 && outer * bytesPerHead > cacheBytes { outer -= 1 }
         return (outer, max(1, threads / outer))
@@ -118,7 +114,7 @@ enum GroupedAttention {
             + Workspace.byteCount(l, workers: 1) + scratchBytes
     }
 
-    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:)``;
+    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:cacheBytes:)``;
     /// `heads` is B·H) plus the kernel's workspace of each of their block workers.
     static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int,
                                cacheBytes: Int = sharedCacheBytes) -> Int {
@@ -131,7 +127,7 @@ enum GroupedAttention {
     }
 
     /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
-    /// items of `outer` workers (``split(heads:threads:bytesPerHead:)``), each with its own
+    /// items of `outer` workers (``split(heads:threads:bytesPerHead:cacheBytes:)``), each with its own
     /// ``Workspace`` and conformer scratch (`makeScratch(inner)`, released by `release`), and
     /// `body` runs the head's phases on `inner` threads.
     static func forEachHead<Scratch>(
