@@ -460,11 +460,9 @@ public struct RoutingAttention: Attention {
                         // Branch-free for the first two passing lanes (about 40% of rows
                         // have one, few have more): stores at `count` whether or not a lane
                         // passed, counting only those that did.
+                        // A list with no room for a whole panel is full: the cluster falls back.
                         var count = Int(w.counts[item])
-                        guard count <= capacity - MicroTile.nr else {
-                            if mask != 0 { w.counts[item] = Int32(capacity + 1) }   // full: falls back
-                            continue
-                        }
+                        guard count <= capacity - MicroTile.nr else { continue }
                         let values = w.listValues + item * capacity, indices = w.listIndices + item * capacity
                         for _ in 0..<2 {
                             let lane = Int(mask.trailingZeroBitCount) & (MicroTile.nr - 1)
@@ -473,13 +471,8 @@ public struct RoutingAttention: Attention {
                             count &+= mask != 0 ? 1 : 0
                             mask &= mask &- 1
                         }
-                        while mask != 0 {
-                            let lane = Int(mask.trailingZeroBitCount)
-                            values[count] = scores[lane]
-                            indices[count] = Int32(truncatingIfNeeded: panel &+ lane)
-                            count &+= 1
-                            mask &= mask &- 1
-                        }
+                        count = Router.append(mask, scores: scores, first: panel, values: values, indices: indices,
+                                              at: count)
                         w.counts[item] = Int32(count)
                     }
                 }
@@ -538,7 +531,7 @@ public struct RoutingAttention: Attention {
         /// fallback of ``select(centroids:head:firstCluster:clusters:n:take:worker:into:)``).
         /// The sampled scores (``sampling(n:take:)``) give a threshold that a little more
         /// than `take` scores pass; a vector scan collects those candidates (the set bits of
-        /// each 16-score comparison mask) and the selection runs on them only. Too few
+        /// each 32-score comparison mask) and the selection runs on them only. Too few
         /// candidates lower the threshold (a larger sample rank), down to all scores.
         /// `values` and `indices` hold `count` entries.
         static func top(_ scores: UnsafePointer<Float>, count: Int, take: Int,
@@ -592,32 +585,17 @@ public struct RoutingAttention: Attention {
         }
 
         /// Writes the scores `>= low` (and their indices, ascending) to `values` and
-        /// `indices`; returns how many. Sixteen scores per comparison; only the set bits of
-        /// a comparison's mask are visited.
+        /// `indices`; returns how many. Thirty-two scores per ``passMask(_:atLeast:)``; only
+        /// the set bits of a mask are visited.
         @inline(__always)
         static func collect(_ scores: UnsafePointer<Float>, count: Int, atLeast low: Float,
                             values: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>) -> Int {
-            let bound = Vec16(repeating: low)
-            let bits = SIMD16<Int32>(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+            let bound = Vec16(repeating: low), nr = MicroTile.nr
             var found = 0, i = 0
-            while i + 16 <= count {
-                let passed = load16(scores + i) .>= bound
-                if any(passed) {
-                    // The lanes' bits, or-reduced in halves (a short vector tree, no lane extracts).
-                    let m16 = SIMD16<Int32>().replacing(with: bits, where: passed)
-                    let m8 = m16.lowHalf | m16.highHalf
-                    let m4 = m8.lowHalf | m8.highHalf
-                    let m2 = m4.lowHalf | m4.highHalf
-                    var mask = m2[0] | m2[1]
-                    while mask != 0 {
-                        let t = i &+ Int(mask.trailingZeroBitCount)
-                        values[found] = scores[t]
-                        indices[found] = Int32(truncatingIfNeeded: t)
-                        found &+= 1
-                        mask &= mask &- 1
-                    }
-                }
-                i += 16
+            while i + nr <= count {
+                found = append(passMask(scores + i, atLeast: bound), scores: scores + i, first: i,
+                               values: values, indices: indices, at: found)
+                i += nr
             }
             while i < count {
                 if scores[i] >= low {
@@ -628,6 +606,23 @@ public struct RoutingAttention: Attention {
                 i += 1
             }
             return found
+        }
+
+        /// Appends `scores[lane]` and its index `first + lane` for every set bit of `mask`
+        /// (ascending) at `values[count...]`, `indices[count...]`; returns the new count.
+        @inline(__always)
+        static func append(_ mask: UInt32, scores: UnsafePointer<Float>, first: Int,
+                           values: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>,
+                           at count: Int) -> Int {
+            var mask = mask, count = count
+            while mask != 0 {
+                let lane = Int(mask.trailingZeroBitCount)
+                values[count] = scores[lane]
+                indices[count] = Int32(truncatingIfNeeded: first &+ lane)
+                count &+= 1
+                mask &= mask &- 1
+            }
+            return count
         }
 
         /// The `k`-th largest value (0-based) of `a[0..<count]` (`a` holds no NaN; it may be
