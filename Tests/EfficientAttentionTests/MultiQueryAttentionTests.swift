@@ -293,6 +293,18 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
                            "strided query and cache")
     }
 
+    /// Float16 rows of 33 and 3 elements (66 and 6 bytes, not multiples of 4): before the
+    /// fix, decode's line touch loaded 4 bytes at byte 64 of a 66-byte cache, reading past
+    /// its end (AddressSanitizer reports it; see KernelDocs/Robustness.md for the run).
+    @Test("decode reads only the cache: Float16 rows not a multiple of 4 bytes", arguments: [1, 3, 40])
+    func decodeOddFloat16Rows(length: Int) throws {
+        let cache = try KVCache(kvHeads: 1, headDim: 33, valueDim: 3, capacity: length, precision: .float16)
+        try cache.append(layer: 0, keys: randomTensor([1, 1, length, 33], seed: 11),
+                         values: randomTensor([1, 1, length, 3], seed: 12))
+        try checkDecode(MultiQueryAttention(causal: true), query: randomTensor([1, 2, 1, 33], seed: 13), cache: cache,
+                        "Float16 D 33, Dv 3, L \(length)")
+    }
+
     @Test("decode shape errors")
     func decodeErrors() throws {
         let cache = try KVCache(layers: 2, batch: 2, kvHeads: 4, headDim: 8, capacity: 10)

@@ -47,14 +47,13 @@ public struct EluPlusOneFeatures: FeatureMap {
             let x = input + r * rowStride, y = output + r * outputStride
             logScale[r] = 0
             var c = 0
-            if columnStride == 1 {
-                while c + 16 <= headDim {
-                    let v = load16(x + c)
-                    var e = VectorMath.exp16(v)
-                    e.replace(with: v + one, where: v .> zero)
-                    store16(e, y + c)
-                    c += 16
-                }
+            // Vector lanes for every column stride: strided rows give the contiguous bits.
+            while c + 16 <= headDim {
+                let v = gather16(x + c * columnStride, columnStride)
+                var e = VectorMath.exp16(v)
+                e.replace(with: v + one, where: v .> zero)
+                store16(e, y + c)
+                c += 16
             }
             while c < headDim {
                 let v = x[c * columnStride]

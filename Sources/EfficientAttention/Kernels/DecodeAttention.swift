@@ -396,7 +396,9 @@ enum DecodeAttention {
         let base = UnsafeRawPointer(rows.row(b, hk, start))
         var a: UInt32 = 0, c: UInt32 = 0
         var offset = 0
-        while offset + 64 < bytes {
+        // Both 4-byte loads inside the rows: `offset + 64 + 4 ≤ bytes` (rows of Float16
+        // need not be a multiple of 4 bytes long).
+        while offset &+ 68 <= bytes {
             a |= base.load(fromByteOffset: offset, as: UInt32.self)
             c |= base.load(fromByteOffset: offset + 64, as: UInt32.self)
             offset += 128

@@ -498,7 +498,7 @@ extension TensorView {
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
         touchRows(row(b, h, rows.start), count: rows.count, rowStride: rows.step &* strides[2],
-                  length: width &* strides[3], sink: sink)
+                  length: rowExtent(width: width, elementStride: strides[3]), sink: sink)
     }
 }
 
@@ -508,6 +508,15 @@ extension MutableTensorView {
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
         TensorView(base: UnsafePointer(base), strides: strides).touch(b, h, rows: rows, width: width, sink: sink)
     }
+}
+
+/// The floats a row of `width` elements `elementStride` apart spans, from its first element
+/// to its last inclusive: `(width - 1) · elementStride + 1` (0 for an empty row, 1 for a
+/// stride-0 row). A touch or prefetch over more would address memory past the row's last
+/// element, past the end of the storage for the last row of a view.
+@inline(__always)
+func rowExtent(width: Int, elementStride: Int) -> Int {
+    width > 0 ? (width &- 1) &* elementStride &+ 1 : 0
 }
 
 @inline(__always)

@@ -120,7 +120,8 @@ extension TileMask {
         queryPartition.groupCount(queryLength: queryLength, queryTile: queryTile)
     }
 
-    /// Query group `index` (`count == 0` for an empty group). Groups are disjoint.
+    /// Query group `index` (`count == 0` for an empty group, and for every `index` at or
+    /// past ``queryGroupCount(queryLength:queryTile:)``). Groups are disjoint.
     func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
         queryPartition.group(index, queryLength: queryLength, queryTile: queryTile)
     }
@@ -168,6 +169,9 @@ enum QueryPartition {
         case .residues(let m):
             let perClass = ceilDiv(ceilDiv(n, m), br)
             let residue = index / perClass, tile = index % perClass
+            // Kernels run the largest group count over all heads; past this head's own
+            // count, `residue ≥ m` would repeat the queries of residue `residue − m`.
+            guard residue < m else { return PositionRun(start: 0, count: 0) }
             let members = ceilDiv(n - residue, m)
             return PositionRun(start: residue + tile * br * m,
                                count: max(0, min(br, members - tile * br)), step: m)
