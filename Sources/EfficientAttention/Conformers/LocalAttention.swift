@@ -74,6 +74,7 @@ public struct LocalAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         let pattern = try pattern(for: shape)
         return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }

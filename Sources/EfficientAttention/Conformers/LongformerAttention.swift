@@ -66,7 +66,8 @@ public struct LongformerAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+        let threads = try threadCount(threads)
+        return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,

@@ -63,13 +63,16 @@ public struct MultiQueryAttention: IncrementalAttention {
             if let value, value < 0 {
                 throw AttentionError.invalidParameter("\(name) must be at least 0, got \(value)")
             }
+            if let value { try checkLimit(value, name, variant: "multi-query attention") }
         }
         guard split >= 1 else {
             throw AttentionError.invalidParameter("split must be at least 1, got \(split)")
         }
+        try checkLimit(split, "split", variant: "multi-query attention")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads))
     }
@@ -93,6 +96,7 @@ public struct MultiQueryAttention: IncrementalAttention {
     /// - Complexity: O(Nq).
     public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision = .float32,
                            threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
                                                                           halfPrecision: precision == .float16))
@@ -127,7 +131,7 @@ public struct MultiQueryAttention: IncrementalAttention {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let workers = threads ?? defaultThreadCount, split = self.split
+        let workers = try threadCount(threads), split = self.split
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         func run<E: CacheScalar>(_ type: E.Type) {
             let rows = cache.rows(layer: layer, as: type)
