@@ -280,3 +280,40 @@ private func quadraticDraw(heads: Int, blockCount n: Int, count: Int, globalBloc
         }
     }
 }
+
+@Suite("Robustness (issue 14): patterns and decoding")
+struct RobustnessPatternTests {
+    @Test("public pattern initialisers throw for parameters their conformers refuse")
+    func patternInitialisers() {
+        expectAttentionError(.invalidParameter, mentioning: ["blockSize", "at least"], "block 0") {
+            try LocalPattern(form: .blocked(size: 0, lookBackward: 1, lookForward: 0), causal: false,
+                             queryLength: 8, keyLength: 8)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["left", "at most"], "window Int.max") {
+            try LocalPattern(form: .slidingWindow(left: .max, right: 0), causal: false, queryLength: 8, keyLength: 8)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["window", "at most"], "longformer window") {
+            try LongformerPattern(window: .max, dilations: [1], globalPositions: [], causal: false,
+                                  queryLength: 8, keyLength: 8)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["dilations[0]", "at least"], "dilation 0") {
+            try LongformerPattern(window: 4, dilations: [0], globalPositions: [], causal: false,
+                                  queryLength: 8, keyLength: 8)
+        }
+    }
+
+    @Test("decode with split 1 over a long cache throws when its partial rows exceed one allocation")
+    func decodeSplitWorkspace() throws {
+        let cache = try KVCache(kvHeads: 1, headDim: 1, capacity: 1 << 20)
+        try cache.append(layer: 0, keys: try Tensor(shape: [1, 1, 1 << 20, 1]), values: try Tensor(shape: [1, 1, 1 << 20, 1]))
+        let query = try Tensor(shape: [1, 64, 1 << 12, 1])
+        let attention = MultiQueryAttention(split: 1)
+        expectAttentionError(.sizeOverflow, mentioning: ["split"], "decode") {
+            try attention.decode(query: query, cache: cache)
+        }
+        expectAttentionError(.sizeOverflow, mentioning: ["split"], "decodeCost") {
+            try attention.decodeCost(AttentionShape(heads: 64, kvHeads: 1, queryLength: 1 << 12, keyLength: 1 << 20,
+                                                    headDim: 1), threads: 1)
+        }
+    }
+}

@@ -59,7 +59,7 @@ public struct LongformerAttention: Attention {
     /// The pattern for `shape`.
     public func pattern(for shape: AttentionShape) throws -> LongformerPattern {
         try validate(shape)
-        return LongformerPattern(window: window,
+        return try LongformerPattern(window: window,
                                  dilations: dilations.count == 1 ? Array(repeating: dilations[0], count: shape.heads) : dilations,
                                  globalPositions: globalPositions, causal: causal,
                                  queryLength: shape.queryLength, keyLength: shape.keyLength)

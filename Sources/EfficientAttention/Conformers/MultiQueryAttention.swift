@@ -98,8 +98,21 @@ public struct MultiQueryAttention: IncrementalAttention {
                            threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
+        try checkDecodeWorkspace(shape, precision: precision)
         return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
                                                                           halfPrecision: precision == .float16))
+    }
+
+    /// Throws unless a decode's workspace fits one allocation: the partial rows of the
+    /// `⌈L / split⌉` chunks (`B · H · n · (Dv + 1)` floats each) are checked before the
+    /// kernel's byte count is computed, then that count for the most workers.
+    private func checkDecodeWorkspace(_ shape: AttentionShape, precision: KVCache.Precision) throws {
+        try checkFloatAllocation([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
+                                  (shape.keyLength + split - 1) / split],
+                                 option: "decode partial rows of ⌈cache length / split⌉ chunks (split \(split))")
+        try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: maxThreadCount,
+                                                                  halfPrecision: precision == .float16),
+                            option: "decode workspace (split \(split))")
     }
 
     /// Attention of `query` `[B, H, n, D]`, the newest `n` positions, against the keys and
@@ -128,6 +141,7 @@ public struct MultiQueryAttention: IncrementalAttention {
                                    keyLength: max(1, lengths.max() ?? 1), headDim: qs[3], valueDim: cache.valueDim)
         try validate(shape)
         try checkCallArguments(shape, keyLengths: nil, threads: threads)
+        try checkDecodeWorkspace(shape, precision: cache.precision)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
