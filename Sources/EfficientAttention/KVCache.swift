@@ -62,6 +62,11 @@ public final class KVCache {
             throw AttentionError.sizeOverflow(
                 "KVCache of \(layers) layers x \(batch) x \(kvHeads) heads x \(capacity) positions x (\(headDim) + \(valueDim)) overflows Int bytes")
         }
+        guard capacity <= lengthLimit else {
+            throw AttentionError.invalidParameter("KVCache capacity must be at most \(lengthLimit), got \(capacity)")
+        }
+        try checkAllocation(bytes: keyBytes, option: "KVCache keys (layers × batch × kvHeads × capacity × headDim)")
+        try checkAllocation(bytes: valueBytes, option: "KVCache values (layers × batch × kvHeads × capacity × valueDim)")
         self.layers = layers
         self.batch = batch
         self.kvHeads = kvHeads

@@ -16,7 +16,7 @@ public struct Tensor: Sendable, Equatable {
 
     /// A contiguous row-major tensor filled with `value`.
     public init(shape: [Int], repeating value: Float = 0) throws {
-        let count = try Tensor.checkShape(shape)
+        let count = try Tensor.checkShape(shape, allocating: true)
         self.storage = [Float](repeating: value, count: count)
         self.shape = shape
         self.strides = Tensor.rowMajorStrides(shape)
@@ -74,7 +74,7 @@ public struct Tensor: Sendable, Equatable {
     /// 32 MiB output would otherwise take 8192 page faults per call (about 30 ms on the
     /// benchmark machine, as much as a linear-attention call's arithmetic at N = 16K).
     static func uninitializedOutput(shape: [Int]) throws -> Tensor {
-        let count = try checkShape(shape)
+        let count = try checkShape(shape, allocating: true)
         let data = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if let base = buffer.baseAddress {
                 adviseHugePages(UnsafeMutableRawPointer(base), byteCount: count * MemoryLayout<Float>.stride)
@@ -87,7 +87,7 @@ public struct Tensor: Sendable, Equatable {
     /// A tensor of uniform random values in `range`, from a seeded generator.
     public static func random(shape: [Int], seed: UInt64, in range: ClosedRange<Float> = -1...1) throws -> Tensor {
         var rng = SeededGenerator(seed: seed)
-        let count = try checkShape(shape)
+        let count = try checkShape(shape, allocating: true)
         var data = [Float](repeating: 0, count: count)
         for i in 0..<count { data[i] = rng.nextFloat(in: range) }
         return try Tensor(shape: shape, data: data)
@@ -141,8 +141,10 @@ public struct Tensor: Sendable, Equatable {
         [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
     }
 
-    /// Validates a shape and returns its element count.
-    static func checkShape(_ shape: [Int]) throws -> Int {
+    /// Validates a shape and returns its element count. With `allocating` (the tensor gets
+    /// its own storage) the storage must also fit ``maxAllocationBytes``; views over given
+    /// storage (stride-0 axes) may address more elements than that.
+    static func checkShape(_ shape: [Int], allocating: Bool = false) throws -> Int {
         guard shape.count == 4 else {
             throw AttentionError.invalidShape("a tensor has 4 dimensions [B, H, N, D], got \(shape.count): \(shape)")
         }
@@ -152,6 +154,7 @@ public struct Tensor: Sendable, Equatable {
         guard let count = checkedProduct(shape), checkedProduct([count, MemoryLayout<Float>.stride]) != nil else {
             throw AttentionError.sizeOverflow("tensor of shape \(shape) has more elements than memory can address")
         }
+        if allocating { try checkFloatAllocation([count], option: "tensor of shape \(shape)") }
         return count
     }
 }

@@ -32,6 +32,7 @@ public struct VanillaAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
