@@ -1,5 +1,6 @@
 import AttentionBenchCore
 import EfficientAttention
+import Foundation
 
 /// One fuzz case: a problem drawn from its seed alone, run through the public API, and
 /// the checks of its results. A case is one of three kinds: `attend` on a registered
@@ -34,7 +35,10 @@ final class FuzzCase {
     }
 
     func log(_ text: @autoclosure () -> String) {
-        if verbose { print("  " + text()) }
+        if verbose {
+            print("  " + text())
+            fflush(nil)  // a crash right after must not lose the line
+        }
     }
 
     func fail(_ message: String) {
@@ -120,6 +124,7 @@ final class FuzzCase {
         guard let one = attend(q, k, v, threads: 1, "1 thread") else { return }
         checkResult(one, shape: s, keyLengths: keyLengths, "\(entry.name) \(problem)")
         let threads = threadCount()
+        log("\(threads) threads")
         if let other = attend(q, k, v, threads: threads, "\(threads) threads"), !bitwiseEqual(other, one) {
             fail("\(entry.name) \(problem): \(threads) threads differ from 1 thread")
         }

@@ -82,9 +82,13 @@ extension FuzzCase {
                                   [1 << 31, 1 << 31, 1, 1]])
             return ("Tensor(shape: \(shape))", { _ = try Tensor(shape: shape) })
         case 10:
-            let strides = rng.pick([[n * d * h, n * d, d, negative], [huge, 1, 1, 1]])
-            return ("Tensor view strides \(strides)", {
-                _ = try Tensor(shape: good, storage: [Float](repeating: 0, count: 8), strides: strides)
+            // Two elements along an axis whose stride is negative or too large for the storage.
+            let axis = rng.int(0...3)
+            var (shape, strides) = ([1, 1, 1, 1], [1, 1, 1, 1])
+            shape[axis] = 2
+            strides[axis] = rng.chance(0.5) ? negative : huge
+            return ("Tensor view shape \(shape) strides \(strides) over 8 elements", {
+                _ = try Tensor(shape: shape, storage: [Float](repeating: 0, count: 8), strides: strides)
             })
         case 11:
             let field = rng.int(0...4)

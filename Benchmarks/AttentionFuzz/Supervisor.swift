@@ -100,6 +100,10 @@ final class Supervisor: @unchecked Sendable {
         let process = Process()
         process.executableURL = executable
         process.arguments = ["--child", "--first-seed", String(seeds.lowerBound), "--count", String(seeds.count)]
+        // No backtrace on the console for every crash in a batch: `--case SEED` shows it.
+        var environment = ProcessInfo.processInfo.environment
+        environment["SWIFT_BACKTRACE"] = "enable=no"
+        process.environment = environment
         let pipe = Pipe()
         process.standardOutput = pipe
         var outcome = ChildOutcome()
