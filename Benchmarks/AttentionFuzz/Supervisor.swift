@@ -5,7 +5,8 @@ import Foundation
 /// isolates crashes. A child prints `fail <seed> <message>` for each failed check and
 /// `done <seed> <calls>` after each case, flushed, so when it dies by a signal (or is
 /// killed at the timeout) the first seed without `done` is the suspect; that seed is run
-/// again alone in a fresh child to confirm it, and the rest of the batch continues in
+/// again alone in a fresh child to confirm it (a hang is not: it would cost another
+/// timeout), and the rest of the batch continues in
 /// another child.
 final class Supervisor: @unchecked Sendable {
     struct Limits {
@@ -23,6 +24,8 @@ final class Supervisor: @unchecked Sendable {
         var failures: [(seed: UInt64, message: String)] = []
         /// `nil` when the child exited normally with status 0.
         var abnormal: String?
+        /// Killed at the timeout.
+        var timedOut = false
     }
 
     let limits: Limits
@@ -70,8 +73,9 @@ final class Supervisor: @unchecked Sendable {
             record(outcome)
             guard outcome.abnormal != nil else { break }
             guard let suspect = remaining.first(where: { outcome.done[$0] == nil }) else { break }
-            let alone = runChild(suspect..<(suspect + 1))
-            record(alone)
+            // A hang is not run again (another full timeout); a crash is, alone.
+            let alone = outcome.timedOut ? outcome : runChild(suspect..<(suspect + 1))
+            if !outcome.timedOut { record(alone) }
             lock.lock()
             if let reason = alone.abnormal {
                 crashes.append((suspect, reason))
@@ -124,7 +128,7 @@ final class Supervisor: @unchecked Sendable {
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         timer.cancel()
-        let timedOut = killed.isSet
+        outcome.timedOut = killed.isSet
         for line in String(decoding: data, as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: " ", maxSplits: 2)
             guard parts.count >= 3, let seed = UInt64(parts[1]) else { continue }
@@ -138,7 +142,7 @@ final class Supervisor: @unchecked Sendable {
         case (.exit, 0): break
         case (.exit, let status): outcome.abnormal = "exit status \(status)"
         case (_, let signal):
-            outcome.abnormal = timedOut ? "no answer within \(Int(limits.timeout)) s (killed)" : "signal \(signal)"
+            outcome.abnormal = outcome.timedOut ? "no answer within \(Int(limits.timeout)) s (killed)" : "signal \(signal)"
         }
         return outcome
     }

@@ -16,7 +16,7 @@ let usage = """
       --seed S      run seed; case seeds are S * 10^9 + 0, 1, 2, ... (default 1)
       --jobs J      child processes at a time (default 2)
       --batch K     cases per child (default 100)
-      --timeout T   seconds before a child is killed as hung (default 300)
+      --timeout T   seconds before a child is killed as hung (default 60)
       --case SEED   run one case in this process and print what it does
     """
 
@@ -68,5 +68,5 @@ let limits = Supervisor.Limits(
     seed: option("--seed") { UInt64($0) } ?? 1,
     jobs: max(1, option("--jobs") { Int($0) } ?? 2),
     batch: max(1, option("--batch") { Int($0) } ?? 100),
-    timeout: option("--timeout") { Double($0) } ?? 300)
+    timeout: option("--timeout") { Double($0) } ?? 60)
 exit(Supervisor(limits: limits).run() ? 0 : 1)
