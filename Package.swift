@@ -15,6 +15,7 @@ let package = Package(
     products: [
         .library(name: "EfficientAttention", targets: ["EfficientAttention"]),
         .executable(name: "attention-bench", targets: ["AttentionBench"]),
+        .executable(name: "attention-fuzz", targets: ["AttentionFuzz"]),
     ],
     traits: [
         .trait(name: "NativeCPU",
@@ -22,7 +23,10 @@ let package = Package(
         .default(enabledTraits: ["NativeCPU"]),
     ],
     targets: [
-        .target(name: "EfficientAttention", swiftSettings: nativeSettings),
+        // `__builtin_prefetch` for the gather kernels (an `llvm.prefetch` declaration in
+        // Swift does not pass LLVM's verifier under -sanitize=thread).
+        .target(name: "CEfficientAttention"),
+        .target(name: "EfficientAttention", dependencies: ["CEfficientAttention"], swiftSettings: nativeSettings),
         .systemLibrary(name: "CMallocInfo", path: "Benchmarks/CMallocInfo"),
         .target(
             name: "AttentionBenchCore",
@@ -33,6 +37,11 @@ let package = Package(
             name: "AttentionBench",
             dependencies: ["EfficientAttention", "AttentionBenchCore"],
             path: "Benchmarks/AttentionBench",
+            swiftSettings: nativeSettings),
+        .executableTarget(
+            name: "AttentionFuzz",
+            dependencies: ["EfficientAttention", "AttentionBenchCore"],
+            path: "Benchmarks/AttentionFuzz",
             swiftSettings: nativeSettings),
         .testTarget(
             name: "EfficientAttentionTests",

@@ -463,11 +463,6 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
     sink.pointee += sum
 }
 
-/// LLVM's prefetch intrinsic (`prefetcht0` / `prefetchw` on x86-64; a no-op where the
-/// target has none): address, write (0 or 1), locality (3: keep in all levels), data (1).
-@_silgen_name("llvm.prefetch.p0")
-private func llvmPrefetch(_ address: UnsafeRawPointer, _ write: Int32, _ locality: Int32, _ data: Int32)
-
 /// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
 /// rowStride`, `length` floats each) with prefetch instructions, for writing when `write`:
 /// rows scattered over a gather or scatter. Unlike the loads of
@@ -481,11 +476,11 @@ func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, leng
         let row = base + Int(positions[r]) &* rowStride
         var c = 0
         while c < length {
-            // The intrinsic's arguments after the address must be literal constants.
+            // `__builtin_prefetch` in C (CEfficientAttention): `prefetchw` / `prefetcht0`.
             if write {
-                llvmPrefetch(UnsafeRawPointer(row + c), 1, 3, 1)
+                ea_prefetch_write(row + c)
             } else {
-                llvmPrefetch(UnsafeRawPointer(row + c), 0, 3, 1)
+                ea_prefetch_read(row + c)
             }
             c &+= 16
         }
@@ -521,6 +516,8 @@ func rowExtent(width: Int, elementStride: Int) -> Int {
 
 @inline(__always)
 func roundUp(_ x: Int, _ multiple: Int) -> Int { (x + multiple - 1) / multiple * multiple }
+
+import CEfficientAttention
 
 #if canImport(Glibc)
 import Glibc
