@@ -179,19 +179,3 @@ struct MutableTensorView: @unchecked Sendable {
     }
 }
 
-/// Advises the kernel to back the whole 2 MiB pages inside `[base, base + byteCount)` with
-/// transparent huge pages (Linux; a no-op elsewhere and for regions under 4 MiB).
-func adviseHugePages(_ base: UnsafeMutableRawPointer, byteCount: Int) {
-#if os(Linux)
-    let huge = 2 << 20
-    guard byteCount >= 2 * huge else { return }
-    let start = (Int(bitPattern: base) + huge - 1) / huge * huge
-    let end = (Int(bitPattern: base) + byteCount) / huge * huge
-    guard end > start, let aligned = UnsafeMutableRawPointer(bitPattern: start) else { return }
-    _ = madvise(aligned, end - start, MADV_HUGEPAGE)
-#endif
-}
-
-#if canImport(Glibc)
-import Glibc
-#endif

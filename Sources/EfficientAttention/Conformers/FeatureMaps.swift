@@ -264,9 +264,3 @@ public struct ReLUFeatures: FeatureMap {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

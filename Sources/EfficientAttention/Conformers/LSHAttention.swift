@@ -531,9 +531,3 @@ public struct LSHAttention: Attention {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

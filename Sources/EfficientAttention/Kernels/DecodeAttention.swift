@@ -580,9 +580,3 @@ func horizontalMax(_ v: Vec16) -> Float {
     c.replace(with: b.highHalf, where: b.highHalf .> c)
     return max(c[0], c[1])
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

@@ -521,9 +521,3 @@ func rowExtent(width: Int, elementStride: Int) -> Int {
 
 @inline(__always)
 func roundUp(_ x: Int, _ multiple: Int) -> Int { (x + multiple - 1) / multiple * multiple }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
