@@ -2,7 +2,14 @@
 /// SplitMix64). Every random choice in the library (BigBird blocks, LSH rotations,
 /// FAVOR+ features, k-means initialisation) comes from one of these, so results are
 /// reproducible across runs and platforms.
-public struct SeededGenerator: RandomNumberGenerator, Sendable {
+///
+/// Not public API (`@_spi(Benchmarking)`, for the tests and the benchmark, which make
+/// their data with it). Users never need the generator itself: every conformer owns its
+/// randomness through a `seed` in its configuration, and each random choice can be replaced
+/// by explicit arrays (LSH rotations, FAVOR+ features, BigBird's random blocks, routing
+/// centroids; ATTENTION_SPEC.md, "Randomness"), while ``Tensor/random(shape:seed:)`` makes
+/// reproducible inputs. Keeping it out of the API leaves the stream free to change.
+@_spi(Benchmarking) public struct SeededGenerator: RandomNumberGenerator, Sendable {
     private var s0, s1, s2, s3: UInt64
 
     public init(seed: UInt64) {
