@@ -12,6 +12,7 @@ let nativeSettings: [SwiftSetting] = [
 
 let package = Package(
     name: "swift-efficient-attention",
+    platforms: [.macOS(.v13), .macCatalyst(.v16), .iOS(.v16), .tvOS(.v16), .watchOS(.v9), .visionOS(.v1)],
     products: [
         .library(name: "EfficientAttention", targets: ["EfficientAttention"]),
         .executable(name: "attention-bench", targets: ["AttentionBench"]),

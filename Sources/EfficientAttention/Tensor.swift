@@ -6,7 +6,9 @@
 /// initialiser lets a tensor live inside a larger buffer (a sub-range of a bigger
 /// sequence, padding between rows). Kernels only ever read the addressed elements.
 public struct Tensor: Sendable, Equatable {
-    public private(set) var storage: [Float]
+    /// The backing array (`@_spi(Testing)`: tests build views over it); read a tensor's
+    /// values through ``elements`` or the subscript.
+    @_spi(Testing) public private(set) var storage: [Float]
     /// Four extents.
     public let shape: [Int]
     /// Four strides, in elements, each at least 0.
@@ -71,8 +73,8 @@ public struct Tensor: Sendable, Equatable {
     /// write every element before the tensor is read. Skipping the zero fill saves a pass
     /// over the output, and the pages are first touched by the workers that write them.
     /// Large storage (at least 4 MiB) is advised to use transparent huge pages: a fresh
-    /// 32 MiB output would otherwise take 8192 page faults per call (about 30 ms on the
-    /// benchmark machine, as much as a linear-attention call's arithmetic at N = 16K).
+    /// 32 MiB output would otherwise take 8192 page faults per call (KernelDocs/LinearAttention.md
+    /// gives their cost beside the arithmetic of a call).
     static func uninitializedOutput(shape: [Int]) throws -> Tensor {
         let count = try checkShape(shape, allocating: true)
         let data = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
@@ -182,19 +184,3 @@ struct MutableTensorView: @unchecked Sendable {
     }
 }
 
-/// Advises the kernel to back the whole 2 MiB pages inside `[base, base + byteCount)` with
-/// transparent huge pages (Linux; a no-op elsewhere and for regions under 4 MiB).
-func adviseHugePages(_ base: UnsafeMutableRawPointer, byteCount: Int) {
-#if os(Linux)
-    let huge = 2 << 20
-    guard byteCount >= 2 * huge else { return }
-    let start = (Int(bitPattern: base) + huge - 1) / huge * huge
-    let end = (Int(bitPattern: base) + byteCount) / huge * huge
-    guard end > start, let aligned = UnsafeMutableRawPointer(bitPattern: start) else { return }
-    _ = madvise(aligned, end - start, MADV_HUGEPAGE)
-#endif
-}
-
-#if canImport(Glibc)
-import Glibc
-#endif

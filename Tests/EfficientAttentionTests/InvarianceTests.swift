@@ -6,7 +6,7 @@
 // Longformer heads with different dilations, routing ties).
 
 import AttentionBenchCore
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 

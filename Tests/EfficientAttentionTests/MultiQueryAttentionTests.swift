@@ -29,7 +29,7 @@ private func positions(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
 
 /// The elements of `t` rounded to Float16 and back.
 private func roundedToHalf(_ t: Tensor) throws -> Tensor {
-    try Tensor(shape: t.shape, data: t.elements.map { Float(Float16($0)) })
+    try Tensor(shape: t.shape, data: t.elements.map(halfRounded))
 }
 
 /// The visibility MultiQueryAttention promises: window around `i + Nk − Nq`, causal rule.

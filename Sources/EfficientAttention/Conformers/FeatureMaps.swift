@@ -269,9 +269,3 @@ public struct ReLUFeatures: FeatureMap {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

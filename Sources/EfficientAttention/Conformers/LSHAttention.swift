@@ -555,9 +555,3 @@ public struct LSHAttention: Attention {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

@@ -156,7 +156,7 @@ public struct MultiQueryAttention: IncrementalAttention {
         }
         switch cache.precision {
         case .float32: run(Float.self)
-        case .float16: run(Float16.self)
+        case .float16: run(HalfElement.self)
         }
         return try AttentionResult(output: output, logSumExp: lse)
     }

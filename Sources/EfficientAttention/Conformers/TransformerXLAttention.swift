@@ -1,9 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// Transformer-XL attention (Dai et al. 2019): a segment attends causally over
 /// `[memory ; segment]` with relative-position scores.
 ///

@@ -501,9 +501,3 @@ enum GroupedAttention {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

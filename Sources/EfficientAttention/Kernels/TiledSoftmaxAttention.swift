@@ -518,9 +518,3 @@ func rowExtent(width: Int, elementStride: Int) -> Int {
 func roundUp(_ x: Int, _ multiple: Int) -> Int { (x + multiple - 1) / multiple * multiple }
 
 import CEfficientAttention
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

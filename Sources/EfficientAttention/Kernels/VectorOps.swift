@@ -52,8 +52,9 @@ func multiplyAdd(_ acc: inout SIMD16<Float>, _ a: SIMD16<Float>, _ b: SIMD16<Flo
 }
 
 /// True when the library was compiled with fused multiply-add kernels (the default
-/// `NativeCPU` trait); false in the portable build.
-public let fusedMultiplyAddEnabled: Bool = {
+/// `NativeCPU` trait); false in the portable build. `@_spi(Benchmarking)`, for the
+/// benchmark's report header: results do not depend on it beyond rounding.
+@_spi(Benchmarking) public let fusedMultiplyAddEnabled: Bool = {
 #if EA_FMA
     return true
 #else
