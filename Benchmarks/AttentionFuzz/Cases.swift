@@ -1,5 +1,5 @@
 import AttentionBenchCore
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 
 /// One fuzz case: a problem drawn from its seed alone, run through the public API, and

@@ -1,4 +1,4 @@
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 
 extension FuzzCase {
     /// A ``KVCache`` (Float32 or Float16, 1-2 layers) with random appends, some past the

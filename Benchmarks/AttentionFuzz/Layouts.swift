@@ -1,4 +1,4 @@
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 
 /// Random tensors and random memory layouts of the same elements.
 extension SeededGenerator {

@@ -3,7 +3,7 @@
 // odd Transformer-XL head dimensions), and BigBird's random blocks are drawn in
 // O(blocks · r) with the same blocks as before.
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Testing
 
 @Suite("Robustness (issue 14)")
