@@ -317,3 +317,23 @@ struct RobustnessPatternTests {
         }
     }
 }
+
+@Suite("Robustness (issue 14): blocks far larger than the sequence")
+struct RobustnessHugeBlockTests {
+    /// A 2^30 block used to give ⌈2^30 / Br⌉ = 2^23 query groups per head, nearly all
+    /// empty, each a work item: 2^31 items for 256 heads. Only the groups holding a query
+    /// are listed now.
+    @Test("blocked local and BigBird with a 2^30 block over many heads run one group per head", .timeLimit(.minutes(1)))
+    func hugeBlockManyHeads() throws {
+        let (q, k, v) = try randomQKV(heads: 256, queryLength: 3, headDim: 2, seed: 11)
+        for attention in [LocalAttention(blockSize: 1 << 30), BigBirdAttention(blockSize: 1 << 30)] as [any Attention] {
+            _ = try checkAgainstReference(attention, query: q, key: k, value: v, threads: 2, scale: nil,
+                                          visible: { _, _, _, _ in true }, "\(attention.name) 2^30 block, 256 heads")
+        }
+        let pattern = try LocalPattern(form: .blocked(size: 1 << 30, lookBackward: 1, lookForward: 0), causal: false,
+                                       queryLength: 300, keyLength: 300)
+        // Three query groups (each listed once per key tile).
+        let groups = Set(pattern.tiles(head: 0).map { [$0.queryStart, $0.queryCount] })
+        #expect(groups == [[0, 128], [128, 128], [256, 44]])
+    }
+}
