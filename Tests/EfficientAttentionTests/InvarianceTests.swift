@@ -96,6 +96,36 @@ struct InvarianceTests {
         #expect(ran >= 2, "\(name) ran on only \(ran) problems")
     }
 
+    /// Views whose last addressed element is the last element of their storage, with
+    /// element steps 2 and 3: the row touch before packing spanned `width · step` floats,
+    /// past the storage's end for the last row (defect 1: a heap-buffer-overflow under
+    /// AddressSanitizer, which is how this test fails before the fix; in release the few
+    /// bytes past the end were usually mapped). The contiguous bits, too.
+    @Test("views ending at their storage's last element read nothing past it", arguments: entries)
+    func viewsEndingTheStorage(_ name: String) throws {
+        let entry = Registry.standard.entry(named: name)!
+        var ran = 0
+        for p in InvarianceProblem.all.prefix(3) {
+            guard let (attention, q, k, v) = try InvarianceTests.instance(entry, p) else { continue }
+            let keyLengths = p.keyLengths.flatMap { $0.count == q.shape[0] ? $0 : nil }
+            let contiguous = try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: 1)
+            let tight = try attention.attend(query: tightView(q, step: 2), key: tightView(k, step: 3),
+                                             value: tightView(v, step: 2), keyLengths: keyLengths, threads: 2)
+            expectBitwiseEqual(tight, contiguous, "\(name) \(p.testDescription) tight strided views")
+            ran += 1
+        }
+        #expect(ran >= 1, "\(name) ran on no problem")
+    }
+
+    /// `x`'s elements `step` floats apart in storage that ends at the last one.
+    func tightView(_ x: Tensor, step: Int) throws -> Tensor {
+        let s = x.shape, values = x.elements
+        var storage = [Float](repeating: .nan, count: (values.count - 1) * step + 1)
+        for (n, value) in values.enumerated() { storage[n * step] = value }
+        return try Tensor(shape: s, storage: storage,
+                          strides: [s[1] * s[2] * s[3] * step, s[2] * s[3] * step, s[3] * step, step])
+    }
+
     /// LSH with a large scale: rounds whose log-sum-exps differ by more than ~88, so the
     /// earlier rounds' weight `exp(lse_earlier − m)` underflows to 0. Before the fix the
     /// combine skipped rescaling them and left them weight 1 (outputs up to `hashes` times
