@@ -12,9 +12,11 @@ let nativeSettings: [SwiftSetting] = [
 
 let package = Package(
     name: "swift-efficient-attention",
+    platforms: [.macOS(.v13), .macCatalyst(.v16), .iOS(.v16), .tvOS(.v16), .watchOS(.v9), .visionOS(.v1)],
     products: [
         .library(name: "EfficientAttention", targets: ["EfficientAttention"]),
         .executable(name: "attention-bench", targets: ["AttentionBench"]),
+        .executable(name: "attention-fuzz", targets: ["AttentionFuzz"]),
     ],
     traits: [
         .trait(name: "NativeCPU",
@@ -22,7 +24,10 @@ let package = Package(
         .default(enabledTraits: ["NativeCPU"]),
     ],
     targets: [
-        .target(name: "EfficientAttention", swiftSettings: nativeSettings),
+        // `__builtin_prefetch` for the gather kernels (an `llvm.prefetch` declaration in
+        // Swift does not pass LLVM's verifier under -sanitize=thread).
+        .target(name: "CEfficientAttention"),
+        .target(name: "EfficientAttention", dependencies: ["CEfficientAttention"], swiftSettings: nativeSettings),
         .systemLibrary(name: "CMallocInfo", path: "Benchmarks/CMallocInfo"),
         .target(
             name: "AttentionBenchCore",
@@ -33,6 +38,11 @@ let package = Package(
             name: "AttentionBench",
             dependencies: ["EfficientAttention", "AttentionBenchCore"],
             path: "Benchmarks/AttentionBench",
+            swiftSettings: nativeSettings),
+        .executableTarget(
+            name: "AttentionFuzz",
+            dependencies: ["EfficientAttention", "AttentionBenchCore"],
+            path: "Benchmarks/AttentionFuzz",
             swiftSettings: nativeSettings),
         .testTarget(
             name: "EfficientAttentionTests",

@@ -1,5 +1,5 @@
 import Foundation
-import EfficientAttention
+@_spi(Benchmarking) import EfficientAttention
 
 /// The `attention-bench` command: parse, plan, run, report. `main.swift` only calls
 /// ``AttentionBenchCommand/main(_:)``.

@@ -1,4 +1,4 @@
-import EfficientAttention
+@_spi(Benchmarking) import EfficientAttention
 import Foundation
 
 /// `attention-bench gemm [M[xNxK] ...] [--threads LIST] [--repeat R]`: times the library's

@@ -1,5 +1,5 @@
 import Foundation
-import EfficientAttention
+@_spi(Benchmarking) import EfficientAttention
 
 /// A failure of the benchmark: bad command line (exit code 2) or a run-time failure
 /// such as an unwritable output file (exit code 1).
@@ -178,8 +178,10 @@ extension BenchOptions {
     /// Explicit options win over the preset's values, which win over the defaults.
     /// Throws ``BenchError/usage(_:)`` for unknown options or variants, bad numbers,
     /// missing values, and conformer settings the selected conformers do not take.
+    /// `cores` is what "all cores" means (`nil`: the library's default thread count).
     public static func parse(_ arguments: [String], registry: Registry = .standard,
-                             cores: Int = defaultThreadCount) throws -> BenchOptions {
+                             cores: Int? = nil) throws -> BenchOptions {
+        let cores = cores ?? defaultThreadCount
         var options = BenchOptions()
         if arguments.contains("--help") || arguments.contains("-h") {
             options.help = true

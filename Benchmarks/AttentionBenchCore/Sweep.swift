@@ -1,5 +1,5 @@
 import Foundation
-import EfficientAttention
+@_spi(Benchmarking) import EfficientAttention
 
 /// A note printed under the table: a conformer that is not available, a point skipped
 /// by the preset, a problem a conformer does not support.

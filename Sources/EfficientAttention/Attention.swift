@@ -1,3 +1,5 @@
+import Foundation
+
 /// The contract every attention variant in this library follows.
 ///
 /// Shape letters (as in ../KernelDocs/README.md):
@@ -105,8 +107,9 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
     /// Query heads that share one key/value head (`H / Hkv`).
     public var groupSize: Int { heads / kvHeads }
 
-    /// Throws unless every dimension is at least 1, `heads % kvHeads == 0`, and the
-    /// element counts of query, key, value and output fit in `Int`.
+    /// Throws unless every dimension is at least 1, the lengths are at most ``lengthLimit``,
+    /// `heads % kvHeads == 0`, the element counts of query, key, value and output fit in
+    /// `Int`, and the output fits one allocation (``maxAllocationBytes``).
     public func check() throws {
         for (name, value) in [("batch", batch), ("heads", heads), ("kvHeads", kvHeads),
                               ("queryLength", queryLength), ("keyLength", keyLength),
@@ -126,6 +129,11 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
                 throw AttentionError.sizeOverflow("\(name) \(dims) has more elements than Int can count")
             }
         }
+        for (name, value) in [("queryLength", queryLength), ("keyLength", keyLength)] where value > lengthLimit {
+            throw AttentionError.invalidShape("\(name) must be at most \(lengthLimit) (lengthLimit), got \(value)")
+        }
+        // The output every conformer allocates must fit one allocation.
+        try checkFloatAllocation([batch, heads, queryLength, valueDim], option: "output [B, H, Nq, Dv] of \(self)")
     }
 
     /// Throws unless `headDim` and `valueDim` are at most `limit`.
@@ -228,19 +236,89 @@ func checkCallArguments(_ shape: AttentionShape, keyLengths: [Int]?, threads: In
                 "keyLengths[\(b)] = \(length) is outside 0...\(shape.keyLength) (the key length)")
         }
     }
-    if let threads, threads < 1 {
-        throw AttentionError.invalidParameter("threads must be at least 1, got \(threads)")
-    }
+    _ = try threadCount(threads)
 }
 
-/// The number of workers a call with `threads` uses for `items` independent work items.
+/// The number of workers a call with `threads` uses for `items` independent work items:
+/// at most the items and ``maxThreadCount``.
 func workerCount(threads: Int?, items: Int) -> Int {
-    max(1, min(threads ?? defaultThreadCount, items))
+    max(1, min(threads ?? defaultThreadCount, maxThreadCount, items))
 }
 
-/// Checks an attention scale: it must be finite.
+/// Checks an attention scale: finite and of magnitude at most ``maxScale``.
 func checkScale(_ scale: Float?) throws {
     if let scale, !scale.isFinite {
         throw AttentionError.invalidParameter("scale must be finite, got \(scale)")
+    }
+    if let scale, abs(scale) > maxScale {
+        throw AttentionError.invalidParameter("scale must be at most \(maxScale) in magnitude, got \(scale)")
+    }
+}
+
+// MARK: Limits
+
+/// The largest single allocation the library makes, in bytes: the machine's physical
+/// memory (`ProcessInfo.physicalMemory`, at least 1 GiB). A buffer larger than that cannot
+/// be backed, and asking for it would end the process in the allocator (or, with
+/// overcommit, later on first touch) instead of throwing. Every output, workspace, cache,
+/// table and tensor the library allocates is checked against it first
+/// (``AttentionError/sizeOverflow(_:)``, naming the option or tensor).
+public let maxAllocationBytes: Int = {
+    let physical = ProcessInfo.processInfo.physicalMemory
+    return max(1 << 30, physical > UInt64(Int.max) ? Int.max : Int(physical))
+}()
+
+/// The most worker threads a call uses: `max(16, 4 · active processors)`. A larger
+/// `threads` is accepted and capped (results are bitwise identical for every thread
+/// count), so that per-worker memory never follows an absurd request.
+public let maxThreadCount: Int = max(16, 4 * ProcessInfo.processInfo.activeProcessorCount)
+
+/// The largest `scale` a conformer accepts (`2^32`).
+///
+/// Scores are `scale · q·k` and the kernels exponentiate `scale · q·k − max`. With
+/// `|scale| ≤ 2^32` a score overflows Float only when `|q·k| > 2^96`, and the row maximum
+/// of such rows is infinite, which the kernels already treat as any other non-finite
+/// input; a larger finite scale (1e30, `Float.greatestFiniteMagnitude`) turns ordinary,
+/// finite dot products into infinite scores and the log-sum-exp or the output into NaN or
+/// infinity. The bound is far beyond any meaningful scale (`1/√D ≤ 1`, learned
+/// temperatures stay within a few hundred).
+public let maxScale: Float = 0x1p32
+
+/// The largest sequence length, window, span, block, stride, memory length, cluster or
+/// feature count an option may take (`2^30`): positions then fit the kernels' 32-bit
+/// lane arithmetic and every sum or product of two of them stays far from `Int.max`.
+public let lengthLimit = 1 << 30
+
+/// Throws ``AttentionError/sizeOverflow(_:)`` naming `option` unless `bytes` (nil: the
+/// count overflowed `Int`) is at most ``maxAllocationBytes``.
+func checkAllocation(bytes: Int?, option: String) throws {
+    guard let bytes else {
+        throw AttentionError.sizeOverflow("\(option) has more bytes than Int can count")
+    }
+    guard bytes <= maxAllocationBytes else {
+        throw AttentionError.sizeOverflow(
+            "\(option) needs \(bytes) bytes, more than the \(maxAllocationBytes) bytes one allocation may take (maxAllocationBytes)")
+    }
+}
+
+/// Throws unless an allocation of `floats` Floats (the product of `counts`) fits
+/// ``maxAllocationBytes``, naming `option`.
+func checkFloatAllocation(_ counts: [Int], option: String) throws {
+    try checkAllocation(bytes: checkedProduct(counts + [MemoryLayout<Float>.stride]), option: option)
+}
+
+/// The worker threads a call with `threads` uses: `nil` is every active processor; values
+/// below 1 throw; values above ``maxThreadCount`` are capped.
+func threadCount(_ threads: Int?) throws -> Int {
+    if let threads, threads < 1 {
+        throw AttentionError.invalidParameter("threads must be at least 1, got \(threads)")
+    }
+    return min(threads ?? defaultThreadCount, maxThreadCount)
+}
+
+/// Throws unless `value` is at most ``lengthLimit``, naming `option` ("must be at most").
+func checkLimit(_ value: Int, _ option: String, variant: String) throws {
+    guard value <= lengthLimit else {
+        throw AttentionError.invalidParameter("\(variant): \(option) must be at most \(lengthLimit), got \(value)")
     }
 }

@@ -63,9 +63,3 @@ func mergeWeights(_ lseA: Float, _ lseB: Float) -> (first: Float, second: Float,
     let total = wa + wb
     return (wa / total, wb / total, m + logf(total))
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

@@ -62,6 +62,11 @@ public final class KVCache {
             throw AttentionError.sizeOverflow(
                 "KVCache of \(layers) layers x \(batch) x \(kvHeads) heads x \(capacity) positions x (\(headDim) + \(valueDim)) overflows Int bytes")
         }
+        guard capacity <= lengthLimit else {
+            throw AttentionError.invalidParameter("KVCache capacity must be at most \(lengthLimit), got \(capacity)")
+        }
+        try checkAllocation(bytes: keyBytes, option: "KVCache keys (layers × batch × kvHeads × capacity × headDim)")
+        try checkAllocation(bytes: valueBytes, option: "KVCache values (layers × batch × kvHeads × capacity × valueDim)")
         self.layers = layers
         self.batch = batch
         self.kvHeads = kvHeads
@@ -81,9 +86,7 @@ public final class KVCache {
         let huge = 2 << 20
         guard bytes >= 2 * huge else { return .allocate(byteCount: max(bytes, 1), alignment: 64) }
         let pointer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: huge)
-        #if os(Linux)
-        _ = madvise(pointer, bytes, MADV_HUGEPAGE)
-        #endif
+        markHugePages(pointer, byteCount: bytes)
         return pointer
     }
 
@@ -255,8 +258,8 @@ public final class KVCache {
                                 for c in 0..<width { out[c] = row[c * sd] }
                             }
                         case .float16:
-                            let out = storage.assumingMemoryBound(to: Float16.self) + first + j * width
-                            Float16.narrow(row, stride: sd, into: out, count: width)
+                            let out = storage.assumingMemoryBound(to: HalfElement.self) + first + j * width
+                            HalfElement.narrow(row, stride: sd, into: out, count: width)
                         }
                     }
                 }
@@ -275,7 +278,7 @@ public final class KVCache {
             for i in 0..<(n * width) {
                 switch precision {
                 case .float32: data[h * n * width + i] = storage.assumingMemoryBound(to: Float.self)[first + i]
-                case .float16: data[h * n * width + i] = Float(storage.assumingMemoryBound(to: Float16.self)[first + i])
+                case .float16: data[h * n * width + i] = HalfElement.widen(storage.assumingMemoryBound(to: HalfElement.self)[first + i])
                 }
             }
         }
@@ -329,34 +332,6 @@ extension Float: CacheScalar {
     @inline(__always) static func widen(_ x: Float) -> Float { x }
 }
 
-extension Float16: CacheScalar {
-    @inline(__always) static func wide16(_ p: UnsafePointer<Float16>) -> Vec16 {
-        let h = UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float16>.self)
-        // A lane loop, not `SIMD16<Float>(h)`: the loop compiles to one vcvtph2ps, the
-        // generic initialiser to an out-of-line call.
-        var r = Vec16()
-        for i in 0..<16 { r[i] = Float(h[i]) }
-        return r
-    }
-    @inline(__always) static func widen(_ x: Float16) -> Float { Float(x) }
-
-    /// `out[c] = Float16(x[c · stride])` for `c < count`, rounding to nearest, 16 lanes
-    /// at a time when `stride == 1` (one vcvtps2ph per 16 lanes with F16C).
-    static func narrow(_ x: UnsafePointer<Float>, stride: Int, into out: UnsafeMutablePointer<Float16>, count: Int) {
-        var c = 0
-        if stride == 1 {
-            while c + 16 <= count {
-                let v = load16(x + c)
-                var h = SIMD16<Float16>()
-                for i in 0..<16 { h[i] = Float16(v[i]) }
-                UnsafeMutableRawPointer(out + c).storeBytes(of: h, as: SIMD16<Float16>.self)
-                c += 16
-            }
-        }
-        while c < count { out[c] = Float16(x[c * stride]); c += 1 }
-    }
-}
-
 /// Rows of a cached key or value store: element `[b, h, j, c]` at
 /// `base[b · batchStride + h · headStride + j · rowStride + c]` (rows contiguous).
 struct CacheRows<Element: CacheScalar>: @unchecked Sendable {
@@ -381,9 +356,3 @@ struct CacheRows<Element: CacheScalar>: @unchecked Sendable {
         base + b * batchStride + h * headStride + j * rowStride
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

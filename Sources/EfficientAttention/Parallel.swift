@@ -1,8 +1,9 @@
 import Dispatch
 import Foundation
 
-/// The thread count used when a call passes `threads: nil`.
-public var defaultThreadCount: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
+/// The thread count used when a call passes `threads: nil`: every active processor.
+/// `@_spi(Benchmarking)`, for the benchmark's reports; callers get it by passing `nil`.
+@_spi(Benchmarking) public var defaultThreadCount: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
 
 /// Runs `body(item, worker)` for every item in `0..<items` on `threads` workers.
 ///

@@ -2,7 +2,14 @@
 /// SplitMix64). Every random choice in the library (BigBird blocks, LSH rotations,
 /// FAVOR+ features, k-means initialisation) comes from one of these, so results are
 /// reproducible across runs and platforms.
-public struct SeededGenerator: RandomNumberGenerator, Sendable {
+///
+/// Not public API (`@_spi(Benchmarking)`, for the tests and the benchmark, which make
+/// their data with it). Users never need the generator itself: every conformer owns its
+/// randomness through a `seed` in its configuration, and each random choice can be replaced
+/// by explicit arrays (LSH rotations, FAVOR+ features, BigBird's random blocks, routing
+/// centroids; ATTENTION_SPEC.md, "Randomness"), while ``Tensor/random(shape:seed:)`` makes
+/// reproducible inputs. Keeping it out of the API leaves the stream free to change.
+@_spi(Benchmarking) public struct SeededGenerator: RandomNumberGenerator, Sendable {
     private var s0, s1, s2, s3: UInt64
 
     public init(seed: UInt64) {
@@ -40,16 +47,7 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
     public mutating func nextGaussian() -> Double {
         let u1 = (Double(next() >> 11) + 1) * 0x1p-53   // (0, 1]
         let u2 = Double(next() >> 11) * 0x1p-53
-        return (-2 * _log(u1)).squareRoot() * _cos(2 * Double.pi * u2)
+        return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-@inline(__always) func _log(_ x: Double) -> Double { Glibc.log(x) }
-@inline(__always) func _cos(_ x: Double) -> Double { Glibc.cos(x) }
-#elseif canImport(Darwin)
-import Darwin
-@inline(__always) func _log(_ x: Double) -> Double { Darwin.log(x) }
-@inline(__always) func _cos(_ x: Double) -> Double { Darwin.cos(x) }
-#endif

@@ -6,7 +6,9 @@
 /// initialiser lets a tensor live inside a larger buffer (a sub-range of a bigger
 /// sequence, padding between rows). Kernels only ever read the addressed elements.
 public struct Tensor: Sendable, Equatable {
-    public private(set) var storage: [Float]
+    /// The backing array (`@_spi(Testing)`: tests build views over it); read a tensor's
+    /// values through ``elements`` or the subscript.
+    @_spi(Testing) public private(set) var storage: [Float]
     /// Four extents.
     public let shape: [Int]
     /// Four strides, in elements, each at least 0.
@@ -16,7 +18,7 @@ public struct Tensor: Sendable, Equatable {
 
     /// A contiguous row-major tensor filled with `value`.
     public init(shape: [Int], repeating value: Float = 0) throws {
-        let count = try Tensor.checkShape(shape)
+        let count = try Tensor.checkShape(shape, allocating: true)
         self.storage = [Float](repeating: value, count: count)
         self.shape = shape
         self.strides = Tensor.rowMajorStrides(shape)
@@ -71,10 +73,10 @@ public struct Tensor: Sendable, Equatable {
     /// write every element before the tensor is read. Skipping the zero fill saves a pass
     /// over the output, and the pages are first touched by the workers that write them.
     /// Large storage (at least 4 MiB) is advised to use transparent huge pages: a fresh
-    /// 32 MiB output would otherwise take 8192 page faults per call (about 30 ms on the
-    /// benchmark machine, as much as a linear-attention call's arithmetic at N = 16K).
+    /// 32 MiB output would otherwise take 8192 page faults per call (KernelDocs/LinearAttention.md
+    /// gives their cost beside the arithmetic of a call).
     static func uninitializedOutput(shape: [Int]) throws -> Tensor {
-        let count = try checkShape(shape)
+        let count = try checkShape(shape, allocating: true)
         let data = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if let base = buffer.baseAddress {
                 adviseHugePages(UnsafeMutableRawPointer(base), byteCount: count * MemoryLayout<Float>.stride)
@@ -87,7 +89,7 @@ public struct Tensor: Sendable, Equatable {
     /// A tensor of uniform random values in `range`, from a seeded generator.
     public static func random(shape: [Int], seed: UInt64, in range: ClosedRange<Float> = -1...1) throws -> Tensor {
         var rng = SeededGenerator(seed: seed)
-        let count = try checkShape(shape)
+        let count = try checkShape(shape, allocating: true)
         var data = [Float](repeating: 0, count: count)
         for i in 0..<count { data[i] = rng.nextFloat(in: range) }
         return try Tensor(shape: shape, data: data)
@@ -141,8 +143,10 @@ public struct Tensor: Sendable, Equatable {
         [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
     }
 
-    /// Validates a shape and returns its element count.
-    static func checkShape(_ shape: [Int]) throws -> Int {
+    /// Validates a shape and returns its element count. With `allocating` (the tensor gets
+    /// its own storage) the storage must also fit ``maxAllocationBytes``; views over given
+    /// storage (stride-0 axes) may address more elements than that.
+    static func checkShape(_ shape: [Int], allocating: Bool = false) throws -> Int {
         guard shape.count == 4 else {
             throw AttentionError.invalidShape("a tensor has 4 dimensions [B, H, N, D], got \(shape.count): \(shape)")
         }
@@ -152,6 +156,7 @@ public struct Tensor: Sendable, Equatable {
         guard let count = checkedProduct(shape), checkedProduct([count, MemoryLayout<Float>.stride]) != nil else {
             throw AttentionError.sizeOverflow("tensor of shape \(shape) has more elements than memory can address")
         }
+        if allocating { try checkFloatAllocation([count], option: "tensor of shape \(shape)") }
         return count
     }
 }
@@ -179,19 +184,3 @@ struct MutableTensorView: @unchecked Sendable {
     }
 }
 
-/// Advises the kernel to back the whole 2 MiB pages inside `[base, base + byteCount)` with
-/// transparent huge pages (Linux; a no-op elsewhere and for regions under 4 MiB).
-func adviseHugePages(_ base: UnsafeMutableRawPointer, byteCount: Int) {
-#if os(Linux)
-    let huge = 2 << 20
-    guard byteCount >= 2 * huge else { return }
-    let start = (Int(bitPattern: base) + huge - 1) / huge * huge
-    let end = (Int(bitPattern: base) + byteCount) / huge * huge
-    guard end > start, let aligned = UnsafeMutableRawPointer(bitPattern: start) else { return }
-    _ = madvise(aligned, end - start, MADV_HUGEPAGE)
-#endif
-}
-
-#if canImport(Glibc)
-import Glibc
-#endif

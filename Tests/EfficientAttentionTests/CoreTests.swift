@@ -1,7 +1,7 @@
 // Tensor, AttentionShape, AttentionCost, AttentionResult merging, SeededGenerator and
 // VectorMath.exp.
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 

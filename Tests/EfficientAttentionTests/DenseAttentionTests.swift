@@ -3,7 +3,7 @@
 // NaN-padded inputs, determinism across runs and thread counts, and numerics (large
 // logits, rows with no visible key).
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 

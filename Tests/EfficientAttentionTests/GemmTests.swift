@@ -2,7 +2,7 @@
 // product: awkward sizes around the micro-tile (MR = 8, NR = 32) and the block sizes
 // (MC = 128, KC = 256, NC = 512), transposed operands, thread counts, bad arguments.
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Testing
 
 struct GemmCase: Sendable, CustomTestStringConvertible {

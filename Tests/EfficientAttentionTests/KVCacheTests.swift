@@ -36,7 +36,7 @@ import Testing
         let stored = try cache.keys(layer: 1, batchItem: 1)
         let storedValues = try cache.values(layer: 1, batchItem: 1)
         #expect(stored.shape == [1, 3, 11, 17] && storedValues.shape == [1, 3, 11, 5])
-        func expected(_ x: Float) -> Float { precision == .float32 ? x : Float(Float16(x)) }
+        func expected(_ x: Float) -> Float { precision == .float32 ? x : halfRounded(x) }
         var mismatches = 0
         for h in 0..<3 {
             for j in 0..<10 { for c in 0..<17 where stored[0, h, j, c] != expected(k[1, h, j, c]) { mismatches += 1 } }

@@ -4,7 +4,7 @@
 // by log-sum-exp); special cases (one bucket equals dense with the self rule, more rounds
 // approximate exact attention better), errors and determinism.
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 

@@ -29,7 +29,7 @@ private func positions(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
 
 /// The elements of `t` rounded to Float16 and back.
 private func roundedToHalf(_ t: Tensor) throws -> Tensor {
-    try Tensor(shape: t.shape, data: t.elements.map { Float(Float16($0)) })
+    try Tensor(shape: t.shape, data: t.elements.map(halfRounded))
 }
 
 /// The visibility MultiQueryAttention promises: window around `i + Nk − Nq`, causal rule.
@@ -291,6 +291,18 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         expectBitwiseEqual(try attention.decode(query: q, cache: plain),
                            try attention.decode(query: embeddedInNaN(q, innerStride: 2), cache: padded),
                            "strided query and cache")
+    }
+
+    /// Float16 rows of 33 and 3 elements (66 and 6 bytes, not multiples of 4): before the
+    /// fix, decode's line touch loaded 4 bytes at byte 64 of a 66-byte cache, reading past
+    /// its end (AddressSanitizer reports it; see KernelDocs/Robustness.md for the run).
+    @Test("decode reads only the cache: Float16 rows not a multiple of 4 bytes", arguments: [1, 3, 40])
+    func decodeOddFloat16Rows(length: Int) throws {
+        let cache = try KVCache(kvHeads: 1, headDim: 33, valueDim: 3, capacity: length, precision: .float16)
+        try cache.append(layer: 0, keys: randomTensor([1, 1, length, 33], seed: 11),
+                         values: randomTensor([1, 1, length, 3], seed: 12))
+        try checkDecode(MultiQueryAttention(causal: true), query: randomTensor([1, 2, 1, 33], seed: 13), cache: cache,
+                        "Float16 D 33, Dv 3, L \(length)")
     }
 
     @Test("decode shape errors")

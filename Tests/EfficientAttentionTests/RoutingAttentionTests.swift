@@ -4,7 +4,7 @@
 // one cluster equals dense attention; the centroid update moves toward the data; errors
 // and determinism.
 
-import EfficientAttention
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 

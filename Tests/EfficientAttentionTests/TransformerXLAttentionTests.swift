@@ -198,6 +198,14 @@ struct TransformerXLAttentionTests {
         let seeded = try TransformerXLAttention(heads: 2, headDim: 8, memoryLength: 10, maxSegmentLength: 6, seed: 3)
         #expect(seeded.relativePositions.shape == [1, 2, 16, 8])
         #expect(seeded == (try TransformerXLAttention(heads: 2, headDim: 8, memoryLength: 10, maxSegmentLength: 6, seed: 3)))
+        // Odd D (issue 14, item 12): the sinusoids take E = D + 1 (an even count of
+        // sine/cosine pairs); the conformer attends like any other.
+        for d in [1, 5, 33] {
+            let odd = try TransformerXLAttention(heads: 2, headDim: d, memoryLength: 4, maxSegmentLength: 6, seed: 3)
+            #expect(odd.relativePositions.shape == [1, 2, 10, d])
+            let (q, k, v) = try randomQKV(heads: 2, queryLength: 6, keyLength: 10, headDim: d, seed: 4)
+            checkXL(try odd.attend(query: q, key: k, value: v), odd, query: q, key: k, value: v, "odd D \(d)")
+        }
     }
 
     @Test("bitwise identical across runs and thread counts")

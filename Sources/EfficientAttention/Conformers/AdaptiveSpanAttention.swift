@@ -52,7 +52,8 @@ public struct AdaptiveSpanAttention: Attention {
     /// Every one of `heads` heads with span `span` (and `maxSpan = ⌈span⌉`).
     public init(heads: Int, span: Float, ramp: Float = AdaptiveSpanAttention.defaultRamp,
                 causal: Bool = true, scale: Float? = nil) {
-        let largest = span.isFinite ? Int(max(0, span).rounded(.up)) : 0
+        // In range only: an out-of-range span is refused by validation (spans[h]), not here.
+        let largest = span.isFinite && span <= Float(lengthLimit) ? Int(max(0, span).rounded(.up)) : 0
         self.init(spans: [Float](repeating: span, count: max(0, heads)), maxSpan: largest,
                   ramp: ramp, causal: causal, scale: scale)
     }
@@ -79,12 +80,19 @@ public struct AdaptiveSpanAttention: Attention {
         guard causal else {
             throw AttentionError.unsupported("adaptive span is defined for causal attention only (causal is false)")
         }
-        guard maxSpan >= 0 else {
-            throw AttentionError.invalidParameter("maxSpan must be at least 0, got \(maxSpan)")
-        }
         guard ramp.isFinite, ramp > 0 else {
             throw AttentionError.invalidParameter("ramp must be finite and greater than 0, got \(ramp)")
         }
+        guard ramp <= Float(lengthLimit) else {
+            throw AttentionError.invalidParameter("ramp must be at most \(lengthLimit), got \(ramp)")
+        }
+        for (h, z) in spans.enumerated() where z.isFinite && z > Float(lengthLimit) {
+            throw AttentionError.invalidParameter("spans[\(h)] = \(z) must be at most \(lengthLimit)")
+        }
+        guard maxSpan >= 0 else {
+            throw AttentionError.invalidParameter("maxSpan must be at least 0, got \(maxSpan)")
+        }
+        try checkLimit(maxSpan, "maxSpan", variant: "adaptive span attention")
         for (h, z) in spans.enumerated() where !(z.isFinite && z >= 0 && Double(z) <= Double(maxSpan)) {
             throw AttentionError.invalidParameter("spans[\(h)] = \(z) is outside 0...\(maxSpan) (maxSpan)")
         }
@@ -102,6 +110,7 @@ public struct AdaptiveSpanAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         var pairs = 0
         let offset = shape.keyLength - shape.queryLength

@@ -96,7 +96,8 @@ public struct BigBirdAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+        let threads = try threadCount(threads)
+        return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,

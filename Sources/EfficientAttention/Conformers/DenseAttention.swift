@@ -39,6 +39,7 @@ public struct DenseAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),

@@ -47,14 +47,13 @@ public struct EluPlusOneFeatures: FeatureMap {
             let x = input + r * rowStride, y = output + r * outputStride
             logScale[r] = 0
             var c = 0
-            if columnStride == 1 {
-                while c + 16 <= headDim {
-                    let v = load16(x + c)
-                    var e = VectorMath.exp16(v)
-                    e.replace(with: v + one, where: v .> zero)
-                    store16(e, y + c)
-                    c += 16
-                }
+            // Vector lanes for every column stride: strided rows give the contiguous bits.
+            while c + 16 <= headDim {
+                let v = gather16(x + c * columnStride, columnStride)
+                var e = VectorMath.exp16(v)
+                e.replace(with: v + one, where: v .> zero)
+                store16(e, y + c)
+                c += 16
             }
             while c < headDim {
                 let v = x[c * columnStride]
@@ -87,6 +86,7 @@ public struct RandomProjection: Sendable, Equatable {
     /// - Complexity: `O(m · D²)` (Gram-Schmidt per block), done once per configuration.
     public init(features: Int, headDim: Int, seed: UInt64) throws {
         try RandomProjection.check(features: features, headDim: headDim)
+        try checkFloatAllocation([headDim, headDim, 2], option: "random features Gram-Schmidt block [headDim, headDim] of Double")
         var rng = SeededGenerator(seed: seed)
         var w = [Float]()
         w.reserveCapacity(features * headDim)
@@ -139,6 +139,10 @@ public struct RandomProjection: Sendable, Equatable {
         guard headDim >= 1 else {
             throw AttentionError.invalidParameter("random features headDim must be at least 1, got \(headDim)")
         }
+        try checkLimit(features, "random features m", variant: "random features")
+        try checkLimit(headDim, "headDim", variant: "random features")
+        // W [m, D] and its packed copy (padded to whole panels).
+        try checkFloatAllocation([features + 64, headDim + 64, 2], option: "random features W [m, D]")
     }
 
     func checkHeadDim(_ d: Int, _ map: String) throws {
@@ -265,9 +269,3 @@ public struct ReLUFeatures: FeatureMap {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

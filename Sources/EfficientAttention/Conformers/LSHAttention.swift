@@ -141,6 +141,13 @@ public struct LSHAttention: Attention {
         guard hashes >= 1 else {
             throw AttentionError.invalidParameter("LSH hashes (rounds) must be at least 1, got \(hashes)")
         }
+        try checkLimit(bucketSize, "bucketSize", variant: "LSH attention")
+        try checkLimit(hashes, "hashes", variant: "LSH attention")
+        if let bucketCount, bucketCount > LSHAttention.maxFactorisedBuckets {
+            throw AttentionError.invalidParameter(
+                "LSH bucketCount must be at most \(LSHAttention.maxFactorisedBuckets), got \(bucketCount) "
+                + "(the counting sort keeps one counter per bucket)")
+        }
         guard shape.queryLength == shape.keyLength else {
             throw AttentionError.unsupported(
                 "LSH attention needs queryLength == keyLength (chunks pair queries with keys), got \(shape.queryLength) and \(shape.keyLength)")
@@ -182,6 +189,14 @@ public struct LSHAttention: Attention {
                 throw AttentionError.invalidParameter("LSH rotations must be finite (found NaN or infinity)")
             }
         }
+        // The per-head scratch (rotations, bucket arrays) and the workspace, checked before
+        // any of their sizes is computed with unchecked arithmetic.
+        let columns = LSHAttention.columns(factors(forLength: shape.queryLength))
+        try checkFloatAllocation([shape.heads, hashes, shape.headDim, roundUp(columns, MicroTile.nr)],
+                                 option: "LSH rotations [heads, hashes, headDim, nBuckets/2]")
+        try checkAllocation(bytes: checkedProduct([2 * 4, hashes, shape.queryLength]),
+                            option: "LSH bucket arrays (2 · hashes · N)")
+        try checkAllocation(bytes: workspaceBytes(shape, threads: maxThreadCount), option: "LSH workspace")
     }
 
     /// The rotations a call on `shape` uses: the explicit ones, or the seeded
@@ -225,23 +240,32 @@ public struct LSHAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
-        let (layout, factors) = plan(shape)
-        let half = LSHAttention.columns(factors)
-        let pairs = LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize) * hashes
-        let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
+        let half = LSHAttention.columns(self.factors(forLength: shape.queryLength))
         let heads = shape.batch * shape.heads
-        let bytesPerHead = headBytes(shape, layout, factors: factors)
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
+        guard let pairs = checkedProduct([LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize), hashes]),
+              checkedProduct([pairs, heads]) != nil else {
+            throw AttentionError.sizeOverflow("LSH scored pairs (hashes × chunk pairs × B·H) overflow Int")
+        }
+        let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
-        return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads,
-                                                                             bytesPerHead: bytesPerHead,
-                                                                             cacheBytes: LSHAttention.cacheBytes)
-                                 + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner),
+        return AttentionCost(flops: flops, workspaceBytes: workspaceBytes(shape, threads: threads),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
+    /// one grouped-attention workspace and one scratch per head in flight.
+    private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let (layout, factors) = plan(shape)
+        let heads = shape.batch * shape.heads
+        let bytesPerHead = headBytes(shape, layout, factors: factors)
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads,
+                                                    bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
+        return GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
+                                               cacheBytes: LSHAttention.cacheBytes)
+            + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner)
     }
 
     /// How much of the shared cache the heads in flight may take
@@ -317,7 +341,7 @@ public struct LSHAttention: Attention {
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
                                              threads: threads, scale: self.scale)
-        let threads = threads ?? defaultThreadCount
+        let threads = try threadCount(threads)
         let (layout, factors) = plan(shape)
         let half = LSHAttention.columns(factors)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
@@ -531,9 +555,3 @@ public struct LSHAttention: Attention {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

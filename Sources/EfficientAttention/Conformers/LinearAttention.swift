@@ -51,12 +51,17 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         guard m >= 1 else {
             throw AttentionError.invalidParameter("feature map \(name) gives \(m) features, needs at least 1")
         }
-        guard checkedProduct([m, shape.valueDim, 4]) != nil, checkedProduct([m, LinearAttentionScan.chunk, 8]) != nil else {
+        guard checkedProduct([m + 256, shape.valueDim + 256, 64]) != nil else {
             throw AttentionError.sizeOverflow("linear attention state of \(m) × \(shape.valueDim) overflows Int")
         }
+        // One scan workspace per worker, for the most workers a call may use.
+        try checkAllocation(bytes: checkedProduct([maxThreadCount,
+                                                   LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)]),
+                            option: "linear attention workspace (features m = \(m), valueDim \(shape.valueDim))")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let m = try featureMap.featureCount(headDim: shape.headDim)
         let nq = shape.queryLength, nk = shape.keyLength, dv = Double(shape.valueDim)
@@ -154,6 +159,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             guard let count = checkedProduct([batch, heads, perHead]) else {
                 throw AttentionError.sizeOverflow("recurrent state \(batch) × \(heads) × \(perHead) overflows Int")
             }
+            try checkFloatAllocation([count], option: "recurrent state [B, H, m · (Dv + 1) + 1]")
             storage = [Float](repeating: 0, count: count)
             for item in 0..<batch * heads { storage[(item + 1) * perHead - 1] = -.infinity }
         }

@@ -98,9 +98,9 @@ public struct LinformerAttention: Attention {
         guard projections >= 1 else {
             throw AttentionError.invalidParameter("Linformer projection count must be at least 1, got \(projections)")
         }
-        guard checkedProduct([projections, k, nmax, 2]) != nil else {
-            throw AttentionError.sizeOverflow("Linformer projections \(projections) × \(k) × \(nmax) overflow Int")
-        }
+        try checkLimit(k, "projected length k", variant: "Linformer")
+        try checkLimit(nmax, "maxSequenceLength", variant: "Linformer")
+        try checkFloatAllocation([projections, k, nmax], option: "Linformer projections [projections, k, Nmax]")
     }
 
     public var name: String { "linformer" }
@@ -121,6 +121,10 @@ public struct LinformerAttention: Attention {
             throw AttentionError.shapeMismatch(
                 "Linformer has \(projectionCount) per-head projections, the problem has kvHeads \(shape.kvHeads)")
         }
+        // The projected keys and values, and the dense problem over them.
+        try checkFloatAllocation([shape.batch, shape.kvHeads, projectedLength, shape.headDim + shape.valueDim],
+                                 option: "Linformer projected keys and values [B, Hkv, k, D + Dv]")
+        try projectedShape(shape).check()
     }
 
     /// The dense problem over the projected keys.
@@ -131,6 +135,7 @@ public struct LinformerAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let k = Double(projectedLength), widths = Double(shape.headDim + shape.valueDim)
         let projection = 2 * k * Double(shape.keyLength) * widths * Double(shape.batch * shape.kvHeads)
@@ -149,7 +154,7 @@ public struct LinformerAttention: Attention {
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
                                              threads: threads, scale: self.scale)
-        let threads = threads ?? defaultThreadCount
+        let threads = try threadCount(threads)
         let kProj = projectedLength, nmax = maxSequenceLength
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
         var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])

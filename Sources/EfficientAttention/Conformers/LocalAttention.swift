@@ -70,10 +70,11 @@ public struct LocalAttention: Attention {
     /// The pattern for `shape`.
     public func pattern(for shape: AttentionShape) throws -> LocalPattern {
         try validate(shape)
-        return LocalPattern(form: form, causal: causal, queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return try LocalPattern(form: form, causal: causal, queryLength: shape.queryLength, keyLength: shape.keyLength)
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         let pattern = try pattern(for: shape)
         return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }

@@ -59,14 +59,15 @@ public struct LongformerAttention: Attention {
     /// The pattern for `shape`.
     public func pattern(for shape: AttentionShape) throws -> LongformerPattern {
         try validate(shape)
-        return LongformerPattern(window: window,
+        return try LongformerPattern(window: window,
                                  dilations: dilations.count == 1 ? Array(repeating: dilations[0], count: shape.heads) : dilations,
                                  globalPositions: globalPositions, causal: causal,
                                  queryLength: shape.queryLength, keyLength: shape.keyLength)
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        patternCost(try pattern(for: shape), shape: shape, threads: threads)
+        let threads = try threadCount(threads)
+        return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,

@@ -63,13 +63,16 @@ public struct MultiQueryAttention: IncrementalAttention {
             if let value, value < 0 {
                 throw AttentionError.invalidParameter("\(name) must be at least 0, got \(value)")
             }
+            if let value { try checkLimit(value, name, variant: "multi-query attention") }
         }
         guard split >= 1 else {
             throw AttentionError.invalidParameter("split must be at least 1, got \(split)")
         }
+        try checkLimit(split, "split", variant: "multi-query attention")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads))
     }
@@ -93,9 +96,23 @@ public struct MultiQueryAttention: IncrementalAttention {
     /// - Complexity: O(Nq).
     public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision = .float32,
                            threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
+        try checkDecodeWorkspace(shape, precision: precision)
         return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
                                                                           halfPrecision: precision == .float16))
+    }
+
+    /// Throws unless a decode's workspace fits one allocation: the partial rows of the
+    /// `⌈L / split⌉` chunks (`B · H · n · (Dv + 1)` floats each) are checked before the
+    /// kernel's byte count is computed, then that count for the most workers.
+    private func checkDecodeWorkspace(_ shape: AttentionShape, precision: KVCache.Precision) throws {
+        try checkFloatAllocation([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
+                                  (shape.keyLength + split - 1) / split],
+                                 option: "decode partial rows of ⌈cache length / split⌉ chunks (split \(split))")
+        try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: maxThreadCount,
+                                                                  halfPrecision: precision == .float16),
+                            option: "decode workspace (split \(split))")
     }
 
     /// Attention of `query` `[B, H, n, D]`, the newest `n` positions, against the keys and
@@ -124,10 +141,11 @@ public struct MultiQueryAttention: IncrementalAttention {
                                    keyLength: max(1, lengths.max() ?? 1), headDim: qs[3], valueDim: cache.valueDim)
         try validate(shape)
         try checkCallArguments(shape, keyLengths: nil, threads: threads)
+        try checkDecodeWorkspace(shape, precision: cache.precision)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let workers = threads ?? defaultThreadCount, split = self.split
+        let workers = try threadCount(threads), split = self.split
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         func run<E: CacheScalar>(_ type: E.Type) {
             let rows = cache.rows(layer: layer, as: type)
@@ -138,7 +156,7 @@ public struct MultiQueryAttention: IncrementalAttention {
         }
         switch cache.precision {
         case .float32: run(Float.self)
-        case .float16: run(Float16.self)
+        case .float16: run(HalfElement.self)
         }
         return try AttentionResult(output: output, logSumExp: lse)
     }

@@ -50,6 +50,8 @@ public struct RoutingAttention: Attention {
         for (name, value) in [("heads", heads), ("headDim", headDim), ("clusters", clusters)] where value < 1 {
             throw AttentionError.invalidParameter("routing \(name) must be at least 1, got \(value)")
         }
+        try checkLimit(clusters, "clusters", variant: "routing attention")
+        try checkFloatAllocation([heads, clusters, headDim], option: "routing centroids [1, heads, clusters, headDim]")
         var rng = SeededGenerator(seed: seed)
         var values = [Float]()
         values.reserveCapacity(heads * clusters * headDim)
@@ -101,6 +103,13 @@ public struct RoutingAttention: Attention {
         guard decay >= 0, decay < 1 else {
             throw AttentionError.invalidParameter("routing decay must be in [0, 1), got \(decay)")
         }
+        try checkLimit(clusterCount, "clusters", variant: "routing attention")
+        // Cluster slots and candidate lists grow with K · N: checked before any size is
+        // computed with unchecked arithmetic, then the workspace of the most workers.
+        guard checkedProduct([clusterCount + 64, max(shape.queryLength, shape.keyLength) + 64, 64]) != nil else {
+            throw AttentionError.sizeOverflow("routing cluster lists (clusters × sequence length) overflow Int")
+        }
+        try checkAllocation(bytes: workspaceBytes(shape, threads: maxThreadCount), option: "routing workspace")
     }
 
     private func layout(_ shape: AttentionShape) -> GroupedAttention.Layout {
@@ -114,20 +123,27 @@ public struct RoutingAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let l = layout(shape), k = clusterCount
-        let pairs = k * l.queryGroupSize * l.keyGroupSize
         let heads = shape.batch * shape.heads
+        guard let pairs = checkedProduct([k, l.queryGroupSize, l.keyGroupSize]), checkedProduct([pairs, heads]) != nil else {
+            throw AttentionError.sizeOverflow("routing scored pairs (clusters × wq × wk × B·H) overflow Int")
+        }
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
                                      + 2 * Double(shape.queryLength + shape.keyLength) * Double(k * shape.headDim))
-        let bytesPerHead = headBytes(l, keyLength: shape.keyLength)
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads ?? defaultThreadCount,
-                                                    bytesPerHead: bytesPerHead)
-        return AttentionCost(flops: flops,
-                             workspaceBytes: GroupedAttention.workspaceBytes(l, heads: heads, threads: threads,
-                                                                             bytesPerHead: bytesPerHead)
-                                 + outer * Router.byteCount(l, keyLength: shape.keyLength, workers: inner),
+        return AttentionCost(flops: flops, workspaceBytes: workspaceBytes(shape, threads: threads),
                              scoredPairs: heads * pairs)
+    }
+
+    /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
+    /// one grouped-attention workspace and one router per head in flight.
+    private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let l = layout(shape), heads = shape.batch * shape.heads
+        let bytesPerHead = headBytes(l, keyLength: shape.keyLength)
+        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads, bytesPerHead: bytesPerHead)
+        return GroupedAttention.workspaceBytes(l, heads: heads, threads: threads, bytesPerHead: bytesPerHead)
+            + outer * Router.byteCount(l, keyLength: shape.keyLength, workers: inner)
     }
 
     /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
@@ -192,7 +208,7 @@ public struct RoutingAttention: Attention {
                        keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
                                              threads: threads, scale: self.scale)
-        let threads = threads ?? defaultThreadCount
+        let threads = try threadCount(threads)
         let l = layout(shape)
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])

@@ -1,9 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// Transformer-XL attention (Dai et al. 2019): a segment attends causally over
 /// `[memory ; segment]` with relative-position scores.
 ///
@@ -63,9 +57,10 @@ public struct TransformerXLAttention: Attention, Equatable {
     }
 
     /// A configuration with seeded random parameters, for experiments and benchmarks:
-    /// `u`, `v` with N(0, 1/D) entries, and a table of `maxDistance` rows (default
-    /// `memoryLength + maxSegmentLength`) built by ``sinusoidTable(length:projection:)``
-    /// from a `D × D` projection per head with N(0, 1/D) entries.
+    /// `u`, `v` with N(0, 1/D) entries, and a table of `memoryLength + maxSegmentLength`
+    /// rows built by ``sinusoidTable(length:projection:)`` from a `D × E` projection per
+    /// head with N(0, 1/D) entries, `E = D` (`D + 1` for odd `D`: the sinusoids come in
+    /// sine/cosine pairs, so their dimension is even).
     public init(heads: Int, headDim: Int, memoryLength: Int, maxSegmentLength: Int, seed: UInt64,
                 scale: Float? = nil) throws {
         guard heads >= 1, headDim >= 1 else {
@@ -75,11 +70,20 @@ public struct TransformerXLAttention: Attention, Equatable {
             throw AttentionError.invalidParameter(
                 "memoryLength must be at least 0 and maxSegmentLength at least 1, got \(memoryLength) and \(maxSegmentLength)")
         }
+        try checkLimit(memoryLength, "memoryLength", variant: "Transformer-XL attention")
+        try checkLimit(maxSegmentLength, "maxSegmentLength", variant: "Transformer-XL attention")
+        try checkLimit(headDim, "headDim", variant: "Transformer-XL attention")
+        let e = headDim + headDim % 2
+        try checkFloatAllocation([heads, headDim, e], option: "Transformer-XL projection [1, heads, headDim, headDim]")
+        try checkFloatAllocation([heads, memoryLength + maxSegmentLength, headDim],
+                                 option: "Transformer-XL relative table [1, heads, memoryLength + maxSegmentLength, headDim]")
+        try checkFloatAllocation([memoryLength + maxSegmentLength, e],
+                                 option: "Transformer-XL sinusoids [memoryLength + maxSegmentLength, headDim]")
         var rng = SeededGenerator(seed: seed)
         let deviation = 1 / Double(headDim).squareRoot()
         func gaussians(_ count: Int) -> [Float] { (0..<count).map { _ in Float(rng.nextGaussian() * deviation) } }
         let u = gaussians(heads * headDim), v = gaussians(heads * headDim)
-        let projection = try Tensor(shape: [1, heads, headDim, headDim], data: gaussians(heads * headDim * headDim))
+        let projection = try Tensor(shape: [1, heads, headDim, e], data: gaussians(heads * headDim * e))
         self.init(memoryLength: memoryLength,
                   relativePositions: try TransformerXLAttention.sinusoidTable(
                     length: memoryLength + maxSegmentLength, projection: projection),
@@ -103,6 +107,9 @@ public struct TransformerXLAttention: Attention, Equatable {
         guard length >= 1 else {
             throw AttentionError.invalidParameter("relative table length must be at least 1, got \(length)")
         }
+        try checkLimit(length, "relative table length", variant: "Transformer-XL attention")
+        try checkFloatAllocation([length, e], option: "sinusoids [length, E]")
+        try checkFloatAllocation([heads, length, d], option: "relative table [1, H, length, D]")
         let half = e / 2
         var sinusoid = [Float](repeating: 0, count: length * e)
         for delta in 0..<length {
@@ -134,6 +141,10 @@ public struct TransformerXLAttention: Attention, Equatable {
         guard memoryLength >= 0 else {
             throw AttentionError.invalidParameter("memoryLength must be at least 0, got \(memoryLength)")
         }
+        try checkLimit(memoryLength, "memoryLength", variant: "Transformer-XL attention")
+        // The biases `keyBias` [B, H, Nk] and `distanceBias` [H, Nk] of a call.
+        try checkFloatAllocation([shape.batch + 1, shape.heads, memoryLength + shape.queryLength],
+                                 option: "Transformer-XL biases [B + 1, H, memoryLength + Nq]")
         let table = relativePositions.shape
         guard table[0] == 1, table[1] == shape.heads || table[1] == 1, table[3] == shape.headDim else {
             throw AttentionError.shapeMismatch(
@@ -165,6 +176,7 @@ public struct TransformerXLAttention: Attention, Equatable {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let memory = shape.keyLength - shape.queryLength
         let n = shape.queryLength
@@ -234,7 +246,7 @@ public struct TransformerXLAttention: Attention, Equatable {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         let (nk, d, heads) = (shape.keyLength, shape.headDim, shape.heads)
         let tableHeads = relativePositions.shape[1]
-        let workers = threads ?? defaultThreadCount
+        let workers = try threadCount(threads)
         // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
         var keyBias = [Float](repeating: 0, count: shape.batch * heads * nk)
         var distanceBias = [Float](repeating: 0, count: heads * nk)
@@ -310,6 +322,7 @@ public struct TransformerXLMemory: Sendable, Equatable {
         guard capacity >= 0 else {
             throw AttentionError.invalidParameter("memory capacity must be at least 0, got \(capacity)")
         }
+        try checkLimit(capacity, "memory capacity", variant: "Transformer-XL memory")
         self.capacity = capacity
         self.batch = batch
         self.kvHeads = kvHeads
@@ -358,6 +371,7 @@ extension Tensor {
         let (b, h, n, m, d) = (shape[0], shape[1], shape[2], other.shape[2], shape[3])
         precondition(other.shape[0] == b && other.shape[1] == h && other.shape[3] == d)
         let mine = elements, theirs = other.elements
+        try checkFloatAllocation([b, h, n + m, d], option: "Transformer-XL [memory ; segment] [B, Hkv, M + Nq, D]")
         var data = [Float]()
         data.reserveCapacity(b * h * (n + m) * d)
         for item in 0..<(b * h) {

@@ -32,6 +32,7 @@ public struct VanillaAttention: Attention {
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
@@ -113,9 +114,3 @@ struct UncheckedSendable<T>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

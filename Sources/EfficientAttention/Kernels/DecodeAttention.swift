@@ -50,8 +50,8 @@ enum DecodeAttention {
     /// Keys per tile on the dot-product path: about 64 KiB of key rows (and as many of
     /// value rows), a multiple of 16 between 16 and 2048. The kernel reads a tile of keys,
     /// then the same tile of values: two streams taking turns, which the hardware
-    /// prefetchers follow well only in long runs (measured on Zen 5 with one thread: 2 KiB
-    /// turns read at 11 GB/s, 16 KiB at 25, 64 KiB at 31, one stream at 34). The tile stays
+    /// prefetchers follow well only in long runs (KernelDocs/MultiQuery.md; the read
+    /// bandwidth by turn length is in CHANGELOG.md). The tile stays
     /// in the 1 MiB L2 for the other rows of a small group.
     static func keyTile(headDim d: Int, valueDim dv: Int, elementBytes: Int) -> Int {
         let tile = 64 * 1024 / (elementBytes * max(d, dv))
@@ -396,7 +396,9 @@ enum DecodeAttention {
         let base = UnsafeRawPointer(rows.row(b, hk, start))
         var a: UInt32 = 0, c: UInt32 = 0
         var offset = 0
-        while offset + 64 < bytes {
+        // Both 4-byte loads inside the rows: `offset + 64 + 4 ≤ bytes` (rows of Float16
+        // need not be a multiple of 4 bytes long).
+        while offset &+ 68 <= bytes {
             a |= base.load(fromByteOffset: offset, as: UInt32.self)
             c |= base.load(fromByteOffset: offset + 64, as: UInt32.self)
             offset += 128
@@ -578,9 +580,3 @@ func horizontalMax(_ v: Vec16) -> Float {
     c.replace(with: b.highHalf, where: b.highHalf .> c)
     return max(c[0], c[1])
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

@@ -272,8 +272,10 @@ struct MatrixOperand: @unchecked Sendable {
 }
 
 /// Dense matrix products on the library's GEMM kernel (packed panels around the 8 × 32
-/// register-tiled micro-kernel), for callers and benchmarks outside the attention API.
-public enum MatrixProduct {
+/// register-tiled micro-kernel), for the tests and the GEMM benchmark
+/// (`@_spi(Benchmarking)`): the library's API is attention; a general matrix product is
+/// a BLAS's job.
+@_spi(Benchmarking) public enum MatrixProduct {
     /// `A · B` for row-major `a` (`m × depth`) and `b` (`depth × n`), as a row-major
     /// `m × n` array. With `transposeA` / `transposeB`, `a` holds `Aᵀ` (`depth × m`) /
     /// `b` holds `Bᵀ` (`n × depth`). Results are bitwise identical for every thread count.

@@ -242,7 +242,7 @@ enum GroupedAttention {
         /// (``prefetchRows(_:count:rowStride:length:positions:write:)``).
         @inline(__always)
         func prefetch(_ positions: UnsafePointer<Int32>, count: Int, width: Int) {
-            prefetchRows(row(0), count: count, rowStride: view.strides[2], length: width &* elementStride,
+            prefetchRows(row(0), count: count, rowStride: view.strides[2], length: rowExtent(width: width, elementStride: elementStride),
                          positions: positions)
         }
     }
@@ -376,7 +376,7 @@ enum GroupedAttention {
             let positions = space.queryPosition + queryStart
             prefetchingAhead(count: queryCount, prefetch: { first, rows in
                 prefetchRows(UnsafePointer(output.row(b, h, 0)), count: rows, rowStride: output.strides[2],
-                             length: dv &* output.strides[3], positions: positions + first, write: true)
+                             length: rowExtent(width: dv, elementStride: output.strides[3]), positions: positions + first, write: true)
                 prefetchRows(UnsafePointer(lse.row(b, h, 0)), count: rows, rowStride: lse.strides[2], length: 1,
                              positions: positions + first, write: true)
             }) { r in
@@ -461,7 +461,10 @@ enum GroupedAttention {
         }
         let logSumExp = l.combine == .logSumExp
         let normaliser = logSumExp ? 1 / total : 1 / Float(used)
-        if keep > 0 {
+        if earlier > -.infinity {
+            // Rescale the earlier rounds' row even when `keep` underflowed to 0 (their
+            // log-sum-exp more than ~88 below this round's): skipping it would leave them
+            // weight 1.
             let factor = keep * normaliser
             if outStride == 1 {
                 for c in 0..<dv { out[c] *= factor }
@@ -498,9 +501,3 @@ enum GroupedAttention {
         }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

@@ -284,9 +284,3 @@ enum LinearAttentionScan {
         while t < count { p[t] *= factor; t += 1 }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif

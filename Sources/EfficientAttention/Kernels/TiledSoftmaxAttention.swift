@@ -463,11 +463,6 @@ func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length:
     sink.pointee += sum
 }
 
-/// LLVM's prefetch intrinsic (`prefetcht0` / `prefetchw` on x86-64; a no-op where the
-/// target has none): address, write (0 or 1), locality (3: keep in all levels), data (1).
-@_silgen_name("llvm.prefetch.p0")
-private func llvmPrefetch(_ address: UnsafeRawPointer, _ write: Int32, _ locality: Int32, _ data: Int32)
-
 /// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
 /// rowStride`, `length` floats each) with prefetch instructions, for writing when `write`:
 /// rows scattered over a gather or scatter. Unlike the loads of
@@ -481,11 +476,11 @@ func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, leng
         let row = base + Int(positions[r]) &* rowStride
         var c = 0
         while c < length {
-            // The intrinsic's arguments after the address must be literal constants.
+            // `__builtin_prefetch` in C (CEfficientAttention): `prefetchw` / `prefetcht0`.
             if write {
-                llvmPrefetch(UnsafeRawPointer(row + c), 1, 3, 1)
+                ea_prefetch_write(row + c)
             } else {
-                llvmPrefetch(UnsafeRawPointer(row + c), 0, 3, 1)
+                ea_prefetch_read(row + c)
             }
             c &+= 16
         }
@@ -498,7 +493,7 @@ extension TensorView {
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
         touchRows(row(b, h, rows.start), count: rows.count, rowStride: rows.step &* strides[2],
-                  length: width &* strides[3], sink: sink)
+                  length: rowExtent(width: width, elementStride: strides[3]), sink: sink)
     }
 }
 
@@ -510,11 +505,16 @@ extension MutableTensorView {
     }
 }
 
+/// The floats a row of `width` elements `elementStride` apart spans, from its first element
+/// to its last inclusive: `(width - 1) · elementStride + 1` (0 for an empty row, 1 for a
+/// stride-0 row). A touch or prefetch over more would address memory past the row's last
+/// element, past the end of the storage for the last row of a view.
+@inline(__always)
+func rowExtent(width: Int, elementStride: Int) -> Int {
+    width > 0 ? (width &- 1) &* elementStride &+ 1 : 0
+}
+
 @inline(__always)
 func roundUp(_ x: Int, _ multiple: Int) -> Int { (x + multiple - 1) / multiple * multiple }
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
+import CEfficientAttention

@@ -1,5 +1,6 @@
-/// Elementwise math on SIMD lanes used by the kernels.
-public enum VectorMath {
+/// Elementwise math on SIMD lanes used by the kernels. `@_spi(Testing)`: the tests check
+/// its accuracy over the whole range; callers use it only through the conformers.
+@_spi(Testing) public enum VectorMath {
     /// `e^x` on 16 lanes.
     ///
     /// Range reduction by ln 2 (Cody-Waite, two-part constant): `x = n·ln2 + r` with

@@ -1,35 +1,41 @@
 /// Plain vectorised loops used by the unfused baseline and small helpers.
 
-/// `Σ a[t·sa] · b[t·sb]` for `t < count`, in SIMD16 lanes when both strides are 1.
+/// Sixteen floats `p[0], p[s], …, p[15·s]`: a row's next sixteen elements whatever its
+/// element stride, so that strided rows go through the same vector arithmetic as
+/// contiguous ones and give the same bits.
+@inline(__always)
+func gather16(_ p: UnsafePointer<Float>, _ s: Int) -> SIMD16<Float> {
+    if s == 1 { return UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self) }
+    var x = SIMD16<Float>()
+    for l in 0..<16 { x[l] = p[l &* s] }
+    return x
+}
+
+/// `Σ a[t·sa] · b[t·sb]` for `t < count`: SIMD16 lanes over the first `⌊count/16⌋·16`
+/// elements, then the rest in order. The same bits for every pair of strides.
 @inline(__always)
 func dot(_ a: UnsafePointer<Float>, _ sa: Int, _ b: UnsafePointer<Float>, _ sb: Int, count: Int) -> Float {
     var t = 0
     var acc = SIMD16<Float>()
-    if sa == 1 && sb == 1 {
-        while t + 16 <= count {
-            let x = UnsafeRawPointer(a + t).loadUnaligned(as: SIMD16<Float>.self)
-            let y = UnsafeRawPointer(b + t).loadUnaligned(as: SIMD16<Float>.self)
-            multiplyAdd(&acc, x, y)
-            t += 16
-        }
+    while t + 16 <= count {
+        multiplyAdd(&acc, gather16(a + t &* sa, sa), gather16(b + t &* sb, sb))
+        t += 16
     }
     var sum = acc.sum()
     while t < count { sum += a[t * sa] * b[t * sb]; t += 1 }
     return sum
 }
 
-/// `y[t] += alpha · x[t·sx]` for `t < count` (y contiguous).
+/// `y[t] += alpha · x[t·sx]` for `t < count` (y contiguous), the same bits for every `sx`.
 @inline(__always)
 func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ sx: Int, _ y: UnsafeMutablePointer<Float>, count: Int) {
     var t = 0
-    if sx == 1 {
-        let a = SIMD16<Float>(repeating: alpha)
-        while t + 16 <= count {
-            var acc = UnsafeRawPointer(y + t).loadUnaligned(as: SIMD16<Float>.self)
-            multiplyAdd(&acc, a, UnsafeRawPointer(x + t).loadUnaligned(as: SIMD16<Float>.self))
-            UnsafeMutableRawPointer(y + t).storeBytes(of: acc, as: SIMD16<Float>.self)
-            t += 16
-        }
+    let a = SIMD16<Float>(repeating: alpha)
+    while t + 16 <= count {
+        var acc = UnsafeRawPointer(y + t).loadUnaligned(as: SIMD16<Float>.self)
+        multiplyAdd(&acc, a, gather16(x + t &* sx, sx))
+        UnsafeMutableRawPointer(y + t).storeBytes(of: acc, as: SIMD16<Float>.self)
+        t += 16
     }
     while t < count { y[t] += alpha * x[t * sx]; t += 1 }
 }
@@ -46,8 +52,9 @@ func multiplyAdd(_ acc: inout SIMD16<Float>, _ a: SIMD16<Float>, _ b: SIMD16<Flo
 }
 
 /// True when the library was compiled with fused multiply-add kernels (the default
-/// `NativeCPU` trait); false in the portable build.
-public let fusedMultiplyAddEnabled: Bool = {
+/// `NativeCPU` trait); false in the portable build. `@_spi(Benchmarking)`, for the
+/// benchmark's report header: results do not depend on it beyond rounding.
+@_spi(Benchmarking) public let fusedMultiplyAddEnabled: Bool = {
 #if EA_FMA
     return true
 #else

@@ -115,16 +115,19 @@ func checkPatternShape(_ shape: AttentionShape, scale: Float?, variant: String) 
 
 /// Throws unless `value` is in `range`, naming `option`.
 func checkOption(_ value: Int, _ option: String, in range: ClosedRange<Int>, variant: String) throws {
-    guard range.contains(value) else {
-        let upper = range.upperBound >= (1 << 30) ? "" : " and at most \(range.upperBound)"
+    guard value >= range.lowerBound else {
         throw AttentionError.invalidParameter(
-            "\(variant): \(option) must be at least \(range.lowerBound)\(upper), got \(value)")
+            "\(variant): \(option) must be at least \(range.lowerBound), got \(value)")
+    }
+    guard value <= range.upperBound else {
+        throw AttentionError.invalidParameter(
+            "\(variant): \(option) must be at most \(range.upperBound), got \(value)")
     }
 }
 
 /// The largest window side, block size or stride a pattern accepts (keeps position
 /// arithmetic far from overflow).
-let patternLimit = 1 << 30
+let patternLimit = lengthLimit
 
 /// The cost of a fixed-pattern conformer: its pattern's scored pairs over all heads and
 /// batch items (an upper bound under key padding), `2 · pairs · (D + Dv)` FLOPs, and the
@@ -203,7 +206,7 @@ extension TiledSoftmaxAttention {
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1], repeating: -.infinity)
-        let threads = threads ?? defaultThreadCount
+        let threads = try threadCount(threads)
         try query.withView { q in try key.withView { k in try value.withView { v in
         try output.withMutableView { o in try lse.withMutableView { l in
             try passes(PatternCall(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,

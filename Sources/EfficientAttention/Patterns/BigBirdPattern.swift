@@ -35,10 +35,10 @@ public struct BigBirdPattern: AttentionPattern {
         let global = Set(globalBlocks)
         keyBlockRanges = randomBlocks.map { perBlock in
             (0..<n).map { t in
+                // A global query block sees every key: one range (what merging all n blocks gives).
+                if global.contains(t) { return [0..<keyLength] }
                 var blocks: Set<Int>
-                if global.contains(t) {
-                    blocks = Set(0..<n)
-                } else {
+                do {
                     blocks = Set([t - 1, t, t + 1].filter { $0 >= 0 && $0 < n }).union(global).union(perBlock[t])
                 }
                 var ranges: [Range<Int>] = []
@@ -58,18 +58,31 @@ public struct BigBirdPattern: AttentionPattern {
     /// Draws `count` random blocks per head and query block from `generator`: for block
     /// `t`, uniformly without replacement among the blocks outside its window and the
     /// global set (causal: only blocks before `t − 1`); fewer when fewer exist.
+    ///
+    /// The draw is a partial Fisher-Yates shuffle of the ascending candidate list: step `k`
+    /// swaps entry `k` with a uniform entry of `k..<candidates`. The list is never built:
+    /// entry `i` is the `i`-th block not excluded (found by binary search over the sorted
+    /// global blocks and the window), and only the entries a swap moved are stored.
+    ///
+    /// - Complexity: O(H · n · (r · log² n + log G)) time for `n` blocks, `r = count`, `G`
+    ///   global blocks; O(r) memory besides the result.
     static func drawRandomBlocks(heads: Int, blockCount n: Int, count: Int, globalBlocks: [Int],
                                  causal: Bool, generator: inout SeededGenerator) -> [[[Int]]] {
-        let global = Set(globalBlocks)
+        let global = Array(Set(globalBlocks)).sorted()
+        let globalSet = Set(global)
         return (0..<heads).map { _ in
             (0..<n).map { t in
-                if global.contains(t) { return [] }
-                var candidates = (0..<(causal ? max(0, t - 1) : n)).filter { abs($0 - t) > 1 && !global.contains($0) }
+                if globalSet.contains(t) { return [] }
+                let candidates = RandomBlockCandidates(limit: causal ? max(0, t - 1) : n, window: t, global: global)
                 let take = min(count, candidates.count)
+                var moved: [Int: Int] = [:]   // entries of the virtual list changed by swaps
                 for k in 0..<take {
-                    candidates.swapAt(k, Int.random(in: k..<candidates.count, using: &generator))
+                    let j = Int.random(in: k..<candidates.count, using: &generator)
+                    let atK = moved[k] ?? candidates.block(k), atJ = moved[j] ?? candidates.block(j)
+                    moved[k] = atJ
+                    moved[j] = atK
                 }
-                return Array(candidates[0..<take]).sorted()
+                return (0..<take).map { moved[$0]! }.sorted()
             }
         }
     }
@@ -125,5 +138,58 @@ struct BigBirdMask: TileMask {
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         maskCausalDiagonal(scores, ld: ld, keys: tile.keys, queries: queries, offset: offset)
+    }
+}
+
+/// The ascending list of blocks in `0..<limit` outside the window `window − 1 ... window + 1`
+/// and the global blocks, without building it: ``count`` and the ``block(_:)`` at an index.
+struct RandomBlockCandidates {
+    let limit: Int
+    let window: Int
+    /// Sorted, distinct.
+    let global: [Int]
+
+    /// Candidates.
+    ///
+    /// - Complexity: O(log G).
+    var count: Int { limit - excluded(through: limit - 1) }
+
+    /// Excluded blocks in `0...b` (global or in the window, counted once).
+    ///
+    /// - Complexity: O(log G).
+    func excluded(through b: Int) -> Int {
+        guard b >= 0 else { return 0 }
+        var lo = 0, hi = global.count           // global blocks <= b: the first index above b
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if global[mid] <= b { lo = mid + 1 } else { hi = mid }
+        }
+        var total = lo
+        for w in (window - 1)...(window + 1) where w >= 0 && w <= b && w < limit && !isGlobal(w) {
+            total += 1
+        }
+        return total
+    }
+
+    private func isGlobal(_ b: Int) -> Bool {
+        var lo = 0, hi = global.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if global[mid] < b { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < global.count && global[lo] == b
+    }
+
+    /// The candidate at `index` (`0..<count`): the smallest `b` with `index + 1` candidates
+    /// in `0...b`.
+    ///
+    /// - Complexity: O(log n · log G).
+    func block(_ index: Int) -> Int {
+        var lo = index, hi = limit - 1
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if mid + 1 - excluded(through: mid) >= index + 1 { hi = mid } else { lo = mid + 1 }
+        }
+        return lo
     }
 }

@@ -13,7 +13,12 @@ public struct LocalPattern: AttentionPattern {
     public let keyLength: Int
     public var heads: Int { 1 }
 
-    public init(form: LocalAttention.Form, causal: Bool, queryLength: Int, keyLength: Int) {
+    /// The pattern for `queryLength` queries and `keyLength` keys. Throws what
+    /// ``LocalAttention/validate(_:)`` throws for these lengths (block size at least 1,
+    /// window sides and lengths at most ``lengthLimit``).
+    public init(form: LocalAttention.Form, causal: Bool, queryLength: Int, keyLength: Int) throws {
+        try LocalAttention(form: form, causal: causal)
+            .validate(AttentionShape(heads: 1, queryLength: queryLength, keyLength: keyLength, headDim: 1))
         self.form = form
         self.causal = causal
         self.queryLength = queryLength

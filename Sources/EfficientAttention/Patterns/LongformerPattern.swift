@@ -17,8 +17,13 @@ public struct LongformerPattern: AttentionPattern {
     public let keyLength: Int
     public var heads: Int { dilations.count }
 
+    /// The pattern for `queryLength` queries and `keyLength` keys, one head per dilation.
+    /// Throws what ``LongformerAttention/validate(_:)`` throws for these lengths and
+    /// `dilations.count` heads.
     public init(window: Int, dilations: [Int], globalPositions: [Int], causal: Bool,
-                queryLength: Int, keyLength: Int) {
+                queryLength: Int, keyLength: Int) throws {
+        try LongformerAttention(window: window, dilations: dilations, globalPositions: globalPositions, causal: causal)
+            .validate(AttentionShape(heads: dilations.count, queryLength: queryLength, keyLength: keyLength, headDim: 1))
         self.window = window
         self.dilations = dilations
         self.globalPositions = Array(Set(globalPositions)).sorted()

@@ -120,7 +120,8 @@ extension TileMask {
         queryPartition.groupCount(queryLength: queryLength, queryTile: queryTile)
     }
 
-    /// Query group `index` (`count == 0` for an empty group). Groups are disjoint.
+    /// Query group `index` (`count == 0` for an empty group, and for every `index` at or
+    /// past ``queryGroupCount(queryLength:queryTile:)``). Groups are disjoint.
     func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
         queryPartition.group(index, queryLength: queryLength, queryTile: queryTile)
     }
@@ -143,8 +144,8 @@ enum QueryPartition {
         case .tiles:
             return ceilDiv(n, br)
         case .blocks(let size, let origin):
-            let shift = positiveModulo(origin, size)
-            return ceilDiv(n + shift, size) * ceilDiv(size, br)
+            let blocks = BlockGroups(size: size, origin: origin, queryLength: n, queryTile: br)
+            return blocks.count
         case .residues(let m):
             return min(m, n) * ceilDiv(ceilDiv(n, m), br)
         case .ranges(let ranges):
@@ -157,17 +158,13 @@ enum QueryPartition {
         case .tiles:
             return PositionRun(start: index * br, count: min(br, n - index * br))
         case .blocks(let size, let origin):
-            let shift = positiveModulo(origin, size)
-            let perBlock = ceilDiv(size, br)
-            let part = ceilDiv(size, perBlock)
-            let blockStart = (index / perBlock) * size - shift
-            let start = blockStart + (index % perBlock) * part
-            let end = min(n, blockStart + size, start + part)
-            let first = max(0, start)
-            return PositionRun(start: first, count: max(0, end - first))
+            return BlockGroups(size: size, origin: origin, queryLength: n, queryTile: br).group(index)
         case .residues(let m):
             let perClass = ceilDiv(ceilDiv(n, m), br)
             let residue = index / perClass, tile = index % perClass
+            // Kernels run the largest group count over all heads; past this head's own
+            // count, `residue ≥ m` would repeat the queries of residue `residue − m`.
+            guard residue < m else { return PositionRun(start: 0, count: 0) }
             let members = ceilDiv(n - residue, m)
             return PositionRun(start: residue + tile * br * m,
                                count: max(0, min(br, members - tile * br)), step: m)
@@ -183,6 +180,63 @@ enum QueryPartition {
             }
             return PositionRun(start: 0, count: 0)
         }
+    }
+}
+
+/// The query groups of ``QueryPartition/blocks(size:origin:)``: block `b` covers queries
+/// `[b · size − shift, (b + 1) · size − shift)` (`shift = origin mod size`), cut into
+/// `perBlock = ⌈size / Br⌉` parts of `part = ⌈size / perBlock⌉` queries, clipped to
+/// `0..<Nq`. Only the parts that hold a query are listed, in block order: a block far
+/// larger than `Nq` (2^30) gives a few groups, not `size / Br` mostly empty ones.
+///
+/// - Complexity: O(1) for the count and for each group.
+struct BlockGroups {
+    let size: Int, shift: Int, queryLength: Int, perBlock: Int, part: Int
+    /// Blocks that hold a query.
+    let blocks: Int
+
+    init(size: Int, origin: Int, queryLength: Int, queryTile: Int) {
+        self.size = size
+        shift = positiveModulo(origin, size)
+        self.queryLength = queryLength
+        perBlock = ceilDiv(size, queryTile)
+        part = ceilDiv(size, perBlock)
+        blocks = ceilDiv(queryLength + shift, size)
+    }
+
+    /// The parts `k` of block `b` that hold a query.
+    func parts(ofBlock b: Int) -> Range<Int> {
+        let blockStart = b * size - shift
+        let blockEnd = min(queryLength, blockStart + size)
+        let first = blockStart >= 0 ? 0 : -blockStart / part
+        let end = min(perBlock, ceilDiv(blockEnd - blockStart, part))
+        return first..<max(first, end)
+    }
+
+    /// Parts of each block between the first and the last (all of them full).
+    private var middleParts: Int { blocks > 2 ? parts(ofBlock: 1).count : 0 }
+
+    var count: Int {
+        blocks == 1 ? parts(ofBlock: 0).count
+            : parts(ofBlock: 0).count + (blocks - 2) * middleParts + parts(ofBlock: blocks - 1).count
+    }
+
+    /// Group `index` (`0..<count`).
+    func group(_ index: Int) -> PositionRun {
+        let head = parts(ofBlock: 0), middle = (blocks - 2) * middleParts
+        let b: Int, k: Int
+        if index < head.count || blocks == 1 {
+            (b, k) = (0, head.lowerBound + index)
+        } else if index - head.count < middle {
+            (b, k) = (1 + (index - head.count) / middleParts, (index - head.count) % middleParts)
+        } else {
+            (b, k) = (blocks - 1, parts(ofBlock: blocks - 1).lowerBound + index - head.count - middle)
+        }
+        let blockStart = b * size - shift
+        let start = blockStart + k * part
+        let end = min(queryLength, blockStart + size, start + part)
+        let first = max(0, start)
+        return PositionRun(start: first, count: max(0, end - first))
     }
 }
 

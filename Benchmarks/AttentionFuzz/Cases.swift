@@ -1,0 +1,192 @@
+import AttentionBenchCore
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
+import Foundation
+
+/// One fuzz case: a problem drawn from its seed alone, run through the public API, and
+/// the checks of its results. A case is one of three kinds: `attend` on a registered
+/// conformer with a valid random problem, `decode` against a ``KVCache`` with random
+/// appends, or an invalid input that must throw an ``AttentionError``.
+final class FuzzCase {
+    let seed: UInt64
+    let verbose: Bool
+    var rng: SeededGenerator
+    /// Public API calls made.
+    private(set) var calls = 0
+    /// Failed checks, one message each.
+    private(set) var failures: [String] = []
+
+    init(seed: UInt64, verbose: Bool = false) {
+        self.seed = seed
+        self.verbose = verbose
+        rng = SeededGenerator(seed: seed)
+    }
+
+    /// Runs the case; errors outside the checks' expectations become failures.
+    func run() {
+        do {
+            switch rng.int(0...99) {
+            case 0..<65: try attendCase()
+            case 65..<80: try decodeCase()
+            default: invalidCase()
+            }
+        } catch {
+            fail("unexpected error \(type(of: error)): \(error)")
+        }
+    }
+
+    func log(_ text: @autoclosure () -> String) {
+        if verbose {
+            print("  " + text())
+            fflush(nil)  // a crash right after must not lose the line
+        }
+    }
+
+    func fail(_ message: String) {
+        failures.append(message)
+        log("FAIL " + message)
+    }
+
+    /// `body()`, counted as one call.
+    func call<T>(_ body: () throws -> T) rethrows -> T {
+        calls += 1
+        return try body()
+    }
+
+    // MARK: Random sizes
+
+    static let dims = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65, 128]
+
+    func length() -> Int { rng.chance(0.1) ? rng.int(41...150) : rng.int(1...40) }
+
+    func threadCount() -> Int {
+        rng.chance(0.05) ? rng.pick([64, 1000, 1 << 20, Int.max]) : rng.int(2...8)
+    }
+
+    /// Settings small enough that every structure (windows, blocks, buckets, clusters,
+    /// projections, features, spans, memory) shows at the lengths above.
+    func settings() -> [Parameter: Int] {
+        [.window: rng.int(1...24), .stride: rng.int(1...9), .blockSize: rng.int(1...12), .randomBlocks: rng.int(0...3),
+         .bucketSize: rng.int(1...12), .hashes: rng.int(1...4), .features: rng.int(1...40), .proj: rng.int(1...24),
+         .span: rng.int(0...30), .ramp: rng.int(1...10), .memory: rng.int(0...12)]
+    }
+
+    static let entries = Registry.standard.entries.filter(\.isAvailable)
+
+    // MARK: attend
+
+    /// A registered conformer on a random valid problem: no throw once `validate` accepts,
+    /// finite results, empty rows 0 with `-inf`, the bits of 1 thread at any thread count
+    /// and for a strided NaN-gapped view, and for the exact conformers the naive reference.
+    func attendCase() throws {
+        let entry = rng.pick(FuzzCase.entries)
+        let heads = rng.pick([1, 1, 2, 3, 4, 6])
+        let kvHeads = rng.pick((1...heads).filter { heads % $0 == 0 })
+        let nq = length()
+        let base = BenchProblem(
+            shape: AttentionShape(batch: rng.int(1...3), heads: heads, kvHeads: kvHeads, queryLength: nq,
+                                  keyLength: rng.chance(0.5) ? nq : length(), headDim: rng.pick(FuzzCase.dims),
+                                  valueDim: rng.chance(0.5) ? nil : rng.pick(FuzzCase.dims)),
+            causal: rng.chance(0.5))
+        let overrides = settings()
+        let problem = entry.adjustProblem(base, entry.resolveParameters(overrides, at: base))
+        let parameters = entry.resolveParameters(overrides, at: problem)
+        let s = problem.shape
+        log("attend \(entry.name) \(problem) \(VariantEntry.describe(parameters))")
+        let attention: any Attention
+        do {
+            attention = try call { try entry.make!(ConformerConfig(problem: problem, parameters: parameters, seed: rng.next())) }
+            try call { try attention.validate(s) }
+            _ = try call { try attention.cost(s, threads: rng.int(1...8)) }
+        } catch let error as AttentionError {
+            log("refused: \(error)")
+            return
+        }
+        let amplitude = rng.pick([Float(1), 1, 1, 4])
+        var q = try rng.tensor([s.batch, s.heads, s.queryLength, s.headDim], amplitude: amplitude)
+        let k = try rng.tensor([s.batch, s.kvHeads, s.keyLength, s.headDim], amplitude: amplitude)
+        let v = try rng.tensor([s.batch, s.kvHeads, s.keyLength, s.valueDim])
+        var qView = try rng.view(of: q)
+        if rng.chance(0.25), let axis = [0, 1, 2].filter({ q.shape[$0] > 1 }).randomElement(using: &rng) {
+            (q, qView) = try rng.broadcast(q, axis: axis)
+            log("query broadcast along axis \(axis) (stride 0)")
+        }
+        let keyLengths: [Int]? = rng.chance(0.35)
+            ? (0..<s.batch).map { _ in rng.chance(0.3) ? 0 : rng.int(0...s.keyLength) } : nil
+        if let keyLengths { log("keyLengths \(keyLengths)") }
+        func attend(_ q: Tensor, _ k: Tensor, _ v: Tensor, threads: Int, _ what: String) -> AttentionResult? {
+            do {
+                return try call { try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: threads) }
+            } catch {
+                fail("\(entry.name) \(problem) \(what): threw \(error) on a problem validate accepted")
+                return nil
+            }
+        }
+        guard let one = attend(q, k, v, threads: 1, "1 thread") else { return }
+        checkResult(one, shape: s, keyLengths: keyLengths, "\(entry.name) \(problem)")
+        let threads = threadCount()
+        log("\(threads) threads")
+        if let other = attend(q, k, v, threads: threads, "\(threads) threads"), !bitwiseEqual(other, one) {
+            fail("\(entry.name) \(problem): \(threads) threads differ from 1 thread")
+        }
+        let (kView, vView) = (try rng.view(of: k), try rng.view(of: v))
+        let viewThreads = rng.int(1...4)
+        log("views: strides q \(qView.strides) k \(kView.strides) v \(vView.strides), \(viewThreads) threads")
+        if let viewed = attend(qView, kView, vView, threads: viewThreads, "strided views"), !bitwiseEqual(viewed, one) {
+            fail("\(entry.name) \(problem): strided views (q \(qView.strides) k \(kView.strides) v \(vView.strides)) differ from contiguous")
+        }
+        if let visible = referenceMask(entry.name, parameters: parameters, causal: problem.causal),
+           s.batch * s.heads * s.queryLength * s.keyLength * (s.headDim + s.valueDim) <= 4_000_000 {
+            let reference = naiveAttention(query: q, key: k, value: v, keyLengths: keyLengths,
+                                           scale: 1 / Double(s.headDim).squareRoot(), visible: visible)
+            if let difference = compare(one, reference) {
+                fail("\(entry.name) \(problem): differs from the naive reference: \(difference)")
+            }
+        }
+    }
+
+    /// The visibility rule of the conformers the naive reference covers (`nil` for the rest).
+    func referenceMask(_ name: String, parameters: [Parameter: Int], causal: Bool)
+        -> ((_ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool)? {
+        switch name {
+        case "vanilla", "dense", "multi-query":
+            return { i, j, nq, nk in !causal || j <= i + nk - nq }
+        case "local":
+            // The registry's local: left w/2, right w/2 - 1 (0 when causal), aligned as causal.
+            let window = parameters[.window]!
+            let (left, right) = (window / 2, causal ? 0 : max(0, window / 2 - 1))
+            return { i, j, nq, nk in j >= i + nk - nq - left && j <= i + nk - nq + right }
+        default:
+            return nil
+        }
+    }
+
+    /// Shapes; finite outputs; a log-sum-exp that is a number or `-inf`; rows at `-inf`
+    /// all 0; every row of a batch item with key length 0 at `-inf`.
+    func checkResult(_ result: AttentionResult, shape s: AttentionShape, keyLengths: [Int]?, _ label: String) {
+        let expected = [s.batch, s.heads, s.queryLength, s.valueDim]
+        guard result.output.shape == expected, result.logSumExp.shape == [s.batch, s.heads, s.queryLength, 1] else {
+            fail("\(label): result shapes \(result.output.shape), \(result.logSumExp.shape); expected \(expected)")
+            return
+        }
+        let output = result.output.elements, lse = result.logSumExp.elements
+        if let bad = output.firstIndex(where: { !$0.isFinite }) {
+            fail("\(label): output element \(bad) is \(output[bad])")
+        }
+        for (r, value) in lse.enumerated() {
+            let b = r / (s.heads * s.queryLength)
+            if value.isNaN || value == .infinity {
+                fail("\(label): lse row \(r) is \(value)")
+                return
+            }
+            if keyLengths?[b] == 0 && value != -.infinity {
+                fail("\(label): lse row \(r) is \(value), but batch item \(b) has no key (key length 0)")
+                return
+            }
+            if value == -.infinity,
+               output[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 }) {
+                fail("\(label): row \(r) sees no key (lse -inf) but its output is not 0")
+                return
+            }
+        }
+    }
+}
