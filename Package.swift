@@ -1,10 +1,13 @@
 // swift-tools-version: 6.2
 import PackageDescription
 
-// The `NativeCPU` trait (on by default) compiles the library and the benchmark for the
-// build machine's CPU (`-target-cpu native`) and defines `EA_FMA`, under which the
-// kernels use fused multiply-add (`addProduct`). `--disable-default-traits` gives a
-// portable build: baseline x86-64 / arm64 code, plain `acc += a * b`.
+// Code generation (KernelDocs/Portability.md). The default build targets the baseline of
+// the platform (x86-64: SSE2; arm64: NEON), so a program that depends on this package runs
+// on any CPU of its architecture, wherever it was built. The `NativeCPU` trait compiles the
+// library and the benchmark for the build machine's CPU (`-target-cpu native`, AVX-512 or
+// AVX2 on x86-64) and defines `EA_FMA`, under which the kernels use fused multiply-add
+// (`addProduct`): several times faster, but such a binary dies with an illegal instruction
+// on a CPU that lacks the build machine's features. The README's benchmark command uses it.
 let nativeSettings: [SwiftSetting] = [
     .unsafeFlags(["-target-cpu", "native"], .when(traits: ["NativeCPU"])),
     .define("EA_FMA", .when(traits: ["NativeCPU"])),
@@ -20,8 +23,11 @@ let package = Package(
     ],
     traits: [
         .trait(name: "NativeCPU",
-               description: "Compile kernels for the build machine's CPU and use fused multiply-add."),
-        .default(enabledTraits: ["NativeCPU"]),
+               description: """
+                   Compile for the build machine's CPU and use fused multiply-add: fast, but the \
+                   binary runs only on CPUs with the build machine's features.
+                   """),
+        .default(enabledTraits: []),
     ],
     targets: [
         // `__builtin_prefetch` for the gather kernels (an `llvm.prefetch` declaration in
