@@ -34,7 +34,7 @@ public enum AttentionBenchCommand {
             print(registry.listing(), terminator: "")
             let available = registry.entries.filter(\.isAvailable).count
             print("\(available) of \(registry.entries.count) available. Library built with "
-                  + (fusedMultiplyAddEnabled ? "fused multiply-add (NativeCPU trait)." : "the portable path (no FMA)."))
+                  + (fusedMultiplyAddEnabled ? "fused multiply-add (NativeCPU trait)." : "the default, portable path (no FMA; --traits NativeCPU for this CPU)."))
             return
         }
         if !options.freshPages { SteadyStateAllocator.enable() }

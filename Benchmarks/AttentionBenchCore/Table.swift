@@ -82,6 +82,10 @@ public enum ReportTable {
             let list = peaks.map { "\($0.threads) thread\($0.threads == 1 ? "" : "s") \(String(format: "%.1f", $0.gflops))" }
             out.append("FMA peak (measured, \(fma ? "fused multiply-add" : "portable multiply + add"), GFLOP/s): "
                        + list.joined(separator: ", "))
+            if !fma {
+                out.append("Default (portable) build: add --traits NativeCPU to `swift run` for this CPU's "
+                           + "instructions (KernelDocs/Portability.md).")
+            }
         }
         if !bandwidths.isEmpty {
             let list = bandwidths.map { "\($0.threads) thread\($0.threads == 1 ? "" : "s") \(String(format: "%.1f", $0.gbPerSecond))" }
