@@ -155,14 +155,14 @@ public struct RandomProjection: Sendable, Equatable {
     /// `output[r] = W x_r` for `rows` rows (the shared GEMM; `x` read in place).
     func project(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int,
                  output: UnsafeMutablePointer<Float>, outputStride: Int) {
-        let workspace = Gemm.Workspace.tileOnly()
-        defer { workspace.deallocate() }
+        WorkspaceArena.withWorkspaces(workers: 1, layout: { Gemm.Workspace(carving: &$0, packing: false) }) { spaces in
         packed.withUnsafeBufferPointer { p in
             Gemm.multiply(m: rows, n: features, depth: headDim,
                           a: MatrixOperand(base: input, rowStride: rowStride, columnStride: columnStride),
                           packA: false,
                           b: .packed(Gemm.PackedB(base: p.baseAddress!, depth: headDim, columns: features)),
-                          c: output, ldc: outputStride, workspace: workspace)
+                          c: output, ldc: outputStride, workspace: spaces[0])
+        }
         }
     }
 }

@@ -95,9 +95,10 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let items = shape.batch * shape.heads
         let workers = workerCount(threads: threads, items: items)
-        let spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: shape.valueDim) }
-        defer { for space in spaces { space.deallocate() } }
         let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
+        WorkspaceArena.withWorkspaces(workers: workers, layout: {
+            LinearAttentionScan.Workspace(carving: &$0, m: m, dv: shape.valueDim)
+        }) { spaces in
         query.withView { q in key.withView { k in value.withView { v in
         output.withMutableView { o in lse.withMutableView { l in
             parallelForEach(items: items, threads: workers) { item, worker in
@@ -112,6 +113,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                     state: space.state, space: space)
             }
         } } } } }
+        }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 
@@ -217,10 +219,11 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
 /// Workspaces owned by a ``LinearAttention/RecurrentState``, freed with it.
 final class ScratchBox: @unchecked Sendable {
     let spaces: [LinearAttentionScan.Workspace]
+    private let arena: WorkspaceArena
 
     init(workers: Int, m: Int, dv: Int) {
-        spaces = (0..<workers).map { _ in LinearAttentionScan.Workspace(m: m, dv: dv) }
+        (arena, spaces) = WorkspaceArena.carve(workers: workers, layout: {
+            LinearAttentionScan.Workspace(carving: &$0, m: m, dv: dv)
+        })
     }
-
-    deinit { for space in spaces { space.deallocate() } }
 }

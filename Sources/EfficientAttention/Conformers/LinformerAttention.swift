@@ -169,11 +169,10 @@ public struct LinformerAttention: Attention {
         let products = 2 * shape.batch * shape.kvHeads
         let panels = (kProj + MicroTile.mr - 1) / MicroTile.mr
         let workers = workerCount(threads: threads, items: panels)
-        let spaces = (0..<workers).map { _ in Gemm.Workspace() }
-        defer { for space in spaces { space.deallocate() } }
         let perHead = projectionCount > 1
         let block = Gemm.Blocking.standard.kc
         let longest = (0..<shape.batch).map { keyLengths?[$0] ?? shape.keyLength }.max() ?? 0
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
         e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
         key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
@@ -206,6 +205,7 @@ public struct LinformerAttention: Attention {
                 }
             }
         } } } } } }
+        }
 
         var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])

@@ -52,52 +52,32 @@ enum Gemm {
         case packed(PackedB)
     }
 
-    /// One worker's packing buffers and edge tile.
+    /// One worker's packing buffers and edge tile. Packing writes every float it later
+    /// reads (padding included): no zero fill.
     struct Workspace {
         let blocking: Blocking
         let a, b, tile: UnsafeMutablePointer<Float>
-        private let block: UnsafeMutableRawPointer
-
-        static func floatCount(_ blocking: Blocking) -> Int {
-            roundUp(blocking.mc, MicroTile.mr) * blocking.kc
-                + blocking.kc * roundUp(blocking.nc, MicroTile.nr) + MicroTile.mr * MicroTile.nr
-        }
-
-        static func byteCount(_ blocking: Blocking = .standard) -> Int {
-            floatCount(blocking) * MemoryLayout<Float>.stride
-        }
-
-        /// A workspace with only the edge tile, for products whose `A` is read in place
-        /// and whose `B` is prepacked (nothing to pack).
-        static func tileOnly() -> Workspace { Workspace(.standard, packing: false) }
-
-        /// Whether the packing buffers exist (false for ``tileOnly()``).
+        /// Whether the packing buffers exist (false for products whose `A` is read in place
+        /// and whose `B` is prepacked: only the edge tile).
         let canPack: Bool
 
-        init(_ blocking: Blocking = .standard) { self.init(blocking, packing: true) }
-
-        private init(_ blocking: Blocking, packing: Bool) {
+        init(carving carver: inout WorkspaceCarver, _ blocking: Blocking = .standard, packing: Bool = true) {
+            self.blocking = blocking
             canPack = packing
-            guard packing else {
-                self.blocking = blocking
-                block = UnsafeMutableRawPointer.allocate(byteCount: MicroTile.mr * MicroTile.nr * 4, alignment: 64)
-                tile = block.bindMemory(to: Float.self, capacity: MicroTile.mr * MicroTile.nr)
+            if packing {
+                a = carver.take(roundUp(blocking.mc, MicroTile.mr) * blocking.kc)
+                b = carver.take(blocking.kc * roundUp(blocking.nc, MicroTile.nr))
+                tile = carver.take(MicroTile.mr * MicroTile.nr)
+            } else {
+                tile = carver.take(MicroTile.mr * MicroTile.nr)
                 a = tile
                 b = tile
-                return
             }
-            self.blocking = blocking
-            let aCount = roundUp(blocking.mc, MicroTile.mr) * blocking.kc
-            let bCount = blocking.kc * roundUp(blocking.nc, MicroTile.nr)
-            block = UnsafeMutableRawPointer.allocate(byteCount: Workspace.byteCount(blocking), alignment: 64)
-            // Packing writes every float it later reads (padding included): no zero fill.
-            let base = block.bindMemory(to: Float.self, capacity: Workspace.floatCount(blocking))
-            a = base
-            b = base + aCount
-            tile = base + aCount + bCount
         }
 
-        func deallocate() { block.deallocate() }
+        static func byteCount(_ blocking: Blocking = .standard, packing: Bool = true) -> Int {
+            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, blocking, packing: packing) }
+        }
     }
 
     /// `C = A · B` (or `C += A · B` with `accumulate`), one thread.
@@ -188,8 +168,7 @@ enum Gemm {
         let strips = max(1, min(threads, (extent + unit - 1) / unit))
         let width = roundUp((extent + strips - 1) / strips, unit)
         let items = (extent + width - 1) / width
-        let spaces = (0..<min(threads, items)).map { _ in Workspace() }
-        defer { for space in spaces { space.deallocate() } }
+        WorkspaceArena.withWorkspaces(workers: min(threads, items), layout: { Workspace(carving: &$0) }) { spaces in
         let output = UncheckedSendable(c)
         parallelForEach(items: items, threads: spaces.count) { item, worker in
             let start = item * width, count = min(width, extent - start)
@@ -200,6 +179,7 @@ enum Gemm {
                 multiply(m: count, n: n, depth: depth, a: a.offset(row: start, column: 0), b: .matrix(b),
                          c: output.value + start * ldc, ldc: ldc, accumulate: accumulate, workspace: spaces[worker])
             }
+        }
         }
     }
 

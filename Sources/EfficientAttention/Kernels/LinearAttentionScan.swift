@@ -41,54 +41,34 @@ enum LinearAttentionScan {
         static func floatCount(m: Int, dv: Int) -> Int { m * dv + m + 1 }
     }
 
-    /// One worker's scratch memory.
+    /// One worker's scratch memory. Every buffer is written before it is read (the state by
+    /// `reset`), so no zero fill: a one-token recurrent step touches only the rows it uses.
     struct Workspace {
         let m: Int, mPad: Int, dv: Int
         let keyFeatures, queryFeatures, keyLogScale, queryLogScale, denominators, products,
             packedState, sink: UnsafeMutablePointer<Float>
         let state: State
         let gemm: Gemm.Workspace
-        private let block: UnsafeMutableRawPointer
 
-        static func floatCount(m: Int, dv: Int) -> Int {
-            let mPad = roundUp(m, 16), rows = max(chunk, causalChunk)
-            return 2 * rows * mPad + 3 * rows + causalChunk * causalChunk
-                + Gemm.PackedB.floatCount(depth: m, columns: dv) + State.floatCount(m: m, dv: dv) + 10 * 16
-        }
-
-        static func byteCount(m: Int, dv: Int) -> Int {
-            floatCount(m: m, dv: dv) * MemoryLayout<Float>.stride + Gemm.Workspace.byteCount()
-        }
-
-        init(m: Int, dv: Int) {
+        init(carving carver: inout WorkspaceCarver, m: Int, dv: Int) {
             self.m = m
             self.dv = dv
             mPad = roundUp(m, 16)
             let rows = max(LinearAttentionScan.chunk, LinearAttentionScan.causalChunk)
-            let count = Workspace.floatCount(m: m, dv: dv)
-            block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
-            // Every buffer is written before it is read (the state by `reset`), so no zero
-            // fill: a one-token recurrent step touches only the rows it uses.
-            var next = block.bindMemory(to: Float.self, capacity: count)
-            func take(_ n: Int) -> UnsafeMutablePointer<Float> {
-                defer { next += roundUp(n, 16) }
-                return next
-            }
-            keyFeatures = take(rows * mPad)
-            queryFeatures = take(rows * mPad)
-            keyLogScale = take(rows)
-            queryLogScale = take(rows)
-            denominators = take(rows)
-            products = take(LinearAttentionScan.causalChunk * LinearAttentionScan.causalChunk)
-            packedState = take(Gemm.PackedB.floatCount(depth: m, columns: dv))
-            state = State(s: take(m * dv), z: take(m), c: take(1))
-            sink = take(1)
-            gemm = Gemm.Workspace()
+            keyFeatures = carver.take(rows * mPad)
+            queryFeatures = carver.take(rows * mPad)
+            keyLogScale = carver.take(rows)
+            queryLogScale = carver.take(rows)
+            denominators = carver.take(rows)
+            products = carver.take(LinearAttentionScan.causalChunk * LinearAttentionScan.causalChunk)
+            packedState = carver.take(Gemm.PackedB.floatCount(depth: m, columns: dv))
+            state = State(s: carver.take(m * dv), z: carver.take(m), c: carver.take(1))
+            sink = carver.take(1)
+            gemm = Gemm.Workspace(carving: &carver)
         }
 
-        func deallocate() {
-            gemm.deallocate()
-            block.deallocate()
+        static func byteCount(m: Int, dv: Int) -> Int {
+            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, m: m, dv: dv) }
         }
     }
 

@@ -1,0 +1,109 @@
+/// Scratch memory for one call: a single 64-byte aligned block that the kernels carve into
+/// their buffers, one equal slice per worker.
+///
+/// A kernel describes its buffers once, as an initialiser that takes a
+/// ``WorkspaceCarver`` (`init(carving:…)`): run on ``WorkspaceCarver/measuring()`` it gives
+/// the slice's size, which is also what `cost(_:threads:)` reports; run on a slice of an
+/// arena it gives the buffers. Size and layout cannot disagree, since they are the same
+/// code.
+///
+/// - Complexity: one allocation per arena, `O(bytes)` only when zero-filled.
+final class WorkspaceArena {
+    /// Bytes of one worker's slice (a multiple of 64).
+    let sliceBytes: Int
+    /// Number of slices.
+    let slices: Int
+    private let block: UnsafeMutableRawPointer
+
+    /// An arena of `slices` slices of `sliceBytes` bytes each (rounded up to 64), zero-filled
+    /// when `zeroed`. Callers have checked the total against the allocation limit
+    /// (the cost model's `workspaceBytes` goes through `checkAllocation`).
+    init(sliceBytes: Int, slices: Int, zeroed: Bool) {
+        self.sliceBytes = roundUp(max(sliceBytes, 0), WorkspaceCarver.alignment)
+        self.slices = max(slices, 1)
+        let total = max(self.sliceBytes * self.slices, WorkspaceCarver.alignment)
+        block = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: WorkspaceCarver.alignment)
+        if zeroed {
+            block.initializeMemory(as: UInt8.self, repeating: 0, count: total)
+        }
+    }
+
+    deinit { block.deallocate() }
+
+    /// A carver over slice `index` (`0 ..< slices`).
+    func slice(_ index: Int) -> WorkspaceCarver {
+        precondition(index >= 0 && index < slices, "workspace slice out of range")
+        let start = block + index * sliceBytes
+        return WorkspaceCarver(start: start, end: start + sliceBytes)
+    }
+}
+
+/// Hands out consecutive 64-byte aligned buffers from a slice of a ``WorkspaceArena``, or,
+/// when measuring, only counts the bytes they would take.
+struct WorkspaceCarver {
+    /// Every buffer starts on a cache line (and an AVX-512 vector).
+    static let alignment = 64
+
+    private var next: UnsafeMutableRawPointer
+    private let end: UnsafeMutableRawPointer?
+    private let start: UnsafeMutableRawPointer
+
+    fileprivate init(start: UnsafeMutableRawPointer, end: UnsafeMutableRawPointer?) {
+        self.start = start
+        self.next = start
+        self.end = end
+    }
+
+    /// A carver that hands out no memory: its pointers are placeholders that must not be
+    /// dereferenced, and ``bytes`` is the size a slice needs for the same requests.
+    static func measuring() -> WorkspaceCarver {
+        let origin = UnsafeMutableRawPointer(bitPattern: alignment)!
+        return WorkspaceCarver(start: origin, end: nil)
+    }
+
+    /// Bytes handed out so far, each buffer rounded up to 64 bytes.
+    var bytes: Int { next - start }
+
+    /// The next `count` elements of `T`, 64-byte aligned (uninitialised unless the arena is
+    /// zero-filled).
+    mutating func take<T>(_ count: Int, of type: T.Type = T.self) -> UnsafeMutablePointer<T> {
+        let pointer = next
+        next += roundUp(max(count, 0) * MemoryLayout<T>.stride, WorkspaceCarver.alignment)
+        guard let end else { return pointer.assumingMemoryBound(to: T.self) }  // a placeholder
+        precondition(next <= end, "workspace layout larger than its slice")
+        return pointer.bindMemory(to: T.self, capacity: count)
+    }
+
+    /// The bytes a slice needs for the requests `layout` makes.
+    static func bytes(_ layout: (inout WorkspaceCarver) -> Void) -> Int {
+        var carver = measuring()
+        layout(&carver)
+        return carver.bytes
+    }
+}
+
+extension WorkspaceArena {
+    /// Runs `body` with one workspace per worker, each carved by `layout` from its own slice
+    /// of one arena that lives until `body` returns. `layout` must only carve (it also runs
+    /// on a measuring carver, whose pointers are placeholders).
+    static func withWorkspaces<Space, Result>(
+        workers: Int, zeroed: Bool = false, layout: (inout WorkspaceCarver) -> Space,
+        _ body: ([Space]) throws -> Result
+    ) rethrows -> Result {
+        let (arena, spaces) = carve(workers: workers, zeroed: zeroed, layout: layout)
+        return try withExtendedLifetime(arena) { try body(spaces) }
+    }
+
+    /// An arena with one slice per worker and the workspaces carved from it. The caller keeps
+    /// the arena alive as long as it uses the workspaces.
+    static func carve<Space>(workers: Int, zeroed: Bool = false,
+                             layout: (inout WorkspaceCarver) -> Space) -> (WorkspaceArena, [Space]) {
+        let bytes = WorkspaceCarver.bytes { _ = layout(&$0) }
+        let arena = WorkspaceArena(sliceBytes: bytes, slices: workers, zeroed: zeroed)
+        let spaces = (0..<arena.slices).map { index in
+            var carver = arena.slice(index)
+            return layout(&carver)
+        }
+        return (arena, spaces)
+    }
+}
