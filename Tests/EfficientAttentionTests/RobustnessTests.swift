@@ -120,6 +120,12 @@ struct RobustnessTests {
         // A view may address more elements than memory holds: no allocation is made.
         let broadcast = try Tensor(shape: [1 << 20, 1 << 20, 1 << 10, 1], storage: [1], strides: [0, 0, 0, 0])
         #expect(broadcast.shape[0] == 1 << 20)
+        // Vanilla materialises Nq × Nk scores: a 2^20-long broadcast view (4 MiB of output)
+        // asks for 4 TiB of scores, refused before anything is allocated.
+        let long = try Tensor(shape: [1, 1, 1 << 20, 1], storage: [1], strides: [0, 0, 0, 0])
+        expectAttentionError(.sizeOverflow, mentioning: ["vanilla score matrix", "maxAllocationBytes"], "vanilla 2^20") {
+            try VanillaAttention().attend(query: long, key: long, value: long)
+        }
         // Nq = Nk = 10M, H = 64, D = 64: the output alone is 164 GB.
         let huge = AttentionShape(heads: 64, queryLength: 10_000_000, headDim: 64)
         for attention in Self.conformers {

@@ -29,6 +29,9 @@ public struct VanillaAttention: Attention {
     public func validate(_ shape: AttentionShape) throws {
         try shape.check()
         try checkScale(scale)
+        // Views with stride-0 axes can describe long sequences without memory; the scores
+        // are materialised.
+        try checkFloatAllocation([shape.queryLength, shape.keyLength], option: "vanilla score matrix [Nq, Nk]")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
@@ -37,7 +40,7 @@ public struct VanillaAttention: Attention {
         let pairs = visiblePairs(shape, causal: causal)
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: workers * shape.queryLength * shape.keyLength * 4,
+                             workspaceBytes: workers * WorkspaceCarver.bytes { _ = $0.take(shape.queryLength * shape.keyLength, of: Float.self) },
                              scoredPairs: pairs)
     }
 
@@ -49,11 +52,11 @@ public struct VanillaAttention: Attention {
         var output = try Tensor(shape: [shape.batch, shape.heads, nq, dv])
         var lse = try Tensor(shape: [shape.batch, shape.heads, nq, 1])
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
-        // One score matrix per worker, in one allocation.
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * nq * nk)
-        defer { scratch.deallocate() }
-        let scores = UncheckedSendable(scratch)
+        try checkFloatAllocation([workers, nq, nk], option: "vanilla score matrices [threads, Nq, Nk]")
         let causal = self.causal
+        // One score matrix per worker.
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { UncheckedSendable($0.take(nq * nk, of: Float.self)) }) {
+            scores in
         query.withView { q in key.withView { k in value.withView { v in
         output.withMutableView { o in lse.withMutableView { l in
             parallelForEach(items: shape.batch * shape.heads, threads: workers) { item, worker in
@@ -61,7 +64,7 @@ public struct VanillaAttention: Attention {
                 let hk = h / shape.groupSize
                 let visibleKeys = keyLengths?[b] ?? nk
                 do {
-                    let s = scores.value + worker * nq * nk
+                    let s = scores[worker].value
                     // S = scale · Q Kᵀ, masked entries -inf.
                     for i in 0..<nq {
                         let qi = q.row(b, h, i)
@@ -94,6 +97,7 @@ public struct VanillaAttention: Attention {
                 }
             }
         } } } } }
+        }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 }
