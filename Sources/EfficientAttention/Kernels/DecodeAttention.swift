@@ -90,8 +90,10 @@ enum DecodeAttention {
             let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim, elementBytes: halfPrecision ? 2 : 4)
             perWorker = Workspace.byteCount(rows: plan.rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
         }
-        return perWorker * workerCount(threads: threads, items: plan.items)
-            + shape.batch * shape.kvHeads * plan.chunks * plan.rows * (shape.valueDim + 1) * MemoryLayout<Float>.stride
+        let partials = WorkspaceCarver.bytes {
+            _ = $0.take(shape.batch * shape.kvHeads * plan.chunks * plan.rows * (shape.valueDim + 1), of: Float.self)
+        }
+        return perWorker * workerCount(threads: threads, items: plan.items) + partials
     }
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
@@ -109,8 +111,19 @@ enum DecodeAttention {
         let workers = workerCount(threads: threads, items: plan.items)
         let masks = (0..<shape.batch).map(mask)
         let chunkFloats = rows * (dv + 1)
-        let partials = UnsafeMutablePointer<Float>.allocate(capacity: shape.batch * shape.kvHeads * chunkCount * chunkFloats)
-        defer { partials.deallocate() }
+        let partialCount = shape.batch * shape.kvHeads * chunkCount * chunkFloats
+        let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
+        let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<E>.size)
+        // The chunks' partial results (shared), then one workspace per worker.
+        let sliceBytes = plan.grouped
+            ? GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
+                                         halfPrecision: E.self != Float.self)
+            : Workspace.byteCount(rows: rows, d: shape.headDim, dv: dv, tile: tile)
+        let arena = WorkspaceArena(sharedBytes: WorkspaceCarver.bytes { _ = $0.take(partialCount, of: Float.self) },
+                                   sliceBytes: sliceBytes, slices: workers, zeroed: true)
+        defer { withExtendedLifetime(arena) {} }  // the partials are merged at the end
+        var sharedPart = arena.shared()
+        let partials = sharedPart.take(partialCount, of: Float.self)
 
         func forEachItem(_ body: @escaping (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
                                             _ keyStart: Int, _ keyEnd: Int, _ partial: UnsafeMutablePointer<Float>,
@@ -127,12 +140,11 @@ enum DecodeAttention {
             }
         }
         if plan.grouped {
-            let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
-            let spaces = (0..<workers).map { _ in
-                GroupedWorkspace(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
-                                 halfPrecision: E.self != Float.self)
+            let spaces = (0..<workers).map { worker in
+                var carver = arena.slice(worker)
+                return GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
+                                        keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
             }
-            defer { for space in spaces { space.deallocate() } }
             let shared = UncheckedSendable(spaces)
             forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, partial, worker in
                 attendChunkGrouped(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
@@ -140,9 +152,10 @@ enum DecodeAttention {
                                    mask: masks[b], q: q, keys: keys, values: values, partial: partial, rows: rows)
             }
         } else {
-            let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<E>.size)
-            let spaces = (0..<workers).map { _ in Workspace(rows: rows, d: shape.headDim, dv: dv, tile: tile) }
-            defer { for space in spaces { space.deallocate() } }
+            let spaces = (0..<workers).map { worker in
+                var carver = arena.slice(worker)
+                return Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
+            }
             let shared = UncheckedSendable(spaces)
             forEachItem { b, hk, _, _, keyStart, keyEnd, partial, worker in
                 attendChunk(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
@@ -287,24 +300,19 @@ enum DecodeAttention {
         let lo, hi: UnsafeMutablePointer<Int32>
         let keys: UnsafeMutablePointer<Float>
 
-        static func byteCount(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) -> Int {
+        init(carving carver: inout WorkspaceCarver, rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) {
             let br = roundUp(rows, MicroTile.nr)
-            return (TiledSoftmaxAttention.Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: keyTile)
-                    + 2 * br + (halfPrecision ? keyTile * d : 0)) * 4
-        }
-
-        init(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) {
-            let br = roundUp(rows, MicroTile.nr)
-            tiled = TiledSoftmaxAttention.Workspace(d: d, dv: dv, queryTile: br, keyTile: keyTile)
-            lo = .allocate(capacity: 2 * br)
+            tiled = TiledSoftmaxAttention.Workspace(carving: &carver, d: d, dv: dv, queryTile: br, keyTile: keyTile)
+            lo = carver.take(2 * br)
             hi = lo + br
-            keys = .allocate(capacity: halfPrecision ? keyTile * d : 1)
+            keys = carver.take(halfPrecision ? keyTile * d : 1)
         }
 
-        func deallocate() {
-            tiled.deallocate()
-            lo.deallocate()
-            keys.deallocate()
+        static func byteCount(rows: Int, d: Int, dv: Int, keyTile: Int, halfPrecision: Bool) -> Int {
+            WorkspaceCarver.bytes {
+                _ = GroupedWorkspace(carving: &$0, rows: rows, d: d, dv: dv, keyTile: keyTile,
+                                     halfPrecision: halfPrecision)
+            }
         }
     }
 
@@ -518,43 +526,31 @@ enum DecodeAttention {
         lse[0] = m + logf(total)
     }
 
-    /// One worker's scratch memory.
+    /// One worker's scratch memory, carved from a zero-filled arena.
     struct Workspace {
         let rows: Int, tile: Int, dPad: Int, dvPad: Int
         let q, acc, rowMax, rowSum, scores: UnsafeMutablePointer<Float>
         let lo, hi: UnsafeMutablePointer<Int>
         let touched: UnsafeMutablePointer<UInt32>
-        private let block: UnsafeMutableRawPointer
 
-        static func floatCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
-            rows * (roundUp(d, 16) + roundUp(dv, 16) + 2 * 16) + tile + 16
-        }
-
-        static func byteCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
-            floatCount(rows: rows, d: d, dv: dv, tile: tile) * 4 + (2 * rows + 1) * MemoryLayout<Int>.stride + 64
-        }
-
-        init(rows: Int, d: Int, dv: Int, tile: Int) {
+        init(carving carver: inout WorkspaceCarver, rows: Int, d: Int, dv: Int, tile: Int) {
             self.rows = rows
             self.tile = tile
             dPad = roundUp(d, 16)
             dvPad = roundUp(dv, 16)
-            let floats = Workspace.floatCount(rows: rows, d: d, dv: dv, tile: tile)
-            block = UnsafeMutableRawPointer.allocate(
-                byteCount: Workspace.byteCount(rows: rows, d: d, dv: dv, tile: tile), alignment: 64)
-            let base = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
-            q = base
-            acc = q + rows * dPad
-            scores = acc + rows * dvPad
-            rowMax = scores + tile + 16
-            rowSum = rowMax + rows * 16
-            let ints = UnsafeMutableRawPointer(base + floats).alignedUp(for: Int.self)
-            lo = ints.initializeMemory(as: Int.self, repeating: 0, count: 2 * rows + 1)
+            q = carver.take(rows * dPad)
+            acc = carver.take(rows * dvPad)
+            scores = carver.take(tile + 16)
+            rowMax = carver.take(rows * 16)
+            rowSum = carver.take(rows * 16)
+            lo = carver.take(2 * rows + 1)
             hi = lo + rows
-            touched = UnsafeMutableRawPointer(hi + rows).bindMemory(to: UInt32.self, capacity: 1)
+            touched = carver.take(1)
         }
 
-        func deallocate() { block.deallocate() }
+        static func byteCount(rows: Int, d: Int, dv: Int, tile: Int) -> Int {
+            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, rows: rows, d: d, dv: dv, tile: tile) }
+        }
     }
 }
 

@@ -64,11 +64,10 @@ enum TiledSoftmaxAttention {
                                                mask: Mask.Type = IntervalMask.self) -> Int {
         let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
-        let perWorker = Workspace.floatCount(d: shape.headDim, dv: shape.valueDim,
-                                             queryTile: brPad, keyTile: tiling.keyTile,
-                                             extra: Mask.scoreTermScratchCount(queryTile: brPad,
-                                                                               keyTile: tiling.keyTile))
-            * MemoryLayout<Float>.stride
+        let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim,
+                                            queryTile: brPad, keyTile: tiling.keyTile,
+                                            extra: Mask.scoreTermScratchCount(queryTile: brPad,
+                                                                              keyTile: tiling.keyTile))
         let items = items ?? ceilDiv(shape.queryLength, tiling.queryTile) * shape.batch * shape.heads
         return perWorker * workerCount(threads: threads, items: items)
     }
@@ -107,11 +106,12 @@ enum TiledSoftmaxAttention {
         guard items > 0 else { return }
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
-        var spaces = (0..<workers).map { _ in
-            Workspace(d: shape.headDim, dv: shape.valueDim, queryTile: brPad, keyTile: tiling.keyTile,
-                      extra: Mask.scoreTermScratchCount(queryTile: brPad, keyTile: tiling.keyTile))
-        }
-        defer { for space in spaces { space.deallocate() } }
+        let extra = Mask.scoreTermScratchCount(queryTile: brPad, keyTile: tiling.keyTile)
+        WorkspaceArena.withWorkspaces(workers: workers, zeroed: true, layout: {
+            Workspace(carving: &$0, d: shape.headDim, dv: shape.valueDim, queryTile: brPad,
+                      keyTile: tiling.keyTile, extra: extra)
+        }) { spaces in
+        var spaces = spaces
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
             func attendGroup(_ group: Int, head: Int, worker: Int) {
@@ -141,6 +141,7 @@ enum TiledSoftmaxAttention {
                     attendGroup(groups - 1 - item / heads, head: item % heads, worker: worker)
                 }
             }
+        }
         }
     }
 
@@ -400,7 +401,7 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// One worker's scratch memory, allocated once per call and zero-filled.
+    /// One worker's scratch memory, carved from a zero-filled arena once per call.
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
@@ -408,39 +409,28 @@ enum TiledSoftmaxAttention {
         let sink: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (`extra` floats; empty for most masks).
         let extra: UnsafeMutablePointer<Float>
-        private let block: UnsafeMutableRawPointer
 
-        static func floatCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra: Int = 0) -> Int {
-            let dvPad = roundUp(dv, MicroTile.nr)
-            return d * br + bc * dvPad + roundUp(bc, MicroTile.mr) * br
-                + br * dvPad + 3 * br + 16 + 8 * 16 + (extra > 0 ? roundUp(extra, 16) : 0)
-        }
-
-        init(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra extraCount: Int = 0) {
+        init(carving carver: inout WorkspaceCarver, d: Int, dv: Int, queryTile br: Int, keyTile bc: Int,
+             extra extraCount: Int = 0) {
             queryTile = br
             keyTile = bc
             dvPad = roundUp(dv, MicroTile.nr)
-            let count = Workspace.floatCount(d: d, dv: dv, queryTile: br, keyTile: bc, extra: extraCount)
-            block = UnsafeMutableRawPointer.allocate(byteCount: count * 4, alignment: 64)
-            let base = block.initializeMemory(as: Float.self, repeating: 0, count: count)
-            // Each array starts on a 64-byte boundary.
-            var next = base
-            func take(_ n: Int) -> UnsafeMutablePointer<Float> {
-                defer { next += roundUp(n, 16) }
-                return next
-            }
-            qT = take(d * br)
-            vPack = take(bc * dvPad)
-            scores = take(roundUp(bc, MicroTile.mr) * br)
-            acc = take(br * dvPad)
-            rowMax = take(br)
-            rowSum = take(br)
-            alpha = take(br)
-            sink = take(16)
-            extra = take(extraCount)
+            qT = carver.take(d * br)
+            vPack = carver.take(bc * dvPad)
+            scores = carver.take(roundUp(bc, MicroTile.mr) * br)
+            acc = carver.take(br * dvPad)
+            rowMax = carver.take(br)
+            rowSum = carver.take(br)
+            alpha = carver.take(br)
+            sink = carver.take(16)
+            extra = carver.take(extraCount)
         }
 
-        func deallocate() { block.deallocate() }
+        static func byteCount(d: Int, dv: Int, queryTile br: Int, keyTile bc: Int, extra: Int = 0) -> Int {
+            WorkspaceCarver.bytes {
+                _ = Workspace(carving: &$0, d: d, dv: dv, queryTile: br, keyTile: bc, extra: extra)
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 /// Scratch memory for one call: a single 64-byte aligned block that the kernels carve into
-/// their buffers, one equal slice per worker.
+/// their buffers: an optional shared part (results every worker writes a disjoint piece of),
+/// then one equal slice per worker.
 ///
 /// A kernel describes its buffers once, as an initialiser that takes a
 /// ``WorkspaceCarver`` (`init(carving:…)`): run on ``WorkspaceCarver/measuring()`` it gives
@@ -11,17 +12,21 @@
 final class WorkspaceArena {
     /// Bytes of one worker's slice (a multiple of 64).
     let sliceBytes: Int
+    /// Bytes of the shared part before the slices (a multiple of 64).
+    let sharedBytes: Int
     /// Number of slices.
     let slices: Int
     private let block: UnsafeMutableRawPointer
 
-    /// An arena of `slices` slices of `sliceBytes` bytes each (rounded up to 64), zero-filled
-    /// when `zeroed`. Callers have checked the total against the allocation limit
-    /// (the cost model's `workspaceBytes` goes through `checkAllocation`).
-    init(sliceBytes: Int, slices: Int, zeroed: Bool) {
+    /// An arena of a shared part of `sharedBytes` and `slices` slices of `sliceBytes` bytes
+    /// each (both rounded up to 64), zero-filled when `zeroed`. Callers have checked the
+    /// total against the allocation limit (the cost model's `workspaceBytes` goes through
+    /// `checkAllocation`).
+    init(sharedBytes: Int = 0, sliceBytes: Int, slices: Int, zeroed: Bool) {
+        self.sharedBytes = roundUp(max(sharedBytes, 0), WorkspaceCarver.alignment)
         self.sliceBytes = roundUp(max(sliceBytes, 0), WorkspaceCarver.alignment)
         self.slices = max(slices, 1)
-        let total = max(self.sliceBytes * self.slices, WorkspaceCarver.alignment)
+        let total = max(self.sharedBytes + self.sliceBytes * self.slices, WorkspaceCarver.alignment)
         block = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: WorkspaceCarver.alignment)
         if zeroed {
             block.initializeMemory(as: UInt8.self, repeating: 0, count: total)
@@ -33,8 +38,13 @@ final class WorkspaceArena {
     /// A carver over slice `index` (`0 ..< slices`).
     func slice(_ index: Int) -> WorkspaceCarver {
         precondition(index >= 0 && index < slices, "workspace slice out of range")
-        let start = block + index * sliceBytes
+        let start = block + sharedBytes + index * sliceBytes
         return WorkspaceCarver(start: start, end: start + sliceBytes)
+    }
+
+    /// A carver over the shared part.
+    func shared() -> WorkspaceCarver {
+        WorkspaceCarver(start: block, end: block + sharedBytes)
     }
 }
 
