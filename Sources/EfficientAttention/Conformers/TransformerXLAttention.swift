@@ -110,26 +110,10 @@ public struct TransformerXLAttention: Attention, Equatable {
         try checkLimit(length, "relative table length", variant: "Transformer-XL attention")
         try checkFloatAllocation([length, e], option: "sinusoids [length, E]")
         try checkFloatAllocation([heads, length, d], option: "relative table [1, H, length, D]")
-        let half = e / 2
-        var sinusoid = [Float](repeating: 0, count: length * e)
-        for delta in 0..<length {
-            for t in 0..<half {
-                let angle = Double(delta) * pow(10_000, -2 * Double(t) / Double(e))
-                sinusoid[delta * e + t] = Float(sin(angle))
-                sinusoid[delta * e + half + t] = Float(cos(angle))
-            }
+        let table = projection.elements.withUnsafeBufferPointer { w in
+            RelativePositionBias.projectedSinusoids(length: length, heads: heads, headDim: d, sinusoidDim: e,
+                                                    projection: w.baseAddress!)
         }
-        var table = [Float](repeating: 0, count: heads * length * d)
-        projection.elements.withUnsafeBufferPointer { w in sinusoid.withUnsafeBufferPointer { angles in
-            for h in 0..<heads {
-                for delta in 0..<length {
-                    for c in 0..<d {
-                        table[(h * length + delta) * d + c] = dot(w.baseAddress! + (h * d + c) * e, 1,
-                                                                  angles.baseAddress! + delta * e, 1, count: e)
-                    }
-                }
-            }
-        } }
         return try Tensor(shape: [1, heads, length, d], data: table)
     }
 
@@ -244,7 +228,7 @@ public struct TransformerXLAttention: Attention, Equatable {
     private func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
                      keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
-        let (nk, d, heads) = (shape.keyLength, shape.headDim, shape.heads)
+        let (nk, heads) = (shape.keyLength, shape.heads)
         let tableHeads = relativePositions.shape[1]
         let workers = try threadCount(threads)
         // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
@@ -254,25 +238,10 @@ public struct TransformerXLAttention: Attention, Equatable {
             key.withView { k in
             contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
             keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
-                let kb = UncheckedSendable(kb.baseAddress!), db = UncheckedSendable(db.baseAddress!)
-                let u = UncheckedSendable(u.baseAddress!), pv = UncheckedSendable(pv.baseAddress!)
-                parallelForEach(items: (shape.batch + 1) * heads, threads: workers) { item, _ in
-                    let b = item / heads, h = item % heads
-                    if b < shape.batch {
-                        let hk = h / shape.groupSize
-                        let out = kb.value + (b * heads + h) * nk
-                        for j in 0..<nk {
-                            out[j] = scale * dot(u.value + h * d, 1, k.row(b, hk, j), k.strides[3], count: d)
-                        }
-                    } else {
-                        let out = db.value + h * nk
-                        let table = r.row(0, tableHeads == 1 ? 0 : h, 0)
-                        for delta in 0..<nk {
-                            out[delta] = scale * dot(pv.value + h * d, 1, table + delta * r.strides[2],
-                                                     r.strides[3], count: d)
-                        }
-                    }
-                }
+                RelativePositionBias.biases(shape: shape, scale: scale, threads: workers,
+                                            contentBias: u.baseAddress!, positionBias: pv.baseAddress!,
+                                            key: k, table: r, tableHeads: tableHeads,
+                                            keyBias: kb.baseAddress!, distanceBias: db.baseAddress!)
             } } } } }
             return try keyBias.withUnsafeBufferPointer { kb in try distanceBias.withUnsafeBufferPointer { db in
                 try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: workers,
@@ -288,108 +257,5 @@ public struct TransformerXLAttention: Attention, Equatable {
                 }
             } }
         }
-    }
-}
-
-/// The keys and values a ``TransformerXLAttention`` segment call attends to before the
-/// segment: up to `capacity` (`M`) past positions per batch item and key/value head.
-///
-/// A value type owned by the caller: pass it `inout` to
-/// ``TransformerXLAttention/attend(query:key:value:memory:threads:)``, which appends the
-/// segment and keeps the last `M` positions. Batch items are independent: each has its
-/// own contents and fill level (``lengths``), and ``reset(batchItem:)`` empties one of
-/// them. Storage is shared: ``keys`` and ``values`` hold ``storedLength`` positions per
-/// item, item `b`'s valid ones being the last `lengths[b]`.
-public struct TransformerXLMemory: Sendable, Equatable {
-    /// `M`: the most positions kept.
-    public let capacity: Int
-    public let batch: Int, kvHeads: Int, headDim: Int, valueDim: Int
-    /// `[B, Hkv, storedLength, D]`.
-    public private(set) var keys: Tensor
-    /// `[B, Hkv, storedLength, Dv]`.
-    public private(set) var values: Tensor
-    /// Valid (most recent) positions per batch item, each `≤ storedLength ≤ capacity`.
-    public private(set) var lengths: [Int]
-
-    /// An empty memory.
-    ///
-    /// - Complexity: O(B).
-    public init(batch: Int, kvHeads: Int, headDim: Int, valueDim: Int? = nil, capacity: Int) throws {
-        for (label, value) in [("batch", batch), ("kvHeads", kvHeads), ("headDim", headDim),
-                               ("valueDim", valueDim ?? headDim)] where value < 1 {
-            throw AttentionError.invalidShape("memory \(label) must be at least 1, got \(value)")
-        }
-        guard capacity >= 0 else {
-            throw AttentionError.invalidParameter("memory capacity must be at least 0, got \(capacity)")
-        }
-        try checkLimit(capacity, "memory capacity", variant: "Transformer-XL memory")
-        self.capacity = capacity
-        self.batch = batch
-        self.kvHeads = kvHeads
-        self.headDim = headDim
-        self.valueDim = valueDim ?? headDim
-        keys = try Tensor(shape: [batch, kvHeads, 0, headDim])
-        values = try Tensor(shape: [batch, kvHeads, 0, valueDim ?? headDim])
-        lengths = [Int](repeating: 0, count: batch)
-    }
-
-    /// Positions stored per batch item (the longest fill level).
-    public var storedLength: Int { keys.shape[2] }
-
-    /// Forgets every batch item's memory.
-    ///
-    /// - Complexity: O(1) besides releasing the storage.
-    public mutating func reset() {
-        keys = try! Tensor(shape: [batch, kvHeads, 0, headDim])
-        values = try! Tensor(shape: [batch, kvHeads, 0, valueDim])
-        lengths = [Int](repeating: 0, count: batch)
-    }
-
-    /// Forgets batch item `b`'s memory; the others keep theirs.
-    ///
-    /// - Complexity: O(B).
-    public mutating func reset(batchItem b: Int) throws {
-        guard b >= 0, b < batch else {
-            throw AttentionError.invalidParameter("batchItem \(b) is outside 0..<\(batch) (batch)")
-        }
-        lengths[b] = 0
-        if lengths.allSatisfy({ $0 == 0 }) { reset() }
-    }
-
-    /// Keeps the last `capacity` positions of `keys`/`values` (`[memory ; segment]`).
-    mutating func keep(keys allKeys: Tensor, values allValues: Tensor, added: Int) {
-        let kept = min(capacity, allKeys.shape[2])
-        keys = allKeys.lastPositions(kept)
-        values = allValues.lastPositions(kept)
-        lengths = lengths.map { min(capacity, $0 + added) }
-    }
-}
-
-extension Tensor {
-    /// `[self ; other]` along the positions axis (2), row-major.
-    func appendingPositions(of other: Tensor) throws -> Tensor {
-        let (b, h, n, m, d) = (shape[0], shape[1], shape[2], other.shape[2], shape[3])
-        precondition(other.shape[0] == b && other.shape[1] == h && other.shape[3] == d)
-        let mine = elements, theirs = other.elements
-        try checkFloatAllocation([b, h, n + m, d], option: "Transformer-XL [memory ; segment] [B, Hkv, M + Nq, D]")
-        var data = [Float]()
-        data.reserveCapacity(b * h * (n + m) * d)
-        for item in 0..<(b * h) {
-            data.append(contentsOf: mine[(item * n * d)..<((item + 1) * n * d)])
-            data.append(contentsOf: theirs[(item * m * d)..<((item + 1) * m * d)])
-        }
-        return try Tensor(shape: [b, h, n + m, d], data: data)
-    }
-
-    /// The last `count` positions along axis 2, row-major.
-    func lastPositions(_ count: Int) -> Tensor {
-        let (b, h, n, d) = (shape[0], shape[1], shape[2], shape[3])
-        let all = elements
-        var data = [Float]()
-        data.reserveCapacity(b * h * count * d)
-        for item in 0..<(b * h) {
-            data.append(contentsOf: all[((item * n + n - count) * d)..<((item + 1) * n * d)])
-        }
-        return try! Tensor(shape: [b, h, count, d], data: data)
     }
 }
