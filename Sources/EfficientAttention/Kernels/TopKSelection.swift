@@ -222,3 +222,24 @@ enum TopKSelection {
         }
     }
 }
+
+/// Test entry point of ``TopKSelection`` (`@_spi(Testing)`, not public API).
+@_spi(Testing) public enum SelectionKernels {
+    /// The indices of the `take` largest of `scores`, ascending (ties: smaller index first;
+    /// NaN counts as −∞), by ``TopKSelection/top(_:count:take:values:indices:into:)``;
+    /// empty unless `1 <= take <= scores.count`.
+    ///
+    /// - Complexity: O(scores.count).
+    public static func topIndices(of scores: [Float], take: Int) -> [Int] {
+        let count = scores.count
+        guard take >= 1, take <= count else { return [] }
+        var values = [Float](repeating: 0, count: count), indices = [Int32](repeating: 0, count: count)
+        var out = [Int32](repeating: 0, count: take)
+        scores.withUnsafeBufferPointer { s in values.withUnsafeMutableBufferPointer { v in
+        indices.withUnsafeMutableBufferPointer { i in out.withUnsafeMutableBufferPointer { o in
+            TopKSelection.top(s.baseAddress!, count: count, take: take, values: v.baseAddress!, indices: i.baseAddress!,
+                              into: o.baseAddress!)
+        } } } }
+        return out.map { Int($0) }
+    }
+}
