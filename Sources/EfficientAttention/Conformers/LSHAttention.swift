@@ -42,7 +42,7 @@
 ///
 /// This file plans; kernels compute: ``BucketHash`` hashes (a small GEMM on the fused
 /// micro-kernel ``microKernelExtremes(depth:a:b:ldb:scan:)``) and sorts by bucket (a
-/// stable counting sort, O(N)); ``GroupedAttention`` gathers the chunks, which attend with
+/// stable counting sort, O(N)); ``PermutedBlockAttention`` gathers the chunks, which attend with
 /// the tiled softmax kernel (query tiles of one chunk, keys of the chunk and the previous
 /// one).
 ///
@@ -234,28 +234,28 @@ public struct LSHAttention: Attention {
     }
 
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
-    /// one grouped-attention workspace and one scratch per head in flight.
+    /// one permuted-block workspace and one scratch per head in flight.
     private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
         let (layout, factors) = plan(shape)
         let heads = shape.batch * shape.heads
         let bytesPerHead = headBytes(shape, layout, factors: factors)
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads,
+        let (outer, inner) = PermutedBlockAttention.split(heads: heads, threads: threads,
                                                     bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
-        return GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
+        return PermutedBlockAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
                                                cacheBytes: LSHAttention.cacheBytes)
             + outer * BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: inner)
     }
 
     /// How much of the shared cache the heads in flight may take
-    /// (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
+    /// (``PermutedBlockAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
     /// Every round revisits a head's rows of q, v and the output in a new random order, so
     /// they must stay cached from round to round while other tenants use the same L3; at
     /// N = 16K (D = 64, 13 MiB a head) one head at a time runs on every thread.
-    static let cacheBytes = GroupedAttention.sharedCacheBytes / 2
+    static let cacheBytes = PermutedBlockAttention.sharedCacheBytes / 2
 
-    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
-    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
-        GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
+    /// The memory one head touches (``PermutedBlockAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
+    private func headBytes(_ shape: AttentionShape, _ layout: PermutedBlockAttention.Layout, factors: [Int]) -> Int {
+        PermutedBlockAttention.headBytes(layout, keyLength: shape.keyLength,
                                    scratchBytes: BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: 1))
     }
 
@@ -271,12 +271,15 @@ public struct LSHAttention: Attention {
         return pairs
     }
 
-    private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, factors: [Int]) {
+    private func plan(_ shape: AttentionShape) -> (PermutedBlockAttention.Layout, factors: [Int]) {
         let n = shape.queryLength
-        let layout = GroupedAttention.Layout(
+        var rules: [BlockVisibility.Rule] = attendAcrossBuckets ? [] : [.sameBucket]
+        if causal { rules.append(.causal(offset: 0)) }
+        if sharedQK { rules.append(.notSelf) }
+        let layout = PermutedBlockAttention.Layout(
             rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
-            queryGroupSize: bucketSize, keyGroupSize: bucketSize, groups: (n + bucketSize - 1) / bucketSize,
-            lookBack: true, checkBuckets: !attendAcrossBuckets, causalOffset: causal ? 0 : nil,
+            queryBlockSize: bucketSize, keyBlockSize: bucketSize, blocks: (n + bucketSize - 1) / bucketSize,
+            visibility: BlockVisibility(reach: .withPreviousBlock, rules: rules),
             sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
         return (layout, factors(forLength: n))
     }
@@ -299,10 +302,10 @@ public struct LSHAttention: Attention {
                 scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
                 for start in stride(from: 0, to: n, by: BucketHash.rowBlock) {
                     let count = min(BucketHash.rowBlock, n - start)
-                    scratch.hash(GroupedAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
+                    scratch.hash(PermutedBlockAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
                                  into: scratch.queryBuckets)
                     if !sharedQK {
-                        scratch.hash(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
+                        scratch.hash(PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
                                      count: count, worker: 0, into: scratch.keyBuckets)
                     }
                 }
@@ -334,16 +337,16 @@ public struct LSHAttention: Attention {
         output.withMutableView { o in lse.withMutableView { l in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
-            GroupedAttention.forEachHead(
+            PermutedBlockAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
                 bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
                 makeScratch: { BucketHash(shape, hashes: hashes, factors: factors, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in
                 let hk = h / shape.groupSize
-                let queries = GroupedAttention.Rows(view: q, b: b, h: h)
+                let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
-                let keys = sharedQK ? queries : GroupedAttention.Rows(view: k, b: b, h: hk)
+                let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
                 if given != nil {
                     scratch.packRotations(rot, head: h, hashes: hashes, d: d)
                 } else {
@@ -375,9 +378,9 @@ public struct LSHAttention: Attention {
                         space.keyPosition.update(from: space.queryPosition, count: n)
                         space.keyBucket.update(from: space.queryBucket, count: n)
                     }
-                    GroupedAttention.attendRound(
+                    PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
-                        query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
+                        query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
                         keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
             }

@@ -23,7 +23,7 @@
 ///
 /// This file plans; kernels compute. ``ClusterRouter`` selects each cluster's members
 /// (routing scores a GEMM on the micro-kernel, the top-w by ``TopKSelection``),
-/// ``GroupedAttention`` gathers them and each cluster attends with the tiled softmax kernel
+/// ``PermutedBlockAttention`` gathers them and each cluster attends with the tiled softmax kernel
 /// (a query tile per cluster, the cluster's keys as key tiles, no masking unless causal or
 /// padded); ``SphericalKMeans`` updates the centroids.
 ///
@@ -111,13 +111,15 @@ public struct RoutingAttention: Attention {
         try checkAllocation(bytes: workspaceBytes(shape, threads: maxThreadCount), option: "routing workspace")
     }
 
-    private func layout(_ shape: AttentionShape) -> GroupedAttention.Layout {
+    private func layout(_ shape: AttentionShape) -> PermutedBlockAttention.Layout {
         let k = clusterCount
         let wq = (shape.queryLength + k - 1) / k, wk = (shape.keyLength + k - 1) / k
-        return GroupedAttention.Layout(
+        return PermutedBlockAttention.Layout(
             rounds: 1, queryLength: shape.queryLength, querySlots: k * wq, keySlots: k * wk,
-            queryGroupSize: wq, keyGroupSize: wk, groups: k, lookBack: false, checkBuckets: false,
-            causalOffset: causal ? shape.keyLength - shape.queryLength : nil, sharedKeys: false,
+            queryBlockSize: wq, keyBlockSize: wk, blocks: k,
+            visibility: BlockVisibility(reach: .sameBlock,
+                                        rules: causal ? [.causal(offset: shape.keyLength - shape.queryLength)] : []),
+            sharedKeys: false,
             combine: .mean, headDim: shape.headDim, valueDim: shape.valueDim)
     }
 
@@ -126,7 +128,7 @@ public struct RoutingAttention: Attention {
         try validate(shape)
         let l = layout(shape), k = clusterCount
         let heads = shape.batch * shape.heads
-        guard let pairs = checkedProduct([k, l.queryGroupSize, l.keyGroupSize]), checkedProduct([pairs, heads]) != nil else {
+        guard let pairs = checkedProduct([k, l.queryBlockSize, l.keyBlockSize]), checkedProduct([pairs, heads]) != nil else {
             throw AttentionError.sizeOverflow("routing scored pairs (clusters × wq × wk × B·H) overflow Int")
         }
         let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
@@ -136,12 +138,12 @@ public struct RoutingAttention: Attention {
     }
 
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
-    /// one grouped-attention workspace and one router per head in flight.
+    /// one permuted-block workspace and one router per head in flight.
     private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
         let l = layout(shape), heads = shape.batch * shape.heads
         let bytesPerHead = headBytes(shape, l)
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads, bytesPerHead: bytesPerHead)
-        return GroupedAttention.workspaceBytes(l, heads: heads, threads: threads, bytesPerHead: bytesPerHead)
+        let (outer, inner) = PermutedBlockAttention.split(heads: heads, threads: threads, bytesPerHead: bytesPerHead)
+        return PermutedBlockAttention.workspaceBytes(l, heads: heads, threads: threads, bytesPerHead: bytesPerHead)
             + outer * ClusterRouter.byteCount(sizes(shape), workers: inner)
     }
 
@@ -150,13 +152,13 @@ public struct RoutingAttention: Attention {
     private func sizes(_ shape: AttentionShape) -> ClusterRouter.Sizes {
         let l = layout(shape)
         return ClusterRouter.Sizes(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                                   queryTake: l.queryGroupSize, keyTake: l.keyGroupSize,
+                                   queryTake: l.queryBlockSize, keyTake: l.keyBlockSize,
                                    clusters: clusterCount, depth: shape.headDim)
     }
 
-    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
-    private func headBytes(_ shape: AttentionShape, _ l: GroupedAttention.Layout) -> Int {
-        GroupedAttention.headBytes(l, keyLength: shape.keyLength,
+    /// The memory one head touches (``PermutedBlockAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
+    private func headBytes(_ shape: AttentionShape, _ l: PermutedBlockAttention.Layout) -> Int {
+        PermutedBlockAttention.headBytes(l, keyLength: shape.keyLength,
                                    scratchBytes: ClusterRouter.byteCount(sizes(shape), workers: 1))
     }
 
@@ -175,8 +177,8 @@ public struct RoutingAttention: Attention {
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 let (qp, kp) = route(l, router: router, shape: shape, threads: 1, q: q, k: k, c: c, b: b, h: h)
                 for cluster in 0..<clusterCount {
-                    queries.append((0..<l.queryGroupSize).map { Int(qp[cluster * l.queryGroupSize + $0]) })
-                    keys.append((0..<l.keyGroupSize).map { Int(kp[cluster * l.keyGroupSize + $0]) })
+                    queries.append((0..<l.queryBlockSize).map { Int(qp[cluster * l.queryBlockSize + $0]) })
+                    keys.append((0..<l.keyBlockSize).map { Int(kp[cluster * l.keyBlockSize + $0]) })
                 }
             } }
         } } }
@@ -185,16 +187,16 @@ public struct RoutingAttention: Attention {
 
     /// Fills the router's query and key slot positions for head `(b, h)` (``ClusterRouter``),
     /// into `space`'s slot arrays when given, else the router's own.
-    private func route(_ l: GroupedAttention.Layout, router: ClusterRouter, shape: AttentionShape, threads: Int,
+    private func route(_ l: PermutedBlockAttention.Layout, router: ClusterRouter, shape: AttentionShape, threads: Int,
                        q: TensorView, k: TensorView, c: TensorView, b: Int, h: Int,
-                       into space: GroupedAttention.Workspace? = nil)
+                       into space: PermutedBlockAttention.Workspace? = nil)
         -> (UnsafeMutablePointer<Int32>, UnsafeMutablePointer<Int32>) {
         let queryOut = space?.queryPosition ?? router.queryRoutes
         let keyOut = space?.keyPosition ?? router.keyRoutes
-        router.route(GroupedAttention.Rows(view: q, b: b, h: h), n: shape.queryLength, take: l.queryGroupSize,
+        router.route(PermutedBlockAttention.Rows(view: q, b: b, h: h), n: shape.queryLength, take: l.queryBlockSize,
                      centroids: c, head: h, threads: threads, into: queryOut)
-        router.route(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), n: shape.keyLength,
-                     take: l.keyGroupSize, centroids: c, head: h, threads: threads, into: keyOut)
+        router.route(PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), n: shape.keyLength,
+                     take: l.keyBlockSize, centroids: c, head: h, threads: threads, into: keyOut)
         return (queryOut, keyOut)
     }
 
@@ -210,7 +212,7 @@ public struct RoutingAttention: Attention {
         output.withMutableView { o in lse.withMutableView { lv in
             // Heads side by side (one workspace and router per head worker), each head's
             // phases on `inner` threads.
-            GroupedAttention.forEachHead(
+            PermutedBlockAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: l,
                 bytesPerHead: headBytes(shape, l),
                 makeScratch: { ClusterRouter(sizes(shape), workers: $0) },
@@ -218,10 +220,10 @@ public struct RoutingAttention: Attention {
             ) { b, h, inner, space, router in
                 _ = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h, into: space)
                 let hk = h / shape.groupSize
-                GroupedAttention.attendRound(
+                PermutedBlockAttention.attendRound(
                     l, round: 0, space: space, scale: scale, threads: inner,
-                    query: GroupedAttention.Rows(view: q, b: b, h: h), key: GroupedAttention.Rows(view: k, b: b, h: hk),
-                    value: GroupedAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
+                    query: PermutedBlockAttention.Rows(view: q, b: b, h: h), key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
+                    value: PermutedBlockAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
                     output: o, lse: lv, b: b, h: h)
             }
         } } } } } }

@@ -88,7 +88,7 @@ struct BucketHash {
     /// ``rowBlock``, `count` at most ``rowBlock``) in every round, to
     /// `bucketOf[r · N + i]`: the rows are transposed into the worker's panels (which
     /// stay in L2), then hashed round by round (``hash(_:start:count:round:into:)``).
-    func hash(_ rows: GroupedAttention.Rows, start: Int, count: Int, worker: Int,
+    func hash(_ rows: PermutedBlockAttention.Rows, start: Int, count: Int, worker: Int,
               into bucketOf: UnsafeMutablePointer<Int32>) {
         let block = panels + worker * BucketHash.rowBlock * d
         TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: block, n: n,

@@ -102,7 +102,7 @@ struct ClusterRouter {
     /// panel of positions is loaded once for all of an item's clusters.
     ///
     /// - Complexity: `2 · n · K · D` FLOPs and O(n · K) comparisons.
-    func route(_ rows: GroupedAttention.Rows, n: Int, take: Int, centroids: TensorView, head: Int, threads: Int,
+    func route(_ rows: PermutedBlockAttention.Rows, n: Int, take: Int, centroids: TensorView, head: Int, threads: Int,
                into out: UnsafeMutablePointer<Int32>) {
         let rowBlocks = (n + 255) / 256
         parallelForEach(items: rowBlocks, threads: threads) { item, _ in
@@ -138,7 +138,7 @@ struct ClusterRouter {
 
     /// `x_i / |x_i|` for rows `start..<start + count` (`start` a multiple of `NR`) into
     /// `unitT` as packed `NR`-position panels; lanes past position `n − 1` zero.
-    func packUnit(_ rows: GroupedAttention.Rows, start: Int, count: Int, n: Int) {
+    func packUnit(_ rows: PermutedBlockAttention.Rows, start: Int, count: Int, n: Int) {
         TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: true, into: unitT, n: n)
     }
 
