@@ -44,13 +44,12 @@ enum PermutedBlockAttention {
     /// The slot layout and visibility rule of one head (the same for every head of a call):
     /// `blocks` blocks of `queryBlockSize` query slots and `keyBlockSize` key slots.
     struct Layout {
+        /// Rounds merged into each output row (LSH hash rounds; 1 for routing).
         var rounds: Int
-        var queryLength: Int
-        var querySlots: Int
-        var keySlots: Int
-        var queryBlockSize: Int
-        var keyBlockSize: Int
-        var blocks: Int
+        /// Original queries, and the query and key slots of one round.
+        var queryLength: Int, querySlots: Int, keySlots: Int
+        /// Slots per block, and the blocks of one round.
+        var queryBlockSize: Int, keyBlockSize: Int, blocks: Int
         /// Which key slots each query slot sees (same block, with the previous block,
         /// same bucket, causal, not itself).
         var visibility: BlockVisibility
