@@ -156,8 +156,8 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         expectAttentionError(.invalidParameter, mentioning: ["rightWindow"]) {
             try MultiQueryAttention(rightWindow: -3).validate(shape)
         }
-        expectAttentionError(.invalidParameter, mentioning: ["split", "0"]) {
-            try MultiQueryAttention(split: 0).validate(shape)
+        expectAttentionError(.invalidParameter, mentioning: ["decodeChunkLength", "0"]) {
+            try MultiQueryAttention(decodeChunkLength: 0).validate(shape)
         }
         expectAttentionError(.invalidParameter, mentioning: ["scale"]) {
             try MultiQueryAttention(scale: .nan).validate(shape)
@@ -165,6 +165,19 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         expectAttentionError(.unsupported, mentioning: ["headDim", "256"]) {
             try MultiQueryAttention().validate(AttentionShape(heads: 2, kvHeads: 1, queryLength: 3, headDim: 300))
         }
+    }
+
+    /// The deprecated spellings `split` (property and initialiser argument) and
+    /// `defaultSplit` still compile and mean the decode chunk length (deprecation warnings
+    /// here are expected: this is the code of users not yet migrated).
+    @Test("the former name split is a deprecated alias of decodeChunkLength")
+    func splitAlias() {
+        var attention = MultiQueryAttention(causal: true, split: 48)
+        #expect(attention.decodeChunkLength == 48 && attention.split == 48 && attention.causal)
+        attention.split = 7
+        #expect(attention.decodeChunkLength == 7)
+        #expect(MultiQueryAttention.defaultSplit == MultiQueryAttention.defaultDecodeChunkLength)
+        #expect(MultiQueryAttention().decodeChunkLength == 2048)
     }
 
     // MARK: Decoding
@@ -178,7 +191,7 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         let k1 = try randomTensor([1, kvHeads, 97, d], seed: 13), v1 = try randomTensor([1, kvHeads, 97, dv], seed: 14)
         try cache.append(layer: 0, batchItem: 0, keys: k0, values: v0)
         try cache.append(layer: 0, batchItem: 1, keys: k1, values: v1)
-        let attention = MultiQueryAttention(causal: causal, leftWindow: left, split: 64)
+        let attention = MultiQueryAttention(causal: causal, leftWindow: left, decodeChunkLength: 64)
         for n in [1, 3] {
             let q = try randomTensor([2, heads, n, d], seed: UInt64(20 + n))
             _ = try checkDecode(attention, query: q, cache: cache, "decode Hkv \(kvHeads) n \(n)")
@@ -191,7 +204,7 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         let cache = try KVCache(kvHeads: 1, headDim: 33, capacity: 300, precision: precision)
         try cache.append(layer: 0, keys: randomTensor([1, 1, 290, 33], seed: 61), values: randomTensor([1, 1, 290, 33], seed: 62))
         let q = try randomTensor([1, 16, 9, 33], seed: 63)
-        let attention = MultiQueryAttention(causal: true, leftWindow: 100, split: 128)
+        let attention = MultiQueryAttention(causal: true, leftWindow: 100, decodeChunkLength: 128)
         let one = try checkDecode(attention, query: q, cache: cache, threads: 1, "G·n = 144")
         expectBitwiseEqual(one, try attention.decode(query: q, cache: cache, threads: 2), "threads 1 vs 2")
     }
@@ -201,7 +214,7 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
     func prefillThenDecode(heads: Int, kvHeads: Int, d: Int) throws {
         let n = 48, prefill = 13
         let (q, k, v) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: n, headDim: d, seed: UInt64(d))
-        let attention = MultiQueryAttention(causal: true, split: 16)
+        let attention = MultiQueryAttention(causal: true, decodeChunkLength: 16)
         let whole = try attention.attend(query: q, key: k, value: v)
         // Float16 error bound against the Float32 result, worst case for |q|, |k|, |v| <= 1:
         // rounding keys moves each score by at most scale · D · u = sqrt(D) · u, which moves
@@ -253,9 +266,9 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         try cache.append(layer: 0, keys: randomTensor([1, kvHeads, length, d], seed: 41),
                          values: randomTensor([1, kvHeads, length, d], seed: 42))
         let q = try randomTensor([1, heads, 1, d], seed: 43)
-        let unsplit = try MultiQueryAttention(split: length).decode(query: q, cache: cache, threads: 1)
+        let unsplit = try MultiQueryAttention(decodeChunkLength: length).decode(query: q, cache: cache, threads: 1)
         for split in [1, 63, 256] {
-            let attention = MultiQueryAttention(split: split)
+            let attention = MultiQueryAttention(decodeChunkLength: split)
             let one = try attention.decode(query: q, cache: cache, threads: 1)
             let two = try attention.decode(query: q, cache: cache, threads: 2)
             expectBitwiseEqual(one, two, "split \(split): threads 1 vs 2")
@@ -263,7 +276,7 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
             let lseDiff = maxAbsDifference(one.logSumExp.elements, unsplit.logSumExp.elements)
             #expect(diff <= 1e-6 && lseDiff <= 1e-5, "split \(split) vs unsplit: output \(diff), lse \(lseDiff)")
         }
-        _ = try checkDecode(MultiQueryAttention(split: 63), query: q, cache: cache, threads: 2, "split 63")
+        _ = try checkDecode(MultiQueryAttention(decodeChunkLength: 63), query: q, cache: cache, threads: 2, "split 63")
     }
 
     @Test("decode of an empty cache, and causal rows before the first cached position")

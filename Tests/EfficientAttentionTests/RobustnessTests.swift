@@ -23,8 +23,8 @@ struct RobustnessTests {
                 try attention.cost(AttentionShape(heads: 1, queryLength: 3, headDim: 4))
             }
         }
-        expectAttentionError(.invalidParameter, mentioning: ["split", "at most"], "split") {
-            try MultiQueryAttention(split: .max).attend(query: q, key: k, value: v)
+        expectAttentionError(.invalidParameter, mentioning: ["decodeChunkLength", "at most"], "decodeChunkLength") {
+            try MultiQueryAttention(decodeChunkLength: .max).attend(query: q, key: k, value: v)
         }
     }
 
@@ -313,11 +313,11 @@ struct RobustnessPatternTests {
         let cache = try KVCache(kvHeads: 1, headDim: 1, capacity: 1 << 20)
         try cache.append(layer: 0, keys: try Tensor(shape: [1, 1, 1 << 20, 1]), values: try Tensor(shape: [1, 1, 1 << 20, 1]))
         let query = try Tensor(shape: [1, 64, 1 << 12, 1])
-        let attention = MultiQueryAttention(split: 1)
-        expectAttentionError(.sizeOverflow, mentioning: ["split"], "decode") {
+        let attention = MultiQueryAttention(decodeChunkLength: 1)
+        expectAttentionError(.sizeOverflow, mentioning: ["decodeChunkLength"], "decode") {
             try attention.decode(query: query, cache: cache)
         }
-        expectAttentionError(.sizeOverflow, mentioning: ["split"], "decodeCost") {
+        expectAttentionError(.sizeOverflow, mentioning: ["decodeChunkLength"], "decodeCost") {
             try attention.decodeCost(AttentionShape(heads: 64, kvHeads: 1, queryLength: 1 << 12, keyLength: 1 << 20,
                                                     headDim: 1), threads: 1)
         }

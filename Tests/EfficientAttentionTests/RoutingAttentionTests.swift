@@ -223,6 +223,52 @@ struct RoutingAttentionTests {
         checkAttention(try routing.attend(query: q, key: k, value: v), reference: reference, naive: naive, "after update")
     }
 
+    /// The k-means step (Kernels/SphericalKMeans.swift) against a Double reference: every
+    /// normalised query and key of every batch item (keys of head `h / (H / Hkv)`) joins
+    /// the centroid of largest dot product, centroids with members move to
+    /// `decay · c + (1 − decay) · mean`, rescaled; zero rows join none; a centroid no row
+    /// is nearest to stays bit for bit.
+    @Test("the centroid update equals a Double k-means step (GQA heads, zero rows, empty clusters)")
+    func centroidUpdateReference() throws {
+        let (batch, heads, kvHeads, nq, nk, d, k) = (2, 4, 2, 13, 9, 5, 3)
+        let decay: Float = 0.75
+        // Rows in the positive orthant; centroid 2 points away from all of them.
+        var q = try Tensor.random(shape: [batch, heads, nq, d], seed: 21, in: 0.1...1)
+        let key = try Tensor.random(shape: [batch, kvHeads, nk, d], seed: 22, in: 0.1...1)
+        for c in 0..<d { q[1, 2, 4, c] = 0 }                                   // a zero row
+        var start = try Tensor.random(shape: [1, heads, k, d], seed: 23, in: 0...1)
+        for h in 0..<heads { for c in 0..<d { start[0, h, 2, c] = -1 } }
+        var routing = try RoutingAttention(centroids: start, decay: decay)
+        try routing.updateCentroids(query: q, key: key)
+        for h in 0..<heads {
+            let centre = (0..<k).map { c in (0..<d).map { Double(start[0, h, c, $0]) } }
+            var sums = [[Double]](repeating: [Double](repeating: 0, count: d), count: k), counts = [Int](repeating: 0, count: k)
+            for (tensor, head, n) in [(q, h, nq), (key, h / (heads / kvHeads), nk)] {
+                for b in 0..<batch { for i in 0..<n {
+                    let x = (0..<d).map { Double(tensor[b, head, i, $0]) }
+                    let norm = x.reduce(0) { $0 + $1 * $1 }.squareRoot()
+                    guard norm > 0 else { continue }
+                    let scores = centre.map { c in zip(c, x).reduce(0) { $0 + $1.0 * $1.1 } }
+                    let best = scores.indices.max { scores[$0] < scores[$1] || (scores[$0] == scores[$1] && $0 > $1) }!
+                    counts[best] += 1
+                    for t in 0..<d { sums[best][t] += x[t] / norm }
+                } }
+            }
+            #expect(counts[2] == 0 && counts[0] + counts[1] == batch * (nq + nk) - (h == 2 ? 1 : 0), "head \(h): \(counts)")
+            for c in 0..<k {
+                let got = (0..<d).map { routing.centroids[0, h, c, $0] }
+                guard counts[c] > 0 else {
+                    #expect(got == (0..<d).map { start[0, h, c, $0] }, "head \(h) cluster \(c) has no member: unchanged")
+                    continue
+                }
+                let moved = (0..<d).map { Double(decay) * centre[c][$0] + Double(1 - decay) * sums[c][$0] / Double(counts[c]) }
+                let norm = moved.reduce(0) { $0 + $1 * $1 }.squareRoot()
+                let error = (0..<d).map { abs(Double(got[$0]) - moved[$0] / norm) }.max()!
+                #expect(error < 1e-6, "head \(h) cluster \(c): \(got) vs \(moved.map { $0 / norm }), error \(error)")
+            }
+        }
+    }
+
     @Test("bitwise identical across thread counts; explicit centroids equal seeded ones")
     func determinism() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 3, queryLength: 333, keyLength: 301, headDim: 40, seed: 3)

@@ -1,3 +1,8 @@
+// Longer than the 250 lines a conformer aims at: LSH has ten parameters (bucket size,
+// rounds, buckets or bucket factors, explicit rotations, shared QK, buckets crossed,
+// causal, scale, seed) whose validation and documented reference take most of the file;
+// the hashing and sorting live in Kernels/BucketHash.swift.
+
 /// Reformer attention (Kitaev et al. 2020): angular locality-sensitive hashing sorts the
 /// positions into buckets; each chunk of the sorted order attends to itself and to the
 /// previous chunk; several hash rounds are combined exactly by log-sum-exp.
@@ -35,9 +40,11 @@
 /// or passed in explicitly (``rotations``). With separate
 /// keys, query head `h` hashes its keys (key head `h / (H / Hkv)`) with its own rotations.
 ///
-/// The work runs on ``GroupedAttention``: hashing is a small GEMM on the micro-kernel,
-/// the sort is a counting sort by bucket (stable, O(N)), the chunks attend with the tiled
-/// softmax kernel (query tiles of one chunk, keys of the chunk and the previous one).
+/// This file plans; kernels compute: ``BucketHash`` hashes (a small GEMM on the fused
+/// micro-kernel ``microKernelExtremes(depth:a:b:ldb:scan:)``) and sorts by bucket (a
+/// stable counting sort, O(N)); ``PermutedBlockAttention`` gathers the chunks, which attend with
+/// the tiled softmax kernel (query tiles of one chunk, keys of the chunk and the previous
+/// one).
 ///
 /// Factorised hashing (``bucketFactors``) is the rule of trax and Hugging Face's Reformer
 /// for a `num_buckets` list: the same buckets from the same rotations. It makes hashing
@@ -103,7 +110,7 @@ public struct LSHAttention: Attention {
     /// - Complexity: O(1).
     public func buckets(forLength length: Int) -> Int {
         if let bucketCount { return bucketCount }
-        if let bucketFactors { return LSHAttention.product(bucketFactors) }
+        if let bucketFactors { return BucketHash.product(bucketFactors) }
         if let rotations { return 2 * rotations.shape[3] }
         let chunks = (length + max(1, bucketSize) - 1) / max(1, bucketSize)
         return max(2, roundUp(chunks, 2))
@@ -117,19 +124,8 @@ public struct LSHAttention: Attention {
         bucketFactors ?? [buckets(forLength: length)]
     }
 
-    /// Rotation columns for `factors`: `Σ n_i / 2`.
-    static func columns(_ factors: [Int]) -> Int { factors.reduce(0) { $0 + $1 / 2 } }
-
     /// Most buckets ``bucketFactors`` may give (the sort's counters take 4 bytes each).
     public static let maxFactorisedBuckets = 1 << 24
-
-    /// `Π factors`, saturating at `Int.max` (validation rejects more than ``maxFactorisedBuckets``).
-    static func product(_ factors: [Int]) -> Int {
-        factors.reduce(1) { product, factor in
-            let (next, overflow) = product.multipliedReportingOverflow(by: factor)
-            return overflow ? Int.max : next
-        }
-    }
 
     public func validate(_ shape: AttentionShape) throws {
         try shape.check()
@@ -163,7 +159,7 @@ public struct LSHAttention: Attention {
                 throw AttentionError.invalidParameter(
                     "LSH bucketFactors must each be even and at least 2, got \(factor) in \(bucketFactors)")
             }
-            let product = LSHAttention.product(bucketFactors)
+            let product = BucketHash.product(bucketFactors)
             guard product <= LSHAttention.maxFactorisedBuckets else {
                 throw AttentionError.invalidParameter(
                     "LSH bucketFactors \(bucketFactors) give more than \(LSHAttention.maxFactorisedBuckets) buckets "
@@ -179,7 +175,7 @@ public struct LSHAttention: Attention {
             throw AttentionError.invalidParameter("LSH bucketCount (nBuckets) must be even and at least 2, got \(n)")
         }
         if let rotations {
-            let expected = [shape.heads, hashes, shape.headDim, LSHAttention.columns(factors(forLength: shape.queryLength))]
+            let expected = [shape.heads, hashes, shape.headDim, BucketHash.columns(factors(forLength: shape.queryLength))]
             guard rotations.shape == expected else {
                 let extent = bucketFactors == nil ? "nBuckets/2" : "Σ bucketFactors/2"
                 throw AttentionError.shapeMismatch(
@@ -191,7 +187,7 @@ public struct LSHAttention: Attention {
         }
         // The per-head scratch (rotations, bucket arrays) and the workspace, checked before
         // any of their sizes is computed with unchecked arithmetic.
-        let columns = LSHAttention.columns(factors(forLength: shape.queryLength))
+        let columns = BucketHash.columns(factors(forLength: shape.queryLength))
         try checkFloatAllocation([shape.heads, hashes, shape.headDim, roundUp(columns, MicroTile.nr)],
                                  option: "LSH rotations [heads, hashes, headDim, nBuckets/2]")
         try checkAllocation(bytes: checkedProduct([2 * 4, hashes, shape.queryLength]),
@@ -200,20 +196,20 @@ public struct LSHAttention: Attention {
     }
 
     /// The rotations a call on `shape` uses: the explicit ones, or the seeded
-    /// `[H, hashes, D, columns]` standard normal values (see ``seededRotation``), with
+    /// `[H, hashes, D, columns]` standard normal values (see ``BucketHash/seededRotation(seed:head:round:hashes:d:half:store:)``), with
     /// `columns = nBuckets/2`, or `Σ n_i/2` with ``bucketFactors``.
     ///
     /// - Complexity: O(H · hashes · D · columns).
     public func rotations(for shape: AttentionShape) throws -> Tensor {
         try validate(shape)
         if let rotations { return rotations }
-        let half = LSHAttention.columns(factors(forLength: shape.queryLength))
+        let half = BucketHash.columns(factors(forLength: shape.queryLength))
         let d = shape.headDim
         var data = [Float](repeating: 0, count: shape.heads * hashes * d * half)
         data.withUnsafeMutableBufferPointer { buffer in
             for h in 0..<shape.heads { for r in 0..<hashes {
                 let out = buffer.baseAddress! + (h * hashes + r) * d * half
-                LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half) { c, t, x in
+                BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d, half: half) { c, t, x in
                     out[c * half + t] = x
                 }
             } }
@@ -221,28 +217,10 @@ public struct LSHAttention: Attention {
         return try Tensor(shape: [shape.heads, hashes, d, half], data: data)
     }
 
-    /// Passes rotation `[head, round]` (`D × half` standard normal values) to
-    /// `store(c, t, value)`: Box-Muller pairs from `SeededGenerator` seeded with `seed` and the
-    /// rotation's index, so that every (head, round) is drawn independently (and in parallel).
-    static func seededRotation(seed: UInt64, head: Int, round: Int, hashes: Int, d: Int, half: Int,
-                               store: (_ c: Int, _ t: Int, _ value: Float) -> Void) {
-        var rng = SeededGenerator(seed: seed ^ (UInt64(head * hashes + round) &+ 1) &* 0x9E37_79B9_7F4A_7C15)
-        let count = d * half
-        var index = 0
-        while index < count {
-            let u1 = (Double(rng.next() >> 11) + 1) * 0x1p-53   // (0, 1]
-            let u2 = Double(rng.next() >> 11) * 0x1p-53
-            let radius = (-2 * log(u1)).squareRoot(), angle = 2 * Double.pi * u2
-            store(index / half, index % half, Float(radius * cos(angle)))
-            if index + 1 < count { store((index + 1) / half, (index + 1) % half, Float(radius * sin(angle))) }
-            index += 2
-        }
-    }
-
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
-        let half = LSHAttention.columns(self.factors(forLength: shape.queryLength))
+        let half = BucketHash.columns(self.factors(forLength: shape.queryLength))
         let heads = shape.batch * shape.heads
         guard let pairs = checkedProduct([LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize), hashes]),
               checkedProduct([pairs, heads]) != nil else {
@@ -256,29 +234,29 @@ public struct LSHAttention: Attention {
     }
 
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
-    /// one grouped-attention workspace and one scratch per head in flight.
+    /// one permuted-block workspace and one scratch per head in flight.
     private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
         let (layout, factors) = plan(shape)
         let heads = shape.batch * shape.heads
         let bytesPerHead = headBytes(shape, layout, factors: factors)
-        let (outer, inner) = GroupedAttention.split(heads: heads, threads: threads,
+        let (outer, inner) = PermutedBlockAttention.split(heads: heads, threads: threads,
                                                     bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
-        return GroupedAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
+        return PermutedBlockAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
                                                cacheBytes: LSHAttention.cacheBytes)
-            + outer * Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: inner)
+            + outer * BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: inner)
     }
 
     /// How much of the shared cache the heads in flight may take
-    /// (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
+    /// (``PermutedBlockAttention/split(heads:threads:bytesPerHead:cacheBytes:)``): half of it.
     /// Every round revisits a head's rows of q, v and the output in a new random order, so
     /// they must stay cached from round to round while other tenants use the same L3; at
     /// N = 16K (D = 64, 13 MiB a head) one head at a time runs on every thread.
-    static let cacheBytes = GroupedAttention.sharedCacheBytes / 2
+    static let cacheBytes = PermutedBlockAttention.sharedCacheBytes / 2
 
-    /// The memory one head touches (``GroupedAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
-    private func headBytes(_ shape: AttentionShape, _ layout: GroupedAttention.Layout, factors: [Int]) -> Int {
-        GroupedAttention.headBytes(layout, keyLength: shape.keyLength,
-                                   scratchBytes: Scratch.byteCount(shape, hashes: hashes, factors: factors, workers: 1))
+    /// The memory one head touches (``PermutedBlockAttention/split(heads:threads:bytesPerHead:cacheBytes:)``).
+    private func headBytes(_ shape: AttentionShape, _ layout: PermutedBlockAttention.Layout, factors: [Int]) -> Int {
+        PermutedBlockAttention.headBytes(layout, keyLength: shape.keyLength,
+                                   scratchBytes: BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: 1))
     }
 
     /// Query/key pairs one round examines: each chunk against itself and its predecessor.
@@ -293,12 +271,15 @@ public struct LSHAttention: Attention {
         return pairs
     }
 
-    private func plan(_ shape: AttentionShape) -> (GroupedAttention.Layout, factors: [Int]) {
+    private func plan(_ shape: AttentionShape) -> (PermutedBlockAttention.Layout, factors: [Int]) {
         let n = shape.queryLength
-        let layout = GroupedAttention.Layout(
+        var rules: [BlockVisibility.Rule] = attendAcrossBuckets ? [] : [.sameBucket]
+        if causal { rules.append(.causal(offset: 0)) }
+        if sharedQK { rules.append(.notSelf) }
+        let layout = PermutedBlockAttention.Layout(
             rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
-            queryGroupSize: bucketSize, keyGroupSize: bucketSize, groups: (n + bucketSize - 1) / bucketSize,
-            lookBack: true, checkBuckets: !attendAcrossBuckets, causalOffset: causal ? 0 : nil,
+            queryBlockSize: bucketSize, keyBlockSize: bucketSize, blocks: (n + bucketSize - 1) / bucketSize,
+            visibility: BlockVisibility(reach: .withPreviousBlock, rules: rules),
             sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
         return (layout, factors(forLength: n))
     }
@@ -314,17 +295,17 @@ public struct LSHAttention: Attention {
         let n = shape.queryLength, (_, factors) = plan(shape)
         let rotations = try self.rotations(for: shape)
         var queryBuckets = [Int](), keyBuckets = [Int]()
-        let scratch = Scratch(shape, hashes: hashes, factors: factors, workers: 1)
+        let scratch = BucketHash(shape, hashes: hashes, factors: factors, workers: 1)
         defer { scratch.deallocate() }
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
-                for start in stride(from: 0, to: n, by: Scratch.rowBlock) {
-                    let count = min(Scratch.rowBlock, n - start)
-                    scratch.hash(GroupedAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
+                for start in stride(from: 0, to: n, by: BucketHash.rowBlock) {
+                    let count = min(BucketHash.rowBlock, n - start)
+                    scratch.hash(PermutedBlockAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
                                  into: scratch.queryBuckets)
                     if !sharedQK {
-                        scratch.hash(GroupedAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
+                        scratch.hash(PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
                                      count: count, worker: 0, into: scratch.keyBuckets)
                     }
                 }
@@ -343,35 +324,35 @@ public struct LSHAttention: Attention {
                                              threads: threads, scale: self.scale)
         let threads = try threadCount(threads)
         let (layout, factors) = plan(shape)
-        let half = LSHAttention.columns(factors)
+        let half = BucketHash.columns(factors)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         // Every row is written by the first round's combine: no zero fill.
         var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, n, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
-        let rowBlock = Scratch.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
+        let rowBlock = BucketHash.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
         query.withView { q in key.withView { k in value.withView { v in rotations.withView { rot in
         output.withMutableView { o in lse.withMutableView { l in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
-            GroupedAttention.forEachHead(
+            PermutedBlockAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
                 bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
-                makeScratch: { Scratch(shape, hashes: hashes, factors: factors, workers: $0) },
+                makeScratch: { BucketHash(shape, hashes: hashes, factors: factors, workers: $0) },
                 release: { $0.deallocate() }
             ) { b, h, inner, space, scratch in
                 let hk = h / shape.groupSize
-                let queries = GroupedAttention.Rows(view: q, b: b, h: h)
+                let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
-                let keys = sharedQK ? queries : GroupedAttention.Rows(view: k, b: b, h: hk)
+                let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
                 if given != nil {
                     scratch.packRotations(rot, head: h, hashes: hashes, d: d)
                 } else {
                     parallelForEach(items: hashes, threads: inner) { r, _ in
-                        LSHAttention.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
-                                                    half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
+                        BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
+                                                  half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
                     }
                 }
                 // Hash by blocks of rows, every round.
@@ -397,161 +378,13 @@ public struct LSHAttention: Attention {
                         space.keyPosition.update(from: space.queryPosition, count: n)
                         space.keyBucket.update(from: space.queryBucket, count: n)
                     }
-                    GroupedAttention.attendRound(
+                    PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
-                        query: queries, key: keys, value: GroupedAttention.Rows(view: v, b: b, h: hk),
+                        query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
                         keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
             }
         } } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
-    }
-
-    /// LSH's own scratch: packed rotations of one head, bucket ids, and per worker a block of
-    /// rows transposed and sort counters.
-    /// `half` is the rotation's column count (`Σ n_i / 2` over the bucket factors).
-    struct Scratch {
-        let d: Int, n: Int, hashes: Int, half: Int, halfPad: Int, buckets: Int
-        let factors: [Int]
-        let rotations: UnsafeMutablePointer<Float>      // [hashes][halfPad / MR][D][MR]
-        let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
-        let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
-        let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
-        private let block: UnsafeMutableRawPointer
-
-        /// Rows hashed per work item (a multiple of `NR`).
-        static let rowBlock = 256
-
-        private static func counts(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int)
-            -> (floats: Int, ints: Int) {
-            let half = LSHAttention.columns(factors), buckets = LSHAttention.product(factors)
-            let halfPad = roundUp(half, MicroTile.nr), n = shape.queryLength, d = shape.headDim
-            let floats = roundUp(hashes * d * halfPad, 16) + workers * rowBlock * d
-            return (floats, 2 * hashes * n + workers * (buckets + 1))
-        }
-
-        static func byteCount(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) -> Int {
-            let (floats, ints) = counts(shape, hashes: hashes, factors: factors, workers: workers)
-            return 4 * (floats + ints)
-        }
-
-        init(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) {
-            d = shape.headDim
-            n = shape.queryLength
-            self.hashes = hashes
-            self.factors = factors
-            half = LSHAttention.columns(factors)
-            halfPad = roundUp(half, MicroTile.nr)
-            buckets = LSHAttention.product(factors)
-            let (floats, ints) = Scratch.counts(shape, hashes: hashes, factors: factors, workers: workers)
-            block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
-            let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
-            rotations = f
-            panels = f + roundUp(hashes * d * halfPad, 16)
-            let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
-            queryBuckets = i
-            keyBuckets = i + hashes * n
-            counters = keyBuckets + hashes * n
-        }
-
-        func deallocate() { block.deallocate() }
-
-        /// Where rotation `round`'s element `(c, t)` is kept: the micro-kernel's packed `A`
-        /// layout, `MR` columns at a time (`[hashes][halfPad / MR][D][MR]`), so that one tile
-        /// of columns reads `D · MR` contiguous floats.
-        @inline(__always)
-        func packed(_ round: Int, _ c: Int, _ t: Int) -> Int {
-            let mr = MicroTile.mr
-            return round * d * halfPad + (t / mr * d + c) * mr + t % mr
-        }
-
-        /// Copies head `head`'s rotations into the packed layout (``packed(_:_:_:)``;
-        /// padding columns stay 0).
-        func packRotations(_ rot: TensorView, head: Int, hashes: Int, d: Int) {
-            for r in 0..<hashes {
-                for c in 0..<d {
-                    let row = rot.row(head, r, c)
-                    for t in 0..<half { rotations[packed(r, c, t)] = row[t * rot.strides[3]] }
-                }
-            }
-        }
-
-        /// Buckets of positions `start..<start + count` of `rows` (`start` a multiple of
-        /// ``rowBlock``, `count` at most ``rowBlock``) in every round, to
-        /// `bucketOf[r · N + i]`: the rows are transposed into the worker's panels (which
-        /// stay in L2), then hashed round by round (``hash(_:start:count:round:into:)``).
-        func hash(_ rows: GroupedAttention.Rows, start: Int, count: Int, worker: Int,
-                  into bucketOf: UnsafeMutablePointer<Int32>) {
-            let block = panels + worker * Scratch.rowBlock * d
-            TransposedRows.packPanels(rows, start: start, count: count, depth: d, normalise: false, into: block, n: n,
-                                      origin: start)
-            for r in 0..<hashes {
-                hash(block, start: start, count: count, round: r, into: bucketOf + r * n)
-            }
-        }
-
-        /// Buckets of positions `start..<start + count` (`start` a multiple of 32) from their
-        /// transposed rows, `transposed` holding the panels from position `start` on: per
-        /// factor `n_i`, `argmax([x R_i ; −x R_i])` over its `n_i / 2`
-        /// columns (the first maximum, positive half first), combined with the first factor
-        /// least significant. Positions are in lanes, so each argmax is a vertical scan; the
-        /// micro-kernel runs it on the tiles of `x R` in its registers
-        /// (``MicroKernelUpdate/extremes(_:)``), so only the rotation and one panel of rows
-        /// stay in L1, however many columns there are.
-        func hash(_ transposed: UnsafePointer<Float>, start: Int, count: Int, round: Int,
-                  into bucketOf: UnsafeMutablePointer<Int32>) {
-            typealias Lanes = SIMD16<Int32>
-            let mr = MicroTile.mr
-            let rotation = rotations + round * d * halfPad
-            for panel in Swift.stride(from: start, to: start + count, by: MicroTile.nr) {
-                let b = transposed + (panel - start) * d
-                var bucket0 = Lanes(), bucket1 = Lanes()
-                var offset = 0, weight: Int32 = 1
-                for factor in factors {
-                    let columns = factor / 2
-                    var scan = LaneExtremes()
-                    // Tiles of at most MR columns of this factor within one packed MR-column slice.
-                    var t = offset
-                    while t < offset + columns {
-                        let rows = min(mr - t % mr, offset + columns - t)
-                        scan.column = Int32(t - offset)
-                        let a = BroadcastOperand(base: rotation + (t / mr * d) * mr + t % mr, rowStride: 1,
-                                                 depthStride: mr, rows: rows)
-                        withUnsafeMutablePointer(to: &scan) { scan in
-                            microKernel(depth: d, a: a, b: b, ldb: MicroTile.nr, c: UnsafeMutablePointer(mutating: b),
-                                        ldc: MicroTile.nr, update: .extremes(scan))   // C is not touched
-                        }
-                        t += rows
-                    }
-                    // The factor's argmax over [x R_i ; −x R_i]: the positive half on ties.
-                    let half = Lanes(repeating: Int32(columns)), w = Lanes(repeating: weight)
-                    var result0 = scan.lowAt0 &+ half, result1 = scan.lowAt1 &+ half
-                    result0.replace(with: scan.highAt0, where: scan.high0 .>= -scan.low0)
-                    result1.replace(with: scan.highAt1, where: scan.high1 .>= -scan.low1)
-                    bucket0 &+= result0 &* w
-                    bucket1 &+= result1 &* w
-                    offset += columns
-                    weight &*= Int32(truncatingIfNeeded: factor)
-                }
-                let valid = min(MicroTile.nr, start + count - panel)
-                for t in 0..<valid { bucketOf[panel + t] = t < 16 ? bucket0[t] : bucket1[t - 16] }
-            }
-        }
-
-        /// Counting sort of positions `0..<count` by bucket, stable: slot order and buckets.
-        func sort(_ bucketOf: UnsafePointer<Int32>, count: Int, worker: Int,
-                  positions: UnsafeMutablePointer<Int32>, buckets slotBuckets: UnsafeMutablePointer<Int32>) {
-            let next = counters + worker * (buckets + 1)
-            next.update(repeating: 0, count: buckets + 1)
-            for i in 0..<count { next[Int(bucketOf[i]) + 1] += 1 }
-            for c in 0..<buckets { next[c + 1] += next[c] }
-            for i in 0..<count {
-                let bucket = Int(bucketOf[i])
-                let slot = Int(next[bucket])
-                positions[slot] = Int32(i)
-                slotBuckets[slot] = Int32(bucket)
-                next[bucket] += 1
-            }
-        }
     }
 }

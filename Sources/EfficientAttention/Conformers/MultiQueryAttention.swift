@@ -17,8 +17,8 @@
 ///
 /// `attend` runs the shared flash-style kernel (KernelDocs/Dense.md) with the interval
 /// mask; ``decode(query:cache:layer:threads:)`` runs the memory-bound decode kernel
-/// (KernelDocs/MultiQuery.md) over a cache, split along the keys into chunks of ``split``
-/// positions whose partial results merge exactly through their log-sum-exp.
+/// (KernelDocs/MultiQuery.md) over a cache, split along the keys into chunks of
+/// ``decodeChunkLength`` positions whose partial results merge exactly through their log-sum-exp.
 ///
 /// - Complexity: `attend`: `2 · pairs · (D + Dv)` FLOPs (pairs = visible query/key pairs,
 ///   `Nq · Nk` per head when dense) and a few hundred KiB of workspace per thread.
@@ -36,18 +36,37 @@ public struct MultiQueryAttention: IncrementalAttention {
     /// Decode: cache positions per split-KV chunk (a work item whose partial result is
     /// merged by log-sum-exp). At least 1. The chunking depends only on the cache length,
     /// so results are identical for every thread count.
-    public var split: Int
+    public var decodeChunkLength: Int
 
-    /// Keys per decode chunk by default.
-    public static let defaultSplit = DecodeAttention.defaultSplit
+    /// The former name of ``decodeChunkLength``.
+    @available(*, deprecated, renamed: "decodeChunkLength")
+    public var split: Int {
+        get { decodeChunkLength }
+        set { decodeChunkLength = newValue }
+    }
+
+    /// Cache positions per decode chunk by default.
+    public static let defaultDecodeChunkLength = DecodeAttention.defaultSplit
+
+    /// The former name of ``defaultDecodeChunkLength``.
+    @available(*, deprecated, renamed: "defaultDecodeChunkLength")
+    public static var defaultSplit: Int { defaultDecodeChunkLength }
 
     public init(causal: Bool = false, leftWindow: Int? = nil, rightWindow: Int? = nil,
-                scale: Float? = nil, split: Int = MultiQueryAttention.defaultSplit) {
+                scale: Float? = nil, decodeChunkLength: Int = MultiQueryAttention.defaultDecodeChunkLength) {
         self.causal = causal
         self.leftWindow = leftWindow
         self.rightWindow = rightWindow
         self.scale = scale
-        self.split = split
+        self.decodeChunkLength = decodeChunkLength
+    }
+
+    /// The former spelling of ``init(causal:leftWindow:rightWindow:scale:decodeChunkLength:)``.
+    @available(*, deprecated, renamed: "init(causal:leftWindow:rightWindow:scale:decodeChunkLength:)")
+    public init(causal: Bool = false, leftWindow: Int? = nil, rightWindow: Int? = nil, scale: Float? = nil,
+                split: Int) {
+        self.init(causal: causal, leftWindow: leftWindow, rightWindow: rightWindow, scale: scale,
+                  decodeChunkLength: split)
     }
 
     public var name: String { "multi-query" }
@@ -65,10 +84,10 @@ public struct MultiQueryAttention: IncrementalAttention {
             }
             if let value { try checkLimit(value, name, variant: "multi-query attention") }
         }
-        guard split >= 1 else {
-            throw AttentionError.invalidParameter("split must be at least 1, got \(split)")
+        guard decodeChunkLength >= 1 else {
+            throw AttentionError.invalidParameter("decodeChunkLength must be at least 1, got \(decodeChunkLength)")
         }
-        try checkLimit(split, "split", variant: "multi-query attention")
+        try checkLimit(decodeChunkLength, "decodeChunkLength", variant: "multi-query attention")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
@@ -99,20 +118,21 @@ public struct MultiQueryAttention: IncrementalAttention {
         let threads = try threadCount(threads)
         try validate(shape)
         try checkDecodeWorkspace(shape, precision: precision)
-        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: threads,
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: decodeChunkLength, threads: threads,
                                                                           halfPrecision: precision == .float16))
     }
 
     /// Throws unless a decode's workspace fits one allocation: the partial rows of the
-    /// `⌈L / split⌉` chunks (`B · H · n · (Dv + 1)` floats each) are checked before the
+    /// `⌈L / decodeChunkLength⌉` chunks (`B · H · n · (Dv + 1)` floats each) are checked before the
     /// kernel's byte count is computed, then that count for the most workers.
     private func checkDecodeWorkspace(_ shape: AttentionShape, precision: KVCache.Precision) throws {
+        let chunk = decodeChunkLength
         try checkFloatAllocation([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
-                                  (shape.keyLength + split - 1) / split],
-                                 option: "decode partial rows of ⌈cache length / split⌉ chunks (split \(split))")
-        try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: split, threads: maxThreadCount,
+                                  (shape.keyLength + chunk - 1) / chunk],
+                                 option: "decode partial rows of ⌈cache length / decodeChunkLength⌉ chunks (decodeChunkLength \(chunk))")
+        try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: chunk, threads: maxThreadCount,
                                                                   halfPrecision: precision == .float16),
-                            option: "decode workspace (split \(split))")
+                            option: "decode workspace (decodeChunkLength \(chunk))")
     }
 
     /// Attention of `query` `[B, H, n, D]`, the newest `n` positions, against the keys and
@@ -126,7 +146,7 @@ public struct MultiQueryAttention: IncrementalAttention {
     ///
     /// - Complexity: `2 · H · n · L · (D + Dv)` FLOPs; reads each cached row once.
     ///   Workspace: `O(H/Hkv · n · (D + Dv))` per thread plus the partial rows of the
-    ///   `⌈L / split⌉` chunks.
+    ///   `⌈L / decodeChunkLength⌉` chunks.
     public func decode(query: Tensor, cache: KVCache, layer: Int = 0, threads: Int? = nil) throws -> AttentionResult {
         _ = try cache.length(layer: layer)
         let qs = query.shape
@@ -145,12 +165,12 @@ public struct MultiQueryAttention: IncrementalAttention {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let workers = try threadCount(threads), split = self.split
+        let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         func run<E: CacheScalar>(_ type: E.Type) {
             let rows = cache.rows(layer: layer, as: type)
             query.withView { q in output.withMutableView { o in lse.withMutableView { l in
-                DecodeAttention.run(shape: shape, scale: scale, threads: workers, split: split,
+                DecodeAttention.run(shape: shape, scale: scale, threads: workers, split: chunk,
                                     q: q, keys: rows.keys, values: rows.values, o: o, lse: l) { masks[$0] }
             } } }
         }

@@ -9,7 +9,7 @@ enum TransposedRows {
     /// `out[c · ld + i] = x_i[c] · (normalise ? 1 / |x_i| : 1)` for rows `start..<start + count`
     /// of `rows` and `c < depth` (zero rows stay zero). Row by row: contiguous reads, and
     /// the stores of a panel's rows land in the same `depth` cache lines (L1-resident).
-    static func pack(_ rows: GroupedAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
+    static func pack(_ rows: PermutedBlockAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
                      into out: UnsafeMutablePointer<Float>, ld: Int) {
         let es = rows.elementStride
         for i in start..<start + count {
@@ -38,7 +38,7 @@ enum TransposedRows {
     /// `start` is a multiple of `NR`; with `n` given, the lanes past position `n − 1` in
     /// its last panel are zeroed. `out` holds the panels from position `origin` on (a
     /// multiple of `NR`; 0: the whole sequence's layout).
-    static func packPanels(_ rows: GroupedAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
+    static func packPanels(_ rows: PermutedBlockAttention.Rows, start: Int, count: Int, depth: Int, normalise: Bool,
                            into out: UnsafeMutablePointer<Float>, n: Int? = nil, origin: Int = 0) {
         let nr = MicroTile.nr
         for first in Swift.stride(from: start, to: start + count, by: nr) {

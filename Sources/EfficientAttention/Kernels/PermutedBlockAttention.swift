@@ -1,17 +1,19 @@
-/// The shared pipeline of content-based routing (``LSHAttention``, ``RoutingAttention``):
-/// gather queries and keys into group order, run block-diagonal (plus look-back)
-/// attention with the tiled softmax kernel, scatter back and combine.
+/// Permuted-block attention, the gather–attend–scatter kernel of content-based routing
+/// (``LSHAttention``, ``RoutingAttention``): queries and keys are permuted into blocks
+/// (LSH chunks of the bucket-sorted order, routing clusters), each block attends to the
+/// keys its ``BlockVisibility`` rule allows (block-diagonal, plus the previous block for
+/// LSH) with the tiled softmax kernel, and the results are scattered back and combined.
 ///
 /// For one head, round by round (`R` LSH hash rounds; one round for routing):
 ///
 ///     the conformer fills, for round r and every slot s, t:  queryPosition[s], queryBucket[s]
 ///                                                           keyPosition[t],   keyBucket[t]
-///     per block of groups (about 1024 query slots; one work item each):
-///         gather    Q̃[s] = q[queryPosition[s]] for the block's query slots, and
+///     per work item of consecutive blocks (about 1024 query slots):
+///         gather    Q̃[s] = q[queryPosition[s]] for the item's query slots, and
 ///                   K̃[t] = k[keyPosition[t]], Ṽ[t] = v[keyPosition[t]] for the keys of the
-///                   group before the block (LSH look-back, padded to a whole group) and of
-///                   the block's groups, into the worker's L2-sized buffers
-///         attend    (Õ, l̃se)[block] = TiledSoftmaxAttention on the block with a GroupMask
+///                   block before the item (LSH look-back, padded to a whole block) and of
+///                   the item's blocks, into the worker's L2-sized buffers
+///         attend    (Õ, l̃se)[item] = TiledSoftmaxAttention on the item with a PermutedBlockMask
 ///     combine, for each original query i over the slots s holding i:
 ///         .logSumExp:  merged exactly into the rows of the earlier rounds:
 ///                      lse_i ← log(exp(lse_i) + Σ_s exp(l̃se[s])),
@@ -27,10 +29,10 @@
 /// (``split(heads:threads:bytesPerHead:cacheBytes:)``); a head's result never depends on the split.
 ///
 /// Workspace: O(Nq · Dv + Nq + Nk) for one round of each head in flight (slot arrays, sorted
-/// outputs) plus about 1 MiB of gathered rows per block worker (see
+/// outputs) plus about 1 MiB of gathered rows per item worker (see
 /// ``workspaceBytes(_:heads:threads:bytesPerHead:)``); rounds merge into the output rows, so
 /// memory does not grow with `R`.
-enum GroupedAttention {
+enum PermutedBlockAttention {
     /// How several results of one query combine.
     enum Combine {
         /// Exactly, by log-sum-exp (LSH rounds over the same query).
@@ -39,18 +41,18 @@ enum GroupedAttention {
         case mean
     }
 
-    /// The slot layout and visibility rules of one head (the same for every head of a call).
+    /// The slot layout and visibility rule of one head (the same for every head of a call):
+    /// `blocks` blocks of `queryBlockSize` query slots and `keyBlockSize` key slots.
     struct Layout {
+        /// Rounds merged into each output row (LSH hash rounds; 1 for routing).
         var rounds: Int
-        var queryLength: Int
-        var querySlots: Int
-        var keySlots: Int
-        var queryGroupSize: Int
-        var keyGroupSize: Int
-        var groups: Int
-        var lookBack: Bool
-        var checkBuckets: Bool
-        var causalOffset: Int?
+        /// Original queries, and the query and key slots of one round.
+        var queryLength: Int, querySlots: Int, keySlots: Int
+        /// Slots per block, and the blocks of one round.
+        var queryBlockSize: Int, keyBlockSize: Int, blocks: Int
+        /// Which key slots each query slot sees (same block, with the previous block,
+        /// same bucket, causal, not itself).
+        var visibility: BlockVisibility
         /// Keys are the unit-normalised queries (shared-QK LSH): key slots mirror the query
         /// slots, `K̃` is normalised from `Q̃` (no second gather), and the self rule applies.
         var sharedKeys: Bool
@@ -58,30 +60,31 @@ enum GroupedAttention {
         var headDim: Int
         var valueDim: Int
 
-        /// Query tiles matched to the groups (a tile of 64 queries for 64-slot chunks), keys
+        /// Query tiles matched to the blocks (a tile of 64 queries for 64-slot chunks), keys
         /// in tiles of 64.
         var queryTile: Int {
-            min(TiledSoftmaxAttention.Tiling.defaultQueryTile, max(MicroTile.nr, queryGroupSize))
+            min(TiledSoftmaxAttention.Tiling.defaultQueryTile, max(MicroTile.nr, queryBlockSize))
         }
 
-        /// Groups per block: a block's gathered rows (about 1024 query slots) stay in L2.
-        var blockGroups: Int { max(1, 1024 / queryGroupSize) }
-        var blocks: Int { (groups + blockGroups - 1) / blockGroups }
-        /// Whether a block also holds the keys of the group before its first (LSH look-back;
-        /// with one group, the previous group is the group itself).
-        var predecessor: Bool { lookBack && groups > 1 }
-        var blockQuerySlots: Int { blockGroups * queryGroupSize }
-        var blockKeySlots: Int { (blockGroups + (predecessor ? 1 : 0)) * keyGroupSize }
+        /// Blocks per work item: an item's gathered rows (about 1024 query slots) stay in L2.
+        var itemBlocks: Int { max(1, 1024 / queryBlockSize) }
+        /// Work items of a round.
+        var items: Int { (blocks + itemBlocks - 1) / itemBlocks }
+        /// Whether an item also holds the keys of the block before its first (LSH look-back;
+        /// with one block, the previous block is the block itself).
+        var predecessor: Bool { visibility.withPrevious && blocks > 1 }
+        var itemQuerySlots: Int { itemBlocks * queryBlockSize }
+        var itemKeySlots: Int { (itemBlocks + (predecessor ? 1 : 0)) * keyBlockSize }
 
         /// Every query holds exactly one slot per round and rounds merge by log-sum-exp (LSH):
-        /// each block merges its outputs into the output rows right after attending, from
+        /// each item merges its outputs into the output rows right after attending, from
         /// the worker's buffer, so a round's sorted outputs are never stored whole.
-        var combinesInBlocks: Bool { combine == .logSumExp && querySlots == queryLength }
+        var combinesPerItem: Bool { combine == .logSumExp && querySlots == queryLength }
 
-        /// The kernel's problem for the largest block.
+        /// The kernel's problem for the largest work item.
         var kernelShape: AttentionShape {
-            AttentionShape(batch: 1, heads: 1, queryLength: min(blockQuerySlots, querySlots),
-                           keyLength: blockKeySlots, headDim: headDim, valueDim: valueDim)
+            AttentionShape(batch: 1, heads: 1, queryLength: min(itemQuerySlots, querySlots),
+                           keyLength: itemKeySlots, headDim: headDim, valueDim: valueDim)
         }
     }
 
@@ -91,13 +94,13 @@ enum GroupedAttention {
     /// The last-level cache the head workers share (Zen 5: 32 MiB L3; data, in one place).
     static let sharedCacheBytes = 32 << 20
 
-    /// How `threads` split between heads and the blocks of one head: `outer` workers each
+    /// How `threads` split between heads and the work items of one head: `outer` workers each
     /// take whole heads (the `heads` = B·H work items, one head's workspace per worker), and
     /// every head runs its phases on `inner` threads. Heads run side by side on one thread
     /// each (no synchronisation inside a head, every phase parallel) while the heads in
     /// flight, `bytesPerHead` each (``headBytes(_:keyLength:scratchBytes:)``), fit in the
     /// shared cache; otherwise (long sequences) fewer heads at a time, each on more threads,
-    /// whose blocks are then plentiful. A head's result does not depend on `inner`, so the
+    /// whose work items are then plentiful. A head's result does not depend on `inner`, so the
     /// output is the same for any split. `cacheBytes` (default the whole shared cache) bounds
     /// the heads in flight.
     static func split(heads: Int, threads: Int, bytesPerHead: Int,
@@ -115,12 +118,12 @@ enum GroupedAttention {
     }
 
     /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:cacheBytes:)``;
-    /// `heads` is B·H) plus the kernel's workspace of each of their block workers.
+    /// `heads` is B·H) plus the kernel's workspace of each of their item workers.
     static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int,
                                cacheBytes: Int = sharedCacheBytes) -> Int {
         let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead,
                                    cacheBytes: cacheBytes)
-        let workers = workerCount(threads: inner, items: layout.blocks)
+        let workers = workerCount(threads: inner, items: layout.items)
         return outer * (Workspace.byteCount(layout, workers: workers)
             + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
                                                              queryTile: layout.queryTile))
@@ -138,7 +141,7 @@ enum GroupedAttention {
     ) {
         let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead,
                                    cacheBytes: cacheBytes)
-        let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.blocks)) }
+        let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.items)) }
         let scratches = (0..<outer).map { _ in makeScratch(inner) }
         defer {
             for space in spaces { space.deallocate() }
@@ -149,84 +152,84 @@ enum GroupedAttention {
         }
     }
 
-    /// One head's slot arrays and sorted outputs, and each worker's gathered block, in one
+    /// One head's slot arrays and sorted outputs, and each worker's gathered item, in one
     /// allocation reused for every head and round.
     struct Workspace {
-        let queryPosition, queryBucket, queryGroup: UnsafeMutablePointer<Int32>
+        let queryPosition, queryBucket, queryBlock: UnsafeMutablePointer<Int32>
         let keyPosition, keyBucket: UnsafeMutablePointer<Int32>
         /// Slots of each original query: `memberSlots[memberStart[i] ..< memberStart[i + 1]]`.
         let memberStart, memberSlots: UnsafeMutablePointer<Int32>
-        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps; `nil` when the blocks combine
-        /// their own outputs (``Layout/combinesInBlocks``: in each worker's ``Block``).
+        /// Sorted outputs `[querySlots][Dv]` and log-sum-exps; `nil` when the items combine
+        /// their own outputs (``Layout/combinesPerItem``: in each worker's ``ItemSpace``).
         let o, lse: UnsafeMutablePointer<Float>?
         let workers: Int
-        private let blockInts, blockFloats, blockRows, blockOutputs: Int
-        private let blockBase: UnsafeMutableRawPointer
-        private let block: UnsafeMutableRawPointer
+        private let itemInts, itemFloats, itemRows, itemOutputs: Int
+        private let itemBase: UnsafeMutableRawPointer
+        private let allocation: UnsafeMutableRawPointer
 
         private static func counts(_ l: Layout)
-            -> (ints: Int, floats: Int, blockInts: Int, blockFloats: Int, blockRows: Int, blockOutputs: Int) {
+            -> (ints: Int, floats: Int, itemInts: Int, itemFloats: Int, itemRows: Int, itemOutputs: Int) {
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             let ints = roundUp(3 * qs + 2 * ks + (l.queryLength + 1) + qs, 16)
-            let floats = l.combinesInBlocks ? 0 : roundUp(l.querySlots * (l.valueDim + 1), 16)
-            let blockInts = roundUp(3 * (l.blockKeySlots + slotPadding), 16)
-            let blockRows = roundUp(l.blockQuerySlots * l.headDim + l.blockKeySlots * (l.headDim + l.valueDim), 16)
-            let blockOutputs = l.combinesInBlocks ? roundUp(l.blockQuerySlots * l.valueDim, 16) : 0
-            let blockFloats = blockRows + blockOutputs + (l.combinesInBlocks ? roundUp(l.blockQuerySlots, 16) : 0)
-            return (ints, floats, blockInts, blockFloats, blockRows, blockOutputs)
+            let floats = l.combinesPerItem ? 0 : roundUp(l.querySlots * (l.valueDim + 1), 16)
+            let itemInts = roundUp(3 * (l.itemKeySlots + slotPadding), 16)
+            let itemRows = roundUp(l.itemQuerySlots * l.headDim + l.itemKeySlots * (l.headDim + l.valueDim), 16)
+            let itemOutputs = l.combinesPerItem ? roundUp(l.itemQuerySlots * l.valueDim, 16) : 0
+            let itemFloats = itemRows + itemOutputs + (l.combinesPerItem ? roundUp(l.itemQuerySlots, 16) : 0)
+            return (ints, floats, itemInts, itemFloats, itemRows, itemOutputs)
         }
 
         static func byteCount(_ l: Layout, workers: Int) -> Int {
             let c = counts(l)
-            return 4 * (c.ints + c.floats + workers * (c.blockInts + c.blockFloats))
+            return 4 * (c.ints + c.floats + workers * (c.itemInts + c.itemFloats))
         }
 
         init(_ l: Layout, workers: Int) {
             let c = Workspace.counts(l)
             self.workers = workers
-            blockInts = c.blockInts
-            blockFloats = c.blockFloats
-            blockRows = c.blockRows
-            blockOutputs = c.blockOutputs
+            itemInts = c.itemInts
+            itemFloats = c.itemFloats
+            itemRows = c.itemRows
+            itemOutputs = c.itemOutputs
             let bytes = Workspace.byteCount(l, workers: workers)
-            block = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-            let i = block.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
+            allocation = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+            let i = allocation.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             queryPosition = i
             queryBucket = i + qs
-            queryGroup = i + 2 * qs
+            queryBlock = i + 2 * qs
             keyPosition = i + 3 * qs
             keyBucket = keyPosition + ks
             memberStart = keyPosition + 2 * ks
             memberSlots = memberStart + l.queryLength + 1
-            // Query groups depend on the slot only: the same for every head and round.
-            for s in 0..<l.querySlots { queryGroup[s] = Int32(s / l.queryGroupSize) }
-            let sorted = (block + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
-            o = l.combinesInBlocks ? nil : sorted
-            lse = l.combinesInBlocks ? nil : sorted + l.querySlots * l.valueDim
-            blockBase = block + 4 * (c.ints + c.floats)
-            blockBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.blockInts + c.blockFloats))
+            // Query blocks depend on the slot only: the same for every head and round.
+            for s in 0..<l.querySlots { queryBlock[s] = Int32(s / l.queryBlockSize) }
+            let sorted = (allocation + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
+            o = l.combinesPerItem ? nil : sorted
+            lse = l.combinesPerItem ? nil : sorted + l.querySlots * l.valueDim
+            itemBase = allocation + 4 * (c.ints + c.floats)
+            itemBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.itemInts + c.itemFloats))
         }
 
-        /// Worker `worker`'s block.
-        func blockSpace(_ worker: Int, _ l: Layout) -> Block {
-            let base = blockBase + 4 * worker * (blockInts + blockFloats)
+        /// Worker `worker`'s gathered item.
+        func itemSpace(_ worker: Int, _ l: Layout) -> ItemSpace {
+            let base = itemBase + 4 * worker * (itemInts + itemFloats)
             let ints = base.assumingMemoryBound(to: Int32.self)
-            let keys = l.blockKeySlots + slotPadding
-            let q = (base + 4 * blockInts).assumingMemoryBound(to: Float.self)
-            let k = q + l.blockQuerySlots * l.headDim
-            let o = q + blockRows
-            return Block(keyGroup: ints, keyBucket: ints + keys, keyPosition: ints + 2 * keys,
-                         q: q, k: k, v: k + l.blockKeySlots * l.headDim, o: o, lse: o + blockOutputs)
+            let keys = l.itemKeySlots + slotPadding
+            let q = (base + 4 * itemInts).assumingMemoryBound(to: Float.self)
+            let k = q + l.itemQuerySlots * l.headDim
+            let o = q + itemRows
+            return ItemSpace(keyBlock: ints, keyBucket: ints + keys, keyPosition: ints + 2 * keys,
+                             q: q, k: k, v: k + l.itemKeySlots * l.headDim, o: o, lse: o + itemOutputs)
         }
 
-        func deallocate() { block.deallocate() }
+        func deallocate() { allocation.deallocate() }
     }
 
-    /// One worker's gathered block: key slot arrays (group, bucket, position), rows q, k, v
-    /// and, when ``Layout/combinesInBlocks``, the block's outputs and log-sum-exps.
-    struct Block {
-        let keyGroup, keyBucket, keyPosition: UnsafeMutablePointer<Int32>
+    /// One worker's gathered work item: key slot arrays (block, bucket, position), rows q,
+    /// k, v and, when ``Layout/combinesPerItem``, the item's outputs and log-sum-exps.
+    struct ItemSpace {
+        let keyBlock, keyBucket, keyPosition: UnsafeMutablePointer<Int32>
         let q, k, v, o, lse: UnsafeMutablePointer<Float>
     }
 
@@ -296,15 +299,14 @@ enum GroupedAttention {
         precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
-        let groupsOnly = !l.checkBuckets && l.causalOffset == nil && !l.sharedKeys && !l.predecessor
-            && keyLength >= l.keySlots
+        let blocksOnly = l.visibility.rules.isEmpty && !l.sharedKeys && !l.predecessor && keyLength >= l.keySlots
         let rowStrides = { (width: Int, slots: Int) in [0, slots * width, width, 1] }
-        // Blocks of groups, one per work item: gather the block's rows (plus the previous
-        // group's keys) into the worker's buffers, attend, and write the sorted outputs.
-        parallelForEach(items: l.blocks, threads: min(threads, space.workers)) { blockIndex, worker in
-            let local = space.blockSpace(worker, l)
-            let g0 = blockIndex * l.blockGroups, g1 = min(l.groups, g0 + l.blockGroups)
-            let queryStart = g0 * l.queryGroupSize, queryEnd = min(g1 * l.queryGroupSize, qs)
+        // Consecutive blocks, one work item each: gather the item's rows (plus the previous
+        // block's keys) into the worker's buffers, attend, and write the sorted outputs.
+        parallelForEach(items: l.items, threads: min(threads, space.workers)) { item, worker in
+            let local = space.itemSpace(worker, l)
+            let firstBlock = item * l.itemBlocks, endBlock = min(l.blocks, firstBlock + l.itemBlocks)
+            let queryStart = firstBlock * l.queryBlockSize, queryEnd = min(endBlock * l.queryBlockSize, qs)
             let queryCount = queryEnd - queryStart
             gather(space.queryPosition + queryStart, count: queryCount,
                    query, width: d, into: local.q, query, width: 0, into: nil)
@@ -313,14 +315,14 @@ enum GroupedAttention {
                 for t in start..<end {
                     let position = Int(space.keyPosition[t])
                     let slot = keyCount + t - start
-                    local.keyGroup[slot] = position < keyLength ? Int32(t / l.keyGroupSize) : -1
+                    local.keyBlock[slot] = position < keyLength ? Int32(t / l.keyBlockSize) : -1
                     local.keyBucket[slot] = space.keyBucket[t]
                     local.keyPosition[slot] = Int32(position)
                 }
                 let count = end - start
                 let keyRows = local.k + keyCount * d, valueRows = local.v + keyCount * dv
                 if l.sharedKeys && start == queryStart && end == queryEnd {
-                    // Shared keys mirror the query slots: the block's own keys are its queries.
+                    // Shared keys mirror the query slots: the item's own keys are its queries.
                     keyRows.update(from: local.q, count: count * d)
                     gather(space.keyPosition + start, count: count,
                            value, width: dv, into: valueRows, value, width: 0, into: nil)
@@ -337,29 +339,27 @@ enum GroupedAttention {
                     }
                 }
                 keyCount += count
-                // Padding slots (a short previous group): invisible, with finite rows.
+                // Padding slots (a short previous block): invisible, with finite rows.
                 while keyCount < padTo {
-                    local.keyGroup[keyCount] = -1
+                    local.keyBlock[keyCount] = -1
                     (local.k + keyCount * d).update(repeating: 0, count: d)
                     (local.v + keyCount * dv).update(repeating: 0, count: dv)
                     keyCount += 1
                 }
             }
             if l.predecessor {
-                let p = (g0 + l.groups - 1) % l.groups
-                takeKeys(p * l.keyGroupSize, min((p + 1) * l.keyGroupSize, ks), padTo: l.keyGroupSize)
+                let p = (firstBlock + l.blocks - 1) % l.blocks
+                takeKeys(p * l.keyBlockSize, min((p + 1) * l.keyBlockSize, ks), padTo: l.keyBlockSize)
             }
-            takeKeys(g0 * l.keyGroupSize, min(g1 * l.keyGroupSize, ks), padTo: 0)
-            let mask = GroupMask(queryGroup: space.queryGroup + queryStart, queryBucket: space.queryBucket + queryStart,
-                                 queryPosition: space.queryPosition + queryStart,
-                                 keyGroup: local.keyGroup, keyBucket: local.keyBucket,
-                                 keyPosition: local.keyPosition, keySlots: keyCount,
-                                 queryGroupSize: l.queryGroupSize, keyGroupSize: l.keyGroupSize,
-                                 predecessorGroups: l.predecessor ? 1 : 0, groups: l.groups,
-                                 lookBack: l.lookBack, checkBuckets: l.checkBuckets, causalOffset: l.causalOffset,
-                                 excludeSelf: l.sharedKeys, groupsOnly: groupsOnly)
-            let blockO = space.o.map { $0 + queryStart * dv } ?? local.o
-            let blockLse = space.lse.map { $0 + queryStart } ?? local.lse
+            takeKeys(firstBlock * l.keyBlockSize, min(endBlock * l.keyBlockSize, ks), padTo: 0)
+            let mask = PermutedBlockMask(
+                queryBlock: space.queryBlock + queryStart, queryBucket: space.queryBucket + queryStart,
+                queryPosition: space.queryPosition + queryStart, keyBlock: local.keyBlock, keyBucket: local.keyBucket,
+                keyPosition: local.keyPosition, keySlots: keyCount, queryBlockSize: l.queryBlockSize,
+                keyBlockSize: l.keyBlockSize, predecessorBlocks: l.predecessor ? 1 : 0, blocks: l.blocks,
+                visibility: l.visibility, blocksOnly: blocksOnly)
+            let itemO = space.o.map { $0 + queryStart * dv } ?? local.o
+            let itemLse = space.lse.map { $0 + queryStart } ?? local.lse
             TiledSoftmaxAttention.run(
                 shape: AttentionShape(batch: 1, heads: 1, queryLength: queryCount, keyLength: keyCount,
                                       headDim: d, valueDim: dv),
@@ -367,12 +367,12 @@ enum GroupedAttention {
                 q: TensorView(base: local.q, strides: rowStrides(d, queryCount)),
                 k: TensorView(base: local.k, strides: rowStrides(d, keyCount)),
                 v: TensorView(base: local.v, strides: rowStrides(dv, keyCount)),
-                o: MutableTensorView(base: blockO, strides: rowStrides(dv, queryCount)),
-                lse: MutableTensorView(base: blockLse, strides: rowStrides(1, queryCount))
+                o: MutableTensorView(base: itemO, strides: rowStrides(dv, queryCount)),
+                lse: MutableTensorView(base: itemLse, strides: rowStrides(1, queryCount))
             ) { _, _ in mask }
-            guard l.combinesInBlocks else { return }
-            // Every query of the block holds exactly this one slot of the round (LSH): merge
-            // the block's outputs into the output rows (distinct rows for distinct blocks).
+            guard l.combinesPerItem else { return }
+            // Every query of the item holds exactly this one slot of the round (LSH): merge
+            // the item's outputs into the output rows (distinct rows for distinct items).
             let positions = space.queryPosition + queryStart
             prefetchingAhead(count: queryCount, prefetch: { first, rows in
                 prefetchRows(UnsafePointer(output.row(b, h, 0)), count: rows, rowStride: output.strides[2],
@@ -381,12 +381,12 @@ enum GroupedAttention {
                              positions: positions + first, write: true)
             }) { r in
                 let i = Int(positions[r])
-                combineRow(l, round: round, i: i, o: blockO + r * dv, lse: blockLse + r, slots: nil, count: 1,
+                combineRow(l, round: round, i: i, o: itemO + r * dv, lse: itemLse + r, slots: nil, count: 1,
                            scale: scale, query: query, value: value, keyLength: keyLength,
                            out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
             }
         }
-        guard !l.combinesInBlocks, let sortedO = space.o, let sortedLse = space.lse else { return }
+        guard !l.combinesPerItem, let sortedO = space.o, let sortedLse = space.lse else { return }
 
         // The slots of every original query (counting sort by position: slots ascending).
         let n = l.queryLength
