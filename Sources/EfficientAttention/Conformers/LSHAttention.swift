@@ -295,8 +295,10 @@ public struct LSHAttention: Attention {
         let n = shape.queryLength, (_, factors) = plan(shape)
         let rotations = try self.rotations(for: shape)
         var queryBuckets = [Int](), keyBuckets = [Int]()
-        let scratch = BucketHash(shape, hashes: hashes, factors: factors, workers: 1)
-        defer { scratch.deallocate() }
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
+            BucketHash(carving: &$0, shape, hashes: hashes, factors: factors, workers: 1)
+        }) { scratches in
+        let scratch = scratches[0]
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
@@ -315,6 +317,7 @@ public struct LSHAttention: Attention {
                 }
             } }
         } } }
+        }
         return (queryBuckets, keyBuckets)
     }
 
@@ -340,8 +343,7 @@ public struct LSHAttention: Attention {
             PermutedBlockAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
                 bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
-                makeScratch: { BucketHash(shape, hashes: hashes, factors: factors, workers: $0) },
-                release: { $0.deallocate() }
+                makeScratch: { BucketHash(carving: &$0, shape, hashes: hashes, factors: factors, workers: $1) }
             ) { b, h, inner, space, scratch in
                 let hk = h / shape.groupSize
                 let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)

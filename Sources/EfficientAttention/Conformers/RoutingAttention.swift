@@ -170,9 +170,11 @@ public struct RoutingAttention: Attention {
         let shape = try AttentionShape(query: query, key: key, value: key)
         try validate(shape)
         let l = layout(shape)
-        let router = ClusterRouter(sizes(shape), workers: 1)
-        defer { router.deallocate() }
         var queries = [[Int]](), keys = [[Int]]()
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
+            ClusterRouter(carving: &$0, sizes(shape), workers: 1)
+        }) { routers in
+        let router = routers[0]
         query.withView { q in key.withView { k in centroids.withView { c in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
                 let (qp, kp) = route(l, router: router, shape: shape, threads: 1, q: q, k: k, c: c, b: b, h: h)
@@ -182,6 +184,7 @@ public struct RoutingAttention: Attention {
                 }
             } }
         } } }
+        }
         return (queries, keys)
     }
 
@@ -215,8 +218,7 @@ public struct RoutingAttention: Attention {
             PermutedBlockAttention.forEachHead(
                 batch: shape.batch, heads: shape.heads, threads: threads, layout: l,
                 bytesPerHead: headBytes(shape, l),
-                makeScratch: { ClusterRouter(sizes(shape), workers: $0) },
-                release: { $0.deallocate() }
+                makeScratch: { ClusterRouter(carving: &$0, sizes(shape), workers: $1) }
             ) { b, h, inner, space, router in
                 _ = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h, into: space)
                 let hk = h / shape.groupSize

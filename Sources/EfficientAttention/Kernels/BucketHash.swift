@@ -25,7 +25,6 @@ struct BucketHash {
     let panels: UnsafeMutablePointer<Float>         // [workers][rowBlock / NR][D][NR]
     let queryBuckets, keyBuckets: UnsafeMutablePointer<Int32>   // [hashes][N]
     let counters: UnsafeMutablePointer<Int32>       // [workers][buckets + 1]
-    private let block: UnsafeMutableRawPointer
 
     /// Rows hashed per work item (a multiple of `NR`).
     static let rowBlock = 256
@@ -39,11 +38,12 @@ struct BucketHash {
     }
 
     static func byteCount(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) -> Int {
-        let (floats, ints) = counts(shape, hashes: hashes, factors: factors, workers: workers)
-        return 4 * (floats + ints)
+        WorkspaceCarver.bytes { _ = BucketHash(carving: &$0, shape, hashes: hashes, factors: factors, workers: workers) }
     }
 
-    init(_ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) {
+    /// Carves the scratch (from a zero-filled arena: the padding columns of the rotations
+    /// stay 0).
+    init(carving carver: inout WorkspaceCarver, _ shape: AttentionShape, hashes: Int, factors: [Int], workers: Int) {
         d = shape.headDim
         n = shape.queryLength
         self.hashes = hashes
@@ -52,17 +52,14 @@ struct BucketHash {
         halfPad = roundUp(half, MicroTile.nr)
         buckets = BucketHash.product(factors)
         let (floats, ints) = BucketHash.counts(shape, hashes: hashes, factors: factors, workers: workers)
-        block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (floats + ints), alignment: 64)
-        let f = block.initializeMemory(as: Float.self, repeating: 0, count: floats)
+        let f = carver.take(floats, of: Float.self)
         rotations = f
         panels = f + roundUp(hashes * d * halfPad, 16)
-        let i = (block + 4 * floats).initializeMemory(as: Int32.self, repeating: 0, count: ints)
+        let i = carver.take(ints, of: Int32.self)
         queryBuckets = i
         keyBuckets = i + hashes * n
         counters = keyBuckets + hashes * n
     }
-
-    func deallocate() { block.deallocate() }
 
     /// Where rotation `round`'s element `(c, t)` is kept: the micro-kernel's packed `A`
     /// layout, `MR` columns at a time (`[hashes][halfPad / MR][D][MR]`), so that one tile

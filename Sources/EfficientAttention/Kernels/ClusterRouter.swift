@@ -39,7 +39,6 @@ struct ClusterRouter {
     private let perWorker: Int
     private let workerBase: UnsafeMutablePointer<Float>
     let queryRoutes, keyRoutes: UnsafeMutablePointer<Int32>
-    private let block: UnsafeMutableRawPointer
 
     /// One worker's buffers.
     struct Local {
@@ -74,11 +73,11 @@ struct ClusterRouter {
     /// Bytes for `sizes` with `workers`; the slot arrays ``queryRoutes`` and ``keyRoutes``
     /// included (only ``RoutingAttention/routes(query:key:)`` uses them).
     static func byteCount(_ sizes: Sizes, workers: Int) -> Int {
-        let c = counts(sizes, workers: workers)
-        return 4 * (c.floats + c.ints)
+        WorkspaceCarver.bytes { _ = ClusterRouter(carving: &$0, sizes, workers: workers) }
     }
 
-    init(_ sizes: Sizes, workers: Int) {
+    /// Carves the router's buffers (from a zero-filled arena: padding lanes stay 0).
+    init(carving carver: inout WorkspaceCarver, _ sizes: Sizes, workers: Int) {
         d = sizes.depth
         clusters = sizes.clusters
         stride = TransposedRows.stride(max(sizes.queryLength, sizes.keyLength))
@@ -87,11 +86,10 @@ struct ClusterRouter {
         perWorker = c.perWorker
         itemClusters = c.itemClusters
         sampleStride = c.sampleStride
-        block = UnsafeMutableRawPointer.allocate(byteCount: 4 * (c.floats + c.ints), alignment: 64)
-        unitT = block.initializeMemory(as: Float.self, repeating: 0, count: c.floats)
+        unitT = carver.take(c.floats, of: Float.self)
         sampleT = unitT + d * stride
         workerBase = sampleT + d * sampleStride
-        queryRoutes = (block + 4 * c.floats).initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
+        queryRoutes = carver.take(c.ints, of: Int32.self)
         keyRoutes = queryRoutes + sizes.clusters * sizes.queryTake
     }
 
@@ -116,8 +114,6 @@ struct ClusterRouter {
                    n: n, take: take, worker: worker, into: out)
         }
     }
-
-    func deallocate() { block.deallocate() }
 
     func local(_ worker: Int) -> Local {
         let base = workerBase + worker * perWorker

@@ -131,24 +131,25 @@ enum PermutedBlockAttention {
 
     /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
     /// items of `outer` workers (``split(heads:threads:bytesPerHead:cacheBytes:)``), each with its own
-    /// ``Workspace`` and conformer scratch (`makeScratch(inner)`, released by `release`), and
-    /// `body` runs the head's phases on `inner` threads.
+    /// ``Workspace`` and conformer scratch (carved by `makeScratch(carver, inner)`), both in
+    /// the worker's slice of one zero-filled arena, and `body` runs the head's phases on
+    /// `inner` threads.
     static func forEachHead<Scratch>(
         batch: Int, heads: Int, threads: Int, layout l: Layout, bytesPerHead: Int,
         cacheBytes: Int = sharedCacheBytes,
-        makeScratch: (_ inner: Int) -> Scratch, release: (Scratch) -> Void,
+        makeScratch: (_ carver: inout WorkspaceCarver, _ inner: Int) -> Scratch,
         _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
     ) {
         let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead,
                                    cacheBytes: cacheBytes)
-        let spaces = (0..<outer).map { _ in Workspace(l, workers: workerCount(threads: inner, items: l.items)) }
-        let scratches = (0..<outer).map { _ in makeScratch(inner) }
-        defer {
-            for space in spaces { space.deallocate() }
-            for scratch in scratches { release(scratch) }
-        }
-        parallelForEach(items: batch * heads, threads: outer) { item, worker in
-            body(item / heads, item % heads, inner, spaces[worker], scratches[worker])
+        let workers = workerCount(threads: inner, items: l.items)
+        WorkspaceArena.withWorkspaces(workers: outer, zeroed: true, layout: { carver in
+            (Workspace(carving: &carver, l, workers: workers), makeScratch(&carver, inner))
+        }) { spaces in
+            for (space, _) in spaces { space.prepare(l) }
+            parallelForEach(items: batch * heads, threads: outer) { item, worker in
+                body(item / heads, item % heads, inner, spaces[worker].0, spaces[worker].1)
+            }
         }
     }
 
@@ -165,7 +166,6 @@ enum PermutedBlockAttention {
         let workers: Int
         private let itemInts, itemFloats, itemRows, itemOutputs: Int
         private let itemBase: UnsafeMutableRawPointer
-        private let allocation: UnsafeMutableRawPointer
 
         private static func counts(_ l: Layout)
             -> (ints: Int, floats: Int, itemInts: Int, itemFloats: Int, itemRows: Int, itemOutputs: Int) {
@@ -180,20 +180,19 @@ enum PermutedBlockAttention {
         }
 
         static func byteCount(_ l: Layout, workers: Int) -> Int {
-            let c = counts(l)
-            return 4 * (c.ints + c.floats + workers * (c.itemInts + c.itemFloats))
+            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, l, workers: workers) }
         }
 
-        init(_ l: Layout, workers: Int) {
+        /// Carves the arrays (from a zero-filled arena); ``prepare(_:)`` then fills the
+        /// query blocks.
+        init(carving carver: inout WorkspaceCarver, _ l: Layout, workers: Int) {
             let c = Workspace.counts(l)
             self.workers = workers
             itemInts = c.itemInts
             itemFloats = c.itemFloats
             itemRows = c.itemRows
             itemOutputs = c.itemOutputs
-            let bytes = Workspace.byteCount(l, workers: workers)
-            allocation = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-            let i = allocation.initializeMemory(as: Int32.self, repeating: 0, count: c.ints)
+            let i = carver.take(c.ints, of: Int32.self)
             let qs = l.querySlots + slotPadding, ks = l.keySlots + slotPadding
             queryPosition = i
             queryBucket = i + qs
@@ -202,13 +201,15 @@ enum PermutedBlockAttention {
             keyBucket = keyPosition + ks
             memberStart = keyPosition + 2 * ks
             memberSlots = memberStart + l.queryLength + 1
-            // Query blocks depend on the slot only: the same for every head and round.
-            for s in 0..<l.querySlots { queryBlock[s] = Int32(s / l.queryBlockSize) }
-            let sorted = (allocation + 4 * c.ints).initializeMemory(as: Float.self, repeating: 0, count: c.floats)
+            let sorted = carver.take(c.floats, of: Float.self)
             o = l.combinesPerItem ? nil : sorted
             lse = l.combinesPerItem ? nil : sorted + l.querySlots * l.valueDim
-            itemBase = allocation + 4 * (c.ints + c.floats)
-            itemBase.initializeMemory(as: Float.self, repeating: 0, count: workers * (c.itemInts + c.itemFloats))
+            itemBase = UnsafeMutableRawPointer(carver.take(workers * (c.itemInts + c.itemFloats), of: Float.self))
+        }
+
+        /// Query blocks depend on the slot only: the same for every head and round.
+        func prepare(_ l: Layout) {
+            for s in 0..<l.querySlots { queryBlock[s] = Int32(s / l.queryBlockSize) }
         }
 
         /// Worker `worker`'s gathered item.
@@ -222,8 +223,6 @@ enum PermutedBlockAttention {
             return ItemSpace(keyBlock: ints, keyBucket: ints + keys, keyPosition: ints + 2 * keys,
                              q: q, k: k, v: k + l.itemKeySlots * l.headDim, o: o, lse: o + itemOutputs)
         }
-
-        func deallocate() { allocation.deallocate() }
     }
 
     /// One worker's gathered work item: key slot arrays (block, bucket, position), rows q,
