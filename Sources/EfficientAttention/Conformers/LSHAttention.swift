@@ -237,13 +237,10 @@ public struct LSHAttention: Attention {
     /// one permuted-block workspace and one scratch per head in flight.
     private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
         let (layout, factors) = plan(shape)
-        let heads = shape.batch * shape.heads
-        let bytesPerHead = headBytes(shape, layout, factors: factors)
-        let (outer, inner) = PermutedBlockAttention.split(heads: heads, threads: threads,
-                                                    bytesPerHead: bytesPerHead, cacheBytes: LSHAttention.cacheBytes)
-        return PermutedBlockAttention.workspaceBytes(layout, heads: heads, threads: threads, bytesPerHead: bytesPerHead,
-                                               cacheBytes: LSHAttention.cacheBytes)
-            + outer * BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: inner)
+        return PermutedBlockAttention.workspaceBytes(
+            layout, heads: shape.batch * shape.heads, threads: threads, keyLength: shape.keyLength,
+            cacheBytes: LSHAttention.cacheBytes
+        ) { BucketHash.byteCount(shape, hashes: hashes, factors: factors, workers: $0) }
     }
 
     /// How much of the shared cache the heads in flight may take

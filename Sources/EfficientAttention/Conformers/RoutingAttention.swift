@@ -140,11 +140,10 @@ public struct RoutingAttention: Attention {
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
     /// one permuted-block workspace and one router per head in flight.
     private func workspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
-        let l = layout(shape), heads = shape.batch * shape.heads
-        let bytesPerHead = headBytes(shape, l)
-        let (outer, inner) = PermutedBlockAttention.split(heads: heads, threads: threads, bytesPerHead: bytesPerHead)
-        return PermutedBlockAttention.workspaceBytes(l, heads: heads, threads: threads, bytesPerHead: bytesPerHead)
-            + outer * ClusterRouter.byteCount(sizes(shape), workers: inner)
+        PermutedBlockAttention.workspaceBytes(layout(shape), heads: shape.batch * shape.heads, threads: threads,
+                                              keyLength: shape.keyLength) {
+            ClusterRouter.byteCount(sizes(shape), workers: $0)
+        }
     }
 
     /// The router's problem for `shape`: each of the `K` clusters takes `⌈Nq / K⌉` queries

@@ -117,16 +117,20 @@ enum PermutedBlockAttention {
             + Workspace.byteCount(l, workers: 1) + scratchBytes
     }
 
-    /// Bytes of one ``Workspace`` per head worker (see ``split(heads:threads:bytesPerHead:cacheBytes:)``;
-    /// `heads` is B·H) plus the kernel's workspace of each of their item workers.
-    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, bytesPerHead: Int,
-                               cacheBytes: Int = sharedCacheBytes) -> Int {
+    /// Bytes of a call's workspace: the arena of ``forEachHead(batch:heads:threads:layout:bytesPerHead:cacheBytes:makeScratch:_:)``
+    /// (per head worker, one ``Workspace`` and the conformer's scratch of `scratchBytes(inner)`
+    /// bytes) plus the tiled kernel's workspace of each of their item workers. `heads` is
+    /// B·H; the split is the one ``split(heads:threads:bytesPerHead:cacheBytes:)`` makes for
+    /// heads of ``headBytes(_:keyLength:scratchBytes:)`` with `scratchBytes(1)`.
+    static func workspaceBytes(_ layout: Layout, heads: Int, threads: Int?, keyLength: Int,
+                               cacheBytes: Int = sharedCacheBytes, scratchBytes: (_ workers: Int) -> Int) -> Int {
+        let bytesPerHead = headBytes(layout, keyLength: keyLength, scratchBytes: scratchBytes(1))
         let (outer, inner) = split(heads: heads, threads: threads ?? defaultThreadCount, bytesPerHead: bytesPerHead,
                                    cacheBytes: cacheBytes)
         let workers = workerCount(threads: inner, items: layout.items)
-        return outer * (Workspace.byteCount(layout, workers: workers)
-            + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
-                                                             queryTile: layout.queryTile))
+        let slice = roundUp(Workspace.byteCount(layout, workers: workers) + scratchBytes(inner), WorkspaceCarver.alignment)
+        return outer * (slice + workers * TiledSoftmaxAttention.workspaceBytes(shape: layout.kernelShape, threads: 1,
+                                                                               queryTile: layout.queryTile))
     }
 
     /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
