@@ -58,8 +58,10 @@ func mergeRows(_ a: [Float], _ lseA: Float, _ b: [Float], _ lseB: Float) -> (row
 func mergeWeights(_ lseA: Float, _ lseB: Float) -> (first: Float, second: Float, lse: Float) {
     if lseA == -.infinity { return (0, 1, lseB) }
     if lseB == -.infinity { return (1, 0, lseA) }
-    let m = max(lseA, lseB)
-    let wa = expf(lseA - m), wb = expf(lseB - m)
-    let total = wa + wb
-    return (wa / total, wb / total, m + logf(total))
+    // Both sides have visible keys here; only a NaN log-sum-exp finds no maximum.
+    guard var merge = LogSumExpMerge(maximum: max(lseA, lseB)) else { return (.nan, .nan, .nan) }
+    let wa = merge.weight(lseA), wb = merge.weight(lseB)
+    merge.add(wa)
+    merge.add(wb)
+    return (wa / merge.total, wb / merge.total, merge.logSumExp)
 }

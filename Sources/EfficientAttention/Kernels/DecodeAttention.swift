@@ -500,7 +500,8 @@ enum DecodeAttention {
 
     /// Merges `count` partial rows over disjoint key sets exactly, in order:
     /// `lse = M + log Σ exp(lse_c − M)`, `o = Σ exp(lse_c − lse) · o_c` with `M = max lse_c`;
-    /// 0 and −∞ when every part is empty. One part is copied unchanged.
+    /// 0 and −∞ when every part is empty (the weights: ``LogSumExpMerge``). One part is
+    /// copied unchanged.
     @inline(__always)
     static func mergeChunks(count: Int, dv: Int,
                             output: (Int) -> UnsafePointer<Float>, lse partLSE: (Int) -> Float,
@@ -508,22 +509,19 @@ enum DecodeAttention {
                             lse: UnsafeMutablePointer<Float>) {
         var m = -Float.infinity
         for c in 0..<count { m = max(m, partLSE(c)) }
-        guard m > -.infinity else {
-            for x in 0..<dv { out[x * stride] = 0 }
+        for x in 0..<dv { out[x * stride] = 0 }
+        guard var chunks = LogSumExpMerge(maximum: m) else {
             lse[0] = -.infinity
             return
         }
-        var total: Float = 0
-        for c in 0..<count { total += expf(partLSE(c) - m) }
-        let inverse = 1 / total
-        for x in 0..<dv { out[x * stride] = 0 }
+        for c in 0..<count { chunks.add(chunks.weight(partLSE(c))) }
+        let inverse = 1 / chunks.total
         for c in 0..<count {
             let w = partLSE(c)
             guard w > -.infinity else { continue }
-            let weight = expf(w - m) * inverse, row = output(c)
-            for x in 0..<dv { out[x * stride] += weight * row[x] }
+            LogSumExpMerge.accumulate(chunks.weight(w) * inverse, output(c), into: out, stride: stride, count: dv)
         }
-        lse[0] = m + logf(total)
+        lse[0] = chunks.logSumExp
     }
 
     /// One worker's scratch memory, carved from a zero-filled arena.

@@ -456,14 +456,14 @@ enum PermutedBlockAttention {
             }
             return
         }
-        guard used > 0 else { return }   // nothing new: the earlier rounds' row stands
-        let keep = earlier > -.infinity ? expf(earlier - m) : 0
-        var total = keep
+        guard used > 0, var rounds = LogSumExpMerge(maximum: m) else { return }   // nothing new: the earlier rounds' row stands
+        let keep = earlier > -.infinity ? rounds.weight(earlier) : 0
+        rounds.add(keep)
         for n in 0..<count where sortedLse[slot(n)] > -.infinity {
-            total += expf(sortedLse[slot(n)] - m)
+            rounds.add(rounds.weight(sortedLse[slot(n)]))
         }
         let logSumExp = l.combine == .logSumExp
-        let normaliser = logSumExp ? 1 / total : 1 / Float(used)
+        let normaliser = logSumExp ? 1 / rounds.total : 1 / Float(used)
         if earlier > -.infinity {
             // Rescale the earlier rounds' row even when `keep` underflowed to 0 (their
             // log-sum-exp more than ~88 below this round's): skipping it would leave them
@@ -478,15 +478,15 @@ enum PermutedBlockAttention {
         for n in 0..<count {
             let slot = slot(n)
             guard sortedLse[slot] > -.infinity else { continue }
-            let weight = logSumExp ? expf(sortedLse[slot] - m) * normaliser : normaliser
+            let weight = logSumExp ? rounds.weight(sortedLse[slot]) * normaliser : normaliser
             let row = o + slot * dv
             if outStride == 1 {
                 axpy(weight, row, 1, out, count: dv)
             } else {
-                for c in 0..<dv { out[c * outStride] += weight * row[c] }
+                LogSumExpMerge.accumulate(weight, row, into: out, stride: outStride, count: dv)
             }
         }
-        lse[0] = logSumExp ? m + logf(total) : m + logf(total / Float(used))
+        lse[0] = logSumExp ? rounds.logSumExp : m + logf(rounds.total / Float(used))
     }
 
     @inline(__always)

@@ -269,15 +269,19 @@ enum TiledSoftmaxAttention {
             let sum = space.rowSum[ii]
             let row = space.acc + ii &* dvPad
             if sum > 0 && merge && lseOut[0] != -.infinity {
-                // The log-sum-exp of the held `A` and this row's `m + log l` with one exp and
-                // one log: with `M = max(A, m)`, weights `e^(A−M)` and `e^(m−M)` (one is 1)
+                // The log-sum-exp merge (LogSumExpMerge) of the held `A` and this row's
+                // `m + log l`: with `M = max(A, m)`, weights `e^(A−M)` and `e^(m−M)` (one is 1)
                 // and `t = e^(A−M) + e^(m−M)·l`, `o ← (e^(A−M)·o + e^(m−M)·O) / t`, `lse = M + log t`.
                 let held = lseOut[0], m = space.rowMax[ii]
-                let first = held >= m ? 1 : expf(held - m), second = held >= m ? expf(m - held) : 1
-                let total = first + second * sum, r = 1 / total
+                // `held` and `m` are finite (a held row with keys, `sum > 0`): the merge exists.
+                guard var rows = LogSumExpMerge(maximum: max(held, m)) else { continue }
+                let first = rows.weight(held), second = rows.weight(m)
+                rows.add(first)
+                rows.add(second, sum: sum)
+                let r = 1 / rows.total
                 let keep = first * r, inverse = second * r
                 for c in 0..<dv { out[c &* os] = keep * out[c &* os] + inverse * row[c] }
-                lseOut[0] = max(held, m) + logf(total)
+                lseOut[0] = rows.logSumExp
             } else if sum > 0 {
                 let inverse = 1 / sum
                 if os == 1 {
