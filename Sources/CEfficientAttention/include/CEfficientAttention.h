@@ -11,4 +11,26 @@ static inline void ea_prefetch_read(const void *p) { __builtin_prefetch(p, 0, 3)
 /// (`prefetchw` on x86-64 where available, `prfm pstl1keep` on arm64). Never faults.
 static inline void ea_prefetch_write(const void *p) { __builtin_prefetch(p, 1, 3); }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+/// 1 when the CPU this runs on executes AVX-512F and the OS saves its registers, else 0
+/// (always 0 off x86-64). CPUID leaf 7 EBX bit 16 (AVX512F), leaf 1 ECX bit 27 (OSXSAVE),
+/// and XCR0 bits 1, 2, 5, 6, 7 (SSE, AVX, opmask and ZMM state). Used once, to pick the
+/// tuning row (Kernels/Tuning.swift); needs no library beyond the compiler's header.
+static inline int ea_cpu_has_avx512f(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0;
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6u) != 0xE6u) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b & (1u << 16)) != 0;
+#else
+    return 0;
+#endif
+}
+
 #endif

@@ -37,24 +37,25 @@
 /// the unsplit result; longer caches differ from an unsplit computation only by rounding.
 enum DecodeAttention {
     /// Keys per chunk (split-KV work item) unless the caller chooses: long enough that the
-    /// merge is negligible, short enough that one head's 32K cache feeds 16 work items.
-    static let defaultSplit = 2048
+    /// merge is negligible, short enough that a head's long cache feeds many work items
+    /// (the value: the tuning table, ``Tuning``).
+    static let defaultSplit = Tuning.current.decodeSplit
 
     /// Query rows per group (`G · n`) from which the micro-kernel path is used: below it
     /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
     static let microKernelRows = 8
 
     /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
-    static let rowTile = 128
+    static let rowTile = Tuning.current.decodeRowTile
 
-    /// Keys per tile on the dot-product path: about 64 KiB of key rows (and as many of
-    /// value rows), a multiple of 16 between 16 and 2048. The kernel reads a tile of keys,
+    /// Keys per tile on the dot-product path: the tuning table's bytes of key rows (``Tuning``;
+    /// as many of value rows), a multiple of 16 between 16 and 2048. The kernel reads a tile of keys,
     /// then the same tile of values: two streams taking turns, which the hardware
     /// prefetchers follow well only in long runs (KernelDocs/MultiQuery.md; the read
     /// bandwidth by turn length is in CHANGELOG.md). The tile stays
-    /// in the 1 MiB L2 for the other rows of a small group.
+    /// in L2 for the other rows of a small group.
     static func keyTile(headDim d: Int, valueDim dv: Int, elementBytes: Int) -> Int {
-        let tile = 64 * 1024 / (elementBytes * max(d, dv))
+        let tile = Tuning.current.decodeKeyTileBytes / (elementBytes * max(d, dv))
         return max(16, min(2048, tile / 16 * 16))
     }
 

@@ -15,14 +15,14 @@
 /// written. Every element of `C` is a sum over the depth in the same order whatever the
 /// partition into blocks, so results do not depend on the blocking of `C` or on threads.
 enum Gemm {
-    /// Block sizes (data, in one place), chosen from Zen 5's cache sizes, not swept
-    /// (KernelDocs/MicroKernels.md): a B micro-panel of `KC × NR` floats (32 KiB at KC = 256) stays in the 48 KiB L1,
-    /// an `MC × KC` A block (128 KiB) in the 1 MiB L2.
+    /// Block sizes: a B micro-panel of `KC × NR` floats stays in L1, an `MC × KC` A block in
+    /// L2. The values, and where they come from, are the tuning table's (``Tuning``).
     struct Blocking {
         var mc: Int
         var kc: Int
         var nc: Int
-        static let standard = Blocking(mc: 128, kc: 256, nc: 512)
+        static let standard = Blocking(mc: Tuning.current.gemmRows, kc: Tuning.current.gemmDepth,
+                                       nc: Tuning.current.gemmColumns)
     }
 
     /// `B` already packed for every depth and column: panel `q` (columns `q·NR ..< q·NR + NR`)

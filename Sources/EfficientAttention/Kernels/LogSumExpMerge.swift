@@ -1,5 +1,5 @@
 /// The exact merge of partial softmax-attention rows over disjoint key sets, by
-/// log-sum-exp: the one place that weighs parts against each other (used by
+/// log-sum-exp: the single definition of how parts weigh against each other (used by
 /// ``AttentionResult/merged(with:)``, the tiled kernel's `merge`, decode's chunk merge and
 /// the permuted-block kernel's round combine).
 ///

@@ -91,8 +91,8 @@ enum PermutedBlockAttention {
     /// Per-slot arrays are padded by this many entries (the mask reads 16-lane vectors).
     static let slotPadding = 32
 
-    /// The last-level cache the head workers share (Zen 5: 32 MiB L3; data, in one place).
-    static let sharedCacheBytes = 32 << 20
+    /// The last-level cache the head workers share (the tuning table, ``Tuning``).
+    static let sharedCacheBytes = Tuning.current.sharedCacheBytes
 
     /// How `threads` split between heads and the work items of one head: `outer` workers each
     /// take whole heads (the `heads` = B·H work items, one head's workspace per worker), and

@@ -30,16 +30,16 @@
 /// (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``, 0 unless it adds score terms):
 /// independent of the sequence lengths.
 enum TiledSoftmaxAttention {
-    /// Query rows per work item and keys per tile (block sizes as data, in one place).
+    /// Query rows per work item and keys per tile (values: the tuning table, ``Tuning``).
     struct Tiling {
         var queryTile: Int
         var keyTile: Int
 
         /// The default query tile; patterns whose key sets are narrow bands pass a
         /// smaller one (less wasted work on the band's edges).
-        static let defaultQueryTile = 128
+        static let defaultQueryTile = Tuning.current.attentionQueryTile
         /// Keys per tile.
-        static let keyTile = 64
+        static let keyTile = Tuning.current.attentionKeyTile
 
         /// The query tile for a pattern whose queries each see a contiguous band of
         /// `width` keys: the band's ends cost `Br` extra keys per tile, so narrow bands
@@ -49,8 +49,6 @@ enum TiledSoftmaxAttention {
         }
 
         static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {
-            // Measured on Zen 5 (KernelDocs/Dense.md): 128 × 64 is within noise of the best
-            // for D = 64 and 128; 128 queries halve the key/value traffic of 64 at N ≥ 4096.
             Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: keyTile)
         }
     }
