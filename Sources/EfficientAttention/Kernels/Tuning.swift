@@ -13,15 +13,15 @@ import CEfficientAttention
 ///     arm64                     arch(arm64)                                         arm64
 ///     anything else             —                                                   generic
 ///
-/// Swift's `#if` cannot test CPU features, and the default build's `-target-cpu native`
-/// defines nothing the source can see, so the x86-64 row is picked at run time from CPUID
+/// Swift's `#if` cannot test CPU features, and neither the default build nor the `NativeCPU`
+/// trait's `-target-cpu native` defines anything the source can see, so the x86-64 row is picked at run time from CPUID
 /// (`ea_cpu_has_avx512f` in the C target): the same binary then reports the row of the CPU it
 /// runs on, which is what runtime kernel dispatch will need. An x86-64 CPU with neither
 /// AVX-512 nor AVX2 takes the AVX2 row too (its numbers are cache sizes, not instructions).
 ///
 /// Where the numbers come from. Only the AVX-512 row was ever chosen on a machine (Zen 5:
 /// 48 KiB L1d, 1 MiB L2 per core, 32 MiB L3; the attention tiles measured there with
-/// `swift run -c release attention-bench`, KernelDocs/Dense.md); the other rows are copies of
+/// `swift run -c release --traits NativeCPU attention-bench`, KernelDocs/Dense.md); the other rows are copies of
 /// it, not tuned, so every target computes the same partitions and so bitwise the same
 /// results. (This AVX2 machine, an EPYC VM with 64 KiB L1d, 1 MiB L2 and 8 MiB L3 per
 /// `lscpu`, selects the `avx2` row, equal to the AVX-512 row.) Tune a row by measuring on
@@ -51,7 +51,7 @@ struct Tuning: Sendable {
     /// Chosen on Zen 5 (48 KiB L1d, 1 MiB L2, 32 MiB L3). GEMM blocks from the cache sizes,
     /// not swept (KernelDocs/MicroKernels.md): a 256 × 32 B micro-panel is 32 KiB of L1d,
     /// a 128 × 256 A block 128 KiB of L2. Attention tiles 128 × 64 measured with
-    /// `swift run -c release attention-bench` (KernelDocs/Dense.md: within noise of the best
+    /// `swift run -c release --traits NativeCPU attention-bench` (KernelDocs/Dense.md: within noise of the best
     /// for D = 64 and 128). Decode: split 2048 so a 32K cache feeds 16 work items
     /// (KernelDocs/MultiQuery.md), 64 KiB key tiles (CHANGELOG.md, read bandwidth by turn
     /// length). Shared cache: the 32 MiB L3.
