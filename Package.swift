@@ -6,7 +6,7 @@ import PackageDescription
 // on any CPU of its architecture, wherever it was built. The `NativeCPU` trait compiles the
 // library and the benchmark for the build machine's CPU (`-target-cpu native`, AVX-512 or
 // AVX2 on x86-64) and defines `EA_FMA`, under which the kernels use fused multiply-add
-// (`addProduct`): several times faster, but such a binary dies with an illegal instruction
+// (`addProduct`): faster (KernelDocs/Portability.md), but such a binary dies with an illegal instruction
 // on a CPU that lacks the build machine's features. The README's benchmark command uses it.
 let nativeSettings: [SwiftSetting] = [
     .unsafeFlags(["-target-cpu", "native"], .when(traits: ["NativeCPU"])),
