@@ -326,7 +326,7 @@ struct RobustnessPatternTests {
 
 @Suite("Robustness (issue 14): blocks far larger than the sequence")
 struct RobustnessHugeBlockTests {
-    /// A 2^30 block used to give ⌈2^30 / Br⌉ = 2^23 query groups per head, nearly all
+    /// A 2^30 block used to give ⌈2^30 / Br⌉ = 2^23 query tiles per head, nearly all
     /// empty, each a work item: 2^31 items for 256 heads. Only the groups holding a query
     /// are listed now.
     @Test("blocked local and BigBird with a 2^30 block over many heads run one group per head", .timeLimit(.minutes(1)))
@@ -338,7 +338,7 @@ struct RobustnessHugeBlockTests {
         }
         let pattern = try LocalPattern(form: .blocked(size: 1 << 30, lookBackward: 1, lookForward: 0), causal: false,
                                        queryLength: 300, keyLength: 300)
-        // Three query groups (each listed once per key tile).
+        // Three query tiles (each listed once per key tile).
         let groups = Set(pattern.tiles(head: 0).map { [$0.queryStart, $0.queryCount] })
         #expect(groups == [[0, 128], [128, 128], [256, 44]])
     }

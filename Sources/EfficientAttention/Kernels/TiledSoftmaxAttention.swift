@@ -1,10 +1,10 @@
 /// The flash-style kernel: softmax attention over the key tiles a ``TileMask`` lists,
 /// with an online softmax, emitting each row's output and log-sum-exp.
 ///
-/// For one work item (batch `b`, head `h`, a query group of at most `Br` queries
+/// For one work item (batch `b`, head `h`, a query tile of at most `Br` queries
 /// `start + n·step` from the mask's partition):
 ///
-///     Qᵀ ← scale · Q[group]ᵀ                  packed D × Br (queries in lanes)
+///     Qᵀ ← scale · Q[tile]ᵀ                  packed D × Br (queries in lanes)
 ///     m ← −∞, l ← 0, O ← 0                    per query
 ///     for each key tile (≤ Bc keys start + n·step) the mask lists:
 ///         V tile: read in place (rows step apart) when Dv % NR == 0, else packed
@@ -76,13 +76,13 @@ enum TiledSoftmaxAttention {
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`.
     ///
-    /// `mask(b, h)` gives the visibility of that batch item and head: its query groups
+    /// `mask(b, h)` gives the visibility of that batch item and head: its query tiles
     /// (each one work item) and their key tiles. `queryTile` overrides the default query
-    /// tile (at most that many queries per group). With `merge`, `o` and `lse` already
+    /// tile (at most that many queries per tile). With `merge`, `o` and `lse` already
     /// hold a result over a key set disjoint from this mask's, and each row is combined
-    /// with it by log-sum-exp (rows of no group, or with no visible key, stay unchanged).
-    /// Work items go heaviest query group first across all heads (causal masks), or with
-    /// `byHead` head after head, groups in order: consecutive items then share their key
+    /// with it by log-sum-exp (rows of no tile, or with no visible key, stay unchanged).
+    /// Work items go heaviest query tile first across all heads (causal masks), or with
+    /// `byHead` head after head, tiles in order: consecutive items then share their key
     /// rows (bands) and read query rows sequentially.
     static func run<Mask: TileMask>(
         shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
@@ -94,13 +94,13 @@ enum TiledSoftmaxAttention {
         let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
         let br = tiling.queryTile
         let heads = shape.batch * shape.heads
-        var groups = 0
+        var tiles = 0
         for b in 0..<shape.batch {
             for h in 0..<shape.heads {
-                groups = max(groups, mask(b, h).queryGroupCount(queryLength: shape.queryLength, queryTile: br))
+                tiles = max(tiles, mask(b, h).queryTileCount(queryLength: shape.queryLength, tileSize: br))
             }
         }
-        let items = groups * heads
+        let items = tiles * heads
         guard items > 0 else { return }
         let workers = workerCount(threads: threads, items: items)
         let brPad = paddedQueryTile(tiling, shape.queryLength)
@@ -112,31 +112,31 @@ enum TiledSoftmaxAttention {
         var spaces = spaces
         spaces.withUnsafeMutableBufferPointer { spaces in
             let spaces = UncheckedSendable(spaces)
-            func attendGroup(_ group: Int, head: Int, worker: Int) {
+            func attendQueryTile(_ tile: Int, head: Int, worker: Int) {
                 let b = head / shape.heads, h = head % shape.heads
                 let headMask = mask(b, h)
-                let queries = headMask.queryGroup(group, queryLength: shape.queryLength, queryTile: br)
+                let queries = headMask.queryTile(tile, queryLength: shape.queryLength, tileSize: br)
                 guard queries.count > 0 else { return }
                 attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
                            b: b, h: h, queries: queries,
                            q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
             }
             if byHead {
-                // Runs of up to 8 consecutive groups of one head per work unit: a worker's
+                // Runs of up to 8 consecutive tiles of one head per work unit: a worker's
                 // next tile continues its last one (key rows still cached, query and output
                 // rows streaming), with enough units left to balance the workers.
                 let chunk = max(1, min(8, items / (8 * workers)))
-                let runs = ceilDiv(groups, chunk)
+                let runs = ceilDiv(tiles, chunk)
                 parallelForEach(items: heads * runs, threads: workers) { unit, worker in
                     let first = (unit % runs) * chunk
-                    for group in first..<min(groups, first + chunk) {
-                        attendGroup(group, head: unit / runs, worker: worker)
+                    for tile in first..<min(tiles, first + chunk) {
+                        attendQueryTile(tile, head: unit / runs, worker: worker)
                     }
                 }
             } else {
                 parallelForEach(items: items, threads: workers) { item, worker in
-                    // Heaviest query groups (the last ones, under causal masks) first.
-                    attendGroup(groups - 1 - item / heads, head: item % heads, worker: worker)
+                    // Heaviest query tiles (the last ones, under causal masks) first.
+                    attendQueryTile(tiles - 1 - item / heads, head: item % heads, worker: worker)
                 }
             }
         }
@@ -161,7 +161,7 @@ enum TiledSoftmaxAttention {
         return try AttentionResult(output: output, logSumExp: lse)
     }
 
-    /// One work item: the query group `queries` of head `h` in batch item `b`.
+    /// One work item: the query tile `queries` of head `h` in batch item `b`.
     @inline(__always)
     static func attendTile<Mask: TileMask>(
         shape: AttentionShape, scale: Float, merge: Bool, space: Workspace,

@@ -23,14 +23,14 @@ public protocol AttentionPattern: Sendable {
     /// - Complexity: O(1) to O(G) (global positions), never O(Nk).
     func visibleKeyCount(head: Int, query: Int) -> Int
 
-    /// The work the kernel does for `head`: every query group with each key tile it
+    /// The work the kernel does for `head`: every query tile with each key tile it
     /// runs, in the kernel's order, for pass after pass.
     ///
     /// - Complexity: O(number of tiles).
     func tiles(head: Int) -> [PatternTile]
 }
 
-/// One (query group, key tile) pair the tiled kernel computes.
+/// One (query tile, key tile) pair the tiled kernel computes.
 public struct PatternTile: Hashable, Sendable, CustomStringConvertible {
     /// Kernel passes run one after another (later passes merge into earlier results).
     public var pass: Int
@@ -38,7 +38,7 @@ public struct PatternTile: Hashable, Sendable, CustomStringConvertible {
     public var queryStart: Int, queryCount: Int, queryStep: Int
     /// Key positions `keyStart + n · keyStep`, `n < keyCount`.
     public var keyStart: Int, keyCount: Int, keyStep: Int
-    /// Every query of the group sees every key of the tile (no masking pass).
+    /// Every query of the tile sees every key of the tile (no masking pass).
     public var fullyVisible: Bool
 
     public var description: String {
@@ -83,11 +83,11 @@ extension AttentionPattern {
     }
 }
 
-/// The (query group, key tile) list of `mask` as ``PatternTile`` values.
+/// The (query tile, key tile) list of `mask` as ``PatternTile`` values.
 func patternTiles<Mask: TileMask>(_ mask: Mask, pass: Int, queryLength: Int, queryTile: Int) -> [PatternTile] {
     var tiles: [PatternTile] = []
-    for g in 0..<mask.queryGroupCount(queryLength: queryLength, queryTile: queryTile) {
-        let queries = mask.queryGroup(g, queryLength: queryLength, queryTile: queryTile)
+    for g in 0..<mask.queryTileCount(queryLength: queryLength, tileSize: queryTile) {
+        let queries = mask.queryTile(g, queryLength: queryLength, tileSize: queryTile)
         guard queries.count > 0 else { continue }
         mask.forEachKeyTile(queries: queries, tileSize: TiledSoftmaxAttention.Tiling.keyTile) { tile in
             tiles.append(PatternTile(pass: pass, queryStart: queries.start, queryCount: queries.count,
@@ -153,8 +153,8 @@ struct PatternCall {
 
     /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
     /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`. Work
-    /// items go head by head: fixed patterns' query groups cost about the same, and
-    /// neighbouring groups share key rows.
+    /// items go head by head: fixed patterns' query tiles cost about the same, and
+    /// neighbouring tiles share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
         let heads = shape.heads
@@ -192,7 +192,7 @@ extension TiledSoftmaxAttention {
     /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
     ///
     /// The output is not zero-filled: `passes` must start with a pass without `merge`
-    /// whose query groups cover every query (contiguous tiles, blocks or residue classes),
+    /// whose query tiles cover every query (contiguous tiles, blocks or residue classes),
     /// which writes every output row (0 where a row sees no key). Every fixed pattern's
     /// first pass does.
     static func attendPattern(

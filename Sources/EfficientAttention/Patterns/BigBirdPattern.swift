@@ -114,7 +114,7 @@ public struct BigBirdPattern: AttentionPattern {
     }
 }
 
-/// BigBird: query groups never straddle a block, so every query of a group sees the
+/// BigBird: query tiles never straddle a block, so every query of a tile sees the
 /// same key blocks (merged into runs, cut into tiles): all tiles are fully visible but
 /// those on the causal diagonal. Global query blocks list every key tile, as dense does.
 struct BigBirdMask: TileMask {

@@ -110,8 +110,8 @@ enum LocalMask: TileMask {
     }
 }
 
-/// Blocked local attention: query groups never straddle a block, so every query of a
-/// group sees the same key interval; only the causal diagonal is masked.
+/// Blocked local attention: query tiles never straddle a block, so every query of a
+/// tile sees the same key interval; only the causal diagonal is masked.
 struct BlockedMask: TileMask {
     var size: Int, backward: Int, forward: Int
     var causal: Bool

@@ -133,7 +133,7 @@ public struct LongformerPattern: AttentionPattern {
     }
 }
 
-/// Longformer pass 0. Query groups are residue classes mod `δ` (step `δ`), so a group's
+/// Longformer pass 0. Query tiles are residue classes mod `δ` (step `δ`), so a tile's
 /// window keys are one run with step `δ` read in place (part 0, an interval of
 /// `j − p`); the global keys are runs of consecutive positions (part 1), masked where a
 /// query's window already has them.
@@ -172,16 +172,16 @@ struct LongformerWindowMask: TileMask {
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         let lo = self.lo, hi = self.hi, offset = self.offset, causal = self.causal
         if tile.part == 0 {
-            // Same residue as every query of the group: only the interval j − p ∈ [lo, hi] cuts.
+            // Same residue as every query of the tile: only the interval j − p ∈ [lo, hi] cuts.
             maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
                 (i .> SIMD16<Int32>(repeating: Int32(clamping: j - offset - lo)))
                     .| (i .< SIMD16<Int32>(repeating: Int32(clamping: j - offset - hi)))
             }
         } else {
             // A global key: hidden where the query's window holds it (pass-0 part 0) or past it (causal).
-            let groupP = queries.start + offset
+            let tileP = queries.start + offset
             maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
-                let seen = positiveModulo(j - groupP, dilation) == 0
+                let seen = positiveModulo(j - tileP, dilation) == 0
                 let start = SIMD16<Int32>(repeating: Int32(clamping: j - offset - hi))
                 let end = SIMD16<Int32>(repeating: Int32(clamping: j - offset - lo))
                 var hidden = SIMDMask<SIMD16<Int32>>(repeating: false)

@@ -100,7 +100,7 @@ public struct StridedPattern: AttentionPattern {
 }
 
 /// The strided pattern's column part: queries grouped by residue mod `l` (step `l`), each
-/// group seeing the keys of its residue (key tiles with step `l`, read in place) except
+/// tile seeing the keys of its residue (key tiles with step `l`, read in place) except
 /// its own position, which the band pass has.
 struct StridedColumnMask: TileMask {
     var stride: Int
@@ -140,7 +140,7 @@ struct StridedColumnMask: TileMask {
     }
 }
 
-/// The fixed pattern: query groups never straddle a block of `l` positions; each sees
+/// The fixed pattern: query tiles never straddle a block of `l` positions; each sees
 /// its own block (part 0, step 1) and the `c` summary columns of every other block
 /// (part 1: runs with step `l`, entirely visible).
 struct FixedMask: TileMask {

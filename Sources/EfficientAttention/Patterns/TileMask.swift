@@ -25,13 +25,13 @@ struct KeyTile {
 /// Which keys each query sees, as the tiled softmax kernel consumes it.
 ///
 /// A mask is a description, never a dense `Nq × Nk` array. It splits a head's queries
-/// into disjoint query groups (runs with a step, at most `queryTile` queries each: one
-/// work item each), lists for a group the key tiles that may hold visible pairs (runs
+/// into disjoint query tiles (runs with a step, at most `queryTile` queries each: one
+/// work item each), lists for a tile the key tiles that may hold visible pairs (runs
 /// with a step, disjoint, at most `tileSize` keys), says which of them are entirely
 /// visible (the kernel runs those without masking), and masks the scores of the others
 /// in place. Listing a tile with no visible pair costs time, never correctness.
 protocol TileMask {
-    /// How this head's queries split into query groups (default: contiguous tiles).
+    /// How this head's queries split into query tiles (default: contiguous tiles).
     var queryPartition: QueryPartition { get }
 
     /// Calls `body` for each key tile that may hold a visible pair for `queries`.
@@ -53,7 +53,7 @@ protocol TileMask {
 
     /// Whether the kernel calls ``addScoreTerms(_:)``; `false` (the default) removes the
     /// call from the specialised kernel. Masks that add score terms list contiguous
-    /// query groups and key tiles (runs of step 1).
+    /// query tiles and key tiles (runs of step 1).
     static var addsScoreTerms: Bool { get }
 
     /// Floats of per-worker scratch ``addScoreTerms(_:)`` needs (in `ScoreTile.scratch`)
@@ -115,19 +115,19 @@ extension TileMask {
     func weightProbabilities(_ probabilities: UnsafeMutablePointer<Float>, ld: Int,
                              keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int) {}
 
-    /// The number of query groups of this head (some may be empty).
-    func queryGroupCount(queryLength: Int, queryTile: Int) -> Int {
-        queryPartition.groupCount(queryLength: queryLength, queryTile: queryTile)
+    /// The number of query tiles of this head (some may be empty).
+    func queryTileCount(queryLength: Int, tileSize: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: tileSize)
     }
 
-    /// Query group `index` (`count == 0` for an empty group, and for every `index` at or
-    /// past ``queryGroupCount(queryLength:queryTile:)``). Groups are disjoint.
-    func queryGroup(_ index: Int, queryLength: Int, queryTile: Int) -> PositionRun {
-        queryPartition.group(index, queryLength: queryLength, queryTile: queryTile)
+    /// Query tile `index` (`count == 0` for an empty tile, and for every `index` at or
+    /// past ``queryTileCount(queryLength:tileSize:)``). Groups are disjoint.
+    func queryTile(_ index: Int, queryLength: Int, tileSize: Int) -> PositionRun {
+        queryPartition.tile(index, queryLength: queryLength, tileSize: tileSize)
     }
 }
 
-/// How a pattern splits one head's queries `0..<Nq` into groups of at most `queryTile`.
+/// How a pattern splits one head's queries `0..<Nq` into tiles of at most `queryTile`.
 enum QueryPartition {
     /// Contiguous tiles `[t · Br, (t + 1) · Br)`.
     case tiles
@@ -139,12 +139,12 @@ enum QueryPartition {
     /// The given sorted, disjoint ranges of queries, each cut into tiles.
     case ranges([Range<Int>])
 
-    func groupCount(queryLength n: Int, queryTile br: Int) -> Int {
+    func tileCount(queryLength n: Int, tileSize br: Int) -> Int {
         switch self {
         case .tiles:
             return ceilDiv(n, br)
         case .blocks(let size, let origin):
-            let blocks = BlockGroups(size: size, origin: origin, queryLength: n, queryTile: br)
+            let blocks = BlockTiles(size: size, origin: origin, queryLength: n, queryTile: br)
             return blocks.count
         case .residues(let m):
             return min(m, n) * ceilDiv(ceilDiv(n, m), br)
@@ -153,16 +153,16 @@ enum QueryPartition {
         }
     }
 
-    func group(_ index: Int, queryLength n: Int, queryTile br: Int) -> PositionRun {
+    func tile(_ index: Int, queryLength n: Int, tileSize br: Int) -> PositionRun {
         switch self {
         case .tiles:
             return PositionRun(start: index * br, count: min(br, n - index * br))
         case .blocks(let size, let origin):
-            return BlockGroups(size: size, origin: origin, queryLength: n, queryTile: br).group(index)
+            return BlockTiles(size: size, origin: origin, queryLength: n, queryTile: br).tile(index)
         case .residues(let m):
             let perClass = ceilDiv(ceilDiv(n, m), br)
             let residue = index / perClass, tile = index % perClass
-            // Kernels run the largest group count over all heads; past this head's own
+            // Kernels run the largest tile count over all heads; past this head's own
             // count, `residue ≥ m` would repeat the queries of residue `residue − m`.
             guard residue < m else { return PositionRun(start: 0, count: 0) }
             let members = ceilDiv(n - residue, m)
@@ -183,14 +183,14 @@ enum QueryPartition {
     }
 }
 
-/// The query groups of ``QueryPartition/blocks(size:origin:)``: block `b` covers queries
+/// The query tiles of ``QueryPartition/blocks(size:origin:)``: block `b` covers queries
 /// `[b · size − shift, (b + 1) · size − shift)` (`shift = origin mod size`), cut into
 /// `perBlock = ⌈size / Br⌉` parts of `part = ⌈size / perBlock⌉` queries, clipped to
 /// `0..<Nq`. Only the parts that hold a query are listed, in block order: a block far
-/// larger than `Nq` (2^30) gives a few groups, not `size / Br` mostly empty ones.
+/// larger than `Nq` (2^30) gives a few tiles, not `size / Br` mostly empty ones.
 ///
-/// - Complexity: O(1) for the count and for each group.
-struct BlockGroups {
+/// - Complexity: O(1) for the count and for each tile.
+struct BlockTiles {
     let size: Int, shift: Int, queryLength: Int, perBlock: Int, part: Int
     /// Blocks that hold a query.
     let blocks: Int
@@ -222,7 +222,7 @@ struct BlockGroups {
     }
 
     /// Group `index` (`0..<count`).
-    func group(_ index: Int) -> PositionRun {
+    func tile(_ index: Int) -> PositionRun {
         let head = parts(ofBlock: 0), middle = (blocks - 2) * middleParts
         let b: Int, k: Int
         if index < head.count || blocks == 1 {
@@ -321,7 +321,7 @@ func maskCausalDiagonal(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: Po
 ///
 /// With `offset = Nk − Nq` (bottom-right alignment) this is FlashAttention's single mask
 /// model: no mask is `left = right = unbounded`, causal is `right = 0`, a sliding window
-/// is finite `left`/`right`, and key padding is `keyEnd < Nk`. Query groups may have any
+/// is finite `left`/`right`, and key padding is `keyEnd < Nk`. Query tiles may have any
 /// step (key tiles are contiguous).
 struct IntervalMask: TileMask {
     /// A window side that never limits anything (kept far from `Int` overflow).
@@ -361,7 +361,7 @@ struct IntervalMask: TileMask {
     }
 
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
-        // Keys every query of the group sees need nothing: mask only the rows before and after them.
+        // Keys every query of the tile sees need nothing: mask only the rows before and after them.
         let keys = tile.keys
         let all = runIndices(keys, from: queries.last + offset - left, through: queries.start + offset + right)
         func mask(rows: Range<Int>) {

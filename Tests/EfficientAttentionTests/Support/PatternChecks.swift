@@ -18,7 +18,7 @@ func patternVisibility(_ pattern: some AttentionPattern, keyLengths: [Int]? = ni
 /// Checks a pattern's inspection API for consistency:
 /// - `visibleKeyCount` equals the number of visible keys in the dense mask, row by row;
 /// - `scoredPairs` is their sum over heads;
-/// - in the tile list, every visible pair lies in some (query group, key tile), fully
+/// - in the tile list, every visible pair lies in some (query tile, key tile), fully
 ///   visible tiles hold only visible pairs and no pair is in two of them, and query
 ///   groups of a pass are disjoint.
 func checkPatternConsistency(_ pattern: some AttentionPattern, _ label: String,
@@ -75,7 +75,7 @@ func checkPatternConsistency(_ pattern: some AttentionPattern, _ label: String,
                 sourceLocation: sourceLocation)
         for (pass, queries) in queriesSeen {
             let disjoint = Set(queries).count == queries.count
-            #expect(disjoint, "\(label) head \(h) pass \(pass): query groups overlap",
+            #expect(disjoint, "\(label) head \(h) pass \(pass): query tiles overlap",
                     sourceLocation: sourceLocation)
         }
     }
