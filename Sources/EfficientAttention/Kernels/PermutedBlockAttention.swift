@@ -67,7 +67,7 @@ enum PermutedBlockAttention {
         }
 
         /// Blocks per work item: an item's gathered rows (about 1024 query slots) stay in L2.
-        var itemBlocks: Int { max(1, 1024 / queryBlockSize) }
+        var itemBlocks: Int { max(1, Tuning.current.permutedItemQuerySlots / queryBlockSize) }
         /// Work items of a round.
         var items: Int { (blocks + itemBlocks - 1) / itemBlocks }
         /// Whether an item also holds the keys of the block before its first (LSH look-back;

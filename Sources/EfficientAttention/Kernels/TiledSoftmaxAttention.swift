@@ -45,7 +45,9 @@ enum TiledSoftmaxAttention {
         /// `width` keys: the band's ends cost `Br` extra keys per tile, so narrow bands
         /// take smaller query tiles.
         static func queryTile(forBandWidth width: Int) -> Int {
-            width <= 384 ? 32 : width <= 1024 ? 64 : defaultQueryTile
+            let t = Tuning.current
+            return width <= t.narrowBand ? t.narrowBandQueryTile
+                : width <= t.mediumBand ? t.mediumBandQueryTile : defaultQueryTile
         }
 
         static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {

@@ -44,9 +44,15 @@ struct Tuning: Sendable {
     /// micro-kernel path, and bytes of key rows per tile on the dot-product path (about
     /// half of L2, with as many bytes of value rows).
     var decodeSplit: Int, decodeRowTile: Int, decodeKeyTileBytes: Int
+    /// Query tiles for bands (local, strided, Longformer windows): a band of at most
+    /// `narrowBand` keys takes `narrowBandQueryTile` queries per tile, one of at most
+    /// `mediumBand` keys `mediumBandQueryTile`, wider ones ``attentionQueryTile``.
+    var narrowBand: Int, narrowBandQueryTile: Int, mediumBand: Int, mediumBandQueryTile: Int
     /// The last-level cache the permuted-block kernel's head workers share: heads in flight
     /// whose workspaces fit in it run side by side.
     var sharedCacheBytes: Int
+    /// Query slots of one permuted-block work item (its gathered rows stay in L2).
+    var permutedItemQuerySlots: Int
 
     /// Chosen on Zen 5 (48 KiB L1d, 1 MiB L2, 32 MiB L3). GEMM blocks from the cache sizes,
     /// not swept (KernelDocs/MicroKernels.md): a 256 × 32 B micro-panel is 32 KiB of L1d,
@@ -54,11 +60,14 @@ struct Tuning: Sendable {
     /// `swift run -c release --traits NativeCPU attention-bench` (KernelDocs/Dense.md: within noise of the best
     /// for D = 64 and 128). Decode: split 2048 so a 32K cache feeds 16 work items
     /// (KernelDocs/MultiQuery.md), 64 KiB key tiles (CHANGELOG.md, read bandwidth by turn
-    /// length). Shared cache: the 32 MiB L3.
+    /// length). Band tiles 32 up to 384 keys, 64 up to 1024, measured for local attention
+    /// (KernelDocs/Local.md). Shared cache: the 32 MiB L3. Permuted-block items of about
+    /// 1024 query slots (KernelDocs/LSH.md), so that an item's gathered rows stay in L2.
     static let avx512 = Tuning(gemmRows: 128, gemmDepth: 256, gemmColumns: 512,
                                attentionQueryTile: 128, attentionKeyTile: 64,
                                decodeSplit: 2048, decodeRowTile: 128, decodeKeyTileBytes: 64 << 10,
-                               sharedCacheBytes: 32 << 20)
+                               narrowBand: 384, narrowBandQueryTile: 32, mediumBand: 1024, mediumBandQueryTile: 64,
+                               sharedCacheBytes: 32 << 20, permutedItemQuerySlots: 1024)
     /// Not tuned: copied from the AVX-512 row (this VM, AVX2 + FMA, selects it).
     static let avx2 = avx512
     /// Not tuned: copied from the AVX-512 row.
