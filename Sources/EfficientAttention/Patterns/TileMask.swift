@@ -138,6 +138,10 @@ enum QueryPartition {
     case residues(modulus: Int)
     /// The given sorted, disjoint ranges of queries, each cut into tiles.
     case ranges([Range<Int>])
+    /// Lines of `length` positions `stride` apart (a grid's axis with that stride):
+    /// line `n` starts at `⌊n / stride⌋ · length · stride + n mod stride`; each line is cut
+    /// into tiles of step `stride`. `Nq` must be a multiple of `length · stride`.
+    case lines(stride: Int, length: Int)
 
     func tileCount(queryLength n: Int, tileSize br: Int) -> Int {
         switch self {
@@ -150,6 +154,8 @@ enum QueryPartition {
             return min(m, n) * ceilDiv(ceilDiv(n, m), br)
         case .ranges(let ranges):
             return ranges.reduce(0) { $0 + ceilDiv($1.count, br) }
+        case .lines(_, let length):
+            return n / length * ceilDiv(length, br)
         }
     }
 
@@ -179,6 +185,12 @@ enum QueryPartition {
                 index -= tiles
             }
             return PositionRun(start: 0, count: 0)
+        case .lines(let stride, let length):
+            let perLine = ceilDiv(length, br)
+            let line = index / perLine, part = index % perLine
+            guard line < n / length else { return PositionRun(start: 0, count: 0) }
+            let base = line / stride * length * stride + line % stride
+            return PositionRun(start: base + part * br * stride, count: min(br, length - part * br), step: stride)
         }
     }
 }

@@ -1,0 +1,197 @@
+/// Axial attention (Ho et al. 2019): positions on a grid `axes = [n₁, …, n_a]`
+/// (row-major, `N = Π nₜ`), each query attending along every axis through it.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, i (Nq = Nk = N):
+/// // line_t(i) = the positions whose coordinates equal i's on every axis but t
+/// // visible_t(j) = j ∈ line_t(i) && (!causal || coord_t(j) ≤ coord_t(i)) && j < keyLengths[b]
+/// s[j] = scale · dot(q[b, h, i], k[b, hk, j])
+/// // .union: one softmax over ∪_t visible_t (i itself once)
+/// o[b, h, i] = Σ_{j ∈ ∪} softmax(s)[j] · v[b, hk, j],   lse = log Σ_{j ∈ ∪} exp(s[j])
+/// // .sum: one softmax per axis, outputs added
+/// o[b, h, i] = Σ_t Σ_{j ∈ visible_t} softmax_t(s)[j] · v[b, hk, j],   lse as for .union
+/// ```
+/// Rows with no visible key (key padding) are 0 with `lse = -infinity`. `.union` is a
+/// pattern (``AxialPattern``) on the tiled softmax kernel: one pass per axis, queries
+/// grouped by line and keys read in place `sₜ = Π_{u>t} n_u` rows apart (no transposed
+/// copy), later passes merged by log-sum-exp and hiding the query itself. Its result
+/// merges with others like any softmax result. `.sum` runs the axes as separate,
+/// unmerged passes and adds their outputs; its `lse` is the union's (from the axes'
+/// log-sum-exps, with the query's own score counted once), so a `.sum` result is not
+/// mergeable. (KernelDocs/Axial.md.)
+///
+/// - Complexity: `2 · pairs · (D + Dv)` FLOPs with `pairs = N · (1 + Σₜ (nₜ − 1))` per
+///   head (about half causal; `.sum` adds `(a − 1) · N` for the repeated self pairs):
+///   `O(N · Σ nₜ)`, `O(N √N)` on a square grid. Workspace: the tiled kernel's tiles per
+///   thread, independent of `N`; `.sum` also keeps one output-sized scratch
+///   (`4 · B · H · N · (Dv + 1)` bytes).
+public struct AxialAttention: Attention {
+    /// How the axes' attentions combine.
+    public enum Combination: Hashable, Sendable {
+        /// One softmax over the union of the axes' keys (mergeable).
+        case union
+        /// One softmax per axis, outputs summed (the axial-attention package's `sum_axial_out`).
+        case sum
+    }
+
+    /// The grid `[n₁, …, n_a]`; `nil` means ``defaultAxes(sequenceLength:)`` of each call.
+    public var axes: [Int]?
+    public var combination: Combination
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    /// The most axes a grid may have.
+    public static let maxAxes = 16
+
+    public init(axes: [Int]? = nil, combination: Combination = .union, causal: Bool = false, scale: Float? = nil) {
+        self.axes = axes
+        self.combination = combination
+        self.causal = causal
+        self.scale = scale
+    }
+
+    public var name: String { "axial" }
+
+    /// The most square two-axis grid of `n` positions: `[n / f, f]` with `f` the largest
+    /// divisor of `n` at most `√n` (`[64, 64]` for 4096; `[n, 1]` for a prime `n`).
+    public static func defaultAxes(sequenceLength n: Int) -> [Int] {
+        guard n > 1 else { return [max(n, 1)] }
+        var f = StridedAttention.defaultStride(keyLength: n)
+        if f * f > n { f -= 1 }
+        while n % f != 0 { f -= 1 }
+        return [n / f, f]
+    }
+
+    /// The grid of `shape` (the configured axes or the default).
+    func grid(for shape: AttentionShape) -> [Int] {
+        axes ?? AxialAttention.defaultAxes(sequenceLength: shape.queryLength)
+    }
+
+    public func validate(_ shape: AttentionShape) throws {
+        let variant = "axial attention"
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        let axes = grid(for: shape)
+        try checkOption(axes.count, "the number of axes", in: 1...AxialAttention.maxAxes, variant: variant)
+        for (t, n) in axes.enumerated() { try checkOption(n, "axes[\(t)]", in: 1...patternLimit, variant: variant) }
+        guard let n = checkedProduct(axes), n == shape.queryLength, n == shape.keyLength else {
+            throw AttentionError.invalidParameter(
+                "\(variant): axes \(axes) must multiply to the sequence length (queryLength \(shape.queryLength), keyLength \(shape.keyLength); queries and keys share the grid)")
+        }
+    }
+
+    /// The `.union` pattern of `shape`.
+    public func pattern(for shape: AttentionShape) throws -> AxialPattern {
+        try validate(shape)
+        return AxialPattern(axes: grid(for: shape), causal: causal)
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let pattern = try pattern(for: shape)
+        let largestTile = pattern.axes.indices.map { pattern.queryTile(axis: $0) }.max() ?? 1
+        var cost = patternCost(pattern, shape: shape, threads: threads, queryTile: largestTile)
+        if combination == .sum {
+            let repeated = (pattern.axes.count - 1) * shape.queryLength * shape.heads * shape.batch
+            cost.scoredPairs += repeated
+            cost.flops += 2 * Double(repeated) * Double(shape.headDim + shape.valueDim)
+            cost.workspaceBytes += try AxialSum.scratchBytes(shape)
+        }
+        return cost
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let combination = combination
+        return try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                       threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            switch combination {
+            case .union:
+                for t in pattern.axes.indices {
+                    call.run(queryTile: pattern.queryTile(axis: t), merge: t > 0) { _, keyEnd in
+                        pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
+                    }
+                }
+            case .sum:
+                try AxialSum.run(call, pattern: pattern)
+            }
+        }
+    }
+}
+
+/// `.sum`: each axis an unmerged pass of its own, outputs added; the log-sum-exp of the
+/// union from the axes' log-sum-exps.
+///
+/// With `Lₜ` axis `t`'s log-sum-exp (every axis counts the query's own score `s_ii`), the
+/// union's is `log(Σₜ e^{Lₜ} − (a − 1)·e^{s_ii})`: computed as `L + log(1 − (a − 1)·e^{s_ii − L})`
+/// with `L = log Σₜ e^{Lₜ}` (absolute error of a few ulps of 1), and never below `s_ii`
+/// (rounding in the subtraction).
+enum AxialSum {
+    /// Bytes of the scratch output and log-sum-exp (`B · H · N · (Dv + 1)` floats).
+    static func scratchBytes(_ shape: AttentionShape) throws -> Int {
+        let bytes = checkedProduct([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
+                                    MemoryLayout<Float>.stride])
+        try checkAllocation(bytes: bytes, option: "axial attention's .sum scratch output")
+        return bytes!
+    }
+
+    static func run(_ call: PatternCall, pattern: AxialPattern) throws {
+        let shape = call.shape
+        call.run(queryTile: pattern.queryTile(axis: 0)) { _, keyEnd in
+            pattern.lineMask(axis: 0, keyEnd: keyEnd, hidesSelf: false)
+        }
+        guard pattern.axes.count > 1 else { return }
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        output.withMutableView { o in lse.withMutableView { l in
+            let axis = PatternCall(shape: shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
+                                   q: call.q, k: call.k, v: call.v, o: o, lse: l)
+            for t in pattern.axes.indices.dropFirst() {
+                axis.run(queryTile: pattern.queryTile(axis: t)) { _, keyEnd in
+                    pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: false)
+                }
+                add(o, l, into: call)
+            }
+        } }
+        removeRepeatedSelf(call, axes: pattern.axes.count)
+    }
+
+    /// `o += o'`, `lse ← log(e^lse + e^lse')` row by row, in parallel over heads.
+    static func add(_ o: MutableTensorView, _ lse: MutableTensorView, into call: PatternCall) {
+        let shape = call.shape, dv = shape.valueDim
+        let heads = shape.batch * shape.heads
+        parallelForEach(items: heads, threads: workerCount(threads: call.threads, items: heads)) { item, _ in
+            let b = item / shape.heads, h = item % shape.heads
+            for i in 0..<shape.queryLength {
+                let added = lse.row(b, h, i)[0], held = call.lse.row(b, h, i)
+                guard var merge = LogSumExpMerge(maximum: max(added, held[0])) else { continue }
+                merge.add(merge.weight(held[0]))
+                merge.add(merge.weight(added))
+                held[0] = merge.logSumExp
+                let out = call.o.row(b, h, i), row = o.row(b, h, i)
+                let so = call.o.strides[3], sr = o.strides[3]
+                for c in 0..<dv { out[c &* so] += row[c &* sr] }
+            }
+        }
+    }
+
+    /// Takes the query's own score out of the summed log-sum-exps `axes − 1` times.
+    static func removeRepeatedSelf(_ call: PatternCall, axes: Int) {
+        let shape = call.shape, d = shape.headDim
+        let heads = shape.batch * shape.heads
+        let repeats = Float(axes - 1)
+        parallelForEach(items: heads, threads: workerCount(threads: call.threads, items: heads)) { item, _ in
+            let b = item / shape.heads, h = item % shape.heads, hk = h / shape.groupSize
+            let keyEnd = call.keyLengths?[b] ?? shape.keyLength
+            for i in 0..<min(keyEnd, shape.queryLength) {
+                let lse = call.lse.row(b, h, i)
+                let own = call.scale * dot(call.q.row(b, h, i), call.q.strides[3],
+                                           call.k.row(b, hk, i), call.k.strides[3], count: d)
+                guard lse[0].isFinite, own.isFinite else { continue }
+                let union = lse[0] + logf(max(0, 1 - repeats * expf(own - lse[0])))
+                lse[0] = max(union, own)
+            }
+        }
+    }
+}
