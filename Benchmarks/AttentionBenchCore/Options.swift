@@ -69,6 +69,8 @@ public struct BenchOptions: Equatable, Sendable {
     public var help = false
     /// Conformer settings given on the command line (`--window 256`).
     public var overrides: [Parameter: Int] = [:]
+    /// Axial attention's grid (`--axes 64x64`); `nil`: the most square grid of each N.
+    public var axes: [Int]?
     /// Decode mode (`--decode`): `sequenceLengths` are query positions per step (default 1)
     /// against a key/value cache of each of `cacheLengths` positions.
     public var decode = false
@@ -128,6 +130,8 @@ extension BenchOptions {
         OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
         OptionSpec(name: "help", value: nil, help: "print this help and exit"),
     ] + Parameter.allCases.map { OptionSpec(name: $0.rawValue, value: "N", help: $0.help) }
+      + [OptionSpec(name: "axes", value: "AxB[xC..]",
+                    help: "axial: the grid, e.g. 64x64 (default the most square two-axis grid of N); points where it does not multiply to N are skipped")]
 
     /// The text of `--help`.
     public static func helpText(registry: Registry = .standard) -> String {
@@ -141,7 +145,7 @@ extension BenchOptions {
             "",
             "OPTIONS (LIST = comma-separated values; N may be written 4K = 4096; --opt=value works too):",
         ]
-        let conformer = Set(Parameter.allCases.map(\.rawValue))
+        let conformer = Set(Parameter.allCases.map(\.rawValue) + ["axes"])
         let width = specs.map { "--\($0.name)" + ($0.value.map { " " + $0 } ?? "") }.map(\.count).max()! + 2
         func line(_ s: OptionSpec) -> String {
             let head = "--\(s.name)" + (s.value.map { " " + $0 } ?? "")
@@ -324,6 +328,8 @@ extension BenchOptions {
             }
         }
 
+        if let text = given["axes"] { options.axes = try parseGrid(text, option: "axes") }
+
         try options.check(registry: registry)
         return options
     }
@@ -339,6 +345,9 @@ extension BenchOptions {
             }
         }
         let selected = selectedEntries(in: registry)
+        if axes != nil, !selected.contains(where: { $0.name == "axial" }) {
+            throw BenchError.usage("--axes is a setting of 'axial' only")
+        }
         for parameter in overrides.keys.sorted() {
             let takers = selected.filter { $0.takes(parameter) }
             switch variants {
@@ -385,6 +394,15 @@ extension BenchOptions {
     }
 
     /// A positive integer; `4K` / `4k` means 4096.
+    /// A grid `AxB[xC..]` of positive counts (each may be written 4K).
+    static func parseGrid(_ text: String, option: String) throws -> [Int] {
+        let parts = text.split(separator: "x", omittingEmptySubsequences: false)
+        guard !parts.isEmpty, parts.count <= 16 else {
+            throw BenchError.usage("--\(option): expected AxB[xC..] with at most 16 axes, got '\(text)'")
+        }
+        return try parts.map { try parseCount(String($0), option: option) }
+    }
+
     static func parseCount(_ text: String, option: String) throws -> Int {
         var digits = Substring(text.trimmingCharacters(in: .whitespaces))
         var multiplier = 1

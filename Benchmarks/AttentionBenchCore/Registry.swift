@@ -109,11 +109,14 @@ public struct ConformerConfig: Sendable {
     public var problem: BenchProblem
     public var parameters: [Parameter: Int]
     public var seed: UInt64
+    /// Axial attention's grid (`--axes`); `nil`: the most square grid of the sequence length.
+    public var axes: [Int]?
 
-    public init(problem: BenchProblem, parameters: [Parameter: Int], seed: UInt64) {
+    public init(problem: BenchProblem, parameters: [Parameter: Int], seed: UInt64, axes: [Int]? = nil) {
         self.problem = problem
         self.parameters = parameters
         self.seed = seed
+        self.axes = axes
     }
 
     public var causal: Bool { problem.causal }
@@ -347,5 +350,10 @@ public struct Registry: Sendable {
                 AdaptiveSpanAttention(heads: c.shape.heads, span: Float(c[.span]), ramp: Float(c[.ramp]),
                                       causal: c.causal)
             }),
+        VariantEntry(
+            name: "axial",
+            summary: "axial attention: positions on a grid, each query attends along every axis through it, one softmax (Ho et al. 2019)",
+            settingsNote: "grid --axes, default the most square two-axis grid of N (64x64 at 4096); union of the axes",
+            make: { c in AxialAttention(axes: c.axes, causal: c.causal) }),
     ])
 }

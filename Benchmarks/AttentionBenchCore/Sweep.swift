@@ -81,7 +81,8 @@ public struct SweepPlan: Sendable {
                     let overrides = options.overrides.filter { entry.takes($0.key) }
                     let parameters = entry.resolveParameters(overrides, at: base)
                     let problem = entry.adjustProblem(base, parameters)
-                    let config = ConformerConfig(problem: problem, parameters: parameters, seed: options.seed)
+                    let config = ConformerConfig(problem: problem, parameters: parameters, seed: options.seed,
+                                                 axes: options.axes)
                     let conformer: any Attention
                     let cost: AttentionCost
                     do {
@@ -147,6 +148,16 @@ public final class SweepRunner {
     }
 
     /// Seeded inputs, uniform in [-1, 1]: query, key, value from `seed`, `seed + 1`, `seed + 2`.
+    /// The record's `parameters`: the entry's settings, and axial attention's grid as run.
+    public static func describeSettings(_ job: SweepJob) -> String {
+        var text = VariantEntry.describe(job.parameters)
+        if let axial = job.conformer as? AxialAttention {
+            let grid = axial.axes ?? AxialAttention.defaultAxes(sequenceLength: job.problem.shape.queryLength)
+            text += (text.isEmpty ? "" : " ") + "axes=" + grid.map(String.init).joined(separator: "x")
+        }
+        return text
+    }
+
     public static func inputs(for shape: AttentionShape, seed: UInt64) throws -> (query: Tensor, key: Tensor, value: Tensor) {
         let q = try Tensor.random(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim], seed: seed)
         let k = try Tensor.random(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim], seed: seed &+ 1)
@@ -216,7 +227,7 @@ public final class SweepRunner {
             let record = BenchRecord(
                 variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
                 seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
-                causal: job.problem.causal, threads: job.threads, parameters: VariantEntry.describe(job.parameters),
+                causal: job.problem.causal, threads: job.threads, parameters: Self.describeSettings(job),
                 runs: measured.timing.runs, medianSeconds: measured.timing.medianSeconds,
                 minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,

@@ -124,7 +124,8 @@ import AttentionBenchCore
     @Test func registryNamesAndAvailability() throws {
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
-                            "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span"])
+                            "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
+                            "axial"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -490,6 +491,24 @@ import AttentionBenchCore
         #expect(notes["vanilla"]?.first?.note.contains("8192") == true)
         #expect(plan.jobs[0].cost.flops == Accounting.denseFlops(batch: 1, heads: 8, queryLength: 8192, keyLength: 8192,
                                                                   headDim: 64, valueDim: 64, causal: false))
+    }
+
+    @Test func axialGridOption() throws {
+        let o = try BenchOptions.parse(["--variants", "axial", "--seq", "256,100", "--axes", "16x16", "--threads", "1"])
+        #expect(o.axes == [16, 16])
+        #expect(try BenchOptions.parse(["--variants", "axial", "--axes", "4x8x2"]).axes == [4, 8, 2])
+        #expect(try BenchOptions.parse(["--variants", "axial"]).axes == nil)
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--variants", "axial", "--axes", "16x0"]) }
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--variants", "axial", "--axes", "16x"]) }
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--variants", "dense", "--axes", "16x16"]) }
+        // The grid runs where it multiplies to N; elsewhere the point is skipped with a note.
+        let plan = try SweepPlan.make(o)
+        #expect(plan.jobs.map { $0.problem.shape.queryLength } == [256])
+        #expect(plan.notes.contains { $0.variant == "axial" && $0.note.contains("multiply") })
+        #expect(SweepRunner.describeSettings(plan.jobs[0]) == "axes=16x16")
+        let defaults = try SweepPlan.make(try BenchOptions.parse(["--variants", "axial", "--seq", "4096", "--threads", "1"]))
+        #expect(SweepRunner.describeSettings(defaults.jobs[0]) == "axes=64x64")
+        #expect(defaults.jobs[0].cost.scoredPairs == 8 * 4096 * 127)
     }
 
     @Test func planSweepsEveryDimensionAndRespectsMemoryLimit() throws {
