@@ -23,6 +23,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case span
     case ramp
     case memory
+    case compression
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -42,6 +43,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .span: return "adaptive-span: maximum span S"
         case .ramp: return "adaptive-span: soft-mask ramp R"
         case .memory: return "transformer-xl: memory length M (default N)"
+        case .compression: return "memory-compressed: kernel and stride c of the key/value convolution (mean pooling)"
         }
     }
 
@@ -355,5 +357,12 @@ public struct Registry: Sendable {
             summary: "axial attention: positions on a grid, each query attends along every axis through it, one softmax (Ho et al. 2019)",
             settingsNote: "grid --axes, default the most square two-axis grid of N (64x64 at 4096); union of the axes",
             make: { c in AxialAttention(axes: c.axes, causal: c.causal) }),
+        VariantEntry(
+            name: "memory-compressed",
+            summary: "memory-compressed attention: keys and values pooled by a stride-c convolution, then dense (Liu et al. 2018)",
+            parameters: [(.compression, .value(3))],
+            settingsNote: "mean pooling; causal by whole windows",
+            longPresetLimit: 16384,
+            make: { c in try MemoryCompressedAttention(compression: c[.compression], causal: c.causal) }),
     ])
 }

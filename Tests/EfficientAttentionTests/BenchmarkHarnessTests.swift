@@ -125,7 +125,7 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
-                            "axial"])
+                            "axial", "memory-compressed"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -146,6 +146,7 @@ import AttentionBenchCore
         #expect(r.entry(named: "performer")!.resolveParameters([:], at: p) == [.features: 256])
         #expect(r.entry(named: "adaptive-span")!.resolveParameters([:], at: p) == [.span: 128, .ramp: 32])
         #expect(r.entry(named: "strided")!.resolveParameters([:], at: p) == [.stride: 32])
+        #expect(r.entry(named: "memory-compressed")!.resolveParameters([:], at: p) == [.compression: 3])
         #expect(r.entry(named: "strided")!.resolveParameters([.stride: 5], at: p) == [.stride: 5])
         let xl = r.entry(named: "transformer-xl")!
         let xlValues = xl.resolveParameters([:], at: p)
