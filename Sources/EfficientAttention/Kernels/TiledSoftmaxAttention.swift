@@ -280,7 +280,11 @@ enum TiledSoftmaxAttention {
                 rows.add(second, sum: sum)
                 let r = 1 / rows.total
                 let keep = first * r, inverse = second * r
-                for c in 0..<dv { out[c &* os] = keep * out[c &* os] + inverse * row[c] }
+                if os == 1 {
+                    for c in 0..<dv { out[c] = keep * out[c] + inverse * row[c] }
+                } else {
+                    for c in 0..<dv { out[c &* os] = keep * out[c &* os] + inverse * row[c] }
+                }
                 lseOut[0] = rows.logSumExp
             } else if sum > 0 {
                 let inverse = 1 / sum
