@@ -24,6 +24,8 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case ramp
     case memory
     case compression
+    case inducing
+    case seeds
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -44,6 +46,8 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .ramp: return "adaptive-span: soft-mask ramp R"
         case .memory: return "transformer-xl: memory length M (default N)"
         case .compression: return "memory-compressed: kernel and stride c of the key/value convolution (mean pooling)"
+        case .inducing: return "isab: inducing points m per head"
+        case .seeds: return "pma: seed vectors k per head (the output has k rows)"
         }
     }
 
@@ -149,6 +153,9 @@ public struct VariantEntry: Sendable {
     /// In `--preset long`, sequence lengths above this are skipped with a note
     /// (quadratic time or memory); `nil` runs every length.
     public var longPresetLimit: Int?
+    /// Whether its output approximates dense attention over the same queries (the error
+    /// column); false for conformers whose queries are their own (PMA's seeds).
+    public var approximatesDense: Bool
     /// Turns the sweep's problem into the one this conformer computes (for example
     /// multi-query uses one key/value head, Transformer-XL attends to memory + segment).
     public var adjustProblem: @Sendable (BenchProblem, [Parameter: Int]) -> BenchProblem
@@ -160,6 +167,7 @@ public struct VariantEntry: Sendable {
                 parameters: [(parameter: Parameter, default: ParameterDefault)] = [],
                 settingsNote: String = "",
                 longPresetLimit: Int? = nil,
+                approximatesDense: Bool = true,
                 adjustProblem: @escaping @Sendable (BenchProblem, [Parameter: Int]) -> BenchProblem = { p, _ in p },
                 make: (@Sendable (ConformerConfig) throws -> any Attention)?) {
         self.name = name
@@ -167,6 +175,7 @@ public struct VariantEntry: Sendable {
         self.parameters = parameters
         self.settingsNote = settingsNote
         self.longPresetLimit = longPresetLimit
+        self.approximatesDense = approximatesDense
         self.adjustProblem = adjustProblem
         self.make = make
     }
@@ -364,5 +373,29 @@ public struct Registry: Sendable {
             settingsNote: "mean pooling; causal by whole windows",
             longPresetLimit: 16384,
             make: { c in try MemoryCompressedAttention(compression: c[.compression], causal: c.causal) }),
+        VariantEntry(
+            name: "isab",
+            summary: "Set Transformer induced set attention: m seeded inducing points summarise the keys, queries attend the summary (Lee et al. 2019)",
+            parameters: [(.inducing, .value(32))],
+            settingsNote: "identity projections; non-causal",
+            make: { c in
+                try InducedSetAttention(heads: c.shape.heads, headDim: c.shape.headDim, inducingCount: c[.inducing],
+                                        seed: c.seed, causal: c.causal)
+            }),
+        VariantEntry(
+            name: "pma",
+            summary: "Set Transformer pooling by attention: k seeded seed vectors attend over the set, k output rows (Lee et al. 2019)",
+            parameters: [(.seeds, .value(1))],
+            settingsNote: "Nq = k (the seeds are the queries, no error column); non-causal",
+            approximatesDense: false,
+            adjustProblem: { p, values in
+                var p = p
+                p.shape.queryLength = values[.seeds] ?? 1
+                return p
+            },
+            make: { c in
+                try AttentionPooling(heads: c.shape.heads, headDim: c.shape.headDim, seedCount: c[.seeds],
+                                     seed: c.seed, causal: c.causal)
+            }),
     ])
 }

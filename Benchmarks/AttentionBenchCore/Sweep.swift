@@ -209,7 +209,7 @@ public final class SweepRunner {
             var relativeError: Double?
             if isDense {
                 relativeError = 0
-            } else {
+            } else if job.entry.approximatesDense {
                 if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
                     let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
                     do {

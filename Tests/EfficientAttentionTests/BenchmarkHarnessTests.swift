@@ -125,7 +125,7 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
-                            "axial", "memory-compressed"])
+                            "axial", "memory-compressed", "isab", "pma"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -147,6 +147,10 @@ import AttentionBenchCore
         #expect(r.entry(named: "adaptive-span")!.resolveParameters([:], at: p) == [.span: 128, .ramp: 32])
         #expect(r.entry(named: "strided")!.resolveParameters([:], at: p) == [.stride: 32])
         #expect(r.entry(named: "memory-compressed")!.resolveParameters([:], at: p) == [.compression: 3])
+        #expect(r.entry(named: "isab")!.resolveParameters([:], at: p) == [.inducing: 32])
+        let pma = r.entry(named: "pma")!
+        #expect(pma.resolveParameters([:], at: p) == [.seeds: 1] && !pma.approximatesDense)
+        #expect(pma.adjustProblem(p, [.seeds: 4]).shape.queryLength == 4)
         #expect(r.entry(named: "strided")!.resolveParameters([.stride: 5], at: p) == [.stride: 5])
         let xl = r.entry(named: "transformer-xl")!
         let xlValues = xl.resolveParameters([:], at: p)
@@ -482,7 +486,7 @@ import AttentionBenchCore
         let expected = [8192, 16384].flatMap { n in
             available.filter { $0.longPresetLimit.map { n <= $0 } ?? true }.map { "\($0.name)@\(n)" }
         }
-        #expect(plan.jobs.map { "\($0.entry.name)@\($0.problem.shape.queryLength)" } == expected)
+        #expect(plan.jobs.map { "\($0.entry.name)@\($0.base.shape.queryLength)" } == expected)
         #expect(expected.prefix(2) == ["vanilla@8192", "dense@8192"] && expected.contains("dense@16384")
                 && !expected.contains("vanilla@16384"))
         let notes = Dictionary(grouping: plan.notes, by: \.variant)

@@ -30,6 +30,8 @@ struct InvarianceProblem: Sendable, CustomTestStringConvertible {
         InvarianceProblem(queryLength: 29, keyLength: 29, headDim: 128, valueDim: 128, causal: true),
         InvarianceProblem(batch: 2, queryLength: 40, keyLength: 40, headDim: 8, valueDim: 24, causal: false,
                           keyLengths: [0, 40]),
+        InvarianceProblem(batch: 2, heads: 4, kvHeads: 2, queryLength: 36, keyLength: 60, headDim: 16, valueDim: 16,
+                          causal: false, keyLengths: [30, 0]),
     ]
 }
 
@@ -39,7 +41,7 @@ struct InvarianceTests {
     /// clusters, projections, features, spans, memory) is exercised at these lengths.
     static let settings: [Parameter: Int] = [
         .window: 12, .stride: 5, .blockSize: 8, .randomBlocks: 2, .bucketSize: 8, .hashes: 3, .features: 24,
-        .proj: 16, .span: 20, .ramp: 6, .memory: 9,
+        .proj: 16, .span: 20, .ramp: 6, .memory: 9, .compression: 3, .inducing: 6, .seeds: 3,
     ]
 
     /// Every available conformer of the benchmark's registry, built for `problem` (after the

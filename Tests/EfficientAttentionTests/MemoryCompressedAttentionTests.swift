@@ -50,31 +50,6 @@ private func compressedVisibility(c: Int, nq: Int, nk: Int, causal: Bool, keyLen
     }
 }
 
-/// Softmax attention in Double over compressed keys and values given as Double arrays.
-private func doubleAttention(_ q: Tensor, keys: [Double], values: [Double], kvHeads: Int, nc: Int, dv: Int,
-                             visible: Visibility) -> ReferenceResult<Double> {
-    let (bs, heads, nq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
-    let scale = defaultScale(headDim: d)
-    var result = ReferenceResult<Double>(batch: bs, heads: heads, queryLength: nq, valueDim: dv,
-                                         output: .init(repeating: 0, count: bs * heads * nq * dv),
-                                         lse: .init(repeating: -.infinity, count: bs * heads * nq))
-    for b in 0..<bs { for h in 0..<heads { for i in 0..<nq {
-        let hk = h / (heads / kvHeads), base = (b * kvHeads + hk) * nc
-        let seen = (0..<nc).filter { visible(b, h, i, $0) }
-        guard !seen.isEmpty else { continue }
-        let scores = seen.map { t in scale * (0..<d).reduce(0.0) { $0 + Double(q[b, h, i, $1]) * keys[(base + t) * d + $1] } }
-        let m = scores.max()!
-        let weights = scores.map { Foundation.exp($0 - m) }
-        let total = weights.reduce(0, +)
-        let row = result.row(b, h, i)
-        result.lse[row] = m + Foundation.log(total)
-        for (n, t) in seen.enumerated() {
-            for x in 0..<dv { result.output[row * dv + x] += weights[n] / total * values[(base + t) * dv + x] }
-        }
-    } } }
-    return result
-}
-
 @Suite("MemoryCompressedAttention")
 struct MemoryCompressedAttentionTests {
     static let cases: [(c: Int, nq: Int, nk: Int, d: Int, dv: Int, causal: Bool, weighted: Bool)] = [
@@ -103,7 +78,7 @@ struct MemoryCompressedAttentionTests {
         let result = try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: threads)
         let nc = (nk + c - 1) / c
         let visible = compressedVisibility(c: c, nq: nq, nk: nk, causal: causal, keyLengths: keyLengths)
-        let reference = doubleAttention(q, keys: compressWindows(k, c: c, weights: kw, bias: kb, keyLengths: keyLengths, as: Double.self),
+        let reference = referenceAttention(query: q, keys: compressWindows(k, c: c, weights: kw, bias: kb, keyLengths: keyLengths, as: Double.self),
                                         values: compressWindows(v, c: c, weights: vw, bias: vb, keyLengths: keyLengths, as: Double.self),
                                         kvHeads: kvHeads, nc: nc, dv: dv, visible: visible)
         let floatKeys = try Tensor(shape: [batch, kvHeads, nc, d],

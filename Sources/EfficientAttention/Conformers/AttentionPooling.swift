@@ -1,0 +1,109 @@
+/// Pooling by multihead attention (PMA, Lee et al. 2019, Set Transformer): `k` learned
+/// seed vectors per head attend over the set, giving `k` outputs per head whatever the
+/// set's size.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, r < k (hk = h / (H / Hkv)):
+/// let L = keyLengths?[b] ?? Nk
+/// o[b, h, r] = Σ_{j < L} softmax_j(scale · S[h, r] · k[b, hk, j]) · v[b, hk, j]
+/// lse[b, h, r] = log Σ_{j < L} exp(scale · S[h, r] · k[b, hk, j])
+/// ```
+/// The seeds are the queries: through the ``Attention`` protocol the query tensor must be
+/// `[B, H, k, D]` (its values are not read; the output is `[B, H, k, Dv]`), and
+/// ``pool(key:value:keyLengths:threads:)`` does the same without one. A batch item
+/// without keys gives rows 0 with `lse = -infinity`. Not causal.
+///
+/// One run of the tiled softmax kernel with the seeds as a query view of batch stride 0
+/// (``PointAttention``). (KernelDocs/SetTransformer.md.)
+///
+/// - Complexity: `2 · k · Nk · (D + Dv)` FLOPs per head: linear in the set size.
+///   Workspace: the kernel's tiles per thread.
+public struct AttentionPooling: Attention {
+    public let heads: Int
+    public let headDim: Int
+    /// `k`, seeds per head.
+    public let seedCount: Int
+    /// `S [H, k, D]` row-major.
+    public let seeds: [Float]
+    /// Must stay false: a thrown error.
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    /// Given seeds `[H, k, D]`.
+    public init(heads: Int, headDim: Int, seeds: [Float], causal: Bool = false, scale: Float? = nil) throws {
+        try PointAttention.checkPoints(seeds, heads: heads, headDim: headDim, option: "seeds",
+                                       variant: "attention pooling")
+        self.heads = heads
+        self.headDim = headDim
+        self.seedCount = seeds.count / (heads * headDim)
+        self.seeds = seeds
+        self.causal = causal
+        self.scale = scale
+    }
+
+    /// `seedCount` seeds drawn from `N(0, 1)` with a seeded generator.
+    public init(heads: Int, headDim: Int, seedCount: Int = 1, seed: UInt64 = 0,
+                causal: Bool = false, scale: Float? = nil) throws {
+        let seeds = try PointAttention.seededPoints(heads: heads, count: seedCount, headDim: headDim, seed: seed,
+                                                    option: "seeds", variant: "attention pooling")
+        try self.init(heads: heads, headDim: headDim, seeds: seeds, causal: causal, scale: scale)
+    }
+
+    public var name: String { "pma" }
+
+    public func validate(_ shape: AttentionShape) throws {
+        let variant = "attention pooling"
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        guard !causal else { throw AttentionError.unsupported("\(variant) has no causal form") }
+        guard shape.heads == heads, shape.headDim == headDim else {
+            throw AttentionError.shapeMismatch(
+                "\(variant): configured for heads \(heads) and headDim \(headDim), the problem has heads \(shape.heads) and headDim \(shape.headDim)")
+        }
+        guard shape.queryLength == seedCount else {
+            throw AttentionError.shapeMismatch(
+                "\(variant): the queries are the \(seedCount) seeds, so queryLength must be \(seedCount), got \(shape.queryLength)")
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return PointAttention.cost(count: seedCount, shape: shape, threads: try threadCount(threads))
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                             threads: threads, scale: self.scale)
+        return try pool(shape: shape, scale: scale, key: key, value: value, keyLengths: keyLengths, threads: threads)
+    }
+
+    /// The seeds attending over `key` `[B, Hkv, Nk, D]` and `value` `[B, Hkv, Nk, Dv]`:
+    /// output `[B, H, k, Dv]`.
+    public func pool(key: Tensor, value: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil) throws -> AttentionResult {
+        guard key.shape.count == 4, value.shape.count == 4 else {
+            throw AttentionError.shapeMismatch("attention pooling: key and value must be [B, Hkv, Nk, ·]")
+        }
+        let shape = AttentionShape(batch: key.shape[0], heads: heads, kvHeads: key.shape[1], queryLength: seedCount,
+                                   keyLength: key.shape[2], headDim: key.shape[3], valueDim: value.shape[3])
+        guard value.shape[0] == shape.batch, value.shape[1] == shape.kvHeads, value.shape[2] == shape.keyLength else {
+            throw AttentionError.shapeMismatch("attention pooling: key \(key.shape) and value \(value.shape) disagree")
+        }
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        return try pool(shape: shape, scale: scale ?? 1 / Float(headDim).squareRoot(), key: key, value: value,
+                        keyLengths: keyLengths, threads: threads)
+    }
+
+    private func pool(shape: AttentionShape, scale: Float, key: Tensor, value: Tensor, keyLengths: [Int]?,
+                      threads: Int?) throws -> AttentionResult {
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, heads, seedCount, shape.valueDim])
+        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, heads, seedCount, 1])
+        let threads = try threadCount(threads)
+        key.withView { k in value.withView { v in output.withMutableView { o in lse.withMutableView { l in
+            PointAttention.run(points: seeds, count: seedCount, shape: shape, scale: scale, threads: threads,
+                               keyLengths: keyLengths, k: k, v: v, o: o, lse: l)
+        } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+}

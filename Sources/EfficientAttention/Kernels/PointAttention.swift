@@ -1,0 +1,58 @@
+/// Learned points attending over a sequence: `softmax(scale · P Kᵀ) V` for points
+/// `P [H, m, D]` shared by every batch item, the first step of the Set Transformer's
+/// induced set attention and its pooling by attention (Lee et al. 2019).
+///
+/// The points are a query view with batch stride 0 (nothing is copied per batch item) and
+/// the product is one run of the tiled softmax kernel, key padding as `keyEnd`.
+enum PointAttention {
+    /// Checks learned points `[H, m, D]` (count, finite values) and returns `m`.
+    static func checkPoints(_ points: [Float], heads: Int, headDim: Int, option: String, variant: String) throws {
+        try checkOption(heads, "heads", in: 1...lengthLimit, variant: variant)
+        try checkOption(headDim, "headDim", in: 1...DenseAttention.maxHeadDim, variant: variant)
+        guard !points.isEmpty, let perHead = checkedProduct([heads, headDim]), points.count % perHead == 0 else {
+            throw AttentionError.shapeMismatch(
+                "\(variant): \(option) has \(points.count) elements, expected [H \(heads), m, D \(headDim)] with m ≥ 1")
+        }
+        try checkLimit(points.count / perHead, "the number of \(option)", variant: variant)
+        if let index = points.firstIndex(where: { !$0.isFinite }) {
+            throw AttentionError.invalidParameter("\(variant): \(option)[\(index)] must be finite, got \(points[index])")
+        }
+    }
+
+    /// Points drawn from `N(0, 1)` with a seeded generator, `[heads, count, headDim]`.
+    static func seededPoints(heads: Int, count: Int, headDim: Int, seed: UInt64,
+                             option: String, variant: String) throws -> [Float] {
+        try checkOption(count, "the number of \(option)", in: 1...lengthLimit, variant: variant)
+        try checkOption(heads, "heads", in: 1...lengthLimit, variant: variant)
+        try checkOption(headDim, "headDim", in: 1...DenseAttention.maxHeadDim, variant: variant)
+        try checkFloatAllocation([heads, count, headDim], option: "\(variant): \(option) [H, m, D]")
+        var rng = SeededGenerator(seed: seed)
+        return (0..<(heads * count * headDim)).map { _ in Float(rng.nextGaussian()) }
+    }
+
+    /// `o[b, h] = softmax(scale · points[h] · k[b, hk]ᵀ) v[b, hk]` over the first
+    /// `keyLengths[b]` keys, into `o` and `lse` (`[B, H, m, ·]`).
+    static func run(points: [Float], count m: Int, shape: AttentionShape, scale: Float, threads: Int,
+                    keyLengths: [Int]?, k: TensorView, v: TensorView, o: MutableTensorView, lse: MutableTensorView) {
+        var problem = shape
+        problem.queryLength = m
+        points.withUnsafeBufferPointer { p in
+            let q = TensorView(base: p.baseAddress!, strides: [0, m * shape.headDim, shape.headDim, 1])
+            TiledSoftmaxAttention.run(shape: problem, scale: scale, threads: threads,
+                                      q: q, k: k, v: v, o: o, lse: lse) { b, _ in
+                IntervalMask(queryLength: m, keyLength: shape.keyLength, causal: false,
+                             keyEnd: keyLengths?[b] ?? shape.keyLength)
+            }
+        }
+    }
+
+    /// FLOPs, pairs and kernel workspace of ``run`` for `m` points.
+    static func cost(count m: Int, shape: AttentionShape, threads: Int) -> AttentionCost {
+        var problem = shape
+        problem.queryLength = m
+        let pairs = shape.batch * shape.heads * m * shape.keyLength
+        return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
+                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: problem, threads: threads),
+                             scoredPairs: pairs)
+    }
+}
