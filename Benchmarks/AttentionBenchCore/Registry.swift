@@ -26,6 +26,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case compression
     case inducing
     case seeds
+    case sortCut = "sort-cut"
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -35,7 +36,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         switch self {
         case .window: return "window size (local: left w/2, right w/2-1; longformer: total keys per query; routing: cluster size)"
         case .stride: return "strided: stride l (default ceil(sqrt(N)))"
-        case .blockSize: return "bigbird: block size"
+        case .blockSize: return "bigbird, sinkhorn: block size"
         case .randomBlocks: return "bigbird: random blocks per query block"
         case .bucketSize: return "lsh: bucket (chunk) size"
         case .hashes: return "lsh: hash rounds"
@@ -48,6 +49,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .compression: return "memory-compressed: kernel and stride c of the key/value convolution (mean pooling)"
         case .inducing: return "isab: inducing points m per head"
         case .seeds: return "pma: seed vectors k per head (the output has k rows)"
+        case .sortCut: return "sinkhorn: SortCut, each query attends to the first N sorted blocks only (off by default)"
         }
     }
 
@@ -373,6 +375,12 @@ public struct Registry: Sendable {
             settingsNote: "mean pooling; causal by whole windows",
             longPresetLimit: 16384,
             make: { c in try MemoryCompressedAttention(compression: c[.compression], causal: c.causal) }),
+        VariantEntry(
+            name: "sinkhorn",
+            summary: "Sparse Sinkhorn attention: key blocks sorted by a Sinkhorn-balanced plan, own block + sorted block (Tay et al. 2020)",
+            parameters: [(.blockSize, .value(64)), (.sortCut, .unset)],
+            settingsNote: "7 iterations, temperature 0.75, no Gumbel noise",
+            make: { c in SinkhornAttention(blockSize: c[.blockSize], sortCut: c.optional(.sortCut), causal: c.causal) }),
         VariantEntry(
             name: "isab",
             summary: "Set Transformer induced set attention: m seeded inducing points summarise the keys, queries attend the summary (Lee et al. 2019)",

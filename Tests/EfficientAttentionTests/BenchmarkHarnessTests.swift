@@ -125,7 +125,7 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
-                            "axial", "memory-compressed", "isab", "pma"])
+                            "axial", "memory-compressed", "sinkhorn", "isab", "pma"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -148,6 +148,8 @@ import AttentionBenchCore
         #expect(r.entry(named: "strided")!.resolveParameters([:], at: p) == [.stride: 32])
         #expect(r.entry(named: "memory-compressed")!.resolveParameters([:], at: p) == [.compression: 3])
         #expect(r.entry(named: "isab")!.resolveParameters([:], at: p) == [.inducing: 32])
+        #expect(r.entry(named: "sinkhorn")!.resolveParameters([:], at: p) == [.blockSize: 64])
+        #expect(r.entry(named: "sinkhorn")!.resolveParameters([.sortCut: 4], at: p) == [.blockSize: 64, .sortCut: 4])
         let pma = r.entry(named: "pma")!
         #expect(pma.resolveParameters([:], at: p) == [.seeds: 1] && !pma.approximatesDense)
         #expect(pma.adjustProblem(p, [.seeds: 4]).shape.queryLength == 4)
