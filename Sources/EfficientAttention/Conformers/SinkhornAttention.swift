@@ -28,7 +28,7 @@
 /// - Complexity: attention `2 · N · (2·bs) · (D + Dv)` FLOPs per head (SortCut:
 ///   `2 · N · n · bs · (D + Dv)`), mixing `2 · n_b² · bs · (D + Dv)` (SortCut: `n` rows of
 ///   `P`), balancing `O(iterations · n_b²)`. Workspace: the sorted blocks
-///   (`4 · B · H · n_out · min(bs, N) · (D + Dv)` bytes), the plan (`4 · n_b²`) and a GEMM
+///   (`4 · B · H · n_out · min(bs, N) · (D + Dv)` bytes), the plan (`4 · n_b · ⌈n_b⌉₁₆`) and a GEMM
 ///   workspace per thread, and the tiled kernel's tiles.
 public struct SinkhornAttention: Attention {
     /// Block size `bs` (the paper's default 64 in the benchmark).
@@ -193,7 +193,7 @@ public struct SinkhornAttention: Attention {
         query.withView { q in key.withView { k in plans.withMutableView { out in
             forEachHead(shape: shape, scale: scale, threads: threads, q: q, k: k,
                         keyLengths: keyLengths, logits: logits) { b, h, plan, _, _ in
-                out.row(b, h, 0).update(from: plan, count: n * n)
+                for t in 0..<n { out.row(b, h, t).update(from: plan + t * roundUp(n, 16), count: n) }
             }
         } } }
         return plans
