@@ -174,18 +174,11 @@ public struct InducedSetAttention: Attention {
             }
         }
 
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, dv])
-        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let summary = summaryShape(shape)
-        query.withView { q in keys.withView { k in values.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            TiledSoftmaxAttention.run(shape: summary, scale: scale, threads: threads,
-                                      q: q, k: k, v: v, o: o, lse: l) { b, _ in
-                // A batch item without keys has no summary.
-                IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false,
-                             keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : m)
-            }
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        return try TiledSoftmaxAttention.attend(shape: summaryShape(shape), scale: scale, threads: threads,
+                                                query: query, key: keys, value: values) { b, _ in
+            // A batch item without keys has no summary.
+            IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false,
+                         keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : m)
+        }
     }
 }

@@ -153,26 +153,18 @@ public struct MemoryCompressedAttention: Attention {
         } } } } }
         }
 
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let causal = causal
-        query.withView { q in keys.withView { k in values.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
-            if causal {
-                TiledSoftmaxAttention.run(shape: compressed, scale: scale, threads: threads,
-                                          q: q, k: k, v: v, o: o, lse: l) { b, _ in
-                    WindowEndMask(compression: c, keyLength: length(b), offset: shape.keyLength - shape.queryLength)
-                }
-            } else {
-                TiledSoftmaxAttention.run(shape: compressed, scale: scale, threads: threads,
-                                          q: q, k: k, v: v, o: o, lse: l) { b, _ in
-                    IntervalMask(queryLength: shape.queryLength, keyLength: nc, causal: false,
-                                 keyEnd: WindowCompression.compressedLength(length(b), compression: c))
-                }
+        func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
+        if causal {
+            return try TiledSoftmaxAttention.attend(shape: compressed, scale: scale, threads: threads,
+                                                    query: query, key: keys, value: values) { b, _ in
+                WindowEndMask(compression: c, keyLength: length(b), offset: shape.keyLength - shape.queryLength)
             }
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
+        return try TiledSoftmaxAttention.attend(shape: compressed, scale: scale, threads: threads,
+                                                query: query, key: keys, value: values) { b, _ in
+            IntervalMask(queryLength: shape.queryLength, keyLength: nc, causal: false,
+                         keyEnd: WindowCompression.compressedLength(length(b), compression: c))
+        }
     }
 }
 
