@@ -54,12 +54,8 @@ public struct AttentionPooling: Attention {
 
     public func validate(_ shape: AttentionShape) throws {
         let variant = "attention pooling"
-        try checkPatternShape(shape, scale: scale, variant: variant)
-        guard !causal else { throw AttentionError.unsupported("\(variant) has no causal form") }
-        guard shape.heads == heads, shape.headDim == headDim else {
-            throw AttentionError.shapeMismatch(
-                "\(variant): configured for heads \(heads) and headDim \(headDim), the problem has heads \(shape.heads) and headDim \(shape.headDim)")
-        }
+        try PointAttention.checkProblem(shape, heads: heads, headDim: headDim, causal: causal, scale: scale,
+                                        variant: variant)
         guard shape.queryLength == seedCount else {
             throw AttentionError.shapeMismatch(
                 "\(variant): the queries are the \(seedCount) seeds, so queryLength must be \(seedCount), got \(shape.queryLength)")

@@ -92,14 +92,8 @@ public struct InducedSetAttention: Attention {
 
     public func validate(_ shape: AttentionShape) throws {
         let variant = "induced set attention"
-        try checkPatternShape(shape, scale: scale, variant: variant)
-        guard !causal else {
-            throw AttentionError.unsupported("\(variant) has no causal form: the inducing points summarise every key")
-        }
-        guard shape.heads == heads, shape.headDim == headDim else {
-            throw AttentionError.shapeMismatch(
-                "\(variant): configured for heads \(heads) and headDim \(headDim), the problem has heads \(shape.heads) and headDim \(shape.headDim)")
-        }
+        try PointAttention.checkProblem(shape, heads: heads, headDim: headDim, causal: causal, scale: scale,
+                                        variant: variant)
         if let wk = keyProjection {
             guard wk.count == heads * shape.valueDim * headDim else {
                 throw AttentionError.shapeMismatch(

@@ -19,6 +19,21 @@ enum PointAttention {
         }
     }
 
+    /// What both Set Transformer conformers need of a problem: the shape, a finite scale,
+    /// no causal rule (the points see every key), and the heads and head dimension the
+    /// points were made for.
+    static func checkProblem(_ shape: AttentionShape, heads: Int, headDim: Int, causal: Bool, scale: Float?,
+                             variant: String) throws {
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        guard !causal else {
+            throw AttentionError.unsupported("\(variant) has no causal form: the learned points see every key")
+        }
+        guard shape.heads == heads, shape.headDim == headDim else {
+            throw AttentionError.shapeMismatch(
+                "\(variant): configured for heads \(heads) and headDim \(headDim), the problem has heads \(shape.heads) and headDim \(shape.headDim)")
+        }
+    }
+
     /// Points drawn from `N(0, 1)` with a seeded generator, `[heads, count, headDim]`.
     static func seededPoints(heads: Int, count: Int, headDim: Int, seed: UInt64,
                              option: String, variant: String) throws -> [Float] {
