@@ -65,9 +65,13 @@ final class FuzzCase {
     /// Settings small enough that every structure (windows, blocks, buckets, clusters,
     /// projections, features, spans, memory) shows at the lengths above.
     func settings() -> [Parameter: Int] {
-        [.window: rng.int(1...24), .stride: rng.int(1...9), .blockSize: rng.int(1...12), .randomBlocks: rng.int(0...3),
-         .bucketSize: rng.int(1...12), .hashes: rng.int(1...4), .features: rng.int(1...40), .proj: rng.int(1...24),
-         .span: rng.int(0...30), .ramp: rng.int(1...10), .memory: rng.int(0...12)]
+        var values: [Parameter: Int] = [
+            .window: rng.int(1...24), .stride: rng.int(1...9), .blockSize: rng.int(1...12), .randomBlocks: rng.int(0...3),
+            .bucketSize: rng.int(1...12), .hashes: rng.int(1...4), .features: rng.int(1...40), .proj: rng.int(1...24),
+            .span: rng.int(0...30), .ramp: rng.int(1...10), .memory: rng.int(0...12),
+            .compression: rng.int(1...9), .inducing: rng.int(1...12), .seeds: rng.int(1...5)]
+        if rng.chance(0.3) { values[.sortCut] = rng.int(1...4) }
+        return values
     }
 
     static let entries = Registry.standard.entries.filter(\.isAvailable)
