@@ -32,6 +32,10 @@ public struct BenchRecord: Equatable, Sendable {
     public var outputBytes: Int
     /// `‖O − O_dense‖_F / ‖O_dense‖_F` (0 for dense).
     public var relativeError: Double?
+    /// Query rows per (batch item, head) the error was computed on when the full dense
+    /// reference would have been too expensive (evenly spread, each row exact over all its
+    /// keys); `nil`: every row.
+    public var errorRows: Int?
     /// Dense median / this median at the same problem and thread count.
     public var speedupVsDense: Double?
     /// This measured peak / dense's.
@@ -47,7 +51,7 @@ public struct BenchRecord: Equatable, Sendable {
                 dim: Int, valueDim: Int, causal: Bool, threads: Int, parameters: String = "",
                 runs: Int, medianSeconds: Double, minSeconds: Double, flops: Double, scoredPairs: Int,
                 peakGflops: Double, workspaceBytes: Int, measuredPeakBytes: Int, outputBytes: Int,
-                relativeError: Double? = nil, speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
+                relativeError: Double? = nil, errorRows: Int? = nil, speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
                 speedupVsVanilla: Double? = nil, memoryVsVanilla: Double? = nil,
                 gbPerSecond: Double? = nil, peakGBPerSecond: Double? = nil) {
         self.variant = variant
@@ -72,6 +76,7 @@ public struct BenchRecord: Equatable, Sendable {
         self.measuredPeakBytes = measuredPeakBytes
         self.outputBytes = outputBytes
         self.relativeError = relativeError
+        self.errorRows = errorRows
         self.speedupVsDense = speedupVsDense
         self.memoryVsDense = memoryVsDense
         self.speedupVsVanilla = speedupVsVanilla
@@ -102,7 +107,7 @@ public struct BenchRecord: Equatable, Sendable {
         "parameters", "runs", "medianSeconds", "minSeconds", "flops", "scoredPairs", "gflops", "peakGflops",
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
-        "gbPerSecond", "peakGBPerSecond",
+        "gbPerSecond", "peakGBPerSecond", "errorRows",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -112,7 +117,8 @@ public struct BenchRecord: Equatable, Sendable {
          .double(medianSeconds), .double(minSeconds), .double(flops), .int(scoredPairs), .double(gflops),
          .double(peakGflops), .double(percentOfPeak), .int(workspaceBytes), .int(measuredPeakBytes),
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
-         .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond)]
+         .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond),
+         .double(errorRows.map(Double.init))]
     }
 }
 

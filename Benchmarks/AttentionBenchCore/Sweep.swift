@@ -1,5 +1,5 @@
 import Foundation
-@_spi(Benchmarking) import EfficientAttention
+@_spi(Benchmarking) @_spi(Testing) import EfficientAttention
 
 /// A note printed under the table: a conformer that is not available, a point skipped
 /// by the preset, a problem a conformer does not support.
@@ -141,10 +141,16 @@ public final class SweepRunner {
         self.progress = progress
     }
 
-    struct Inputs {
-        var query: Tensor
-        var key: Tensor
-        var value: Tensor
+    public struct Inputs {
+        public var query: Tensor
+        public var key: Tensor
+        public var value: Tensor
+
+        public init(query: Tensor, key: Tensor, value: Tensor) {
+            self.query = query
+            self.key = key
+            self.value = value
+        }
     }
 
     /// Seeded inputs, uniform in [-1, 1]: query, key, value from `seed`, `seed + 1`, `seed + 2`.
@@ -156,6 +162,67 @@ public final class SweepRunner {
             text += (text.isEmpty ? "" : " ") + "axes=" + grid.map(String.init).joined(separator: "x")
         }
         return text
+    }
+
+    /// Dense FLOPs above which the error column compares sampled rows (about a second of
+    /// dense attention on this machine): a full dense reference at N = 1M would be 10^14 FLOPs.
+    public static let fullReferenceFlops = 2e11
+    /// Query rows the sampled error uses (per batch item and head).
+    public static let sampledRowCount = 256
+
+    /// `count` query rows evenly spread over `0..<n`, first and last included (every row
+    /// when `n ≤ count`).
+    public static func sampleRows(_ n: Int, count: Int) -> [Int] {
+        guard n > count else { return Array(0..<n) }
+        return (0..<count).map { $0 * (n - 1) / (count - 1) }
+    }
+
+    /// Rows `rows` of every (batch item, head) of `output` (`[B, H, Nq, Dv]` row-major), in
+    /// `[B, H, rows, Dv]` order.
+    public static func selectRows(_ output: [Float], rows: [Int], shape: AttentionShape) -> [Float] {
+        var out: [Float] = []
+        out.reserveCapacity(shape.batch * shape.heads * rows.count * shape.valueDim)
+        for bh in 0..<(shape.batch * shape.heads) {
+            for i in rows {
+                let start = (bh * shape.queryLength + i) * shape.valueDim
+                out += output[start..<(start + shape.valueDim)]
+            }
+        }
+        return out
+    }
+
+    /// Dense attention's output on query rows `rows` of `problem`, each computed exactly
+    /// over all its visible keys, in `[B, H, rows, Dv]` order: per batch item, one dense
+    /// call whose batch items are the sampled rows (keys and values read through a
+    /// batch-stride-0 view, the causal limit as each row's key length).
+    public static func denseRows(_ rows: [Int], problem: BenchProblem, inputs: Inputs) throws -> [Float] {
+        let s = problem.shape, n = rows.count
+        let offset = s.keyLength - s.queryLength
+        var out = [Float](repeating: 0, count: s.batch * s.heads * n * s.valueDim)
+        for b in 0..<s.batch {
+            var gathered = [Float](repeating: 0, count: n * s.heads * s.headDim)
+            for (r, i) in rows.enumerated() {
+                for h in 0..<s.heads {
+                    for c in 0..<s.headDim { gathered[(r * s.heads + h) * s.headDim + c] = inputs.query[b, h, i, c] }
+                }
+            }
+            let query = try Tensor(shape: [n, s.heads, 1, s.headDim], data: gathered)
+            func broadcast(_ t: Tensor) throws -> Tensor {
+                try Tensor(shape: [n, t.shape[1], t.shape[2], t.shape[3]], storage: t.storage,
+                           strides: [0, t.strides[1], t.strides[2], t.strides[3]], offset: t.offset + b * t.strides[0])
+            }
+            let lengths = rows.map { problem.causal ? min(s.keyLength, max(0, $0 + offset + 1)) : s.keyLength }
+            let result = try DenseAttention().attend(query: query, key: broadcast(inputs.key), value: broadcast(inputs.value),
+                                                     keyLengths: lengths, threads: defaultThreadCount)
+            for r in 0..<n {
+                for h in 0..<s.heads {
+                    for c in 0..<s.valueDim {
+                        out[((b * s.heads + h) * n + r) * s.valueDim + c] = result.output[r, h, 0, c]
+                    }
+                }
+            }
+        }
+        return out
     }
 
     public static func inputs(for shape: AttentionShape, seed: UInt64) throws -> (query: Tensor, key: Tensor, value: Tensor) {
@@ -170,6 +237,7 @@ public final class SweepRunner {
         let start = monotonicSeconds()
         var inputCache: [AttentionShape: Inputs] = [:]
         var referenceCache: [BenchProblem: [Float]] = [:]
+        var sampledCache: [BenchProblem: [Float]] = [:]
         var currentBase: BenchProblem?
         var results: [(job: SweepJob, record: BenchRecord)] = []
 
@@ -185,6 +253,7 @@ public final class SweepRunner {
             if currentBase != job.base {
                 inputCache.removeAll()
                 referenceCache.removeAll()
+                sampledCache.removeAll()
                 currentBase = job.base
             }
             let elapsed = monotonicSeconds() - start
@@ -207,21 +276,38 @@ public final class SweepRunner {
             if isDense && referenceCache[job.problem] == nil { referenceCache[job.problem] = measured.output }
 
             var relativeError: Double?
+            var errorRows: Int?
             if isDense {
                 relativeError = 0
             } else if job.entry.approximatesDense {
-                if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
-                    let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
-                    do {
-                        let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                                 keyLengths: nil, threads: defaultThreadCount)
-                        referenceCache[job.problem] = r.output.elements
-                    } catch {
-                        progress("note: no dense reference for \(job.problem): \(error)")
+                let shape = job.problem.shape
+                let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
+                                                       keyLength: shape.keyLength, headDim: shape.headDim,
+                                                       valueDim: shape.valueDim, causal: job.problem.causal)
+                if referenceCache[job.problem] == nil && denseFlops > Self.fullReferenceFlops {
+                    // The full dense output would cost more than the run itself: exact dense rows
+                    // on an even sample of the queries instead.
+                    let rows = Self.sampleRows(shape.queryLength, count: Self.sampledRowCount)
+                    if sampledCache[job.problem] == nil {
+                        sampledCache[job.problem] = try Self.denseRows(rows, problem: job.problem, inputs: inputs)
                     }
-                }
-                if let reference = referenceCache[job.problem] {
-                    relativeError = Accounting.relativeError(measured.output, reference: reference)
+                    relativeError = Accounting.relativeError(Self.selectRows(measured.output, rows: rows, shape: shape),
+                                                             reference: sampledCache[job.problem]!)
+                    errorRows = rows.count
+                } else {
+                    if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
+                        let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
+                        do {
+                            let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                                     keyLengths: nil, threads: defaultThreadCount)
+                            referenceCache[job.problem] = r.output.elements
+                        } catch {
+                            progress("note: no dense reference for \(job.problem): \(error)")
+                        }
+                    }
+                    if let reference = referenceCache[job.problem] {
+                        relativeError = Accounting.relativeError(measured.output, reference: reference)
+                    }
                 }
             }
             let record = BenchRecord(
@@ -231,7 +317,7 @@ public final class SweepRunner {
                 runs: measured.timing.runs, medianSeconds: measured.timing.medianSeconds,
                 minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
-                outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError)
+                outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows)
             results.append((job, record))
         }
         let sorted = results.sorted { a, b in

@@ -137,7 +137,7 @@ public enum ReportTable {
                     String(r.runs), String(format: "%.2f", r.flops / 1e9), String(format: "%.1f", r.gflops),
                     String(format: "%.1f", r.percentOfPeak), Format.bytes(r.workspaceBytes),
                     Format.bytes(r.measuredPeakBytes), Format.bytes(max(0, r.measuredPeakBytes - r.outputBytes)),
-                    Format.error(r.relativeError),
+                    Format.error(r.relativeError) + (r.errorRows == nil ? "" : "~"),
                     Format.ratio(r.speedupVsDense), Format.ratio(r.speedupVsVanilla),
                     Format.ratio(r.memoryVsDense), Format.ratio(r.memoryVsVanilla)]
             if decode {
@@ -148,6 +148,10 @@ public enum ReportTable {
             rows.append(row)
         }
         if !records.isEmpty { out.append(TextTable.render(rows, rightAligned: rightAligned)) }
+        if let sampled = records.compactMap(\.errorRows).max() {
+            out.append("~ rel.err over \(sampled) evenly spread query rows per head, each exact over all its keys "
+                       + "(the full dense reference would cost more than \(String(format: "%.0e", SweepRunner.fullReferenceFlops)) FLOPs)\n")
+        }
         if !notes.isEmpty {
             if !records.isEmpty { out.append("") }
             let width = notes.map(\.variant.count).max()!

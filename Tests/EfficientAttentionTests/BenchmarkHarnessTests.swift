@@ -500,6 +500,27 @@ import AttentionBenchCore
                                                                   headDim: 64, valueDim: 64, causal: false))
     }
 
+    @Test func sampledErrorRows() throws {
+        #expect(SweepRunner.sampleRows(5, count: 256) == [0, 1, 2, 3, 4])
+        let rows = SweepRunner.sampleRows(1000, count: 5)
+        #expect(rows == [0, 249, 499, 749, 999])
+        for causal in [false, true] {
+            for (nq, nk) in [(300, 300), (200, 350)] {
+                let shape = AttentionShape(batch: 2, heads: 4, kvHeads: 2, queryLength: nq, keyLength: nk, headDim: 16, valueDim: 8)
+                let problem = BenchProblem(shape: shape, causal: causal)
+                let t = try SweepRunner.inputs(for: shape, seed: 3)
+                let inputs = SweepRunner.Inputs(query: t.query, key: t.key, value: t.value)
+                let full = try DenseAttention(causal: causal).attend(query: t.query, key: t.key, value: t.value).output.elements
+                let sample = SweepRunner.sampleRows(nq, count: 37)
+                let expected = SweepRunner.selectRows(full, rows: sample, shape: shape)
+                let sampled = try SweepRunner.denseRows(sample, problem: problem, inputs: inputs)
+                #expect(sampled.count == 2 * 4 * 37 * 8)
+                let worst = zip(sampled, expected).map { abs($0 - $1) }.max() ?? .infinity
+                #expect(worst <= 1e-6, "causal \(causal) Nq \(nq) Nk \(nk): sampled dense rows differ by \(worst)")
+            }
+        }
+    }
+
     @Test func axialGridOption() throws {
         let o = try BenchOptions.parse(["--variants", "axial", "--seq", "256,100", "--axes", "16x16", "--threads", "1"])
         #expect(o.axes == [16, 16])
