@@ -37,6 +37,17 @@ public enum Preset: String, CaseIterable, Sendable {
     case lra
     /// N = 1K ... 16K; quadratic conformers stop at their `longPresetLimit`.
     case long
+    /// N = 64K, 256K, 1M, the sub-quadratic conformers (``Preset/millionVariants``), H = 8
+    /// where memory allows (else H = 1, stated), growth per quadrupling and resident memory.
+    case million
+
+    /// The conformers `--preset million` runs unless `--variants` names others: every
+    /// registered conformer whose cost is linear in N (issue 21). Not run there: the
+    /// quadratic ones (vanilla, dense, multi-query, Transformer-XL, memory-compressed at a
+    /// fixed ratio), the `N √N` ones (strided, LSH), routing (its router is quadratic by
+    /// definition: KernelDocs/Routing.md), Sinkhorn (its plan has `(N / bs)²` entries).
+    public static let millionVariants = ["local", "longformer", "bigbird", "linformer", "linear-elu", "performer",
+                                         "adaptive-span", "axial", "isab"]
 }
 
 /// Everything the command line says, with presets and defaults applied.
@@ -126,7 +137,7 @@ extension BenchOptions {
         OptionSpec(name: "cache-precision", value: "f32|f16|both", help: "decode: cache storage [f32]"),
         OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
         OptionSpec(name: "fresh-pages", value: nil, help: "keep glibc's allocator defaults: large outputs and scratch are mmapped fresh (page faults) on every call"),
-        OptionSpec(name: "preset", value: "lra|long", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped (see below)"),
+        OptionSpec(name: "preset", value: "lra|long|million", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped; million: N = 64K,256K,1M, sub-quadratic conformers (see below)"),
         OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
         OptionSpec(name: "help", value: nil, help: "print this help and exit"),
     ] + Parameter.allCases.map { OptionSpec(name: $0.rawValue, value: "N", help: $0.help) }
@@ -169,6 +180,9 @@ extension BenchOptions {
             "  --preset lra   N = 1024,2048,3072,4096, threads all",
             "  --preset long  N = 1024,2048,4096,8192,16384, threads all; skipped with a note: "
                 + registry.entries.compactMap { e in e.longPresetLimit.map { "\(e.name) above \($0)" } }.joined(separator: ", "),
+            "  --preset million  N = 65536,262144,1048576, threads all, H = 8 (H = 1 where H = 8 does not fit 3/4 of memory,",
+            "                 with a note), variants " + Preset.millionVariants.joined(separator: ",") + " unless --variants is given;",
+            "                 the table adds the time's growth per quadrupling of N and the maximum resident size",
             "",
             "TIMING: warm-up runs, then timed runs until the budget is spent (or exactly --repeat runs);",
             "the table shows the median and the minimum. Exit codes: 0 ok, 1 run-time failure, 2 bad usage.",
@@ -246,7 +260,7 @@ extension BenchOptions {
 
         if let text = given["preset"] {
             guard let preset = Preset(rawValue: text.lowercased()) else {
-                throw BenchError.usage("--preset: unknown preset '\(text)' (lra or long)")
+                throw BenchError.usage("--preset: unknown preset '\(text)' (lra, long or million)")
             }
             options.preset = preset
         }
@@ -260,6 +274,10 @@ extension BenchOptions {
         case .long?:
             options.sequenceLengths = [1024, 2048, 4096, 8192, 16384]
             options.threads = [cores]
+        case .million?:
+            options.sequenceLengths = [1 << 16, 1 << 18, 1 << 20]
+            options.threads = [cores]
+            options.variants = .names(Preset.millionVariants.filter { registry.entry(named: $0) != nil })
         }
 
         if let text = given["variants"] {

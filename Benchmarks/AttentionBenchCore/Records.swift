@@ -36,6 +36,11 @@ public struct BenchRecord: Equatable, Sendable {
     /// reference would have been too expensive (evenly spread, each row exact over all its
     /// keys); `nil`: every row.
     public var errorRows: Int?
+    /// The process's peak resident size during the warm-up and timed calls (`VmHWM` after
+    /// resetting it; inputs, outputs and workspace included); `nil` where unknown.
+    public var maxResidentBytes: Int?
+    /// This median / the median of the same variant and settings at `N / 4` in the run.
+    public var growthPerQuadrupling: Double?
     /// Dense median / this median at the same problem and thread count.
     public var speedupVsDense: Double?
     /// This measured peak / dense's.
@@ -51,7 +56,8 @@ public struct BenchRecord: Equatable, Sendable {
                 dim: Int, valueDim: Int, causal: Bool, threads: Int, parameters: String = "",
                 runs: Int, medianSeconds: Double, minSeconds: Double, flops: Double, scoredPairs: Int,
                 peakGflops: Double, workspaceBytes: Int, measuredPeakBytes: Int, outputBytes: Int,
-                relativeError: Double? = nil, errorRows: Int? = nil, speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
+                relativeError: Double? = nil, errorRows: Int? = nil, maxResidentBytes: Int? = nil,
+                speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
                 speedupVsVanilla: Double? = nil, memoryVsVanilla: Double? = nil,
                 gbPerSecond: Double? = nil, peakGBPerSecond: Double? = nil) {
         self.variant = variant
@@ -77,6 +83,7 @@ public struct BenchRecord: Equatable, Sendable {
         self.outputBytes = outputBytes
         self.relativeError = relativeError
         self.errorRows = errorRows
+        self.maxResidentBytes = maxResidentBytes
         self.speedupVsDense = speedupVsDense
         self.memoryVsDense = memoryVsDense
         self.speedupVsVanilla = speedupVsVanilla
@@ -107,7 +114,7 @@ public struct BenchRecord: Equatable, Sendable {
         "parameters", "runs", "medianSeconds", "minSeconds", "flops", "scoredPairs", "gflops", "peakGflops",
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
-        "gbPerSecond", "peakGBPerSecond", "errorRows",
+        "gbPerSecond", "peakGBPerSecond", "errorRows", "maxResidentBytes", "growthPerQuadrupling",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -118,7 +125,8 @@ public struct BenchRecord: Equatable, Sendable {
          .double(peakGflops), .double(percentOfPeak), .int(workspaceBytes), .int(measuredPeakBytes),
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
          .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond),
-         .double(errorRows.map(Double.init))]
+         .double(errorRows.map(Double.init)), .double(maxResidentBytes.map(Double.init)),
+         .double(growthPerQuadrupling)]
     }
 }
 

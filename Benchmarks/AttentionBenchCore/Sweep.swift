@@ -94,7 +94,24 @@ public struct SweepPlan: Sendable {
                         skip(entry.name, "\(problem): \(error)")
                         continue
                     }
-                    let needed = cost.workspaceBytes + problemBytes(problem.shape)
+                    var needed = cost.workspaceBytes + problemBytes(problem.shape)
+                    if options.preset == .million, needed > memoryLimit, problem.shape.heads > 1 {
+                        // --preset million: H = 1 where H = 8 does not fit, stated.
+                        var one = problem
+                        one.shape.heads = 1
+                        one.shape.kvHeads = 1
+                        let oneConfig = ConformerConfig(problem: one, parameters: parameters, seed: options.seed,
+                                                        axes: options.axes)
+                        if let c = try? make(oneConfig), let oneCost = try? c.cost(one.shape, threads: threads) {
+                            skip(entry.name, "N=\(problem.shape.queryLength): H=\(problem.shape.heads) needs about "
+                                 + "\(Format.bytes(needed)), more than 3/4 of this machine's memory; run with H=1")
+                            jobs.append(SweepJob(entry: entry, base: base, problem: one, parameters: parameters,
+                                                 threads: threads, conformer: c, cost: oneCost,
+                                                 pointIndex: pointIndex, variantIndex: variantIndex))
+                            continue
+                        }
+                    }
+                    needed = cost.workspaceBytes + problemBytes(problem.shape)
                     if needed > memoryLimit {
                         skip(entry.name, "N=\(problem.shape.queryLength) skipped: needs about \(Format.bytes(needed)), "
                              + "more than 3/4 of this machine's memory")
@@ -317,7 +334,8 @@ public final class SweepRunner {
                 runs: measured.timing.runs, medianSeconds: measured.timing.medianSeconds,
                 minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
-                outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows)
+                outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows,
+                maxResidentBytes: measured.maxResidentBytes)
             results.append((job, record))
         }
         let sorted = results.sorted { a, b in
@@ -335,8 +353,16 @@ public final class SweepRunner {
             if r.variant == "dense" { dense[r.problemKey] = r }
             if r.variant == "vanilla" { vanilla[r.problemKey] = r }
         }
+        var byLength: [String: BenchRecord] = [:]
+        func lengthKey(_ r: BenchRecord, seqQ: Int, seqK: Int) -> String {
+            "\(r.variant)/\(r.parameters)/\(r.batch)/\(r.heads)/\(r.kvHeads)/\(seqQ)/\(seqK)/\(r.dim)/\(r.valueDim)/\(r.causal)/\(r.threads)"
+        }
+        for r in records { byLength[lengthKey(r, seqQ: r.seqQ, seqK: r.seqK)] = r }
         return records.map { r in
             var r = r
+            if r.seqQ % 4 == 0, r.seqK % 4 == 0, let quarter = byLength[lengthKey(r, seqQ: r.seqQ / 4, seqK: r.seqK / 4)] {
+                r.growthPerQuadrupling = Accounting.ratio(r.medianSeconds, quarter.medianSeconds)
+            }
             if let d = dense[r.problemKey] {
                 r.speedupVsDense = Accounting.ratio(d.medianSeconds, r.medianSeconds)
                 r.memoryVsDense = Accounting.ratio(Double(r.measuredPeakBytes), Double(d.measuredPeakBytes))
@@ -353,6 +379,8 @@ public final class SweepRunner {
         var timing: TimingStatistics
         var peakBytes: Int
         var output: [Float]
+        /// The process's peak resident size over the calls (inputs included), when known.
+        var maxResidentBytes: Int?
     }
 
     /// Warm-up (the first warm-up call measures heap growth), then timed calls.
@@ -367,7 +395,9 @@ public final class SweepRunner {
                 throw BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
             }
         }
+        ResidentMemory.resetPeak()
         let measured = try timeCalls(policy: policy, meter: meter, call)
-        return Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output)
+        return Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output,
+                        maxResidentBytes: ResidentMemory.peak())
     }
 }

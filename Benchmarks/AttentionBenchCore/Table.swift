@@ -118,6 +118,8 @@ public enum ReportTable {
         header += ["thr", "median ms", "min ms", "runs", "GFLOP", "GFLOP/s", "%peak", "workspace",
                    "measured", "meas-out", "rel.err", "x dense", "x vanilla", "mem/dense", "mem/vanilla"]
         if decode { header += ["GB/s", "%bw"] }
+        let growth = records.contains { $0.growthPerQuadrupling != nil }
+        if growth { header += ["x per 4N", "max RSS"] }
         header.append("settings")
         let rightAligned = Set(1..<(header.count - 1))
         var rows = [header]
@@ -143,6 +145,10 @@ public enum ReportTable {
             if decode {
                 row += [r.gbPerSecond.map { String(format: "%.1f", $0) } ?? "-",
                         r.gbPerSecond.flatMap { gb in r.peakGBPerSecond.map { String(format: "%.1f", 100 * gb / $0) } } ?? "-"]
+            }
+            if growth {
+                row += [r.growthPerQuadrupling.map { String(format: "%.2f", $0) } ?? "-",
+                        r.maxResidentBytes.map(Format.bytes) ?? "-"]
             }
             row.append(r.parameters.isEmpty ? "-" : r.parameters)
             rows.append(row)

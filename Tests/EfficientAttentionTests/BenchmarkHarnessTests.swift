@@ -500,6 +500,30 @@ import AttentionBenchCore
                                                                   headDim: 64, valueDim: 64, causal: false))
     }
 
+    @Test func millionPreset() throws {
+        let o = try BenchOptions.parse(["--preset", "million"])
+        #expect(o.sequenceLengths == [65536, 262144, 1048576] && o.heads == [8])
+        #expect(o.selectedEntries(in: .standard).map(\.name) == Preset.millionVariants)
+        let chosen = try BenchOptions.parse(["--preset", "million", "--variants", "local", "--seq", "4096,16384"])
+        #expect(chosen.selectedEntries(in: .standard).map(\.name) == ["local"] && chosen.sequenceLengths == [4096, 16384])
+        // H = 8 that does not fit falls back to H = 1, with a note.
+        let limit = SweepPlan.problemBytes(AttentionShape(heads: 4, queryLength: 65536, headDim: 64))
+        let plan = try SweepPlan.make(try BenchOptions.parse(["--preset", "million", "--variants", "local", "--seq", "65536"]),
+                                      memoryLimit: limit)
+        #expect(plan.jobs.map(\.problem.shape.heads) == [1])
+        #expect(plan.notes.contains { $0.variant == "local" && $0.note.contains("run with H=1") })
+        // Growth per quadrupling: same variant and settings at N / 4.
+        func record(_ n: Int, _ seconds: Double, variant: String = "local") -> BenchRecord {
+            BenchRecord(variant: variant, batch: 1, heads: 1, kvHeads: 1, seqQ: n, seqK: n, dim: 64, valueDim: 64,
+                        causal: false, threads: 2, runs: 1, medianSeconds: seconds, minSeconds: seconds, flops: 1,
+                        scoredPairs: 1, peakGflops: 1, workspaceBytes: 0, measuredPeakBytes: 0, outputBytes: 0)
+        }
+        let filled = SweepRunner.fillRelativeColumns([record(1024, 1), record(4096, 4.5), record(16384, 18),
+                                                      record(2048, 3), record(4096, 7, variant: "axial")])
+        #expect(filled.map(\.growthPerQuadrupling) == [nil, 4.5, 4, nil, nil])
+        #expect(try BenchOptions.parse(["--preset", "million", "--variants", "local"]).preset == .million)
+    }
+
     @Test func sampledErrorRows() throws {
         #expect(SweepRunner.sampleRows(5, count: 256) == [0, 1, 2, 3, 4])
         let rows = SweepRunner.sampleRows(1000, count: 5)
