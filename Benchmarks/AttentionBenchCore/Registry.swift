@@ -40,7 +40,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .randomBlocks: return "bigbird: random blocks per query block"
         case .bucketSize: return "lsh: bucket (chunk) size"
         case .hashes: return "lsh: hash rounds"
-        case .bucketFactor: return "lsh: factorised hashing, bucket factors [N, nBuckets/N] (off by default)"
+        case .bucketFactor: return "lsh: factorised hashing with bucket factors [N, nBuckets/N] (default: automatic two factors past 512 buckets)"
         case .features: return "performer: random features m"
         case .proj: return "linformer: projected length k"
         case .span: return "adaptive-span: maximum span S"

@@ -396,4 +396,32 @@ struct LSHAttentionTests {
         #expect(unfactorised.flops - factorised.flops == 8 * 4 * 2 * 8192 * 64 * (64 - 12),
                 "hashing FLOPs: \(unfactorised.flops) vs \(factorised.flops)")
     }
+
+    @Test("default buckets past 512 are factorised automatically, as the explicit factors")
+    func automaticFactorisation() throws {
+        let lsh = LSHAttention()
+        // The switch: 512 buckets (N = 32768) stay one factor; 514 (N = 32769) become [24, 22].
+        #expect(lsh.factors(forLength: 32768) == [512] && lsh.buckets(forLength: 32768) == 512)
+        #expect(lsh.factors(forLength: 32769) == [24, 22] && lsh.buckets(forLength: 32769) == 528)
+        #expect(lsh.factors(forLength: 1 << 20) == [128, 128])
+        #expect(lsh.factors(forLength: 1000) == [16])
+        // The old rule is one option away; explicit counts, factors or rotations are kept.
+        var plain = lsh
+        plain.factorisationThreshold = nil
+        #expect(plain.factors(forLength: 1 << 20) == [16384])
+        #expect(LSHAttention(bucketCount: 1024).factors(forLength: 1 << 20) == [1024])
+        #expect(LSHAttention(bucketFactors: [8, 8]).factors(forLength: 1 << 20) == [8, 8])
+        // Same buckets, same rotations, same bits as giving the factors.
+        let n = 33000, factors = lsh.factors(forLength: n)
+        #expect(factors == [24, 22])
+        let (q, k, v) = try randomQKV(heads: 1, queryLength: n, headDim: 8, seed: 7100)
+        let automatic = try LSHAttention(hashes: 2).attend(query: q, key: k, value: v, keyLengths: nil, threads: 2)
+        let explicit = try LSHAttention(hashes: 2, bucketFactors: factors).attend(query: q, key: k, value: v,
+                                                                                  keyLengths: nil, threads: 2)
+        expectBitwiseEqual(automatic, explicit, "automatic vs explicit factors at N \(n)")
+        let shape = AttentionShape(heads: 1, queryLength: n, headDim: 8)
+        expectAttentionError(.invalidParameter, mentioning: ["factorisationThreshold", "at least 2"]) {
+            try LSHAttention(factorisationThreshold: 1).cost(shape)
+        }
+    }
 }

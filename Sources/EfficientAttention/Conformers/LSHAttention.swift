@@ -49,7 +49,13 @@
 /// Factorised hashing (``bucketFactors``) is the rule of trax and Hugging Face's Reformer
 /// for a `num_buckets` list: the same buckets from the same rotations. It makes hashing
 /// cost `Σ n_i` instead of `Π n_i` columns, which keeps the default `nBuckets ≈ N / 64`
-/// from turning hashing quadratic.
+/// from turning hashing quadratic. It is automatic: when neither a bucket count, factors
+/// nor rotations are given and the default count `n` exceeds ``factorisationThreshold``
+/// (512: there one round's hashing, `N · D · n` FLOPs, would pass its attention at
+/// D = 64), the buckets are the two even factors `[a, b]`, `a = ⌈√n⌉` and
+/// `b = ⌈n / a⌉` each rounded up to even (`a · b ≥ n`), so hashing grows like `N √N`
+/// (Hugging Face switches likewise, to two powers of two, past
+/// `2 · max(√(max_position_embeddings / chunk_length), chunk_length)` buckets).
 ///
 /// - Complexity: per head, `hashes · Nq · (2·bucketSize) · 2·(D + Dv)` FLOPs of
 ///   attention plus `hashes · N · D · 2·columns` FLOPs of hashing (`2·columns = nBuckets`,
@@ -71,6 +77,9 @@ public struct LSHAttention: Attention {
     /// the argmax of `[rot_i ; −rot_i]` over factor `i`'s columns. `nil` (the default) or
     /// `[n]` is the unfactorised rule with `n` buckets.
     public var bucketFactors: [Int]?
+    /// Default bucket counts above this are factorised automatically (see the type's
+    /// documentation); `nil` never factorises (the unfactorised rule at every length).
+    public var factorisationThreshold: Int?
     /// Keys are the unit-normalised queries (the `key` argument is then only shape-checked).
     public var sharedQK: Bool
     /// Keys of other buckets within the attended chunks are visible too.
@@ -87,7 +96,8 @@ public struct LSHAttention: Attention {
 
     public init(bucketSize: Int = 64, hashes: Int = 4, bucketCount: Int? = nil, sharedQK: Bool = true,
                 attendAcrossBuckets: Bool = false, causal: Bool = false, scale: Float? = nil,
-                seed: UInt64 = 0, rotations: Tensor? = nil, bucketFactors: [Int]? = nil) {
+                seed: UInt64 = 0, rotations: Tensor? = nil, bucketFactors: [Int]? = nil,
+                factorisationThreshold: Int? = LSHAttention.defaultFactorisationThreshold) {
         self.bucketSize = bucketSize
         self.hashes = hashes
         self.bucketCount = bucketCount
@@ -98,7 +108,11 @@ public struct LSHAttention: Attention {
         self.seed = seed
         self.rotations = rotations
         self.bucketFactors = bucketFactors
+        self.factorisationThreshold = factorisationThreshold
     }
+
+    /// Default bucket counts above 512 are factorised.
+    public static let defaultFactorisationThreshold = 512
 
     public var name: String { "lsh" }
 
@@ -112,16 +126,35 @@ public struct LSHAttention: Attention {
         if let bucketCount { return bucketCount }
         if let bucketFactors { return BucketHash.product(bucketFactors) }
         if let rotations { return 2 * rotations.shape[3] }
+        if let automatic = automaticFactors(forLength: length) { return automatic[0] * automatic[1] }
+        return defaultBuckets(forLength: length)
+    }
+
+    /// The bucket factors used for sequences of `length` positions: ``bucketFactors``, the
+    /// automatic two factors, or the single factor ``buckets(forLength:)``.
+    ///
+    /// - Complexity: O(factors).
+    public func factors(forLength length: Int) -> [Int] {
+        bucketFactors ?? automaticFactors(forLength: length) ?? [buckets(forLength: length)]
+    }
+
+    /// `⌈N / bucketSize⌉` rounded up to even, at least 2: the unfactorised default.
+    private func defaultBuckets(forLength length: Int) -> Int {
         let chunks = (length + max(1, bucketSize) - 1) / max(1, bucketSize)
         return max(2, roundUp(chunks, 2))
     }
 
-    /// The bucket factors used for sequences of `length` positions: ``bucketFactors``, or
-    /// the single factor ``buckets(forLength:)``.
-    ///
-    /// - Complexity: O(factors).
-    public func factors(forLength length: Int) -> [Int] {
-        bucketFactors ?? [buckets(forLength: length)]
+    /// `[a, b]` when the default count passes ``factorisationThreshold`` and nothing
+    /// explicit fixes the buckets, else `nil`.
+    private func automaticFactors(forLength length: Int) -> [Int]? {
+        guard bucketCount == nil, bucketFactors == nil, rotations == nil, let threshold = factorisationThreshold
+        else { return nil }
+        let n = defaultBuckets(forLength: length)
+        guard n > threshold else { return nil }
+        var a = Int(Double(n).squareRoot())
+        while a * a < n { a += 1 }
+        a = roundUp(a, 2)
+        return [a, roundUp(ceilDiv(n, a), 2)]
     }
 
     /// Most buckets ``bucketFactors`` may give (the sort's counters take 4 bytes each).
@@ -136,6 +169,10 @@ public struct LSHAttention: Attention {
         }
         guard hashes >= 1 else {
             throw AttentionError.invalidParameter("LSH hashes (rounds) must be at least 1, got \(hashes)")
+        }
+        if let factorisationThreshold, factorisationThreshold < 2 {
+            throw AttentionError.invalidParameter(
+                "LSH factorisationThreshold must be at least 2 (or nil), got \(factorisationThreshold)")
         }
         try checkLimit(bucketSize, "bucketSize", variant: "LSH attention")
         try checkLimit(hashes, "hashes", variant: "LSH attention")
