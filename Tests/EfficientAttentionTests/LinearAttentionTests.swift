@@ -337,3 +337,75 @@ extension LinearAttention where Map == AnyMapBox {
         return LinearAttention(featureMap: AnyMapBox(base: map), causal: causal)
     }
 }
+
+/// The non-causal formula with running sums (`S = Σ φ(k) vᵀ`, `z = Σ φ(k)` once per head,
+/// then each query): the same definition as `referenceLinear`, O(N) instead of O(N²), for
+/// sequences long enough to take several segments.
+private func referenceLinearSums<T: BinaryFloatingPoint & ElementaryFunctionsShim>(
+    _ query: Tensor, _ key: Tensor, _ value: Tensor, kind: MapKind, weights: [Float], m: Int,
+    keyLengths: [Int]?, epsilon: T, as: T.Type) -> ReferenceResult<T> {
+    let (nb, nh, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
+    let (nhkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
+    var output = [T](repeating: 0, count: nb * nh * nq * dv)
+    var lse = [T](repeating: -.infinity, count: nb * nh * nq)
+    for b in 0..<nb { for h in 0..<nh {
+        let hk = h / (nh / nhkv), valid = keyLengths?[b] ?? nk
+        let keys = (0..<valid).map { j in referenceFeatures((0..<d).map { T(key[b, hk, j, $0]) }, kind: kind, weights: weights, m: m) }
+        let c = keys.map(\.logScale).max() ?? 0
+        let width = keys.first?.features.count ?? m
+        var s = [T](repeating: 0, count: width * dv), z = [T](repeating: 0, count: width)
+        for (j, k) in keys.enumerated() {
+            let scale = T.expShim(k.logScale - c)
+            for f in 0..<width {
+                let x = k.features[f] * scale
+                z[f] += x
+                for y in 0..<dv { s[f * dv + y] += x * T(value[b, hk, j, y]) }
+            }
+        }
+        for i in 0..<nq {
+            let (fq, lq) = referenceFeatures((0..<d).map { T(query[b, h, i, $0]) }, kind: kind, weights: weights, m: m)
+            let den = (0..<width).reduce(T(0)) { $0 + fq[$1] * z[$1] }
+            let row = (b * nh + h) * nq + i
+            for y in 0..<dv {
+                let num = (0..<width).reduce(T(0)) { $0 + fq[$1] * s[$1 * dv + y] }
+                output[row * dv + y] = num / (den + epsilon)
+            }
+            lse[row] = den > 0 && valid > 0 ? T.logShim(den) + lq + c : -.infinity
+        }
+    } }
+    return ReferenceResult(batch: nb, heads: nh, queryLength: nq, valueDim: dv, output: output, lse: lse)
+}
+
+@Suite("LinearAttention split along the sequence")
+struct LinearAttentionSegmentTests {
+    @Test("several segments match the running-sum reference", arguments: [MapKind.elu, .favor])
+    func reference(_ kind: MapKind) throws {
+        for (nq, nk, lengths) in [(70000, 70000, nil), (40000, 1000, nil), (3000, 100_000, [100_000, 33000])]
+            as [(Int, Int, [Int]?)] {
+            let batch = lengths?.count ?? 1
+            let (q, k, v) = try randomQKV(batch: batch, heads: 2, kvHeads: 1, queryLength: nq, keyLength: nk,
+                                          headDim: 8, valueDim: 5, seed: 7300)
+            let (attention, weights, m) = try makeLinear(kind, headDim: 8, features: 16, causal: false, seed: 7301)
+            let result = try attention.attend(query: q, key: k, value: v, keyLengths: lengths, threads: 2)
+            let reference = referenceLinearSums(q, k, v, kind: kind, weights: weights, m: m, keyLengths: lengths,
+                                                epsilon: 1e-6, as: Double.self)
+            let naive = referenceLinearSums(q, k, v, kind: kind, weights: weights, m: m, keyLengths: lengths,
+                                            epsilon: 1e-6, as: Float.self)
+            checkAttention(result, reference: reference, naive: naive, "\(kind) segments Nq \(nq) Nk \(nk)")
+        }
+    }
+
+    @Test("segments give the same bits for every thread count")
+    func determinism() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 2, queryLength: 70000, headDim: 8, seed: 7400)
+        let attention = LinearAttention(featureMap: EluPlusOneFeatures())
+        let one = try attention.attend(query: q, key: k, value: v, keyLengths: [70000, 50000], threads: 1)
+        for threads in [2, 3, 7] {
+            expectBitwiseEqual(one, try attention.attend(query: q, key: k, value: v, keyLengths: [70000, 50000],
+                                                         threads: threads), "segments threads \(threads)")
+        }
+        let shape = AttentionShape(batch: 2, heads: 2, queryLength: 70000, headDim: 8)
+        let cost = try attention.cost(shape, threads: 2)
+        #expect(cost.workspaceBytes > 2 * 2 * 3 * (8 * 8 + 8) * 4, "segment states in the workspace")
+    }
+}

@@ -58,6 +58,12 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         try checkAllocation(bytes: checkedProduct([maxThreadCount,
                                                    LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)]),
                             option: "linear attention workspace (features m = \(m), valueDim \(shape.valueDim))")
+        if LinearAttentionSegments.applies(shape, causal: causal) {
+            // The segment states and packed states (a bound on `sharedFloats`).
+            try checkFloatAllocation([shape.batch, shape.heads, LinearAttentionSegments.count(shape.keyLength) + 1,
+                                      m + 1, shape.valueDim + 16],
+                                     option: "linear attention segment states [B, H, segments, m, Dv]")
+        }
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
@@ -79,10 +85,21 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             flops += 2 * Double(pairs) * (Double(m) + dv)
         }
         let heads = Double(shape.batch * shape.heads)
-        let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
-        return AttentionCost(flops: heads * flops,
-                             workspaceBytes: workers * LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim),
-                             scoredPairs: shape.batch * shape.heads * pairs)
+        let slice = LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)
+        guard LinearAttentionSegments.applies(shape, causal: causal) else {
+            let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
+            return AttentionCost(flops: heads * flops, workspaceBytes: workers * slice,
+                                 scoredPairs: shape.batch * shape.heads * pairs)
+        }
+        let segments = LinearAttentionSegments.count(shape.keyLength)
+        let items = shape.batch * shape.heads * max(segments, LinearAttentionSegments.count(shape.queryLength))
+        let shared = LinearAttentionSegments.sharedFloats(heads: shape.batch * shape.heads, segments: segments,
+                                                          m: m, dv: shape.valueDim)
+        let merge = 2 * Double(segments) * Double(m) * (dv + 1)
+        return AttentionCost(flops: heads * (flops + merge),
+                             workspaceBytes: roundUp(shared * MemoryLayout<Float>.stride, 64)
+                                 + workerCount(threads: threads, items: items) * slice,
+                             scoredPairs: 0)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
@@ -96,6 +113,16 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         let items = shape.batch * shape.heads
         let workers = workerCount(threads: threads, items: items)
         let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
+        if LinearAttentionSegments.applies(shape, causal: causal) {
+            // Long sequences: split along the sequence (one head spreads over every thread).
+            let threads = try threadCount(threads)
+            query.withView { q in key.withView { k in value.withView { v in
+            output.withMutableView { o in lse.withMutableView { l in
+                LinearAttentionSegments.run(map: map, epsilon: epsilon, shape: shape, m: m, keyLengths: keyLengths,
+                                            threads: threads, q: q, k: k, v: v, o: o, lse: l)
+            } } } } }
+            return try AttentionResult(output: output, logSumExp: lse)
+        }
         WorkspaceArena.withWorkspaces(workers: workers, layout: {
             LinearAttentionScan.Workspace(carving: &$0, m: m, dv: shape.valueDim)
         }) { spaces in

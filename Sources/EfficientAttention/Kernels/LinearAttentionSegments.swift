@@ -1,0 +1,137 @@
+/// Non-causal linear attention split along the sequence, so that one long head spreads over
+/// every thread: the keys' state `(S, z)` is absorbed per segment of at most
+/// ``segmentLength`` positions (one work item each), the segments' states are merged in a
+/// fixed order, and the queries are read out per segment.
+///
+///     phase 1, per (b, h, key segment s):   S_s, z_s, c_s over the segment's keys
+///     phase 2, per (b, h):                  c = max_s c_s,  S = Σ_s e^{c_s − c} S_s,  z likewise
+///                                           (in segment order; the log-sum-exp merge weights)
+///     phase 3, per (b, h, query segment):   O = Φ_Q S, den = Φ_Q z, o = O / (den + ε)
+///
+/// The segments depend on the lengths only, never on the thread count, so results are the
+/// same bits for every thread count. With one key segment (`Nk ≤ segmentLength`) the state
+/// is exactly the serial scan's and so is every output.
+///
+/// - Complexity: the serial scan's FLOPs plus `2 · segments · m · (Dv + 1)` per head for the
+///   merge. Workspace (shared): one state per (b, h, segment) and one packed state per (b, h).
+enum LinearAttentionSegments {
+    /// Positions per segment at most (32K: a segment's work, about 32K · m · Dv · 4 FLOPs,
+    /// dwarfs the merge and the work-item overhead).
+    static let segmentLength = 32768
+    /// Segments per sequence at most.
+    static let maxSegments = 32
+
+    /// Segments for `n` positions.
+    static func count(_ n: Int) -> Int { min(maxSegments, max(1, ceilDiv(n, segmentLength))) }
+
+    /// Positions of segment `s` of `segments` over `0 ..< n`.
+    static func bounds(_ s: Int, of segments: Int, length n: Int) -> Range<Int> {
+        (n * s / segments)..<(n * (s + 1) / segments)
+    }
+
+    /// Whether a problem takes the segmented path: non-causal with more than one segment.
+    static func applies(_ shape: AttentionShape, causal: Bool) -> Bool {
+        !causal && (count(shape.keyLength) > 1 || count(shape.queryLength) > 1)
+    }
+
+    /// Floats of the shared part for `heads` (b, h) pairs.
+    static func sharedFloats(heads: Int, segments: Int, m: Int, dv: Int) -> Int {
+        heads * (segments * LinearAttentionScan.State.floatCount(m: m, dv: dv)
+                 + Gemm.PackedB.floatCount(depth: m, columns: dv))
+    }
+
+    /// The state of segment `s` of head `bh` in the shared part at `base`.
+    static func state(_ base: UnsafeMutablePointer<Float>, bh: Int, segment s: Int, segments: Int,
+                      m: Int, dv: Int) -> LinearAttentionScan.State {
+        let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
+        let perHead = segments * stateFloats + Gemm.PackedB.floatCount(depth: m, columns: dv)
+        let p = base + bh * perHead + s * stateFloats
+        return .init(s: p, z: p + m * dv, c: p + m * dv + m)
+    }
+
+    /// The packed merged state of head `bh`.
+    static func packed(_ base: UnsafeMutablePointer<Float>, bh: Int, segments: Int, m: Int, dv: Int)
+        -> UnsafeMutablePointer<Float> {
+        let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
+        let perHead = segments * stateFloats + Gemm.PackedB.floatCount(depth: m, columns: dv)
+        return base + bh * perHead + segments * stateFloats
+    }
+
+    /// Runs the three phases for every (b, h) of `shape`.
+    static func run<Map: FeatureMap>(
+        map: Map, epsilon: Float, shape: AttentionShape, m: Int, keyLengths: [Int]?, threads: Int,
+        q: TensorView, k: TensorView, v: TensorView, o: MutableTensorView, lse: MutableTensorView
+    ) {
+        let heads = shape.batch * shape.heads, dv = shape.valueDim, d = shape.headDim
+        let keySegments = count(shape.keyLength), querySegments = count(shape.queryLength)
+        let workers = workerCount(threads: threads, items: heads * max(keySegments, querySegments))
+        let shared = sharedFloats(heads: heads, segments: keySegments, m: m, dv: dv)
+        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
+        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
+                                   slices: workers, zeroed: false)
+        withExtendedLifetime(arena) {
+            var sharedCarver = arena.shared()
+            let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
+            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
+                var carver = arena.slice(index)
+                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
+            }
+            func input(_ bh: Int) -> LinearAttentionScan.HeadInput {
+                let b = bh / shape.heads, h = bh % shape.heads
+                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
+            }
+            // Phase 1: each key segment's state.
+            parallelForEach(items: heads * keySegments, threads: workers) { item, worker in
+                let bh = item / keySegments, s = item % keySegments, head = input(bh)
+                let state = state(base.value, bh: bh, segment: s, segments: keySegments, m: m, dv: dv)
+                state.reset(m: m, dv: dv)
+                let keys = bounds(s, of: keySegments, length: keyLengths?[head.b] ?? shape.keyLength)
+                for start in stride(from: keys.lowerBound, to: keys.upperBound, by: LinearAttentionScan.chunk) {
+                    let n = min(LinearAttentionScan.chunk, keys.upperBound - start)
+                    LinearAttentionScan.keyFeatures(map, head, start: start, count: n, d: d, space: spaces[worker],
+                                                    state: state)
+                    LinearAttentionScan.addKeys(head, start: start, count: n, space: spaces[worker], state: state)
+                }
+            }
+            // Phase 2: merge into segment 0's state, in segment order; pack it.
+            parallelForEach(items: heads, threads: workerCount(threads: threads, items: heads)) { bh, _ in
+                let total = state(base.value, bh: bh, segment: 0, segments: keySegments, m: m, dv: dv)
+                var top = -Float.infinity
+                for s in 0..<keySegments {
+                    top = max(top, state(base.value, bh: bh, segment: s, segments: keySegments, m: m, dv: dv).c.pointee)
+                }
+                if keySegments > 1, top > -.infinity {
+                    let first = total.c.pointee
+                    LinearAttentionScan.scale(total.s, count: m * dv, by: first > -.infinity ? expf(first - top) : 0)
+                    LinearAttentionScan.scale(total.z, count: m, by: first > -.infinity ? expf(first - top) : 0)
+                    for s in 1..<keySegments {
+                        let part = state(base.value, bh: bh, segment: s, segments: keySegments, m: m, dv: dv)
+                        guard part.c.pointee > -.infinity else { continue }
+                        let weight = expf(part.c.pointee - top)
+                        axpy(weight, part.s, 1, total.s, count: m * dv)
+                        axpy(weight, part.z, 1, total.z, count: m)
+                    }
+                    total.c.pointee = top
+                }
+                _ = Gemm.PackedB.pack(MatrixOperand(base: total.s, rowStride: dv, columnStride: 1), depth: m, columns: dv,
+                                      into: packed(base.value, bh: bh, segments: keySegments, m: m, dv: dv))
+            }
+            // Phase 3: each query segment's readout.
+            parallelForEach(items: heads * querySegments, threads: workers) { item, worker in
+                let bh = item / querySegments, s = item % querySegments, head = input(bh), space = spaces[worker]
+                let total = state(base.value, bh: bh, segment: 0, segments: keySegments, m: m, dv: dv)
+                let packedState = Gemm.PackedB(base: UnsafePointer(packed(base.value, bh: bh, segments: keySegments,
+                                                                          m: m, dv: dv)),
+                                               depth: m, columns: dv)
+                let queries = bounds(s, of: querySegments, length: shape.queryLength)
+                for start in stride(from: queries.lowerBound, to: queries.upperBound, by: LinearAttentionScan.chunk) {
+                    let n = min(LinearAttentionScan.chunk, queries.upperBound - start)
+                    LinearAttentionScan.queryFeatures(map, head, start: start, count: n, d: d, space: space)
+                    LinearAttentionScan.readState(head, start: start, count: n, b: .packed(packedState), space: space,
+                                                  state: total)
+                    LinearAttentionScan.finish(head, start: start, count: n, epsilon: epsilon, space: space, state: total)
+                }
+            }
+        }
+    }
+}
