@@ -155,7 +155,7 @@ extension BenchOptions {
             "marked ~, once a full dense reference would cost more than 2e11 FLOPs). Without options it runs every",
             "available conformer at N = 1024, 2048 (B=1, H=8, D=64) with all cores and with 1 thread.",
             "",
-            "OPTIONS (LIST = comma-separated values; N may be written 4K = 4096; --opt=value works too):",
+            "OPTIONS (LIST = comma-separated values; N may be written 4K = 4096 or 1M = 1048576; --opt=value works too):",
         ]
         let conformer = Set(Parameter.allCases.map(\.rawValue) + ["axes"])
         let width = specs.map { "--\($0.name)" + ($0.value.map { " " + $0 } ?? "") }.map(\.count).max()! + 2
@@ -427,6 +427,9 @@ extension BenchOptions {
         var multiplier = 1
         if let last = digits.last, last == "K" || last == "k" {
             multiplier = 1024
+            digits = digits.dropLast()
+        } else if let last = digits.last, last == "M" || last == "m" {
+            multiplier = 1 << 20
             digits = digits.dropLast()
         }
         guard let value = Int(digits), value > 0 else {

@@ -503,6 +503,7 @@ import AttentionBenchCore
     @Test func millionPreset() throws {
         let o = try BenchOptions.parse(["--preset", "million"])
         #expect(o.sequenceLengths == [65536, 262144, 1048576] && o.heads == [8])
+        #expect(try BenchOptions.parse(["--seq", "64K,1M,2m"]).sequenceLengths == [65536, 1048576, 2097152])
         #expect(o.selectedEntries(in: .standard).map(\.name) == Preset.millionVariants)
         let chosen = try BenchOptions.parse(["--preset", "million", "--variants", "local", "--seq", "4096,16384"])
         #expect(chosen.selectedEntries(in: .standard).map(\.name) == ["local"] && chosen.sequenceLengths == [4096, 16384])
@@ -522,6 +523,14 @@ import AttentionBenchCore
                                                       record(2048, 3), record(4096, 7, variant: "axial")])
         #expect(filled.map(\.growthPerQuadrupling) == [nil, 4.5, 4, nil, nil])
         #expect(try BenchOptions.parse(["--preset", "million", "--variants", "local"]).preset == .million)
+    }
+
+    @Test func residentPeakParsing() throws {
+        // /proc pads the kB value with spaces after the tab, but not from 8 digits on (10 GB):
+        // a split on spaces alone read nothing at N = 1M, H = 8.
+        #expect(ResidentMemory.peak(status: "Name:\tx\nVmHWM:\t  123456 kB\nVmRSS:\t 1 kB") == 123456 * 1024)
+        #expect(ResidentMemory.peak(status: "VmPeak:\t1 kB\nVmHWM:\t14680064 kB\n") == 14680064 * 1024)
+        #expect(ResidentMemory.peak(status: "VmRSS:\t 1 kB") == nil)
     }
 
     @Test func sampledErrorRows() throws {
