@@ -40,21 +40,26 @@ enum LinearAttentionSegments {
                  + Gemm.PackedB.floatCount(depth: m, columns: dv))
     }
 
+    /// Where head `bh`'s part of the shared buffer at `base` starts: `segments` states, then
+    /// the packed merged state.
+    private static func headBase(_ base: UnsafeMutablePointer<Float>, bh: Int, segments: Int, m: Int, dv: Int)
+        -> UnsafeMutablePointer<Float> {
+        base + bh * sharedFloats(heads: 1, segments: segments, m: m, dv: dv)
+    }
+
     /// The state of segment `s` of head `bh` in the shared part at `base`.
     static func state(_ base: UnsafeMutablePointer<Float>, bh: Int, segment s: Int, segments: Int,
                       m: Int, dv: Int) -> LinearAttentionScan.State {
-        let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
-        let perHead = segments * stateFloats + Gemm.PackedB.floatCount(depth: m, columns: dv)
-        let p = base + bh * perHead + s * stateFloats
+        let p = headBase(base, bh: bh, segments: segments, m: m, dv: dv)
+            + s * LinearAttentionScan.State.floatCount(m: m, dv: dv)
         return .init(s: p, z: p + m * dv, c: p + m * dv + m)
     }
 
     /// The packed merged state of head `bh`.
     static func packed(_ base: UnsafeMutablePointer<Float>, bh: Int, segments: Int, m: Int, dv: Int)
         -> UnsafeMutablePointer<Float> {
-        let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
-        let perHead = segments * stateFloats + Gemm.PackedB.floatCount(depth: m, columns: dv)
-        return base + bh * perHead + segments * stateFloats
+        headBase(base, bh: bh, segments: segments, m: m, dv: dv)
+            + segments * LinearAttentionScan.State.floatCount(m: m, dv: dv)
     }
 
     /// Runs the three phases for every (b, h) of `shape`.
