@@ -29,8 +29,8 @@
 ///
 /// - Complexity: `2 · pairs · (D + Dv) + 2 · bandPairs · D` FLOPs (the second term with a
 ///   relative table) with about `N_g · N + N_l · (N_g + 2r + 1)` pairs per head (causal:
-///   `r + 1`); workspace of a few hundred KiB per thread plus `4 · (N + 2κ + 1)` bytes,
-///   independent of `N` otherwise.
+///   `r + 1`); workspace of a few hundred KiB per thread plus `4 · (2κ + 1)` bytes,
+///   independent of `N`.
 public struct ETCAttention: Attention, Equatable {
     /// `N_g`: the first `globals` positions of the sequence are the global tokens.
     public var globals: Int
@@ -109,8 +109,6 @@ public struct ETCAttention: Attention, Equatable {
             }
         }
         try segments?.validate(globals: globals, longs: shape.queryLength - globals, variant: variant)
-        try checkFloatAllocation([shape.keyLength + 2 * maxDistance + 1],
-                                 option: "ETC zero biases [N + 2κ + 1]")
     }
 
     /// The pattern for `shape`.
@@ -134,7 +132,7 @@ public struct ETCAttention: Attention, Equatable {
             mask: RelativeTermsMask<ETCLongQueryMask>.self)
         return AttentionCost(flops: base.flops + termFlops,
                              workspaceBytes: max(base.workspaceBytes, longWorkspace)
-                                + 4 * (shape.keyLength + 2 * maxDistance + 1),
+                                + 4 * (2 * maxDistance + 1),
                              scoredPairs: base.scoredPairs)
     }
 
@@ -150,7 +148,7 @@ public struct ETCAttention: Attention, Equatable {
             }
             // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
             let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
-            let zeros = [Float](repeating: 0, count: shape.keyLength + rows)
+            let zeros = [Float](repeating: 0, count: rows)
             zeros.withUnsafeBufferPointer { zeros in table.withView { a in
                 TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
                                           queryTile: pattern.longQueryTile, byHead: true,
@@ -160,7 +158,8 @@ public struct ETCAttention: Attention, Equatable {
                         terms: RelativeScoreTerms(
                             table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
                             tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
-                            offset: kappa, keyBias: zeros.baseAddress!, distanceBias: zeros.baseAddress!,
+                            offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
+                            distanceBias: zeros.baseAddress!,
                             owner: b * shape.heads + h + 1, clamped: true),
                         firstKey: globals)
                 }

@@ -70,8 +70,9 @@ struct RelativeScoreTerms {
     var tableRows: Int
     /// `Δ = i + offset − j`.
     var offset: Int
-    /// Per key `j < Nk`.
+    /// Per key: `keyBias[j · keyBiasStride]` for `j < Nk` (stride 0: one value for all).
     var keyBias: UnsafePointer<Float>
+    var keyBiasStride: Int = 1
     /// Per distance `Δ < tableRows`.
     var distanceBias: UnsafePointer<Float>
     /// Distinct and non-zero for every (batch item, head) of a call: the band a panel's
@@ -136,7 +137,7 @@ struct RelativeScoreTerms {
                 let j = tile.keyStart + jj
                 let delta0 = tile.queryStart + panel + offset - j
                 let row = tile.scores + jj * tile.ld + panel
-                let bias = keyBias[j]
+                let bias = keyBias[j * keyBiasStride]
                 if delta0 >= first && delta0 + nr - 1 <= last {
                     // Every lane's distance is in the band (and the table).
                     // Lane l reads G[delta0 − first + l][l]: a stride of NR + 1 floats.
