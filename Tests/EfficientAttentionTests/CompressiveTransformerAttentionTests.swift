@@ -304,6 +304,36 @@ struct CompressiveTransformerAttentionTests {
         }
     }
 
+    @Test("reads only the addressed elements: NaN-padded strided segments, table and old keys")
+    func stridedNaNPadded() throws {
+        let (batch, h, hkv, d, dv, n, m, mc, c) = (2, 4, 2, 5, 6, 6, 6, 4, 3)
+        let (q, k, v) = try randomQKV(batch: batch, heads: h, kvHeads: hkv, queryLength: 3 * n, headDim: d,
+                                      valueDim: dv, seed: 45)
+        for function in [Compression.maxPool, .meanPool,
+                         try randomConvolution(kvHeads: hkv, compression: c, headDim: d, valueDim: dv, seed: 46)] {
+            let base = try randomCompressive(heads: h, headDim: d, memoryLength: m, compressedMemoryLength: mc,
+                                             compression: c, function: function, rows: mc + m + n, seed: 47)
+            var padded = base
+            padded.relativePositions = try embeddedInNaN(base.relativePositions, innerStride: 2)
+            var plain = try CompressiveMemory(batch: batch, kvHeads: hkv, headDim: d, valueDim: dv, capacity: m,
+                                              compressedCapacity: mc)
+            var strided = plain
+            for s in 0..<3 {
+                let range = (s * n)..<((s + 1) * n)
+                let (sq, sk, sv) = (try positions(q, range), try positions(k, range), try positions(v, range))
+                let a = try base.attend(query: sq, key: sk, value: sv, memory: &plain)
+                let b = try padded.attend(query: try embeddedInNaN(sq), key: try embeddedInNaN(sk, innerStride: 3),
+                                          value: try embeddedInNaN(sv), memory: &strided)
+                expectBitwiseEqual(a, b, "segment \(s)")
+                #expect(plain == strided, "segment \(s): memories differ")
+            }
+            let loss = try base.reconstructionLoss(query: q, oldKeys: k, oldValues: v)
+            let stridedLoss = try padded.reconstructionLoss(query: try embeddedInNaN(q), oldKeys: try embeddedInNaN(k, innerStride: 3),
+                                                            oldValues: try embeddedInNaN(v, innerStride: 2))
+            #expect(loss.bitPattern == stridedLoss.bitPattern, "reconstruction loss \(loss) vs \(stridedLoss)")
+        }
+    }
+
     @Test("1 vs 3 threads: outputs and memories bitwise identical")
     func threads() throws {
         let (batch, h, hkv, d, dv, n, m, mc, c) = (2, 4, 2, 33, 20, 12, 12, 8, 3)

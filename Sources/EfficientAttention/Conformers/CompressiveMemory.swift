@@ -107,8 +107,8 @@ public struct CompressiveMemory: Sendable, Equatable {
     func concatenated(values isValues: Bool, segment: Tensor, pads: [Int]) throws -> Tensor {
         let width = isValues ? valueDim : headDim
         let (memory, compressed) = isValues ? (values, compressedValues) : (keys, compressedKeys)
-        let n = segment.shape[2]
-        let total = (pads.first ?? 0) + valid[0].compressed + valid[0].memory + n
+        let n = segment.shape[2], valid = self.valid
+        let total = pads[0] + valid[0].compressed + valid[0].memory + n   // the same for every item
         var data = [Float](repeating: 0, count: batch * kvHeads * total * width)
         let (c, m, s) = (compressed.elements, memory.elements, segment.elements)
         for b in 0..<batch {
