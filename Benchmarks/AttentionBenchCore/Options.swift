@@ -47,7 +47,7 @@ public enum Preset: String, CaseIterable, Sendable {
     /// fixed ratio), the `N √N` ones (strided, LSH), routing (its router is quadratic by
     /// definition: KernelDocs/Routing.md), Sinkhorn (its plan has `(N / bs)²` entries).
     public static let millionVariants = ["local", "longformer", "bigbird", "linformer", "linear-elu", "performer",
-                                         "adaptive-span", "axial", "isab"]
+                                         "adaptive-span", "axial", "isab", "etc"]
 }
 
 /// Everything the command line says, with presets and defaults applied.

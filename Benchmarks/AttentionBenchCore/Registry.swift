@@ -27,6 +27,9 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case inducing
     case seeds
     case sortCut = "sort-cut"
+    case globals
+    case radius
+    case maxDistance = "max-distance"
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -50,6 +53,9 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .inducing: return "isab: inducing points m per head"
         case .seeds: return "pma: seed vectors k per head (the output has k rows)"
         case .sortCut: return "sinkhorn: SortCut, each query attends to the first N sorted blocks only (off by default)"
+        case .globals: return "etc: global tokens N_g in front of the N long tokens"
+        case .radius: return "etc: local radius r of long -> long attention"
+        case .maxDistance: return "etc: relative-position clipping distance (2k + 1 seeded vectors per head)"
         }
     }
 
@@ -404,6 +410,23 @@ public struct Registry: Sendable {
             make: { c in
                 try AttentionPooling(heads: c.shape.heads, headDim: c.shape.headDim, seedCount: c[.seeds],
                                      seed: c.seed, causal: c.causal)
+            }),
+        VariantEntry(
+            name: "etc",
+            summary: "ETC global-local attention: global tokens see and are seen by all, long tokens a band of radius r, clipped relative positions on long pairs (Ainslie et al. 2020)",
+            parameters: [(.globals, .value(128)), (.radius, .value(ETCAttention.defaultRadius)),
+                         (.maxDistance, .value(ETCAttention.defaultMaxDistance))],
+            settingsNote: "N is the long length: Nq = Nk = globals + N; seeded relative table; causal on long pairs",
+            adjustProblem: { p, values in
+                var p = p
+                let globals = values[.globals] ?? 128
+                p.shape.queryLength += globals
+                p.shape.keyLength = p.shape.queryLength
+                return p
+            },
+            make: { c in
+                try ETCAttention(heads: c.shape.heads, headDim: c.shape.headDim, globals: c[.globals],
+                                 radius: c[.radius], maxDistance: c[.maxDistance], seed: c.seed, causal: c.causal)
             }),
     ])
 }

@@ -125,7 +125,7 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
-                            "axial", "memory-compressed", "sinkhorn", "isab", "pma"])
+                            "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -153,6 +153,10 @@ import AttentionBenchCore
         let pma = r.entry(named: "pma")!
         #expect(pma.resolveParameters([:], at: p) == [.seeds: 1] && !pma.approximatesDense)
         #expect(pma.adjustProblem(p, [.seeds: 4]).shape.queryLength == 4)
+        let etc = r.entry(named: "etc")!
+        #expect(etc.resolveParameters([:], at: p) == [.globals: 128, .radius: 84, .maxDistance: 12])
+        let etcProblem = etc.adjustProblem(p, [.globals: 16])
+        #expect(etcProblem.shape.queryLength == p.shape.queryLength + 16 && etcProblem.shape.keyLength == p.shape.queryLength + 16)
         #expect(r.entry(named: "strided")!.resolveParameters([.stride: 5], at: p) == [.stride: 5])
         let xl = r.entry(named: "transformer-xl")!
         let xlValues = xl.resolveParameters([:], at: p)

@@ -253,10 +253,12 @@ public struct TransformerXLAttention: Attention, Equatable {
                         interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true,
                                                keyEnd: keyLengths?[b] ?? nk),
                         keyBegin: keyBegins?[b] ?? 0,
-                        table: r.row(0, tableHeads == 1 ? 0 : h, 0),
-                        tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
-                        keyBias: kb.baseAddress! + (b * heads + h) * nk,
-                        distanceBias: db.baseAddress! + h * nk)
+                        terms: RelativeScoreTerms(
+                            table: r.row(0, tableHeads == 1 ? 0 : h, 0),
+                            tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
+                            offset: nk - shape.queryLength,
+                            keyBias: kb.baseAddress! + (b * heads + h) * nk,
+                            distanceBias: db.baseAddress! + h * nk, owner: b * heads + h + 1))
                 }
             } }
         }

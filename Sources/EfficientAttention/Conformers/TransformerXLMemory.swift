@@ -89,14 +89,17 @@ extension Tensor {
     }
 
     /// The last `count` positions along axis 2, row-major.
-    func lastPositions(_ count: Int) -> Tensor {
+    func lastPositions(_ count: Int) -> Tensor { positions((shape[2] - count)..<shape[2]) }
+
+    /// Positions `range` along axis 2, row-major.
+    func positions(_ range: Range<Int>) -> Tensor {
         let (b, h, n, d) = (shape[0], shape[1], shape[2], shape[3])
         let all = elements
         var data = [Float]()
-        data.reserveCapacity(b * h * count * d)
+        data.reserveCapacity(b * h * range.count * d)
         for item in 0..<(b * h) {
-            data.append(contentsOf: all[((item * n + n - count) * d)..<((item + 1) * n * d)])
+            data.append(contentsOf: all[((item * n + range.lowerBound) * d)..<((item * n + range.upperBound) * d)])
         }
-        return try! Tensor(shape: [b, h, count, d], data: data)
+        return try! Tensor(shape: [b, h, range.count, d], data: data)
     }
 }

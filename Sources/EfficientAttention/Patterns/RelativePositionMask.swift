@@ -19,15 +19,8 @@ struct RelativePositionMask: TileMask {
     var interval: IntervalMask
     /// Keys `< keyBegin` are invisible.
     var keyBegin: Int
-    /// `r_0` of this head; `r_Δ[c] = table[Δ · rowStride + c · depthStride]`, `Δ < rows`.
-    var table: UnsafePointer<Float>
-    var tableRowStride: Int
-    var tableDepthStride: Int
-    var tableRows: Int
-    /// `scale · u · k_j` for every key `j < Nk` of this batch item and head.
-    var keyBias: UnsafePointer<Float>
-    /// `scale · v · r_Δ` for every `Δ < tableRows` of this head.
-    var distanceBias: UnsafePointer<Float>
+    /// The score terms, with `offset = interval.offset`.
+    var terms: RelativeScoreTerms
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let keyBegin = self.keyBegin
@@ -47,6 +40,45 @@ struct RelativePositionMask: TileMask {
 
     static var addsScoreTerms: Bool { true }
 
+    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int {
+        RelativeScoreTerms.scratchCount(queryTile: queryTile, keyTile: keyTile)
+    }
+
+    func addScoreTerms(_ tile: ScoreTile) { terms.add(to: tile) }
+}
+
+/// Scores that depend on the distance `Δ = i + offset − j` between query `i` and key `j`
+/// through a table of rows `r_Δ`, added to a transposed score tile:
+///
+///     scale · q_i · r_Δ   +   keyBias[j]   +   distanceBias[Δ]
+///
+/// The first is a small product per 32-query panel of the tile: the band of relative rows
+/// the panel needs (`Δ` from `Δmin` to `Δmin + Bc + 30`), read in place from the table as
+/// the micro-kernel's broadcast operand, times the packed scaled queries,
+/// `G[δ][l] = Σ_c r_{Δmin+δ}[c] · qT[c][l]`, then the diagonal shift
+/// `Sᵀ[jj][l] += G[Δ(l, jj) − Δmin][l]`.
+///
+/// Distances outside `0..<tableRows`: with `clamped`, they read the nearest row (Shaw et
+/// al.'s clipped relative positions: ETC); without, they only meet hidden pairs
+/// (Transformer-XL's causal rule) and panels wholly outside the table are skipped.
+struct RelativeScoreTerms {
+    /// `r_0`; `r_Δ[c] = table[Δ · rowStride + c · depthStride]`, `Δ < rows` (the row
+    /// stride may be negative: a table read backwards).
+    var table: UnsafePointer<Float>
+    var tableRowStride: Int
+    var tableDepthStride: Int
+    var tableRows: Int
+    /// `Δ = i + offset − j`.
+    var offset: Int
+    /// Per key `j < Nk`.
+    var keyBias: UnsafePointer<Float>
+    /// Per distance `Δ < tableRows`.
+    var distanceBias: UnsafePointer<Float>
+    /// Distinct and non-zero for every (batch item, head) of a call: the band a panel's
+    /// buffer holds is reused only by the same owner.
+    var owner: Int
+    var clamped: Bool = false
+
     /// Rows of one panel's band buffer: `keyTile + NR − 1` relative rows, rounded up to
     /// whole `MR` blocks.
     static func bandCapacity(keyTile: Int) -> Int { roundUp(keyTile + MicroTile.nr - 1, MicroTile.mr) }
@@ -55,27 +87,29 @@ struct RelativePositionMask: TileMask {
     static func headerCount(panels: Int) -> Int { roundUp(panels * 4 * 2, 16) }
 
     /// A band buffer per 32-query panel, plus the header.
-    static func scoreTermScratchCount(queryTile: Int, keyTile: Int) -> Int {
+    static func scratchCount(queryTile: Int, keyTile: Int) -> Int {
         let panels = (queryTile + MicroTile.nr - 1) / MicroTile.nr
         return headerCount(panels: panels) + panels * bandCapacity(keyTile: keyTile) * MicroTile.nr
     }
 
-    func addScoreTerms(_ tile: ScoreTile) {
+    func add(to tile: ScoreTile) {
         let nr = MicroTile.nr, mr = MicroTile.mr
         let panels = tile.ld / nr
-        let capacity = RelativePositionMask.bandCapacity(keyTile: tile.keyTile)
+        let capacity = RelativeScoreTerms.bandCapacity(keyTile: tile.keyTile)
         // Header per panel: (owner, queryStart, first, last) of the band its buffer holds.
         let header = UnsafeMutableRawPointer(tile.scratch).assumingMemoryBound(to: Int.self)
-        let owner = Int(bitPattern: keyBias)
+        let owner = self.owner, offset = self.offset
         let lastKey = tile.keyStart + tile.keyCount - 1
         for panel in stride(from: 0, to: tile.lanes, by: nr) {
-            let g = tile.scratch + RelativePositionMask.headerCount(panels: panels) + panel / nr * capacity * nr
+            let g = tile.scratch + RelativeScoreTerms.headerCount(panels: panels) + panel / nr * capacity * nr
             let held = header + panel / nr * 4
             // Distances in this panel: Δ(l, jj) = (queryStart + panel + l + offset) − (keyStart + jj).
-            let nearest = tile.queryStart + panel + interval.offset - lastKey
-            let farthest = tile.queryStart + panel + nr - 1 + interval.offset - tile.keyStart
-            // Rows outside the table only meet hidden pairs (masked after this hook).
-            let first = max(nearest, 0), last = min(farthest, tableRows - 1)
+            let nearest = tile.queryStart + panel + offset - lastKey
+            let farthest = tile.queryStart + panel + nr - 1 + offset - tile.keyStart
+            // Clamped: distances outside the table read its first or last row. Otherwise
+            // rows outside the table only meet hidden pairs (masked after this hook).
+            let first = clamped ? min(max(nearest, 0), tableRows - 1) : max(nearest, 0)
+            let last = clamped ? max(min(farthest, tableRows - 1), 0) : min(farthest, tableRows - 1)
             guard first <= last else { continue }
             let band = last - first + 1
             // Key tiles come in increasing order, so the band slides towards smaller Δ and
@@ -100,7 +134,7 @@ struct RelativePositionMask: TileMask {
             // The diagonal shift: lane l of key row jj takes G[Δ − first][l].
             for jj in 0..<tile.keyCount {
                 let j = tile.keyStart + jj
-                let delta0 = tile.queryStart + panel + interval.offset - j
+                let delta0 = tile.queryStart + panel + offset - j
                 let row = tile.scores + jj * tile.ld + panel
                 let bias = keyBias[j]
                 if delta0 >= first && delta0 + nr - 1 <= last {
@@ -116,6 +150,14 @@ struct RelativePositionMask: TileMask {
                                           d[8 * s], d[9 * s], d[10 * s], d[11 * s], d[12 * s], d[13 * s],
                                           d[14 * s], d[15 * s])
                         store16(load16(row + half) + ((terms + load16(distances + half)) + biases), row + half)
+                    }
+                } else if clamped && (delta0 >= last || delta0 + nr - 1 <= first) {
+                    // Every lane's distance is past one end of the table: one row for all.
+                    let r = delta0 >= last ? last : first
+                    let terms = g + (r - first) * nr
+                    let distance = Vec16(repeating: distanceBias[r]), biases = Vec16(repeating: bias)
+                    for half in stride(from: 0, to: nr, by: 16) {
+                        store16(load16(row + half) + ((load16(terms + half) + distance) + biases), row + half)
                     }
                 } else {
                     for l in 0..<nr {

@@ -1,0 +1,207 @@
+/// ETC's global-local attention (Ainslie et al. 2020): a few global tokens that see and
+/// are seen by everything, and a long input that sees the global tokens and a band of
+/// radius `r` around itself, with Shaw et al.'s clipped relative positions on long → long
+/// pairs.
+///
+/// Through ``Attention`` the inputs are the concatenation `[global ; long]` along the
+/// positions (`Nq = Nk = N_g + N_l`, the first ``globals`` rows global), and so is the
+/// output; ``attend(global:long:keyLengths:threads:)`` takes and returns the two parts
+/// separately.
+///
+/// ```
+/// // naive reference (what this computes), for each b, h, query position p (hk = h / (H / Hkv)),
+/// // G = globals, κ = maxDistance, a = relativePositions[h] (2κ + 1 rows):
+/// visible(j) = p < G  ? (j < G || sameSegment(p, j))                  // global query
+///                     : (j < G ? sameSegment(p, j)                    // long → global
+///                              : p − r ≤ j ≤ (causal ? p : p + r))    // long → long
+///              && j < (keyLengths?[b] ?? N)          // sameSegment is true without segments
+/// s[j] = scale · dot(q[b,h,p], k[b,hk,j])  +  (p ≥ G && j ≥ G ? scale · dot(q[b,h,p], a[clip(j − p, −κ, κ) + κ]) : 0)
+/// o[b, h, p] = Σ_j softmax(s)[j] · v[b, hk, j],   lse[b, h, p] = log Σ_j exp(s[j])
+/// ```
+/// Rows with no visible key are 0 with `lse = -infinity`. Global tokens are never causal;
+/// causal applies to long → long pairs. The pattern is ``ETCPattern``.
+///
+/// Two passes of the tiled softmax kernel over disjoint query sets (KernelDocs/ETC.md):
+/// the global queries against every key (dense rows), then the long queries against the
+/// global keys and their band, the relative term added to the band's score tiles by the
+/// same in-tile product Transformer-XL uses (``RelativeScoreTerms``, reading the table
+/// backwards and clamping distances past `κ`). No `N × N` mask or score array exists.
+///
+/// - Complexity: `2 · pairs · (D + Dv) + 2 · bandPairs · D` FLOPs (the second term with a
+///   relative table) with about `N_g · N + N_l · (N_g + 2r + 1)` pairs per head (causal:
+///   `r + 1`); workspace of a few hundred KiB per thread plus `4 · (N + 2κ + 1)` bytes,
+///   independent of `N` otherwise.
+public struct ETCAttention: Attention, Equatable {
+    /// `N_g`: the first `globals` positions of the sequence are the global tokens.
+    public var globals: Int
+    /// `r`: a long token sees the long tokens at most `r` positions away.
+    public var radius: Int
+    /// Shaw et al.'s relative-position vectors for long → long pairs, `[1, H or 1, 2κ + 1, D]`
+    /// (row `t` is `a_{t − κ}`, for `j − i = t − κ` clipped to `[−κ, κ]`), or `nil` for none.
+    public var relativePositions: Tensor?
+    /// Segment ids restricting global ↔ long pairs, or `nil` for none.
+    public var segments: ETCSegments?
+    /// Causal on long → long pairs (`p − r ≤ j ≤ p`).
+    public var causal: Bool
+    /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
+    public var scale: Float?
+
+    /// ETC's local radius, 84 (its released base configuration).
+    public static let defaultRadius = 84
+    /// ETC's relative-position clipping distance `κ`, 12 (its released base configuration).
+    public static let defaultMaxDistance = 12
+
+    public init(globals: Int, radius: Int = ETCAttention.defaultRadius, relativePositions: Tensor? = nil,
+                segments: ETCSegments? = nil, causal: Bool = false, scale: Float? = nil) {
+        self.globals = globals
+        self.radius = radius
+        self.relativePositions = relativePositions
+        self.segments = segments
+        self.causal = causal
+        self.scale = scale
+    }
+
+    /// A configuration with a seeded random relative table of `2 · maxDistance + 1` rows
+    /// per head, N(0, 1/D) entries, for experiments and benchmarks.
+    public init(heads: Int, headDim: Int, globals: Int, radius: Int = ETCAttention.defaultRadius,
+                maxDistance: Int = ETCAttention.defaultMaxDistance, seed: UInt64,
+                segments: ETCSegments? = nil, causal: Bool = false, scale: Float? = nil) throws {
+        let variant = "ETC attention"
+        try checkOption(heads, "heads", in: 1...patternLimit, variant: variant)
+        try checkOption(headDim, "headDim", in: 1...DenseAttention.maxHeadDim, variant: variant)
+        try checkOption(maxDistance, "maxDistance", in: 0...patternLimit, variant: variant)
+        let rows = 2 * maxDistance + 1
+        try checkFloatAllocation([heads, rows, headDim], option: "ETC relative table [1, heads, 2·maxDistance + 1, headDim]")
+        var rng = SeededGenerator(seed: seed)
+        let deviation = 1 / Double(headDim).squareRoot()
+        let table = (0..<(heads * rows * headDim)).map { _ in Float(rng.nextGaussian() * deviation) }
+        self.init(globals: globals, radius: radius,
+                  relativePositions: try Tensor(shape: [1, heads, rows, headDim], data: table),
+                  segments: segments, causal: causal, scale: scale)
+    }
+
+    public var name: String { "etc" }
+
+    /// `κ` of the relative table (0 without one).
+    public var maxDistance: Int { ((relativePositions?.shape[2] ?? 1) - 1) / 2 }
+
+    public func validate(_ shape: AttentionShape) throws {
+        let variant = "ETC attention"
+        try checkPatternShape(shape, scale: scale, variant: variant)
+        guard shape.queryLength == shape.keyLength else {
+            throw AttentionError.shapeMismatch(
+                "\(variant) attends [global ; long] to itself: keyLength \(shape.keyLength) must equal queryLength "
+                + "\(shape.queryLength) (globals + the long length)")
+        }
+        try checkOption(globals, "globals", in: 0...shape.queryLength, variant: variant)
+        try checkOption(radius, "radius", in: 0...patternLimit, variant: variant)
+        if let table = relativePositions {
+            let s = table.shape
+            guard s[0] == 1, s[1] == shape.heads || s[1] == 1, s[2] % 2 == 1, s[3] == shape.headDim else {
+                throw AttentionError.shapeMismatch(
+                    "\(variant): relativePositions must be [1, H or 1, 2κ + 1, D] = [1, \(shape.heads), odd, "
+                    + "\(shape.headDim)], got \(s)")
+            }
+            try checkOption(s[2], "relativePositions rows (2κ + 1)", in: 1...patternLimit, variant: variant)
+            if let n = table.elements.firstIndex(where: { !$0.isFinite }) {
+                throw AttentionError.invalidParameter(
+                    "\(variant): relativePositions element \(n) must be finite, got \(table.elements[n])")
+            }
+        }
+        try segments?.validate(globals: globals, longs: shape.queryLength - globals, variant: variant)
+        try checkFloatAllocation([shape.keyLength + 2 * maxDistance + 1],
+                                 option: "ETC zero biases [N + 2κ + 1]")
+    }
+
+    /// The pattern for `shape`.
+    public func pattern(for shape: AttentionShape) throws -> ETCPattern {
+        try validate(shape)
+        return try ETCPattern(globals: globals, radius: radius, causal: causal, segments: segments,
+                              length: shape.queryLength)
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let pattern = try pattern(for: shape)
+        let base = patternCost(pattern, shape: shape, threads: threads)
+        var bandPairs = 0
+        if relativePositions != nil {
+            for p in globals..<shape.queryLength { bandPairs += pattern.band(p).count }
+        }
+        let termFlops = 2 * Double(bandPairs * shape.heads * shape.batch) * Double(shape.headDim)
+        let longWorkspace = TiledSoftmaxAttention.workspaceBytes(
+            shape: shape, threads: threads, queryTile: pattern.longQueryTile,
+            mask: RelativeTermsMask<ETCLongQueryMask>.self)
+        return AttentionCost(flops: base.flops + termFlops,
+                             workspaceBytes: max(base.workspaceBytes, longWorkspace)
+                                + 4 * (shape.keyLength + 2 * maxDistance + 1),
+                             scoredPairs: base.scoredPairs)
+    }
+
+    public func attend(query: Tensor, key: Tensor, value: Tensor,
+                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
+                                                threads: threads, scale: scale, validate: validate) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { _, keyEnd in pattern.globalQueryMask(keyEnd: keyEnd) }
+            guard let table = relativePositions else {
+                call.run(queryTile: pattern.longQueryTile) { _, keyEnd in pattern.longQueryMask(keyEnd: keyEnd) }
+                return
+            }
+            // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
+            let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
+            let zeros = [Float](repeating: 0, count: shape.keyLength + rows)
+            zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+                TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
+                                          queryTile: pattern.longQueryTile, byHead: true,
+                                          q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse) { b, h in
+                    RelativeTermsMask(
+                        base: pattern.longQueryMask(keyEnd: call.keyLengths?[b] ?? shape.keyLength),
+                        terms: RelativeScoreTerms(
+                            table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
+                            tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
+                            offset: kappa, keyBias: zeros.baseAddress!, distanceBias: zeros.baseAddress!,
+                            owner: b * shape.heads + h + 1, clamped: true),
+                        firstKey: globals)
+                }
+            } }
+        }
+    }
+
+    /// ETC with the global and long inputs apart: `globalQuery [B, H, N_g, D]`,
+    /// `longQuery [B, H, N_l, D]`, keys and values likewise (`Hkv` heads). `keyLengths`
+    /// pads the long keys (`0...N_l` valid long keys per batch item).
+    ///
+    /// - Complexity: the attention above, plus copying the inputs into one sequence and
+    ///   the output out of it.
+    public func attend(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
+                       longQuery: Tensor, longKey: Tensor, longValue: Tensor,
+                       keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (global: AttentionResult, long: AttentionResult) {
+        let g = try AttentionShape(query: globalQuery, key: globalKey, value: globalValue)
+        let l = try AttentionShape(query: longQuery, key: longKey, value: longValue)
+        guard g.batch == l.batch, g.heads == l.heads, g.kvHeads == l.kvHeads, g.headDim == l.headDim,
+              g.valueDim == l.valueDim, g.queryLength == g.keyLength, l.queryLength == l.keyLength else {
+            throw AttentionError.shapeMismatch(
+                "ETC attention: global [B, H, N_g, D] = [\(g.batch), \(g.heads), \(g.queryLength), \(g.headDim)] "
+                + "(keys \(g.keyLength)) and long [\(l.batch), \(l.heads), \(l.queryLength), \(l.headDim)] "
+                + "(keys \(l.keyLength)) must agree in B, H, Hkv, D, Dv, with as many keys as queries in each")
+        }
+        guard g.queryLength == globals else {
+            throw AttentionError.shapeMismatch(
+                "ETC attention: \(g.queryLength) global tokens given, globals is \(globals)")
+        }
+        if let keyLengths {
+            try checkCallArguments(l, keyLengths: keyLengths, threads: threads)
+        }
+        let result = try attend(query: try globalQuery.appendingPositions(of: longQuery),
+                                key: try globalKey.appendingPositions(of: longKey),
+                                value: try globalValue.appendingPositions(of: longValue),
+                                keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
+        let n = globals + l.queryLength
+        return (try AttentionResult(output: result.output.positions(0..<globals),
+                                    logSumExp: result.logSumExp.positions(0..<globals)),
+                try AttentionResult(output: result.output.positions(globals..<n),
+                                    logSumExp: result.logSumExp.positions(globals..<n)))
+    }
+}
