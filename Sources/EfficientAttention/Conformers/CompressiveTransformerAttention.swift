@@ -318,7 +318,9 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
         let function = compressionFunction
         let (keyWeights, valueWeights): ([Float], [Float])
         if case let .convolution(k, v) = function { (keyWeights, valueWeights) = (k, v) } else { (keyWeights, valueWeights) = ([], []) }
-        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+        // Only the convolution runs GEMMs: the pools get a workspace without packing buffers.
+        let packing = function != .maxPool && function != .meanPool
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0, packing: packing) }) { spaces in
         keyWeights.withUnsafeBufferPointer { kw in valueWeights.withUnsafeBufferPointer { vw in
         keys.withView { k in values.withView { v in
         outKeys.withMutableView { kOut in outValues.withMutableView { vOut in
