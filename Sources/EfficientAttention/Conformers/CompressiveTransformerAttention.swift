@@ -25,8 +25,8 @@
 ///   ``CompressiveMemory`` (a value; ``CompressiveMemory/reset(batchItem:)`` and
 ///   ``CompressiveMemory/reset()`` forget); the call attends, then updates the memory as
 ///   above. The evicted count of every item must be a multiple of `c` (a segment length
-///   and `M` that are both multiples of `c` guarantee it), or the call throws before
-///   changing anything.
+///   and `M` that are both multiples of `c` guarantee it; with `M_c = 0` nothing is
+///   compressed and any count is fine), or the call throws before changing anything.
 /// - statelessly, through ``Attention``: `key` and `value` already hold
 ///   `[compressed ; memory ; segment]` (`Nk = Nq + P`, `0 ≤ P ≤ M_c + M`), as the benchmark
 ///   does; nothing is compressed.
@@ -37,7 +37,8 @@
 /// Runs on the shared kernels (KernelDocs/Compressive.md): the attention is Transformer-XL's
 /// tiled-softmax call with the relative-position mask (per-item `keyBegin` for the
 /// right-aligned memories); the convolution and the mean pool are ``WindowCompression``'s
-/// GEMMs over strided row views of the evicted positions.
+/// GEMMs and sums over strided row views of the evicted positions, the max pool its
+/// `maxPool`.
 ///
 /// - Complexity: the attention, `2 · pairs · (2·D + Dv)` FLOPs with
 ///   `pairs = Nq · P + Nq (Nq + 1) / 2` per head (as Transformer-XL over `P` memory keys);
