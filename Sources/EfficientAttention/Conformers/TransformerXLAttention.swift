@@ -225,7 +225,10 @@ public struct TransformerXLAttention: Attention, Equatable {
     }
 
     /// The kernel call: biases, then the tiled softmax kernel with the relative-position mask.
-    private func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
+    /// `keyBegins[b]` hides the keys before it (right-aligned memories shorter than the
+    /// stored length). Internal: ``CompressiveTransformerAttention`` runs it over
+    /// `[compressed ; memory ; segment]`.
+    func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
                      keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         let (nk, heads) = (shape.keyLength, shape.heads)

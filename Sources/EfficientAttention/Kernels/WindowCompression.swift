@@ -56,3 +56,29 @@ enum WindowCompression {
         }
     }
 }
+
+extension WindowCompression {
+    /// Max pooling of the windows of `c` rows of head `(b, h)` of `source`: the
+    /// `⌈length / c⌉` rows `out[t][col] = max_{r < c, tc + r < length} x[tc + r][col]`
+    /// (a last, partial window over the rows it has), rows `ldo` floats apart. A NaN input
+    /// never replaces a number already taken (the compressive memory's pooling; its inputs
+    /// are finite).
+    ///
+    /// - Complexity: `length · width` comparisons, no scratch.
+    static func maxPool(_ source: TensorView, b: Int, h: Int, length: Int, compression c: Int, width: Int,
+                        into out: UnsafeMutablePointer<Float>, ldo: Int) {
+        let rowStride = source.strides[2], columnStride = source.strides[3]
+        let first = source.row(b, h, 0)
+        for t in 0..<compressedLength(length, compression: c) {
+            let row = out + t * ldo
+            let window = first + t * c * rowStride
+            for column in 0..<width { row[column] = window[column * columnStride] }
+            for r in 1..<min(c, length - t * c) {
+                let x = window + r * rowStride
+                for column in 0..<width where x[column * columnStride] > row[column] {
+                    row[column] = x[column * columnStride]
+                }
+            }
+        }
+    }
+}
