@@ -30,6 +30,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case globals
     case radius
     case maxDistance = "max-distance"
+    case compressedMemory = "compressed-memory"
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -48,14 +49,15 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .proj: return "linformer: projected length k"
         case .span: return "adaptive-span: maximum span S"
         case .ramp: return "adaptive-span: soft-mask ramp R"
-        case .memory: return "transformer-xl: memory length M (default N)"
-        case .compression: return "memory-compressed: kernel and stride c of the key/value convolution (mean pooling)"
+        case .memory: return "transformer-xl, compressive: memory length M (default N)"
+        case .compression: return "memory-compressed: kernel and stride c of the key/value convolution (mean pooling); compressive: compression rate c"
         case .inducing: return "isab: inducing points m per head"
         case .seeds: return "pma: seed vectors k per head (the output has k rows)"
         case .sortCut: return "sinkhorn: SortCut, each query attends to the first N sorted blocks only (off by default)"
         case .globals: return "etc: global tokens N_g in front of the N long tokens"
         case .radius: return "etc: local radius r of long -> long attention"
         case .maxDistance: return "etc: relative-position clipping distance (2k + 1 seeded vectors per head)"
+        case .compressedMemory: return "compressive: compressed memory slots M_c (default N)"
         }
     }
 
@@ -355,6 +357,24 @@ public struct Registry: Sendable {
             make: { c in
                 try TransformerXLAttention(heads: c.shape.heads, headDim: c.shape.headDim, memoryLength: c[.memory],
                                            maxSegmentLength: c.shape.queryLength, seed: c.seed)
+            }),
+        VariantEntry(
+            name: "compressive",
+            summary: "Compressive Transformer: Transformer-XL over [compressed memory; memory; segment], relative positions over the whole span, causal (Rae et al. 2020)",
+            parameters: [(.memory, .sequenceLength), (.compressedMemory, .sequenceLength), (.compression, .value(3))],
+            settingsNote: "keys = compressed memory + memory + segment (the stateless call: memory given, nothing compressed); mean pooling",
+            adjustProblem: { p, values in
+                var p = p
+                p.shape.keyLength = p.shape.queryLength + (values[.memory] ?? p.shape.queryLength)
+                    + (values[.compressedMemory] ?? p.shape.queryLength)
+                p.causal = true
+                return p
+            },
+            make: { c in
+                try CompressiveTransformerAttention(
+                    heads: c.shape.heads, headDim: c.shape.headDim, memoryLength: c[.memory],
+                    compressedMemoryLength: c[.compressedMemory], compression: c[.compression],
+                    maxSegmentLength: c.shape.queryLength, seed: c.seed)
             }),
         VariantEntry(
             name: "adaptive-span",

@@ -70,7 +70,8 @@ final class FuzzCase {
             .bucketSize: rng.int(1...12), .hashes: rng.int(1...4), .features: rng.int(1...40), .proj: rng.int(1...24),
             .span: rng.int(0...30), .ramp: rng.int(1...10), .memory: rng.int(0...12),
             .compression: rng.int(1...9), .inducing: rng.int(1...12), .seeds: rng.int(1...5),
-            .globals: rng.int(0...10), .radius: rng.int(0...20), .maxDistance: rng.int(0...8)]
+            .globals: rng.int(0...10), .radius: rng.int(0...20), .maxDistance: rng.int(0...8),
+            .compressedMemory: rng.int(0...12)]
         if rng.chance(0.3) { values[.sortCut] = rng.int(1...4) }
         return values
     }

@@ -124,7 +124,7 @@ import AttentionBenchCore
     @Test func registryNamesAndAvailability() throws {
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
-                            "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "adaptive-span",
+                            "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "compressive", "adaptive-span",
                             "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
@@ -153,6 +153,11 @@ import AttentionBenchCore
         let pma = r.entry(named: "pma")!
         #expect(pma.resolveParameters([:], at: p) == [.seeds: 1] && !pma.approximatesDense)
         #expect(pma.adjustProblem(p, [.seeds: 4]).shape.queryLength == 4)
+        let compressive = r.entry(named: "compressive")!
+        #expect(compressive.resolveParameters([:], at: p) == [.memory: p.shape.queryLength,
+                                                                .compressedMemory: p.shape.queryLength, .compression: 3])
+        let compressiveProblem = compressive.adjustProblem(p, [.memory: 5, .compressedMemory: 7, .compression: 3])
+        #expect(compressiveProblem.causal && compressiveProblem.shape.keyLength == p.shape.queryLength + 12)
         let etc = r.entry(named: "etc")!
         #expect(etc.resolveParameters([:], at: p) == [.globals: 128, .radius: 84, .maxDistance: 12])
         let etcProblem = etc.adjustProblem(p, [.globals: 16])
