@@ -208,25 +208,17 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
     ///   positions and the segment, padded in front to the longest `P_b`.
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        memory: inout CompressiveMemory, threads: Int? = nil) throws -> AttentionResult {
-        let segment = try AttentionShape(query: query, key: key, value: value)
-        guard segment.keyLength == segment.queryLength else {
-            throw AttentionError.shapeMismatch(
-                "the segment's keys and values must have its query length \(segment.queryLength), got \(segment.keyLength)")
-        }
-        try validateConfiguration(segment)
+        let segment = try TransformerXLAttention.segmentShape(query: query, key: key, value: value,
+                                                              validate: validateConfiguration)
         guard memory.capacity == memoryLength, memory.compressedCapacity == compressedMemoryLength else {
             throw AttentionError.shapeMismatch(
                 "memory length mismatch: the memory holds up to \(memory.capacity) positions and "
                 + "\(memory.compressedCapacity) compressed slots, memoryLength is \(memoryLength) and "
                 + "compressedMemoryLength \(compressedMemoryLength)")
         }
-        guard memory.batch == segment.batch, memory.kvHeads == segment.kvHeads,
-              memory.headDim == segment.headDim, memory.valueDim == segment.valueDim else {
-            throw AttentionError.shapeMismatch(
-                "memory is [B, Hkv, M, D/Dv] = [\(memory.batch), \(memory.kvHeads), M, \(memory.headDim)/\(memory.valueDim)], "
-                + "the segment's keys and values are [\(segment.batch), \(segment.kvHeads), N, \(segment.headDim)/\(segment.valueDim)]")
-        }
-        try checkCallArguments(segment, keyLengths: nil, threads: threads)
+        try TransformerXLAttention.checkMemoryDimensions(
+            segment, batch: memory.batch, kvHeads: memory.kvHeads, headDim: memory.headDim, valueDim: memory.valueDim,
+            threads: threads)
         let n = segment.queryLength, c = compression
         let evicted = memory.lengths.map { max(0, $0 + n - memoryLength) }
         // Without a compressed memory nothing is compressed (Transformer-XL): any count is fine.

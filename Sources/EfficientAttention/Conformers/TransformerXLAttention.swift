@@ -195,23 +195,13 @@ public struct TransformerXLAttention: Attention, Equatable {
     ///   `O(B · Hkv · (M′ + Nq) · (D + Dv))` to concatenate and to update the memory.
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        memory: inout TransformerXLMemory, threads: Int? = nil) throws -> AttentionResult {
-        let segment = try AttentionShape(query: query, key: key, value: value)
-        guard segment.keyLength == segment.queryLength else {
-            throw AttentionError.shapeMismatch(
-                "the segment's keys and values must have its query length \(segment.queryLength), got \(segment.keyLength)")
-        }
-        try validateConfiguration(segment)
+        let segment = try Self.segmentShape(query: query, key: key, value: value, validate: validateConfiguration)
         guard memory.capacity == memoryLength else {
             throw AttentionError.shapeMismatch(
                 "memory length mismatch: the memory holds up to \(memory.capacity) positions, memoryLength is \(memoryLength)")
         }
-        guard memory.batch == segment.batch, memory.kvHeads == segment.kvHeads,
-              memory.headDim == segment.headDim, memory.valueDim == segment.valueDim else {
-            throw AttentionError.shapeMismatch(
-                "memory is [B, Hkv, M, D/Dv] = [\(memory.batch), \(memory.kvHeads), M, \(memory.headDim)/\(memory.valueDim)], "
-                + "the segment's keys and values are [\(segment.batch), \(segment.kvHeads), N, \(segment.headDim)/\(segment.valueDim)]")
-        }
-        try checkCallArguments(segment, keyLengths: nil, threads: threads)
+        try Self.checkMemoryDimensions(segment, batch: memory.batch, kvHeads: memory.kvHeads, headDim: memory.headDim,
+                                       valueDim: memory.valueDim, threads: threads)
         let stored = memory.storedLength
         let allKeys = try memory.keys.appendingPositions(of: key)
         let allValues = try memory.values.appendingPositions(of: value)
@@ -222,6 +212,31 @@ public struct TransformerXLAttention: Attention, Equatable {
                              keyLengths: nil, threads: threads)
         memory.keep(keys: allKeys, values: allValues, added: segment.queryLength)
         return result
+    }
+
+    /// The shape of a stateful segment call (keys and values as long as the queries),
+    /// checked by `validate` (the conformer's configuration against it).
+    static func segmentShape(query: Tensor, key: Tensor, value: Tensor,
+                             validate: (AttentionShape) throws -> Void) throws -> AttentionShape {
+        let segment = try AttentionShape(query: query, key: key, value: value)
+        guard segment.keyLength == segment.queryLength else {
+            throw AttentionError.shapeMismatch(
+                "the segment's keys and values must have its query length \(segment.queryLength), got \(segment.keyLength)")
+        }
+        try validate(segment)
+        return segment
+    }
+
+    /// Throws unless a memory of these dimensions fits the segment, and checks `threads`.
+    static func checkMemoryDimensions(_ segment: AttentionShape, batch: Int, kvHeads: Int, headDim: Int, valueDim: Int,
+                               threads: Int?) throws {
+        guard batch == segment.batch, kvHeads == segment.kvHeads, headDim == segment.headDim,
+              valueDim == segment.valueDim else {
+            throw AttentionError.shapeMismatch(
+                "memory is [B, Hkv, M, D/Dv] = [\(batch), \(kvHeads), M, \(headDim)/\(valueDim)], "
+                + "the segment's keys and values are [\(segment.batch), \(segment.kvHeads), N, \(segment.headDim)/\(segment.valueDim)]")
+        }
+        try checkCallArguments(segment, keyLengths: nil, threads: threads)
     }
 
     /// The kernel call: biases, then the tiled softmax kernel with the relative-position mask.
