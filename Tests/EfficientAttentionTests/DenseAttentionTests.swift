@@ -230,6 +230,30 @@ struct DenseReferenceTests {
         try c.check(DenseAttention(causal: true))
     }
 
+    @Test("long keys take the streaming query tile (512): reference, causal, padding, grouped heads, threads")
+    func streamingQueryTile() throws {
+        // K + V of one head past 1 MiB: Nk · (D + Dv) · 4 > 2^20.
+        let cases = [
+            DenseCase(batch: 1, heads: 2, queryLength: 600, keyLength: 2100, headDim: 128, seed: 910),
+            DenseCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 700, keyLength: 2100, headDim: 128, valueDim: 96,
+                      causal: true, keyLengths: [2100, 1500], seed: 911),
+            DenseCase(batch: 1, heads: 1, queryLength: 530, keyLength: 4500, headDim: 65, causal: true, seed: 912),
+        ]
+        for c in cases {
+            let shape = AttentionShape(batch: c.batch, heads: c.heads, kvHeads: c.kvHeads, queryLength: c.queryLength,
+                                       keyLength: c.nk, headDim: c.headDim, valueDim: c.valueDim)
+            #expect(DenseAttention.queryTile(shape) == 512, "\(c.testDescription) takes the streaming tile")
+            let one = try c.check(DenseAttention(causal: c.causal))
+            let (q, k, v) = try c.inputs()
+            for threads in [1, 3] {
+                let other = try DenseAttention(causal: c.causal).attend(query: q, key: k, value: v,
+                                                                        keyLengths: c.keyLengths, threads: threads)
+                expectBitwiseEqual(other, one, "\(c.testDescription) threads \(threads)")
+            }
+        }
+        #expect(DenseAttention.queryTile(AttentionShape(heads: 1, queryLength: 2048, headDim: 64)) == 128)
+    }
+
     @Test("the default scale is 1/sqrt(D)")
     func defaultScaleIsInverseSqrtD() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 20, headDim: 49, seed: 901)

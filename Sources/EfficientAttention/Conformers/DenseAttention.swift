@@ -38,12 +38,19 @@ public struct DenseAttention: Attention {
         try checkScale(scale)
     }
 
+    /// Dense rows: 512 queries per tile once a head's keys and values outgrow L2.
+    @_spi(Testing) public static func queryTile(_ shape: AttentionShape) -> Int {
+        TiledSoftmaxAttention.Tiling.denseQueryTile(keyLength: shape.keyLength, headDim: shape.headDim,
+                                                    valueDim: shape.valueDim)
+    }
+
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads),
+                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
+                                shape: shape, threads: threads, queryTile: Self.queryTile(shape)),
                              scoredPairs: pairs)
     }
 
@@ -53,6 +60,7 @@ public struct DenseAttention: Attention {
                                              threads: threads, scale: self.scale)
         let causal = self.causal
         return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
+                                                queryTile: Self.queryTile(shape),
                                                 query: query, key: key, value: value) { b, _ in
             IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
                          causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)

@@ -93,7 +93,8 @@ public struct MultiQueryAttention: IncrementalAttention {
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
-        return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads))
+        return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads,
+                                                                                queryTile: queryTile(shape)))
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
@@ -101,6 +102,7 @@ public struct MultiQueryAttention: IncrementalAttention {
         let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
                                              threads: threads, scale: self.scale)
         return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
+                                                queryTile: queryTile(shape),
                                                 query: query, key: key, value: value) { b, _ in
             mask(queryLength: shape.queryLength, keyLength: shape.keyLength,
                  keyEnd: keyLengths?[b] ?? shape.keyLength)
@@ -191,6 +193,11 @@ public struct MultiQueryAttention: IncrementalAttention {
 
     /// The visibility of one batch item: the window and causal rule, bottom-right aligned
     /// for `queryLength` queries and `keyLength` keys, keys `< keyEnd`.
+    /// Without a window, dense rows (``DenseAttention``'s tile); a window keeps the default.
+    func queryTile(_ shape: AttentionShape) -> Int? {
+        leftWindow == nil && rightWindow == nil ? DenseAttention.queryTile(shape) : nil
+    }
+
     func mask(queryLength: Int, keyLength: Int, keyEnd: Int) -> IntervalMask {
         var right = rightWindow ?? IntervalMask.unbounded
         if causal { right = min(right, 0) }

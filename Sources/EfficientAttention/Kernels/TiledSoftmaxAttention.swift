@@ -50,6 +50,16 @@ enum TiledSoftmaxAttention {
                 : width <= t.mediumBand ? t.mediumBandQueryTile : defaultQueryTile
         }
 
+        /// The query tile for dense rows (every key, or a causal prefix, per query): the
+        /// default while one head's keys and values fit `residentKeyBytes`, else
+        /// `streamingQueryTile` (see ``Tuning``).
+        static func denseQueryTile(keyLength: Int, headDim: Int, valueDim: Int) -> Int {
+            let t = Tuning.current
+            // keyLength ≤ 2^30 and head dimensions ≤ maxHeadDim: no overflow.
+            return keyLength * (headDim + valueDim) * MemoryLayout<Float>.stride > t.residentKeyBytes
+                ? t.streamingQueryTile : defaultQueryTile
+        }
+
         static func forProblem(headDim: Int, valueDim: Int, queryTile: Int? = nil) -> Tiling {
             Tiling(queryTile: queryTile ?? defaultQueryTile, keyTile: keyTile)
         }
@@ -149,7 +159,7 @@ enum TiledSoftmaxAttention {
     /// and fills them with one ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
     /// over the tensors. `shape` must already be validated (dense, adaptive span, Transformer-XL).
     static func attend<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, threads: Int?,
+        shape: AttentionShape, scale: Float, threads: Int?, queryTile: Int? = nil,
         query: Tensor, key: Tensor, value: Tensor,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) throws -> AttentionResult {
@@ -157,7 +167,7 @@ enum TiledSoftmaxAttention {
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         query.withView { q in key.withView { k in value.withView { v in
         output.withMutableView { o in lse.withMutableView { l in
-            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
+            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount, queryTile: queryTile,
                 q: q, k: k, v: v, o: o, lse: l, mask: mask)
         } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
@@ -199,6 +209,12 @@ enum TiledSoftmaxAttention {
             if keys.step > 1 {
                 k.touch(b, hk, rows: keys, width: d, sink: space.sink)
                 v.touch(b, hk, rows: keys, width: dv, sink: space.sink)
+            } else {
+                // The next contiguous tile's key and value rows, requested now so that they
+                // arrive while this tile computes (rows past the head are harmless: a
+                // prefetch never faults).
+                prefetchRows(k.row(b, hk, keys.start + keys.count), count: keys.count, rowStride: k.strides[2], width: d)
+                prefetchRows(v.row(b, hk, keys.start + keys.count), count: keys.count, rowStride: v.strides[2], width: dv)
             }
             // V rows are read in place when they are whole micro-tile rows (unit column
             // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
@@ -438,6 +454,19 @@ enum TiledSoftmaxAttention {
             WorkspaceCarver.bytes {
                 _ = Workspace(carving: &$0, d: d, dv: dv, queryTile: br, keyTile: bc, extra: extra)
             }
+        }
+    }
+}
+
+/// Prefetches `count` rows of `width` floats, `rowStride` apart, one request per 64-byte line.
+@inline(__always)
+func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, width: Int) {
+    for r in 0..<count {
+        let row = base + r &* rowStride
+        var c = 0
+        while c < width {
+            ea_prefetch_read(row + c)
+            c &+= 16
         }
     }
 }

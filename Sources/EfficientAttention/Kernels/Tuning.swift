@@ -40,6 +40,11 @@ struct Tuning: Sendable {
     /// Tiled softmax attention (``TiledSoftmaxAttention/Tiling``): query rows per work item
     /// (the default; narrow bands take smaller ones) and keys per tile.
     var attentionQueryTile: Int, attentionKeyTile: Int
+    /// Dense rows (each query sees every key, or a causal prefix) take `streamingQueryTile`
+    /// queries per work item once a head's keys and values pass `residentKeyBytes`: every
+    /// key tile fetched from L3 then serves that many queries before it leaves L2, instead of
+    /// streaming the whole head again per ``attentionQueryTile`` queries.
+    var streamingQueryTile: Int, residentKeyBytes: Int
     /// Decode (``DecodeAttention``): keys per split-KV chunk, query rows per work item on the
     /// micro-kernel path, and bytes of key rows per tile on the dot-product path (about
     /// half of L2, with as many bytes of value rows).
@@ -60,11 +65,15 @@ struct Tuning: Sendable {
     /// `swift run -c release --traits NativeCPU attention-bench` (KernelDocs/Dense.md: within noise of the best
     /// for D = 64 and 128). Decode: split 2048 so a 32K cache feeds 16 work items
     /// (KernelDocs/MultiQuery.md), 64 KiB key tiles (CHANGELOG.md, read bandwidth by turn
-    /// length). Band tiles 32 up to 384 keys, 64 up to 1024, measured for local attention
+    /// length). Dense rows: 512 queries per tile once a head's keys and values pass 1 MiB (the
+    /// L2), measured with `attention-bench --variants dense --seq 2048,8192,32768` and
+    /// `--dim 128` for query tiles 128, 256, 512 and 1024 (KernelDocs/Dense.md, "Long
+    /// sequences"). Band tiles 32 up to 384 keys, 64 up to 1024, measured for local attention
     /// (KernelDocs/Local.md). Shared cache: the 32 MiB L3. Permuted-block items of about
     /// 1024 query slots (KernelDocs/LSH.md), so that an item's gathered rows stay in L2.
     static let avx512 = Tuning(gemmRows: 128, gemmDepth: 256, gemmColumns: 512,
                                attentionQueryTile: 128, attentionKeyTile: 64,
+                               streamingQueryTile: 512, residentKeyBytes: 1 << 20,
                                decodeSplit: 2048, decodeRowTile: 128, decodeKeyTileBytes: 64 << 10,
                                narrowBand: 384, narrowBandQueryTile: 32, mediumBand: 1024, mediumBandQueryTile: 64,
                                sharedCacheBytes: 32 << 20, permutedItemQuerySlots: 1024)
