@@ -34,7 +34,8 @@ public struct TimingStatistics: Equatable, Sendable {
 /// How many times a point is run.
 ///
 /// - `warmup` untimed runs first (the first of them, or an extra run when `warmup` is 0,
-///   is the one whose heap growth is measured).
+///   is the one whose heap growth is measured; its output is kept, so a single warm-up is
+///   followed by one more untimed run, whose freed pages the timed runs then reuse).
 /// - `repeatCount` without `budget`: exactly that many timed runs.
 /// - Otherwise timed runs continue while less than `budget` seconds (default
 ///   ``defaultBudget``) have been spent and fewer than `repeatCount` (default
@@ -126,7 +127,10 @@ func timeCalls(policy: TimingPolicy, meter: HeapMeter,
     var peakBytes = 0
     if policy.warmup > 0 {
         (output, peakBytes) = try measuredCall()
-        for _ in 1..<policy.warmup { _ = try call() }
+        // The measured call's output stays alive (for the error column), so the next call
+        // gets fresh pages: one more untimed call lets every timed call reuse the pages
+        // of a finished one (steady state), even with a single warm-up and one timed run.
+        for _ in 0..<max(1, policy.warmup - 1) { _ = try call() }
     }
     var samples: [Double] = []
     var spent = 0.0

@@ -127,7 +127,7 @@ extension BenchOptions {
         OptionSpec(name: "threads", value: "LIST", help: "thread counts; 'all' = every core [all,1; presets: all]"),
         OptionSpec(name: "repeat", value: "N", help: "timed runs per point (exactly N; with --budget: at most N)"),
         OptionSpec(name: "budget", value: "SECONDS", help: "time budget of timed runs per point (at least one run) [1.0 unless --repeat]"),
-        OptionSpec(name: "warmup", value: "N", help: "untimed runs before timing; the first one also measures heap growth [1]"),
+        OptionSpec(name: "warmup", value: "N", help: "untimed runs before timing; the first one also measures heap growth (1 adds a second, so timed runs reuse freed pages) [1]"),
         OptionSpec(name: "seed", value: "N", help: "seed of the random inputs (uniform in [-1, 1]) and conformer randomness [42]"),
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
