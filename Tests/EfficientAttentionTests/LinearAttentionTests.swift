@@ -343,7 +343,7 @@ extension LinearAttention where Map == AnyMapBox {
 /// sequences long enough to take several segments.
 private func referenceLinearSums<T: BinaryFloatingPoint & ElementaryFunctionsShim>(
     _ query: Tensor, _ key: Tensor, _ value: Tensor, kind: MapKind, weights: [Float], m: Int,
-    keyLengths: [Int]?, epsilon: T, as: T.Type) -> ReferenceResult<T> {
+    keyLengths: [Int]?, epsilon: T, causal: Bool = false, as: T.Type) -> ReferenceResult<T> {
     let (nb, nh, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
     let (nhkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
     var output = [T](repeating: 0, count: nb * nh * nq * dv)
@@ -354,15 +354,22 @@ private func referenceLinearSums<T: BinaryFloatingPoint & ElementaryFunctionsShi
         let c = keys.map(\.logScale).max() ?? 0
         let width = keys.first?.features.count ?? m
         var s = [T](repeating: 0, count: width * dv), z = [T](repeating: 0, count: width)
-        for (j, k) in keys.enumerated() {
-            let scale = T.expShim(k.logScale - c)
-            for f in 0..<width {
-                let x = k.features[f] * scale
-                z[f] += x
-                for y in 0..<dv { s[f * dv + y] += x * T(value[b, hk, j, y]) }
+        var absorbed = 0
+        func absorb(through last: Int) {
+            while absorbed <= min(last, keys.count - 1) {
+                let (j, k) = (absorbed, keys[absorbed])
+                let scale = T.expShim(k.logScale - c)
+                for f in 0..<width {
+                    let x = k.features[f] * scale
+                    z[f] += x
+                    for y in 0..<dv { s[f * dv + y] += x * T(value[b, hk, j, y]) }
+                }
+                absorbed += 1
             }
         }
+        if !causal { absorb(through: keys.count - 1) }
         for i in 0..<nq {
+            if causal { absorb(through: i + nk - nq) }
             let (fq, lq) = referenceFeatures((0..<d).map { T(query[b, h, i, $0]) }, kind: kind, weights: weights, m: m)
             let den = (0..<width).reduce(T(0)) { $0 + fq[$1] * z[$1] }
             let row = (b * nh + h) * nq + i
@@ -370,7 +377,7 @@ private func referenceLinearSums<T: BinaryFloatingPoint & ElementaryFunctionsShi
                 let num = (0..<width).reduce(T(0)) { $0 + fq[$1] * s[$1 * dv + y] }
                 output[row * dv + y] = num / (den + epsilon)
             }
-            lse[row] = den > 0 && valid > 0 ? T.logShim(den) + lq + c : -.infinity
+            lse[row] = den > 0 && absorbed > 0 ? T.logShim(den) + lq + c : -.infinity
         }
     } }
     return ReferenceResult(batch: nb, heads: nh, queryLength: nq, valueDim: dv, output: output, lse: lse)
@@ -392,6 +399,45 @@ struct LinearAttentionSegmentTests {
             let naive = referenceLinearSums(q, k, v, kind: kind, weights: weights, m: m, keyLengths: lengths,
                                             epsilon: 1e-6, as: Float.self)
             checkAttention(result, reference: reference, naive: naive, "\(kind) segments Nq \(nq) Nk \(nk)")
+        }
+    }
+
+    @Test("causal: several query segments match the running-prefix reference", arguments: [MapKind.elu, .favor])
+    func causalReference(_ kind: MapKind) throws {
+        for (nq, nk, lengths) in [(70000, 70000, nil), (40000, 41000, nil), (66000, 66000, [66000, 40000])]
+            as [(Int, Int, [Int]?)] {
+            let batch = lengths?.count ?? 1
+            let (q, k, v) = try randomQKV(batch: batch, heads: 2, kvHeads: 1, queryLength: nq, keyLength: nk,
+                                          headDim: 8, valueDim: 5, seed: 7310)
+            // ε = 1e-30 (negligible): the result then does not depend on the key stabiliser (the reference
+            // uses the largest over all keys, the scan a running one).
+            let attention: any Attention, weights: [Float], m: Int
+            switch kind {
+            case .favor:
+                let map = try FavorPlusFeatures(features: 16, headDim: 8, seed: 7311)
+                (attention, weights, m) = (LinearAttention(featureMap: map, causal: true, epsilon: 1e-30), map.projection.weights, 16)
+            default:
+                (attention, weights, m) = (LinearAttention(featureMap: EluPlusOneFeatures(), causal: true, epsilon: 1e-30), [], 8)
+            }
+            // Nq > 32768 (the segment length): two or three query segments.
+            let result = try attention.attend(query: q, key: k, value: v, keyLengths: lengths, threads: 2)
+            let reference = referenceLinearSums(q, k, v, kind: kind, weights: weights, m: m, keyLengths: lengths,
+                                                epsilon: 1e-30, causal: true, as: Double.self)
+            let naive = referenceLinearSums(q, k, v, kind: kind, weights: weights, m: m, keyLengths: lengths,
+                                            epsilon: 1e-30, causal: true, as: Float.self)
+            checkAttention(result, reference: reference, naive: naive, "\(kind) causal segments Nq \(nq) Nk \(nk)")
+        }
+    }
+
+    @Test("causal segments give the same bits for every thread count")
+    func causalDeterminism() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 2, queryLength: 70000, headDim: 8, seed: 7410)
+        let map = try FavorPlusFeatures(features: 16, headDim: 8, seed: 7411)
+        let attention = LinearAttention(featureMap: map, causal: true)
+        let one = try attention.attend(query: q, key: k, value: v, keyLengths: [70000, 50000], threads: 1)
+        for threads in [2, 3, 7] {
+            expectBitwiseEqual(one, try attention.attend(query: q, key: k, value: v, keyLengths: [70000, 50000],
+                                                         threads: threads), "causal segments threads \(threads)")
         }
     }
 

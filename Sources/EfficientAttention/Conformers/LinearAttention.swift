@@ -60,7 +60,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                             option: "linear attention workspace (features m = \(m), valueDim \(shape.valueDim))")
         if LinearAttentionSegments.applies(shape, causal: causal) {
             // The segment states and packed states (a bound on `sharedFloats`).
-            try checkFloatAllocation([shape.batch, shape.heads, LinearAttentionSegments.count(shape.keyLength) + 1,
+            try checkFloatAllocation([shape.batch, shape.heads, LinearAttentionSegments.stateCount(shape, causal: causal) + 1,
                                       m + 1, shape.valueDim + 16],
                                      option: "linear attention segment states [B, H, segments, m, Dv]")
         }
@@ -74,32 +74,40 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         let features = Double(nq + nk) * featureMap.flopsPerRow(headDim: shape.headDim)
         var flops = features + 2 * Double(nk + nq) * Double(m) * (dv + 1)
         var pairs = 0
+        let segmented = LinearAttentionSegments.applies(shape, causal: causal)
         if causal {
-            let offset = nk - nq, prefix = min(max(offset, 0), nk)
-            for start in stride(from: 0, to: nq, by: LinearAttentionScan.causalChunk) {
-                let count = min(LinearAttentionScan.causalChunk, nq - start)
-                let keyStart = min(max(start + offset, prefix), nk)
-                let keyEnd = min(max(start + count + offset, keyStart), nk)
-                pairs += count * (keyEnd - keyStart)
+            // The masked products within each chunk; chunks start at each query segment.
+            let offset = nk - nq, segments = segmented ? LinearAttentionSegments.count(nq) : 1
+            for s in 0..<segments {
+                let queries = LinearAttentionSegments.bounds(s, of: segments, length: nq)
+                let floor = min(max(queries.lowerBound + offset, 0), nk)
+                for start in stride(from: queries.lowerBound, to: queries.upperBound, by: LinearAttentionScan.causalChunk) {
+                    let count = min(LinearAttentionScan.causalChunk, queries.upperBound - start)
+                    pairs += count * LinearAttentionScan.chunkKeys(start: start, count: count, keyFloor: floor,
+                                                                   keyCount: nk, offset: offset).count
+                }
             }
             flops += 2 * Double(pairs) * (Double(m) + dv)
         }
         let heads = Double(shape.batch * shape.heads)
         let slice = LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)
-        guard LinearAttentionSegments.applies(shape, causal: causal) else {
+        guard segmented else {
             let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
             return AttentionCost(flops: heads * flops, workspaceBytes: workers * slice,
                                  scoredPairs: shape.batch * shape.heads * pairs)
         }
-        let segments = LinearAttentionSegments.count(shape.keyLength)
-        let items = shape.batch * shape.heads * max(segments, LinearAttentionSegments.count(shape.queryLength))
-        let shared = LinearAttentionSegments.sharedFloats(heads: shape.batch * shape.heads, segments: segments,
-                                                          m: m, dv: shape.valueDim)
+        let segments = LinearAttentionSegments.stateCount(shape, causal: causal)
+        let items = shape.batch * shape.heads * (causal ? LinearAttentionSegments.count(shape.queryLength)
+            : max(LinearAttentionSegments.count(shape.keyLength), LinearAttentionSegments.count(shape.queryLength)))
+        let shared = causal
+            ? shape.batch * shape.heads * segments * LinearAttentionScan.State.floatCount(m: m, dv: shape.valueDim)
+            : LinearAttentionSegments.sharedFloats(heads: shape.batch * shape.heads, segments: segments,
+                                                   m: m, dv: shape.valueDim)
         let merge = 2 * Double(segments) * Double(m) * (dv + 1)
         return AttentionCost(flops: heads * (flops + merge),
                              workspaceBytes: roundUp(shared * MemoryLayout<Float>.stride, 64)
                                  + workerCount(threads: threads, items: items) * slice,
-                             scoredPairs: 0)
+                             scoredPairs: shape.batch * shape.heads * pairs)
     }
 
     public func attend(query: Tensor, key: Tensor, value: Tensor,
@@ -118,8 +126,14 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             let threads = try threadCount(threads)
             query.withView { q in key.withView { k in value.withView { v in
             output.withMutableView { o in lse.withMutableView { l in
-                LinearAttentionSegments.run(map: map, epsilon: epsilon, shape: shape, m: m, keyLengths: keyLengths,
-                                            threads: threads, q: q, k: k, v: v, o: o, lse: l)
+                if causal {
+                    LinearAttentionSegments.runCausal(map: map, epsilon: epsilon, shape: shape, m: m,
+                                                      keyLengths: keyLengths, threads: threads,
+                                                      q: q, k: k, v: v, o: o, lse: l)
+                } else {
+                    LinearAttentionSegments.run(map: map, epsilon: epsilon, shape: shape, m: m, keyLengths: keyLengths,
+                                                threads: threads, q: q, k: k, v: v, o: o, lse: l)
+                }
             } } } } }
             return try AttentionResult(output: output, logSumExp: lse)
         }

@@ -38,6 +38,13 @@ enum LinearAttentionScan {
             c.pointee = -.infinity
         }
 
+        /// Makes this state a copy of `other`.
+        func assign(_ other: State, m: Int, dv: Int) {
+            s.update(from: other.s, count: m * dv)
+            z.update(from: other.z, count: m)
+            c.pointee = other.c.pointee
+        }
+
         static func floatCount(m: Int, dv: Int) -> Int { m * dv + m + 1 }
     }
 
@@ -91,11 +98,7 @@ enum LinearAttentionScan {
         input: HeadInput, state: State, space: Workspace
     ) {
         if !causal {
-            for start in stride(from: 0, to: keyCount, by: chunk) {
-                let count = min(chunk, keyCount - start)
-                keyFeatures(map, input, start: start, count: count, d: d, space: space, state: state)
-                addKeys(input, start: start, count: count, space: space, state: state)
-            }
+            absorbKeys(map, input, 0..<keyCount, by: chunk, d: d, space: space, state: state)
             let packedState = Gemm.PackedB.pack(MatrixOperand(base: state.s, rowStride: dv, columnStride: 1),
                                                 depth: space.m, columns: dv, into: space.packedState)
             for start in stride(from: 0, to: queryCount, by: chunk) {
@@ -108,16 +111,43 @@ enum LinearAttentionScan {
         }
         // Keys every query sees (Nk > Nq): the prefix before the first query.
         let prefix = min(max(offset, 0), keyCount)
-        for start in stride(from: 0, to: prefix, by: causalChunk) {
-            let count = min(causalChunk, prefix - start)
+        absorbKeys(map, input, 0..<prefix, by: causalChunk, d: d, space: space, state: state)
+        causalQueries(map: map, epsilon: epsilon, d: d, queries: 0..<queryCount, keyFloor: prefix,
+                      keyCount: keyCount, offset: offset, input: input, state: state, space: space)
+    }
+
+    /// Absorbs keys `keys` into `state`, `step` at a time.
+    @inline(__always)
+    static func absorbKeys<Map: FeatureMap>(_ map: Map, _ input: HeadInput, _ keys: Range<Int>, by step: Int, d: Int,
+                                            space: Workspace, state: State) {
+        for start in stride(from: keys.lowerBound, to: keys.upperBound, by: step) {
+            let count = min(step, keys.upperBound - start)
             keyFeatures(map, input, start: start, count: count, d: d, space: space, state: state)
             addKeys(input, start: start, count: count, space: space, state: state)
         }
-        for start in stride(from: 0, to: queryCount, by: causalChunk) {
-            let count = min(causalChunk, queryCount - start)
-            let keyStart = min(max(start + offset, prefix), keyCount)
-            let keyEnd = min(max(start + count + offset, keyStart), keyCount)
-            let keys = keyEnd - keyStart
+    }
+
+    /// The keys query chunk `start ..< start + count` adds within the causal loop: from
+    /// `start + offset` (at least `keyFloor`) to `start + count + offset`, within `keyCount`.
+    @inline(__always)
+    static func chunkKeys(start: Int, count: Int, keyFloor: Int, keyCount: Int, offset: Int) -> Range<Int> {
+        let keyStart = min(max(start + offset, keyFloor), keyCount)
+        return keyStart..<min(max(start + count + offset, keyStart), keyCount)
+    }
+
+    /// The causal loop over `queries`, in chunks of ``causalChunk`` from its first query:
+    /// `state` holds every key before `keyFloor` (and no other); each chunk reads the state,
+    /// adds its own keys' masked products and then absorbs them.
+    static func causalQueries<Map: FeatureMap>(
+        map: Map, epsilon: Float, d: Int, queries: Range<Int>, keyFloor: Int, keyCount: Int, offset: Int,
+        input: HeadInput, state: State, space: Workspace
+    ) {
+        let dv = space.dv
+        for start in stride(from: queries.lowerBound, to: queries.upperBound, by: causalChunk) {
+            let count = min(causalChunk, queries.upperBound - start)
+            let chunkKeys = chunkKeys(start: start, count: count, keyFloor: keyFloor, keyCount: keyCount, offset: offset)
+            let keyStart = chunkKeys.lowerBound
+            let keys = chunkKeys.count
             if keys > 0 {
                 keyFeatures(map, input, start: keyStart, count: keys, d: d, space: space, state: state)
             }

@@ -29,9 +29,15 @@ enum LinearAttentionSegments {
         (n * s / segments)..<(n * (s + 1) / segments)
     }
 
-    /// Whether a problem takes the segmented path: non-causal with more than one segment.
+    /// Whether a problem takes the segmented path: more than one segment (causal: of queries).
     static func applies(_ shape: AttentionShape, causal: Bool) -> Bool {
-        !causal && (count(shape.keyLength) > 1 || count(shape.queryLength) > 1)
+        causal ? count(shape.queryLength) > 1 : count(shape.keyLength) > 1 || count(shape.queryLength) > 1
+    }
+
+    /// The states the shared part holds per head: one per key segment (non-causal), one per
+    /// query segment but the last (causal).
+    static func stateCount(_ shape: AttentionShape, causal: Bool) -> Int {
+        causal ? count(shape.queryLength) - 1 : count(shape.keyLength)
     }
 
     /// Floats of the shared part for `heads` (b, h) pairs.
@@ -60,6 +66,96 @@ enum LinearAttentionSegments {
         -> UnsafeMutablePointer<Float> {
         headBase(base, bh: bh, segments: segments, m: m, dv: dv)
             + segments * LinearAttentionScan.State.floatCount(m: m, dv: dv)
+    }
+
+    /// `b := a ⊕ b`: the state of both key sets, with the larger stabiliser (either may be empty).
+    static func merge(_ a: LinearAttentionScan.State, into b: LinearAttentionScan.State, m: Int, dv: Int) {
+        let ca = a.c.pointee, cb = b.c.pointee
+        guard ca > -.infinity else { return }
+        let top = max(ca, cb)
+        let keep: Float = cb > -.infinity ? expf(cb - top) : 0
+        LinearAttentionScan.scale(b.s, count: m * dv, by: keep)
+        LinearAttentionScan.scale(b.z, count: m, by: keep)
+        let weight = expf(ca - top)
+        axpy(weight, a.s, 1, b.s, count: m * dv)
+        axpy(weight, a.z, 1, b.z, count: m)
+        b.c.pointee = top
+    }
+
+    /// Causal linear attention split along the queries, for every (b, h) of `shape`:
+    ///
+    ///     segments Q_s = bounds(s) of the queries, keys split at t_s = clamp(Q_s.start + offset)
+    ///     phase 1, per (b, h, s < S − 1):  A_s over the keys [s == 0 ? 0 : t_s, t_{s+1})
+    ///     phase 2, per (b, h):             A_s := A_{s−1} ⊕ A_s in order (inclusive prefix:
+    ///                                      A_{s−1} is then every key before t_s)
+    ///     phase 3, per (b, h, s):          the causal loop over Q_s from state A_{s−1}
+    ///                                      (segment 0: from its prefix keys [0, t_0))
+    ///
+    /// Chunks of the loop start at each segment's first query, and the keys before a
+    /// segment are summed by segment, so results differ from the one-segment scan by
+    /// rounding only, and depend on the lengths, never on the thread count.
+    static func runCausal<Map: FeatureMap>(
+        map: Map, epsilon: Float, shape: AttentionShape, m: Int, keyLengths: [Int]?, threads: Int,
+        q: TensorView, k: TensorView, v: TensorView, o: MutableTensorView, lse: MutableTensorView
+    ) {
+        let heads = shape.batch * shape.heads, dv = shape.valueDim, d = shape.headDim
+        let segments = count(shape.queryLength), states = segments - 1
+        let offset = shape.keyLength - shape.queryLength
+        let workers = workerCount(threads: threads, items: heads * segments)
+        let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
+        let shared = heads * states * stateFloats
+        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
+        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
+                                   slices: workers, zeroed: false)
+        withExtendedLifetime(arena) {
+            var sharedCarver = arena.shared()
+            let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
+            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
+                var carver = arena.slice(index)
+                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
+            }
+            func input(_ bh: Int) -> LinearAttentionScan.HeadInput {
+                let b = bh / shape.heads, h = bh % shape.heads
+                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
+            }
+            func state(_ bh: Int, _ s: Int) -> LinearAttentionScan.State {
+                let p = base.value + (bh * states + s) * stateFloats
+                return .init(s: p, z: p + m * dv, c: p + m * dv + m)
+            }
+            func split(_ s: Int, keyCount: Int) -> Int {
+                min(max(bounds(s, of: segments, length: shape.queryLength).lowerBound + offset, 0), keyCount)
+            }
+            // Phase 1: the keys each segment but the last adds.
+            parallelForEach(items: heads * states, threads: workers) { item, worker in
+                let bh = item / states, s = item % states, head = input(bh)
+                let keyCount = keyLengths?[head.b] ?? shape.keyLength
+                let own = state(bh, s)
+                own.reset(m: m, dv: dv)
+                let keys = (s == 0 ? 0 : split(s, keyCount: keyCount))..<split(s + 1, keyCount: keyCount)
+                LinearAttentionScan.absorbKeys(map, head, keys, by: LinearAttentionScan.chunk, d: d,
+                                               space: spaces[worker], state: own)
+            }
+            // Phase 2: inclusive prefix in segment order.
+            parallelForEach(items: heads, threads: workerCount(threads: threads, items: heads)) { bh, _ in
+                for s in stride(from: 1, to: states, by: 1) { merge(state(bh, s - 1), into: state(bh, s), m: m, dv: dv) }
+            }
+            // Phase 3: each segment's causal loop from the keys before it.
+            parallelForEach(items: heads * segments, threads: workers) { item, worker in
+                let bh = item / segments, s = item % segments, head = input(bh), space = spaces[worker]
+                let keyCount = keyLengths?[head.b] ?? shape.keyLength
+                let floor = split(s, keyCount: keyCount)
+                if s == 0 {
+                    space.state.reset(m: m, dv: dv)
+                    LinearAttentionScan.absorbKeys(map, head, 0..<floor, by: LinearAttentionScan.causalChunk, d: d,
+                                                   space: space, state: space.state)
+                } else {
+                    space.state.assign(state(bh, s - 1), m: m, dv: dv)
+                }
+                LinearAttentionScan.causalQueries(
+                    map: map, epsilon: epsilon, d: d, queries: bounds(s, of: segments, length: shape.queryLength),
+                    keyFloor: floor, keyCount: keyCount, offset: offset, input: head, state: space.state, space: space)
+            }
+        }
     }
 
     /// Runs the three phases for every (b, h) of `shape`.
@@ -91,12 +187,8 @@ enum LinearAttentionSegments {
                 let state = state(base.value, bh: bh, segment: s, segments: keySegments, m: m, dv: dv)
                 state.reset(m: m, dv: dv)
                 let keys = bounds(s, of: keySegments, length: keyLengths?[head.b] ?? shape.keyLength)
-                for start in stride(from: keys.lowerBound, to: keys.upperBound, by: LinearAttentionScan.chunk) {
-                    let n = min(LinearAttentionScan.chunk, keys.upperBound - start)
-                    LinearAttentionScan.keyFeatures(map, head, start: start, count: n, d: d, space: spaces[worker],
-                                                    state: state)
-                    LinearAttentionScan.addKeys(head, start: start, count: n, space: spaces[worker], state: state)
-                }
+                LinearAttentionScan.absorbKeys(map, head, keys, by: LinearAttentionScan.chunk, d: d,
+                                               space: spaces[worker], state: state)
             }
             // Phase 2: merge into segment 0's state, in segment order; pack it.
             parallelForEach(items: heads, threads: workerCount(threads: threads, items: heads)) { bh, _ in
