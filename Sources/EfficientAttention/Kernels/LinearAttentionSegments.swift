@@ -68,6 +68,32 @@ enum LinearAttentionSegments {
             + segments * LinearAttentionScan.State.floatCount(m: m, dv: dv)
     }
 
+    /// The arena of a segmented call: `sharedFloats` shared floats (`base`), one scan workspace
+    /// per worker, and each (b, h)'s rows (`input(bh)`).
+    private static func withSegmentWorkspaces(
+        shape: AttentionShape, m: Int, workers: Int, sharedFloats shared: Int,
+        q: TensorView, k: TensorView, v: TensorView, o: MutableTensorView, lse: MutableTensorView,
+        _ body: (_ base: UncheckedSendable<UnsafeMutablePointer<Float>>, _ spaces: [LinearAttentionScan.Workspace],
+                 _ input: (Int) -> LinearAttentionScan.HeadInput) -> Void
+    ) {
+        let dv = shape.valueDim
+        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
+        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
+                                   slices: workers, zeroed: false)
+        withExtendedLifetime(arena) {
+            var sharedCarver = arena.shared()
+            let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
+            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
+                var carver = arena.slice(index)
+                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
+            }
+            body(base, spaces) { bh in
+                let b = bh / shape.heads, h = bh % shape.heads
+                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
+            }
+        }
+    }
+
     /// `b := a ⊕ b`: the state of both key sets, with the larger stabiliser (either may be empty).
     static func merge(_ a: LinearAttentionScan.State, into b: LinearAttentionScan.State, m: Int, dv: Int) {
         let ca = a.c.pointee, cb = b.c.pointee
@@ -104,20 +130,8 @@ enum LinearAttentionSegments {
         let workers = workerCount(threads: threads, items: heads * segments)
         let stateFloats = LinearAttentionScan.State.floatCount(m: m, dv: dv)
         let shared = heads * states * stateFloats
-        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
-        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
-                                   slices: workers, zeroed: false)
-        withExtendedLifetime(arena) {
-            var sharedCarver = arena.shared()
-            let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
-            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
-                var carver = arena.slice(index)
-                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
-            }
-            func input(_ bh: Int) -> LinearAttentionScan.HeadInput {
-                let b = bh / shape.heads, h = bh % shape.heads
-                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
-            }
+        withSegmentWorkspaces(shape: shape, m: m, workers: workers, sharedFloats: shared,
+                              q: q, k: k, v: v, o: o, lse: lse) { base, spaces, input in
             func state(_ bh: Int, _ s: Int) -> LinearAttentionScan.State {
                 let p = base.value + (bh * states + s) * stateFloats
                 return .init(s: p, z: p + m * dv, c: p + m * dv + m)
@@ -167,20 +181,8 @@ enum LinearAttentionSegments {
         let keySegments = count(shape.keyLength), querySegments = count(shape.queryLength)
         let workers = workerCount(threads: threads, items: heads * max(keySegments, querySegments))
         let shared = sharedFloats(heads: heads, segments: keySegments, m: m, dv: dv)
-        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
-        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
-                                   slices: workers, zeroed: false)
-        withExtendedLifetime(arena) {
-            var sharedCarver = arena.shared()
-            let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
-            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
-                var carver = arena.slice(index)
-                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
-            }
-            func input(_ bh: Int) -> LinearAttentionScan.HeadInput {
-                let b = bh / shape.heads, h = bh % shape.heads
-                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
-            }
+        withSegmentWorkspaces(shape: shape, m: m, workers: workers, sharedFloats: shared,
+                              q: q, k: k, v: v, o: o, lse: lse) { base, spaces, input in
             // Phase 1: each key segment's state.
             parallelForEach(items: heads * keySegments, threads: workers) { item, worker in
                 let bh = item / keySegments, s = item % keySegments, head = input(bh)
