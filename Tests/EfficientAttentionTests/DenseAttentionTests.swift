@@ -250,6 +250,11 @@ struct DenseReferenceTests {
                                                                         keyLengths: c.keyLengths, threads: threads)
                 expectBitwiseEqual(other, one, "\(c.testDescription) threads \(threads)")
             }
+            // The tile does not change a row's arithmetic: a window wider than the keys keeps
+            // the default 128-query tile and gives the same bits.
+            let wide = try MultiQueryAttention(causal: c.causal, leftWindow: 1 << 20, rightWindow: 1 << 20)
+                .attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 2)
+            expectBitwiseEqual(wide, one, "\(c.testDescription) 128-query tiles vs 512")
         }
         #expect(DenseAttention.queryTile(AttentionShape(heads: 1, queryLength: 2048, headDim: 64)) == 128)
     }
