@@ -196,6 +196,14 @@ struct ETCAttentionTests {
             expectBitwiseEqual(try attention.attend(query: q, key: k, value: v, keyLengths: [509, 300], threads: threads),
                                one, "threads \(threads) vs 1")
         }
+        // One head: the global rows take smaller tiles with more threads, same bits.
+        let (q1, k1, v1) = try randomQKV(heads: 1, queryLength: 509, headDim: 64, seed: 31)
+        let single = try ETCAttention(heads: 1, headDim: 64, globals: 130, radius: 40, seed: 3)
+        let oneThread = try single.attend(query: q1, key: k1, value: v1, keyLengths: nil, threads: 1)
+        for threads in [2, 7] {
+            expectBitwiseEqual(try single.attend(query: q1, key: k1, value: v1, keyLengths: nil, threads: threads),
+                               oneThread, "one head, threads \(threads) vs 1")
+        }
         try checkReadsOnlyAddressedElements(attention, heads: 4, queryLength: 509, "etc")
         let shape = AttentionShape(batch: 2, heads: 4, queryLength: 509, keyLength: 509, headDim: 64)
         let pattern = try attention.pattern(for: shape)

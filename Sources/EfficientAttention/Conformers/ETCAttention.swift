@@ -141,7 +141,9 @@ public struct ETCAttention: Attention, Equatable {
         try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
                                                 threads: threads, scale: scale, validate: validate) { call in
             let pattern = try self.pattern(for: call.shape)
-            call.run { _, keyEnd in pattern.globalQueryMask(keyEnd: keyEnd) }
+            call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
+                pattern.globalQueryMask(keyEnd: keyEnd)
+            }
             guard let table = relativePositions else {
                 call.run(queryTile: pattern.longQueryTile) { _, keyEnd in pattern.longQueryMask(keyEnd: keyEnd) }
                 return
@@ -165,6 +167,16 @@ public struct ETCAttention: Attention, Equatable {
                 }
             } }
         }
+    }
+
+    /// The global queries' tile: the default, or smaller when there are fewer heads than
+    /// about twice the threads, so that the global rows (each over every key) spread over
+    /// every thread. A row's arithmetic does not depend on its tile: results stay the same
+    /// bits for every thread count.
+    func globalQueryTile(_ shape: AttentionShape, threads: Int) -> Int {
+        let wanted = ceilDiv(2 * threads, shape.batch * shape.heads)
+        return min(TiledSoftmaxAttention.Tiling.defaultQueryTile,
+                   max(MicroTile.nr, roundUp(ceilDiv(globals, max(1, wanted)), MicroTile.nr)))
     }
 
     /// ETC with the global and long inputs apart: `globalQuery [B, H, N_g, D]`,
