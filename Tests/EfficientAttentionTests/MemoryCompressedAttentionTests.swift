@@ -151,6 +151,16 @@ struct MemoryCompressedAttentionTests {
         // Causal, c = 3, N = 10: windows end at 2, 5, 8, 9; query i sees ⌊(i + 1) / 3⌋, all 4 at i = 9.
         let causal = try MemoryCompressedAttention(causal: true).cost(shape, threads: 1)
         #expect(causal.scoredPairs == 2 * 4 * (0 + 0 + 1 + 1 + 1 + 2 + 2 + 2 + 3 + 4))
+        // The closed form against a count of the causal rule (whole windows), Nq ≷ Nk.
+        for (nq, nk, c) in [(10, 10, 3), (7, 20, 3), (20, 7, 4), (33, 33, 1), (5, 100, 9), (100, 5, 2), (64, 65, 8)] {
+            var count = 0
+            for i in 0..<nq {
+                for t in 0..<((nk + c - 1) / c) where min((t + 1) * c, nk) - 1 <= i + nk - nq { count += 1 }
+            }
+            let s = AttentionShape(heads: 1, queryLength: nq, keyLength: nk, headDim: 4)
+            let pairs = try MemoryCompressedAttention(compression: c, causal: true).cost(s, threads: 1).scoredPairs
+            #expect(pairs == count, "Nq \(nq) Nk \(nk) c \(c): cost \(pairs), rule \(count)")
+        }
         let w = [Float](repeating: 0, count: 2 * 3 * 64)
         let weighted = try MemoryCompressedAttention(keyWeights: w, valueWeights: w).cost(shape, threads: 1)
         #expect(weighted.flops == 2 * 2 * (2 * 10 * 64 * 2) + 2 * Double(pooled.scoredPairs) * 16)

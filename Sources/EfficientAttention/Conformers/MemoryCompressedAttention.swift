@@ -108,7 +108,7 @@ public struct MemoryCompressedAttention: Attention {
         if causal {
             let mask = WindowEndMask(compression: compression, keyLength: shape.keyLength,
                                      offset: shape.keyLength - shape.queryLength)
-            perHead = (0..<shape.queryLength).reduce(0) { $0 + mask.limit(position: $1 + mask.offset) }
+            perHead = mask.visiblePairs(firstPosition: mask.offset, queries: shape.queryLength)
         }
         let pairs = perHead * shape.batch * shape.heads
         let compressedBytes = shape.batch * shape.kvHeads * compressed.keyLength * (shape.headDim + shape.valueDim)

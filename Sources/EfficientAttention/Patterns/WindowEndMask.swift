@@ -22,6 +22,26 @@ struct WindowEndMask: TileMask {
         p >= keyLength - 1 ? keyEnd : max(0, floorDiv(p + 1, compression))
     }
 
+    /// `Σ limit(p)` over the positions `p` of `queries` consecutive queries from `first`, in
+    /// closed form: the compressed keys the causal rule lets a call score per head.
+    ///
+    /// - Complexity: O(1).
+    func visiblePairs(firstPosition first: Int, queries: Int) -> Int {
+        guard queries > 0 else { return 0 }
+        let last = first + queries - 1, c = compression
+        // Σ_{x=0}^{n} ⌊x / c⌋ = c·q(q − 1)/2 + q·(r + 1) with n = qc + r (0 for n < 0).
+        func floorSum(_ n: Int) -> Int {
+            guard n >= 0 else { return 0 }
+            let q = n / c, r = n % c
+            return c * q * (q - 1) / 2 + q * (r + 1)
+        }
+        // Positions before L − 1 see ⌊(p + 1) / c⌋ (at least 0); the rest every compressed key.
+        let partialEnd = min(last, keyLength - 2)
+        let partial = first <= partialEnd ? floorSum(partialEnd + 1) - floorSum(max(first + 1, 0) - 1) : 0
+        let full = max(0, last - max(first, keyLength - 1) + 1)
+        return partial + full * keyEnd
+    }
+
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let seenByAll = limit(position: queries.start + offset)
         forEachTile(from: 0, through: limit(position: queries.last + offset) - 1, tileSize: tileSize) { keys in
