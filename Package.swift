@@ -35,9 +35,13 @@ let package = Package(
         .target(name: "CEfficientAttention"),
         .target(name: "EfficientAttention", dependencies: ["CEfficientAttention"], swiftSettings: nativeSettings),
         .systemLibrary(name: "CMallocInfo", path: "Benchmarks/CMallocInfo"),
+        // Counts the process's heap allocations (malloc interposed on glibc) for the
+        // benchmark's allocations-per-call column and the zero-allocation tests; never
+        // part of the library.
+        .target(name: "CAllocationCounter", path: "Benchmarks/CAllocationCounter"),
         .target(
             name: "AttentionBenchCore",
-            dependencies: ["EfficientAttention", "CMallocInfo"],
+            dependencies: ["EfficientAttention", "CMallocInfo", "CAllocationCounter"],
             path: "Benchmarks/AttentionBenchCore",
             swiftSettings: nativeSettings),
         .executableTarget(

@@ -26,17 +26,28 @@ public protocol Attention: Sendable {
     /// Throws what ``validate(_:)`` throws.
     func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost
 
-    /// Computes attention.
+    /// Computes attention from borrowed views into caller-owned memory: the one entry
+    /// point every conformer implements (the `Tensor` methods forward to it).
     ///
     /// - Parameters:
+    ///   - query: `[B, H, Nq, D]`; key `[B, Hkv, Nk, D]`; value `[B, Hkv, Nk, Dv]`.
+    ///   - output: `[B, H, Nq, Dv]`, written completely; it must not overlap an input.
+    ///   - logSumExp: `[B, H, Nq, 1]`, written when given; `nil` skips it (the call then
+    ///     takes `B·H·Nq` floats of scratch from `workspace`, or allocates them).
     ///   - keyLengths: optional valid key length per batch item (key padding): keys at
     ///     positions `>= keyLengths[b]` are invisible. Each value in `0...Nk`.
+    ///   - workspace: scratch memory reused across calls (``AttentionWorkspace``); with a
+    ///     workspace sized for the problem a call makes no heap allocation. `nil`: the call
+    ///     allocates its scratch.
     ///   - threads: worker threads; `nil` uses every active processor. Results are
     ///     bitwise identical for every thread count.
-    /// - Returns: the output and the per-row log-sum-exp. Rows with no visible key
-    ///   are 0 with log-sum-exp `-infinity`.
-    func attend(query: Tensor, key: Tensor, value: Tensor,
-                keyLengths: [Int]?, threads: Int?) throws -> AttentionResult
+    ///
+    /// Rows with no visible key are 0 with log-sum-exp `-infinity`. Throws before writing
+    /// anything if a view's shape disagrees with the others, an output overlaps an input,
+    /// the workspace is too small, or the problem is invalid for this conformer.
+    func attend(query: StridedView, key: StridedView, value: StridedView,
+                output: MutableStridedView, logSumExp: MutableStridedView?,
+                keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws
 }
 
 extension Attention {
@@ -50,10 +61,41 @@ extension Attention {
         try attend(query: query, key: key, value: value, keyLengths: nil, threads: nil)
     }
 
-    /// Attention with optional key padding and an explicit thread count.
+    /// Attention with optional key padding and an explicit thread count, into a newly
+    /// allocated output and log-sum-exp (the owning convenience over
+    /// ``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)``).
     public func attend(query: Tensor, key: Tensor, value: Tensor,
                        keyLengths: [Int]? = nil, threads: Int? = nil) throws -> AttentionResult {
-        try attend(query: query, key: key, value: value, keyLengths: keyLengths, threads: threads)
+        try allocatingCall(query: query, key: key, value: value) { q, k, v, o, l in
+            try attend(query: q, key: k, value: v, output: o, logSumExp: l,
+                       keyLengths: keyLengths, workspace: nil, threads: threads)
+        }
+    }
+
+    /// The owning form of a call: checks the tensors' shape against ``validate(_:)``,
+    /// allocates the output and log-sum-exp, and runs `body` with views of the inputs and
+    /// of both results.
+    func allocatingCall(query: Tensor, key: Tensor, value: Tensor,
+                        _ body: (StridedView, StridedView, StridedView, MutableStridedView, MutableStridedView) throws -> Void)
+        throws -> AttentionResult {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        var output = try Tensor.uninitializedOutput(
+            shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try output.withMutableStridedView { o in try lse.withMutableStridedView { l in
+            try body(q, k, v, o, l)
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// Attention from views into a caller-owned output, without the log-sum-exp.
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, keyLengths: [Int]? = nil,
+                       workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
+        try attend(query: query, key: key, value: value, output: output, logSumExp: nil,
+                   keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
 }
 
@@ -82,7 +124,15 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
     /// The shape of `query`, `key`, `value`, or a thrown ``AttentionError/shapeMismatch(_:)``
     /// naming the tensors and dimensions that disagree.
     public init(query: Tensor, key: Tensor, value: Tensor) throws {
-        let q = query.shape, k = key.shape, v = value.shape
+        try self.init(query: SIMD4(query.shape), key: SIMD4(key.shape), value: SIMD4(value.shape))
+    }
+
+    /// The shape of the views `query`, `key`, `value` (see ``init(query:key:value:)-(Tensor,_,_)``).
+    public init(query: StridedView, key: StridedView, value: StridedView) throws {
+        try self.init(query: query.shape, key: key.shape, value: value.shape)
+    }
+
+    private init(query q: SIMD4<Int>, key k: SIMD4<Int>, value v: SIMD4<Int>) throws {
         guard k[0] == q[0], v[0] == q[0] else {
             throw AttentionError.shapeMismatch(
                 "batch differs: query \(q[0]), key \(k[0]), value \(v[0]) (dimension 0 of [B, H, N, D])")
@@ -210,6 +260,113 @@ extension Attention {
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
         return (shape, scale ?? 1 / Float(shape.headDim).squareRoot())
+    }
+}
+
+/// A checked call through views: the problem, its scale, the kernels' views of the inputs
+/// and the output, and the log-sum-exp the kernels write (the caller's, or scratch when the
+/// caller did not ask for it).
+struct ViewCall {
+    let shape: AttentionShape
+    let scale: Float
+    let keyLengths: [Int]?
+    /// The caller's thread request (`nil`: every active processor), already checked.
+    let threads: Int?
+    /// The workers to run with: the request, or every active processor, capped at ``maxThreadCount``.
+    let threadCount: Int
+    let q: TensorView, k: TensorView, v: TensorView
+    let o: MutableTensorView, lse: MutableTensorView
+    /// The caller's views, for conformers that pass views on.
+    let query: StridedView, key: StridedView, value: StridedView
+    let output: MutableStridedView
+
+    /// Valid keys of batch item `b`.
+    func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
+
+    /// Fills every output row with 0 and every log-sum-exp with −∞ (the result over no
+    /// keys), for conformers whose passes merge into what the output holds.
+    func clear() {
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                for i in 0..<shape.queryLength {
+                    let row = o.row(b, h, i), sd = o.strides[3]
+                    for c in 0..<shape.valueDim { row[c &* sd] = 0 }
+                    lse.row(b, h, i).pointee = -.infinity
+                }
+            }
+        }
+    }
+}
+
+extension Attention {
+    /// The checks every view entry point starts with, then `body` with the checked call
+    /// (in the scope of `workspace`, with scratch for the log-sum-exp if `logSumExp` is nil):
+    /// the views' shapes agree with each other and with ``validate(_:)``, key lengths and
+    /// threads are valid, the output and log-sum-exp have the problem's shape and overlap
+    /// no input (nor each other), and the workspace holds what ``cost(_:threads:)`` says
+    /// the call needs. `scale` nil is `1/√D`.
+    func withCheckedCall<R>(query: StridedView, key: StridedView, value: StridedView,
+                            output: MutableStridedView, logSumExp: MutableStridedView?,
+                            keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                            scale: Float?, _ body: (ViewCall) throws -> R) throws -> R {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        try checkOutputViews(shape, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
+        if let workspace {
+            let needed = try cost(shape, threads: threads).workspaceBytes
+                + (logSumExp == nil ? logSumExpScratchBytes(shape) : 0)
+            guard workspace.byteCount >= needed else {
+                throw AttentionError.invalidParameter(
+                    "workspace has \(workspace.byteCount) bytes; \(name) needs \(needed) for \(shape) with \(threads.map(String.init) ?? "all") threads (AttentionWorkspace(for:shape:threads:) sizes it)")
+            }
+        }
+        let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
+        func run() throws -> R {
+            func call(_ lse: MutableTensorView) throws -> R {
+                try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
+                                  threadCount: try threadCount(threads),
+                                  q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: lse,
+                                  query: query, key: key, value: value, output: output))
+            }
+            if let logSumExp { return try call(logSumExp.kernel) }
+            return try withScratch(byteCount: logSumExpScratchBytes(shape)) { scratch in
+                try call(MutableTensorView(base: scratch.assumingMemoryBound(to: Float.self),
+                                           strides: [shape.heads * shape.queryLength, shape.queryLength, 1, 1]))
+            }
+        }
+        if let workspace { return try workspace.use(run) }
+        return try run()
+    }
+}
+
+/// Throws unless `output` is `[B, H, Nq, Dv]` and `logSumExp` `[B, H, Nq, 1]` of `shape`, and
+/// neither overlaps an input or the other, naming the view and dimension.
+func checkOutputViews(_ shape: AttentionShape, query: StridedView, key: StridedView, value: StridedView,
+                      output: MutableStridedView, logSumExp: MutableStridedView?) throws {
+    let names = ["B", "H", "Nq", "Dv"]
+    let expected: SIMD4<Int> = [shape.batch, shape.heads, shape.queryLength, shape.valueDim]
+    for axis in 0..<4 where output.shape[axis] != expected[axis] {
+        throw AttentionError.shapeMismatch(
+            "output \(list(output.shape)) must be [B, H, Nq, Dv] = \(list(expected)): dimension \(axis) (\(names[axis])) is \(output.shape[axis]), expected \(expected[axis])")
+    }
+    var written = [("output", output.addressRange)]
+    if let logSumExp {
+        let lseShape: SIMD4<Int> = [shape.batch, shape.heads, shape.queryLength, 1]
+        for axis in 0..<4 where logSumExp.shape[axis] != lseShape[axis] {
+            throw AttentionError.shapeMismatch(
+                "logSumExp \(list(logSumExp.shape)) must be [B, H, Nq, 1] = \(list(lseShape)): dimension \(axis) is \(logSumExp.shape[axis]), expected \(lseShape[axis])")
+        }
+        written.append(("logSumExp", logSumExp.addressRange))
+    }
+    let inputs = [("query", query.addressRange), ("key", key.addressRange), ("value", value.addressRange)]
+    for (name, range) in written {
+        for (input, other) in inputs where range.overlaps(other) {
+            throw AttentionError.invalidParameter("\(name) overlaps \(input): an output must not alias an input")
+        }
+    }
+    if written.count == 2 && written[0].1.overlaps(written[1].1) {
+        throw AttentionError.invalidParameter("logSumExp overlaps output: they must be separate memory")
     }
 }
 

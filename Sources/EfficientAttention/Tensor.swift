@@ -124,10 +124,27 @@ public struct Tensor: Sendable, Equatable {
         return offset + i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3]
     }
 
+    /// Runs `body` with a borrowed view of the tensor (valid only inside `body`).
+    public func withStridedView<R>(_ body: (StridedView) throws -> R) throws -> R {
+        try storage.withUnsafeBufferPointer { buffer in
+            try body(StridedView(buffer, shape: SIMD4(shape), strides: SIMD4(strides), offset: offset))
+        }
+    }
+
+    /// Runs `body` with a borrowed writable view of the tensor (valid only inside `body`).
+    /// The tensor's strides must not make elements overlap (a stride-0 axis of extent above
+    /// 1 does): then this throws.
+    public mutating func withMutableStridedView<R>(_ body: (MutableStridedView) throws -> R) throws -> R {
+        let shape = self.shape, strides = self.strides, offset = self.offset
+        return try storage.withUnsafeMutableBufferPointer { buffer in
+            try body(MutableStridedView(buffer, shape: SIMD4(shape), strides: SIMD4(strides), offset: offset))
+        }
+    }
+
     /// Runs `body` with a read-only view for kernels.
     func withView<R>(_ body: (TensorView) throws -> R) rethrows -> R {
         try storage.withUnsafeBufferPointer { buffer in
-            try body(TensorView(base: buffer.baseAddress! + offset, strides: strides))
+            try body(TensorView(base: buffer.baseAddress! + offset, strides: SIMD4(strides)))
         }
     }
 
@@ -135,7 +152,7 @@ public struct Tensor: Sendable, Equatable {
     mutating func withMutableView<R>(_ body: (MutableTensorView) throws -> R) rethrows -> R {
         let strides = self.strides, offset = self.offset
         return try storage.withUnsafeMutableBufferPointer { buffer in
-            try body(MutableTensorView(base: buffer.baseAddress! + offset, strides: strides))
+            try body(MutableTensorView(base: buffer.baseAddress! + offset, strides: SIMD4(strides)))
         }
     }
 
@@ -161,26 +178,38 @@ public struct Tensor: Sendable, Equatable {
     }
 }
 
-/// Read-only strided access for kernels: valid only inside `Tensor.withView`.
+/// Read-only strided access for kernels: a base pointer and four strides (the public,
+/// checked form is ``StridedView``). Valid only while the memory it points to is.
 struct TensorView: @unchecked Sendable {
     let base: UnsafePointer<Float>
-    let strides: [Int]
+    let strides: SIMD4<Int>
+
+    init(base: UnsafePointer<Float>, strides: SIMD4<Int>) {
+        self.base = base
+        self.strides = strides
+    }
 
     /// Pointer to row `[b, h, i, 0]`.
     @inline(__always)
     func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafePointer<Float> {
-        base + b * strides[0] + h * strides[1] + i * strides[2]
+        let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
+        return base + offset
     }
 }
 
-/// Writable strided access for kernels: valid only inside `Tensor.withMutableView`.
+/// Writable strided access for kernels (the public, checked form is ``MutableStridedView``).
 struct MutableTensorView: @unchecked Sendable {
     let base: UnsafeMutablePointer<Float>
-    let strides: [Int]
+    let strides: SIMD4<Int>
+
+    init(base: UnsafeMutablePointer<Float>, strides: SIMD4<Int>) {
+        self.base = base
+        self.strides = strides
+    }
 
     @inline(__always)
     func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafeMutablePointer<Float> {
-        base + b * strides[0] + h * strides[1] + i * strides[2]
+        let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
+        return base + offset
     }
 }
-

@@ -129,15 +129,16 @@ public struct AdaptiveSpanAttention: Attention {
                              scoredPairs: pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let spans = self.spans, ramp = self.ramp
-        return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
-                                                query: query, key: key, value: value) { b, h in
-            SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                         keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let shape = call.shape, spans = self.spans, ramp = self.ramp
+            TiledSoftmaxAttention.attend(call) { b, h in
+                SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                             keyEnd: call.keyEnd(b), span: spans[h], ramp: ramp)
+            }
         }
     }
 }

@@ -67,11 +67,15 @@ public struct AttentionPooling: Attention {
         return PointAttention.cost(count: seedCount, shape: shape, threads: try threadCount(threads))
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        return try pool(shape: shape, scale: scale, key: key, value: value, keyLengths: keyLengths, threads: threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            PointAttention.run(points: seeds, count: seedCount, shape: call.shape, scale: call.scale,
+                               threads: call.threadCount, keyLengths: keyLengths, k: call.k, v: call.v,
+                               o: call.o, lse: call.lse)
+        }
     }
 
     /// The seeds attending over `key` `[B, Hkv, Nk, D]` and `value` `[B, Hkv, Nk, Dv]`:

@@ -100,21 +100,24 @@ public struct AxialAttention: Attention {
         return cost
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let combination = combination
-        return try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
-                                                       threads: threads, scale: scale, validate: validate) { call in
-            let pattern = try self.pattern(for: call.shape)
-            switch combination {
-            case .union:
-                for t in pattern.axes.indices {
-                    call.run(queryTile: pattern.queryTile(axis: t), merge: t > 0) { _, keyEnd in
-                        pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let combination = combination
+            try TiledSoftmaxAttention.attendPattern(call) { call in
+                let pattern = try self.pattern(for: call.shape)
+                switch combination {
+                case .union:
+                    for t in pattern.axes.indices {
+                        call.run(queryTile: pattern.queryTile(axis: t), merge: t > 0) { _, keyEnd in
+                            pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
+                        }
                     }
+                case .sum:
+                    try AxialSum.run(call, pattern: pattern)
                 }
-            case .sum:
-                try AxialSum.run(call, pattern: pattern)
             }
         }
     }

@@ -185,12 +185,14 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
     /// Attention of a segment over `[compressed ; memory]` already prepended to its keys:
     /// `key` and `value` hold `P = Nk − Nq` past positions followed by the `Nq` segment
     /// positions. `keyLengths` pads keys at the end, as for dense attention.
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, _) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                         threads: threads, scale: scale)
-        return try transformerXL.run(shape: shape, query: query, key: key, value: value, keyBegins: nil,
-                                     keyLengths: keyLengths, threads: threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            transformerXL.run(shape: call.shape, q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse,
+                              keyBegins: nil, keyLengths: keyLengths, threads: call.threadCount)
+        }
     }
 
     /// Attends the segment (`query`, `key`, `value` of `Nq` positions each) over

@@ -54,16 +54,16 @@ public struct DenseAttention: Attention {
                              scoredPairs: pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let causal = self.causal
-        return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
-                                                queryTile: Self.queryTile(shape),
-                                                query: query, key: key, value: value) { b, _ in
-            IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                         causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let shape = call.shape, causal = self.causal
+            TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in
+                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                             causal: causal, keyEnd: call.keyEnd(b))
+            }
         }
     }
 }

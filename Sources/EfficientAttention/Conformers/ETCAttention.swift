@@ -136,36 +136,39 @@ public struct ETCAttention: Attention, Equatable {
                              scoredPairs: base.scoredPairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
-                                                threads: threads, scale: scale, validate: validate) { call in
-            let pattern = try self.pattern(for: call.shape)
-            call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
-                pattern.globalQueryMask(keyEnd: keyEnd)
-            }
-            guard let table = relativePositions else {
-                call.run(queryTile: pattern.longQueryTile) { _, keyEnd in pattern.longQueryMask(keyEnd: keyEnd) }
-                return
-            }
-            // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
-            let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
-            let zeros = [Float](repeating: 0, count: rows)
-            zeros.withUnsafeBufferPointer { zeros in table.withView { a in
-                TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
-                                          queryTile: pattern.longQueryTile, byHead: true,
-                                          q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse) { b, h in
-                    RelativeTermsMask(
-                        base: pattern.longQueryMask(keyEnd: call.keyLengths?[b] ?? shape.keyLength),
-                        terms: RelativeScoreTerms(
-                            table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
-                            tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
-                            offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
-                            distanceBias: zeros.baseAddress!,
-                            owner: b * shape.heads + h + 1, clamped: true),
-                        firstKey: globals)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try TiledSoftmaxAttention.attendPattern(call) { call in
+                let pattern = try self.pattern(for: call.shape)
+                call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
+                    pattern.globalQueryMask(keyEnd: keyEnd)
                 }
-            } }
+                guard let table = relativePositions else {
+                    call.run(queryTile: pattern.longQueryTile) { _, keyEnd in pattern.longQueryMask(keyEnd: keyEnd) }
+                    return
+                }
+                // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
+                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
+                let zeros = [Float](repeating: 0, count: rows)
+                zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+                    TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
+                                              queryTile: pattern.longQueryTile, byHead: true,
+                                              q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse) { b, h in
+                        RelativeTermsMask(
+                            base: pattern.longQueryMask(keyEnd: call.keyLengths?[b] ?? shape.keyLength),
+                            terms: RelativeScoreTerms(
+                                table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
+                                tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
+                                offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
+                                distanceBias: zeros.baseAddress!,
+                                owner: b * shape.heads + h + 1, clamped: true),
+                            firstKey: globals)
+                    }
+                } }
+            }
         }
     }
 

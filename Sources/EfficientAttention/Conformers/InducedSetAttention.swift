@@ -130,18 +130,20 @@ public struct InducedSetAttention: Attention {
             scoredPairs: first.scoredPairs + pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
+        let (k, v) = (call.k, call.v)
         let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
         var z = try Tensor(shape: [shape.batch, heads, m, dv])
         var zLSE = try Tensor(shape: [shape.batch, heads, m, 1])
-        key.withView { k in value.withView { v in z.withMutableView { o in zLSE.withMutableView { l in
+        z.withMutableView { o in zLSE.withMutableView { l in
             PointAttention.run(points: inducingPoints, count: m, shape: shape, scale: scale, threads: threads,
                                keyLengths: keyLengths, k: k, v: v, o: o, lse: l)
-        } } } }
+        } }
 
         // The summary's keys and values: Z W_K and Z W_V, or Z itself.
         var keys = z, values = z
@@ -168,11 +170,13 @@ public struct InducedSetAttention: Attention {
             }
         }
 
-        return try TiledSoftmaxAttention.attend(shape: summaryShape(shape), scale: scale, threads: threads,
-                                                query: query, key: keys, value: values) { b, _ in
-            // A batch item without keys has no summary.
-            IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false,
-                         keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : m)
+        keys.withView { k in values.withView { v in
+            TiledSoftmaxAttention.run(shape: summaryShape(shape), scale: scale, threads: threads,
+                                      q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
+                // A batch item without keys has no summary.
+                IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false, keyEnd: call.keyEnd(b) == 0 ? 0 : m)
+            }
+        } }
         }
     }
 }

@@ -355,23 +355,22 @@ public struct LSHAttention: Attention {
         return (queryBuckets, keyBuckets)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
         let half = BucketHash.columns(factors)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
         let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         // Every row is written by the first round's combine: no zero fill.
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, n, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, n, 1])
+        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let rowBlock = BucketHash.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
-        query.withView { q in key.withView { k in value.withView { v in rotations.withView { rot in
-        output.withMutableView { o in lse.withMutableView { l in
+        rotations.withView { rot in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
             PermutedBlockAttention.forEachHead(
@@ -420,7 +419,7 @@ public struct LSHAttention: Attention {
                         keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
             }
-        } } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
+        }
     }
 }

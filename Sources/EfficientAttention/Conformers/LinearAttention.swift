@@ -110,52 +110,45 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                              scoredPairs: shape.batch * shape.heads * pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: nil) { call in
+        let shape = call.shape
+        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let m = try featureMap.featureCount(headDim: shape.headDim)
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let items = shape.batch * shape.heads
         let workers = workerCount(threads: threads, items: items)
         let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
         if LinearAttentionSegments.applies(shape, causal: causal) {
             // Long sequences: split along the sequence (one head spreads over every thread).
-            let threads = try threadCount(threads)
-            query.withView { q in key.withView { k in value.withView { v in
-            output.withMutableView { o in lse.withMutableView { l in
-                if causal {
-                    LinearAttentionSegments.runCausal(map: map, epsilon: epsilon, shape: shape, m: m,
-                                                      keyLengths: keyLengths, threads: threads,
-                                                      q: q, k: k, v: v, o: o, lse: l)
-                } else {
-                    LinearAttentionSegments.run(map: map, epsilon: epsilon, shape: shape, m: m, keyLengths: keyLengths,
-                                                threads: threads, q: q, k: k, v: v, o: o, lse: l)
-                }
-            } } } } }
-            return try AttentionResult(output: output, logSumExp: lse)
+            if causal {
+                LinearAttentionSegments.runCausal(map: map, epsilon: epsilon, shape: shape, m: m,
+                                                  keyLengths: keyLengths, threads: call.threadCount,
+                                                  q: q, k: k, v: v, o: o, lse: l)
+            } else {
+                LinearAttentionSegments.run(map: map, epsilon: epsilon, shape: shape, m: m, keyLengths: keyLengths,
+                                            threads: call.threadCount, q: q, k: k, v: v, o: o, lse: l)
+            }
+            return
         }
         WorkspaceArena.withWorkspaces(workers: workers, layout: {
             LinearAttentionScan.Workspace(carving: &$0, m: m, dv: shape.valueDim)
         }) { spaces in
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
             parallelForEach(items: items, threads: workers) { item, worker in
                 let b = item / shape.heads, h = item % shape.heads
                 let space = spaces[worker]
                 space.state.reset(m: m, dv: shape.valueDim)
                 LinearAttentionScan.scanHead(
                     map: map, causal: causal, epsilon: epsilon, d: shape.headDim, dv: shape.valueDim,
-                    queryCount: shape.queryLength, keyCount: keyLengths?[b] ?? shape.keyLength,
+                    queryCount: shape.queryLength, keyCount: call.keyEnd(b),
                     offset: shape.keyLength - shape.queryLength,
                     input: .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: l),
                     state: space.state, space: space)
             }
-        } } } } }
         }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
     }
 
     /// A fresh decoding state for `batch` items and `heads` query heads (`kvHeads` key/value
@@ -260,11 +253,19 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
 /// Workspaces owned by a ``LinearAttention/RecurrentState``, freed with it.
 final class ScratchBox: @unchecked Sendable {
     let spaces: [LinearAttentionScan.Workspace]
-    private let arena: WorkspaceArena
+    private let block: UnsafeMutableRawPointer
 
     init(workers: Int, m: Int, dv: Int) {
-        (arena, spaces) = WorkspaceArena.carve(workers: workers, layout: {
-            LinearAttentionScan.Workspace(carving: &$0, m: m, dv: dv)
-        })
+        let layout = { (carver: inout WorkspaceCarver) in LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv) }
+        let sliceBytes = WorkspaceCarver.bytes { _ = layout(&$0) }
+        block = .allocate(byteCount: max(sliceBytes * workers, WorkspaceCarver.alignment),
+                          alignment: WorkspaceCarver.alignment)
+        let block = self.block
+        spaces = (0..<workers).map { index in
+            var carver = WorkspaceCarver(start: block + index * sliceBytes, end: block + (index + 1) * sliceBytes)
+            return layout(&carver)
+        }
     }
+
+    deinit { block.deallocate() }
 }

@@ -150,11 +150,13 @@ public struct LinformerAttention: Attention {
             scoredPairs: shape.batch * shape.heads * shape.queryLength * projectedLength)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
+        let (k, v) = (call.k, call.v)
         let kProj = projectedLength, nmax = maxSequenceLength
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
         var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])
@@ -174,7 +176,6 @@ public struct LinformerAttention: Attention {
         let longest = (0..<shape.batch).map { keyLengths?[$0] ?? shape.keyLength }.max() ?? 0
         WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
         e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
-        key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
             let eBase = UncheckedSendable(e.baseAddress!)
             let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
@@ -204,21 +205,18 @@ public struct LinformerAttention: Attention {
                     }
                 }
             }
-        } } } } } }
+        } } } }
         }
 
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let projected = projectedShape(shape)
-        query.withView { q in keys.withView { k in values.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
+        keys.withView { k in values.withView { v in
             TiledSoftmaxAttention.run(shape: projected, scale: scale, threads: threads,
-                                      q: q, k: k, v: v, o: o, lse: l) { b, _ in
+                                      q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
                 // A batch item without valid keys has no projected key either.
                 IntervalMask(queryLength: projected.queryLength, keyLength: kProj, causal: false,
                              keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : kProj)
             }
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        } }
+        }
     }
 }

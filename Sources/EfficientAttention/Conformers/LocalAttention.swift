@@ -79,12 +79,15 @@ public struct LocalAttention: Attention {
         return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
-                                                threads: threads, scale: scale, validate: validate) { call in
-            let pattern = try self.pattern(for: call.shape)
-            call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try TiledSoftmaxAttention.attendPattern(call) { call in
+                let pattern = try self.pattern(for: call.shape)
+                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
+            }
         }
     }
 }

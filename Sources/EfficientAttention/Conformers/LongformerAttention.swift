@@ -70,16 +70,19 @@ public struct LongformerAttention: Attention {
         return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
-                                                threads: threads, scale: scale, validate: validate) { call in
-            let pattern = try self.pattern(for: call.shape)
-            call.run(queryTile: pattern.queryTile) { h, keyEnd in
-                pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: pattern.globalRuns(below: keyEnd))
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try TiledSoftmaxAttention.attendPattern(call) { call in
+                let pattern = try self.pattern(for: call.shape)
+                call.run(queryTile: pattern.queryTile) { h, keyEnd in
+                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: pattern.globalRuns(below: keyEnd))
+                }
+                guard !pattern.globalPositions.isEmpty else { return }
+                call.run(merge: true) { h, keyEnd in pattern.globalQueryMask(head: h, keyEnd: keyEnd) }
             }
-            guard !pattern.globalPositions.isEmpty else { return }
-            call.run(merge: true) { h, keyEnd in pattern.globalQueryMask(head: h, keyEnd: keyEnd) }
         }
     }
 }

@@ -121,11 +121,13 @@ public struct MemoryCompressedAttention: Attention {
             scoredPairs: pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
+        let (k, v) = (call.k, call.v)
         let compressed = compressedShape(shape)
         let c = compression, nc = compressed.keyLength
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, nc, shape.headDim])
@@ -136,7 +138,6 @@ public struct MemoryCompressedAttention: Attention {
         let workers = workerCount(threads: threads, items: items)
         WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
         withOptionalPointers(keyWeights, valueWeights, keyBias, valueBias) { kw, vw, kb, vb in
-        key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
             parallelForEach(items: items, threads: workers) { item, worker in
                 let isValue = item % 2 == 1
@@ -150,20 +151,24 @@ public struct MemoryCompressedAttention: Attention {
                                            bias: bias.map { $0.value + hk * width },
                                            into: out.row(b, hk, 0), ldo: out.strides[2], workspace: spaces[worker])
             }
-        } } } } }
+        } } }
         }
 
         func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
-        if causal {
-            return try TiledSoftmaxAttention.attend(shape: compressed, scale: scale, threads: threads,
-                                                    query: query, key: keys, value: values) { b, _ in
-                WindowEndMask(compression: c, keyLength: length(b), offset: shape.keyLength - shape.queryLength)
+        keys.withView { k in values.withView { v in
+            if causal {
+                TiledSoftmaxAttention.run(shape: compressed, scale: scale, threads: threads,
+                                          q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
+                    WindowEndMask(compression: c, keyLength: length(b), offset: shape.keyLength - shape.queryLength)
+                }
+            } else {
+                TiledSoftmaxAttention.run(shape: compressed, scale: scale, threads: threads,
+                                          q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
+                    IntervalMask(queryLength: shape.queryLength, keyLength: nc, causal: false,
+                                 keyEnd: WindowCompression.compressedLength(length(b), compression: c))
+                }
             }
-        }
-        return try TiledSoftmaxAttention.attend(shape: compressed, scale: scale, threads: threads,
-                                                query: query, key: keys, value: values) { b, _ in
-            IntervalMask(queryLength: shape.queryLength, keyLength: nc, causal: false,
-                         keyEnd: WindowCompression.compressedLength(length(b), compression: c))
+        } }
         }
     }
 }

@@ -97,15 +97,15 @@ public struct MultiQueryAttention: IncrementalAttention {
                                                                                 queryTile: queryTile(shape)))
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        return try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: threads,
-                                                queryTile: queryTile(shape),
-                                                query: query, key: key, value: value) { b, _ in
-            mask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                 keyEnd: keyLengths?[b] ?? shape.keyLength)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let shape = call.shape
+            TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in
+                mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
+            }
         }
     }
 

@@ -202,16 +202,17 @@ public struct RoutingAttention: Attention {
         return (queryOut, keyOut)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let l = layout(shape)
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        query.withView { q in key.withView { k in value.withView { v in centroids.withView { c in
-        output.withMutableView { o in lse.withMutableView { lv in
+        // Queries no cluster takes keep the result over no keys.
+        call.clear()
+        let (q, k, v, o, lv) = (call.q, call.k, call.v, call.o, call.lse)
+        centroids.withView { c in
             // Heads side by side (one workspace and router per head worker), each head's
             // phases on `inner` threads.
             PermutedBlockAttention.forEachHead(
@@ -227,8 +228,8 @@ public struct RoutingAttention: Attention {
                     value: PermutedBlockAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
                     output: o, lse: lv, b: b, h: h)
             }
-        } } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
+        }
     }
 
     /// One mini-batch k-means step: each normalised query and key (every batch item; keys of

@@ -122,23 +122,34 @@ public struct SinkhornAttention: Attention {
             scoredPairs: pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try attend(query: query, key: key, value: value, sortLogits: nil, keyLengths: keyLengths, threads: threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try run(call, logits: nil)
+        }
     }
 
     /// Attention with the sort logits `R [B, H, n_b, n_b]` given by the caller (a learned
     /// sort network) instead of `scale · Q̄ K̄ᵀ`; `nil` computes them. `R` is divided by `τ`.
     public func attend(query: Tensor, key: Tensor, value: Tensor, sortLogits: Tensor?,
                        keyLengths: [Int]? = nil, threads: Int? = nil) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
-        let threads = try threadCount(threads)
-        let logits = try checkedLogits(sortLogits, shape: shape)
+        try allocatingCall(query: query, key: key, value: value) { q, k, v, o, l in
+            try withCheckedCall(query: q, key: k, value: v, output: o, logSumExp: l, keyLengths: keyLengths,
+                                workspace: nil, threads: threads, scale: scale) { call in
+                try run(call, logits: checkedLogits(sortLogits, shape: call.shape))
+            }
+        }
+    }
+
+    /// The attention of a checked call, with the sort logits given (`logits`) or computed.
+    private func run(_ call: ViewCall, logits: [Float]?) throws {
+        let (shape, scale, threads, keyLengths) = (call.shape, call.scale, call.threadCount, call.keyLengths)
+        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let n = blocks(shape), outBlocks = sortCut ?? n, rows = min(blockSize, shape.keyLength)
         var keys = try Tensor(shape: [shape.batch, shape.heads, outBlocks * rows, shape.headDim])
         var values = try Tensor(shape: [shape.batch, shape.heads, outBlocks * rows, shape.valueDim])
-        query.withView { q in key.withView { k in value.withView { v in
         keys.withMutableView { kOut in values.withMutableView { vOut in
             forEachHead(shape: shape, scale: scale, threads: threads, q: q, k: k, keyLengths: keyLengths,
                         logits: logits) { b, h, plan, settings, gemm in
@@ -148,10 +159,8 @@ public struct SinkhornAttention: Attention {
                 SinkhornSort.mix(v, b: b, h: hk, count: count, width: shape.valueDim, rows: rows, outputBlocks: outBlocks,
                                  plan: plan, settings: settings, into: vOut.row(b, h, 0), gemm: gemm)
             }
-        } } } } }
+        } }
 
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         var sortedShape = shape
         sortedShape.kvHeads = shape.heads
         sortedShape.keyLength = outBlocks * rows
@@ -160,9 +169,7 @@ public struct SinkhornAttention: Attention {
             SortedBlockMask(blockSize: bs, rows: rows, visibleRows: min(rows, keyLengths?[b] ?? shape.keyLength),
                             causal: causal, sortCut: sortCut)
         }
-        query.withView { q in key.withView { k in value.withView { v in
         keys.withView { kSorted in values.withView { vSorted in
-        output.withMutableView { o in lse.withMutableView { l in
             if sortCut != nil {
                 TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads,
                                           q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
@@ -175,8 +182,7 @@ public struct SinkhornAttention: Attention {
                 TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads, merge: true, byHead: true,
                                           q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
             }
-        } } } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+        } }
     }
 
     /// The balanced plan `P [B, H, n_b, n_b]` the call with these inputs uses (the rows

@@ -75,22 +75,25 @@ public struct StridedAttention: Attention {
         return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        try TiledSoftmaxAttention.attendPattern(query: query, key: key, value: value, keyLengths: keyLengths,
-                                                threads: threads, scale: scale, validate: validate) { call in
-            let pattern = try self.pattern(for: call.shape)
-            switch pattern.kind {
-            case .strided:
-                // Head by head, so that the second pass finds the head's rows still in cache.
-                // The column pass (rows `l` apart) first: it only writes its output rows,
-                // and the band pass merges into them reading rows in order.
-                call.forEachHead { head, _ in
-                    head.run { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
-                    head.run(queryTile: pattern.queryTile, merge: true) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try TiledSoftmaxAttention.attendPattern(call) { call in
+                let pattern = try self.pattern(for: call.shape)
+                switch pattern.kind {
+                case .strided:
+                    // Head by head, so that the second pass finds the head's rows still in cache.
+                    // The column pass (rows `l` apart) first: it only writes its output rows,
+                    // and the band pass merges into them reading rows in order.
+                    call.forEachHead { head, _ in
+                        head.run { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                        head.run(queryTile: pattern.queryTile, merge: true) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                    }
+                case .fixed(let c):
+                    call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
                 }
-            case .fixed(let c):
-                call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.fixedMask(keyEnd: keyEnd, summary: c) }
             }
         }
     }

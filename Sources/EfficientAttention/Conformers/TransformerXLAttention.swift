@@ -178,12 +178,14 @@ public struct TransformerXLAttention: Attention, Equatable {
     /// Attention of a segment over memory already prepended to its keys: `key` and
     /// `value` hold `M′ = Nk − Nq` memory positions followed by the `Nq` segment positions.
     /// `keyLengths` pads keys at the end, as for dense attention.
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, _) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                         threads: threads, scale: scale)
-        return try run(shape: shape, query: query, key: key, value: value, keyBegins: nil,
-                       keyLengths: keyLengths, threads: threads)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            run(shape: call.shape, q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, keyBegins: nil,
+                keyLengths: keyLengths, threads: call.threadCount)
+        }
     }
 
     /// Attends the segment (`query`, `key`, `value` of `Nq` positions each) over
@@ -244,26 +246,38 @@ public struct TransformerXLAttention: Attention, Equatable {
     /// stored length). Internal: ``CompressiveTransformerAttention`` runs it over
     /// `[compressed ; memory ; segment]`.
     func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
-                     keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+             keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        let workers = try threadCount(threads)
+        query.withView { q in key.withView { k in value.withView { v in
+        output.withMutableView { o in lse.withMutableView { l in
+            run(shape: shape, q: q, k: k, v: v, o: o, lse: l, keyBegins: keyBegins, keyLengths: keyLengths,
+                threads: workers)
+        } } } } }
+        return try AttentionResult(output: output, logSumExp: lse)
+    }
+
+    /// ``run(shape:query:key:value:keyBegins:keyLengths:threads:)`` on views, into `o` and `lse`.
+    func run(shape: AttentionShape, q: TensorView, k: TensorView, v: TensorView,
+             o: MutableTensorView, lse: MutableTensorView, keyBegins: [Int]?, keyLengths: [Int]?, threads workers: Int) {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         let (nk, heads) = (shape.keyLength, shape.heads)
         let tableHeads = relativePositions.shape[1]
-        let workers = try threadCount(threads)
         // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
         var keyBias = [Float](repeating: 0, count: shape.batch * heads * nk)
         var distanceBias = [Float](repeating: 0, count: heads * nk)
-        return try relativePositions.withView { r in
-            key.withView { k in
+        relativePositions.withView { r in
             contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
             keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
                 RelativePositionBias.biases(shape: shape, scale: scale, threads: workers,
                                             contentBias: u.baseAddress!, positionBias: pv.baseAddress!,
                                             key: k, table: r, tableHeads: tableHeads,
                                             keyBias: kb.baseAddress!, distanceBias: db.baseAddress!)
-            } } } } }
-            return try keyBias.withUnsafeBufferPointer { kb in try distanceBias.withUnsafeBufferPointer { db in
-                try TiledSoftmaxAttention.attend(shape: shape, scale: scale, threads: workers,
-                                                 query: query, key: key, value: value) { b, h in
+            } } } }
+            keyBias.withUnsafeBufferPointer { kb in distanceBias.withUnsafeBufferPointer { db in
+                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: workers,
+                                          q: q, k: k, v: v, o: o, lse: lse) { b, h in
                     RelativePositionMask(
                         interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true,
                                                keyEnd: keyLengths?[b] ?? nk),

@@ -44,21 +44,20 @@ public struct VanillaAttention: Attention {
                              scoredPairs: pairs)
     }
 
-    public func attend(query: Tensor, key: Tensor, value: Tensor,
-                       keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
-        let (shape, scale) = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
-                                             threads: threads, scale: self.scale)
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        let (shape, scale) = (call.shape, call.scale)
+        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
-        var output = try Tensor(shape: [shape.batch, shape.heads, nq, dv])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, nq, 1])
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
         try checkFloatAllocation([workers, nq, nk], option: "vanilla score matrices [threads, Nq, Nk]")
         let causal = self.causal
         // One score matrix per worker.
         WorkspaceArena.withWorkspaces(workers: workers, layout: { UncheckedSendable($0.take(nq * nk, of: Float.self)) }) {
             scores in
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
             parallelForEach(items: shape.batch * shape.heads, threads: workers) { item, worker in
                 let b = item / shape.heads, h = item % shape.heads
                 let hk = h / shape.groupSize
@@ -96,9 +95,8 @@ public struct VanillaAttention: Attention {
                     }
                 }
             }
-        } } } } }
         }
-        return try AttentionResult(output: output, logSumExp: lse)
+        }
     }
 }
 

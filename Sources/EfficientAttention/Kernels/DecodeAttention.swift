@@ -120,9 +120,8 @@ enum DecodeAttention {
             ? GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
                                          halfPrecision: E.self != Float.self)
             : Workspace.byteCount(rows: rows, d: shape.headDim, dv: dv, tile: tile)
-        let arena = WorkspaceArena(sharedBytes: WorkspaceCarver.bytes { _ = $0.take(partialCount, of: Float.self) },
-                                   sliceBytes: sliceBytes, slices: workers, zeroed: true)
-        defer { withExtendedLifetime(arena) {} }  // the partials are merged at the end
+        WorkspaceArena.with(sharedBytes: WorkspaceCarver.bytes { _ = $0.take(partialCount, of: Float.self) },
+                            sliceBytes: sliceBytes, slices: workers, zeroed: true) { arena in
         var sharedPart = arena.shared()
         let partials = sharedPart.take(partialCount, of: Float.self)
 
@@ -175,6 +174,7 @@ enum DecodeAttention {
                             lse: { (c: Int) -> Float in first[c * chunkFloats + rows * dv + r] },
                             into: o.row(b, h, i), stride: o.strides[3], lse: lse.row(b, h, i))
             }
+        }
         }
     }
 

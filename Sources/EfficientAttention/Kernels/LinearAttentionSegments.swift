@@ -73,23 +73,25 @@ enum LinearAttentionSegments {
     private static func withSegmentWorkspaces(
         shape: AttentionShape, m: Int, workers: Int, sharedFloats shared: Int,
         q: TensorView, k: TensorView, v: TensorView, o: MutableTensorView, lse: MutableTensorView,
-        _ body: (_ base: UncheckedSendable<UnsafeMutablePointer<Float>>, _ spaces: [LinearAttentionScan.Workspace],
+        _ body: (_ base: UncheckedSendable<UnsafeMutablePointer<Float>>, _ spaces: UnsafeBufferPointer<LinearAttentionScan.Workspace>,
                  _ input: (Int) -> LinearAttentionScan.HeadInput) -> Void
     ) {
         let dv = shape.valueDim
         let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
-        let arena = WorkspaceArena(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
-                                   slices: workers, zeroed: false)
-        withExtendedLifetime(arena) {
+        WorkspaceArena.with(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
+                            slices: workers, zeroed: false) { arena in
             var sharedCarver = arena.shared()
             let base = UncheckedSendable(sharedCarver.take(shared, of: Float.self))
-            let spaces = (0..<workers).map { index -> LinearAttentionScan.Workspace in
-                var carver = arena.slice(index)
-                return LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv)
-            }
-            body(base, spaces) { bh in
-                let b = bh / shape.heads, h = bh % shape.heads
-                return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
+            withUnsafeTemporaryAllocation(of: LinearAttentionScan.Workspace.self, capacity: workers) { spaces in
+                for index in 0..<workers {
+                    var carver = arena.slice(index)
+                    (spaces.baseAddress! + index).initialize(to: LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv))
+                }
+                defer { spaces.baseAddress!.deinitialize(count: workers) }
+                body(base, UnsafeBufferPointer(spaces)) { bh in
+                    let b = bh / shape.heads, h = bh % shape.heads
+                    return .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: lse)
+                }
             }
         }
     }

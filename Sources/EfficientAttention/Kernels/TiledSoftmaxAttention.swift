@@ -121,8 +121,7 @@ enum TiledSoftmaxAttention {
             Workspace(carving: &$0, d: shape.headDim, dv: shape.valueDim, queryTile: brPad,
                       keyTile: tiling.keyTile, extra: extra)
         }) { spaces in
-        var spaces = spaces
-        spaces.withUnsafeMutableBufferPointer { spaces in
+        do {
             let spaces = UncheckedSendable(spaces)
             func attendQueryTile(_ tile: Int, head: Int, worker: Int) {
                 let b = head / shape.heads, h = head % shape.heads
@@ -155,22 +154,13 @@ enum TiledSoftmaxAttention {
         }
     }
 
-    /// A whole single-kernel `attend`: allocates the output and log-sum-exp of `shape`
-    /// and fills them with one ``run(shape:scale:threads:queryTile:merge:q:k:v:o:lse:mask:)``
-    /// over the tensors. `shape` must already be validated (dense, adaptive span, Transformer-XL).
-    static func attend<Mask: TileMask>(
-        shape: AttentionShape, scale: Float, threads: Int?, queryTile: Int? = nil,
-        query: Tensor, key: Tensor, value: Tensor,
-        mask: (_ batch: Int, _ head: Int) -> Mask
-    ) throws -> AttentionResult {
-        var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount, queryTile: queryTile,
-                q: q, k: k, v: v, o: o, lse: l, mask: mask)
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+    /// A whole single-kernel `attend`: fills the call's output and log-sum-exp with one
+    /// ``run(shape:scale:threads:queryTile:merge:byHead:q:k:v:o:lse:mask:)`` (dense,
+    /// adaptive span, multi-query).
+    static func attend<Mask: TileMask>(_ call: ViewCall, queryTile: Int? = nil,
+                                       mask: (_ batch: Int, _ head: Int) -> Mask) {
+        run(shape: call.shape, scale: call.scale, threads: call.threadCount, queryTile: queryTile,
+            q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, mask: mask)
     }
 
     /// One work item: the query tile `queries` of head `h` in batch item `b`.

@@ -8,8 +8,11 @@
 /// arena it gives the buffers. Size and layout cannot disagree, since they are the same
 /// code.
 ///
-/// - Complexity: one allocation per arena, `O(bytes)` only when zero-filled.
-final class WorkspaceArena {
+/// The block comes from the call's ``AttentionWorkspace`` when the caller passed one (no
+/// allocation), else from the heap for the duration of ``with(sharedBytes:sliceBytes:slices:zeroed:_:)``.
+///
+/// - Complexity: at most one allocation per arena, `O(bytes)` only when zero-filled.
+struct WorkspaceArena {
     /// Bytes of one worker's slice (a multiple of 64).
     let sliceBytes: Int
     /// Bytes of the shared part before the slices (a multiple of 64).
@@ -18,22 +21,27 @@ final class WorkspaceArena {
     let slices: Int
     private let block: UnsafeMutableRawPointer
 
-    /// An arena of a shared part of `sharedBytes` and `slices` slices of `sliceBytes` bytes
-    /// each (both rounded up to 64), zero-filled when `zeroed`. Callers have checked the
-    /// total against the allocation limit (the cost model's `workspaceBytes` goes through
-    /// `checkAllocation`).
-    init(sharedBytes: Int = 0, sliceBytes: Int, slices: Int, zeroed: Bool) {
-        self.sharedBytes = roundUp(max(sharedBytes, 0), WorkspaceCarver.alignment)
-        self.sliceBytes = roundUp(max(sliceBytes, 0), WorkspaceCarver.alignment)
-        self.slices = max(slices, 1)
-        let total = max(self.sharedBytes + self.sliceBytes * self.slices, WorkspaceCarver.alignment)
-        block = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: WorkspaceCarver.alignment)
-        if zeroed {
-            block.initializeMemory(as: UInt8.self, repeating: 0, count: total)
-        }
+    /// The arena's total bytes for these parts (what ``with(sharedBytes:sliceBytes:slices:zeroed:_:)`` takes).
+    static func byteCount(sharedBytes: Int = 0, sliceBytes: Int, slices: Int) -> Int {
+        let shared = roundUp(max(sharedBytes, 0), WorkspaceCarver.alignment)
+        let slice = roundUp(max(sliceBytes, 0), WorkspaceCarver.alignment)
+        return max(shared + slice * max(slices, 1), WorkspaceCarver.alignment)
     }
 
-    deinit { block.deallocate() }
+    /// Runs `body` with an arena of a shared part of `sharedBytes` and `slices` slices of
+    /// `sliceBytes` bytes each (both rounded up to 64), zero-filled when `zeroed`. Callers
+    /// have checked the total against the allocation limit (the cost model's
+    /// `workspaceBytes` goes through `checkAllocation`).
+    static func with<R>(sharedBytes: Int = 0, sliceBytes: Int, slices: Int, zeroed: Bool,
+                        _ body: (WorkspaceArena) throws -> R) rethrows -> R {
+        let total = byteCount(sharedBytes: sharedBytes, sliceBytes: sliceBytes, slices: slices)
+        return try withScratch(byteCount: total) { block in
+            if zeroed { block.initializeMemory(as: UInt8.self, repeating: 0, count: total) }
+            return try body(WorkspaceArena(sliceBytes: roundUp(max(sliceBytes, 0), WorkspaceCarver.alignment),
+                                           sharedBytes: roundUp(max(sharedBytes, 0), WorkspaceCarver.alignment),
+                                           slices: max(slices, 1), block: block))
+        }
+    }
 
     /// A carver over slice `index` (`0 ..< slices`).
     func slice(_ index: Int) -> WorkspaceCarver {
@@ -58,7 +66,7 @@ struct WorkspaceCarver {
     private let end: UnsafeMutableRawPointer?
     private let start: UnsafeMutableRawPointer
 
-    fileprivate init(start: UnsafeMutableRawPointer, end: UnsafeMutableRawPointer?) {
+    init(start: UnsafeMutableRawPointer, end: UnsafeMutableRawPointer?) {
         self.start = start
         self.next = start
         self.end = end
@@ -95,25 +103,23 @@ struct WorkspaceCarver {
 extension WorkspaceArena {
     /// Runs `body` with one workspace per worker, each carved by `layout` from its own slice
     /// of one arena that lives until `body` returns. `layout` must only carve (it also runs
-    /// on a measuring carver, whose pointers are placeholders).
+    /// on a measuring carver, whose pointers are placeholders). The workspaces are handed
+    /// over in stack memory for small worker counts (no allocation).
     static func withWorkspaces<Space, Result>(
         workers: Int, zeroed: Bool = false, layout: (inout WorkspaceCarver) -> Space,
-        _ body: ([Space]) throws -> Result
+        _ body: (UnsafeBufferPointer<Space>) throws -> Result
     ) rethrows -> Result {
-        let (arena, spaces) = carve(workers: workers, zeroed: zeroed, layout: layout)
-        return try withExtendedLifetime(arena) { try body(spaces) }
-    }
-
-    /// An arena with one slice per worker and the workspaces carved from it. The caller keeps
-    /// the arena alive as long as it uses the workspaces.
-    static func carve<Space>(workers: Int, zeroed: Bool = false,
-                             layout: (inout WorkspaceCarver) -> Space) -> (WorkspaceArena, [Space]) {
         let bytes = WorkspaceCarver.bytes { _ = layout(&$0) }
-        let arena = WorkspaceArena(sliceBytes: bytes, slices: workers, zeroed: zeroed)
-        let spaces = (0..<arena.slices).map { index in
-            var carver = arena.slice(index)
-            return layout(&carver)
+        let slices = max(workers, 1)
+        return try with(sliceBytes: bytes, slices: slices, zeroed: zeroed) { arena in
+            try withUnsafeTemporaryAllocation(of: Space.self, capacity: slices) { spaces in
+                for index in 0..<slices {
+                    var carver = arena.slice(index)
+                    (spaces.baseAddress! + index).initialize(to: layout(&carver))
+                }
+                defer { spaces.baseAddress!.deinitialize(count: slices) }
+                return try body(UnsafeBufferPointer(spaces))
+            }
         }
-        return (arena, spaces)
     }
 }

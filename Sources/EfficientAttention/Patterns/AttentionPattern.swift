@@ -188,30 +188,21 @@ struct PatternCall {
 }
 
 extension TiledSoftmaxAttention {
-    /// Runs a fixed-pattern conformer: checks the call, allocates output and
-    /// log-sum-exp (`-infinity` until a pass writes a row), and hands `passes` the call.
+    /// Runs a fixed-pattern conformer on a checked call: sets every log-sum-exp to
+    /// `-infinity` (until a pass writes the row) and hands `passes` the call.
     ///
     /// The output is not zero-filled: `passes` must start with a pass without `merge`
     /// whose query tiles cover every query (contiguous tiles, blocks or residue classes),
     /// which writes every output row (0 where a row sees no key). Every fixed pattern's
     /// first pass does.
-    static func attendPattern(
-        query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, threads: Int?,
-        scale: Float?, validate: (AttentionShape) throws -> Void,
-        _ passes: (PatternCall) throws -> Void
-    ) throws -> AttentionResult {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
-        let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1], repeating: -.infinity)
-        let threads = try threadCount(threads)
-        try query.withView { q in try key.withView { k in try value.withView { v in
-        try output.withMutableView { o in try lse.withMutableView { l in
-            try passes(PatternCall(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
-                                   q: q, k: k, v: v, o: o, lse: l))
-        } } } } }
-        return try AttentionResult(output: output, logSumExp: lse)
+    static func attendPattern(_ call: ViewCall, _ passes: (PatternCall) throws -> Void) rethrows {
+        let shape = call.shape
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                for i in 0..<shape.queryLength { call.lse.row(b, h, i).pointee = -.infinity }
+            }
+        }
+        try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount, keyLengths: call.keyLengths,
+                               q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse))
     }
 }

@@ -1,0 +1,116 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Scratch memory a caller creates once and passes to every call, so that a call in
+/// steady state allocates nothing.
+///
+/// Size it for the largest problem it will serve with ``init(for:shape:threads:)`` (the
+/// conformer's `cost(shape, threads:).workspaceBytes`, plus room for the log-sum-exp when a
+/// call does not ask for it), or give a byte count. A call whose needs exceed the
+/// workspace throws ``AttentionError/invalidParameter(_:)`` naming `workspace` before any
+/// arithmetic. A workspace serves one call at a time: a call that finds it in use by
+/// another thread throws instead of sharing it (give each concurrent caller its own).
+///
+/// ```swift
+/// let attention = DenseAttention(causal: true)
+/// let workspace = try AttentionWorkspace(for: attention, shape: shape, threads: 2)
+/// for layer in layers {   // no allocation per call
+///     try attention.attend(query: q, key: k, value: v, output: out, logSumExp: nil,
+///                          keyLengths: nil, workspace: workspace, threads: 2)
+/// }
+/// ```
+///
+/// - Complexity: one allocation of ``byteCount`` bytes, at creation.
+public final class AttentionWorkspace: @unchecked Sendable {
+    /// Bytes of scratch memory.
+    public let byteCount: Int
+    private let block: UnsafeMutableRawPointer
+    /// Bytes in use by the scopes of the current call (a stack).
+    private var top = 0
+    private let lock = NSLock()
+
+    /// A workspace of `byteCount` bytes (at least 0, at most ``maxAllocationBytes``).
+    public init(byteCount: Int) throws {
+        guard byteCount >= 0 else {
+            throw AttentionError.invalidParameter("workspace byteCount must be at least 0, got \(byteCount)")
+        }
+        try checkAllocation(bytes: byteCount, option: "workspace")
+        self.byteCount = byteCount
+        block = .allocate(byteCount: max(byteCount, WorkspaceCarver.alignment), alignment: WorkspaceCarver.alignment)
+    }
+
+    /// A workspace for calls of `attention` on problems up to `shape` with `threads`
+    /// workers: its cost model's `workspaceBytes` plus the log-sum-exp scratch of a call
+    /// that passes `logSumExp: nil`.
+    public convenience init(for attention: some Attention, shape: AttentionShape, threads: Int? = nil) throws {
+        let cost = try attention.cost(shape, threads: threads)
+        try self.init(byteCount: cost.workspaceBytes + logSumExpScratchBytes(shape))
+    }
+
+    deinit { block.deallocate() }
+
+    /// Runs `body` with this workspace as the calling thread's scratch source (see
+    /// ``withScratch(byteCount:_:)``). Throws if another call is using it.
+    func use<R>(_ body: () throws -> R) throws -> R {
+        guard lock.try() else {
+            throw AttentionError.invalidParameter(
+                "workspace is in use by another call; give each concurrent caller its own AttentionWorkspace")
+        }
+        defer { lock.unlock() }
+        top = 0
+        let previous = pthread_getspecific(currentWorkspaceKey)
+        pthread_setspecific(currentWorkspaceKey, Unmanaged.passUnretained(self).toOpaque())
+        defer { pthread_setspecific(currentWorkspaceKey, previous) }
+        return try body()
+    }
+
+    /// The workspace of the call running on this thread, if it passed one.
+    static var current: AttentionWorkspace? {
+        pthread_getspecific(currentWorkspaceKey).map { Unmanaged<AttentionWorkspace>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    /// Takes `bytes` (rounded up to 64) from the top, or nil if they do not fit.
+    fileprivate func push(_ bytes: Int) -> UnsafeMutableRawPointer? {
+        let size = roundUp(bytes, WorkspaceCarver.alignment)
+        guard size <= byteCount - top else { return nil }
+        defer { top += size }
+        return block + top
+    }
+
+    /// Returns the bytes of the last ``push(_:)`` at `pointer`.
+    fileprivate func pop(_ pointer: UnsafeMutableRawPointer) {
+        top = pointer - block
+    }
+}
+
+/// The thread-specific slot holding the workspace of the call running on a thread.
+private let currentWorkspaceKey: pthread_key_t = {
+    var key = pthread_key_t()
+    let status = pthread_key_create(&key, nil)
+    precondition(status == 0, "pthread_key_create failed (\(status))")
+    return key
+}()
+
+/// Runs `body` with `byteCount` bytes of 64-byte aligned scratch memory: from the
+/// ``AttentionWorkspace`` of the call running on this thread when it has room, else
+/// allocated for the duration of `body`. Scopes nest (a stack). Uninitialised.
+func withScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+    if let workspace = AttentionWorkspace.current, let pointer = workspace.push(byteCount) {
+        defer { workspace.pop(pointer) }
+        return try body(pointer)
+    }
+    let pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, WorkspaceCarver.alignment),
+                                                   alignment: WorkspaceCarver.alignment)
+    defer { pointer.deallocate() }
+    return try body(pointer)
+}
+
+/// Bytes of a log-sum-exp buffer for `shape` (`[B, H, Nq]` floats, rounded up to 64): the
+/// scratch a call takes when the caller does not ask for the log-sum-exp.
+func logSumExpScratchBytes(_ shape: AttentionShape) -> Int {
+    roundUp(shape.batch * shape.heads * shape.queryLength * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
+}
