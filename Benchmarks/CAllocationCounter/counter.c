@@ -1,8 +1,10 @@
 #include "CAllocationCounter.h"
 
-#if defined(__linux__) && defined(__GLIBC__)
+// Any libc header defines __GLIBC__ on glibc.
 #include <errno.h>
 #include <stddef.h>
+
+#if defined(__linux__) && defined(__GLIBC__)
 #include <stdatomic.h>
 
 extern void *__libc_malloc(size_t size);
@@ -11,6 +13,8 @@ extern void *__libc_realloc(void *pointer, size_t size);
 extern void *__libc_memalign(size_t alignment, size_t size);
 
 static _Atomic long allocations;
+volatile int ea_debug_tracing;
+void ea_debug_trace(int on) { ea_debug_tracing = on; }
 
 static inline void count_one(void) {
     atomic_fetch_add_explicit(&allocations, 1, memory_order_relaxed);

@@ -283,6 +283,31 @@ struct ViewCall {
     /// Valid keys of batch item `b`.
     func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
 
+    /// Runs `body` with a call whose output has unit column stride: this call when it has,
+    /// else one writing into contiguous scratch (``withScratch(byteCount:_:)``) that is
+    /// then copied into the caller's output, for kernels that write output rows through the
+    /// GEMM (rows with a leading dimension, unit column stride). The same bits either way.
+    func withUnitColumnOutput(_ body: (ViewCall) throws -> Void) rethrows {
+        guard o.strides[3] != 1 else { return try body(self) }
+        let (rows, dv) = (shape.batch * shape.heads * shape.queryLength, shape.valueDim)
+        try withScratch(byteCount: rows * dv * MemoryLayout<Float>.stride) { scratch in
+            let contiguous = scratch.bindMemory(to: Float.self, capacity: rows * dv)
+            let strides: SIMD4<Int> = [shape.heads * shape.queryLength * dv, shape.queryLength * dv, dv, 1]
+            try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
+                              threadCount: threadCount, q: q, k: k, v: v,
+                              o: MutableTensorView(base: contiguous, strides: strides), lse: lse,
+                              query: query, key: key, value: value, output: output))
+            for b in 0..<shape.batch {
+                for h in 0..<shape.heads {
+                    for i in 0..<shape.queryLength {
+                        let from = contiguous + b * strides[0] + h * strides[1] + i * dv, to = o.row(b, h, i)
+                        for c in 0..<dv { to[c &* o.strides[3]] = from[c] }
+                    }
+                }
+            }
+        }
+    }
+
     /// Fills every output row with 0 and every log-sum-exp with −∞ (the result over no
     /// keys), for conformers whose passes merge into what the output holds.
     func clear() {

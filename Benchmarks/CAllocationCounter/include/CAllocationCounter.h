@@ -16,4 +16,5 @@ long ea_allocation_count(void);
 /// 1 where allocations are counted (Linux, glibc), else 0.
 int ea_allocation_counting_supported(void);
 
+void ea_debug_trace(int on);
 #endif

@@ -115,6 +115,12 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: nil) { call in
+            // The kernels write output rows through the GEMM (unit column stride).
+            try call.withUnitColumnOutput { call in try run(call, keyLengths: keyLengths, threads: threads) }
+        }
+    }
+
+    private func run(_ call: ViewCall, keyLengths: [Int]?, threads: Int?) throws {
         let shape = call.shape
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let m = try featureMap.featureCount(headDim: shape.headDim)
@@ -147,7 +153,6 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                     input: .init(q: q, k: k, v: v, b: b, h: h, hk: h / shape.groupSize, o: o, lse: l),
                     state: space.state, space: space)
             }
-        }
         }
     }
 

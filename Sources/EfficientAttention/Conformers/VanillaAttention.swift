@@ -80,7 +80,7 @@ public struct VanillaAttention: Attention {
                         var m = -Float.infinity
                         for j in 0..<nk { m = max(m, srow[j]) }
                         let orow = o.row(b, h, i)
-                        for c in 0..<dv { orow[c] = 0 }
+                        for c in 0..<dv { orow[c &* o.strides[3]] = 0 }
                         guard m > -.infinity else { l.row(b, h, i)[0] = -.infinity; continue }
                         var sum: Float = 0
                         for j in 0..<nk {
@@ -89,7 +89,7 @@ public struct VanillaAttention: Attention {
                             sum += p
                         }
                         for j in 0..<nk where srow[j] != 0 {
-                            axpy(srow[j] / sum, v.row(b, hk, j), v.strides[3], orow, count: dv)
+                            axpy(srow[j] / sum, v.row(b, hk, j), v.strides[3], orow, o.strides[3], count: dv)
                         }
                         l.row(b, h, i)[0] = m + logf(sum)
                     }

@@ -480,11 +480,7 @@ enum PermutedBlockAttention {
             guard sortedLse[slot] > -.infinity else { continue }
             let weight = logSumExp ? rounds.weight(sortedLse[slot]) * normaliser : normaliser
             let row = o + slot * dv
-            if outStride == 1 {
-                axpy(weight, row, 1, out, count: dv)
-            } else {
-                LogSumExpMerge.accumulate(weight, row, into: out, stride: outStride, count: dv)
-            }
+            axpy(weight, row, 1, out, outStride, count: dv)
         }
         lse[0] = logSumExp ? rounds.logSumExp : m + logf(rounds.total / Float(used))
     }

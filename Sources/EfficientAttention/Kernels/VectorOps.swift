@@ -26,18 +26,23 @@ func dot(_ a: UnsafePointer<Float>, _ sa: Int, _ b: UnsafePointer<Float>, _ sb: 
     return sum
 }
 
-/// `y[t] += alpha · x[t·sx]` for `t < count` (y contiguous), the same bits for every `sx`.
+/// `y[t·sy] += alpha · x[t·sx]` for `t < count`, the same bits for every `sx` and `sy`.
 @inline(__always)
-func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ sx: Int, _ y: UnsafeMutablePointer<Float>, count: Int) {
+func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ sx: Int, _ y: UnsafeMutablePointer<Float>, _ sy: Int = 1,
+          count: Int) {
     var t = 0
     let a = SIMD16<Float>(repeating: alpha)
     while t + 16 <= count {
-        var acc = UnsafeRawPointer(y + t).loadUnaligned(as: SIMD16<Float>.self)
+        var acc = gather16(y + t &* sy, sy)
         multiplyAdd(&acc, a, gather16(x + t &* sx, sx))
-        UnsafeMutableRawPointer(y + t).storeBytes(of: acc, as: SIMD16<Float>.self)
+        if sy == 1 {
+            UnsafeMutableRawPointer(y + t).storeBytes(of: acc, as: SIMD16<Float>.self)
+        } else {
+            for l in 0..<16 { y[(t &+ l) &* sy] = acc[l] }
+        }
         t += 16
     }
-    while t < count { y[t] += alpha * x[t * sx]; t += 1 }
+    while t < count { y[t &* sy] += alpha * x[t &* sx]; t += 1 }
 }
 
 /// `acc += a · b`: one fused multiply-add per lane under the `NativeCPU` trait
