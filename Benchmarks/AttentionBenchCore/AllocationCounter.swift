@@ -14,6 +14,17 @@ public enum AllocationCounter {
     /// Allocations made by the process so far.
     public static var count: Int { ea_allocation_count() }
 
+    /// Allocations made by the calling thread so far: exact for work that stays on one
+    /// thread (a call with `threads: 1`) whatever other threads do.
+    public static var threadCount: Int { ea_thread_allocation_count() }
+
+    /// Runs `body` and returns its result and the allocations the calling thread made meanwhile.
+    public static func countingOnThisThread<R>(_ body: () throws -> R) rethrows -> (result: R, allocations: Int) {
+        let before = threadCount
+        let result = try body()
+        return (result, threadCount - before)
+    }
+
     /// Runs `body` and returns its result and the allocations made meanwhile.
     public static func counting<R>(_ body: () throws -> R) rethrows -> (result: R, allocations: Int) {
         let before = count

@@ -113,6 +113,29 @@ public enum Accounting {
     }
 }
 
+/// Runs the engine-style `call` (views, workspace, output written in place) as `policy`
+/// says: `max(1, warmup)` untimed calls, then the timed ones, each timed and its heap
+/// allocations counted (``AllocationCounter``). Returns the timing and the allocations per
+/// timed call (nil where they are not counted).
+func timeEngineCalls(policy: TimingPolicy, _ call: () throws -> Void) throws
+    -> (timing: TimingStatistics, allocationsPerCall: Double?) {
+    for _ in 0..<max(1, policy.warmup) { try call() }
+    var samples: [Double] = []
+    samples.reserveCapacity(policy.repeatCount ?? TimingPolicy.defaultCap)
+    var spent = 0.0, allocations = 0
+    while policy.wantsAnotherRun(after: samples.count, elapsed: spent) {
+        let before = AllocationCounter.count
+        let t0 = monotonicSeconds()
+        try call()
+        let dt = monotonicSeconds() - t0
+        allocations += AllocationCounter.count - before
+        samples.append(dt)
+        spent += dt
+    }
+    let perCall = AllocationCounter.isSupported ? Double(allocations) / Double(samples.count) : nil
+    return (TimingStatistics(samples: samples), perCall)
+}
+
 /// Runs `call` as `policy` says: warm-up calls (the first one measures heap growth with
 /// `meter`, or an extra call after timing when there is no warm-up), then timed calls.
 /// Returns the timing, the measured heap growth and the measured call's output.

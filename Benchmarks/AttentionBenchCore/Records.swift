@@ -51,6 +51,9 @@ public struct BenchRecord: Equatable, Sendable {
     public var gbPerSecond: Double?
     /// Decode mode: the measured streaming read bandwidth with `threads` threads, GB/s.
     public var peakGBPerSecond: Double?
+    /// Heap allocations per timed call (engine style: views, caller-owned output, a reused
+    /// workspace), counted; `nil` where allocations are not counted.
+    public var allocationsPerCall: Double?
 
     public init(variant: String, batch: Int, heads: Int, kvHeads: Int, seqQ: Int, seqK: Int,
                 dim: Int, valueDim: Int, causal: Bool, threads: Int, parameters: String = "",
@@ -59,7 +62,7 @@ public struct BenchRecord: Equatable, Sendable {
                 relativeError: Double? = nil, errorRows: Int? = nil, maxResidentBytes: Int? = nil,
                 speedupVsDense: Double? = nil, memoryVsDense: Double? = nil,
                 speedupVsVanilla: Double? = nil, memoryVsVanilla: Double? = nil,
-                gbPerSecond: Double? = nil, peakGBPerSecond: Double? = nil) {
+                gbPerSecond: Double? = nil, peakGBPerSecond: Double? = nil, allocationsPerCall: Double? = nil) {
         self.variant = variant
         self.batch = batch
         self.heads = heads
@@ -90,6 +93,7 @@ public struct BenchRecord: Equatable, Sendable {
         self.memoryVsVanilla = memoryVsVanilla
         self.gbPerSecond = gbPerSecond
         self.peakGBPerSecond = peakGBPerSecond
+        self.allocationsPerCall = allocationsPerCall
     }
 
     /// `gflops` as a percentage of `peakGflops`.
@@ -115,6 +119,7 @@ public struct BenchRecord: Equatable, Sendable {
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
         "gbPerSecond", "peakGBPerSecond", "errorRows", "maxResidentBytes", "growthPerQuadrupling",
+        "allocationsPerCall",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -126,7 +131,7 @@ public struct BenchRecord: Equatable, Sendable {
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
          .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond),
          .double(errorRows.map(Double.init)), .double(maxResidentBytes.map(Double.init)),
-         .double(growthPerQuadrupling)]
+         .double(growthPerQuadrupling), .double(allocationsPerCall)]
     }
 }
 

@@ -130,8 +130,10 @@ public struct SweepPlan: Sendable {
     }
 
     /// Bytes of query, key, value, output and log-sum-exp.
+    /// Bytes of the inputs, the output and log-sum-exp the timed calls write in place, and
+    /// those of the measured (allocating) call, kept for the error column.
     public static func problemBytes(_ s: AttentionShape) -> Int {
-        4 * (s.batch * s.heads * s.queryLength * (s.headDim + s.valueDim + 1)
+        4 * (s.batch * s.heads * s.queryLength * (s.headDim + 2 * (s.valueDim + 1))
              + s.batch * s.kvHeads * s.keyLength * (s.headDim + s.valueDim))
     }
 
@@ -335,7 +337,7 @@ public final class SweepRunner {
                 minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
                 outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows,
-                maxResidentBytes: measured.maxResidentBytes)
+                maxResidentBytes: measured.maxResidentBytes, allocationsPerCall: measured.allocationsPerCall)
             results.append((job, record))
         }
         let sorted = results.sorted { a, b in
@@ -381,23 +383,47 @@ public final class SweepRunner {
         var output: [Float]
         /// The process's peak resident size over the calls (inputs included), when known.
         var maxResidentBytes: Int?
+        /// Heap allocations per timed call (nil where they are not counted).
+        var allocationsPerCall: Double?
     }
 
-    /// Warm-up (the first warm-up call measures heap growth), then timed calls.
+    /// The measured call (the allocating `Tensor` API: heap growth, output for the error
+    /// column), then engine-style warm-up and timed calls: borrowed views of the inputs, one
+    /// caller-owned output and log-sum-exp written in place, one ``AttentionWorkspace``
+    /// reused by every call, allocations counted per call.
     func execute(_ job: SweepJob, _ inputs: Inputs) throws -> Measured {
         let policy = options.timing
         let conformer = job.conformer, threads = job.threads
-        func call() throws -> AttentionResult {
-            do {
-                return try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                            keyLengths: nil, threads: threads)
-            } catch {
-                throw BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
-            }
+        func failure(_ error: Error) -> BenchError {
+            BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
         }
         ResidentMemory.resetPeak()
-        let measured = try timeCalls(policy: policy, meter: meter, call)
-        return Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output,
-                        maxResidentBytes: ResidentMemory.peak())
+        let (result, peakBytes): (AttentionResult, Int)
+        do {
+            (result, peakBytes) = try meter.measure {
+                try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                     keyLengths: nil, threads: threads)
+            }
+        } catch {
+            throw failure(error)
+        }
+        var output = result.output, lse = result.logSumExp
+        let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
+        do {
+            let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
+            let workspace = try AttentionWorkspace(for: conformer, shape: shape, threads: threads)
+            timed = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
+            try inputs.value.withStridedView { v in
+            try output.withMutableStridedView { o in try lse.withMutableStridedView { l in
+                try timeEngineCalls(policy: policy) {
+                    try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
+                                         keyLengths: nil, workspace: workspace, threads: threads)
+                }
+            } } } } }
+        } catch {
+            throw failure(error)
+        }
+        return Measured(timing: timed.timing, peakBytes: peakBytes, output: result.output.elements,
+                        maxResidentBytes: ResidentMemory.peak(), allocationsPerCall: timed.allocationsPerCall)
     }
 }

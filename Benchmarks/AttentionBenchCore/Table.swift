@@ -120,6 +120,8 @@ public enum ReportTable {
         if decode { header += ["GB/s", "%bw"] }
         let growth = records.contains { $0.growthPerQuadrupling != nil }
         if growth { header += ["x per 4N", "max RSS"] }
+        let counted = records.contains { $0.allocationsPerCall != nil }
+        if counted { header.append("allocs") }
         header.append("settings")
         let rightAligned = Set(1..<(header.count - 1))
         var rows = [header]
@@ -150,6 +152,7 @@ public enum ReportTable {
                 row += [r.growthPerQuadrupling.map { String(format: "%.2f", $0) } ?? "-",
                         r.maxResidentBytes.map(Format.bytes) ?? "-"]
             }
+            if counted { row.append(r.allocationsPerCall.map { String(format: "%.0f", $0.rounded(.up)) } ?? "-") }
             row.append(r.parameters.isEmpty ? "-" : r.parameters)
             rows.append(row)
         }
@@ -157,6 +160,10 @@ public enum ReportTable {
         if let sampled = records.compactMap(\.errorRows).max() {
             out.append("~ rel.err over \(sampled) evenly spread query rows per head, each exact over all its keys "
                        + "(the full dense reference would cost more than \(String(format: "%.0e", SweepRunner.fullReferenceFlops)) FLOPs)\n")
+        }
+        if records.contains(where: { $0.allocationsPerCall != nil }) {
+            out.append("Timed calls are engine style: borrowed views, output written in place, one reused "
+                       + "AttentionWorkspace; allocs = heap allocations per timed call, counted.")
         }
         if !notes.isEmpty {
             if !records.isEmpty { out.append("") }

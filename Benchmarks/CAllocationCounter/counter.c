@@ -13,11 +13,11 @@ extern void *__libc_realloc(void *pointer, size_t size);
 extern void *__libc_memalign(size_t alignment, size_t size);
 
 static _Atomic long allocations;
-volatile int ea_debug_tracing;
-void ea_debug_trace(int on) { ea_debug_tracing = on; }
+static _Thread_local long thread_allocations;
 
 static inline void count_one(void) {
     atomic_fetch_add_explicit(&allocations, 1, memory_order_relaxed);
+    thread_allocations += 1;
 }
 
 void *malloc(size_t size) {
@@ -59,11 +59,15 @@ long ea_allocation_count(void) {
     return atomic_load_explicit(&allocations, memory_order_relaxed);
 }
 
+long ea_thread_allocation_count(void) { return thread_allocations; }
+
 int ea_allocation_counting_supported(void) { return 1; }
 
 #else
 
 long ea_allocation_count(void) { return 0; }
+
+long ea_thread_allocation_count(void) { return 0; }
 
 int ea_allocation_counting_supported(void) { return 0; }
 

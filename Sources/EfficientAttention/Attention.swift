@@ -161,26 +161,35 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
     /// `heads % kvHeads == 0`, the element counts of query, key, value and output fit in
     /// `Int`, and the output fits one allocation (``maxAllocationBytes``).
     public func check() throws {
-        for (name, value) in [("batch", batch), ("heads", heads), ("kvHeads", kvHeads),
-                              ("queryLength", queryLength), ("keyLength", keyLength),
-                              ("headDim", headDim), ("valueDim", valueDim)] where value < 1 {
-            throw AttentionError.invalidShape("\(name) must be at least 1, got \(value)")
+        func atLeastOne(_ value: Int, _ name: StaticString) throws {
+            guard value >= 1 else { throw AttentionError.invalidShape("\(name) must be at least 1, got \(value)") }
         }
+        try atLeastOne(batch, "batch")
+        try atLeastOne(heads, "heads")
+        try atLeastOne(kvHeads, "kvHeads")
+        try atLeastOne(queryLength, "queryLength")
+        try atLeastOne(keyLength, "keyLength")
+        try atLeastOne(headDim, "headDim")
+        try atLeastOne(valueDim, "valueDim")
         guard heads % kvHeads == 0 else {
             throw AttentionError.invalidShape(
                 "heads (\(heads)) must be a multiple of kvHeads (\(kvHeads))")
         }
-        for (name, dims) in [("query", [batch, heads, queryLength, headDim]),
-                             ("key", [batch, kvHeads, keyLength, headDim]),
-                             ("value", [batch, kvHeads, keyLength, valueDim]),
-                             ("output", [batch, heads, queryLength, valueDim]),
-                             ("score matrix", [batch, heads, queryLength, keyLength])] {
-            guard checkedProduct(dims) != nil else {
-                throw AttentionError.sizeOverflow("\(name) \(dims) has more elements than Int can count")
+        func countable(_ dims: SIMD4<Int>, _ name: StaticString) throws {
+            guard checkedProduct([dims[0], dims[1], dims[2], dims[3]]) != nil else {
+                throw AttentionError.sizeOverflow("\(name) \(list(dims)) has more elements than Int can count")
             }
         }
-        for (name, value) in [("queryLength", queryLength), ("keyLength", keyLength)] where value > lengthLimit {
-            throw AttentionError.invalidShape("\(name) must be at most \(lengthLimit) (lengthLimit), got \(value)")
+        try countable(SIMD4(batch, heads, queryLength, headDim), "query")
+        try countable(SIMD4(batch, kvHeads, keyLength, headDim), "key")
+        try countable(SIMD4(batch, kvHeads, keyLength, valueDim), "value")
+        try countable(SIMD4(batch, heads, queryLength, valueDim), "output")
+        try countable(SIMD4(batch, heads, queryLength, keyLength), "score matrix")
+        guard queryLength <= lengthLimit else {
+            throw AttentionError.invalidShape("queryLength must be at most \(lengthLimit) (lengthLimit), got \(queryLength)")
+        }
+        guard keyLength <= lengthLimit else {
+            throw AttentionError.invalidShape("keyLength must be at most \(lengthLimit) (lengthLimit), got \(keyLength)")
         }
         // The output every conformer allocates must fit one allocation.
         try checkFloatAllocation([batch, heads, queryLength, valueDim], option: "output [B, H, Nq, Dv] of \(self)")
@@ -292,7 +301,7 @@ struct ViewCall {
         let (rows, dv) = (shape.batch * shape.heads * shape.queryLength, shape.valueDim)
         try withScratch(byteCount: rows * dv * MemoryLayout<Float>.stride) { scratch in
             let contiguous = scratch.bindMemory(to: Float.self, capacity: rows * dv)
-            let strides: SIMD4<Int> = [shape.heads * shape.queryLength * dv, shape.queryLength * dv, dv, 1]
+            let strides = SIMD4(shape.heads * shape.queryLength * dv, shape.queryLength * dv, dv, 1)
             try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
                               threadCount: threadCount, q: q, k: k, v: v,
                               o: MutableTensorView(base: contiguous, strides: strides), lse: lse,
@@ -357,7 +366,7 @@ extension Attention {
             if let logSumExp { return try call(logSumExp.kernel) }
             return try withScratch(byteCount: logSumExpScratchBytes(shape)) { scratch in
                 try call(MutableTensorView(base: scratch.assumingMemoryBound(to: Float.self),
-                                           strides: [shape.heads * shape.queryLength, shape.queryLength, 1, 1]))
+                                           strides: SIMD4(shape.heads * shape.queryLength, shape.queryLength, 1, 1)))
             }
         }
         if let workspace { return try workspace.use(run) }
@@ -369,33 +378,37 @@ extension Attention {
 /// neither overlaps an input or the other, naming the view and dimension.
 func checkOutputViews(_ shape: AttentionShape, query: StridedView, key: StridedView, value: StridedView,
                       output: MutableStridedView, logSumExp: MutableStridedView?) throws {
-    let names = ["B", "H", "Nq", "Dv"]
-    let expected: SIMD4<Int> = [shape.batch, shape.heads, shape.queryLength, shape.valueDim]
-    for axis in 0..<4 where output.shape[axis] != expected[axis] {
+    let expected = SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)
+    if let axis = (0..<4).first(where: { output.shape[$0] != expected[$0] }) {
         throw AttentionError.shapeMismatch(
-            "output \(list(output.shape)) must be [B, H, Nq, Dv] = \(list(expected)): dimension \(axis) (\(names[axis])) is \(output.shape[axis]), expected \(expected[axis])")
+            "output \(list(output.shape)) must be [B, H, Nq, Dv] = \(list(expected)): dimension \(axis) (\(["B", "H", "Nq", "Dv"][axis])) is \(output.shape[axis]), expected \(expected[axis])")
     }
-    var written = [("output", output.addressRange)]
-    if let logSumExp {
-        let lseShape: SIMD4<Int> = [shape.batch, shape.heads, shape.queryLength, 1]
-        for axis in 0..<4 where logSumExp.shape[axis] != lseShape[axis] {
-            throw AttentionError.shapeMismatch(
-                "logSumExp \(list(logSumExp.shape)) must be [B, H, Nq, 1] = \(list(lseShape)): dimension \(axis) is \(logSumExp.shape[axis]), expected \(lseShape[axis])")
+    func checkInputs(_ written: Range<UInt>, _ name: StaticString) throws {
+        func check(_ range: Range<UInt>, _ input: StaticString) throws {
+            guard !written.overlaps(range) else {
+                throw AttentionError.invalidParameter("\(name) overlaps \(input): an output must not alias an input")
+            }
         }
-        written.append(("logSumExp", logSumExp.addressRange))
+        try check(query.addressRange, "query")
+        try check(key.addressRange, "key")
+        try check(value.addressRange, "value")
     }
-    let inputs = [("query", query.addressRange), ("key", key.addressRange), ("value", value.addressRange)]
-    for (name, range) in written {
-        for (input, other) in inputs where range.overlaps(other) {
-            throw AttentionError.invalidParameter("\(name) overlaps \(input): an output must not alias an input")
-        }
+    try checkInputs(output.addressRange, "output")
+    guard let logSumExp else { return }
+    let lseShape = SIMD4(shape.batch, shape.heads, shape.queryLength, 1)
+    if let axis = (0..<4).first(where: { logSumExp.shape[$0] != lseShape[$0] }) {
+        throw AttentionError.shapeMismatch(
+            "logSumExp \(list(logSumExp.shape)) must be [B, H, Nq, 1] = \(list(lseShape)): dimension \(axis) is \(logSumExp.shape[axis]), expected \(lseShape[axis])")
     }
-    if written.count == 2 && written[0].1.overlaps(written[1].1) {
+    try checkInputs(logSumExp.addressRange, "logSumExp")
+    guard !logSumExp.addressRange.overlaps(output.addressRange) else {
         throw AttentionError.invalidParameter("logSumExp overlaps output: they must be separate memory")
     }
 }
 
-/// The product of `values`, or nil if it overflows `Int`.
+/// The product of `values`, or nil if it overflows `Int`. Inlined, so that the array
+/// literals of call sites stay on the stack (a checked call allocates nothing).
+@inline(__always)
 func checkedProduct(_ values: [Int]) -> Int? {
     var product = 1
     for value in values {
@@ -473,20 +486,23 @@ public let lengthLimit = 1 << 30
 
 /// Throws ``AttentionError/sizeOverflow(_:)`` naming `option` unless `bytes` (nil: the
 /// count overflowed `Int`) is at most ``maxAllocationBytes``.
-func checkAllocation(bytes: Int?, option: String) throws {
+@inline(__always)
+func checkAllocation(bytes: Int?, option: @autoclosure () -> String) throws {
     guard let bytes else {
-        throw AttentionError.sizeOverflow("\(option) has more bytes than Int can count")
+        throw AttentionError.sizeOverflow("\(option()) has more bytes than Int can count")
     }
     guard bytes <= maxAllocationBytes else {
         throw AttentionError.sizeOverflow(
-            "\(option) needs \(bytes) bytes, more than the \(maxAllocationBytes) bytes one allocation may take (maxAllocationBytes)")
+            "\(option()) needs \(bytes) bytes, more than the \(maxAllocationBytes) bytes one allocation may take (maxAllocationBytes)")
     }
 }
 
 /// Throws unless an allocation of `floats` Floats (the product of `counts`) fits
 /// ``maxAllocationBytes``, naming `option`.
-func checkFloatAllocation(_ counts: [Int], option: String) throws {
-    try checkAllocation(bytes: checkedProduct(counts + [MemoryLayout<Float>.stride]), option: option)
+@inline(__always)
+func checkFloatAllocation(_ counts: [Int], option: @autoclosure () -> String) throws {
+    let bytes = checkedProduct(counts).flatMap { checkedProduct([$0, MemoryLayout<Float>.stride]) }
+    try checkAllocation(bytes: bytes, option: option())
 }
 
 /// The worker threads a call with `threads` uses: `nil` is every active processor; values

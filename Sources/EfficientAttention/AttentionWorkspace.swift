@@ -114,3 +114,16 @@ func withScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) throws -> 
 func logSumExpScratchBytes(_ shape: AttentionShape) -> Int {
     roundUp(shape.batch * shape.heads * shape.queryLength * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
 }
+
+/// Runs `body` with a contiguous row-major `[n0, n1, n2, n3]` tensor of scratch
+/// (``withScratch(byteCount:_:)``), zero-filled when `zeroed`: intermediate keys and values
+/// a conformer computes (their bytes are part of its cost model's workspace).
+func withScratchTensor<R>(_ shape: SIMD4<Int>, zeroed: Bool = false,
+                          _ body: (MutableTensorView) throws -> R) rethrows -> R {
+    let count = shape[0] * shape[1] * shape[2] * shape[3]
+    return try withScratch(byteCount: count * MemoryLayout<Float>.stride) { raw in
+        let base = raw.bindMemory(to: Float.self, capacity: count)
+        if zeroed { base.initialize(repeating: 0, count: count) }
+        return try body(MutableTensorView(base: base, strides: rowMajorStrides(shape)))
+    }
+}

@@ -18,26 +18,29 @@ func parallelForEach(items: Int, threads: Int, _ body: (_ item: Int, _ worker: I
         for item in 0..<items { body(item, 0) }
         return
     }
-    let counter = ItemCounter()
+    // The job (the next item and `body`) lives on the caller's stack and the pool is
+    // entered through libdispatch's C function, which boxes nothing; the one allocation
+    // left is the 32-byte escape check of `withoutActuallyEscaping` (Swift cannot store a
+    // non-escaping closure otherwise). Single-threaded calls allocate nothing.
     withoutActuallyEscaping(body) { body in
-        let shared = UncheckedSendable(body)
-        DispatchQueue.concurrentPerform(iterations: workers) { worker in
-            while case let item = counter.next(), item < items {
-                shared.value(item, worker)
+        var job = ParallelJob(body: body, items: items)
+        withUnsafeMutablePointer(to: &job) { job in
+            ea_parallel_apply(workers, job) { context, worker in
+                let job = context!.assumingMemoryBound(to: ParallelJob.self)
+                let next = job.pointer(to: \.next)!
+                while case let item = ea_next_item(next), item < job.pointee.items {
+                    job.pointee.body(item, worker)
+                }
             }
         }
     }
 }
 
-/// A lock-protected counter that hands out work items.
-private final class ItemCounter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = 0
-
-    func next() -> Int {
-        lock.lock()
-        defer { lock.unlock() }
-        value += 1
-        return value - 1
-    }
+/// One parallel loop: the items, the next item to hand out, and the body.
+private struct ParallelJob {
+    let body: (_ item: Int, _ worker: Int) -> Void
+    let items: Int
+    var next = 0
 }
+
+import CEfficientAttention

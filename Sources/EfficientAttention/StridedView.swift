@@ -110,7 +110,7 @@ public struct MutableStridedView: @unchecked Sendable {
 /// Row-major strides of `shape`.
 @inline(__always)
 func rowMajorStrides(_ shape: SIMD4<Int>) -> SIMD4<Int> {
-    [shape[1] &* shape[2] &* shape[3], shape[2] &* shape[3], shape[3], 1]
+    SIMD4(shape[1] &* shape[2] &* shape[3], shape[2] &* shape[3], shape[3], 1)
 }
 
 /// Checks a view's layout against a buffer of `count` elements and returns the number of

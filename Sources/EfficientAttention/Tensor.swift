@@ -207,6 +207,9 @@ struct MutableTensorView: @unchecked Sendable {
         self.strides = strides
     }
 
+    /// The same elements, read-only.
+    var readOnly: TensorView { TensorView(base: base, strides: strides) }
+
     @inline(__always)
     func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafeMutablePointer<Float> {
         let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]

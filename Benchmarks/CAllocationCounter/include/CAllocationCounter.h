@@ -13,8 +13,10 @@
 /// Allocations made by the process so far (0 where counting is unsupported).
 long ea_allocation_count(void);
 
+/// Allocations made by the calling thread so far (0 where counting is unsupported).
+long ea_thread_allocation_count(void);
+
 /// 1 where allocations are counted (Linux, glibc), else 0.
 int ea_allocation_counting_supported(void);
 
-void ea_debug_trace(int on);
 #endif

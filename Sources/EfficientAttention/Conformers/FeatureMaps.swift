@@ -152,16 +152,23 @@ public struct RandomProjection: Sendable, Equatable {
         }
     }
 
-    /// `output[r] = W x_r` for `rows` rows (the shared GEMM; `x` read in place).
+    /// `output[r] = W x_r` for `rows` rows (the shared GEMM; `x` read in place). Its
+    /// workspace (one edge tile, `W` being prepacked) is on the stack: no allocation on any
+    /// thread.
     func project(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int,
                  output: UnsafeMutablePointer<Float>, outputStride: Int) {
-        WorkspaceArena.withWorkspaces(workers: 1, layout: { Gemm.Workspace(carving: &$0, packing: false) }) { spaces in
+        // 16-byte alignment (the tile's vectors need no more): the standard library keeps
+        // temporary allocations of up to 1 KiB with alignment 16 on the stack.
+        let bytes = Gemm.Workspace.byteCount(packing: false)
+        withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) { raw in
+        var carver = WorkspaceCarver(start: raw.baseAddress!, end: raw.baseAddress! + bytes)
+        let space = Gemm.Workspace(carving: &carver, packing: false)
         packed.withUnsafeBufferPointer { p in
             Gemm.multiply(m: rows, n: features, depth: headDim,
                           a: MatrixOperand(base: input, rowStride: rowStride, columnStride: columnStride),
                           packA: false,
                           b: .packed(Gemm.PackedB(base: p.baseAddress!, depth: headDim, columns: features)),
-                          c: output, ldc: outputStride, workspace: spaces[0])
+                          c: output, ldc: outputStride, workspace: space)
         }
         }
     }

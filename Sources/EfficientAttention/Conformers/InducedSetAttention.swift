@@ -121,7 +121,9 @@ public struct InducedSetAttention: Attention {
         let summary = summaryShape(shape)
         let pairs = shape.batch * shape.heads * shape.queryLength * m
         let projections = keyProjection == nil ? 0 : 2 * Double(shape.batch * heads * m * dv * (d + dv))
-        let summaryBytes = shape.batch * heads * m * (dv + 1 + (keyProjection == nil ? 0 : d + dv)) * 4
+        // Z, its log-sum-exp, and the projected keys and values: one 64-byte aligned buffer each.
+        let buffer = { (width: Int) in roundUp(shape.batch * heads * m * width * 4, WorkspaceCarver.alignment) }
+        let summaryBytes = buffer(dv) + buffer(1) + (keyProjection == nil ? 0 : buffer(d) + buffer(dv))
         let gemmWorkers = keyProjection == nil ? 0 : workerCount(threads: threads, items: 2 * shape.batch * heads)
         return AttentionCost(
             flops: first.flops + projections + 2 * Double(pairs) * Double(d + dv),
@@ -138,44 +140,44 @@ public struct InducedSetAttention: Attention {
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (k, v) = (call.k, call.v)
         let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
-        var z = try Tensor(shape: [shape.batch, heads, m, dv])
-        var zLSE = try Tensor(shape: [shape.batch, heads, m, 1])
-        z.withMutableView { o in zLSE.withMutableView { l in
+        // Z, its log-sum-exp and the projected keys and values in workspace scratch.
+        withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { z in
+        withScratchTensor(SIMD4(shape.batch, heads, m, 1)) { zLSE in
             PointAttention.run(points: inducingPoints, count: m, shape: shape, scale: scale, threads: threads,
-                               keyLengths: keyLengths, k: k, v: v, o: o, lse: l)
-        } }
-
-        // The summary's keys and values: Z W_K and Z W_V, or Z itself.
-        var keys = z, values = z
-        if let wk = keyProjection, let wv = valueProjection {
-            keys = try Tensor(shape: [shape.batch, heads, m, d])
-            values = try Tensor(shape: [shape.batch, heads, m, dv])
-            let items = 2 * shape.batch * heads
-            let workers = workerCount(threads: threads, items: items)
-            WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
-            wk.withUnsafeBufferPointer { wk in wv.withUnsafeBufferPointer { wv in
-            z.withView { zView in keys.withMutableView { kOut in values.withMutableView { vOut in
-                let wk = UncheckedSendable(wk.baseAddress!), wv = UncheckedSendable(wv.baseAddress!)
-                parallelForEach(items: items, threads: workers) { item, worker in
-                    let isValue = item % 2 == 1, b = item / 2 / heads, h = item / 2 % heads
-                    let width = isValue ? dv : d
-                    let weights = (isValue ? wv.value : wk.value) + h * dv * width
-                    let out = isValue ? vOut : kOut
-                    Gemm.multiply(m: m, n: width, depth: dv,
-                                  a: MatrixOperand(base: zView.row(b, h, 0), rowStride: dv, columnStride: 1),
-                                  b: .matrix(MatrixOperand(base: weights, rowStride: width, columnStride: 1)),
-                                  c: out.row(b, h, 0), ldc: width, workspace: spaces[worker])
+                               keyLengths: keyLengths, k: k, v: v, o: z, lse: zLSE)
+            func attendSummary(_ keys: TensorView, _ values: TensorView) {
+                TiledSoftmaxAttention.run(shape: summaryShape(shape), scale: scale, threads: threads,
+                                          q: call.q, k: keys, v: values, o: call.o, lse: call.lse) { b, _ in
+                    // A batch item without keys has no summary.
+                    IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false,
+                                 keyEnd: call.keyEnd(b) == 0 ? 0 : m)
                 }
-            } } } } }
             }
-        }
-
-        keys.withView { k in values.withView { v in
-            TiledSoftmaxAttention.run(shape: summaryShape(shape), scale: scale, threads: threads,
-                                      q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
-                // A batch item without keys has no summary.
-                IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false, keyEnd: call.keyEnd(b) == 0 ? 0 : m)
+            // The summary's keys and values: Z W_K and Z W_V, or Z itself.
+            guard let wk = keyProjection, let wv = valueProjection else {
+                return attendSummary(z.readOnly, z.readOnly)
             }
+            withScratchTensor(SIMD4(shape.batch, heads, m, d)) { kOut in
+            withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { vOut in
+                let items = 2 * shape.batch * heads
+                let workers = workerCount(threads: threads, items: items)
+                WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+                wk.withUnsafeBufferPointer { wk in wv.withUnsafeBufferPointer { wv in
+                    let wk = UncheckedSendable(wk.baseAddress!), wv = UncheckedSendable(wv.baseAddress!)
+                    parallelForEach(items: items, threads: workers) { item, worker in
+                        let isValue = item % 2 == 1, b = item / 2 / heads, h = item / 2 % heads
+                        let width = isValue ? dv : d
+                        let weights = (isValue ? wv.value : wk.value) + h * dv * width
+                        let out = isValue ? vOut : kOut
+                        Gemm.multiply(m: m, n: width, depth: dv,
+                                      a: MatrixOperand(base: z.row(b, h, 0), rowStride: dv, columnStride: 1),
+                                      b: .matrix(MatrixOperand(base: weights, rowStride: width, columnStride: 1)),
+                                      c: out.row(b, h, 0), ldc: width, workspace: spaces[worker])
+                    }
+                } }
+                }
+                attendSummary(kOut.readOnly, vOut.readOnly)
+            } }
         } }
         }
     }

@@ -158,8 +158,9 @@ public struct LinformerAttention: Attention {
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (k, v) = (call.k, call.v)
         let kProj = projectedLength, nmax = maxSequenceLength
-        var keys = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.headDim])
-        var values = try Tensor(shape: [shape.batch, shape.kvHeads, kProj, shape.valueDim])
+        // The projected keys and values in workspace scratch (zero: items without keys).
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.headDim), zeroed: true) { kOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.valueDim), zeroed: true) { vOut in
 
         // K' = E[:, :L] K[:L] and V' = F[:, :L] V[:L] for all 2·B·Hkv products. The k rows
         // of E and F are split into one range per worker (whole MR-row panels); a worker
@@ -173,10 +174,11 @@ public struct LinformerAttention: Attention {
         let workers = workerCount(threads: threads, items: panels)
         let perHead = projectionCount > 1
         let block = Gemm.Blocking.standard.kc
-        let longest = (0..<shape.batch).map { keyLengths?[$0] ?? shape.keyLength }.max() ?? 0
+        var longest = 0
+        for b in 0..<shape.batch { longest = max(longest, call.keyEnd(b)) }
         WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
         e.withUnsafeBufferPointer { e in (f ?? []).withUnsafeBufferPointer { f in
-        keys.withMutableView { kOut in values.withMutableView { vOut in
+        do {
             let eBase = UncheckedSendable(e.baseAddress!)
             let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
             parallelForEach(items: workers, threads: workers) { range, worker in
@@ -205,17 +207,18 @@ public struct LinformerAttention: Attention {
                     }
                 }
             }
-        } } } }
+        } } }
         }
 
         let projected = projectedShape(shape)
-        keys.withView { k in values.withView { v in
+        do {
             TiledSoftmaxAttention.run(shape: projected, scale: scale, threads: threads,
-                                      q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
+                                      q: call.q, k: kOut.readOnly, v: vOut.readOnly, o: call.o, lse: call.lse) { b, _ in
                 // A batch item without valid keys has no projected key either.
                 IntervalMask(queryLength: projected.queryLength, keyLength: kProj, causal: false,
                              keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : kProj)
             }
+        }
         } }
         }
     }

@@ -75,16 +75,17 @@ public struct MemoryCompressedAttention: Attention {
         try checkPatternShape(shape, scale: scale, variant: variant)
         try checkOption(compression, "compression", in: 1...patternLimit, variant: variant)
         let (hkv, c, d, dv) = (shape.kvHeads, compression, shape.headDim, shape.valueDim)
-        for (name, array, dims, label) in [
-            ("keyWeights", keyWeights, [hkv, c, d, d], "[Hkv, c, D, D]"),
-            ("valueWeights", valueWeights, [hkv, c, dv, dv], "[Hkv, c, Dv, Dv]"),
-            ("keyBias", keyBias, [hkv, d], "[Hkv, D]"), ("valueBias", valueBias, [hkv, dv], "[Hkv, Dv]"),
-        ] {
-            if let array, array.count != checkedProduct(dims) {
+        func checkCount(_ array: [Float]?, _ name: StaticString, _ dims: @autoclosure () -> [Int],
+                        _ label: StaticString) throws {
+            if let array, case let dims = dims(), array.count != checkedProduct(dims) {
                 throw AttentionError.shapeMismatch(
                     "\(variant): \(name) has \(array.count) elements, expected \(label) = \(dims)")
             }
         }
+        try checkCount(keyWeights, "keyWeights", [hkv, c, d, d], "[Hkv, c, D, D]")
+        try checkCount(valueWeights, "valueWeights", [hkv, c, dv, dv], "[Hkv, c, Dv, Dv]")
+        try checkCount(keyBias, "keyBias", [hkv, d], "[Hkv, D]")
+        try checkCount(valueBias, "valueBias", [hkv, dv], "[Hkv, Dv]")
         try checkFloatAllocation([shape.batch, hkv, compressedShape(shape).keyLength, d + dv],
                                  option: "\(variant): compressed keys and values [B, Hkv, ⌈Nk / c⌉, D + Dv]")
     }
@@ -130,15 +131,15 @@ public struct MemoryCompressedAttention: Attention {
         let (k, v) = (call.k, call.v)
         let compressed = compressedShape(shape)
         let c = compression, nc = compressed.keyLength
-        var keys = try Tensor(shape: [shape.batch, shape.kvHeads, nc, shape.headDim])
-        var values = try Tensor(shape: [shape.batch, shape.kvHeads, nc, shape.valueDim])
+        // The compressed keys and values in workspace scratch (zero past an item's windows).
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.headDim), zeroed: true) { kOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.valueDim), zeroed: true) { vOut in
 
         // One work item per batch item, key/value head and side (keys or values).
         let items = 2 * shape.batch * shape.kvHeads
         let workers = workerCount(threads: threads, items: items)
         WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
         withOptionalPointers(keyWeights, valueWeights, keyBias, valueBias) { kw, vw, kb, vb in
-        keys.withMutableView { kOut in values.withMutableView { vOut in
             parallelForEach(items: items, threads: workers) { item, worker in
                 let isValue = item % 2 == 1
                 let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
@@ -151,11 +152,12 @@ public struct MemoryCompressedAttention: Attention {
                                            bias: bias.map { $0.value + hk * width },
                                            into: out.row(b, hk, 0), ldo: out.strides[2], workspace: spaces[worker])
             }
-        } } }
+        }
         }
 
         func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
-        keys.withView { k in values.withView { v in
+        let (k, v) = (kOut.readOnly, vOut.readOnly)
+        do {
             if causal {
                 TiledSoftmaxAttention.run(shape: compressed, scale: scale, threads: threads,
                                           q: call.q, k: k, v: v, o: call.o, lse: call.lse) { b, _ in
@@ -168,6 +170,7 @@ public struct MemoryCompressedAttention: Attention {
                                  keyEnd: WindowCompression.compressedLength(length(b), compression: c))
                 }
             }
+        }
         } }
         }
     }

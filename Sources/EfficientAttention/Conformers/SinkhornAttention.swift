@@ -148,9 +148,9 @@ public struct SinkhornAttention: Attention {
         let (shape, scale, threads, keyLengths) = (call.shape, call.scale, call.threadCount, call.keyLengths)
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let n = blocks(shape), outBlocks = sortCut ?? n, rows = min(blockSize, shape.keyLength)
-        var keys = try Tensor(shape: [shape.batch, shape.heads, outBlocks * rows, shape.headDim])
-        var values = try Tensor(shape: [shape.batch, shape.heads, outBlocks * rows, shape.valueDim])
-        keys.withMutableView { kOut in values.withMutableView { vOut in
+        // The mixed keys and values in workspace scratch.
+        withScratchTensor(SIMD4(shape.batch, shape.heads, outBlocks * rows, shape.headDim), zeroed: true) { kOut in
+        withScratchTensor(SIMD4(shape.batch, shape.heads, outBlocks * rows, shape.valueDim), zeroed: true) { vOut in
             forEachHead(shape: shape, scale: scale, threads: threads, q: q, k: k, keyLengths: keyLengths,
                         logits: logits) { b, h, plan, settings, gemm in
                 let hk = h / shape.groupSize, count = keyLengths?[b] ?? shape.keyLength
@@ -159,7 +159,6 @@ public struct SinkhornAttention: Attention {
                 SinkhornSort.mix(v, b: b, h: hk, count: count, width: shape.valueDim, rows: rows, outputBlocks: outBlocks,
                                  plan: plan, settings: settings, into: vOut.row(b, h, 0), gemm: gemm)
             }
-        } }
 
         var sortedShape = shape
         sortedShape.kvHeads = shape.heads
@@ -169,7 +168,8 @@ public struct SinkhornAttention: Attention {
             SortedBlockMask(blockSize: bs, rows: rows, visibleRows: min(rows, keyLengths?[b] ?? shape.keyLength),
                             causal: causal, sortCut: sortCut)
         }
-        keys.withView { kSorted in values.withView { vSorted in
+        let (kSorted, vSorted) = (kOut.readOnly, vOut.readOnly)
+        do {
             if sortCut != nil {
                 TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads,
                                           q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
@@ -182,6 +182,7 @@ public struct SinkhornAttention: Attention {
                 TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads, merge: true, byHead: true,
                                           q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
             }
+        }
         } }
     }
 

@@ -172,7 +172,8 @@ public struct TransformerXLAttention: Attention, Equatable {
 
     func workspaceBytes(_ shape: AttentionShape, threads: Int?) -> Int {
         TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads, mask: RelativePositionMask.self)
-            + 4 * (shape.batch * shape.heads + shape.heads) * shape.keyLength
+            + roundUp(4 * shape.batch * shape.heads * shape.keyLength, WorkspaceCarver.alignment)
+            + roundUp(4 * shape.heads * shape.keyLength, WorkspaceCarver.alignment)
     }
 
     /// Attention of a segment over memory already prepended to its keys: `key` and
@@ -265,17 +266,18 @@ public struct TransformerXLAttention: Attention, Equatable {
         let (nk, heads) = (shape.keyLength, shape.heads)
         let tableHeads = relativePositions.shape[1]
         // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
-        var keyBias = [Float](repeating: 0, count: shape.batch * heads * nk)
-        var distanceBias = [Float](repeating: 0, count: heads * nk)
+        // The biases in workspace scratch (part of the cost model's workspace).
+        withScratchTensor(SIMD4(1, shape.batch, heads, nk)) { keyBias in
+        withScratchTensor(SIMD4(1, 1, heads, nk)) { distanceBias in
         relativePositions.withView { r in
             contentBias.withUnsafeBufferPointer { u in positionBias.withUnsafeBufferPointer { pv in
-            keyBias.withUnsafeMutableBufferPointer { kb in distanceBias.withUnsafeMutableBufferPointer { db in
                 RelativePositionBias.biases(shape: shape, scale: scale, threads: workers,
                                             contentBias: u.baseAddress!, positionBias: pv.baseAddress!,
                                             key: k, table: r, tableHeads: tableHeads,
-                                            keyBias: kb.baseAddress!, distanceBias: db.baseAddress!)
-            } } } }
-            keyBias.withUnsafeBufferPointer { kb in distanceBias.withUnsafeBufferPointer { db in
+                                            keyBias: keyBias.base, distanceBias: distanceBias.base)
+            } }
+            do {
+                let (kb, db) = (UnsafePointer(keyBias.base), UnsafePointer(distanceBias.base))
                 TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: workers,
                                           q: q, k: k, v: v, o: o, lse: lse) { b, h in
                     RelativePositionMask(
@@ -286,10 +288,11 @@ public struct TransformerXLAttention: Attention, Equatable {
                             table: r.row(0, tableHeads == 1 ? 0 : h, 0),
                             tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
                             offset: nk - shape.queryLength,
-                            keyBias: kb.baseAddress! + (b * heads + h) * nk,
-                            distanceBias: db.baseAddress! + h * nk, owner: b * heads + h + 1))
+                            keyBias: kb + (b * heads + h) * nk,
+                            distanceBias: db + h * nk, owner: b * heads + h + 1))
                 }
-            } }
+            }
         }
+        } }
     }
 }

@@ -52,7 +52,7 @@ enum PointAttention {
         var problem = shape
         problem.queryLength = m
         points.withUnsafeBufferPointer { p in
-            let q = TensorView(base: p.baseAddress!, strides: [0, m * shape.headDim, shape.headDim, 1])
+            let q = TensorView(base: p.baseAddress!, strides: SIMD4(0, m * shape.headDim, shape.headDim, 1))
             TiledSoftmaxAttention.run(shape: problem, scale: scale, threads: threads,
                                       q: q, k: k, v: v, o: o, lse: lse) { b, _ in
                 IntervalMask(queryLength: m, keyLength: shape.keyLength, causal: false,

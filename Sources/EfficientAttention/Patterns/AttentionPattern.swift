@@ -114,14 +114,16 @@ func checkPatternShape(_ shape: AttentionShape, scale: Float?, variant: String) 
 }
 
 /// Throws unless `value` is in `range`, naming `option`.
-func checkOption(_ value: Int, _ option: String, in range: ClosedRange<Int>, variant: String) throws {
+/// (The name is built only for the message: a passing check allocates nothing.)
+func checkOption(_ value: Int, _ option: @autoclosure () -> String, in range: ClosedRange<Int>,
+                 variant: String) throws {
     guard value >= range.lowerBound else {
         throw AttentionError.invalidParameter(
-            "\(variant): \(option) must be at least \(range.lowerBound), got \(value)")
+            "\(variant): \(option()) must be at least \(range.lowerBound), got \(value)")
     }
     guard value <= range.upperBound else {
         throw AttentionError.invalidParameter(
-            "\(variant): \(option) must be at most \(range.upperBound), got \(value)")
+            "\(variant): \(option()) must be at most \(range.upperBound), got \(value)")
     }
 }
 
@@ -157,12 +159,18 @@ struct PatternCall {
     /// neighbouring tiles share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
-        let heads = shape.heads
-        let masks = (0..<shape.batch).flatMap { b in
-            (0..<heads).map { mask($0, keyLengths?[b] ?? shape.keyLength) }
+        let heads = shape.heads, count = shape.batch * heads
+        // The masks in stack memory (heap only past the stack's safe size): no allocation.
+        withUnsafeTemporaryAllocation(of: Mask.self, capacity: count) { masks in
+            for b in 0..<shape.batch {
+                for h in 0..<heads {
+                    (masks.baseAddress! + b * heads + h).initialize(to: mask(h, keyLengths?[b] ?? shape.keyLength))
+                }
+            }
+            defer { masks.baseAddress!.deinitialize(count: count) }
+            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
+                                      byHead: true, q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
         }
-        TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
-                                  byHead: true, q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
     }
 
     /// Calls `body` with the call restricted to one batch item and query head at a time
