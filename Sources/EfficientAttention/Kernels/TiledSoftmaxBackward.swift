@@ -13,7 +13,7 @@
 /// Two passes, each a set of independent work items whose sums run in a fixed order, so the
 /// results are bitwise identical for every thread count without atomics:
 ///
-///     pass 1, item = (b, key/value head hk, block of Bc keys):          dK, dV of the block
+///     pass 1, item = (b, key/value head hk, block of 2·Bc keys):        dK, dV of the block
 ///         acc_K ← 0, acc_V ← 0
 ///         for each query head h of hk's group, in order:
 ///             for each query tile that may see the block (the mask's transposed listing), in order:
@@ -37,30 +37,35 @@
 /// probabilities (Transformer-XL, adaptive span) need their own derivatives and are not
 /// accepted here.
 ///
-/// Workspace per worker (floats, `Br′` = the query tile rounded up to 32, `Bc′` = the key
-/// tile rounded up to 8, `D′`, `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′)
-/// + 2·Bc′·Br′ + 2·Br′ + 8·32 + 16`, plus `Bc′·(D′ + Dv′)` in pass 1 or `Bc′·D′ + Br′·D′`
-/// in pass 2: independent of the sequence lengths.
+/// Tiles: `Br = 64` queries (lanes), `Bc = 64` keys in pass 2 and blocks of `2·Bc = 128`
+/// keys in pass 1. Workspace per worker (floats; `Br′` = the query tile rounded up to 32,
+/// `R` = the pass's key rows rounded up to 8, `D′`, `Dv′` rounded up to 32):
+/// `(D + Dv)·Br′ + 2·R·Br′ + 2·Br′ + 8·32`, plus `Br′·(D′ + Dv′) + R·(D′ + Dv′)` in pass 1
+/// or `Br′·D′ + R·D′` in pass 2 (each buffer rounded up to 64 bytes): independent of the
+/// sequence lengths. The two passes' arenas are allocated one after the other.
 enum TiledSoftmaxBackward {
     /// Query rows per tile in both passes: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
-    /// Keys per tile in both passes (pass 1's key blocks): the forward's key tile.
+    /// Keys per tile in pass 2: the forward's key tile.
     static var keyTileSize: Int { Tuning.current.attentionKeyTile }
+    /// Keys per work item of pass 1: two key tiles, so that each query tile's preparation
+    /// (packing `Qᵀ`, `dOᵀ`, the row dots) serves 128 keys. Not tuned.
+    static var keyBlockSize: Int { 2 * Tuning.current.attentionKeyTile }
 
     /// Which pass a workspace serves.
     enum Pass { case keysValues, queries }
 
-    /// Lanes of a query tile (a multiple of ``MicroTile/nr``) and rows of a key tile (a
-    /// multiple of ``MicroTile/mr``) for `shape`.
-    static func tileExtents(_ shape: AttentionShape) -> (lanes: Int, keyRows: Int) {
+    /// Lanes of a query tile (a multiple of ``MicroTile/nr``) and rows (multiples of
+    /// ``MicroTile/mr``) of a pass's key tiles for `shape`.
+    static func tileExtents(_ shape: AttentionShape, _ pass: Pass) -> (lanes: Int, keyRows: Int) {
         (roundUp(min(queryTileSize, shape.queryLength), MicroTile.nr),
-         roundUp(min(keyTileSize, shape.keyLength), MicroTile.mr))
+         roundUp(min(pass == .keysValues ? keyBlockSize : keyTileSize, shape.keyLength), MicroTile.mr))
     }
 
     /// Work items of each pass: pass 1 one per (batch, key/value head, key block), pass 2
     /// one per (batch, head, query tile) of contiguous tiles.
     static func itemCounts(_ shape: AttentionShape) -> (keysValues: Int, queries: Int) {
-        (shape.batch * shape.kvHeads * ceilDiv(shape.keyLength, keyTileSize),
+        (shape.batch * shape.kvHeads * ceilDiv(shape.keyLength, keyBlockSize),
          shape.batch * shape.heads * ceilDiv(shape.queryLength, queryTileSize))
     }
 
@@ -68,10 +73,10 @@ enum TiledSoftmaxBackward {
     /// with `threads` workers (`nil`: every active processor): the larger of the two passes'
     /// arenas (they are allocated one after the other).
     static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
-        let (lanes, keyRows) = tileExtents(shape)
         let items = itemCounts(shape)
         func bytes(_ pass: Pass) -> Int {
-            Workspace.byteCount(pass: pass, d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
+            let (lanes, keyRows) = tileExtents(shape, pass)
+            return Workspace.byteCount(pass: pass, d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
         }
         return max(bytes(.keysValues) * workerCount(threads: threads, items: items.keysValues),
                    bytes(.queries) * workerCount(threads: threads, items: items.queries))
@@ -112,23 +117,23 @@ enum TiledSoftmaxBackward {
         precondition(!Mask.addsScoreTerms && !Mask.weightsProbabilities,
                      "the tiled backward pass takes masks without score or weight hooks")
         let d = shape.headDim, dv = shape.valueDim
-        let (lanes, keyRows) = tileExtents(shape)
-        let br = queryTileSize, bc = keyTileSize
+        let br = queryTileSize, bc = keyTileSize, blockSize = keyBlockSize
         let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale)
 
         // Pass 1: dK and dV, one item per (b, hk, key block), key blocks in order (the first
         // ones are the heaviest under causal masks).
-        let blocks = ceilDiv(shape.keyLength, bc)
+        let blocks = ceilDiv(shape.keyLength, blockSize)
+        let (lanes, blockRows) = tileExtents(shape, .keysValues)
         let kvHeads = shape.batch * shape.kvHeads
         let kvItems = kvHeads * blocks
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: kvItems), zeroed: true, layout: {
-            Workspace(carving: &$0, pass: .keysValues, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
+            Workspace(carving: &$0, pass: .keysValues, d: d, dv: dv, lanes: lanes, keyRows: blockRows)
         }) { spaces in
             parallelForEach(items: kvItems, threads: spaces.count) { item, worker in
                 let head = item % kvHeads
                 let b = head / shape.kvHeads, hk = head % shape.kvHeads
-                let start = (item / kvHeads) * bc
-                let block = PositionRun(start: start, count: min(bc, shape.keyLength - start))
+                let start = (item / kvHeads) * blockSize
+                let block = PositionRun(start: start, count: min(blockSize, shape.keyLength - start))
                 keyValueItem(shape: shape, space: spaces[worker], operands: operands, b: b, hk: hk, block: block,
                               queryTile: br, dK: dK, dV: dV, mask: mask)
             }
@@ -144,6 +149,7 @@ enum TiledSoftmaxBackward {
         }
         let qItems = tiles * heads
         guard qItems > 0 else { return }
+        let keyRows = tileExtents(shape, .queries).keyRows
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: qItems), zeroed: true, layout: {
             Workspace(carving: &$0, pass: .queries, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
         }) { spaces in
@@ -272,10 +278,7 @@ enum TiledSoftmaxBackward {
             let i = queries.position(ii)
             let l = x.lse.row(b, h, i)[0]
             space.shift[ii] = l == -.infinity ? .infinity : l
-            let g = x.dO.row(b, h, i), out = x.o.row(b, h, i)
-            var sum: Float = 0
-            for c in 0..<x.dv { sum += g[c &* gs] * out[c &* os] }
-            space.rowDot[ii] = sum
+            space.rowDot[ii] = dot(x.dO.row(b, h, i), gs, x.o.row(b, h, i), os, count: x.dv)
         }
         for ii in queries.count..<lanes {
             space.shift[ii] = .infinity
