@@ -1,0 +1,127 @@
+/// The gradients of a loss with respect to an attention call's inputs, given the gradient
+/// `dO` of that loss with respect to the call's output (ATTENTION_SPEC.md, "Gradients").
+public struct AttentionGradients: Sendable, Equatable {
+    /// `∂L/∂query`, `[B, H, Nq, D]`.
+    public var dQuery: Tensor
+    /// `∂L/∂key`, `[B, Hkv, Nk, D]`: summed over the query heads of each key/value head's group.
+    public var dKey: Tensor
+    /// `∂L/∂value`, `[B, Hkv, Nk, Dv]`: summed over the query heads of each group.
+    public var dValue: Tensor
+
+    public init(dQuery: Tensor, dKey: Tensor, dValue: Tensor) {
+        self.dQuery = dQuery
+        self.dKey = dKey
+        self.dValue = dValue
+    }
+}
+
+/// An attention conformer with a backward pass.
+///
+/// `gradients` takes the forward's inputs, the output and log-sum-exp its `attend` returned
+/// for them (same key lengths), and `dO = ∂L/∂output`, and returns `∂L/∂query`, `∂L/∂key`,
+/// `∂L/∂value`: the exact derivatives of the forward (up to rounding), with the
+/// probabilities recomputed from the log-sum-exp. Keys no query sees (key padding, causal)
+/// get zero gradients, and so do queries with no visible key (`lse = −∞`). Results are
+/// bitwise identical for every thread count.
+public protocol DifferentiableAttention: Attention {
+    /// The gradients of a loss through one ``Attention/attend(query:key:value:keyLengths:threads:)``
+    /// call (see the protocol).
+    ///
+    /// - Parameters:
+    ///   - output: the forward's output `[B, H, Nq, Dv]`.
+    ///   - logSumExp: the forward's log-sum-exp `[B, H, Nq, 1]`.
+    ///   - outputGradient: `dO`, `[B, H, Nq, Dv]`.
+    ///   - keyLengths, threads: as for the forward (`threads` may differ from the forward's).
+    /// - Throws: what the forward throws for the inputs, and
+    ///   ``AttentionError/shapeMismatch(_:)`` naming `output`, `logSumExp` or
+    ///   `outputGradient` when its shape does not fit the problem.
+    func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
+                   outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients
+
+    /// FLOPs (counted as `2.5 ×` the forward's, the usual convention for a flash backward),
+    /// workspace and scored pairs of ``gradients(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:)``
+    /// for `shape` with `threads` workers. Throws what ``Attention/validate(_:)`` throws.
+    func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost
+}
+
+extension DifferentiableAttention {
+    /// The gradients of a loss through the call that gave `result`, all keys visible unless
+    /// `keyLengths` says otherwise.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                          outputGradient: Tensor, keyLengths: [Int]? = nil,
+                          threads: Int? = nil) throws -> AttentionGradients {
+        try gradients(query: query, key: key, value: value, output: result.output, logSumExp: result.logSumExp,
+                      outputGradient: outputGradient, keyLengths: keyLengths, threads: threads)
+    }
+
+    /// The backward cost of `shape` with every active processor.
+    public func backwardCost(_ shape: AttentionShape) throws -> AttentionCost {
+        try backwardCost(shape, threads: nil)
+    }
+
+    /// The checks every `gradients` starts with: the forward's checks (``checkedCall(query:key:value:keyLengths:threads:scale:)``),
+    /// then the shapes of `output`, `logSumExp` and `outputGradient`, and the allocation of
+    /// the three gradients. Returns the shape and the scale.
+    func checkedGradientCall(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
+                             outputGradient: Tensor, keyLengths: [Int]?, threads: Int?,
+                             scale: Float?) throws -> (shape: AttentionShape, scale: Float) {
+        let checked = try checkedCall(query: query, key: key, value: value, keyLengths: keyLengths,
+                                      threads: threads, scale: scale)
+        let s = checked.shape
+        let rows = [s.batch, s.heads, s.queryLength]
+        for (name, tensor, expected) in [("output", output, rows + [s.valueDim]),
+                                         ("logSumExp", logSumExp, rows + [1]),
+                                         ("outputGradient", outputGradient, rows + [s.valueDim])]
+            where tensor.shape != expected {
+            throw AttentionError.shapeMismatch(
+                "\(name) has shape \(tensor.shape), expected \(expected) for query \(query.shape) and value \(value.shape)")
+        }
+        try checkFloatAllocation([s.batch, s.heads, s.queryLength, s.headDim], option: "dQuery [B, H, Nq, D]")
+        try checkFloatAllocation([s.batch, s.kvHeads, s.keyLength, s.headDim], option: "dKey [B, Hkv, Nk, D]")
+        try checkFloatAllocation([s.batch, s.kvHeads, s.keyLength, s.valueDim], option: "dValue [B, Hkv, Nk, Dv]")
+        return checked
+    }
+}
+
+// MARK: - Dense attention
+
+extension DenseAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (``TiledSoftmaxBackward``,
+    /// KernelDocs/Dense.md, "Backward"): `dK`, `dV` by key blocks, then `dQ` by query tiles,
+    /// both skipping the key tiles the forward skips; no `Nq × Nk` buffer.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, i with visible keys J (hk = h / (H / Hkv)):
+    /// P[j]  = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i])      j in J
+    /// dP[j] = dot(dO[b,h,i], v[b,hk,j]),  Di = dot(dO[b,h,i], o[b,h,i])
+    /// dS[j] = P[j] · (dP[j] − Di)
+    /// dQ[b,h,i]   = scale · Σ_j dS[j] · k[b,hk,j]
+    /// dK[b,hk,j] += scale · dS[j] · q[b,h,i],   dV[b,hk,j] += P[j] · dO[b,h,i]
+    /// ```
+    ///
+    /// - Complexity: `(8·D + 6·Dv)` FLOPs per visible pair (the scores and `dP` are computed
+    ///   twice; the cost model counts the conventional `2.5 ×` the forward's `2·(D + Dv)`);
+    ///   workspace of some tens of KiB per thread, independent of `Nq` and `Nk`.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
+                          outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients {
+        let (shape, scale) = try checkedGradientCall(query: query, key: key, value: value, output: output,
+                                                     logSumExp: logSumExp, outputGradient: outputGradient,
+                                                     keyLengths: keyLengths, threads: threads, scale: self.scale)
+        let causal = self.causal
+        let (dq, dk, dv) = try TiledSoftmaxBackward.gradients(
+            shape: shape, scale: scale, threads: threads,
+            query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+            outputGradient: outputGradient) { b, _ in
+            IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                         causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+        }
+        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        return AttentionCost(flops: 2.5 * forward.flops,
+                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads),
+                             scoredPairs: forward.scoredPairs)
+    }
+}
