@@ -118,7 +118,12 @@ struct AxialAttentionTests {
                 let (q, k, v) = try randomQKV(heads: 2, queryLength: n, headDim: 16, seed: 3300 + UInt64(n))
                 let axial = try AxialAttention(axes: [n], causal: causal).attend(query: q, key: k, value: v, keyLengths: [n - n / 3])
                 let dense = try DenseAttention(causal: causal).attend(query: q, key: k, value: v, keyLengths: [n - n / 3])
-                expectBitwiseEqual(axial, dense, "axial [\(n)] causal \(causal) vs dense")
+                // One position: dense runs the decode kernel (another summation order).
+                if n < 16 {
+                    expectClose(axial, dense, "axial [\(n)] causal \(causal) vs dense")
+                } else {
+                    expectBitwiseEqual(axial, dense, "axial [\(n)] causal \(causal) vs dense")
+                }
             }
         }
     }

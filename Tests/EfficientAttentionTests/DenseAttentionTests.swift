@@ -507,3 +507,45 @@ struct DenseNumericsTests {
         #expect(result.output.elements[..<(283 * 8)].allSatisfy { $0 == 0 })
     }
 }
+
+/// Decode-shaped calls (fewer queries than 16, keys and values with unit column stride) run
+/// on the decode kernel: against the reference on awkward shapes (groups of 1 to 8 heads,
+/// key lengths past one chunk, key padding with empty items, causal rows before the first
+/// key), the same bits for every thread count and for strided, NaN-padded views.
+@Suite("Dense and multi-query attention on the decode kernel")
+struct DenseDecodeRouteTests {
+    static let cases: [DenseCase] = numberingSeeds([
+        DenseCase(heads: 8, kvHeads: 2, queryLength: 1, keyLength: 77, headDim: 65),
+        DenseCase(heads: 8, kvHeads: 2, queryLength: 3, keyLength: 5000, headDim: 64, causal: true),
+        DenseCase(heads: 4, kvHeads: 4, queryLength: 1, keyLength: 1000, headDim: 128),
+        DenseCase(batch: 3, heads: 2, kvHeads: 1, queryLength: 15, keyLength: 300, headDim: 3, valueDim: 17,
+                  causal: true, keyLengths: [300, 0, 9]),
+        DenseCase(heads: 1, kvHeads: 1, queryLength: 7, keyLength: 1, headDim: 1),
+        DenseCase(heads: 32, kvHeads: 8, queryLength: 1, keyLength: 4100, headDim: 128),
+    ], base: 7100)
+
+    @Test("against the reference", arguments: cases)
+    func reference(_ c: DenseCase) throws {
+        try c.check(DenseAttention(causal: c.causal))
+        try c.check(MultiQueryAttention(causal: c.causal))
+    }
+
+    @Test("every thread count and strided views give the same bits", arguments: cases)
+    func invariance(_ c: DenseCase) throws {
+        let (q, k, v) = try c.inputs()
+        let attention = DenseAttention(causal: c.causal)
+        let one = try attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 1)
+        for threads in [2, 3, 7] {
+            expectBitwiseEqual(try attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: threads),
+                               one, "\(c.testDescription) threads \(threads)")
+        }
+        // Query elements two apart, key and value rows padded (unit column stride: still the decode kernel).
+        let strided = try attention.attend(query: embeddedInNaN(q, innerStride: 2), key: embeddedInNaN(k, innerStride: 1),
+                                           value: embeddedInNaN(v, innerStride: 1), keyLengths: c.keyLengths, threads: 2)
+        expectBitwiseEqual(strided, one, "\(c.testDescription) strided views")
+        // Keys with elements two apart take the tiled kernel: the same values within rounding.
+        let tiled = try attention.attend(query: q, key: embeddedInNaN(k, innerStride: 2), value: v,
+                                         keyLengths: c.keyLengths, threads: 2)
+        expectClose(tiled, one, "\(c.testDescription) tiled kernel vs decode kernel")
+    }
+}

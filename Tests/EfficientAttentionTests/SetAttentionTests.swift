@@ -111,7 +111,8 @@ struct SetAttentionTests {
             expectBitwiseEqual(viaProtocol, pooled, "pma attend vs pool")
             if k == 1 {
                 let dense = try DenseAttention().attend(query: queries, key: key, value: value, keyLengths: lengths, threads: 2)
-                expectBitwiseEqual(pooled, dense, "pma one seed vs dense")
+                // One query: dense runs the decode kernel (another summation order).
+                expectClose(pooled, dense, "pma one seed vs dense")
             }
         }
     }

@@ -12,7 +12,10 @@
 ///
 /// The kernel (KernelDocs/Dense.md) walks tiles of 128 queries against tiles of 64 keys
 /// with an online softmax and two register-tiled micro-kernels; key tiles entirely past
-/// the causal limit are never touched. Grouped key/value heads are read in place.
+/// the causal limit are never touched. Grouped key/value heads are read in place. Fewer
+/// than 16 queries (decoding against keys and values in the caller's buffers) run on the
+/// decode kernel instead (KernelDocs/MultiQuery.md), which streams each key/value head
+/// once for its whole group.
 ///
 /// - Complexity: `4 · Nq · Nk · D` FLOPs per head (half that when causal and Nq = Nk);
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
@@ -49,8 +52,9 @@ public struct DenseAttention: Attention {
         try validate(shape)
         let pairs = visiblePairs(shape, causal: causal)
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
-                             workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
-                                shape: shape, threads: threads, queryTile: Self.queryTile(shape)),
+                             workspaceBytes: DecodeAttention.denseRowsWorkspaceBytes(
+                                shape, threads: threads, tiledBytes: TiledSoftmaxAttention.workspaceBytes(
+                                    shape: shape, threads: threads, queryTile: Self.queryTile(shape))),
                              scoredPairs: pairs)
     }
 
@@ -60,9 +64,15 @@ public struct DenseAttention: Attention {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             let shape = call.shape, causal = self.causal
-            TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in
+            func mask(_ b: Int) -> IntervalMask {
                 IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
                              causal: causal, keyEnd: call.keyEnd(b))
+            }
+            // A few queries (decoding): the decode kernel reads each key/value head once for its group.
+            if DecodeAttention.serves(shape, key: call.k, value: call.v) {
+                DecodeAttention.attend(call, mask: mask)
+            } else {
+                TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in mask(b) }
             }
         }
     }

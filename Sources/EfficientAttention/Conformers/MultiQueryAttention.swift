@@ -93,8 +93,9 @@ public struct MultiQueryAttention: IncrementalAttention {
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
-        return cost(shape, workspaceBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads,
-                                                                                queryTile: queryTile(shape)))
+        return cost(shape, workspaceBytes: DecodeAttention.denseRowsWorkspaceBytes(
+            shape, threads: threads, tiledBytes: TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads,
+                                                                                      queryTile: queryTile(shape))))
     }
 
     public func attend(query: StridedView, key: StridedView, value: StridedView,
@@ -103,8 +104,14 @@ public struct MultiQueryAttention: IncrementalAttention {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             let shape = call.shape
-            TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in
+            func rows(_ b: Int) -> IntervalMask {
                 mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
+            }
+            // A few queries (decoding against keys and values the caller holds): the decode kernel.
+            if DecodeAttention.serves(shape, key: call.k, value: call.v) {
+                DecodeAttention.attend(call, mask: rows)
+            } else {
+                TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in rows(b) }
             }
         }
     }

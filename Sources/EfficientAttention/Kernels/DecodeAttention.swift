@@ -575,3 +575,41 @@ func horizontalMax(_ v: Vec16) -> Float {
     c.replace(with: b.highHalf, where: b.highHalf .> c)
     return max(c[0], c[1])
 }
+
+extension DecodeAttention {
+    /// Whether a dense-rows call of `shape` (``DenseAttention``, ``MultiQueryAttention``)
+    /// runs on the decode kernel: fewer query positions than the tiled kernel's SIMD lanes
+    /// (`Nq < NR`: its query tiles would be mostly empty lanes, and every query head would
+    /// stream its key/value head again), keys and values with unit column stride (the
+    /// kernel reads rows in place, as it reads a cache). Decoding one position against
+    /// keys and values the engine holds in its own buffers is this case.
+    static func serves(_ shape: AttentionShape, key: TensorView, value: TensorView) -> Bool {
+        servesShape(shape) && key.strides[3] == 1 && value.strides[3] == 1
+    }
+
+    /// ``serves(_:key:value:)`` for contiguous keys and values (what a cost model assumes).
+    static func servesShape(_ shape: AttentionShape) -> Bool {
+        shape.queryLength < MicroTile.nr
+    }
+
+    /// The workspace of a dense-rows call of `shape`: the tiled kernel's (`tiledBytes`), or
+    /// for decode-shaped problems the larger of that and the decode kernel's (the views'
+    /// strides decide which kernel runs).
+    static func denseRowsWorkspaceBytes(_ shape: AttentionShape, threads: Int?, tiledBytes: Int) -> Int {
+        guard servesShape(shape) else { return tiledBytes }
+        return max(tiledBytes, workspaceBytes(shape: shape, split: defaultSplit, threads: threads))
+    }
+
+    /// A checked dense-rows call on the decode kernel (``serves(_:key:value:)``), keys and
+    /// values read in place like cache rows, chunks of ``defaultSplit`` keys (a length
+    /// independent of the thread count: the same bits for every thread count).
+    static func attend(_ call: ViewCall, mask: (_ batch: Int) -> IntervalMask) {
+        let k = call.k, v = call.v
+        run(shape: call.shape, scale: call.scale, threads: call.threadCount, split: defaultSplit, q: call.q,
+            keys: CacheRows<Float>(base: k.base, batchStride: k.strides[0], headStride: k.strides[1],
+                                   rowStride: k.strides[2]),
+            values: CacheRows<Float>(base: v.base, batchStride: v.strides[0], headStride: v.strides[1],
+                                     rowStride: v.strides[2]),
+            o: call.o, lse: call.lse, mask: mask)
+    }
+}

@@ -346,3 +346,17 @@ func expectBitwiseEqual(_ a: AttentionResult, _ b: AttentionResult, _ label: Str
     #expect(bitwiseEqual(la, lb), "\(label): lse differ at \(firstDifference(la, lb))",
             sourceLocation: sourceLocation)
 }
+
+/// `a` and `b` agree within `tolerance` (absolute, outputs and finite log-sum-exps; equal
+/// infinities): two kernels computing the same definition in different orders (the tiled
+/// kernel and the decode kernel, for example).
+func expectClose(_ a: AttentionResult, _ b: AttentionResult, tolerance: Float = 1e-5, _ label: String,
+                 sourceLocation: SourceLocation = #_sourceLocation) {
+    let (oa, ob) = (a.output.elements, b.output.elements)
+    let (la, lb) = (a.logSumExp.elements, b.logSumExp.elements)
+    #expect(oa.count == ob.count && la.count == lb.count, "\(label): shapes differ", sourceLocation: sourceLocation)
+    let outputError = zip(oa, ob).map { abs($0 - $1) }.max() ?? 0
+    let lseMatch = zip(la, lb).allSatisfy { $0 == $1 || abs($0 - $1) <= tolerance }
+    #expect(outputError <= tolerance, "\(label): outputs differ by \(outputError)", sourceLocation: sourceLocation)
+    #expect(lseMatch, "\(label): log-sum-exps differ", sourceLocation: sourceLocation)
+}
