@@ -56,6 +56,8 @@ public struct BenchOptions: Equatable, Sendable {
     public var sequenceLengths: [Int] = [1024, 2048]
     /// Key length for every point (`--seq-k`); `nil` means `Nk = Nq`.
     public var keyLength: Int?
+    /// `--varlen`: sequence lengths packed into one call (self-attention, batch 1), or nil.
+    public var packedLengths: [Int]?
     public var batches: [Int] = [1]
     public var heads: [Int] = [8]
     /// `nil` means `Hkv = H` at every point.
@@ -119,6 +121,7 @@ extension BenchOptions {
         OptionSpec(name: "variants", value: "LIST|all", help: "conformers to run, comma-separated registry names (see --list), or all [all]"),
         OptionSpec(name: "seq", value: "LIST", help: "sequence lengths N (query length), e.g. 1024,2048 or 1K,2K [1024,2048]"),
         OptionSpec(name: "seq-k", value: "N", help: "key length for every point (cross-attention); default Nk = N"),
+        OptionSpec(name: "varlen", value: "LENGTHS", help: "sequence lengths packed into one call (cu_seqlens, self-attention, batch 1), e.g. 64,300,2048; N is their sum"),
         OptionSpec(name: "batch", value: "LIST", help: "batch sizes B [1]"),
         OptionSpec(name: "heads", value: "LIST", help: "query heads H [8]"),
         OptionSpec(name: "kv-heads", value: "LIST", help: "key/value heads Hkv, each dividing every H [= H]"),
@@ -297,6 +300,17 @@ extension BenchOptions {
             options.cachePrecisions = values
         }
         if let text = given["seq-k"] { options.keyLength = try parseCount(text, option: "seq-k") }
+        if let text = given["varlen"] {
+            for other in ["seq", "seq-k", "batch", "decode", "preset"] where given[other] != nil {
+                throw BenchError.usage("--varlen sets the packed sequences; it does not combine with --\(other)")
+            }
+            // Order and repeats kept: one entry per sequence.
+            let lengths = try text.split(separator: ",", omittingEmptySubsequences: false).map {
+                try parseCount($0.trimmingCharacters(in: .whitespaces), option: "varlen")
+            }
+            options.packedLengths = lengths
+            options.sequenceLengths = [lengths.reduce(0, +)]
+        }
         if let text = given["batch"] { options.batches = try parseList(text, option: "batch") }
         if let text = given["heads"] { options.heads = try parseList(text, option: "heads") }
         if let text = given["kv-heads"] { options.kvHeads = try parseList(text, option: "kv-heads") }

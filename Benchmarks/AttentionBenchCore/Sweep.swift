@@ -87,7 +87,14 @@ public struct SweepPlan: Sendable {
                     let cost: AttentionCost
                     do {
                         conformer = try make(config)
-                        cost = try conformer.cost(problem.shape, threads: threads)
+                        if let lengths = options.packedLengths {
+                            let s = problem.shape
+                            cost = try conformer.cost(sequences: PackedSequences(lengths: lengths), heads: s.heads,
+                                                      kvHeads: s.kvHeads, headDim: s.headDim, valueDim: s.valueDim,
+                                                      threads: threads)
+                        } else {
+                            cost = try conformer.cost(problem.shape, threads: threads)
+                        }
                     } catch let error as BenchError {
                         throw error
                     } catch {
@@ -174,8 +181,11 @@ public final class SweepRunner {
 
     /// Seeded inputs, uniform in [-1, 1]: query, key, value from `seed`, `seed + 1`, `seed + 2`.
     /// The record's `parameters`: the entry's settings, and axial attention's grid as run.
-    public static func describeSettings(_ job: SweepJob) -> String {
+    public static func describeSettings(_ job: SweepJob, packedLengths: [Int]? = nil) -> String {
         var text = VariantEntry.describe(job.parameters)
+        if let packedLengths {
+            text += (text.isEmpty ? "" : " ") + "varlen=" + packedLengths.map(String.init).joined(separator: ",")
+        }
         if let axial = job.conformer as? AxialAttention {
             let grid = axial.axes ?? AxialAttention.defaultAxes(sequenceLength: job.problem.shape.queryLength)
             text += (text.isEmpty ? "" : " ") + "axes=" + grid.map(String.init).joined(separator: "x")
@@ -303,7 +313,12 @@ public final class SweepRunner {
                 let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
                                                        keyLength: shape.keyLength, headDim: shape.headDim,
                                                        valueDim: shape.valueDim, causal: job.problem.causal)
-                if referenceCache[job.problem] == nil && denseFlops > Self.fullReferenceFlops {
+                if options.packedLengths != nil {
+                    // Packed: the dense result of the same packed call, when dense is in the run.
+                    if let reference = referenceCache[job.problem] {
+                        relativeError = Accounting.relativeError(measured.output, reference: reference)
+                    }
+                } else if referenceCache[job.problem] == nil && denseFlops > Self.fullReferenceFlops {
                     // The full dense output would cost more than the run itself: exact dense rows
                     // on an even sample of the queries instead.
                     let rows = Self.sampleRows(shape.queryLength, count: Self.sampledRowCount)
@@ -332,7 +347,7 @@ public final class SweepRunner {
             let record = BenchRecord(
                 variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
                 seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
-                causal: job.problem.causal, threads: job.threads, parameters: Self.describeSettings(job),
+                causal: job.problem.causal, threads: job.threads, parameters: Self.describeSettings(job, packedLengths: options.packedLengths),
                 runs: measured.timing.runs, medianSeconds: measured.timing.medianSeconds,
                 minSeconds: measured.timing.minSeconds, flops: job.cost.flops, scoredPairs: job.cost.scoredPairs,
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
@@ -394,6 +409,7 @@ public final class SweepRunner {
     func execute(_ job: SweepJob, _ inputs: Inputs) throws -> Measured {
         let policy = options.timing
         let conformer = job.conformer, threads = job.threads
+        let sequences = try options.packedLengths.map { try PackedSequences(lengths: $0) }
         func failure(_ error: Error) -> BenchError {
             BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads: \(error)")
         }
@@ -401,8 +417,12 @@ public final class SweepRunner {
         let (result, peakBytes): (AttentionResult, Int)
         do {
             (result, peakBytes) = try meter.measure {
-                try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                     keyLengths: nil, threads: threads)
+                if let sequences {
+                    return try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                                sequences: sequences, threads: threads)
+                }
+                return try conformer.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                            keyLengths: nil, threads: threads)
             }
         } catch {
             throw failure(error)
@@ -411,13 +431,21 @@ public final class SweepRunner {
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
             let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
-            let workspace = try AttentionWorkspace(for: conformer, shape: shape, threads: threads)
+            let workspace = try sequences.map {
+                try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
+                                       headDim: shape.headDim, valueDim: shape.valueDim, threads: threads)
+            } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads)
             timed = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
             try inputs.value.withStridedView { v in
             try output.withMutableStridedView { o in try lse.withMutableStridedView { l in
                 try timeEngineCalls(policy: policy) {
-                    try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
-                                         keyLengths: nil, workspace: workspace, threads: threads)
+                    if let sequences {
+                        try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
+                                             sequences: sequences, workspace: workspace, threads: threads)
+                    } else {
+                        try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
+                                             keyLengths: nil, workspace: workspace, threads: threads)
+                    }
                 }
             } } } } }
         } catch {

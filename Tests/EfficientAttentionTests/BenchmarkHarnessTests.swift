@@ -509,6 +509,28 @@ import AttentionBenchCore
                                                                   headDim: 64, valueDim: 64, causal: false))
     }
 
+    /// `--varlen`: the packed lengths in order (repeats kept), N their sum, the FLOPs of the
+    /// sequences (not of the padded problem), a run whose records say so and count
+    /// allocations; conflicting options are refused.
+    @Test func packedSequences() throws {
+        let o = try BenchOptions.parse(["--varlen", "64,64,300", "--variants", "dense", "--causal", "yes",
+                                        "--threads", "1", "--repeat", "2", "--heads", "2", "--dim", "16"])
+        #expect(o.packedLengths == [64, 64, 300] && o.sequenceLengths == [428])
+        let plan = try SweepPlan.make(o)
+        let perSequence = [64, 64, 300].map {
+            Accounting.denseFlops(batch: 1, heads: 2, queryLength: $0, keyLength: $0, headDim: 16, valueDim: 16, causal: true)
+        }.reduce(0, +)
+        #expect(plan.jobs.count == 1 && plan.jobs[0].cost.flops == perSequence)
+        let records = try SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in }).run(plan)
+        #expect(records.count == 1 && records[0].parameters.contains("varlen=64,64,300") && records[0].seqQ == 428)
+        #expect(records[0].relativeError == 0)
+        // Counted process-wide (other tests allocate meanwhile): present, not asserted zero here.
+        #expect((records[0].allocationsPerCall != nil) == AllocationCounter.isSupported)
+        for other in [["--seq", "128"], ["--batch", "2"], ["--decode"]] {
+            #expect(throws: BenchError.self) { try BenchOptions.parse(["--varlen", "64,64"] + other) }
+        }
+    }
+
     @Test func millionPreset() throws {
         let o = try BenchOptions.parse(["--preset", "million"])
         #expect(o.sequenceLengths == [65536, 262144, 1048576] && o.heads == [8])

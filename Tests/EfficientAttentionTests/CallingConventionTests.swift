@@ -225,3 +225,87 @@ struct BadViewTests {
         #expect(message { _ = try AttentionWorkspace(byteCount: -1) }.contains("byteCount"))
     }
 }
+
+@Suite("Packed variable-length batches")
+struct PackedSequenceTests {
+    /// The rows `range` of every head of `x` `[1, H, N, D]` as a tensor.
+    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
+        let s = x.shape
+        var data = [Float]()
+        for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[0, h, i, c]) } } }
+        return try Tensor(shape: [1, s[1], range.count, s[3]], data: data)
+    }
+
+    /// The packed call equals separate calls per sequence, bit for bit.
+    func check(_ attention: some Attention, queryOffsets: [Int], keyOffsets: [Int], heads: Int = 4, kvHeads: Int = 2,
+               headDim: Int = 16, valueDim: Int = 8, _ label: String) throws {
+        let sequences = try PackedSequences(queryOffsets: queryOffsets, keyOffsets: keyOffsets)
+        let (q, k, v) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: queryOffsets.last!,
+                                      keyLength: keyOffsets.last!, headDim: headDim, valueDim: valueDim, seed: 81)
+        let packed = try attention.attend(query: q, key: k, value: v, sequences: sequences, threads: 2)
+        for s in 0..<sequences.count {
+            let qr = queryOffsets[s]..<queryOffsets[s + 1], kr = keyOffsets[s]..<keyOffsets[s + 1]
+            guard !qr.isEmpty else { continue }
+            let out = try rows(packed.output, qr), lse = try rows(packed.logSumExp, qr)
+            if kr.isEmpty {
+                #expect(out.elements.allSatisfy { $0 == 0 } && lse.elements.allSatisfy { $0 == -.infinity },
+                        "\(label) sequence \(s) without keys")
+                continue
+            }
+            let alone = try attention.attend(query: rows(q, qr), key: rows(k, kr), value: rows(v, kr), threads: 1)
+            expectBitwiseEqual(try AttentionResult(output: out, logSumExp: lse), alone, "\(label) sequence \(s)")
+        }
+        // The cost follows the sequences, not the padded size.
+        let cost = try attention.cost(sequences: sequences, heads: heads, kvHeads: kvHeads, headDim: headDim,
+                                      valueDim: valueDim)
+        var pairs = 0
+        for s in 0..<sequences.count where queryOffsets[s + 1] > queryOffsets[s] && keyOffsets[s + 1] > keyOffsets[s] {
+            pairs += try attention.cost(sequences.shapeForTesting(s, heads: heads, kvHeads: kvHeads, headDim: headDim,
+                                                                  valueDim: valueDim)).scoredPairs
+        }
+        #expect(cost.scoredPairs == pairs, "\(label): cost pairs \(cost.scoredPairs), expected \(pairs)")
+    }
+
+    @Test("a packed batch equals separate calls (lengths 0 and 1, causal, windows, grouped heads)")
+    func separateCalls() throws {
+        let lengths = [0, 1, 17, 64, 0, 130, 3]
+        var offsets = [0]
+        for n in lengths { offsets.append(offsets.last! + n) }
+        for causal in [false, true] {
+            try check(DenseAttention(causal: causal), queryOffsets: offsets, keyOffsets: offsets, "dense causal \(causal)")
+            try check(LocalAttention(form: .slidingWindow(left: 8, right: causal ? 0 : 5), causal: causal),
+                      queryOffsets: offsets, keyOffsets: offsets, "local causal \(causal)")
+            try check(MultiQueryAttention(causal: causal, leftWindow: 20), queryOffsets: offsets, keyOffsets: offsets,
+                      "multi-query causal \(causal)")
+            try check(LinearAttention(featureMap: EluPlusOneFeatures(), causal: causal), queryOffsets: offsets,
+                      keyOffsets: offsets, "linear-elu causal \(causal)")
+        }
+        // Cross attention: queries and keys of different lengths, a sequence without keys.
+        try check(DenseAttention(causal: true), queryOffsets: [0, 5, 5, 40, 41], keyOffsets: [0, 70, 75, 75, 200],
+                  "dense cross")
+    }
+
+    @Test("bad offsets and mismatched views are thrown errors naming them")
+    func badOffsets() throws {
+        #expect(throws: AttentionError.self) { _ = try PackedSequences(queryOffsets: [1, 3], keyOffsets: [0, 3]) }
+        #expect(throws: AttentionError.self) { _ = try PackedSequences(queryOffsets: [0, 3, 2], keyOffsets: [0, 1, 2]) }
+        #expect(throws: AttentionError.self) { _ = try PackedSequences(queryOffsets: [0, 3], keyOffsets: [0, 1, 2]) }
+        #expect(throws: AttentionError.self) { _ = try PackedSequences(lengths: [3, -1]) }
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, headDim: 4, seed: 3)
+        let sequences = try PackedSequences(lengths: [4, 5])   // 9 rows, the tensors have 10
+        do {
+            _ = try DenseAttention().attend(query: q, key: k, value: v, sequences: sequences)
+            Issue.record("a packed length that differs from the offsets was accepted")
+        } catch let error as AttentionError {
+            #expect(error.message.contains("last offsets"), "\(error.message)")
+        }
+        // A sequence the conformer cannot take (Linformer: longer than its maxSequenceLength) names the sequence.
+        let linformer = try LinformerAttention(projectedLength: 4, maxSequenceLength: 6, seed: 1)
+        do {
+            _ = try linformer.attend(query: q, key: k, value: v, sequences: try PackedSequences(lengths: [3, 7]))
+            Issue.record("a sequence longer than Linformer's maxSequenceLength was accepted")
+        } catch let error as AttentionError {
+            #expect(error.message.contains("sequence 1"), "\(error.message)")
+        }
+    }
+}
