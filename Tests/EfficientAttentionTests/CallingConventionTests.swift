@@ -309,3 +309,55 @@ struct PackedSequenceTests {
         }
     }
 }
+
+@Suite("One decoding protocol: the KV cache and the recurrent state alike")
+struct DecodingProtocolTests {
+    /// Rows `range` of every batch item and head of `x`.
+    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
+        let s = x.shape
+        var data = [Float]()
+        for b in 0..<s[0] { for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[b, h, i, c]) } } } }
+        return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: data)
+    }
+
+    /// Prefill then steps of `steps` positions through the protocol, the same code for any
+    /// conformer, against the conformer's causal attention over the whole sequence.
+    func decodeInSteps<A: DecodingAttention>(_ attention: A, steps: [Int], tolerance: Float, _ label: String) throws {
+        let n = steps.reduce(0, +)
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: n, headDim: 16, valueDim: 8, seed: 91)
+        var state = try attention.makeDecodingState(batch: 2, heads: 4, kvHeads: 2, headDim: 16, valueDim: 8,
+                                                    capacity: n)
+        let whole = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 1)
+        var start = 0
+        for (t, count) in steps.enumerated() {
+            let range = start..<(start + count)
+            let step = try attention.attendNext(query: rows(q, range), key: rows(k, range), value: rows(v, range),
+                                                state: &state, threads: t % 2 + 1)
+            let expected = try AttentionResult(output: rows(whole.output, range), logSumExp: rows(whole.logSumExp, range))
+            expectClose(step, expected, tolerance: tolerance, "\(label) step \(t) positions \(range)")
+            start += count
+        }
+        // A step that does not fit the state throws.
+        #expect(throws: AttentionError.self, "\(label): a step of the wrong head dimension") {
+            let (q2, k2, v2) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 1, headDim: 8, seed: 5)
+            _ = try attention.attendNext(query: q2, key: k2, value: v2, state: &state, threads: 1)
+        }
+    }
+
+    @Test("prefill and steps equal causal attention over the whole sequence")
+    func steps() throws {
+        try decodeInSteps(MultiQueryAttention(causal: true), steps: [5, 1, 1, 3, 1], tolerance: 2e-5, "multi-query")
+        try decodeInSteps(LinearAttention(featureMap: EluPlusOneFeatures(), causal: true), steps: [5, 1, 1, 3, 1],
+                          tolerance: 2e-5, "linear-elu")
+    }
+
+    @Test("a multi-query step past the cache's capacity throws and leaves the cache unchanged")
+    func capacity() throws {
+        let attention = MultiQueryAttention(causal: true)
+        var cache = try attention.makeDecodingState(batch: 1, heads: 2, kvHeads: 1, headDim: 4, valueDim: 4, capacity: 3)
+        let (q, k, v) = try randomQKV(heads: 2, kvHeads: 1, queryLength: 2, headDim: 4, seed: 9)
+        _ = try attention.attendNext(query: q, key: k, value: v, state: &cache, threads: 1)
+        #expect(throws: AttentionError.self) { _ = try attention.attendNext(query: q, key: k, value: v, state: &cache, threads: 1) }
+        #expect(try cache.length(layer: 0) == 2)
+    }
+}

@@ -274,3 +274,18 @@ final class ScratchBox: @unchecked Sendable {
 
     deinit { block.deallocate() }
 }
+
+extension LinearAttention: DecodingAttention {
+    /// A ``RecurrentState`` (constant size: `capacity` is not needed).
+    public func makeDecodingState(batch: Int, heads: Int, kvHeads: Int, headDim: Int, valueDim: Int,
+                                  capacity: Int) throws -> RecurrentState {
+        try makeRecurrentState(batch: batch, heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim)
+    }
+
+    /// ``RecurrentState/append(query:key:value:threads:)``: causal over the history and the
+    /// new positions.
+    public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout RecurrentState,
+                           threads: Int? = nil) throws -> AttentionResult {
+        try state.append(query: query, key: key, value: value, threads: threads)
+    }
+}

@@ -235,3 +235,35 @@ extension IntervalMask {
         return pairs
     }
 }
+
+extension MultiQueryAttention: DecodingAttention {
+    /// A one-layer ``KVCache`` (Float32) of `capacity` positions per sequence.
+    public func makeDecodingState(batch: Int, heads: Int, kvHeads: Int, headDim: Int, valueDim: Int,
+                                  capacity: Int) throws -> KVCache {
+        try validate(AttentionShape(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: 1, keyLength: capacity,
+                                    headDim: headDim, valueDim: valueDim))
+        return try KVCache(batch: batch, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim, capacity: capacity)
+    }
+
+    /// Appends `key` and `value` to layer 0 of the cache, then decodes `query` against it
+    /// (``decode(query:cache:layer:threads:)``). The problem is checked before the append.
+    public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout KVCache,
+                           threads: Int? = nil) throws -> AttentionResult {
+        let step = try AttentionShape(query: query, key: key, value: value)
+        guard step.queryLength == step.keyLength else {
+            throw AttentionError.shapeMismatch(
+                "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
+        }
+        guard step.batch == state.batch, step.kvHeads == state.kvHeads, step.headDim == state.headDim,
+              step.valueDim == state.valueDim else {
+            throw AttentionError.shapeMismatch(
+                "the cache holds B=\(state.batch) Hkv=\(state.kvHeads) D=\(state.headDim) Dv=\(state.valueDim), the step is \(step)")
+        }
+        var after = step
+        after.keyLength = (state.lengths(layer: 0).max() ?? 0) + step.queryLength
+        try validate(after)
+        try checkCallArguments(after, keyLengths: nil, threads: threads)
+        try state.append(layer: 0, keys: key, values: value)   // all-or-nothing (capacity)
+        return try decode(query: query, cache: state, layer: 0, threads: threads)
+    }
+}
