@@ -328,6 +328,9 @@ struct DenseBackwardTests {
                   // dQ ordering makes workers wait for each other.
                   BackwardCase(batch: 1, heads: 1, queryLength: 300, keyLength: 900, headDim: 32, causal: true,
                                seed: 902),
+                  // Causal Nq = Nk: key block 1 starts at query tile 2 while block 0 is still on
+                  // tiles 0 and 1, so without the ordering it would add to dQ first.
+                  BackwardCase(batch: 1, heads: 1, queryLength: 1000, headDim: 64, causal: true, seed: 904),
                   BackwardCase(batch: 1, heads: 2, kvHeads: 1, queryLength: 700, keyLength: 500, headDim: 20,
                                valueDim: 64, seed: 903)] {
             let (q, k, v, result, dO) = try c.inputs()
