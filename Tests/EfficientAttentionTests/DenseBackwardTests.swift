@@ -369,6 +369,38 @@ struct DenseBackwardTests {
         }
     }
 
+    @Test("a small gradient step on Q, K, V lowers L = ½‖O − T‖² by what the gradients predict")
+    func gradientStep() throws {
+        for causal in [false, true] {
+            let c = BackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 90, keyLength: 70, headDim: 24,
+                                 valueDim: 20, causal: causal, keyLengths: [70, 33], seed: 1000)
+            let (q, k, v, result, _) = try c.inputs()
+            let target = try randomTensor(result.output.shape, seed: 1001)
+            func loss(_ o: Tensor) -> Double {
+                zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+            }
+            // dL/dO = O − T.
+            let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
+            let g = try c.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                              keyLengths: c.keyLengths, threads: 2)
+            let eta: Float = 0.01
+            func step(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
+                try Tensor(shape: x.shape, data: zip(x.elements, dx.elements).map { $0 - eta * $1 })
+            }
+            let after = try c.attention.attend(query: step(q, g.dQuery), key: step(k, g.dKey), value: step(v, g.dValue),
+                                               keyLengths: c.keyLengths, threads: 2)
+            let squaredNorm = [g.dQuery, g.dKey, g.dValue].reduce(0.0) { sum, t in
+                t.elements.reduce(sum) { $0 + Double($1) * Double($1) }
+            }
+            let before = loss(result.output), decrease = before - loss(after.output)
+            let predicted = Double(eta) * squaredNorm
+            #expect(decrease > 0, "causal \(causal): the loss rose from \(before) by \(-decrease)")
+            // First order: L(x − η g) ≈ L − η ‖g‖²; the rest is O(η²).
+            #expect(abs(decrease - predicted) < 0.05 * predicted,
+                    "causal \(causal): decrease \(decrease), first-order prediction \(predicted), loss \(before)")
+        }
+    }
+
     @Test("bad inputs throw errors naming the tensor or option")
     func badInputs() throws {
         let c = BackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 5, keyLength: 6, headDim: 3, valueDim: 2)
