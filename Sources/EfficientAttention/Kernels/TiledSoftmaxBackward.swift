@@ -192,10 +192,16 @@ enum TiledSoftmaxBackward {
                 }
                 // acc_V += Pᵀ dO, acc_K += dSᵀ Q: key rows of the tile, depth = its queries.
                 let row = tile.keys.start - block.start
-                accumulateProduct(rows: tile.keys.count, width: dvPad, depth: queries.count,
+                // On a partial tile each block of MR keys runs over only the queries that may see
+                // it (the others have P = dS = 0).
+                let visibleQueries = { (keys: Range<Int>) -> Range<Int> in
+                    tile.fullyVisible ? 0..<queries.count
+                        : headMask.visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+                }
+                accumulateProduct(rows: tile.keys.count, width: dvPad, span: visibleQueries,
                                   a: UnsafePointer(space.probabilities), rowStride: space.lanes, depthStride: 1,
                                   b: gradientRows, ldb: ldg, c: space.accV + row * dvPad, ldc: dvPad, edge: space.edge)
-                accumulateProduct(rows: tile.keys.count, width: dPad, depth: queries.count,
+                accumulateProduct(rows: tile.keys.count, width: dPad, span: visibleQueries,
                                   a: UnsafePointer(space.scoreGradients), rowStride: space.lanes, depthStride: 1,
                                   b: queryRows, ldb: ldq, c: space.accK + row * dPad, ldc: dPad, edge: space.edge)
                 // C = dS K: query rows (dSᵀ read across its columns), depth = the tile's keys.
@@ -208,7 +214,12 @@ enum TiledSoftmaxBackward {
                     keyRows = UnsafePointer(space.keyRowsPacked + row * dPad)
                     ldk = dPad
                 }
-                accumulateProduct(rows: roundUp(queries.count, MicroTile.mr), width: dPad, depth: tile.keys.count,
+                // On a partial tile each block of MR queries runs over only the keys it may see.
+                accumulateProduct(rows: roundUp(queries.count, MicroTile.mr), width: dPad,
+                                  span: { lanes in
+                                      tile.fullyVisible ? 0..<tile.keys.count
+                                          : headMask.visibleKeyIndices(tile: tile, queries: queries, lanes: lanes)
+                                  },
                                   a: UnsafePointer(space.scoreGradients), rowStride: 1, depthStride: space.lanes,
                                   b: keyRows, ldb: ldk, c: space.accQ, ldc: dPad, edge: space.edge,
                                   overwrite: true)
@@ -306,34 +317,37 @@ enum TiledSoftmaxBackward {
         }
     }
 
-    /// `C[r, 0..<width] += Σ_{k < depth} A[r, k] · B[k, 0..<width]` (or `=` with
+    /// `C[r, 0..<width] += Σ_{k ∈ span} A[r, k] · B[k, 0..<width]` (or `=` with
     /// `overwrite`) for `r < rows`, with `A[r, k] = a[r · rowStride + k · depthStride]`, `B`
-    /// rows `ldb` apart and `width` a multiple of ``MicroTile/nr``. Whole blocks of
-    /// ``MicroTile/mr`` rows go straight into `C`; a last partial block goes through `edge`
-    /// so that the rows of `C` past `rows` are never touched. Each element is
+    /// rows `ldb` apart, `width` a multiple of ``MicroTile/nr``, and `span(rows)` the depth
+    /// range of a block of at most ``MicroTile/mr`` rows (the terms outside it are zero).
+    /// Whole blocks of ``MicroTile/mr`` rows go straight into `C`; a last partial block goes
+    /// through `edge` so that the rows of `C` past `rows` are never touched. Each element is
     /// `C + (the depth sum)` (or the sum), the same arithmetic either way.
     @inline(__always)
-    static func accumulateProduct(rows: Int, width: Int, depth: Int,
+    static func accumulateProduct(rows: Int, width: Int, span: (_ rows: Range<Int>) -> Range<Int>,
                                   a: UnsafePointer<Float>, rowStride: Int, depthStride: Int,
                                   b: UnsafePointer<Float>, ldb: Int,
                                   c: UnsafeMutablePointer<Float>, ldc: Int, edge: UnsafeMutablePointer<Float>,
                                   overwrite: Bool = false) {
         let mr = MicroTile.mr, nr = MicroTile.nr
-        guard depth > 0 else {
-            if overwrite { for r in 0..<rows { (c + r * ldc).update(repeating: 0, count: width) } }
-            return
-        }
         for block in stride(from: 0, to: rows, by: mr) {
             let count = min(mr, rows - block)
-            let operand = BroadcastOperand(base: a + block * rowStride, rowStride: rowStride,
-                                           depthStride: depthStride, rows: count)
+            let depth = span(block..<(block + count))
+            guard !depth.isEmpty else {
+                if overwrite { for r in block..<(block + count) { (c + r * ldc).update(repeating: 0, count: width) } }
+                continue
+            }
+            let operand = BroadcastOperand(base: a + block * rowStride + depth.lowerBound * depthStride,
+                                           rowStride: rowStride, depthStride: depthStride, rows: count)
+            let panels = b + depth.lowerBound * ldb
             for panel in stride(from: 0, to: width, by: nr) {
                 let target = c + block * ldc + panel
                 if count == mr {
-                    microKernel(depth: depth, a: operand, b: b + panel, ldb: ldb, c: target, ldc: ldc,
+                    microKernel(depth: depth.count, a: operand, b: panels + panel, ldb: ldb, c: target, ldc: ldc,
                                 update: overwrite ? .overwrite : .accumulate)
                 } else {
-                    microKernel(depth: depth, a: operand, b: b + panel, ldb: ldb, c: edge, ldc: nr,
+                    microKernel(depth: depth.count, a: operand, b: panels + panel, ldb: ldb, c: edge, ldc: nr,
                                 update: .overwrite)
                     for r in 0..<count {
                         let source = edge + r * nr, row = target + r * ldc
@@ -362,7 +376,7 @@ enum TiledSoftmaxBackward {
         let probabilities, scoreGradients: UnsafeMutablePointer<Float>
         /// Per lane: the probability shift and `D = rowsum(dO ∘ O)`.
         let shift, rowDot: UnsafeMutablePointer<Float>
-        /// The edge tile of ``accumulateProduct(rows:width:depth:a:rowStride:depthStride:b:ldb:c:ldc:edge:)``.
+        /// The edge tile of ``accumulateProduct(rows:width:span:a:rowStride:depthStride:b:ldb:c:ldc:edge:overwrite:)``.
         let edge: UnsafeMutablePointer<Float>
         /// The block's `dK` and `dV` accumulators (`keyRows × D′`, `keyRows × Dv′`).
         let accK, accV: UnsafeMutablePointer<Float>
@@ -470,6 +484,12 @@ protocol TransposedTileMask: TileMask {
     /// outside the listed tiles are invisible to every query.
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void)
+
+    /// The queries of a partially visible `tile` (indices into `queries`) that may see one
+    /// of its keys `keys` (indices into `tile.keys`, one block of ``MicroTile/mr`` or fewer):
+    /// the backward's `dK`/`dV` products skip the others, whose probabilities are 0. The
+    /// key-major partner of ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
 }
 
 extension IntervalMask: TransposedTileMask {
@@ -490,5 +510,12 @@ extension IntervalMask: TransposedTileMask {
             let full = queries.last + offset - left <= first && last <= queries.start + offset + right
             body(t, queries, KeyTile(keys: visible, fullyVisible: full))
         }
+    }
+
+    /// Keys `j` of `keys` are seen by queries `j − offset − right … j − offset + left`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        let first = tile.keys.position(keys.lowerBound), last = tile.keys.position(keys.upperBound - 1)
+        return runIndices(queries, from: first - offset - right, through: last - offset + left)
     }
 }
