@@ -28,6 +28,10 @@ import Foundation
 ///                 wait until the blocks before t of (b, hk) are done with (h, r); dQ[r] += C
 ///         dK ← acc_K, dV ← acc_V
 ///
+/// On a partial tile each micro-kernel block of 8 keys (or 8 queries for `C`) runs over only
+/// the queries (keys) the mask says may see it, as the forward's `P V` does; the terms it
+/// skips are exact zeros.
+///
 /// Determinism: `dK` and `dV` rows belong to one item and are summed over `(h, r)` in
 /// order; each `dQ` row gets its blocks' contributions in block order, enforced by
 /// ``BlockOrder`` (a lock and a condition variable: waiting, never racing). Items are handed
