@@ -87,8 +87,9 @@ extension DifferentiableAttention {
 
 extension DenseAttention: DifferentiableAttention {
     /// The flash-style backward of the tiled kernel (``TiledSoftmaxBackward``,
-    /// KernelDocs/Dense.md, "Backward"): `dK`, `dV` by key blocks, then `dQ` by query tiles,
-    /// both skipping the key tiles the forward skips; no `Nq × Nk` buffer.
+    /// KernelDocs/Dense.md, "Backward"): one pass over blocks of 128 keys, each computing its
+    /// `dK`, `dV` rows and adding its part of `dQ` in block order (deterministic without
+    /// atomics), skipping the query tiles that see none of its keys; no `Nq × Nk` buffer.
     ///
     /// ```
     /// // naive reference, for each b, h, i with visible keys J (hk = h / (H / Hkv)):
@@ -99,9 +100,10 @@ extension DenseAttention: DifferentiableAttention {
     /// dK[b,hk,j] += scale · dS[j] · q[b,h,i],   dV[b,hk,j] += P[j] · dO[b,h,i]
     /// ```
     ///
-    /// - Complexity: `(8·D + 6·Dv)` FLOPs per visible pair (the scores and `dP` are computed
-    ///   twice; the cost model counts the conventional `2.5 ×` the forward's `2·(D + Dv)`);
-    ///   workspace of some tens of KiB per thread, independent of `Nq` and `Nk`.
+    /// - Complexity: `6·D + 4·Dv` FLOPs per visible pair (the cost model counts the
+    ///   conventional `2.5 ×` the forward's `2·(D + Dv)`, the same for `Dv = D`); workspace
+    ///   of about 242 KiB per thread at `D = Dv = 64`, independent of `Nq` and `Nk`, plus one
+    ///   `Int` per 128 keys per key/value head for the ordering of the `dQ` sums.
     public func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
                           outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients {
         let (shape, scale) = try checkedGradientCall(query: query, key: key, value: value, output: output,

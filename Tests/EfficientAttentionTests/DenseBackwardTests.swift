@@ -323,7 +323,16 @@ struct DenseBackwardTests {
         for c in [BackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 200, keyLength: 150, headDim: 65,
                                valueDim: 33, causal: true, keyLengths: [150, 77], seed: 900),
                   BackwardCase(batch: 1, heads: 4, kvHeads: 1, queryLength: 130, keyLength: 257, headDim: 64,
-                               seed: 901)] {
+                               seed: 901),
+                  // One key/value head: consecutive key blocks are consecutive work items, so the
+                  // dQ ordering makes workers wait for each other.
+                  BackwardCase(batch: 1, heads: 1, queryLength: 300, keyLength: 900, headDim: 32, causal: true,
+                               seed: 902),
+                  // Causal Nq = Nk: key block 1 starts at query tile 2 while block 0 is still on
+                  // tiles 0 and 1, so without the ordering it would add to dQ first.
+                  BackwardCase(batch: 1, heads: 1, queryLength: 1000, headDim: 64, causal: true, seed: 904),
+                  BackwardCase(batch: 1, heads: 2, kvHeads: 1, queryLength: 700, keyLength: 500, headDim: 20,
+                               valueDim: 64, seed: 903)] {
             let (q, k, v, result, dO) = try c.inputs()
             let runs = try [1, 2, 3, 7, 7].map {
                 try c.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
@@ -339,7 +348,7 @@ struct DenseBackwardTests {
         }
     }
 
-    @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of the sequence lengths")
+    @Test("backward cost: 2.5 × the forward's FLOPs, per-worker workspace independent of the sequence lengths")
     func cost() throws {
         for causal in [false, true] {
             let dense = DenseAttention(causal: causal)
@@ -348,14 +357,47 @@ struct DenseBackwardTests {
             #expect(backward.flops == 2.5 * forward.flops)
             #expect(backward.scoredPairs == forward.scoredPairs)
             #expect(backward.workspaceBytes > 0)
+            // Per worker the same; the dQ ordering keeps one Int per block of 128 keys per head.
             let long = try dense.backwardCost(AttentionShape(heads: 8, queryLength: 1 << 16, headDim: 64), threads: 2)
-            #expect(long.workspaceBytes == backward.workspaceBytes)
+            #expect(long.workspaceBytes - backward.workspaceBytes == 8 * 8 * ((1 << 16) - 2048) / 128)
         }
         expectAttentionError(.invalidParameter, mentioning: ["threads"]) {
             try DenseAttention().backwardCost(AttentionShape(heads: 1, queryLength: 4, headDim: 4), threads: 0)
         }
         expectAttentionError(.unsupported, mentioning: ["headDim"]) {
             try DenseAttention().backwardCost(AttentionShape(heads: 1, queryLength: 4, headDim: 300), threads: 1)
+        }
+    }
+
+    @Test("a small gradient step on Q, K, V lowers L = ½‖O − T‖² by what the gradients predict")
+    func gradientStep() throws {
+        for causal in [false, true] {
+            let c = BackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 90, keyLength: 70, headDim: 24,
+                                 valueDim: 20, causal: causal, keyLengths: [70, 33], seed: 1000)
+            let (q, k, v, result, _) = try c.inputs()
+            let target = try randomTensor(result.output.shape, seed: 1001)
+            func loss(_ o: Tensor) -> Double {
+                zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+            }
+            // dL/dO = O − T.
+            let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
+            let g = try c.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                              keyLengths: c.keyLengths, threads: 2)
+            let eta: Float = 0.01
+            func step(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
+                try Tensor(shape: x.shape, data: zip(x.elements, dx.elements).map { $0 - eta * $1 })
+            }
+            let after = try c.attention.attend(query: step(q, g.dQuery), key: step(k, g.dKey), value: step(v, g.dValue),
+                                               keyLengths: c.keyLengths, threads: 2)
+            let squaredNorm = [g.dQuery, g.dKey, g.dValue].reduce(0.0) { sum, t in
+                t.elements.reduce(sum) { $0 + Double($1) * Double($1) }
+            }
+            let before = loss(result.output), decrease = before - loss(after.output)
+            let predicted = Double(eta) * squaredNorm
+            #expect(decrease > 0, "causal \(causal): the loss rose from \(before) by \(-decrease)")
+            // First order: L(x − η g) ≈ L − η ‖g‖²; the rest is O(η²).
+            #expect(abs(decrease - predicted) < 0.05 * predicted,
+                    "causal \(causal): decrease \(decrease), first-order prediction \(predicted), loss \(before)")
         }
     }
 

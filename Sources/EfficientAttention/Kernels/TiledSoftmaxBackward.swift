@@ -1,3 +1,5 @@
+import Foundation
+
 /// The flash-style backward pass of ``TiledSoftmaxAttention``: `dQ`, `dK`, `dV` from the
 /// forward's inputs, its output `O`, its log-sum-exp and the output gradient `dO`, with the
 /// probabilities recomputed tile by tile from the log-sum-exp (no `Nq × Nk` buffer).
@@ -7,29 +9,37 @@
 ///     P_ij  = exp(s_ij − lse_i)                    (0 for rows with lse = −∞ and hidden pairs)
 ///     D_i   = Σ_c dO_ic · O_ic                     (= Σ_j P_ij dP_ij)
 ///     dP_ij = dO_i · v_j
-///     dS_ij = P_ij · (dP_ij − D_i)
-///     dV_j  = Σ_i P_ij dO_i,   dK_j = scale · Σ_i dS_ij q_i,   dQ_i = scale · Σ_j dS_ij k_j
+///     dS_ij = scale · P_ij · (dP_ij − D_i)
+///     dV_j  = Σ_i P_ij dO_i,   dK_j = Σ_i dS_ij q_i,   dQ_i = Σ_j dS_ij k_j
 ///
-/// Two passes, each a set of independent work items whose sums run in a fixed order, so the
-/// results are bitwise identical for every thread count without atomics:
+/// One pass over key blocks (FlashAttention-2's backward loop order), with `dQ` summed in a
+/// fixed order instead of by atomics:
 ///
-///     pass 1, item = (b, key/value head hk, block of 2·Bc keys):        dK, dV of the block
+///     item = (b, key/value head hk, block t of 2·Bc keys), items block-major (block 0 first)
 ///         acc_K ← 0, acc_V ← 0
 ///         for each query head h of hk's group, in order:
-///             for each query tile that may see the block (the mask's transposed listing), in order:
-///                 Qᵀ ← scale · Q[tile]ᵀ, dOᵀ ← dO[tile]ᵀ, shift ← lse (−∞ → +∞), D ← rowsum(dO ∘ O)
+///             for each query tile r that may see the block (the mask's transposed listing), in order:
+///                 Qᵀ ← scale · Q[r]ᵀ, dOᵀ ← dO[r]ᵀ, shift ← lse (−∞ → +∞), D ← rowsum(dO ∘ O)
 ///                 Sᵀ ← K Qᵀ, dPᵀ ← V dOᵀ             micro-kernel, key and value rows read in place
 ///                 mask the partial tile's scores
-///                 Pᵀ ← exp(Sᵀ − shift), dSᵀ ← Pᵀ ∘ (dPᵀ − D)      lane-wise (queries in lanes)
+///                 Pᵀ ← exp(Sᵀ − shift), dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)   lane-wise (queries in lanes)
 ///                 acc_V += Pᵀ dO, acc_K += dSᵀ Q   micro-kernel, depth = the tile's queries
-///         dK ← scale · acc_K, dV ← acc_V
-///     pass 2, item = (b, h, query tile): the forward's work items, key tiles as the mask lists them
-///         Qᵀ, dOᵀ, shift, D as above; acc_Q ← 0
-///         for each key tile: Sᵀ, dPᵀ, mask, Pᵀ, dSᵀ as above; acc_Q += dS K   (depth = the tile's keys)
-///         dQ ← scale · acc_Q
+///                 C ← dS K                          micro-kernel, depth = the block's keys
+///                 wait until the blocks before t of (b, hk) are done with (h, r); dQ[r] += C
+///         dK ← acc_K, dV ← acc_V
 ///
-/// Pass 2 recomputes `Sᵀ` and `dPᵀ` (the price of determinism without a `dQ` reduction
-/// buffer): `(8·D + 6·Dv)` FLOPs per visible pair against the forward's `2·(D + Dv)`.
+/// On a partial tile each micro-kernel block of 8 keys (or 8 queries for `C`) runs over only
+/// the queries (keys) the mask says may see it, as the forward's `P V` does; the terms it
+/// skips are exact zeros.
+///
+/// Determinism: `dK` and `dV` rows belong to one item and are summed over `(h, r)` in
+/// order; each `dQ` row gets its blocks' contributions in block order, enforced by
+/// ``BlockOrder`` (a lock and a condition variable: waiting, never racing). Items are handed
+/// out in order, so a waiting item only waits for items handed out before it, and the
+/// oldest unfinished item never waits: no deadlock. So results are bitwise identical for
+/// every thread count. Blocks of one head seldom wait for each other: consecutive blocks of
+/// a head are `B·Hkv` items apart, and a later block walks the query tiles behind the
+/// earlier one.
 ///
 /// Scores stay transposed as in the forward (keys as rows, queries in SIMD lanes), so the
 /// masks' ``TileMask/maskScores(_:ld:tile:queries:)`` applies unchanged and the row
@@ -37,49 +47,41 @@
 /// probabilities (Transformer-XL, adaptive span) need their own derivatives and are not
 /// accepted here.
 ///
-/// Tiles: `Br = 64` queries (lanes), `Bc = 64` keys in pass 2 and blocks of `2·Bc = 128`
-/// keys in pass 1. Workspace per worker (floats; `Br′` = the query tile rounded up to 32,
-/// `R` = the pass's key rows rounded up to 8, `D′`, `Dv′` rounded up to 32):
-/// `(D + Dv)·Br′ + 2·R·Br′ + 2·Br′ + 8·32`, plus `Br′·(D′ + Dv′) + R·(D′ + Dv′)` in pass 1
-/// or `Br′·D′ + R·D′` in pass 2 (each buffer rounded up to 64 bytes): independent of the
-/// sequence lengths. The two passes' arenas are allocated one after the other.
+/// FLOPs per visible pair: `6·D + 4·Dv` (`Sᵀ`, `dPᵀ`, `dV`, `dK`, `dQ`), exactly 2.5 times
+/// the forward's `2·(D + Dv)` when `Dv = D`.
+///
+/// Tiles: `Br = 64` queries (lanes), blocks of `2·Bc = 128` keys. Workspace per worker
+/// (floats; `Br′` = the query tile rounded up to 32, `R` = the block rounded up to 8, `D′`,
+/// `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
+/// + Br′·D′ + R·D′ + 2·Br′ + 8·32` (each buffer rounded up to 64 bytes), independent of the
+/// sequence lengths; plus one `Int` per block of `B·Hkv` for the ordering.
 enum TiledSoftmaxBackward {
-    /// Query rows per tile in both passes: the forward's key tile, not tuned separately.
+    /// Query rows per tile: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
-    /// Keys per tile in pass 2: the forward's key tile.
-    static var keyTileSize: Int { Tuning.current.attentionKeyTile }
-    /// Keys per work item of pass 1: two key tiles, so that each query tile's preparation
-    /// (packing `Qᵀ`, `dOᵀ`, the row dots) serves 128 keys. Not tuned.
+    /// Keys per work item: two of the forward's key tiles, so that each query tile's
+    /// preparation (packing `Qᵀ`, `dOᵀ`, the row dots) serves 128 keys. Not tuned.
     static var keyBlockSize: Int { 2 * Tuning.current.attentionKeyTile }
 
-    /// Which pass a workspace serves.
-    enum Pass { case keysValues, queries }
-
-    /// Lanes of a query tile (a multiple of ``MicroTile/nr``) and rows (multiples of
-    /// ``MicroTile/mr``) of a pass's key tiles for `shape`.
-    static func tileExtents(_ shape: AttentionShape, _ pass: Pass) -> (lanes: Int, keyRows: Int) {
+    /// Lanes of a query tile (a multiple of ``MicroTile/nr``) and rows of a key block (a
+    /// multiple of ``MicroTile/mr``) for `shape`.
+    static func tileExtents(_ shape: AttentionShape) -> (lanes: Int, keyRows: Int) {
         (roundUp(min(queryTileSize, shape.queryLength), MicroTile.nr),
-         roundUp(min(pass == .keysValues ? keyBlockSize : keyTileSize, shape.keyLength), MicroTile.mr))
+         roundUp(min(keyBlockSize, shape.keyLength), MicroTile.mr))
     }
 
-    /// Work items of each pass: pass 1 one per (batch, key/value head, key block), pass 2
-    /// one per (batch, head, query tile) of contiguous tiles.
-    static func itemCounts(_ shape: AttentionShape) -> (keysValues: Int, queries: Int) {
-        (shape.batch * shape.kvHeads * ceilDiv(shape.keyLength, keyBlockSize),
-         shape.batch * shape.heads * ceilDiv(shape.queryLength, queryTileSize))
+    /// Work items: one per (batch item, key/value head, key block).
+    static func itemCount(_ shape: AttentionShape) -> Int {
+        shape.batch * shape.kvHeads * ceilDiv(shape.keyLength, keyBlockSize)
     }
 
     /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:dO:dQ:dK:dV:mask:)`` allocates
-    /// with `threads` workers (`nil`: every active processor): the larger of the two passes'
-    /// arenas (they are allocated one after the other).
+    /// with `threads` workers (`nil`: every active processor): the workers' arena and the
+    /// ordering's table.
     static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
-        let items = itemCounts(shape)
-        func bytes(_ pass: Pass) -> Int {
-            let (lanes, keyRows) = tileExtents(shape, pass)
-            return Workspace.byteCount(pass: pass, d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
-        }
-        return max(bytes(.keysValues) * workerCount(threads: threads, items: items.keysValues),
-                   bytes(.queries) * workerCount(threads: threads, items: items.queries))
+        let (lanes, keyRows) = tileExtents(shape)
+        let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
+        let items = itemCount(shape)
+        return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
     }
 
     /// Allocates `dQ [B, H, Nq, D]`, `dK [B, Hkv, Nk, D]`, `dV [B, Hkv, Nk, Dv]` and fills them
@@ -106,8 +108,8 @@ enum TiledSoftmaxBackward {
     ///
     /// `mask(b, h)` is the forward's visibility of batch item `b`, query head `h`; query head
     /// `h` reads key/value head `h / (H / Hkv)`. Every row of `dK` and `dV` is written (0 for
-    /// keys no query sees); every row of `dQ` in a query tile of the mask's partition is
-    /// written (0 for queries with no visible key or `lse = −∞`).
+    /// keys no query sees). `dQ` must hold zeros on entry: the blocks add their
+    /// contributions to it (rows with no visible key, or `lse = −∞`, stay 0).
     static func run<Mask: TransposedTileMask>(
         shape: AttentionShape, scale: Float, threads: Int,
         q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
@@ -117,50 +119,24 @@ enum TiledSoftmaxBackward {
         precondition(!Mask.addsScoreTerms && !Mask.weightsProbabilities,
                      "the tiled backward pass takes masks without score or weight hooks")
         let d = shape.headDim, dv = shape.valueDim
-        let br = queryTileSize, bc = keyTileSize, blockSize = keyBlockSize
+        let blockSize = keyBlockSize
         let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale)
-
-        // Pass 1: dK and dV, one item per (b, hk, key block), key blocks in order (the first
-        // ones are the heaviest under causal masks).
         let blocks = ceilDiv(shape.keyLength, blockSize)
-        let (lanes, blockRows) = tileExtents(shape, .keysValues)
+        let (lanes, keyRows) = tileExtents(shape)
         let kvHeads = shape.batch * shape.kvHeads
-        let kvItems = kvHeads * blocks
-        WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: kvItems), zeroed: true, layout: {
-            Workspace(carving: &$0, pass: .keysValues, d: d, dv: dv, lanes: lanes, keyRows: blockRows)
+        let items = kvHeads * blocks
+        let order = BlockOrder(heads: kvHeads, blocks: blocks)
+        WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
+            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
         }) { spaces in
-            parallelForEach(items: kvItems, threads: spaces.count) { item, worker in
-                let head = item % kvHeads
-                let b = head / shape.kvHeads, hk = head % shape.kvHeads
-                let start = (item / kvHeads) * blockSize
+            // Block-major: every head's block 0 (the heaviest under causal masks) first.
+            parallelForEach(items: items, threads: spaces.count) { item, worker in
+                let head = item % kvHeads, t = item / kvHeads
+                let start = t * blockSize
                 let block = PositionRun(start: start, count: min(blockSize, shape.keyLength - start))
-                keyValueItem(shape: shape, space: spaces[worker], operands: operands, b: b, hk: hk, block: block,
-                              queryTile: br, dK: dK, dV: dV, mask: mask)
-            }
-        }
-
-        // Pass 2: dQ, the forward's work items (heaviest query tiles first).
-        let heads = shape.batch * shape.heads
-        var tiles = 0
-        for b in 0..<shape.batch {
-            for h in 0..<shape.heads {
-                tiles = max(tiles, mask(b, h).queryTileCount(queryLength: shape.queryLength, tileSize: br))
-            }
-        }
-        let qItems = tiles * heads
-        guard qItems > 0 else { return }
-        let keyRows = tileExtents(shape, .queries).keyRows
-        WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: qItems), zeroed: true, layout: {
-            Workspace(carving: &$0, pass: .queries, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
-        }) { spaces in
-            parallelForEach(items: qItems, threads: spaces.count) { item, worker in
-                let head = item % heads
-                let b = head / shape.heads, h = head % shape.heads
-                let headMask = mask(b, h)
-                let queries = headMask.queryTile(tiles - 1 - item / heads, queryLength: shape.queryLength, tileSize: br)
-                guard queries.count > 0 else { return }
-                queryItem(shape: shape, space: spaces[worker], operands: operands, b: b, h: h, queries: queries,
-                          keyTile: bc, dQ: dQ, mask: headMask)
+                blockItem(shape: shape, space: spaces[worker], operands: operands, head: head, blockIndex: t,
+                          block: block, order: order, dQ: dQ, dK: dK, dV: dV, mask: mask)
+                order.finish(head: head, block: t)
             }
         }
     }
@@ -172,19 +148,30 @@ enum TiledSoftmaxBackward {
         let scale: Float
     }
 
-    /// Pass 1's work item: `dK`, `dV` of the keys `block` of key/value head `hk`.
-    static func keyValueItem<Mask: TransposedTileMask>(
-        shape: AttentionShape, space: Workspace, operands x: Operands, b: Int, hk: Int, block: PositionRun,
-        queryTile br: Int, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
+    /// One work item: `dK`, `dV` of the keys `block` (block `t`) of key/value head `head`
+    /// (`b · Hkv + hk`), and their contributions to `dQ`.
+    static func blockItem<Mask: TransposedTileMask>(
+        shape: AttentionShape, space: Workspace, operands x: Operands, head: Int, blockIndex t: Int,
+        block: PositionRun, order: BlockOrder,
+        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
     ) {
+        let b = head / shape.kvHeads, hk = head % shape.kvHeads
         let d = x.d, dv = x.dv, dPad = space.dPad, dvPad = space.dvPad
+        let br = queryTileSize, queryTiles = ceilDiv(shape.queryLength, br)
         space.accK.update(repeating: 0, count: space.keyRows * dPad)
         space.accV.update(repeating: 0, count: space.keyRows * dvPad)
         let queryRowsInPlace = x.q.strides[3] == 1 && dPad == d
         let gradientRowsInPlace = x.dO.strides[3] == 1 && dvPad == dv
-        for h in (hk * shape.groupSize)..<((hk + 1) * shape.groupSize) {
+        // The block's key rows as the `B` operand of C = dS K: in place when they are whole
+        // micro-tile rows, else packed once for the item.
+        let keyRowsInPlace = x.k.strides[3] == 1 && dPad == d
+        if !keyRowsInPlace {
+            TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: space.keyRowsPacked, ld: dPad)
+        }
+        let qs = dQ.strides[3]
+        for (local, h) in ((hk * shape.groupSize)..<((hk + 1) * shape.groupSize)).enumerated() {
             let headMask = mask(b, h)
-            headMask.forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: br) { queries, tile in
+            headMask.forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: br) { r, queries, tile in
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
                 gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, mask: headMask)
@@ -209,56 +196,57 @@ enum TiledSoftmaxBackward {
                 }
                 // acc_V += Pᵀ dO, acc_K += dSᵀ Q: key rows of the tile, depth = its queries.
                 let row = tile.keys.start - block.start
-                accumulateProduct(rows: tile.keys.count, width: dvPad, depth: queries.count,
+                // On a partial tile each block of MR keys runs over only the queries that may see
+                // it (the others have P = dS = 0).
+                let visibleQueries = { (keys: Range<Int>) -> Range<Int> in
+                    tile.fullyVisible ? 0..<queries.count
+                        : headMask.visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+                }
+                accumulateProduct(rows: tile.keys.count, width: dvPad, span: visibleQueries,
                                   a: UnsafePointer(space.probabilities), rowStride: space.lanes, depthStride: 1,
                                   b: gradientRows, ldb: ldg, c: space.accV + row * dvPad, ldc: dvPad, edge: space.edge)
-                accumulateProduct(rows: tile.keys.count, width: dPad, depth: queries.count,
+                accumulateProduct(rows: tile.keys.count, width: dPad, span: visibleQueries,
                                   a: UnsafePointer(space.scoreGradients), rowStride: space.lanes, depthStride: 1,
                                   b: queryRows, ldb: ldq, c: space.accK + row * dPad, ldc: dPad, edge: space.edge)
+                // C = dS K: query rows (dSᵀ read across its columns), depth = the tile's keys.
+                // Rows past the tile's queries are padding rows of C, never added to dQ.
+                let keyRows: UnsafePointer<Float>, ldk: Int
+                if keyRowsInPlace {
+                    keyRows = x.k.row(b, hk, tile.keys.start)
+                    ldk = x.k.strides[2]
+                } else {
+                    keyRows = UnsafePointer(space.keyRowsPacked + row * dPad)
+                    ldk = dPad
+                }
+                // On a partial tile each block of MR queries runs over only the keys it may see.
+                accumulateProduct(rows: roundUp(queries.count, MicroTile.mr), width: dPad,
+                                  span: { lanes in
+                                      tile.fullyVisible ? 0..<tile.keys.count
+                                          : headMask.visibleKeyIndices(tile: tile, queries: queries, lanes: lanes)
+                                  },
+                                  a: UnsafePointer(space.scoreGradients), rowStride: 1, depthStride: space.lanes,
+                                  b: keyRows, ldb: ldk, c: space.accQ, ldc: dPad, edge: space.edge,
+                                  overwrite: true)
+                // dQ[r] += C once every earlier block of this head has added its part.
+                let position = local * queryTiles + r
+                order.waitForTurn(head: head, block: t, position: position)
+                for ii in 0..<queries.count {
+                    let out = dQ.row(b, h, queries.position(ii)), contribution = space.accQ + ii * dPad
+                    if qs == 1 {
+                        for c in 0..<d { out[c] += contribution[c] }
+                    } else {
+                        for c in 0..<d { out[c &* qs] += contribution[c] }
+                    }
+                }
+                order.publish(head: head, block: t, donePast: position)
             }
         }
-        let ks = dK.strides[3], vs = dV.strides[3], scale = x.scale
+        let ks = dK.strides[3], vs = dV.strides[3]
         for r in 0..<block.count {
             let keyOut = dK.row(b, hk, block.position(r)), valueOut = dV.row(b, hk, block.position(r))
             let keyAcc = space.accK + r * dPad, valueAcc = space.accV + r * dvPad
-            for c in 0..<d { keyOut[c &* ks] = scale * keyAcc[c] }
+            for c in 0..<d { keyOut[c &* ks] = keyAcc[c] }
             for c in 0..<dv { valueOut[c &* vs] = valueAcc[c] }
-        }
-    }
-
-    /// Pass 2's work item: `dQ` of the query tile `queries` of head `h`.
-    static func queryItem<Mask: TileMask>(
-        shape: AttentionShape, space: Workspace, operands x: Operands, b: Int, h: Int, queries: PositionRun,
-        keyTile bc: Int, dQ: MutableTensorView, mask: Mask
-    ) {
-        let d = x.d, dPad = space.dPad
-        let hk = h / shape.groupSize
-        let lanes = roundUp(queries.count, MicroTile.nr)
-        let keyRowsInPlace = x.k.strides[3] == 1 && dPad == d
-        space.accQ.update(repeating: 0, count: space.lanes * dPad)
-        prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
-        mask.forEachKeyTile(queries: queries, tileSize: bc) { tile in
-            let keys = tile.keys
-            gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, mask: mask)
-            let keyRows: UnsafePointer<Float>, ldk: Int
-            if keyRowsInPlace {
-                keyRows = x.k.row(b, hk, keys.start)
-                ldk = keys.step &* x.k.strides[2]
-            } else {
-                TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: keys, dv: d, into: space.keyRowsPacked, ld: dPad)
-                keyRows = UnsafePointer(space.keyRowsPacked)
-                ldk = dPad
-            }
-            // acc_Q += dS K: query rows (dSᵀ read across its columns), depth = the tile's keys.
-            // Rows past the tile's queries are padding rows of acc_Q, never written out.
-            accumulateProduct(rows: roundUp(queries.count, MicroTile.mr), width: dPad, depth: keys.count,
-                              a: UnsafePointer(space.scoreGradients), rowStride: 1, depthStride: space.lanes,
-                              b: keyRows, ldb: ldk, c: space.accQ, ldc: dPad, edge: space.edge)
-        }
-        let qs = dQ.strides[3], scale = x.scale
-        for ii in 0..<queries.count {
-            let out = dQ.row(b, h, queries.position(ii)), acc = space.accQ + ii * dPad
-            for c in 0..<d { out[c &* qs] = scale * acc[c] }
         }
     }
 
@@ -311,61 +299,74 @@ enum TiledSoftmaxBackward {
         if !tile.fullyVisible {
             mask.maskScores(space.probabilities, ld: ld, tile: tile, queries: queries)
         }
-        softmaxGradient(space, keyCount: keys.count, lanes: lanes)
+        softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
     }
 
-    /// `Pᵀ ← exp(Sᵀ − shift)` and `dSᵀ ← Pᵀ ∘ (dPᵀ − D)`, lane-wise. Not inlined, as the
-    /// forward's `onlineSoftmax`: `VectorMath.exp` stays in registers.
+    /// `Pᵀ ← exp(Sᵀ − shift)` and `dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)`, lane-wise. Not inlined, as
+    /// the forward's `onlineSoftmax`: `VectorMath.exp` stays in registers.
     @inline(never)
-    static func softmaxGradient(_ space: Workspace, keyCount: Int, lanes: Int) {
+    static func softmaxGradient(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
         let ld = space.lanes
+        let scale = Vec16(repeating: scale)
         for lane in stride(from: 0, to: lanes, by: 16) {
             let shift = load16(space.shift + lane), dot = load16(space.rowDot + lane)
             var scores = space.probabilities + lane, gradients = space.scoreGradients + lane
             for _ in 0..<keyCount {
                 let p = VectorMath.exp16(load16(scores) - shift)
                 store16(p, scores)
-                store16(p * (load16(gradients) - dot), gradients)
+                store16(scale * p * (load16(gradients) - dot), gradients)
                 scores += ld
                 gradients += ld
             }
         }
     }
 
-    /// `C[r, 0..<width] += Σ_{k < depth} A[r, k] · B[k, 0..<width]` for `r < rows`, with
-    /// `A[r, k] = a[r · rowStride + k · depthStride]`, `B` rows `ldb` apart and `width` a
-    /// multiple of ``MicroTile/nr``. Whole blocks of ``MicroTile/mr`` rows go straight into
-    /// `C`; a last partial block goes through `edge` so that the rows of `C` past `rows` are
-    /// never touched. Each element is `C + (the depth sum)`, the same arithmetic either way.
+    /// `C[r, 0..<width] += Σ_{k ∈ span} A[r, k] · B[k, 0..<width]` (or `=` with
+    /// `overwrite`) for `r < rows`, with `A[r, k] = a[r · rowStride + k · depthStride]`, `B`
+    /// rows `ldb` apart, `width` a multiple of ``MicroTile/nr``, and `span(rows)` the depth
+    /// range of a block of at most ``MicroTile/mr`` rows (the terms outside it are zero).
+    /// Whole blocks of ``MicroTile/mr`` rows go straight into `C`; a last partial block goes
+    /// through `edge` so that the rows of `C` past `rows` are never touched. Each element is
+    /// `C + (the depth sum)` (or the sum), the same arithmetic either way.
     @inline(__always)
-    static func accumulateProduct(rows: Int, width: Int, depth: Int,
+    static func accumulateProduct(rows: Int, width: Int, span: (_ rows: Range<Int>) -> Range<Int>,
                                   a: UnsafePointer<Float>, rowStride: Int, depthStride: Int,
                                   b: UnsafePointer<Float>, ldb: Int,
-                                  c: UnsafeMutablePointer<Float>, ldc: Int, edge: UnsafeMutablePointer<Float>) {
+                                  c: UnsafeMutablePointer<Float>, ldc: Int, edge: UnsafeMutablePointer<Float>,
+                                  overwrite: Bool = false) {
         let mr = MicroTile.mr, nr = MicroTile.nr
-        guard depth > 0 else { return }
         for block in stride(from: 0, to: rows, by: mr) {
             let count = min(mr, rows - block)
-            let operand = BroadcastOperand(base: a + block * rowStride, rowStride: rowStride,
-                                           depthStride: depthStride, rows: count)
+            let depth = span(block..<(block + count))
+            guard !depth.isEmpty else {
+                if overwrite { for r in block..<(block + count) { (c + r * ldc).update(repeating: 0, count: width) } }
+                continue
+            }
+            let operand = BroadcastOperand(base: a + block * rowStride + depth.lowerBound * depthStride,
+                                           rowStride: rowStride, depthStride: depthStride, rows: count)
+            let panels = b + depth.lowerBound * ldb
             for panel in stride(from: 0, to: width, by: nr) {
                 let target = c + block * ldc + panel
                 if count == mr {
-                    microKernel(depth: depth, a: operand, b: b + panel, ldb: ldb, c: target, ldc: ldc,
-                                update: .accumulate)
+                    microKernel(depth: depth.count, a: operand, b: panels + panel, ldb: ldb, c: target, ldc: ldc,
+                                update: overwrite ? .overwrite : .accumulate)
                 } else {
-                    microKernel(depth: depth, a: operand, b: b + panel, ldb: ldb, c: edge, ldc: nr,
+                    microKernel(depth: depth.count, a: operand, b: panels + panel, ldb: ldb, c: edge, ldc: nr,
                                 update: .overwrite)
                     for r in 0..<count {
                         let source = edge + r * nr, row = target + r * ldc
-                        for col in 0..<nr { row[col] += source[col] }
+                        if overwrite {
+                            for col in 0..<nr { row[col] = source[col] }
+                        } else {
+                            for col in 0..<nr { row[col] += source[col] }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// One worker's scratch memory, carved from a zero-filled arena once per pass.
+    /// One worker's scratch memory, carved from a zero-filled arena once per call.
     struct Workspace {
         /// Lanes of a query tile (the leading dimension of the transposed tiles) and rows of
         /// a key tile.
@@ -373,67 +374,134 @@ enum TiledSoftmaxBackward {
         let dPad: Int, dvPad: Int
         /// `scale · Qᵀ` (`D × lanes`) and `dOᵀ` (`Dv × lanes`).
         let qT, gradientT: UnsafeMutablePointer<Float>
-        /// Packed query and `dO` rows (pass 1's `B` operands when not read in place).
+        /// Packed query and `dO` rows (`B` operands when not read in place).
         let queryRows, gradientRows: UnsafeMutablePointer<Float>
         /// `Sᵀ` then `Pᵀ`, and `dPᵀ` then `dSᵀ` (`keyRows × lanes` each).
         let probabilities, scoreGradients: UnsafeMutablePointer<Float>
         /// Per lane: the probability shift and `D = rowsum(dO ∘ O)`.
         let shift, rowDot: UnsafeMutablePointer<Float>
-        /// The edge tile of ``accumulateProduct(rows:width:depth:a:rowStride:depthStride:b:ldb:c:ldc:edge:)``.
+        /// The edge tile of ``accumulateProduct(rows:width:span:a:rowStride:depthStride:b:ldb:c:ldc:edge:overwrite:)``.
         let edge: UnsafeMutablePointer<Float>
-        /// Pass 1: the block's `dK` and `dV` accumulators (`keyRows × D′`, `keyRows × Dv′`).
+        /// The block's `dK` and `dV` accumulators (`keyRows × D′`, `keyRows × Dv′`).
         let accK, accV: UnsafeMutablePointer<Float>
-        /// Pass 2: the tile's `dQ` accumulator (`lanes × D′`) and packed key rows (`keyRows × D′`).
+        /// One tile's `dQ` contribution (`lanes × D′`) and the block's packed key rows
+        /// (`keyRows × D′`, when not read in place).
         let accQ, keyRowsPacked: UnsafeMutablePointer<Float>
 
-        init(carving carver: inout WorkspaceCarver, pass: Pass, d: Int, dv: Int, lanes: Int, keyRows: Int) {
+        init(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int, keyRows: Int) {
             self.lanes = lanes
             self.keyRows = keyRows
             dPad = roundUp(d, MicroTile.nr)
             dvPad = roundUp(dv, MicroTile.nr)
             qT = carver.take(d * lanes)
             gradientT = carver.take(dv * lanes)
-            queryRows = carver.take(pass == .keysValues ? lanes * dPad : 0)
-            gradientRows = carver.take(pass == .keysValues ? lanes * dvPad : 0)
+            queryRows = carver.take(lanes * dPad)
+            gradientRows = carver.take(lanes * dvPad)
             probabilities = carver.take(keyRows * lanes)
             scoreGradients = carver.take(keyRows * lanes)
             shift = carver.take(lanes)
             rowDot = carver.take(lanes)
             edge = carver.take(MicroTile.mr * MicroTile.nr)
-            accK = carver.take(pass == .keysValues ? keyRows * dPad : 0)
-            accV = carver.take(pass == .keysValues ? keyRows * dvPad : 0)
-            accQ = carver.take(pass == .queries ? lanes * dPad : 0)
-            keyRowsPacked = carver.take(pass == .queries ? keyRows * dPad : 0)
+            accK = carver.take(keyRows * dPad)
+            accV = carver.take(keyRows * dvPad)
+            accQ = carver.take(lanes * dPad)
+            keyRowsPacked = carver.take(keyRows * dPad)
         }
 
-        static func byteCount(pass: Pass, d: Int, dv: Int, lanes: Int, keyRows: Int) -> Int {
+        static func byteCount(d: Int, dv: Int, lanes: Int, keyRows: Int) -> Int {
             WorkspaceCarver.bytes {
-                _ = Workspace(carving: &$0, pass: pass, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
+                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
             }
         }
+    }
+}
+
+/// The order in which key blocks add their contributions to `dQ`: for each key/value head
+/// (`b · Hkv + hk`), block `t` may add to a query tile at position `p` (its place in the
+/// block's walk: query head of the group, then query tile) only once every block before
+/// `t` is done with every position up to `p`. Each block publishes how far it is done
+/// (``publish(head:block:donePast:)``, monotone) and finishes with
+/// ``finish(head:block:)``; blocks not yet started count as done with nothing.
+///
+/// A lock and a condition variable (no spinning, no atomics): a few thousand lock
+/// operations per call against millions of FLOPs per operation.
+final class BlockOrder: @unchecked Sendable {
+    private let condition = NSCondition()
+    private let blocks: Int
+    /// Per (head, block): the positions below this are done (`Int.max`: finished).
+    private var done: [Int]
+    /// Per head: the blocks before this are all finished.
+    private var finishedPrefix: [Int]
+
+    init(heads: Int, blocks: Int) {
+        self.blocks = blocks
+        done = [Int](repeating: 0, count: heads * blocks)
+        finishedPrefix = [Int](repeating: 0, count: heads)
+    }
+
+    /// Blocks until every block before `block` of `head` is done past `position`.
+    func waitForTurn(head: Int, block: Int, position: Int) {
+        condition.lock()
+        defer { condition.unlock() }
+        while !isTurn(head: head, block: block, position: position) { condition.wait() }
+    }
+
+    /// Whether every block before `block` of `head` is done past `position` (lock held).
+    private func isTurn(head: Int, block: Int, position: Int) -> Bool {
+        var s = finishedPrefix[head]
+        while s < block {
+            if done[head * blocks + s] <= position { return false }
+            s += 1
+        }
+        return true
+    }
+
+    /// Records that `block` of `head` is done with every position up to `position`.
+    func publish(head: Int, block: Int, donePast position: Int) {
+        condition.lock()
+        done[head * blocks + block] = position + 1
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Records that `block` of `head` has added all its contributions.
+    func finish(head: Int, block: Int) {
+        condition.lock()
+        done[head * blocks + block] = .max
+        var prefix = finishedPrefix[head]
+        while prefix < blocks && done[head * blocks + prefix] == .max { prefix += 1 }
+        finishedPrefix[head] = prefix
+        condition.broadcast()
+        condition.unlock()
     }
 }
 
 /// A ``TileMask`` that also lists its tiles key-major, for the backward pass's `dK`/`dV`
 /// work items.
 protocol TransposedTileMask: TileMask {
-    /// Calls `body`, in a fixed order, for each query tile (at most `queryTile` queries)
-    /// that may hold a query seeing one of `keys` (a contiguous run of step 1), with the key
-    /// tile to score it against: a contiguous sub-run of `keys` holding every key of `keys`
-    /// the tile's queries may see, flagged fully visible when every pair is (the mask's
-    /// ``TileMask/maskScores(_:ld:tile:queries:)`` masks the others). Keys of `keys` outside the listed tiles are invisible
-    /// to every query; the query tiles listed for one `keys` are disjoint.
+    /// Calls `body`, in increasing order of `index`, for each query tile (tile `index` of
+    /// the contiguous tiles of `queryTile` queries, `index < ⌈queryLength / queryTile⌉`) that
+    /// may hold a query seeing one of `keys` (a contiguous run of step 1), with the key tile
+    /// to score it against: a contiguous sub-run of `keys` holding every key of `keys` the
+    /// tile's queries may see, flagged fully visible when every pair is (the mask's
+    /// ``TileMask/maskScores(_:ld:tile:queries:)`` masks the others). Keys of `keys`
+    /// outside the listed tiles are invisible to every query.
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
-                          _ body: (_ queries: PositionRun, _ tile: KeyTile) -> Void)
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void)
+
+    /// The queries of a partially visible `tile` (indices into `queries`) that may see one
+    /// of its keys `keys` (indices into `tile.keys`, one block of ``MicroTile/mr`` or fewer):
+    /// the backward's `dK`/`dV` products skip the others, whose probabilities are 0. The
+    /// key-major partner of ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
 }
 
 extension IntervalMask: TransposedTileMask {
     /// Query `i` sees key `j` iff `i + offset − left ≤ j ≤ i + offset + right` and `j < keyEnd`:
-    /// the keys of `keys` below `keyEnd` are seen by queries
-    /// `first − offset − right … last + offset + left`, listed in contiguous tiles of
-    /// `queryTile` (the forward's partition).
+    /// the keys `first … last` of `keys` below `keyEnd` are seen by queries
+    /// `first − offset − right … last − offset + left`.
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
-                          _ body: (_ queries: PositionRun, _ tile: KeyTile) -> Void) {
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
         precondition(keys.step == 1, "key-major listing takes contiguous keys")
         let first = keys.start, last = min(keys.last, keyEnd - 1)
         guard first <= last else { return }
@@ -444,7 +512,14 @@ extension IntervalMask: TransposedTileMask {
             let start = t * queryTile
             let queries = PositionRun(start: start, count: min(queryTile, queryLength - start))
             let full = queries.last + offset - left <= first && last <= queries.start + offset + right
-            body(queries, KeyTile(keys: visible, fullyVisible: full))
+            body(t, queries, KeyTile(keys: visible, fullyVisible: full))
         }
+    }
+
+    /// Keys `j` of `keys` are seen by queries `j − offset − right … j − offset + left`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        let first = tile.keys.position(keys.lowerBound), last = tile.keys.position(keys.upperBound - 1)
+        return runIndices(queries, from: first - offset - right, through: last - offset + left)
     }
 }
