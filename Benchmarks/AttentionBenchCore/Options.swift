@@ -87,6 +87,9 @@ public struct BenchOptions: Equatable, Sendable {
     /// Decode mode (`--decode`): `sequenceLengths` are query positions per step (default 1)
     /// against a key/value cache of each of `cacheLengths` positions.
     public var decode = false
+    /// `--backward`: also time the backward pass alone and forward plus backward, for the
+    /// conformers that have one (records with `pass` "backward" and "forward+backward").
+    public var backward = false
     /// Cache lengths of decode mode (`--cache`).
     public var cacheLengths: [Int] = [32768]
     /// Cache storage of decode mode (`--cache-precision`).
@@ -135,6 +138,7 @@ extension BenchOptions {
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
         OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
         OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
         OptionSpec(name: "cache-precision", value: "f32|f16|both", help: "decode: cache storage [f32]"),
@@ -287,6 +291,8 @@ extension BenchOptions {
             options.variants = try parseVariants(text, registry: registry)
         }
         options.decode = given["decode"] != nil
+        options.backward = given["backward"] != nil
+        if options.backward && options.decode { throw BenchError.usage("--backward does not combine with --decode") }
         if options.decode { options.sequenceLengths = [1] }
         if let text = given["seq"] { options.sequenceLengths = try parseList(text, option: "seq") }
         for key in ["cache", "cache-precision"] where given[key] != nil && !options.decode {

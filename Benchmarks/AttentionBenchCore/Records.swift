@@ -51,6 +51,8 @@ public struct BenchRecord: Equatable, Sendable {
     public var gbPerSecond: Double?
     /// Decode mode: the measured streaming read bandwidth with `threads` threads, GB/s.
     public var peakGBPerSecond: Double?
+    /// What was timed: "forward", "backward" (the gradients alone) or "forward+backward".
+    public var pass = "forward"
     /// Heap allocations per timed call (engine style: views, caller-owned output, a reused
     /// workspace), counted; `nil` where allocations are not counted.
     public var allocationsPerCall: Double?
@@ -101,7 +103,7 @@ public struct BenchRecord: Equatable, Sendable {
 
     /// The problem (shape, causal) and thread count, for matching a record with its baselines.
     public var problemKey: String {
-        "\(batch)/\(heads)/\(kvHeads)/\(seqQ)/\(seqK)/\(dim)/\(valueDim)/\(causal)/\(threads)"
+        "\(pass)/\(batch)/\(heads)/\(kvHeads)/\(seqQ)/\(seqK)/\(dim)/\(valueDim)/\(causal)/\(threads)"
     }
 
     /// A value of a record field.
@@ -119,7 +121,7 @@ public struct BenchRecord: Equatable, Sendable {
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
         "gbPerSecond", "peakGBPerSecond", "errorRows", "maxResidentBytes", "growthPerQuadrupling",
-        "allocationsPerCall",
+        "allocationsPerCall", "pass",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -131,7 +133,7 @@ public struct BenchRecord: Equatable, Sendable {
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
          .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond),
          .double(errorRows.map(Double.init)), .double(maxResidentBytes.map(Double.init)),
-         .double(growthPerQuadrupling), .double(allocationsPerCall)]
+         .double(growthPerQuadrupling), .double(allocationsPerCall), .string(pass)]
     }
 }
 

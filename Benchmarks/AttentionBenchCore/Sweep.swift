@@ -354,6 +354,15 @@ public final class SweepRunner {
                 outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows,
                 maxResidentBytes: measured.maxResidentBytes, allocationsPerCall: measured.allocationsPerCall)
             results.append((job, record))
+            if options.backward {
+                if let differentiable = job.conformer as? any DifferentiableAttention {
+                    for extra in try timeBackward(job, differentiable, inputs, forward: record, peak: peak) {
+                        results.append((job, extra))
+                    }
+                } else {
+                    progress("note: \(job.entry.name) has no backward pass yet (--backward skipped)")
+                }
+            }
         }
         let sorted = results.sorted { a, b in
             (a.job.pointIndex, a.job.variantIndex) < (b.job.pointIndex, b.job.variantIndex)
@@ -400,6 +409,46 @@ public final class SweepRunner {
         var maxResidentBytes: Int?
         /// Heap allocations per timed call (nil where they are not counted).
         var allocationsPerCall: Double?
+    }
+
+    /// `--backward`: the gradients alone (given the forward's output and log-sum-exp and a
+    /// seeded `dO`), then forward plus backward, each timed as the policy says; records
+    /// with FLOPs from `backwardCost` (2.5× the forward's for dense).
+    func timeBackward(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
+                      forward: BenchRecord, peak: Double) throws -> [BenchRecord] {
+        let threads = job.threads, shape = job.problem.shape
+        let backwardCost = try attention.backwardCost(shape, threads: threads)
+        let result = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                          keyLengths: nil, threads: threads)
+        let dO = try Tensor.random(shape: result.output.shape, seed: options.seed &+ 0x0d0)
+        func gradients() throws {
+            _ = try attention.gradients(query: inputs.query, key: inputs.key, value: inputs.value,
+                                        output: result.output, logSumExp: result.logSumExp, outputGradient: dO,
+                                        keyLengths: nil, threads: threads)
+        }
+        let alone = try timeEngineCalls(policy: options.timing, gradients)
+        let both = try timeEngineCalls(policy: options.timing) {
+            let r = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                         keyLengths: nil, threads: threads)
+            _ = try attention.gradients(query: inputs.query, key: inputs.key, value: inputs.value,
+                                        output: r.output, logSumExp: r.logSumExp, outputGradient: dO,
+                                        keyLengths: nil, threads: threads)
+        }
+        func record(_ pass: String, _ timed: (timing: TimingStatistics, allocationsPerCall: Double?),
+                    flops: Double, workspace: Int) -> BenchRecord {
+            var r = BenchRecord(
+                variant: forward.variant, batch: forward.batch, heads: forward.heads, kvHeads: forward.kvHeads,
+                seqQ: forward.seqQ, seqK: forward.seqK, dim: forward.dim, valueDim: forward.valueDim,
+                causal: forward.causal, threads: forward.threads, parameters: forward.parameters,
+                runs: timed.timing.runs, medianSeconds: timed.timing.medianSeconds, minSeconds: timed.timing.minSeconds,
+                flops: flops, scoredPairs: forward.scoredPairs, peakGflops: peak, workspaceBytes: workspace,
+                measuredPeakBytes: 0, outputBytes: forward.outputBytes, allocationsPerCall: timed.allocationsPerCall)
+            r.pass = pass
+            return r
+        }
+        return [record("backward", alone, flops: backwardCost.flops, workspace: backwardCost.workspaceBytes),
+                record("forward+backward", both, flops: backwardCost.flops + job.cost.flops,
+                       workspace: max(backwardCost.workspaceBytes, job.cost.workspaceBytes))]
     }
 
     /// The measured call (the allocating `Tensor` API: heap growth, output for the error

@@ -130,7 +130,7 @@ public enum ReportTable {
             let group = "\(r.batch)/\(r.heads)/\(r.dim)/\(r.causal)/\(r.seqQ)/\(r.seqK)/\(r.threads)"
             if let lastGroup, lastGroup != group { rows.append([""]) }
             lastGroup = group
-            var row = [r.variant]
+            var row = [r.pass == "forward" ? r.variant : "\(r.variant) \(r.pass)"]
             if b == nil { row.append(String(r.batch)) }
             if h == nil { row.append(String(r.heads)) }
             if kv == nil { row.append(String(r.kvHeads)) }
