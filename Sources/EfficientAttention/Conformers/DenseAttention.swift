@@ -69,7 +69,7 @@ public struct DenseAttention: Attention {
                              causal: causal, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding): the decode kernel reads each key/value head once for its group.
-            if DecodeAttention.serves(shape, key: call.k, value: call.v) {
+            if DecodeAttention.serves(shape) {
                 DecodeAttention.attend(call, mask: mask)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in mask(b) }

@@ -108,7 +108,7 @@ public struct MultiQueryAttention: IncrementalAttention {
                 mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding against keys and values the caller holds): the decode kernel.
-            if DecodeAttention.serves(shape, key: call.k, value: call.v) {
+            if DecodeAttention.serves(shape) {
                 DecodeAttention.attend(call, mask: rows)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in rows(b) }

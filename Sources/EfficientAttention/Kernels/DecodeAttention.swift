@@ -580,36 +580,53 @@ extension DecodeAttention {
     /// Whether a dense-rows call of `shape` (``DenseAttention``, ``MultiQueryAttention``)
     /// runs on the decode kernel: fewer query positions than the tiled kernel's SIMD lanes
     /// (`Nq < NR`: its query tiles would be mostly empty lanes, and every query head would
-    /// stream its key/value head again), keys and values with unit column stride (the
-    /// kernel reads rows in place, as it reads a cache). Decoding one position against
-    /// keys and values the engine holds in its own buffers is this case.
-    static func serves(_ shape: AttentionShape, key: TensorView, value: TensorView) -> Bool {
-        servesShape(shape) && key.strides[3] == 1 && value.strides[3] == 1
-    }
-
-    /// ``serves(_:key:value:)`` for contiguous keys and values (what a cost model assumes).
-    static func servesShape(_ shape: AttentionShape) -> Bool {
+    /// stream its key/value head again). Decoding one position against keys and values the
+    /// engine holds in its own buffers is this case. The choice depends on the shape only,
+    /// never on the views' layout, so every layout gives the same bits.
+    static func serves(_ shape: AttentionShape) -> Bool {
         shape.queryLength < MicroTile.nr
     }
 
     /// The workspace of a dense-rows call of `shape`: the tiled kernel's (`tiledBytes`), or
-    /// for decode-shaped problems the larger of that and the decode kernel's (the views'
-    /// strides decide which kernel runs).
+    /// for decode-shaped problems the decode kernel's.
     static func denseRowsWorkspaceBytes(_ shape: AttentionShape, threads: Int?, tiledBytes: Int) -> Int {
-        guard servesShape(shape) else { return tiledBytes }
-        return max(tiledBytes, workspaceBytes(shape: shape, split: defaultSplit, threads: threads))
+        serves(shape) ? workspaceBytes(shape: shape, split: defaultSplit, threads: threads) : tiledBytes
     }
 
-    /// A checked dense-rows call on the decode kernel (``serves(_:key:value:)``), keys and
-    /// values read in place like cache rows, chunks of ``defaultSplit`` keys (a length
-    /// independent of the thread count: the same bits for every thread count).
+    /// A checked dense-rows call on the decode kernel (``serves(_:)``), keys and values read
+    /// in place like cache rows, chunks of ``defaultSplit`` keys (a length independent of the
+    /// thread count: the same bits for every thread count). Keys or values whose elements
+    /// are not adjacent (column stride other than 1) are first copied into contiguous
+    /// scratch: the same values in the same order, so the same bits as a contiguous call
+    /// (the copy reads them once, as the kernel does; it is heap memory unless the
+    /// workspace has room).
     static func attend(_ call: ViewCall, mask: (_ batch: Int) -> IntervalMask) {
-        let k = call.k, v = call.v
-        run(shape: call.shape, scale: call.scale, threads: call.threadCount, split: defaultSplit, q: call.q,
-            keys: CacheRows<Float>(base: k.base, batchStride: k.strides[0], headStride: k.strides[1],
-                                   rowStride: k.strides[2]),
-            values: CacheRows<Float>(base: v.base, batchStride: v.strides[0], headStride: v.strides[1],
-                                     rowStride: v.strides[2]),
-            o: call.o, lse: call.lse, mask: mask)
+        let shape = call.shape
+        func run(_ k: TensorView, _ v: TensorView) {
+            DecodeAttention.run(
+                shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit, q: call.q,
+                keys: CacheRows<Float>(base: k.base, batchStride: k.strides[0], headStride: k.strides[1],
+                                       rowStride: k.strides[2]),
+                values: CacheRows<Float>(base: v.base, batchStride: v.strides[0], headStride: v.strides[1],
+                                         rowStride: v.strides[2]),
+                o: call.o, lse: call.lse, mask: mask)
+        }
+        func contiguous(_ x: TensorView, width: Int, _ body: (TensorView) -> Void) {
+            guard x.strides[3] != 1 else { return body(x) }
+            withScratchTensor(SIMD4(shape.batch, shape.kvHeads, shape.keyLength, width)) { copy in
+                for b in 0..<shape.batch {
+                    for h in 0..<shape.kvHeads {
+                        for j in 0..<shape.keyLength {
+                            let from = x.row(b, h, j), to = copy.row(b, h, j)
+                            for c in 0..<width { to[c] = from[c &* x.strides[3]] }
+                        }
+                    }
+                }
+                body(copy.readOnly)
+            }
+        }
+        contiguous(call.k, width: shape.headDim) { k in
+            contiguous(call.v, width: shape.valueDim) { v in run(k, v) }
+        }
     }
 }
