@@ -15,7 +15,7 @@
 /// the causal limit are never touched. Grouped key/value heads are read in place. Fewer
 /// than 16 queries (decoding against keys and values in the caller's buffers) run on the
 /// decode kernel instead (KernelDocs/MultiQuery.md), which streams each key/value head
-/// once for its whole group.
+/// once for its whole group (the choice depends on the shape only).
 ///
 /// - Complexity: `4 · Nq · Nk · D` FLOPs per head (half that when causal and Nq = Nk);
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
