@@ -401,6 +401,53 @@ struct DenseBackwardTests {
         }
     }
 
+    /// End to end through two stacked layers: `Y₁ = Attn(X, X, X)` (causal), `Y₂ = Attn(Y₁,
+    /// Y₁, Y₁)`, `L = ½‖Y₂ − T‖²`. Backpropagation: layer 2's three input gradients add up to
+    /// `dY₁` (Y₁ is its query, key and value), layer 1's to `dX`. A step `X − η dX` lowers the
+    /// loss by what the chain-ruled gradient predicts, and repeated steps keep lowering it.
+    @Test("a two-layer toy model: chained gradients lower the loss as predicted")
+    func twoLayerModel() throws {
+        let attention = DenseAttention(causal: true)
+        var x = try randomTensor([1, 2, 40, 16], seed: 1200)
+        let target = try randomTensor([1, 2, 40, 16], seed: 1201)
+        func add(_ a: Tensor, _ b: Tensor, _ c: Tensor) throws -> Tensor {
+            try Tensor(shape: a.shape, data: (0..<a.count).map { a.elements[$0] + b.elements[$0] + c.elements[$0] })
+        }
+        func forward(_ x: Tensor) throws -> (y1: AttentionResult, y2: AttentionResult, loss: Double) {
+            let y1 = try attention.attend(query: x, key: x, value: x)
+            let y2 = try attention.attend(query: y1.output, key: y1.output, value: y1.output)
+            let loss = zip(y2.output.elements, target.elements).reduce(0.0) {
+                $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1)
+            }
+            return (y1, y2, loss)
+        }
+        func gradient(_ x: Tensor) throws -> (dx: Tensor, loss: Double) {
+            let (y1, y2, loss) = try forward(x)
+            let dY2 = try Tensor(shape: target.shape, data: zip(y2.output.elements, target.elements).map { $0 - $1 })
+            let g2 = try attention.gradients(query: y1.output, key: y1.output, value: y1.output, result: y2,
+                                             outputGradient: dY2, threads: 2)
+            let dY1 = try add(g2.dQuery, g2.dKey, g2.dValue)
+            let g1 = try attention.gradients(query: x, key: x, value: x, result: y1, outputGradient: dY1, threads: 3)
+            return (try add(g1.dQuery, g1.dKey, g1.dValue), loss)
+        }
+        let eta: Float = 0.02
+        var losses: [Double] = []
+        for step in 0..<5 {
+            let (dx, loss) = try gradient(x)
+            losses.append(loss)
+            let next = try Tensor(shape: x.shape, data: zip(x.elements, dx.elements).map { $0 - eta * $1 })
+            if step == 0 {
+                let squaredNorm = dx.elements.reduce(0.0) { $0 + Double($1) * Double($1) }
+                let decrease = loss - (try forward(next).loss), predicted = Double(eta) * squaredNorm
+                #expect(predicted > 0.01 * loss, "the gradient vanished: η‖dX‖² = \(predicted), loss \(loss)")
+                #expect(abs(decrease - predicted) < 0.1 * predicted,
+                        "first step: decrease \(decrease), first-order prediction \(predicted)")
+            }
+            x = next
+        }
+        for (a, b) in zip(losses, losses.dropFirst()) { #expect(b < a, "the loss rose: \(losses)") }
+    }
+
     @Test("bad inputs throw errors naming the tensor or option")
     func badInputs() throws {
         let c = BackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 5, keyLength: 6, headDim: 3, valueDim: 2)
