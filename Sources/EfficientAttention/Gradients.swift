@@ -35,8 +35,10 @@ public protocol DifferentiableAttention: Attention {
     /// - Throws: what the forward throws for the inputs, and
     ///   ``AttentionError/shapeMismatch(_:)`` naming `output`, `logSumExp` or
     ///   `outputGradient` when its shape does not fit the problem.
-    func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
-                   outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients
+    func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                   logSumExp: StridedView, outputGradient: StridedView,
+                   dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                   keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws
 
     /// FLOPs (counted as `2.5 ×` the forward's, the usual convention for a flash backward),
     /// workspace and scored pairs of ``gradients(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:)``
@@ -45,6 +47,80 @@ public protocol DifferentiableAttention: Attention {
 }
 
 extension DifferentiableAttention {
+    /// The owning convenience over the view entry point
+    /// (``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``):
+    /// allocates the three gradients.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
+                          outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                        outputGradient: outputGradient, keyLengths: keyLengths, threads: threads,
+                                        scale: nil).shape
+        var dq = try Tensor.uninitializedOutput(shape: [s.batch, s.heads, s.queryLength, s.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.valueDim])
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try output.withStridedView { o in try logSumExp.withStridedView { l in try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                          dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil, threads: threads)
+        } } } } } } } } }
+        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+    }
+
+    /// The checks of the view entry point, then `body` with the shape, the scale and the
+    /// kernels' views (in the scope of `workspace`): the forward's checks on the inputs,
+    /// `output`, `logSumExp`, `outputGradient` and the three gradients of the problem's
+    /// shapes (each named), no gradient overlapping an input or another gradient, and the
+    /// workspace at least ``backwardCost(_:threads:)``'s. `dQuery` is zero-filled.
+    func withCheckedGradientCall(
+        query: StridedView, key: StridedView, value: StridedView, output: StridedView, logSumExp: StridedView,
+        outputGradient: StridedView, dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?, scale: Float?,
+        _ body: (AttentionShape, Float) throws -> Void
+    ) throws {
+        let s = try AttentionShape(query: query, key: key, value: value)
+        try validate(s)
+        try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
+        func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
+            guard view == shape else {
+                throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")
+            }
+        }
+        try expect(output.shape, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "output", "[B, H, Nq, Dv]")
+        try expect(logSumExp.shape, SIMD4(s.batch, s.heads, s.queryLength, 1), "logSumExp", "[B, H, Nq, 1]")
+        try expect(outputGradient.shape, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "outputGradient",
+                   "[B, H, Nq, Dv]")
+        try expect(dQuery.shape, query.shape, "dQuery", "[B, H, Nq, D]")
+        try expect(dKey.shape, key.shape, "dKey", "[B, Hkv, Nk, D]")
+        try expect(dValue.shape, value.shape, "dValue", "[B, Hkv, Nk, Dv]")
+        let written: [(StaticString, Range<UInt>)] = [("dQuery", dQuery.addressRange), ("dKey", dKey.addressRange),
+                                                      ("dValue", dValue.addressRange)]
+        let read: [(StaticString, Range<UInt>)] = [
+            ("query", query.addressRange), ("key", key.addressRange), ("value", value.addressRange),
+            ("output", output.addressRange), ("logSumExp", logSumExp.addressRange),
+            ("outputGradient", outputGradient.addressRange)]
+        for (n, (name, range)) in written.enumerated() {
+            for (other, otherRange) in read + written[(n + 1)...] where range.overlaps(otherRange) {
+                throw AttentionError.invalidParameter("\(name) overlaps \(other): gradients must be separate memory")
+            }
+        }
+        if let workspace {
+            let needed = try backwardCost(s, threads: threads).workspaceBytes
+            guard workspace.byteCount >= needed else {
+                throw AttentionError.invalidParameter(
+                    "workspace has \(workspace.byteCount) bytes; the backward of \(name) needs \(needed) for \(s)")
+            }
+        }
+        // The kernel adds each key block's part of dQ: start from zero.
+        let dq = dQuery.kernel
+        for b in 0..<s.batch { for h in 0..<s.heads { for i in 0..<s.queryLength {
+            let row = dq.row(b, h, i)
+            for c in 0..<s.headDim { row[c &* dq.strides[3]] = 0 }
+        } } }
+        let scale = scale ?? 1 / Float(s.headDim).squareRoot()
+        if let workspace { try workspace.use { try body(s, scale) } } else { try body(s, scale) }
+    }
+
     /// The gradients of a loss through the call that gave `result`, all keys visible unless
     /// `keyLengths` says otherwise.
     public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
@@ -104,20 +180,23 @@ extension DenseAttention: DifferentiableAttention {
     ///   conventional `2.5 ×` the forward's `2·(D + Dv)`, the same for `Dv = D`); workspace
     ///   of about 242 KiB per thread at `D = Dv = 64`, independent of `Nq` and `Nk`, plus one
     ///   `Int` per 128 keys per key/value head for the ordering of the `dQ` sums.
-    public func gradients(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor,
-                          outputGradient: Tensor, keyLengths: [Int]?, threads: Int?) throws -> AttentionGradients {
-        let (shape, scale) = try checkedGradientCall(query: query, key: key, value: value, output: output,
-                                                     logSumExp: logSumExp, outputGradient: outputGradient,
-                                                     keyLengths: keyLengths, threads: threads, scale: self.scale)
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         let causal = self.causal
-        let (dq, dk, dv) = try TiledSoftmaxBackward.gradients(
-            shape: shape, scale: scale, threads: threads,
-            query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-            outputGradient: outputGradient) { b, _ in
-            IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                         causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: self.scale) { shape, scale in
+            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: try threadCount(threads),
+                                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
+                                     lse: logSumExp.kernel, dO: outputGradient.kernel,
+                                     dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel) { b, _ in
+                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                             causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+            }
         }
-        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

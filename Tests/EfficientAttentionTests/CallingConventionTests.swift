@@ -361,3 +361,78 @@ struct DecodingProtocolTests {
         #expect(try cache.length(layer: 0) == 2)
     }
 }
+
+@Suite("Gradients through views")
+struct GradientViewTests {
+    @Test("gradients into caller-owned NaN-padded views, with a workspace, equal the Tensor result bitwise")
+    func viewsEqualTensors() throws {
+        for causal in [false, true] {
+            let attention = DenseAttention(causal: causal)
+            let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 70, keyLength: 90, headDim: 17,
+                                          valueDim: 9, seed: 77)
+            let keyLengths = [90, 41]
+            let forward = try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: 2)
+            let dO = try randomTensor(forward.output.shape, seed: 78)
+            let expected = try attention.gradients(query: q, key: k, value: v, result: forward, outputGradient: dO,
+                                                   keyLengths: keyLengths, threads: 2)
+            let shape = try AttentionShape(query: q, key: k, value: v)
+            let workspace = try AttentionWorkspace(byteCount: attention.backwardCost(shape, threads: 3).workspaceBytes)
+            var dq = NaNPaddedOutput(shape: SIMD4(q.shape), step: 2)
+            var dk = NaNPaddedOutput(shape: SIMD4(k.shape))
+            var dv = NaNPaddedOutput(shape: SIMD4(v.shape), step: 3)
+            for _ in 0..<2 {   // a reused workspace and overwritten gradients give the same bits
+                try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+                try forward.output.withStridedView { o in try forward.logSumExp.withStridedView { l in
+                try dO.withStridedView { g in
+                try dq.withView { dQ in try dk.withView { dK in try dv.withView { dV in
+                    try attention.gradients(query: qv, key: kv, value: vv, output: o, logSumExp: l, outputGradient: g,
+                                            dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths,
+                                            workspace: workspace, threads: 3)
+                } } } } } } } } }
+            }
+            for (name, got, want, padded) in [("dQuery", dq.elements, expected.dQuery.elements, dq),
+                                              ("dKey", dk.elements, expected.dKey.elements, dk),
+                                              ("dValue", dv.elements, expected.dValue.elements, dv)] {
+                let equal = bitwiseEqual(got, want), untouched = padded.gapsUntouched
+                #expect(equal, "causal \(causal) \(name): differs at \(firstDifference(got, want))")
+                #expect(untouched, "causal \(causal) \(name): wrote outside its view")
+            }
+        }
+    }
+
+    @Test("a gradient aliasing an input, or a workspace too small, is refused")
+    func badViews() throws {
+        let attention = DenseAttention()
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 8, headDim: 4, seed: 3)
+        let forward = try attention.attend(query: q, key: k, value: v)
+        var dq = NaNPaddedOutput(shape: SIMD4(q.shape)), dk = NaNPaddedOutput(shape: SIMD4(k.shape))
+        var qCopy = q
+        func call(dQueryOverQuery: Bool, workspace: AttentionWorkspace?) throws {
+            try qCopy.withMutableStridedView { qm in
+            try k.withStridedView { kv in try v.withStridedView { vv in
+            try forward.output.withStridedView { o in try forward.logSumExp.withStridedView { l in
+            try dq.withView { dQ in try dk.withView { dK in
+                var dvStorage = [Float](repeating: 0, count: v.count)
+                try dvStorage.withUnsafeMutableBufferPointer { dvb in
+                    try attention.gradients(query: qm.readOnly, key: kv, value: vv, output: o, logSumExp: l,
+                                            outputGradient: o, dQuery: dQueryOverQuery ? qm : dQ, dKey: dK,
+                                            dValue: MutableStridedView(dvb, shape: SIMD4(v.shape)),
+                                            keyLengths: nil, workspace: workspace, threads: 1)
+                }
+            } } } } } } }
+        }
+        do {
+            try call(dQueryOverQuery: true, workspace: nil)
+            Issue.record("dQuery over query was accepted")
+        } catch let error as AttentionError {
+            #expect(error.message.contains("dQuery overlaps query"), "\(error.message)")
+        }
+        do {
+            try call(dQueryOverQuery: false, workspace: AttentionWorkspace(byteCount: 64))
+            Issue.record("a 64-byte workspace was accepted")
+        } catch let error as AttentionError {
+            #expect(error.message.contains("workspace has 64 bytes"), "\(error.message)")
+        }
+        try call(dQueryOverQuery: false, workspace: nil)
+    }
+}

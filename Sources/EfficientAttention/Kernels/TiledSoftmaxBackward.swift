@@ -84,26 +84,6 @@ enum TiledSoftmaxBackward {
         return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
     }
 
-    /// Allocates `dQ [B, H, Nq, D]`, `dK [B, Hkv, Nk, D]`, `dV [B, Hkv, Nk, Dv]` and fills them
-    /// with one ``run(shape:scale:threads:q:k:v:o:lse:dO:dQ:dK:dV:mask:)``. Everything must
-    /// already be validated.
-    static func gradients<Mask: TransposedTileMask>(
-        shape: AttentionShape, scale: Float, threads: Int?,
-        query: Tensor, key: Tensor, value: Tensor, output: Tensor, logSumExp: Tensor, outputGradient: Tensor,
-        mask: (_ batch: Int, _ head: Int) -> Mask
-    ) throws -> (dQuery: Tensor, dKey: Tensor, dValue: Tensor) {
-        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
-        var dk = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
-        var dv = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withView { o in logSumExp.withView { l in outputGradient.withView { g in
-        dq.withMutableView { dQ in dk.withMutableView { dK in dv.withMutableView { dV in
-            run(shape: shape, scale: scale, threads: threads ?? defaultThreadCount,
-                q: q, k: k, v: v, o: o, lse: l, dO: g, dQ: dQ, dK: dK, dV: dV, mask: mask)
-        } } } } } } } } }
-        return (dq, dk, dv)
-    }
-
     /// Computes `dQ`, `dK`, `dV` for every row of `shape` (see the type's description).
     ///
     /// `mask(b, h)` is the forward's visibility of batch item `b`, query head `h`; query head
