@@ -186,7 +186,7 @@ enum AxialSum {
         let repeats = Float(axes - 1)
         parallelForEach(items: heads, threads: workerCount(threads: call.threads, items: heads)) { item, _ in
             let b = item / shape.heads, h = item % shape.heads, hk = h / shape.groupSize
-            let keyEnd = call.keyLengths?[b] ?? shape.keyLength
+            let keyEnd = call.keyEnd(b)
             for i in 0..<min(keyEnd, shape.queryLength) {
                 let lse = call.lse.row(b, h, i)
                 let own = call.scale * dot(call.q.row(b, h, i), call.q.strides[3],

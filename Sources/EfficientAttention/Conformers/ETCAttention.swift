@@ -158,7 +158,7 @@ public struct ETCAttention: Attention, Equatable {
                                               queryTile: pattern.longQueryTile, byHead: true,
                                               q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse) { b, h in
                         RelativeTermsMask(
-                            base: pattern.longQueryMask(keyEnd: call.keyLengths?[b] ?? shape.keyLength),
+                            base: pattern.longQueryMask(keyEnd: call.keyEnd(b)),
                             terms: RelativeScoreTerms(
                                 table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
                                 tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,

@@ -77,11 +77,16 @@ public struct LongformerAttention: Attention {
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
+                // The global runs once for every head and item (each mask clips them to its keys).
+                let globalKeys = pattern.globalRuns(below: call.shape.keyLength)
                 call.run(queryTile: pattern.queryTile) { h, keyEnd in
-                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: pattern.globalRuns(below: keyEnd))
+                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: globalKeys)
                 }
                 guard !pattern.globalPositions.isEmpty else { return }
-                call.run(merge: true) { h, keyEnd in pattern.globalQueryMask(head: h, keyEnd: keyEnd) }
+                let globalQueries = pattern.globalQueryRanges
+                call.run(merge: true) { h, keyEnd in
+                    pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: globalQueries)
+                }
             }
         }
     }

@@ -149,9 +149,15 @@ struct PatternCall {
     let shape: AttentionShape
     let scale: Float
     let threads: Int
+    /// The key lengths of the whole call (see ``keyEnd(_:)``).
     let keyLengths: [Int]?
     let q: TensorView, k: TensorView, v: TensorView
     let o: MutableTensorView, lse: MutableTensorView
+    /// The whole call's batch item of this call's item 0 (``forEachHead(_:)``'s restricted calls).
+    var firstItem = 0
+
+    /// Valid keys of batch item `b` of this call.
+    func keyEnd(_ b: Int) -> Int { keyLengths?[firstItem + b] ?? shape.keyLength }
 
     /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
     /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`. Work
@@ -164,7 +170,7 @@ struct PatternCall {
         withUnsafeTemporaryAllocation(of: Mask.self, capacity: count) { masks in
             for b in 0..<shape.batch {
                 for h in 0..<heads {
-                    (masks.baseAddress! + b * heads + h).initialize(to: mask(h, keyLengths?[b] ?? shape.keyLength))
+                    (masks.baseAddress! + b * heads + h).initialize(to: mask(h, keyEnd(b)))
                 }
             }
             defer { masks.baseAddress!.deinitialize(count: count) }
@@ -183,12 +189,12 @@ struct PatternCall {
                 let one = AttentionShape(batch: 1, heads: 1, kvHeads: 1, queryLength: shape.queryLength,
                                          keyLength: shape.keyLength, headDim: shape.headDim, valueDim: shape.valueDim)
                 let call = PatternCall(
-                    shape: one, scale: scale, threads: threads, keyLengths: keyLengths.map { [$0[b]] },
+                    shape: one, scale: scale, threads: threads, keyLengths: keyLengths,
                     q: TensorView(base: q.row(b, h, 0), strides: q.strides),
                     k: TensorView(base: k.row(b, hk, 0), strides: k.strides),
                     v: TensorView(base: v.row(b, hk, 0), strides: v.strides),
                     o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
-                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides))
+                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides), firstItem: firstItem + b)
                 body(call, h)
             }
         }

@@ -26,7 +26,9 @@ public struct LongformerPattern: AttentionPattern {
             .validate(AttentionShape(heads: dilations.count, queryLength: queryLength, keyLength: keyLength, headDim: 1))
         self.window = window
         self.dilations = dilations
-        self.globalPositions = Array(Set(globalPositions)).sorted()
+        // Sorted and unique (as given already, usually: then no copy is made).
+        let sorted = globalPositions.indices.dropFirst().allSatisfy { globalPositions[$0 - 1] < globalPositions[$0] }
+        self.globalPositions = sorted ? globalPositions : Array(Set(globalPositions)).sorted()
         self.causal = causal
         self.queryLength = queryLength
         self.keyLength = keyLength
@@ -108,10 +110,11 @@ public struct LongformerPattern: AttentionPattern {
                                     keyEnd: keyEnd, globalKeys: globalKeys)
     }
 
-    /// Pass 1 (merged): global queries, every key not already seen in pass 0.
-    func globalQueryMask(head: Int, keyEnd: Int) -> LongformerGlobalQueryMask {
+    /// Pass 1 (merged): global queries, every key not already seen in pass 0. `queries` is
+    /// ``globalQueryRanges`` (computed once per call by the caller).
+    func globalQueryMask(head: Int, keyEnd: Int, queries: [Range<Int>]) -> LongformerGlobalQueryMask {
         let w = windowRange(head: head)
-        return LongformerGlobalQueryMask(pattern: self, queryPartition: .ranges(globalQueryRanges),
+        return LongformerGlobalQueryMask(pattern: self, queryPartition: .ranges(queries),
                                          lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
     }
 
@@ -128,7 +131,7 @@ public struct LongformerPattern: AttentionPattern {
     public func tiles(head: Int) -> [PatternTile] {
         patternTiles(windowMask(head: head, keyEnd: keyLength, globalKeys: globalRuns(below: keyLength)),
                      pass: 0, queryLength: queryLength, queryTile: queryTile)
-            + patternTiles(globalQueryMask(head: head, keyEnd: keyLength), pass: 1, queryLength: queryLength,
+            + patternTiles(globalQueryMask(head: head, keyEnd: keyLength, queries: globalQueryRanges), pass: 1, queryLength: queryLength,
                            queryTile: TiledSoftmaxAttention.Tiling.defaultQueryTile)
     }
 }
@@ -142,6 +145,7 @@ struct LongformerWindowMask: TileMask {
     var causal: Bool
     var offset: Int
     var keyEnd: Int
+    /// Runs of global positions (any end: clipped to `keyEnd` here).
     var globalKeys: [Range<Int>]
 
     var queryPartition: QueryPartition { .residues(modulus: dilation) }
@@ -153,9 +157,10 @@ struct LongformerWindowMask: TileMask {
         forEachTile(from: first, through: min(keyEnd - 1, lastP + hi), step: dilation, tileSize: tileSize) { keys in
             body(KeyTile(keys: keys, fullyVisible: keys.start >= lastP + lo && keys.last <= firstP + hi))
         }
-        for run in globalKeys {
-            let last = min(run.upperBound - 1, causal ? lastP : Int.max)
-            forEachTile(from: run.lowerBound, through: last, tileSize: tileSize) { keys in
+        // Runs of global keys, clipped to the item's valid keys (one list serves every item).
+        for run in globalKeys where run.lowerBound < keyEnd {
+            let last = min(run.upperBound, keyEnd) - 1, lastVisible = min(last, causal ? lastP : Int.max)
+            forEachTile(from: run.lowerBound, through: lastVisible, tileSize: tileSize) { keys in
                 let clearOfWindows = keys.last < firstP + lo || keys.start > lastP + hi
                 body(KeyTile(keys: keys, fullyVisible: clearOfWindows && (!causal || keys.last <= firstP), part: 1))
             }
