@@ -34,6 +34,14 @@ public struct BigBirdAttention: Attention {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// The last pattern built, for calls with the same settings and shape.
+    private let plans = PlanCache<PlanKey, BigBirdPattern>()
+
+    /// Everything the pattern depends on.
+    private struct PlanKey: Equatable {
+        var blockSize: Int, randomBlockCount: Int, globalBlocks: [Int]?, randomBlocks: [[[Int]]]?
+        var seed: UInt64, causal: Bool, heads: Int, queryLength: Int, keyLength: Int
+    }
 
     public init(blockSize: Int = 64, randomBlockCount: Int = 3, globalBlocks: [Int]? = nil,
                 randomBlocks: [[[Int]]]? = nil, seed: UInt64 = 0, causal: Bool = false, scale: Float? = nil) {
@@ -83,8 +91,16 @@ public struct BigBirdAttention: Attention {
     }
 
     /// The pattern for `shape`, with the random blocks drawn (or taken as given).
+    /// The last one built is reused by calls with the same settings and shape.
     public func pattern(for shape: AttentionShape) throws -> BigBirdPattern {
         try validate(shape)
+        let key = PlanKey(blockSize: blockSize, randomBlockCount: randomBlockCount, globalBlocks: globalBlocks,
+                          randomBlocks: randomBlocks, seed: seed, causal: causal, heads: shape.heads,
+                          queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return plans.plan(for: key) { makePattern(for: shape) }
+    }
+
+    private func makePattern(for shape: AttentionShape) -> BigBirdPattern {
         let n = ceilDiv(shape.keyLength, blockSize)
         let global = globalBlocks ?? Array(Set([0, n - 1])).sorted()
         var generator = SeededGenerator(seed: seed)
