@@ -154,9 +154,8 @@ public struct ETCAttention: Attention, Equatable {
                 let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
                 let zeros = [Float](repeating: 0, count: rows)
                 zeros.withUnsafeBufferPointer { zeros in table.withView { a in
-                    TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
-                                              queryTile: pattern.longQueryTile, byHead: true,
-                                              q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse) { b, h in
+                    // Each head's mask built once (it holds arrays), not once per query tile.
+                    TiledSoftmaxAttention.withMasks(shape, { b, h in
                         RelativeTermsMask(
                             base: pattern.longQueryMask(keyEnd: call.keyEnd(b)),
                             terms: RelativeScoreTerms(
@@ -166,6 +165,10 @@ public struct ETCAttention: Attention, Equatable {
                                 distanceBias: zeros.baseAddress!,
                                 owner: b * shape.heads + h + 1, clamped: true),
                             firstKey: globals)
+                    }) { masks in
+                        TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
+                                                  queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
+                                                  v: call.v, o: call.o, lse: call.lse, mask: masks)
                     }
                 } }
             }

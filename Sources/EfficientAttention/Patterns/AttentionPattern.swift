@@ -165,17 +165,9 @@ struct PatternCall {
     /// neighbouring tiles share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
-        let heads = shape.heads, count = shape.batch * heads
-        // The masks in stack memory (heap only past the stack's safe size): no allocation.
-        withUnsafeTemporaryAllocation(of: Mask.self, capacity: count) { masks in
-            for b in 0..<shape.batch {
-                for h in 0..<heads {
-                    (masks.baseAddress! + b * heads + h).initialize(to: mask(h, keyEnd(b)))
-                }
-            }
-            defer { masks.baseAddress!.deinitialize(count: count) }
+        TiledSoftmaxAttention.withMasks(shape, { b, h in mask(h, keyEnd(b)) }) { masks in
             TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
-                                      byHead: true, q: q, k: k, v: v, o: o, lse: lse) { b, h in masks[b * heads + h] }
+                                      byHead: true, q: q, k: k, v: v, o: o, lse: lse, mask: masks)
         }
     }
 
@@ -202,6 +194,22 @@ struct PatternCall {
 }
 
 extension TiledSoftmaxAttention {
+    /// Runs `body` with the masks of every batch item and head built once by `make(b, h)`
+    /// (``run(shape:scale:threads:queryTile:merge:byHead:q:k:v:o:lse:mask:)`` asks for a
+    /// head's mask once per query tile; masks that hold arrays would allocate each time).
+    /// They live in stack memory (heap only past the stack's safe size): no allocation.
+    static func withMasks<Mask: TileMask, R>(_ shape: AttentionShape, _ make: (_ batch: Int, _ head: Int) -> Mask,
+                                             _ body: (_ mask: (_ batch: Int, _ head: Int) -> Mask) -> R) -> R {
+        let heads = shape.heads, count = shape.batch * heads
+        return withUnsafeTemporaryAllocation(of: Mask.self, capacity: count) { masks in
+            for b in 0..<shape.batch {
+                for h in 0..<heads { (masks.baseAddress! + b * heads + h).initialize(to: make(b, h)) }
+            }
+            defer { masks.baseAddress!.deinitialize(count: count) }
+            return body { b, h in masks[b * heads + h] }
+        }
+    }
+
     /// Runs a fixed-pattern conformer on a checked call: sets every log-sum-exp to
     /// `-infinity` (until a pass writes the row) and hands `passes` the call.
     ///

@@ -129,7 +129,8 @@ public struct ETCPattern: AttentionPattern {
     /// Pass 1: the long queries.
     func longQueryMask(keyEnd: Int) -> ETCLongQueryMask {
         ETCLongQueryMask(globals: globals, length: queryLength, radius: radius, causal: causal, keyEnd: keyEnd,
-                         segments: segments)
+                         segments: segments,
+                         queryPartition: .ranges(globals < queryLength ? [globals..<queryLength] : []))
     }
 
     public func tiles(head: Int) -> [PatternTile] {
@@ -172,8 +173,16 @@ struct ETCGlobalQueryMask: TileMask {
     var keyEnd: Int
     var segments: ETCSegments?
     var runs: [Range<Int>]
+    /// The global queries (stored: the kernel asks for it once per query tile).
+    var queryPartition: QueryPartition
 
-    var queryPartition: QueryPartition { .ranges(globals > 0 ? [0..<globals] : []) }
+    init(globals: Int, keyEnd: Int, segments: ETCSegments?, runs: [Range<Int>]) {
+        self.globals = globals
+        self.keyEnd = keyEnd
+        self.segments = segments
+        self.runs = runs
+        queryPartition = .ranges(globals > 0 ? [0..<globals] : [])
+    }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         forEachTile(from: 0, through: min(globals, keyEnd) - 1, tileSize: tileSize) { keys in
@@ -220,8 +229,8 @@ struct ETCLongQueryMask: TileMask {
     var causal: Bool
     var keyEnd: Int
     var segments: ETCSegments?
-
-    var queryPartition: QueryPartition { .ranges(globals < length ? [globals..<length] : []) }
+    /// The long queries (stored: the kernel asks for it once per query tile).
+    var queryPartition: QueryPartition
 
     /// Offsets `j − p` of the band: `lo...hi`.
     var lo: Int { -radius }
