@@ -115,24 +115,36 @@ struct CallingConventionTests {
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!
-        let p = InvarianceProblem.all[2]
-        guard let (attention, q, k, v) = try InvarianceTests.instance(entry, p)
-                ?? InvarianceTests.instance(entry, InvarianceProblem.all[0]) else { return }
-        let shape = try AttentionShape(query: q, key: k, value: v)
-        let workspace = try AttentionWorkspace(for: attention, shape: shape, threads: 1)
-        var out = NaNPaddedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = NaNPaddedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        let keyLengths: [Int]? = p.keyLengths.flatMap { $0.count == q.shape[0] ? $0 : nil }
-        for withLSE in [true, false] {
-            let fewest = try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+        /// The steady-state allocations of `entry` on `p` (nil: it does not take `p`).
+        func count(_ p: InvarianceProblem, withLSE: Bool) throws -> Int? {
+            guard let (attention, q, k, v) = try InvarianceTests.instance(entry, p) else { return nil }
+            let shape = try AttentionShape(query: q, key: k, value: v)
+            let workspace = try AttentionWorkspace(for: attention, shape: shape, threads: 1)
+            var out = NaNPaddedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
+            var lse = NaNPaddedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+            let keyLengths: [Int]? = p.keyLengths.flatMap { $0.count == q.shape[0] ? $0 : nil }
+            return try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
             try out.withView { ov in try lse.withView { lv in
                 try CallingConventionTests.steadyStateAllocations {
                     try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: withLSE ? lv : nil,
                                          keyLengths: keyLengths, workspace: workspace, threads: 1)
                 }
             } } } } }
-            let bound = CallingConventionTests.planAllocations[name] ?? 0
+        }
+        var p = InvarianceProblem.all[2]
+        if try count(p, withLSE: true) == nil { p = InvarianceProblem.all[0] }
+        // Three times longer: the same count (an allocation per tile or per row would show).
+        var long = p
+        long.queryLength *= 3
+        long.keyLength *= 3
+        long.keyLengths = p.keyLengths?.map { $0 * 3 }
+        let bound = CallingConventionTests.planAllocations[name] ?? 0
+        for withLSE in [true, false] {
+            guard let fewest = try count(p, withLSE: withLSE) else { continue }
             #expect(fewest <= bound, "\(name) (log-sum-exp \(withLSE)): \(fewest) allocations per call, at most \(bound) expected")
+            if let longer = try count(long, withLSE: withLSE) {
+                #expect(longer == fewest, "\(name) (log-sum-exp \(withLSE)): \(fewest) allocations at N = \(p.queryLength), \(longer) at \(long.queryLength)")
+            }
         }
     }
 }
