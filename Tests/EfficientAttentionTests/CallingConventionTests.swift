@@ -149,6 +149,36 @@ struct CallingConventionTests {
     }
 }
 
+extension CallingConventionTests {
+    /// Decode-shaped calls (fewer queries than the tiled kernel's lanes) run on the decode
+    /// kernel; they too allocate nothing with a workspace, at any cache length.
+    @Test("a decode-shaped call with a workspace allocates nothing (one thread)",
+          arguments: [(1, 1, 1), (3, 4, 2), (1, 8, 1)])
+    func decodeAllocations(queries: Int, heads: Int, kvHeads: Int) throws {
+        guard AllocationCounter.isSupported else { return }
+        let conformers: [any Attention] = [DenseAttention(), DenseAttention(causal: true),
+                                           MultiQueryAttention(causal: true), MultiQueryAttention(leftWindow: 40)]
+        for attention in conformers where heads == kvHeads || attention is MultiQueryAttention {
+            var counts: [Int] = []
+            for keys in [300, 900] {
+                let (q, k, v) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: queries, keyLength: keys,
+                                              headDim: 16, seed: 5)
+                let shape = try AttentionShape(query: q, key: k, value: v)
+                let workspace = try AttentionWorkspace(for: attention, shape: shape, threads: 1)
+                var out = NaNPaddedOutput(shape: [1, heads, queries, 16])
+                counts.append(try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+                    try out.withView { ov in
+                        try CallingConventionTests.steadyStateAllocations {
+                            try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil,
+                                                 keyLengths: nil, workspace: workspace, threads: 1)
+                        }
+                    } } } })
+            }
+            #expect(counts == [0, 0], "\(attention.name) Nq = \(queries), H = \(heads)/\(kvHeads): allocations \(counts) at Nk = 300, 900")
+        }
+    }
+}
+
 @Suite("Calling convention: bad views and workspaces are thrown errors")
 struct BadViewTests {
     let shape = AttentionShape(batch: 1, heads: 2, queryLength: 5, headDim: 4)

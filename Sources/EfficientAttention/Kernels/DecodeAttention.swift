@@ -110,7 +110,6 @@ enum DecodeAttention {
         let g = shape.groupSize, n = shape.queryLength, rows = plan.rows, dv = shape.valueDim
         let chunkCount = plan.chunks
         let workers = workerCount(threads: threads, items: plan.items)
-        let masks = (0..<shape.batch).map(mask)
         let chunkFloats = rows * (dv + 1)
         let partialCount = shape.batch * shape.kvHeads * chunkCount * chunkFloats
         let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
@@ -125,41 +124,38 @@ enum DecodeAttention {
         var sharedPart = arena.shared()
         let partials = sharedPart.take(partialCount, of: Float.self)
 
-        func forEachItem(_ body: @escaping (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
-                                            _ keyStart: Int, _ keyEnd: Int, _ partial: UnsafeMutablePointer<Float>,
-                                            _ worker: Int) -> Void) {
+        // Masks and worker workspaces are made per item (a call and pointer arithmetic), not
+        // gathered into arrays: a decode-shaped call allocates nothing.
+        func forEachItem(_ body: (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
+                                  _ keyStart: Int, _ keyEnd: Int, _ mask: IntervalMask,
+                                  _ partial: UnsafeMutablePointer<Float>, _ worker: Int) -> Void) {
             let shared = UncheckedSendable(partials)
             parallelForEach(items: plan.items, threads: workers) { item, worker in
                 let c = item % chunkCount, rest = item / chunkCount
                 let tile = rest % plan.rowTiles, head = rest / plan.rowTiles
                 let b = head / shape.kvHeads, hk = head % shape.kvHeads
                 let rowStart = tile * plan.rowTile
+                let itemMask = mask(b)
                 body(b, hk, rowStart, min(plan.rowTile, rows - rowStart), c * split,
-                     min((c + 1) * split, masks[b].keyEnd),
+                     min((c + 1) * split, itemMask.keyEnd), itemMask,
                      shared.value + (head * chunkCount + c) * chunkFloats, worker)
             }
         }
         if plan.grouped {
-            let spaces = (0..<workers).map { worker in
+            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
-                return GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
-                                        keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
-            }
-            let shared = UncheckedSendable(spaces)
-            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, partial, worker in
-                attendChunkGrouped(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                let space = GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
+                                             keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
+                attendChunkGrouped(shape: shape, scale: scale, space: space, b: b, hk: hk,
                                    rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
-                                   mask: masks[b], q: q, keys: keys, values: values, partial: partial, rows: rows)
+                                   mask: itemMask, q: q, keys: keys, values: values, partial: partial, rows: rows)
             }
         } else {
-            let spaces = (0..<workers).map { worker in
+            forEachItem { b, hk, _, _, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
-                return Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
-            }
-            let shared = UncheckedSendable(spaces)
-            forEachItem { b, hk, _, _, keyStart, keyEnd, partial, worker in
-                attendChunk(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
-                            keyStart: keyStart, keyEnd: keyEnd, mask: masks[b],
+                let space = Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
+                attendChunk(shape: shape, scale: scale, space: space, b: b, hk: hk,
+                            keyStart: keyStart, keyEnd: keyEnd, mask: itemMask,
                             q: q, keys: keys, values: values, partial: partial)
             }
         }
