@@ -17,7 +17,7 @@
 ///
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (w + 1 + |G|) + |G| · Nk`
 ///   pairs per head; workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LongformerAttention: Attention {
+public struct LongformerAttention: KernelWidening {
     /// Total window `w`: `w/2` keys each side (causal: `w` to the left), `δ` apart.
     public var window: Int
     /// Dilation per head (one value applies to every head). Default 1.
@@ -70,8 +70,11 @@ public struct LongformerAttention: Attention {
         return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

@@ -585,44 +585,68 @@ extension DecodeAttention {
 
     /// The workspace of a dense-rows call of `shape`: the tiled kernel's (`tiledBytes`), or
     /// for decode-shaped problems the decode kernel's.
+    /// (Sized for Float or 16-bit keys and values, whichever needs more.)
     static func denseRowsWorkspaceBytes(_ shape: AttentionShape, threads: Int?, tiledBytes: Int) -> Int {
-        serves(shape) ? workspaceBytes(shape: shape, split: defaultSplit, threads: threads) : tiledBytes
+        guard serves(shape) else { return tiledBytes }
+        return max(workspaceBytes(shape: shape, split: defaultSplit, threads: threads),
+                   workspaceBytes(shape: shape, split: defaultSplit, threads: threads, halfPrecision: true))
     }
 
     /// A checked dense-rows call on the decode kernel (``serves(_:)``), keys and values read
     /// in place like cache rows, chunks of ``defaultSplit`` keys (a length independent of the
-    /// thread count: the same bits for every thread count). Keys or values whose elements
-    /// are not adjacent (column stride other than 1) are first copied into contiguous
-    /// scratch: the same values in the same order, so the same bits as a contiguous call
-    /// (the copy reads them once, as the kernel does; it is heap memory unless the
-    /// workspace has room).
+    /// thread count: the same bits for every thread count).
+    ///
+    /// Keys and values of one precision with adjacent elements are read in place (16-bit
+    /// ones widened in registers); others (column stride other than 1, or key and value
+    /// precisions that differ) are first widened into contiguous `Float` scratch: the same
+    /// values in the same order, so the same bits (heap memory unless the workspace has
+    /// room). 16-bit query and output rows (a few) are staged in `Float`.
     static func attend(_ call: ViewCall, mask: (_ batch: Int) -> IntervalMask) {
         let shape = call.shape
-        func run(_ k: TensorView, _ v: TensorView) {
-            DecodeAttention.run(
-                shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit, q: call.q,
-                keys: CacheRows<Float>(base: k.base, batchStride: k.strides[0], headStride: k.strides[1],
-                                       rowStride: k.strides[2]),
-                values: CacheRows<Float>(base: v.base, batchStride: v.strides[0], headStride: v.strides[1],
-                                         rowStride: v.strides[2]),
-                o: call.o, lse: call.lse, mask: mask)
+        if call.q.precision != .float32 {
+            return withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, shape.headDim)) { q in
+                for b in 0..<shape.batch {
+                    for h in 0..<shape.heads {
+                        call.q.widenRows(b, h, rows: PositionRun(start: 0, count: shape.queryLength),
+                                         width: shape.headDim, into: q.row(b, h, 0), ld: q.strides[2])
+                    }
+                }
+                attend(call.with(q: q.readOnly), mask: mask)
+            }
+        }
+        if call.o.precision != .float32 {
+            return call.withFloatOutput { attend($0, mask: mask) }
+        }
+        func run<E: CacheScalar>(_: E.Type, _ k: TensorView, _ v: TensorView) {
+            func rows(_ x: TensorView) -> CacheRows<E> {
+                CacheRows<E>(base: UnsafeRawPointer(x.base).assumingMemoryBound(to: E.self),
+                             batchStride: x.strides[0], headStride: x.strides[1], rowStride: x.strides[2])
+            }
+            DecodeAttention.run(shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit,
+                                q: call.q, keys: rows(k), values: rows(v), o: call.o, lse: call.lse, mask: mask)
+        }
+        let (k, v) = (call.k, call.v)
+        if k.precision == v.precision && k.strides[3] == 1 && v.strides[3] == 1 {
+            switch k.precision {
+            case .float32: return run(Float.self, k, v)
+            case .float16: return run(HalfElement.self, k, v)
+            case .bfloat16: return run(BFloat16Bits.self, k, v)
+            }
         }
         func contiguous(_ x: TensorView, width: Int, _ body: (TensorView) -> Void) {
-            guard x.strides[3] != 1 else { return body(x) }
+            guard x.strides[3] != 1 || x.precision != .float32 else { return body(x) }
             withScratchTensor(SIMD4(shape.batch, shape.kvHeads, shape.keyLength, width)) { copy in
                 for b in 0..<shape.batch {
                     for h in 0..<shape.kvHeads {
-                        for j in 0..<shape.keyLength {
-                            let from = x.row(b, h, j), to = copy.row(b, h, j)
-                            for c in 0..<width { to[c] = from[c &* x.strides[3]] }
-                        }
+                        x.widenRows(b, h, rows: PositionRun(start: 0, count: shape.keyLength), width: width,
+                                    into: copy.row(b, h, 0), ld: copy.strides[2])
                     }
                 }
                 body(copy.readOnly)
             }
         }
-        contiguous(call.k, width: shape.headDim) { k in
-            contiguous(call.v, width: shape.valueDim) { v in run(k, v) }
+        contiguous(k, width: shape.headDim) { k in
+            contiguous(v, width: shape.valueDim) { v in run(Float.self, k, v) }
         }
     }
 }
