@@ -27,6 +27,20 @@ public struct LongformerAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// The last plan built, for calls with the same settings and shape (no arrays per call).
+    private let plans = PlanCache<PlanKey, Plan>()
+
+    /// Everything the plan depends on.
+    private struct PlanKey: Equatable {
+        var window: Int, dilations: [Int], globalPositions: [Int], causal: Bool
+        var heads: Int, queryLength: Int, keyLength: Int
+    }
+
+    /// A call's pattern with its global key runs and global query ranges.
+    private struct Plan {
+        let pattern: LongformerPattern
+        let globalKeys: [Range<Int>], globalQueries: [Range<Int>]
+    }
 
     public init(window: Int = 512, dilations: [Int] = [1], globalPositions: [Int] = [],
                 causal: Bool = false, scale: Float? = nil) {
@@ -67,7 +81,19 @@ public struct LongformerAttention: KernelWidening {
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
-        return patternCost(try pattern(for: shape), shape: shape, threads: threads)
+        return patternCost(try plan(for: shape).pattern, shape: shape, threads: threads)
+    }
+
+    /// The pattern of `shape` with its global runs, built once per settings and shape.
+    private func plan(for shape: AttentionShape) throws -> Plan {
+        let key = PlanKey(window: window, dilations: dilations, globalPositions: globalPositions, causal: causal,
+                          heads: shape.heads, queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return try plans.plan(for: key) {
+            let pattern = try self.pattern(for: shape)
+            // The global runs once for every head and item (each mask clips them to its keys).
+            return Plan(pattern: pattern, globalKeys: pattern.globalRuns(below: shape.keyLength),
+                        globalQueries: pattern.globalQueryRanges)
+        }
     }
 
     /// Merged passes read their output back: a 16-bit output is staged in `Float`.
@@ -78,17 +104,15 @@ public struct LongformerAttention: KernelWidening {
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let plan = try self.plan(for: call.shape)
             try TiledSoftmaxAttention.attendPattern(call) { call in
-                let pattern = try self.pattern(for: call.shape)
-                // The global runs once for every head and item (each mask clips them to its keys).
-                let globalKeys = pattern.globalRuns(below: call.shape.keyLength)
+                let pattern = plan.pattern
                 call.run(queryTile: pattern.queryTile) { h, keyEnd in
-                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: globalKeys)
+                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: plan.globalKeys)
                 }
                 guard !pattern.globalPositions.isEmpty else { return }
-                let globalQueries = pattern.globalQueryRanges
                 call.run(merge: true) { h, keyEnd in
-                    pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: globalQueries)
+                    pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
                 }
             }
         }
