@@ -20,7 +20,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · bs · (3 + |G| + r)` pairs per
 ///   head plus `|G| · bs · Nk` for the global query blocks; workspace of a few hundred KiB
 ///   per thread, independent of `Nq` and `Nk`; the pattern holds `H · ⌈Nk / bs⌉ · r` block indices.
-public struct BigBirdAttention: KernelWidening {
+public struct BigBirdAttention: KernelWidening, ModifiableAttention {
     /// Block size `bs` (default 64).
     public var blockSize: Int
     /// Random blocks per head and query block (default 3).
@@ -34,6 +34,8 @@ public struct BigBirdAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
     /// The last pattern built, for calls with the same settings and shape.
     private let plans = PlanCache<PlanKey, BigBirdPattern>()
 
@@ -123,7 +125,8 @@ public struct BigBirdAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 call.run { h, keyEnd in pattern.mask(head: h, keyEnd: keyEnd) }

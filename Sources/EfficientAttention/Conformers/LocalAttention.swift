@@ -18,7 +18,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (left + right + 1)` pairs
 ///   per head (blocked: `Nq · b · (lookBackward + lookForward + 1)`); workspace of a few
 ///   hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LocalAttention: KernelWidening {
+public struct LocalAttention: KernelWidening, ModifiableAttention {
     /// The two local forms.
     public enum Form: Hashable, Sendable {
         /// Key `j` visible iff `p − left ≤ j ≤ p + right`.
@@ -33,6 +33,8 @@ public struct LocalAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     /// A sliding window of `left` keys before and `right` keys after each query.
     public init(left: Int, right: Int, causal: Bool = false, scale: Float? = nil) {
@@ -86,7 +88,8 @@ public struct LocalAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }

@@ -17,7 +17,7 @@
 ///
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (w + 1 + |G|) + |G| · Nk`
 ///   pairs per head; workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LongformerAttention: KernelWidening {
+public struct LongformerAttention: KernelWidening, ModifiableAttention {
     /// Total window `w`: `w/2` keys each side (causal: `w` to the left), `δ` apart.
     public var window: Int
     /// Dilation per head (one value applies to every head). Default 1.
@@ -27,6 +27,8 @@ public struct LongformerAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
     /// The last plan built, for calls with the same settings and shape (no arrays per call).
     private let plans = PlanCache<PlanKey, Plan>()
 
@@ -103,7 +105,8 @@ public struct LongformerAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let plan = try self.plan(for: call.shape)
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = plan.pattern

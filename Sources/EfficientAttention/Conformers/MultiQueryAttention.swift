@@ -24,7 +24,7 @@
 ///   `Nq · Nk` per head when dense) and a few hundred KiB of workspace per thread.
 ///   `decode` of `n` positions: `2 · H · n · L · (D + Dv)` FLOPs for a cache of `L`
 ///   positions, reading `Hkv · L · (D + Dv)` cached elements once.
-public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
+public struct MultiQueryAttention: IncrementalAttention, KernelWidening, ModifiableAttention {
     /// Bottom-right aligned causal rule: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
     /// Keys visible before the query's position (`nil`: unbounded). At least 0.
@@ -33,6 +33,8 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
     public var rightWindow: Int?
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
     /// Decode: cache positions per split-KV chunk (a work item whose partial result is
     /// merged by log-sum-exp). At least 1. The chunking depends only on the cache length,
     /// so results are identical for every thread count.
@@ -107,13 +109,14 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let shape = call.shape
             func rows(_ b: Int) -> IntervalMask {
                 mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding against keys and values the caller holds): the decode kernel.
-            if DecodeAttention.serves(shape) {
+            if DecodeAttention.serves(shape) && !modifiers.modifiesScores {
                 DecodeAttention.attend(call, mask: rows)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in rows(b) }
@@ -162,6 +165,10 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
     ///   Workspace: `O(H/Hkv · n · (D + Dv))` per thread plus the partial rows of the
     ///   `⌈L / decodeChunkLength⌉` chunks.
     public func decode(query: Tensor, cache: KVCache, layer: Int = 0, threads: Int? = nil) throws -> AttentionResult {
+        guard modifiers.isEmpty else {
+            throw AttentionError.unsupported(
+                "multi-query decode: modifiers (soft-capping, ALiBi, bias, sinks) apply to attend; decoding against a KVCache does not take them yet")
+        }
         _ = try cache.length(layer: layer)
         let qs = query.shape
         guard qs[0] == cache.batch else {

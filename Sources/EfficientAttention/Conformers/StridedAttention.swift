@@ -21,7 +21,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (2l + Nk / l)` pairs per
 ///   head (strided; fixed: `Nq · (l + c · Nk / l)`), i.e. `O(N √N)` at the default stride;
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct StridedAttention: KernelWidening {
+public struct StridedAttention: KernelWidening, ModifiableAttention {
     /// The two patterns of the paper.
     public enum Kind: Hashable, Sendable {
         /// The band `|p − j| < l` and every `l`-th key before and after.
@@ -36,6 +36,8 @@ public struct StridedAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     public init(kind: Kind = .strided, stride: Int? = nil, causal: Bool = false, scale: Float? = nil) {
         self.kind = kind
@@ -82,7 +84,8 @@ public struct StridedAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 switch pattern.kind {
