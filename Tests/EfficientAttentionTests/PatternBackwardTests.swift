@@ -58,6 +58,17 @@ struct GradientSubject: Sendable, CustomStringConvertible {
                     + (attention.causal ? " causal" : ""), attention) { try $0.pattern(for: $1) }
     }
 
+    static func longformer(_ attention: LongformerAttention) -> GradientSubject {
+        .pattern("longformer window \(attention.window) dilations \(attention.dilations) globals \(attention.globalPositions)"
+                    + (attention.causal ? " causal" : ""), attention) { try $0.pattern(for: $1) }
+    }
+
+    static func bigBird(_ attention: BigBirdAttention) -> GradientSubject {
+        .pattern("bigbird block \(attention.blockSize) random \(attention.randomBlockCount) globals "
+                    + "\(attention.globalBlocks.map { "\($0)" } ?? "default")" + (attention.causal ? " causal" : ""),
+                 attention, allowsLongerQueries: false) { try $0.pattern(for: $1) }
+    }
+
     /// Every subject, causal and not.
     static let all: [GradientSubject] = [false, true].flatMap { causal in
         [multiQuery(left: nil, right: nil, causal: causal),
@@ -69,7 +80,13 @@ struct GradientSubject: Sendable, CustomStringConvertible {
          strided(StridedAttention(kind: .strided, stride: 7, causal: causal)),
          strided(StridedAttention(kind: .strided, causal: causal)),
          strided(StridedAttention(kind: .fixed(summary: 2), stride: 16, causal: causal)),
-         strided(StridedAttention(kind: .fixed(summary: 1), stride: 5, causal: causal))]
+         strided(StridedAttention(kind: .fixed(summary: 1), stride: 5, causal: causal)),
+         longformer(LongformerAttention(window: 16, globalPositions: [0, 5, 6, 12], causal: causal)),
+         longformer(LongformerAttention(window: 10, dilations: [2], globalPositions: [3, 11, 12], causal: causal)),
+         longformer(LongformerAttention(window: 6, dilations: [3], causal: causal)),
+         bigBird(BigBirdAttention(blockSize: 16, randomBlockCount: 2, seed: 7, causal: causal)),
+         bigBird(BigBirdAttention(blockSize: 5, randomBlockCount: 1, globalBlocks: [1], seed: 8, causal: causal)),
+         bigBird(BigBirdAttention(blockSize: 48, randomBlockCount: 1, globalBlocks: [], seed: 9, causal: causal))]
     }
 }
 
@@ -282,6 +299,10 @@ struct PatternBackwardTests {
             (StridedAttention(stride: 0), "stride"),
             (StridedAttention(kind: .fixed(summary: 5), stride: 4), "summary"),
             (MultiQueryAttention(leftWindow: -2), "leftWindow"),
+            (LongformerAttention(window: -1), "window"),
+            (LongformerAttention(window: 4, globalPositions: [9]), "global position"),
+            (BigBirdAttention(blockSize: 0), "blockSize"),
+            (BigBirdAttention(blockSize: 4, globalBlocks: [3]), "global block"),
         ]
         for (attention, option) in bad {
             expectAttentionError(.invalidParameter, mentioning: [option]) {

@@ -91,3 +91,51 @@ public struct LongformerAttention: Attention {
         }
     }
 }
+
+extension LongformerAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/Longformer.md, "Backward")
+    /// in three passes, each with the forward's final output and log-sum-exp: the dilated
+    /// windows, then the global keys outside each window, then the global queries' other
+    /// keys (adding to `dK`, `dV`). Every visible pair is in exactly one pass (as in the
+    /// forward's two), so the passes' sums are the whole backward; `dQ` is summed in pass,
+    /// then key-block order. Bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with the pattern's visible keys J
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (dilated windows score
+    ///   their key tiles whole, the other residues masked); workspace of about 242 KiB per
+    ///   thread at `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { h, keyEnd in
+                let w = pattern.windowRange(head: h)
+                return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation, offset: pattern.offset,
+                                                    keyEnd: keyEnd)
+            }
+            guard !pattern.globalPositions.isEmpty else { return }
+            call.run(accumulate: true) { h, keyEnd in
+                let w = pattern.windowRange(head: h)
+                return LongformerGlobalKeyMask(pattern: pattern, lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
+            }
+            let globalQueries = pattern.globalQueryRanges
+            guard !globalQueries.isEmpty else { return }
+            call.run(accumulate: true) { h, keyEnd in
+                pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: globalQueries)
+            }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
+    }
+}

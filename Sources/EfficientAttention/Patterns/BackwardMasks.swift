@@ -285,3 +285,246 @@ extension DifferentiableAttention {
         }
     }
 }
+
+// MARK: - Longformer
+
+/// Longformer's dilated window as the backward pass lists it (the first of its three
+/// backward passes): key `j` is seen by query position `p` when `d = j − p ∈ [lo, hi]` and
+/// `d ≡ 0 (mod dilation)`, global or not (the forward's part 0 of
+/// ``LongformerWindowMask``). Contiguous key blocks and query tiles: with a dilation
+/// above 1 the tiles hold the window's other residues too, masked.
+struct LongformerWindowBackwardMask: TransposedTileMask {
+    var lo: Int, hi: Int, dilation: Int
+    var offset: Int
+    var keyEnd: Int
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        let firstP = queries.start + offset, lastP = queries.last + offset
+        forEachTile(from: max(0, firstP + lo), through: min(keyEnd - 1, lastP + hi), tileSize: tileSize) { keys in
+            body(KeyTile(keys: keys, fullyVisible: isFull(keys, firstP: firstP, lastP: lastP)))
+        }
+    }
+
+    /// Every (query, key) pair of the tile is in the window.
+    private func isFull(_ keys: PositionRun, firstP: Int, lastP: Int) -> Bool {
+        dilation == 1 && keys.start >= lastP + lo && keys.last <= firstP + hi
+    }
+
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "the window lists contiguous key blocks")
+        let first = keys.start, last = min(keys.last, keyEnd - 1)
+        guard first <= last else { return }
+        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
+                                   from: first - hi - offset, through: last - lo - offset) { index, queries in
+            let firstP = queries.start + offset, lastP = queries.last + offset
+            let a = max(first, firstP + lo), z = min(last, lastP + hi)
+            guard a <= z else { return }
+            let tileKeys = PositionRun(start: a, count: z - a + 1)
+            body(index, queries, KeyTile(keys: tileKeys, fullyVisible: isFull(tileKeys, firstP: firstP, lastP: lastP)))
+        }
+    }
+
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        return runIndices(tile.keys, from: p.first + offset + lo, through: p.last + offset + hi)
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        let first = tile.keys.position(keys.lowerBound), last = tile.keys.position(keys.upperBound - 1)
+        return runIndices(queries, from: first - hi - offset, through: last - lo - offset)
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        let lo = self.lo, hi = self.hi, offset = self.offset, dilation = self.dilation
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            longformerWindowHides(j: j, i: i, offset: offset, lo: lo, hi: hi, dilation: dilation, inside: false)
+        }
+    }
+}
+
+/// For key `j` and 16 query indices `i` (`d = j − offset − i`): the lanes outside the
+/// window `d ∈ [lo, hi]`, `d ≡ 0 (mod dilation)` (`inside`: the lanes inside it).
+@inline(__always)
+func longformerWindowHides(j: Int, i: SIMD16<Int32>, offset: Int, lo: Int, hi: Int, dilation: Int,
+                           inside: Bool) -> SIMDMask<SIMD16<Int32>> {
+    let d = SIMD16<Int32>(repeating: Int32(clamping: j - offset)) &- i
+    var seen = (d .>= SIMD16<Int32>(repeating: Int32(clamping: lo))) .& (d .<= SIMD16<Int32>(repeating: Int32(clamping: hi)))
+    if dilation > 1 {
+        // d − lo ≥ 0 inside the window, so a plain remainder is the modulo there.
+        let m = SIMD16<Int32>(repeating: Int32(clamping: dilation))
+        seen = seen .& ((d &- Int32(clamping: lo)) % m .== SIMD16<Int32>(repeating: 0))
+    }
+    return inside ? seen : .!seen
+}
+
+/// Longformer's global keys outside each query's window (the second backward pass; the
+/// forward's part 1 of ``LongformerWindowMask``): global key `j < keyEnd` is seen by every
+/// query position `p` whose window does not hold it (causal: `p ≥ j`). Contiguous key
+/// blocks: a block's tile is the hull of its global keys, the others masked.
+struct LongformerGlobalKeyMask: TransposedTileMask {
+    var pattern: LongformerPattern
+    var lo: Int, hi: Int, dilation: Int
+    var keyEnd: Int
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        let lastP = queries.last + pattern.offset
+        for run in pattern.globalRuns(below: keyEnd) {
+            forEachTile(from: run.lowerBound, through: min(run.upperBound - 1, pattern.causal ? lastP : Int.max),
+                        tileSize: tileSize) { body(KeyTile(keys: $0, fullyVisible: false)) }
+        }
+    }
+
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "global keys are listed in contiguous key blocks")
+        let last = min(keys.last, keyEnd - 1)
+        let globals = pattern.globalPositions
+        let g0 = pattern.firstGlobal(atLeast: keys.start), g1 = pattern.firstGlobal(atLeast: last + 1)
+        guard g0 < g1 else { return }
+        let a = globals[g0], z = globals[g1 - 1]
+        let allGlobal = g1 - g0 == z - a + 1
+        let offset = pattern.offset, causal = pattern.causal
+        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
+                                   from: causal ? a - offset : 0, through: queryLength - 1) { index, queries in
+            let firstP = queries.start + offset, lastP = queries.last + offset
+            let end = min(z, causal ? lastP : Int.max)
+            guard a <= end else { return }
+            let tileKeys = PositionRun(start: a, count: end - a + 1)
+            let clearOfWindows = end < firstP + lo || a > lastP + hi
+            body(index, queries, KeyTile(keys: tileKeys, fullyVisible: allGlobal && clearOfWindows
+                                            && (!causal || end <= firstP)))
+        }
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        guard pattern.causal else { return 0..<queries.count }
+        return runIndices(queries, from: tile.keys.position(keys.lowerBound) - pattern.offset, through: queries.last)
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        let lo = self.lo, hi = self.hi, offset = pattern.offset, dilation = self.dilation, causal = pattern.causal
+        let all = SIMDMask<SIMD16<Int32>>(repeating: true)
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            guard pattern.isGlobal(j) else { return all }
+            var hidden = longformerWindowHides(j: j, i: i, offset: offset, lo: lo, hi: hi, dilation: dilation,
+                                               inside: true)
+            if causal { hidden = hidden .| (i .< SIMD16<Int32>(repeating: Int32(clamping: j - offset))) }
+            return hidden
+        }
+    }
+}
+
+extension LongformerGlobalQueryMask: TransposedTileMask {
+    /// The forward's partition: the global queries' ranges.
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    /// A global query at `p` sees every key `j < keyEnd` (causal: `j ≤ p`) that is neither
+    /// global nor in its window (those are the first two passes'); the tile is the block's
+    /// keys, masked unless clear of windows and globals.
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "global queries are listed against contiguous key blocks")
+        let first = keys.start, last = min(keys.last, keyEnd - 1)
+        guard first <= last else { return }
+        let offset = pattern.offset, causal = pattern.causal
+        let g = pattern.firstGlobal(atLeast: first)
+        forEachContiguousQueryTile(queryPartition, queryLength: queryLength, queryTile: queryTile,
+                                   from: causal ? first - offset : 0, through: queryLength - 1) { index, queries in
+            let firstP = queries.start + offset, lastP = queries.last + offset
+            let end = min(last, causal ? lastP : Int.max)
+            guard first <= end else { return }
+            let clearOfWindows = end < firstP + lo || first > lastP + hi
+            let clearOfGlobals = g == pattern.globalPositions.count || pattern.globalPositions[g] > end
+            body(index, queries, KeyTile(keys: PositionRun(start: first, count: end - first + 1),
+                                         fullyVisible: clearOfWindows && clearOfGlobals && (!causal || end <= firstP)))
+        }
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        guard pattern.causal else { return 0..<queries.count }
+        return runIndices(queries, from: tile.keys.position(keys.lowerBound) - pattern.offset, through: queries.last)
+    }
+}
+
+// MARK: - BigBird
+
+/// BigBird's blocks as the backward pass lists them: the query tiles of query block `t`
+/// (the forward's partition) see the keys of `ranges[t]` (its window, global and random
+/// blocks, merged), `j < keyEnd`, causal `j ≤ p`. A key block's tile for query block `t`
+/// is the hull of its keys in `ranges[t]`; keys between two ranges are masked.
+struct BigBirdBackwardMask: TransposedTileMask {
+    var forward: BigBirdMask
+
+    var queryPartition: QueryPartition { forward.queryPartition }
+
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
+    }
+
+    /// The index of the first range of `ranges` ending past `key`.
+    private func firstRange(_ ranges: [Range<Int>], endingPast key: Int) -> Int {
+        var a = 0, z = ranges.count
+        while a < z {
+            let mid = (a + z) / 2
+            if ranges[mid].upperBound <= key { a = mid + 1 } else { z = mid }
+        }
+        return a
+    }
+
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "BigBird lists contiguous key blocks")
+        let f = forward, size = f.blockSize
+        let first = keys.start, last = min(keys.last, f.keyEnd - 1)
+        guard first <= last else { return }
+        // Query blocks in order (the partition's tiles are block by block); causal: from the block of `first`.
+        let firstBlock = f.causal ? max(0, (first) / size) : 0
+        let lastBlock = (queryLength - 1 + f.offset) / size
+        guard firstBlock <= lastBlock else { return }
+        for t in firstBlock...lastBlock {
+            let ranges = f.ranges[t]
+            let n = firstRange(ranges, endingPast: first)
+            guard n < ranges.count, ranges[n].lowerBound <= last else { continue }
+            var m = n
+            while m + 1 < ranges.count && ranges[m + 1].lowerBound <= last { m += 1 }
+            let a = max(first, ranges[n].lowerBound), z = min(last, ranges[m].upperBound - 1)
+            forEachContiguousQueryTile(queryPartition, queryLength: queryLength, queryTile: queryTile,
+                                       from: t * size - f.offset, through: (t + 1) * size - 1 - f.offset) {
+                index, queries in
+                let firstP = queries.start + f.offset, lastP = queries.last + f.offset
+                let end = min(z, f.causal ? lastP : Int.max)
+                guard a <= end else { return }
+                body(index, queries, KeyTile(keys: PositionRun(start: a, count: end - a + 1),
+                                             fullyVisible: n == m && (!f.causal || end <= firstP)))
+            }
+        }
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        guard forward.causal else { return 0..<queries.count }
+        return runIndices(queries, from: tile.keys.position(keys.lowerBound) - forward.offset, through: queries.last)
+    }
+
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        let f = forward
+        let ranges = f.ranges[(queries.start + f.offset) / f.blockSize]
+        let all = SIMDMask<SIMD16<Int32>>(repeating: true), none = SIMDMask<SIMD16<Int32>>(repeating: false)
+        var n = firstRange(ranges, endingPast: tile.keys.start)
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            while n < ranges.count && ranges[n].upperBound <= j { n += 1 }
+            guard n < ranges.count && ranges[n].lowerBound <= j else { return all }
+            return f.causal ? i .< SIMD16<Int32>(repeating: Int32(clamping: j - f.offset)) : none
+        }
+    }
+}
