@@ -79,6 +79,8 @@ struct GradientSubject: Sendable, CustomStringConvertible {
          local(LocalAttention(blockSize: 200, lookBackward: 0, lookForward: 0, causal: causal)),
          strided(StridedAttention(kind: .strided, stride: 7, causal: causal)),
          strided(StridedAttention(kind: .strided, causal: causal)),
+         // Classes of 65 and 64 queries at Nq = 129: the class tiles' indices must follow the partition.
+         strided(StridedAttention(kind: .strided, stride: 2, causal: causal)),
          strided(StridedAttention(kind: .fixed(summary: 2), stride: 16, causal: causal)),
          strided(StridedAttention(kind: .fixed(summary: 1), stride: 5, causal: causal)),
          longformer(LongformerAttention(window: 16, globalPositions: [0, 5, 6, 12], causal: causal)),
@@ -286,6 +288,23 @@ struct PatternBackwardTests {
         expectAttentionError(.invalidParameter, mentioning: ["threads"]) {
             try s.attention.backwardCost(short, threads: 0)
         }
+    }
+
+    /// Dilations that differ between the heads of a group: the window pass on contiguous
+    /// blocks (one dilation everywhere is in `GradientSubject.all`).
+    @Test("Longformer with a dilation per head", arguments: [false, true])
+    func longformerPerHeadDilations(_ causal: Bool) throws {
+        let s = GradientSubject.longformer(LongformerAttention(window: 8, dilations: [1, 2, 3, 1],
+                                                               globalPositions: [2, 20], causal: causal))
+        let cases = [PatternBackwardCase(subject: s, queryLength: 150, seed: 60_000),
+                     PatternBackwardCase(subject: s, kvHeads: 1, queryLength: 100, keyLength: 170, headDim: 5,
+                                         seed: 60_001),
+                     PatternBackwardCase(subject: s, batch: 2, kvHeads: 4, queryLength: 170, keyLength: 100,
+                                         headDim: 65, valueDim: 3, keyLengths: [100, 0], seed: 60_002)]
+        for c in cases { try c.check() }
+        let c = PatternBackwardCase(subject: s, queryLength: 400, headDim: 8, seed: 60_003)
+        let runs = try [1, 2, 3, 7].map { try c.gradients(threads: $0) }
+        for (n, g) in runs.enumerated().dropFirst() { expectBitwiseEqualGradients(runs[0], g, "\(c.testDescription) run \(n)") }
     }
 
     @Test("bad options throw errors naming the option")

@@ -106,9 +106,13 @@ extension LongformerAttention: DifferentiableAttention {
     /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
     /// ```
     ///
-    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (dilated windows score
-    ///   their key tiles whole, the other residues masked); workspace of about 242 KiB per
-    ///   thread at `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    /// With one dilation `δ` for every head the window pass lists keys and queries by residue
+    /// class modulo `δ` (as the forward groups its queries); with dilations that differ
+    /// between heads it scores contiguous tiles, the other residues masked.
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (`δ ×` the window's
+    ///   pairs scored when the dilations differ between heads); workspace of about 242 KiB
+    ///   per thread at `D = Dv = 64` plus one `Int` per key block per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
@@ -117,10 +121,17 @@ extension LongformerAttention: DifferentiableAttention {
                                   outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                   keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             let pattern = try self.pattern(for: call.shape)
-            call.run { h, keyEnd in
-                let w = pattern.windowRange(head: h)
-                return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation, offset: pattern.offset,
-                                                    keyEnd: keyEnd)
+            let window = backwardWindowBlocks(pattern)
+            if window.modulus == 1 && pattern.dilations.contains(where: { $0 != 1 }) {
+                // Dilations that differ between heads: contiguous blocks, other residues masked.
+                call.run { h, keyEnd in
+                    let w = pattern.windowRange(head: h)
+                    return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation,
+                                                        offset: pattern.offset, keyEnd: keyEnd)
+                }
+            } else {
+                // One dilation δ: keys and queries in residue classes modulo δ, as the forward's queries.
+                call.run(keyBlocks: window) { h, keyEnd in pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: []) }
             }
             guard !pattern.globalPositions.isEmpty else { return }
             call.run(accumulate: true) { h, keyEnd in
@@ -135,7 +146,16 @@ extension LongformerAttention: DifferentiableAttention {
         }
     }
 
+    /// The key blocks of the window pass: residue classes modulo the dilation when every
+    /// head has the same (each class seen by its own queries), else contiguous blocks.
+    func backwardWindowBlocks(_ pattern: LongformerPattern) -> TiledSoftmaxBackward.KeyBlocks {
+        let d = pattern.dilations[0]
+        guard pattern.dilations.allSatisfy({ $0 == d }) else { return .contiguous }
+        return .init(modulus: d, classes: 0..<min(d, pattern.keyLength), disjointClasses: true)
+    }
+
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                          passes: [backwardWindowBlocks(try pattern(for: shape)), .contiguous])
     }
 }

@@ -117,7 +117,7 @@ extension StridedColumnMask: TransposedTileMask {
         // The queries of the class: i = residue + a · l, a < members.
         let residue = positiveModulo(valid.start - offset, l)
         guard residue < n else { return }
-        let members = ceilDiv(n - residue, l), perClass = ceilDiv(members, br)
+        let members = ceilDiv(n - residue, l), perClass = ceilDiv(ceilDiv(n, l), br)   // the partition's tiles per class
         let firstMember = causal ? max(0, -floorDiv(residue - (valid.start + l - offset), l)) : 0
         guard firstMember < members else { return }
         for part in (firstMember / br)...((members - 1) / br) {
@@ -289,10 +289,12 @@ extension DifferentiableAttention {
 // MARK: - Longformer
 
 /// Longformer's dilated window as the backward pass lists it (the first of its three
-/// backward passes): key `j` is seen by query position `p` when `d = j − p ∈ [lo, hi]` and
-/// `d ≡ 0 (mod dilation)`, global or not (the forward's part 0 of
-/// ``LongformerWindowMask``). Contiguous key blocks and query tiles: with a dilation
-/// above 1 the tiles hold the window's other residues too, masked.
+/// backward passes) when the heads' dilations differ: key `j` is seen by query position
+/// `p` when `d = j − p ∈ [lo, hi]` and `d ≡ 0 (mod dilation)`, global or not (the forward's
+/// part 0 of ``LongformerWindowMask``). Contiguous key blocks and query tiles (a key block
+/// serves every head of its group): with a dilation above 1 the tiles hold the window's
+/// other residues too, masked. With one dilation for every head the backward lists
+/// ``LongformerWindowMask`` itself, by residue class.
 struct LongformerWindowBackwardMask: TransposedTileMask {
     var lo: Int, hi: Int, dilation: Int
     var offset: Int
@@ -341,6 +343,52 @@ struct LongformerWindowBackwardMask: TransposedTileMask {
         maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
             longformerWindowHides(j: j, i: i, offset: offset, lo: lo, hi: hi, dilation: dilation, inside: false)
         }
+    }
+}
+
+extension LongformerWindowMask: TransposedTileMask {
+    /// The forward's partition: residue classes of the queries modulo the dilation.
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    /// The window part only (the global keys outside the windows are the backward's second
+    /// pass). Keys come in residue classes modulo the dilation (``TiledSoftmaxBackward/KeyBlocks``
+    /// with `modulus = dilation`): key `j` is seen by the queries of its class (positions
+    /// `p ≡ j`) with `j − p ∈ [lo, hi]`, so each tile holds only window pairs and its
+    /// edges, masked as in the forward.
+    func forEachQueryTile(seeing keys: PositionRun, queryLength n: Int, queryTile br: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        let l = dilation
+        precondition(keys.step == l, "the dilated window lists key blocks of one residue class")
+        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
+        guard !kept.isEmpty else { return }
+        let valid = PositionRun(start: keys.start, count: kept.count, step: l)
+        // The queries of the class: i = residue + a · l, a < members, with p = i + offset in
+        // [first − hi, last − lo].
+        let residue = positiveModulo(valid.start - offset, l)
+        guard residue < n else { return }
+        let members = ceilDiv(n - residue, l), perClass = ceilDiv(ceilDiv(n, l), br)   // the partition's tiles per class
+        let lowest = valid.start - hi - offset, highest = valid.last - lo - offset
+        let a0 = max(0, -floorDiv(residue - lowest, l)), a1 = min(members - 1, floorDiv(highest - residue, l))
+        guard a0 <= a1 else { return }
+        for part in (a0 / br)...(a1 / br) {
+            let index = residue * perClass + part
+            let queries = queryPartition.tile(index, queryLength: n, tileSize: br)
+            let firstP = queries.start + offset, lastP = queries.last + offset
+            let seen = runIndices(valid, from: firstP + lo, through: lastP + hi)
+            guard !seen.isEmpty else { continue }
+            let tileKeys = PositionRun(start: valid.position(seen.lowerBound), count: seen.count, step: l)
+            body(index, queries, KeyTile(keys: tileKeys,
+                                         fullyVisible: tileKeys.start >= lastP + lo && tileKeys.last <= firstP + hi))
+        }
+    }
+
+    /// Keys `first … last` of a tile are seen by the queries at `first − hi … last − lo`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        let first = tile.keys.position(keys.lowerBound), last = tile.keys.position(keys.upperBound - 1)
+        return runIndices(queries, from: first - hi - offset, through: last - lo - offset)
     }
 }
 
