@@ -211,7 +211,7 @@ enum TiledSoftmaxBackward {
         for (local, h) in group.enumerated() {
             let headMask = mask(b, h)
             headMask.forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: br) { r, queries, tile in
-                assert(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
+                precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
                 gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, mask: headMask)
