@@ -94,6 +94,9 @@ public struct BenchOptions: Equatable, Sendable {
     public var cacheLengths: [Int] = [32768]
     /// Cache storage of decode mode (`--cache-precision`).
     public var cachePrecisions: [KVCache.Precision] = [.float32]
+    /// Element types of query, key, value and output in the timed calls (`--io`), each a
+    /// separate record.
+    public var ioPrecisions: [ActivationPrecision] = [.float32]
 
     public init() {}
 
@@ -138,6 +141,7 @@ extension BenchOptions {
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
         OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
         OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
@@ -305,6 +309,17 @@ extension BenchOptions {
             }
             options.cachePrecisions = values
         }
+        if let text = given["io"] {
+            for other in ["varlen", "decode", "backward"] where given[other] != nil {
+                throw BenchError.usage("--io does not combine with --\(other) yet")
+            }
+            options.ioPrecisions = try text.split(separator: ",").map {
+                guard let p = ioPrecisionValues[$0.trimmingCharacters(in: .whitespaces).lowercased()] else {
+                    throw BenchError.usage("--io: expected f32, f16 or bf16 (or a list), got '\($0)'")
+                }
+                return p
+            }
+        }
         if let text = given["seq-k"] { options.keyLength = try parseCount(text, option: "seq-k") }
         if let text = given["varlen"] {
             for other in ["seq", "seq-k", "batch", "decode", "preset"] where given[other] != nil {
@@ -407,6 +422,11 @@ extension BenchOptions {
     static let cachePrecisionValues: [String: [KVCache.Precision]] = [
         "f32": [.float32], "float32": [.float32], "f16": [.float16], "float16": [.float16],
         "both": [.float32, .float16],
+    ]
+
+    static let ioPrecisionValues: [String: ActivationPrecision] = [
+        "f32": .float32, "float32": .float32, "f16": .float16, "float16": .float16, "bf16": .bfloat16,
+        "bfloat16": .bfloat16,
     ]
 
     static let causalValues: [String: [Bool]] = [

@@ -53,6 +53,9 @@ public struct BenchRecord: Equatable, Sendable {
     public var peakGBPerSecond: Double?
     /// What was timed: "forward", "backward" (the gradients alone) or "forward+backward".
     public var pass = "forward"
+    /// Element type of query, key, value and output in the timed calls (`--io`): "f32",
+    /// "f16" or "bf16".
+    public var io = "f32"
     /// Heap allocations per timed call (engine style: views, caller-owned output, a reused
     /// workspace), counted; `nil` where allocations are not counted.
     public var allocationsPerCall: Double?
@@ -103,7 +106,7 @@ public struct BenchRecord: Equatable, Sendable {
 
     /// The problem (shape, causal) and thread count, for matching a record with its baselines.
     public var problemKey: String {
-        "\(pass)/\(batch)/\(heads)/\(kvHeads)/\(seqQ)/\(seqK)/\(dim)/\(valueDim)/\(causal)/\(threads)"
+        "\(pass)/\(io)/\(batch)/\(heads)/\(kvHeads)/\(seqQ)/\(seqK)/\(dim)/\(valueDim)/\(causal)/\(threads)"
     }
 
     /// A value of a record field.
@@ -121,7 +124,7 @@ public struct BenchRecord: Equatable, Sendable {
         "percentOfPeak", "workspaceBytes", "measuredPeakBytes", "outputBytes", "relativeError",
         "speedupVsDense", "memoryVsDense", "speedupVsVanilla", "memoryVsVanilla",
         "gbPerSecond", "peakGBPerSecond", "errorRows", "maxResidentBytes", "growthPerQuadrupling",
-        "allocationsPerCall", "pass",
+        "allocationsPerCall", "pass", "io",
     ]
 
     /// Values in ``fieldNames`` order.
@@ -133,7 +136,7 @@ public struct BenchRecord: Equatable, Sendable {
          .int(outputBytes), .double(relativeError), .double(speedupVsDense), .double(memoryVsDense),
          .double(speedupVsVanilla), .double(memoryVsVanilla), .double(gbPerSecond), .double(peakGBPerSecond),
          .double(errorRows.map(Double.init)), .double(maxResidentBytes.map(Double.init)),
-         .double(growthPerQuadrupling), .double(allocationsPerCall), .string(pass)]
+         .double(growthPerQuadrupling), .double(allocationsPerCall), .string(pass), .string(io)]
     }
 }
 

@@ -23,6 +23,8 @@ public struct SweepJob: Sendable {
     public var pointIndex: Int
     /// Position of the variant in the selection, for table order.
     public var variantIndex: Int
+    /// Element type of the timed calls' operands (`--io`).
+    public var io: ActivationPrecision = .float32
 }
 
 /// What a sweep will run, and what it will not (with the reason).
@@ -124,9 +126,11 @@ public struct SweepPlan: Sendable {
                              + "more than 3/4 of this machine's memory")
                         continue
                     }
-                    jobs.append(SweepJob(entry: entry, base: base, problem: problem, parameters: parameters,
-                                         threads: threads, conformer: conformer, cost: cost,
-                                         pointIndex: pointIndex, variantIndex: variantIndex))
+                    for io in options.ioPrecisions {
+                        jobs.append(SweepJob(entry: entry, base: base, problem: problem, parameters: parameters,
+                                             threads: threads, conformer: conformer, cost: cost,
+                                             pointIndex: pointIndex, variantIndex: variantIndex, io: io))
+                    }
                 }
             }
         }
@@ -186,11 +190,23 @@ public final class SweepRunner {
         if let packedLengths {
             text += (text.isEmpty ? "" : " ") + "varlen=" + packedLengths.map(String.init).joined(separator: ",")
         }
+        if job.io != .float32 {
+            text += (text.isEmpty ? "" : " ") + "io=" + Self.ioName(job.io)
+        }
         if let axial = job.conformer as? AxialAttention {
             let grid = axial.axes ?? AxialAttention.defaultAxes(sequenceLength: job.problem.shape.queryLength)
             text += (text.isEmpty ? "" : " ") + "axes=" + grid.map(String.init).joined(separator: "x")
         }
         return text
+    }
+
+    /// The `--io` spelling of `precision`.
+    public static func ioName(_ precision: ActivationPrecision) -> String {
+        switch precision {
+        case .float32: "f32"
+        case .float16: "f16"
+        case .bfloat16: "bf16"
+        }
     }
 
     /// Dense FLOPs above which the error column compares sampled rows (about a second of
@@ -301,14 +317,15 @@ public final class SweepRunner {
                 inputCache[shape] = inputs
             }
             let measured = try execute(job, inputs)
-            let isDense = job.entry.name == "dense"
+            // Dense in Float is the reference; 16-bit runs (dense too) are compared with it.
+            let isDense = job.entry.name == "dense" && job.io == .float32
             if isDense && referenceCache[job.problem] == nil { referenceCache[job.problem] = measured.output }
 
             var relativeError: Double?
             var errorRows: Int?
             if isDense {
                 relativeError = 0
-            } else if job.entry.approximatesDense {
+            } else if job.entry.approximatesDense || job.entry.name == "dense" {
                 let shape = job.problem.shape
                 let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
                                                        keyLength: shape.keyLength, headDim: shape.headDim,
@@ -344,7 +361,7 @@ public final class SweepRunner {
                     }
                 }
             }
-            let record = BenchRecord(
+            var record = BenchRecord(
                 variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
                 seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
                 causal: job.problem.causal, threads: job.threads, parameters: Self.describeSettings(job, packedLengths: options.packedLengths),
@@ -353,6 +370,7 @@ public final class SweepRunner {
                 peakGflops: peak, workspaceBytes: job.cost.workspaceBytes, measuredPeakBytes: measured.peakBytes,
                 outputBytes: SweepPlan.outputBytes(shape), relativeError: relativeError, errorRows: errorRows,
                 maxResidentBytes: measured.maxResidentBytes, allocationsPerCall: measured.allocationsPerCall)
+            record.io = Self.ioName(job.io)
             results.append((job, record))
             if options.backward {
                 if let differentiable = job.conformer as? any DifferentiableAttention {
@@ -477,6 +495,9 @@ public final class SweepRunner {
             throw failure(error)
         }
         var output = result.output, lse = result.logSumExp
+        if job.io != .float32 {
+            return try executeMixed(job, inputs, peakBytes: peakBytes, lse: lse)
+        }
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
             let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
@@ -501,6 +522,47 @@ public final class SweepRunner {
             throw failure(error)
         }
         return Measured(timing: timed.timing, peakBytes: peakBytes, output: result.output.elements,
+                        maxResidentBytes: ResidentMemory.peak(), allocationsPerCall: timed.allocationsPerCall)
+    }
+
+    /// `--io f16|bf16`: the engine-style timed calls with every operand in `job.io` (the
+    /// inputs rounded once, before timing), through the ``ActivationView`` entry point with
+    /// a workspace sized for those precisions. The error column compares the widened 16-bit
+    /// output, so it includes the rounding of the inputs and of the output.
+    func executeMixed(_ job: SweepJob, _ inputs: Inputs, peakBytes: Int, lse: Tensor) throws -> Measured {
+        let threads = job.threads, conformer = job.conformer
+        var lse = lse
+        func bits(_ t: Tensor) -> [UInt16] {
+            t.elements.map { x in
+                job.io == .float16 ? HalfConversions.softwareBits(x) : BFloat16Conversions.bits(x)
+            }
+        }
+        let (q, k, v) = (bits(inputs.query), bits(inputs.key), bits(inputs.value))
+        let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
+        var out = [UInt16](repeating: 0, count: shape.batch * shape.heads * shape.queryLength * shape.valueDim)
+        let precisions = OperandPrecisions(job.io)
+        let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
+        do {
+            let workspace = try AttentionWorkspace(for: conformer, shape: shape, threads: threads, precisions: precisions)
+            func view(_ b: UnsafeBufferPointer<UInt16>, _ t: Tensor) throws -> ActivationView {
+                try ActivationView(bitPatterns: b, precision: job.io, shape: SIMD4(t.shape))
+            }
+            timed = try q.withUnsafeBufferPointer { qb in try k.withUnsafeBufferPointer { kb in
+            try v.withUnsafeBufferPointer { vb in try out.withUnsafeMutableBufferPointer { ob in
+            try lse.withMutableStridedView { l in
+                let (qv, kv, vv) = (try view(qb, inputs.query), try view(kb, inputs.key), try view(vb, inputs.value))
+                let ov = try MutableActivationView(bitPatterns: ob, precision: job.io,
+                                                   shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim))
+                return try timeEngineCalls(policy: options.timing) {
+                    try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
+                                         keyLengths: nil, workspace: workspace, threads: threads)
+                }
+            } } } } }
+        } catch {
+            throw BenchError.failure("\(job.entry.name) failed on \(job.problem) with \(threads) threads, io \(Self.ioName(job.io)): \(error)")
+        }
+        let widened = out.map { job.io == .float16 ? HalfConversions.softwareFloat(bits: $0) : Float(bitPattern: UInt32($0) << 16) }
+        return Measured(timing: timed.timing, peakBytes: peakBytes, output: widened,
                         maxResidentBytes: ResidentMemory.peak(), allocationsPerCall: timed.allocationsPerCall)
     }
 }

@@ -48,6 +48,167 @@ public protocol Attention: Sendable {
     func attend(query: StridedView, key: StridedView, value: StridedView,
                 output: MutableStridedView, logSumExp: MutableStridedView?,
                 keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws
+
+    /// The same computation with query, key, value and output each in `Float`, binary16 or
+    /// bfloat16 (``ActivationPrecision``): inputs are widened to `Float` as the kernels read
+    /// them, arithmetic is in `Float`, and each output element is rounded to the output's
+    /// precision once. The result is bitwise the `Float` call on the widened inputs, rounded.
+    ///
+    /// Conformers on the tiled softmax kernel (dense, multi-query, local, strided, Longformer,
+    /// BigBird, axial, ETC, adaptive span) widen 16-bit operands tile by tile inside the
+    /// kernel; the others widen them into `Float` scratch first (``conversionScratchBytes(_:precisions:)``).
+    /// All-`float32` views run the `StridedView` entry point.
+    func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                output: MutableActivationView, logSumExp: MutableStridedView?,
+                keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws
+
+    /// Bytes of `Float` scratch a call with operands of `precisions` takes from its workspace
+    /// besides ``cost(_:threads:)``'s `workspaceBytes` (0 when every operand is `float32`):
+    /// the widened copies of the operands this conformer's kernels cannot read in place.
+    /// ``AttentionWorkspace/init(for:shape:threads:precisions:)`` includes it.
+    func conversionScratchBytes(_ shape: AttentionShape, precisions: OperandPrecisions) -> Int
+}
+
+/// The element types of a call's query, key, value and output.
+public struct OperandPrecisions: Hashable, Sendable {
+    public var query, key, value, output: ActivationPrecision
+
+    public init(query: ActivationPrecision, key: ActivationPrecision, value: ActivationPrecision,
+                output: ActivationPrecision) {
+        self.query = query
+        self.key = key
+        self.value = value
+        self.output = output
+    }
+
+    /// Every operand in `precision`.
+    public init(_ precision: ActivationPrecision) {
+        self.init(query: precision, key: precision, value: precision, output: precision)
+    }
+
+    /// Every operand in `Float`.
+    public static let float32 = OperandPrecisions(.float32)
+
+    /// The precisions of four views.
+    init(_ q: ActivationView, _ k: ActivationView, _ v: ActivationView, _ o: MutableActivationView) {
+        self.init(query: q.precision, key: k.precision, value: v.precision, output: o.precision)
+    }
+}
+
+/// Bytes of a `Float` copy of an operand of `shape`'s `[B, H or Hkv, N, width]` when its
+/// precision is not `float32`, rounded up to the workspace's alignment.
+func widenedCopyBytes(_ precision: ActivationPrecision, _ count: Int) -> Int {
+    precision == .float32 ? 0 : roundUp(count * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
+}
+
+extension AttentionShape {
+    var queryElements: Int { batch * heads * queryLength * headDim }
+    var keyElements: Int { batch * kvHeads * keyLength * headDim }
+    var valueElements: Int { batch * kvHeads * keyLength * valueDim }
+    var outputElements: Int { batch * heads * queryLength * valueDim }
+
+    /// Bytes of `Float` copies of the operands whose precision is not `float32`, for the
+    /// operands `copied` selects.
+    func widenedCopyBytes(_ p: OperandPrecisions, query: Bool = true, key: Bool = true, value: Bool = true,
+                          output: Bool = true) -> Int {
+        (query ? EfficientAttention.widenedCopyBytes(p.query, queryElements) : 0)
+            + (key ? EfficientAttention.widenedCopyBytes(p.key, keyElements) : 0)
+            + (value ? EfficientAttention.widenedCopyBytes(p.value, valueElements) : 0)
+            + (output ? EfficientAttention.widenedCopyBytes(p.output, outputElements) : 0)
+    }
+}
+
+extension Attention {
+    /// Conformers that read 16-bit operands only through `Float` copies: one per operand
+    /// that is not `float32`.
+    public func conversionScratchBytes(_ shape: AttentionShape, precisions: OperandPrecisions) -> Int {
+        shape.widenedCopyBytes(precisions)
+    }
+
+    /// The mixed-precision entry point of conformers whose kernels read `Float` only: the
+    /// 16-bit operands are widened into `Float` scratch (from the workspace when it has
+    /// room), the `Float` entry point runs, and a 16-bit output is rounded from its scratch.
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        if let q = query.float32, let k = key.float32, let v = value.float32, let o = output.float32 {
+            return try attend(query: q, key: k, value: v, output: o, logSumExp: logSumExp,
+                              keyLengths: keyLengths, workspace: workspace, threads: threads)
+        }
+        let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                       keyLengths: keyLengths, workspace: workspace, threads: threads)
+        func run() throws {
+            try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
+                try withFloatOutput(output, shape: output.shape) { o in
+                    try attend(query: q, key: k, value: v, output: o, logSumExp: logSumExp,
+                               keyLengths: keyLengths, workspace: workspace, threads: threads)
+                }
+            } } }
+        }
+        if let workspace { try workspace.use(run) } else { try run() }
+    }
+
+    /// The checks of a mixed-precision call (those of ``withCheckedCall(query:key:value:output:logSumExp:keyLengths:workspace:threads:scale:_:)``,
+    /// with the workspace sized for ``conversionScratchBytes(_:precisions:)`` too); returns the shape.
+    func checkMixedCall(query: ActivationView, key: ActivationView, value: ActivationView,
+                        output: MutableActivationView, logSumExp: MutableStridedView?,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws -> AttentionShape {
+        let shape = try AttentionShape(query: query.shape, key: key.shape, value: value.shape)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
+        try checkOutputViews(shape, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
+        if let workspace {
+            let needed = try cost(shape, threads: threads).workspaceBytes
+                + (logSumExp == nil ? logSumExpScratchBytes(shape) : 0)
+                + conversionScratchBytes(shape, precisions: OperandPrecisions(query, key, value, output))
+            guard workspace.byteCount >= needed else {
+                throw AttentionError.invalidParameter(
+                    "workspace has \(workspace.byteCount) bytes; \(name) needs \(needed) for \(shape) with \(threads.map(String.init) ?? "all") threads and precisions \(query.precision)/\(key.precision)/\(value.precision)/\(output.precision) (AttentionWorkspace(for:shape:threads:precisions:) sizes it)")
+            }
+        }
+        return shape
+    }
+}
+
+/// Runs `body` with the `float32` view of `view`: itself, or a `Float` copy in scratch.
+func withWidened<R>(_ view: ActivationView, _ body: (StridedView) throws -> R) rethrows -> R {
+    if let float = view.float32 { return try body(float) }
+    let shape = view.shape
+    return try withScratchTensor(shape) { copy in
+        let source = view.kernel
+        for b in 0..<shape[0] {
+            for h in 0..<shape[1] {
+                source.widenRows(b, h, rows: PositionRun(start: 0, count: shape[2]), width: shape[3],
+                                 into: copy.row(b, h, 0), ld: copy.strides[2])
+            }
+        }
+        return try body(StridedView(unchecked: UnsafePointer(copy.base), shape: shape, strides: copy.strides))
+    }
+}
+
+/// Runs `body` with a `float32` view to write `output` through: itself, or `Float` scratch
+/// whose rows are then rounded into `output`.
+func withFloatOutput<R>(_ output: MutableActivationView, shape: SIMD4<Int>,
+                        _ body: (MutableStridedView) throws -> R) rethrows -> R {
+    if let float = output.float32 { return try body(float) }
+    return try withStaged(output.kernel, shape: shape) { scratch in
+        try body(MutableStridedView(unchecked: scratch.base, shape: shape, strides: scratch.strides))
+    }
+}
+
+/// Runs `body` with contiguous `Float` scratch of `shape`, then rounds its rows into `target`
+/// (an output written through `Float`).
+func withStaged<R>(_ target: MutableTensorView, shape: SIMD4<Int>,
+                   _ body: (MutableTensorView) throws -> R) rethrows -> R {
+    try withScratchTensor(shape) { scratch in
+        let result = try body(scratch)
+        for b in 0..<shape[0] {
+            for h in 0..<shape[1] {
+                for i in 0..<shape[2] { target.storeRow(b, h, i, from: scratch.row(b, h, i), count: shape[3]) }
+            }
+        }
+        return result
+    }
 }
 
 extension Attention {
@@ -132,7 +293,7 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
         try self.init(query: query.shape, key: key.shape, value: value.shape)
     }
 
-    private init(query q: SIMD4<Int>, key k: SIMD4<Int>, value v: SIMD4<Int>) throws {
+    init(query q: SIMD4<Int>, key k: SIMD4<Int>, value v: SIMD4<Int>) throws {
         guard k[0] == q[0], v[0] == q[0] else {
             throw AttentionError.shapeMismatch(
                 "batch differs: query \(q[0]), key \(k[0]), value \(v[0]) (dimension 0 of [B, H, N, D])")
@@ -285,36 +446,38 @@ struct ViewCall {
     let threadCount: Int
     let q: TensorView, k: TensorView, v: TensorView
     let o: MutableTensorView, lse: MutableTensorView
-    /// The caller's views, for conformers that pass views on.
-    let query: StridedView, key: StridedView, value: StridedView
-    let output: MutableStridedView
 
     /// Valid keys of batch item `b`.
     func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
 
-    /// Runs `body` with a call whose output has unit column stride: this call when it has,
-    /// else one writing into contiguous scratch (``withScratch(byteCount:_:)``) that is
-    /// then copied into the caller's output, for kernels that write output rows through the
-    /// GEMM (rows with a leading dimension, unit column stride). The same bits either way.
+    /// Runs `body` with a call whose output is `Float` with unit column stride: this call
+    /// when it is, else one writing into contiguous scratch (``withScratch(byteCount:_:)``)
+    /// that is then copied (rounded, for a 16-bit output) into the caller's output: for
+    /// kernels that write output rows through the GEMM (rows with a leading dimension, unit
+    /// column stride) or that read their output back (merged passes). The same bits either way.
     func withUnitColumnOutput(_ body: (ViewCall) throws -> Void) rethrows {
-        guard o.strides[3] != 1 else { return try body(self) }
-        let (rows, dv) = (shape.batch * shape.heads * shape.queryLength, shape.valueDim)
-        try withScratch(byteCount: rows * dv * MemoryLayout<Float>.stride) { scratch in
-            let contiguous = scratch.bindMemory(to: Float.self, capacity: rows * dv)
-            let strides = SIMD4(shape.heads * shape.queryLength * dv, shape.queryLength * dv, dv, 1)
-            try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
-                              threadCount: threadCount, q: q, k: k, v: v,
-                              o: MutableTensorView(base: contiguous, strides: strides), lse: lse,
-                              query: query, key: key, value: value, output: output))
-            for b in 0..<shape.batch {
-                for h in 0..<shape.heads {
-                    for i in 0..<shape.queryLength {
-                        let from = contiguous + b * strides[0] + h * strides[1] + i * dv, to = o.row(b, h, i)
-                        for c in 0..<dv { to[c &* o.strides[3]] = from[c] }
-                    }
-                }
-            }
+        try withStagedOutput(when: o.strides[3] != 1 || o.precision != .float32, body)
+    }
+
+    /// Runs `body` with a call whose output is `Float`: this call when it is, else one
+    /// writing into contiguous `Float` scratch that is then rounded into the caller's output.
+    func withFloatOutput(_ body: (ViewCall) throws -> Void) rethrows {
+        try withStagedOutput(when: o.precision != .float32, body)
+    }
+
+    /// Runs `body` with a call whose output is that of this call or, when `staged`, a
+    /// contiguous `Float` scratch then copied into this call's output.
+    func withStagedOutput(when staged: Bool, _ body: (ViewCall) throws -> Void) rethrows {
+        guard staged else { return try body(self) }
+        try withStaged(o, shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)) { scratch in
+            try body(with(o: scratch))
         }
+    }
+
+    /// This call with other query or output views (staged copies).
+    func with(q: TensorView? = nil, o: MutableTensorView? = nil) -> ViewCall {
+        ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads, threadCount: threadCount,
+                 q: q ?? self.q, k: k, v: v, o: o ?? self.o, lse: lse)
     }
 
     /// Fills every output row with 0 and every log-sum-exp with −∞ (the result over no
@@ -323,8 +486,7 @@ struct ViewCall {
         for b in 0..<shape.batch {
             for h in 0..<shape.heads {
                 for i in 0..<shape.queryLength {
-                    let row = o.row(b, h, i), sd = o.strides[3]
-                    for c in 0..<shape.valueDim { row[c &* sd] = 0 }
+                    o.zeroRow(b, h, i, count: shape.valueDim)
                     lse.row(b, h, i).pointee = -.infinity
                 }
             }
@@ -343,25 +505,27 @@ extension Attention {
                             output: MutableStridedView, logSumExp: MutableStridedView?,
                             keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
                             scale: Float?, _ body: (ViewCall) throws -> R) throws -> R {
-        let shape = try AttentionShape(query: query, key: key, value: value)
-        try validate(shape)
-        try checkCallArguments(shape, keyLengths: keyLengths, threads: threads)
-        try checkOutputViews(shape, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
-        if let workspace {
-            let needed = try cost(shape, threads: threads).workspaceBytes
-                + (logSumExp == nil ? logSumExpScratchBytes(shape) : 0)
-            guard workspace.byteCount >= needed else {
-                throw AttentionError.invalidParameter(
-                    "workspace has \(workspace.byteCount) bytes; \(name) needs \(needed) for \(shape) with \(threads.map(String.init) ?? "all") threads (AttentionWorkspace(for:shape:threads:) sizes it)")
-            }
-        }
+        try withCheckedCall(query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
+                            output: MutableActivationView(output), logSumExp: logSumExp, keyLengths: keyLengths,
+                            workspace: workspace, threads: threads, scale: scale, body)
+    }
+
+    /// ``withCheckedCall(query:key:value:output:logSumExp:keyLengths:workspace:threads:scale:_:)``
+    /// for operands of any precision, for conformers whose kernels read 16-bit operands
+    /// (the call's views carry their precision); the workspace must also hold
+    /// ``conversionScratchBytes(_:precisions:)``.
+    func withCheckedCall<R>(query: ActivationView, key: ActivationView, value: ActivationView,
+                            output: MutableActivationView, logSumExp: MutableStridedView?,
+                            keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                            scale: Float?, _ body: (ViewCall) throws -> R) throws -> R {
+        let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                       keyLengths: keyLengths, workspace: workspace, threads: threads)
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
         func run() throws -> R {
             func call(_ lse: MutableTensorView) throws -> R {
                 try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
                                   threadCount: try threadCount(threads),
-                                  q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: lse,
-                                  query: query, key: key, value: value, output: output))
+                                  q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: lse))
             }
             if let logSumExp { return try call(logSumExp.kernel) }
             return try withScratch(byteCount: logSumExpScratchBytes(shape)) { scratch in
@@ -378,6 +542,13 @@ extension Attention {
 /// neither overlaps an input or the other, naming the view and dimension.
 func checkOutputViews(_ shape: AttentionShape, query: StridedView, key: StridedView, value: StridedView,
                       output: MutableStridedView, logSumExp: MutableStridedView?) throws {
+    try checkOutputViews(shape, query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
+                         output: MutableActivationView(output), logSumExp: logSumExp)
+}
+
+/// ``checkOutputViews(_:query:key:value:output:logSumExp:)`` for views of any precision.
+func checkOutputViews(_ shape: AttentionShape, query: ActivationView, key: ActivationView, value: ActivationView,
+                      output: MutableActivationView, logSumExp: MutableStridedView?) throws {
     let expected = SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)
     if let axis = (0..<4).first(where: { output.shape[$0] != expected[$0] }) {
         throw AttentionError.shapeMismatch(

@@ -51,11 +51,24 @@ public final class AttentionWorkspace: @unchecked Sendable {
         try self.init(byteCount: cost.workspaceBytes + logSumExpScratchBytes(shape))
     }
 
+    /// A workspace for calls of `attention` on problems up to `shape` with `threads`
+    /// workers and operands of `precisions`: also the `Float` copies the conformer makes of
+    /// 16-bit operands (``Attention/conversionScratchBytes(_:precisions:)``).
+    public convenience init(for attention: some Attention, shape: AttentionShape, threads: Int? = nil,
+                            precisions: OperandPrecisions) throws {
+        let cost = try attention.cost(shape, threads: threads)
+        try self.init(byteCount: cost.workspaceBytes + logSumExpScratchBytes(shape)
+                      + attention.conversionScratchBytes(shape, precisions: precisions))
+    }
+
     deinit { block.deallocate() }
 
     /// Runs `body` with this workspace as the calling thread's scratch source (see
-    /// ``withScratch(byteCount:_:)``). Throws if another call is using it.
+    /// ``withScratch(byteCount:_:)``). Throws if another call is using it. A call nested in
+    /// one already using it on this thread (a mixed-precision call running the `Float`
+    /// entry point on its widened operands) continues its stack.
     func use<R>(_ body: () throws -> R) throws -> R {
+        if AttentionWorkspace.current === self { return try body() }
         guard lock.try() else {
             throw AttentionError.invalidParameter(
                 "workspace is in use by another call; give each concurrent caller its own AttentionWorkspace")

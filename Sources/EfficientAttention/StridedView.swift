@@ -104,7 +104,7 @@ public struct MutableStridedView: @unchecked Sendable {
 
     var kernel: MutableTensorView { MutableTensorView(base: baseAddress, strides: strides) }
 
-    var addressRange: Range<UInt> { addressSpan(UnsafePointer(baseAddress), shape: shape, strides: strides) }
+    var addressRange: Range<UInt> { addressSpan(UnsafeRawPointer(baseAddress), shape: shape, strides: strides) }
 }
 
 /// Row-major strides of `shape`.
@@ -115,7 +115,7 @@ func rowMajorStrides(_ shape: SIMD4<Int>) -> SIMD4<Int> {
 
 /// Checks a view's layout against a buffer of `count` elements and returns the number of
 /// elements the view addresses (0 when an extent is 0).
-private func checkedExtent(shape: SIMD4<Int>, strides: SIMD4<Int>, offset: Int, count: Int) throws -> Int {
+func checkedExtent(shape: SIMD4<Int>, strides: SIMD4<Int>, offset: Int, count: Int) throws -> Int {
     let names = ["B", "H", "N", "D"]
     for axis in 0..<4 {
         guard shape[axis] >= 0 else {
@@ -152,7 +152,7 @@ private func checkedExtent(shape: SIMD4<Int>, strides: SIMD4<Int>, offset: Int, 
 /// Throws unless distinct indices of a view with `shape` and `strides` address distinct
 /// elements: with the axes of extent above 1 ordered by stride, each stride is at least
 /// the span of the smaller ones (`stride[a] ≥ Σ_{smaller b} (n_b − 1)·stride[b] + 1`).
-private func checkNoOverlap(shape: SIMD4<Int>, strides: SIMD4<Int>) throws {
+func checkNoOverlap(shape: SIMD4<Int>, strides: SIMD4<Int>) throws {
     let names = ["B", "H", "N", "D"]
     let axes = (0..<4).filter { shape[$0] > 1 }.sorted { strides[$0] < strides[$1] }
     var span = 0   // elements covered by the axes so far, minus 1
@@ -166,11 +166,12 @@ private func checkNoOverlap(shape: SIMD4<Int>, strides: SIMD4<Int>) throws {
 }
 
 /// Addresses from a view's first element to just past its last one.
-private func addressSpan(_ base: UnsafePointer<Float>, shape: SIMD4<Int>, strides: SIMD4<Int>) -> Range<UInt> {
+func addressSpan(_ base: UnsafeRawPointer, shape: SIMD4<Int>, strides: SIMD4<Int>,
+                 elementBytes: Int = MemoryLayout<Float>.stride) -> Range<UInt> {
     guard shape[0] > 0, shape[1] > 0, shape[2] > 0, shape[3] > 0 else { return 0..<0 }
     let last = ((shape &- 1) &* strides).wrappedSum()
     let start = UInt(bitPattern: base)
-    return start..<(start + UInt(last + 1) * UInt(MemoryLayout<Float>.stride))
+    return start..<(start + UInt(last + 1) * UInt(elementBytes))
 }
 
 /// The four values of `v` as an array (for messages).

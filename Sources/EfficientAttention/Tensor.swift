@@ -179,40 +179,74 @@ public struct Tensor: Sendable, Equatable {
 }
 
 /// Read-only strided access for kernels: a base pointer and four strides (the public,
-/// checked form is ``StridedView``). Valid only while the memory it points to is.
+/// checked form is ``StridedView``, or ``ActivationView`` for 16-bit elements). Valid only
+/// while the memory it points to is. Views of `.float16` or `.bfloat16` elements are read
+/// through ``rawRow(_:_:_:)`` (``widenRows(_:_:rows:width:into:ld:)``), never ``row(_:_:_:)``.
 struct TensorView: @unchecked Sendable {
     let base: UnsafePointer<Float>
     let strides: SIMD4<Int>
+    let precision: ActivationPrecision
 
     init(base: UnsafePointer<Float>, strides: SIMD4<Int>) {
         self.base = base
         self.strides = strides
+        precision = .float32
     }
 
-    /// Pointer to row `[b, h, i, 0]`.
+    init(raw: UnsafeRawPointer, strides: SIMD4<Int>, precision: ActivationPrecision) {
+        base = raw.assumingMemoryBound(to: Float.self)
+        self.strides = strides
+        self.precision = precision
+    }
+
+    /// Pointer to row `[b, h, i, 0]` of a `.float32` view.
     @inline(__always)
     func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafePointer<Float> {
+        assert(precision == .float32, "row(_:_:_:) of a 16-bit view")
         let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
         return base + offset
     }
+
+    /// Address of row `[b, h, i, 0]`, whatever the precision.
+    @inline(__always)
+    func rawRow(_ b: Int, _ h: Int, _ i: Int) -> UnsafeRawPointer {
+        let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
+        return UnsafeRawPointer(base) + offset &* precision.byteWidth
+    }
 }
 
-/// Writable strided access for kernels (the public, checked form is ``MutableStridedView``).
+/// Writable strided access for kernels (the public, checked form is ``MutableStridedView``,
+/// or ``MutableActivationView`` for 16-bit elements).
 struct MutableTensorView: @unchecked Sendable {
     let base: UnsafeMutablePointer<Float>
     let strides: SIMD4<Int>
+    let precision: ActivationPrecision
 
     init(base: UnsafeMutablePointer<Float>, strides: SIMD4<Int>) {
         self.base = base
         self.strides = strides
+        precision = .float32
+    }
+
+    init(raw: UnsafeMutableRawPointer, strides: SIMD4<Int>, precision: ActivationPrecision) {
+        base = raw.assumingMemoryBound(to: Float.self)
+        self.strides = strides
+        self.precision = precision
     }
 
     /// The same elements, read-only.
-    var readOnly: TensorView { TensorView(base: base, strides: strides) }
+    var readOnly: TensorView { TensorView(raw: UnsafeRawPointer(base), strides: strides, precision: precision) }
 
     @inline(__always)
     func row(_ b: Int, _ h: Int, _ i: Int) -> UnsafeMutablePointer<Float> {
+        assert(precision == .float32, "row(_:_:_:) of a 16-bit view")
         let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
         return base + offset
+    }
+
+    @inline(__always)
+    func rawRow(_ b: Int, _ h: Int, _ i: Int) -> UnsafeMutableRawPointer {
+        let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
+        return UnsafeMutableRawPointer(base) + offset &* precision.byteWidth
     }
 }

@@ -531,6 +531,29 @@ import AttentionBenchCore
         }
     }
 
+    /// `--io`: one record per element type, each saying so (JSON field `io`, the settings
+    /// column); 16-bit dense is compared with Float dense (an error of the inputs' rounding,
+    /// not 0); a fallback conformer runs too; bad values and combinations are refused.
+    @Test func ioPrecisions() throws {
+        let o = try BenchOptions.parse(["--io", "f32,f16,bf16", "--variants", "dense,linformer", "--seq", "64",
+                                        "--heads", "2", "--dim", "16", "--threads", "1", "--repeat", "1"])
+        #expect(o.ioPrecisions == [.float32, .float16, .bfloat16])
+        let records = try SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
+            .run(try SweepPlan.make(o))
+        let dense = records.filter { $0.variant == "dense" }
+        #expect(dense.map(\.io) == ["f32", "f16", "bf16"])
+        #expect(dense[0].relativeError == 0)
+        let f16Error = dense[1].relativeError ?? 1, bf16Error = dense[2].relativeError ?? 1
+        #expect(f16Error > 0 && f16Error < 3e-3, "f16 error \(f16Error)")
+        #expect(bf16Error > f16Error && bf16Error < 2e-2, "bf16 error \(bf16Error)")
+        #expect(dense[1].parameters.contains("io=f16") && !dense[0].parameters.contains("io="))
+        #expect(records.filter { $0.variant == "linformer" }.map(\.io) == ["f32", "f16", "bf16"])
+        for bad in [["--io", "f8"], ["--io", "f16", "--decode"], ["--io", "f16", "--varlen", "8,8"],
+                    ["--io", "bf16", "--backward"]] {
+            #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
+        }
+    }
+
     /// `--backward`: dense (and local, with gradients too) gets "backward" and
     /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs; a conformer without
     /// gradients (vanilla) only its forward record.

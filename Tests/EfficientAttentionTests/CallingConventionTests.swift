@@ -106,10 +106,10 @@ struct CallingConventionTests {
     }
 
     /// Conformers that still build a plan of small arrays per call (BigBird's random
-    /// blocks, Longformer's global runs and query ranges, ETC's masks' runs, axial grids,
+    /// blocks, ETC's masks' runs, axial grids,
     /// LSH's bucket plan), with the most allocations a call of the test problem may make:
     /// a bound that catches allocations per tile or per row (KernelDocs/CallingConvention.md).
-    static let planAllocations = ["longformer": 8, "lsh": 24, "axial": 16, "etc": 64]
+    static let planAllocations = ["lsh": 24, "axial": 16, "etc": 64]
 
     @Test("a steady-state call with a workspace allocates nothing (one thread)", arguments: entries)
     func allocations(_ name: String) throws {
@@ -145,6 +145,36 @@ struct CallingConventionTests {
             if let longer = try count(long, withLSE: withLSE) {
                 #expect(longer == fewest, "\(name) (log-sum-exp \(withLSE)): \(fewest) allocations at N = \(p.queryLength), \(longer) at \(long.queryLength)")
             }
+        }
+    }
+}
+
+extension CallingConventionTests {
+    /// Decode-shaped calls (fewer queries than the tiled kernel's lanes) run on the decode
+    /// kernel; they too allocate nothing with a workspace, at any cache length.
+    @Test("a decode-shaped call with a workspace allocates nothing (one thread)",
+          arguments: [(1, 1, 1), (3, 4, 2), (1, 8, 1)])
+    func decodeAllocations(queries: Int, heads: Int, kvHeads: Int) throws {
+        guard AllocationCounter.isSupported else { return }
+        let conformers: [any Attention] = [DenseAttention(), DenseAttention(causal: true),
+                                           MultiQueryAttention(causal: true), MultiQueryAttention(leftWindow: 40)]
+        for attention in conformers where heads == kvHeads || attention is MultiQueryAttention {
+            var counts: [Int] = []
+            for keys in [300, 900] {
+                let (q, k, v) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: queries, keyLength: keys,
+                                              headDim: 16, seed: 5)
+                let shape = try AttentionShape(query: q, key: k, value: v)
+                let workspace = try AttentionWorkspace(for: attention, shape: shape, threads: 1)
+                var out = NaNPaddedOutput(shape: [1, heads, queries, 16])
+                counts.append(try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+                    try out.withView { ov in
+                        try CallingConventionTests.steadyStateAllocations {
+                            try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil,
+                                                 keyLengths: nil, workspace: workspace, threads: 1)
+                        }
+                    } } } })
+            }
+            #expect(counts == [0, 0], "\(attention.name) Nq = \(queries), H = \(heads)/\(kvHeads): allocations \(counts) at Nk = 300, 900")
         }
     }
 }

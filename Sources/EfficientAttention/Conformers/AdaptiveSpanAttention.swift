@@ -25,7 +25,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with at most `Nq · ⌈z_h + R⌉` pairs per
 ///   head: linear in `Nq` for a fixed span. Workspace as dense: a few hundred KiB per
 ///   thread, independent of the lengths.
-public struct AdaptiveSpanAttention: Attention {
+public struct AdaptiveSpanAttention: KernelWidening {
     /// The span `z_h` of each head, in positions; one per query head, each in `0...maxSpan`.
     public var spans: [Float]
     /// The largest span `S` a head may take.
@@ -129,8 +129,11 @@ public struct AdaptiveSpanAttention: Attention {
                              scoredPairs: pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// The kernel widens every operand itself.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

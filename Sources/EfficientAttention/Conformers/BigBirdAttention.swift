@@ -20,7 +20,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · bs · (3 + |G| + r)` pairs per
 ///   head plus `|G| · bs · Nk` for the global query blocks; workspace of a few hundred KiB
 ///   per thread, independent of `Nq` and `Nk`; the pattern holds `H · ⌈Nk / bs⌉ · r` block indices.
-public struct BigBirdAttention: Attention {
+public struct BigBirdAttention: KernelWidening {
     /// Block size `bs` (default 64).
     public var blockSize: Int
     /// Random blocks per head and query block (default 3).
@@ -116,8 +116,11 @@ public struct BigBirdAttention: Attention {
         return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

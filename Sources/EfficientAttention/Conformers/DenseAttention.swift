@@ -19,7 +19,7 @@
 ///
 /// - Complexity: `4 · Nq · Nk · D` FLOPs per head (half that when causal and Nq = Nk);
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct DenseAttention: Attention {
+public struct DenseAttention: KernelWidening {
     /// Bottom-right aligned causal mask: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
@@ -58,8 +58,13 @@ public struct DenseAttention: Attention {
                              scoredPairs: pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Decode-shaped calls stage 16-bit query and output rows in `Float` (a few rows).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) {
+        DecodeAttention.serves(shape) ? (true, true) : (false, false)
+    }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

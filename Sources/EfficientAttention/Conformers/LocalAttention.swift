@@ -18,7 +18,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (left + right + 1)` pairs
 ///   per head (blocked: `Nq · b · (lookBackward + lookForward + 1)`); workspace of a few
 ///   hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LocalAttention: Attention {
+public struct LocalAttention: KernelWidening {
     /// The two local forms.
     public enum Form: Hashable, Sendable {
         /// Key `j` visible iff `p − left ≤ j ≤ p + right`.
@@ -79,8 +79,11 @@ public struct LocalAttention: Attention {
         return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

@@ -17,7 +17,7 @@
 ///
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (w + 1 + |G|) + |G| · Nk`
 ///   pairs per head; workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LongformerAttention: Attention {
+public struct LongformerAttention: KernelWidening {
     /// Total window `w`: `w/2` keys each side (causal: `w` to the left), `δ` apart.
     public var window: Int
     /// Dilation per head (one value applies to every head). Default 1.
@@ -27,6 +27,20 @@ public struct LongformerAttention: Attention {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// The last plan built, for calls with the same settings and shape (no arrays per call).
+    private let plans = PlanCache<PlanKey, Plan>()
+
+    /// Everything the plan depends on.
+    private struct PlanKey: Equatable {
+        var window: Int, dilations: [Int], globalPositions: [Int], causal: Bool
+        var heads: Int, queryLength: Int, keyLength: Int
+    }
+
+    /// A call's pattern with its global key runs and global query ranges.
+    private struct Plan {
+        let pattern: LongformerPattern
+        let globalKeys: [Range<Int>], globalQueries: [Range<Int>]
+    }
 
     public init(window: Int = 512, dilations: [Int] = [1], globalPositions: [Int] = [],
                 causal: Bool = false, scale: Float? = nil) {
@@ -67,25 +81,38 @@ public struct LongformerAttention: Attention {
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
-        return patternCost(try pattern(for: shape), shape: shape, threads: threads)
+        return patternCost(try plan(for: shape).pattern, shape: shape, threads: threads)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// The pattern of `shape` with its global runs, built once per settings and shape.
+    private func plan(for shape: AttentionShape) throws -> Plan {
+        let key = PlanKey(window: window, dilations: dilations, globalPositions: globalPositions, causal: causal,
+                          heads: shape.heads, queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return try plans.plan(for: key) {
+            let pattern = try self.pattern(for: shape)
+            // The global runs once for every head and item (each mask clips them to its keys).
+            return Plan(pattern: pattern, globalKeys: pattern.globalRuns(below: shape.keyLength),
+                        globalQueries: pattern.globalQueryRanges)
+        }
+    }
+
+    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let plan = try self.plan(for: call.shape)
             try TiledSoftmaxAttention.attendPattern(call) { call in
-                let pattern = try self.pattern(for: call.shape)
-                // The global runs once for every head and item (each mask clips them to its keys).
-                let globalKeys = pattern.globalRuns(below: call.shape.keyLength)
+                let pattern = plan.pattern
                 call.run(queryTile: pattern.queryTile) { h, keyEnd in
-                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: globalKeys)
+                    pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: plan.globalKeys)
                 }
                 guard !pattern.globalPositions.isEmpty else { return }
-                let globalQueries = pattern.globalQueryRanges
                 call.run(merge: true) { h, keyEnd in
-                    pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: globalQueries)
+                    pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
                 }
             }
         }
@@ -120,7 +147,7 @@ extension LongformerAttention: DifferentiableAttention {
         try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                   outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                   keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.pattern(for: call.shape)
+            let plan = try self.plan(for: call.shape), pattern = plan.pattern
             let window = backwardWindowBlocks(pattern)
             if window.modulus == 1 && pattern.dilations.contains(where: { $0 != 1 }) {
                 // Dilations that differ between heads: contiguous blocks, other residues masked.
@@ -138,10 +165,9 @@ extension LongformerAttention: DifferentiableAttention {
                 let w = pattern.windowRange(head: h)
                 return LongformerGlobalKeyMask(pattern: pattern, lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
             }
-            let globalQueries = pattern.globalQueryRanges
-            guard !globalQueries.isEmpty else { return }
+            guard !plan.globalQueries.isEmpty else { return }
             call.run(accumulate: true) { h, keyEnd in
-                pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: globalQueries)
+                pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
             }
         }
     }
@@ -156,6 +182,6 @@ extension LongformerAttention: DifferentiableAttention {
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
-                          passes: [backwardWindowBlocks(try pattern(for: shape)), .contiguous])
+                          passes: [backwardWindowBlocks(try plan(for: shape).pattern), .contiguous])
     }
 }

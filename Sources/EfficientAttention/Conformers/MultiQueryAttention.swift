@@ -24,7 +24,7 @@
 ///   `Nq · Nk` per head when dense) and a few hundred KiB of workspace per thread.
 ///   `decode` of `n` positions: `2 · H · n · L · (D + Dv)` FLOPs for a cache of `L`
 ///   positions, reading `Hkv · L · (D + Dv)` cached elements once.
-public struct MultiQueryAttention: IncrementalAttention {
+public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
     /// Bottom-right aligned causal rule: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
     /// Keys visible before the query's position (`nil`: unbounded). At least 0.
@@ -98,8 +98,13 @@ public struct MultiQueryAttention: IncrementalAttention {
                                                                                       queryTile: queryTile(shape))))
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Decode-shaped calls stage 16-bit query and output rows in `Float` (a few rows).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) {
+        DecodeAttention.serves(shape) ? (true, true) : (false, false)
+    }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

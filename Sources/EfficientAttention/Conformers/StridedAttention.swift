@@ -21,7 +21,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (2l + Nk / l)` pairs per
 ///   head (strided; fixed: `Nq · (l + c · Nk / l)`), i.e. `O(N √N)` at the default stride;
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct StridedAttention: Attention {
+public struct StridedAttention: KernelWidening {
     /// The two patterns of the paper.
     public enum Kind: Hashable, Sendable {
         /// The band `|p − j| < l` and every `l`-th key before and after.
@@ -75,8 +75,11 @@ public struct StridedAttention: Attention {
         return patternCost(try pattern(for: shape), shape: shape, threads: threads)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

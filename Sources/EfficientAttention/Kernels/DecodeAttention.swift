@@ -110,7 +110,6 @@ enum DecodeAttention {
         let g = shape.groupSize, n = shape.queryLength, rows = plan.rows, dv = shape.valueDim
         let chunkCount = plan.chunks
         let workers = workerCount(threads: threads, items: plan.items)
-        let masks = (0..<shape.batch).map(mask)
         let chunkFloats = rows * (dv + 1)
         let partialCount = shape.batch * shape.kvHeads * chunkCount * chunkFloats
         let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
@@ -125,41 +124,38 @@ enum DecodeAttention {
         var sharedPart = arena.shared()
         let partials = sharedPart.take(partialCount, of: Float.self)
 
-        func forEachItem(_ body: @escaping (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
-                                            _ keyStart: Int, _ keyEnd: Int, _ partial: UnsafeMutablePointer<Float>,
-                                            _ worker: Int) -> Void) {
+        // Masks and worker workspaces are made per item (a call and pointer arithmetic), not
+        // gathered into arrays: a decode-shaped call allocates nothing.
+        func forEachItem(_ body: (_ b: Int, _ hk: Int, _ rowStart: Int, _ rowCount: Int,
+                                  _ keyStart: Int, _ keyEnd: Int, _ mask: IntervalMask,
+                                  _ partial: UnsafeMutablePointer<Float>, _ worker: Int) -> Void) {
             let shared = UncheckedSendable(partials)
             parallelForEach(items: plan.items, threads: workers) { item, worker in
                 let c = item % chunkCount, rest = item / chunkCount
                 let tile = rest % plan.rowTiles, head = rest / plan.rowTiles
                 let b = head / shape.kvHeads, hk = head % shape.kvHeads
                 let rowStart = tile * plan.rowTile
+                let itemMask = mask(b)
                 body(b, hk, rowStart, min(plan.rowTile, rows - rowStart), c * split,
-                     min((c + 1) * split, masks[b].keyEnd),
+                     min((c + 1) * split, itemMask.keyEnd), itemMask,
                      shared.value + (head * chunkCount + c) * chunkFloats, worker)
             }
         }
         if plan.grouped {
-            let spaces = (0..<workers).map { worker in
+            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
-                return GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
-                                        keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
-            }
-            let shared = UncheckedSendable(spaces)
-            forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, partial, worker in
-                attendChunkGrouped(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
+                let space = GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
+                                             keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
+                attendChunkGrouped(shape: shape, scale: scale, space: space, b: b, hk: hk,
                                    rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
-                                   mask: masks[b], q: q, keys: keys, values: values, partial: partial, rows: rows)
+                                   mask: itemMask, q: q, keys: keys, values: values, partial: partial, rows: rows)
             }
         } else {
-            let spaces = (0..<workers).map { worker in
+            forEachItem { b, hk, _, _, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
-                return Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
-            }
-            let shared = UncheckedSendable(spaces)
-            forEachItem { b, hk, _, _, keyStart, keyEnd, partial, worker in
-                attendChunk(shape: shape, scale: scale, space: shared.value[worker], b: b, hk: hk,
-                            keyStart: keyStart, keyEnd: keyEnd, mask: masks[b],
+                let space = Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
+                attendChunk(shape: shape, scale: scale, space: space, b: b, hk: hk,
+                            keyStart: keyStart, keyEnd: keyEnd, mask: itemMask,
                             q: q, keys: keys, values: values, partial: partial)
             }
         }
@@ -589,44 +585,68 @@ extension DecodeAttention {
 
     /// The workspace of a dense-rows call of `shape`: the tiled kernel's (`tiledBytes`), or
     /// for decode-shaped problems the decode kernel's.
+    /// (Sized for Float or 16-bit keys and values, whichever needs more.)
     static func denseRowsWorkspaceBytes(_ shape: AttentionShape, threads: Int?, tiledBytes: Int) -> Int {
-        serves(shape) ? workspaceBytes(shape: shape, split: defaultSplit, threads: threads) : tiledBytes
+        guard serves(shape) else { return tiledBytes }
+        return max(workspaceBytes(shape: shape, split: defaultSplit, threads: threads),
+                   workspaceBytes(shape: shape, split: defaultSplit, threads: threads, halfPrecision: true))
     }
 
     /// A checked dense-rows call on the decode kernel (``serves(_:)``), keys and values read
     /// in place like cache rows, chunks of ``defaultSplit`` keys (a length independent of the
-    /// thread count: the same bits for every thread count). Keys or values whose elements
-    /// are not adjacent (column stride other than 1) are first copied into contiguous
-    /// scratch: the same values in the same order, so the same bits as a contiguous call
-    /// (the copy reads them once, as the kernel does; it is heap memory unless the
-    /// workspace has room).
+    /// thread count: the same bits for every thread count).
+    ///
+    /// Keys and values of one precision with adjacent elements are read in place (16-bit
+    /// ones widened in registers); others (column stride other than 1, or key and value
+    /// precisions that differ) are first widened into contiguous `Float` scratch: the same
+    /// values in the same order, so the same bits (heap memory unless the workspace has
+    /// room). 16-bit query and output rows (a few) are staged in `Float`.
     static func attend(_ call: ViewCall, mask: (_ batch: Int) -> IntervalMask) {
         let shape = call.shape
-        func run(_ k: TensorView, _ v: TensorView) {
-            DecodeAttention.run(
-                shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit, q: call.q,
-                keys: CacheRows<Float>(base: k.base, batchStride: k.strides[0], headStride: k.strides[1],
-                                       rowStride: k.strides[2]),
-                values: CacheRows<Float>(base: v.base, batchStride: v.strides[0], headStride: v.strides[1],
-                                         rowStride: v.strides[2]),
-                o: call.o, lse: call.lse, mask: mask)
+        if call.q.precision != .float32 {
+            return withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, shape.headDim)) { q in
+                for b in 0..<shape.batch {
+                    for h in 0..<shape.heads {
+                        call.q.widenRows(b, h, rows: PositionRun(start: 0, count: shape.queryLength),
+                                         width: shape.headDim, into: q.row(b, h, 0), ld: q.strides[2])
+                    }
+                }
+                attend(call.with(q: q.readOnly), mask: mask)
+            }
+        }
+        if call.o.precision != .float32 {
+            return call.withFloatOutput { attend($0, mask: mask) }
+        }
+        func run<E: CacheScalar>(_: E.Type, _ k: TensorView, _ v: TensorView) {
+            func rows(_ x: TensorView) -> CacheRows<E> {
+                CacheRows<E>(base: UnsafeRawPointer(x.base).assumingMemoryBound(to: E.self),
+                             batchStride: x.strides[0], headStride: x.strides[1], rowStride: x.strides[2])
+            }
+            DecodeAttention.run(shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit,
+                                q: call.q, keys: rows(k), values: rows(v), o: call.o, lse: call.lse, mask: mask)
+        }
+        let (k, v) = (call.k, call.v)
+        if k.precision == v.precision && k.strides[3] == 1 && v.strides[3] == 1 {
+            switch k.precision {
+            case .float32: return run(Float.self, k, v)
+            case .float16: return run(HalfElement.self, k, v)
+            case .bfloat16: return run(BFloat16Bits.self, k, v)
+            }
         }
         func contiguous(_ x: TensorView, width: Int, _ body: (TensorView) -> Void) {
-            guard x.strides[3] != 1 else { return body(x) }
+            guard x.strides[3] != 1 || x.precision != .float32 else { return body(x) }
             withScratchTensor(SIMD4(shape.batch, shape.kvHeads, shape.keyLength, width)) { copy in
                 for b in 0..<shape.batch {
                     for h in 0..<shape.kvHeads {
-                        for j in 0..<shape.keyLength {
-                            let from = x.row(b, h, j), to = copy.row(b, h, j)
-                            for c in 0..<width { to[c] = from[c &* x.strides[3]] }
-                        }
+                        x.widenRows(b, h, rows: PositionRun(start: 0, count: shape.keyLength), width: width,
+                                    into: copy.row(b, h, 0), ld: copy.strides[2])
                     }
                 }
                 body(copy.readOnly)
             }
         }
-        contiguous(call.k, width: shape.headDim) { k in
-            contiguous(call.v, width: shape.valueDim) { v in run(k, v) }
+        contiguous(k, width: shape.headDim) { k in
+            contiguous(v, width: shape.valueDim) { v in run(Float.self, k, v) }
         }
     }
 }

@@ -176,7 +176,10 @@ enum TiledSoftmaxAttention {
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
         let queryLanes = roundUp(queries.count, nr)
-        let valuesInPlace = v.strides[3] == 1 && dvPad == dv
+        // Float values are read in place when their rows are whole micro-tile rows; 16-bit
+        // keys and values are widened into the workspace per tile (the only conversion).
+        let valuesInPlace = v.precision == .float32 && v.strides[3] == 1 && dvPad == dv
+        let keysInPlace = k.precision == .float32
 
         // Touch the query rows first, so that their cache misses overlap instead of
         // stalling the transposing pack one row at a time (cheap next to a dense row's
@@ -187,7 +190,7 @@ enum TiledSoftmaxAttention {
             o.touch(b, h, rows: queries, width: dv, sink: space.sink)
         }
         packQueries(q, b: b, h: h, queries: queries, d: d, scale: scale,
-                    into: space.qT, ld: br, lanes: queryLanes)
+                    into: space.qT, ld: br, lanes: queryLanes, stage: space.stage)
         for i in 0..<br {
             space.rowMax[i] = -.infinity
             space.rowSum[i] = 0
@@ -203,8 +206,9 @@ enum TiledSoftmaxAttention {
                 // The next contiguous tile's key and value rows, requested now so that they
                 // arrive while this tile computes (rows past the head are harmless: a
                 // prefetch never faults).
-                prefetchRows(k.row(b, hk, keys.start + keys.count), count: keys.count, rowStride: k.strides[2], width: d)
-                prefetchRows(v.row(b, hk, keys.start + keys.count), count: keys.count, rowStride: v.strides[2], width: dv)
+                let next = PositionRun(start: keys.start + keys.count, count: keys.count)
+                k.prefetch(b, hk, rows: next, width: d)
+                v.prefetch(b, hk, rows: next, width: dv)
             }
             // V rows are read in place when they are whole micro-tile rows (unit column
             // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
@@ -217,13 +221,18 @@ enum TiledSoftmaxAttention {
                 values = UnsafePointer(space.vPack)
                 ldv = dvPad
             }
-            // Sᵀ = K Qᵀ, key rows read in place `step` rows apart.
-            let keyRowStride = keys.step * k.strides[2]
+            // Sᵀ = K Qᵀ, Float key rows read in place `step` rows apart, 16-bit ones widened.
+            if !keysInPlace {
+                k.widenRows(b, hk, rows: keys, width: d, into: space.stage, ld: d)
+            }
+            let keyRowStride = keysInPlace ? keys.step * k.strides[2] : d
+            let keyDepthStride = keysInPlace ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
-                    let keyRows = BroadcastOperand(base: k.row(b, hk, keys.position(block * mr)),
-                                                   rowStride: keyRowStride, depthStride: k.strides[3],
+                    let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
+                                                                     : UnsafePointer(space.stage + block * mr * d),
+                                                   rowStride: keyRowStride, depthStride: keyDepthStride,
                                                    rows: min(mr, keys.count - block * mr))
                     microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
@@ -267,11 +276,14 @@ enum TiledSoftmaxAttention {
             }
         }
 
-        // o = O / l, lse = m + log l (merged by log-sum-exp with what o and lse hold).
+        // o = O / l, lse = m + log l (merged by log-sum-exp with what o and lse hold). A
+        // 16-bit output row is formed in Float (in `vPack`, free now) and rounded once.
+        assert(!merge || o.precision == .float32, "merging passes read their output back: Float outputs only")
         let os = o.strides[3]
+        let narrowed = o.precision != .float32, staged = space.vPack
         for ii in 0..<queries.count {
             let i = queries.position(ii)
-            let out = o.row(b, h, i), lseOut = lse.row(b, h, i)
+            let out = o.rawRow(b, h, i).assumingMemoryBound(to: Float.self), lseOut = lse.row(b, h, i)
             let sum = space.rowSum[ii]
             let row = space.acc + ii &* dvPad
             if sum > 0 && merge && lseOut[0] != -.infinity {
@@ -294,14 +306,17 @@ enum TiledSoftmaxAttention {
                 lseOut[0] = rows.logSumExp
             } else if sum > 0 {
                 let inverse = 1 / sum
-                if os == 1 {
+                if narrowed {
+                    for c in 0..<dv { staged[c] = row[c] * inverse }
+                    o.storeRow(b, h, i, from: staged, count: dv)
+                } else if os == 1 {
                     for c in 0..<dv { out[c] = row[c] * inverse }
                 } else {
                     for c in 0..<dv { out[c &* os] = row[c] * inverse }
                 }
                 lseOut[0] = space.rowMax[ii] + logf(sum)
             } else if !merge {
-                for c in 0..<dv { out[c &* os] = 0 }
+                o.zeroRow(b, h, i, count: dv)
                 lseOut[0] = -.infinity
             }
         }
@@ -370,31 +385,54 @@ enum TiledSoftmaxAttention {
     }
 
     /// `qT[c · ld + ii] = scale · q[queries.position(ii)][c]`; lanes `count..<lanes` are zero.
+    /// 16-bit query rows are widened 16 at a time into `stage` (16·d floats; Float rows need
+    /// none), then packed
+    /// like Float rows (the same products, so the same bits as Float rows of their values).
     @inline(__always)
     static func packQueries(_ q: TensorView, b: Int, h: Int, queries: PositionRun, d: Int,
-                            scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int) {
-        let sd = q.strides[3]
+                            scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int, lanes: Int,
+                            stage: UnsafeMutablePointer<Float>? = nil) {
+        if q.precision != .float32, let stage {
+            var first = 0
+            while first < queries.count {
+                let n = min(16, queries.count - first)
+                let rows = PositionRun(start: queries.position(first), count: n, step: queries.step)
+                q.widenRows(b, h, rows: rows, width: d, into: stage, ld: d)
+                packRows({ UnsafePointer(stage + $0 &* d) }, count: n, columnStride: 1, d: d, scale: scale,
+                         into: qT + first, ld: ld)
+                first += n
+            }
+        } else {
+            let rowStride = queries.step &* q.strides[2], base = q.row(b, h, queries.start)
+            packRows({ base + $0 &* rowStride }, count: queries.count, columnStride: q.strides[3], d: d,
+                     scale: scale, into: qT, ld: ld)
+        }
+        if queries.count < lanes {
+            for c in 0..<d { (qT + c * ld + queries.count).update(repeating: 0, count: lanes - queries.count) }
+        }
+    }
+
+    /// `qT[c · ld + r] = scale · row(r)[c · columnStride]` for `r < count`, `c < d`: whole
+    /// blocks of 16 rows × 16 columns transposed in registers when columns are adjacent.
+    @inline(__always)
+    static func packRows(_ row: (Int) -> UnsafePointer<Float>, count: Int, columnStride sd: Int, d: Int,
+                         scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int) {
         var first = 0
         if sd == 1 {
-            // Whole blocks of 16 queries × 16 columns transposed in registers.
-            let rowStride = queries.step &* q.strides[2]
-            while first + 16 <= queries.count {
-                let base = q.row(b, h, queries.position(first))
-                Transpose16.transpose(scale: Vec16(repeating: scale), rows: { base + $0 &* rowStride }, depth: d,
+            while first + 16 <= count {
+                let start = first
+                Transpose16.transpose(scale: Vec16(repeating: scale), rows: { row(start + $0) }, depth: d,
                                       into: qT + first, ld: ld)
                 first += 16
             }
         }
-        for ii in first..<queries.count {
-            let row = q.row(b, h, queries.position(ii))
-            var out = qT + ii
+        for r in first..<count {
+            let source = row(r)
+            var out = qT + r
             for c in 0..<d {
-                out.pointee = scale * row[c &* sd]
+                out.pointee = scale * source[c &* sd]
                 out += ld
             }
-        }
-        if queries.count < lanes {
-            for c in 0..<d { (qT + c * ld + queries.count).update(repeating: 0, count: lanes - queries.count) }
         }
     }
 
@@ -403,6 +441,9 @@ enum TiledSoftmaxAttention {
     @inline(__always)
     static func packValues(_ v: TensorView, b: Int, h: Int, keys: PositionRun, dv: Int,
                            into vPack: UnsafeMutablePointer<Float>, ld: Int) {
+        guard v.precision == .float32 else {
+            return v.widenRows(b, h, rows: keys, width: dv, into: vPack, ld: ld)
+        }
         let sd = v.strides[3]
         for r in 0..<keys.count {
             let row = v.row(b, h, keys.position(r))
@@ -419,6 +460,8 @@ enum TiledSoftmaxAttention {
     struct Workspace {
         let queryTile: Int, keyTile: Int, dvPad: Int
         let qT, vPack, scores, acc, rowMax, rowSum, alpha: UnsafeMutablePointer<Float>
+        /// 16-bit operands widened to Float: a key tile (`Bc × D`) or 16 query rows.
+        let stage: UnsafeMutablePointer<Float>
         /// Where ``touchRows(_:count:rowStride:length:sink:)`` leaves its sum.
         let sink: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (`extra` floats; empty for most masks).
@@ -436,6 +479,7 @@ enum TiledSoftmaxAttention {
             rowMax = carver.take(br)
             rowSum = carver.take(br)
             alpha = carver.take(br)
+            stage = carver.take(max(bc, 16) * d)
             sink = carver.take(16)
             extra = carver.take(extraCount)
         }
@@ -448,36 +492,37 @@ enum TiledSoftmaxAttention {
     }
 }
 
-/// Prefetches `count` rows of `width` floats, `rowStride` apart, one request per 64-byte line.
+/// Prefetches `count` rows of `widthBytes` bytes, `rowStrideBytes` apart, one request per
+/// 64-byte line.
 @inline(__always)
-func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, width: Int) {
+func prefetchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, widthBytes: Int) {
     for r in 0..<count {
-        let row = base + r &* rowStride
+        let row = base + r &* rowStrideBytes
         var c = 0
-        while c < width {
+        while c < widthBytes {
             ea_prefetch_read(row + c)
-            c &+= 16
+            c &+= 64
         }
     }
 }
 
-/// Reads one float of every cache line of `count` rows `rowStride` apart (`length`
-/// floats each) with independent loads, so that their misses overlap; the sum is added
-/// to `sink` only to keep the loads (a store that the next touch overwrote would be dead,
-/// and the compiler could drop its loads with it).
+/// Reads one byte of every 64-byte line of `count` rows `rowStrideBytes` apart
+/// (`lengthBytes` each) with independent loads, so that their misses overlap; the sum is
+/// added to `sink` only to keep the loads (a store that the next touch overwrote would be
+/// dead, and the compiler could drop its loads with it).
 @inline(__always)
-func touchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
+func touchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, lengthBytes: Int,
                sink: UnsafeMutablePointer<Float>) {
-    var sum: Float = 0
+    var sum: UInt32 = 0
     for r in 0..<count {
-        let row = base + r &* rowStride
+        let row = base + r &* rowStrideBytes
         var c = 0
-        while c < length {
-            sum += row[c]
-            c &+= 16
+        while c < lengthBytes {
+            sum &+= UInt32(row.load(fromByteOffset: c, as: UInt8.self))
+            c &+= 64
         }
     }
-    sink.pointee += sum
+    sink.pointee += Float(sum)
 }
 
 /// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
@@ -505,12 +550,21 @@ func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, leng
 }
 
 extension TensorView {
-    /// ``touchRows(_:count:rowStride:length:sink:)`` over the rows `rows` of head `(b, h)`,
-    /// `width` elements each.
+    /// ``touchRows(_:count:rowStrideBytes:lengthBytes:sink:)`` over the rows `rows` of head
+    /// `(b, h)`, `width` elements each.
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
-        touchRows(row(b, h, rows.start), count: rows.count, rowStride: rows.step &* strides[2],
-                  length: rowExtent(width: width, elementStride: strides[3]), sink: sink)
+        let bytes = precision.byteWidth
+        touchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
+                  lengthBytes: rowExtent(width: width, elementStride: strides[3]) &* bytes, sink: sink)
+    }
+
+    /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows).
+    @inline(__always)
+    func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int) {
+        let bytes = precision.byteWidth
+        prefetchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
+                     widthBytes: width &* bytes)
     }
 }
 
@@ -518,7 +572,7 @@ extension MutableTensorView {
     /// ``TensorView/touch(_:_:rows:width:sink:)`` on the same rows.
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
-        TensorView(base: UnsafePointer(base), strides: strides).touch(b, h, rows: rows, width: width, sink: sink)
+        readOnly.touch(b, h, rows: rows, width: width, sink: sink)
     }
 }
 

@@ -182,9 +182,9 @@ struct PatternCall {
                                          keyLength: shape.keyLength, headDim: shape.headDim, valueDim: shape.valueDim)
                 let call = PatternCall(
                     shape: one, scale: scale, threads: threads, keyLengths: keyLengths,
-                    q: TensorView(base: q.row(b, h, 0), strides: q.strides),
-                    k: TensorView(base: k.row(b, hk, 0), strides: k.strides),
-                    v: TensorView(base: v.row(b, hk, 0), strides: v.strides),
+                    q: TensorView(raw: q.rawRow(b, h, 0), strides: q.strides, precision: q.precision),
+                    k: TensorView(raw: k.rawRow(b, hk, 0), strides: k.strides, precision: k.precision),
+                    v: TensorView(raw: v.rawRow(b, hk, 0), strides: v.strides, precision: v.precision),
                     o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
                     lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides), firstItem: firstItem + b)
                 body(call, h)
@@ -224,7 +224,11 @@ extension TiledSoftmaxAttention {
                 for i in 0..<shape.queryLength { call.lse.row(b, h, i).pointee = -.infinity }
             }
         }
-        try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount, keyLengths: call.keyLengths,
-                               q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse))
+        // Merged passes read the output back: a 16-bit output is formed in Float scratch.
+        try call.withFloatOutput { call in
+            try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount,
+                                   keyLengths: call.keyLengths, q: call.q, k: call.k, v: call.v, o: call.o,
+                                   lse: call.lse))
+        }
     }
 }
