@@ -68,6 +68,7 @@ extension BlockedMask: TransposedTileMask {
     /// seen by the queries at positions `p ≥ j`.
     func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
         guard !keys.isEmpty else { return 0..<0 }
+        guard causal else { return 0..<queries.count }
         return runIndices(queries, from: tile.keys.position(keys.lowerBound) - offset, through: queries.last)
     }
 }
