@@ -290,6 +290,38 @@ struct PatternBackwardTests {
         }
     }
 
+    /// `L = ½‖O − T‖²`, `dL/dO = O − T`: a step `x − η g` on Q, K and V lowers the loss by
+    /// `η ‖g‖²` to first order (an end-to-end check through the forward again).
+    @Test("a small gradient step lowers L = ½‖O − T‖² by what the gradients predict", arguments: GradientSubject.all)
+    func gradientStep(_ s: GradientSubject) throws {
+        let c = PatternBackwardCase(subject: s, batch: 2, heads: 4, kvHeads: 2, queryLength: 90, keyLength: 100,
+                                    headDim: 24, valueDim: 20, keyLengths: [100, 43], seed: 70_000)
+        let (q, k, v, result, _) = try c.inputs()
+        let target = try randomTensor(result.output.shape, seed: 70_001)
+        func loss(_ o: Tensor) -> Double {
+            zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+        }
+        let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
+        let g = try s.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                          keyLengths: c.keyLengths, threads: 2)
+        let squaredNorm = [g.dQuery, g.dKey, g.dValue].reduce(0.0) { sum, t in
+            t.elements.reduce(sum) { $0 + Double($1) * Double($1) }
+        }
+        // A step predicted to lower the loss by 0.2% (sparse rows have sharp softmaxes: a
+        // fixed step would be dominated by second-order terms for some patterns).
+        let before = loss(result.output)
+        let eta = Float(0.002 * before / squaredNorm)
+        func step(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
+            try Tensor(shape: x.shape, data: zip(x.elements, dx.elements).map { $0 - eta * $1 })
+        }
+        let after = try s.attention.attend(query: step(q, g.dQuery), key: step(k, g.dKey), value: step(v, g.dValue),
+                                           keyLengths: c.keyLengths, threads: 2)
+        let decrease = before - loss(after.output), predicted = Double(eta) * squaredNorm
+        #expect(decrease > 0, "\(s.label): the loss rose from \(before) by \(-decrease)")
+        #expect(abs(decrease - predicted) < 0.05 * predicted,
+                "\(s.label): decrease \(decrease), first-order prediction \(predicted), loss \(before)")
+    }
+
     /// Dilations that differ between the heads of a group: the window pass on contiguous
     /// blocks (one dilation everywhere is in `GradientSubject.all`).
     @Test("Longformer with a dilation per head", arguments: [false, true])
