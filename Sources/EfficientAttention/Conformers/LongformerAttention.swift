@@ -121,3 +121,70 @@ public struct LongformerAttention: KernelWidening, ModifiableAttention {
         }
     }
 }
+
+extension LongformerAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/Longformer.md, "Backward")
+    /// in three passes, each with the forward's final output and log-sum-exp: the dilated
+    /// windows, then the global keys outside each window, then the global queries' other
+    /// keys (adding to `dK`, `dV`). Every visible pair is in exactly one pass (as in the
+    /// forward's two), so the passes' sums are the whole backward; `dQ` is summed in pass,
+    /// then key-block order. Bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with the pattern's visible keys J
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ```
+    ///
+    /// With one dilation `δ` for every head the window pass lists keys and queries by residue
+    /// class modulo `δ` (as the forward groups its queries); with dilations that differ
+    /// between heads it scores contiguous tiles, the other residues masked.
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (`δ ×` the window's
+    ///   pairs scored when the dilations differ between heads); workspace of about 242 KiB
+    ///   per thread at `D = Dv = 64` plus one `Int` per key block per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let plan = try self.plan(for: call.shape), pattern = plan.pattern
+            let window = backwardWindowBlocks(pattern)
+            if window.modulus == 1 && pattern.dilations.contains(where: { $0 != 1 }) {
+                // Dilations that differ between heads: contiguous blocks, other residues masked.
+                call.run { h, keyEnd in
+                    let w = pattern.windowRange(head: h)
+                    return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation,
+                                                        offset: pattern.offset, keyEnd: keyEnd)
+                }
+            } else {
+                // One dilation δ: keys and queries in residue classes modulo δ, as the forward's queries.
+                call.run(keyBlocks: window) { h, keyEnd in pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: []) }
+            }
+            guard !pattern.globalPositions.isEmpty else { return }
+            call.run(accumulate: true) { h, keyEnd in
+                let w = pattern.windowRange(head: h)
+                return LongformerGlobalKeyMask(pattern: pattern, lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
+            }
+            guard !plan.globalQueries.isEmpty else { return }
+            call.run(accumulate: true) { h, keyEnd in
+                pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
+            }
+        }
+    }
+
+    /// The key blocks of the window pass: residue classes modulo the dilation when every
+    /// head has the same (each class seen by its own queries), else contiguous blocks.
+    func backwardWindowBlocks(_ pattern: LongformerPattern) -> TiledSoftmaxBackward.KeyBlocks {
+        let d = pattern.dilations[0]
+        guard pattern.dilations.allSatisfy({ $0 == d }) else { return .contiguous }
+        return .init(modulus: d, classes: 0..<min(d, pattern.keyLength), disjointClasses: true)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                          passes: [backwardWindowBlocks(try plan(for: shape).pattern), .contiguous])
+    }
+}
