@@ -531,6 +531,31 @@ import AttentionBenchCore
         }
     }
 
+    /// `--mask document:K` runs custom-mask with K documents (FLOPs of K diagonal blocks);
+    /// `--softcap`, `--alibi`, `--sinks` apply to the conformers that take modifiers (their
+    /// records say so) and skip the others with a note; bad values are refused.
+    @Test func masksAndModifiers() throws {
+        let o = try BenchOptions.parse(["--mask", "document:4", "--seq", "512", "--heads", "2", "--dim", "16",
+                                        "--threads", "1", "--repeat", "1"])
+        #expect(o.overrides[.documents] == 4)
+        let plan = try SweepPlan.make(o)
+        #expect(plan.jobs.map(\.entry.name) == ["custom-mask"])
+        #expect(plan.jobs[0].cost.scoredPairs == 2 * 4 * 128 * 128)   // documents of whole query tiles
+        let m = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--variants", "dense,linformer",
+                                        "--seq", "64", "--heads", "2", "--dim", "16", "--threads", "1", "--repeat", "1"])
+        let modified = try SweepPlan.make(m)
+        #expect(modified.jobs.map(\.entry.name) == ["dense"])
+        #expect(modified.notes.contains { $0.variant == "linformer" && $0.note.contains("score modifiers") })
+        let records = try SweepRunner(options: m, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
+            .run(modified)
+        #expect(records[0].parameters.contains("softcap=30.0") && records[0].parameters.contains("alibi")
+                && records[0].parameters.contains("sinks"))
+        for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"],
+                    ["--alibi", "--decode"]] {
+            #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
+        }
+    }
+
     /// `--io`: one record per element type, each saying so (JSON field `io`, the settings
     /// column); 16-bit dense is compared with Float dense (an error of the inputs' rounding,
     /// not 0); a fallback conformer runs too; bad values and combinations are refused.
