@@ -84,6 +84,24 @@ struct CustomMaskTests {
                                                            modifiers: modified.modifiers), "scattered with modifiers")
     }
 
+    /// DocumentMask masks 16 lanes at a time (its own hiddenLanes): it must agree with its
+    /// isVisible and with the built-in rules.
+    @Test("DocumentMask's vector form: one causal document equals built-in causal; documents of 45 match the reference")
+    func documentMaskVectorForm() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 200, headDim: 16, seed: 21)
+        let causal = CustomMaskAttention(predicate: try DocumentMask(length: 200, causal: true))
+        expectBitwiseEqual(try causal.attend(query: q, key: k, value: v, keyLengths: nil, threads: 3),
+                           try DenseAttention(causal: true).attend(query: q, key: k, value: v, keyLengths: nil, threads: 3),
+                           "one causal document")
+        for isCausal in [false, true] {
+            let mask = try DocumentMask(length: 45, causal: isCausal)
+            try checkAgainstReference(CustomMaskAttention(predicate: mask), query: q, key: k, value: v, scale: nil,
+                                      visible: { _, _, i, j in mask.isVisible(batch: 0, head: 0, query: i, key: j) },
+                                      "documents of 45, causal \(isCausal)")
+        }
+        #expect(thrownAttentionError { try DocumentMask(length: 0) }?.message.contains("length") == true)
+    }
+
     @Test("bad options throw")
     func bad() {
         let scaled = CustomMaskAttention(predicate: CausalPredicate(offset: 0), scale: .nan)

@@ -14,10 +14,22 @@ public protocol VisibilityPredicate: Sendable, Equatable {
     /// Whether the rule depends on the batch item or head. `false` (the default): one
     /// block mask serves every head, built with `batch` and `head` 0.
     var variesByHead: Bool { get }
+
+    /// The lanes of `queries` (16 query positions) that do not see `key`: the form the
+    /// kernel masks a partial tile with. The default asks ``isVisible(batch:head:query:key:)``
+    /// lane by lane; a rule that can be written with vector operations (comparisons of
+    /// positions) implements it to mask 16 pairs at a time. It must agree with `isVisible`.
+    func hiddenLanes(batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMDMask<SIMD16<Int32>>
 }
 
 extension VisibilityPredicate {
     public var variesByHead: Bool { false }
+
+    public func hiddenLanes(batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMDMask<SIMD16<Int32>> {
+        var hidden = SIMDMask<SIMD16<Int32>>()
+        for l in 0..<16 { hidden[l] = !isVisible(batch: batch, head: head, query: Int(queries[l]), key: key) }
+        return hidden
+    }
 }
 
 /// Documents of `length` positions packed one after another (the last may be shorter): a
@@ -38,6 +50,15 @@ public struct DocumentMask: VisibilityPredicate {
 
     public func isVisible(batch: Int, head: Int, query: Int, key: Int) -> Bool {
         query / length == key / length && (!causal || key <= query)
+    }
+
+    /// 16 queries at a time: hidden when the query lies outside the key's document
+    /// `[start, start + length)` (or, causal, before the key).
+    public func hiddenLanes(batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMDMask<SIMD16<Int32>> {
+        let start = key / length * length
+        let first = SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: causal ? key : start))
+        let end = SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: min(start + length, Int(Int32.max))))
+        return (queries .< first) .| (queries .>= end)
     }
 }
 
@@ -236,12 +257,25 @@ struct PredicateMask<P: VisibilityPredicate>: TileMask {
         }
     }
 
+    /// Masks 16 query lanes at a time with ``VisibilityPredicate/hiddenLanes(batch:head:queries:key:)``;
+    /// padding lanes past the tile's last query ask about that query again (the predicate
+    /// only ever sees positions of the call).
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        var ramp = SIMD16<Int32>()
+        for l in 0..<16 { ramp[l] = Int32(truncatingIfNeeded: l * queries.step) }
+        let last = SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: queries.last))
+        let minusInfinity = Vec16(repeating: -.infinity)
         for jj in 0..<tile.keys.count {
             let j = tile.keys.position(jj), row = scores + jj &* ld
-            for ii in 0..<queries.count
-            where !predicate.isVisible(batch: batch, head: head, query: queries.position(ii), key: j) {
-                row[ii] = -.infinity
+            var ii = 0
+            while ii < queries.count {
+                var positions = ramp &+ Int32(truncatingIfNeeded: queries.position(ii))
+                positions.replace(with: last, where: positions .> last)
+                var v = load16(row + ii)
+                v.replace(with: minusInfinity, where: predicate.hiddenLanes(batch: batch, head: head,
+                                                                            queries: positions, key: j))
+                store16(v, row + ii)
+                ii += 16
             }
         }
     }
