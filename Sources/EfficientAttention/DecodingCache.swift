@@ -74,3 +74,135 @@ struct DecodeRun: CacheRowsVisitor {
                             q: q, keys: keys, values: values, o: o, lse: lse) { masks[$0] }
     }
 }
+
+/// ``MultiQueryAttention`` decoding through the ``DecodingAttention`` protocol against a
+/// chosen cache kind and precision, so an engine runs every kind alike:
+///
+/// ```
+/// let decoder = MultiQueryAttention(causal: true, leftWindow: 4095)
+///     .decoding(cache: .rotating(window: 4096), precision: .int8)
+/// var state = try decoder.makeDecodingState(batch: 1, heads: 32, kvHeads: 8, headDim: 128,
+///                                           valueDim: 128, capacity: 32768)
+/// let r = try decoder.attendNext(query: q, key: k, value: v, state: &state, threads: nil)
+/// ```
+///
+/// The state is the cache (``DecodingCache``): a ``KVCache`` of `capacity` positions, a
+/// ``RotatingKVCache`` of `window` positions (capacity ignored), or a batch of `batch`
+/// sequences of a ``PagedKVCache`` (`pageCount` pages, or enough for `batch · capacity`
+/// positions when `nil`). `attend` and the rest of ``Attention`` are the wrapped attention's.
+public struct MultiQueryDecoding: DecodingAttention {
+    /// Which cache a decoding state is.
+    public enum CacheKind: Sendable, Hashable {
+        case contiguous
+        case rotating(window: Int)
+        case paged(pageSize: Int, pageCount: Int?)
+    }
+
+    public var attention: MultiQueryAttention
+    public var cacheKind: CacheKind
+    public var precision: KVCache.Precision
+
+    public init(_ attention: MultiQueryAttention, cacheKind: CacheKind = .contiguous,
+                precision: KVCache.Precision = .float32) {
+        self.attention = attention
+        self.cacheKind = cacheKind
+        self.precision = precision
+    }
+
+    public var name: String { attention.name }
+
+    public func validate(_ shape: AttentionShape) throws {
+        try attention.validate(shape)
+        switch cacheKind {
+        case .contiguous: break
+        case .rotating(let window):
+            try checkOption(window, "rotating cache window", in: 1...lengthLimit, variant: "multi-query decoding")
+        case .paged(let pageSize, let pageCount):
+            try checkOption(pageSize, "paged cache pageSize", in: 1...lengthLimit, variant: "multi-query decoding")
+            guard pageSize & (pageSize - 1) == 0 else {
+                throw AttentionError.invalidParameter("multi-query decoding: paged cache pageSize must be a power of two, got \(pageSize)")
+            }
+            if let pageCount {
+                try checkOption(pageCount, "paged cache pageCount", in: 1...lengthLimit, variant: "multi-query decoding")
+            }
+        }
+    }
+
+    public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return try attention.cost(shape, threads: threads)
+    }
+
+    public func attend(query: StridedView, key: StridedView, value: StridedView,
+                       output: MutableStridedView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attention.attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                             keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
+                       keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attention.attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                             keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    public func conversionScratchBytes(_ shape: AttentionShape, precisions: OperandPrecisions) -> Int {
+        attention.conversionScratchBytes(shape, precisions: precisions)
+    }
+
+    /// A one-layer cache of the configured kind and precision for `batch` sequences.
+    public func makeDecodingState(batch: Int, heads: Int, kvHeads: Int, headDim: Int, valueDim: Int,
+                                  capacity: Int) throws -> any DecodingCache {
+        try validate(AttentionShape(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: 1,
+                                    keyLength: max(1, capacity), headDim: headDim, valueDim: valueDim))
+        switch cacheKind {
+        case .contiguous:
+            return try KVCache(batch: batch, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim,
+                               capacity: capacity, precision: precision)
+        case .rotating(let window):
+            return try RotatingKVCache(batch: batch, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim,
+                                       window: window, precision: precision)
+        case .paged(let pageSize, let pageCount):
+            guard let pages = pageCount ?? checkedProduct([batch, (capacity + pageSize - 1) / pageSize]) else {
+                throw AttentionError.sizeOverflow("paged cache pageCount (batch × ⌈capacity / pageSize⌉) overflows Int")
+            }
+            let cache = try PagedKVCache(kvHeads: kvHeads, headDim: headDim, valueDim: valueDim, pageSize: pageSize,
+                                         pageCount: max(1, pages), precision: precision)
+            return try cache.batch((0..<batch).map { _ in cache.addSequence() })
+        }
+    }
+
+    /// Appends `key` and `value` to layer 0 of the cache, then decodes `query` against it.
+    /// The problem is checked before the append; the append is all-or-nothing.
+    public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout any DecodingCache,
+                           threads: Int? = nil) throws -> AttentionResult {
+        let step = try AttentionShape(query: query, key: key, value: value)
+        guard step.queryLength == step.keyLength else {
+            throw AttentionError.shapeMismatch(
+                "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
+        }
+        guard step.batch == state.batch, step.kvHeads == state.kvHeads, step.headDim == state.headDim,
+              step.valueDim == state.valueDim else {
+            throw AttentionError.shapeMismatch(
+                "the cache holds B=\(state.batch) Hkv=\(state.kvHeads) D=\(state.headDim) Dv=\(state.valueDim), the step is \(step)")
+        }
+        var after = step
+        var held = 0
+        for b in 0..<state.batch { held = max(held, try state.length(layer: 0, batchItem: b)) }
+        after.keyLength = held + step.queryLength
+        if case .rotating(let window) = cacheKind { after.keyLength = min(after.keyLength, window) }
+        try validate(after)
+        try checkCallArguments(after, keyLengths: nil, threads: threads)
+        try state.append(layer: 0, keys: key, values: value)   // all-or-nothing
+        return try attention.decode(query: query, cache: state, layer: 0, threads: threads)
+    }
+}
+
+extension MultiQueryAttention {
+    /// This attention decoding against a cache of `kind` in `precision` (``MultiQueryDecoding``).
+    public func decoding(cache kind: MultiQueryDecoding.CacheKind,
+                         precision: KVCache.Precision = .float32) -> MultiQueryDecoding {
+        MultiQueryDecoding(self, cacheKind: kind, precision: precision)
+    }
+}

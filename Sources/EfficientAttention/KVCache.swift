@@ -337,14 +337,16 @@ func checkCacheSizes(_ kind: String, _ sizes: KeyValuePairs<String, Int>) throws
     }
 }
 
-/// Writes rows `j < n` of item `source`, head `h` of `tensor` `[items, Hkv, n, width]` as
-/// rows `index(h, j)` of `store`. Appends check the shapes (and, for Int8, finiteness) first.
-func writeRows(_ tensor: Tensor, item source: Int, heads: Int, into store: RowStore, index: (_ h: Int, _ j: Int) -> Int) {
+/// Writes positions `skip + j`, `j < n − skip`, of item `source`, head `h` of `tensor`
+/// `[items, Hkv, n, width]` as rows `index(h, j)` of `store`. Appends check the shapes (and,
+/// for Int8, finiteness) first.
+func writeRows(_ tensor: Tensor, item source: Int, heads: Int, skip: Int = 0, into store: RowStore,
+               index: (_ h: Int, _ j: Int) -> Int) {
     let n = tensor.shape[2]
-    guard n > 0 else { return }   // an empty tensor has no storage to view
+    guard n > skip else { return }   // (an empty tensor has no storage to view)
     tensor.withView { view in
         for h in 0..<heads {
-            for j in 0..<n { store.write(index(h, j), from: view.row(source, h, j), stride: view.strides[3]) }
+            for j in 0..<(n - skip) { store.write(index(h, j), from: view.row(source, h, skip + j), stride: view.strides[3]) }
         }
     }
 }

@@ -204,4 +204,326 @@ private func referenceBFloat16(_ x: Float) -> UInt16 {
         #expect(try cache.length(layer: 0, batchItem: 0) == 3 && cache.keys(layer: 0, batchItem: 1) == before)
         #expect(cache.memoryBytes == 2 * 1 * 8 * 2 * (4 + 4))
     }
+
+    // MARK: Rotating
+
+    @Test("rotating cache equals the contiguous cache holding the same last W positions, bitwise (wrap-around, per-item appends, appends longer than W, threads 1/2/3)",
+          arguments: KVCache.Precision.allCases, [(4, 4, 1), (8, 2, 3)])
+    func rotatingEqualsContiguous(precision: KVCache.Precision, problem: (Int, Int, Int)) throws {
+        let (heads, kvHeads, n) = problem
+        let window = 37, d = 33, batch = 2
+        let ring = try RotatingKVCache(batch: batch, kvHeads: kvHeads, headDim: d, window: window, precision: precision)
+        var history = [History](repeating: History(heads: kvHeads), count: batch)
+        let windowed = MultiQueryAttention(causal: true, leftWindow: window - 1, decodeChunkLength: 8)
+        let unbounded = MultiQueryAttention(causal: true, decodeChunkLength: 16)
+        var seed: UInt64 = 100
+        for (step, count) in [5, 1, 40, 1, 3, 1, 16, 30, 1, 2, 75, 1].enumerated() {
+            seed += 2
+            let k = try randomTensor([batch, kvHeads, count, d], seed: seed), v = try randomTensor([batch, kvHeads, count, d], seed: seed + 1)
+            try ring.append(layer: 0, keys: k, values: v)
+            for b in 0..<batch { history[b].append(try item(k, b), try item(v, b)) }
+            if step % 3 == 1 {   // item 1 runs ahead
+                let k1 = try randomTensor([1, kvHeads, 2, d], seed: seed + 500), v1 = try randomTensor([1, kvHeads, 2, d], seed: seed + 501)
+                try ring.append(layer: 0, batchItem: 1, keys: k1, values: v1)
+                history[1].append(k1, v1)
+            }
+            let contiguous = try KVCache(batch: batch, kvHeads: kvHeads, headDim: d, capacity: window, precision: precision)
+            for b in 0..<batch {
+                let total = try ring.position(batchItem: b), first = try ring.firstPosition(batchItem: b)
+                #expect(total == history[b].count && total - first == min(total, window))
+                try contiguous.append(layer: 0, batchItem: b, keys: history[b].keys(first..<total),
+                                      values: history[b].values(first..<total))
+                #expect(try ring.keys(layer: 0, batchItem: b) == contiguous.keys(layer: 0, batchItem: b)
+                        && ring.values(layer: 0, batchItem: b) == contiguous.values(layer: 0, batchItem: b),
+                        "step \(step) item \(b): held rows")
+            }
+            let q = try randomTensor([batch, heads, n, d], seed: seed + 1000)
+            for attention in [windowed, unbounded] {
+                let expected = try attention.decode(query: q, cache: contiguous, threads: 1)
+                for threads in [1, 2, 3] {
+                    expectBitwiseEqual(try attention.decode(query: q, cache: ring, threads: threads), expected,
+                                       "\(precision) step \(step) window \(String(describing: attention.leftWindow)) threads \(threads)")
+                }
+            }
+        }
+        #expect(ring.memoryBytes == batch * kvHeads * window * 2 * precision.rowBytes(width: d))
+    }
+
+    @Test("rotating cache: failed appends change nothing; bad options throw naming the option")
+    func rotatingErrors() throws {
+        let ring = try RotatingKVCache(batch: 2, kvHeads: 1, headDim: 4, window: 5, precision: .int8)
+        try ring.append(layer: 0, keys: randomTensor([2, 1, 7, 4], seed: 1), values: randomTensor([2, 1, 7, 4], seed: 2))
+        let before = try (0..<2).map { try (ring.keys(batchItem: $0), ring.values(batchItem: $0), ring.position(batchItem: $0)) }
+        var bad = try randomTensor([2, 1, 2, 4], seed: 3)
+        bad[0, 0, 1, 3] = .infinity
+        expectAttentionError(.invalidParameter, mentioning: ["int8"]) {
+            try ring.append(layer: 0, keys: bad, values: randomTensor([2, 1, 2, 4], seed: 4))
+        }
+        expectAttentionError(.shapeMismatch, mentioning: ["valueDim"]) {
+            try ring.append(layer: 0, keys: randomTensor([2, 1, 2, 4], seed: 4), values: randomTensor([2, 1, 2, 3], seed: 4))
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["layer 1"]) {
+            try ring.append(layer: 1, keys: randomTensor([2, 1, 2, 4], seed: 4), values: randomTensor([2, 1, 2, 4], seed: 4))
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["batch item 2"]) {
+            try ring.append(layer: 0, batchItem: 2, keys: randomTensor([1, 1, 2, 4], seed: 4), values: randomTensor([1, 1, 2, 4], seed: 4))
+        }
+        for b in 0..<2 {
+            #expect(try ring.keys(batchItem: b) == before[b].0 && ring.values(batchItem: b) == before[b].1
+                    && ring.position(batchItem: b) == before[b].2)
+        }
+        expectAttentionError(.invalidShape, mentioning: ["RotatingKVCache window"]) {
+            try RotatingKVCache(kvHeads: 1, headDim: 4, window: 0)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["RotatingKVCache window", "at most"]) {
+            try RotatingKVCache(kvHeads: 1, headDim: 4, window: 1 << 31)
+        }
+        expectAttentionError(.sizeOverflow, mentioning: ["RotatingKVCache keys"]) {
+            try RotatingKVCache(layers: 1 << 20, kvHeads: 1 << 20, headDim: 1 << 20, window: 1 << 20)
+        }
+    }
+
+    // MARK: Paged
+
+    @Test("paged cache equals the contiguous cache bitwise: page boundaries, sequences interleaved, pages reused after a sequence ends, threads 1/2/3",
+          arguments: KVCache.Precision.allCases, [(4, 4, 1), (8, 2, 2)])
+    func pagedEqualsContiguous(precision: KVCache.Precision, problem: (Int, Int, Int)) throws {
+        let (heads, kvHeads, n) = problem
+        let pageSize = 8, d = 20, layers = 2
+        let pool = try PagedKVCache(layers: layers, kvHeads: kvHeads, headDim: d, pageSize: pageSize, pageCount: 40,
+                                    precision: precision)
+        #expect(pool.memoryBytes == 40 * layers * kvHeads * pageSize * 2 * precision.rowBytes(width: d))
+        var ids = [pool.addSequence(), pool.addSequence(), pool.addSequence()]
+        var history: [Int: [History]] = [:]
+        for id in ids { history[id] = [History](repeating: History(heads: kvHeads), count: layers) }
+        let attention = MultiQueryAttention(causal: true, leftWindow: 50, decodeChunkLength: 16)
+        var seed: UInt64 = 300
+        let sizes = [3, 1, 8, 5, 13, 1, 7, 16, 2]
+        for step in 0..<24 {
+            let id = ids[step % ids.count], count = sizes[step % sizes.count]
+            for layer in 0..<layers {
+                seed += 2
+                let k = try randomTensor([1, kvHeads, count, d], seed: seed), v = try randomTensor([1, kvHeads, count, d], seed: seed + 1)
+                try pool.append(sequence: id, layer: layer, keys: k, values: v)
+                history[id]![layer].append(k, v)
+            }
+            if step == 11 {   // end one sequence, start another: it reuses the freed pages
+                let freed = try pool.pageTable(of: ids[1]).count, free = pool.freePages
+                try pool.endSequence(ids[1])
+                #expect(pool.freePages == free + freed)
+                ids[1] = pool.addSequence()
+                history[ids[1]] = [History](repeating: History(heads: kvHeads), count: layers)
+                continue
+            }
+            // Decode the live sequences in a permuted order against a contiguous cache of the same history.
+            let order = [ids[2], ids[0], ids[1]].filter { try! pool.length(sequence: $0, layer: 1) > 0 }
+            let batch = try pool.batch(order)
+            let contiguous = try KVCache(layers: layers, batch: order.count, kvHeads: kvHeads, headDim: d, capacity: 200,
+                                         precision: precision)
+            for (b, id) in order.enumerated() {
+                for layer in 0..<layers {
+                    let h = history[id]![layer]
+                    try contiguous.append(layer: layer, batchItem: b, keys: h.keys(0..<h.count), values: h.values(0..<h.count))
+                    #expect(try pool.keys(sequence: id, layer: layer) == contiguous.keys(layer: layer, batchItem: b))
+                }
+            }
+            let q = try randomTensor([order.count, heads, n, d], seed: seed + 1000)
+            let expected = try attention.decode(query: q, cache: contiguous, layer: 1, threads: 1)
+            for threads in [1, 2, 3] {
+                expectBitwiseEqual(try attention.decode(query: q, cache: batch, layer: 1, threads: threads), expected,
+                                   "\(precision) step \(step) threads \(threads)")
+            }
+        }
+        let used = try ids.map { try pool.pageTable(of: $0).count }.reduce(0, +)
+        #expect(pool.freePages == 40 - used)
+        for id in ids { try pool.endSequence(id) }
+        #expect(pool.freePages == 40)
+    }
+
+    @Test("paged cache: pool exhaustion throws and changes nothing (single and batched appends)",
+          arguments: [KVCache.Precision.float32, .float16])
+    func pagedExhaustion(precision: KVCache.Precision) throws {
+        let pool = try PagedKVCache(kvHeads: 2, headDim: 4, pageSize: 4, pageCount: 5, precision: precision)
+        let a = pool.addSequence(), b = pool.addSequence()
+        try pool.append(sequence: a, layer: 0, keys: randomTensor([1, 2, 14, 4], seed: 1), values: randomTensor([1, 2, 14, 4], seed: 2))
+        try pool.append(sequence: b, layer: 0, keys: randomTensor([1, 2, 1, 4], seed: 3), values: randomTensor([1, 2, 1, 4], seed: 4))
+        #expect(pool.freePages == 0)
+        func snapshot() throws -> [[Float]] {
+            try [a, b].flatMap { [try pool.keys(sequence: $0).elements, try pool.values(sequence: $0).elements,
+                                  try pool.pageTable(of: $0).map(Float.init)] }
+        }
+        let before = try snapshot()
+        expectAttentionError(.invalidParameter, mentioning: ["exhausted", "needs 1 pages", "0 of 5"]) {
+            try pool.append(sequence: a, layer: 0, keys: randomTensor([1, 2, 3, 4], seed: 5), values: randomTensor([1, 2, 3, 4], seed: 6))
+        }
+        // Batched: 3 positions fit b's page, not a's: neither changes.
+        expectAttentionError(.invalidParameter, mentioning: ["exhausted"]) {
+            try pool.batch([b, a]).append(layer: 0, keys: randomTensor([2, 2, 3, 4], seed: 7), values: randomTensor([2, 2, 3, 4], seed: 8))
+        }
+        #expect(try snapshot() == before && pool.freePages == 0)
+        #expect(try pool.length(sequence: a) == 14 && pool.length(sequence: b) == 1)
+        // b still has room in its page: 3 positions fit without a new page.
+        try pool.append(sequence: b, layer: 0, keys: randomTensor([1, 2, 3, 4], seed: 9), values: randomTensor([1, 2, 3, 4], seed: 10))
+        #expect(try pool.length(sequence: b) == 4)
+    }
+
+    @Test("paged cache: shared prefix pages (copy on write), bad page tables and bad options throw naming the entry")
+    func pagedSharingAndBadTables() throws {
+        let d = 6
+        let pool = try PagedKVCache(kvHeads: 1, headDim: d, pageSize: 8, pageCount: 8)
+        let a = pool.addSequence()
+        let ka = try randomTensor([1, 1, 20, d], seed: 1), va = try randomTensor([1, 1, 20, d], seed: 2)
+        try pool.append(sequence: a, layer: 0, keys: ka, values: va)
+        let tableA = try pool.pageTable(of: a)
+        let aKeys = try pool.keys(sequence: a)
+        // Share A's first 12 positions (one full page, one partial), then grow B: B copies the partial page.
+        let b = try pool.addSequence(sharing: Array(tableA[0..<2]), length: 12)
+        #expect(pool.freePages == 5)
+        let kb = try randomTensor([1, 1, 6, d], seed: 3), vb = try randomTensor([1, 1, 6, d], seed: 4)
+        try pool.append(sequence: b, layer: 0, keys: kb, values: vb)
+        #expect(try pool.pageTable(of: b)[0] == tableA[0] && pool.pageTable(of: b)[1] != tableA[1])
+        #expect(try pool.keys(sequence: a) == aKeys, "B's append must not change A")
+        let contiguous = try KVCache(kvHeads: 1, headDim: d, capacity: 18)
+        try contiguous.append(layer: 0, keys: positions(ka, 0..<12), values: positions(va, 0..<12))
+        try contiguous.append(layer: 0, keys: kb, values: vb)
+        let q = try randomTensor([1, 2, 1, d], seed: 5)
+        expectBitwiseEqual(try MultiQueryAttention(causal: true, decodeChunkLength: 4).decode(query: q, cache: pool.batch([b])),
+                           try MultiQueryAttention(causal: true, decodeChunkLength: 4).decode(query: q, cache: contiguous),
+                           "shared prefix")
+        try pool.endSequence(a)
+        #expect(pool.freePages == 8 - 1 - 2, "the shared first page stays with B")
+        try pool.endSequence(b)
+        #expect(pool.freePages == 8)
+
+        let c = pool.addSequence()
+        try pool.append(sequence: c, layer: 0, keys: randomTensor([1, 1, 10, d], seed: 6), values: randomTensor([1, 1, 10, d], seed: 7))
+        let tableC = try pool.pageTable(of: c)
+        let free = pool.freePages
+        let unused = (0..<8).first { !tableC.contains($0) }!
+        expectAttentionError(.invalidParameter, mentioning: ["pageTable[1] = 8", "outside 0..<8"]) {
+            try pool.addSequence(sharing: [tableC[0], 8], length: 10)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["pageTable[1] = \(unused)", "free page"]) {
+            try pool.addSequence(sharing: [tableC[0], unused], length: 10)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["pageTable[1]", "repeats"]) {
+            try pool.addSequence(sharing: [tableC[0], tableC[0]], length: 10)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["2 pages", "take 1"]) {
+            try pool.addSequence(sharing: tableC, length: 5)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["not the first pages"]) {
+            try pool.addSequence(sharing: [tableC[1], tableC[0]], length: 10)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["not the first pages", "11 positions"]) {
+            try pool.addSequence(sharing: tableC, length: 11)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["sequence 99", "not live"]) {
+            try pool.append(sequence: 99, layer: 0, keys: randomTensor([1, 1, 1, d], seed: 8), values: randomTensor([1, 1, 1, d], seed: 9))
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["repeat"]) { try pool.batch([c, c]) }
+        let ended = pool.addSequence()
+        let stale = try pool.batch([c, ended])
+        try pool.endSequence(ended)
+        expectAttentionError(.invalidParameter, mentioning: ["sequence \(ended)", "not live"]) {
+            try MultiQueryAttention().decode(query: randomTensor([2, 1, 1, d], seed: 10), cache: stale)
+        }
+        #expect(pool.freePages == free && pool.sequenceIDs == [c])
+
+        expectAttentionError(.invalidParameter, mentioning: ["pageSize", "power of two"]) {
+            try PagedKVCache(kvHeads: 1, headDim: 4, pageSize: 12, pageCount: 4)
+        }
+        expectAttentionError(.invalidShape, mentioning: ["pageCount"]) {
+            try PagedKVCache(kvHeads: 1, headDim: 4, pageSize: 16, pageCount: 0)
+        }
+        expectAttentionError(.sizeOverflow, mentioning: ["PagedKVCache keys"]) {
+            try PagedKVCache(layers: 1 << 20, kvHeads: 1 << 20, headDim: 1 << 20, pageSize: 1 << 20, pageCount: 1 << 20)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["pageSize", "power of two"]) {
+            try MultiQueryAttention().decoding(cache: .paged(pageSize: 6, pageCount: nil))
+                .makeDecodingState(batch: 1, heads: 1, kvHeads: 1, headDim: 4, valueDim: 4, capacity: 10)
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["window", "at least 1"]) {
+            try MultiQueryAttention().decoding(cache: .rotating(window: 0))
+                .makeDecodingState(batch: 1, heads: 1, kvHeads: 1, headDim: 4, valueDim: 4, capacity: 10)
+        }
+    }
+
+    // MARK: DecodingAttention
+
+    @Test("every cache kind through DecodingAttention: prefill and steps equal causal attention over the whole sequence",
+          arguments: [MultiQueryDecoding.CacheKind.contiguous, .rotating(window: 64), .paged(pageSize: 4, pageCount: nil)],
+          [KVCache.Precision.float32, .float16])
+    func decodingProtocol(kind: MultiQueryDecoding.CacheKind, precision: KVCache.Precision) throws {
+        let steps = [5, 1, 1, 3, 1, 4], n = steps.reduce(0, +)
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: n, headDim: 16, valueDim: 8, seed: 91)
+        let attention = MultiQueryAttention(causal: true)
+        let decoder = attention.decoding(cache: kind, precision: precision)
+        var state = try decoder.makeDecodingState(batch: 2, heads: 4, kvHeads: 2, headDim: 16, valueDim: 8, capacity: n)
+        let whole = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 1)
+        let tolerance: Float = precision == .float32 ? 2e-5 : 4e-3
+        var start = 0
+        for (t, count) in steps.enumerated() {
+            let range = start..<(start + count)
+            let step = try decoder.attendNext(query: positions(q, range), key: positions(k, range), value: positions(v, range),
+                                              state: &state, threads: t % 3 + 1)
+            let expected = try AttentionResult(output: positions(whole.output, range), logSumExp: positions(whole.logSumExp, range))
+            expectClose(step, expected, tolerance: tolerance, "\(kind) \(precision) step \(t)")
+            start += count
+        }
+        #expect(try state.length(layer: 0, batchItem: 1) == n)
+        // A step that does not fit throws and leaves the state unchanged.
+        #expect(throws: AttentionError.self) {
+            let (q2, k2, v2) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 1, headDim: 8, seed: 5)
+            _ = try decoder.attendNext(query: q2, key: k2, value: v2, state: &state, threads: 1)
+        }
+        #expect(try state.length(layer: 0, batchItem: 0) == n)
+    }
+
+    @Test("rotating cache through DecodingAttention: a sliding-window model decodes past its window")
+    func rotatingSlidingWindow() throws {
+        let n = 40, window = 8
+        let (q, k, v) = try randomQKV(batch: 1, heads: 2, kvHeads: 1, queryLength: n, headDim: 16, seed: 17)
+        let attention = MultiQueryAttention(causal: true, leftWindow: window - 1)
+        let decoder = attention.decoding(cache: .rotating(window: window), precision: .float32)
+        var state = try decoder.makeDecodingState(batch: 1, heads: 2, kvHeads: 1, headDim: 16, valueDim: 16, capacity: 0)
+        let whole = try attention.attend(query: q, key: k, value: v, keyLengths: nil, threads: 1)
+        var steps = [window]
+        while steps.reduce(0, +) < n { steps.append(1) }
+        var start = 0
+        for count in steps {
+            let range = start..<(start + count)
+            let step = try decoder.attendNext(query: positions(q, range), key: positions(k, range), value: positions(v, range),
+                                              state: &state, threads: 2)
+            let expected = try AttentionResult(output: positions(whole.output, range), logSumExp: positions(whole.logSumExp, range))
+            expectClose(step, expected, tolerance: 2e-5, "positions \(range)")
+            start += count
+        }
+        #expect(state.memoryBytes == window * 2 * 16 * 4)
+    }
 }
+
+/// The appended Float rows of one batch item: `keys[h][position]`, `values[h][position]`.
+private struct History {
+    var keyRows: [[[Float]]], valueRows: [[[Float]]]
+    init(heads: Int) { keyRows = Array(repeating: [], count: heads); valueRows = keyRows }
+    var count: Int { keyRows[0].count }
+
+    mutating func append(_ k: Tensor, _ v: Tensor) {
+        for h in 0..<k.shape[1] {
+            for j in 0..<k.shape[2] {
+                keyRows[h].append((0..<k.shape[3]).map { k[0, h, j, $0] })
+                valueRows[h].append((0..<v.shape[3]).map { v[0, h, j, $0] })
+            }
+        }
+    }
+
+    func keys(_ range: Range<Int>) throws -> Tensor { try tensor(keyRows, range) }
+    func values(_ range: Range<Int>) throws -> Tensor { try tensor(valueRows, range) }
+
+    private func tensor(_ rows: [[[Float]]], _ range: Range<Int>) throws -> Tensor {
+        let width = rows[0].first?.count ?? 0
+        return try Tensor(shape: [1, rows.count, range.count, width], data: rows.flatMap { $0[range].flatMap { $0 } })
+    }
+}
+
