@@ -134,7 +134,7 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
         try checkDecodeWorkspace(shape, precision: precision)
         return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(
             shape: shape, split: decodeChunkLength, threads: threads, elementBytes: precision.bytesPerElement,
-            keyScratch: true))
+            keyScratch: precision != .float32))
     }
 
     /// Throws unless a decode's workspace fits one allocation: the partial rows of the
