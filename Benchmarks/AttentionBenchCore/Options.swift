@@ -97,6 +97,22 @@ public struct BenchOptions: Equatable, Sendable {
     /// Element types of query, key, value and output in the timed calls (`--io`), each a
     /// separate record.
     public var ioPrecisions: [ActivationPrecision] = [.float32]
+    /// Score modifiers (`--softcap X`, `--alibi`, `--sinks`) for the conformers that take them.
+    public var softCap: Float?
+    public var alibi = false
+    public var sinks = false
+
+    /// Whether any score modifier was asked for.
+    public var hasModifiers: Bool { softCap != nil || alibi || sinks }
+
+    /// The modifiers for `heads` query heads: the standard ALiBi slopes, and sink logits
+    /// drawn uniformly from [−1, 1] by a generator seeded with `seed`.
+    public func modifiers(heads: Int) -> ScoreModifiers {
+        var generator = SeededGenerator(seed: seed &+ 0x51_4B)
+        return ScoreModifiers(softCap: softCap,
+                              alibiSlopes: alibi ? ScoreModifiers.standardALiBiSlopes(heads: heads) : nil,
+                              sinks: sinks ? (0..<heads).map { _ in Float.random(in: -1...1, using: &generator) } : nil)
+    }
 
     public init() {}
 
@@ -141,6 +157,9 @@ extension BenchOptions {
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
         OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "softcap", value: "X", help: "score soft-capping cap·tanh(s/cap) on the conformers that take modifiers"),
+        OptionSpec(name: "alibi", value: nil, help: "ALiBi with the standard slopes on the conformers that take modifiers"),
+        OptionSpec(name: "sinks", value: nil, help: "per-head sink logits (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
         OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
@@ -308,6 +327,19 @@ extension BenchOptions {
                 throw BenchError.usage("--cache-precision: expected f32, f16 or both, got '\(text)'")
             }
             options.cachePrecisions = values
+        }
+        if let text = given["softcap"] {
+            guard let cap = Float(text), cap.isFinite, cap > 0 else {
+                throw BenchError.usage("--softcap: expected a finite number above 0, got '\(text)'")
+            }
+            options.softCap = cap
+        }
+        options.alibi = given["alibi"] != nil
+        options.sinks = given["sinks"] != nil
+        if options.hasModifiers {
+            for other in ["decode", "backward"] where given[other] != nil {
+                throw BenchError.usage("--softcap, --alibi and --sinks do not combine with --\(other) yet")
+            }
         }
         if let text = given["io"] {
             for other in ["varlen", "decode", "backward"] where given[other] != nil {

@@ -88,7 +88,16 @@ public struct SweepPlan: Sendable {
                     let conformer: any Attention
                     let cost: AttentionCost
                     do {
-                        conformer = try make(config)
+                        if options.hasModifiers {
+                            guard var modifiable = try make(config) as? any ModifiableAttention else {
+                                skip(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks): not run")
+                                continue
+                            }
+                            modifiable.modifiers = options.modifiers(heads: problem.shape.heads)
+                            conformer = modifiable
+                        } else {
+                            conformer = try make(config)
+                        }
                         if let lengths = options.packedLengths {
                             let s = problem.shape
                             cost = try conformer.cost(sequences: PackedSequences(lengths: lengths), heads: s.heads,
@@ -192,6 +201,11 @@ public final class SweepRunner {
         }
         if job.io != .float32 {
             text += (text.isEmpty ? "" : " ") + "io=" + Self.ioName(job.io)
+        }
+        if let modifiers = (job.conformer as? any ModifiableAttention)?.modifiers, !modifiers.isEmpty {
+            if let cap = modifiers.softCap { text += (text.isEmpty ? "" : " ") + "softcap=\(cap)" }
+            if modifiers.alibiSlopes != nil { text += (text.isEmpty ? "" : " ") + "alibi" }
+            if modifiers.sinks != nil { text += (text.isEmpty ? "" : " ") + "sinks" }
         }
         if let axial = job.conformer as? AxialAttention {
             let grid = axial.axes ?? AxialAttention.defaultAxes(sequenceLength: job.problem.shape.queryLength)

@@ -446,6 +446,9 @@ struct ViewCall {
     let threadCount: Int
     let q: TensorView, k: TensorView, v: TensorView
     let o: MutableTensorView, lse: MutableTensorView
+    /// The score modifiers the kernels apply to each tile (nil: none; sinks are applied by
+    /// ``Attention/withCheckedCall(query:key:value:output:logSumExp:keyLengths:workspace:threads:scale:modifiers:_:)``).
+    var modifiers: ScoreModifierKernel? = nil
 
     /// Valid keys of batch item `b`.
     func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
@@ -477,7 +480,7 @@ struct ViewCall {
     /// This call with other query or output views (staged copies).
     func with(q: TensorView? = nil, o: MutableTensorView? = nil) -> ViewCall {
         ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads, threadCount: threadCount,
-                 q: q ?? self.q, k: k, v: v, o: o ?? self.o, lse: lse)
+                 q: q ?? self.q, k: k, v: v, o: o ?? self.o, lse: lse, modifiers: modifiers)
     }
 
     /// Fills every output row with 0 and every log-sum-exp with −∞ (the result over no
@@ -501,10 +504,10 @@ extension Attention {
     /// threads are valid, the output and log-sum-exp have the problem's shape and overlap
     /// no input (nor each other), and the workspace holds what ``cost(_:threads:)`` says
     /// the call needs. `scale` nil is `1/√D`.
-    func withCheckedCall<R>(query: StridedView, key: StridedView, value: StridedView,
-                            output: MutableStridedView, logSumExp: MutableStridedView?,
-                            keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
-                            scale: Float?, _ body: (ViewCall) throws -> R) throws -> R {
+    func withCheckedCall(query: StridedView, key: StridedView, value: StridedView,
+                         output: MutableStridedView, logSumExp: MutableStridedView?,
+                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                         scale: Float?, _ body: (ViewCall) throws -> Void) throws {
         try withCheckedCall(query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
                             output: MutableActivationView(output), logSumExp: logSumExp, keyLengths: keyLengths,
                             workspace: workspace, threads: threads, scale: scale, body)
@@ -514,18 +517,29 @@ extension Attention {
     /// for operands of any precision, for conformers whose kernels read 16-bit operands
     /// (the call's views carry their precision); the workspace must also hold
     /// ``conversionScratchBytes(_:precisions:)``.
-    func withCheckedCall<R>(query: ActivationView, key: ActivationView, value: ActivationView,
-                            output: MutableActivationView, logSumExp: MutableStridedView?,
-                            keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
-                            scale: Float?, _ body: (ViewCall) throws -> R) throws -> R {
+    func withCheckedCall(query: ActivationView, key: ActivationView, value: ActivationView,
+                         output: MutableActivationView, logSumExp: MutableStridedView?,
+                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                         scale: Float?, modifiers: ScoreModifiers = ScoreModifiers(),
+                         _ body: (ViewCall) throws -> Void) throws {
         let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                        keyLengths: keyLengths, workspace: workspace, threads: threads)
+        try modifiers.validate(shape)
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
-        func run() throws -> R {
-            func call(_ lse: MutableTensorView) throws -> R {
-                try body(ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
-                                  threadCount: try threadCount(threads),
-                                  q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: lse))
+        func run() throws {
+            func call(_ lse: MutableTensorView) throws {
+                try modifiers.withKernel(shape) { kernel in
+                    let call = ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads,
+                                        threadCount: try threadCount(threads),
+                                        q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: lse,
+                                        modifiers: kernel)
+                    guard modifiers.sinks != nil else { return try body(call) }
+                    // Sinks rescale the finished rows: a 16-bit output is formed in Float first.
+                    try call.withFloatOutput { call in
+                        try body(call)
+                        modifiers.applySinks(o: call.o, lse: call.lse, shape: shape)
+                    }
+                }
             }
             if let logSumExp { return try call(logSumExp.kernel) }
             return try withScratch(byteCount: logSumExpScratchBytes(shape)) { scratch in

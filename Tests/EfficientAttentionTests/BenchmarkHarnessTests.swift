@@ -554,16 +554,18 @@ import AttentionBenchCore
         }
     }
 
-    /// `--backward`: dense gets "backward" and "forward+backward" records with 2.5× and
-    /// 3.5× the forward FLOPs; a conformer without gradients only its forward record.
+    /// `--backward`: dense (and local, with gradients too) gets "backward" and
+    /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs; a conformer without
+    /// gradients (vanilla) only its forward record.
     @Test func backwardPasses() throws {
-        let o = try BenchOptions.parse(["--backward", "--variants", "dense,local", "--seq", "40", "--heads", "2",
+        let o = try BenchOptions.parse(["--backward", "--variants", "dense,local,vanilla", "--seq", "40", "--heads", "2",
                                         "--dim", "8", "--threads", "1", "--repeat", "1"])
         #expect(o.backward)
         let records = try SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
             .run(try SweepPlan.make(o))
         #expect(records.map { "\($0.variant) \($0.pass)" }
-                == ["dense forward", "dense backward", "dense forward+backward", "local forward"])
+                == ["dense forward", "dense backward", "dense forward+backward",
+                    "local forward", "local backward", "local forward+backward", "vanilla forward"])
         let forward = records[0].flops
         #expect(records[1].flops == 2.5 * forward && records[2].flops == 3.5 * forward)
         let json = RecordWriter.json(records)

@@ -52,6 +52,33 @@ struct LongformerAttentionTests {
         try checkAgainstReference(everyone, query: q, key: k, value: v, scale: nil, visible: Visible.all, "all global")
     }
 
+    /// The plan is cached by settings and shape: a copy with other global positions,
+    /// dilations or window, or another length, never reuses another call's plan.
+    @Test("a cached plan is reused only for the same settings and shape")
+    func planCache() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 70, headDim: 16, seed: 3101)
+        var attention = LongformerAttention(window: 8, globalPositions: [0])
+        _ = try attention.attend(query: q, key: k, value: v, threads: 1)
+        for change in 0..<3 {
+            switch change {
+            case 0: attention.globalPositions = [5, 6]
+            case 1: attention.dilations = [2]
+            default: attention.window = 12
+            }
+            let cached = try attention.attend(query: q, key: k, value: v, threads: 1)
+            let fresh = try LongformerAttention(window: attention.window, dilations: attention.dilations,
+                                                globalPositions: attention.globalPositions)
+                .attend(query: q, key: k, value: v, threads: 1)
+            expectBitwiseEqual(cached, fresh, "after change \(change)")
+        }
+        let (q2, k2, v2) = try randomQKV(heads: 2, queryLength: 40, headDim: 16, seed: 3102)
+        let shorter = try attention.attend(query: q2, key: k2, value: v2, threads: 1)
+        try checkAgainstReference(attention, query: q2, key: k2, value: v2, scale: nil,
+                                  visible: patternVisibility(try attention.pattern(for: AttentionShape(heads: 2, queryLength: 40, headDim: 16))),
+                                  "shorter after longer")
+        _ = shorter
+    }
+
     @Test("key padding, batches and grouped heads")
     func padding() throws {
         let attention = LongformerAttention(window: 10, dilations: [1, 2, 3, 4], globalPositions: [0, 30, 69])

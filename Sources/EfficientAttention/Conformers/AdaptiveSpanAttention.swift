@@ -25,7 +25,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with at most `Nq · ⌈z_h + R⌉` pairs per
 ///   head: linear in `Nq` for a fixed span. Workspace as dense: a few hundred KiB per
 ///   thread, independent of the lengths.
-public struct AdaptiveSpanAttention: KernelWidening {
+public struct AdaptiveSpanAttention: KernelWidening, ModifiableAttention {
     /// The span `z_h` of each head, in positions; one per query head, each in `0...maxSpan`.
     public var spans: [Float]
     /// The largest span `S` a head may take.
@@ -36,6 +36,8 @@ public struct AdaptiveSpanAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     /// The paper's default ramp.
     public static let defaultRamp: Float = 32
@@ -136,7 +138,8 @@ public struct AdaptiveSpanAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let shape = call.shape, spans = self.spans, ramp = self.ramp
             TiledSoftmaxAttention.attend(call) { b, h in
                 SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,

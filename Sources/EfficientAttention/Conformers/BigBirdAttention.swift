@@ -20,7 +20,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · bs · (3 + |G| + r)` pairs per
 ///   head plus `|G| · bs · Nk` for the global query blocks; workspace of a few hundred KiB
 ///   per thread, independent of `Nq` and `Nk`; the pattern holds `H · ⌈Nk / bs⌉ · r` block indices.
-public struct BigBirdAttention: KernelWidening {
+public struct BigBirdAttention: KernelWidening, ModifiableAttention {
     /// Block size `bs` (default 64).
     public var blockSize: Int
     /// Random blocks per head and query block (default 3).
@@ -34,6 +34,8 @@ public struct BigBirdAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
     /// The last pattern built, for calls with the same settings and shape.
     private let plans = PlanCache<PlanKey, BigBirdPattern>()
 
@@ -123,11 +125,45 @@ public struct BigBirdAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 call.run { h, keyEnd in pattern.mask(head: h, keyEnd: keyEnd) }
             }
         }
+    }
+}
+
+extension BigBirdAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/BigBird.md, "Backward")
+    /// with the forward's plan held fixed (the same random blocks: the pattern is the
+    /// forward's, from the same settings and shape): per block of 128 keys, the query
+    /// blocks whose window, global or random blocks hold one of its keys; `dQ` summed in
+    /// key-block order. Bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with the pattern's visible keys J
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (a key block's tile
+    ///   for a query block spans its ranges, the keys between them masked); workspace of
+    ///   about 242 KiB per thread at `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { h, keyEnd in BigBirdBackwardMask(forward: pattern.mask(head: h, keyEnd: keyEnd)) }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
     }
 }

@@ -19,11 +19,13 @@
 ///
 /// - Complexity: `4 · Nq · Nk · D` FLOPs per head (half that when causal and Nq = Nk);
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct DenseAttention: KernelWidening {
+public struct DenseAttention: KernelWidening, ModifiableAttention {
     /// Bottom-right aligned causal mask: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     public init(causal: Bool = false, scale: Float? = nil) {
         self.causal = causal
@@ -67,14 +69,15 @@ public struct DenseAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let shape = call.shape, causal = self.causal
             func mask(_ b: Int) -> IntervalMask {
                 IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
                              causal: causal, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding): the decode kernel reads each key/value head once for its group.
-            if DecodeAttention.serves(shape) {
+            if DecodeAttention.serves(shape) && !modifiers.modifiesScores {
                 DecodeAttention.attend(call, mask: mask)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in mask(b) }

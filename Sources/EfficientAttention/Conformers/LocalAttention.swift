@@ -18,7 +18,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (left + right + 1)` pairs
 ///   per head (blocked: `Nq · b · (lookBackward + lookForward + 1)`); workspace of a few
 ///   hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct LocalAttention: KernelWidening {
+public struct LocalAttention: KernelWidening, ModifiableAttention {
     /// The two local forms.
     public enum Form: Hashable, Sendable {
         /// Key `j` visible iff `p − left ≤ j ≤ p + right`.
@@ -33,6 +33,8 @@ public struct LocalAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     /// A sliding window of `left` keys before and `right` keys after each query.
     public init(left: Int, right: Int, causal: Bool = false, scale: Float? = nil) {
@@ -86,11 +88,43 @@ public struct LocalAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
             }
         }
+    }
+}
+
+extension LocalAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/Local.md, "Backward") over
+    /// the forward's mask: per block of 128 keys, the query tiles whose window holds one of
+    /// them (blocked: the forward's block-aligned query tiles), `dQ` summed in key-block
+    /// order; no `Nq × Nk` buffer, bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with the visible keys J of the forward
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 242 KiB per thread at
+    ///   `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.pattern(for: call.shape)
+            call.run { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
     }
 }

@@ -24,7 +24,7 @@
 ///   `Nq · Nk` per head when dense) and a few hundred KiB of workspace per thread.
 ///   `decode` of `n` positions: `2 · H · n · L · (D + Dv)` FLOPs for a cache of `L`
 ///   positions, reading `Hkv · L · (D + Dv)` cached elements once.
-public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
+public struct MultiQueryAttention: IncrementalAttention, KernelWidening, ModifiableAttention {
     /// Bottom-right aligned causal rule: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
     /// Keys visible before the query's position (`nil`: unbounded). At least 0.
@@ -33,6 +33,8 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
     public var rightWindow: Int?
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
     /// Decode: cache positions per split-KV chunk (a work item whose partial result is
     /// merged by log-sum-exp). At least 1. The chunking depends only on the cache length,
     /// so results are identical for every thread count.
@@ -107,13 +109,14 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let shape = call.shape
             func rows(_ b: Int) -> IntervalMask {
                 mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding against keys and values the caller holds): the decode kernel.
-            if DecodeAttention.serves(shape) {
+            if DecodeAttention.serves(shape) && !modifiers.modifiesScores {
                 DecodeAttention.attend(call, mask: rows)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in rows(b) }
@@ -181,6 +184,10 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening {
     }
 
     func decodeAny(query: Tensor, cache: any DecodingCache, layer: Int, threads: Int?) throws -> AttentionResult {
+        guard modifiers.isEmpty else {
+            throw AttentionError.unsupported(
+                "multi-query decode: modifiers (soft-capping, ALiBi, bias, sinks) apply to attend; decoding against a KVCache does not take them yet")
+        }
         guard let cache = cache as? any DecodableCache else {
             throw AttentionError.unsupported("decode: \(type(of: cache)) is not one of the library's caches")
         }
@@ -284,5 +291,38 @@ extension MultiQueryAttention: DecodingAttention {
         try checkCallArguments(after, keyLengths: nil, threads: threads)
         try state.append(layer: 0, keys: key, values: value)   // all-or-nothing (capacity)
         return try decode(query: query, cache: state, layer: 0, threads: threads)
+    }
+}
+
+extension MultiQueryAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/MultiQuery.md, "Backward")
+    /// with the forward's window and causal mask. Each work item is a block of 128 keys of
+    /// one key/value head and walks the query heads of its group in order, so `dK` and `dV`
+    /// are summed over the group inside the item (no reduction pass, no atomics); `dQ` is
+    /// summed in key-block order. Bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, i with visible keys J (hk = h / (H / Hkv)):
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[b,hk,j]
+    /// dK[b,hk,j] += scale · dS[j] q[b,h,i],  dV[b,hk,j] += P[j] dO[b,h,i]   (summed over h in hk's group)
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 242 KiB per thread at
+    ///   `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let shape = call.shape
+            call.run { _, keyEnd in mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: keyEnd) }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
     }
 }

@@ -21,7 +21,7 @@
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs with about `Nq · (2l + Nk / l)` pairs per
 ///   head (strided; fixed: `Nq · (l + c · Nk / l)`), i.e. `O(N √N)` at the default stride;
 ///   workspace of a few hundred KiB per thread, independent of `Nq` and `Nk`.
-public struct StridedAttention: KernelWidening {
+public struct StridedAttention: KernelWidening, ModifiableAttention {
     /// The two patterns of the paper.
     public enum Kind: Hashable, Sendable {
         /// The band `|p − j| < l` and every `l`-th key before and after.
@@ -36,6 +36,8 @@ public struct StridedAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
+    public var modifiers = ScoreModifiers()
 
     public init(kind: Kind = .strided, stride: Int? = nil, causal: Bool = false, scale: Float? = nil) {
         self.kind = kind
@@ -82,7 +84,8 @@ public struct StridedAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
                 let pattern = try self.pattern(for: call.shape)
                 switch pattern.kind {
@@ -99,5 +102,72 @@ public struct StridedAttention: KernelWidening {
                 }
             }
         }
+    }
+}
+
+extension StridedAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/Strided.md, "Backward"),
+    /// pass by pass, each with the forward's final output and log-sum-exp (so every pass's
+    /// probabilities are the final ones): strided: the column pass (keys and queries in
+    /// residue classes modulo the stride, each class on its own) then the band pass
+    /// (adding to `dK`, `dV`); fixed: the own blocks, then the summary columns of the other
+    /// blocks (keys in the summary residue classes). The passes' pairs are disjoint, so
+    /// their sums are the whole backward; `dQ` is summed in pass, then key-block order.
+    /// Bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with the pattern's visible keys J
+    /// P[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 242 KiB per thread at
+    ///   `D = Dv = 64` plus one `Int` per key block per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.pattern(for: call.shape)
+            let passes = backwardPasses(pattern)
+            switch pattern.kind {
+            case .strided:
+                call.run(keyBlocks: passes[0]) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                call.run(keyBlocks: passes[1], accumulate: true) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+            case .fixed(let c):
+                call.run(keyBlocks: passes[0]) { _, keyEnd in
+                    BlockedMask(size: pattern.stride, backward: 0, forward: 0, causal: pattern.causal,
+                                offset: pattern.offset, keyEnd: keyEnd)
+                }
+                if passes.count > 1 {
+                    call.run(keyBlocks: passes[1], accumulate: true) { _, keyEnd in
+                        FixedSummaryMask(stride: pattern.stride, summary: c, causal: pattern.causal,
+                                         offset: pattern.offset, keyEnd: keyEnd)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The key blocks of the backward's passes (see ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``):
+    /// strided: the residue classes (those holding a key), then contiguous blocks; fixed:
+    /// contiguous blocks, then the summary classes holding a key (none when every summary
+    /// column is past the keys).
+    func backwardPasses(_ pattern: StridedPattern) -> [TiledSoftmaxBackward.KeyBlocks] {
+        let l = pattern.stride, n = pattern.keyLength
+        switch pattern.kind {
+        case .strided:
+            return [.init(modulus: l, classes: 0..<min(l, n), disjointClasses: true), .contiguous]
+        case .fixed(let c):
+            let summary = min(l - c, n)..<min(l, n)
+            return summary.isEmpty ? [.contiguous] : [.contiguous, .init(modulus: l, classes: summary)]
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                          passes: backwardPasses(try pattern(for: shape)))
     }
 }

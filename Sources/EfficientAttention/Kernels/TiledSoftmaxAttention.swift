@@ -100,7 +100,7 @@ enum TiledSoftmaxAttention {
         shape: AttentionShape, scale: Float, threads: Int, queryTile: Int? = nil, merge: Bool = false,
         byHead: Bool = false,
         q: TensorView, k: TensorView, v: TensorView,
-        o: MutableTensorView, lse: MutableTensorView,
+        o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
         let tiling = Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim, queryTile: queryTile)
@@ -130,7 +130,7 @@ enum TiledSoftmaxAttention {
                 guard queries.count > 0 else { return }
                 attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
                            b: b, h: h, queries: queries,
-                           q: q, k: k, v: v, o: o, lse: lse, mask: headMask)
+                           q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers, mask: headMask)
             }
             if byHead {
                 // Runs of up to 8 consecutive tiles of one head per work unit: a worker's
@@ -160,7 +160,7 @@ enum TiledSoftmaxAttention {
     static func attend<Mask: TileMask>(_ call: ViewCall, queryTile: Int? = nil,
                                        mask: (_ batch: Int, _ head: Int) -> Mask) {
         run(shape: call.shape, scale: call.scale, threads: call.threadCount, queryTile: queryTile,
-            q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, mask: mask)
+            q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, modifiers: call.modifiers, mask: mask)
     }
 
     /// One work item: the query tile `queries` of head `h` in batch item `b`.
@@ -169,7 +169,7 @@ enum TiledSoftmaxAttention {
         shape: AttentionShape, scale: Float, merge: Bool, space: Workspace,
         b: Int, h: Int, queries: PositionRun,
         q: TensorView, k: TensorView, v: TensorView,
-        o: MutableTensorView, lse: MutableTensorView, mask: Mask
+        o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil, mask: Mask
     ) {
         let d = shape.headDim, dv = shape.valueDim
         let hk = h / shape.groupSize
@@ -247,6 +247,9 @@ enum TiledSoftmaxAttention {
                                              scratch: space.extra,
                                              keyStart: keys.start, keyCount: keys.count,
                                              queryStart: queries.start, queryCount: queries.count))
+            }
+            if let modifiers {
+                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h)
             }
             if !tile.fullyVisible {
                 mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)

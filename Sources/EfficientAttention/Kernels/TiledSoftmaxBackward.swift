@@ -70,28 +70,66 @@ enum TiledSoftmaxBackward {
     }
 
     /// Work items: one per (batch item, key/value head, key block).
-    static func itemCount(_ shape: AttentionShape) -> Int {
-        shape.batch * shape.kvHeads * ceilDiv(shape.keyLength, keyBlockSize)
+    static func itemCount(_ shape: AttentionShape, keyBlocks: KeyBlocks = .contiguous) -> Int {
+        shape.batch * shape.kvHeads * keyBlocks.classes.count * keyBlocks.blocksPerClass(keyLength: shape.keyLength,
+                                                                                         blockSize: keyBlockSize)
     }
 
-    /// Bytes of workspace ``run(shape:scale:threads:q:k:v:o:lse:dO:dQ:dK:dV:mask:)`` allocates
-    /// with `threads` workers (`nil`: every active processor): the workers' arena and the
-    /// ordering's table.
-    static func workspaceBytes(shape: AttentionShape, threads: Int?) -> Int {
+    /// Bytes of workspace ``run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:mask:)``
+    /// allocates with `threads` workers (`nil`: every active processor) and key blocks
+    /// `keyBlocks`: the workers' arena and the ordering's table.
+    static func workspaceBytes(shape: AttentionShape, threads: Int?, keyBlocks: KeyBlocks = .contiguous) -> Int {
         let (lanes, keyRows) = tileExtents(shape)
         let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
-        let items = itemCount(shape)
+        let items = itemCount(shape, keyBlocks: keyBlocks)
         return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
+    }
+
+    /// How one pass splits each key/value head's keys into the blocks of its work items:
+    /// the residue classes `classes` of the keys modulo `modulus`, each cut into blocks of
+    /// at most ``keyBlockSize`` keys `modulus` apart (the default: contiguous blocks).
+    /// Patterns whose keys are seen along residue classes (strided columns, summary
+    /// columns) list their query tiles per class, so no tile scores keys of other classes.
+    struct KeyBlocks {
+        var modulus = 1
+        var classes: Range<Int> = 0..<1
+        /// Whether the blocks of different classes reach disjoint queries: then each class
+        /// orders its own `dQ` sums (its blocks never wait for another class's). Otherwise
+        /// the blocks of one head are ordered class by class.
+        var disjointClasses = false
+
+        static let contiguous = KeyBlocks()
+
+        /// Blocks per class (the longest class's; shorter classes' last blocks are empty).
+        func blocksPerClass(keyLength: Int, blockSize: Int) -> Int {
+            ceilDiv(ceilDiv(keyLength, modulus), blockSize)
+        }
+
+        /// Block `t` of class `c` (empty past the class's keys).
+        func block(class c: Int, index t: Int, keyLength: Int, blockSize: Int) -> PositionRun {
+            let start = c + t * blockSize * modulus
+            return PositionRun(start: start, count: max(0, min(blockSize, ceilDiv(keyLength - start, modulus))),
+                               step: modulus)
+        }
     }
 
     /// Computes `dQ`, `dK`, `dV` for every row of `shape` (see the type's description).
     ///
     /// `mask(b, h)` is the forward's visibility of batch item `b`, query head `h`; query head
-    /// `h` reads key/value head `h / (H / Hkv)`. Every row of `dK` and `dV` is written (0 for
-    /// keys no query sees). `dQ` must hold zeros on entry: the blocks add their
-    /// contributions to it (rows with no visible key, or `lse = −∞`, stay 0).
+    /// `h` reads key/value head `h / (H / Hkv)`. Every row of `dK` and `dV` in the blocks of
+    /// `keyBlocks` is written (0 for keys no query sees), or with `accumulate` added to. `dQ`
+    /// must hold zeros on entry: the blocks add their contributions to it (rows with no
+    /// visible key, or `lse = −∞`, stay 0).
+    ///
+    /// Several passes (a pattern the forward runs as several merged passes): each pass
+    /// takes the final `O` and log-sum-exp, so its probabilities are the final ones and
+    /// its pairs' terms are exactly the terms of the whole backward; the passes' pairs
+    /// must be disjoint. The first pass writes every key row (contiguous blocks, or
+    /// every class), the later ones `accumulate`; passes run one after another, so the
+    /// sums are in a fixed order.
     static func run<Mask: TransposedTileMask>(
-        shape: AttentionShape, scale: Float, threads: Int,
+        shape: AttentionShape, scale: Float, threads: Int, keyBlocks: KeyBlocks = .contiguous,
+        accumulate: Bool = false,
         q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
@@ -101,22 +139,36 @@ enum TiledSoftmaxBackward {
         let d = shape.headDim, dv = shape.valueDim
         let blockSize = keyBlockSize
         let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale)
-        let blocks = ceilDiv(shape.keyLength, blockSize)
+        let perClass = keyBlocks.blocksPerClass(keyLength: shape.keyLength, blockSize: blockSize)
+        let classes = keyBlocks.classes.count
         let (lanes, keyRows) = tileExtents(shape)
         let kvHeads = shape.batch * shape.kvHeads
-        let items = kvHeads * blocks
-        let order = BlockOrder(heads: kvHeads, blocks: blocks)
+        // The ordering's heads and blocks: per class when the classes' queries are disjoint,
+        // else every block of a key/value head in one sequence, class by class.
+        let orderHeads = keyBlocks.disjointClasses ? kvHeads * classes : kvHeads
+        let orderBlocks = keyBlocks.disjointClasses ? perClass : classes * perClass
+        let items = orderHeads * orderBlocks
+        let order = BlockOrder(heads: orderHeads, blocks: orderBlocks)
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
             Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
         }) { spaces in
             // Block-major: every head's block 0 (the heaviest under causal masks) first.
             parallelForEach(items: items, threads: spaces.count) { item, worker in
-                let head = item % kvHeads, t = item / kvHeads
-                let start = t * blockSize
-                let block = PositionRun(start: start, count: min(blockSize, shape.keyLength - start))
-                blockItem(shape: shape, space: spaces[worker], operands: operands, head: head, blockIndex: t,
-                          block: block, order: order, dQ: dQ, dK: dK, dV: dV, mask: mask)
-                order.finish(head: head, block: t)
+                let orderHead = item % orderHeads, t = item / orderHeads
+                let head: Int, c: Int, blockIndex: Int
+                if keyBlocks.disjointClasses {
+                    (head, c, blockIndex) = (orderHead / classes, orderHead % classes, t)
+                } else {
+                    (head, c, blockIndex) = (orderHead, t / perClass, t % perClass)
+                }
+                let block = keyBlocks.block(class: keyBlocks.classes.lowerBound + c, index: blockIndex,
+                                            keyLength: shape.keyLength, blockSize: blockSize)
+                if block.count > 0 {
+                    blockItem(shape: shape, space: spaces[worker], operands: operands, head: head,
+                              orderHead: orderHead, blockIndex: t, block: block, order: order,
+                              accumulate: accumulate, dQ: dQ, dK: dK, dV: dV, mask: mask)
+                }
+                order.finish(head: orderHead, block: t)
             }
         }
     }
@@ -128,16 +180,23 @@ enum TiledSoftmaxBackward {
         let scale: Float
     }
 
-    /// One work item: `dK`, `dV` of the keys `block` (block `t`) of key/value head `head`
-    /// (`b · Hkv + hk`), and their contributions to `dQ`.
+    /// One work item: `dK`, `dV` of the keys `block` of key/value head `head`
+    /// (`b · Hkv + hk`), and their contributions to `dQ` (block `t` of `orderHead` in the
+    /// ordering).
     static func blockItem<Mask: TransposedTileMask>(
-        shape: AttentionShape, space: Workspace, operands x: Operands, head: Int, blockIndex t: Int,
-        block: PositionRun, order: BlockOrder,
+        shape: AttentionShape, space: Workspace, operands x: Operands, head: Int, orderHead: Int, blockIndex t: Int,
+        block: PositionRun, order: BlockOrder, accumulate: Bool,
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
     ) {
         let b = head / shape.kvHeads, hk = head % shape.kvHeads
         let d = x.d, dv = x.dv, dPad = space.dPad, dvPad = space.dvPad
-        let br = queryTileSize, queryTiles = ceilDiv(shape.queryLength, br)
+        let br = queryTileSize
+        let group = (hk * shape.groupSize)..<((hk + 1) * shape.groupSize)
+        // Positions in the ordering: query head of the group, then the mask's query tile index.
+        var queryTiles = 0
+        for h in group {
+            queryTiles = max(queryTiles, mask(b, h).backwardQueryTileCount(queryLength: shape.queryLength, queryTile: br))
+        }
         space.accK.update(repeating: 0, count: space.keyRows * dPad)
         space.accV.update(repeating: 0, count: space.keyRows * dvPad)
         let queryRowsInPlace = x.q.strides[3] == 1 && dPad == d
@@ -149,9 +208,10 @@ enum TiledSoftmaxBackward {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: space.keyRowsPacked, ld: dPad)
         }
         let qs = dQ.strides[3]
-        for (local, h) in ((hk * shape.groupSize)..<((hk + 1) * shape.groupSize)).enumerated() {
+        for (local, h) in group.enumerated() {
             let headMask = mask(b, h)
             headMask.forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: br) { r, queries, tile in
+                precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
                 gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, mask: headMask)
@@ -175,7 +235,7 @@ enum TiledSoftmaxBackward {
                     ldq = dPad
                 }
                 // acc_V += Pᵀ dO, acc_K += dSᵀ Q: key rows of the tile, depth = its queries.
-                let row = tile.keys.start - block.start
+                let row = (tile.keys.start - block.start) / block.step
                 // On a partial tile each block of MR keys runs over only the queries that may see
                 // it (the others have P = dS = 0).
                 let visibleQueries = { (keys: Range<Int>) -> Range<Int> in
@@ -193,7 +253,7 @@ enum TiledSoftmaxBackward {
                 let keyRows: UnsafePointer<Float>, ldk: Int
                 if keyRowsInPlace {
                     keyRows = x.k.row(b, hk, tile.keys.start)
-                    ldk = x.k.strides[2]
+                    ldk = block.step &* x.k.strides[2]
                 } else {
                     keyRows = UnsafePointer(space.keyRowsPacked + row * dPad)
                     ldk = dPad
@@ -209,7 +269,7 @@ enum TiledSoftmaxBackward {
                                   overwrite: true)
                 // dQ[r] += C once every earlier block of this head has added its part.
                 let position = local * queryTiles + r
-                order.waitForTurn(head: head, block: t, position: position)
+                order.waitForTurn(head: orderHead, block: t, position: position)
                 for ii in 0..<queries.count {
                     let out = dQ.row(b, h, queries.position(ii)), contribution = space.accQ + ii * dPad
                     if qs == 1 {
@@ -218,15 +278,20 @@ enum TiledSoftmaxBackward {
                         for c in 0..<d { out[c &* qs] += contribution[c] }
                     }
                 }
-                order.publish(head: head, block: t, donePast: position)
+                order.publish(head: orderHead, block: t, donePast: position)
             }
         }
         let ks = dK.strides[3], vs = dV.strides[3]
         for r in 0..<block.count {
             let keyOut = dK.row(b, hk, block.position(r)), valueOut = dV.row(b, hk, block.position(r))
             let keyAcc = space.accK + r * dPad, valueAcc = space.accV + r * dvPad
-            for c in 0..<d { keyOut[c &* ks] = keyAcc[c] }
-            for c in 0..<dv { valueOut[c &* vs] = valueAcc[c] }
+            if accumulate {
+                for c in 0..<d { keyOut[c &* ks] += keyAcc[c] }
+                for c in 0..<dv { valueOut[c &* vs] += valueAcc[c] }
+            } else {
+                for c in 0..<d { keyOut[c &* ks] = keyAcc[c] }
+                for c in 0..<dv { valueOut[c &* vs] = valueAcc[c] }
+            }
         }
     }
 
@@ -460,20 +525,31 @@ final class BlockOrder: @unchecked Sendable {
 /// work items.
 protocol TransposedTileMask: TileMask {
     /// Calls `body`, in increasing order of `index`, for each query tile (tile `index` of
-    /// the contiguous tiles of `queryTile` queries, `index < ⌈queryLength / queryTile⌉`) that
-    /// may hold a query seeing one of `keys` (a contiguous run of step 1), with the key tile
-    /// to score it against: a contiguous sub-run of `keys` holding every key of `keys` the
-    /// tile's queries may see, flagged fully visible when every pair is (the mask's
-    /// ``TileMask/maskScores(_:ld:tile:queries:)`` masks the others). Keys of `keys`
-    /// outside the listed tiles are invisible to every query.
+    /// the mask's partition of the queries into tiles of at most `queryTile`, `index <`
+    /// ``backwardQueryTileCount(queryLength:queryTile:)``; by default the contiguous tiles)
+    /// that may hold a query seeing one of `keys` (a key block of the backward pass: a run
+    /// of step 1, or of the pass's ``TiledSoftmaxBackward/KeyBlocks/modulus``), with the key
+    /// tile to score it against: a sub-run of `keys` (the same step) holding every key of
+    /// `keys` the tile's queries may see, flagged fully visible when every pair is (the
+    /// mask's ``TileMask/maskScores(_:ld:tile:queries:)`` masks the others). Keys of `keys`
+    /// outside the listed tiles are invisible to every query. Each index is listed at most
+    /// once per call and always stands for the same queries.
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void)
+
+    /// The number of query tiles of ``forEachQueryTile(seeing:queryLength:queryTile:_:)``'s
+    /// partition (default: `⌈queryLength / queryTile⌉` contiguous tiles).
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int
 
     /// The queries of a partially visible `tile` (indices into `queries`) that may see one
     /// of its keys `keys` (indices into `tile.keys`, one block of ``MicroTile/mr`` or fewer):
     /// the backward's `dK`/`dV` products skip the others, whose probabilities are 0. The
     /// key-major partner of ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
     func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
+}
+
+extension TransposedTileMask {
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int { ceilDiv(queryLength, queryTile) }
 }
 
 extension IntervalMask: TransposedTileMask {

@@ -153,6 +153,8 @@ struct PatternCall {
     let keyLengths: [Int]?
     let q: TensorView, k: TensorView, v: TensorView
     let o: MutableTensorView, lse: MutableTensorView
+    /// The call's score modifiers (nil: none).
+    var modifiers: ScoreModifierKernel? = nil
     /// The whole call's batch item of this call's item 0 (``forEachHead(_:)``'s restricted calls).
     var firstItem = 0
 
@@ -167,7 +169,8 @@ struct PatternCall {
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
         TiledSoftmaxAttention.withMasks(shape, { b, h in mask(h, keyEnd(b)) }) { masks in
             TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
-                                      byHead: true, q: q, k: k, v: v, o: o, lse: lse, mask: masks)
+                                      byHead: true, q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers,
+                                      mask: masks)
         }
     }
 
@@ -186,7 +189,8 @@ struct PatternCall {
                     k: TensorView(raw: k.rawRow(b, hk, 0), strides: k.strides, precision: k.precision),
                     v: TensorView(raw: v.rawRow(b, hk, 0), strides: v.strides, precision: v.precision),
                     o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
-                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides), firstItem: firstItem + b)
+                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides),
+                    modifiers: modifiers?.restricted(item: b, head: h), firstItem: firstItem + b)
                 body(call, h)
             }
         }
@@ -228,7 +232,7 @@ extension TiledSoftmaxAttention {
         try call.withFloatOutput { call in
             try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount,
                                    keyLengths: call.keyLengths, q: call.q, k: call.k, v: call.v, o: call.o,
-                                   lse: call.lse))
+                                   lse: call.lse, modifiers: call.modifiers))
         }
     }
 }

@@ -1,0 +1,207 @@
+// Score modifiers (issue 17): soft-capping, ALiBi, an additive bias and sinks, on every
+// conformer of the tiled kernel, against a Double reference of ATTENTION_SPEC.md's
+// "Score modifiers"; their combinations with causal, windows, patterns and key padding;
+// the sink's merge-then-sink rule; bad modifiers as thrown errors.
+
+import Foundation
+@_spi(Testing) import EfficientAttention
+import Testing
+
+/// The spec's definition in Double: `s = scale·q·k`, `s ← cap·tanh(s/cap)`, `s ← s + bias −
+/// α_h·|i + Nk − Nq − j|` over the visible keys, softmax with the sink `e^{σ_h}` in the
+/// denominator. Rows with no visible key: 0, lse `σ_h` with a sink, else −∞.
+func modifiedReference(query: Tensor, key: Tensor, value: Tensor, visible: Visibility,
+                       modifiers m: ScoreModifiers) -> ReferenceResult<Double> {
+    let (nb, nh, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
+    let (nhkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
+    let q = query.elements.map(Double.init), k = key.elements.map(Double.init), v = value.elements.map(Double.init)
+    let bias = m.bias?.elements.map(Double.init)
+    let scale = 1 / Double(d).squareRoot()
+    var output = [Double](repeating: 0, count: nb * nh * nq * dv)
+    var lse = [Double](repeating: -.infinity, count: nb * nh * nq)
+    for b in 0..<nb { for h in 0..<nh {
+        let hk = h / (nh / nhkv)
+        for i in 0..<nq {
+            var scores: [(Int, Double)] = []
+            for j in 0..<nk where visible(b, h, i, j) {
+                var s = 0.0
+                for c in 0..<d { s += q[((b * nh + h) * nq + i) * d + c] * k[((b * nhkv + hk) * nk + j) * d + c] }
+                s *= scale
+                if let cap = m.softCap.map(Double.init) { s = cap * Foundation.tanh(s / cap) }
+                if let bias, let shape = m.bias?.shape {
+                    let bb = shape[0] == 1 ? 0 : b, hh = shape[1] == 1 ? 0 : h
+                    s += bias[((bb * shape[1] + hh) * nq + i) * nk + j]
+                }
+                if let slopes = m.alibiSlopes { s -= Double(slopes[h]) * Double(abs(i + nk - nq - j)) }
+                if s > -.infinity { scores.append((j, s)) }
+            }
+            let row = (b * nh + h) * nq + i
+            let sink = m.sinks.map { Double($0[h]) }
+            let top = max(scores.map(\.1).max() ?? -.infinity, sink ?? -.infinity)
+            guard top > -.infinity else { continue }
+            var sum = sink.map { Foundation.exp($0 - top) } ?? 0
+            for (j, s) in scores {
+                let p = Foundation.exp(s - top)
+                sum += p
+                for c in 0..<dv { output[row * dv + c] += p * v[((b * nhkv + hk) * nk + j) * dv + c] }
+            }
+            for c in 0..<dv { output[row * dv + c] /= sum }
+            lse[row] = top + Foundation.log(sum)
+        }
+    } }
+    return ReferenceResult(batch: nb, heads: nh, queryLength: nq, valueDim: dv, output: output, lse: lse)
+}
+
+@Suite("Score modifiers: soft-capping, ALiBi, bias, sinks")
+struct ScoreModifierTests {
+    /// The modifier sets tried on every conformer: each alone, then all together.
+    static func modifierSets(batch: Int, heads: Int, queryLength nq: Int, keyLength nk: Int) throws -> [(String, ScoreModifiers)] {
+        let slopes = ScoreModifiers.standardALiBiSlopes(heads: heads)
+        let sinks = (0..<heads).map { Float($0) * 0.7 - 1 }
+        var full = try randomTensor([batch, heads, nq, nk], seed: 77, in: -2...2)
+        var data = full.elements
+        for j in 0..<nk { data[j] = -.infinity }   // query 0 of item 0, head 0 sees no key through the bias
+        full = try Tensor(shape: full.shape, data: data)
+        let broadcast = try randomTensor([1, 1, nq, nk], seed: 78, in: -2...2)
+        return [
+            ("softcap", ScoreModifiers(softCap: 0.6)),
+            ("alibi", ScoreModifiers(alibiSlopes: slopes)),
+            ("bias", ScoreModifiers(bias: full)),
+            ("broadcast bias", ScoreModifiers(bias: broadcast)),
+            ("sinks", ScoreModifiers(sinks: sinks)),
+            ("all", ScoreModifiers(softCap: 0.8, alibiSlopes: slopes, bias: broadcast, sinks: sinks)),
+        ]
+    }
+
+    /// Conformers of the tiled kernel with their visibility for a problem.
+    static func conformers(queryLength nq: Int, keyLength nk: Int, heads: Int, keyLengths: [Int]?)
+        throws -> [(any Attention, Visibility)] {
+        let shape = AttentionShape(heads: heads, queryLength: nq, keyLength: nk, headDim: 16)
+        let padding: Visibility = { b, _, _, j in j < (keyLengths?[b] ?? nk) }
+        var out: [(any Attention, Visibility)] = [
+            (DenseAttention(), padding),
+            (DenseAttention(causal: true), Visible.both(Visible.causal(queryLength: nq, keyLength: nk), padding)),
+            (MultiQueryAttention(causal: true, leftWindow: 9),
+             Visible.both({ _, _, i, j in j <= i + nk - nq && j >= i + nk - nq - 9 }, padding)),
+        ]
+        guard nq == nk else { return out }
+        let local = LocalAttention(left: 12, right: 0, causal: true)
+        let longformer = LongformerAttention(window: 8, globalPositions: [0, 5])
+        let bigbird = BigBirdAttention(blockSize: 8, randomBlockCount: 1, seed: 3)
+        let strided = StridedAttention(stride: 5)
+        out += [(local, patternVisibility(try local.pattern(for: shape), keyLengths: keyLengths)),
+                (longformer, patternVisibility(try longformer.pattern(for: shape), keyLengths: keyLengths)),
+                (bigbird, patternVisibility(try bigbird.pattern(for: shape), keyLengths: keyLengths)),
+                (strided, patternVisibility(try strided.pattern(for: shape), keyLengths: keyLengths))]
+        return out
+    }
+
+    static func withModifiers(_ attention: any Attention, _ m: ScoreModifiers) -> any Attention {
+        var modifiable = attention as! any ModifiableAttention
+        modifiable.modifiers = m
+        return modifiable
+    }
+
+    static func check(_ result: AttentionResult, _ reference: ReferenceResult<Double>, _ label: String) {
+        let output = result.output.elements, lse = result.logSumExp.elements
+        var worstOutput = 0.0, worstLSE = 0.0
+        for (n, x) in output.enumerated() { worstOutput = max(worstOutput, abs(Double(x) - reference.output[n])) }
+        for (n, x) in lse.enumerated() {
+            let r = reference.lse[n]
+            if r == -.infinity {
+                #expect(x == -.infinity, "\(label): row \(n) lse \(x), expected -inf")
+            } else {
+                worstLSE = max(worstLSE, abs(Double(x) - r) / max(1, abs(r)))
+            }
+        }
+        #expect(worstOutput < 2e-5 && worstLSE < 2e-6, "\(label): output error \(worstOutput), lse error \(worstLSE)")
+    }
+
+    struct Problem: CustomTestStringConvertible, Sendable {
+        var batch: Int, heads: Int, kvHeads: Int, queryLength: Int, keyLength: Int, keyLengths: [Int]?
+        init(batch: Int = 1, heads: Int = 4, kvHeads: Int = 2, queryLength: Int, keyLength: Int,
+             keyLengths: [Int]? = nil) {
+            self.batch = batch
+            self.heads = heads
+            self.kvHeads = kvHeads
+            self.queryLength = queryLength
+            self.keyLength = keyLength
+            self.keyLengths = keyLengths
+        }
+        var testDescription: String { "B\(batch) H\(heads)/\(kvHeads) Nq\(queryLength) Nk\(keyLength) pad \(keyLengths ?? [])" }
+    }
+
+    @Test("each modifier and all together, against the Double reference", arguments: [
+        Problem(queryLength: 45, keyLength: 45),
+        Problem(batch: 2, queryLength: 37, keyLength: 37, keyLengths: [37, 20]),
+        Problem(heads: 2, kvHeads: 1, queryLength: 21, keyLength: 50),
+        Problem(heads: 3, kvHeads: 3, queryLength: 5, keyLength: 70),
+    ])
+    func againstReference(_ p: Problem) throws {
+        let (q, k, v) = try randomQKV(batch: p.batch, heads: p.heads, kvHeads: p.kvHeads, queryLength: p.queryLength,
+                                      keyLength: p.keyLength, headDim: 16, seed: 41, range: -2...2)
+        for (attention, visible) in try Self.conformers(queryLength: p.queryLength, keyLength: p.keyLength,
+                                                         heads: p.heads, keyLengths: p.keyLengths) {
+            for (name, m) in try Self.modifierSets(batch: p.batch, heads: p.heads, queryLength: p.queryLength,
+                                                   keyLength: p.keyLength) {
+                let modified = Self.withModifiers(attention, m)
+                let label = "\(attention.name) \(name) \(p.testDescription)"
+                let result = try modified.attend(query: q, key: k, value: v, keyLengths: p.keyLengths, threads: 2)
+                Self.check(result, modifiedReference(query: q, key: k, value: v, visible: visible, modifiers: m), label)
+                let one = try modified.attend(query: q, key: k, value: v, keyLengths: p.keyLengths, threads: 1)
+                let three = try modified.attend(query: q, key: k, value: v, keyLengths: p.keyLengths, threads: 3)
+                expectBitwiseEqual(one, three, "\(label): 1 vs 3 threads")
+            }
+        }
+    }
+
+    @Test("no modifiers and an enormous cap change nothing; sinks on rows without keys give 0 with lse σ")
+    func edges() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 33, headDim: 16, seed: 9)
+        let plain = try DenseAttention(causal: true).attend(query: q, key: k, value: v, threads: 1)
+        var capped = DenseAttention(causal: true)
+        capped.modifiers = ScoreModifiers()
+        expectBitwiseEqual(try capped.attend(query: q, key: k, value: v, threads: 1), plain, "empty modifiers")
+        capped.modifiers.softCap = 1e6
+        expectClose(try capped.attend(query: q, key: k, value: v, threads: 1), plain, tolerance: 1e-5, "cap 1e6")
+        // Key padding hides every key of item 1: its rows are 0 with lse = σ_h.
+        let (q2, k2, v2) = try randomQKV(batch: 2, heads: 2, queryLength: 20, headDim: 8, seed: 10)
+        var sunk = DenseAttention()
+        sunk.modifiers.sinks = [0.5, -2]
+        let r = try sunk.attend(query: q2, key: k2, value: v2, keyLengths: [20, 0], threads: 2)
+        let lse = r.logSumExp.elements, out = r.output.elements
+        #expect((40..<60).allSatisfy { lse[$0] == 0.5 } && (60..<80).allSatisfy { lse[$0] == -2 })
+        #expect(out[(40 * 8)...].allSatisfy { $0 == 0 })
+    }
+
+    @Test("Press et al.'s standard ALiBi slopes")
+    func standardSlopes() {
+        #expect(ScoreModifiers.standardALiBiSlopes(heads: 8) == (1...8).map { Float(pow(2, -Double($0))) })
+        let twelve = ScoreModifiers.standardALiBiSlopes(heads: 12)
+        let expected = (1...8).map { pow(2, -Double($0)) } + [0.5, 1.5, 2.5, 3.5].map { pow(2, -$0) }
+        #expect(twelve.count == 12 && zip(twelve, expected).allSatisfy { abs(Double($0) - $1) < 1e-7 })
+        #expect(ScoreModifiers.standardALiBiSlopes(heads: 1) == [Float(pow(2, -8.0))])
+    }
+
+    @Test("bad modifiers are thrown errors naming the option, before any work")
+    func badModifiers() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, headDim: 8, seed: 1)
+        let cases: [(ScoreModifiers, String)] = [
+            (ScoreModifiers(softCap: 0), "softCap"), (ScoreModifiers(softCap: -.infinity), "softCap"),
+            (ScoreModifiers(softCap: .nan), "softCap"),
+            (ScoreModifiers(alibiSlopes: [1]), "alibiSlopes has 1 values"),
+            (ScoreModifiers(alibiSlopes: [1, .nan]), "alibiSlopes[1]"),
+            (ScoreModifiers(sinks: [1, 2, 3]), "sinks has 3"),
+            (ScoreModifiers(sinks: [.infinity, 0]), "sinks[0]"),
+            (ScoreModifiers(bias: try Tensor(shape: [1, 2, 10, 9])), "modifiers.bias must be"),
+            (ScoreModifiers(bias: try Tensor(shape: [1, 3, 10, 10])), "modifiers.bias must be"),
+            (ScoreModifiers(bias: try Tensor(shape: [1, 1, 10, 10], repeating: .nan)), "NaN"),
+        ]
+        for (m, mention) in cases {
+            var dense = DenseAttention()
+            dense.modifiers = m
+            let error = thrownAttentionError { try dense.attend(query: q, key: k, value: v, threads: 1) }
+            #expect(error?.message.contains(mention) == true, "\(mention): \(error?.message ?? "no error")")
+        }
+    }
+}
