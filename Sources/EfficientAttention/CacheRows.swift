@@ -156,7 +156,11 @@ struct PagedRows<Element: CacheScalar>: KVRows, @unchecked Sendable {
 extension Int8: CacheScalar {
     @inline(__always) static func wide16(_ p: UnsafePointer<Int8>) -> Vec16 {
         let x = UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Int8>.self)
-        return Vec16(SIMD16<Int32>(truncatingIfNeeded: x))
+        // A lane loop, as for Float16: it compiles to a sign extension and a conversion,
+        // where the generic SIMD initialisers may be out-of-line calls.
+        var r = Vec16()
+        for i in 0..<16 { r[i] = Float(x[i]) }
+        return r
     }
     @inline(__always) static func widen(_ x: Int8) -> Float { Float(x) }
     static var quantized: Bool { true }

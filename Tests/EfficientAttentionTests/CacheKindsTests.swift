@@ -527,3 +527,20 @@ private struct History {
     }
 }
 
+
+@Suite("Cache kinds: costs") struct CacheKindCostTests {
+    @Test("decode cost by cache kind: rotating and paged Float32 caches reserve the key tile the contiguous one reads in place")
+    func costs() throws {
+        let shape = AttentionShape(batch: 1, heads: 32, kvHeads: 1, queryLength: 1, keyLength: 4096, headDim: 128)
+        let attention = MultiQueryAttention(causal: true)
+        let contiguous = try attention.decodeCost(shape, precision: .float32, cacheKind: .contiguous, threads: 2)
+        #expect(try contiguous.workspaceBytes == attention.decodeCost(shape, precision: .float32, threads: 2).workspaceBytes)
+        for kind in [MultiQueryDecoding.CacheKind.rotating(window: 4096), .paged(pageSize: 16, pageCount: nil)] {
+            let other = try attention.decodeCost(shape, precision: .float32, cacheKind: kind, threads: 2)
+            #expect(other.workspaceBytes > contiguous.workspaceBytes && other.flops == contiguous.flops, "\(kind)")
+        }
+        expectAttentionError(.invalidParameter, mentioning: ["pageSize", "power of two"]) {
+            try attention.decodeCost(shape, precision: .int8, cacheKind: .paged(pageSize: 24, pageCount: nil), threads: 1)
+        }
+    }
+}

@@ -140,6 +140,21 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
             keyScratch: precision != .float32))
     }
 
+    /// The cost of a decode against a cache of `kind` (``MultiQueryDecoding/CacheKind``) in
+    /// `precision`: as ``decodeCost(_:precision:threads:)``, whose workspace is the contiguous
+    /// cache's; rotating and paged caches (and 16-bit or Int8 ones) also copy key tiles on the
+    /// micro-kernel path.
+    public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision,
+                           cacheKind kind: MultiQueryDecoding.CacheKind, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        try validate(shape)
+        try MultiQueryDecoding(self, cacheKind: kind, precision: precision).validate(shape)
+        try checkDecodeWorkspace(shape, precision: precision)
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(
+            shape: shape, split: decodeChunkLength, threads: threads, elementBytes: precision.bytesPerElement,
+            keyScratch: precision != .float32 || kind != .contiguous))
+    }
+
     /// Throws unless a decode's workspace fits one allocation: the partial rows of the
     /// `⌈L / decodeChunkLength⌉` chunks (`B · H · n · (Dv + 1)` floats each) are checked before the
     /// kernel's byte count is computed, then that count for the most workers.
