@@ -21,6 +21,9 @@ public protocol DecodingCache: AnyObject {
     var precision: KVCache.Precision { get }
     /// Bytes of key/value storage, exactly as allocated (for a paged batch: its pool's).
     var memoryBytes: Int { get }
+    /// Bytes of the positions held, over every layer and batch item (what decode calls on
+    /// every layer read): `Σ length · Hkv · (rowBytes(D) + rowBytes(Dv))`.
+    var usedBytes: Int { get }
     /// Positions `layer` of `batchItem` holds (what a decode reads).
     func length(layer: Int, batchItem: Int) throws -> Int
     /// Appends `keys` `[B, Hkv, n, D]` and `values` `[B, Hkv, n, Dv]` to every batch item of

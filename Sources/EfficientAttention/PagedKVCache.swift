@@ -102,6 +102,14 @@ public final class PagedKVCache {
         pageCount * layers * kvHeads * pageSize * (keyStore.rowBytes + valueStore.rowBytes)
     }
 
+    /// Bytes of the positions held by `sequences` (every live one when `nil`), over every layer:
+    /// `Σ length · Hkv · (rowBytes(D) + rowBytes(Dv))` (shared pages counted per sequence, as
+    /// decodes read them).
+    public func usedBytes(sequences ids: [Int]? = nil) -> Int {
+        let held = (ids ?? sequenceIDs).reduce(0) { $0 + (sequences[$1]?.lengths.reduce(0, +) ?? 0) }
+        return held * kvHeads * (keyStore.rowBytes + valueStore.rowBytes)
+    }
+
     /// Bytes of one page (every layer's keys and values for `P` positions).
     public var pageBytes: Int { memoryBytes / pageCount }
 
@@ -263,6 +271,8 @@ public final class PagedKVCache {
         public var precision: KVCache.Precision { pool.precision }
         /// The pool's bytes (shared by every sequence).
         public var memoryBytes: Int { pool.memoryBytes }
+        /// Bytes of the positions these sequences hold, over every layer.
+        public var usedBytes: Int { pool.usedBytes(sequences: sequences) }
 
         public func length(layer: Int, batchItem: Int) throws -> Int {
             try pool.length(sequence: sequence(batchItem), layer: layer)

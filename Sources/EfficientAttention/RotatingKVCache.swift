@@ -86,6 +86,12 @@ public final class RotatingKVCache: DecodingCache, DecodableCache {
         layers * batch * kvHeads * window * (keyStore.rowBytes + valueStore.rowBytes)
     }
 
+    /// Bytes of the positions held, over every layer and batch item:
+    /// `Σ min(position, W) · Hkv · (rowBytes(D) + rowBytes(Dv))`.
+    public var usedBytes: Int {
+        totals.reduce(0) { $0 + min($1, window) } * kvHeads * (keyStore.rowBytes + valueStore.rowBytes)
+    }
+
     /// Positions held (at most `window`).
     public func length(layer: Int = 0, batchItem: Int = 0) throws -> Int {
         min(try position(layer: layer, batchItem: batchItem), window)

@@ -247,6 +247,7 @@ private func referenceBFloat16(_ x: Float) -> UInt16 {
             }
         }
         #expect(ring.memoryBytes == batch * kvHeads * window * 2 * precision.rowBytes(width: d))
+        #expect(ring.usedBytes == batch * kvHeads * window * 2 * precision.rowBytes(width: d))
     }
 
     @Test("rotating cache: failed appends change nothing; bad options throw naming the option")
@@ -334,6 +335,9 @@ private func referenceBFloat16(_ x: Float) -> UInt16 {
                                    "\(precision) step \(step) threads \(threads)")
             }
         }
+        let held = try ids.map { id in try (0..<layers).map { try pool.length(sequence: id, layer: $0) }.reduce(0, +) }
+        #expect(pool.usedBytes() == held.reduce(0, +) * kvHeads * 2 * precision.rowBytes(width: d))
+        #expect(try pool.batch([ids[0]]).usedBytes == held[0] * kvHeads * 2 * precision.rowBytes(width: d))
         let used = try ids.map { try pool.pageTable(of: $0).count }.reduce(0, +)
         #expect(pool.freePages == 40 - used)
         for id in ids { try pool.endSequence(id) }
