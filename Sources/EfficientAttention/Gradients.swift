@@ -81,6 +81,10 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query, key: key, value: value)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
+        if let modifiable = self as? any ModifiableAttention, !modifiable.modifiers.isEmpty {
+            throw AttentionError.unsupported(
+                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
+        }
         func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
             guard view == shape else {
                 throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")

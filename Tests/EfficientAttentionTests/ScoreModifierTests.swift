@@ -197,6 +197,15 @@ struct ScoreModifierTests {
             (ScoreModifiers(bias: try Tensor(shape: [1, 3, 10, 10])), "modifiers.bias must be"),
             (ScoreModifiers(bias: try Tensor(shape: [1, 1, 10, 10], repeating: .nan)), "NaN"),
         ]
+        // No backward pass through modifiers yet: refused, not silently ignored.
+        var capped = DenseAttention()
+        capped.modifiers.softCap = 5
+        let forward = try DenseAttention().attend(query: q, key: k, value: v, threads: 1)
+        let backward = thrownAttentionError {
+            try capped.gradients(query: q, key: k, value: v, output: forward.output, logSumExp: forward.logSumExp,
+                                 outputGradient: forward.output, keyLengths: nil, threads: 1)
+        }
+        #expect(backward?.message.contains("no backward pass") == true, "\(backward?.message ?? "no error")")
         for (m, mention) in cases {
             var dense = DenseAttention()
             dense.modifiers = m
