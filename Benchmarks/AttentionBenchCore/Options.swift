@@ -157,6 +157,7 @@ extension BenchOptions {
         OptionSpec(name: "json", value: "FILE", help: "write the records as a JSON array"),
         OptionSpec(name: "csv", value: "FILE", help: "write the records as CSV with a header"),
         OptionSpec(name: "charts", value: "DIR", help: "write time_vs_n.svg and memory_vs_n.svg into DIR"),
+        OptionSpec(name: "mask", value: "document:K", help: "custom-mask with K equal documents (same as --variants custom-mask --documents K when no --variants)"),
         OptionSpec(name: "softcap", value: "X", help: "score soft-capping cap·tanh(s/cap) on the conformers that take modifiers"),
         OptionSpec(name: "alibi", value: nil, help: "ALiBi with the standard slopes on the conformers that take modifiers"),
         OptionSpec(name: "sinks", value: nil, help: "per-head sink logits (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
@@ -415,6 +416,13 @@ extension BenchOptions {
         }
 
         if let text = given["axes"] { options.axes = try parseGrid(text, option: "axes") }
+        if let text = given["mask"] {
+            guard text.hasPrefix("document:"), let k = Int(text.dropFirst("document:".count)), k >= 1 else {
+                throw BenchError.usage("--mask: expected document:K (K equal documents, K >= 1), got '\(text)'")
+            }
+            options.overrides[.documents] = k
+            if case .all = options.variants { options.variants = try parseVariants("custom-mask", registry: registry) }
+        }
 
         try options.check(registry: registry)
         return options

@@ -31,6 +31,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
     case radius
     case maxDistance = "max-distance"
     case compressedMemory = "compressed-memory"
+    case documents
 
     /// The command-line flag, `--window` and so on.
     public var flag: String { "--" + rawValue }
@@ -58,6 +59,7 @@ public enum Parameter: String, CaseIterable, Sendable, Hashable, Comparable {
         case .radius: return "etc: local radius r of long -> long attention"
         case .maxDistance: return "etc: relative-position clipping distance (2k + 1 seeded vectors per head)"
         case .compressedMemory: return "compressive: compressed memory slots M_c (default N)"
+        case .documents: return "custom-mask: K documents of equal length (a custom visibility predicate; --mask document:K)"
         }
     }
 
@@ -447,6 +449,14 @@ public struct Registry: Sendable {
             make: { c in
                 try ETCAttention(heads: c.shape.heads, headDim: c.shape.headDim, globals: c[.globals],
                                  radius: c[.radius], maxDistance: c[.maxDistance], seed: c.seed, causal: c.causal)
+            }),
+        VariantEntry(
+            name: "custom-mask",
+            summary: "a custom visibility predicate with a block mask (FlexAttention mask_mod): K equal documents, causal within each when --causal yes",
+            parameters: [(.documents, .value(8))],
+            make: { c in
+                CustomMaskAttention(predicate: try DocumentMask(length: (c.problem.shape.queryLength + c[.documents] - 1) / c[.documents],
+                                                                causal: c.causal))
             }),
     ])
 }
