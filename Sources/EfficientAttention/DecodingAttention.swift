@@ -4,6 +4,9 @@
 ///
 /// - ``MultiQueryAttention``: the state is a ``KVCache`` (one layer) that keeps the keys
 ///   and values; a step appends the new ones and runs the split-KV decode kernel.
+///   ``MultiQueryDecoding`` (`MultiQueryAttention(...).decoding(cache:precision:)`) does the
+///   same with any cache kind (contiguous, rotating, paged) and precision (Float32, Float16,
+///   bfloat16, Int8); its state is that ``DecodingCache``.
 /// - ``LinearAttention``: the state is its ``LinearAttention/RecurrentState``
 ///   (`S = Σ φ(k) vᵀ`, `z = Σ φ(k)`), of constant size; a step folds the new positions in.
 ///

@@ -1,5 +1,6 @@
 // The element type of a `.float16` KV cache (``KVCache/Precision``), and its conversions
-// to and from Float for the decode kernel (``CacheScalar``).
+// to and from Float for the decode kernel (``CacheScalar``). (`.bfloat16` caches store
+// ``BFloat16Bits``, ActivationView.swift; `.int8` caches `Int8`, CacheRows.swift.)
 //
 // Swift's `Float16` does not exist on Apple x86-64 (Intel Macs and Mac Catalyst on Intel:
 // the standard library marks it unavailable there), so the cache stores `HalfElement`:
@@ -153,7 +154,7 @@ extension SoftHalf: CacheScalar {
                 guard let row = source.baseAddress, let out = target.baseAddress else { return }
                 let rows = CacheRows(base: row.bindMemory(to: HalfElement.self, capacity: bits.count),
                                      batchStride: 0, headStride: 0, rowStride: bits.count)
-                HalfElement.pack(rows, b: 0, h: 0, start: 0, count: 1, width: bits.count, into: out, ld: bits.count)
+                rows.pack(b: 0, h: 0, start: 0, count: 1, width: bits.count, into: out, ld: bits.count)
             }
         }
         return values

@@ -9,24 +9,54 @@
 /// ```
 ///
 /// Storage is allocated once, up front, for the full capacity: keys
-/// `[layer][batch][kvHead][capacity][D]` and values `[layer][batch][kvHead][capacity][Dv]`,
-/// each row contiguous, in Float32 or Float16 (``Precision``). Float16 halves the memory and
-/// the bytes a decode step reads; appends round to the nearest Float16 (values beyond
-/// ±65504 become ±infinity) and the decode kernel widens to Float in registers.
+/// `[layer][batch][kvHead][capacity]` rows of `D` and values the same with `Dv`, each row
+/// contiguous, in Float32, Float16, bfloat16 or Int8 (``Precision``). 16-bit storage halves
+/// the memory and the bytes a decode step reads; appends round to nearest even and the
+/// decode kernel widens to Float in registers. Int8 stores each (position, head) row as
+/// `round(x / s)` with one Float scale `s = max|x| / 127` before it (KernelDocs/MultiQuery.md,
+/// "Cache kinds", for the error bound).
 ///
-/// Appends are all-or-nothing: a wrong shape, an unknown layer or batch item, or a
-/// position past `capacity` throws an ``AttentionError`` and leaves the cache unchanged.
+/// Appends are all-or-nothing: a wrong shape, an unknown layer or batch item, a
+/// position past `capacity` (or, for Int8, a non-finite value) throws an ``AttentionError``
+/// and leaves the cache unchanged.
+///
+/// The other kinds: ``RotatingKVCache`` (the last `W` positions in a ring buffer) and
+/// ``PagedKVCache`` (pages from a shared pool); all decode through
+/// ``MultiQueryAttention/decode(query:cache:layer:threads:)``.
 ///
 /// `KVCache` is a reference type (the storage is large and meant to be shared by the
 /// decode calls of one generation); it is not safe to mutate from several threads at once.
-public final class KVCache {
+public final class KVCache: DecodingCache {
     /// How cached keys and values are stored.
     public enum Precision: String, Sendable, CaseIterable {
         case float32
         case float16
+        /// bfloat16 (the upper half of a Float), rounded to nearest even.
+        case bfloat16
+        /// Int8 with one Float scale per (position, head) row, symmetric: `s = max|x| / 127`.
+        case int8
 
-        /// Bytes per stored element: 4 or 2.
-        public var bytesPerElement: Int { self == .float32 ? 4 : 2 }
+        /// Bytes per stored element: 4, 2, 2 or 1 (Int8 rows also carry a 4-byte scale:
+        /// ``rowBytes(width:)``).
+        public var bytesPerElement: Int {
+            switch self {
+            case .float32: 4
+            case .float16, .bfloat16: 2
+            case .int8: 1
+            }
+        }
+
+        /// Bytes of one stored row of `width` elements: `width · bytesPerElement`, plus 4
+        /// for Int8's scale.
+        public func rowBytes(width: Int) -> Int {
+            width * bytesPerElement + (self == .int8 ? 4 : 0)
+        }
+
+        /// `rowBytes(width:)`, nil when it overflows `Int`.
+        func checkedRowBytes(width: Int) -> Int? {
+            let (bytes, overflow) = width.multipliedReportingOverflow(by: bytesPerElement)
+            return overflow ? nil : bytes.addingReportingOverflow(self == .int8 ? 4 : 0).partialValue
+        }
     }
 
     public let layers: Int
@@ -42,6 +72,8 @@ public final class KVCache {
     private var lengths: [Int]
     private let keyStorage: UnsafeMutableRawPointer
     private let valueStorage: UnsafeMutableRawPointer
+    private let keyStore: RowStore
+    private let valueStore: RowStore
 
     /// An empty cache with storage for `capacity` positions per layer and batch item.
     ///
@@ -56,8 +88,9 @@ public final class KVCache {
                               ("headDim", headDim), ("valueDim", valueDim), ("capacity", capacity)] where value < 1 {
             throw AttentionError.invalidShape("KVCache \(name) must be at least 1, got \(value)")
         }
-        guard let keyBytes = checkedProduct([layers, batch, kvHeads, capacity, headDim, precision.bytesPerElement]),
-              let valueBytes = checkedProduct([layers, batch, kvHeads, capacity, valueDim, precision.bytesPerElement]),
+        guard let keyRow = precision.checkedRowBytes(width: headDim), let valueRow = precision.checkedRowBytes(width: valueDim),
+              let keyBytes = checkedProduct([layers, batch, kvHeads, capacity, keyRow]),
+              let valueBytes = checkedProduct([layers, batch, kvHeads, capacity, valueRow]),
               keyBytes.addingReportingOverflow(valueBytes).overflow == false else {
             throw AttentionError.sizeOverflow(
                 "KVCache of \(layers) layers x \(batch) x \(kvHeads) heads x \(capacity) positions x (\(headDim) + \(valueDim)) overflows Int bytes")
@@ -77,6 +110,8 @@ public final class KVCache {
         self.lengths = [Int](repeating: 0, count: layers * batch)
         keyStorage = KVCache.allocateStorage(keyBytes)
         valueStorage = KVCache.allocateStorage(valueBytes)
+        keyStore = RowStore(base: keyStorage, width: headDim, precision: precision)
+        valueStore = RowStore(base: valueStorage, width: valueDim, precision: precision)
     }
 
     /// Storage of `bytes` bytes. Large stores are aligned to 2 MiB and, on Linux, marked
@@ -96,15 +131,16 @@ public final class KVCache {
     }
 
     /// Bytes of key and value storage, exactly as allocated:
-    /// `layers · batch · Hkv · capacity · (D + Dv) · bytesPerElement`.
+    /// `layers · batch · Hkv · capacity · (rowBytes(D) + rowBytes(Dv))`
+    /// (``Precision/rowBytes(width:)``: `(D + Dv) · bytesPerElement`, plus 8 for Int8's scales).
     public var memoryBytes: Int {
-        layers * batch * kvHeads * capacity * (headDim + valueDim) * precision.bytesPerElement
+        layers * batch * kvHeads * capacity * (keyStore.rowBytes + valueStore.rowBytes)
     }
 
     /// Bytes of the positions filled so far, over every layer and batch item
-    /// (what decode calls on every layer read): `Σ length · Hkv · (D + Dv) · bytesPerElement`.
+    /// (what decode calls on every layer read): `Σ length · Hkv · (rowBytes(D) + rowBytes(Dv))`.
     public var usedBytes: Int {
-        lengths.reduce(0, +) * kvHeads * (headDim + valueDim) * precision.bytesPerElement
+        lengths.reduce(0, +) * kvHeads * (keyStore.rowBytes + valueStore.rowBytes)
     }
 
     /// Positions filled in `layer` for batch item `batchItem`.
@@ -121,7 +157,7 @@ public final class KVCache {
     /// - Complexity: O(B · Hkv · n · (D + Dv)); vectorised conversion for Float16.
     public func append(layer: Int, keys: Tensor, values: Tensor) throws {
         try checkLayer(layer)
-        try checkAppendShapes(keys: keys, values: values, batchItems: batch)
+        try checkAppend(keys: keys, values: values, batchItems: batch)
         let n = keys.shape[2]
         for b in 0..<batch { try checkRoom(layer: layer, batchItem: b, adding: n) }
         for b in 0..<batch { write(layer: layer, batchItem: b, keys: keys, values: values, from: b) }
@@ -134,7 +170,7 @@ public final class KVCache {
     public func append(layer: Int, batchItem: Int, keys: Tensor, values: Tensor) throws {
         try checkLayer(layer)
         try checkBatchItem(batchItem)
-        try checkAppendShapes(keys: keys, values: values, batchItems: 1)
+        try checkAppend(keys: keys, values: values, batchItems: 1)
         try checkRoom(layer: layer, batchItem: batchItem, adding: keys.shape[2])
         write(layer: layer, batchItem: batchItem, keys: keys, values: values, from: 0)
     }
@@ -166,14 +202,16 @@ public final class KVCache {
     }
 
     /// The cached keys of `layer`, `batchItem` as Float, `[1, Hkv, length, D]` (a copy;
-    /// a Float16 cache gives the rounded values the decode kernel reads).
+    /// a 16-bit or Int8 cache gives the rounded or dequantised values the decode kernel reads).
     public func keys(layer: Int = 0, batchItem: Int = 0) throws -> Tensor {
-        try read(layer: layer, batchItem: batchItem, storage: keyStorage, width: headDim)
+        let n = try length(layer: layer, batchItem: batchItem)
+        return try readRows(keyStore, heads: kvHeads, count: n) { h, j in rowIndex(layer, batchItem, h, j) }
     }
 
     /// The cached values of `layer`, `batchItem` as Float, `[1, Hkv, length, Dv]` (a copy).
     public func values(layer: Int = 0, batchItem: Int = 0) throws -> Tensor {
-        try read(layer: layer, batchItem: batchItem, storage: valueStorage, width: valueDim)
+        let n = try length(layer: layer, batchItem: batchItem)
+        return try readRows(valueStore, heads: kvHeads, count: n) { h, j in rowIndex(layer, batchItem, h, j) }
     }
 
     // MARK: Kernel access
@@ -186,15 +224,19 @@ public final class KVCache {
     /// Rows of `layer` for the decode kernel, typed by the storage precision.
     func rows<Element: CacheScalar>(layer: Int, as _: Element.Type) -> (keys: CacheRows<Element>, values: CacheRows<Element>) {
         precondition(MemoryLayout<Element>.size == precision.bytesPerElement, "cache element type mismatch")
-        func rows(_ storage: UnsafeMutableRawPointer, width: Int) -> CacheRows<Element> {
-            let headStride = capacity * width
-            let base = storage.assumingMemoryBound(to: Element.self) + layer * batch * kvHeads * headStride
-            return CacheRows(base: base, batchStride: kvHeads * headStride, headStride: headStride, rowStride: width)
+        func rows(_ store: RowStore) -> CacheRows<Element> {
+            let rowStride = store.rowBytes / MemoryLayout<Element>.size, headStride = capacity * rowStride
+            let base = store.elements(rowIndex(layer, 0, 0, 0)).assumingMemoryBound(to: Element.self)
+            return CacheRows(base: base, batchStride: kvHeads * headStride, headStride: headStride, rowStride: rowStride)
         }
-        return (rows(keyStorage, width: headDim), rows(valueStorage, width: valueDim))
+        return (rows(keyStore), rows(valueStore))
     }
 
     // MARK: Private
+
+    private func rowIndex(_ layer: Int, _ b: Int, _ h: Int, _ j: Int) -> Int {
+        ((layer * batch + b) * kvHeads + h) * capacity + j
+    }
 
     private func checkLayer(_ layer: Int) throws {
         guard layer >= 0, layer < layers else {
@@ -208,27 +250,12 @@ public final class KVCache {
         }
     }
 
-    private func checkAppendShapes(keys: Tensor, values: Tensor, batchItems: Int) throws {
-        let k = keys.shape, v = values.shape
-        guard k[0] == batchItems, v[0] == batchItems else {
-            throw AttentionError.shapeMismatch(
-                "append: batch (dimension 0) of keys \(k[0]) and values \(v[0]) must be \(batchItems)")
-        }
-        guard k[1] == kvHeads, v[1] == kvHeads else {
-            throw AttentionError.shapeMismatch(
-                "append: kvHeads (dimension 1) of keys \(k[1]) and values \(v[1]) must be the cache's \(kvHeads)")
-        }
-        guard k[2] == v[2] else {
-            throw AttentionError.shapeMismatch(
-                "append: positions (dimension 2) differ: keys \(k[2]), values \(v[2])")
-        }
-        guard k[3] == headDim else {
-            throw AttentionError.shapeMismatch(
-                "append: headDim (dimension 3) of keys is \(k[3]), the cache's is \(headDim)")
-        }
-        guard v[3] == valueDim else {
-            throw AttentionError.shapeMismatch(
-                "append: valueDim (dimension 3) of values is \(v[3]), the cache's is \(valueDim)")
+    private func checkAppend(keys: Tensor, values: Tensor, batchItems: Int) throws {
+        try checkCacheAppendShapes(keys: keys, values: values, batchItems: batchItems, kvHeads: kvHeads,
+                                   headDim: headDim, valueDim: valueDim)
+        if precision == .int8 {
+            try checkFiniteForInt8(keys, "keys")
+            try checkFiniteForInt8(values, "values")
         }
     }
 
@@ -241,88 +268,27 @@ public final class KVCache {
     }
 
     private func write(layer: Int, batchItem b: Int, keys: Tensor, values: Tensor, from source: Int) {
-        let n = keys.shape[2], start = lengths[layer * batch + b]
-        guard n > 0 else { return }   // an empty tensor has no storage to view
-        func copy(_ tensor: Tensor, into storage: UnsafeMutableRawPointer, width: Int) {
-            tensor.withView { view in
-                for h in 0..<kvHeads {
-                    let first = (((layer * batch + b) * kvHeads + h) * capacity + start) * width
-                    for j in 0..<n {
-                        let row = view.row(source, h, j), sd = view.strides[3]
-                        switch precision {
-                        case .float32:
-                            let out = storage.assumingMemoryBound(to: Float.self) + first + j * width
-                            if sd == 1 {
-                                out.update(from: row, count: width)
-                            } else {
-                                for c in 0..<width { out[c] = row[c * sd] }
-                            }
-                        case .float16:
-                            let out = storage.assumingMemoryBound(to: HalfElement.self) + first + j * width
-                            HalfElement.narrow(row, stride: sd, into: out, count: width)
-                        }
-                    }
-                }
-            }
-        }
-        copy(keys, into: keyStorage, width: headDim)
-        copy(values, into: valueStorage, width: valueDim)
-        lengths[layer * batch + b] = start + n
-    }
-
-    private func read(layer: Int, batchItem b: Int, storage: UnsafeMutableRawPointer, width: Int) throws -> Tensor {
-        let n = try length(layer: layer, batchItem: b)
-        var data = [Float](repeating: 0, count: kvHeads * n * width)
-        for h in 0..<kvHeads {
-            let first = (((layer * batch + b) * kvHeads + h) * capacity) * width
-            for i in 0..<(n * width) {
-                switch precision {
-                case .float32: data[h * n * width + i] = storage.assumingMemoryBound(to: Float.self)[first + i]
-                case .float16: data[h * n * width + i] = HalfElement.widen(storage.assumingMemoryBound(to: HalfElement.self)[first + i])
-                }
-            }
-        }
-        return try Tensor(shape: [1, kvHeads, n, width], data: data)
+        let start = lengths[layer * batch + b]
+        writeRows(keys, item: source, heads: kvHeads, into: keyStore) { h, j in rowIndex(layer, b, h, start + j) }
+        writeRows(values, item: source, heads: kvHeads, into: valueStore) { h, j in rowIndex(layer, b, h, start + j) }
+        lengths[layer * batch + b] = start + keys.shape[2]
     }
 }
 
-/// Element types the decode kernel reads from a cache: Float, or Float16 widened to Float
-/// in registers (one `vcvtph2ps` per 16 lanes on x86-64 with F16C).
+/// Element types the decode kernel reads from a cache: Float, Float16 or bfloat16 widened
+/// to Float in registers (one `vcvtph2ps` per 16 lanes on x86-64 with F16C; a shift for
+/// bfloat16), or Int8 widened and scaled by its row's scale (``KVRows/rowScale(_:_:_:)``).
 protocol CacheScalar {
     /// 16 consecutive elements as Float.
     static func wide16(_ p: UnsafePointer<Self>) -> Vec16
     /// One element as Float.
     static func widen(_ x: Self) -> Float
+    /// Whether rows carry a scale their widened elements are multiplied by (Int8).
+    static var quantized: Bool { get }
 }
 
 extension CacheScalar {
-    /// `out[r · ld + c] = Float(row(start + r)[c])` for `r < count`, `c < width`.
-    @inline(__always)
-    static func pack(_ rows: CacheRows<Self>, b: Int, h: Int, start: Int, count: Int, width: Int,
-                     into out: UnsafeMutablePointer<Float>, ld: Int) {
-        for r in 0..<count {
-            let source = rows.row(b, h, start + r), target = out + r * ld
-            var c = 0
-            while c + 16 <= width {
-                store16(wide16(source + c), target + c)
-                c += 16
-            }
-            while c < width { target[c] = widen(source[c]); c += 1 }
-        }
-    }
-
-    /// Rows `start ..< start + count` as Float rows `base[r · rowStride + c]`: in place for
-    /// a Float cache, widened into `scratch` (`count · width` floats) otherwise.
-    @inline(__always)
-    static func floatRows(_ rows: CacheRows<Self>, b: Int, h: Int, start: Int, count: Int, width: Int,
-                          scratch: UnsafeMutablePointer<Float>) -> (base: UnsafePointer<Float>, rowStride: Int) {
-        if Self.self == Float.self {
-            let base = UnsafeRawPointer(rows.row(b, h, start)).assumingMemoryBound(to: Float.self)
-            return (base, rows.rowStride)
-        }
-        pack(rows, b: b, h: h, start: start, count: count, width: width, into: scratch, ld: width)
-        return (UnsafePointer(scratch), width)
-    }
+    static var quantized: Bool { false }
 }
 
 extension Float: CacheScalar {
@@ -332,27 +298,66 @@ extension Float: CacheScalar {
     @inline(__always) static func widen(_ x: Float) -> Float { x }
 }
 
-/// Rows of a cached key or value store: element `[b, h, j, c]` at
-/// `base[b · batchStride + h · headStride + j · rowStride + c]` (rows contiguous).
-struct CacheRows<Element: CacheScalar>: @unchecked Sendable {
-    let base: UnsafePointer<Element>
-    let batchStride: Int
-    let headStride: Int
-    let rowStride: Int
-
-    init(base: UnsafePointer<Element>, batchStride: Int, headStride: Int, rowStride: Int) {
-        self.base = base
-        self.batchStride = batchStride
-        self.headStride = headStride
-        self.rowStride = rowStride
+/// Checks the shapes of an append of keys `[items, Hkv, n, D]` and values `[items, Hkv, n, Dv]`.
+func checkCacheAppendShapes(keys: Tensor, values: Tensor, batchItems: Int, kvHeads: Int, headDim: Int,
+                            valueDim: Int) throws {
+    let k = keys.shape, v = values.shape
+    guard k[0] == batchItems, v[0] == batchItems else {
+        throw AttentionError.shapeMismatch(
+            "append: batch (dimension 0) of keys \(k[0]) and values \(v[0]) must be \(batchItems)")
     }
-
-    init(base: UnsafeMutablePointer<Element>, batchStride: Int, headStride: Int, rowStride: Int) {
-        self.init(base: UnsafePointer(base), batchStride: batchStride, headStride: headStride, rowStride: rowStride)
+    guard k[1] == kvHeads, v[1] == kvHeads else {
+        throw AttentionError.shapeMismatch(
+            "append: kvHeads (dimension 1) of keys \(k[1]) and values \(v[1]) must be the cache's \(kvHeads)")
     }
-
-    @inline(__always)
-    func row(_ b: Int, _ h: Int, _ j: Int) -> UnsafePointer<Element> {
-        base + b * batchStride + h * headStride + j * rowStride
+    guard k[2] == v[2] else {
+        throw AttentionError.shapeMismatch(
+            "append: positions (dimension 2) differ: keys \(k[2]), values \(v[2])")
     }
+    guard k[3] == headDim else {
+        throw AttentionError.shapeMismatch(
+            "append: headDim (dimension 3) of keys is \(k[3]), the cache's is \(headDim)")
+    }
+    guard v[3] == valueDim else {
+        throw AttentionError.shapeMismatch(
+            "append: valueDim (dimension 3) of values is \(v[3]), the cache's is \(valueDim)")
+    }
+}
+
+/// Checks the sizes shared by every cache kind (each at least 1; `headDim`, `valueDim`
+/// at most ``lengthLimit``), naming the option.
+func checkCacheSizes(_ kind: String, _ sizes: KeyValuePairs<String, Int>) throws {
+    for (name, value) in sizes {
+        guard value >= 1 else {
+            throw AttentionError.invalidShape("\(kind) \(name) must be at least 1, got \(value)")
+        }
+        guard value <= lengthLimit else {
+            throw AttentionError.invalidParameter("\(kind) \(name) must be at most \(lengthLimit), got \(value)")
+        }
+    }
+}
+
+/// Writes positions `skip + j`, `j < n − skip`, of item `source`, head `h` of `tensor`
+/// `[items, Hkv, n, width]` as rows `index(h, j)` of `store`. Appends check the shapes (and,
+/// for Int8, finiteness) first.
+func writeRows(_ tensor: Tensor, item source: Int, heads: Int, skip: Int = 0, into store: RowStore,
+               index: (_ h: Int, _ j: Int) -> Int) {
+    let n = tensor.shape[2]
+    guard n > skip else { return }   // (an empty tensor has no storage to view)
+    tensor.withView { view in
+        for h in 0..<heads {
+            for j in 0..<(n - skip) { store.write(index(h, j), from: view.row(source, h, skip + j), stride: view.strides[3]) }
+        }
+    }
+}
+
+/// Reads rows `index(h, j)`, `j < n`, of `store` as a Float tensor `[1, Hkv, n, width]`.
+func readRows(_ store: RowStore, heads: Int, count n: Int, index: (_ h: Int, _ j: Int) -> Int) throws -> Tensor {
+    var data = [Float](repeating: 0, count: heads * n * store.width)
+    data.withUnsafeMutableBufferPointer { out in
+        for h in 0..<heads {
+            for j in 0..<n { store.read(index(h, j), into: out.baseAddress! + (h * n + j) * store.width) }
+        }
+    }
+    return try Tensor(shape: [1, heads, n, store.width], data: data)
 }

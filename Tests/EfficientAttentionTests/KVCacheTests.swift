@@ -1,7 +1,7 @@
 // KVCache: exact memory, appends (one and many positions, per batch item), Float16
 // rounding, truncation and reset, and failed appends that leave the cache unchanged.
 
-import EfficientAttention
+@_spi(Testing) import EfficientAttention
 import Foundation
 import Testing
 
@@ -23,7 +23,8 @@ import Testing
         #expect(f32.usedBytes == 2 * 7 * 4 * 96 * 4)
     }
 
-    @Test("appends keep every position; Float16 stores the rounded values", arguments: KVCache.Precision.allCases)
+    @Test("appends keep every position; Float16 and bfloat16 store the rounded values",
+          arguments: [KVCache.Precision.float32, .float16, .bfloat16])
     func appendsAndReadBack(precision: KVCache.Precision) throws {
         let cache = try KVCache(layers: 2, batch: 2, kvHeads: 3, headDim: 17, valueDim: 5, capacity: 40, precision: precision)
         let k = try randomTensor([2, 3, 10, 17], seed: 1, in: -100...100), v = try randomTensor([2, 3, 10, 5], seed: 2)
@@ -36,7 +37,13 @@ import Testing
         let stored = try cache.keys(layer: 1, batchItem: 1)
         let storedValues = try cache.values(layer: 1, batchItem: 1)
         #expect(stored.shape == [1, 3, 11, 17] && storedValues.shape == [1, 3, 11, 5])
-        func expected(_ x: Float) -> Float { precision == .float32 ? x : halfRounded(x) }
+        func expected(_ x: Float) -> Float {
+            switch precision {
+            case .float32: x
+            case .float16: halfRounded(x)
+            default: Float(bitPattern: UInt32(BFloat16Conversions.bits(x)) << 16)   // Int8: CacheKindsTests
+            }
+        }
         var mismatches = 0
         for h in 0..<3 {
             for j in 0..<10 { for c in 0..<17 where stored[0, h, j, c] != expected(k[1, h, j, c]) { mismatches += 1 } }

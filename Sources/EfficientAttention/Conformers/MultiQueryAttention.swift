@@ -135,8 +135,24 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         let threads = try threadCount(threads)
         try validate(shape)
         try checkDecodeWorkspace(shape, precision: precision)
-        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(shape: shape, split: decodeChunkLength, threads: threads,
-                                                                          halfPrecision: precision == .float16))
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(
+            shape: shape, split: decodeChunkLength, threads: threads, elementBytes: precision.bytesPerElement,
+            keyScratch: precision != .float32))
+    }
+
+    /// The cost of a decode against a cache of `kind` (``MultiQueryDecoding/CacheKind``) in
+    /// `precision`: as ``decodeCost(_:precision:threads:)``, whose workspace is the contiguous
+    /// cache's; rotating and paged caches (and 16-bit or Int8 ones) also copy key tiles on the
+    /// micro-kernel path.
+    public func decodeCost(_ shape: AttentionShape, precision: KVCache.Precision,
+                           cacheKind kind: MultiQueryDecoding.CacheKind, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        try validate(shape)
+        try MultiQueryDecoding(self, cacheKind: kind, precision: precision).validate(shape)
+        try checkDecodeWorkspace(shape, precision: precision)
+        return cost(shape, workspaceBytes: DecodeAttention.workspaceBytes(
+            shape: shape, split: decodeChunkLength, threads: threads, elementBytes: precision.bytesPerElement,
+            keyScratch: precision != .float32 || kind != .contiguous))
     }
 
     /// Throws unless a decode's workspace fits one allocation: the partial rows of the
@@ -148,7 +164,7 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
                                   (shape.keyLength + chunk - 1) / chunk],
                                  option: "decode partial rows of ⌈cache length / decodeChunkLength⌉ chunks (decodeChunkLength \(chunk))")
         try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: chunk, threads: maxThreadCount,
-                                                                  halfPrecision: precision == .float16),
+                                                                  elementBytes: precision.bytesPerElement, keyScratch: true),
                             option: "decode workspace (decodeChunkLength \(chunk))")
     }
 
@@ -165,11 +181,32 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
     ///   Workspace: `O(H/Hkv · n · (D + Dv))` per thread plus the partial rows of the
     ///   `⌈L / decodeChunkLength⌉` chunks.
     public func decode(query: Tensor, cache: KVCache, layer: Int = 0, threads: Int? = nil) throws -> AttentionResult {
+        try decodeAny(query: query, cache: cache, layer: layer, threads: threads)
+    }
+
+    /// Attention of `query` `[B, H, n, D]` against the positions any cache kind holds in
+    /// `layer` (``DecodingCache``: contiguous, rotating, a paged batch; any precision): for
+    /// batch item `b` holding `L_b` positions, the same as a contiguous cache holding those
+    /// positions, bitwise (one kernel reads every layout in place; ``decode(query:cache:layer:threads:)``).
+    /// A ``RotatingKVCache`` holds at most its window: keys older than that are gone, so
+    /// decoding with a window wider than the cache's sees only the held ones.
+    ///
+    /// - Complexity: as ``decode(query:cache:layer:threads:)``; a paged batch also builds
+    ///   its page tables (`B · ⌈L / P⌉` entries) per call.
+    public func decode(query: Tensor, cache: some DecodingCache, layer: Int = 0,
+                       threads: Int? = nil) throws -> AttentionResult {
+        try decodeAny(query: query, cache: cache, layer: layer, threads: threads)
+    }
+
+    func decodeAny(query: Tensor, cache: any DecodingCache, layer: Int, threads: Int?) throws -> AttentionResult {
         guard modifiers.isEmpty else {
             throw AttentionError.unsupported(
                 "multi-query decode: modifiers (soft-capping, ALiBi, bias, sinks) apply to attend; decoding against a KVCache does not take them yet")
         }
-        _ = try cache.length(layer: layer)
+        guard let cache = cache as? any DecodableCache else {
+            throw AttentionError.unsupported("decode: \(type(of: cache)) is not one of the library's caches")
+        }
+        let lengths = try cache.heldLengths(layer: layer)
         let qs = query.shape
         guard qs[0] == cache.batch else {
             throw AttentionError.shapeMismatch("decode: query batch (dimension 0) is \(qs[0]), the cache's is \(cache.batch)")
@@ -177,7 +214,6 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         guard qs[3] == cache.headDim else {
             throw AttentionError.shapeMismatch("decode: query headDim (dimension 3) is \(qs[3]), the cache's is \(cache.headDim)")
         }
-        let lengths = cache.lengths(layer: layer)
         let shape = AttentionShape(batch: qs[0], heads: qs[1], kvHeads: cache.kvHeads, queryLength: qs[2],
                                    keyLength: max(1, lengths.max() ?? 1), headDim: qs[3], valueDim: cache.valueDim)
         try validate(shape)
@@ -188,17 +224,10 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
-        func run<E: CacheScalar>(_ type: E.Type) {
-            let rows = cache.rows(layer: layer, as: type)
-            query.withView { q in output.withMutableView { o in lse.withMutableView { l in
-                DecodeAttention.run(shape: shape, scale: scale, threads: workers, split: chunk,
-                                    q: q, keys: rows.keys, values: rows.values, o: o, lse: l) { masks[$0] }
-            } } }
-        }
-        switch cache.precision {
-        case .float32: run(Float.self)
-        case .float16: run(HalfElement.self)
-        }
+        query.withView { q in output.withMutableView { o in lse.withMutableView { l in
+            cache.visitRows(layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
+                                                    q: q, o: o, lse: l, masks: masks))
+        } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 

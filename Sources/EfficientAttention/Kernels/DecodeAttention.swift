@@ -81,14 +81,21 @@ enum DecodeAttention {
     /// Bytes of workspace ``run(shape:scale:threads:split:q:keys:values:o:lse:mask:)``
     /// allocates: one workspace per worker plus the partial results of every chunk.
     static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, halfPrecision: Bool = false) -> Int {
+        workspaceBytes(shape: shape, split: split, threads: threads, elementBytes: halfPrecision ? 2 : 4,
+                       keyScratch: halfPrecision)
+    }
+
+    /// The workspace of a decode over cache rows of `elementBytes`-byte elements; `keyScratch`:
+    /// the micro-kernel path copies key tiles (anything but contiguous Float rows, ``KVRows/needsKeyScratch``).
+    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, elementBytes: Int, keyScratch: Bool) -> Int {
         let plan = Plan(shape, split: split)
         let perWorker: Int
         if plan.grouped {
             let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: shape.valueDim)
             perWorker = GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: shape.valueDim,
-                                                   keyTile: tiling.keyTile, halfPrecision: halfPrecision)
+                                                   keyTile: tiling.keyTile, halfPrecision: keyScratch)
         } else {
-            let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim, elementBytes: halfPrecision ? 2 : 4)
+            let tile = keyTile(headDim: shape.headDim, valueDim: shape.valueDim, elementBytes: elementBytes)
             perWorker = Workspace.byteCount(rows: plan.rows, d: shape.headDim, dv: shape.valueDim, tile: tile)
         }
         let partials = WorkspaceCarver.bytes {
@@ -100,9 +107,9 @@ enum DecodeAttention {
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
     /// the longest cache length. `mask(b)` gives batch item `b`'s visibility; its `keyEnd`
     /// is that item's cache length.
-    static func run<E: CacheScalar>(
+    static func run<R: KVRows>(
         shape: AttentionShape, scale: Float, threads: Int, split: Int,
-        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        q: TensorView, keys: R, values: R,
         o: MutableTensorView, lse: MutableTensorView,
         mask: (_ batch: Int) -> IntervalMask
     ) {
@@ -113,11 +120,11 @@ enum DecodeAttention {
         let chunkFloats = rows * (dv + 1)
         let partialCount = shape.batch * shape.kvHeads * chunkCount * chunkFloats
         let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
-        let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<E>.size)
+        let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<R.Element>.size)
         // The chunks' partial results (shared), then one workspace per worker.
         let sliceBytes = plan.grouped
             ? GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
-                                         halfPrecision: E.self != Float.self)
+                                         halfPrecision: R.needsKeyScratch)
             : Workspace.byteCount(rows: rows, d: shape.headDim, dv: dv, tile: tile)
         WorkspaceArena.with(sharedBytes: WorkspaceCarver.bytes { _ = $0.take(partialCount, of: Float.self) },
                             sliceBytes: sliceBytes, slices: workers, zeroed: true) { arena in
@@ -145,7 +152,7 @@ enum DecodeAttention {
             forEachItem { b, hk, rowStart, rowCount, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
                 let space = GroupedWorkspace(carving: &carver, rows: plan.rowTile, d: shape.headDim, dv: dv,
-                                             keyTile: tiling.keyTile, halfPrecision: E.self != Float.self)
+                                             keyTile: tiling.keyTile, halfPrecision: R.needsKeyScratch)
                 attendChunkGrouped(shape: shape, scale: scale, space: space, b: b, hk: hk,
                                    rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
                                    mask: itemMask, q: q, keys: keys, values: values, partial: partial, rows: rows)
@@ -180,10 +187,10 @@ enum DecodeAttention {
     /// the online softmax of ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``.
     /// Float keys are read in place; Float16 key and value tiles are widened into the
     /// workspace first. Writes rows `rowStart...` of the chunk's partial result.
-    static func attendChunkGrouped<E: CacheScalar>(
+    static func attendChunkGrouped<R: KVRows>(
         shape: AttentionShape, scale: Float, space: GroupedWorkspace, b: Int, hk: Int,
         rowStart: Int, rowCount: Int, keyStart: Int, keyEnd: Int, mask: IntervalMask,
-        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        q: TensorView, keys: R, values: R,
         partial: UnsafeMutablePointer<Float>, rows: Int
     ) {
         let g = shape.groupSize, n = shape.queryLength, d = shape.headDim, dv = shape.valueDim
@@ -221,9 +228,10 @@ enum DecodeAttention {
         var tileStart = first
         while tileStart <= last {
             let count = min(tiled.keyTile, last - tileStart + 1)
-            // Keys: in place (Float) or widened into the workspace (Float16).
-            let keyTile = E.floatRows(keys, b: b, h: hk, start: tileStart, count: count, width: d, scratch: space.keys)
-            E.pack(values, b: b, h: hk, start: tileStart, count: count, width: dv, into: tiled.vPack, ld: dvPad)
+            // Keys: in place (contiguous Float rows) or widened, dequantised or gathered into
+            // the workspace (the same values, so the same bits).
+            let keyTile = keys.floatRows(b: b, h: hk, start: tileStart, count: count, width: d, scratch: space.keys)
+            values.pack(b: b, h: hk, start: tileStart, count: count, width: dv, into: tiled.vPack, ld: dvPad)
             for block in 0..<((count + mr - 1) / mr) {
                 let operand = BroadcastOperand(base: keyTile.base + block * mr * keyTile.rowStride,
                                                rowStride: keyTile.rowStride, depthStride: 1,
@@ -316,10 +324,10 @@ enum DecodeAttention {
     /// One work item: every query row of key/value head `hk` of batch item `b` against the
     /// keys `keyStart..<keyEnd`. Writes the partial rows (`rows · Dv` outputs, then `rows`
     /// log-sum-exps) to `partial`.
-    static func attendChunk<E: CacheScalar>(
+    static func attendChunk<R: KVRows>(
         shape: AttentionShape, scale: Float, space: Workspace, b: Int, hk: Int,
         keyStart: Int, keyEnd: Int, mask: IntervalMask,
-        q: TensorView, keys: CacheRows<E>, values: CacheRows<E>,
+        q: TensorView, keys: R, values: R,
         partial: UnsafeMutablePointer<Float>
     ) {
         let g = shape.groupSize, n = shape.queryLength, rows = g * n
@@ -396,16 +404,29 @@ enum DecodeAttention {
     /// independent loads the core issues at once, bringing the lines towards L1 before
     /// the arithmetic that needs them (Swift has no prefetch instruction).
     @inline(__always)
-    static func touchLines<E: CacheScalar>(_ rows: CacheRows<E>, b: Int, hk: Int, start: Int, count: Int) -> UInt32 {
-        let bytes = count * rows.rowStride * MemoryLayout<E>.stride
-        let base = UnsafeRawPointer(rows.row(b, hk, start))
+    static func touchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int) -> UInt32 {
+        var touched: UInt32 = 0, j = start
+        while j < start + count {
+            let n = min(start + count - j, rows.run(b, hk, from: j))
+            // A run's bytes from its first row's start (before an Int8 row's scale).
+            let prefix = R.Element.quantized ? 4 : 0
+            touched |= touchLines(UnsafeRawPointer(rows.row(b, hk, j)) - prefix,
+                                  bytes: n * rows.rowStride * MemoryLayout<R.Element>.stride)
+            j += n
+        }
+        return touched
+    }
+
+    /// One 4-byte load per 64-byte line of `bytes` bytes from `base`, OR-ed together.
+    @inline(__always)
+    static func touchLines(_ base: UnsafeRawPointer, bytes: Int) -> UInt32 {
         var a: UInt32 = 0, c: UInt32 = 0
         var offset = 0
         // Both 4-byte loads inside the rows: `offset + 64 + 4 ≤ bytes` (rows of Float16
         // need not be a multiple of 4 bytes long).
         while offset &+ 68 <= bytes {
-            a |= base.load(fromByteOffset: offset, as: UInt32.self)
-            c |= base.load(fromByteOffset: offset + 64, as: UInt32.self)
+            a |= base.loadUnaligned(fromByteOffset: offset, as: UInt32.self)
+            c |= base.loadUnaligned(fromByteOffset: offset + 64, as: UInt32.self)
             offset += 128
         }
         return a | c
@@ -413,8 +434,9 @@ enum DecodeAttention {
 
     /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time.
     @inline(__always)
-    static func scores<E: CacheScalar>(q: UnsafePointer<Float>, d: Int, keys: CacheRows<E>, b: Int, hk: Int,
-                                       from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
+    static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
+                                  from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
+        typealias E = R.Element
         var j = a
         while j + 3 <= e {
             let k0 = keys.row(b, hk, j), k1 = keys.row(b, hk, j + 1)
@@ -435,6 +457,10 @@ enum DecodeAttention {
                 s2 += q[c] * E.widen(k2[c]); s3 += q[c] * E.widen(k3[c])
                 c += 1
             }
+            if E.quantized {   // s_j · (q · k̃_j): the row's scale folded into its score
+                s0 *= keys.rowScale(b, hk, j); s1 *= keys.rowScale(b, hk, j + 1)
+                s2 *= keys.rowScale(b, hk, j + 2); s3 *= keys.rowScale(b, hk, j + 3)
+            }
             s[j] = s0; s[j + 1] = s1; s[j + 2] = s2; s[j + 3] = s3
             j += 4
         }
@@ -448,6 +474,7 @@ enum DecodeAttention {
             }
             var s0 = horizontalSum(a0)
             while c < d { s0 += q[c] * E.widen(k0[c]); c += 1 }
+            if E.quantized { s0 *= keys.rowScale(b, hk, j) }
             s[j] = s0
             j += 1
         }
@@ -455,15 +482,19 @@ enum DecodeAttention {
 
     /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`.
     @inline(__always)
-    static func accumulate<E: CacheScalar>(probabilities p: UnsafePointer<Float>, values: CacheRows<E>,
-                                           b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
-                                           into acc: UnsafeMutablePointer<Float>) {
+    static func accumulate<R: KVRows>(probabilities p: UnsafePointer<Float>, values: R,
+                                      b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
+                                      into acc: UnsafeMutablePointer<Float>) {
+        typealias E = R.Element
+        // The weight of row j: p_j, times the row's scale for Int8 (Σ p_j s_j ṽ_j).
+        @inline(__always) func weight(_ j: Int) -> Float { E.quantized ? p[j] * values.rowScale(b, hk, j) : p[j] }
         var j = a
         while j + 3 <= e {
             let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
             let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
-            let p0 = Vec16(repeating: p[j]), p1 = Vec16(repeating: p[j + 1])
-            let p2 = Vec16(repeating: p[j + 2]), p3 = Vec16(repeating: p[j + 3])
+            let w0 = weight(j), w1 = weight(j + 1), w2 = weight(j + 2), w3 = weight(j + 3)
+            let p0 = Vec16(repeating: w0), p1 = Vec16(repeating: w1)
+            let p2 = Vec16(repeating: w2), p3 = Vec16(repeating: w3)
             var c = 0
             while c + 16 <= dv {
                 var x = load16(acc + c)
@@ -475,14 +506,14 @@ enum DecodeAttention {
                 c += 16
             }
             while c < dv {
-                acc[c] += p[j] * E.widen(v0[c]) + p[j + 1] * E.widen(v1[c])
-                    + p[j + 2] * E.widen(v2[c]) + p[j + 3] * E.widen(v3[c])
+                acc[c] += w0 * E.widen(v0[c]) + w1 * E.widen(v1[c])
+                    + w2 * E.widen(v2[c]) + w3 * E.widen(v3[c])
                 c += 1
             }
             j += 4
         }
         while j <= e {
-            let v0 = values.row(b, hk, j), p0 = Vec16(repeating: p[j])
+            let v0 = values.row(b, hk, j), w0 = weight(j), p0 = Vec16(repeating: w0)
             var c = 0
             while c + 16 <= dv {
                 var x = load16(acc + c)
@@ -490,7 +521,7 @@ enum DecodeAttention {
                 store16(x, acc + c)
                 c += 16
             }
-            while c < dv { acc[c] += p[j] * E.widen(v0[c]); c += 1 }
+            while c < dv { acc[c] += w0 * E.widen(v0[c]); c += 1 }
             j += 1
         }
     }
