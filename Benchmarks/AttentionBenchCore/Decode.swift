@@ -7,12 +7,23 @@ import EfficientAttention
 // carries the GB/s of cache read (`gbPerSecond`) and the machine's measured streaming
 // read bandwidth (`peakGBPerSecond`).
 
+/// The cache layouts decode mode measures (`--cache-kind`).
+public enum DecodeCacheKind: String, Sendable, CaseIterable {
+    /// ``KVCache``.
+    case contiguous
+    /// ``RotatingKVCache`` with a window of the whole cache length (it holds every position).
+    case rotating
+    /// ``PagedKVCache`` with pages of ``DecodePlan/pageSize`` positions, one sequence per batch item.
+    case paged
+}
+
 /// One decode problem and thread count for one conformer.
 public struct DecodeJob: Sendable {
     public var entry: VariantEntry
     /// `queryLength` = new positions per step, `keyLength` = cache length.
     public var problem: BenchProblem
     public var precision: KVCache.Precision
+    public var kind: DecodeCacheKind = .contiguous
     public var threads: Int
     public var conformer: any IncrementalAttention
     public var cost: AttentionCost
@@ -24,10 +35,13 @@ public struct DecodePlan: Sendable {
     public var jobs: [DecodeJob]
     public var notes: [SweepNote]
 
-    /// Bytes of the cache a decode problem needs (all positions filled).
+    /// Bytes of the cache a decode problem needs (all positions filled; Int8 rows with their scales).
     public static func cacheBytes(_ s: AttentionShape, precision: KVCache.Precision) -> Int {
-        s.batch * s.kvHeads * s.keyLength * (s.headDim + s.valueDim) * precision.bytesPerElement
+        s.batch * s.kvHeads * s.keyLength * (precision.rowBytes(width: s.headDim) + precision.rowBytes(width: s.valueDim))
     }
+
+    /// Positions per page of `--cache-kind paged`.
+    public static let pageSize = 16
 
     /// Builds the plan: batch × heads × kv-heads × dim × causal × cache × n × precision ×
     /// threads. `Hkv` is `--kv-heads` when given, else the entry's adjusted problem's.
@@ -47,7 +61,7 @@ public struct DecodePlan: Sendable {
             for b in options.batches { for h in options.heads { for kv in options.kvHeads?.map({ Optional($0) }) ?? [nil] {
                 for d in options.dims { for causal in options.causal { for length in options.cacheLengths {
                     for n in options.sequenceLengths { for precision in options.cachePrecisions {
-                        for threads in options.threads {
+                        for kind in options.cacheKinds { for threads in options.threads {
                             let base = BenchProblem(shape: AttentionShape(batch: b, heads: h, kvHeads: kv ?? h, queryLength: n,
                                                                           keyLength: length, headDim: d), causal: causal)
                             let overrides = options.overrides.filter { entry.takes($0.key) }
@@ -71,7 +85,16 @@ public struct DecodePlan: Sendable {
                             }
                             let cost: AttentionCost
                             do {
-                                cost = try decoder.decodeCost(problem.shape, precision: precision, threads: threads)
+                                if kind == .contiguous {
+                                    cost = try decoder.decodeCost(problem.shape, precision: precision, threads: threads)
+                                } else if let multiQuery = decoder as? MultiQueryAttention {
+                                    cost = try multiQuery.decodeCost(problem.shape, precision: precision,
+                                                                     cacheKind: kind.library(length: length, batch: b),
+                                                                     threads: threads)
+                                } else {
+                                    note(entry.name, "decodes a contiguous KVCache only (--cache-kind \(kind.rawValue))")
+                                    continue
+                                }
                             } catch {
                                 note(entry.name, "\(problem): \(error)")
                                 continue
@@ -82,9 +105,9 @@ public struct DecodePlan: Sendable {
                                      + "more than 3/4 of this machine's memory")
                                 continue
                             }
-                            jobs.append(DecodeJob(entry: entry, problem: problem, precision: precision, threads: threads,
-                                                  conformer: decoder, cost: cost, parameters: parameters))
-                        }
+                            jobs.append(DecodeJob(entry: entry, problem: problem, precision: precision, kind: kind,
+                                                  threads: threads, conformer: decoder, cost: cost, parameters: parameters))
+                        } }
                     } }
                 } } }
             } } }
@@ -113,37 +136,60 @@ public final class DecodeRunner {
         self.progress = progress
     }
 
-    /// A cache of `shape.keyLength` positions filled with seeded uniform values in [-1, 1]
-    /// (keys from `seed + 1`, values from `seed + 2`, in blocks of 1024 positions).
-    public static func filledCache(_ shape: AttentionShape, precision: KVCache.Precision, seed: UInt64) throws -> KVCache {
-        let cache = try KVCache(batch: shape.batch, kvHeads: shape.kvHeads, headDim: shape.headDim,
+    /// A cache of `kind` holding `shape.keyLength` positions filled with seeded uniform
+    /// values in [-1, 1] (keys from `seed + 1`, values from `seed + 2`, in blocks of 1024
+    /// positions: ``cacheBlocks(_:seed:)``).
+    public static func filledCache(_ shape: AttentionShape, precision: KVCache.Precision,
+                                   kind: DecodeCacheKind = .contiguous, seed: UInt64) throws -> any DecodingCache {
+        let cache: any DecodingCache
+        switch kind {
+        case .contiguous:
+            cache = try KVCache(batch: shape.batch, kvHeads: shape.kvHeads, headDim: shape.headDim,
                                 valueDim: shape.valueDim, capacity: shape.keyLength, precision: precision)
+        case .rotating:
+            cache = try RotatingKVCache(batch: shape.batch, kvHeads: shape.kvHeads, headDim: shape.headDim,
+                                        valueDim: shape.valueDim, window: shape.keyLength, precision: precision)
+        case .paged:
+            let pages = shape.batch * ((shape.keyLength + DecodePlan.pageSize - 1) / DecodePlan.pageSize)
+            let pool = try PagedKVCache(kvHeads: shape.kvHeads, headDim: shape.headDim, valueDim: shape.valueDim,
+                                        pageSize: DecodePlan.pageSize, pageCount: pages, precision: precision)
+            cache = try pool.batch((0..<shape.batch).map { _ in pool.addSequence() })
+        }
+        for (k, v) in try cacheBlocks(shape, seed: seed) { try cache.append(layer: 0, keys: k, values: v) }
+        return cache
+    }
+
+    /// The seeded key and value blocks a filled cache holds, in order.
+    public static func cacheBlocks(_ shape: AttentionShape, seed: UInt64) throws -> [(keys: Tensor, values: Tensor)] {
+        var blocks: [(Tensor, Tensor)] = []
         var start = 0
         while start < shape.keyLength {
             let n = min(1024, shape.keyLength - start)
             let block = UInt64(start / 1024) &* 0x9E37_79B9
             let k = try Tensor.random(shape: [shape.batch, shape.kvHeads, n, shape.headDim], seed: (seed &+ 1) &+ block)
             let v = try Tensor.random(shape: [shape.batch, shape.kvHeads, n, shape.valueDim], seed: (seed &+ 2) &+ block)
-            try cache.append(layer: 0, keys: k, values: v)
+            blocks.append((k, v))
             start += n
         }
-        return cache
+        return blocks
     }
 
     public func run(_ plan: DecodePlan) throws -> [BenchRecord] {
         var records: [BenchRecord] = []
-        var current: (shape: AttentionShape, precision: KVCache.Precision, cache: KVCache, query: Tensor)?
+        var current: (shape: AttentionShape, precision: KVCache.Precision, kind: DecodeCacheKind,
+                      cache: any DecodingCache, query: Tensor)?
         var reference: (key: String, output: [Float])?
         for (i, job) in plan.jobs.enumerated() {
             let shape = job.problem.shape
-            if current == nil || current!.shape != shape || current!.precision != job.precision {
+            if current == nil || current!.shape != shape || current!.precision != job.precision
+                || current!.kind != job.kind {
                 current = nil
-                progress("[\(i + 1)/\(plan.jobs.count)] \(job.entry.name): filling a \(job.precision.rawValue) cache of "
+                progress("[\(i + 1)/\(plan.jobs.count)] \(job.entry.name): filling a \(job.kind.rawValue) \(job.precision.rawValue) cache of "
                          + "\(shape.keyLength) positions (\(Format.bytes(DecodePlan.cacheBytes(shape, precision: job.precision))))")
-                let cache = try Self.filledCache(shape, precision: job.precision, seed: options.seed)
+                let cache = try Self.filledCache(shape, precision: job.precision, kind: job.kind, seed: options.seed)
                 let query = try Tensor.random(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim],
                                               seed: options.seed)
-                current = (shape, job.precision, cache, query)
+                current = (shape, job.precision, job.kind, cache, query)
             }
             let (cache, query) = (current!.cache, current!.query)
             let peak = peaks.peak(threads: job.threads)
@@ -154,11 +200,13 @@ public final class DecodeRunner {
             let key = "\(shape)/\(job.problem.causal)"
             if cache.usedBytes <= Self.errorCheckLimit {
                 if reference?.key != key {
-                    reference = (key, try denseOutput(cache: cache, query: query, causal: job.problem.causal))
+                    reference = (key, try denseOutput(shape, query: query, causal: job.problem.causal))
                 }
                 relativeError = Accounting.relativeError(measured.output, reference: reference!.output)
             }
-            let settings = "cache=\(job.precision == .float32 ? "f32" : "f16")"
+            let names: [KVCache.Precision: String] = [.float32: "f32", .float16: "f16", .bfloat16: "bf16", .int8: "int8"]
+            let settings = "cache=\(names[job.precision] ?? job.precision.rawValue)"
+                + (job.kind == .contiguous ? "" : " kind=\(job.kind.rawValue)")
             records.append(BenchRecord(
                 variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
                 seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
@@ -174,30 +222,57 @@ public final class DecodeRunner {
         return records
     }
 
-    /// Dense attention over the cache's keys and values read back as Float.
-    func denseOutput(cache: KVCache, query: Tensor, causal: Bool) throws -> [Float] {
+    /// Dense attention in Float over the keys and values the cache was filled with (before
+    /// any rounding: the error column of a 16-bit or Int8 cache includes its storage error).
+    func denseOutput(_ shape: AttentionShape, query: Tensor, causal: Bool) throws -> [Float] {
+        let blocks = try Self.cacheBlocks(shape, seed: options.seed)
         var keys: [Float] = [], values: [Float] = []
-        for b in 0..<cache.batch {
-            keys += try cache.keys(batchItem: b).elements
-            values += try cache.values(batchItem: b).elements
+        for b in 0..<shape.batch {
+            for h in 0..<shape.kvHeads {
+                for (k, v) in blocks {
+                    let head: Int = b * shape.kvHeads + h
+                    let n: Int = k.shape[2]
+                    let keyRange: Range<Int> = (head * n * shape.headDim)..<((head + 1) * n * shape.headDim)
+                    let valueRange: Range<Int> = (head * n * shape.valueDim)..<((head + 1) * n * shape.valueDim)
+                    keys += k.elements[keyRange]
+                    values += v.elements[valueRange]
+                }
+            }
         }
-        let length = try cache.length()
-        let k = try Tensor(shape: [cache.batch, cache.kvHeads, length, cache.headDim], data: keys)
-        let v = try Tensor(shape: [cache.batch, cache.kvHeads, length, cache.valueDim], data: values)
+        let k = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim], data: keys)
+        let v = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim], data: values)
         return try DenseAttention(causal: causal).attend(query: query, key: k, value: v).output.elements
     }
 
     /// Warm-up (the first warm-up call measures heap growth), then timed decode calls.
-    func execute(_ job: DecodeJob, cache: KVCache, query: Tensor) throws -> SweepRunner.Measured {
+    func execute(_ job: DecodeJob, cache: any DecodingCache, query: Tensor) throws -> SweepRunner.Measured {
         let policy = options.timing
         func call() throws -> AttentionResult {
             do {
-                return try job.conformer.decode(query: query, cache: cache, layer: 0, threads: job.threads)
+                if let contiguous = cache as? KVCache {
+                    return try job.conformer.decode(query: query, cache: contiguous, layer: 0, threads: job.threads)
+                }
+                guard let multiQuery = job.conformer as? MultiQueryAttention else {
+                    throw BenchError.usage("\(job.entry.name) decodes a contiguous KVCache only")
+                }
+                return try multiQuery.decode(query: query, cache: cache, layer: 0, threads: job.threads)
             } catch {
                 throw BenchError.failure("\(job.entry.name) decode failed on \(job.problem) with \(job.threads) threads: \(error)")
             }
         }
         let measured = try timeCalls(policy: policy, meter: meter, call)
         return SweepRunner.Measured(timing: measured.timing, peakBytes: measured.peakBytes, output: measured.output)
+    }
+}
+
+extension DecodeCacheKind {
+    /// The library's description of this layout for a cache of `length` positions and `batch` sequences.
+    func library(length: Int, batch: Int) -> MultiQueryDecoding.CacheKind {
+        switch self {
+        case .contiguous: .contiguous
+        case .rotating: .rotating(window: length)
+        case .paged: .paged(pageSize: DecodePlan.pageSize,
+                            pageCount: batch * ((length + DecodePlan.pageSize - 1) / DecodePlan.pageSize))
+        }
     }
 }

@@ -94,6 +94,8 @@ public struct BenchOptions: Equatable, Sendable {
     public var cacheLengths: [Int] = [32768]
     /// Cache storage of decode mode (`--cache-precision`).
     public var cachePrecisions: [KVCache.Precision] = [.float32]
+    /// Cache layouts of decode mode (`--cache-kind`).
+    public var cacheKinds: [DecodeCacheKind] = [.contiguous]
     /// Element types of query, key, value and output in the timed calls (`--io`), each a
     /// separate record.
     public var ioPrecisions: [ActivationPrecision] = [.float32]
@@ -165,7 +167,8 @@ extension BenchOptions {
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
         OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
-        OptionSpec(name: "cache-precision", value: "f32|f16|both", help: "decode: cache storage [f32]"),
+        OptionSpec(name: "cache-precision", value: "LIST", help: "decode: cache storage f32, f16, bf16, int8 (or both = f32,f16) [f32]"),
+        OptionSpec(name: "cache-kind", value: "LIST", help: "decode: cache layout contiguous, rotating (window = cache length), paged (pages of 16) [contiguous]"),
         OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
         OptionSpec(name: "fresh-pages", value: nil, help: "keep glibc's allocator defaults: large outputs and scratch are mmapped fresh (page faults) on every call"),
         OptionSpec(name: "preset", value: "lra|long|million", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped; million: N = 64K,256K,1M, sub-quadratic conformers (see below)"),
@@ -319,15 +322,25 @@ extension BenchOptions {
         if options.backward && options.decode { throw BenchError.usage("--backward does not combine with --decode") }
         if options.decode { options.sequenceLengths = [1] }
         if let text = given["seq"] { options.sequenceLengths = try parseList(text, option: "seq") }
-        for key in ["cache", "cache-precision"] where given[key] != nil && !options.decode {
+        for key in ["cache", "cache-precision", "cache-kind"] where given[key] != nil && !options.decode {
             throw BenchError.usage("--\(key) needs --decode")
         }
         if let text = given["cache"] { options.cacheLengths = try parseList(text, option: "cache") }
         if let text = given["cache-precision"] {
-            guard let values = cachePrecisionValues[text.lowercased()] else {
-                throw BenchError.usage("--cache-precision: expected f32, f16 or both, got '\(text)'")
+            options.cachePrecisions = try text.lowercased().split(separator: ",").flatMap {
+                guard let values = cachePrecisionValues[String($0)] else {
+                    throw BenchError.usage("--cache-precision: expected f32, f16, bf16, int8, both or a list, got '\(text)'")
+                }
+                return values
             }
-            options.cachePrecisions = values
+        }
+        if let text = given["cache-kind"] {
+            options.cacheKinds = try text.lowercased().split(separator: ",").map {
+                guard let kind = DecodeCacheKind(rawValue: String($0)) else {
+                    throw BenchError.usage("--cache-kind: expected contiguous, rotating, paged or a list, got '\(text)'")
+                }
+                return kind
+            }
         }
         if let text = given["softcap"] {
             guard let cap = Float(text), cap.isFinite, cap > 0 else {
@@ -461,7 +474,7 @@ extension BenchOptions {
 
     static let cachePrecisionValues: [String: [KVCache.Precision]] = [
         "f32": [.float32], "float32": [.float32], "f16": [.float16], "float16": [.float16],
-        "both": [.float32, .float16],
+        "both": [.float32, .float16], "bf16": [.bfloat16], "bfloat16": [.bfloat16], "int8": [.int8],
     ]
 
     static let ioPrecisionValues: [String: ActivationPrecision] = [

@@ -777,8 +777,38 @@ import AttentionBenchCore
         let shape = AttentionShape(heads: 2, kvHeads: 1, queryLength: 1, keyLength: 1500, headDim: 4)
         let a = try DecodeRunner.filledCache(shape, precision: .float32, seed: 3)
         let b = try DecodeRunner.filledCache(shape, precision: .float32, seed: 3)
-        #expect(try a.keys() == b.keys() && a.values() == b.values() && a.keys() != a.values())
-        #expect(try a.length() == 1500)
+        #expect(try a.keys(layer: 0, batchItem: 0) == b.keys(layer: 0, batchItem: 0)
+                && a.values(layer: 0, batchItem: 0) == b.values(layer: 0, batchItem: 0)
+                && a.keys(layer: 0, batchItem: 0) != a.values(layer: 0, batchItem: 0))
+        #expect(try a.length(layer: 0, batchItem: 0) == 1500)
+    }
+
+    /// `--cache-kind` and the four cache precisions: one record each, saying so; rotating and
+    /// paged caches give the contiguous result (the same error against Float inputs); Int8
+    /// and bf16 errors within their storage precision; bytes read include Int8's scales.
+    @Test func cacheKindsAndPrecisions() throws {
+        let o = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "300", "--heads", "4",
+                                        "--kv-heads", "2", "--dim", "32", "--cache-precision", "f32,bf16,int8",
+                                        "--cache-kind", "contiguous,rotating,paged", "--threads", "2", "--repeat", "1",
+                                        "--quiet"])
+        #expect(o.cacheKinds == [.contiguous, .rotating, .paged] && o.cachePrecisions == [.float32, .bfloat16, .int8])
+        let runner = DecodeRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                  bandwidth: BandwidthCache(measure: { Double($0) * 10 }), progress: { _ in })
+        let records = try runner.run(try DecodePlan.make(o))
+        #expect(records.count == 9)
+        for precision in ["f32", "bf16", "int8"] {
+            let group = records.filter { $0.parameters.hasPrefix("cache=\(precision)") }
+            #expect(group.count == 3 && group[1].parameters.contains("kind=rotating") && group[2].parameters.contains("kind=paged"))
+            let errors = group.map { $0.relativeError ?? 1 }
+            #expect(errors[0] == errors[1] && errors[0] == errors[2], "\(precision): \(errors)")
+            let bound = precision == "f32" ? 1e-5 : precision == "bf16" ? 1e-2 : 2e-2
+            #expect(errors[0] < bound && (precision == "f32" || errors[0] > 1e-6), "\(precision): \(errors[0])")
+        }
+        let int8 = records.first { $0.parameters.hasPrefix("cache=int8") }!
+        let bytes = Double(2 * 300 * 2 * (4 + 32))   // Hkv · L · (K and V rows of 4 + D bytes)
+        #expect(abs(int8.gbPerSecond! * int8.medianSeconds * 1e9 - bytes) < 1)
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--decode", "--cache-kind", "ring"]) }
+        #expect(throws: BenchError.self) { try BenchOptions.parse(["--cache-kind", "paged"]) }
     }
 
     @Test func readBandwidthLoopSumsWhatItReads() {
