@@ -225,8 +225,8 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         query.withView { q in output.withMutableView { o in lse.withMutableView { l in
-            cache.visitRows(layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
-                                                    q: q, o: o, lse: l, masks: masks))
+            visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
+                                                         q: q, o: o, lse: l, masks: masks))
         } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
