@@ -182,7 +182,11 @@ struct BFloat16Bits: Equatable, Sendable {
 extension BFloat16Bits: ActivationScalar {
     @inline(__always) static func wide16(_ p: UnsafePointer<BFloat16Bits>) -> Vec16 {
         let h = UnsafeRawPointer(p).loadUnaligned(as: SIMD16<UInt16>.self)
-        return unsafeBitCast(SIMD16<UInt32>(truncatingIfNeeded: h) &<< 16, to: Vec16.self)
+        // A lane loop (one vpmovzxwd and a shift): the generic SIMD conversion initialiser
+        // compiles to an out-of-line call, which halved bfloat16 decode bandwidth.
+        var w = SIMD16<UInt32>()
+        for i in 0..<16 { w[i] = UInt32(h[i]) &<< 16 }
+        return unsafeBitCast(w, to: Vec16.self)
     }
     @inline(__always) static func widen(_ x: BFloat16Bits) -> Float { x.float }
 
@@ -196,8 +200,9 @@ extension BFloat16Bits: ActivationScalar {
             // payload into the exponent or turn it into infinity).
             let quietNaN = (pattern &>> 16) | 0x40
             let chosen = rounded.replacing(with: quietNaN, where: v .!= v)
-            UnsafeMutableRawPointer(out + c).storeBytes(of: SIMD16<UInt16>(truncatingIfNeeded: chosen),
-                                                        as: SIMD16<UInt16>.self)
+            var bits = SIMD16<UInt16>()
+            for i in 0..<16 { bits[i] = UInt16(truncatingIfNeeded: chosen[i]) }
+            UnsafeMutableRawPointer(out + c).storeBytes(of: bits, as: SIMD16<UInt16>.self)
             c += 16
         }
         while c < count { out[c] = BFloat16Bits(x[c]); c += 1 }
