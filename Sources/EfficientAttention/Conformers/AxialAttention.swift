@@ -44,6 +44,14 @@ public struct AxialAttention: Attention {
     /// The most axes a grid may have.
     public static let maxAxes = 16
 
+    /// The last pattern built, for calls with the same settings and lengths (no arrays per call).
+    private let plans = PlanCache<PlanKey, AxialPattern>()
+
+    /// Everything the pattern depends on.
+    private struct PlanKey: Equatable {
+        var axes: [Int]?, causal: Bool, queryLength: Int, keyLength: Int
+    }
+
     public init(axes: [Int]? = nil, combination: Combination = .union, causal: Bool = false, scale: Float? = nil) {
         self.axes = axes
         self.combination = combination
@@ -63,9 +71,12 @@ public struct AxialAttention: Attention {
         return [n / f, f]
     }
 
-    /// The grid of `shape` (the configured axes or the default).
+    /// The grid of `shape` (the configured axes or the default: the cached pattern's when
+    /// the lengths match, so that a checked call allocates nothing).
     func grid(for shape: AttentionShape) -> [Int] {
-        axes ?? AxialAttention.defaultAxes(sequenceLength: shape.queryLength)
+        if let axes { return axes }
+        let key = PlanKey(axes: nil, causal: causal, queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return plans.cached(for: key)?.axes ?? AxialAttention.defaultAxes(sequenceLength: shape.queryLength)
     }
 
     public func validate(_ shape: AttentionShape) throws {
@@ -83,7 +94,8 @@ public struct AxialAttention: Attention {
     /// The `.union` pattern of `shape`.
     public func pattern(for shape: AttentionShape) throws -> AxialPattern {
         try validate(shape)
-        return AxialPattern(axes: grid(for: shape), causal: causal)
+        let key = PlanKey(axes: axes, causal: causal, queryLength: shape.queryLength, keyLength: shape.keyLength)
+        return plans.plan(for: key) { AxialPattern(axes: grid(for: shape), causal: causal) }
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

@@ -15,6 +15,14 @@ final class PlanCache<Key: Equatable, Plan>: @unchecked Sendable {
 
     init() {}
 
+    /// The cached plan for `key`, or nil (nothing is built).
+    func cached(for key: Key) -> Plan? {
+        lock.lock()
+        defer { lock.unlock() }
+        if let last, last.key == key { return last.plan }
+        return nil
+    }
+
     /// The cached plan for `key`, or `make()`'s (then cached).
     func plan(for key: Key, _ make: () throws -> Plan) rethrows -> Plan {
         lock.lock()
