@@ -233,6 +233,38 @@ struct LinformerBackwardTests {
         expectBitwiseEqualGradients(expected, AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), c.testDescription)
     }
 
+    @Test("backward cost: the projections plus 2.5 × the attention, workspace independent of N")
+    func cost() throws {
+        let attention = try LinformerAttention(projectedLength: 256, maxSequenceLength: 65536)
+        let short = AttentionShape(heads: 8, queryLength: 4096, headDim: 64)
+        let long = AttentionShape(heads: 8, queryLength: 65536, headDim: 64)
+        let backward = try attention.backwardCost(short, threads: 2)
+        let forward = try attention.cost(short, threads: 2)
+        #expect(backward.flops > 2 * forward.flops && backward.flops < 3 * forward.flops, "\(backward) vs \(forward)")
+        #expect(backward.scoredPairs == forward.scoredPairs)
+        #expect(try attention.backwardCost(long, threads: 2).workspaceBytes == backward.workspaceBytes)
+    }
+
+    @Test("misshapen output, logSumExp or outputGradient throw, naming it")
+    func badShapes() throws {
+        let c = LinformerBackwardCase(queryLength: 9, headDim: 4, seed: 11)
+        let attention = try c.attention()
+        let (q, k, v, result, dO) = try c.inputs()
+        let wrong = try Tensor(shape: [1, 2, 8, 4])
+        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
+                                ("outputGradient", result.output, result.logSumExp, wrong)] {
+            expectAttentionError(.shapeMismatch, mentioning: [name]) {
+                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                        keyLengths: nil, threads: nil)
+            }
+            let linear = LinearAttention(featureMap: EluPlusOneFeatures())
+            expectAttentionError(.shapeMismatch, mentioning: [name]) {
+                try linear.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                     keyLengths: nil, threads: nil)
+            }
+        }
+    }
+
     @Test("causal Linformer's gradients throw like its forward")
     func causalThrows() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 9, headDim: 4, seed: 5)

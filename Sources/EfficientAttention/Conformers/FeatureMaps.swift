@@ -295,18 +295,18 @@ extension FavorPlusFeatures: DifferentiableFeatureMap {
                          featureStride: Int, output: UnsafeMutablePointer<Float>, outputStride: Int) {
         let m = projection.features
         let s = 1 / Float(headDim).squareRoot().squareRoot()
-        var totals = [Float](repeating: 0, count: rows)
         for r in 0..<rows {
             let g = featureGradient + r * featureStride, y = features + r * featureStride
-            var total: Float = 0
-            for f in 0..<m { g[f] *= y[f]; total += g[f] }
-            totals[r] = total
+            for f in 0..<m { g[f] *= y[f] }
         }
         projection.projectBack(featureGradient, rows: rows, inputStride: featureStride,
                                output: output, outputStride: outputStride)
         for r in 0..<rows {
             let x = input + r * rowStride, out = output + r * outputStride
-            let t = s * s * totals[r]
+            var total: Float = 0
+            let g = featureGradient + r * featureStride
+            for f in 0..<m { total += g[f] }
+            let t = s * s * total
             for c in 0..<headDim { out[c] = s * out[c] - t * x[c * columnStride] }
         }
     }
