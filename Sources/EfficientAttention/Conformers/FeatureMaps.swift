@@ -27,6 +27,21 @@ public protocol FeatureMap: Sendable {
                output: UnsafeMutablePointer<Float>, outputStride: Int, logScale: UnsafeMutablePointer<Float>)
 }
 
+/// A feature map with a derivative, for the backward of ``LinearAttention``
+/// (``DifferentiableAttention``).
+public protocol DifferentiableFeatureMap: FeatureMap {
+    /// `dx_r = J_φ(x_r)ᵀ g_r` for `rows` rows, written to `output[r · outputStride + c]`
+    /// for `c < headDim`, where `g_r` is `∂L/∂φ(x_r)`. `features` holds `φ(x_r) · e^(−λ_r)`
+    /// (what ``apply(_:rows:rowStride:columnStride:headDim:output:outputStride:logScale:)``
+    /// wrote, possibly rescaled by a positive per-row factor) and `featureGradient` holds
+    /// `g_r · e^(λ_r)` for the same `λ_r` (`λ_r = 0` for maps whose `logScale` is 0), both
+    /// rows `featureStride` apart; the map may overwrite `featureGradient`. Parameters of
+    /// the map (a projection `W`) are held fixed.
+    func backward(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                  features: UnsafePointer<Float>, featureGradient: UnsafeMutablePointer<Float>, featureStride: Int,
+                  output: UnsafeMutablePointer<Float>, outputStride: Int)
+}
+
 /// `φ(x) = elu(x) + 1` elementwise (Katharopoulos et al. 2020): `x + 1` for `x > 0`,
 /// `exp(x)` otherwise; `m = D`, no stabiliser.
 ///
@@ -64,6 +79,19 @@ public struct EluPlusOneFeatures: FeatureMap {
     }
 }
 
+extension EluPlusOneFeatures: DifferentiableFeatureMap {
+    /// `dx = g · φ'(x)`: `φ' = 1` for `x > 0`, `e^x = φ(x)` otherwise.
+    public func backward(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                         features: UnsafePointer<Float>, featureGradient: UnsafeMutablePointer<Float>,
+                         featureStride: Int, output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        for r in 0..<rows {
+            let x = input + r * rowStride, y = features + r * featureStride
+            let g = featureGradient + r * featureStride, out = output + r * outputStride
+            for c in 0..<headDim { out[c] = x[c * columnStride] > 0 ? g[c] : g[c] * y[c] }
+        }
+    }
+}
+
 /// Random features computed from a projection `W ∈ R^{m × D}` through the shared GEMM:
 /// the common part of FAVOR+ and ReLU features. `W`'s rows are orthogonal within blocks
 /// of `D` and scaled to chi-distributed norms (Choromanski et al. 2021), drawn from a
@@ -77,6 +105,8 @@ public struct RandomProjection: Sendable, Equatable {
     public let weights: [Float]
     /// `(inputScale · W)ᵀ` packed as the GEMM's `B` operand (`D × m`, 32-column panels).
     let packed: [Float]
+    /// `W` packed as the GEMM's `B` operand (`m × D`), for the backward `u ↦ uᵀ W`.
+    let packedBack: [Float]
 
     /// Orthogonal random features: each block of `D` rows of `W` is an orthonormal basis
     /// (Gram-Schmidt of a Gaussian matrix) whose rows are rescaled to the norms of
@@ -130,6 +160,12 @@ public struct RandomProjection: Sendable, Equatable {
                                   depth: headDim, columns: features, into: p.baseAddress!)
         } }
         self.packed = packed
+        var packedBack = [Float](repeating: 0, count: Gemm.PackedB.floatCount(depth: features, columns: headDim))
+        weights.withUnsafeBufferPointer { w in packedBack.withUnsafeMutableBufferPointer { p in
+            _ = Gemm.PackedB.pack(MatrixOperand(base: w.baseAddress!, rowStride: headDim, columnStride: 1),
+                                  depth: features, columns: headDim, into: p.baseAddress!)
+        } }
+        self.packedBack = packedBack
     }
 
     private static func check(features: Int, headDim: Int) throws {
@@ -168,6 +204,25 @@ public struct RandomProjection: Sendable, Equatable {
                           a: MatrixOperand(base: input, rowStride: rowStride, columnStride: columnStride),
                           packA: false,
                           b: .packed(Gemm.PackedB(base: p.baseAddress!, depth: headDim, columns: features)),
+                          c: output, ldc: outputStride, workspace: space)
+        }
+        }
+    }
+}
+
+extension RandomProjection {
+    /// `output[r] = Wᵀ u_r` (`u_r` the `m` entries of row `r` of `input`, rows `inputStride`
+    /// apart): the backward of ``project(_:rows:rowStride:columnStride:output:outputStride:)``.
+    func projectBack(_ input: UnsafePointer<Float>, rows: Int, inputStride: Int,
+                     output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        let bytes = Gemm.Workspace.byteCount(packing: false)
+        withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) { raw in
+        var carver = WorkspaceCarver(start: raw.baseAddress!, end: raw.baseAddress! + bytes)
+        let space = Gemm.Workspace(carving: &carver, packing: false)
+        packedBack.withUnsafeBufferPointer { p in
+            Gemm.multiply(m: rows, n: headDim, depth: features,
+                          a: MatrixOperand(base: input, rowStride: inputStride, columnStride: 1), packA: false,
+                          b: .packed(Gemm.PackedB(base: p.baseAddress!, depth: features, columns: headDim)),
                           c: output, ldc: outputStride, workspace: space)
         }
         }
@@ -232,6 +287,31 @@ public struct FavorPlusFeatures: FeatureMap {
     }
 }
 
+extension FavorPlusFeatures: DifferentiableFeatureMap {
+    /// `∂φ_f/∂x = φ_f · (s w_f − s² x)` with `s = D^(−1/4)`, so
+    /// `dx = s Wᵀ(g ∘ φ) − s² (Σ_f g_f φ_f) x` (`W` fixed).
+    public func backward(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                         features: UnsafePointer<Float>, featureGradient: UnsafeMutablePointer<Float>,
+                         featureStride: Int, output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        let m = projection.features
+        let s = 1 / Float(headDim).squareRoot().squareRoot()
+        for r in 0..<rows {
+            let g = featureGradient + r * featureStride, y = features + r * featureStride
+            for f in 0..<m { g[f] *= y[f] }
+        }
+        projection.projectBack(featureGradient, rows: rows, inputStride: featureStride,
+                               output: output, outputStride: outputStride)
+        for r in 0..<rows {
+            let x = input + r * rowStride, out = output + r * outputStride
+            var total: Float = 0
+            let g = featureGradient + r * featureStride
+            for f in 0..<m { total += g[f] }
+            let t = s * s * total
+            for c in 0..<headDim { out[c] = s * out[c] - t * x[c * columnStride] }
+        }
+    }
+}
+
 /// ReLU random features `φ(x) = relu(W x)` (the Performer's generalised-attention option),
 /// with the same orthogonal `W` as FAVOR+; no stabiliser.
 ///
@@ -274,5 +354,20 @@ public struct ReLUFeatures: FeatureMap {
             }
             while f < m { y[f] = max(0, y[f]); f += 1 }
         }
+    }
+}
+
+extension ReLUFeatures: DifferentiableFeatureMap {
+    /// `dx = Wᵀ(g ∘ [W x > 0])` (`W` fixed; the step's subgradient at 0 is 0).
+    public func backward(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
+                         features: UnsafePointer<Float>, featureGradient: UnsafeMutablePointer<Float>,
+                         featureStride: Int, output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        let m = projection.features
+        for r in 0..<rows {
+            let g = featureGradient + r * featureStride, y = features + r * featureStride
+            for f in 0..<m where !(y[f] > 0) { g[f] = 0 }
+        }
+        projection.projectBack(featureGradient, rows: rows, inputStride: featureStride,
+                               output: output, outputStride: outputStride)
     }
 }

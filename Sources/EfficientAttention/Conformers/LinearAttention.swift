@@ -289,3 +289,66 @@ extension LinearAttention: DecodingAttention {
         try state.append(query: query, key: key, value: value, threads: threads)
     }
 }
+
+extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeatureMap {
+    /// The exact derivative of the forward (``LinearAttentionBackward``, KernelDocs/LinearAttention.md,
+    /// "Backward"), the feature map's projection held fixed: a pass over query chunks for
+    /// `dQ` (the prefix state when causal) and a reverse pass for `dK`, `dV` (suffix sums of
+    /// `dS`, `dz`), on the shared GEMM; no `Nq × Nk` buffer. `logSumExp` is the forward's
+    /// (`log φ(q_i)ᵀ z_i`): the denominators are read from it. The stabilisers (FAVOR+)
+    /// are held constant and `ε` is added relative to the batch item's largest key
+    /// stabiliser (the forward's frame when not causal; when causal the forward's running
+    /// stabiliser may differ, a difference of order `ε`).
+    ///
+    /// ```
+    /// // naive reference, for each b, h (hk = h / (H / Hkv)), with den_i = φ(q_i)ᵀ z_i:
+    /// r_i = 1 / (den_i + ε),  dN_i = r_i · dO_i,  dden_i = −r_i · dot(dO_i, o_i)
+    /// dφ(q_i) = S_i dN_i + z_i dden_i                   (S_i, z_i over the keys i sees)
+    /// dφ(k_j) = Σ_{i sees j} φ(q_i) (dot(dN_i, v_j) + dden_i)
+    /// dv_j    = Σ_{i sees j} (φ(q_i)·φ(k_j)) dN_i
+    /// dq_i = J_φ(q_i)ᵀ dφ(q_i),  dk_j = J_φ(k_j)ᵀ dφ(k_j)   (summed over the group's heads)
+    /// ```
+    ///
+    /// - Complexity: per query head about `2.5 ×` the forward's FLOPs (the cost model counts
+    ///   that convention); workspace `O((64 + m) · (m + D + Dv))` floats per thread,
+    ///   independent of `N`. One work item per (batch item, key/value head).
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: nil) { shape, _ in
+            let m = try map.featureCount(headDim: shape.headDim)
+            let items = shape.batch * shape.kvHeads
+            let workers = workerCount(threads: try threadCount(threads), items: items)
+            let views = LinearAttentionBackward.Views(
+                q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel)
+            WorkspaceArena.withWorkspaces(workers: workers, layout: {
+                LinearAttentionBackward.Workspace(carving: &$0, m: m, d: shape.headDim, dv: shape.valueDim)
+            }) { spaces in
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                    let group = shape.groupSize
+                    LinearAttentionBackward.item(
+                        map: map, causal: causal, epsilon: epsilon, queryLength: shape.queryLength,
+                        keyLength: shape.keyLength, keyCount: keyLengths?[b] ?? shape.keyLength,
+                        b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: views, space: spaces[worker])
+                }
+            }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let m = try featureMap.featureCount(headDim: shape.headDim)
+        let workers = workerCount(threads: try threadCount(threads), items: shape.batch * shape.kvHeads)
+        return AttentionCost(flops: 2.5 * forward.flops,
+                             workspaceBytes: workers * LinearAttentionBackward.Workspace.byteCount(
+                                 m: m, d: shape.headDim, dv: shape.valueDim),
+                             scoredPairs: forward.scoredPairs)
+    }
+}

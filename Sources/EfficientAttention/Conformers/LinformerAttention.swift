@@ -223,3 +223,208 @@ public struct LinformerAttention: Attention {
         }
     }
 }
+
+/// The gradients of a loss with respect to ``LinformerAttention``'s projections (see
+/// ``LinformerAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+public struct LinformerParameterGradients: Sendable, Equatable {
+    /// `∂L/∂E`, shaped like ``LinformerAttention/e`` (`[projectionCount, k, Nmax]`); with
+    /// `E = F` (``LinformerAttention/f`` `nil`) the gradient of the shared matrix
+    /// (`∂L/∂E + ∂L/∂F`).
+    public var e: [Float]
+    /// `∂L/∂F`, shaped like ``LinformerAttention/f``; `nil` when `E = F`.
+    public var f: [Float]?
+}
+
+extension LinformerAttention: DifferentiableAttention {
+    /// The backward through the projections (KernelDocs/Linformer.md, "Backward"): `K' = E K`,
+    /// `V' = F V` recomputed on the GEMM, the dense backward (``TiledSoftmaxBackward``)
+    /// over the `k` projected keys gives `dQ`, `dK'`, `dV'`, then `dK = Eᵀ dK'`,
+    /// `dV = Fᵀ dV'` on the GEMM (keys past `keyLengths[b]` get 0). The projections are
+    /// parameters: their gradients come from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, hk (projection p), L = keyLengths?[b] ?? Nk:
+    /// dK', dV', dQ = dense softmax backward over K' = E[:, :L] K, V' = F[:, :L] V
+    /// dK[b, hk, j] = Σ_r E[r, j] dK'[r],   dV[b, hk, j] = Σ_r F[r, j] dV'[r]     j < L
+    /// ∂L/∂E[p][r, j] += dot(dK'[r], k[b, hk, j]),  ∂L/∂F[p][r, j] += dot(dV'[r], v[b, hk, j])
+    /// ```
+    ///
+    /// - Complexity: the dense backward over `k` keys (`2.5 ×` its forward) plus
+    ///   `4 · k · L · (D + Dv)` FLOPs per key/value head for the projections and their
+    ///   transposes (`2 ·` that again with the parameter gradients). Workspace: the
+    ///   projected keys, values and their gradients (`8 · B · Hkv · k · (D + Dv)` bytes),
+    ///   the dense backward's tiles and GEMM buffers per thread; independent of `N`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                     parameters: nil)
+        }
+    }
+
+    /// `∂L/∂E` and `∂L/∂F` through the call that gave `result` (and `dQ`, `dK`, `dV`, which
+    /// the same pass computes).
+    ///
+    /// - Complexity: the backward's plus `2 · k · L · (D + Dv)` FLOPs per key/value head;
+    ///   the parameter sums run in a fixed order (bitwise identical for every thread count).
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: LinformerParameterGradients) {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: scale)
+        let shape = s.shape, scale = s.scale
+        let threads = try threadCount(threads)
+        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
+        var de = [Float](repeating: 0, count: e.count), df = [Float](repeating: 0, count: e.count)
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        de.withUnsafeMutableBufferPointer { de in df.withUnsafeMutableBufferPointer { df in
+            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                     q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
+                     dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel,
+                     parameters: (de.baseAddress!, df.baseAddress!))
+        } }
+        } } } } } } } } }
+        if f == nil { for n in de.indices { de[n] += df[n] } }
+        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv),
+                LinformerParameterGradients(e: de, f: f == nil ? nil : df))
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        var projected = shape
+        projected.keyLength = projectedLength
+        let threads = try threadCount(threads)
+        let k = Double(projectedLength), widths = Double(shape.headDim + shape.valueDim)
+        let projections = 4 * k * Double(shape.keyLength) * widths * Double(shape.batch * shape.kvHeads)
+        let attention = 2 * Double(shape.batch * shape.heads * shape.queryLength) * k * widths
+        let projectedBytes = 2 * shape.batch * shape.kvHeads * projectedLength
+            * (shape.headDim + shape.valueDim) * MemoryLayout<Float>.stride
+        let workers = workerCount(threads: threads, items: shape.batch * shape.kvHeads)
+        return AttentionCost(
+            flops: projections + 2.5 * attention,
+            workspaceBytes: projectedBytes + workers * Gemm.Workspace.byteCount()
+                + max(TiledSoftmaxBackward.workspaceBytes(shape: projected, threads: threads),
+                      workers * LinformerAttention.transposeChunk * max(shape.headDim, shape.valueDim)
+                          * MemoryLayout<Float>.stride),
+            scoredPairs: forward.scoredPairs)
+    }
+
+    /// Rows of `dK`, `dV` per GEMM of the transposed projection.
+    static let transposeChunk = 256
+
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                          dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          parameters: (e: UnsafeMutablePointer<Float>, f: UnsafeMutablePointer<Float>)?) {
+        let kProj = projectedLength, nmax = maxSequenceLength, perHead = projectionCount > 1
+        let items = shape.batch * shape.kvHeads
+        let workers = workerCount(threads: threads, items: items)
+        var projected = shape
+        projected.keyLength = kProj
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.headDim), zeroed: true) { kOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.valueDim), zeroed: true) { vOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.headDim), zeroed: true) { dkOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, kProj, shape.valueDim), zeroed: true) { dvOut in
+        e.withUnsafeBufferPointer { e in (self.f ?? []).withUnsafeBufferPointer { f in
+            let eBase = UncheckedSendable(e.baseAddress!)
+            let fBase = UncheckedSendable(self.f == nil ? e.baseAddress! : f.baseAddress!)
+            func projection(_ isValue: Bool, _ hk: Int) -> UnsafePointer<Float> {
+                (isValue ? fBase.value : eBase.value) + (perHead ? hk * kProj * nmax : 0)
+            }
+            // K' = E[:, :L] K[:L], V' = F[:, :L] V[:L], one (batch item, head) per work item.
+            WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                    let valid = keyLengths?[b] ?? shape.keyLength
+                    guard valid > 0 else { return }
+                    for isValue in [false, true] {
+                        let source = isValue ? v : k, target = isValue ? vOut : kOut
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        Gemm.multiply(m: kProj, n: width, depth: valid,
+                                      a: MatrixOperand(base: projection(isValue, hk), rowStride: nmax, columnStride: 1),
+                                      packA: false,
+                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
+                                                               columnStride: source.strides[3])),
+                                      c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
+                    }
+                }
+            }
+            TiledSoftmaxBackward.run(shape: projected, scale: scale, threads: threads,
+                                     q: q, k: kOut.readOnly, v: vOut.readOnly, o: o, lse: lse, dO: dO,
+                                     dQ: dQ, dK: dkOut, dV: dvOut) { b, _ in
+                IntervalMask(queryLength: projected.queryLength, keyLength: kProj, causal: false,
+                             keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : kProj)
+            }
+            // dK = E[:, :L]ᵀ dK', dV = F[:, :L]ᵀ dV' in chunks of rows; 0 past L.
+            let chunk = LinformerAttention.transposeChunk, wide = max(shape.headDim, shape.valueDim)
+            WorkspaceArena.withWorkspaces(workers: workers, layout: { carver -> (Gemm.Workspace, UnsafeMutablePointer<Float>) in
+                (Gemm.Workspace(carving: &carver), carver.take(chunk * wide))
+            }) { spaces in
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                    let valid = keyLengths?[b] ?? shape.keyLength
+                    let (space, tile) = spaces[worker]
+                    for isValue in [false, true] {
+                        let gradient = isValue ? dvOut : dkOut, target = isValue ? dV : dK
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        for start in stride(from: 0, to: valid, by: chunk) {
+                            let count = min(chunk, valid - start)
+                            Gemm.multiply(m: count, n: width, depth: kProj,
+                                          a: MatrixOperand(base: projection(isValue, hk) + start, rowStride: 1,
+                                                           columnStride: nmax),
+                                          packA: false,
+                                          b: .matrix(MatrixOperand(base: gradient.readOnly.row(b, hk, 0),
+                                                                   rowStride: width, columnStride: 1)),
+                                          c: tile, ldc: width, workspace: space)
+                            for j in 0..<count {
+                                let row = target.row(b, hk, start + j)
+                                for c in 0..<width { row[c * target.strides[3]] = tile[j * width + c] }
+                            }
+                        }
+                        for j in valid..<shape.keyLength {
+                            let row = target.row(b, hk, j)
+                            for c in 0..<width { row[c * target.strides[3]] = 0 }
+                        }
+                    }
+                }
+            }
+            // ∂L/∂E[p] += dK' Kᵀ, ∂L/∂F[p] += dV' Vᵀ over the items in order (one writer per
+            // projection row block: every item adds into the same matrix).
+            guard let parameters else { return }
+            WorkspaceArena.withWorkspaces(workers: 1, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+                for item in 0..<items {
+                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                    let valid = keyLengths?[b] ?? shape.keyLength
+                    guard valid > 0 else { continue }
+                    for isValue in [false, true] {
+                        let gradient = isValue ? dvOut : dkOut, source = isValue ? v : k
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        let target = (isValue ? parameters.f : parameters.e) + (perHead ? hk * kProj * nmax : 0)
+                        Gemm.multiply(m: kProj, n: valid, depth: width,
+                                      a: MatrixOperand(base: gradient.readOnly.row(b, hk, 0), rowStride: width,
+                                                       columnStride: 1),
+                                      packA: false,
+                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[3],
+                                                               columnStride: source.strides[2])),
+                                      c: target, ldc: nmax, accumulate: true, workspace: spaces[0])
+                    }
+                }
+            }
+        } }
+        } } } }
+    }
+}
