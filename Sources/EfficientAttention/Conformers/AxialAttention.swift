@@ -101,7 +101,8 @@ public struct AxialAttention: Attention {
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         let pattern = try pattern(for: shape)
-        let largestTile = pattern.axes.indices.map { pattern.queryTile(axis: $0) }.max() ?? 1
+        var largestTile = 1
+        for t in pattern.axes.indices { largestTile = max(largestTile, pattern.queryTile(axis: t)) }
         var cost = patternCost(pattern, shape: shape, threads: threads, queryTile: largestTile)
         if combination == .sum {
             let repeated = (pattern.axes.count - 1) * shape.queryLength * shape.heads * shape.batch
