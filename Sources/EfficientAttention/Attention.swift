@@ -591,6 +591,16 @@ func checkOutputViews(_ shape: AttentionShape, query: ActivationView, key: Activ
     }
 }
 
+/// `a · b · c · d`, or nil if it overflows `Int`: the array-free form for checks that run
+/// on every call (an array literal is not always kept on the stack).
+@inline(__always)
+func checkedProduct(_ a: Int, _ b: Int, _ c: Int = 1, _ d: Int = 1) -> Int? {
+    let (ab, o1) = a.multipliedReportingOverflow(by: b)
+    let (abc, o2) = ab.multipliedReportingOverflow(by: c)
+    let (abcd, o3) = abc.multipliedReportingOverflow(by: d)
+    return o1 || o2 || o3 ? nil : abcd
+}
+
 /// The product of `values`, or nil if it overflows `Int`. Inlined, so that the array
 /// literals of call sites stay on the stack (a checked call allocates nothing).
 @inline(__always)
@@ -686,7 +696,12 @@ func checkAllocation(bytes: Int?, option: @autoclosure () -> String) throws {
 /// ``maxAllocationBytes``, naming `option`.
 @inline(__always)
 func checkFloatAllocation(_ counts: [Int], option: @autoclosure () -> String) throws {
-    let bytes = checkedProduct(counts).flatMap { checkedProduct([$0, MemoryLayout<Float>.stride]) }
+    // No closure and no second array: the literal at the call site stays on the stack.
+    var bytes: Int?
+    if let count = checkedProduct(counts) {
+        let (product, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<Float>.stride)
+        bytes = overflow ? nil : product
+    }
     try checkAllocation(bytes: bytes, option: option())
 }
 

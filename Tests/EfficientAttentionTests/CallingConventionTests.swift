@@ -109,7 +109,7 @@ struct CallingConventionTests {
     /// blocks, ETC's masks' runs, axial grids,
     /// LSH's bucket plan), with the most allocations a call of the test problem may make:
     /// a bound that catches allocations per tile or per row (KernelDocs/CallingConvention.md).
-    static let planAllocations = ["lsh": 24, "etc": 64]
+    static let planAllocations = ["etc": 64]
 
     @Test("a steady-state call with a workspace allocates nothing (one thread)", arguments: entries)
     func allocations(_ name: String) throws {

@@ -93,6 +93,21 @@ public struct LSHAttention: Attention {
     /// Explicit rotations `[H, hashes, D, columns]` (finite), replacing the seeded ones:
     /// `columns = nBuckets / 2`, or `Σ n_i / 2` with ``bucketFactors``.
     public var rotations: Tensor?
+    /// The last plan built, for calls with the same settings and shape (no arrays per call).
+    private let plans = PlanCache<PlanKey, Plan>()
+
+    /// Everything the plan depends on.
+    private struct PlanKey: Equatable {
+        var bucketSize: Int, hashes: Int, bucketCount: Int?, bucketFactors: [Int]?, factorisationThreshold: Int?
+        var sharedQK: Bool, attendAcrossBuckets: Bool, causal: Bool, rotationColumns: Int?
+        var queryLength: Int, headDim: Int, valueDim: Int
+    }
+
+    /// The permuted-block layout and the bucket factors of a length.
+    private struct Plan {
+        let layout: PermutedBlockAttention.Layout
+        let factors: [Int]
+    }
 
     public init(bucketSize: Int = 64, hashes: Int = 4, bucketCount: Int? = nil, sharedQK: Bool = true,
                 attendAcrossBuckets: Bool = false, causal: Bool = false, scale: Float? = nil,
@@ -207,12 +222,13 @@ public struct LSHAttention: Attention {
                     "LSH bucketCount \(bucketCount) must equal the product \(product) of bucketFactors \(bucketFactors)")
             }
         }
-        let n = buckets(forLength: shape.queryLength)
+        let factors = plan(shape).factors
+        let n = BucketHash.product(factors)
         guard n >= 2, n % 2 == 0 else {
             throw AttentionError.invalidParameter("LSH bucketCount (nBuckets) must be even and at least 2, got \(n)")
         }
         if let rotations {
-            let expected = [shape.heads, hashes, shape.headDim, BucketHash.columns(factors(forLength: shape.queryLength))]
+            let expected = [shape.heads, hashes, shape.headDim, BucketHash.columns(factors)]
             guard rotations.shape == expected else {
                 let extent = bucketFactors == nil ? "nBuckets/2" : "Σ bucketFactors/2"
                 throw AttentionError.shapeMismatch(
@@ -224,10 +240,11 @@ public struct LSHAttention: Attention {
         }
         // The per-head scratch (rotations, bucket arrays) and the workspace, checked before
         // any of their sizes is computed with unchecked arithmetic.
-        let columns = BucketHash.columns(factors(forLength: shape.queryLength))
-        try checkFloatAllocation([shape.heads, hashes, shape.headDim, roundUp(columns, MicroTile.nr)],
-                                 option: "LSH rotations [heads, hashes, headDim, nBuckets/2]")
-        try checkAllocation(bytes: checkedProduct([2 * 4, hashes, shape.queryLength]),
+        let columns = BucketHash.columns(factors)
+        try checkAllocation(bytes: checkedProduct(shape.heads, hashes, shape.headDim,
+                                                  roundUp(columns, MicroTile.nr)).flatMap { checkedProduct($0, 4) },
+                            option: "LSH rotations [heads, hashes, headDim, nBuckets/2]")
+        try checkAllocation(bytes: checkedProduct(2 * 4, hashes, shape.queryLength),
                             option: "LSH bucket arrays (2 · hashes · N)")
         try checkAllocation(bytes: workspaceBytes(shape, threads: maxThreadCount), option: "LSH workspace")
     }
@@ -257,7 +274,7 @@ public struct LSHAttention: Attention {
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
         try validate(shape)
-        let half = BucketHash.columns(self.factors(forLength: shape.queryLength))
+        let half = BucketHash.columns(plan(shape).factors)
         let heads = shape.batch * shape.heads
         guard let pairs = checkedProduct([LSHAttention.chunkPairs(length: shape.queryLength, chunk: bucketSize), hashes]),
               checkedProduct([pairs, heads]) != nil else {
@@ -306,6 +323,18 @@ public struct LSHAttention: Attention {
     }
 
     private func plan(_ shape: AttentionShape) -> (PermutedBlockAttention.Layout, factors: [Int]) {
+        let key = PlanKey(bucketSize: bucketSize, hashes: hashes, bucketCount: bucketCount, bucketFactors: bucketFactors,
+                          factorisationThreshold: factorisationThreshold, sharedQK: sharedQK,
+                          attendAcrossBuckets: attendAcrossBuckets, causal: causal, rotationColumns: rotations?.shape[3],
+                          queryLength: shape.queryLength, headDim: shape.headDim, valueDim: shape.valueDim)
+        let plan = plans.plan(for: key) {
+            let (layout, factors) = makePlan(shape)
+            return Plan(layout: layout, factors: factors)
+        }
+        return (plan.layout, plan.factors)
+    }
+
+    private func makePlan(_ shape: AttentionShape) -> (PermutedBlockAttention.Layout, factors: [Int]) {
         let n = shape.queryLength
         var rules: [BlockVisibility.Rule] = attendAcrossBuckets ? [] : [.sameBucket]
         if causal { rules.append(.causal(offset: 0)) }
@@ -365,12 +394,15 @@ public struct LSHAttention: Attention {
         let half = BucketHash.columns(factors)
         let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
         let seed = self.seed, given = self.rotations
-        let rotations = try given ?? Tensor(shape: [1, 1, 1, 1])   // seeded ones are drawn per head below
         // Every row is written by the first round's combine: no zero fill.
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let rowBlock = BucketHash.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
 
-        rotations.withView { rot in
+        // Explicit rotations are read from their tensor; seeded ones are drawn per head below.
+        func withRotations(_ body: (TensorView?) -> Void) {
+            if let given { given.withView { body($0) } } else { body(nil) }
+        }
+        withRotations { rot in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
             PermutedBlockAttention.forEachHead(
@@ -382,7 +414,7 @@ public struct LSHAttention: Attention {
                 let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
                 let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
-                if given != nil {
+                if let rot {
                     scratch.packRotations(rot, head: h, hashes: hashes, d: d)
                 } else {
                     parallelForEach(items: hashes, threads: inner) { r, _ in
