@@ -125,7 +125,8 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "compressive", "adaptive-span",
-                            "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc", "custom-mask"])
+                            "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc", "custom-mask",
+                            "score-function"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
