@@ -84,11 +84,12 @@ func visitRows<V: CacheRowsVisitor>(of cache: any DecodableCache, layer: Int, _ 
 struct DecodeRun: CacheRowsVisitor {
     let shape: AttentionShape, scale: Float, threads: Int, split: Int
     let q: TensorView, o: MutableTensorView, lse: MutableTensorView
+    let modifiers: ScoreModifierKernel?
     let masks: [IntervalMask]
 
     func visit<R: KVRows>(keys: R, values: R) {
         DecodeAttention.run(shape: shape, scale: scale, threads: threads, split: split,
-                            q: q, keys: keys, values: values, o: o, lse: lse) { masks[$0] }
+                            q: q, keys: keys, values: values, o: o, lse: lse, modifiers: modifiers) { masks[$0] }
     }
 }
 
