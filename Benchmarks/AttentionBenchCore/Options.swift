@@ -116,6 +116,15 @@ public struct BenchOptions: Equatable, Sendable {
                               sinks: sinks ? (0..<heads).map { _ in Float.random(in: -1...1, using: &generator) } : nil)
     }
 
+    /// The settings text of `modifiers`: `softcap=X`, `alibi`, `sinks`.
+    public static func describe(_ modifiers: ScoreModifiers) -> String {
+        var parts: [String] = []
+        if let cap = modifiers.softCap { parts.append("softcap=\(cap)") }
+        if modifiers.alibiSlopes != nil { parts.append("alibi") }
+        if modifiers.sinks != nil { parts.append("sinks") }
+        return parts.joined(separator: " ")
+    }
+
     public init() {}
 
     /// The timing rule these options describe.
@@ -351,7 +360,7 @@ extension BenchOptions {
         options.alibi = given["alibi"] != nil
         options.sinks = given["sinks"] != nil
         if options.hasModifiers {
-            for other in ["decode", "backward"] where given[other] != nil {
+            for other in ["backward"] where given[other] != nil {
                 throw BenchError.usage("--softcap, --alibi and --sinks do not combine with --\(other) yet")
             }
         }

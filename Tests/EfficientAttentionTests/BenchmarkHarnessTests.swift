@@ -552,9 +552,20 @@ import AttentionBenchCore
         #expect(records[0].parameters.contains("softcap=30.0") && records[0].parameters.contains("alibi")
                 && records[0].parameters.contains("sinks"))
         for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"],
-                    ["--alibi", "--decode"]] {
+                    ["--alibi", "--backward"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // Decode mode takes them too: the record says so, and the error column is against
+        // dense with the same modifiers (small), not plain dense.
+        let d = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "300", "--heads", "4",
+                                        "--kv-heads", "2", "--dim", "16", "--softcap", "5", "--alibi", "--sinks",
+                                        "--threads", "1", "--repeat", "1", "--quiet"])
+        let decoded = try DecodeRunner(options: d, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                       bandwidth: BandwidthCache(measure: { Double($0) * 10 }), progress: { _ in })
+            .run(try DecodePlan.make(d))
+        #expect(decoded.count == 1)
+        #expect(decoded[0].parameters.contains("softcap=5.0 alibi sinks"))
+        #expect((decoded[0].relativeError ?? 1) < 1e-5)
     }
 
     /// `--io`: one record per element type, each saying so (JSON field `io`, the settings
