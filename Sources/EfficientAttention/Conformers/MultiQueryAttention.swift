@@ -295,16 +295,7 @@ extension MultiQueryAttention: DecodingAttention {
     /// (``decode(query:cache:layer:threads:)``). The problem is checked before the append.
     public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout KVCache,
                            threads: Int? = nil) throws -> AttentionResult {
-        let step = try AttentionShape(query: query, key: key, value: value)
-        guard step.queryLength == step.keyLength else {
-            throw AttentionError.shapeMismatch(
-                "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
-        }
-        guard step.batch == state.batch, step.kvHeads == state.kvHeads, step.headDim == state.headDim,
-              step.valueDim == state.valueDim else {
-            throw AttentionError.shapeMismatch(
-                "the cache holds B=\(state.batch) Hkv=\(state.kvHeads) D=\(state.headDim) Dv=\(state.valueDim), the step is \(step)")
-        }
+        let step = try checkedDecodingStep(query: query, key: key, value: value, cache: state)
         var after = step
         after.keyLength = (state.lengths(layer: 0).max() ?? 0) + step.queryLength
         try validate(after)
