@@ -75,10 +75,10 @@ public struct DecodePlan: Sendable {
                                 conformer = try make(ConformerConfig(problem: problem, parameters: parameters, seed: options.seed))
                                 if options.hasModifiers {
                                     guard var modifiable = conformer as? any ModifiableAttention else {
-                                        note(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks): not run")
+                                        note(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks, --bias): not run")
                                         continue
                                     }
-                                    modifiable.modifiers = options.modifiers(heads: problem.shape.heads)
+                                    modifiable.modifiers = try options.modifiers(shape: problem.shape)
                                     conformer = modifiable
                                 }
                             } catch let error as BenchError {

@@ -90,10 +90,10 @@ public struct SweepPlan: Sendable {
                     do {
                         if options.hasModifiers {
                             guard var modifiable = try make(config) as? any ModifiableAttention else {
-                                skip(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks): not run")
+                                skip(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks, --bias): not run")
                                 continue
                             }
-                            modifiable.modifiers = options.modifiers(heads: problem.shape.heads)
+                            modifiable.modifiers = try options.modifiers(shape: problem.shape)
                             conformer = modifiable
                         } else {
                             conformer = try make(config)

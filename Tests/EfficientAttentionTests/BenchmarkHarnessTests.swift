@@ -542,7 +542,7 @@ import AttentionBenchCore
         let plan = try SweepPlan.make(o)
         #expect(plan.jobs.map(\.entry.name) == ["custom-mask"])
         #expect(plan.jobs[0].cost.scoredPairs == 2 * 4 * 128 * 128)   // documents of whole query tiles
-        let m = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--variants", "dense,linformer",
+        let m = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--bias", "--variants", "dense,linformer",
                                         "--seq", "64", "--heads", "2", "--dim", "16", "--threads", "1", "--repeat", "1"])
         let modified = try SweepPlan.make(m)
         #expect(modified.jobs.map(\.entry.name) == ["dense"])
@@ -550,7 +550,8 @@ import AttentionBenchCore
         let records = try SweepRunner(options: m, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
             .run(modified)
         #expect(records[0].parameters.contains("softcap=30.0") && records[0].parameters.contains("alibi")
-                && records[0].parameters.contains("sinks"))
+                && records[0].parameters.contains("sinks") && records[0].parameters.contains("bias"))
+        #expect(try m.modifiers(shape: AttentionShape(heads: 2, queryLength: 64, headDim: 16)).bias?.shape == [1, 2, 64, 64])
         for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"],
                     ["--alibi", "--backward"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
