@@ -577,3 +577,31 @@ struct BigBirdBackwardMask: TransposedTileMask {
         }
     }
 }
+
+// MARK: - Memory-compressed attention
+
+extension WindowEndMask: TransposedTileMask {
+    /// Compressed key `t < keyEnd` is seen by the query positions `p ≥ e_t` (its window's
+    /// end): the keys `first … last` of a block by the queries from `e_first − offset` on,
+    /// each tile holding the keys its last query has passed (fully visible when its first
+    /// query has passed them all).
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "whole-window masks list contiguous key blocks")
+        let first = keys.start, last = min(keys.last, keyEnd - 1)
+        guard first <= last else { return }
+        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
+                                   from: windowEnd(first) - offset, through: queryLength - 1) { index, queries in
+            let end = min(last, limit(position: queries.last + offset) - 1)
+            guard first <= end else { return }
+            body(index, queries, KeyTile(keys: PositionRun(start: first, count: end - first + 1),
+                                         fullyVisible: windowEnd(end) <= queries.start + offset))
+        }
+    }
+
+    /// Keys from `t` on are seen by the queries at positions `p ≥ e_t`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        return runIndices(queries, from: windowEnd(tile.keys.position(keys.lowerBound)) - offset, through: queries.last)
+    }
+}
