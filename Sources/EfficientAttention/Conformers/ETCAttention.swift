@@ -45,6 +45,28 @@ public struct ETCAttention: Attention, Equatable {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// The last plan built, for calls with the same settings and length (no arrays per call).
+    private let plans = PlanCache<PlanKey, Plan>()
+
+    /// Everything the plan depends on (the relative table's values are read on each call,
+    /// only its row count is in the plan).
+    private struct PlanKey: Equatable {
+        var globals: Int, radius: Int, causal: Bool, segments: ETCSegments?, maxDistance: Int, length: Int
+    }
+
+    /// A length's pattern (its masks' runs and query partitions), the long → long pairs,
+    /// and the zero key and distance biases of the relative terms.
+    private struct Plan {
+        let pattern: ETCPattern
+        let bandPairs: Int
+        let zeros: [Float]
+    }
+
+    /// Equal settings (the plan cache is not compared).
+    public static func == (a: ETCAttention, b: ETCAttention) -> Bool {
+        a.globals == b.globals && a.radius == b.radius && a.relativePositions == b.relativePositions
+            && a.segments == b.segments && a.causal == b.causal && a.scale == b.scale
+    }
 
     /// ETC's local radius, 84 (its released base configuration).
     public static let defaultRadius = 84
@@ -103,9 +125,19 @@ public struct ETCAttention: Attention, Equatable {
                     + "\(shape.headDim)], got \(s)")
             }
             try checkOption(s[2], "relativePositions rows (2κ + 1)", in: 1...patternLimit, variant: variant)
-            if let n = table.elements.firstIndex(where: { !$0.isFinite }) {
+            // Read in place (`elements` of a strided table would build an array on every call).
+            let bad: (index: Int, value: Float)? = table.withView { a in
+                for h in 0..<s[1] { for t in 0..<s[2] {
+                    let row = a.row(0, h, t)
+                    for c in 0..<s[3] where !row[c * a.strides[3]].isFinite {
+                        return (((h * s[2]) + t) * s[3] + c, row[c * a.strides[3]])
+                    }
+                } }
+                return nil
+            }
+            if let bad {
                 throw AttentionError.invalidParameter(
-                    "\(variant): relativePositions element \(n) must be finite, got \(table.elements[n])")
+                    "\(variant): relativePositions element \(bad.index) must be finite, got \(bad.value)")
             }
         }
         try segments?.validate(globals: globals, longs: shape.queryLength - globals, variant: variant)
@@ -113,19 +145,29 @@ public struct ETCAttention: Attention, Equatable {
 
     /// The pattern for `shape`.
     public func pattern(for shape: AttentionShape) throws -> ETCPattern {
+        try plan(for: shape).pattern
+    }
+
+    /// The validated plan of `shape`, built once per settings and length.
+    private func plan(for shape: AttentionShape) throws -> Plan {
         try validate(shape)
-        return try ETCPattern(globals: globals, radius: radius, causal: causal, segments: segments,
-                              length: shape.queryLength)
+        let key = PlanKey(globals: globals, radius: radius, causal: causal, segments: segments,
+                          maxDistance: maxDistance, length: shape.queryLength)
+        return try plans.plan(for: key) {
+            let pattern = try ETCPattern(globals: globals, radius: radius, causal: causal, segments: segments,
+                                         length: shape.queryLength)
+            var bandPairs = 0
+            for p in globals..<shape.queryLength { bandPairs += pattern.band(p).count }
+            return Plan(pattern: pattern, bandPairs: bandPairs,
+                        zeros: [Float](repeating: 0, count: 2 * maxDistance + 1))
+        }
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
-        let pattern = try pattern(for: shape)
+        let plan = try plan(for: shape), pattern = plan.pattern
         let base = patternCost(pattern, shape: shape, threads: threads)
-        var bandPairs = 0
-        if relativePositions != nil {
-            for p in globals..<shape.queryLength { bandPairs += pattern.band(p).count }
-        }
+        let bandPairs = relativePositions == nil ? 0 : plan.bandPairs
         let termFlops = 2 * Double(bandPairs * shape.heads * shape.batch) * Double(shape.headDim)
         let longWorkspace = TiledSoftmaxAttention.workspaceBytes(
             shape: shape, threads: threads, queryTile: pattern.longQueryTile,
@@ -142,7 +184,7 @@ public struct ETCAttention: Attention, Equatable {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
-                let pattern = try self.pattern(for: call.shape)
+                let plan = try self.plan(for: call.shape), pattern = plan.pattern
                 call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
                     pattern.globalQueryMask(keyEnd: keyEnd)
                 }
@@ -151,24 +193,22 @@ public struct ETCAttention: Attention, Equatable {
                     return
                 }
                 // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
-                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
-                let zeros = [Float](repeating: 0, count: rows)
-                zeros.withUnsafeBufferPointer { zeros in table.withView { a in
-                    // Each head's mask built once (it holds arrays), not once per query tile.
-                    TiledSoftmaxAttention.withMasks(shape, { b, h in
+                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1, perHead = table.shape[1] != 1
+                plan.zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+                    // Built per query tile: its arrays are the plan's (shared, not copied), so
+                    // nothing is allocated, and no table of B·H masks is needed.
+                    TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
+                                              queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
+                                              v: call.v, o: call.o, lse: call.lse) { b, h in
                         RelativeTermsMask(
                             base: pattern.longQueryMask(keyEnd: call.keyEnd(b)),
                             terms: RelativeScoreTerms(
-                                table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
+                                table: a.row(0, perHead ? h : 0, rows - 1),
                                 tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
                                 offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
                                 distanceBias: zeros.baseAddress!,
                                 owner: b * shape.heads + h + 1, clamped: true),
                             firstKey: globals)
-                    }) { masks in
-                        TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
-                                                  queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
-                                                  v: call.v, o: call.o, lse: call.lse, mask: masks)
                     }
                 } }
             }
@@ -195,6 +235,28 @@ public struct ETCAttention: Attention, Equatable {
                        longQuery: Tensor, longKey: Tensor, longValue: Tensor,
                        keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (global: AttentionResult, long: AttentionResult) {
+        try checkParts(globalQuery: globalQuery, globalKey: globalKey, globalValue: globalValue,
+                       longQuery: longQuery, longKey: longKey, longValue: longValue,
+                       keyLengths: keyLengths, threads: threads)
+        let l = try AttentionShape(query: longQuery, key: longKey, value: longValue)
+        let result = try attend(query: try globalQuery.appendingPositions(of: longQuery),
+                                key: try globalKey.appendingPositions(of: longKey),
+                                value: try globalValue.appendingPositions(of: longValue),
+                                keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
+        let n = globals + l.queryLength
+        return (try AttentionResult(output: result.output.positions(0..<globals),
+                                    logSumExp: result.logSumExp.positions(0..<globals)),
+                try AttentionResult(output: result.output.positions(globals..<n),
+                                    logSumExp: result.logSumExp.positions(globals..<n)))
+    }
+}
+
+extension ETCAttention {
+    /// The checks of the two-input API: the parts agree, `N_g` is ``globals``, the key
+    /// lengths fit the long part.
+    private func checkParts(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
+                            longQuery: Tensor, longKey: Tensor, longValue: Tensor,
+                            keyLengths: [Int]?, threads: Int?) throws {
         let g = try AttentionShape(query: globalQuery, key: globalKey, value: globalValue)
         let l = try AttentionShape(query: longQuery, key: longKey, value: longValue)
         guard g.batch == l.batch, g.heads == l.heads, g.kvHeads == l.kvHeads, g.headDim == l.headDim,
@@ -211,14 +273,5 @@ public struct ETCAttention: Attention, Equatable {
         if let keyLengths {
             try checkCallArguments(l, keyLengths: keyLengths, threads: threads)
         }
-        let result = try attend(query: try globalQuery.appendingPositions(of: longQuery),
-                                key: try globalKey.appendingPositions(of: longKey),
-                                value: try globalValue.appendingPositions(of: longValue),
-                                keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
-        let n = globals + l.queryLength
-        return (try AttentionResult(output: result.output.positions(0..<globals),
-                                    logSumExp: result.logSumExp.positions(0..<globals)),
-                try AttentionResult(output: result.output.positions(globals..<n),
-                                    logSumExp: result.logSumExp.positions(globals..<n)))
     }
 }
