@@ -107,3 +107,88 @@ public struct AttentionPooling: Attention {
         return try AttentionResult(output: output, logSumExp: lse)
     }
 }
+
+extension AttentionPooling: DifferentiableAttention {
+    /// The dense backward (``TiledSoftmaxBackward``) of the seeds over the keys
+    /// (KernelDocs/SetTransformer.md, "Backward"): one attention, whose output and
+    /// log-sum-exp are the forward's, so nothing is recomputed. The query tensor's values
+    /// are not read by the forward, so `dQuery` is all zeros; the seeds' gradient comes from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, r < k (hk = h / (H / Hkv)), L = keyLengths?[b] ?? Nk:
+    /// P[j] = exp(scale · dot(S[h, r], k[b, hk, j]) − lse[b, h, r]),  dS[j] = P[j] · (dO·v[j] − dO·o)   j < L
+    /// dK[b, hk, j] += scale · dS[j] S[h, r],   dV[b, hk, j] += P[j] dO[b, h, r]
+    /// ∂L/∂S[h, r] = Σ_b scale · Σ_j dS[j] k[b, hk, j],   dQuery = 0
+    /// ```
+    /// A batch item without keys gets zero gradients. Bitwise identical for every thread
+    /// count (the seeds' per-item gradients summed over batch items in order).
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace: the kernel's tiles per thread
+    ///   and the seeds' per-item gradient (`4 · B · H · k · D` bytes), independent of `Nk`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dK: dKey.kernel, dV: dValue.kernel, seeds: nil)
+        }
+    }
+
+    /// `∂L/∂S` (shaped like ``seeds``, `[H, k, D]`) through the call that gave `result`,
+    /// with `dQ` (zeros), `dK`, `dV`, which the same pass computes.
+    ///
+    /// - Complexity: the backward's plus `B · H · k · D` additions.
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, seeds: [Float]) {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: scale)
+        let shape = s.shape, scale = s.scale
+        let threads = try threadCount(threads)
+        let dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
+        var dSeeds = [Float](repeating: 0, count: seeds.count)
+        try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        dSeeds.withUnsafeMutableBufferPointer { dSeeds in
+            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                     k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
+                     dK: dK.kernel, dV: dV.kernel, seeds: dSeeds.baseAddress!)
+        }
+        } } } } } } }
+        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), dSeeds)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let perItem = roundUp(shape.batch * heads * seedCount * shape.headDim * 4, WorkspaceCarver.alignment)
+        return AttentionCost(
+            flops: 2.5 * forward.flops,
+            workspaceBytes: perItem + PointAttention.backwardWorkspaceBytes(count: seedCount, shape: shape,
+                                                                            threads: try threadCount(threads)),
+            scoredPairs: forward.scoredPairs)
+    }
+
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, seeds gradient: UnsafeMutablePointer<Float>?) {
+        withScratchTensor(SIMD4(shape.batch, heads, seedCount, shape.headDim), zeroed: true) { perItem in
+            PointAttention.backward(points: seeds, count: seedCount, shape: shape, scale: scale, threads: threads,
+                                    keyLengths: keyLengths, k: k, v: v, o: o, lse: lse, dO: dO,
+                                    dPoints: perItem, dK: dK, dV: dV)
+            if let gradient {
+                PointAttention.sumOverBatch(perItem.readOnly, shape: shape, count: seedCount, into: gradient)
+            }
+        }
+    }
+}

@@ -251,7 +251,91 @@ public struct ETCAttention: Attention, Equatable {
     }
 }
 
-extension ETCAttention {
+extension ETCAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/ETC.md, "Backward") in the
+    /// forward's two passes, each with the forward's output and log-sum-exp: the global
+    /// queries against every key they see, then the long queries against the global keys
+    /// and their band (adding to `dK`, `dV`). The passes' queries are disjoint, so their
+    /// sums are the whole backward; `dQ` is summed in key-block order. Bitwise identical for
+    /// every thread count. Through this entry point the inputs and gradients are the
+    /// concatenation `[global ; long]`;
+    /// ``gradients(globalQuery:globalKey:globalValue:longQuery:longKey:longValue:global:long:globalOutputGradient:longOutputGradient:keyLengths:threads:)``
+    /// takes and returns the two parts apart.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with ETC's visible keys J(p) (ETCPattern)
+    /// P[j] = exp(scale · dot(q[b,h,p], k[b,hk,j]) − lse[b,h,p]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,p] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[p],  dV[b,hk,j] += P[j] dO[p]
+    /// ```
+    ///
+    /// A relative table (``relativePositions``) adds score terms, which the tiled backward
+    /// does not take yet: such a configuration throws ``AttentionError/unsupported(_:)``.
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs; workspace of about
+    ///   242 KiB per thread at `D = Dv = 64` plus one `Int` per key block per key/value head,
+    ///   independent of `N`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try checkDifferentiable()
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.plan(for: call.shape).pattern
+            call.run { _, keyEnd in ETCGlobalQueryBackwardMask(forward: pattern.globalQueryMask(keyEnd: keyEnd)) }
+            call.run(accumulate: true) { _, keyEnd in
+                ETCLongQueryBackwardMask(forward: pattern.longQueryMask(keyEnd: keyEnd))
+            }
+        }
+    }
+
+    /// Throws unless the configuration has a backward pass (no relative table).
+    private func checkDifferentiable() throws {
+        guard relativePositions == nil else {
+            throw AttentionError.unsupported(
+                "ETC attention gradients: relativePositions (Shaw et al.'s score terms) have no backward pass yet")
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try checkDifferentiable()
+        return tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                                 passes: [.contiguous])
+    }
+
+    /// The gradients with the global and long inputs apart, through the call of
+    /// ``attend(globalQuery:globalKey:globalValue:longQuery:longKey:longValue:keyLengths:threads:)``
+    /// that gave `global` and `long`, for the output gradients of the two parts
+    /// (`[B, H, N_g, Dv]` and `[B, H, N_l, Dv]`). `keyLengths` pads the long keys, as there.
+    ///
+    /// - Complexity: the backward above, plus copying the inputs into one sequence and the
+    ///   gradients out of it.
+    public func gradients(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
+                          longQuery: Tensor, longKey: Tensor, longValue: Tensor,
+                          global: AttentionResult, long: AttentionResult,
+                          globalOutputGradient: Tensor, longOutputGradient: Tensor,
+                          keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (global: AttentionGradients, long: AttentionGradients) {
+        try checkDifferentiable()
+        try checkParts(globalQuery: globalQuery, globalKey: globalKey, globalValue: globalValue,
+                       longQuery: longQuery, longKey: longKey, longValue: longValue,
+                       keyLengths: keyLengths, threads: threads)
+        let n = globals + longQuery.shape[2]
+        let g = try gradients(query: try globalQuery.appendingPositions(of: longQuery),
+                              key: try globalKey.appendingPositions(of: longKey),
+                              value: try globalValue.appendingPositions(of: longValue),
+                              output: try global.output.appendingPositions(of: long.output),
+                              logSumExp: try global.logSumExp.appendingPositions(of: long.logSumExp),
+                              outputGradient: try globalOutputGradient.appendingPositions(of: longOutputGradient),
+                              keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
+        func part(_ range: Range<Int>) throws -> AttentionGradients {
+            AttentionGradients(dQuery: try g.dQuery.positions(range), dKey: try g.dKey.positions(range),
+                               dValue: try g.dValue.positions(range))
+        }
+        return (try part(0..<globals), try part(globals..<n))
+    }
+
     /// The checks of the two-input API: the parts agree, `N_g` is ``globals``, the key
     /// lengths fit the long part.
     private func checkParts(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
