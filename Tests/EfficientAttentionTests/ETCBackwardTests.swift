@@ -140,21 +140,10 @@ struct ETCBackwardTests {
         let (q, k, v, result, dO) = try c.inputs()
         let expected = try s.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
                                                  keyLengths: c.keyLengths, threads: 2)
-        let workspace = try AttentionWorkspace(byteCount: try s.attention.backwardCost(c.shape, threads: 3).workspaceBytes)
-        var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
-        var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
-        var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
-        let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
-        let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
-                            try embeddedInNaN(dO, innerStride: 2))
-        try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
-        try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try s.attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                      dQuery: dQ, dKey: dK, dValue: dV, keyLengths: c.keyLengths,
-                                      workspace: workspace, threads: 3)
-        } } } } } } } } }
-        expectBitwiseEqualGradients(expected, AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), c.testDescription)
+        expectBitwiseEqualGradients(expected, try viewGradients(s.attention, shape: c.shape, q: q, k: k, v: v,
+                                                                result: result, dO: dO, keyLengths: c.keyLengths,
+                                                                threads: 3),
+                                    c.testDescription)
     }
 
     @Test("the two-input API's gradients are the concatenated call's, cut at the globals")
@@ -194,25 +183,18 @@ struct ETCBackwardTests {
                                     valueDim: 20, keyLengths: [100, 43], seed: 86_000)
         let (q, k, v, result, _) = try c.inputs()
         let target = try randomTensor(result.output.shape, seed: 86_001)
-        func loss(_ o: Tensor) -> Double {
-            zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
-        }
         let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
         let g = try s.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
                                           keyLengths: c.keyLengths, threads: 2)
-        let squaredNorm = [g.dQuery, g.dKey, g.dValue].reduce(0.0) { sum, t in
-            t.elements.reduce(sum) { $0 + Double($1) * Double($1) }
+        try expectFirstOrderDecrease(s.label, before: halfSquaredError(result.output, target),
+                                     gradients: [g.dQuery.elements, g.dKey.elements, g.dValue.elements]) { eta in
+            func moved(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
+                try Tensor(shape: x.shape, data: stepped(x.elements, dx.elements, eta))
+            }
+            let after = try s.attention.attend(query: moved(q, g.dQuery), key: moved(k, g.dKey),
+                                               value: moved(v, g.dValue), keyLengths: c.keyLengths, threads: 2)
+            return halfSquaredError(after.output, target)
         }
-        let before = loss(result.output)
-        let eta = Float(0.002 * before / squaredNorm)
-        func step(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
-            try Tensor(shape: x.shape, data: zip(x.elements, dx.elements).map { $0 - eta * $1 })
-        }
-        let after = try s.attention.attend(query: step(q, g.dQuery), key: step(k, g.dKey), value: step(v, g.dValue),
-                                           keyLengths: c.keyLengths, threads: 2)
-        let decrease = before - loss(after.output), predicted = Double(eta) * squaredNorm
-        #expect(decrease > 0 && abs(decrease - predicted) < 0.05 * predicted,
-                "\(s.label): decrease \(decrease), first-order prediction \(predicted), loss \(before)")
     }
 
     @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of N; a relative table and bad shapes throw")

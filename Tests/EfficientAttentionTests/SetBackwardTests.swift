@@ -211,6 +211,51 @@ struct SetBackwardCase: Sendable, CustomTestStringConvertible {
     }
 }
 
+// MARK: - Shared by the backward tests of this change (ETCBackwardTests too)
+
+/// `attention`'s gradients through the view entry point: the inputs in NaN-padded strided
+/// copies, the gradients into strided memory filled with 12345 (every element must be
+/// written), a caller's workspace sized by `backwardCost` for `shape` and `threads`.
+func viewGradients(_ attention: any DifferentiableAttention, shape: AttentionShape, q: Tensor, k: Tensor, v: Tensor,
+                   result: AttentionResult, dO: Tensor, keyLengths: [Int]?, threads: Int) throws -> AttentionGradients {
+    let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(shape, threads: threads).workspaceBytes)
+    var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
+    var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
+    var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
+    let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
+    let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
+                        try embeddedInNaN(dO, innerStride: 2))
+    try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
+    try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
+    try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
+                                dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: workspace,
+                                threads: threads)
+    } } } } } } } } }
+    return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+}
+
+/// `L = ½‖O − T‖²`.
+func halfSquaredError(_ o: Tensor, _ target: Tensor) -> Double {
+    zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+}
+
+/// `x − η · dx`.
+func stepped(_ x: [Float], _ dx: [Float], _ eta: Float) -> [Float] { zip(x, dx).map { $0 - eta * $1 } }
+
+/// A step `x − η g` on everything with gradients `gradients` lowers a loss of `before` by
+/// `η ‖g‖²` to first order: with `η` chosen for a 0.2% decrease, `after(η)` (the loss
+/// after the step) must show it within 5%.
+func expectFirstOrderDecrease(_ label: String, before: Double, gradients: [[Float]], after: (Float) throws -> Double,
+                              sourceLocation: SourceLocation = #_sourceLocation) rethrows {
+    let squaredNorm = gradients.reduce(0.0) { sum, t in t.reduce(sum) { $0 + Double($1) * Double($1) } }
+    let eta = Float(0.002 * before / squaredNorm)
+    let decrease = before - (try after(eta)), predicted = Double(eta) * squaredNorm
+    #expect(decrease > 0 && abs(decrease - predicted) < 0.05 * predicted,
+            "\(label): decrease \(decrease), first-order prediction \(predicted), loss \(before)",
+            sourceLocation: sourceLocation)
+}
+
 enum SetBackwardCases {
     static let all: [SetBackwardCase] = [false, true].flatMap { pooling in
         let base: UInt64 = pooling ? 91_000 : 90_000
@@ -303,21 +348,9 @@ struct SetBackwardTests {
         let (q, k, v, result, dO) = try c.inputs()
         let expected = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
                                                keyLengths: c.keyLengths, threads: 2)
-        let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(c.shape, threads: 3).workspaceBytes)
-        var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
-        var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
-        var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
-        let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
-        let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
-                            try embeddedInNaN(dO, innerStride: 2))
-        try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
-        try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                    dQuery: dQ, dKey: dK, dValue: dV, keyLengths: c.keyLengths,
-                                    workspace: workspace, threads: 3)
-        } } } } } } } } }
-        expectBitwiseEqualGradients(expected, AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), c.testDescription)
+        expectBitwiseEqualGradients(expected, try viewGradients(attention, shape: c.shape, q: q, k: k, v: v, result: result,
+                                                                dO: dO, keyLengths: c.keyLengths, threads: 3),
+                                    c.testDescription)
     }
 
     /// `L = ½‖O − T‖²`: a step on the inputs and the learned points (and projections) lowers
@@ -329,9 +362,6 @@ struct SetBackwardTests {
                                 keyLengths: [100, 43], seed: 95_000)
         let (q, k, v, result, _) = try c.inputs()
         let target = try randomTensor(result.output.shape, seed: 95_001)
-        func loss(_ o: Tensor) -> Double {
-            zip(o.elements, target.elements).reduce(0) { $0 + 0.5 * Double($1.0 - $1.1) * Double($1.0 - $1.1) }
-        }
         let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
         let parameters: [[Float]], g: AttentionGradients, current: [[Float]]
         if c.pooling {
@@ -347,23 +377,21 @@ struct SetBackwardTests {
             parameters = [r.parameters.inducingPoints] + (r.parameters.keyProjection.map { [$0, r.parameters.valueProjection!] } ?? [])
             current = [a.inducingPoints] + (a.keyProjection.map { [$0, a.valueProjection!] } ?? [])
         }
-        let all = [g.dQuery.elements, g.dKey.elements, g.dValue.elements] + parameters
-        let squaredNorm = all.reduce(0.0) { sum, t in t.reduce(sum) { $0 + Double($1) * Double($1) } }
-        let before = loss(result.output)
-        let eta = Float(0.002 * before / squaredNorm)
-        func step(_ x: [Float], _ dx: [Float]) -> [Float] { zip(x, dx).map { $0 - eta * $1 } }
-        func stepped(_ x: Tensor, _ dx: Tensor) throws -> Tensor { try Tensor(shape: x.shape, data: step(x.elements, dx.elements)) }
-        let moved = zip(current, parameters).map { step($0, $1) }
-        let attention: any Attention = c.pooling
-            ? try AttentionPooling(heads: c.heads, headDim: c.headDim, seeds: moved[0])
-            : try InducedSetAttention(heads: c.heads, headDim: c.headDim, inducingPoints: moved[0],
-                                      keyProjection: moved.count > 1 ? moved[1] : nil,
-                                      valueProjection: moved.count > 2 ? moved[2] : nil)
-        let after = try attention.attend(query: stepped(q, g.dQuery), key: stepped(k, g.dKey), value: stepped(v, g.dValue),
-                                         keyLengths: c.keyLengths, threads: 2)
-        let decrease = before - loss(after.output), predicted = Double(eta) * squaredNorm
-        #expect(decrease > 0 && abs(decrease - predicted) < 0.05 * predicted,
-                "\(c.testDescription): decrease \(decrease), first-order prediction \(predicted), loss \(before)")
+        try expectFirstOrderDecrease(c.testDescription, before: halfSquaredError(result.output, target),
+                                     gradients: [g.dQuery.elements, g.dKey.elements, g.dValue.elements] + parameters) { eta in
+            func moved(_ x: Tensor, _ dx: Tensor) throws -> Tensor {
+                try Tensor(shape: x.shape, data: stepped(x.elements, dx.elements, eta))
+            }
+            let points = zip(current, parameters).map { stepped($0, $1, eta) }
+            let attention: any Attention = c.pooling
+                ? try AttentionPooling(heads: c.heads, headDim: c.headDim, seeds: points[0])
+                : try InducedSetAttention(heads: c.heads, headDim: c.headDim, inducingPoints: points[0],
+                                          keyProjection: points.count > 1 ? points[1] : nil,
+                                          valueProjection: points.count > 2 ? points[2] : nil)
+            let after = try attention.attend(query: moved(q, g.dQuery), key: moved(k, g.dKey), value: moved(v, g.dValue),
+                                             keyLengths: c.keyLengths, threads: 2)
+            return halfSquaredError(after.output, target)
+        }
     }
 
     @Test("backward cost counts the recomputation; misshapen inputs and causal configurations throw")

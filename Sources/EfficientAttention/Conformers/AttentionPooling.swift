@@ -147,26 +147,16 @@ extension AttentionPooling: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, seeds: [Float]) {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: scale)
-        let shape = s.shape, scale = s.scale
-        let threads = try threadCount(threads)
-        let dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
-        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
-        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
         var dSeeds = [Float](repeating: 0, count: seeds.count)
-        try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-        dSeeds.withUnsafeMutableBufferPointer { dSeeds in
-            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
-                     k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
-                     dK: dK.kernel, dV: dV.kernel, seeds: dSeeds.baseAddress!)
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            dSeeds.withUnsafeMutableBufferPointer { dSeeds in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths, k: c.k, v: c.v,
+                         o: c.o, lse: c.lse, dO: c.dO, dK: c.dK, dV: c.dV, seeds: dSeeds.baseAddress!)
+            }
         }
-        } } } } } } }
-        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), dSeeds)
+        return (inputs, dSeeds)
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

@@ -329,11 +329,11 @@ extension ETCAttention: DifferentiableAttention {
                               logSumExp: try global.logSumExp.appendingPositions(of: long.logSumExp),
                               outputGradient: try globalOutputGradient.appendingPositions(of: longOutputGradient),
                               keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
-        func part(_ range: Range<Int>) throws -> AttentionGradients {
-            AttentionGradients(dQuery: try g.dQuery.positions(range), dKey: try g.dKey.positions(range),
-                               dValue: try g.dValue.positions(range))
+        func part(_ range: Range<Int>) -> AttentionGradients {
+            AttentionGradients(dQuery: g.dQuery.positions(range), dKey: g.dKey.positions(range),
+                               dValue: g.dValue.positions(range))
         }
-        return (try part(0..<globals), try part(globals..<n))
+        return (part(0..<globals), part(globals..<n))
     }
 
     /// The checks of the two-input API: the parts agree, `N_g` is ``globals``, the key

@@ -258,32 +258,22 @@ extension InducedSetAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, parameters: InducedSetParameterGradients) {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: scale)
-        let shape = s.shape, scale = s.scale
-        let threads = try threadCount(threads)
-        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
-        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
-        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
         var dPoints = [Float](repeating: 0, count: inducingPoints.count)
         var dwk = [Float](repeating: 0, count: keyProjection?.count ?? 0)
         var dwv = [Float](repeating: 0, count: valueProjection?.count ?? 0)
-        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-        dPoints.withUnsafeMutableBufferPointer { dPoints in
-        dwk.withUnsafeMutableBufferPointer { dwk in dwv.withUnsafeMutableBufferPointer { dwv in
-            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
-                     q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
-                     dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel,
-                     parameters: (dPoints.baseAddress!, dwk.baseAddress, dwv.baseAddress))
-        } } }
-        } } } } } } } } }
-        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv),
-                InducedSetParameterGradients(inducingPoints: dPoints, keyProjection: keyProjection == nil ? nil : dwk,
-                                             valueProjection: valueProjection == nil ? nil : dwv))
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            dPoints.withUnsafeMutableBufferPointer { dPoints in
+            dwk.withUnsafeMutableBufferPointer { dwk in dwv.withUnsafeMutableBufferPointer { dwv in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths, q: c.q, k: c.k,
+                         v: c.v, o: c.o, lse: c.lse, dO: c.dO, dQ: c.dQ, dK: c.dK, dV: c.dV,
+                         parameters: (dPoints.baseAddress!, dwk.baseAddress, dwv.baseAddress))
+            } } }
+        }
+        return (inputs, InducedSetParameterGradients(inducingPoints: dPoints,
+                                                     keyProjection: keyProjection == nil ? nil : dwk,
+                                                     valueProjection: valueProjection == nil ? nil : dwv))
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

@@ -578,89 +578,6 @@ struct BigBirdBackwardMask: TransposedTileMask {
     }
 }
 
-// MARK: - Memory-compressed attention
-
-extension WindowEndMask: TransposedTileMask {
-    /// Compressed key `t < keyEnd` is seen by the query positions `p ≥ e_t` (its window's
-    /// end): the keys `first … last` of a block by the queries from `e_first − offset` on,
-    /// each tile holding the keys its last query has passed (fully visible when its first
-    /// query has passed them all).
-    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
-                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
-        precondition(keys.step == 1, "whole-window masks list contiguous key blocks")
-        let first = keys.start, last = min(keys.last, keyEnd - 1)
-        guard first <= last else { return }
-        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
-                                   from: windowEnd(first) - offset, through: queryLength - 1) { index, queries in
-            let end = min(last, limit(position: queries.last + offset) - 1)
-            guard first <= end else { return }
-            body(index, queries, KeyTile(keys: PositionRun(start: first, count: end - first + 1),
-                                         fullyVisible: windowEnd(end) <= queries.start + offset))
-        }
-    }
-
-    /// Keys from `t` on are seen by the queries at positions `p ≥ e_t`.
-    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
-        guard !keys.isEmpty else { return 0..<0 }
-        return runIndices(queries, from: windowEnd(tile.keys.position(keys.lowerBound)) - offset, through: queries.last)
-    }
-}
-
-// MARK: - Axial attention
-
-extension AxisLineMask: TransposedTileMask {
-    /// The forward's partition: the lines, each cut into tiles of step `stride`.
-    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
-        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
-    }
-
-    /// Keys come in residue classes modulo the axis stride (``TiledSoftmaxBackward/KeyBlocks``
-    /// with `modulus = stride`), so a block is a run along one line or along consecutive
-    /// lines of one class. Each of its lines' keys (coordinates `a … z`) is seen by the query
-    /// tiles of that line only: every tile when not causal, else the tiles reaching
-    /// coordinate `a` (`≥ a`, `> a` hiding the query itself), each against the keys up to
-    /// its last query.
-    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile br: Int,
-                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
-        precondition(keys.step == stride, "axis lines list key blocks of one residue class modulo the axis stride")
-        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
-        guard !kept.isEmpty else { return }
-        let perLine = ceilDiv(length, br)
-        var n = 0
-        while n < kept.count {
-            let j = keys.position(n), a = j / stride % length
-            let count = min(kept.count - n, length - a)
-            let base = j - a * stride
-            let line = base / (length * stride) * stride + base % stride
-            let z = a + count - 1
-            for part in (causal ? a / br : 0)..<perLine {
-                let index = line * perLine + part
-                let queries = queryPartition.tile(index, queryLength: queryLength, tileSize: br)
-                let first = part * br, last = first + queries.count - 1     // the tile's coordinates
-                let end = causal ? min(z, hidesSelf ? last - 1 : last) : z
-                guard a <= end else { continue }
-                let full: Bool
-                if causal {
-                    full = hidesSelf ? end < first : end <= first
-                } else {
-                    full = !hidesSelf || end < first || a > last
-                }
-                body(index, queries, KeyTile(keys: PositionRun(start: j, count: end - a + 1, step: stride),
-                                             fullyVisible: full))
-            }
-            n += count
-        }
-    }
-
-    /// Causal: key `j` is seen by the queries of its line at positions `p ≥ j`; otherwise by
-    /// every query of the tile (the query itself masked when hidden).
-    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
-        guard !keys.isEmpty else { return 0..<0 }
-        guard causal else { return 0..<queries.count }
-        return runIndices(queries, from: tile.keys.position(keys.lowerBound), through: queries.last)
-    }
-}
-
 // MARK: - ETC
 
 /// The segment ids of 16 query lanes at positions `i` (ids of positions `origin…`; lanes
@@ -812,5 +729,88 @@ struct ETCLongQueryBackwardMask: TransposedTileMask {
             return (i .< SIMD16<Int32>(repeating: Int32(clamping: j - hi)))
                 .| (i .> SIMD16<Int32>(repeating: Int32(clamping: j - lo)))
         }
+    }
+}
+
+// MARK: - Memory-compressed attention
+
+extension WindowEndMask: TransposedTileMask {
+    /// Compressed key `t < keyEnd` is seen by the query positions `p ≥ e_t` (its window's
+    /// end): the keys `first … last` of a block by the queries from `e_first − offset` on,
+    /// each tile holding the keys its last query has passed (fully visible when its first
+    /// query has passed them all).
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "whole-window masks list contiguous key blocks")
+        let first = keys.start, last = min(keys.last, keyEnd - 1)
+        guard first <= last else { return }
+        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
+                                   from: windowEnd(first) - offset, through: queryLength - 1) { index, queries in
+            let end = min(last, limit(position: queries.last + offset) - 1)
+            guard first <= end else { return }
+            body(index, queries, KeyTile(keys: PositionRun(start: first, count: end - first + 1),
+                                         fullyVisible: windowEnd(end) <= queries.start + offset))
+        }
+    }
+
+    /// Keys from `t` on are seen by the queries at positions `p ≥ e_t`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        return runIndices(queries, from: windowEnd(tile.keys.position(keys.lowerBound)) - offset, through: queries.last)
+    }
+}
+
+// MARK: - Axial attention
+
+extension AxisLineMask: TransposedTileMask {
+    /// The forward's partition: the lines, each cut into tiles of step `stride`.
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    /// Keys come in residue classes modulo the axis stride (``TiledSoftmaxBackward/KeyBlocks``
+    /// with `modulus = stride`), so a block is a run along one line or along consecutive
+    /// lines of one class. Each of its lines' keys (coordinates `a … z`) is seen by the query
+    /// tiles of that line only: every tile when not causal, else the tiles reaching
+    /// coordinate `a` (`≥ a`, `> a` hiding the query itself), each against the keys up to
+    /// its last query.
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile br: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == stride, "axis lines list key blocks of one residue class modulo the axis stride")
+        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
+        guard !kept.isEmpty else { return }
+        let perLine = ceilDiv(length, br)
+        var n = 0
+        while n < kept.count {
+            let j = keys.position(n), a = j / stride % length
+            let count = min(kept.count - n, length - a)
+            let base = j - a * stride
+            let line = base / (length * stride) * stride + base % stride
+            let z = a + count - 1
+            for part in (causal ? a / br : 0)..<perLine {
+                let index = line * perLine + part
+                let queries = queryPartition.tile(index, queryLength: queryLength, tileSize: br)
+                let first = part * br, last = first + queries.count - 1     // the tile's coordinates
+                let end = causal ? min(z, hidesSelf ? last - 1 : last) : z
+                guard a <= end else { continue }
+                let full: Bool
+                if causal {
+                    full = hidesSelf ? end < first : end <= first
+                } else {
+                    full = !hidesSelf || end < first || a > last
+                }
+                body(index, queries, KeyTile(keys: PositionRun(start: j, count: end - a + 1, step: stride),
+                                             fullyVisible: full))
+            }
+            n += count
+        }
+    }
+
+    /// Causal: key `j` is seen by the queries of its line at positions `p ≥ j`; otherwise by
+    /// every query of the tile (the query itself masked when hidden).
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        guard causal else { return 0..<queries.count }
+        return runIndices(queries, from: tile.keys.position(keys.lowerBound), through: queries.last)
     }
 }
