@@ -386,8 +386,14 @@ public final class SweepRunner {
             results.append((job, record))
             if options.backward {
                 if let differentiable = job.conformer as? any DifferentiableAttention {
-                    for extra in try timeBackward(job, differentiable, inputs, forward: record, peak: peak) {
-                        results.append((job, extra))
+                    do {
+                        for extra in try timeBackward(job, differentiable, inputs, forward: record, peak: peak) {
+                            results.append((job, extra))
+                        }
+                    } catch AttentionError.unsupported(let reason) {
+                        // A setting this conformer's backward does not take (ETC's relative table):
+                        // the forward's record stands, the backward is skipped with the reason.
+                        progress("note: \(job.entry.name) backward skipped: \(reason)")
                     }
                 } else {
                     progress("note: \(job.entry.name) has no backward pass yet (--backward skipped)")
