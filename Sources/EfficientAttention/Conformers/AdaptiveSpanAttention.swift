@@ -148,3 +148,108 @@ public struct AdaptiveSpanAttention: KernelWidening, ModifiableAttention {
         }
     }
 }
+
+extension AdaptiveSpanAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/AdaptiveSpan.md, "Backward")
+    /// over the forward's causal band: the probabilities recomputed as `m · exp(s − lse)`
+    /// (the soft mask applied where the forward applies it), `dS = P ∘ (dP − D)`, `dQ` summed
+    /// in key-block order; no `Nq × Nk` buffer, bitwise identical for every thread count.
+    /// `∂L/∂z_h` comes from ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, i (hk = h / (H / Hkv), x = i + Nk − Nq − j):
+    /// E[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse[b,h,i]),  P[j] = m(x) · E[j]
+    /// dP[j] = dot(dO[b,h,i], v[b,hk,j]),  D = dot(dO[b,h,i], o[b,h,i]),  dS[j] = P[j] · (dP[j] − D)
+    /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
+    /// ∂L/∂z[h] += m′(x) · E[j] · (dP[j] − D)     m′ = 1/R where 0 < m(x) < 1, else 0
+    /// ```
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace as dense's backward (about
+    ///   242 KiB per thread at `D = Dv = 64`) plus one `Int` per 128 keys per key/value head.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel, spans: nil)
+        }
+    }
+
+    /// `∂L/∂z_h` for each head (`spans.count` values) through the call that gave `result`
+    /// (and `dQ`, `dK`, `dV`, which the same pass computes). The ramp's subgradient is 0 at
+    /// its kinks (pairs whose weight is exactly 0 or 1). The span penalty's gradient
+    /// (1 per head, times the caller's coefficient) is not included.
+    ///
+    /// - Complexity: the backward's plus `O(pairs on the ramp)`; one Double per 128 keys
+    ///   per (batch item, head) of scratch. Sums in a fixed order (key block, then batch item):
+    ///   bitwise identical for every thread count.
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, spans: [Float]) {
+        _ = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                    logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                    keyLengths: keyLengths, threads: threads, scale: scale)
+        var dq = try Tensor.uninitializedOutput(shape: query.shape)
+        var dk = try Tensor.uninitializedOutput(shape: key.shape)
+        var dv = try Tensor.uninitializedOutput(shape: value.shape)
+        var dz = [Float](repeating: 0, count: spans.count)
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try withCheckedGradientCall(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil,
+                                        threads: threads, scale: scale) { shape, scale in
+                backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                         q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
+                         dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel, spans: &dz)
+            }
+        } } } } } } } } }
+        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), dz)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        return AttentionCost(flops: 2.5 * forward.flops,
+                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
+                                                                                  mask: SoftSpanMask.self),
+                             scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward on views; with `spans`, `∂L/∂z_h` from per-(batch item, head, key
+    /// block) slots summed block by block, then batch item by batch item.
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                          dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          spans gradients: UnsafeMutablePointer<[Float]>?) {
+        let spans = self.spans, ramp = self.ramp, heads = shape.heads
+        let blocks = TiledSoftmaxBackward.KeyBlocks.contiguous.blocksPerClass(
+            keyLength: shape.keyLength, blockSize: TiledSoftmaxBackward.keyBlockSize)
+        func pass(_ slot: UnsafeMutablePointer<Double>?) {
+            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o, lse: lse,
+                                     dO: dO, dQ: dQ, dK: dK, dV: dV) { b, h in
+                var mask = SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                        keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
+                mask.spanGradients = slot.map { $0 + (b * heads + h) * blocks }
+                return mask
+            }
+        }
+        guard let gradients else { return pass(nil) }
+        let slots = shape.batch * heads * blocks
+        withScratch(byteCount: slots * MemoryLayout<Double>.stride) { raw in
+            let slot = raw.bindMemory(to: Double.self, capacity: slots)
+            slot.initialize(repeating: 0, count: slots)
+            pass(slot)
+            for h in 0..<heads {
+                var sum = 0.0
+                for b in 0..<shape.batch { for t in 0..<blocks { sum += slot[(b * heads + h) * blocks + t] } }
+                gradients.pointee[h] = Float(sum)
+            }
+        }
+    }
+}

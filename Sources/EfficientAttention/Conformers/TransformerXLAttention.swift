@@ -262,11 +262,23 @@ public struct TransformerXLAttention: Attention, Equatable {
     /// ``run(shape:query:key:value:keyBegins:keyLengths:threads:)`` on views, into `o` and `lse`.
     func run(shape: AttentionShape, q: TensorView, k: TensorView, v: TensorView,
              o: MutableTensorView, lse: MutableTensorView, keyBegins: [Int]?, keyLengths: [Int]?, threads workers: Int) {
+        withBiases(shape: shape, k: k, threads: workers) { scale, mask in
+            TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: workers,
+                                      q: q, k: k, v: v, o: o, lse: lse) { b, h in
+                mask(b, h, keyBegins?[b] ?? 0, keyLengths?[b] ?? shape.keyLength)
+            }
+        }
+    }
+
+    /// Runs `body` with the scale and the relative-position mask of (batch item, head,
+    /// first visible key, key end), over the biases
+    /// `keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j` and `distanceBias[h·Nk + Δ] = scale·v_h·r_Δ`
+    /// (`Δ < Nk`) in workspace scratch (part of the cost model's workspace).
+    func withBiases(shape: AttentionShape, k: TensorView, threads workers: Int,
+                    _ body: (_ scale: Float, _ mask: (Int, Int, Int, Int) -> RelativePositionMask) -> Void) {
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         let (nk, heads) = (shape.keyLength, shape.heads)
         let tableHeads = relativePositions.shape[1]
-        // keyBias[(b·H + h)·Nk + j] = scale·u_h·k_j; distanceBias[h·Nk + Δ] = scale·v_h·r_Δ (Δ < Nk).
-        // The biases in workspace scratch (part of the cost model's workspace).
         withScratchTensor(SIMD4(1, shape.batch, heads, nk)) { keyBias in
         withScratchTensor(SIMD4(1, 1, heads, nk)) { distanceBias in
         relativePositions.withView { r in
@@ -276,23 +288,195 @@ public struct TransformerXLAttention: Attention, Equatable {
                                             key: k, table: r, tableHeads: tableHeads,
                                             keyBias: keyBias.base, distanceBias: distanceBias.base)
             } }
-            do {
-                let (kb, db) = (UnsafePointer(keyBias.base), UnsafePointer(distanceBias.base))
-                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: workers,
-                                          q: q, k: k, v: v, o: o, lse: lse) { b, h in
-                    RelativePositionMask(
-                        interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true,
-                                               keyEnd: keyLengths?[b] ?? nk),
-                        keyBegin: keyBegins?[b] ?? 0,
-                        terms: RelativeScoreTerms(
-                            table: r.row(0, tableHeads == 1 ? 0 : h, 0),
-                            tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
-                            offset: nk - shape.queryLength,
-                            keyBias: kb + (b * heads + h) * nk,
-                            distanceBias: db + h * nk, owner: b * heads + h + 1))
-                }
+            let (kb, db) = (UnsafePointer(keyBias.base), UnsafePointer(distanceBias.base))
+            body(scale) { b, h, keyBegin, keyEnd in
+                RelativePositionMask(
+                    interval: IntervalMask(queryLength: shape.queryLength, keyLength: nk, causal: true, keyEnd: keyEnd),
+                    keyBegin: keyBegin,
+                    terms: RelativeScoreTerms(
+                        table: r.row(0, tableHeads == 1 ? 0 : h, 0),
+                        tableRowStride: r.strides[2], tableDepthStride: r.strides[3], tableRows: nk,
+                        offset: nk - shape.queryLength,
+                        keyBias: kb + (b * heads + h) * nk,
+                        distanceBias: db + h * nk, owner: b * heads + h + 1))
             }
         }
         } }
+    }
+}
+
+/// The gradients of a loss with respect to ``TransformerXLAttention``'s parameters (see
+/// ``TransformerXLAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+public struct TransformerXLParameterGradients: Sendable, Equatable {
+    /// `∂L/∂r`, shaped like ``TransformerXLAttention/relativePositions`` (`[1, H or 1, T, D]`
+    /// row-major; a shared table gets the sum over the heads). Rows `Δ ≥ Nk` are 0.
+    public var relativePositions: [Float]
+    /// `∂L/∂u`, `H × D` row-major.
+    public var contentBias: [Float]
+    /// `∂L/∂v`, `H × D` row-major.
+    public var positionBias: [Float]
+}
+
+extension TransformerXLAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/TransformerXL.md, "Backward")
+    /// through the stateless call (`key`, `value` = `[memory ; segment]`: the memory rows get
+    /// their gradients too). Each tile's scores are recomputed as in the forward (content
+    /// scores, the relative band, the biases, the causal mask); the relative-position mask
+    /// takes each tile's `dS` and adds `Σ_j dS_ij r_Δ` to the tile's `dQ` part, and keeps
+    /// per key `Σ_i dS_ij` (then `dK_j += u_h Σ_i dS_ij`). No `Nq × Nk` buffer; bitwise
+    /// identical for every thread count. The parameters' gradients come from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, i (hk = h / (H / Hkv), M = Nk − Nq, Δ = i + M − j):
+    /// s[j]  = scale · (dot(q[i], k[j]) + dot(q[i], r[h,Δ]) + dot(u[h], k[j]) + dot(v[h], r[h,Δ]))   0 ≤ Δ
+    /// P[j]  = exp(s[j] − lse[b,h,i]),  dS[j] = scale · P[j] · (dot(dO[i], v[j]) − dot(dO[i], o[i]))
+    /// dQ[b,h,i]   = Σ_j dS[j] · (k[b,hk,j] + r[h,Δ])
+    /// dK[b,hk,j] += dS[j] · (q[b,h,i] + u[h]),   dV[b,hk,j] += P[j] · dO[b,h,i]
+    /// ∂r[h,Δ] += dS[j] · (q[b,h,i] + v[h]),  ∂u[h] += dS[j] · k[b,hk,j],  ∂v[h] += dS[j] · r[h,Δ]
+    /// ```
+    ///
+    /// - Complexity: `2 · pairs · (6·D + 2·Dv)` FLOPs (the cost model counts the
+    ///   conventional `2.5 ×` the forward's); workspace: the dense backward's per thread plus
+    ///   the band buffers, the biases and per-key sums (`(2·B·H + H) · Nk` floats),
+    ///   independent of `Nq` for a fixed `Nk`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, _ in
+            backward(shape: shape, threads: try threadCount(threads), keyLengths: keyLengths,
+                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                     parameters: nil)
+        }
+    }
+
+    /// `∂L/∂r`, `∂L/∂u` and `∂L/∂v` through the stateless call that gave `result` (and
+    /// `dQ`, `dK`, `dV`, which the same pass computes).
+    ///
+    /// - Complexity: the backward's plus `2 · pairs · D` FLOPs for the distance sums and
+    ///   `O(B · H · Nk · D)` to form the gradients; `B · H · Nk · (D + 1)` floats of scratch.
+    ///   Sums in a fixed order (bitwise identical for every thread count).
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: TransformerXLParameterGradients) {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: scale).shape
+        try checkFloatAllocation([s.batch, s.heads, s.keyLength, s.headDim + 1],
+                                 option: "Transformer-XL distance sums [B, H, Nk, D + 1]")
+        var dq = try Tensor.uninitializedOutput(shape: query.shape)
+        var dk = try Tensor.uninitializedOutput(shape: key.shape)
+        var dv = try Tensor.uninitializedOutput(shape: value.shape)
+        var parameters = TransformerXLParameterGradients(
+            relativePositions: [Float](repeating: 0, count: relativePositions.elements.count),
+            contentBias: [Float](repeating: 0, count: contentBias.count),
+            positionBias: [Float](repeating: 0, count: positionBias.count))
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try withCheckedGradientCall(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil,
+                                        threads: threads, scale: scale) { shape, _ in
+                backward(shape: shape, threads: try threadCount(threads), keyLengths: keyLengths,
+                         q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
+                         dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel, parameters: &parameters)
+            }
+        } } } } } } } } }
+        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), parameters)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let floats = { (count: Int) in roundUp(4 * count, WorkspaceCarver.alignment) }
+        let (b, h, nk) = (shape.batch, shape.heads, shape.keyLength)
+        return AttentionCost(
+            flops: 2.5 * forward.flops,
+            workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
+                                                                 mask: RelativePositionMask.self)
+                + 2 * floats(b * h * nk) + floats(h * nk) + 2 * floats(1),
+            scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward pass on views (see ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``),
+    /// with the parameters' gradients added to `parameters` when given.
+    private func backward(shape: AttentionShape, threads: Int, keyLengths: [Int]?,
+                          q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                          dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          parameters: UnsafeMutablePointer<TransformerXLParameterGradients>?) {
+        let (batch, heads, kvHeads, nk, d) = (shape.batch, shape.heads, shape.kvHeads, shape.keyLength, shape.headDim)
+        let group = shape.groupSize, wanted = parameters != nil
+        let one = SIMD4(1, 1, 1, 1)
+        withBiases(shape: shape, k: k, threads: threads) { scale, mask in
+        withScratchTensor(SIMD4(1, batch, heads, nk), zeroed: true) { keySums in
+        withScratchTensor(wanted ? SIMD4(batch, heads, nk, d) : one, zeroed: true) { distanceRows in
+        withScratchTensor(wanted ? SIMD4(1, batch, heads, nk) : one, zeroed: true) { distanceSums in
+            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o, lse: lse,
+                                     dO: dO, dQ: dQ, dK: dK, dV: dV) { b, h in
+                var headMask = mask(b, h, 0, keyLengths?[b] ?? nk)
+                let row = b * heads + h
+                headMask.gradients = RelativeScoreGradients(
+                    keySums: keySums.base + row * nk,
+                    distanceRows: wanted ? distanceRows.base + row * nk * d : nil,
+                    distanceSums: wanted ? distanceSums.base + row * nk : nil)
+                return headMask
+            }
+            // dK[b, hk, j] += Σ_h u_h · Σ_i dS[b, h, i, j], heads of the group in order.
+            let sums = UncheckedSendable(UnsafePointer(keySums.base))
+            contentBias.withUnsafeBufferPointer { u in
+                let u = UncheckedSendable(u.baseAddress!)
+                parallelForEach(items: batch * kvHeads, threads: threads) { item, _ in
+                    let b = item / kvHeads, hk = item % kvHeads, ks = dK.strides[3]
+                    for j in 0..<nk {
+                        let out = dK.row(b, hk, j)
+                        for h in (hk * group)..<((hk + 1) * group) {
+                            let e = sums.value[(b * heads + h) * nk + j], bias = u.value + h * d
+                            for c in 0..<d { out[c &* ks] += e * bias[c] }
+                        }
+                    }
+                }
+            }
+            guard let parameters else { return }
+            addParameterGradients(shape: shape, k: k, keySums: UnsafePointer(keySums.base),
+                                  distanceRows: UnsafePointer(distanceRows.base),
+                                  distanceSums: UnsafePointer(distanceSums.base), into: &parameters.pointee)
+        } } }
+        }
+    }
+
+    /// `∂u[h] = Σ_b Σ_j keySums[b,h,j] k[b,hk,j]`, `∂v[h] = Σ_b Σ_Δ sums[b,h,Δ] r[h,Δ]`,
+    /// `∂r[h,Δ] = Σ_b (rows[b,h,Δ] + sums[b,h,Δ] v[h])` (a shared table: also summed over `h`),
+    /// in this order: head, batch item, key or distance.
+    private func addParameterGradients(shape: AttentionShape, k: TensorView, keySums: UnsafePointer<Float>,
+                                       distanceRows: UnsafePointer<Float>, distanceSums: UnsafePointer<Float>,
+                                       into p: inout TransformerXLParameterGradients) {
+        let (heads, nk, d) = (shape.heads, shape.keyLength, shape.headDim)
+        let (tableHeads, tableRows) = (relativePositions.shape[1], relativePositions.shape[2])
+        relativePositions.withView { r in
+            for h in 0..<heads {
+                let hk = h / shape.groupSize, th = tableHeads == 1 ? 0 : h
+                let table = r.row(0, th, 0)
+                for b in 0..<shape.batch {
+                    let row = b * heads + h
+                    for j in 0..<nk {
+                        let e = keySums[row * nk + j], key = k.row(b, hk, j)
+                        for c in 0..<d { p.contentBias[h * d + c] += e * key[c &* k.strides[3]] }
+                    }
+                    for delta in 0..<nk {
+                        let g = distanceSums[row * nk + delta], relative = table + delta * r.strides[2]
+                        let sums = distanceRows + (row * nk + delta) * d, out = (th * tableRows + delta) * d
+                        for c in 0..<d {
+                            p.positionBias[h * d + c] += g * relative[c &* r.strides[3]]
+                            p.relativePositions[out + c] += sums[c] + g * positionBias[h * d + c]
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -43,9 +43,18 @@ import Foundation
 ///
 /// Scores stay transposed as in the forward (keys as rows, queries in SIMD lanes), so the
 /// masks' ``TileMask/maskScores(_:ld:tile:queries:)`` applies unchanged and the row
-/// statistics (`lse`, `D`) are lane vectors. Masks that add score terms or weight
-/// probabilities (Transformer-XL, adaptive span) need their own derivatives and are not
-/// accepted here.
+/// statistics (`lse`, `D`) are lane vectors.
+///
+/// Masks with hooks (Transformer-XL's score terms, adaptive span's weights) are recomputed
+/// in the forward's order: `Sᵀ = K Qᵀ`, ``TileMask/addScoreTerms(_:)``, masking,
+/// `Pᵀ = exp(Sᵀ − lse)`, then (weighting masks) ``TransposedTileMask/weightProbabilitiesBackward(_:)``
+/// (the weights times `Pᵀ`, and the weights' own gradients), then `dSᵀ`. A mask with
+/// parameters in its score terms takes each tile's `dSᵀ` (``TransposedTileMask/takeScoreGradients(_:)``,
+/// before the ordered `dQ` add, may add to the tile's `dQ` part) and adds what it keeps
+/// per key block while the block holds the `dQ` turn of that tile
+/// (``TransposedTileMask/publishScoreGradients(_:)``): sums over the blocks in block order,
+/// the same for every thread count. Masks without hooks compile to the code without them
+/// (static flags, no-op defaults).
 ///
 /// FLOPs per visible pair: `6·D + 4·Dv` (`Sᵀ`, `dPᵀ`, `dV`, `dK`, `dQ`), exactly 2.5 times
 /// the forward's `2·(D + Dv)` when `Dv = D`.
@@ -79,8 +88,16 @@ enum TiledSoftmaxBackward {
     /// allocates with `threads` workers (`nil`: every active processor) and key blocks
     /// `keyBlocks`: the workers' arena and the ordering's table.
     static func workspaceBytes(shape: AttentionShape, threads: Int?, keyBlocks: KeyBlocks = .contiguous) -> Int {
+        workspaceBytes(shape: shape, threads: threads, keyBlocks: keyBlocks, mask: IntervalMask.self)
+    }
+
+    /// ``workspaceBytes(shape:threads:keyBlocks:)`` with the scratch of `mask`'s hooks.
+    static func workspaceBytes<Mask: TransposedTileMask>(shape: AttentionShape, threads: Int?,
+                                                         keyBlocks: KeyBlocks = .contiguous,
+                                                         mask: Mask.Type) -> Int {
         let (lanes, keyRows) = tileExtents(shape)
-        let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows)
+        let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows,
+                                            mask: mask)
         let items = itemCount(shape, keyBlocks: keyBlocks)
         return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
     }
@@ -134,8 +151,6 @@ enum TiledSoftmaxBackward {
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
-        precondition(!Mask.addsScoreTerms && !Mask.weightsProbabilities,
-                     "the tiled backward pass takes masks without score or weight hooks")
         let d = shape.headDim, dv = shape.valueDim
         let blockSize = keyBlockSize
         let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale)
@@ -150,7 +165,7 @@ enum TiledSoftmaxBackward {
         let items = orderHeads * orderBlocks
         let order = BlockOrder(heads: orderHeads, blocks: orderBlocks)
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
-            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
+            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self)
         }) { spaces in
             // Block-major: every head's block 0 (the heaviest under causal masks) first.
             parallelForEach(items: items, threads: spaces.count) { item, worker in
@@ -214,7 +229,8 @@ enum TiledSoftmaxBackward {
                 precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
-                gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, mask: headMask)
+                gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, block: t,
+                             mask: headMask)
                 // B operands: the tile's dO and Q rows, in place when they are whole micro-tile rows.
                 let gradientRows: UnsafePointer<Float>, ldg: Int
                 if gradientRowsInPlace {
@@ -267,9 +283,22 @@ enum TiledSoftmaxBackward {
                                   a: UnsafePointer(space.scoreGradients), rowStride: 1, depthStride: space.lanes,
                                   b: keyRows, ldb: ldk, c: space.accQ, ldc: dPad, edge: space.edge,
                                   overwrite: true)
+                // The mask's score-gradient hooks (compiled away for masks without them).
+                func hookTile() -> ScoreGradientTile {
+                    ScoreGradientTile(scoreGradients: UnsafePointer(space.scoreGradients), ld: space.lanes,
+                                      lanes: lanes, queryRows: queryRows, ldq: ldq, headDim: d, dPad: dPad,
+                                      queryGradients: space.accQ, edge: space.edge, scratch: space.gradientScratch,
+                                      keyRows: space.keyRows, keyStart: tile.keys.start, keyCount: tile.keys.count,
+                                      queryStart: queries.start, queryCount: queries.count, block: t)
+                }
+                if Mask.takesScoreGradients {
+                    assert(tile.keys.step == 1 && queries.step == 1, "score-gradient hooks take runs of step 1")
+                    headMask.takeScoreGradients(hookTile())
+                }
                 // dQ[r] += C once every earlier block of this head has added its part.
                 let position = local * queryTiles + r
                 order.waitForTurn(head: orderHead, block: t, position: position)
+                if Mask.takesScoreGradients { headMask.publishScoreGradients(hookTile()) }
                 for ii in 0..<queries.count {
                     let out = dQ.row(b, h, queries.position(ii)), contribution = space.accQ + ii * dPad
                     if qs == 1 {
@@ -322,8 +351,9 @@ enum TiledSoftmaxBackward {
     /// One (query tile, key tile) pair: `Pᵀ` into `probabilities` and `dSᵀ` into
     /// `scoreGradients` (`[jj · lanes + ii]`: key `tile.keys.position(jj)`, query lane `ii`).
     @inline(__always)
-    static func gradientTile<Mask: TileMask>(_ space: Workspace, _ x: Operands, b: Int, hk: Int, tile: KeyTile,
-                                             queries: PositionRun, lanes: Int, mask: Mask) {
+    static func gradientTile<Mask: TransposedTileMask>(_ space: Workspace, _ x: Operands, b: Int, hk: Int,
+                                                       tile: KeyTile, queries: PositionRun, lanes: Int, block t: Int,
+                                                       mask: Mask) {
         let keys = tile.keys, ld = space.lanes, mr = MicroTile.mr
         let keyStride = keys.step &* x.k.strides[2], valueStride = keys.step &* x.v.strides[2]
         for block in 0..<ceilDiv(keys.count, mr) {
@@ -341,10 +371,58 @@ enum TiledSoftmaxBackward {
                             c: space.scoreGradients + block * mr * ld + panel, ldc: ld, update: .overwrite)
             }
         }
+        // The forward's order: score terms, masking, exp, weights.
+        if Mask.addsScoreTerms {
+            assert(keys.step == 1 && queries.step == 1, "score-term hooks take runs of step 1")
+            mask.addScoreTerms(ScoreTile(scores: space.probabilities, ld: ld, queries: space.qT, headDim: x.d,
+                                         lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
+                                         keyStart: keys.start, keyCount: keys.count,
+                                         queryStart: queries.start, queryCount: queries.count))
+        }
         if !tile.fullyVisible {
             mask.maskScores(space.probabilities, ld: ld, tile: tile, queries: queries)
         }
-        softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+        if Mask.weightsProbabilities {
+            assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
+            exponentiate(space, keyCount: keys.count, lanes: lanes)
+            mask.weightProbabilitiesBackward(WeightGradientTile(
+                probabilities: space.probabilities, probabilityGradients: UnsafePointer(space.scoreGradients),
+                rowDot: UnsafePointer(space.rowDot), ld: ld, keyStart: keys.start, keyCount: keys.count,
+                queryStart: queries.start, queryCount: queries.count, block: t))
+            weightedScoreGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+        } else {
+            softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+        }
+    }
+
+    /// `Pᵀ ← exp(Sᵀ − shift)` alone (weighting masks: the weights come between).
+    @inline(never)
+    static func exponentiate(_ space: Workspace, keyCount: Int, lanes: Int) {
+        let ld = space.lanes
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let shift = load16(space.shift + lane)
+            var scores = space.probabilities + lane
+            for _ in 0..<keyCount {
+                store16(VectorMath.exp16(load16(scores) - shift), scores)
+                scores += ld
+            }
+        }
+    }
+
+    /// `dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)` from weighted probabilities.
+    @inline(never)
+    static func weightedScoreGradient(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
+        let ld = space.lanes
+        let scale = Vec16(repeating: scale)
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let dot = load16(space.rowDot + lane)
+            var probabilities = space.probabilities + lane, gradients = space.scoreGradients + lane
+            for _ in 0..<keyCount {
+                store16(scale * load16(probabilities) * (load16(gradients) - dot), gradients)
+                probabilities += ld
+                gradients += ld
+            }
+        }
     }
 
     /// `Pᵀ ← exp(Sᵀ − shift)` and `dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)`, lane-wise. Not inlined, as
@@ -432,8 +510,13 @@ enum TiledSoftmaxBackward {
         /// One tile's `dQ` contribution (`lanes × D′`) and the block's packed key rows
         /// (`keyRows × D′`, when not read in place).
         let accQ, keyRowsPacked: UnsafeMutablePointer<Float>
+        /// The mask's score-term scratch (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``)
+        /// and score-gradient scratch (``TransposedTileMask/scoreGradientScratchCount(lanes:keyRows:headDim:)``);
+        /// empty for masks without hooks.
+        let terms, gradientScratch: UnsafeMutablePointer<Float>
 
-        init(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int, keyRows: Int) {
+        init<Mask: TransposedTileMask>(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int,
+                                       keyRows: Int, mask: Mask.Type) {
             self.lanes = lanes
             self.keyRows = keyRows
             dPad = roundUp(d, MicroTile.nr)
@@ -451,11 +534,15 @@ enum TiledSoftmaxBackward {
             accV = carver.take(keyRows * dvPad)
             accQ = carver.take(lanes * dPad)
             keyRowsPacked = carver.take(keyRows * dPad)
+            terms = carver.take(Mask.addsScoreTerms ? Mask.scoreTermScratchCount(queryTile: lanes, keyTile: keyRows) : 0)
+            gradientScratch = carver.take(Mask.takesScoreGradients
+                ? Mask.scoreGradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: d) : 0)
         }
 
-        static func byteCount(d: Int, dv: Int, lanes: Int, keyRows: Int) -> Int {
+        static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
+                                                        mask: Mask.Type) -> Int {
             WorkspaceCarver.bytes {
-                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows)
+                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: mask)
             }
         }
     }
@@ -546,10 +633,86 @@ protocol TransposedTileMask: TileMask {
     /// the backward's `dK`/`dV` products skip the others, whose probabilities are 0. The
     /// key-major partner of ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
     func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
+
+    /// Whether the pass calls ``takeScoreGradients(_:)`` and ``publishScoreGradients(_:)``
+    /// (default `false`: the calls compile away). Such masks list runs of step 1.
+    static var takesScoreGradients: Bool { get }
+
+    /// Floats of per-worker scratch the score-gradient hooks need (zero-filled once per call,
+    /// kept from tile to tile) for query tiles of `lanes` lanes, key blocks of `keyRows`
+    /// rows and head dimension `headDim`. Default 0.
+    static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int
+
+    /// Takes one tile's `dSᵀ` once it is complete, before its `dQ` part is added: may add to
+    /// that part, and may compute into its scratch what ``publishScoreGradients(_:)`` adds.
+    /// Runs concurrently with other tiles: writes only memory of this key block.
+    func takeScoreGradients(_ tile: ScoreGradientTile)
+
+    /// Called for the same tile while its key block holds the tile's `dQ` turn: every earlier
+    /// block of the key/value head has added its part of this query tile, no later one has.
+    /// Adds what the mask keeps of the tile into memory shared by the blocks (in block order).
+    func publishScoreGradients(_ tile: ScoreGradientTile)
+
+    /// The backward of ``TileMask/weightProbabilities(_:ld:keyStart:keyCount:queryStart:queryCount:)``:
+    /// multiplies the tile's probabilities by the forward's weights and keeps the weights'
+    /// own gradients (default: the weights alone).
+    func weightProbabilitiesBackward(_ tile: WeightGradientTile)
 }
 
 extension TransposedTileMask {
     func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int { ceilDiv(queryLength, queryTile) }
+
+    static var takesScoreGradients: Bool { false }
+    static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int { 0 }
+    @inline(__always) func takeScoreGradients(_ tile: ScoreGradientTile) {}
+    @inline(__always) func publishScoreGradients(_ tile: ScoreGradientTile) {}
+
+    /// Default: the forward's weights, no gradient of their own.
+    @inline(__always)
+    func weightProbabilitiesBackward(_ tile: WeightGradientTile) {
+        weightProbabilities(tile.probabilities, ld: tile.ld, keyStart: tile.keyStart, keyCount: tile.keyCount,
+                            queryStart: tile.queryStart, queryCount: tile.queryCount)
+    }
+}
+
+/// What a weighting mask's backward (``TransposedTileMask/weightProbabilitiesBackward(_:)``)
+/// sees of one transposed tile (`[jj · ld + ii]`: key `keyStart + jj`, query
+/// `queryStart + ii`): the unweighted probabilities `exp(s − lse)`, to multiply by the
+/// weights in place; `dPᵀ = V dOᵀ`; `D = rowsum(dO ∘ O)` per lane; and the key block's
+/// index `block` in the pass (per (b, key/value head), one work item each).
+///
+/// With `P = w · exp(s − lse)`, `∂L/∂w_ij = exp(s_ij − lse_i) · (dP_ij − D_i)`.
+struct WeightGradientTile {
+    var probabilities: UnsafeMutablePointer<Float>
+    var probabilityGradients: UnsafePointer<Float>
+    var rowDot: UnsafePointer<Float>
+    var ld: Int
+    var keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int
+    var block: Int
+}
+
+/// What a score-gradient hook sees of one tile: `dSᵀ` (`scoreGradients[jj · ld + ii]`,
+/// the gradient of the score before `scale`, i.e. `scale · P (dP − D)`: key `keyStart + jj`,
+/// query `queryStart + ii`; zero on hidden pairs and padding lanes), the query rows
+/// (`queryRows + ii · ldq`, unscaled, `dPad` columns of which `headDim` are real, the rest
+/// zero), the tile's `dQ` part `queryGradients` (`lanes × dPad`, `ld = dPad`, added to `dQ`
+/// after the hooks), the micro-kernel edge buffer, the mask's scratch (kept from tile to
+/// tile) and the key block's index.
+struct ScoreGradientTile {
+    var scoreGradients: UnsafePointer<Float>
+    var ld: Int
+    /// `queryCount` rounded up to ``MicroTile/nr``.
+    var lanes: Int
+    var queryRows: UnsafePointer<Float>
+    var ldq: Int
+    var headDim: Int, dPad: Int
+    var queryGradients: UnsafeMutablePointer<Float>
+    var edge: UnsafeMutablePointer<Float>
+    var scratch: UnsafeMutablePointer<Float>
+    /// Rows of the pass's key blocks (the scratch count's `keyRows`).
+    var keyRows: Int
+    var keyStart: Int, keyCount: Int, queryStart: Int, queryCount: Int
+    var block: Int
 }
 
 extension IntervalMask: TransposedTileMask {

@@ -21,6 +21,9 @@ struct RelativePositionMask: TileMask {
     var keyBegin: Int
     /// The score terms, with `offset = interval.offset`.
     var terms: RelativeScoreTerms
+    /// Where the backward pass keeps the sums the parameters' gradients need (`nil`: the
+    /// forward, or a backward without the key sums).
+    var gradients: RelativeScoreGradients? = nil
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         let keyBegin = self.keyBegin
@@ -45,6 +48,139 @@ struct RelativePositionMask: TileMask {
     }
 
     func addScoreTerms(_ tile: ScoreTile) { terms.add(to: tile) }
+}
+
+extension RelativePositionMask: TransposedTileMask {
+    /// The interval's query tiles for the keys of `keys` at or past `keyBegin`.
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        let clipped = max(keys.start, keyBegin), end = keys.start + keys.count
+        guard clipped < end else { return }
+        interval.forEachQueryTile(seeing: PositionRun(start: clipped, count: end - clipped), queryLength: queryLength,
+                                  queryTile: queryTile, body)
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        interval.visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+    }
+
+    static var takesScoreGradients: Bool { true }
+
+    static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int {
+        RelativeScoreTerms.gradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: headDim)
+    }
+
+    func takeScoreGradients(_ tile: ScoreGradientTile) {
+        if let gradients { terms.takeGradients(tile, into: gradients) }
+    }
+
+    func publishScoreGradients(_ tile: ScoreGradientTile) {
+        if let gradients { terms.publishGradients(tile, into: gradients) }
+    }
+}
+
+/// The per-(batch item, head) sums the backward pass of ``RelativeScoreTerms`` keeps, from
+/// which the conformer forms its gradients (`dS` the gradient of the score before `scale`):
+///
+///     keySums[j]           = Σ_i dS_ij                  (→ dK_j += u · keySums[j], ∂u)
+///     distanceRows[Δ][c]   = Σ_{i−j+offset=Δ} dS_ij q_i[c]   (→ ∂r_Δ)
+///     distanceSums[Δ]      = Σ_{i−j+offset=Δ} dS_ij          (→ ∂r_Δ += v · …, ∂v)
+///
+/// Each key's sum has one owner (its key block); the distance sums are added by the blocks
+/// in block order (``TransposedTileMask/publishScoreGradients(_:)``), bitwise the same for
+/// every thread count. Zero-filled by the caller.
+struct RelativeScoreGradients {
+    var keySums: UnsafeMutablePointer<Float>
+    /// `Nk × headDim` (row `Δ` at `Δ · headDim`) and `Nk`; `nil`: not wanted.
+    var distanceRows: UnsafeMutablePointer<Float>?
+    var distanceSums: UnsafeMutablePointer<Float>?
+}
+
+extension RelativeScoreTerms {
+    /// The band of distances a tile's pairs reach inside the table, `nil` when none.
+    func gradientBand(_ tile: ScoreGradientTile) -> (first: Int, count: Int)? {
+        let nearest = tile.queryStart + offset - (tile.keyStart + tile.keyCount - 1)
+        let farthest = tile.queryStart + tile.queryCount - 1 + offset - tile.keyStart
+        let first = max(nearest, 0), last = min(farthest, tableRows - 1)
+        return first <= last ? (first, last - first + 1) : nil
+    }
+
+    /// Band rows a tile may need: `lanes + keyRows − 1`, rounded up to whole `MR` blocks.
+    static func bandRows(lanes: Int, keyRows: Int) -> Int { roundUp(lanes + keyRows - 1, MicroTile.mr) }
+
+    /// The sheared `dSᵀ` band `H[δ][l]` (`bandRows × lanes`), the band's table rows packed
+    /// (`bandRows × D′`), its `Σ dS q` rows (`bandRows × D′`) and its `Σ dS` (`bandRows`).
+    static func gradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int {
+        let band = bandRows(lanes: lanes, keyRows: keyRows), dPad = roundUp(headDim, MicroTile.nr)
+        return band * lanes + 2 * band * dPad + band
+    }
+
+    /// The parts of ``gradientScratchCount(lanes:keyRows:headDim:)``'s scratch.
+    static func gradientScratch(_ tile: ScoreGradientTile)
+        -> (band: UnsafeMutablePointer<Float>, packed: UnsafeMutablePointer<Float>,
+            rows: UnsafeMutablePointer<Float>, sums: UnsafeMutablePointer<Float>) {
+        let capacity = bandRows(lanes: tile.ld, keyRows: tile.keyRows)
+        let band = tile.scratch, packed = band + capacity * tile.ld, rows = packed + capacity * tile.dPad
+        return (band, packed, rows, rows + capacity * tile.dPad)
+    }
+
+    /// The backward of ``add(to:)`` for one tile (Transformer-XL's causal table only, not
+    /// clamped): with `H[δ][l] = dSᵀ[jj][l]` where `Δ(l, jj) = first + δ` (each `(δ, l)`
+    /// holds at most one key: pairs outside the band are hidden, `dS = 0`),
+    ///
+    ///     dQ part[l]   += Σ_δ H[δ][l] · r_{first+δ}        (micro-kernel, depth = band)
+    ///     rows[δ]       = Σ_l H[δ][l] · q_l                (micro-kernel, depth = queries)
+    ///     sums[δ]       = Σ_l H[δ][l],   keySums[j] += Σ_l dSᵀ[jj][l]
+    ///
+    /// the last two into the scratch for ``publishGradients(_:into:)``.
+    func takeGradients(_ tile: ScoreGradientTile, into gradients: RelativeScoreGradients) {
+        precondition(!clamped, "the backward of clamped relative positions is not implemented")
+        let ld = tile.ld, ds = tile.scoreGradients
+        for jj in 0..<tile.keyCount {
+            var sum: Float = 0
+            for l in 0..<tile.queryCount { sum += ds[jj * ld + l] }
+            gradients.keySums[tile.keyStart + jj] += sum
+        }
+        guard let (first, count) = gradientBand(tile) else { return }
+        let (band, packed, rows, sums) = RelativeScoreTerms.gradientScratch(tile)
+        band.update(repeating: 0, count: count * ld)
+        for jj in 0..<tile.keyCount {
+            let delta0 = tile.queryStart + offset - (tile.keyStart + jj) - first
+            for l in 0..<tile.queryCount where delta0 + l >= 0 && delta0 + l < count {
+                band[(delta0 + l) * ld + l] = ds[jj * ld + l]
+            }
+        }
+        for delta in 0..<count {
+            let row = table + (first + delta) * tableRowStride, out = packed + delta * tile.dPad
+            for c in 0..<tile.headDim { out[c] = row[c * tableDepthStride] }
+        }
+        TiledSoftmaxBackward.accumulateProduct(
+            rows: tile.queryCount, width: tile.dPad, span: { _ in 0..<count },
+            a: UnsafePointer(band), rowStride: 1, depthStride: ld, b: UnsafePointer(packed), ldb: tile.dPad,
+            c: tile.queryGradients, ldc: tile.dPad, edge: tile.edge)
+        guard gradients.distanceRows != nil else { return }
+        TiledSoftmaxBackward.accumulateProduct(
+            rows: count, width: tile.dPad, span: { _ in 0..<tile.queryCount },
+            a: UnsafePointer(band), rowStride: ld, depthStride: 1, b: tile.queryRows, ldb: tile.ldq,
+            c: rows, ldc: tile.dPad, edge: tile.edge, overwrite: true)
+        for delta in 0..<count {
+            var sum: Float = 0
+            for l in 0..<tile.queryCount { sum += band[delta * ld + l] }
+            sums[delta] = sum
+        }
+    }
+
+    /// Adds the tile's distance sums (computed by ``takeGradients(_:into:)``) to the head's.
+    func publishGradients(_ tile: ScoreGradientTile, into gradients: RelativeScoreGradients) {
+        guard let distanceRows = gradients.distanceRows, let distanceSums = gradients.distanceSums,
+              let (first, count) = gradientBand(tile) else { return }
+        let (_, _, rows, sums) = RelativeScoreTerms.gradientScratch(tile)
+        for delta in 0..<count {
+            let out = distanceRows + (first + delta) * tile.headDim, source = rows + delta * tile.dPad
+            for c in 0..<tile.headDim { out[c] += source[c] }
+            distanceSums[first + delta] += sums[delta]
+        }
+    }
 }
 
 /// Scores that depend on the distance `Δ = i + offset − j` between query `i` and key `j`

@@ -12,6 +12,9 @@ struct SoftSpanMask: TileMask {
     var span: Float
     /// `R > 0`, in positions.
     var ramp: Float
+    /// The backward pass's `∂L/∂z` slots of this (batch item, head), one per key block
+    /// (`nil`: the forward, or not wanted); zero-filled by the caller.
+    var spanGradients: UnsafeMutablePointer<Double>? = nil
 
     init(queryLength: Int, keyLength: Int, keyEnd: Int, span: Float, ramp: Float) {
         interval = IntervalMask(queryLength: queryLength, keyLength: keyLength, causal: true, keyEnd: keyEnd)
@@ -56,5 +59,41 @@ struct SoftSpanMask: TileMask {
                 ii += 16
             }
         }
+    }
+}
+
+extension SoftSpanMask: TransposedTileMask {
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        interval.forEachQueryTile(seeing: keys, queryLength: queryLength, queryTile: queryTile, body)
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        interval.visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+    }
+
+    /// The weights, and `∂L/∂z` of the tile into the key block's slot:
+    /// `Σ_ij ∂m/∂z · exp(s_ij − lse_i) · (dP_ij − D_i)` with `∂m/∂z = 1/R` where the forward's
+    /// weight is strictly between 0 and 1, else 0 (the ramp's subgradient: 0 at its kinks),
+    /// summed in Double over keys, then queries, in order.
+    func weightProbabilitiesBackward(_ tile: WeightGradientTile) {
+        let farthest = tile.queryStart + tile.queryCount - 1 + interval.offset - tile.keyStart
+        if Double(farthest) <= Double(span) { return }
+        if let spanGradients {
+            let top = ramp + span
+            var sum = 0.0
+            for jj in 0..<tile.keyCount {
+                let first = tile.queryStart + interval.offset - tile.keyStart - jj
+                let p = tile.probabilities + jj * tile.ld, dp = tile.probabilityGradients + jj * tile.ld
+                for ii in 0..<tile.queryCount {
+                    // The forward's weight, in the same Float operations.
+                    let weight = min(max((top - Float(first + ii)) / ramp, 0), 1)
+                    if weight > 0 && weight < 1 { sum += Double(p[ii]) * Double(dp[ii] - tile.rowDot[ii]) }
+                }
+            }
+            spanGradients[tile.block] += sum / Double(ramp)
+        }
+        weightProbabilities(tile.probabilities, ld: tile.ld, keyStart: tile.keyStart, keyCount: tile.keyCount,
+                            queryStart: tile.queryStart, queryCount: tile.queryCount)
     }
 }
