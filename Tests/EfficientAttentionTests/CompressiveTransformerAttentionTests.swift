@@ -419,6 +419,69 @@ struct CompressiveTransformerAttentionTests {
         #expect(try identity.reconstructionLoss(query: q, oldKeys: k, oldValues: v) == 0)
     }
 
+    /// The convolution weights' gradients of the reconstruction loss against central
+    /// differences of a Double reference of the loss (slots, both attentions and the sum in
+    /// Double, so the differences are accurate to about 1e-9); 1 and 3 threads bitwise; the
+    /// loss equals reconstructionLoss's; pools are refused.
+    @Test("reconstruction loss: convolution weight gradients against differences of the Double reference")
+    func reconstructionGradients() throws {
+        for (n, (batch, h, hkv, nq, ns, c, d, dv)) in [(2, 4, 2, 5, 6, 3, 3, 2), (1, 2, 1, 17, 10, 2, 1, 4)].enumerated() {
+            let (q, k, v) = try randomQKV(batch: batch, heads: h, kvHeads: hkv, queryLength: nq, keyLength: ns,
+                                          headDim: d, valueDim: dv, seed: UInt64(160 + n), range: -2...2)
+            let function = try randomConvolution(kvHeads: hkv, compression: c, headDim: d, valueDim: dv, seed: UInt64(170 + n))
+            let attention = try randomCompressive(heads: h, headDim: d, memoryLength: 6, compressedMemoryLength: 6,
+                                                  compression: c, function: function, rows: 1, seed: 180)
+            guard case let .convolution(keyWeights, valueWeights) = function else { return }
+            let scale = 1 / Double(d).squareRoot()
+            let full = referenceAttention(query: q, key: k, value: v, scale: scale, visible: Visible.all).output
+            func referenceLoss(_ kw: [Double], _ vw: [Double]) -> Double {
+                var keys = [Double](), values = [Double]()
+                for b in 0..<batch { for hk in 0..<hkv { for t in 0..<(ns / c) {
+                    for (width, weights, x, out) in [(d, kw, k, 0), (dv, vw, v, 1)] {
+                        for o in 0..<width {
+                            var slot = 0.0
+                            for r in 0..<c { for i in 0..<width {
+                                slot += weights[((hk * c + r) * width + o) * width + i] * Double(x[b, hk, t * c + r, i])
+                            } }
+                            if out == 0 { keys.append(slot) } else { values.append(slot) }
+                        }
+                    }
+                } } }
+                let compressed = denseDouble(query: q, keys: keys, values: values, keyLength: ns / c, kvHeads: hkv,
+                                             valueDim: dv, scale: scale)
+                return zip(full, compressed).reduce(0.0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) }
+            }
+            let kw = keyWeights.map(Double.init), vw = valueWeights.map(Double.init)
+            let result = try attention.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v, threads: 1)
+            #expect(result.loss.bitPattern == (try attention.reconstructionLoss(query: q, oldKeys: k, oldValues: v)).bitPattern)
+            let step = 1e-5
+            for (label, base, computed) in [("keyWeights", kw, result.keyWeights), ("valueWeights", vw, result.valueWeights)] {
+                #expect(computed.count == base.count)
+                var expected = [Double]()
+                for index in base.indices {
+                    var plus = base, minus = base
+                    plus[index] += step
+                    minus[index] -= step
+                    let (lossPlus, lossMinus) = label == "keyWeights"
+                        ? (referenceLoss(plus, vw), referenceLoss(minus, vw)) : (referenceLoss(kw, plus), referenceLoss(kw, minus))
+                    expected.append((lossPlus - lossMinus) / (2 * step))
+                }
+                let largest = expected.map(abs).max()!
+                #expect(largest > 1e-4, "case \(n) \(label): a meaningful gradient")
+                let worst = zip(computed, expected).map { abs(Double($0) - $1) }.max()!
+                #expect(worst <= 1e-4 * largest + 1e-6, "case \(n) \(label): worst \(worst) of \(largest)")
+            }
+            let three = try attention.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v, threads: 3)
+            #expect(three.keyWeights.map(\.bitPattern) == result.keyWeights.map(\.bitPattern)
+                    && three.valueWeights.map(\.bitPattern) == result.valueWeights.map(\.bitPattern), "threads")
+        }
+        let pooled = try randomCompressive(heads: 2, headDim: 4, memoryLength: 3, compressedMemoryLength: 3,
+                                           compression: 3, function: .meanPool, rows: 1, seed: 190)
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 4, keyLength: 6, headDim: 4, seed: 191)
+        #expect(thrownAttentionError { try pooled.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v) }?
+            .message.contains("convolution") == true)
+    }
+
     @Test("seeded configuration, name and cost follow Transformer-XL's")
     func seededAndCost() throws {
         let attention = try CompressiveTransformerAttention(heads: 2, headDim: 8, memoryLength: 12,
