@@ -309,6 +309,46 @@ struct SinkhornBackwardTests {
         #expect(abs(decrease - predicted) < 0.05 * predicted, "\(c.testDescription): decrease \(decrease), predicted \(predicted)")
     }
 
+    /// `L(R) = Σ dO ∘ O` through the library's forward with sort logits `R`: `∂L/∂R` from
+    /// `∂L/∂P` through the unrolled balancing against central differences (`h = 1e-2`) of
+    /// the forward in every entry of `R`.
+    @Test("∂L/∂R through the Sinkhorn iterations agrees with central finite differences of the forward",
+          arguments: [(nil, false, nil), (nil, true, nil), (2, false, nil), (nil, false, 5), (nil, true, 6)]
+            as [(Int?, Bool, UInt64?)])
+    func sortLogitsGradient(_ sortCut: Int?, _ causal: Bool, _ noiseSeed: UInt64?) throws {
+        let attention = SinkhornAttention(blockSize: 3, iterations: 4, temperature: 0.8, noiseSeed: noiseSeed,
+                                          sortCut: sortCut, causal: causal)
+        let keyLengths = [12, 7]
+        let (q, k, v) = try randomQKV(batch: 2, heads: 2, kvHeads: 1, queryLength: 12, headDim: 3, valueDim: 2,
+                                      seed: 95_000)
+        let logits = try randomTensor([2, 2, 4, 4], seed: 95_001, in: -2...2)
+        let dO = try randomTensor([2, 2, 12, 2], seed: 95_002)
+        let result = try attention.attend(query: q, key: k, value: v, sortLogits: logits, keyLengths: keyLengths)
+        let dP = try attention.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                  keyLengths: keyLengths, sortLogits: logits).permutation
+        let dR = try attention.sortLogitsGradient(permutationGradient: dP, sortLogits: logits, keyLengths: keyLengths)
+        func loss(_ r: [Float]) throws -> Double {
+            let o = try attention.attend(query: q, key: k, value: v, sortLogits: Tensor(shape: logits.shape, data: r),
+                                         keyLengths: keyLengths, threads: 1).output
+            return zip(o.elements, dO.elements).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let h: Float = 1e-2
+        var worst = 0.0, largest = 0.0
+        for n in logits.elements.indices {
+            var plus = logits.elements, minus = logits.elements
+            plus[n] += h
+            minus[n] -= h
+            let numeric = (try loss(plus) - loss(minus)) / (2 * Double(h))
+            worst = max(worst, abs(numeric - Double(dR.elements[n])))
+            largest = max(largest, abs(numeric))
+        }
+        #expect(worst < 1e-3 * largest + 1e-5, "∂L/∂R differs from finite differences by \(worst) (max \(largest))")
+        #expect(largest > 0.01, "the gradients vanish")
+        expectAttentionError(.shapeMismatch, mentioning: ["permutationGradient"]) {
+            try attention.sortLogitsGradient(permutationGradient: try Tensor(shape: [2, 2, 4, 3]), sortLogits: logits)
+        }
+    }
+
     @Test("bad options and misshapen inputs throw, naming them")
     func badInputs() throws {
         let c = SinkhornBackwardCase(length: 20, headDim: 4, seed: 94_000)

@@ -283,13 +283,7 @@ public struct SinkhornAttention: Attention {
                                            into: space.keySums)
                 }
                 let noise: ((Int, Int) -> Float)? = noiseSeed.map { seed in
-                    { t, u in
-                        // Gumbel(0, 1) from a generator of its own per entry: the same draw for
-                        // every thread count and order of evaluation.
-                        var rng = SeededGenerator(seed: seed ^ (UInt64((item * n + t) * n + u) &* 0x9E37_79B9_7F4A_7C15))
-                        let uniform = max(rng.nextUnitFloat(), .leastNormalMagnitude)
-                        return -logf(-logf(uniform))
-                    }
+                    { t, u in SinkhornSort.gumbel(seed: seed, item: item, blocks: n, t: t, u: u) }
                 }
                 SinkhornSort.balance(space: space, validBlocks: ceilDiv(count, settings.blockSize), settings: settings,
                                      given: logits == nil ? nil : given.value! + item * n * n, noise: noise)
@@ -413,6 +407,7 @@ extension SinkhornAttention: DifferentiableAttention {
         try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                   outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                   keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            try checkPlanAllocation(call.shape)
             backward(call, logits: nil, permutationGradient: nil)
         }
     }
@@ -434,7 +429,7 @@ extension SinkhornAttention: DifferentiableAttention {
                                         keyLengths: keyLengths, threads: threads, scale: scale)
         let shape = s.shape, logits = try checkedLogits(sortLogits, shape: shape)
         let n = blocks(shape)
-        try checkFloatAllocation([shape.batch, shape.heads, n, n], option: "Sinkhorn ∂L/∂P [B, H, n_b, n_b]")
+        try checkPlanAllocation(shape)
         var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
         var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
         var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
@@ -471,6 +466,77 @@ extension SinkhornAttention: DifferentiableAttention {
                              workspaceBytes: 2 * parts.sortedBytes + roundUp(planBytes, WorkspaceCarver.alignment)
                                 + kernels.max()!,
                              scoredPairs: forward.scoredPairs)
+    }
+
+    /// `∂L/∂R` for sort logits `R [B, H, n_b, n_b]` given to the forward
+    /// (``attend(query:key:value:sortLogits:keyLengths:threads:)``), from `∂L/∂P` (the
+    /// `permutation` of ``parameterGradients(query:key:value:result:outputGradient:keyLengths:sortLogits:threads:)``):
+    /// the backward of the unrolled Sinkhorn balancing (KernelDocs/Sinkhorn.md, "Backward"),
+    /// for a caller's learned sort network. Disallowed entries (invalid blocks, causal
+    /// `u ≥ t`) get 0; the Gumbel noise, when configured, is the forward's.
+    ///
+    /// ```
+    /// // naive reference, per (b, h): x₀ = R / τ (+ noise), −∞ where not allowed
+    /// // forward: repeat iterations { y = x − rowLSE(x); x = y − colLSE(y) };  P = exp(x)
+    /// // backward: g = ∂L/∂P ∘ P; per round, last first:
+    /// //   g ← g − exp(x) ∘ colsum(g)    (causal: the prefix columns' transposed sums)
+    /// //   g ← g − exp(y) ∘ rowsum(g)
+    /// ∂L/∂R = g / τ
+    /// ```
+    ///
+    /// - Throws: what the forward throws for the options, ``AttentionError/shapeMismatch(_:)``
+    ///   naming `permutationGradient` or `sortLogits` when they are not both
+    ///   `[B, H, n_b, n_b]`, ``AttentionError/invalidParameter(_:)`` for non-finite entries or
+    ///   key lengths outside `0 … n_b · bs`.
+    /// - Complexity: `O(iterations · n_b²)` per head, `16 · iterations · n_b²` bytes of
+    ///   scratch per head (the rounds' states, in `Double`).
+    public func sortLogitsGradient(permutationGradient: Tensor, sortLogits: Tensor,
+                                   keyLengths: [Int]? = nil) throws -> Tensor {
+        let dims = sortLogits.shape
+        guard dims.count == 4, dims[2] == dims[3], dims[2] >= 1 else {
+            throw AttentionError.shapeMismatch("Sinkhorn attention: sortLogits is \(dims), expected [B, H, n_b, n_b]")
+        }
+        guard permutationGradient.shape == dims else {
+            throw AttentionError.shapeMismatch(
+                "Sinkhorn attention: permutationGradient is \(permutationGradient.shape), expected sortLogits' \(dims)")
+        }
+        let (batch, heads, n) = (dims[0], dims[1], dims[2])
+        guard let length = checkedProduct([n, blockSize]) else {
+            throw AttentionError.invalidParameter("Sinkhorn attention: n_b · blockSize overflows")
+        }
+        let shape = AttentionShape(batch: batch, heads: heads, kvHeads: heads, queryLength: length, keyLength: length,
+                                   headDim: 1, valueDim: 1)
+        try validate(shape)
+        try checkCallArguments(shape, keyLengths: keyLengths, threads: nil)
+        try checkFloatAllocation([4 * max(iterations, 1), n, n], option: "Sinkhorn attention: the unrolled rounds' states")
+        let logits = try checkedLogits(sortLogits, shape: shape)!
+        let dP = permutationGradient.elements
+        if let index = dP.firstIndex(where: { !$0.isFinite }) {
+            throw AttentionError.invalidParameter(
+                "Sinkhorn attention: permutationGradient[\(index)] must be finite, got \(dP[index])")
+        }
+        var gradient = [Float](repeating: 0, count: logits.count)
+        for item in 0..<(batch * heads) {
+            let b = item / heads, valid = ceilDiv(keyLengths?[b] ?? length, blockSize)
+            let base = item * n * n
+            var input = [Float](repeating: -.infinity, count: n * n)
+            for t in 0..<n { for u in 0..<n where u < valid && (!causal || u < t) {
+                let noise = noiseSeed.map { SinkhornSort.gumbel(seed: $0, item: item, blocks: n, t: t, u: u) } ?? 0
+                input[t * n + u] = min(max(logits[base + t * n + u] / temperature + noise, -1e30), 1e30)
+            } }
+            let g = SinkhornSort.balanceGradient(input: input, blocks: n, iterations: iterations, causal: causal,
+                                                 permutationGradient: Array(dP[base..<(base + n * n)]))
+            for e in 0..<(n * n) { gradient[base + e] = g[e] / temperature }
+        }
+        return try Tensor(shape: dims, data: gradient)
+    }
+
+    /// Checks the backward's copy of every head's plan (`[B, H, n_b, ⌈n_b⌉₁₆]`, which also
+    /// bounds `∂L/∂P`).
+    private func checkPlanAllocation(_ shape: AttentionShape) throws {
+        let n = blocks(shape)
+        try checkFloatAllocation([shape.batch, shape.heads, n, roundUp(n, 16)],
+                                 option: "Sinkhorn attention backward: the plans [B, H, n_b, n_b]")
     }
 
     /// The backward of a checked call (see ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``);
