@@ -229,6 +229,41 @@ struct CompressiveTransformerAttentionTests {
         }
     }
 
+    /// The stateless backward is Transformer-XL's over the span (whose own suite checks it
+    /// against the Double reference): the same bits, parameter gradients included, for any
+    /// thread count; a span longer than M_c + M is refused as in the forward.
+    @Test("stateless backward: Transformer-XL's over [compressed ; memory ; segment], bitwise, with r, u, v gradients")
+    func statelessBackward() throws {
+        for (n, (h, hkv, nq, mc, m, past, d, dv)) in [(4, 2, 17, 5, 6, 11, 3, 5), (2, 1, 40, 9, 12, 21, 65, 7)].enumerated() {
+            let attention = try randomCompressive(heads: h, headDim: d, memoryLength: m, compressedMemoryLength: mc,
+                                                  compression: 3, function: .meanPool, rows: mc + m + nq + 2,
+                                                  seed: UInt64(300 + n))
+            let (q, k, v) = try randomQKV(batch: 2, heads: h, kvHeads: hkv, queryLength: nq, keyLength: past + nq,
+                                          headDim: d, valueDim: dv, seed: UInt64(310 + n))
+            let result = try attention.attend(query: q, key: k, value: v, keyLengths: [past + nq, past], threads: 2)
+            let dO = try randomTensor(result.output.shape, seed: UInt64(320 + n))
+            let xl = transformerXL(attention)
+            let expected = try xl.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                     keyLengths: [past + nq, past], threads: 1)
+            for threads in [1, 3] {
+                let got = try attention.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                           keyLengths: [past + nq, past], threads: threads)
+                #expect(got.inputs == expected.inputs && got.parameters == expected.parameters, "case \(n) threads \(threads)")
+                let plain = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                    keyLengths: [past + nq, past], threads: threads)
+                #expect(plain == expected.inputs, "case \(n) threads \(threads): gradients")
+            }
+            #expect(expected.inputs.dKey.elements.contains { $0 != 0 } && expected.parameters.contentBias.contains { $0 != 0 })
+        }
+        let attention = try randomCompressive(heads: 2, headDim: 4, memoryLength: 3, compressedMemoryLength: 2,
+                                              compression: 3, function: .meanPool, rows: 20, seed: 330)
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 4, keyLength: 10, headDim: 4, seed: 331)
+        let dO = try randomTensor([1, 2, 4, 4], seed: 332)
+        let fake = try AttentionResult(output: dO, logSumExp: try Tensor(shape: [1, 2, 4, 1]))
+        #expect(thrownAttentionError { try attention.gradients(query: q, key: k, value: v, result: fake, outputGradient: dO) }?
+            .message.contains("memory length mismatch") == true)
+    }
+
     @Test("segments one by one equal the reference's memory evolution (all compression functions, a reset)")
     func segments() throws {
         // (batch, heads, kvHeads, D, Dv, N, M, M_c, c, segments, reset item 1 after segment)

@@ -416,3 +416,41 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
         }
     }
 }
+
+extension CompressiveTransformerAttention: DifferentiableAttention {
+    /// The backward of the stateless call (``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)``,
+    /// `key`/`value` = `[compressed ; memory ; segment]`): exactly Transformer-XL's over the
+    /// whole span (``TransformerXLAttention/gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``,
+    /// KernelDocs/TransformerXL.md, "Backward"), after this conformer's own checks. The
+    /// compressed slots and memory rows get their gradients like the segment's keys; the
+    /// memory update of the stateful call is not differentiated (the paper stops gradients
+    /// there and trains the compression with
+    /// ``reconstructionLossGradients(query:oldKeys:oldValues:threads:)``).
+    ///
+    /// - Complexity: Transformer-XL's backward over `P + Nq` keys.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try validate(AttentionShape(query: query, key: key, value: value))
+        try transformerXL.gradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// Transformer-XL's parameter gradients (the table `r`, `u`, `v`) through the stateless
+    /// call that gave `result` (``TransformerXLAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: TransformerXLParameterGradients) {
+        try validate(AttentionShape(query: query, key: key, value: value))
+        return try transformerXL.parameterGradients(query: query, key: key, value: value, result: result,
+                                                    outputGradient: outputGradient, keyLengths: keyLengths,
+                                                    threads: threads)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return try transformerXL.backwardCost(shape, threads: threads)
+    }
+}
