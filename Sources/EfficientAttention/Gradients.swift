@@ -97,17 +97,10 @@ extension DifferentiableAttention {
         try expect(dQuery.shape, query.shape, "dQuery", "[B, H, Nq, D]")
         try expect(dKey.shape, key.shape, "dKey", "[B, Hkv, Nk, D]")
         try expect(dValue.shape, value.shape, "dValue", "[B, Hkv, Nk, Dv]")
-        let written: [(StaticString, Range<UInt>)] = [("dQuery", dQuery.addressRange), ("dKey", dKey.addressRange),
-                                                      ("dValue", dValue.addressRange)]
-        let read: [(StaticString, Range<UInt>)] = [
-            ("query", query.addressRange), ("key", key.addressRange), ("value", value.addressRange),
-            ("output", output.addressRange), ("logSumExp", logSumExp.addressRange),
-            ("outputGradient", outputGradient.addressRange)]
-        for (n, (name, range)) in written.enumerated() {
-            for (other, otherRange) in read + written[(n + 1)...] where range.overlaps(otherRange) {
-                throw AttentionError.invalidParameter("\(name) overlaps \(other): gradients must be separate memory")
-            }
-        }
+        try checkSeparateGradients(
+            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
+            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
+                      logSumExp.addressRange, outputGradient.addressRange])
         if let workspace {
             let needed = try backwardCost(s, threads: threads).workspaceBytes
             guard workspace.byteCount >= needed else {

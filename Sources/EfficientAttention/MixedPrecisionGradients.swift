@@ -41,17 +41,10 @@ extension DifferentiableAttention {
             throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(list(expected))")
         }
         // The caller's gradients are separate memory (the Float call only sees scratch).
-        let written: [(String, Range<UInt>)] = [("dQuery", dQuery.addressRange), ("dKey", dKey.addressRange),
-                                                ("dValue", dValue.addressRange)]
-        let read: [(String, Range<UInt>)] = [
-            ("query", query.addressRange), ("key", key.addressRange), ("value", value.addressRange),
-            ("output", output.addressRange), ("logSumExp", logSumExp.addressRange),
-            ("outputGradient", outputGradient.addressRange)]
-        for (n, (name, range)) in written.enumerated() {
-            for (other, otherRange) in read + written[(n + 1)...] where range.overlaps(otherRange) {
-                throw AttentionError.invalidParameter("\(name) overlaps \(other): gradients must be separate memory")
-            }
-        }
+        try checkSeparateGradients(
+            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
+            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
+                      logSumExp.addressRange, outputGradient.addressRange])
         if let workspace {
             let needed = try backwardCost(s, threads: threads).workspaceBytes
                 + backwardConversionScratchBytes(s, query: query.precision, key: key.precision, value: value.precision,
@@ -104,5 +97,20 @@ extension AttentionWorkspace {
         try self.init(byteCount: cost.workspaceBytes + attention.backwardConversionScratchBytes(
             shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.output,
             dQuery: p.query, dKey: p.key, dValue: p.value))
+    }
+}
+
+/// Throws unless the three gradients' address ranges overlap neither each other nor the
+/// call's inputs (`reading`: query, key, value, output, logSumExp, outputGradient, in that
+/// order), naming the pair.
+func checkSeparateGradients(dQuery: Range<UInt>, dKey: Range<UInt>, dValue: Range<UInt>,
+                            reading: [Range<UInt>]) throws {
+    let inputNames = ["query", "key", "value", "output", "logSumExp", "outputGradient"]
+    let written = [("dQuery", dQuery), ("dKey", dKey), ("dValue", dValue)]
+    let read = zip(inputNames, reading).map { ($0, $1) }
+    for (n, (name, range)) in written.enumerated() {
+        for (other, otherRange) in read + written[(n + 1)...] where range.overlaps(otherRange) {
+            throw AttentionError.invalidParameter("\(name) overlaps \(other): gradients must be separate memory")
+        }
     }
 }
