@@ -592,9 +592,8 @@ import AttentionBenchCore
         }
     }
 
-    /// `--backward`: dense (and local, with gradients too) gets "backward" and
-    /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs; a conformer without
-    /// gradients (vanilla) only its forward record.
+    /// `--backward`: dense (and local and vanilla, with gradients too) gets "backward" and
+    /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs.
     @Test func backwardPasses() throws {
         let o = try BenchOptions.parse(["--backward", "--variants", "dense,local,vanilla", "--seq", "40", "--heads", "2",
                                         "--dim", "8", "--threads", "1", "--repeat", "1"])
@@ -603,7 +602,8 @@ import AttentionBenchCore
             .run(try SweepPlan.make(o))
         #expect(records.map { "\($0.variant) \($0.pass)" }
                 == ["dense forward", "dense backward", "dense forward+backward",
-                    "local forward", "local backward", "local forward+backward", "vanilla forward"])
+                    "local forward", "local backward", "local forward+backward",
+                    "vanilla forward", "vanilla backward", "vanilla forward+backward"])
         let forward = records[0].flops
         #expect(records[1].flops == 2.5 * forward && records[2].flops == 3.5 * forward)
         let json = RecordWriter.json(records)

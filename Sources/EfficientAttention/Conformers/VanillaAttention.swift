@@ -116,3 +116,92 @@ struct UncheckedSendable<T>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
 }
+
+// MARK: - Backward
+
+extension VanillaAttention: DifferentiableAttention {
+    /// The textbook backward, materialised like the forward: for each key/value head, and
+    /// each query head of its group in order, the `Nq × Nk` probabilities are recomputed from
+    /// the log-sum-exp into a matrix, then walked row by row. A worker owns a whole key/value
+    /// head (its `dK`, `dV` rows and its group's `dQ` rows), so every sum has one fixed order
+    /// and the gradients are bitwise identical for any thread count, without atomics.
+    ///
+    /// ```
+    /// // for each (b, hk), for h in hk's group, in order:
+    /// P  = exp(scale · Q Kᵀ − lse)        // Nq × Nk, masked entries 0 (rows with lse = −∞: 0)
+    /// dV += Pᵀ dO
+    /// dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))
+    /// dQ = scale · dS K,   dK += scale · dSᵀ Q
+    /// ```
+    ///
+    /// Not a copy of ``DenseAttention``'s backward: the same mathematics with no head-dimension
+    /// limit and no tiling: the baseline the tiled backward is measured against
+    /// (KernelDocs/Dense.md, "Backward", has the mathematics).
+    ///
+    /// - Complexity: `6·D + 4·Dv` FLOPs per visible pair (the cost model counts `2.5 ×` the
+    ///   forward's); workspace `4 · Nq · Nk` bytes per worker, like the forward.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let causal = self.causal
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: self.scale) { shape, scale in
+            let (q, k, v, o, l, g) = (query.kernel, key.kernel, value.kernel, output.kernel, logSumExp.kernel,
+                                      outputGradient.kernel)
+            let (dq, dk, dvw) = (dQuery.kernel, dKey.kernel, dValue.kernel)
+            let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
+            let items = shape.batch * shape.kvHeads
+            let workers = workerCount(threads: try threadCount(threads), items: items)
+            try checkFloatAllocation([workers, nq, nk], option: "vanilla score matrices [threads, Nq, Nk]")
+            WorkspaceArena.withWorkspaces(workers: workers,
+                                          layout: { UncheckedSendable($0.take(nq * nk, of: Float.self)) }) { spaces in
+                parallelForEach(items: items, threads: workers) { item, worker in
+                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                    let visibleKeys = keyLengths?[b] ?? nk
+                    let p = spaces[worker].value
+                    for j in 0..<nk {
+                        let (kr, vr) = (dk.row(b, hk, j), dvw.row(b, hk, j))
+                        for c in 0..<d { kr[c &* dk.strides[3]] = 0 }
+                        for c in 0..<dv { vr[c &* dvw.strides[3]] = 0 }
+                    }
+                    for h in hk * shape.groupSize..<(hk + 1) * shape.groupSize {
+                        // P = exp(scale · Q Kᵀ − lse), 0 where masked.
+                        for i in 0..<nq {
+                            let lse = l.row(b, h, i)[0], qi = q.row(b, h, i)
+                            let last = causal ? min(visibleKeys - 1, i + nk - nq) : visibleKeys - 1
+                            for j in 0..<nk {
+                                p[i * nk + j] = j <= last && lse > -.infinity
+                                    ? expf(scale * dot(qi, q.strides[3], k.row(b, hk, j), k.strides[3], count: d) - lse)
+                                    : 0
+                            }
+                        }
+                        for i in 0..<nq {
+                            let prow = p + i * nk, gi = g.row(b, h, i), qi = q.row(b, h, i), dqi = dq.row(b, h, i)
+                            let di = dot(gi, g.strides[3], o.row(b, h, i), o.strides[3], count: dv)
+                            for j in 0..<nk where prow[j] != 0 {
+                                let vj = v.row(b, hk, j)
+                                axpy(prow[j], gi, g.strides[3], dvw.row(b, hk, j), dvw.strides[3], count: dv)
+                                let ds = prow[j] * (dot(gi, g.strides[3], vj, v.strides[3], count: dv) - di)
+                                axpy(scale * ds, k.row(b, hk, j), k.strides[3], dqi, dq.strides[3], count: d)
+                                axpy(scale * ds, qi, q.strides[3], dk.row(b, hk, j), dk.strides[3], count: d)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let workers = workerCount(threads: try threadCount(threads), items: shape.batch * shape.kvHeads)
+        return AttentionCost(flops: 2.5 * forward.flops,
+                             workspaceBytes: workers * WorkspaceCarver.bytes {
+                                 _ = $0.take(shape.queryLength * shape.keyLength, of: Float.self)
+                             },
+                             scoredPairs: forward.scoredPairs)
+    }
+}
