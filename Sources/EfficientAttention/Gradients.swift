@@ -210,3 +210,35 @@ extension DenseAttention: DifferentiableAttention {
                              scoredPairs: forward.scoredPairs)
     }
 }
+
+extension DifferentiableAttention {
+    /// The Tensor path of a conformer's `parameterGradients`: the checks of
+    /// ``checkedGradientCall(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:scale:)``,
+    /// the three gradients allocated, then `body` with the shape, the scale, the inputs' and the
+    /// gradients' kernel views inside ``withCheckedGradientCall(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:scale:_:)``
+    /// (every check of the view entry point, `dQuery` zero-filled).
+    func withParameterGradientCall(
+        query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+        keyLengths: [Int]?, threads: Int?, scale: Float?,
+        _ body: (_ shape: AttentionShape, _ scale: Float, _ inputs: [TensorView], _ gradients: [MutableTensorView]) throws -> Void
+    ) throws -> AttentionGradients {
+        _ = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                    logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                    keyLengths: keyLengths, threads: threads, scale: scale)
+        var dq = try Tensor.uninitializedOutput(shape: query.shape)
+        var dk = try Tensor.uninitializedOutput(shape: key.shape)
+        var dv = try Tensor.uninitializedOutput(shape: value.shape)
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try withCheckedGradientCall(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil,
+                                        threads: threads, scale: scale) { shape, scale in
+                try body(shape, scale, [q.kernel, k.kernel, v.kernel, o.kernel, l.kernel, g.kernel],
+                         [dQ.kernel, dK.kernel, dV.kernel])
+            }
+        } } } } } } } } }
+        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+    }
+}
