@@ -70,9 +70,17 @@ public struct DecodePlan: Sendable {
                             if let kv { problem.shape.kvHeads = kv }
                             problem.shape.queryLength = n
                             problem.shape.keyLength = length
-                            let conformer: any Attention
+                            var conformer: any Attention
                             do {
                                 conformer = try make(ConformerConfig(problem: problem, parameters: parameters, seed: options.seed))
+                                if options.hasModifiers {
+                                    guard var modifiable = conformer as? any ModifiableAttention else {
+                                        note(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks, --bias): not run")
+                                        continue
+                                    }
+                                    modifiable.modifiers = try options.modifiers(shape: problem.shape)
+                                    conformer = modifiable
+                                }
                             } catch let error as BenchError {
                                 throw error
                             } catch {
@@ -200,13 +208,16 @@ public final class DecodeRunner {
             let key = "\(shape)/\(job.problem.causal)"
             if cache.usedBytes <= Self.errorCheckLimit {
                 if reference?.key != key {
-                    reference = (key, try denseOutput(shape, query: query, causal: job.problem.causal))
+                    reference = (key, try denseOutput(shape, query: query, causal: job.problem.causal,
+                                                      modifiers: (job.conformer as? any ModifiableAttention)?.modifiers))
                 }
                 relativeError = Accounting.relativeError(measured.output, reference: reference!.output)
             }
             let names: [KVCache.Precision: String] = [.float32: "f32", .float16: "f16", .bfloat16: "bf16", .int8: "int8"]
+            let modifiers = (job.conformer as? any ModifiableAttention)?.modifiers ?? ScoreModifiers()
             let settings = "cache=\(names[job.precision] ?? job.precision.rawValue)"
                 + (job.kind == .contiguous ? "" : " kind=\(job.kind.rawValue)")
+                + (modifiers.isEmpty ? "" : " " + BenchOptions.describe(modifiers))
             records.append(BenchRecord(
                 variant: job.entry.name, batch: shape.batch, heads: shape.heads, kvHeads: shape.kvHeads,
                 seqQ: shape.queryLength, seqK: shape.keyLength, dim: shape.headDim, valueDim: shape.valueDim,
@@ -224,7 +235,8 @@ public final class DecodeRunner {
 
     /// Dense attention in Float over the keys and values the cache was filled with (before
     /// any rounding: the error column of a 16-bit or Int8 cache includes its storage error).
-    func denseOutput(_ shape: AttentionShape, query: Tensor, causal: Bool) throws -> [Float] {
+    func denseOutput(_ shape: AttentionShape, query: Tensor, causal: Bool,
+                     modifiers: ScoreModifiers? = nil) throws -> [Float] {
         let blocks = try Self.cacheBlocks(shape, seed: options.seed)
         var keys: [Float] = [], values: [Float] = []
         for b in 0..<shape.batch {
@@ -241,7 +253,9 @@ public final class DecodeRunner {
         }
         let k = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim], data: keys)
         let v = try Tensor(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim], data: values)
-        return try DenseAttention(causal: causal).attend(query: query, key: k, value: v).output.elements
+        var dense = DenseAttention(causal: causal)
+        dense.modifiers = modifiers ?? ScoreModifiers()
+        return try dense.attend(query: query, key: k, value: v).output.elements
     }
 
     /// Warm-up (the first warm-up call measures heap growth), then timed decode calls.

@@ -99,21 +99,36 @@ public struct BenchOptions: Equatable, Sendable {
     /// Element types of query, key, value and output in the timed calls (`--io`), each a
     /// separate record.
     public var ioPrecisions: [ActivationPrecision] = [.float32]
-    /// Score modifiers (`--softcap X`, `--alibi`, `--sinks`) for the conformers that take them.
+    /// Score modifiers (`--softcap X`, `--alibi`, `--sinks`, `--bias`) for the conformers that take them.
     public var softCap: Float?
     public var alibi = false
     public var sinks = false
+    public var bias = false
 
     /// Whether any score modifier was asked for.
-    public var hasModifiers: Bool { softCap != nil || alibi || sinks }
+    public var hasModifiers: Bool { softCap != nil || alibi || sinks || bias }
 
-    /// The modifiers for `heads` query heads: the standard ALiBi slopes, and sink logits
-    /// drawn uniformly from [−1, 1] by a generator seeded with `seed`.
-    public func modifiers(heads: Int) -> ScoreModifiers {
+    /// The modifiers for `shape`: the standard ALiBi slopes, sink logits drawn uniformly from
+    /// [−1, 1] by a generator seeded with `seed`, and a bias `[1, H, Nq, Nk]` uniform in
+    /// [−1, 1] seeded from `seed` (a separate value per head and pair: read from memory).
+    public func modifiers(shape: AttentionShape) throws -> ScoreModifiers {
         var generator = SeededGenerator(seed: seed &+ 0x51_4B)
+        let heads = shape.heads
         return ScoreModifiers(softCap: softCap,
                               alibiSlopes: alibi ? ScoreModifiers.standardALiBiSlopes(heads: heads) : nil,
+                              bias: bias ? try Tensor.random(shape: [1, heads, shape.queryLength, shape.keyLength],
+                                                             seed: seed &+ 0xB1A5) : nil,
                               sinks: sinks ? (0..<heads).map { _ in Float.random(in: -1...1, using: &generator) } : nil)
+    }
+
+    /// The settings text of `modifiers`: `softcap=X`, `alibi`, `sinks`.
+    public static func describe(_ modifiers: ScoreModifiers) -> String {
+        var parts: [String] = []
+        if let cap = modifiers.softCap { parts.append("softcap=\(cap)") }
+        if modifiers.alibiSlopes != nil { parts.append("alibi") }
+        if modifiers.sinks != nil { parts.append("sinks") }
+        if modifiers.bias != nil { parts.append("bias") }
+        return parts.joined(separator: " ")
     }
 
     public init() {}
@@ -163,6 +178,7 @@ extension BenchOptions {
         OptionSpec(name: "softcap", value: "X", help: "score soft-capping cap·tanh(s/cap) on the conformers that take modifiers"),
         OptionSpec(name: "alibi", value: nil, help: "ALiBi with the standard slopes on the conformers that take modifiers"),
         OptionSpec(name: "sinks", value: nil, help: "per-head sink logits (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
+        OptionSpec(name: "bias", value: nil, help: "an additive bias [1, H, Nq, Nk] (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
         OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
@@ -350,9 +366,10 @@ extension BenchOptions {
         }
         options.alibi = given["alibi"] != nil
         options.sinks = given["sinks"] != nil
+        options.bias = given["bias"] != nil
         if options.hasModifiers {
-            for other in ["decode", "backward"] where given[other] != nil {
-                throw BenchError.usage("--softcap, --alibi and --sinks do not combine with --\(other) yet")
+            for other in ["backward"] where given[other] != nil {
+                throw BenchError.usage("--softcap, --alibi, --sinks and --bias do not combine with --\(other) yet")
             }
         }
         if let text = given["io"] {

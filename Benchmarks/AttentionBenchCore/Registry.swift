@@ -458,5 +458,30 @@ public struct Registry: Sendable {
                 CustomMaskAttention(predicate: try DocumentMask(length: (c.problem.shape.queryLength + c[.documents] - 1) / c[.documents],
                                                                 causal: c.causal))
             }),
+        VariantEntry(
+            name: "score-function",
+            summary: "a custom score function (FlexAttention score_mod) defined in the harness, outside the library: ALiBi's standard slopes as a ScoreFunction over every pair (compare with --variants dense --alibi)",
+            parameters: [],
+            make: { c in
+                CustomMaskAttention(score: HarnessALiBi(slopes: ScoreModifiers.standardALiBiSlopes(heads: c.shape.heads),
+                                                        offset: c.problem.shape.keyLength - c.problem.shape.queryLength))
+            }),
     ])
+}
+
+/// ALiBi written as a ``ScoreFunction`` in this module (not the library's): `s − m_h · |i + offset − j|`,
+/// the score function a user would write, to measure what a caller-defined type costs.
+struct HarnessALiBi: ScoreFunction {
+    var slopes: [Float]
+    var offset: Int
+
+    func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float {
+        s - slopes[head] * Float(abs(query + offset - key))
+    }
+
+    func scores(_ s: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMD16<Float> {
+        let distance = SIMD16<Float>(queries &+ Int32(truncatingIfNeeded: offset - key))
+        let magnitude = distance.replacing(with: -distance, where: distance .< 0)
+        return s - slopes[head] * magnitude
+    }
 }

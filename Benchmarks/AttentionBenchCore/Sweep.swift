@@ -90,10 +90,10 @@ public struct SweepPlan: Sendable {
                     do {
                         if options.hasModifiers {
                             guard var modifiable = try make(config) as? any ModifiableAttention else {
-                                skip(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks): not run")
+                                skip(entry.name, "takes no score modifiers (--softcap, --alibi, --sinks, --bias): not run")
                                 continue
                             }
-                            modifiable.modifiers = options.modifiers(heads: problem.shape.heads)
+                            modifiable.modifiers = try options.modifiers(shape: problem.shape)
                             conformer = modifiable
                         } else {
                             conformer = try make(config)
@@ -203,9 +203,7 @@ public final class SweepRunner {
             text += (text.isEmpty ? "" : " ") + "io=" + Self.ioName(job.io)
         }
         if let modifiers = (job.conformer as? any ModifiableAttention)?.modifiers, !modifiers.isEmpty {
-            if let cap = modifiers.softCap { text += (text.isEmpty ? "" : " ") + "softcap=\(cap)" }
-            if modifiers.alibiSlopes != nil { text += (text.isEmpty ? "" : " ") + "alibi" }
-            if modifiers.sinks != nil { text += (text.isEmpty ? "" : " ") + "sinks" }
+            text += (text.isEmpty ? "" : " ") + BenchOptions.describe(modifiers)
         }
         if let axial = job.conformer as? AxialAttention {
             let grid = axial.axes ?? AxialAttention.defaultAxes(sequenceLength: job.problem.shape.queryLength)
@@ -388,8 +386,14 @@ public final class SweepRunner {
             results.append((job, record))
             if options.backward {
                 if let differentiable = job.conformer as? any DifferentiableAttention {
-                    for extra in try timeBackward(job, differentiable, inputs, forward: record, peak: peak) {
-                        results.append((job, extra))
+                    do {
+                        for extra in try timeBackward(job, differentiable, inputs, forward: record, peak: peak) {
+                            results.append((job, extra))
+                        }
+                    } catch AttentionError.unsupported(let reason) {
+                        // A setting this conformer's backward does not take (ETC's relative table):
+                        // the forward's record stands, the backward is skipped with the reason.
+                        progress("note: \(job.entry.name) backward skipped: \(reason)")
                     }
                 } else {
                     progress("note: \(job.entry.name) has no backward pass yet (--backward skipped)")

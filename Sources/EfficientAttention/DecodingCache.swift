@@ -84,11 +84,12 @@ func visitRows<V: CacheRowsVisitor>(of cache: any DecodableCache, layer: Int, _ 
 struct DecodeRun: CacheRowsVisitor {
     let shape: AttentionShape, scale: Float, threads: Int, split: Int
     let q: TensorView, o: MutableTensorView, lse: MutableTensorView
+    let modifiers: ScoreModifierKernel?
     let masks: [IntervalMask]
 
     func visit<R: KVRows>(keys: R, values: R) {
         DecodeAttention.run(shape: shape, scale: scale, threads: threads, split: split,
-                            q: q, keys: keys, values: values, o: o, lse: lse) { masks[$0] }
+                            q: q, keys: keys, values: values, o: o, lse: lse, modifiers: modifiers) { masks[$0] }
     }
 }
 
@@ -194,16 +195,7 @@ public struct MultiQueryDecoding: DecodingAttention {
     /// The problem is checked before the append; the append is all-or-nothing.
     public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout any DecodingCache,
                            threads: Int? = nil) throws -> AttentionResult {
-        let step = try AttentionShape(query: query, key: key, value: value)
-        guard step.queryLength == step.keyLength else {
-            throw AttentionError.shapeMismatch(
-                "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
-        }
-        guard step.batch == state.batch, step.kvHeads == state.kvHeads, step.headDim == state.headDim,
-              step.valueDim == state.valueDim else {
-            throw AttentionError.shapeMismatch(
-                "the cache holds B=\(state.batch) Hkv=\(state.kvHeads) D=\(state.headDim) Dv=\(state.valueDim), the step is \(step)")
-        }
+        let step = try checkedDecodingStep(query: query, key: key, value: value, cache: state)
         var after = step
         var held = 0
         for b in 0..<state.batch { held = max(held, try state.length(layer: 0, batchItem: b)) }
@@ -222,4 +214,21 @@ extension MultiQueryAttention {
                          precision: KVCache.Precision = .float32) -> MultiQueryDecoding {
         MultiQueryDecoding(self, cacheKind: kind, precision: precision)
     }
+}
+
+/// The checks of an `attendNext` step before anything is appended: the query, key and value
+/// shapes agree, as many queries as new keys, and the cache's `B`, `Hkv`, `D`, `Dv`.
+/// Returns the step's shape.
+func checkedDecodingStep(query: Tensor, key: Tensor, value: Tensor, cache: some DecodingCache) throws -> AttentionShape {
+    let step = try AttentionShape(query: query, key: key, value: value)
+    guard step.queryLength == step.keyLength else {
+        throw AttentionError.shapeMismatch(
+            "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
+    }
+    guard step.batch == cache.batch, step.kvHeads == cache.kvHeads, step.headDim == cache.headDim,
+          step.valueDim == cache.valueDim else {
+        throw AttentionError.shapeMismatch(
+            "the cache holds B=\(cache.batch) Hkv=\(cache.kvHeads) D=\(cache.headDim) Dv=\(cache.valueDim), the step is \(step)")
+    }
+    return step
 }

@@ -211,33 +211,40 @@ extension DenseAttention: DifferentiableAttention {
     }
 }
 
+// MARK: - Parameter gradients
+
+/// The kernel views of one `parameterGradients` call: its inputs, the forward's output and
+/// log-sum-exp, `dO`, and the freshly allocated input gradients (`dQ` zero-filled).
+struct ParameterGradientCall {
+    let shape: AttentionShape
+    let scale: Float
+    let threads: Int
+    let q, k, v, o, lse, dO: TensorView
+    let dQ, dK, dV: MutableTensorView
+}
+
 extension DifferentiableAttention {
-    /// The Tensor path of a conformer's `parameterGradients`: the checks of
-    /// ``checkedGradientCall(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:scale:)``,
-    /// the three gradients allocated, then `body` with the shape, the scale, the inputs' and the
-    /// gradients' kernel views inside ``withCheckedGradientCall(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:scale:_:)``
-    /// (every check of the view entry point, `dQuery` zero-filled).
-    func withParameterGradientCall(
-        query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
-        keyLengths: [Int]?, threads: Int?, scale: Float?,
-        _ body: (_ shape: AttentionShape, _ scale: Float, _ inputs: [TensorView], _ gradients: [MutableTensorView]) throws -> Void
-    ) throws -> AttentionGradients {
-        _ = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                    logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                    keyLengths: keyLengths, threads: threads, scale: scale)
-        var dq = try Tensor.uninitializedOutput(shape: query.shape)
-        var dk = try Tensor.uninitializedOutput(shape: key.shape)
-        var dv = try Tensor.uninitializedOutput(shape: value.shape)
+    /// The Tensor convenience's checks (``checkedGradientCall(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:scale:)``),
+    /// then `body` with the call's kernel views; returns the input gradients `body` wrote.
+    /// For the conformers' `parameterGradients`, which add their parameters' gradients
+    /// into arrays of their own in `body`.
+    func withParameterGradientCall(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]?, threads: Int?, scale: Float?,
+                                   _ body: (ParameterGradientCall) throws -> Void) throws -> AttentionGradients {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: scale)
+        let shape = s.shape, threads = try threadCount(threads)
+        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
         try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
         try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
         try outputGradient.withStridedView { g in
         try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try withCheckedGradientCall(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil,
-                                        threads: threads, scale: scale) { shape, scale in
-                try body(shape, scale, [q.kernel, k.kernel, v.kernel, o.kernel, l.kernel, g.kernel],
-                         [dQ.kernel, dK.kernel, dV.kernel])
-            }
+            try body(ParameterGradientCall(shape: shape, scale: s.scale, threads: threads,
+                                           q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel,
+                                           dO: g.kernel, dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel))
         } } } } } } } } }
         return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
     }

@@ -98,8 +98,8 @@ public final class KVCache: DecodingCache {
         guard capacity <= lengthLimit else {
             throw AttentionError.invalidParameter("KVCache capacity must be at most \(lengthLimit), got \(capacity)")
         }
-        try checkAllocation(bytes: keyBytes, option: "KVCache keys (layers × batch × kvHeads × capacity × headDim)")
-        try checkAllocation(bytes: valueBytes, option: "KVCache values (layers × batch × kvHeads × capacity × valueDim)")
+        _ = try checkedStorageBytes("KVCache", precision: precision, rows: [layers, batch, kvHeads, capacity],
+                                    rowNames: "layers × batch × kvHeads × capacity", headDim: headDim, valueDim: valueDim)
         self.layers = layers
         self.batch = batch
         self.kvHeads = kvHeads
@@ -335,6 +335,18 @@ func checkCacheSizes(_ kind: String, _ sizes: KeyValuePairs<String, Int>) throws
             throw AttentionError.invalidParameter("\(kind) \(name) must be at most \(lengthLimit), got \(value)")
         }
     }
+}
+
+/// The key and value storage bytes of a cache of `rows` rows (a product of counts, spelled
+/// `rowNames`, e.g. "layers × batch × kvHeads × window") of `headDim` and `valueDim` elements
+/// in `precision`, each checked against ``maxAllocationBytes`` (a thrown error names it).
+func checkedStorageBytes(_ kind: String, precision: KVCache.Precision, rows: [Int], rowNames: String,
+                         headDim: Int, valueDim: Int) throws -> (keys: Int, values: Int) {
+    let keys = precision.checkedRowBytes(width: headDim).flatMap { checkedProduct(rows + [$0]) }
+    let values = precision.checkedRowBytes(width: valueDim).flatMap { checkedProduct(rows + [$0]) }
+    try checkAllocation(bytes: keys, option: "\(kind) keys (\(rowNames) × headDim)")
+    try checkAllocation(bytes: values, option: "\(kind) values (\(rowNames) × valueDim)")
+    return (keys!, values!)
 }
 
 /// Writes positions `skip + j`, `j < n − skip`, of item `source`, head `h` of `tensor`

@@ -71,10 +71,10 @@ public final class PagedKVCache {
         guard pageSize & (pageSize - 1) == 0 else {
             throw AttentionError.invalidParameter("PagedKVCache pageSize must be a power of two, got \(pageSize)")
         }
-        let keyBytes = precision.checkedRowBytes(width: headDim).flatMap { checkedProduct([pageCount, layers, kvHeads, pageSize, $0]) }
-        let valueBytes = precision.checkedRowBytes(width: valueDim).flatMap { checkedProduct([pageCount, layers, kvHeads, pageSize, $0]) }
-        try checkAllocation(bytes: keyBytes, option: "PagedKVCache keys (pageCount × layers × kvHeads × pageSize × headDim)")
-        try checkAllocation(bytes: valueBytes, option: "PagedKVCache values (pageCount × layers × kvHeads × pageSize × valueDim)")
+        let bytes = try checkedStorageBytes("PagedKVCache", precision: precision,
+                                            rows: [pageCount, layers, kvHeads, pageSize],
+                                            rowNames: "pageCount × layers × kvHeads × pageSize",
+                                            headDim: headDim, valueDim: valueDim)
         self.layers = layers
         self.kvHeads = kvHeads
         self.headDim = headDim
@@ -85,8 +85,8 @@ public final class PagedKVCache {
         pageShift = pageSize.trailingZeroBitCount
         references = [Int32](repeating: 0, count: pageCount)
         freeList = (0..<Int32(pageCount)).reversed()
-        keyStorage = KVCache.allocateStorage(keyBytes!)
-        valueStorage = KVCache.allocateStorage(valueBytes!)
+        keyStorage = KVCache.allocateStorage(bytes.keys)
+        valueStorage = KVCache.allocateStorage(bytes.values)
         keyStore = RowStore(base: keyStorage, width: headDim, precision: precision)
         valueStore = RowStore(base: valueStorage, width: valueDim, precision: precision)
     }

@@ -54,10 +54,9 @@ public final class RotatingKVCache: DecodingCache, DecodableCache {
         let valueDim = valueDim ?? headDim
         try checkCacheSizes("RotatingKVCache", ["layers": layers, "batch": batch, "kvHeads": kvHeads,
                                                 "headDim": headDim, "valueDim": valueDim, "window": window])
-        let keyBytes = precision.checkedRowBytes(width: headDim).flatMap { checkedProduct([layers, batch, kvHeads, window, $0]) }
-        let valueBytes = precision.checkedRowBytes(width: valueDim).flatMap { checkedProduct([layers, batch, kvHeads, window, $0]) }
-        try checkAllocation(bytes: keyBytes, option: "RotatingKVCache keys (layers × batch × kvHeads × window × headDim)")
-        try checkAllocation(bytes: valueBytes, option: "RotatingKVCache values (layers × batch × kvHeads × window × valueDim)")
+        let bytes = try checkedStorageBytes("RotatingKVCache", precision: precision, rows: [layers, batch, kvHeads, window],
+                                            rowNames: "layers × batch × kvHeads × window",
+                                            headDim: headDim, valueDim: valueDim)
         self.layers = layers
         self.batch = batch
         self.kvHeads = kvHeads
@@ -68,8 +67,8 @@ public final class RotatingKVCache: DecodingCache, DecodableCache {
         totals = [Int](repeating: 0, count: layers * batch)
         firstSlots = .allocate(capacity: layers * batch)
         firstSlots.initialize(repeating: 0, count: layers * batch)
-        keyStorage = KVCache.allocateStorage(keyBytes!)
-        valueStorage = KVCache.allocateStorage(valueBytes!)
+        keyStorage = KVCache.allocateStorage(bytes.keys)
+        valueStorage = KVCache.allocateStorage(bytes.values)
         keyStore = RowStore(base: keyStorage, width: headDim, precision: precision)
         valueStore = RowStore(base: valueStorage, width: valueDim, precision: precision)
     }

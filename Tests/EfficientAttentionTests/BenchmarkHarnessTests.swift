@@ -125,7 +125,8 @@ import AttentionBenchCore
         let r = Registry.standard
         #expect(r.names == ["vanilla", "dense", "local", "strided", "longformer", "bigbird", "lsh", "routing",
                             "linformer", "linear-elu", "performer", "multi-query", "transformer-xl", "compressive", "adaptive-span",
-                            "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc", "custom-mask"])
+                            "axial", "memory-compressed", "sinkhorn", "isab", "pma", "etc", "custom-mask",
+                            "score-function"])
         // Every registered conformer has landed.
         #expect(r.entries.allSatisfy { $0.isAvailable })
         for e in r.entries { #expect(!e.summary.isEmpty && !e.summary.contains("\n")) }
@@ -541,7 +542,7 @@ import AttentionBenchCore
         let plan = try SweepPlan.make(o)
         #expect(plan.jobs.map(\.entry.name) == ["custom-mask"])
         #expect(plan.jobs[0].cost.scoredPairs == 2 * 4 * 128 * 128)   // documents of whole query tiles
-        let m = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--variants", "dense,linformer",
+        let m = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--bias", "--variants", "dense,linformer",
                                         "--seq", "64", "--heads", "2", "--dim", "16", "--threads", "1", "--repeat", "1"])
         let modified = try SweepPlan.make(m)
         #expect(modified.jobs.map(\.entry.name) == ["dense"])
@@ -549,11 +550,23 @@ import AttentionBenchCore
         let records = try SweepRunner(options: m, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
             .run(modified)
         #expect(records[0].parameters.contains("softcap=30.0") && records[0].parameters.contains("alibi")
-                && records[0].parameters.contains("sinks"))
+                && records[0].parameters.contains("sinks") && records[0].parameters.contains("bias"))
+        #expect(try m.modifiers(shape: AttentionShape(heads: 2, queryLength: 64, headDim: 16)).bias?.shape == [1, 2, 64, 64])
         for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"],
-                    ["--alibi", "--decode"]] {
+                    ["--alibi", "--backward"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // Decode mode takes them too: the record says so, and the error column is against
+        // dense with the same modifiers (small), not plain dense.
+        let d = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "300", "--heads", "4",
+                                        "--kv-heads", "2", "--dim", "16", "--softcap", "5", "--alibi", "--sinks",
+                                        "--threads", "1", "--repeat", "1", "--quiet"])
+        let decoded = try DecodeRunner(options: d, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                       bandwidth: BandwidthCache(measure: { Double($0) * 10 }), progress: { _ in })
+            .run(try DecodePlan.make(d))
+        #expect(decoded.count == 1)
+        #expect(decoded[0].parameters.contains("softcap=5.0 alibi sinks"))
+        #expect((decoded[0].relativeError ?? 1) < 1e-5)
     }
 
     /// `--io`: one record per element type, each saying so (JSON field `io`, the settings

@@ -14,6 +14,16 @@ private func positions(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
     return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: data)
 }
 
+extension Tensor {
+    /// `[B, H, N, D]` → `[B, H, D, N]`.
+    func transposedLastTwo() throws -> Tensor {
+        let s = shape
+        var data = [Float]()
+        for b in 0..<s[0] { for h in 0..<s[1] { for c in 0..<s[3] { for i in 0..<s[2] { data.append(self[b, h, i, c]) } } } }
+        return try Tensor(shape: [s[0], s[1], s[3], s[2]], data: data)
+    }
+}
+
 /// Batch item `b` of `x`.
 private func item(_ x: Tensor, _ b: Int) throws -> Tensor {
     let s = x.shape
@@ -451,6 +461,69 @@ private func referenceBFloat16(_ x: Float) -> UInt16 {
             try MultiQueryAttention().decoding(cache: .rotating(window: 0))
                 .makeDecodingState(batch: 1, heads: 1, kvHeads: 1, headDim: 4, valueDim: 4, capacity: 10)
         }
+    }
+
+    // MARK: Score modifiers
+
+    /// Decoding with soft-capping, ALiBi, a bias (with a row it hides entirely) and sinks,
+    /// on both decode paths (per-row: G · n < 8; grouped: G · n ≥ 8), against the Double
+    /// reference of each batch item's own call (keys `[0, L_b)`, query `i` at `L_b − n + i`);
+    /// rotating and paged caches equal the contiguous one bitwise; 1 and 3 threads alike.
+    @Test("cache decode with score modifiers: both kernel paths against the reference, every cache kind bitwise",
+          arguments: [(4, 2, 1), (4, 2, 3), (8, 1, 1), (8, 1, 3)])
+    func decodeWithModifiers(problem: (Int, Int, Int)) throws {
+        let (heads, kvHeads, n) = problem
+        let d = 65, lengths = [37, 100], longest = 100
+        let k = try randomTensor([2, kvHeads, longest, d], seed: 71), v = try randomTensor([2, kvHeads, longest, d], seed: 72)
+        let contiguous = try KVCache(batch: 2, kvHeads: kvHeads, headDim: d, capacity: 128)
+        let ring = try RotatingKVCache(batch: 2, kvHeads: kvHeads, headDim: d, window: 128)
+        let pool = try PagedKVCache(kvHeads: kvHeads, headDim: d, pageSize: 16, pageCount: 20)
+        let ids = [pool.addSequence(), pool.addSequence()]
+        for (b, length) in lengths.enumerated() {
+            let keys = try positions(item(k, b), 0..<length), values = try positions(item(v, b), 0..<length)
+            try contiguous.append(layer: 0, batchItem: b, keys: keys, values: values)
+            try ring.append(layer: 0, batchItem: b, keys: keys, values: values)
+            try pool.append(sequence: ids[b], layer: 0, keys: keys, values: values)
+        }
+        let q = try randomTensor([2, heads, n, d], seed: 73)
+        var biasValues = try randomTensor([2, 1, n, longest], seed: 74).elements
+        for j in 0..<longest { biasValues[j] = -.infinity }   // item 0, query 0: every key hidden
+        let modifiers = ScoreModifiers(softCap: 3, alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: heads),
+                                       bias: try Tensor(shape: [2, 1, n, longest], data: biasValues),
+                                       sinks: (0..<heads).map { Float($0) * 0.5 - 1 })
+        for causal in [true, false] {
+            var attention = MultiQueryAttention(causal: causal, leftWindow: causal ? 50 : nil, decodeChunkLength: 16)
+            attention.modifiers = modifiers
+            let result = try attention.decode(query: q, cache: contiguous, threads: 1)
+            for (b, length) in lengths.enumerated() {
+                var itemModifiers = modifiers
+                itemModifiers.bias = try positions(item(try Tensor(shape: [2, 1, n, longest], data: biasValues), b)
+                    .transposedLastTwo(), 0..<length).transposedLastTwo()
+                let reference = modifiedReference(
+                    query: try item(q, b), key: try positions(item(k, b), 0..<length),
+                    value: try positions(item(v, b), 0..<length),
+                    visible: decodeVisibility(attention, queryLength: n, keyLength: length), modifiers: itemModifiers)
+                ScoreModifierTests.check(try AttentionResult(output: item(result.output, b), logSumExp: item(result.logSumExp, b)),
+                                         reference, "H \(heads) Hkv \(kvHeads) n \(n) causal \(causal) item \(b)")
+            }
+            // Item 0's query 0 sees no key: 0 with lse = its sink.
+            for h in 0..<heads {
+                #expect(result.logSumExp[0, h, 0, 0] == modifiers.sinks![h])
+                #expect((0..<d).allSatisfy { result.output[0, h, 0, $0] == 0 })
+            }
+            for threads in [1, 3] {
+                expectBitwiseEqual(try attention.decode(query: q, cache: contiguous, threads: threads), result,
+                                   "contiguous threads \(threads)")
+                expectBitwiseEqual(try attention.decode(query: q, cache: ring, threads: threads), result,
+                                   "rotating threads \(threads)")
+                expectBitwiseEqual(try attention.decode(query: q, cache: pool.batch(ids), threads: threads), result,
+                                   "paged threads \(threads)")
+            }
+        }
+        // A bias of the wrong key length is refused, naming the option.
+        var wrong = MultiQueryAttention(causal: true)
+        wrong.modifiers = ScoreModifiers(bias: try Tensor(shape: [1, 1, n, 99]))
+        #expect(thrownAttentionError { try wrong.decode(query: q, cache: contiguous) }?.message.contains("modifiers.bias") == true)
     }
 
     // MARK: DecodingAttention

@@ -105,11 +105,11 @@ struct CallingConventionTests {
         return try AllocationCounter.countingOnThisThread(call).allocations
     }
 
-    /// Conformers that still build a plan of small arrays per call (BigBird's random
-    /// blocks, ETC's masks' runs, axial grids,
-    /// LSH's bucket plan), with the most allocations a call of the test problem may make:
-    /// a bound that catches allocations per tile or per row (KernelDocs/CallingConvention.md).
-    static let planAllocations = ["etc": 64]
+    /// Conformers that still build a plan of small arrays per call, with the most
+    /// allocations a call of the test problem may make: a bound that catches allocations
+    /// per tile or per row (KernelDocs/CallingConvention.md). None left: every conformer,
+    /// ETC included (its masks' runs and partitions in a plan cache), allocates nothing.
+    static let planAllocations: [String: Int] = [:]
 
     @Test("a steady-state call with a workspace allocates nothing (one thread)", arguments: entries)
     func allocations(_ name: String) throws {
@@ -503,5 +503,47 @@ struct PlanCacheTests {
         let shape = AttentionShape(heads: 2, queryLength: 64, headDim: 8)
         #expect(try first.pattern(for: shape).randomBlocks
                 == BigBirdAttention(blockSize: 8, randomBlockCount: 2, seed: 1).pattern(for: shape).randomBlocks)
+    }
+
+    /// ETC keeps its last plan (pattern, runs, partitions); a copy with another setting
+    /// (sharing the cache) or another length must build its own, and the original must get
+    /// its own back afterwards.
+    @Test("a copy of ETC with other settings or another length does not reuse the cached plan")
+    func etcCopies() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 90, headDim: 8, seed: 33)
+        let settings: [(globals: Int, radius: Int, causal: Bool, segments: ETCSegments?)] = [
+            (5, 4, false, nil), (7, 4, false, nil), (5, 9, false, nil), (5, 4, true, nil),
+            (5, 4, false, ETCSegments(count: 2, global: [0, 1, 0, 1, 1],
+                                      long: Array(repeating: 0, count: 40) + Array(repeating: 1, count: 45))),
+        ]
+        func configured(_ s: (globals: Int, radius: Int, causal: Bool, segments: ETCSegments?)) -> ETCAttention {
+            ETCAttention(globals: s.globals, radius: s.radius, segments: s.segments, causal: s.causal)
+        }
+        let fresh = try settings.map { try configured($0).attend(query: q, key: k, value: v, threads: 1) }
+        var shared = configured(settings[0])
+        for round in 0..<2 {
+            for (n, s) in settings.enumerated() {
+                shared.globals = s.globals
+                shared.radius = s.radius
+                shared.causal = s.causal
+                shared.segments = s.segments
+                expectBitwiseEqual(try shared.attend(query: q, key: k, value: v, threads: 1), fresh[n],
+                                   "setting \(n), round \(round)")
+            }
+        }
+        // A relative table with another κ (another row count of zero biases).
+        for kappa in [1, 3, 1] {
+            let withTable = try ETCAttention(heads: 2, headDim: 8, globals: 5, radius: 4, maxDistance: kappa, seed: 9)
+            let expected = try withTable.attend(query: q, key: k, value: v, threads: 1)
+            shared.relativePositions = withTable.relativePositions
+            shared.globals = 5; shared.radius = 4; shared.causal = false; shared.segments = nil
+            expectBitwiseEqual(try shared.attend(query: q, key: k, value: v, threads: 1), expected, "κ = \(kappa)")
+        }
+        shared.relativePositions = nil
+        let (q2, k2, v2) = try randomQKV(heads: 2, queryLength: 50, headDim: 8, seed: 34)
+        expectBitwiseEqual(try shared.attend(query: q2, key: k2, value: v2, threads: 1),
+                           try configured(settings[0]).attend(query: q2, key: k2, value: v2, threads: 1),
+                           "another length")
+        #expect(try shared.pattern(for: AttentionShape(heads: 2, queryLength: 50, headDim: 8)).queryLength == 50)
     }
 }

@@ -229,6 +229,41 @@ struct CompressiveTransformerAttentionTests {
         }
     }
 
+    /// The stateless backward is Transformer-XL's over the span (whose own suite checks it
+    /// against the Double reference): the same bits, parameter gradients included, for any
+    /// thread count; a span longer than M_c + M is refused as in the forward.
+    @Test("stateless backward: Transformer-XL's over [compressed ; memory ; segment], bitwise, with r, u, v gradients")
+    func statelessBackward() throws {
+        for (n, (h, hkv, nq, mc, m, past, d, dv)) in [(4, 2, 17, 5, 6, 11, 3, 5), (2, 1, 40, 9, 12, 21, 65, 7)].enumerated() {
+            let attention = try randomCompressive(heads: h, headDim: d, memoryLength: m, compressedMemoryLength: mc,
+                                                  compression: 3, function: .meanPool, rows: mc + m + nq + 2,
+                                                  seed: UInt64(300 + n))
+            let (q, k, v) = try randomQKV(batch: 2, heads: h, kvHeads: hkv, queryLength: nq, keyLength: past + nq,
+                                          headDim: d, valueDim: dv, seed: UInt64(310 + n))
+            let result = try attention.attend(query: q, key: k, value: v, keyLengths: [past + nq, past], threads: 2)
+            let dO = try randomTensor(result.output.shape, seed: UInt64(320 + n))
+            let xl = transformerXL(attention)
+            let expected = try xl.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                     keyLengths: [past + nq, past], threads: 1)
+            for threads in [1, 3] {
+                let got = try attention.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                           keyLengths: [past + nq, past], threads: threads)
+                #expect(got.inputs == expected.inputs && got.parameters == expected.parameters, "case \(n) threads \(threads)")
+                let plain = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                    keyLengths: [past + nq, past], threads: threads)
+                #expect(plain == expected.inputs, "case \(n) threads \(threads): gradients")
+            }
+            #expect(expected.inputs.dKey.elements.contains { $0 != 0 } && expected.parameters.contentBias.contains { $0 != 0 })
+        }
+        let attention = try randomCompressive(heads: 2, headDim: 4, memoryLength: 3, compressedMemoryLength: 2,
+                                              compression: 3, function: .meanPool, rows: 20, seed: 330)
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 4, keyLength: 10, headDim: 4, seed: 331)
+        let dO = try randomTensor([1, 2, 4, 4], seed: 332)
+        let fake = try AttentionResult(output: dO, logSumExp: try Tensor(shape: [1, 2, 4, 1]))
+        #expect(thrownAttentionError { try attention.gradients(query: q, key: k, value: v, result: fake, outputGradient: dO) }?
+            .message.contains("memory length mismatch") == true)
+    }
+
     @Test("segments one by one equal the reference's memory evolution (all compression functions, a reset)")
     func segments() throws {
         // (batch, heads, kvHeads, D, Dv, N, M, M_c, c, segments, reset item 1 after segment)
@@ -417,6 +452,69 @@ struct CompressiveTransformerAttentionTests {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 9, keyLength: 7, headDim: 3,
                                       valueDim: 5, seed: 91)
         #expect(try identity.reconstructionLoss(query: q, oldKeys: k, oldValues: v) == 0)
+    }
+
+    /// The convolution weights' gradients of the reconstruction loss against central
+    /// differences of a Double reference of the loss (slots, both attentions and the sum in
+    /// Double, so the differences are accurate to about 1e-9); 1 and 3 threads bitwise; the
+    /// loss equals reconstructionLoss's; pools are refused.
+    @Test("reconstruction loss: convolution weight gradients against differences of the Double reference")
+    func reconstructionGradients() throws {
+        for (n, (batch, h, hkv, nq, ns, c, d, dv)) in [(2, 4, 2, 5, 6, 3, 3, 2), (1, 2, 1, 17, 10, 2, 1, 4)].enumerated() {
+            let (q, k, v) = try randomQKV(batch: batch, heads: h, kvHeads: hkv, queryLength: nq, keyLength: ns,
+                                          headDim: d, valueDim: dv, seed: UInt64(160 + n), range: -2...2)
+            let function = try randomConvolution(kvHeads: hkv, compression: c, headDim: d, valueDim: dv, seed: UInt64(170 + n))
+            let attention = try randomCompressive(heads: h, headDim: d, memoryLength: 6, compressedMemoryLength: 6,
+                                                  compression: c, function: function, rows: 1, seed: 180)
+            guard case let .convolution(keyWeights, valueWeights) = function else { return }
+            let scale = 1 / Double(d).squareRoot()
+            let full = referenceAttention(query: q, key: k, value: v, scale: scale, visible: Visible.all).output
+            func referenceLoss(_ kw: [Double], _ vw: [Double]) -> Double {
+                var keys = [Double](), values = [Double]()
+                for b in 0..<batch { for hk in 0..<hkv { for t in 0..<(ns / c) {
+                    for (width, weights, x, out) in [(d, kw, k, 0), (dv, vw, v, 1)] {
+                        for o in 0..<width {
+                            var slot = 0.0
+                            for r in 0..<c { for i in 0..<width {
+                                slot += weights[((hk * c + r) * width + o) * width + i] * Double(x[b, hk, t * c + r, i])
+                            } }
+                            if out == 0 { keys.append(slot) } else { values.append(slot) }
+                        }
+                    }
+                } } }
+                let compressed = denseDouble(query: q, keys: keys, values: values, keyLength: ns / c, kvHeads: hkv,
+                                             valueDim: dv, scale: scale)
+                return zip(full, compressed).reduce(0.0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) }
+            }
+            let kw = keyWeights.map(Double.init), vw = valueWeights.map(Double.init)
+            let result = try attention.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v, threads: 1)
+            #expect(result.loss.bitPattern == (try attention.reconstructionLoss(query: q, oldKeys: k, oldValues: v)).bitPattern)
+            let step = 1e-5
+            for (label, base, computed) in [("keyWeights", kw, result.keyWeights), ("valueWeights", vw, result.valueWeights)] {
+                #expect(computed.count == base.count)
+                var expected = [Double]()
+                for index in base.indices {
+                    var plus = base, minus = base
+                    plus[index] += step
+                    minus[index] -= step
+                    let (lossPlus, lossMinus) = label == "keyWeights"
+                        ? (referenceLoss(plus, vw), referenceLoss(minus, vw)) : (referenceLoss(kw, plus), referenceLoss(kw, minus))
+                    expected.append((lossPlus - lossMinus) / (2 * step))
+                }
+                let largest = expected.map(abs).max()!
+                #expect(largest > 1e-4, "case \(n) \(label): a meaningful gradient")
+                let worst = zip(computed, expected).map { abs(Double($0) - $1) }.max()!
+                #expect(worst <= 1e-4 * largest + 1e-6, "case \(n) \(label): worst \(worst) of \(largest)")
+            }
+            let three = try attention.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v, threads: 3)
+            #expect(three.keyWeights.map(\.bitPattern) == result.keyWeights.map(\.bitPattern)
+                    && three.valueWeights.map(\.bitPattern) == result.valueWeights.map(\.bitPattern), "threads")
+        }
+        let pooled = try randomCompressive(heads: 2, headDim: 4, memoryLength: 3, compressedMemoryLength: 3,
+                                           compression: 3, function: .meanPool, rows: 1, seed: 190)
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 4, keyLength: 6, headDim: 4, seed: 191)
+        #expect(thrownAttentionError { try pooled.reconstructionLossGradients(query: q, oldKeys: k, oldValues: v) }?
+            .message.contains("convolution") == true)
     }
 
     @Test("seeded configuration, name and cost follow Transformer-XL's")

@@ -28,6 +28,39 @@ struct ScatteredPredicate: VisibilityPredicate {
     }
 }
 
+/// A per-head, position-dependent score function written lane by lane (the default vector form).
+struct TiltScore: ScoreFunction {
+    var slope: Float
+    func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float {
+        s * (1 + 0.25 * Float(batch)) - slope * Float(head + 1) * Float(abs(query - key))
+    }
+}
+
+/// The same function with its own vector form.
+struct VectorTiltScore: ScoreFunction {
+    var slope: Float
+    func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float {
+        TiltScore(slope: slope).score(s, batch: batch, head: head, query: query, key: key)
+    }
+    func scores(_ s: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMD16<Float> {
+        var distance = SIMD16<Float>()
+        for l in 0..<16 { distance[l] = Float(abs(Int(queries[l]) - key)) }
+        return s * (1 + 0.25 * Float(batch)) - slope * Float(head + 1) * distance
+    }
+}
+
+/// Adds `table[i · keyLength + j]`: an additive bias as a score function.
+struct TableScore: ScoreFunction {
+    var table: [Float]
+    var keyLength: Int
+    func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float { s + table[query * keyLength + key] }
+}
+
+/// Hides key `j` from query `i` when `j > i` by returning `−∞`.
+struct CausalScore: ScoreFunction {
+    func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float { key > query ? -.infinity : s }
+}
+
 @Suite("Custom visibility predicates")
 struct CustomMaskTests {
     @Test("a causal predicate equals built-in causal bitwise (Nq != Nk, key padding, grouped heads, 1 and 3 threads)")
@@ -100,6 +133,65 @@ struct CustomMaskTests {
                                       "documents of 45, causal \(isCausal)")
         }
         #expect(thrownAttentionError { try DocumentMask(length: 0) }?.message.contains("length") == true)
+    }
+
+    @Test("a score function (FlexAttention's score_mod) against the Double reference: with a predicate, key padding, Nq != Nk, grouped heads, modifiers")
+    func scoreFunction() throws {
+        for (nq, nk, d, lengths) in [(150, 170, 65, [170, 90]), (33, 33, 1, nil), (200, 129, 3, [0, 129])]
+            as [(Int, Int, Int, [Int]?)] {
+            let batch = lengths?.count ?? 1
+            let (q, k, v) = try randomQKV(batch: batch, heads: 4, kvHeads: 2, queryLength: nq, keyLength: nk,
+                                          headDim: d, valueDim: 7, seed: 31)
+            let tilt = TiltScore(slope: 0.05)
+            let function: (Double, Int, Int, Int, Int) -> Double = { s, b, h, i, j in
+                s * (1 + 0.25 * Double(b)) - Double(Float(0.05) * Float(h + 1)) * Double(abs(i - j))
+            }
+            let predicate = ScatteredPredicate(seed: 4)
+            let end = lengths ?? [nk]
+            var masked = CustomMaskAttention(predicate: predicate, score: tilt)
+            ScoreModifierTests.check(
+                try masked.attend(query: q, key: k, value: v, keyLengths: lengths, threads: 3),
+                modifiedReference(query: q, key: k, value: v,
+                                  visible: { b, h, i, j in predicate.isVisible(batch: b, head: h, query: i, key: j)
+                                      && j < end[b] },
+                                  modifiers: ScoreModifiers(), score: function), "tilt, scattered, Nq \(nq) Nk \(nk) D \(d)")
+            masked.modifiers = ScoreModifiers(softCap: 2, alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: 4))
+            ScoreModifierTests.check(
+                try masked.attend(query: q, key: k, value: v, keyLengths: lengths, threads: 2),
+                modifiedReference(query: q, key: k, value: v,
+                                  visible: { b, h, i, j in predicate.isVisible(batch: b, head: h, query: i, key: j)
+                                      && j < end[b] },
+                                  modifiers: masked.modifiers, score: function), "tilt then modifiers, Nq \(nq) Nk \(nk)")
+            // The vector form agrees with the lane-by-lane default, bitwise, for any thread count.
+            let everywhere = CustomMaskAttention(score: tilt)
+            let vector = try CustomMaskAttention(score: VectorTiltScore(slope: 0.05))
+                .attend(query: q, key: k, value: v, keyLengths: lengths, threads: 1)
+            for threads in [1, 3] {
+                expectBitwiseEqual(try everywhere.attend(query: q, key: k, value: v, keyLengths: lengths, threads: threads),
+                                   vector, "vector form, threads \(threads)")
+            }
+        }
+    }
+
+    @Test("score functions: identity over every pair equals dense, a table equals the bias modifier, −∞ hides pairs")
+    func scoreFunctionEquivalences() throws {
+        let (nq, nk) = (140, 150)
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: nq, keyLength: nk, headDim: 16, seed: 41)
+        expectBitwiseEqual(try CustomMaskAttention(predicate: AllVisible()).attend(query: q, key: k, value: v, threads: 2),
+                           try DenseAttention().attend(query: q, key: k, value: v, threads: 2), "identity")
+        let table = try randomTensor([1, 1, nq, nk], seed: 9).elements
+        var bias = DenseAttention()
+        bias.modifiers = ScoreModifiers(bias: try Tensor(shape: [1, 1, nq, nk], data: table))
+        expectBitwiseEqual(try CustomMaskAttention(score: TableScore(table: table, keyLength: nk))
+                            .attend(query: q, key: k, value: v, keyLengths: [120], threads: 3),
+                           try bias.attend(query: q, key: k, value: v, keyLengths: [120], threads: 3), "table = bias")
+        let hidden = try CustomMaskAttention(score: CausalScore()).attend(query: q, key: k, value: v, threads: 2)
+        ScoreModifierTests.check(hidden, modifiedReference(query: q, key: k, value: v, visible: { _, _, i, j in j <= i },
+                                                           modifiers: ScoreModifiers()), "−∞ hides")
+        // A row whose every pair the function hides gives 0 with lse −∞ (keys all past the row).
+        let allHidden = try CustomMaskAttention(score: CausalScore())
+            .attend(query: q, key: k, value: v, keyLengths: [0], threads: 1)
+        #expect(allHidden.output.elements.allSatisfy { $0 == 0 })
     }
 
     @Test("bad options throw")

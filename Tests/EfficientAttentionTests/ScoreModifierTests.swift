@@ -11,7 +11,9 @@ import Testing
 /// α_h·|i + Nk − Nq − j|` over the visible keys, softmax with the sink `e^{σ_h}` in the
 /// denominator. Rows with no visible key: 0, lse `σ_h` with a sink, else −∞.
 func modifiedReference(query: Tensor, key: Tensor, value: Tensor, visible: Visibility,
-                       modifiers m: ScoreModifiers) -> ReferenceResult<Double> {
+                       modifiers m: ScoreModifiers,
+                       score function: ((_ s: Double, _ b: Int, _ h: Int, _ i: Int, _ j: Int) -> Double)? = nil)
+    -> ReferenceResult<Double> {
     let (nb, nh, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
     let (nhkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
     let q = query.elements.map(Double.init), k = key.elements.map(Double.init), v = value.elements.map(Double.init)
@@ -27,6 +29,7 @@ func modifiedReference(query: Tensor, key: Tensor, value: Tensor, visible: Visib
                 var s = 0.0
                 for c in 0..<d { s += q[((b * nh + h) * nq + i) * d + c] * k[((b * nhkv + hk) * nk + j) * d + c] }
                 s *= scale
+                if let function { s = function(s, b, h, i, j) }
                 if let cap = m.softCap.map(Double.init) { s = cap * Foundation.tanh(s / cap) }
                 if let bias, let shape = m.bias?.shape {
                     let bb = shape[0] == 1 ? 0 : b, hh = shape[1] == 1 ? 0 : h

@@ -107,3 +107,78 @@ public struct AttentionPooling: Attention {
         return try AttentionResult(output: output, logSumExp: lse)
     }
 }
+
+extension AttentionPooling: DifferentiableAttention {
+    /// The dense backward (``TiledSoftmaxBackward``) of the seeds over the keys
+    /// (KernelDocs/SetTransformer.md, "Backward"): one attention, whose output and
+    /// log-sum-exp are the forward's, so nothing is recomputed. The query tensor's values
+    /// are not read by the forward, so `dQuery` is all zeros; the seeds' gradient comes from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, h, r < k (hk = h / (H / Hkv)), L = keyLengths?[b] ?? Nk:
+    /// P[j] = exp(scale · dot(S[h, r], k[b, hk, j]) − lse[b, h, r]),  dS[j] = P[j] · (dO·v[j] − dO·o)   j < L
+    /// dK[b, hk, j] += scale · dS[j] S[h, r],   dV[b, hk, j] += P[j] dO[b, h, r]
+    /// ∂L/∂S[h, r] = Σ_b scale · Σ_j dS[j] k[b, hk, j],   dQuery = 0
+    /// ```
+    /// A batch item without keys gets zero gradients. Bitwise identical for every thread
+    /// count (the seeds' per-item gradients summed over batch items in order).
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace: the kernel's tiles per thread
+    ///   and the seeds' per-item gradient (`4 · B · H · k · D` bytes), independent of `Nk`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dK: dKey.kernel, dV: dValue.kernel, seeds: nil)
+        }
+    }
+
+    /// `∂L/∂S` (shaped like ``seeds``, `[H, k, D]`) through the call that gave `result`,
+    /// with `dQ` (zeros), `dK`, `dV`, which the same pass computes.
+    ///
+    /// - Complexity: the backward's plus `B · H · k · D` additions.
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, seeds: [Float]) {
+        var dSeeds = [Float](repeating: 0, count: seeds.count)
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            dSeeds.withUnsafeMutableBufferPointer { dSeeds in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths, k: c.k, v: c.v,
+                         o: c.o, lse: c.lse, dO: c.dO, dK: c.dK, dV: c.dV, seeds: dSeeds.baseAddress!)
+            }
+        }
+        return (inputs, dSeeds)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let perItem = roundUp(shape.batch * heads * seedCount * shape.headDim * 4, WorkspaceCarver.alignment)
+        return AttentionCost(
+            flops: 2.5 * forward.flops,
+            workspaceBytes: perItem + PointAttention.backwardWorkspaceBytes(count: seedCount, shape: shape,
+                                                                            threads: try threadCount(threads)),
+            scoredPairs: forward.scoredPairs)
+    }
+
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, seeds gradient: UnsafeMutablePointer<Float>?) {
+        withScratchTensor(SIMD4(shape.batch, heads, seedCount, shape.headDim), zeroed: true) { perItem in
+            PointAttention.backward(points: seeds, count: seedCount, shape: shape, scale: scale, threads: threads,
+                                    keyLengths: keyLengths, k: k, v: v, o: o, lse: lse, dO: dO,
+                                    dPoints: perItem, dK: dK, dV: dV)
+            if let gradient {
+                PointAttention.sumOverBatch(perItem.readOnly, shape: shape, count: seedCount, into: gradient)
+            }
+        }
+    }
+}

@@ -211,3 +211,92 @@ enum AxialSum {
         }
     }
 }
+
+extension AxialAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/Axial.md, "Backward"), one
+    /// pass per axis in axis order, keys in residue classes modulo the axis stride (runs
+    /// along the lines, read in place) and queries by line (the forward's partition).
+    /// `.union`: each pass with the forward's output and log-sum-exp (the final softmax's),
+    /// the query itself in the first axis's pass only, so the passes' pairs are disjoint and
+    /// add up to the whole backward. `.sum`: each axis is a softmax of its own, and the
+    /// forward's log-sum-exp (the union's) cannot give its probabilities: each pass first
+    /// recomputes the axis's output `O_t` and log-sum-exp with the forward kernel (scratch),
+    /// then runs the backward with them and the whole `dO` (`∂o_i / ∂o_{i,t} = I`), adding
+    /// to `dQ`, `dK`, `dV`. Sums in a fixed order: bitwise identical for every thread count.
+    ///
+    /// ```
+    /// // naive reference, .union: DenseAttention's backward with the union's visible keys J;
+    /// // .sum: the sum over axes t of the backward of axis t's own softmax:
+    /// P_t[j] = exp(scale · dot(q[b,h,i], k[b,hk,j]) − lse_t[b,h,i])       j on axis t's line
+    /// dS[j] = P_t[j] · (dot(dO[b,h,i], v[j]) − dot(dO[b,h,i], O_t[b,h,i]))
+    /// dQ[b,h,i] += scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P_t[j] dO[i]
+    /// ```
+    ///
+    /// - Complexity: `.union`: `2.5 ×` the forward's FLOPs; `.sum`: that plus the forward
+    ///   once more (the per-axis recomputation). Workspace: about 242 KiB per thread at
+    ///   `D = Dv = 64` plus one `Int` per key block per key/value head; `.sum` also one
+    ///   axis's output and log-sum-exp (`4 · B · H · N · (Dv + 1)` bytes).
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let combination = combination
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.pattern(for: call.shape)
+            switch combination {
+            case .union:
+                for t in pattern.axes.indices {
+                    call.run(keyBlocks: pattern.backwardKeyBlocks(axis: t), accumulate: t > 0) { _, keyEnd in
+                        pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
+                    }
+                }
+            case .sum:
+                AxialSum.backward(call, pattern: pattern)
+            }
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let pattern = try pattern(for: shape)
+        var cost = tiledBackwardCost(forward: forward, shape: shape, threads: threads,
+                                     passes: pattern.axes.indices.map { pattern.backwardKeyBlocks(axis: $0) })
+        if combination == .sum {
+            // The recomputed forward, one axis's output in scratch, and the larger kernel workspace.
+            let scratch = try AxialSum.scratchBytes(shape)
+            cost.flops += forward.flops
+            cost.workspaceBytes = scratch + max(cost.workspaceBytes, forward.workspaceBytes - scratch)
+        }
+        return cost
+    }
+}
+
+extension AxialSum {
+    /// `.sum`'s backward (see ``AxialAttention``'s `gradients`): per axis in order, the
+    /// axis's output and log-sum-exp recomputed by the forward kernel into scratch, then the
+    /// tiled backward with them, the first axis writing `dK`, `dV` and the others adding.
+    static func backward(_ call: TiledBackwardCall, pattern: AxialPattern) {
+        let shape = call.shape
+        withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)) { o in
+        withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, 1)) { lse in
+            let axis = PatternCall(shape: shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
+                                   q: call.q, k: call.k, v: call.v, o: o, lse: lse)
+            for t in pattern.axes.indices {
+                for b in 0..<shape.batch { for h in 0..<shape.heads { for i in 0..<shape.queryLength {
+                    lse.row(b, h, i).pointee = -.infinity
+                } } }
+                axis.run(queryTile: pattern.queryTile(axis: t)) { _, keyEnd in
+                    pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: false)
+                }
+                TiledSoftmaxBackward.run(shape: shape, scale: call.scale, threads: call.threads,
+                                         keyBlocks: pattern.backwardKeyBlocks(axis: t), accumulate: t > 0,
+                                         q: call.q, k: call.k, v: call.v, o: o.readOnly, lse: lse.readOnly,
+                                         dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV) { b, _ in
+                    pattern.lineMask(axis: t, keyEnd: call.keyEnd(b), hidesSelf: false)
+                }
+            }
+        } }
+    }
+}

@@ -266,6 +266,45 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
     ///   `n_s` and `n_s / c` keys: `2 · Nq · n_s · (1 + 1/c) · (D + Dv)` FLOPs per head.
     public func reconstructionLoss(query: Tensor, oldKeys: Tensor, oldValues: Tensor,
                                    threads: Int? = nil) throws -> Float {
+        try reconstruction(query: query, oldKeys: oldKeys, oldValues: oldValues, threads: threads,
+                           weightGradients: false).loss
+    }
+
+    /// The reconstruction loss (``reconstructionLoss(query:oldKeys:oldValues:threads:)``)
+    /// and its gradients with respect to the convolution's key and value weights: how the
+    /// paper trains the compression network (Rae et al. 2020, §3.2: the loss is its only
+    /// gradient; queries and old positions are held fixed, as its stop-gradients say).
+    ///
+    /// ```
+    /// // naive reference: o = attn(q, k_old, v_old) (fixed), õ = attn(q, K', V'),
+    /// // K'[t] = Σ_r W^K_r k_old[tc + r], V'[t] = Σ_r W^V_r v_old[tc + r]   (per b, hk)
+    /// dõ = 2 (õ − o)
+    /// dK', dV' = the dense softmax backward of õ with dõ (DenseAttention.gradients)
+    /// ∂loss/∂W^K_r[hk] = Σ_b Σ_t dK'[b,hk,t] ⊗ k_old[b,hk,tc + r]     (outer product, [out, in])
+    /// ∂loss/∂W^V_r[hk] = Σ_b Σ_t dV'[b,hk,t] ⊗ v_old[b,hk,tc + r]
+    /// ```
+    ///
+    /// Throws ``AttentionError/unsupported(_:)`` unless ``compressionFunction`` is a
+    /// convolution (the pools have no parameters), and what the loss throws.
+    ///
+    /// - Complexity: the loss's, plus the dense backward over the `n_s / c` slots
+    ///   (`2.5 ×` its forward) and `2 · n_s · (D² + Dv²)` FLOPs per key/value head and batch
+    ///   item for the weight gradients; sums over batch items in item order (bitwise
+    ///   identical for any thread count).
+    public func reconstructionLossGradients(query: Tensor, oldKeys: Tensor, oldValues: Tensor, threads: Int? = nil)
+        throws -> (loss: Float, keyWeights: [Float], valueWeights: [Float]) {
+        guard case .convolution = compressionFunction else {
+            throw AttentionError.unsupported(
+                "\(Self.variant): reconstructionLossGradients needs compressionFunction .convolution (the pools have no weights)")
+        }
+        let r = try reconstruction(query: query, oldKeys: oldKeys, oldValues: oldValues, threads: threads,
+                                   weightGradients: true)
+        return (r.loss, r.keyWeights, r.valueWeights)
+    }
+
+    /// The reconstruction loss, and with `weightGradients` the convolution weights' gradients.
+    private func reconstruction(query: Tensor, oldKeys: Tensor, oldValues: Tensor, threads: Int?,
+                                weightGradients: Bool) throws -> (loss: Float, keyWeights: [Float], valueWeights: [Float]) {
         let shape = try AttentionShape(query: query, key: oldKeys, value: oldValues)
         try checkPatternShape(shape, scale: scale, variant: Self.variant)
         try validateCompression(shape)
@@ -291,13 +330,46 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
                         slots: [Int](repeating: slots, count: shape.batch), into: &keys, &values,
                         destinations: zeros, threads: workers)
         let full = try dense.attend(query: query, key: oldKeys, value: oldValues, threads: workers).output.elements
-        let approximate = try dense.attend(query: query, key: keys, value: values, threads: workers).output.elements
+        let approximate = try dense.attend(query: query, key: keys, value: values, threads: workers)
         var loss = 0.0
-        for (a, b) in zip(full, approximate) {
+        for (a, b) in zip(full, approximate.output.elements) {
             let difference = Double(a) - Double(b)
             loss += difference * difference
         }
-        return Float(loss)
+        guard weightGradients, case let .convolution(keyWeights, valueWeights) = compressionFunction else {
+            return (Float(loss), [], [])
+        }
+        // dõ = 2 (õ − o), then the slots' gradients from the dense backward.
+        let outputGradient = try Tensor(shape: approximate.output.shape,
+                                        data: zip(approximate.output.elements, full).map { 2 * ($0 - $1) })
+        let slotGradients = try dense.gradients(query: query, key: keys, value: values, result: approximate,
+                                                outputGradient: outputGradient, threads: workers)
+        var dKeyWeights = [Float](repeating: 0, count: keyWeights.count)
+        var dValueWeights = [Float](repeating: 0, count: valueWeights.count)
+        let (batch, kvHeads, d, dv) = (shape.batch, shape.kvHeads, shape.headDim, shape.valueDim)
+        // One work item per (side, key/value head, offset r): each owns its W_r block and sums
+        // over batch items in order.
+        let items = 2 * kvHeads * c
+        let threadsUsed = workerCount(threads: workers, items: items)
+        WorkspaceArena.withWorkspaces(workers: threadsUsed, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+        oldKeys.withView { k in oldValues.withView { v in
+        slotGradients.dKey.withView { gk in slotGradients.dValue.withView { gv in
+        dKeyWeights.withUnsafeMutableBufferPointer { dwk in dValueWeights.withUnsafeMutableBufferPointer { dwv in
+            let targets = (UncheckedSendable(dwk.baseAddress!), UncheckedSendable(dwv.baseAddress!))
+            parallelForEach(items: items, threads: threadsUsed) { item, worker in
+                let isValue = item % 2 == 1, hk = item / 2 / c, r = item / 2 % c
+                let width = isValue ? dv : d, source = isValue ? v : k, gradient = isValue ? gv : gk
+                let dW = (isValue ? targets.1 : targets.0).value + (hk * c + r) * width * width
+                for b in 0..<batch {
+                    WindowCompression.accumulateWeightGradient(
+                        gradient.row(b, hk, 0), ldg: gradient.strides[2], source: source, b: b, h: hk,
+                        length: shape.keyLength, compression: c, offset: r, width: width, into: dW,
+                        workspace: spaces[worker])
+                }
+            }
+        } } } } } }
+        }
+        return (Float(loss), dKeyWeights, dValueWeights)
     }
 
     /// For each batch item `b` and key/value head, compresses the `slots[b] · c` rows of
@@ -342,5 +414,43 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
             }
         } } } } } }
         }
+    }
+}
+
+extension CompressiveTransformerAttention: DifferentiableAttention {
+    /// The backward of the stateless call (``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)``,
+    /// `key`/`value` = `[compressed ; memory ; segment]`): exactly Transformer-XL's over the
+    /// whole span (``TransformerXLAttention/gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``,
+    /// KernelDocs/TransformerXL.md, "Backward"), after this conformer's own checks. The
+    /// compressed slots and memory rows get their gradients like the segment's keys; the
+    /// memory update of the stateful call is not differentiated (the paper stops gradients
+    /// there and trains the compression with
+    /// ``reconstructionLossGradients(query:oldKeys:oldValues:threads:)``).
+    ///
+    /// - Complexity: Transformer-XL's backward over `P + Nq` keys.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try validate(AttentionShape(query: query, key: key, value: value))
+        try transformerXL.gradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// Transformer-XL's parameter gradients (the table `r`, `u`, `v`) through the stateless
+    /// call that gave `result` (``TransformerXLAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: TransformerXLParameterGradients) {
+        try validate(AttentionShape(query: query, key: key, value: value))
+        return try transformerXL.parameterGradients(query: query, key: key, value: value, result: result,
+                                                    outputGradient: outputGradient, keyLengths: keyLengths,
+                                                    threads: threads)
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try validate(shape)
+        return try transformerXL.backwardCost(shape, threads: threads)
     }
 }

@@ -62,6 +62,59 @@ public struct DocumentMask: VisibilityPredicate {
     }
 }
 
+/// A score transformation written as a type, the library's form of FlexAttention's
+/// `score_mod`: ``CustomMaskAttention`` applies it to every scored pair inside the tiled
+/// kernel, specialised for the type (no closure call per pair).
+///
+/// The kernel calls ``scores(_:batch:head:queries:key:)`` on the scaled scores
+/// `s = scale · dot(q, k)` of 16 queries and one key, before the built-in
+/// ``ScoreModifiers`` (soft-capping, bias, ALiBi) and before masking. It must be a pure
+/// function of its arguments and the type's stored properties. A result of `−∞` hides the
+/// pair (a row whose pairs are all hidden gives 0); `+∞` or NaN makes the row NaN.
+public protocol ScoreFunction: Sendable, Equatable {
+    /// The transformed score of query `query` and key `key` (positions in the call, `0..<Nq`
+    /// and `0..<Nk`) of query head `head` in batch item `batch`, given the scaled score.
+    func score(_ score: Float, batch: Int, head: Int, query: Int, key: Int) -> Float
+
+    /// 16 query positions at a time (lanes past the tile's last query repeat it). The
+    /// default calls ``score(_:batch:head:query:key:)`` lane by lane; a function that can be
+    /// written with vector operations implements it. It must agree with `score`.
+    func scores(_ scores: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMD16<Float>
+
+    /// Whether the function returns its score unchanged; `true` removes it from the
+    /// specialised kernel. Default `false`.
+    static var isIdentity: Bool { get }
+}
+
+extension ScoreFunction {
+    public func scores(_ scores: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>,
+                       key: Int) -> SIMD16<Float> {
+        var result = scores
+        for l in 0..<16 {
+            result[l] = score(scores[l], batch: batch, head: head, query: Int(queries[l]), key: key)
+        }
+        return result
+    }
+
+    public static var isIdentity: Bool { false }
+}
+
+/// The score function that changes nothing (``CustomMaskAttention`` with a mask only).
+public struct IdentityScore: ScoreFunction {
+    public init() {}
+    public func score(_ score: Float, batch: Int, head: Int, query: Int, key: Int) -> Float { score }
+    public static var isIdentity: Bool { true }
+}
+
+/// The predicate that shows every pair (``CustomMaskAttention`` with a score function only).
+public struct AllVisible: VisibilityPredicate {
+    public init() {}
+    public func isVisible(batch: Int, head: Int, query: Int, key: Int) -> Bool { true }
+    public func hiddenLanes(batch: Int, head: Int, queries: SIMD16<Int32>, key: Int) -> SIMDMask<SIMD16<Int32>> {
+        SIMDMask()
+    }
+}
+
 /// Softmax attention over the pairs a ``VisibilityPredicate`` makes visible (FlexAttention's
 /// `mask_mod`), on the tiled kernel with a block mask: every (query tile, key tile) is
 /// classified once as skipped (no visible pair), full (every pair visible: no masking) or
@@ -76,15 +129,31 @@ public struct DocumentMask: VisibilityPredicate {
 /// ```
 ///
 /// Key padding (`keyLengths`) hides keys as usual; rows with no visible key are 0 with
-/// log-sum-exp `-infinity`. ``ScoreModifiers`` apply. The block mask is built on the first
+/// log-sum-exp `-infinity`. A ``ScoreFunction`` (FlexAttention's `score_mod`) transforms
+/// the scaled scores of the visible tiles first, then ``ScoreModifiers`` apply:
+///
+/// ```swift
+/// struct Tilt: ScoreFunction {                 // a per-head linear tilt, as ALiBi
+///     var slope: Float
+///     func score(_ s: Float, batch: Int, head: Int, query: Int, key: Int) -> Float {
+///         s - slope * Float(head + 1) * Float(abs(query - key))
+///     }
+/// }
+/// let tilted = CustomMaskAttention(predicate: AllVisible(), score: Tilt(slope: 0.1))
+/// ```
+///
+/// The block mask is built on the first
 /// call for a shape (`Nq · Nk` predicate evaluations, times `B · H` when the rule varies by
 /// head) and kept for the next calls with the same predicate and shape.
 ///
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs over the pairs of the listed tiles; the block
 ///   mask is `⌈Nq/Br⌉ · ⌈Nk/Bc⌉` bytes per head (one for all when the rule does not vary);
 ///   workspace as dense attention's. KernelDocs/ScoreModifiers.md, "Custom masks".
-public struct CustomMaskAttention<Predicate: VisibilityPredicate>: KernelWidening, ModifiableAttention {
+public struct CustomMaskAttention<Predicate: VisibilityPredicate, Score: ScoreFunction>: KernelWidening,
+    ModifiableAttention {
     public var predicate: Predicate
+    /// The score transformation (``IdentityScore`` for a mask alone).
+    public var score: Score
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
     /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``); none by default.
@@ -97,8 +166,10 @@ public struct CustomMaskAttention<Predicate: VisibilityPredicate>: KernelWidenin
         var batch: Int, heads: Int, queryLength: Int, keyLength: Int, queryTile: Int
     }
 
-    public init(predicate: Predicate, scale: Float? = nil) {
+    /// A mask with a score function.
+    public init(predicate: Predicate, score: Score, scale: Float? = nil) {
         self.predicate = predicate
+        self.score = score
         self.scale = scale
     }
 
@@ -125,7 +196,7 @@ public struct CustomMaskAttention<Predicate: VisibilityPredicate>: KernelWidenin
         return AttentionCost(flops: 2 * Double(pairs) * Double(shape.headDim + shape.valueDim),
                              workspaceBytes: TiledSoftmaxAttention.workspaceBytes(
                                 shape: shape, threads: threads, queryTile: blocks.queryTile,
-                                mask: PredicateMask<Predicate>.self),
+                                mask: PredicateMask<Predicate, Score>.self),
                              scoredPairs: pairs)
     }
 
@@ -150,10 +221,10 @@ public struct CustomMaskAttention<Predicate: VisibilityPredicate>: KernelWidenin
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
                             modifiers: modifiers) { call in
             let blocks = try plan(for: call.shape)
-            let predicate = self.predicate
+            let predicate = self.predicate, score = self.score
             TiledSoftmaxAttention.attend(call, queryTile: blocks.queryTile) { b, h in
-                PredicateMask(predicate: predicate, blocks: blocks, batch: b, head: h, heads: call.shape.heads,
-                              keyEnd: call.keyEnd(b))
+                PredicateMask(predicate: predicate, score: score, blocks: blocks, batch: b, head: h,
+                              heads: call.shape.heads, keyEnd: call.keyEnd(b))
             }
         }
     }
@@ -224,17 +295,34 @@ struct BlockMask: @unchecked Sendable {
     }
 }
 
+extension CustomMaskAttention where Score == IdentityScore {
+    /// A mask alone.
+    public init(predicate: Predicate, scale: Float? = nil) {
+        self.init(predicate: predicate, score: IdentityScore(), scale: scale)
+    }
+}
+
+extension CustomMaskAttention where Predicate == AllVisible {
+    /// A score function over every pair.
+    public init(score: Score, scale: Float? = nil) {
+        self.init(predicate: AllVisible(), score: score, scale: scale)
+    }
+}
+
 /// One head's view of a ``BlockMask``: the key tiles of a query tile that are not skipped,
-/// full ones unmasked, partial ones masked pair by pair by the predicate.
-struct PredicateMask<P: VisibilityPredicate>: TileMask {
+/// full ones unmasked, partial ones masked pair by pair by the predicate; the score
+/// function applied to every listed tile.
+struct PredicateMask<P: VisibilityPredicate, S: ScoreFunction>: TileMask {
     let predicate: P
+    let score: S
     let blocks: BlockMask
     let batch: Int, head: Int
     let keyEnd: Int
     let base: Int
 
-    init(predicate: P, blocks: BlockMask, batch: Int, head: Int, heads: Int, keyEnd: Int) {
+    init(predicate: P, score: S, blocks: BlockMask, batch: Int, head: Int, heads: Int, keyEnd: Int) {
         self.predicate = predicate
+        self.score = score
         self.blocks = blocks
         self.batch = batch
         self.head = head
@@ -257,23 +345,47 @@ struct PredicateMask<P: VisibilityPredicate>: TileMask {
         }
     }
 
+    static var addsScoreTerms: Bool { !S.isIdentity }
+
+    /// Applies the score function to 16 query lanes at a time (lanes past the last query
+    /// ask about that query again).
+    func addScoreTerms(_ tile: ScoreTile) {
+        let queries = PositionRun(start: tile.queryStart, count: tile.queryCount)
+        for jj in 0..<tile.keyCount {
+            let row = tile.scores + jj &* tile.ld
+            var ii = 0
+            while ii < tile.queryCount {
+                let s = load16(row + ii)
+                store16(score.scores(s, batch: batch, head: head, queries: lanePositions(queries, from: ii),
+                                     key: tile.keyStart + jj), row + ii)
+                ii += 16
+            }
+        }
+    }
+
+    /// The positions of `queries`' lanes `first..<first + 16`, those past the last repeating it.
+    @inline(__always)
+    private func lanePositions(_ queries: PositionRun, from first: Int) -> SIMD16<Int32> {
+        var ramp = SIMD16<Int32>()
+        for l in 0..<16 { ramp[l] = Int32(truncatingIfNeeded: l * queries.step) }
+        var positions = ramp &+ Int32(truncatingIfNeeded: queries.position(first))
+        let last = SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: queries.last))
+        positions.replace(with: last, where: positions .> last)
+        return positions
+    }
+
     /// Masks 16 query lanes at a time with ``VisibilityPredicate/hiddenLanes(batch:head:queries:key:)``;
     /// padding lanes past the tile's last query ask about that query again (the predicate
     /// only ever sees positions of the call).
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
-        var ramp = SIMD16<Int32>()
-        for l in 0..<16 { ramp[l] = Int32(truncatingIfNeeded: l * queries.step) }
-        let last = SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: queries.last))
         let minusInfinity = Vec16(repeating: -.infinity)
         for jj in 0..<tile.keys.count {
             let j = tile.keys.position(jj), row = scores + jj &* ld
             var ii = 0
             while ii < queries.count {
-                var positions = ramp &+ Int32(truncatingIfNeeded: queries.position(ii))
-                positions.replace(with: last, where: positions .> last)
                 var v = load16(row + ii)
-                v.replace(with: minusInfinity, where: predicate.hiddenLanes(batch: batch, head: head,
-                                                                            queries: positions, key: j))
+                v.replace(with: minusInfinity, where: predicate.hiddenLanes(
+                    batch: batch, head: head, queries: lanePositions(queries, from: ii), key: j))
                 store16(v, row + ii)
                 ii += 16
             }

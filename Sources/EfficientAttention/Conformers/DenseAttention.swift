@@ -77,7 +77,7 @@ public struct DenseAttention: KernelWidening, ModifiableAttention {
                              causal: causal, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding): the decode kernel reads each key/value head once for its group.
-            if DecodeAttention.serves(shape) && !modifiers.modifiesScores {
+            if DecodeAttention.serves(shape) {
                 DecodeAttention.attend(call, mask: mask)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: Self.queryTile(shape)) { b, _ in mask(b) }

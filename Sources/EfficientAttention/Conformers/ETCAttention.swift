@@ -45,6 +45,28 @@ public struct ETCAttention: Attention, Equatable {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// The last plan built, for calls with the same settings and length (no arrays per call).
+    private let plans = PlanCache<PlanKey, Plan>()
+
+    /// Everything the plan depends on (the relative table's values are read on each call,
+    /// only its row count is in the plan).
+    private struct PlanKey: Equatable {
+        var globals: Int, radius: Int, causal: Bool, segments: ETCSegments?, maxDistance: Int, length: Int
+    }
+
+    /// A length's pattern (its masks' runs and query partitions), the long → long pairs,
+    /// and the zero key and distance biases of the relative terms.
+    private struct Plan {
+        let pattern: ETCPattern
+        let bandPairs: Int
+        let zeros: [Float]
+    }
+
+    /// Equal settings (the plan cache is not compared).
+    public static func == (a: ETCAttention, b: ETCAttention) -> Bool {
+        a.globals == b.globals && a.radius == b.radius && a.relativePositions == b.relativePositions
+            && a.segments == b.segments && a.causal == b.causal && a.scale == b.scale
+    }
 
     /// ETC's local radius, 84 (its released base configuration).
     public static let defaultRadius = 84
@@ -103,9 +125,19 @@ public struct ETCAttention: Attention, Equatable {
                     + "\(shape.headDim)], got \(s)")
             }
             try checkOption(s[2], "relativePositions rows (2κ + 1)", in: 1...patternLimit, variant: variant)
-            if let n = table.elements.firstIndex(where: { !$0.isFinite }) {
+            // Read in place (`elements` of a strided table would build an array on every call).
+            let bad: (index: Int, value: Float)? = table.withView { a in
+                for h in 0..<s[1] { for t in 0..<s[2] {
+                    let row = a.row(0, h, t)
+                    for c in 0..<s[3] where !row[c * a.strides[3]].isFinite {
+                        return (((h * s[2]) + t) * s[3] + c, row[c * a.strides[3]])
+                    }
+                } }
+                return nil
+            }
+            if let bad {
                 throw AttentionError.invalidParameter(
-                    "\(variant): relativePositions element \(n) must be finite, got \(table.elements[n])")
+                    "\(variant): relativePositions element \(bad.index) must be finite, got \(bad.value)")
             }
         }
         try segments?.validate(globals: globals, longs: shape.queryLength - globals, variant: variant)
@@ -113,19 +145,29 @@ public struct ETCAttention: Attention, Equatable {
 
     /// The pattern for `shape`.
     public func pattern(for shape: AttentionShape) throws -> ETCPattern {
+        try plan(for: shape).pattern
+    }
+
+    /// The validated plan of `shape`, built once per settings and length.
+    private func plan(for shape: AttentionShape) throws -> Plan {
         try validate(shape)
-        return try ETCPattern(globals: globals, radius: radius, causal: causal, segments: segments,
-                              length: shape.queryLength)
+        let key = PlanKey(globals: globals, radius: radius, causal: causal, segments: segments,
+                          maxDistance: maxDistance, length: shape.queryLength)
+        return try plans.plan(for: key) {
+            let pattern = try ETCPattern(globals: globals, radius: radius, causal: causal, segments: segments,
+                                         length: shape.queryLength)
+            var bandPairs = 0
+            for p in globals..<shape.queryLength { bandPairs += pattern.band(p).count }
+            return Plan(pattern: pattern, bandPairs: bandPairs,
+                        zeros: [Float](repeating: 0, count: 2 * maxDistance + 1))
+        }
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let threads = try threadCount(threads)
-        let pattern = try pattern(for: shape)
+        let plan = try plan(for: shape), pattern = plan.pattern
         let base = patternCost(pattern, shape: shape, threads: threads)
-        var bandPairs = 0
-        if relativePositions != nil {
-            for p in globals..<shape.queryLength { bandPairs += pattern.band(p).count }
-        }
+        let bandPairs = relativePositions == nil ? 0 : plan.bandPairs
         let termFlops = 2 * Double(bandPairs * shape.heads * shape.batch) * Double(shape.headDim)
         let longWorkspace = TiledSoftmaxAttention.workspaceBytes(
             shape: shape, threads: threads, queryTile: pattern.longQueryTile,
@@ -142,7 +184,7 @@ public struct ETCAttention: Attention, Equatable {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             try TiledSoftmaxAttention.attendPattern(call) { call in
-                let pattern = try self.pattern(for: call.shape)
+                let plan = try self.plan(for: call.shape), pattern = plan.pattern
                 call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
                     pattern.globalQueryMask(keyEnd: keyEnd)
                 }
@@ -151,24 +193,22 @@ public struct ETCAttention: Attention, Equatable {
                     return
                 }
                 // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
-                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1
-                let zeros = [Float](repeating: 0, count: rows)
-                zeros.withUnsafeBufferPointer { zeros in table.withView { a in
-                    // Each head's mask built once (it holds arrays), not once per query tile.
-                    TiledSoftmaxAttention.withMasks(shape, { b, h in
+                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1, perHead = table.shape[1] != 1
+                plan.zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+                    // Built per query tile: its arrays are the plan's (shared, not copied), so
+                    // nothing is allocated, and no table of B·H masks is needed.
+                    TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
+                                              queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
+                                              v: call.v, o: call.o, lse: call.lse) { b, h in
                         RelativeTermsMask(
                             base: pattern.longQueryMask(keyEnd: call.keyEnd(b)),
                             terms: RelativeScoreTerms(
-                                table: a.row(0, table.shape[1] == 1 ? 0 : h, rows - 1),
+                                table: a.row(0, perHead ? h : 0, rows - 1),
                                 tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
                                 offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
                                 distanceBias: zeros.baseAddress!,
                                 owner: b * shape.heads + h + 1, clamped: true),
                             firstKey: globals)
-                    }) { masks in
-                        TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
-                                                  queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
-                                                  v: call.v, o: call.o, lse: call.lse, mask: masks)
                     }
                 } }
             }
@@ -195,6 +235,112 @@ public struct ETCAttention: Attention, Equatable {
                        longQuery: Tensor, longKey: Tensor, longValue: Tensor,
                        keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (global: AttentionResult, long: AttentionResult) {
+        try checkParts(globalQuery: globalQuery, globalKey: globalKey, globalValue: globalValue,
+                       longQuery: longQuery, longKey: longKey, longValue: longValue,
+                       keyLengths: keyLengths, threads: threads)
+        let l = try AttentionShape(query: longQuery, key: longKey, value: longValue)
+        let result = try attend(query: try globalQuery.appendingPositions(of: longQuery),
+                                key: try globalKey.appendingPositions(of: longKey),
+                                value: try globalValue.appendingPositions(of: longValue),
+                                keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
+        let n = globals + l.queryLength
+        return (try AttentionResult(output: result.output.positions(0..<globals),
+                                    logSumExp: result.logSumExp.positions(0..<globals)),
+                try AttentionResult(output: result.output.positions(globals..<n),
+                                    logSumExp: result.logSumExp.positions(globals..<n)))
+    }
+}
+
+extension ETCAttention: DifferentiableAttention {
+    /// The flash-style backward of the tiled kernel (KernelDocs/ETC.md, "Backward") in the
+    /// forward's two passes, each with the forward's output and log-sum-exp: the global
+    /// queries against every key they see, then the long queries against the global keys
+    /// and their band (adding to `dK`, `dV`). The passes' queries are disjoint, so their
+    /// sums are the whole backward; `dQ` is summed in key-block order. Bitwise identical for
+    /// every thread count. Through this entry point the inputs and gradients are the
+    /// concatenation `[global ; long]`;
+    /// ``gradients(globalQuery:globalKey:globalValue:longQuery:longKey:longValue:global:long:globalOutputGradient:longOutputGradient:keyLengths:threads:)``
+    /// takes and returns the two parts apart.
+    ///
+    /// ```
+    /// // naive reference: DenseAttention's backward with ETC's visible keys J(p) (ETCPattern)
+    /// P[j] = exp(scale · dot(q[b,h,p], k[b,hk,j]) − lse[b,h,p]),  dS[j] = P[j] · (dO·v[j] − dO·o)
+    /// dQ[b,h,p] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[p],  dV[b,hk,j] += P[j] dO[p]
+    /// ```
+    ///
+    /// A relative table (``relativePositions``) adds score terms, which the tiled backward
+    /// does not take yet: such a configuration throws ``AttentionError/unsupported(_:)``.
+    ///
+    /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs; workspace of about
+    ///   242 KiB per thread at `D = Dv = 64` plus one `Int` per key block per key/value head,
+    ///   independent of `N`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try checkDifferentiable()
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+            let pattern = try self.plan(for: call.shape).pattern
+            call.run { _, keyEnd in ETCGlobalQueryBackwardMask(forward: pattern.globalQueryMask(keyEnd: keyEnd)) }
+            call.run(accumulate: true) { _, keyEnd in
+                ETCLongQueryBackwardMask(forward: pattern.longQueryMask(keyEnd: keyEnd))
+            }
+        }
+    }
+
+    /// Throws unless the configuration has a backward pass (no relative table).
+    private func checkDifferentiable() throws {
+        guard relativePositions == nil else {
+            throw AttentionError.unsupported(
+                "ETC attention gradients: relativePositions (Shaw et al.'s score terms) have no backward pass yet")
+        }
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        try checkDifferentiable()
+        return tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                                 passes: [.contiguous])
+    }
+
+    /// The gradients with the global and long inputs apart, through the call of
+    /// ``attend(globalQuery:globalKey:globalValue:longQuery:longKey:longValue:keyLengths:threads:)``
+    /// that gave `global` and `long`, for the output gradients of the two parts
+    /// (`[B, H, N_g, Dv]` and `[B, H, N_l, Dv]`). `keyLengths` pads the long keys, as there.
+    ///
+    /// - Complexity: the backward above, plus copying the inputs into one sequence and the
+    ///   gradients out of it.
+    public func gradients(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
+                          longQuery: Tensor, longKey: Tensor, longValue: Tensor,
+                          global: AttentionResult, long: AttentionResult,
+                          globalOutputGradient: Tensor, longOutputGradient: Tensor,
+                          keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (global: AttentionGradients, long: AttentionGradients) {
+        try checkDifferentiable()
+        try checkParts(globalQuery: globalQuery, globalKey: globalKey, globalValue: globalValue,
+                       longQuery: longQuery, longKey: longKey, longValue: longValue,
+                       keyLengths: keyLengths, threads: threads)
+        let n = globals + longQuery.shape[2]
+        let g = try gradients(query: try globalQuery.appendingPositions(of: longQuery),
+                              key: try globalKey.appendingPositions(of: longKey),
+                              value: try globalValue.appendingPositions(of: longValue),
+                              output: try global.output.appendingPositions(of: long.output),
+                              logSumExp: try global.logSumExp.appendingPositions(of: long.logSumExp),
+                              outputGradient: try globalOutputGradient.appendingPositions(of: longOutputGradient),
+                              keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
+        func part(_ range: Range<Int>) -> AttentionGradients {
+            AttentionGradients(dQuery: g.dQuery.positions(range), dKey: g.dKey.positions(range),
+                               dValue: g.dValue.positions(range))
+        }
+        return (part(0..<globals), part(globals..<n))
+    }
+
+    /// The checks of the two-input API: the parts agree, `N_g` is ``globals``, the key
+    /// lengths fit the long part.
+    private func checkParts(globalQuery: Tensor, globalKey: Tensor, globalValue: Tensor,
+                            longQuery: Tensor, longKey: Tensor, longValue: Tensor,
+                            keyLengths: [Int]?, threads: Int?) throws {
         let g = try AttentionShape(query: globalQuery, key: globalKey, value: globalValue)
         let l = try AttentionShape(query: longQuery, key: longKey, value: longValue)
         guard g.batch == l.batch, g.heads == l.heads, g.kvHeads == l.kvHeads, g.headDim == l.headDim,
@@ -211,14 +357,5 @@ public struct ETCAttention: Attention, Equatable {
         if let keyLengths {
             try checkCallArguments(l, keyLengths: keyLengths, threads: threads)
         }
-        let result = try attend(query: try globalQuery.appendingPositions(of: longQuery),
-                                key: try globalKey.appendingPositions(of: longKey),
-                                value: try globalValue.appendingPositions(of: longValue),
-                                keyLengths: keyLengths?.map { $0 + globals }, threads: threads)
-        let n = globals + l.queryLength
-        return (try AttentionResult(output: result.output.positions(0..<globals),
-                                    logSumExp: result.logSumExp.positions(0..<globals)),
-                try AttentionResult(output: result.output.positions(globals..<n),
-                                    logSumExp: result.logSumExp.positions(globals..<n)))
     }
 }

@@ -159,25 +159,236 @@ public struct InducedSetAttention: Attention {
             }
             withScratchTensor(SIMD4(shape.batch, heads, m, d)) { kOut in
             withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { vOut in
-                let items = 2 * shape.batch * heads
-                let workers = workerCount(threads: threads, items: items)
-                WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
-                wk.withUnsafeBufferPointer { wk in wv.withUnsafeBufferPointer { wv in
-                    let wk = UncheckedSendable(wk.baseAddress!), wv = UncheckedSendable(wv.baseAddress!)
-                    parallelForEach(items: items, threads: workers) { item, worker in
-                        let isValue = item % 2 == 1, b = item / 2 / heads, h = item / 2 % heads
-                        let width = isValue ? dv : d
-                        let weights = (isValue ? wv.value : wk.value) + h * dv * width
-                        let out = isValue ? vOut : kOut
-                        Gemm.multiply(m: m, n: width, depth: dv,
-                                      a: MatrixOperand(base: z.row(b, h, 0), rowStride: dv, columnStride: 1),
-                                      b: .matrix(MatrixOperand(base: weights, rowStride: width, columnStride: 1)),
-                                      c: out.row(b, h, 0), ldc: width, workspace: spaces[worker])
-                    }
-                } }
-                }
+                project(z.readOnly, shape: shape, threads: threads, wk: wk, wv: wv, kOut: kOut, vOut: vOut)
                 attendSummary(kOut.readOnly, vOut.readOnly)
             } }
+        } }
+        }
+    }
+
+    /// `K2 = Z W_K[h]` into `kOut` and `V2 = Z W_V[h]` into `vOut` (`[B, H, m, ·]`), one
+    /// (batch item, head, which) per work item on the GEMM.
+    private func project(_ z: TensorView, shape: AttentionShape, threads: Int, wk: [Float], wv: [Float],
+                         kOut: MutableTensorView, vOut: MutableTensorView) {
+        let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
+        let items = 2 * shape.batch * heads
+        let workers = workerCount(threads: threads, items: items)
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+        wk.withUnsafeBufferPointer { wk in wv.withUnsafeBufferPointer { wv in
+            let wk = UncheckedSendable(wk.baseAddress!), wv = UncheckedSendable(wv.baseAddress!)
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let isValue = item % 2 == 1, b = item / 2 / heads, h = item / 2 % heads
+                let width = isValue ? dv : d
+                let weights = (isValue ? wv.value : wk.value) + h * dv * width
+                let out = isValue ? vOut : kOut
+                Gemm.multiply(m: m, n: width, depth: dv,
+                              a: MatrixOperand(base: z.row(b, h, 0), rowStride: dv, columnStride: 1),
+                              b: .matrix(MatrixOperand(base: weights, rowStride: width, columnStride: 1)),
+                              c: out.row(b, h, 0), ldc: width, workspace: spaces[worker])
+            }
+        } }
+        }
+    }
+}
+
+/// The gradients of ``InducedSetAttention``'s learned parameters, from
+/// ``InducedSetAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+public struct InducedSetParameterGradients: Sendable, Equatable {
+    /// `∂L/∂I`, shaped like ``InducedSetAttention/inducingPoints`` (`[H, m, D]`).
+    public var inducingPoints: [Float]
+    /// `∂L/∂W_K`, shaped like ``InducedSetAttention/keyProjection`` (`[H, Dv, D]`); `nil`
+    /// without projections.
+    public var keyProjection: [Float]?
+    /// `∂L/∂W_V`, shaped like ``InducedSetAttention/valueProjection`` (`[H, Dv, Dv]`); `nil`
+    /// without projections.
+    public var valueProjection: [Float]?
+}
+
+extension InducedSetAttention: DifferentiableAttention {
+    /// The backward of the two attentions in reverse (KernelDocs/SetTransformer.md,
+    /// "Backward"). The forward returns only the final output and log-sum-exp, so the
+    /// summary `Z`, its log-sum-exp and its projections `K2`, `V2` are **recomputed** (the
+    /// first attention and the GEMMs again); then the dense backward (``TiledSoftmaxBackward``)
+    /// of the queries over the summary gives `dQ`, `dK2`, `dV2`; `dZ = dK2 W_Kᵀ + dV2 W_Vᵀ`
+    /// (identity: `dK2 + dV2`) on the GEMM; and the dense backward of the inducing points
+    /// over the keys, with `dZ` as its output gradient, gives `dK`, `dV`. The learned
+    /// parameters' gradients come from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, h (hk = h / (H / Hkv)), L = keyLengths?[b] ?? Nk:
+    /// Z, lseZ = softmax attention of I[h] over k[b, hk, :L], v[b, hk, :L]      (recomputed)
+    /// K2 = Z W_K[h], V2 = Z W_V[h]                                               (recomputed)
+    /// dQ[b, h], dK2, dV2 = dense softmax backward of q[b, h] over K2, V2 (o, lse, dO given)
+    /// dZ = dK2 W_K[h]ᵀ + dV2 W_V[h]ᵀ
+    /// dI_b, dK[b, hk] +=, dV[b, hk] += dense softmax backward of I[h] over k, v (Z, lseZ, dZ)
+    /// ∂L/∂I[h] = Σ_b dI_b,  ∂L/∂W_K[h] = Σ_b Zᵀ dK2,  ∂L/∂W_V[h] = Σ_b Zᵀ dV2
+    /// ```
+    /// A batch item without keys gets zero gradients. `dQ` rows are summed in a fixed
+    /// order, the parameters' over batch items in order: bitwise identical for every
+    /// thread count.
+    ///
+    /// - Complexity: the recomputation (the first attention, `2 · m · Nk · (D + Dv)` FLOPs
+    ///   per head, and the projections, `2 · m · Dv · (D + Dv)`), `2.5 ×` each attention's
+    ///   forward FLOPs, and `2 · m · Dv · (D + Dv)` for `dZ` (twice that again for the
+    ///   projections' gradients): `O(N · m)`. Workspace: the recomputed summary, its
+    ///   projections and their gradients (`4 · B · H · m · (3·Dv + 2·D + 1)` bytes, plus
+    ///   `4 · B · H · m · (D + 2·Dv)` with projections), GEMM and kernel tiles per thread.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                     parameters: nil)
+        }
+    }
+
+    /// `∂L/∂I` (and `∂L/∂W_K`, `∂L/∂W_V` with projections) through the call that gave
+    /// `result`, with `dQ`, `dK`, `dV`, which the same pass computes.
+    ///
+    /// - Complexity: the backward's plus `4 · m · Dv · (D + Dv)` FLOPs per head and batch
+    ///   item with projections; sums over batch items in order (bitwise identical for every
+    ///   thread count).
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: InducedSetParameterGradients) {
+        var dPoints = [Float](repeating: 0, count: inducingPoints.count)
+        var dwk = [Float](repeating: 0, count: keyProjection?.count ?? 0)
+        var dwv = [Float](repeating: 0, count: valueProjection?.count ?? 0)
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            dPoints.withUnsafeMutableBufferPointer { dPoints in
+            dwk.withUnsafeMutableBufferPointer { dwk in dwv.withUnsafeMutableBufferPointer { dwv in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths, q: c.q, k: c.k,
+                         v: c.v, o: c.o, lse: c.lse, dO: c.dO, dQ: c.dQ, dK: c.dK, dV: c.dV,
+                         parameters: (dPoints.baseAddress!, dwk.baseAddress, dwv.baseAddress))
+            } } }
+        }
+        return (inputs, InducedSetParameterGradients(inducingPoints: dPoints,
+                                                     keyProjection: keyProjection == nil ? nil : dwk,
+                                                     valueProjection: valueProjection == nil ? nil : dwv))
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let threads = try threadCount(threads)
+        let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
+        let first = PointAttention.cost(count: m, shape: shape, threads: threads)
+        let secondFlops = 2 * Double(shape.batch * shape.heads * shape.queryLength * m) * Double(d + dv)
+        let projections = keyProjection == nil ? 0 : 2 * Double(shape.batch * heads * m * dv * (d + dv))
+        let buffer = { (width: Int) in roundUp(shape.batch * heads * m * width * 4, WorkspaceCarver.alignment) }
+        // Z, its log-sum-exp, dK2, dV2, the points' per-item gradient; K2, V2, dZ with projections.
+        let buffers = buffer(dv) + buffer(1) + buffer(d) + buffer(dv) + buffer(d)
+            + (keyProjection == nil ? 0 : buffer(d) + 2 * buffer(dv))
+        let gemmWorkers = keyProjection == nil ? 0 : workerCount(threads: threads, items: 2 * shape.batch * heads)
+        let kernels = max(first.workspaceBytes,
+                          TiledSoftmaxBackward.workspaceBytes(shape: summaryShape(shape), threads: threads),
+                          PointAttention.backwardWorkspaceBytes(count: m, shape: shape, threads: threads))
+        return AttentionCost(
+            // Recomputed: the first attention and the projections; then both backwards and dZ.
+            flops: first.flops + projections + 2.5 * (first.flops + secondFlops) + projections,
+            workspaceBytes: buffers + gemmWorkers * Gemm.Workspace.byteCount() + kernels,
+            scoredPairs: forward.scoredPairs)
+    }
+
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                          dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          parameters: (points: UnsafeMutablePointer<Float>, wk: UnsafeMutablePointer<Float>?,
+                                       wv: UnsafeMutablePointer<Float>?)?) {
+        let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
+        let summary = summaryShape(shape)
+        withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { z in
+        withScratchTensor(SIMD4(shape.batch, heads, m, 1)) { zLSE in
+        withScratchTensor(SIMD4(shape.batch, heads, m, d)) { dk2 in
+        withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { dv2 in
+        withScratchTensor(SIMD4(shape.batch, heads, m, d), zeroed: true) { dPoints in
+            // The forward's summary again (its output is not kept).
+            PointAttention.run(points: inducingPoints, count: m, shape: shape, scale: scale, threads: threads,
+                               keyLengths: keyLengths, k: k, v: v, o: z, lse: zLSE)
+            func summaryBackward(_ keys: TensorView, _ values: TensorView) {
+                TiledSoftmaxBackward.run(shape: summary, scale: scale, threads: threads, q: q, k: keys, v: values,
+                                         o: o, lse: lse, dO: dO, dQ: dQ, dK: dk2, dV: dv2) { b, _ in
+                    IntervalMask(queryLength: shape.queryLength, keyLength: m, causal: false,
+                                 keyEnd: (keyLengths?[b] ?? shape.keyLength) == 0 ? 0 : m)
+                }
+            }
+            func pointsBackward(_ dz: TensorView) {
+                PointAttention.backward(points: inducingPoints, count: m, shape: shape, scale: scale, threads: threads,
+                                        keyLengths: keyLengths, k: k, v: v, o: z.readOnly, lse: zLSE.readOnly,
+                                        dO: dz, dPoints: dPoints, dK: dK, dV: dV)
+            }
+            if let wk = keyProjection, let wv = valueProjection {
+                withScratchTensor(SIMD4(shape.batch, heads, m, d)) { kOut in
+                withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { vOut in
+                withScratchTensor(SIMD4(shape.batch, heads, m, dv)) { dz in
+                    project(z.readOnly, shape: shape, threads: threads, wk: wk, wv: wv, kOut: kOut, vOut: vOut)
+                    summaryBackward(kOut.readOnly, vOut.readOnly)
+                    projectGradients(z: z.readOnly, dk2: dk2.readOnly, dv2: dv2.readOnly, shape: shape,
+                                     threads: threads, wk: wk, wv: wv, dz: dz,
+                                     parameters: parameters.flatMap { p in p.wk.flatMap { wk in p.wv.map { (wk, $0) } } })
+                    pointsBackward(dz.readOnly)
+                } } }
+            } else {
+                summaryBackward(z.readOnly, z.readOnly)
+                // Z is both the keys and the values: dZ = dK2 + dV2 (into dV2; Dv = D).
+                let count = shape.batch * heads * m * dv
+                let sum = dv2.row(0, 0, 0), keys = dk2.readOnly.row(0, 0, 0)
+                for n in 0..<count { sum[n] += keys[n] }
+                pointsBackward(dv2.readOnly)
+            }
+            if let parameters {
+                PointAttention.sumOverBatch(dPoints.readOnly, shape: summary, count: m, into: parameters.points)
+            }
+        } } } } }
+    }
+
+    /// `dZ = dK2 W_K[h]ᵀ + dV2 W_V[h]ᵀ` per (batch item, head) on the GEMM, and with
+    /// `parameters` `∂L/∂W_K[h] += Zᵀ dK2`, `∂L/∂W_V[h] += Zᵀ dV2` per head, batch items in
+    /// order.
+    private func projectGradients(z: TensorView, dk2: TensorView, dv2: TensorView, shape: AttentionShape,
+                                  threads: Int, wk: [Float], wv: [Float], dz: MutableTensorView,
+                                  parameters: (wk: UnsafeMutablePointer<Float>, wv: UnsafeMutablePointer<Float>)?) {
+        let m = inducingCount, (d, dv) = (shape.headDim, shape.valueDim)
+        let items = shape.batch * heads
+        let workers = workerCount(threads: threads, items: items)
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+        wk.withUnsafeBufferPointer { wk in wv.withUnsafeBufferPointer { wv in
+            let wk = UncheckedSendable(wk.baseAddress!), wv = UncheckedSendable(wv.baseAddress!)
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let b = item / heads, h = item % heads
+                // W_K[h] is [Dv, D], W_V[h] is [Dv, Dv]: their transposes read in place.
+                Gemm.multiply(m: m, n: dv, depth: d,
+                              a: MatrixOperand(base: dk2.row(b, h, 0), rowStride: d, columnStride: 1),
+                              b: .matrix(MatrixOperand(base: wk.value + h * dv * d, rowStride: 1, columnStride: d)),
+                              c: dz.row(b, h, 0), ldc: dv, workspace: spaces[worker])
+                Gemm.multiply(m: m, n: dv, depth: dv,
+                              a: MatrixOperand(base: dv2.row(b, h, 0), rowStride: dv, columnStride: 1),
+                              b: .matrix(MatrixOperand(base: wv.value + h * dv * dv, rowStride: 1, columnStride: dv)),
+                              c: dz.row(b, h, 0), ldc: dv, accumulate: true, workspace: spaces[worker])
+            }
+            guard let parameters else { return }
+            let targets = UncheckedSendable(parameters)
+            parallelForEach(items: heads, threads: min(workers, heads)) { h, worker in
+                for b in 0..<shape.batch {
+                    for isValue in [false, true] {
+                        let gradient = isValue ? dv2 : dk2, width = isValue ? dv : d
+                        Gemm.multiply(m: dv, n: width, depth: m,
+                                      a: MatrixOperand(base: z.row(b, h, 0), rowStride: 1, columnStride: dv),
+                                      b: .matrix(MatrixOperand(base: gradient.row(b, h, 0), rowStride: width,
+                                                               columnStride: 1)),
+                                      c: (isValue ? targets.value.wv : targets.value.wk) + h * dv * width, ldc: width,
+                                      accumulate: true, workspace: spaces[worker])
+                    }
+                }
+            }
         } }
         }
     }

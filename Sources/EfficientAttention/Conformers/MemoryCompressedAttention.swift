@@ -135,25 +135,8 @@ public struct MemoryCompressedAttention: Attention {
         withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.headDim), zeroed: true) { kOut in
         withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.valueDim), zeroed: true) { vOut in
 
-        // One work item per batch item, key/value head and side (keys or values).
-        let items = 2 * shape.batch * shape.kvHeads
-        let workers = workerCount(threads: threads, items: items)
-        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
-        withOptionalPointers(keyWeights, valueWeights, keyBias, valueBias) { kw, vw, kb, vb in
-            parallelForEach(items: items, threads: workers) { item, worker in
-                let isValue = item % 2 == 1
-                let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
-                let width = isValue ? shape.valueDim : shape.headDim
-                let weights = isValue ? vw : kw, bias = isValue ? vb : kb
-                let out = isValue ? vOut : kOut
-                WindowCompression.compress(isValue ? v : k, b: b, h: hk, length: keyLengths?[b] ?? shape.keyLength,
-                                           compression: c, width: width,
-                                           weights: weights.map { $0.value + hk * c * width * width },
-                                           bias: bias.map { $0.value + hk * width },
-                                           into: out.row(b, hk, 0), ldo: out.strides[2], workspace: spaces[worker])
-            }
-        }
-        }
+        compressKeysAndValues(shape: shape, keyLengths: keyLengths, threads: threads, k: k, v: v,
+                              kOut: kOut, vOut: vOut)
 
         func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
         let (k, v) = (kOut.readOnly, vOut.readOnly)
@@ -174,6 +157,32 @@ public struct MemoryCompressedAttention: Attention {
         } }
         }
     }
+
+    /// Compresses the keys and values of every batch item and key/value head into `kOut`,
+    /// `vOut` (``WindowCompression``), one work item per batch item, key/value head and side.
+    func compressKeysAndValues(shape: AttentionShape, keyLengths: [Int]?, threads: Int, k: TensorView, v: TensorView,
+                               kOut: MutableTensorView, vOut: MutableTensorView) {
+        let c = compression
+        // One work item per batch item, key/value head and side (keys or values).
+        let items = 2 * shape.batch * shape.kvHeads
+        let workers = workerCount(threads: threads, items: items)
+        WorkspaceArena.withWorkspaces(workers: workers, layout: { Gemm.Workspace(carving: &$0) }) { spaces in
+        withOptionalPointers(keyWeights, valueWeights, keyBias, valueBias) { kw, vw, kb, vb in
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let isValue = item % 2 == 1
+                let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
+                let width = isValue ? shape.valueDim : shape.headDim
+                let weights = isValue ? vw : kw, bias = isValue ? vb : kb
+                let out = isValue ? vOut : kOut
+                WindowCompression.compress(isValue ? v : k, b: b, h: hk, length: keyLengths?[b] ?? shape.keyLength,
+                                           compression: c, width: width,
+                                           weights: weights.map { $0.value + hk * c * width * width },
+                                           bias: bias.map { $0.value + hk * width },
+                                           into: out.row(b, hk, 0), ldo: out.strides[2], workspace: spaces[worker])
+            }
+        }
+        }
+    }
 }
 
 /// Calls `body` with the base addresses of the arrays that are given (`nil` for the others),
@@ -188,4 +197,199 @@ private func withOptionalPointers<R>(
         return array.withUnsafeBufferPointer { next(UncheckedSendable($0.baseAddress!)) }
     }
     return with(a) { a in with(b) { b in with(c) { c in with(d) { d in body(a, b, c, d) } } } }
+}
+
+/// The gradients of a loss with respect to ``MemoryCompressedAttention``'s convolution (see
+/// ``MemoryCompressedAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+/// Each is shaped like its parameter and `nil` when the configuration has no such parameter
+/// (mean pooling has no weights).
+public struct MemoryCompressedParameterGradients: Sendable, Equatable {
+    /// `∂L/∂W^K`, `[Hkv, c, D, D]` like ``MemoryCompressedAttention/keyWeights``.
+    public var keyWeights: [Float]?
+    /// `∂L/∂W^V`, `[Hkv, c, Dv, Dv]` like ``MemoryCompressedAttention/valueWeights``.
+    public var valueWeights: [Float]?
+    /// `∂L/∂b^K`, `[Hkv, D]` like ``MemoryCompressedAttention/keyBias``.
+    public var keyBias: [Float]?
+    /// `∂L/∂b^V`, `[Hkv, Dv]` like ``MemoryCompressedAttention/valueBias``.
+    public var valueBias: [Float]?
+}
+
+extension MemoryCompressedAttention: DifferentiableAttention {
+    /// The backward through the compression (KernelDocs/MemoryCompressed.md, "Backward"): the
+    /// compressed keys and values recomputed on the GEMM, the dense backward
+    /// (``TiledSoftmaxBackward``) over them with the forward's mask (whole windows when
+    /// causal, `⌈L / c⌉` compressed keys under key padding) gives `dQ`, `dK'`, `dV'`, then the
+    /// transposed convolution: each key row gets its window's gradient times `W_r` (or divided
+    /// by the window's rows for mean pooling); keys past `keyLengths[b]` get 0. The weights
+    /// and biases are parameters: their gradients come from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    ///
+    /// ```
+    /// // naive reference, for each b, hk, L = keyLengths?[b] ?? Nk:
+    /// dQ, dK', dV' = softmax backward over the compressed K', V' (forward's visibility and lse)
+    /// dK[b, hk, tc + r] = dK'[t] · W^K[hk, r]     (mean pooling: dK'[t] / n_t)    tc + r < L
+    /// dV[b, hk, tc + r] = dV'[t] · W^V[hk, r]     (mean pooling: dV'[t] / n_t);   0 for j ≥ L
+    /// ∂L/∂W^K[hk, r] += Σ_t dK'[t]ᵀ k[b, hk, tc + r]  (outer product, [out, in]),  ∂L/∂b^K[hk] += Σ_t dK'[t]
+    /// ```
+    ///
+    /// - Complexity: the dense backward over `⌈Nk / c⌉` keys (`2.5 ×` its forward) plus
+    ///   `4 · Nk · (D² + Dv²)` FLOPs per key/value head for the convolution and its transpose
+    ///   (`2 · Nk · (D + Dv)` mean pooling). Workspace: the compressed keys, values and their
+    ///   gradients (`8 · B · Hkv · ⌈Nk / c⌉ · (D + Dv)` bytes) plus the larger of the dense
+    ///   backward's tiles and one GEMM workspace and a 128-row tile per thread.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
+                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                     parameters: nil)
+        }
+    }
+
+    /// The gradients of the convolution's weights and biases through the call that gave
+    /// `result` (and `dQ`, `dK`, `dV`, which the same pass computes).
+    ///
+    /// - Complexity: the backward's plus `2 · Nk · (D² + Dv²)` FLOPs per key/value head with
+    ///   weights; the parameter sums run over the batch items in order, one work item per
+    ///   (side, key/value head, window offset `r`): bitwise identical for every thread count.
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: MemoryCompressedParameterGradients) {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: scale)
+        let shape = s.shape, scale = s.scale
+        let threads = try threadCount(threads)
+        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
+        // One buffer per parameter (zero-sized for the missing ones).
+        let given = [keyWeights, valueWeights, keyBias, valueBias].map { $0 != nil }
+        func zeros(_ parameter: [Float]?) -> [Float] { [Float](repeating: 0, count: parameter?.count ?? 0) }
+        var (dkw, dvw, dkb, dvb) = (zeros(keyWeights), zeros(valueWeights), zeros(keyBias), zeros(valueBias))
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        dkw.withUnsafeMutableBufferPointer { kw in dvw.withUnsafeMutableBufferPointer { vw in
+        dkb.withUnsafeMutableBufferPointer { kb in dvb.withUnsafeMutableBufferPointer { vb in
+            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                     q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
+                     dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel,
+                     parameters: zip([kw, vw, kb, vb], given).map { UncheckedSendable($1 ? $0.baseAddress : nil) })
+        } } } }
+        } } } } } } } } }
+        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv),
+                MemoryCompressedParameterGradients(keyWeights: given[0] ? dkw : nil, valueWeights: given[1] ? dvw : nil,
+                                                   keyBias: given[2] ? dkb : nil, valueBias: given[3] ? dvb : nil))
+    }
+
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let forward = try cost(shape, threads: threads)
+        let threads = try threadCount(threads)
+        let compressed = compressedShape(shape)
+        let (nk, d, dv) = (Double(shape.keyLength), Double(shape.headDim), Double(shape.valueDim))
+        let keyFlops = keyWeights == nil ? nk * d : 2 * nk * d * d
+        let valueFlops = valueWeights == nil ? nk * dv : 2 * nk * dv * dv
+        let convolution = Double(shape.batch * shape.kvHeads) * (keyFlops + valueFlops)
+        let attention = forward.flops - convolution
+        let compressedBytes = shape.batch * shape.kvHeads * compressed.keyLength * (shape.headDim + shape.valueDim)
+            * MemoryLayout<Float>.stride
+        let workers = workerCount(threads: threads, items: 2 * shape.batch * shape.kvHeads)
+        let tile = WindowCompression.expandChunk * max(shape.headDim, shape.valueDim) * MemoryLayout<Float>.stride
+        return AttentionCost(
+            flops: 2 * convolution + 2.5 * attention,
+            workspaceBytes: 2 * compressedBytes
+                + max(TiledSoftmaxBackward.workspaceBytes(shape: compressed, threads: threads),
+                      workers * (Gemm.Workspace.byteCount() + roundUp(tile, WorkspaceCarver.alignment))),
+            scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward pass; `parameters` (weight and bias gradients of keys and values, `nil`
+    /// entries for parameters the configuration lacks) are added to when given.
+    private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+                          q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                          dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          parameters: [UncheckedSendable<UnsafeMutablePointer<Float>?>]?) {
+        let compressed = compressedShape(shape)
+        let c = compression, nc = compressed.keyLength
+        func length(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.headDim), zeroed: true) { kOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.valueDim), zeroed: true) { vOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.headDim)) { dkOut in
+        withScratchTensor(SIMD4(shape.batch, shape.kvHeads, nc, shape.valueDim)) { dvOut in
+            compressKeysAndValues(shape: shape, keyLengths: keyLengths, threads: threads, k: k, v: v,
+                                  kOut: kOut, vOut: vOut)
+            // dQ, dK', dV' (every row of dK', dV' written: 0 for compressed keys no query sees).
+            if causal {
+                TiledSoftmaxBackward.run(shape: compressed, scale: scale, threads: threads,
+                                         q: q, k: kOut.readOnly, v: vOut.readOnly, o: o, lse: lse, dO: dO,
+                                         dQ: dQ, dK: dkOut, dV: dvOut) { b, _ in
+                    WindowEndMask(compression: c, keyLength: length(b), offset: shape.keyLength - shape.queryLength)
+                }
+            } else {
+                TiledSoftmaxBackward.run(shape: compressed, scale: scale, threads: threads,
+                                         q: q, k: kOut.readOnly, v: vOut.readOnly, o: o, lse: lse, dO: dO,
+                                         dQ: dQ, dK: dkOut, dV: dvOut) { b, _ in
+                    IntervalMask(queryLength: shape.queryLength, keyLength: nc, causal: false,
+                                 keyEnd: WindowCompression.compressedLength(length(b), compression: c))
+                }
+            }
+            let (dkc, dvc) = (dkOut.readOnly, dvOut.readOnly)
+            withOptionalPointers(keyWeights, valueWeights, nil, nil) { kw, vw, _, _ in
+                // dK, dV: the transposed convolution, one work item per batch item, head and side.
+                let items = 2 * shape.batch * shape.kvHeads
+                let workers = workerCount(threads: threads, items: items)
+                let wide = max(shape.headDim, shape.valueDim)
+                WorkspaceArena.withWorkspaces(workers: workers, layout: { carver in
+                    (Gemm.Workspace(carving: &carver), carver.take(WindowCompression.expandChunk * wide))
+                }) { spaces in
+                    parallelForEach(items: items, threads: workers) { item, worker in
+                        let isValue = item % 2 == 1
+                        let b = item / 2 / shape.kvHeads, hk = item / 2 % shape.kvHeads
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        let weights = isValue ? vw : kw, gradient = isValue ? dvc : dkc
+                        WindowCompression.expand(gradient.row(b, hk, 0), ldg: gradient.strides[2], length: length(b),
+                                                 compression: c, width: width,
+                                                 weights: weights.map { $0.value + hk * c * width * width },
+                                                 into: isValue ? dV : dK, b: b, h: hk, rows: shape.keyLength,
+                                                 tile: spaces[worker].1, workspace: spaces[worker].0)
+                    }
+                }
+                guard let parameters else { return }
+                // ∂L/∂W_r and ∂L/∂b: one work item per (side, head, offset r), the batch items in order.
+                let parameterItems = 2 * shape.kvHeads * c
+                let parameterWorkers = workerCount(threads: threads, items: parameterItems)
+                WorkspaceArena.withWorkspaces(workers: parameterWorkers, layout: { Gemm.Workspace(carving: &$0) }) {
+                    spaces in
+                    parallelForEach(items: parameterItems, threads: parameterWorkers) { item, worker in
+                        let isValue = item % 2 == 1
+                        let hk = item / 2 / c, r = item / 2 % c
+                        let width = isValue ? shape.valueDim : shape.headDim
+                        let gradient = isValue ? dvc : dkc, source = isValue ? v : k
+                        let dW = parameters[isValue ? 1 : 0].value, db = parameters[isValue ? 3 : 2].value
+                        for b in 0..<shape.batch {
+                            if let dW {
+                                WindowCompression.accumulateWeightGradient(
+                                    gradient.row(b, hk, 0), ldg: gradient.strides[2], source: source, b: b, h: hk,
+                                    length: length(b), compression: c, offset: r, width: width,
+                                    into: dW + (hk * c + r) * width * width, workspace: spaces[worker])
+                            }
+                            if r == 0, let db {
+                                for t in 0..<WindowCompression.compressedLength(length(b), compression: c) {
+                                    axpy(1, gradient.row(b, hk, t), 1, db + hk * width, count: width)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } } } }
+    }
 }

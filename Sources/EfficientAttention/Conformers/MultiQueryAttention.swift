@@ -116,7 +116,7 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
                 mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: call.keyEnd(b))
             }
             // A few queries (decoding against keys and values the caller holds): the decode kernel.
-            if DecodeAttention.serves(shape) && !modifiers.modifiesScores {
+            if DecodeAttention.serves(shape) {
                 DecodeAttention.attend(call, mask: rows)
             } else {
                 TiledSoftmaxAttention.attend(call, queryTile: queryTile(shape)) { b, _ in rows(b) }
@@ -174,8 +174,13 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
     /// cached keys and values `[0, L_b)` (so `Nk = L_b` and query `i` sits at position
     /// `L_b − n + i`); positions before 0 see no key under the causal rule.
     ///
+    /// ``modifiers`` apply as in `attend` on that call (`Nk = L_b`): ALiBi measures from
+    /// query position `L_b − n + i`; a bias is `[B or 1, H or 1, n, L]` with `L` the longest
+    /// held length (item `b` reads its first `L_b` columns); sinks join each row once, after
+    /// the chunks merge. The decode kernel applies them to each tile of scores.
+    ///
     /// Throws when `B`, `D` or the cache's `Hkv` do not fit the query (`H` must be a
-    /// multiple of `Hkv`), or for an unknown layer.
+    /// multiple of `Hkv`), for an unknown layer, or for modifiers that do not fit (named).
     ///
     /// - Complexity: `2 · H · n · L · (D + Dv)` FLOPs; reads each cached row once.
     ///   Workspace: `O(H/Hkv · n · (D + Dv))` per thread plus the partial rows of the
@@ -199,10 +204,6 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
     }
 
     func decodeAny(query: Tensor, cache: any DecodingCache, layer: Int, threads: Int?) throws -> AttentionResult {
-        guard modifiers.isEmpty else {
-            throw AttentionError.unsupported(
-                "multi-query decode: modifiers (soft-capping, ALiBi, bias, sinks) apply to attend; decoding against a KVCache does not take them yet")
-        }
         guard let cache = cache as? any DecodableCache else {
             throw AttentionError.unsupported("decode: \(type(of: cache)) is not one of the library's caches")
         }
@@ -218,6 +219,7 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
                                    keyLength: max(1, lengths.max() ?? 1), headDim: qs[3], valueDim: cache.valueDim)
         try validate(shape)
         try checkCallArguments(shape, keyLengths: nil, threads: threads)
+        try modifiers.validate(shape)
         try checkDecodeWorkspace(shape, precision: cache.precision)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         var output = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
@@ -225,8 +227,11 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         query.withView { q in output.withMutableView { o in lse.withMutableView { l in
-            visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
-                                                         q: q, o: o, lse: l, masks: masks))
+            modifiers.withKernel(shape) { kernel in
+                visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
+                                                             q: q, o: o, lse: l, modifiers: kernel, masks: masks))
+            }
+            modifiers.applySinks(o: o, lse: l, shape: shape)
         } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
@@ -290,16 +295,7 @@ extension MultiQueryAttention: DecodingAttention {
     /// (``decode(query:cache:layer:threads:)``). The problem is checked before the append.
     public func attendNext(query: Tensor, key: Tensor, value: Tensor, state: inout KVCache,
                            threads: Int? = nil) throws -> AttentionResult {
-        let step = try AttentionShape(query: query, key: key, value: value)
-        guard step.queryLength == step.keyLength else {
-            throw AttentionError.shapeMismatch(
-                "attendNext takes as many queries as new keys, got Nq=\(step.queryLength) Nk=\(step.keyLength)")
-        }
-        guard step.batch == state.batch, step.kvHeads == state.kvHeads, step.headDim == state.headDim,
-              step.valueDim == state.valueDim else {
-            throw AttentionError.shapeMismatch(
-                "the cache holds B=\(state.batch) Hkv=\(state.kvHeads) D=\(state.headDim) Dv=\(state.valueDim), the step is \(step)")
-        }
+        let step = try checkedDecodingStep(query: query, key: key, value: value, cache: state)
         var after = step
         after.keyLength = (state.lengths(layer: 0).max() ?? 0) + step.queryLength
         try validate(after)

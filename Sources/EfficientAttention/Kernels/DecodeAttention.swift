@@ -110,7 +110,7 @@ enum DecodeAttention {
     static func run<R: KVRows>(
         shape: AttentionShape, scale: Float, threads: Int, split: Int,
         q: TensorView, keys: R, values: R,
-        o: MutableTensorView, lse: MutableTensorView,
+        o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil,
         mask: (_ batch: Int) -> IntervalMask
     ) {
         let plan = Plan(shape, split: split)
@@ -155,14 +155,15 @@ enum DecodeAttention {
                                              keyTile: tiling.keyTile, halfPrecision: R.needsKeyScratch)
                 attendChunkGrouped(shape: shape, scale: scale, space: space, b: b, hk: hk,
                                    rowStart: rowStart, rowCount: rowCount, keyStart: keyStart, keyEnd: keyEnd,
-                                   mask: itemMask, q: q, keys: keys, values: values, partial: partial, rows: rows)
+                                   mask: itemMask, modifiers: modifiers, q: q, keys: keys, values: values,
+                                   partial: partial, rows: rows)
             }
         } else {
             forEachItem { b, hk, _, _, keyStart, keyEnd, itemMask, partial, worker in
                 var carver = arena.slice(worker)
                 let space = Workspace(carving: &carver, rows: rows, d: shape.headDim, dv: dv, tile: tile)
                 attendChunk(shape: shape, scale: scale, space: space, b: b, hk: hk,
-                            keyStart: keyStart, keyEnd: keyEnd, mask: itemMask,
+                            keyStart: keyStart, keyEnd: keyEnd, mask: itemMask, modifiers: modifiers,
                             q: q, keys: keys, values: values, partial: partial)
             }
         }
@@ -190,7 +191,7 @@ enum DecodeAttention {
     static func attendChunkGrouped<R: KVRows>(
         shape: AttentionShape, scale: Float, space: GroupedWorkspace, b: Int, hk: Int,
         rowStart: Int, rowCount: Int, keyStart: Int, keyEnd: Int, mask: IntervalMask,
-        q: TensorView, keys: R, values: R,
+        modifiers: ScoreModifierKernel?, q: TensorView, keys: R, values: R,
         partial: UnsafeMutablePointer<Float>, rows: Int
     ) {
         let g = shape.groupSize, n = shape.queryLength, d = shape.headDim, dv = shape.valueDim
@@ -240,6 +241,11 @@ enum DecodeAttention {
                     microKernel(depth: d, a: operand, b: tiled.qT + panel, ldb: br,
                                 c: tiled.scores + block * mr * br + panel, ldc: br, update: .overwrite)
                 }
+            }
+            if let modifiers {
+                modifiers.applyToGroupRows(tiled.scores, ld: br, keyStart: tileStart, keyCount: count,
+                                           rowStart: rowStart, rowCount: rowCount, queryLength: n,
+                                           firstHead: hk * g, b: b, offset: mask.offset)
             }
             if tileStart < latestStart || tileStart + count - 1 > earliestEnd {
                 maskLanes(tiled.scores, ld: br, keyStart: tileStart, keyCount: count, lanes: lanes,
@@ -326,7 +332,7 @@ enum DecodeAttention {
     /// log-sum-exps) to `partial`.
     static func attendChunk<R: KVRows>(
         shape: AttentionShape, scale: Float, space: Workspace, b: Int, hk: Int,
-        keyStart: Int, keyEnd: Int, mask: IntervalMask,
+        keyStart: Int, keyEnd: Int, mask: IntervalMask, modifiers: ScoreModifierKernel?,
         q: TensorView, keys: R, values: R,
         partial: UnsafeMutablePointer<Float>
     ) {
@@ -368,11 +374,15 @@ enum DecodeAttention {
                 s.update(repeating: -.infinity, count: lanes)
                 scores(q: space.q + r * dPad, d: d, keys: keys, b: b, hk: hk,
                        from: a, through: e, into: s - tileStart)
+                modifiers?.applyToRow(s - tileStart, from: a, through: e, b: b, h: hk * g + r / n,
+                                      i: r % n, offset: mask.offset)
                 // Online softmax over the tile (vertical over 16 keys, one horizontal max).
                 var tileMax = Vec16(repeating: -.infinity)
                 for t in stride(from: 0, to: lanes, by: 16) { tileMax = maximum(tileMax, load16(s + t)) }
                 let oldMax = space.rowMax[r]
                 let newMax = max(oldMax, horizontalMax(tileMax))
+                // Every score −∞ so far (a bias hides them): nothing to add yet.
+                guard newMax > -.infinity else { continue }
                 let alpha = expf(oldMax - newMax)
                 var sum = Vec16()
                 for t in stride(from: 0, to: lanes, by: 16) {
@@ -654,7 +664,8 @@ extension DecodeAttention {
                              batchStride: x.strides[0], headStride: x.strides[1], rowStride: x.strides[2])
             }
             DecodeAttention.run(shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit,
-                                q: call.q, keys: rows(k), values: rows(v), o: call.o, lse: call.lse, mask: mask)
+                                q: call.q, keys: rows(k), values: rows(v), o: call.o, lse: call.lse,
+                                modifiers: call.modifiers, mask: mask)
         }
         let (k, v) = (call.k, call.v)
         if k.precision == v.precision && k.strides[3] == 1 && v.strides[3] == 1 {
@@ -678,6 +689,82 @@ extension DecodeAttention {
         }
         contiguous(k, width: shape.headDim) { k in
             contiguous(v, width: shape.valueDim) { v in run(Float.self, k, v) }
+        }
+    }
+}
+
+extension ScoreModifierKernel {
+    /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`
+    /// subtracted (`distance` = query position + offset − key position, per lane).
+    @inline(__always)
+    func modified(_ scores: SIMD16<Float>, biasTerms: SIMD16<Float>, slope: SIMD16<Float>,
+                  distance: SIMD16<Float>) -> SIMD16<Float> {
+        var s = scores
+        if softCap > 0 {
+            s = SIMD16(repeating: softCap) * tanh16(s * SIMD16(repeating: 1 / softCap))
+        }
+        if bias != nil { s += biasTerms }
+        if slopes != nil { s = fused(-slope, abs16(distance), s) }
+        return s
+    }
+
+    /// The modifiers on one query row's scores `s[a...e]` (indexed by key) of batch item
+    /// `b`, head `h`, query `i` aligned to key position `i + offset` (the decode kernel's
+    /// per-row path); entries outside `a...e` are left as they are.
+    func applyToRow(_ s: UnsafeMutablePointer<Float>, from a: Int, through e: Int, b: Int, h: Int, i: Int,
+                    offset: Int) {
+        typealias V = SIMD16<Float>
+        let item = firstItem + b, head = firstHead + h
+        let slope = V(repeating: slopes?[head] ?? 0)
+        var ramp = V()
+        for l in 0..<16 { ramp[l] = Float(l) }
+        let biasRow = bias.map { $0.row(item, head, i) }, biasStride = bias?.strides[3] ?? 0
+        var j = a
+        while j <= e {
+            let count = min(16, e - j + 1)
+            let original = load16(s + j)
+            var terms = V()
+            if let biasRow { for l in 0..<count { terms[l] = biasRow[(j + l) &* biasStride] } }
+            let distance = V(repeating: Float(i + offset - j)) - ramp
+            var result = modified(original, biasTerms: terms, slope: slope, distance: distance)
+            if count < 16 {
+                for l in count..<16 { result[l] = original[l] }
+            }
+            store16(result, s + j)
+            j += 16
+        }
+    }
+
+    /// The modifiers on a transposed tile of the decode kernel's grouped path
+    /// (`scores[jj · ld + lane]`: key `keyStart + jj`, lane `lane` the group row
+    /// `rowStart + lane`, that is head `firstHead + row / queryLength`, query
+    /// `row % queryLength`, aligned to key position `query + offset`); padding lanes
+    /// (`rowCount...`) get scores of no meaning (masking overwrites them).
+    func applyToGroupRows(_ scores: UnsafeMutablePointer<Float>, ld: Int, keyStart: Int, keyCount: Int,
+                          rowStart: Int, rowCount: Int, queryLength n: Int, firstHead: Int, b: Int, offset: Int) {
+        typealias V = SIMD16<Float>
+        let item = firstItem + b
+        for lane in stride(from: 0, to: rowCount, by: 16) {
+            // Per lane: the head's slope, the query's aligned position, its bias row.
+            var slope = V(), position = V()
+            var biasRows = InlineArray<16, UnsafePointer<Float>?>(repeating: nil)
+            for l in 0..<min(16, rowCount - lane) {
+                let row = rowStart + lane + l
+                let head = self.firstHead + firstHead + row / n, i = row % n
+                slope[l] = slopes?[head] ?? 0
+                position[l] = Float(i + offset)
+                biasRows[l] = bias.map { UnsafePointer($0.row(item, head, i)) }
+            }
+            let biasStride = bias?.strides[3] ?? 0
+            for jj in 0..<keyCount {
+                let j = keyStart + jj, at = scores + jj &* ld + lane
+                var terms = V()
+                if bias != nil {
+                    for l in 0..<min(16, rowCount - lane) { terms[l] = biasRows[l]![j &* biasStride] }
+                }
+                store16(modified(load16(at), biasTerms: terms, slope: slope,
+                                 distance: position - V(repeating: Float(j))), at)
+            }
         }
     }
 }

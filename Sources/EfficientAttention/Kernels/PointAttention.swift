@@ -71,3 +71,46 @@ enum PointAttention {
                              scoredPairs: pairs)
     }
 }
+
+extension PointAttention {
+    /// The backward of ``run(points:count:shape:scale:threads:keyLengths:k:v:o:lse:)``
+    /// (``TiledSoftmaxBackward`` with the points as a query view of batch stride 0): `dK`,
+    /// `dV` (written) and each batch item's gradient of the points added into `dPoints`
+    /// `[B, H, m, D]` (zero on entry: the points' gradient is ``sumOverBatch(_:shape:count:into:)``
+    /// of it). `o`, `lse` are the forward's.
+    static func backward(points: [Float], count m: Int, shape: AttentionShape, scale: Float, threads: Int,
+                         keyLengths: [Int]?, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
+                         dO: TensorView, dPoints: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView) {
+        var problem = shape
+        problem.queryLength = m
+        points.withUnsafeBufferPointer { p in
+            let q = TensorView(base: p.baseAddress!, strides: SIMD4(0, m * shape.headDim, shape.headDim, 1))
+            TiledSoftmaxBackward.run(shape: problem, scale: scale, threads: threads, q: q, k: k, v: v, o: o, lse: lse,
+                                     dO: dO, dQ: dPoints, dK: dK, dV: dV) { b, _ in
+                IntervalMask(queryLength: m, keyLength: shape.keyLength, causal: false,
+                             keyEnd: keyLengths?[b] ?? shape.keyLength)
+            }
+        }
+    }
+
+    /// `gradient[h, r, c] += Σ_b perItem[b, h, r, c]`, batch items in order (`perItem` is
+    /// contiguous `[B, H, m, D]`): the points' gradient, the same bits for any thread count.
+    static func sumOverBatch(_ perItem: TensorView, shape: AttentionShape, count m: Int,
+                             into gradient: UnsafeMutablePointer<Float>) {
+        let perHead = m * shape.headDim
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                let source = perItem.row(b, h, 0), target = gradient + h * perHead
+                for n in 0..<perHead { target[n] += source[n] }
+            }
+        }
+    }
+
+    /// Workspace of ``backward(points:count:shape:scale:threads:keyLengths:k:v:o:lse:dO:dPoints:dK:dV:)``
+    /// beside `dPoints`.
+    static func backwardWorkspaceBytes(count m: Int, shape: AttentionShape, threads: Int) -> Int {
+        var problem = shape
+        problem.queryLength = m
+        return TiledSoftmaxBackward.workspaceBytes(shape: problem, threads: threads)
+    }
+}

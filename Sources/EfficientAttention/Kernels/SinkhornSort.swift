@@ -1,3 +1,5 @@
+import Foundation
+
 /// Sparse Sinkhorn attention's sorting for one batch item and query head (Tay et al.
 /// 2020): block sums, sort logits, log-space Sinkhorn balancing and the block mixing
 /// `K̃ = P K`, `Ṽ = P V`.
@@ -145,5 +147,99 @@ enum SinkhornSort {
                                                    columnStride: x.strides[3])),
                           c: mixed + r * width, ldc: rows * width, workspace: gemm)
         }
+    }
+
+    /// The Gumbel(0, 1) noise of entry `(t, u)` of head `item` (`b · H + h`) of a plan of
+    /// `blocks` rows: from a generator of its own per entry, the same draw for every thread
+    /// count and order of evaluation.
+    static func gumbel(seed: UInt64, item: Int, blocks n: Int, t: Int, u: Int) -> Float {
+        var rng = SeededGenerator(seed: seed ^ (UInt64((item * n + t) * n + u) &* 0x9E37_79B9_7F4A_7C15))
+        let uniform = max(rng.nextUnitFloat(), .leastNormalMagnitude)
+        return -logf(-logf(uniform))
+    }
+}
+
+extension SinkhornSort {
+    /// The gradient through ``balance(space:validBlocks:settings:given:noise:)`` and
+    /// ``exponentiate(space:blocks:)`` (the unrolled Sinkhorn iterations): given the
+    /// balancing's input `x₀` (`n × n` row-major: `R / τ` plus noise, disallowed entries −∞)
+    /// and `∂L/∂P`, returns `∂L/∂x₀` (0 at disallowed entries).
+    ///
+    /// The forward is recomputed scalar in `Double`, keeping each round's row-normalised
+    /// `y` and its column log-sum-exps `C` (`z = y − C`; causal: over rows `t' ≤ t`, so `C`
+    /// per entry); then, from `g = ∂L/∂P ∘ P`, round by round backwards:
+    ///
+    ///     columns:  g_y[t, u] = g[t, u] − e^{z[t, u]} · Σ_t' g[t', u]                   (all rows)
+    ///               g_y[t', u] = g[t', u] − e^{z[t', u]} · S[t', u],
+    ///               S[t', u] = g[t', u] + e^{C[t', u] − C[t' + 1, u]} · S[t' + 1, u]   (causal: rows t ≥ t')
+    ///     rows:     g_x[t, u] = g_y[t, u] − e^{y[t, u]} · Σ_u' g_y[t, u']
+    ///
+    /// Rows and columns with no allowed entry are left alone, as the forward leaves them.
+    ///
+    /// - Complexity: `O(iterations · n²)` time, `2 · iterations · n²` doubles.
+    static func balanceGradient(input x0: [Float], blocks n: Int, iterations: Int, causal: Bool,
+                                permutationGradient dP: [Float]) -> [Float] {
+        let minus = -Double.infinity
+        var x = x0.map(Double.init)
+        var ys: [[Double]] = [], cs: [[Double]] = []
+        /// `log Σ exp` of `values` (−∞ when every value is −∞).
+        func logSumExp(_ values: [Double]) -> Double {
+            guard let m = values.max(), m > minus else { return minus }
+            return m + log(values.reduce(0) { $0 + exp($1 - m) })
+        }
+        for _ in 0..<iterations {
+            for t in 0..<n {
+                let total = logSumExp(Array(x[(t * n)..<(t * n + n)]))
+                if total > minus { for u in 0..<n { x[t * n + u] -= total } }
+            }
+            ys.append(x)
+            var c = [Double](repeating: minus, count: n * n)
+            for u in 0..<n {
+                if causal {
+                    var running = minus
+                    for t in 0..<n {
+                        running = logSumExp([running, x[t * n + u]])
+                        c[t * n + u] = running
+                    }
+                } else {
+                    let total = logSumExp((0..<n).map { x[$0 * n + u] })
+                    for t in 0..<n { c[t * n + u] = total }
+                }
+            }
+            cs.append(c)
+            for e in x.indices where c[e] > minus { x[e] -= c[e] }
+        }
+        var g = (0..<(n * n)).map { Double(dP[$0]) * exp(x[$0]) }
+        for round in stride(from: iterations - 1, through: 0, by: -1) {
+            let y = ys[round], c = cs[round]
+            func z(_ e: Int) -> Double { c[e] > minus ? y[e] - c[e] : y[e] }
+            for u in 0..<n {
+                if causal {
+                    var s = 0.0
+                    for t in stride(from: n - 1, through: 0, by: -1) {
+                        let e = t * n + u
+                        if t + 1 < n {
+                            let next = c[e + n]
+                            s *= c[e] > minus && next > minus ? exp(c[e] - next) : 0
+                        } else {
+                            s = 0
+                        }
+                        s += g[e]
+                        if c[e] > minus { g[e] -= exp(z(e)) * s }
+                    }
+                } else {
+                    guard c[u] > minus else { continue }
+                    let s = (0..<n).reduce(0.0) { $0 + g[$1 * n + u] }
+                    for t in 0..<n { g[t * n + u] -= exp(z(t * n + u)) * s }
+                }
+            }
+            for t in 0..<n {
+                let row = (t * n)..<(t * n + n)
+                guard row.contains(where: { y[$0] > minus }) else { continue }
+                let s = row.reduce(0.0) { $0 + g[$1] }
+                for e in row { g[e] -= exp(y[e]) * s }
+            }
+        }
+        return (0..<(n * n)).map { x0[$0] == -.infinity ? 0 : Float(g[$0]) }
     }
 }

@@ -82,3 +82,79 @@ extension WindowCompression {
         }
     }
 }
+
+extension WindowCompression {
+    /// Rows of one GEMM of ``expand(_:ldg:length:compression:width:weights:into:b:h:rows:tile:workspace:)``
+    /// (the size of its `tile`, in rows of `width` floats).
+    static let expandChunk = 128
+
+    /// The transpose of ``compress(_:b:h:length:compression:width:weights:bias:into:ldo:workspace:)``
+    /// (memory-compressed attention's backward): from the gradient `g` of the `⌈L / c⌉`
+    /// compressed rows (rows `ldg` floats apart), the gradient of the `rows` rows of head
+    /// `(b, h)` of `target`:
+    ///
+    ///     target[tc + r] = g[t] · W_r                (with weights; `W_r` is `[out, in]`)
+    ///     target[tc + r] = g[t] / n_t                (mean pooling, `n_t` rows in window t)
+    ///     target[j] = 0                              for L ≤ j < rows
+    ///
+    /// With weights, one GEMM `G_r · W_r` per offset `r` over the windows that have row `r`,
+    /// in chunks of ``expandChunk`` windows through `tile` (`expandChunk · width` floats),
+    /// each row then copied to its place (any column stride). The bias adds a constant: no
+    /// term.
+    ///
+    /// - Complexity: `2 · L · w²` FLOPs with weights, `L · w` without; `tile` and one GEMM
+    ///   workspace.
+    static func expand(_ g: UnsafePointer<Float>, ldg: Int, length: Int, compression c: Int, width: Int,
+                       weights: UnsafePointer<Float>?, into target: MutableTensorView, b: Int, h: Int, rows: Int,
+                       tile: UnsafeMutablePointer<Float>, workspace: Gemm.Workspace) {
+        let cs = target.strides[3]
+        if let weights {
+            for r in 0..<min(c, length) {
+                let windows = ceilDiv(length - r, c)
+                for start in stride(from: 0, to: windows, by: expandChunk) {
+                    let count = min(expandChunk, windows - start)
+                    Gemm.multiply(m: count, n: width, depth: width,
+                                  a: MatrixOperand(base: g + start * ldg, rowStride: ldg, columnStride: 1),
+                                  b: .matrix(MatrixOperand(base: weights + r * width * width, rowStride: width,
+                                                           columnStride: 1)),
+                                  c: tile, ldc: width, workspace: workspace)
+                    for n in 0..<count {
+                        let row = target.row(b, h, (start + n) * c + r), source = tile + n * width
+                        for x in 0..<width { row[x * cs] = source[x] }
+                    }
+                }
+            }
+        } else {
+            for t in 0..<compressedLength(length, compression: c) {
+                let count = min(c, length - t * c)
+                let weight = 1 / Float(count), source = g + t * ldg
+                for r in 0..<count {
+                    let row = target.row(b, h, t * c + r)
+                    for x in 0..<width { row[x * cs] = weight * source[x] }
+                }
+            }
+        }
+        for j in max(0, length)..<rows {
+            let row = target.row(b, h, j)
+            for x in 0..<width { row[x * cs] = 0 }
+        }
+    }
+
+    /// Adds the gradient of the weight `W_r` (`[out, in]`, `width × width` at `dW`, row-major)
+    /// through head `(b, h)` of ``compress(_:b:h:length:compression:width:weights:bias:into:ldo:workspace:)``
+    /// with compressed-row gradients `g` (rows `ldg` apart): `dW_r += G_rᵀ X_r`, where `X_r`
+    /// holds rows `r, r + c, …` below `length` of `source` and `G_r` the gradients of their
+    /// windows; one GEMM reading both in place.
+    ///
+    /// - Complexity: `2 · ⌈(L − r) / c⌉ · w²` FLOPs, one GEMM workspace.
+    static func accumulateWeightGradient(_ g: UnsafePointer<Float>, ldg: Int, source: TensorView, b: Int, h: Int,
+                                         length: Int, compression c: Int, offset r: Int, width: Int,
+                                         into dW: UnsafeMutablePointer<Float>, workspace: Gemm.Workspace) {
+        guard r < length else { return }
+        Gemm.multiply(m: width, n: width, depth: ceilDiv(length - r, c),
+                      a: MatrixOperand(base: g, rowStride: 1, columnStride: ldg),
+                      b: .matrix(MatrixOperand(base: source.row(b, h, r), rowStride: c * source.strides[2],
+                                               columnStride: source.strides[3])),
+                      c: dW, ldc: width, accumulate: true, workspace: workspace)
+    }
+}

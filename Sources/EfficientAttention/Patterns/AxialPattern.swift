@@ -61,6 +61,12 @@ public struct AxialPattern: AttentionPattern {
         AxisLineMask(stride: strides[t], length: axes[t], causal: causal, hidesSelf: hidesSelf, keyEnd: keyEnd)
     }
 
+    /// The backward pass's key blocks for axis `t`: the residue classes modulo its stride
+    /// (runs along the lines), each reaching the queries of its own class only.
+    func backwardKeyBlocks(axis t: Int) -> TiledSoftmaxBackward.KeyBlocks {
+        TiledSoftmaxBackward.KeyBlocks(modulus: strides[t], classes: 0..<strides[t], disjointClasses: true)
+    }
+
     public func tiles(head: Int) -> [PatternTile] {
         axes.indices.flatMap { t in
             patternTiles(lineMask(axis: t, keyEnd: keyLength, hidesSelf: t > 0), pass: t,

@@ -577,3 +577,240 @@ struct BigBirdBackwardMask: TransposedTileMask {
         }
     }
 }
+
+// MARK: - ETC
+
+/// The segment ids of 16 query lanes at positions `i` (ids of positions `origin…`; lanes
+/// past `last`, padding, read `last`'s).
+@inline(__always)
+private func etcLaneSegments(_ ids: [Int], _ i: SIMD16<Int32>, origin: Int, last: Int) -> SIMD16<Int32> {
+    let clamped = pointwiseMin(i, SIMD16<Int32>(repeating: Int32(clamping: last)))
+    var lanes = SIMD16<Int32>()
+    for l in 0..<16 { lanes[l] = Int32(truncatingIfNeeded: ids[Int(clamped[l]) - origin]) }
+    return lanes
+}
+
+/// ETC's global queries (the forward's pass 0, ``ETCGlobalQueryMask``) listed key-major:
+/// a global query sees every key below `keyEnd`, or with segments the global keys and
+/// the long keys of its segment. A key block's tile for a query tile runs from the
+/// block's first global key (or the hull of the tile's segments' runs) to the hull's
+/// end; long keys of other segments are masked per lane. Global and long keys share a
+/// tile (the block may straddle `G`), so the mask tests each key's side, not the tile's.
+struct ETCGlobalQueryBackwardMask: TransposedTileMask {
+    var forward: ETCGlobalQueryMask
+
+    var queryPartition: QueryPartition { forward.queryPartition }
+
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
+    }
+
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "ETC lists contiguous key blocks")
+        let f = forward, g = f.globals
+        let first = keys.start, last = min(keys.last, f.keyEnd - 1)
+        guard first <= last else { return }
+        forEachContiguousQueryTile(queryPartition, queryLength: queryLength, queryTile: queryTile,
+                                   from: 0, through: g - 1) { index, queries in
+            guard let segments = f.segments, last >= g else {
+                body(index, queries, KeyTile(keys: PositionRun(start: first, count: last - first + 1), fullyVisible: true))
+                return
+            }
+            // The hull of the runs of the tile's segments (one run when the tile has one segment).
+            var lo = Int.max, hi = Int.min, mixed = false
+            let s0 = segments.global[queries.start]
+            for n in 0..<queries.count {
+                let s = segments.global[queries.position(n)]
+                mixed = mixed || s != s0
+                let run = f.runs[s]
+                if !run.isEmpty { lo = min(lo, run.lowerBound); hi = max(hi, run.upperBound - 1) }
+            }
+            let seesLong = lo <= hi && max(first, lo) <= min(last, hi)
+            let a = first < g ? first : max(first, lo)
+            let z = seesLong ? min(last, hi) : min(last, g - 1)
+            guard a <= z else { return }
+            let longStart = max(a, g)
+            body(index, queries, KeyTile(keys: PositionRun(start: a, count: z - a + 1),
+                                         fullyVisible: longStart > z || (!mixed && longStart >= lo && z <= hi)))
+        }
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        keys.isEmpty ? 0..<0 : 0..<queries.count
+    }
+
+    /// Long keys of another segment than the lane's query are hidden; global keys never.
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        let g = forward.globals
+        guard let segments = forward.segments, tile.keys.last >= g else { return }
+        let last = queries.last, none = SIMDMask<SIMD16<Int32>>(repeating: false)
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            guard j >= g else { return none }
+            return etcLaneSegments(segments.global, i, origin: 0, last: last)
+                .!= SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: segments.long[j - g]))
+        }
+    }
+}
+
+/// ETC's long queries (the forward's pass 1, ``ETCLongQueryMask``) listed key-major: a
+/// long query at `p` sees the global keys (with segments: those of its segment) and the
+/// long keys `j ∈ [p + lo, p + hi]` below `keyEnd`. A block holding global keys is seen
+/// by every long query tile; one of long keys only, by the tiles meeting its band
+/// `[first − hi, last − lo]`. The tile runs from the block's first global key (or the
+/// tile's band start) to its band end; each key is masked by its side's rule.
+struct ETCLongQueryBackwardMask: TransposedTileMask {
+    var forward: ETCLongQueryMask
+
+    var queryPartition: QueryPartition { forward.queryPartition }
+
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
+        forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
+    }
+
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "ETC lists contiguous key blocks")
+        let f = forward, g = f.globals, lo = f.lo, hi = f.hi
+        let first = keys.start, last = min(keys.last, f.keyEnd - 1)
+        guard first <= last else { return }
+        let hasGlobals = first < g, longFirst = max(first, g)
+        forEachContiguousQueryTile(queryPartition, queryLength: queryLength, queryTile: queryTile,
+                                   from: hasGlobals ? g : longFirst - hi,
+                                   through: hasGlobals ? queryLength - 1 : last - lo) { index, queries in
+            let firstP = queries.start, lastP = queries.last
+            let bandStart = max(longFirst, firstP + lo), bandEnd = min(last, lastP + hi)
+            let a = hasGlobals ? first : bandStart
+            let z = bandStart <= bandEnd ? bandEnd : min(last, g - 1)
+            guard a <= z else { return }
+            var full = true
+            if hasGlobals, let segments = f.segments {
+                // Every query of one segment, and every global key of the tile in it.
+                let s = segments.long[firstP - g]
+                full = segments.long[lastP - g] == s && (a...min(z, g - 1)).allSatisfy { segments.global[$0] == s }
+            }
+            if z >= g { full = full && max(a, g) >= lastP + lo && z <= firstP + hi }
+            body(index, queries, KeyTile(keys: PositionRun(start: a, count: z - a + 1), fullyVisible: full))
+        }
+    }
+
+    func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
+        guard let p = lanePositions(queries, lanes) else { return 0..<0 }
+        let from = tile.keys.start < forward.globals ? tile.keys.start : p.first + forward.lo
+        return runIndices(tile.keys, from: from, through: p.last + forward.hi)
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        let first = tile.keys.position(keys.lowerBound), last = tile.keys.position(keys.upperBound - 1)
+        guard first >= forward.globals else { return 0..<queries.count }
+        return runIndices(queries, from: first - forward.hi, through: last - forward.lo)
+    }
+
+    /// Global keys: the lanes of another segment hidden; long keys: the lanes outside the band.
+    func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
+        let g = forward.globals, lo = forward.lo, hi = forward.hi, segments = forward.segments
+        let last = queries.last, none = SIMDMask<SIMD16<Int32>>(repeating: false)
+        maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
+            guard j >= g else {
+                guard let segments else { return none }
+                return etcLaneSegments(segments.long, i, origin: g, last: last)
+                    .!= SIMD16<Int32>(repeating: Int32(truncatingIfNeeded: segments.global[j]))
+            }
+            // Queries that see key j: j − hi ≤ i ≤ j − lo.
+            return (i .< SIMD16<Int32>(repeating: Int32(clamping: j - hi)))
+                .| (i .> SIMD16<Int32>(repeating: Int32(clamping: j - lo)))
+        }
+    }
+}
+
+// MARK: - Memory-compressed attention
+
+extension WindowEndMask: TransposedTileMask {
+    /// Compressed key `t < keyEnd` is seen by the query positions `p ≥ e_t` (its window's
+    /// end): the keys `first … last` of a block by the queries from `e_first − offset` on,
+    /// each tile holding the keys its last query has passed (fully visible when its first
+    /// query has passed them all).
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == 1, "whole-window masks list contiguous key blocks")
+        let first = keys.start, last = min(keys.last, keyEnd - 1)
+        guard first <= last else { return }
+        forEachContiguousQueryTile(.tiles, queryLength: queryLength, queryTile: queryTile,
+                                   from: windowEnd(first) - offset, through: queryLength - 1) { index, queries in
+            let end = min(last, limit(position: queries.last + offset) - 1)
+            guard first <= end else { return }
+            body(index, queries, KeyTile(keys: PositionRun(start: first, count: end - first + 1),
+                                         fullyVisible: windowEnd(end) <= queries.start + offset))
+        }
+    }
+
+    /// Keys from `t` on are seen by the queries at positions `p ≥ e_t`.
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        return runIndices(queries, from: windowEnd(tile.keys.position(keys.lowerBound)) - offset, through: queries.last)
+    }
+}
+
+// MARK: - Axial attention
+
+extension AxisLineMask: TransposedTileMask {
+    /// The forward's partition: the lines, each cut into tiles of step `stride`.
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
+    }
+
+    /// Keys come in residue classes modulo the axis stride (``TiledSoftmaxBackward/KeyBlocks``
+    /// with `modulus = stride`), so a block is a run along one line or along consecutive
+    /// lines of one class. Each of its lines' keys (coordinates `a … z`) is seen by the query
+    /// tiles of that line only: every tile when not causal, else the tiles reaching
+    /// coordinate `a` (`≥ a`, `> a` hiding the query itself), each against the keys up to
+    /// its last query.
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile br: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        precondition(keys.step == stride, "axis lines list key blocks of one residue class modulo the axis stride")
+        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
+        guard !kept.isEmpty else { return }
+        let perLine = ceilDiv(length, br)
+        var n = 0
+        while n < kept.count {
+            let j = keys.position(n), a = j / stride % length
+            let count = min(kept.count - n, length - a)
+            let base = j - a * stride
+            let line = base / (length * stride) * stride + base % stride
+            let z = a + count - 1
+            for part in (causal ? a / br : 0)..<perLine {
+                let index = line * perLine + part
+                let queries = queryPartition.tile(index, queryLength: queryLength, tileSize: br)
+                let first = part * br, last = first + queries.count - 1     // the tile's coordinates
+                let end = causal ? min(z, hidesSelf ? last - 1 : last) : z
+                guard a <= end else { continue }
+                let full: Bool
+                if causal {
+                    full = hidesSelf ? end < first : end <= first
+                } else {
+                    full = !hidesSelf || end < first || a > last
+                }
+                body(index, queries, KeyTile(keys: PositionRun(start: j, count: end - a + 1, step: stride),
+                                             fullyVisible: full))
+            }
+            n += count
+        }
+    }
+
+    /// Causal: key `j` is seen by the queries of its line at positions `p ≥ j`; otherwise by
+    /// every query of the tile (the query itself masked when hidden).
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        guard !keys.isEmpty else { return 0..<0 }
+        guard causal else { return 0..<queries.count }
+        return runIndices(queries, from: tile.keys.position(keys.lowerBound), through: queries.last)
+    }
+}

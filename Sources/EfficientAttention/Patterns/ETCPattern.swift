@@ -28,12 +28,15 @@ public struct ETCSegments: Sendable, Equatable {
                 "\(variant): segments has \(global.count) global and \(long.count) long ids, expected "
                 + "\(globals) (globals) and \(longs) (the long length)")
         }
-        for (label, ids) in [("segments.global", global), ("segments.long", long)] {
+        // Two calls, no array of (label, ids) pairs: validation runs on every call and allocates nothing.
+        func checkIDs(_ ids: [Int], _ label: String) throws {
             if let n = ids.firstIndex(where: { $0 < 0 || $0 >= count }) {
                 throw AttentionError.invalidParameter(
                     "\(variant): \(label)[\(n)] = \(ids[n]) is outside 0..<\(count) (segments.count)")
             }
         }
+        try checkIDs(global, "segments.global")
+        try checkIDs(long, "segments.long")
         if let n = long.indices.dropFirst().first(where: { long[$0] < long[$0 - 1] }) {
             throw AttentionError.invalidParameter(
                 "\(variant): segments.long must be non-decreasing (each segment one run of long tokens), "
@@ -62,6 +65,8 @@ public struct ETCPattern: AttentionPattern {
     /// Long positions (concatenated) `runs[s]` of segment `s`; global tokens per segment.
     let runs: [Range<Int>]
     let globalsPerSegment: [Int]
+    /// The query partitions of the two passes (built once: masks share them, no array per mask).
+    let globalQueries: QueryPartition, longQueries: QueryPartition
 
     /// The pattern for `length = N_g + N_l` positions. Throws what
     /// ``ETCAttention/validate(_:)`` throws for that length.
@@ -91,6 +96,8 @@ public struct ETCPattern: AttentionPattern {
             runs = []
             globalsPerSegment = []
         }
+        globalQueries = .ranges(globals > 0 ? [0..<globals] : [])
+        longQueries = .ranges(globals < length ? [globals..<length] : [])
     }
 
     /// The band of long keys a long query at `p` sees.
@@ -123,14 +130,14 @@ public struct ETCPattern: AttentionPattern {
 
     /// Pass 0: the global queries.
     func globalQueryMask(keyEnd: Int) -> ETCGlobalQueryMask {
-        ETCGlobalQueryMask(globals: globals, keyEnd: keyEnd, segments: segments, runs: runs)
+        ETCGlobalQueryMask(globals: globals, keyEnd: keyEnd, segments: segments, runs: runs,
+                           queryPartition: globalQueries)
     }
 
     /// Pass 1: the long queries.
     func longQueryMask(keyEnd: Int) -> ETCLongQueryMask {
         ETCLongQueryMask(globals: globals, length: queryLength, radius: radius, causal: causal, keyEnd: keyEnd,
-                         segments: segments,
-                         queryPartition: .ranges(globals < queryLength ? [globals..<queryLength] : []))
+                         segments: segments, queryPartition: longQueries)
     }
 
     public func tiles(head: Int) -> [PatternTile] {
@@ -176,13 +183,6 @@ struct ETCGlobalQueryMask: TileMask {
     /// The global queries (stored: the kernel asks for it once per query tile).
     var queryPartition: QueryPartition
 
-    init(globals: Int, keyEnd: Int, segments: ETCSegments?, runs: [Range<Int>]) {
-        self.globals = globals
-        self.keyEnd = keyEnd
-        self.segments = segments
-        self.runs = runs
-        queryPartition = .ranges(globals > 0 ? [0..<globals] : [])
-    }
 
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         forEachTile(from: 0, through: min(globals, keyEnd) - 1, tileSize: tileSize) { keys in

@@ -1,0 +1,114 @@
+// Float16 and BFloat16 activations in the backward pass: the ActivationView gradients equal
+// the Float gradients on the widened operands with each gradient rounded once, bit for bit,
+// with and without a workspace, for any thread count; bad views and small workspaces throw.
+
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
+import Foundation
+import Testing
+
+@Suite("Float16 and BFloat16 activations in the backward pass")
+struct MixedPrecisionBackwardTests {
+    /// Runs the mixed-precision backward of `attention` with operands in `p`'s precisions
+    /// (gradients like their operands, `dO` like the output) and checks it against the Float
+    /// backward on the rounded values, rounded.
+    static func compare(_ attention: some DifferentiableAttention, _ q: Tensor, _ k: Tensor, _ v: Tensor,
+                        keyLengths: [Int]?, precisions p: OperandPrecisions, step: Int, workspace: Bool,
+                        threads: Int, _ label: String) throws {
+        func widened(_ t: Tensor, _ precision: ActivationPrecision) throws -> Tensor {
+            try Tensor(shape: t.shape, data: t.elements.map { rounded($0, precision) })
+        }
+        let (wq, wk, wv) = (try widened(q, p.query), try widened(k, p.key), try widened(v, p.value))
+        let forward = try attention.attend(query: wq, key: wk, value: wv, keyLengths: keyLengths, threads: threads)
+        let wo = try widened(forward.output, p.output)
+        let wg = try widened(try randomTensor(forward.output.shape, seed: 77), p.output)
+        let expected = try attention.gradients(query: wq, key: wk, value: wv, output: wo, logSumExp: forward.logSumExp,
+                                               outputGradient: wg, keyLengths: keyLengths, threads: threads)
+        let shape = try AttentionShape(query: q, key: k, value: v)
+        let operand = { (t: Tensor, precision: ActivationPrecision) in
+            MixedOperand(shape: SIMD4(t.shape), precision: precision, step: step, values: t.elements)
+        }
+        let (qo, ko, vo, oo, go) = (operand(wq, p.query), operand(wk, p.key), operand(wv, p.value),
+                                    operand(wo, p.output), operand(wg, p.output))
+        let dq = MixedOperand(shape: SIMD4(q.shape), precision: p.query, step: step)
+        let dk = MixedOperand(shape: SIMD4(k.shape), precision: p.key, step: step)
+        let dv = MixedOperand(shape: SIMD4(v.shape), precision: p.value, step: step)
+        let space = workspace
+            ? try AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: p) : nil
+        try forward.logSumExp.withStridedView { lse in
+            try attention.gradients(query: qo.view, key: ko.view, value: vo.view, output: oo.view, logSumExp: lse,
+                                    outputGradient: go.view, dQuery: dq.mutableView, dKey: dk.mutableView,
+                                    dValue: dv.mutableView, keyLengths: keyLengths, workspace: space, threads: threads)
+        }
+        for (name, got, want, precision) in [("dQuery", dq, expected.dQuery, p.query), ("dKey", dk, expected.dKey, p.key),
+                                             ("dValue", dv, expected.dValue, p.value)] {
+            let wantBits = want.elements.map { roundedBits($0, precision) }
+            let gotBits = got.elementBits
+            let index = zip(gotBits, wantBits).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+            #expect(index == nil, "\(label): \(name) element \(index ?? -1) differs")
+            #expect(got.gapsUntouched, "\(label): wrote outside \(name)")
+        }
+    }
+
+    @Test("dense, grouped-query, local, Linformer, linear attention: the Float backward on widened operands, rounded once")
+    func matchesWidenedFloatBackward() throws {
+        let combinations = MixedPrecisionTests.combinations
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 37, keyLength: 37, headDim: 65,
+                                      valueDim: 16, seed: 5)
+        for (c, p) in combinations.enumerated() {
+            let workspace = c % 2 == 0, threads = c % 3 + 1, step = c % 2 + 1
+            let label = "\(p) threads \(threads) workspace \(workspace)"
+            try Self.compare(DenseAttention(causal: true), q, k, v, keyLengths: [37, 20], precisions: p, step: step,
+                             workspace: workspace, threads: threads, "dense \(label)")
+            try Self.compare(MultiQueryAttention(causal: false), q, k, v, keyLengths: nil, precisions: p, step: step,
+                             workspace: workspace, threads: threads, "multi-query \(label)")
+            try Self.compare(LocalAttention(left: 5, right: 0, causal: true), q, k, v, keyLengths: nil, precisions: p,
+                             step: step, workspace: workspace, threads: threads, "local \(label)")
+            try Self.compare(try LinformerAttention(projectedLength: 8, maxSequenceLength: 37, seed: 3), q, k, v,
+                             keyLengths: nil, precisions: p, step: step, workspace: workspace, threads: threads,
+                             "linformer \(label)")
+            try Self.compare(LinearAttention(featureMap: EluPlusOneFeatures(), causal: true), q, k, v, keyLengths: nil,
+                             precisions: p, step: step, workspace: workspace, threads: threads, "linear-elu \(label)")
+        }
+    }
+
+    @Test("bad views and a small workspace throw, naming what is wrong")
+    func badCalls() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 9, keyLength: 9, headDim: 8, seed: 6)
+        let dense = DenseAttention()
+        let forward = try dense.attend(query: q, key: k, value: v)
+        let p = OperandPrecisions(.bfloat16)
+        let operand = { (t: Tensor) in MixedOperand(shape: SIMD4(t.shape), precision: .bfloat16, values: t.elements) }
+        let (qo, ko, vo, oo) = (operand(q), operand(k), operand(v), operand(forward.output))
+        let dk = MixedOperand(shape: SIMD4(k.shape), precision: .bfloat16)
+        let dv = MixedOperand(shape: SIMD4(v.shape), precision: .bfloat16)
+        let small = try AttentionWorkspace(byteCount: 64)
+        try forward.logSumExp.withStridedView { lse in
+            // dQuery written over the query.
+            let overlap = thrownAttentionError {
+                try dense.gradients(query: qo.view, key: ko.view, value: vo.view, output: oo.view, logSumExp: lse,
+                                    outputGradient: oo.view, dQuery: qo.mutableView, dKey: dk.mutableView,
+                                    dValue: dv.mutableView, keyLengths: nil, workspace: nil, threads: 1)
+            }
+            #expect(overlap?.message.contains("dQuery overlaps query") == true)
+            // dKey of the wrong shape.
+            let wrong = MixedOperand(shape: SIMD4(1, 2, 8, 8), precision: .bfloat16)
+            let dq = MixedOperand(shape: SIMD4(q.shape), precision: .bfloat16)
+            let shape = thrownAttentionError {
+                try dense.gradients(query: qo.view, key: ko.view, value: vo.view, output: oo.view, logSumExp: lse,
+                                    outputGradient: oo.view, dQuery: dq.mutableView, dKey: wrong.mutableView,
+                                    dValue: dv.mutableView, keyLengths: nil, workspace: nil, threads: 1)
+            }
+            #expect(shape?.message.contains("dKey") == true)
+            let space = thrownAttentionError {
+                try dense.gradients(query: qo.view, key: ko.view, value: vo.view, output: oo.view, logSumExp: lse,
+                                    outputGradient: oo.view, dQuery: dq.mutableView, dKey: dk.mutableView,
+                                    dValue: dv.mutableView, keyLengths: nil, workspace: small, threads: 1)
+            }
+            #expect(space?.message.contains("workspace") == true)
+        }
+        let sized = try AttentionWorkspace(forBackwardOf: dense, shape: AttentionShape(heads: 2, queryLength: 9, headDim: 8),
+                                           threads: 1, precisions: p)
+        #expect(sized.byteCount > (try dense.backwardCost(AttentionShape(heads: 2, queryLength: 9, headDim: 8),
+                                                           threads: 1).workspaceBytes))
+    }
+}
