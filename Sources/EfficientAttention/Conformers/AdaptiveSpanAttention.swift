@@ -191,12 +191,16 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, spans: [Float]) {
+        if !modifiers.isEmpty {
+            throw AttentionError.unsupported(
+                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
+        }
         var dz = [Float](repeating: 0, count: spans.count)
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
-                                                   threads: threads, scale: scale) { shape, scale, x, g in
-            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
-                     q: x[0], k: x[1], v: x[2], o: x[3], lse: x[4], dO: x[5], dQ: g[0], dK: g[1], dV: g[2],
+                                                   threads: threads, scale: scale) { x in
+            backward(shape: x.shape, scale: x.scale, threads: x.threads, keyLengths: keyLengths,
+                     q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
                      spans: &dz)
         }
         return (inputs, dz)

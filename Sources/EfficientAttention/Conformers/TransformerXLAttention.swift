@@ -373,9 +373,9 @@ extension TransformerXLAttention: DifferentiableAttention {
             positionBias: [Float](repeating: 0, count: positionBias.count))
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
-                                                   threads: threads, scale: scale) { shape, _, x, g in
-            backward(shape: shape, threads: try threadCount(threads), keyLengths: keyLengths,
-                     q: x[0], k: x[1], v: x[2], o: x[3], lse: x[4], dO: x[5], dQ: g[0], dK: g[1], dV: g[2],
+                                                   threads: threads, scale: scale) { x in
+            backward(shape: x.shape, threads: x.threads, keyLengths: keyLengths,
+                     q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
                      parameters: &parameters)
         }
         return (inputs, parameters)
