@@ -163,21 +163,9 @@ struct AdaptiveSpanBackwardTests {
         let (q, k, v, result, dO) = try c.inputs()
         let expected = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
                                                keyLengths: c.keyLengths, threads: 2)
-        let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(c.shape, threads: 3).workspaceBytes)
-        var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
-        var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
-        var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
-        let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
-        let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
-                            try embeddedInNaN(dO, innerStride: 2))
-        try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
-        try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                    dQuery: dQ, dKey: dK, dValue: dV, keyLengths: c.keyLengths,
-                                    workspace: workspace, threads: 3)
-        } } } } } } } } }
-        expectBitwiseEqualGradients(expected, AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), c.testDescription)
+        let views = try viewPathGradients(attention, shape: c.shape, q: q, k: k, v: v, result: result, dO: dO,
+                                          keyLengths: c.keyLengths)
+        expectBitwiseEqualGradients(expected, views, c.testDescription)
     }
 
     @Test("a gradient step on the spans lowers L = Σ dO ∘ O")
@@ -201,30 +189,11 @@ struct AdaptiveSpanBackwardTests {
         let c = SpanBackwardCase(queryLength: 9, headDim: 4, seed: 11)
         let attention = c.attention()
         let (q, k, v, result, dO) = try c.inputs()
-        let wrong = try Tensor(shape: [1, 2, 8, 4])
-        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                ("outputGradient", result.output, result.logSumExp, wrong)] {
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        keyLengths: nil, threads: nil)
-            }
-        }
+        try expectBadGradientInputsThrow(attention, shape: c.shape, q: q, k: k, v: v, result: result, dO: dO)
         var capped = attention
         capped.modifiers = ScoreModifiers(softCap: 30)
         expectAttentionError(.unsupported, mentioning: ["modifiers"]) {
             try capped.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO)
-        }
-        let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(c.shape, threads: 1).workspaceBytes - 1)
-        var dq = try Tensor(shape: q.shape), dk = try Tensor(shape: k.shape), dv = try Tensor(shape: v.shape)
-        expectAttentionError(.invalidParameter, mentioning: ["workspace"]) {
-            try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
-            try result.output.withStridedView { ov in try result.logSumExp.withStridedView { lv in
-            try dO.withStridedView { gv in
-            try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-                try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil, workspace: workspace,
-                                        threads: 1)
-            } } } } } } } } }
         }
     }
 }

@@ -79,6 +79,50 @@ func maxErrorAndMagnitude(_ x: [Float], _ y: [Double]) -> (Double, Double) {
     zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
 }
 
+/// `attention`'s gradients through the view entry point: inputs and gradients as strided
+/// NaN-padded views, a workspace of exactly the backward cost for 3 threads (`workspaceShort`
+/// makes it one byte short).
+func viewPathGradients(_ attention: some DifferentiableAttention, shape: AttentionShape, q: Tensor, k: Tensor,
+                       v: Tensor, result: AttentionResult, dO: Tensor, keyLengths: [Int]?,
+                       workspaceShort: Bool = false) throws -> AttentionGradients {
+    let bytes = try attention.backwardCost(shape, threads: 3).workspaceBytes - (workspaceShort ? 1 : 0)
+    let workspace = try AttentionWorkspace(byteCount: bytes)
+    var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
+    var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
+    var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
+    let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
+    let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
+                        try embeddedInNaN(dO, innerStride: 2))
+    try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
+    try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
+    try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
+                                dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths,
+                                workspace: workspace, threads: 3)
+    } } } } } } } } }
+    return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+}
+
+/// Misshapen `output`, `logSumExp` or `outputGradient` throw naming it, and a workspace one
+/// byte short of the backward cost throws naming the workspace.
+func expectBadGradientInputsThrow(_ attention: some DifferentiableAttention, shape: AttentionShape, q: Tensor,
+                                  k: Tensor, v: Tensor, result: AttentionResult, dO: Tensor) throws {
+    var wrongShape = result.output.shape
+    wrongShape[2] -= 1
+    let wrong = try Tensor(shape: wrongShape)
+    for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
+                            ("outputGradient", result.output, result.logSumExp, wrong)] {
+        expectAttentionError(.shapeMismatch, mentioning: [name]) {
+            try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                    keyLengths: nil, threads: nil)
+        }
+    }
+    expectAttentionError(.invalidParameter, mentioning: ["workspace"]) {
+        try viewPathGradients(attention, shape: shape, q: q, k: k, v: v, result: result, dO: dO, keyLengths: nil,
+                               workspaceShort: true)
+    }
+}
+
 /// Transformer-XL's parameters in Double and the gradients of `L` with respect to them.
 private struct XLParameters {
     var table: [Double], tableHeads: Int, rows: Int, u: [Double], v: [Double]
@@ -276,21 +320,9 @@ struct TransformerXLBackwardTests {
         let (q, k, v, result, dO) = try c.inputs()
         let expected = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
                                                keyLengths: c.keyLengths, threads: 2)
-        let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(c.shape, threads: 3).workspaceBytes)
-        var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
-        var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
-        var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
-        let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
-        let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
-                            try embeddedInNaN(dO, innerStride: 2))
-        try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
-        try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                    dQuery: dQ, dKey: dK, dValue: dV, keyLengths: c.keyLengths,
-                                    workspace: workspace, threads: 3)
-        } } } } } } } } }
-        expectBitwiseEqualGradients(expected, AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), c.testDescription)
+        let views = try viewPathGradients(attention, shape: c.shape, q: q, k: k, v: v, result: result, dO: dO,
+                                          keyLengths: c.keyLengths)
+        expectBitwiseEqualGradients(expected, views, c.testDescription)
     }
 
     @Test("a gradient step on u, v and the table lowers L = Σ dO ∘ O")
@@ -319,30 +351,11 @@ struct TransformerXLBackwardTests {
         let c = XLBackwardCase(queryLength: 9, memory: 2, headDim: 4, seed: 11)
         let attention = try c.attention()
         let (q, k, v, result, dO) = try c.inputs()
-        let wrong = try Tensor(shape: [1, 2, 8, 4])
-        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                ("outputGradient", result.output, result.logSumExp, wrong)] {
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        keyLengths: nil, threads: nil)
-            }
-        }
+        try expectBadGradientInputsThrow(attention, shape: c.shape, q: q, k: k, v: v, result: result, dO: dO)
         var short = attention
         short.memoryLength = 1
         expectAttentionError(.shapeMismatch, mentioning: ["memory"]) {
             try short.gradients(query: q, key: k, value: v, result: result, outputGradient: dO)
-        }
-        let workspace = try AttentionWorkspace(byteCount: try attention.backwardCost(c.shape, threads: 1).workspaceBytes - 1)
-        var dq = try Tensor(shape: q.shape), dk = try Tensor(shape: k.shape), dv = try Tensor(shape: v.shape)
-        expectAttentionError(.invalidParameter, mentioning: ["workspace"]) {
-            try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
-            try result.output.withStridedView { ov in try result.logSumExp.withStridedView { lv in
-            try dO.withStridedView { gv in
-            try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-                try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil, workspace: workspace,
-                                        threads: 1)
-            } } } } } } } } }
         }
     }
 }

@@ -364,31 +364,21 @@ extension TransformerXLAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, parameters: TransformerXLParameterGradients) {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: scale).shape
+        let s = try AttentionShape(query: query, key: key, value: value)
         try checkFloatAllocation([s.batch, s.heads, s.keyLength, s.headDim + 1],
                                  option: "Transformer-XL distance sums [B, H, Nk, D + 1]")
-        var dq = try Tensor.uninitializedOutput(shape: query.shape)
-        var dk = try Tensor.uninitializedOutput(shape: key.shape)
-        var dv = try Tensor.uninitializedOutput(shape: value.shape)
         var parameters = TransformerXLParameterGradients(
             relativePositions: [Float](repeating: 0, count: relativePositions.elements.count),
             contentBias: [Float](repeating: 0, count: contentBias.count),
             positionBias: [Float](repeating: 0, count: positionBias.count))
-        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try withCheckedGradientCall(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil,
-                                        threads: threads, scale: scale) { shape, _ in
-                backward(shape: shape, threads: try threadCount(threads), keyLengths: keyLengths,
-                         q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
-                         dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel, parameters: &parameters)
-            }
-        } } } } } } } } }
-        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv), parameters)
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { x in
+            backward(shape: x.shape, threads: x.threads, keyLengths: keyLengths,
+                     q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
+                     parameters: &parameters)
+        }
+        return (inputs, parameters)
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
