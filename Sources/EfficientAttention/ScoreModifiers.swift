@@ -1,4 +1,5 @@
 import Foundation
+import CEfficientAttention
 
 /// What today's models add to softmax attention's scores (ATTENTION_SPEC.md, "Score
 /// modifiers"): soft-capping, ALiBi, an additive bias, and learned sinks, applied by the
@@ -85,7 +86,10 @@ public struct ScoreModifiers: Sendable, Equatable {
                 throw AttentionError.shapeMismatch(
                     "modifiers.bias must be [B or 1, H or 1, Nq, Nk] = [\(shape.batch) or 1, \(shape.heads) or 1, \(shape.queryLength), \(shape.keyLength)], got \(s)")
             }
-            if bias.elements.contains(where: { $0.isNaN || $0 == .infinity }) {
+            let invalid = bias.isContiguous && bias.offset == 0
+                ? bias.storage.withUnsafeBufferPointer { containsNaNOrPlusInfinity(UnsafeBufferPointer(rebasing: $0[0..<bias.count])) }
+                : bias.elements.contains(where: { !($0 < .infinity) })
+            if invalid {
                 throw AttentionError.invalidParameter("modifiers.bias must be finite or -infinity (found NaN or +infinity)")
             }
         }
@@ -146,37 +150,84 @@ struct ScoreModifierKernel: @unchecked Sendable {
 
     /// Applies soft-capping, the bias and ALiBi to `scores[r · ld + lane]`, the score of key
     /// `keys.position(r)` and query `queries.position(lane)` of batch item `b`, head `h`.
+    ///
+    /// The bias of 16 queries for one key lies in 16 rows: with contiguous keys and a bias
+    /// whose rows are contiguous, whole 16 × 16 blocks are loaded row by row and transposed
+    /// in registers (``Transpose16``: 16 loads and 64 permutes for 256 pairs); other keys
+    /// gather it element by element. Both give the same values.
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
                lanes: Int, b: Int, h: Int) {
         typealias V = SIMD16<Float>
         let item = firstItem + b, head = firstHead + h
-        let cap = V(repeating: softCap), inverseCap = V(repeating: softCap > 0 ? 1 / softCap : 0)
-        let slope = slopes.map { V(repeating: $0[head]) }
+        let slope = V(repeating: slopes?[head] ?? 0)
         var laneOffsets = V()
         for l in 0..<16 { laneOffsets[l] = Float(l * queries.step) }
         let biasRow = bias.map { $0.row(item, head, 0) }
         let biasRowStride = bias?.strides[2] ?? 0, biasColumnStride = bias?.strides[3] ?? 0
-        for r in 0..<keys.count {
+        /// Query `lane + l`'s aligned position minus key `j`'s, for the 16 lanes.
+        @inline(__always) func distance(lane: Int, key j: Int) -> V {
+            V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
+        }
+        var r = 0
+        if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
+            // The next key tile's bias (the same rows, the next columns): its lines are
+            // requested now, so they arrive while this tile computes (each of the tile's
+            // query rows is its own stream, too many for the hardware prefetchers).
+            let next = keys.start + keys.count
+            for lane in 0..<queries.count {
+                let row = biasRow + queries.position(lane) &* biasRowStride
+                for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read(row + next + c) }
+            }
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
+                let terms = block.baseAddress!
+                let last = queries.count - 1
+                while r + 16 <= keys.count {
+                    let j0 = keys.position(r)
+                    for lane in stride(from: 0, to: lanes, by: 16) {
+                        // terms[jj · 16 + l] = bias of query lane + l (the last query for
+                        // padding lanes), key j0 + jj.
+                        Transpose16.transpose(scale: V(repeating: 1), rows: { l in
+                            biasRow + (queries.position(min(lane + l, last)) &* biasRowStride &+ j0)
+                        }, into: terms, ld: 16)
+                        for jj in 0..<16 {
+                            let row = scores + (r + jj) &* ld + lane
+                            store16(modified(load16(row), biasTerms: load16(terms + jj * 16), slope: slope,
+                                             distance: distance(lane: lane, key: j0 + jj)), row)
+                        }
+                    }
+                    r += 16
+                }
+            }
+        }
+        while r < keys.count {
             let j = keys.position(r), row = scores + r &* ld
             for lane in stride(from: 0, to: lanes, by: 16) {
-                var s = load16(row + lane)
-                if softCap > 0 { s = cap * tanh16(s * inverseCap) }
+                var terms = V()
                 if let biasRow {
-                    var terms = V()
                     for l in 0..<max(0, min(16, queries.count - lane)) {
                         terms[l] = biasRow[queries.position(lane + l) &* biasRowStride &+ j &* biasColumnStride]
                     }
-                    s += terms
                 }
-                if let slope {
-                    // −α · |i + offset − j| with i = queries.position(lane + l), in Float
-                    // (positions below 2^24 are exact).
-                    let distance = V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
-                    s = fused(-slope, abs16(distance), s)
-                }
-                store16(s, row + lane)
+                store16(modified(load16(row + lane), biasTerms: terms, slope: slope,
+                                 distance: distance(lane: lane, key: j)), row + lane)
             }
+            r += 1
         }
+    }
+
+    /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`
+    /// subtracted (`distance` = query position + offset − key position, per lane). The one
+    /// formula of the tiled and the decode kernels.
+    @inline(__always)
+    func modified(_ scores: SIMD16<Float>, biasTerms: SIMD16<Float>, slope: SIMD16<Float>,
+                  distance: SIMD16<Float>) -> SIMD16<Float> {
+        var s = scores
+        if softCap > 0 {
+            s = SIMD16(repeating: softCap) * tanh16(s * SIMD16(repeating: 1 / softCap))
+        }
+        if bias != nil { s += biasTerms }
+        if slopes != nil { s = fused(-slope, abs16(distance), s) }
+        return s
     }
 }
 
@@ -232,4 +283,23 @@ extension ScoreModifiers {
             }
         }
     }
+}
+
+/// Whether some element of `values` is NaN or `+infinity` (every lane compared with
+/// `< +infinity`, 16 at a time: the check runs at memory speed over a large bias).
+func containsNaNOrPlusInfinity(_ values: UnsafeBufferPointer<Float>) -> Bool {
+    guard let base = values.baseAddress else { return false }
+    let limit = SIMD16<Float>(repeating: .infinity)
+    var n = 0
+    while n + 1024 <= values.count {
+        var fine = SIMDMask<SIMD16<Int32>>(repeating: true)
+        for k in stride(from: n, to: n + 1024, by: 16) { fine = fine .& (load16(base + k) .< limit) }
+        if !all(fine) { return true }
+        n += 1024
+    }
+    while n < values.count {
+        if !(base[n] < .infinity) { return true }
+        n += 1
+    }
+    return false
 }

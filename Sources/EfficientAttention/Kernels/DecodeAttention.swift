@@ -694,20 +694,6 @@ extension DecodeAttention {
 }
 
 extension ScoreModifierKernel {
-    /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`
-    /// subtracted (`distance` = query position + offset − key position, per lane).
-    @inline(__always)
-    func modified(_ scores: SIMD16<Float>, biasTerms: SIMD16<Float>, slope: SIMD16<Float>,
-                  distance: SIMD16<Float>) -> SIMD16<Float> {
-        var s = scores
-        if softCap > 0 {
-            s = SIMD16(repeating: softCap) * tanh16(s * SIMD16(repeating: 1 / softCap))
-        }
-        if bias != nil { s += biasTerms }
-        if slopes != nil { s = fused(-slope, abs16(distance), s) }
-        return s
-    }
-
     /// The modifiers on one query row's scores `s[a...e]` (indexed by key) of batch item
     /// `b`, head `h`, query `i` aligned to key position `i + offset` (the decode kernel's
     /// per-row path); entries outside `a...e` are left as they are.
