@@ -261,31 +261,23 @@ extension MemoryCompressedAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, parameters: MemoryCompressedParameterGradients) {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: scale)
-        let shape = s.shape, scale = s.scale
-        let threads = try threadCount(threads)
-        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
-        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
-        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
         // One buffer per parameter (zero-sized for the missing ones).
         let given = [keyWeights, valueWeights, keyBias, valueBias].map { $0 != nil }
         func zeros(_ parameter: [Float]?) -> [Float] { [Float](repeating: 0, count: parameter?.count ?? 0) }
-        var (dkw, dvw, dkb, dvb) = (zeros(keyWeights), zeros(valueWeights), zeros(keyBias), zeros(valueBias))
-        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-        dkw.withUnsafeMutableBufferPointer { kw in dvw.withUnsafeMutableBufferPointer { vw in
-        dkb.withUnsafeMutableBufferPointer { kb in dvb.withUnsafeMutableBufferPointer { vb in
-            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
-                     q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
-                     dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel,
-                     parameters: zip([kw, vw, kb, vb], given).map { UncheckedSendable($1 ? $0.baseAddress : nil) })
-        } } } }
-        } } } } } } } } }
-        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv),
+        var (dkw, dvw, dkb, dvb) = ([Float](), [Float](), [Float](), [Float]())
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            // Allocated after the call's checks.
+            (dkw, dvw, dkb, dvb) = (zeros(keyWeights), zeros(valueWeights), zeros(keyBias), zeros(valueBias))
+            dkw.withUnsafeMutableBufferPointer { kw in dvw.withUnsafeMutableBufferPointer { vw in
+            dkb.withUnsafeMutableBufferPointer { kb in dvb.withUnsafeMutableBufferPointer { vb in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths,
+                         q: c.q, k: c.k, v: c.v, o: c.o, lse: c.lse, dO: c.dO, dQ: c.dQ, dK: c.dK, dV: c.dV,
+                         parameters: zip([kw, vw, kb, vb], given).map { UncheckedSendable($1 ? $0.baseAddress : nil) })
+            } } } }
+        }
+        return (inputs,
                 MemoryCompressedParameterGradients(keyWeights: given[0] ? dkw : nil, valueWeights: given[1] ? dvw : nil,
                                                    keyBias: given[2] ? dkb : nil, valueBias: given[3] ? dvb : nil))
     }
