@@ -258,3 +258,107 @@ public struct RoutingAttention: Attention {
         centroids = updated
     }
 }
+
+// MARK: - Backward
+
+extension RoutingAttention: DifferentiableAttention {
+    /// The gradients through the forward with its routes held fixed (KernelDocs/Routing.md,
+    /// "Backward"): the clusters' members are recomputed from the centroids, each cluster's
+    /// gathered rows run the flash backward (``ClusterBackward``, ``TiledSoftmaxBackward``),
+    /// and the gathered gradients are added to the original rows in cluster order. The
+    /// centroids are state (``updateCentroids(query:key:)``), not differentiated.
+    ///
+    /// ```
+    /// // naive reference, for each b, query head h (hk = h / (H / Hkv)), routes Q_c, K_c of the forward:
+    /// for c, i in Q_c with visible keys J_c(i) (j ∈ K_c, j < keyLengths[b], causal: j <= i + Nk − Nq):
+    ///     u_i   = #{c : i ∈ Q_c, J_c(i) non-empty}              (the forward's mean is over these)
+    ///     P[j]  = softmax_j(scale · q_i · k_j) over J_c(i),  o_c = Σ_j P[j] v_j   (recomputed per cluster)
+    ///     g     = dO_i / u_i,  dP[j] = g · v_j,  D = g · o_c,  dS[j] = P[j] · (dP[j] − D)
+    ///     dQ[i] += scale · Σ_j dS[j] k_j
+    ///     dK[j] += scale · dS[j] q_i,  dV[j] += P[j] g           (clusters in order, then heads of the group)
+    /// ```
+    ///
+    /// `output` and `logSumExp` are checked but not read: the forward's mean and merged
+    /// log-sum-exp do not give back the per-cluster outputs and log-sum-exps the backward
+    /// needs, so they are recomputed (one forward of the clusters).
+    ///
+    /// - Complexity: per head, `K · wq · wk · (8·D + 6·Dv)` FLOPs (the flash backward's
+    ///   `6·D + 4·Dv` plus the recomputed forward's `2·(D + Dv)` per pair) plus the routing's
+    ///   `2 · (Nq + Nk) · K · D`; heads one after another, every phase on all threads;
+    ///   workspace O((Nq + Nk) · (D + Dv)) for the head in flight, plus the router's and the
+    ///   tiled kernels' scratch.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let threads = try threadCount(threads)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
+            let (q, k, v, dO) = (query.kernel, key.kernel, value.kernel, outputGradient.kernel)
+            let (dQ, dK, dV) = (dQuery.kernel, dKey.kernel, dValue.kernel)
+            // dK, dV are sums over the clusters and the query heads of each group: start from zero.
+            for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+                let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+                for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+                for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+            } } }
+            let l = layout(shape), sizes = backwardSizes(shape)
+            let offset = causal ? shape.keyLength - shape.queryLength : nil
+            WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
+                (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
+            }) { spaces in
+                let (router, space) = spaces[0]
+                centroids.withView { c in
+                    for b in 0..<shape.batch { for h in 0..<shape.heads {
+                        let hk = h / shape.groupSize
+                        let (qp, kp) = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
+                                             b: b, h: h)
+                        ClusterBackward.addHead(
+                            sizes, space: space, queryRoutes: qp, keyRoutes: kp, causalOffset: offset,
+                            keyLength: keyLengths?[b] ?? shape.keyLength, scale: scale, threads: threads,
+                            query: PermutedBlockAttention.Rows(view: q, b: b, h: h),
+                            key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
+                            value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                            outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
+                            dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                    } }
+                }
+            }
+        }
+    }
+
+    /// FLOPs: `3.5 ×` the forward's attention FLOPs (the flash backward's conventional
+    /// `2.5 ×` and the recomputed per-cluster forward) plus the routing's once; workspace:
+    /// the router, one head's gathered rows and gradients, and the larger of the tiled
+    /// kernels' workspaces.
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let forward = try cost(shape, threads: threads)
+        let heads = Double(shape.batch * shape.heads)
+        let routing = heads * 2 * Double(shape.queryLength + shape.keyLength) * Double(clusterCount * shape.headDim)
+        let bytes = backwardWorkspaceBytes(shape, threads: threads)
+        try checkAllocation(bytes: bytes, option: "routing backward workspace")
+        return AttentionCost(flops: 3.5 * (forward.flops - routing) + routing, workspaceBytes: bytes,
+                             scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward's problem of one head.
+    private func backwardSizes(_ shape: AttentionShape) -> ClusterBackward.Sizes {
+        ClusterBackward.Sizes(router: sizes(shape), valueDim: shape.valueDim)
+    }
+
+    /// The arena of ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``
+    /// (a router for `threads` workers and one head's buffers) and the tiled kernels' scratch
+    /// taken inside it.
+    private func backwardWorkspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let sizes = backwardSizes(shape)
+        let arena = WorkspaceCarver.bytes {
+            _ = ClusterRouter(carving: &$0, sizes.router, workers: threads)
+            _ = ClusterBackward.Workspace(carving: &$0, sizes)
+        }
+        return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1) + ClusterBackward.kernelBytes(sizes, threads: threads)
+    }
+}
