@@ -235,6 +235,42 @@ struct RoutingBackwardTests {
         }
     }
 
+    @Test("routes handed over by the forward: the same result, routes and gradients, bit for bit")
+    func handedRoutes() throws {
+        for causal in [false, true] {
+            let c = RoutingBackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 130, keyLength: 110, headDim: 12,
+                                        valueDim: 5, clusters: 4, causal: causal, keyLengths: [110, 47], seed: 5000)
+            let attention = try c.attention()
+            let (q, k, v, result, dO) = try c.inputs()
+            let (handed, routes) = try attention.attendReturningRoutes(query: q, key: k, value: v,
+                                                                       keyLengths: c.keyLengths, threads: 3)
+            expectBitwiseEqual(result, handed, "causal \(causal): attendReturningRoutes' result")
+            let listed = try attention.routes(query: q, key: k)
+            for b in 0..<c.batch { for h in 0..<c.heads { for cluster in 0..<c.clusters {
+                let n = (b * c.heads + h) * c.clusters + cluster
+                #expect(routes.queries(batch: b, head: h, cluster: cluster) == listed.query[n]
+                        && routes.keys(batch: b, head: h, cluster: cluster) == listed.key[n],
+                        "causal \(causal): routes of (\(b), \(h), \(cluster))")
+            } } }
+            let recomputed = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                     keyLengths: c.keyLengths, threads: 2)
+            for threads in [1, 3] {
+                let given = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                    routes: routes, keyLengths: c.keyLengths, threads: threads)
+                expectBitwiseEqualGradients(recomputed, given, "causal \(causal): gradients with routes, \(threads) threads")
+            }
+            // Routes of another problem throw, naming them.
+            let other = RoutingBackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 129, keyLength: 110, headDim: 12,
+                                            valueDim: 5, clusters: 4, causal: causal, seed: 5001)
+            let (q2, k2, v2, _, _) = try other.inputs()
+            let foreign = try other.attention().attendReturningRoutes(query: q2, key: k2, value: v2).routes
+            expectAttentionError(.shapeMismatch, mentioning: ["routes"]) {
+                try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                        routes: foreign, keyLengths: c.keyLengths)
+            }
+        }
+    }
+
     @Test("the view entry point (strided NaN-padded views, a caller's workspace) equals the Tensor convenience")
     func viewEntryPoint() throws {
         let c = RoutingBackwardCase(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 170, headDim: 12,

@@ -205,6 +205,44 @@ public struct RoutingAttention: Attention {
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                   keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+    }
+
+    /// The forward that also hands back its routes, for
+    /// ``gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``: the
+    /// same result as ``Attention/attend(query:key:value:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Complexity: the forward's, plus copying `B · H · K · (wq + wk)` positions.
+    public func attendReturningRoutes(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]? = nil,
+                                      threads: Int? = nil) throws -> (result: AttentionResult, routes: RoutingRoutes) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let l = layout(shape)
+        let heads = shape.batch * shape.heads
+        try checkAllocation(bytes: checkedProduct([heads, l.querySlots + l.keySlots, 4]), option: "routing routes")
+        var queryRoutes = [Int32](repeating: 0, count: heads * l.querySlots)
+        var keyRoutes = [Int32](repeating: 0, count: heads * l.keySlots)
+        let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
+            try keyRoutes.withUnsafeMutableBufferPointer { kr in
+                try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
+                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                               workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress!))
+                }
+            }
+        }
+        return (result, RoutingRoutes(batch: shape.batch, heads: shape.heads, clusters: clusterCount,
+                                      queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                      queryTake: l.queryBlockSize, keyTake: l.keyBlockSize,
+                                      query: queryRoutes, key: keyRoutes))
+    }
+
+    /// The forward, copying each head's slot positions to `routes` (head `b · H + h` at
+    /// `(b · H + h) · K · w`) when given.
+    private func attend(query: StridedView, key: StridedView, value: StridedView,
+                        output: MutableStridedView, logSumExp: MutableStridedView?,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                        routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
@@ -220,7 +258,13 @@ public struct RoutingAttention: Attention {
                 bytesPerHead: headBytes(shape, l),
                 makeScratch: { ClusterRouter(carving: &$0, sizes(shape), workers: $1) }
             ) { b, h, inner, space, router in
-                _ = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h, into: space)
+                let (qp, kp) = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h,
+                                     into: space)
+                if let routes {
+                    let head = b * shape.heads + h
+                    (routes.query + head * l.querySlots).update(from: qp, count: l.querySlots)
+                    (routes.key + head * l.keySlots).update(from: kp, count: l.keySlots)
+                }
                 let hk = h / shape.groupSize
                 PermutedBlockAttention.attendRound(
                     l, round: 0, space: space, scale: scale, threads: inner,
@@ -291,6 +335,58 @@ extension RoutingAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try gradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                      outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                      keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+    }
+
+    /// The gradients with the routes the forward handed back
+    /// (``attendReturningRoutes(query:key:value:keyLengths:threads:)``) instead of
+    /// recomputing them: the same gradients bit for bit when they are that call's routes
+    /// (otherwise the gradients of the forward with the given routes).
+    ///
+    /// - Throws: what ``gradients(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:)``
+    ///   throws, and ``AttentionError/shapeMismatch(_:)`` naming `routes` when they belong to
+    ///   another problem (batch, heads, clusters or lengths).
+    /// - Complexity: the backward's, without the routing's `2 · (Nq + Nk) · K · D` FLOPs per head.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+                          routes: RoutingRoutes, keyLengths: [Int]? = nil,
+                          threads: Int? = nil) throws -> AttentionGradients {
+        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                        keyLengths: keyLengths, threads: threads, scale: nil).shape
+        try check(routes, s)
+        var dq = try Tensor.uninitializedOutput(shape: [s.batch, s.heads, s.queryLength, s.headDim])
+        var dk = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.headDim])
+        var dv = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.valueDim])
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                          dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil, threads: threads,
+                          routes: routes)
+        } } } } } } } } }
+        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+    }
+
+    /// Throws unless `routes` are routes of this conformer's problem `shape`.
+    private func check(_ routes: RoutingRoutes, _ shape: AttentionShape) throws {
+        let theirs = [routes.batch, routes.heads, routes.clusters, routes.queryLength, routes.keyLength]
+        let ours = [shape.batch, shape.heads, clusterCount, shape.queryLength, shape.keyLength]
+        guard theirs == ours else {
+            throw AttentionError.shapeMismatch(
+                "routes are of [B, H, K, Nq, Nk] = \(theirs), this problem's are \(ours)")
+        }
+    }
+
+    /// The backward (see the protocol entry point), with the routes recomputed when `routes`
+    /// is `nil`.
+    private func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                           logSumExp: StridedView, outputGradient: StridedView,
+                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                           routes: RoutingRoutes?) throws {
         let threads = try threadCount(threads)
         try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
@@ -311,11 +407,17 @@ extension RoutingAttention: DifferentiableAttention {
                 (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
             }) { spaces in
                 let (router, space) = spaces[0]
-                centroids.withView { c in
+                centroids.withView { c in routes.withPositions { givenQueries, givenKeys in
                     for b in 0..<shape.batch { for h in 0..<shape.heads {
-                        let hk = h / shape.groupSize
-                        let (qp, kp) = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
-                                             b: b, h: h)
+                        let hk = h / shape.groupSize, head = b * shape.heads + h
+                        let qp: UnsafePointer<Int32>, kp: UnsafePointer<Int32>
+                        if let givenQueries, let givenKeys {
+                            (qp, kp) = (givenQueries + head * l.querySlots, givenKeys + head * l.keySlots)
+                        } else {
+                            let routed = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
+                                               b: b, h: h)
+                            (qp, kp) = (UnsafePointer(routed.0), UnsafePointer(routed.1))
+                        }
                         ClusterBackward.addHead(
                             sizes, space: space, queryRoutes: qp, keyRoutes: kp, causalOffset: offset,
                             keyLength: keyLengths?[b] ?? shape.keyLength, scale: scale, threads: threads,
@@ -325,7 +427,7 @@ extension RoutingAttention: DifferentiableAttention {
                             outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
                             dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
                     } }
-                }
+                } }
             }
         }
     }
@@ -360,5 +462,42 @@ extension RoutingAttention: DifferentiableAttention {
             _ = ClusterBackward.Workspace(carving: &$0, sizes)
         }
         return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1) + ClusterBackward.kernelBytes(sizes, threads: threads)
+    }
+}
+
+/// The cluster members of one routing forward
+/// (``RoutingAttention/attendReturningRoutes(query:key:value:keyLengths:threads:)``), to hand
+/// to ``RoutingAttention/gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``
+/// so that the backward does not route again. Only the forward makes them: their positions
+/// are valid and ascending within each cluster by construction.
+public struct RoutingRoutes: Sendable, Equatable {
+    public let batch: Int, heads: Int, clusters: Int, queryLength: Int, keyLength: Int
+    /// Members per cluster: `wq = ⌈Nq / K⌉` queries, `wk = ⌈Nk / K⌉` keys.
+    public let queryTake: Int, keyTake: Int
+    /// `query[((b · H + h) · K + c) · wq + n]`: the `n`-th query of cluster `c` of head `(b, h)`.
+    let query: [Int32]
+    let key: [Int32]
+
+    /// The query positions of cluster `cluster` of head `(batch, head)`, ascending (the
+    /// lists of ``RoutingAttention/routes(query:key:)``).
+    public func queries(batch b: Int, head h: Int, cluster c: Int) -> [Int] {
+        let start = ((b * heads + h) * clusters + c) * queryTake
+        return query[start..<(start + queryTake)].map { Int($0) }
+    }
+
+    /// The key positions of cluster `cluster` of head `(batch, head)`, ascending.
+    public func keys(batch b: Int, head h: Int, cluster c: Int) -> [Int] {
+        let start = ((b * heads + h) * clusters + c) * keyTake
+        return key[start..<(start + keyTake)].map { Int($0) }
+    }
+}
+
+extension Optional where Wrapped == RoutingRoutes {
+    /// `body` with the query and key positions of the routes (`nil` without routes).
+    func withPositions<R>(_ body: (UnsafePointer<Int32>?, UnsafePointer<Int32>?) -> R) -> R {
+        guard let routes = self else { return body(nil, nil) }
+        return routes.query.withUnsafeBufferPointer { q in
+            routes.key.withUnsafeBufferPointer { k in body(q.baseAddress, k.baseAddress) }
+        }
     }
 }
