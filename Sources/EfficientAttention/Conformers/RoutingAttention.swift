@@ -25,7 +25,9 @@
 /// (routing scores a GEMM on the micro-kernel, the top-w by ``TopKSelection``),
 /// ``PermutedBlockAttention`` gathers them and each cluster attends with the tiled softmax kernel
 /// (a query tile per cluster, the cluster's keys as key tiles, no masking unless causal or
-/// padded); ``SphericalKMeans`` updates the centroids.
+/// padded); ``SphericalKMeans`` updates the centroids. The backward (``DifferentiableAttention``,
+/// routes held fixed) runs each cluster's gathered rows through ``TiledSoftmaxBackward``
+/// (``ClusterBackward``; KernelDocs/Routing.md, "Backward").
 ///
 /// - Complexity: per head, `K · wq · wk · 2 · (D + Dv)` FLOPs of attention (about
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
