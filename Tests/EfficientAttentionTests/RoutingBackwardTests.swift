@@ -83,10 +83,6 @@ private func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double
     return r
 }
 
-private func maxErrorAndScale(_ x: [Float], _ y: [Double]) -> (Double, Double) {
-    zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
-}
-
 struct RoutingBackwardCase: Sendable, CustomTestStringConvertible {
     var batch = 1, heads = 2, kvHeads: Int? = nil
     var queryLength: Int, keyLength: Int? = nil
@@ -132,7 +128,7 @@ struct RoutingBackwardCase: Sendable, CustomTestStringConvertible {
             routes: try attention.routes(query: q, key: k), clusters: clusters,
             scale: 1 / Double(headDim).squareRoot(), causal: causal, keyLengths: keyLengths)
         // The reference's forward is the library's forward (the routes are the same).
-        let (outputError, outputScale) = maxErrorAndScale(result.output.elements, reference.output)
+        let (outputError, outputScale) = maxErrorAndMagnitude(result.output.elements, reference.output)
         #expect(outputError <= 1e-5 * (1 + outputScale), "\(testDescription): forward output error \(outputError)",
                 sourceLocation: sourceLocation)
         #expect(zip(result.logSumExp.elements, reference.lse).allSatisfy { l, r in
@@ -146,7 +142,7 @@ struct RoutingBackwardCase: Sendable, CustomTestStringConvertible {
         ] {
             #expect(values.count == ref.count && !values.contains { $0.isNaN }, "\(testDescription): \(name)",
                     sourceLocation: sourceLocation)
-            let (error, scale) = maxErrorAndScale(values, ref)
+            let (error, scale) = maxErrorAndMagnitude(values, ref)
             #expect(error <= 1e-4 * scale + 1e-6, "\(testDescription): \(name) error \(error), max |ref| \(scale)",
                     sourceLocation: sourceLocation)
             // Exact zeros where no pair contributes (queries in no cluster or with no visible

@@ -337,9 +337,15 @@ extension RoutingAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try gradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                      outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                      keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+        let threads = try threadCount(threads)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            try backward(shape, scale: scale, threads: threads, q: query.kernel, k: key.kernel, v: value.kernel,
+                         dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                         keyLengths: keyLengths, routes: nil)
+        }
     }
 
     /// The gradients with the routes the forward handed back
@@ -354,22 +360,13 @@ extension RoutingAttention: DifferentiableAttention {
     public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
                           routes: RoutingRoutes, keyLengths: [Int]? = nil,
                           threads: Int? = nil) throws -> AttentionGradients {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: nil).shape
-        try check(routes, s)
-        var dq = try Tensor.uninitializedOutput(shape: [s.batch, s.heads, s.queryLength, s.headDim])
-        var dk = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.headDim])
-        var dv = try Tensor.uninitializedOutput(shape: [s.batch, s.kvHeads, s.keyLength, s.valueDim])
-        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-            try gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                          dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths, workspace: nil, threads: threads,
-                          routes: routes)
-        } } } } } } } } }
-        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+        try check(routes, try AttentionShape(query: query, key: key, value: value))
+        return try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                             outputGradient: outputGradient, keyLengths: keyLengths, threads: threads,
+                                             scale: scale) { call in
+            try backward(call.shape, scale: call.scale, threads: call.threads, q: call.q, k: call.k, v: call.v,
+                         dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV, keyLengths: keyLengths, routes: routes)
+        }
     }
 
     /// Throws unless `routes` are routes of this conformer's problem `shape`.
@@ -382,55 +379,45 @@ extension RoutingAttention: DifferentiableAttention {
         }
     }
 
-    /// The backward (see the protocol entry point), with the routes recomputed when `routes`
-    /// is `nil`.
-    private func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
-                           logSumExp: StridedView, outputGradient: StridedView,
-                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
-                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
-                           routes: RoutingRoutes?) throws {
-        let threads = try threadCount(threads)
-        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
-                                    scale: scale) { shape, scale in
-            try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
-            let (q, k, v, dO) = (query.kernel, key.kernel, value.kernel, outputGradient.kernel)
-            let (dQ, dK, dV) = (dQuery.kernel, dKey.kernel, dValue.kernel)
-            // dK, dV are sums over the clusters and the query heads of each group: start from zero.
-            for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
-                let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
-                for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
-                for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
-            } } }
-            let l = layout(shape), sizes = backwardSizes(shape)
-            let offset = causal ? shape.keyLength - shape.queryLength : nil
-            WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
-                (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
-            }) { spaces in
-                let (router, space) = spaces[0]
-                centroids.withView { c in routes.withPositions { givenQueries, givenKeys in
-                    for b in 0..<shape.batch { for h in 0..<shape.heads {
-                        let hk = h / shape.groupSize, head = b * shape.heads + h
-                        let qp: UnsafePointer<Int32>, kp: UnsafePointer<Int32>
-                        if let givenQueries, let givenKeys {
-                            (qp, kp) = (givenQueries + head * l.querySlots, givenKeys + head * l.keySlots)
-                        } else {
-                            let routed = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
-                                               b: b, h: h)
-                            (qp, kp) = (UnsafePointer(routed.0), UnsafePointer(routed.1))
-                        }
-                        ClusterBackward.addHead(
-                            sizes, space: space, queryRoutes: qp, keyRoutes: kp, causalOffset: offset,
-                            keyLength: keyLengths?[b] ?? shape.keyLength, scale: scale, threads: threads,
-                            query: PermutedBlockAttention.Rows(view: q, b: b, h: h),
-                            key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
-                            value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                            outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
-                            dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
-                    } }
+    /// The backward on the checked call's kernel views (`dQ` zero-filled), with the routes
+    /// recomputed when `routes` is `nil`.
+    private func backward(_ shape: AttentionShape, scale: Float, threads: Int, q: TensorView, k: TensorView,
+                          v: TensorView, dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView,
+                          dV: MutableTensorView, keyLengths: [Int]?, routes: RoutingRoutes?) throws {
+        try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
+        // dK, dV are sums over the clusters and the query heads of each group: start from zero.
+        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+        } } }
+        let l = layout(shape), sizes = backwardSizes(shape)
+        let offset = causal ? shape.keyLength - shape.queryLength : nil
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
+            (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
+        }) { spaces in
+            let (router, space) = spaces[0]
+            centroids.withView { c in routes.withPositions { givenQueries, givenKeys in
+                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                    let hk = h / shape.groupSize, head = b * shape.heads + h
+                    let qp: UnsafePointer<Int32>, kp: UnsafePointer<Int32>
+                    if let givenQueries, let givenKeys {
+                        (qp, kp) = (givenQueries + head * l.querySlots, givenKeys + head * l.keySlots)
+                    } else {
+                        let routed = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
+                                           b: b, h: h)
+                        (qp, kp) = (UnsafePointer(routed.0), UnsafePointer(routed.1))
+                    }
+                    ClusterBackward.addHead(
+                        sizes, space: space, queryRoutes: qp, keyRoutes: kp, causalOffset: offset,
+                        keyLength: keyLengths?[b] ?? shape.keyLength, scale: scale, threads: threads,
+                        query: PermutedBlockAttention.Rows(view: q, b: b, h: h),
+                        key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
+                        value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                        outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
+                        dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
                 } }
-            }
+            } }
         }
     }
 
