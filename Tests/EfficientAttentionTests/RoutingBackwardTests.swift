@@ -170,6 +170,9 @@ enum RoutingBackwardCases {
         RoutingBackwardCase(heads: 3, queryLength: 100, keyLength: 45, headDim: 6, clusters: 7, keyLengths: [30], seed: 8),
         RoutingBackwardCase(heads: 4, kvHeads: 1, queryLength: 40, keyLength: 120, headDim: 4, valueDim: 9, clusters: 9,
                             causal: true, seed: 9),
+        // More clusters than queries or keys: clusters of one query and one key, most
+        // queries and keys in several clusters.
+        RoutingBackwardCase(heads: 2, queryLength: 5, keyLength: 3, headDim: 3, clusters: 8, causal: true, seed: 10),
     ]
 }
 

@@ -460,6 +460,7 @@ extension RoutingAttention: DifferentiableAttention {
 /// so that the backward does not route again. Only the forward makes them: their positions
 /// are valid and ascending within each cluster by construction.
 public struct RoutingRoutes: Sendable, Equatable {
+    /// The problem they route: `B`, `H` (query heads), `K`, `Nq`, `Nk`.
     public let batch: Int, heads: Int, clusters: Int, queryLength: Int, keyLength: Int
     /// Members per cluster: `wq = ⌈Nq / K⌉` queries, `wk = ⌈Nk / K⌉` keys.
     public let queryTake: Int, keyTake: Int
