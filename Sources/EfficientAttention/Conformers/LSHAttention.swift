@@ -280,11 +280,15 @@ public struct LSHAttention: Attention {
               checkedProduct([pairs, heads]) != nil else {
             throw AttentionError.sizeOverflow("LSH scored pairs (hashes × chunk pairs × B·H) overflow Int")
         }
+        let flops = Double(heads) * 2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
+        return AttentionCost(flops: flops + hashingFlops(shape, columns: half),
+                             workspaceBytes: workspaceBytes(shape, threads: threads), scoredPairs: heads * pairs)
+    }
+
+    /// FLOPs of hashing every head's rows (twice with separate keys) in every round.
+    private func hashingFlops(_ shape: AttentionShape, columns half: Int) -> Double {
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
-        let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
-                                     + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
-        return AttentionCost(flops: flops, workspaceBytes: workspaceBytes(shape, threads: threads),
-                             scoredPairs: heads * pairs)
+        return Double(shape.batch * shape.heads) * 2 * Double(hashedRows) * Double(shape.headDim) * Double(half)
     }
 
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
@@ -364,16 +368,8 @@ public struct LSHAttention: Attention {
         let scratch = scratches[0]
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
-                scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
-                for start in stride(from: 0, to: n, by: BucketHash.rowBlock) {
-                    let count = min(BucketHash.rowBlock, n - start)
-                    scratch.hash(PermutedBlockAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
-                                 into: scratch.queryBuckets)
-                    if !sharedQK {
-                        scratch.hash(PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
-                                     count: count, worker: 0, into: scratch.keyBuckets)
-                    }
-                }
+                hashHead(scratch, rotations: rot, head: h, queries: PermutedBlockAttention.Rows(view: q, b: b, h: h),
+                         keys: PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), threads: 1)
                 for r in 0..<hashes {
                     queryBuckets += (0..<n).map { Int(scratch.queryBuckets[r * n + $0]) }
                     keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[r * n + $0]) }
@@ -384,6 +380,57 @@ public struct LSHAttention: Attention {
         return (queryBuckets, keyBuckets)
     }
 
+    /// `body` with the explicit rotations' view, or `nil` (seeded rotations, drawn per head
+    /// by ``hashHead(_:rotations:head:queries:keys:threads:)``).
+    private func withRotations(_ body: (TensorView?) -> Void) {
+        if let rotations { rotations.withView { body($0) } } else { body(nil) }
+    }
+
+    /// Head `head`'s rotations into `scratch` (packed from `rot`, or drawn from the seed),
+    /// then the buckets of every row of `queries` (and, with separate keys, of `keys`) in
+    /// every round, by blocks of rows on `threads` threads.
+    private func hashHead(_ scratch: BucketHash, rotations rot: TensorView?, head h: Int,
+                          queries: PermutedBlockAttention.Rows, keys: PermutedBlockAttention.Rows, threads: Int) {
+        let n = scratch.n, d = scratch.d, half = scratch.half, hashes = self.hashes, seed = self.seed
+        if let rot {
+            scratch.packRotations(rot, head: h, hashes: hashes, d: d)
+        } else {
+            parallelForEach(items: hashes, threads: threads) { r, _ in
+                BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
+                                          half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
+            }
+        }
+        let rowBlock = BucketHash.rowBlock, sharedQK = self.sharedQK
+        parallelForEach(items: ceilDiv(n, rowBlock), threads: threads) { item, worker in
+            let start = item * rowBlock, count = min(rowBlock, n - start)
+            scratch.hash(queries, start: start, count: count, worker: worker, into: scratch.queryBuckets)
+            if !sharedQK {
+                scratch.hash(keys, start: start, count: count, worker: worker, into: scratch.keyBuckets)
+            }
+        }
+    }
+
+    /// Round `r`'s sorted order (by bucket, then position) and the slots' buckets, of the
+    /// queries and of the keys (a copy of the queries' with shared QK).
+    private func sortRound(_ scratch: BucketHash, round r: Int, threads: Int,
+                           queryPosition: UnsafeMutablePointer<Int32>, queryBucket: UnsafeMutablePointer<Int32>,
+                           keyPosition: UnsafeMutablePointer<Int32>, keyBucket: UnsafeMutablePointer<Int32>) {
+        let n = scratch.n
+        parallelForEach(items: sharedQK ? 1 : 2, threads: threads) { side, worker in
+            if side == 0 {
+                scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
+                             positions: queryPosition, buckets: queryBucket)
+            } else {
+                scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
+                             positions: keyPosition, buckets: keyBucket)
+            }
+        }
+        if sharedQK {
+            keyPosition.update(from: queryPosition, count: n)
+            keyBucket.update(from: queryBucket, count: n)
+        }
+    }
+
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
@@ -391,17 +438,9 @@ public struct LSHAttention: Attention {
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
-        let half = BucketHash.columns(factors)
-        let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
-        let seed = self.seed, given = self.rotations
+        let n = shape.queryLength, hashes = self.hashes, sharedQK = self.sharedQK
         // Every row is written by the first round's combine: no zero fill.
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
-        let rowBlock = BucketHash.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
-
-        // Explicit rotations are read from their tensor; seeded ones are drawn per head below.
-        func withRotations(_ body: (TensorView?) -> Void) {
-            if let given { given.withView { body($0) } } else { body(nil) }
-        }
         withRotations { rot in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
@@ -414,37 +453,11 @@ public struct LSHAttention: Attention {
                 let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
                 let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
-                if let rot {
-                    scratch.packRotations(rot, head: h, hashes: hashes, d: d)
-                } else {
-                    parallelForEach(items: hashes, threads: inner) { r, _ in
-                        BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
-                                                  half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
-                    }
-                }
-                // Hash by blocks of rows, every round.
-                parallelForEach(items: rowBlocks, threads: inner) { item, worker in
-                    let start = item * rowBlock, count = min(rowBlock, n - start)
-                    scratch.hash(queries, start: start, count: count, worker: worker, into: scratch.queryBuckets)
-                    if !sharedQK {
-                        scratch.hash(keys, start: start, count: count, worker: worker, into: scratch.keyBuckets)
-                    }
-                }
+                hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: inner)
                 for r in 0..<hashes {
                     // Sort by (bucket, position), then attend and merge this round.
-                    parallelForEach(items: sharedQK ? 1 : 2, threads: inner) { side, worker in
-                        if side == 0 {
-                            scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
-                                         positions: space.queryPosition, buckets: space.queryBucket)
-                        } else {
-                            scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
-                                         positions: space.keyPosition, buckets: space.keyBucket)
-                        }
-                    }
-                    if sharedQK {
-                        space.keyPosition.update(from: space.queryPosition, count: n)
-                        space.keyBucket.update(from: space.queryBucket, count: n)
-                    }
+                    sortRound(scratch, round: r, threads: inner, queryPosition: space.queryPosition,
+                              queryBucket: space.queryBucket, keyPosition: space.keyPosition, keyBucket: space.keyBucket)
                     PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
                         query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
@@ -453,5 +466,124 @@ public struct LSHAttention: Attention {
             }
         }
         }
+    }
+}
+
+// MARK: - Backward
+
+extension LSHAttention: DifferentiableAttention {
+    /// The gradients through the forward with its buckets held fixed (KernelDocs/LSH.md,
+    /// "Backward"): the buckets and sorted orders are recomputed from the same rotations
+    /// (seeded or explicit), and each round's sorted slots run the flash backward
+    /// (``LSHBackward``, ``TiledSoftmaxBackward``) with the probabilities of the merged
+    /// log-sum-exp, their gradients added back to the original rows round after round. A
+    /// pair seen in several rounds counts as often as the forward counts it.
+    ///
+    /// ```
+    /// // naive reference, for each b, h (hk = h / (H / Hkv)), with the forward's rounds
+    /// // (visible pairs (r, i, j), the self rule's pairs included) and k_j = q_j / |q_j|
+    /// // (shared QK) or the given keys:
+    /// P[r, i, j] = exp(scale · q_i · k_j − lse_i)          (lse, o: the forward's merged rows)
+    /// dS[r, i, j] = P[r, i, j] · (dO_i · v_j − dO_i · o_i)
+    /// dQ[i]   += scale · dS · k_j,   dk_j += scale · dS · q_i,   dV[hk, j] += P · dO_i
+    /// shared QK:  dQ[j] += (dk_j − k_j (k_j · dk_j)) / |q_j|   (0 for a zero row; dK = 0)
+    /// else:       dK[hk, j] += dk_j
+    /// ```
+    /// A query under the self rule (`o_i = v_i`) gives `dV[hk, i] += dO_i` and nothing else.
+    ///
+    /// - Complexity: per head and round, the flash backward on the round's `N` slots (the
+    ///   forward's pairs, `6·D + 4·Dv` FLOPs each; the cost model counts `2.5 ×` the
+    ///   forward's attention FLOPs) and the hashing once more; heads one after another,
+    ///   every phase on all threads; workspace O(N · (D + Dv)) for the head in flight plus
+    ///   the hashing scratch and the flash backward's per-thread buffers
+    ///   (``backwardCost(_:threads:)``), nothing of order `N²`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let threads = try threadCount(threads)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
+            let (q, k, v, o, l, dO) = (query.kernel, key.kernel, value.kernel, output.kernel, logSumExp.kernel,
+                                       outputGradient.kernel)
+            let (dQ, dK, dV) = (dQuery.kernel, dKey.kernel, dValue.kernel)
+            // dK, dV are sums over the rounds and the query heads of each group: start from zero.
+            for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+                let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+                for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+                for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+            } } }
+            let (layout, factors) = plan(shape)
+            let n = shape.queryLength, sharedQK = self.sharedQK
+            WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
+                backwardLayout(&carver, shape, factors: factors, threads: threads)
+            }) { spaces in
+                let (scratch, space) = spaces[0]
+                let mask = space.mask(blockSize: bucketSize, visibility: layout.visibility)
+                withRotations { rot in
+                    for b in 0..<shape.batch { for h in 0..<shape.heads {
+                        let hk = h / shape.groupSize, keyLength = keyLengths?[b] ?? n
+                        let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
+                        let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
+                        let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
+                        hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: threads)
+                        space.seen.update(repeating: 0, count: n)
+                        for r in 0..<hashes {
+                            sortRound(scratch, round: r, threads: threads, queryPosition: space.queryPosition,
+                                      queryBucket: space.queryBucket, keyPosition: space.keyPosition,
+                                      keyBucket: space.keyBucket)
+                            LSHBackward.prepareRound(space, blockSize: bucketSize, keyLength: keyLength)
+                            LSHBackward.addRound(
+                                space, mask: mask, sharedKeys: sharedQK, scale: scale, threads: threads,
+                                query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                                output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
+                                logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
+                                outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                            if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
+                        }
+                        // The self rule: o_i = v_i for a valid query that saw no other key.
+                        guard sharedQK else { continue }
+                        for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
+                            LSHBackward.add(outputGradients.row(i), sourceStride: dO.strides[3],
+                                            to: dV.row(b, hk, i), stride: dV.strides[3], count: shape.valueDim)
+                        }
+                    } }
+                }
+            }
+        }
+    }
+
+    /// FLOPs: `2.5 ×` the forward's attention FLOPs plus its hashing once more; workspace:
+    /// the hashing scratch, one head's gathered round and its gradients, and the flash
+    /// backward's per-thread buffers on a round.
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let forward = try cost(shape, threads: threads)
+        let hashing = hashingFlops(shape, columns: BucketHash.columns(plan(shape).factors))
+        let bytes = backwardWorkspaceBytes(shape, threads: threads)
+        try checkAllocation(bytes: bytes, option: "LSH backward workspace")
+        return AttentionCost(flops: 2.5 * (forward.flops - hashing) + hashing, workspaceBytes: bytes,
+                             scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward's arena: the hashing scratch for `threads` workers and one head's round.
+    private func backwardLayout(_ carver: inout WorkspaceCarver, _ shape: AttentionShape, factors: [Int],
+                                threads: Int) -> (BucketHash, LSHBackward.Workspace) {
+        (BucketHash(carving: &carver, shape, hashes: hashes, factors: factors, workers: threads),
+         LSHBackward.Workspace(carving: &carver, length: shape.queryLength, headDim: shape.headDim,
+                               valueDim: shape.valueDim))
+    }
+
+    /// The backward's arena and the flash backward's workspace taken inside it.
+    private func backwardWorkspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let factors = plan(shape).factors
+        let arena = WorkspaceCarver.bytes { _ = backwardLayout(&$0, shape, factors: factors, threads: threads) }
+        let round = AttentionShape(batch: 1, heads: 1, queryLength: shape.queryLength, keyLength: shape.queryLength,
+                                   headDim: shape.headDim, valueDim: shape.valueDim)
+        return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1)
+            + TiledSoftmaxBackward.workspaceBytes(shape: round, threads: threads, mask: PermutedRoundMask.self)
     }
 }
