@@ -1,7 +1,9 @@
 // Longer than the 250 lines a conformer aims at: LSH has ten parameters (bucket size,
 // rounds, buckets or bucket factors, explicit rotations, shared QK, buckets crossed,
-// causal, scale, seed) whose validation and documented reference take most of the file;
-// the hashing and sorting live in Kernels/BucketHash.swift.
+// causal, scale, seed) whose validation and documented reference take most of the file,
+// and the backward's conformance (one file per conformer) plans with the same hashing;
+// the hashing and sorting live in Kernels/BucketHash.swift, the backward's gather and
+// scatter in Kernels/LSHBackward.swift.
 
 /// Reformer attention (Kitaev et al. 2020): angular locality-sensitive hashing sorts the
 /// positions into buckets; each chunk of the sorted order attends to itself and to the
