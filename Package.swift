@@ -38,7 +38,7 @@ let package = Package(
         // Counts the process's heap allocations (malloc interposed on glibc) for the
         // benchmark's allocations-per-call column and the zero-allocation tests; never
         // part of the library.
-        .target(name: "CAllocationCounter", path: "Benchmarks/CAllocationCounter"),
+        .target(name: "CAllocationCounter", dependencies: ["CEfficientAttention"], path: "Benchmarks/CAllocationCounter"),
         .target(
             name: "AttentionBenchCore",
             dependencies: ["EfficientAttention", "CMallocInfo", "CAllocationCounter"],

@@ -25,6 +25,17 @@ public enum AllocationCounter {
         return (result, threadCount - before)
     }
 
+    /// Runs `body` and returns its result and the allocations the calling thread and the
+    /// library's worker threads made meanwhile: exact for a call on several threads when no
+    /// other thread runs a parallel loop of the library meanwhile (the workers serve one
+    /// loop at a time; a loop of another thread adds its workers' allocations).
+    public static func countingOnThisThreadAndWorkers<R>(_ body: () throws -> R) rethrows
+        -> (result: R, allocations: Int) {
+        let before = threadCount + ea_pool_allocation_count()
+        let result = try body()
+        return (result, threadCount + ea_pool_allocation_count() - before)
+    }
+
     /// Runs `body` and returns its result and the allocations made meanwhile.
     public static func counting<R>(_ body: () throws -> R) rethrows -> (result: R, allocations: Int) {
         let before = count

@@ -1,4 +1,5 @@
 #include "CAllocationCounter.h"
+#include "CEfficientAttention.h"
 
 // Any libc header defines __GLIBC__ on glibc.
 #include <errno.h>
@@ -14,10 +15,12 @@ extern void *__libc_memalign(size_t alignment, size_t size);
 
 static _Atomic long allocations;
 static _Thread_local long thread_allocations;
+static _Atomic long pool_allocations;
 
 static inline void count_one(void) {
     atomic_fetch_add_explicit(&allocations, 1, memory_order_relaxed);
     thread_allocations += 1;
+    if (ea_on_pool_thread()) atomic_fetch_add_explicit(&pool_allocations, 1, memory_order_relaxed);
 }
 
 void *malloc(size_t size) {
@@ -61,6 +64,8 @@ long ea_allocation_count(void) {
 
 long ea_thread_allocation_count(void) { return thread_allocations; }
 
+long ea_pool_allocation_count(void) { return atomic_load_explicit(&pool_allocations, memory_order_relaxed); }
+
 int ea_allocation_counting_supported(void) { return 1; }
 
 #else
@@ -68,6 +73,8 @@ int ea_allocation_counting_supported(void) { return 1; }
 long ea_allocation_count(void) { return 0; }
 
 long ea_thread_allocation_count(void) { return 0; }
+
+long ea_pool_allocation_count(void) { return 0; }
 
 int ea_allocation_counting_supported(void) { return 0; }
 

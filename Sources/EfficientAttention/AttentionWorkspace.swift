@@ -1,3 +1,4 @@
+import CEfficientAttention
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -30,7 +31,7 @@ public final class AttentionWorkspace: @unchecked Sendable {
     public let byteCount: Int
     private let block: UnsafeMutableRawPointer
     /// Bytes in use by the scopes of the current call (a stack).
-    private var top = 0
+    fileprivate private(set) var top = 0
     private let lock = NSLock()
 
     /// A workspace of `byteCount` bytes (at least 0, at most ``maxAllocationBytes``).
@@ -109,18 +110,75 @@ private let currentWorkspaceKey: pthread_key_t = {
 }()
 
 /// Runs `body` with `byteCount` bytes of 64-byte aligned scratch memory: from the
-/// ``AttentionWorkspace`` of the call running on this thread when it has room, else
-/// allocated for the duration of `body`. Scopes nest (a stack). Uninitialised.
+/// ``AttentionWorkspace`` of the call running on this thread when it has room (on one of
+/// the library's worker threads, from that thread's own kept scratch), else allocated for
+/// the duration of `body`. Scopes nest (a stack). Uninitialised.
 func withScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
-    if let workspace = AttentionWorkspace.current, let pointer = workspace.push(byteCount) {
+    if let workspace = AttentionWorkspace.current ?? PoolThreadScratch.workspace(forScopeOf: byteCount),
+       let pointer = workspace.push(byteCount) {
         defer { workspace.pop(pointer) }
         return try body(pointer)
     }
+    PoolThreadScratch.missed(byteCount)
     let pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, WorkspaceCarver.alignment),
                                                    alignment: WorkspaceCarver.alignment)
     defer { pointer.deallocate() }
     return try body(pointer)
 }
+
+/// The scratch of one of the library's kept worker threads (Parallel.swift), for the
+/// scopes a parallel loop's body opens there: the caller's workspace belongs to the
+/// calling thread, so without this a call with a workspace would allocate on the workers.
+/// Grown, when no scope is open, to the most the thread's scopes have needed (at most
+/// ``capBytes``; larger scopes allocate), so steady-state calls allocate nothing.
+private final class PoolThreadScratch {
+    /// The most a worker thread keeps.
+    static let capBytes = 64 << 20
+
+    var workspace: AttentionWorkspace?
+    /// The most the open scopes have needed at once.
+    var wanted = 0
+
+    /// The calling thread's, if it is one of the library's worker threads.
+    static var current: PoolThreadScratch? {
+        guard ea_on_pool_thread() != 0 else { return nil }
+        if let raw = pthread_getspecific(poolScratchKey) {
+            return Unmanaged<PoolThreadScratch>.fromOpaque(raw).takeUnretainedValue()
+        }
+        let scratch = PoolThreadScratch()
+        pthread_setspecific(poolScratchKey, Unmanaged.passRetained(scratch).toOpaque())
+        return scratch
+    }
+
+    /// The worker thread's scratch for a scope of `byteCount` bytes (grown first when no
+    /// scope is open); nil off the worker threads.
+    static func workspace(forScopeOf byteCount: Int) -> AttentionWorkspace? {
+        guard let scratch = current else { return nil }
+        let open = scratch.workspace?.top ?? 0
+        scratch.wanted = max(scratch.wanted, open + roundUp(byteCount, WorkspaceCarver.alignment))
+        if open == 0, scratch.wanted > (scratch.workspace?.byteCount ?? 0), scratch.wanted <= capBytes {
+            scratch.workspace = nil
+            scratch.workspace = try? AttentionWorkspace(byteCount: scratch.wanted)
+        }
+        return scratch.workspace
+    }
+
+    /// Records a scope that did not fit (nothing off the worker threads).
+    static func missed(_ byteCount: Int) {
+        guard let scratch = current else { return }
+        let open = scratch.workspace?.top ?? 0
+        scratch.wanted = max(scratch.wanted, open + roundUp(byteCount, WorkspaceCarver.alignment))
+    }
+}
+
+/// The thread-specific slot holding a worker thread's ``PoolThreadScratch`` (kept for the
+/// thread's life: the library's worker threads never end).
+private let poolScratchKey: pthread_key_t = {
+    var key = pthread_key_t()
+    let status = pthread_key_create(&key, nil)
+    precondition(status == 0, "pthread_key_create failed (\(status))")
+    return key
+}()
 
 /// Bytes of a log-sum-exp buffer for `shape` (`[B, H, Nq]` floats, rounded up to 64): the
 /// scratch a call takes when the caller does not ask for the log-sum-exp.

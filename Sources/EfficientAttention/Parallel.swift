@@ -1,4 +1,3 @@
-import Dispatch
 import Foundation
 
 /// The thread count used when a call passes `threads: nil`: every active processor.
@@ -18,29 +17,19 @@ func parallelForEach(items: Int, threads: Int, _ body: (_ item: Int, _ worker: I
         for item in 0..<items { body(item, 0) }
         return
     }
-    // The job (the next item and `body`) lives on the caller's stack and the pool is
-    // entered through libdispatch's C function, which boxes nothing; the one allocation
-    // left is the 32-byte escape check of `withoutActuallyEscaping` (Swift cannot store a
-    // non-escaping closure otherwise). Single-threaded calls allocate nothing.
-    withoutActuallyEscaping(body) { body in
-        var job = ParallelJob(body: body, items: items)
-        withUnsafeMutablePointer(to: &job) { job in
-            ea_parallel_apply(workers, job) { context, worker in
-                let job = context!.assumingMemoryBound(to: ParallelJob.self)
-                let next = job.pointer(to: \.next)!
-                while case let item = ea_next_item(next), item < job.pointee.items {
-                    job.pointee.body(item, worker)
-                }
-            }
-        }
-    }
+    // The caller's closure goes to C as it is (function and context, see
+    // `ea_parallel_for_each` in shim.c); the job lives on the caller's stack and runs on
+    // the caller and the library's kept worker threads: a parallel loop allocates nothing.
+    eaParallelForEach(items, workers, body)
 }
 
-/// One parallel loop: the items, the next item to hand out, and the body.
-private struct ParallelJob {
-    let body: (_ item: Int, _ worker: Int) -> Void
-    let items: Int
-    var next = 0
-}
-
-import CEfficientAttention
+/// shim.c's `ea_parallel_for_each`: `body(item, worker)` for every `item < items` on the
+/// calling thread and `workers − 1` kept worker threads (libdispatch's pool when another
+/// loop holds them), items handed out in order from a shared counter. Declared by
+/// its symbol: C receives the non-escaping closure as its two words (function, context)
+/// under the Swift calling convention (`swiftcall`, the context in `swift_context`) and
+/// calls it there; Swift has no other way to hand a non-escaping
+/// closure to another thread without boxing it (`withoutActuallyEscaping` allocates its
+/// escape check).
+@_silgen_name("ea_parallel_for_each")
+private func eaParallelForEach(_ items: Int, _ workers: Int, _ body: (_ item: Int, _ worker: Int) -> Void)

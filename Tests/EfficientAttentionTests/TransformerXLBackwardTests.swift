@@ -79,30 +79,6 @@ func maxErrorAndMagnitude(_ x: [Float], _ y: [Double]) -> (Double, Double) {
     zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
 }
 
-/// `attention`'s gradients through the view entry point: inputs and gradients as strided
-/// NaN-padded views, a workspace of exactly the backward cost for 3 threads (`workspaceShort`
-/// makes it one byte short).
-func viewPathGradients(_ attention: some DifferentiableAttention, shape: AttentionShape, q: Tensor, k: Tensor,
-                       v: Tensor, result: AttentionResult, dO: Tensor, keyLengths: [Int]?,
-                       workspaceShort: Bool = false) throws -> AttentionGradients {
-    let bytes = try attention.backwardCost(shape, threads: 3).workspaceBytes - (workspaceShort ? 1 : 0)
-    let workspace = try AttentionWorkspace(byteCount: bytes)
-    var dq = try embeddedInNaN(try Tensor(shape: q.shape, repeating: 12345), innerStride: 2)
-    var dk = try embeddedInNaN(try Tensor(shape: k.shape, repeating: 12345))
-    var dv = try embeddedInNaN(try Tensor(shape: v.shape, repeating: 12345), innerStride: 3)
-    let (eq, ek, ev) = (try embeddedInNaN(q, innerStride: 2), try embeddedInNaN(k), try embeddedInNaN(v, innerStride: 2))
-    let (eo, el, eg) = (try embeddedInNaN(result.output), try embeddedInNaN(result.logSumExp),
-                        try embeddedInNaN(dO, innerStride: 2))
-    try eq.withStridedView { qv in try ek.withStridedView { kv in try ev.withStridedView { vv in
-    try eo.withStridedView { ov in try el.withStridedView { lv in try eg.withStridedView { gv in
-    try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-        try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
-                                dQuery: dQ, dKey: dK, dValue: dV, keyLengths: keyLengths,
-                                workspace: workspace, threads: 3)
-    } } } } } } } } }
-    return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
-}
-
 /// Misshapen `output`, `logSumExp` or `outputGradient` throw naming it, and a workspace one
 /// byte short of the backward cost throws naming the workspace.
 func expectBadGradientInputsThrow(_ attention: some DifferentiableAttention, shape: AttentionShape, q: Tensor,

@@ -16,6 +16,10 @@ long ea_allocation_count(void);
 /// Allocations made by the calling thread so far (0 where counting is unsupported).
 long ea_thread_allocation_count(void);
 
+/// Allocations made so far by the library's kept worker threads (EfficientAttention's
+/// parallel loops; 0 where counting is unsupported).
+long ea_pool_allocation_count(void);
+
 /// 1 where allocations are counted (Linux, glibc), else 0.
 int ea_allocation_counting_supported(void);
 

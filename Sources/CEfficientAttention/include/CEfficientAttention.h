@@ -11,14 +11,8 @@ static inline void ea_prefetch_read(const void *p) { __builtin_prefetch(p, 0, 3)
 /// (`prefetchw` on x86-64 where available, `prfm pstl1keep` on arm64). Never faults.
 static inline void ea_prefetch_write(const void *p) { __builtin_prefetch(p, 1, 3); }
 
-/// Adds 1 to `*counter` atomically and returns the value before (relaxed ordering: the
-/// work items a counter hands out are synchronised by the pool's completion barrier).
-static inline long ea_next_item(long *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
-
-/// Runs `work(context, i)` for every `i < iterations` on libdispatch's thread pool
-/// (`dispatch_apply_f`) and returns when every call has. Unlike Swift's
-/// `DispatchQueue.concurrentPerform`, it boxes nothing: the context is the caller's.
-void ea_parallel_apply(long iterations, void *context, void (*work)(void *, long));
+/// 1 on one of the library's kept worker threads (shim.c's pool), else 0.
+int ea_on_pool_thread(void);
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>

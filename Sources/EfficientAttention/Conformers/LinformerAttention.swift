@@ -278,29 +278,21 @@ extension LinformerAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, parameters: LinformerParameterGradients) {
-        let s = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
-                                        logSumExp: result.logSumExp, outputGradient: outputGradient,
-                                        keyLengths: keyLengths, threads: threads, scale: scale)
-        let shape = s.shape, scale = s.scale
-        let threads = try threadCount(threads)
-        var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
-        var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
-        var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])
-        var de = [Float](repeating: 0, count: e.count), df = [Float](repeating: 0, count: e.count)
-        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
-        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
-        try outputGradient.withStridedView { g in
-        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
-        de.withUnsafeMutableBufferPointer { de in df.withUnsafeMutableBufferPointer { df in
-            backward(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
-                     q: q.kernel, k: k.kernel, v: v.kernel, o: o.kernel, lse: l.kernel, dO: g.kernel,
-                     dQ: dQ.kernel, dK: dK.kernel, dV: dV.kernel,
-                     parameters: (de.baseAddress!, df.baseAddress!))
-        } }
-        } } } } } } } } }
+        var de = [Float](), df = [Float]()
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { c in
+            // Allocated after the call's checks.
+            de = [Float](repeating: 0, count: e.count)
+            df = [Float](repeating: 0, count: e.count)
+            de.withUnsafeMutableBufferPointer { de in df.withUnsafeMutableBufferPointer { df in
+                backward(shape: c.shape, scale: c.scale, threads: c.threads, keyLengths: keyLengths,
+                         q: c.q, k: c.k, v: c.v, o: c.o, lse: c.lse, dO: c.dO, dQ: c.dQ, dK: c.dK, dV: c.dV,
+                         parameters: (de.baseAddress!, df.baseAddress!))
+            } }
+        }
         if f == nil { for n in de.indices { de[n] += df[n] } }
-        return (AttentionGradients(dQuery: dq, dKey: dk, dValue: dv),
-                LinformerParameterGradients(e: de, f: f == nil ? nil : df))
+        return (inputs, LinformerParameterGradients(e: de, f: f == nil ? nil : df))
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

@@ -25,7 +25,9 @@
 /// (routing scores a GEMM on the micro-kernel, the top-w by ``TopKSelection``),
 /// ``PermutedBlockAttention`` gathers them and each cluster attends with the tiled softmax kernel
 /// (a query tile per cluster, the cluster's keys as key tiles, no masking unless causal or
-/// padded); ``SphericalKMeans`` updates the centroids.
+/// padded); ``SphericalKMeans`` updates the centroids. The backward (``DifferentiableAttention``,
+/// routes held fixed) runs each cluster's gathered rows through ``TiledSoftmaxBackward``
+/// (``ClusterBackward``; KernelDocs/Routing.md, "Backward").
 ///
 /// - Complexity: per head, `K · wq · wk · 2 · (D + Dv)` FLOPs of attention (about
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
@@ -205,6 +207,44 @@ public struct RoutingAttention: Attention {
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                   keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+    }
+
+    /// The forward that also hands back its routes, for
+    /// ``gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``: the
+    /// same result as ``Attention/attend(query:key:value:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Complexity: the forward's, plus copying `B · H · K · (wq + wk)` positions.
+    public func attendReturningRoutes(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]? = nil,
+                                      threads: Int? = nil) throws -> (result: AttentionResult, routes: RoutingRoutes) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let l = layout(shape)
+        let heads = shape.batch * shape.heads
+        try checkAllocation(bytes: checkedProduct([heads, l.querySlots + l.keySlots, 4]), option: "routing routes")
+        var queryRoutes = [Int32](repeating: 0, count: heads * l.querySlots)
+        var keyRoutes = [Int32](repeating: 0, count: heads * l.keySlots)
+        let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
+            try keyRoutes.withUnsafeMutableBufferPointer { kr in
+                try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
+                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                               workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress!))
+                }
+            }
+        }
+        return (result, RoutingRoutes(batch: shape.batch, heads: shape.heads, clusters: clusterCount,
+                                      queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                      queryTake: l.queryBlockSize, keyTake: l.keyBlockSize,
+                                      query: queryRoutes, key: keyRoutes))
+    }
+
+    /// The forward, copying each head's slot positions to `routes` (head `b · H + h` at
+    /// `(b · H + h) · K · w`) when given.
+    private func attend(query: StridedView, key: StridedView, value: StridedView,
+                        output: MutableStridedView, logSumExp: MutableStridedView?,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                        routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
@@ -220,7 +260,13 @@ public struct RoutingAttention: Attention {
                 bytesPerHead: headBytes(shape, l),
                 makeScratch: { ClusterRouter(carving: &$0, sizes(shape), workers: $1) }
             ) { b, h, inner, space, router in
-                _ = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h, into: space)
+                let (qp, kp) = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h,
+                                     into: space)
+                if let routes {
+                    let head = b * shape.heads + h
+                    (routes.query + head * l.querySlots).update(from: qp, count: l.querySlots)
+                    (routes.key + head * l.keySlots).update(from: kp, count: l.keySlots)
+                }
                 let hk = h / shape.groupSize
                 PermutedBlockAttention.attendRound(
                     l, round: 0, space: space, scale: scale, threads: inner,
@@ -256,5 +302,192 @@ public struct RoutingAttention: Attention {
             }
         }
         centroids = updated
+    }
+}
+
+// MARK: - Backward
+
+extension RoutingAttention: DifferentiableAttention {
+    /// The gradients through the forward with its routes held fixed (KernelDocs/Routing.md,
+    /// "Backward"): the clusters' members are recomputed from the centroids, each cluster's
+    /// gathered rows run the flash backward (``ClusterBackward``, ``TiledSoftmaxBackward``),
+    /// and the gathered gradients are added to the original rows in cluster order. The
+    /// centroids are state (``updateCentroids(query:key:)``), not differentiated.
+    ///
+    /// ```
+    /// // naive reference, for each b, query head h (hk = h / (H / Hkv)), routes Q_c, K_c of the forward:
+    /// for c, i in Q_c with visible keys J_c(i) (j ∈ K_c, j < keyLengths[b], causal: j <= i + Nk − Nq):
+    ///     u_i   = #{c : i ∈ Q_c, J_c(i) non-empty}              (the forward's mean is over these)
+    ///     P[j]  = softmax_j(scale · q_i · k_j) over J_c(i),  o_c = Σ_j P[j] v_j   (recomputed per cluster)
+    ///     g     = dO_i / u_i,  dP[j] = g · v_j,  D = g · o_c,  dS[j] = P[j] · (dP[j] − D)
+    ///     dQ[i] += scale · Σ_j dS[j] k_j
+    ///     dK[j] += scale · dS[j] q_i,  dV[j] += P[j] g           (clusters in order, then heads of the group)
+    /// ```
+    ///
+    /// `output` and `logSumExp` are checked but not read: the forward's mean and merged
+    /// log-sum-exp do not give back the per-cluster outputs and log-sum-exps the backward
+    /// needs, so they are recomputed (one forward of the clusters).
+    ///
+    /// - Complexity: per head, `K · wq · wk · (8·D + 6·Dv)` FLOPs (the flash backward's
+    ///   `6·D + 4·Dv` plus the recomputed forward's `2·(D + Dv)` per pair) plus the routing's
+    ///   `2 · (Nq + Nk) · K · D`; heads one after another, every phase on all threads;
+    ///   workspace O((Nq + Nk) · (D + Dv)) for the head in flight, plus the router's and the
+    ///   tiled kernels' scratch.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let threads = try threadCount(threads)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            try backward(shape, scale: scale, threads: threads, q: query.kernel, k: key.kernel, v: value.kernel,
+                         dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                         keyLengths: keyLengths, routes: nil)
+        }
+    }
+
+    /// The gradients with the routes the forward handed back
+    /// (``attendReturningRoutes(query:key:value:keyLengths:threads:)``) instead of
+    /// recomputing them: the same gradients bit for bit when they are that call's routes
+    /// (otherwise the gradients of the forward with the given routes).
+    ///
+    /// - Throws: what ``gradients(query:key:value:output:logSumExp:outputGradient:keyLengths:threads:)``
+    ///   throws, and ``AttentionError/shapeMismatch(_:)`` naming `routes` when they belong to
+    ///   another problem (batch, heads, clusters or lengths).
+    /// - Complexity: the backward's, without the routing's `2 · (Nq + Nk) · K · D` FLOPs per head.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+                          routes: RoutingRoutes, keyLengths: [Int]? = nil,
+                          threads: Int? = nil) throws -> AttentionGradients {
+        try check(routes, try AttentionShape(query: query, key: key, value: value))
+        return try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                             outputGradient: outputGradient, keyLengths: keyLengths, threads: threads,
+                                             scale: scale) { call in
+            try backward(call.shape, scale: call.scale, threads: call.threads, q: call.q, k: call.k, v: call.v,
+                         dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV, keyLengths: keyLengths, routes: routes)
+        }
+    }
+
+    /// Throws unless `routes` are routes of this conformer's problem `shape`.
+    private func check(_ routes: RoutingRoutes, _ shape: AttentionShape) throws {
+        let theirs = [routes.batch, routes.heads, routes.clusters, routes.queryLength, routes.keyLength]
+        let ours = [shape.batch, shape.heads, clusterCount, shape.queryLength, shape.keyLength]
+        guard theirs == ours else {
+            throw AttentionError.shapeMismatch(
+                "routes are of [B, H, K, Nq, Nk] = \(theirs), this problem's are \(ours)")
+        }
+    }
+
+    /// The backward on the checked call's kernel views (`dQ` zero-filled), with the routes
+    /// recomputed when `routes` is `nil`.
+    private func backward(_ shape: AttentionShape, scale: Float, threads: Int, q: TensorView, k: TensorView,
+                          v: TensorView, dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView,
+                          dV: MutableTensorView, keyLengths: [Int]?, routes: RoutingRoutes?) throws {
+        try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
+        // dK, dV are sums over the clusters and the query heads of each group: start from zero.
+        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+        } } }
+        let l = layout(shape), sizes = backwardSizes(shape)
+        let offset = causal ? shape.keyLength - shape.queryLength : nil
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
+            (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
+        }) { spaces in
+            let (router, space) = spaces[0]
+            centroids.withView { c in routes.withPositions { givenQueries, givenKeys in
+                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                    let hk = h / shape.groupSize, head = b * shape.heads + h
+                    let qp: UnsafePointer<Int32>, kp: UnsafePointer<Int32>
+                    if let givenQueries, let givenKeys {
+                        (qp, kp) = (givenQueries + head * l.querySlots, givenKeys + head * l.keySlots)
+                    } else {
+                        let routed = route(l, router: router, shape: shape, threads: threads, q: q, k: k, c: c,
+                                           b: b, h: h)
+                        (qp, kp) = (UnsafePointer(routed.0), UnsafePointer(routed.1))
+                    }
+                    ClusterBackward.addHead(
+                        sizes, space: space, queryRoutes: qp, keyRoutes: kp, causalOffset: offset,
+                        keyLength: keyLengths?[b] ?? shape.keyLength, scale: scale, threads: threads,
+                        query: PermutedBlockAttention.Rows(view: q, b: b, h: h),
+                        key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
+                        value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                        outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
+                        dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                } }
+            } }
+        }
+    }
+
+    /// FLOPs: `3.5 ×` the forward's attention FLOPs (the flash backward's conventional
+    /// `2.5 ×` and the recomputed per-cluster forward) plus the routing's once; workspace:
+    /// the router, one head's gathered rows and gradients, and the larger of the tiled
+    /// kernels' workspaces.
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let forward = try cost(shape, threads: threads)
+        let heads = Double(shape.batch * shape.heads)
+        let routing = heads * 2 * Double(shape.queryLength + shape.keyLength) * Double(clusterCount * shape.headDim)
+        let bytes = backwardWorkspaceBytes(shape, threads: threads)
+        try checkAllocation(bytes: bytes, option: "routing backward workspace")
+        return AttentionCost(flops: 3.5 * (forward.flops - routing) + routing, workspaceBytes: bytes,
+                             scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward's problem of one head.
+    private func backwardSizes(_ shape: AttentionShape) -> ClusterBackward.Sizes {
+        ClusterBackward.Sizes(router: sizes(shape), valueDim: shape.valueDim)
+    }
+
+    /// The arena of ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``
+    /// (a router for `threads` workers and one head's buffers) and the tiled kernels' scratch
+    /// taken inside it.
+    private func backwardWorkspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let sizes = backwardSizes(shape)
+        let arena = WorkspaceCarver.bytes {
+            _ = ClusterRouter(carving: &$0, sizes.router, workers: threads)
+            _ = ClusterBackward.Workspace(carving: &$0, sizes)
+        }
+        return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1) + ClusterBackward.kernelBytes(sizes, threads: threads)
+    }
+}
+
+/// The cluster members of one routing forward
+/// (``RoutingAttention/attendReturningRoutes(query:key:value:keyLengths:threads:)``), to hand
+/// to ``RoutingAttention/gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``
+/// so that the backward does not route again. Only the forward makes them: their positions
+/// are valid and ascending within each cluster by construction.
+public struct RoutingRoutes: Sendable, Equatable {
+    /// The problem they route: `B`, `H` (query heads), `K`, `Nq`, `Nk`.
+    public let batch: Int, heads: Int, clusters: Int, queryLength: Int, keyLength: Int
+    /// Members per cluster: `wq = ⌈Nq / K⌉` queries, `wk = ⌈Nk / K⌉` keys.
+    public let queryTake: Int, keyTake: Int
+    /// `query[((b · H + h) · K + c) · wq + n]`: the `n`-th query of cluster `c` of head `(b, h)`.
+    let query: [Int32]
+    let key: [Int32]
+
+    /// The query positions of cluster `cluster` of head `(batch, head)`, ascending (the
+    /// lists of ``RoutingAttention/routes(query:key:)``).
+    public func queries(batch b: Int, head h: Int, cluster c: Int) -> [Int] {
+        let start = ((b * heads + h) * clusters + c) * queryTake
+        return query[start..<(start + queryTake)].map { Int($0) }
+    }
+
+    /// The key positions of cluster `cluster` of head `(batch, head)`, ascending.
+    public func keys(batch b: Int, head h: Int, cluster c: Int) -> [Int] {
+        let start = ((b * heads + h) * clusters + c) * keyTake
+        return key[start..<(start + keyTake)].map { Int($0) }
+    }
+}
+
+extension Optional where Wrapped == RoutingRoutes {
+    /// `body` with the query and key positions of the routes (`nil` without routes).
+    func withPositions<R>(_ body: (UnsafePointer<Int32>?, UnsafePointer<Int32>?) -> R) -> R {
+        guard let routes = self else { return body(nil, nil) }
+        return routes.query.withUnsafeBufferPointer { q in
+            routes.key.withUnsafeBufferPointer { k in body(q.baseAddress, k.baseAddress) }
+        }
     }
 }

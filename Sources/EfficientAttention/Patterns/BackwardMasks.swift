@@ -112,27 +112,19 @@ extension StridedColumnMask: TransposedTileMask {
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
         let l = stride
         precondition(keys.step == l, "strided column masks list key blocks of one residue class")
-        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
-        guard !kept.isEmpty else { return }
-        let valid = PositionRun(start: keys.start, count: kept.count, step: l)
-        // The queries of the class: i = residue + a · l, a < members.
-        let residue = positiveModulo(valid.start - offset, l)
-        guard residue < n else { return }
-        let members = ceilDiv(n - residue, l), perClass = ceilDiv(ceilDiv(n, l), br)   // the partition's tiles per class
-        let firstMember = causal ? max(0, -floorDiv(residue - (valid.start + l - offset), l)) : 0
-        guard firstMember < members else { return }
-        for part in (firstMember / br)...((members - 1) / br) {
-            let queries = queryPartition.tile(residue * perClass + part, queryLength: n, tileSize: br)
+        forEachClassQueryTile(seeing: keys, keyEnd: keyEnd, offset: offset, partition: queryPartition,
+                              queryLength: n, queryTile: br) { valid, residue, members in
+            let first = causal ? max(0, -floorDiv(residue - (valid.start + l - offset), l)) : 0
+            return first < members ? first...(members - 1) : nil
+        } _: { index, queries, valid in
             let firstP = queries.start + offset, lastP = queries.last + offset
             if causal {
                 let seen = runIndices(valid, from: valid.start, through: lastP - l)
-                guard !seen.isEmpty else { continue }
+                guard !seen.isEmpty else { return }
                 let tileKeys = PositionRun(start: valid.start, count: seen.count, step: l)
-                body(residue * perClass + part, queries,
-                     KeyTile(keys: tileKeys, fullyVisible: tileKeys.last <= firstP - l))
+                body(index, queries, KeyTile(keys: tileKeys, fullyVisible: tileKeys.last <= firstP - l))
             } else {
-                body(residue * perClass + part, queries,
-                     KeyTile(keys: valid, fullyVisible: valid.last < firstP || valid.start > lastP))
+                body(index, queries, KeyTile(keys: valid, fullyVisible: valid.last < firstP || valid.start > lastP))
             }
         }
     }
@@ -143,6 +135,30 @@ extension StridedColumnMask: TransposedTileMask {
         guard !keys.isEmpty else { return 0..<0 }
         guard causal else { return 0..<queries.count }
         return runIndices(queries, from: tile.keys.position(keys.lowerBound) + stride - offset, through: queries.last)
+    }
+}
+
+/// The query tiles of the residue class of `keys` (a key block of one residue class modulo
+/// its step `l`, the pattern's stride or dilation) in the forward's partition of the queries
+/// into classes (`⌈⌈n / l⌉ / br⌉` tiles per class): the keys are cut at `keyEnd` (`valid`),
+/// the class's queries are `i = residue + a · l` (`p = i + offset ≡ j`), `a <` `members`;
+/// `body` runs for each tile holding a member of `range(valid, residue, members)`, in order.
+@inline(__always)
+func forEachClassQueryTile(seeing keys: PositionRun, keyEnd: Int, offset: Int, partition: QueryPartition,
+                           queryLength n: Int, queryTile br: Int,
+                           _ range: (_ valid: PositionRun, _ residue: Int, _ members: Int) -> ClosedRange<Int>?,
+                           _ body: (_ index: Int, _ queries: PositionRun, _ valid: PositionRun) -> Void) {
+    let l = keys.step
+    let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
+    guard !kept.isEmpty else { return }
+    let valid = PositionRun(start: keys.start, count: kept.count, step: l)
+    let residue = positiveModulo(valid.start - offset, l)
+    guard residue < n else { return }
+    let members = ceilDiv(n - residue, l), perClass = ceilDiv(ceilDiv(n, l), br)
+    guard let range = range(valid, residue, members) else { return }
+    for part in (range.lowerBound / br)...(range.upperBound / br) {
+        let index = residue * perClass + part
+        body(index, partition.tile(index, queryLength: n, tileSize: br), valid)
     }
 }
 
@@ -360,25 +376,18 @@ extension LongformerWindowMask: TransposedTileMask {
     /// edges, masked as in the forward.
     func forEachQueryTile(seeing keys: PositionRun, queryLength n: Int, queryTile br: Int,
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
-        let l = dilation
+        let l = dilation, lo = self.lo, hi = self.hi, offset = self.offset
         precondition(keys.step == l, "the dilated window lists key blocks of one residue class")
-        let kept = runIndices(keys, from: keys.start, through: keyEnd - 1)
-        guard !kept.isEmpty else { return }
-        let valid = PositionRun(start: keys.start, count: kept.count, step: l)
-        // The queries of the class: i = residue + a · l, a < members, with p = i + offset in
-        // [first − hi, last − lo].
-        let residue = positiveModulo(valid.start - offset, l)
-        guard residue < n else { return }
-        let members = ceilDiv(n - residue, l), perClass = ceilDiv(ceilDiv(n, l), br)   // the partition's tiles per class
-        let lowest = valid.start - hi - offset, highest = valid.last - lo - offset
-        let a0 = max(0, -floorDiv(residue - lowest, l)), a1 = min(members - 1, floorDiv(highest - residue, l))
-        guard a0 <= a1 else { return }
-        for part in (a0 / br)...(a1 / br) {
-            let index = residue * perClass + part
-            let queries = queryPartition.tile(index, queryLength: n, tileSize: br)
+        forEachClassQueryTile(seeing: keys, keyEnd: keyEnd, offset: offset, partition: queryPartition,
+                              queryLength: n, queryTile: br) { valid, residue, members in
+            // The class's queries with p = i + offset in [first − hi, last − lo].
+            let lowest = valid.start - hi - offset, highest = valid.last - lo - offset
+            let a0 = max(0, -floorDiv(residue - lowest, l)), a1 = min(members - 1, floorDiv(highest - residue, l))
+            return a0 <= a1 ? a0...a1 : nil
+        } _: { index, queries, valid in
             let firstP = queries.start + offset, lastP = queries.last + offset
             let seen = runIndices(valid, from: firstP + lo, through: lastP + hi)
-            guard !seen.isEmpty else { continue }
+            guard !seen.isEmpty else { return }
             let tileKeys = PositionRun(start: valid.position(seen.lowerBound), count: seen.count, step: l)
             body(index, queries, KeyTile(keys: tileKeys,
                                          fullyVisible: tileKeys.start >= lastP + lo && tileKeys.last <= firstP + hi))
@@ -501,15 +510,15 @@ extension LongformerGlobalQueryMask: TransposedTileMask {
     }
 }
 
-// MARK: - BigBird
+/// A backward mask holding the forward's mask (whose own ``TileMask/maskScores(_:ld:tile:queries:)``
+/// masks query-major tiles, so the backward's transposed masking needs a type of its own):
+/// the forward's query partition and key listing.
+protocol ForwardWrappingMask: TransposedTileMask {
+    associatedtype Forward: TileMask
+    var forward: Forward { get }
+}
 
-/// BigBird's blocks as the backward pass lists them: the query tiles of query block `t`
-/// (the forward's partition) see the keys of `ranges[t]` (its window, global and random
-/// blocks, merged), `j < keyEnd`, causal `j ≤ p`. A key block's tile for query block `t`
-/// is the hull of its keys in `ranges[t]`; keys between two ranges are masked.
-struct BigBirdBackwardMask: TransposedTileMask {
-    var forward: BigBirdMask
-
+extension ForwardWrappingMask {
     var queryPartition: QueryPartition { forward.queryPartition }
 
     func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
@@ -519,6 +528,16 @@ struct BigBirdBackwardMask: TransposedTileMask {
     func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
         forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
     }
+}
+
+// MARK: - BigBird
+
+/// BigBird's blocks as the backward pass lists them: the query tiles of query block `t`
+/// (the forward's partition) see the keys of `ranges[t]` (its window, global and random
+/// blocks, merged), `j < keyEnd`, causal `j ≤ p`. A key block's tile for query block `t`
+/// is the hull of its keys in `ranges[t]`; keys between two ranges are masked.
+struct BigBirdBackwardMask: ForwardWrappingMask {
+    var forward: BigBirdMask
 
     /// The index of the first range of `ranges` ending past `key`.
     private func firstRange(_ ranges: [Range<Int>], endingPast key: Int) -> Int {
@@ -596,18 +615,8 @@ private func etcLaneSegments(_ ids: [Int], _ i: SIMD16<Int32>, origin: Int, last
 /// block's first global key (or the hull of the tile's segments' runs) to the hull's
 /// end; long keys of other segments are masked per lane. Global and long keys share a
 /// tile (the block may straddle `G`), so the mask tests each key's side, not the tile's.
-struct ETCGlobalQueryBackwardMask: TransposedTileMask {
+struct ETCGlobalQueryBackwardMask: ForwardWrappingMask {
     var forward: ETCGlobalQueryMask
-
-    var queryPartition: QueryPartition { forward.queryPartition }
-
-    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
-        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
-    }
-
-    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
-        forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
-    }
 
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
@@ -663,18 +672,8 @@ struct ETCGlobalQueryBackwardMask: TransposedTileMask {
 /// by every long query tile; one of long keys only, by the tiles meeting its band
 /// `[first − hi, last − lo]`. The tile runs from the block's first global key (or the
 /// tile's band start) to its band end; each key is masked by its side's rule.
-struct ETCLongQueryBackwardMask: TransposedTileMask {
+struct ETCLongQueryBackwardMask: ForwardWrappingMask {
     var forward: ETCLongQueryMask
-
-    var queryPartition: QueryPartition { forward.queryPartition }
-
-    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
-        queryPartition.tileCount(queryLength: queryLength, tileSize: queryTile)
-    }
-
-    func forEachKeyTile(queries: PositionRun, tileSize: Int, _ body: (KeyTile) -> Void) {
-        forward.forEachKeyTile(queries: queries, tileSize: tileSize, body)
-    }
 
     func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
                           _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
