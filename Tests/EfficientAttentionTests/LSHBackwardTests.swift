@@ -227,6 +227,41 @@ struct LSHBackwardTests {
         expectBitwiseEqualGradients(seeded, given, "explicit rotations")
     }
 
+    @Test("the forward's routes give the same result and gradients, bitwise; routes of another problem throw",
+          arguments: [true, false])
+    func routesHandedOver(_ sharedQK: Bool) throws {
+        let c = LSHCase(batch: 2, heads: 4, kvHeads: 2, length: 130, headDim: 8, bucketSize: 16, hashes: 3,
+                        sharedQK: sharedQK, causal: true, keyLengths: [130, 70], seed: 650)
+        let (q, k, v, result, dO) = try LSHBackwardCase(c).inputs()
+        let attention = c.attention
+        let (routed, routes) = try attention.attendReturningRoutes(query: q, key: k, value: v, keyLengths: c.keyLengths,
+                                                                   threads: 3)
+        expectBitwiseEqual(routed, result, "attendReturningRoutes")
+        let ids = try attention.bucketIDs(query: q, key: k)
+        let queryStart: Int = ((1 * 4 + 3) * 3 + 2) * 130, keyStart: Int = ((1 * 4 + 2) * 3 + 1) * 130
+        let expectedQueries: [Int] = Array(ids.query[queryStart..<(queryStart + 130)])
+        let expectedKeys: [Int] = Array(ids.key[keyStart..<(keyStart + 130)])
+        #expect(routes.queryBuckets(batch: 1, head: 3, round: 2) == expectedQueries)
+        #expect(routes.keyBuckets(batch: 1, head: 2, round: 1) == expectedKeys)
+        let recomputed = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                 keyLengths: c.keyLengths, threads: 2)
+        let given = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                            routes: routes, keyLengths: c.keyLengths, threads: 3)
+        expectBitwiseEqualGradients(recomputed, given, "routes handed over")
+        var other = attention
+        other.hashes = 2
+        expectAttentionError(.shapeMismatch, mentioning: ["routes"]) {
+            try other.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
+                                keyLengths: c.keyLengths)
+        }
+        var flipped = attention
+        flipped.sharedQK.toggle()
+        expectAttentionError(.shapeMismatch, mentioning: ["routes"]) {
+            try flipped.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
+                                  keyLengths: c.keyLengths)
+        }
+    }
+
     @Test("backward cost: 2.5 × the attention plus the hashing, workspace O(N)")
     func cost() throws {
         let attention = LSHAttention()

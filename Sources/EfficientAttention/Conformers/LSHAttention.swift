@@ -436,6 +436,43 @@ public struct LSHAttention: Attention {
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                   keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+    }
+
+    /// The forward that also hands back its buckets, for
+    /// ``gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)`` (which
+    /// then sorts them instead of hashing again): the same result as
+    /// ``Attention/attend(query:key:value:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Complexity: the forward's, plus copying `B · H · hashes · N` buckets (twice with
+    ///   separate keys).
+    public func attendReturningRoutes(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]? = nil,
+                                      threads: Int? = nil) throws -> (result: AttentionResult, routes: LSHRoutes) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let count = shape.batch * shape.heads * hashes * shape.queryLength
+        try checkAllocation(bytes: checkedProduct([count, sharedQK ? 4 : 8]), option: "LSH routes")
+        var queryRoutes = [Int32](repeating: 0, count: count)
+        var keyRoutes = [Int32](repeating: 0, count: sharedQK ? 0 : count)
+        let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
+            try keyRoutes.withUnsafeMutableBufferPointer { kr in
+                try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
+                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                               workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress))
+                }
+            }
+        }
+        return (result, LSHRoutes(batch: shape.batch, heads: shape.heads, hashes: hashes, length: shape.queryLength,
+                                  buckets: buckets(forLength: shape.queryLength), query: queryRoutes, key: keyRoutes))
+    }
+
+    /// The forward, copying each head's buckets of every round to `routes` (head
+    /// `b · H + h` at `(b · H + h) · hashes · N`; keys only with separate keys) when given.
+    private func attend(query: StridedView, key: StridedView, value: StridedView,
+                        output: MutableStridedView, logSumExp: MutableStridedView?,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                        routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>?)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
@@ -456,6 +493,13 @@ public struct LSHAttention: Attention {
                 // Shared keys are normalised from the gathered queries by the pipeline.
                 let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
                 hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: inner)
+                if let routes {
+                    let start = (b * shape.heads + h) * hashes * n
+                    (routes.query + start).update(from: scratch.queryBuckets, count: hashes * n)
+                    if let keyRoutes = routes.key, !sharedQK {
+                        (keyRoutes + start).update(from: scratch.keyBuckets, count: hashes * n)
+                    }
+                }
                 for r in 0..<hashes {
                     // Sort by (bucket, position), then attend and merge this round.
                     sortRound(scratch, round: r, threads: inner, queryPosition: space.queryPosition,
@@ -508,52 +552,100 @@ extension LSHAttention: DifferentiableAttention {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: scale) { shape, scale in
-            try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
-            let (q, k, v, o, l, dO) = (query.kernel, key.kernel, value.kernel, output.kernel, logSumExp.kernel,
-                                       outputGradient.kernel)
-            let (dQ, dK, dV) = (dQuery.kernel, dKey.kernel, dValue.kernel)
-            // dK, dV are sums over the rounds and the query heads of each group: start from zero.
-            for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
-                let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
-                for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
-                for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
-            } } }
-            let (layout, factors) = plan(shape)
-            let n = shape.queryLength, sharedQK = self.sharedQK
-            WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
-                backwardLayout(&carver, shape, factors: factors, threads: threads)
-            }) { spaces in
-                let (scratch, space) = spaces[0]
-                let mask = space.mask(blockSize: bucketSize, visibility: layout.visibility)
-                withRotations { rot in
-                    for b in 0..<shape.batch { for h in 0..<shape.heads {
-                        let hk = h / shape.groupSize, keyLength = keyLengths?[b] ?? n
-                        let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
-                        let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
-                        let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
+            try backward(shape, scale: scale, threads: threads, q: query.kernel, k: key.kernel, v: value.kernel,
+                         o: output.kernel, l: logSumExp.kernel, dO: outputGradient.kernel, dQ: dQuery.kernel,
+                         dK: dKey.kernel, dV: dValue.kernel, keyLengths: keyLengths, routes: nil)
+        }
+    }
+
+    /// The gradients through ``attendReturningRoutes(query:key:value:keyLengths:threads:)``
+    /// with its buckets (`routes`) instead of hashing again: the same gradients as
+    /// ``gradients(query:key:value:result:outputGradient:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Throws: what the gradients throw without routes, and
+    ///   ``AttentionError/shapeMismatch(_:)`` naming `routes` when they belong to another
+    ///   problem (batch, heads, rounds, length, bucket count, shared or separate keys).
+    /// - Complexity: the backward's, without the hashing's FLOPs.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+                          routes: LSHRoutes, keyLengths: [Int]? = nil,
+                          threads: Int? = nil) throws -> AttentionGradients {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let theirs = [routes.batch, routes.heads, routes.hashes, routes.length, routes.buckets, routes.key.isEmpty ? 1 : 0]
+        let ours = [shape.batch, shape.heads, hashes, shape.queryLength, buckets(forLength: shape.queryLength),
+                    sharedQK ? 1 : 0]
+        guard theirs == ours else {
+            throw AttentionError.shapeMismatch(
+                "routes are of [B, H, hashes, N, nBuckets, shared keys] = \(theirs), this problem's are \(ours)")
+        }
+        return try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                             outputGradient: outputGradient, keyLengths: keyLengths, threads: threads,
+                                             scale: scale) { call in
+            try backward(call.shape, scale: call.scale, threads: call.threads, q: call.q, k: call.k, v: call.v,
+                         o: call.o, l: call.lse, dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV,
+                         keyLengths: keyLengths, routes: routes)
+        }
+    }
+
+    /// The backward on the checked call's kernel views (`dQ` zero-filled), hashing again
+    /// when `routes` is `nil`.
+    private func backward(_ shape: AttentionShape, scale: Float, threads: Int, q: TensorView, k: TensorView,
+                          v: TensorView, o: TensorView, l: TensorView, dO: TensorView, dQ: MutableTensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?, routes: LSHRoutes?) throws {
+        try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
+        // dK, dV are sums over the rounds and the query heads of each group: start from zero.
+        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+        } } }
+        let (layout, factors) = plan(shape)
+        let n = shape.queryLength, sharedQK = self.sharedQK
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
+            backwardLayout(&carver, shape, factors: factors, threads: threads)
+        }) { spaces in
+            let (scratch, space) = spaces[0]
+            let mask = space.mask(blockSize: bucketSize, visibility: layout.visibility)
+            withRotations { rot in
+                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                    let hk = h / shape.groupSize, keyLength = keyLengths?[b] ?? n
+                    let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
+                    let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
+                    let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
+                    if let routes {
+                        let start = (b * shape.heads + h) * hashes * n
+                        routes.query.withUnsafeBufferPointer {
+                            scratch.queryBuckets.update(from: $0.baseAddress! + start, count: hashes * n)
+                        }
+                        if !sharedQK {
+                            routes.key.withUnsafeBufferPointer {
+                                scratch.keyBuckets.update(from: $0.baseAddress! + start, count: hashes * n)
+                            }
+                        }
+                    } else {
                         hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: threads)
-                        space.seen.update(repeating: 0, count: n)
-                        for r in 0..<hashes {
-                            sortRound(scratch, round: r, threads: threads, queryPosition: space.queryPosition,
-                                      queryBucket: space.queryBucket, keyPosition: space.keyPosition,
-                                      keyBucket: space.keyBucket)
-                            LSHBackward.prepareRound(space, blockSize: bucketSize, keyLength: keyLength)
-                            LSHBackward.addRound(
-                                space, mask: mask, sharedKeys: sharedQK, scale: scale, threads: threads,
-                                query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                                output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
-                                logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
-                                outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
-                            if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
-                        }
-                        // The self rule: o_i = v_i for a valid query that saw no other key.
-                        guard sharedQK else { continue }
-                        for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
-                            LSHBackward.add(outputGradients.row(i), sourceStride: dO.strides[3],
-                                            to: dV.row(b, hk, i), stride: dV.strides[3], count: shape.valueDim)
-                        }
-                    } }
-                }
+                    }
+                    space.seen.update(repeating: 0, count: n)
+                    for r in 0..<hashes {
+                        sortRound(scratch, round: r, threads: threads, queryPosition: space.queryPosition,
+                                  queryBucket: space.queryBucket, keyPosition: space.keyPosition,
+                                  keyBucket: space.keyBucket)
+                        LSHBackward.prepareRound(space, blockSize: bucketSize, keyLength: keyLength)
+                        LSHBackward.addRound(
+                            space, mask: mask, sharedKeys: sharedQK, scale: scale, threads: threads,
+                            query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                            output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
+                            logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
+                            outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                        if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
+                    }
+                    // The self rule: o_i = v_i for a valid query that saw no other key.
+                    guard sharedQK else { continue }
+                    for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
+                        LSHBackward.add(outputGradients.row(i), sourceStride: dO.strides[3],
+                                        to: dV.row(b, hk, i), stride: dV.strides[3], count: shape.valueDim)
+                    }
+                } }
             }
         }
     }
@@ -587,5 +679,31 @@ extension LSHAttention: DifferentiableAttention {
                                    headDim: shape.headDim, valueDim: shape.valueDim)
         return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1)
             + TiledSoftmaxBackward.workspaceBytes(shape: round, threads: threads, mask: PermutedRoundMask.self)
+    }
+}
+
+/// The buckets of one LSH call (``LSHAttention/attendReturningRoutes(query:key:value:keyLengths:threads:)``),
+/// which its backward (``LSHAttention/gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``)
+/// sorts instead of hashing again: every query's and (separate keys) key's bucket in every
+/// round, per head.
+public struct LSHRoutes: Sendable, Equatable {
+    /// The problem they route: `B`, `H` (query heads), rounds, `N`, buckets per round.
+    public let batch: Int, heads: Int, hashes: Int, length: Int, buckets: Int
+    /// `query[((b · H + h) · hashes + r) · N + i]`: the bucket of query `i` in round `r`.
+    let query: [Int32]
+    /// The keys' buckets (hashed for query head `h`), laid out likewise; empty with shared QK.
+    let key: [Int32]
+
+    /// The bucket of every query of head `(batch, head)` in round `round` (``LSHAttention/bucketIDs(query:key:)``'s).
+    public func queryBuckets(batch b: Int, head h: Int, round r: Int) -> [Int] {
+        let start = ((b * heads + h) * hashes + r) * length
+        return query[start..<(start + length)].map { Int($0) }
+    }
+
+    /// The bucket of every key for head `(batch, head)` in round `round` (the queries' with shared QK).
+    public func keyBuckets(batch b: Int, head h: Int, round r: Int) -> [Int] {
+        guard !key.isEmpty else { return queryBuckets(batch: b, head: h, round: r) }
+        let start = ((b * heads + h) * hashes + r) * length
+        return key[start..<(start + length)].map { Int($0) }
     }
 }
