@@ -98,6 +98,21 @@ func lshReferences(_ lsh: LSHAttention, q: Tensor, k: Tensor, v: Tensor, keyLeng
     let keys = lsh.sharedQK ? try unitRows(q) : k
     // Shared keys have one head per query head: repeat grouped value heads to match.
     let values = lsh.sharedQK ? try repeatedHeads(v, to: nh) : v
+    let table = try lshVisibility(lsh, q: q, k: k, library: library, keyLengths: keyLengths)
+    let scale = lsh.scale ?? 1 / Float(shape.headDim).squareRoot()
+    return groupedReferences(query: q, key: keys, value: values, scale: scale, table: table,
+                             combineDouble: { mergeByLogSumExp($0, exp: Foundation.exp, log: Foundation.log) },
+                             combineFloat: { mergeByLogSumExp($0, exp: expf, log: logf) })
+}
+
+/// The forward's visible pairs per round from the library's buckets (`library`: its
+/// ``LSHAttention/bucketIDs(query:key:)``, computed when `nil`): sorted chunks with look-back
+/// and wrap, bucket equality, causal, key padding, and the shared-QK self rule (a query with
+/// no other visible key sees itself in every round).
+func lshVisibility(_ lsh: LSHAttention, q: Tensor, k: Tensor, library: (query: [Int], key: [Int])? = nil,
+                   keyLengths: [Int]?) throws -> VisibilityTable {
+    let (nb, nh, n) = (q.shape[0], q.shape[1], q.shape[2])
+    let library = try library ?? lsh.bucketIDs(query: q, key: k)
     var table = VisibilityTable(rounds: lsh.hashes, batch: nb, heads: nh, queryLength: n, keyLength: n)
     let chunk = lsh.bucketSize, chunks = (n + chunk - 1) / chunk
     for b in 0..<nb { for h in 0..<nh {
@@ -127,10 +142,7 @@ func lshReferences(_ lsh: LSHAttention, q: Tensor, k: Tensor, v: Tensor, keyLeng
             }
         }
     } }
-    let scale = lsh.scale ?? 1 / Float(shape.headDim).squareRoot()
-    return groupedReferences(query: q, key: keys, value: values, scale: scale, table: table,
-                             combineDouble: { mergeByLogSumExp($0, exp: Foundation.exp, log: Foundation.log) },
-                             combineFloat: { mergeByLogSumExp($0, exp: expf, log: logf) })
+    return table
 }
 
 enum LSHCases {
@@ -154,6 +166,9 @@ enum LSHCases {
         // Several blocks of 256 chunks: the first block's look-back is the short last chunk.
         LSHCase(heads: 1, length: 1101, headDim: 8, bucketSize: 4, hashes: 2, bucketCount: 8, causal: true),
         LSHCase(heads: 1, length: 2050, headDim: 5, bucketSize: 4, hashes: 1, bucketCount: 6, sharedQK: false),
+        // One query tile spans every chunk: the first chunk's look-back is listed once.
+        LSHCase(length: 17, bucketSize: 4, across: true),
+        LSHCase(length: 30, bucketSize: 8, hashes: 3, sharedQK: false, across: true),
     ].enumerated().map { n, c in var c = c; c.seed = 40 + UInt64(n); return c }
 
     /// Factorised hashing (`bucketFactors`), 2 and 3 factors.

@@ -1,7 +1,9 @@
 // Longer than the 250 lines a conformer aims at: LSH has ten parameters (bucket size,
 // rounds, buckets or bucket factors, explicit rotations, shared QK, buckets crossed,
-// causal, scale, seed) whose validation and documented reference take most of the file;
-// the hashing and sorting live in Kernels/BucketHash.swift.
+// causal, scale, seed) whose validation and documented reference take most of the file,
+// and the backward's conformance (one file per conformer) plans with the same hashing;
+// the hashing and sorting live in Kernels/BucketHash.swift, the backward's gather and
+// scatter in Kernels/LSHBackward.swift.
 
 /// Reformer attention (Kitaev et al. 2020): angular locality-sensitive hashing sorts the
 /// positions into buckets; each chunk of the sorted order attends to itself and to the
@@ -280,11 +282,15 @@ public struct LSHAttention: Attention {
               checkedProduct([pairs, heads]) != nil else {
             throw AttentionError.sizeOverflow("LSH scored pairs (hashes × chunk pairs × B·H) overflow Int")
         }
+        let flops = Double(heads) * 2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
+        return AttentionCost(flops: flops + hashingFlops(shape, columns: half),
+                             workspaceBytes: workspaceBytes(shape, threads: threads), scoredPairs: heads * pairs)
+    }
+
+    /// FLOPs of hashing every head's rows (twice with separate keys) in every round.
+    private func hashingFlops(_ shape: AttentionShape, columns half: Int) -> Double {
         let hashedRows = shape.queryLength * (sharedQK ? 1 : 2) * hashes
-        let flops = Double(heads) * (2 * Double(pairs) * Double(shape.headDim + shape.valueDim)
-                                     + 2 * Double(hashedRows) * Double(shape.headDim) * Double(half))
-        return AttentionCost(flops: flops, workspaceBytes: workspaceBytes(shape, threads: threads),
-                             scoredPairs: heads * pairs)
+        return Double(shape.batch * shape.heads) * 2 * Double(hashedRows) * Double(shape.headDim) * Double(half)
     }
 
     /// The workspace of a call on `shape` with `threads` workers (at most ``maxThreadCount``):
@@ -364,16 +370,8 @@ public struct LSHAttention: Attention {
         let scratch = scratches[0]
         query.withView { q in key.withView { k in rotations.withView { rot in
             for b in 0..<shape.batch { for h in 0..<shape.heads {
-                scratch.packRotations(rot, head: h, hashes: hashes, d: shape.headDim)
-                for start in stride(from: 0, to: n, by: BucketHash.rowBlock) {
-                    let count = min(BucketHash.rowBlock, n - start)
-                    scratch.hash(PermutedBlockAttention.Rows(view: q, b: b, h: h), start: start, count: count, worker: 0,
-                                 into: scratch.queryBuckets)
-                    if !sharedQK {
-                        scratch.hash(PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), start: start,
-                                     count: count, worker: 0, into: scratch.keyBuckets)
-                    }
-                }
+                hashHead(scratch, rotations: rot, head: h, queries: PermutedBlockAttention.Rows(view: q, b: b, h: h),
+                         keys: PermutedBlockAttention.Rows(view: k, b: b, h: h / shape.groupSize), threads: 1)
                 for r in 0..<hashes {
                     queryBuckets += (0..<n).map { Int(scratch.queryBuckets[r * n + $0]) }
                     keyBuckets += (0..<n).map { Int((sharedQK ? scratch.queryBuckets : scratch.keyBuckets)[r * n + $0]) }
@@ -384,24 +382,104 @@ public struct LSHAttention: Attention {
         return (queryBuckets, keyBuckets)
     }
 
+    /// `body` with the explicit rotations' view, or `nil` (seeded rotations, drawn per head
+    /// by ``hashHead(_:rotations:head:queries:keys:threads:)``).
+    private func withRotations(_ body: (TensorView?) -> Void) {
+        if let rotations { rotations.withView { body($0) } } else { body(nil) }
+    }
+
+    /// Head `head`'s rotations into `scratch` (packed from `rot`, or drawn from the seed),
+    /// then the buckets of every row of `queries` (and, with separate keys, of `keys`) in
+    /// every round, by blocks of rows on `threads` threads.
+    private func hashHead(_ scratch: BucketHash, rotations rot: TensorView?, head h: Int,
+                          queries: PermutedBlockAttention.Rows, keys: PermutedBlockAttention.Rows, threads: Int) {
+        let n = scratch.n, d = scratch.d, half = scratch.half, hashes = self.hashes, seed = self.seed
+        if let rot {
+            scratch.packRotations(rot, head: h, hashes: hashes, d: d)
+        } else {
+            parallelForEach(items: hashes, threads: threads) { r, _ in
+                BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
+                                          half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
+            }
+        }
+        let rowBlock = BucketHash.rowBlock, sharedQK = self.sharedQK
+        parallelForEach(items: ceilDiv(n, rowBlock), threads: threads) { item, worker in
+            let start = item * rowBlock, count = min(rowBlock, n - start)
+            scratch.hash(queries, start: start, count: count, worker: worker, into: scratch.queryBuckets)
+            if !sharedQK {
+                scratch.hash(keys, start: start, count: count, worker: worker, into: scratch.keyBuckets)
+            }
+        }
+    }
+
+    /// Round `r`'s sorted order (by bucket, then position) and the slots' buckets, of the
+    /// queries and of the keys (a copy of the queries' with shared QK).
+    private func sortRound(_ scratch: BucketHash, round r: Int, threads: Int,
+                           queryPosition: UnsafeMutablePointer<Int32>, queryBucket: UnsafeMutablePointer<Int32>,
+                           keyPosition: UnsafeMutablePointer<Int32>, keyBucket: UnsafeMutablePointer<Int32>) {
+        let n = scratch.n
+        parallelForEach(items: sharedQK ? 1 : 2, threads: threads) { side, worker in
+            if side == 0 {
+                scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
+                             positions: queryPosition, buckets: queryBucket)
+            } else {
+                scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
+                             positions: keyPosition, buckets: keyBucket)
+            }
+        }
+        if sharedQK {
+            keyPosition.update(from: queryPosition, count: n)
+            keyBucket.update(from: queryBucket, count: n)
+        }
+    }
+
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                   keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
+    }
+
+    /// The forward that also hands back its buckets, for
+    /// ``gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)`` (which
+    /// then sorts them instead of hashing again): the same result as
+    /// ``Attention/attend(query:key:value:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Complexity: the forward's, plus copying `B · H · hashes · N` buckets (twice with
+    ///   separate keys).
+    public func attendReturningRoutes(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]? = nil,
+                                      threads: Int? = nil) throws -> (result: AttentionResult, routes: LSHRoutes) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let count = shape.batch * shape.heads * hashes * shape.queryLength
+        try checkAllocation(bytes: checkedProduct([count, sharedQK ? 4 : 8]), option: "LSH routes")
+        var queryRoutes = [Int32](repeating: 0, count: count)
+        var keyRoutes = [Int32](repeating: 0, count: sharedQK ? 0 : count)
+        let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
+            try keyRoutes.withUnsafeMutableBufferPointer { kr in
+                try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
+                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                               workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress))
+                }
+            }
+        }
+        return (result, LSHRoutes(batch: shape.batch, heads: shape.heads, hashes: hashes, length: shape.queryLength,
+                                  buckets: buckets(forLength: shape.queryLength), query: queryRoutes, key: keyRoutes))
+    }
+
+    /// The forward, copying each head's buckets of every round to `routes` (head
+    /// `b · H + h` at `(b · H + h) · hashes · N`; keys only with separate keys) when given.
+    private func attend(query: StridedView, key: StridedView, value: StridedView,
+                        output: MutableStridedView, logSumExp: MutableStridedView?,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
+                        routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>?)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
-        let half = BucketHash.columns(factors)
-        let n = shape.queryLength, d = shape.headDim, hashes = self.hashes, sharedQK = self.sharedQK
-        let seed = self.seed, given = self.rotations
+        let n = shape.queryLength, hashes = self.hashes, sharedQK = self.sharedQK
         // Every row is written by the first round's combine: no zero fill.
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
-        let rowBlock = BucketHash.rowBlock, rowBlocks = (n + rowBlock - 1) / rowBlock
-
-        // Explicit rotations are read from their tensor; seeded ones are drawn per head below.
-        func withRotations(_ body: (TensorView?) -> Void) {
-            if let given { given.withView { body($0) } } else { body(nil) }
-        }
         withRotations { rot in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
@@ -414,37 +492,18 @@ public struct LSHAttention: Attention {
                 let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                 // Shared keys are normalised from the gathered queries by the pipeline.
                 let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
-                if let rot {
-                    scratch.packRotations(rot, head: h, hashes: hashes, d: d)
-                } else {
-                    parallelForEach(items: hashes, threads: inner) { r, _ in
-                        BucketHash.seededRotation(seed: seed, head: h, round: r, hashes: hashes, d: d,
-                                                  half: half) { c, t, x in scratch.rotations[scratch.packed(r, c, t)] = x }
-                    }
-                }
-                // Hash by blocks of rows, every round.
-                parallelForEach(items: rowBlocks, threads: inner) { item, worker in
-                    let start = item * rowBlock, count = min(rowBlock, n - start)
-                    scratch.hash(queries, start: start, count: count, worker: worker, into: scratch.queryBuckets)
-                    if !sharedQK {
-                        scratch.hash(keys, start: start, count: count, worker: worker, into: scratch.keyBuckets)
+                hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: inner)
+                if let routes {
+                    let start = (b * shape.heads + h) * hashes * n
+                    (routes.query + start).update(from: scratch.queryBuckets, count: hashes * n)
+                    if let keyRoutes = routes.key, !sharedQK {
+                        (keyRoutes + start).update(from: scratch.keyBuckets, count: hashes * n)
                     }
                 }
                 for r in 0..<hashes {
                     // Sort by (bucket, position), then attend and merge this round.
-                    parallelForEach(items: sharedQK ? 1 : 2, threads: inner) { side, worker in
-                        if side == 0 {
-                            scratch.sort(scratch.queryBuckets + r * n, count: n, worker: worker,
-                                         positions: space.queryPosition, buckets: space.queryBucket)
-                        } else {
-                            scratch.sort(scratch.keyBuckets + r * n, count: n, worker: worker,
-                                         positions: space.keyPosition, buckets: space.keyBucket)
-                        }
-                    }
-                    if sharedQK {
-                        space.keyPosition.update(from: space.queryPosition, count: n)
-                        space.keyBucket.update(from: space.queryBucket, count: n)
-                    }
+                    sortRound(scratch, round: r, threads: inner, queryPosition: space.queryPosition,
+                              queryBucket: space.queryBucket, keyPosition: space.keyPosition, keyBucket: space.keyBucket)
                     PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
                         query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
@@ -453,5 +512,198 @@ public struct LSHAttention: Attention {
             }
         }
         }
+    }
+}
+
+// MARK: - Backward
+
+extension LSHAttention: DifferentiableAttention {
+    /// The gradients through the forward with its buckets held fixed (KernelDocs/LSH.md,
+    /// "Backward"): the buckets and sorted orders are recomputed from the same rotations
+    /// (seeded or explicit), and each round's sorted slots run the flash backward
+    /// (``LSHBackward``, ``TiledSoftmaxBackward``) with the probabilities of the merged
+    /// log-sum-exp, their gradients added back to the original rows round after round. A
+    /// pair seen in several rounds counts as often as the forward counts it.
+    ///
+    /// ```
+    /// // naive reference, for each b, h (hk = h / (H / Hkv)), with the forward's rounds
+    /// // (visible pairs (r, i, j), the self rule's pairs included) and k_j = q_j / |q_j|
+    /// // (shared QK) or the given keys:
+    /// P[r, i, j] = exp(scale · q_i · k_j − lse_i)          (lse, o: the forward's merged rows)
+    /// dS[r, i, j] = P[r, i, j] · (dO_i · v_j − dO_i · o_i)
+    /// dQ[i]   += scale · dS · k_j,   dk_j += scale · dS · q_i,   dV[hk, j] += P · dO_i
+    /// shared QK:  dQ[j] += (dk_j − k_j (k_j · dk_j)) / |q_j|   (0 for a zero row; dK = 0)
+    /// else:       dK[hk, j] += dk_j
+    /// ```
+    /// A query under the self rule (`o_i = v_i`) gives `dV[hk, i] += dO_i` and nothing else.
+    ///
+    /// - Complexity: per head and round, the flash backward on the round's `N` slots (the
+    ///   forward's pairs, `6·D + 4·Dv` FLOPs each; the cost model counts `2.5 ×` the
+    ///   forward's attention FLOPs) and the hashing once more; heads one after another,
+    ///   every phase on all threads; workspace O(N · (D + Dv)) for the head in flight plus
+    ///   the hashing scratch and the flash backward's per-thread buffers
+    ///   (``backwardCost(_:threads:)``), nothing of order `N²`.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        let threads = try threadCount(threads)
+        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
+                                    scale: scale) { shape, scale in
+            try backward(shape, scale: scale, threads: threads, q: query.kernel, k: key.kernel, v: value.kernel,
+                         o: output.kernel, l: logSumExp.kernel, dO: outputGradient.kernel, dQ: dQuery.kernel,
+                         dK: dKey.kernel, dV: dValue.kernel, keyLengths: keyLengths, routes: nil)
+        }
+    }
+
+    /// The gradients through ``attendReturningRoutes(query:key:value:keyLengths:threads:)``
+    /// with its buckets (`routes`) instead of hashing again: the same gradients as
+    /// ``gradients(query:key:value:result:outputGradient:keyLengths:threads:)``, bit for bit.
+    ///
+    /// - Throws: what the gradients throw without routes, and
+    ///   ``AttentionError/shapeMismatch(_:)`` naming `routes` when they belong to another
+    ///   problem (batch, heads, rounds, length, bucket count, shared or separate keys).
+    /// - Complexity: the backward's, without the hashing's FLOPs.
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+                          routes: LSHRoutes, keyLengths: [Int]? = nil,
+                          threads: Int? = nil) throws -> AttentionGradients {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try validate(shape)
+        let theirs = [routes.batch, routes.heads, routes.hashes, routes.length, routes.buckets, routes.key.isEmpty ? 1 : 0]
+        let ours = [shape.batch, shape.heads, hashes, shape.queryLength, buckets(forLength: shape.queryLength),
+                    sharedQK ? 1 : 0]
+        guard theirs == ours else {
+            throw AttentionError.shapeMismatch(
+                "routes are of [B, H, hashes, N, nBuckets, shared keys] = \(theirs), this problem's are \(ours)")
+        }
+        return try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                             outputGradient: outputGradient, keyLengths: keyLengths, threads: threads,
+                                             scale: scale) { call in
+            try backward(call.shape, scale: call.scale, threads: call.threads, q: call.q, k: call.k, v: call.v,
+                         o: call.o, l: call.lse, dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV,
+                         keyLengths: keyLengths, routes: routes)
+        }
+    }
+
+    /// The backward on the checked call's kernel views (`dQ` zero-filled), hashing again
+    /// when `routes` is `nil`.
+    private func backward(_ shape: AttentionShape, scale: Float, threads: Int, q: TensorView, k: TensorView,
+                          v: TensorView, o: TensorView, l: TensorView, dO: TensorView, dQ: MutableTensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?, routes: LSHRoutes?) throws {
+        try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
+        // dK, dV are sums over the rounds and the query heads of each group: start from zero.
+        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
+            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
+            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
+            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
+        } } }
+        let (layout, factors) = plan(shape)
+        let n = shape.queryLength, sharedQK = self.sharedQK
+        WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
+            backwardLayout(&carver, shape, factors: factors, threads: threads)
+        }) { spaces in
+            let (scratch, space) = spaces[0]
+            let mask = space.mask(blockSize: bucketSize, visibility: layout.visibility)
+            withRotations { rot in
+                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                    let hk = h / shape.groupSize, keyLength = keyLengths?[b] ?? n
+                    let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
+                    let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
+                    let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
+                    if let routes {
+                        let start = (b * shape.heads + h) * hashes * n
+                        routes.query.withUnsafeBufferPointer {
+                            scratch.queryBuckets.update(from: $0.baseAddress! + start, count: hashes * n)
+                        }
+                        if !sharedQK {
+                            routes.key.withUnsafeBufferPointer {
+                                scratch.keyBuckets.update(from: $0.baseAddress! + start, count: hashes * n)
+                            }
+                        }
+                    } else {
+                        hashHead(scratch, rotations: rot, head: h, queries: queries, keys: keys, threads: threads)
+                    }
+                    space.seen.update(repeating: 0, count: n)
+                    for r in 0..<hashes {
+                        sortRound(scratch, round: r, threads: threads, queryPosition: space.queryPosition,
+                                  queryBucket: space.queryBucket, keyPosition: space.keyPosition,
+                                  keyBucket: space.keyBucket)
+                        LSHBackward.prepareRound(space, blockSize: bucketSize, keyLength: keyLength)
+                        LSHBackward.addRound(
+                            space, mask: mask, sharedKeys: sharedQK, scale: scale, threads: threads,
+                            query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                            output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
+                            logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
+                            outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                        if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
+                    }
+                    // The self rule: o_i = v_i for a valid query that saw no other key.
+                    guard sharedQK else { continue }
+                    for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
+                        LSHBackward.add(outputGradients.row(i), sourceStride: dO.strides[3],
+                                        to: dV.row(b, hk, i), stride: dV.strides[3], count: shape.valueDim)
+                    }
+                } }
+            }
+        }
+    }
+
+    /// FLOPs: `2.5 ×` the forward's attention FLOPs plus its hashing once more; workspace:
+    /// the hashing scratch, one head's gathered round and its gradients, and the flash
+    /// backward's per-thread buffers on a round.
+    public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
+        let threads = try threadCount(threads)
+        let forward = try cost(shape, threads: threads)
+        let hashing = hashingFlops(shape, columns: BucketHash.columns(plan(shape).factors))
+        let bytes = backwardWorkspaceBytes(shape, threads: threads)
+        try checkAllocation(bytes: bytes, option: "LSH backward workspace")
+        return AttentionCost(flops: 2.5 * (forward.flops - hashing) + hashing, workspaceBytes: bytes,
+                             scoredPairs: forward.scoredPairs)
+    }
+
+    /// The backward's arena: the hashing scratch for `threads` workers and one head's round.
+    private func backwardLayout(_ carver: inout WorkspaceCarver, _ shape: AttentionShape, factors: [Int],
+                                threads: Int) -> (BucketHash, LSHBackward.Workspace) {
+        (BucketHash(carving: &carver, shape, hashes: hashes, factors: factors, workers: threads),
+         LSHBackward.Workspace(carving: &carver, length: shape.queryLength, headDim: shape.headDim,
+                               valueDim: shape.valueDim))
+    }
+
+    /// The backward's arena and the flash backward's workspace taken inside it.
+    private func backwardWorkspaceBytes(_ shape: AttentionShape, threads: Int) -> Int {
+        let factors = plan(shape).factors
+        let arena = WorkspaceCarver.bytes { _ = backwardLayout(&$0, shape, factors: factors, threads: threads) }
+        let round = AttentionShape(batch: 1, heads: 1, queryLength: shape.queryLength, keyLength: shape.queryLength,
+                                   headDim: shape.headDim, valueDim: shape.valueDim)
+        return WorkspaceArena.byteCount(sliceBytes: arena, slices: 1)
+            + TiledSoftmaxBackward.workspaceBytes(shape: round, threads: threads, mask: PermutedRoundMask.self)
+    }
+}
+
+/// The buckets of one LSH call (``LSHAttention/attendReturningRoutes(query:key:value:keyLengths:threads:)``),
+/// which its backward (``LSHAttention/gradients(query:key:value:result:outputGradient:routes:keyLengths:threads:)``)
+/// sorts instead of hashing again: every query's and (separate keys) key's bucket in every
+/// round, per head.
+public struct LSHRoutes: Sendable, Equatable {
+    /// The problem they route: `B`, `H` (query heads), rounds, `N`, buckets per round.
+    public let batch: Int, heads: Int, hashes: Int, length: Int, buckets: Int
+    /// `query[((b · H + h) · hashes + r) · N + i]`: the bucket of query `i` in round `r`.
+    let query: [Int32]
+    /// The keys' buckets (hashed for query head `h`), laid out likewise; empty with shared QK.
+    let key: [Int32]
+
+    /// The bucket of every query of head `(batch, head)` in round `round` (``LSHAttention/bucketIDs(query:key:)``'s).
+    public func queryBuckets(batch b: Int, head h: Int, round r: Int) -> [Int] {
+        let start = ((b * heads + h) * hashes + r) * length
+        return query[start..<(start + length)].map { Int($0) }
+    }
+
+    /// The bucket of every key for head `(batch, head)` in round `round` (the queries' with shared QK).
+    public func keyBuckets(batch b: Int, head h: Int, round r: Int) -> [Int] {
+        guard !key.isEmpty else { return queryBuckets(batch: b, head: h, round: r) }
+        let start = ((b * heads + h) * hashes + r) * length
+        return key[start..<(start + length)].map { Int($0) }
     }
 }

@@ -104,7 +104,14 @@ struct PermutedBlockMask: TileMask {
         let first = queries.start / queryBlockSize, last = (queries.start + queries.count - 1) / queryBlockSize
         let full = blocksOnly && first == last
         var start = first * keyBlockSize
-        let end = min((last + 1 + predecessorBlocks) * keyBlockSize, keySlots)
+        var end = min((last + 1 + predecessorBlocks) * keyBlockSize, keySlots)
+        // A tile holding every block of the round (an item from block 0 to the last, one
+        // query tile): the predecessor copy of the last block serves both the first block's
+        // look-back and the last block itself, so its own copy is not listed (it would be
+        // seen twice).
+        if predecessorBlocks == 1 && first == 0 && queryBlock[0] == 0 && last == blocks - 1 {
+            end = min((last + 1) * keyBlockSize, keySlots)
+        }
         while start < end {
             let count = min(tileSize, end - start)
             body(KeyTile(keys: PositionRun(start: start, count: count), fullyVisible: full))
