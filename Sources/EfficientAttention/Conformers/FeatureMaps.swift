@@ -84,10 +84,23 @@ extension EluPlusOneFeatures: DifferentiableFeatureMap {
     public func backward(_ input: UnsafePointer<Float>, rows: Int, rowStride: Int, columnStride: Int, headDim: Int,
                          features: UnsafePointer<Float>, featureGradient: UnsafeMutablePointer<Float>,
                          featureStride: Int, output: UnsafeMutablePointer<Float>, outputStride: Int) {
+        let zero = Vec16()
         for r in 0..<rows {
             let x = input + r * rowStride, y = features + r * featureStride
             let g = featureGradient + r * featureStride, out = output + r * outputStride
-            for c in 0..<headDim { out[c] = x[c * columnStride] > 0 ? g[c] : g[c] * y[c] }
+            var c = 0
+            // Vector lanes (a select, not a branch: the signs of x are data).
+            while c + 16 <= headDim {
+                let gradient = load16(g + c)
+                var d = gradient * load16(y + c)
+                d.replace(with: gradient, where: gather16(x + c * columnStride, columnStride) .> zero)
+                store16(d, out + c)
+                c += 16
+            }
+            while c < headDim {
+                out[c] = x[c * columnStride] > 0 ? g[c] : g[c] * y[c]
+                c += 1
+            }
         }
     }
 }
@@ -365,7 +378,7 @@ extension ReLUFeatures: DifferentiableFeatureMap {
         let m = projection.features
         for r in 0..<rows {
             let g = featureGradient + r * featureStride, y = features + r * featureStride
-            for f in 0..<m where !(y[f] > 0) { g[f] = 0 }
+            for f in 0..<m { g[f] = y[f] > 0 ? g[f] : 0 }   // a select the compiler vectorises, not a branch
         }
         projection.projectBack(featureGradient, rows: rows, inputStride: featureStride,
                                output: output, outputStride: outputStride)
