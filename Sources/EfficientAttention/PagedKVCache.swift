@@ -321,8 +321,8 @@ public final class PagedKVCache {
             func rows<E: CacheScalar>(_ store: RowStore, _: E.Type) -> PagedRows<E> {
                 let rowStride = store.rowBytes / MemoryLayout<E>.size
                 let base = store.elements(rowIndex(page: 0, layer: layer, head: 0, offset: 0)).assumingMemoryBound(to: E.self)
-                return PagedRows(base: UnsafePointer(base), pageStride: layers * kvHeads * pageSize * rowStride,
-                                 headStride: pageSize * rowStride, rowStride: rowStride, pageShift: pageShift,
+                return PagedRows(base: UnsafePointer(base), pageStride: pageSize * rowStride,
+                                 headStride: pageCount * pageSize * rowStride, rowStride: rowStride, pageShift: pageShift,
                                  tables: tables.baseAddress!, tableStart: starts.baseAddress!)
             }
             switch precision {
@@ -336,8 +336,14 @@ public final class PagedKVCache {
 
     // MARK: Private
 
+    /// Rows are stored layer-major, then head, then page: the `pageSize` rows of one page,
+    /// layer and head are contiguous, and so are consecutive pages of one layer and head.
+    /// Pages are taken from the free list in ascending order, so a sequence filled in one
+    /// go (a prompt) reads each head's keys as one long run, as the contiguous cache does:
+    /// the hardware prefetchers do not cross 4 KiB pages, and page-major storage (a page
+    /// holding every layer and head) cut each head's read into runs of one page's rows.
     private func rowIndex(page: Int, layer: Int, head: Int, offset: Int) -> Int {
-        ((page * layers + layer) * kvHeads + head) * pageSize + offset
+        ((layer * kvHeads + head) * pageCount + page) * pageSize + offset
     }
 
     private func lookup(_ id: Int) throws -> Sequence {
@@ -379,10 +385,15 @@ public final class PagedKVCache {
         let end = (start + count + pageSize - 1) >> pageShift
         for p in firstTouched..<min(end, s.pages.count) where references[Int(s.pages[p])] > 1 {
             let old = Int(s.pages[p]), copy = take()
-            let rows = layers * kvHeads * pageSize
             for store in [keyStore, valueStore] {
-                (store.base + copy * rows * store.rowBytes).copyMemory(from: store.base + old * rows * store.rowBytes,
-                                                                      byteCount: rows * store.rowBytes)
+                for layer in 0..<layers {
+                    for head in 0..<kvHeads {
+                        let from = rowIndex(page: old, layer: layer, head: head, offset: 0)
+                        let to = rowIndex(page: copy, layer: layer, head: head, offset: 0)
+                        (store.base + to * store.rowBytes).copyMemory(from: store.base + from * store.rowBytes,
+                                                                      byteCount: pageSize * store.rowBytes)
+                    }
+                }
             }
             release(Int32(old))
             s.pages[p] = Int32(copy)
