@@ -34,65 +34,89 @@ static void ea_job_work(void *raw, size_t worker) {
     for (long item; (item = ea_next_item(&job->next)) < job->items;) job->body(item, (long)worker, job->context);
 }
 
-// The library's worker threads: created when a loop first needs them (at most
-// EA_POOL_THREADS, beside the calling thread), then kept, each waiting for the next loop.
-// A loop's job lives on its caller's stack; starting and finishing it takes the lock and
-// two condition variables and allocates nothing. One loop owns the pool at a time: a loop
-// started while it is busy (another thread's call, or a loop inside a loop's body) runs
-// on libdispatch's pool instead (which allocates its continuations). Which threads run a
-// loop never changes its results (Parallel.swift: items are independent of workers).
+// The library's worker threads, in EA_POOLS pools: a pool's threads are created when a
+// loop first needs them (at most EA_POOL_THREADS, beside the calling thread), then kept,
+// each waiting for the pool's next loop. A loop's job lives on its caller's stack;
+// starting and finishing it takes the pool's lock and two condition variables and
+// allocates nothing. A loop takes the first pool no other loop holds, so loops running at
+// once (other threads' calls, a loop inside a loop's body) each get a pool; only when
+// every pool is busy does a loop run on libdispatch's pool (which allocates its
+// continuations). Which threads run a loop never changes its results (Parallel.swift:
+// items are independent of workers).
+#define EA_POOLS 8
 #define EA_POOL_THREADS 255
 
-static struct {
+struct ea_pool {
     pthread_mutex_t lock;
     pthread_cond_t start, done;
-    int busy;                         // a loop owns the pool
+    int busy;                         // a loop holds the pool
     long generation;                  // loops started so far
     long threads;                     // worker threads created (indices 1...threads)
     long startGeneration[EA_POOL_THREADS + 1];
     struct ea_job *job;               // the current loop's
     long helpers;                     // worker threads taking part in it (indices 1...helpers)
     long remaining;                   // of those, the ones not finished
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+};
+
+static struct ea_pool pools[EA_POOLS] = {
+    [0 ... EA_POOLS - 1] = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER}
+};
 
 static _Thread_local int ea_pool_thread_flag;
 
 int ea_on_pool_thread(void) { return ea_pool_thread_flag; }
 
+// A worker thread's argument: its pool and its index in it (1...EA_POOL_THREADS).
 static void *ea_pool_thread(void *argument) {
-    long index = (long)argument;
+    long code = (long)argument;
+    struct ea_pool *pool = &pools[code / (EA_POOL_THREADS + 1)];
+    long index = code % (EA_POOL_THREADS + 1);
     ea_pool_thread_flag = 1;
-    pthread_mutex_lock(&pool.lock);
-    long seen = pool.startGeneration[index];
+    pthread_mutex_lock(&pool->lock);
+    long seen = pool->startGeneration[index];
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.start, &pool.lock);
-        seen = pool.generation;
-        if (index > pool.helpers) continue;
-        struct ea_job *job = pool.job;
-        pthread_mutex_unlock(&pool.lock);
+        while (pool->generation == seen) pthread_cond_wait(&pool->start, &pool->lock);
+        seen = pool->generation;
+        if (index > pool->helpers) continue;
+        struct ea_job *job = pool->job;
+        pthread_mutex_unlock(&pool->lock);
         ea_job_work(job, (size_t)index);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.remaining == 0) pthread_cond_signal(&pool.done);
+        pthread_mutex_lock(&pool->lock);
+        if (--pool->remaining == 0) pthread_cond_signal(&pool->done);
     }
     return NULL;
 }
 
-// Creates worker threads until there are `wanted` (with the lock held); returns how many
-// there are (fewer when the system refuses a thread).
-static long ea_pool_grow(long wanted) {
-    while (pool.threads < wanted) {
-        long index = pool.threads + 1;
-        pool.startGeneration[index] = pool.generation;
+// Creates worker threads of `pool` until there are `wanted` (with its lock held); returns
+// how many take part (fewer when the system refuses a thread).
+static long ea_pool_grow(struct ea_pool *pool, long wanted) {
+    while (pool->threads < wanted) {
+        long index = pool->threads + 1;
+        pool->startGeneration[index] = pool->generation;
         pthread_attr_t attributes;
         pthread_t thread;
         if (pthread_attr_init(&attributes) != 0) break;
         pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-        int failed = pthread_create(&thread, &attributes, ea_pool_thread, (void *)index);
+        long code = (pool - pools) * (EA_POOL_THREADS + 1) + index;
+        int failed = pthread_create(&thread, &attributes, ea_pool_thread, (void *)code);
         pthread_attr_destroy(&attributes);
         if (failed) break;
-        pool.threads = index;
+        pool->threads = index;
     }
-    return pool.threads < wanted ? pool.threads : wanted;
+    return pool->threads < wanted ? pool->threads : wanted;
+}
+
+// The first pool no loop holds, taken (its lock released); NULL when every pool is busy.
+static struct ea_pool *ea_take_pool(void) {
+    for (int p = 0; p < EA_POOLS; p++) {
+        struct ea_pool *pool = &pools[p];
+        pthread_mutex_lock(&pool->lock);
+        int taken = !pool->busy;
+        pool->busy = 1;
+        pthread_mutex_unlock(&pool->lock);
+        if (taken) return pool;
+    }
+    return NULL;
 }
 
 // Called from Swift (Parallel.swift, `@_silgen_name`) with a non-escaping closure as its
@@ -101,23 +125,22 @@ static long ea_pool_grow(long wanted) {
 // pool's threads exist.
 __attribute__((swiftcall)) void ea_parallel_for_each(long items, long workers, ea_swift_body body, void *context) {
     struct ea_job job = {body, context, items, 0};
-    pthread_mutex_lock(&pool.lock);
-    if (pool.busy) {
-        pthread_mutex_unlock(&pool.lock);
+    struct ea_pool *pool = ea_take_pool();
+    if (pool == NULL) {
         dispatch_apply_f((size_t)workers, NULL, &job, ea_job_work);
         return;
     }
-    pool.busy = 1;
-    long helpers = ea_pool_grow(workers - 1 < EA_POOL_THREADS ? workers - 1 : EA_POOL_THREADS);
-    pool.job = &job;
-    pool.helpers = helpers;
-    pool.remaining = helpers;
-    pool.generation += 1;
-    pthread_cond_broadcast(&pool.start);
-    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_lock(&pool->lock);
+    long helpers = ea_pool_grow(pool, workers - 1 < EA_POOL_THREADS ? workers - 1 : EA_POOL_THREADS);
+    pool->job = &job;
+    pool->helpers = helpers;
+    pool->remaining = helpers;
+    pool->generation += 1;
+    pthread_cond_broadcast(&pool->start);
+    pthread_mutex_unlock(&pool->lock);
     ea_job_work(&job, 0);
-    pthread_mutex_lock(&pool.lock);
-    while (pool.remaining > 0) pthread_cond_wait(&pool.done, &pool.lock);
-    pool.busy = 0;
-    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_lock(&pool->lock);
+    while (pool->remaining > 0) pthread_cond_wait(&pool->done, &pool->lock);
+    pool->busy = 0;
+    pthread_mutex_unlock(&pool->lock);
 }

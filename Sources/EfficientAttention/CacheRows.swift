@@ -9,7 +9,7 @@
 // for pages), done once per row of `D` elements.
 //
 // Row bytes: `width · bytesPerElement` for Float32, Float16 and bfloat16; `4 + width` for
-// Int8, the row's Float scale first (``rowScale``), then the `width` Int8 elements. The
+// Int8, the row's Float scale first (``scale(ofRow:)``), then the `width` Int8 elements. The
 // row address given to the kernel is the first element's, past the scale.
 
 /// Rows of one cached store as the decode kernel reads them.
@@ -24,10 +24,12 @@ protocol KVRows: Sendable {
 }
 
 extension KVRows {
-    /// The dequantisation scale of row `(b, h, j)` of Int8 storage (stored just before it).
+    /// The dequantisation scale of the Int8 row at `row` (stored just before it; `row` from
+    /// a ``row(_:_:_:)`` the caller holds: no second address computation, which for paged
+    /// rows is a table load).
     @inline(__always)
-    func rowScale(_ b: Int, _ h: Int, _ j: Int) -> Float {
-        UnsafeRawPointer(row(b, h, j)).loadUnaligned(fromByteOffset: -4, as: Float.self)
+    static func scale(ofRow row: UnsafePointer<Element>) -> Float {
+        UnsafeRawPointer(row).loadUnaligned(fromByteOffset: -4, as: Float.self)
     }
 
     /// `out[r · ld + c] = value of row(start + r)[c]` as Float for `r < count`, `c < width`
@@ -39,7 +41,7 @@ extension KVRows {
             let source = row(b, h, start + r), target = out + r * ld
             var c = 0
             if Element.quantized {
-                let s = rowScale(b, h, start + r), factor = Vec16(repeating: s)
+                let s = Self.scale(ofRow: source), factor = Vec16(repeating: s)
                 while c + 16 <= width {
                     store16(Element.wide16(source + c) * factor, target + c)
                     c += 16

@@ -277,7 +277,7 @@ public final class KVCache: DecodingCache {
 
 /// Element types the decode kernel reads from a cache: Float, Float16 or bfloat16 widened
 /// to Float in registers (one `vcvtph2ps` per 16 lanes on x86-64 with F16C; a shift for
-/// bfloat16), or Int8 widened and scaled by its row's scale (``KVRows/rowScale(_:_:_:)``).
+/// bfloat16), or Int8 widened and scaled by its row's scale (``KVRows/scale(ofRow:)``).
 protocol CacheScalar {
     /// 16 consecutive elements as Float.
     static func wide16(_ p: UnsafePointer<Self>) -> Vec16

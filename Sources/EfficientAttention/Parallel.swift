@@ -24,8 +24,9 @@ func parallelForEach(items: Int, threads: Int, _ body: (_ item: Int, _ worker: I
 }
 
 /// shim.c's `ea_parallel_for_each`: `body(item, worker)` for every `item < items` on the
-/// calling thread and `workers − 1` kept worker threads (libdispatch's pool when another
-/// loop holds them), items handed out in order from a shared counter. Declared by
+/// calling thread and `workers − 1` kept worker threads (of the first of shim.c's pools no
+/// other loop holds; libdispatch's pool when all are held), items handed out in order from
+/// a shared counter. Declared by
 /// its symbol: C receives the non-escaping closure as its two words (function, context)
 /// under the Swift calling convention (`swiftcall`, the context in `swift_context`) and
 /// calls it there; Swift has no other way to hand a non-escaping

@@ -468,8 +468,8 @@ enum DecodeAttention {
                 c += 1
             }
             if E.quantized {   // s_j · (q · k̃_j): the row's scale folded into its score
-                s0 *= keys.rowScale(b, hk, j); s1 *= keys.rowScale(b, hk, j + 1)
-                s2 *= keys.rowScale(b, hk, j + 2); s3 *= keys.rowScale(b, hk, j + 3)
+                s0 *= R.scale(ofRow: k0); s1 *= R.scale(ofRow: k1)
+                s2 *= R.scale(ofRow: k2); s3 *= R.scale(ofRow: k3)
             }
             s[j] = s0; s[j + 1] = s1; s[j + 2] = s2; s[j + 3] = s3
             j += 4
@@ -484,7 +484,7 @@ enum DecodeAttention {
             }
             var s0 = horizontalSum(a0)
             while c < d { s0 += q[c] * E.widen(k0[c]); c += 1 }
-            if E.quantized { s0 *= keys.rowScale(b, hk, j) }
+            if E.quantized { s0 *= R.scale(ofRow: k0) }
             s[j] = s0
             j += 1
         }
@@ -496,13 +496,15 @@ enum DecodeAttention {
                                       b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
                                       into acc: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
-        // The weight of row j: p_j, times the row's scale for Int8 (Σ p_j s_j ṽ_j).
-        @inline(__always) func weight(_ j: Int) -> Float { E.quantized ? p[j] * values.rowScale(b, hk, j) : p[j] }
+        // The weight of row j at `row`: p_j, times the row's scale for Int8 (Σ p_j s_j ṽ_j).
+        @inline(__always) func weight(_ j: Int, _ row: UnsafePointer<E>) -> Float {
+            E.quantized ? p[j] * R.scale(ofRow: row) : p[j]
+        }
         var j = a
         while j + 3 <= e {
             let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
             let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
-            let w0 = weight(j), w1 = weight(j + 1), w2 = weight(j + 2), w3 = weight(j + 3)
+            let w0 = weight(j, v0), w1 = weight(j + 1, v1), w2 = weight(j + 2, v2), w3 = weight(j + 3, v3)
             let p0 = Vec16(repeating: w0), p1 = Vec16(repeating: w1)
             let p2 = Vec16(repeating: w2), p3 = Vec16(repeating: w3)
             var c = 0
@@ -523,7 +525,7 @@ enum DecodeAttention {
             j += 4
         }
         while j <= e {
-            let v0 = values.row(b, hk, j), w0 = weight(j), p0 = Vec16(repeating: w0)
+            let v0 = values.row(b, hk, j), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
             var c = 0
             while c + 16 <= dv {
                 var x = load16(acc + c)
