@@ -81,9 +81,13 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query, key: key, value: value)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        if let modifiable = self as? any ModifiableAttention, !modifiable.modifiers.isEmpty {
-            throw AttentionError.unsupported(
-                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
+        if let modifiable = self as? any ModifiableAttention {
+            try modifiable.modifiers.validate(s)
+            // Conformers whose backward takes modifiers (withModifierBackward) are marked.
+            if !modifiable.modifiers.isEmpty && !(self is any ModifierDifferentiable) {
+                throw AttentionError.unsupported(
+                    "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
+            }
         }
         func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
             guard view == shape else {
@@ -186,12 +190,16 @@ extension DenseAttention: DifferentiableAttention {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: self.scale) { shape, scale in
-            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: try threadCount(threads),
-                                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
-                                     lse: logSumExp.kernel, dO: outputGradient.kernel,
-                                     dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel) { b, _ in
-                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                             causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+            let threads = try threadCount(threads)
+            withModifierBackward(shape) { modifiers, biasGradient in
+                TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads,
+                                         q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
+                                         lse: logSumExp.kernel, dO: outputGradient.kernel,
+                                         dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                                         modifiers: modifiers, biasGradient: biasGradient) { b, _ in
+                    IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                 causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+                }
             }
         }
     }
@@ -199,7 +207,8 @@ extension DenseAttention: DifferentiableAttention {
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let forward = try cost(shape, threads: threads)
         return AttentionCost(flops: 2.5 * forward.flops,
-                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads),
+                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
+                                                                                  softCap: modifiers.softCap != nil),
                              scoredPairs: forward.scoredPairs)
     }
 }
