@@ -345,6 +345,7 @@ extension StridedAttention: ModifierDifferentiable {}
 extension LongformerAttention: ModifierDifferentiable {}
 extension BigBirdAttention: ModifierDifferentiable {}
 extension MultiQueryAttention: ModifierDifferentiable {}
+extension AdaptiveSpanAttention: ModifierDifferentiable {}
 
 /// Where the backward of the call running on this task adds `∂L/∂bias` (set by
 /// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``
@@ -398,11 +399,7 @@ extension ModifiableAttention where Self: DifferentiableAttention {
         let shape = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
                                             logSumExp: result.logSumExp, outputGradient: outputGradient,
                                             keyLengths: keyLengths, threads: threads, scale: nil).shape
-        try modifiers.validate(shape)
-        guard modifiers.isEmpty || self is any ModifierDifferentiable else {
-            throw AttentionError.unsupported(
-                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
-        }
+        try checkModifiersForBackward(shape)
         // After the checks: the bias gradient, zero-filled (the kernel adds into it).
         var biasGradient = try modifiers.bias.map { try Tensor(shape: $0.shape) }
         func backward() throws -> AttentionGradients {

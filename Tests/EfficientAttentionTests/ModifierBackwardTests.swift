@@ -51,7 +51,8 @@ struct ModifiedReference<T: BinaryFloatingPoint> {
 /// `∂σ_h −= (e^{σ_h} / Z) · D`. Rows with no visible key: `o = 0`, `lse = σ_h` (or −∞).
 func modifiedReferenceBackward<T: BinaryFloatingPoint>(
     q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, scale: T, visible: Visibility,
-    modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T
+    modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T,
+    weight: PairTerm<T>? = nil, weightGradient: ((_ b: Int, _ h: Int, _ i: Int, _ j: Int, _ dw: T) -> Void)? = nil
 ) -> ModifiedReference<T> {
     let (d, dv, group) = (n.headDim, n.valueDim, n.heads / n.kvHeads)
     var r = ReferenceGradients<T>(output: .init(repeating: 0, count: n.batch * n.heads * n.queryLength * dv),
@@ -89,7 +90,9 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
         }
         var top = scores.max()!
         if let sink { top = max(top, sink) }
-        let e = scores.map { exp($0 - top) }
+        // Probability weights (adaptive span's soft mask): P_j = w_j e^{s′_j} / Z, Z = Σ w_j e^{s′_j} + e^{σ}.
+        let w = keys.map { j in weight?(b, h, i, j) ?? 1 }
+        let e = zip(scores, w).map { $1 * exp($0 - top) }
         let sum = e.reduce(0, +) + (sink.map { exp($0 - top) } ?? 0)
         let p = e.map { $0 / sum }
         r.lse[row] = top + log(sum)
@@ -115,6 +118,10 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
             for c in 0..<dv { r.dv[kj * dv + c] += p[t] * dO[row * dv + c] }
         }
         if let sink { dsinks[h] -= exp(sink - top) / sum * rowDot }
+        // ∂L/∂w_j = e^{s′_j} / Z · (dP_j − D).
+        if let weightGradient {
+            for (t, j) in keys.enumerated() { weightGradient(b, h, i, j, exp(scores[t] - top) / sum * (dp[t] - rowDot)) }
+        }
     } } }
     return ModifiedReference(gradients: r, bias: dbias, sinks: dsinks)
 }
@@ -491,11 +498,80 @@ struct ModifierBackwardTests {
                                     dQuery: a, dKey: b, dValue: d, keyLengths: nil, workspace: small, threads: 1)
             } } } } } } } } }
         }
-        // A conformer whose backward does not take modifiers refuses them.
+        // Adaptive span's parameter gradients check the modifiers too.
         var span = AdaptiveSpanAttention(spans: [4, 4], maxSpan: 8)
-        span.modifiers.sinks = [0, 0]
-        expectAttentionError(.unsupported, mentioning: ["modifiers"]) {
+        span.modifiers.bias = try Tensor(shape: [2, 2, 10, 10])
+        expectAttentionError(.shapeMismatch, mentioning: ["modifiers.bias"]) {
+            try span.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO)
+        }
+        expectAttentionError(.shapeMismatch, mentioning: ["modifiers.bias"]) {
             try modifierGradients(span, q, k, v, result, dO, keyLengths: nil, threads: 1)
+        }
+    }
+
+    /// Adaptive span (probability weights from its soft mask) with every modifier: the input
+    /// gradients, ∂bias, ∂sinks and ∂z against the reference with the soft mask as weights.
+    @Test("adaptive span with modifiers against the reference")
+    func adaptiveSpan() throws {
+        let spans: [Float] = [3.5, 20.25, 70, 0.5], ramp: Float = 4
+        let shapes = [(nq: 77, nk: 90, d: 3, lengths: [90, 0] as [Int]?), (nq: 140, nk: 140, d: 16, lengths: nil),
+                      (nq: 45, nk: 300, d: 65, lengths: nil)]
+        for (n, s) in shapes.enumerated() {
+            for choice in [ModifierChoice.all, ModifierChoice(softCap: 2, bias: [2, 4], hiddenColumn: 5)] {
+                var c = ModifierBackwardCase(subject: .dense(causal: true), choice: choice, batch: 2, heads: 4,
+                                             kvHeads: 2, queryLength: s.nq, keyLength: s.nk, headDim: s.d,
+                                             keyLengths: s.lengths, seed: 48_000 + UInt64(n))
+                var span = AdaptiveSpanAttention(spans: spans, maxSpan: 400, ramp: ramp)
+                span.modifiers = try choice.modifiers(c.shape, seed: c.seed)
+                c.subject = GradientSubject(label: "adaptive span", attention: span) { shape, lengths in
+                    Visible.dense(causal: true, queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                  keyLengths: lengths)
+                }
+                let (q, k, v, result, dO) = try c.inputs()
+                let offset = s.nk - s.nq
+                func mask(_ h: Int, _ i: Int, _ j: Int) -> (m: Double, dz: Double) {
+                    let x = Double(i + offset - j), z = Double(spans[h]), r = Double(ramp)
+                    let m = min(max((r + z - x) / r, 0), 1)
+                    return (m, m > 0 && m < 1 ? 1 / r : 0)
+                }
+                let visible = try c.subject.visibility(c.shape, c.keyLengths)
+                var dz = [Double](repeating: 0, count: spans.count)
+                let dims = GradientDims(query: q, value: v)
+                let (qd, kd, vd, gd) = (q.elements.map(Double.init), k.elements.map(Double.init),
+                                        v.elements.map(Double.init), dO.elements.map(Double.init))
+                let doubleModifiers = ReferenceModifiers<Double>(span.modifiers)
+                let floatModifiers = ReferenceModifiers<Float>(span.modifiers)
+                let weight: PairTerm<Double> = { _, h, i, j in mask(h, i, j).m }
+                let floatWeight: PairTerm<Float> = { _, h, i, j in Float(mask(h, i, j).m) }
+                let expD: (Double) -> Double = { Foundation.exp($0) }, logD: (Double) -> Double = { Foundation.log($0) }
+                let tanhD: (Double) -> Double = { Foundation.tanh($0) }
+                let reference = modifiedReferenceBackward(
+                    q: qd, k: kd, v: vd, dO: gd, dims: dims, scale: defaultScale(headDim: s.d), visible: visible,
+                    modifiers: doubleModifiers, exp: expD, log: logD, tanh: tanhD, weight: weight,
+                    weightGradient: { _, h, i, j, dw in dz[h] += mask(h, i, j).dz * dw })
+                let expF: (Float) -> Float = { expf($0) }, logF: (Float) -> Float = { logf($0) }
+                let tanhF: (Float) -> Float = { tanhf($0) }
+                let naive = modifiedReferenceBackward(
+                    q: q.elements, k: k.elements, v: v.elements, dO: dO.elements, dims: dims,
+                    scale: 1 / Float(s.d).squareRoot(), visible: visible, modifiers: floatModifiers,
+                    exp: expF, log: logF, tanh: tanhF, weight: floatWeight)
+                let label = "adaptive span [\(choice)] Nq\(s.nq) Nk\(s.nk) D\(s.d)"
+                let g = try modifierGradients(span, q, k, v, result, dO, keyLengths: c.keyLengths, threads: 3)
+                checkGradients(g.inputs, reference: reference.gradients, naive: naive.gradients,
+                               dims: GradientDims(query: q, value: v), visible: visible, label)
+                checkParameterGradient(g.modifiers.bias?.elements ?? [], reference: reference.bias, naive: naive.bias,
+                                       "\(label): ∂bias")
+                if choice.sinks {
+                    checkParameterGradient(g.modifiers.sinks ?? [], reference: reference.sinks, naive: naive.sinks,
+                                           "\(label): ∂sinks")
+                }
+                let (inputs, spanGradients) = try span.parameterGradients(query: q, key: k, value: v, result: result,
+                                                                          outputGradient: dO, keyLengths: c.keyLengths,
+                                                                          threads: 2)
+                expectBitwiseEqualGradients(inputs, g.inputs, "\(label): parameterGradients vs modifierGradients")
+                let dzError = zip(spanGradients, dz).map { abs(Double($0) - $1) }.max() ?? 0
+                #expect(dzError <= 1e-4 * (1 + (dz.map(abs).max() ?? 0)), "\(label): ∂z \(spanGradients) vs \(dz)")
+            }
         }
     }
 
