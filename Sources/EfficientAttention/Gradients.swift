@@ -81,10 +81,7 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query, key: key, value: value)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        if let modifiable = self as? any ModifiableAttention, !modifiable.modifiers.isEmpty {
-            throw AttentionError.unsupported(
-                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
-        }
+        try checkModifiersForBackward(s)
         func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
             guard view == shape else {
                 throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")
@@ -116,6 +113,18 @@ extension DifferentiableAttention {
         } } }
         let scale = scale ?? 1 / Float(s.headDim).squareRoot()
         if let workspace { try workspace.use { try body(s, scale) } } else { try body(s, scale) }
+    }
+
+    /// Throws unless this conformer's score modifiers (if it takes any) fit `shape` (the
+    /// forward's checks, naming the option) and its backward applies them (conformers marked
+    /// ``ModifierDifferentiable``; the others refuse modifiers rather than ignore them).
+    func checkModifiersForBackward(_ shape: AttentionShape) throws {
+        guard let modifiable = self as? any ModifiableAttention else { return }
+        try modifiable.modifiers.validate(shape)
+        if !modifiable.modifiers.isEmpty && !(self is any ModifierDifferentiable) {
+            throw AttentionError.unsupported(
+                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
+        }
     }
 
     /// The gradients of a loss through the call that gave `result`, all keys visible unless
@@ -186,12 +195,16 @@ extension DenseAttention: DifferentiableAttention {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: self.scale) { shape, scale in
-            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: try threadCount(threads),
-                                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
-                                     lse: logSumExp.kernel, dO: outputGradient.kernel,
-                                     dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel) { b, _ in
-                IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                             causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+            let threads = try threadCount(threads)
+            withModifierBackward(shape) { modifiers, biasGradient in
+                TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads,
+                                         q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
+                                         lse: logSumExp.kernel, dO: outputGradient.kernel,
+                                         dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                                         modifiers: modifiers, biasGradient: biasGradient) { b, _ in
+                    IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                 causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
+                }
             }
         }
     }
@@ -199,7 +212,8 @@ extension DenseAttention: DifferentiableAttention {
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let forward = try cost(shape, threads: threads)
         return AttentionCost(flops: 2.5 * forward.flops,
-                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads),
+                             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
+                                                                                  softCap: modifiers.softCap != nil),
                              scoredPairs: forward.scoredPairs)
     }
 }
@@ -228,6 +242,7 @@ extension DifferentiableAttention {
                                         logSumExp: result.logSumExp, outputGradient: outputGradient,
                                         keyLengths: keyLengths, threads: threads, scale: scale)
         let shape = s.shape, threads = try threadCount(threads)
+        try checkModifiersForBackward(shape)
         var dq = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, shape.headDim])
         var dk = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.headDim])
         var dv = try Tensor.uninitializedOutput(shape: [shape.batch, shape.kvHeads, shape.keyLength, shape.valueDim])

@@ -229,6 +229,16 @@ struct ScoreModifierKernel: @unchecked Sendable {
         if slopes != nil { s = fused(-slope, abs16(distance), s) }
         return s
     }
+
+    /// The derivative of ``modified(_:biasTerms:slope:distance:)`` with respect to the raw
+    /// scores `s` when soft-capping: `1 − tanh²(s / cap)` (the same `tanh16` of the same
+    /// argument as the forward; 0 where its clamp makes the capped score constant). The bias
+    /// and ALiBi are additive: derivative 1.
+    @inline(__always)
+    func softCapDerivative(_ scores: SIMD16<Float>) -> SIMD16<Float> {
+        let t = tanh16(scores * SIMD16(repeating: 1 / softCap))
+        return fused(-t, t, SIMD16(repeating: 1))
+    }
 }
 
 /// `|x|` lane by lane (the sign bit cleared).
@@ -302,4 +312,136 @@ func containsNaNOrPlusInfinity(_ values: UnsafeBufferPointer<Float>) -> Bool {
         n += 1
     }
     return false
+}
+
+// MARK: - Backward
+
+/// The gradients of a loss with respect to the learned ``ScoreModifiers`` of a call (see
+/// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``;
+/// KernelDocs/ScoreModifiers.md, "Backward"). The cap and the ALiBi slopes are constants:
+/// they get no gradient.
+public struct ScoreModifierGradients: Sendable, Equatable {
+    /// `∂L/∂bias`, shaped like ``ScoreModifiers/bias`` (`[B or 1, H or 1, Nq, Nk]`: summed over
+    /// the dimensions it broadcasts over, batch item then head, in that fixed order); 0 on
+    /// pairs no query sees. `nil` without a bias.
+    public var bias: Tensor?
+    /// `∂L/∂σ_h`, one per query head. `nil` without sinks.
+    public var sinks: [Float]?
+
+    public init(bias: Tensor? = nil, sinks: [Float]? = nil) {
+        self.bias = bias
+        self.sinks = sinks
+    }
+}
+
+/// The conformers whose backward applies their ``ModifiableAttention/modifiers`` (through
+/// ``DifferentiableAttention/withModifierBackward(_:_:)``); the others' backward throws
+/// ``AttentionError/unsupported(_:)`` when they have modifiers.
+protocol ModifierDifferentiable: ModifiableAttention, DifferentiableAttention {}
+
+extension DenseAttention: ModifierDifferentiable {}
+extension LocalAttention: ModifierDifferentiable {}
+extension StridedAttention: ModifierDifferentiable {}
+extension LongformerAttention: ModifierDifferentiable {}
+extension BigBirdAttention: ModifierDifferentiable {}
+extension MultiQueryAttention: ModifierDifferentiable {}
+extension AdaptiveSpanAttention: ModifierDifferentiable {}
+
+/// Where the backward of the call running on this task adds `∂L/∂bias` (set by
+/// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``
+/// around its call of the conformer's backward; nil: not asked).
+enum ModifierGradientRequest {
+    @TaskLocal static var bias: UncheckedSendable<MutableTensorView>?
+}
+
+extension DifferentiableAttention {
+    /// Runs `body` with the kernel form of this conformer's score modifiers for `shape`
+    /// (nil when it has none that modify scores) and the view to add `∂L/∂bias` into (nil
+    /// unless ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``
+    /// asked for it), for ``TiledSoftmaxBackward/run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:modifiers:biasGradient:mask:)``.
+    func withModifierBackward<R>(_ shape: AttentionShape,
+                                 _ body: (ScoreModifierKernel?, MutableTensorView?) throws -> R) rethrows -> R {
+        guard let modifiers = (self as? any ModifiableAttention)?.modifiers, modifiers.modifiesScores else {
+            return try body(nil, nil)
+        }
+        return try modifiers.withKernel(shape) { kernel in
+            try body(kernel, modifiers.bias == nil ? nil : ModifierGradientRequest.bias?.value)
+        }
+    }
+}
+
+extension ModifiableAttention where Self: DifferentiableAttention {
+    /// The gradients of a loss with respect to the learned score modifiers, `∂L/∂bias` and
+    /// `∂L/∂σ_h` (sinks), through the call that gave `result`, with `dQ`, `dK`, `dV` (which
+    /// the same pass computes, as ``DifferentiableAttention/gradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+    /// The cap and the ALiBi slopes are constants (no gradient).
+    ///
+    /// ```
+    /// // naive reference, for each b, h, i and visible key j (s′ the modified score, lse with the sink):
+    /// P[j] = exp(s′[j] − lse[b,h,i]),  D = dot(dO[b,h,i], o[b,h,i]),  G[j] = P[j] · (dot(dO[b,h,i], v[j]) − D)
+    /// ∂bias[b or 0, h or 0, i, j] += G[j]
+    /// ∂σ[h] −= exp(σ[h] − lse[b,h,i]) · D
+    /// ```
+    ///
+    /// - Throws: what ``DifferentiableAttention/gradients(query:key:value:result:outputGradient:keyLengths:threads:)``
+    ///   throws (the modifiers checked as the forward checks them), and
+    ///   ``AttentionError/unsupported(_:)`` for a conformer whose backward does not take
+    ///   modifiers.
+    /// - Complexity: the backward's, plus one scattered add per visible pair with a bias
+    ///   (a bias broadcast over batch items or key/value heads is summed in a fixed order:
+    ///   the work items of one key block add their query tiles one after another), plus
+    ///   `O(B · H · Nq · Dv)` for the sinks. Memory: the bias gradient (the bias's shape).
+    ///   Bitwise identical for every thread count.
+    public func modifierGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                  outputGradient: Tensor, keyLengths: [Int]? = nil,
+                                  threads: Int? = nil) throws -> (inputs: AttentionGradients,
+                                                                  modifiers: ScoreModifierGradients) {
+        let shape = try checkedGradientCall(query: query, key: key, value: value, output: result.output,
+                                            logSumExp: result.logSumExp, outputGradient: outputGradient,
+                                            keyLengths: keyLengths, threads: threads, scale: nil).shape
+        try checkModifiersForBackward(shape)
+        // After the checks: the bias gradient, zero-filled (the kernel adds into it).
+        var biasGradient = try modifiers.bias.map { try Tensor(shape: $0.shape) }
+        func backward() throws -> AttentionGradients {
+            try gradients(query: query, key: key, value: value, result: result, outputGradient: outputGradient,
+                          keyLengths: keyLengths, threads: threads)
+        }
+        let inputs: AttentionGradients
+        if biasGradient != nil {
+            inputs = try biasGradient!.withMutableStridedView { view in
+                var strides = view.kernel.strides
+                if view.shape[0] == 1 { strides[0] = 0 }
+                if view.shape[1] == 1 { strides[1] = 0 }
+                let target = MutableTensorView(base: view.kernel.row(0, 0, 0), strides: strides)
+                return try ModifierGradientRequest.$bias.withValue(UncheckedSendable(target)) { try backward() }
+            }
+        } else {
+            inputs = try backward()
+        }
+        let sinks = try modifiers.sinks.map { sinks in
+            try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+            try outputGradient.withStridedView { g in
+                sinkGradients(sinks, shape: shape, o: o.kernel, lse: l.kernel, dO: g.kernel)
+            } } }
+        }
+        return (inputs, ScoreModifierGradients(bias: biasGradient, sinks: sinks))
+    }
+}
+
+/// `∂L/∂σ_h = −Σ_{b, i} exp(σ_h − lse_{b,h,i}) · Σ_c dO_{b,h,i,c} · O_{b,h,i,c}` (the sink is
+/// a logit whose value vector is zero: `dS = p_sink · (0 − D)`), summed over `b` then `i` in
+/// Double; rows with `lse = −∞` (none when sinks are set) contribute nothing.
+func sinkGradients(_ sinks: [Float], shape: AttentionShape, o: TensorView, lse: TensorView, dO: TensorView) -> [Float] {
+    (0..<shape.heads).map { h in
+        var sum = 0.0
+        for b in 0..<shape.batch {
+            for i in 0..<shape.queryLength {
+                let l = lse.row(b, h, i)[0]
+                guard l > -.infinity else { continue }
+                let rowDot = dot(dO.row(b, h, i), dO.strides[3], o.row(b, h, i), o.strides[3], count: shape.valueDim)
+                sum -= Double(expf(sinks[h] - l)) * Double(rowDot)
+            }
+        }
+        return Float(sum)
+    }
 }

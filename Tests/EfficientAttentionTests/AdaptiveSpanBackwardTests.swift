@@ -184,15 +184,16 @@ struct AdaptiveSpanBackwardTests {
         #expect(dz.allSatisfy { $0 != 0 } && after < before, "loss \(before) → \(after), ∂z \(dz)")
     }
 
-    @Test("misshapen output, logSumExp or outputGradient, score modifiers and a short workspace throw")
+    @Test("misshapen output, logSumExp or outputGradient, bad score modifiers and a short workspace throw")
     func badInputs() throws {
         let c = SpanBackwardCase(queryLength: 9, headDim: 4, seed: 11)
         let attention = c.attention()
         let (q, k, v, result, dO) = try c.inputs()
         try expectBadGradientInputsThrow(attention, shape: c.shape, q: q, k: k, v: v, result: result, dO: dO)
+        // Modifiers have a backward (ModifierBackwardTests); bad ones are named as in the forward.
         var capped = attention
-        capped.modifiers = ScoreModifiers(softCap: 30)
-        expectAttentionError(.unsupported, mentioning: ["modifiers"]) {
+        capped.modifiers = ScoreModifiers(softCap: -30)
+        expectAttentionError(.invalidParameter, mentioning: ["modifiers.softCap"]) {
             try capped.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO)
         }
     }

@@ -200,20 +200,18 @@ struct ScoreModifierTests {
             (ScoreModifiers(bias: try Tensor(shape: [1, 3, 10, 10])), "modifiers.bias must be"),
             (ScoreModifiers(bias: try Tensor(shape: [1, 1, 10, 10], repeating: .nan)), "NaN"),
         ]
-        // No backward pass through modifiers yet: refused, not silently ignored.
-        var capped = DenseAttention()
-        capped.modifiers.softCap = 5
+        // The backward checks the modifiers as the forward does (ModifierBackwardTests covers its results).
         let forward = try DenseAttention().attend(query: q, key: k, value: v, threads: 1)
-        let backward = thrownAttentionError {
-            try capped.gradients(query: q, key: k, value: v, output: forward.output, logSumExp: forward.logSumExp,
-                                 outputGradient: forward.output, keyLengths: nil, threads: 1)
-        }
-        #expect(backward?.message.contains("no backward pass") == true, "\(backward?.message ?? "no error")")
         for (m, mention) in cases {
             var dense = DenseAttention()
             dense.modifiers = m
             let error = thrownAttentionError { try dense.attend(query: q, key: k, value: v, threads: 1) }
             #expect(error?.message.contains(mention) == true, "\(mention): \(error?.message ?? "no error")")
+            let backward = thrownAttentionError {
+                try dense.gradients(query: q, key: k, value: v, output: forward.output, logSumExp: forward.logSumExp,
+                                    outputGradient: forward.output, keyLengths: nil, threads: 1)
+            }
+            #expect(backward?.message.contains(mention) == true, "backward \(mention): \(backward?.message ?? "no error")")
         }
     }
 }

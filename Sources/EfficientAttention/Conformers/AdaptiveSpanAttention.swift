@@ -155,6 +155,9 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
     /// (the soft mask applied where the forward applies it), `dS = P ∘ (dP − D)`, `dQ` summed
     /// in key-block order; no `Nq × Nk` buffer, bitwise identical for every thread count.
     /// `∂L/∂z_h` comes from ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
+    /// ``modifiers`` apply as in the forward (KernelDocs/ScoreModifiers.md, "Backward"; `s`
+    /// below is then the modified score); `∂bias`, `∂sinks` come from
+    /// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``.
     ///
     /// ```
     /// // naive reference, for each b, h, i (hk = h / (H / Hkv), x = i + Nk − Nq − j):
@@ -191,10 +194,6 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
     public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, spans: [Float]) {
-        if !modifiers.isEmpty {
-            throw AttentionError.unsupported(
-                "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
-        }
         var dz = [Float](repeating: 0, count: spans.count)
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
@@ -210,7 +209,8 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
         let forward = try cost(shape, threads: threads)
         return AttentionCost(flops: 2.5 * forward.flops,
                              workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
-                                                                                  mask: SoftSpanMask.self),
+                                                                                  mask: SoftSpanMask.self,
+                                                                                  softCap: modifiers.softCap != nil),
                              scoredPairs: forward.scoredPairs)
     }
 
@@ -224,12 +224,16 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
         let blocks = TiledSoftmaxBackward.KeyBlocks.contiguous.blocksPerClass(
             keyLength: shape.keyLength, blockSize: TiledSoftmaxBackward.keyBlockSize)
         func pass(_ slot: UnsafeMutablePointer<Double>?) {
-            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o, lse: lse,
-                                     dO: dO, dQ: dQ, dK: dK, dV: dV) { b, h in
-                var mask = SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                                        keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
-                mask.spanGradients = slot.map { $0 + (b * heads + h) * blocks }
-                return mask
+            // The score modifiers (and ∂bias when asked) as the forward applies them.
+            withModifierBackward(shape) { modifiers, biasGradient in
+                TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o,
+                                         lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV, modifiers: modifiers,
+                                         biasGradient: biasGradient) { b, h in
+                    var mask = SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                            keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
+                    mask.spanGradients = slot.map { $0 + (b * heads + h) * blocks }
+                    return mask
+                }
             }
         }
         guard let gradients else { return pass(nil) }

@@ -164,6 +164,7 @@ extension BigBirdAttention: DifferentiableAttention {
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                          modifiers: modifiers)
     }
 }

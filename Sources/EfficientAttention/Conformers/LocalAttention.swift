@@ -125,6 +125,7 @@ extension LocalAttention: DifferentiableAttention {
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads)
+        tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
+                          modifiers: modifiers)
     }
 }

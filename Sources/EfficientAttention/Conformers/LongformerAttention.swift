@@ -185,6 +185,7 @@ extension LongformerAttention: DifferentiableAttention {
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
-                          passes: [backwardWindowBlocks(try plan(for: shape).pattern), .contiguous])
+                          passes: [backwardWindowBlocks(try plan(for: shape).pattern), .contiguous],
+                          modifiers: modifiers)
     }
 }

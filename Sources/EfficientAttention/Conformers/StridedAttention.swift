@@ -168,6 +168,6 @@ extension StridedAttention: DifferentiableAttention {
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
-                          passes: backwardPasses(try pattern(for: shape)))
+                          passes: backwardPasses(try pattern(for: shape)), modifiers: modifiers)
     }
 }

@@ -87,17 +87,20 @@ enum TiledSoftmaxBackward {
     /// Bytes of workspace ``run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:mask:)``
     /// allocates with `threads` workers (`nil`: every active processor) and key blocks
     /// `keyBlocks`: the workers' arena and the ordering's table.
-    static func workspaceBytes(shape: AttentionShape, threads: Int?, keyBlocks: KeyBlocks = .contiguous) -> Int {
-        workspaceBytes(shape: shape, threads: threads, keyBlocks: keyBlocks, mask: IntervalMask.self)
+    static func workspaceBytes(shape: AttentionShape, threads: Int?, keyBlocks: KeyBlocks = .contiguous,
+                               softCap: Bool = false) -> Int {
+        workspaceBytes(shape: shape, threads: threads, keyBlocks: keyBlocks, mask: IntervalMask.self, softCap: softCap)
     }
 
-    /// ``workspaceBytes(shape:threads:keyBlocks:)`` with the scratch of `mask`'s hooks.
+    /// ``workspaceBytes(shape:threads:keyBlocks:softCap:)`` with the scratch of `mask`'s hooks.
+    /// `softCap`: the call soft-caps its scores (one more `keyRows × lanes` tile per worker,
+    /// the cap's derivatives).
     static func workspaceBytes<Mask: TransposedTileMask>(shape: AttentionShape, threads: Int?,
                                                          keyBlocks: KeyBlocks = .contiguous,
-                                                         mask: Mask.Type) -> Int {
+                                                         mask: Mask.Type, softCap: Bool = false) -> Int {
         let (lanes, keyRows) = tileExtents(shape)
         let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows,
-                                            mask: mask)
+                                            mask: mask, softCap: softCap)
         let items = itemCount(shape, keyBlocks: keyBlocks)
         return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
     }
@@ -144,16 +147,29 @@ enum TiledSoftmaxBackward {
     /// must be disjoint. The first pass writes every key row (contiguous blocks, or
     /// every class), the later ones `accumulate`; passes run one after another, so the
     /// sums are in a fixed order.
+    ///
+    /// `modifiers`: the forward's score modifiers (KernelDocs/ScoreModifiers.md, "Backward"),
+    /// applied to each recomputed tile exactly as the forward applies them (after the mask's
+    /// score terms, before its masking); soft-capping multiplies `dS` by the cap's
+    /// derivative. `biasGradient`: where to add `∂L/∂bias = P ∘ (dP − D)` of every visible
+    /// pair (`[B, H, Nq, Nk]` indexing, stride 0 on the dimensions the bias broadcasts over;
+    /// zero-filled by the caller before the first pass). Elements several work items share
+    /// (a broadcast bias) get their terms in the order (batch item, query head): each item
+    /// adds a query tile once every item before it in that order has added all of its
+    /// terms of that tile (a second ``BlockOrder``), so the sums are the same for every
+    /// thread count.
     static func run<Mask: TransposedTileMask>(
         shape: AttentionShape, scale: Float, threads: Int, keyBlocks: KeyBlocks = .contiguous,
         accumulate: Bool = false,
         q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+        modifiers: ScoreModifierKernel? = nil, biasGradient: MutableTensorView? = nil,
         mask: (_ batch: Int, _ head: Int) -> Mask
     ) {
         let d = shape.headDim, dv = shape.valueDim
         let blockSize = keyBlockSize
-        let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale)
+        let operands = Operands(q: q, k: k, v: v, o: o, lse: lse, dO: dO, d: d, dv: dv, scale: scale,
+                                modifiers: modifiers, biasGradient: biasGradient)
         let perClass = keyBlocks.blocksPerClass(keyLength: shape.keyLength, blockSize: blockSize)
         let classes = keyBlocks.classes.count
         let (lanes, keyRows) = tileExtents(shape)
@@ -164,8 +180,16 @@ enum TiledSoftmaxBackward {
         let orderBlocks = keyBlocks.disjointClasses ? perClass : classes * perClass
         let items = orderHeads * orderBlocks
         let order = BlockOrder(heads: orderHeads, blocks: orderBlocks)
+        // A broadcast bias's gradient: the items of one key block (a slot) add in the order
+        // of their (batch item, key/value head); a bias broadcast over heads within one
+        // group is summed inside the item.
+        let biasOrdered = biasGradient.map {
+            ($0.strides[0] == 0 && shape.batch > 1) || ($0.strides[1] == 0 && shape.kvHeads > 1)
+        } ?? false
+        let biasOrder = biasOrdered ? BlockOrder(heads: items / kvHeads, blocks: kvHeads) : nil
+        let softCap = (modifiers?.softCap ?? 0) > 0
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
-            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self)
+            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap)
         }) { spaces in
             // Block-major: every head's block 0 (the heaviest under causal masks) first.
             parallelForEach(items: items, threads: spaces.count) { item, worker in
@@ -178,12 +202,16 @@ enum TiledSoftmaxBackward {
                 }
                 let block = keyBlocks.block(class: keyBlocks.classes.lowerBound + c, index: blockIndex,
                                             keyLength: shape.keyLength, blockSize: blockSize)
+                // The item's key block among those of every (b, hk): its slot in the bias order.
+                let slot = keyBlocks.disjointClasses ? t * classes + c : t
                 if block.count > 0 {
                     blockItem(shape: shape, space: spaces[worker], operands: operands, head: head,
                               orderHead: orderHead, blockIndex: t, block: block, order: order,
+                              biasOrder: biasOrder.map { ($0, slot) },
                               accumulate: accumulate, dQ: dQ, dK: dK, dV: dV, mask: mask)
                 }
                 order.finish(head: orderHead, block: t)
+                biasOrder?.finish(head: slot, block: head)
             }
         }
     }
@@ -193,6 +221,8 @@ enum TiledSoftmaxBackward {
         let q, k, v, o, lse, dO: TensorView
         let d, dv: Int
         let scale: Float
+        var modifiers: ScoreModifierKernel? = nil
+        var biasGradient: MutableTensorView? = nil
     }
 
     /// One work item: `dK`, `dV` of the keys `block` of key/value head `head`
@@ -200,7 +230,7 @@ enum TiledSoftmaxBackward {
     /// ordering).
     static func blockItem<Mask: TransposedTileMask>(
         shape: AttentionShape, space: Workspace, operands x: Operands, head: Int, orderHead: Int, blockIndex t: Int,
-        block: PositionRun, order: BlockOrder, accumulate: Bool,
+        block: PositionRun, order: BlockOrder, biasOrder: (order: BlockOrder, slot: Int)? = nil, accumulate: Bool,
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
     ) {
         let b = head / shape.kvHeads, hk = head % shape.kvHeads
@@ -229,8 +259,21 @@ enum TiledSoftmaxBackward {
                 precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
-                gradientTile(space, x, b: b, hk: hk, tile: tile, queries: queries, lanes: lanes, block: t,
+                gradientTile(space, x, b: b, hk: hk, h: h, tile: tile, queries: queries, lanes: lanes, block: t,
                              mask: headMask)
+                if let biasGradient = x.biasGradient {
+                    // ∂bias = P ∘ (dP − D), then dS = scale · (cap′ ·) ∂bias. A shared element's
+                    // terms wait until every earlier (b, hk) has added all of this query tile's.
+                    if let biasOrder {
+                        biasOrder.order.waitForTurn(head: biasOrder.slot, block: head,
+                                                    position: (shape.groupSize - 1) * queryTiles + r)
+                    }
+                    addBiasGradient(space, biasGradient, b: b, h: h, keys: tile.keys, queries: queries)
+                    if let biasOrder {
+                        biasOrder.order.publish(head: biasOrder.slot, block: head, donePast: local * queryTiles + r)
+                    }
+                    finishScoreGradients(space, keyCount: tile.keys.count, lanes: lanes, scale: x.scale)
+                }
                 // B operands: the tile's dO and Q rows, in place when they are whole micro-tile rows.
                 let gradientRows: UnsafePointer<Float>, ldg: Int
                 if gradientRowsInPlace {
@@ -351,7 +394,7 @@ enum TiledSoftmaxBackward {
     /// One (query tile, key tile) pair: `Pᵀ` into `probabilities` and `dSᵀ` into
     /// `scoreGradients` (`[jj · lanes + ii]`: key `tile.keys.position(jj)`, query lane `ii`).
     @inline(__always)
-    static func gradientTile<Mask: TransposedTileMask>(_ space: Workspace, _ x: Operands, b: Int, hk: Int,
+    static func gradientTile<Mask: TransposedTileMask>(_ space: Workspace, _ x: Operands, b: Int, hk: Int, h: Int,
                                                        tile: KeyTile, queries: PositionRun, lanes: Int, block t: Int,
                                                        mask: Mask) {
         let keys = tile.keys, ld = space.lanes, mr = MicroTile.mr
@@ -379,9 +422,20 @@ enum TiledSoftmaxBackward {
                                          keyStart: keys.start, keyCount: keys.count,
                                          queryStart: queries.start, queryCount: queries.count))
         }
+        // The score modifiers, as the forward applies them (the one formula,
+        // ScoreModifierKernel.modified), the cap's derivative taken from the scores first.
+        if let modifiers = x.modifiers {
+            if modifiers.softCap > 0 {
+                softCapDerivatives(space, modifiers, keyCount: keys.count, lanes: lanes)
+            }
+            modifiers.apply(space.probabilities, ld: ld, keys: keys, queries: queries, lanes: lanes, b: b, h: h)
+        }
         if !tile.fullyVisible {
             mask.maskScores(space.probabilities, ld: ld, tile: tile, queries: queries)
         }
+        // With modifiers, dSᵀ is first left unscaled (∂s′ = ∂bias), then finished: here, or
+        // by the caller once it has added ∂bias (the same arithmetic either way).
+        let gradientScale: Float = x.modifiers == nil ? x.scale : 1
         if Mask.weightsProbabilities {
             assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
             exponentiate(space, keyCount: keys.count, lanes: lanes)
@@ -389,9 +443,58 @@ enum TiledSoftmaxBackward {
                 probabilities: space.probabilities, probabilityGradients: UnsafePointer(space.scoreGradients),
                 rowDot: UnsafePointer(space.rowDot), ld: ld, keyStart: keys.start, keyCount: keys.count,
                 queryStart: queries.start, queryCount: queries.count, block: t))
-            weightedScoreGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+            weightedScoreGradient(space, keyCount: keys.count, lanes: lanes, scale: gradientScale)
         } else {
-            softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+            softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: gradientScale)
+        }
+        if x.modifiers != nil && x.biasGradient == nil {
+            finishScoreGradients(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
+        }
+    }
+
+    /// `capDerivatives ← 1 − tanh²(Sᵀ / cap)`, the derivative of the soft-capped score
+    /// (``ScoreModifierKernel/softCapDerivative(_:)``) at each raw score of the tile.
+    @inline(never)
+    static func softCapDerivatives(_ space: Workspace, _ modifiers: ScoreModifierKernel, keyCount: Int, lanes: Int) {
+        let ld = space.lanes
+        for r in 0..<keyCount {
+            let scores = space.probabilities + r * ld, derivatives = space.capDerivatives + r * ld
+            for lane in stride(from: 0, to: lanes, by: 16) {
+                store16(modifiers.softCapDerivative(load16(scores + lane)), derivatives + lane)
+            }
+        }
+    }
+
+    /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them.
+    @inline(never)
+    static func finishScoreGradients(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
+        let ld = space.lanes
+        let factor = Vec16(repeating: scale)
+        for r in 0..<keyCount {
+            let gradients = space.scoreGradients + r * ld
+            if space.softCap {
+                let derivatives = space.capDerivatives + r * ld
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    store16(factor * load16(gradients + lane) * load16(derivatives + lane), gradients + lane)
+                }
+            } else {
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    store16(factor * load16(gradients + lane), gradients + lane)
+                }
+            }
+        }
+    }
+
+    /// `∂bias[b, h, i, j] += dSᵀ[j, i]` (unscaled: `P ∘ (dP − D)`) for the tile's keys and
+    /// queries (padding lanes skipped; hidden pairs add exact zeros).
+    static func addBiasGradient(_ space: Workspace, _ gradient: MutableTensorView, b: Int, h: Int,
+                                keys: PositionRun, queries: PositionRun) {
+        let ld = space.lanes, cs = gradient.strides[3]
+        for ii in 0..<queries.count {
+            let row = gradient.row(b, h, queries.position(ii))
+            for jj in 0..<keys.count {
+                row[keys.position(jj) &* cs] += space.scoreGradients[jj * ld + ii]
+            }
         }
     }
 
@@ -514,9 +617,13 @@ enum TiledSoftmaxBackward {
         /// and score-gradient scratch (``TransposedTileMask/scoreGradientScratchCount(lanes:keyRows:headDim:)``);
         /// empty for masks without hooks.
         let terms, gradientScratch: UnsafeMutablePointer<Float>
+        /// Whether the call soft-caps its scores, and then the tile's cap derivatives
+        /// `1 − tanh²(s / cap)` (`keyRows × lanes`; empty otherwise).
+        let softCap: Bool
+        let capDerivatives: UnsafeMutablePointer<Float>
 
         init<Mask: TransposedTileMask>(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int,
-                                       keyRows: Int, mask: Mask.Type) {
+                                       keyRows: Int, mask: Mask.Type, softCap: Bool = false) {
             self.lanes = lanes
             self.keyRows = keyRows
             dPad = roundUp(d, MicroTile.nr)
@@ -537,12 +644,14 @@ enum TiledSoftmaxBackward {
             terms = carver.take(Mask.addsScoreTerms ? Mask.scoreTermScratchCount(queryTile: lanes, keyTile: keyRows) : 0)
             gradientScratch = carver.take(Mask.takesScoreGradients
                 ? Mask.scoreGradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: d) : 0)
+            self.softCap = softCap
+            capDerivatives = carver.take(softCap ? keyRows * lanes : 0)
         }
 
         static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
-                                                        mask: Mask.Type) -> Int {
+                                                        mask: Mask.Type, softCap: Bool = false) -> Int {
             WorkspaceCarver.bytes {
-                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: mask)
+                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: mask, softCap: softCap)
             }
         }
     }

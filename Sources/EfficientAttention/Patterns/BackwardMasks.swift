@@ -237,9 +237,14 @@ struct FixedSummaryMask: TransposedTileMask {
 /// The backward cost of a conformer on the tiled kernel: `2.5 ×` the forward's FLOPs, its
 /// scored pairs, and the largest workspace of its passes (`keyBlocks`, one per pass; the
 /// passes run one after another in the same memory).
+/// `modifiers`: the conformer's score modifiers (soft-capping takes one more tile per worker).
 func tiledBackwardCost(forward: AttentionCost, shape: AttentionShape, threads: Int?,
-                       passes keyBlocks: [TiledSoftmaxBackward.KeyBlocks] = [.contiguous]) -> AttentionCost {
-    let workspace = keyBlocks.map { TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads, keyBlocks: $0) }
+                       passes keyBlocks: [TiledSoftmaxBackward.KeyBlocks] = [.contiguous],
+                       modifiers: ScoreModifiers = ScoreModifiers()) -> AttentionCost {
+    let workspace = keyBlocks.map {
+        TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads, keyBlocks: $0,
+                                            softCap: modifiers.softCap != nil)
+    }
     return AttentionCost(flops: 2.5 * forward.flops, workspaceBytes: workspace.max() ?? 0,
                          scoredPairs: forward.scoredPairs)
 }
@@ -253,6 +258,10 @@ struct TiledBackwardCall {
     let keyLengths: [Int]?
     let q, k, v, o, lse, dO: TensorView
     let dQ, dK, dV: MutableTensorView
+    /// The conformer's score modifiers and where to add `∂L/∂bias`
+    /// (``DifferentiableAttention/withModifierBackward(_:_:)``; nil: none).
+    var modifiers: ScoreModifierKernel? = nil
+    var biasGradient: MutableTensorView? = nil
 
     init(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
          query: StridedView, key: StridedView, value: StridedView, output: StridedView, logSumExp: StridedView,
@@ -277,7 +286,8 @@ struct TiledBackwardCall {
         TiledSoftmaxAttention.withMasks(shape, { b, h in mask(h, keyEnd(b)) }) { masks in
             TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, keyBlocks: keyBlocks,
                                      accumulate: accumulate, q: q, k: k, v: v, o: o, lse: lse, dO: dO,
-                                     dQ: dQ, dK: dK, dV: dV, mask: masks)
+                                     dQ: dQ, dK: dK, dV: dV, modifiers: modifiers, biasGradient: biasGradient,
+                                     mask: masks)
         }
     }
 }
@@ -295,10 +305,14 @@ extension DifferentiableAttention {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: scale) { shape, scale in
-            try body(TiledBackwardCall(shape: shape, scale: scale, threads: try threadCount(threads),
-                                       keyLengths: keyLengths, query: query, key: key, value: value, output: output,
-                                       logSumExp: logSumExp, outputGradient: outputGradient,
-                                       dQuery: dQuery, dKey: dKey, dValue: dValue))
+            var call = TiledBackwardCall(shape: shape, scale: scale, threads: try threadCount(threads),
+                                         keyLengths: keyLengths, query: query, key: key, value: value, output: output,
+                                         logSumExp: logSumExp, outputGradient: outputGradient,
+                                         dQuery: dQuery, dKey: dKey, dValue: dValue)
+            try withModifierBackward(shape) { modifiers, biasGradient in
+                (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
+                try body(call)
+            }
         }
     }
 }
