@@ -367,11 +367,6 @@ extension BenchOptions {
         options.alibi = given["alibi"] != nil
         options.sinks = given["sinks"] != nil
         options.bias = given["bias"] != nil
-        if options.hasModifiers {
-            for other in ["backward"] where given[other] != nil {
-                throw BenchError.usage("--softcap, --alibi, --sinks and --bias do not combine with --\(other) yet")
-            }
-        }
         if let text = given["io"] {
             for other in ["varlen", "decode", "backward"] where given[other] != nil {
                 throw BenchError.usage("--io does not combine with --\(other) yet")
