@@ -552,10 +552,12 @@ import AttentionBenchCore
         #expect(records[0].parameters.contains("softcap=30.0") && records[0].parameters.contains("alibi")
                 && records[0].parameters.contains("sinks") && records[0].parameters.contains("bias"))
         #expect(try m.modifiers(shape: AttentionShape(heads: 2, queryLength: 64, headDim: 16)).bias?.shape == [1, 2, 64, 64])
-        for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"],
-                    ["--alibi", "--backward"]] {
+        for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // The backward takes the modifiers too.
+        let withBackward = try BenchOptions.parse(["--alibi", "--softcap", "20", "--backward"])
+        #expect(withBackward.backward && withBackward.alibi && withBackward.softCap == 20)
         // Decode mode takes them too: the record says so, and the error column is against
         // dense with the same modifiers (small), not plain dense.
         let d = try BenchOptions.parse(["--variants", "multi-query", "--decode", "--cache", "300", "--heads", "4",
