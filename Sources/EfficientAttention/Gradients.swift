@@ -106,11 +106,7 @@ extension DifferentiableAttention {
             }
         }
         // The kernel adds each key block's part of dQ: start from zero.
-        let dq = dQuery.kernel
-        for b in 0..<s.batch { for h in 0..<s.heads { for i in 0..<s.queryLength {
-            let row = dq.row(b, h, i)
-            for c in 0..<s.headDim { row[c &* dq.strides[3]] = 0 }
-        } } }
+        dQuery.kernel.zero(batch: s.batch, heads: s.heads, rows: s.queryLength, width: s.headDim)
         let scale = scale ?? 1 / Float(s.headDim).squareRoot()
         if let workspace { try workspace.use { try body(s, scale) } } else { try body(s, scale) }
     }

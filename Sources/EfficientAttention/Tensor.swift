@@ -249,4 +249,12 @@ struct MutableTensorView: @unchecked Sendable {
         let offset: Int = b &* strides[0] &+ h &* strides[1] &+ i &* strides[2]
         return UnsafeMutableRawPointer(base) + offset &* precision.byteWidth
     }
+
+    /// Sets the `[batch, heads, rows, width]` elements to 0 (Float32 views).
+    func zero(batch: Int, heads: Int, rows: Int, width: Int) {
+        for b in 0..<batch { for h in 0..<heads { for i in 0..<rows {
+            let row = self.row(b, h, i)
+            for c in 0..<width { row[c &* strides[3]] = 0 }
+        } } }
+    }
 }

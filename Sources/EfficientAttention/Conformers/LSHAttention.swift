@@ -594,11 +594,8 @@ extension LSHAttention: DifferentiableAttention {
                           dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?, routes: LSHRoutes?) throws {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
         // dK, dV are sums over the rounds and the query heads of each group: start from zero.
-        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
-            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
-            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
-            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
-        } } }
+        dK.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.headDim)
+        dV.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.valueDim)
         let (layout, factors) = plan(shape)
         let n = shape.queryLength, sharedQK = self.sharedQK
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in

@@ -386,11 +386,8 @@ extension RoutingAttention: DifferentiableAttention {
                           dV: MutableTensorView, keyLengths: [Int]?, routes: RoutingRoutes?) throws {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
         // dK, dV are sums over the clusters and the query heads of each group: start from zero.
-        for b in 0..<shape.batch { for hk in 0..<shape.kvHeads { for j in 0..<shape.keyLength {
-            let keyRow = dK.row(b, hk, j), valueRow = dV.row(b, hk, j)
-            for c in 0..<shape.headDim { keyRow[c &* dK.strides[3]] = 0 }
-            for c in 0..<shape.valueDim { valueRow[c &* dV.strides[3]] = 0 }
-        } } }
+        dK.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.headDim)
+        dV.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.valueDim)
         let l = layout(shape), sizes = backwardSizes(shape)
         let offset = causal ? shape.keyLength - shape.queryLength : nil
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
