@@ -457,19 +457,39 @@ public final class SweepRunner {
         let result = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
                                           keyLengths: nil, threads: threads)
         let dO = try Tensor.random(shape: result.output.shape, seed: options.seed &+ 0x0d0)
-        func gradients() throws {
-            _ = try attention.gradients(query: inputs.query, key: inputs.key, value: inputs.value,
-                                        output: result.output, logSumExp: result.logSumExp, outputGradient: dO,
-                                        keyLengths: nil, threads: threads)
-        }
-        let alone = try timeEngineCalls(policy: options.timing, gradients)
-        let both = try timeEngineCalls(policy: options.timing) {
-            let r = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                         keyLengths: nil, threads: threads)
-            _ = try attention.gradients(query: inputs.query, key: inputs.key, value: inputs.value,
-                                        output: r.output, logSumExp: r.logSumExp, outputGradient: dO,
-                                        keyLengths: nil, threads: threads)
-        }
+        // Engine style, as the forward's timed calls: borrowed views, gradients (and, for
+        // forward + backward, the output and log-sum-exp) written into the caller's tensors,
+        // one workspace for both passes, allocations counted per call.
+        var dq = try Tensor(shape: inputs.query.shape), dk = try Tensor(shape: inputs.key.shape)
+        var dv = try Tensor(shape: inputs.value.shape)
+        var output = try Tensor(shape: result.output.shape), lse = try Tensor(shape: result.logSumExp.shape)
+        let workspace = try AttentionWorkspace(
+            byteCount: max(backwardCost.workspaceBytes, try attention.cost(shape, threads: threads).workspaceBytes))
+        let (alone, both) = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
+        try inputs.value.withStridedView { v in try dO.withStridedView { g in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+        try output.withMutableStridedView { out in try lse.withMutableStridedView { lseOut in
+            // The forward's output and log-sum-exp, read by the backward that follows it.
+            let written = try StridedView(UnsafeBufferPointer(start: out.baseAddress, count: out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]),
+                                          shape: out.shape)
+            let writtenLSE = try StridedView(UnsafeBufferPointer(start: lseOut.baseAddress,
+                                                                 count: lseOut.shape[0] * lseOut.shape[1] * lseOut.shape[2] * lseOut.shape[3]),
+                                             shape: lseOut.shape)
+            let alone = try timeEngineCalls(policy: options.timing) {
+                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
+                                        workspace: workspace, threads: threads)
+            }
+            let both = try timeEngineCalls(policy: options.timing) {
+                try attention.attend(query: q, key: k, value: v, output: out, logSumExp: lseOut, keyLengths: nil,
+                                     workspace: workspace, threads: threads)
+                try attention.gradients(query: q, key: k, value: v, output: written, logSumExp: writtenLSE,
+                                        outputGradient: g, dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
+                                        workspace: workspace, threads: threads)
+            }
+            return (alone, both)
+        } } } } } } } } } } }
         func record(_ pass: String, _ timed: (timing: TimingStatistics, allocationsPerCall: Double?),
                     flops: Double, workspace: Int) -> BenchRecord {
             var r = BenchRecord(

@@ -115,9 +115,9 @@ extension DifferentiableAttention {
     /// forward's checks, naming the option) and its backward applies them (conformers marked
     /// ``ModifierDifferentiable``; the others refuse modifiers rather than ignore them).
     func checkModifiersForBackward(_ shape: AttentionShape) throws {
-        guard let modifiable = self as? any ModifiableAttention else { return }
-        try modifiable.modifiers.validate(shape)
-        if !modifiable.modifiers.isEmpty && !(self is any ModifierDifferentiable) {
+        guard let modifiers = scoreModifiers else { return }
+        try modifiers.validate(shape)
+        if !modifiers.isEmpty && !(Self.self is any ModifierDifferentiable.Type) {
             throw AttentionError.unsupported(
                 "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")
         }

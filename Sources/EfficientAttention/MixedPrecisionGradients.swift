@@ -104,13 +104,15 @@ extension AttentionWorkspace {
 /// call's inputs (`reading`: query, key, value, output, logSumExp, outputGradient, in that
 /// order), naming the pair.
 func checkSeparateGradients(dQuery: Range<UInt>, dKey: Range<UInt>, dValue: Range<UInt>,
-                            reading: [Range<UInt>]) throws {
-    let inputNames = ["query", "key", "value", "output", "logSumExp", "outputGradient"]
-    let written = [("dQuery", dQuery), ("dKey", dKey), ("dValue", dValue)]
-    let read = zip(inputNames, reading).map { ($0, $1) }
-    for (n, (name, range)) in written.enumerated() {
-        for (other, otherRange) in read + written[(n + 1)...] where range.overlaps(otherRange) {
-            throw AttentionError.invalidParameter("\(name) overlaps \(other): gradients must be separate memory")
+                            reading: InlineArray<6, Range<UInt>>) throws {
+    // Fixed-size storage (no allocation on a call that passes).
+    let names: InlineArray<9, StaticString> = ["dQuery", "dKey", "dValue", "query", "key", "value", "output",
+                                               "logSumExp", "outputGradient"]
+    let ranges: InlineArray<9, Range<UInt>> = [dQuery, dKey, dValue, reading[0], reading[1], reading[2],
+                                               reading[3], reading[4], reading[5]]
+    for n in 0..<3 {
+        for m in (n + 1)..<9 where ranges[n].overlaps(ranges[m]) {
+            throw AttentionError.invalidParameter("\(names[n]) overlaps \(names[m]): gradients must be separate memory")
         }
     }
 }

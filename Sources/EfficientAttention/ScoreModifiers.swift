@@ -354,14 +354,30 @@ enum ModifierGradientRequest {
     @TaskLocal static var bias: UncheckedSendable<MutableTensorView>?
 }
 
+extension ModifiableAttention {
+    /// The `modifiers` of the conformer at `value` (a metatype's entry: see
+    /// ``DifferentiableAttention/scoreModifiers``).
+    static func modifiers(at value: UnsafeRawPointer) -> ScoreModifiers {
+        value.assumingMemoryBound(to: Self.self).pointee.modifiers
+    }
+}
+
 extension DifferentiableAttention {
+    /// This conformer's score modifiers when it is a ``ModifiableAttention`` (nil otherwise).
+    /// Through the metatype, not `self as? any ModifiableAttention`: casting the value would
+    /// box a conformer larger than three words on the heap on every call.
+    var scoreModifiers: ScoreModifiers? {
+        guard let type = Self.self as? any ModifiableAttention.Type else { return nil }
+        return withUnsafePointer(to: self) { type.modifiers(at: UnsafeRawPointer($0)) }
+    }
+
     /// Runs `body` with the kernel form of this conformer's score modifiers for `shape`
     /// (nil when it has none that modify scores) and the view to add `∂L/∂bias` into (nil
     /// unless ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``
     /// asked for it), for ``TiledSoftmaxBackward/run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:modifiers:biasGradient:mask:)``.
     func withModifierBackward<R>(_ shape: AttentionShape,
                                  _ body: (ScoreModifierKernel?, MutableTensorView?) throws -> R) rethrows -> R {
-        guard let modifiers = (self as? any ModifiableAttention)?.modifiers, modifiers.modifiesScores else {
+        guard let modifiers = scoreModifiers, modifiers.modifiesScores else {
             return try body(nil, nil)
         }
         return try modifiers.withKernel(shape) { kernel in

@@ -1,4 +1,9 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// The flash-style backward pass of ``TiledSoftmaxAttention``: `dQ`, `dK`, `dV` from the
 /// forward's inputs, its output `O`, its log-sum-exp and the output gradient `dO`, with the
@@ -63,7 +68,8 @@ import Foundation
 /// (floats; `Br′` = the query tile rounded up to 32, `R` = the block rounded up to 8, `D′`,
 /// `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
 /// + Br′·D′ + R·D′ + 2·Br′ + 8·32` (each buffer rounded up to 64 bytes), independent of the
-/// sequence lengths; plus one `Int` per block of `B·Hkv` for the ordering.
+/// sequence lengths; plus the orderings (``BlockOrder``: a lock, a condition variable and two
+/// `Int`s per block of `B·Hkv`).
 enum TiledSoftmaxBackward {
     /// Query rows per tile: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
@@ -86,7 +92,7 @@ enum TiledSoftmaxBackward {
 
     /// Bytes of workspace ``run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:mask:)``
     /// allocates with `threads` workers (`nil`: every active processor) and key blocks
-    /// `keyBlocks`: the workers' arena and the ordering's table.
+    /// `keyBlocks`: the workers' arena and the orderings.
     static func workspaceBytes(shape: AttentionShape, threads: Int?, keyBlocks: KeyBlocks = .contiguous,
                                softCap: Bool = false) -> Int {
         workspaceBytes(shape: shape, threads: threads, keyBlocks: keyBlocks, mask: IntervalMask.self, softCap: softCap)
@@ -102,7 +108,8 @@ enum TiledSoftmaxBackward {
         let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows,
                                             mask: mask, softCap: softCap)
         let items = itemCount(shape, keyBlocks: keyBlocks)
-        return perWorker * workerCount(threads: threads, items: items) + items * MemoryLayout<Int>.stride
+        // The two orderings (dQ's, and a broadcast bias's), each at most `items` blocks.
+        return perWorker * workerCount(threads: threads, items: items) + 2 * BlockOrder.byteCount(heads: items, blocks: 1)
     }
 
     /// How one pass splits each key/value head's keys into the blocks of its work items:
@@ -179,15 +186,16 @@ enum TiledSoftmaxBackward {
         let orderHeads = keyBlocks.disjointClasses ? kvHeads * classes : kvHeads
         let orderBlocks = keyBlocks.disjointClasses ? perClass : classes * perClass
         let items = orderHeads * orderBlocks
-        let order = BlockOrder(heads: orderHeads, blocks: orderBlocks)
         // A broadcast bias's gradient: the items of one key block (a slot) add in the order
         // of their (batch item, key/value head); a bias broadcast over heads within one
         // group is summed inside the item.
         let biasOrdered = biasGradient.map {
             ($0.strides[0] == 0 && shape.batch > 1) || ($0.strides[1] == 0 && shape.kvHeads > 1)
         } ?? false
-        let biasOrder = biasOrdered ? BlockOrder(heads: items / kvHeads, blocks: kvHeads) : nil
         let softCap = (modifiers?.softCap ?? 0) > 0
+        BlockOrder.with(heads: orderHeads, blocks: orderBlocks) { order in
+        BlockOrder.with(heads: biasOrdered ? items / kvHeads : 0, blocks: biasOrdered ? kvHeads : 0) { biasOrdering in
+        let biasOrder = biasOrdered ? biasOrdering : nil
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
             Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap)
         }) { spaces in
@@ -213,6 +221,8 @@ enum TiledSoftmaxBackward {
                 order.finish(head: orderHead, block: t)
                 biasOrder?.finish(head: slot, block: head)
             }
+        }
+        }
         }
     }
 
@@ -665,26 +675,50 @@ enum TiledSoftmaxBackward {
 /// ``finish(head:block:)``; blocks not yet started count as done with nothing.
 ///
 /// A lock and a condition variable (no spinning, no atomics): a few thousand lock
-/// operations per call against millions of FLOPs per operation.
-final class BlockOrder: @unchecked Sendable {
-    private let condition = NSCondition()
+/// operations per call against millions of FLOPs per operation. Everything lives in the
+/// call's scratch (``with(heads:blocks:_:)``): an ordering allocates nothing.
+struct BlockOrder: @unchecked Sendable {
+    private let lock: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
     private let blocks: Int
     /// Per (head, block): the positions below this are done (`Int.max`: finished).
-    private var done: [Int]
+    private let done: UnsafeMutablePointer<Int>
     /// Per head: the blocks before this are all finished.
-    private var finishedPrefix: [Int]
+    private let finishedPrefix: UnsafeMutablePointer<Int>
 
-    init(heads: Int, blocks: Int) {
-        self.blocks = blocks
-        done = [Int](repeating: 0, count: heads * blocks)
-        finishedPrefix = [Int](repeating: 0, count: heads)
+    /// Scratch bytes of an ordering of `heads × blocks` blocks.
+    static func byteCount(heads: Int, blocks: Int) -> Int {
+        roundUp(MemoryLayout<pthread_mutex_t>.stride, WorkspaceCarver.alignment)
+            + roundUp(MemoryLayout<pthread_cond_t>.stride, WorkspaceCarver.alignment)
+            + roundUp((heads * blocks + heads) * MemoryLayout<Int>.stride, WorkspaceCarver.alignment)
+    }
+
+    /// Runs `body` with an ordering of `heads` heads of `blocks` blocks, none done yet, in
+    /// the call's scratch (``withScratch(byteCount:_:)``).
+    static func with<R>(heads: Int, blocks: Int, _ body: (BlockOrder) throws -> R) rethrows -> R {
+        try withScratch(byteCount: byteCount(heads: heads, blocks: blocks)) { raw in
+            let lockBytes = roundUp(MemoryLayout<pthread_mutex_t>.stride, WorkspaceCarver.alignment)
+            let conditionBytes = roundUp(MemoryLayout<pthread_cond_t>.stride, WorkspaceCarver.alignment)
+            let lock = raw.bindMemory(to: pthread_mutex_t.self, capacity: 1)
+            let condition = (raw + lockBytes).bindMemory(to: pthread_cond_t.self, capacity: 1)
+            let counts = (raw + lockBytes + conditionBytes).bindMemory(to: Int.self, capacity: heads * blocks + heads)
+            counts.initialize(repeating: 0, count: heads * blocks + heads)
+            pthread_mutex_init(lock, nil)
+            pthread_cond_init(condition, nil)
+            defer {
+                pthread_cond_destroy(condition)
+                pthread_mutex_destroy(lock)
+            }
+            return try body(BlockOrder(lock: lock, condition: condition, blocks: blocks, done: counts,
+                                       finishedPrefix: counts + heads * blocks))
+        }
     }
 
     /// Blocks until every block before `block` of `head` is done past `position`.
     func waitForTurn(head: Int, block: Int, position: Int) {
-        condition.lock()
-        defer { condition.unlock() }
-        while !isTurn(head: head, block: block, position: position) { condition.wait() }
+        pthread_mutex_lock(lock)
+        while !isTurn(head: head, block: block, position: position) { pthread_cond_wait(condition, lock) }
+        pthread_mutex_unlock(lock)
     }
 
     /// Whether every block before `block` of `head` is done past `position` (lock held).
@@ -699,21 +733,21 @@ final class BlockOrder: @unchecked Sendable {
 
     /// Records that `block` of `head` is done with every position up to `position`.
     func publish(head: Int, block: Int, donePast position: Int) {
-        condition.lock()
+        pthread_mutex_lock(lock)
         done[head * blocks + block] = position + 1
-        condition.broadcast()
-        condition.unlock()
+        pthread_cond_broadcast(condition)
+        pthread_mutex_unlock(lock)
     }
 
     /// Records that `block` of `head` has added all its contributions.
     func finish(head: Int, block: Int) {
-        condition.lock()
+        pthread_mutex_lock(lock)
         done[head * blocks + block] = .max
         var prefix = finishedPrefix[head]
         while prefix < blocks && done[head * blocks + prefix] == .max { prefix += 1 }
         finishedPrefix[head] = prefix
-        condition.broadcast()
-        condition.unlock()
+        pthread_cond_broadcast(condition)
+        pthread_mutex_unlock(lock)
     }
 }
 
