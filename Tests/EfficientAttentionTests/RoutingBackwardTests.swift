@@ -298,14 +298,8 @@ struct RoutingBackwardTests {
         let c = RoutingBackwardCase(queryLength: 9, headDim: 4, clusters: 2, seed: 11)
         let attention = try c.attention()
         let (q, k, v, result, dO) = try c.inputs()
-        let wrong = try Tensor(shape: [1, 2, 8, 4])
-        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                ("outputGradient", result.output, result.logSumExp, wrong)] {
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        keyLengths: nil, threads: nil)
-            }
-        }
+        expectMisshapenGradientInputsThrow(attention, query: q, key: k, value: v, result: result, outputGradient: dO,
+                                           wrong: try Tensor(shape: [1, 2, 8, 4]))
         expectAttentionError(.invalidParameter, mentioning: ["threads"]) {
             try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, threads: 0)
         }
