@@ -427,10 +427,13 @@ enum TiledSoftmaxBackward {
         // The forward's order: score terms, masking, exp, weights.
         if Mask.addsScoreTerms {
             assert(keys.step == 1 && queries.step == 1, "score-term hooks take runs of step 1")
-            mask.addScoreTerms(ScoreTile(scores: space.probabilities, ld: ld, queries: space.qT, headDim: x.d,
-                                         lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
-                                         keyStart: keys.start, keyCount: keys.count,
-                                         queryStart: queries.start, queryCount: queries.count))
+            let scoreTile = ScoreTile(scores: space.probabilities, ld: ld, queries: space.qT, headDim: x.d,
+                                      lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
+                                      keyStart: keys.start, keyCount: keys.count,
+                                      queryStart: queries.start, queryCount: queries.count)
+            // A score function's derivative at the raw scores, before the terms replace them.
+            if Mask.differentiatesScoreTerms { mask.scoreTermDerivatives(scoreTile, into: space.termDerivatives) }
+            mask.addScoreTerms(scoreTile)
         }
         // The score modifiers, as the forward applies them (the one formula,
         // ScoreModifierKernel.modified), the cap's derivative taken from the scores first.
@@ -443,9 +446,11 @@ enum TiledSoftmaxBackward {
         if !tile.fullyVisible {
             mask.maskScores(space.probabilities, ld: ld, tile: tile, queries: queries)
         }
-        // With modifiers, dSᵀ is first left unscaled (∂s′ = ∂bias), then finished: here, or
-        // by the caller once it has added ∂bias (the same arithmetic either way).
-        let gradientScale: Float = x.modifiers == nil ? x.scale : 1
+        // With modifiers (or a score function's derivative), dSᵀ is first left unscaled
+        // (∂s′ = ∂bias), then finished: here, or by the caller once it has added ∂bias (the
+        // same arithmetic either way).
+        let finishedLater = x.modifiers != nil || Mask.differentiatesScoreTerms
+        let gradientScale: Float = finishedLater ? 1 : x.scale
         if Mask.weightsProbabilities {
             assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
             exponentiate(space, keyCount: keys.count, lanes: lanes)
@@ -457,7 +462,7 @@ enum TiledSoftmaxBackward {
         } else {
             softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: gradientScale)
         }
-        if x.modifiers != nil && x.biasGradient == nil {
+        if finishedLater && x.biasGradient == nil {
             finishScoreGradients(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
         }
     }
@@ -475,11 +480,29 @@ enum TiledSoftmaxBackward {
         }
     }
 
-    /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them.
+    /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them, then
+    /// times the score function's derivatives `f′` when it holds those (``TransposedTileMask/differentiatesScoreTerms``;
+    /// `f′` taken as 0 where `Pᵀ = 0`, so that a hidden pair's undefined or infinite `f′`
+    /// never meets its zero: no `0 · ∞`).
     @inline(never)
     static func finishScoreGradients(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
         let ld = space.lanes
         let factor = Vec16(repeating: scale)
+        if space.scoreTermDerivatives {
+            let zero = Vec16(repeating: 0)
+            for r in 0..<keyCount {
+                let gradients = space.scoreGradients + r * ld, derivatives = space.termDerivatives + r * ld
+                let probabilities = space.probabilities + r * ld
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    var g = factor * load16(gradients + lane)
+                    if space.softCap { g = g * load16(space.capDerivatives + r * ld + lane) }
+                    var f = load16(derivatives + lane)
+                    f.replace(with: zero, where: load16(probabilities + lane) .== zero)
+                    store16(g * f, gradients + lane)
+                }
+            }
+            return
+        }
         for r in 0..<keyCount {
             let gradients = space.scoreGradients + r * ld
             if space.softCap {
@@ -631,6 +654,10 @@ enum TiledSoftmaxBackward {
         /// `1 − tanh²(s / cap)` (`keyRows × lanes`; empty otherwise).
         let softCap: Bool
         let capDerivatives: UnsafeMutablePointer<Float>
+        /// Whether the mask's score terms have a derivative (``TransposedTileMask/differentiatesScoreTerms``),
+        /// and then the tile's `f′` at the raw scores (`keyRows × lanes`; empty otherwise).
+        let scoreTermDerivatives: Bool
+        let termDerivatives: UnsafeMutablePointer<Float>
 
         init<Mask: TransposedTileMask>(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int,
                                        keyRows: Int, mask: Mask.Type, softCap: Bool = false) {
@@ -656,6 +683,8 @@ enum TiledSoftmaxBackward {
                 ? Mask.scoreGradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: d) : 0)
             self.softCap = softCap
             capDerivatives = carver.take(softCap ? keyRows * lanes : 0)
+            scoreTermDerivatives = Mask.differentiatesScoreTerms
+            termDerivatives = carver.take(Mask.differentiatesScoreTerms ? keyRows * lanes : 0)
         }
 
         static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
@@ -800,12 +829,25 @@ protocol TransposedTileMask: TileMask {
     /// multiplies the tile's probabilities by the forward's weights and keeps the weights'
     /// own gradients (default: the weights alone).
     func weightProbabilitiesBackward(_ tile: WeightGradientTile)
+
+    /// Whether the mask's score terms are a function `s′ = f(s)` of each raw score whose
+    /// derivative the pass multiplies `dSᵀ` by (default `false`: the call compiles away; a
+    /// mask whose terms only add to the score, derivative 1, leaves it `false`). Such masks
+    /// add score terms (``TileMask/addsScoreTerms``) and list runs of step 1.
+    static var differentiatesScoreTerms: Bool { get }
+
+    /// Writes `f′(s)` of each raw score of `tile` (before ``TileMask/addScoreTerms(_:)``
+    /// replaces it) into `derivatives[jj · tile.ld + ii]`, for `jj < tile.keyCount` and the
+    /// tile's lanes. Values on hidden pairs are never used (taken as 0 where `P = 0`).
+    func scoreTermDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>)
 }
 
 extension TransposedTileMask {
     func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int { ceilDiv(queryLength, queryTile) }
 
     static var takesScoreGradients: Bool { false }
+    static var differentiatesScoreTerms: Bool { false }
+    @inline(__always) func scoreTermDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>) {}
     static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int { 0 }
     @inline(__always) func takeScoreGradients(_ tile: ScoreGradientTile) {}
     @inline(__always) func publishScoreGradients(_ tile: ScoreGradientTile) {}
