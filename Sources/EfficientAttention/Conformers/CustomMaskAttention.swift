@@ -482,22 +482,14 @@ struct PredicateMask<P: VisibilityPredicate, S: ScoreFunction>: TileMask {
     /// Applies the score function to 16 query lanes at a time (lanes past the last query
     /// ask about that query again).
     func addScoreTerms(_ tile: ScoreTile) {
-        transform(tile, into: tile.scores) { s, queries, key in
-            score.scores(s, batch: batch, head: head, queries: queries, key: key)
-        }
-    }
-
-    /// `target[jj · ld + ii] ← f(scores[jj · ld + ii], query lanes, key)` over `tile`, 16
-    /// query lanes at a time (lanes past the last query ask about that query again).
-    @inline(__always)
-    func transform(_ tile: ScoreTile, into target: UnsafeMutablePointer<Float>,
-                   _ f: (SIMD16<Float>, SIMD16<Int32>, Int) -> SIMD16<Float>) {
         let queries = PositionRun(start: tile.queryStart, count: tile.queryCount)
         for jj in 0..<tile.keyCount {
-            let row = tile.scores + jj &* tile.ld, out = target + jj &* tile.ld
+            let row = tile.scores + jj &* tile.ld
             var ii = 0
             while ii < tile.queryCount {
-                store16(f(load16(row + ii), lanePositions(queries, from: ii), tile.keyStart + jj), out + ii)
+                let s = load16(row + ii)
+                store16(score.scores(s, batch: batch, head: head, queries: lanePositions(queries, from: ii),
+                                     key: tile.keyStart + jj), row + ii)
                 ii += 16
             }
         }
@@ -505,7 +497,7 @@ struct PredicateMask<P: VisibilityPredicate, S: ScoreFunction>: TileMask {
 
     /// The positions of `queries`' lanes `first..<first + 16`, those past the last repeating it.
     @inline(__always)
-    private func lanePositions(_ queries: PositionRun, from first: Int) -> SIMD16<Int32> {
+    fileprivate func lanePositions(_ queries: PositionRun, from first: Int) -> SIMD16<Int32> {
         var ramp = SIMD16<Int32>()
         for l in 0..<16 { ramp[l] = Int32(truncatingIfNeeded: l * queries.step) }
         var positions = ramp &+ Int32(truncatingIfNeeded: queries.position(first))
@@ -536,10 +528,24 @@ struct PredicateMask<P: VisibilityPredicate, S: ScoreFunction>: TileMask {
 // MARK: - Backward
 
 extension PredicateMask where S: DifferentiableScoreFunction {
-    /// The score function's derivatives at the tile's raw scores, into `derivatives`.
-    func scoreDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>) {
-        transform(tile, into: derivatives) { s, queries, key in
-            score.derivatives(s, batch: batch, head: head, queries: queries, key: key)
+    /// The score function applied to the tile (as ``addScoreTerms(_:)``) and its derivatives
+    /// at the raw scores written to `derivatives` (0 where the function returns `−∞`).
+    func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>) {
+        let minusInfinity = SIMD16<Float>(repeating: -.infinity), zero = SIMD16<Float>(repeating: 0)
+        let queries = PositionRun(start: tile.queryStart, count: tile.queryCount)
+        for jj in 0..<tile.keyCount {
+            let row = tile.scores + jj &* tile.ld, out = derivatives + jj &* tile.ld
+            let key = tile.keyStart + jj
+            var ii = 0
+            while ii < tile.queryCount {
+                let s = load16(row + ii), lanes = lanePositions(queries, from: ii)
+                let t = score.scores(s, batch: batch, head: head, queries: lanes, key: key)
+                var d = score.derivatives(s, batch: batch, head: head, queries: lanes, key: key)
+                d.replace(with: zero, where: t .== minusInfinity)
+                store16(t, row + ii)
+                store16(d, out + ii)
+                ii += 16
+            }
         }
     }
 }
@@ -584,8 +590,8 @@ struct PredicateBackwardMask<P: VisibilityPredicate, S: DifferentiableScoreFunct
     func addScoreTerms(_ tile: ScoreTile) { forward.addScoreTerms(tile) }
 
     static var differentiatesScoreTerms: Bool { !S.isIdentity }
-    func scoreTermDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>) {
-        forward.scoreDerivatives(tile, into: derivatives)
+    func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>) {
+        forward.addScoreTerms(tile, derivatives: derivatives)
     }
 }
 

@@ -431,9 +431,12 @@ enum TiledSoftmaxBackward {
                                       lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
                                       keyStart: keys.start, keyCount: keys.count,
                                       queryStart: queries.start, queryCount: queries.count)
-            // A score function's derivative at the raw scores, before the terms replace them.
-            if Mask.differentiatesScoreTerms { mask.scoreTermDerivatives(scoreTile, into: space.termDerivatives) }
-            mask.addScoreTerms(scoreTile)
+            // A score function: its derivatives at the raw scores as the terms replace them.
+            if Mask.differentiatesScoreTerms {
+                mask.addScoreTerms(scoreTile, derivatives: space.termDerivatives)
+            } else {
+                mask.addScoreTerms(scoreTile)
+            }
         }
         // The score modifiers, as the forward applies them (the one formula,
         // ScoreModifierKernel.modified), the cap's derivative taken from the scores first.
@@ -836,10 +839,11 @@ protocol TransposedTileMask: TileMask {
     /// add score terms (``TileMask/addsScoreTerms``) and list runs of step 1.
     static var differentiatesScoreTerms: Bool { get }
 
-    /// Writes `f′(s)` of each raw score of `tile` (before ``TileMask/addScoreTerms(_:)``
-    /// replaces it) into `derivatives[jj · tile.ld + ii]`, for `jj < tile.keyCount` and the
-    /// tile's lanes. Values on hidden pairs are never used (taken as 0 where `P = 0`).
-    func scoreTermDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>)
+    /// ``TileMask/addScoreTerms(_:)`` (each raw score `s` of `tile` replaced by `f(s)`) that
+    /// also writes `f′(s)` into `derivatives[jj · tile.ld + ii]`, for `jj < tile.keyCount`
+    /// and the tile's lanes; 0 where `f(s) = −∞` (a pair the function hides). The pass uses
+    /// them only where `P > 0`.
+    func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>)
 }
 
 extension TransposedTileMask {
@@ -847,7 +851,9 @@ extension TransposedTileMask {
 
     static var takesScoreGradients: Bool { false }
     static var differentiatesScoreTerms: Bool { false }
-    @inline(__always) func scoreTermDerivatives(_ tile: ScoreTile, into derivatives: UnsafeMutablePointer<Float>) {}
+    @inline(__always) func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>) {
+        addScoreTerms(tile)
+    }
     static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int { 0 }
     @inline(__always) func takeScoreGradients(_ tile: ScoreGradientTile) {}
     @inline(__always) func publishScoreGradients(_ tile: ScoreGradientTile) {}
