@@ -85,82 +85,20 @@ struct HiddenRows: VisibilityPredicate {
 // MARK: - Reference
 
 /// The forward with score function `f` and the built-in modifiers, and its hand-written
-/// derivative, in `T`: for each row, the keys `J` the predicate shows (below the key length),
+/// derivative, in `T` (``modifiedReferenceBackward(q:k:v:dO:dims:scale:visible:modifiers:exp:log:tanh:weight:weightGradient:score:)``):
+/// for each row, the keys `J` the predicate shows (below the key length),
 /// `s_j = scale q·k_j`, `u_j = f(s_j)`, `t_j = tanh(u_j / cap)`,
-/// `s′_j = cap t_j + bias_ij − α_h |i + Nk − Nq − j|` (pairs with `s′ = −∞` hidden),
-/// `Z = Σ e^{s′_j} + e^{σ_h}`, `P_j = e^{s′_j} / Z`, `o = Σ P_j v_j`, `lse = log Z`;
-/// `G_j = P_j (dO·v_j − D)`, `D = Σ P_j dO·v_j`: `∂bias_ij = G_j`,
-/// `dS_j = G_j (1 − t_j²) f′(s_j)`, `dq = scale Σ dS_j k_j`, `dk_j += scale dS_j q`,
-/// `dv_j += P_j dO`, `∂σ_h −= (e^{σ_h} / Z) D`.
+/// `s′_j = cap t_j + bias_ij − α_h |i + Nk − Nq − j|`, `Z = Σ e^{s′_j} + e^{σ_h}`,
+/// `P_j = e^{s′_j} / Z`, `o = Σ P_j v_j`, `lse = log Z`; `G_j = P_j (dO·v_j − D)`,
+/// `D = Σ P_j dO·v_j`: `∂bias_ij = G_j`, `dS_j = G_j (1 − t_j²) f′(s_j)` (0 where `P_j = 0`),
+/// `dq = scale Σ dS_j k_j`, `dk_j += scale dS_j q`, `dv_j += P_j dO`, `∂σ_h −= (e^{σ_h} / Z) D`.
 func customReferenceBackward<T: BinaryFloatingPoint, F: ReferenceScore>(
     q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, scale: T, visible: Visibility, score f: F,
-    modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T
+    modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: @escaping (T) -> T
 ) -> ModifiedReference<T> {
-    let (d, dv, group) = (n.headDim, n.valueDim, n.heads / n.kvHeads)
-    var r = ReferenceGradients<T>(output: .init(repeating: 0, count: n.batch * n.heads * n.queryLength * dv),
-                                  lse: .init(repeating: -.infinity, count: n.batch * n.heads * n.queryLength),
-                                  dq: .init(repeating: 0, count: q.count), dk: .init(repeating: 0, count: k.count),
-                                  dv: .init(repeating: 0, count: v.count))
-    var dbias = [T](repeating: 0, count: m.bias?.count ?? 0)
-    var dsinks = [T](repeating: 0, count: n.heads)
-    for b in 0..<n.batch { for h in 0..<n.heads { for i in 0..<n.queryLength {
-        let hk = h / group, row = n.queryIndex(b, h, i)
-        var keys: [Int] = [], scores: [T] = [], derivative: [T] = []
-        for j in 0..<n.keyLength where visible(b, h, i, j) {
-            let kj = n.keyIndex(b, hk, j)
-            var dot: T = 0
-            for c in 0..<d { dot += q[row * d + c] * k[kj * d + c] }
-            let (u, du) = f.reference(scale * dot, b, h, i, j, tanh: tanh)
-            var s = u, ds = du
-            if let cap = m.softCap {
-                let th = tanh(s / cap)
-                s = cap * th
-                ds *= 1 - th * th
-            }
-            if let bias = m.bias { s += bias[m.biasIndex(b, h, i, j)] }
-            if let slopes = m.slopes {
-                let distance = T(i + n.keyLength - n.queryLength - j)
-                s -= slopes[h] * (distance < 0 ? -distance : distance)
-            }
-            guard s > -.infinity else { continue }
-            keys.append(j)
-            scores.append(s)
-            derivative.append(ds)
-        }
-        let sink = m.sinks?[h]
-        guard !keys.isEmpty else {
-            if let sink { r.lse[row] = sink }
-            continue
-        }
-        var top = scores.max()!
-        if let sink { top = max(top, sink) }
-        let e = scores.map { exp($0 - top) }
-        let sum = e.reduce(0, +) + (sink.map { exp($0 - top) } ?? 0)
-        let p = e.map { $0 / sum }
-        r.lse[row] = top + log(sum)
-        var rowDot: T = 0
-        let dp = keys.enumerated().map { t, j -> T in
-            let kj = n.keyIndex(b, hk, j)
-            var dot: T = 0
-            for c in 0..<dv {
-                dot += dO[row * dv + c] * v[kj * dv + c]
-                r.output[row * dv + c] += p[t] * v[kj * dv + c]
-            }
-            rowDot += p[t] * dot
-            return dot
-        }
-        for (t, j) in keys.enumerated() {
-            let g = p[t] * (dp[t] - rowDot), ds = g * derivative[t], kj = n.keyIndex(b, hk, j)
-            if m.bias != nil { dbias[m.biasIndex(b, h, i, j)] += g }
-            for c in 0..<d {
-                r.dq[row * d + c] += scale * ds * k[kj * d + c]
-                r.dk[kj * d + c] += scale * ds * q[row * d + c]
-            }
-            for c in 0..<dv { r.dv[kj * dv + c] += p[t] * dO[row * dv + c] }
-        }
-        if let sink { dsinks[h] -= exp(sink - top) / sum * rowDot }
-    } } }
-    return ModifiedReference(gradients: r, bias: dbias, sinks: dsinks)
+    modifiedReferenceBackward(q: q, k: k, v: v, dO: dO, dims: n, scale: scale, visible: visible, modifiers: m,
+                              exp: exp, log: log, tanh: tanh,
+                              score: { s, b, h, i, j in f.reference(s, b, h, i, j, tanh: tanh) })
 }
 
 /// The Double reference and the naive Float one of a call.

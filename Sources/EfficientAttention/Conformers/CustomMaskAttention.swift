@@ -86,14 +86,19 @@ public protocol ScoreFunction: Sendable, Equatable {
     static var isIdentity: Bool { get }
 }
 
+/// `f(values[l], queries[l])` for the 16 lanes: the lane-by-lane defaults of the vector forms.
+@inline(__always)
+private func laneByLane(_ values: SIMD16<Float>, _ queries: SIMD16<Int32>,
+                        _ f: (_ value: Float, _ query: Int) -> Float) -> SIMD16<Float> {
+    var result = values
+    for l in 0..<16 { result[l] = f(values[l], Int(queries[l])) }
+    return result
+}
+
 extension ScoreFunction {
     public func scores(_ scores: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>,
                        key: Int) -> SIMD16<Float> {
-        var result = scores
-        for l in 0..<16 {
-            result[l] = score(scores[l], batch: batch, head: head, query: Int(queries[l]), key: key)
-        }
-        return result
+        laneByLane(scores, queries) { score($0, batch: batch, head: head, query: $1, key: key) }
     }
 
     public static var isIdentity: Bool { false }
@@ -136,11 +141,7 @@ public protocol DifferentiableScoreFunction: ScoreFunction {
 extension DifferentiableScoreFunction {
     public func derivatives(_ scores: SIMD16<Float>, batch: Int, head: Int, queries: SIMD16<Int32>,
                             key: Int) -> SIMD16<Float> {
-        var result = scores
-        for l in 0..<16 {
-            result[l] = derivative(scores[l], batch: batch, head: head, query: Int(queries[l]), key: key)
-        }
-        return result
+        laneByLane(scores, queries) { derivative($0, batch: batch, head: head, query: $1, key: key) }
     }
 }
 
