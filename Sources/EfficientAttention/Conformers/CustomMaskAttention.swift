@@ -192,11 +192,14 @@ public struct AllVisible: VisibilityPredicate {
 ///
 /// The block mask is built on the first
 /// call for a shape (`Nq · Nk` predicate evaluations, times `B · H` when the rule varies by
-/// head) and kept for the next calls with the same predicate and shape.
+/// head) and kept for the next calls with the same predicate and shape. With a
+/// ``DifferentiableScoreFunction`` (``IdentityScore`` included) it has a backward
+/// (``DifferentiableAttention``) that reuses it.
 ///
 /// - Complexity: `2 · pairs · (D + Dv)` FLOPs over the pairs of the listed tiles; the block
-///   mask is `⌈Nq/Br⌉ · ⌈Nk/Bc⌉` bytes per head (one for all when the rule does not vary);
-///   workspace as dense attention's. KernelDocs/ScoreModifiers.md, "Custom masks".
+///   mask is `⌈Nq/Br⌉ · ⌈Nk/Bc⌉` bytes per head plus its cells, `⌈Nq/64⌉ · ⌈Nk/64⌉` bytes
+///   (one set for all heads when the rule does not vary); workspace as dense attention's.
+///   KernelDocs/ScoreModifiers.md, "Custom masks".
 public struct CustomMaskAttention<Predicate: VisibilityPredicate, Score: ScoreFunction>: KernelWidening,
     ModifiableAttention {
     public var predicate: Predicate

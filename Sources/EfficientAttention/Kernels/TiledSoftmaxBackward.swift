@@ -68,8 +68,9 @@ import Darwin
 /// (floats; `Br′` = the query tile rounded up to 32, `R` = the block rounded up to 8, `D′`,
 /// `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
 /// + Br′·D′ + R·D′ + 2·Br′ + 8·32` (each buffer rounded up to 64 bytes), independent of the
-/// sequence lengths; plus the orderings (``BlockOrder``: a lock, a condition variable and two
-/// `Int`s per block of `B·Hkv`).
+/// sequence lengths, plus `R·Br′` each for soft-capping's and a score function's derivatives
+/// when the call has them; plus the orderings (``BlockOrder``: a lock, a condition variable
+/// and two `Int`s per block of `B·Hkv`).
 enum TiledSoftmaxBackward {
     /// Query rows per tile: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
