@@ -692,6 +692,14 @@ func checkAllocation(bytes: Int?, option: @autoclosure () -> String) throws {
     }
 }
 
+/// Throws unless an allocation of `a · b · c · d` Floats fits ``maxAllocationBytes``,
+/// naming `option` (no array: for the checks of a call that must not allocate).
+func checkFloatAllocation(_ a: Int, _ b: Int, _ c: Int = 1, _ d: Int = 1,
+                          option: @autoclosure () -> String) throws {
+    try checkAllocation(bytes: checkedProduct(a, b, c, d).flatMap { checkedProduct($0, MemoryLayout<Float>.stride) },
+                        option: option())
+}
+
 /// Throws unless an allocation of `floats` Floats (the product of `counts`) fits
 /// ``maxAllocationBytes``, naming `option`.
 @inline(__always)
