@@ -471,10 +471,9 @@ enum DecodeAttention {
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
-        var j = a
+        var j = a, rows = RowCursor(keys, b: b, h: hk, from: a)
         while j + 3 <= e {
-            let k0 = keys.row(b, hk, j), k1 = keys.row(b, hk, j + 1)
-            let k2 = keys.row(b, hk, j + 2), k3 = keys.row(b, hk, j + 3)
+            let k0 = rows.next(), k1 = rows.next(), k2 = rows.next(), k3 = rows.next()
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
             var c = 0
             while c + 16 <= d {
@@ -499,7 +498,7 @@ enum DecodeAttention {
             j += 4
         }
         while j <= e {
-            let k0 = keys.row(b, hk, j)
+            let k0 = rows.next()
             var a0 = Vec16()
             var c = 0
             while c + 16 <= d {
@@ -524,10 +523,9 @@ enum DecodeAttention {
         @inline(__always) func weight(_ j: Int, _ row: UnsafePointer<E>) -> Float {
             E.quantized ? p[j] * R.scale(ofRow: row) : p[j]
         }
-        var j = a
+        var j = a, rows = RowCursor(values, b: b, h: hk, from: a)
         while j + 3 <= e {
-            let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
-            let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
+            let v0 = rows.next(), v1 = rows.next(), v2 = rows.next(), v3 = rows.next()
             let w0 = weight(j, v0), w1 = weight(j + 1, v1), w2 = weight(j + 2, v2), w3 = weight(j + 3, v3)
             let p0 = Vec16(repeating: w0), p1 = Vec16(repeating: w1)
             let p2 = Vec16(repeating: w2), p3 = Vec16(repeating: w3)
@@ -549,7 +547,7 @@ enum DecodeAttention {
             j += 4
         }
         while j <= e {
-            let v0 = values.row(b, hk, j), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
+            let v0 = rows.next(), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
             var c = 0
             while c + 16 <= dv {
                 var x = load16(acc + c)
