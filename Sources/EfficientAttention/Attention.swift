@@ -524,7 +524,7 @@ extension Attention {
                          _ body: (ViewCall) throws -> Void) throws {
         let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                        keyLengths: keyLengths, workspace: workspace, threads: threads)
-        try modifiers.validate(shape)
+        try modifiers.validate(shape, threads: try threadCount(threads))
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
         func run() throws {
             func call(_ lse: MutableTensorView) throws {
@@ -690,6 +690,14 @@ func checkAllocation(bytes: Int?, option: @autoclosure () -> String) throws {
         throw AttentionError.sizeOverflow(
             "\(option()) needs \(bytes) bytes, more than the \(maxAllocationBytes) bytes one allocation may take (maxAllocationBytes)")
     }
+}
+
+/// Throws unless an allocation of `a · b · c · d` Floats fits ``maxAllocationBytes``,
+/// naming `option` (no array: for the checks of a call that must not allocate).
+func checkFloatAllocation(_ a: Int, _ b: Int, _ c: Int = 1, _ d: Int = 1,
+                          option: @autoclosure () -> String) throws {
+    try checkAllocation(bytes: checkedProduct(a, b, c, d).flatMap { checkedProduct($0, MemoryLayout<Float>.stride) },
+                        option: option())
 }
 
 /// Throws unless an allocation of `floats` Floats (the product of `counts`) fits

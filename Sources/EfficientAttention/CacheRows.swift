@@ -23,6 +23,42 @@ protocol KVRows: Sendable {
     var rowStride: Int { get }
 }
 
+/// Walks rows `j, j + 1, …` of one batch item and head of a ``KVRows``: inside a run the
+/// next row is ``KVRows/rowStride`` elements on, so a paged or ring store computes a row's
+/// address (for pages, a table load) once per run rather than once per row.
+struct RowCursor<R: KVRows> {
+    private let rows: R
+    private let b: Int, h: Int
+    private var j: Int
+    private var pointer: UnsafePointer<R.Element>
+    /// Rows left in the current run, `pointer`'s included.
+    private var left: Int
+
+    @inline(__always)
+    init(_ rows: R, b: Int, h: Int, from j: Int) {
+        self.rows = rows
+        self.b = b
+        self.h = h
+        self.j = j
+        pointer = rows.row(b, h, j)
+        left = rows.run(b, h, from: j)
+    }
+
+    /// Row `j`'s first element, then on to row `j + 1`.
+    @inline(__always)
+    mutating func next() -> UnsafePointer<R.Element> {
+        if left == 0 {
+            pointer = rows.row(b, h, j)
+            left = rows.run(b, h, from: j)
+        }
+        let row = pointer
+        left -= 1
+        j += 1
+        if left > 0 { pointer += rows.rowStride }
+        return row
+    }
+}
+
 extension KVRows {
     /// The dequantisation scale of the Int8 row at `row` (stored just before it; `row` from
     /// a ``row(_:_:_:)`` the caller holds: no second address computation, which for paged
@@ -37,8 +73,9 @@ extension KVRows {
     @inline(__always)
     func pack(b: Int, h: Int, start: Int, count: Int, width: Int,
               into out: UnsafeMutablePointer<Float>, ld: Int) {
+        var rows = RowCursor(self, b: b, h: h, from: start)
         for r in 0..<count {
-            let source = row(b, h, start + r), target = out + r * ld
+            let source = rows.next(), target = out + r * ld
             var c = 0
             if Element.quantized {
                 let s = Self.scale(ofRow: source), factor = Vec16(repeating: s)

@@ -81,7 +81,7 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query, key: key, value: value)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        try checkModifiersForBackward(s)
+        try checkModifiersForBackward(s, threads: try threadCount(threads))
         func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
             guard view == shape else {
                 throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")
@@ -114,9 +114,9 @@ extension DifferentiableAttention {
     /// Throws unless this conformer's score modifiers (if it takes any) fit `shape` (the
     /// forward's checks, naming the option) and its backward applies them (conformers marked
     /// ``ModifierDifferentiable``; the others refuse modifiers rather than ignore them).
-    func checkModifiersForBackward(_ shape: AttentionShape) throws {
+    func checkModifiersForBackward(_ shape: AttentionShape, threads: Int = 1) throws {
         guard let modifiers = scoreModifiers else { return }
-        try modifiers.validate(shape)
+        try modifiers.validate(shape, threads: threads)
         if !modifiers.isEmpty && !(Self.self is any ModifierDifferentiable.Type) {
             throw AttentionError.unsupported(
                 "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")

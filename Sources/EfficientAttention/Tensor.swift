@@ -99,7 +99,11 @@ public struct Tensor: Sendable, Equatable {
     public var count: Int { shape.reduce(1, *) }
 
     /// True when the elements are row-major and gap-free from `offset`.
-    public var isContiguous: Bool { strides == Tensor.rowMajorStrides(shape) }
+    public var isContiguous: Bool {
+        // Compared in place: a strides array per check would allocate on every checked call.
+        strides.count == 4 && strides[3] == 1 && strides[2] == shape[3] && strides[1] == shape[2] * shape[3]
+            && strides[0] == shape[1] * shape[2] * shape[3]
+    }
 
     public subscript(_ i0: Int, _ i1: Int, _ i2: Int, _ i3: Int) -> Float {
         get { storage[index(i0, i1, i2, i3)] }

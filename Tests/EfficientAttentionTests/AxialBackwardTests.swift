@@ -156,29 +156,9 @@ struct AxialBackwardTests {
         let (combination, causal) = AxialBackwardCases.subjects[subject]
         let c = AxialBackwardCase(axes: [3, 4], combination: combination, causal: causal, batch: 2, heads: 2,
                                   kvHeads: 1, length: 12, headDim: 3, valueDim: 2, keyLengths: [12, 7], seed: 81_000)
-        let (q, k, v, result, dO) = try c.inputs()
-        let g = try c.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
-                                          keyLengths: c.keyLengths, threads: 3)
-        func loss(_ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> Double {
-            let o = try c.attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 1).output
-            return zip(o.elements, dO.elements).reduce(0) { $0 + Double($1.0) * Double($1.1) }
-        }
-        let h: Float = 1e-2
-        var worst = 0.0, largest = 0.0
-        for which in 0..<3 {
-            let x = [q, k, v][which], analytic = [g.dQuery, g.dKey, g.dValue][which].elements
-            for n in 0..<x.count {
-                var plus = x.elements, minus = x.elements
-                plus[n] += h
-                minus[n] -= h
-                let (p, m) = (try Tensor(shape: x.shape, data: plus), try Tensor(shape: x.shape, data: minus))
-                let lp = which == 0 ? try loss(p, k, v) : which == 1 ? try loss(q, p, v) : try loss(q, k, p)
-                let lm = which == 0 ? try loss(m, k, v) : which == 1 ? try loss(q, m, v) : try loss(q, k, m)
-                let numeric = (lp - lm) / (2 * Double(h))
-                worst = max(worst, abs(numeric - Double(analytic[n])))
-                largest = max(largest, abs(Double(analytic[n])))
-            }
-        }
+        let (q, k, v, _, dO) = try c.inputs()
+        let (worst, largest) = try finiteDifferenceGap(c.attention, query: q, key: k, value: v, outputGradient: dO,
+                                                       keyLengths: c.keyLengths)
         #expect(worst < 2e-3 * (1 + largest), "\(c.testDescription): finite differences differ by \(worst) (max |g| \(largest))")
         #expect(largest > 0.01, "\(c.testDescription): the gradients vanish")
     }
@@ -300,14 +280,8 @@ struct AxialBackwardTests {
         }
         let wrong = try Tensor(shape: [1, 4, 11, 16])
         for combination in [AxialAttention.Combination.union, .sum] {
-            let attention = AxialAttention(axes: [3, 4], combination: combination)
-            for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                    ("outputGradient", result.output, result.logSumExp, wrong)] {
-                expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                    try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                            keyLengths: nil, threads: nil)
-                }
-            }
+            expectMisshapenGradientInputsThrow(AxialAttention(axes: [3, 4], combination: combination), query: q,
+                                               key: k, value: v, result: result, outputGradient: dO, wrong: wrong)
         }
     }
 }

@@ -139,19 +139,70 @@ struct CallingConventionTests {
         }
         var p = InvarianceProblem.all[2]
         if try count(p, withLSE: true) == nil { p = InvarianceProblem.all[0] }
-        // Three times longer: the same count (an allocation per tile or per row would show).
-        var long = p
-        long.queryLength *= 3
-        long.keyLength *= 3
-        long.keyLengths = p.keyLengths?.map { $0 * 3 }
         let bound = CallingConventionTests.planAllocations[name] ?? 0
-        for withLSE in [true, false] {
-            guard let fewest = try count(p, withLSE: withLSE) else { continue }
-            #expect(fewest <= bound, "\(name) (log-sum-exp \(withLSE), \(threads) threads): \(fewest) allocations per call, at most \(bound) expected")
-            if let longer = try count(long, withLSE: withLSE) {
-                #expect(longer == fewest, "\(name) (log-sum-exp \(withLSE)): \(fewest) allocations at N = \(p.queryLength), \(longer) at \(long.queryLength)")
+        // Non-causal (grouped heads, key padding) and causal (D = 65).
+        for problem in [p, InvarianceProblem.all[1]] {
+            for withLSE in [true, false] {
+                guard let fewest = try count(problem, withLSE: withLSE) else { continue }
+                #expect(fewest <= bound, "\(name) (causal \(problem.causal), log-sum-exp \(withLSE), \(threads) threads): \(fewest) allocations per call, at most \(bound) expected")
+                if let longer = try count(problem.threeTimesLonger, withLSE: withLSE) {
+                    #expect(longer == fewest, "\(name) (causal \(problem.causal), log-sum-exp \(withLSE)): \(fewest) allocations at N = \(problem.queryLength), \(longer) at \(3 * problem.queryLength)")
+                }
             }
         }
+    }
+
+    /// The backward of every conformer that has one, called engine style (views, the
+    /// forward's output and log-sum-exp, caller-owned gradients, one workspace sized by
+    /// `backwardCost`), allocates nothing in steady state either, causal and not, at any
+    /// length (KernelDocs/CallingConvention.md, "Backward").
+    @Test("a steady-state backward call with a workspace allocates nothing (1 and 2 threads)",
+          arguments: entries, [1, 2])
+    func backwardAllocations(_ name: String, threads: Int) throws {
+        guard AllocationCounter.isSupported else { return }
+        let entry = Registry.standard.entry(named: name)!
+        /// The steady-state allocations of `entry`'s backward on `p` (nil: no backward for `p`).
+        func count(_ p: InvarianceProblem) throws -> Int? {
+            guard let (attention, q, k, v) = try InvarianceTests.instance(entry, p),
+                  let attention = attention as? any DifferentiableAttention else { return nil }
+            let shape = try AttentionShape(query: q, key: k, value: v)
+            let keyLengths: [Int]? = p.keyLengths.flatMap { $0.count == q.shape[0] ? $0 : nil }
+            let result = try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: threads)
+            let dO = try randomTensor(result.output.shape, seed: 11)
+            // A configuration without a backward (ETC's relative table, for now) says so here.
+            guard let cost = try? attention.backwardCost(shape, threads: threads) else { return nil }
+            let workspace = try AttentionWorkspace(byteCount: cost.workspaceBytes)
+            var (dQ, dK, dV) = (try Tensor(shape: q.shape), try Tensor(shape: k.shape), try Tensor(shape: v.shape))
+            return try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+            try result.output.withStridedView { ov in try result.logSumExp.withStridedView { lv in
+            try dO.withStridedView { gv in
+            try dQ.withMutableStridedView { dq in try dK.withMutableStridedView { dk in try dV.withMutableStridedView { dv in
+                try CallingConventionTests.steadyStateAllocations(threads: threads) {
+                    try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, outputGradient: gv,
+                                            dQuery: dq, dKey: dk, dValue: dv, keyLengths: keyLengths,
+                                            workspace: workspace, threads: threads)
+                }
+            } } } } } } } } }
+        }
+        for p in [InvarianceProblem.all[2], InvarianceProblem.all[1]] {
+            guard let fewest = try count(p) else { continue }
+            #expect(fewest == 0, "\(name) backward (causal \(p.causal), \(threads) threads): \(fewest) allocations per call")
+            if let longer = try count(p.threeTimesLonger) {
+                #expect(longer == fewest, "\(name) backward (causal \(p.causal)): \(fewest) allocations at N = \(p.queryLength), \(longer) at \(3 * p.queryLength)")
+            }
+        }
+    }
+}
+
+extension InvarianceProblem {
+    /// The same problem with three times the positions (and key lengths): an allocation per
+    /// tile or per row would change the count.
+    var threeTimesLonger: InvarianceProblem {
+        var long = self
+        long.queryLength *= 3
+        long.keyLength *= 3
+        long.keyLengths = keyLengths?.map { $0 * 3 }
+        return long
     }
 }
 

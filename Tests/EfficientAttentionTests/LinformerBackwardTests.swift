@@ -251,18 +251,10 @@ struct LinformerBackwardTests {
         let attention = try c.attention()
         let (q, k, v, result, dO) = try c.inputs()
         let wrong = try Tensor(shape: [1, 2, 8, 4])
-        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                ("outputGradient", result.output, result.logSumExp, wrong)] {
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        keyLengths: nil, threads: nil)
-            }
-            let linear = LinearAttention(featureMap: EluPlusOneFeatures())
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try linear.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                     keyLengths: nil, threads: nil)
-            }
-        }
+        expectMisshapenGradientInputsThrow(attention, query: q, key: k, value: v, result: result, outputGradient: dO,
+                                           wrong: wrong)
+        expectMisshapenGradientInputsThrow(LinearAttention(featureMap: EluPlusOneFeatures()), query: q, key: k,
+                                           value: v, result: result, outputGradient: dO, wrong: wrong)
     }
 
     @Test("causal Linformer's gradients throw like its forward")

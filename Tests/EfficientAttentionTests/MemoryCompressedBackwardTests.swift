@@ -360,15 +360,13 @@ struct MemoryCompressedBackwardTests {
         let attention = try c.attention()
         let (q, k, v, result, dO) = try c.inputs()
         let wrong = try Tensor(shape: [1, 2, 8, 4])
-        for (name, o, l, g) in [("output", wrong, result.logSumExp, dO), ("logSumExp", result.output, wrong, dO),
-                                ("outputGradient", result.output, result.logSumExp, wrong)] {
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        keyLengths: nil, threads: nil)
-            }
-            expectAttentionError(.shapeMismatch, mentioning: [name]) {
+        expectMisshapenGradientInputsThrow(attention, query: q, key: k, value: v, result: result, outputGradient: dO,
+                                           wrong: wrong)
+        for c in misshapenGradientInputs(result: result, outputGradient: dO, wrong: wrong) {
+            expectAttentionError(.shapeMismatch, mentioning: [c.name]) {
                 try attention.parameterGradients(query: q, key: k, value: v,
-                                                 result: AttentionResult(output: o, logSumExp: l), outputGradient: g)
+                                                 result: AttentionResult(output: c.output, logSumExp: c.logSumExp),
+                                                 outputGradient: c.outputGradient)
             }
         }
         let misshapen = try MemoryCompressedAttention(compression: 3, keyWeights: [Float](repeating: 0, count: 5))

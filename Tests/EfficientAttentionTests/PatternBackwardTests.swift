@@ -193,29 +193,9 @@ struct PatternBackwardTests {
     func finiteDifferences(_ s: GradientSubject) throws {
         let c = PatternBackwardCase(subject: s, batch: 2, heads: 2, kvHeads: 1, queryLength: 11, keyLength: 13,
                                     headDim: 3, valueDim: 2, keyLengths: [13, 9], seed: 20_000)
-        let (q, k, v, result, dO) = try c.inputs()
-        let g = try s.attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
-                                          keyLengths: c.keyLengths, threads: 3)
-        func loss(_ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> Double {
-            let o = try s.attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 1).output
-            return zip(o.elements, dO.elements).reduce(0) { $0 + Double($1.0) * Double($1.1) }
-        }
-        let h: Float = 1e-2
-        var worst = 0.0, largest = 0.0
-        for which in 0..<3 {
-            let x = [q, k, v][which], analytic = [g.dQuery, g.dKey, g.dValue][which].elements
-            for n in 0..<x.count {
-                var plus = x.elements, minus = x.elements
-                plus[n] += h
-                minus[n] -= h
-                let (p, m) = (try Tensor(shape: x.shape, data: plus), try Tensor(shape: x.shape, data: minus))
-                let lp = which == 0 ? try loss(p, k, v) : which == 1 ? try loss(q, p, v) : try loss(q, k, p)
-                let lm = which == 0 ? try loss(m, k, v) : which == 1 ? try loss(q, m, v) : try loss(q, k, m)
-                let numeric = (lp - lm) / (2 * Double(h))
-                worst = max(worst, abs(numeric - Double(analytic[n])))
-                largest = max(largest, abs(Double(analytic[n])))
-            }
-        }
+        let (q, k, v, _, dO) = try c.inputs()
+        let (worst, largest) = try finiteDifferenceGap(s.attention, query: q, key: k, value: v, outputGradient: dO,
+                                                       keyLengths: c.keyLengths)
         #expect(worst < 2e-3 * (1 + largest), "\(s.label): finite differences differ by \(worst) (max |g| \(largest))")
         #expect(largest > 0.01, "\(s.label): the gradients vanish")
     }

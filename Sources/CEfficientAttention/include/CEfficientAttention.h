@@ -7,6 +7,11 @@
 /// prefetch). Never faults, whatever `p` is.
 static inline void ea_prefetch_read(const void *p) { __builtin_prefetch(p, 0, 3); }
 
+/// Asks for the cache line holding `p` for reading into the outer caches only
+/// (`prefetcht1` on x86-64: L2 and beyond, not L1; `prfm pldl2keep` on arm64): for data
+/// needed a while later, so it does not push the working set out of L1. Never faults.
+static inline void ea_prefetch_read_l2(const void *p) { __builtin_prefetch(p, 0, 2); }
+
 /// Asks for the cache line holding `p` for writing, kept in every cache level
 /// (`prefetchw` on x86-64 where available, `prfm pstl1keep` on arm64). Never faults.
 static inline void ea_prefetch_write(const void *p) { __builtin_prefetch(p, 1, 3); }

@@ -262,7 +262,7 @@ extension AxialAttention: DifferentiableAttention {
         let forward = try cost(shape, threads: threads)
         let pattern = try pattern(for: shape)
         var cost = tiledBackwardCost(forward: forward, shape: shape, threads: threads,
-                                     passes: pattern.axes.indices.map { pattern.backwardKeyBlocks(axis: $0) })
+                                     passes: pattern.axes.indices.lazy.map { pattern.backwardKeyBlocks(axis: $0) })
         if combination == .sum {
             // The recomputed forward, one axis's output in scratch, and the larger kernel workspace.
             let scratch = try AxialSum.scratchBytes(shape)

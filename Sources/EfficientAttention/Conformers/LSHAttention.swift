@@ -342,13 +342,11 @@ public struct LSHAttention: Attention {
 
     private func makePlan(_ shape: AttentionShape) -> (PermutedBlockAttention.Layout, factors: [Int]) {
         let n = shape.queryLength
-        var rules: [BlockVisibility.Rule] = attendAcrossBuckets ? [] : [.sameBucket]
-        if causal { rules.append(.causal(offset: 0)) }
-        if sharedQK { rules.append(.notSelf) }
         let layout = PermutedBlockAttention.Layout(
             rounds: hashes, queryLength: n, querySlots: n, keySlots: n,
             queryBlockSize: bucketSize, keyBlockSize: bucketSize, blocks: (n + bucketSize - 1) / bucketSize,
-            visibility: BlockVisibility(reach: .withPreviousBlock, rules: rules),
+            visibility: BlockVisibility(reach: .withPreviousBlock, sameBucket: !attendAcrossBuckets,
+                                        causalOffset: causal ? 0 : nil, notSelf: sharedQK),
             sharedKeys: sharedQK, combine: .logSumExp, headDim: shape.headDim, valueDim: shape.valueDim)
         return (layout, factors(forLength: n))
     }

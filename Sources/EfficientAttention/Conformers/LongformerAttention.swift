@@ -185,7 +185,7 @@ extension LongformerAttention: DifferentiableAttention {
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
-                          passes: [backwardWindowBlocks(try plan(for: shape).pattern), .contiguous],
+                          passes: TwoBackwardPasses(first: backwardWindowBlocks(try plan(for: shape).pattern), second: .contiguous),
                           modifiers: modifiers)
     }
 }

@@ -112,8 +112,10 @@ public struct MemoryCompressedAttention: Attention {
             perHead = mask.visiblePairs(firstPosition: mask.offset, queries: shape.queryLength)
         }
         let pairs = perHead * shape.batch * shape.heads
-        let compressedBytes = shape.batch * shape.kvHeads * compressed.keyLength * (shape.headDim + shape.valueDim)
-            * MemoryLayout<Float>.stride
+        // The compressed keys and values, each its own aligned scratch tensor.
+        let rows = shape.batch * shape.kvHeads * compressed.keyLength
+        let compressedBytes = roundUp(rows * shape.headDim * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
+            + roundUp(rows * shape.valueDim * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
         let gemmWorkers = workerCount(threads: threads, items: 2 * shape.batch * shape.kvHeads)
         return AttentionCost(
             flops: convolution + 2 * Double(pairs) * (d + dv),
@@ -291,8 +293,10 @@ extension MemoryCompressedAttention: DifferentiableAttention {
         let valueFlops = valueWeights == nil ? nk * dv : 2 * nk * dv * dv
         let convolution = Double(shape.batch * shape.kvHeads) * (keyFlops + valueFlops)
         let attention = forward.flops - convolution
-        let compressedBytes = shape.batch * shape.kvHeads * compressed.keyLength * (shape.headDim + shape.valueDim)
-            * MemoryLayout<Float>.stride
+        // The compressed keys and values, each its own aligned scratch tensor.
+        let rows = shape.batch * shape.kvHeads * compressed.keyLength
+        let compressedBytes = roundUp(rows * shape.headDim * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
+            + roundUp(rows * shape.valueDim * MemoryLayout<Float>.stride, WorkspaceCarver.alignment)
         let workers = workerCount(threads: threads, items: 2 * shape.batch * shape.kvHeads)
         let tile = WindowCompression.expandChunk * max(shape.headDim, shape.valueDim) * MemoryLayout<Float>.stride
         return AttentionCost(

@@ -120,7 +120,7 @@ public struct RoutingAttention: Attention {
             rounds: 1, queryLength: shape.queryLength, querySlots: k * wq, keySlots: k * wk,
             queryBlockSize: wq, keyBlockSize: wk, blocks: k,
             visibility: BlockVisibility(reach: .sameBlock,
-                                        rules: causal ? [.causal(offset: shape.keyLength - shape.queryLength)] : []),
+                                        causalOffset: causal ? shape.keyLength - shape.queryLength : nil),
             sharedKeys: false,
             combine: .mean, headDim: shape.headDim, valueDim: shape.valueDim)
     }

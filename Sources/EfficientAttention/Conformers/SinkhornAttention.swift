@@ -535,7 +535,7 @@ extension SinkhornAttention: DifferentiableAttention {
     /// bounds `∂L/∂P`).
     private func checkPlanAllocation(_ shape: AttentionShape) throws {
         let n = blocks(shape)
-        try checkFloatAllocation([shape.batch, shape.heads, n, roundUp(n, 16)],
+        try checkFloatAllocation(shape.batch, shape.heads, n, roundUp(n, 16),
                                  option: "Sinkhorn attention backward: the plans [B, H, n_b, n_b]")
     }
 
@@ -581,7 +581,7 @@ extension SinkhornAttention: DifferentiableAttention {
                 parallelForEach(items: items, threads: workers) { item, worker in
                     let b = item / shape.kvHeads, hk = item % shape.kvHeads, count = call.keyEnd(b)
                     let (gemm, tile) = spaces[worker]
-                    for (gradient, target, width) in [(dkc, call.dK, d), (dvc, call.dV, dv)] {
+                    func scatter(_ gradient: TensorView, into target: MutableTensorView, width: Int) {
                         for r in 0..<min(rows, count) {
                             let depth = ceilDiv(count - r, bs)          // blocks that have row r
                             for (index, h) in (hk * shape.groupSize..<(hk + 1) * shape.groupSize).enumerated() {
@@ -597,6 +597,8 @@ extension SinkhornAttention: DifferentiableAttention {
                             }
                         }
                     }
+                    scatter(dkc, into: call.dK, width: d)
+                    scatter(dvc, into: call.dV, width: dv)
                 }
             }
             // ∂L/∂P[t, u] = Σ_r dK̃[t][r] · k[u·bs + r] + dṼ[t][r] · v[u·bs + r], per (b, h).

@@ -134,15 +134,17 @@ extension StridedAttention: DifferentiableAttention {
             let passes = backwardPasses(pattern)
             switch pattern.kind {
             case .strided:
-                call.run(keyBlocks: passes[0]) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
-                call.run(keyBlocks: passes[1], accumulate: true) { _, keyEnd in pattern.bandMask(keyEnd: keyEnd) }
+                call.run(keyBlocks: passes.first) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+                call.run(keyBlocks: passes.second ?? .contiguous, accumulate: true) { _, keyEnd in
+                    pattern.bandMask(keyEnd: keyEnd)
+                }
             case .fixed(let c):
-                call.run(keyBlocks: passes[0]) { _, keyEnd in
+                call.run(keyBlocks: passes.first) { _, keyEnd in
                     BlockedMask(size: pattern.stride, backward: 0, forward: 0, causal: pattern.causal,
                                 offset: pattern.offset, keyEnd: keyEnd)
                 }
-                if passes.count > 1 {
-                    call.run(keyBlocks: passes[1], accumulate: true) { _, keyEnd in
+                if let summary = passes.second {
+                    call.run(keyBlocks: summary, accumulate: true) { _, keyEnd in
                         FixedSummaryMask(stride: pattern.stride, summary: c, causal: pattern.causal,
                                          offset: pattern.offset, keyEnd: keyEnd)
                     }
@@ -155,14 +157,16 @@ extension StridedAttention: DifferentiableAttention {
     /// strided: the residue classes (those holding a key), then contiguous blocks; fixed:
     /// contiguous blocks, then the summary classes holding a key (none when every summary
     /// column is past the keys).
-    func backwardPasses(_ pattern: StridedPattern) -> [TiledSoftmaxBackward.KeyBlocks] {
+    func backwardPasses(_ pattern: StridedPattern) -> TwoBackwardPasses {
         let l = pattern.stride, n = pattern.keyLength
         switch pattern.kind {
         case .strided:
-            return [.init(modulus: l, classes: 0..<min(l, n), disjointClasses: true), .contiguous]
+            return TwoBackwardPasses(first: .init(modulus: l, classes: 0..<min(l, n), disjointClasses: true),
+                                     second: .contiguous)
         case .fixed(let c):
             let summary = min(l - c, n)..<min(l, n)
-            return summary.isEmpty ? [.contiguous] : [.contiguous, .init(modulus: l, classes: summary)]
+            return TwoBackwardPasses(first: .contiguous,
+                                     second: summary.isEmpty ? nil : .init(modulus: l, classes: summary))
         }
     }
 

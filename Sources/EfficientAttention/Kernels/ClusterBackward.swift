@@ -138,7 +138,8 @@ enum ClusterBackward {
         }
         let shape = s.clusterShape
         let strides = { (width: Int, rows: Int) in SIMD4<Int>(rows * width, 0, width, 1) }
-        let mask = { (c: Int, _: Int) in ClusterPrefixMask(limits: UnsafePointer(space.limits + c * wq)) }
+        // A local function, not a closure value: a stored closure would box its captures.
+        func mask(_ c: Int, _: Int) -> ClusterPrefixMask { ClusterPrefixMask(limits: UnsafePointer(space.limits + c * wq)) }
         // The per-cluster outputs and log-sum-exps (the forward kept only their mean).
         TiledSoftmaxAttention.run(
             shape: shape, scale: scale, threads: threads,

@@ -1,3 +1,5 @@
+import CEfficientAttention
+
 /// The decode kernel: a few query positions per head against a long key/value cache,
 /// split along the keys into chunks whose partial results merge exactly.
 ///
@@ -9,9 +11,11 @@
 /// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding): about one FLOP
 ///   per byte of cache, so the loop is written to stream the cache at memory speed:
 ///
+///         touch the first tile's key and value lines
 ///         for each key tile (~64 KiB of keys) of the chunk:
-///             touch the tile's value lines and the next tile's key lines
-///             for each row r with a visible key in the tile:
+///             for each row r (of G · n):
+///                 prefetch part r of the next tile's key and value lines
+///                 (skip rows with no visible key in the tile)
 ///                 s_j = scale · q_r · k_j                  4 keys at a time, SIMD16 over D
 ///                 m' = max(m, max s), α = exp(m − m')
 ///                 p_j = exp(s_j − m'), l = α·l + Σ p_j     SIMD16 over keys
@@ -358,16 +362,22 @@ enum DecodeAttention {
 
         var tileStart = first
         var touched: UInt32 = 0
+        if first <= last {
+            // The first tile's keys and values, one load per 64-byte line (all in flight at once).
+            let count = min(space.tile, last - first + 1)
+            touched |= touchLines(keys, b: b, hk: hk, start: first, count: count)
+            touched |= touchLines(values, b: b, hk: hk, start: first, count: count)
+        }
         while tileStart <= last {
             let count = min(space.tile, last - tileStart + 1), lanes = roundUp(count, 16)
-            // Touch this tile's value rows and the next tile's key rows, one load per 64-byte
-            // line, so that both streams are in flight while the tile computes.
-            touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count)
-            let next = tileStart + count
-            if next <= last {
-                touched |= touchLines(keys, b: b, hk: hk, start: next, count: min(space.tile, last - next + 1))
-            }
+            let next = tileStart + count, nextCount = next <= last ? min(space.tile, last - next + 1) : 0
             for r in 0..<rows {
+                // Software pipelining: while row r works on this tile, the r-th part of the
+                // next tile's keys and values is requested with prefetch instructions (the
+                // core does not wait for them), so the stream flows during the arithmetic.
+                let lo = next + r * nextCount / rows, hi = next + (r + 1) * nextCount / rows
+                prefetchLines(keys, b: b, hk: hk, start: lo, count: hi - lo)
+                prefetchLines(values, b: b, hk: hk, start: lo, count: hi - lo)
                 let a = max(space.lo[r], tileStart), e = min(space.hi[r], tileStart + count - 1)
                 guard a <= e else { continue }
                 let s = space.scores
@@ -410,21 +420,35 @@ enum DecodeAttention {
         }
     }
 
+    /// A prefetch instruction for each 64-byte line of rows `start ..< start + count`.
+    @inline(__always)
+    static func prefetchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int) {
+        forEachRun(rows, b: b, hk: hk, start: start, count: count) { base, bytes in
+            for offset in stride(from: 0, to: bytes, by: 64) { ea_prefetch_read(base + offset) }
+        }
+    }
+
     /// One 4-byte load per 64-byte line of rows `start ..< start + count`, OR-ed together:
-    /// independent loads the core issues at once, bringing the lines towards L1 before
-    /// the arithmetic that needs them (Swift has no prefetch instruction).
+    /// independent loads the core issues at once, for lines needed right away.
     @inline(__always)
     static func touchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int) -> UInt32 {
-        var touched: UInt32 = 0, j = start
+        var touched: UInt32 = 0
+        forEachRun(rows, b: b, hk: hk, start: start, count: count) { touched |= touchLines($0, bytes: $1) }
+        return touched
+    }
+
+    /// The contiguous byte runs of rows `start ..< start + count` (a paged cache's rows run
+    /// to a page's end), each from its first row's start (before an Int8 row's scale).
+    @inline(__always)
+    static func forEachRun<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int,
+                                      _ body: (_ base: UnsafeRawPointer, _ bytes: Int) -> Void) {
+        var j = start
         while j < start + count {
             let n = min(start + count - j, rows.run(b, hk, from: j))
-            // A run's bytes from its first row's start (before an Int8 row's scale).
-            let prefix = R.Element.quantized ? 4 : 0
-            touched |= touchLines(UnsafeRawPointer(rows.row(b, hk, j)) - prefix,
-                                  bytes: n * rows.rowStride * MemoryLayout<R.Element>.stride)
+            body(UnsafeRawPointer(rows.row(b, hk, j)) - (R.Element.quantized ? 4 : 0),
+                 n * rows.rowStride * MemoryLayout<R.Element>.stride)
             j += n
         }
-        return touched
     }
 
     /// One 4-byte load per 64-byte line of `bytes` bytes from `base`, OR-ed together.
@@ -447,10 +471,9 @@ enum DecodeAttention {
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
-        var j = a
+        var j = a, rows = RowCursor(keys, b: b, h: hk, from: a)
         while j + 3 <= e {
-            let k0 = keys.row(b, hk, j), k1 = keys.row(b, hk, j + 1)
-            let k2 = keys.row(b, hk, j + 2), k3 = keys.row(b, hk, j + 3)
+            let k0 = rows.next(), k1 = rows.next(), k2 = rows.next(), k3 = rows.next()
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
             var c = 0
             while c + 16 <= d {
@@ -475,7 +498,7 @@ enum DecodeAttention {
             j += 4
         }
         while j <= e {
-            let k0 = keys.row(b, hk, j)
+            let k0 = rows.next()
             var a0 = Vec16()
             var c = 0
             while c + 16 <= d {
@@ -500,10 +523,9 @@ enum DecodeAttention {
         @inline(__always) func weight(_ j: Int, _ row: UnsafePointer<E>) -> Float {
             E.quantized ? p[j] * R.scale(ofRow: row) : p[j]
         }
-        var j = a
+        var j = a, rows = RowCursor(values, b: b, h: hk, from: a)
         while j + 3 <= e {
-            let v0 = values.row(b, hk, j), v1 = values.row(b, hk, j + 1)
-            let v2 = values.row(b, hk, j + 2), v3 = values.row(b, hk, j + 3)
+            let v0 = rows.next(), v1 = rows.next(), v2 = rows.next(), v3 = rows.next()
             let w0 = weight(j, v0), w1 = weight(j + 1, v1), w2 = weight(j + 2, v2), w3 = weight(j + 3, v3)
             let p0 = Vec16(repeating: w0), p1 = Vec16(repeating: w1)
             let p2 = Vec16(repeating: w2), p3 = Vec16(repeating: w3)
@@ -525,7 +547,7 @@ enum DecodeAttention {
             j += 4
         }
         while j <= e {
-            let v0 = values.row(b, hk, j), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
+            let v0 = rows.next(), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
             var c = 0
             while c + 16 <= dv {
                 var x = load16(acc + c)

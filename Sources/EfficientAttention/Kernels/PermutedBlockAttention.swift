@@ -302,7 +302,7 @@ enum PermutedBlockAttention {
         precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
-        let blocksOnly = l.visibility.rules.isEmpty && !l.sharedKeys && !l.predecessor && keyLength >= l.keySlots
+        let blocksOnly = !l.visibility.hasRules && !l.sharedKeys && !l.predecessor && keyLength >= l.keySlots
         let rowStrides = { (width: Int, slots: Int) -> SIMD4<Int> in SIMD4(0, slots * width, width, 1) }
         // Consecutive blocks, one work item each: gather the item's rows (plus the previous
         // block's keys) into the worker's buffers, attend, and write the sorted outputs.

@@ -239,14 +239,31 @@ struct FixedSummaryMask: TransposedTileMask {
 /// passes run one after another in the same memory).
 /// `modifiers`: the conformer's score modifiers (soft-capping takes one more tile per worker).
 func tiledBackwardCost(forward: AttentionCost, shape: AttentionShape, threads: Int?,
-                       passes keyBlocks: [TiledSoftmaxBackward.KeyBlocks] = [.contiguous],
+                       passes keyBlocks: some Sequence<TiledSoftmaxBackward.KeyBlocks> = CollectionOfOne(.contiguous),
                        modifiers: ScoreModifiers = ScoreModifiers()) -> AttentionCost {
-    let workspace = keyBlocks.map {
-        TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads, keyBlocks: $0,
-                                            softCap: modifiers.softCap != nil)
+    let workspace = keyBlocks.reduce(0) {
+        max($0, TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads, keyBlocks: $1,
+                                                    softCap: modifiers.softCap != nil))
     }
-    return AttentionCost(flops: 2.5 * forward.flops, workspaceBytes: workspace.max() ?? 0,
+    return AttentionCost(flops: 2.5 * forward.flops, workspaceBytes: workspace,
                          scoredPairs: forward.scoredPairs)
+}
+
+/// The key blocks of a backward that runs in one or two passes (a sequence, so the cost
+/// model takes it without an array per call).
+struct TwoBackwardPasses: Sequence {
+    let first: TiledSoftmaxBackward.KeyBlocks
+    let second: TiledSoftmaxBackward.KeyBlocks?
+
+    struct Iterator: IteratorProtocol {
+        var pending: (TiledSoftmaxBackward.KeyBlocks?, TiledSoftmaxBackward.KeyBlocks?)
+        mutating func next() -> TiledSoftmaxBackward.KeyBlocks? {
+            defer { pending = (pending.1, nil) }
+            return pending.0
+        }
+    }
+
+    func makeIterator() -> Iterator { Iterator(pending: (first, second)) }
 }
 
 /// One checked backward call of a conformer on the tiled kernel: the kernel views, the

@@ -1,7 +1,7 @@
 /// Which key slots a query slot sees in permuted-block attention (``PermutedBlockAttention``):
-/// a typed rule, as xformers types its attention biases, instead of co-varying flags. A
-/// query slot sees the key slots of the blocks within ``reach`` that pass every one of
-/// ``rules``; key padding (keys at or past the key length) is never visible.
+/// a reach and the rules that restrict it (stored fields, no array: a call builds one
+/// without allocating). A query slot sees the key slots of the blocks within ``reach`` that
+/// pass every rule set; key padding (keys at or past the key length) is never visible.
 struct BlockVisibility: Equatable {
     /// The blocks whose keys a query's block attends to.
     enum Reach: Equatable {
@@ -12,31 +12,20 @@ struct BlockVisibility: Equatable {
         case withPreviousBlock
     }
 
-    /// A condition on each key within reach.
-    enum Rule: Equatable {
-        /// The key's bucket equals the query's (LSH without `attendAcrossBuckets`).
-        case sameBucket
-        /// `keyPosition ≤ queryPosition + offset` on original positions (`offset = Nk − Nq`).
-        case causal(offset: Int)
-        /// `keyPosition != queryPosition`: a query never sees itself (shared-QK LSH; the self
-        /// rule of ``PermutedBlockAttention`` gives a query with no other key itself back).
-        case notSelf
-    }
-
     var reach: Reach
-    var rules: [Rule] = []
+    /// Whether keys must share the query's bucket (LSH without `attendAcrossBuckets`).
+    var sameBucket = false
+    /// `keyPosition ≤ queryPosition + offset` on original positions (`offset = Nk − Nq`);
+    /// `nil`: no causal rule.
+    var causalOffset: Int? = nil
+    /// `keyPosition != queryPosition`: a query never sees itself (shared-QK LSH; the self
+    /// rule of ``PermutedBlockAttention`` gives a query with no other key itself back).
+    var notSelf = false
 
     /// Whether blocks see the block before them.
     var withPrevious: Bool { reach == .withPreviousBlock }
-    /// Whether keys must share the query's bucket.
-    var sameBucket: Bool { rules.contains(.sameBucket) }
-    /// The causal offset, `nil` without the causal rule.
-    var causalOffset: Int? {
-        for case .causal(let offset) in rules { return offset }
-        return nil
-    }
-    /// Whether a query is hidden from itself.
-    var notSelf: Bool { rules.contains(.notSelf) }
+    /// Whether any rule restricts the keys within reach.
+    var hasRules: Bool { sameBucket || causalOffset != nil || notSelf }
 }
 
 /// The mask of permuted-block attention after queries and keys have been permuted into
@@ -52,9 +41,9 @@ struct BlockVisibility: Equatable {
 ///   `keyBlock[t] == previous(queryBlock[s])` where `previous(0) = blocks − 1` (LSH chunks
 ///   attend to the previous chunk, wrapping); a key slot with `keyBlock[t] == −1` (key
 ///   padding, a short previous chunk) is never visible;
-/// - ``BlockVisibility/Rule/sameBucket``: `keyBucket[t] == queryBucket[s]`;
-/// - ``BlockVisibility/Rule/causal(offset:)``: `keyPosition[t] ≤ queryPosition[s] + offset`;
-/// - ``BlockVisibility/Rule/notSelf``: `keyPosition[t] != queryPosition[s]`.
+/// - ``BlockVisibility/sameBucket``: `keyBucket[t] == queryBucket[s]`;
+/// - ``BlockVisibility/causalOffset``: `keyPosition[t] ≤ queryPosition[s] + offset`;
+/// - ``BlockVisibility/notSelf``: `keyPosition[t] != queryPosition[s]`.
 ///
 /// Every per-slot array holds at least `slots + 16` entries (the kernel masks whole
 /// 16-lane vectors). Pointers are borrowed from ``PermutedBlockAttention``'s workspace.
