@@ -597,21 +597,24 @@ import AttentionBenchCore
     /// `--backward`: dense (and local and vanilla, with gradients too) gets "backward" and
     /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs.
     @Test func backwardPasses() throws {
-        let o = try BenchOptions.parse(["--backward", "--variants", "dense,local,vanilla,lsh,custom-mask,etc", "--seq", "40",
+        let o = try BenchOptions.parse(["--backward", "--variants", "dense,local,vanilla,lsh,custom-mask,score-function,etc", "--seq", "40",
                                         "--heads", "2", "--dim", "8", "--threads", "1", "--repeat", "1"])
         #expect(o.backward)
         var notes: [String] = []
         let records = try SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }),
                                       progress: { notes.append($0) })
             .run(try SweepPlan.make(o))
-        // Custom masks have no backward (forward only, a note); ETC's seeded relative table has
+        // A custom mask has a backward; the harness's score function (HarnessALiBi, not a
+        // DifferentiableScoreFunction) has none (forward only, a note); ETC's seeded relative table has
         // none yet (its backward refuses it: forward only, a note with the reason; the run goes on).
         #expect(records.map { "\($0.variant) \($0.pass)" }
                 == ["dense forward", "dense backward", "dense forward+backward",
                     "local forward", "local backward", "local forward+backward",
                     "vanilla forward", "vanilla backward", "vanilla forward+backward",
-                    "lsh forward", "lsh backward", "lsh forward+backward", "custom-mask forward", "etc forward"])
-        #expect(notes.contains { $0.contains("custom-mask has no backward") })
+                    "lsh forward", "lsh backward", "lsh forward+backward",
+                    "custom-mask forward", "custom-mask backward", "custom-mask forward+backward",
+                    "score-function forward", "etc forward"])
+        #expect(notes.contains { $0.contains("score-function has no backward") })
         #expect(notes.contains { $0.contains("etc backward skipped") })
         let forward = records[0].flops
         #expect(records[1].flops == 2.5 * forward && records[2].flops == 3.5 * forward)

@@ -49,10 +49,14 @@ struct ModifiedReference<T: BinaryFloatingPoint> {
 /// `G_j = P_j (dO·v_j − D)` with `D = Σ P_j dO·v_j`: `∂bias_ij = G_j`,
 /// `dS_j = G_j (1 − t_j²)`, `dq = scale Σ dS_j k_j`, `dk_j += scale dS_j q`, `dv_j += P_j dO`,
 /// `∂σ_h −= (e^{σ_h} / Z) · D`. Rows with no visible key: `o = 0`, `lse = σ_h` (or −∞).
+/// `score` (a custom score function `f` with its derivative, CustomMaskAttention's): `s_j`
+/// becomes `f(s_j)` before the cap and `dS_j` takes the factor `f′(s_j)` (0 where `P_j = 0`);
+/// a row whose every score is `−∞` has no visible key.
 func modifiedReferenceBackward<T: BinaryFloatingPoint>(
     q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, scale: T, visible: Visibility,
     modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T,
-    weight: PairTerm<T>? = nil, weightGradient: ((_ b: Int, _ h: Int, _ i: Int, _ j: Int, _ dw: T) -> Void)? = nil
+    weight: PairTerm<T>? = nil, weightGradient: ((_ b: Int, _ h: Int, _ i: Int, _ j: Int, _ dw: T) -> Void)? = nil,
+    score: ((_ s: T, _ b: Int, _ h: Int, _ i: Int, _ j: Int) -> (value: T, derivative: T))? = nil
 ) -> ModifiedReference<T> {
     let (d, dv, group) = (n.headDim, n.valueDim, n.heads / n.kvHeads)
     var r = ReferenceGradients<T>(output: .init(repeating: 0, count: n.batch * n.heads * n.queryLength * dv),
@@ -76,10 +80,11 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
             var dot: T = 0
             for c in 0..<d { dot += q[row * d + c] * k[kj * d + c] }
             var s = scale * dot
+            if let score { (s, derivative[t]) = score(s, b, h, i, j) }
             if let cap = m.softCap {
                 let th = tanh(s / cap)
                 s = cap * th
-                derivative[t] = 1 - th * th
+                derivative[t] *= 1 - th * th
             }
             if let bias = m.bias { s += bias[m.biasIndex(b, h, i, j)] }
             if let slopes = m.slopes {
@@ -87,6 +92,10 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
                 s -= slopes[h] * (distance < 0 ? -distance : distance)
             }
             return s
+        }
+        guard scores.contains(where: { $0 > -.infinity }) else {
+            if let sink { r.lse[row] = sink }
+            continue
         }
         var top = scores.max()!
         if let sink { top = max(top, sink) }
@@ -109,7 +118,7 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
         var rowDot: T = 0
         for t in keys.indices { rowDot += p[t] * dp[t] }
         for (t, j) in keys.enumerated() {
-            let g = p[t] * (dp[t] - rowDot), ds = g * derivative[t], kj = n.keyIndex(b, hk, j)
+            let g = p[t] * (dp[t] - rowDot), ds = p[t] > 0 ? g * derivative[t] : 0, kj = n.keyIndex(b, hk, j)
             if m.bias != nil { dbias[m.biasIndex(b, h, i, j)] += g }
             for c in 0..<d {
                 r.dq[row * d + c] += scale * ds * k[kj * d + c]

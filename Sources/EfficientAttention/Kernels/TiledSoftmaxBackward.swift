@@ -68,8 +68,9 @@ import Darwin
 /// (floats; `Br′` = the query tile rounded up to 32, `R` = the block rounded up to 8, `D′`,
 /// `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
 /// + Br′·D′ + R·D′ + 2·Br′ + 8·32` (each buffer rounded up to 64 bytes), independent of the
-/// sequence lengths; plus the orderings (``BlockOrder``: a lock, a condition variable and two
-/// `Int`s per block of `B·Hkv`).
+/// sequence lengths, plus `R·Br′` each for soft-capping's and a score function's derivatives
+/// when the call has them; plus the orderings (``BlockOrder``: a lock, a condition variable
+/// and two `Int`s per block of `B·Hkv`).
 enum TiledSoftmaxBackward {
     /// Query rows per tile: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
@@ -427,10 +428,16 @@ enum TiledSoftmaxBackward {
         // The forward's order: score terms, masking, exp, weights.
         if Mask.addsScoreTerms {
             assert(keys.step == 1 && queries.step == 1, "score-term hooks take runs of step 1")
-            mask.addScoreTerms(ScoreTile(scores: space.probabilities, ld: ld, queries: space.qT, headDim: x.d,
-                                         lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
-                                         keyStart: keys.start, keyCount: keys.count,
-                                         queryStart: queries.start, queryCount: queries.count))
+            let scoreTile = ScoreTile(scores: space.probabilities, ld: ld, queries: space.qT, headDim: x.d,
+                                      lanes: lanes, keyTile: space.keyRows, scratch: space.terms,
+                                      keyStart: keys.start, keyCount: keys.count,
+                                      queryStart: queries.start, queryCount: queries.count)
+            // A score function: its derivatives at the raw scores as the terms replace them.
+            if Mask.differentiatesScoreTerms {
+                mask.addScoreTerms(scoreTile, derivatives: space.termDerivatives)
+            } else {
+                mask.addScoreTerms(scoreTile)
+            }
         }
         // The score modifiers, as the forward applies them (the one formula,
         // ScoreModifierKernel.modified), the cap's derivative taken from the scores first.
@@ -443,9 +450,11 @@ enum TiledSoftmaxBackward {
         if !tile.fullyVisible {
             mask.maskScores(space.probabilities, ld: ld, tile: tile, queries: queries)
         }
-        // With modifiers, dSᵀ is first left unscaled (∂s′ = ∂bias), then finished: here, or
-        // by the caller once it has added ∂bias (the same arithmetic either way).
-        let gradientScale: Float = x.modifiers == nil ? x.scale : 1
+        // With modifiers (or a score function's derivative), dSᵀ is first left unscaled
+        // (∂s′ = ∂bias), then finished: here, or by the caller once it has added ∂bias (the
+        // same arithmetic either way).
+        let finishedLater = x.modifiers != nil || Mask.differentiatesScoreTerms
+        let gradientScale: Float = finishedLater ? 1 : x.scale
         if Mask.weightsProbabilities {
             assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
             exponentiate(space, keyCount: keys.count, lanes: lanes)
@@ -457,7 +466,7 @@ enum TiledSoftmaxBackward {
         } else {
             softmaxGradient(space, keyCount: keys.count, lanes: lanes, scale: gradientScale)
         }
-        if x.modifiers != nil && x.biasGradient == nil {
+        if finishedLater && x.biasGradient == nil {
             finishScoreGradients(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
         }
     }
@@ -475,11 +484,29 @@ enum TiledSoftmaxBackward {
         }
     }
 
-    /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them.
+    /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them, then
+    /// times the score function's derivatives `f′` when it holds those (``TransposedTileMask/differentiatesScoreTerms``;
+    /// `f′` taken as 0 where `Pᵀ = 0`, so that a hidden pair's undefined or infinite `f′`
+    /// never meets its zero: no `0 · ∞`).
     @inline(never)
     static func finishScoreGradients(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
         let ld = space.lanes
         let factor = Vec16(repeating: scale)
+        if space.scoreTermDerivatives {
+            let zero = Vec16(repeating: 0)
+            for r in 0..<keyCount {
+                let gradients = space.scoreGradients + r * ld, derivatives = space.termDerivatives + r * ld
+                let probabilities = space.probabilities + r * ld
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    var g = factor * load16(gradients + lane)
+                    if space.softCap { g = g * load16(space.capDerivatives + r * ld + lane) }
+                    var f = load16(derivatives + lane)
+                    f.replace(with: zero, where: load16(probabilities + lane) .== zero)
+                    store16(g * f, gradients + lane)
+                }
+            }
+            return
+        }
         for r in 0..<keyCount {
             let gradients = space.scoreGradients + r * ld
             if space.softCap {
@@ -631,6 +658,10 @@ enum TiledSoftmaxBackward {
         /// `1 − tanh²(s / cap)` (`keyRows × lanes`; empty otherwise).
         let softCap: Bool
         let capDerivatives: UnsafeMutablePointer<Float>
+        /// Whether the mask's score terms have a derivative (``TransposedTileMask/differentiatesScoreTerms``),
+        /// and then the tile's `f′` at the raw scores (`keyRows × lanes`; empty otherwise).
+        let scoreTermDerivatives: Bool
+        let termDerivatives: UnsafeMutablePointer<Float>
 
         init<Mask: TransposedTileMask>(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int,
                                        keyRows: Int, mask: Mask.Type, softCap: Bool = false) {
@@ -656,6 +687,8 @@ enum TiledSoftmaxBackward {
                 ? Mask.scoreGradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: d) : 0)
             self.softCap = softCap
             capDerivatives = carver.take(softCap ? keyRows * lanes : 0)
+            scoreTermDerivatives = Mask.differentiatesScoreTerms
+            termDerivatives = carver.take(Mask.differentiatesScoreTerms ? keyRows * lanes : 0)
         }
 
         static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
@@ -800,12 +833,28 @@ protocol TransposedTileMask: TileMask {
     /// multiplies the tile's probabilities by the forward's weights and keeps the weights'
     /// own gradients (default: the weights alone).
     func weightProbabilitiesBackward(_ tile: WeightGradientTile)
+
+    /// Whether the mask's score terms are a function `s′ = f(s)` of each raw score whose
+    /// derivative the pass multiplies `dSᵀ` by (default `false`: the call compiles away; a
+    /// mask whose terms only add to the score, derivative 1, leaves it `false`). Such masks
+    /// add score terms (``TileMask/addsScoreTerms``) and list runs of step 1.
+    static var differentiatesScoreTerms: Bool { get }
+
+    /// ``TileMask/addScoreTerms(_:)`` (each raw score `s` of `tile` replaced by `f(s)`) that
+    /// also writes `f′(s)` into `derivatives[jj · tile.ld + ii]`, for `jj < tile.keyCount`
+    /// and the tile's lanes; 0 where `f(s) = −∞` (a pair the function hides). The pass uses
+    /// them only where `P > 0`.
+    func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>)
 }
 
 extension TransposedTileMask {
     func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int { ceilDiv(queryLength, queryTile) }
 
     static var takesScoreGradients: Bool { false }
+    static var differentiatesScoreTerms: Bool { false }
+    @inline(__always) func addScoreTerms(_ tile: ScoreTile, derivatives: UnsafeMutablePointer<Float>) {
+        addScoreTerms(tile)
+    }
     static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int { 0 }
     @inline(__always) func takeScoreGradients(_ tile: ScoreGradientTile) {}
     @inline(__always) func publishScoreGradients(_ tile: ScoreGradientTile) {}

@@ -844,3 +844,16 @@ extension AxisLineMask: TransposedTileMask {
         return runIndices(queries, from: tile.keys.position(keys.lowerBound), through: queries.last)
     }
 }
+
+// MARK: - Masks with score-term hooks
+
+/// ``tiledBackwardCost(forward:shape:threads:passes:modifiers:)`` of one contiguous pass
+/// over `mask`, whose hooks may need per-worker scratch of their own (a score function's
+/// derivatives: one more `keyRows × lanes` tile).
+func tiledBackwardCost<Mask: TransposedTileMask>(forward: AttentionCost, shape: AttentionShape, threads: Int?,
+                                                 mask: Mask.Type, modifiers: ScoreModifiers) -> AttentionCost {
+    AttentionCost(flops: 2.5 * forward.flops,
+                  workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads, mask: mask,
+                                                                      softCap: modifiers.softCap != nil),
+                  scoredPairs: forward.scoredPairs)
+}
