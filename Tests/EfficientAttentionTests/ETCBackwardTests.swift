@@ -6,6 +6,7 @@
 // H = 4 over Hkv = 2 or 1, key padding down to an item with no key, no globals, no long
 // tokens, causal and not; central finite differences of the library's forward; 1, 2, 3
 // and 7 threads bitwise; views equal Tensors; the two-input API; a gradient step; errors.
+// With a relative table: ETCRelativeBackwardTests.swift.
 
 @_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
@@ -193,7 +194,7 @@ struct ETCBackwardTests {
         }
     }
 
-    @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of N; a relative table and bad shapes throw")
+    @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of N; bad shapes throw")
     func costAndErrors() throws {
         let attention = ETCAttention(globals: 16, radius: 84)
         let short = AttentionShape(heads: 8, queryLength: 2048, headDim: 64)
@@ -206,11 +207,6 @@ struct ETCBackwardTests {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 30, headDim: 4, seed: 87_000)
         let result = try attention.attend(query: q, key: k, value: v)
         let dO = try randomTensor(result.output.shape, seed: 87_001)
-        let withTable = try ETCAttention(heads: 2, headDim: 4, globals: 3, radius: 4, maxDistance: 2, seed: 1)
-        expectAttentionError(.unsupported, mentioning: ["relativePositions"]) {
-            try withTable.gradients(query: q, key: k, value: v, result: result, outputGradient: dO)
-        }
-        expectAttentionError(.unsupported, mentioning: ["relativePositions"]) { try withTable.backwardCost(short) }
         let wrong = try Tensor(shape: [1, 2, 29, 4])
         expectAttentionError(.shapeMismatch, mentioning: ["outputGradient"]) {
             try attention.gradients(query: q, key: k, value: v, output: result.output, logSumExp: result.logSumExp,
