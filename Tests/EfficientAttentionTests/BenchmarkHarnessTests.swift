@@ -605,14 +605,14 @@ import AttentionBenchCore
                                       progress: { notes.append($0) })
             .run(try SweepPlan.make(o))
         // Custom masks have no backward (forward only, a note); ETC's seeded relative table has
-        // none yet (its backward refuses it: forward only, a note with the reason; the run goes on).
+        // one (issue 18).
         #expect(records.map { "\($0.variant) \($0.pass)" }
                 == ["dense forward", "dense backward", "dense forward+backward",
                     "local forward", "local backward", "local forward+backward",
                     "vanilla forward", "vanilla backward", "vanilla forward+backward",
-                    "lsh forward", "lsh backward", "lsh forward+backward", "custom-mask forward", "etc forward"])
+                    "lsh forward", "lsh backward", "lsh forward+backward", "custom-mask forward",
+                    "etc forward", "etc backward", "etc forward+backward"])
         #expect(notes.contains { $0.contains("custom-mask has no backward") })
-        #expect(notes.contains { $0.contains("etc backward skipped") })
         let forward = records[0].flops
         #expect(records[1].flops == 2.5 * forward && records[2].flops == 3.5 * forward)
         let json = RecordWriter.json(records)

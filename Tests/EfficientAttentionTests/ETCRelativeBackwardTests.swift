@@ -156,7 +156,7 @@ struct ETCRelativeBackwardTests {
             #expect(e.count == x.count, "\(c.testDescription) \(name) count")
             let largest = e.reduce(0) { max($0, abs($1)) }
             let worst = zip(e, x).reduce(0) { max($0, abs($1.0 - Double($1.1))) }
-            #expect(worst <= 1e-4 * (1 + largest) * 10, "\(c.testDescription) \(name): off by \(worst) (max \(largest))")
+            #expect(worst <= 1e-3 * (1 + largest), "\(c.testDescription) \(name): off by \(worst) (max \(largest))")
         }
         // The plain backward (no table gradient) gives the same input gradients.
         let result = try attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 3)
