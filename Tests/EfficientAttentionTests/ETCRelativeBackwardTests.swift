@@ -25,12 +25,7 @@ struct ETCRelativeCase: CustomTestStringConvertible, Sendable {
     func attention() throws -> ETCAttention {
         let rows = 2 * kappa + 1
         let table = try randomTensor([1, sharedTable ? 1 : heads, rows, headDim], seed: seed &+ 7, in: -0.7...0.7)
-        var segments: ETCSegments? = nil
-        if segmentSize > 0 {
-            let longs = length - globals, count = max(1, (longs + segmentSize - 1) / segmentSize)
-            segments = ETCSegments(count: count, global: (0..<globals).map { $0 % count },
-                                   long: (0..<longs).map { $0 / segmentSize })
-        }
+        let segments = segmentSize > 0 ? etcSegments(globals: globals, longs: length - globals, size: segmentSize) : nil
         return ETCAttention(globals: globals, radius: radius, relativePositions: table, segments: segments,
                             causal: causal)
     }
@@ -97,17 +92,6 @@ func etcRelativeReference(_ attention: ETCAttention, shape s: AttentionShape, ke
 }
 
 private func doubles(_ t: Tensor) -> [Double] { t.elements.map(Double.init) }
-
-/// Positions `range` of a `[B, H, N, ·]` tensor.
-private func positions(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
-    let s = t.shape, e = t.elements
-    var out = [Float]()
-    for a in 0..<s[0] { for b in 0..<s[1] { for i in range {
-        let base = ((a * s[1] + b) * s[2] + i) * s[3]
-        out += e[base..<(base + s[3])]
-    } } }
-    return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: out)
-}
 
 enum ETCRelativeCases {
     static let all: [ETCRelativeCase] = [false, true].flatMap { causal in
@@ -227,29 +211,8 @@ struct ETCRelativeBackwardTests {
     @Test("the two-input API's gradients with a table are the concatenated call's")
     func twoInputs() throws {
         let c = ETCRelativeCase(globals: 5, radius: 9, kappa: 4, causal: true, batch: 2, length: 95, seed: 88_800)
-        let (g, n) = (c.globals, c.length)
         let attention = try c.attention(), (q, k, v, dO) = try c.inputs()
-        let lengths = [n - g, 33]
-        let whole = try attention.attend(query: q, key: k, value: v, keyLengths: lengths.map { $0 + g }, threads: 2)
-        let expected = try attention.gradients(query: q, key: k, value: v, result: whole, outputGradient: dO,
-                                               keyLengths: lengths.map { $0 + g }, threads: 2)
-        let global = 0..<g, long = g..<n
-        let parts = try attention.attend(globalQuery: positions(q, global), globalKey: positions(k, global),
-                                         globalValue: positions(v, global), longQuery: positions(q, long),
-                                         longKey: positions(k, long), longValue: positions(v, long),
-                                         keyLengths: lengths, threads: 2)
-        let got = try attention.gradients(globalQuery: positions(q, global), globalKey: positions(k, global),
-                                          globalValue: positions(v, global), longQuery: positions(q, long),
-                                          longKey: positions(k, long), longValue: positions(v, long),
-                                          global: parts.global, long: parts.long,
-                                          globalOutputGradient: positions(dO, global),
-                                          longOutputGradient: positions(dO, long), keyLengths: lengths, threads: 3)
-        for (name, range, part) in [("global", global, got.global), ("long", long, got.long)] {
-            expectBitwiseEqualGradients(AttentionGradients(dQuery: try positions(expected.dQuery, range),
-                                                           dKey: try positions(expected.dKey, range),
-                                                           dValue: try positions(expected.dValue, range)),
-                                        part, name)
-        }
+        try expectTwoInputGradientsMatch(attention, q, k, v, dO, longLengths: [c.length - c.globals, 33])
     }
 
     @Test("backward cost with a table; misshapen tables and inputs throw")
