@@ -6,13 +6,14 @@
 // H = 4 over Hkv = 2 or 1, key padding down to an item with no key, no globals, no long
 // tokens, causal and not; central finite differences of the library's forward; 1, 2, 3
 // and 7 threads bitwise; views equal Tensors; the two-input API; a gradient step; errors.
+// With a relative table: ETCRelativeBackwardTests.swift.
 
 @_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
 
 /// Segment ids of about `size` long tokens each; global token `t` in segment `t mod count`.
-private func etcSegments(globals: Int, longs: Int, size: Int) -> ETCSegments {
+func etcSegments(globals: Int, longs: Int, size: Int) -> ETCSegments {
     let count = max(1, (longs + size - 1) / size)
     return ETCSegments(count: count, global: (0..<globals).map { $0 % count }, long: (0..<longs).map { $0 / size })
 }
@@ -36,8 +37,8 @@ private func etcCase(globals: Int, radius: Int, segmentSize: Int = 0, causal: Bo
                         valueDim: valueDim, keyLengths: keyLengths, seed: seed)
 }
 
-/// Positions `range` of a `[B, H, N, ·]` tensor.
-private func cut(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
+/// Positions `range` of a `[B, H, N, ·]` tensor (also ETCRelativeBackwardTests).
+func etcPositions(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
     let s = t.shape, e = t.elements
     var out = [Float]()
     for a in 0..<s[0] { for b in 0..<s[1] { for i in range {
@@ -45,6 +46,31 @@ private func cut(_ t: Tensor, _ range: Range<Int>) throws -> Tensor {
         out += e[base..<(base + s[3])]
     } } }
     return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: out)
+}
+
+/// The two-input API's gradients (long key lengths `longLengths`) equal the concatenated
+/// call's, cut at the globals, bitwise.
+func expectTwoInputGradientsMatch(_ attention: ETCAttention, _ q: Tensor, _ k: Tensor, _ v: Tensor, _ dO: Tensor,
+                                  longLengths lengths: [Int]) throws {
+    let g = attention.globals, n = q.shape[2]
+    let whole = try attention.attend(query: q, key: k, value: v, keyLengths: lengths.map { $0 + g }, threads: 2)
+    let expected = try attention.gradients(query: q, key: k, value: v, result: whole, outputGradient: dO,
+                                           keyLengths: lengths.map { $0 + g }, threads: 2)
+    let global = 0..<g, long = g..<n
+    func parts(_ x: Tensor) throws -> (Tensor, Tensor) { (try etcPositions(x, global), try etcPositions(x, long)) }
+    let (gq, lq) = try parts(q), (gk, lk) = try parts(k), (gv, lv) = try parts(v), (gdO, ldO) = try parts(dO)
+    let split = try attention.attend(globalQuery: gq, globalKey: gk, globalValue: gv, longQuery: lq, longKey: lk,
+                                     longValue: lv, keyLengths: lengths, threads: 2)
+    let got = try attention.gradients(globalQuery: gq, globalKey: gk, globalValue: gv, longQuery: lq, longKey: lk,
+                                      longValue: lv, global: split.global, long: split.long,
+                                      globalOutputGradient: gdO, longOutputGradient: ldO, keyLengths: lengths,
+                                      threads: 3)
+    for (name, range, part) in [("global", global, got.global), ("long", long, got.long)] {
+        let slice = AttentionGradients(dQuery: try etcPositions(expected.dQuery, range),
+                                       dKey: try etcPositions(expected.dKey, range),
+                                       dValue: try etcPositions(expected.dValue, range))
+        expectBitwiseEqualGradients(slice, part, name)
+    }
 }
 
 enum ETCBackwardCases {
@@ -148,27 +174,7 @@ struct ETCBackwardTests {
         let attention = ETCAttention(globals: g, radius: 6, segments: etcSegments(globals: g, longs: nl, size: 20))
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: g + nl, headDim: 8, valueDim: 6, seed: 85_000)
         let dO = try randomTensor([2, 4, g + nl, 6], seed: 85_001)
-        let lengths = [nl, 33]
-        let whole = try attention.attend(query: q, key: k, value: v, keyLengths: lengths.map { $0 + g }, threads: 2)
-        let expected = try attention.gradients(query: q, key: k, value: v, result: whole, outputGradient: dO,
-                                               keyLengths: lengths.map { $0 + g }, threads: 2)
-        let global = 0..<g, long = g..<(g + nl)
-        let parts = try attention.attend(globalQuery: cut(q, global), globalKey: cut(k, global),
-                                         globalValue: cut(v, global), longQuery: cut(q, long),
-                                         longKey: cut(k, long), longValue: cut(v, long), keyLengths: lengths,
-                                         threads: 2)
-        let got = try attention.gradients(globalQuery: cut(q, global), globalKey: cut(k, global),
-                                          globalValue: cut(v, global), longQuery: cut(q, long),
-                                          longKey: cut(k, long), longValue: cut(v, long),
-                                          global: parts.global, long: parts.long,
-                                          globalOutputGradient: cut(dO, global),
-                                          longOutputGradient: cut(dO, long), keyLengths: lengths, threads: 3)
-        for (name, range, part) in [("global", global, got.global), ("long", long, got.long)] {
-            let slice = AttentionGradients(dQuery: try cut(expected.dQuery, range),
-                                         dKey: try cut(expected.dKey, range),
-                                         dValue: try cut(expected.dValue, range))
-            expectBitwiseEqualGradients(slice, part, name)
-        }
+        try expectTwoInputGradientsMatch(attention, q, k, v, dO, longLengths: [nl, 33])
     }
 
     /// `L = ½‖O − T‖²`: a step `x − η g` lowers the loss by `η ‖g‖²` to first order.
@@ -193,7 +199,7 @@ struct ETCBackwardTests {
         }
     }
 
-    @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of N; a relative table and bad shapes throw")
+    @Test("backward cost: 2.5 × the forward's FLOPs, workspace independent of N; bad shapes throw")
     func costAndErrors() throws {
         let attention = ETCAttention(globals: 16, radius: 84)
         let short = AttentionShape(heads: 8, queryLength: 2048, headDim: 64)
@@ -206,18 +212,13 @@ struct ETCBackwardTests {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 30, headDim: 4, seed: 87_000)
         let result = try attention.attend(query: q, key: k, value: v)
         let dO = try randomTensor(result.output.shape, seed: 87_001)
-        let withTable = try ETCAttention(heads: 2, headDim: 4, globals: 3, radius: 4, maxDistance: 2, seed: 1)
-        expectAttentionError(.unsupported, mentioning: ["relativePositions"]) {
-            try withTable.gradients(query: q, key: k, value: v, result: result, outputGradient: dO)
-        }
-        expectAttentionError(.unsupported, mentioning: ["relativePositions"]) { try withTable.backwardCost(short) }
         let wrong = try Tensor(shape: [1, 2, 29, 4])
         expectAttentionError(.shapeMismatch, mentioning: ["outputGradient"]) {
             try attention.gradients(query: q, key: k, value: v, output: result.output, logSumExp: result.logSumExp,
                                     outputGradient: wrong, keyLengths: nil, threads: nil)
         }
         expectAttentionError(.shapeMismatch, mentioning: ["keyLength"]) {
-            try attention.gradients(query: q, key: try cut(k, 0..<20), value: try cut(v, 0..<20),
+            try attention.gradients(query: q, key: try etcPositions(k, 0..<20), value: try etcPositions(v, 0..<20),
                                     result: result, outputGradient: dO)
         }
     }

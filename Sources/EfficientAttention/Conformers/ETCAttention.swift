@@ -192,27 +192,34 @@ public struct ETCAttention: Attention, Equatable {
                     call.run(queryTile: pattern.longQueryTile) { _, keyEnd in pattern.longQueryMask(keyEnd: keyEnd) }
                     return
                 }
-                // Row Δ' = p + κ − j of the table read backwards is a[clip(j − p) + κ].
-                let shape = call.shape, kappa = maxDistance, rows = 2 * kappa + 1, perHead = table.shape[1] != 1
-                plan.zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+                let shape = call.shape
+                withRelativeTerms(table, plan: plan, heads: shape.heads) { terms in
                     // Built per query tile: its arrays are the plan's (shared, not copied), so
                     // nothing is allocated, and no table of B·H masks is needed.
                     TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
                                               queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
                                               v: call.v, o: call.o, lse: call.lse) { b, h in
-                        RelativeTermsMask(
-                            base: pattern.longQueryMask(keyEnd: call.keyEnd(b)),
-                            terms: RelativeScoreTerms(
-                                table: a.row(0, perHead ? h : 0, rows - 1),
-                                tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
-                                offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
-                                distanceBias: zeros.baseAddress!,
-                                owner: b * shape.heads + h + 1, clamped: true),
-                            firstKey: globals)
+                        RelativeTermsMask(base: pattern.longQueryMask(keyEnd: call.keyEnd(b)), terms: terms(b, h),
+                                          firstKey: globals)
                     }
-                } }
+                }
             }
         }
+    }
+
+    /// Hands `body` the relative score terms of each (batch item, head): row
+    /// `Δ' = p + κ − j` of the table read backwards is `a[clip(j − p) + κ]`, clamped.
+    private func withRelativeTerms<R>(_ table: Tensor, plan: Plan, heads: Int,
+                                      _ body: (_ terms: (_ b: Int, _ h: Int) -> RelativeScoreTerms) -> R) -> R {
+        let kappa = maxDistance, rows = 2 * kappa + 1, perHead = table.shape[1] != 1
+        return plan.zeros.withUnsafeBufferPointer { zeros in table.withView { a in
+            body { b, h in
+                RelativeScoreTerms(table: a.row(0, perHead ? h : 0, rows - 1),
+                                   tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
+                                   offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
+                                   distanceBias: zeros.baseAddress!, owner: b * heads + h + 1, clamped: true)
+            }
+        } }
     }
 
     /// The global queries' tile: the default, or smaller when there are fewer heads than
@@ -268,40 +275,113 @@ extension ETCAttention: DifferentiableAttention {
     /// dQ[b,h,p] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[p],  dV[b,hk,j] += P[j] dO[p]
     /// ```
     ///
-    /// A relative table (``relativePositions``) adds score terms, which the tiled backward
-    /// does not take yet: such a configuration throws ``AttentionError/unsupported(_:)``.
+    /// With a relative table (``relativePositions``) the long pass recomputes the band's
+    /// terms as the forward adds them, and the relative mask adds each tile's
+    /// `Σ_j dS_ij a_{clip(j − i)}` to its `dQ` part (the pairs past `±κ` summed onto the
+    /// table's end rows); the table's own gradient comes from
+    /// ``parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``:
+    ///
+    /// ```
+    /// // long → long pairs (p, j ≥ G), t = clip(j − p, −κ, κ) + κ, dS including scale:
+    /// dQ[b,h,p] += dS[j] · a[h,t],   ∂a[h,t] += dS[j] · q[b,h,p]   (dK, dV as above)
+    /// ```
     ///
     /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs; workspace of about
     ///   242 KiB per thread at `D = Dv = 64` plus one `Int` per key block per key/value head,
-    ///   independent of `N`.
+    ///   independent of `N` (with a table: plus each worker's band scratch).
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try checkDifferentiable()
         try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                   outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                   keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.plan(for: call.shape).pattern
-            call.run { _, keyEnd in ETCGlobalQueryBackwardMask(forward: pattern.globalQueryMask(keyEnd: keyEnd)) }
+            try backward(call, tableGradient: nil)
+        }
+    }
+
+    /// The two passes of the backward; with `tableGradient` (`B · H · (2κ + 1) · D` zeroed
+    /// floats, row `Δ' = p + κ − j` of each (batch item, head) at `Δ' · D`) the long pass
+    /// adds `Σ dS q` per distance there, in key-block order.
+    private func backward(_ call: TiledBackwardCall, tableGradient: UnsafeMutablePointer<Float>?) throws {
+        let plan = try self.plan(for: call.shape), pattern = plan.pattern
+        call.run { _, keyEnd in ETCGlobalQueryBackwardMask(forward: pattern.globalQueryMask(keyEnd: keyEnd)) }
+        guard let table = relativePositions else {
             call.run(accumulate: true) { _, keyEnd in
                 ETCLongQueryBackwardMask(forward: pattern.longQueryMask(keyEnd: keyEnd))
+            }
+            return
+        }
+        let shape = call.shape, rows = table.shape[2] * shape.headDim
+        withRelativeTerms(table, plan: plan, heads: shape.heads) { terms in
+            TiledSoftmaxBackward.run(shape: shape, scale: call.scale, threads: call.threads, accumulate: true,
+                                     q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO,
+                                     dQ: call.dQ, dK: call.dK, dV: call.dV, modifiers: call.modifiers,
+                                     biasGradient: call.biasGradient) { b, h in
+                RelativeTermsMask(
+                    base: ETCLongQueryBackwardMask(forward: pattern.longQueryMask(keyEnd: call.keyEnd(b))),
+                    terms: terms(b, h), firstKey: globals,
+                    gradients: tableGradient.map {
+                        RelativeScoreGradients(keySums: nil, distanceRows: $0 + (b * shape.heads + h) * rows)
+                    })
             }
         }
     }
 
-    /// Throws unless the configuration has a backward pass (no relative table).
-    private func checkDifferentiable() throws {
-        guard relativePositions == nil else {
-            throw AttentionError.unsupported(
-                "ETC attention gradients: relativePositions (Shaw et al.'s score terms) have no backward pass yet")
+    /// `∂L/∂a` (the relative table's gradient) through the call that gave `result`, with
+    /// `dQ`, `dK`, `dV`, which the same pass computes. Without a table the parameters'
+    /// gradient is empty.
+    ///
+    /// ```
+    /// // naive reference, long → long pairs only (p, j ≥ G visible), t = clip(j − p, −κ, κ) + κ:
+    /// ∂a[h or 0, t] += scale · P[j] · (dot(dO[b,h,p], v[b,hk,j]) − dot(dO[b,h,p], o[b,h,p])) · q[b,h,p]
+    /// ```
+    ///
+    /// - Complexity: the backward's plus `2 · bandPairs · D` FLOPs for the distance sums and
+    ///   `B · H · (2κ + 1) · D` floats of scratch, summed in a fixed order (head, batch item:
+    ///   bitwise identical for every thread count). KernelDocs/ETC.md, "Backward".
+    public func parameterGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                   outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
+        throws -> (inputs: AttentionGradients, parameters: ETCParameterGradients) {
+        let s = try AttentionShape(query: query, key: key, value: value)
+        let tableRows = relativePositions?.shape[2] ?? 0, tableHeads = relativePositions?.shape[1] ?? 0
+        try checkFloatAllocation([s.batch, s.heads, max(tableRows, 1), s.headDim],
+                                 option: "ETC distance sums [B, H, 2κ + 1, D]")
+        var parameters = ETCParameterGradients(
+            relativePositions: [Float](repeating: 0, count: tableHeads * tableRows * s.headDim))
+        let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
+                                                   outputGradient: outputGradient, keyLengths: keyLengths,
+                                                   threads: threads, scale: scale) { x in
+            let call = TiledBackwardCall(x, keyLengths: keyLengths)
+            guard tableRows > 0 else { return try backward(call, tableGradient: nil) }
+            let (heads, d) = (x.shape.heads, x.shape.headDim)
+            try withScratchTensor(SIMD4(x.shape.batch, heads, tableRows, d), zeroed: true) { sums in
+                try backward(call, tableGradient: sums.base)
+                // Head, batch item, row: row Δ' of the backwards table is table row 2κ − Δ'.
+                for h in 0..<heads {
+                    let th = tableHeads == 1 ? 0 : h
+                    for b in 0..<x.shape.batch {
+                        let head = sums.base + (b * heads + h) * tableRows * d
+                        for delta in 0..<tableRows {
+                            let out = (th * tableRows + tableRows - 1 - delta) * d
+                            for c in 0..<d { parameters.relativePositions[out + c] += head[delta * d + c] }
+                        }
+                    }
+                }
+            }
         }
+        return (inputs, parameters)
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
-        try checkDifferentiable()
-        return tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,
-                                 passes: [.contiguous])
+        let forward = try cost(shape, threads: threads)
+        let plain = tiledBackwardCost(forward: forward, shape: shape, threads: threads)
+        guard relativePositions != nil else { return plain }
+        let relative = TiledSoftmaxBackward.workspaceBytes(
+            shape: shape, threads: try threadCount(threads),
+            mask: RelativeTermsMask<ETCLongQueryBackwardMask>.self)
+        return AttentionCost(flops: plain.flops, workspaceBytes: max(plain.workspaceBytes, relative),
+                             scoredPairs: plain.scoredPairs)
     }
 
     /// The gradients with the global and long inputs apart, through the call of
@@ -317,7 +397,6 @@ extension ETCAttention: DifferentiableAttention {
                           globalOutputGradient: Tensor, longOutputGradient: Tensor,
                           keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (global: AttentionGradients, long: AttentionGradients) {
-        try checkDifferentiable()
         try checkParts(globalQuery: globalQuery, globalKey: globalKey, globalValue: globalValue,
                        longQuery: longQuery, longKey: longKey, longValue: longValue,
                        keyLengths: keyLengths, threads: threads)
@@ -358,4 +437,12 @@ extension ETCAttention: DifferentiableAttention {
             try checkCallArguments(l, keyLengths: keyLengths, threads: threads)
         }
     }
+}
+
+/// The gradients of a loss with respect to ``ETCAttention``'s parameters (see
+/// ``ETCAttention/parameterGradients(query:key:value:result:outputGradient:keyLengths:threads:)``).
+public struct ETCParameterGradients: Sendable, Equatable {
+    /// `∂L/∂a`, shaped like ``ETCAttention/relativePositions`` (`[1, H or 1, 2κ + 1, D]`
+    /// row-major; a shared table gets the sum over the heads); empty without a table.
+    public var relativePositions: [Float]
 }

@@ -309,6 +309,15 @@ struct TiledBackwardCall {
     }
 }
 
+extension TiledBackwardCall {
+    /// The tiled call of a checked parameter-gradient call (no score modifiers).
+    init(_ x: ParameterGradientCall, keyLengths: [Int]?) {
+        (shape, scale, threads, self.keyLengths) = (x.shape, x.scale, x.threads, keyLengths)
+        (q, k, v, o, lse, dO) = (x.q, x.k, x.v, x.o, x.lse, x.dO)
+        (dQ, dK, dV) = (x.dQ, x.dK, x.dV)
+    }
+}
+
 extension DifferentiableAttention {
     /// ``withCheckedGradientCall(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:scale:_:)``
     /// handing `body` the call's ``TiledBackwardCall``.

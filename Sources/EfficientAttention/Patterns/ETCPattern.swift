@@ -280,6 +280,9 @@ struct RelativeTermsMask<Base: TileMask>: TileMask {
     var base: Base
     var terms: RelativeScoreTerms
     var firstKey: Int
+    /// Where the backward pass keeps `Σ dS q` per table row (`nil`: the forward, or a
+    /// backward without the table's gradient).
+    var gradients: RelativeScoreGradients? = nil
 
     var queryPartition: QueryPartition { base.queryPartition }
 
@@ -302,6 +305,55 @@ struct RelativeTermsMask<Base: TileMask>: TileMask {
     }
 
     func addScoreTerms(_ tile: ScoreTile) {
-        if tile.keyStart >= firstKey { terms.add(to: tile) }
+        // The backward's key blocks may hold global and long keys: the terms go to the long ones.
+        let skipped = firstKey - tile.keyStart
+        if skipped <= 0 { return terms.add(to: tile) }
+        guard skipped < tile.keyCount else { return }
+        var long = tile
+        long.scores += skipped * tile.ld
+        long.keyStart = firstKey
+        long.keyCount -= skipped
+        terms.add(to: long)
+    }
+}
+
+extension RelativeTermsMask: TransposedTileMask where Base: TransposedTileMask {
+    func forEachQueryTile(seeing keys: PositionRun, queryLength: Int, queryTile: Int,
+                          _ body: (_ index: Int, _ queries: PositionRun, _ tile: KeyTile) -> Void) {
+        base.forEachQueryTile(seeing: keys, queryLength: queryLength, queryTile: queryTile, body)
+    }
+
+    func backwardQueryTileCount(queryLength: Int, queryTile: Int) -> Int {
+        base.backwardQueryTileCount(queryLength: queryLength, queryTile: queryTile)
+    }
+
+    func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        base.visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+    }
+
+    static var takesScoreGradients: Bool { true }
+
+    static func scoreGradientScratchCount(lanes: Int, keyRows: Int, headDim: Int) -> Int {
+        RelativeScoreTerms.gradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: headDim)
+    }
+
+    /// The tile's long keys (the terms' keys), `nil` when it has none.
+    private func longKeys(_ tile: ScoreGradientTile) -> ScoreGradientTile? {
+        let skipped = max(0, firstKey - tile.keyStart)
+        guard skipped < tile.keyCount else { return nil }
+        var long = tile
+        long.scoreGradients += skipped * tile.ld
+        long.keyStart += skipped
+        long.keyCount -= skipped
+        return long
+    }
+
+    func takeScoreGradients(_ tile: ScoreGradientTile) {
+        guard let long = longKeys(tile) else { return }
+        terms.takeGradients(long, into: gradients ?? RelativeScoreGradients(keySums: nil))
+    }
+
+    func publishScoreGradients(_ tile: ScoreGradientTile) {
+        if let gradients, let long = longKeys(tile) { terms.publishGradients(long, into: gradients) }
     }
 }

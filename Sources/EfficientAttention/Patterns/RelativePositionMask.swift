@@ -90,7 +90,8 @@ extension RelativePositionMask: TransposedTileMask {
 /// in block order (``TransposedTileMask/publishScoreGradients(_:)``), bitwise the same for
 /// every thread count. Zero-filled by the caller.
 struct RelativeScoreGradients {
-    var keySums: UnsafeMutablePointer<Float>
+    /// `nil`: not wanted (ETC: no key bias).
+    var keySums: UnsafeMutablePointer<Float>?
     /// `Nk × headDim` (row `Δ` at `Δ · headDim`) and `Nk`; `nil`: not wanted.
     var distanceRows: UnsafeMutablePointer<Float>?
     var distanceSums: UnsafeMutablePointer<Float>?
@@ -101,6 +102,11 @@ extension RelativeScoreTerms {
     func gradientBand(_ tile: ScoreGradientTile) -> (first: Int, count: Int)? {
         let nearest = tile.queryStart + offset - (tile.keyStart + tile.keyCount - 1)
         let farthest = tile.queryStart + tile.queryCount - 1 + offset - tile.keyStart
+        if clamped {
+            // Distances past either end land on the table's first or last row.
+            let first = min(max(nearest, 0), tableRows - 1), last = max(min(farthest, tableRows - 1), 0)
+            return (first, last - first + 1)
+        }
         let first = max(nearest, 0), last = min(farthest, tableRows - 1)
         return first <= last ? (first, last - first + 1) : nil
     }
@@ -124,9 +130,11 @@ extension RelativeScoreTerms {
         return (band, packed, rows, rows + capacity * tile.dPad)
     }
 
-    /// The backward of ``add(to:)`` for one tile (Transformer-XL's causal table only, not
-    /// clamped): with `H[δ][l] = dSᵀ[jj][l]` where `Δ(l, jj) = first + δ` (each `(δ, l)`
-    /// holds at most one key: pairs outside the band are hidden, `dS = 0`),
+    /// The backward of ``add(to:)`` for one tile: with `H[δ][l] = Σ dSᵀ[jj][l]` over the
+    /// keys `jj` whose distance `Δ(l, jj)` reads row `first + δ` (unclamped, Transformer-XL:
+    /// at most one key per `(δ, l)`, pairs outside the band are hidden, `dS = 0`; clamped,
+    /// ETC: the keys past either end of the table all land on its first or last row, summed
+    /// in key order),
     ///
     ///     dQ part[l]   += Σ_δ H[δ][l] · r_{first+δ}        (micro-kernel, depth = band)
     ///     rows[δ]       = Σ_l H[δ][l] · q_l                (micro-kernel, depth = queries)
@@ -134,20 +142,28 @@ extension RelativeScoreTerms {
     ///
     /// the last two into the scratch for ``publishGradients(_:into:)``.
     func takeGradients(_ tile: ScoreGradientTile, into gradients: RelativeScoreGradients) {
-        precondition(!clamped, "the backward of clamped relative positions is not implemented")
         let ld = tile.ld, ds = tile.scoreGradients
-        for jj in 0..<tile.keyCount {
-            var sum: Float = 0
-            for l in 0..<tile.queryCount { sum += ds[jj * ld + l] }
-            gradients.keySums[tile.keyStart + jj] += sum
+        if let keySums = gradients.keySums {
+            for jj in 0..<tile.keyCount {
+                var sum: Float = 0
+                for l in 0..<tile.queryCount { sum += ds[jj * ld + l] }
+                keySums[tile.keyStart + jj] += sum
+            }
         }
         guard let (first, count) = gradientBand(tile) else { return }
         let (band, packed, rows, sums) = RelativeScoreTerms.gradientScratch(tile)
         band.update(repeating: 0, count: count * ld)
         for jj in 0..<tile.keyCount {
             let delta0 = tile.queryStart + offset - (tile.keyStart + jj) - first
-            for l in 0..<tile.queryCount where delta0 + l >= 0 && delta0 + l < count {
-                band[(delta0 + l) * ld + l] = ds[jj * ld + l]
+            if clamped {
+                for l in 0..<tile.queryCount {
+                    let delta = min(max(delta0 + l, -first), tableRows - 1 - first)
+                    band[delta * ld + l] += ds[jj * ld + l]
+                }
+            } else {
+                for l in 0..<tile.queryCount where delta0 + l >= 0 && delta0 + l < count {
+                    band[(delta0 + l) * ld + l] = ds[jj * ld + l]
+                }
             }
         }
         for delta in 0..<count {
@@ -172,13 +188,12 @@ extension RelativeScoreTerms {
 
     /// Adds the tile's distance sums (computed by ``takeGradients(_:into:)``) to the head's.
     func publishGradients(_ tile: ScoreGradientTile, into gradients: RelativeScoreGradients) {
-        guard let distanceRows = gradients.distanceRows, let distanceSums = gradients.distanceSums,
-              let (first, count) = gradientBand(tile) else { return }
+        guard let distanceRows = gradients.distanceRows, let (first, count) = gradientBand(tile) else { return }
         let (_, _, rows, sums) = RelativeScoreTerms.gradientScratch(tile)
         for delta in 0..<count {
             let out = distanceRows + (first + delta) * tile.headDim, source = rows + delta * tile.dPad
             for c in 0..<tile.headDim { out[c] += source[c] }
-            distanceSums[first + delta] += sums[delta]
+            gradients.distanceSums?[first + delta] += sums[delta]
         }
     }
 }
