@@ -353,7 +353,7 @@ public struct AttentionShape: Hashable, Sendable, CustomStringConvertible {
             throw AttentionError.invalidShape("keyLength must be at most \(lengthLimit) (lengthLimit), got \(keyLength)")
         }
         // The output every conformer allocates must fit one allocation.
-        try checkFloatAllocation([batch, heads, queryLength, valueDim], option: "output [B, H, Nq, Dv] of \(self)")
+        try checkFloatAllocation(batch, heads, queryLength, valueDim, option: "output [B, H, Nq, Dv] of \(self)")
     }
 
     /// Throws unless `headDim` and `valueDim` are at most `limit`.
@@ -692,25 +692,13 @@ func checkAllocation(bytes: Int?, option: @autoclosure () -> String) throws {
     }
 }
 
-/// Throws unless an allocation of `a · b · c · d` Floats fits ``maxAllocationBytes``,
-/// naming `option` (no array: for the checks of a call that must not allocate).
-func checkFloatAllocation(_ a: Int, _ b: Int, _ c: Int = 1, _ d: Int = 1,
+/// Throws unless an allocation of `a · b · c · d · e` Floats fits ``maxAllocationBytes``,
+/// naming `option`. Counts as arguments, not an array: a checked call then allocates
+/// nothing (an array literal at a call site was not reliably kept on the stack).
+func checkFloatAllocation(_ a: Int, _ b: Int = 1, _ c: Int = 1, _ d: Int = 1, _ e: Int = 1,
                           option: @autoclosure () -> String) throws {
-    try checkAllocation(bytes: checkedProduct(a, b, c, d).flatMap { checkedProduct($0, MemoryLayout<Float>.stride) },
+    try checkAllocation(bytes: checkedProduct(a, b, c, d).flatMap { checkedProduct($0, e, MemoryLayout<Float>.stride) },
                         option: option())
-}
-
-/// Throws unless an allocation of `floats` Floats (the product of `counts`) fits
-/// ``maxAllocationBytes``, naming `option`.
-@inline(__always)
-func checkFloatAllocation(_ counts: [Int], option: @autoclosure () -> String) throws {
-    // No closure and no second array: the literal at the call site stays on the stack.
-    var bytes: Int?
-    if let count = checkedProduct(counts) {
-        let (product, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<Float>.stride)
-        bytes = overflow ? nil : product
-    }
-    try checkAllocation(bytes: bytes, option: option())
 }
 
 /// The worker threads a call with `threads` uses: `nil` is every active processor; values

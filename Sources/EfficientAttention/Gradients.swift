@@ -154,9 +154,9 @@ extension DifferentiableAttention {
             throw AttentionError.shapeMismatch(
                 "\(name) has shape \(tensor.shape), expected \(expected) for query \(query.shape) and value \(value.shape)")
         }
-        try checkFloatAllocation([s.batch, s.heads, s.queryLength, s.headDim], option: "dQuery [B, H, Nq, D]")
-        try checkFloatAllocation([s.batch, s.kvHeads, s.keyLength, s.headDim], option: "dKey [B, Hkv, Nk, D]")
-        try checkFloatAllocation([s.batch, s.kvHeads, s.keyLength, s.valueDim], option: "dValue [B, Hkv, Nk, Dv]")
+        try checkFloatAllocation(s.batch, s.heads, s.queryLength, s.headDim, option: "dQuery [B, H, Nq, D]")
+        try checkFloatAllocation(s.batch, s.kvHeads, s.keyLength, s.headDim, option: "dKey [B, Hkv, Nk, D]")
+        try checkFloatAllocation(s.batch, s.kvHeads, s.keyLength, s.valueDim, option: "dValue [B, Hkv, Nk, Dv]")
         return checked
     }
 }

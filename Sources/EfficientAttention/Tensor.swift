@@ -177,7 +177,7 @@ public struct Tensor: Sendable, Equatable {
         guard let count = checkedProduct(shape), checkedProduct([count, MemoryLayout<Float>.stride]) != nil else {
             throw AttentionError.sizeOverflow("tensor of shape \(shape) has more elements than memory can address")
         }
-        if allocating { try checkFloatAllocation([count], option: "tensor of shape \(shape)") }
+        if allocating { try checkFloatAllocation(count, option: "tensor of shape \(shape)") }
         return count
     }
 }

@@ -232,7 +232,7 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
         }
         let spans = memory.valid.map { $0.compressed + $0.memory }
         let past = spans.max() ?? 0
-        try checkFloatAllocation([segment.batch, segment.kvHeads, past + n, max(segment.headDim, segment.valueDim)],
+        try checkFloatAllocation(segment.batch, segment.kvHeads, past + n, max(segment.headDim, segment.valueDim),
                                  option: "\(Self.variant): [compressed ; memory ; segment] [B, Hkv, M_c + M + Nq, D]")
         let pads = spans.map { past - $0 }
         let allKeys = try memory.concatenated(values: false, segment: key, pads: pads)
@@ -320,7 +320,7 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
         let dense = DenseAttention(causal: false, scale: scale)
         try dense.validate(shape)
         try dense.validate(compressedShape)
-        try checkFloatAllocation([shape.batch, shape.kvHeads, slots, shape.headDim + shape.valueDim],
+        try checkFloatAllocation(shape.batch, shape.kvHeads, slots, shape.headDim + shape.valueDim,
                                  option: "\(Self.variant): compressed keys and values [B, Hkv, n_s / c, D + Dv]")
         let workers = try threadCount(threads)
         var keys = try Tensor(shape: [shape.batch, shape.kvHeads, slots, shape.headDim])

@@ -93,7 +93,7 @@ public struct ETCAttention: Attention, Equatable {
         try checkOption(headDim, "headDim", in: 1...DenseAttention.maxHeadDim, variant: variant)
         try checkOption(maxDistance, "maxDistance", in: 0...patternLimit, variant: variant)
         let rows = 2 * maxDistance + 1
-        try checkFloatAllocation([heads, rows, headDim], option: "ETC relative table [1, heads, 2·maxDistance + 1, headDim]")
+        try checkFloatAllocation(heads, rows, headDim, option: "ETC relative table [1, heads, 2·maxDistance + 1, headDim]")
         var rng = SeededGenerator(seed: seed)
         let deviation = 1 / Double(headDim).squareRoot()
         let table = (0..<(heads * rows * headDim)).map { _ in Float(rng.nextGaussian() * deviation) }
@@ -345,7 +345,7 @@ extension ETCAttention: DifferentiableAttention {
         throws -> (inputs: AttentionGradients, parameters: ETCParameterGradients) {
         let s = try AttentionShape(query: query, key: key, value: value)
         let tableRows = relativePositions?.shape[2] ?? 0, tableHeads = relativePositions?.shape[1] ?? 0
-        try checkFloatAllocation([s.batch, s.heads, max(tableRows, 1), s.headDim],
+        try checkFloatAllocation(s.batch, s.heads, max(tableRows, 1), s.headDim,
                                  option: "ETC distance sums [B, H, 2κ + 1, D]")
         var parameters = ETCParameterGradients(
             relativePositions: [Float](repeating: 0, count: tableHeads * tableRows * s.headDim))

@@ -129,7 +129,7 @@ public struct RandomProjection: Sendable, Equatable {
     /// - Complexity: `O(m · D²)` (Gram-Schmidt per block), done once per configuration.
     public init(features: Int, headDim: Int, seed: UInt64) throws {
         try RandomProjection.check(features: features, headDim: headDim)
-        try checkFloatAllocation([headDim, headDim, 2], option: "random features Gram-Schmidt block [headDim, headDim] of Double")
+        try checkFloatAllocation(headDim, headDim, 2, option: "random features Gram-Schmidt block [headDim, headDim] of Double")
         var rng = SeededGenerator(seed: seed)
         var w = [Float]()
         w.reserveCapacity(features * headDim)
@@ -191,7 +191,7 @@ public struct RandomProjection: Sendable, Equatable {
         try checkLimit(features, "random features m", variant: "random features")
         try checkLimit(headDim, "headDim", variant: "random features")
         // W [m, D] and its packed copy (padded to whole panels).
-        try checkFloatAllocation([features + 64, headDim + 64, 2], option: "random features W [m, D]")
+        try checkFloatAllocation(features + 64, headDim + 64, 2, option: "random features W [m, D]")
     }
 
     func checkHeadDim(_ d: Int, _ map: String) throws {

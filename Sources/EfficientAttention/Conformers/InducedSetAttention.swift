@@ -103,7 +103,7 @@ public struct InducedSetAttention: Attention {
             throw AttentionError.shapeMismatch(
                 "\(variant): without projections the summary serves as keys, which needs valueDim == headDim (got \(shape.valueDim) and \(headDim))")
         }
-        try checkFloatAllocation([shape.batch, heads, inducingCount, 2 * shape.valueDim + headDim + 1],
+        try checkFloatAllocation(shape.batch, heads, inducingCount, 2 * shape.valueDim + headDim + 1,
                                  option: "\(variant): summary and its projections [B, H, m, 2·Dv + D + 1]")
     }
 

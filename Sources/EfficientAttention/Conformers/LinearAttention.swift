@@ -60,8 +60,8 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                             option: "linear attention workspace (features m = \(m), valueDim \(shape.valueDim))")
         if LinearAttentionSegments.applies(shape, causal: causal) {
             // The segment states and packed states (a bound on `sharedFloats`).
-            try checkFloatAllocation([shape.batch, shape.heads, LinearAttentionSegments.stateCount(shape, causal: causal) + 1,
-                                      m + 1, shape.valueDim + 16],
+            try checkFloatAllocation(shape.batch, shape.heads, LinearAttentionSegments.stateCount(shape, causal: causal) + 1,
+                                     m + 1, shape.valueDim + 16,
                                      option: "linear attention segment states [B, H, segments, m, Dv]")
         }
     }
@@ -200,7 +200,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             guard let count = checkedProduct([batch, heads, perHead]) else {
                 throw AttentionError.sizeOverflow("recurrent state \(batch) × \(heads) × \(perHead) overflows Int")
             }
-            try checkFloatAllocation([count], option: "recurrent state [B, H, m · (Dv + 1) + 1]")
+            try checkFloatAllocation(count, option: "recurrent state [B, H, m · (Dv + 1) + 1]")
             storage = [Float](repeating: 0, count: count)
             for item in 0..<batch * heads { storage[(item + 1) * perHead - 1] = -.infinity }
         }

@@ -100,7 +100,7 @@ public struct LinformerAttention: Attention {
         }
         try checkLimit(k, "projected length k", variant: "Linformer")
         try checkLimit(nmax, "maxSequenceLength", variant: "Linformer")
-        try checkFloatAllocation([projections, k, nmax], option: "Linformer projections [projections, k, Nmax]")
+        try checkFloatAllocation(projections, k, nmax, option: "Linformer projections [projections, k, Nmax]")
     }
 
     public var name: String { "linformer" }
@@ -122,7 +122,7 @@ public struct LinformerAttention: Attention {
                 "Linformer has \(projectionCount) per-head projections, the problem has kvHeads \(shape.kvHeads)")
         }
         // The projected keys and values, and the dense problem over them.
-        try checkFloatAllocation([shape.batch, shape.kvHeads, projectedLength, shape.headDim + shape.valueDim],
+        try checkFloatAllocation(shape.batch, shape.kvHeads, projectedLength, shape.headDim + shape.valueDim,
                                  option: "Linformer projected keys and values [B, Hkv, k, D + Dv]")
         try projectedShape(shape).check()
     }

@@ -86,7 +86,7 @@ public struct MemoryCompressedAttention: Attention {
         try checkCount(valueWeights, "valueWeights", [hkv, c, dv, dv], "[Hkv, c, Dv, Dv]")
         try checkCount(keyBias, "keyBias", [hkv, d], "[Hkv, D]")
         try checkCount(valueBias, "valueBias", [hkv, dv], "[Hkv, Dv]")
-        try checkFloatAllocation([shape.batch, hkv, compressedShape(shape).keyLength, d + dv],
+        try checkFloatAllocation(shape.batch, hkv, compressedShape(shape).keyLength, d + dv,
                                  option: "\(variant): compressed keys and values [B, Hkv, ⌈Nk / c⌉, D + Dv]")
     }
 

@@ -160,8 +160,8 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
     /// kernel's byte count is computed, then that count for the most workers.
     private func checkDecodeWorkspace(_ shape: AttentionShape, precision: KVCache.Precision) throws {
         let chunk = decodeChunkLength
-        try checkFloatAllocation([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
-                                  (shape.keyLength + chunk - 1) / chunk],
+        try checkFloatAllocation(shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
+                                 (shape.keyLength + chunk - 1) / chunk,
                                  option: "decode partial rows of ⌈cache length / decodeChunkLength⌉ chunks (decodeChunkLength \(chunk))")
         try checkAllocation(bytes: DecodeAttention.workspaceBytes(shape: shape, split: chunk, threads: maxThreadCount,
                                                                   elementBytes: precision.bytesPerElement, keyScratch: true),

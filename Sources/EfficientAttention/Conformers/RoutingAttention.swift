@@ -52,7 +52,7 @@ public struct RoutingAttention: Attention {
             throw AttentionError.invalidParameter("routing \(name) must be at least 1, got \(value)")
         }
         try checkLimit(clusters, "clusters", variant: "routing attention")
-        try checkFloatAllocation([heads, clusters, headDim], option: "routing centroids [1, heads, clusters, headDim]")
+        try checkFloatAllocation(heads, clusters, headDim, option: "routing centroids [1, heads, clusters, headDim]")
         var rng = SeededGenerator(seed: seed)
         var values = [Float]()
         values.reserveCapacity(heads * clusters * headDim)

@@ -83,9 +83,9 @@ public struct SinkhornAttention: Attention {
             }
             try checkOption(sortCut, "sortCut", in: 1...n, variant: "\(variant) (\(n) blocks)")
         }
-        try checkFloatAllocation([n, n + 2 * shape.headDim], option: "\(variant): the plan and block sums per thread [n_b, n_b + 2·D]")
-        try checkFloatAllocation([shape.batch, shape.heads, sortCut ?? n, min(blockSize, shape.keyLength),
-                                  shape.headDim + shape.valueDim],
+        try checkFloatAllocation(n, n + 2 * shape.headDim, option: "\(variant): the plan and block sums per thread [n_b, n_b + 2·D]")
+        try checkFloatAllocation(shape.batch, shape.heads, sortCut ?? n, min(blockSize, shape.keyLength),
+                                 shape.headDim + shape.valueDim,
                                  option: "\(variant): sorted blocks [B, H, n_out, min(bs, N), D + Dv]")
     }
 
@@ -508,7 +508,7 @@ extension SinkhornAttention: DifferentiableAttention {
                                    headDim: 1, valueDim: 1)
         try validate(shape)
         try checkCallArguments(shape, keyLengths: keyLengths, threads: nil)
-        try checkFloatAllocation([4 * max(iterations, 1), n, n], option: "Sinkhorn attention: the unrolled rounds' states")
+        try checkFloatAllocation(4 * max(iterations, 1), n, n, option: "Sinkhorn attention: the unrolled rounds' states")
         let logits = try checkedLogits(sortLogits, shape: shape)!
         let dP = permutationGradient.elements
         if let index = dP.firstIndex(where: { !$0.isFinite }) {

@@ -74,10 +74,10 @@ public struct TransformerXLAttention: Attention, Equatable {
         try checkLimit(maxSegmentLength, "maxSegmentLength", variant: "Transformer-XL attention")
         try checkLimit(headDim, "headDim", variant: "Transformer-XL attention")
         let e = headDim + headDim % 2
-        try checkFloatAllocation([heads, headDim, e], option: "Transformer-XL projection [1, heads, headDim, headDim]")
-        try checkFloatAllocation([heads, memoryLength + maxSegmentLength, headDim],
+        try checkFloatAllocation(heads, headDim, e, option: "Transformer-XL projection [1, heads, headDim, headDim]")
+        try checkFloatAllocation(heads, memoryLength + maxSegmentLength, headDim,
                                  option: "Transformer-XL relative table [1, heads, memoryLength + maxSegmentLength, headDim]")
-        try checkFloatAllocation([memoryLength + maxSegmentLength, e],
+        try checkFloatAllocation(memoryLength + maxSegmentLength, e,
                                  option: "Transformer-XL sinusoids [memoryLength + maxSegmentLength, headDim]")
         var rng = SeededGenerator(seed: seed)
         let deviation = 1 / Double(headDim).squareRoot()
@@ -108,8 +108,8 @@ public struct TransformerXLAttention: Attention, Equatable {
             throw AttentionError.invalidParameter("relative table length must be at least 1, got \(length)")
         }
         try checkLimit(length, "relative table length", variant: "Transformer-XL attention")
-        try checkFloatAllocation([length, e], option: "sinusoids [length, E]")
-        try checkFloatAllocation([heads, length, d], option: "relative table [1, H, length, D]")
+        try checkFloatAllocation(length, e, option: "sinusoids [length, E]")
+        try checkFloatAllocation(heads, length, d, option: "relative table [1, H, length, D]")
         let table = projection.elements.withUnsafeBufferPointer { w in
             RelativePositionBias.projectedSinusoids(length: length, heads: heads, headDim: d, sinusoidDim: e,
                                                     projection: w.baseAddress!)
@@ -127,7 +127,7 @@ public struct TransformerXLAttention: Attention, Equatable {
         }
         try checkLimit(memoryLength, "memoryLength", variant: "Transformer-XL attention")
         // The biases `keyBias` [B, H, Nk] and `distanceBias` [H, Nk] of a call.
-        try checkFloatAllocation([shape.batch + 1, shape.heads, memoryLength + shape.queryLength],
+        try checkFloatAllocation(shape.batch + 1, shape.heads, memoryLength + shape.queryLength,
                                  option: "Transformer-XL biases [B + 1, H, memoryLength + Nq]")
         let table = relativePositions.shape
         guard table[0] == 1, table[1] == shape.heads || table[1] == 1, table[3] == shape.headDim else {
@@ -365,7 +365,7 @@ extension TransformerXLAttention: DifferentiableAttention {
                                    outputGradient: Tensor, keyLengths: [Int]? = nil, threads: Int? = nil)
         throws -> (inputs: AttentionGradients, parameters: TransformerXLParameterGradients) {
         let s = try AttentionShape(query: query, key: key, value: value)
-        try checkFloatAllocation([s.batch, s.heads, s.keyLength, s.headDim + 1],
+        try checkFloatAllocation(s.batch, s.heads, s.keyLength, s.headDim + 1,
                                  option: "Transformer-XL distance sums [B, H, Nk, D + 1]")
         var parameters = TransformerXLParameterGradients(
             relativePositions: [Float](repeating: 0, count: relativePositions.elements.count),

@@ -78,7 +78,7 @@ extension Tensor {
         let (b, h, n, m, d) = (shape[0], shape[1], shape[2], other.shape[2], shape[3])
         precondition(other.shape[0] == b && other.shape[1] == h && other.shape[3] == d)
         let mine = elements, theirs = other.elements
-        try checkFloatAllocation([b, h, n + m, d], option: "Transformer-XL [memory ; segment] [B, Hkv, M + Nq, D]")
+        try checkFloatAllocation(b, h, n + m, d, option: "Transformer-XL [memory ; segment] [B, Hkv, M + Nq, D]")
         var data = [Float]()
         data.reserveCapacity(b * h * (n + m) * d)
         for item in 0..<(b * h) {

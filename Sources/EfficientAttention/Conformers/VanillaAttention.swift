@@ -31,7 +31,7 @@ public struct VanillaAttention: Attention {
         try checkScale(scale)
         // Views with stride-0 axes can describe long sequences without memory; the scores
         // are materialised.
-        try checkFloatAllocation([shape.queryLength, shape.keyLength], option: "vanilla score matrix [Nq, Nk]")
+        try checkFloatAllocation(shape.queryLength, shape.keyLength, option: "vanilla score matrix [Nq, Nk]")
     }
 
     public func cost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
@@ -53,7 +53,7 @@ public struct VanillaAttention: Attention {
         let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
         let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
         let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
-        try checkFloatAllocation([workers, nq, nk], option: "vanilla score matrices [threads, Nq, Nk]")
+        try checkFloatAllocation(workers, nq, nk, option: "vanilla score matrices [threads, Nq, Nk]")
         let causal = self.causal
         // One score matrix per worker.
         WorkspaceArena.withWorkspaces(workers: workers, layout: { UncheckedSendable($0.take(nq * nk, of: Float.self)) }) {
@@ -155,7 +155,7 @@ extension VanillaAttention: DifferentiableAttention {
             let (nq, nk, d, dv) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim)
             let items = shape.batch * shape.kvHeads
             let workers = workerCount(threads: try threadCount(threads), items: items)
-            try checkFloatAllocation([workers, nq, nk], option: "vanilla score matrices [threads, Nq, Nk]")
+            try checkFloatAllocation(workers, nq, nk, option: "vanilla score matrices [threads, Nq, Nk]")
             WorkspaceArena.withWorkspaces(workers: workers,
                                           layout: { UncheckedSendable($0.take(nq * nk, of: Float.self)) }) { spaces in
                 parallelForEach(items: items, threads: workers) { item, worker in

@@ -40,7 +40,7 @@ enum PointAttention {
         try checkOption(count, "the number of \(option)", in: 1...lengthLimit, variant: variant)
         try checkOption(heads, "heads", in: 1...lengthLimit, variant: variant)
         try checkOption(headDim, "headDim", in: 1...DenseAttention.maxHeadDim, variant: variant)
-        try checkFloatAllocation([heads, count, headDim], option: "\(variant): \(option) [H, m, D]")
+        try checkFloatAllocation(heads, count, headDim, option: "\(variant): \(option) [H, m, D]")
         var rng = SeededGenerator(seed: seed)
         return (0..<(heads * count * headDim)).map { _ in Float(rng.nextGaussian()) }
     }
