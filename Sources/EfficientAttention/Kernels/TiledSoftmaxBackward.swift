@@ -417,7 +417,12 @@ enum TiledSoftmaxBackward {
                                            depthStride: x.k.strides[3], rows: rows)
             let valueRows = BroadcastOperand(base: x.v.row(b, hk, first), rowStride: valueStride,
                                              depthStride: x.v.strides[3], rows: rows)
-            for panel in stride(from: 0, to: lanes, by: MicroTile.nr) {
+            // On a partial tile, only the panels of the queries that may see these keys.
+            let blockKeys = (block * mr)..<(block * mr + rows)
+            let panels = tile.fullyVisible ? 0..<lanes
+                : scoredPanels(space, seen: mask.visibleQueryIndices(tile: tile, queries: queries, keys: blockKeys),
+                               lanes: lanes, keys: blockKeys)
+            for panel in stride(from: panels.lowerBound, to: panels.upperBound, by: MicroTile.nr) {
                 // Sᵀ = K (scale · Qᵀ), dPᵀ = V dOᵀ.
                 microKernel(depth: x.d, a: keyRows, b: space.qT + panel, ldb: ld,
                             c: space.probabilities + block * mr * ld + panel, ldc: ld, update: .overwrite)
@@ -469,6 +474,30 @@ enum TiledSoftmaxBackward {
         if finishedLater && x.biasGradient == nil {
             finishScoreGradients(space, keyCount: keys.count, lanes: lanes, scale: x.scale)
         }
+    }
+
+    /// The lanes of the transposed tiles (`lanes` of them) to compute for the keys `keys`
+    /// (rows of the tiles) of a partially visible tile: the micro-tile panels
+    /// (``MicroTile/nr`` lanes each) holding the queries `seen` that may see them. A narrow
+    /// band's tile is mostly hidden, and a block of 8 keys skips the panels none of whose
+    /// queries sees it (the forward keeps such bands to 32-query tiles, one panel, instead).
+    /// The entries outside the panels get `Sᵀ = dPᵀ = 0`: finite, so masking hides them, as
+    /// it hides every pair outside `seen`, and `P = dS = 0` there, as when computed.
+    @inline(__always)
+    static func scoredPanels(_ space: Workspace, seen: Range<Int>, lanes: Int, keys: Range<Int>) -> Range<Int> {
+        let nr = MicroTile.nr, ld = space.lanes
+        let panels = seen.isEmpty ? 0..<0 : (seen.lowerBound / nr * nr)..<min(lanes, roundUp(seen.upperBound, nr))
+        func clear(_ row: UnsafeMutablePointer<Float>) {
+            row.update(repeating: 0, count: panels.lowerBound)
+            (row + panels.upperBound).update(repeating: 0, count: lanes - panels.upperBound)
+        }
+        if panels != 0..<lanes {
+            for r in keys {
+                clear(space.probabilities + r * ld)
+                clear(space.scoreGradients + r * ld)
+            }
+        }
+        return panels
     }
 
     /// `capDerivatives ← 1 − tanh²(Sᵀ / cap)`, the derivative of the soft-capped score
@@ -806,8 +835,10 @@ protocol TransposedTileMask: TileMask {
 
     /// The queries of a partially visible `tile` (indices into `queries`) that may see one
     /// of its keys `keys` (indices into `tile.keys`, one block of ``MicroTile/mr`` or fewer):
-    /// the backward's `dK`/`dV` products skip the others, whose probabilities are 0. The
-    /// key-major partner of ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
+    /// the backward scores only the panels holding them
+    /// (``TiledSoftmaxBackward/scoredPanels(_:seen:lanes:keys:)``), and its `dK`/`dV`
+    /// products skip the others, whose probabilities are 0. The key-major partner of
+    /// ``TileMask/visibleKeyIndices(tile:queries:lanes:)``.
     func visibleQueryIndices(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
 
     /// Whether the pass calls ``takeScoreGradients(_:)`` and ``publishScoreGradients(_:)``
