@@ -3,7 +3,8 @@
 // (itself checked by central finite differences of its own forward, table included), on
 // awkward shapes (N_l not a multiple of the tiles, D = 1, 3, 65, radius above and below κ,
 // κ = 0, per-head and shared tables, H = 4 over Hkv = 2, key padding, segments, causal and
-// not); 1, 2, 3 and 7 threads bitwise; views equal Tensors; the two-input API; errors.
+// not); 1, 2, 3 and 7 threads bitwise; views equal Tensors; the two-input API; a gradient
+// step on the inputs and the table; errors.
 
 @_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
@@ -194,6 +195,34 @@ struct ETCRelativeBackwardTests {
                 expectBitwiseEqualGradients(runs[0].inputs, g.inputs, "\(c.testDescription) run \(t)")
                 #expect(runs[0].table.map(\.bitPattern) == g.table.map(\.bitPattern), "\(c.testDescription) ∂a run \(t)")
             }
+        }
+    }
+
+    /// `L = ½‖O − T‖²`: a step of Q, K, V and the table by `−η g` lowers the loss by `η ‖g‖²`
+    /// to first order.
+    @Test("a small gradient step on Q, K, V and the table lowers L = ½‖O − T‖² as predicted", arguments: [false, true])
+    func gradientStep(_ causal: Bool) throws {
+        let c = ETCRelativeCase(globals: 4, radius: 9, kappa: 3, segmentSize: 30, causal: causal, batch: 2,
+                                length: 90, headDim: 12, valueDim: 10, keyLengths: [90, 61], seed: 88_700)
+        let attention = try c.attention(), (q, k, v, _) = try c.inputs()
+        let result = try attention.attend(query: q, key: k, value: v, keyLengths: c.keyLengths, threads: 2)
+        let target = try randomTensor(result.output.shape, seed: 88_701)
+        let dO = try Tensor(shape: target.shape, data: zip(result.output.elements, target.elements).map { $0 - $1 })
+        let g = try attention.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                 keyLengths: c.keyLengths, threads: 2)
+        let table = try #require(attention.relativePositions)
+        try expectFirstOrderDecrease(c.testDescription, before: halfSquaredError(result.output, target),
+                                     gradients: [g.inputs.dQuery.elements, g.inputs.dKey.elements,
+                                                 g.inputs.dValue.elements, g.parameters.relativePositions]) { eta in
+            func moved(_ x: Tensor, _ dx: [Float]) throws -> Tensor {
+                try Tensor(shape: x.shape, data: stepped(x.elements, dx, eta))
+            }
+            var updated = attention
+            updated.relativePositions = try moved(table, g.parameters.relativePositions)
+            let after = try updated.attend(query: moved(q, g.inputs.dQuery.elements), key: moved(k, g.inputs.dKey.elements),
+                                           value: moved(v, g.inputs.dValue.elements), keyLengths: c.keyLengths,
+                                           threads: 2)
+            return halfSquaredError(after.output, target)
         }
     }
 
