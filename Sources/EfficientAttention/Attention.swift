@@ -135,8 +135,8 @@ extension Attention {
             return try attend(query: q, key: k, value: v, output: o, logSumExp: logSumExp,
                               keyLengths: keyLengths, workspace: workspace, threads: threads)
         }
-        let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                       keyLengths: keyLengths, workspace: workspace, threads: threads)
+        _ = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                               keyLengths: keyLengths, workspace: workspace, threads: threads)
         func run() throws {
             try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
                 try withFloatOutput(output, shape: output.shape) { o in
