@@ -123,14 +123,38 @@ enum TiledSoftmaxAttention {
         }) { spaces in
         do {
             let spaces = UncheckedSendable(spaces)
-            func attendQueryTile(_ tile: Int, head: Int, worker: Int) {
+            func attendQueryTile(_ tile: Int, head: Int, worker: Int, upcoming: UpcomingRows = UpcomingRows()) {
                 let b = head / shape.heads, h = head % shape.heads
                 let headMask = mask(b, h)
                 let queries = headMask.queryTile(tile, queryLength: shape.queryLength, tileSize: br)
                 guard queries.count > 0 else { return }
                 attendTile(shape: shape, scale: scale, merge: merge, space: spaces.value[worker],
                            b: b, h: h, queries: queries,
-                           q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers, mask: headMask)
+                           q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers, mask: headMask,
+                           upcoming: upcoming)
+            }
+            // A worker's next query tile of the same head: its query rows, output rows (when
+            // merging) and first key tile's rows, which the current tile requests into L2
+            // a few rows at a time as it computes. Patterns whose tiles see one or two key
+            // tiles (axial lines, narrow bands) spend only microseconds per tile, too little
+            // for the misses of its first touches to hide behind; rows `step > 1` apart are
+            // invisible to the hardware prefetchers besides.
+            func rows(ofQueryTile tile: Int, head: Int) -> UpcomingRows {
+                let b = head / shape.heads, h = head % shape.heads, hk = h / shape.groupSize
+                let headMask = mask(b, h)
+                let queries = headMask.queryTile(tile, queryLength: shape.queryLength, tileSize: br)
+                var upcoming = UpcomingRows()
+                guard queries.count > 0 else { return upcoming }
+                upcoming.add(q, b, h, rows: queries, width: shape.headDim)
+                if merge { upcoming.add(o.readOnly, b, h, rows: queries, width: shape.valueDim) }
+                var first = true
+                headMask.forEachKeyTile(queries: queries, tileSize: tiling.keyTile) { tile in
+                    guard first else { return }
+                    first = false
+                    upcoming.add(k, b, hk, rows: tile.keys, width: shape.headDim)
+                    upcoming.add(v, b, hk, rows: tile.keys, width: shape.valueDim)
+                }
+                return upcoming
             }
             if byHead {
                 // Runs of up to 8 consecutive tiles of one head per work unit: a worker's
@@ -139,9 +163,11 @@ enum TiledSoftmaxAttention {
                 let chunk = max(1, min(8, items / (8 * workers)))
                 let runs = ceilDiv(tiles, chunk)
                 parallelForEach(items: heads * runs, threads: workers) { unit, worker in
-                    let first = (unit % runs) * chunk
-                    for tile in first..<min(tiles, first + chunk) {
-                        attendQueryTile(tile, head: unit / runs, worker: worker)
+                    let first = (unit % runs) * chunk, end = min(tiles, first + chunk)
+                    for tile in first..<end {
+                        attendQueryTile(tile, head: unit / runs, worker: worker,
+                                        upcoming: tile + 1 < end ? rows(ofQueryTile: tile + 1, head: unit / runs)
+                                                                 : UpcomingRows())
                     }
                 }
             } else {
@@ -169,7 +195,8 @@ enum TiledSoftmaxAttention {
         shape: AttentionShape, scale: Float, merge: Bool, space: Workspace,
         b: Int, h: Int, queries: PositionRun,
         q: TensorView, k: TensorView, v: TensorView,
-        o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil, mask: Mask
+        o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil, mask: Mask,
+        upcoming: UpcomingRows = UpcomingRows()
     ) {
         let d = shape.headDim, dv = shape.valueDim
         let hk = h / shape.groupSize
@@ -197,6 +224,11 @@ enum TiledSoftmaxAttention {
         }
         (space.acc).update(repeating: 0, count: br * dvPad)
 
+        // The next work item's rows, requested a few at a time at each micro-kernel block
+        // of the first key tile (the rest after the last tile).
+        var upcoming = upcoming
+        let pointsPerTile = (space.keyTile + mr - 1) / mr + (dvPad / nr) * (queryLanes / mr)
+        let upcomingPerPoint = (upcoming.remainingRows + pointsPerTile - 1) / pointsPerTile
         mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
             let keys = tile.keys
             if keys.step > 1 {
@@ -229,6 +261,7 @@ enum TiledSoftmaxAttention {
             let keyDepthStride = keysInPlace ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
+                upcoming.prefetch(rows: upcomingPerPoint)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
                     let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
@@ -266,6 +299,7 @@ enum TiledSoftmaxAttention {
             // only the keys the mask says it may see (the others have probability 0).
             for panel in stride(from: 0, to: dvPad, by: nr) {
                 for block in stride(from: 0, to: queryLanes, by: mr) {
+                    upcoming.prefetch(rows: upcomingPerPoint)
                     let span = tile.fullyVisible
                         ? 0..<keys.count
                         : mask.visibleKeyIndices(tile: tile, queries: queries, lanes: block..<(block + mr))
@@ -278,6 +312,8 @@ enum TiledSoftmaxAttention {
                 }
             }
         }
+
+        upcoming.prefetch(rows: upcoming.remainingRows)
 
         // o = O / l, lse = m + log l (merged by log-sum-exp with what o and lse hold). A
         // 16-bit output row is formed in Float (in `vPack`, free now) and rounded once.
@@ -496,14 +532,14 @@ enum TiledSoftmaxAttention {
 }
 
 /// Prefetches `count` rows of `widthBytes` bytes, `rowStrideBytes` apart, one request per
-/// 64-byte line.
+/// 64-byte line, into every cache level or, with `outer`, into L2 and beyond.
 @inline(__always)
-func prefetchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, widthBytes: Int) {
+func prefetchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, widthBytes: Int, outer: Bool = false) {
     for r in 0..<count {
         let row = base + r &* rowStrideBytes
         var c = 0
         while c < widthBytes {
-            ea_prefetch_read(row + c)
+            if outer { ea_prefetch_read_l2(row + c) } else { ea_prefetch_read(row + c) }
             c &+= 64
         }
     }
@@ -526,6 +562,50 @@ func touchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, length
         }
     }
     sink.pointee += Float(sum)
+}
+
+/// Up to four runs of rows (a work item's query, output, key and value rows) to request
+/// into L2 a few rows at a time (``prefetch(rows:)``), so that the requests spread over the
+/// arithmetic in between instead of filling the miss queues in one burst. Fixed size: no
+/// allocation.
+struct UpcomingRows {
+    private struct Run {
+        var base: UnsafeRawPointer? = nil
+        var count = 0, strideBytes = 0, widthBytes = 0
+    }
+    private var runs = InlineArray<4, Run>(repeating: Run())
+    private var runCount = 0
+    /// The next row to request: run `current`, row `row`.
+    private var current = 0, row = 0
+    /// Rows not requested yet.
+    private(set) var remainingRows = 0
+
+    /// Appends the rows `rows` of head `(b, h)` of `view`, `width` elements each.
+    mutating func add(_ view: TensorView, _ b: Int, _ h: Int, rows: PositionRun, width: Int) {
+        guard runCount < 4 && rows.count > 0 else { return }
+        let bytes = view.precision.byteWidth
+        runs[runCount] = Run(base: view.rawRow(b, h, rows.start), count: rows.count,
+                             strideBytes: rows.step &* view.strides[2] &* bytes,
+                             widthBytes: rowExtent(width: width, elementStride: view.strides[3]) &* bytes)
+        runCount += 1
+        remainingRows += rows.count
+    }
+
+    /// Requests the next `n` rows (fewer when fewer remain) into L2.
+    @inline(__always)
+    mutating func prefetch(rows n: Int) {
+        var n = min(n, remainingRows)
+        remainingRows -= n
+        while n > 0 {
+            let run = runs[current]
+            let take = min(n, run.count - row)
+            prefetchRows(run.base! + row &* run.strideBytes, count: take, rowStrideBytes: run.strideBytes,
+                         widthBytes: run.widthBytes, outer: true)
+            n -= take
+            row += take
+            if row == run.count { current += 1; row = 0 }
+        }
+    }
 }
 
 /// Asks for every cache line of rows `positions[0..<count]` (`base + positions[r] ·
@@ -562,12 +642,13 @@ extension TensorView {
                   lengthBytes: rowExtent(width: width, elementStride: strides[3]) &* bytes, sink: sink)
     }
 
-    /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows).
+    /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows),
+    /// into every cache level, or with `outer` into L2 and beyond only.
     @inline(__always)
-    func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int) {
+    func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, outer: Bool = false) {
         let bytes = precision.byteWidth
         prefetchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
-                     widthBytes: width &* bytes)
+                     widthBytes: width &* bytes, outer: outer)
     }
 }
 
