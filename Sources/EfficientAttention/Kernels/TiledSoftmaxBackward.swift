@@ -200,9 +200,8 @@ enum TiledSoftmaxBackward {
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
             Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap)
         }) { spaces in
-            // Block-major: every head's block 0 (the heaviest under causal masks) first.
-            parallelForEach(items: items, threads: spaces.count) { item, worker in
-                let orderHead = item % orderHeads, t = item / orderHeads
+            // Work item: block `t` of ordering head `orderHead`.
+            func runItem(orderHead: Int, t: Int, worker: Int) {
                 let head: Int, c: Int, blockIndex: Int
                 if keyBlocks.disjointClasses {
                     (head, c, blockIndex) = (orderHead / classes, orderHead % classes, t)
@@ -221,6 +220,19 @@ enum TiledSoftmaxBackward {
                 }
                 order.finish(head: orderHead, block: t)
                 biasOrder?.finish(head: slot, block: head)
+            }
+            if orderHeads >= 4 * spaces.count {
+                // Head-major, one ordering head per work unit, its blocks in order: the
+                // head's query, output and gradient rows stay in cache from block to block,
+                // and no block waits for another worker's `dQ` additions.
+                parallelForEach(items: orderHeads, threads: spaces.count) { orderHead, worker in
+                    for t in 0..<orderBlocks { runItem(orderHead: orderHead, t: t, worker: worker) }
+                }
+            } else {
+                // Block-major: every head's block 0 (the heaviest under causal masks) first.
+                parallelForEach(items: items, threads: spaces.count) { item, worker in
+                    runItem(orderHead: item % orderHeads, t: item / orderHeads, worker: worker)
+                }
             }
         }
         }
