@@ -40,6 +40,12 @@ enum TiledSoftmaxAttention {
         static let defaultQueryTile = Tuning.current.attentionQueryTile
         /// Keys per tile.
         static let keyTile = Tuning.current.attentionKeyTile
+        /// At most this many queries per tile with an additive bias: each query row of a
+        /// tile reads its own run of bias row (a stream of its own, `Nk` floats from the
+        /// next), and fewer streams keep more of them in flight (N = 2048, H = 8: the bias
+        /// costs +21 ms with 64, +27 with 128; KernelDocs/ScoreModifiers.md). Smaller
+        /// tiles, never more workspace: the cost model's figure stays an upper bound.
+        static let biasQueryTile = 64
 
         /// The query tile for a pattern whose queries each see a contiguous band of
         /// `width` keys: the band's ends cost `Br` extra keys per tile, so narrow bands
@@ -185,6 +191,10 @@ enum TiledSoftmaxAttention {
     /// adaptive span, multi-query).
     static func attend<Mask: TileMask>(_ call: ViewCall, queryTile: Int? = nil,
                                        mask: (_ batch: Int, _ head: Int) -> Mask) {
+        var queryTile = queryTile
+        if call.modifiers?.bias != nil {
+            queryTile = min(queryTile ?? Tiling.defaultQueryTile, Tiling.biasQueryTile)
+        }
         run(shape: call.shape, scale: call.scale, threads: call.threadCount, queryTile: queryTile,
             q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, modifiers: call.modifiers, mask: mask)
     }
