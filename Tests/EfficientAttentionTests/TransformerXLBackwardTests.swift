@@ -79,6 +79,19 @@ func maxErrorAndMagnitude(_ x: [Float], _ y: [Double]) -> (Double, Double) {
     zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
 }
 
+/// Each named result (name, values, reference) has the reference's count, no NaN, and every element within
+/// `1e-4 · max |reference| + 1e-6` of it.
+func expectMatchesReference(_ results: [(String, [Float], [Double])], _ description: String,
+                            sourceLocation: SourceLocation = #_sourceLocation) {
+    for (name, values, ref) in results {
+        #expect(values.count == ref.count && !values.contains { $0.isNaN }, "\(description): \(name)",
+                sourceLocation: sourceLocation)
+        let (error, magnitude) = maxErrorAndMagnitude(values, ref)
+        #expect(error <= 1e-4 * magnitude + 1e-6, "\(description): \(name) error \(error), max |ref| \(magnitude)",
+                sourceLocation: sourceLocation)
+    }
+}
+
 /// Misshapen `output`, `logSumExp` or `outputGradient` throw naming it, and a workspace one
 /// byte short of the backward cost throws naming the workspace.
 func expectBadGradientInputsThrow(_ attention: some DifferentiableAttention, shape: AttentionShape, q: Tensor,
@@ -207,13 +220,7 @@ struct XLBackwardCase: Sendable, CustomTestStringConvertible {
                      ("dQuery", g.dQuery.elements, reference.base.dq), ("dKey", g.dKey.elements, reference.base.dk),
                      ("dValue", g.dValue.elements, reference.base.dv), ("∂r", p.relativePositions, reference.dr),
                      ("∂u", p.contentBias, reference.du), ("∂v", p.positionBias, reference.dvb)]
-        for (name, values, ref) in pairs {
-            #expect(values.count == ref.count && !values.contains { $0.isNaN }, "\(testDescription): \(name)",
-                    sourceLocation: sourceLocation)
-            let (error, magnitude) = maxErrorAndMagnitude(values, ref)
-            #expect(error <= 1e-4 * magnitude + 1e-6, "\(testDescription): \(name) error \(error), max |ref| \(magnitude)",
-                    sourceLocation: sourceLocation)
-        }
+        expectMatchesReference(pairs, testDescription, sourceLocation: sourceLocation)
     }
 }
 
