@@ -108,11 +108,6 @@ private func linearReference(q: [Double], k: [Double], v: [Double], dO: [Double]
     return r
 }
 
-/// The largest |x − y| and the largest |y|.
-private func maxErrorAndScale(_ x: [Float], _ y: [Double]) -> (Double, Double) {
-    zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
-}
-
 struct LinearBackwardCase: Sendable, CustomTestStringConvertible {
     var kind: MapKind
     var batch = 1, heads = 2, kvHeads: Int? = nil
@@ -183,11 +178,11 @@ struct LinearBackwardCase: Sendable, CustomTestStringConvertible {
         // Relative to the largest of the three gradients: a map homogeneous in x (ReLU
         // features with D = 1) has dq ≈ 0 by cancellation, whose rounding follows the others.
         let pairs = [("dQuery", g.dQuery, reference.dq), ("dKey", g.dKey, reference.dk), ("dValue", g.dValue, reference.dv)]
-        let largest = pairs.map { maxErrorAndScale($0.1.elements, $0.2).1 }.max()!
+        let largest = pairs.map { maxErrorAndMagnitude($0.1.elements, $0.2).1 }.max()!
         for (name, tensor, ref) in pairs {
             let values = tensor.elements
             #expect(!values.contains { $0.isNaN }, "\(testDescription): NaN in \(name)", sourceLocation: sourceLocation)
-            let (error, scale) = maxErrorAndScale(values, ref)
+            let (error, scale) = maxErrorAndMagnitude(values, ref)
             #expect(error <= 2e-4 * max(scale, 0.1 * largest) + 1e-6, "\(testDescription): \(name) error \(error), max |ref| \(scale)",
                     sourceLocation: sourceLocation)
         }

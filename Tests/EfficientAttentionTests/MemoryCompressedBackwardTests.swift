@@ -103,10 +103,6 @@ private func compressedReference(q: [Double], k: [Double], v: [Double], dO: [Dou
                                dValueBias: values.db)
 }
 
-private func maxErrorAndScale(_ x: [Float], _ y: [Double]) -> (Double, Double) {
-    zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
-}
-
 struct MemoryCompressedBackwardCase: Sendable, CustomTestStringConvertible {
     var c = 3
     var batch = 1, heads = 2, kvHeads: Int? = nil
@@ -183,11 +179,11 @@ struct MemoryCompressedBackwardCase: Sendable, CustomTestStringConvertible {
         }
         // ∂L/∂b^K is exactly 0 (a key bias shifts a row's scores by a constant): its sums
         // cancel, so its error is measured against the size of its terms (dK's).
-        let keyScale = maxErrorAndScale(g.dKey.elements, reference.dk).1
+        let keyScale = maxErrorAndMagnitude(g.dKey.elements, reference.dk).1
         for (name, values, ref) in pairs {
             #expect(values.count == ref.count && !values.contains { $0.isNaN }, "\(testDescription): \(name)",
                     sourceLocation: sourceLocation)
-            var (error, scale) = maxErrorAndScale(values, ref)
+            var (error, scale) = maxErrorAndMagnitude(values, ref)
             if name == "dKeyBias" { scale = max(scale, keyScale) }
             #expect(error <= 1e-4 * scale + 1e-6, "\(testDescription): \(name) error \(error), max |ref| \(scale)",
                     sourceLocation: sourceLocation)

@@ -75,6 +75,7 @@ func referenceTermsBackward(q: [Double], k: [Double], v: [Double], dO: [Double],
 /// `L = Σ dO ∘ O`.
 func referenceLoss(_ output: [Double], _ dO: [Double]) -> Double { zip(output, dO).reduce(0) { $0 + $1.0 * $1.1 } }
 
+/// The largest |x − y| and the largest |y|.
 func maxErrorAndMagnitude(_ x: [Float], _ y: [Double]) -> (Double, Double) {
     zip(x, y).reduce((0.0, 0.0)) { (max($0.0, abs(Double($1.0) - $1.1)), max($0.1, abs($1.1))) }
 }
