@@ -593,10 +593,8 @@ struct UpcomingRows {
     /// Appends the rows `rows` of head `(b, h)` of `view`, `width` elements each.
     mutating func add(_ view: TensorView, _ b: Int, _ h: Int, rows: PositionRun, width: Int) {
         guard runCount < 4 && rows.count > 0 else { return }
-        let bytes = view.precision.byteWidth
-        runs[runCount] = Run(base: view.rawRow(b, h, rows.start), count: rows.count,
-                             strideBytes: rows.step &* view.strides[2] &* bytes,
-                             widthBytes: rowExtent(width: width, elementStride: view.strides[3]) &* bytes)
+        let r = view.byteRows(b, h, rows: rows, width: width)
+        runs[runCount] = Run(base: r.base, count: rows.count, strideBytes: r.strideBytes, widthBytes: r.lengthBytes)
         runCount += 1
         remainingRows += rows.count
     }
@@ -647,18 +645,26 @@ extension TensorView {
     /// `(b, h)`, `width` elements each.
     @inline(__always)
     func touch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, sink: UnsafeMutablePointer<Float>) {
-        let bytes = precision.byteWidth
-        touchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
-                  lengthBytes: rowExtent(width: width, elementStride: strides[3]) &* bytes, sink: sink)
+        let r = byteRows(b, h, rows: rows, width: width)
+        touchRows(r.base, count: rows.count, rowStrideBytes: r.strideBytes, lengthBytes: r.lengthBytes, sink: sink)
     }
 
-    /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows),
-    /// into every cache level, or with `outer` into L2 and beyond only.
+    /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows).
     @inline(__always)
-    func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int, outer: Bool = false) {
+    func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int) {
         let bytes = precision.byteWidth
         prefetchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
-                     widthBytes: width &* bytes, outer: outer)
+                     widthBytes: width &* bytes)
+    }
+
+    /// The rows `rows` of head `(b, h)`, `width` elements each, in bytes: the first row's
+    /// address, the distance between rows, and the bytes a row spans (``rowExtent(width:elementStride:)``).
+    @inline(__always)
+    func byteRows(_ b: Int, _ h: Int, rows: PositionRun, width: Int)
+        -> (base: UnsafeRawPointer, strideBytes: Int, lengthBytes: Int) {
+        let bytes = precision.byteWidth
+        return (rawRow(b, h, rows.start), rows.step &* strides[2] &* bytes,
+                rowExtent(width: width, elementStride: strides[3]) &* bytes)
     }
 }
 
