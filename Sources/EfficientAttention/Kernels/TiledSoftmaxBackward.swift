@@ -25,6 +25,7 @@ import Darwin
 ///         for each query head h of hk's group, in order:
 ///             for each query tile r that may see the block (the mask's transposed listing), in order:
 ///                 Qᵀ ← scale · Q[r]ᵀ, dOᵀ ← dO[r]ᵀ, shift ← lse (−∞ → +∞), D ← rowsum(dO ∘ O)
+///                     (kept from an earlier block when one of the worker's last four tiles)
 ///                 Sᵀ ← K Qᵀ, dPᵀ ← V dOᵀ             micro-kernel, key and value rows read in place
 ///                 mask the partial tile's scores
 ///                 Pᵀ ← exp(Sᵀ − shift), dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)   lane-wise (queries in lanes)
@@ -64,10 +65,16 @@ import Darwin
 /// FLOPs per visible pair: `6·D + 4·Dv` (`Sᵀ`, `dPᵀ`, `dV`, `dK`, `dQ`), exactly 2.5 times
 /// the forward's `2·(D + Dv)` when `Dv = D`.
 ///
+/// A worker keeps its last four prepared query tiles (`Qᵀ`, `dOᵀ`, shifts, `D`): with head-major
+/// work units a head's blocks run in order on one worker, and a band's block shares about
+/// half its query tiles with the block before it (N = 2048, H = 8, 2 threads, backward min
+/// ms over alternated runs: local 16.1 against 17.2, strided 13.1 against 13.4–14.2; N = 4096
+/// strided 31.3 against 32.2; dense, BigBird, axial unchanged; KernelDocs/Strided.md).
+///
 /// Tiles: `Br = 64` queries (lanes), blocks of `2·Bc = 128` keys. Workspace per worker
 /// (floats; `Br′` = the query tile rounded up to 32, `R` = the block rounded up to 8, `D′`,
-/// `Dv′` rounded up to 32): `(D + Dv)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
-/// + Br′·D′ + R·D′ + 2·Br′ + 8·32` (each buffer rounded up to 64 bytes), independent of the
+/// `Dv′` rounded up to 32): `4·(D + Dv + 2)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
+/// + Br′·D′ + R·D′ + 8·32` plus four 32-byte tags (each buffer rounded up to 64 bytes), independent of the
 /// sequence lengths, plus `R·Br′` each for soft-capping's and a score function's derivatives
 /// when the call has them; plus the orderings (``BlockOrder``: a lock, a condition variable
 /// and two `Int`s per block of `B·Hkv`).
@@ -252,12 +259,12 @@ enum TiledSoftmaxBackward {
     /// (`b · Hkv + hk`), and their contributions to `dQ` (block `t` of `orderHead` in the
     /// ordering).
     static func blockItem<Mask: TransposedTileMask>(
-        shape: AttentionShape, space: Workspace, operands x: Operands, head: Int, orderHead: Int, blockIndex t: Int,
+        shape: AttentionShape, space workerSpace: Workspace, operands x: Operands, head: Int, orderHead: Int, blockIndex t: Int,
         block: PositionRun, order: BlockOrder, biasOrder: (order: BlockOrder, slot: Int)? = nil, accumulate: Bool,
         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
     ) {
         let b = head / shape.kvHeads, hk = head % shape.kvHeads
-        let d = x.d, dv = x.dv, dPad = space.dPad, dvPad = space.dvPad
+        let d = x.d, dv = x.dv, dPad = workerSpace.dPad, dvPad = workerSpace.dvPad
         let br = queryTileSize
         let group = (hk * shape.groupSize)..<((hk + 1) * shape.groupSize)
         // Positions in the ordering: query head of the group, then the mask's query tile index.
@@ -265,15 +272,16 @@ enum TiledSoftmaxBackward {
         for h in group {
             queryTiles = max(queryTiles, mask(b, h).backwardQueryTileCount(queryLength: shape.queryLength, queryTile: br))
         }
-        space.accK.update(repeating: 0, count: space.keyRows * dPad)
-        space.accV.update(repeating: 0, count: space.keyRows * dvPad)
+        workerSpace.accK.update(repeating: 0, count: workerSpace.keyRows * dPad)
+        workerSpace.accV.update(repeating: 0, count: workerSpace.keyRows * dvPad)
         let queryRowsInPlace = x.q.strides[3] == 1 && dPad == d
         let gradientRowsInPlace = x.dO.strides[3] == 1 && dvPad == dv
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
         // micro-tile rows, else packed once for the item.
         let keyRowsInPlace = x.k.strides[3] == 1 && dPad == d
         if !keyRowsInPlace {
-            TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: space.keyRowsPacked, ld: dPad)
+            TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
+                                             ld: dPad)
         }
         let qs = dQ.strides[3]
         for (local, h) in group.enumerated() {
@@ -281,7 +289,7 @@ enum TiledSoftmaxBackward {
             headMask.forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: br) { r, queries, tile in
                 precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
-                prepareQueries(space, x, b: b, h: h, queries: queries, lanes: lanes)
+                let space = withQueries(workerSpace, x, b: b, h: h, heads: shape.heads, queries: queries, lanes: lanes)
                 gradientTile(space, x, b: b, hk: hk, h: h, tile: tile, queries: queries, lanes: lanes, block: t,
                              mask: headMask)
                 if let biasGradient = x.biasGradient {
@@ -379,7 +387,7 @@ enum TiledSoftmaxBackward {
         let ks = dK.strides[3], vs = dV.strides[3]
         for r in 0..<block.count {
             let keyOut = dK.row(b, hk, block.position(r)), valueOut = dV.row(b, hk, block.position(r))
-            let keyAcc = space.accK + r * dPad, valueAcc = space.accV + r * dvPad
+            let keyAcc = workerSpace.accK + r * dPad, valueAcc = workerSpace.accV + r * dvPad
             if accumulate {
                 for c in 0..<d { keyOut[c &* ks] += keyAcc[c] }
                 for c in 0..<dv { valueOut[c &* vs] += valueAcc[c] }
@@ -388,6 +396,31 @@ enum TiledSoftmaxBackward {
                 for c in 0..<dv { valueOut[c &* vs] = valueAcc[c] }
             }
         }
+    }
+
+    /// What a prepared query slot holds: the query run `queries` of (batch item, query
+    /// head) `head − 1` (`head = 0`: an empty slot).
+    struct PreparedQueries: Equatable {
+        var head: Int
+        var queries: PositionRun
+    }
+
+    /// `space` with its current query tile the slot holding `queries` of (`b`, `h`), prepared
+    /// there by ``prepareQueries(_:_:b:h:queries:lanes:)`` when no slot holds it yet (the
+    /// same values either way).
+    @inline(__always)
+    static func withQueries(_ space: Workspace, _ x: Operands, b: Int, h: Int, heads: Int,
+                            queries: PositionRun, lanes: Int) -> Workspace {
+        let tag = PreparedQueries(head: b &* heads &+ h &+ 1, queries: queries)
+        for slot in 0..<Workspace.preparedSlots where space.preparedTags[slot] == tag {
+            return space.selecting(slot: slot)
+        }
+        let slot = space.nextSlot.pointee
+        space.nextSlot.pointee = (slot + 1) % Workspace.preparedSlots
+        let selected = space.selecting(slot: slot)
+        prepareQueries(selected, x, b: b, h: h, queries: queries, lanes: lanes)
+        space.preparedTags[slot] = tag
+        return selected
     }
 
     /// Packs the query tile's `scale · Qᵀ` and `dOᵀ` (queries in lanes, zero lanes past the
@@ -675,15 +708,22 @@ enum TiledSoftmaxBackward {
         /// Lanes of a query tile (the leading dimension of the transposed tiles) and rows of
         /// a key tile.
         let lanes: Int, keyRows: Int
-        let dPad: Int, dvPad: Int
-        /// `scale · Qᵀ` (`D × lanes`) and `dOᵀ` (`Dv × lanes`).
-        let qT, gradientT: UnsafeMutablePointer<Float>
+        let d: Int, dv: Int, dPad: Int, dvPad: Int
+        /// The current query tile's `scale · Qᵀ` (`D × lanes`) and `dOᵀ` (`Dv × lanes`): one
+        /// of the prepared slots (``selecting(slot:)``).
+        private(set) var qT, gradientT: UnsafeMutablePointer<Float>
         /// Packed query and `dO` rows (`B` operands when not read in place).
         let queryRows, gradientRows: UnsafeMutablePointer<Float>
         /// `Sᵀ` then `Pᵀ`, and `dPᵀ` then `dSᵀ` (`keyRows × lanes` each).
         let probabilities, scoreGradients: UnsafeMutablePointer<Float>
-        /// Per lane: the probability shift and `D = rowsum(dO ∘ O)`.
-        let shift, rowDot: UnsafeMutablePointer<Float>
+        /// Per lane of the current query tile: the probability shift and `D = rowsum(dO ∘ O)`.
+        private(set) var shift, rowDot: UnsafeMutablePointer<Float>
+        /// The query tiles this worker prepared last, ``preparedSlots`` of them reused first in,
+        /// first out, each with its tag (empty: all zero, as the zero-filled arena starts) and
+        /// its `Qᵀ`, `dOᵀ`, shifts and row dots; `nextSlot`: the slot the next preparation takes.
+        let preparedTags: UnsafeMutablePointer<PreparedQueries>
+        let nextSlot: UnsafeMutablePointer<Int>
+        private let qTSlots, gradientTSlots, shiftSlots, rowDotSlots: UnsafeMutablePointer<Float>
         /// The edge tile of ``accumulateProduct(rows:width:span:a:rowStride:depthStride:b:ldb:c:ldc:edge:overwrite:)``.
         let edge: UnsafeMutablePointer<Float>
         /// The block's `dK` and `dV` accumulators (`keyRows × D′`, `keyRows × Dv′`).
@@ -708,16 +748,20 @@ enum TiledSoftmaxBackward {
                                        keyRows: Int, mask: Mask.Type, softCap: Bool = false) {
             self.lanes = lanes
             self.keyRows = keyRows
+            (self.d, self.dv) = (d, dv)
             dPad = roundUp(d, MicroTile.nr)
             dvPad = roundUp(dv, MicroTile.nr)
-            qT = carver.take(d * lanes)
-            gradientT = carver.take(dv * lanes)
+            preparedTags = carver.take(Workspace.preparedSlots)
+            nextSlot = carver.take(1)
+            qTSlots = carver.take(Workspace.preparedSlots * d * lanes)
+            gradientTSlots = carver.take(Workspace.preparedSlots * dv * lanes)
+            shiftSlots = carver.take(Workspace.preparedSlots * lanes)
+            rowDotSlots = carver.take(Workspace.preparedSlots * lanes)
+            (qT, gradientT, shift, rowDot) = (qTSlots, gradientTSlots, shiftSlots, rowDotSlots)
             queryRows = carver.take(lanes * dPad)
             gradientRows = carver.take(lanes * dvPad)
             probabilities = carver.take(keyRows * lanes)
             scoreGradients = carver.take(keyRows * lanes)
-            shift = carver.take(lanes)
-            rowDot = carver.take(lanes)
             edge = carver.take(MicroTile.mr * MicroTile.nr)
             accK = carver.take(keyRows * dPad)
             accV = carver.take(keyRows * dvPad)
@@ -730,6 +774,22 @@ enum TiledSoftmaxBackward {
             capDerivatives = carver.take(softCap ? keyRows * lanes : 0)
             scoreTermDerivatives = Mask.differentiatesScoreTerms
             termDerivatives = carver.take(Mask.differentiatesScoreTerms ? keyRows * lanes : 0)
+        }
+
+        /// Prepared query tiles a worker keeps. A key block of a band walks the query tiles
+        /// behind those of the block before it (head-major work units run a head's blocks in
+        /// order on one worker): with 128-key blocks, 64-query tiles and a band narrower than
+        /// 128 keys, a block meets at most four tiles and shares two with its predecessor.
+        static let preparedSlots = 4
+
+        /// This workspace with the current query tile in prepared slot `slot`.
+        func selecting(slot: Int) -> Workspace {
+            var space = self
+            space.qT = qTSlots + slot * d * lanes
+            space.gradientT = gradientTSlots + slot * dv * lanes
+            space.shift = shiftSlots + slot * lanes
+            space.rowDot = rowDotSlots + slot * lanes
+            return space
         }
 
         static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
