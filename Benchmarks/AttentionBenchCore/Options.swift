@@ -368,7 +368,7 @@ extension BenchOptions {
         options.sinks = given["sinks"] != nil
         options.bias = given["bias"] != nil
         if let text = given["io"] {
-            for other in ["varlen", "decode", "backward"] where given[other] != nil {
+            for other in ["decode", "backward"] where given[other] != nil {
                 throw BenchError.usage("--io does not combine with --\(other) yet")
             }
             options.ioPrecisions = try text.split(separator: ",").map {

@@ -342,8 +342,20 @@ public final class SweepRunner {
                 let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
                                                        keyLength: shape.keyLength, headDim: shape.headDim,
                                                        valueDim: shape.valueDim, causal: job.problem.causal)
-                if options.packedLengths != nil {
-                    // Packed: the dense result of the same packed call, when dense is in the run.
+                if let lengths = options.packedLengths {
+                    // Packed: the dense Float result of the same packed call (dense's own
+                    // when it ran in Float, else computed here).
+                    if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
+                        let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
+                        do {
+                            let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                                     sequences: try PackedSequences(lengths: lengths),
+                                                     threads: defaultThreadCount)
+                            referenceCache[job.problem] = r.output.elements
+                        } catch {
+                            progress("note: no dense reference for \(job.problem): \(error)")
+                        }
+                    }
                     if let reference = referenceCache[job.problem] {
                         relativeError = Accounting.relativeError(measured.output, reference: reference)
                     }
@@ -537,7 +549,7 @@ public final class SweepRunner {
             throw failure(error)
         }
         if job.io != .float32 {
-            return try executeMixed(job, inputs, peakBytes: peakBytes, lse: lse)
+            return try executeMixed(job, inputs, sequences: sequences, peakBytes: peakBytes, lse: lse)
         }
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
@@ -571,8 +583,10 @@ public final class SweepRunner {
     /// `--io f16|bf16`: the engine-style timed calls with every operand in `job.io` (the
     /// inputs rounded once, before timing), through the ``ActivationView`` entry point with
     /// a workspace sized for those precisions. The error column compares the widened 16-bit
-    /// output, so it includes the rounding of the inputs and of the output.
-    func executeMixed(_ job: SweepJob, _ inputs: Inputs, peakBytes: Int, lse: Tensor) throws -> Measured {
+    /// output, so it includes the rounding of the inputs and of the output. With `--varlen`,
+    /// the packed call on `sequences`.
+    func executeMixed(_ job: SweepJob, _ inputs: Inputs, sequences: PackedSequences?, peakBytes: Int,
+                      lse: Tensor) throws -> Measured {
         let threads = job.threads, conformer = job.conformer
         var lse = lse
         func bits(_ t: Tensor) -> [UInt16] {
@@ -586,7 +600,11 @@ public final class SweepRunner {
         let precisions = OperandPrecisions(job.io)
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
-            let workspace = try AttentionWorkspace(for: conformer, shape: shape, threads: threads, precisions: precisions)
+            let workspace = try sequences.map {
+                try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
+                                       headDim: shape.headDim, valueDim: shape.valueDim, threads: threads,
+                                       precisions: precisions)
+            } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads, precisions: precisions)
             func view(_ b: UnsafeBufferPointer<UInt16>, _ t: Tensor) throws -> ActivationView {
                 try ActivationView(bitPatterns: b, precision: job.io, shape: SIMD4(t.shape))
             }
@@ -597,8 +615,13 @@ public final class SweepRunner {
                 let ov = try MutableActivationView(bitPatterns: ob, precision: job.io,
                                                    shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim))
                 return try timeEngineCalls(policy: options.timing) {
-                    try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
-                                         keyLengths: nil, workspace: workspace, threads: threads)
+                    if let sequences {
+                        try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
+                                             sequences: sequences, workspace: workspace, threads: threads)
+                    } else {
+                        try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
+                                             keyLengths: nil, workspace: workspace, threads: threads)
+                    }
                 }
             } } } } }
         } catch {

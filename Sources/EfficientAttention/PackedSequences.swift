@@ -92,7 +92,23 @@ extension Attention {
     public func attend(query: StridedView, key: StridedView, value: StridedView,
                        output: MutableStridedView, logSumExp: MutableStridedView?,
                        sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
-        let packed = try AttentionShape(query: query, key: key, value: value)
+        try attend(query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
+                   output: MutableActivationView(output), logSumExp: logSumExp, sequences: sequences,
+                   workspace: workspace, threads: threads)
+    }
+
+    /// The packed call with query, key, value and output each in `Float`, binary16 or
+    /// bfloat16 (``ActivationPrecision``): each sequence is exactly a separate call of
+    /// ``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)-(ActivationView,_,_,_,_,_,_,_)``
+    /// on its rows (the same bits). Sequences without keys give `+0` in the output's
+    /// precision and `-infinity`. The workspace must hold the largest sequence's needs for
+    /// these precisions (``AttentionWorkspace/init(for:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:)``).
+    ///
+    /// - Complexity: the sum of the sequences' costs.
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
+                       sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
+        let packed = try AttentionShape(query: query.shape, key: key.shape, value: value.shape)
         guard packed.batch == 1 else {
             throw AttentionError.shapeMismatch("packed sequences take batch 1 (dimension 0), got \(packed.batch)")
         }
@@ -109,9 +125,15 @@ extension Attention {
                 throw AttentionError.unsupported("sequence \(s) (Nq \(shape.queryLength), Nk \(shape.keyLength)): \(error.message)")
             }
         }
-        func rows(_ v: StridedView, _ start: Int, _ count: Int) -> StridedView {
-            StridedView(unchecked: v.baseAddress + start * v.strides[2],
-                        shape: SIMD4(1, v.shape[1], count, v.shape[3]), strides: v.strides)
+        /// Rows `start ..< start + count` of every head of a packed view.
+        func rows(_ v: ActivationView, _ start: Int, _ count: Int) -> ActivationView {
+            ActivationView(unchecked: v.rawBaseAddress + start * v.strides[2] * v.precision.byteWidth,
+                           precision: v.precision, shape: SIMD4(1, v.shape[1], count, v.shape[3]), strides: v.strides)
+        }
+        func rows(_ v: MutableActivationView, _ start: Int, _ count: Int) -> MutableActivationView {
+            MutableActivationView(unchecked: v.rawBaseAddress + start * v.strides[2] * v.precision.byteWidth,
+                                  precision: v.precision, shape: SIMD4(1, v.shape[1], count, v.shape[3]),
+                                  strides: v.strides)
         }
         func rows(_ v: MutableStridedView, _ start: Int, _ count: Int) -> MutableStridedView {
             MutableStridedView(unchecked: v.baseAddress + start * v.strides[2],
@@ -127,8 +149,7 @@ extension Attention {
                 // No keys: the result over no keys.
                 for h in 0..<shape.heads {
                     for i in 0..<shape.queryLength {
-                        let row = out.kernel.row(0, h, i)
-                        for c in 0..<shape.valueDim { row[c &* out.strides[3]] = 0 }
+                        out.kernel.zeroRow(0, h, i, count: shape.valueDim)
                         lse?.kernel.row(0, h, i).pointee = -.infinity
                     }
                 }
@@ -174,16 +195,19 @@ extension Attention {
 }
 
 extension AttentionWorkspace {
-    /// A workspace for packed calls of `attention` on `sequences`: the largest sequence's
-    /// workspace plus its log-sum-exp scratch.
+    /// A workspace for packed calls of `attention` on `sequences` with operands of
+    /// `precisions`: the largest sequence's workspace plus its log-sum-exp scratch and its
+    /// conversion scratch (``Attention/conversionScratchBytes(_:precisions:)``).
     public convenience init(for attention: some Attention, sequences: PackedSequences, heads: Int, kvHeads: Int? = nil,
-                            headDim: Int, valueDim: Int? = nil, threads: Int? = nil) throws {
+                            headDim: Int, valueDim: Int? = nil, threads: Int? = nil,
+                            precisions: OperandPrecisions = .float32) throws {
         var bytes = 0
         let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
         for s in 0..<sequences.count {
             let shape = sequences.shape(s, of: packed)
             guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            bytes = max(bytes, try attention.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape))
+            bytes = max(bytes, try attention.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape)
+                                   + attention.conversionScratchBytes(shape, precisions: precisions))
         }
         try self.init(byteCount: bytes)
     }

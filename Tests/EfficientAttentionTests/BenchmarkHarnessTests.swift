@@ -588,10 +588,21 @@ import AttentionBenchCore
         #expect(bf16Error > f16Error && bf16Error < 2e-2, "bf16 error \(bf16Error)")
         #expect(dense[1].parameters.contains("io=f16") && !dense[0].parameters.contains("io="))
         #expect(records.filter { $0.variant == "linformer" }.map(\.io) == ["f32", "f16", "bf16"])
-        for bad in [["--io", "f8"], ["--io", "f16", "--decode"], ["--io", "f16", "--varlen", "8,8"],
-                    ["--io", "bf16", "--backward"]] {
+        for bad in [["--io", "f8"], ["--io", "f16", "--decode"], ["--io", "bf16", "--backward"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // With --varlen: the packed 16-bit call, compared with dense's Float packed result
+        // (computed by the harness: dense does not run in Float here).
+        let packed = try BenchOptions.parse(["--io", "f16", "--varlen", "8,1,37", "--variants", "dense,local",
+                                             "--heads", "2", "--dim", "16", "--threads", "1", "--repeat", "1"])
+        let packedRecords = try SweepRunner(options: packed, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                            progress: { _ in }).run(try SweepPlan.make(packed))
+        #expect(packedRecords.map(\.variant) == ["dense", "local"])
+        for r in packedRecords {
+            #expect(r.io == "f16" && r.parameters.contains("varlen=8,1,37"), "\(r.variant): \(r.parameters)")
+        }
+        let packedError = packedRecords[0].relativeError ?? 1
+        #expect(packedError > 0 && packedError < 3e-3, "packed f16 dense error \(packedError)")
     }
 
     /// `--backward`: dense (and local and vanilla, with gradients too) gets "backward" and

@@ -384,6 +384,89 @@ struct PackedSequenceTests {
                   "dense cross")
     }
 
+    /// The packed call in 16-bit precisions equals separate 16-bit calls per sequence bit
+    /// for bit (its outputs rounded once), and with a workspace sized for the packed
+    /// sequences and precisions it allocates nothing in steady state.
+    func checkMixed(_ attention: some Attention, precisions p: OperandPrecisions, lengths: [Int], step: Int,
+                    threads: Int, _ label: String) throws {
+        let sequences = try PackedSequences(lengths: lengths)
+        let n = lengths.reduce(0, +), heads = 4, kvHeads = 2
+        let (q, k, v) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: n, keyLength: n, headDim: 16,
+                                      valueDim: 8, seed: 82)
+        func operand(_ t: Tensor, _ precision: ActivationPrecision) -> MixedOperand {
+            MixedOperand(shape: SIMD4(t.shape), precision: precision, step: step,
+                         values: t.elements.map { rounded($0, precision) })
+        }
+        let (qo, ko, vo) = (operand(q, p.query), operand(k, p.key), operand(v, p.value))
+        let oo = MixedOperand(shape: SIMD4(1, heads, n, 8), precision: p.output, step: step)
+        var lse = NaNPaddedOutput(shape: [1, heads, n, 1])
+        let workspace = try AttentionWorkspace(for: attention, sequences: sequences, heads: heads, kvHeads: kvHeads,
+                                               headDim: 16, valueDim: 8, threads: threads, precisions: p)
+        let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
+        try lse.withView { lv in
+            try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, sequences: sequences,
+                                 workspace: workspace, threads: threads)
+        }
+        #expect(oo.gapsUntouched, "\(label): wrote outside the output view")
+        let packedBits = oo.elementBits, packedLSE = lse.elements
+        /// Element `c` of row `i`, head `h` in a row-major `[1, H, rows, width]` listing.
+        func index(_ h: Int, _ i: Int, _ c: Int, rows: Int, width: Int) -> Int { (h * rows + i) * width + c }
+        for s in 0..<sequences.count where lengths[s] > 0 {
+            let r = sequences.queryOffsets[s]..<sequences.queryOffsets[s + 1]
+            let (qs, ks, vs) = (operand(try rows(q, r), p.query), operand(try rows(k, r), p.key),
+                                operand(try rows(v, r), p.value))
+            let os = MixedOperand(shape: SIMD4(1, heads, r.count, 8), precision: p.output)
+            var ls = NaNPaddedOutput(shape: [1, heads, r.count, 1])
+            let (qsv, ksv, vsv, osv) = (try qs.view, try ks.view, try vs.view, try os.mutableView)
+            try ls.withView { lv in
+                try attention.attend(query: qsv, key: ksv, value: vsv, output: osv, logSumExp: lv, keyLengths: nil,
+                                     workspace: nil, threads: 1)
+            }
+            let alone = os.elementBits, aloneLSE = ls.elements
+            var mismatches = 0
+            for h in 0..<heads {
+                for i in 0..<r.count {
+                    for c in 0..<8 where packedBits[index(h, r.lowerBound + i, c, rows: n, width: 8)]
+                        != alone[index(h, i, c, rows: r.count, width: 8)] { mismatches += 1 }
+                    if packedLSE[h * n + r.lowerBound + i].bitPattern != aloneLSE[h * r.count + i].bitPattern {
+                        mismatches += 1
+                    }
+                }
+            }
+            #expect(mismatches == 0, "\(label) sequence \(s): \(mismatches) elements differ from the separate call")
+        }
+        if AllocationCounter.isSupported {
+            let allocations = try lse.withView { lv in
+                try CallingConventionTests.steadyStateAllocations(threads: threads) {
+                    try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: lv,
+                                         sequences: sequences, workspace: workspace, threads: threads)
+                }
+            }
+            #expect(allocations == 0, "\(label): \(allocations) allocations per packed call")
+        }
+    }
+
+    @Test("a packed batch in Float16 and BFloat16 equals separate 16-bit calls, and allocates nothing with a workspace")
+    func mixedPrecision() throws {
+        let lengths = [0, 1, 17, 64, 0, 130, 3]
+        let mixes = [OperandPrecisions(.float16), OperandPrecisions(.bfloat16),
+                     OperandPrecisions(query: .bfloat16, key: .float16, value: .float32, output: .float16)]
+        for (m, p) in mixes.enumerated() {
+            let step = m % 2 + 1, threads = m % 2 + 1
+            for causal in [false, true] {
+                try checkMixed(DenseAttention(causal: causal), precisions: p, lengths: lengths, step: step,
+                               threads: threads, "dense causal \(causal) \(p)")
+                try checkMixed(LocalAttention(form: .slidingWindow(left: 8, right: causal ? 0 : 5), causal: causal),
+                               precisions: p, lengths: lengths, step: step, threads: threads, "local causal \(causal) \(p)")
+                try checkMixed(MultiQueryAttention(causal: causal, leftWindow: 20), precisions: p, lengths: lengths,
+                               step: step, threads: threads, "multi-query causal \(causal) \(p)")
+                // A conformer that widens into Float scratch (not on the tiled kernel).
+                try checkMixed(LinearAttention(featureMap: EluPlusOneFeatures(), causal: causal), precisions: p,
+                               lengths: lengths, step: step, threads: threads, "linear-elu causal \(causal) \(p)")
+            }
+        }
+    }
+
     @Test("bad offsets and mismatched views are thrown errors naming them")
     func badOffsets() throws {
         #expect(throws: AttentionError.self) { _ = try PackedSequences(queryOffsets: [1, 3], keyOffsets: [0, 3]) }
