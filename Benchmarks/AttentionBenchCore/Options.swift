@@ -179,7 +179,7 @@ extension BenchOptions {
         OptionSpec(name: "alibi", value: nil, help: "ALiBi with the standard slopes on the conformers that take modifiers"),
         OptionSpec(name: "sinks", value: nil, help: "per-head sink logits (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
         OptionSpec(name: "bias", value: nil, help: "an additive bias [1, H, Nq, Nk] (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
-        OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
+        OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output (and gradients with --backward) in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),
         OptionSpec(name: "cache", value: "LIST", help: "decode: cache lengths (positions) [32K]"),
@@ -368,7 +368,7 @@ extension BenchOptions {
         options.sinks = given["sinks"] != nil
         options.bias = given["bias"] != nil
         if let text = given["io"] {
-            for other in ["decode", "backward"] where given[other] != nil {
+            for other in ["decode"] where given[other] != nil {
                 throw BenchError.usage("--io does not combine with --\(other) yet")
             }
             options.ioPrecisions = try text.split(separator: ",").map {

@@ -469,25 +469,50 @@ public final class SweepRunner {
         let result = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
                                           keyLengths: nil, threads: threads)
         let dO = try Tensor.random(shape: result.output.shape, seed: options.seed &+ 0x0d0)
-        // Engine style, as the forward's timed calls: borrowed views, gradients (and, for
-        // forward + backward, the output and log-sum-exp) written into the caller's tensors,
-        // one workspace for both passes, allocations counted per call.
+        let (alone, both) = job.io == .float32
+            ? try timedBackwardCalls(job, attention, inputs, result: result, outputGradient: dO,
+                                     workspaceBytes: max(backwardCost.workspaceBytes,
+                                                         try attention.cost(shape, threads: threads).workspaceBytes))
+            : try timedMixedBackwardCalls(job, attention, inputs, outputGradient: dO)
+        func record(_ pass: String, _ timed: (timing: TimingStatistics, allocationsPerCall: Double?),
+                    flops: Double, workspace: Int) -> BenchRecord {
+            var r = BenchRecord(
+                variant: forward.variant, batch: forward.batch, heads: forward.heads, kvHeads: forward.kvHeads,
+                seqQ: forward.seqQ, seqK: forward.seqK, dim: forward.dim, valueDim: forward.valueDim,
+                causal: forward.causal, threads: forward.threads, parameters: forward.parameters,
+                runs: timed.timing.runs, medianSeconds: timed.timing.medianSeconds, minSeconds: timed.timing.minSeconds,
+                flops: flops, scoredPairs: forward.scoredPairs, peakGflops: peak, workspaceBytes: workspace,
+                measuredPeakBytes: 0, outputBytes: forward.outputBytes, allocationsPerCall: timed.allocationsPerCall)
+            r.pass = pass
+            r.io = forward.io
+            return r
+        }
+        return [record("backward", alone, flops: backwardCost.flops, workspace: backwardCost.workspaceBytes),
+                record("forward+backward", both, flops: backwardCost.flops + job.cost.flops,
+                       workspace: max(backwardCost.workspaceBytes, job.cost.workspaceBytes))]
+    }
+
+    typealias TimedCalls = (timing: TimingStatistics, allocationsPerCall: Double?)
+
+    /// The backward alone and forward + backward, engine style as the forward's timed calls:
+    /// borrowed views, gradients (and, for forward + backward, the output and log-sum-exp)
+    /// written into the caller's tensors, one workspace for both passes, allocations counted
+    /// per call.
+    func timedBackwardCalls(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
+                            result: AttentionResult, outputGradient dO: Tensor,
+                            workspaceBytes: Int) throws -> (alone: TimedCalls, both: TimedCalls) {
+        let threads = job.threads
         var dq = try Tensor(shape: inputs.query.shape), dk = try Tensor(shape: inputs.key.shape)
         var dv = try Tensor(shape: inputs.value.shape)
         var output = try Tensor(shape: result.output.shape), lse = try Tensor(shape: result.logSumExp.shape)
-        let workspace = try AttentionWorkspace(
-            byteCount: max(backwardCost.workspaceBytes, try attention.cost(shape, threads: threads).workspaceBytes))
-        let (alone, both) = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
+        let workspace = try AttentionWorkspace(byteCount: workspaceBytes)
+        return try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
         try inputs.value.withStridedView { v in try dO.withStridedView { g in
         try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
         try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
         try output.withMutableStridedView { out in try lse.withMutableStridedView { lseOut in
             // The forward's output and log-sum-exp, read by the backward that follows it.
-            let written = try StridedView(UnsafeBufferPointer(start: out.baseAddress, count: out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]),
-                                          shape: out.shape)
-            let writtenLSE = try StridedView(UnsafeBufferPointer(start: lseOut.baseAddress,
-                                                                 count: lseOut.shape[0] * lseOut.shape[1] * lseOut.shape[2] * lseOut.shape[3]),
-                                             shape: lseOut.shape)
+            let written = try Self.readable(out), writtenLSE = try Self.readable(lseOut)
             let alone = try timeEngineCalls(policy: options.timing) {
                 try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
                                         dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
@@ -502,21 +527,88 @@ public final class SweepRunner {
             }
             return (alone, both)
         } } } } } } } } } } }
-        func record(_ pass: String, _ timed: (timing: TimingStatistics, allocationsPerCall: Double?),
-                    flops: Double, workspace: Int) -> BenchRecord {
-            var r = BenchRecord(
-                variant: forward.variant, batch: forward.batch, heads: forward.heads, kvHeads: forward.kvHeads,
-                seqQ: forward.seqQ, seqK: forward.seqK, dim: forward.dim, valueDim: forward.valueDim,
-                causal: forward.causal, threads: forward.threads, parameters: forward.parameters,
-                runs: timed.timing.runs, medianSeconds: timed.timing.medianSeconds, minSeconds: timed.timing.minSeconds,
-                flops: flops, scoredPairs: forward.scoredPairs, peakGflops: peak, workspaceBytes: workspace,
-                measuredPeakBytes: 0, outputBytes: forward.outputBytes, allocationsPerCall: timed.allocationsPerCall)
-            r.pass = pass
-            return r
+    }
+
+    /// ``timedBackwardCalls(_:_:_:result:outputGradient:workspaceBytes:)`` with every operand
+    /// and gradient in `job.io` (the inputs and `dO` rounded once, before timing; the
+    /// output the 16-bit forward's): the ``ActivationView`` entry points, one workspace sized
+    /// for both passes' conversions.
+    func timedMixedBackwardCalls(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
+                                 outputGradient dO: Tensor) throws -> (alone: TimedCalls, both: TimedCalls) {
+        let threads = job.threads, io = job.io
+        let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
+        let precisions = OperandPrecisions(io)
+        let workspace = try AttentionWorkspace(byteCount: max(
+            try AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: precisions).byteCount,
+            try AttentionWorkspace(for: attention, shape: shape, threads: threads, precisions: precisions).byteCount))
+        let (q, k, v, g) = (Self.bitPatterns(inputs.query, io), Self.bitPatterns(inputs.key, io),
+                            Self.bitPatterns(inputs.value, io), Self.bitPatterns(dO, io))
+        var out = [UInt16](repeating: 0, count: dO.count)
+        var dq = [UInt16](repeating: 0, count: q.count), dk = [UInt16](repeating: 0, count: k.count)
+        var dv = [UInt16](repeating: 0, count: v.count)
+        var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
+        func view(_ b: UnsafeBufferPointer<UInt16>, _ t: Tensor) throws -> ActivationView {
+            try ActivationView(bitPatterns: b, precision: io, shape: SIMD4(t.shape))
         }
-        return [record("backward", alone, flops: backwardCost.flops, workspace: backwardCost.workspaceBytes),
-                record("forward+backward", both, flops: backwardCost.flops + job.cost.flops,
-                       workspace: max(backwardCost.workspaceBytes, job.cost.workspaceBytes))]
+        func view(_ b: UnsafeMutableBufferPointer<UInt16>, _ t: Tensor) throws -> MutableActivationView {
+            try MutableActivationView(bitPatterns: b, precision: io, shape: SIMD4(t.shape))
+        }
+        return try q.withUnsafeBufferPointer { qb in try k.withUnsafeBufferPointer { kb in
+        try v.withUnsafeBufferPointer { vb in try g.withUnsafeBufferPointer { gb in
+        try out.withUnsafeMutableBufferPointer { ob in try dq.withUnsafeMutableBufferPointer { dqb in
+        try dk.withUnsafeMutableBufferPointer { dkb in try dv.withUnsafeMutableBufferPointer { dvb in
+        try lse.withMutableStridedView { lseOut in
+            let (qv, kv, vv, gv) = (try view(qb, inputs.query), try view(kb, inputs.key), try view(vb, inputs.value),
+                                    try view(gb, dO))
+            let (outView, dQ, dK, dV) = (try view(ob, dO), try view(dqb, inputs.query), try view(dkb, inputs.key),
+                                         try view(dvb, inputs.value))
+            // The output and log-sum-exp the backward reads: the 16-bit forward's, written here.
+            let written = try ActivationView(bitPatterns: UnsafeBufferPointer(ob), precision: io, shape: SIMD4(dO.shape))
+            let writtenLSE = try Self.readable(lseOut)
+            func forward() throws {
+                try attention.attend(query: qv, key: kv, value: vv, output: outView, logSumExp: lseOut,
+                                     keyLengths: nil, workspace: workspace, threads: threads)
+            }
+            func backward() throws {
+                try attention.gradients(query: qv, key: kv, value: vv, output: written, logSumExp: writtenLSE,
+                                        outputGradient: gv, dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
+                                        workspace: workspace, threads: threads)
+            }
+            try forward()
+            let alone = try timeEngineCalls(policy: options.timing) { try backward() }
+            let both = try timeEngineCalls(policy: options.timing) {
+                try forward()
+                try backward()
+            }
+            return (alone, both)
+        } } } } } } } } }
+    }
+
+    /// One engine-style forward call: over the packed `sequences` when given.
+    static func engineCall(_ conformer: some Attention, _ q: ActivationView, _ k: ActivationView, _ v: ActivationView,
+                           output: MutableActivationView, logSumExp: MutableStridedView, sequences: PackedSequences?,
+                           workspace: AttentionWorkspace, threads: Int) throws {
+        if let sequences {
+            try conformer.attend(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
+                                 sequences: sequences, workspace: workspace, threads: threads)
+        } else {
+            try conformer.attend(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
+                                 keyLengths: nil, workspace: workspace, threads: threads)
+        }
+    }
+
+    /// A read-only view of a contiguous tensor `view` writes (the forward's output, read by
+    /// the backward that follows it).
+    static func readable(_ view: MutableStridedView) throws -> StridedView {
+        let s = view.shape
+        return try StridedView(UnsafeBufferPointer(start: view.baseAddress, count: s[0] * s[1] * s[2] * s[3]), shape: s)
+    }
+
+    /// `t`'s elements rounded to `precision` (16-bit), as bit patterns.
+    static func bitPatterns(_ t: Tensor, _ precision: ActivationPrecision) -> [UInt16] {
+        t.elements.map { x in
+            precision == .float16 ? HalfConversions.softwareBits(x) : BFloat16Conversions.bits(x)
+        }
     }
 
     /// The measured call (the allocating `Tensor` API: heap growth, output for the error
@@ -562,13 +654,9 @@ public final class SweepRunner {
             try inputs.value.withStridedView { v in
             try output.withMutableStridedView { o in try lse.withMutableStridedView { l in
                 try timeEngineCalls(policy: policy) {
-                    if let sequences {
-                        try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
-                                             sequences: sequences, workspace: workspace, threads: threads)
-                    } else {
-                        try conformer.attend(query: q, key: k, value: v, output: o, logSumExp: l,
-                                             keyLengths: nil, workspace: workspace, threads: threads)
-                    }
+                    try Self.engineCall(conformer, ActivationView(q), ActivationView(k), ActivationView(v),
+                                        output: MutableActivationView(o), logSumExp: l, sequences: sequences,
+                                        workspace: workspace, threads: threads)
                 }
             } } } } }
         } catch {
@@ -589,12 +677,8 @@ public final class SweepRunner {
                       lse: Tensor) throws -> Measured {
         let threads = job.threads, conformer = job.conformer
         var lse = lse
-        func bits(_ t: Tensor) -> [UInt16] {
-            t.elements.map { x in
-                job.io == .float16 ? HalfConversions.softwareBits(x) : BFloat16Conversions.bits(x)
-            }
-        }
-        let (q, k, v) = (bits(inputs.query), bits(inputs.key), bits(inputs.value))
+        let (q, k, v) = (Self.bitPatterns(inputs.query, job.io), Self.bitPatterns(inputs.key, job.io),
+                         Self.bitPatterns(inputs.value, job.io))
         let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
         var out = [UInt16](repeating: 0, count: shape.batch * shape.heads * shape.queryLength * shape.valueDim)
         let precisions = OperandPrecisions(job.io)
@@ -615,13 +699,8 @@ public final class SweepRunner {
                 let ov = try MutableActivationView(bitPatterns: ob, precision: job.io,
                                                    shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim))
                 return try timeEngineCalls(policy: options.timing) {
-                    if let sequences {
-                        try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
-                                             sequences: sequences, workspace: workspace, threads: threads)
-                    } else {
-                        try conformer.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: l,
-                                             keyLengths: nil, workspace: workspace, threads: threads)
-                    }
+                    try Self.engineCall(conformer, qv, kv, vv, output: ov, logSumExp: l, sequences: sequences,
+                                        workspace: workspace, threads: threads)
                 }
             } } } } }
         } catch {

@@ -82,18 +82,9 @@ extension DifferentiableAttention {
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
         try checkModifiersForBackward(s, threads: try threadCount(threads))
-        func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
-            guard view == shape else {
-                throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")
-            }
-        }
-        try expect(output.shape, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "output", "[B, H, Nq, Dv]")
-        try expect(logSumExp.shape, SIMD4(s.batch, s.heads, s.queryLength, 1), "logSumExp", "[B, H, Nq, 1]")
-        try expect(outputGradient.shape, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "outputGradient",
-                   "[B, H, Nq, Dv]")
-        try expect(dQuery.shape, query.shape, "dQuery", "[B, H, Nq, D]")
-        try expect(dKey.shape, key.shape, "dKey", "[B, Hkv, Nk, D]")
-        try expect(dValue.shape, value.shape, "dValue", "[B, Hkv, Nk, Dv]")
+        try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
+                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
+                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
         try checkSeparateGradients(
             dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
             reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
@@ -252,4 +243,23 @@ extension DifferentiableAttention {
         } } } } } } } } }
         return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
     }
+}
+
+/// Throws unless the backward's views other than query, key and value have the shapes of
+/// problem `s` (the gradients those of the inputs), naming the first that does not.
+/// Allocation-free (static strings, no arrays).
+func checkGradientShapes(_ s: AttentionShape, query: SIMD4<Int>, key: SIMD4<Int>, value: SIMD4<Int>,
+                         output: SIMD4<Int>, logSumExp: SIMD4<Int>, outputGradient: SIMD4<Int>,
+                         dQuery: SIMD4<Int>, dKey: SIMD4<Int>, dValue: SIMD4<Int>) throws {
+    func expect(_ view: SIMD4<Int>, _ shape: SIMD4<Int>, _ name: StaticString, _ letters: StaticString) throws {
+        guard view == shape else {
+            throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(letters) = \(list(shape))")
+        }
+    }
+    try expect(output, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "output", "[B, H, Nq, Dv]")
+    try expect(logSumExp, SIMD4(s.batch, s.heads, s.queryLength, 1), "logSumExp", "[B, H, Nq, 1]")
+    try expect(outputGradient, SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), "outputGradient", "[B, H, Nq, Dv]")
+    try expect(dQuery, query, "dQuery", "[B, H, Nq, D]")
+    try expect(dKey, key, "dKey", "[B, Hkv, Nk, D]")
+    try expect(dValue, value, "dValue", "[B, Hkv, Nk, Dv]")
 }

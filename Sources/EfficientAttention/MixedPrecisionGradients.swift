@@ -33,13 +33,9 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query.shape, key: key.shape, value: value.shape)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        let rows = SIMD4(s.batch, s.heads, s.queryLength, s.valueDim)
-        for (name, view, expected) in [("output", output.shape, rows), ("outputGradient", outputGradient.shape, rows),
-                                       ("logSumExp", logSumExp.shape, SIMD4(s.batch, s.heads, s.queryLength, 1)),
-                                       ("dQuery", dQuery.shape, query.shape), ("dKey", dKey.shape, key.shape),
-                                       ("dValue", dValue.shape, value.shape)] where view != expected {
-            throw AttentionError.shapeMismatch("\(name) is \(list(view)), expected \(list(expected))")
-        }
+        try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
+                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
+                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
         // The caller's gradients are separate memory (the Float call only sees scratch).
         try checkSeparateGradients(
             dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,

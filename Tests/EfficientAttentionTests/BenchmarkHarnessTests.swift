@@ -588,9 +588,17 @@ import AttentionBenchCore
         #expect(bf16Error > f16Error && bf16Error < 2e-2, "bf16 error \(bf16Error)")
         #expect(dense[1].parameters.contains("io=f16") && !dense[0].parameters.contains("io="))
         #expect(records.filter { $0.variant == "linformer" }.map(\.io) == ["f32", "f16", "bf16"])
-        for bad in [["--io", "f8"], ["--io", "f16", "--decode"], ["--io", "bf16", "--backward"]] {
+        for bad in [["--io", "f8"], ["--io", "f16", "--decode"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // With --backward: the 16-bit gradients entry point, its records carrying the io.
+        let backward = try BenchOptions.parse(["--io", "bf16", "--backward", "--variants", "dense", "--seq", "40",
+                                               "--heads", "2", "--dim", "8", "--threads", "1", "--repeat", "1"])
+        let backwardRecords = try SweepRunner(options: backward, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                              progress: { _ in }).run(try SweepPlan.make(backward))
+        #expect(backwardRecords.map { "\($0.pass) \($0.io)" }
+                == ["forward bf16", "backward bf16", "forward+backward bf16"])
+        #expect(backwardRecords.allSatisfy { $0.allocationsPerCall.map { $0 == 0 } ?? true })
         // With --varlen: the packed 16-bit call, compared with dense's Float packed result
         // (computed by the harness: dense does not run in Float here).
         let packed = try BenchOptions.parse(["--io", "f16", "--varlen", "8,1,37", "--variants", "dense,local",

@@ -2,6 +2,7 @@
 // the Float gradients on the widened operands with each gradient rounded once, bit for bit,
 // with and without a workspace, for any thread count; bad views and small workspaces throw.
 
+import AttentionBenchCore
 @_spi(Testing) @_spi(Benchmarking) import EfficientAttention
 import Foundation
 import Testing
@@ -69,6 +70,58 @@ struct MixedPrecisionBackwardTests {
             try Self.compare(LinearAttention(featureMap: EluPlusOneFeatures(), causal: true), q, k, v, keyLengths: nil,
                              precisions: p, step: step, workspace: workspace, threads: threads, "linear-elu \(label)")
         }
+    }
+
+    @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
+          arguments: ["dense", "local", "multi-query", "linformer", "linear-elu"])
+    func allocations(_ name: String) throws {
+        guard AllocationCounter.isSupported else { return }
+        let entry = Registry.standard.entry(named: name)!
+        let problem = InvarianceProblem.all[2]
+        guard let (made, q, k, v) = try InvarianceTests.instance(entry, problem),
+              let attention = made as? any DifferentiableAttention else {
+            Issue.record("\(name) did not build a differentiable conformer")
+            return
+        }
+        try Self.countAllocations(attention, q, k, v, keyLengths: problem.keyLengths.flatMap {
+            $0.count == q.shape[0] ? $0 : nil
+        }, name)
+    }
+
+    static func countAllocations(_ attention: some DifferentiableAttention, _ q: Tensor, _ k: Tensor, _ v: Tensor,
+                                 keyLengths: [Int]?, _ name: String) throws {
+        let p = OperandPrecisions(query: .bfloat16, key: .float16, value: .float16, output: .bfloat16)
+        let shape = try AttentionShape(query: q, key: k, value: v)
+        let forward = try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: 1)
+        let operand = { (t: Tensor, precision: ActivationPrecision) in
+            MixedOperand(shape: SIMD4(t.shape), precision: precision, values: t.elements.map { rounded($0, precision) })
+        }
+        let (qo, ko, vo, oo) = (operand(q, p.query), operand(k, p.key), operand(v, p.value), operand(forward.output, p.output))
+        let go = operand(try randomTensor(forward.output.shape, seed: 78), p.output)
+        let dq = MixedOperand(shape: SIMD4(q.shape), precision: p.query)
+        let dk = MixedOperand(shape: SIMD4(k.shape), precision: p.key)
+        let dv = MixedOperand(shape: SIMD4(v.shape), precision: p.value)
+        let workspace = try AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: 1, precisions: p)
+        let (qv, kv, vv, ov, gv) = (try qo.view, try ko.view, try vo.view, try oo.view, try go.view)
+        let (dqv, dkv, dvv) = (try dq.mutableView, try dk.mutableView, try dv.mutableView)
+        let count = try forward.logSumExp.withStridedView { lse in
+            try CallingConventionTests.steadyStateAllocations {
+                try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lse, outputGradient: gv,
+                                        dQuery: dqv, dKey: dkv, dValue: dvv, keyLengths: keyLengths,
+                                        workspace: workspace, threads: 1)
+            }
+        }
+        #expect(count == 0, "\(name): \(count) allocations per mixed backward call")
+        // The counter sees this call's allocations: without a workspace the conversions
+        // take their scratch from the heap.
+        let unassisted = try forward.logSumExp.withStridedView { lse in
+            try CallingConventionTests.steadyStateAllocations {
+                try attention.gradients(query: qv, key: kv, value: vv, output: ov, logSumExp: lse, outputGradient: gv,
+                                        dQuery: dqv, dKey: dkv, dValue: dvv, keyLengths: keyLengths,
+                                        workspace: nil, threads: 1)
+            }
+        }
+        #expect(unassisted > 0, "\(name): no allocation counted without a workspace")
     }
 
     @Test("bad views and a small workspace throw, naming what is wrong")
