@@ -170,7 +170,8 @@ struct RingRows<Element: CacheScalar>: KVRows, @unchecked Sendable {
 
 /// Rows of a paged store: pages of `1 << pageShift` positions; held position `j` of item
 /// `b` is row `j mod P` of page `tables[tableStart[b] + j / P]`, whose rows of head `h`
-/// start at `base + page · pageStride + h · headStride`.
+/// start at `base + page · pageStride + h · headStride`. Each item's entries are followed
+/// by `-1` (no page).
 struct PagedRows<Element: CacheScalar>: KVRows, @unchecked Sendable {
     let base: UnsafePointer<Element>
     let pageStride: Int
@@ -186,8 +187,27 @@ struct PagedRows<Element: CacheScalar>: KVRows, @unchecked Sendable {
         return base + page * pageStride + h * headStride + (j & ((1 << pageShift) - 1)) * rowStride
     }
 
+    /// Rows from `j` on, `rowStride` apart: to the end of `j`'s page, then on through the
+    /// pages after it in the table while each is the pool's next page (page `p + 1` after
+    /// page `p`: a sequence filled in one go holds consecutive pages), up to
+    /// ``maxRunRows``. Each item's table ends with an entry that is no page (`-1`), so the
+    /// scan stays in the item's table. (Runs cut at every page cost the Int8 decode a
+    /// fifth of its time at pages of 16; KernelDocs/MultiQuery.md.)
     @inline(__always)
-    func run(_ b: Int, _ h: Int, from j: Int) -> Int { (1 << pageShift) - (j & ((1 << pageShift) - 1)) }
+    func run(_ b: Int, _ h: Int, from j: Int) -> Int {
+        let size = 1 << pageShift
+        var entry = tableStart[b] &+ (j >> pageShift)
+        var page = tables[entry], n = size &- (j & (size &- 1))
+        while n < PagedRows.maxRunRows && tables[entry &+ 1] == page &+ 1 {
+            entry &+= 1
+            page &+= 1
+            n &+= size
+        }
+        return n
+    }
+
+    /// The longest run ``run(_:_:from:)`` reports past the first page (a few key tiles).
+    static var maxRunRows: Int { 512 }
 }
 
 // MARK: - Int8 elements

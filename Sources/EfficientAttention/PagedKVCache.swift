@@ -17,8 +17,9 @@
 /// key/value head: keys `[page][layer][kvHead][P]` rows of `D`, values the same with `Dv`,
 /// in any ``KVCache/Precision``. A sequence's page table lists its pages in position order:
 /// position `j` is row `j mod P` of page `table[j / P]`. The decode kernel reads the rows in
-/// place through the table (a shift and a load per row; a run of rows inside a page is
-/// contiguous), and the result equals a contiguous cache holding the same positions, bitwise.
+/// place through the table, in runs: a page's rows, continued through the pages after it in
+/// the table while each is the pool's next page (a sequence filled in one go reads like a
+/// contiguous cache); the result equals a contiguous cache holding the same positions, bitwise.
 ///
 /// Pages can be shared: ``addSequence(sharing:length:)`` starts a sequence on a prefix of
 /// another's page table (a common prompt); a shared page is reference counted and copied
@@ -315,8 +316,9 @@ public final class PagedKVCache {
         for id in ids {
             starts.append(tables.count)
             tables += sequences[id]!.pages
+            tables.append(-1)   // the end of the item's table (PagedRows.run)
         }
-        tables.append(0)   // never empty
+        tables.append(-1)   // never empty
         tables.withUnsafeBufferPointer { tables in starts.withUnsafeBufferPointer { starts in
             func rows<E: CacheScalar>(_ store: RowStore, _: E.Type) -> PagedRows<E> {
                 let rowStride = store.rowBytes / MemoryLayout<E>.size
