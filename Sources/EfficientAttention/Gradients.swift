@@ -171,7 +171,7 @@ extension DenseAttention: DifferentiableAttention {
     ///
     /// - Complexity: `6·D + 4·Dv` FLOPs per visible pair (the cost model counts the
     ///   conventional `2.5 ×` the forward's `2·(D + Dv)`, the same for `Dv = D`); workspace
-    ///   of about 242 KiB per thread at `D = Dv = 64`, independent of `Nq` and `Nk`, plus one
+    ///   of about 341 KiB per thread at `D = Dv = 64`, independent of `Nq` and `Nk`, plus one
     ///   `Int` per 128 keys per key/value head for the ordering of the `dQ` sums.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,

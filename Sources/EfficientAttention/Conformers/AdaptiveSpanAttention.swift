@@ -168,7 +168,7 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
     /// ```
     ///
     /// - Complexity: `2.5 ×` the forward's FLOPs; workspace as dense's backward (about
-    ///   242 KiB per thread at `D = Dv = 64`) plus one `Int` per 128 keys per key/value head.
+    ///   341 KiB per thread at `D = Dv = 64`) plus one `Int` per 128 keys per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,

@@ -233,7 +233,7 @@ extension AxialAttention: DifferentiableAttention {
     /// ```
     ///
     /// - Complexity: `.union`: `2.5 ×` the forward's FLOPs; `.sum`: that plus the forward
-    ///   once more (the per-axis recomputation). Workspace: about 242 KiB per thread at
+    ///   once more (the per-axis recomputation). Workspace: about 341 KiB per thread at
     ///   `D = Dv = 64` plus one `Int` per key block per key/value head; `.sum` also one
     ///   axis's output and log-sum-exp (`4 · B · H · N · (Dv + 1)` bytes).
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,

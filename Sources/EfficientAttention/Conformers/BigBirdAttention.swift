@@ -150,7 +150,7 @@ extension BigBirdAttention: DifferentiableAttention {
     ///
     /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (a key block's tile
     ///   for a query block spans its ranges, the keys between them masked); workspace of
-    ///   about 242 KiB per thread at `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
+    ///   about 341 KiB per thread at `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,

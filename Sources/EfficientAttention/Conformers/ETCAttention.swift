@@ -287,7 +287,7 @@ extension ETCAttention: DifferentiableAttention {
     /// ```
     ///
     /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs; workspace of about
-    ///   242 KiB per thread at `D = Dv = 64` plus one `Int` per key block per key/value head,
+    ///   341 KiB per thread at `D = Dv = 64` plus one `Int` per key block per key/value head,
     ///   independent of `N` (with a table: plus each worker's band scratch).
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,

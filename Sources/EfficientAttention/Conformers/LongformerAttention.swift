@@ -141,7 +141,7 @@ extension LongformerAttention: DifferentiableAttention {
     /// between heads it scores contiguous tiles, the other residues masked.
     ///
     /// - Complexity: `2.5 ×` the forward's FLOPs on the visible pairs (`δ ×` the window's
-    ///   pairs scored when the dilations differ between heads); workspace of about 242 KiB
+    ///   pairs scored when the dilations differ between heads); workspace of about 341 KiB
     ///   per thread at `D = Dv = 64` plus one `Int` per key block per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,

@@ -319,7 +319,7 @@ extension MultiQueryAttention: DifferentiableAttention {
     /// dK[b,hk,j] += scale · dS[j] q[b,h,i],  dV[b,hk,j] += P[j] dO[b,h,i]   (summed over h in hk's group)
     /// ```
     ///
-    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 242 KiB per thread at
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 341 KiB per thread at
     ///   `D = Dv = 64` plus one `Int` per 128 keys per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,

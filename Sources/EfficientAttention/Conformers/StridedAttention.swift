@@ -121,7 +121,7 @@ extension StridedAttention: DifferentiableAttention {
     /// dQ[b,h,i] = scale · Σ_j dS[j] k[j],  dK[b,hk,j] += scale · dS[j] q[i],  dV[b,hk,j] += P[j] dO[i]
     /// ```
     ///
-    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 242 KiB per thread at
+    /// - Complexity: `2.5 ×` the forward's FLOPs; workspace of about 341 KiB per thread at
     ///   `D = Dv = 64` plus one `Int` per key block per key/value head.
     public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
                           logSumExp: StridedView, outputGradient: StridedView,
