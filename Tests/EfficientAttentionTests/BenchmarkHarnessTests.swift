@@ -598,7 +598,8 @@ import AttentionBenchCore
                                               progress: { _ in }).run(try SweepPlan.make(backward))
         #expect(backwardRecords.map { "\($0.pass) \($0.io)" }
                 == ["forward bf16", "backward bf16", "forward+backward bf16"])
-        #expect(backwardRecords.allSatisfy { $0.allocationsPerCall.map { $0 == 0 } ?? true })
+        // (Its allocations per call are not asserted here: the harness counts process-wide,
+        // and tests run in parallel; MixedPrecisionBackwardTests counts per thread.)
         // With --varlen: the packed 16-bit call, compared with dense's Float packed result
         // (computed by the harness: dense does not run in Float here).
         let packed = try BenchOptions.parse(["--io", "f16", "--varlen", "8,1,37", "--variants", "dense,local",
