@@ -342,24 +342,8 @@ public final class SweepRunner {
                 let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
                                                        keyLength: shape.keyLength, headDim: shape.headDim,
                                                        valueDim: shape.valueDim, causal: job.problem.causal)
-                if let lengths = options.packedLengths {
-                    // Packed: the dense Float result of the same packed call (dense's own
-                    // when it ran in Float, else computed here).
-                    if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
-                        let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
-                        do {
-                            let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                                     sequences: try PackedSequences(lengths: lengths),
-                                                     threads: defaultThreadCount)
-                            referenceCache[job.problem] = r.output.elements
-                        } catch {
-                            progress("note: no dense reference for \(job.problem): \(error)")
-                        }
-                    }
-                    if let reference = referenceCache[job.problem] {
-                        relativeError = Accounting.relativeError(measured.output, reference: reference)
-                    }
-                } else if referenceCache[job.problem] == nil && denseFlops > Self.fullReferenceFlops {
+                if options.packedLengths == nil && referenceCache[job.problem] == nil
+                    && denseFlops > Self.fullReferenceFlops {
                     // The full dense output would cost more than the run itself: exact dense rows
                     // on an even sample of the queries instead.
                     let rows = Self.sampleRows(shape.queryLength, count: Self.sampledRowCount)
@@ -370,11 +354,16 @@ public final class SweepRunner {
                                                              reference: sampledCache[job.problem]!)
                     errorRows = rows.count
                 } else {
+                    // The full dense Float output (dense's own when it ran in Float, else
+                    // computed here); packed runs: of the same packed call.
                     if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
                         let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
                         do {
-                            let r = try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                                     keyLengths: nil, threads: defaultThreadCount)
+                            let r = try options.packedLengths.map {
+                                try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                                 sequences: try PackedSequences(lengths: $0), threads: defaultThreadCount)
+                            } ?? dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,
+                                              keyLengths: nil, threads: defaultThreadCount)
                             referenceCache[job.problem] = r.output.elements
                         } catch {
                             progress("note: no dense reference for \(job.problem): \(error)")

@@ -318,7 +318,7 @@ public final class PagedKVCache {
             tables += sequences[id]!.pages
             tables.append(-1)   // the end of the item's table (PagedRows.run)
         }
-        tables.append(-1)   // never empty
+        tables.append(-1)   // never empty; a run scan from an item's end entry stays in bounds
         tables.withUnsafeBufferPointer { tables in starts.withUnsafeBufferPointer { starts in
             func rows<E: CacheScalar>(_ store: RowStore, _: E.Type) -> PagedRows<E> {
                 let rowStride = store.rowBytes / MemoryLayout<E>.size
