@@ -154,7 +154,16 @@ extension DifferentiableAttention {
 
 // MARK: - Dense attention
 
-extension DenseAttention: DifferentiableAttention {
+extension DenseAttention: KernelWideningBackward {
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let causal = self.causal, shape = call.shape
+        call.run { _, keyEnd in
+            IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength, causal: causal, keyEnd: keyEnd)
+        }
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
+
     /// The flash-style backward of the tiled kernel (``TiledSoftmaxBackward``,
     /// KernelDocs/Dense.md, "Backward"): one pass over blocks of 128 keys, each computing its
     /// `dK`, `dV` rows and adding its part of `dQ` in block order (deterministic without
@@ -177,23 +186,9 @@ extension DenseAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        let causal = self.causal
-        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
-                                    scale: self.scale) { shape, scale in
-            let threads = try threadCount(threads)
-            withModifierBackward(shape) { modifiers, biasGradient in
-                TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads,
-                                         q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
-                                         lse: logSumExp.kernel, dO: outputGradient.kernel,
-                                         dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
-                                         modifiers: modifiers, biasGradient: biasGradient) { b, _ in
-                    IntervalMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                                 causal: causal, keyEnd: keyLengths?[b] ?? shape.keyLength)
-                }
-            }
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {

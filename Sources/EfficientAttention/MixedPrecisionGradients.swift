@@ -10,16 +10,22 @@ extension DifferentiableAttention {
     ///
     /// The result is the `Float` backward on the widened operands with each gradient element
     /// rounded once to its view's precision (nearest even), bit for bit, for any thread
-    /// count. The 16-bit operands are widened into `Float` scratch and the 16-bit gradients
-    /// staged there (from `workspace` when it has room for
-    /// ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:)``
-    /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace; see
+    /// count. The conformers whose backward is the tiled flash kernel (dense, grouped-query,
+    /// local, strided, Longformer, BigBird, custom masks) widen 16-bit operands as the kernel
+    /// packs them (query and `dO` rows per query tile, key and value rows per key block) and
+    /// round 16-bit `dK`, `dV` rows as they write them; only a 16-bit `dQuery` (summed over
+    /// the key blocks) and, for those whose passes add to `dK`, `dV` (strided, Longformer),
+    /// those two are staged in `Float`. The others widen their 16-bit operands into `Float`
+    /// copies and stage their 16-bit gradients. Scratch comes from `workspace` when it has
+    /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
+    /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
     /// ``AttentionWorkspace/init(forBackwardOf:shape:threads:precisions:)``).
     ///
     /// - Throws: what the `Float` entry point throws (shapes named, no gradient overlapping
     ///   an input or another gradient, checked on the caller's views), and a workspace too
     ///   small for the conversions.
-    /// - Complexity: the `Float` backward's, plus one pass over each 16-bit operand and gradient.
+    /// - Complexity: the `Float` backward's, plus one pass over each staged gradient (and,
+    ///   for the conformers that copy, each 16-bit operand).
     public func gradients(query: ActivationView, key: ActivationView, value: ActivationView, output: ActivationView,
                           logSumExp: StridedView, outputGradient: ActivationView,
                           dQuery: MutableActivationView, dKey: MutableActivationView, dValue: MutableActivationView,
@@ -45,13 +51,23 @@ extension DifferentiableAttention {
             let needed = try backwardCost(s, threads: threads).workspaceBytes
                 + backwardConversionScratchBytes(s, query: query.precision, key: key.precision, value: value.precision,
                                                  output: output.precision, outputGradient: outputGradient.precision,
-                                                 dQuery: dQuery.precision, dKey: dKey.precision, dValue: dValue.precision)
+                                                 dQuery: dQuery.precision, dKey: dKey.precision, dValue: dValue.precision,
+                                                 threads: threads)
             guard workspace.byteCount >= needed else {
                 throw AttentionError.invalidParameter(
                     "workspace has \(workspace.byteCount) bytes; the mixed-precision backward of \(name) needs \(needed) for \(s) (AttentionWorkspace(forBackwardOf:shape:threads:precisions:) sizes it)")
             }
         }
         func run() throws {
+            // Through the metatype (see ``scoreModifiers``: casting the value would box it).
+            if let widening = Self.self as? any KernelWideningBackward.Type {
+                return try withUnsafePointer(to: self) {
+                    try widening.widenedGradients(at: UnsafeRawPointer($0), s, query: query, key: key, value: value,
+                                                  output: output, logSumExp: logSumExp, outputGradient: outputGradient,
+                                                  dQuery: dQuery, dKey: dKey, dValue: dValue, keyLengths: keyLengths,
+                                                  threads: threads)
+                }
+            }
             try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
             try withWidened(output) { o in try withWidened(outputGradient) { g in
             try withFloatOutput(dQuery, shape: dQuery.shape) { dq in
@@ -65,15 +81,31 @@ extension DifferentiableAttention {
         if let workspace { try workspace.use(run) } else { try run() }
     }
 
-    /// Bytes of the `Float` copies a mixed-precision backward
+    /// Bytes of scratch a mixed-precision backward
     /// (``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``
-    /// over ``ActivationView``s) makes: one per operand and gradient that is not `float32`.
+    /// over ``ActivationView``s) takes beyond ``backwardCost(_:threads:)``'s workspace with
+    /// `threads` workers (`nil`: every active processor): for the conformers with the tiled
+    /// kernel, a `Float` `dQuery` when it is 16-bit, `Float` `dKey` and `dValue` when they
+    /// are 16-bit and the passes add to them, and per worker a key block's widened value
+    /// rows when an operand is 16-bit; for the others, one `Float` copy per operand and
+    /// gradient that is not `float32`.
     public func backwardConversionScratchBytes(
         _ shape: AttentionShape, query: ActivationPrecision, key: ActivationPrecision, value: ActivationPrecision,
         output: ActivationPrecision, outputGradient: ActivationPrecision, dQuery: ActivationPrecision,
-        dKey: ActivationPrecision, dValue: ActivationPrecision
+        dKey: ActivationPrecision, dValue: ActivationPrecision, threads: Int? = nil
     ) -> Int {
-        widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
+        if let widening = Self.self as? any KernelWideningBackward.Type {
+            let stagesKeys = withUnsafePointer(to: self) {
+                (try? widening.addsKeyGradients(at: UnsafeRawPointer($0), shape)) ?? true
+            }
+            let widens = query != .float32 || key != .float32 || value != .float32 || output != .float32
+                || outputGradient != .float32
+            return widenedCopyBytes(dQuery, shape.queryElements)
+                + (stagesKeys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
+                + (widens ? TiledSoftmaxBackward.wideningBytes(shape: shape,
+                                                               threads: workerCount(threads: threads, items: .max)) : 0)
+        }
+        return widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
             + widenedCopyBytes(value, shape.valueElements) + widenedCopyBytes(output, shape.outputElements)
             + widenedCopyBytes(outputGradient, shape.outputElements) + widenedCopyBytes(dQuery, shape.queryElements)
             + widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements)
@@ -92,7 +124,7 @@ extension AttentionWorkspace {
         let p = precisions
         try self.init(byteCount: cost.workspaceBytes + attention.backwardConversionScratchBytes(
             shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.output,
-            dQuery: p.query, dKey: p.key, dValue: p.value))
+            dQuery: p.query, dKey: p.key, dValue: p.value, threads: threads))
     }
 }
 
@@ -110,5 +142,93 @@ func checkSeparateGradients(dQuery: Range<UInt>, dKey: Range<UInt>, dValue: Rang
         for m in (n + 1)..<9 where ranges[n].overlaps(ranges[m]) {
             throw AttentionError.invalidParameter("\(names[n]) overlaps \(names[m]): gradients must be separate memory")
         }
+    }
+}
+
+/// Conformers whose backward is passes of the tiled flash kernel (``TiledBackwardCall``) with
+/// masks that read no operand: their mixed-precision backward hands the kernel the caller's
+/// 16-bit views, which it widens as it packs them (``TiledSoftmaxBackward``), instead of
+/// `Float` copies of whole tensors.
+protocol KernelWideningBackward: DifferentiableAttention {
+    /// The scale of the scores (`nil`: `1/√D`).
+    var scale: Float? { get }
+
+    /// The backward's passes on a checked call (the `Float` entry point runs the same).
+    func tiledBackward(_ call: TiledBackwardCall) throws
+
+    /// Whether a later pass adds to `dK`, `dV` rows an earlier one wrote: then 16-bit key
+    /// and value gradients are staged in `Float` and rounded once at the end.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool
+}
+
+extension KernelWideningBackward {
+    /// ``widenedGradients(_:query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:threads:)``
+    /// of the conformer at `value` (a metatype's entry).
+    static func widenedGradients(at value: UnsafeRawPointer, _ shape: AttentionShape, query: ActivationView,
+                                 key: ActivationView, value values: ActivationView, output: ActivationView,
+                                 logSumExp: StridedView, outputGradient: ActivationView,
+                                 dQuery: MutableActivationView, dKey: MutableActivationView,
+                                 dValue: MutableActivationView, keyLengths: [Int]?, threads: Int?) throws {
+        try value.assumingMemoryBound(to: Self.self).pointee.widenedGradients(
+            shape, query: query, key: key, value: values, output: output, logSumExp: logSumExp,
+            outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue, keyLengths: keyLengths,
+            threads: threads)
+    }
+
+    /// ``addsKeyGradients(_:)`` of the conformer at `value` (a metatype's entry).
+    static func addsKeyGradients(at value: UnsafeRawPointer, _ shape: AttentionShape) throws -> Bool {
+        try value.assumingMemoryBound(to: Self.self).pointee.addsKeyGradients(shape)
+    }
+
+    /// The `Float` entry point's body for these conformers.
+    func tiledGradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                        logSumExp: StridedView, outputGradient: StridedView,
+                        dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
+        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) {
+            try tiledBackward($0)
+        }
+    }
+
+    /// The mixed-precision backward on checked views (in the workspace's scope): the
+    /// passes on the caller's operands, `dQ` summed in `Float` (staged when 16-bit), `dK`,
+    /// `dV` written by the kernel unless staged (``addsKeyGradients(_:)``).
+    func widenedGradients(_ shape: AttentionShape, query: ActivationView, key: ActivationView, value: ActivationView,
+                          output: ActivationView, logSumExp: StridedView, outputGradient: ActivationView,
+                          dQuery: MutableActivationView, dKey: MutableActivationView, dValue: MutableActivationView,
+                          keyLengths: [Int]?, threads: Int?) throws {
+        let workers = try threadCount(threads)
+        try checkModifiersForBackward(shape, threads: workers)
+        let stagesKeys = try addsKeyGradients(shape)
+        let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
+        try withFloatGradient(dQuery, zeroed: true) { dq in
+        try withFloatGradient(dKey, staged: stagesKeys) { dk in
+        try withFloatGradient(dValue, staged: stagesKeys) { dv in
+            var call = TiledBackwardCall(shape: shape, scale: scale, threads: workers, keyLengths: keyLengths,
+                                         q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
+                                         lse: logSumExp.kernel, dO: outputGradient.kernel, dQ: dq, dK: dk, dV: dv)
+            try withModifierBackward(shape) { modifiers, biasGradient in
+                (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
+                try tiledBackward(call)
+            }
+        } } }
+    }
+}
+
+/// Runs `body` with the kernel view of `gradient`, or, when it is 16-bit and `staged`,
+/// with `Float` scratch whose rows are then rounded into it; `zeroed`: the view `body`
+/// gets holds zeros (a `Float` gradient is always staged when 16-bit then).
+private func withFloatGradient(_ gradient: MutableActivationView, staged: Bool = true, zeroed: Bool = false,
+                               _ body: (MutableTensorView) throws -> Void) throws {
+    let shape = gradient.shape
+    guard gradient.precision != .float32 && staged else {
+        if zeroed { gradient.kernel.zero(batch: shape[0], heads: shape[1], rows: shape[2], width: shape[3]) }
+        return try body(gradient.kernel)
+    }
+    try withStaged(gradient.kernel, shape: shape) { scratch in
+        if zeroed { scratch.zero(batch: shape[0], heads: shape[1], rows: shape[2], width: shape[3]) }
+        try body(scratch)
     }
 }

@@ -72,8 +72,54 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
+    @Test("strided, Longformer, BigBird, custom masks (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
+    func patternsMatchWidenedFloatBackward() throws {
+        let combinations = MixedPrecisionTests.combinations
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 150, headDim: 65,
+                                      valueDim: 16, seed: 9)
+        for (c, p) in combinations.enumerated() {
+            let workspace = c % 2 == 1, threads = c % 3 + 1, step = c % 2 + 1
+            let label = "\(p) threads \(threads) workspace \(workspace)"
+            // Two passes adding to dK, dV (staged when 16-bit), then one pass (written by the kernel).
+            try Self.compare(StridedAttention(kind: .strided, stride: 7, causal: true), q, k, v, keyLengths: [150, 90],
+                             precisions: p, step: step, workspace: workspace, threads: threads, "strided \(label)")
+            try Self.compare(LongformerAttention(window: 16, globalPositions: [0, 5, 6, 120], causal: false), q, k, v,
+                             keyLengths: nil, precisions: p, step: step, workspace: workspace, threads: threads,
+                             "longformer \(label)")
+            try Self.compare(BigBirdAttention(blockSize: 16, randomBlockCount: 2, seed: 7, causal: false), q, k, v,
+                             keyLengths: [150, 101], precisions: p, step: step, workspace: workspace, threads: threads,
+                             "bigbird \(label)")
+            try Self.compare(CustomMaskAttention(predicate: try DocumentMask(length: 40, causal: true)), q, k, v,
+                             keyLengths: nil, precisions: p, step: step, workspace: workspace, threads: threads,
+                             "custom-mask \(label)")
+        }
+    }
+
+    @Test("the tiled conformers' mixed backward takes no Float copy of an operand: scratch for dQ, staged dK and dV, and a key block per worker")
+    func widenedInKernelScratch() throws {
+        let shape = AttentionShape(batch: 2, heads: 8, kvHeads: 2, queryLength: 2048, headDim: 64)
+        let dense = DenseAttention(causal: true)
+        let half = ActivationPrecision.bfloat16
+        let bytes = { (attention: any DifferentiableAttention, dQuery: ActivationPrecision) in
+            attention.backwardConversionScratchBytes(shape, query: half, key: half, value: half, output: half,
+                                                     outputGradient: half, dQuery: dQuery, dKey: half, dValue: half,
+                                                     threads: 2)
+        }
+        // Float dQuery: only the per-worker value rows (128 keys × 64, each worker).
+        #expect(bytes(dense, .float32) == 2 * (128 * 64 + 2 * 64) * 4)
+        #expect(bytes(dense, .bfloat16) - bytes(dense, .float32) == shape.batch * shape.heads * 2048 * 64 * 4)
+        // The strided pattern's passes add to dK and dV: those two staged too.
+        let strided = StridedAttention(kind: .strided, stride: 46, causal: true)
+        #expect(bytes(strided, .float32) - bytes(dense, .float32) == 2 * shape.batch * shape.kvHeads * 2048 * 64 * 4)
+        // A conformer without the tiled backward copies every 16-bit operand and gradient.
+        let linear = LinearAttention(featureMap: EluPlusOneFeatures(), causal: true)
+        // q, o, dO (16 heads' rows each), k, v, dK, dV (4 each).
+        #expect(bytes(linear, .float32) == (3 * 16 + 4 * 4) * 2048 * 64 * 4)
+    }
+
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
-          arguments: ["dense", "local", "multi-query", "linformer", "linear-elu"])
+          arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "multi-query", "linformer",
+                      "linear-elu"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -135,7 +135,7 @@ public struct BigBirdAttention: KernelWidening, ModifiableAttention {
     }
 }
 
-extension BigBirdAttention: DifferentiableAttention {
+extension BigBirdAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/BigBird.md, "Backward")
     /// with the forward's plan held fixed (the same random blocks: the pattern is the
     /// forward's, from the same settings and shape): per block of 128 keys, the query
@@ -155,13 +155,18 @@ extension BigBirdAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.pattern(for: call.shape)
-            call.run { h, keyEnd in BigBirdBackwardMask(forward: pattern.mask(head: h, keyEnd: keyEnd)) }
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let pattern = try self.pattern(for: call.shape)
+        call.run { h, keyEnd in BigBirdBackwardMask(forward: pattern.mask(head: h, keyEnd: keyEnd)) }
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,

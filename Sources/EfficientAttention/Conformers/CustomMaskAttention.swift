@@ -599,7 +599,7 @@ struct PredicateBackwardMask<P: VisibilityPredicate, S: DifferentiableScoreFunct
     }
 }
 
-extension CustomMaskAttention: DifferentiableAttention where Score: DifferentiableScoreFunction {
+extension CustomMaskAttention: DifferentiableAttention, KernelWideningBackward where Score: DifferentiableScoreFunction {
     /// The flash-style backward of the tiled kernel (``TiledSoftmaxBackward``;
     /// KernelDocs/ScoreModifiers.md, "Backward of custom masks and score functions") over
     /// the forward's block mask: per block of 128 keys, the query tiles whose cells hold a
@@ -629,22 +629,27 @@ extension CustomMaskAttention: DifferentiableAttention where Score: Differentiab
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let shape = call.shape, cells = try blockMasks(for: shape).cells
-            let predicate = self.predicate, score = self.score
-            TiledSoftmaxBackward.run(shape: shape, scale: call.scale, threads: call.threads,
-                                     q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO,
-                                     dQ: call.dQ, dK: call.dK, dV: call.dV,
-                                     modifiers: call.modifiers, biasGradient: call.biasGradient) { b, h in
-                PredicateBackwardMask(forward: PredicateMask(predicate: predicate, score: score, blocks: cells,
-                                                             batch: b, head: h, heads: shape.heads,
-                                                             keyEnd: call.keyEnd(b)),
-                                      cells: cells, cellBase: cells.base(batch: b, head: h, heads: shape.heads))
-            }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let shape = call.shape, cells = try blockMasks(for: shape).cells
+        let predicate = self.predicate, score = self.score
+        TiledSoftmaxBackward.run(shape: shape, scale: call.scale, threads: call.threads,
+                                 q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO,
+                                 dQ: call.dQ, dK: call.dK, dV: call.dV,
+                                 modifiers: call.modifiers, biasGradient: call.biasGradient) { b, h in
+            PredicateBackwardMask(forward: PredicateMask(predicate: predicate, score: score, blocks: cells,
+                                                         batch: b, head: h, heads: shape.heads,
+                                                         keyEnd: call.keyEnd(b)),
+                                  cells: cells, cellBase: cells.base(batch: b, head: h, heads: shape.heads))
         }
     }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,

@@ -98,7 +98,7 @@ public struct LocalAttention: KernelWidening, ModifiableAttention {
     }
 }
 
-extension LocalAttention: DifferentiableAttention {
+extension LocalAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/Local.md, "Backward") over
     /// the forward's mask: per block of 128 keys, the query tiles whose window holds one of
     /// them (blocked: the forward's block-aligned query tiles), `dQ` summed in key-block
@@ -116,13 +116,18 @@ extension LocalAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.pattern(for: call.shape)
-            call.run { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let pattern = try self.pattern(for: call.shape)
+        call.run { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,

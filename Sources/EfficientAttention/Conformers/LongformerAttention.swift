@@ -122,7 +122,7 @@ public struct LongformerAttention: KernelWidening, ModifiableAttention {
     }
 }
 
-extension LongformerAttention: DifferentiableAttention {
+extension LongformerAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/Longformer.md, "Backward")
     /// in three passes, each with the forward's final output and log-sum-exp: the dilated
     /// windows, then the global keys outside each window, then the global queries' other
@@ -147,32 +147,40 @@ extension LongformerAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let plan = try self.plan(for: call.shape), pattern = plan.pattern
-            let window = backwardWindowBlocks(pattern)
-            if window.modulus == 1 && pattern.dilations.contains(where: { $0 != 1 }) {
-                // Dilations that differ between heads: contiguous blocks, other residues masked.
-                call.run { h, keyEnd in
-                    let w = pattern.windowRange(head: h)
-                    return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation,
-                                                        offset: pattern.offset, keyEnd: keyEnd)
-                }
-            } else {
-                // One dilation δ: keys and queries in residue classes modulo δ, as the forward's queries.
-                call.run(keyBlocks: window) { h, keyEnd in pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: []) }
-            }
-            guard !pattern.globalPositions.isEmpty else { return }
-            call.run(accumulate: true) { h, keyEnd in
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let plan = try self.plan(for: call.shape), pattern = plan.pattern
+        let window = backwardWindowBlocks(pattern)
+        if window.modulus == 1 && pattern.dilations.contains(where: { $0 != 1 }) {
+            // Dilations that differ between heads: contiguous blocks, other residues masked.
+            call.run { h, keyEnd in
                 let w = pattern.windowRange(head: h)
-                return LongformerGlobalKeyMask(pattern: pattern, lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
+                return LongformerWindowBackwardMask(lo: w.lo, hi: w.hi, dilation: w.dilation,
+                                                    offset: pattern.offset, keyEnd: keyEnd)
             }
-            guard !plan.globalQueries.isEmpty else { return }
-            call.run(accumulate: true) { h, keyEnd in
-                pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
-            }
+        } else {
+            // One dilation δ: keys and queries in residue classes modulo δ, as the forward's queries.
+            call.run(keyBlocks: window) { h, keyEnd in pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: []) }
         }
+        guard !pattern.globalPositions.isEmpty else { return }
+        call.run(accumulate: true) { h, keyEnd in
+            let w = pattern.windowRange(head: h)
+            return LongformerGlobalKeyMask(pattern: pattern, lo: w.lo, hi: w.hi, dilation: w.dilation, keyEnd: keyEnd)
+        }
+        guard !plan.globalQueries.isEmpty else { return }
+        call.run(accumulate: true) { h, keyEnd in
+            pattern.globalQueryMask(head: h, keyEnd: keyEnd, queries: plan.globalQueries)
+        }
+    }
+
+    /// The global passes add to the window pass's rows.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool {
+        try !plan(for: shape).pattern.globalPositions.isEmpty
     }
 
     /// The key blocks of the window pass: residue classes modulo the dilation when every

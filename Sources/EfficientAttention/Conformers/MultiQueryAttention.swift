@@ -305,7 +305,7 @@ extension MultiQueryAttention: DecodingAttention {
     }
 }
 
-extension MultiQueryAttention: DifferentiableAttention {
+extension MultiQueryAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/MultiQuery.md, "Backward")
     /// with the forward's window and causal mask. Each work item is a block of 128 keys of
     /// one key/value head and walks the query heads of its group in order, so `dK` and `dV`
@@ -325,13 +325,18 @@ extension MultiQueryAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let shape = call.shape
-            call.run { _, keyEnd in mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: keyEnd) }
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let shape = call.shape
+        call.run { _, keyEnd in mask(queryLength: shape.queryLength, keyLength: shape.keyLength, keyEnd: keyEnd) }
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         tiledBackwardCost(forward: try cost(shape, threads: threads), shape: shape, threads: threads,

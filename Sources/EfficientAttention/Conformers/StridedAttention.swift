@@ -105,7 +105,7 @@ public struct StridedAttention: KernelWidening, ModifiableAttention {
     }
 }
 
-extension StridedAttention: DifferentiableAttention {
+extension StridedAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/Strided.md, "Backward"),
     /// pass by pass, each with the forward's final output and log-sum-exp (so every pass's
     /// probabilities are the final ones): strided: the column pass (keys and queries in
@@ -127,30 +127,38 @@ extension StridedAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.pattern(for: call.shape)
-            let passes = backwardPasses(pattern)
-            switch pattern.kind {
-            case .strided:
-                call.run(keyBlocks: passes.first) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
-                call.run(keyBlocks: passes.second ?? .contiguous, accumulate: true) { _, keyEnd in
-                    pattern.bandMask(keyEnd: keyEnd)
-                }
-            case .fixed(let c):
-                call.run(keyBlocks: passes.first) { _, keyEnd in
-                    BlockedMask(size: pattern.stride, backward: 0, forward: 0, causal: pattern.causal,
-                                offset: pattern.offset, keyEnd: keyEnd)
-                }
-                if let summary = passes.second {
-                    call.run(keyBlocks: summary, accumulate: true) { _, keyEnd in
-                        FixedSummaryMask(stride: pattern.stride, summary: c, causal: pattern.causal,
-                                         offset: pattern.offset, keyEnd: keyEnd)
-                    }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let pattern = try self.pattern(for: call.shape)
+        let passes = backwardPasses(pattern)
+        switch pattern.kind {
+        case .strided:
+            call.run(keyBlocks: passes.first) { _, keyEnd in pattern.columnMask(keyEnd: keyEnd) }
+            call.run(keyBlocks: passes.second ?? .contiguous, accumulate: true) { _, keyEnd in
+                pattern.bandMask(keyEnd: keyEnd)
+            }
+        case .fixed(let c):
+            call.run(keyBlocks: passes.first) { _, keyEnd in
+                BlockedMask(size: pattern.stride, backward: 0, forward: 0, causal: pattern.causal,
+                            offset: pattern.offset, keyEnd: keyEnd)
+            }
+            if let summary = passes.second {
+                call.run(keyBlocks: summary, accumulate: true) { _, keyEnd in
+                    FixedSummaryMask(stride: pattern.stride, summary: c, causal: pattern.causal,
+                                     offset: pattern.offset, keyEnd: keyEnd)
                 }
             }
         }
+    }
+
+    /// The band pass (strided) or the summary pass (fixed) adds to the first pass's rows.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool {
+        backwardPasses(try pattern(for: shape)).second != nil
     }
 
     /// The key blocks of the backward's passes (see ``gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``):

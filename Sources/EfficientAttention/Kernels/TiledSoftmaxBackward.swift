@@ -76,7 +76,8 @@ import Darwin
 /// `Dv′` rounded up to 32): `4·(D + Dv + 2)·Br′ + Br′·(D′ + Dv′) + 2·R·Br′ + R·(D′ + Dv′)
 /// + Br′·D′ + R·D′ + 8·32` plus four 32-byte tags (each buffer rounded up to 64 bytes), independent of the
 /// sequence lengths, plus `R·Br′` each for soft-capping's and a score function's derivatives
-/// when the call has them; plus the orderings (``BlockOrder``: a lock, a condition variable
+/// when the call has them, plus `R·Dv′ + 2·Dv′` (widened value rows, a `dO` and an output
+/// row) when an operand is 16-bit; plus the orderings (``BlockOrder``: a lock, a condition variable
 /// and two `Int`s per block of `B·Hkv`).
 enum TiledSoftmaxBackward {
     /// Query rows per tile: the forward's key tile, not tuned separately.
@@ -114,10 +115,22 @@ enum TiledSoftmaxBackward {
                                                          mask: Mask.Type, softCap: Bool = false) -> Int {
         let (lanes, keyRows) = tileExtents(shape)
         let perWorker = Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows,
-                                            mask: mask, softCap: softCap)
+                                            mask: mask, softCap: softCap, widening: false)
         let items = itemCount(shape, keyBlocks: keyBlocks)
         // The two orderings (dQ's, and a broadcast bias's), each at most `items` blocks.
         return perWorker * workerCount(threads: threads, items: items) + 2 * BlockOrder.byteCount(heads: items, blocks: 1)
+    }
+
+    /// Bytes a call with 16-bit operands takes beyond ``workspaceBytes(shape:threads:keyBlocks:softCap:)``
+    /// with at most `threads` workers: each worker's widened value rows (a key block's) and
+    /// one output and `dO` row.
+    static func wideningBytes(shape: AttentionShape, threads: Int) -> Int {
+        let (lanes, keyRows) = tileExtents(shape)
+        func perWorker(_ widening: Bool) -> Int {
+            Workspace.byteCount(d: shape.headDim, dv: shape.valueDim, lanes: lanes, keyRows: keyRows,
+                                mask: IntervalMask.self, widening: widening)
+        }
+        return threads * (perWorker(true) - perWorker(false))
     }
 
     /// How one pass splits each key/value head's keys into the blocks of its work items:
@@ -163,6 +176,13 @@ enum TiledSoftmaxBackward {
     /// every class), the later ones `accumulate`; passes run one after another, so the
     /// sums are in a fixed order.
     ///
+    /// 16-bit operands (`q`, `k`, `v`, `o`, `dO` of ``ActivationPrecision/float16`` or
+    /// ``ActivationPrecision/bfloat16``) are widened as they are packed: query and `dO` rows
+    /// per query tile, key and value rows once per work item, an output row for its row
+    /// dot; the arithmetic is that of `Float` operands of the same values, so the results
+    /// are the same bits. 16-bit `dK`, `dV` rows are rounded once as written (not with
+    /// `accumulate`, which reads them back); `dQ` is `Float` (it is summed over the blocks).
+    ///
     /// `modifiers`: the forward's score modifiers (KernelDocs/ScoreModifiers.md, "Backward"),
     /// applied to each recomputed tile exactly as the forward applies them (after the mask's
     /// score terms, before its masking); soft-capping multiplies `dS` by the cap's
@@ -201,11 +221,15 @@ enum TiledSoftmaxBackward {
             ($0.strides[0] == 0 && shape.batch > 1) || ($0.strides[1] == 0 && shape.kvHeads > 1)
         } ?? false
         let softCap = (modifiers?.softCap ?? 0) > 0
+        precondition(dQ.precision == .float32 && (!accumulate || (dK.precision == .float32 && dV.precision == .float32)),
+                     "dQ, and gradients a pass adds to, are Float")
+        let widening = operands.widening
         BlockOrder.with(heads: orderHeads, blocks: orderBlocks) { order in
         BlockOrder.with(heads: biasOrdered ? items / kvHeads : 0, blocks: biasOrdered ? kvHeads : 0) { biasOrdering in
         let biasOrder = biasOrdered ? biasOrdering : nil
         WorkspaceArena.withWorkspaces(workers: workerCount(threads: threads, items: items), zeroed: true, layout: {
-            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap)
+            Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap,
+                      widening: widening)
         }) { spaces in
             // Work item: block `t` of ordering head `orderHead`.
             func runItem(orderHead: Int, t: Int, worker: Int) {
@@ -253,6 +277,37 @@ enum TiledSoftmaxBackward {
         let scale: Float
         var modifiers: ScoreModifierKernel? = nil
         var biasGradient: MutableTensorView? = nil
+
+        /// Whether an operand is 16-bit (read through widened rows).
+        var widening: Bool {
+            q.precision != .float32 || k.precision != .float32 || v.precision != .float32
+                || o.precision != .float32 || dO.precision != .float32
+        }
+    }
+
+    /// Rows of a key block as the `A` operand of `Sᵀ = K Qᵀ` (or `dPᵀ = V dOᵀ`): row `r` of
+    /// the block (key `block.position(r)`) at `base + r · rowStride`, elements `depthStride`
+    /// apart.
+    struct BlockRows {
+        let base: UnsafePointer<Float>
+        let rowStride, depthStride: Int
+
+        /// The block's rows of `view` (head `(b, hk)`): in place for a `Float` view, else
+        /// widened into `packed` (`ld` floats apart) by the caller.
+        init(_ view: TensorView, b: Int, hk: Int, block: PositionRun, packed: UnsafeMutablePointer<Float>, ld: Int) {
+            if view.precision == .float32 {
+                (base, rowStride, depthStride) = (view.row(b, hk, block.start), block.step &* view.strides[2],
+                                                  view.strides[3])
+            } else {
+                (base, rowStride, depthStride) = (UnsafePointer(packed), ld, 1)
+            }
+        }
+
+        /// The broadcast operand of rows `first..<first + rows` of the block.
+        @inline(__always)
+        func operand(first: Int, rows: Int) -> BroadcastOperand {
+            BroadcastOperand(base: base + first &* rowStride, rowStride: rowStride, depthStride: depthStride, rows: rows)
+        }
     }
 
     /// One work item: `dK`, `dV` of the keys `block` of key/value head `head`
@@ -274,15 +329,22 @@ enum TiledSoftmaxBackward {
         }
         workerSpace.accK.update(repeating: 0, count: workerSpace.keyRows * dPad)
         workerSpace.accV.update(repeating: 0, count: workerSpace.keyRows * dvPad)
-        let queryRowsInPlace = x.q.strides[3] == 1 && dPad == d
-        let gradientRowsInPlace = x.dO.strides[3] == 1 && dvPad == dv
+        let queryRowsInPlace = x.q.precision == .float32 && x.q.strides[3] == 1 && dPad == d
+        let gradientRowsInPlace = x.dO.precision == .float32 && x.dO.strides[3] == 1 && dvPad == dv
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
-        // micro-tile rows, else packed once for the item.
-        let keyRowsInPlace = x.k.strides[3] == 1 && dPad == d
+        // micro-tile rows of a Float view, else packed (widened) once for the item; 16-bit
+        // value rows widened once for the item too.
+        let keyRowsInPlace = x.k.precision == .float32 && x.k.strides[3] == 1 && dPad == d
         if !keyRowsInPlace {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
                                              ld: dPad)
         }
+        if x.v.precision != .float32 {
+            x.v.widenRows(b, hk, rows: block, width: dv, into: workerSpace.valueRowsPacked, ld: dvPad)
+        }
+        let blockRows = (keys: BlockRows(x.k, b: b, hk: hk, block: block, packed: workerSpace.keyRowsPacked, ld: dPad),
+                         values: BlockRows(x.v, b: b, hk: hk, block: block, packed: workerSpace.valueRowsPacked,
+                                           ld: dvPad))
         let qs = dQ.strides[3]
         for (local, h) in group.enumerated() {
             let headMask = mask(b, h)
@@ -290,8 +352,8 @@ enum TiledSoftmaxBackward {
                 precondition(tile.keys.step == block.step && r < queryTiles, "a transposed mask's tile must fit its block")
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 let space = withQueries(workerSpace, x, b: b, h: h, heads: shape.heads, queries: queries, lanes: lanes)
-                gradientTile(space, x, b: b, hk: hk, h: h, tile: tile, queries: queries, lanes: lanes, block: t,
-                             mask: headMask)
+                gradientTile(space, x, rows: blockRows, firstRow: (tile.keys.start - block.start) / block.step,
+                             b: b, h: h, tile: tile, queries: queries, lanes: lanes, block: t, mask: headMask)
                 if let biasGradient = x.biasGradient {
                     // ∂bias = P ∘ (dP − D), then dS = scale · (cap′ ·) ∂bias. A shared element's
                     // terms wait until every earlier (b, hk) has added all of this query tile's.
@@ -386,8 +448,14 @@ enum TiledSoftmaxBackward {
         }
         let ks = dK.strides[3], vs = dV.strides[3]
         for r in 0..<block.count {
-            let keyOut = dK.row(b, hk, block.position(r)), valueOut = dV.row(b, hk, block.position(r))
             let keyAcc = workerSpace.accK + r * dPad, valueAcc = workerSpace.accV + r * dvPad
+            if dK.precision != .float32 || dV.precision != .float32 {
+                // 16-bit gradients (never accumulated): each row rounded once.
+                dK.storeRow(b, hk, block.position(r), from: keyAcc, count: d)
+                dV.storeRow(b, hk, block.position(r), from: valueAcc, count: dv)
+                continue
+            }
+            let keyOut = dK.row(b, hk, block.position(r)), valueOut = dV.row(b, hk, block.position(r))
             if accumulate {
                 for c in 0..<d { keyOut[c &* ks] += keyAcc[c] }
                 for c in 0..<dv { valueOut[c &* vs] += valueAcc[c] }
@@ -426,20 +494,23 @@ enum TiledSoftmaxBackward {
     /// Packs the query tile's `scale · Qᵀ` and `dOᵀ` (queries in lanes, zero lanes past the
     /// tile), and per lane the probability shift (`lse`, with `−∞` turned into `+∞` so that
     /// every probability of an empty row is `exp(−∞) = 0`; `+∞` on padding lanes) and
-    /// `D = Σ_c dO_c · O_c` (0 on padding lanes).
+    /// `D = Σ_c dO_c · O_c` (0 on padding lanes). 16-bit query and `dO` rows are widened
+    /// through the packed-row buffers (rewritten before their next use), 16-bit `dO` and
+    /// output rows for the dot through the row stage.
     @inline(__always)
     static func prepareQueries(_ space: Workspace, _ x: Operands, b: Int, h: Int, queries: PositionRun, lanes: Int) {
         let ld = space.lanes
         TiledSoftmaxAttention.packQueries(x.q, b: b, h: h, queries: queries, d: x.d, scale: x.scale,
-                                          into: space.qT, ld: ld, lanes: lanes)
+                                          into: space.qT, ld: ld, lanes: lanes, stage: space.queryRows)
         TiledSoftmaxAttention.packQueries(x.dO, b: b, h: h, queries: queries, d: x.dv, scale: 1,
-                                          into: space.gradientT, ld: ld, lanes: lanes)
-        let gs = x.dO.strides[3], os = x.o.strides[3]
+                                          into: space.gradientT, ld: ld, lanes: lanes, stage: space.gradientRows)
         for ii in 0..<queries.count {
             let i = queries.position(ii)
             let l = x.lse.row(b, h, i)[0]
             space.shift[ii] = l == -.infinity ? .infinity : l
-            space.rowDot[ii] = dot(x.dO.row(b, h, i), gs, x.o.row(b, h, i), os, count: x.dv)
+            let g = floatRow(x.dO, b, h, i, width: x.dv, stage: space.rowStage)
+            let o = floatRow(x.o, b, h, i, width: x.dv, stage: space.rowStage + space.dvPad)
+            space.rowDot[ii] = dot(g.row, g.stride, o.row, o.stride, count: x.dv)
         }
         for ii in queries.count..<lanes {
             space.shift[ii] = .infinity
@@ -447,21 +518,29 @@ enum TiledSoftmaxBackward {
         }
     }
 
+    /// Row `[b, h, i]` of `view` as `Float`s `stride` apart: in place, or widened into `stage`.
+    @inline(__always)
+    static func floatRow(_ view: TensorView, _ b: Int, _ h: Int, _ i: Int, width: Int,
+                         stage: UnsafeMutablePointer<Float>) -> (row: UnsafePointer<Float>, stride: Int) {
+        guard view.precision != .float32 else { return (view.row(b, h, i), view.strides[3]) }
+        view.widenRows(b, h, rows: PositionRun(start: i, count: 1), width: width, into: stage, ld: width)
+        return (UnsafePointer(stage), 1)
+    }
+
     /// One (query tile, key tile) pair: `Pᵀ` into `probabilities` and `dSᵀ` into
     /// `scoreGradients` (`[jj · lanes + ii]`: key `tile.keys.position(jj)`, query lane `ii`).
+    /// `rows`: the item's key and value rows; the tile's keys are rows `firstRow...` of them.
     @inline(__always)
-    static func gradientTile<Mask: TransposedTileMask>(_ space: Workspace, _ x: Operands, b: Int, hk: Int, h: Int,
+    static func gradientTile<Mask: TransposedTileMask>(_ space: Workspace, _ x: Operands,
+                                                       rows blockRows: (keys: BlockRows, values: BlockRows),
+                                                       firstRow: Int, b: Int, h: Int,
                                                        tile: KeyTile, queries: PositionRun, lanes: Int, block t: Int,
                                                        mask: Mask) {
         let keys = tile.keys, ld = space.lanes, mr = MicroTile.mr
-        let keyStride = keys.step &* x.k.strides[2], valueStride = keys.step &* x.v.strides[2]
         for block in 0..<ceilDiv(keys.count, mr) {
             let rows = min(mr, keys.count - block * mr)
-            let first = keys.position(block * mr)
-            let keyRows = BroadcastOperand(base: x.k.row(b, hk, first), rowStride: keyStride,
-                                           depthStride: x.k.strides[3], rows: rows)
-            let valueRows = BroadcastOperand(base: x.v.row(b, hk, first), rowStride: valueStride,
-                                             depthStride: x.v.strides[3], rows: rows)
+            let keyRows = blockRows.keys.operand(first: firstRow + block * mr, rows: rows)
+            let valueRows = blockRows.values.operand(first: firstRow + block * mr, rows: rows)
             // On a partial tile, only the panels of the queries that may see these keys.
             let blockKeys = (block * mr)..<(block * mr + rows)
             let panels = tile.fullyVisible ? 0..<lanes
@@ -731,6 +810,10 @@ enum TiledSoftmaxBackward {
         /// One tile's `dQ` contribution (`lanes × D′`) and the block's packed key rows
         /// (`keyRows × D′`, when not read in place).
         let accQ, keyRowsPacked: UnsafeMutablePointer<Float>
+        /// With 16-bit operands (`widening`; empty otherwise): the block's widened value rows
+        /// (`keyRows × Dv′`), and one `dO` row and one output row widened for a row dot
+        /// (`2 · Dv′`).
+        let valueRowsPacked, rowStage: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``)
         /// and score-gradient scratch (``TransposedTileMask/scoreGradientScratchCount(lanes:keyRows:headDim:)``);
         /// empty for masks without hooks.
@@ -745,7 +828,7 @@ enum TiledSoftmaxBackward {
         let termDerivatives: UnsafeMutablePointer<Float>
 
         init<Mask: TransposedTileMask>(carving carver: inout WorkspaceCarver, d: Int, dv: Int, lanes: Int,
-                                       keyRows: Int, mask: Mask.Type, softCap: Bool = false) {
+                                       keyRows: Int, mask: Mask.Type, softCap: Bool = false, widening: Bool) {
             self.lanes = lanes
             self.keyRows = keyRows
             (self.d, self.dv) = (d, dv)
@@ -767,6 +850,8 @@ enum TiledSoftmaxBackward {
             accV = carver.take(keyRows * dvPad)
             accQ = carver.take(lanes * dPad)
             keyRowsPacked = carver.take(keyRows * dPad)
+            valueRowsPacked = carver.take(widening ? keyRows * dvPad : 0)
+            rowStage = carver.take(widening ? 2 * dvPad : 0)
             terms = carver.take(Mask.addsScoreTerms ? Mask.scoreTermScratchCount(queryTile: lanes, keyTile: keyRows) : 0)
             gradientScratch = carver.take(Mask.takesScoreGradients
                 ? Mask.scoreGradientScratchCount(lanes: lanes, keyRows: keyRows, headDim: d) : 0)
@@ -793,9 +878,11 @@ enum TiledSoftmaxBackward {
         }
 
         static func byteCount<Mask: TransposedTileMask>(d: Int, dv: Int, lanes: Int, keyRows: Int,
-                                                        mask: Mask.Type, softCap: Bool = false) -> Int {
+                                                        mask: Mask.Type, softCap: Bool = false,
+                                                        widening: Bool) -> Int {
             WorkspaceCarver.bytes {
-                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: mask, softCap: softCap)
+                _ = Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: mask, softCap: softCap,
+                              widening: widening)
             }
         }
     }

@@ -283,13 +283,22 @@ struct TiledBackwardCall {
     init(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
          query: StridedView, key: StridedView, value: StridedView, output: StridedView, logSumExp: StridedView,
          outputGradient: StridedView, dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView) {
+        self.init(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths,
+                  q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                  dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel)
+    }
+
+    /// A call over kernel views (operands of any precision; see ``TiledSoftmaxBackward/run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:modifiers:biasGradient:mask:)``
+    /// for the gradients').
+    init(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
+         q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+         dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView) {
         self.shape = shape
         self.scale = scale
         self.threads = threads
         self.keyLengths = keyLengths
-        (q, k, v, o, lse, dO) = (query.kernel, key.kernel, value.kernel, output.kernel, logSumExp.kernel,
-                                 outputGradient.kernel)
-        (dQ, dK, dV) = (dQuery.kernel, dKey.kernel, dValue.kernel)
+        (self.q, self.k, self.v, self.o, self.lse, self.dO) = (q, k, v, o, lse, dO)
+        (self.dQ, self.dK, self.dV) = (dQ, dK, dV)
     }
 
     /// Valid keys of batch item `b`.
