@@ -25,8 +25,9 @@ final class FuzzCase {
     func run() {
         do {
             switch rng.int(0...99) {
-            case 0..<65: try attendCase()
-            case 65..<80: try decodeCase()
+            case 0..<52: try attendCase()
+            case 52..<67: try gradientCase()
+            case 67..<80: try decodeCase()
             default: invalidCase()
             }
         } catch {
@@ -80,11 +81,11 @@ final class FuzzCase {
 
     // MARK: attend
 
-    /// A registered conformer on a random valid problem: no throw once `validate` accepts,
-    /// finite results, empty rows 0 with `-inf`, the bits of 1 thread at any thread count
-    /// and for a strided NaN-gapped view, and for the exact conformers the naive reference.
-    func attendCase() throws {
-        let entry = rng.pick(FuzzCase.entries)
+    /// One of `entries` built for a random problem with random settings, or nil (logged) when
+    /// it refuses them: the conformer, its problem and its resolved settings.
+    func drawConformer(from entries: [VariantEntry])
+        throws -> (VariantEntry, BenchProblem, [Parameter: Int], any Attention)? {
+        let entry = rng.pick(entries)
         let heads = rng.pick([1, 1, 2, 3, 4, 6])
         let kvHeads = rng.pick((1...heads).filter { heads % $0 == 0 })
         let nq = length()
@@ -96,17 +97,26 @@ final class FuzzCase {
         let overrides = settings()
         let problem = entry.adjustProblem(base, entry.resolveParameters(overrides, at: base))
         let parameters = entry.resolveParameters(overrides, at: problem)
-        let s = problem.shape
-        log("attend \(entry.name) \(problem) \(VariantEntry.describe(parameters))")
-        let attention: any Attention
+        log("\(entry.name) \(problem) \(VariantEntry.describe(parameters))")
         do {
-            attention = try call { try entry.make!(ConformerConfig(problem: problem, parameters: parameters, seed: rng.next())) }
-            try call { try attention.validate(s) }
-            _ = try call { try attention.cost(s, threads: rng.int(1...8)) }
+            let attention = try call {
+                try entry.make!(ConformerConfig(problem: problem, parameters: parameters, seed: rng.next()))
+            }
+            try call { try attention.validate(problem.shape) }
+            _ = try call { try attention.cost(problem.shape, threads: rng.int(1...8)) }
+            return (entry, problem, parameters, attention)
         } catch let error as AttentionError {
             log("refused: \(error)")
-            return
+            return nil
         }
+    }
+
+    /// A registered conformer on a random valid problem: no throw once `validate` accepts,
+    /// finite results, empty rows 0 with `-inf`, the bits of 1 thread at any thread count
+    /// and for a strided NaN-gapped view, and for the exact conformers the naive reference.
+    func attendCase() throws {
+        guard let (entry, problem, parameters, attention) = try drawConformer(from: FuzzCase.entries) else { return }
+        let s = problem.shape
         let amplitude = rng.pick([Float(1), 1, 1, 4])
         var q = try rng.tensor([s.batch, s.heads, s.queryLength, s.headDim], amplitude: amplitude)
         let k = try rng.tensor([s.batch, s.kvHeads, s.keyLength, s.headDim], amplitude: amplitude)
