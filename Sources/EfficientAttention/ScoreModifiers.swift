@@ -87,7 +87,9 @@ public struct ScoreModifiers: Sendable, Equatable {
                 throw AttentionError.shapeMismatch(
                     "modifiers.bias must be [B or 1, H or 1, Nq, Nk] = [\(shape.batch) or 1, \(shape.heads) or 1, \(shape.queryLength), \(shape.keyLength)], got \(s)")
             }
-            let invalid = bias.isContiguous && bias.offset == 0
+            // In place over the storage when it holds exactly the elements (row-major or a
+            // permuted layout); else over a copy of the elements.
+            let invalid = bias.fillsStorage
                 ? bias.storage.withUnsafeBufferPointer {
                     containsNaNOrPlusInfinity(UnsafeBufferPointer(rebasing: $0[0..<bias.count]), threads: threads)
                 }

@@ -186,6 +186,31 @@ struct ScoreModifierTests {
         #expect(ScoreModifiers.standardALiBiSlopes(heads: 1) == [Float(pow(2, -8.0))])
     }
 
+    @Test("a bias in a permuted layout: the row-major bias's results, its NaN found in place; a NaN outside its elements is no element")
+    func permutedBias() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, keyLength: 12, headDim: 8, seed: 3)
+        let rowMajor = try Tensor.random(shape: [1, 2, 10, 12], seed: 4)
+        // Key-major storage: element [0, h, i, j] at h·120 + j·10 + i.
+        var storage = [Float](repeating: 0, count: 240)
+        for h in 0..<2 { for i in 0..<10 { for j in 0..<12 { storage[h * 120 + j * 10 + i] = rowMajor[0, h, i, j] } } }
+        func attend(_ bias: Tensor) throws -> AttentionResult {
+            var dense = DenseAttention(causal: true)
+            dense.modifiers = ScoreModifiers(bias: bias)
+            return try dense.attend(query: q, key: k, value: v, threads: 1)
+        }
+        let strides = [240, 120, 1, 10]
+        let expected = try attend(rowMajor).output.elements.map(\.bitPattern)
+        #expect(try attend(Tensor(shape: [1, 2, 10, 12], storage: storage, strides: strides)).output.elements
+            .map(\.bitPattern) == expected)
+        var bad = storage
+        bad[37] = .nan
+        let error = thrownAttentionError { try attend(Tensor(shape: [1, 2, 10, 12], storage: bad, strides: strides)) }
+        #expect(error?.message.contains("modifiers.bias must be finite") == true)
+        // A NaN past the elements (storage one longer than the tensor) is not checked.
+        let gapped = try attend(Tensor(shape: [1, 2, 10, 12], storage: storage + [.nan], strides: strides))
+        #expect(gapped.output.elements.map(\.bitPattern) == expected)
+    }
+
     @Test("bad modifiers are thrown errors naming the option, before any work")
     func badModifiers() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, headDim: 8, seed: 1)
