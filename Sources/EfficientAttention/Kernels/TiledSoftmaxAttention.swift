@@ -462,7 +462,9 @@ enum TiledSoftmaxAttention {
     }
 
     /// `qT[c · ld + r] = scale · row(r)[c · columnStride]` for `r < count`, `c < d`: whole
-    /// blocks of 16 rows × 16 columns transposed in registers when columns are adjacent.
+    /// blocks of 16 rows × 16 columns transposed in registers when columns are adjacent, the
+    /// last rows as one more block (lanes `count ..< roundUp(count, 16)` then hold copies of
+    /// the last row: `ld` must leave room, and the caller zeroes them).
     @inline(__always)
     static func packRows(_ row: (Int) -> UnsafePointer<Float>, count: Int, columnStride sd: Int, d: Int,
                          scale: Float, into qT: UnsafeMutablePointer<Float>, ld: Int) {
@@ -473,6 +475,14 @@ enum TiledSoftmaxAttention {
                 Transpose16.transpose(scale: Vec16(repeating: scale), rows: { row(start + $0) }, depth: d,
                                       into: qT + first, ld: ld)
                 first += 16
+            }
+            if first < count {
+                // The last rows as a block too, its missing rows repeating the last row: the
+                // lanes past `count` get values the caller overwrites.
+                let start = first, last = count - 1
+                Transpose16.transpose(scale: Vec16(repeating: scale), rows: { row(min(start + $0, last)) }, depth: d,
+                                      into: qT + first, ld: ld)
+                first = count
             }
         }
         for r in first..<count {

@@ -500,6 +500,9 @@ enum TiledSoftmaxBackward {
     @inline(__always)
     static func prepareQueries(_ space: Workspace, _ x: Operands, b: Int, h: Int, queries: PositionRun, lanes: Int) {
         let ld = space.lanes
+        // The output rows are read only by the row dots below: requested now, they arrive
+        // while the query and dO rows are packed.
+        x.o.prefetch(b, h, rows: queries, width: x.dv)
         TiledSoftmaxAttention.packQueries(x.q, b: b, h: h, queries: queries, d: x.d, scale: x.scale,
                                           into: space.qT, ld: ld, lanes: lanes, stage: space.queryRows)
         TiledSoftmaxAttention.packQueries(x.dO, b: b, h: h, queries: queries, d: x.dv, scale: 1,
