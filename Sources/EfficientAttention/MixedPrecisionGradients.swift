@@ -11,7 +11,7 @@ extension DifferentiableAttention {
     /// The result is the `Float` backward on the widened operands with each gradient element
     /// rounded once to its view's precision (nearest even), bit for bit, for any thread
     /// count. The conformers whose backward is the tiled flash kernel (dense, grouped-query,
-    /// local, strided, Longformer, BigBird, custom masks) widen 16-bit operands as the kernel
+    /// local, strided, Longformer, BigBird, custom masks, adaptive span) widen 16-bit operands as the kernel
     /// packs them (query and `dO` rows per query tile, key and value rows per key block) and
     /// round 16-bit `dK`, `dV` rows as they write them; only a 16-bit `dQuery` (summed over
     /// the key blocks) and, for those whose passes add to `dK`, `dV` (strided, Longformer),

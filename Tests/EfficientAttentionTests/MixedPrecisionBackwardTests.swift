@@ -72,7 +72,7 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
-    @Test("strided, Longformer, BigBird, custom masks (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
+    @Test("strided, Longformer, BigBird, custom masks, adaptive span (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
     func patternsMatchWidenedFloatBackward() throws {
         let combinations = MixedPrecisionTests.combinations
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 150, headDim: 65,
@@ -92,6 +92,10 @@ struct MixedPrecisionBackwardTests {
             try Self.compare(CustomMaskAttention(predicate: try DocumentMask(length: 40, causal: true)), q, k, v,
                              keyLengths: nil, precisions: p, step: step, workspace: workspace, threads: threads,
                              "custom-mask \(label)")
+            // A weighting mask (its hooks read the recomputed tiles, no operand).
+            try Self.compare(AdaptiveSpanAttention(spans: [20, 3.5, 60, 0], maxSpan: 400, ramp: 8), q, k, v,
+                             keyLengths: [150, 77], precisions: p, step: step, workspace: workspace, threads: threads,
+                             "adaptive-span \(label)")
         }
     }
 
@@ -118,8 +122,8 @@ struct MixedPrecisionBackwardTests {
     }
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
-          arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "multi-query", "linformer",
-                      "linear-elu"])
+          arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
+                      "linformer", "linear-elu"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -149,7 +149,7 @@ public struct AdaptiveSpanAttention: KernelWidening, ModifiableAttention {
     }
 }
 
-extension AdaptiveSpanAttention: DifferentiableAttention {
+extension AdaptiveSpanAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/AdaptiveSpan.md, "Backward")
     /// over the forward's causal band: the probabilities recomputed as `m · exp(s − lse)`
     /// (the soft mask applied where the forward applies it), `dS = P ∘ (dP − D)`, `dQ` summed
@@ -173,15 +173,19 @@ extension AdaptiveSpanAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                    keyLengths: keyLengths, workspace: workspace, threads: threads,
-                                    scale: scale) { shape, scale in
-            backward(shape: shape, scale: scale, threads: try threadCount(threads), keyLengths: keyLengths,
-                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
-                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel, spans: nil)
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The backward's one pass (the `Float` and mixed-precision entry points run it).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        backward(shape: call.shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
+                 q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO,
+                 dQ: call.dQ, dK: call.dK, dV: call.dV, spans: nil)
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
 
     /// `∂L/∂z_h` for each head (`spans.count` values) through the call that gave `result`
     /// (and `dQ`, `dK`, `dV`, which the same pass computes). The ramp's subgradient is 0 at
