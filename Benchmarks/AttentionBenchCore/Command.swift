@@ -67,6 +67,9 @@ public enum AttentionBenchCommand {
             }
         }
         print(SteadyStateAllocator.description)
+        if options.hugePages {
+            print("Inputs: the timed calls read copies of query, key and value in memory advised for transparent huge pages (--huge-pages)")
+        }
         print(ReportTable.render(records, notes: notes.map { ($0.variant, $0.note) },
                                  peaks: peaks.measured, fma: fusedMultiplyAddEnabled,
                                  bandwidths: bandwidths), terminator: "")

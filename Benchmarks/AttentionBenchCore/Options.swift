@@ -77,6 +77,9 @@ public struct BenchOptions: Equatable, Sendable {
     public var quiet = false
     /// Measure with the allocator's defaults instead of ``SteadyStateAllocator`` (`--fresh-pages`).
     public var freshPages = false
+    /// Time engine-style calls on copies of the inputs in memory advised for transparent huge
+    /// pages (`--huge-pages`; Float32 I/O).
+    public var hugePages = false
     public var preset: Preset?
     public var list = false
     public var help = false
@@ -187,6 +190,7 @@ extension BenchOptions {
         OptionSpec(name: "cache-kind", value: "LIST", help: "decode: cache layout contiguous, rotating (window = cache length), paged (pages of 16) [contiguous]"),
         OptionSpec(name: "quiet", value: nil, help: "no progress lines on stderr"),
         OptionSpec(name: "fresh-pages", value: nil, help: "keep glibc's allocator defaults: large outputs and scratch are mmapped fresh (page faults) on every call"),
+        OptionSpec(name: "huge-pages", value: nil, help: "the timed calls read copies of query, key and value in 2 MiB-aligned memory advised for transparent huge pages (an engine's arena), not the tensors' arrays (f32 I/O)"),
         OptionSpec(name: "preset", value: "lra|long|million", help: "lra: N = 1K,2K,3K,4K; long: N = 1K..16K, quadratic conformers capped; million: N = 64K,256K,1M, sub-quadratic conformers (see below)"),
         OptionSpec(name: "list", value: nil, help: "print the registry (availability, defaults, descriptions) and exit"),
         OptionSpec(name: "help", value: nil, help: "print this help and exit"),
@@ -306,6 +310,7 @@ extension BenchOptions {
         options.list = given["list"] != nil
         options.quiet = given["quiet"] != nil
         options.freshPages = given["fresh-pages"] != nil
+        options.hugePages = given["huge-pages"] != nil
         if options.list { return options }
 
         if let text = given["preset"] {
@@ -377,6 +382,9 @@ extension BenchOptions {
                 }
                 return p
             }
+        }
+        if options.hugePages && (options.ioPrecisions != [.float32] || given["decode"] != nil) {
+            throw BenchError.usage("--huge-pages applies to the f32 view calls (not --io f16/bf16 or --decode, whose caches use huge pages already)")
         }
         if let text = given["seq-k"] { options.keyLength = try parseCount(text, option: "seq-k") }
         if let text = given["varlen"] {

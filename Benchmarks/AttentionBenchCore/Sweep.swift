@@ -639,11 +639,15 @@ public final class SweepRunner {
                 try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
                                        headDim: shape.headDim, valueDim: shape.valueDim, threads: threads)
             } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads)
+            let huge = options.hugePages
+                ? (try HugePageCopy(inputs.query), try HugePageCopy(inputs.key), try HugePageCopy(inputs.value)) : nil
             timed = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
             try inputs.value.withStridedView { v in
             try output.withMutableStridedView { o in try lse.withMutableStridedView { l in
-                try timeEngineCalls(policy: policy) {
-                    try Self.engineCall(conformer, ActivationView(q), ActivationView(k), ActivationView(v),
+                var read = (q, k, v)
+                if let huge { read = (try huge.0.view(), try huge.1.view(), try huge.2.view()) }
+                return try timeEngineCalls(policy: policy) {
+                    try Self.engineCall(conformer, ActivationView(read.0), ActivationView(read.1), ActivationView(read.2),
                                         output: MutableActivationView(o), logSumExp: l, sequences: sequences,
                                         workspace: workspace, threads: threads)
                 }

@@ -614,6 +614,21 @@ import AttentionBenchCore
         #expect(packedError > 0 && packedError < 3e-3, "packed f16 dense error \(packedError)")
     }
 
+    /// `--huge-pages`: the timed calls read huge-page copies of the inputs; the error column
+    /// (the measured call's output) and the bits of the timed calls are unchanged.
+    @Test func hugePages() throws {
+        let o = try BenchOptions.parse(["--huge-pages", "--variants", "dense,multi-query", "--seq", "1", "--seq-k", "300",
+                                        "--heads", "4", "--kv-heads", "2", "--dim", "16", "--threads", "1", "--repeat", "2"])
+        #expect(o.hugePages)
+        let records = try SweepRunner(options: o, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
+            .run(try SweepPlan.make(o))
+        #expect(records.map(\.variant) == ["dense", "multi-query"])
+        #expect(records[1].relativeError ?? 1 < 1e-6)
+        for bad in [["--huge-pages", "--io", "bf16"], ["--huge-pages", "--decode"]] {
+            #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
+        }
+    }
+
     /// `--backward`: dense (and local and vanilla, with gradients too) gets "backward" and
     /// "forward+backward" records with 2.5× and 3.5× the forward FLOPs.
     @Test func backwardPasses() throws {
