@@ -50,14 +50,22 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
+    /// `body` for each precision mix of ``MixedPrecisionTests/combinations``, with a
+    /// workspace on alternate mixes (from the first when `workspaceFirst`), 1–3 threads and
+    /// element steps 1–2.
+    static func forEachSetting(workspaceFirst: Bool,
+                               _ body: (OperandPrecisions, Bool, Int, Int, String) throws -> Void) rethrows {
+        for (c, p) in MixedPrecisionTests.combinations.enumerated() {
+            let workspace = (c % 2 == 0) == workspaceFirst, threads = c % 3 + 1, step = c % 2 + 1
+            try body(p, workspace, threads, step, "\(p) threads \(threads) workspace \(workspace)")
+        }
+    }
+
     @Test("dense, grouped-query, local, Linformer, linear attention: the Float backward on widened operands, rounded once")
     func matchesWidenedFloatBackward() throws {
-        let combinations = MixedPrecisionTests.combinations
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 37, keyLength: 37, headDim: 65,
                                       valueDim: 16, seed: 5)
-        for (c, p) in combinations.enumerated() {
-            let workspace = c % 2 == 0, threads = c % 3 + 1, step = c % 2 + 1
-            let label = "\(p) threads \(threads) workspace \(workspace)"
+        try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
             try Self.compare(DenseAttention(causal: true), q, k, v, keyLengths: [37, 20], precisions: p, step: step,
                              workspace: workspace, threads: threads, "dense \(label)")
             try Self.compare(MultiQueryAttention(causal: false), q, k, v, keyLengths: nil, precisions: p, step: step,
@@ -74,12 +82,9 @@ struct MixedPrecisionBackwardTests {
 
     @Test("strided, Longformer, BigBird, custom masks, adaptive span (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
     func patternsMatchWidenedFloatBackward() throws {
-        let combinations = MixedPrecisionTests.combinations
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 150, headDim: 65,
                                       valueDim: 16, seed: 9)
-        for (c, p) in combinations.enumerated() {
-            let workspace = c % 2 == 1, threads = c % 3 + 1, step = c % 2 + 1
-            let label = "\(p) threads \(threads) workspace \(workspace)"
+        try Self.forEachSetting(workspaceFirst: false) { p, workspace, threads, step, label in
             // Two passes adding to dK, dV (staged when 16-bit), then one pass (written by the kernel).
             try Self.compare(StridedAttention(kind: .strided, stride: 7, causal: true), q, k, v, keyLengths: [150, 90],
                              precisions: p, step: step, workspace: workspace, threads: threads, "strided \(label)")
