@@ -182,7 +182,8 @@ extension AdaptiveSpanAttention: KernelWideningBackward {
     func tiledBackward(_ call: TiledBackwardCall) throws {
         backward(shape: call.shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
                  q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO,
-                 dQ: call.dQ, dK: call.dK, dV: call.dV, spans: nil)
+                 dQ: call.dQ, dK: call.dK, dV: call.dV, modifiers: call.modifiers, biasGradient: call.biasGradient,
+                 spans: nil)
     }
 
     func addsKeyGradients(_ shape: AttentionShape) -> Bool { false }
@@ -202,9 +203,12 @@ extension AdaptiveSpanAttention: KernelWideningBackward {
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
                                                    threads: threads, scale: scale) { x in
-            backward(shape: x.shape, scale: x.scale, threads: x.threads, keyLengths: keyLengths,
-                     q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
-                     spans: &dz)
+            // The score modifiers (and ∂bias when asked) as the forward applies them.
+            withModifierBackward(x.shape) { modifiers, biasGradient in
+                backward(shape: x.shape, scale: x.scale, threads: x.threads, keyLengths: keyLengths,
+                         q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
+                         modifiers: modifiers, biasGradient: biasGradient, spans: &dz)
+            }
         }
         return (inputs, dz)
     }
@@ -218,26 +222,25 @@ extension AdaptiveSpanAttention: KernelWideningBackward {
                              scoredPairs: forward.scoredPairs)
     }
 
-    /// The backward on views; with `spans`, `∂L/∂z_h` from per-(batch item, head, key
-    /// block) slots summed block by block, then batch item by batch item.
+    /// The backward on views with the call's score modifiers (and where to add `∂bias`); with
+    /// `spans`, `∂L/∂z_h` from per-(batch item, head, key block) slots summed block by block,
+    /// then batch item by batch item.
     private func backward(shape: AttentionShape, scale: Float, threads: Int, keyLengths: [Int]?,
                           q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
                           dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          modifiers: ScoreModifierKernel?, biasGradient: MutableTensorView?,
                           spans gradients: UnsafeMutablePointer<[Float]>?) {
         let spans = self.spans, ramp = self.ramp, heads = shape.heads
         let blocks = TiledSoftmaxBackward.KeyBlocks.contiguous.blocksPerClass(
             keyLength: shape.keyLength, blockSize: TiledSoftmaxBackward.keyBlockSize)
         func pass(_ slot: UnsafeMutablePointer<Double>?) {
-            // The score modifiers (and ∂bias when asked) as the forward applies them.
-            withModifierBackward(shape) { modifiers, biasGradient in
-                TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o,
-                                         lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV, modifiers: modifiers,
-                                         biasGradient: biasGradient) { b, h in
-                    var mask = SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
-                                            keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
-                    mask.spanGradients = slot.map { $0 + (b * heads + h) * blocks }
-                    return mask
-                }
+            TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o,
+                                     lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV, modifiers: modifiers,
+                                     biasGradient: biasGradient) { b, h in
+                var mask = SoftSpanMask(queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                        keyEnd: keyLengths?[b] ?? shape.keyLength, span: spans[h], ramp: ramp)
+                mask.spanGradients = slot.map { $0 + (b * heads + h) * blocks }
+                return mask
             }
         }
         guard let gradients else { return pass(nil) }
