@@ -335,3 +335,44 @@ extension KernelWidening {
         return values
     }
 }
+
+extension TensorView {
+    /// `Σ_c self[row][c] · other[otherRow][c]` over `count` elements, whatever the two views'
+    /// precisions: the bits of ``dot(_:_:_:_:count:)`` on the rows widened to `Float`.
+    func dot(row r: (Int, Int, Int), _ other: TensorView, row o: (Int, Int, Int), count: Int) -> Float {
+        if precision == .float32 && other.precision == .float32 {
+            return EfficientAttention.dot(row(r.0, r.1, r.2), strides[3], other.row(o.0, o.1, o.2), other.strides[3],
+                                          count: count)
+        }
+        let x = (rawRow(r.0, r.1, r.2), strides[3]), y = (other.rawRow(o.0, o.1, o.2), other.strides[3])
+        var t = 0
+        var acc = SIMD16<Float>()
+        while t + 16 <= count {
+            var a = SIMD16<Float>(), b = SIMD16<Float>()
+            for l in 0..<16 {
+                a[l] = precision.widen(x.0, at: (t &+ l) &* x.1)
+                b[l] = other.precision.widen(y.0, at: (t &+ l) &* y.1)
+            }
+            multiplyAdd(&acc, a, b)
+            t += 16
+        }
+        var sum = acc.sum()
+        while t < count {
+            sum += precision.widen(x.0, at: t &* x.1) * other.precision.widen(y.0, at: t &* y.1)
+            t += 1
+        }
+        return sum
+    }
+}
+
+extension ActivationPrecision {
+    /// Element `index` of a row of this precision at `row`, as `Float`.
+    @inline(__always)
+    func widen(_ row: UnsafeRawPointer, at index: Int) -> Float {
+        switch self {
+        case .float32: row.assumingMemoryBound(to: Float.self)[index]
+        case .float16: HalfElement.widen(row.assumingMemoryBound(to: HalfElement.self)[index])
+        case .bfloat16: BFloat16Bits.widen(row.assumingMemoryBound(to: BFloat16Bits.self)[index])
+        }
+    }
+}

@@ -80,7 +80,7 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
-    @Test("strided, Longformer, BigBird, custom masks, adaptive span (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
+    @Test("strided, Longformer, BigBird, custom masks, adaptive span, axial, ETC (16-bit operands widened in the kernel): the Float backward on widened operands, rounded once")
     func patternsMatchWidenedFloatBackward() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 150, headDim: 65,
                                       valueDim: 16, seed: 9)
@@ -101,6 +101,16 @@ struct MixedPrecisionBackwardTests {
             try Self.compare(AdaptiveSpanAttention(spans: [20, 3.5, 60, 0], maxSpan: 400, ramp: 8), q, k, v,
                              keyLengths: [150, 77], precisions: p, step: step, workspace: workspace, threads: threads,
                              "adaptive-span \(label)")
+            // Axial: one pass per axis, later ones adding to dK, dV; .sum recomputes each axis's
+            // output from the 16-bit operands.
+            try Self.compare(AxialAttention(axes: [10, 15], causal: true), q, k, v, keyLengths: [150, 88],
+                             precisions: p, step: step, workspace: workspace, threads: threads, "axial \(label)")
+            try Self.compare(AxialAttention(axes: [5, 6, 5], combination: .sum), q, k, v, keyLengths: nil,
+                             precisions: p, step: step, workspace: workspace, threads: threads, "axial sum \(label)")
+            // ETC: the global pass, then the long pass (with the relative table's score hooks).
+            try Self.compare(try ETCAttention(heads: 4, headDim: 65, globals: 6, radius: 8, maxDistance: 4, seed: 2),
+                             q, k, v, keyLengths: [150, 95], precisions: p, step: step, workspace: workspace,
+                             threads: threads, "etc \(label)")
         }
     }
 
@@ -128,7 +138,7 @@ struct MixedPrecisionBackwardTests {
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
-                      "linformer", "linear-elu"])
+                      "axial", "etc", "linformer", "linear-elu"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

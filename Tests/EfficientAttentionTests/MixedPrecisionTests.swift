@@ -179,6 +179,49 @@ struct MixedPrecisionTests {
         #expect(ran >= 1, "\(name) ran on no problem")
     }
 
+    @Test("axial (union and sum, 2-D and 3-D, causal) and ETC (with a relative table): widened in the tiled kernel, the Float call on the widened inputs")
+    func axialAndETCWidenInKernel() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 150, keyLength: 150, headDim: 65,
+                                      valueDim: 16, seed: 12)
+        let table = try ETCAttention(heads: 4, headDim: 65, globals: 7, radius: 9, maxDistance: 5, seed: 4)
+        let conformers: [(String, any Attention)] = [
+            ("axial union 10x15", AxialAttention(axes: [10, 15])),
+            ("axial sum 5x5x6 causal", AxialAttention(axes: [5, 5, 6], combination: .sum, causal: true)),
+            ("axial sum 15x10", AxialAttention(axes: [15, 10], combination: .sum)),
+            ("etc causal", ETCAttention(globals: 3, radius: 11, causal: true)),
+            ("etc with a relative table", table),
+        ]
+        let half16 = OperandPrecisions(.float16)
+        for (c, precisions) in Self.combinations.enumerated() {
+            for (name, attention) in conformers {
+                try Self.compare(attention, q, k, v, keyLengths: c % 2 == 0 ? [150, 61] : nil, precisions: precisions,
+                                 step: c % 2 + 1, workspace: c % 2 == 1, threads: c % 3 + 1, "\(name) \(precisions)")
+            }
+        }
+        // .sum's later axes run in the workspace (they allocated a tensor per call before).
+        if AllocationCounter.isSupported {
+            let sum = AxialAttention(axes: [10, 15], combination: .sum)
+            let s = try AttentionShape(query: q, key: k, value: v)
+            let workspace = try AttentionWorkspace(for: sum, shape: s, threads: 1, precisions: half16)
+            let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
+            let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
+            let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
+            let oo = MixedOperand(shape: SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), precision: .float16)
+            let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
+            let count = try CallingConventionTests.steadyStateAllocations {
+                try sum.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
+                               workspace: workspace, threads: 1)
+            }
+            #expect(count == 0, "axial .sum: \(count) allocations per call with a workspace")
+        }
+        // Their 16-bit calls take no Float copy of an input: only the staged output.
+        let shape = AttentionShape(batch: 1, heads: 8, queryLength: 4096, headDim: 64)
+        let half = OperandPrecisions(.bfloat16)
+        for (name, attention) in conformers {
+            #expect(attention.conversionScratchBytes(shape, precisions: half) == 8 * 4096 * 64 * 4, "\(name)")
+        }
+    }
+
     @Test("dense and multi-query, decode-shaped (the decode kernel) and tiled, causal and not")
     func denseShapes() throws {
         let cases: [(any Attention, Int, Int, Int, Int)] = [
@@ -253,7 +296,7 @@ struct MixedPrecisionTests {
     }
 
     @Test("a steady-state mixed call with a workspace sized for its precisions allocates nothing (one thread)",
-          arguments: ["dense", "local", "multi-query", "bigbird", "linformer", "performer"])
+          arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "linformer", "performer"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -25,7 +25,7 @@
 ///   `O(N · Σ nₜ)`, `O(N √N)` on a square grid. Workspace: the tiled kernel's tiles per
 ///   thread, independent of `N`; `.sum` also keeps one output-sized scratch
 ///   (`4 · B · H · N · (Dv + 1)` bytes).
-public struct AxialAttention: Attention {
+public struct AxialAttention: KernelWidening {
     /// How the axes' attentions combine.
     public enum Combination: Hashable, Sendable {
         /// One softmax over the union of the axes' keys (mergeable).
@@ -113,8 +113,13 @@ public struct AxialAttention: Attention {
         return cost
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// The passes merge (`.union`) or add (`.sum`) into the output, reading it back: a
+    /// 16-bit output is staged in `Float`; 16-bit query, key and value rows are widened by
+    /// the tiled kernel as it packs them.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
@@ -129,7 +134,7 @@ public struct AxialAttention: Attention {
                         }
                     }
                 case .sum:
-                    try AxialSum.run(call, pattern: pattern)
+                    AxialSum.run(call, pattern: pattern)
                 }
             }
         }
@@ -144,23 +149,25 @@ public struct AxialAttention: Attention {
 /// with `L = log Σₜ e^{Lₜ}` (absolute error of a few ulps of 1), and never below `s_ii`
 /// (rounding in the subtraction).
 enum AxialSum {
-    /// Bytes of the scratch output and log-sum-exp (`B · H · N · (Dv + 1)` floats).
+    /// Bytes of the scratch output and log-sum-exp (`B · H · N · Dv` and `B · H · N` floats,
+    /// each rounded up to the workspace's alignment).
     static func scratchBytes(_ shape: AttentionShape) throws -> Int {
         let bytes = checkedProduct([shape.batch, shape.heads, shape.queryLength, shape.valueDim + 1,
                                     MemoryLayout<Float>.stride])
         try checkAllocation(bytes: bytes, option: "axial attention's .sum scratch output")
-        return bytes!
+        let rows = shape.batch * shape.heads * shape.queryLength * MemoryLayout<Float>.stride
+        return roundUp(rows * shape.valueDim, WorkspaceCarver.alignment) + roundUp(rows, WorkspaceCarver.alignment)
     }
 
-    static func run(_ call: PatternCall, pattern: AxialPattern) throws {
+    static func run(_ call: PatternCall, pattern: AxialPattern) {
         let shape = call.shape
         call.run(queryTile: pattern.queryTile(axis: 0)) { _, keyEnd in
             pattern.lineMask(axis: 0, keyEnd: keyEnd, hidesSelf: false)
         }
         guard pattern.axes.count > 1 else { return }
-        var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
-        var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
-        output.withMutableView { o in lse.withMutableView { l in
+        // The later axes' outputs and log-sum-exps in scratch (part of the cost's workspace).
+        withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)) { o in
+        withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, 1)) { l in
             let axis = PatternCall(shape: shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
                                    q: call.q, k: call.k, v: call.v, o: o, lse: l)
             for t in pattern.axes.indices.dropFirst() {
@@ -202,8 +209,7 @@ enum AxialSum {
             let keyEnd = call.keyEnd(b)
             for i in 0..<min(keyEnd, shape.queryLength) {
                 let lse = call.lse.row(b, h, i)
-                let own = call.scale * dot(call.q.row(b, h, i), call.q.strides[3],
-                                           call.k.row(b, hk, i), call.k.strides[3], count: d)
+                let own = call.scale * call.q.dot(row: (b, h, i), call.k, row: (b, hk, i), count: d)
                 guard lse[0].isFinite, own.isFinite else { continue }
                 let union = lse[0] + logf(max(0, 1 - repeats * expf(own - lse[0])))
                 lse[0] = max(union, own)
@@ -212,7 +218,7 @@ enum AxialSum {
     }
 }
 
-extension AxialAttention: DifferentiableAttention {
+extension AxialAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/Axial.md, "Backward"), one
     /// pass per axis in axis order, keys in residue classes modulo the axis stride (runs
     /// along the lines, read in place) and queries by line (the forward's partition).
@@ -240,23 +246,28 @@ extension AxialAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        let combination = combination
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            let pattern = try self.pattern(for: call.shape)
-            switch combination {
-            case .union:
-                for t in pattern.axes.indices {
-                    call.run(keyBlocks: pattern.backwardKeyBlocks(axis: t), accumulate: t > 0) { _, keyEnd in
-                        pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
-                    }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
+    }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        let pattern = try self.pattern(for: call.shape)
+        switch combination {
+        case .union:
+            for t in pattern.axes.indices {
+                call.run(keyBlocks: pattern.backwardKeyBlocks(axis: t), accumulate: t > 0) { _, keyEnd in
+                    pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: t > 0)
                 }
-            case .sum:
-                AxialSum.backward(call, pattern: pattern)
             }
+        case .sum:
+            AxialSum.backward(call, pattern: pattern)
         }
     }
+
+    /// Every axis after the first adds to `dK`, `dV`.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool { try pattern(for: shape).axes.count > 1 }
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let forward = try cost(shape, threads: threads)

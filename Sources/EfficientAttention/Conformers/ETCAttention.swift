@@ -31,7 +31,7 @@
 ///   relative table) with about `N_g · N + N_l · (N_g + 2r + 1)` pairs per head (causal:
 ///   `r + 1`); workspace of a few hundred KiB per thread plus `4 · (2κ + 1)` bytes,
 ///   independent of `N`.
-public struct ETCAttention: Attention, Equatable {
+public struct ETCAttention: KernelWidening, Equatable {
     /// `N_g`: the first `globals` positions of the sequence are the global tokens.
     public var globals: Int
     /// `r`: a long token sees the long tokens at most `r` positions away.
@@ -178,8 +178,14 @@ public struct ETCAttention: Attention, Equatable {
                              scoredPairs: base.scoredPairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// The long queries' pass merges into the global keys' results (reading the output
+    /// back): a 16-bit output is staged in `Float`; 16-bit query, key and value rows are
+    /// widened by the tiled kernel as it packs them (the relative terms read the packed,
+    /// widened query tile).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
@@ -258,7 +264,7 @@ public struct ETCAttention: Attention, Equatable {
     }
 }
 
-extension ETCAttention: DifferentiableAttention {
+extension ETCAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/ETC.md, "Backward") in the
     /// forward's two passes, each with the forward's output and log-sum-exp: the global
     /// queries against every key they see, then the long queries against the global keys
@@ -293,12 +299,16 @@ extension ETCAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try backward(call, tableGradient: nil)
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The passes of the backward (the `Float` and mixed-precision entry points run them).
+    func tiledBackward(_ call: TiledBackwardCall) throws { try backward(call, tableGradient: nil) }
+
+    /// The long queries' pass adds to the `dK`, `dV` rows the global queries' pass wrote.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool { true }
 
     /// The two passes of the backward; with `tableGradient` (`B · H · (2κ + 1) · D` zeroed
     /// floats, row `Δ' = p + κ − j` of each (batch item, head) at `Δ' · D`) the long pass
