@@ -55,7 +55,7 @@ public protocol Attention: Sendable {
     /// precision once. The result is bitwise the `Float` call on the widened inputs, rounded.
     ///
     /// Conformers on the tiled softmax kernel (dense, multi-query, local, strided, Longformer,
-    /// BigBird, axial, ETC, adaptive span) widen 16-bit operands tile by tile inside the
+    /// BigBird, axial, ETC, Transformer-XL, adaptive span, custom masks) widen 16-bit operands tile by tile inside the
     /// kernel; the others widen them into `Float` scratch first (``conversionScratchBytes(_:precisions:)``).
     /// All-`float32` views run the `StridedView` entry point.
     func attend(query: ActivationView, key: ActivationView, value: ActivationView,

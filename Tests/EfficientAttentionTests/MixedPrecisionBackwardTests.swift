@@ -114,6 +114,23 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
+    @Test("Transformer-XL (memory before the segment, grouped heads): forward and backward widened in the kernel, the Float calls on widened operands, rounded once")
+    func transformerXLWidensInKernel() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 70, keyLength: 93, headDim: 65,
+                                      valueDim: 16, seed: 21)
+        let attention = try TransformerXLAttention(heads: 4, headDim: 65, memoryLength: 30, maxSegmentLength: 70,
+                                                   seed: 6)
+        try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
+            try MixedPrecisionTests.compare(attention, q, k, v, keyLengths: [93, 51], precisions: p, step: step,
+                                            workspace: workspace, threads: threads, "transformer-xl forward \(label)")
+            try Self.compare(attention, q, k, v, keyLengths: [93, 51], precisions: p, step: step, workspace: workspace,
+                             threads: threads, "transformer-xl \(label)")
+        }
+        // No Float copy of an operand: the forward stages nothing.
+        let shape = AttentionShape(batch: 1, heads: 8, queryLength: 512, keyLength: 542, headDim: 64)
+        #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.bfloat16)) == 0)
+    }
+
     @Test("the tiled conformers' mixed backward takes no Float copy of an operand: scratch for dQ, staged dK and dV, and a key block per worker")
     func widenedInKernelScratch() throws {
         let shape = AttentionShape(batch: 2, heads: 8, kvHeads: 2, queryLength: 2048, headDim: 64)
@@ -138,7 +155,7 @@ struct MixedPrecisionBackwardTests {
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
-                      "axial", "etc", "linformer", "linear-elu"])
+                      "axial", "etc", "transformer-xl", "linformer", "linear-elu"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

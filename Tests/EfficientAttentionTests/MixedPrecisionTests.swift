@@ -296,7 +296,8 @@ struct MixedPrecisionTests {
     }
 
     @Test("a steady-state mixed call with a workspace sized for its precisions allocates nothing (one thread)",
-          arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "linformer", "performer"])
+          arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "transformer-xl", "linformer",
+                      "performer"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

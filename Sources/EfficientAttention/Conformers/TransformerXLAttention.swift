@@ -35,7 +35,7 @@
 ///   `K Qᵀ`); workspace: the dense kernel's per thread plus the band buffers
 ///   (`(Br/32) · 96 · 32` floats per thread) and `(B·H + H) · Nk` floats of biases (and
 ///   the concatenated keys and values in the stateful call).
-public struct TransformerXLAttention: Attention, Equatable {
+public struct TransformerXLAttention: KernelWidening, Equatable {
     /// `M`: how many past positions the memory keeps.
     public var memoryLength: Int
     /// The relative-position table `[1, H or 1, T, D]`, `T ≥ M + Nq`.
@@ -170,6 +170,9 @@ public struct TransformerXLAttention: Attention, Equatable {
                              scoredPairs: pairs)
     }
 
+    /// One pass, queries widened as they are packed: nothing is staged.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
     func workspaceBytes(_ shape: AttentionShape, threads: Int?) -> Int {
         TiledSoftmaxAttention.workspaceBytes(shape: shape, threads: threads, mask: RelativePositionMask.self)
             + roundUp(4 * shape.batch * shape.heads * shape.keyLength, WorkspaceCarver.alignment)
@@ -179,8 +182,13 @@ public struct TransformerXLAttention: Attention, Equatable {
     /// Attention of a segment over memory already prepended to its keys: `key` and
     /// `value` hold `M′ = Nk − Nq` memory positions followed by the `Nq` segment positions.
     /// `keyLengths` pads keys at the end, as for dense attention.
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    ///
+    /// Float16 and BFloat16 operands are widened by the tiled kernel as it packs them (the
+    /// relative terms read the packed, widened query tile; the content bias `u · k` reads
+    /// each key row through ``TensorView/dot(row:_:row:count:)``); the one pass writes the
+    /// output rows in their precision.
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
@@ -317,7 +325,7 @@ public struct TransformerXLParameterGradients: Sendable, Equatable {
     public var positionBias: [Float]
 }
 
-extension TransformerXLAttention: DifferentiableAttention {
+extension TransformerXLAttention: KernelWideningBackward {
     /// The flash-style backward of the tiled kernel (KernelDocs/TransformerXL.md, "Backward")
     /// through the stateless call (`key`, `value` = `[memory ; segment]`: the memory rows get
     /// their gradients too). Each tile's scores are recomputed as in the forward (content
@@ -354,6 +362,18 @@ extension TransformerXLAttention: DifferentiableAttention {
                      parameters: nil)
         }
     }
+
+    /// The backward on a checked call of any precisions (the mixed-precision entry point):
+    /// the kernel widens 16-bit rows as it packs them, and the content bias's `u · k` reads
+    /// the key rows widened.
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        backward(shape: call.shape, threads: call.threads, keyLengths: call.keyLengths, q: call.q, k: call.k,
+                 v: call.v, o: call.o, lse: call.lse, dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV,
+                 parameters: nil)
+    }
+
+    /// `dK` gets `u_h · Σ_i dS_ij` added after the kernel: staged when 16-bit.
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool { true }
 
     /// `∂L/∂r`, `∂L/∂u` and `∂L/∂v` through the stateless call that gave `result` (and
     /// `dQ`, `dK`, `dV`, which the same pass computes).

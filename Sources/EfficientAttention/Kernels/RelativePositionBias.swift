@@ -51,8 +51,10 @@ enum RelativePositionBias {
             if b < shape.batch {
                 let hk = h / shape.groupSize
                 let out = kb.value + (b * heads + h) * nk
+                // u_h as a one-row view: the keys may be 16-bit (widened as they are read).
+                let bias = TensorView(base: u.value + h * d, strides: SIMD4(0, 0, 0, 1))
                 for j in 0..<nk {
-                    out[j] = scale * dot(u.value + h * d, 1, k.row(b, hk, j), k.strides[3], count: d)
+                    out[j] = scale * bias.dot(row: (0, 0, 0), k, row: (b, hk, j), count: d)
                 }
             } else {
                 let out = db.value + h * nk
