@@ -150,6 +150,7 @@ final class FuzzCase {
         if let viewed = attend(qView, kView, vView, threads: viewThreads, "strided views"), !bitwiseEqual(viewed, one) {
             fail("\(entry.name) \(problem): strided views (q \(qView.strides) k \(kView.strides) v \(vView.strides)) differ from contiguous")
         }
+        if rng.chance(0.4) { try checkMixedForward(attention, q, k, v, keyLengths: keyLengths, "\(entry.name) \(problem)") }
         if let visible = referenceMask(entry.name, parameters: parameters, causal: problem.causal),
            s.batch * s.heads * s.queryLength * s.keyLength * (s.headDim + s.valueDim) <= 4_000_000 {
             let reference = naiveAttention(query: q, key: k, value: v, keyLengths: keyLengths,
@@ -157,6 +158,52 @@ final class FuzzCase {
             if let difference = compare(one, reference) {
                 fail("\(entry.name) \(problem): differs from the naive reference: \(difference)")
             }
+        }
+    }
+
+    /// The call through ``ActivationView``s with operands in random precisions (stored
+    /// 16-bit where drawn, with or without a workspace): the `Float` call on the rounded
+    /// operands, its output rounded once, and its log-sum-exp, bit for bit.
+    func checkMixedForward(_ attention: any Attention, _ q: Tensor, _ k: Tensor, _ v: Tensor, keyLengths: [Int]?,
+                           _ label: String) throws {
+        let precisions: [ActivationPrecision] = [.float32, .float16, .bfloat16]
+        let p = OperandPrecisions(query: rng.pick(precisions), key: rng.pick(precisions),
+                                  value: rng.pick(precisions), output: rng.pick(precisions))
+        func rounded(_ t: Tensor, _ precision: ActivationPrecision) throws -> Tensor {
+            try Tensor(shape: t.shape, data: t.elements.map { Self.rounded($0, precision) })
+        }
+        let (rq, rk, rv) = (try rounded(q, p.query), try rounded(k, p.key), try rounded(v, p.value))
+        let threads = rng.int(1...4)
+        let want: AttentionResult
+        do {
+            want = try call { try attention.attend(query: rq, key: rk, value: rv, keyLengths: keyLengths, threads: threads) }
+        } catch {
+            fail("\(label): the Float call on rounded operands threw \(error)")
+            return
+        }
+        let s = try AttentionShape(query: q, key: k, value: v)
+        let (sq, sk, sv) = (StoredOperand(rq, p.query), StoredOperand(rk, p.key), StoredOperand(rv, p.value))
+        let out = StoredOperand(shape: want.output.shape, p.output)
+        var lse = try Tensor(shape: want.logSumExp.shape, repeating: .nan)
+        let workspace = rng.chance(0.5)
+            ? try AttentionWorkspace(for: attention, shape: s, threads: threads, precisions: p) : nil
+        log("16-bit forward, precisions \(p), \(threads) threads, workspace \(workspace?.byteCount ?? 0) bytes")
+        do {
+            try lse.withMutableStridedView { l in
+                try call {
+                    try attention.attend(query: sq.view(), key: sk.view(), value: sv.view(), output: out.mutableView(),
+                                         logSumExp: l, keyLengths: keyLengths, workspace: workspace, threads: threads)
+                }
+            }
+        } catch {
+            fail("\(label): the 16-bit call (\(p)) threw \(error)")
+            return
+        }
+        if let i = (0..<out.count).first(where: { out.bits($0) != Self.storedBits(want.output.elements[$0], p.output) }) {
+            fail("\(label): 16-bit output (\(p)) element \(i) differs from the Float call's, rounded")
+        }
+        if !zip(lse.elements, want.logSumExp.elements).allSatisfy({ $0.bitPattern == $1.bitPattern }) {
+            fail("\(label): 16-bit call's log-sum-exp (\(p)) differs from the Float call's")
         }
     }
 
