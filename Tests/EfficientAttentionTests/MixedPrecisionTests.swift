@@ -222,6 +222,35 @@ struct MixedPrecisionTests {
         }
     }
 
+    @Test("Linformer and memory-compressed: keys and values widened as the GEMM packs (or the pooling reads) them, the Float call on the widened inputs")
+    func gemmPackingWidens() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 61, keyLength: 100, headDim: 33,
+                                      valueDim: 17, seed: 14)
+        func weights(_ count: Int, seed: UInt64) throws -> [Float] {
+            try Tensor.random(shape: [1, 1, 1, count], seed: seed, in: -0.3...0.3).elements
+        }
+        let conformers: [(String, any Attention)] = [
+            ("linformer", try LinformerAttention(projectedLength: 12, maxSequenceLength: 100, seed: 3)),
+            ("linformer per head, shared", try LinformerAttention(projectedLength: 9, maxSequenceLength: 128,
+                                                                  perHeadProjections: 2, sharedKeyValue: true, seed: 5)),
+            ("memory-compressed mean", try MemoryCompressedAttention(compression: 3, causal: true)),
+            ("memory-compressed weights", try MemoryCompressedAttention(
+                compression: 4, keyWeights: try weights(2 * 4 * 33 * 33, seed: 1),
+                valueWeights: try weights(2 * 4 * 17 * 17, seed: 2), keyBias: try weights(2 * 33, seed: 3))),
+        ]
+        for (c, precisions) in Self.combinations.enumerated() {
+            for (name, attention) in conformers {
+                try Self.compare(attention, q, k, v, keyLengths: c % 2 == 0 ? [100, 47] : nil, precisions: precisions,
+                                 step: c % 2 + 1, workspace: c % 2 == 1, threads: c % 3 + 1, "\(name) \(precisions)")
+            }
+        }
+        // No Float copy of any operand.
+        let shape = AttentionShape(batch: 1, heads: 8, queryLength: 100, headDim: 33, valueDim: 17)
+        for (name, attention) in conformers {
+            #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.float16)) == 0, "\(name)")
+        }
+    }
+
     @Test("dense and multi-query, decode-shaped (the decode kernel) and tiled, causal and not")
     func denseShapes() throws {
         let cases: [(any Attention, Int, Int, Int, Int)] = [
@@ -297,7 +326,7 @@ struct MixedPrecisionTests {
 
     @Test("a steady-state mixed call with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "transformer-xl", "linformer",
-                      "performer"])
+                      "memory-compressed", "performer"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!
@@ -335,13 +364,13 @@ struct MixedPrecisionTests {
         // A workspace sized for Float operands is too small for a fallback conformer's
         // widened copies: refused before any arithmetic, naming the precisions.
         let shape = AttentionShape(heads: 2, queryLength: 40, headDim: 8)
-        let linformer = try LinformerAttention(projectedLength: 8, maxSequenceLength: 40, seed: 1)
-        let small = try AttentionWorkspace(for: linformer, shape: shape, threads: 1)
+        let linear = LinearAttention(featureMap: EluPlusOneFeatures(), causal: false)
+        let small = try AttentionWorkspace(for: linear, shape: shape, threads: 1)
         let q = MixedOperand(shape: [1, 2, 40, 8], precision: .float16, values: [Float](repeating: 0.5, count: 640))
         let o = MixedOperand(shape: [1, 2, 40, 8], precision: .float16)
         let error = thrownAttentionError {
-            try linformer.attend(query: q.view, key: q.view, value: q.view, output: o.mutableView, logSumExp: nil,
-                                 keyLengths: nil, workspace: small, threads: 1)
+            try linear.attend(query: q.view, key: q.view, value: q.view, output: o.mutableView, logSumExp: nil,
+                              keyLengths: nil, workspace: small, threads: 1)
         }
         #expect(error?.message.contains("precisions float16") == true, "\(error?.message ?? "no error")")
         let aliasing = thrownAttentionError {

@@ -23,7 +23,7 @@
 ///   `2 · Nq · k · (D + Dv)` per query head: linear in the sequence length. Workspace: the
 ///   projected keys and values (`4 · B · Hkv · k · (D + Dv)` bytes) plus about 1 MiB of
 ///   packing buffers and the dense kernel's tiles per thread.
-public struct LinformerAttention: Attention {
+public struct LinformerAttention: KernelWidening {
     /// Rows of the projections, `k`.
     public let projectedLength: Int
     /// Columns of the projections, `Nmax`: the longest key sequence this instance accepts.
@@ -150,8 +150,12 @@ public struct LinformerAttention: Attention {
             scoredPairs: shape.batch * shape.heads * shape.queryLength * projectedLength)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit keys and values are widened as the projection GEMM packs them, 16-bit queries
+    /// as the tiled kernel packs them; its one pass writes the output rows: nothing staged.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
@@ -199,9 +203,7 @@ public struct LinformerAttention: Attention {
                         Gemm.multiply(m: rows, n: width, depth: min(block, max(0, valid - start)),
                                       a: MatrixOperand(base: projection + start, rowStride: nmax, columnStride: 1),
                                       packA: false,
-                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0) + start * source.strides[2],
-                                                               rowStride: source.strides[2],
-                                                               columnStride: source.strides[3])),
+                                      b: .matrix(MatrixOperand(source, b: b, h: hk, firstRow: start)),
                                       c: target.row(b, hk, firstRow), ldc: width, accumulate: start > 0,
                                       workspace: spaces[worker])
                     }

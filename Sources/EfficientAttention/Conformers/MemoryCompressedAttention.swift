@@ -26,7 +26,7 @@
 ///   head (about half causal): quadratic in `N` at a fixed ratio, `c` times cheaper than
 ///   dense. Workspace: the compressed keys and values (`4 · B · Hkv · ⌈Nk / c⌉ · (D + Dv)`
 ///   bytes), one GEMM workspace per thread and the tiled kernel's tiles.
-public struct MemoryCompressedAttention: Attention {
+public struct MemoryCompressedAttention: KernelWidening {
     /// Kernel and stride `c` of the convolution.
     public var compression: Int
     /// `W^K [Hkv, c, D, D]` row-major, or `nil` for mean pooling.
@@ -124,8 +124,12 @@ public struct MemoryCompressedAttention: Attention {
             scoredPairs: pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit keys and values are widened as the convolution packs (or pools) them, 16-bit
+    /// queries as the tiled kernel packs them; its one pass writes the output rows.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

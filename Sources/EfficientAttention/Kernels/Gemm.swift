@@ -75,6 +75,9 @@ enum Gemm {
             }
         }
 
+        /// Floats in `a`.
+        var aCapacity: Int { canPack ? roundUp(blocking.mc, MicroTile.mr) * blocking.kc : MicroTile.mr * MicroTile.nr }
+
         static func byteCount(_ blocking: Blocking = .standard, packing: Bool = true) -> Int {
             WorkspaceCarver.bytes { _ = Workspace(carving: &$0, blocking, packing: packing) }
         }
@@ -101,6 +104,7 @@ enum Gemm {
         let blocking = workspace.blocking
         if case .matrix = b { precondition(workspace.canPack, "GEMM: packing B needs a packing workspace") }
         precondition(!packA || workspace.canPack, "GEMM: packing A needs a packing workspace")
+        precondition(packA || a.precision == .float32, "GEMM: a 16-bit A is widened as it is packed")
         for jc in stride(from: 0, to: n, by: blocking.nc) {
             let nb = min(blocking.nc, n - jc)
             for pc in stride(from: 0, to: depth, by: blocking.kc) {
@@ -203,6 +207,7 @@ enum Gemm {
     @inline(__always)
     static func packPanels(_ x: MatrixOperand, extent: Int, depth: Int, width: Int,
                            into: UnsafeMutablePointer<Float>) {
+        guard x.precision == .float32 else { return packWidening(x, extent: extent, depth: depth, width: width, into: into) }
         for p in 0..<(extent + width - 1) / width {
             let panel = into + p * width * depth
             let valid = min(width, extent - p * width)
@@ -230,24 +235,92 @@ enum Gemm {
             }
         }
     }
+
+    /// ``packPanels(_:extent:depth:width:into:)`` of a 16-bit operand: each element widened
+    /// to `Float` as it is placed (the same panels as its `Float` values would give).
+    static func packWidening(_ x: MatrixOperand, extent: Int, depth: Int, width: Int,
+                             into: UnsafeMutablePointer<Float>) {
+        switch x.precision {
+        case .float32: packPanels(x, extent: extent, depth: depth, width: width, into: into)
+        case .float16: packWidening(HalfElement.self, x, extent: extent, depth: depth, width: width, into: into)
+        case .bfloat16: packWidening(BFloat16Bits.self, x, extent: extent, depth: depth, width: width, into: into)
+        }
+    }
+
+    private static func packWidening<E: ActivationScalar>(_: E.Type, _ x: MatrixOperand, extent: Int, depth: Int,
+                                                          width: Int, into: UnsafeMutablePointer<Float>) {
+        let elements = x.raw.assumingMemoryBound(to: E.self)
+        for p in 0..<(extent + width - 1) / width {
+            let panel = into + p * width * depth
+            let valid = min(width, extent - p * width)
+            if x.rowStride == 1 {
+                // Panel rows adjacent in memory: widen runs of `valid`.
+                for k in 0..<depth {
+                    let source = elements + p * width + k * x.columnStride, target = panel + k * width
+                    var i = 0
+                    while i + 16 <= valid {
+                        store16(E.wide16(source + i), target + i)
+                        i += 16
+                    }
+                    while i < valid { target[i] = E.widen(source[i]); i += 1 }
+                }
+            } else {
+                for i in 0..<valid {
+                    let row = elements + (p * width + i) * x.rowStride
+                    for k in 0..<depth { panel[k * width + i] = E.widen(row[k * x.columnStride]) }
+                }
+            }
+            if valid < width {
+                for k in 0..<depth { for i in valid..<width { panel[k * width + i] = 0 } }
+            }
+        }
+    }
 }
 
 /// A strided matrix read by the GEMM: element `[r, c]` at `base[r · rowStride + c · columnStride]`.
 struct MatrixOperand: @unchecked Sendable {
-    var base: UnsafePointer<Float>
+    /// The address of element `[0, 0]`.
+    var raw: UnsafeRawPointer
     var rowStride: Int
     var columnStride: Int
+    /// The elements' precision: 16-bit operands are widened to `Float` as they are packed
+    /// (they must be packed: `A` with `packA`, `B` as a matrix).
+    var precision: ActivationPrecision
+
+    init(base: UnsafePointer<Float>, rowStride: Int, columnStride: Int) {
+        self.init(raw: UnsafeRawPointer(base), rowStride: rowStride, columnStride: columnStride, precision: .float32)
+    }
+
+    init(raw: UnsafeRawPointer, rowStride: Int, columnStride: Int, precision: ActivationPrecision) {
+        self.raw = raw
+        self.rowStride = rowStride
+        self.columnStride = columnStride
+        self.precision = precision
+    }
+
+    /// Rows `first...` of head `(b, h)` of `view` (rows along the sequence, columns along
+    /// the last axis), in the view's precision.
+    init(_ view: TensorView, b: Int, h: Int, firstRow: Int) {
+        self.init(raw: view.rawRow(b, h, firstRow), rowStride: view.strides[2], columnStride: view.strides[3],
+                  precision: view.precision)
+    }
+
+    /// Element `[0, 0]` of a `Float` operand.
+    var base: UnsafePointer<Float> {
+        assert(precision == .float32, "base of a 16-bit GEMM operand")
+        return raw.assumingMemoryBound(to: Float.self)
+    }
 
     /// The same matrix starting at `[row, column]`.
     @inline(__always)
     func offset(row: Int, column: Int) -> MatrixOperand {
-        MatrixOperand(base: base + row * rowStride + column * columnStride,
-                      rowStride: rowStride, columnStride: columnStride)
+        MatrixOperand(raw: raw + (row &* rowStride &+ column &* columnStride) &* precision.byteWidth,
+                      rowStride: rowStride, columnStride: columnStride, precision: precision)
     }
 
     /// The transpose (no data moves).
     var transposed: MatrixOperand {
-        MatrixOperand(base: base, rowStride: columnStride, columnStride: rowStride)
+        MatrixOperand(raw: raw, rowStride: columnStride, columnStride: rowStride, precision: precision)
     }
 }
 

@@ -27,27 +27,31 @@ enum WindowCompression {
                          into out: UnsafeMutablePointer<Float>, ldo: Int, workspace: Gemm.Workspace) {
         let rows = compressedLength(length, compression: c)
         guard rows > 0 else { return }
-        let rowStride = source.strides[2], columnStride = source.strides[3]
-        let first = source.row(b, h, 0)
+        let rowStride = source.strides[2]
         if let weights {
             for r in 0..<min(c, length) {
-                // Windows that have row r: t with tc + r < length.
+                // Windows that have row r: t with tc + r < length (16-bit rows widened as packed).
                 let windows = ceilDiv(length - r, c)
-                Gemm.multiply(m: windows, n: width, depth: width,
-                              a: MatrixOperand(base: first + r * rowStride, rowStride: c * rowStride,
-                                               columnStride: columnStride),
+                var rows = MatrixOperand(source, b: b, h: h, firstRow: r)
+                rows.rowStride = c * rowStride
+                Gemm.multiply(m: windows, n: width, depth: width, a: rows,
                               b: .matrix(MatrixOperand(base: weights + r * width * width, rowStride: 1,
                                                        columnStride: width)),
                               c: out, ldc: ldo, accumulate: r > 0, workspace: workspace)
             }
         } else {
+            // 16-bit rows are widened one at a time into the GEMM workspace's packing buffer
+            // (unused here; at least `width` floats: widths are at most 256).
+            let stage = workspace.a
+            precondition(source.precision == .float32 || width <= workspace.aCapacity, "a row must fit the stage")
             for t in 0..<rows {
                 let row = out + t * ldo
                 row.update(repeating: 0, count: width)
                 let count = min(c, length - t * c)
                 let weight = 1 / Float(count)
                 for r in 0..<count {
-                    axpy(weight, first + (t * c + r) * rowStride, columnStride, row, count: width)
+                    let (x, stride) = TiledSoftmaxBackward.floatRow(source, b, h, t * c + r, width: width, stage: stage)
+                    axpy(weight, x, stride, row, count: width)
                 }
             }
         }
