@@ -9,6 +9,9 @@ import Foundation
 import Testing
 
 /// `x` rounded to `precision` and widened back (the value a 16-bit operand holds).
+/// `bytes` rounded up to the workspace's 64-byte alignment.
+func roundUp64(_ bytes: Int) -> Int { (bytes + 63) / 64 * 64 }
+
 func rounded(_ x: Float, _ precision: ActivationPrecision) -> Float {
     switch precision {
     case .float32: x
@@ -222,7 +225,7 @@ struct MixedPrecisionTests {
         }
     }
 
-    @Test("Linformer and memory-compressed: keys and values widened as the GEMM packs (or the pooling reads) them, the Float call on the widened inputs")
+    @Test("Linformer, memory-compressed, Sinkhorn: keys and values widened as the GEMM packs (or the pooling and block sums read) them, the Float call on the widened inputs")
     func gemmPackingWidens() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 61, keyLength: 100, headDim: 33,
                                       valueDim: 17, seed: 14)
@@ -237,17 +240,27 @@ struct MixedPrecisionTests {
             ("memory-compressed weights", try MemoryCompressedAttention(
                 compression: 4, keyWeights: try weights(2 * 4 * 33 * 33, seed: 1),
                 valueWeights: try weights(2 * 4 * 17 * 17, seed: 2), keyBias: try weights(2 * 33, seed: 3))),
+            // Block sums (rows widened one at a time), the mixing GEMM, the own blocks' pass.
+            ("sinkhorn", SinkhornAttention(blockSize: 16)),
+            ("sinkhorn causal, noise", SinkhornAttention(blockSize: 12, noiseSeed: 4, causal: true)),
+            ("sinkhorn sort-cut", SinkhornAttention(blockSize: 16, sortCut: 3)),
         ]
+        // Sinkhorn sorts the blocks of one sequence: queries as long as the keys.
+        let square = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 100, headDim: 33, valueDim: 17,
+                                   seed: 15)
         for (c, precisions) in Self.combinations.enumerated() {
             for (name, attention) in conformers {
+                let (q, k, v) = name.hasPrefix("sinkhorn") ? square : (q, k, v)
                 try Self.compare(attention, q, k, v, keyLengths: c % 2 == 0 ? [100, 47] : nil, precisions: precisions,
                                  step: c % 2 + 1, workspace: c % 2 == 1, threads: c % 3 + 1, "\(name) \(precisions)")
             }
         }
-        // No Float copy of any operand.
+        // No Float copy of an input (Sinkhorn without SortCut stages its merged output).
         let shape = AttentionShape(batch: 1, heads: 8, queryLength: 100, headDim: 33, valueDim: 17)
         for (name, attention) in conformers {
-            #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.float16)) == 0, "\(name)")
+            let staged = name == "sinkhorn" || name == "sinkhorn causal, noise" ? 8 * 100 * 17 * 4 : 0
+            #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.float16)) == roundUp64(staged),
+                    "\(name)")
         }
     }
 
@@ -326,7 +339,7 @@ struct MixedPrecisionTests {
 
     @Test("a steady-state mixed call with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "transformer-xl", "linformer",
-                      "memory-compressed", "performer"])
+                      "memory-compressed", "sinkhorn", "performer"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -30,7 +30,7 @@
 ///   `P`), balancing `O(iterations · n_b²)`. Workspace: the sorted blocks
 ///   (`4 · B · H · n_out · min(bs, N) · (D + Dv)` bytes), the plan (`4 · n_b · ⌈n_b⌉₁₆`) and a GEMM
 ///   workspace per thread, and the tiled kernel's tiles.
-public struct SinkhornAttention: Attention {
+public struct SinkhornAttention: KernelWidening {
     /// Block size `bs` (the paper's default 64 in the benchmark).
     public var blockSize: Int
     /// Sinkhorn rounds (default 7).
@@ -134,12 +134,20 @@ public struct SinkhornAttention: Attention {
             scoredPairs: parts.pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit queries and keys are widened a row at a time for the block sums, keys and
+    /// values as the mixing GEMM packs them, and all three as the tiled kernel packs them;
+    /// a 16-bit output is staged in `Float` when the sorted blocks' pass merges into the own
+    /// blocks' (without SortCut).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, sortCut == nil) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try run(call, logits: nil)
+            try call.withStagedOutput(when: call.o.precision != .float32 && sortCut == nil) { call in
+                try run(call, logits: nil)
+            }
         }
     }
 
@@ -277,10 +285,11 @@ public struct SinkhornAttention: Attention {
                 let b = item / shape.heads, h = item % shape.heads, hk = h / shape.groupSize
                 let space = spaces[worker], count = keyLengths?[b] ?? shape.keyLength
                 if logits == nil {
+                    precondition(d <= space.gemm.aCapacity, "a row must fit the widening stage (D ≤ 256)")
                     SinkhornSort.blockSums(q, b: b, h: h, count: shape.queryLength, d: d, settings: settings,
-                                           into: space.querySums)
+                                           into: space.querySums, stage: space.gemm.a)
                     SinkhornSort.blockSums(k, b: b, h: hk, count: count, d: d, settings: settings,
-                                           into: space.keySums)
+                                           into: space.keySums, stage: space.gemm.a)
                 }
                 let noise: ((Int, Int) -> Float)? = noiseSeed.map { seed in
                     { t, u in SinkhornSort.gumbel(seed: seed, item: item, blocks: n, t: t, u: u) }

@@ -41,11 +41,13 @@ enum SinkhornSort {
 
     /// Row sums of each block of `rows` rows (`count` valid rows from the view's head
     /// `(b, h)`, width `d`) into `out[u · d ..]`; blocks without rows are 0.
+    /// A 16-bit view's rows are widened one at a time into `stage` (`d` floats).
     static func blockSums(_ x: TensorView, b: Int, h: Int, count: Int, d: Int, settings s: Settings,
-                          into out: UnsafeMutablePointer<Float>) {
+                          into out: UnsafeMutablePointer<Float>, stage: UnsafeMutablePointer<Float>) {
         out.update(repeating: 0, count: s.blocks * d)
         for j in 0..<count {
-            axpy(1, x.row(b, h, j), x.strides[3], out + (j / s.blockSize) * d, count: d)
+            let (row, stride) = TiledSoftmaxBackward.floatRow(x, b, h, j, width: d, stage: stage)
+            axpy(1, row, stride, out + (j / s.blockSize) * d, count: d)
         }
     }
 
@@ -143,10 +145,17 @@ enum SinkhornSort {
             let depth = ceilDiv(count - r, s.blockSize)       // blocks that have row r
             Gemm.multiply(m: outputBlocks, n: width, depth: depth,
                           a: MatrixOperand(base: plan, rowStride: roundUp(s.blocks, 16), columnStride: 1),
-                          b: .matrix(MatrixOperand(base: x.row(b, h, r), rowStride: s.blockSize * x.strides[2],
-                                                   columnStride: x.strides[3])),
+                          b: .matrix(blockRows(x, b: b, h: h, offset: r, blockSize: s.blockSize)),
                           c: mixed + r * width, ldc: rows * width, workspace: gemm)
         }
+    }
+
+    /// Row `offset` of every block of head `(b, h)` of `x` as a matrix (one row per block,
+    /// `blockSize` rows apart), in the view's precision (16-bit rows are widened as packed).
+    static func blockRows(_ x: TensorView, b: Int, h: Int, offset: Int, blockSize: Int) -> MatrixOperand {
+        var rows = MatrixOperand(x, b: b, h: h, firstRow: offset)
+        rows.rowStride = blockSize * x.strides[2]
+        return rows
     }
 
     /// The Gumbel(0, 1) noise of entry `(t, u)` of head `item` (`b · H + h`) of a plan of
