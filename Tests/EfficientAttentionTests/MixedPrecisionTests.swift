@@ -225,7 +225,7 @@ struct MixedPrecisionTests {
         }
     }
 
-    @Test("Linformer, memory-compressed, Sinkhorn: keys and values widened as the GEMM packs (or the pooling and block sums read) them, the Float call on the widened inputs")
+    @Test("Linformer, memory-compressed, Sinkhorn, ISAB: keys and values widened as the GEMM packs (or the pooling and block sums read) them, the Float call on the widened inputs")
     func gemmPackingWidens() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 61, keyLength: 100, headDim: 33,
                                       valueDim: 17, seed: 14)
@@ -244,6 +244,10 @@ struct MixedPrecisionTests {
             ("sinkhorn", SinkhornAttention(blockSize: 16)),
             ("sinkhorn causal, noise", SinkhornAttention(blockSize: 12, noiseSeed: 4, causal: true)),
             ("sinkhorn sort-cut", SinkhornAttention(blockSize: 16, sortCut: 3)),
+            // The inducing points' attention over 16-bit keys and values, projections, the summary.
+            ("isab with projections", try InducedSetAttention(
+                heads: 4, headDim: 33, inducingPoints: try weights(4 * 5 * 33, seed: 6),
+                keyProjection: try weights(4 * 17 * 33, seed: 7), valueProjection: try weights(4 * 17 * 17, seed: 8))),
         ]
         // Sinkhorn sorts the blocks of one sequence: queries as long as the keys.
         let square = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 100, headDim: 33, valueDim: 17,
@@ -339,7 +343,7 @@ struct MixedPrecisionTests {
 
     @Test("a steady-state mixed call with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "multi-query", "bigbird", "axial", "etc", "transformer-xl", "linformer",
-                      "memory-compressed", "sinkhorn", "performer"])
+                      "memory-compressed", "sinkhorn", "isab", "pma", "performer"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -18,7 +18,7 @@
 ///
 /// - Complexity: `2 · k · Nk · (D + Dv)` FLOPs per head: linear in the set size.
 ///   Workspace: the kernel's tiles per thread.
-public struct AttentionPooling: Attention {
+public struct AttentionPooling: KernelWidening {
     public let heads: Int
     public let headDim: Int
     /// `k`, seeds per head.
@@ -67,8 +67,12 @@ public struct AttentionPooling: Attention {
         return PointAttention.cost(count: seedCount, shape: shape, threads: try threadCount(threads))
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit keys and values are widened as the tiled kernel packs them (the seeds are the
+    /// queries); its one pass writes the output rows.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in

@@ -19,7 +19,7 @@
 /// - Complexity: `2 · m · (Nk + Nq) · (D + Dv)` FLOPs per head for the attentions plus
 ///   `2 · m · Dv · (D + Dv)` for the projections: `O(N · m)`. Workspace: the summary and its
 ///   projections (`4 · B · H · m · (2·Dv + D + 1)` bytes), GEMM and kernel tiles per thread.
-public struct InducedSetAttention: Attention {
+public struct InducedSetAttention: KernelWidening {
     /// Query heads `H` the inducing points and projections are for.
     public let heads: Int
     /// `D`.
@@ -132,8 +132,12 @@ public struct InducedSetAttention: Attention {
             scoredPairs: first.scoredPairs + pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit keys and values are widened as the tiled kernel packs them for the inducing
+    /// points' attention, 16-bit queries for the summary's; its one pass writes the output rows.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
