@@ -268,6 +268,32 @@ struct MixedPrecisionTests {
         }
     }
 
+    @Test("linear attention (elu+1, FAVOR+, ReLU; causal and not; the scan and the segmented path): 16-bit rows widened a chunk at a time, the Float call on the widened inputs")
+    func linearAttentionWidens() throws {
+        func conformers(headDim d: Int) throws -> [(String, any Attention)] {
+            [("elu causal", LinearAttention(featureMap: EluPlusOneFeatures(), causal: true)),
+             ("elu", LinearAttention(featureMap: EluPlusOneFeatures(), causal: false)),
+             ("favor+", LinearAttention(featureMap: try FavorPlusFeatures(features: 24, headDim: d, seed: 2),
+                                        causal: false)),
+             ("relu causal", LinearAttention(featureMap: try ReLUFeatures(features: 20, headDim: d, seed: 3),
+                                             causal: true))]
+        }
+        // One scan per head, and (past 32768 positions) split along the sequence.
+        for (n, (length, d, dv)) in [(70, 33, 17), (40000, 8, 5)].enumerated() {
+            let (q, k, v) = try randomQKV(batch: 1, heads: 2, kvHeads: 1, queryLength: length, headDim: d, valueDim: dv,
+                                          seed: 16 + UInt64(n))
+            for (c, precisions) in Self.combinations.enumerated() where n == 0 || c % 2 == 0 {
+                for (name, attention) in try conformers(headDim: d) {
+                    try Self.compare(attention, q, k, v, keyLengths: nil, precisions: precisions, step: c % 2 + 1,
+                                     workspace: c % 2 == 1, threads: c % 3 + 1, "\(name) N \(length) \(precisions)")
+                }
+            }
+        }
+        let shape = AttentionShape(batch: 1, heads: 8, queryLength: 100, headDim: 33, valueDim: 17)
+        #expect(try conformers(headDim: 33)[0].1.conversionScratchBytes(shape, precisions: OperandPrecisions(.bfloat16))
+                == roundUp64(8 * 100 * 17 * 4), "only the staged output")
+    }
+
     @Test("dense and multi-query, decode-shaped (the decode kernel) and tiled, causal and not")
     func denseShapes() throws {
         let cases: [(any Attention, Int, Int, Int, Int)] = [

@@ -27,7 +27,7 @@
 ///   `2 · (Nk + Nq) · m · Dv` FLOPs (causal: plus `2 · Nq · 64 · (m + Dv)` within chunks):
 ///   linear in the sequence length. Workspace: `O((256 + m) · (m + Dv))` floats per thread,
 ///   independent of `N`.
-public struct LinearAttention<Map: FeatureMap>: Attention {
+public struct LinearAttention<Map: FeatureMap>: KernelWidening {
     public var featureMap: Map
     /// Prefix sums: key `j` visible to query `i` iff `j <= i + Nk - Nq`.
     public var causal: Bool
@@ -56,7 +56,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
         }
         // One scan workspace per worker, for the most workers a call may use.
         try checkAllocation(bytes: checkedProduct([maxThreadCount,
-                                                   LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)]),
+                                                   LinearAttentionScan.Workspace.byteCount(m: m, d: shape.headDim, dv: shape.valueDim)]),
                             option: "linear attention workspace (features m = \(m), valueDim \(shape.valueDim))")
         if LinearAttentionSegments.applies(shape, causal: causal) {
             // The segment states and packed states (a bound on `sharedFloats`).
@@ -90,7 +90,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             flops += 2 * Double(pairs) * (Double(m) + dv)
         }
         let heads = Double(shape.batch * shape.heads)
-        let slice = LinearAttentionScan.Workspace.byteCount(m: m, dv: shape.valueDim)
+        let slice = LinearAttentionScan.Workspace.byteCount(m: m, d: shape.headDim, dv: shape.valueDim)
         guard segmented else {
             let workers = workerCount(threads: threads, items: shape.batch * shape.heads)
             return AttentionCost(flops: heads * flops, workspaceBytes: workers * slice,
@@ -110,8 +110,13 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
                              scoredPairs: shape.batch * shape.heads * pairs)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit query and key rows are widened a chunk at a time (at most 256 rows) into the
+    /// scan workspace before the feature map, 16-bit values as the GEMM packs them; the
+    /// output, written through the GEMM and then divided, is staged in `Float` when 16-bit.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: nil) { call in
@@ -140,7 +145,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             return
         }
         WorkspaceArena.withWorkspaces(workers: workers, layout: {
-            LinearAttentionScan.Workspace(carving: &$0, m: m, dv: shape.valueDim)
+            LinearAttentionScan.Workspace(carving: &$0, m: m, d: shape.headDim, dv: shape.valueDim)
         }) { spaces in
             parallelForEach(items: items, threads: workers) { item, worker in
                 let b = item / shape.heads, h = item % shape.heads
@@ -227,7 +232,7 @@ public struct LinearAttention<Map: FeatureMap>: Attention {
             let items = batch * heads
             let workers = workerCount(threads: threads, items: items)
             if scratch == nil || !isKnownUniquelyReferenced(&scratch!) || scratch!.spaces.count < workers {
-                scratch = ScratchBox(workers: workers, m: m, dv: valueDim)
+                scratch = ScratchBox(workers: workers, m: m, d: headDim, dv: valueDim)
             }
             let spaces = scratch!.spaces
             let attention = self.attention
@@ -260,8 +265,10 @@ final class ScratchBox: @unchecked Sendable {
     let spaces: [LinearAttentionScan.Workspace]
     private let block: UnsafeMutableRawPointer
 
-    init(workers: Int, m: Int, dv: Int) {
-        let layout = { (carver: inout WorkspaceCarver) in LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv) }
+    init(workers: Int, m: Int, d: Int, dv: Int) {
+        let layout = { (carver: inout WorkspaceCarver) in
+            LinearAttentionScan.Workspace(carving: &carver, m: m, d: d, dv: dv)
+        }
         let sliceBytes = WorkspaceCarver.bytes { _ = layout(&$0) }
         block = .allocate(byteCount: max(sliceBytes * workers, WorkspaceCarver.alignment),
                           alignment: WorkspaceCarver.alignment)

@@ -54,10 +54,12 @@ enum LinearAttentionScan {
         let m: Int, mPad: Int, dv: Int
         let keyFeatures, queryFeatures, keyLogScale, queryLogScale, denominators, products,
             packedState, sink: UnsafeMutablePointer<Float>
+        /// A chunk's 16-bit query or key rows widened (`rows × D`, rows `D` apart).
+        let rowStage: UnsafeMutablePointer<Float>
         let state: State
         let gemm: Gemm.Workspace
 
-        init(carving carver: inout WorkspaceCarver, m: Int, dv: Int) {
+        init(carving carver: inout WorkspaceCarver, m: Int, d: Int, dv: Int) {
             self.m = m
             self.dv = dv
             mPad = roundUp(m, 16)
@@ -71,11 +73,12 @@ enum LinearAttentionScan {
             packedState = carver.take(Gemm.PackedB.floatCount(depth: m, columns: dv))
             state = State(s: carver.take(m * dv), z: carver.take(m), c: carver.take(1))
             sink = carver.take(1)
+            rowStage = carver.take(rows * d)
             gemm = Gemm.Workspace(carving: &carver)
         }
 
-        static func byteCount(m: Int, dv: Int) -> Int {
-            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, m: m, dv: dv) }
+        static func byteCount(m: Int, d: Int, dv: Int) -> Int {
+            WorkspaceCarver.bytes { _ = Workspace(carving: &$0, m: m, d: d, dv: dv) }
         }
     }
 
@@ -176,8 +179,8 @@ enum LinearAttentionScan {
         let rows = PositionRun(start: start, count: count)
         k.touch(input.b, input.hk, rows: rows, width: d, sink: space.sink)
         v.touch(input.b, input.hk, rows: rows, width: space.dv, sink: space.sink)
-        map.apply(k.row(input.b, input.hk, start), rows: count, rowStride: k.strides[2], columnStride: k.strides[3],
-                  headDim: d, output: space.keyFeatures, outputStride: space.mPad, logScale: space.keyLogScale)
+        apply(map, k, input.b, input.hk, rows: rows, d: d, output: space.keyFeatures, space: space,
+              logScale: space.keyLogScale)
         var top = -Float.infinity
         for j in 0..<count { top = max(top, space.keyLogScale[j]) }
         let old = state.c.pointee
@@ -209,8 +212,25 @@ enum LinearAttentionScan {
         let rows = PositionRun(start: start, count: count)
         q.touch(input.b, input.h, rows: rows, width: d, sink: space.sink)
         o.touch(input.b, input.h, rows: rows, width: space.dv, sink: space.sink)
-        map.apply(q.row(input.b, input.h, start), rows: count, rowStride: q.strides[2], columnStride: q.strides[3],
-                  headDim: d, output: space.queryFeatures, outputStride: space.mPad, logScale: space.queryLogScale)
+        apply(map, q, input.b, input.h, rows: rows, d: d, output: space.queryFeatures, space: space,
+              logScale: space.queryLogScale)
+    }
+
+    /// The feature map of rows `rows` of head `(b, h)` of `x`: read in place, or (16-bit)
+    /// widened into the workspace's row stage first (the map's results do not depend on
+    /// the input's strides).
+    @inline(__always)
+    static func apply<Map: FeatureMap>(_ map: Map, _ x: TensorView, _ b: Int, _ h: Int, rows: PositionRun, d: Int,
+                                       output: UnsafeMutablePointer<Float>, space: Workspace,
+                                       logScale: UnsafeMutablePointer<Float>) {
+        guard x.precision == .float32 else {
+            x.widenRows(b, h, rows: rows, width: d, into: space.rowStage, ld: d)
+            map.apply(space.rowStage, rows: rows.count, rowStride: d, columnStride: 1, headDim: d, output: output,
+                      outputStride: space.mPad, logScale: logScale)
+            return
+        }
+        map.apply(x.row(b, h, rows.start), rows: rows.count, rowStride: x.strides[2], columnStride: x.strides[3],
+                  headDim: d, output: output, outputStride: space.mPad, logScale: logScale)
     }
 
     /// `S += Φ_Kᵀ V`, `z += Σ_j Φ_K[j]` for the chunk in `keyFeatures`.
@@ -219,8 +239,7 @@ enum LinearAttentionScan {
         let v = input.v
         Gemm.multiply(m: space.m, n: space.dv, depth: count,
                       a: MatrixOperand(base: space.keyFeatures, rowStride: 1, columnStride: space.mPad), packA: false,
-                      b: .matrix(MatrixOperand(base: v.row(input.b, input.hk, start), rowStride: v.strides[2],
-                                               columnStride: v.strides[3])),
+                      b: .matrix(MatrixOperand(v, b: input.b, h: input.hk, firstRow: start)),
                       c: state.s, ldc: space.dv, accumulate: true, workspace: space.gemm)
         for j in 0..<count {
             let row = space.keyFeatures + j * space.mPad
@@ -265,8 +284,7 @@ enum LinearAttentionScan {
         let v = input.v, o = input.o
         Gemm.multiply(m: queryCount, n: space.dv, depth: keyCount,
                       a: MatrixOperand(base: p, rowStride: ld, columnStride: 1), packA: false,
-                      b: .matrix(MatrixOperand(base: v.row(input.b, input.hk, keyStart), rowStride: v.strides[2],
-                                               columnStride: v.strides[3])),
+                      b: .matrix(MatrixOperand(v, b: input.b, h: input.hk, firstRow: keyStart)),
                       c: o.row(input.b, input.h, queryStart), ldc: o.strides[2], accumulate: true,
                       workspace: space.gemm)
     }

@@ -77,7 +77,7 @@ enum LinearAttentionSegments {
                  _ input: (Int) -> LinearAttentionScan.HeadInput) -> Void
     ) {
         let dv = shape.valueDim
-        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, dv: dv)
+        let sliceBytes = LinearAttentionScan.Workspace.byteCount(m: m, d: shape.headDim, dv: dv)
         WorkspaceArena.with(sharedBytes: shared * MemoryLayout<Float>.stride, sliceBytes: sliceBytes,
                             slices: workers, zeroed: false) { arena in
             var sharedCarver = arena.shared()
@@ -85,7 +85,7 @@ enum LinearAttentionSegments {
             withUnsafeTemporaryAllocation(of: LinearAttentionScan.Workspace.self, capacity: workers) { spaces in
                 for index in 0..<workers {
                     var carver = arena.slice(index)
-                    (spaces.baseAddress! + index).initialize(to: LinearAttentionScan.Workspace(carving: &carver, m: m, dv: dv))
+                    (spaces.baseAddress! + index).initialize(to: LinearAttentionScan.Workspace(carving: &carver, m: m, d: shape.headDim, dv: dv))
                 }
                 defer { spaces.baseAddress!.deinitialize(count: workers) }
                 body(base, UnsafeBufferPointer(spaces)) { bh in
