@@ -5,7 +5,20 @@
 #include <errno.h>
 #include <stddef.h>
 
-#if defined(__linux__) && defined(__GLIBC__)
+// Under AddressSanitizer or ThreadSanitizer their runtime owns malloc: interposing it here
+// too (with glibc's own allocator behind) crashes the runtime's start-up (its interceptors'
+// dlsym calls calloc before it is ready). Counting is then unsupported and the allocation
+// tests skip, as on other platforms.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define EA_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define EA_SANITIZED 1
+#endif
+
+#if defined(__linux__) && defined(__GLIBC__) && !defined(EA_SANITIZED)
 #include <stdatomic.h>
 
 extern void *__libc_malloc(size_t size);

@@ -377,22 +377,22 @@ enum DecodeAttention {
         if first <= last && spread {
             // The first tile's keys and values, one load per 64-byte line (all in flight at once).
             let count = min(space.tile, last - first + 1)
-            touched |= touchLines(keys, b: b, hk: hk, start: first, count: count)
-            touched |= touchLines(values, b: b, hk: hk, start: first, count: count)
+            touched |= touchLines(keys, b: b, hk: hk, start: first, count: count, width: d)
+            touched |= touchLines(values, b: b, hk: hk, start: first, count: count, width: dv)
         }
         while tileStart <= last {
             let count = min(space.tile, last - tileStart + 1), lanes = roundUp(count, 16)
             let next = tileStart + count, nextCount = next <= last ? min(space.tile, last - next + 1) : 0
             if !spread {
-                touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count)
-                touched |= touchLines(keys, b: b, hk: hk, start: next, count: nextCount)
+                touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count, width: dv)
+                touched |= touchLines(keys, b: b, hk: hk, start: next, count: nextCount, width: d)
             }
             for r in 0..<rows {
                 if spread {
                     // The r-th part of the next tile: requested now, arriving while row r works.
                     let lo = next + r * nextCount / rows, hi = next + (r + 1) * nextCount / rows
-                    prefetchLines(keys, b: b, hk: hk, start: lo, count: hi - lo)
-                    prefetchLines(values, b: b, hk: hk, start: lo, count: hi - lo)
+                    prefetchLines(keys, b: b, hk: hk, start: lo, count: hi - lo, width: d)
+                    prefetchLines(values, b: b, hk: hk, start: lo, count: hi - lo, width: dv)
                 }
                 let a = max(space.lo[r], tileStart), e = min(space.hi[r], tileStart + count - 1)
                 guard a <= e else { continue }
@@ -438,8 +438,8 @@ enum DecodeAttention {
 
     /// A prefetch instruction for each 64-byte line of rows `start ..< start + count`.
     @inline(__always)
-    static func prefetchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int) {
-        forEachRun(rows, b: b, hk: hk, start: start, count: count) { base, bytes in
+    static func prefetchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int, width: Int) {
+        forEachRun(rows, b: b, hk: hk, start: start, count: count, width: width) { base, bytes in
             for offset in stride(from: 0, to: bytes, by: 64) { ea_prefetch_read(base + offset) }
         }
     }
@@ -447,22 +447,25 @@ enum DecodeAttention {
     /// One 4-byte load per 64-byte line of rows `start ..< start + count`, OR-ed together:
     /// independent loads the core issues at once, for lines needed right away.
     @inline(__always)
-    static func touchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int) -> UInt32 {
+    static func touchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int, width: Int) -> UInt32 {
         var touched: UInt32 = 0
-        forEachRun(rows, b: b, hk: hk, start: start, count: count) { touched |= touchLines($0, bytes: $1) }
+        forEachRun(rows, b: b, hk: hk, start: start, count: count, width: width) { touched |= touchLines($0, bytes: $1) }
         return touched
     }
 
-    /// The contiguous byte runs of rows `start ..< start + count` (a paged cache's rows run
-    /// to a page's end), each from its first row's start (before an Int8 row's scale).
+    /// The byte runs of rows `start ..< start + count` (`width` elements each; a paged
+    /// cache's rows run to a page's end), each from its first row's start (before an Int8
+    /// row's scale) to its last row's last element: never past the rows (a caller's view
+    /// whose rows are padded ends with a row of `width` elements, not of `rowStride`).
     @inline(__always)
-    static func forEachRun<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int,
+    static func forEachRun<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int, width: Int,
                                       _ body: (_ base: UnsafeRawPointer, _ bytes: Int) -> Void) {
+        let scale = R.Element.quantized ? 4 : 0
         var j = start
         while j < start + count {
             let n = min(start + count - j, rows.run(b, hk, from: j))
-            body(UnsafeRawPointer(rows.row(b, hk, j)) - (R.Element.quantized ? 4 : 0),
-                 n * rows.rowStride * MemoryLayout<R.Element>.stride)
+            body(UnsafeRawPointer(rows.row(b, hk, j)) - scale,
+                 scale + ((n - 1) * rows.rowStride + width) * MemoryLayout<R.Element>.stride)
             j += n
         }
     }
