@@ -345,6 +345,14 @@ extension TensorView {
                                           count: count)
         }
         let x = (rawRow(r.0, r.1, r.2), strides[3]), y = (other.rawRow(o.0, o.1, o.2), other.strides[3])
+        if precision == other.precision {
+            // Two rows of one 16-bit precision (a row's norm): 16 lanes widened at a time.
+            switch precision {
+            case .float16: return dot(HalfElement.self, x, y, count: count)
+            case .bfloat16: return dot(BFloat16Bits.self, x, y, count: count)
+            case .float32: break
+            }
+        }
         var t = 0
         var acc = SIMD16<Float>()
         while t + 16 <= count {
@@ -361,6 +369,30 @@ extension TensorView {
             sum += precision.widen(x.0, at: t &* x.1) * other.precision.widen(y.0, at: t &* y.1)
             t += 1
         }
+        return sum
+    }
+}
+
+extension TensorView {
+    /// ``dot(row:_:row:count:)`` for two rows of precision `E` (`(address, element stride)`).
+    @inline(__always)
+    private func dot<E: ActivationScalar>(_: E.Type, _ x: (UnsafeRawPointer, Int), _ y: (UnsafeRawPointer, Int),
+                                          count: Int) -> Float {
+        let a = x.0.assumingMemoryBound(to: E.self), b = y.0.assumingMemoryBound(to: E.self)
+        @inline(__always) func lanes(_ p: UnsafePointer<E>, _ s: Int) -> Vec16 {
+            if s == 1 { return E.wide16(p) }
+            var v = Vec16()
+            for l in 0..<16 { v[l] = E.widen(p[l &* s]) }
+            return v
+        }
+        var t = 0
+        var acc = SIMD16<Float>()
+        while t + 16 <= count {
+            multiplyAdd(&acc, lanes(a + t &* x.1, x.1), lanes(b + t &* y.1, y.1))
+            t += 16
+        }
+        var sum = acc.sum()
+        while t < count { sum += E.widen(a[t &* x.1]) * E.widen(b[t &* y.1]); t += 1 }
         return sum
     }
 }

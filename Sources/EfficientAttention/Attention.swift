@@ -55,8 +55,11 @@ public protocol Attention: Sendable {
     /// precision once. The result is bitwise the `Float` call on the widened inputs, rounded.
     ///
     /// Conformers on the tiled softmax kernel (dense, multi-query, local, strided, Longformer,
-    /// BigBird, axial, ETC, Transformer-XL, adaptive span, custom masks) widen 16-bit operands tile by tile inside the
-    /// kernel; the others widen them into `Float` scratch first (``conversionScratchBytes(_:precisions:)``).
+    /// BigBird, axial, ETC, Transformer-XL, the Compressive Transformer, adaptive span, custom
+    /// masks) widen 16-bit operands tile by tile inside the kernel; Linformer, memory-compressed,
+    /// Sinkhorn, ISAB, PMA, linear attention, LSH and routing widen them as their GEMMs, scans,
+    /// hashing, routers and gathers read them; vanilla widens them into `Float` scratch first
+    /// (``conversionScratchBytes(_:precisions:)``).
     /// All-`float32` views run the `StridedView` entry point.
     func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                 output: MutableActivationView, logSumExp: MutableStridedView?,

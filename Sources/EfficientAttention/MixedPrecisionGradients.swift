@@ -12,7 +12,7 @@ extension DifferentiableAttention {
     /// rounded once to its view's precision (nearest even), bit for bit, for any thread
     /// count. The conformers whose backward is the tiled flash kernel (dense, grouped-query,
     /// local, strided, Longformer, BigBird, custom masks, adaptive span, axial, ETC,
-    /// Transformer-XL) widen
+    /// Transformer-XL, the Compressive Transformer) widen
     /// 16-bit operands as the kernel packs them (query and `dO` rows per query tile, key and
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,

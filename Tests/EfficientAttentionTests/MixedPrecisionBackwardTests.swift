@@ -131,6 +131,33 @@ struct MixedPrecisionBackwardTests {
         #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.bfloat16)) == 0)
     }
 
+    @Test("the Compressive Transformer's stateless call ([compressed ; memory ; segment]): forward and backward widened in Transformer-XL's kernel, the Float calls on widened operands, rounded once")
+    func compressiveWidensInKernel() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 37, keyLength: 37 + 9 + 20,
+                                      headDim: 33, valueDim: 16, seed: 22)
+        let attention = try CompressiveTransformerAttention(heads: 4, headDim: 33, memoryLength: 20,
+                                                            compressedMemoryLength: 9, maxSegmentLength: 40, seed: 7)
+        try Self.forEachSetting(workspaceFirst: false) { p, workspace, threads, step, label in
+            try MixedPrecisionTests.compare(attention, q, k, v, keyLengths: [66, 40], precisions: p, step: step,
+                                            workspace: workspace, threads: threads, "compressive forward \(label)")
+            try Self.compare(attention, q, k, v, keyLengths: [66, 40], precisions: p, step: step, workspace: workspace,
+                             threads: threads, "compressive \(label)")
+        }
+        let shape = AttentionShape(batch: 1, heads: 4, queryLength: 37, keyLength: 66, headDim: 33)
+        #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.bfloat16)) == 0)
+        // As Transformer-XL's: a Float dQ per 16-bit one, staged dK and dV, no operand copied.
+        let half = ActivationPrecision.bfloat16
+        let bytes = { (a: any DifferentiableAttention) in
+            a.backwardConversionScratchBytes(shape, query: half, key: half, value: half, output: half,
+                                             outputGradient: half, dQuery: half, dKey: half, dValue: half, threads: 2)
+        }
+        let transformerXL = try TransformerXLAttention(heads: 4, headDim: 33, memoryLength: 29, maxSegmentLength: 40,
+                                                       seed: 7)
+        #expect(bytes(attention) == bytes(transformerXL))
+        // The copying fallback's Float q, o, dO, dQ (37 rows per head) and k, v, dK, dV (66 rows).
+        #expect(bytes(attention) < 4 * (4 * 37 + 4 * 66) * 33 * 4)
+    }
+
     @Test("the tiled conformers' mixed backward takes no Float copy of an operand: scratch for dQ, staged dK and dV, and a key block per worker")
     func widenedInKernelScratch() throws {
         let shape = AttentionShape(batch: 2, heads: 8, kvHeads: 2, queryLength: 2048, headDim: 64)

@@ -268,6 +268,31 @@ struct MixedPrecisionTests {
         }
     }
 
+    @Test("LSH and routing: 16-bit rows widened as the hashing and the router pack them and as the gather copies them, the Float call on the widened inputs")
+    func gatherWidens() throws {
+        let conformers: [(String, any Attention)] = [
+            ("lsh shared QK, causal", LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 11)),
+            ("lsh separate keys", LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 12)),
+            ("lsh across buckets", LSHAttention(bucketSize: 8, hashes: 2, attendAcrossBuckets: true, seed: 13)),
+            ("routing", try RoutingAttention(heads: 4, headDim: 33, clusters: 4, seed: 3)),
+            ("routing causal", try RoutingAttention(heads: 4, headDim: 33, clusters: 3, causal: true, seed: 4)),
+        ]
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 70, headDim: 33, valueDim: 17,
+                                      seed: 21)
+        for (c, precisions) in Self.combinations.enumerated() {
+            for (name, attention) in conformers {
+                try Self.compare(attention, q, k, v, keyLengths: c % 2 == 0 ? [70, 41] : nil, precisions: precisions,
+                                 step: c % 2 + 1, workspace: c % 2 == 1, threads: c % 3 + 1, "\(name) \(precisions)")
+            }
+        }
+        // No Float copy of an input: only the merged output is staged.
+        let shape = AttentionShape(batch: 1, heads: 4, queryLength: 100, headDim: 33, valueDim: 17)
+        for (name, attention) in conformers {
+            #expect(attention.conversionScratchBytes(shape, precisions: OperandPrecisions(.float16))
+                        == roundUp64(4 * 100 * 17 * 4), "\(name)")
+        }
+    }
+
     @Test("linear attention (elu+1, FAVOR+, ReLU; causal and not; the scan and the segmented path): 16-bit rows widened a chunk at a time, the Float call on the widened inputs")
     func linearAttentionWidens() throws {
         func conformers(headDim d: Int) throws -> [(String, any Attention)] {

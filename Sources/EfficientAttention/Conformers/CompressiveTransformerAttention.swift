@@ -47,7 +47,7 @@
 ///   `2 · n_s · (D² + Dv²)` FLOPs for the convolution, `n_s · (D + Dv)` for the pools.
 ///   Workspace: Transformer-XL's over `P + Nq` keys, the concatenated keys and values,
 ///   the new memories, and one GEMM workspace per thread.
-public struct CompressiveTransformerAttention: Attention, Equatable {
+public struct CompressiveTransformerAttention: KernelWidening, Equatable {
     /// How the positions leaving the memory become compressed slots, `c` positions each.
     public enum CompressionFunction: Sendable, Equatable {
         /// The largest value of each column over the window.
@@ -182,11 +182,16 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
         return try transformerXL.cost(shape, threads: threads)
     }
 
+    /// Transformer-XL's single pass: queries widened as the tiled kernel packs them,
+    /// nothing staged.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
+
     /// Attention of a segment over `[compressed ; memory]` already prepended to its keys:
     /// `key` and `value` hold `P = Nk − Nq` past positions followed by the `Nq` segment
-    /// positions. `keyLengths` pads keys at the end, as for dense attention.
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// positions. `keyLengths` pads keys at the end, as for dense attention. Float16 and
+    /// BFloat16 operands are read in place as Transformer-XL's are.
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
@@ -417,7 +422,14 @@ public struct CompressiveTransformerAttention: Attention, Equatable {
     }
 }
 
-extension CompressiveTransformerAttention: DifferentiableAttention {
+extension CompressiveTransformerAttention: KernelWideningBackward {
+    /// Transformer-XL's passes over the whole span (16-bit operands widened in its packing).
+    func tiledBackward(_ call: TiledBackwardCall) throws { try transformerXL.tiledBackward(call) }
+
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool {
+        try transformerXL.addsKeyGradients(shape)
+    }
+
     /// The backward of the stateless call (``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)``,
     /// `key`/`value` = `[compressed ; memory ; segment]`): exactly Transformer-XL's over the
     /// whole span (``TransformerXLAttention/gradients(query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:keyLengths:workspace:threads:)``,

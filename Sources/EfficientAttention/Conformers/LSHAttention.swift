@@ -64,7 +64,7 @@
 ///   or `Σ n_i` with ``bucketFactors``; twice with separate keys); workspace
 ///   O(N · (D + Dv) + nBuckets) for one round of each head in flight (one per thread while
 ///   they fit in the L3, else one).
-public struct LSHAttention: Attention {
+public struct LSHAttention: KernelWidening {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
     /// Hash rounds (default 4). At least 1.
@@ -431,8 +431,13 @@ public struct LSHAttention: Attention {
         }
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit queries, keys and values are widened as the hashing packs them and as each
+    /// round's gather copies them; a 16-bit output is staged in `Float` (the rounds merge
+    /// into it).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                    keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
@@ -456,7 +461,8 @@ public struct LSHAttention: Attention {
         let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
             try keyRoutes.withUnsafeMutableBufferPointer { kr in
                 try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
-                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                    try attend(query: ActivationView(q), key: ActivationView(k), value: ActivationView(v),
+                               output: MutableActivationView(o), logSumExp: lse, keyLengths: keyLengths,
                                workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress))
                 }
             }
@@ -467,12 +473,13 @@ public struct LSHAttention: Attention {
 
     /// The forward, copying each head's buckets of every round to `routes` (head
     /// `b · H + h` at `(b · H + h) · hashes · N`; keys only with separate keys) when given.
-    private func attend(query: StridedView, key: StridedView, value: StridedView,
-                        output: MutableStridedView, logSumExp: MutableStridedView?,
+    private func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                        output: MutableActivationView, logSumExp: MutableStridedView?,
                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>?)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        try call.withFloatOutput { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
         let n = shape.queryLength, hashes = self.hashes, sharedQK = self.sharedQK
@@ -508,6 +515,7 @@ public struct LSHAttention: Attention {
                         keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
                 }
             }
+        }
         }
         }
     }

@@ -33,7 +33,7 @@
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
 ///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) per head in flight (one
 ///   per thread while they fit in the L3, else one).
-public struct RoutingAttention: Attention {
+public struct RoutingAttention: KernelWidening {
     /// `[1, H, K, D]`, finite.
     public private(set) var centroids: Tensor
     /// Key `j` is visible to query `i` only if `j <= i + Nk − Nq` (original positions).
@@ -204,8 +204,13 @@ public struct RoutingAttention: Attention {
         return (queryOut, keyOut)
     }
 
-    public func attend(query: StridedView, key: StridedView, value: StridedView,
-                       output: MutableStridedView, logSumExp: MutableStridedView?,
+    /// 16-bit queries and keys are widened as the router packs them, and all three as the
+    /// gather copies a cluster's rows; a 16-bit output is staged in `Float` (a query in
+    /// several clusters merges their results into its row).
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                       output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try attend(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                    keyLengths: keyLengths, workspace: workspace, threads: threads, routes: nil)
@@ -228,7 +233,8 @@ public struct RoutingAttention: Attention {
         let result = try queryRoutes.withUnsafeMutableBufferPointer { qr in
             try keyRoutes.withUnsafeMutableBufferPointer { kr in
                 try allocatingCall(query: query, key: key, value: value) { q, k, v, o, lse in
-                    try attend(query: q, key: k, value: v, output: o, logSumExp: lse, keyLengths: keyLengths,
+                    try attend(query: ActivationView(q), key: ActivationView(k), value: ActivationView(v),
+                               output: MutableActivationView(o), logSumExp: lse, keyLengths: keyLengths,
                                workspace: nil, threads: threads, routes: (qr.baseAddress!, kr.baseAddress!))
                 }
             }
@@ -241,12 +247,13 @@ public struct RoutingAttention: Attention {
 
     /// The forward, copying each head's slot positions to `routes` (head `b · H + h` at
     /// `(b · H + h) · K · w`) when given.
-    private func attend(query: StridedView, key: StridedView, value: StridedView,
-                        output: MutableStridedView, logSumExp: MutableStridedView?,
+    private func attend(query: ActivationView, key: ActivationView, value: ActivationView,
+                        output: MutableActivationView, logSumExp: MutableStridedView?,
                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+        try call.withFloatOutput { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let l = layout(shape)
         // Queries no cluster takes keep the result over no keys.
@@ -274,6 +281,7 @@ public struct RoutingAttention: Attention {
                     value: PermutedBlockAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
                     output: o, lse: lv, b: b, h: h)
             }
+        }
         }
         }
     }

@@ -241,15 +241,36 @@ enum PermutedBlockAttention {
         var view: TensorView
         var b: Int
         var h: Int
+        /// Row `i` of a `Float` view (``widen(_:width:into:)`` and ``element(_:_:)`` read
+        /// any precision).
         @inline(__always) func row(_ i: Int) -> UnsafePointer<Float> { view.row(b, h, i) }
         var elementStride: Int { view.strides[3] }
 
+        /// The first `width` elements of row `i`, widened to `Float` into `target`.
+        @inline(__always)
+        func widen(_ i: Int, width: Int, into target: UnsafeMutablePointer<Float>) {
+            view.widenRows(b, h, rows: PositionRun(start: i, count: 1), width: width, into: target, ld: width)
+        }
+
+        /// Element `c` of row `i`, widened to `Float`.
+        @inline(__always)
+        func element(_ i: Int, _ c: Int) -> Float {
+            view.precision.widen(view.rawRow(b, h, i), at: c &* elementStride)
+        }
+
+        /// `|x_i|²` with the bits of ``dot(_:_:_:_:count:)`` on the widened row.
+        @inline(__always)
+        func squaredNorm(_ i: Int, count: Int) -> Float {
+            view.dot(row: (b, h, i), view, row: (b, h, i), count: count)
+        }
+
         /// Prefetches rows `positions[0..<count]`, `width` elements each
-        /// (``prefetchRows(_:count:rowStride:length:positions:write:)``).
+        /// (``prefetchRows(_:count:rowStrideBytes:lengthBytes:positions:write:)``).
         @inline(__always)
         func prefetch(_ positions: UnsafePointer<Int32>, count: Int, width: Int) {
-            prefetchRows(row(0), count: count, rowStride: view.strides[2], length: rowExtent(width: width, elementStride: elementStride),
-                         positions: positions)
+            let rows = view.byteRows(b, h, rows: PositionRun(start: 0, count: 1), width: width)
+            prefetchRows(rows.base, count: count, rowStrideBytes: view.strides[2] &* view.precision.byteWidth,
+                         lengthBytes: rows.lengthBytes, positions: positions)
         }
     }
 
@@ -283,8 +304,8 @@ enum PermutedBlockAttention {
             if bOut != nil { b.prefetch(positions + first, count: rows, width: bWidth) }
         }) { r in
             let position = Int(positions[r])
-            copyRow(a.row(position), a.elementStride, to: aOut + r * aWidth, count: aWidth)
-            if let bOut { copyRow(b.row(position), b.elementStride, to: bOut + r * bWidth, count: bWidth) }
+            a.widen(position, width: aWidth, into: aOut + r * aWidth)
+            if let bOut { b.widen(position, width: bWidth, into: bOut + r * bWidth) }
         }
     }
 
@@ -448,10 +469,8 @@ enum PermutedBlockAttention {
             lse[0] = -.infinity
             if l.sharedKeys && round == l.rounds - 1 && i < keyLength {
                 // The self rule: a query with no other visible key attends to itself, in every round.
-                let v = value.row(i)
-                for c in 0..<dv { out[c * outStride] = v[c * value.elementStride] }
-                let q = query.row(i), qs = query.elementStride
-                let score = scale * dot(q, qs, q, qs, count: l.headDim).squareRoot()
+                for c in 0..<dv { out[c * outStride] = value.element(i, c) }
+                let score = scale * query.squaredNorm(i, count: l.headDim).squareRoot()
                 lse[0] = score + logf(Float(l.rounds))
             }
             return
@@ -483,20 +502,5 @@ enum PermutedBlockAttention {
             axpy(weight, row, 1, out, outStride, count: dv)
         }
         lse[0] = logSumExp ? rounds.logSumExp : m + logf(rounds.total / Float(used))
-    }
-
-    @inline(__always)
-    static func copyRow(_ source: UnsafePointer<Float>, _ stride: Int, to target: UnsafeMutablePointer<Float>,
-                        count: Int) {
-        if stride == 1 {
-            var c = 0
-            while c + 16 <= count {
-                store16(load16(source + c), target + c)
-                c += 16
-            }
-            while c < count { target[c] = source[c]; c += 1 }
-        } else {
-            for c in 0..<count { target[c] = source[c * stride] }
-        }
     }
 }

@@ -635,17 +635,26 @@ struct UpcomingRows {
 @inline(__always)
 func prefetchRows(_ base: UnsafePointer<Float>, count: Int, rowStride: Int, length: Int,
                   positions: UnsafePointer<Int32>, write: Bool = false) {
+    prefetchRows(UnsafeRawPointer(base), count: count, rowStrideBytes: rowStride &* 4, lengthBytes: length &* 4,
+                 positions: positions, write: write)
+}
+
+/// ``prefetchRows(_:count:rowStride:length:positions:write:)`` with the distance between
+/// rows and their span in bytes (rows of any precision).
+@inline(__always)
+func prefetchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, lengthBytes: Int,
+                  positions: UnsafePointer<Int32>, write: Bool = false) {
     for r in 0..<count {
-        let row = base + Int(positions[r]) &* rowStride
+        let row = base + Int(positions[r]) &* rowStrideBytes
         var c = 0
-        while c < length {
+        while c < lengthBytes {
             // `__builtin_prefetch` in C (CEfficientAttention): `prefetchw` / `prefetcht0`.
             if write {
                 ea_prefetch_write(row + c)
             } else {
                 ea_prefetch_read(row + c)
             }
-            c &+= 16
+            c &+= 64
         }
     }
 }

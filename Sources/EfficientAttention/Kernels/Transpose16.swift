@@ -17,10 +17,14 @@ enum Transpose16 {
     @inline(__always)
     static func transpose(scale s: Vec16, rows: (Int) -> UnsafePointer<Float>,
                           into out: UnsafeMutablePointer<Float>, ld: Int) {
-        var x: Block = (load16(rows(0)), load16(rows(1)), load16(rows(2)), load16(rows(3)),
-                        load16(rows(4)), load16(rows(5)), load16(rows(6)), load16(rows(7)),
-                        load16(rows(8)), load16(rows(9)), load16(rows(10)), load16(rows(11)),
-                        load16(rows(12)), load16(rows(13)), load16(rows(14)), load16(rows(15)))
+        transpose(scale: s, load: { load16(rows($0)) }, into: out, ld: ld)
+    }
+
+    /// ``transpose(scale:rows:into:ld:)`` with row `r`'s 16 values given by `load(r)`.
+    @inline(__always)
+    static func transpose(scale s: Vec16, load: (Int) -> Vec16, into out: UnsafeMutablePointer<Float>, ld: Int) {
+        var x: Block = (load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7),
+                        load(8), load(9), load(10), load(11), load(12), load(13), load(14), load(15))
         x = stage(stage(stage(stage(x))))
         store16(s * x.0, out); store16(s * x.1, out + ld)
         store16(s * x.2, out + 2 * ld); store16(s * x.3, out + 3 * ld)
@@ -38,14 +42,22 @@ enum Transpose16 {
     @inline(__always)
     static func transpose(scale: Vec16, rows: (Int) -> UnsafePointer<Float>, depth: Int,
                           into out: UnsafeMutablePointer<Float>, ld: Int) {
+        transpose(Float.self, scale: scale, rows: rows, depth: depth, into: out, ld: ld)
+    }
+
+    /// ``transpose(scale:rows:depth:into:ld:)`` for rows of any activation precision,
+    /// widened to `Float` as they are loaded.
+    @inline(__always)
+    static func transpose<E: ActivationScalar>(_: E.Type, scale: Vec16, rows: (Int) -> UnsafePointer<E>, depth: Int,
+                                               into out: UnsafeMutablePointer<Float>, ld: Int) {
         var c = 0
         while c + 16 <= depth {
-            transpose(scale: scale, rows: { rows($0) + c }, into: out + c &* ld, ld: ld)
+            transpose(scale: scale, load: { E.wide16(rows($0) + c) }, into: out + c &* ld, ld: ld)
             c += 16
         }
         for r in 0..<16 where c < depth {
             let row = rows(r)
-            for cc in c..<depth { out[cc &* ld + r] = scale[r] * row[cc] }
+            for cc in c..<depth { out[cc &* ld + r] = scale[r] * E.widen(row[cc]) }
         }
     }
 
