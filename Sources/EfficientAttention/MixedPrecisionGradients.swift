@@ -17,7 +17,8 @@ extension DifferentiableAttention {
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,
     /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL), those two are staged in
-    /// `Float`. The others widen their 16-bit operands into `Float`
+    /// `Float`. LSH and routing widen rows as their hashing, router and gathers copy them
+    /// and stage their 16-bit gradients. The others widen their 16-bit operands into `Float`
     /// copies and stage their 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
@@ -70,6 +71,18 @@ extension DifferentiableAttention {
                                                   threads: threads)
                 }
             }
+            if let gathering = Self.self as? any GatherWideningBackward.Type {
+                return try withUnsafePointer(to: self) { attention in
+                    try withFloatGradient(dQuery, zeroed: true) { dq in
+                    try withFloatGradient(dKey) { dk in
+                    try withFloatGradient(dValue) { dv in
+                        try gathering.gatheredBackward(
+                            at: UnsafeRawPointer(attention), s, threads: try threadCount(threads), q: query.kernel,
+                            k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                            dO: outputGradient.kernel, dQ: dq, dK: dk, dV: dv, keyLengths: keyLengths)
+                    } } }
+                }
+            }
             try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
             try withWidened(output) { o in try withWidened(outputGradient) { g in
             try withFloatOutput(dQuery, shape: dQuery.shape) { dq in
@@ -106,6 +119,10 @@ extension DifferentiableAttention {
                 + (stagesKeys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
                 + (widens ? TiledSoftmaxBackward.wideningBytes(shape: shape,
                                                                threads: workerCount(threads: threads, items: .max)) : 0)
+        }
+        if Self.self is any GatherWideningBackward.Type {
+            return widenedCopyBytes(dQuery, shape.queryElements) + widenedCopyBytes(dKey, shape.keyElements)
+                + widenedCopyBytes(dValue, shape.valueElements)
         }
         return widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
             + widenedCopyBytes(value, shape.valueElements) + widenedCopyBytes(output, shape.outputElements)
@@ -216,6 +233,31 @@ extension KernelWideningBackward {
                 try tiledBackward(call)
             }
         } } }
+    }
+}
+
+/// Conformers whose backward reads its operands only through gathers and packings that
+/// widen rows as they copy them (LSH, routing: ``PermutedBlockAttention/Rows``): their
+/// mixed-precision backward hands their kernels the caller's 16-bit operand views and
+/// stages only 16-bit gradients in `Float` (their passes add to all three).
+protocol GatherWideningBackward: DifferentiableAttention {
+    /// The backward on checked views: operands of any precision, `Float` gradients, `dQ`
+    /// zero-filled; the same bits as the `Float` entry point on the widened operands.
+    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
+                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws
+}
+
+extension GatherWideningBackward {
+    /// ``gatheredBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
+    /// at `value` (a metatype's entry).
+    static func gatheredBackward(at value: UnsafeRawPointer, _ shape: AttentionShape, threads: Int, q: TensorView,
+                                 k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        try value.assumingMemoryBound(to: Self.self).pointee.gatheredBackward(
+            shape, threads: threads, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
+            keyLengths: keyLengths)
     }
 }
 

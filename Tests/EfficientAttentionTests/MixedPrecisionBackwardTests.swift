@@ -158,6 +158,34 @@ struct MixedPrecisionBackwardTests {
         #expect(bytes(attention) < 4 * (4 * 37 + 4 * 66) * 33 * 4)
     }
 
+    @Test("LSH and routing (16-bit rows widened by the hashing, the router and the gathers): forward and backward, the Float calls on widened operands, rounded once")
+    func gatherWidensBackward() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 70, keyLength: 70, headDim: 33,
+                                      valueDim: 16, seed: 23)
+        let conformers: [(String, any DifferentiableAttention)] = [
+            // The self rule (shared QK, causal) adds dO rows to dV.
+            ("lsh shared QK, causal", LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 11)),
+            ("lsh separate keys", LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 12)),
+            ("routing causal", try RoutingAttention(heads: 4, headDim: 33, clusters: 3, causal: true, seed: 4)),
+        ]
+        try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
+            for (name, attention) in conformers {
+                try Self.compare(attention, q, k, v, keyLengths: [70, 41], precisions: p, step: step,
+                                 workspace: workspace, threads: threads, "\(name) \(label)")
+            }
+        }
+        // Only the 16-bit gradients are staged: no operand is copied.
+        let shape = AttentionShape(batch: 1, heads: 4, kvHeads: 2, queryLength: 70, headDim: 33, valueDim: 16)
+        let half = ActivationPrecision.bfloat16
+        for (name, attention) in conformers {
+            let bytes = attention.backwardConversionScratchBytes(
+                shape, query: half, key: half, value: half, output: half, outputGradient: half, dQuery: half,
+                dKey: half, dValue: half, threads: 2)
+            #expect(bytes == roundUp64(4 * 70 * 33 * 4) + roundUp64(2 * 70 * 33 * 4) + roundUp64(2 * 70 * 16 * 4),
+                    "\(name)")
+        }
+    }
+
     @Test("the tiled conformers' mixed backward takes no Float copy of an operand: scratch for dQ, staged dK and dV, and a key block per worker")
     func widenedInKernelScratch() throws {
         let shape = AttentionShape(batch: 2, heads: 8, kvHeads: 2, queryLength: 2048, headDim: 64)
@@ -182,7 +210,7 @@ struct MixedPrecisionBackwardTests {
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
-                      "axial", "etc", "transformer-xl", "linformer", "linear-elu"])
+                      "axial", "etc", "transformer-xl", "linformer", "linear-elu", "lsh", "routing"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

@@ -523,7 +523,16 @@ public struct LSHAttention: KernelWidening {
 
 // MARK: - Backward
 
-extension LSHAttention: DifferentiableAttention {
+extension LSHAttention: GatherWideningBackward {
+    /// 16-bit operands are widened by the hashing and each round's gather (the self rule's
+    /// `dO` row element by element).
+    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
+                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws {
+        try backward(shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads, q: q, k: k,
+                     v: v, o: o, l: lse, dO: dO, dQ: dQ, dK: dK, dV: dV, keyLengths: keyLengths, routes: nil)
+    }
+
     /// The gradients through the forward with its buckets held fixed (KernelDocs/LSH.md,
     /// "Backward"): the buckets and sorted orders are recomputed from the same rotations
     /// (seeded or explicit), and each round's sorted slots run the flash backward
@@ -645,8 +654,8 @@ extension LSHAttention: DifferentiableAttention {
                     // The self rule: o_i = v_i for a valid query that saw no other key.
                     guard sharedQK else { continue }
                     for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
-                        LSHBackward.add(outputGradients.row(i), sourceStride: dO.strides[3],
-                                        to: dV.row(b, hk, i), stride: dV.strides[3], count: shape.valueDim)
+                        let target = dV.row(b, hk, i), stride = dV.strides[3]
+                        for c in 0..<shape.valueDim { target[c &* stride] += outputGradients.element(i, c) }
                     }
                 } }
             }

@@ -315,7 +315,15 @@ public struct RoutingAttention: KernelWidening {
 
 // MARK: - Backward
 
-extension RoutingAttention: DifferentiableAttention {
+extension RoutingAttention: GatherWideningBackward {
+    /// 16-bit operands are widened by the router's packing and each cluster's gather.
+    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
+                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
+                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws {
+        try backward(shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads, q: q, k: k,
+                     v: v, dO: dO, dQ: dQ, dK: dK, dV: dV, keyLengths: keyLengths, routes: nil)
+    }
+
     /// The gradients through the forward with its routes held fixed (KernelDocs/Routing.md,
     /// "Backward"): the clusters' members are recomputed from the centroids, each cluster's
     /// gathered rows run the flash backward (``ClusterBackward``, ``TiledSoftmaxBackward``),
