@@ -17,8 +17,8 @@ extension DifferentiableAttention {
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,
     /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL), those two are staged in
-    /// `Float`. LSH and routing widen rows as their hashing, router and gathers copy them
-    /// and stage their 16-bit gradients. The others widen their 16-bit operands into `Float`
+    /// `Float`. LSH, routing and Linformer widen rows as their hashing, routers, gathers
+    /// and GEMMs copy them and stage their 16-bit gradients. The others widen their 16-bit operands into `Float`
     /// copies and stage their 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
@@ -71,12 +71,12 @@ extension DifferentiableAttention {
                                                   threads: threads)
                 }
             }
-            if let gathering = Self.self as? any GatherWideningBackward.Type {
+            if let gathering = Self.self as? any OperandWideningBackward.Type {
                 return try withUnsafePointer(to: self) { attention in
                     try withFloatGradient(dQuery, zeroed: true) { dq in
                     try withFloatGradient(dKey) { dk in
                     try withFloatGradient(dValue) { dv in
-                        try gathering.gatheredBackward(
+                        try gathering.widenedOperandsBackward(
                             at: UnsafeRawPointer(attention), s, threads: try threadCount(threads), q: query.kernel,
                             k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
                             dO: outputGradient.kernel, dQ: dq, dK: dk, dV: dv, keyLengths: keyLengths)
@@ -120,9 +120,18 @@ extension DifferentiableAttention {
                 + (widens ? TiledSoftmaxBackward.wideningBytes(shape: shape,
                                                                threads: workerCount(threads: threads, items: .max)) : 0)
         }
-        if Self.self is any GatherWideningBackward.Type {
+        if Self.self is any OperandWideningBackward.Type {
+            // The tiled backward some of them run (on the call's operands or gathered rows)
+            // takes a key block's widened value rows per worker when an operand is 16-bit:
+            // reserved for the largest tile.
+            var tile = shape
+            (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
+            let widens = query != .float32 || key != .float32 || value != .float32 || output != .float32
+                || outputGradient != .float32
             return widenedCopyBytes(dQuery, shape.queryElements) + widenedCopyBytes(dKey, shape.keyElements)
                 + widenedCopyBytes(dValue, shape.valueElements)
+                + (widens ? TiledSoftmaxBackward.wideningBytes(shape: tile,
+                                                               threads: workerCount(threads: threads, items: .max)) : 0)
         }
         return widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
             + widenedCopyBytes(value, shape.valueElements) + widenedCopyBytes(output, shape.outputElements)
@@ -236,26 +245,28 @@ extension KernelWideningBackward {
     }
 }
 
-/// Conformers whose backward reads its operands only through gathers and packings that
-/// widen rows as they copy them (LSH, routing: ``PermutedBlockAttention/Rows``): their
-/// mixed-precision backward hands their kernels the caller's 16-bit operand views and
-/// stages only 16-bit gradients in `Float` (their passes add to all three).
-protocol GatherWideningBackward: DifferentiableAttention {
+/// Conformers whose backward kernels read operands of any precision, widening rows as
+/// their gathers, packings and GEMMs copy them (LSH and routing through
+/// ``PermutedBlockAttention/Rows``, Linformer through the GEMM's packing and the tiled
+/// backward), but write `Float` gradients: their mixed-precision backward hands the kernels
+/// the caller's 16-bit operand views and stages only 16-bit gradients in `Float`.
+protocol OperandWideningBackward: DifferentiableAttention {
     /// The backward on checked views: operands of any precision, `Float` gradients, `dQ`
     /// zero-filled; the same bits as the `Float` entry point on the widened operands.
-    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
-                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
-                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws
 }
 
-extension GatherWideningBackward {
-    /// ``gatheredBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
+extension OperandWideningBackward {
+    /// ``widenedOperandsBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
     /// at `value` (a metatype's entry).
-    static func gatheredBackward(at value: UnsafeRawPointer, _ shape: AttentionShape, threads: Int, q: TensorView,
+    static func widenedOperandsBackward(at value: UnsafeRawPointer, _ shape: AttentionShape, threads: Int, q: TensorView,
                                  k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
                                  dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
                                  keyLengths: [Int]?) throws {
-        try value.assumingMemoryBound(to: Self.self).pointee.gatheredBackward(
+        try value.assumingMemoryBound(to: Self.self).pointee.widenedOperandsBackward(
             shape, threads: threads, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
             keyLengths: keyLengths)
     }

@@ -158,7 +158,7 @@ struct MixedPrecisionBackwardTests {
         #expect(bytes(attention) < 4 * (4 * 37 + 4 * 66) * 33 * 4)
     }
 
-    @Test("LSH and routing (16-bit rows widened by the hashing, the router and the gathers): forward and backward, the Float calls on widened operands, rounded once")
+    @Test("LSH, routing, Linformer, memory-compressed, ISAB, PMA (16-bit rows widened by the hashing, the router, the gathers, the GEMM's packing and the tiled backward): the Float backward on widened operands, only the gradients staged")
     func gatherWidensBackward() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 70, keyLength: 70, headDim: 33,
                                       valueDim: 16, seed: 23)
@@ -167,22 +167,49 @@ struct MixedPrecisionBackwardTests {
             ("lsh shared QK, causal", LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 11)),
             ("lsh separate keys", LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 12)),
             ("routing causal", try RoutingAttention(heads: 4, headDim: 33, clusters: 3, causal: true, seed: 4)),
+            ("linformer per head", try LinformerAttention(projectedLength: 12, maxSequenceLength: 80,
+                                                          perHeadProjections: 2, seed: 5)),
+            ("memory-compressed mean, causal", try MemoryCompressedAttention(compression: 3, causal: true)),
+            ("memory-compressed weights", try MemoryCompressedAttention(
+                compression: 4, keyWeights: try Tensor.random(shape: [1, 1, 1, 2 * 4 * 33 * 33], seed: 1,
+                                                               in: -0.3...0.3).elements,
+                valueWeights: try Tensor.random(shape: [1, 1, 1, 2 * 4 * 16 * 16], seed: 2, in: -0.3...0.3).elements)),
+            ("isab with projections", try InducedSetAttention(
+                heads: 4, headDim: 33,
+                inducingPoints: try Tensor.random(shape: [1, 1, 1, 4 * 5 * 33], seed: 6, in: -1...1).elements,
+                keyProjection: try Tensor.random(shape: [1, 1, 1, 4 * 16 * 33], seed: 7, in: -0.3...0.3).elements,
+                valueProjection: try Tensor.random(shape: [1, 1, 1, 4 * 16 * 16], seed: 8, in: -0.3...0.3).elements)),
         ]
+        // PMA: the seeds are the queries (the query tensor gives the shape).
+        let pma = try AttentionPooling(heads: 4, headDim: 33, seedCount: 3, seed: 9)
+        let (pq, pk, pv) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 3, keyLength: 70, headDim: 33,
+                                         valueDim: 16, seed: 24)
+        try Self.forEachSetting(workspaceFirst: false) { p, workspace, threads, step, label in
+            try Self.compare(pma, pq, pk, pv, keyLengths: [70, 0], precisions: p, step: step, workspace: workspace,
+                             threads: threads, "pma \(label)")
+        }
         try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
             for (name, attention) in conformers {
                 try Self.compare(attention, q, k, v, keyLengths: [70, 41], precisions: p, step: step,
                                  workspace: workspace, threads: threads, "\(name) \(label)")
             }
         }
-        // Only the 16-bit gradients are staged: no operand is copied.
-        let shape = AttentionShape(batch: 1, heads: 4, kvHeads: 2, queryLength: 70, headDim: 33, valueDim: 16)
+        // Only the 16-bit gradients are staged: no operand is copied (beyond them, the
+        // scratch for 16-bit operands is per worker, the same at 70 and 7000 positions).
         let half = ActivationPrecision.bfloat16
         for (name, attention) in conformers {
-            let bytes = attention.backwardConversionScratchBytes(
-                shape, query: half, key: half, value: half, output: half, outputGradient: half, dQuery: half,
-                dKey: half, dValue: half, threads: 2)
-            #expect(bytes == roundUp64(4 * 70 * 33 * 4) + roundUp64(2 * 70 * 33 * 4) + roundUp64(2 * 70 * 16 * 4),
-                    "\(name)")
+            func bytes(_ n: Int, operands: ActivationPrecision) -> Int {
+                let shape = AttentionShape(batch: 1, heads: 4, kvHeads: 2, queryLength: n, headDim: 33, valueDim: 16)
+                return attention.backwardConversionScratchBytes(
+                    shape, query: operands, key: operands, value: operands, output: operands,
+                    outputGradient: operands, dQuery: half, dKey: half, dValue: half, threads: 2)
+            }
+            for n in [70, 7000] {
+                let gradients = roundUp64(4 * n * 33 * 4) + roundUp64(2 * n * 33 * 4) + roundUp64(2 * n * 16 * 4)
+                #expect(bytes(n, operands: .float32) == gradients, "\(name) N \(n)")
+            }
+            #expect(bytes(70, operands: half) - bytes(70, operands: .float32)
+                        == bytes(7000, operands: half) - bytes(7000, operands: .float32), "\(name)")
         }
     }
 
@@ -210,13 +237,16 @@ struct MixedPrecisionBackwardTests {
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
-                      "axial", "etc", "transformer-xl", "linformer", "linear-elu", "lsh", "routing"])
+                      "axial", "etc", "transformer-xl", "linformer", "linear-elu", "lsh", "routing", "memory-compressed",
+                      "isab", "pma"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!
-        let problem = InvarianceProblem.all[2]
-        guard let (made, q, k, v) = try InvarianceTests.instance(entry, problem),
-              let attention = made as? any DifferentiableAttention else {
+        // The first of the invariance problems the conformer takes (ISAB: D = Dv).
+        let built = try InvarianceProblem.all.dropFirst(2).lazy.compactMap { problem in
+            try InvarianceTests.instance(entry, problem).map { (problem, $0) }
+        }.first
+        guard let (problem, (made, q, k, v)) = built, let attention = made as? any DifferentiableAttention else {
             Issue.record("\(name) did not build a differentiable conformer")
             return
         }

@@ -112,7 +112,17 @@ public struct AttentionPooling: KernelWidening {
     }
 }
 
-extension AttentionPooling: DifferentiableAttention {
+extension AttentionPooling: OperandWideningBackward {
+    /// 16-bit keys, values, outputs and `dO` are read by the tiled backward, which widens
+    /// them as it packs them (`dQuery` is 0).
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        backward(shape: shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads,
+                 keyLengths: keyLengths, k: k, v: v, o: o, lse: lse, dO: dO, dK: dK, dV: dV, seeds: nil)
+    }
+
     /// The dense backward (``TiledSoftmaxBackward``) of the seeds over the keys
     /// (KernelDocs/SetTransformer.md, "Backward"): one attention, whose output and
     /// log-sum-exp are the forward's, so nothing is recomputed. The query tensor's values

@@ -208,7 +208,18 @@ public struct InducedSetParameterGradients: Sendable, Equatable {
     public var valueProjection: [Float]?
 }
 
-extension InducedSetAttention: DifferentiableAttention {
+extension InducedSetAttention: OperandWideningBackward {
+    /// 16-bit operands are read by the tiled kernels (the summary's recomputation and both
+    /// backward passes), which widen them as they pack them.
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        backward(shape: shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads,
+                 keyLengths: keyLengths, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
+                 parameters: nil)
+    }
+
     /// The backward of the two attentions in reverse (KernelDocs/SetTransformer.md,
     /// "Backward"). The forward returns only the final output and log-sum-exp, so the
     /// summary `Z`, its log-sum-exp and its projections `K2`, `V2` are **recomputed** (the

@@ -523,12 +523,13 @@ public struct LSHAttention: KernelWidening {
 
 // MARK: - Backward
 
-extension LSHAttention: GatherWideningBackward {
+extension LSHAttention: OperandWideningBackward {
     /// 16-bit operands are widened by the hashing and each round's gather (the self rule's
     /// `dO` row element by element).
-    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
-                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
-                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws {
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
         try backward(shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads, q: q, k: k,
                      v: v, o: o, l: lse, dO: dO, dQ: dQ, dK: dK, dV: dV, keyLengths: keyLengths, routes: nil)
     }

@@ -237,7 +237,18 @@ public struct LinformerParameterGradients: Sendable, Equatable {
     public var f: [Float]?
 }
 
-extension LinformerAttention: DifferentiableAttention {
+extension LinformerAttention: OperandWideningBackward {
+    /// 16-bit keys and values are widened as the projection GEMM packs them, queries,
+    /// outputs and `dO` as the tiled backward packs them.
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        backward(shape: shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads,
+                 keyLengths: keyLengths, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
+                 parameters: nil)
+    }
+
     /// The backward through the projections (KernelDocs/Linformer.md, "Backward"): `K' = E K`,
     /// `V' = F V` recomputed on the GEMM, the dense backward (``TiledSoftmaxBackward``)
     /// over the `k` projected keys gives `dQ`, `dK'`, `dV'`, then `dK = Eᵀ dK'`,
@@ -351,8 +362,7 @@ extension LinformerAttention: DifferentiableAttention {
                         Gemm.multiply(m: kProj, n: width, depth: valid,
                                       a: MatrixOperand(base: projection(isValue, hk), rowStride: nmax, columnStride: 1),
                                       packA: false,
-                                      b: .matrix(MatrixOperand(base: source.row(b, hk, 0), rowStride: source.strides[2],
-                                                               columnStride: source.strides[3])),
+                                      b: .matrix(MatrixOperand(source, b: b, h: hk, firstRow: 0)),
                                       c: target.row(b, hk, 0), ldc: width, workspace: spaces[worker])
                     }
                 }

@@ -220,7 +220,18 @@ public struct MemoryCompressedParameterGradients: Sendable, Equatable {
     public var valueBias: [Float]?
 }
 
-extension MemoryCompressedAttention: DifferentiableAttention {
+extension MemoryCompressedAttention: OperandWideningBackward {
+    /// 16-bit keys and values are widened as the window convolution packs (or the mean pool
+    /// reads) them, queries, outputs and `dO` as the tiled backward packs them.
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        backward(shape: shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads,
+                 keyLengths: keyLengths, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
+                 parameters: nil)
+    }
+
     /// The backward through the compression (KernelDocs/MemoryCompressed.md, "Backward"): the
     /// compressed keys and values recomputed on the GEMM, the dense backward
     /// (``TiledSoftmaxBackward``) over them with the forward's mask (whole windows when

@@ -315,11 +315,12 @@ public struct RoutingAttention: KernelWidening {
 
 // MARK: - Backward
 
-extension RoutingAttention: GatherWideningBackward {
+extension RoutingAttention: OperandWideningBackward {
     /// 16-bit operands are widened by the router's packing and each cluster's gather.
-    func gatheredBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView, v: TensorView,
-                          o: TensorView, lse: TensorView, dO: TensorView, dQ: MutableTensorView,
-                          dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?) throws {
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
         try backward(shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads, q: q, k: k,
                      v: v, dO: dO, dQ: dQ, dK: dK, dV: dV, keyLengths: keyLengths, routes: nil)
     }
