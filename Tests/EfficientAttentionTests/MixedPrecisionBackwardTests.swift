@@ -213,6 +213,36 @@ struct MixedPrecisionBackwardTests {
         }
     }
 
+    @Test("Sinkhorn (plain, causal with noise, SortCut): the backward's passes widen 16-bit operands in the tiled kernel, the Float backward on widened operands, rounded once")
+    func sinkhornWidensInKernel() throws {
+        let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 100, keyLength: 100, headDim: 33,
+                                      valueDim: 16, seed: 25)
+        let conformers: [(String, SinkhornAttention)] = [
+            ("sinkhorn", SinkhornAttention(blockSize: 16)),
+            ("sinkhorn causal, noise", SinkhornAttention(blockSize: 12, noiseSeed: 4, causal: true)),
+            ("sinkhorn sort-cut", SinkhornAttention(blockSize: 16, sortCut: 3)),
+        ]
+        try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
+            for (name, attention) in conformers {
+                try Self.compare(attention, q, k, v, keyLengths: [100, 47], precisions: p, step: step,
+                                 workspace: workspace, threads: threads, "\(name) \(label)")
+            }
+        }
+        // Scratch beyond the staged gradients is per worker, a key block's rows at most (no
+        // operand copied): the same at 1000 and 10000 positions.
+        let half = ActivationPrecision.bfloat16
+        func bytes(_ n: Int, operands: ActivationPrecision) -> Int {
+            let shape = AttentionShape(batch: 1, heads: 4, kvHeads: 2, queryLength: n, headDim: 33, valueDim: 16)
+            return conformers[0].1.backwardConversionScratchBytes(
+                shape, query: operands, key: operands, value: operands, output: operands, outputGradient: operands,
+                dQuery: half, dKey: half, dValue: half, threads: 2)
+        }
+        #expect(bytes(1000, operands: half) - bytes(1000, operands: .float32)
+                    == bytes(10000, operands: half) - bytes(10000, operands: .float32))
+        #expect(bytes(10000, operands: .float32)
+                    == roundUp64(4 * 10000 * 33 * 4) + roundUp64(2 * 10000 * 33 * 4) + roundUp64(2 * 10000 * 16 * 4))
+    }
+
     @Test("the tiled conformers' mixed backward takes no Float copy of an operand: scratch for dQ, staged dK and dV, and a key block per worker")
     func widenedInKernelScratch() throws {
         let shape = AttentionShape(batch: 2, heads: 8, kvHeads: 2, queryLength: 2048, headDim: 64)
@@ -238,7 +268,7 @@ struct MixedPrecisionBackwardTests {
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",
           arguments: ["dense", "local", "strided", "longformer", "bigbird", "custom-mask", "adaptive-span", "multi-query",
                       "axial", "etc", "transformer-xl", "linformer", "linear-elu", "lsh", "routing", "memory-compressed",
-                      "isab", "pma"])
+                      "isab", "pma", "sinkhorn"])
     func allocations(_ name: String) throws {
         guard AllocationCounter.isSupported else { return }
         let entry = Registry.standard.entry(named: name)!

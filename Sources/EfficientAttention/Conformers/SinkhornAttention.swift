@@ -384,7 +384,7 @@ extension SortedBlockMask: TransposedTileMask {
     }
 }
 
-extension SinkhornAttention: DifferentiableAttention {
+extension SinkhornAttention: KernelWideningBackward {
     /// The backward with the plan `P` held fixed (KernelDocs/Sinkhorn.md, "Backward"; the
     /// spec's "routes, buckets ... held fixed", as LSH's buckets): no gradient flows through
     /// the sort logits into the queries and keys. The plan and the sorted blocks are
@@ -413,13 +413,20 @@ extension SinkhornAttention: DifferentiableAttention {
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        try withTiledBackwardCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                                  outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
-                                  keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try checkPlanAllocation(call.shape)
-            backward(call, logits: nil, permutationGradient: nil)
-        }
+        try tiledGradients(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                           outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                           keyLengths: keyLengths, workspace: workspace, threads: threads)
     }
+
+    /// The own blocks' pass and the sorted blocks' read 16-bit operands as the tiled
+    /// backward packs them, the re-run sorting and mixing as the forward does; `dK`, `dV`
+    /// get the mixing's transpose added after the passes (staged when 16-bit).
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        try checkPlanAllocation(call.shape)
+        backward(call, logits: nil, permutationGradient: nil)
+    }
+
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool { true }
 
     /// `dQ`, `dK`, `dV` and `∂L/∂P [B, H, n_b, n_b]` (the gradient with respect to the plan
     /// as the mixing uses it, every entry, rows past SortCut's `n` 0) through the call that
