@@ -12,13 +12,14 @@ extension DifferentiableAttention {
     /// rounded once to its view's precision (nearest even), bit for bit, for any thread
     /// count. The conformers whose backward is the tiled flash kernel (dense, grouped-query,
     /// local, strided, Longformer, BigBird, custom masks, adaptive span, axial, ETC,
-    /// Transformer-XL, the Compressive Transformer) widen
+    /// Transformer-XL, the Compressive Transformer, Sinkhorn) widen
     /// 16-bit operands as the kernel packs them (query and `dO` rows per query tile, key and
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,
-    /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL), those two are staged in
-    /// `Float`. LSH, routing and Linformer widen rows as their hashing, routers, gathers
-    /// and GEMMs copy them and stage their 16-bit gradients. The others widen their 16-bit operands into `Float`
+    /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL, Sinkhorn), those two are staged in
+    /// `Float`. LSH, routing, Linformer, memory-compressed attention, ISAB and PMA widen
+    /// rows as their hashing, routers, gathers, GEMMs and tiled passes read them and stage
+    /// their 16-bit gradients. The others widen their 16-bit operands into `Float`
     /// copies and stage their 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
