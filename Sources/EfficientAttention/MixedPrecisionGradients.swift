@@ -121,14 +121,14 @@ extension DifferentiableAttention {
                 + (widens ? TiledSoftmaxBackward.wideningBytes(shape: shape,
                                                                threads: workerCount(threads: threads, items: .max)) : 0)
         }
-        if Self.self is any OperandWideningBackward.Type {
+        if let reading = Self.self as? any OperandWideningBackward.Type {
             // The tiled backward some of them run (on the call's operands or gathered rows)
             // takes a key block's widened value rows per worker when an operand is 16-bit:
             // reserved for the largest tile.
             var tile = shape
             (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
-            let widens = query != .float32 || key != .float32 || value != .float32 || output != .float32
-                || outputGradient != .float32
+            let widens = reading.widensInTiledBackward && (query != .float32 || key != .float32
+                || value != .float32 || output != .float32 || outputGradient != .float32)
             return widenedCopyBytes(dQuery, shape.queryElements) + widenedCopyBytes(dKey, shape.keyElements)
                 + widenedCopyBytes(dValue, shape.valueElements)
                 + (widens ? TiledSoftmaxBackward.wideningBytes(shape: tile,
@@ -258,9 +258,15 @@ protocol OperandWideningBackward: DifferentiableAttention {
                                  v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
                                  dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
                                  keyLengths: [Int]?) throws
+
+    /// Whether the tiled backward runs on the caller's operands (and so widens 16-bit rows
+    /// into per-worker scratch); `false` for gathered or feature-mapped `Float` rows.
+    static var widensInTiledBackward: Bool { get }
 }
 
 extension OperandWideningBackward {
+    static var widensInTiledBackward: Bool { true }
+
     /// ``widenedOperandsBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
     /// at `value` (a metatype's entry).
     static func widenedOperandsBackward(at value: UnsafeRawPointer, _ shape: AttentionShape, threads: Int, q: TensorView,

@@ -524,6 +524,9 @@ public struct LSHAttention: KernelWidening {
 // MARK: - Backward
 
 extension LSHAttention: OperandWideningBackward {
+    /// The tiled backward (if any) reads gathered or feature-mapped `Float` rows.
+    static var widensInTiledBackward: Bool { false }
+
     /// 16-bit operands are widened by the hashing and each round's gather (the self rule's
     /// `dO` row element by element).
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,

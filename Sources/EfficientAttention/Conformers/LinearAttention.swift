@@ -297,6 +297,11 @@ extension LinearAttention: DecodingAttention {
     }
 }
 
+extension LinearAttention: OperandWideningBackward where Map: DifferentiableFeatureMap {
+    /// No tiled backward: the feature map reads `Float` rows (widened into the workspace).
+    static var widensInTiledBackward: Bool { false }
+}
+
 extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeatureMap {
     /// The exact derivative of the forward (``LinearAttentionBackward``, KernelDocs/LinearAttention.md,
     /// "Backward"), the feature map's projection held fixed: a pass over query chunks for
@@ -323,28 +328,40 @@ extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeat
                           logSumExp: StridedView, outputGradient: StridedView,
                           dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
                           keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
-        let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
         try withCheckedGradientCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: nil) { shape, _ in
-            let m = try map.featureCount(headDim: shape.headDim)
-            let items = shape.batch * shape.kvHeads
-            let workers = workerCount(threads: try threadCount(threads), items: items)
-            let views = LinearAttentionBackward.Views(
-                q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
-                dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel)
-            WorkspaceArena.withWorkspaces(workers: workers, layout: {
-                LinearAttentionBackward.Workspace(carving: &$0, m: m, d: shape.headDim, dv: shape.valueDim)
-            }) { spaces in
-                parallelForEach(items: items, threads: workers) { item, worker in
-                    let b = item / shape.kvHeads, hk = item % shape.kvHeads
-                    let group = shape.groupSize
-                    LinearAttentionBackward.item(
-                        map: map, causal: causal, epsilon: epsilon, queryLength: shape.queryLength,
-                        keyLength: shape.keyLength, keyCount: keyLengths?[b] ?? shape.keyLength,
-                        b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: views, space: spaces[worker])
-                }
+            try widenedOperandsBackward(shape, threads: try threadCount(threads), q: query.kernel, k: key.kernel,
+                                        v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                                        dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel,
+                                        dV: dValue.kernel, keyLengths: keyLengths)
+        }
+    }
+
+    /// The backward on checked views (the `Float` entry point's and the mixed-precision
+    /// one's): 16-bit query and key rows are widened a chunk at a time into the workspace
+    /// before the feature map reads them, values as the GEMM packs them, `dO` and `o` rows
+    /// as they are read.
+    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
+                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
+                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                                 keyLengths: [Int]?) throws {
+        let (map, causal, epsilon) = (featureMap, self.causal, self.epsilon)
+        let m = try map.featureCount(headDim: shape.headDim)
+        let items = shape.batch * shape.kvHeads
+        let workers = workerCount(threads: threads, items: items)
+        let views = LinearAttentionBackward.Views(q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV)
+        WorkspaceArena.withWorkspaces(workers: workers, layout: {
+            LinearAttentionBackward.Workspace(carving: &$0, m: m, d: shape.headDim, dv: shape.valueDim)
+        }) { spaces in
+            parallelForEach(items: items, threads: workers) { item, worker in
+                let b = item / shape.kvHeads, hk = item % shape.kvHeads
+                let group = shape.groupSize
+                LinearAttentionBackward.item(
+                    map: map, causal: causal, epsilon: epsilon, queryLength: shape.queryLength,
+                    keyLength: shape.keyLength, keyCount: keyLengths?[b] ?? shape.keyLength,
+                    b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: views, space: spaces[worker])
             }
         }
     }

@@ -316,6 +316,9 @@ public struct RoutingAttention: KernelWidening {
 // MARK: - Backward
 
 extension RoutingAttention: OperandWideningBackward {
+    /// The tiled backward (if any) reads gathered or feature-mapped `Float` rows.
+    static var widensInTiledBackward: Bool { false }
+
     /// 16-bit operands are widened by the router's packing and each cluster's gather.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
                                  v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,

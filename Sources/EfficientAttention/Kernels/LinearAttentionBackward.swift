@@ -26,6 +26,9 @@ enum LinearAttentionBackward {
         let m: Int, mPad: Int, d: Int, dv: Int
         let keyFeatures, queryFeatures, keyLogScale, queryLogScale, dden, dN, masked, products,
             dPhiQ, dPhiK, dX, dVChunk, s, z, dS, dz: UnsafeMutablePointer<Float>
+        /// A chunk of 16-bit query or key rows widened to `Float` before the feature map
+        /// reads them (``rows(_:_:_:start:count:)``).
+        let rowStage: UnsafeMutablePointer<Float>
         let gemm: Gemm.Workspace
 
         init(carving carver: inout WorkspaceCarver, m: Int, d: Int, dv: Int) {
@@ -50,6 +53,7 @@ enum LinearAttentionBackward {
             z = carver.take(m)
             dS = carver.take(m * dv)
             dz = carver.take(m)
+            rowStage = carver.take(n * d)
             gemm = Gemm.Workspace(carving: &carver)
         }
 
@@ -61,6 +65,18 @@ enum LinearAttentionBackward {
     struct Views {
         var q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView, dO: TensorView
         var dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView
+    }
+
+    /// Rows `start ..< start + count` (at most ``chunk``) of head `(b, h)` of `view` as
+    /// `Float` rows for the feature map: the view's own rows when it is `Float`, else the
+    /// rows widened into `space.rowStage` (valid until the next call).
+    @inline(__always)
+    static func rows(_ view: TensorView, _ b: Int, _ h: Int, start: Int, count: Int, space: Workspace)
+        -> (base: UnsafePointer<Float>, rowStride: Int, columnStride: Int) {
+        guard view.precision != .float32 else { return (view.row(b, h, start), view.strides[2], view.strides[3]) }
+        view.widenRows(b, h, rows: PositionRun(start: start, count: count), width: space.d, into: space.rowStage,
+                       ld: space.d)
+        return (UnsafePointer(space.rowStage), space.d, 1)
     }
 
     /// The gradients of one (batch item `b`, key/value head `hk`): every query head of its
@@ -80,7 +96,8 @@ enum LinearAttentionBackward {
         var c = -Float.infinity
         for start in stride(from: 0, to: keyCount, by: chunk) {
             let count = min(chunk, keyCount - start)
-            map.apply(x.k.row(b, hk, start), rows: count, rowStride: x.k.strides[2], columnStride: x.k.strides[3],
+            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            map.apply(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                       headDim: d, output: space.keyFeatures, outputStride: mPad, logScale: space.keyLogScale)
             for j in 0..<count { c = max(c, space.keyLogScale[j]) }
         }
@@ -90,28 +107,30 @@ enum LinearAttentionBackward {
         let prefix = causal ? min(max(offset, 0), keyCount) : keyCount
 
         func keyRows(_ start: Int, _ count: Int) {
-            map.apply(x.k.row(b, hk, start), rows: count, rowStride: x.k.strides[2], columnStride: x.k.strides[3],
+            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            map.apply(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                       headDim: d, output: space.keyFeatures, outputStride: mPad, logScale: space.keyLogScale)
             for j in 0..<count where space.keyLogScale[j] != c {
                 LinearAttentionScan.scale(space.keyFeatures + j * mPad, count: m, by: expf(space.keyLogScale[j] - c))
             }
         }
         func valueOperand(_ start: Int) -> MatrixOperand {
-            MatrixOperand(base: x.v.row(b, hk, start), rowStride: x.v.strides[2], columnStride: x.v.strides[3])
+            MatrixOperand(x.v, b: b, h: hk, firstRow: start)
         }
         /// Query features, `dN`, `dden` of queries `start ..< start + count` of head `h`.
         func queryRows(_ h: Int, _ start: Int, _ count: Int) {
-            map.apply(x.q.row(b, h, start), rows: count, rowStride: x.q.strides[2], columnStride: x.q.strides[3],
+            let queries = rows(x.q, b, h, start: start, count: count, space: space)
+            map.apply(queries.base, rows: count, rowStride: queries.rowStride, columnStride: queries.columnStride,
                       headDim: d, output: space.queryFeatures, outputStride: mPad, logScale: space.queryLogScale)
             for i in 0..<count {
                 let l = x.lse.row(b, h, start + i)[0]
                 let den = l > -.infinity ? expf(l - space.queryLogScale[i] - c) : 0
                 let r = 1 / (den + epsilon)
-                let g = x.dO.row(b, h, start + i), o = x.o.row(b, h, start + i)
-                let go = dot(g, x.dO.strides[3], o, x.o.strides[3], count: dv)
+                let go = x.dO.dot(row: (b, h, start + i), x.o, row: (b, h, start + i), count: dv)
                 space.dden[i] = -r * go
                 let row = space.dN + i * dv
-                for t in 0..<dv { row[t] = r * g[t * x.dO.strides[3]] }
+                x.dO.widenRows(b, h, rows: PositionRun(start: start + i, count: 1), width: dv, into: row, ld: dv)
+                for t in 0..<dv { row[t] = r * row[t] }
             }
         }
         /// `masked = mask(dN Vᵀ + dden)` and `products = mask(Φ_Q Φ_Kᵀ)` within a causal chunk.
@@ -155,7 +174,7 @@ enum LinearAttentionBackward {
         /// `dΦ_K = V dSᵀ + dz` and `dV = Φ_K dS` for the key rows in `keyFeatures` (into
         /// `dPhiK`, `dVChunk`), before any within-chunk part.
         func keyGradientsFromState(_ start: Int, _ count: Int) {
-            Gemm.multiply(m: count, n: m, depth: dv, a: valueOperand(start), packA: false,
+            Gemm.multiply(m: count, n: m, depth: dv, a: valueOperand(start), packA: x.v.precision != .float32,
                           b: .matrix(MatrixOperand(base: space.dS, rowStride: 1, columnStride: dv)),
                           c: space.dPhiK, ldc: mPad, workspace: space.gemm)
             for j in 0..<count { addRow(space.dz, 1, into: space.dPhiK + j * mPad, m) }
@@ -166,7 +185,8 @@ enum LinearAttentionBackward {
         }
         /// Adds `dPhiK` through the map, and `dVChunk`, to the key rows.
         func finishKeys(_ start: Int, _ count: Int) {
-            map.backward(x.k.row(b, hk, start), rows: count, rowStride: x.k.strides[2], columnStride: x.k.strides[3],
+            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            map.backward(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                          headDim: d, features: space.keyFeatures, featureGradient: space.dPhiK, featureStride: mPad,
                          output: space.dX, outputStride: d)
             for j in 0..<count {
@@ -208,8 +228,9 @@ enum LinearAttentionBackward {
                                   b: .matrix(MatrixOperand(base: space.keyFeatures, rowStride: mPad, columnStride: 1)),
                                   c: space.dPhiQ, ldc: mPad, accumulate: true, workspace: space.gemm)
                 }
-                map.backward(x.q.row(b, h, start), rows: count, rowStride: x.q.strides[2],
-                             columnStride: x.q.strides[3], headDim: d, features: space.queryFeatures,
+                let queries = rows(x.q, b, h, start: start, count: count, space: space)
+                map.backward(queries.base, rows: count, rowStride: queries.rowStride,
+                             columnStride: queries.columnStride, headDim: d, features: space.queryFeatures,
                              featureGradient: space.dPhiQ, featureStride: mPad, output: space.dX, outputStride: d)
                 for i in 0..<count {
                     let qr = x.dQ.row(b, h, start + i), g = space.dX + i * d
