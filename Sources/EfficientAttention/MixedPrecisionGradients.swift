@@ -17,10 +17,10 @@ extension DifferentiableAttention {
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,
     /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL, Sinkhorn), those two are staged in
-    /// `Float`. LSH, routing, Linformer, memory-compressed attention, ISAB and PMA widen
-    /// rows as their hashing, routers, gathers, GEMMs and tiled passes read them and stage
-    /// their 16-bit gradients. The others widen their 16-bit operands into `Float`
-    /// copies and stage their 16-bit gradients. Scratch comes from `workspace` when it has
+    /// `Float`. LSH, routing, Linformer, memory-compressed attention, linear attention,
+    /// ISAB and PMA widen rows as their hashing, routers, gathers, GEMMs, feature maps and
+    /// tiled passes read them and stage their 16-bit gradients. Vanilla widens its 16-bit
+    /// operands into `Float` copies and stages its 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
     /// ``AttentionWorkspace/init(forBackwardOf:shape:threads:precisions:)``).
