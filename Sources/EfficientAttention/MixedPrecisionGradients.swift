@@ -12,13 +12,13 @@ extension DifferentiableAttention {
     /// rounded once to its view's precision (nearest even), bit for bit, for any thread
     /// count. The conformers whose backward is the tiled flash kernel (dense, grouped-query,
     /// local, strided, Longformer, BigBird, custom masks, adaptive span, axial, ETC,
-    /// Transformer-XL, the Compressive Transformer, Sinkhorn) widen
+    /// Transformer-XL, the Compressive Transformer, Sinkhorn, PMA) widen
     /// 16-bit operands as the kernel packs them (query and `dO` rows per query tile, key and
     /// value rows per key block) and round 16-bit `dK`, `dV` rows as they write them; only a
     /// 16-bit `dQuery` (summed over the key blocks) and, for those whose passes add to `dK`,
     /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL, Sinkhorn), those two are staged in
-    /// `Float`. LSH, routing, Linformer, memory-compressed attention, linear attention,
-    /// ISAB and PMA widen rows as their hashing, routers, gathers, GEMMs, feature maps and
+    /// `Float`. LSH, routing, Linformer, memory-compressed attention, linear attention and
+    /// ISAB widen rows as their hashing, routers, gathers, GEMMs, feature maps and
     /// tiled passes read them and stage their 16-bit gradients. Vanilla widens its 16-bit
     /// operands into `Float` copies and stages its 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``

@@ -183,7 +183,8 @@ struct MixedPrecisionBackwardTests {
                 keyProjection: try Tensor.random(shape: [1, 1, 1, 4 * 16 * 33], seed: 7, in: -0.3...0.3).elements,
                 valueProjection: try Tensor.random(shape: [1, 1, 1, 4 * 16 * 16], seed: 8, in: -0.3...0.3).elements)),
         ]
-        // PMA: the seeds are the queries (the query tensor gives the shape).
+        // PMA (KernelWideningBackward: the tiled backward writes dK, dV in their precision):
+        // the seeds are the queries (the query tensor gives the shape).
         let pma = try AttentionPooling(heads: 4, headDim: 33, seedCount: 3, seed: 9)
         let (pq, pk, pv) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 3, keyLength: 70, headDim: 33,
                                          valueDim: 16, seed: 24)

@@ -112,16 +112,16 @@ public struct AttentionPooling: KernelWidening {
     }
 }
 
-extension AttentionPooling: OperandWideningBackward {
-    /// 16-bit keys, values, outputs and `dO` are read by the tiled backward, which widens
-    /// them as it packs them (`dQuery` is 0).
-    func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
-                                 v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
-                                 dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
-                                 keyLengths: [Int]?) throws {
-        backward(shape: shape, scale: scale ?? 1 / Float(shape.headDim).squareRoot(), threads: threads,
-                 keyLengths: keyLengths, k: k, v: v, o: o, lse: lse, dO: dO, dK: dK, dV: dV, seeds: nil)
+extension AttentionPooling: KernelWideningBackward {
+    /// One pass of the tiled backward with the seeds as queries: it widens 16-bit keys,
+    /// values, outputs and `dO` as it packs them and writes `dK`, `dV` rows (rounded once
+    /// when 16-bit); `dQuery` is 0.
+    func tiledBackward(_ call: TiledBackwardCall) throws {
+        backward(shape: call.shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
+                 k: call.k, v: call.v, o: call.o, lse: call.lse, dO: call.dO, dK: call.dK, dV: call.dV, seeds: nil)
     }
+
+    func addsKeyGradients(_ shape: AttentionShape) throws -> Bool { false }
 
     /// The dense backward (``TiledSoftmaxBackward``) of the seeds over the keys
     /// (KernelDocs/SetTransformer.md, "Backward"): one attention, whose output and
