@@ -110,16 +110,19 @@ extension DifferentiableAttention {
         output: ActivationPrecision, outputGradient: ActivationPrecision, dQuery: ActivationPrecision,
         dKey: ActivationPrecision, dValue: ActivationPrecision, threads: Int? = nil
     ) -> Int {
+        let widensOperands = query != .float32 || key != .float32 || value != .float32 || output != .float32
+            || outputGradient != .float32
+        /// The tiled backward's widened value rows per worker for a problem of `shape`.
+        func wideningBytes(_ shape: AttentionShape) -> Int {
+            TiledSoftmaxBackward.wideningBytes(shape: shape, threads: workerCount(threads: threads, items: .max))
+        }
         if let widening = Self.self as? any KernelWideningBackward.Type {
             let stagesKeys = withUnsafePointer(to: self) {
                 (try? widening.addsKeyGradients(at: UnsafeRawPointer($0), shape)) ?? true
             }
-            let widens = query != .float32 || key != .float32 || value != .float32 || output != .float32
-                || outputGradient != .float32
             return widenedCopyBytes(dQuery, shape.queryElements)
                 + (stagesKeys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
-                + (widens ? TiledSoftmaxBackward.wideningBytes(shape: shape,
-                                                               threads: workerCount(threads: threads, items: .max)) : 0)
+                + (widensOperands ? wideningBytes(shape) : 0)
         }
         if let reading = Self.self as? any OperandWideningBackward.Type {
             // The tiled backward some of them run (on the call's operands or gathered rows)
@@ -127,12 +130,9 @@ extension DifferentiableAttention {
             // reserved for the largest tile.
             var tile = shape
             (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
-            let widens = reading.widensInTiledBackward && (query != .float32 || key != .float32
-                || value != .float32 || output != .float32 || outputGradient != .float32)
             return widenedCopyBytes(dQuery, shape.queryElements) + widenedCopyBytes(dKey, shape.keyElements)
                 + widenedCopyBytes(dValue, shape.valueElements)
-                + (widens ? TiledSoftmaxBackward.wideningBytes(shape: tile,
-                                                               threads: workerCount(threads: threads, items: .max)) : 0)
+                + (widensOperands && reading.widensInTiledBackward ? wideningBytes(tile) : 0)
         }
         return widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
             + widenedCopyBytes(value, shape.valueElements) + widenedCopyBytes(output, shape.outputElements)

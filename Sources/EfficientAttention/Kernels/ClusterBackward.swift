@@ -162,24 +162,17 @@ enum ClusterBackward {
         parallelForEach(items: parts, threads: threads) { part, _ in
             let queryRows = (part * n / parts)..<((part + 1) * n / parts)
             for slot in 0..<sq where space.limits[slot] > 0 && queryRows.contains(Int(qp[slot])) {
-                add(space.queryGradient + slot * d, to: dQ.row(b, h, Int(qp[slot])), stride: dQ.strides[3], count: d)
+                PermutedBlockAttention.add(space.queryGradient + slot * d, to: dQ.row(b, h, Int(qp[slot])),
+                                           stride: dQ.strides[3], count: d)
             }
             let keyRows = (part * nk / parts)..<((part + 1) * nk / parts)
             for slot in 0..<sk where keyRows.contains(Int(kp[slot])) && Int(kp[slot]) < keyLength {
                 let j = Int(kp[slot])
-                add(space.keyGradient + slot * d, to: dK.row(b, hk, j), stride: dK.strides[3], count: d)
-                add(space.valueGradient + slot * dv, to: dV.row(b, hk, j), stride: dV.strides[3], count: dv)
+                PermutedBlockAttention.add(space.keyGradient + slot * d, to: dK.row(b, hk, j), stride: dK.strides[3],
+                                           count: d)
+                PermutedBlockAttention.add(space.valueGradient + slot * dv, to: dV.row(b, hk, j),
+                                           stride: dV.strides[3], count: dv)
             }
-        }
-    }
-
-    /// `target[c · stride] += source[c]` for `c < count`.
-    @inline(__always)
-    static func add(_ source: UnsafePointer<Float>, to target: UnsafeMutablePointer<Float>, stride: Int, count: Int) {
-        if stride == 1 {
-            for c in 0..<count { target[c] += source[c] }
-        } else {
-            for c in 0..<count { target[c &* stride] += source[c] }
         }
     }
 }

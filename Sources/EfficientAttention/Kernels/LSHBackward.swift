@@ -148,7 +148,7 @@ enum LSHBackward {
         parallelForEach(items: items, threads: threads) { item, _ in
             let first = item * rowsPerItem
             for s in first..<min(n, first + rowsPerItem) {
-                add(space.queryGradient + s * d, to: dQ.row(b, h, Int(space.queryPosition[s])), stride: qs, count: d)
+                PermutedBlockAttention.add(space.queryGradient + s * d, to: dQ.row(b, h, Int(space.queryPosition[s])), stride: qs, count: d)
                 let j = Int(space.keyPosition[s])
                 let keyGradient = space.keyGradient + s * d
                 if sharedKeys {
@@ -156,11 +156,11 @@ enum LSHBackward {
                     let keyRow = space.k + s * d, inverse = space.inverseNorm[s]
                     let along = dot(keyRow, 1, keyGradient, 1, count: d)
                     for c in 0..<d { keyGradient[c] = inverse * (keyGradient[c] - along * keyRow[c]) }
-                    add(keyGradient, to: dQ.row(b, h, j), stride: qs, count: d)
+                    PermutedBlockAttention.add(keyGradient, to: dQ.row(b, h, j), stride: qs, count: d)
                 } else {
-                    add(keyGradient, to: dK.row(b, hk, j), stride: ks, count: d)
+                    PermutedBlockAttention.add(keyGradient, to: dK.row(b, hk, j), stride: ks, count: d)
                 }
-                add(space.valueGradient + s * dv, to: dV.row(b, hk, j), stride: vs, count: dv)
+                PermutedBlockAttention.add(space.valueGradient + s * dv, to: dV.row(b, hk, j), stride: vs, count: dv)
             }
         }
     }
@@ -174,17 +174,6 @@ enum LSHBackward {
                 let i = Int(space.queryPosition[s])
                 if space.seen[i] == 0 && mask.seesAnyKey(s) { space.seen[i] = 1 }
             }
-        }
-    }
-
-    /// `target[c · stride] += source[c · sourceStride]` for `c < count`.
-    @inline(__always)
-    static func add(_ source: UnsafePointer<Float>, sourceStride: Int = 1, to target: UnsafeMutablePointer<Float>,
-                    stride: Int, count: Int) {
-        if stride == 1 && sourceStride == 1 {
-            for c in 0..<count { target[c] += source[c] }
-        } else {
-            for c in 0..<count { target[c &* stride] += source[c &* sourceStride] }
         }
     }
 }

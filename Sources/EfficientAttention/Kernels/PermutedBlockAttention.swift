@@ -269,8 +269,8 @@ enum PermutedBlockAttention {
         @inline(__always)
         func prefetch(_ positions: UnsafePointer<Int32>, count: Int, width: Int) {
             let rows = view.byteRows(b, h, rows: PositionRun(start: 0, count: 1), width: width)
-            prefetchRows(rows.base, count: count, rowStrideBytes: view.strides[2] &* view.precision.byteWidth,
-                         lengthBytes: rows.lengthBytes, positions: positions)
+            prefetchRows(rows.base, count: count, rowStrideBytes: rows.strideBytes, lengthBytes: rows.lengthBytes,
+                         positions: positions)
         }
     }
 
@@ -502,5 +502,16 @@ enum PermutedBlockAttention {
             axpy(weight, row, 1, out, outStride, count: dv)
         }
         lse[0] = logSumExp ? rounds.logSumExp : m + logf(rounds.total / Float(used))
+    }
+
+    /// `target[c · stride] += source[c]` for `c < count`: a gathered row's gradient added
+    /// back to its original row (``LSHBackward``, ``ClusterBackward``).
+    @inline(__always)
+    static func add(_ source: UnsafePointer<Float>, to target: UnsafeMutablePointer<Float>, stride: Int, count: Int) {
+        if stride == 1 {
+            for c in 0..<count { target[c] += source[c] }
+        } else {
+            for c in 0..<count { target[c &* stride] += source[c] }
+        }
     }
 }
