@@ -240,6 +240,19 @@ extension TensorView {
     }
 }
 
+extension TensorView {
+    /// Rows `rows` of head `(b, h)` (`width` elements each) as `Float` rows for a kernel that
+    /// reads them through strides: this view's own rows when it is `Float`, else the rows
+    /// widened into `stage` (`rows.count × width` floats; valid until it is next written).
+    @inline(__always)
+    func floatRows(_ b: Int, _ h: Int, rows: PositionRun, width: Int, stage: UnsafeMutablePointer<Float>)
+        -> (base: UnsafePointer<Float>, rowStride: Int, columnStride: Int) {
+        guard precision != .float32 else { return (row(b, h, rows.start), rows.step &* strides[2], strides[3]) }
+        widenRows(b, h, rows: rows, width: width, into: stage, ld: width)
+        return (UnsafePointer(stage), width, 1)
+    }
+}
+
 extension MutableTensorView {
     /// Writes `values[0..<count]` into row `[b, h, i]`, rounded to the view's precision.
     @inline(__always)

@@ -27,7 +27,7 @@ enum LinearAttentionBackward {
         let keyFeatures, queryFeatures, keyLogScale, queryLogScale, dden, dN, masked, products,
             dPhiQ, dPhiK, dX, dVChunk, s, z, dS, dz: UnsafeMutablePointer<Float>
         /// A chunk of 16-bit query or key rows widened to `Float` before the feature map
-        /// reads them (``rows(_:_:_:start:count:)``).
+        /// reads them (``TensorView/floatRows(_:_:rows:width:stage:)``).
         let rowStage: UnsafeMutablePointer<Float>
         let gemm: Gemm.Workspace
 
@@ -67,18 +67,6 @@ enum LinearAttentionBackward {
         var dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView
     }
 
-    /// Rows `start ..< start + count` (at most ``chunk``) of head `(b, h)` of `view` as
-    /// `Float` rows for the feature map: the view's own rows when it is `Float`, else the
-    /// rows widened into `space.rowStage` (valid until the next call).
-    @inline(__always)
-    static func rows(_ view: TensorView, _ b: Int, _ h: Int, start: Int, count: Int, space: Workspace)
-        -> (base: UnsafePointer<Float>, rowStride: Int, columnStride: Int) {
-        guard view.precision != .float32 else { return (view.row(b, h, start), view.strides[2], view.strides[3]) }
-        view.widenRows(b, h, rows: PositionRun(start: start, count: count), width: space.d, into: space.rowStage,
-                       ld: space.d)
-        return (UnsafePointer(space.rowStage), space.d, 1)
-    }
-
     /// The gradients of one (batch item `b`, key/value head `hk`): every query head of its
     /// group, `heads` (in order). `keyCount` valid keys; `keyLength` the full `Nk` (for the
     /// causal offset). `dQ` rows must be zero on entry; `dK`, `dV` rows are written.
@@ -87,6 +75,12 @@ enum LinearAttentionBackward {
         b: Int, hk: Int, heads: Range<Int>, views x: Views, space: Workspace
     ) {
         let (m, mPad, d, dv) = (space.m, space.mPad, space.d, space.dv)
+        /// Rows `start ..< start + count` of head `h` of `view` for the feature map
+        /// (``TensorView/floatRows(_:_:rows:width:stage:)``: 16-bit rows widened into the stage).
+        func floatRows(_ view: TensorView, _ h: Int, _ start: Int, _ count: Int)
+            -> (base: UnsafePointer<Float>, rowStride: Int, columnStride: Int) {
+            view.floatRows(b, h, rows: PositionRun(start: start, count: count), width: d, stage: space.rowStage)
+        }
         for j in 0..<keyLength {
             let kr = x.dK.row(b, hk, j), vr = x.dV.row(b, hk, j)
             for c in 0..<d { kr[c * x.dK.strides[3]] = 0 }
@@ -96,7 +90,7 @@ enum LinearAttentionBackward {
         var c = -Float.infinity
         for start in stride(from: 0, to: keyCount, by: chunk) {
             let count = min(chunk, keyCount - start)
-            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            let keys = floatRows(x.k, hk, start, count)
             map.apply(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                       headDim: d, output: space.keyFeatures, outputStride: mPad, logScale: space.keyLogScale)
             for j in 0..<count { c = max(c, space.keyLogScale[j]) }
@@ -107,7 +101,7 @@ enum LinearAttentionBackward {
         let prefix = causal ? min(max(offset, 0), keyCount) : keyCount
 
         func keyRows(_ start: Int, _ count: Int) {
-            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            let keys = floatRows(x.k, hk, start, count)
             map.apply(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                       headDim: d, output: space.keyFeatures, outputStride: mPad, logScale: space.keyLogScale)
             for j in 0..<count where space.keyLogScale[j] != c {
@@ -119,7 +113,7 @@ enum LinearAttentionBackward {
         }
         /// Query features, `dN`, `dden` of queries `start ..< start + count` of head `h`.
         func queryRows(_ h: Int, _ start: Int, _ count: Int) {
-            let queries = rows(x.q, b, h, start: start, count: count, space: space)
+            let queries = floatRows(x.q, h, start, count)
             map.apply(queries.base, rows: count, rowStride: queries.rowStride, columnStride: queries.columnStride,
                       headDim: d, output: space.queryFeatures, outputStride: mPad, logScale: space.queryLogScale)
             for i in 0..<count {
@@ -185,7 +179,7 @@ enum LinearAttentionBackward {
         }
         /// Adds `dPhiK` through the map, and `dVChunk`, to the key rows.
         func finishKeys(_ start: Int, _ count: Int) {
-            let keys = rows(x.k, b, hk, start: start, count: count, space: space)
+            let keys = floatRows(x.k, hk, start, count)
             map.backward(keys.base, rows: count, rowStride: keys.rowStride, columnStride: keys.columnStride,
                          headDim: d, features: space.keyFeatures, featureGradient: space.dPhiK, featureStride: mPad,
                          output: space.dX, outputStride: d)
@@ -228,7 +222,7 @@ enum LinearAttentionBackward {
                                   b: .matrix(MatrixOperand(base: space.keyFeatures, rowStride: mPad, columnStride: 1)),
                                   c: space.dPhiQ, ldc: mPad, accumulate: true, workspace: space.gemm)
                 }
-                let queries = rows(x.q, b, h, start: start, count: count, space: space)
+                let queries = floatRows(x.q, h, start, count)
                 map.backward(queries.base, rows: count, rowStride: queries.rowStride,
                              columnStride: queries.columnStride, headDim: d, features: space.queryFeatures,
                              featureGradient: space.dPhiQ, featureStride: mPad, output: space.dX, outputStride: d)

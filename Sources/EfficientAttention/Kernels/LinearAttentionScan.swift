@@ -223,13 +223,8 @@ enum LinearAttentionScan {
     static func apply<Map: FeatureMap>(_ map: Map, _ x: TensorView, _ b: Int, _ h: Int, rows: PositionRun, d: Int,
                                        output: UnsafeMutablePointer<Float>, space: Workspace,
                                        logScale: UnsafeMutablePointer<Float>) {
-        guard x.precision == .float32 else {
-            x.widenRows(b, h, rows: rows, width: d, into: space.rowStage, ld: d)
-            map.apply(space.rowStage, rows: rows.count, rowStride: d, columnStride: 1, headDim: d, output: output,
-                      outputStride: space.mPad, logScale: logScale)
-            return
-        }
-        map.apply(x.row(b, h, rows.start), rows: rows.count, rowStride: x.strides[2], columnStride: x.strides[3],
+        let source = x.floatRows(b, h, rows: rows, width: d, stage: space.rowStage)
+        map.apply(source.base, rows: rows.count, rowStride: source.rowStride, columnStride: source.columnStride,
                   headDim: d, output: output, outputStride: space.mPad, logScale: logScale)
     }
 
