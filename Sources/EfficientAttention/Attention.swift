@@ -527,7 +527,7 @@ extension Attention {
                          _ body: (ViewCall) throws -> Void) throws {
         let shape = try checkMixedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                        keyLengths: keyLengths, workspace: workspace, threads: threads)
-        try modifiers.validate(shape, threads: try threadCount(threads))
+        try modifiers.validate(shape)
         let scale = scale ?? 1 / Float(shape.headDim).squareRoot()
         func run() throws {
             func call(_ lse: MutableTensorView) throws {

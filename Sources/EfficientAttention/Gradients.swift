@@ -81,7 +81,7 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query, key: key, value: value)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        try checkModifiersForBackward(s, threads: try threadCount(threads))
+        try checkModifiersForBackward(s)
         try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
                                 logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
                                 dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
@@ -105,9 +105,9 @@ extension DifferentiableAttention {
     /// Throws unless this conformer's score modifiers (if it takes any) fit `shape` (the
     /// forward's checks, naming the option) and its backward applies them (conformers marked
     /// ``ModifierDifferentiable``; the others refuse modifiers rather than ignore them).
-    func checkModifiersForBackward(_ shape: AttentionShape, threads: Int = 1) throws {
+    func checkModifiersForBackward(_ shape: AttentionShape) throws {
         guard let modifiers = scoreModifiers else { return }
-        try modifiers.validate(shape, threads: threads)
+        try modifiers.validate(shape)
         if !modifiers.isEmpty && !(Self.self is any ModifierDifferentiable.Type) {
             throw AttentionError.unsupported(
                 "\(name) gradients: score modifiers (soft-capping, ALiBi, bias, sinks) have no backward pass yet")

@@ -229,7 +229,7 @@ extension KernelWideningBackward {
                           dQuery: MutableActivationView, dKey: MutableActivationView, dValue: MutableActivationView,
                           keyLengths: [Int]?, threads: Int?) throws {
         let workers = try threadCount(threads)
-        try checkModifiersForBackward(shape, threads: workers)
+        try checkModifiersForBackward(shape)
         let stagesKeys = try addsKeyGradients(shape)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
         try withFloatGradient(dQuery, zeroed: true) { dq in

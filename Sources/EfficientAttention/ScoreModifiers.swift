@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import CEfficientAttention
 
 /// What today's models add to softmax attention's scores (ATTENTION_SPEC.md, "Score
@@ -63,8 +64,9 @@ public struct ScoreModifiers: Sendable, Equatable {
     }
 
     /// Throws unless every modifier fits `shape`, naming the option. The bias's values are
-    /// checked on up to `threads` threads (a large bias is read once per call).
-    func validate(_ shape: AttentionShape, threads: Int = 1) throws {
+    /// not read here: the kernels check each term as they add it (``withKernel(_:_:)``), so
+    /// a large bias is read once per call, not twice.
+    func validate(_ shape: AttentionShape) throws {
         if let softCap, !(softCap.isFinite && softCap > 0) {
             throw AttentionError.invalidParameter("modifiers.softCap must be finite and above 0, got \(softCap)")
         }
@@ -87,41 +89,44 @@ public struct ScoreModifiers: Sendable, Equatable {
                 throw AttentionError.shapeMismatch(
                     "modifiers.bias must be [B or 1, H or 1, Nq, Nk] = [\(shape.batch) or 1, \(shape.heads) or 1, \(shape.queryLength), \(shape.keyLength)], got \(s)")
             }
-            // In place over the storage when it holds exactly the elements (row-major or a
-            // permuted layout); else over a copy of the elements.
-            let invalid = bias.fillsStorage
-                ? bias.storage.withUnsafeBufferPointer {
-                    containsNaNOrPlusInfinity(UnsafeBufferPointer(rebasing: $0[0..<bias.count]), threads: threads)
-                }
-                : bias.elements.contains(where: { !($0 < .infinity) })
-            if invalid {
-                throw AttentionError.invalidParameter("modifiers.bias must be finite or -infinity (found NaN or +infinity)")
-            }
         }
     }
 
     /// Runs `body` with the kernel form of the score modifiers of `shape` (nil when none
-    /// modifies scores), valid during `body`.
-    func withKernel<R>(_ shape: AttentionShape, _ body: (ScoreModifierKernel?) throws -> R) rethrows -> R {
+    /// modifies scores), valid during `body`. Throws after `body` if a bias term the kernels
+    /// added was NaN or `+infinity`: every visible pair's term is checked as it is added
+    /// (one compare per 16 terms), hidden pairs' only where a scored tile holds them, so the
+    /// bias is read once per call (KernelDocs/ScoreModifiers.md, "Checking the bias"). The
+    /// outputs are then unspecified.
+    func withKernel<R>(_ shape: AttentionShape, _ body: (ScoreModifierKernel?) throws -> R) throws -> R {
         guard modifiesScores else { return try body(nil) }
         func withSlopes(_ body: (UnsafePointer<Float>?) throws -> R) rethrows -> R {
             guard let alibiSlopes else { return try body(nil) }
             return try alibiSlopes.withUnsafeBufferPointer { try body($0.baseAddress!) }
         }
-        return try withSlopes { slopes in
-            func make(_ bias: TensorView?) throws -> R {
-                try body(ScoreModifierKernel(softCap: softCap ?? 0, slopes: slopes, bias: bias,
-                                             offset: shape.keyLength - shape.queryLength))
-            }
-            guard let bias else { return try make(nil) }
-            return try bias.withStridedView { view in
-                // Broadcast dimensions read the one row they have (stride 0).
-                var strides = view.strides
-                if view.shape[0] == 1 { strides[0] = 0 }
-                if view.shape[1] == 1 { strides[1] = 0 }
-                return try make(TensorView(base: view.baseAddress, strides: strides))
+        let invalidBias = Atomic<Bool>(false)
+        let result = try withUnsafePointer(to: invalidBias) { invalid in
+            try withSlopes { slopes in
+                func make(_ bias: TensorView?) throws -> R {
+                    try body(ScoreModifierKernel(softCap: softCap ?? 0, slopes: slopes, bias: bias,
+                                                 offset: shape.keyLength - shape.queryLength, invalidBias: invalid))
+                }
+                guard let bias else { return try make(nil) }
+                return try bias.withStridedView { view in
+                    // Broadcast dimensions read the one row they have (stride 0).
+                    var strides = view.strides
+                    if view.shape[0] == 1 { strides[0] = 0 }
+                    if view.shape[1] == 1 { strides[1] = 0 }
+                    return try make(TensorView(base: view.baseAddress, strides: strides))
+                }
             }
         }
+        // The workers have finished (their pool's join orders their stores before this load).
+        if invalidBias.load(ordering: .relaxed) {
+            throw AttentionError.invalidParameter(
+                "modifiers.bias must be finite or -infinity (found NaN or +infinity on a scored pair)")
+        }
+        return result
     }
 }
 
@@ -142,6 +147,8 @@ struct ScoreModifierKernel: @unchecked Sendable {
     let bias: TensorView?
     /// `Nk − Nq`: query `i`'s aligned position is `i + offset`.
     let offset: Int
+    /// Set when a bias term added was NaN or `+infinity` (read by ``ScoreModifiers/withKernel(_:_:)``).
+    let invalidBias: UnsafePointer<Atomic<Bool>>
     /// The whole call's batch item and head of a restricted call's item 0 and head 0.
     var firstItem = 0, firstHead = 0
 
@@ -173,7 +180,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
         @inline(__always) func distance(lane: Int, key j: Int) -> V {
             V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
         }
-        var r = 0
+        var r = 0, check = BiasTermCheck()
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
             // prefetchers, so the bias is requested ahead twice: the next key tile's (the
@@ -203,7 +210,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
                         for jj in 0..<16 {
                             let row = scores + (r + jj) &* ld + lane
                             store16(modified(load16(row), biasTerms: load16(terms + jj * 16), slope: slope,
-                                             distance: distance(lane: lane, key: j0 + jj)), row)
+                                             distance: distance(lane: lane, key: j0 + jj), check: &check), row)
                         }
                     }
                     r += 16
@@ -220,28 +227,39 @@ struct ScoreModifierKernel: @unchecked Sendable {
                     }
                 }
                 store16(modified(load16(row + lane), biasTerms: terms, slope: slope,
-                                 distance: distance(lane: lane, key: j)), row + lane)
+                                 distance: distance(lane: lane, key: j), check: &check), row + lane)
             }
             r += 1
         }
+        report(check)
     }
 
     /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`
     /// subtracted (`distance` = query position + offset − key position, per lane). The one
-    /// formula of the tiled and the decode kernels.
+    /// formula of the tiled and the decode kernels; the bias terms are shown to `check`
+    /// (reported by ``report(_:)`` once per tile).
     @inline(__always)
     func modified(_ scores: SIMD16<Float>, biasTerms: SIMD16<Float>, slope: SIMD16<Float>,
-                  distance: SIMD16<Float>) -> SIMD16<Float> {
+                  distance: SIMD16<Float>, check: inout BiasTermCheck) -> SIMD16<Float> {
         var s = scores
         if softCap > 0 {
             s = SIMD16(repeating: softCap) * tanh16(s * SIMD16(repeating: 1 / softCap))
         }
-        if bias != nil { s += biasTerms }
+        if bias != nil {
+            check.note(biasTerms)
+            s += biasTerms
+        }
         if slopes != nil { s = fused(-slope, abs16(distance), s) }
         return s
     }
 
-    /// The derivative of ``modified(_:biasTerms:slope:distance:)`` with respect to the raw
+    /// Flags the call's bias as invalid if `check` saw NaN or `+infinity`.
+    @inline(__always)
+    func report(_ check: BiasTermCheck) {
+        if check.found { invalidBias.pointee.store(true, ordering: .relaxed) }
+    }
+
+    /// The derivative of ``modified(_:biasTerms:slope:distance:check:)`` with respect to the raw
     /// scores `s` when soft-capping: `1 − tanh²(s / cap)` (the same `tanh16` of the same
     /// argument as the forward; 0 where its clamp makes the capped score constant). The bias
     /// and ALiBi are additive: derivative 1.
@@ -250,6 +268,25 @@ struct ScoreModifierKernel: @unchecked Sendable {
         let t = tanh16(scores * SIMD16(repeating: 1 / softCap))
         return fused(-t, t, SIMD16(repeating: 1))
     }
+}
+
+/// Whether any bias term shown to it was NaN or `+infinity`. It keeps the running maximum,
+/// as `Int32`, of each term's bits and of its magnitude's bits minus 1: both stay below
+/// `0x7F80_0000` for finite terms and −infinity, and one reaches it for +infinity (the
+/// bits) and every NaN (the magnitude). Integer compares and blends, which vectorize; a
+/// mask reduction per vector compiles lane by lane.
+struct BiasTermCheck {
+    private var peak = SIMD16<Int32>(repeating: .min)
+
+    @inline(__always)
+    mutating func note(_ terms: SIMD16<Float>) {
+        let bits = unsafeBitCast(terms, to: SIMD16<Int32>.self)
+        let magnitude = (bits & 0x7FFF_FFFF) &- 1
+        peak.replace(with: bits, where: bits .> peak)
+        peak.replace(with: magnitude, where: magnitude .> peak)
+    }
+
+    var found: Bool { peak.max() >= 0x7F80_0000 }
 }
 
 /// `|x|` lane by lane (the sign bit cleared).
@@ -304,41 +341,6 @@ extension ScoreModifiers {
             }
         }
     }
-}
-
-/// ``containsNaNOrPlusInfinity(_:)`` on up to `threads` threads, each over its own part
-/// (at least 2^20 elements each).
-func containsNaNOrPlusInfinity(_ values: UnsafeBufferPointer<Float>, threads: Int) -> Bool {
-    let parts = min(max(1, threads), 64, max(1, values.count >> 20))
-    guard parts > 1 else { return containsNaNOrPlusInfinity(values) }
-    return withUnsafeTemporaryAllocation(of: Bool.self, capacity: parts) { found in
-        let found = UncheckedSendable(found.baseAddress!), all = UncheckedSendable(values)
-        parallelForEach(items: parts, threads: parts) { part, _ in
-            let count = all.value.count
-            let range = (part * count / parts)..<((part + 1) * count / parts)
-            found.value[part] = containsNaNOrPlusInfinity(UnsafeBufferPointer(rebasing: all.value[range]))
-        }
-        return (0..<parts).contains { found.value[$0] }
-    }
-}
-
-/// Whether some element of `values` is NaN or `+infinity` (every lane compared with
-/// `< +infinity`, 16 at a time: the check runs at memory speed over a large bias).
-func containsNaNOrPlusInfinity(_ values: UnsafeBufferPointer<Float>) -> Bool {
-    guard let base = values.baseAddress else { return false }
-    let limit = SIMD16<Float>(repeating: .infinity)
-    var n = 0
-    while n + 1024 <= values.count {
-        var fine = SIMDMask<SIMD16<Int32>>(repeating: true)
-        for k in stride(from: n, to: n + 1024, by: 16) { fine = fine .& (load16(base + k) .< limit) }
-        if !all(fine) { return true }
-        n += 1024
-    }
-    while n < values.count {
-        if !(base[n] < .infinity) { return true }
-        n += 1
-    }
-    return false
 }
 
 // MARK: - Backward
@@ -403,7 +405,7 @@ extension DifferentiableAttention {
     /// unless ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``
     /// asked for it), for ``TiledSoftmaxBackward/run(shape:scale:threads:keyBlocks:accumulate:q:k:v:o:lse:dO:dQ:dK:dV:modifiers:biasGradient:mask:)``.
     func withModifierBackward<R>(_ shape: AttentionShape,
-                                 _ body: (ScoreModifierKernel?, MutableTensorView?) throws -> R) rethrows -> R {
+                                 _ body: (ScoreModifierKernel?, MutableTensorView?) throws -> R) throws -> R {
         guard let modifiers = scoreModifiers, modifiers.modifiesScores else {
             return try body(nil, nil)
         }

@@ -110,26 +110,6 @@ public struct Tensor: Sendable, Equatable {
         set { storage[index(i0, i1, i2, i3)] = newValue }
     }
 
-    /// True when the elements are exactly the storage's elements, each once, in some order
-    /// of the axes (row-major, or a transposed or permuted contiguous layout): a check of
-    /// every element can then run over `storage` in place.
-    var fillsStorage: Bool {
-        guard offset == 0, storage.count == count, count > 0 else { return false }
-        // The axes of extent above 1, by increasing stride: strides 1, e₀, e₀·e₁, … (no arrays:
-        // this runs in every checked call).
-        var remaining = 0
-        for a in 0..<4 where shape[a] > 1 { remaining |= 1 << a }
-        var expected = 1
-        while remaining != 0 {
-            var best = -1
-            for a in 0..<4 where remaining & (1 << a) != 0 && (best < 0 || strides[a] < strides[best]) { best = a }
-            guard strides[best] == expected else { return false }
-            expected *= shape[best]
-            remaining &= ~(1 << best)
-        }
-        return true
-    }
-
     /// The elements in row-major order (a copy).
     public var elements: [Float] {
         if isContiguous && offset == 0 && storage.count == count { return storage }

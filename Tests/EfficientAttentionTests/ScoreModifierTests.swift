@@ -186,7 +186,7 @@ struct ScoreModifierTests {
         #expect(ScoreModifiers.standardALiBiSlopes(heads: 1) == [Float(pow(2, -8.0))])
     }
 
-    @Test("a bias in a permuted layout: the row-major bias's results, its NaN found in place; a NaN outside its elements is no element")
+    @Test("a bias in a permuted layout: the row-major bias's results, its NaN found; a NaN outside its elements is no element")
     func permutedBias() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, keyLength: 12, headDim: 8, seed: 3)
         let rowMajor = try Tensor.random(shape: [1, 2, 10, 12], seed: 4)
@@ -211,7 +211,62 @@ struct ScoreModifierTests {
         #expect(gapped.output.elements.map(\.bitPattern) == expected)
     }
 
-    @Test("bad modifiers are thrown errors naming the option, before any work")
+    @Test("a bias is checked where the kernels add it: NaN or +infinity on a visible pair throws on every path (tiled, decode, a second pass, backward); on a pair of a skipped tile it is never read")
+    func biasCheckedWhereRead() throws {
+        let n = 200
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: n, headDim: 8, seed: 11)
+        let clean = try Tensor.random(shape: [1, 2, n, n], seed: 12)
+        func planted(_ value: Float, _ h: Int, _ i: Int, _ j: Int, in base: Tensor = clean) -> Tensor {
+            var t = base
+            t[0, h, i, j] = value
+            return t
+        }
+        func withBias<A: ModifiableAttention>(_ a: A, _ bias: Tensor) -> A {
+            var a = a
+            a.modifiers = ScoreModifiers(bias: bias)
+            return a
+        }
+        let dense = DenseAttention(causal: true)
+        // The tiled kernel (200 queries), both values, both heads.
+        for value in [Float.nan, .infinity] {
+            for (h, i, j) in [(0, 150, 20), (1, 199, 199), (1, 63, 0)] {
+                let error = thrownAttentionError {
+                    try withBias(dense, planted(value, h, i, j)).attend(query: q, key: k, value: v, threads: 2)
+                }
+                #expect(error?.message.contains("modifiers.bias must be finite") == true, "\(value) at \(h), \(i), \(j)")
+            }
+        }
+        // Hidden pairs in tiles the causal mask skips (query tile 0 sees keys below 64): not
+        // read, so the result is the clean bias's, bit for bit; −infinity is a hidden pair.
+        let expected = try withBias(dense, clean).attend(query: q, key: k, value: v, threads: 2)
+        let hidden = planted(.nan, 0, 0, 199, in: planted(.infinity, 1, 10, 150))
+        let unread = try withBias(dense, hidden).attend(query: q, key: k, value: v, threads: 2)
+        #expect(unread.output.elements.map(\.bitPattern) == expected.output.elements.map(\.bitPattern))
+        #expect(try withBias(dense, planted(-.infinity, 0, 5, 3)).attend(query: q, key: k, value: v, threads: 2)
+            .output.elements.allSatisfy(\.isFinite))
+        // The decode kernel (fewer than 16 queries).
+        let (q3, k3, v3) = try randomQKV(heads: 2, queryLength: 3, keyLength: 40, headDim: 8, seed: 13)
+        var small = try Tensor.random(shape: [1, 1, 3, 40], seed: 14)
+        small[0, 0, 1, 5] = .nan
+        #expect(thrownAttentionError {
+            try withBias(DenseAttention(), small).attend(query: q3, key: k3, value: v3, threads: 1)
+        }?.message.contains("modifiers.bias must be finite") == true)
+        // A pair only strided's column pass scores (query 150, key 4: 146 apart, a multiple of 73).
+        let strided = StridedAttention(kind: .strided, stride: 73, causal: true)
+        #expect(try withBias(strided, clean).attend(query: q, key: k, value: v, threads: 2).output.elements
+            .allSatisfy(\.isFinite))
+        #expect(thrownAttentionError {
+            try withBias(strided, planted(.nan, 1, 150, 4)).attend(query: q, key: k, value: v, threads: 2)
+        }?.message.contains("modifiers.bias must be finite") == true)
+        // The backward reads the bias again, and checks it as it does.
+        let bad = withBias(dense, planted(.infinity, 0, 120, 7))
+        #expect(thrownAttentionError {
+            try bad.gradients(query: q, key: k, value: v, output: expected.output, logSumExp: expected.logSumExp,
+                              outputGradient: expected.output, keyLengths: nil, threads: 2)
+        }?.message.contains("modifiers.bias must be finite") == true)
+    }
+
+    @Test("bad modifiers are thrown errors naming the option (a bias NaN once the kernel meets it)")
     func badModifiers() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 10, headDim: 8, seed: 1)
         let cases: [(ScoreModifiers, String)] = [

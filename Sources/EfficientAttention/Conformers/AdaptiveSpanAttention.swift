@@ -204,7 +204,7 @@ extension AdaptiveSpanAttention: KernelWideningBackward {
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
                                                    threads: threads, scale: scale) { x in
             // The score modifiers (and ∂bias when asked) as the forward applies them.
-            withModifierBackward(x.shape) { modifiers, biasGradient in
+            try withModifierBackward(x.shape) { modifiers, biasGradient in
                 backward(shape: x.shape, scale: x.scale, threads: x.threads, keyLengths: keyLengths,
                          q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
                          modifiers: modifiers, biasGradient: biasGradient, spans: &dz)

@@ -226,8 +226,8 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         var lse = try Tensor(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
-        query.withView { q in output.withMutableView { o in lse.withMutableView { l in
-            modifiers.withKernel(shape) { kernel in
+        try query.withView { q in try output.withMutableView { o in try lse.withMutableView { l in
+            try modifiers.withKernel(shape) { kernel in
                 visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
                                                              q: q, o: o, lse: l, modifiers: kernel, masks: masks))
             }

@@ -748,20 +748,21 @@ extension ScoreModifierKernel {
         var ramp = V()
         for l in 0..<16 { ramp[l] = Float(l) }
         let biasRow = bias.map { $0.row(item, head, i) }, biasStride = bias?.strides[3] ?? 0
-        var j = a
+        var j = a, check = BiasTermCheck()
         while j <= e {
             let count = min(16, e - j + 1)
             let original = load16(s + j)
             var terms = V()
             if let biasRow { for l in 0..<count { terms[l] = biasRow[(j + l) &* biasStride] } }
             let distance = V(repeating: Float(i + offset - j)) - ramp
-            var result = modified(original, biasTerms: terms, slope: slope, distance: distance)
+            var result = modified(original, biasTerms: terms, slope: slope, distance: distance, check: &check)
             if count < 16 {
                 for l in count..<16 { result[l] = original[l] }
             }
             store16(result, s + j)
             j += 16
         }
+        report(check)
     }
 
     /// The modifiers on a transposed tile of the decode kernel's grouped path
@@ -773,6 +774,8 @@ extension ScoreModifierKernel {
                           rowStart: Int, rowCount: Int, queryLength n: Int, firstHead: Int, b: Int, offset: Int) {
         typealias V = SIMD16<Float>
         let item = firstItem + b
+        var check = BiasTermCheck()
+        defer { report(check) }
         for lane in stride(from: 0, to: rowCount, by: 16) {
             // Per lane: the head's slope, the query's aligned position, its bias row.
             var slope = V(), position = V()
@@ -792,7 +795,7 @@ extension ScoreModifierKernel {
                     for l in 0..<min(16, rowCount - lane) { terms[l] = biasRows[l]![j &* biasStride] }
                 }
                 store16(modified(load16(at), biasTerms: terms, slope: slope,
-                                 distance: position - V(repeating: Float(j))), at)
+                                 distance: position - V(repeating: Float(j)), check: &check), at)
             }
         }
     }
