@@ -193,7 +193,9 @@ struct ScoreModifierKernel: @unchecked Sendable {
                 let row = biasRow + queries.position(lane) &* biasRowStride
                 for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read_l2(row + next + c) }
             }
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
+            check = withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
+                // A check of the closure's own (a captured one would live in memory).
+                var check = BiasTermCheck()
                 let terms = block.baseAddress!
                 let last = queries.count - 1
                 while r + 16 <= keys.count {
@@ -215,6 +217,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
                     }
                     r += 16
                 }
+                return check
             }
         }
         while r < keys.count {
