@@ -168,7 +168,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// in registers (``Transpose16``: 16 loads and 64 permutes for 256 pairs); other keys
     /// gather it element by element. Both give the same values.
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
-               lanes: Int, b: Int, h: Int) {
+               lanes: Int, b: Int, h: Int, prefetchNext: Bool = true) {
         typealias V = SIMD16<Float>
         let item = firstItem + b, head = firstHead + h
         let slope = V(repeating: slopes?[head] ?? 0)
@@ -184,14 +184,12 @@ struct ScoreModifierKernel: @unchecked Sendable {
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
             // prefetchers, so the bias is requested ahead twice: the next key tile's (the
-            // same rows, the next columns) into L2 now, while this tile computes, and within
-            // the tile each 16-key block's lines into L1 two blocks before they are read.
-            // (N = 2048, `--bias`: 51 ms without the first, 48 with it into L1, 43 into L2,
-            // 40 with both; KernelDocs/ScoreModifiers.md.)
-            let next = keys.start + keys.count
-            for lane in 0..<queries.count {
-                let row = biasRow + queries.position(lane) &* biasRowStride
-                for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read_l2(row + next + c) }
+            // same rows, the next columns) into L2, here with `prefetchNext` or by the caller
+            // spread over its micro-kernel calls (the forward: ``prefetchNextBias``), and
+            // within the tile each 16-key block's lines into L1 two blocks before they are
+            // read (KernelDocs/ScoreModifiers.md).
+            if prefetchNext {
+                prefetchNextBias(keys: keys, queries: queries, rows: 0..<queries.count, b: b, h: h)
             }
             check = withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
                 // A check of the closure's own (a captured one would live in memory).
@@ -235,6 +233,22 @@ struct ScoreModifierKernel: @unchecked Sendable {
             r += 1
         }
         report(check)
+    }
+
+    /// Requests into L2 the bias of the key tile after `keys` (same length) for the
+    /// queries `queries.position(rows)` of batch item `b`, head `h` (a bias with contiguous
+    /// rows and contiguous keys; nothing otherwise). A caller that spreads these requests
+    /// over its tile's work (a few rows at a time) passes `prefetchNext: false` to
+    /// ``apply(_:ld:keys:queries:lanes:b:h:prefetchNext:)``: issued all at once, they
+    /// stall on the core's outstanding-miss limit (N = 2048, H = 8: 4–5 ms of the bias's cost).
+    @inline(__always)
+    func prefetchNextBias(keys: PositionRun, queries: PositionRun, rows: Range<Int>, b: Int, h: Int) {
+        guard let bias, keys.step == 1, bias.strides[3] == 1 else { return }
+        let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start + keys.count
+        for lane in rows.clamped(to: 0..<queries.count) {
+            let row = base + queries.position(lane) &* bias.strides[2]
+            for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read_l2(row + c) }
+        }
     }
 
     /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`

@@ -270,8 +270,12 @@ enum TiledSoftmaxAttention {
             let keyRowStride = keysInPlace ? keys.step * k.strides[2] : d
             let keyDepthStride = keysInPlace ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
+            let biasRowsPerBlock = (queries.count + keyBlocks - 1) / keyBlocks
             for block in 0..<keyBlocks {
                 upcoming.prefetch(rows: upcomingPerPoint)
+                // The next key tile's bias, a few query rows per block (ScoreModifierKernel.apply).
+                modifiers?.prefetchNextBias(keys: keys, queries: queries,
+                                            rows: (block * biasRowsPerBlock)..<((block + 1) * biasRowsPerBlock), b: b, h: h)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
                     let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
@@ -292,7 +296,8 @@ enum TiledSoftmaxAttention {
                                              queryStart: queries.start, queryCount: queries.count))
             }
             if let modifiers {
-                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h)
+                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h,
+                                prefetchNext: false)
             }
             if !tile.fullyVisible {
                 mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
