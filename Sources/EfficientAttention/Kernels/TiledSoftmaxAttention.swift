@@ -42,9 +42,10 @@ enum TiledSoftmaxAttention {
         static let keyTile = Tuning.current.attentionKeyTile
         /// At most this many queries per tile with an additive bias: each query row of a
         /// tile reads its own run of bias row (a stream of its own, `Nk` floats from the
-        /// next), and fewer streams keep more of them in flight (N = 2048, H = 8: the bias
-        /// costs +21 ms with 64, +27 with 128; KernelDocs/ScoreModifiers.md). Smaller
-        /// tiles, never more workspace: the cost model's figure stays an upper bound.
+        /// next), and fewer streams kept more of them in flight (N = 2048, H = 8: the bias
+        /// cost +21 ms with 64, +27 with 128; since its requests are spread over the
+        /// micro-kernel loop, 64, 128 and 32 cost the same: KernelDocs/ScoreModifiers.md).
+        /// Smaller tiles, never more workspace: the cost model's figure stays an upper bound.
         static let biasQueryTile = 64
 
         /// The query tile for a pattern whose queries each see a contiguous band of
