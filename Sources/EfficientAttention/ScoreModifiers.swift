@@ -30,7 +30,9 @@ public struct ScoreModifiers: Sendable, Equatable {
     /// ALiBi slopes `α_h`, one per query head; `nil`: none. Finite.
     public var alibiSlopes: [Float]?
     /// Additive bias `[B or 1, H or 1, Nq, Nk]` (a 1 broadcasts over that dimension);
-    /// `nil`: none. Finite or `-infinity` (a hidden pair).
+    /// `nil`: none. Finite or `-infinity` (a hidden pair): NaN or `+infinity` on a pair the
+    /// call scores makes it throw once its kernel has run (outputs then unspecified); terms
+    /// of pairs in tiles the mask skips are not read.
     public var bias: Tensor?
     /// Sink logits `σ_h`, one per query head; `nil`: none. Finite.
     public var sinks: [Float]?
@@ -95,7 +97,7 @@ public struct ScoreModifiers: Sendable, Equatable {
     /// Runs `body` with the kernel form of the score modifiers of `shape` (nil when none
     /// modifies scores), valid during `body`. Throws after `body` if a bias term the kernels
     /// added was NaN or `+infinity`: every visible pair's term is checked as it is added
-    /// (one compare per 16 terms), hidden pairs' only where a scored tile holds them, so the
+    /// (``BiasTermCheck``), hidden pairs' only where a scored tile holds them, so the
     /// bias is read once per call (KernelDocs/ScoreModifiers.md, "Checking the bias"). The
     /// outputs are then unspecified.
     func withKernel<R>(_ shape: AttentionShape, _ body: (ScoreModifierKernel?) throws -> R) throws -> R {
