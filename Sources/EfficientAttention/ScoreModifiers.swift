@@ -170,7 +170,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// in registers (``Transpose16``: 16 loads and 64 permutes for 256 pairs); other keys
     /// gather it element by element. Both give the same values.
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
-               lanes: Int, b: Int, h: Int, prefetchNext: Bool = true) {
+               lanes: Int, b: Int, h: Int) {
         typealias V = SIMD16<Float>
         let item = firstItem + b, head = firstHead + h
         let slope = V(repeating: slopes?[head] ?? 0)
@@ -185,14 +185,10 @@ struct ScoreModifierKernel: @unchecked Sendable {
         var r = 0, check = BiasTermCheck()
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
-            // prefetchers, so the bias is requested ahead twice: the next key tile's (the
-            // same rows, the next columns) into L2, here with `prefetchNext` or by the caller
-            // spread over its micro-kernel calls (the forward: ``prefetchNextBias``), and
-            // within the tile each 16-key block's lines into L1 two blocks before they are
-            // read (KernelDocs/ScoreModifiers.md).
-            if prefetchNext {
-                prefetchNextBias(keys: keys, queries: queries, rows: 0..<queries.count, b: b, h: h)
-            }
+            // prefetchers, so the bias is requested ahead twice: the next tile's into L2 by
+            // the caller, spread over its micro-kernel calls (``prefetchBias``), and within
+            // the tile each 16-key block's lines into L1 two blocks before they are read
+            // (KernelDocs/ScoreModifiers.md).
             check = withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
                 // A check of the closure's own (a captured one would live in memory).
                 var check = BiasTermCheck()
@@ -237,16 +233,17 @@ struct ScoreModifierKernel: @unchecked Sendable {
         report(check)
     }
 
-    /// Requests into L2 the bias of the key tile after `keys` (same length) for the
+    /// Requests into L2 the bias of the tile a kernel will modify next, keys `keys` and
     /// queries `queries.position(rows)` of batch item `b`, head `h` (a bias with contiguous
-    /// rows and contiguous keys; nothing otherwise). A caller that spreads these requests
-    /// over its tile's work (a few rows at a time) passes `prefetchNext: false` to
-    /// ``apply(_:ld:keys:queries:lanes:b:h:prefetchNext:)``: issued all at once, they
-    /// stall on the core's outstanding-miss limit (N = 2048, H = 8: 4–5 ms of the bias's cost).
+    /// rows and contiguous keys; nothing otherwise): the forward's next key tile, the
+    /// backward's next query tile. Kernels spread these requests over a tile's work, a few
+    /// rows at a time: issued all at once, they stall on the core's outstanding-miss limit
+    /// (N = 2048, H = 8: 4–5 ms of the forward bias's cost). Positions past the bias
+    /// are harmless (a prefetch never faults).
     @inline(__always)
-    func prefetchNextBias(keys: PositionRun, queries: PositionRun, rows: Range<Int>, b: Int, h: Int) {
+    func prefetchBias(keys: PositionRun, queries: PositionRun, rows: Range<Int>, b: Int, h: Int) {
         guard let bias, keys.step == 1, bias.strides[3] == 1 else { return }
-        let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start + keys.count
+        let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start
         for lane in rows.clamped(to: 0..<queries.count) {
             let row = base + queries.position(lane) &* bias.strides[2]
             for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read_l2(row + c) }

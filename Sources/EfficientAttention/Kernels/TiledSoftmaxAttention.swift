@@ -274,9 +274,10 @@ enum TiledSoftmaxAttention {
             let biasRowsPerBlock = (queries.count + keyBlocks - 1) / keyBlocks
             for block in 0..<keyBlocks {
                 upcoming.prefetch(rows: upcomingPerPoint)
-                // The next key tile's bias, a few query rows per block (ScoreModifierKernel.apply).
-                modifiers?.prefetchNextBias(keys: keys, queries: queries,
-                                            rows: (block * biasRowsPerBlock)..<((block + 1) * biasRowsPerBlock), b: b, h: h)
+                // The next key tile's bias, a few query rows per block (ScoreModifierKernel.prefetchBias).
+                modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
+                                        queries: queries,
+                                        rows: (block * biasRowsPerBlock)..<((block + 1) * biasRowsPerBlock), b: b, h: h)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
                     let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
@@ -297,8 +298,7 @@ enum TiledSoftmaxAttention {
                                              queryStart: queries.start, queryCount: queries.count))
             }
             if let modifiers {
-                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h,
-                                prefetchNext: false)
+                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h)
             }
             if !tile.fullyVisible {
                 mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
