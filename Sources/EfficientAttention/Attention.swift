@@ -456,15 +456,6 @@ struct ViewCall {
     /// Valid keys of batch item `b`.
     func keyEnd(_ b: Int) -> Int { keyLengths?[b] ?? shape.keyLength }
 
-    /// Runs `body` with a call whose output is `Float` with unit column stride: this call
-    /// when it is, else one writing into contiguous scratch (``withScratch(byteCount:_:)``)
-    /// that is then copied (rounded, for a 16-bit output) into the caller's output: for
-    /// kernels that write output rows through the GEMM (rows with a leading dimension, unit
-    /// column stride) or that read their output back (merged passes). The same bits either way.
-    func withUnitColumnOutput(_ body: (ViewCall) throws -> Void) rethrows {
-        try withStagedOutput(when: o.strides[3] != 1 || o.precision != .float32, body)
-    }
-
     /// Runs `body` with a call whose output is `Float`: this call when it is, else one
     /// writing into contiguous `Float` scratch that is then rounded into the caller's output.
     func withFloatOutput(_ body: (ViewCall) throws -> Void) rethrows {

@@ -111,17 +111,17 @@ public struct LinearAttention<Map: FeatureMap>: KernelWidening {
     }
 
     /// 16-bit query and key rows are widened a chunk at a time (at most 256 rows) into the
-    /// scan workspace before the feature map, 16-bit values as the GEMM packs them; the
-    /// output, written through the GEMM and then divided, is staged in `Float` when 16-bit.
-    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+    /// scan workspace before the feature map, 16-bit values as the GEMM packs them; a 16-bit
+    /// output's rows are computed a chunk at a time in the scan workspace and rounded as
+    /// they are finished (`LinearAttentionScan.HeadInput.outputRows`): nothing is staged.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
 
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: nil) { call in
-            // The kernels write output rows through the GEMM (unit column stride).
-            try call.withUnitColumnOutput { call in try run(call, keyLengths: keyLengths, threads: threads) }
+            try run(call, keyLengths: keyLengths, threads: threads)
         }
     }
 

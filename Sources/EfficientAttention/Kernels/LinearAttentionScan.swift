@@ -56,6 +56,9 @@ enum LinearAttentionScan {
             packedState, sink: UnsafeMutablePointer<Float>
         /// A chunk's 16-bit query or key rows widened (`rows × D`, rows `D` apart).
         let rowStage: UnsafeMutablePointer<Float>
+        /// A chunk's output rows (`rows × Dv`, rows `Dv` apart) when the output is 16-bit
+        /// or its elements are not contiguous (``HeadInput/outputRows(start:space:)``).
+        let outputStage: UnsafeMutablePointer<Float>
         let state: State
         let gemm: Gemm.Workspace
 
@@ -74,6 +77,7 @@ enum LinearAttentionScan {
             state = State(s: carver.take(m * dv), z: carver.take(m), c: carver.take(1))
             sink = carver.take(1)
             rowStage = carver.take(rows * d)
+            outputStage = carver.take(rows * dv)
             gemm = Gemm.Workspace(carving: &carver)
         }
 
@@ -87,6 +91,18 @@ enum LinearAttentionScan {
         var q: TensorView, k: TensorView, v: TensorView
         var b: Int, h: Int, hk: Int
         var o: MutableTensorView, lse: MutableTensorView
+
+        /// Where a chunk's output rows from `start` are computed (the GEMM writes them, the
+        /// causal loop adds to them, ``LinearAttentionScan/finish(_:start:count:epsilon:space:state:)``
+        /// divides them): the output's own rows when they are `Float` with contiguous
+        /// elements, else the workspace's output stage, which `finish` rounds into the
+        /// output row by row. No copy of the whole output is ever made.
+        @inline(__always)
+        func outputRows(start: Int, space: Workspace) -> (base: UnsafeMutablePointer<Float>, ld: Int) {
+            stagesOutput ? (space.outputStage, space.dv) : (o.row(b, h, start), o.strides[2])
+        }
+
+        var stagesOutput: Bool { o.precision != .float32 || o.strides[3] != 1 }
     }
 
     /// The scan for one (batch item, query head).
@@ -248,10 +264,10 @@ enum LinearAttentionScan {
     @inline(__always)
     static func readState(_ input: HeadInput, start: Int, count: Int, b: Gemm.OperandB,
                           space: Workspace, state: State) {
-        let o = input.o
+        let out = input.outputRows(start: start, space: space)
         Gemm.multiply(m: count, n: space.dv, depth: space.m,
                       a: MatrixOperand(base: space.queryFeatures, rowStride: space.mPad, columnStride: 1), packA: false,
-                      b: b, c: o.row(input.b, input.h, start), ldc: o.strides[2], workspace: space.gemm)
+                      b: b, c: out.base, ldc: out.ld, workspace: space.gemm)
         for i in 0..<count {
             space.denominators[i] = dot(space.queryFeatures + i * space.mPad, 1, state.z, 1, count: space.m)
         }
@@ -276,25 +292,27 @@ enum LinearAttentionScan {
             for jj in 0..<visible { sum += row[jj] }
             space.denominators[ii] += sum
         }
-        let v = input.v, o = input.o
+        let out = input.outputRows(start: queryStart, space: space)
         Gemm.multiply(m: queryCount, n: space.dv, depth: keyCount,
                       a: MatrixOperand(base: p, rowStride: ld, columnStride: 1), packA: false,
-                      b: .matrix(MatrixOperand(v, b: input.b, h: input.hk, firstRow: keyStart)),
-                      c: o.row(input.b, input.h, queryStart), ldc: o.strides[2], accumulate: true,
-                      workspace: space.gemm)
+                      b: .matrix(MatrixOperand(input.v, b: input.b, h: input.hk, firstRow: keyStart)),
+                      c: out.base, ldc: out.ld, accumulate: true, workspace: space.gemm)
     }
 
     /// `o = O / (den + ε)`, `lse = log den + query stabiliser + key stabiliser`
     /// (`-infinity` where `den ≤ 0`, which includes rows with no visible key; their `O` is 0).
+    /// Staged rows are rounded into the output as they are finished.
     @inline(__always)
     static func finish(_ input: HeadInput, start: Int, count: Int, epsilon: Float, space: Workspace, state: State) {
         let o = input.o, lse = input.lse
         let c = state.c.pointee
+        let out = input.outputRows(start: start, space: space), staged = input.stagesOutput
         for i in 0..<count {
             let den = space.denominators[i]
-            let row = o.row(input.b, input.h, start + i)
+            let row = out.base + i &* out.ld
             let inverse = 1 / (den + epsilon)
             for x in 0..<space.dv { row[x] *= inverse }
+            if staged { o.storeRow(input.b, input.h, start + i, from: row, count: space.dv) }
             lse.row(input.b, input.h, start + i)[0] = den > 0 ? logf(den) + space.queryLogScale[i] + c : -.infinity
         }
     }
