@@ -73,10 +73,11 @@ extension DifferentiableAttention {
                 }
             }
             if let gathering = Self.self as? any OperandWideningBackward.Type {
+                let staged = gathering.stagedGradients(s)
                 return try withUnsafePointer(to: self) { attention in
-                    try withFloatGradient(dQuery, zeroed: true) { dq in
-                    try withFloatGradient(dKey) { dk in
-                    try withFloatGradient(dValue) { dv in
+                    try withFloatGradient(dQuery, staged: staged.query, zeroed: true) { dq in
+                    try withFloatGradient(dKey, staged: staged.keys) { dk in
+                    try withFloatGradient(dValue, staged: staged.keys) { dv in
                         try gathering.widenedOperandsBackward(
                             at: UnsafeRawPointer(attention), s, threads: try threadCount(threads), q: query.kernel,
                             k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
@@ -130,8 +131,9 @@ extension DifferentiableAttention {
             // reserved for the largest tile.
             var tile = shape
             (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
-            return widenedCopyBytes(dQuery, shape.queryElements) + widenedCopyBytes(dKey, shape.keyElements)
-                + widenedCopyBytes(dValue, shape.valueElements)
+            let staged = reading.stagedGradients(shape)
+            return (staged.query ? widenedCopyBytes(dQuery, shape.queryElements) : 0)
+                + (staged.keys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
                 + (widensOperands && reading.widensInTiledBackward ? wideningBytes(tile) : 0)
         }
         return widenedCopyBytes(query, shape.queryElements) + widenedCopyBytes(key, shape.keyElements)
@@ -250,10 +252,12 @@ extension KernelWideningBackward {
 /// their gathers, packings and GEMMs copy them (LSH and routing through
 /// ``PermutedBlockAttention/Rows``, Linformer through the GEMM's packing and the tiled
 /// backward), but write `Float` gradients: their mixed-precision backward hands the kernels
-/// the caller's 16-bit operand views and stages only 16-bit gradients in `Float`.
+/// the caller's 16-bit operand views and stages 16-bit gradients in `Float` (all but those
+/// a kernel writes in their precision, ``stagedGradients(_:)``).
 protocol OperandWideningBackward: DifferentiableAttention {
-    /// The backward on checked views: operands of any precision, `Float` gradients, `dQ`
-    /// zero-filled; the same bits as the `Float` entry point on the widened operands.
+    /// The backward on checked views: operands of any precision, gradients `Float` or as
+    /// ``stagedGradients(_:)`` leaves them, `dQ` zero-filled; the same bits as the `Float`
+    /// entry point on the widened operands.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
                                  v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
                                  dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
@@ -262,10 +266,17 @@ protocol OperandWideningBackward: DifferentiableAttention {
     /// Whether the tiled backward runs on the caller's operands (and so widens 16-bit rows
     /// into per-worker scratch); `false` for gathered or feature-mapped `Float` rows.
     static var widensInTiledBackward: Bool { get }
+
+    /// Which 16-bit gradients of a call of `shape` are staged in `Float` (`keys`: `dK` and
+    /// `dV`); the others reach the kernel in their precision. Staged unless a conformer says
+    /// otherwise.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool)
 }
 
 extension OperandWideningBackward {
     static var widensInTiledBackward: Bool { true }
+
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, true) }
 
     /// ``widenedOperandsBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
     /// at `value` (a metatype's entry).
@@ -281,7 +292,7 @@ extension OperandWideningBackward {
 
 /// Runs `body` with the kernel view of `gradient`, or, when it is 16-bit and `staged`,
 /// with `Float` scratch whose rows are then rounded into it; `zeroed`: the view `body`
-/// gets holds zeros (a `Float` gradient is always staged when 16-bit then).
+/// gets holds zeros.
 private func withFloatGradient(_ gradient: MutableActivationView, staged: Bool = true, zeroed: Bool = false,
                                _ body: (MutableTensorView) throws -> Void) throws {
     let shape = gradient.shape

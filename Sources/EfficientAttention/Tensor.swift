@@ -256,9 +256,6 @@ struct MutableTensorView: @unchecked Sendable {
 
     /// Sets the `[batch, heads, rows, width]` elements to 0 (Float32 views).
     func zero(batch: Int, heads: Int, rows: Int, width: Int) {
-        for b in 0..<batch { for h in 0..<heads { for i in 0..<rows {
-            let row = self.row(b, h, i)
-            for c in 0..<width { row[c &* strides[3]] = 0 }
-        } } }
+        for b in 0..<batch { for h in 0..<heads { for i in 0..<rows { zeroRow(b, h, i, count: width) } } }
     }
 }

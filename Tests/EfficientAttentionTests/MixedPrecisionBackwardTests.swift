@@ -198,19 +198,34 @@ struct MixedPrecisionBackwardTests {
                                  workspace: workspace, threads: threads, "\(name) \(label)")
             }
         }
-        // Only the 16-bit gradients are staged: no operand is copied (beyond them, the
-        // scratch for 16-bit operands is per worker, the same at 70 and 7000 positions).
+        // Linear attention writes 16-bit gradients as it finishes their rows: dQ always,
+        // dK and dV when the group has one query head (here, heads = kvHeads).
+        let (sq, sk, sv) = try randomQKV(batch: 2, heads: 3, kvHeads: 3, queryLength: 70, keyLength: 70, headDim: 33,
+                                         valueDim: 16, seed: 26)
+        try Self.forEachSetting(workspaceFirst: true) { p, workspace, threads, step, label in
+            for (name, attention) in conformers where attention is any LinearAttentionMarker {
+                try Self.compare(attention, sq, sk, sv, keyLengths: [70, 41], precisions: p, step: step,
+                                 workspace: workspace, threads: threads, "\(name), one head per group, \(label)")
+            }
+        }
+        // Only the 16-bit gradients are staged (linear attention's dQ not even those): no
+        // operand is copied (beyond them, the scratch for 16-bit operands is per worker, the
+        // same at 70 and 7000 positions).
         let half = ActivationPrecision.bfloat16
         for (name, attention) in conformers {
-            func bytes(_ n: Int, operands: ActivationPrecision) -> Int {
-                let shape = AttentionShape(batch: 1, heads: 4, kvHeads: 2, queryLength: n, headDim: 33, valueDim: 16)
+            let linear = attention is any LinearAttentionMarker
+            func bytes(_ n: Int, operands: ActivationPrecision, kvHeads: Int = 2) -> Int {
+                let shape = AttentionShape(batch: 1, heads: 4, kvHeads: kvHeads, queryLength: n, headDim: 33,
+                                           valueDim: 16)
                 return attention.backwardConversionScratchBytes(
                     shape, query: operands, key: operands, value: operands, output: operands,
                     outputGradient: operands, dQuery: half, dKey: half, dValue: half, threads: 2)
             }
             for n in [70, 7000] {
-                let gradients = roundUp64(4 * n * 33 * 4) + roundUp64(2 * n * 33 * 4) + roundUp64(2 * n * 16 * 4)
+                let gradients = (linear ? 0 : roundUp64(4 * n * 33 * 4)) + roundUp64(2 * n * 33 * 4)
+                    + roundUp64(2 * n * 16 * 4)
                 #expect(bytes(n, operands: .float32) == gradients, "\(name) N \(n)")
+                if linear { #expect(bytes(n, operands: .float32, kvHeads: 4) == 0, "\(name) N \(n)") }
             }
             #expect(bytes(70, operands: half) - bytes(70, operands: .float32)
                         == bytes(7000, operands: half) - bytes(7000, operands: .float32), "\(name)")
@@ -366,3 +381,7 @@ struct MixedPrecisionBackwardTests {
                                                            threads: 1).workspaceBytes))
     }
 }
+
+/// Any ``LinearAttention``, whatever its feature map.
+private protocol LinearAttentionMarker {}
+extension LinearAttention: LinearAttentionMarker {}

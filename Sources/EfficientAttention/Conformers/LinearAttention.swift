@@ -298,6 +298,13 @@ extension LinearAttention: DecodingAttention {
 }
 
 extension LinearAttention: OperandWideningBackward where Map: DifferentiableFeatureMap {
+    /// Each `dQ` row is finished once, so a 16-bit `dQ` is written in its precision; `dK`
+    /// and `dV` rows are sums over a group's query heads, staged in `Float` unless the group
+    /// has one head.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) {
+        (false, shape.groupSize > 1)
+    }
+
     /// No tiled backward: the feature map reads `Float` rows (widened into the workspace).
     static var widensInTiledBackward: Bool { false }
 }
@@ -342,7 +349,8 @@ extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeat
     /// The backward on checked views (the `Float` entry point's and the mixed-precision
     /// one's): 16-bit query and key rows are widened a chunk at a time into the workspace
     /// before the feature map reads them, values as the GEMM packs them, `dO` and `o` rows
-    /// as they are read.
+    /// as they are read; 16-bit gradients written as their rows are finished
+    /// (``stagedGradients(_:)``).
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
                                  v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
                                  dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,

@@ -69,7 +69,9 @@ enum LinearAttentionBackward {
 
     /// The gradients of one (batch item `b`, key/value head `hk`): every query head of its
     /// group, `heads` (in order). `keyCount` valid keys; `keyLength` the full `Nk` (for the
-    /// causal offset). `dQ` rows must be zero on entry; `dK`, `dV` rows are written.
+    /// causal offset). `dQ` rows must be zero on entry; `dK`, `dV` rows are written. A
+    /// 16-bit gradient is written in its precision (``addGradientRow(_:_:_:_:_:count:)``):
+    /// `dQ` always, `dK` and `dV` when the group has one query head.
     static func item<Map: DifferentiableFeatureMap>(
         map: Map, causal: Bool, epsilon: Float, queryLength: Int, keyLength: Int, keyCount: Int,
         b: Int, hk: Int, heads: Range<Int>, views x: Views, space: Workspace
@@ -82,9 +84,8 @@ enum LinearAttentionBackward {
             view.floatRows(b, h, rows: PositionRun(start: start, count: count), width: d, stage: space.rowStage)
         }
         for j in 0..<keyLength {
-            let kr = x.dK.row(b, hk, j), vr = x.dV.row(b, hk, j)
-            for c in 0..<d { kr[c * x.dK.strides[3]] = 0 }
-            for c in 0..<dv { vr[c * x.dV.strides[3]] = 0 }
+            x.dK.zeroRow(b, hk, j, count: d)
+            x.dV.zeroRow(b, hk, j, count: dv)
         }
         // The stabiliser: the largest key logScale.
         var c = -Float.infinity
@@ -184,10 +185,8 @@ enum LinearAttentionBackward {
                          headDim: d, features: space.keyFeatures, featureGradient: space.dPhiK, featureStride: mPad,
                          output: space.dX, outputStride: d)
             for j in 0..<count {
-                let kr = x.dK.row(b, hk, start + j), vr = x.dV.row(b, hk, start + j)
-                let gk = space.dX + j * d, gv = space.dVChunk + j * dv
-                for t in 0..<d { kr[t * x.dK.strides[3]] += gk[t] }
-                for t in 0..<dv { vr[t * x.dV.strides[3]] += gv[t] }
+                addGradientRow(x.dK, b, hk, start + j, space.dX + j * d, count: d)
+                addGradientRow(x.dV, b, hk, start + j, space.dVChunk + j * dv, count: dv)
             }
         }
         func chunkKeys(_ start: Int, _ count: Int) -> Range<Int> {
@@ -226,10 +225,7 @@ enum LinearAttentionBackward {
                 map.backward(queries.base, rows: count, rowStride: queries.rowStride,
                              columnStride: queries.columnStride, headDim: d, features: space.queryFeatures,
                              featureGradient: space.dPhiQ, featureStride: mPad, output: space.dX, outputStride: d)
-                for i in 0..<count {
-                    let qr = x.dQ.row(b, h, start + i), g = space.dX + i * d
-                    for t in 0..<d { qr[t * x.dQ.strides[3]] += g[t] }
-                }
+                for i in 0..<count { addGradientRow(x.dQ, b, h, start + i, space.dX + i * d, count: d) }
                 if !keys.isEmpty { absorb(keys.lowerBound, keys.count) }
             }
             // dK, dV: the suffix sums, chunk by chunk from the last.
@@ -264,6 +260,22 @@ enum LinearAttentionBackward {
                 keyGradientsFromState(start, count)
                 finishKeys(start, count)
             }
+        }
+    }
+
+    /// `gradient[b, h, i] += values` (`count` elements). A 16-bit gradient row is written
+    /// once (the kernel is handed one only then) and holds zero: it gets `0 + values`
+    /// rounded, the bits a zeroed `Float` row added to and then rounded would give (`0 + −0`
+    /// is `+0`). `values` is scratch and is overwritten.
+    @inline(__always)
+    static func addGradientRow(_ gradient: MutableTensorView, _ b: Int, _ h: Int, _ i: Int,
+                               _ values: UnsafeMutablePointer<Float>, count: Int) {
+        if gradient.precision == .float32 {
+            let row = gradient.row(b, h, i), s = gradient.strides[3]
+            for t in 0..<count { row[t &* s] += values[t] }
+        } else {
+            for t in 0..<count { values[t] = 0 + values[t] }
+            gradient.storeRow(b, h, i, from: values, count: count)
         }
     }
 
