@@ -124,7 +124,7 @@ public struct AxialAttention: KernelWidening {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             let combination = combination
-            try TiledSoftmaxAttention.attendPattern(call) { call in
+            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 let pattern = try self.pattern(for: call.shape)
                 switch combination {
                 case .union:

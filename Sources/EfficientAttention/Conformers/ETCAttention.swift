@@ -189,7 +189,7 @@ public struct ETCAttention: KernelWidening, Equatable {
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try TiledSoftmaxAttention.attendPattern(call) { call in
+            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 let plan = try self.plan(for: call.shape), pattern = plan.pattern
                 call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
                     pattern.globalQueryMask(keyEnd: keyEnd)

@@ -81,8 +81,8 @@ public struct LocalAttention: KernelWidening, ModifiableAttention {
         return patternCost(pattern, shape: shape, threads: threads, queryTile: pattern.queryTile)
     }
 
-    /// Merged passes read their output back: a 16-bit output is staged in `Float`.
-    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+    /// One pass: a 16-bit output is written in place, each row rounded once.
+    func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, false) }
 
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
@@ -90,7 +90,7 @@ public struct LocalAttention: KernelWidening, ModifiableAttention {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
                             modifiers: modifiers) { call in
-            try TiledSoftmaxAttention.attendPattern(call) { call in
+            try TiledSoftmaxAttention.attendPattern(call, merging: false) { call in
                 let pattern = try self.pattern(for: call.shape)
                 call.run(queryTile: pattern.queryTile) { _, keyEnd in pattern.mask(keyEnd: keyEnd) }
             }

@@ -108,7 +108,7 @@ public struct LongformerAttention: KernelWidening, ModifiableAttention {
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
                             modifiers: modifiers) { call in
             let plan = try self.plan(for: call.shape)
-            TiledSoftmaxAttention.attendPattern(call) { call in
+            TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 let pattern = plan.pattern
                 call.run(queryTile: pattern.queryTile) { h, keyEnd in
                     pattern.windowMask(head: h, keyEnd: keyEnd, globalKeys: plan.globalKeys)

@@ -86,7 +86,7 @@ public struct StridedAttention: KernelWidening, ModifiableAttention {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
                             modifiers: modifiers) { call in
-            try TiledSoftmaxAttention.attendPattern(call) { call in
+            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 let pattern = try self.pattern(for: call.shape)
                 switch pattern.kind {
                 case .strided:

@@ -216,20 +216,23 @@ extension TiledSoftmaxAttention {
 
     /// Runs a fixed-pattern conformer on a checked call: sets every log-sum-exp to
     /// `-infinity` (until a pass writes the row) and hands `passes` the call.
+    /// `merging`: whether later passes merge into the first's output (they read it back,
+    /// so a 16-bit output is then formed in `Float` scratch; a single pass writes it in
+    /// place, rounding each row once).
     ///
     /// The output is not zero-filled: `passes` must start with a pass without `merge`
     /// whose query tiles cover every query (contiguous tiles, blocks or residue classes),
     /// which writes every output row (0 where a row sees no key). Every fixed pattern's
     /// first pass does.
-    static func attendPattern(_ call: ViewCall, _ passes: (PatternCall) throws -> Void) rethrows {
+    static func attendPattern(_ call: ViewCall, merging: Bool,
+                              _ passes: (PatternCall) throws -> Void) rethrows {
         let shape = call.shape
         for b in 0..<shape.batch {
             for h in 0..<shape.heads {
                 for i in 0..<shape.queryLength { call.lse.row(b, h, i).pointee = -.infinity }
             }
         }
-        // Merged passes read the output back: a 16-bit output is formed in Float scratch.
-        try call.withFloatOutput { call in
+        try call.withStagedOutput(when: merging && call.o.precision != .float32) { call in
             try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount,
                                    keyLengths: call.keyLengths, q: call.q, k: call.k, v: call.v, o: call.o,
                                    lse: call.lse, modifiers: call.modifiers))
