@@ -142,7 +142,7 @@ extension Attention {
                                keyLengths: keyLengths, workspace: workspace, threads: threads)
         func run() throws {
             try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
-                try withFloatOutput(output, shape: output.shape) { o in
+                try withFloatOutput(output, shape: output.shape, threads: threads) { o in
                     try attend(query: q, key: k, value: v, output: o, logSumExp: logSumExp,
                                keyLengths: keyLengths, workspace: workspace, threads: threads)
                 }
@@ -190,29 +190,37 @@ func withWidened<R>(_ view: ActivationView, _ body: (StridedView) throws -> R) r
 }
 
 /// Runs `body` with a `float32` view to write `output` through: itself, or `Float` scratch
-/// whose rows are then rounded into `output`.
-func withFloatOutput<R>(_ output: MutableActivationView, shape: SIMD4<Int>,
+/// whose rows are then rounded into `output` (by up to `threads` workers).
+func withFloatOutput<R>(_ output: MutableActivationView, shape: SIMD4<Int>, threads: Int?,
                         _ body: (MutableStridedView) throws -> R) rethrows -> R {
     if let float = output.float32 { return try body(float) }
-    return try withStaged(output.kernel, shape: shape) { scratch in
+    return try withStaged(output.kernel, shape: shape, threads: threads) { scratch in
         try body(MutableStridedView(unchecked: scratch.base, shape: shape, strides: scratch.strides))
     }
 }
 
 /// Runs `body` with contiguous `Float` scratch of `shape`, then rounds its rows into `target`
-/// (an output written through `Float`).
-func withStaged<R>(_ target: MutableTensorView, shape: SIMD4<Int>,
+/// (an output written through `Float`), ``stagedRowsPerItem`` rows per work item over up to
+/// `threads` workers (`nil`: every active processor).
+func withStaged<R>(_ target: MutableTensorView, shape: SIMD4<Int>, threads: Int?,
                    _ body: (MutableTensorView) throws -> R) rethrows -> R {
     try withScratchTensor(shape) { scratch in
         let result = try body(scratch)
-        for b in 0..<shape[0] {
-            for h in 0..<shape[1] {
-                for i in 0..<shape[2] { target.storeRow(b, h, i, from: scratch.row(b, h, i), count: shape[3]) }
+        let (heads, length) = (shape[1], shape[2]), rows = shape[0] * heads * length
+        let items = ceilDiv(rows, stagedRowsPerItem)
+        parallelForEach(items: items, threads: workerCount(threads: threads, items: items)) { item, _ in
+            for r in (item * stagedRowsPerItem)..<min(rows, (item + 1) * stagedRowsPerItem) {
+                let (bh, i) = r.quotientAndRemainder(dividingBy: length)
+                let (b, h) = bh.quotientAndRemainder(dividingBy: heads)
+                target.storeRow(b, h, i, from: scratch.row(b, h, i), count: shape[3])
             }
         }
         return result
     }
 }
+
+/// Rows a worker rounds per item when a staged result is copied out (``withStaged(_:shape:threads:_:)``).
+let stagedRowsPerItem = 256
 
 extension Attention {
     /// The cost of `shape` with every active processor.
@@ -466,7 +474,8 @@ struct ViewCall {
     /// contiguous `Float` scratch then copied into this call's output.
     func withStagedOutput(when staged: Bool, _ body: (ViewCall) throws -> Void) rethrows {
         guard staged else { return try body(self) }
-        try withStaged(o, shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)) { scratch in
+        try withStaged(o, shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim),
+                       threads: threadCount) { scratch in
             try body(with(o: scratch))
         }
     }

@@ -75,9 +75,9 @@ extension DifferentiableAttention {
             if let gathering = Self.self as? any OperandWideningBackward.Type {
                 let staged = gathering.stagedGradients(s)
                 return try withUnsafePointer(to: self) { attention in
-                    try withFloatGradient(dQuery, staged: staged.query, zeroed: true) { dq in
-                    try withFloatGradient(dKey, staged: staged.keys) { dk in
-                    try withFloatGradient(dValue, staged: staged.keys) { dv in
+                    try withFloatGradient(dQuery, staged: staged.query, zeroed: true, threads: threads) { dq in
+                    try withFloatGradient(dKey, staged: staged.keys, threads: threads) { dk in
+                    try withFloatGradient(dValue, staged: staged.keys, threads: threads) { dv in
                         try gathering.widenedOperandsBackward(
                             at: UnsafeRawPointer(attention), s, threads: try threadCount(threads), q: query.kernel,
                             k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
@@ -87,9 +87,9 @@ extension DifferentiableAttention {
             }
             try withWidened(query) { q in try withWidened(key) { k in try withWidened(value) { v in
             try withWidened(output) { o in try withWidened(outputGradient) { g in
-            try withFloatOutput(dQuery, shape: dQuery.shape) { dq in
-            try withFloatOutput(dKey, shape: dKey.shape) { dk in
-            try withFloatOutput(dValue, shape: dValue.shape) { dv in
+            try withFloatOutput(dQuery, shape: dQuery.shape, threads: threads) { dq in
+            try withFloatOutput(dKey, shape: dKey.shape, threads: threads) { dk in
+            try withFloatOutput(dValue, shape: dValue.shape, threads: threads) { dv in
                 try gradients(query: q, key: k, value: v, output: o, logSumExp: logSumExp, outputGradient: g,
                               dQuery: dq, dKey: dk, dValue: dv, keyLengths: keyLengths, workspace: workspace,
                               threads: threads)
@@ -234,9 +234,9 @@ extension KernelWideningBackward {
         try checkModifiersForBackward(shape)
         let stagesKeys = try addsKeyGradients(shape)
         let scale = self.scale ?? 1 / Float(shape.headDim).squareRoot()
-        try withFloatGradient(dQuery, zeroed: true) { dq in
-        try withFloatGradient(dKey, staged: stagesKeys) { dk in
-        try withFloatGradient(dValue, staged: stagesKeys) { dv in
+        try withFloatGradient(dQuery, zeroed: true, threads: workers) { dq in
+        try withFloatGradient(dKey, staged: stagesKeys, threads: workers) { dk in
+        try withFloatGradient(dValue, staged: stagesKeys, threads: workers) { dv in
             var call = TiledBackwardCall(shape: shape, scale: scale, threads: workers, keyLengths: keyLengths,
                                          q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel,
                                          lse: logSumExp.kernel, dO: outputGradient.kernel, dQ: dq, dK: dk, dV: dv)
@@ -294,13 +294,13 @@ extension OperandWideningBackward {
 /// with `Float` scratch whose rows are then rounded into it; `zeroed`: the view `body`
 /// gets holds zeros.
 private func withFloatGradient(_ gradient: MutableActivationView, staged: Bool = true, zeroed: Bool = false,
-                               _ body: (MutableTensorView) throws -> Void) throws {
+                               threads: Int?, _ body: (MutableTensorView) throws -> Void) throws {
     let shape = gradient.shape
     guard gradient.precision != .float32 && staged else {
         if zeroed { gradient.kernel.zero(batch: shape[0], heads: shape[1], rows: shape[2], width: shape[3]) }
         return try body(gradient.kernel)
     }
-    try withStaged(gradient.kernel, shape: shape) { scratch in
+    try withStaged(gradient.kernel, shape: shape, threads: threads) { scratch in
         if zeroed { scratch.zero(batch: shape[0], heads: shape[1], rows: shape[2], width: shape[3]) }
         try body(scratch)
     }

@@ -86,7 +86,7 @@ func lshReferences(_ lsh: LSHAttention, q: Tensor, k: Tensor, v: Tensor, keyLeng
                    sourceLocation: SourceLocation = #_sourceLocation) throws
     -> (reference: ReferenceResult<Double>, naive: ReferenceResult<Float>) {
     let shape = try AttentionShape(query: q, key: k, value: v)
-    let (nb, nh, n) = (shape.batch, shape.heads, shape.queryLength)
+    let (nh, n) = (shape.heads, shape.queryLength)
     let rotations = try lsh.rotations(for: shape)
     let library = try lsh.bucketIDs(query: q, key: k)
     for (vectors, ids) in [(q, library.query)] + (lsh.sharedQK ? [] : [(k, library.key)]) {

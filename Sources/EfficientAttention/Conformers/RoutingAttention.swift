@@ -253,7 +253,7 @@ public struct RoutingAttention: KernelWidening {
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-        try call.withFloatOutput { call in
+        call.withFloatOutput { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let l = layout(shape)
         // Queries no cluster takes keep the result over no keys.
