@@ -524,7 +524,8 @@ public struct LSHAttention: KernelWidening {
 // MARK: - Backward
 
 extension LSHAttention: OperandWideningBackward {
-    /// The tiled backward (if any) reads gathered or feature-mapped `Float` rows.
+    /// Each round's attention backward reads its bucket-sorted rows, gathered (and widened)
+    /// into `Float` by ``PermutedBlockAttention``, never the caller's operands.
     static var widensInTiledBackward: Bool { false }
 
     /// 16-bit operands are widened by the hashing and each round's gather (the self rule's

@@ -316,7 +316,8 @@ public struct RoutingAttention: KernelWidening {
 // MARK: - Backward
 
 extension RoutingAttention: OperandWideningBackward {
-    /// The tiled backward (if any) reads gathered or feature-mapped `Float` rows.
+    /// Each cluster's attention backward reads its members' rows, gathered (and widened)
+    /// into `Float` by ``PermutedBlockAttention``, never the caller's operands.
     static var widensInTiledBackward: Bool { false }
 
     /// 16-bit operands are widened by the router's packing and each cluster's gather.
