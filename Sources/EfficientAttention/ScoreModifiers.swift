@@ -233,18 +233,21 @@ struct ScoreModifierKernel: @unchecked Sendable {
         report(check)
     }
 
-    /// Requests into L2 the bias of the tile a kernel will modify next, keys `keys` and
-    /// queries `queries.position(rows)` of batch item `b`, head `h` (a bias with contiguous
-    /// rows and contiguous keys; nothing otherwise): the forward's next key tile, the
-    /// backward's next query tile. Kernels spread these requests over a tile's work, a few
-    /// rows at a time: issued all at once, they stall on the core's outstanding-miss limit
-    /// (N = 2048, H = 8: 4–5 ms of the forward bias's cost). Positions past the bias
-    /// are harmless (a prefetch never faults).
+    /// Requests into L2 part `part` of `parts` of the bias of the tile a kernel will modify
+    /// next, keys `keys` and queries `queries` of batch item `b`, head `h` (a bias with
+    /// contiguous rows and contiguous keys; nothing otherwise): the forward's next key tile,
+    /// the backward's next query tile. The part is `⌈queries.count / parts⌉` query rows.
+    /// Kernels spread the parts over a tile's work (one per block of micro-kernel rows):
+    /// issued all at once, the requests stall on the core's outstanding-miss limit (N = 2048,
+    /// H = 8: 4–5 ms of the forward bias's cost). Positions past the bias are harmless (a
+    /// prefetch never faults).
     @inline(__always)
-    func prefetchBias(keys: PositionRun, queries: PositionRun, rows: Range<Int>, b: Int, h: Int) {
+    func prefetchBias(keys: PositionRun, queries: PositionRun, part: Int, of parts: Int, b: Int, h: Int) {
         guard let bias, keys.step == 1, bias.strides[3] == 1 else { return }
+        let rowsPerPart = (queries.count + parts - 1) / parts
         let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start
-        for lane in rows.clamped(to: 0..<queries.count) {
+        let end = min((part + 1) * rowsPerPart, queries.count)
+        for lane in min(part * rowsPerPart, end)..<end {
             let row = base + queries.position(lane) &* bias.strides[2]
             for c in stride(from: 0, to: keys.count, by: 16) { ea_prefetch_read_l2(row + c) }
         }

@@ -271,13 +271,11 @@ enum TiledSoftmaxAttention {
             let keyRowStride = keysInPlace ? keys.step * k.strides[2] : d
             let keyDepthStride = keysInPlace ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
-            let biasRowsPerBlock = (queries.count + keyBlocks - 1) / keyBlocks
             for block in 0..<keyBlocks {
                 upcoming.prefetch(rows: upcomingPerPoint)
                 // The next key tile's bias, a few query rows per block (ScoreModifierKernel.prefetchBias).
                 modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
-                                        queries: queries,
-                                        rows: (block * biasRowsPerBlock)..<((block + 1) * biasRowsPerBlock), b: b, h: h)
+                                        queries: queries, part: block, of: keyBlocks, b: b, h: h)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
                     let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),

@@ -544,11 +544,9 @@ enum TiledSoftmaxBackward {
         // The next query tile's bias (the same keys), a few query rows per block
         // (ScoreModifierKernel.prefetchBias).
         let nextQueries = PositionRun(start: queries.position(queries.count), count: queries.count, step: queries.step)
-        let biasRowsPerBlock = ceilDiv(queries.count, keyBlocks)
         for block in 0..<keyBlocks {
             let rows = min(mr, keys.count - block * mr)
-            x.modifiers?.prefetchBias(keys: keys, queries: nextQueries,
-                                      rows: (block * biasRowsPerBlock)..<((block + 1) * biasRowsPerBlock), b: b, h: h)
+            x.modifiers?.prefetchBias(keys: keys, queries: nextQueries, part: block, of: keyBlocks, b: b, h: h)
             let keyRows = blockRows.keys.operand(first: firstRow + block * mr, rows: rows)
             let valueRows = blockRows.values.operand(first: firstRow + block * mr, rows: rows)
             // On a partial tile, only the panels of the queries that may see these keys.
