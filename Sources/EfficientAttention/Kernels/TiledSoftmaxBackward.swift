@@ -83,7 +83,9 @@ enum TiledSoftmaxBackward {
     /// Query rows per tile: the forward's key tile, not tuned separately.
     static var queryTileSize: Int { Tuning.current.attentionKeyTile }
     /// Keys per work item: two of the forward's key tiles, so that each query tile's
-    /// preparation (packing `Qᵀ`, `dOᵀ`, the row dots) serves 128 keys. Not tuned.
+    /// preparation (packing `Qᵀ`, `dOᵀ`, the row dots) serves 128 keys. 64, 192 and 256 were
+    /// timed (KernelDocs/Dense.md, "Tiles and workspace"): none better for dense and the
+    /// narrow patterns together.
     static var keyBlockSize: Int { 2 * Tuning.current.attentionKeyTile }
 
     /// Lanes of a query tile (a multiple of ``MicroTile/nr``) and rows of a key block (a
