@@ -297,6 +297,9 @@ protocol KernelWidening: Attention {
     /// the query rows of a decode-shaped call, the output of passes merged by log-sum-exp
     /// (they read their output back).
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool)
+    /// The `Float` output elements a 16-bit call of `shape` stages at once when its output is
+    /// staged: the whole output unless the conformer stages it part by part.
+    func stagedOutputElements(_ shape: AttentionShape) -> Int
 }
 
 extension KernelWidening {
@@ -310,8 +313,11 @@ extension KernelWidening {
 
     public func conversionScratchBytes(_ shape: AttentionShape, precisions: OperandPrecisions) -> Int {
         let staged = stagedOperands(shape)
-        return shape.widenedCopyBytes(precisions, query: staged.query, key: false, value: false, output: staged.output)
+        return shape.widenedCopyBytes(precisions, query: staged.query, key: false, value: false, output: false)
+            + (staged.output ? widenedCopyBytes(precisions.output, stagedOutputElements(shape)) : 0)
     }
+
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { shape.outputElements }
 }
 
 /// The bfloat16 conversions of mixed-precision calls, for tests: the scalar path and the

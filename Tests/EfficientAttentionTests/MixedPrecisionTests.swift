@@ -225,6 +225,73 @@ struct MixedPrecisionTests {
         }
     }
 
+    @Test("merged passes form a 16-bit output part by part (batch items, then groups of heads): the Float call's bits, and the part's scratch only")
+    func mergedOutputInParts() throws {
+        let (n, heads) = (150, 4)
+        let (q, k, v) = try randomQKV(batch: 2, heads: heads, kvHeads: 2, queryLength: n, keyLength: n, headDim: 65,
+                                      valueDim: 16, seed: 31)
+        // Per-head state whose head index a part must offset: ALiBi slopes and a per-head bias
+        // (strided), per-head dilations (Longformer), a per-head relative table (ETC).
+        var strided = StridedAttention(stride: 12)
+        strided.modifiers = ScoreModifiers(alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: heads),
+                                           bias: try Tensor.random(shape: [1, heads, n, n], seed: 5))
+        let conformers: [(String, any Attention)] = [
+            ("strided with ALiBi and a per-head bias", strided),
+            ("strided causal", StridedAttention(stride: 9, causal: true)),
+            ("longformer with per-head dilations", LongformerAttention(window: 16, dilations: [1, 2, 1, 3],
+                                                                       globalPositions: [0, 77])),
+            ("axial union 10x15", AxialAttention(axes: [10, 15])),
+            ("axial sum 15x10", AxialAttention(axes: [15, 10], combination: .sum)),
+            ("etc with a per-head relative table",
+             try ETCAttention(heads: heads, headDim: 65, globals: 7, radius: 9, maxDistance: 5, seed: 4)),
+        ]
+        let headBytes = n * 16 * 4
+        // Parts of one group (2 heads), of one batch item, and the whole call.
+        let parts: [(String, Int)] = [("one group", headBytes), ("one item", heads * headBytes), ("whole", 16 << 20)]
+        let outputs16 = [OperandPrecisions(.float16), OperandPrecisions(query: .float32, key: .float32, value: .float32,
+                                                                         output: .bfloat16)]
+        for (c, precisions) in outputs16.enumerated() {
+            for (partName, bytes) in parts {
+                try MergedOutputStaging.$partBytes.withValue(bytes) {
+                    for (name, attention) in conformers {
+                        try Self.compare(attention, q, k, v, keyLengths: c == 0 ? [150, 61] : nil, precisions: precisions,
+                                         step: c + 1, workspace: true, threads: c + 2, "\(name), parts: \(partName)")
+                    }
+                }
+            }
+        }
+        // The scratch follows the part: a 16 MiB part at N = 65536 (one head's rows), one
+        // group of 4 heads with grouped heads, not the whole 128 MiB output.
+        let long = AttentionShape(batch: 1, heads: 8, queryLength: 65536, headDim: 64)
+        let grouped = AttentionShape(batch: 1, heads: 8, kvHeads: 2, queryLength: 65536, headDim: 64)
+        let short = AttentionShape(batch: 4, heads: 8, queryLength: 1024, headDim: 64)
+        for (name, attention) in conformers.prefix(4) {
+            let bf16 = OperandPrecisions(.bfloat16)
+            #expect(attention.conversionScratchBytes(long, precisions: bf16) == 65536 * 64 * 4, "\(name)")
+            #expect(attention.conversionScratchBytes(grouped, precisions: bf16) == 4 * 65536 * 64 * 4, "\(name)")
+            #expect(attention.conversionScratchBytes(short, precisions: bf16) == 4 * 8 * 1024 * 64 * 4, "\(name)")
+            #expect(attention.conversionScratchBytes(long, precisions: OperandPrecisions(.float32)) == 0, "\(name)")
+        }
+        // A call sized for its parts allocates nothing in steady state.
+        if AllocationCounter.isSupported {
+            try MergedOutputStaging.$partBytes.withValue(headBytes) {
+                let s = try AttentionShape(query: q, key: k, value: v)
+                let half = OperandPrecisions(.float16)
+                let workspace = try AttentionWorkspace(for: strided, shape: s, threads: 1, precisions: half)
+                let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
+                let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
+                let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
+                let oo = MixedOperand(shape: SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), precision: .float16)
+                let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
+                let count = try CallingConventionTests.steadyStateAllocations {
+                    try strided.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
+                                       workspace: workspace, threads: 1)
+                }
+                #expect(count == 0, "strided in parts of one group: \(count) allocations per call with a workspace")
+            }
+        }
+    }
+
     @Test("Linformer, memory-compressed, Sinkhorn, ISAB: keys and values widened as the GEMM packs (or the pooling and block sums read) them, the Float call on the widened inputs")
     func gemmPackingWidens() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 61, keyLength: 100, headDim: 33,

@@ -118,14 +118,17 @@ public struct AxialAttention: KernelWidening {
     /// the tiled kernel as it packs them.
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
 
+    /// Merged passes stage their 16-bit output part by part (``MergedOutputStaging``).
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape) }
+
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
             let combination = combination
-            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
-                let pattern = try self.pattern(for: call.shape)
+            let pattern = try self.pattern(for: call.shape)
+            TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 switch combination {
                 case .union:
                     for t in pattern.axes.indices {
@@ -168,8 +171,7 @@ enum AxialSum {
         // The later axes' outputs and log-sum-exps in scratch (part of the cost's workspace).
         withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim)) { o in
         withScratchTensor(SIMD4(shape.batch, shape.heads, shape.queryLength, 1)) { l in
-            let axis = PatternCall(shape: shape, scale: call.scale, threads: call.threads, keyLengths: call.keyLengths,
-                                   q: call.q, k: call.k, v: call.v, o: o, lse: l)
+            let axis = call.with(o: o, lse: l)
             for t in pattern.axes.indices.dropFirst() {
                 axis.run(queryTile: pattern.queryTile(axis: t)) { _, keyEnd in
                     pattern.lineMask(axis: t, keyEnd: keyEnd, hidesSelf: false)

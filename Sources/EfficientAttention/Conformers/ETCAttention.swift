@@ -184,13 +184,16 @@ public struct ETCAttention: KernelWidening, Equatable {
     /// widened query tile).
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
 
+    /// Merged passes stage their 16-bit output part by part (``MergedOutputStaging``).
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape) }
+
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
-                let plan = try self.plan(for: call.shape), pattern = plan.pattern
+            let plan = try self.plan(for: call.shape), pattern = plan.pattern
+            TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
                     pattern.globalQueryMask(keyEnd: keyEnd)
                 }
@@ -199,7 +202,7 @@ public struct ETCAttention: KernelWidening, Equatable {
                     return
                 }
                 let shape = call.shape
-                withRelativeTerms(table, plan: plan, heads: shape.heads) { terms in
+                withRelativeTerms(table, plan: plan, heads: shape.heads, firstHead: call.firstHead) { terms in
                     // Built per query tile: its arrays are the plan's (shared, not copied), so
                     // nothing is allocated, and no table of B·H masks is needed.
                     TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
@@ -215,12 +218,14 @@ public struct ETCAttention: KernelWidening, Equatable {
 
     /// Hands `body` the relative score terms of each (batch item, head): row
     /// `Δ' = p + κ − j` of the table read backwards is `a[clip(j − p) + κ]`, clamped.
-    private func withRelativeTerms<R>(_ table: Tensor, plan: Plan, heads: Int,
+    /// `terms(b, h)`: the relative terms of batch item `b` and query head `h` of a call of
+    /// `heads` heads whose head 0 is the whole call's `firstHead` (the table's head).
+    private func withRelativeTerms<R>(_ table: Tensor, plan: Plan, heads: Int, firstHead: Int = 0,
                                       _ body: (_ terms: (_ b: Int, _ h: Int) -> RelativeScoreTerms) -> R) -> R {
         let kappa = maxDistance, rows = 2 * kappa + 1, perHead = table.shape[1] != 1
         return plan.zeros.withUnsafeBufferPointer { zeros in table.withView { a in
             body { b, h in
-                RelativeScoreTerms(table: a.row(0, perHead ? h : 0, rows - 1),
+                RelativeScoreTerms(table: a.row(0, perHead ? firstHead + h : 0, rows - 1),
                                    tableRowStride: -a.strides[2], tableDepthStride: a.strides[3], tableRows: rows,
                                    offset: kappa, keyBias: zeros.baseAddress!, keyBiasStride: 0,
                                    distanceBias: zeros.baseAddress!, owner: b * heads + h + 1, clamped: true)

@@ -101,6 +101,9 @@ public struct LongformerAttention: KernelWidening, ModifiableAttention {
     /// Merged passes read their output back: a 16-bit output is staged in `Float`.
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
 
+    /// Merged passes stage their 16-bit output part by part (``MergedOutputStaging``).
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape) }
+
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {

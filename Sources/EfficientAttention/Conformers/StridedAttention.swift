@@ -80,14 +80,17 @@ public struct StridedAttention: KernelWidening, ModifiableAttention {
     /// Merged passes read their output back: a 16-bit output is staged in `Float`.
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
 
+    /// Merged passes stage their 16-bit output part by part (``MergedOutputStaging``).
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape) }
+
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
                             modifiers: modifiers) { call in
-            try TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
-                let pattern = try self.pattern(for: call.shape)
+            let pattern = try self.pattern(for: call.shape)
+            TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 switch pattern.kind {
                 case .strided:
                     // Head by head, so that the second pass finds the head's rows still in cache.

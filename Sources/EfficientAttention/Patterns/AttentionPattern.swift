@@ -155,44 +155,59 @@ struct PatternCall {
     let o: MutableTensorView, lse: MutableTensorView
     /// The call's score modifiers (nil: none).
     var modifiers: ScoreModifierKernel? = nil
-    /// The whole call's batch item of this call's item 0 (``forEachHead(_:)``'s restricted calls).
-    var firstItem = 0
+    /// The whole call's batch item and query head of this call's item 0 and head 0 (a
+    /// restricted call's: ``restricted(items:heads:)``, ``forEachHead(_:)``).
+    var firstItem = 0, firstHead = 0
 
     /// Valid keys of batch item `b` of this call.
     func keyEnd(_ b: Int) -> Int { keyLengths?[firstItem + b] ?? shape.keyLength }
 
-    /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head
-    /// (`keyEnd` is the item's valid key length). Later passes use `merge: true`. Work
-    /// items go head by head: fixed patterns' query tiles cost about the same, and
-    /// neighbouring tiles share key rows.
+    /// Runs one kernel pass; `mask(h, keyEnd)` is built once per batch item and head (`h`
+    /// the whole call's query head, `keyEnd` the item's valid key length). Later passes use
+    /// `merge: true`. Work items go head by head: fixed patterns' query tiles cost about the
+    /// same, and neighbouring tiles share key rows.
     func run<Mask: TileMask>(queryTile: Int? = nil, merge: Bool = false,
                              mask: (_ head: Int, _ keyEnd: Int) -> Mask) {
-        TiledSoftmaxAttention.withMasks(shape, { b, h in mask(h, keyEnd(b)) }) { masks in
+        TiledSoftmaxAttention.withMasks(shape, { b, h in mask(firstHead + h, keyEnd(b)) }) { masks in
             TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, queryTile: queryTile, merge: merge,
                                       byHead: true, q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers,
                                       mask: masks)
         }
     }
 
+    /// This call restricted to the batch items `items` and query heads `heads` (whole groups
+    /// of the heads sharing a key/value head, or heads of one group), its views offset there.
+    func restricted(items: Range<Int>, heads: Range<Int>) -> PatternCall {
+        let g = shape.groupSize
+        assert((heads.lowerBound % g == 0 && heads.count % g == 0) || heads.lowerBound / g == (heads.upperBound - 1) / g,
+               "a restricted call takes whole groups or heads of one group")
+        let (b, h, hk) = (items.lowerBound, heads.lowerBound, heads.lowerBound / g)
+        let part = AttentionShape(batch: items.count, heads: heads.count, kvHeads: max(1, heads.count / g),
+                                  queryLength: shape.queryLength, keyLength: shape.keyLength,
+                                  headDim: shape.headDim, valueDim: shape.valueDim)
+        return PatternCall(
+            shape: part, scale: scale, threads: threads, keyLengths: keyLengths,
+            q: TensorView(raw: q.rawRow(b, h, 0), strides: q.strides, precision: q.precision),
+            k: TensorView(raw: k.rawRow(b, hk, 0), strides: k.strides, precision: k.precision),
+            v: TensorView(raw: v.rawRow(b, hk, 0), strides: v.strides, precision: v.precision),
+            o: MutableTensorView(raw: o.rawRow(b, h, 0), strides: o.strides, precision: o.precision),
+            lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides),
+            modifiers: modifiers?.restricted(item: b, head: h), firstItem: firstItem + b, firstHead: firstHead + h)
+    }
+
+    /// This call writing its output into `o` (a staged copy) and, if given, its log-sum-exp
+    /// into `lse` instead.
+    func with(o: MutableTensorView, lse: MutableTensorView? = nil) -> PatternCall {
+        PatternCall(shape: shape, scale: scale, threads: threads, keyLengths: keyLengths, q: q, k: k, v: v,
+                    o: o, lse: lse ?? self.lse, modifiers: modifiers, firstItem: firstItem, firstHead: firstHead)
+    }
+
     /// Calls `body` with the call restricted to one batch item and query head at a time
-    /// (`body` gets the restricted call and the original head index), so that passes
+    /// (`body` gets the restricted call and the whole call's head index), so that passes
     /// over the same head can run back to back while its rows are still in cache.
     func forEachHead(_ body: (_ call: PatternCall, _ head: Int) -> Void) {
         for b in 0..<shape.batch {
-            for h in 0..<shape.heads {
-                let hk = h / shape.groupSize
-                let one = AttentionShape(batch: 1, heads: 1, kvHeads: 1, queryLength: shape.queryLength,
-                                         keyLength: shape.keyLength, headDim: shape.headDim, valueDim: shape.valueDim)
-                let call = PatternCall(
-                    shape: one, scale: scale, threads: threads, keyLengths: keyLengths,
-                    q: TensorView(raw: q.rawRow(b, h, 0), strides: q.strides, precision: q.precision),
-                    k: TensorView(raw: k.rawRow(b, hk, 0), strides: k.strides, precision: k.precision),
-                    v: TensorView(raw: v.rawRow(b, hk, 0), strides: v.strides, precision: v.precision),
-                    o: MutableTensorView(base: o.row(b, h, 0), strides: o.strides),
-                    lse: MutableTensorView(base: lse.row(b, h, 0), strides: lse.strides),
-                    modifiers: modifiers?.restricted(item: b, head: h), firstItem: firstItem + b)
-                body(call, h)
-            }
+            for h in 0..<shape.heads { body(restricted(items: b..<(b + 1), heads: h..<(h + 1)), firstHead + h) }
         }
     }
 }
@@ -217,8 +232,9 @@ extension TiledSoftmaxAttention {
     /// Runs a fixed-pattern conformer on a checked call: sets every log-sum-exp to
     /// `-infinity` (until a pass writes the row) and hands `passes` the call.
     /// `merging`: whether later passes merge into the first's output (they read it back,
-    /// so a 16-bit output is then formed in `Float` scratch; a single pass writes it in
-    /// place, rounding each row once).
+    /// so a 16-bit output is then formed in `Float` scratch, part by part: `passes` runs
+    /// once per part of ``MergedOutputStaging``, on the call restricted to it; a single
+    /// pass writes a 16-bit output in place, rounding each row once).
     ///
     /// The output is not zero-filled: `passes` must start with a pass without `merge`
     /// whose query tiles cover every query (contiguous tiles, blocks or residue classes),
@@ -232,10 +248,46 @@ extension TiledSoftmaxAttention {
                 for i in 0..<shape.queryLength { call.lse.row(b, h, i).pointee = -.infinity }
             }
         }
-        try call.withStagedOutput(when: merging && call.o.precision != .float32) { call in
-            try passes(PatternCall(shape: shape, scale: call.scale, threads: call.threadCount,
-                                   keyLengths: call.keyLengths, q: call.q, k: call.k, v: call.v, o: call.o,
-                                   lse: call.lse, modifiers: call.modifiers))
+        let whole = PatternCall(shape: shape, scale: call.scale, threads: call.threadCount, keyLengths: call.keyLengths,
+                                q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, modifiers: call.modifiers)
+        guard merging && call.o.precision != .float32 else { return try passes(whole) }
+        let part = MergedOutputStaging.part(shape)
+        for b in stride(from: 0, to: shape.batch, by: part.items) {
+            for h in stride(from: 0, to: shape.heads, by: part.heads) {
+                let piece = whole.restricted(items: b..<min(shape.batch, b + part.items),
+                                             heads: h..<min(shape.heads, h + part.heads))
+                try withStaged(piece.o, shape: SIMD4(piece.shape.batch, piece.shape.heads, shape.queryLength,
+                                                     shape.valueDim), threads: call.threadCount) { scratch in
+                    try passes(piece.with(o: scratch))
+                }
+            }
         }
+    }
+}
+
+/// How passes merged by log-sum-exp form a 16-bit output: in `Float` scratch (they read
+/// their output back), one part of the call at a time, each part's rows rounded into the
+/// caller's output before the next part runs, so the scratch stays near ``partBytes``
+/// however long the sequence: whole batch items while one fits, else whole groups of one
+/// item's query heads (the heads sharing a key/value head), at least one group. A row's
+/// arithmetic does not depend on the part it runs in: the same bits as one part.
+@_spi(Testing) public enum MergedOutputStaging {
+    /// The most `Float` output bytes one part stages (16 MiB; a task-local, so that tests
+    /// can force small parts).
+    @TaskLocal public static var partBytes = 16 << 20
+
+    /// Batch items and query heads per part of `shape` (heads below `H` only with one item).
+    static func part(_ shape: AttentionShape) -> (items: Int, heads: Int) {
+        let headBytes = max(1, shape.queryLength * shape.valueDim * MemoryLayout<Float>.stride)
+        let itemBytes = headBytes * shape.heads, limit = partBytes
+        if itemBytes <= limit { return (min(shape.batch, max(1, limit / itemBytes)), shape.heads) }
+        let g = shape.groupSize
+        return (1, min(shape.heads, max(1, limit / (headBytes * g)) * g))
+    }
+
+    /// Floats the largest part of `shape` stages.
+    static func elements(_ shape: AttentionShape) -> Int {
+        let part = part(shape)
+        return part.items * part.heads * shape.queryLength * shape.valueDim
     }
 }
