@@ -163,6 +163,22 @@ struct MixedPrecisionTests {
         #expect(lseEqual, "\(label): lse differs at \(firstDifference(lse.elements, expected.logSumExp.elements))")
     }
 
+    /// Heap allocations of a steady-state Float16 call of `attention` on `q`, `k`, `v` (one
+    /// thread) with a workspace sized for its precisions.
+    static func halfPrecisionAllocations(_ attention: any Attention, _ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> Int {
+        let s = try AttentionShape(query: q, key: k, value: v)
+        let workspace = try AttentionWorkspace(for: attention, shape: s, threads: 1, precisions: OperandPrecisions(.float16))
+        let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
+        let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
+        let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
+        let oo = MixedOperand(shape: SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), precision: .float16)
+        let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
+        return try CallingConventionTests.steadyStateAllocations {
+            try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
+                                 workspace: workspace, threads: 1)
+        }
+    }
+
     @Test("every conformer: 16-bit operands give the Float call on the widened inputs, rounded once",
           arguments: InvarianceTests.entries)
     func matchesWidenedFloatCall(_ name: String) throws {
@@ -194,7 +210,6 @@ struct MixedPrecisionTests {
             ("etc causal", ETCAttention(globals: 3, radius: 11, causal: true)),
             ("etc with a relative table", table),
         ]
-        let half16 = OperandPrecisions(.float16)
         for (c, precisions) in Self.combinations.enumerated() {
             for (name, attention) in conformers {
                 try Self.compare(attention, q, k, v, keyLengths: c % 2 == 0 ? [150, 61] : nil, precisions: precisions,
@@ -203,18 +218,7 @@ struct MixedPrecisionTests {
         }
         // .sum's later axes run in the workspace (they allocated a tensor per call before).
         if AllocationCounter.isSupported {
-            let sum = AxialAttention(axes: [10, 15], combination: .sum)
-            let s = try AttentionShape(query: q, key: k, value: v)
-            let workspace = try AttentionWorkspace(for: sum, shape: s, threads: 1, precisions: half16)
-            let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
-            let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
-            let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
-            let oo = MixedOperand(shape: SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), precision: .float16)
-            let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
-            let count = try CallingConventionTests.steadyStateAllocations {
-                try sum.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
-                               workspace: workspace, threads: 1)
-            }
+            let count = try Self.halfPrecisionAllocations(AxialAttention(axes: [10, 15], combination: .sum), q, k, v)
             #expect(count == 0, "axial .sum: \(count) allocations per call with a workspace")
         }
         // Their 16-bit calls take no Float copy of an input: only the staged output.
@@ -274,21 +278,10 @@ struct MixedPrecisionTests {
         }
         // A call sized for its parts allocates nothing in steady state.
         if AllocationCounter.isSupported {
-            try MergedOutputStaging.$partBytes.withValue(headBytes) {
-                let s = try AttentionShape(query: q, key: k, value: v)
-                let half = OperandPrecisions(.float16)
-                let workspace = try AttentionWorkspace(for: strided, shape: s, threads: 1, precisions: half)
-                let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
-                let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
-                let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
-                let oo = MixedOperand(shape: SIMD4(s.batch, s.heads, s.queryLength, s.valueDim), precision: .float16)
-                let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
-                let count = try CallingConventionTests.steadyStateAllocations {
-                    try strided.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
-                                       workspace: workspace, threads: 1)
-                }
-                #expect(count == 0, "strided in parts of one group: \(count) allocations per call with a workspace")
+            let count = try MergedOutputStaging.$partBytes.withValue(headBytes) {
+                try Self.halfPrecisionAllocations(strided, q, k, v)
             }
+            #expect(count == 0, "strided in parts of one group: \(count) allocations per call with a workspace")
         }
     }
 
