@@ -313,8 +313,13 @@ extension KernelWidening {
 
     public func conversionScratchBytes(_ shape: AttentionShape, precisions: OperandPrecisions) -> Int {
         let staged = stagedOperands(shape)
+        // Sinks rescale finished rows, so a 16-bit output is then formed whole in `Float`
+        // (``Attention/withCheckedCall(query:key:value:output:logSumExp:keyLengths:workspace:threads:scale:modifiers:_:)``)
+        // and the conformer writes into that.
+        let outputElements = scoreModifiers?.sinks != nil ? shape.outputElements
+            : staged.output ? stagedOutputElements(shape) : 0
         return shape.widenedCopyBytes(precisions, query: staged.query, key: false, value: false, output: false)
-            + (staged.output ? widenedCopyBytes(precisions.output, stagedOutputElements(shape)) : 0)
+            + widenedCopyBytes(precisions.output, outputElements)
     }
 
     func stagedOutputElements(_ shape: AttentionShape) -> Int { shape.outputElements }

@@ -410,7 +410,7 @@ extension ModifiableAttention {
     }
 }
 
-extension DifferentiableAttention {
+extension Attention {
     /// This conformer's score modifiers when it is a ``ModifiableAttention`` (nil otherwise).
     /// Through the metatype, not `self as? any ModifiableAttention`: casting the value would
     /// box a conformer larger than three words on the heap on every call.
@@ -418,6 +418,9 @@ extension DifferentiableAttention {
         guard let type = Self.self as? any ModifiableAttention.Type else { return nil }
         return withUnsafePointer(to: self) { type.modifiers(at: UnsafeRawPointer($0)) }
     }
+}
+
+extension DifferentiableAttention {
 
     /// Runs `body` with the kernel form of this conformer's score modifiers for `shape`
     /// (nil when it has none that modify scores) and the view to add `∂L/∂bias` into (nil

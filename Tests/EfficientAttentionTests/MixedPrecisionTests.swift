@@ -285,6 +285,22 @@ struct MixedPrecisionTests {
         }
     }
 
+    @Test("sinks with a 16-bit output: the Float output they rescale is counted in the workspace (no allocation per call)")
+    func sinksWithHalfOutput() throws {
+        guard AllocationCounter.isSupported else { return }
+        let (q, k, v) = try randomQKV(batch: 1, heads: 4, kvHeads: 2, queryLength: 100, keyLength: 100, headDim: 32,
+                                      valueDim: 32, seed: 8)
+        let conformers: [(String, any ModifiableAttention)] = [
+            ("dense", DenseAttention()), ("local", LocalAttention(left: 9, right: 3)), ("strided", StridedAttention(stride: 10)),
+        ]
+        for (name, conformer) in conformers {
+            var attention = conformer
+            attention.modifiers = ScoreModifiers(sinks: [0.5, -1, 2, 0])
+            let count = try Self.halfPrecisionAllocations(attention, q, k, v)
+            #expect(count == 0, "\(name) with sinks: \(count) allocations per Float16 call with a workspace")
+        }
+    }
+
     @Test("Linformer, memory-compressed, Sinkhorn, ISAB: keys and values widened as the GEMM packs (or the pooling and block sums read) them, the Float call on the widened inputs")
     func gemmPackingWidens() throws {
         let (q, k, v) = try randomQKV(batch: 2, heads: 4, kvHeads: 2, queryLength: 61, keyLength: 100, headDim: 33,
