@@ -185,20 +185,28 @@ final class FuzzCase {
         let (sq, sk, sv) = (StoredOperand(rq, p.query), StoredOperand(rk, p.key), StoredOperand(rv, p.value))
         let out = StoredOperand(shape: want.output.shape, p.output)
         var lse = try Tensor(shape: want.logSumExp.shape, repeating: .nan)
-        let workspace = rng.chance(0.5)
-            ? try AttentionWorkspace(for: attention, shape: s, threads: threads, precisions: p) : nil
-        log("16-bit forward, precisions \(p), \(threads) threads, workspace \(workspace?.byteCount ?? 0) bytes")
-        do {
-            try lse.withMutableStridedView { l in
-                try call {
-                    try attention.attend(query: sq.view(), key: sk.view(), value: sv.view(), output: out.mutableView(),
-                                         logSumExp: l, keyLengths: keyLengths, workspace: workspace, threads: threads)
+        // Merged passes form a 16-bit output part by part (MergedOutputStaging): half the
+        // cases with parts of a random size (down to one group of heads).
+        let partBytes = rng.chance(0.5) ? MergedOutputStaging.partBytes
+            : rng.int(1...max(1, s.batch * s.heads * s.queryLength * s.valueDim * 4))
+        let ran = try MergedOutputStaging.$partBytes.withValue(partBytes) { () throws -> Bool in
+            let workspace = rng.chance(0.5)
+                ? try AttentionWorkspace(for: attention, shape: s, threads: threads, precisions: p) : nil
+            log("16-bit forward, precisions \(p), \(threads) threads, workspace \(workspace?.byteCount ?? 0) bytes, parts of \(partBytes) bytes")
+            do {
+                try lse.withMutableStridedView { l in
+                    try call {
+                        try attention.attend(query: sq.view(), key: sk.view(), value: sv.view(), output: out.mutableView(),
+                                             logSumExp: l, keyLengths: keyLengths, workspace: workspace, threads: threads)
+                    }
                 }
+            } catch {
+                fail("\(label): the 16-bit call (\(p)) threw \(error)")
+                return false
             }
-        } catch {
-            fail("\(label): the 16-bit call (\(p)) threw \(error)")
-            return
+            return true
         }
+        guard ran else { return }
         if let i = (0..<out.count).first(where: { out.bits($0) != Self.storedBits(want.output.elements[$0], p.output) }) {
             fail("\(label): 16-bit output (\(p)) element \(i) differs from the Float call's, rounded")
         }
