@@ -117,12 +117,14 @@ enum DecodeAttention {
 
     /// Computes `o` and `lse` for every `(b, h, query)` of `shape`, whose `keyLength` is
     /// the longest cache length. `mask(b)` gives batch item `b`'s visibility; its `keyEnd`
-    /// is that item's cache length.
+    /// is that item's cache length. `keyTileElementBytes`: the element size the dot-product
+    /// path's key tile is sized for (default the rows' own: a cache's 16-bit or Int8 rows take
+    /// longer tiles).
     static func run<R: KVRows>(
         shape: AttentionShape, scale: Float, threads: Int, split: Int,
         q: TensorView, keys: R, values: R,
         o: MutableTensorView, lse: MutableTensorView, modifiers: ScoreModifierKernel? = nil,
-        mask: (_ batch: Int) -> IntervalMask
+        keyTileElementBytes: Int? = nil, mask: (_ batch: Int) -> IntervalMask
     ) {
         let plan = Plan(shape, split: split)
         let g = shape.groupSize, n = shape.queryLength, rows = plan.rows, dv = shape.valueDim
@@ -131,7 +133,8 @@ enum DecodeAttention {
         let chunkFloats = rows * (dv + 1)
         let partialCount = shape.batch * shape.kvHeads * chunkCount * chunkFloats
         let tiling = TiledSoftmaxAttention.Tiling.forProblem(headDim: shape.headDim, valueDim: dv)
-        let tile = keyTile(headDim: shape.headDim, valueDim: dv, elementBytes: MemoryLayout<R.Element>.size)
+        let tile = keyTile(headDim: shape.headDim, valueDim: dv,
+                           elementBytes: keyTileElementBytes ?? MemoryLayout<R.Element>.size)
         // The chunks' partial results (shared), then one workspace per worker.
         let sliceBytes = plan.grouped
             ? GroupedWorkspace.byteCount(rows: plan.rowTile, d: shape.headDim, dv: dv, keyTile: tiling.keyTile,
@@ -706,9 +709,11 @@ extension DecodeAttention {
                 CacheRows<E>(base: UnsafeRawPointer(x.base).assumingMemoryBound(to: E.self),
                              batchStride: x.strides[0], headStride: x.strides[1], rowStride: x.strides[2])
             }
+            // Key tiles as long as the Float call's (the tile is where the online softmax
+            // rescales): 16-bit rows read in place give the Float call's bits.
             DecodeAttention.run(shape: shape, scale: call.scale, threads: call.threadCount, split: defaultSplit,
                                 q: call.q, keys: rows(k), values: rows(v), o: call.o, lse: call.lse,
-                                modifiers: call.modifiers, mask: mask)
+                                modifiers: call.modifiers, keyTileElementBytes: MemoryLayout<Float>.size, mask: mask)
         }
         let (k, v) = (call.k, call.v)
         if k.precision == v.precision && k.strides[3] == 1 && v.strides[3] == 1 {
