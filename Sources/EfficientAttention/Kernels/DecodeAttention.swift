@@ -89,13 +89,6 @@ enum DecodeAttention {
         }
     }
 
-    /// Bytes of workspace ``run(shape:scale:threads:split:q:keys:values:o:lse:mask:)``
-    /// allocates: one workspace per worker plus the partial results of every chunk.
-    static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, halfPrecision: Bool = false) -> Int {
-        workspaceBytes(shape: shape, split: split, threads: threads, elementBytes: halfPrecision ? 2 : 4,
-                       keyScratch: halfPrecision)
-    }
-
     /// The workspace of a decode over cache rows of `elementBytes`-byte elements; `keyScratch`:
     /// the micro-kernel path copies key tiles (anything but contiguous Float rows, ``KVRows/needsKeyScratch``).
     static func workspaceBytes(shape: AttentionShape, split: Int, threads: Int?, elementBytes: Int, keyScratch: Bool) -> Int {
@@ -671,12 +664,12 @@ extension DecodeAttention {
     }
 
     /// The workspace of a dense-rows call of `shape`: the tiled kernel's (`tiledBytes`), or
-    /// for decode-shaped problems the decode kernel's.
-    /// (Sized for Float or 16-bit keys and values, whichever needs more.)
+    /// for decode-shaped problems the decode kernel's: the `Float` key tiles every view call
+    /// takes, with the key scratch 16-bit rows need.
     static func denseRowsWorkspaceBytes(_ shape: AttentionShape, threads: Int?, tiledBytes: Int) -> Int {
         guard serves(shape) else { return tiledBytes }
-        return max(workspaceBytes(shape: shape, split: defaultSplit, threads: threads),
-                   workspaceBytes(shape: shape, split: defaultSplit, threads: threads, halfPrecision: true))
+        return workspaceBytes(shape: shape, split: defaultSplit, threads: threads,
+                              elementBytes: MemoryLayout<Float>.size, keyScratch: true)
     }
 
     /// A checked dense-rows call on the decode kernel (``serves(_:)``), keys and values read
