@@ -480,23 +480,38 @@ struct ViewCall {
         }
     }
 
+    /// Runs `body(items, heads, output)` over this call's batch items and query heads a part
+    /// at a time, for conformers whose heads are independent problems that merge several
+    /// results into an output row (LSH's hash rounds, routing's clusters): head `(b, h)`
+    /// (whole-call indices) writes its output rows through `output(b, h)`. A `Float` output
+    /// is written in place, every head in one part; a 16-bit one is formed in `Float` scratch
+    /// a part of ``MergedOutputStaging`` at a time (whole batch items while one fits, else any
+    /// number of one item's heads, at least one), each part's rows rounded into the caller's
+    /// output before the next part runs. A row's arithmetic does not depend on its part.
+    func forEachOutputPart(_ body: (_ items: Range<Int>, _ heads: Range<Int>,
+                                    _ output: (_ b: Int, _ h: Int) -> MutableTensorView) -> Void) {
+        guard o.precision != .float32 else { return body(0..<shape.batch, 0..<shape.heads) { _, _ in o } }
+        let part = MergedOutputStaging.part(shape, groups: false)
+        for b0 in stride(from: 0, to: shape.batch, by: part.items) {
+            for h0 in stride(from: 0, to: shape.heads, by: part.heads) {
+                let items = b0..<min(shape.batch, b0 + part.items), heads = h0..<min(shape.heads, h0 + part.heads)
+                let target = MutableTensorView(raw: o.rawRow(b0, h0, 0), strides: o.strides, precision: o.precision)
+                withStaged(target, shape: SIMD4(items.count, heads.count, shape.queryLength, shape.valueDim),
+                           threads: threadCount) { scratch in
+                    // A head's rows through a view whose batch and head strides are 0.
+                    body(items, heads) { b, h in
+                        MutableTensorView(base: scratch.row(b - b0, h - h0, 0),
+                                          strides: SIMD4(0, 0, scratch.strides[2], scratch.strides[3]))
+                    }
+                }
+            }
+        }
+    }
+
     /// This call with other query or output views (staged copies).
     func with(q: TensorView? = nil, o: MutableTensorView? = nil) -> ViewCall {
         ViewCall(shape: shape, scale: scale, keyLengths: keyLengths, threads: threads, threadCount: threadCount,
                  q: q ?? self.q, k: k, v: v, o: o ?? self.o, lse: lse, modifiers: modifiers)
-    }
-
-    /// Fills every output row with 0 and every log-sum-exp with −∞ (the result over no
-    /// keys), for conformers whose passes merge into what the output holds.
-    func clear() {
-        for b in 0..<shape.batch {
-            for h in 0..<shape.heads {
-                for i in 0..<shape.queryLength {
-                    o.zeroRow(b, h, i, count: shape.valueDim)
-                    lse.row(b, h, i).pointee = -.infinity
-                }
-            }
-        }
     }
 }
 

@@ -165,9 +165,11 @@ struct MixedPrecisionTests {
 
     /// Heap allocations of a steady-state Float16 call of `attention` on `q`, `k`, `v` (one
     /// thread) with a workspace sized for its precisions.
-    static func halfPrecisionAllocations(_ attention: any Attention, _ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> Int {
+    static func halfPrecisionAllocations(_ attention: any Attention, _ q: Tensor, _ k: Tensor, _ v: Tensor,
+                                         threads: Int = 1) throws -> Int {
         let s = try AttentionShape(query: q, key: k, value: v)
-        let workspace = try AttentionWorkspace(for: attention, shape: s, threads: 1, precisions: OperandPrecisions(.float16))
+        let workspace = try AttentionWorkspace(for: attention, shape: s, threads: threads,
+                                               precisions: OperandPrecisions(.float16))
         let qo = MixedOperand(shape: SIMD4(q.shape), precision: .float16, values: q.elements.map { rounded($0, .float16) })
         let ko = MixedOperand(shape: SIMD4(k.shape), precision: .float16, values: k.elements.map { rounded($0, .float16) })
         let vo = MixedOperand(shape: SIMD4(v.shape), precision: .float16, values: v.elements.map { rounded($0, .float16) })
@@ -175,7 +177,7 @@ struct MixedPrecisionTests {
         let (qv, kv, vv, ov) = (try qo.view, try ko.view, try vo.view, try oo.mutableView)
         return try CallingConventionTests.steadyStateAllocations {
             try attention.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: nil, keyLengths: nil,
-                                 workspace: workspace, threads: 1)
+                                 workspace: workspace, threads: threads)
         }
     }
 
@@ -282,6 +284,60 @@ struct MixedPrecisionTests {
                 try Self.halfPrecisionAllocations(strided, q, k, v)
             }
             #expect(count == 0, "strided in parts of one group: \(count) allocations per call with a workspace")
+        }
+    }
+
+    @Test("LSH, routing and Sinkhorn form a 16-bit output part by part (batch items, then heads; Sinkhorn whole groups): the Float call's bits, and the part's scratch only")
+    func mergedHeadsInParts() throws {
+        let (n, heads) = (90, 4)
+        // Sinkhorn and shared-QK LSH need queries as long as the keys.
+        let (q, k, v) = try randomQKV(batch: 2, heads: heads, kvHeads: 2, queryLength: n, headDim: 33, valueDim: 17,
+                                      seed: 37)
+        // Per-head state a part must read at the whole call's head: LSH's rotations, routing's
+        // centroids, Sinkhorn's per-head plans and noise.
+        let conformers: [(String, any Attention)] = [
+            ("lsh shared QK, causal", LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 11)),
+            ("lsh separate keys", LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 12)),
+            ("routing", try RoutingAttention(heads: heads, headDim: 33, clusters: 4, seed: 3)),
+            ("routing causal", try RoutingAttention(heads: heads, headDim: 33, clusters: 3, causal: true, seed: 4)),
+            ("sinkhorn", SinkhornAttention(blockSize: 16)),
+            ("sinkhorn causal, noise", SinkhornAttention(blockSize: 12, noiseSeed: 4, causal: true)),
+        ]
+        let headBytes = n * 17 * 4
+        // Parts of one head (Sinkhorn: one group of 2), of one batch item, and the whole call.
+        let parts: [(String, Int)] = [("one head", headBytes), ("one item", heads * headBytes), ("whole", 16 << 20)]
+        let outputs16 = [OperandPrecisions(.bfloat16), OperandPrecisions(query: .float32, key: .float16, value: .float32,
+                                                                          output: .float16)]
+        for (c, precisions) in outputs16.enumerated() {
+            for (partName, bytes) in parts {
+                try MergedOutputStaging.$partBytes.withValue(bytes) {
+                    for (name, attention) in conformers {
+                        try Self.compare(attention, q, k, v, keyLengths: c == 0 ? [90, 37] : nil, precisions: precisions,
+                                         step: c + 1, workspace: true, threads: c + 2, "\(name), parts: \(partName)")
+                    }
+                }
+            }
+        }
+        // The scratch follows the part: one head's rows at N = 65536 (one group of 4 for
+        // Sinkhorn with grouped heads), not the whole 128 MiB output.
+        let long = AttentionShape(batch: 1, heads: 8, queryLength: 65536, headDim: 64)
+        let grouped = AttentionShape(batch: 1, heads: 8, kvHeads: 2, queryLength: 65536, headDim: 64)
+        let bf16 = OperandPrecisions(.bfloat16)
+        for (name, attention) in [conformers[0], conformers[4]] {
+            #expect(attention.conversionScratchBytes(long, precisions: bf16) == 65536 * 64 * 4, "\(name)")
+            #expect(attention.conversionScratchBytes(grouped, precisions: bf16)
+                        == (name.hasPrefix("lsh") ? 1 : 4) * 65536 * 64 * 4, "\(name)")
+        }
+        // A call sized for its parts allocates nothing in steady state, on 1 and 2 threads.
+        if AllocationCounter.isSupported {
+            for threads in [1, 2] {
+                for (name, attention) in conformers {
+                    let count = try MergedOutputStaging.$partBytes.withValue(headBytes) {
+                        try Self.halfPrecisionAllocations(attention, q, k, v, threads: threads)
+                    }
+                    #expect(count == 0, "\(name) in parts of one head, \(threads) threads: \(count) allocations per call with a workspace")
+                }
+            }
         }
     }
 

@@ -433,8 +433,10 @@ public struct LSHAttention: KernelWidening {
 
     /// 16-bit queries, keys and values are widened as the hashing packs them and as each
     /// round's gather copies them; a 16-bit output is staged in `Float` (the rounds merge
-    /// into it).
+    /// into it), a part of the heads at a time (``ViewCall/forEachOutputPart(_:)``).
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape, groups: false) }
 
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
@@ -479,17 +481,18 @@ public struct LSHAttention: KernelWidening {
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>?)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-        call.withFloatOutput { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
         let n = shape.queryLength, hashes = self.hashes, sharedQK = self.sharedQK
         // Every row is written by the first round's combine: no zero fill.
-        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
+        let (q, k, v, l) = (call.q, call.k, call.v, call.lse)
         withRotations { rot in
+        // The rounds merge into the output: a 16-bit one is formed in `Float`, part by part.
+        call.forEachOutputPart { items, heads, output in
             // Heads side by side (one workspace and scratch per head worker), each head's
             // phases on `inner` threads.
             PermutedBlockAttention.forEachHead(
-                batch: shape.batch, heads: shape.heads, threads: threads, layout: layout,
+                items: items, heads: heads, threads: threads, layout: layout,
                 bytesPerHead: headBytes(shape, layout, factors: factors), cacheBytes: LSHAttention.cacheBytes,
                 makeScratch: { BucketHash(carving: &$0, shape, hashes: hashes, factors: factors, workers: $1) }
             ) { b, h, inner, space, scratch in
@@ -512,7 +515,7 @@ public struct LSHAttention: KernelWidening {
                     PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
                         query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                        keyLength: keyLengths?[b] ?? n, output: o, lse: l, b: b, h: h)
+                        keyLength: keyLengths?[b] ?? n, output: output(b, h), lse: l, b: b, h: h)
                 }
             }
         }

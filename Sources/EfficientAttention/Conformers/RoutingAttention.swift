@@ -206,8 +206,11 @@ public struct RoutingAttention: KernelWidening {
 
     /// 16-bit queries and keys are widened as the router packs them, and all three as the
     /// gather copies a cluster's rows; a 16-bit output is staged in `Float` (a query in
-    /// several clusters merges their results into its row).
+    /// several clusters merges their results into its row), a part of the heads at a time
+    /// (``ViewCall/forEachOutputPart(_:)``).
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, true) }
+
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape, groups: false) }
 
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
@@ -253,20 +256,26 @@ public struct RoutingAttention: KernelWidening {
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-        call.withFloatOutput { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let l = layout(shape)
-        // Queries no cluster takes keep the result over no keys.
-        call.clear()
-        let (q, k, v, o, lv) = (call.q, call.k, call.v, call.o, call.lse)
+        let (q, k, v, lv) = (call.q, call.k, call.v, call.lse)
         centroids.withView { c in
+        // A query's clusters merge into its row: a 16-bit output is formed in `Float`, part
+        // by part.
+        call.forEachOutputPart { items, heads, output in
             // Heads side by side (one workspace and router per head worker), each head's
             // phases on `inner` threads.
             PermutedBlockAttention.forEachHead(
-                batch: shape.batch, heads: shape.heads, threads: threads, layout: l,
+                items: items, heads: heads, threads: threads, layout: l,
                 bytesPerHead: headBytes(shape, l),
                 makeScratch: { ClusterRouter(carving: &$0, sizes(shape), workers: $1) }
             ) { b, h, inner, space, router in
+                // Queries no cluster takes keep the result over no keys.
+                let o = output(b, h)
+                for i in 0..<shape.queryLength {
+                    o.zeroRow(b, h, i, count: shape.valueDim)
+                    lv.row(b, h, i).pointee = -.infinity
+                }
                 let (qp, kp) = route(l, router: router, shape: shape, threads: inner, q: q, k: k, c: c, b: b, h: h,
                                      into: space)
                 if let routes {

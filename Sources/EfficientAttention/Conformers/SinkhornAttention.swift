@@ -137,17 +137,17 @@ public struct SinkhornAttention: KernelWidening {
     /// 16-bit queries and keys are widened a row at a time for the block sums, keys and
     /// values as the mixing GEMM packs them, and all three as the tiled kernel packs them;
     /// a 16-bit output is staged in `Float` when the sorted blocks' pass merges into the own
-    /// blocks' (without SortCut).
+    /// blocks' (without SortCut), a part at a time (``MergedOutputStaging``).
     func stagedOperands(_ shape: AttentionShape) -> (query: Bool, output: Bool) { (false, sortCut == nil) }
+
+    func stagedOutputElements(_ shape: AttentionShape) -> Int { MergedOutputStaging.elements(shape) }
 
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                             keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
-            try call.withStagedOutput(when: call.o.precision != .float32 && sortCut == nil) { call in
-                try run(call, logits: nil)
-            }
+            try run(call, logits: nil)
         }
     }
 
@@ -166,7 +166,7 @@ public struct SinkhornAttention: KernelWidening {
     /// The attention of a checked call, with the sort logits given (`logits`) or computed.
     private func run(_ call: ViewCall, logits: [Float]?) throws {
         let (shape, scale, threads, keyLengths) = (call.shape, call.scale, call.threadCount, call.keyLengths)
-        let (q, k, v, o, l) = (call.q, call.k, call.v, call.o, call.lse)
+        let (q, k, v) = (call.q, call.k, call.v)
         let n = blocks(shape), outBlocks = sortCut ?? n, rows = min(blockSize, shape.keyLength)
         // The mixed keys and values in workspace scratch.
         withScratchTensor(SIMD4(shape.batch, shape.heads, outBlocks * rows, shape.headDim), zeroed: true) { kOut in
@@ -174,23 +174,26 @@ public struct SinkhornAttention: KernelWidening {
             sortAndMix(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, keyLengths: keyLengths,
                        logits: logits, kOut: kOut, vOut: vOut, plans: nil)
 
-        let sortedShape = sortedShape(shape)
-        let (bs, causal, sortCut) = (blockSize, causal, sortCut)
-        func sortedMask(_ b: Int) -> SortedBlockMask { self.sortedMask(shape, keyLength: keyLengths?[b] ?? shape.keyLength) }
-        let (kSorted, vSorted) = (kOut.readOnly, vOut.readOnly)
-        do {
-            if sortCut != nil {
-                TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads,
-                                          q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
-            } else {
-                TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: threads, byHead: true,
-                                          q: q, k: k, v: v, o: o, lse: l) { b, _ in
-                    BlockedMask(size: bs, backward: 0, forward: 0, causal: causal, offset: 0,
-                                keyEnd: keyLengths?[b] ?? shape.keyLength)
+        let (bs, causal, sortCut, sortedKeys) = (blockSize, causal, sortCut, sortedShape(shape).keyLength)
+        // Without SortCut the sorted blocks' pass merges into the own blocks' (so a 16-bit
+        // output is formed in `Float`, part by part); with it, one pass over the sorted blocks.
+        TiledSoftmaxAttention.attendPattern(call, merging: sortCut == nil) { own in
+            // The same items and heads over their sorted blocks (one key/value head per query head).
+            let part = own.shape, (b, h) = (own.firstItem, own.firstHead)
+            let sorted = PatternCall(
+                shape: AttentionShape(batch: part.batch, heads: part.heads, kvHeads: part.heads,
+                                      queryLength: part.queryLength, keyLength: sortedKeys,
+                                      headDim: part.headDim, valueDim: part.valueDim),
+                scale: own.scale, threads: own.threads, keyLengths: own.keyLengths, q: own.q,
+                k: TensorView(base: UnsafePointer(kOut.row(b, h, 0)), strides: kOut.strides),
+                v: TensorView(base: UnsafePointer(vOut.row(b, h, 0)), strides: vOut.strides),
+                o: own.o, lse: own.lse, firstItem: b, firstHead: h)
+            if sortCut == nil {
+                own.run { _, keyEnd in
+                    BlockedMask(size: bs, backward: 0, forward: 0, causal: causal, offset: 0, keyEnd: keyEnd)
                 }
-                TiledSoftmaxAttention.run(shape: sortedShape, scale: scale, threads: threads, merge: true, byHead: true,
-                                          q: q, k: kSorted, v: vSorted, o: o, lse: l) { b, _ in sortedMask(b) }
             }
+            sorted.run(merge: sortCut == nil) { _, keyEnd in sortedMask(shape, keyLength: keyEnd) }
         }
         } }
     }
@@ -291,11 +294,9 @@ public struct SinkhornAttention: KernelWidening {
                     SinkhornSort.blockSums(k, b: b, h: hk, count: count, d: d, settings: settings,
                                            into: space.keySums, stage: space.gemm.a)
                 }
-                let noise: ((Int, Int) -> Float)? = noiseSeed.map { seed in
-                    { t, u in SinkhornSort.gumbel(seed: seed, item: item, blocks: n, t: t, u: u) }
-                }
                 SinkhornSort.balance(space: space, validBlocks: ceilDiv(count, settings.blockSize), settings: settings,
-                                     given: logits == nil ? nil : given.value! + item * n * n, noise: noise)
+                                     given: logits == nil ? nil : given.value! + item * n * n,
+                                     noise: noiseSeed.map { (seed: $0, item: item) })
                 SinkhornSort.exponentiate(space: space, blocks: n)
                 body(b, h, space.logits, settings, space.gemm)
             }

@@ -133,26 +133,31 @@ enum PermutedBlockAttention {
                                                                                queryTile: layout.queryTile))
     }
 
-    /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)`: heads are work
-    /// items of `outer` workers (``split(heads:threads:bytesPerHead:cacheBytes:)``), each with its own
-    /// ``Workspace`` and conformer scratch (carved by `makeScratch(carver, inner)`), both in
-    /// the worker's slice of one zero-filled arena, and `body` runs the head's phases on
-    /// `inner` threads.
+    /// Runs `body(b, h, inner, space, scratch)` for every head `(b, h)` of the batch items
+    /// `items` and query heads `heads` (a part of the call: ``ViewCall/forEachOutputPart(_:)``):
+    /// heads are work items of `outer` workers (``split(heads:threads:bytesPerHead:cacheBytes:)``),
+    /// each with its own ``Workspace`` and conformer scratch (carved by `makeScratch(carver, inner)`),
+    /// both in the worker's slice of one zero-filled arena, and `body` runs the head's phases
+    /// on `inner` threads. A part's split takes at most the whole call's workspace
+    /// (``workspaceBytes(_:heads:threads:keyLength:cacheBytes:scratchBytes:)``): fewer heads
+    /// in flight, each with more item workers.
     static func forEachHead<Scratch>(
-        batch: Int, heads: Int, threads: Int, layout l: Layout, bytesPerHead: Int,
+        items: Range<Int>, heads: Range<Int>, threads: Int, layout l: Layout, bytesPerHead: Int,
         cacheBytes: Int = sharedCacheBytes,
         makeScratch: (_ carver: inout WorkspaceCarver, _ inner: Int) -> Scratch,
         _ body: (_ b: Int, _ h: Int, _ inner: Int, _ space: Workspace, _ scratch: Scratch) -> Void
     ) {
-        let (outer, inner) = split(heads: batch * heads, threads: threads, bytesPerHead: bytesPerHead,
+        let count = items.count * heads.count
+        let (outer, inner) = split(heads: count, threads: threads, bytesPerHead: bytesPerHead,
                                    cacheBytes: cacheBytes)
         let workers = workerCount(threads: inner, items: l.items)
         WorkspaceArena.withWorkspaces(workers: outer, zeroed: true, layout: { carver in
             (Workspace(carving: &carver, l, workers: workers), makeScratch(&carver, inner))
         }) { spaces in
             for (space, _) in spaces { space.prepare(l) }
-            parallelForEach(items: batch * heads, threads: outer) { item, worker in
-                body(item / heads, item % heads, inner, spaces[worker].0, spaces[worker].1)
+            parallelForEach(items: count, threads: outer) { item, worker in
+                body(items.lowerBound + item / heads.count, heads.lowerBound + item % heads.count, inner,
+                     spaces[worker].0, spaces[worker].1)
             }
         }
     }

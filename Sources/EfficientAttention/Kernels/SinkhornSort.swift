@@ -51,13 +51,14 @@ enum SinkhornSort {
         }
     }
 
-    /// `log P` in `space.logits`: `R / τ` (+ `noise`), disallowed entries −∞, then
+    /// `log P` in `space.logits`: `R / τ` (+ the Gumbel noise of head `noise.item` drawn from
+    /// `noise.seed`, ``gumbel(seed:item:blocks:t:u:)``), disallowed entries −∞, then
     /// `iterations` rounds of row and column normalisation in log space. `R` is
     /// `scale · Q̄ K̄ᵀ` from the block sums in `space`, or `given` (row-major `n_b × n_b`).
     /// Every pass runs along the rows, 16 columns at a time (the columns' statistics are
     /// kept per column, online).
     static func balance(space: Workspace, validBlocks: Int, settings s: Settings,
-                        given: UnsafePointer<Float>?, noise: ((Int, Int) -> Float)?) {
+                        given: UnsafePointer<Float>?, noise: (seed: UInt64, item: Int)?) {
         let n = s.blocks, ld = space.ld, logits = space.logits
         if let given {
             for t in 0..<n { (logits + t * ld).update(from: given + t * n, count: n) }
@@ -73,7 +74,8 @@ enum SinkhornSort {
                 let allowed = u < validBlocks && (!s.causal || u < t)
                 // Clamped to ±1e30: an overflowing logit (huge inputs or scale) must not turn
                 // the normalisation's differences into ∞ − ∞.
-                let logit = min(max(factor * logits[t * ld + u] + (noise?(t, u) ?? 0), -1e30), 1e30)
+                let gumbel = noise.map { SinkhornSort.gumbel(seed: $0.seed, item: $0.item, blocks: n, t: t, u: u) } ?? 0
+                let logit = min(max(factor * logits[t * ld + u] + gumbel, -1e30), 1e30)
                 logits[t * ld + u] = allowed ? logit : -.infinity
             }
         }

@@ -276,18 +276,20 @@ extension TiledSoftmaxAttention {
     /// can force small parts).
     @TaskLocal public static var partBytes = 16 << 20
 
-    /// Batch items and query heads per part of `shape` (heads below `H` only with one item).
-    static func part(_ shape: AttentionShape) -> (items: Int, heads: Int) {
+    /// Batch items and query heads per part of `shape` (heads below `H` only with one item):
+    /// whole groups of the heads sharing a key/value head, or, when not `groups` (conformers
+    /// whose query heads are independent problems), any number of heads, at least one.
+    static func part(_ shape: AttentionShape, groups: Bool = true) -> (items: Int, heads: Int) {
         let headBytes = max(1, shape.queryLength * shape.valueDim * MemoryLayout<Float>.stride)
         let itemBytes = headBytes * shape.heads, limit = partBytes
         if itemBytes <= limit { return (min(shape.batch, max(1, limit / itemBytes)), shape.heads) }
-        let g = shape.groupSize
+        let g = groups ? shape.groupSize : 1
         return (1, min(shape.heads, max(1, limit / (headBytes * g)) * g))
     }
 
     /// Floats the largest part of `shape` stages.
-    static func elements(_ shape: AttentionShape) -> Int {
-        let part = part(shape)
+    static func elements(_ shape: AttentionShape, groups: Bool = true) -> Int {
+        let part = part(shape, groups: groups)
         return part.items * part.heads * shape.queryLength * shape.valueDim
     }
 }
