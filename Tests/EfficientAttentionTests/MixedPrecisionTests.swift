@@ -165,6 +165,24 @@ struct MixedPrecisionTests {
 
     /// Heap allocations of a steady-state Float16 call of `attention` on `q`, `k`, `v` (one
     /// thread) with a workspace sized for its precisions.
+    /// ``compare(_:_:_:_:keyLengths:precisions:step:workspace:threads:_:)`` for each conformer
+    /// with a 16-bit output formed in parts of at most each of `parts`' bytes
+    /// (``MergedOutputStaging/partBytes``), with a workspace; the first precision mix with
+    /// `keyLengths` on 2 threads, the next without on 3, and so on.
+    static func compareInParts(_ conformers: [(String, any Attention)], _ q: Tensor, _ k: Tensor, _ v: Tensor,
+                               keyLengths: [Int], parts: [(String, Int)], precisions: [OperandPrecisions]) throws {
+        for (c, p) in precisions.enumerated() {
+            for (partName, bytes) in parts {
+                try MergedOutputStaging.$partBytes.withValue(bytes) {
+                    for (name, attention) in conformers {
+                        try compare(attention, q, k, v, keyLengths: c == 0 ? keyLengths : nil, precisions: p,
+                                    step: c + 1, workspace: true, threads: c + 2, "\(name), parts: \(partName)")
+                    }
+                }
+            }
+        }
+    }
+
     static func halfPrecisionAllocations(_ attention: any Attention, _ q: Tensor, _ k: Tensor, _ v: Tensor,
                                          threads: Int = 1) throws -> Int {
         let s = try AttentionShape(query: q, key: k, value: v)
@@ -254,18 +272,9 @@ struct MixedPrecisionTests {
         let headBytes = n * 16 * 4
         // Parts of one group (2 heads), of one batch item, and the whole call.
         let parts: [(String, Int)] = [("one group", headBytes), ("one item", heads * headBytes), ("whole", 16 << 20)]
-        let outputs16 = [OperandPrecisions(.float16), OperandPrecisions(query: .float32, key: .float32, value: .float32,
-                                                                         output: .bfloat16)]
-        for (c, precisions) in outputs16.enumerated() {
-            for (partName, bytes) in parts {
-                try MergedOutputStaging.$partBytes.withValue(bytes) {
-                    for (name, attention) in conformers {
-                        try Self.compare(attention, q, k, v, keyLengths: c == 0 ? [150, 61] : nil, precisions: precisions,
-                                         step: c + 1, workspace: true, threads: c + 2, "\(name), parts: \(partName)")
-                    }
-                }
-            }
-        }
+        try Self.compareInParts(conformers, q, k, v, keyLengths: [150, 61], parts: parts, precisions: [
+            OperandPrecisions(.float16),
+            OperandPrecisions(query: .float32, key: .float32, value: .float32, output: .bfloat16)])
         // The scratch follows the part: a 16 MiB part at N = 65536 (one head's rows), one
         // group of 4 heads with grouped heads, not the whole 128 MiB output.
         let long = AttentionShape(batch: 1, heads: 8, queryLength: 65536, headDim: 64)
@@ -306,18 +315,9 @@ struct MixedPrecisionTests {
         let headBytes = n * 17 * 4
         // Parts of one head (Sinkhorn: one group of 2), of one batch item, and the whole call.
         let parts: [(String, Int)] = [("one head", headBytes), ("one item", heads * headBytes), ("whole", 16 << 20)]
-        let outputs16 = [OperandPrecisions(.bfloat16), OperandPrecisions(query: .float32, key: .float16, value: .float32,
-                                                                          output: .float16)]
-        for (c, precisions) in outputs16.enumerated() {
-            for (partName, bytes) in parts {
-                try MergedOutputStaging.$partBytes.withValue(bytes) {
-                    for (name, attention) in conformers {
-                        try Self.compare(attention, q, k, v, keyLengths: c == 0 ? [90, 37] : nil, precisions: precisions,
-                                         step: c + 1, workspace: true, threads: c + 2, "\(name), parts: \(partName)")
-                    }
-                }
-            }
-        }
+        try Self.compareInParts(conformers, q, k, v, keyLengths: [90, 37], parts: parts, precisions: [
+            OperandPrecisions(.bfloat16),
+            OperandPrecisions(query: .float32, key: .float16, value: .float32, output: .float16)])
         // The scratch follows the part: one head's rows at N = 65536 (one group of 4 for
         // Sinkhorn with grouped heads), not the whole 128 MiB output.
         let long = AttentionShape(batch: 1, heads: 8, queryLength: 65536, headDim: 64)
