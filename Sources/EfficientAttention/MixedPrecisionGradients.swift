@@ -74,8 +74,10 @@ extension DifferentiableAttention {
             }
             if let gathering = Self.self as? any OperandWideningBackward.Type {
                 let staged = gathering.stagedGradients(s)
+                // A 16-bit `dQ` summed per head is formed in zeroed scratch: no zero fill.
+                let zeroed = !(gathering.sumsGradientsPerHead && dQuery.precision != .float32)
                 return try withUnsafePointer(to: self) { attention in
-                    try withFloatGradient(dQuery, staged: staged.query, zeroed: true, threads: threads) { dq in
+                    try withFloatGradient(dQuery, staged: staged.query, zeroed: zeroed, threads: threads) { dq in
                     try withFloatGradient(dKey, staged: staged.keys, threads: threads) { dk in
                     try withFloatGradient(dValue, staged: staged.keys, threads: threads) { dv in
                         try gathering.widenedOperandsBackward(
@@ -132,7 +134,10 @@ extension DifferentiableAttention {
             var tile = shape
             (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
             let staged = reading.stagedGradients(shape)
-            return (staged.query ? widenedCopyBytes(dQuery, shape.queryElements) : 0)
+            // Or one head's rows of each 16-bit gradient.
+            let perHead = !reading.sumsGradientsPerHead ? 0
+                : headGradientBytes(shape, dQuery: dQuery, dKey: dKey, dValue: dValue).total
+            return perHead + (staged.query ? widenedCopyBytes(dQuery, shape.queryElements) : 0)
                 + (staged.keys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
                 + (widensOperands && reading.widensInTiledBackward ? wideningBytes(tile) : 0)
         }
@@ -271,12 +276,20 @@ protocol OperandWideningBackward: DifferentiableAttention {
     /// `dV`); the others reach the kernel in their precision. Staged unless a conformer says
     /// otherwise.
     static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool)
+
+    /// Whether the backward sums its 16-bit gradients one head at a time in `Float` scratch
+    /// itself (``forEachHeadSummingGradients(_:dQ:dK:dV:_:)``): then none is staged whole.
+    static var sumsGradientsPerHead: Bool { get }
 }
 
 extension OperandWideningBackward {
     static var widensInTiledBackward: Bool { true }
 
-    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, true) }
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) {
+        sumsGradientsPerHead ? (false, false) : (true, true)
+    }
+
+    static var sumsGradientsPerHead: Bool { false }
 
     /// ``widenedOperandsBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
     /// at `value` (a metatype's entry).
@@ -287,6 +300,66 @@ extension OperandWideningBackward {
         try value.assumingMemoryBound(to: Self.self).pointee.widenedOperandsBackward(
             shape, threads: threads, q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV,
             keyLengths: keyLengths)
+    }
+}
+
+/// Bytes of `Float` scratch for one head's rows of each 16-bit gradient (0 for a `Float` one):
+/// a query head's `dQ`, a key/value head's `dK` and `dV`.
+func headGradientBytes(_ shape: AttentionShape, dQuery: ActivationPrecision, dKey: ActivationPrecision,
+                       dValue: ActivationPrecision) -> (query: Int, key: Int, value: Int, total: Int) {
+    let q = widenedCopyBytes(dQuery, shape.queryLength * shape.headDim)
+    let k = widenedCopyBytes(dKey, shape.keyLength * shape.headDim)
+    let v = widenedCopyBytes(dValue, shape.keyLength * shape.valueDim)
+    return (q, k, v, q + k + v)
+}
+
+/// Runs `body(b, h, dQ, dK, dV)` for every head, batch item by batch item and heads in
+/// order, for backward passes that run heads one after another and add to head `(b, h)`'s
+/// `dQ` rows only while it runs and to `(b, h / (H / Hkv))`'s `dK`, `dV` rows only while the
+/// heads of its group run (LSH, routing). A 16-bit gradient is summed in `Float` scratch of
+/// one head's rows (the views `body` gets have batch and head strides 0), zeroed before the
+/// head (for `dK`, `dV`: its group) starts and rounded into the caller's rows once it ends:
+/// the same sums in the same order as the `Float` call's, so its bits, rounded once, from
+/// scratch of one head instead of whole `Float` copies. `Float` gradients are the caller's
+/// (`dQ` as the caller zero-filled it; `dK`, `dV` zero-filled here).
+func forEachHeadSummingGradients(
+    _ shape: AttentionShape, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+    _ body: (_ b: Int, _ h: Int, _ dQ: MutableTensorView, _ dK: MutableTensorView, _ dV: MutableTensorView) -> Void
+) {
+    let (nq, nk, d, dv, g) = (shape.queryLength, shape.keyLength, shape.headDim, shape.valueDim, shape.groupSize)
+    let bytes = headGradientBytes(shape, dQuery: dQ.precision, dKey: dK.precision, dValue: dV.precision)
+    if bytes.key == 0 { dK.zero(batch: shape.batch, heads: shape.kvHeads, rows: nk, width: d) }
+    if bytes.value == 0 { dV.zero(batch: shape.batch, heads: shape.kvHeads, rows: nk, width: dv) }
+    withScratch(byteCount: bytes.total) { raw in
+        /// One head's `rows × width` floats at `offset`, or `gradient` itself when it is `Float`.
+        func head(_ gradient: MutableTensorView, _ offset: Int, _ floats: Int, width: Int) -> MutableTensorView {
+            floats == 0 ? gradient
+                : MutableTensorView(base: (raw + offset).bindMemory(to: Float.self, capacity: floats),
+                                    strides: SIMD4(0, 0, width, 1))
+        }
+        /// Rounds the head's rows of a staged gradient into the caller's rows of head `(b, h)`.
+        func store(_ staged: MutableTensorView, into gradient: MutableTensorView, b: Int, h: Int, rows: Int, width: Int) {
+            for i in 0..<rows { gradient.storeRow(b, h, i, from: staged.row(0, 0, i), count: width) }
+        }
+        let q = head(dQ, 0, bytes.query == 0 ? 0 : nq * d, width: d)
+        let k = head(dK, bytes.query, bytes.key == 0 ? 0 : nk * d, width: d)
+        let v = head(dV, bytes.query + bytes.key, bytes.value == 0 ? 0 : nk * dv, width: dv)
+        for b in 0..<shape.batch {
+            for h in 0..<shape.heads {
+                let hk = h / g
+                if bytes.query > 0 { q.zero(batch: 1, heads: 1, rows: nq, width: d) }
+                if h % g == 0 {
+                    if bytes.key > 0 { k.zero(batch: 1, heads: 1, rows: nk, width: d) }
+                    if bytes.value > 0 { v.zero(batch: 1, heads: 1, rows: nk, width: dv) }
+                }
+                body(b, h, q, k, v)
+                if bytes.query > 0 { store(q, into: dQ, b: b, h: h, rows: nq, width: d) }
+                if h % g == g - 1 {
+                    if bytes.key > 0 { store(k, into: dK, b: b, h: hk, rows: nk, width: d) }
+                    if bytes.value > 0 { store(v, into: dV, b: b, h: hk, rows: nk, width: dv) }
+                }
+            }
+        }
     }
 }
 

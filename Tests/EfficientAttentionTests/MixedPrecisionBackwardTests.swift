@@ -208,12 +208,13 @@ struct MixedPrecisionBackwardTests {
                                  workspace: workspace, threads: threads, "\(name), one head per group, \(label)")
             }
         }
-        // Only the 16-bit gradients are staged (linear attention's dQ not even those): no
-        // operand is copied (beyond them, the scratch for 16-bit operands is per worker, the
-        // same at 70 and 7000 positions).
+        // Only the 16-bit gradients are staged (linear attention's dQ not even those; LSH and
+        // routing one head's rows of each): no operand is copied (beyond them, the scratch for
+        // 16-bit operands is per worker, the same at 70 and 7000 positions).
         let half = ActivationPrecision.bfloat16
         for (name, attention) in conformers {
             let linear = attention is any LinearAttentionMarker
+            let perHead = name.hasPrefix("lsh") || name.hasPrefix("routing")
             func bytes(_ n: Int, operands: ActivationPrecision, kvHeads: Int = 2) -> Int {
                 let shape = AttentionShape(batch: 1, heads: 4, kvHeads: kvHeads, queryLength: n, headDim: 33,
                                            valueDim: 16)
@@ -222,8 +223,8 @@ struct MixedPrecisionBackwardTests {
                     outputGradient: operands, dQuery: half, dKey: half, dValue: half, threads: 2)
             }
             for n in [70, 7000] {
-                let gradients = (linear ? 0 : roundUp64(4 * n * 33 * 4)) + roundUp64(2 * n * 33 * 4)
-                    + roundUp64(2 * n * 16 * 4)
+                let gradients = perHead ? 2 * roundUp64(n * 33 * 4) + roundUp64(n * 16 * 4)
+                    : (linear ? 0 : roundUp64(4 * n * 33 * 4)) + roundUp64(2 * n * 33 * 4) + roundUp64(2 * n * 16 * 4)
                 #expect(bytes(n, operands: .float32) == gradients, "\(name) N \(n)")
                 if linear { #expect(bytes(n, operands: .float32, kvHeads: 4) == 0, "\(name) N \(n)") }
             }

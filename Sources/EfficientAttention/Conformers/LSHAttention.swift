@@ -531,6 +531,9 @@ extension LSHAttention: OperandWideningBackward {
     /// into `Float` by ``PermutedBlockAttention``, never the caller's operands.
     static var widensInTiledBackward: Bool { false }
 
+    /// Heads run one after another: 16-bit gradients are summed a head at a time.
+    static var sumsGradientsPerHead: Bool { true }
+
     /// 16-bit operands are widened by the hashing and each round's gather (the self rule's
     /// `dO` row element by element).
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
@@ -616,9 +619,6 @@ extension LSHAttention: OperandWideningBackward {
                           v: TensorView, o: TensorView, l: TensorView, dO: TensorView, dQ: MutableTensorView,
                           dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?, routes: LSHRoutes?) throws {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
-        // dK, dV are sums over the rounds and the query heads of each group: start from zero.
-        dK.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.headDim)
-        dV.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.valueDim)
         let (layout, factors) = plan(shape)
         let n = shape.queryLength, sharedQK = self.sharedQK
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
@@ -627,7 +627,9 @@ extension LSHAttention: OperandWideningBackward {
             let (scratch, space) = spaces[0]
             let mask = space.mask(blockSize: bucketSize, visibility: layout.visibility)
             withRotations { rot in
-                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                // dK, dV are sums over the rounds and the query heads of each group, from zero;
+                // 16-bit gradients are summed a head at a time in `Float`.
+                forEachHeadSummingGradients(shape, dQ: dQ, dK: dK, dV: dV) { b, h, dQ, dK, dV in
                     let hk = h / shape.groupSize, keyLength = keyLengths?[b] ?? n
                     let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                     let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
@@ -660,12 +662,12 @@ extension LSHAttention: OperandWideningBackward {
                         if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
                     }
                     // The self rule: o_i = v_i for a valid query that saw no other key.
-                    guard sharedQK else { continue }
+                    guard sharedQK else { return }
                     for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
                         let target = dV.row(b, hk, i), stride = dV.strides[3]
                         for c in 0..<shape.valueDim { target[c &* stride] += outputGradients.element(i, c) }
                     }
-                } }
+                }
             }
         }
     }

@@ -329,6 +329,9 @@ extension RoutingAttention: OperandWideningBackward {
     /// into `Float` by ``PermutedBlockAttention``, never the caller's operands.
     static var widensInTiledBackward: Bool { false }
 
+    /// Heads run one after another: 16-bit gradients are summed a head at a time.
+    static var sumsGradientsPerHead: Bool { true }
+
     /// 16-bit operands are widened by the router's packing and each cluster's gather.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
                                  v: TensorView, o: TensorView, lse: TensorView, dO: TensorView,
@@ -415,9 +418,6 @@ extension RoutingAttention: OperandWideningBackward {
                           v: TensorView, dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView,
                           dV: MutableTensorView, keyLengths: [Int]?, routes: RoutingRoutes?) throws {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
-        // dK, dV are sums over the clusters and the query heads of each group: start from zero.
-        dK.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.headDim)
-        dV.zero(batch: shape.batch, heads: shape.kvHeads, rows: shape.keyLength, width: shape.valueDim)
         let l = layout(shape), sizes = backwardSizes(shape)
         let offset = causal ? shape.keyLength - shape.queryLength : nil
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
@@ -425,7 +425,9 @@ extension RoutingAttention: OperandWideningBackward {
         }) { spaces in
             let (router, space) = spaces[0]
             centroids.withView { c in routes.withPositions { givenQueries, givenKeys in
-                for b in 0..<shape.batch { for h in 0..<shape.heads {
+                // dK, dV are sums over the clusters and the query heads of each group, from
+                // zero; 16-bit gradients are summed a head at a time in `Float`.
+                forEachHeadSummingGradients(shape, dQ: dQ, dK: dK, dV: dV) { b, h, dQ, dK, dV in
                     let hk = h / shape.groupSize, head = b * shape.heads + h
                     let qp: UnsafePointer<Int32>, kp: UnsafePointer<Int32>
                     if let givenQueries, let givenKeys {
@@ -443,7 +445,7 @@ extension RoutingAttention: OperandWideningBackward {
                         value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
                         outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
                         dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
-                } }
+                }
             } }
         }
     }
