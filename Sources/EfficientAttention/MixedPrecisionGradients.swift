@@ -19,7 +19,8 @@ extension DifferentiableAttention {
     /// `dV` (strided, Longformer, axial with several axes, ETC, Transformer-XL, Sinkhorn), those two are staged in
     /// `Float`. LSH, routing, Linformer, memory-compressed attention, linear attention and
     /// ISAB widen rows as their hashing, routers, gathers, GEMMs, feature maps and
-    /// tiled passes read them and stage their 16-bit gradients. Vanilla widens its 16-bit
+    /// tiled passes read them and stage their 16-bit gradients (LSH and routing one head's
+    /// rows at a time). Vanilla widens its 16-bit
     /// operands into `Float` copies and stages its 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
