@@ -75,10 +75,8 @@ extension DifferentiableAttention {
             }
             if let gathering = Self.self as? any OperandWideningBackward.Type {
                 let staged = gathering.stagedGradients(s)
-                // A 16-bit `dQ` summed per head is formed in zeroed scratch: no zero fill.
-                let zeroed = !(gathering.sumsGradientsPerHead && dQuery.precision != .float32)
                 return try withUnsafePointer(to: self) { attention in
-                    try withFloatGradient(dQuery, staged: staged.query, zeroed: zeroed, threads: threads) { dq in
+                    try withFloatGradient(dQuery, staged: staged.query, zeroed: true, threads: threads) { dq in
                     try withFloatGradient(dKey, staged: staged.keys, threads: threads) { dk in
                     try withFloatGradient(dValue, staged: staged.keys, threads: threads) { dv in
                         try gathering.widenedOperandsBackward(
@@ -135,10 +133,8 @@ extension DifferentiableAttention {
             var tile = shape
             (tile.queryLength, tile.keyLength) = (TiledSoftmaxBackward.queryTileSize, TiledSoftmaxBackward.keyBlockSize)
             let staged = reading.stagedGradients(shape)
-            // Or one head's rows of each 16-bit gradient.
-            let perHead = !reading.sumsGradientsPerHead ? 0
-                : headGradientBytes(shape, dQuery: dQuery, dKey: dKey, dValue: dValue).total
-            return perHead + (staged.query ? widenedCopyBytes(dQuery, shape.queryElements) : 0)
+            let partial = reading.gradientSumBytes(shape, threads: threads, dQuery: dQuery, dKey: dKey, dValue: dValue)
+            return partial + (staged.query ? widenedCopyBytes(dQuery, shape.queryElements) : 0)
                 + (staged.keys ? widenedCopyBytes(dKey, shape.keyElements) + widenedCopyBytes(dValue, shape.valueElements) : 0)
                 + (widensOperands && reading.widensInTiledBackward ? wideningBytes(tile) : 0)
         }
@@ -278,19 +274,21 @@ protocol OperandWideningBackward: DifferentiableAttention {
     /// otherwise.
     static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool)
 
-    /// Whether the backward sums its 16-bit gradients one head at a time in `Float` scratch
-    /// itself (``forEachHeadSummingGradients(_:dQ:dK:dV:_:)``): then none is staged whole.
-    static var sumsGradientsPerHead: Bool { get }
+    /// Bytes of `Float` scratch the backward takes itself (from the workspace) to sum the
+    /// 16-bit gradients ``stagedGradients(_:)`` does not stage a part at a time (a head's or a
+    /// worker's rows, ``forEachHeadSummingGradients(_:dQ:dK:dV:_:)``); 0 unless a conformer
+    /// says otherwise.
+    static func gradientSumBytes(_ shape: AttentionShape, threads: Int?, dQuery: ActivationPrecision,
+                                 dKey: ActivationPrecision, dValue: ActivationPrecision) -> Int
 }
 
 extension OperandWideningBackward {
     static var widensInTiledBackward: Bool { true }
 
-    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) {
-        sumsGradientsPerHead ? (false, false) : (true, true)
-    }
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, true) }
 
-    static var sumsGradientsPerHead: Bool { false }
+    static func gradientSumBytes(_ shape: AttentionShape, threads: Int?, dQuery: ActivationPrecision,
+                                 dKey: ActivationPrecision, dValue: ActivationPrecision) -> Int { 0 }
 
     /// ``widenedOperandsBackward(_:threads:q:k:v:o:lse:dO:dQ:dK:dV:keyLengths:)`` of the conformer
     /// at `value` (a metatype's entry).

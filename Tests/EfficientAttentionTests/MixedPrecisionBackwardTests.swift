@@ -208,8 +208,9 @@ struct MixedPrecisionBackwardTests {
                                  workspace: workspace, threads: threads, "\(name), one head per group, \(label)")
             }
         }
-        // Only the 16-bit gradients are staged (linear attention's dQ not even those; LSH and
-        // routing one head's rows of each): no operand is copied (beyond them, the scratch for
+        // Only the 16-bit gradients are staged (linear attention's dQ not even those, its dK
+        // and dV a key/value head per worker; LSH and routing one head's rows of each): no
+        // operand is copied (beyond them, the scratch for
         // 16-bit operands is per worker, the same at 70 and 7000 positions).
         let half = ActivationPrecision.bfloat16
         for (name, attention) in conformers {
@@ -223,8 +224,11 @@ struct MixedPrecisionBackwardTests {
                     outputGradient: operands, dQuery: half, dKey: half, dValue: half, threads: 2)
             }
             for n in [70, 7000] {
+                // LSH and routing: one head's rows of each; linear attention: dK, dV rows of
+                // one key/value head per worker (2 threads, 2 key/value heads).
                 let gradients = perHead ? 2 * roundUp64(n * 33 * 4) + roundUp64(n * 16 * 4)
-                    : (linear ? 0 : roundUp64(4 * n * 33 * 4)) + roundUp64(2 * n * 33 * 4) + roundUp64(2 * n * 16 * 4)
+                    : linear ? 2 * (roundUp64(n * 33 * 4) + roundUp64(n * 16 * 4))
+                    : roundUp64(4 * n * 33 * 4) + roundUp64(2 * n * 33 * 4) + roundUp64(2 * n * 16 * 4)
                 #expect(bytes(n, operands: .float32) == gradients, "\(name) N \(n)")
                 if linear { #expect(bytes(n, operands: .float32, kvHeads: 4) == 0, "\(name) N \(n)") }
             }
@@ -279,10 +283,11 @@ struct MixedPrecisionBackwardTests {
         // The strided pattern's passes add to dK and dV: those two staged too.
         let strided = StridedAttention(kind: .strided, stride: 46, causal: true)
         #expect(bytes(strided, .float32) - bytes(dense, .float32) == 2 * shape.batch * shape.kvHeads * 2048 * 64 * 4)
-        // Linear attention widens its operands as it reads them: only the 16-bit gradients
-        // are staged (dK, dV: 4 heads' rows each).
+        // Linear attention widens its operands as it reads them: only the 16-bit dK, dV of
+        // grouped heads are summed in Float, one key/value head's rows per worker (2 workers
+        // for the 4 key/value heads), not the 4 heads' rows of each.
         let linear = LinearAttention(featureMap: EluPlusOneFeatures(), causal: true)
-        #expect(bytes(linear, .float32) == 2 * 4 * 2048 * 64 * 4)
+        #expect(bytes(linear, .float32) == 2 * 2 * 2048 * 64 * 4)
     }
 
     @Test("a steady-state mixed backward with a workspace sized for its precisions allocates nothing (one thread)",

@@ -299,10 +299,23 @@ extension LinearAttention: DecodingAttention {
 
 extension LinearAttention: OperandWideningBackward where Map: DifferentiableFeatureMap {
     /// Each `dQ` row is finished once, so a 16-bit `dQ` is written in its precision; `dK`
-    /// and `dV` rows are sums over a group's query heads, staged in `Float` unless the group
-    /// has one head.
-    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) {
-        (false, shape.groupSize > 1)
+    /// and `dV` rows are sums over a group's query heads: with grouped heads a 16-bit one is
+    /// summed in `Float` scratch of one key/value head's rows per worker
+    /// (``gradientSumBytes(_:threads:dQuery:dKey:dValue:)``) and rounded when the group ends;
+    /// nothing is staged whole.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (false, false) }
+
+    static func gradientSumBytes(_ shape: AttentionShape, threads: Int?, dQuery: ActivationPrecision,
+                                 dKey: ActivationPrecision, dValue: ActivationPrecision) -> Int {
+        guard shape.groupSize > 1 else { return 0 }
+        let rows = groupGradientBytes(shape, dKey: dKey, dValue: dValue)
+        return workerCount(threads: threads, items: shape.batch * shape.kvHeads) * (rows.key + rows.value)
+    }
+
+    /// Bytes of one key/value head's `Float` `dK` and `dV` rows when they are 16-bit (0 when `Float`).
+    static func groupGradientBytes(_ shape: AttentionShape, dKey: ActivationPrecision,
+                                   dValue: ActivationPrecision) -> (key: Int, value: Int) {
+        (widenedCopyBytes(dKey, shape.keyLength * shape.headDim), widenedCopyBytes(dValue, shape.keyLength * shape.valueDim))
     }
 
     /// No tiled backward: the feature map reads `Float` rows (widened into the workspace).
@@ -360,16 +373,28 @@ extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeat
         let items = shape.batch * shape.kvHeads
         let workers = workerCount(threads: threads, items: items)
         let views = LinearAttentionBackward.Views(q: q, k: k, v: v, o: o, lse: lse, dO: dO, dQ: dQ, dK: dK, dV: dV)
+        // With grouped heads a 16-bit `dK`, `dV` row sums over the group: each worker sums
+        // its group's rows in `Float` (scratch beyond the cost's workspace, in its slice) and
+        // rounds them into the caller's rows when the group ends.
+        let (nk, d, dv, group) = (shape.keyLength, shape.headDim, shape.valueDim, shape.groupSize)
+        let summed: (key: Int, value: Int) = group > 1
+            ? Self.groupGradientBytes(shape, dKey: dK.precision, dValue: dV.precision) : (0, 0)
         WorkspaceArena.withWorkspaces(workers: workers, layout: {
-            LinearAttentionBackward.Workspace(carving: &$0, m: m, d: shape.headDim, dv: shape.valueDim)
+            (LinearAttentionBackward.Workspace(carving: &$0, m: m, d: d, dv: dv),
+             $0.take(summed.key / 4, of: Float.self), $0.take(summed.value / 4, of: Float.self))
         }) { spaces in
             parallelForEach(items: items, threads: workers) { item, worker in
                 let b = item / shape.kvHeads, hk = item % shape.kvHeads
-                let group = shape.groupSize
+                let (space, keyRows, valueRows) = spaces[worker]
+                var x = views
+                if summed.key > 0 { x.dK = MutableTensorView(base: keyRows, strides: SIMD4(0, 0, d, 1)) }
+                if summed.value > 0 { x.dV = MutableTensorView(base: valueRows, strides: SIMD4(0, 0, dv, 1)) }
                 LinearAttentionBackward.item(
                     map: map, causal: causal, epsilon: epsilon, queryLength: shape.queryLength,
-                    keyLength: shape.keyLength, keyCount: keyLengths?[b] ?? shape.keyLength,
-                    b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: views, space: spaces[worker])
+                    keyLength: nk, keyCount: keyLengths?[b] ?? nk,
+                    b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: x, space: space)
+                for j in 0..<(summed.key > 0 ? nk : 0) { dK.storeRow(b, hk, j, from: keyRows + j * d, count: d) }
+                for j in 0..<(summed.value > 0 ? nk : 0) { dV.storeRow(b, hk, j, from: valueRows + j * dv, count: dv) }
             }
         }
     }

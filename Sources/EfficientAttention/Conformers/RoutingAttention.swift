@@ -329,8 +329,14 @@ extension RoutingAttention: OperandWideningBackward {
     /// into `Float` by ``PermutedBlockAttention``, never the caller's operands.
     static var widensInTiledBackward: Bool { false }
 
-    /// Heads run one after another: 16-bit gradients are summed a head at a time.
-    static var sumsGradientsPerHead: Bool { true }
+    /// Heads run one after another: 16-bit gradients are summed a head at a time
+    /// (``forEachHeadSummingGradients(_:dQ:dK:dV:_:)``), none staged whole.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (false, false) }
+
+    static func gradientSumBytes(_ shape: AttentionShape, threads: Int?, dQuery: ActivationPrecision,
+                                 dKey: ActivationPrecision, dValue: ActivationPrecision) -> Int {
+        headGradientBytes(shape, dQuery: dQuery, dKey: dKey, dValue: dValue).total
+    }
 
     /// 16-bit operands are widened by the router's packing and each cluster's gather.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
