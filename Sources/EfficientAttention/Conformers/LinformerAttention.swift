@@ -238,6 +238,11 @@ public struct LinformerParameterGradients: Sendable, Equatable {
 }
 
 extension LinformerAttention: OperandWideningBackward {
+    /// `dK`, `dV` rows are each written once (the transposed projection's chunks), so 16-bit
+    /// ones are rounded as they are written; a 16-bit `dQ`, summed over the projected key
+    /// blocks by the tiled backward, is staged.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, false) }
+
     /// 16-bit keys and values are widened as the projection GEMM packs them, queries,
     /// outputs and `dO` as the tiled backward packs them.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
@@ -394,15 +399,10 @@ extension LinformerAttention: OperandWideningBackward {
                                           b: .matrix(MatrixOperand(base: gradient.readOnly.row(b, hk, 0),
                                                                    rowStride: width, columnStride: 1)),
                                           c: tile, ldc: width, workspace: space)
-                            for j in 0..<count {
-                                let row = target.row(b, hk, start + j)
-                                for c in 0..<width { row[c * target.strides[3]] = tile[j * width + c] }
-                            }
+                            // Each row is written once: a 16-bit gradient is rounded here.
+                            for j in 0..<count { target.storeRow(b, hk, start + j, from: tile + j * width, count: width) }
                         }
-                        for j in valid..<shape.keyLength {
-                            let row = target.row(b, hk, j)
-                            for c in 0..<width { row[c * target.strides[3]] = 0 }
-                        }
+                        for j in valid..<shape.keyLength { target.zeroRow(b, hk, j, count: width) }
                     }
                 }
             }

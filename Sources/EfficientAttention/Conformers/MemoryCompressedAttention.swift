@@ -221,6 +221,11 @@ public struct MemoryCompressedParameterGradients: Sendable, Equatable {
 }
 
 extension MemoryCompressedAttention: OperandWideningBackward {
+    /// `dK`, `dV` rows are each written once (the transposed convolution), so 16-bit ones are
+    /// rounded as they are written; a 16-bit `dQ`, summed over the compressed key blocks by
+    /// the tiled backward, is staged.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, false) }
+
     /// 16-bit keys and values are widened as the window convolution packs (or the mean pool
     /// reads) them, queries, outputs and `dO` as the tiled backward packs them.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,

@@ -103,15 +103,14 @@ extension WindowCompression {
     ///
     /// With weights, one GEMM `G_r · W_r` per offset `r` over the windows that have row `r`,
     /// in chunks of ``expandChunk`` windows through `tile` (`expandChunk · width` floats),
-    /// each row then copied to its place (any column stride). The bias adds a constant: no
-    /// term.
+    /// each row then stored in its place (any column stride; rounded once when `target` is
+    /// 16-bit, every row being written once). The bias adds a constant: no term.
     ///
     /// - Complexity: `2 · L · w²` FLOPs with weights, `L · w` without; `tile` and one GEMM
     ///   workspace.
     static func expand(_ g: UnsafePointer<Float>, ldg: Int, length: Int, compression c: Int, width: Int,
                        weights: UnsafePointer<Float>?, into target: MutableTensorView, b: Int, h: Int, rows: Int,
                        tile: UnsafeMutablePointer<Float>, workspace: Gemm.Workspace) {
-        let cs = target.strides[3]
         if let weights {
             for r in 0..<min(c, length) {
                 let windows = ceilDiv(length - r, c)
@@ -122,26 +121,18 @@ extension WindowCompression {
                                   b: .matrix(MatrixOperand(base: weights + r * width * width, rowStride: width,
                                                            columnStride: 1)),
                                   c: tile, ldc: width, workspace: workspace)
-                    for n in 0..<count {
-                        let row = target.row(b, h, (start + n) * c + r), source = tile + n * width
-                        for x in 0..<width { row[x * cs] = source[x] }
-                    }
+                    for n in 0..<count { target.storeRow(b, h, (start + n) * c + r, from: tile + n * width, count: width) }
                 }
             }
         } else {
             for t in 0..<compressedLength(length, compression: c) {
                 let count = min(c, length - t * c)
                 let weight = 1 / Float(count), source = g + t * ldg
-                for r in 0..<count {
-                    let row = target.row(b, h, t * c + r)
-                    for x in 0..<width { row[x * cs] = weight * source[x] }
-                }
+                for x in 0..<width { tile[x] = weight * source[x] }
+                for r in 0..<count { target.storeRow(b, h, t * c + r, from: tile, count: width) }
             }
         }
-        for j in max(0, length)..<rows {
-            let row = target.row(b, h, j)
-            for x in 0..<width { row[x * cs] = 0 }
-        }
+        for j in max(0, length)..<rows { target.zeroRow(b, h, j, count: width) }
     }
 
     /// Adds the gradient of the weight `W_r` (`[out, in]`, `width × width` at `dW`, row-major)
