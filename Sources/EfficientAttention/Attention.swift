@@ -467,13 +467,7 @@ struct ViewCall {
     /// Runs `body` with a call whose output is `Float`: this call when it is, else one
     /// writing into contiguous `Float` scratch that is then rounded into the caller's output.
     func withFloatOutput(_ body: (ViewCall) throws -> Void) rethrows {
-        try withStagedOutput(when: o.precision != .float32, body)
-    }
-
-    /// Runs `body` with a call whose output is that of this call or, when `staged`, a
-    /// contiguous `Float` scratch then copied into this call's output.
-    func withStagedOutput(when staged: Bool, _ body: (ViewCall) throws -> Void) rethrows {
-        guard staged else { return try body(self) }
+        guard o.precision != .float32 else { return try body(self) }
         try withStaged(o, shape: SIMD4(shape.batch, shape.heads, shape.queryLength, shape.valueDim),
                        threads: threadCount) { scratch in
             try body(with(o: scratch))
