@@ -216,8 +216,10 @@ struct MixedPrecisionBackwardTests {
         for (name, attention) in conformers {
             let linear = attention is any LinearAttentionMarker
             let perHead = name.hasPrefix("lsh") || name.hasPrefix("routing")
-            // Linformer and memory-compressed write each dK, dV row once, rounded: only dQ staged.
+            // Linformer, memory-compressed and ISAB write each dK, dV row once, rounded: only
+            // dQ staged.
             let keysWritten = name.hasPrefix("linformer") || name.hasPrefix("memory-compressed")
+                || name.hasPrefix("isab")
             func bytes(_ n: Int, operands: ActivationPrecision, kvHeads: Int = 2) -> Int {
                 let shape = AttentionShape(batch: 1, heads: 4, kvHeads: kvHeads, queryLength: n, headDim: 33,
                                            valueDim: 16)

@@ -209,6 +209,11 @@ public struct InducedSetParameterGradients: Sendable, Equatable {
 }
 
 extension InducedSetAttention: OperandWideningBackward {
+    /// `dK`, `dV` come from one tiled pass of the inducing points over the keys, which sums a
+    /// group's heads itself and writes each row once, rounded when 16-bit; a 16-bit `dQ`,
+    /// summed over the summary's key blocks, is staged.
+    static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (true, false) }
+
     /// 16-bit operands are read by the tiled kernels (the summary's recomputation and both
     /// backward passes), which widen them as they pack them.
     func widenedOperandsBackward(_ shape: AttentionShape, threads: Int, q: TensorView, k: TensorView,
