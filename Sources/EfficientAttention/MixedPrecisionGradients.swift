@@ -20,11 +20,11 @@ extension DifferentiableAttention {
     /// `Float`. LSH, routing, Linformer, memory-compressed attention, linear attention and
     /// ISAB widen rows as their hashing, routers, gathers, GEMMs, feature maps and
     /// tiled passes read them. Their 16-bit gradients are rounded as their rows are finished
-    /// (Linformer's and memory-compressed attention's `dKey`, `dValue`; linear attention's
-    /// `dQuery`), summed in `Float` a head at a time (LSH's and routing's three) or a
-    /// key/value head per worker (linear attention's grouped `dKey`, `dValue`), or staged
+    /// (Linformer's, memory-compressed attention's and ISAB's `dKey`, `dValue`; linear
+    /// attention's `dQuery`), summed in `Float` a head at a time (LSH's and routing's three)
+    /// or a key/value head per worker (linear attention's grouped `dKey`, `dValue`), or staged
     /// whole (the `dQuery` that Linformer's, memory-compressed attention's and ISAB's tiled
-    /// passes sum over key blocks; ISAB's `dKey`, `dValue`). Vanilla widens its 16-bit
+    /// passes sum over key blocks). Vanilla widens its 16-bit
     /// operands into `Float` copies and stages its 16-bit gradients. Scratch comes from `workspace` when it has
     /// room for ``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``
     /// beyond ``DifferentiableAttention/backwardCost(_:threads:)``'s workspace (see
