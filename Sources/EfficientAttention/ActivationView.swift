@@ -254,6 +254,12 @@ extension TensorView {
 }
 
 extension MutableTensorView {
+    /// Writes `rows` contiguous rows of `width` floats at `values` into rows `0 ..< rows` of
+    /// head `(b, h)`, each rounded to the view's precision.
+    func storeRows(_ b: Int, _ h: Int, rows: Int, from values: UnsafePointer<Float>, width: Int) {
+        for i in 0..<rows { storeRow(b, h, i, from: values + i * width, count: width) }
+    }
+
     /// Writes `values[0..<count]` into row `[b, h, i]`, rounded to the view's precision.
     @inline(__always)
     func storeRow(_ b: Int, _ h: Int, _ i: Int, from values: UnsafePointer<Float>, count: Int) {

@@ -485,19 +485,11 @@ struct ViewCall {
     func forEachOutputPart(_ body: (_ items: Range<Int>, _ heads: Range<Int>,
                                     _ output: (_ b: Int, _ h: Int) -> MutableTensorView) -> Void) {
         guard o.precision != .float32 else { return body(0..<shape.batch, 0..<shape.heads) { _, _ in o } }
-        let part = MergedOutputStaging.part(shape, groups: false)
-        for b0 in stride(from: 0, to: shape.batch, by: part.items) {
-            for h0 in stride(from: 0, to: shape.heads, by: part.heads) {
-                let items = b0..<min(shape.batch, b0 + part.items), heads = h0..<min(shape.heads, h0 + part.heads)
-                let target = MutableTensorView(raw: o.rawRow(b0, h0, 0), strides: o.strides, precision: o.precision)
-                withStaged(target, shape: SIMD4(items.count, heads.count, shape.queryLength, shape.valueDim),
-                           threads: threadCount) { scratch in
-                    // A head's rows through a view whose batch and head strides are 0.
-                    body(items, heads) { b, h in
-                        MutableTensorView(base: scratch.row(b - b0, h - h0, 0),
-                                          strides: SIMD4(0, 0, scratch.strides[2], scratch.strides[3]))
-                    }
-                }
+        MergedOutputStaging.forEachPart(shape, groups: false, output: o, threads: threadCount) { items, heads, scratch in
+            // A head's rows through a view whose batch and head strides are 0.
+            body(items, heads) { b, h in
+                MutableTensorView(base: scratch.row(b - items.lowerBound, h - heads.lowerBound, 0),
+                                  strides: SIMD4(0, 0, scratch.strides[2], scratch.strides[3]))
             }
         }
     }

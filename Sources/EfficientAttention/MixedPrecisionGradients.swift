@@ -340,10 +340,6 @@ func forEachHeadSummingGradients(
                 : MutableTensorView(base: (raw + offset).bindMemory(to: Float.self, capacity: floats),
                                     strides: SIMD4(0, 0, width, 1))
         }
-        /// Rounds the head's rows of a staged gradient into the caller's rows of head `(b, h)`.
-        func store(_ staged: MutableTensorView, into gradient: MutableTensorView, b: Int, h: Int, rows: Int, width: Int) {
-            for i in 0..<rows { gradient.storeRow(b, h, i, from: staged.row(0, 0, i), count: width) }
-        }
         let q = head(dQ, 0, bytes.query == 0 ? 0 : nq * d, width: d)
         let k = head(dK, bytes.query, bytes.key == 0 ? 0 : nk * d, width: d)
         let v = head(dV, bytes.query + bytes.key, bytes.value == 0 ? 0 : nk * dv, width: dv)
@@ -356,10 +352,10 @@ func forEachHeadSummingGradients(
                     if bytes.value > 0 { v.zero(batch: 1, heads: 1, rows: nk, width: dv) }
                 }
                 body(b, h, q, k, v)
-                if bytes.query > 0 { store(q, into: dQ, b: b, h: h, rows: nq, width: d) }
+                if bytes.query > 0 { dQ.storeRows(b, h, rows: nq, from: q.row(0, 0, 0), width: d) }
                 if h % g == g - 1 {
-                    if bytes.key > 0 { store(k, into: dK, b: b, h: hk, rows: nk, width: d) }
-                    if bytes.value > 0 { store(v, into: dV, b: b, h: hk, rows: nk, width: dv) }
+                    if bytes.key > 0 { dK.storeRows(b, hk, rows: nk, from: k.row(0, 0, 0), width: d) }
+                    if bytes.value > 0 { dV.storeRows(b, hk, rows: nk, from: v.row(0, 0, 0), width: dv) }
                 }
             }
         }

@@ -301,21 +301,16 @@ extension LinearAttention: OperandWideningBackward where Map: DifferentiableFeat
     /// Each `dQ` row is finished once, so a 16-bit `dQ` is written in its precision; `dK`
     /// and `dV` rows are sums over a group's query heads: with grouped heads a 16-bit one is
     /// summed in `Float` scratch of one key/value head's rows per worker
-    /// (``gradientSumBytes(_:threads:dQuery:dKey:dValue:)``) and rounded when the group ends;
+    /// (``gradientSumBytes(_:threads:dQuery:dKey:dValue:)``, ``headGradientBytes(_:dQuery:dKey:dValue:)``)
+    /// and rounded when the group ends;
     /// nothing is staged whole.
     static func stagedGradients(_ shape: AttentionShape) -> (query: Bool, keys: Bool) { (false, false) }
 
     static func gradientSumBytes(_ shape: AttentionShape, threads: Int?, dQuery: ActivationPrecision,
                                  dKey: ActivationPrecision, dValue: ActivationPrecision) -> Int {
         guard shape.groupSize > 1 else { return 0 }
-        let rows = groupGradientBytes(shape, dKey: dKey, dValue: dValue)
-        return workerCount(threads: threads, items: shape.batch * shape.kvHeads) * (rows.key + rows.value)
-    }
-
-    /// Bytes of one key/value head's `Float` `dK` and `dV` rows when they are 16-bit (0 when `Float`).
-    static func groupGradientBytes(_ shape: AttentionShape, dKey: ActivationPrecision,
-                                   dValue: ActivationPrecision) -> (key: Int, value: Int) {
-        (widenedCopyBytes(dKey, shape.keyLength * shape.headDim), widenedCopyBytes(dValue, shape.keyLength * shape.valueDim))
+        let rows = headGradientBytes(shape, dQuery: .float32, dKey: dKey, dValue: dValue)
+        return workerCount(threads: threads, items: shape.batch * shape.kvHeads) * rows.total
     }
 
     /// No tiled backward: the feature map reads `Float` rows (widened into the workspace).
@@ -377,8 +372,8 @@ extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeat
         // its group's rows in `Float` (scratch beyond the cost's workspace, in its slice) and
         // rounds them into the caller's rows when the group ends.
         let (nk, d, dv, group) = (shape.keyLength, shape.headDim, shape.valueDim, shape.groupSize)
-        let summed: (key: Int, value: Int) = group > 1
-            ? Self.groupGradientBytes(shape, dKey: dK.precision, dValue: dV.precision) : (0, 0)
+        let rows = headGradientBytes(shape, dQuery: .float32, dKey: dK.precision, dValue: dV.precision)
+        let summed = group > 1 ? (key: rows.key, value: rows.value) : (key: 0, value: 0)
         WorkspaceArena.withWorkspaces(workers: workers, layout: {
             (LinearAttentionBackward.Workspace(carving: &$0, m: m, d: d, dv: dv),
              $0.take(summed.key / 4, of: Float.self), $0.take(summed.value / 4, of: Float.self))
@@ -393,8 +388,8 @@ extension LinearAttention: DifferentiableAttention where Map: DifferentiableFeat
                     map: map, causal: causal, epsilon: epsilon, queryLength: shape.queryLength,
                     keyLength: nk, keyCount: keyLengths?[b] ?? nk,
                     b: b, hk: hk, heads: hk * group..<(hk + 1) * group, views: x, space: space)
-                for j in 0..<(summed.key > 0 ? nk : 0) { dK.storeRow(b, hk, j, from: keyRows + j * d, count: d) }
-                for j in 0..<(summed.value > 0 ? nk : 0) { dV.storeRow(b, hk, j, from: valueRows + j * dv, count: dv) }
+                if summed.key > 0 { dK.storeRows(b, hk, rows: nk, from: keyRows, width: d) }
+                if summed.value > 0 { dV.storeRows(b, hk, rows: nk, from: valueRows, width: dv) }
             }
         }
     }

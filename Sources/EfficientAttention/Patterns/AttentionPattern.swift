@@ -251,16 +251,9 @@ extension TiledSoftmaxAttention {
         let whole = PatternCall(shape: shape, scale: call.scale, threads: call.threadCount, keyLengths: call.keyLengths,
                                 q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, modifiers: call.modifiers)
         guard merging && call.o.precision != .float32 else { return try passes(whole) }
-        let part = MergedOutputStaging.part(shape)
-        for b in stride(from: 0, to: shape.batch, by: part.items) {
-            for h in stride(from: 0, to: shape.heads, by: part.heads) {
-                let piece = whole.restricted(items: b..<min(shape.batch, b + part.items),
-                                             heads: h..<min(shape.heads, h + part.heads))
-                try withStaged(piece.o, shape: SIMD4(piece.shape.batch, piece.shape.heads, shape.queryLength,
-                                                     shape.valueDim), threads: call.threadCount) { scratch in
-                    try passes(piece.with(o: scratch))
-                }
-            }
+        try MergedOutputStaging.forEachPart(shape, groups: true, output: call.o, threads: call.threadCount) {
+            items, heads, scratch in
+            try passes(whole.restricted(items: items, heads: heads).with(o: scratch))
         }
     }
 }
@@ -285,6 +278,26 @@ extension TiledSoftmaxAttention {
         if itemBytes <= limit { return (min(shape.batch, max(1, limit / itemBytes)), shape.heads) }
         let g = groups ? shape.groupSize : 1
         return (1, min(shape.heads, max(1, limit / (headBytes * g)) * g))
+    }
+
+    /// Runs `body(items, heads, scratch)` for each part of `shape` in order, `scratch` the
+    /// part's contiguous `Float` output (`[items, heads, Nq, Dv]`), then rounds its rows into
+    /// `output`'s rows of those items and heads before the next part.
+    static func forEachPart(_ shape: AttentionShape, groups: Bool, output: MutableTensorView, threads: Int,
+                            _ body: (_ items: Range<Int>, _ heads: Range<Int>, _ scratch: MutableTensorView) throws -> Void)
+        rethrows {
+        let part = part(shape, groups: groups)
+        for b in stride(from: 0, to: shape.batch, by: part.items) {
+            for h in stride(from: 0, to: shape.heads, by: part.heads) {
+                let items = b..<min(shape.batch, b + part.items), heads = h..<min(shape.heads, h + part.heads)
+                let target = MutableTensorView(raw: output.rawRow(b, h, 0), strides: output.strides,
+                                               precision: output.precision)
+                try withStaged(target, shape: SIMD4(items.count, heads.count, shape.queryLength, shape.valueDim),
+                               threads: threads) { scratch in
+                    try body(items, heads, scratch)
+                }
+            }
+        }
     }
 
     /// Floats the largest part of `shape` stages.
