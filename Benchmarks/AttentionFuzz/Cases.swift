@@ -3,9 +3,10 @@ import AttentionBenchCore
 import Foundation
 
 /// One fuzz case: a problem drawn from its seed alone, run through the public API, and
-/// the checks of its results. A case is one of three kinds: `attend` on a registered
-/// conformer with a valid random problem, `decode` against a ``KVCache`` with random
-/// appends, or an invalid input that must throw an ``AttentionError``.
+/// the checks of its results. A case is one of these kinds: `attend` on a registered
+/// conformer with a valid random problem, its gradients, `decode` against a ``KVCache``
+/// with random appends, random score modifiers, a packed variable-length batch, or an
+/// invalid input that must throw an ``AttentionError``.
 final class FuzzCase {
     let seed: UInt64
     let verbose: Bool
@@ -25,9 +26,11 @@ final class FuzzCase {
     func run() {
         do {
             switch rng.int(0...99) {
-            case 0..<52: try attendCase()
-            case 52..<67: try gradientCase()
-            case 67..<80: try decodeCase()
+            case 0..<44: try attendCase()
+            case 44..<56: try gradientCase()
+            case 56..<66: try decodeCase()
+            case 66..<74: try modifierCase()
+            case 74..<82: try packedCase()
             default: invalidCase()
             }
         } catch {

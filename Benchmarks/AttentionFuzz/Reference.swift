@@ -2,11 +2,14 @@ import EfficientAttention
 
 /// Naive softmax attention in Double: for every query row, the softmax over the keys
 /// `visible(i, j, Nq, Nk_b)` accepts (keys at `j >= keyLength[b]` are never visible),
-/// with query head `h` reading key/value head `h / (H / Hkv)`. Rows with no visible key
-/// are 0 with log-sum-exp `-inf`.
+/// with query head `h` reading key/value head `h / (H / Hkv)`, and the score modifiers of
+/// ATTENTION_SPEC.md: `s ← cap·tanh(s/cap)`, `s ← s + bias − α_h·|i + Nk − Nq − j|` (a key
+/// whose score is then `−∞` is not visible), a sink `e^{σ_h}` in the denominator. Rows with
+/// no visible key are 0 with log-sum-exp `σ_h`, or `-inf` without sinks.
 ///
 /// - Complexity: O(B · H · Nq · Nk · (D + Dv)) time, O(Nk) extra memory.
 func naiveAttention(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, scale: Double,
+                    modifiers m: ScoreModifiers = ScoreModifiers(),
                     visible: (_ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool) -> (output: [Double], lse: [Double]) {
     let (b, h, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
     let (hkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
@@ -17,23 +20,32 @@ func naiveAttention(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]
         let end = keyLengths?[bi] ?? nk
         for hi in 0..<h {
             let g = hi / (h / hkv)
+            let sink = m.sinks.map { Double($0[hi]) }
             for i in 0..<nq {
-                let keys = (0..<end).filter { visible(i, $0, nq, nk) }
-                guard !keys.isEmpty else { continue }
-                var m = -Double.infinity
-                for j in keys {
+                var keys: [Int] = []
+                for j in 0..<end where visible(i, j, nq, nk) {
                     var s = 0.0
                     for c in 0..<d { s += Double(query[bi, hi, i, c]) * Double(key[bi, g, j, c]) }
-                    scores[j] = s * scale
-                    m = max(m, scores[j])
+                    s *= scale
+                    if let cap = m.softCap.map(Double.init) { s = cap * Foundation.tanh(s / cap) }
+                    if let bias = m.bias {
+                        s += Double(bias[bias.shape[0] == 1 ? 0 : bi, bias.shape[1] == 1 ? 0 : hi, i, j])
+                    }
+                    if let slopes = m.alibiSlopes { s -= Double(slopes[hi]) * Double(abs(i + nk - nq - j)) }
+                    if s > -.infinity {
+                        scores[j] = s
+                        keys.append(j)
+                    }
                 }
-                var sum = 0.0
-                for j in keys { scores[j] = (scores[j] - m).exp(); sum += scores[j] }
+                let top = max(keys.map { scores[$0] }.max() ?? -.infinity, sink ?? -.infinity)
+                guard top > -.infinity else { continue }
+                var sum = sink.map { ($0 - top).exp() } ?? 0
+                for j in keys { scores[j] = (scores[j] - top).exp(); sum += scores[j] }
                 let row = ((bi * h + hi) * nq + i) * dv
                 for j in keys {
                     for c in 0..<dv { output[row + c] += scores[j] / sum * Double(value[bi, g, j, c]) }
                 }
-                lse[(bi * h + hi) * nq + i] = m + sum.log()
+                lse[(bi * h + hi) * nq + i] = top + sum.log()
             }
         }
     }

@@ -20,7 +20,8 @@ import CEfficientAttention
 ///
 /// Conformers on the tiled kernel take them (`modifiers` on ``DenseAttention``,
 /// ``MultiQueryAttention``, ``LocalAttention``, ``StridedAttention``,
-/// ``LongformerAttention``, ``BigBirdAttention``, ``AdaptiveSpanAttention``).
+/// ``LongformerAttention``, ``BigBirdAttention``, ``AdaptiveSpanAttention``,
+/// ``TransformerXLAttention``, ``AxialAttention`` (`.union`), ``CustomMaskAttention``).
 ///
 /// - Complexity: per scored pair, one `exp` and a division for soft-capping, two vector
 ///   operations for ALiBi, one load for the bias; per output row, one rescale for sinks.
@@ -394,6 +395,8 @@ extension LongformerAttention: ModifierDifferentiable {}
 extension BigBirdAttention: ModifierDifferentiable {}
 extension MultiQueryAttention: ModifierDifferentiable {}
 extension AdaptiveSpanAttention: ModifierDifferentiable {}
+extension TransformerXLAttention: ModifierDifferentiable {}
+extension AxialAttention: ModifierDifferentiable {}
 
 /// Where the backward of the call running on this task adds `∂L/∂bias` (set by
 /// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``

@@ -25,7 +25,7 @@
 ///   `O(N · Σ nₜ)`, `O(N √N)` on a square grid. Workspace: the tiled kernel's tiles per
 ///   thread, independent of `N`; `.sum` also keeps one output-sized scratch
 ///   (`4 · B · H · N · (Dv + 1)` bytes).
-public struct AxialAttention: KernelWidening {
+public struct AxialAttention: KernelWidening, ModifiableAttention {
     /// How the axes' attentions combine.
     public enum Combination: Hashable, Sendable {
         /// One softmax over the union of the axes' keys (mergeable).
@@ -40,6 +40,11 @@ public struct AxialAttention: KernelWidening {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``) with `.union`,
+    /// over grid positions in row-major order (ALiBi's distance is `|i − j|` in that order);
+    /// none by default. `.sum` takes none (each axis is a softmax of its own): a call with
+    /// modifiers throws.
+    public var modifiers = ScoreModifiers()
 
     /// The most axes a grid may have.
     public static let maxAxes = 16
@@ -89,6 +94,10 @@ public struct AxialAttention: KernelWidening {
             throw AttentionError.invalidParameter(
                 "\(variant): axes \(axes) must multiply to the sequence length (queryLength \(shape.queryLength), keyLength \(shape.keyLength); queries and keys share the grid)")
         }
+        guard combination == .union || modifiers.isEmpty else {
+            throw AttentionError.unsupported(
+                "\(variant): modifiers (soft-capping, ALiBi, bias, sinks) take combination .union; with .sum each axis is a softmax of its own")
+        }
     }
 
     /// The `.union` pattern of `shape`.
@@ -125,7 +134,8 @@ public struct AxialAttention: KernelWidening {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let combination = combination
             let pattern = try self.pattern(for: call.shape)
             TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
@@ -275,7 +285,8 @@ extension AxialAttention: KernelWideningBackward {
         let forward = try cost(shape, threads: threads)
         let pattern = try pattern(for: shape)
         var cost = tiledBackwardCost(forward: forward, shape: shape, threads: threads,
-                                     passes: pattern.axes.indices.lazy.map { pattern.backwardKeyBlocks(axis: $0) })
+                                     passes: pattern.axes.indices.lazy.map { pattern.backwardKeyBlocks(axis: $0) },
+                                     modifiers: modifiers)
         if combination == .sum {
             // The recomputed forward, one axis's output in scratch, and the larger kernel workspace.
             let scratch = try AxialSum.scratchBytes(shape)

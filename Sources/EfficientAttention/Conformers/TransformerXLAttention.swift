@@ -35,7 +35,7 @@
 ///   `K Qᵀ`); workspace: the dense kernel's per thread plus the band buffers
 ///   (`(Br/32) · 96 · 32` floats per thread) and `(B·H + H) · Nk` floats of biases (and
 ///   the concatenated keys and values in the stateful call).
-public struct TransformerXLAttention: KernelWidening, Equatable {
+public struct TransformerXLAttention: KernelWidening, ModifiableAttention, Equatable {
     /// `M`: how many past positions the memory keeps.
     public var memoryLength: Int
     /// The relative-position table `[1, H or 1, T, D]`, `T ≥ M + Nq`.
@@ -46,6 +46,11 @@ public struct TransformerXLAttention: KernelWidening, Equatable {
     public var positionBias: [Float]
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``), applied to the
+    /// whole score (content and relative terms) over the keys `[memory ; segment]`; none by
+    /// default. In the stateful call the bias is `[B or 1, H or 1, Nq, M′ + Nq]` with `M′`
+    /// the memory's stored length before the call.
+    public var modifiers = ScoreModifiers()
 
     public init(memoryLength: Int, relativePositions: Tensor, contentBias: [Float], positionBias: [Float],
                 scale: Float? = nil) {
@@ -191,9 +196,10 @@ public struct TransformerXLAttention: KernelWidening, Equatable {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             run(shape: call.shape, q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse, keyBegins: nil,
-                keyLengths: keyLengths, threads: call.threadCount)
+                keyLengths: keyLengths, threads: call.threadCount, modifiers: call.modifiers)
         }
     }
 
@@ -220,7 +226,7 @@ public struct TransformerXLAttention: KernelWidening, Equatable {
         shape.keyLength = stored + segment.queryLength
         let keyBegins = memory.lengths.map { stored - $0 }
         let result = try run(shape: shape, query: query, key: allKeys, value: allValues, keyBegins: keyBegins,
-                             keyLengths: nil, threads: threads)
+                             keyLengths: nil, threads: threads, modifiers: modifiers)
         memory.keep(keys: allKeys, values: allValues, added: segment.queryLength)
         return result
     }
@@ -250,29 +256,35 @@ public struct TransformerXLAttention: KernelWidening, Equatable {
         try checkCallArguments(segment, keyLengths: nil, threads: threads)
     }
 
-    /// The kernel call: biases, then the tiled softmax kernel with the relative-position mask.
+    /// The kernel call: biases, then the tiled softmax kernel with the relative-position mask
+    /// and `modifiers` (checked against `shape` first; sinks applied to the finished rows).
     /// `keyBegins[b]` hides the keys before it (right-aligned memories shorter than the
     /// stored length). Internal: ``CompressiveTransformerAttention`` runs it over
     /// `[compressed ; memory ; segment]`.
     func run(shape: AttentionShape, query: Tensor, key: Tensor, value: Tensor, keyBegins: [Int]?,
-             keyLengths: [Int]?, threads: Int?) throws -> AttentionResult {
+             keyLengths: [Int]?, threads: Int?, modifiers: ScoreModifiers = ScoreModifiers()) throws -> AttentionResult {
+        try modifiers.validate(shape)
         var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let workers = try threadCount(threads)
-        query.withView { q in key.withView { k in value.withView { v in
-        output.withMutableView { o in lse.withMutableView { l in
-            run(shape: shape, q: q, k: k, v: v, o: o, lse: l, keyBegins: keyBegins, keyLengths: keyLengths,
-                threads: workers)
-        } } } } }
+        try modifiers.withKernel(shape) { kernel in
+            query.withView { q in key.withView { k in value.withView { v in
+            output.withMutableView { o in lse.withMutableView { l in
+                run(shape: shape, q: q, k: k, v: v, o: o, lse: l, keyBegins: keyBegins, keyLengths: keyLengths,
+                    threads: workers, modifiers: kernel)
+                modifiers.applySinks(o: o, lse: l, shape: shape)
+            } } } } }
+        }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 
     /// ``run(shape:query:key:value:keyBegins:keyLengths:threads:)`` on views, into `o` and `lse`.
     func run(shape: AttentionShape, q: TensorView, k: TensorView, v: TensorView,
-             o: MutableTensorView, lse: MutableTensorView, keyBegins: [Int]?, keyLengths: [Int]?, threads workers: Int) {
+             o: MutableTensorView, lse: MutableTensorView, keyBegins: [Int]?, keyLengths: [Int]?, threads workers: Int,
+             modifiers: ScoreModifierKernel? = nil) {
         withBiases(shape: shape, k: k, threads: workers) { scale, mask in
             TiledSoftmaxAttention.run(shape: shape, scale: scale, threads: workers,
-                                      q: q, k: k, v: v, o: o, lse: lse) { b, h in
+                                      q: q, k: k, v: v, o: o, lse: lse, modifiers: modifiers) { b, h in
                 mask(b, h, keyBegins?[b] ?? 0, keyLengths?[b] ?? shape.keyLength)
             }
         }
@@ -356,10 +368,13 @@ extension TransformerXLAttention: KernelWideningBackward {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: scale) { shape, _ in
-            backward(shape: shape, threads: try threadCount(threads), keyLengths: keyLengths,
-                     q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
-                     dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
-                     parameters: nil)
+            let workers = try threadCount(threads)
+            try withModifierBackward(shape) { modifiers, biasGradient in
+                backward(shape: shape, threads: workers, keyLengths: keyLengths,
+                         q: query.kernel, k: key.kernel, v: value.kernel, o: output.kernel, lse: logSumExp.kernel,
+                         dO: outputGradient.kernel, dQ: dQuery.kernel, dK: dKey.kernel, dV: dValue.kernel,
+                         modifiers: modifiers, biasGradient: biasGradient, parameters: nil)
+            }
         }
     }
 
@@ -369,7 +384,7 @@ extension TransformerXLAttention: KernelWideningBackward {
     func tiledBackward(_ call: TiledBackwardCall) throws {
         backward(shape: call.shape, threads: call.threads, keyLengths: call.keyLengths, q: call.q, k: call.k,
                  v: call.v, o: call.o, lse: call.lse, dO: call.dO, dQ: call.dQ, dK: call.dK, dV: call.dV,
-                 parameters: nil)
+                 modifiers: call.modifiers, biasGradient: call.biasGradient, parameters: nil)
     }
 
     /// `dK` gets `u_h · Σ_i dS_ij` added after the kernel: staged when 16-bit.
@@ -394,9 +409,11 @@ extension TransformerXLAttention: KernelWideningBackward {
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
                                                    threads: threads, scale: scale) { x in
-            backward(shape: x.shape, threads: x.threads, keyLengths: keyLengths,
-                     q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
-                     parameters: &parameters)
+            try withModifierBackward(x.shape) { modifiers, biasGradient in
+                backward(shape: x.shape, threads: x.threads, keyLengths: keyLengths,
+                         q: x.q, k: x.k, v: x.v, o: x.o, lse: x.lse, dO: x.dO, dQ: x.dQ, dK: x.dK, dV: x.dV,
+                         modifiers: modifiers, biasGradient: biasGradient, parameters: &parameters)
+            }
         }
         return (inputs, parameters)
     }
@@ -408,7 +425,8 @@ extension TransformerXLAttention: KernelWideningBackward {
         return AttentionCost(
             flops: 2.5 * forward.flops,
             workspaceBytes: TiledSoftmaxBackward.workspaceBytes(shape: shape, threads: threads,
-                                                                 mask: RelativePositionMask.self)
+                                                                 mask: RelativePositionMask.self,
+                                                                 softCap: modifiers.softCap != nil)
                 + 2 * floats(b * h * nk) + floats(h * nk) + 2 * floats(1),
             scoredPairs: forward.scoredPairs)
     }
@@ -418,6 +436,7 @@ extension TransformerXLAttention: KernelWideningBackward {
     private func backward(shape: AttentionShape, threads: Int, keyLengths: [Int]?,
                           q: TensorView, k: TensorView, v: TensorView, o: TensorView, lse: TensorView,
                           dO: TensorView, dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView,
+                          modifiers: ScoreModifierKernel?, biasGradient: MutableTensorView?,
                           parameters: UnsafeMutablePointer<TransformerXLParameterGradients>?) {
         let (batch, heads, kvHeads, nk, d) = (shape.batch, shape.heads, shape.kvHeads, shape.keyLength, shape.headDim)
         let group = shape.groupSize, wanted = parameters != nil
@@ -427,7 +446,8 @@ extension TransformerXLAttention: KernelWideningBackward {
         withScratchTensor(wanted ? SIMD4(batch, heads, nk, d) : one, zeroed: true) { distanceRows in
         withScratchTensor(wanted ? SIMD4(1, batch, heads, nk) : one, zeroed: true) { distanceSums in
             TiledSoftmaxBackward.run(shape: shape, scale: scale, threads: threads, q: q, k: k, v: v, o: o, lse: lse,
-                                     dO: dO, dQ: dQ, dK: dK, dV: dV) { b, h in
+                                     dO: dO, dQ: dQ, dK: dK, dV: dV, modifiers: modifiers,
+                                     biasGradient: biasGradient) { b, h in
                 var headMask = mask(b, h, 0, keyLengths?[b] ?? nk)
                 let row = b * heads + h
                 headMask.gradients = RelativeScoreGradients(

@@ -1,0 +1,113 @@
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
+
+extension FuzzCase {
+    /// A packed variable-length batch (ATTENTION_SPEC.md, "Packed variable-length batches")
+    /// on a registered conformer: 1–5 sequences of 0–40 queries and keys (self-attention or
+    /// separate lengths). The packed call throws exactly when a sequence with queries and
+    /// keys fails `validate`; otherwise each sequence's rows are the bits of a separate call
+    /// on its rows (0 and `-inf` for a sequence without keys), at a random thread count.
+    /// Then offsets drawn at random: `PackedSequences` refuses what is not non-decreasing
+    /// from 0, and a call whose tensors do not end at the last offsets throws.
+    func packedCase() throws {
+        guard let (entry, problem, _, attention) = try drawConformer(from: FuzzCase.entries) else { return }
+        let s = problem.shape
+        let count = rng.int(1...5)
+        let selfAttention = rng.chance(0.6)
+        func lengths() -> [Int] { (0..<count).map { _ in rng.chance(0.15) ? rng.pick([0, 1]) : rng.int(0...40) } }
+        let queryLengths = lengths(), keyLengths = selfAttention ? queryLengths : lengths()
+        func offsets(_ lengths: [Int]) -> [Int] { lengths.reduce(into: [0]) { $0.append($0.last! + $1) } }
+        let sequences = try call {
+            try PackedSequences(queryOffsets: offsets(queryLengths), keyOffsets: offsets(keyLengths))
+        }
+        let (nq, nk) = (sequences.queryOffsets.last!, sequences.keyOffsets.last!)
+        let label = "\(entry.name) \(problem) packed queries \(queryLengths) keys \(keyLengths)"
+        log(label)
+        guard nq > 0, nk > 0 else {
+            checkPackedMismatch(attention, sequences, problem: s, label)
+            return
+        }
+        let q = try rng.tensor([1, s.heads, nq, s.headDim])
+        let k = try rng.tensor([1, s.kvHeads, nk, s.headDim]), v = try rng.tensor([1, s.kvHeads, nk, s.valueDim])
+        let refused = (0..<count).first { n in
+            let shape = AttentionShape(heads: s.heads, kvHeads: s.kvHeads, queryLength: queryLengths[n],
+                                       keyLength: keyLengths[n], headDim: s.headDim, valueDim: s.valueDim)
+            return queryLengths[n] > 0 && keyLengths[n] > 0 && (try? attention.validate(shape)) == nil
+        }
+        let threads = threadCount()
+        let packed: AttentionResult
+        do {
+            packed = try call { try attention.attend(query: q, key: k, value: v, sequences: sequences, threads: threads) }
+        } catch let error as AttentionError {
+            if refused == nil { fail("\(label): the packed call threw \(error), but every sequence validates") }
+            return
+        }
+        if let refused { fail("\(label): sequence \(refused) fails validate, but the packed call did not throw") }
+        let (o, lse) = (packed.output.elements, packed.logSumExp.elements)
+        func rows(_ t: Tensor, _ start: Int, _ count: Int) throws -> Tensor {
+            try Tensor(shape: [1, t.shape[1], count, t.shape[3]], storage: t.storage, strides: t.strides,
+                       offset: t.offset + start * t.strides[2])
+        }
+        for n in 0..<count where queryLengths[n] > 0 {
+            let (q0, k0) = (sequences.queryOffsets[n], sequences.keyOffsets[n])
+            for h in 0..<s.heads {
+                for i in q0..<(q0 + queryLengths[n]) {
+                    let r = h * nq + i
+                    if keyLengths[n] == 0 {
+                        if lse[r] != -.infinity || o[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 }) {
+                            fail("\(label): sequence \(n) has no key, but head \(h) row \(i) is not 0 with lse -inf")
+                            return
+                        }
+                    }
+                }
+            }
+            guard keyLengths[n] > 0 else { continue }
+            let one = try call {
+                try attention.attend(query: try rows(q, q0, queryLengths[n]), key: try rows(k, k0, keyLengths[n]),
+                                     value: try rows(v, k0, keyLengths[n]), keyLengths: nil, threads: threads)
+            }
+            let (so, sl) = (one.output.elements, one.logSumExp.elements)
+            for h in 0..<s.heads {
+                for i in 0..<queryLengths[n] {
+                    let r = h * nq + q0 + i, own = h * queryLengths[n] + i
+                    let same = lse[r].bitPattern == sl[own].bitPattern
+                        && (0..<s.valueDim).allSatisfy { o[r * s.valueDim + $0].bitPattern == so[own * s.valueDim + $0].bitPattern }
+                    if !same {
+                        fail("\(label): sequence \(n) head \(h) row \(i) differs from its separate call")
+                        return
+                    }
+                }
+            }
+        }
+        checkPackedMismatch(attention, sequences, problem: s, label)
+    }
+
+    /// Random offsets must be refused unless valid, and a call whose tensors' lengths are
+    /// not the last offsets (or whose batch is not 1) must throw.
+    func checkPackedMismatch(_ attention: any Attention, _ sequences: PackedSequences, problem s: AttentionShape,
+                             _ label: String) {
+        let drawn = (0..<rng.int(0...4)).map { _ in rng.chance(0.1) ? rng.pick([-1, Int.max, Int.min]) : rng.int(-3...30) }
+        let valid = drawn.count >= 2 && drawn[0] == 0 && zip(drawn, drawn.dropFirst()).allSatisfy { $0 <= $1 }
+            && drawn.last! <= lengthLimit
+        do {
+            _ = try call { try PackedSequences(queryOffsets: drawn, keyOffsets: drawn) }
+            if !valid { fail("\(label): offsets \(drawn) were accepted") }
+        } catch is AttentionError {
+            if valid { fail("\(label): valid offsets \(drawn) were refused") }
+        } catch {
+            fail("\(label): offsets \(drawn) threw \(error)")
+        }
+        let nq = sequences.queryOffsets.last!, nk = sequences.keyOffsets.last!
+        let batch = rng.chance(0.3) ? 2 : 1
+        let wrongQuery = nq + (batch == 1 ? rng.pick([-1, 1, 2]) : 0)
+        guard wrongQuery > 0, nk > 0 else { return }
+        do {
+            let q = try rng.tensor([batch, s.heads, wrongQuery, s.headDim])
+            let k = try rng.tensor([batch, s.kvHeads, nk, s.headDim]), v = try rng.tensor([batch, s.kvHeads, nk, s.valueDim])
+            _ = try call { try attention.attend(query: q, key: k, value: v, sequences: sequences, threads: 1) }
+            fail("\(label): a packed call with \(batch) items and \(wrongQuery) query rows for offsets ending at \(nq) was accepted")
+        } catch is AttentionError {
+        } catch {
+            fail("\(label): a mismatched packed call threw \(error)")
+        }
+    }
+}

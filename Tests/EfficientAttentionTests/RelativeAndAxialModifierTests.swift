@@ -1,0 +1,229 @@
+// Score modifiers (soft-capping, ALiBi, an additive bias, sinks) on Transformer-XL (over
+// its content and relative scores, keys [memory ; segment]) and axial attention (.union):
+// the forward against the Double reference of ATTENTION_SPEC.md's "Score modifiers" with
+// Transformer-XL's relative terms as the score's own terms, grouped heads, key padding,
+// the stateful call equal to the stateless one; the backward against the hand-
+// differentiated modified reference (axial; Transformer-XL with zero relative parameters,
+// where it is causal dense attention over [memory ; segment]), and against central finite
+// differences of its own forward with the relative terms and every modifier; .sum refuses
+// modifiers; a bias NaN is found.
+
+@_spi(Testing) @_spi(Benchmarking) import EfficientAttention
+import Foundation
+import Testing
+
+/// A Transformer-XL configuration for `heads` heads of dimension `d` over up to `memory`
+/// memory positions and `segment` queries: random `r`, `u`, `v` (or all zero).
+private func xl(heads: Int, headDim d: Int, memory: Int, segment: Int, seed: UInt64,
+                zero: Bool = false) throws -> TransformerXLAttention {
+    let table = try randomTensor([1, heads, memory + segment, d], seed: seed, in: zero ? 0...0 : -1...1)
+    let u = zero ? [Float](repeating: 0, count: heads * d) : try randomTensor([1, 1, heads, d], seed: seed + 1).elements
+    let v = zero ? [Float](repeating: 0, count: heads * d) : try randomTensor([1, 1, heads, d], seed: seed + 2).elements
+    return TransformerXLAttention(memoryLength: memory, relativePositions: table, contentBias: u, positionBias: v)
+}
+
+/// Axial `.union`'s visibility from the spec: coordinates equal on every axis but at most
+/// one, causal `coord_t(j) ≤ coord_t(i)` on the axis they differ, key padding.
+private func axialUnionVisible(axes: [Int], causal: Bool, keyLengths: [Int]?) -> Visibility {
+    let strides = axes.indices.map { t in axes[(t + 1)...].reduce(1, *) }
+    let n = axes.reduce(1, *)
+    return { b, _, i, j in
+        guard j < (keyLengths?[b] ?? n) else { return false }
+        let differing = axes.indices.filter { (i / strides[$0]) % axes[$0] != (j / strides[$0]) % axes[$0] }
+        guard differing.count <= 1 else { return false }
+        guard let t = differing.first else { return true }
+        return !causal || (j / strides[t]) % axes[t] < (i / strides[t]) % axes[t]
+    }
+}
+
+private func withModifiers<A: ModifiableAttention>(_ a: A, _ m: ScoreModifiers) -> A {
+    var a = a
+    a.modifiers = m
+    return a
+}
+
+extension GradientSubject {
+    /// Axial `.union` on a fixed grid.
+    static func axialUnion(axes: [Int], causal: Bool) -> GradientSubject {
+        GradientSubject(label: "axial union \(axes)" + (causal ? " causal" : ""),
+                        attention: AxialAttention(axes: axes, causal: causal)) { _, lengths in
+            axialUnionVisible(axes: axes, causal: causal, keyLengths: lengths)
+        }
+    }
+
+    /// Transformer-XL with zero relative parameters: causal dense attention over
+    /// `[memory ; segment]` (the keys past `Nq` are memory), whose backward the modified
+    /// reference differentiates exactly.
+    static func zeroRelativeXL(heads: Int, headDim: Int, memory: Int, segment: Int) -> GradientSubject {
+        GradientSubject(label: "transformer-xl, zero relative terms, memory \(memory)",
+                        attention: try! xl(heads: heads, headDim: headDim, memory: memory, segment: segment, seed: 1,
+                                           zero: true)) { s, lengths in
+            Visible.dense(causal: true, queryLength: s.queryLength, keyLength: s.keyLength, keyLengths: lengths)
+        }
+    }
+}
+
+enum RelativeAndAxialModifierCases {
+    static let backward: [ModifierBackwardCase] = {
+        let choices = [ModifierBackwardCases.modifierChoices[8], .all, ModifierChoice(softCap: 0.8),
+                       ModifierChoice(bias: [2, 4])]
+        var cases: [ModifierBackwardCase] = []
+        for causal in [false, true] {
+            for choice in choices {
+                cases.append(ModifierBackwardCase(subject: .axialUnion(axes: [7, 11], causal: causal), choice: choice,
+                                                  batch: 2, heads: 4, kvHeads: 2, queryLength: 77, headDim: 3,
+                                                  keyLengths: [77, 0]))
+            }
+            cases.append(ModifierBackwardCase(subject: .axialUnion(axes: [3, 4, 12], causal: causal), choice: .all,
+                                              batch: 2, heads: 4, kvHeads: 2, queryLength: 144, headDim: 8,
+                                              valueDim: 5, keyLengths: [144, 60]))
+        }
+        for choice in choices {
+            cases.append(ModifierBackwardCase(subject: .zeroRelativeXL(heads: 4, headDim: 3, memory: 13, segment: 77),
+                                              choice: choice, batch: 2, heads: 4, kvHeads: 2, queryLength: 77,
+                                              keyLength: 90, headDim: 3, keyLengths: [90, 0]))
+        }
+        cases.append(ModifierBackwardCase(subject: .zeroRelativeXL(heads: 2, headDim: 65, memory: 70, segment: 140),
+                                          choice: .all, heads: 2, queryLength: 140, keyLength: 210, headDim: 65))
+        return cases.enumerated().map { n, c in
+            var c = c
+            c.seed = 46_000 + UInt64(n)
+            return c
+        }
+    }()
+}
+
+@Suite("Score modifiers on Transformer-XL and axial attention")
+struct RelativeAndAxialModifierTests {
+    @Test("Transformer-XL: each modifier and all together over content and relative scores, against the Double reference")
+    func transformerXLForward() throws {
+        for (batch, heads, kvHeads, nq, memory, padding) in [(2, 4, 2, 45, 13, [58, 20]), (1, 3, 3, 70, 0, nil),
+                                                              (1, 2, 1, 5, 66, nil)] {
+            let nk = nq + memory
+            let attention = try xl(heads: heads, headDim: 16, memory: memory, segment: nq, seed: 5)
+            let (q, k, v) = try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: nq, keyLength: nk,
+                                          headDim: 16, seed: 6, range: -2...2)
+            let term = relativeTerm(attention, query: q, key: k, memory: memory, scale: defaultScale(headDim: 16))
+            let visible = Visible.both(Visible.causal(queryLength: nq, keyLength: nk),
+                                       { b, _, _, j in j < (padding?[b] ?? nk) })
+            for (name, m) in try ScoreModifierTests.modifierSets(batch: batch, heads: heads, queryLength: nq,
+                                                                   keyLength: nk) {
+                let modified = withModifiers(attention, m)
+                let label = "transformer-xl \(name) B\(batch) H\(heads)/\(kvHeads) Nq\(nq) M\(memory)"
+                let result = try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 2)
+                let reference = modifiedReference(query: q, key: k, value: v, visible: visible, modifiers: m) {
+                    s, b, h, i, j in s + term(b, h, i, j)
+                }
+                ScoreModifierTests.check(result, reference, label)
+                expectBitwiseEqual(try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 1),
+                                   try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 3),
+                                   "\(label): 1 vs 3 threads")
+            }
+        }
+    }
+
+    @Test("Transformer-XL: the stateful call with modifiers equals the stateless call over [memory ; segment]")
+    func transformerXLStateful() throws {
+        let (heads, d, segment, memoryLength) = (2, 8, 20, 30)
+        var attention = try xl(heads: heads, headDim: d, memory: memoryLength, segment: segment, seed: 7)
+        var memory = try TransformerXLMemory(batch: 1, kvHeads: heads, headDim: d, capacity: memoryLength)
+        var keys: Tensor? = nil, values: Tensor? = nil
+        for step in 0..<3 {
+            let (q, k, v) = try randomQKV(heads: heads, queryLength: segment, headDim: d, seed: 70 + UInt64(step))
+            let stored = memory.storedLength
+            attention.modifiers = ScoreModifiers(
+                softCap: 3, alibiSlopes: [0.3, 0.1],
+                bias: try randomTensor([1, heads, segment, stored + segment], seed: 80 + UInt64(step)), sinks: [0.5, -1])
+            // The stateless call's keys: the memory's last `stored` positions, then the segment.
+            let allKeys = try keys.map { try positions($0, from: $0.shape[2] - stored, then: k) } ?? k
+            let allValues = try values.map { try positions($0, from: $0.shape[2] - stored, then: v) } ?? v
+            let stateless = try attention.attend(query: q, key: allKeys, value: allValues, threads: 2)
+            let stateful = try attention.attend(query: q, key: k, value: v, memory: &memory, threads: 2)
+            expectBitwiseEqual(stateful, stateless, "step \(step), \(stored) stored positions")
+            (keys, values) = (allKeys, allValues)
+        }
+        // A bias sized for the wrong number of keys names it.
+        attention.modifiers = ScoreModifiers(bias: try Tensor(shape: [1, 1, segment, segment]))
+        let (q, k, v) = try randomQKV(heads: heads, queryLength: segment, headDim: d, seed: 90)
+        expectAttentionError(.shapeMismatch, mentioning: ["modifiers.bias"]) {
+            try attention.attend(query: q, key: k, value: v, memory: &memory, threads: 1)
+        }
+    }
+
+    /// Positions `start...` (axis 2) of `tensor`, followed by every position of `next`.
+    private func positions(_ tensor: Tensor, from start: Int, then next: Tensor) throws -> Tensor {
+        let s = tensor.shape
+        var data = [Float]()
+        for a in 0..<s[0] { for b in 0..<s[1] {
+            for n in start..<s[2] { for c in 0..<s[3] { data.append(tensor[a, b, n, c]) } }
+            for n in 0..<next.shape[2] { for c in 0..<s[3] { data.append(next[a, b, n, c]) } }
+        } }
+        return try Tensor(shape: [s[0], s[1], s[2] - start + next.shape[2], s[3]], data: data)
+    }
+
+    @Test("axial .union: each modifier and all together against the Double reference; .sum refuses modifiers")
+    func axialForward() throws {
+        for (axes, batch, heads, kvHeads, padding, causal) in [([5, 9], 2, 4, 2, [45, 17], false),
+                                                               ([3, 4, 3], 1, 3, 1, nil, true),
+                                                               ([130, 2], 1, 2, 2, nil, false)] {
+            let n = axes.reduce(1, *)
+            let (q, k, v) = try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: n, headDim: 16,
+                                          seed: 8, range: -2...2)
+            let attention = AxialAttention(axes: axes, causal: causal)
+            let visible = axialUnionVisible(axes: axes, causal: causal, keyLengths: padding)
+            for (name, m) in try ScoreModifierTests.modifierSets(batch: batch, heads: heads, queryLength: n, keyLength: n) {
+                let modified = withModifiers(attention, m)
+                let label = "axial \(axes) \(name)" + (causal ? " causal" : "")
+                let result = try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 2)
+                ScoreModifierTests.check(result, modifiedReference(query: q, key: k, value: v, visible: visible,
+                                                                   modifiers: m), label)
+                expectBitwiseEqual(try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 1),
+                                   try modified.attend(query: q, key: k, value: v, keyLengths: padding, threads: 3),
+                                   "\(label): 1 vs 3 threads")
+            }
+            let sum = withModifiers(AxialAttention(axes: axes, combination: .sum, causal: causal),
+                                    ScoreModifiers(softCap: 5))
+            expectAttentionError(.unsupported, mentioning: ["modifiers", ".union"]) {
+                try sum.attend(query: q, key: k, value: v, keyLengths: padding, threads: 1)
+            }
+        }
+    }
+
+    @Test("backward with modifiers against the hand-differentiated reference",
+          arguments: RelativeAndAxialModifierCases.backward)
+    func backward(_ c: ModifierBackwardCase) throws { try c.check() }
+
+    @Test("Transformer-XL with relative terms and every modifier: the backward agrees with central finite differences")
+    func transformerXLFiniteDifferences() throws {
+        let (nq, memory, d) = (5, 3, 3)
+        let (q, k, v) = try randomQKV(batch: 2, heads: 2, kvHeads: 1, queryLength: nq, keyLength: nq + memory,
+                                      headDim: d, seed: 9)
+        let dO = try randomTensor([2, 2, nq, d], seed: 10)
+        let attention = withModifiers(
+            try xl(heads: 2, headDim: d, memory: memory, segment: nq, seed: 11),
+            ScoreModifiers(softCap: 1.5, alibiSlopes: [0.4, 0.2],
+                           bias: try randomTensor([1, 2, nq, nq + memory], seed: 12), sinks: [0.3, -0.4]))
+        let (worst, largest) = try finiteDifferenceGap(attention, query: q, key: k, value: v, outputGradient: dO,
+                                                       keyLengths: [nq + memory, 4])
+        #expect(largest > 0.05 && worst <= 2e-3 * (1 + largest), "finite differences: \(worst), largest \(largest)")
+    }
+
+    @Test("a bias NaN on a pair Transformer-XL or axial scores throws")
+    func biasChecked() throws {
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 36, keyLength: 46, headDim: 8, seed: 13)
+        var bias = try randomTensor([1, 2, 36, 46], seed: 14)
+        bias[0, 1, 20, 25] = .nan   // 20 + 10 − 25 = 5 ≥ 0: visible
+        let transformerXL = withModifiers(try xl(heads: 2, headDim: 8, memory: 10, segment: 36, seed: 15),
+                                          ScoreModifiers(bias: bias))
+        expectAttentionError(.invalidParameter, mentioning: ["modifiers.bias must be finite"]) {
+            try transformerXL.attend(query: q, key: k, value: v, threads: 2)
+        }
+        let (qa, ka, va) = try randomQKV(heads: 2, queryLength: 36, headDim: 8, seed: 16)
+        var axialBias = try randomTensor([1, 1, 36, 36], seed: 17)
+        axialBias[0, 0, 7, 31] = .nan   // grid [6, 6]: (1, 1) and (5, 1) share a column
+        let axial = withModifiers(AxialAttention(axes: [6, 6]), ScoreModifiers(bias: axialBias))
+        expectAttentionError(.invalidParameter, mentioning: ["modifiers.bias must be finite"]) {
+            try axial.attend(query: qa, key: ka, value: va, threads: 2)
+        }
+    }
+}
