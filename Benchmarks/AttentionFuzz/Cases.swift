@@ -28,6 +28,7 @@ final class FuzzCase {
             case 0..<52: try attendCase()
             case 52..<67: try gradientCase()
             case 67..<80: try decodeCase()
+            case 80..<88: try cacheCase()
             default: invalidCase()
             }
         } catch {
