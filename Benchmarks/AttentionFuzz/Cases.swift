@@ -5,7 +5,8 @@ import Foundation
 /// One fuzz case: a problem drawn from its seed alone, run through the public API, and
 /// the checks of its results. A case is one of these kinds: `attend` on a registered
 /// conformer with a valid random problem, its gradients, `decode` against a ``KVCache``
-/// with random appends, random score modifiers, a packed variable-length batch, or an
+/// with random appends, the rotating, paged and contiguous caches in every precision with
+/// random operations, random score modifiers, a packed variable-length batch, or an
 /// invalid input that must throw an ``AttentionError``.
 final class FuzzCase {
     let seed: UInt64
@@ -31,6 +32,7 @@ final class FuzzCase {
             case 56..<66: try decodeCase()
             case 66..<74: try modifierCase()
             case 74..<82: try packedCase()
+            case 82..<90: try cacheCase()
             default: invalidCase()
             }
         } catch {

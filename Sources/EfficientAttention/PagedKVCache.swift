@@ -208,14 +208,26 @@ public final class PagedKVCache {
             try checkFiniteForInt8(values, "values")
         }
         let n = keys.shape[2]
+        // The pages the sequences take in order: each copies a shared page it writes, which
+        // then has one holder fewer for the sequences after it (a page shared only among the
+        // batch's writers is written in place by the last of them).
         var pagesNeeded = 0
+        var copiesOf: [Int32: Int] = [:]
         for id in ids {
             let s = sequences[id]!, start = s.lengths[layer]
             guard start <= lengthLimit - n else {
                 throw AttentionError.invalidParameter(
                     "append of \(n) positions to sequence \(id) (holding \(start)) exceeds \(lengthLimit) positions")
             }
-            pagesNeeded += plan(s, start: start, count: n).taken
+            let span = pageSpan(s, start: start, count: n)
+            pagesNeeded += span.added
+            for p in span.written {
+                let page = s.pages[p], copies = copiesOf[page, default: 0]
+                if Int(references[Int(page)]) - copies > 1 {
+                    pagesNeeded += 1
+                    copiesOf[page] = copies + 1
+                }
+            }
         }
         guard pagesNeeded <= freeList.count else {
             throw AttentionError.invalidParameter(
@@ -369,23 +381,19 @@ public final class PagedKVCache {
         }
     }
 
-    /// Pages an append of `count` positions at `start` takes from the pool: new pages past
-    /// the table, and copies of the shared pages it writes into.
-    private func plan(_ s: Sequence, start: Int, count: Int) -> (taken: Int, firstTouched: Int) {
-        guard count > 0 else { return (0, s.pages.count) }
-        let firstTouched = start >> pageShift, end = (start + count + pageSize - 1) >> pageShift
-        var taken = max(0, end - s.pages.count)
-        for p in firstTouched..<min(end, s.pages.count) where references[Int(s.pages[p])] > 1 { taken += 1 }
-        return (taken, firstTouched)
+    /// The pages an append of `count` positions at `start` writes into: the indices of its
+    /// table's pages it writes (`written`), and the new pages it adds past the table.
+    private func pageSpan(_ s: Sequence, start: Int, count: Int) -> (written: Range<Int>, added: Int) {
+        guard count > 0 else { return (s.pages.count..<s.pages.count, 0) }
+        let first = start >> pageShift, end = (start + count + pageSize - 1) >> pageShift
+        return (min(first, s.pages.count)..<min(end, s.pages.count), max(0, end - s.pages.count))
     }
 
     /// Makes the pages an append writes exclusive (copying shared ones) and adds new pages.
     /// The caller has checked that the pool has them.
     private func prepare(_ s: inout Sequence, start: Int, count: Int) {
-        guard count > 0 else { return }
-        let (_, firstTouched) = plan(s, start: start, count: count)
-        let end = (start + count + pageSize - 1) >> pageShift
-        for p in firstTouched..<min(end, s.pages.count) where references[Int(s.pages[p])] > 1 {
+        let span = pageSpan(s, start: start, count: count)
+        for p in span.written where references[Int(s.pages[p])] > 1 {
             let old = Int(s.pages[p]), copy = take()
             for store in [keyStore, valueStore] {
                 for layer in 0..<layers {
@@ -400,7 +408,7 @@ public final class PagedKVCache {
             release(Int32(old))
             s.pages[p] = Int32(copy)
         }
-        while s.pages.count < end { s.pages.append(Int32(take())) }
+        for _ in 0..<span.added { s.pages.append(Int32(take())) }
     }
 
     private func take() -> Int {

@@ -381,6 +381,39 @@ private func referenceBFloat16(_ x: Float) -> UInt16 {
         #expect(try pool.length(sequence: b) == 4)
     }
 
+    @Test("paged cache: a batched append counts a page shared among its writers once per copy it needs (found by the fuzzer)")
+    func pagedBatchSharedPageCount() throws {
+        let d = 4
+        let pool = try PagedKVCache(kvHeads: 1, headDim: d, pageSize: 8, pageCount: 3)
+        let (a, b) = (pool.addSequence(), pool.addSequence())
+        try pool.batch([a, b]).append(layer: 0, keys: randomTensor([2, 1, 3, d], seed: 1),
+                                      values: randomTensor([2, 1, 3, d], seed: 2))
+        // c shares a's page (2 of its 3 positions): that page has 2 holders, one page is free.
+        let c = try pool.addSequence(sharing: [pool.pageTable(of: a)[0]], length: 2)
+        #expect(pool.freePages == 1)
+        let before = try [a, b, c].map { try pool.keys(sequence: $0) }
+        // b writes its own page, a copies the shared page (the one free page), and c, then its
+        // only holder, writes it in place: the append fits.
+        let keys = try randomTensor([3, 1, 2, d], seed: 3), values = try randomTensor([3, 1, 2, d], seed: 4)
+        try pool.append(sequences: [b, a, c], layer: 0, keys: keys, values: values)
+        #expect(pool.freePages == 0)
+        // Each sequence holds what it held, then its item's two new rows (a's and c's first
+        // two positions alike: c's copy of a's page was untouched by a's append).
+        for (n, (id, held)) in zip([b, a, c], [before[1], before[0], before[2]]).enumerated() {
+            let now = try pool.keys(sequence: id), count = held.shape[2]
+            #expect(try positions(now, 0..<count) == held, "sequence \(id) kept its rows")
+            let item = try Tensor(shape: [1, 1, 2, d], data: Array(keys.elements[(n * 2 * d)..<((n + 1) * 2 * d)]))
+            #expect(try positions(now, count..<(count + 2)) == item, "sequence \(id) got its item's rows")
+        }
+        // A second copy of a page shared with a sequence outside the batch does not fit.
+        let e = try pool.addSequence(sharing: [pool.pageTable(of: c)[0]], length: 4)
+        let f = try pool.addSequence(sharing: [pool.pageTable(of: c)[0]], length: 4)
+        expectAttentionError(.invalidParameter, mentioning: ["exhausted", "needs 2 pages", "0 of 3"]) {
+            try pool.append(sequences: [e, f], layer: 0, keys: randomTensor([2, 1, 1, d], seed: 5),
+                            values: randomTensor([2, 1, 1, d], seed: 6))
+        }
+    }
+
     @Test("paged cache: shared prefix pages (copy on write), bad page tables and bad options throw naming the entry")
     func pagedSharingAndBadTables() throws {
         let d = 6
