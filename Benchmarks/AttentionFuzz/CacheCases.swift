@@ -907,15 +907,7 @@ extension FuzzCase {
     /// must throw an ``AttentionError`` (ones marked may compute may also succeed).
     func badCacheOptionCase() {
         let (what, mayCompute, body) = badCacheOption()
-        log("invalid: \(what)")
-        do {
-            try call(body)
-            if !mayCompute { fail("accepted invalid cache option: \(what)") }
-        } catch let error as AttentionError {
-            log("threw \(error)")
-        } catch {
-            fail("invalid cache option \(what) threw \(type(of: error)), not an AttentionError: \(error)")
-        }
+        expectRefused("cache option \(what)", mayCompute: mayCompute, body)
     }
 
     private func badCacheOption() -> (String, Bool, () throws -> Void) {

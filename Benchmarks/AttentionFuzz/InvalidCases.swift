@@ -9,7 +9,11 @@ extension FuzzCase {
         let (what, body) = invalidInput()
         // Options marked "(valid if computed)" are legal but extreme: they may compute or
         // throw, never trap.
-        let mayCompute = what.hasSuffix(FuzzCase.mayCompute)
+        expectRefused(what, mayCompute: what.hasSuffix(FuzzCase.mayCompute), body)
+    }
+
+    /// Runs `body`, which must throw an ``AttentionError`` (or, if `mayCompute`, succeed).
+    func expectRefused(_ what: String, mayCompute: Bool, _ body: () throws -> Void) {
         log("invalid: \(what)")
         do {
             try call(body)
