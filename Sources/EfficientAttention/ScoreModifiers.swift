@@ -21,7 +21,8 @@ import CEfficientAttention
 /// Conformers on the tiled kernel take them (`modifiers` on ``DenseAttention``,
 /// ``MultiQueryAttention``, ``LocalAttention``, ``StridedAttention``,
 /// ``LongformerAttention``, ``BigBirdAttention``, ``AdaptiveSpanAttention``,
-/// ``TransformerXLAttention``, ``AxialAttention`` (`.union`), ``CustomMaskAttention``).
+/// ``TransformerXLAttention``, ``CompressiveTransformerAttention``, ``AxialAttention``
+/// (`.union`), ``CustomMaskAttention``).
 ///
 /// - Complexity: per scored pair, one `exp` and a division for soft-capping, two vector
 ///   operations for ALiBi, one load for the bias; per output row, one rescale for sinks.
@@ -396,6 +397,7 @@ extension BigBirdAttention: ModifierDifferentiable {}
 extension MultiQueryAttention: ModifierDifferentiable {}
 extension AdaptiveSpanAttention: ModifierDifferentiable {}
 extension TransformerXLAttention: ModifierDifferentiable {}
+extension CompressiveTransformerAttention: ModifierDifferentiable {}
 extension AxialAttention: ModifierDifferentiable {}
 
 /// Where the backward of the call running on this task adds `∂L/∂bias` (set by

@@ -161,6 +161,49 @@ struct RelativeAndAxialModifierTests {
         return try Tensor(shape: [s[0], s[1], s[2] - start + next.shape[2], s[3]], data: data)
     }
 
+    @Test("the Compressive Transformer takes Transformer-XL's modifiers: stateless forward and gradients, and stateful calls without a compressed memory, equal Transformer-XL's bitwise")
+    func compressive() throws {
+        let (batch, heads, kvHeads, d, segment, memoryLength) = (2, 4, 2, 8, 12, 9)
+        let base = try xl(heads: heads, headDim: d, memory: memoryLength, segment: segment, seed: 20)
+        let m = ScoreModifiers(softCap: 2, alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: heads),
+                               bias: try randomTensor([1, heads, segment, segment + 6], seed: 21), sinks: [0.1, -1, 2, 0])
+        var compressive = CompressiveTransformerAttention(
+            memoryLength: memoryLength - 3, compressedMemoryLength: 3, relativePositions: base.relativePositions,
+            contentBias: base.contentBias, positionBias: base.positionBias)
+        compressive.modifiers = m
+        let transformerXL = withModifiers(base, m)
+        let (q, k, v) = try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: segment,
+                                      keyLength: segment + 6, headDim: d, seed: 22)
+        let result = try compressive.attend(query: q, key: k, value: v, keyLengths: [18, 10], threads: 2)
+        expectBitwiseEqual(result, try transformerXL.attend(query: q, key: k, value: v, keyLengths: [18, 10], threads: 2),
+                           "stateless")
+        let dO = try randomTensor([batch, heads, segment, d], seed: 23)
+        let mine = try compressive.modifierGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                     keyLengths: [18, 10], threads: 3)
+        let theirs = try transformerXL.modifierGradients(query: q, key: k, value: v, result: result,
+                                                         outputGradient: dO, keyLengths: [18, 10], threads: 3)
+        expectBitwiseEqualGradients(mine.inputs, theirs.inputs, "gradients")
+        #expect(mine.modifiers == theirs.modifiers && mine.modifiers.bias != nil && mine.modifiers.sinks != nil)
+        // Stateful, no compressed memory: Transformer-XL's memory, step by step.
+        var plain = CompressiveTransformerAttention(
+            memoryLength: memoryLength, compressedMemoryLength: 0, relativePositions: base.relativePositions,
+            contentBias: base.contentBias, positionBias: base.positionBias)
+        var reference = base
+        var memory = try CompressiveMemory(batch: 1, kvHeads: kvHeads, headDim: d, capacity: memoryLength,
+                                           compressedCapacity: 0)
+        var xlMemory = try TransformerXLMemory(batch: 1, kvHeads: kvHeads, headDim: d, capacity: memoryLength)
+        for step in 0..<3 {
+            let (sq, sk, sv) = try randomQKV(heads: heads, kvHeads: kvHeads, queryLength: segment, headDim: d,
+                                             seed: 30 + UInt64(step))
+            plain.modifiers = ScoreModifiers(softCap: 3, bias: try randomTensor(
+                [1, 1, segment, xlMemory.storedLength + segment], seed: 40 + UInt64(step)), sinks: [0, 1, -1, 0.5])
+            reference.modifiers = plain.modifiers
+            expectBitwiseEqual(try plain.attend(query: sq, key: sk, value: sv, memory: &memory, threads: 2),
+                               try reference.attend(query: sq, key: sk, value: sv, memory: &xlMemory, threads: 2),
+                               "stateful step \(step)")
+        }
+    }
+
     @Test("axial .union: each modifier and all together against the Double reference; .sum refuses modifiers")
     func axialForward() throws {
         for (axes, batch, heads, kvHeads, padding, causal) in [([5, 9], 2, 4, 2, [45, 17], false),

@@ -47,7 +47,7 @@
 ///   `2 · n_s · (D² + Dv²)` FLOPs for the convolution, `n_s · (D + Dv)` for the pools.
 ///   Workspace: Transformer-XL's over `P + Nq` keys, the concatenated keys and values,
 ///   the new memories, and one GEMM workspace per thread.
-public struct CompressiveTransformerAttention: KernelWidening, Equatable {
+public struct CompressiveTransformerAttention: KernelWidening, ModifiableAttention, Equatable {
     /// How the positions leaving the memory become compressed slots, `c` positions each.
     public enum CompressionFunction: Sendable, Equatable {
         /// The largest value of each column over the window.
@@ -75,6 +75,11 @@ public struct CompressiveTransformerAttention: KernelWidening, Equatable {
     public var positionBias: [Float]
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``), as
+    /// ``TransformerXLAttention/modifiers`` over the keys `[compressed ; memory ; segment]`;
+    /// none by default. In the stateful call the bias is `[B or 1, H or 1, Nq, P + Nq]` with
+    /// `P` the longest item's held past (compressed slots and memory) before the call.
+    public var modifiers = ScoreModifiers()
 
     /// The paper's compression rate, 3.
     public static let defaultCompression = 3
@@ -118,8 +123,11 @@ public struct CompressiveTransformerAttention: KernelWidening, Equatable {
     /// The Transformer-XL attention this one runs: the same parameters over a memory of
     /// `M_c + M` positions.
     var transformerXL: TransformerXLAttention {
-        TransformerXLAttention(memoryLength: compressedMemoryLength + memoryLength, relativePositions: relativePositions,
-                               contentBias: contentBias, positionBias: positionBias, scale: scale)
+        var attention = TransformerXLAttention(memoryLength: compressedMemoryLength + memoryLength,
+                                               relativePositions: relativePositions, contentBias: contentBias,
+                                               positionBias: positionBias, scale: scale)
+        attention.modifiers = modifiers
+        return attention
     }
 
     private static let variant = "compressive transformer attention"
@@ -194,9 +202,11 @@ public struct CompressiveTransformerAttention: KernelWidening, Equatable {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             transformerXL.run(shape: call.shape, q: call.q, k: call.k, v: call.v, o: call.o, lse: call.lse,
-                              keyBegins: nil, keyLengths: keyLengths, threads: call.threadCount)
+                              keyBegins: nil, keyLengths: keyLengths, threads: call.threadCount,
+                              modifiers: call.modifiers)
         }
     }
 
@@ -245,7 +255,7 @@ public struct CompressiveTransformerAttention: KernelWidening, Equatable {
         var shape = segment
         shape.keyLength = past + n
         let result = try transformerXL.run(shape: shape, query: query, key: allKeys, value: allValues, keyBegins: pads,
-                                           keyLengths: nil, threads: threads)
+                                           keyLengths: nil, threads: threads, modifiers: modifiers)
         let workers = try threadCount(threads)
         try memory.absorb(keys: allKeys, values: allValues, pads: pads, added: n, evicted: evicted,
                           compression: c) { starts, slots, keys, values, destinations in
