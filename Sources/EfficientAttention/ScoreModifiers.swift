@@ -22,7 +22,7 @@ import CEfficientAttention
 /// ``MultiQueryAttention``, ``LocalAttention``, ``StridedAttention``,
 /// ``LongformerAttention``, ``BigBirdAttention``, ``AdaptiveSpanAttention``,
 /// ``TransformerXLAttention``, ``CompressiveTransformerAttention``, ``AxialAttention``
-/// (`.union`), ``CustomMaskAttention``).
+/// (`.union`), ``ETCAttention``, ``CustomMaskAttention``).
 ///
 /// - Complexity: per scored pair, one `exp` and a division for soft-capping, two vector
 ///   operations for ALiBi, one load for the bias; per output row, one rescale for sinks.
@@ -398,6 +398,7 @@ extension MultiQueryAttention: ModifierDifferentiable {}
 extension AdaptiveSpanAttention: ModifierDifferentiable {}
 extension TransformerXLAttention: ModifierDifferentiable {}
 extension CompressiveTransformerAttention: ModifierDifferentiable {}
+extension ETCAttention: ModifierDifferentiable {}
 extension AxialAttention: ModifierDifferentiable {}
 
 /// Where the backward of the call running on this task adds `∂L/∂bias` (set by

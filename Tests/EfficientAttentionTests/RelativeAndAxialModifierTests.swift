@@ -1,5 +1,6 @@
 // Score modifiers (soft-capping, ALiBi, an additive bias, sinks) on Transformer-XL (over
-// its content and relative scores, keys [memory ; segment]) and axial attention (.union):
+// its content and relative scores, keys [memory ; segment]), the Compressive Transformer,
+// ETC (over [global ; long], after its relative terms) and axial attention (.union):
 // the forward against the Double reference of ATTENTION_SPEC.md's "Score modifiers" with
 // Transformer-XL's relative terms as the score's own terms, grouped heads, key padding,
 // the stateful call equal to the stateless one; the backward against the hand-
@@ -85,6 +86,16 @@ enum RelativeAndAxialModifierCases {
         }
         cases.append(ModifierBackwardCase(subject: .zeroRelativeXL(heads: 2, headDim: 65, memory: 70, segment: 140),
                                           choice: .all, heads: 2, queryLength: 140, keyLength: 210, headDim: 65))
+        for causal in [false, true] {
+            let etc = GradientSubject.pattern("etc G5 r6" + (causal ? " causal" : ""),
+                                              ETCAttention(globals: 5, radius: 6, causal: causal)) {
+                try $0.pattern(for: $1)
+            }
+            for choice in [ModifierBackwardCases.modifierChoices[8], .all] {
+                cases.append(ModifierBackwardCase(subject: etc, choice: choice, batch: 2, heads: 4, kvHeads: 2,
+                                                  queryLength: 90, headDim: 3, keyLengths: [90, 40]))
+            }
+        }
         return cases.enumerated().map { n, c in
             var c = c
             c.seed = 46_000 + UInt64(n)
@@ -249,6 +260,50 @@ struct RelativeAndAxialModifierTests {
         let (worst, largest) = try finiteDifferenceGap(attention, query: q, key: k, value: v, outputGradient: dO,
                                                        keyLengths: [nq + memory, 4])
         #expect(largest > 0.05 && worst <= 2e-3 * (1 + largest), "finite differences: \(worst), largest \(largest)")
+    }
+
+    @Test("ETC with its relative table: each modifier and all together against the Double reference; the backward against finite differences")
+    func etc() throws {
+        let (batch, heads, kvHeads, n, globals, kappa, d) = (2, 4, 2, 60, 6, 3, 16)
+        let table = try randomTensor([1, heads, 2 * kappa + 1, d], seed: 50)
+        for causal in [false, true] {
+            let attention = ETCAttention(globals: globals, radius: 9, relativePositions: table, causal: causal)
+            let shape = AttentionShape(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: n, headDim: d)
+            let (q, k, v) = try randomQKV(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: n, headDim: d,
+                                          seed: 51, range: -2...2)
+            let visible = patternVisibility(try attention.pattern(for: shape), keyLengths: [60, 33])
+            let scale = defaultScale(headDim: d)
+            /// `scale · q_p · a[clip(j − p) + κ]` on long → long pairs.
+            func relative(_ s: Double, _ b: Int, _ h: Int, _ p: Int, _ j: Int) -> Double {
+                guard p >= globals, j >= globals else { return s }
+                let t = min(max(j - p, -kappa), kappa) + kappa
+                var dot = 0.0
+                for c in 0..<d { dot += Double(q[b, h, p, c]) * Double(table[0, h, t, c]) }
+                return s + scale * dot
+            }
+            for (name, m) in try ScoreModifierTests.modifierSets(batch: batch, heads: heads, queryLength: n, keyLength: n) {
+                let modified = withModifiers(attention, m)
+                let label = "etc \(name)" + (causal ? " causal" : "")
+                let result = try modified.attend(query: q, key: k, value: v, keyLengths: [60, 33], threads: 2)
+                ScoreModifierTests.check(result, modifiedReference(query: q, key: k, value: v, visible: visible,
+                                                                   modifiers: m, score: relative), label)
+                expectBitwiseEqual(try modified.attend(query: q, key: k, value: v, keyLengths: [60, 33], threads: 1),
+                                   try modified.attend(query: q, key: k, value: v, keyLengths: [60, 33], threads: 3),
+                                   "\(label): 1 vs 3 threads")
+            }
+            // The backward with the table and every modifier, against its own forward.
+            let small = ETCAttention(globals: 2, radius: 2, relativePositions: try randomTensor([1, 2, 5, 3], seed: 52),
+                                     causal: causal)
+            let (sq, sk, sv) = try randomQKV(batch: 2, heads: 2, kvHeads: 1, queryLength: 7, headDim: 3, seed: 53)
+            let withAll = withModifiers(small, ScoreModifiers(softCap: 1.5, alibiSlopes: [0.3, 0.1],
+                                                              bias: try randomTensor([2, 1, 7, 7], seed: 54),
+                                                              sinks: [0.2, -0.3]))
+            let (worst, largest) = try finiteDifferenceGap(withAll, query: sq, key: sk, value: sv,
+                                                           outputGradient: try randomTensor([2, 2, 7, 3], seed: 55),
+                                                           keyLengths: [7, 5])
+            #expect(largest > 0.05 && worst <= 2e-3 * (1 + largest),
+                    "causal \(causal): finite differences \(worst), largest \(largest)")
+        }
     }
 
     @Test("a bias NaN on a pair Transformer-XL or axial scores throws")

@@ -31,7 +31,7 @@
 ///   relative table) with about `N_g · N + N_l · (N_g + 2r + 1)` pairs per head (causal:
 ///   `r + 1`); workspace of a few hundred KiB per thread plus `4 · (2κ + 1)` bytes,
 ///   independent of `N`.
-public struct ETCAttention: KernelWidening, Equatable {
+public struct ETCAttention: KernelWidening, ModifiableAttention, Equatable {
     /// `N_g`: the first `globals` positions of the sequence are the global tokens.
     public var globals: Int
     /// `r`: a long token sees the long tokens at most `r` positions away.
@@ -45,6 +45,10 @@ public struct ETCAttention: KernelWidening, Equatable {
     public var causal: Bool
     /// Score scale; `nil` means `1 / sqrt(D)`. Must be finite.
     public var scale: Float?
+    /// Soft-capping, ALiBi, an additive bias and sinks (``ScoreModifiers``) over the one
+    /// sequence `[global ; long]` (`Nq = Nk = N_g + N_l`; ALiBi's distance is `|p − j|` in
+    /// it), applied after the long pairs' relative terms; none by default.
+    public var modifiers = ScoreModifiers()
     /// The last plan built, for calls with the same settings and length (no arrays per call).
     private let plans = PlanCache<PlanKey, Plan>()
 
@@ -191,7 +195,8 @@ public struct ETCAttention: KernelWidening, Equatable {
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
             let plan = try self.plan(for: call.shape), pattern = plan.pattern
             TiledSoftmaxAttention.attendPattern(call, merging: true) { call in
                 call.run(queryTile: globalQueryTile(call.shape, threads: call.threads)) { _, keyEnd in
@@ -207,7 +212,7 @@ public struct ETCAttention: KernelWidening, Equatable {
                     // nothing is allocated, and no table of B·H masks is needed.
                     TiledSoftmaxAttention.run(shape: shape, scale: call.scale, threads: call.threads,
                                               queryTile: pattern.longQueryTile, byHead: true, q: call.q, k: call.k,
-                                              v: call.v, o: call.o, lse: call.lse) { b, h in
+                                              v: call.v, o: call.o, lse: call.lse, modifiers: call.modifiers) { b, h in
                         RelativeTermsMask(base: pattern.longQueryMask(keyEnd: call.keyEnd(b)), terms: terms(b, h),
                                           firstKey: globals)
                     }
@@ -367,19 +372,22 @@ extension ETCAttention: KernelWideningBackward {
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
                                                    threads: threads, scale: scale) { x in
-            let call = TiledBackwardCall(x, keyLengths: keyLengths)
-            guard tableRows > 0 else { return try backward(call, tableGradient: nil) }
-            let (heads, d) = (x.shape.heads, x.shape.headDim)
-            try withScratchTensor(SIMD4(x.shape.batch, heads, tableRows, d), zeroed: true) { sums in
-                try backward(call, tableGradient: sums.base)
-                // Head, batch item, row: row Δ' of the backwards table is table row 2κ − Δ'.
-                for h in 0..<heads {
-                    let th = tableHeads == 1 ? 0 : h
-                    for b in 0..<x.shape.batch {
-                        let head = sums.base + (b * heads + h) * tableRows * d
-                        for delta in 0..<tableRows {
-                            let out = (th * tableRows + tableRows - 1 - delta) * d
-                            for c in 0..<d { parameters.relativePositions[out + c] += head[delta * d + c] }
+            try withModifierBackward(x.shape) { modifiers, biasGradient in
+                var call = TiledBackwardCall(x, keyLengths: keyLengths)
+                (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
+                guard tableRows > 0 else { return try backward(call, tableGradient: nil) }
+                let (heads, d) = (x.shape.heads, x.shape.headDim)
+                try withScratchTensor(SIMD4(x.shape.batch, heads, tableRows, d), zeroed: true) { sums in
+                    try backward(call, tableGradient: sums.base)
+                    // Head, batch item, row: row Δ' of the backwards table is table row 2κ − Δ'.
+                    for h in 0..<heads {
+                        let th = tableHeads == 1 ? 0 : h
+                        for b in 0..<x.shape.batch {
+                            let head = sums.base + (b * heads + h) * tableRows * d
+                            for delta in 0..<tableRows {
+                                let out = (th * tableRows + tableRows - 1 - delta) * d
+                                for c in 0..<d { parameters.relativePositions[out + c] += head[delta * d + c] }
+                            }
                         }
                     }
                 }
@@ -390,11 +398,11 @@ extension ETCAttention: KernelWideningBackward {
 
     public func backwardCost(_ shape: AttentionShape, threads: Int?) throws -> AttentionCost {
         let forward = try cost(shape, threads: threads)
-        let plain = tiledBackwardCost(forward: forward, shape: shape, threads: threads)
+        let plain = tiledBackwardCost(forward: forward, shape: shape, threads: threads, modifiers: modifiers)
         guard relativePositions != nil else { return plain }
         let relative = TiledSoftmaxBackward.workspaceBytes(
             shape: shape, threads: try threadCount(threads),
-            mask: RelativeTermsMask<ETCLongQueryBackwardMask>.self)
+            mask: RelativeTermsMask<ETCLongQueryBackwardMask>.self, softCap: modifiers.softCap != nil)
         return AttentionCost(flops: plain.flops, workspaceBytes: max(plain.workspaceBytes, relative),
                              scoredPairs: plain.scoredPairs)
     }
