@@ -541,7 +541,7 @@ extension Attention {
                     // Sinks rescale the finished rows: a 16-bit output is formed in Float first.
                     try call.withFloatOutput { call in
                         try body(call)
-                        modifiers.applySinks(o: call.o, lse: call.lse, shape: shape)
+                        modifiers.applySinks(o: call.o, lse: call.lse, shape: shape, threads: call.threadCount)
                     }
                 }
             }

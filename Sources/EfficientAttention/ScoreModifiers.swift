@@ -344,21 +344,24 @@ func tanh16(_ x: SIMD16<Float>) -> SIMD16<Float> {
 extension ScoreModifiers {
     /// Adds the sinks to a finished result: `lse' = log(e^{lse} + e^{σ_h})` and
     /// `o ← o · e^{lse − lse'}` for every row of `o` (Float) and `lse`.
-    func applySinks(o: MutableTensorView, lse: MutableTensorView, shape: AttentionShape) {
+    func applySinks(o: MutableTensorView, lse: MutableTensorView, shape: AttentionShape, threads: Int) {
         guard let sinks else { return }
-        for b in 0..<shape.batch {
-            for h in 0..<shape.heads {
-                let sink = sinks[h]
-                for i in 0..<shape.queryLength {
-                    let l = lse.row(b, h, i)
-                    let held = l[0]
-                    let top = max(held, sink)
-                    let total = logf(expf(held - top) + expf(sink - top)) + top
-                    let keep = held == -.infinity ? 0 : expf(held - total)
-                    let row = o.row(b, h, i), sd = o.strides[3]
-                    for c in 0..<shape.valueDim { row[c &* sd] *= keep }
-                    l[0] = total
-                }
+        // Rows are independent: heads split over the workers (the same bits for any count)
+        // once there are enough rows to pay for waking them (not for a decode step's few).
+        let heads = shape.batch * shape.heads
+        let workers = heads * shape.queryLength * (shape.valueDim + 16) >= 1 << 18 ? threads : 1
+        parallelForEach(items: heads, threads: workerCount(threads: workers, items: heads)) { item, _ in
+            let b = item / shape.heads, h = item % shape.heads
+            let sink = sinks[h], sd = o.strides[3]
+            for i in 0..<shape.queryLength {
+                let l = lse.row(b, h, i)
+                let held = l[0]
+                let top = max(held, sink)
+                let total = logf(expf(held - top) + expf(sink - top)) + top
+                let keep = held == -.infinity ? 0 : expf(held - total)
+                let row = o.row(b, h, i)
+                for c in 0..<shape.valueDim { row[c &* sd] *= keep }
+                l[0] = total
             }
         }
     }

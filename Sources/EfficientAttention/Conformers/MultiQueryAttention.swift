@@ -231,7 +231,7 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
                 visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
                                                              q: q, o: o, lse: l, modifiers: kernel, masks: masks))
             }
-            modifiers.applySinks(o: o, lse: l, shape: shape)
+            modifiers.applySinks(o: o, lse: l, shape: shape, threads: workers)
         } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }

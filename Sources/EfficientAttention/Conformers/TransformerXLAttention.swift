@@ -272,7 +272,7 @@ public struct TransformerXLAttention: KernelWidening, ModifiableAttention, Equat
             output.withMutableView { o in lse.withMutableView { l in
                 run(shape: shape, q: q, k: k, v: v, o: o, lse: l, keyBegins: keyBegins, keyLengths: keyLengths,
                     threads: workers, modifiers: kernel)
-                modifiers.applySinks(o: o, lse: l, shape: shape)
+                modifiers.applySinks(o: o, lse: l, shape: shape, threads: workers)
             } } } } }
         }
         return try AttentionResult(output: output, logSumExp: lse)
