@@ -306,6 +306,38 @@ struct RelativeAndAxialModifierTests {
         }
     }
 
+    @Test("with modifiers, parameterGradients' input gradients are gradients' bit for bit (Transformer-XL, ETC), and a gradient of the relative parameters moves with the cap")
+    func parameterGradientsTakeModifiers() throws {
+        let m = ScoreModifiers(softCap: 0.7, alibiSlopes: [0.2, 0.4], bias: try randomTensor([1, 2, 20, 30], seed: 60),
+                               sinks: [0.5, -0.5])
+        let (q, k, v) = try randomQKV(heads: 2, queryLength: 20, keyLength: 30, headDim: 8, seed: 61)
+        let dO = try randomTensor([1, 2, 20, 8], seed: 62)
+        let plainXL = try xl(heads: 2, headDim: 8, memory: 10, segment: 20, seed: 63)
+        let transformerXL = withModifiers(plainXL, m)
+        let result = try transformerXL.attend(query: q, key: k, value: v, threads: 2)
+        let both = try transformerXL.parameterGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                        threads: 3)
+        expectBitwiseEqualGradients(both.inputs, try transformerXL.gradients(query: q, key: k, value: v, result: result,
+                                                                             outputGradient: dO, threads: 2),
+                                    "transformer-xl")
+        // The cap changes the relative parameters' gradients (they pass through its derivative).
+        let plainResult = try plainXL.attend(query: q, key: k, value: v, threads: 2)
+        let plain = try plainXL.parameterGradients(query: q, key: k, value: v, result: plainResult, outputGradient: dO)
+        #expect(plain.parameters.contentBias != both.parameters.contentBias
+                && both.parameters.relativePositions.allSatisfy(\.isFinite))
+        let (qe, ke, ve) = try randomQKV(heads: 2, queryLength: 30, headDim: 8, seed: 64)
+        var mEtc = m
+        mEtc.bias = try randomTensor([1, 2, 30, 30], seed: 65)
+        let etc = withModifiers(ETCAttention(globals: 4, radius: 5, relativePositions: try randomTensor([1, 2, 5, 8], seed: 66)),
+                                mEtc)
+        let etcResult = try etc.attend(query: qe, key: ke, value: ve, threads: 2)
+        let dOe = try randomTensor([1, 2, 30, 8], seed: 67)
+        expectBitwiseEqualGradients(try etc.parameterGradients(query: qe, key: ke, value: ve, result: etcResult,
+                                                               outputGradient: dOe, threads: 3).inputs,
+                                    try etc.gradients(query: qe, key: ke, value: ve, result: etcResult,
+                                                      outputGradient: dOe, threads: 2), "etc")
+    }
+
     @Test("a bias NaN on a pair Transformer-XL or axial scores throws")
     func biasChecked() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 36, keyLength: 46, headDim: 8, seed: 13)
