@@ -810,7 +810,7 @@ extension FuzzCase {
                 fail("\(label) batch item \(b): keys or values differ from a contiguous cache of the same rows")
             }
             let naive = naiveAttention(query: try batchItem(query, b), key: k, value: v, keyLengths: nil,
-                                       scale: 1 / Double(cache.headDim).squareRoot()) { i, j, nq, nk in
+                                       scale: 1 / Double(cache.headDim).squareRoot()) { _, i, j, nq, nk in
                 j >= i + nk - nq - left && j <= i + nk - nq + right
             }
             let mine = try AttentionResult(output: batchItem(result.output, b), logSumExp: batchItem(result.logSumExp, b))

@@ -156,7 +156,7 @@ final class FuzzCase {
             fail("\(entry.name) \(problem): strided views (q \(qView.strides) k \(kView.strides) v \(vView.strides)) differ from contiguous")
         }
         if rng.chance(0.4) { try checkMixedForward(attention, q, k, v, keyLengths: keyLengths, "\(entry.name) \(problem)") }
-        if let visible = referenceMask(entry.name, parameters: parameters, causal: problem.causal),
+        if let visible = referenceMask(entry.name, attention, shape: s, parameters: parameters, causal: problem.causal),
            s.batch * s.heads * s.queryLength * s.keyLength * (s.headDim + s.valueDim) <= 4_000_000 {
             let reference = naiveAttention(query: q, key: k, value: v, keyLengths: keyLengths,
                                            scale: 1 / Double(s.headDim).squareRoot(), visible: visible)
@@ -220,17 +220,28 @@ final class FuzzCase {
         }
     }
 
-    /// The visibility rule of the conformers the naive reference covers (`nil` for the rest).
-    func referenceMask(_ name: String, parameters: [Parameter: Int], causal: Bool)
-        -> ((_ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool)? {
-        switch name {
-        case "vanilla", "dense", "multi-query":
-            return { i, j, nq, nk in !causal || j <= i + nk - nq }
-        case "local":
+    /// The visibility rule `(h, i, j, Nq, Nk)` of the conformers the naive reference covers
+    /// (`nil` for the rest): vanilla, dense, multi-query and local from their definitions;
+    /// strided, Longformer, BigBird and axial `.union` from their public patterns
+    /// (`AttentionPattern.isVisible`, which their own suites check against the spec).
+    func referenceMask(_ name: String, _ attention: any Attention, shape: AttentionShape,
+                       parameters: [Parameter: Int], causal: Bool)
+        -> ((_ h: Int, _ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool)? {
+        func visible(_ pattern: some AttentionPattern) -> (Int, Int, Int, Int, Int) -> Bool {
+            { h, i, j, _, _ in pattern.isVisible(head: h, query: i, key: j) }
+        }
+        switch (name, attention) {
+        case ("vanilla", _), ("dense", _), ("multi-query", _):
+            return { _, i, j, nq, nk in !causal || j <= i + nk - nq }
+        case ("local", _):
             // The registry's local: left w/2, right w/2 - 1 (0 when causal), aligned as causal.
             let window = parameters[.window]!
             let (left, right) = (window / 2, causal ? 0 : max(0, window / 2 - 1))
-            return { i, j, nq, nk in j >= i + nk - nq - left && j <= i + nk - nq + right }
+            return { _, i, j, nq, nk in j >= i + nk - nq - left && j <= i + nk - nq + right }
+        case (_, let a as StridedAttention): return (try? a.pattern(for: shape)).map(visible)
+        case (_, let a as LongformerAttention): return (try? a.pattern(for: shape)).map(visible)
+        case (_, let a as BigBirdAttention): return (try? a.pattern(for: shape)).map(visible)
+        case (_, let a as AxialAttention) where a.combination == .union: return (try? a.pattern(for: shape)).map(visible)
         default:
             return nil
         }

@@ -69,7 +69,7 @@ extension FuzzCase {
                 let right = min(decoder.rightWindow ?? Int.max / 4, decoder.causal ? 0 : Int.max / 4)
                 let reference = naiveAttention(
                     query: qb, key: try cache.keys(layer: layer, batchItem: b), value: try cache.values(layer: layer, batchItem: b),
-                    keyLengths: nil, scale: 1 / Double(headDim).squareRoot()) { i, j, nq, nk in
+                    keyLengths: nil, scale: 1 / Double(headDim).squareRoot()) { _, i, j, nq, nk in
                         j >= i + nk - nq - left && j <= i + nk - nq + right
                     }
                 let row = heads * nq

@@ -40,7 +40,7 @@ extension FuzzCase {
         if let other = attend(threads: threads), !bitwiseEqual(other, one) {
             fail("\(label): \(threads) threads differ from 1 thread")
         }
-        if let visible = referenceMask(entry.name, parameters: parameters, causal: problem.causal),
+        if let visible = referenceMask(entry.name, attention, shape: s, parameters: parameters, causal: problem.causal),
            s.batch * s.heads * s.queryLength * s.keyLength * (s.headDim + s.valueDim) <= 4_000_000 {
             let reference = naiveAttention(query: q, key: k, value: v, keyLengths: keyLengths,
                                            scale: 1 / Double(s.headDim).squareRoot(), modifiers: m, visible: visible)

@@ -1,7 +1,7 @@
 import EfficientAttention
 
 /// Naive softmax attention in Double: for every query row, the softmax over the keys
-/// `visible(i, j, Nq, Nk_b)` accepts (keys at `j >= keyLength[b]` are never visible),
+/// `visible(h, i, j, Nq, Nk)` accepts (keys at `j >= keyLength[b]` are never visible),
 /// with query head `h` reading key/value head `h / (H / Hkv)`, and the score modifiers of
 /// ATTENTION_SPEC.md: `s ← cap·tanh(s/cap)`, `s ← s + bias − α_h·|i + Nk − Nq − j|` (a key
 /// whose score is then `−∞` is not visible), a sink `e^{σ_h}` in the denominator. Rows with
@@ -10,7 +10,7 @@ import EfficientAttention
 /// - Complexity: O(B · H · Nq · Nk · (D + Dv)) time, O(Nk) extra memory.
 func naiveAttention(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]?, scale: Double,
                     modifiers m: ScoreModifiers = ScoreModifiers(),
-                    visible: (_ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool) -> (output: [Double], lse: [Double]) {
+                    visible: (_ h: Int, _ i: Int, _ j: Int, _ nq: Int, _ nk: Int) -> Bool) -> (output: [Double], lse: [Double]) {
     let (b, h, nq, d) = (query.shape[0], query.shape[1], query.shape[2], query.shape[3])
     let (hkv, nk, dv) = (key.shape[1], key.shape[2], value.shape[3])
     var output = [Double](repeating: 0, count: b * h * nq * dv)
@@ -23,7 +23,7 @@ func naiveAttention(query: Tensor, key: Tensor, value: Tensor, keyLengths: [Int]
             let sink = m.sinks.map { Double($0[hi]) }
             for i in 0..<nq {
                 var keys: [Int] = []
-                for j in 0..<end where visible(i, j, nq, nk) {
+                for j in 0..<end where visible(hi, i, j, nq, nk) {
                     var s = 0.0
                     for c in 0..<d { s += Double(query[bi, hi, i, c]) * Double(key[bi, g, j, c]) }
                     s *= scale
