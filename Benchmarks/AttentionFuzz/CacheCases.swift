@@ -764,13 +764,8 @@ extension FuzzCase {
         let viewed = try rng.chance(0.3) ? rng.view(of: query) : query
         let at = "\(label) decode of layer \(layer) slots \(slots) (\(nq) queries)"
         log(at)
-        let result: AttentionResult
-        do {
-            result = try call { try decoder.decode(query: viewed, cache: target, layer: layer, threads: 1) }
-        } catch {
-            fail("\(at): threw \(error)")
-            return
-        }
+        guard let result = attempt(at, { try decoder.decode(query: viewed, cache: target, layer: layer, threads: 1) })
+        else { return }
         try checkDecoded(result, query: query, decoder, cache: cache, target: target, slots: slots, layer: layer, at) { threads in
             try decoder.decode(query: viewed, cache: target, layer: layer, threads: threads)
         }
@@ -793,10 +788,8 @@ extension FuzzCase {
                                    keyLength: max(1, lengths.max()!), headDim: cache.headDim, valueDim: cache.valueDim)
         checkResult(result, shape: shape, keyLengths: lengths, label)
         let threads = threadCount()
-        do {
-            if !bitwiseEqual(try call { try redecode(threads) }, result) { fail("\(label): \(threads) threads differ from 1") }
-        } catch {
-            fail("\(label): at \(threads) threads threw \(error)")
+        if let other = attempt("\(label) at \(threads) threads", { try redecode(threads) }), !bitwiseEqual(other, result) {
+            fail("\(label): \(threads) threads differ from 1")
         }
         let reference = try cache.referenceCache(held.map { [$0] })
         if !bitwiseEqual(try decoder.decode(query: query, cache: reference, layer: 0, threads: 1), result) {

@@ -58,6 +58,17 @@ final class FuzzCase {
         return try body()
     }
 
+    /// `body()`, counted as one call, that must not throw: an error is a failed check
+    /// (`what`: threw …) and gives nil.
+    func attempt<T>(_ what: @autoclosure () -> String, _ body: () throws -> T) -> T? {
+        do {
+            return try call(body)
+        } catch {
+            fail("\(what()): threw \(error)")
+            return nil
+        }
+    }
+
     // MARK: Random sizes
 
     static let dims = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65, 128]
@@ -135,11 +146,8 @@ final class FuzzCase {
             ? (0..<s.batch).map { _ in rng.chance(0.3) ? 0 : rng.int(0...s.keyLength) } : nil
         if let keyLengths { log("keyLengths \(keyLengths)") }
         func attend(_ q: Tensor, _ k: Tensor, _ v: Tensor, threads: Int, _ what: String) -> AttentionResult? {
-            do {
-                return try call { try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: threads) }
-            } catch {
-                fail("\(entry.name) \(problem) \(what): threw \(error) on a problem validate accepted")
-                return nil
+            attempt("\(entry.name) \(problem) \(what), on a problem validate accepted") {
+                try attention.attend(query: q, key: k, value: v, keyLengths: keyLengths, threads: threads)
             }
         }
         guard let one = attend(q, k, v, threads: 1, "1 thread") else { return }
@@ -247,9 +255,11 @@ final class FuzzCase {
         }
     }
 
-    /// Shapes; finite outputs; a log-sum-exp that is a number or `-inf`; rows at `-inf`
-    /// all 0; every row of a batch item with key length 0 at `-inf`.
-    func checkResult(_ result: AttentionResult, shape s: AttentionShape, keyLengths: [Int]?, _ label: String) {
+    /// Shapes; finite outputs; a log-sum-exp that is a number or `-inf` (with `sinks`, a
+    /// number); rows at `-inf` all 0; every row of a batch item with key length 0 all 0 at
+    /// `-inf` (with `sinks`, at its head's sink `σ_h`).
+    func checkResult(_ result: AttentionResult, shape s: AttentionShape, keyLengths: [Int]?, sinks: [Float]? = nil,
+                     _ label: String) {
         let expected = [s.batch, s.heads, s.queryLength, s.valueDim]
         guard result.output.shape == expected, result.logSumExp.shape == [s.batch, s.heads, s.queryLength, 1] else {
             fail("\(label): result shapes \(result.output.shape), \(result.logSumExp.shape); expected \(expected)")
@@ -260,17 +270,18 @@ final class FuzzCase {
             fail("\(label): output element \(bad) is \(output[bad])")
         }
         for (r, value) in lse.enumerated() {
-            let b = r / (s.heads * s.queryLength)
-            if value.isNaN || value == .infinity {
-                fail("\(label): lse row \(r) is \(value)")
+            let b = r / (s.heads * s.queryLength), h = r / s.queryLength % s.heads
+            let empty = sinks?[h] ?? -.infinity
+            let zeroRow = !output[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 })
+            if value.isNaN || value == .infinity || (sinks != nil && value == -.infinity) {
+                fail("\(label): lse row \(r) is \(value)" + (sinks == nil ? "" : " with sinks"))
                 return
             }
-            if keyLengths?[b] == 0 && value != -.infinity {
-                fail("\(label): lse row \(r) is \(value), but batch item \(b) has no key (key length 0)")
+            if keyLengths?[b] == 0 && (value != empty || !zeroRow) {
+                fail("\(label): row \(r) has lse \(value) and output 0 \(zeroRow), but batch item \(b) has no key (expected 0 at lse \(empty))")
                 return
             }
-            if value == -.infinity,
-               output[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 }) {
+            if value == -.infinity && !zeroRow {
                 fail("\(label): row \(r) sees no key (lse -inf) but its output is not 0")
                 return
             }

@@ -49,13 +49,9 @@ extension FuzzCase {
             log("step \(step): layer \(layer) append \(n) to \(item.map(String.init) ?? "all") -> lengths \(lengths), decode \(nq)")
             let shape = AttentionShape(batch: batch, heads: heads, kvHeads: kvHeads, queryLength: nq,
                                        keyLength: max(1, lengths.max()!), headDim: headDim, valueDim: valueDim)
-            let one: AttentionResult
-            do {
-                one = try call { try decoder.decode(query: query, cache: cache, layer: layer, threads: 1) }
-            } catch {
-                fail("\(label) step \(step): decode threw \(error)")
-                return
-            }
+            guard let one = attempt("\(label) step \(step): decode", {
+                try decoder.decode(query: query, cache: cache, layer: layer, threads: 1)
+            }) else { return }
             checkResult(one, shape: shape, keyLengths: lengths, "\(label) step \(step)")
             let threads = threadCount()
             if let other = try? call({ try decoder.decode(query: query, cache: cache, layer: layer, threads: threads) }),
