@@ -342,6 +342,14 @@ func tanh16(_ x: SIMD16<Float>) -> SIMD16<Float> {
 }
 
 extension ScoreModifiers {
+    /// Runs `body` with the kernel form of the modifiers (``withKernel(_:_:)``), then adds the
+    /// sinks to the `Float` rows `o`, `lse` it wrote (``applySinks(o:lse:shape:threads:)``).
+    func withKernelThenSinks(_ shape: AttentionShape, o: MutableTensorView, lse: MutableTensorView, threads: Int,
+                             _ body: (ScoreModifierKernel?) throws -> Void) throws {
+        try withKernel(shape, body)
+        applySinks(o: o, lse: lse, shape: shape, threads: threads)
+    }
+
     /// Adds the sinks to a finished result: `lse' = log(e^{lse} + e^{σ_h})` and
     /// `o ← o · e^{lse − lse'}` for every row of `o` (Float) and `lse`.
     func applySinks(o: MutableTensorView, lse: MutableTensorView, shape: AttentionShape, threads: Int) {

@@ -372,9 +372,7 @@ extension ETCAttention: KernelWideningBackward {
         let inputs = try withParameterGradientCall(query: query, key: key, value: value, result: result,
                                                    outputGradient: outputGradient, keyLengths: keyLengths,
                                                    threads: threads, scale: scale) { x in
-            try withModifierBackward(x.shape) { modifiers, biasGradient in
-                var call = TiledBackwardCall(x, keyLengths: keyLengths)
-                (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
+            try withModifiers(TiledBackwardCall(x, keyLengths: keyLengths)) { call in
                 guard tableRows > 0 else { return try backward(call, tableGradient: nil) }
                 let (heads, d) = (x.shape.heads, x.shape.headDim)
                 try withScratchTensor(SIMD4(x.shape.batch, heads, tableRows, d), zeroed: true) { sums in

@@ -227,11 +227,10 @@ public struct MultiQueryAttention: IncrementalAttention, KernelWidening, Modifia
         let workers = try threadCount(threads), chunk = decodeChunkLength
         let masks = lengths.map { mask(queryLength: shape.queryLength, keyLength: $0, keyEnd: $0) }
         try query.withView { q in try output.withMutableView { o in try lse.withMutableView { l in
-            try modifiers.withKernel(shape) { kernel in
+            try modifiers.withKernelThenSinks(shape, o: o, lse: l, threads: workers) { kernel in
                 visitRows(of: cache, layer: layer, DecodeRun(shape: shape, scale: scale, threads: workers, split: chunk,
                                                              q: q, o: o, lse: l, modifiers: kernel, masks: masks))
             }
-            modifiers.applySinks(o: o, lse: l, shape: shape, threads: workers)
         } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }

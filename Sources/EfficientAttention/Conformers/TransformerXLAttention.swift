@@ -267,14 +267,13 @@ public struct TransformerXLAttention: KernelWidening, ModifiableAttention, Equat
         var output = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, shape.valueDim])
         var lse = try Tensor.uninitializedOutput(shape: [shape.batch, shape.heads, shape.queryLength, 1])
         let workers = try threadCount(threads)
-        try modifiers.withKernel(shape) { kernel in
-            query.withView { q in key.withView { k in value.withView { v in
-            output.withMutableView { o in lse.withMutableView { l in
+        try query.withView { q in try key.withView { k in try value.withView { v in
+        try output.withMutableView { o in try lse.withMutableView { l in
+            try modifiers.withKernelThenSinks(shape, o: o, lse: l, threads: workers) { kernel in
                 run(shape: shape, q: q, k: k, v: v, o: o, lse: l, keyBegins: keyBegins, keyLengths: keyLengths,
                     threads: workers, modifiers: kernel)
-                modifiers.applySinks(o: o, lse: l, shape: shape, threads: workers)
-            } } } } }
-        }
+            }
+        } } } } }
         return try AttentionResult(output: output, logSumExp: lse)
     }
 

@@ -319,7 +319,8 @@ struct TiledBackwardCall {
 }
 
 extension TiledBackwardCall {
-    /// The tiled call of a checked parameter-gradient call (no score modifiers).
+    /// The tiled call of a checked parameter-gradient call (without score modifiers: see
+    /// ``DifferentiableAttention/withModifiers(_:_:)``).
     init(_ x: ParameterGradientCall, keyLengths: [Int]?) {
         (shape, scale, threads, self.keyLengths) = (x.shape, x.scale, x.threads, keyLengths)
         (q, k, v, o, lse, dO) = (x.q, x.k, x.v, x.o, x.lse, x.dO)
@@ -340,14 +341,20 @@ extension DifferentiableAttention {
                                     outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
                                     keyLengths: keyLengths, workspace: workspace, threads: threads,
                                     scale: scale) { shape, scale in
-            var call = TiledBackwardCall(shape: shape, scale: scale, threads: try threadCount(threads),
-                                         keyLengths: keyLengths, query: query, key: key, value: value, output: output,
-                                         logSumExp: logSumExp, outputGradient: outputGradient,
-                                         dQuery: dQuery, dKey: dKey, dValue: dValue)
-            try withModifierBackward(shape) { modifiers, biasGradient in
-                (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
-                try body(call)
-            }
+            try withModifiers(TiledBackwardCall(shape: shape, scale: scale, threads: try threadCount(threads),
+                                                keyLengths: keyLengths, query: query, key: key, value: value,
+                                                output: output, logSumExp: logSumExp, outputGradient: outputGradient,
+                                                dQuery: dQuery, dKey: dKey, dValue: dValue), body)
+        }
+    }
+
+    /// Runs `body` with `call` carrying this conformer's score modifiers and where to add
+    /// `∂L/∂bias` (``withModifierBackward(_:_:)``).
+    func withModifiers(_ call: TiledBackwardCall, _ body: (TiledBackwardCall) throws -> Void) throws {
+        try withModifierBackward(call.shape) { modifiers, biasGradient in
+            var call = call
+            (call.modifiers, call.biasGradient) = (modifiers, biasGradient)
+            try body(call)
         }
     }
 }
