@@ -338,6 +338,52 @@ struct RelativeAndAxialModifierTests {
                                                       outputGradient: dOe, threads: 2), "etc")
     }
 
+    @Test("with every modifier: forward and gradients bitwise identical for 1, 2, 3 and 7 threads and through NaN-padded strided views (Transformer-XL, Compressive, ETC, axial)")
+    func invariance() throws {
+        let (heads, n) = (4, 40)
+        func modifiers(_ nk: Int) throws -> ScoreModifiers {
+            ScoreModifiers(softCap: 1.5, alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: heads),
+                           bias: try randomTensor([2, 1, n, nk], seed: 70), sinks: [0.3, -0.2, 1, 0])
+        }
+        let base = try xl(heads: heads, headDim: 8, memory: 12, segment: n, seed: 71)
+        var compressive = CompressiveTransformerAttention(
+            memoryLength: 8, compressedMemoryLength: 4, relativePositions: base.relativePositions,
+            contentBias: base.contentBias, positionBias: base.positionBias)
+        compressive.modifiers = try modifiers(n + 12)
+        let subjects: [(String, any ModifiableAttention & DifferentiableAttention, Int)] = [
+            ("transformer-xl", withModifiers(base, try modifiers(n + 12)), n + 12),
+            ("compressive", compressive, n + 12),
+            ("etc", withModifiers(ETCAttention(globals: 3, radius: 4, relativePositions: try randomTensor([1, heads, 5, 8],
+                                                                                                       seed: 72),
+                                               causal: true), try modifiers(n)), n),
+            ("axial", withModifiers(AxialAttention(axes: [5, 8], causal: true), try modifiers(n)), n),
+        ]
+        for (name, attention, nk) in subjects {
+            let (q, k, v) = try randomQKV(batch: 2, heads: heads, kvHeads: 2, queryLength: n, keyLength: nk, headDim: 8,
+                                          seed: 73)
+            let dO = try randomTensor([2, heads, n, 8], seed: 74)
+            let padding = [nk, nk - 9]
+            let one = try attention.attend(query: q, key: k, value: v, keyLengths: padding, threads: 1)
+            let gradients = try attention.gradients(query: q, key: k, value: v, result: one, outputGradient: dO,
+                                                    keyLengths: padding, threads: 1)
+            for threads in [2, 3, 7] {
+                let other = try attention.attend(query: q, key: k, value: v, keyLengths: padding, threads: threads)
+                expectBitwiseEqual(other, one, "\(name): \(threads) threads")
+                expectBitwiseEqualGradients(try attention.gradients(query: q, key: k, value: v, result: one,
+                                                                    outputGradient: dO, keyLengths: padding,
+                                                                    threads: threads),
+                                            gradients, "\(name): gradients, \(threads) threads")
+            }
+            let (sq, sk, sv) = (try embeddedInNaN(q), try embeddedInNaN(k, innerStride: 2), try embeddedInNaN(v))
+            let viewed = try attention.attend(query: sq, key: sk, value: sv, keyLengths: padding, threads: 2)
+            expectBitwiseEqual(viewed, one, "\(name): strided views")
+            expectBitwiseEqualGradients(try attention.gradients(query: sq, key: sk, value: sv, result: one,
+                                                                outputGradient: try embeddedInNaN(dO),
+                                                                keyLengths: padding, threads: 2),
+                                        gradients, "\(name): gradients through strided views")
+        }
+    }
+
     @Test("a bias NaN on a pair Transformer-XL or axial scores throws")
     func biasChecked() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 36, keyLength: 46, headDim: 8, seed: 13)
