@@ -70,7 +70,7 @@ extension FuzzCase {
     /// The registered conformers whose instances take modifiers.
     static let modifiableEntries = entries.filter {
         ["dense", "multi-query", "local", "strided", "longformer", "bigbird", "adaptive-span", "custom-mask", "score-function",
-         "transformer-xl", "compressive", "axial", "etc"].contains($0.name)
+         "transformer-xl", "compressive", "axial", "etc", "lsh", "routing"].contains($0.name)
     }
 
     /// Each modifier with probability 0.45 (values small enough to leave rows visible,

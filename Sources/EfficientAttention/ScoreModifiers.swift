@@ -155,6 +155,23 @@ struct ScoreModifierKernel: @unchecked Sendable {
     let invalidBias: UnsafePointer<Atomic<Bool>>
     /// The whole call's batch item and head of a restricted call's item 0 and head 0.
     var firstItem = 0, firstHead = 0
+    /// Gathered rows (``PermutedBlockAttention``'s slots): the kernel's queries and keys are
+    /// slots, mapped to the call's positions here; nil: they are the positions.
+    var slots: SlotPositions? = nil
+
+    /// Where a permuted kernel's slots come from: the kernel's batch item `b` (a block of
+    /// gathered rows: an LSH round's item, a routing cluster) holds query slot `ii` at query
+    /// position `queries[b · queryStride + ii]` and key slot `jj` at key position
+    /// `keys[b · keyStride + jj]`, all of one head of the call (the restricted item and head).
+    struct SlotPositions {
+        var queries: UnsafePointer<Int32>, keys: UnsafePointer<Int32>
+        var queryStride = 0, keyStride = 0
+
+        @inline(__always)
+        func query(_ b: Int, _ ii: Int) -> Int { Int(queries[b &* queryStride &+ ii]) }
+        @inline(__always)
+        func key(_ b: Int, _ jj: Int) -> Int { Int(keys[b &* keyStride &+ jj]) }
+    }
 
     /// This kernel for a call restricted to batch item `b`, head `h` of this one.
     func restricted(item b: Int, head h: Int) -> ScoreModifierKernel {
@@ -162,6 +179,43 @@ struct ScoreModifierKernel: @unchecked Sendable {
         r.firstItem += b
         r.firstHead += h
         return r
+    }
+
+    /// This kernel, restricted to batch item `b` and head `h`, for a kernel run over
+    /// gathered slots of that head (``SlotPositions``): its own batch items are blocks of
+    /// slots, and biases, slopes and distances follow the slots' positions.
+    func gathered(item b: Int, head h: Int, _ slots: SlotPositions) -> ScoreModifierKernel {
+        var r = restricted(item: b, head: h)
+        r.slots = slots
+        return r
+    }
+
+    /// The query and key positions of the kernel's query `ii` and key `jj` of its batch item `b`.
+    @inline(__always)
+    func positions(_ b: Int, query ii: Int, key jj: Int) -> (i: Int, j: Int) {
+        guard let slots else { return (ii, jj) }
+        return (slots.query(b, ii), slots.key(b, jj))
+    }
+
+    /// The modified score of one pair (``modified(_:biasTerms:slope:distance:check:)`` on
+    /// a splat: the same bits as the vector paths), for a score the kernels never tile
+    /// (LSH's self rule): query `i`, key `j` of the call, batch item `b`, head `h`.
+    func modifiedScore(_ score: Float, b: Int, h: Int, i: Int, j: Int) -> Float {
+        let item = firstItem + b, head = firstHead + h
+        var check = BiasTermCheck()
+        let term = bias.map { $0.row(item, head, i)[j &* $0.strides[3]] } ?? 0
+        let s = modified(SIMD16(repeating: score), biasTerms: SIMD16(repeating: term),
+                         slope: SIMD16(repeating: slopes?[head] ?? 0),
+                         distance: SIMD16(repeating: Float(i + offset - j)), check: &check)
+        report(check)
+        return s[0]
+    }
+
+    /// Whether the bias hides pair `(i, j)` (its term is `−∞`) of batch item `b`, head `h`:
+    /// the only modifier that can (soft-capping and ALiBi are finite).
+    func hides(b: Int, h: Int, i: Int, j: Int) -> Bool {
+        guard let bias else { return false }
+        return bias.row(firstItem + b, firstHead + h, i)[j &* bias.strides[3]] == -.infinity
     }
 
     /// Applies soft-capping, the bias and ALiBi to `scores[r · ld + lane]`, the score of key
@@ -174,7 +228,8 @@ struct ScoreModifierKernel: @unchecked Sendable {
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
                lanes: Int, b: Int, h: Int) {
         typealias V = SIMD16<Float>
-        let item = firstItem + b, head = firstHead + h
+        // Gathered slots: the kernel's batch item is a block of one head's slots.
+        let item = firstItem + (slots == nil ? b : 0), head = firstHead + (slots == nil ? h : 0)
         let slope = V(repeating: slopes?[head] ?? 0)
         var laneOffsets = V()
         for l in 0..<16 { laneOffsets[l] = Float(l * queries.step) }
@@ -185,6 +240,25 @@ struct ScoreModifierKernel: @unchecked Sendable {
             V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
         }
         var r = 0, check = BiasTermCheck()
+        if let slots {
+            // Gathered slots: each lane's position read from the slot list (only the
+            // tile's own lanes: the lists end with the last block), the bias gathered.
+            for r in 0..<keys.count {
+                let j = slots.key(b, keys.position(r)), row = scores + r &* ld
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    var terms = V(), distances = V()
+                    for l in 0..<max(0, min(16, queries.count - lane)) {
+                        let i = slots.query(b, queries.position(lane + l))
+                        distances[l] = Float(i + offset - j)
+                        if let biasRow { terms[l] = biasRow[i &* biasRowStride &+ j &* biasColumnStride] }
+                    }
+                    store16(modified(load16(row + lane), biasTerms: terms, slope: slope, distance: distances,
+                                     check: &check), row + lane)
+                }
+            }
+            report(check)
+            return
+        }
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
             // prefetchers, so the bias is requested ahead twice: the next tile's into L2 by
@@ -245,7 +319,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// prefetch never faults).
     @inline(__always)
     func prefetchBias(keys: PositionRun, queries: PositionRun, part: Int, of parts: Int, b: Int, h: Int) {
-        guard let bias, keys.step == 1, bias.strides[3] == 1 else { return }
+        guard let bias, slots == nil, keys.step == 1, bias.strides[3] == 1 else { return }
         let rowsPerPart = (queries.count + parts - 1) / parts
         let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start
         let end = min((part + 1) * rowsPerPart, queries.count)
@@ -411,6 +485,8 @@ extension TransformerXLAttention: ModifierDifferentiable {}
 extension CompressiveTransformerAttention: ModifierDifferentiable {}
 extension ETCAttention: ModifierDifferentiable {}
 extension AxialAttention: ModifierDifferentiable {}
+extension LSHAttention: ModifierDifferentiable {}
+extension RoutingAttention: ModifierDifferentiable {}
 
 /// Where the backward of the call running on this task adds `∂L/∂bias` (set by
 /// ``ModifiableAttention/modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)``

@@ -26,6 +26,17 @@ func lshReferenceBackward<T: BinaryFloatingPoint>(
     q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, sharedQK: Bool, scale: T, table: VisibilityTable,
     exp: (T) -> T, log: (T) -> T
 ) -> ReferenceGradients<T> {
+    lshModifiedReferenceBackward(q: q, k: k, v: v, dO: dO, dims: n, sharedQK: sharedQK, scale: scale, table: table,
+                                 modifiers: nil, exp: exp, log: log, tanh: { $0 }).gradients
+}
+
+/// ``lshReferenceBackward(q:k:v:dO:dims:sharedQK:scale:table:exp:log:)`` through score
+/// modifiers (ModifierBackwardTests' reference, each round's copy of key `j` modified at
+/// position `j`), with `∂bias` and `∂sinks`; `nil` modifiers: the plain reference.
+func lshModifiedReferenceBackward<T: BinaryFloatingPoint>(
+    q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, sharedQK: Bool, scale: T, table: VisibilityTable,
+    modifiers: ReferenceModifiers<T>?, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T
+) -> ModifiedReference<T> {
     let (d, dv, rounds, len) = (n.headDim, n.valueDim, table.rounds, n.keyLength)
     let group = n.heads / n.kvHeads, keyHeads = sharedQK ? n.heads : n.kvHeads
     // The keys of each key head (a query head with shared QK), and their rows' 1 / |q|.
@@ -52,8 +63,14 @@ func lshReferenceBackward<T: BinaryFloatingPoint>(
         vx += v[(valueRow * dv)..<((valueRow + 1) * dv)]
     } } } }
     let fixed = table
-    let x = referenceBackward(q: q, k: kx, v: vx, dO: dO, dims: expanded, scale: scale,
-                              visible: { b, h, i, j in fixed[j / len, b, h, i, j % len] }, exp: exp, log: log)
+    let visible: Visibility = { b, h, i, j in fixed[j / len, b, h, i, j % len] }
+    let modified = modifiers.map {
+        modifiedReferenceBackward(q: q, k: kx, v: vx, dO: dO, dims: expanded, scale: scale, visible: visible,
+                                  modifiers: $0, exp: exp, log: log, tanh: tanh, keyPosition: { $0 % len },
+                                  positionKeyLength: len)
+    }
+    let x = modified?.gradients
+        ?? referenceBackward(q: q, k: kx, v: vx, dO: dO, dims: expanded, scale: scale, visible: visible, exp: exp, log: log)
     var result = ReferenceGradients<T>(output: x.output, lse: x.lse, dq: x.dq, dk: .init(repeating: 0, count: k.count),
                                        dv: .init(repeating: 0, count: v.count))
     for b in 0..<n.batch { for g in 0..<keyHeads { for j in 0..<len {
@@ -73,7 +90,7 @@ func lshReferenceBackward<T: BinaryFloatingPoint>(
             for c in 0..<d { result.dk[row * d + c] += dk[c] }
         }
     } } }
-    return result
+    return ModifiedReference(gradients: result, bias: modified?.bias ?? [], sinks: modified?.sinks ?? [])
 }
 
 struct LSHBackwardCase: Sendable, CustomTestStringConvertible {

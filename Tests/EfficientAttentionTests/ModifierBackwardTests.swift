@@ -51,10 +51,13 @@ struct ModifiedReference<T: BinaryFloatingPoint> {
 /// `∂σ_h −= (e^{σ_h} / Z) · D`. Rows with no visible key: `o = 0`, `lse = σ_h` (or −∞).
 /// `score` (a custom score function `f` with its derivative, CustomMaskAttention's): `s_j`
 /// becomes `f(s_j)` before the cap and `dS_j` takes the factor `f′(s_j)` (0 where `P_j = 0`);
-/// a row whose every score is `−∞` has no visible key.
+/// a row whose every score is `−∞` has no visible key. `keyPosition` (copies of keys, LSH's
+/// rounds) maps key `j` to the position its bias and ALiBi distance use, in sequences of
+/// `positionKeyLength` keys (default: `j` itself, of `Nk`).
 func modifiedReferenceBackward<T: BinaryFloatingPoint>(
     q: [T], k: [T], v: [T], dO: [T], dims n: GradientDims, scale: T, visible: Visibility,
     modifiers m: ReferenceModifiers<T>, exp: (T) -> T, log: (T) -> T, tanh: (T) -> T,
+    keyPosition: ((Int) -> Int)? = nil, positionKeyLength: Int? = nil,
     weight: PairTerm<T>? = nil, weightGradient: ((_ b: Int, _ h: Int, _ i: Int, _ j: Int, _ dw: T) -> Void)? = nil,
     score: ((_ s: T, _ b: Int, _ h: Int, _ i: Int, _ j: Int) -> (value: T, derivative: T))? = nil
 ) -> ModifiedReference<T> {
@@ -86,9 +89,10 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
                 s = cap * th
                 derivative[t] *= 1 - th * th
             }
-            if let bias = m.bias { s += bias[m.biasIndex(b, h, i, j)] }
+            let jo = keyPosition?(j) ?? j
+            if let bias = m.bias { s += bias[m.biasIndex(b, h, i, jo)] }
             if let slopes = m.slopes {
-                let distance = T(i + n.keyLength - n.queryLength - j)
+                let distance = T(i + (positionKeyLength ?? n.keyLength) - n.queryLength - jo)
                 s -= slopes[h] * (distance < 0 ? -distance : distance)
             }
             return s
@@ -119,7 +123,7 @@ func modifiedReferenceBackward<T: BinaryFloatingPoint>(
         for t in keys.indices { rowDot += p[t] * dp[t] }
         for (t, j) in keys.enumerated() {
             let g = p[t] * (dp[t] - rowDot), ds = p[t] > 0 ? g * derivative[t] : 0, kj = n.keyIndex(b, hk, j)
-            if m.bias != nil { dbias[m.biasIndex(b, h, i, j)] += g }
+            if m.bias != nil { dbias[m.biasIndex(b, h, i, keyPosition?(j) ?? j)] += g }
             for c in 0..<d {
                 r.dq[row * d + c] += scale * ds * k[kj * d + c]
                 r.dk[kj * d + c] += scale * ds * q[row * d + c]

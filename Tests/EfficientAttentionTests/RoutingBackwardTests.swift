@@ -13,8 +13,11 @@ import Testing
 
 /// Output, log-sum-exp and the gradients of `L = Σ dO ∘ O` of routing attention in Double,
 /// and each query's number of memberships with a visible key.
-private struct RoutingReference {
+struct RoutingReference {
     var output: [Double], lse: [Double], dq: [Double], dk: [Double], dv: [Double]
+    /// `∂L/∂bias` (the bias's shape) when the modifiers have a bias, and which of its
+    /// elements some membership scores.
+    var bias: [Double] = [], biasScored: [Bool] = []
     var used: [Int]
     /// Per key row: whether some membership sees it.
     var seen: [Bool]
@@ -26,16 +29,24 @@ private struct RoutingReference {
 /// `o_c = Σ P_j v_j`; `o_i = mean_c o_c`, `lse_i = log mean_c exp(lse_c)`. Backward: the
 /// mean gives each membership `g = dO_i / u_i`; `dP_j = g · v_j`, `D = Σ_j P_j dP_j`,
 /// `dS_j = P_j (dP_j − D)`, `dq_i += scale Σ dS_j k_j`, `dk_j += scale dS_j q_i`, `dv_j += P_j g`.
-private func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double], dims n: GradientDims,
-                              routes: (query: [[Int]], key: [[Int]]), clusters: Int, scale: Double,
-                              causal: Bool, keyLengths: [Int]?) -> RoutingReference {
+/// With `modifiers` (no sinks) each score is modified as ModifierBackwardTests' reference
+/// does (`s′ = cap tanh(s / cap) + bias_ij − α_h |i + Nk − Nq − j|`), `∂bias_ij += G_j =
+/// P_j (dP_j − D)` and `dS_j = G_j (1 − tanh²)`; a membership whose scores are all `−∞`
+/// has no visible key.
+func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double], dims n: GradientDims,
+                      routes: (query: [[Int]], key: [[Int]]), clusters: Int, scale: Double,
+                      causal: Bool, keyLengths: [Int]?, modifiers mods: ReferenceModifiers<Double>? = nil) -> RoutingReference {
     let (d, dv, group) = (n.headDim, n.valueDim, n.heads / n.kvHeads)
     let rows = n.batch * n.heads * n.queryLength
     var r = RoutingReference(output: .init(repeating: 0, count: rows * dv), lse: .init(repeating: -.infinity, count: rows),
                              dq: .init(repeating: 0, count: q.count), dk: .init(repeating: 0, count: k.count),
                              dv: .init(repeating: 0, count: v.count), used: .init(repeating: 0, count: rows),
                              seen: .init(repeating: false, count: k.count / d))
-    struct Membership { var row: Int, keys: [Int], p: [Double], o: [Double], lse: Double }
+    struct Membership { var row: Int, i: Int, keys: [Int], p: [Double], o: [Double], lse: Double, derivative: [Double] }
+    if let bias = mods?.bias {
+        r.bias = .init(repeating: 0, count: bias.count)
+        r.biasScored = .init(repeating: false, count: bias.count)
+    }
     for b in 0..<n.batch { for h in 0..<n.heads {
         let hk = h / group, valid = keyLengths?[b] ?? n.keyLength
         var memberships: [Membership] = []
@@ -45,15 +56,27 @@ private func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double
                 let row = n.queryIndex(b, h, i)
                 let keys = routes.key[route].filter { $0 < valid && (!causal || $0 <= i + n.keyLength - n.queryLength) }
                 guard !keys.isEmpty else { continue }
-                let scores = keys.map { j -> Double in
+                var derivative = [Double](repeating: 1, count: keys.count)
+                let scores = keys.enumerated().map { t, j -> Double in
                     let kj = n.keyIndex(b, hk, j)
-                    return scale * (0..<d).reduce(0.0) { $0 + q[row * d + $1] * k[kj * d + $1] }
+                    var s = scale * (0..<d).reduce(0.0) { $0 + q[row * d + $1] * k[kj * d + $1] }
+                    if let cap = mods?.softCap {
+                        let th = tanh(s / cap)
+                        s = cap * th
+                        derivative[t] = 1 - th * th
+                    }
+                    if let bias = mods?.bias { s += bias[mods!.biasIndex(b, h, i, j)] }
+                    if let slopes = mods?.slopes { s -= slopes[h] * Double(abs(i + n.keyLength - n.queryLength - j)) }
+                    return s
                 }
-                let m = scores.max()!, e = scores.map { exp($0 - m) }, sum = e.reduce(0, +)
+                let top = scores.max()!
+                guard top > -.infinity else { continue }
+                let e = scores.map { exp($0 - top) }, sum = e.reduce(0, +)
                 let p = e.map { $0 / sum }
                 var o = [Double](repeating: 0, count: dv)
                 for (t, j) in keys.enumerated() { for col in 0..<dv { o[col] += p[t] * v[n.keyIndex(b, hk, j) * dv + col] } }
-                memberships.append(Membership(row: row, keys: keys, p: p, o: o, lse: m + log(sum)))
+                memberships.append(Membership(row: row, i: i, keys: keys, p: p, o: o, lse: top + log(sum),
+                                              derivative: derivative))
                 for j in keys { r.seen[n.keyIndex(b, hk, j)] = true }
                 r.used[row] += 1
             }
@@ -71,7 +94,12 @@ private func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double
             let dp = m.keys.map { j in (0..<dv).reduce(0.0) { $0 + g[$1] * v[n.keyIndex(b, hk, j) * dv + $1] } }
             let rowDot = zip(m.p, dp).reduce(0.0) { $0 + $1.0 * $1.1 }
             for (t, j) in m.keys.enumerated() {
-                let ds = m.p[t] * (dp[t] - rowDot), kj = n.keyIndex(b, hk, j)
+                let pairGradient = m.p[t] * (dp[t] - rowDot), ds = pairGradient * m.derivative[t]
+                let kj = n.keyIndex(b, hk, j)
+                if let mods, mods.bias != nil {
+                    r.bias[mods.biasIndex(b, h, m.i, j)] += pairGradient
+                    r.biasScored[mods.biasIndex(b, h, m.i, j)] = true
+                }
                 for c in 0..<d {
                     r.dq[m.row * d + c] += scale * ds * k[kj * d + c]
                     r.dk[kj * d + c] += scale * ds * q[m.row * d + c]

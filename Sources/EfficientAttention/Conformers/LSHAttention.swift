@@ -64,7 +64,7 @@
 ///   or `Σ n_i` with ``bucketFactors``; twice with separate keys); workspace
 ///   O(N · (D + Dv) + nBuckets) for one round of each head in flight (one per thread while
 ///   they fit in the L3, else one).
-public struct LSHAttention: KernelWidening {
+public struct LSHAttention: KernelWidening, ModifiableAttention {
     /// Chunk length of the sorted order (default 64). At least 1.
     public var bucketSize: Int
     /// Hash rounds (default 4). At least 1.
@@ -95,6 +95,11 @@ public struct LSHAttention: KernelWidening {
     /// Explicit rotations `[H, hashes, D, columns]` (finite), replacing the seeded ones:
     /// `columns = nBuckets / 2`, or `Σ n_i / 2` with ``bucketFactors``.
     public var rotations: Tensor?
+    /// Soft-capping, ALiBi, an additive bias `[B or 1, H or 1, N, N]` and sinks
+    /// (``ScoreModifiers``); none by default. Each scored pair is modified at its original
+    /// positions `(i, j)` in every round that scores it, as is the self rule's score
+    /// (`scale · |q_i|`, key `i`); the sinks join the rounds' merged softmax once.
+    public var modifiers = ScoreModifiers()
     /// The last plan built, for calls with the same settings and shape (no arrays per call).
     private let plans = PlanCache<PlanKey, Plan>()
 
@@ -480,7 +485,8 @@ public struct LSHAttention: KernelWidening {
                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>?)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let (layout, factors) = plan(shape)
         let n = shape.queryLength, hashes = self.hashes, sharedQK = self.sharedQK
@@ -515,7 +521,8 @@ public struct LSHAttention: KernelWidening {
                     PermutedBlockAttention.attendRound(
                         layout, round: r, space: space, scale: scale, threads: inner,
                         query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                        keyLength: keyLengths?[b] ?? n, output: output(b, h), lse: l, b: b, h: h)
+                        keyLength: keyLengths?[b] ?? n, output: output(b, h), lse: l, b: b, h: h,
+                        modifiers: call.modifiers)
                 }
             }
         }
@@ -620,13 +627,14 @@ extension LSHAttention: OperandWideningBackward {
     }
 
     /// The backward on the checked call's kernel views (`dQ` zero-filled), hashing again
-    /// when `routes` is `nil`.
+    /// when `routes` is `nil`, through the score modifiers (``modifiers``) when set.
     private func backward(_ shape: AttentionShape, scale: Float, threads: Int, q: TensorView, k: TensorView,
                           v: TensorView, o: TensorView, l: TensorView, dO: TensorView, dQ: MutableTensorView,
                           dK: MutableTensorView, dV: MutableTensorView, keyLengths: [Int]?, routes: LSHRoutes?) throws {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "LSH backward workspace")
         let (layout, factors) = plan(shape)
-        let n = shape.queryLength, sharedQK = self.sharedQK
+        let n = shape.queryLength, sharedQK = self.sharedQK, sinks = modifiers.sinks != nil
+        try withModifierBackward(shape) { modifiers, biasGradient in
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: { carver in
             backwardLayout(&carver, shape, factors: factors, threads: threads)
         }) { spaces in
@@ -640,6 +648,8 @@ extension LSHAttention: OperandWideningBackward {
                     let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                     let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
                     let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
+                    // The bias gradient of this head (stride 0 where the bias broadcasts).
+                    let headBias = biasGradient.map { MutableTensorView(base: $0.row(b, h, 0), strides: $0.strides) }
                     if let routes {
                         let start = (b * shape.heads + h) * hashes * n
                         routes.query.withUnsafeBufferPointer {
@@ -664,17 +674,31 @@ extension LSHAttention: OperandWideningBackward {
                             query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
                             output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
                             logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
-                            outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
-                        if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads) }
+                            outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk,
+                            modifiers: modifiers?.gathered(item: b, head: h, .init(queries: space.queryPosition,
+                                                                                    keys: space.keyPosition)),
+                            biasGradient: headBias)
+                        if sharedQK {
+                            LSHBackward.markSeen(space, mask: mask, threads: threads,
+                                                 modifiers: modifiers?.restricted(item: b, head: h))
+                        }
                     }
-                    // The self rule: o_i = v_i for a valid query that saw no other key.
+                    // The self rule: o_i = v_i for a valid query that saw no other key
+                    // (with sinks, its share of the sink's softmax).
                     guard sharedQK else { return }
                     for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
-                        let target = dV.row(b, hk, i), stride = dV.strides[3]
-                        for c in 0..<shape.valueDim { target[c &* stride] += outputGradients.element(i, c) }
+                        LSHBackward.addSelfRule(
+                            i, rounds: hashes, headDim: shape.headDim, valueDim: shape.valueDim, scale: scale, sinks: sinks,
+                            modifiers: modifiers?.restricted(item: b, head: h),
+                            query: queries, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
+                            output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
+                            logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h), outputGradient: outputGradients,
+                            dQ: dQ.row(b, h, i), dQStride: dQ.strides[3], dV: dV.row(b, hk, i), dVStride: dV.strides[3],
+                            biasGradient: headBias)
                     }
                 }
             }
+        }
         }
     }
 

@@ -33,7 +33,7 @@
 ///   `Nq · wk · 2 · (D + Dv)`) plus `2 · (Nq + Nk) · K · D` FLOPs of routing and
 ///   O((Nq + Nk) · K) selection; workspace O((Nq + Nk) · (D + Dv)) per head in flight (one
 ///   per thread while they fit in the L3, else one).
-public struct RoutingAttention: KernelWidening {
+public struct RoutingAttention: KernelWidening, ModifiableAttention {
     /// `[1, H, K, D]`, finite.
     public private(set) var centroids: Tensor
     /// Key `j` is visible to query `i` only if `j <= i + Nk − Nq` (original positions).
@@ -42,6 +42,12 @@ public struct RoutingAttention: KernelWidening {
     public var scale: Float?
     /// Weight of the old centroid in ``updateCentroids(query:key:)``, in `[0, 1)` (default 0.999).
     public var decay: Float
+    /// Soft-capping, ALiBi and an additive bias `[B or 1, H or 1, Nq, Nk]` (``ScoreModifiers``),
+    /// applied to each scored pair at its original positions `(i, j)` in every cluster that
+    /// scores it; none by default. Sinks are refused (``AttentionError/unsupported(_:)``):
+    /// a query's result is the mean of its clusters' softmaxes, with no one denominator
+    /// for a sink to join (KernelDocs/Routing.md, "Score modifiers").
+    public var modifiers = ScoreModifiers()
 
     /// Seeded centroids: `clusters` unit vectors per head with Gaussian directions.
     ///
@@ -103,6 +109,10 @@ public struct RoutingAttention: KernelWidening {
         }
         guard decay >= 0, decay < 1 else {
             throw AttentionError.invalidParameter("routing decay must be in [0, 1), got \(decay)")
+        }
+        guard modifiers.sinks == nil else {
+            throw AttentionError.unsupported(
+                "routing attention: modifiers.sinks are not supported (a query's result is the mean of its clusters' softmaxes: no one denominator for a sink); soft-capping, ALiBi and bias are")
         }
         try checkLimit(clusterCount, "clusters", variant: "routing attention")
         // Cluster slots and candidate lists grow with K · N: checked before any size is
@@ -255,7 +265,8 @@ public struct RoutingAttention: KernelWidening {
                         keyLengths: [Int]?, workspace: AttentionWorkspace?, threads: Int?,
                         routes: (query: UnsafeMutablePointer<Int32>, key: UnsafeMutablePointer<Int32>)?) throws {
         try withCheckedCall(query: query, key: key, value: value, output: output, logSumExp: logSumExp,
-                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale) { call in
+                            keyLengths: keyLengths, workspace: workspace, threads: threads, scale: scale,
+                            modifiers: modifiers) { call in
         let (shape, scale, threads) = (call.shape, call.scale, call.threadCount)
         let l = layout(shape)
         let (q, k, v, lv) = (call.q, call.k, call.v, call.lse)
@@ -288,7 +299,7 @@ public struct RoutingAttention: KernelWidening {
                     l, round: 0, space: space, scale: scale, threads: inner,
                     query: PermutedBlockAttention.Rows(view: q, b: b, h: h), key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
                     value: PermutedBlockAttention.Rows(view: v, b: b, h: hk), keyLength: keyLengths?[b] ?? shape.keyLength,
-                    output: o, lse: lv, b: b, h: h)
+                    output: o, lse: lv, b: b, h: h, modifiers: call.modifiers)
             }
         }
         }
@@ -426,6 +437,7 @@ extension RoutingAttention: OperandWideningBackward {
         try checkAllocation(bytes: backwardWorkspaceBytes(shape, threads: threads), option: "routing backward workspace")
         let l = layout(shape), sizes = backwardSizes(shape)
         let offset = causal ? shape.keyLength - shape.queryLength : nil
+        try withModifierBackward(shape) { modifiers, biasGradient in
         WorkspaceArena.withWorkspaces(workers: 1, zeroed: true, layout: {
             (ClusterRouter(carving: &$0, sizes.router, workers: threads), ClusterBackward.Workspace(carving: &$0, sizes))
         }) { spaces in
@@ -450,9 +462,11 @@ extension RoutingAttention: OperandWideningBackward {
                         key: PermutedBlockAttention.Rows(view: k, b: b, h: hk),
                         value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
                         outputGradient: PermutedBlockAttention.Rows(view: dO, b: b, h: h),
-                        dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk)
+                        dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk, modifiers: modifiers,
+                        biasGradient: biasGradient.map { MutableTensorView(base: $0.row(b, h, 0), strides: $0.strides) })
                 }
             } }
+        }
         }
     }
 

@@ -8,11 +8,11 @@
 ///
 ///     limit[c][ii] = #{ key slots jj of c : K_c[jj] < keyLength, and K_c[jj] ≤ Q_c[ii] + Nk − Nq if causal }
 ///                    (both lists ascending, so query slot ii sees exactly key slots 0 ..< limit)
-///     used[i]      = #{ (c, ii) : Q_c[ii] = i, limit[c][ii] > 0 }     (the forward's mean is over these)
 ///     gather       Q̃[c][ii] = q[Q_c[ii]],  K̃[c][jj] = k[K_c[jj]],  Ṽ[c][jj] = v[K_c[jj]]
-///                  dÕ[c][ii] = dO[Q_c[ii]] · (1 / used)   (0 if limit = 0): the mean's derivative
 ///     recompute    (Õ, l̃se) = TiledSoftmaxAttention per cluster (batch item c)   the per-cluster
 ///                  outputs and log-sum-exps the forward merged and did not keep
+///     used[i]      = #{ (c, ii) : Q_c[ii] = i, limit[c][ii] > 0, l̃se[c][ii] > −∞ }   (the forward's mean is over these)
+///                  dÕ[c][ii] = dO[Q_c[ii]] · (1 / used)   (0 if not counted): the mean's derivative
 ///     backward     (dQ̃, dK̃, dṼ) = TiledSoftmaxBackward per cluster, D = rowsum(dÕ ∘ Õ)
 ///     scatter      dQ[Q_c[ii]] += dQ̃[c][ii],  dK[K_c[jj]] += dK̃[c][jj],  dV[K_c[jj]] += dṼ[c][jj]
 ///                  slots in order (cluster c, then slot), whichever thread takes the row
@@ -92,12 +92,17 @@ enum ClusterBackward {
     /// - Parameters:
     ///   - causalOffset: `Nk − Nq` when causal, else `nil`.
     ///   - keyLength: keys at positions `>= keyLength` are invisible (padding).
+    ///   - modifiers: the call's score modifiers (soft-capping, ALiBi, bias; nil: none),
+    ///     applied at the slots' positions in both kernels.
+    ///   - biasGradient: where to add head `(b, h)`'s `∂L/∂bias` (restricted to the head:
+    ///     ``TiledSoftmaxBackward/addBiasGradient(_:_:b:h:keys:queries:modifiers:)``), or nil.
     static func addHead(
         _ s: Sizes, space: Workspace, queryRoutes qp: UnsafePointer<Int32>, keyRoutes kp: UnsafePointer<Int32>,
         causalOffset: Int?, keyLength: Int, scale: Float, threads: Int,
         query: PermutedBlockAttention.Rows, key: PermutedBlockAttention.Rows, value: PermutedBlockAttention.Rows,
         outputGradient: PermutedBlockAttention.Rows,
-        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, b: Int, h: Int, hk: Int
+        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, b: Int, h: Int, hk: Int,
+        modifiers: ScoreModifierKernel? = nil, biasGradient: MutableTensorView? = nil
     ) {
         let d = s.router.depth, dv = s.valueDim
         let wq = s.router.queryTake, wk = s.router.keyTake, clusters = s.clusters
@@ -119,44 +124,67 @@ enum ClusterBackward {
             }
         }
         (space.limits + sq).update(repeating: 0, count: limitPadding)
-        // The memberships each query's mean is over.
-        space.used.update(repeating: 0, count: n)
-        for slot in 0..<sq where space.limits[slot] > 0 { space.used[Int(qp[slot])] += 1 }
-        // Gather the clusters' rows, and dO times the mean's weight.
+        // Gather the clusters' rows.
         parallelForEach(items: clusters, threads: threads) { c, _ in
             let first = c * wq
             PermutedBlockAttention.gather(qp + first, count: wq, query, width: d, into: space.q + first * d,
                                           outputGradient, width: dv, into: space.outputGradient + first * dv)
-            for ii in 0..<wq {
-                let row = space.outputGradient + (first + ii) * dv
-                let used = space.limits[first + ii] > 0 ? space.used[Int(qp[first + ii])] : 0
-                let weight: Float = used > 0 ? 1 / Float(used) : 0
-                for col in 0..<dv { row[col] *= weight }
-            }
             PermutedBlockAttention.gather(kp + c * wk, count: wk, key, width: d, into: space.k + c * wk * d,
                                           value, width: dv, into: space.v + c * wk * dv)
         }
-        let shape = s.clusterShape
         let strides = { (width: Int, rows: Int) in SIMD4<Int>(rows * width, 0, width, 1) }
+        // The modifiers at the slots' positions: batch item c of the kernels is cluster c.
+        func gathered(first c: Int) -> ScoreModifierKernel? {
+            modifiers?.gathered(item: b, head: h, .init(queries: qp + c * wq, keys: kp + c * wk,
+                                                        queryStride: wq, keyStride: wk))
+        }
         // A local function, not a closure value: a stored closure would box its captures.
         func mask(_ c: Int, _: Int) -> ClusterPrefixMask { ClusterPrefixMask(limits: UnsafePointer(space.limits + c * wq)) }
         // The per-cluster outputs and log-sum-exps (the forward kept only their mean).
         TiledSoftmaxAttention.run(
-            shape: shape, scale: scale, threads: threads,
+            shape: s.clusterShape, scale: scale, threads: threads,
             q: TensorView(base: space.q, strides: strides(d, wq)), k: TensorView(base: space.k, strides: strides(d, wk)),
             v: TensorView(base: space.v, strides: strides(dv, wk)),
             o: MutableTensorView(base: space.o, strides: strides(dv, wq)),
-            lse: MutableTensorView(base: space.lse, strides: strides(1, wq)), mask: mask)
+            lse: MutableTensorView(base: space.lse, strides: strides(1, wq)), modifiers: gathered(first: 0), mask: mask)
+        // The memberships each query's mean is over (a visible key, and with a bias not
+        // every one of them at −∞: a finite log-sum-exp), and dO times the mean's weight.
+        space.used.update(repeating: 0, count: n)
+        for slot in 0..<sq where space.limits[slot] > 0 && space.lse[slot] > -.infinity { space.used[Int(qp[slot])] += 1 }
+        parallelForEach(items: clusters, threads: threads) { c, _ in
+            for slot in (c * wq)..<((c + 1) * wq) {
+                let row = space.outputGradient + slot * dv
+                let used = space.limits[slot] > 0 && space.lse[slot] > -.infinity ? space.used[Int(qp[slot])] : 0
+                let weight: Float = used > 0 ? 1 / Float(used) : 0
+                for col in 0..<dv { row[col] *= weight }
+            }
+        }
         space.queryGradient.update(repeating: 0, count: sq * d)
-        TiledSoftmaxBackward.run(
-            shape: shape, scale: scale, threads: threads,
-            q: TensorView(base: space.q, strides: strides(d, wq)), k: TensorView(base: space.k, strides: strides(d, wk)),
-            v: TensorView(base: space.v, strides: strides(dv, wk)), o: TensorView(base: space.o, strides: strides(dv, wq)),
-            lse: TensorView(base: space.lse, strides: strides(1, wq)),
-            dO: TensorView(base: space.outputGradient, strides: strides(dv, wq)),
-            dQ: MutableTensorView(base: space.queryGradient, strides: strides(d, wq)),
-            dK: MutableTensorView(base: space.keyGradient, strides: strides(d, wk)),
-            dV: MutableTensorView(base: space.valueGradient, strides: strides(dv, wk)), mask: mask)
+        /// The flash backward of clusters `first ..< first + count` (batch items of the kernel).
+        func backward(first c: Int, count: Int) {
+            var shape = s.clusterShape
+            shape.batch = count
+            let (q, k) = (space.q + c * wq * d, space.k + c * wk * d)
+            let (v, o) = (space.v + c * wk * dv, space.o + c * wq * dv)
+            TiledSoftmaxBackward.run(
+                shape: shape, scale: scale, threads: threads,
+                q: TensorView(base: q, strides: strides(d, wq)), k: TensorView(base: k, strides: strides(d, wk)),
+                v: TensorView(base: v, strides: strides(dv, wk)), o: TensorView(base: o, strides: strides(dv, wq)),
+                lse: TensorView(base: space.lse + c * wq, strides: strides(1, wq)),
+                dO: TensorView(base: space.outputGradient + c * wq * dv, strides: strides(dv, wq)),
+                dQ: MutableTensorView(base: space.queryGradient + c * wq * d, strides: strides(d, wq)),
+                dK: MutableTensorView(base: space.keyGradient + c * wk * d, strides: strides(d, wk)),
+                dV: MutableTensorView(base: space.valueGradient + c * wk * dv, strides: strides(dv, wk)),
+                modifiers: gathered(first: c), biasGradient: biasGradient) { item, _ in mask(c + item, 0) }
+        }
+        if biasGradient != nil {
+            // A pair can recur in several clusters at different slots: the clusters one after
+            // another (within one, every pair is distinct), so each ∂bias element's terms
+            // add in cluster order for any thread count.
+            for c in 0..<clusters { backward(first: c, count: 1) }
+        } else {
+            backward(first: 0, count: clusters)
+        }
         // Scatter: each thread owns a range of destination rows and walks every slot in order.
         let nk = s.router.keyLength, parts = max(1, threads)
         parallelForEach(items: parts, threads: threads) { part, _ in

@@ -105,7 +105,8 @@ enum LSHBackward {
         query: PermutedBlockAttention.Rows, key: PermutedBlockAttention.Rows, value: PermutedBlockAttention.Rows,
         output: PermutedBlockAttention.Rows, logSumExp: PermutedBlockAttention.Rows,
         outputGradient: PermutedBlockAttention.Rows,
-        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, b: Int, h: Int, hk: Int
+        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, b: Int, h: Int, hk: Int,
+        modifiers: ScoreModifierKernel? = nil, biasGradient: MutableTensorView? = nil
     ) {
         let n = space.n, d = space.d, dv = space.dv
         let items = ceilDiv(n, rowsPerItem)
@@ -142,7 +143,8 @@ enum LSHBackward {
             dO: TensorView(base: space.outputGradient, strides: rows(dv)),
             dQ: MutableTensorView(base: space.queryGradient, strides: rows(d)),
             dK: MutableTensorView(base: space.keyGradient, strides: rows(d)),
-            dV: MutableTensorView(base: space.valueGradient, strides: rows(dv))) { _, _ in mask }
+            dV: MutableTensorView(base: space.valueGradient, strides: rows(dv)),
+            modifiers: modifiers, biasGradient: biasGradient) { _, _ in mask }
         // Scatter: every position holds one query slot and one key slot of the round.
         let qs = dQ.strides[3], ks = dK.strides[3], vs = dV.strides[3]
         parallelForEach(items: items, threads: threads) { item, _ in
@@ -165,14 +167,63 @@ enum LSHBackward {
         }
     }
 
+    /// The self rule's gradients for query `i` (shared QK; no other visible key in any of
+    /// the `rounds`): the forward gave `o_i = w · v_i` with `w = exp(s′ + log R − lse_i)`,
+    /// `s′` the self score `scale · |q_i|` modified (``PermutedBlockAttention/selfRuleScore(_:scale:modifiers:query:headDim:)``)
+    /// and `w` its share against the sink (1 without sinks). So `dV_i += w · dO_i`, and
+    /// with sinks `G = w · (dO_i · v_i − dO_i · o_i)` (the `R` equal pairs' `Σ P (dP − D)`;
+    /// 0 without sinks) gives `∂bias_ii += G` and `dq_i += G · cap′ · scale · q_i / |q_i|`
+    /// (0 for a zero row). Nothing when a `−∞` bias hides the pair (the forward gave 0).
+    /// `dQ`, `dV` are row `i`'s; `biasGradient` the head's.
+    static func addSelfRule(
+        _ i: Int, rounds: Int, headDim d: Int, valueDim dv: Int, scale: Float, sinks: Bool,
+        modifiers: ScoreModifierKernel?, query: PermutedBlockAttention.Rows, value: PermutedBlockAttention.Rows,
+        output: PermutedBlockAttention.Rows, logSumExp: PermutedBlockAttention.Rows,
+        outputGradient: PermutedBlockAttention.Rows, dQ: UnsafeMutablePointer<Float>, dQStride: Int,
+        dV: UnsafeMutablePointer<Float>, dVStride: Int, biasGradient: MutableTensorView?
+    ) {
+        // A −∞ bias on the pair too: the forward gave 0 (no visible key at all).
+        let score = PermutedBlockAttention.selfRuleScore(i, scale: scale, modifiers: modifiers, query: query, headDim: d)
+        guard score > -.infinity else { return }
+        guard sinks else {
+            for c in 0..<dv { dV[c &* dVStride] += outputGradient.element(i, c) }
+            return
+        }
+        let w = expf(score + logf(Float(rounds)) - logSumExp.element(i, 0))
+        var alongValue: Float = 0, alongOutput: Float = 0
+        for c in 0..<dv {
+            let g = outputGradient.element(i, c)
+            dV[c &* dVStride] += w * g
+            alongValue += g * value.element(i, c)
+            alongOutput += g * output.element(i, c)
+        }
+        let gradient = w * (alongValue - alongOutput)
+        if let biasGradient { biasGradient.row(0, 0, i)[i &* biasGradient.strides[3]] += gradient }
+        let norm = query.squaredNorm(i, count: d).squareRoot()
+        guard norm > 0 else { return }
+        var factor = gradient * scale / norm
+        if let modifiers, modifiers.softCap > 0 {
+            factor *= modifiers.softCapDerivative(SIMD16(repeating: scale * norm))[0]
+        }
+        for c in 0..<d { dQ[c &* dQStride] += factor * query.element(i, c) }
+    }
+
     /// Marks `seen[i]` for the queries with a visible key in this round (shared QK's self
-    /// rule), skipping those already marked.
-    static func markSeen(_ space: Workspace, mask: PermutedRoundMask, threads: Int) {
+    /// rule), skipping those already marked; a key the bias hides (`−∞`: `modifiers`,
+    /// restricted to the head) is not visible, as in the forward.
+    static func markSeen(_ space: Workspace, mask: PermutedRoundMask, threads: Int, modifiers: ScoreModifierKernel?) {
+        let bias = modifiers?.bias != nil ? modifiers : nil
         parallelForEach(items: ceilDiv(space.n, rowsPerItem), threads: threads) { item, _ in
             let first = item * rowsPerItem
             for s in first..<min(space.n, first + rowsPerItem) {
                 let i = Int(space.queryPosition[s])
-                if space.seen[i] == 0 && mask.seesAnyKey(s) { space.seen[i] = 1 }
+                guard space.seen[i] == 0 else { continue }
+                let seen = if let bias {
+                    mask.seesAnyKey(s) { j in !bias.hides(b: 0, h: 0, i: i, j: j) }
+                } else {
+                    mask.seesAnyKey(s)
+                }
+                if seen { space.seen[i] = 1 }
             }
         }
     }
@@ -274,8 +325,9 @@ struct PermutedRoundMask: TransposedTileMask {
         return runIndices(queries, from: hi.wraps ? 0 : lo, through: hi.last)
     }
 
-    /// Whether query slot `s` sees some key slot (the mask's rules, one pair at a time).
-    func seesAnyKey(_ s: Int) -> Bool {
+    /// Whether query slot `s` sees some key slot (the mask's rules, one pair at a time) at
+    /// a position `j` that `scored(j)` accepts.
+    func seesAnyKey(_ s: Int, scored: (_ j: Int) -> Bool = { _ in true }) -> Bool {
         let block = s / blockSize
         let bucket = mask.queryBucket[s], position = Int(mask.queryPosition[s])
         let offset = visibility.causalOffset, sameBucket = visibility.sameBucket, notSelf = visibility.notSelf
@@ -285,7 +337,7 @@ struct PermutedRoundMask: TransposedTileMask {
                 if sameBucket && mask.keyBucket[t] != bucket { continue }
                 if let offset, j > position + offset { continue }
                 if notSelf && j == position { continue }
-                return true
+                if scored(j) { return true }
             }
             return false
         }

@@ -320,15 +320,19 @@ enum PermutedBlockAttention {
     ///
     /// - Parameters:
     ///   - keyLength: keys at original positions `>= keyLength` are invisible (padding).
+    ///   - modifiers: the call's score modifiers (nil: none), applied to every scored pair
+    ///     at its original positions (``ScoreModifierKernel/gathered(item:head:_:)``) and to
+    ///     the self rule's score.
     static func attendRound(
         _ l: Layout, round: Int, space: Workspace, scale: Float, threads: Int,
         query: Rows, key: Rows, value: Rows, keyLength: Int,
-        output: MutableTensorView, lse: MutableTensorView, b: Int, h: Int
+        output: MutableTensorView, lse: MutableTensorView, b: Int, h: Int, modifiers: ScoreModifierKernel? = nil
     ) {
         precondition(l.combine == .logSumExp || l.rounds == 1, "the mean combines a single round")
         let d = l.headDim, dv = l.valueDim
         let qs = l.querySlots, ks = l.keySlots
         let blocksOnly = !l.visibility.hasRules && !l.sharedKeys && !l.predecessor && keyLength >= l.keySlots
+        let selfModifiers = modifiers?.restricted(item: b, head: h)
         let rowStrides = { (width: Int, slots: Int) -> SIMD4<Int> in SIMD4(0, slots * width, width, 1) }
         // Consecutive blocks, one work item each: gather the item's rows (plus the previous
         // block's keys) into the worker's buffers, attend, and write the sorted outputs.
@@ -368,9 +372,11 @@ enum PermutedBlockAttention {
                     }
                 }
                 keyCount += count
-                // Padding slots (a short previous block): invisible, with finite rows.
+                // Padding slots (a short previous block): invisible, with finite rows (and a
+                // position, for the modifiers).
                 while keyCount < padTo {
                     local.keyBlock[keyCount] = -1
+                    local.keyPosition[keyCount] = 0
                     (local.k + keyCount * d).update(repeating: 0, count: d)
                     (local.v + keyCount * dv).update(repeating: 0, count: dv)
                     keyCount += 1
@@ -397,7 +403,9 @@ enum PermutedBlockAttention {
                 k: TensorView(base: local.k, strides: rowStrides(d, keyCount)),
                 v: TensorView(base: local.v, strides: rowStrides(dv, keyCount)),
                 o: MutableTensorView(base: itemO, strides: rowStrides(dv, queryCount)),
-                lse: MutableTensorView(base: itemLse, strides: rowStrides(1, queryCount))
+                lse: MutableTensorView(base: itemLse, strides: rowStrides(1, queryCount)),
+                modifiers: modifiers?.gathered(item: b, head: h, .init(queries: space.queryPosition + queryStart,
+                                                                        keys: local.keyPosition))
             ) { _, _ in mask }
             guard l.combinesPerItem else { return }
             // Every query of the item holds exactly this one slot of the round (LSH): merge
@@ -411,7 +419,7 @@ enum PermutedBlockAttention {
             }) { r in
                 let i = Int(positions[r])
                 combineRow(l, round: round, i: i, o: itemO + r * dv, lse: itemLse + r, slots: nil, count: 1,
-                           scale: scale, query: query, value: value, keyLength: keyLength,
+                           scale: scale, modifiers: selfModifiers, query: query, value: value, keyLength: keyLength,
                            out: output.row(b, h, i), outStride: output.strides[3], lse: lse.row(b, h, i))
             }
         }
@@ -443,7 +451,8 @@ enum PermutedBlockAttention {
             }) { r in
                 let i = first + r, start = Int(space.memberStart[i])
                 combineRow(l, round: round, i: i, o: sortedO, lse: sortedLse, slots: space.memberSlots + start,
-                           count: Int(space.memberStart[i + 1]) - start, scale: scale, query: query, value: value,
+                           count: Int(space.memberStart[i + 1]) - start, scale: scale, modifiers: selfModifiers,
+                           query: query, value: value,
                            keyLength: keyLength, out: output.row(b, h, i), outStride: output.strides[3],
                            lse: lse.row(b, h, i))
             }
@@ -456,7 +465,7 @@ enum PermutedBlockAttention {
     /// `.logSumExp`).
     @inline(__always)
     static func combineRow(_ l: Layout, round: Int, i: Int, o: UnsafePointer<Float>, lse sortedLse: UnsafePointer<Float>,
-                           slots: UnsafePointer<Int32>?, count: Int, scale: Float,
+                           slots: UnsafePointer<Int32>?, count: Int, scale: Float, modifiers: ScoreModifierKernel?,
                            query: Rows, value: Rows, keyLength: Int,
                            out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>) {
         let dv = l.valueDim
@@ -473,9 +482,12 @@ enum PermutedBlockAttention {
         guard m > -.infinity else {
             lse[0] = -.infinity
             if l.sharedKeys && round == l.rounds - 1 && i < keyLength {
-                // The self rule: a query with no other visible key attends to itself, in every round.
+                // The self rule: a query with no other visible key (none listed, or a −∞ bias
+                // on each) attends to itself, in every round; unless a −∞ bias hides that
+                // pair too (then it has no visible key at all: 0 and −∞).
+                let score = selfRuleScore(i, scale: scale, modifiers: modifiers, query: query, headDim: l.headDim)
+                guard score > -.infinity else { return }
                 for c in 0..<dv { out[c * outStride] = value.element(i, c) }
-                let score = scale * query.squaredNorm(i, count: l.headDim).squareRoot()
                 lse[0] = score + logf(Float(l.rounds))
             }
             return
@@ -507,6 +519,13 @@ enum PermutedBlockAttention {
             axpy(weight, row, 1, out, outStride, count: dv)
         }
         lse[0] = logSumExp ? rounds.logSumExp : m + logf(rounds.total / Float(used))
+    }
+
+    /// The score of shared-QK LSH's self rule, `scale · q_i · q_i / |q_i| = scale · |q_i|`,
+    /// then modified (`modifiers` restricted to the head; key `i`).
+    static func selfRuleScore(_ i: Int, scale: Float, modifiers: ScoreModifierKernel?, query: Rows, headDim: Int) -> Float {
+        let score = scale * query.squaredNorm(i, count: headDim).squareRoot()
+        return modifiers?.modifiedScore(score, b: 0, h: 0, i: i, j: i) ?? score
     }
 
     /// `target[c · stride] += source[c]` for `c < count`: a gathered row's gradient added

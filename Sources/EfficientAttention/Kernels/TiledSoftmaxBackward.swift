@@ -363,7 +363,8 @@ enum TiledSoftmaxBackward {
                         biasOrder.order.waitForTurn(head: biasOrder.slot, block: head,
                                                     position: (shape.groupSize - 1) * queryTiles + r)
                     }
-                    addBiasGradient(space, biasGradient, b: b, h: h, keys: tile.keys, queries: queries)
+                    addBiasGradient(space, biasGradient, b: b, h: h, keys: tile.keys, queries: queries,
+                                    modifiers: x.modifiers)
                     if let biasOrder {
                         biasOrder.order.publish(head: biasOrder.slot, block: head, donePast: local * queryTiles + r)
                     }
@@ -686,10 +687,21 @@ enum TiledSoftmaxBackward {
     }
 
     /// `∂bias[b, h, i, j] += dSᵀ[j, i]` (unscaled: `P ∘ (dP − D)`) for the tile's keys and
-    /// queries (padding lanes skipped; hidden pairs add exact zeros).
+    /// queries (padding lanes skipped; hidden pairs add exact zeros). Gathered slots
+    /// (``ScoreModifierKernel/slots``) add at their positions, into the gradient of the
+    /// modifiers' one head (`gradient` restricted to it).
     static func addBiasGradient(_ space: Workspace, _ gradient: MutableTensorView, b: Int, h: Int,
-                                keys: PositionRun, queries: PositionRun) {
+                                keys: PositionRun, queries: PositionRun, modifiers: ScoreModifierKernel?) {
         let ld = space.lanes, cs = gradient.strides[3]
+        if let slots = modifiers?.slots {
+            for ii in 0..<queries.count {
+                let row = gradient.row(0, 0, slots.query(b, queries.position(ii)))
+                for jj in 0..<keys.count {
+                    row[slots.key(b, keys.position(jj)) &* cs] += space.scoreGradients[jj * ld + ii]
+                }
+            }
+            return
+        }
         for ii in 0..<queries.count {
             let row = gradient.row(b, h, queries.position(ii))
             for jj in 0..<keys.count {
