@@ -342,8 +342,13 @@ public final class SweepRunner {
                 let denseFlops = Accounting.denseFlops(batch: shape.batch, heads: shape.heads, queryLength: shape.queryLength,
                                                        keyLength: shape.keyLength, headDim: shape.headDim,
                                                        valueDim: shape.valueDim, causal: job.problem.causal)
-                if options.packedLengths == nil && referenceCache[job.problem] == nil
-                    && denseFlops > Self.fullReferenceFlops {
+                let sampled = options.packedLengths == nil && referenceCache[job.problem] == nil
+                    && denseFlops > Self.fullReferenceFlops
+                if sampled && options.hasModifiers {
+                    // Sampled rows are attended as separate one-query problems, without the
+                    // positions a bias or ALiBi needs: no error column with modifiers.
+                    progress("note: no sampled dense reference with score modifiers for \(job.problem)")
+                } else if sampled {
                     // The full dense output would cost more than the run itself: exact dense rows
                     // on an even sample of the queries instead.
                     let rows = Self.sampleRows(shape.queryLength, count: Self.sampledRowCount)
@@ -357,7 +362,12 @@ public final class SweepRunner {
                     // The full dense Float output (dense's own when it ran in Float, else
                     // computed here); packed runs: of the same packed call.
                     if referenceCache[job.problem] == nil, let make = registry.entry(named: "dense")?.make {
-                        let dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
+                        var dense = try make(ConformerConfig(problem: job.problem, parameters: [:], seed: options.seed))
+                        // The run's modifiers too, as when dense runs in the sweep.
+                        if options.hasModifiers, var modifiable = dense as? any ModifiableAttention {
+                            modifiable.modifiers = try options.modifiers(shape: job.problem.shape)
+                            dense = modifiable
+                        }
                         do {
                             let r = try options.packedLengths.map {
                                 try dense.attend(query: inputs.query, key: inputs.key, value: inputs.value,

@@ -555,6 +555,14 @@ import AttentionBenchCore
         for bad in [["--mask", "documents:4"], ["--mask", "document:0"], ["--softcap", "0"], ["--softcap", "x"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(bad) }
         }
+        // Without dense in the run, the error column's dense reference takes the modifiers
+        // too: a local window covering every key is dense.
+        let alone = try BenchOptions.parse(["--softcap", "30", "--alibi", "--sinks", "--bias", "--variants", "local",
+                                            "--window", "256", "--seq", "64", "--heads", "2", "--dim", "16",
+                                            "--threads", "1", "--repeat", "1"])
+        let local = try SweepRunner(options: alone, peaks: PeakCache(measure: { Double($0) * 100 }), progress: { _ in })
+            .run(try SweepPlan.make(alone))
+        #expect(local.count == 1 && (local[0].relativeError ?? 1) < 1e-5, "\(local.map(\.relativeError))")
         // The backward takes the modifiers too.
         let withBackward = try BenchOptions.parse(["--alibi", "--softcap", "20", "--backward"])
         #expect(withBackward.backward && withBackward.alibi && withBackward.softCap == 20)

@@ -111,6 +111,17 @@ func routingReference(q: [Double], k: [Double], v: [Double], dO: [Double], dims 
     return r
 }
 
+/// The library's forward output and log-sum-exp against the reference's.
+func checkRoutingForward(_ result: AttentionResult, _ reference: RoutingReference, _ label: String,
+                         sourceLocation: SourceLocation = #_sourceLocation) {
+    let (outputError, outputScale) = maxErrorAndMagnitude(result.output.elements, reference.output)
+    #expect(outputError <= 1e-5 * (1 + outputScale), "\(label): forward output error \(outputError)",
+            sourceLocation: sourceLocation)
+    #expect(zip(result.logSumExp.elements, reference.lse).allSatisfy { l, r in
+        r == -.infinity ? l == -.infinity : abs(Double(l) - r) <= 1e-5 * (1 + abs(r))
+    }, "\(label): forward log-sum-exp", sourceLocation: sourceLocation)
+}
+
 struct RoutingBackwardCase: Sendable, CustomTestStringConvertible {
     var batch = 1, heads = 2, kvHeads: Int? = nil
     var queryLength: Int, keyLength: Int? = nil
@@ -156,12 +167,7 @@ struct RoutingBackwardCase: Sendable, CustomTestStringConvertible {
             routes: try attention.routes(query: q, key: k), clusters: clusters,
             scale: 1 / Double(headDim).squareRoot(), causal: causal, keyLengths: keyLengths)
         // The reference's forward is the library's forward (the routes are the same).
-        let (outputError, outputScale) = maxErrorAndMagnitude(result.output.elements, reference.output)
-        #expect(outputError <= 1e-5 * (1 + outputScale), "\(testDescription): forward output error \(outputError)",
-                sourceLocation: sourceLocation)
-        #expect(zip(result.logSumExp.elements, reference.lse).allSatisfy { l, r in
-            r == -.infinity ? l == -.infinity : abs(Double(l) - r) <= 1e-5 * (1 + abs(r))
-        }, "\(testDescription): forward log-sum-exp", sourceLocation: sourceLocation)
+        checkRoutingForward(result, reference, testDescription, sourceLocation: sourceLocation)
         let (d, dv) = (headDim, valueDim ?? headDim)
         for (name, values, ref, width, zeroRows) in [
             ("dQuery", g.dQuery.elements, reference.dq, d, reference.used.map { $0 == 0 }),
