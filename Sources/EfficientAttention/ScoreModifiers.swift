@@ -241,22 +241,9 @@ struct ScoreModifierKernel: @unchecked Sendable {
         }
         var r = 0, check = BiasTermCheck()
         if let slots {
-            // Gathered slots: each lane's position read from the slot list (only the
-            // tile's own lanes: the lists end with the last block), the bias gathered.
-            for r in 0..<keys.count {
-                let j = slots.key(b, keys.position(r)), row = scores + r &* ld
-                for lane in stride(from: 0, to: lanes, by: 16) {
-                    var terms = V(), distances = V()
-                    for l in 0..<max(0, min(16, queries.count - lane)) {
-                        let i = slots.query(b, queries.position(lane + l))
-                        distances[l] = Float(i + offset - j)
-                        if let biasRow { terms[l] = biasRow[i &* biasRowStride &+ j &* biasColumnStride] }
-                    }
-                    store16(modified(load16(row + lane), biasTerms: terms, slope: slope, distance: distances,
-                                     check: &check), row + lane)
-                }
-            }
-            report(check)
+            applyGathered(scores, ld: ld, keys: keys, queries: queries, lanes: lanes, b: b, slots: slots,
+                          slope: slope, biasRow: biasRow, biasRowStride: biasRowStride,
+                          biasColumnStride: biasColumnStride)
             return
         }
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
@@ -305,6 +292,54 @@ struct ScoreModifierKernel: @unchecked Sendable {
                                  distance: distance(lane: lane, key: j), check: &check), row + lane)
             }
             r += 1
+        }
+        report(check)
+    }
+
+    /// ``apply(_:ld:keys:queries:lanes:b:h:)`` on gathered slots (``SlotPositions``): per
+    /// block of 16 query lanes, the lanes' positions (for ALiBi) and bias rows are read
+    /// from the slot list once; then, key by key, each lane's distance is one vector
+    /// subtraction and its bias term one scalar load at the key's position (the rows are
+    /// scattered: no 16 × 16 blocks in sorted order), requested a few keys ahead so the
+    /// misses overlap. Soft-capping alone reads no position.
+    @inline(__always)
+    private func applyGathered(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
+                               lanes: Int, b: Int, slots: SlotPositions, slope: SIMD16<Float>,
+                               biasRow: UnsafePointer<Float>?, biasRowStride: Int, biasColumnStride: Int) {
+        typealias V = SIMD16<Float>
+        var check = BiasTermCheck()
+        let positioned = slopes != nil || biasRow != nil
+        let ahead = 4
+        for lane in stride(from: 0, to: lanes, by: 16) {
+            let valid = max(0, min(16, queries.count - lane))
+            // The lanes' positions (padding lanes: 0) and bias rows.
+            var positions = V(), rows = SIMD16<Int>()
+            if positioned {
+                for l in 0..<valid {
+                    let i = slots.query(b, queries.position(lane + l))
+                    positions[l] = Float(i + offset)
+                    rows[l] = i &* biasRowStride
+                }
+            }
+            for r in 0..<keys.count {
+                let row = scores + r &* ld + lane
+                guard positioned else {
+                    store16(modified(load16(row), biasTerms: V(), slope: slope, distance: V(), check: &check), row)
+                    continue
+                }
+                let j = slots.key(b, keys.position(r))
+                var terms = V()
+                if let biasRow {
+                    let column = j &* biasColumnStride
+                    for l in 0..<valid { terms[l] = biasRow[rows[l] &+ column] }
+                    if r + ahead < keys.count {
+                        let next = slots.key(b, keys.position(r + ahead)) &* biasColumnStride
+                        for l in 0..<valid { ea_prefetch_read(biasRow + (rows[l] &+ next)) }
+                    }
+                }
+                store16(modified(load16(row), biasTerms: terms, slope: slope,
+                                 distance: positions - V(repeating: Float(j)), check: &check), row)
+            }
         }
         report(check)
     }
