@@ -335,6 +335,43 @@ struct PermutedModifierTests {
                 "no gradient from rows without a visible key")
     }
 
+    /// The routes a modified forward hands back give that forward's result and the
+    /// gradients of hashing or routing again, bit for bit.
+    @Test(arguments: [false, true])
+    func handedRoutes(_ routing: Bool) throws {
+        let shape = AttentionShape(batch: 2, heads: 2, queryLength: 90, keyLength: 90, headDim: 8, valueDim: 8)
+        let m = try ModifierChoice(softCap: 2, alibi: true, bias: [1, 2], sinks: !routing).modifiers(shape, seed: 4)
+        let (q, k, v) = try randomQKV(batch: 2, heads: 2, queryLength: 90, headDim: 8, seed: 21)
+        let dO = try randomTensor([2, 2, 90, 8], seed: 22)
+        func same(_ a: AttentionGradients, _ b: AttentionGradients) -> Bool {
+            bitwiseEqual(a.dQuery.elements + a.dKey.elements + a.dValue.elements,
+                         b.dQuery.elements + b.dKey.elements + b.dValue.elements)
+        }
+        if routing {
+            var a = try RoutingAttention(heads: 2, headDim: 8, clusters: 3, causal: true, seed: 1)
+            a.modifiers = m
+            let plain = try a.attend(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
+            let (result, routes) = try a.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
+            expectBitwiseEqual(plain, result, "routing: attendReturningRoutes")
+            let again = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                        keyLengths: [90, 50], threads: 2)
+            let given = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
+                                        keyLengths: [90, 50], threads: 3)
+            #expect(same(again, given), "routing: gradients with the handed routes")
+        } else {
+            var a = LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 1)
+            a.modifiers = m
+            let plain = try a.attend(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
+            let (result, routes) = try a.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
+            expectBitwiseEqual(plain, result, "lsh: attendReturningRoutes")
+            let again = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                        keyLengths: [90, 50], threads: 2)
+            let given = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
+                                        keyLengths: [90, 50], threads: 3)
+            #expect(same(again, given), "lsh: gradients with the handed routes")
+        }
+    }
+
     /// Routing refuses sinks, naming them; both check the modifiers before any work.
     @Test func badModifiers() throws {
         let (q, k, v) = try randomQKV(heads: 2, queryLength: 20, headDim: 4, seed: 1)
