@@ -167,6 +167,12 @@ struct MixedPrecisionBackwardTests {
             ("lsh shared QK, causal", LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 11)),
             ("lsh separate keys", LSHAttention(bucketSize: 8, hashes: 2, sharedQK: false, seed: 12)),
             ("routing causal", try RoutingAttention(heads: 4, headDim: 33, clusters: 3, causal: true, seed: 4)),
+            // Modifiers at the gathered slots' positions; LSH's self rule with a sink's share.
+            ("lsh modified", try permutedWithModifiers(LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 14),
+                                                       heads: 4, length: 70, sinks: true)),
+            ("routing modified", try permutedWithModifiers(
+                RoutingAttention(heads: 4, headDim: 33, clusters: 3, causal: true, seed: 5), heads: 4, length: 70,
+                sinks: false)),
             ("linformer per head", try LinformerAttention(projectedLength: 12, maxSequenceLength: 80,
                                                           perHeadProjections: 2, seed: 5)),
             ("memory-compressed mean, causal", try MemoryCompressedAttention(compression: 3, causal: true)),

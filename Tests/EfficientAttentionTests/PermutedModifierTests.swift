@@ -136,6 +136,15 @@ func checkModifierGradients(_ g: ScoreModifierGradients, _ m: ScoreModifiers, re
     }
 }
 
+/// `attention` with soft-capping, ALiBi, a bias `[1, H, N, N]` and (`sinks`) sinks, for
+/// problems of `heads` heads and `length` queries and keys (the mixed-precision tests).
+func permutedWithModifiers<A: ModifiableAttention>(_ attention: A, heads: Int, length: Int, sinks: Bool) throws -> A {
+    var a = attention
+    a.modifiers = try ModifierChoice(softCap: 2, alibi: true, bias: [1, 2], sinks: sinks)
+        .modifiers(AttentionShape(heads: heads, queryLength: length, headDim: 1), seed: 31)
+    return a
+}
+
 enum PermutedModifierCases {
     static let lsh: [LSHModifierCase] = [
         (LSHCase(length: 17, bucketSize: 4), ModifierChoice(softCap: 1.5)),
