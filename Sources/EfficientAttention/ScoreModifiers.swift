@@ -309,7 +309,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
         typealias V = SIMD16<Float>
         var check = BiasTermCheck()
         let positioned = slopes != nil || biasRow != nil
-        let ahead = 4
+        let ahead = 2
         for lane in stride(from: 0, to: lanes, by: 16) {
             let valid = max(0, min(16, queries.count - lane))
             // The lanes' positions (padding lanes: 0) and bias rows.
