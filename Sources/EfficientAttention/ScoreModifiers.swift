@@ -190,22 +190,13 @@ struct ScoreModifierKernel: @unchecked Sendable {
         return r
     }
 
-    /// The query and key positions of the kernel's query `ii` and key `jj` of its batch item `b`.
-    @inline(__always)
-    func positions(_ b: Int, query ii: Int, key jj: Int) -> (i: Int, j: Int) {
-        guard let slots else { return (ii, jj) }
-        return (slots.query(b, ii), slots.key(b, jj))
-    }
-
     /// The modified score of one pair (``modified(_:biasTerms:slope:distance:check:)`` on
     /// a splat: the same bits as the vector paths), for a score the kernels never tile
     /// (LSH's self rule): query `i`, key `j` of the call, batch item `b`, head `h`.
     func modifiedScore(_ score: Float, b: Int, h: Int, i: Int, j: Int) -> Float {
-        let item = firstItem + b, head = firstHead + h
         var check = BiasTermCheck()
-        let term = bias.map { $0.row(item, head, i)[j &* $0.strides[3]] } ?? 0
-        let s = modified(SIMD16(repeating: score), biasTerms: SIMD16(repeating: term),
-                         slope: SIMD16(repeating: slopes?[head] ?? 0),
+        let s = modified(SIMD16(repeating: score), biasTerms: SIMD16(repeating: biasTerm(b: b, h: h, i: i, j: j) ?? 0),
+                         slope: SIMD16(repeating: slopes?[firstHead + h] ?? 0),
                          distance: SIMD16(repeating: Float(i + offset - j)), check: &check)
         report(check)
         return s[0]
@@ -214,8 +205,12 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// Whether the bias hides pair `(i, j)` (its term is `−∞`) of batch item `b`, head `h`:
     /// the only modifier that can (soft-capping and ALiBi are finite).
     func hides(b: Int, h: Int, i: Int, j: Int) -> Bool {
-        guard let bias else { return false }
-        return bias.row(firstItem + b, firstHead + h, i)[j &* bias.strides[3]] == -.infinity
+        biasTerm(b: b, h: h, i: i, j: j) == -.infinity
+    }
+
+    /// The bias element of pair `(i, j)` of batch item `b`, head `h`, or nil without a bias.
+    private func biasTerm(b: Int, h: Int, i: Int, j: Int) -> Float? {
+        bias.map { $0.row(firstItem + b, firstHead + h, i)[j &* $0.strides[3]] }
     }
 
     /// Applies soft-capping, the bias and ALiBi to `scores[r · ld + lane]`, the score of key
@@ -227,9 +222,12 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// gather it element by element. Both give the same values.
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
                lanes: Int, b: Int, h: Int) {
+        if let slots {
+            applyGathered(scores, ld: ld, keys: keys, queries: queries, lanes: lanes, b: b, slots: slots)
+            return
+        }
         typealias V = SIMD16<Float>
-        // Gathered slots: the kernel's batch item is a block of one head's slots.
-        let item = firstItem + (slots == nil ? b : 0), head = firstHead + (slots == nil ? h : 0)
+        let item = firstItem + b, head = firstHead + h
         let slope = V(repeating: slopes?[head] ?? 0)
         var laneOffsets = V()
         for l in 0..<16 { laneOffsets[l] = Float(l * queries.step) }
@@ -240,12 +238,6 @@ struct ScoreModifierKernel: @unchecked Sendable {
             V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
         }
         var r = 0, check = BiasTermCheck()
-        if let slots {
-            applyGathered(scores, ld: ld, keys: keys, queries: queries, lanes: lanes, b: b, slots: slots,
-                          slope: slope, biasRow: biasRow, biasRowStride: biasRowStride,
-                          biasColumnStride: biasColumnStride)
-            return
-        }
         if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
             // prefetchers, so the bias is requested ahead twice: the next tile's into L2 by
@@ -301,12 +293,15 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// from the slot list once; then, key by key, each lane's distance is one vector
     /// subtraction and its bias term one scalar load at the key's position (the rows are
     /// scattered: no 16 × 16 blocks in sorted order), requested a few keys ahead so the
-    /// misses overlap. Soft-capping alone reads no position.
+    /// misses overlap. Soft-capping alone reads no position. The slots are all of this
+    /// kernel's one item and head (``gathered(item:head:_:)``); `b` is the block of slots.
     @inline(__always)
     private func applyGathered(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
-                               lanes: Int, b: Int, slots: SlotPositions, slope: SIMD16<Float>,
-                               biasRow: UnsafePointer<Float>?, biasRowStride: Int, biasColumnStride: Int) {
+                               lanes: Int, b: Int, slots: SlotPositions) {
         typealias V = SIMD16<Float>
+        let slope = V(repeating: slopes?[firstHead] ?? 0)
+        let biasRow = bias.map { $0.row(firstItem, firstHead, 0) }
+        let biasRowStride = bias?.strides[2] ?? 0, biasColumnStride = bias?.strides[3] ?? 0
         var check = BiasTermCheck()
         let positioned = slopes != nil || biasRow != nil
         let ahead = 2

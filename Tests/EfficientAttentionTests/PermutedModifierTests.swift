@@ -352,32 +352,36 @@ struct PermutedModifierTests {
         let m = try ModifierChoice(softCap: 2, alibi: true, bias: [1, 2], sinks: !routing).modifiers(shape, seed: 4)
         let (q, k, v) = try randomQKV(batch: 2, heads: 2, queryLength: 90, headDim: 8, seed: 21)
         let dO = try randomTensor([2, 2, 90, 8], seed: 22)
-        func same(_ a: AttentionGradients, _ b: AttentionGradients) -> Bool {
-            bitwiseEqual(a.dQuery.elements + a.dKey.elements + a.dValue.elements,
-                         b.dQuery.elements + b.dKey.elements + b.dValue.elements)
+        /// The modified `plain`'s forward, its routes' forward and gradients against those
+        /// of routing or hashing again.
+        func check<A: ModifiableAttention & DifferentiableAttention, Routes>(
+            _ plain: A, returningRoutes: (A) throws -> (AttentionResult, Routes),
+            gradients: (A, AttentionResult, Routes) throws -> AttentionGradients
+        ) throws {
+            var a = plain
+            a.modifiers = m
+            let expected = try a.attend(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
+            let (result, routes) = try returningRoutes(a)
+            expectBitwiseEqual(expected, result, "\(a.name): attendReturningRoutes")
+            let again = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                        keyLengths: [90, 50], threads: 2)
+            let given = try gradients(a, result, routes)
+            #expect(bitwiseEqual(again.dQuery.elements + again.dKey.elements + again.dValue.elements,
+                                 given.dQuery.elements + given.dKey.elements + given.dValue.elements),
+                    "\(a.name): gradients with the handed routes")
         }
         if routing {
-            var a = try RoutingAttention(heads: 2, headDim: 8, clusters: 3, causal: true, seed: 1)
-            a.modifiers = m
-            let plain = try a.attend(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
-            let (result, routes) = try a.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
-            expectBitwiseEqual(plain, result, "routing: attendReturningRoutes")
-            let again = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
-                                        keyLengths: [90, 50], threads: 2)
-            let given = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
-                                        keyLengths: [90, 50], threads: 3)
-            #expect(same(again, given), "routing: gradients with the handed routes")
+            try check(try RoutingAttention(heads: 2, headDim: 8, clusters: 3, causal: true, seed: 1),
+                      returningRoutes: { try $0.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50],
+                                                                      threads: 2) },
+                      gradients: { try $0.gradients(query: q, key: k, value: v, result: $1, outputGradient: dO, routes: $2,
+                                                    keyLengths: [90, 50], threads: 3) })
         } else {
-            var a = LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 1)
-            a.modifiers = m
-            let plain = try a.attend(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
-            let (result, routes) = try a.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50], threads: 2)
-            expectBitwiseEqual(plain, result, "lsh: attendReturningRoutes")
-            let again = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
-                                        keyLengths: [90, 50], threads: 2)
-            let given = try a.gradients(query: q, key: k, value: v, result: result, outputGradient: dO, routes: routes,
-                                        keyLengths: [90, 50], threads: 3)
-            #expect(same(again, given), "lsh: gradients with the handed routes")
+            try check(LSHAttention(bucketSize: 8, hashes: 3, causal: true, seed: 1),
+                      returningRoutes: { try $0.attendReturningRoutes(query: q, key: k, value: v, keyLengths: [90, 50],
+                                                                      threads: 2) },
+                      gradients: { try $0.gradients(query: q, key: k, value: v, result: $1, outputGradient: dO, routes: $2,
+                                                    keyLengths: [90, 50], threads: 3) })
         }
     }
 

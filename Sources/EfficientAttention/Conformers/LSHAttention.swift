@@ -648,7 +648,11 @@ extension LSHAttention: OperandWideningBackward {
                     let queries = PermutedBlockAttention.Rows(view: q, b: b, h: h)
                     let keys = sharedQK ? queries : PermutedBlockAttention.Rows(view: k, b: b, h: hk)
                     let outputGradients = PermutedBlockAttention.Rows(view: dO, b: b, h: h)
-                    // The bias gradient of this head (stride 0 where the bias broadcasts).
+                    let values = PermutedBlockAttention.Rows(view: v, b: b, h: hk)
+                    let outputs = PermutedBlockAttention.Rows(view: o, b: b, h: h)
+                    let logSumExps = PermutedBlockAttention.Rows(view: l, b: b, h: h)
+                    // The modifiers and the bias gradient of this head (stride 0 where the bias broadcasts).
+                    let headModifiers = modifiers?.restricted(item: b, head: h)
                     let headBias = biasGradient.map { MutableTensorView(base: $0.row(b, h, 0), strides: $0.strides) }
                     if let routes {
                         let start = (b * shape.heads + h) * hashes * n
@@ -671,17 +675,12 @@ extension LSHAttention: OperandWideningBackward {
                         LSHBackward.prepareRound(space, blockSize: bucketSize, keyLength: keyLength)
                         LSHBackward.addRound(
                             space, mask: mask, sharedKeys: sharedQK, scale: scale, threads: threads,
-                            query: queries, key: keys, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                            output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
-                            logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h),
+                            query: queries, key: keys, value: values, output: outputs, logSumExp: logSumExps,
                             outputGradient: outputGradients, dQ: dQ, dK: dK, dV: dV, b: b, h: h, hk: hk,
                             modifiers: modifiers?.gathered(item: b, head: h, .init(queries: space.queryPosition,
                                                                                     keys: space.keyPosition)),
                             biasGradient: headBias)
-                        if sharedQK {
-                            LSHBackward.markSeen(space, mask: mask, threads: threads,
-                                                 modifiers: modifiers?.restricted(item: b, head: h))
-                        }
+                        if sharedQK { LSHBackward.markSeen(space, mask: mask, threads: threads, modifiers: headModifiers) }
                     }
                     // The self rule: o_i = v_i for a valid query that saw no other key
                     // (with sinks, its share of the sink's softmax).
@@ -689,10 +688,8 @@ extension LSHAttention: OperandWideningBackward {
                     for i in 0..<min(keyLength, n) where space.seen[i] == 0 {
                         LSHBackward.addSelfRule(
                             i, rounds: hashes, headDim: shape.headDim, valueDim: shape.valueDim, scale: scale, sinks: sinks,
-                            modifiers: modifiers?.restricted(item: b, head: h),
-                            query: queries, value: PermutedBlockAttention.Rows(view: v, b: b, h: hk),
-                            output: PermutedBlockAttention.Rows(view: o, b: b, h: h),
-                            logSumExp: PermutedBlockAttention.Rows(view: l, b: b, h: h), outputGradient: outputGradients,
+                            modifiers: headModifiers, query: queries, value: values, output: outputs,
+                            logSumExp: logSumExps, outputGradient: outputGradients,
                             dQ: dQ.row(b, h, i), dQStride: dQ.strides[3], dV: dV.row(b, hk, i), dVStride: dV.strides[3],
                             biasGradient: headBias)
                     }

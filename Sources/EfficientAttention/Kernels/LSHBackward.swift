@@ -212,18 +212,13 @@ enum LSHBackward {
     /// rule), skipping those already marked; a key the bias hides (`−∞`: `modifiers`,
     /// restricted to the head) is not visible, as in the forward.
     static func markSeen(_ space: Workspace, mask: PermutedRoundMask, threads: Int, modifiers: ScoreModifierKernel?) {
-        let bias = modifiers?.bias != nil ? modifiers : nil
         parallelForEach(items: ceilDiv(space.n, rowsPerItem), threads: threads) { item, _ in
             let first = item * rowsPerItem
             for s in first..<min(space.n, first + rowsPerItem) {
                 let i = Int(space.queryPosition[s])
-                guard space.seen[i] == 0 else { continue }
-                let seen = if let bias {
-                    mask.seesAnyKey(s) { j in !bias.hides(b: 0, h: 0, i: i, j: j) }
-                } else {
-                    mask.seesAnyKey(s)
+                if space.seen[i] == 0 && mask.seesAnyKey(s, scored: { j in modifiers?.hides(b: 0, h: 0, i: i, j: j) != true }) {
+                    space.seen[i] = 1
                 }
-                if seen { space.seen[i] = 1 }
             }
         }
     }

@@ -693,20 +693,20 @@ enum TiledSoftmaxBackward {
     static func addBiasGradient(_ space: Workspace, _ gradient: MutableTensorView, b: Int, h: Int,
                                 keys: PositionRun, queries: PositionRun, modifiers: ScoreModifierKernel?) {
         let ld = space.lanes, cs = gradient.strides[3]
-        if let slots = modifiers?.slots {
+        /// Adds the tile into item `item`, head `head` of `gradient`, the kernel's positions
+        /// mapped to the bias's by `query` and `key`.
+        @inline(__always) func add(item: Int, head: Int, query: (Int) -> Int, key: (Int) -> Int) {
             for ii in 0..<queries.count {
-                let row = gradient.row(0, 0, slots.query(b, queries.position(ii)))
+                let row = gradient.row(item, head, query(queries.position(ii)))
                 for jj in 0..<keys.count {
-                    row[slots.key(b, keys.position(jj)) &* cs] += space.scoreGradients[jj * ld + ii]
+                    row[key(keys.position(jj)) &* cs] += space.scoreGradients[jj * ld + ii]
                 }
             }
-            return
         }
-        for ii in 0..<queries.count {
-            let row = gradient.row(b, h, queries.position(ii))
-            for jj in 0..<keys.count {
-                row[keys.position(jj) &* cs] += space.scoreGradients[jj * ld + ii]
-            }
+        if let slots = modifiers?.slots {
+            add(item: 0, head: 0, query: { slots.query(b, $0) }, key: { slots.key(b, $0) })
+        } else {
+            add(item: b, head: h, query: { $0 }, key: { $0 })
         }
     }
 
