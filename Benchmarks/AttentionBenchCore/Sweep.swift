@@ -464,15 +464,21 @@ public final class SweepRunner {
     func timeBackward(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
                       forward: BenchRecord, peak: Double) throws -> [BenchRecord] {
         let threads = job.threads, shape = job.problem.shape
-        let backwardCost = try attention.backwardCost(shape, threads: threads)
-        let result = try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value,
-                                          keyLengths: nil, threads: threads)
+        let sequences = try options.packedLengths.map { try PackedSequences(lengths: $0) }
+        let backwardCost = try sequences.map {
+            try attention.backwardCost(sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
+                                       valueDim: shape.valueDim, threads: threads)
+        } ?? attention.backwardCost(shape, threads: threads)
+        let result = try sequences.map {
+            try attention.attend(query: inputs.query, key: inputs.key, value: inputs.value, sequences: $0,
+                                 threads: threads)
+        } ?? attention.attend(query: inputs.query, key: inputs.key, value: inputs.value, keyLengths: nil,
+                              threads: threads)
         let dO = try Tensor.random(shape: result.output.shape, seed: options.seed &+ 0x0d0)
         let (alone, both) = job.io == .float32
-            ? try timedBackwardCalls(job, attention, inputs, result: result, outputGradient: dO,
-                                     workspaceBytes: max(backwardCost.workspaceBytes,
-                                                         try attention.cost(shape, threads: threads).workspaceBytes))
-            : try timedMixedBackwardCalls(job, attention, inputs, outputGradient: dO)
+            ? try timedBackwardCalls(job, attention, inputs, result: result, outputGradient: dO, sequences: sequences,
+                                     workspaceBytes: max(backwardCost.workspaceBytes, job.cost.workspaceBytes))
+            : try timedMixedBackwardCalls(job, attention, inputs, outputGradient: dO, sequences: sequences)
         func record(_ pass: String, _ timed: (timing: TimingStatistics, allocationsPerCall: Double?),
                     flops: Double, workspace: Int) -> BenchRecord {
             var r = BenchRecord(
@@ -496,9 +502,9 @@ public final class SweepRunner {
     /// The backward alone and forward + backward, engine style as the forward's timed calls:
     /// borrowed views, gradients (and, for forward + backward, the output and log-sum-exp)
     /// written into the caller's tensors, one workspace for both passes, allocations counted
-    /// per call.
+    /// per call. With `--varlen`, the packed calls on `sequences`.
     func timedBackwardCalls(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
-                            result: AttentionResult, outputGradient dO: Tensor,
+                            result: AttentionResult, outputGradient dO: Tensor, sequences: PackedSequences?,
                             workspaceBytes: Int) throws -> (alone: TimedCalls, both: TimedCalls) {
         let threads = job.threads
         var dq = try Tensor(shape: inputs.query.shape), dk = try Tensor(shape: inputs.key.shape)
@@ -512,17 +518,19 @@ public final class SweepRunner {
         try output.withMutableStridedView { out in try lse.withMutableStridedView { lseOut in
             // The forward's output and log-sum-exp, read by the backward that follows it.
             let written = try Self.readable(out), writtenLSE = try Self.readable(lseOut)
+            let (qa, ka, va, ga) = (ActivationView(q), ActivationView(k), ActivationView(v), ActivationView(g))
+            let (dQa, dKa, dVa) = (MutableActivationView(dQ), MutableActivationView(dK), MutableActivationView(dV))
             let alone = try timeEngineCalls(policy: options.timing) {
-                try attention.gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
-                                        dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
-                                        workspace: workspace, threads: threads)
+                try Self.engineGradients(attention, qa, ka, va, output: ActivationView(o), logSumExp: l,
+                                         outputGradient: ga, dQuery: dQa, dKey: dKa, dValue: dVa,
+                                         sequences: sequences, workspace: workspace, threads: threads)
             }
             let both = try timeEngineCalls(policy: options.timing) {
-                try attention.attend(query: q, key: k, value: v, output: out, logSumExp: lseOut, keyLengths: nil,
-                                     workspace: workspace, threads: threads)
-                try attention.gradients(query: q, key: k, value: v, output: written, logSumExp: writtenLSE,
-                                        outputGradient: g, dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
-                                        workspace: workspace, threads: threads)
+                try Self.engineCall(attention, qa, ka, va, output: MutableActivationView(out), logSumExp: lseOut,
+                                    sequences: sequences, workspace: workspace, threads: threads)
+                try Self.engineGradients(attention, qa, ka, va, output: ActivationView(written), logSumExp: writtenLSE,
+                                         outputGradient: ga, dQuery: dQa, dKey: dKa, dValue: dVa,
+                                         sequences: sequences, workspace: workspace, threads: threads)
             }
             return (alone, both)
         } } } } } } } } } } }
@@ -533,13 +541,23 @@ public final class SweepRunner {
     /// output the 16-bit forward's): the ``ActivationView`` entry points, one workspace sized
     /// for both passes' conversions.
     func timedMixedBackwardCalls(_ job: SweepJob, _ attention: some DifferentiableAttention, _ inputs: Inputs,
-                                 outputGradient dO: Tensor) throws -> (alone: TimedCalls, both: TimedCalls) {
+                                 outputGradient dO: Tensor,
+                                 sequences: PackedSequences?) throws -> (alone: TimedCalls, both: TimedCalls) {
         let threads = job.threads, io = job.io
         let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
         let precisions = OperandPrecisions(io)
+        let (h, hkv, d, e) = (shape.heads, shape.kvHeads, shape.headDim, shape.valueDim)
         let workspace = try AttentionWorkspace(byteCount: max(
-            try AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: precisions).byteCount,
-            try AttentionWorkspace(for: attention, shape: shape, threads: threads, precisions: precisions).byteCount))
+            try sequences.map {
+                try AttentionWorkspace(forBackwardOf: attention, sequences: $0, heads: h, kvHeads: hkv, headDim: d,
+                                       valueDim: e, threads: threads, precisions: precisions)
+            }?.byteCount
+                ?? AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: precisions).byteCount,
+            try sequences.map {
+                try AttentionWorkspace(for: attention, sequences: $0, heads: h, kvHeads: hkv, headDim: d, valueDim: e,
+                                       threads: threads, precisions: precisions)
+            }?.byteCount
+                ?? AttentionWorkspace(for: attention, shape: shape, threads: threads, precisions: precisions).byteCount))
         let (q, k, v, g) = (Self.bitPatterns(inputs.query, io), Self.bitPatterns(inputs.key, io),
                             Self.bitPatterns(inputs.value, io), Self.bitPatterns(dO, io))
         var out = [UInt16](repeating: 0, count: dO.count)
@@ -565,13 +583,13 @@ public final class SweepRunner {
             let written = try ActivationView(bitPatterns: UnsafeBufferPointer(ob), precision: io, shape: SIMD4(dO.shape))
             let writtenLSE = try Self.readable(lseOut)
             func forward() throws {
-                try attention.attend(query: qv, key: kv, value: vv, output: outView, logSumExp: lseOut,
-                                     keyLengths: nil, workspace: workspace, threads: threads)
+                try Self.engineCall(attention, qv, kv, vv, output: outView, logSumExp: lseOut, sequences: sequences,
+                                    workspace: workspace, threads: threads)
             }
             func backward() throws {
-                try attention.gradients(query: qv, key: kv, value: vv, output: written, logSumExp: writtenLSE,
-                                        outputGradient: gv, dQuery: dQ, dKey: dK, dValue: dV, keyLengths: nil,
-                                        workspace: workspace, threads: threads)
+                try Self.engineGradients(attention, qv, kv, vv, output: written, logSumExp: writtenLSE,
+                                         outputGradient: gv, dQuery: dQ, dKey: dK, dValue: dV, sequences: sequences,
+                                         workspace: workspace, threads: threads)
             }
             try forward()
             let alone = try timeEngineCalls(policy: options.timing) { try backward() }
@@ -593,6 +611,23 @@ public final class SweepRunner {
         } else {
             try conformer.attend(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
                                  keyLengths: nil, workspace: workspace, threads: threads)
+        }
+    }
+
+    /// One engine-style backward call: over the packed `sequences` when given.
+    static func engineGradients(_ conformer: some DifferentiableAttention, _ q: ActivationView, _ k: ActivationView,
+                                _ v: ActivationView, output: ActivationView, logSumExp: StridedView,
+                                outputGradient: ActivationView, dQuery: MutableActivationView,
+                                dKey: MutableActivationView, dValue: MutableActivationView,
+                                sequences: PackedSequences?, workspace: AttentionWorkspace, threads: Int) throws {
+        if let sequences {
+            try conformer.gradients(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    sequences: sequences, workspace: workspace, threads: threads)
+        } else {
+            try conformer.gradients(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
+                                    outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue,
+                                    keyLengths: nil, workspace: workspace, threads: threads)
         }
     }
 

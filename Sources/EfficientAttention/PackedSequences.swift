@@ -63,6 +63,61 @@ public struct PackedSequences: Sendable, Equatable {
         shape(s, of: AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim))
     }
 
+    /// The packed problem of views of these shapes: batch 1, the query and key lengths the
+    /// last offsets. Throws naming what does not fit.
+    func packedShape(query: SIMD4<Int>, key: SIMD4<Int>, value: SIMD4<Int>) throws -> AttentionShape {
+        let packed = try AttentionShape(query: query, key: key, value: value)
+        guard packed.batch == 1 else {
+            throw AttentionError.shapeMismatch("packed sequences take batch 1 (dimension 0), got \(packed.batch)")
+        }
+        guard packed.queryLength == queryOffsets.last!, packed.keyLength == keyOffsets.last! else {
+            throw AttentionError.shapeMismatch(
+                "packed query length \(packed.queryLength) and key length \(packed.keyLength) must be the last offsets, "
+                + "\(queryOffsets.last!) and \(keyOffsets.last!)")
+        }
+        return packed
+    }
+
+    /// Throws unless `attention` takes every sequence with queries and keys (its
+    /// ``Attention/validate(_:)``), naming the sequence.
+    func validate(_ attention: some Attention, _ packed: AttentionShape) throws {
+        for s in 0..<count {
+            let shape = shape(s, of: packed)
+            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
+            do { try attention.validate(shape) } catch let error as AttentionError {
+                throw AttentionError.unsupported("sequence \(s) (Nq \(shape.queryLength), Nk \(shape.keyLength)): \(error.message)")
+            }
+        }
+    }
+
+    /// `cost` summed over the sequences with queries and keys (FLOPs, scored pairs), with
+    /// the largest workspace (the sequences run one after another).
+    func totalCost(heads: Int, kvHeads: Int?, headDim: Int, valueDim: Int?,
+                   _ cost: (AttentionShape) throws -> AttentionCost) throws -> AttentionCost {
+        let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
+        var total = AttentionCost(flops: 0, workspaceBytes: 0, scoredPairs: 0)
+        for s in 0..<count {
+            let shape = shape(s, of: packed)
+            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
+            let one = try cost(shape)
+            total.flops += one.flops
+            total.scoredPairs += one.scoredPairs
+            total.workspaceBytes = max(total.workspaceBytes, one.workspaceBytes)
+        }
+        return total
+    }
+
+    /// The largest `need` over the sequences with queries and keys (0 without any).
+    func largestNeed(_ packed: AttentionShape, _ need: (AttentionShape) throws -> Int) throws -> Int {
+        var largest = 0
+        for s in 0..<count {
+            let shape = shape(s, of: packed)
+            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
+            largest = max(largest, try need(shape))
+        }
+        return largest
+    }
+
     private static func check(_ offsets: [Int], _ name: String) throws {
         guard offsets.count >= 2 else {
             throw AttentionError.invalidParameter("\(name) needs at least 2 entries (one sequence), got \(offsets.count)")
@@ -108,43 +163,15 @@ extension Attention {
     public func attend(query: ActivationView, key: ActivationView, value: ActivationView,
                        output: MutableActivationView, logSumExp: MutableStridedView?,
                        sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
-        let packed = try AttentionShape(query: query.shape, key: key.shape, value: value.shape)
-        guard packed.batch == 1 else {
-            throw AttentionError.shapeMismatch("packed sequences take batch 1 (dimension 0), got \(packed.batch)")
-        }
-        guard packed.queryLength == sequences.queryOffsets.last!, packed.keyLength == sequences.keyOffsets.last! else {
-            throw AttentionError.shapeMismatch(
-                "packed query length \(packed.queryLength) and key length \(packed.keyLength) must be the last offsets, "
-                + "\(sequences.queryOffsets.last!) and \(sequences.keyOffsets.last!)")
-        }
+        let packed = try sequences.packedShape(query: query.shape, key: key.shape, value: value.shape)
         try checkOutputViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
-        for s in 0..<sequences.count {
-            let shape = sequences.shape(s, of: packed)
-            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            do { try validate(shape) } catch let error as AttentionError {
-                throw AttentionError.unsupported("sequence \(s) (Nq \(shape.queryLength), Nk \(shape.keyLength)): \(error.message)")
-            }
-        }
-        /// Rows `start ..< start + count` of every head of a packed view.
-        func rows(_ v: ActivationView, _ start: Int, _ count: Int) -> ActivationView {
-            ActivationView(unchecked: v.rawBaseAddress + start * v.strides[2] * v.precision.byteWidth,
-                           precision: v.precision, shape: SIMD4(1, v.shape[1], count, v.shape[3]), strides: v.strides)
-        }
-        func rows(_ v: MutableActivationView, _ start: Int, _ count: Int) -> MutableActivationView {
-            MutableActivationView(unchecked: v.rawBaseAddress + start * v.strides[2] * v.precision.byteWidth,
-                                  precision: v.precision, shape: SIMD4(1, v.shape[1], count, v.shape[3]),
-                                  strides: v.strides)
-        }
-        func rows(_ v: MutableStridedView, _ start: Int, _ count: Int) -> MutableStridedView {
-            MutableStridedView(unchecked: v.baseAddress + start * v.strides[2],
-                               shape: SIMD4(1, v.shape[1], count, v.shape[3]), strides: v.strides)
-        }
+        try sequences.validate(self, packed)
         for s in 0..<sequences.count {
             let shape = sequences.shape(s, of: packed)
             let qStart = sequences.queryOffsets[s], kStart = sequences.keyOffsets[s]
             guard shape.queryLength > 0 else { continue }
-            let out = rows(output, qStart, shape.queryLength)
-            let lse = logSumExp.map { rows($0, qStart, shape.queryLength) }
+            let out = output.rows(qStart, shape.queryLength)
+            let lse = logSumExp?.rows(qStart, shape.queryLength)
             guard shape.keyLength > 0 else {
                 // No keys: the result over no keys.
                 for h in 0..<shape.heads {
@@ -155,8 +182,8 @@ extension Attention {
                 }
                 continue
             }
-            try attend(query: rows(query, qStart, shape.queryLength), key: rows(key, kStart, shape.keyLength),
-                       value: rows(value, kStart, shape.keyLength), output: out, logSumExp: lse,
+            try attend(query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
+                       value: value.rows(kStart, shape.keyLength), output: out, logSumExp: lse,
                        keyLengths: nil, workspace: workspace, threads: threads)
         }
     }
@@ -165,18 +192,9 @@ extension Attention {
     /// largest sequence's workspace (sequences run one after another).
     public func cost(sequences: PackedSequences, heads: Int, kvHeads: Int? = nil, headDim: Int, valueDim: Int? = nil,
                      threads: Int? = nil) throws -> AttentionCost {
-        let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: max(1, sequences.queryOffsets.last!),
-                                    keyLength: max(1, sequences.keyOffsets.last!), headDim: headDim, valueDim: valueDim)
-        var total = AttentionCost(flops: 0, workspaceBytes: 0, scoredPairs: 0)
-        for s in 0..<sequences.count {
-            let shape = sequences.shape(s, of: packed)
-            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            let one = try cost(shape, threads: threads)
-            total.flops += one.flops
-            total.scoredPairs += one.scoredPairs
-            total.workspaceBytes = max(total.workspaceBytes, one.workspaceBytes)
+        try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
+            try cost($0, threads: threads)
         }
-        return total
     }
 
     /// The owning convenience of the packed call: `query [1, H, ΣNq_s, D]`, key and value
@@ -201,14 +219,164 @@ extension AttentionWorkspace {
     public convenience init(for attention: some Attention, sequences: PackedSequences, heads: Int, kvHeads: Int? = nil,
                             headDim: Int, valueDim: Int? = nil, threads: Int? = nil,
                             precisions: OperandPrecisions = .float32) throws {
-        var bytes = 0
         let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
+        try self.init(byteCount: try sequences.largestNeed(packed) { shape in
+            try attention.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape)
+                + attention.conversionScratchBytes(shape, precisions: precisions)
+        })
+    }
+
+    /// A workspace for packed backward calls of `attention` on `sequences` with operands of
+    /// `precisions` (each gradient in its operand's, `dO` in the output's): the largest
+    /// sequence's ``init(forBackwardOf:shape:threads:precisions:)``.
+    public convenience init(forBackwardOf attention: some DifferentiableAttention, sequences: PackedSequences,
+                            heads: Int, kvHeads: Int? = nil, headDim: Int, valueDim: Int? = nil, threads: Int? = nil,
+                            precisions: OperandPrecisions = .float32) throws {
+        let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
+        let p = precisions
+        try self.init(byteCount: try sequences.largestNeed(packed) { shape in
+            try attention.backwardCost(shape, threads: threads).workspaceBytes + attention.backwardConversionScratchBytes(
+                shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.output,
+                dQuery: p.query, dKey: p.key, dValue: p.value, threads: threads)
+        })
+    }
+}
+
+extension DifferentiableAttention {
+    /// The gradients (``DifferentiableAttention``) of a packed call
+    /// (``Attention/attend(query:key:value:output:logSumExp:sequences:workspace:threads:)-(ActivationView,_,_,_,_,_,_,_)``):
+    /// each sequence's rows of `dQuery`, `dKey`, `dValue` are exactly those of a separate
+    /// backward call on its rows (the same bits, for any thread count), with `output` and
+    /// `logSumExp` the packed forward's. The key rows of a sequence without queries and the
+    /// query rows of a sequence without keys get `+0`. Operands and gradients each in
+    /// `Float`, binary16 or bfloat16, as the unpacked entry point takes them.
+    ///
+    /// Everything is checked before anything is written: the packed shapes (each view named),
+    /// every sequence against the conformer (an error names the sequence), gradients
+    /// overlapping an input or each other, and the workspace against the largest sequence's
+    /// needs (``AttentionWorkspace/init(forBackwardOf:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:)``).
+    ///
+    /// - Complexity: the sum of the sequences' backward costs
+    ///   (``backwardCost(sequences:heads:kvHeads:headDim:valueDim:threads:)``), never the
+    ///   padded size; the sequences run one after another, each on `threads` workers.
+    public func gradients(query: ActivationView, key: ActivationView, value: ActivationView, output: ActivationView,
+                          logSumExp: StridedView, outputGradient: ActivationView,
+                          dQuery: MutableActivationView, dKey: MutableActivationView, dValue: MutableActivationView,
+                          sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
+        let packed = try sequences.packedShape(query: query.shape, key: key.shape, value: value.shape)
+        try checkCallArguments(packed, keyLengths: nil, threads: threads)
+        try checkGradientShapes(packed, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
+                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
+                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
+        try checkSeparateGradients(
+            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
+            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
+                      logSumExp.addressRange, outputGradient.addressRange])
+        try sequences.validate(self, packed)
+        if let workspace {
+            let precisions = (query: query.precision, key: key.precision, value: value.precision,
+                              output: output.precision, outputGradient: outputGradient.precision,
+                              dQuery: dQuery.precision, dKey: dKey.precision, dValue: dValue.precision)
+            let needed = try sequences.largestNeed(packed) { shape in
+                try backwardCost(shape, threads: threads).workspaceBytes + backwardConversionScratchBytes(
+                    shape, query: precisions.query, key: precisions.key, value: precisions.value,
+                    output: precisions.output, outputGradient: precisions.outputGradient, dQuery: precisions.dQuery,
+                    dKey: precisions.dKey, dValue: precisions.dValue, threads: threads)
+            }
+            guard workspace.byteCount >= needed else {
+                throw AttentionError.invalidParameter(
+                    "workspace has \(workspace.byteCount) bytes; the packed backward of \(name) needs \(needed) for its largest sequence (AttentionWorkspace(forBackwardOf:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:) sizes it)")
+            }
+        }
         for s in 0..<sequences.count {
             let shape = sequences.shape(s, of: packed)
-            guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            bytes = max(bytes, try attention.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape)
-                                   + attention.conversionScratchBytes(shape, precisions: precisions))
+            let qStart = sequences.queryOffsets[s], kStart = sequences.keyOffsets[s]
+            let dq = dQuery.rows(qStart, shape.queryLength)
+            let dk = dKey.rows(kStart, shape.keyLength), dv = dValue.rows(kStart, shape.keyLength)
+            guard shape.queryLength > 0, shape.keyLength > 0 else {
+                // No query sees these keys, and these queries see no key: zero gradients.
+                for h in 0..<shape.heads {
+                    for i in 0..<shape.queryLength { dq.kernel.zeroRow(0, h, i, count: shape.headDim) }
+                }
+                for h in 0..<shape.kvHeads {
+                    for j in 0..<shape.keyLength {
+                        dk.kernel.zeroRow(0, h, j, count: shape.headDim)
+                        dv.kernel.zeroRow(0, h, j, count: shape.valueDim)
+                    }
+                }
+                continue
+            }
+            try gradients(query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
+                          value: value.rows(kStart, shape.keyLength), output: output.rows(qStart, shape.queryLength),
+                          logSumExp: logSumExp.rows(qStart, shape.queryLength),
+                          outputGradient: outputGradient.rows(qStart, shape.queryLength),
+                          dQuery: dq, dKey: dk, dValue: dv, keyLengths: nil, workspace: workspace, threads: threads)
         }
-        try self.init(byteCount: bytes)
+    }
+
+    /// The packed backward over `Float` views.
+    public func gradients(query: StridedView, key: StridedView, value: StridedView, output: StridedView,
+                          logSumExp: StridedView, outputGradient: StridedView,
+                          dQuery: MutableStridedView, dKey: MutableStridedView, dValue: MutableStridedView,
+                          sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
+        try gradients(query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
+                      output: ActivationView(output), logSumExp: logSumExp, outputGradient: ActivationView(outputGradient),
+                      dQuery: MutableActivationView(dQuery), dKey: MutableActivationView(dKey),
+                      dValue: MutableActivationView(dValue), sequences: sequences, workspace: workspace, threads: threads)
+    }
+
+    /// The owning convenience of the packed backward: the gradients through the packed call
+    /// that gave `result` (``Attention/attend(query:key:value:sequences:threads:)``).
+    public func gradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult, outputGradient: Tensor,
+                          sequences: PackedSequences, threads: Int? = nil) throws -> AttentionGradients {
+        var dq = try Tensor.uninitializedOutput(shape: query.shape)
+        var dk = try Tensor.uninitializedOutput(shape: key.shape)
+        var dv = try Tensor.uninitializedOutput(shape: value.shape)
+        try query.withStridedView { q in try key.withStridedView { k in try value.withStridedView { v in
+        try result.output.withStridedView { o in try result.logSumExp.withStridedView { l in
+        try outputGradient.withStridedView { g in
+        try dq.withMutableStridedView { dQ in try dk.withMutableStridedView { dK in try dv.withMutableStridedView { dV in
+            try gradients(query: q, key: k, value: v, output: o, logSumExp: l, outputGradient: g,
+                          dQuery: dQ, dKey: dK, dValue: dV, sequences: sequences, threads: threads)
+        } } } } } } } } }
+        return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
+    }
+
+    /// The backward cost of a packed call: FLOPs and scored pairs summed over the
+    /// sequences, the largest sequence's workspace.
+    public func backwardCost(sequences: PackedSequences, heads: Int, kvHeads: Int? = nil, headDim: Int,
+                             valueDim: Int? = nil, threads: Int? = nil) throws -> AttentionCost {
+        try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
+            try backwardCost($0, threads: threads)
+        }
+    }
+}
+
+// Rows `start ..< start + count` of every head of a packed (batch 1) view.
+extension ActivationView {
+    func rows(_ start: Int, _ count: Int) -> ActivationView {
+        ActivationView(unchecked: rawBaseAddress + start * strides[2] * precision.byteWidth, precision: precision,
+                       shape: SIMD4(1, shape[1], count, shape[3]), strides: strides)
+    }
+}
+
+extension MutableActivationView {
+    func rows(_ start: Int, _ count: Int) -> MutableActivationView {
+        MutableActivationView(unchecked: rawBaseAddress + start * strides[2] * precision.byteWidth,
+                              precision: precision, shape: SIMD4(1, shape[1], count, shape[3]), strides: strides)
+    }
+}
+
+extension StridedView {
+    func rows(_ start: Int, _ count: Int) -> StridedView {
+        StridedView(unchecked: baseAddress + start * strides[2], shape: SIMD4(1, shape[1], count, shape[3]),
+                    strides: strides)
+    }
+}
+
+extension MutableStridedView {
+    func rows(_ start: Int, _ count: Int) -> MutableStridedView {
+        MutableStridedView(unchecked: baseAddress + start * strides[2], shape: SIMD4(1, shape[1], count, shape[3]),
+                           strides: strides)
     }
 }

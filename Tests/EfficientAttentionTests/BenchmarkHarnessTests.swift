@@ -530,6 +530,23 @@ import AttentionBenchCore
         for other in [["--seq", "128"], ["--batch", "2"], ["--decode"]] {
             #expect(throws: BenchError.self) { try BenchOptions.parse(["--varlen", "64,64"] + other) }
         }
+        // With --backward: the packed backward, its FLOPs 2.5x the sequences' (dense), in
+        // Float and in bfloat16.
+        for io in ["f32", "bf16"] {
+            let b = try BenchOptions.parse(["--varlen", "64,1,300", "--variants", "dense", "--causal", "yes",
+                                            "--backward", "--io", io, "--threads", "2", "--repeat", "1",
+                                            "--heads", "2", "--dim", "16"])
+            let records = try SweepRunner(options: b, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                          progress: { _ in }).run(try SweepPlan.make(b))
+            let forward = [64, 1, 300].map {
+                Accounting.denseFlops(batch: 1, heads: 2, queryLength: $0, keyLength: $0, headDim: 16, valueDim: 16,
+                                      causal: true)
+            }.reduce(0, +)
+            #expect(records.map(\.pass) == ["forward", "backward", "forward+backward"], "\(io)")
+            #expect(records.count == 3 && records[1].flops == 2.5 * forward && records[2].flops == 3.5 * forward,
+                    "\(io): backward FLOPs \(records.map(\.flops)), expected 2.5x and 3.5x \(forward)")
+            #expect(records.allSatisfy { $0.parameters.contains("varlen=64,1,300") })
+        }
     }
 
     /// `--mask document:K` runs custom-mask with K documents (FLOPs of K diagonal blocks);
