@@ -268,4 +268,26 @@ struct PackedGradientTests {
         let after = loss(try dense.attend(query: q, key: k, value: v, sequences: sequences).output)
         #expect(after < 0.95 * before, "a gradient step took the loss from \(before) to \(after)")
     }
+
+    @Test("with soft-capping, ALiBi and sinks (the README's example), each sequence is its separate modified backward")
+    func modified() throws {
+        var gemma = DenseAttention(causal: true)
+        gemma.modifiers = ScoreModifiers(softCap: 5, alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: 4),
+                                         sinks: [0.5, -1, 0, 2])
+        let batch = try PackedSequences(lengths: [30, 70, 5])
+        let (q, k, v) = try randomQKV(heads: 4, queryLength: 105, headDim: 16, seed: 8)
+        let dO = try Tensor.random(shape: [1, 4, 105, 16], seed: 9)
+        let packedResult = try gemma.attend(query: q, key: k, value: v, sequences: batch)
+        let packedGrads = try gemma.gradients(query: q, key: k, value: v, result: packedResult, outputGradient: dO,
+                                              sequences: batch, threads: 2)
+        for (s, r) in [0..<30, 30..<100, 100..<105].enumerated() {
+            let alone = try gemma.attend(query: rows(q, r), key: rows(k, r), value: rows(v, r))
+            let ga = try gemma.gradients(query: rows(q, r), key: rows(k, r), value: rows(v, r), result: alone,
+                                         outputGradient: rows(dO, r), threads: 1)
+            expectBitwiseEqualGradients(AttentionGradients(dQuery: try rows(packedGrads.dQuery, r),
+                                                           dKey: try rows(packedGrads.dKey, r),
+                                                           dValue: try rows(packedGrads.dValue, r)), ga,
+                                        "modified sequence \(s)")
+        }
+    }
 }
