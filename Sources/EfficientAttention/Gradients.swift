@@ -82,13 +82,10 @@ extension DifferentiableAttention {
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
         try checkModifiersForBackward(s)
-        try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
-                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
-                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
-        try checkSeparateGradients(
-            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
-            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
-                      logSumExp.addressRange, outputGradient.addressRange])
+        try checkGradientViews(s, query: ActivationView(query), key: ActivationView(key), value: ActivationView(value),
+                               output: ActivationView(output), logSumExp: logSumExp,
+                               outputGradient: ActivationView(outputGradient), dQuery: MutableActivationView(dQuery),
+                               dKey: MutableActivationView(dKey), dValue: MutableActivationView(dValue))
         if let workspace {
             let needed = try backwardCost(s, threads: threads).workspaceBytes
             guard workspace.byteCount >= needed else {
@@ -238,6 +235,20 @@ extension DifferentiableAttention {
         } } } } } } } } }
         return AttentionGradients(dQuery: dq, dKey: dk, dValue: dv)
     }
+}
+
+/// Throws unless the backward's views fit problem `s` (``checkGradientShapes(_:query:key:value:output:logSumExp:outputGradient:dQuery:dKey:dValue:)``)
+/// and the gradients overlap neither each other nor an input (``checkSeparateGradients(dQuery:dKey:dValue:reading:)``).
+func checkGradientViews(_ s: AttentionShape, query: ActivationView, key: ActivationView, value: ActivationView,
+                        output: ActivationView, logSumExp: StridedView, outputGradient: ActivationView,
+                        dQuery: MutableActivationView, dKey: MutableActivationView, dValue: MutableActivationView) throws {
+    try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
+                            logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
+                            dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
+    try checkSeparateGradients(
+        dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
+        reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
+                  logSumExp.addressRange, outputGradient.addressRange])
 }
 
 /// Throws unless the backward's views other than query, key and value have the shapes of

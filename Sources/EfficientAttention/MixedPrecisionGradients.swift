@@ -48,14 +48,9 @@ extension DifferentiableAttention {
         let s = try AttentionShape(query: query.shape, key: key.shape, value: value.shape)
         try validate(s)
         try checkCallArguments(s, keyLengths: keyLengths, threads: threads)
-        try checkGradientShapes(s, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
-                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
-                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
         // The caller's gradients are separate memory (the Float call only sees scratch).
-        try checkSeparateGradients(
-            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
-            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
-                      logSumExp.addressRange, outputGradient.addressRange])
+        try checkGradientViews(s, query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                               outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue)
         if let workspace {
             let needed = try backwardCost(s, threads: threads).workspaceBytes
                 + backwardConversionScratchBytes(s, query: query.precision, key: key.precision, value: value.precision,

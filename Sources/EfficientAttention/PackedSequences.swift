@@ -265,13 +265,8 @@ extension DifferentiableAttention {
                           sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
         let packed = try sequences.packedShape(query: query.shape, key: key.shape, value: value.shape)
         try checkCallArguments(packed, keyLengths: nil, threads: threads)
-        try checkGradientShapes(packed, query: query.shape, key: key.shape, value: value.shape, output: output.shape,
-                                logSumExp: logSumExp.shape, outputGradient: outputGradient.shape,
-                                dQuery: dQuery.shape, dKey: dKey.shape, dValue: dValue.shape)
-        try checkSeparateGradients(
-            dQuery: dQuery.addressRange, dKey: dKey.addressRange, dValue: dValue.addressRange,
-            reading: [query.addressRange, key.addressRange, value.addressRange, output.addressRange,
-                      logSumExp.addressRange, outputGradient.addressRange])
+        try checkGradientViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp,
+                               outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue)
         try sequences.validate(self, packed)
         if let workspace {
             let precisions = (query: query.precision, key: key.precision, value: value.precision,

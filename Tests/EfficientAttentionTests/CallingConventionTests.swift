@@ -9,6 +9,15 @@ import AttentionBenchCore
 import Foundation
 import Testing
 
+/// Rows `range` of every batch item and head of `x` `[B, H, N, D]` as a tensor (a packed
+/// sequence's rows, or a prefix of a decoded sequence).
+func headRows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
+    let s = x.shape
+    var data = [Float]()
+    for b in 0..<s[0] { for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[b, h, i, c]) } } } }
+    return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: data)
+}
+
 /// A writable `[B, H, N, D]` view inside NaN-filled memory: rows `rowPad` floats apart
 /// beyond their width, an offset of 5 floats, and elements `step` apart.
 struct NaNPaddedOutput {
@@ -327,13 +336,7 @@ struct BadViewTests {
 
 @Suite("Packed variable-length batches")
 struct PackedSequenceTests {
-    /// The rows `range` of every head of `x` `[1, H, N, D]` as a tensor.
-    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
-        let s = x.shape
-        var data = [Float]()
-        for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[0, h, i, c]) } } }
-        return try Tensor(shape: [1, s[1], range.count, s[3]], data: data)
-    }
+    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor { try headRows(x, range) }
 
     /// The packed call equals separate calls per sequence, bit for bit.
     func check(_ attention: some Attention, queryOffsets: [Int], keyOffsets: [Int], heads: Int = 4, kvHeads: Int = 2,
@@ -494,13 +497,7 @@ struct PackedSequenceTests {
 
 @Suite("One decoding protocol: the KV cache and the recurrent state alike")
 struct DecodingProtocolTests {
-    /// Rows `range` of every batch item and head of `x`.
-    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
-        let s = x.shape
-        var data = [Float]()
-        for b in 0..<s[0] { for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[b, h, i, c]) } } } }
-        return try Tensor(shape: [s[0], s[1], range.count, s[3]], data: data)
-    }
+    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor { try headRows(x, range) }
 
     /// Prefill then steps of `steps` positions through the protocol, the same code for any
     /// conformer, against the conformer's causal attention over the whole sequence.

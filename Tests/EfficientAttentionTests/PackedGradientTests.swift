@@ -10,13 +10,7 @@ import Testing
 /// variable-length batches", with "Gradients").
 @Suite("Packed variable-length batches: gradients")
 struct PackedGradientTests {
-    /// The rows `range` of every head of `x` `[1, H, N, D]` as a tensor.
-    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor {
-        let s = x.shape
-        var data = [Float]()
-        for h in 0..<s[1] { for i in range { for c in 0..<s[3] { data.append(x[0, h, i, c]) } } }
-        return try Tensor(shape: [1, s[1], range.count, s[3]], data: data)
-    }
+    func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor { try headRows(x, range) }
 
     /// `t`'s values rounded to `precision`, in a NaN-padded operand of that precision.
     func operand(_ t: Tensor, _ precision: ActivationPrecision, step: Int = 1) -> MixedOperand {
