@@ -6,6 +6,7 @@ extension FuzzCase {
     /// separate lengths). The packed call throws exactly when a sequence with queries and
     /// keys fails `validate`; otherwise each sequence's rows are the bits of a separate call
     /// on its rows (0 and `-inf` for a sequence without keys), at a random thread count.
+    /// The packed backward likewise (``checkPackedGradients(_:_:q:k:v:result:threads:_:)``).
     /// Then offsets drawn at random: `PackedSequences` refuses what is not non-decreasing
     /// from 0, and a call whose tensors do not end at the last offsets throws.
     func packedCase() throws {
@@ -78,7 +79,56 @@ extension FuzzCase {
                 }
             }
         }
+        if let differentiable = attention as? any DifferentiableAttention {
+            try checkPackedGradients(differentiable, sequences, q: q, k: k, v: v, result: packed, threads: threads, label)
+        }
         checkPackedMismatch(attention, sequences, problem: s, label)
+    }
+
+    /// The packed backward: each sequence's gradient rows are the bits of a separate backward
+    /// call on its rows (at the same thread count); the rows of sequences without queries or
+    /// keys are 0.
+    func checkPackedGradients(_ attention: some DifferentiableAttention, _ sequences: PackedSequences,
+                              q: Tensor, k: Tensor, v: Tensor, result: AttentionResult, threads: Int,
+                              _ label: String) throws {
+        let dO = try rng.tensor(result.output.shape)
+        let packed: AttentionGradients
+        do {
+            packed = try call {
+                try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                        sequences: sequences, threads: threads)
+            }
+        } catch AttentionError.unsupported {
+            return   // a setting this conformer's backward does not take
+        }
+        func rows(_ t: Tensor, _ start: Int, _ count: Int) throws -> Tensor {
+            try Tensor(shape: [1, t.shape[1], count, t.shape[3]], storage: t.storage, strides: t.strides,
+                       offset: t.offset + start * t.strides[2])
+        }
+        for n in 0..<sequences.count {
+            let (q0, k0) = (sequences.queryOffsets[n], sequences.keyOffsets[n])
+            let (nq, nk) = (sequences.queryOffsets[n + 1] - q0, sequences.keyOffsets[n + 1] - k0)
+            let got = AttentionGradients(dQuery: try rows(packed.dQuery, q0, nq), dKey: try rows(packed.dKey, k0, nk),
+                                         dValue: try rows(packed.dValue, k0, nk))
+            guard nq > 0, nk > 0 else {
+                if ![got.dQuery, got.dKey, got.dValue].allSatisfy({ $0.elements.allSatisfy { $0.bitPattern == 0 } }) {
+                    fail("\(label): sequence \(n) (\(nq) queries, \(nk) keys) has gradient rows that are not +0")
+                    return
+                }
+                continue
+            }
+            let (qs, ks, vs) = (try rows(q, q0, nq), try rows(k, k0, nk), try rows(v, k0, nk))
+            let one = try call {
+                try attention.gradients(query: qs, key: ks, value: vs,
+                                        result: try AttentionResult(output: try rows(result.output, q0, nq),
+                                                                logSumExp: try rows(result.logSumExp, q0, nq)),
+                                        outputGradient: try rows(dO, q0, nq), keyLengths: nil, threads: threads)
+            }
+            if !sameBits(got, one) {
+                fail("\(label): sequence \(n)'s packed gradients differ from its separate backward call")
+                return
+            }
+        }
     }
 
     /// Random offsets must be refused unless valid, and a call whose tensors' lengths are
