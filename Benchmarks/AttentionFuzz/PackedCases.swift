@@ -44,10 +44,6 @@ extension FuzzCase {
         }
         if let refused { fail("\(label): sequence \(refused) fails validate, but the packed call did not throw") }
         let (o, lse) = (packed.output.elements, packed.logSumExp.elements)
-        func rows(_ t: Tensor, _ start: Int, _ count: Int) throws -> Tensor {
-            try Tensor(shape: [1, t.shape[1], count, t.shape[3]], storage: t.storage, strides: t.strides,
-                       offset: t.offset + start * t.strides[2])
-        }
         for n in 0..<count where queryLengths[n] > 0 {
             let (q0, k0) = (sequences.queryOffsets[n], sequences.keyOffsets[n])
             for h in 0..<s.heads {
@@ -101,10 +97,6 @@ extension FuzzCase {
         } catch AttentionError.unsupported {
             return   // a setting this conformer's backward does not take
         }
-        func rows(_ t: Tensor, _ start: Int, _ count: Int) throws -> Tensor {
-            try Tensor(shape: [1, t.shape[1], count, t.shape[3]], storage: t.storage, strides: t.strides,
-                       offset: t.offset + start * t.strides[2])
-        }
         for n in 0..<sequences.count {
             let (q0, k0) = (sequences.queryOffsets[n], sequences.keyOffsets[n])
             let (nq, nk) = (sequences.queryOffsets[n + 1] - q0, sequences.keyOffsets[n + 1] - k0)
@@ -129,6 +121,13 @@ extension FuzzCase {
                 return
             }
         }
+    }
+
+    /// Rows `start ..< start + count` of every head of the packed `[1, H, N, ·]` tensor `t`,
+    /// as a view of its storage.
+    func rows(_ t: Tensor, _ start: Int, _ count: Int) throws -> Tensor {
+        try Tensor(shape: [1, t.shape[1], count, t.shape[3]], storage: t.storage, strides: t.strides,
+                   offset: t.offset + start * t.strides[2])
     }
 
     /// Random offsets must be refused unless valid, and a call whose tensors' lengths are

@@ -78,13 +78,14 @@ public struct PackedSequences: Sendable, Equatable {
         return packed
     }
 
-    /// Throws unless `attention` takes every sequence with queries and keys (its
-    /// ``Attention/validate(_:)``), naming the sequence.
-    func validate(_ attention: some Attention, _ packed: AttentionShape) throws {
+    /// Throws unless `check` (the conformer's ``Attention/validate(_:)``, and for the
+    /// backward its modifiers' checks) passes for every sequence with queries and keys,
+    /// naming the sequence.
+    func validate(_ packed: AttentionShape, _ check: (AttentionShape) throws -> Void) throws {
         for s in 0..<count {
             let shape = shape(s, of: packed)
             guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            do { try attention.validate(shape) } catch let error as AttentionError {
+            do { try check(shape) } catch let error as AttentionError {
                 throw AttentionError.unsupported("sequence \(s) (Nq \(shape.queryLength), Nk \(shape.keyLength)): \(error.message)")
             }
         }
@@ -165,7 +166,7 @@ extension Attention {
                        sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
         let packed = try sequences.packedShape(query: query.shape, key: key.shape, value: value.shape)
         try checkOutputViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
-        try sequences.validate(self, packed)
+        try sequences.validate(packed) { try validate($0) }
         for s in 0..<sequences.count {
             let shape = sequences.shape(s, of: packed)
             let qStart = sequences.queryOffsets[s], kStart = sequences.keyOffsets[s]
@@ -252,9 +253,9 @@ extension DifferentiableAttention {
     /// `Float`, binary16 or bfloat16, as the unpacked entry point takes them.
     ///
     /// Everything is checked before anything is written: the packed shapes (each view named),
-    /// every sequence against the conformer (an error names the sequence), gradients
-    /// overlapping an input or each other, and the workspace against the largest sequence's
-    /// needs (``AttentionWorkspace/init(forBackwardOf:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:)``).
+    /// every sequence against the conformer and its modifiers' backward (an error names the
+    /// sequence), gradients overlapping an input or each other, and the workspace against
+    /// the largest sequence's needs (``AttentionWorkspace/init(forBackwardOf:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:)``).
     ///
     /// - Complexity: the sum of the sequences' backward costs
     ///   (``backwardCost(sequences:heads:kvHeads:headDim:valueDim:threads:)``), never the
@@ -267,16 +268,16 @@ extension DifferentiableAttention {
         try checkCallArguments(packed, keyLengths: nil, threads: threads)
         try checkGradientViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue)
-        try sequences.validate(self, packed)
+        try sequences.validate(packed) { shape in
+            try validate(shape)
+            try checkModifiersForBackward(shape)
+        }
         if let workspace {
-            let precisions = (query: query.precision, key: key.precision, value: value.precision,
-                              output: output.precision, outputGradient: outputGradient.precision,
-                              dQuery: dQuery.precision, dKey: dKey.precision, dValue: dValue.precision)
             let needed = try sequences.largestNeed(packed) { shape in
                 try backwardCost(shape, threads: threads).workspaceBytes + backwardConversionScratchBytes(
-                    shape, query: precisions.query, key: precisions.key, value: precisions.value,
-                    output: precisions.output, outputGradient: precisions.outputGradient, dQuery: precisions.dQuery,
-                    dKey: precisions.dKey, dValue: precisions.dValue, threads: threads)
+                    shape, query: query.precision, key: key.precision, value: value.precision,
+                    output: output.precision, outputGradient: outputGradient.precision, dQuery: dQuery.precision,
+                    dKey: dKey.precision, dValue: dValue.precision, threads: threads)
             }
             guard workspace.byteCount >= needed else {
                 throw AttentionError.invalidParameter(
