@@ -113,13 +113,15 @@ public struct BenchOptions: Equatable, Sendable {
 
     /// The modifiers for `shape`: the standard ALiBi slopes, sink logits drawn uniformly from
     /// [−1, 1] by a generator seeded with `seed`, and a bias `[1, H, Nq, Nk]` uniform in
-    /// [−1, 1] seeded from `seed` (a separate value per head and pair: read from memory).
+    /// [−1, 1] seeded from `seed` (a separate value per head and pair: read from memory);
+    /// with `--varlen`, `[1, H, max N_s, max N_s]`, the block every packed sequence reads.
     public func modifiers(shape: AttentionShape) throws -> ScoreModifiers {
         var generator = SeededGenerator(seed: seed &+ 0x51_4B)
         let heads = shape.heads
+        let rows = packedLengths?.max() ?? shape.queryLength, columns = packedLengths?.max() ?? shape.keyLength
         return ScoreModifiers(softCap: softCap,
                               alibiSlopes: alibi ? ScoreModifiers.standardALiBiSlopes(heads: heads) : nil,
-                              bias: bias ? try Tensor.random(shape: [1, heads, shape.queryLength, shape.keyLength],
+                              bias: bias ? try Tensor.random(shape: [1, heads, rows, columns],
                                                              seed: seed &+ 0xB1A5) : nil,
                               sinks: sinks ? (0..<heads).map { _ in Float.random(in: -1...1, using: &generator) } : nil)
     }
@@ -181,7 +183,7 @@ extension BenchOptions {
         OptionSpec(name: "softcap", value: "X", help: "score soft-capping cap·tanh(s/cap) on the conformers that take modifiers"),
         OptionSpec(name: "alibi", value: nil, help: "ALiBi with the standard slopes on the conformers that take modifiers"),
         OptionSpec(name: "sinks", value: nil, help: "per-head sink logits (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
-        OptionSpec(name: "bias", value: nil, help: "an additive bias [1, H, Nq, Nk] (seeded, uniform in [-1, 1]) on the conformers that take modifiers"),
+        OptionSpec(name: "bias", value: nil, help: "an additive bias [1, H, Nq, Nk] (seeded, uniform in [-1, 1]; with --varlen [1, H, max N, max N], read by every sequence) on the conformers that take modifiers"),
         OptionSpec(name: "io", value: "LIST", help: "element type of query, key, value and output (and gradients with --backward) in the timed calls: f32, f16, bf16 or a list [f32] (JSON field io)"),
         OptionSpec(name: "backward", value: nil, help: "also time the backward pass alone and forward+backward (conformers with gradients; JSON field pass)"),
         OptionSpec(name: "decode", value: nil, help: "decode mode: --seq query positions [1] against a key/value cache; reports GB/s of cache read"),

@@ -5,12 +5,16 @@ extension FuzzCase {
     /// on a registered conformer: 1–5 sequences of 0–40 queries and keys (self-attention or
     /// separate lengths). The packed call throws exactly when a sequence with queries and
     /// keys fails `validate`; otherwise each sequence's rows are the bits of a separate call
-    /// on its rows (0 and `-inf` for a sequence without keys), at a random thread count.
-    /// The packed backward likewise (``checkPackedGradients(_:_:q:k:v:result:threads:_:)``).
+    /// on its rows (0 and `-inf`, or the sink, for a sequence without keys), at a random
+    /// thread count. With probability 0.4 a conformer that takes score modifiers gets random
+    /// ones, a bias `[S or 1, H or 1, max Nq_s, max Nk_s]` among them: each separate call
+    /// then takes its sequence's block of the bias (a strided view of its storage). The
+    /// packed backward likewise (``checkPackedGradients(_:_:q:k:v:result:threads:alone:_:)``).
     /// Then offsets drawn at random: `PackedSequences` refuses what is not non-decreasing
     /// from 0, and a call whose tensors do not end at the last offsets throws.
     func packedCase() throws {
-        guard let (entry, problem, _, attention) = try drawConformer(from: FuzzCase.entries) else { return }
+        guard let (entry, problem, _, drawn) = try drawConformer(from: FuzzCase.entries) else { return }
+        var attention = drawn
         let s = problem.shape
         let count = rng.int(1...5)
         let selfAttention = rng.chance(0.6)
@@ -21,8 +25,30 @@ extension FuzzCase {
             try PackedSequences(queryOffsets: offsets(queryLengths), keyOffsets: offsets(keyLengths))
         }
         let (nq, nk) = (sequences.queryOffsets.last!, sequences.keyOffsets.last!)
-        let label = "\(entry.name) \(problem) packed queries \(queryLengths) keys \(keyLengths)"
+        var label = "\(entry.name) \(problem) packed queries \(queryLengths) keys \(keyLengths)"
+        var sinks: [Float]?
+        if rng.chance(0.4), var modifiable = attention as? any ModifiableAttention {
+            // The bias's batch dimension is the sequence's: [S or 1, H or 1, max Nq_s, max Nk_s].
+            var padded = s
+            (padded.batch, padded.queryLength, padded.keyLength) = (count, queryLengths.max()!, keyLengths.max()!)
+            modifiable.modifiers = try randomModifiers(padded)
+            sinks = modifiable.modifiers.sinks
+            label += " modifiers [\(describe(modifiable.modifiers))]"
+            attention = modifiable
+        }
         log(label)
+        /// The conformer of sequence `n`'s separate call: with a bias, one whose bias is the
+        /// sequence's block (a strided view of the packed bias's storage).
+        func alone(_ n: Int) throws -> any Attention {
+            guard var modifiable = attention as? any ModifiableAttention, let bias = modifiable.modifiers.bias else {
+                return attention
+            }
+            let item = bias.shape[0] == 1 ? 0 : n
+            modifiable.modifiers.bias = try Tensor(shape: [1, bias.shape[1], queryLengths[n], keyLengths[n]],
+                                                   storage: bias.storage, strides: bias.strides,
+                                                   offset: bias.offset + item * bias.strides[0])
+            return modifiable
+        }
         guard nq > 0, nk > 0 else {
             checkPackedMismatch(attention, sequences, problem: s, label)
             return
@@ -32,7 +58,7 @@ extension FuzzCase {
         let refused = (0..<count).first { n in
             let shape = AttentionShape(heads: s.heads, kvHeads: s.kvHeads, queryLength: queryLengths[n],
                                        keyLength: keyLengths[n], headDim: s.headDim, valueDim: s.valueDim)
-            return queryLengths[n] > 0 && keyLengths[n] > 0 && (try? attention.validate(shape)) == nil
+            return queryLengths[n] > 0 && keyLengths[n] > 0 && (try? alone(n).validate(shape)) == nil
         }
         let threads = threadCount()
         let packed: AttentionResult
@@ -50,8 +76,9 @@ extension FuzzCase {
                 for i in q0..<(q0 + queryLengths[n]) {
                     let r = h * nq + i
                     if keyLengths[n] == 0 {
-                        if lse[r] != -.infinity || o[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 }) {
-                            fail("\(label): sequence \(n) has no key, but head \(h) row \(i) is not 0 with lse -inf")
+                        let expected = sinks?[h] ?? -.infinity
+                        if lse[r] != expected || o[(r * s.valueDim)..<((r + 1) * s.valueDim)].contains(where: { $0 != 0 }) {
+                            fail("\(label): sequence \(n) has no key, but head \(h) row \(i) is not 0 with lse \(expected)")
                             return
                         }
                     }
@@ -59,8 +86,8 @@ extension FuzzCase {
             }
             guard keyLengths[n] > 0 else { continue }
             let one = try call {
-                try attention.attend(query: try rows(q, q0, queryLengths[n]), key: try rows(k, k0, keyLengths[n]),
-                                     value: try rows(v, k0, keyLengths[n]), keyLengths: nil, threads: threads)
+                try alone(n).attend(query: try rows(q, q0, queryLengths[n]), key: try rows(k, k0, keyLengths[n]),
+                                    value: try rows(v, k0, keyLengths[n]), keyLengths: nil, threads: threads)
             }
             let (so, sl) = (one.output.elements, one.logSumExp.elements)
             for h in 0..<s.heads {
@@ -76,17 +103,18 @@ extension FuzzCase {
             }
         }
         if let differentiable = attention as? any DifferentiableAttention {
-            try checkPackedGradients(differentiable, sequences, q: q, k: k, v: v, result: packed, threads: threads, label)
+            try checkPackedGradients(differentiable, sequences, q: q, k: k, v: v, result: packed, threads: threads,
+                                     alone: { try alone($0) as! any DifferentiableAttention }, label)
         }
         checkPackedMismatch(attention, sequences, problem: s, label)
     }
 
     /// The packed backward: each sequence's gradient rows are the bits of a separate backward
-    /// call on its rows (at the same thread count); the rows of sequences without queries or
-    /// keys are 0.
+    /// call on its rows by `alone(n)` (at the same thread count); the rows of sequences
+    /// without queries or keys are 0.
     func checkPackedGradients(_ attention: some DifferentiableAttention, _ sequences: PackedSequences,
                               q: Tensor, k: Tensor, v: Tensor, result: AttentionResult, threads: Int,
-                              _ label: String) throws {
+                              alone: (Int) throws -> any DifferentiableAttention, _ label: String) throws {
         let dO = try rng.tensor(result.output.shape)
         let packed: AttentionGradients
         do {
@@ -111,10 +139,10 @@ extension FuzzCase {
             }
             let (qs, ks, vs) = (try rows(q, q0, nq), try rows(k, k0, nk), try rows(v, k0, nk))
             let one = try call {
-                try attention.gradients(query: qs, key: ks, value: vs,
-                                        result: try AttentionResult(output: try rows(result.output, q0, nq),
-                                                                logSumExp: try rows(result.logSumExp, q0, nq)),
-                                        outputGradient: try rows(dO, q0, nq), keyLengths: nil, threads: threads)
+                try alone(n).gradients(query: qs, key: ks, value: vs,
+                                       result: try AttentionResult(output: try rows(result.output, q0, nq),
+                                                                   logSumExp: try rows(result.logSumExp, q0, nq)),
+                                       outputGradient: try rows(dO, q0, nq), keyLengths: nil, threads: threads)
             }
             if !sameBits(got, one) {
                 fail("\(label): sequence \(n)'s packed gradients differ from its separate backward call")

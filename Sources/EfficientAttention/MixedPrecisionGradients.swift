@@ -52,11 +52,9 @@ extension DifferentiableAttention {
         try checkGradientViews(s, query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue)
         if let workspace {
-            let needed = try backwardCost(s, threads: threads).workspaceBytes
-                + backwardConversionScratchBytes(s, query: query.precision, key: key.precision, value: value.precision,
-                                                 output: output.precision, outputGradient: outputGradient.precision,
-                                                 dQuery: dQuery.precision, dKey: dKey.precision, dValue: dValue.precision,
-                                                 threads: threads)
+            let needed = try backwardWorkspaceBytes(s, BackwardPrecisions(
+                query: query, key: key, value: value, output: output, outputGradient: outputGradient,
+                dQuery: dQuery, dKey: dKey, dValue: dValue), threads: threads)
             guard workspace.byteCount >= needed else {
                 throw AttentionError.invalidParameter(
                     "workspace has \(workspace.byteCount) bytes; the mixed-precision backward of \(name) needs \(needed) for \(s) (AttentionWorkspace(forBackwardOf:shape:threads:precisions:) sizes it)")
@@ -152,11 +150,40 @@ extension AttentionWorkspace {
     /// output).
     public convenience init(forBackwardOf attention: some DifferentiableAttention, shape: AttentionShape,
                             threads: Int? = nil, precisions: OperandPrecisions = OperandPrecisions(.float32)) throws {
-        let cost = try attention.backwardCost(shape, threads: threads)
-        let p = precisions
-        try self.init(byteCount: cost.workspaceBytes + attention.backwardConversionScratchBytes(
-            shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.output,
-            dQuery: p.query, dKey: p.key, dValue: p.value, threads: threads))
+        try self.init(byteCount: try attention.backwardWorkspaceBytes(shape, BackwardPrecisions(precisions),
+                                                                      threads: threads))
+    }
+}
+
+/// The precisions of a backward call's eight views.
+struct BackwardPrecisions {
+    var query, key, value, output, outputGradient, dQuery, dKey, dValue: ActivationPrecision
+
+    /// The views' precisions.
+    init(query: ActivationView, key: ActivationView, value: ActivationView, output: ActivationView,
+         outputGradient: ActivationView, dQuery: MutableActivationView, dKey: MutableActivationView,
+         dValue: MutableActivationView) {
+        (self.query, self.key, self.value, self.output) = (query.precision, key.precision, value.precision,
+                                                           output.precision)
+        (self.outputGradient, self.dQuery, self.dKey, self.dValue) = (outputGradient.precision, dQuery.precision,
+                                                                      dKey.precision, dValue.precision)
+    }
+
+    /// Each gradient in its operand's precision, `dO` in the output's.
+    init(_ p: OperandPrecisions) {
+        (query, key, value, output) = (p.query, p.key, p.value, p.output)
+        (outputGradient, dQuery, dKey, dValue) = (p.output, p.query, p.key, p.value)
+    }
+}
+
+extension DifferentiableAttention {
+    /// The workspace a backward of `shape` with views of `precisions` takes: the backward
+    /// cost's `workspaceBytes` plus its conversion scratch
+    /// (``backwardConversionScratchBytes(_:query:key:value:output:outputGradient:dQuery:dKey:dValue:threads:)``).
+    func backwardWorkspaceBytes(_ shape: AttentionShape, _ p: BackwardPrecisions, threads: Int?) throws -> Int {
+        try backwardCost(shape, threads: threads).workspaceBytes + backwardConversionScratchBytes(
+            shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.outputGradient,
+            dQuery: p.dQuery, dKey: p.dKey, dValue: p.dValue, threads: threads)
     }
 }
 

@@ -79,28 +79,29 @@ public struct PackedSequences: Sendable, Equatable {
     }
 
     /// Throws unless `check` (the conformer's ``Attention/validate(_:)``, and for the
-    /// backward its modifiers' checks) passes for every sequence with queries and keys,
-    /// naming the sequence.
-    func validate(_ packed: AttentionShape, _ check: (AttentionShape) throws -> Void) throws {
+    /// backward its modifiers' checks) passes for every sequence with queries and keys
+    /// (given its index and shape), naming the sequence.
+    func validate(_ packed: AttentionShape, _ check: (Int, AttentionShape) throws -> Void) throws {
         for s in 0..<count {
             let shape = shape(s, of: packed)
             guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            do { try check(shape) } catch let error as AttentionError {
+            do { try check(s, shape) } catch let error as AttentionError {
                 throw AttentionError.unsupported("sequence \(s) (Nq \(shape.queryLength), Nk \(shape.keyLength)): \(error.message)")
             }
         }
     }
 
-    /// `cost` summed over the sequences with queries and keys (FLOPs, scored pairs), with
-    /// the largest workspace (the sequences run one after another).
+    /// `cost` (given a sequence's index and shape) summed over the sequences with queries
+    /// and keys (FLOPs, scored pairs), with the largest workspace (the sequences run one
+    /// after another).
     func totalCost(heads: Int, kvHeads: Int?, headDim: Int, valueDim: Int?,
-                   _ cost: (AttentionShape) throws -> AttentionCost) throws -> AttentionCost {
+                   _ cost: (Int, AttentionShape) throws -> AttentionCost) throws -> AttentionCost {
         let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
         var total = AttentionCost(flops: 0, workspaceBytes: 0, scoredPairs: 0)
         for s in 0..<count {
             let shape = shape(s, of: packed)
             guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            let one = try cost(shape)
+            let one = try cost(s, shape)
             total.flops += one.flops
             total.scoredPairs += one.scoredPairs
             total.workspaceBytes = max(total.workspaceBytes, one.workspaceBytes)
@@ -108,15 +109,32 @@ public struct PackedSequences: Sendable, Equatable {
         return total
     }
 
-    /// The largest `need` over the sequences with queries and keys (0 without any).
-    func largestNeed(_ packed: AttentionShape, _ need: (AttentionShape) throws -> Int) throws -> Int {
+    /// The largest `need` (given a sequence's index and shape) over the sequences with
+    /// queries and keys (0 without any).
+    func largestNeed(_ packed: AttentionShape, _ need: (Int, AttentionShape) throws -> Int) throws -> Int {
         var largest = 0
         for s in 0..<count {
             let shape = shape(s, of: packed)
             guard shape.queryLength > 0, shape.keyLength > 0 else { continue }
-            largest = max(largest, try need(shape))
+            largest = max(largest, try need(s, shape))
         }
         return largest
+    }
+
+    /// Throws unless a bias in `modifiers` is `[S or 1, H or 1, max Nq_s, max Nk_s]` for
+    /// these sequences (``ScoreModifiers/bias``: one padded block per sequence), naming it.
+    func checkBias(_ modifiers: ScoreModifiers?, heads: Int) throws {
+        guard let bias = modifiers?.bias else { return }
+        var rows = 0, columns = 0
+        for s in 0..<count {
+            rows = max(rows, queryOffsets[s + 1] - queryOffsets[s])
+            columns = max(columns, keyOffsets[s + 1] - keyOffsets[s])
+        }
+        let b = bias.shape
+        guard b.count == 4, b[0] == 1 || b[0] == count, b[1] == 1 || b[1] == heads, b[2] == rows, b[3] == columns else {
+            throw AttentionError.shapeMismatch(
+                "modifiers.bias of a packed call must be [S or 1, H or 1, max Nq_s, max Nk_s] = [\(count) or 1, \(heads) or 1, \(rows), \(columns)], got \(b)")
+        }
     }
 
     private static func check(_ offsets: [Int], _ name: String) throws {
@@ -137,7 +155,9 @@ extension Attention {
     /// Attention over packed variable-length sequences: each sequence `s` is the problem
     /// `[1, H, Nq_s, D] × [1, Hkv, Nk_s, ·]` of its rows, computed exactly as a separate call
     /// of this conformer (the same bits), its output written to its rows of `output`.
-    /// Sequences without queries are skipped; sequences without keys give 0 and `-infinity`.
+    /// Sequences without queries are skipped; sequences without keys give 0 and `-infinity`
+    /// (the sink `σ_h` with sinks). A bias is `[S or 1, H or 1, max Nq_s, max Nk_s]`: sequence `s`
+    /// reads its block (``ScoreModifiers/bias``).
     ///
     /// Every sequence is validated (and the views checked) before anything is computed;
     /// an error names the sequence. The workspace must hold the largest sequence's needs
@@ -157,7 +177,9 @@ extension Attention {
     /// bfloat16 (``ActivationPrecision``): each sequence is exactly a separate call of
     /// ``attend(query:key:value:output:logSumExp:keyLengths:workspace:threads:)-(ActivationView,_,_,_,_,_,_,_)``
     /// on its rows (the same bits). Sequences without keys give `+0` in the output's
-    /// precision and `-infinity`. The workspace must hold the largest sequence's needs for
+    /// precision and `-infinity` (the sink `σ_h` with sinks). A bias is
+    /// `[S or 1, H or 1, max Nq_s, max Nk_s]`, each sequence reading its block
+    /// (``ScoreModifiers/bias``). The workspace must hold the largest sequence's needs for
     /// these precisions (``AttentionWorkspace/init(for:sequences:heads:kvHeads:headDim:valueDim:threads:precisions:)``).
     ///
     /// - Complexity: the sum of the sequences' costs.
@@ -166,7 +188,9 @@ extension Attention {
                        sequences: PackedSequences, workspace: AttentionWorkspace? = nil, threads: Int? = nil) throws {
         let packed = try sequences.packedShape(query: query.shape, key: key.shape, value: value.shape)
         try checkOutputViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp)
-        try sequences.validate(packed) { try validate($0) }
+        try sequences.checkBias(scoreModifiers, heads: packed.heads)
+        try sequences.validate(packed) { try packedSequence($0).validate($1) }
+        let sinks = scoreModifiers?.sinks
         for s in 0..<sequences.count {
             let shape = sequences.shape(s, of: packed)
             let qStart = sequences.queryOffsets[s], kStart = sequences.keyOffsets[s]
@@ -174,18 +198,20 @@ extension Attention {
             let out = output.rows(qStart, shape.queryLength)
             let lse = logSumExp?.rows(qStart, shape.queryLength)
             guard shape.keyLength > 0 else {
-                // No keys: the result over no keys.
+                // No keys: the result over no keys (with sinks, the sink is the one term of
+                // the denominator: KernelDocs/ScoreModifiers.md).
                 for h in 0..<shape.heads {
                     for i in 0..<shape.queryLength {
                         out.kernel.zeroRow(0, h, i, count: shape.valueDim)
-                        lse?.kernel.row(0, h, i).pointee = -.infinity
+                        lse?.kernel.row(0, h, i).pointee = sinks?[h] ?? -.infinity
                     }
                 }
                 continue
             }
-            try attend(query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
-                       value: value.rows(kStart, shape.keyLength), output: out, logSumExp: lse,
-                       keyLengths: nil, workspace: workspace, threads: threads)
+            try packedSequence(s).attend(
+                query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
+                value: value.rows(kStart, shape.keyLength), output: out, logSumExp: lse, keyLengths: nil,
+                workspace: workspace, threads: threads)
         }
     }
 
@@ -193,8 +219,9 @@ extension Attention {
     /// largest sequence's workspace (sequences run one after another).
     public func cost(sequences: PackedSequences, heads: Int, kvHeads: Int? = nil, headDim: Int, valueDim: Int? = nil,
                      threads: Int? = nil) throws -> AttentionCost {
-        try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
-            try cost($0, threads: threads)
+        try sequences.checkBias(scoreModifiers, heads: heads)
+        return try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
+            try packedSequence($0).cost($1, threads: threads)
         }
     }
 
@@ -221,9 +248,10 @@ extension AttentionWorkspace {
                             headDim: Int, valueDim: Int? = nil, threads: Int? = nil,
                             precisions: OperandPrecisions = .float32) throws {
         let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
-        try self.init(byteCount: try sequences.largestNeed(packed) { shape in
-            try attention.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape)
-                + attention.conversionScratchBytes(shape, precisions: precisions)
+        try self.init(byteCount: try sequences.largestNeed(packed) { s, shape in
+            let sequence = attention.packedSequence(s)
+            return try sequence.cost(shape, threads: threads).workspaceBytes + logSumExpScratchBytes(shape)
+                + sequence.conversionScratchBytes(shape, precisions: precisions)
         })
     }
 
@@ -234,11 +262,9 @@ extension AttentionWorkspace {
                             heads: Int, kvHeads: Int? = nil, headDim: Int, valueDim: Int? = nil, threads: Int? = nil,
                             precisions: OperandPrecisions = .float32) throws {
         let packed = AttentionShape(heads: heads, kvHeads: kvHeads, queryLength: 1, headDim: headDim, valueDim: valueDim)
-        let p = precisions
-        try self.init(byteCount: try sequences.largestNeed(packed) { shape in
-            try attention.backwardCost(shape, threads: threads).workspaceBytes + attention.backwardConversionScratchBytes(
-                shape, query: p.query, key: p.key, value: p.value, output: p.output, outputGradient: p.output,
-                dQuery: p.query, dKey: p.key, dValue: p.value, threads: threads)
+        try self.init(byteCount: try sequences.largestNeed(packed) { s, shape in
+            try attention.packedSequence(s).backwardWorkspaceBytes(shape, BackwardPrecisions(precisions),
+                                                                   threads: threads)
         })
     }
 }
@@ -268,16 +294,18 @@ extension DifferentiableAttention {
         try checkCallArguments(packed, keyLengths: nil, threads: threads)
         try checkGradientViews(packed, query: query, key: key, value: value, output: output, logSumExp: logSumExp,
                                outputGradient: outputGradient, dQuery: dQuery, dKey: dKey, dValue: dValue)
-        try sequences.validate(packed) { shape in
-            try validate(shape)
-            try checkModifiersForBackward(shape)
+        try sequences.checkBias(scoreModifiers, heads: packed.heads)
+        try sequences.validate(packed) { s, shape in
+            let sequence = packedSequence(s)
+            try sequence.validate(shape)
+            try sequence.checkModifiersForBackward(shape)
         }
         if let workspace {
-            let needed = try sequences.largestNeed(packed) { shape in
-                try backwardCost(shape, threads: threads).workspaceBytes + backwardConversionScratchBytes(
-                    shape, query: query.precision, key: key.precision, value: value.precision,
-                    output: output.precision, outputGradient: outputGradient.precision, dQuery: dQuery.precision,
-                    dKey: dKey.precision, dValue: dValue.precision, threads: threads)
+            let precisions = BackwardPrecisions(query: query, key: key, value: value, output: output,
+                                                outputGradient: outputGradient, dQuery: dQuery, dKey: dKey,
+                                                dValue: dValue)
+            let needed = try sequences.largestNeed(packed) { s, shape in
+                try packedSequence(s).backwardWorkspaceBytes(shape, precisions, threads: threads)
             }
             guard workspace.byteCount >= needed else {
                 throw AttentionError.invalidParameter(
@@ -302,11 +330,12 @@ extension DifferentiableAttention {
                 }
                 continue
             }
-            try gradients(query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
-                          value: value.rows(kStart, shape.keyLength), output: output.rows(qStart, shape.queryLength),
-                          logSumExp: logSumExp.rows(qStart, shape.queryLength),
-                          outputGradient: outputGradient.rows(qStart, shape.queryLength),
-                          dQuery: dq, dKey: dk, dValue: dv, keyLengths: nil, workspace: workspace, threads: threads)
+            try packedSequence(s).gradients(
+                query: query.rows(qStart, shape.queryLength), key: key.rows(kStart, shape.keyLength),
+                value: value.rows(kStart, shape.keyLength), output: output.rows(qStart, shape.queryLength),
+                logSumExp: logSumExp.rows(qStart, shape.queryLength),
+                outputGradient: outputGradient.rows(qStart, shape.queryLength),
+                dQuery: dq, dKey: dk, dValue: dv, keyLengths: nil, workspace: workspace, threads: threads)
         }
     }
 
@@ -342,8 +371,9 @@ extension DifferentiableAttention {
     /// sequences, the largest sequence's workspace.
     public func backwardCost(sequences: PackedSequences, heads: Int, kvHeads: Int? = nil, headDim: Int,
                              valueDim: Int? = nil, threads: Int? = nil) throws -> AttentionCost {
-        try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
-            try backwardCost($0, threads: threads)
+        try sequences.checkBias(scoreModifiers, heads: heads)
+        return try sequences.totalCost(heads: heads, kvHeads: kvHeads, headDim: headDim, valueDim: valueDim) {
+            try packedSequence($0).backwardCost($1, threads: threads)
         }
     }
 }

@@ -34,10 +34,15 @@ public struct ScoreModifiers: Sendable, Equatable {
     /// Additive bias `[B or 1, H or 1, Nq, Nk]` (a 1 broadcasts over that dimension);
     /// `nil`: none. Finite or `-infinity` (a hidden pair): NaN or `+infinity` on a pair the
     /// call scores makes it throw once its kernel has run (outputs then unspecified); terms
-    /// of pairs in tiles the mask skips are not read.
+    /// of pairs in tiles the mask skips are not read. In a packed call (``PackedSequences``)
+    /// the bias is `[S or 1, H or 1, max Nq_s, max Nk_s]`, one padded block per sequence:
+    /// sequence `s` reads `bias[s or 0, h, i, j]` for its own `i < Nq_s`, `j < Nk_s`.
     public var bias: Tensor?
     /// Sink logits `σ_h`, one per query head; `nil`: none. Finite.
     public var sinks: [Float]?
+    /// In a packed call, the sequence whose block of the bias this (per-sequence) call
+    /// reads (``Attention/packedSequence(_:)``); nil: the bias is the call's own.
+    var biasSequence: Int?
 
     public init(softCap: Float? = nil, alibiSlopes: [Float]? = nil, bias: Tensor? = nil, sinks: [Float]? = nil) {
         self.softCap = softCap
@@ -86,7 +91,16 @@ public struct ScoreModifiers: Sendable, Equatable {
         }
         try checkPerHead(alibiSlopes, "alibiSlopes")
         try checkPerHead(sinks, "sinks")
-        if let bias {
+        if let bias, let sequence = biasSequence {
+            // One sequence of a packed call, whose bias was checked whole
+            // (``PackedSequences/checkBias(_:heads:)``): its block must hold the sequence.
+            let s = bias.shape
+            guard s.count == 4, s[0] == 1 || sequence < s[0], s[1] == 1 || s[1] == shape.heads,
+                  shape.queryLength <= s[2], shape.keyLength <= s[3] else {
+                throw AttentionError.shapeMismatch(
+                    "modifiers.bias \(s) has no block [\(shape.heads) or 1, \(shape.queryLength), \(shape.keyLength)] for packed sequence \(sequence)")
+            }
+        } else if let bias {
             let s = bias.shape
             guard s.count == 4, s[0] == 1 || s[0] == shape.batch, s[1] == 1 || s[1] == shape.heads,
                   s[2] == shape.queryLength, s[3] == shape.keyLength else {
@@ -117,11 +131,13 @@ public struct ScoreModifiers: Sendable, Equatable {
                 }
                 guard let bias else { return try make(nil) }
                 return try bias.withStridedView { view in
-                    // Broadcast dimensions read the one row they have (stride 0).
+                    // Broadcast dimensions read the one row they have (stride 0); a packed
+                    // sequence's call starts at its block.
                     var strides = view.strides
                     if view.shape[0] == 1 { strides[0] = 0 }
                     if view.shape[1] == 1 { strides[1] = 0 }
-                    return try make(TensorView(base: view.baseAddress, strides: strides))
+                    let base = view.baseAddress + (biasSequence ?? 0) * strides[0]
+                    return try make(TensorView(base: base, strides: strides))
                 }
             }
         }
@@ -531,6 +547,12 @@ extension ModifiableAttention {
     static func modifiers(at value: UnsafeRawPointer) -> ScoreModifiers {
         value.assumingMemoryBound(to: Self.self).pointee.modifiers
     }
+
+    /// Makes the conformer at `value` read packed sequence `s`'s block of its bias
+    /// (a metatype's entry: see ``Attention/packedSequence(_:)``).
+    static func readBias(ofSequence s: Int, at value: UnsafeMutableRawPointer) {
+        value.assumingMemoryBound(to: Self.self).pointee.modifiers.biasSequence = s
+    }
 }
 
 extension Attention {
@@ -540,6 +562,16 @@ extension Attention {
     var scoreModifiers: ScoreModifiers? {
         guard let type = Self.self as? any ModifiableAttention.Type else { return nil }
         return withUnsafePointer(to: self) { type.modifiers(at: UnsafeRawPointer($0)) }
+    }
+
+    /// This conformer as packed sequence `s`'s separate call runs it: with a bias, one that
+    /// reads the sequence's block of it (``ScoreModifiers/bias``); otherwise itself.
+    func packedSequence(_ s: Int) -> Self {
+        guard let type = Self.self as? any ModifiableAttention.Type,
+              withUnsafePointer(to: self, { type.modifiers(at: UnsafeRawPointer($0)).bias != nil }) else { return self }
+        var sequence = self
+        withUnsafeMutablePointer(to: &sequence) { type.readBias(ofSequence: s, at: UnsafeMutableRawPointer($0)) }
+        return sequence
     }
 }
 

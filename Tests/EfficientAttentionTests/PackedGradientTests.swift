@@ -12,6 +12,11 @@ import Testing
 struct PackedGradientTests {
     func rows(_ x: Tensor, _ range: Range<Int>) throws -> Tensor { try headRows(x, range) }
 
+    /// A sequence's rows of packed gradients: query rows `qr` of `dQ`, key rows `kr` of `dK`, `dV`.
+    func rows(_ g: AttentionGradients, _ qr: Range<Int>, _ kr: Range<Int>) throws -> AttentionGradients {
+        AttentionGradients(dQuery: try rows(g.dQuery, qr), dKey: try rows(g.dKey, kr), dValue: try rows(g.dValue, kr))
+    }
+
     /// `t`'s values rounded to `precision`, in a NaN-padded operand of that precision.
     func operand(_ t: Tensor, _ precision: ActivationPrecision, step: Int = 1) -> MixedOperand {
         MixedOperand(shape: SIMD4(t.shape), precision: precision, step: step,
@@ -278,10 +283,90 @@ struct PackedGradientTests {
             let alone = try gemma.attend(query: rows(q, r), key: rows(k, r), value: rows(v, r))
             let ga = try gemma.gradients(query: rows(q, r), key: rows(k, r), value: rows(v, r), result: alone,
                                          outputGradient: rows(dO, r), threads: 1)
-            expectBitwiseEqualGradients(AttentionGradients(dQuery: try rows(packedGrads.dQuery, r),
-                                                           dKey: try rows(packedGrads.dKey, r),
-                                                           dValue: try rows(packedGrads.dValue, r)), ga,
-                                        "modified sequence \(s)")
+            expectBitwiseEqualGradients(try rows(packedGrads, r, r), ga, "modified sequence \(s)")
+        }
+    }
+
+    /// A packed call with a bias `[S or 1, H or 1, max Nq_s, max Nk_s]` against separate
+    /// calls, each given its sequence's block of the bias: the same bits, forward (output
+    /// and log-sum-exp) and backward, for every sequence with queries and keys.
+    func checkBias<A: ModifiableAttention & DifferentiableAttention>(
+        _ attention: A, biasShape: [Int], queryOffsets: [Int], keyOffsets: [Int], _ label: String
+    ) throws {
+        let sequences = try PackedSequences(queryOffsets: queryOffsets, keyOffsets: keyOffsets)
+        let heads = 4, nq = queryOffsets.last!, nk = keyOffsets.last!
+        let (q, k, v) = try randomQKV(heads: heads, kvHeads: 2, queryLength: nq, keyLength: nk, headDim: 16,
+                                      valueDim: 8, seed: 31)
+        let dO = try Tensor.random(shape: [1, heads, nq, 8], seed: 32)
+        // Some pairs hidden by the bias (-infinity), as a mask passed as a bias does.
+        var values = try Tensor.random(shape: biasShape, seed: 33, in: -2...2).elements
+        for e in stride(from: 5, to: values.count, by: 7) { values[e] = -.infinity }
+        let bias = try Tensor(shape: biasShape, data: values)
+        var packedAttention = attention
+        packedAttention.modifiers.bias = bias
+        let packed = try packedAttention.attend(query: q, key: k, value: v, sequences: sequences, threads: 2)
+        let grads = try packedAttention.gradients(query: q, key: k, value: v, result: packed, outputGradient: dO,
+                                                  sequences: sequences, threads: 2)
+        for s in 0..<sequences.count {
+            let qr = queryOffsets[s]..<queryOffsets[s + 1], kr = keyOffsets[s]..<keyOffsets[s + 1]
+            guard !qr.isEmpty, !kr.isEmpty else { continue }
+            // The sequence's block: bias[s or 0, :, 0..<Nq_s, 0..<Nk_s].
+            var block = [Float]()
+            let item = biasShape[0] == 1 ? 0 : s
+            for h in 0..<biasShape[1] {
+                for i in 0..<qr.count { for j in 0..<kr.count { block.append(bias[item, h, i, j]) } }
+            }
+            var alone = attention
+            alone.modifiers.bias = try Tensor(shape: [1, biasShape[1], qr.count, kr.count], data: block)
+            let result = try alone.attend(query: rows(q, qr), key: rows(k, kr), value: rows(v, kr), threads: 1)
+            expectBitwiseEqual(try AttentionResult(output: rows(packed.output, qr), logSumExp: rows(packed.logSumExp, qr)),
+                               result, "\(label) sequence \(s)")
+            let g = try alone.gradients(query: rows(q, qr), key: rows(k, kr), value: rows(v, kr), result: result,
+                                        outputGradient: rows(dO, qr), threads: 1)
+            expectBitwiseEqualGradients(try rows(grads, qr, kr), g, "\(label) sequence \(s) gradients")
+        }
+    }
+
+    @Test("a bias [S or 1, H or 1, max Nq, max Nk]: each sequence reads its block, forward and backward; other shapes are refused")
+    func packedBias() throws {
+        // Cross attention: a sequence without queries (1) and one without keys (2).
+        let queryOffsets = [0, 5, 5, 40, 41], keyOffsets = [0, 70, 75, 75, 200]   // max Nq 35, max Nk 125
+        for biasShape in [[4, 4, 35, 125], [1, 1, 35, 125], [4, 1, 35, 125], [1, 4, 35, 125]] {
+            try checkBias(DenseAttention(causal: true), biasShape: biasShape, queryOffsets: queryOffsets,
+                          keyOffsets: keyOffsets, "dense causal \(biasShape)")
+            var alibi = MultiQueryAttention(causal: false, leftWindow: 20)
+            alibi.modifiers.alibiSlopes = ScoreModifiers.standardALiBiSlopes(heads: 4)
+            try checkBias(alibi, biasShape: biasShape, queryOffsets: queryOffsets, keyOffsets: keyOffsets,
+                          "grouped-query window with ALiBi \(biasShape)")
+        }
+        // Self-attention with passes that merge (strided) and a window (local), lengths 0 and 1.
+        let offsets = PackedGradientTests.selfOffsets   // lengths 0, 1, 17, 64, 0, 130, 3
+        try checkBias(StridedAttention(stride: 5, causal: true), biasShape: [7, 4, 130, 130], queryOffsets: offsets,
+                      keyOffsets: offsets, "strided causal")
+        try checkBias(LocalAttention(form: .slidingWindow(left: 8, right: 5)), biasShape: [1, 4, 130, 130],
+                      queryOffsets: offsets, keyOffsets: offsets, "local")
+        // Any other shape is refused before anything is computed, naming the bias.
+        let (q, k, v) = try randomQKV(heads: 4, kvHeads: 2, queryLength: 41, keyLength: 200, headDim: 16, seed: 3)
+        let sequences = try PackedSequences(queryOffsets: queryOffsets, keyOffsets: keyOffsets)
+        for wrong in [[1, 4, 35, 124], [1, 4, 36, 125], [3, 4, 35, 125], [1, 2, 35, 125], [1, 4, 41, 200]] {
+            var dense = DenseAttention()
+            dense.modifiers.bias = try Tensor(shape: wrong)
+            let message = thrownAttentionError { _ = try dense.attend(query: q, key: k, value: v, sequences: sequences) }?
+                .message ?? "no error"
+            #expect(message.contains("modifiers.bias") && message.contains("max Nq_s"), "bias \(wrong): \(message)")
+            #expect(throws: AttentionError.self, "bias \(wrong): packed cost") {
+                _ = try dense.cost(sequences: sequences, heads: 4, kvHeads: 2, headDim: 16)
+            }
+        }
+        // With sinks, a sequence without keys (2: queries 5..<40) gives 0 with lse σ_h.
+        var sinks = DenseAttention()
+        sinks.modifiers.sinks = [0.5, -1, 0, 2]
+        let r = try sinks.attend(query: q, key: k, value: v, sequences: sequences)
+        for h in 0..<4 {
+            for i in 5..<40 {
+                #expect(r.logSumExp[0, h, i, 0] == sinks.modifiers.sinks![h]
+                        && (0..<16).allSatisfy { r.output[0, h, i, $0] == 0 }, "sinks: head \(h) row \(i)")
+            }
         }
     }
 }
