@@ -547,6 +547,16 @@ import AttentionBenchCore
                     "\(io): backward FLOPs \(records.map(\.flops)), expected 2.5x and 3.5x \(forward)")
             #expect(records.allSatisfy { $0.parameters.contains("varlen=64,1,300") })
         }
+        // With --bias: [1, H, max N, max N], read by every sequence, forward and backward.
+        let biased = try BenchOptions.parse(["--varlen", "64,1,300", "--variants", "dense,local", "--bias",
+                                             "--backward", "--threads", "2", "--repeat", "1", "--heads", "2",
+                                             "--dim", "16"])
+        #expect(try biased.modifiers(shape: AttentionShape(heads: 2, queryLength: 365, headDim: 16)).bias?.shape
+                == [1, 2, 300, 300])
+        let biasedRecords = try SweepRunner(options: biased, peaks: PeakCache(measure: { Double($0) * 100 }),
+                                            progress: { _ in }).run(try SweepPlan.make(biased))
+        #expect(biasedRecords.count == 6 && biasedRecords.allSatisfy { $0.parameters.contains("bias") },
+                "\(biasedRecords.map { ($0.variant, $0.pass, $0.parameters) })")
     }
 
     /// `--mask document:K` runs custom-mask with K documents (FLOPs of K diagonal blocks);
