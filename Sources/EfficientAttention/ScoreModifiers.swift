@@ -587,7 +587,11 @@ extension DifferentiableAttention {
             return try body(nil, nil)
         }
         return try modifiers.withKernel(shape) { kernel in
-            try body(kernel, modifiers.bias == nil ? nil : ModifierGradientRequest.bias?.value)
+            // A packed sequence's call adds into its block of the bias gradient.
+            let target = (modifiers.bias == nil ? nil : ModifierGradientRequest.bias?.value).map {
+                MutableTensorView(base: $0.base + (modifiers.biasSequence ?? 0) * $0.strides[0], strides: $0.strides)
+            }
+            return try body(kernel, target)
         }
     }
 }
@@ -622,12 +626,42 @@ extension ModifiableAttention where Self: DifferentiableAttention {
                                             logSumExp: result.logSumExp, outputGradient: outputGradient,
                                             keyLengths: keyLengths, threads: threads, scale: nil).shape
         try checkModifiersForBackward(shape)
-        // After the checks: the bias gradient, zero-filled (the kernel adds into it).
-        var biasGradient = try modifiers.bias.map { try Tensor(shape: $0.shape) }
-        func backward() throws -> AttentionGradients {
+        return try withModifierGradients(shape, result: result, outputGradient: outputGradient) {
             try gradients(query: query, key: key, value: value, result: result, outputGradient: outputGradient,
                           keyLengths: keyLengths, threads: threads)
         }
+    }
+
+    /// ``modifierGradients(query:key:value:result:outputGradient:keyLengths:threads:)`` of a
+    /// packed call (``PackedSequences``): `dQ`, `dK`, `dV` as the packed backward gives them
+    /// (``DifferentiableAttention/gradients(query:key:value:result:outputGradient:sequences:threads:)``),
+    /// `∂L/∂bias` shaped like the packed bias `[S or 1, H or 1, max Nq_s, max Nk_s]` (each
+    /// sequence adds into its block, sequence after sequence: a block shared by all, `S = 1`,
+    /// sums them in that order) and `∂L/∂σ_h` summed over every packed row (rows of
+    /// sequences without keys add 0: their output does not depend on the sink).
+    ///
+    /// - Complexity: the packed backward's, plus the bias's scattered adds and the sinks' sum.
+    ///   Bitwise identical for every thread count.
+    public func modifierGradients(query: Tensor, key: Tensor, value: Tensor, result: AttentionResult,
+                                  outputGradient: Tensor, sequences: PackedSequences,
+                                  threads: Int? = nil) throws -> (inputs: AttentionGradients,
+                                                                  modifiers: ScoreModifierGradients) {
+        let shape = try AttentionShape(query: query, key: key, value: value)
+        try sequences.checkBias(modifiers, heads: shape.heads)
+        // The packed backward checks everything else before it computes anything.
+        return try withModifierGradients(shape, result: result, outputGradient: outputGradient) {
+            try gradients(query: query, key: key, value: value, result: result, outputGradient: outputGradient,
+                          sequences: sequences, threads: threads)
+        }
+    }
+
+    /// `backward()` (a checked backward of this conformer over the rows of `shape`) with the
+    /// kernels adding `∂L/∂bias` into a zero-filled tensor of the bias's shape, then
+    /// `∂L/∂σ_h` over those rows.
+    private func withModifierGradients(_ shape: AttentionShape, result: AttentionResult, outputGradient: Tensor,
+                                       _ backward: () throws -> AttentionGradients) throws
+        -> (inputs: AttentionGradients, modifiers: ScoreModifierGradients) {
+        var biasGradient = try modifiers.bias.map { try Tensor(shape: $0.shape) }
         let inputs: AttentionGradients
         if biasGradient != nil {
             inputs = try biasGradient!.withMutableStridedView { view in

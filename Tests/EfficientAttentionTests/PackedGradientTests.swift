@@ -369,4 +369,63 @@ struct PackedGradientTests {
             }
         }
     }
+
+    @Test("modifierGradients of a packed call: each sequence's bias block and the sinks' sum are those of separate calls")
+    func packedModifierGradients() throws {
+        let queryOffsets = [0, 5, 5, 40, 41], keyOffsets = [0, 70, 75, 75, 200]   // max Nq 35, max Nk 125
+        let sequences = try PackedSequences(queryOffsets: queryOffsets, keyOffsets: keyOffsets)
+        let (q, k, v) = try randomQKV(heads: 4, kvHeads: 2, queryLength: 41, keyLength: 200, headDim: 16, valueDim: 8,
+                                      seed: 41)
+        let dO = try Tensor.random(shape: [1, 4, 41, 8], seed: 42)
+        for biasShape in [[4, 4, 35, 125], [1, 1, 35, 125]] {
+            var attention = MultiQueryAttention(causal: true, leftWindow: 30)
+            attention.modifiers = ScoreModifiers(alibiSlopes: ScoreModifiers.standardALiBiSlopes(heads: 4),
+                                                 bias: try Tensor.random(shape: biasShape, seed: 43),
+                                                 sinks: [0.5, -1, 0, 2])
+            let result = try attention.attend(query: q, key: k, value: v, sequences: sequences)
+            let packed = try attention.modifierGradients(query: q, key: k, value: v, result: result,
+                                                         outputGradient: dO, sequences: sequences, threads: 2)
+            let three = try attention.modifierGradients(query: q, key: k, value: v, result: result,
+                                                        outputGradient: dO, sequences: sequences, threads: 3)
+            expectBitwiseEqualGradients(three.inputs, packed.inputs, "\(biasShape): 3 threads")
+            #expect(three.modifiers == packed.modifiers, "\(biasShape): 3 threads' modifier gradients")
+            let inputs = try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                 sequences: sequences, threads: 2)
+            expectBitwiseEqualGradients(packed.inputs, inputs, "\(biasShape): dQ, dK, dV")
+            // The separate calls, each given its block.
+            var biasSum = [Double](repeating: 0, count: biasShape.reduce(1, *)), sinkSum = [Double](repeating: 0, count: 4)
+            let bias = attention.modifiers.bias!, gradient = packed.modifiers.bias!
+            for s in 0..<sequences.count {
+                let qr = queryOffsets[s]..<queryOffsets[s + 1], kr = keyOffsets[s]..<keyOffsets[s + 1]
+                guard !qr.isEmpty, !kr.isEmpty else { continue }
+                let item = biasShape[0] == 1 ? 0 : s
+                var alone = attention
+                alone.modifiers.bias = try Tensor(shape: [1, biasShape[1], qr.count, kr.count], storage: bias.storage,
+                                                  strides: bias.strides, offset: item * bias.strides[0])
+                let r = try alone.attend(query: rows(q, qr), key: rows(k, kr), value: rows(v, kr))
+                let g = try alone.modifierGradients(query: rows(q, qr), key: rows(k, kr), value: rows(v, kr),
+                                                    result: r, outputGradient: rows(dO, qr), threads: 1)
+                for (h, x) in g.modifiers.sinks!.enumerated() { sinkSum[h] += Double(x) }
+                for h in 0..<biasShape[1] {
+                    for i in 0..<qr.count {
+                        for j in 0..<kr.count {
+                            let x = g.modifiers.bias![0, h, i, j]
+                            biasSum[((item * biasShape[1] + h) * 35 + i) * 125 + j] += Double(x)
+                            if biasShape[0] > 1 {
+                                #expect(gradient[item, h, i, j].bitPattern == x.bitPattern,
+                                        "\(biasShape) sequence \(s): bias gradient [\(h), \(i), \(j)]")
+                            }
+                        }
+                    }
+                }
+            }
+            // Shared blocks sum the sequences (in their order); the rest of a block is 0.
+            let biasError = zip(gradient.elements, biasSum).map { abs(Double($0) - $1) }.max()!
+            #expect(biasError < 1e-6, "\(biasShape): bias gradient off the sequences' sum by \(biasError)")
+            for (h, x) in packed.modifiers.sinks!.enumerated() {
+                #expect(abs(Double(x) - sinkSum[h]) < 1e-5 * max(1, abs(sinkSum[h])),
+                        "\(biasShape): sink gradient \(h) \(x), separate calls \(sinkSum[h])")
+            }
+        }
+    }
 }
