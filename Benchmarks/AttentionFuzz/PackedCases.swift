@@ -106,6 +106,10 @@ extension FuzzCase {
             try checkPackedGradients(differentiable, sequences, q: q, k: k, v: v, result: packed, threads: threads,
                                      alone: { try alone($0) as! any DifferentiableAttention }, label)
         }
+        if let modifiable = attention as? any ModifiableAttention & DifferentiableAttention {
+            try checkPackedModifierGradients(modifiable, sequences, q: q, k: k, v: v, result: packed, threads: threads,
+                                             alone: alone, label)
+        }
         checkPackedMismatch(attention, sequences, problem: s, label)
     }
 
@@ -148,6 +152,77 @@ extension FuzzCase {
                 fail("\(label): sequence \(n)'s packed gradients differ from its separate backward call")
                 return
             }
+        }
+    }
+
+    /// The learned modifiers' gradients of a packed call (with a bias or sinks): `dQ`, `dK`,
+    /// `dV` the bits of the packed backward; with a bias per sequence (`S > 1`), each block
+    /// the bits of its separate call's `∂L/∂bias` on the sequence's rows and keys and 0
+    /// elsewhere; with sinks, `∂L/∂σ_h` within 1e-4 of the separate calls' sum (relative to
+    /// the sum of their magnitudes).
+    func checkPackedModifierGradients<A: ModifiableAttention & DifferentiableAttention>(
+        _ attention: A, _ sequences: PackedSequences, q: Tensor, k: Tensor, v: Tensor, result: AttentionResult,
+        threads: Int, alone: (Int) throws -> any Attention, _ label: String
+    ) throws {
+        guard attention.modifiers.bias != nil || attention.modifiers.sinks != nil else { return }
+        let dO = try rng.tensor(result.output.shape)
+        let packed: (inputs: AttentionGradients, modifiers: ScoreModifierGradients)
+        do {
+            packed = try call {
+                try attention.modifierGradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                                sequences: sequences, threads: threads)
+            }
+        } catch AttentionError.unsupported {
+            return   // a setting this conformer's backward does not take
+        }
+        let inputs = try call {
+            try attention.gradients(query: q, key: k, value: v, result: result, outputGradient: dO,
+                                    sequences: sequences, threads: threads)
+        }
+        if !sameBits(packed.inputs, inputs) {
+            fail("\(label): modifierGradients' dQ, dK, dV differ from the packed backward's")
+            return
+        }
+        let heads = q.shape[1]
+        var sinkSum = [Double](repeating: 0, count: heads), sinkMagnitude = sinkSum
+        let perSequence = packed.modifiers.bias.flatMap { $0.shape[0] > 1 ? $0 : nil }
+        for n in 0..<sequences.count {
+            let (q0, k0) = (sequences.queryOffsets[n], sequences.keyOffsets[n])
+            let (nq, nk) = (sequences.queryOffsets[n + 1] - q0, sequences.keyOffsets[n + 1] - k0)
+            var own: Tensor?
+            if nq > 0, nk > 0 {
+                let one = try alone(n) as! A
+                let g = try call {
+                    try one.modifierGradients(query: try rows(q, q0, nq), key: try rows(k, k0, nk),
+                                              value: try rows(v, k0, nk),
+                                              result: try AttentionResult(output: try rows(result.output, q0, nq),
+                                                                          logSumExp: try rows(result.logSumExp, q0, nq)),
+                                              outputGradient: try rows(dO, q0, nq), keyLengths: nil, threads: threads)
+                }
+                for (h, x) in (g.modifiers.sinks ?? []).enumerated() {
+                    sinkSum[h] += Double(x)
+                    sinkMagnitude[h] += abs(Double(x))
+                }
+                own = g.modifiers.bias
+            }
+            guard let block = perSequence else { continue }
+            let s = block.shape
+            for h in 0..<s[1] {
+                for i in 0..<s[2] {
+                    for j in 0..<s[3] {
+                        let expected = i < nq && j < nk ? own.map { $0[0, h, i, j] } ?? 0 : 0
+                        if block[n, h, i, j].bitPattern != expected.bitPattern {
+                            fail("\(label): sequence \(n)'s bias gradient [\(h), \(i), \(j)] is \(block[n, h, i, j]), its separate call's \(expected)")
+                            return
+                        }
+                    }
+                }
+            }
+        }
+        for (h, x) in (packed.modifiers.sinks ?? []).enumerated()
+        where !(abs(Double(x) - sinkSum[h]) <= 1e-4 * max(1, sinkMagnitude[h])) {
+            fail("\(label): the packed sink gradient \(h) is \(x), the separate calls' sum \(sinkSum[h])")
+            return
         }
     }
 
