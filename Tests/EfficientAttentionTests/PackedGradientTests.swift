@@ -358,6 +358,23 @@ struct PackedGradientTests {
                 _ = try dense.cost(sequences: sequences, heads: 4, kvHeads: 2, headDim: 16)
             }
         }
+        // With a workspace, a packed call with a bias allocates nothing in steady state (the
+        // per-sequence conformer copies box nothing).
+        if AllocationCounter.isSupported {
+            var dense = DenseAttention(causal: true)
+            dense.modifiers.bias = try Tensor.random(shape: [4, 4, 35, 125], seed: 6)
+            let workspace = try AttentionWorkspace(for: dense, sequences: sequences, heads: 4, kvHeads: 2, headDim: 16,
+                                                   threads: 2)
+            var o = try Tensor(shape: [1, 4, 41, 16]), l = try Tensor(shape: [1, 4, 41, 1])
+            let allocations = try q.withStridedView { qv in try k.withStridedView { kv in try v.withStridedView { vv in
+            try o.withMutableStridedView { ov in try l.withMutableStridedView { lv in
+                try CallingConventionTests.steadyStateAllocations(threads: 2) {
+                    try dense.attend(query: qv, key: kv, value: vv, output: ov, logSumExp: lv, sequences: sequences,
+                                     workspace: workspace, threads: 2)
+                }
+            } } } } }
+            #expect(allocations == 0, "\(allocations) allocations per packed call with a bias")
+        }
         // With sinks, a sequence without keys (2: queries 5..<40) gives 0 with lse σ_h.
         var sinks = DenseAttention()
         sinks.modifiers.sinks = [0.5, -1, 0, 2]
