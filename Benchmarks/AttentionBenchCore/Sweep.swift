@@ -546,18 +546,14 @@ public final class SweepRunner {
         let threads = job.threads, io = job.io
         let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
         let precisions = OperandPrecisions(io)
-        let (h, hkv, d, e) = (shape.heads, shape.kvHeads, shape.headDim, shape.valueDim)
-        let workspace = try AttentionWorkspace(byteCount: max(
-            try sequences.map {
-                try AttentionWorkspace(forBackwardOf: attention, sequences: $0, heads: h, kvHeads: hkv, headDim: d,
-                                       valueDim: e, threads: threads, precisions: precisions)
-            }?.byteCount
-                ?? AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: precisions).byteCount,
-            try sequences.map {
-                try AttentionWorkspace(for: attention, sequences: $0, heads: h, kvHeads: hkv, headDim: d, valueDim: e,
-                                       threads: threads, precisions: precisions)
-            }?.byteCount
-                ?? AttentionWorkspace(for: attention, shape: shape, threads: threads, precisions: precisions).byteCount))
+        let backward = try sequences.map {
+            try AttentionWorkspace(forBackwardOf: attention, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
+                                   headDim: shape.headDim, valueDim: shape.valueDim, threads: threads,
+                                   precisions: precisions)
+        } ?? AttentionWorkspace(forBackwardOf: attention, shape: shape, threads: threads, precisions: precisions)
+        let forward = try Self.forwardWorkspace(attention, shape, sequences: sequences, threads: threads,
+                                                precisions: precisions)
+        let workspace = try AttentionWorkspace(byteCount: max(backward.byteCount, forward.byteCount))
         let (q, k, v, g) = (Self.bitPatterns(inputs.query, io), Self.bitPatterns(inputs.key, io),
                             Self.bitPatterns(inputs.value, io), Self.bitPatterns(dO, io))
         var out = [UInt16](repeating: 0, count: dO.count)
@@ -612,6 +608,17 @@ public final class SweepRunner {
             try conformer.attend(query: q, key: k, value: v, output: output, logSumExp: logSumExp,
                                  keyLengths: nil, workspace: workspace, threads: threads)
         }
+    }
+
+    /// A workspace for `conformer`'s forward calls on `shape` with operands of `precisions`:
+    /// for the packed `sequences` when given.
+    static func forwardWorkspace(_ conformer: some Attention, _ shape: AttentionShape, sequences: PackedSequences?,
+                                 threads: Int, precisions: OperandPrecisions) throws -> AttentionWorkspace {
+        try sequences.map {
+            try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
+                                   headDim: shape.headDim, valueDim: shape.valueDim, threads: threads,
+                                   precisions: precisions)
+        } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads, precisions: precisions)
     }
 
     /// One engine-style backward call: over the packed `sequences` when given.
@@ -680,10 +687,8 @@ public final class SweepRunner {
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
             let shape = try AttentionShape(query: inputs.query, key: inputs.key, value: inputs.value)
-            let workspace = try sequences.map {
-                try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
-                                       headDim: shape.headDim, valueDim: shape.valueDim, threads: threads)
-            } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads)
+            let workspace = try Self.forwardWorkspace(conformer, shape, sequences: sequences, threads: threads,
+                                                      precisions: .float32)
             let huge = options.hugePages
                 ? (try HugePageCopy(inputs.query), try HugePageCopy(inputs.key), try HugePageCopy(inputs.value)) : nil
             timed = try inputs.query.withStridedView { q in try inputs.key.withStridedView { k in
@@ -722,11 +727,8 @@ public final class SweepRunner {
         let precisions = OperandPrecisions(job.io)
         let timed: (timing: TimingStatistics, allocationsPerCall: Double?)
         do {
-            let workspace = try sequences.map {
-                try AttentionWorkspace(for: conformer, sequences: $0, heads: shape.heads, kvHeads: shape.kvHeads,
-                                       headDim: shape.headDim, valueDim: shape.valueDim, threads: threads,
-                                       precisions: precisions)
-            } ?? AttentionWorkspace(for: conformer, shape: shape, threads: threads, precisions: precisions)
+            let workspace = try Self.forwardWorkspace(conformer, shape, sequences: sequences, threads: threads,
+                                                      precisions: precisions)
             func view(_ b: UnsafeBufferPointer<UInt16>, _ t: Tensor) throws -> ActivationView {
                 try ActivationView(bitPatterns: b, precision: job.io, shape: SIMD4(t.shape))
             }
