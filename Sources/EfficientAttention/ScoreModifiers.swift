@@ -647,8 +647,8 @@ extension ModifiableAttention where Self: DifferentiableAttention {
                                   threads: Int? = nil) throws -> (inputs: AttentionGradients,
                                                                   modifiers: ScoreModifierGradients) {
         let shape = try AttentionShape(query: query, key: key, value: value)
-        try sequences.checkBias(modifiers, heads: shape.heads)
-        // The packed backward checks everything else before it computes anything.
+        // The packed backward checks everything, the bias's packed shape included, before it
+        // computes anything.
         return try withModifierGradients(shape, result: result, outputGradient: outputGradient) {
             try gradients(query: query, key: key, value: value, result: result, outputGradient: outputGradient,
                           sequences: sequences, threads: threads)
