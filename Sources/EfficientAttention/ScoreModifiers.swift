@@ -245,8 +245,13 @@ struct ScoreModifierKernel: @unchecked Sendable {
         typealias V = SIMD16<Float>
         let item = firstItem + b, head = firstHead + h
         let slope = V(repeating: slopes?[head] ?? 0)
-        var laneOffsets = V()
-        for l in 0..<16 { laneOffsets[l] = Float(l * queries.step) }
+        // A `let`: a `var` captured by `distance` would be boxed, and each read of it an
+        // exclusivity check (a runtime call per 16 lanes).
+        let laneOffsets: V = {
+            var offsets = V()
+            for l in 0..<16 { offsets[l] = Float(l * queries.step) }
+            return offsets
+        }()
         let biasRow = bias.map { $0.row(item, head, 0) }
         let biasRowStride = bias?.strides[2] ?? 0, biasColumnStride = bias?.strides[3] ?? 0
         /// Query `lane + l`'s aligned position minus key `j`'s, for the 16 lanes.
@@ -260,9 +265,10 @@ struct ScoreModifierKernel: @unchecked Sendable {
             // the caller, spread over its micro-kernel calls (``prefetchBias``), and within
             // the tile each 16-key block's lines into L1 two blocks before they are read
             // (KernelDocs/ScoreModifiers.md).
-            check = withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
-                // A check of the closure's own (a captured one would live in memory).
-                var check = BiasTermCheck()
+            (check, r) = withUnsafeTemporaryAllocation(of: Float.self, capacity: 256) { block in
+                // A check and a key counter of the closure's own: captured variables live in
+                // memory, and a captured `r` cost an exclusivity check per 16 lanes.
+                var check = BiasTermCheck(), r = 0
                 let terms = block.baseAddress!
                 let last = queries.count - 1
                 while r + 16 <= keys.count {
@@ -284,7 +290,7 @@ struct ScoreModifierKernel: @unchecked Sendable {
                     }
                     r += 16
                 }
-                return check
+                return (check, r)
             }
         }
         while r < keys.count {
