@@ -236,6 +236,15 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// whose rows are contiguous, whole 16 × 16 blocks are loaded row by row and transposed
     /// in registers (``Transpose16``: 16 loads and 64 permutes for 256 pairs); other keys
     /// gather it element by element. Both give the same values.
+    ///
+    /// Gathered, each query's term of a key with a step (the strided and axial column passes)
+    /// is a cache line of its own: the lanes' bias rows are found once per 16 lanes, and each
+    /// key's lines are requested ``gatherAhead`` keys before they are read, so that their
+    /// misses overlap (as ``applyGathered`` does for LSH's and routing's slots).
+    ///
+    /// Not inlined: the patterns' kernels are specialised in the conformers' files, where the
+    /// C prefetch helpers stayed calls; compiled once here, they are instructions.
+    @inline(never)
     func apply(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
                lanes: Int, b: Int, h: Int) {
         if let slots {
@@ -293,22 +302,37 @@ struct ScoreModifierKernel: @unchecked Sendable {
                 return (check, r)
             }
         }
-        while r < keys.count {
-            let j = keys.position(r), row = scores + r &* ld
-            for lane in stride(from: 0, to: lanes, by: 16) {
+        // The rest key by key (keys with a step, or fewer than 16 left): per block of 16 query
+        // lanes, the lanes' bias rows once; then for each key one load per lane, the lines
+        // of the key `gatherAhead` further requested (with a step, each is a line of its own).
+        let first = r
+        for lane in stride(from: 0, to: lanes, by: 16) where first < keys.count {
+            let valid = max(0, min(16, queries.count - lane))
+            var rows = SIMD16<Int>()
+            if biasRow != nil {
+                for l in 0..<valid { rows[l] = queries.position(lane + l) &* biasRowStride }
+            }
+            for r in first..<keys.count {
+                let j = keys.position(r), row = scores + r &* ld + lane
                 var terms = V()
                 if let biasRow {
-                    for l in 0..<max(0, min(16, queries.count - lane)) {
-                        terms[l] = biasRow[queries.position(lane + l) &* biasRowStride &+ j &* biasColumnStride]
+                    let column = j &* biasColumnStride
+                    for l in 0..<valid { terms[l] = biasRow[rows[l] &+ column] }
+                    if r + Self.gatherAhead < keys.count {
+                        let next = keys.position(r + Self.gatherAhead) &* biasColumnStride
+                        for l in 0..<valid { ea_prefetch_read(biasRow + (rows[l] &+ next)) }
                     }
                 }
-                store16(modified(load16(row + lane), biasTerms: terms, slope: slope,
-                                 distance: distance(lane: lane, key: j), check: &check), row + lane)
+                store16(modified(load16(row), biasTerms: terms, slope: slope,
+                                 distance: distance(lane: lane, key: j), check: &check), row)
             }
-            r += 1
         }
         report(check)
     }
+
+    /// How many keys ahead ``apply(_:ld:keys:queries:lanes:b:h:)`` requests the bias terms it
+    /// gathers one by one.
+    static var gatherAhead: Int { 4 }
 
     /// ``apply(_:ld:keys:queries:lanes:b:h:)`` on gathered slots (``SlotPositions``): per
     /// block of 16 query lanes, the lanes' positions (for ALiBi) and bias rows are read
