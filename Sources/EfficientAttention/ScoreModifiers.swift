@@ -396,6 +396,14 @@ struct ScoreModifierKernel: @unchecked Sendable {
     @inline(__always)
     func prefetchBias(keys: PositionRun, queries: PositionRun, part: Int, of parts: Int, b: Int, h: Int) {
         guard let bias, slots == nil, keys.step == 1, bias.strides[3] == 1 else { return }
+        requestBias(bias, keys: keys, queries: queries, part: part, of: parts, b: b, h: h)
+    }
+
+    /// ``prefetchBias(keys:queries:part:of:b:h:)``'s requests, compiled once here (as
+    /// ``apply(_:ld:keys:queries:lanes:b:h:)``) so that each line is one instruction.
+    @inline(never)
+    private func requestBias(_ bias: TensorView, keys: PositionRun, queries: PositionRun, part: Int, of parts: Int,
+                             b: Int, h: Int) {
         let rowsPerPart = (queries.count + parts - 1) / parts
         let base = bias.row(firstItem + b, firstHead + h, 0) + keys.start
         let end = min((part + 1) * rowsPerPart, queries.count)

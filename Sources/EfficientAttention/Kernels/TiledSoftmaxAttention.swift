@@ -616,6 +616,14 @@ struct UpcomingRows {
     /// Requests the next `n` rows (fewer when fewer remain) into L2.
     @inline(__always)
     mutating func prefetch(rows n: Int) {
+        if remainingRows > 0 { request(rows: n) }
+    }
+
+    /// ``prefetch(rows:)``'s requests. Not inlined: the patterns' kernels are specialised in
+    /// the conformers' files, where the C prefetch helper stayed a call per line (with a
+    /// `vzeroupper`); compiled once here, each line is one instruction.
+    @inline(never)
+    private mutating func request(rows n: Int) {
         var n = min(n, remainingRows)
         remainingRows -= n
         while n > 0 {
@@ -673,7 +681,8 @@ extension TensorView {
     }
 
     /// Prefetches the rows `rows` of head `(b, h)`, `width` elements each (contiguous rows).
-    @inline(__always)
+    /// Not inlined, as ``UpcomingRows``' requests: one call per tile rather than one per line.
+    @inline(never)
     func prefetch(_ b: Int, _ h: Int, rows: PositionRun, width: Int) {
         let bytes = precision.byteWidth
         prefetchRows(rawRow(b, h, rows.start), count: rows.count, rowStrideBytes: rows.step &* strides[2] &* bytes,
