@@ -66,3 +66,14 @@ func multiplyAdd(_ acc: inout SIMD16<Float>, _ a: SIMD16<Float>, _ b: SIMD16<Flo
     return false
 #endif
 }()
+
+/// The smaller of two `Int`s: the standard library's generic `min`, always inlined. The
+/// optimiser inlines the generic one at its discretion and stops inlining into very large
+/// functions (the tiled kernels' per-tile specialisations), where each `min` of a loop was a
+/// call, and around it every live vector register spilled.
+@inline(__always)
+func min(_ a: Int, _ b: Int) -> Int { b < a ? b : a }
+
+/// The larger of two `Int`s, always inlined (see ``min(_:_:)``).
+@inline(__always)
+func max(_ a: Int, _ b: Int) -> Int { b >= a ? b : a }
