@@ -316,12 +316,9 @@ struct ScoreModifierKernel: @unchecked Sendable {
                 let j = keys.position(r), row = scores + r &* ld + lane
                 var terms = V()
                 if let biasRow {
-                    let column = j &* biasColumnStride
-                    for l in 0..<valid { terms[l] = biasRow[rows[l] &+ column] }
-                    if r + Self.gatherAhead < keys.count {
-                        let next = keys.position(r + Self.gatherAhead) &* biasColumnStride
-                        for l in 0..<valid { ea_prefetch_read(biasRow + (rows[l] &+ next)) }
-                    }
+                    let ahead = r + Self.gatherAhead < keys.count ? keys.position(r + Self.gatherAhead) : nil
+                    terms = Self.gatherTerms(biasRow, rows: rows, valid: valid, column: j &* biasColumnStride,
+                                             requesting: ahead.map { $0 &* biasColumnStride })
                 }
                 store16(modified(load16(row), biasTerms: terms, slope: slope,
                                  distance: distance(lane: lane, key: j), check: &check), row)
@@ -333,6 +330,20 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// How many keys ahead ``apply(_:ld:keys:queries:lanes:b:h:)`` requests the bias terms it
     /// gathers one by one.
     static var gatherAhead: Int { 4 }
+
+    /// One key's bias terms for up to 16 lanes, gathered: lane `l < valid` reads
+    /// `biasRow[rows[l] + column]` (the rest 0), and the lines of the lanes' terms at column
+    /// `requesting` (a key a few ahead; nil: none) are requested into every cache level.
+    @inline(__always)
+    private static func gatherTerms(_ biasRow: UnsafePointer<Float>, rows: SIMD16<Int>, valid: Int, column: Int,
+                                    requesting next: Int?) -> SIMD16<Float> {
+        var terms = SIMD16<Float>()
+        for l in 0..<valid { terms[l] = biasRow[rows[l] &+ column] }
+        if let next {
+            for l in 0..<valid { ea_prefetch_read(biasRow + (rows[l] &+ next)) }
+        }
+        return terms
+    }
 
     /// ``apply(_:ld:keys:queries:lanes:b:h:)`` on gathered slots (``SlotPositions``): per
     /// block of 16 query lanes, the lanes' positions (for ALiBi) and bias rows are read
@@ -371,12 +382,9 @@ struct ScoreModifierKernel: @unchecked Sendable {
                 let j = slots.key(b, keys.position(r))
                 var terms = V()
                 if let biasRow {
-                    let column = j &* biasColumnStride
-                    for l in 0..<valid { terms[l] = biasRow[rows[l] &+ column] }
-                    if r + ahead < keys.count {
-                        let next = slots.key(b, keys.position(r + ahead)) &* biasColumnStride
-                        for l in 0..<valid { ea_prefetch_read(biasRow + (rows[l] &+ next)) }
-                    }
+                    let next = r + ahead < keys.count ? slots.key(b, keys.position(r + ahead)) : nil
+                    terms = Self.gatherTerms(biasRow, rows: rows, valid: valid, column: j &* biasColumnStride,
+                                             requesting: next.map { $0 &* biasColumnStride })
                 }
                 store16(modified(load16(row), biasTerms: terms, slope: slope,
                                  distance: positions - V(repeating: Float(j)), check: &check), row)
