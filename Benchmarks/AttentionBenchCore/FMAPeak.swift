@@ -1,3 +1,4 @@
+import CEfficientAttention
 import Dispatch
 import Foundation
 
@@ -7,7 +8,10 @@ import Foundation
 /// Under `EA_FMA` (the `NativeCPU` trait) each thread runs 16 independent `SIMD16<Float>`
 /// chains, one `acc.addProduct(x, y)` per chain per iteration (a 512-bit FMA on AVX-512,
 /// 16 lanes × 2 FLOPs). Sixteen chains cover FMA latency × pipes of current x86 and Arm
-/// cores and still fit the 32 vector registers. In the portable build (`acc += a * b`
+/// cores and still fit the 32 vector registers. On an x86-64 CPU without AVX-512F (AVX2:
+/// 16 registers of 256 bits, where those chains took 32 registers and half of them were
+/// spilled, so the probe read about half the peak) it runs 12 `SIMD8<Float>` chains
+/// instead (12 registers, plus `x` and `y`). In the portable build (`acc += a * b`
 /// kernels, 16 SSE2/NEON registers) it runs 12 `SIMD4<Float>` chains of
 /// `acc = acc * x + y` (a dependent multiply and add, so the product cannot be hoisted out
 /// of the loop; SIMD16 chains would spill there). The chains' sum is returned and folded
@@ -15,8 +19,16 @@ import Foundation
 /// ~``trialSeconds``; the best of ``trials`` counts.
 public enum FMAPeak {
     #if EA_FMA
-    public static let accumulators = 16
-    public static let lanes = 16
+    /// 256-bit chains on an x86-64 CPU without AVX-512F (see above).
+    static let narrow: Bool = {
+        #if arch(x86_64)
+        return ea_cpu_has_avx512f() == 0
+        #else
+        return false
+        #endif
+    }()
+    public static let accumulators = narrow ? 12 : 16
+    public static let lanes = narrow ? 8 : 16
     #else
     public static let accumulators = 12
     public static let lanes = 4
@@ -63,6 +75,7 @@ public enum FMAPeak {
     @inline(never)
     public static func chains(iterations: Int, seed: Float) -> Float {
         #if EA_FMA
+        if narrow { return narrowChains(iterations: iterations, seed: seed) }
         let x = SIMD16<Float>(repeating: 0.999_999 + seed * 1e-9)
         let y = SIMD16<Float>(repeating: 1e-7 * (1 + seed))
         var a0 = SIMD16<Float>(repeating: seed), a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3
@@ -93,6 +106,25 @@ public enum FMAPeak {
         return s.sum()
         #endif
     }
+
+    #if EA_FMA
+    /// ``chains(iterations:seed:)`` on 256-bit vectors: 12 `SIMD8<Float>` chains.
+    @inline(never)
+    static func narrowChains(iterations: Int, seed: Float) -> Float {
+        let x = SIMD8<Float>(repeating: 0.999_999 + seed * 1e-9)
+        let y = SIMD8<Float>(repeating: 1e-7 * (1 + seed))
+        var a0 = SIMD8<Float>(repeating: seed), a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3
+        var a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6, a7 = a0 + 7
+        var a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10, a11 = a0 + 11
+        for _ in 0..<iterations {
+            a0.addProduct(x, y); a1.addProduct(x, y); a2.addProduct(x, y); a3.addProduct(x, y)
+            a4.addProduct(x, y); a5.addProduct(x, y); a6.addProduct(x, y); a7.addProduct(x, y)
+            a8.addProduct(x, y); a9.addProduct(x, y); a10.addProduct(x, y); a11.addProduct(x, y)
+        }
+        let s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + ((a8 + a9) + (a10 + a11))
+        return s.sum()
+    }
+    #endif
 
     /// Where the loop results go (read once at exit through ``sinkValue``).
     static let sink = Sink()

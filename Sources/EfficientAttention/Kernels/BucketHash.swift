@@ -127,9 +127,10 @@ struct BucketHash {
                 }
                 // The factor's argmax over [x R_i ; −x R_i]: the positive half on ties.
                 let half = Lanes(repeating: Int32(columns)), w = Lanes(repeating: weight)
-                var result0 = scan.lowAt0 &+ half, result1 = scan.lowAt1 &+ half
-                result0.replace(with: scan.highAt0, where: scan.high0 .>= -scan.low0)
-                result1.replace(with: scan.highAt1, where: scan.high1 .>= -scan.low1)
+                let e0 = scan.lanes0, e1 = scan.lanes1
+                var result0 = e0.lowAt &+ half, result1 = e1.lowAt &+ half
+                result0.replace(with: e0.highAt, where: e0.high .>= -e0.low)
+                result1.replace(with: e1.highAt, where: e1.high .>= -e1.low)
                 bucket0 &+= result0 &* w
                 bucket1 &+= result1 &* w
                 offset += columns

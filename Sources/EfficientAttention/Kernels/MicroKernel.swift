@@ -1,3 +1,5 @@
+import CEfficientAttention
+
 /// The register-tiled micro-kernel shared by every GEMM-shaped loop in the library.
 ///
 /// Contract (see KernelDocs/MicroKernels.md):
@@ -20,11 +22,30 @@
 /// `MR × NR = 8 × 32` keeps 16 SIMD16 accumulators (16 of the 32 AVX-512 registers)
 /// plus two `B` vectors and one broadcast in registers; one depth step is 16 fused
 /// multiply-adds against 2 vector loads and 8 broadcasts.
+///
+/// With 16 vector registers of 256 bits (AVX2) a SIMD16 is two registers, and those 16
+/// accumulators need 32: the compiler spilled half of them, a load and a store around
+/// every fused multiply-add. There the kernel computes the same tile in four quarters of
+/// `4 × 16` (``splitsRegisterTile``): 8 accumulator registers, one `B` vector, one
+/// broadcast. Each element of `C` is the same chain of multiply-adds over the depth in the
+/// same order, so both ways give the same bits.
 enum MicroTile {
     /// Rows of `C` per call (broadcast operand).
     static let mr = 8
     /// Columns of `C` per call (vector operand): two SIMD16 vectors.
     static let nr = 32
+    /// Whether ``microKernel(depth:a:b:ldb:c:ldc:update:)`` computes its tile in four
+    /// `4 × 16` quarters: everywhere except in the `NativeCPU` build running on an x86-64
+    /// CPU with AVX-512F, whose 32 vector registers of 512 bits hold the whole tile. (A
+    /// `NativeCPU` build made on an AVX2 machine and run on an AVX-512 one takes the whole
+    /// tile on 256-bit code and spills, as every build did before; KernelDocs/MicroKernels.md.)
+    static let splitsRegisterTile: Bool = {
+        #if EA_FMA && arch(x86_64)
+        return ea_cpu_has_avx512f() == 0
+        #else
+        return true
+        #endif
+    }()
 }
 
 /// How the micro-kernel combines its product with what `C` holds.
@@ -57,6 +78,10 @@ struct BroadcastOperand {
     var rowStride: Int
     var depthStride: Int
     var rows: Int = MicroTile.mr
+
+    /// Where row `r` of `A` starts (a short `A` repeats its last row).
+    @inline(__always)
+    func row(_ r: Int) -> UnsafePointer<Float> { base + min(r, rows &- 1) &* rowStride }
 }
 
 /// The `8 × 32` product `A · B` of one micro-kernel call (``MicroTile``), in registers:
@@ -72,11 +97,9 @@ struct MicroTileProduct {
     /// - Complexity: `2 · 8 · 32 · depth` FLOPs.
     @inline(__always)
     init(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float>, ldb: Int) {
-        let last = a.rows - 1, rs = a.rowStride, ks = a.depthStride
-        let a0 = a.base, a1 = a.base + min(1, last) &* rs, a2 = a.base + min(2, last) &* rs
-        let a3 = a.base + min(3, last) &* rs, a4 = a.base + min(4, last) &* rs
-        let a5 = a.base + min(5, last) &* rs, a6 = a.base + min(6, last) &* rs
-        let a7 = a.base + min(7, last) &* rs
+        let ks = a.depthStride
+        let a0 = a.row(0), a1 = a.row(1), a2 = a.row(2), a3 = a.row(3)
+        let a4 = a.row(4), a5 = a.row(5), a6 = a.row(6), a7 = a.row(7)
         var c00 = Vec16(), c01 = Vec16(), c10 = Vec16(), c11 = Vec16()
         var c20 = Vec16(), c21 = Vec16(), c30 = Vec16(), c31 = Vec16()
         var c40 = Vec16(), c41 = Vec16(), c50 = Vec16(), c51 = Vec16()
@@ -103,6 +126,30 @@ struct MicroTileProduct {
     }
 }
 
+/// A quarter of the tile, `C[r0 ..< r0 + 4, col ..< col + 16]`, for ``MicroTile/splitsRegisterTile``:
+/// the depth loop of ``MicroTileProduct`` on four rows and one `B` vector.
+struct MicroQuarterProduct {
+    var c0, c1, c2, c3: Vec16
+
+    /// - Complexity: `2 · 4 · 16 · depth` FLOPs.
+    @inline(__always)
+    init(depth: Int, a: BroadcastOperand, firstRow r0: Int, b: UnsafePointer<Float>, ldb: Int) {
+        let ks = a.depthStride
+        let a0 = a.row(r0), a1 = a.row(r0 &+ 1), a2 = a.row(r0 &+ 2), a3 = a.row(r0 &+ 3)
+        var c0 = Vec16(), c1 = Vec16(), c2 = Vec16(), c3 = Vec16()
+        var k = 0
+        var bp = b
+        for _ in 0..<depth {
+            let bv = load16(bp)
+            multiplyAdd(&c0, Vec16(repeating: a0[k]), bv); multiplyAdd(&c1, Vec16(repeating: a1[k]), bv)
+            multiplyAdd(&c2, Vec16(repeating: a2[k]), bv); multiplyAdd(&c3, Vec16(repeating: a3[k]), bv)
+            k &+= ks
+            bp += ldb
+        }
+        (self.c0, self.c1, self.c2, self.c3) = (c0, c1, c2, c3)
+    }
+}
+
 /// One `8 × 32` tile of `C` (+)= `A · B`; see ``MicroTile`` for the contract.
 ///
 /// - Complexity: `2 · 8 · 32 · depth` FLOPs.
@@ -111,20 +158,29 @@ func microKernel(depth: Int, a: BroadcastOperand,
                  b: UnsafePointer<Float>, ldb: Int,
                  c: UnsafeMutablePointer<Float>, ldc: Int,
                  update: MicroKernelUpdate) {
-    let p = MicroTileProduct(depth: depth, a: a, b: b, ldb: ldb)
+    /// Row `row`'s 16 columns from `column` (+)= `v`.
     @inline(__always)
-    func finish(_ row: Int, _ v0: Vec16, _ v1: Vec16) {
-        let p = c + row * ldc
+    func finish(_ row: Int, _ column: Int, _ v: Vec16) {
+        let p = c + (row &* ldc &+ column)
         switch update {
-        case .overwrite:
-            store16(v0, p); store16(v1, p + 16)
-        case .accumulate:
-            store16(load16(p) + v0, p); store16(load16(p + 16) + v1, p + 16)
-        case .scaleAndAccumulate(let scale):
-            let s = Vec16(repeating: scale[row])
-            store16(fused(load16(p), s, v0), p); store16(fused(load16(p + 16), s, v1), p + 16)
+        case .overwrite: store16(v, p)
+        case .accumulate: store16(load16(p) + v, p)
+        case .scaleAndAccumulate(let scale): store16(fused(load16(p), Vec16(repeating: scale[row]), v), p)
         }
     }
-    finish(0, p.c00, p.c01); finish(1, p.c10, p.c11); finish(2, p.c20, p.c21); finish(3, p.c30, p.c31)
-    finish(4, p.c40, p.c41); finish(5, p.c50, p.c51); finish(6, p.c60, p.c61); finish(7, p.c70, p.c71)
+    if MicroTile.splitsRegisterTile {
+        @inline(__always)
+        func quarter(_ r0: Int, _ column: Int) {
+            let q = MicroQuarterProduct(depth: depth, a: a, firstRow: r0, b: b + column, ldb: ldb)
+            finish(r0, column, q.c0); finish(r0 &+ 1, column, q.c1)
+            finish(r0 &+ 2, column, q.c2); finish(r0 &+ 3, column, q.c3)
+        }
+        quarter(0, 0); quarter(0, 16); quarter(4, 0); quarter(4, 16)
+        return
+    }
+    let p = MicroTileProduct(depth: depth, a: a, b: b, ldb: ldb)
+    finish(0, 0, p.c00); finish(0, 16, p.c01); finish(1, 0, p.c10); finish(1, 16, p.c11)
+    finish(2, 0, p.c20); finish(2, 16, p.c21); finish(3, 0, p.c30); finish(3, 16, p.c31)
+    finish(4, 0, p.c40); finish(4, 16, p.c41); finish(5, 0, p.c50); finish(5, 16, p.c51)
+    finish(6, 0, p.c60); finish(6, 16, p.c61); finish(7, 0, p.c70); finish(7, 16, p.c71)
 }

@@ -30,7 +30,8 @@ import CEfficientAttention
 ///
 /// Structural shapes are not in the table: they are compile-time constants fixed by the
 /// code, not by caches — the micro-kernel's register tile `MR × NR = 8 × 32`
-/// (``MicroTile``, two SIMD16 vectors per row), the SIMD width of 16 lanes (`SIMD16<Float>`
+/// (``MicroTile``, two SIMD16 vectors per row; computed whole, or in four quarters without
+/// AVX-512, ``MicroTile/splitsRegisterTile``, the same bits), the SIMD width of 16 lanes (`SIMD16<Float>`
 /// throughout), decode's micro-kernel threshold ``DecodeAttention/microKernelRows`` and the
 /// linear-attention scan's chunks (``LinearAttentionScan``).
 struct Tuning: Sendable {
