@@ -39,7 +39,10 @@ func microKernelExtremes(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float
     let column = e.column
     if MicroTile.splitsRegisterTile {
         // Quarters (``MicroTile/splitsRegisterTile``): each column half takes rows 0..<8 in
-        // order, as the whole tile does; the halves' lanes are independent.
+        // order, as the whole tile does; the halves' lanes are independent. Written as a
+        // loop over one `lanes` value: a `HalfExtremes` method taking a whole quarter, or a
+        // nested function updating `e`, was left a call per quarter by the optimiser (and
+        // the nested function boxed `e` on the heap).
         var lanes = e.lanes0
         for half in 0..<2 {
             for r0 in 0..<2 {
