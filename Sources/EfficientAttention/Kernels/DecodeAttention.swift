@@ -8,18 +8,24 @@ import CEfficientAttention
 /// (row `r` = head `hk · G + r / n`, position `r % n`); they all read the key/value head in
 /// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
 ///
-/// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding): about one FLOP
-///   per byte of cache, so the loop is written to stream the cache at memory speed:
+/// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding and groups of 4):
+///   a few FLOPs per byte of cache, so the loop is written to stream the cache at memory speed:
 ///
 ///         for each key tile (~64 KiB of keys) of the chunk:
 ///             G · n < 4: touch the tile's value lines and the next tile's key lines
-///             for each row r (of G · n):
-///                 G · n ≥ 4: prefetch part r of the next tile's key and value lines
-///                 (skip rows with no visible key in the tile)
-///                 s_j = scale · q_r · k_j                  4 keys at a time, SIMD16 over D
-///                 m' = max(m, max s), α = exp(m − m')
-///                 p_j = exp(s_j − m'), l = α·l + Σ p_j     SIMD16 over keys
-///                 o = α·o + Σ p_j v_j                     4 value rows per pass over o
+///             for each block of four rows (then each row left over, alone):
+///                 (skip it if no row of it sees a key in the tile)
+///                 s_rj = scale · q_r · k_j     each key row read once for the block,
+///                                              SIMD16 over D (alone: 4 keys at a time)
+///                 per row: mask, modifiers, m' = max(m, max s), α = exp(m − m'),
+///                          p_j = exp(s_j − m'), l = α·l + Σ p_j, o ·= α
+///                 o_r += Σ p_rj v_j            each value row read once for the block,
+///                                              16 columns at a time (alone: 4 value rows
+///                                              per pass over o)
+///                 the first block's loops prefetch the next tile's key and value rows
+///
+///   A row gets the same bits alone or in a block whose visible keys are its own (the same
+///   operations per element, in the same order; always so for one position per head).
 ///
 /// - **Micro-kernel path** (`G · n ≥ 8`, multi-query and large groups): the rows are the
 ///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
@@ -49,12 +55,11 @@ enum DecodeAttention {
     /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
     static let microKernelRows = 8
 
-    /// Rows per group (`G · n`) from which the dot-product path requests the next key tile
-    /// with prefetch instructions spread over the rows' work; fewer rows touch it with plain
-    /// loads at each tile's start. Measured (KernelDocs/MultiQuery.md): with one row a
-    /// tile's prefetches all issue in one burst before the row's work, and plain loads were
-    /// 10–15% faster; with four, the spread prefetches 10–20% faster.
-    static let spreadPrefetchRows = 4
+    /// Rows per group (`G · n`) from which the dot-product path attends blocks of four rows
+    /// at once, each key and value row read once per block, and the first block requests the
+    /// next tile's rows with prefetch instructions in its loops; fewer rows attend one at a
+    /// time and touch the next tile with plain loads at each tile's start (KernelDocs/MultiQuery.md).
+    static let blockRows = 4
 
     /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
     static let rowTile = Tuning.current.decodeRowTile
@@ -366,61 +371,34 @@ enum DecodeAttention {
         var tileStart = first
         var touched: UInt32 = 0
         // Keeping the memory busy while a tile computes (KernelDocs/MultiQuery.md): with
-        // fewer than `spreadPrefetchRows` rows, plain loads of this tile's values and the
-        // next tile's keys at the tile's start; with that many or more, prefetches of the next
-        // tile's keys and values, spread over the rows' work on this tile.
-        let spread = rows >= spreadPrefetchRows
-        if first <= last && spread {
+        // fewer than `blockRows` rows, plain loads of this tile's values and the next tile's
+        // keys at the tile's start; with more, the first tile's lines are touched here and each
+        // later tile's rows are prefetched by the first block's loops over the tile before it.
+        let blocks = rows >= blockRows
+        if first <= last && blocks {
             // The first tile's keys and values, one load per 64-byte line (all in flight at once).
             let count = min(space.tile, last - first + 1)
             touched |= touchLines(keys, b: b, hk: hk, start: first, count: count, width: d)
             touched |= touchLines(values, b: b, hk: hk, start: first, count: count, width: dv)
         }
         while tileStart <= last {
-            let count = min(space.tile, last - tileStart + 1), lanes = roundUp(count, 16)
+            let count = min(space.tile, last - tileStart + 1)
             let next = tileStart + count, nextCount = next <= last ? min(space.tile, last - next + 1) : 0
-            if !spread {
+            if !blocks {
                 touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count, width: dv)
                 touched |= touchLines(keys, b: b, hk: hk, start: next, count: nextCount, width: d)
             }
-            for r in 0..<rows {
-                if spread {
-                    // The r-th part of the next tile: requested now, arriving while row r works.
-                    let lo = next + r * nextCount / rows, hi = next + (r + 1) * nextCount / rows
-                    prefetchLines(keys, b: b, hk: hk, start: lo, count: hi - lo, width: d)
-                    prefetchLines(values, b: b, hk: hk, start: lo, count: hi - lo, width: dv)
-                }
-                let a = max(space.lo[r], tileStart), e = min(space.hi[r], tileStart + count - 1)
-                guard a <= e else { continue }
-                let s = space.scores
-                s.update(repeating: -.infinity, count: lanes)
-                scores(q: space.q + r * dPad, d: d, keys: keys, b: b, hk: hk,
-                       from: a, through: e, into: s - tileStart)
-                modifiers?.applyToRow(s - tileStart, from: a, through: e, b: b, h: hk * g + r / n,
-                                      i: r % n, offset: mask.offset)
-                // Online softmax over the tile (vertical over 16 keys, one horizontal max).
-                var tileMax = Vec16(repeating: -.infinity)
-                for t in stride(from: 0, to: lanes, by: 16) { tileMax = maximum(tileMax, load16(s + t)) }
-                let oldMax = space.rowMax[r]
-                let newMax = max(oldMax, horizontalMax(tileMax))
-                // Every score −∞ so far (a bias hides them): nothing to add yet.
-                guard newMax > -.infinity else { continue }
-                let alpha = expf(oldMax - newMax)
-                var sum = Vec16()
-                for t in stride(from: 0, to: lanes, by: 16) {
-                    let p = VectorMath.exp16(load16(s + t) - Vec16(repeating: newMax))
-                    store16(p, s + t)
-                    sum += p
-                }
-                space.rowSum[r] = alpha * space.rowSum[r] + horizontalSum(sum)
-                space.rowMax[r] = newMax
-                let acc = space.acc + r * dvPad
-                if alpha != 1 {
-                    let factor = Vec16(repeating: alpha)
-                    for c in stride(from: 0, to: dvPad, by: 16) { store16(load16(acc + c) * factor, acc + c) }
-                }
-                accumulate(probabilities: s - tileStart, values: values, b: b, hk: hk,
-                           from: a, through: e, dv: dv, into: acc)
+            let tile = DotTile(space: space, keys: keys, values: values, b: b, hk: hk, d: d, dv: dv,
+                               start: tileStart, count: count, nextCount: nextCount, modifiers: modifiers,
+                               groupSize: g, queryLength: n, offset: mask.offset)
+            var r = 0
+            while r + blockRows <= rows {
+                attendFourRows(tile, from: r, prefetching: r == 0)
+                r += blockRows
+            }
+            while r < rows {
+                attendRow(tile, r)
+                r += 1
             }
             tileStart += count
         }
@@ -429,14 +407,6 @@ enum DecodeAttention {
         for r in 0..<rows {
             writePartial(acc: space.acc + r * dvPad, max: space.rowMax[r], sum: space.rowSum[r],
                          dv: dv, row: r, rows: rows, into: partial)
-        }
-    }
-
-    /// A prefetch instruction for each 64-byte line of rows `start ..< start + count`.
-    @inline(__always)
-    static func prefetchLines<R: KVRows>(_ rows: R, b: Int, hk: Int, start: Int, count: Int, width: Int) {
-        forEachRun(rows, b: b, hk: hk, start: start, count: count, width: width) { base, bytes in
-            for offset in stride(from: 0, to: bytes, by: 64) { ea_prefetch_read(base + offset) }
         }
     }
 
@@ -481,96 +451,295 @@ enum DecodeAttention {
         return a | c
     }
 
+    /// One key tile of a dot-product-path work item: keys `start ..< start + count` of key/value
+    /// head `hk` of batch item `b`, and what its rows need to attend them.
+    struct DotTile<R: KVRows> {
+        let space: Workspace, keys: R, values: R, b: Int, hk: Int, d: Int, dv: Int
+        /// The tile's keys `start ..< start + count`; the next tile's `start + count ..< start + count + nextCount`.
+        let start: Int, count: Int, nextCount: Int
+        let modifiers: ScoreModifierKernel?, groupSize: Int, queryLength: Int, offset: Int
+
+        /// Score lanes per row: the tile rounded up to 16.
+        var lanes: Int { roundUp(count, 16) }
+
+        /// Row `r`'s visible keys in the tile (empty when `a > e`).
+        @inline(__always)
+        func visible(_ r: Int) -> (a: Int, e: Int) {
+            (max(space.lo[r], start), min(space.hi[r], start + count - 1))
+        }
+
+        /// The score modifiers on row `r`'s scores `s` (key `j` at `s[j - start]`) over `a...e`.
+        @inline(__always)
+        func modify(_ s: UnsafeMutablePointer<Float>, row r: Int, from a: Int, through e: Int) {
+            modifiers?.applyToRow(s - start, from: a, through: e, b: b, h: hk * groupSize + r / queryLength,
+                                  i: r % queryLength, offset: offset)
+        }
+    }
+
+    /// Row `r` alone on a tile: its scores four keys at a time, the online softmax, then its
+    /// output four value rows per pass.
+    @inline(__always)
+    static func attendRow<R: KVRows>(_ t: DotTile<R>, _ r: Int) {
+        let space = t.space, (a, e) = t.visible(r)
+        guard a <= e else { return }
+        let s = space.scores
+        s.update(repeating: -.infinity, count: t.lanes)
+        scores(q: space.q + r * space.dPad, d: t.d, keys: t.keys, b: t.b, hk: t.hk,
+               from: a, through: e, into: s - t.start)
+        t.modify(s, row: r, from: a, through: e)
+        guard softmax(s, lanes: t.lanes, row: r, space: space) else { return }
+        foldRowScales(s - t.start, ld: 0, rows: 1, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
+        accumulate(probabilities: s - t.start, values: t.values, b: t.b, hk: t.hk,
+                   from: a, through: e, dv: t.dv, into: space.acc + r * space.dvPad)
+    }
+
+    /// Rows `r0 ..< r0 + 4` together on a tile: each key row and each value row read once
+    /// for the four (instead of once per row, from L2). Over the union `a...e` of the rows'
+    /// visible keys; a row's keys outside its own range get probability 0. Each score and
+    /// output element is the same chain of operations as ``attendRow(_:_:)``'s, so the bits
+    /// are the same whichever path a row takes (for a row whose range is the union; another
+    /// row's extra keys add `0 · v`). `prefetching`: the loops also request the
+    /// next tile's rows, key rows while scoring and value rows while accumulating (the row
+    /// `a + i` of this pass is followed by the next tile's row `i`).
+    @inline(__always)
+    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, from r0: Int, prefetching: Bool) {
+        let space = t.space, ld = space.scoreStride
+        var a = Int.max, e = Int.min
+        for k in 0..<4 {
+            let (ak, ek) = t.visible(r0 + k)
+            if ak <= ek {
+                a = min(a, ak)
+                e = max(e, ek)
+            }
+        }
+        guard a <= e else { return }
+        let s = space.scores
+        for k in 0..<4 { (s + k * ld).update(repeating: -.infinity, count: t.lanes) }
+        let ahead = prefetching ? min(t.nextCount, e - a + 1) : 0, next = t.start + t.count
+        scoresOfFourRows(q: space.q + r0 * space.dPad, ldq: space.dPad, d: t.d, keys: t.keys, b: t.b, hk: t.hk,
+                         from: a, through: e, into: s - t.start, ld: ld, prefetch: next, count: ahead)
+        for k in 0..<4 {
+            let r = r0 + k, row = s + k * ld, (ak, ek) = t.visible(r)
+            var live = ak <= ek
+            if live {
+                if ak > a { (row + (a - t.start)).update(repeating: -.infinity, count: ak - a) }
+                if ek < e { (row + (ek + 1 - t.start)).update(repeating: -.infinity, count: e - ek) }
+                t.modify(row, row: r, from: ak, through: ek)
+                live = softmax(row, lanes: t.lanes, row: r, space: space)
+            }
+            if !live { (row + (a - t.start)).update(repeating: 0, count: e - a + 1) }
+        }
+        foldRowScales(s - t.start, ld: ld, rows: 4, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
+        accumulateFourRows(probabilities: s - t.start, ld: ld, values: t.values, b: t.b, hk: t.hk,
+                           from: a, through: e, dv: t.dv, into: space.acc + r0 * space.dvPad, ldAcc: space.dvPad,
+                           prefetch: next, count: ahead)
+    }
+
+    /// The online softmax of row `r` over a tile's scores `s` (`lanes` of them, −∞ where
+    /// hidden), in place: `m' = max(m, max s)`, `p = exp(s − m')`, `l = α·l + Σ p` with
+    /// `α = exp(m − m')`, and the row's output scaled by `α`. False (nothing changed) when
+    /// every score so far is −∞ (a bias can hide them all): the row adds nothing yet.
+    @inline(__always)
+    static func softmax(_ s: UnsafeMutablePointer<Float>, lanes: Int, row r: Int, space: Workspace) -> Bool {
+        var tileMax = Vec16(repeating: -.infinity)
+        for t in stride(from: 0, to: lanes, by: 16) { tileMax = maximum(tileMax, load16(s + t)) }
+        let oldMax = space.rowMax[r]
+        let newMax = max(oldMax, horizontalMax(tileMax))
+        guard newMax > -.infinity else { return false }
+        let alpha = expf(oldMax - newMax)
+        var sum = Vec16()
+        for t in stride(from: 0, to: lanes, by: 16) {
+            let p = VectorMath.exp16(load16(s + t) - Vec16(repeating: newMax))
+            store16(p, s + t)
+            sum += p
+        }
+        space.rowSum[r] = alpha * space.rowSum[r] + horizontalSum(sum)
+        space.rowMax[r] = newMax
+        if alpha != 1 {
+            let acc = space.acc + r * space.dvPad, factor = Vec16(repeating: alpha)
+            for c in stride(from: 0, to: space.dvPad, by: 16) { store16(load16(acc + c) * factor, acc + c) }
+        }
+        return true
+    }
+
+    /// For Int8 value rows, `p[k · ld + j] ·= scale_j` for the `rows` rows `k` and `j` in
+    /// `a...e` (`Σ p_j s_j ṽ_j`: each row's weight then multiplies its stored integers).
+    /// Nothing for other elements.
+    @inline(__always)
+    static func foldRowScales<R: KVRows>(_ p: UnsafeMutablePointer<Float>, ld: Int, rows: Int, values: R,
+                                         b: Int, hk: Int, from a: Int, through e: Int) {
+        guard R.Element.quantized else { return }
+        var cursor = RowCursor(values, b: b, h: hk, from: a)
+        for j in a...e {
+            let scale = R.scale(ofRow: cursor.next())
+            for k in 0..<rows { p[k * ld + j] *= scale }
+        }
+    }
+
+    /// The score of one key for a query `q` (already scaled): SIMD16 over `D` into `partial`,
+    /// then the horizontal sum, the remaining columns, and an Int8 row's scale.
+    @inline(__always)
+    static func finishScore<R: KVRows>(_ partial: Vec16, q: UnsafePointer<Float>, key: UnsafePointer<R.Element>,
+                                       from c: Int, d: Int, _: R.Type) -> Float {
+        var s = horizontalSum(partial)
+        for x in c..<d { s += q[x] * R.Element.widen(key[x]) }
+        if R.Element.quantized { s *= R.scale(ofRow: key) }   // s_j · (q · k̃_j)
+        return s
+    }
+
     /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time.
     @inline(__always)
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
+        let full = d / 16 * 16
         var j = a, rows = RowCursor(keys, b: b, h: hk, from: a)
         while j + 3 <= e {
             let k0 = rows.next(), k1 = rows.next(), k2 = rows.next(), k3 = rows.next()
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
-            var c = 0
-            while c + 16 <= d {
+            for c in stride(from: 0, to: full, by: 16) {
                 let x = load16(q + c)
                 multiplyAdd(&a0, x, E.wide16(k0 + c))
                 multiplyAdd(&a1, x, E.wide16(k1 + c))
                 multiplyAdd(&a2, x, E.wide16(k2 + c))
                 multiplyAdd(&a3, x, E.wide16(k3 + c))
-                c += 16
             }
-            var s0 = horizontalSum(a0), s1 = horizontalSum(a1), s2 = horizontalSum(a2), s3 = horizontalSum(a3)
-            while c < d {
-                s0 += q[c] * E.widen(k0[c]); s1 += q[c] * E.widen(k1[c])
-                s2 += q[c] * E.widen(k2[c]); s3 += q[c] * E.widen(k3[c])
-                c += 1
-            }
-            if E.quantized {   // s_j · (q · k̃_j): the row's scale folded into its score
-                s0 *= R.scale(ofRow: k0); s1 *= R.scale(ofRow: k1)
-                s2 *= R.scale(ofRow: k2); s3 *= R.scale(ofRow: k3)
-            }
-            s[j] = s0; s[j + 1] = s1; s[j + 2] = s2; s[j + 3] = s3
+            s[j] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
+            s[j + 1] = finishScore(a1, q: q, key: k1, from: full, d: d, R.self)
+            s[j + 2] = finishScore(a2, q: q, key: k2, from: full, d: d, R.self)
+            s[j + 3] = finishScore(a3, q: q, key: k3, from: full, d: d, R.self)
             j += 4
         }
         while j <= e {
             let k0 = rows.next()
             var a0 = Vec16()
-            var c = 0
-            while c + 16 <= d {
-                multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c))
-                c += 16
-            }
-            var s0 = horizontalSum(a0)
-            while c < d { s0 += q[c] * E.widen(k0[c]); c += 1 }
-            if E.quantized { s0 *= R.scale(ofRow: k0) }
-            s[j] = s0
+            for c in stride(from: 0, to: full, by: 16) { multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c)) }
+            s[j] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
             j += 1
         }
     }
 
-    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`.
+    /// `s[k · ld + j] = q_k · k_j` for four query rows `q_k = q + k · ldq` (already scaled)
+    /// and `j` in `a...e`: each key row read once for the four. With key `a + i` it requests
+    /// key row `upcoming + i` for `i < count` (one prefetch per 16 elements).
+    @inline(__always)
+    static func scoresOfFourRows<R: KVRows>(q: UnsafePointer<Float>, ldq: Int, d: Int, keys: R, b: Int, hk: Int,
+                                            from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
+                                            ld: Int, prefetch upcoming: Int, count: Int) {
+        typealias E = R.Element
+        let full = d / 16 * 16
+        let q0 = q, q1 = q + ldq, q2 = q + 2 * ldq, q3 = q + 3 * ldq
+        var rows = RowCursor(keys, b: b, h: hk, from: a)
+        var ahead = count > 0 ? RowCursor(keys, b: b, h: hk, from: upcoming) : nil
+        for j in a...e {
+            let key = rows.next(), later = j - a < count ? ahead?.next() : nil
+            var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
+            for c in stride(from: 0, to: full, by: 16) {
+                if let later { ea_prefetch_read(later + c) }
+                let x = E.wide16(key + c)
+                multiplyAdd(&a0, load16(q0 + c), x)
+                multiplyAdd(&a1, load16(q1 + c), x)
+                multiplyAdd(&a2, load16(q2 + c), x)
+                multiplyAdd(&a3, load16(q3 + c), x)
+            }
+            s[j] = finishScore(a0, q: q0, key: key, from: full, d: d, R.self)
+            s[ld + j] = finishScore(a1, q: q1, key: key, from: full, d: d, R.self)
+            s[2 * ld + j] = finishScore(a2, q: q2, key: key, from: full, d: d, R.self)
+            s[3 * ld + j] = finishScore(a3, q: q3, key: key, from: full, d: d, R.self)
+        }
+    }
+
+    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc` (Int8
+    /// rows' scales already folded into `p`).
     @inline(__always)
     static func accumulate<R: KVRows>(probabilities p: UnsafePointer<Float>, values: R,
                                       b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
                                       into acc: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
-        // The weight of row j at `row`: p_j, times the row's scale for Int8 (Σ p_j s_j ṽ_j).
-        @inline(__always) func weight(_ j: Int, _ row: UnsafePointer<E>) -> Float {
-            E.quantized ? p[j] * R.scale(ofRow: row) : p[j]
-        }
+        let full = dv / 16 * 16
         var j = a, rows = RowCursor(values, b: b, h: hk, from: a)
         while j + 3 <= e {
             let v0 = rows.next(), v1 = rows.next(), v2 = rows.next(), v3 = rows.next()
-            let w0 = weight(j, v0), w1 = weight(j + 1, v1), w2 = weight(j + 2, v2), w3 = weight(j + 3, v3)
-            let p0 = Vec16(repeating: w0), p1 = Vec16(repeating: w1)
-            let p2 = Vec16(repeating: w2), p3 = Vec16(repeating: w3)
-            var c = 0
-            while c + 16 <= dv {
+            let p0 = Vec16(repeating: p[j]), p1 = Vec16(repeating: p[j + 1])
+            let p2 = Vec16(repeating: p[j + 2]), p3 = Vec16(repeating: p[j + 3])
+            for c in stride(from: 0, to: full, by: 16) {
                 var x = load16(acc + c)
                 multiplyAdd(&x, p0, E.wide16(v0 + c))
                 multiplyAdd(&x, p1, E.wide16(v1 + c))
                 multiplyAdd(&x, p2, E.wide16(v2 + c))
                 multiplyAdd(&x, p3, E.wide16(v3 + c))
                 store16(x, acc + c)
-                c += 16
-            }
-            while c < dv {
-                acc[c] += w0 * E.widen(v0[c]) + w1 * E.widen(v1[c])
-                    + w2 * E.widen(v2[c]) + w3 * E.widen(v3[c])
-                c += 1
             }
             j += 4
         }
         while j <= e {
-            let v0 = rows.next(), w0 = weight(j, v0), p0 = Vec16(repeating: w0)
-            var c = 0
-            while c + 16 <= dv {
+            let v0 = rows.next(), p0 = Vec16(repeating: p[j])
+            for c in stride(from: 0, to: full, by: 16) {
                 var x = load16(acc + c)
                 multiplyAdd(&x, p0, E.wide16(v0 + c))
                 store16(x, acc + c)
-                c += 16
             }
-            while c < dv { acc[c] += w0 * E.widen(v0[c]); c += 1 }
+            j += 1
+        }
+        accumulateColumns(probabilities: p, values: values, b: b, hk: hk, from: a, through: e,
+                          columns: full..<dv, into: acc)
+    }
+
+    /// `acc[r] += Σ_j p[r · ld + j] · v_j` for four rows `r` (outputs `acc + r · ldAcc`) and
+    /// `j` in `a...e`: each value row read once for the four, 16 columns at a time. Per output
+    /// element the same multiply-adds in the same order as ``accumulate``. With value row
+    /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads.
+    @inline(__always)
+    static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
+                                              b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
+                                              into acc: UnsafeMutablePointer<Float>, ldAcc: Int,
+                                              prefetch upcoming: Int, count: Int) {
+        typealias E = R.Element
+        let full = dv / 16 * 16
+        let o0 = acc, o1 = acc + ldAcc, o2 = acc + 2 * ldAcc, o3 = acc + 3 * ldAcc
+        for c in stride(from: 0, to: full, by: 16) {
+            var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
+            var rows = RowCursor(values, b: b, h: hk, from: a)
+            var ahead = count > 0 ? RowCursor(values, b: b, h: hk, from: upcoming) : nil
+            for j in a...e {
+                if j - a < count, let later = ahead?.next() { ea_prefetch_read(later + c) }
+                let v = E.wide16(rows.next() + c)
+                multiplyAdd(&x0, Vec16(repeating: p[j]), v)
+                multiplyAdd(&x1, Vec16(repeating: p[ld + j]), v)
+                multiplyAdd(&x2, Vec16(repeating: p[2 * ld + j]), v)
+                multiplyAdd(&x3, Vec16(repeating: p[3 * ld + j]), v)
+            }
+            store16(x0, o0 + c)
+            store16(x1, o1 + c)
+            store16(x2, o2 + c)
+            store16(x3, o3 + c)
+        }
+        for k in 0..<4 {
+            accumulateColumns(probabilities: p + k * ld, values: values, b: b, hk: hk, from: a, through: e,
+                              columns: full..<dv, into: acc + k * ldAcc)
+        }
+    }
+
+    /// The columns past the last full 16 (`columns`): `acc[c] += Σ_j p[j] · v_j[c]`, value
+    /// rows four at a time then one at a time from `a`.
+    @inline(__always)
+    static func accumulateColumns<R: KVRows>(probabilities p: UnsafePointer<Float>, values: R,
+                                             b: Int, hk: Int, from a: Int, through e: Int, columns: Range<Int>,
+                                             into acc: UnsafeMutablePointer<Float>) {
+        typealias E = R.Element
+        guard !columns.isEmpty else { return }
+        var j = a, rows = RowCursor(values, b: b, h: hk, from: a)
+        while j + 3 <= e {
+            let v0 = rows.next(), v1 = rows.next(), v2 = rows.next(), v3 = rows.next()
+            let w0 = p[j], w1 = p[j + 1], w2 = p[j + 2], w3 = p[j + 3]
+            for c in columns {
+                acc[c] += w0 * E.widen(v0[c]) + w1 * E.widen(v1[c]) + w2 * E.widen(v2[c]) + w3 * E.widen(v3[c])
+            }
+            j += 4
+        }
+        while j <= e {
+            let v0 = rows.next(), w0 = p[j]
+            for c in columns { acc[c] += w0 * E.widen(v0[c]) }
             j += 1
         }
     }
@@ -604,6 +773,8 @@ enum DecodeAttention {
     /// One worker's scratch memory, carved from a zero-filled arena.
     struct Workspace {
         let rows: Int, tile: Int, dPad: Int, dvPad: Int
+        /// Floats from one row's scores to the next (four rows' for a block of four).
+        let scoreStride: Int
         let q, acc, rowMax, rowSum, scores: UnsafeMutablePointer<Float>
         let lo, hi: UnsafeMutablePointer<Int>
         let touched: UnsafeMutablePointer<UInt32>
@@ -615,7 +786,8 @@ enum DecodeAttention {
             dvPad = roundUp(dv, 16)
             q = carver.take(rows * dPad)
             acc = carver.take(rows * dvPad)
-            scores = carver.take(tile + 16)
+            scoreStride = tile + 16
+            scores = carver.take((rows >= 4 ? 4 : 1) * scoreStride)
             rowMax = carver.take(rows * 16)
             rowSum = carver.take(rows * 16)
             lo = carver.take(2 * rows + 1)
