@@ -12,9 +12,10 @@ import CEfficientAttention
 ///   a few FLOPs per byte of cache, so the loop is written to stream the cache at memory speed:
 ///
 ///         for each key tile (~64 KiB of keys) of the chunk:
-///             G · n < 4: touch the tile's value lines and the next tile's key lines
-///             for each block of four rows (then each row left over, alone):
-///                 (skip it if no row of it sees a key in the tile)
+///             G · n = 1: touch the tile's value lines and the next tile's key lines
+///             rows 0–3 as one block of four slots (slots past G · n idle), then rows
+///             4–6 each alone:
+///                 (skip a block if no row of it sees a key in the tile)
 ///                 s_rj = scale · q_r · k_j     each key row read once for the block,
 ///                                              SIMD16 over D (alone: 4 keys at a time)
 ///                 per row: mask, modifiers, m' = max(m, max s), α = exp(m − m'),
@@ -22,7 +23,7 @@ import CEfficientAttention
 ///                 o_r += Σ p_rj v_j            each value row read once for the block,
 ///                                              16 columns at a time (alone: 4 value rows
 ///                                              per pass over o)
-///                 the first block's loops prefetch the next tile's key and value rows
+///                 the block's loops prefetch the next tile's key and value rows (G · n ≥ 2)
 ///
 ///   A row gets the same bits alone or in a block whose visible keys are its own (the same
 ///   operations per element, in the same order; always so for one position per head).
@@ -55,11 +56,12 @@ enum DecodeAttention {
     /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
     static let microKernelRows = 8
 
-    /// Rows per group (`G · n`) from which the dot-product path attends blocks of four rows
-    /// at once, each key and value row read once per block, and the first block requests the
-    /// next tile's rows with prefetch instructions in its loops; fewer rows attend one at a
-    /// time and touch the next tile with plain loads at each tile's start (KernelDocs/MultiQuery.md).
-    static let blockRows = 4
+    /// Rows per group (`G · n`) from which the dot-product path attends its first four rows as
+    /// one block of four slots, each key and value row read once for the block (below four
+    /// rows the slots past them idle), the block's loops requesting the next tile's rows with
+    /// prefetch instructions, and rows 4–6 alone after it; a single row is attended alone and
+    /// touches the next tile with plain loads at each tile's start (KernelDocs/MultiQuery.md).
+    static let blockRows = 2
 
     /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
     static let rowTile = Tuning.current.decodeRowTile
@@ -391,14 +393,13 @@ enum DecodeAttention {
             let tile = DotTile(space: space, keys: keys, values: values, b: b, hk: hk, d: d, dv: dv,
                                start: tileStart, count: count, nextCount: nextCount, modifiers: modifiers,
                                groupSize: g, queryLength: n, offset: mask.offset)
-            var r = 0
-            while r + blockRows <= rows {
-                attendFourRows(tile, from: r, prefetching: r == 0)
-                r += blockRows
-            }
-            while r < rows {
-                attendRow(tile, r)
-                r += 1
+            if blocks {
+                // Rows 0–3 as a block (below four rows its slots past the rows idle), the
+                // rest alone: a second block's idle slots cost more than the rows' L2 reads.
+                attendFourRows(tile, from: 0, live: 0..<min(4, rows), prefetching: true)
+                for r in 4..<max(4, rows) { attendRow(tile, r) }
+            } else {
+                attendRow(tile, 0)
             }
             tileStart += count
         }
@@ -451,6 +452,9 @@ enum DecodeAttention {
         return a | c
     }
 
+    /// Four rows' values of one kind (query rows, output rows) for a block.
+    typealias FourRows<T> = (T, T, T, T)
+
     /// One key tile of a dot-product-path work item: keys `start ..< start + count` of key/value
     /// head `hk` of batch item `b`, and what its rows need to attend them.
     struct DotTile<R: KVRows> {
@@ -493,8 +497,10 @@ enum DecodeAttention {
                    from: a, through: e, dv: t.dv, into: space.acc + r * space.dvPad)
     }
 
-    /// Rows `r0 ..< r0 + 4` together on a tile: each key row and each value row read once
-    /// for the four (instead of once per row, from L2). Over the union `a...e` of the rows'
+    /// Rows `r0 + k` for the slots `k` in `live` together on a tile (the other slots of the
+    /// four idle: their scores are computed from a valid row and dropped, their output goes
+    /// to a spare row): each key row and each value row read once for the four slots
+    /// (instead of once per row, from L2). Over the union `a...e` of the rows'
     /// visible keys; a row's keys outside its own range get probability 0. Each score and
     /// output element is the same chain of operations as ``attendRow(_:_:)``'s, so the bits
     /// are the same whichever path a row takes (for a row whose range is the union; another
@@ -502,10 +508,16 @@ enum DecodeAttention {
     /// next tile's rows, key rows while scoring and value rows while accumulating (the row
     /// `a + i` of this pass is followed by the next tile's row `i`).
     @inline(__always)
-    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, from r0: Int, prefetching: Bool) {
+    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, from r0: Int, live slots: Range<Int>, prefetching: Bool) {
         let space = t.space, ld = space.scoreStride
+        @inline(__always) func query(_ k: Int) -> UnsafePointer<Float> {
+            UnsafePointer(space.q + min(r0 + k, space.rows - 1) * space.dPad)
+        }
+        @inline(__always) func output(_ k: Int) -> UnsafeMutablePointer<Float> {
+            slots.contains(k) ? space.acc + (r0 + k) * space.dvPad : space.spare
+        }
         var a = Int.max, e = Int.min
-        for k in 0..<4 {
+        for k in slots {
             let (ak, ek) = t.visible(r0 + k)
             if ak <= ek {
                 a = min(a, ak)
@@ -516,10 +528,10 @@ enum DecodeAttention {
         let s = space.scores
         for k in 0..<4 { (s + k * ld).update(repeating: -.infinity, count: t.lanes) }
         let ahead = prefetching ? min(t.nextCount, e - a + 1) : 0, next = t.start + t.count
-        scoresOfFourRows(q: space.q + r0 * space.dPad, ldq: space.dPad, d: t.d, keys: t.keys, b: t.b, hk: t.hk,
+        scoresOfFourRows(q: (query(0), query(1), query(2), query(3)), d: t.d, keys: t.keys, b: t.b, hk: t.hk,
                          from: a, through: e, into: s - t.start, ld: ld, prefetch: next, count: ahead)
         for k in 0..<4 {
-            let r = r0 + k, row = s + k * ld, (ak, ek) = t.visible(r)
+            let r = r0 + k, row = s + k * ld, (ak, ek) = slots.contains(k) ? t.visible(r) : (1, 0)
             var live = ak <= ek
             if live {
                 if ak > a { (row + (a - t.start)).update(repeating: -.infinity, count: ak - a) }
@@ -531,8 +543,8 @@ enum DecodeAttention {
         }
         foldRowScales(s - t.start, ld: ld, rows: 4, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
         accumulateFourRows(probabilities: s - t.start, ld: ld, values: t.values, b: t.b, hk: t.hk,
-                           from: a, through: e, dv: t.dv, into: space.acc + r0 * space.dvPad, ldAcc: space.dvPad,
-                           prefetch: next, count: ahead)
+                           from: a, through: e, dv: t.dv, into: (output(0), output(1), output(2), output(3)),
+                           columnsFor: slots, prefetch: next, count: ahead)
     }
 
     /// The online softmax of row `r` over a tile's scores `s` (`lanes` of them, −∞ where
@@ -619,16 +631,16 @@ enum DecodeAttention {
         }
     }
 
-    /// `s[k · ld + j] = q_k · k_j` for four query rows `q_k = q + k · ldq` (already scaled)
+    /// `s[k · ld + j] = q_k · k_j` for four query rows `q_k` (already scaled)
     /// and `j` in `a...e`: each key row read once for the four. With key `a + i` it requests
     /// key row `upcoming + i` for `i < count` (one prefetch per 16 elements).
     @inline(__always)
-    static func scoresOfFourRows<R: KVRows>(q: UnsafePointer<Float>, ldq: Int, d: Int, keys: R, b: Int, hk: Int,
+    static func scoresOfFourRows<R: KVRows>(q: FourRows<UnsafePointer<Float>>, d: Int, keys: R, b: Int, hk: Int,
                                             from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
                                             ld: Int, prefetch upcoming: Int, count: Int) {
         typealias E = R.Element
         let full = d / 16 * 16
-        let q0 = q, q1 = q + ldq, q2 = q + 2 * ldq, q3 = q + 3 * ldq
+        let (q0, q1, q2, q3) = q
         var rows = RowCursor(keys, b: b, h: hk, from: a)
         var ahead = count > 0 ? RowCursor(keys, b: b, h: hk, from: upcoming) : nil
         for j in a...e {
@@ -685,18 +697,18 @@ enum DecodeAttention {
                           columns: full..<dv, into: acc)
     }
 
-    /// `acc[r] += Σ_j p[r · ld + j] · v_j` for four rows `r` (outputs `acc + r · ldAcc`) and
+    /// `acc_r += Σ_j p[r · ld + j] · v_j` for four rows `r` (outputs `acc_r`) and
     /// `j` in `a...e`: each value row read once for the four, 16 columns at a time. Per output
     /// element the same multiply-adds in the same order as ``accumulate``. With value row
     /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads.
     @inline(__always)
     static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
                                               b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
-                                              into acc: UnsafeMutablePointer<Float>, ldAcc: Int,
+                                              into acc: FourRows<UnsafeMutablePointer<Float>>, columnsFor tails: Range<Int>,
                                               prefetch upcoming: Int, count: Int) {
         typealias E = R.Element
         let full = dv / 16 * 16
-        let o0 = acc, o1 = acc + ldAcc, o2 = acc + 2 * ldAcc, o3 = acc + 3 * ldAcc
+        let (o0, o1, o2, o3) = acc
         for c in stride(from: 0, to: full, by: 16) {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
             var rows = RowCursor(values, b: b, h: hk, from: a)
@@ -714,9 +726,9 @@ enum DecodeAttention {
             store16(x2, o2 + c)
             store16(x3, o3 + c)
         }
-        for k in 0..<4 {
+        for k in tails {
             accumulateColumns(probabilities: p + k * ld, values: values, b: b, hk: hk, from: a, through: e,
-                              columns: full..<dv, into: acc + k * ldAcc)
+                              columns: full..<dv, into: k == 0 ? o0 : k == 1 ? o1 : k == 2 ? o2 : o3)
         }
     }
 
@@ -776,6 +788,8 @@ enum DecodeAttention {
         /// Floats from one row's scores to the next (four rows' for a block of four).
         let scoreStride: Int
         let q, acc, rowMax, rowSum, scores: UnsafeMutablePointer<Float>
+        /// The output row of a block's idle slots.
+        let spare: UnsafeMutablePointer<Float>
         let lo, hi: UnsafeMutablePointer<Int>
         let touched: UnsafeMutablePointer<UInt32>
 
@@ -787,7 +801,8 @@ enum DecodeAttention {
             q = carver.take(rows * dPad)
             acc = carver.take(rows * dvPad)
             scoreStride = tile + 16
-            scores = carver.take((rows >= 4 ? 4 : 1) * scoreStride)
+            scores = carver.take((rows >= DecodeAttention.blockRows ? 4 : 1) * scoreStride)
+            spare = carver.take(dvPad)
             rowMax = carver.take(rows * 16)
             rowSum = carver.take(rows * 16)
             lo = carver.take(2 * rows + 1)
