@@ -374,14 +374,14 @@ enum DecodeAttention {
         var touched: UInt32 = 0
         // Keeping the memory busy while a tile computes (KernelDocs/MultiQuery.md): with
         // fewer than `blockRows` rows, plain loads of this tile's values and the next tile's
-        // keys at the tile's start; with more, the first tile's lines are touched here and each
-        // later tile's rows are prefetched by the first block's loops over the tile before it.
+        // keys at the tile's start; with more, the first tile's keys are touched here, its
+        // values requested by the block's scoring loop, and each later tile's rows by the
+        // block's loops over the tile before it.
         let blocks = rows >= blockRows
         if first <= last && blocks {
-            // The first tile's keys and values, one load per 64-byte line (all in flight at once).
+            // The first tile's keys, one load per 64-byte line (all in flight at once).
             let count = min(space.tile, last - first + 1)
             touched |= touchLines(keys, b: b, hk: hk, start: first, count: count, width: d)
-            touched |= touchLines(values, b: b, hk: hk, start: first, count: count, width: dv)
         }
         while tileStart <= last {
             let count = min(space.tile, last - tileStart + 1)
@@ -391,7 +391,8 @@ enum DecodeAttention {
                 touched |= touchLines(keys, b: b, hk: hk, start: next, count: nextCount, width: d)
             }
             let tile = DotTile(space: space, keys: keys, values: values, b: b, hk: hk, d: d, dv: dv,
-                               start: tileStart, count: count, nextCount: nextCount, modifiers: modifiers,
+                               start: tileStart, count: count, nextCount: nextCount, isFirst: tileStart == first,
+                               modifiers: modifiers,
                                groupSize: g, queryLength: n, offset: mask.offset)
             if blocks {
                 // Rows 0–3 as a block (below four rows its slots past the rows idle), the
@@ -461,6 +462,8 @@ enum DecodeAttention {
         let space: Workspace, keys: R, values: R, b: Int, hk: Int, d: Int, dv: Int
         /// The tile's keys `start ..< start + count`; the next tile's `start + count ..< start + count + nextCount`.
         let start: Int, count: Int, nextCount: Int
+        /// Whether this is the work item's first tile (its values not yet requested).
+        let isFirst: Bool
         let modifiers: ScoreModifierKernel?, groupSize: Int, queryLength: Int, offset: Int
 
         /// Score lanes per row: the tile rounded up to 16.
@@ -506,7 +509,9 @@ enum DecodeAttention {
     /// are the same whichever path a row takes (for a row whose range is the union; another
     /// row's extra keys add `0 · v`). `prefetching`: the loops also request the
     /// next tile's rows, key rows while scoring and value rows while accumulating (the row
-    /// `a + i` of this pass is followed by the next tile's row `i`).
+    /// `a + i` of this pass is followed by the next tile's row `i`); on an item's first tile
+    /// the scoring loop requests this tile's value rows instead and the accumulation loop the
+    /// next tile's key rows as well.
     @inline(__always)
     static func attendFourRows<R: KVRows>(_ t: DotTile<R>, from r0: Int, live slots: Range<Int>, prefetching: Bool) {
         let space = t.space, ld = space.scoreStride
@@ -528,8 +533,10 @@ enum DecodeAttention {
         let s = space.scores
         for k in 0..<4 { (s + k * ld).update(repeating: -.infinity, count: t.lanes) }
         let ahead = prefetching ? min(t.nextCount, e - a + 1) : 0, next = t.start + t.count
+        let own = prefetching && t.isFirst
         scoresOfFourRows(q: (query(0), query(1), query(2), query(3)), d: t.d, keys: t.keys, b: t.b, hk: t.hk,
-                         from: a, through: e, into: s - t.start, ld: ld, prefetch: next, count: ahead)
+                         from: a, through: e, into: s - t.start, ld: ld,
+                         prefetch: own ? t.values : t.keys, from: own ? a : next, count: own ? e - a + 1 : ahead)
         for k in 0..<4 {
             let r = r0 + k, row = s + k * ld, (ak, ek) = slots.contains(k) ? t.visible(r) : (1, 0)
             var live = ak <= ek
@@ -544,7 +551,7 @@ enum DecodeAttention {
         foldRowScales(s - t.start, ld: ld, rows: 4, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
         accumulateFourRows(probabilities: s - t.start, ld: ld, values: t.values, b: t.b, hk: t.hk,
                            from: a, through: e, dv: t.dv, into: (output(0), output(1), output(2), output(3)),
-                           columnsFor: slots, prefetch: next, count: ahead)
+                           columnsFor: slots, prefetch: next, count: ahead, alsoKeys: own ? t.keys : nil)
     }
 
     /// The online softmax of row `r` over a tile's scores `s` (`lanes` of them, −∞ where
@@ -637,12 +644,12 @@ enum DecodeAttention {
     @inline(__always)
     static func scoresOfFourRows<R: KVRows>(q: FourRows<UnsafePointer<Float>>, d: Int, keys: R, b: Int, hk: Int,
                                             from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
-                                            ld: Int, prefetch upcoming: Int, count: Int) {
+                                            ld: Int, prefetch requested: R, from upcoming: Int, count: Int) {
         typealias E = R.Element
         let full = d / 16 * 16
         let (q0, q1, q2, q3) = q
         var rows = RowCursor(keys, b: b, h: hk, from: a)
-        var ahead = count > 0 ? RowCursor(keys, b: b, h: hk, from: upcoming) : nil
+        var ahead = count > 0 ? RowCursor(requested, b: b, h: hk, from: upcoming) : nil
         for j in a...e {
             let key = rows.next(), later = j - a < count ? ahead?.next() : nil
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
@@ -705,7 +712,7 @@ enum DecodeAttention {
     static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
                                               b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
                                               into acc: FourRows<UnsafeMutablePointer<Float>>, columnsFor tails: Range<Int>,
-                                              prefetch upcoming: Int, count: Int) {
+                                              prefetch upcoming: Int, count: Int, alsoKeys keys: R?) {
         typealias E = R.Element
         let full = dv / 16 * 16
         let (o0, o1, o2, o3) = acc
@@ -713,8 +720,12 @@ enum DecodeAttention {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
             var rows = RowCursor(values, b: b, h: hk, from: a)
             var ahead = count > 0 ? RowCursor(values, b: b, h: hk, from: upcoming) : nil
+            var aheadKeys = count > 0 ? keys.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
             for j in a...e {
-                if j - a < count, let later = ahead?.next() { ea_prefetch_read(later + c) }
+                if j - a < count, let later = ahead?.next() {
+                    ea_prefetch_read(later + c)
+                    if let key = aheadKeys?.next() { ea_prefetch_read(key + c) }
+                }
                 let v = E.wide16(rows.next() + c)
                 multiplyAdd(&x0, Vec16(repeating: p[j]), v)
                 multiplyAdd(&x1, Vec16(repeating: p[ld + j]), v)
