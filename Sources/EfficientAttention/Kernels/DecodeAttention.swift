@@ -397,7 +397,7 @@ enum DecodeAttention {
             if blocks {
                 // Rows 0–3 as a block (below four rows its slots past the rows idle), the
                 // rest alone: a second block's idle slots cost more than the rows' L2 reads.
-                attendFourRows(tile, from: 0, live: 0..<min(4, rows), prefetching: true)
+                attendFourRows(tile, rows: min(4, rows))
                 for r in 4..<max(4, rows) { attendRow(tile, r) }
             } else {
                 attendRow(tile, 0)
@@ -500,30 +500,30 @@ enum DecodeAttention {
                    from: a, through: e, dv: t.dv, into: space.acc + r * space.dvPad)
     }
 
-    /// Rows `r0 + k` for the slots `k` in `live` together on a tile (the other slots of the
-    /// four idle: their scores are computed from a valid row and dropped, their output goes
-    /// to a spare row): each key row and each value row read once for the four slots
+    /// Rows `0 ..< count` together on a tile as four slots (slots `count...` idle: their
+    /// scores are computed from a valid row and dropped, their output goes to a spare row):
+    /// each key row and each value row read once for the four slots
     /// (instead of once per row, from L2). Over the union `a...e` of the rows'
     /// visible keys; a row's keys outside its own range get probability 0. Each score and
     /// output element is the same chain of operations as ``attendRow(_:_:)``'s, so the bits
     /// are the same whichever path a row takes (for a row whose range is the union; another
-    /// row's extra keys add `0 · v`). `prefetching`: the loops also request the
-    /// next tile's rows, key rows while scoring and value rows while accumulating (the row
-    /// `a + i` of this pass is followed by the next tile's row `i`); on an item's first tile
+    /// row's extra keys add `0 · v`). The loops also request the next tile's rows, key rows
+    /// while scoring and value rows while accumulating (the row `a + i` of this pass is
+    /// followed by the next tile's row `i`); on an item's first tile
     /// the scoring loop requests this tile's value rows instead and the accumulation loop the
     /// next tile's key rows as well.
     @inline(__always)
-    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, from r0: Int, live slots: Range<Int>, prefetching: Bool) {
+    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, rows count: Int) {
         let space = t.space, ld = space.scoreStride
         @inline(__always) func query(_ k: Int) -> UnsafePointer<Float> {
-            UnsafePointer(space.q + min(r0 + k, space.rows - 1) * space.dPad)
+            UnsafePointer(space.q + min(k, count - 1) * space.dPad)
         }
         @inline(__always) func output(_ k: Int) -> UnsafeMutablePointer<Float> {
-            slots.contains(k) ? space.acc + (r0 + k) * space.dvPad : space.spare
+            k < count ? space.acc + k * space.dvPad : space.spare
         }
         var a = Int.max, e = Int.min
-        for k in slots {
-            let (ak, ek) = t.visible(r0 + k)
+        for k in 0..<count {
+            let (ak, ek) = t.visible(k)
             if ak <= ek {
                 a = min(a, ak)
                 e = max(e, ek)
@@ -532,26 +532,25 @@ enum DecodeAttention {
         guard a <= e else { return }
         let s = space.scores
         for k in 0..<4 { (s + k * ld).update(repeating: -.infinity, count: t.lanes) }
-        let ahead = prefetching ? min(t.nextCount, e - a + 1) : 0, next = t.start + t.count
-        let own = prefetching && t.isFirst
+        let ahead = min(t.nextCount, e - a + 1), next = t.start + t.count, own = t.isFirst
         scoresOfFourRows(q: (query(0), query(1), query(2), query(3)), d: t.d, keys: t.keys, b: t.b, hk: t.hk,
                          from: a, through: e, into: s - t.start, ld: ld,
                          prefetch: own ? t.values : t.keys, from: own ? a : next, count: own ? e - a + 1 : ahead)
         for k in 0..<4 {
-            let r = r0 + k, row = s + k * ld, (ak, ek) = slots.contains(k) ? t.visible(r) : (1, 0)
+            let row = s + k * ld, (ak, ek) = k < count ? t.visible(k) : (1, 0)
             var live = ak <= ek
             if live {
                 if ak > a { (row + (a - t.start)).update(repeating: -.infinity, count: ak - a) }
                 if ek < e { (row + (ek + 1 - t.start)).update(repeating: -.infinity, count: e - ek) }
-                t.modify(row, row: r, from: ak, through: ek)
-                live = softmax(row, lanes: t.lanes, row: r, space: space)
+                t.modify(row, row: k, from: ak, through: ek)
+                live = softmax(row, lanes: t.lanes, row: k, space: space)
             }
             if !live { (row + (a - t.start)).update(repeating: 0, count: e - a + 1) }
         }
         foldRowScales(s - t.start, ld: ld, rows: 4, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
         accumulateFourRows(probabilities: s - t.start, ld: ld, values: t.values, b: t.b, hk: t.hk,
                            from: a, through: e, dv: t.dv, into: (output(0), output(1), output(2), output(3)),
-                           columnsFor: slots, prefetch: next, count: ahead, alsoKeys: own ? t.keys : nil)
+                           columnsFor: 0..<count, prefetch: next, count: ahead, alsoKeys: own ? t.keys : nil)
     }
 
     /// The online softmax of row `r` over a tile's scores `s` (`lanes` of them, −∞ where
