@@ -253,10 +253,15 @@ enum TiledSoftmaxAttention {
                 k.prefetch(b, hk, rows: next, width: d)
                 v.prefetch(b, hk, rows: next, width: dv)
             }
+            // Key and value rows `step > 1` apart are packed: a tile's rows are read again
+            // for every micro-kernel block, and rows a multiple of 4 KiB apart (an axial
+            // column, a strided pattern's column at `stride · D · 4` bytes) share a few L1
+            // sets, so in place they were refetched from L2 each time (KernelDocs/Axial.md).
+            let packStrided = keys.step > 1
             // V rows are read in place when they are whole micro-tile rows (unit column
-            // stride, Dv a multiple of NR), else packed (gathered `step` rows apart).
+            // stride, Dv a multiple of NR) of a contiguous tile, else packed.
             let values: UnsafePointer<Float>, ldv: Int
-            if valuesInPlace {
+            if valuesInPlace && !packStrided {
                 values = v.row(b, hk, keys.start)
                 ldv = keys.step &* v.strides[2]
             } else {
@@ -264,12 +269,14 @@ enum TiledSoftmaxAttention {
                 values = UnsafePointer(space.vPack)
                 ldv = dvPad
             }
-            // Sᵀ = K Qᵀ, Float key rows read in place `step` rows apart, 16-bit ones widened.
-            if !keysInPlace {
+            // Sᵀ = K Qᵀ, Float key rows of a contiguous tile read in place, others packed
+            // (16-bit ones widened) into `stage`.
+            let keysRead = keysInPlace && !packStrided
+            if !keysRead {
                 k.widenRows(b, hk, rows: keys, width: d, into: space.stage, ld: d)
             }
-            let keyRowStride = keysInPlace ? keys.step * k.strides[2] : d
-            let keyDepthStride = keysInPlace ? k.strides[3] : 1
+            let keyRowStride = keysRead ? keys.step * k.strides[2] : d
+            let keyDepthStride = keysRead ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
                 upcoming.prefetch(rows: upcomingPerPoint)
@@ -277,7 +284,7 @@ enum TiledSoftmaxAttention {
                 modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
                                         queries: queries, part: block, of: keyBlocks, b: b, h: h)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
-                    let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
+                    let keyRows = BroadcastOperand(base: keysRead ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
                                                    rowStride: keyRowStride, depthStride: keyDepthStride,
                                                    rows: min(mr, keys.count - block * mr))

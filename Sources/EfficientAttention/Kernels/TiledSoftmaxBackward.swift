@@ -124,8 +124,7 @@ enum TiledSoftmaxBackward {
     }
 
     /// Bytes a call with 16-bit operands takes beyond ``workspaceBytes(shape:threads:keyBlocks:softCap:)``
-    /// with at most `threads` workers: each worker's widened value rows (a key block's) and
-    /// one output and `dO` row.
+    /// with at most `threads` workers: each worker's widened output and `dO` row.
     static func wideningBytes(shape: AttentionShape, threads: Int) -> Int {
         let (lanes, keyRows) = tileExtents(shape)
         func perWorker(_ widening: Bool) -> Int {
@@ -294,15 +293,24 @@ enum TiledSoftmaxBackward {
         let base: UnsafePointer<Float>
         let rowStride, depthStride: Int
 
-        /// The block's rows of `view` (head `(b, hk)`): in place for a `Float` view, else
-        /// widened into `packed` (`ld` floats apart) by the caller.
+        /// The block's rows of `view` (head `(b, hk)`): in place for a `Float` view of a
+        /// contiguous block, else packed (widened) into `packed` (`ld` floats apart) by the
+        /// caller (``packs(_:block:)``).
         init(_ view: TensorView, b: Int, hk: Int, block: PositionRun, packed: UnsafeMutablePointer<Float>, ld: Int) {
-            if view.precision == .float32 {
+            if !BlockRows.packs(view, block: block) {
                 (base, rowStride, depthStride) = (view.row(b, hk, block.start), block.step &* view.strides[2],
                                                   view.strides[3])
             } else {
                 (base, rowStride, depthStride) = (UnsafePointer(packed), ld, 1)
             }
+        }
+
+        /// Whether a block's rows of `view` are read from a packed copy: 16-bit rows (widened),
+        /// and rows `step > 1` apart. Rows a multiple of 4 KiB apart (an axial column, a strided
+        /// pattern's column at `stride · D · 4` bytes) fall in the same few L1 sets, and the
+        /// block's products read them again for every query tile (KernelDocs/Axial.md).
+        static func packs(_ view: TensorView, block: PositionRun) -> Bool {
+            view.precision != .float32 || block.step > 1
         }
 
         /// The broadcast operand of rows `first..<first + rows` of the block.
@@ -336,13 +344,14 @@ enum TiledSoftmaxBackward {
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
         // micro-tile rows of a Float view, else packed (widened) once for the item; 16-bit
         // value rows widened once for the item too.
-        let keyRowsInPlace = x.k.precision == .float32 && x.k.strides[3] == 1 && dPad == d
+        let keyRowsInPlace = !BlockRows.packs(x.k, block: block) && x.k.strides[3] == 1 && dPad == d
         if !keyRowsInPlace {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
                                              ld: dPad)
         }
-        if x.v.precision != .float32 {
-            x.v.widenRows(b, hk, rows: block, width: dv, into: workerSpace.valueRowsPacked, ld: dvPad)
+        if BlockRows.packs(x.v, block: block) {
+            TiledSoftmaxAttention.packValues(x.v, b: b, h: hk, keys: block, dv: dv, into: workerSpace.valueRowsPacked,
+                                             ld: dvPad)
         }
         let blockRows = (keys: BlockRows(x.k, b: b, hk: hk, block: block, packed: workerSpace.keyRowsPacked, ld: dPad),
                          values: BlockRows(x.v, b: b, hk: hk, block: block, packed: workerSpace.valueRowsPacked,
@@ -370,9 +379,10 @@ enum TiledSoftmaxBackward {
                     }
                     finishScoreGradients(space, keyCount: tile.keys.count, lanes: lanes, scale: x.scale)
                 }
-                // B operands: the tile's dO and Q rows, in place when they are whole micro-tile rows.
+                // B operands: the tile's dO and Q rows, in place when they are whole micro-tile
+                // rows of a contiguous tile, else packed (strided rows as the key block's).
                 let gradientRows: UnsafePointer<Float>, ldg: Int
-                if gradientRowsInPlace {
+                if gradientRowsInPlace && queries.step == 1 {
                     gradientRows = x.dO.row(b, h, queries.start)
                     ldg = queries.step &* x.dO.strides[2]
                 } else {
@@ -381,7 +391,7 @@ enum TiledSoftmaxBackward {
                     ldg = dvPad
                 }
                 let queryRows: UnsafePointer<Float>, ldq: Int
-                if queryRowsInPlace {
+                if queryRowsInPlace && queries.step == 1 {
                     queryRows = x.q.row(b, h, queries.start)
                     ldq = queries.step &* x.q.strides[2]
                 } else {
@@ -832,9 +842,9 @@ enum TiledSoftmaxBackward {
         /// One tile's `dQ` contribution (`lanes × D′`) and the block's packed key rows
         /// (`keyRows × D′`, when not read in place).
         let accQ, keyRowsPacked: UnsafeMutablePointer<Float>
-        /// With 16-bit operands (`widening`; empty otherwise): the block's widened value rows
-        /// (`keyRows × Dv′`), and one `dO` row and one output row widened for a row dot
-        /// (`2 · Dv′`).
+        /// The block's packed value rows (`keyRows × Dv′`, when not read in place:
+        /// ``BlockRows/packs(_:block:)``), and with 16-bit operands (`widening`; empty
+        /// otherwise) one `dO` row and one output row widened for a row dot (`2 · Dv′`).
         let valueRowsPacked, rowStage: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``)
         /// and score-gradient scratch (``TransposedTileMask/scoreGradientScratchCount(lanes:keyRows:headDim:)``);
@@ -872,7 +882,7 @@ enum TiledSoftmaxBackward {
             accV = carver.take(keyRows * dvPad)
             accQ = carver.take(lanes * dPad)
             keyRowsPacked = carver.take(keyRows * dPad)
-            valueRowsPacked = carver.take(widening ? keyRows * dvPad : 0)
+            valueRowsPacked = carver.take(keyRows * dvPad)
             rowStage = carver.take(widening ? 2 * dvPad : 0)
             terms = carver.take(Mask.addsScoreTerms ? Mask.scoreTermScratchCount(queryTile: lanes, keyTile: keyRows) : 0)
             gradientScratch = carver.take(Mask.takesScoreGradients
