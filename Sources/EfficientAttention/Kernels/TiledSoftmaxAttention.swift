@@ -233,13 +233,17 @@ enum TiledSoftmaxAttention {
             space.rowMax[i] = -.infinity
             space.rowSum[i] = 0
         }
-        (space.acc).update(repeating: 0, count: br * dvPad)
 
         // The next work item's rows, requested a few at a time at each micro-kernel block
         // of the first key tile (the rest after the last tile).
         var upcoming = upcoming
         let pointsPerTile = (space.keyTile + mr - 1) / mr + (dvPad / nr) * (queryLanes / mr)
         let upcomingPerPoint = (upcoming.remainingRows + pointsPerTile - 1) / pointsPerTile
+        // The first key tile writes the accumulators (`O = P V`): the same bits as scaling
+        // zeros by its `α = e^{−∞} = 0` and adding (a micro-kernel sum starts at +0, so it is
+        // never −0), without zero-filling them first. Patterns whose rows see one or two key
+        // tiles (axial lines, narrow bands) spent a few percent on the fill.
+        var firstTile = true
         mask.forEachKeyTile(queries: queries, tileSize: space.keyTile) { tile in
             let keys = tile.keys
             if keys.step > 1 {
@@ -329,9 +333,10 @@ enum TiledSoftmaxAttention {
                     microKernel(depth: span.count, a: probabilities,
                                 b: values + span.lowerBound * ldv + panel, ldb: ldv,
                                 c: space.acc + block * dvPad + panel, ldc: dvPad,
-                                update: .scaleAndAccumulate(space.alpha + block))
+                                update: firstTile ? .overwrite : .scaleAndAccumulate(space.alpha + block))
                 }
             }
+            firstTile = false
         }
 
         upcoming.prefetch(rows: upcoming.remainingRows)
