@@ -533,6 +533,29 @@ struct ExpTests {
         #expect(m[5].isNaN && (0..<16).filter { $0 != 5 }.allSatisfy { m[$0] == VectorMath.exp(SIMD16(repeating: 1))[0] })
     }
 
+    @Test("the non-positive variant gives exp's bits for every x <= 0, -inf and NaN")
+    func nonPositive() {
+        func bits(_ v: SIMD16<Float>) -> SIMD16<UInt32> { unsafeBitCast(v, to: SIMD16<UInt32>.self) }
+        // Every 997th Float from -0 down past the underflow limit (about 1.2 million values), then
+        // the edges: -inf, NaN, -0, 0, the limit -86.6 and its neighbours.
+        var pattern = (-Float(0)).bitPattern
+        let end = Float(-120).bitPattern
+        var checked = 0, mismatches: [Float] = []
+        while pattern <= end {
+            var x = SIMD16<Float>()
+            for lane in 0..<16 { x[lane] = Float(bitPattern: min(pattern &+ UInt32(lane) &* 997, end)) }
+            if bits(VectorMath.expNonPositive(x)) != bits(VectorMath.exp(x)) { mismatches.append(x[0]) }
+            pattern &+= 16 * 997
+            checked += 16
+        }
+        let edges = SIMD16<Float>(-.infinity, .nan, -0.0, 0, -86.6, Float(-86.6).nextUp, Float(-86.6).nextDown,
+                                  -87, -1e-45, -1, -0.5, -88.72283, -1e30, -.greatestFiniteMagnitude, -2, -10)
+        #expect(bits(VectorMath.expNonPositive(edges)) == bits(VectorMath.exp(edges)))
+        #expect(checked > 200_000 && mismatches.isEmpty, "\(mismatches.count) mismatching blocks, e.g. \(mismatches.prefix(3))")
+        // A planted difference is visible to this comparison: exp(1) is not exp(-1).
+        #expect(bits(VectorMath.exp(SIMD16(repeating: 1))) != bits(VectorMath.exp(SIMD16(repeating: -1))))
+    }
+
     @Test("array overload: any count, same values as the SIMD overload", arguments: [0, 1, 5, 15, 16, 17, 37, 100])
     func arrayOverload(count: Int) {
         var rng = SeededGenerator(seed: UInt64(count) + 5)

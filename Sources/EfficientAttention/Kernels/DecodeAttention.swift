@@ -567,7 +567,7 @@ enum DecodeAttention {
         let alpha = expf(oldMax - newMax)
         var sum = Vec16()
         for t in stride(from: 0, to: lanes, by: 16) {
-            let p = VectorMath.exp16(load16(s + t) - Vec16(repeating: newMax))
+            let p = VectorMath.expNonPositive16(load16(s + t) - Vec16(repeating: newMax))
             store16(p, s + t)
             sum += p
         }

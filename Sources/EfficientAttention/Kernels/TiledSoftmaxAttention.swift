@@ -403,14 +403,15 @@ enum TiledSoftmaxAttention {
             let oldMax = load16(space.rowMax + lane)
             let newMax = maximum(oldMax, tileMax)
             // A lane that has seen no visible key keeps m = −∞; subtracting 0 instead keeps exp(−∞) = 0.
+            // Every exponent below is at most 0 (or NaN): `m'` is the maximum of `m` and the tile.
             var shift = newMax
             shift.replace(with: 0, where: newMax .== minusInfinity)
-            let alpha = VectorMath.exp16(oldMax - shift)
+            let alpha = VectorMath.expNonPositive16(oldMax - shift)
             var sum0 = Vec16(), sum1 = Vec16()
             var j = 0
             while j + 1 < keyCount {
-                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
-                let p1 = VectorMath.exp16(load16(column + (j + 1) * br) - shift)
+                let p0 = VectorMath.expNonPositive16(load16(column + j * br) - shift)
+                let p1 = VectorMath.expNonPositive16(load16(column + (j + 1) * br) - shift)
                 store16(p0, column + j * br)
                 store16(p1, column + (j + 1) * br)
                 sum0 += p0
@@ -418,7 +419,7 @@ enum TiledSoftmaxAttention {
                 j += 2
             }
             if j < keyCount {
-                let p0 = VectorMath.exp16(load16(column + j * br) - shift)
+                let p0 = VectorMath.expNonPositive16(load16(column + j * br) - shift)
                 store16(p0, column + j * br)
                 sum0 += p0
             }

@@ -16,14 +16,47 @@
     @inline(__always)
     public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> { exp16(x) }
 
+    /// ``exp(_:)-(SIMD16<Float>)`` for lanes at most 0 (or NaN): the same bits, with fewer
+    /// instructions (the kernels' softmax exponents `s − max`).
+    @inline(__always)
+    public static func expNonPositive(_ x: SIMD16<Float>) -> SIMD16<Float> { expNonPositive16(x) }
+
     /// The body of ``exp(_:)-(SIMD16<Float>)``, inlined by the mandatory pass
     /// (`@_transparent`): the optimiser left `@inline(__always)` calls out of line in some
     /// kernels, passing the vector through memory in four pieces.
     @_transparent
     static func exp16(_ x: SIMD16<Float>) -> SIMD16<Float> {
         typealias V = SIMD16<Float>
-        let upper: Float = 88.72283, lower: Float = -86.6
-        let clamped = clamp(x, V(repeating: lower), V(repeating: upper))
+        var result = expReduced16(clamp(x, V(repeating: expLower), V(repeating: expUpper)))
+        result.replace(with: .infinity, where: x .> V(repeating: expUpper))
+        result.replace(with: 0, where: x .< V(repeating: expLower))
+        result.replace(with: x, where: x .!= x)
+        return result
+    }
+
+    /// ``exp16(_:)`` for lanes that are at most 0 or NaN, such as a softmax's `s − max`
+    /// over a set holding `s`: the same bits, without the upper clamp and the overflow
+    /// select (four fewer vector instructions per eight lanes on AVX2).
+    @_transparent
+    static func expNonPositive16(_ x: SIMD16<Float>) -> SIMD16<Float> {
+        typealias V = SIMD16<Float>
+        var lowered = x
+        lowered.replace(with: V(repeating: expLower), where: x .< V(repeating: expLower))
+        var result = expReduced16(lowered)
+        result.replace(with: 0, where: x .< V(repeating: expLower))
+        result.replace(with: x, where: x .!= x)
+        return result
+    }
+
+    /// The range limits of ``exp16(_:)``: `e^x` overflows above `expUpper`, and below
+    /// `expLower` it is given as 0.
+    @_transparent static var expUpper: Float { 88.72283 }
+    @_transparent static var expLower: Float { -86.6 }
+
+    /// ``exp16(_:)`` of lanes already within `expLower...expUpper`.
+    @_transparent
+    static func expReduced16(_ clamped: SIMD16<Float>) -> SIMD16<Float> {
+        typealias V = SIMD16<Float>
         // n = round(x / ln2) by the 1.5·2^23 trick; t's low mantissa bits hold n.
         let magic = V(repeating: 12_582_912)
         let t = fused(clamped, V(repeating: 1.442_695_04), magic)
@@ -41,11 +74,7 @@
         // 2^(n-1) from the exponent field: (n - 1 + 127) << 23.
         let ni = unsafeBitCast(t, to: SIMD16<Int32>.self) &- SIMD16<Int32>(repeating: 0x4B40_0000)
         let pow2 = unsafeBitCast((ni &+ SIMD16<Int32>(repeating: 126)) &<< 23, to: V.self)
-        var result = (er + er) * pow2
-        result.replace(with: .infinity, where: x .> V(repeating: upper))
-        result.replace(with: 0, where: x .< V(repeating: lower))
-        result.replace(with: x, where: x .!= x)
-        return result
+        return (er + er) * pow2
     }
 
     /// `e^x` for each element of `values`, in place, 16 lanes at a time.
