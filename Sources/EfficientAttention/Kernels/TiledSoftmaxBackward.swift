@@ -342,8 +342,8 @@ enum TiledSoftmaxBackward {
         let queryRowsInPlace = x.q.precision == .float32 && x.q.strides[3] == 1 && dPad == d
         let gradientRowsInPlace = x.dO.precision == .float32 && x.dO.strides[3] == 1 && dvPad == dv
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
-        // micro-tile rows of a Float view, else packed (widened) once for the item; 16-bit
-        // value rows widened once for the item too.
+        // micro-tile rows of a Float view and a contiguous block, else packed (widened) once
+        // for the item; 16-bit or strided value rows packed once for the item too.
         let keyRowsInPlace = !BlockRows.packs(x.k, block: block) && x.k.strides[3] == 1 && dPad == d
         if !keyRowsInPlace {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
