@@ -214,6 +214,9 @@ enum TiledSoftmaxAttention {
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
         let queryLanes = roundUp(queries.count, nr)
+        // Output rows of `P V`: whole blocks of MR holding the tile's queries (lanes past
+        // them are padding of the 32-lane score panels, never read back).
+        let outputRows = roundUp(queries.count, mr)
         // Float values are read in place when their rows are whole micro-tile rows; 16-bit
         // keys and values are widened into the workspace per tile (the only conversion).
         let valuesInPlace = v.precision == .float32 && v.strides[3] == 1 && dvPad == dv
@@ -237,7 +240,7 @@ enum TiledSoftmaxAttention {
         // The next work item's rows, requested a few at a time at each micro-kernel block
         // of the first key tile (the rest after the last tile).
         var upcoming = upcoming
-        let pointsPerTile = (space.keyTile + mr - 1) / mr + (dvPad / nr) * (queryLanes / mr)
+        let pointsPerTile = (space.keyTile + mr - 1) / mr + (dvPad / nr) * (outputRows / mr)
         let upcomingPerPoint = (upcoming.remainingRows + pointsPerTile - 1) / pointsPerTile
         // The first key tile writes the accumulators (`O = P V`): the same bits as scaling
         // zeros by its `α = e^{−∞} = 0` and adding (a micro-kernel sum starts at +0, so it is
@@ -323,7 +326,7 @@ enum TiledSoftmaxAttention {
             // O = diag(α) O + P V; on a partial tile each block of MR queries runs over
             // only the keys the mask says it may see (the others have probability 0).
             for panel in stride(from: 0, to: dvPad, by: nr) {
-                for block in stride(from: 0, to: queryLanes, by: mr) {
+                for block in stride(from: 0, to: outputRows, by: mr) {
                     upcoming.prefetch(rows: upcomingPerPoint)
                     let span = tile.fullyVisible
                         ? 0..<keys.count
