@@ -109,13 +109,7 @@ struct AxisLineMask: TileMask {
         if !causal {
             // A non-causal tile is partial only for `hidesSelf`: one score per query, `j = i`,
             // set directly rather than by a compare over the whole tile.
-            let keys = tile.keys
-            for ii in 0..<queries.count {
-                let offset = queries.position(ii) - keys.start
-                guard offset >= 0 && offset % keys.step == 0 && offset / keys.step < keys.count else { continue }
-                scores[offset / keys.step * ld + ii] = -.infinity
-            }
-            return
+            return hideOwnPositions(scores, ld: ld, keys: tile.keys, queries: queries)
         }
         maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
             // Queries and keys share the line: positions compare like coordinates on it.

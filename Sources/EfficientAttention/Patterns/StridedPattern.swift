@@ -124,18 +124,11 @@ struct StridedColumnMask: TileMask {
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         if !causal {
             // One hidden pair per key at most: the query at the key's own position.
-            for jj in 0..<tile.keys.count {
-                let d = tile.keys.position(jj) - offset - queries.start
-                if d >= 0 && d % queries.step == 0 && d / queries.step < queries.count {
-                    scores[jj * ld + d / queries.step] = -.infinity
-                }
-            }
-            return
+            return hideOwnPositions(scores, ld: ld, keys: tile.keys, queries: queries, offset: offset)
         }
         maskTransposedScores(scores, ld: ld, keys: tile.keys, queries: queries) { j, i in
             // Query i is at position j itself when i = j − offset; causal hides i < j − offset too.
-            let own = SIMD16<Int32>(repeating: Int32(clamping: j - offset))
-            return causal ? i .<= own : i .== own
+            i .<= SIMD16<Int32>(repeating: Int32(clamping: j - offset))
         }
     }
 }

@@ -285,6 +285,21 @@ func lanePositions(_ queries: PositionRun, _ lanes: Range<Int>) -> (first: Int, 
     return (queries.position(lanes.lowerBound), queries.position(end - 1))
 }
 
+/// Hides, in a transposed score tile, each key's pair with the query at its own position
+/// less `offset` (query `i = j − offset`): at most one score per key row, set directly, for
+/// masks whose only hidden pairs in a tile are these (a strided column's own position, an
+/// axial line's query itself).
+@inline(__always)
+func hideOwnPositions(_ scores: UnsafeMutablePointer<Float>, ld: Int, keys: PositionRun, queries: PositionRun,
+                      offset: Int = 0) {
+    for jj in 0..<keys.count {
+        let d = keys.position(jj) - offset - queries.start
+        if d >= 0 && d % queries.step == 0 && d / queries.step < queries.count {
+            scores[jj * ld + d / queries.step] = -.infinity
+        }
+    }
+}
+
 /// Masks a transposed score tile (see ``TileMask/maskScores(_:ld:tile:queries:)``) with
 /// a per-key predicate over 16 query lanes at a time: `hidden(j, i)` gets key position
 /// `j` and the query positions `i` of 16 lanes and returns the lanes that must not see `j`.
