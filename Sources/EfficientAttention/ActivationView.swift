@@ -241,6 +241,15 @@ extension TensorView {
 }
 
 extension TensorView {
+    /// Whether the tiled kernels (forward and backward) read the rows `rows` of this view in
+    /// place: `Float` rows of a contiguous run. Others are packed into a worker's workspace
+    /// (16-bit ones widened): rows `step > 1` apart are read again by every micro-kernel
+    /// block, and a multiple of 4 KiB apart (an axial column, a strided pattern's column at
+    /// `stride · D · 4` bytes) they fall in the same few L1 sets and came from L2 each time
+    /// (KernelDocs/Axial.md, "Packed line tiles").
+    @inline(__always)
+    func readsInPlace(_ rows: PositionRun) -> Bool { precision == .float32 && rows.step == 1 }
+
     /// Rows `rows` of head `(b, h)` (`width` elements each) as `Float` rows for a kernel that
     /// reads them through strides: this view's own rows when it is `Float`, else the rows
     /// widened into `stage` (`rows.count × width` floats; valid until it is next written).

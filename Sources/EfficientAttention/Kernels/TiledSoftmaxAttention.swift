@@ -217,10 +217,10 @@ enum TiledSoftmaxAttention {
         // Output rows of `P V`: whole blocks of MR holding the tile's queries (lanes past
         // them are padding of the 32-lane score panels, never read back).
         let outputRows = roundUp(queries.count, mr)
-        // Float values are read in place when their rows are whole micro-tile rows; 16-bit
-        // keys and values are widened into the workspace per tile (the only conversion).
-        let valuesInPlace = v.precision == .float32 && v.strides[3] == 1 && dvPad == dv
-        let keysInPlace = k.precision == .float32
+        // Key and value rows are read in place when `TensorView.readsInPlace` says so (Float
+        // rows of a contiguous tile; values also whole micro-tile rows), else packed per tile
+        // (16-bit ones widened: the only conversion).
+        let valueRowsWhole = v.strides[3] == 1 && dvPad == dv
 
         // Touch the query rows first, so that their cache misses overlap instead of
         // stalling the transposing pack one row at a time (cheap next to a dense row's
@@ -260,30 +260,22 @@ enum TiledSoftmaxAttention {
                 k.prefetch(b, hk, rows: next, width: d)
                 v.prefetch(b, hk, rows: next, width: dv)
             }
-            // Key and value rows `step > 1` apart are packed: a tile's rows are read again
-            // for every micro-kernel block, and rows a multiple of 4 KiB apart (an axial
-            // column, a strided pattern's column at `stride · D · 4` bytes) share a few L1
-            // sets, so in place they were refetched from L2 each time (KernelDocs/Axial.md).
-            let packStrided = keys.step > 1
-            // V rows are read in place when they are whole micro-tile rows (unit column
-            // stride, Dv a multiple of NR) of a contiguous tile, else packed.
             let values: UnsafePointer<Float>, ldv: Int
-            if valuesInPlace && !packStrided {
+            if valueRowsWhole && v.readsInPlace(keys) {
                 values = v.row(b, hk, keys.start)
-                ldv = keys.step &* v.strides[2]
+                ldv = v.strides[2]
             } else {
                 packValues(v, b: b, h: hk, keys: keys, dv: dv, into: space.vPack, ld: dvPad)
                 values = UnsafePointer(space.vPack)
                 ldv = dvPad
             }
-            // Sᵀ = K Qᵀ, Float key rows of a contiguous tile read in place, others packed
-            // (16-bit ones widened) into `stage`.
-            let keysRead = keysInPlace && !packStrided
-            if !keysRead {
+            // Sᵀ = K Qᵀ, key rows in place or packed into `stage`.
+            let keysInPlace = k.readsInPlace(keys)
+            if !keysInPlace {
                 k.widenRows(b, hk, rows: keys, width: d, into: space.stage, ld: d)
             }
-            let keyRowStride = keysRead ? keys.step * k.strides[2] : d
-            let keyDepthStride = keysRead ? k.strides[3] : 1
+            let keyRowStride = keysInPlace ? k.strides[2] : d
+            let keyDepthStride = keysInPlace ? k.strides[3] : 1
             let keyBlocks = (keys.count + mr - 1) / mr
             for block in 0..<keyBlocks {
                 upcoming.prefetch(rows: upcomingPerPoint)
@@ -291,7 +283,7 @@ enum TiledSoftmaxAttention {
                 modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
                                         queries: queries, part: block, of: keyBlocks, b: b, h: h)
                 for panel in stride(from: 0, to: queryLanes, by: nr) {
-                    let keyRows = BroadcastOperand(base: keysRead ? k.row(b, hk, keys.position(block * mr))
+                    let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
                                                    rowStride: keyRowStride, depthStride: keyDepthStride,
                                                    rows: min(mr, keys.count - block * mr))

@@ -293,24 +293,15 @@ enum TiledSoftmaxBackward {
         let base: UnsafePointer<Float>
         let rowStride, depthStride: Int
 
-        /// The block's rows of `view` (head `(b, hk)`): in place for a `Float` view of a
-        /// contiguous block, else packed (widened) into `packed` (`ld` floats apart) by the
-        /// caller (``packs(_:block:)``).
+        /// The block's rows of `view` (head `(b, hk)`): in place when ``TensorView/readsInPlace(_:)``
+        /// (Float rows of a contiguous block), else packed (widened) into `packed` (`ld`
+        /// floats apart) by the caller.
         init(_ view: TensorView, b: Int, hk: Int, block: PositionRun, packed: UnsafeMutablePointer<Float>, ld: Int) {
-            if !BlockRows.packs(view, block: block) {
-                (base, rowStride, depthStride) = (view.row(b, hk, block.start), block.step &* view.strides[2],
-                                                  view.strides[3])
+            if view.readsInPlace(block) {
+                (base, rowStride, depthStride) = (view.row(b, hk, block.start), view.strides[2], view.strides[3])
             } else {
                 (base, rowStride, depthStride) = (UnsafePointer(packed), ld, 1)
             }
-        }
-
-        /// Whether a block's rows of `view` are read from a packed copy: 16-bit rows (widened),
-        /// and rows `step > 1` apart. Rows a multiple of 4 KiB apart (an axial column, a strided
-        /// pattern's column at `stride · D · 4` bytes) fall in the same few L1 sets, and the
-        /// block's products read them again for every query tile (KernelDocs/Axial.md).
-        static func packs(_ view: TensorView, block: PositionRun) -> Bool {
-            view.precision != .float32 || block.step > 1
         }
 
         /// The broadcast operand of rows `first..<first + rows` of the block.
@@ -339,17 +330,17 @@ enum TiledSoftmaxBackward {
         }
         workerSpace.accK.update(repeating: 0, count: workerSpace.keyRows * dPad)
         workerSpace.accV.update(repeating: 0, count: workerSpace.keyRows * dvPad)
-        let queryRowsInPlace = x.q.precision == .float32 && x.q.strides[3] == 1 && dPad == d
-        let gradientRowsInPlace = x.dO.precision == .float32 && x.dO.strides[3] == 1 && dvPad == dv
+        let queryRowsWhole = x.q.strides[3] == 1 && dPad == d
+        let gradientRowsWhole = x.dO.strides[3] == 1 && dvPad == dv
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
         // micro-tile rows of a Float view and a contiguous block, else packed (widened) once
         // for the item; 16-bit or strided value rows packed once for the item too.
-        let keyRowsInPlace = !BlockRows.packs(x.k, block: block) && x.k.strides[3] == 1 && dPad == d
+        let keyRowsInPlace = x.k.readsInPlace(block) && x.k.strides[3] == 1 && dPad == d
         if !keyRowsInPlace {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
                                              ld: dPad)
         }
-        if BlockRows.packs(x.v, block: block) {
+        if !x.v.readsInPlace(block) {
             TiledSoftmaxAttention.packValues(x.v, b: b, h: hk, keys: block, dv: dv, into: workerSpace.valueRowsPacked,
                                              ld: dvPad)
         }
@@ -382,18 +373,18 @@ enum TiledSoftmaxBackward {
                 // B operands: the tile's dO and Q rows, in place when they are whole micro-tile
                 // rows of a contiguous tile, else packed (strided rows as the key block's).
                 let gradientRows: UnsafePointer<Float>, ldg: Int
-                if gradientRowsInPlace && queries.step == 1 {
+                if gradientRowsWhole && x.dO.readsInPlace(queries) {
                     gradientRows = x.dO.row(b, h, queries.start)
-                    ldg = queries.step &* x.dO.strides[2]
+                    ldg = x.dO.strides[2]
                 } else {
                     TiledSoftmaxAttention.packValues(x.dO, b: b, h: h, keys: queries, dv: dv, into: space.gradientRows, ld: dvPad)
                     gradientRows = UnsafePointer(space.gradientRows)
                     ldg = dvPad
                 }
                 let queryRows: UnsafePointer<Float>, ldq: Int
-                if queryRowsInPlace && queries.step == 1 {
+                if queryRowsWhole && x.q.readsInPlace(queries) {
                     queryRows = x.q.row(b, h, queries.start)
-                    ldq = queries.step &* x.q.strides[2]
+                    ldq = x.q.strides[2]
                 } else {
                     TiledSoftmaxAttention.packValues(x.q, b: b, h: h, keys: queries, dv: d, into: space.queryRows, ld: dPad)
                     queryRows = UnsafePointer(space.queryRows)
@@ -418,7 +409,7 @@ enum TiledSoftmaxBackward {
                 let keyRows: UnsafePointer<Float>, ldk: Int
                 if keyRowsInPlace {
                     keyRows = x.k.row(b, hk, tile.keys.start)
-                    ldk = block.step &* x.k.strides[2]
+                    ldk = x.k.strides[2]
                 } else {
                     keyRows = UnsafePointer(space.keyRowsPacked + row * dPad)
                     ldk = dPad
@@ -843,7 +834,7 @@ enum TiledSoftmaxBackward {
         /// (`keyRows × D′`, when not read in place).
         let accQ, keyRowsPacked: UnsafeMutablePointer<Float>
         /// The block's packed value rows (`keyRows × Dv′`, when not read in place:
-        /// ``BlockRows/packs(_:block:)``), and with 16-bit operands (`widening`; empty
+        /// ``TensorView/readsInPlace(_:)``), and with 16-bit operands (`widening`; empty
         /// otherwise) one `dO` row and one output row widened for a row dot (`2 · Dv′`).
         let valueRowsPacked, rowStage: UnsafeMutablePointer<Float>
         /// The mask's score-term scratch (``TileMask/scoreTermScratchCount(queryTile:keyTile:)``)
