@@ -291,11 +291,15 @@ struct ScoreModifierKernel: @unchecked Sendable {
                         Transpose16.transpose(scale: V(repeating: 1), rows: { l in
                             biasRow + (queries.position(min(lane + l, last)) &* biasRowStride &+ j0)
                         }, into: terms, ld: 16)
+                        // A check of the block's own, merged after it: the compiler kept the
+                        // closure's in memory, a store and a load on every key's chain.
+                        var blockCheck = BiasTermCheck()
                         for jj in 0..<16 {
                             let row = scores + (r + jj) &* ld + lane
                             store16(modified(load16(row), biasTerms: load16(terms + jj * 16), slope: slope,
-                                             distance: distance(lane: lane, key: j0 + jj), check: &check), row)
+                                             distance: distance(lane: lane, key: j0 + jj), check: &blockCheck), row)
                         }
+                        check.merge(blockCheck)
                     }
                     r += 16
                 }
@@ -471,6 +475,12 @@ struct BiasTermCheck {
         let magnitude = (bits & 0x7FFF_FFFF) &- 1
         peak.replace(with: bits, where: bits .> peak)
         peak.replace(with: magnitude, where: magnitude .> peak)
+    }
+
+    /// Notes what `other` saw.
+    @inline(__always)
+    mutating func merge(_ other: BiasTermCheck) {
+        peak.replace(with: other.peak, where: other.peak .> peak)
     }
 
     var found: Bool { peak.max() >= 0x7F80_0000 }

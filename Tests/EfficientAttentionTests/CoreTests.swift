@@ -556,6 +556,24 @@ struct ExpTests {
         #expect(bits(VectorMath.exp(SIMD16(repeating: 1))) != bits(VectorMath.exp(SIMD16(repeating: -1))))
     }
 
+    @Test("both 16 x 16 register transposes give the scaled transpose, bit for bit")
+    func registerTransposes() {
+        var rng = SeededGenerator(seed: 16)
+        var block = (0..<256).map { _ in rng.nextFloat(in: -4...4) }
+        block[3] = .nan; block[17] = -.infinity; block[40] = -0.0; block[255] = .greatestFiniteMagnitude
+        var scale = SIMD16<Float>()
+        for r in 0..<16 { scale[r] = rng.nextFloat(in: 0.5...2) }
+        scale[2] = 1
+        var expected = [Float](repeating: 0, count: 256)
+        for r in 0..<16 { for c in 0..<16 { expected[c * 16 + r] = scale[r] * block[r * 16 + c] } }
+        for quadrants in [false, true] {
+            let out = RegisterTranspose.transpose(block, scale: scale, quadrants: quadrants)
+            #expect(out.map(\.bitPattern) == expected.map(\.bitPattern), "quadrants: \(quadrants)")
+        }
+        // A planted swap is visible: the block itself is not its transpose.
+        #expect(block.map(\.bitPattern) != expected.map(\.bitPattern))
+    }
+
     @Test("array overload: any count, same values as the SIMD overload", arguments: [0, 1, 5, 15, 16, 17, 37, 100])
     func arrayOverload(count: Int) {
         var rng = SeededGenerator(seed: UInt64(count) + 5)

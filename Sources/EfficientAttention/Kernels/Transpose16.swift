@@ -21,8 +21,20 @@ enum Transpose16 {
     }
 
     /// ``transpose(scale:rows:into:ld:)`` with row `r`'s 16 values given by `load(r)`.
+    /// Without AVX-512 (``MicroTile/splitsRegisterTile``) 16 `SIMD16` rows are 32 registers
+    /// and spill, so there the block is four 8 × 8 transposes (``Transpose8``): the same values.
     @inline(__always)
     static func transpose(scale s: Vec16, load: (Int) -> Vec16, into out: UnsafeMutablePointer<Float>, ld: Int) {
+        if MicroTile.splitsRegisterTile {
+            Transpose8.transpose16(scale: s, load: load, into: out, ld: ld)
+        } else {
+            transposeWhole(scale: s, load: load, into: out, ld: ld)
+        }
+    }
+
+    /// ``transpose(scale:load:into:ld:)`` in 16 `SIMD16` registers.
+    @inline(__always)
+    static func transposeWhole(scale s: Vec16, load: (Int) -> Vec16, into out: UnsafeMutablePointer<Float>, ld: Int) {
         var x: Block = (load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7),
                         load(8), load(9), load(10), load(11), load(12), load(13), load(14), load(15))
         x = stage(stage(stage(stage(x))))
@@ -80,5 +92,99 @@ enum Transpose16 {
     static func hi(_ a: Vec16, _ b: Vec16) -> Vec16 {
         Vec16(a[8], b[8], a[9], b[9], a[10], b[10], a[11], b[11],
               a[12], b[12], a[13], b[13], a[14], b[14], a[15], b[15])
+    }
+}
+
+/// An in-register transpose of an 8 × 8 block of floats: the form of a 16 × 16 transpose
+/// for CPUs with sixteen 256-bit vector registers (x86-64 without AVX-512), where
+/// ``Transpose16``'s 16 `SIMD16` rows are 32 registers and spill. Three stages, each a
+/// shuffle the compiler emits as one instruction: interleave pairs of rows within 128-bit
+/// halves, interleave pairs of pairs, then swap 128-bit halves.
+enum Transpose8 {
+    typealias V = SIMD8<Float>
+    typealias Block = (V, V, V, V, V, V, V, V)
+
+    /// `out.c[r] = x.r[c]`.
+    @inline(__always)
+    static func transpose(_ x: Block) -> Block {
+        // t: (a0 b0 a1 b1 | a4 b4 a5 b5) and (a2 b2 a3 b3 | a6 b6 a7 b7) per pair of rows.
+        let t0 = lo(x.0, x.1), t1 = hi(x.0, x.1), t2 = lo(x.2, x.3), t3 = hi(x.2, x.3)
+        let t4 = lo(x.4, x.5), t5 = hi(x.4, x.5), t6 = lo(x.6, x.7), t7 = hi(x.6, x.7)
+        // s: (a0 b0 c0 d0 | a4 b4 c4 d4) …
+        let s0 = lowPairs(t0, t2), s1 = highPairs(t0, t2), s2 = lowPairs(t1, t3), s3 = highPairs(t1, t3)
+        let s4 = lowPairs(t4, t6), s5 = highPairs(t4, t6), s6 = lowPairs(t5, t7), s7 = highPairs(t5, t7)
+        return (lowHalves(s0, s4), lowHalves(s1, s5), lowHalves(s2, s6), lowHalves(s3, s7),
+                highHalves(s0, s4), highHalves(s1, s5), highHalves(s2, s6), highHalves(s3, s7))
+    }
+
+    /// ``Transpose16/transpose(scale:load:into:ld:)`` as four 8 × 8 blocks: the same values.
+    /// Each block reads the half of its 8 rows it needs (`load(r)` narrowed to 8 lanes).
+    @inline(__always)
+    static func transpose16(scale: Vec16, load: (Int) -> Vec16, into out: UnsafeMutablePointer<Float>, ld: Int) {
+        for rowHalf in 0..<2 {
+            let r0 = rowHalf * 8
+            let s = rowHalf == 0 ? scale.lowHalf : scale.highHalf
+            for columnHalf in 0..<2 {
+                let c0 = columnHalf * 8
+                @inline(__always) func half(_ r: Int) -> V {
+                    columnHalf == 0 ? load(r0 + r).lowHalf : load(r0 + r).highHalf
+                }
+                let x = transpose((half(0), half(1), half(2), half(3), half(4), half(5), half(6), half(7)))
+                let o = out + c0 &* ld + r0
+                store(s * x.0, o); store(s * x.1, o + ld); store(s * x.2, o + 2 &* ld); store(s * x.3, o + 3 &* ld)
+                store(s * x.4, o + 4 &* ld); store(s * x.5, o + 5 &* ld); store(s * x.6, o + 6 &* ld)
+                store(s * x.7, o + 7 &* ld)
+            }
+        }
+    }
+
+    @inline(__always)
+    static func store(_ v: V, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self) }
+
+    /// `(a0 b0 a1 b1 | a4 b4 a5 b5)`.
+    @inline(__always)
+    static func lo(_ a: V, _ b: V) -> V { V(a[0], b[0], a[1], b[1], a[4], b[4], a[5], b[5]) }
+
+    /// `(a2 b2 a3 b3 | a6 b6 a7 b7)`.
+    @inline(__always)
+    static func hi(_ a: V, _ b: V) -> V { V(a[2], b[2], a[3], b[3], a[6], b[6], a[7], b[7]) }
+
+    /// `(a0 a1 b0 b1 | a4 a5 b4 b5)`.
+    @inline(__always)
+    static func lowPairs(_ a: V, _ b: V) -> V { V(a[0], a[1], b[0], b[1], a[4], a[5], b[4], b[5]) }
+
+    /// `(a2 a3 b2 b3 | a6 a7 b6 b7)`.
+    @inline(__always)
+    static func highPairs(_ a: V, _ b: V) -> V { V(a[2], a[3], b[2], b[3], a[6], a[7], b[6], b[7]) }
+
+    /// `(a0 a1 a2 a3 | b0 b1 b2 b3)`.
+    @inline(__always)
+    static func lowHalves(_ a: V, _ b: V) -> V { V(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]) }
+
+    /// `(a4 a5 a6 a7 | b4 b5 b6 b7)`.
+    @inline(__always)
+    static func highHalves(_ a: V, _ b: V) -> V { V(a[4], a[5], a[6], a[7], b[4], b[5], b[6], b[7]) }
+}
+
+/// Both forms of the 16 × 16 register transpose, for the tests: a CPU's kernels run only one
+/// of them (``Transpose16/transpose(scale:load:into:ld:)``), so the tests compare the two on
+/// every CPU.
+@_spi(Testing) public enum RegisterTranspose {
+    /// `out[c · 16 + r] = scale[r] · block[r · 16 + c]` for the row-major 16 × 16 `block`, by
+    /// four 8 × 8 transposes (`quadrants`) or in 16 `SIMD16` registers.
+    public static func transpose(_ block: [Float], scale: SIMD16<Float>, quadrants: Bool) -> [Float] {
+        precondition(block.count == 256, "a 16 × 16 block")
+        var out = [Float](repeating: 0, count: 256)
+        block.withUnsafeBufferPointer { rows in
+            out.withUnsafeMutableBufferPointer { o in
+                let load = { (r: Int) in load16(rows.baseAddress! + r * 16) }
+                if quadrants {
+                    Transpose8.transpose16(scale: scale, load: load, into: o.baseAddress!, ld: 16)
+                } else {
+                    Transpose16.transposeWhole(scale: scale, load: load, into: o.baseAddress!, ld: 16)
+                }
+            }
+        }
+        return out
     }
 }
