@@ -150,14 +150,16 @@ struct MicroQuarterProduct {
     }
 }
 
-/// One `8 × 32` tile of `C` (+)= `A · B`; see ``MicroTile`` for the contract.
+/// One `8 × 32` tile of `C` (+)= `A · B`; see ``MicroTile`` for the contract. With
+/// `halfWidth`, only its first 16 columns (`B` and `C` are read and written there only):
+/// the same values, computed as two `4 × 16` quarters on every CPU.
 ///
-/// - Complexity: `2 · 8 · 32 · depth` FLOPs.
+/// - Complexity: `2 · 8 · 32 · depth` FLOPs (half that with `halfWidth`).
 @inline(never)
 func microKernel(depth: Int, a: BroadcastOperand,
                  b: UnsafePointer<Float>, ldb: Int,
                  c: UnsafeMutablePointer<Float>, ldc: Int,
-                 update: MicroKernelUpdate) {
+                 update: MicroKernelUpdate, halfWidth: Bool = false) {
     /// Row `row`'s 16 columns from `column` (+)= `v`.
     @inline(__always)
     func finish(_ row: Int, _ column: Int, _ v: Vec16) {
@@ -168,14 +170,18 @@ func microKernel(depth: Int, a: BroadcastOperand,
         case .scaleAndAccumulate(let scale): store16(fused(load16(p), Vec16(repeating: scale[row]), v), p)
         }
     }
-    if MicroTile.splitsRegisterTile {
+    if MicroTile.splitsRegisterTile || halfWidth {
         @inline(__always)
         func quarter(_ r0: Int, _ column: Int) {
             let q = MicroQuarterProduct(depth: depth, a: a, firstRow: r0, b: b + column, ldb: ldb)
             finish(r0, column, q.c0); finish(r0 &+ 1, column, q.c1)
             finish(r0 &+ 2, column, q.c2); finish(r0 &+ 3, column, q.c3)
         }
-        quarter(0, 0); quarter(0, 16); quarter(4, 0); quarter(4, 16)
+        if halfWidth {
+            quarter(0, 0); quarter(4, 0)
+        } else {
+            quarter(0, 0); quarter(0, 16); quarter(4, 0); quarter(4, 16)
+        }
         return
     }
     let p = MicroTileProduct(depth: depth, a: a, b: b, ldb: ldb)

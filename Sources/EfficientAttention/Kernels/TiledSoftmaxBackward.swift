@@ -553,17 +553,23 @@ enum TiledSoftmaxBackward {
             x.modifiers?.prefetchBias(keys: keys, queries: nextQueries, part: block, of: keyBlocks, b: b, h: h)
             let keyRows = blockRows.keys.operand(first: firstRow + block * mr, rows: rows)
             let valueRows = blockRows.values.operand(first: firstRow + block * mr, rows: rows)
-            // On a partial tile, only the panels of the queries that may see these keys.
+            // Only the lanes of the queries that may see these keys (on a fully visible tile:
+            // the tile's queries), in whole panels and a half panel at the end.
             let blockKeys = (block * mr)..<(block * mr + rows)
-            let panels = tile.fullyVisible ? 0..<lanes
-                : scoredPanels(space, seen: mask.visibleQueryIndices(tile: tile, queries: queries, keys: blockKeys),
-                               lanes: lanes, keys: blockKeys)
-            for panel in stride(from: panels.lowerBound, to: panels.upperBound, by: MicroTile.nr) {
+            let panels = scoredPanels(space, seen: tile.fullyVisible ? 0..<queries.count
+                                          : mask.visibleQueryIndices(tile: tile, queries: queries, keys: blockKeys),
+                                      lanes: lanes, keys: blockKeys)
+            var panel = panels.lowerBound
+            while panel < panels.upperBound {
+                let half = panels.upperBound - panel < MicroTile.nr
                 // Sᵀ = K (scale · Qᵀ), dPᵀ = V dOᵀ.
                 microKernel(depth: x.d, a: keyRows, b: space.qT + panel, ldb: ld,
-                            c: space.probabilities + block * mr * ld + panel, ldc: ld, update: .overwrite)
+                            c: space.probabilities + block * mr * ld + panel, ldc: ld, update: .overwrite,
+                            halfWidth: half)
                 microKernel(depth: x.dv, a: valueRows, b: space.gradientT + panel, ldb: ld,
-                            c: space.scoreGradients + block * mr * ld + panel, ldc: ld, update: .overwrite)
+                            c: space.scoreGradients + block * mr * ld + panel, ldc: ld, update: .overwrite,
+                            halfWidth: half)
+                panel += half ? MicroTile.nr / 2 : MicroTile.nr
             }
         }
         // The forward's order: score terms, masking, exp, weights.
@@ -613,16 +619,18 @@ enum TiledSoftmaxBackward {
     }
 
     /// The lanes of the transposed tiles (`lanes` of them) to compute for the keys `keys`
-    /// (rows of the tiles) of a partially visible tile: the micro-tile panels
-    /// (``MicroTile/nr`` lanes each) holding the queries `seen` that may see them. A narrow
-    /// band's tile is mostly hidden, and a block of 8 keys skips the panels none of whose
-    /// queries sees it (the forward keeps such bands to 32-query tiles, one panel, instead).
-    /// The entries outside the panels get `Sᵀ = dPᵀ = 0`: finite, so masking hides them, as
-    /// it hides every pair outside `seen`, and `P = dS = 0` there, as when computed.
+    /// (rows of the tiles): the half panels (``MicroTile/nr`` / 2 lanes each) holding the
+    /// queries `seen` that may see them (on a fully visible tile, all its queries). A narrow
+    /// band's tile is mostly hidden, and a block of 8 keys skips the half panels none of
+    /// whose queries sees it (the forward keeps such bands to 32-query tiles, one panel,
+    /// instead); a tile of 44 queries (a strided column tile at `l = 46`) scores 48 lanes,
+    /// not 64. The entries outside get `Sᵀ = dPᵀ = 0`: finite, so masking hides them, as it
+    /// hides every pair outside `seen` (and a padding lane's shift of `+∞` gives it `P = 0`),
+    /// and `P = dS = 0` there, as when computed.
     @inline(__always)
     static func scoredPanels(_ space: Workspace, seen: Range<Int>, lanes: Int, keys: Range<Int>) -> Range<Int> {
-        let nr = MicroTile.nr, ld = space.lanes
-        let panels = seen.isEmpty ? 0..<0 : (seen.lowerBound / nr * nr)..<min(lanes, roundUp(seen.upperBound, nr))
+        let half = MicroTile.nr / 2, ld = space.lanes
+        let panels = seen.isEmpty ? 0..<0 : (seen.lowerBound / half * half)..<min(lanes, roundUp(seen.upperBound, half))
         func clear(_ row: UnsafeMutablePointer<Float>) {
             row.update(repeating: 0, count: panels.lowerBound)
             (row + panels.upperBound).update(repeating: 0, count: lanes - panels.upperBound)
