@@ -250,6 +250,15 @@ extension TensorView {
     @inline(__always)
     func readsInPlace(_ rows: PositionRun) -> Bool { precision == .float32 && rows.step == 1 }
 
+    /// Whether the tiled kernels read the rows `rows` of this view in place as the
+    /// micro-kernel's vector rows (`B`), `width` elements each padded to `padded`:
+    /// ``readsInPlace(_:)`` rows that are also whole micro-tile rows (unit column stride, no
+    /// padding). Others are packed `padded` apart.
+    @inline(__always)
+    func readsInPlace(_ rows: PositionRun, width: Int, padded: Int) -> Bool {
+        readsInPlace(rows) && strides[3] == 1 && padded == width
+    }
+
     /// Rows `rows` of head `(b, h)` (`width` elements each) as `Float` rows for a kernel that
     /// reads them through strides: this view's own rows when it is `Float`, else the rows
     /// widened into `stage` (`rows.count × width` floats; valid until it is next written).

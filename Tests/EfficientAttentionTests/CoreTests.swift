@@ -568,8 +568,10 @@ struct ExpTests {
         for r in 0..<16 { for c in 0..<16 { expected[c * 16 + r] = scale[r] * block[r * 16 + c] } }
         for quadrants in [false, true] {
             let out = RegisterTranspose.transpose(block, scale: scale, quadrants: quadrants)
-            #expect(out.map(\.bitPattern) == expected.map(\.bitPattern), "quadrants: \(quadrants)")
+            #expect(out?.map(\.bitPattern) == expected.map(\.bitPattern), "quadrants: \(quadrants)")
         }
+        // Not a 16 x 16 block: no transpose (and no trap).
+        #expect(RegisterTranspose.transpose(Array(block.prefix(255)), scale: scale, quadrants: true) == nil)
         // A planted swap is visible: the block itself is not its transpose.
         #expect(block.map(\.bitPattern) != expected.map(\.bitPattern))
     }

@@ -220,7 +220,6 @@ enum TiledSoftmaxAttention {
         // Key and value rows are read in place when `TensorView.readsInPlace` says so (Float
         // rows of a contiguous tile; values also whole micro-tile rows), else packed per tile
         // (16-bit ones widened: the only conversion).
-        let valueRowsWhole = v.strides[3] == 1 && dvPad == dv
 
         // Touch the query rows first, so that their cache misses overlap instead of
         // stalling the transposing pack one row at a time (cheap next to a dense row's
@@ -261,7 +260,7 @@ enum TiledSoftmaxAttention {
                 v.prefetch(b, hk, rows: next, width: dv)
             }
             let values: UnsafePointer<Float>, ldv: Int
-            if valueRowsWhole && v.readsInPlace(keys) {
+            if v.readsInPlace(keys, width: dv, padded: dvPad) {
                 values = v.row(b, hk, keys.start)
                 ldv = v.strides[2]
             } else {

@@ -330,12 +330,10 @@ enum TiledSoftmaxBackward {
         }
         workerSpace.accK.update(repeating: 0, count: workerSpace.keyRows * dPad)
         workerSpace.accV.update(repeating: 0, count: workerSpace.keyRows * dvPad)
-        let queryRowsWhole = x.q.strides[3] == 1 && dPad == d
-        let gradientRowsWhole = x.dO.strides[3] == 1 && dvPad == dv
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
         // micro-tile rows of a Float view and a contiguous block, else packed (widened) once
         // for the item; 16-bit or strided value rows packed once for the item too.
-        let keyRowsInPlace = x.k.readsInPlace(block) && x.k.strides[3] == 1 && dPad == d
+        let keyRowsInPlace = x.k.readsInPlace(block, width: d, padded: dPad)
         if !keyRowsInPlace {
             TiledSoftmaxAttention.packValues(x.k, b: b, h: hk, keys: block, dv: d, into: workerSpace.keyRowsPacked,
                                              ld: dPad)
@@ -373,7 +371,7 @@ enum TiledSoftmaxBackward {
                 // B operands: the tile's dO and Q rows, in place when they are whole micro-tile
                 // rows of a contiguous tile, else packed (strided rows as the key block's).
                 let gradientRows: UnsafePointer<Float>, ldg: Int
-                if gradientRowsWhole && x.dO.readsInPlace(queries) {
+                if x.dO.readsInPlace(queries, width: dv, padded: dvPad) {
                     gradientRows = x.dO.row(b, h, queries.start)
                     ldg = x.dO.strides[2]
                 } else {
@@ -382,7 +380,7 @@ enum TiledSoftmaxBackward {
                     ldg = dvPad
                 }
                 let queryRows: UnsafePointer<Float>, ldq: Int
-                if queryRowsWhole && x.q.readsInPlace(queries) {
+                if x.q.readsInPlace(queries, width: d, padded: dPad) {
                     queryRows = x.q.row(b, h, queries.start)
                     ldq = x.q.strides[2]
                 } else {

@@ -171,9 +171,10 @@ enum Transpose8 {
 /// every CPU.
 @_spi(Testing) public enum RegisterTranspose {
     /// `out[c · 16 + r] = scale[r] · block[r · 16 + c]` for the row-major 16 × 16 `block`, by
-    /// four 8 × 8 transposes (`quadrants`) or in 16 `SIMD16` registers.
-    public static func transpose(_ block: [Float], scale: SIMD16<Float>, quadrants: Bool) -> [Float] {
-        precondition(block.count == 256, "a 16 × 16 block")
+    /// four 8 × 8 transposes (`quadrants`) or in 16 `SIMD16` registers; nil unless `block`
+    /// holds 256 values.
+    public static func transpose(_ block: [Float], scale: SIMD16<Float>, quadrants: Bool) -> [Float]? {
+        guard block.count == 256 else { return nil }
         var out = [Float](repeating: 0, count: 256)
         block.withUnsafeBufferPointer { rows in
             out.withUnsafeMutableBufferPointer { o in
