@@ -57,6 +57,26 @@ struct RowCursor<R: KVRows> {
         if left > 0 { pointer += rows.rowStride }
         return row
     }
+
+    /// The current row (the one ``next()`` would return) and how many rows from it on lie
+    /// ``KVRows/rowStride`` elements apart: a caller walks them with its own loop, then
+    /// moves on with ``skip(_:)``.
+    @inline(__always)
+    mutating func run() -> (row: UnsafePointer<R.Element>, count: Int) {
+        if left == 0 {
+            pointer = rows.row(b, h, j)
+            left = rows.run(b, h, from: j)
+        }
+        return (pointer, left)
+    }
+
+    /// Moves on by `n` rows of the current run (`n` at most its ``run()`` count).
+    @inline(__always)
+    mutating func skip(_ n: Int) {
+        left -= n
+        j += n
+        if left > 0 { pointer += n &* rows.rowStride }
+    }
 }
 
 extension KVRows {

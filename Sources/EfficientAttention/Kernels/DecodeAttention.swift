@@ -66,6 +66,13 @@ enum DecodeAttention {
     /// Query rows per work item on the micro-kernel path (the tiled kernel's query tile).
     static let rowTile = Tuning.current.decodeRowTile
 
+    /// How many value rows ahead a pass of ``accumulateFourRows`` requests the 16 columns it
+    /// is reading: a pass reads one line of each row of the tile (rows `Dv` elements apart),
+    /// which come from L2, and the request brings each into L1 a few rows before its
+    /// multiply-adds need it (4, 8 and 16 measured alike, 3–4 % faster than none on the
+    /// Zen 3 host: KernelDocs/MultiQuery.md, "The block's value pass").
+    static let nearRows = 8
+
     /// Keys per tile on the dot-product path: the tuning table's bytes of key rows (``Tuning``;
     /// as many of value rows), a multiple of 16 between 16 and 2048. The kernel reads a tile of keys,
     /// then the same tile of values: two streams taking turns, which the hardware
@@ -639,7 +646,8 @@ enum DecodeAttention {
 
     /// `s[k · ld + j] = q_k · k_j` for four query rows `q_k` (already scaled)
     /// and `j` in `a...e`: each key row read once for the four. With key `a + i` it requests
-    /// key row `upcoming + i` for `i < count` (one prefetch per 16 elements).
+    /// key row `upcoming + i` for `i < count` (one prefetch per 16 elements). The keys are
+    /// walked run by run (``RowCursor/run()``), as in ``accumulateFourRows``.
     @inline(__always)
     static func scoresOfFourRows<R: KVRows>(q: FourRows<UnsafePointer<Float>>, d: Int, keys: R, b: Int, hk: Int,
                                             from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
@@ -647,23 +655,50 @@ enum DecodeAttention {
         typealias E = R.Element
         let full = d / 16 * 16
         let (q0, q1, q2, q3) = q
-        var rows = RowCursor(keys, b: b, h: hk, from: a)
-        var ahead = count > 0 ? RowCursor(requested, b: b, h: hk, from: upcoming) : nil
-        for j in a...e {
-            let key = rows.next(), later = j - a < count ? ahead?.next() : nil
+        var s0 = s + a, s1 = s + (ld &+ a), s2 = s + (2 &* ld &+ a), s3 = s + (3 &* ld &+ a)
+        /// The four scores of `key`, requesting `later`'s lines as it reads the key's.
+        @inline(__always)
+        func score(_ key: UnsafePointer<E>, requesting later: UnsafePointer<E>?) {
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
-            for c in stride(from: 0, to: full, by: 16) {
+            var c = 0
+            while c < full {
                 if let later { ea_prefetch_read(later + c) }
                 let x = E.wide16(key + c)
                 multiplyAdd(&a0, load16(q0 + c), x)
                 multiplyAdd(&a1, load16(q1 + c), x)
                 multiplyAdd(&a2, load16(q2 + c), x)
                 multiplyAdd(&a3, load16(q3 + c), x)
+                c &+= 16
             }
-            s[j] = finishScore(a0, q: q0, key: key, from: full, d: d, R.self)
-            s[ld + j] = finishScore(a1, q: q1, key: key, from: full, d: d, R.self)
-            s[2 * ld + j] = finishScore(a2, q: q2, key: key, from: full, d: d, R.self)
-            s[3 * ld + j] = finishScore(a3, q: q3, key: key, from: full, d: d, R.self)
+            s0.pointee = finishScore(a0, q: q0, key: key, from: full, d: d, R.self)
+            s1.pointee = finishScore(a1, q: q1, key: key, from: full, d: d, R.self)
+            s2.pointee = finishScore(a2, q: q2, key: key, from: full, d: d, R.self)
+            s3.pointee = finishScore(a3, q: q3, key: key, from: full, d: d, R.self)
+            s0 += 1; s1 += 1; s2 += 1; s3 += 1
+        }
+        var rows = RowCursor(keys, b: b, h: hk, from: a)
+        var ahead = count > 0 ? RowCursor(requested, b: b, h: hk, from: upcoming) : nil
+        var j = a
+        while j <= e {
+            let (first, inRun) = rows.run()
+            var n = min(inRun, e - j + 1), key = first
+            if j - a < count, let (request, requestRun) = ahead?.run() {
+                n = min(n, count - (j - a), requestRun)
+                var later = request
+                for _ in 0..<n {
+                    score(key, requesting: later)
+                    key += keys.rowStride
+                    later += requested.rowStride
+                }
+                ahead?.skip(n)
+            } else {
+                for _ in 0..<n {
+                    score(key, requesting: nil)
+                    key += keys.rowStride
+                }
+            }
+            rows.skip(n)
+            j += n
         }
     }
 
@@ -706,7 +741,9 @@ enum DecodeAttention {
     /// `acc_r += Σ_j p[r · ld + j] · v_j` for four rows `r` (outputs `acc_r`) and
     /// `j` in `a...e`: each value row read once for the four, 16 columns at a time. Per output
     /// element the same multiply-adds in the same order as ``accumulate``. With value row
-    /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads.
+    /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads,
+    /// and value row `a + i + nearRows`'s. Each pass walks the rows run by run
+    /// (``RowCursor/run()``), so its loop holds only the arithmetic and pointer steps.
     @inline(__always)
     static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
                                               b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
@@ -715,21 +752,70 @@ enum DecodeAttention {
         typealias E = R.Element
         let full = dv / 16 * 16
         let (o0, o1, o2, o3) = acc
+        let rowStep = values.rowStride
+        let near = nearRows &* rowStep
         for c in stride(from: 0, to: full, by: 16) {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
+            /// Keys `j ..< j + n`, value rows from `row`, `rowStep` apart; with `requests`, the
+            /// value row (and key row) `n` rows from each on is requested with it. The loop
+            /// is one run of rows with nothing but pointer steps beside the arithmetic.
+            @inline(__always)
+            func accumulate(_ j: Int, _ n: Int, from row: UnsafePointer<E>,
+                            requesting requests: (values: UnsafePointer<E>, keys: UnsafePointer<E>?)?) {
+                var row = row + c, w0 = p + j, w1 = p + (ld &+ j), w2 = p + (2 &* ld &+ j), w3 = p + (3 &* ld &+ j)
+                @inline(__always) func step() {
+                    ea_prefetch_read(row + near)
+                    let v = E.wide16(row)
+                    multiplyAdd(&x0, Vec16(repeating: w0.pointee), v)
+                    multiplyAdd(&x1, Vec16(repeating: w1.pointee), v)
+                    multiplyAdd(&x2, Vec16(repeating: w2.pointee), v)
+                    multiplyAdd(&x3, Vec16(repeating: w3.pointee), v)
+                    row += rowStep
+                    w0 += 1; w1 += 1; w2 += 1; w3 += 1
+                }
+                guard let requests else {
+                    for _ in 0..<n { step() }
+                    return
+                }
+                var value = requests.values + c
+                if var key = requests.keys.map({ $0 + c }) {
+                    for _ in 0..<n {
+                        ea_prefetch_read(value)
+                        ea_prefetch_read(key)
+                        value += rowStep
+                        key += rowStep
+                        step()
+                    }
+                } else {
+                    for _ in 0..<n {
+                        ea_prefetch_read(value)
+                        value += rowStep
+                        step()
+                    }
+                }
+            }
             var rows = RowCursor(values, b: b, h: hk, from: a)
             var ahead = count > 0 ? RowCursor(values, b: b, h: hk, from: upcoming) : nil
             var aheadKeys = count > 0 ? keys.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
-            for j in a...e {
-                if j - a < count, let later = ahead?.next() {
-                    ea_prefetch_read(later + c)
-                    if let key = aheadKeys?.next() { ea_prefetch_read(key + c) }
+            var j = a
+            while j <= e {
+                let (row, inRun) = rows.run()
+                var n = min(inRun, e - j + 1)
+                if j - a < count, let (request, requestRun) = ahead?.run() {
+                    n = min(n, count - (j - a), requestRun)
+                    var keyRequest: UnsafePointer<E>? = nil
+                    if let (key, keyRun) = aheadKeys?.run() {
+                        keyRequest = key
+                        n = min(n, keyRun)
+                    }
+                    accumulate(j, n, from: row, requesting: (request, keyRequest))
+                    ahead?.skip(n)
+                    aheadKeys?.skip(n)
+                } else {
+                    accumulate(j, n, from: row, requesting: nil)
                 }
-                let v = E.wide16(rows.next() + c)
-                multiplyAdd(&x0, Vec16(repeating: p[j]), v)
-                multiplyAdd(&x1, Vec16(repeating: p[ld + j]), v)
-                multiplyAdd(&x2, Vec16(repeating: p[2 * ld + j]), v)
-                multiplyAdd(&x3, Vec16(repeating: p[3 * ld + j]), v)
+                rows.skip(n)
+                j += n
             }
             store16(x0, o0 + c)
             store16(x1, o1 + c)
