@@ -381,10 +381,11 @@ enum DecodeAttention {
         var touched: UInt32 = 0
         // Keeping the memory busy while a tile computes (KernelDocs/MultiQuery.md): with
         // fewer than `blockRows` rows, plain loads of this tile's values and the next tile's
-        // keys at the tile's start; with more, the first tile's keys are touched here, its
+        // keys at the tile's start where the tuning row says so (else the hardware
+        // prefetchers alone); with more, the first tile's keys are touched here, its
         // values requested by the block's scoring loop, and each later tile's rows by the
         // block's loops over the tile before it.
-        let blocks = rows >= blockRows
+        let blocks = rows >= blockRows, touchesTiles = Tuning.current.decodeTouchesTiles
         if first <= last && blocks {
             // The first tile's keys, one load per 64-byte line (all in flight at once).
             let count = min(space.tile, last - first + 1)
@@ -393,7 +394,7 @@ enum DecodeAttention {
         while tileStart <= last {
             let count = min(space.tile, last - tileStart + 1)
             let next = tileStart + count, nextCount = next <= last ? min(space.tile, last - next + 1) : 0
-            if !blocks {
+            if !blocks && touchesTiles {
                 touched |= touchLines(values, b: b, hk: hk, start: tileStart, count: count, width: dv)
                 touched |= touchLines(keys, b: b, hk: hk, start: next, count: nextCount, width: d)
             }

@@ -22,9 +22,10 @@ import CEfficientAttention
 /// Where the numbers come from. Only the AVX-512 row was ever chosen on a machine (Zen 5:
 /// 48 KiB L1d, 1 MiB L2 per core, 32 MiB L3; the attention tiles measured there with
 /// `swift run -c release --traits NativeCPU attention-bench`, KernelDocs/Dense.md); the other rows are copies of
-/// it, not tuned, so every target computes the same partitions and so bitwise the same
-/// results. (This AVX2 machine, an EPYC VM with 64 KiB L1d, 1 MiB L2 and 8 MiB L3 per
-/// `lscpu`, selects the `avx2` row, equal to the AVX-512 row.) Tune a row by measuring on
+/// it, not tuned (the AVX2 row's one exception, decode's tile touches, moves no result), so
+/// every target computes the same partitions and so bitwise the same results. (This AVX2 machine, an EPYC VM with 64 KiB L1d, 1 MiB L2 and 8 MiB L3 per
+/// `lscpu`, selects the `avx2` row, equal to the AVX-512 row but for decode's tile touches,
+/// which change no result.) Tune a row by measuring on
 /// its target and recording the machine and command in its comment; a different row gives
 /// different partitions, and results may then differ by rounding between targets.
 ///
@@ -50,6 +51,10 @@ struct Tuning: Sendable {
     /// micro-kernel path, and bytes of key rows per tile on the dot-product path (about
     /// half of L2, with as many bytes of value rows).
     var decodeSplit: Int, decodeRowTile: Int, decodeKeyTileBytes: Int
+    /// Whether decode's one-row path touches each tile's value rows and the next tile's key
+    /// rows with plain loads at the tile's start (true), or leaves the two streams to the
+    /// hardware prefetchers (false). Memory traffic only: the same results either way.
+    var decodeTouchesTiles: Bool
     /// Query tiles for bands (local, strided, Longformer windows): a band of at most
     /// `narrowBand` keys takes `narrowBandQueryTile` queries per tile, one of at most
     /// `mediumBand` keys `mediumBandQueryTile`, wider ones ``attentionQueryTile``.
@@ -76,10 +81,21 @@ struct Tuning: Sendable {
                                attentionQueryTile: 128, attentionKeyTile: 64,
                                streamingQueryTile: 512, residentKeyBytes: 1 << 20,
                                decodeSplit: 2048, decodeRowTile: 128, decodeKeyTileBytes: 64 << 10,
+                               decodeTouchesTiles: true,
                                narrowBand: 384, narrowBandQueryTile: 32, mediumBand: 1024, mediumBandQueryTile: 64,
                                sharedCacheBytes: 32 << 20, permutedItemQuerySlots: 1024)
-    /// Not tuned: copied from the AVX-512 row (this VM, AVX2 + FMA, selects it).
-    static let avx2 = avx512
+    /// Copied from the AVX-512 row (this VM, AVX2 + FMA, selects it), but for one entry
+    /// measured on a Zen 3 EPYC VM (AVX2 + FMA, 32 KiB L1d, 512 KiB L2): its hardware
+    /// prefetchers stream one-row decode's keys and values faster than the plain loads at
+    /// each tile's start, `decodeTouchesTiles` false (KernelDocs/MultiQuery.md, "One row on
+    /// the Zen 3"; `attention-bench --variants multi-query --decode --cache 32768 --heads 32
+    /// --kv-heads 32 --dim 128 --cache-precision f32|f16|int8`). It changes memory
+    /// traffic only, so the row still computes the AVX-512 row's partitions and bits.
+    static let avx2: Tuning = {
+        var row = avx512
+        row.decodeTouchesTiles = false
+        return row
+    }()
     /// Not tuned: copied from the AVX-512 row.
     static let arm64 = avx512
     /// Not tuned: copied from the AVX-512 row.
