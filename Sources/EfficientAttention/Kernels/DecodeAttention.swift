@@ -500,7 +500,7 @@ enum DecodeAttention {
         let s = space.scores
         s.update(repeating: -.infinity, count: t.lanes)
         scores(q: space.q + r * space.dPad, d: t.d, keys: t.keys, b: t.b, hk: t.hk,
-               from: a, through: e, into: s - t.start)
+               from: a, through: e, into: s - t.start, values: t.values)
         t.modify(s, row: r, from: a, through: e)
         guard softmax(s, lanes: t.lanes, row: r, space: space) else { return }
         foldRowScales(s - t.start, ld: 0, rows: 1, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
@@ -613,15 +613,24 @@ enum DecodeAttention {
         return s
     }
 
-    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time.
+    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time. For
+    /// Int8 rows it requests each value row's first line (its scale) with the key: the
+    /// scales are read next (``foldRowScales``), before the value pass, and the hardware
+    /// prefetchers would not have them in yet.
     @inline(__always)
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
-                                  from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>) {
+                                  from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
+                                  values: R) {
         typealias E = R.Element
         let full = d / 16 * 16
         var j = a, rows = RowCursor(keys, b: b, h: hk, from: a)
+        var scales = RowCursor(values, b: b, h: hk, from: a)
+        @inline(__always) func requestScale() {
+            if E.quantized { ea_prefetch_read(UnsafeRawPointer(scales.next()) - 4) }
+        }
         while j + 3 <= e {
             let k0 = rows.next(), k1 = rows.next(), k2 = rows.next(), k3 = rows.next()
+            requestScale(); requestScale(); requestScale(); requestScale()
             var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
             for c in stride(from: 0, to: full, by: 16) {
                 let x = load16(q + c)
@@ -638,6 +647,7 @@ enum DecodeAttention {
         }
         while j <= e {
             let k0 = rows.next()
+            requestScale()
             var a0 = Vec16()
             for c in stride(from: 0, to: full, by: 16) { multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c)) }
             s[j] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
