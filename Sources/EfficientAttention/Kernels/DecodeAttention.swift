@@ -763,13 +763,14 @@ enum DecodeAttention {
         typealias E = R.Element
         let full = dv / 16 * 16
         let (o0, o1, o2, o3) = acc
-        let rowStep = values.rowStride
+        let rowStep = values.rowStride, keyStep = keys?.rowStride ?? 0
         let near = nearRows &* rowStep
         for c in stride(from: 0, to: full, by: 16) {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
             /// Keys `j ..< j + n`, value rows from `row`, `rowStep` apart; with `requests`, the
-            /// value row (and key row) `n` rows from each on is requested with it. The loop
-            /// is one run of rows with nothing but pointer steps beside the arithmetic.
+            /// rows from `requests.values` (and `requests.keys`) are requested one with each
+            /// value row. The loop is one run of rows with nothing but pointer steps beside the
+            /// arithmetic.
             @inline(__always)
             func accumulate(_ j: Int, _ n: Int, from row: UnsafePointer<E>,
                             requesting requests: (values: UnsafePointer<E>, keys: UnsafePointer<E>?)?) {
@@ -794,7 +795,7 @@ enum DecodeAttention {
                         ea_prefetch_read(value)
                         ea_prefetch_read(key)
                         value += rowStep
-                        key += rowStep
+                        key += keyStep
                         step()
                     }
                 } else {
