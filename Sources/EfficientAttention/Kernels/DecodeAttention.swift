@@ -658,7 +658,7 @@ enum DecodeAttention {
     /// `s[k · ld + j] = q_k · k_j` for four query rows `q_k` (already scaled)
     /// and `j` in `a...e`: each key row read once for the four. With key `a + i` it requests
     /// key row `upcoming + i` for `i < count` (one prefetch per 16 elements). The keys are
-    /// walked run by run (``RowCursor/run()``), as in ``accumulateFourRows``.
+    /// walked stretch by stretch, as in ``accumulateFourRows``.
     @inline(__always)
     static func scoresOfFourRows<R: KVRows>(q: FourRows<UnsafePointer<Float>>, d: Int, keys: R, b: Int, hk: Int,
                                             from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
@@ -687,28 +687,59 @@ enum DecodeAttention {
             s3.pointee = finishScore(a3, q: q3, key: key, from: full, d: d, R.self)
             s0 += 1; s1 += 1; s2 += 1; s3 += 1
         }
-        var rows = RowCursor(keys, b: b, h: hk, from: a)
-        var ahead = count > 0 ? RowCursor(requested, b: b, h: hk, from: upcoming) : nil
-        var j = a
-        while j <= e {
-            let (first, inRun) = rows.run()
-            var n = min(inRun, e - j + 1), key = first
-            if j - a < count, let (request, requestRun) = ahead?.run() {
-                n = min(n, count - (j - a), requestRun)
-                var later = request
+        forEachStretch(of: keys, from: a, through: e, pairedWith: requested, from: upcoming, count: count,
+                       b: b, hk: hk) { _, n, first, request, _ in
+            var key = first
+            if var later = request {
                 for _ in 0..<n {
                     score(key, requesting: later)
                     key += keys.rowStride
                     later += requested.rowStride
                 }
-                ahead?.skip(n)
             } else {
                 for _ in 0..<n {
                     score(key, requesting: nil)
                     key += keys.rowStride
                 }
             }
-            rows.skip(n)
+        }
+    }
+
+    /// Rows `a...e` of `rows` (batch item `b`, head `hk`) in stretches of rows `rowStride`
+    /// apart: `body(j, n, row, paired, alsoPaired)` for rows `j ..< j + n` from `row`. The
+    /// first `count` rows are paired, row for row, with the rows of `pairs` (and of
+    /// `alsoPairs`, if given) from `upcoming`: `paired` (`alsoPaired`) is the first of the
+    /// stretch's paired rows, nil past `count`, and a stretch ends where any of the runs does
+    /// (``RowCursor/run()``). The blocks' loops request the paired rows as they read theirs,
+    /// and walk each stretch with nothing but pointer steps.
+    @inline(__always)
+    static func forEachStretch<R: KVRows>(
+        of rows: R, from a: Int, through e: Int, pairedWith pairs: R, also alsoPairs: R? = nil,
+        from upcoming: Int, count: Int, b: Int, hk: Int,
+        _ body: (_ j: Int, _ n: Int, _ row: UnsafePointer<R.Element>,
+                 _ paired: UnsafePointer<R.Element>?, _ alsoPaired: UnsafePointer<R.Element>?) -> Void
+    ) {
+        var cursor = RowCursor(rows, b: b, h: hk, from: a)
+        var paired = count > 0 ? RowCursor(pairs, b: b, h: hk, from: upcoming) : nil
+        var alsoPaired = count > 0 ? alsoPairs.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
+        var j = a
+        while j <= e {
+            let (row, inRun) = cursor.run()
+            var n = min(inRun, e - j + 1)
+            if j - a < count, let (pair, pairRun) = paired?.run() {
+                n = min(n, count - (j - a), pairRun)
+                var alsoPair: UnsafePointer<R.Element>? = nil
+                if let (also, alsoRun) = alsoPaired?.run() {
+                    alsoPair = also
+                    n = min(n, alsoRun)
+                }
+                body(j, n, row, pair, alsoPair)
+                paired?.skip(n)
+                alsoPaired?.skip(n)
+            } else {
+                body(j, n, row, nil, nil)
+            }
+            cursor.skip(n)
             j += n
         }
     }
@@ -753,8 +784,9 @@ enum DecodeAttention {
     /// `j` in `a...e`: each value row read once for the four, 16 columns at a time. Per output
     /// element the same multiply-adds in the same order as ``accumulate``. With value row
     /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads,
-    /// and value row `a + i + nearRows`'s. Each pass walks the rows run by run
-    /// (``RowCursor/run()``), so its loop holds only the arithmetic and pointer steps.
+    /// and value row `a + i + nearRows`'s. Each pass walks the rows stretch by stretch
+    /// (``forEachStretch(of:from:through:pairedWith:also:from:count:b:hk:_:)``), so its loop
+    /// holds only the arithmetic and pointer steps.
     @inline(__always)
     static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
                                               b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
@@ -767,14 +799,12 @@ enum DecodeAttention {
         let near = nearRows &* rowStep
         for c in stride(from: 0, to: full, by: 16) {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
-            /// Keys `j ..< j + n`, value rows from `row`, `rowStep` apart; with `requests`, the
-            /// rows from `requests.values` (and `requests.keys`) are requested one with each
-            /// value row. The loop is one run of rows with nothing but pointer steps beside the
-            /// arithmetic.
-            @inline(__always)
-            func accumulate(_ j: Int, _ n: Int, from row: UnsafePointer<E>,
-                            requesting requests: (values: UnsafePointer<E>, keys: UnsafePointer<E>?)?) {
-                var row = row + c, w0 = p + j, w1 = p + (ld &+ j), w2 = p + (2 &* ld &+ j), w3 = p + (3 &* ld &+ j)
+            // Keys `j ..< j + n`, value rows from `row`, `rowStep` apart; the paired rows
+            // (the next tile's value rows, and key rows on an item's first tile) are
+            // requested one with each value row.
+            forEachStretch(of: values, from: a, through: e, pairedWith: values, also: keys, from: upcoming,
+                           count: count, b: b, hk: hk) { j, n, first, pairedValues, pairedKeys in
+                var row = first + c, w0 = p + j, w1 = p + (ld &+ j), w2 = p + (2 &* ld &+ j), w3 = p + (3 &* ld &+ j)
                 @inline(__always) func step() {
                     ea_prefetch_read(row + near)
                     let v = E.wide16(row)
@@ -785,12 +815,12 @@ enum DecodeAttention {
                     row += rowStep
                     w0 += 1; w1 += 1; w2 += 1; w3 += 1
                 }
-                guard let requests else {
+                guard let pairedValues else {
                     for _ in 0..<n { step() }
                     return
                 }
-                var value = requests.values + c
-                if var key = requests.keys.map({ $0 + c }) {
+                var value = pairedValues + c
+                if var key = pairedKeys.map({ $0 + c }) {
                     for _ in 0..<n {
                         ea_prefetch_read(value)
                         ea_prefetch_read(key)
@@ -805,29 +835,6 @@ enum DecodeAttention {
                         step()
                     }
                 }
-            }
-            var rows = RowCursor(values, b: b, h: hk, from: a)
-            var ahead = count > 0 ? RowCursor(values, b: b, h: hk, from: upcoming) : nil
-            var aheadKeys = count > 0 ? keys.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
-            var j = a
-            while j <= e {
-                let (row, inRun) = rows.run()
-                var n = min(inRun, e - j + 1)
-                if j - a < count, let (request, requestRun) = ahead?.run() {
-                    n = min(n, count - (j - a), requestRun)
-                    var keyRequest: UnsafePointer<E>? = nil
-                    if let (key, keyRun) = aheadKeys?.run() {
-                        keyRequest = key
-                        n = min(n, keyRun)
-                    }
-                    accumulate(j, n, from: row, requesting: (request, keyRequest))
-                    ahead?.skip(n)
-                    aheadKeys?.skip(n)
-                } else {
-                    accumulate(j, n, from: row, requesting: nil)
-                }
-                rows.skip(n)
-                j += n
             }
             store16(x0, o0 + c)
             store16(x1, o1 + c)
