@@ -503,7 +503,6 @@ enum DecodeAttention {
                from: a, through: e, into: s - t.start, values: t.values)
         t.modify(s, row: r, from: a, through: e)
         guard softmax(s, lanes: t.lanes, row: r, space: space) else { return }
-        foldRowScales(s - t.start, ld: 0, rows: 1, values: t.values, b: t.b, hk: t.hk, from: a, through: e)
         accumulate(probabilities: s - t.start, values: t.values, b: t.b, hk: t.hk,
                    from: a, through: e, dv: t.dv, into: space.acc + r * space.dvPad)
     }
@@ -588,7 +587,7 @@ enum DecodeAttention {
         return true
     }
 
-    /// For Int8 value rows, `p[k · ld + j] ·= scale_j` for the `rows` rows `k` and `j` in
+    /// For Int8 value rows, `p[k · ld + j] ·= scale_j` for a block's `rows` rows `k` and `j` in
     /// `a...e` (`Σ p_j s_j ṽ_j`: each row's weight then multiplies its stored integers).
     /// Nothing for other elements.
     @inline(__always)
@@ -613,45 +612,56 @@ enum DecodeAttention {
         return s
     }
 
-    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time. For
-    /// Int8 rows it requests each value row's first line (its scale) with the key: the
-    /// scales are read next (``foldRowScales``), before the value pass, and the hardware
-    /// prefetchers would not have them in yet.
+    /// `s[j] = q · k_j` for `j` in `a...e` (`q` already scaled), four keys at a time, walking
+    /// the keys stretch by stretch (``forEachStretch(of:from:through:pairedWith:also:from:count:b:hk:_:)``)
+    /// so the loop holds only the arithmetic and pointer steps. For Int8 rows it requests
+    /// each value row's first line (its scale) with the key: the value pass (``accumulate``)
+    /// reads the scale first, and the hardware prefetchers would not have it in yet.
     @inline(__always)
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
                                   values: R) {
         typealias E = R.Element
         let full = d / 16 * 16
-        var j = a, rows = RowCursor(keys, b: b, h: hk, from: a)
-        var scales = RowCursor(values, b: b, h: hk, from: a)
-        @inline(__always) func requestScale() {
-            if E.quantized { ea_prefetch_read(UnsafeRawPointer(scales.next()) - 4) }
-        }
-        while j + 3 <= e {
-            let k0 = rows.next(), k1 = rows.next(), k2 = rows.next(), k3 = rows.next()
-            requestScale(); requestScale(); requestScale(); requestScale()
-            var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
-            for c in stride(from: 0, to: full, by: 16) {
-                let x = load16(q + c)
-                multiplyAdd(&a0, x, E.wide16(k0 + c))
-                multiplyAdd(&a1, x, E.wide16(k1 + c))
-                multiplyAdd(&a2, x, E.wide16(k2 + c))
-                multiplyAdd(&a3, x, E.wide16(k3 + c))
+        let keyStep = keys.rowStride, valueStep = values.rowStride
+        forEachStretch(of: keys, from: a, through: e, pairedWith: values, from: a,
+                       count: E.quantized ? e - a + 1 : 0, b: b, hk: hk) { j, n, first, valueRow, _ in
+            var k0 = first, out = s + j, i = 0
+            var scaleLine = valueRow.map { UnsafeRawPointer($0) - 4 }
+            @inline(__always) func requestScale() {
+                if E.quantized, let line = scaleLine {
+                    ea_prefetch_read(line)
+                    scaleLine = line + valueStep &* MemoryLayout<E>.stride
+                }
             }
-            s[j] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
-            s[j + 1] = finishScore(a1, q: q, key: k1, from: full, d: d, R.self)
-            s[j + 2] = finishScore(a2, q: q, key: k2, from: full, d: d, R.self)
-            s[j + 3] = finishScore(a3, q: q, key: k3, from: full, d: d, R.self)
-            j += 4
-        }
-        while j <= e {
-            let k0 = rows.next()
-            requestScale()
-            var a0 = Vec16()
-            for c in stride(from: 0, to: full, by: 16) { multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c)) }
-            s[j] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
-            j += 1
+            while i &+ 4 <= n {
+                let k1 = k0 + keyStep, k2 = k1 + keyStep, k3 = k2 + keyStep
+                requestScale(); requestScale(); requestScale(); requestScale()
+                var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
+                for c in stride(from: 0, to: full, by: 16) {
+                    let x = load16(q + c)
+                    multiplyAdd(&a0, x, E.wide16(k0 + c))
+                    multiplyAdd(&a1, x, E.wide16(k1 + c))
+                    multiplyAdd(&a2, x, E.wide16(k2 + c))
+                    multiplyAdd(&a3, x, E.wide16(k3 + c))
+                }
+                out[0] = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
+                out[1] = finishScore(a1, q: q, key: k1, from: full, d: d, R.self)
+                out[2] = finishScore(a2, q: q, key: k2, from: full, d: d, R.self)
+                out[3] = finishScore(a3, q: q, key: k3, from: full, d: d, R.self)
+                k0 = k3 + keyStep
+                out += 4
+                i &+= 4
+            }
+            while i < n {
+                requestScale()
+                var a0 = Vec16()
+                for c in stride(from: 0, to: full, by: 16) { multiplyAdd(&a0, load16(q + c), E.wide16(k0 + c)) }
+                out.pointee = finishScore(a0, q: q, key: k0, from: full, d: d, R.self)
+                k0 += keyStep
+                out += 1
+                i &+= 1
+            }
         }
     }
 
@@ -744,37 +754,50 @@ enum DecodeAttention {
         }
     }
 
-    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc` (Int8
-    /// rows' scales already folded into `p`).
+    /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`, walking
+    /// the rows stretch by stretch. An Int8 row's scale is multiplied into its probability
+    /// here, where the row is read (`p[j] ·= scale_j`, stored back for the columns past the
+    /// last 16): the product ``foldRowScales`` forms for a block, so the same bits.
     @inline(__always)
-    static func accumulate<R: KVRows>(probabilities p: UnsafePointer<Float>, values: R,
+    static func accumulate<R: KVRows>(probabilities p: UnsafeMutablePointer<Float>, values: R,
                                       b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
                                       into acc: UnsafeMutablePointer<Float>) {
         typealias E = R.Element
-        let full = dv / 16 * 16
-        var j = a, rows = RowCursor(values, b: b, h: hk, from: a)
-        while j + 3 <= e {
-            let v0 = rows.next(), v1 = rows.next(), v2 = rows.next(), v3 = rows.next()
-            let p0 = Vec16(repeating: p[j]), p1 = Vec16(repeating: p[j + 1])
-            let p2 = Vec16(repeating: p[j + 2]), p3 = Vec16(repeating: p[j + 3])
-            for c in stride(from: 0, to: full, by: 16) {
-                var x = load16(acc + c)
-                multiplyAdd(&x, p0, E.wide16(v0 + c))
-                multiplyAdd(&x, p1, E.wide16(v1 + c))
-                multiplyAdd(&x, p2, E.wide16(v2 + c))
-                multiplyAdd(&x, p3, E.wide16(v3 + c))
-                store16(x, acc + c)
-            }
-            j += 4
+        let full = dv / 16 * 16, step = values.rowStride
+        /// Row `row`'s weight `w.pointee`, times its scale for Int8 rows (stored back).
+        @inline(__always) func weight(_ w: UnsafeMutablePointer<Float>, _ row: UnsafePointer<E>) -> Vec16 {
+            if E.quantized { w.pointee *= R.scale(ofRow: row) }
+            return Vec16(repeating: w.pointee)
         }
-        while j <= e {
-            let v0 = rows.next(), p0 = Vec16(repeating: p[j])
-            for c in stride(from: 0, to: full, by: 16) {
-                var x = load16(acc + c)
-                multiplyAdd(&x, p0, E.wide16(v0 + c))
-                store16(x, acc + c)
+        forEachStretch(of: values, from: a, through: e, pairedWith: values, from: a, count: 0,
+                       b: b, hk: hk) { j, n, first, _, _ in
+            var v0 = first, w = p + j, i = 0
+            while i &+ 4 <= n {
+                let v1 = v0 + step, v2 = v1 + step, v3 = v2 + step
+                let p0 = weight(w, v0), p1 = weight(w + 1, v1), p2 = weight(w + 2, v2), p3 = weight(w + 3, v3)
+                for c in stride(from: 0, to: full, by: 16) {
+                    var x = load16(acc + c)
+                    multiplyAdd(&x, p0, E.wide16(v0 + c))
+                    multiplyAdd(&x, p1, E.wide16(v1 + c))
+                    multiplyAdd(&x, p2, E.wide16(v2 + c))
+                    multiplyAdd(&x, p3, E.wide16(v3 + c))
+                    store16(x, acc + c)
+                }
+                v0 = v3 + step
+                w += 4
+                i &+= 4
             }
-            j += 1
+            while i < n {
+                let p0 = weight(w, v0)
+                for c in stride(from: 0, to: full, by: 16) {
+                    var x = load16(acc + c)
+                    multiplyAdd(&x, p0, E.wide16(v0 + c))
+                    store16(x, acc + c)
+                }
+                v0 += step
+                w += 1
+                i &+= 1
+            }
         }
         accumulateColumns(probabilities: p, values: values, b: b, hk: hk, from: a, through: e,
                           columns: full..<dv, into: acc)
