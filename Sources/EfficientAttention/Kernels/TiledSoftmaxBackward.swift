@@ -557,6 +557,7 @@ enum TiledSoftmaxBackward {
             let panels = scoredPanels(space, seen: tile.fullyVisible ? 0..<queries.count
                                           : mask.visibleQueryIndices(tile: tile, queries: queries, keys: blockKeys),
                                       lanes: lanes, keys: blockKeys)
+            space.scoredLanes[block] = panels
             var panel = panels.lowerBound
             while panel < panels.upperBound {
                 let half = panels.upperBound - panel < MicroTile.nr
@@ -657,8 +658,9 @@ enum TiledSoftmaxBackward {
 
     /// `dSᵀ ← scale · dSᵀ`, times the cap's derivatives when the workspace holds them, then
     /// times the score function's derivatives `f′` when it holds those (``TransposedTileMask/differentiatesScoreTerms``;
-    /// `f′` taken as 0 where `Pᵀ = 0`, so that a hidden pair's undefined or infinite `f′`
-    /// never meets its zero: no `0 · ∞`).
+    /// `f′` taken as 0 where `Pᵀ ≤ 0`, so that a hidden pair's undefined or infinite `f′`
+    /// never meets its zero: no `0 · ∞`; outside a block's scored lanes `Pᵀ` is the masked
+    /// score, `−∞`, or the cleared 0: ``softmaxGradient(_:keyCount:lanes:scale:)``).
     @inline(never)
     static func finishScoreGradients(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
         let ld = space.lanes
@@ -672,7 +674,7 @@ enum TiledSoftmaxBackward {
                     var g = factor * load16(gradients + lane)
                     if space.softCap { g = g * load16(space.capDerivatives + r * ld + lane) }
                     var f = load16(derivatives + lane)
-                    f.replace(with: zero, where: load16(probabilities + lane) .== zero)
+                    f.replace(with: zero, where: load16(probabilities + lane) .<= zero)
                     store16(g * f, gradients + lane)
                 }
             }
@@ -747,21 +749,29 @@ enum TiledSoftmaxBackward {
         }
     }
 
-    /// `Pᵀ ← exp(Sᵀ − shift)` and `dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)`, lane-wise. Not inlined, as
-    /// the forward's `onlineSoftmax`: `VectorMath.exp` stays in registers.
+    /// `Pᵀ ← exp(Sᵀ − shift)` and `dSᵀ ← scale · Pᵀ ∘ (dPᵀ − D)`, lane-wise, for each block of
+    /// ``MicroTile/mr`` key rows on the lanes its `Sᵀ` and `dPᵀ` were computed on
+    /// (``Workspace/scoredLanes``, from ``scoredPanels(_:seen:lanes:keys:)``). The lanes
+    /// outside keep `dSᵀ = 0` (the panels' clearing) and a `Pᵀ` no product reads: each
+    /// block's `Pᵀ dO` and `dSᵀ Q` run over its visible queries, inside its panels, and a
+    /// block of `MR` queries in `dS K` reads `dSᵀ` only. Not inlined, as the forward's
+    /// `onlineSoftmax`: `VectorMath.exp` stays in registers.
     @inline(never)
     static func softmaxGradient(_ space: Workspace, keyCount: Int, lanes: Int, scale: Float) {
-        let ld = space.lanes
+        let ld = space.lanes, mr = MicroTile.mr
         let scale = Vec16(repeating: scale)
-        for lane in stride(from: 0, to: lanes, by: 16) {
-            let shift = load16(space.shift + lane), dot = load16(space.rowDot + lane)
-            var scores = space.probabilities + lane, gradients = space.scoreGradients + lane
-            for _ in 0..<keyCount {
-                let p = VectorMath.exp16(load16(scores) - shift)
-                store16(p, scores)
-                store16(scale * p * (load16(gradients) - dot), gradients)
-                scores += ld
-                gradients += ld
+        for first in stride(from: 0, to: keyCount, by: mr) {
+            let rows = min(mr, keyCount - first), scored = space.scoredLanes[first / mr]
+            for lane in stride(from: scored.lowerBound, to: scored.upperBound, by: 16) {
+                let shift = load16(space.shift + lane), dot = load16(space.rowDot + lane)
+                var scores = space.probabilities + (first * ld + lane), gradients = space.scoreGradients + (first * ld + lane)
+                for _ in 0..<rows {
+                    let p = VectorMath.exp16(load16(scores) - shift)
+                    store16(p, scores)
+                    store16(scale * p * (load16(gradients) - dot), gradients)
+                    scores += ld
+                    gradients += ld
+                }
             }
         }
     }
@@ -834,6 +844,9 @@ enum TiledSoftmaxBackward {
         private let qTSlots, gradientTSlots, shiftSlots, rowDotSlots: UnsafeMutablePointer<Float>
         /// The edge tile of ``accumulateProduct(rows:width:span:a:rowStride:depthStride:b:ldb:c:ldc:edge:overwrite:)``.
         let edge: UnsafeMutablePointer<Float>
+        /// Per block of ``MicroTile/mr`` key rows of the current tile: the lanes its `Sᵀ` and
+        /// `dPᵀ` were computed on (``scoredPanels(_:seen:lanes:keys:)``).
+        let scoredLanes: UnsafeMutablePointer<Range<Int>>
         /// The block's `dK` and `dV` accumulators (`keyRows × D′`, `keyRows × Dv′`).
         let accK, accV: UnsafeMutablePointer<Float>
         /// One tile's `dQ` contribution (`lanes × D′`) and the block's packed key rows
@@ -875,6 +888,7 @@ enum TiledSoftmaxBackward {
             probabilities = carver.take(keyRows * lanes)
             scoreGradients = carver.take(keyRows * lanes)
             edge = carver.take(MicroTile.mr * MicroTile.nr)
+            scoredLanes = carver.take(ceilDiv(keyRows, MicroTile.mr))
             accK = carver.take(keyRows * dPad)
             accV = carver.take(keyRows * dvPad)
             accQ = carver.take(lanes * dPad)
