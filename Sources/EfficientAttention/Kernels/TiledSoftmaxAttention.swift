@@ -519,7 +519,16 @@ enum TiledSoftmaxAttention {
             let row = v.row(b, h, keys.position(r))
             let out = vPack + r * ld
             if sd == 1 {
-                out.update(from: row, count: dv)
+                // Rows of a few hundred bytes: a vector loop, not a library call per row.
+                var c = 0
+                while c &+ 16 <= dv {
+                    store16(load16(row + c), out + c)
+                    c &+= 16
+                }
+                while c < dv {
+                    out[c] = row[c]
+                    c &+= 1
+                }
             } else {
                 for c in 0..<dv { out[c] = row[c * sd] }
             }

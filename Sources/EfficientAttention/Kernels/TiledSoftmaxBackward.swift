@@ -328,8 +328,9 @@ enum TiledSoftmaxBackward {
         for h in group {
             queryTiles = max(queryTiles, mask(b, h).backwardQueryTileCount(queryLength: shape.queryLength, queryTile: br))
         }
-        workerSpace.accK.update(repeating: 0, count: workerSpace.keyRows * dPad)
-        workerSpace.accV.update(repeating: 0, count: workerSpace.keyRows * dvPad)
+        // The block's rows only (a strided column block holds a third of `keyRows`).
+        workerSpace.accK.update(repeating: 0, count: block.count * dPad)
+        workerSpace.accV.update(repeating: 0, count: block.count * dvPad)
         // The block's key rows as the `B` operand of C = dS K: in place when they are whole
         // micro-tile rows of a Float view and a contiguous block, else packed (widened) once
         // for the item; 16-bit or strided value rows packed once for the item too.
