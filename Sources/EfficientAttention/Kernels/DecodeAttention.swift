@@ -720,8 +720,9 @@ enum DecodeAttention {
     /// first `count` rows are paired, row for row, with the rows of `pairs` (and of
     /// `alsoPairs`, if given) from `upcoming`: `paired` (`alsoPaired`) is the first of the
     /// stretch's paired rows, nil past `count`, and a stretch ends where any of the runs does
-    /// (``RowCursor/run()``). The blocks' loops request the paired rows as they read theirs,
-    /// and walk each stretch with nothing but pointer steps.
+    /// (``RowCursor/run()``). The decode loops request the paired rows as they read theirs
+    /// (the blocks' next-tile rows, the one-row scores' Int8 scale lines; `count = 0` pairs
+    /// nothing), and walk each stretch with nothing but pointer steps.
     @inline(__always)
     static func forEachStretch<R: KVRows>(
         of rows: R, from a: Int, through e: Int, pairedWith pairs: R, also alsoPairs: R? = nil,
