@@ -806,11 +806,17 @@ enum DecodeAttention {
 
     /// `acc_r += Σ_j p[r · ld + j] · v_j` for four rows `r` (outputs `acc_r`) and
     /// `j` in `a...e`: each value row read once for the four, 16 columns at a time. Per output
-    /// element the same multiply-adds in the same order as ``accumulate``. With value row
-    /// `a + i` it requests value row `upcoming + i` for `i < count`, the 16 elements it reads,
-    /// and value row `a + i + nearRows`'s. Each pass walks the rows stretch by stretch
-    /// (``forEachStretch(of:from:through:pairedWith:also:from:count:b:hk:_:)``), so its loop
-    /// holds only the arithmetic and pointer steps.
+    /// element the same multiply-adds in the same order as ``accumulate``. Each pass walks the
+    /// rows stretch by stretch (``forEachStretch(of:from:through:pairedWith:also:from:count:b:hk:_:)``),
+    /// so its loop holds only the arithmetic and pointer steps. With each value row it requests
+    /// the 16 elements `nearRows` rows further on, and one line of the paired rows (value rows
+    /// `upcoming + i` for `i < count`, and key rows on an item's first tile): pass `p` of the
+    /// `P` passes requests the `p`-th `P`-th of each paired stretch's bytes, in address order
+    /// (``requestShare(of:rows:rowStride:pass:of:)``), so the passes together request every
+    /// line once or twice, and the requests run forward through memory as the hardware
+    /// prefetchers expect; requests of each paired row's line `p` instead (a 512-byte stride
+    /// per pass) made the Float32 GQA decode about a fifth slower (KernelDocs/MultiQuery.md,
+    /// "The next tile requested in address order").
     @inline(__always)
     static func accumulateFourRows<R: KVRows>(probabilities p: UnsafePointer<Float>, ld: Int, values: R,
                                               b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
@@ -820,12 +826,12 @@ enum DecodeAttention {
         let full = dv / 16 * 16
         let (o0, o1, o2, o3) = acc
         let rowStep = values.rowStride, keyStep = keys?.rowStride ?? 0
-        let near = nearRows &* rowStep
+        let near = nearRows &* rowStep, passes = full / 16
         for c in stride(from: 0, to: full, by: 16) {
             var x0 = load16(o0 + c), x1 = load16(o1 + c), x2 = load16(o2 + c), x3 = load16(o3 + c)
             // Keys `j ..< j + n`, value rows from `row`, `rowStep` apart; the paired rows
             // (the next tile's value rows, and key rows on an item's first tile) are
-            // requested one with each value row.
+            // requested one line with each value row, this pass's share of them.
             forEachStretch(of: values, from: a, through: e, pairedWith: values, also: keys, from: upcoming,
                            count: count, b: b, hk: hk) { j, n, first, pairedValues, pairedKeys in
                 var row = first + c, w0 = p + j, w1 = p + (ld &+ j), w2 = p + (2 &* ld &+ j), w3 = p + (3 &* ld &+ j)
@@ -843,19 +849,22 @@ enum DecodeAttention {
                     for _ in 0..<n { step() }
                     return
                 }
-                var value = pairedValues + c
-                if var key = pairedKeys.map({ $0 + c }) {
+                var (value, valueStep) = requestShare(of: pairedValues, rows: n, rowStride: rowStep,
+                                                      pass: c / 16, of: passes)
+                if let pairedKeys {
+                    var (key, keyShareStep) = requestShare(of: pairedKeys, rows: n, rowStride: keyStep,
+                                                           pass: c / 16, of: passes)
                     for _ in 0..<n {
                         ea_prefetch_read(value)
                         ea_prefetch_read(key)
-                        value += rowStep
-                        key += keyStep
+                        value += valueStep
+                        key += keyShareStep
                         step()
                     }
                 } else {
                     for _ in 0..<n {
                         ea_prefetch_read(value)
-                        value += rowStep
+                        value += valueStep
                         step()
                     }
                 }
@@ -869,6 +878,19 @@ enum DecodeAttention {
             accumulateColumns(probabilities: p + k * ld, values: values, b: b, hk: hk, from: a, through: e,
                               columns: full..<dv, into: k == 0 ? o0 : k == 1 ? o1 : k == 2 ? o2 : o3)
         }
+    }
+
+    /// Where pass `pass` of `passes` starts requesting `rows` rows `rowStride` elements apart
+    /// from `first` (one contiguous run: `rows · rowStride` elements), and how far it steps per
+    /// row: its share `pass · rows · rowStride / passes ..<` of the run, in `rows` steps of
+    /// `⌈rowStride / passes⌉` elements. Every line of the run is requested when a step is at
+    /// most 64 bytes (rows of at most `passes` lines: the value pass's own rows, `passes =
+    /// ⌊Dv / 16⌋`; wider key rows get every second or fourth line, as before). The last pass
+    /// may request up to `rows` elements past the run: a prefetch never faults.
+    @inline(__always)
+    static func requestShare<E>(of first: UnsafePointer<E>, rows: Int, rowStride: Int, pass: Int,
+                                of passes: Int) -> (start: UnsafePointer<E>, step: Int) {
+        (first + pass &* rows &* rowStride / passes, (rowStride + passes - 1) / passes)
     }
 
     /// The columns past the last full 16 (`columns`): `acc[c] += Σ_j p[j] · v_j[c]`, value
