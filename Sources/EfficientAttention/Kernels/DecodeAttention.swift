@@ -721,17 +721,18 @@ enum DecodeAttention {
     /// `alsoPairs`, if given) from `upcoming`: `paired` (`alsoPaired`) is the first of the
     /// stretch's paired rows, nil past `count`, and a stretch ends where any of the runs does
     /// (``RowCursor/run()``). The decode loops request the paired rows as they read theirs
-    /// (the blocks' next-tile rows, the one-row scores' Int8 scale lines; `count = 0` pairs
-    /// nothing), and walk each stretch with nothing but pointer steps.
+    /// (the blocks' next-tile rows, the one-row scores' Int8 scale lines; without `pairs`, or
+    /// with `count = 0`, nothing is paired), and walk each stretch with nothing but pointer
+    /// steps.
     @inline(__always)
     static func forEachStretch<R: KVRows>(
-        of rows: R, from a: Int, through e: Int, pairedWith pairs: R, also alsoPairs: R? = nil,
-        from upcoming: Int, count: Int, b: Int, hk: Int,
+        of rows: R, from a: Int, through e: Int, pairedWith pairs: R? = nil, also alsoPairs: R? = nil,
+        from upcoming: Int = 0, count: Int = 0, b: Int, hk: Int,
         _ body: (_ j: Int, _ n: Int, _ row: UnsafePointer<R.Element>,
                  _ paired: UnsafePointer<R.Element>?, _ alsoPaired: UnsafePointer<R.Element>?) -> Void
     ) {
         var cursor = RowCursor(rows, b: b, h: hk, from: a)
-        var paired = count > 0 ? RowCursor(pairs, b: b, h: hk, from: upcoming) : nil
+        var paired = count > 0 ? pairs.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
         var alsoPaired = count > 0 ? alsoPairs.map { RowCursor($0, b: b, h: hk, from: upcoming) } : nil
         var j = a
         while j <= e {
@@ -770,8 +771,7 @@ enum DecodeAttention {
             if E.quantized { w.pointee *= R.scale(ofRow: row) }
             return Vec16(repeating: w.pointee)
         }
-        forEachStretch(of: values, from: a, through: e, pairedWith: values, from: a, count: 0,
-                       b: b, hk: hk) { j, n, first, _, _ in
+        forEachStretch(of: values, from: a, through: e, b: b, hk: hk) { j, n, first, _, _ in
             var v0 = first, w = p + j, i = 0
             while i &+ 4 <= n {
                 let v1 = v0 + step, v2 = v1 + step, v3 = v2 + step
