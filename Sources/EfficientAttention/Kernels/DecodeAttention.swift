@@ -8,13 +8,15 @@ import CEfficientAttention
 /// (row `r` = head `hk · G + r / n`, position `r % n`); they all read the key/value head in
 /// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
 ///
-/// - **Dot-product path** (`G · n < 8`, e.g. multi-head `H = Hkv` decoding and groups of 4):
-///   a few FLOPs per byte of cache, so the loop is written to stream the cache at memory speed:
+/// - **Dot-product path** (`G · n < 32`, e.g. multi-head `H = Hkv` decoding and groups of 4
+///   or 8): a few FLOPs per byte of cache, so the loop is written to stream the cache at
+///   memory speed:
 ///
 ///         for each key tile (~64 KiB of keys) of the chunk:
 ///             G · n = 1: touch the tile's value lines and the next tile's key lines
-///             rows 0–3 as one block of four slots (slots past G · n idle), then rows
-///             4–6 each alone:
+///             rows 0–3 as one block of four slots (slots past G · n idle), each further
+///             four rows as a block (the tile from L2), then the last one to three rows
+///             each alone:
 ///                 (skip a block if no row of it sees a key in the tile)
 ///                 s_rj = scale · q_r · k_j     each key row read once for the block,
 ///                                              SIMD16 over D (alone: 4 keys at a time)
@@ -23,12 +25,13 @@ import CEfficientAttention
 ///                 o_r += Σ p_rj v_j            each value row read once for the block,
 ///                                              16 columns at a time (alone: 4 value rows
 ///                                              per pass over o)
-///                 the block's loops prefetch the next tile's key and value rows (G · n ≥ 2)
+///                 the first block's loops prefetch the next tile's key and value rows
+///                 (G · n ≥ 2)
 ///
 ///   A row gets the same bits alone or in a block whose visible keys are its own (the same
 ///   operations per element, in the same order; always so for one position per head).
 ///
-/// - **Micro-kernel path** (`G · n ≥ 8`, multi-query and large groups): the rows are the
+/// - **Micro-kernel path** (`G · n ≥ 32`, multi-query and large groups): the rows are the
 ///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
 ///   ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``, ``microKernel``):
 ///   `Sᵀ = K Qᵀ` with Float keys read in place, per-lane masking of the window/causal
@@ -53,13 +56,17 @@ enum DecodeAttention {
     static let defaultSplit = Tuning.current.decodeSplit
 
     /// Query rows per group (`G · n`) from which the micro-kernel path is used: below it
-    /// the 8 × 32 tile would be mostly padding and the dot-product path is faster.
-    static let microKernelRows = 8
+    /// the 8 × 32 tile is partly padding (it computes 32 lanes for any group of 8 to 32
+    /// rows) and the dot-product path's blocks of four are faster (on the Zen 3 host
+    /// 3× at 8 rows, 1.2× at 24, 0.9× at 32: KernelDocs/MultiQuery.md, "Blocks up to 32
+    /// rows"). A structural constant, the same on every target (``Tuning``).
+    static let microKernelRows = 32
 
     /// Rows per group (`G · n`) from which the dot-product path attends its first four rows as
     /// one block of four slots, each key and value row read once for the block (below four
     /// rows the slots past them idle), the block's loops requesting the next tile's rows with
-    /// prefetch instructions, and rows 4–6 alone after it; a single row is attended alone and
+    /// prefetch instructions, then each further four rows as a block and the last one to
+    /// three rows alone; a single row is attended alone and
     /// touches the next tile with plain loads at each tile's start (KernelDocs/MultiQuery.md).
     static let blockRows = 2
 
@@ -403,10 +410,20 @@ enum DecodeAttention {
                                modifiers: modifiers,
                                groupSize: g, queryLength: n, offset: mask.offset)
             if blocks {
-                // Rows 0–3 as a block (below four rows its slots past the rows idle), the
-                // rest alone: a second block's idle slots cost more than the rows' L2 reads.
+                // Rows 0–3 as a block (below four rows its slots past the rows idle), each
+                // further four rows as a block reading the tile from L2 (only the first
+                // requests the next tile), the last one to three alone: a block's idle slots
+                // cost more than those rows' L2 reads.
                 attendFourRows(tile, rows: min(4, rows))
-                for r in 4..<max(4, rows) { attendRow(tile, r) }
+                var r = 4
+                while r + 4 <= rows {
+                    attendFourRows(tile, rows: 4, from: r, requesting: false)
+                    r += 4
+                }
+                while r < rows {
+                    attendRow(tile, r)
+                    r += 1
+                }
             } else {
                 attendRow(tile, 0)
             }
@@ -507,8 +524,8 @@ enum DecodeAttention {
                    from: a, through: e, dv: t.dv, into: space.acc + r * space.dvPad)
     }
 
-    /// Rows `0 ..< count` together on a tile as four slots (slots `count...` idle: their
-    /// scores are computed from a valid row and dropped, their output goes to a spare row):
+    /// Rows `first ..< first + count` together on a tile as four slots (slots `count...` idle:
+    /// their scores are computed from a valid row and dropped, their output goes to a spare row):
     /// each key row and each value row read once for the four slots
     /// (instead of once per row, from L2). Over the union `a...e` of the rows'
     /// visible keys; a row's keys outside its own range get probability 0. Each score and
@@ -518,19 +535,21 @@ enum DecodeAttention {
     /// while scoring and value rows while accumulating (the row `a + i` of this pass is
     /// followed by the next tile's row `i`); on an item's first tile
     /// the scoring loop requests this tile's value rows instead and the accumulation loop the
-    /// next tile's key rows as well.
+    /// next tile's key rows as well. Without `requesting` (a group's later blocks, reading
+    /// the tile the first block brought into L2) nothing is requested.
     @inline(__always)
-    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, rows count: Int) {
+    static func attendFourRows<R: KVRows>(_ t: DotTile<R>, rows count: Int, from first: Int = 0,
+                                         requesting: Bool = true) {
         let space = t.space, ld = space.scoreStride
         @inline(__always) func query(_ k: Int) -> UnsafePointer<Float> {
-            UnsafePointer(space.q + min(k, count - 1) * space.dPad)
+            UnsafePointer(space.q + (first + min(k, count - 1)) * space.dPad)
         }
         @inline(__always) func output(_ k: Int) -> UnsafeMutablePointer<Float> {
-            k < count ? space.acc + k * space.dvPad : space.spare
+            k < count ? space.acc + (first + k) * space.dvPad : space.spare
         }
         var a = Int.max, e = Int.min
         for k in 0..<count {
-            let (ak, ek) = t.visible(k)
+            let (ak, ek) = t.visible(first + k)
             if ak <= ek {
                 a = min(a, ak)
                 e = max(e, ek)
@@ -539,18 +558,19 @@ enum DecodeAttention {
         guard a <= e else { return }
         let s = space.scores
         for k in 0..<4 { (s + k * ld).update(repeating: -.infinity, count: t.lanes) }
-        let ahead = min(t.nextCount, e - a + 1), next = t.start + t.count, own = t.isFirst
+        let ahead = requesting ? min(t.nextCount, e - a + 1) : 0, next = t.start + t.count
+        let own = t.isFirst && requesting
         scoresOfFourRows(q: (query(0), query(1), query(2), query(3)), d: t.d, keys: t.keys, b: t.b, hk: t.hk,
                          from: a, through: e, into: s - t.start, ld: ld,
                          prefetch: own ? t.values : t.keys, from: own ? a : next, count: own ? e - a + 1 : ahead)
         for k in 0..<4 {
-            let row = s + k * ld, (ak, ek) = k < count ? t.visible(k) : (1, 0)
+            let row = s + k * ld, (ak, ek) = k < count ? t.visible(first + k) : (1, 0)
             var live = ak <= ek
             if live {
                 if ak > a { (row + (a - t.start)).update(repeating: -.infinity, count: ak - a) }
                 if ek < e { (row + (ek + 1 - t.start)).update(repeating: -.infinity, count: e - ek) }
-                t.modify(row, row: k, from: ak, through: ek)
-                live = softmax(row, lanes: t.lanes, row: k, space: space)
+                t.modify(row, row: first + k, from: ak, through: ek)
+                live = softmax(row, lanes: t.lanes, row: first + k, space: space)
             }
             if !live { (row + (a - t.start)).update(repeating: 0, count: e - a + 1) }
         }
