@@ -343,7 +343,7 @@ struct MixedPrecisionTests {
 
     @Test("decode-shaped 16-bit keys read in place: the Float call's key tiles, so its bits (fuzz case 4143000296176)")
     func decodeTilesFollowFloat() throws {
-        // One query row per key/value head group below the micro-kernel's 8: the dot-product
+        // Seven query rows per key/value head group, below the micro-kernel's 32: the dot-product
         // path, whose Float tile at D = 128 is 128 keys; 139 keys span two of them.
         let (q, k, v) = try randomQKV(batch: 3, heads: 2, kvHeads: 2, queryLength: 7, keyLength: 139, headDim: 128,
                                       valueDim: 4, seed: 41)
