@@ -259,8 +259,8 @@ private func checkDecode(_ attention: MultiQueryAttention, query: Tensor, cache:
         }
     }
 
-    @Test("split-KV decode: thread counts bitwise equal, splits equal within rounding (dot and micro-kernel paths)",
-          arguments: KVCache.Precision.allCases, [4, 40])
+    @Test("split-KV decode: thread counts bitwise equal, splits equal within rounding (dot path: 4 and 40 rows, micro-kernel: 64)",
+          arguments: KVCache.Precision.allCases, [4, 40, 64])
     func splitKV(precision: KVCache.Precision, heads: Int) throws {
         let kvHeads = 1, d = 64, length = 1000
         let cache = try KVCache(kvHeads: kvHeads, headDim: d, capacity: length, precision: precision)

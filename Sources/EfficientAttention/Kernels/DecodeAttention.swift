@@ -9,8 +9,9 @@ import CEfficientAttention
 /// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
 ///
 /// - **Dot-product path** (`G · n < 32`, e.g. multi-head `H = Hkv` decoding and groups of 4
-///   or 8): a few FLOPs per byte of cache, so the loop is written to stream the cache at
-///   memory speed:
+///   or 8, and larger groups whose 32-lane panels would be mostly padding,
+///   ``usesMicroKernel(rows:)``): a few FLOPs per byte of cache, so the loop is written to
+///   stream the cache at memory speed:
 ///
 ///         for each key tile (~64 KiB of keys) of the chunk:
 ///             G · n = 1: touch the tile's value lines and the next tile's key lines
@@ -31,7 +32,8 @@ import CEfficientAttention
 ///   A row gets the same bits alone or in a block whose visible keys are its own (the same
 ///   operations per element, in the same order; always so for one position per head).
 ///
-/// - **Micro-kernel path** (`G · n ≥ 32`, multi-query and large groups): the rows are the
+/// - **Micro-kernel path** (`G · n ≥ 32` filling its 32-lane panels to at least seven
+///   eighths, multi-query and large groups): the rows are the
 ///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
 ///   ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``, ``microKernel``):
 ///   `Sᵀ = K Qᵀ` with Float keys read in place, per-lane masking of the window/causal
@@ -61,6 +63,19 @@ enum DecodeAttention {
     /// 3× at 8 rows, 1.2× at 24, 0.9× at 32: KernelDocs/MultiQuery.md, "Blocks up to 32
     /// rows"). A structural constant, the same on every target (``Tuning``).
     static let microKernelRows = 32
+
+    /// Whether a group of `rows` query rows (`G · n`) takes the micro-kernel path: from
+    /// ``microKernelRows`` rows, when its 32-lane panels are at most an eighth padding
+    /// (`roundUp(rows, 32) − rows ≤ rows / 8`: 32, 58–64, 87–96, 116–128) or the group is
+    /// longer than one of its row tiles (``rowTile``: the dot-product path attends a group
+    /// as one work item, the micro-kernel path splits it across threads). On the Zen 3 host
+    /// a row of the blocks costs about what a lane of the micro-kernel does, so a panel with
+    /// many padding lanes loses to the blocks (36–48 rows 15–50 % faster as blocks, 71 rows
+    /// 10–20 %: KernelDocs/MultiQuery.md, "Blocks up to 32 rows"). Depends on the shape and
+    /// the tuning row only, as every partition does (``Tuning``).
+    static func usesMicroKernel(rows: Int) -> Bool {
+        rows >= microKernelRows && ((roundUp(rows, MicroTile.nr) - rows) * 8 <= rows || rows > rowTile)
+    }
 
     /// Rows per group (`G · n`) from which the dot-product path attends its first four rows as
     /// one block of four slots, each key and value row read once for the block (below four
@@ -102,7 +117,7 @@ enum DecodeAttention {
 
         init(_ shape: AttentionShape, split: Int) {
             rows = shape.groupSize * shape.queryLength
-            grouped = rows >= DecodeAttention.microKernelRows
+            grouped = DecodeAttention.usesMicroKernel(rows: rows)
             rowTile = grouped ? min(rows, DecodeAttention.rowTile) : rows
             rowTiles = (rows + rowTile - 1) / rowTile
             chunks = DecodeAttention.chunks(keyLength: shape.keyLength, split: split)
