@@ -57,11 +57,11 @@ enum DecodeAttention {
     /// (the value: the tuning table, ``Tuning``).
     static let defaultSplit = Tuning.current.decodeSplit
 
-    /// Query rows per group (`G · n`) from which the micro-kernel path is used: below it
-    /// the 8 × 32 tile is partly padding (it computes 32 lanes for any group of 8 to 32
-    /// rows) and the dot-product path's blocks of four are faster (on the Zen 3 host
-    /// 3× at 8 rows, 1.2× at 24, 0.9× at 32: KernelDocs/MultiQuery.md, "Blocks up to 32
-    /// rows"). A structural constant, the same on every target (``Tuning``).
+    /// Query rows per group (`G · n`) from which the micro-kernel path may be used
+    /// (``usesMicroKernel(rows:)``): below it the 8 × 32 tile is partly padding (it computes
+    /// 32 lanes for any group of 8 to 32 rows) and the dot-product path's blocks of four are
+    /// faster (on the Zen 3 host 3× at 8 rows, 1.2× at 24, 0.9× at 32: KernelDocs/MultiQuery.md,
+    /// "Blocks up to 32 rows"). A structural constant, the same on every target (``Tuning``).
     static let microKernelRows = 32
 
     /// Whether a group of `rows` query rows (`G · n`) takes the micro-kernel path: from
