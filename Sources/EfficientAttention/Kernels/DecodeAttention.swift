@@ -9,9 +9,9 @@ import CEfficientAttention
 /// place, so the cache is streamed once for the whole group. Two paths, by rows per group:
 ///
 /// - **Dot-product path** (`G · n < 32`, e.g. multi-head `H = Hkv` decoding and groups of 4
-///   or 8, and larger groups whose 32-lane panels would be mostly padding,
-///   ``usesMicroKernel(rows:)``): a few FLOPs per byte of cache, so the loop is written to
-///   stream the cache at memory speed:
+///   or 8, and groups of up to 128 rows whose 32-lane panels would be more than an eighth
+///   padding, ``usesMicroKernel(rows:)``): a few FLOPs per byte of cache, so the loop is
+///   written to stream the cache at memory speed:
 ///
 ///         for each key tile (~64 KiB of keys) of the chunk:
 ///             G · n = 1: touch the tile's value lines and the next tile's key lines
@@ -33,7 +33,8 @@ import CEfficientAttention
 ///   operations per element, in the same order; always so for one position per head).
 ///
 /// - **Micro-kernel path** (`G · n ≥ 32` filling its 32-lane panels to at least seven
-///   eighths, multi-query and large groups): the rows are the
+///   eighths, or more than a row tile of 128 rows; multi-query and large groups): the rows
+///   are the
 ///   SIMD lanes of the shared flash-kernel pieces (``TiledSoftmaxAttention/Workspace``,
 ///   ``TiledSoftmaxAttention/onlineSoftmax(_:keyCount:lanes:)``, ``microKernel``):
 ///   `Sᵀ = K Qᵀ` with Float keys read in place, per-lane masking of the window/causal
