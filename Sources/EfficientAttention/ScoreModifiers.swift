@@ -267,8 +267,22 @@ struct ScoreModifierKernel: @unchecked Sendable {
         @inline(__always) func distance(lane: Int, key j: Int) -> V {
             V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
         }
+        guard let biasRow else {
+            // Soft-capping and ALiBi alone: the tile key by key, each key's lanes contiguous.
+            // Its own loop, so that `modified` is inlined here (called from the gathering loop
+            // below it stayed a call per 16 lanes: a tenth of an ALiBi call's samples).
+            var unused = BiasTermCheck()
+            for r in 0..<keys.count {
+                let j = keys.position(r), row = scores + r &* ld
+                for lane in stride(from: 0, to: lanes, by: 16) {
+                    store16(modified(load16(row + lane), biasTerms: V(), slope: slope,
+                                     distance: distance(lane: lane, key: j), check: &unused), row + lane)
+                }
+            }
+            return
+        }
         var r = 0, check = BiasTermCheck()
-        if let biasRow, biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
+        if biasColumnStride == 1, keys.step == 1, keys.count >= 16 {
             // Each of the tile's query rows is its own stream, too many for the hardware
             // prefetchers, so the bias is requested ahead twice: the next tile's into L2 by
             // the caller, spread over its micro-kernel calls (``prefetchBias``), and within
@@ -313,17 +327,12 @@ struct ScoreModifierKernel: @unchecked Sendable {
         for lane in stride(from: 0, to: lanes, by: 16) where first < keys.count {
             let valid = max(0, min(16, queries.count - lane))
             var rows = SIMD16<Int>()
-            if biasRow != nil {
-                for l in 0..<valid { rows[l] = queries.position(lane + l) &* biasRowStride }
-            }
+            for l in 0..<valid { rows[l] = queries.position(lane + l) &* biasRowStride }
             for r in first..<keys.count {
                 let j = keys.position(r), row = scores + r &* ld + lane
-                var terms = V()
-                if let biasRow {
-                    let ahead = r + Self.gatherAhead < keys.count ? keys.position(r + Self.gatherAhead) : nil
-                    terms = Self.gatherTerms(biasRow, rows: rows, valid: valid, column: j &* biasColumnStride,
+                let ahead = r + Self.gatherAhead < keys.count ? keys.position(r + Self.gatherAhead) : nil
+                let terms = Self.gatherTerms(biasRow, rows: rows, valid: valid, column: j &* biasColumnStride,
                                              requesting: ahead.map { $0 &* biasColumnStride })
-                }
                 store16(modified(load16(row), biasTerms: terms, slope: slope,
                                  distance: distance(lane: lane, key: j), check: &check), row)
             }
@@ -428,8 +437,10 @@ struct ScoreModifierKernel: @unchecked Sendable {
     /// Soft-capping, the bias terms `biasTerms` and ALiBi applied to 16 scores: `slope · |distance|`
     /// subtracted (`distance` = query position + offset − key position, per lane). The one
     /// formula of the tiled and the decode kernels; the bias terms are shown to `check`
-    /// (reported by ``report(_:)`` once per tile).
-    @inline(__always)
+    /// (reported by ``report(_:)`` once per tile). `@_transparent`: with `@inline(__always)`
+    /// the optimiser left it a call per 16 lanes in `apply` (a tenth of an ALiBi call's
+    /// samples; VectorMath's `exp` has the same note).
+    @_transparent
     func modified(_ scores: SIMD16<Float>, biasTerms: SIMD16<Float>, slope: SIMD16<Float>,
                   distance: SIMD16<Float>, check: inout BiasTermCheck) -> SIMD16<Float> {
         var s = scores
@@ -496,8 +507,8 @@ func abs16(_ x: SIMD16<Float>) -> SIMD16<Float> {
 /// `x²` (the rational form Eigen's vectorised tanh uses), `x` clamped to ±7.9053 where the
 /// quotient reaches ±1. Largest error against Double `tanh` over [−12, 12] in Float
 /// arithmetic: 3.4·10⁻⁷ absolute and relative. One division and ten multiply-adds: no
-/// `exp`, no branch.
-@inline(__always)
+/// `exp`, no branch. `@_transparent`, as ``ScoreModifierKernel/modified(_:biasTerms:slope:distance:check:)``.
+@_transparent
 func tanh16(_ x: SIMD16<Float>) -> SIMD16<Float> {
     typealias V = SIMD16<Float>
     let bound = V(repeating: 7.905_311_107_635_498_05)
