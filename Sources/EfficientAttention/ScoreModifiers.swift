@@ -268,9 +268,11 @@ struct ScoreModifierKernel: @unchecked Sendable {
             V(repeating: Float(queries.position(lane) + offset - j)) + laneOffsets
         }
         guard let biasRow else {
-            // Soft-capping and ALiBi alone: the tile key by key, each key's lanes contiguous.
-            // Its own loop, so that `modified` is inlined here (called from the gathering loop
-            // below it stayed a call per 16 lanes: a tenth of an ALiBi call's samples).
+            // Soft-capping and ALiBi alone: the tile key by key, each key's lanes contiguous,
+            // with no bias rows to find, no terms to gather and nothing to check (the
+            // gathering loop below walks the tile a column of 16 lanes at a time).
+            // Measured only together with `modified` made `@_transparent` (KernelDocs/ScoreModifiers.md,
+            // "Without AVX-512, inlined").
             var unused = BiasTermCheck()
             for r in 0..<keys.count {
                 let j = keys.position(r), row = scores + r &* ld
