@@ -68,6 +68,36 @@ struct GemmTests {
         }
     }
 
+    @Test("every form of the micro-kernel's register tile gives the same bits, each element one chain over the depth",
+          arguments: [0, 1, 3, 64, 65])
+    func registerTileForms(depth: Int) throws {
+        var rng = SeededGenerator(seed: UInt64(70 + depth))
+        let a = (0..<8 * depth).map { _ in rng.nextFloat(in: -1...1) }
+        let b = (0..<depth * 32).map { _ in rng.nextFloat(in: -1...1) }
+        // The chain every form must reproduce: c ← c + a·b over k in order, fused under NativeCPU.
+        var chain = [Float](repeating: 0, count: 8 * 32)
+        for r in 0..<8 { for col in 0..<32 { for k in 0..<depth {
+            let (x, y) = (a[r * depth + k], b[k * 32 + col])
+            chain[r * 32 + col] = fusedMultiplyAddEnabled ? chain[r * 32 + col].addingProduct(x, y) : chain[r * 32 + col] + x * y
+        } } }
+        var leftHalf = chain
+        for r in 0..<8 { for col in 16..<32 { leftHalf[r * 32 + col] = 0 } }
+        for form in RegisterTileForms.Form.allCases {
+            let out = try #require(RegisterTileForms.product(a: a, b: b, depth: depth, form: form))
+            let expected = (form == .half || form == .halfQuarters) ? leftHalf : chain
+            #expect(out.map(\.bitPattern) == expected.map(\.bitPattern), "\(form), depth \(depth): \(firstDifference(out, expected))")
+        }
+        // Sizes that do not fit give nil, not a trap.
+        #expect(RegisterTileForms.product(a: Array(a.dropLast()) + [], b: b, depth: depth + 1, form: .half) == nil)
+        // A planted difference is visible: a tile with one input changed differs (depth > 0).
+        if depth > 0 {
+            var changed = a
+            changed[0] += 1
+            let out = try #require(RegisterTileForms.product(a: changed, b: b, depth: depth, form: .half))
+            #expect(out.map(\.bitPattern) != leftHalf.map(\.bitPattern))
+        }
+    }
+
     @Test("empty sizes")
     func empty() throws {
         #expect(try MatrixProduct.multiply([], [], m: 3, n: 4, depth: 0) == [Float](repeating: 0, count: 12))

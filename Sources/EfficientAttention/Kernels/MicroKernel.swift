@@ -150,9 +150,42 @@ struct MicroQuarterProduct {
     }
 }
 
+/// The left half of the tile, `C[0 ..< 8, 0 ..< 16]`, where the whole tile fits the
+/// registers (``MicroTile/splitsRegisterTile`` false): the depth loop of
+/// ``MicroTileProduct`` on one `B` vector, 8 independent chains. (Two `4 × 16` quarters
+/// one after the other give 4 chains at a time, fewer than the two FMA pipes' latency
+/// needs: a half-width call ran at about half speed on AVX-512.)
+struct MicroHalfProduct {
+    var c0, c1, c2, c3, c4, c5, c6, c7: Vec16
+
+    /// - Complexity: `2 · 8 · 16 · depth` FLOPs.
+    @inline(__always)
+    init(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float>, ldb: Int) {
+        let ks = a.depthStride
+        let a0 = a.row(0), a1 = a.row(1), a2 = a.row(2), a3 = a.row(3)
+        let a4 = a.row(4), a5 = a.row(5), a6 = a.row(6), a7 = a.row(7)
+        var c0 = Vec16(), c1 = Vec16(), c2 = Vec16(), c3 = Vec16()
+        var c4 = Vec16(), c5 = Vec16(), c6 = Vec16(), c7 = Vec16()
+        var k = 0
+        var bp = b
+        for _ in 0..<depth {
+            let bv = load16(bp)
+            multiplyAdd(&c0, Vec16(repeating: a0[k]), bv); multiplyAdd(&c1, Vec16(repeating: a1[k]), bv)
+            multiplyAdd(&c2, Vec16(repeating: a2[k]), bv); multiplyAdd(&c3, Vec16(repeating: a3[k]), bv)
+            multiplyAdd(&c4, Vec16(repeating: a4[k]), bv); multiplyAdd(&c5, Vec16(repeating: a5[k]), bv)
+            multiplyAdd(&c6, Vec16(repeating: a6[k]), bv); multiplyAdd(&c7, Vec16(repeating: a7[k]), bv)
+            k &+= ks
+            bp += ldb
+        }
+        (self.c0, self.c1, self.c2, self.c3) = (c0, c1, c2, c3)
+        (self.c4, self.c5, self.c6, self.c7) = (c4, c5, c6, c7)
+    }
+}
+
 /// One `8 × 32` tile of `C` (+)= `A · B`; see ``MicroTile`` for the contract. With
 /// `halfWidth`, only its first 16 columns (`B` and `C` are read and written there only):
-/// the same values, computed as two `4 × 16` quarters on every CPU.
+/// the same values, computed as one `8 × 16` loop where the whole tile fits the registers
+/// and as two `4 × 16` quarters where it does not.
 ///
 /// - Complexity: `2 · 8 · 32 · depth` FLOPs (half that with `halfWidth`).
 @inline(never)
@@ -169,6 +202,12 @@ func microKernel(depth: Int, a: BroadcastOperand,
         case .accumulate: store16(load16(p) + v, p)
         case .scaleAndAccumulate(let scale): store16(fused(load16(p), Vec16(repeating: scale[row]), v), p)
         }
+    }
+    if halfWidth && !MicroTile.splitsRegisterTile {
+        let h = MicroHalfProduct(depth: depth, a: a, b: b, ldb: ldb)
+        finish(0, 0, h.c0); finish(1, 0, h.c1); finish(2, 0, h.c2); finish(3, 0, h.c3)
+        finish(4, 0, h.c4); finish(5, 0, h.c5); finish(6, 0, h.c6); finish(7, 0, h.c7)
+        return
     }
     if MicroTile.splitsRegisterTile || halfWidth {
         @inline(__always)
@@ -189,4 +228,63 @@ func microKernel(depth: Int, a: BroadcastOperand,
     finish(2, 0, p.c20); finish(2, 16, p.c21); finish(3, 0, p.c30); finish(3, 16, p.c31)
     finish(4, 0, p.c40); finish(4, 16, p.c41); finish(5, 0, p.c50); finish(5, 16, p.c51)
     finish(6, 0, p.c60); finish(6, 16, p.c61); finish(7, 0, p.c70); finish(7, 16, p.c71)
+}
+
+/// The micro-kernel's ways of computing its tile, for the tests: a CPU's kernels take only
+/// some of them (``MicroTile/splitsRegisterTile``), so the tests compare all of them on
+/// every CPU.
+@_spi(Testing) public enum RegisterTileForms {
+    public enum Form: CaseIterable, Sendable {
+        /// ``MicroTileProduct``: the whole `8 × 32` tile in one loop.
+        case whole
+        /// Four ``MicroQuarterProduct`` `4 × 16` quarters.
+        case quarters
+        /// ``MicroHalfProduct``: columns `0 ..< 16` only, in one loop (the rest 0).
+        case half
+        /// Two quarters: columns `0 ..< 16` only (the rest 0).
+        case halfQuarters
+    }
+
+    /// `C = A · B` (`8 × 32`, row-major) for a row-major `8 × depth` `a` and `depth × 32`
+    /// `b`, in the given form; nil unless the sizes fit.
+    public static func product(a: [Float], b: [Float], depth: Int, form: Form) -> [Float]? {
+        let mr = MicroTile.mr, nr = MicroTile.nr
+        guard depth >= 0, a.count == mr * depth, b.count == depth * nr else { return nil }
+        var c = [Float](repeating: 0, count: mr * nr)
+        a.withUnsafeBufferPointer { ap in
+            b.withUnsafeBufferPointer { bp in
+                c.withUnsafeMutableBufferPointer { cp in
+                    // A 1-element buffer when depth is 0, so the operand's base is never nil.
+                    let one: [Float] = [0]
+                    one.withUnsafeBufferPointer { dummy in
+                        let operand = BroadcastOperand(base: ap.baseAddress ?? dummy.baseAddress!,
+                                                       rowStride: depth, depthStride: 1)
+                        let bBase = bp.baseAddress ?? dummy.baseAddress!
+                        let out = cp.baseAddress!
+                        func put(_ row: Int, _ column: Int, _ v: Vec16) { store16(v, out + row * nr + column) }
+                        func quarter(_ r0: Int, _ column: Int) {
+                            let q = MicroQuarterProduct(depth: depth, a: operand, firstRow: r0, b: bBase + column, ldb: nr)
+                            put(r0, column, q.c0); put(r0 + 1, column, q.c1)
+                            put(r0 + 2, column, q.c2); put(r0 + 3, column, q.c3)
+                        }
+                        switch form {
+                        case .whole:
+                            let p = MicroTileProduct(depth: depth, a: operand, b: bBase, ldb: nr)
+                            let rows = [(p.c00, p.c01), (p.c10, p.c11), (p.c20, p.c21), (p.c30, p.c31),
+                                        (p.c40, p.c41), (p.c50, p.c51), (p.c60, p.c61), (p.c70, p.c71)]
+                            for (r, v) in rows.enumerated() { put(r, 0, v.0); put(r, 16, v.1) }
+                        case .quarters:
+                            quarter(0, 0); quarter(0, 16); quarter(4, 0); quarter(4, 16)
+                        case .half:
+                            let h = MicroHalfProduct(depth: depth, a: operand, b: bBase, ldb: nr)
+                            for (r, v) in [h.c0, h.c1, h.c2, h.c3, h.c4, h.c5, h.c6, h.c7].enumerated() { put(r, 0, v) }
+                        case .halfQuarters:
+                            quarter(0, 0); quarter(4, 0)
+                        }
+                    }
+                }
+            }
+        }
+        return c
+    }
 }

@@ -214,6 +214,11 @@ enum TiledSoftmaxAttention {
         let br = space.queryTile, dvPad = space.dvPad
         let mr = MicroTile.mr, nr = MicroTile.nr
         let queryLanes = roundUp(queries.count, nr)
+        // Lanes scored: whole 32-lane panels and, where the queries end within the first
+        // half of the last one, a 16-lane half panel (the micro-kernel's `halfWidth`; a
+        // strided column tile of 44 queries scores 48 lanes, not 64). The softmax and the
+        // modifiers run over these lanes only; `P V` reads fewer (`outputRows`).
+        let scoredLanes = roundUp(queries.count, nr / 2)
         // Output rows of `P V`: whole blocks of MR holding the tile's queries (lanes past
         // them are padding of the 32-lane score panels, never read back).
         let outputRows = roundUp(queries.count, mr)
@@ -281,7 +286,7 @@ enum TiledSoftmaxAttention {
                 // The next key tile's bias, a few query rows per block (ScoreModifierKernel.prefetchBias).
                 modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
                                         queries: queries, part: block, of: keyBlocks, b: b, h: h)
-                for panel in stride(from: 0, to: queryLanes, by: nr) {
+                for panel in stride(from: 0, to: scoredLanes, by: nr) {
                     let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
                                                                      : UnsafePointer(space.stage + block * mr * d),
                                                    rowStride: keyRowStride, depthStride: keyDepthStride,
@@ -289,7 +294,7 @@ enum TiledSoftmaxAttention {
                     microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
                                 c: space.scores + block * mr * br + panel, ldc: br,
-                                update: .overwrite)
+                                update: .overwrite, halfWidth: scoredLanes - panel < nr)
                 }
             }
             if Mask.addsScoreTerms {
@@ -301,18 +306,18 @@ enum TiledSoftmaxAttention {
                                              queryStart: queries.start, queryCount: queries.count))
             }
             if let modifiers {
-                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: queryLanes, b: b, h: h)
+                modifiers.apply(space.scores, ld: br, keys: keys, queries: queries, lanes: scoredLanes, b: b, h: h)
             }
             if !tile.fullyVisible {
                 mask.maskScores(space.scores, ld: br, tile: tile, queries: queries)
             }
-            onlineSoftmax(space, keyCount: keys.count, lanes: queryLanes,
+            onlineSoftmax(space, keyCount: keys.count, lanes: scoredLanes,
                           updateSums: !Mask.weightsProbabilities)
             if Mask.weightsProbabilities {
                 assert(keys.step == 1 && queries.step == 1, "weighting hooks take runs of step 1")
                 mask.weightProbabilities(space.scores, ld: br, keyStart: keys.start, keyCount: keys.count,
                                          queryStart: queries.start, queryCount: queries.count)
-                addColumnSums(space, keyCount: keys.count, lanes: queryLanes)
+                addColumnSums(space, keyCount: keys.count, lanes: scoredLanes)
             }
             // O = diag(α) O + P V; on a partial tile each block of MR queries runs over
             // only the keys the mask says it may see (the others have probability 0).
