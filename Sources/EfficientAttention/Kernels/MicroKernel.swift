@@ -94,9 +94,16 @@ struct MicroTileProduct {
     /// plain micro-kernel and the fused ones (inlined into each, so the accumulators stay
     /// in registers).
     ///
-    /// - Complexity: `2 · 8 · 32 · depth` FLOPs.
+    /// With `leftHalf`, only columns `0 ..< 16` (`c<r>0`): `B` is read there only, and the
+    /// `c<r>1` are meaningless. Called with a constant and left unread, their chains are
+    /// dead code, so the loop is one `B` vector and 8 independent chains (where the whole
+    /// tile fits the registers; two `4 × 16` quarters one after the other give 4 chains at
+    /// a time, fewer than the two FMA pipes' latency needs: a half-width call ran at about
+    /// half speed on AVX-512 until stop 56).
+    ///
+    /// - Complexity: `2 · 8 · 32 · depth` FLOPs (half that with `leftHalf`).
     @inline(__always)
-    init(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float>, ldb: Int) {
+    init(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float>, ldb: Int, leftHalf: Bool = false) {
         let ks = a.depthStride
         let a0 = a.row(0), a1 = a.row(1), a2 = a.row(2), a3 = a.row(3)
         let a4 = a.row(4), a5 = a.row(5), a6 = a.row(6), a7 = a.row(7)
@@ -107,7 +114,7 @@ struct MicroTileProduct {
         var k = 0
         var bp = b
         for _ in 0..<depth {
-            let b0 = load16(bp), b1 = load16(bp + 16)
+            let b0 = load16(bp), b1 = leftHalf ? b0 : load16(bp + 16)
             var x = Vec16(repeating: a0[k]); multiplyAdd(&c00, x, b0); multiplyAdd(&c01, x, b1)
             x = Vec16(repeating: a1[k]); multiplyAdd(&c10, x, b0); multiplyAdd(&c11, x, b1)
             x = Vec16(repeating: a2[k]); multiplyAdd(&c20, x, b0); multiplyAdd(&c21, x, b1)
@@ -150,42 +157,10 @@ struct MicroQuarterProduct {
     }
 }
 
-/// The left half of the tile, `C[0 ..< 8, 0 ..< 16]`, where the whole tile fits the
-/// registers (``MicroTile/splitsRegisterTile`` false): the depth loop of
-/// ``MicroTileProduct`` on one `B` vector, 8 independent chains. (Two `4 × 16` quarters
-/// one after the other give 4 chains at a time, fewer than the two FMA pipes' latency
-/// needs: a half-width call ran at about half speed on AVX-512.)
-struct MicroHalfProduct {
-    var c0, c1, c2, c3, c4, c5, c6, c7: Vec16
-
-    /// - Complexity: `2 · 8 · 16 · depth` FLOPs.
-    @inline(__always)
-    init(depth: Int, a: BroadcastOperand, b: UnsafePointer<Float>, ldb: Int) {
-        let ks = a.depthStride
-        let a0 = a.row(0), a1 = a.row(1), a2 = a.row(2), a3 = a.row(3)
-        let a4 = a.row(4), a5 = a.row(5), a6 = a.row(6), a7 = a.row(7)
-        var c0 = Vec16(), c1 = Vec16(), c2 = Vec16(), c3 = Vec16()
-        var c4 = Vec16(), c5 = Vec16(), c6 = Vec16(), c7 = Vec16()
-        var k = 0
-        var bp = b
-        for _ in 0..<depth {
-            let bv = load16(bp)
-            multiplyAdd(&c0, Vec16(repeating: a0[k]), bv); multiplyAdd(&c1, Vec16(repeating: a1[k]), bv)
-            multiplyAdd(&c2, Vec16(repeating: a2[k]), bv); multiplyAdd(&c3, Vec16(repeating: a3[k]), bv)
-            multiplyAdd(&c4, Vec16(repeating: a4[k]), bv); multiplyAdd(&c5, Vec16(repeating: a5[k]), bv)
-            multiplyAdd(&c6, Vec16(repeating: a6[k]), bv); multiplyAdd(&c7, Vec16(repeating: a7[k]), bv)
-            k &+= ks
-            bp += ldb
-        }
-        (self.c0, self.c1, self.c2, self.c3) = (c0, c1, c2, c3)
-        (self.c4, self.c5, self.c6, self.c7) = (c4, c5, c6, c7)
-    }
-}
-
 /// One `8 × 32` tile of `C` (+)= `A · B`; see ``MicroTile`` for the contract. With
 /// `halfWidth`, only its first 16 columns (`B` and `C` are read and written there only):
 /// the same values, computed as one `8 × 16` loop where the whole tile fits the registers
-/// and as two `4 × 16` quarters where it does not.
+/// (``MicroTileProduct`` with `leftHalf`) and as two `4 × 16` quarters where it does not.
 ///
 /// - Complexity: `2 · 8 · 32 · depth` FLOPs (half that with `halfWidth`).
 @inline(never)
@@ -204,9 +179,9 @@ func microKernel(depth: Int, a: BroadcastOperand,
         }
     }
     if halfWidth && !MicroTile.splitsRegisterTile {
-        let h = MicroHalfProduct(depth: depth, a: a, b: b, ldb: ldb)
-        finish(0, 0, h.c0); finish(1, 0, h.c1); finish(2, 0, h.c2); finish(3, 0, h.c3)
-        finish(4, 0, h.c4); finish(5, 0, h.c5); finish(6, 0, h.c6); finish(7, 0, h.c7)
+        let h = MicroTileProduct(depth: depth, a: a, b: b, ldb: ldb, leftHalf: true)
+        finish(0, 0, h.c00); finish(1, 0, h.c10); finish(2, 0, h.c20); finish(3, 0, h.c30)
+        finish(4, 0, h.c40); finish(5, 0, h.c50); finish(6, 0, h.c60); finish(7, 0, h.c70)
         return
     }
     if MicroTile.splitsRegisterTile || halfWidth {
@@ -239,7 +214,7 @@ func microKernel(depth: Int, a: BroadcastOperand,
         case whole
         /// Four ``MicroQuarterProduct`` `4 × 16` quarters.
         case quarters
-        /// ``MicroHalfProduct``: columns `0 ..< 16` only, in one loop (the rest 0).
+        /// ``MicroTileProduct`` with `leftHalf`: columns `0 ..< 16` only, in one loop (the rest 0).
         case half
         /// Two quarters: columns `0 ..< 16` only (the rest 0).
         case halfQuarters
@@ -268,16 +243,17 @@ func microKernel(depth: Int, a: BroadcastOperand,
                             put(r0 + 2, column, q.c2); put(r0 + 3, column, q.c3)
                         }
                         switch form {
-                        case .whole:
-                            let p = MicroTileProduct(depth: depth, a: operand, b: bBase, ldb: nr)
+                        case .whole, .half:
+                            let half = form == .half
+                            let p = MicroTileProduct(depth: depth, a: operand, b: bBase, ldb: nr, leftHalf: half)
                             let rows = [(p.c00, p.c01), (p.c10, p.c11), (p.c20, p.c21), (p.c30, p.c31),
                                         (p.c40, p.c41), (p.c50, p.c51), (p.c60, p.c61), (p.c70, p.c71)]
-                            for (r, v) in rows.enumerated() { put(r, 0, v.0); put(r, 16, v.1) }
+                            for (r, v) in rows.enumerated() {
+                                put(r, 0, v.0)
+                                if !half { put(r, 16, v.1) }
+                            }
                         case .quarters:
                             quarter(0, 0); quarter(0, 16); quarter(4, 0); quarter(4, 16)
-                        case .half:
-                            let h = MicroHalfProduct(depth: depth, a: operand, b: bBase, ldb: nr)
-                            for (r, v) in [h.c0, h.c1, h.c2, h.c3, h.c4, h.c5, h.c6, h.c7].enumerated() { put(r, 0, v) }
                         case .halfQuarters:
                             quarter(0, 0); quarter(4, 0)
                         }
