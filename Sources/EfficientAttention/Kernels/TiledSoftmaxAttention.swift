@@ -286,15 +286,24 @@ enum TiledSoftmaxAttention {
                 // The next key tile's bias, a few query rows per block (ScoreModifierKernel.prefetchBias).
                 modifiers?.prefetchBias(keys: PositionRun(start: keys.start + keys.count, count: keys.count),
                                         queries: queries, part: block, of: keyBlocks, b: b, h: h)
-                for panel in stride(from: 0, to: scoredLanes, by: nr) {
-                    let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
-                                                                     : UnsafePointer(space.stage + block * mr * d),
-                                                   rowStride: keyRowStride, depthStride: keyDepthStride,
-                                                   rows: min(mr, keys.count - block * mr))
+                let rows = min(mr, keys.count - block * mr)
+                let keyRows = BroadcastOperand(base: keysInPlace ? k.row(b, hk, keys.position(block * mr))
+                                                                 : UnsafePointer(space.stage + block * mr * d),
+                                               rowStride: keyRowStride, depthStride: keyDepthStride, rows: rows)
+                // On a partial tile, only the half panels of the queries that may see these
+                // keys (the mask hides the rest of their rows).
+                let lanes = tile.fullyVisible ? 0..<scoredLanes
+                    : halfPanelLanes(holding: mask.scoredQueryLanes(tile: tile, queries: queries,
+                                                                    keys: (block * mr)..<(block * mr + rows)),
+                                     lanes: scoredLanes)
+                var panel = lanes.lowerBound
+                while panel < lanes.upperBound {
+                    let half = lanes.upperBound - panel < nr
                     microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
                                 c: space.scores + block * mr * br + panel, ldc: br,
-                                update: .overwrite, halfWidth: scoredLanes - panel < nr)
+                                update: .overwrite, halfWidth: half)
+                    panel += half ? nr / 2 : nr
                 }
             }
             if Mask.addsScoreTerms {

@@ -629,8 +629,8 @@ enum TiledSoftmaxBackward {
     /// and `P = dS = 0` there, as when computed.
     @inline(__always)
     static func scoredPanels(_ space: Workspace, seen: Range<Int>, lanes: Int, keys: Range<Int>) -> Range<Int> {
-        let half = MicroTile.nr / 2, ld = space.lanes
-        let panels = seen.isEmpty ? 0..<0 : (seen.lowerBound / half * half)..<min(lanes, roundUp(seen.upperBound, half))
+        let ld = space.lanes
+        let panels = halfPanelLanes(holding: seen, lanes: lanes)
         func clear(_ row: UnsafeMutablePointer<Float>) {
             row.update(repeating: 0, count: panels.lowerBound)
             (row + panels.upperBound).update(repeating: 0, count: lanes - panels.upperBound)

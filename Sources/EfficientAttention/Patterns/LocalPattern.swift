@@ -102,6 +102,13 @@ enum LocalMask: TileMask {
         }
     }
 
+    func scoredQueryLanes(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        switch self {
+        case .window(let m): return m.scoredQueryLanes(tile: tile, queries: queries, keys: keys)
+        case .blocked(let m): return m.scoredQueryLanes(tile: tile, queries: queries, keys: keys)
+        }
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         switch self {
         case .window(let m): m.maskScores(scores, ld: ld, tile: tile, queries: queries)

@@ -51,6 +51,15 @@ protocol TileMask {
     /// the band's cut of the tile, so its wasted triangles cost half.
     func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int>
 
+    /// The query lanes (indices into `queries`) that may see any of the keys `keys`
+    /// (indices into `tile.keys`) of a partially visible `tile`: the kernel scores those
+    /// keys' rows only on the half panels (16 lanes) holding these lanes and leaves the
+    /// rest of the rows as they were, so ``maskScores(_:ld:tile:queries:)`` must hide every
+    /// pair outside the range (a mask whose masking is a predicate over every lane does).
+    /// Default: every lane (nothing skipped). The band's edges and causal diagonal tiles
+    /// (``IntervalMask``) skip the half panels of the queries that see none of a block's keys.
+    func scoredQueryLanes(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int>
+
     /// Whether the kernel calls ``addScoreTerms(_:)``; `false` (the default) removes the
     /// call from the specialised kernel. Masks that add score terms list contiguous
     /// query tiles and key tiles (runs of step 1).
@@ -106,6 +115,10 @@ extension TileMask {
 
     func visibleKeyIndices(tile: KeyTile, queries: PositionRun, lanes: Range<Int>) -> Range<Int> {
         0..<tile.keys.count
+    }
+
+    func scoredQueryLanes(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        0..<queries.count
     }
 
     static var addsScoreTerms: Bool { false }
@@ -387,6 +400,13 @@ struct IntervalMask: TileMask {
         return runIndices(tile.keys, from: p.first + offset - left, through: p.last + offset + right)
     }
 
+    /// The queries that see the keys (``visibleQueryIndices(tile:queries:keys:)``): the
+    /// masking below is a predicate over every lane of each row it touches, and the rows it
+    /// skips are those every query sees.
+    func scoredQueryLanes(tile: KeyTile, queries: PositionRun, keys: Range<Int>) -> Range<Int> {
+        visibleQueryIndices(tile: tile, queries: queries, keys: keys)
+    }
+
     func maskScores(_ scores: UnsafeMutablePointer<Float>, ld: Int, tile: KeyTile, queries: PositionRun) {
         // Keys every query of the tile sees need nothing: mask only the rows before and after them.
         let keys = tile.keys
@@ -411,6 +431,14 @@ struct IntervalMask: TileMask {
 
 @inline(__always)
 func ceilDiv(_ a: Int, _ b: Int) -> Int { a <= 0 ? 0 : (a + b - 1) / b }
+
+/// The lanes of the half panels (``MicroTile/nr`` / 2 lanes each, at most `lanes`) holding
+/// the lanes `seen`: what the tiled kernels score of a block of keys those lanes may see.
+@inline(__always)
+func halfPanelLanes(holding seen: Range<Int>, lanes: Int) -> Range<Int> {
+    let half = MicroTile.nr / 2
+    return seen.isEmpty ? 0..<0 : (seen.lowerBound / half * half)..<min(lanes, roundUp(seen.upperBound, half))
+}
 
 /// `a mod m` in `0..<m` for any sign of `a` (`m > 0`).
 @inline(__always)
