@@ -88,7 +88,7 @@ struct GemmTests {
             #expect(out.map(\.bitPattern) == expected.map(\.bitPattern), "\(form), depth \(depth): \(firstDifference(out, expected))")
         }
         // Sizes that do not fit give nil, not a trap.
-        #expect(RegisterTileForms.product(a: Array(a.dropLast()) + [], b: b, depth: depth + 1, form: .half) == nil)
+        #expect(RegisterTileForms.product(a: Array(a.dropLast()), b: b, depth: depth + 1, form: .half) == nil)
         // A planted difference is visible: a tile with one input changed differs (depth > 0).
         if depth > 0 {
             var changed = a

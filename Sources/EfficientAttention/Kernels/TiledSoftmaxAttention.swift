@@ -296,14 +296,11 @@ enum TiledSoftmaxAttention {
                     : halfPanelLanes(holding: mask.scoredQueryLanes(tile: tile, queries: queries,
                                                                     keys: (block * mr)..<(block * mr + rows)),
                                      lanes: scoredLanes)
-                var panel = lanes.lowerBound
-                while panel < lanes.upperBound {
-                    let half = lanes.upperBound - panel < nr
+                forEachPanel(lanes) { panel, half in
                     microKernel(depth: d, a: keyRows,
                                 b: space.qT + panel, ldb: br,
                                 c: space.scores + block * mr * br + panel, ldc: br,
                                 update: .overwrite, halfWidth: half)
-                    panel += half ? nr / 2 : nr
                 }
             }
             if Mask.addsScoreTerms {

@@ -559,9 +559,7 @@ enum TiledSoftmaxBackward {
                                           : mask.visibleQueryIndices(tile: tile, queries: queries, keys: blockKeys),
                                       lanes: lanes, keys: blockKeys)
             space.scoredLanes[block] = panels
-            var panel = panels.lowerBound
-            while panel < panels.upperBound {
-                let half = panels.upperBound - panel < MicroTile.nr
+            forEachPanel(panels) { panel, half in
                 // Sᵀ = K (scale · Qᵀ), dPᵀ = V dOᵀ.
                 microKernel(depth: x.d, a: keyRows, b: space.qT + panel, ldb: ld,
                             c: space.probabilities + block * mr * ld + panel, ldc: ld, update: .overwrite,
@@ -569,7 +567,6 @@ enum TiledSoftmaxBackward {
                 microKernel(depth: x.dv, a: valueRows, b: space.gradientT + panel, ldb: ld,
                             c: space.scoreGradients + block * mr * ld + panel, ldc: ld, update: .overwrite,
                             halfWidth: half)
-                panel += half ? MicroTile.nr / 2 : MicroTile.nr
             }
         }
         // The forward's order: score terms, masking, exp, weights.

@@ -440,6 +440,19 @@ func halfPanelLanes(holding seen: Range<Int>, lanes: Int) -> Range<Int> {
     return seen.isEmpty ? 0..<0 : (seen.lowerBound / half * half)..<min(lanes, roundUp(seen.upperBound, half))
 }
 
+/// `body(panel, halfWidth)` for the micro-kernel calls that cover `lanes` (bounds multiples
+/// of 16, ``halfPanelLanes(holding:lanes:)``): whole 32-lane panels from `lanes.lowerBound`,
+/// and a 16-lane half panel (``microKernel``'s `halfWidth`) where fewer than 32 lanes remain.
+@inline(__always)
+func forEachPanel(_ lanes: Range<Int>, _ body: (_ panel: Int, _ halfWidth: Bool) -> Void) {
+    var panel = lanes.lowerBound
+    while panel < lanes.upperBound {
+        let half = lanes.upperBound - panel < MicroTile.nr
+        body(panel, half)
+        panel += half ? MicroTile.nr / 2 : MicroTile.nr
+    }
+}
+
 /// `a mod m` in `0..<m` for any sign of `a` (`m > 0`).
 @inline(__always)
 func positiveModulo(_ a: Int, _ m: Int) -> Int {
