@@ -89,6 +89,8 @@ struct GemmTests {
         }
         // Sizes that do not fit give nil, not a trap.
         #expect(RegisterTileForms.product(a: Array(a.dropLast()), b: b, depth: depth + 1, form: .half) == nil)
+        #expect(RegisterTileForms.product(a: a, b: b, depth: Int.max / 4 + depth, form: .whole) == nil)
+        #expect(RegisterTileForms.product(a: a, b: b, depth: -1, form: .quarters) == nil)
         // A planted difference is visible: a tile with one input changed differs (depth > 0).
         if depth > 0 {
             var changed = a

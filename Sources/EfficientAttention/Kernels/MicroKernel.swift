@@ -224,7 +224,10 @@ func microKernel(depth: Int, a: BroadcastOperand,
     /// `b`, in the given form; nil unless the sizes fit.
     public static func product(a: [Float], b: [Float], depth: Int, form: Form) -> [Float]? {
         let mr = MicroTile.mr, nr = MicroTile.nr
-        guard depth >= 0, a.count == mr * depth, b.count == depth * nr else { return nil }
+        // Checked products: an absurd depth gives nil, not an overflow trap.
+        let (aCount, aOverflow) = depth.multipliedReportingOverflow(by: mr)
+        let (bCount, bOverflow) = depth.multipliedReportingOverflow(by: nr)
+        guard depth >= 0, !aOverflow, !bOverflow, a.count == aCount, b.count == bCount else { return nil }
         var c = [Float](repeating: 0, count: mr * nr)
         a.withUnsafeBufferPointer { ap in
             b.withUnsafeBufferPointer { bp in
