@@ -615,16 +615,16 @@ func touchRows(_ base: UnsafeRawPointer, count: Int, rowStrideBytes: Int, length
     sink.pointee += Float(sum)
 }
 
-/// Up to four runs of rows (a work item's query, output, key and value rows) to request
-/// into L2 a few rows at a time (``prefetch(rows:)``), so that the requests spread over the
-/// arithmetic in between instead of filling the miss queues in one burst. Fixed size: no
-/// allocation.
+/// Up to five runs of rows (a work item's query, output, key and value rows; the backward's
+/// also `dO`'s) to request into L2 a few rows at a time (``prefetch(rows:)``), so that the
+/// requests spread over the arithmetic in between instead of filling the miss queues in one
+/// burst. Fixed size: no allocation.
 struct UpcomingRows {
     private struct Run {
         var base: UnsafeRawPointer? = nil
         var count = 0, strideBytes = 0, widthBytes = 0
     }
-    private var runs = InlineArray<4, Run>(repeating: Run())
+    private var runs = InlineArray<5, Run>(repeating: Run())
     private var runCount = 0
     /// The next row to request: run `current`, row `row`.
     private var current = 0, row = 0
@@ -633,7 +633,7 @@ struct UpcomingRows {
 
     /// Appends the rows `rows` of head `(b, h)` of `view`, `width` elements each.
     mutating func add(_ view: TensorView, _ b: Int, _ h: Int, rows: PositionRun, width: Int) {
-        guard runCount < 4 && rows.count > 0 else { return }
+        guard runCount < 5 && rows.count > 0 else { return }
         let r = view.byteRows(b, h, rows: rows, width: width)
         runs[runCount] = Run(base: r.base, count: rows.count, strideBytes: r.strideBytes, widthBytes: r.lengthBytes)
         runCount += 1

@@ -232,8 +232,30 @@ enum TiledSoftmaxBackward {
             Workspace(carving: &$0, d: d, dv: dv, lanes: lanes, keyRows: keyRows, mask: Mask.self, softCap: softCap,
                       widening: widening)
         }) { spaces in
-            // Work item: block `t` of ordering head `orderHead`.
-            func runItem(orderHead: Int, t: Int, worker: Int) {
+            // The first rows an ordering head's block 0 reads (its key and value rows, the
+            // query, dO and output rows of its first query tile), requested into L2 while the
+            // block before it computes.
+            func firstRows(of orderHead: Int) -> UpcomingRows {
+                var upcoming = UpcomingRows()
+                let (head, c) = keyBlocks.disjointClasses ? (orderHead / classes, orderHead % classes) : (orderHead, 0)
+                let block = keyBlocks.block(class: keyBlocks.classes.lowerBound + c, index: 0,
+                                            keyLength: shape.keyLength, blockSize: blockSize)
+                guard block.count > 0 else { return upcoming }
+                let b = head / shape.kvHeads, hk = head % shape.kvHeads, h = hk * shape.groupSize
+                upcoming.add(k, b, hk, rows: block, width: d)
+                upcoming.add(v, b, hk, rows: block, width: dv)
+                var first = true
+                mask(b, h).forEachQueryTile(seeing: block, queryLength: shape.queryLength, queryTile: queryTileSize) { _, queries, _ in
+                    guard first else { return }
+                    first = false
+                    upcoming.add(q, b, h, rows: queries, width: d)
+                    upcoming.add(dO, b, h, rows: queries, width: dv)
+                    upcoming.add(o, b, h, rows: queries, width: dv)
+                }
+                return upcoming
+            }
+            // Work item: block `t` of ordering head `orderHead` (`upcoming`: rows to request as it runs).
+            func runItem(orderHead: Int, t: Int, worker: Int, upcoming: UpcomingRows = UpcomingRows()) {
                 let head: Int, c: Int, blockIndex: Int
                 if keyBlocks.disjointClasses {
                     (head, c, blockIndex) = (orderHead / classes, orderHead % classes, t)
@@ -248,17 +270,29 @@ enum TiledSoftmaxBackward {
                     blockItem(shape: shape, space: spaces[worker], operands: operands, head: head,
                               orderHead: orderHead, blockIndex: t, block: block, order: order,
                               biasOrder: biasOrder.map { ($0, slot) },
-                              accumulate: accumulate, dQ: dQ, dK: dK, dV: dV, mask: mask)
+                              accumulate: accumulate, dQ: dQ, dK: dK, dV: dV, upcoming: upcoming, mask: mask)
                 }
                 order.finish(head: orderHead, block: t)
                 biasOrder?.finish(head: slot, block: head)
             }
             if orderHeads >= 4 * spaces.count {
-                // Head-major, one ordering head per work unit, its blocks in order: the
-                // head's query, output and gradient rows stay in cache from block to block,
-                // and no block waits for another worker's `dQ` additions.
-                parallelForEach(items: orderHeads, threads: spaces.count) { orderHead, worker in
-                    for t in 0..<orderBlocks { runItem(orderHead: orderHead, t: t, worker: worker) }
+                // Head-major, each ordering head's blocks in order on one worker: the head's
+                // query, output and gradient rows stay in cache from block to block, and no
+                // block waits for another worker's `dQ` additions. Runs of up to 8
+                // consecutive ordering heads per work unit (with enough units left to balance
+                // the workers): the last block of one requests the first rows
+                // of the next, which small problems (a residue class, a short sequence) touch
+                // only once, so that their misses do not stall its start.
+                let chunk = max(1, min(8, orderHeads / (8 * spaces.count)))
+                parallelForEach(items: ceilDiv(orderHeads, chunk), threads: spaces.count) { unit, worker in
+                    let end = min(orderHeads, (unit + 1) * chunk)
+                    for orderHead in (unit * chunk)..<end {
+                        for t in 0..<orderBlocks {
+                            let last = t == orderBlocks - 1 && orderHead + 1 < end
+                            runItem(orderHead: orderHead, t: t, worker: worker,
+                                    upcoming: last ? firstRows(of: orderHead + 1) : UpcomingRows())
+                        }
+                    }
                 }
             } else {
                 // Block-major: every head's block 0 (the heaviest under causal masks) first.
@@ -317,8 +351,10 @@ enum TiledSoftmaxBackward {
     static func blockItem<Mask: TransposedTileMask>(
         shape: AttentionShape, space workerSpace: Workspace, operands x: Operands, head: Int, orderHead: Int, blockIndex t: Int,
         block: PositionRun, order: BlockOrder, biasOrder: (order: BlockOrder, slot: Int)? = nil, accumulate: Bool,
-        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, mask: (Int, Int) -> Mask
+        dQ: MutableTensorView, dK: MutableTensorView, dV: MutableTensorView, upcoming: UpcomingRows = UpcomingRows(),
+        mask: (Int, Int) -> Mask
     ) {
+        var upcoming = upcoming
         let b = head / shape.kvHeads, hk = head % shape.kvHeads
         let d = x.d, dv = x.dv, dPad = workerSpace.dPad, dvPad = workerSpace.dvPad
         let br = queryTileSize
@@ -354,7 +390,8 @@ enum TiledSoftmaxBackward {
                 let lanes = roundUp(queries.count, MicroTile.nr)
                 let space = withQueries(workerSpace, x, b: b, h: h, heads: shape.heads, queries: queries, lanes: lanes)
                 gradientTile(space, x, rows: blockRows, firstRow: (tile.keys.start - block.start) / block.step,
-                             b: b, h: h, tile: tile, queries: queries, lanes: lanes, block: t, mask: headMask)
+                             b: b, h: h, tile: tile, queries: queries, lanes: lanes, block: t, mask: headMask,
+                             upcoming: &upcoming)
                 if let biasGradient = x.biasGradient {
                     // ∂bias = P ∘ (dP − D), then dS = scale · (cap′ ·) ∂bias. A shared element's
                     // terms wait until every earlier (b, hk) has added all of this query tile's.
@@ -449,6 +486,7 @@ enum TiledSoftmaxBackward {
                 order.publish(head: orderHead, block: t, donePast: position)
             }
         }
+        upcoming.prefetch(rows: upcoming.remainingRows)
         let ks = dK.strides[3], vs = dV.strides[3]
         for r in 0..<block.count {
             let keyAcc = workerSpace.accK + r * dPad, valueAcc = workerSpace.accV + r * dvPad
@@ -541,13 +579,15 @@ enum TiledSoftmaxBackward {
                                                        rows blockRows: (keys: BlockRows, values: BlockRows),
                                                        firstRow: Int, b: Int, h: Int,
                                                        tile: KeyTile, queries: PositionRun, lanes: Int, block t: Int,
-                                                       mask: Mask) {
+                                                       mask: Mask, upcoming: inout UpcomingRows) {
         let keys = tile.keys, ld = space.lanes, mr = MicroTile.mr
         let keyBlocks = ceilDiv(keys.count, mr)
+        let upcomingPerBlock = ceilDiv(upcoming.remainingRows, keyBlocks)
         // The next query tile's bias (the same keys), a few query rows per block
         // (ScoreModifierKernel.prefetchBias).
         let nextQueries = PositionRun(start: queries.position(queries.count), count: queries.count, step: queries.step)
         for block in 0..<keyBlocks {
+            upcoming.prefetch(rows: upcomingPerBlock)
             let rows = min(mr, keys.count - block * mr)
             x.modifiers?.prefetchBias(keys: keys, queries: nextQueries, part: block, of: keyBlocks, b: b, h: h)
             let keyRows = blockRows.keys.operand(first: firstRow + block * mr, rows: rows)
