@@ -23,6 +23,25 @@ func parallelForEach(items: Int, threads: Int, _ body: (_ item: Int, _ worker: I
     eaParallelForEach(items, workers, body)
 }
 
+/// ``parallelForEach(items:threads:_:)`` in runs: `body(item, next, worker)` for every
+/// `item` in `0..<items`, a work unit being up to `maxRun` consecutive items (at most 8, and
+/// fewer when that leaves under 8 units per worker, for balance) that do not cross a
+/// multiple of `segment` (`items` is a whole number of segments; nil: one segment). `next`
+/// is the item after `item` in its run (nil at a run's end): the kernels' small work items
+/// touch their rows once, and request the next item's while they compute.
+func parallelForEachRun(items: Int, segment: Int? = nil, maxRun: Int = 8, threads: Int,
+                        _ body: (_ item: Int, _ next: Int?, _ worker: Int) -> Void) {
+    let segment = max(1, segment ?? items)
+    let run = max(1, min(maxRun, 8, items / (8 * max(1, threads))))
+    let runsPerSegment = ceilDiv(segment, run)
+    parallelForEach(items: items / segment * runsPerSegment, threads: threads) { unit, worker in
+        let segmentStart = unit / runsPerSegment * segment
+        let first = segmentStart + unit % runsPerSegment * run
+        let end = min(segmentStart + segment, first + run)
+        for item in first..<end { body(item, item + 1 < end ? item + 1 : nil, worker) }
+    }
+}
+
 /// shim.c's `ea_parallel_for_each`: `body(item, worker)` for every `item < items` on the
 /// calling thread and `workers − 1` kept worker threads (of the first of shim.c's pools no
 /// other loop holds; libdispatch's pool when all are held), items handed out in order from

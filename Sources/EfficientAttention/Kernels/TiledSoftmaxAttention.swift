@@ -167,15 +167,9 @@ enum TiledSoftmaxAttention {
                 // Runs of up to 8 consecutive tiles of one head per work unit: a worker's
                 // next tile continues its last one (key rows still cached, query and output
                 // rows streaming), with enough units left to balance the workers.
-                let chunk = max(1, min(8, items / (8 * workers)))
-                let runs = ceilDiv(tiles, chunk)
-                parallelForEach(items: heads * runs, threads: workers) { unit, worker in
-                    let first = (unit % runs) * chunk, end = min(tiles, first + chunk)
-                    for tile in first..<end {
-                        attendQueryTile(tile, head: unit / runs, worker: worker,
-                                        upcoming: tile + 1 < end ? rows(ofQueryTile: tile + 1, head: unit / runs)
-                                                                 : UpcomingRows())
-                    }
+                parallelForEachRun(items: items, segment: tiles, threads: workers) { item, next, worker in
+                    attendQueryTile(item % tiles, head: item / tiles, worker: worker,
+                                    upcoming: next.map { rows(ofQueryTile: $0 % tiles, head: $0 / tiles) } ?? UpcomingRows())
                 }
             } else {
                 // Heaviest query tiles (the last ones, under causal masks) first, every head's
@@ -183,15 +177,10 @@ enum TiledSoftmaxAttention {
                 // in many heads) touch their rows once: runs of up to 8 items per work unit,
                 // each requesting the next one's rows. (Longer heads keep one item per unit:
                 // runs cost dense at N = 2048 2-3 %.)
-                let chunk = tiles > 2 ? 1 : max(1, min(8, items / (8 * workers)))
-                parallelForEach(items: ceilDiv(items, chunk), threads: workers) { unit, worker in
-                    let end = min(items, (unit + 1) * chunk)
-                    for item in (unit * chunk)..<end {
-                        let next = item + 1
-                        attendQueryTile(tiles - 1 - item / heads, head: item % heads, worker: worker,
-                                        upcoming: next < end ? rows(ofQueryTile: tiles - 1 - next / heads, head: next % heads)
-                                                             : UpcomingRows())
-                    }
+                parallelForEachRun(items: items, maxRun: tiles > 2 ? 1 : 8, threads: workers) { item, next, worker in
+                    attendQueryTile(tiles - 1 - item / heads, head: item % heads, worker: worker,
+                                    upcoming: next.map { rows(ofQueryTile: tiles - 1 - $0 / heads, head: $0 % heads) }
+                                        ?? UpcomingRows())
                 }
             }
         }

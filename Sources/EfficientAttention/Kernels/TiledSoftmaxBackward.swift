@@ -279,19 +279,15 @@ enum TiledSoftmaxBackward {
                 // Head-major, each ordering head's blocks in order on one worker: the head's
                 // query, output and gradient rows stay in cache from block to block, and no
                 // block waits for another worker's `dQ` additions. Runs of up to 8
-                // consecutive ordering heads per work unit (with enough units left to balance
-                // the workers): the last block of one requests the first rows
-                // of the next, which small problems (a residue class, a short sequence) touch
-                // only once, so that their misses do not stall its start.
-                let chunk = max(1, min(8, orderHeads / (8 * spaces.count)))
-                parallelForEach(items: ceilDiv(orderHeads, chunk), threads: spaces.count) { unit, worker in
-                    let end = min(orderHeads, (unit + 1) * chunk)
-                    for orderHead in (unit * chunk)..<end {
-                        for t in 0..<orderBlocks {
-                            let last = t == orderBlocks - 1 && orderHead + 1 < end
-                            runItem(orderHead: orderHead, t: t, worker: worker,
-                                    upcoming: last ? firstRows(of: orderHead + 1) : UpcomingRows())
-                        }
+                // consecutive ordering heads per work unit (``parallelForEachRun``): the last
+                // block of one requests the first rows of the next, which small problems (a
+                // residue class, a short sequence) touch only once, so that their misses do
+                // not stall its start.
+                parallelForEachRun(items: orderHeads, threads: spaces.count) { orderHead, next, worker in
+                    for t in 0..<orderBlocks {
+                        let last = t == orderBlocks - 1
+                        runItem(orderHead: orderHead, t: t, worker: worker,
+                                upcoming: last ? next.map(firstRows(of:)) ?? UpcomingRows() : UpcomingRows())
                     }
                 }
             } else {
