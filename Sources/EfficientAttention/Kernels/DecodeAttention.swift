@@ -408,7 +408,8 @@ enum DecodeAttention {
         // prefetchers alone); with more, the first tile's keys are touched here, its
         // values requested by the block's scoring loop, and each later tile's rows by the
         // block's loops over the tile before it.
-        let blocks = rows >= blockRows, touchesTiles = Tuning.current.decodeTouchesTiles
+        let blocks = rows >= blockRows
+        let touchesTiles = MemoryLayout<R.Element>.size >= Tuning.current.decodeTouchedElementBytes
         if first <= last && blocks {
             // The first tile's keys, one load per 64-byte line (all in flight at once).
             let count = min(space.tile, last - first + 1)

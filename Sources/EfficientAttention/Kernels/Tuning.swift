@@ -51,10 +51,11 @@ struct Tuning: Sendable {
     /// micro-kernel path, and bytes of key rows per tile on the dot-product path (about
     /// half of L2, with as many bytes of value rows).
     var decodeSplit: Int, decodeRowTile: Int, decodeKeyTileBytes: Int
-    /// Whether decode's one-row path touches each tile's value rows and the next tile's key
-    /// rows with plain loads at the tile's start (true), or leaves the two streams to the
-    /// hardware prefetchers (false). Memory traffic only: the same results either way.
-    var decodeTouchesTiles: Bool
+    /// Decode's one-row path touches each tile's value rows and the next tile's key rows with
+    /// plain loads at the tile's start when the cache's elements are at least this many
+    /// bytes, and leaves the two streams to the hardware prefetchers otherwise (`Int.max`:
+    /// never touches). Memory traffic only: the same results either way.
+    var decodeTouchedElementBytes: Int
     /// Query tiles for bands (local, strided, Longformer windows): a band of at most
     /// `narrowBand` keys takes `narrowBandQueryTile` queries per tile, one of at most
     /// `mediumBand` keys `mediumBandQueryTile`, wider ones ``attentionQueryTile``.
@@ -77,23 +78,26 @@ struct Tuning: Sendable {
     /// sequences"). Band tiles 32 up to 384 keys, 64 up to 1024, measured for local attention
     /// (KernelDocs/Local.md). Shared cache: the 32 MiB L3. Permuted-block items of about
     /// 1024 query slots (KernelDocs/LSH.md), so that an item's gathered rows stay in L2.
+    /// One-row decode touches Float32, Float16 and BFloat16 tiles, not Int8 ones (stop 58,
+    /// KernelDocs/MultiQuery.md, "Int8 rows on the Zen 5": Int8 does more arithmetic per
+    /// byte, and the prefetchers keep up with it).
     static let avx512 = Tuning(gemmRows: 128, gemmDepth: 256, gemmColumns: 512,
                                attentionQueryTile: 128, attentionKeyTile: 64,
                                streamingQueryTile: 512, residentKeyBytes: 1 << 20,
                                decodeSplit: 2048, decodeRowTile: 128, decodeKeyTileBytes: 64 << 10,
-                               decodeTouchesTiles: true,
+                               decodeTouchedElementBytes: 2,
                                narrowBand: 384, narrowBandQueryTile: 32, mediumBand: 1024, mediumBandQueryTile: 64,
                                sharedCacheBytes: 32 << 20, permutedItemQuerySlots: 1024)
     /// Copied from the AVX-512 row (this VM, AVX2 + FMA, selects it), but for one entry
     /// measured on a Zen 3 EPYC VM (AVX2 + FMA, 32 KiB L1d, 512 KiB L2): its hardware
     /// prefetchers stream one-row decode's keys and values faster than the plain loads at
-    /// each tile's start, `decodeTouchesTiles` false (KernelDocs/MultiQuery.md, "One row on
+    /// each tile's start, `decodeTouchedElementBytes` `.max` (KernelDocs/MultiQuery.md, "One row on
     /// the Zen 3"; `attention-bench --variants multi-query --decode --cache 32768 --heads 32
     /// --kv-heads 32 --dim 128 --cache-precision f32|f16|int8`). It changes memory
     /// traffic only, so the row still computes the AVX-512 row's partitions and bits.
     static let avx2: Tuning = {
         var row = avx512
-        row.decodeTouchesTiles = false
+        row.decodeTouchedElementBytes = .max
         return row
     }()
     /// Not tuned: copied from the AVX-512 row.
