@@ -638,6 +638,10 @@ enum DecodeAttention {
         }
     }
 
+    /// How many rows ahead the one-row score loop requests Int8 key rows (Zen 5, stop 58:
+    /// 32 and 64 alike, 7–8 % faster than none; KernelDocs/MultiQuery.md).
+    static let keysAhead = 32
+
     /// The score of one key for a query `q` (already scaled): SIMD16 over `D` into `partial`,
     /// then the horizontal sum, the remaining columns, and an Int8 row's scale.
     @inline(__always)
@@ -653,7 +657,8 @@ enum DecodeAttention {
     /// the keys stretch by stretch (``forEachStretch(of:from:through:pairedWith:also:from:count:b:hk:_:)``)
     /// so the loop holds only the arithmetic and pointer steps. For Int8 rows it requests
     /// each value row's first line (its scale) with the key: the value pass (``accumulate``)
-    /// reads the scale first, and the hardware prefetchers would not have it in yet.
+    /// reads the scale first, and the hardware prefetchers would not have it in yet. Int8
+    /// key rows, which the tile touches leave out, are requested ``keysAhead`` rows ahead.
     @inline(__always)
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
@@ -674,6 +679,15 @@ enum DecodeAttention {
             while i &+ 4 <= n {
                 let k1 = k0 + keyStep, k2 = k1 + keyStep, k3 = k2 + keyStep
                 requestScale(); requestScale(); requestScale(); requestScale()
+                if E.quantized {
+                    // Int8 key rows are not touched (`Tuning.decodeTouchedElementBytes`): the
+                    // four rows `keysAhead` on are requested (a prefetch never faults, so rows
+                    // past the stretch are harmless).
+                    let later = UnsafeRawPointer(k0 + keysAhead &* keyStep) - 4
+                    for line in stride(from: 0, to: 4 &* keyStep &* MemoryLayout<E>.stride, by: 64) {
+                        ea_prefetch_read(later + line)
+                    }
+                }
                 var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
                 for c in stride(from: 0, to: full, by: 16) {
                     let x = load16(q + c)
