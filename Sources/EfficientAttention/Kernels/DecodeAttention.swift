@@ -638,9 +638,21 @@ enum DecodeAttention {
         }
     }
 
-    /// How many rows ahead the one-row score loop requests Int8 key rows (Zen 5, stop 58:
+    /// How many rows ahead the one-row loops request Int8 key and value rows (Zen 5, stop 58:
     /// 32 and 64 alike, 7–8 % faster than none; KernelDocs/MultiQuery.md).
-    static let keysAhead = 32
+    static let int8RowsAhead = 32
+
+    /// Requests every line of the four Int8 rows (scales included) ``int8RowsAhead`` rows
+    /// on from `row`, rows `step` elements apart: the one-row loops' requests for the rows
+    /// the tile touches leave out (`Tuning.decodeTouchedElementBytes`). A prefetch never
+    /// faults, so rows past the stretch or the cache are harmless.
+    @inline(__always)
+    static func requestFourRowsAhead<E: CacheScalar>(of row: UnsafePointer<E>, step: Int) {
+        let later = UnsafeRawPointer(row + int8RowsAhead &* step) - 4
+        for line in stride(from: 0, to: 4 &* step &* MemoryLayout<E>.stride, by: 64) {
+            ea_prefetch_read(later + line)
+        }
+    }
 
     /// The score of one key for a query `q` (already scaled): SIMD16 over `D` into `partial`,
     /// then the horizontal sum, the remaining columns, and an Int8 row's scale.
@@ -658,7 +670,7 @@ enum DecodeAttention {
     /// so the loop holds only the arithmetic and pointer steps. For Int8 rows it requests
     /// each value row's first line (its scale) with the key: the value pass (``accumulate``)
     /// reads the scale first, and the hardware prefetchers would not have it in yet. Int8
-    /// key rows, which the tile touches leave out, are requested ``keysAhead`` rows ahead.
+    /// key rows, which the tile touches leave out, are requested ``int8RowsAhead`` rows ahead.
     @inline(__always)
     static func scores<R: KVRows>(q: UnsafePointer<Float>, d: Int, keys: R, b: Int, hk: Int,
                                   from a: Int, through e: Int, into s: UnsafeMutablePointer<Float>,
@@ -679,15 +691,7 @@ enum DecodeAttention {
             while i &+ 4 <= n {
                 let k1 = k0 + keyStep, k2 = k1 + keyStep, k3 = k2 + keyStep
                 requestScale(); requestScale(); requestScale(); requestScale()
-                if E.quantized {
-                    // Int8 key rows are not touched (`Tuning.decodeTouchedElementBytes`): the
-                    // four rows `keysAhead` on are requested (a prefetch never faults, so rows
-                    // past the stretch are harmless).
-                    let later = UnsafeRawPointer(k0 + keysAhead &* keyStep) - 4
-                    for line in stride(from: 0, to: 4 &* keyStep &* MemoryLayout<E>.stride, by: 64) {
-                        ea_prefetch_read(later + line)
-                    }
-                }
+                if E.quantized { requestFourRowsAhead(of: k0, step: keyStep) }
                 var a0 = Vec16(), a1 = Vec16(), a2 = Vec16(), a3 = Vec16()
                 for c in stride(from: 0, to: full, by: 16) {
                     let x = load16(q + c)
@@ -810,7 +814,8 @@ enum DecodeAttention {
     /// `acc += Σ_j p[j] · v_j` for `j` in `a...e`, four value rows per pass over `acc`, walking
     /// the rows stretch by stretch. An Int8 row's scale is multiplied into its probability
     /// here, where the row is read (`p[j] ·= scale_j`, stored back for the columns past the
-    /// last 16): the product ``foldRowScales`` forms for a block, so the same bits.
+    /// last 16): the product ``foldRowScales`` forms for a block, so the same bits. Int8 rows
+    /// are requested ``int8RowsAhead`` rows ahead, as the score loop's keys.
     @inline(__always)
     static func accumulate<R: KVRows>(probabilities p: UnsafeMutablePointer<Float>, values: R,
                                       b: Int, hk: Int, from a: Int, through e: Int, dv: Int,
@@ -827,6 +832,7 @@ enum DecodeAttention {
             while i &+ 4 <= n {
                 let v1 = v0 + step, v2 = v1 + step, v3 = v2 + step
                 let p0 = weight(w, v0), p1 = weight(w + 1, v1), p2 = weight(w + 2, v2), p3 = weight(w + 3, v3)
+                if E.quantized { requestFourRowsAhead(of: v0, step: step) }
                 for c in stride(from: 0, to: full, by: 16) {
                     var x = load16(acc + c)
                     multiplyAdd(&x, p0, E.wide16(v0 + c))
