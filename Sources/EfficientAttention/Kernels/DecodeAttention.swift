@@ -643,9 +643,11 @@ enum DecodeAttention {
     static let int8RowsAhead = 32
 
     /// Requests every line of the four Int8 rows (scales included) ``int8RowsAhead`` rows
-    /// on from `row`, rows `step` elements apart: the one-row loops' requests for the rows
-    /// the tile touches leave out (`Tuning.decodeTouchedElementBytes`). A prefetch never
-    /// faults, so rows past the stretch or the cache are harmless.
+    /// on from `row`, rows `step` elements apart. The one-row loops call it for Int8 rows
+    /// only, which no tuning row touches (`Tuning.decodeTouchedElementBytes`); the AVX2 row
+    /// leaves its untouched Float32 and 16-bit rows to the hardware prefetchers alone, as
+    /// measured on the Zen 3 (requests for those rows were not measured there). A prefetch
+    /// never faults, so rows past the stretch or the cache are harmless.
     @inline(__always)
     static func requestFourRowsAhead<E: CacheScalar>(of row: UnsafePointer<E>, step: Int) {
         let later = UnsafeRawPointer(row + int8RowsAhead &* step) - 4
